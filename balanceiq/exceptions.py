@@ -1,0 +1,70 @@
+"""Every error BalanceIQ raises on purpose, in one tree.
+
+::
+
+    BalanceIQError
+    ├── ConfigError              a config file or value is invalid (carries every problem)
+    ├── AssignmentError          weights/health for the xDS store are invalid; nothing published
+    ├── XdsError                 the xDS server cannot do what was asked
+    │   └── XdsBindError         the xDS port is taken or cannot be bound
+    ├── TestbedError             a local testbed part failed to start or stop
+    │   ├── EnvoyError           the envoy binary failed to start, or never became ready
+    │   └── BackendError         a sample backend failed to start
+    └── BenchError               a benchmark could not run to completion
+
+Errors from libraries (grpc, aiohttp, yaml, pydantic) are translated into these at the
+boundary with ``raise ... from exc``; the CLI prints their message and exits 2 instead of
+showing a traceback.
+"""
+
+from __future__ import annotations
+
+
+class BalanceIQError(Exception):
+    """Base of every error raised on purpose by BalanceIQ."""
+
+
+class ConfigError(BalanceIQError):
+    """A configuration file or value is invalid.
+
+    ``problems`` holds ``(field_path, message)`` pairs, one per problem found, so a user
+    sees every mistake at once rather than one per run.
+    """
+
+    def __init__(self, problems: list[tuple[str, str]], source: str | None = None) -> None:
+        self.problems = list(problems)
+        self.source = source
+        where = f"{source}: " if source else ""
+        lines = [f"{where}{len(self.problems)} problem(s)"]
+        lines += [f"  {path or '<root>'}: {msg}" for path, msg in self.problems]
+        super().__init__("\n".join(lines))
+
+
+class AssignmentError(BalanceIQError):
+    """Weights or health sent to the xDS store are invalid; the store is unchanged."""
+
+
+class XdsError(BalanceIQError):
+    """The xDS server cannot do what was asked."""
+
+
+class XdsBindError(XdsError):
+    """The xDS server could not bind its port (usually: another server holds it)."""
+
+
+class TestbedError(BalanceIQError):
+    """A part of the local testbed failed to start or stop."""
+
+    __test__ = False  # not a pytest test class, despite the name
+
+
+class EnvoyError(TestbedError):
+    """The envoy binary failed to start or never became ready."""
+
+
+class BackendError(TestbedError):
+    """A sample backend failed to start."""
+
+
+class BenchError(BalanceIQError):
+    """A benchmark could not run to completion."""

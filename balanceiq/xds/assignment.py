@@ -1,0 +1,200 @@
+"""What the controller asks Envoy to do: per-endpoint weights and health for one cluster.
+
+An :class:`Assignment` is validated here, before anything reaches the store, so every
+weight Envoy receives is an integer in ``[1, 2**32-1]`` and every locality's sum fits in
+uint32 (Envoy NACKs a ClusterLoadAssignment whose locality sum overflows).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Literal
+
+from balanceiq.exceptions import AssignmentError
+
+UINT32_MAX = 2**32 - 1
+
+Health = Literal["HEALTHY", "DRAINING", "UNHEALTHY", "DEGRADED"]
+HEALTH_VALUES: tuple[str, ...] = ("HEALTHY", "DRAINING", "UNHEALTHY", "DEGRADED")
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointAssignment:
+    """One endpoint's place in a cluster: where it is, what it weighs, whether it serves."""
+
+    address: str
+    host: str
+    port: int
+    weight: int
+    cloud: str
+    region: str
+    zone: str | None = None
+    health: Health = "HEALTHY"
+    cost_per_million_requests: float = 0.0
+
+    @property
+    def locality(self) -> tuple[str, str, str]:
+        return (self.cloud, self.region, self.zone or "")
+
+
+@dataclass(frozen=True, slots=True)
+class Assignment:
+    """Every endpoint of one cluster with its weight and health; immutable once built."""
+
+    cluster: str
+    endpoints: tuple[EndpointAssignment, ...] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        validate_endpoints(self.cluster, self.endpoints)
+
+    @property
+    def weights(self) -> dict[str, int]:
+        return {ep.address: ep.weight for ep in self.endpoints}
+
+    @property
+    def health(self) -> dict[str, str]:
+        return {ep.address: ep.health for ep in self.endpoints}
+
+    def with_updates(
+        self,
+        weights: Mapping[str, object] | None = None,
+        health: Mapping[str, object] | None = None,
+    ) -> Assignment:
+        """A new assignment with some endpoints' weight and/or health changed.
+
+        Endpoints not named keep their current values, so an operator override can touch
+        one endpoint without restating the rest. Unknown addresses are an error.
+        """
+        weights = dict(weights or {})
+        health = dict(health or {})
+        known = {ep.address for ep in self.endpoints}
+        unknown = sorted((set(weights) | set(health)) - known)
+        if unknown:
+            raise AssignmentError(
+                f"cluster {self.cluster!r}: unknown endpoint(s) {', '.join(unknown)}; "
+                f"known: {', '.join(sorted(known))}"
+            )
+        problems: list[str] = []
+        new_eps = []
+        for ep in self.endpoints:
+            w = ep.weight
+            h = ep.health
+            if ep.address in weights:
+                try:
+                    w = coerce_weight(weights[ep.address])
+                except AssignmentError as exc:
+                    problems.append(f"weights[{ep.address!r}]: {exc}")
+            if ep.address in health:
+                raw = health[ep.address]
+                if not isinstance(raw, str) or raw.upper() not in HEALTH_VALUES:
+                    problems.append(
+                        f"health[{ep.address!r}]: {raw!r} is not one of {', '.join(HEALTH_VALUES)}"
+                    )
+                else:
+                    h = raw.upper()  # type: ignore[assignment]
+            new_eps.append(replace(ep, weight=w, health=h))
+        if problems:
+            raise AssignmentError(f"cluster {self.cluster!r}: " + "; ".join(problems))
+        return Assignment(self.cluster, tuple(new_eps))
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "cluster": self.cluster,
+            "endpoints": [
+                {
+                    "address": ep.address,
+                    "weight": ep.weight,
+                    "health": ep.health,
+                    "cloud": ep.cloud,
+                    "region": ep.region,
+                    "zone": ep.zone,
+                    "cost_per_million_requests": ep.cost_per_million_requests,
+                }
+                for ep in self.endpoints
+            ],
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, object]) -> Assignment:
+        try:
+            cluster = str(data["cluster"])
+            eps = []
+            for raw in data["endpoints"]:  # type: ignore[union-attr]
+                host, port = split_address(str(raw["address"]))
+                eps.append(
+                    EndpointAssignment(
+                        address=str(raw["address"]),
+                        host=host,
+                        port=port,
+                        weight=coerce_weight(raw["weight"]),
+                        cloud=str(raw["cloud"]),
+                        region=str(raw["region"]),
+                        zone=raw.get("zone"),
+                        health=str(raw.get("health", "HEALTHY")).upper(),  # type: ignore[arg-type]
+                        cost_per_million_requests=float(raw.get("cost_per_million_requests", 0.0)),
+                    )
+                )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise AssignmentError(f"malformed stored assignment: {exc!r}") from exc
+        return cls(cluster, tuple(eps))
+
+
+def coerce_weight(value: object) -> int:
+    """An Envoy load_balancing_weight from a number, or AssignmentError saying why not."""
+    if isinstance(value, bool):
+        raise AssignmentError(f"weight must be an integer, got {value!r}")
+    if isinstance(value, float):
+        if not math.isfinite(value) or value != int(value):
+            raise AssignmentError(f"weight must be a whole number, got {value!r}")
+        value = int(value)
+    if not isinstance(value, int):
+        # numpy integers are ints in spirit; anything else is a caller bug worth naming.
+        try:
+            import numpy as np
+
+            if isinstance(value, np.integer):
+                value = int(value)
+        except ImportError:  # pragma: no cover - numpy is a dependency
+            pass
+    if not isinstance(value, int):
+        raise AssignmentError(f"weight must be an integer, got {type(value).__name__} {value!r}")
+    if not 1 <= value <= UINT32_MAX:
+        raise AssignmentError(f"weight must be in [1, {UINT32_MAX}], got {value}")
+    return value
+
+
+def split_address(address: str) -> tuple[str, int]:
+    """``host:port`` (IPv6 in brackets) into its parts, or AssignmentError."""
+    if address.startswith("["):
+        host, sep, port = address[1:].partition("]:")
+    else:
+        host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise AssignmentError(f"bad endpoint address {address!r}: expected host:port")
+    return host, int(port)
+
+
+def validate_endpoints(cluster: str, endpoints: Iterable[EndpointAssignment]) -> None:
+    eps = list(endpoints)
+    if not cluster:
+        raise AssignmentError("cluster name is empty")
+    if not eps:
+        raise AssignmentError(f"cluster {cluster!r} has no endpoints")
+    seen: set[str] = set()
+    sums: dict[tuple[str, str, str], int] = {}
+    for ep in eps:
+        if ep.address in seen:
+            raise AssignmentError(f"cluster {cluster!r}: endpoint {ep.address} listed twice")
+        seen.add(ep.address)
+        coerce_weight(ep.weight)
+        if ep.health not in HEALTH_VALUES:
+            raise AssignmentError(f"cluster {cluster!r}: {ep.address} has unknown health {ep.health!r}")
+        sums[ep.locality] = sums.get(ep.locality, 0) + ep.weight
+    for loc, total in sums.items():
+        if total > UINT32_MAX:
+            raise AssignmentError(
+                f"cluster {cluster!r}: weights in locality {'/'.join(p for p in loc if p)} sum to "
+                f"{total}, over Envoy's uint32 limit {UINT32_MAX}"
+            )

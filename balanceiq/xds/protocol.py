@@ -1,0 +1,376 @@
+"""The xDS protocol as plain state machines, with no gRPC in sight.
+
+One :class:`SotwStream` or :class:`DeltaStream` per gRPC stream. Each takes requests and
+new snapshots and returns the encoded responses to write. That keeps the rules testable
+against a fake stream (tests/unit/xds/test_protocol.py) and the servicers thin.
+
+Rules honoured (https://www.envoyproxy.io/docs/envoy/latest/api-docs/xds_protocol):
+
+* nonces are per stream; a request whose ``response_nonce`` is not the latest one sent on
+  that stream for that type is stale and ignored (SotW);
+* ACK and NACK are told apart by ``error_detail``; a NACK is recorded per node and the
+  rejected content is not sent again: the next response goes out only when the content
+  changes or the subscription grows (go-control-plane re-sends a NACKed version forever,
+  its issues #46 and #962);
+* a newly subscribed resource is sent even when its content did not change, and a
+  subscription to a resource that does not exist yet is remembered and served when it
+  appears;
+* SotW: a stream's first request is always answered (even if its ``version_info``
+  matches ours: a restarted server must not trust a version the client got from a
+  previous incarnation); while a response is unacknowledged nothing more is sent, and
+  a push that arrived meanwhile goes out with the ACK;
+* delta: ``initial_resource_versions`` on reconnect say what the client has, so only
+  resources whose content differs are sent; a resource that disappears, or that the
+  client has but we do not, is sent in ``removed_resources``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from envoy.service.discovery.v3 import discovery_pb2
+
+from balanceiq.xds.snapshot import EDS_TYPE, Snapshot, delta_response, sotw_response
+
+_nonces = itertools.count(1)
+
+
+def _nonce() -> str:
+    return str(next(_nonces))
+
+
+# --- per-node status ---------------------------------------------------------------------
+
+
+@dataclass
+class NodeStatus:
+    node_id: str
+    cluster: str = ""
+    streams: int = 0
+    api: set[str] = field(default_factory=set)
+    first_seen: float = field(default_factory=time.time)
+    last_seen: float = field(default_factory=time.time)
+    last_acked_version: str | None = None
+    last_nacked_version: str | None = None
+    last_error: str | None = None
+    acks: int = 0
+    nacks: int = 0
+    responses_sent: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "node_id": self.node_id,
+            "cluster": self.cluster,
+            "connected": self.streams > 0,
+            "streams": self.streams,
+            "api": sorted(self.api),
+            "first_seen": self.first_seen,
+            "last_seen": self.last_seen,
+            "last_acked_version": self.last_acked_version,
+            "last_nacked_version": self.last_nacked_version,
+            "last_error": self.last_error,
+            "acks": self.acks,
+            "nacks": self.nacks,
+            "responses_sent": self.responses_sent,
+        }
+
+
+@dataclass(frozen=True)
+class Rejection:
+    node_id: str
+    type_url: str
+    version: str
+    error: str
+    at: float
+
+
+class StatusRegistry:
+    """Who is connected, what they ACKed and what they rejected. Thread-safe."""
+
+    def __init__(self, max_rejections: int = 100) -> None:
+        self._lock = threading.Condition()
+        self._nodes: dict[str, NodeStatus] = {}
+        self.rejections: deque[Rejection] = deque(maxlen=max_rejections)
+        self._ack_listeners: list[Callable[[str, str, float], None]] = []
+
+    def _node(self, node_id: str) -> NodeStatus:
+        node = self._nodes.get(node_id)
+        if node is None:
+            node = self._nodes[node_id] = NodeStatus(node_id)
+        node.last_seen = time.time()
+        return node
+
+    def opened(self, node_id: str, cluster: str, api: str) -> None:
+        with self._lock:
+            node = self._node(node_id)
+            node.cluster = cluster or node.cluster
+            node.streams += 1
+            node.api.add(api)
+
+    def closed(self, node_id: str) -> None:
+        with self._lock:
+            node = self._node(node_id)
+            node.streams = max(0, node.streams - 1)
+
+    def sent(self, node_id: str) -> None:
+        with self._lock:
+            self._node(node_id).responses_sent += 1
+
+    def ack(self, node_id: str, version: str) -> None:
+        now = time.monotonic()
+        with self._lock:
+            node = self._node(node_id)
+            node.acks += 1
+            node.last_acked_version = version
+            listeners = list(self._ack_listeners)
+            self._lock.notify_all()
+        for fn in listeners:
+            fn(node_id, version, now)
+
+    def nack(self, node_id: str, type_url: str, version: str, error: str) -> None:
+        with self._lock:
+            node = self._node(node_id)
+            node.nacks += 1
+            node.last_nacked_version = version
+            node.last_error = error
+            self.rejections.append(Rejection(node_id, type_url, version, error, time.time()))
+            self._lock.notify_all()
+
+    def add_ack_listener(self, fn: Callable[[str, str, float], None]) -> Callable[[], None]:
+        with self._lock:
+            self._ack_listeners.append(fn)
+
+        def cancel() -> None:
+            with self._lock:
+                if fn in self._ack_listeners:
+                    self._ack_listeners.remove(fn)
+
+        return cancel
+
+    def wait_for(self, predicate: Callable[[dict[str, NodeStatus]], bool], timeout: float) -> bool:
+        with self._lock:
+            return self._lock.wait_for(lambda: predicate(self._nodes), timeout=timeout)
+
+    def to_json(self) -> dict[str, Any]:
+        with self._lock:
+            return {
+                "nodes": [n.to_json() for n in self._nodes.values()],
+                "connected": sum(1 for n in self._nodes.values() if n.streams > 0),
+                "rejections": [r.__dict__ for r in self.rejections],
+            }
+
+
+# --- state of the world ------------------------------------------------------------------
+
+
+@dataclass
+class _SotwWatch:
+    names: frozenset[str] | None = None  # None: wildcard
+    nonce: str | None = None  # latest nonce sent; None until the first response
+    sent: dict[str, str | None] | None = None  # name -> version in the latest response
+    sent_version: str | None = None
+    waiting: bool = False  # the client has an answered-nothing-yet request open
+
+
+class SotwStream:
+    """One state-of-the-world stream (ADS or standalone EDS)."""
+
+    def __init__(self, registry: StatusRegistry, api: str, default_type: str = EDS_TYPE) -> None:
+        self.registry = registry
+        self.api = api
+        self.default_type = default_type
+        self.node_id: str | None = None
+        self._watches: dict[str, _SotwWatch] = {}
+        self.unsupported_types: set[str] = set()
+
+    def _identify(self, req: discovery_pb2.DiscoveryRequest) -> None:
+        if self.node_id is None:
+            self.node_id = req.node.id or "<anonymous>"
+            self.registry.opened(self.node_id, req.node.cluster, self.api)
+
+    def close(self) -> None:
+        if self.node_id is not None:
+            self.registry.closed(self.node_id)
+
+    def on_request(
+        self, req: discovery_pb2.DiscoveryRequest, snapshot: Snapshot | None
+    ) -> list[bytes]:
+        self._identify(req)
+        type_url = req.type_url or self.default_type
+        if snapshot is not None and type_url != snapshot.type_url:
+            # ADS may multiplex types we do not serve; answering with an empty set would
+            # delete the client's config for that type, so we stay silent and record it.
+            self.unsupported_types.add(type_url)
+            return []
+        watch = self._watches.setdefault(type_url, _SotwWatch())
+        if req.response_nonce and req.response_nonce != watch.nonce:
+            return []  # stale: a newer response is already on its way to the client
+
+        names = frozenset(req.resource_names) if req.resource_names else None
+        grew = watch.names is not None and (names is None or not names <= watch.names)
+        watch.names = names
+        watch.waiting = True
+        assert self.node_id is not None
+        if not req.response_nonce:
+            # First request of this type on this stream: always answer once we have
+            # something, whatever version_info the client claims to hold.
+            watch.sent = None
+        elif req.HasField("error_detail"):
+            self.registry.nack(
+                self.node_id, type_url, watch.sent_version or "", req.error_detail.message
+            )
+        else:
+            self.registry.ack(self.node_id, watch.sent_version or req.version_info)
+        if grew:
+            watch.sent = None  # newly subscribed names must be sent even if unchanged
+        return self._maybe_send(watch, snapshot)
+
+    def on_snapshot(self, snapshot: Snapshot) -> list[bytes]:
+        watch = self._watches.get(snapshot.type_url)
+        if watch is None:
+            return []
+        return self._maybe_send(watch, snapshot)
+
+    def _maybe_send(self, watch: _SotwWatch, snapshot: Snapshot | None) -> list[bytes]:
+        if snapshot is None or not watch.waiting:
+            return []
+        current = snapshot.resource_versions(watch.names)
+        if watch.sent is None:
+            if watch.names is not None and not any(current.values()):
+                return []  # nothing subscribed exists yet: remember, answer when it does
+        elif current == watch.sent:
+            return []  # unchanged for this client (and never re-send rejected content)
+        watch.nonce = _nonce()
+        watch.sent = current
+        watch.sent_version = snapshot.version
+        watch.waiting = False
+        assert self.node_id is not None
+        self.registry.sent(self.node_id)
+        return [sotw_response(snapshot, watch.names, watch.nonce)]
+
+
+# --- delta (incremental) -----------------------------------------------------------------
+
+
+@dataclass
+class _DeltaWatch:
+    wildcard: bool = False
+    names: set[str] = field(default_factory=set)
+    client: dict[str, str] = field(default_factory=dict)  # what the client holds (ACKed)
+    pending: dict[str, dict[str, str | None]] = field(default_factory=dict)  # nonce -> sent
+    pending_versions: dict[str, str] = field(default_factory=dict)  # nonce -> system version
+    inflight: dict[str, str | None] = field(default_factory=dict)  # name -> latest unACKed
+    rejected: dict[str, str] = field(default_factory=dict)  # name -> NACKed version
+
+
+class DeltaStream:
+    """One incremental (delta) xDS stream (ADS or standalone EDS)."""
+
+    def __init__(self, registry: StatusRegistry, api: str, default_type: str = EDS_TYPE) -> None:
+        self.registry = registry
+        self.api = api
+        self.default_type = default_type
+        self.node_id: str | None = None
+        self._watches: dict[str, _DeltaWatch] = {}
+        self.unsupported_types: set[str] = set()
+
+    def close(self) -> None:
+        if self.node_id is not None:
+            self.registry.closed(self.node_id)
+
+    def on_request(
+        self, req: discovery_pb2.DeltaDiscoveryRequest, snapshot: Snapshot | None
+    ) -> list[bytes]:
+        if self.node_id is None:
+            self.node_id = req.node.id or "<anonymous>"
+            self.registry.opened(self.node_id, req.node.cluster, self.api)
+        type_url = req.type_url or self.default_type
+        if snapshot is not None and type_url != snapshot.type_url:
+            self.unsupported_types.add(type_url)
+            return []
+        watch = self._watches.get(type_url)
+        if watch is None:
+            watch = self._watches[type_url] = _DeltaWatch()
+            # Only the first request of a type carries what the client already has.
+            watch.client = dict(req.initial_resource_versions)
+            # Legacy wildcard: a first request subscribing to nothing means "everything".
+            watch.wildcard = not req.resource_names_subscribe
+
+        if req.response_nonce:
+            sent = watch.pending.pop(req.response_nonce, None)
+            version = watch.pending_versions.pop(req.response_nonce, "")
+            if sent is not None:
+                for name, ver in sent.items():
+                    if watch.inflight.get(name, "absent") == ver:
+                        del watch.inflight[name]
+                if req.HasField("error_detail"):
+                    for name, ver in sent.items():
+                        if ver is not None:
+                            watch.rejected[name] = ver
+                    self.registry.nack(self.node_id, type_url, version, req.error_detail.message)
+                else:
+                    for name, ver in sent.items():
+                        if ver is None:
+                            watch.client.pop(name, None)
+                        else:
+                            watch.client[name] = ver
+                            watch.rejected.pop(name, None)
+                    self.registry.ack(self.node_id, version)
+
+        for name in req.resource_names_subscribe:
+            if name == "*":
+                watch.wildcard = True
+                continue
+            if name not in watch.names and name not in req.initial_resource_versions:
+                # A fresh subscription: the client holds nothing for it, whatever we
+                # recorded before it unsubscribed.
+                watch.client.pop(name, None)
+                watch.inflight.pop(name, None)
+                watch.rejected.pop(name, None)
+            watch.names.add(name)
+        for name in req.resource_names_unsubscribe:
+            if name == "*":
+                watch.wildcard = False
+                continue
+            watch.names.discard(name)
+            watch.client.pop(name, None)
+            watch.inflight.pop(name, None)
+        return self._diff(watch, snapshot)
+
+    def on_snapshot(self, snapshot: Snapshot) -> list[bytes]:
+        watch = self._watches.get(snapshot.type_url)
+        return [] if watch is None else self._diff(watch, snapshot)
+
+    def _diff(self, watch: _DeltaWatch, snapshot: Snapshot | None) -> list[bytes]:
+        if snapshot is None:
+            return []
+        interested = set(watch.names)
+        if watch.wildcard:
+            interested |= set(snapshot.resources) | set(watch.client)
+        send = []
+        removed = []
+        for name in sorted(interested):
+            res = snapshot.resources.get(name)
+            known = watch.inflight[name] if name in watch.inflight else watch.client.get(name)
+            if res is not None:
+                if res.version != known and watch.rejected.get(name) != res.version:
+                    send.append(res)
+            elif known is not None:
+                removed.append(name)
+        if not send and not removed:
+            return []
+        nonce = _nonce()
+        sent: dict[str, str | None] = {r.name: r.version for r in send}
+        sent.update({name: None for name in removed})
+        watch.pending[nonce] = sent
+        watch.pending_versions[nonce] = snapshot.version
+        watch.inflight.update(sent)
+        assert self.node_id is not None
+        self.registry.sent(self.node_id)
+        return [delta_response(snapshot, send, removed, nonce)]

@@ -1,0 +1,347 @@
+"""The gRPC side: ADS and standalone EDS, state-of-the-world and delta, on grpc.aio.
+
+:class:`XdsServer` owns a :class:`~balanceiq.xds.store.SnapshotStore` and runs a grpc.aio
+server on its own event loop in a background thread, so it behaves the same inside a Ray
+actor, a test or a benchmark. Streams are handled by the state machines in
+:mod:`balanceiq.xds.protocol`; responses are pre-encoded bytes (see
+:mod:`balanceiq.xds.snapshot`), so the servicers register an identity serializer.
+
+One store watcher hops each publish onto the event loop once, and the loop fans it out
+to every stream's queue: 1,000 streams cost one cross-thread wake-up, not 1,000.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import Mapping
+from concurrent.futures import TimeoutError as FutureTimeout
+from pathlib import Path
+from typing import Any
+
+import grpc
+from envoy.service.discovery.v3 import discovery_pb2
+
+from balanceiq.config import ClusterConfig, Settings, TlsConfig
+from balanceiq.exceptions import AssignmentError, XdsBindError, XdsError
+from balanceiq.xds.assignment import Assignment, EndpointAssignment
+from balanceiq.xds.protocol import DeltaStream, SotwStream, StatusRegistry
+from balanceiq.xds.snapshot import Snapshot, sotw_response
+from balanceiq.xds.store import SnapshotStore
+
+log = logging.getLogger(__name__)
+
+ADS_SERVICE = "envoy.service.discovery.v3.AggregatedDiscoveryService"
+EDS_SERVICE = "envoy.service.endpoint.v3.EndpointDiscoveryService"
+
+_GRPC_OPTIONS = [
+    # gRPC turns SO_REUSEPORT on by default; a second server on the same port would then
+    # silently share it and half the Envoys would talk to a stale control plane.
+    ("grpc.so_reuseport", 0),
+    ("grpc.max_receive_message_length", 16 * 1024 * 1024),
+    ("grpc.max_send_message_length", 64 * 1024 * 1024),
+    # Envoy keeps the ADS stream open for days: keepalives find dead peers.
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+]
+
+
+def _identity(b: bytes) -> bytes:
+    return b
+
+
+def assignment_from_config(cluster: ClusterConfig) -> Assignment:
+    return Assignment(
+        cluster.name,
+        tuple(
+            EndpointAssignment(
+                address=ep.address,
+                host=ep.host,
+                port=ep.port,
+                weight=ep.weight,
+                cloud=ep.cloud,
+                region=ep.region,
+                zone=ep.zone,
+                cost_per_million_requests=ep.cost_per_million_requests,
+            )
+            for ep in cluster.endpoints
+        ),
+    )
+
+
+def merge_restored(configured: Assignment, restored: Assignment | None) -> Assignment:
+    """Config decides membership; the restored state decides weight and health.
+
+    So a restart serves the last weights, while an endpoint added to or removed from the
+    config file still takes effect.
+    """
+    if restored is None:
+        return configured
+    old = {ep.address: ep for ep in restored.endpoints}
+    weights = {a: old[a].weight for a in configured.weights if a in old}
+    health = {a: old[a].health for a in configured.weights if a in old}
+    return configured.with_updates(weights, health)
+
+
+def _server_credentials(tls: TlsConfig) -> grpc.ServerCredentials:
+    try:
+        key = Path(tls.key_file).read_bytes()  # type: ignore[arg-type]
+        cert = Path(tls.cert_file).read_bytes()  # type: ignore[arg-type]
+        ca = Path(tls.ca_file).read_bytes() if tls.ca_file else None
+    except OSError as exc:
+        raise XdsError(f"cannot read xDS TLS material: {exc}") from exc
+    return grpc.ssl_server_credentials(
+        [(key, cert)], root_certificates=ca, require_client_auth=tls.require_client_cert
+    )
+
+
+class XdsServer:
+    """ADS + EDS (SotW and delta) over one store. Start with :meth:`start`."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        host: str | None = None,
+        port: int | None = None,
+        state_dir: Path | str | None = None,
+    ) -> None:
+        self.settings = settings
+        self.host = host if host is not None else settings.xds.host
+        self.requested_port = port if port is not None else settings.xds.port
+        self.port: int | None = None
+        self.store = SnapshotStore(state_dir)
+        self.registry = StatusRegistry()
+        self.started_at = time.time()
+        self._publish_lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._server: grpc.aio.Server | None = None
+        self._queues: set[asyncio.Queue[tuple[str, Any]]] = set()
+        self._unwatch = self.store.watch(self._on_publish)
+
+        restored = {a.cluster: a for a in (self.store.restore() or [])}
+        self.restored = bool(restored)
+        initial = [
+            merge_restored(assignment_from_config(c), restored.get(c.name))
+            for c in settings.clusters
+        ]
+        self.store.publish_assignments(initial)
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def start(self, timeout: float = 10.0) -> int:
+        """Bind and serve; returns the bound port. Raises XdsBindError if it is taken."""
+        if self._thread is not None:
+            raise XdsError("xDS server already started")
+        loop = asyncio.new_event_loop()
+        self._loop = loop
+        self._thread = threading.Thread(target=loop.run_forever, name="xds-grpc", daemon=True)
+        self._thread.start()
+        fut = asyncio.run_coroutine_threadsafe(self._start_grpc(), loop)
+        try:
+            self.port = fut.result(timeout)
+        except FutureTimeout as exc:
+            self.stop()
+            raise XdsError(f"xDS server did not start within {timeout}s") from exc
+        except BaseException:
+            self.stop()
+            raise
+        log.info("xDS server listening on %s:%s", self.host, self.port)
+        return self.port
+
+    async def _start_grpc(self) -> int:
+        server = grpc.aio.server(options=_GRPC_OPTIONS)
+        server.add_generic_rpc_handlers(self._handlers())
+        address = f"{self.host}:{self.requested_port}"
+        tls = self.settings.xds.tls
+        try:
+            if tls.enabled:
+                port = server.add_secure_port(address, _server_credentials(tls))
+            else:
+                port = server.add_insecure_port(address)
+        except RuntimeError as exc:
+            raise XdsBindError(f"cannot bind xDS server to {address}: {exc}") from exc
+        if not port:
+            raise XdsBindError(f"cannot bind xDS server to {address}: port in use?")
+        await server.start()
+        self._server = server
+        return port
+
+    def stop(self, grace: float = 0.5) -> None:
+        self._unwatch()
+        loop, self._loop = self._loop, None
+        if loop is None:
+            return
+        if self._server is not None:
+            fut = asyncio.run_coroutine_threadsafe(self._server.stop(grace), loop)
+            try:
+                fut.result(grace + 5)
+            except Exception:  # shutting down: nothing useful to do with the error
+                log.debug("error stopping gRPC server", exc_info=True)
+        loop.call_soon_threadsafe(loop.stop)
+        if self._thread is not None:
+            self._thread.join(5)
+        self._thread = None
+        self._server = None
+
+    # -- the write side ---------------------------------------------------------------------
+
+    def assignment(self, cluster: str) -> Assignment:
+        snap = self.store.latest()
+        if snap is None or cluster not in snap.assignments:
+            known = sorted(snap.assignments) if snap else []
+            raise AssignmentError(f"unknown cluster {cluster!r}; known: {', '.join(known)}")
+        return snap.assignments[cluster]
+
+    def set_assignment(
+        self,
+        cluster: str,
+        weights: Mapping[str, object] | None = None,
+        health: Mapping[str, object] | None = None,
+    ) -> str:
+        """Change some endpoints' weights and/or health; returns the new version.
+
+        Invalid input raises AssignmentError and leaves the store unchanged.
+        """
+        with self._publish_lock:  # read-modify-write of the latest snapshot
+            current = self.store.latest()
+            if current is None or not current.assignments:
+                raise XdsError("store holds no assignments to update")
+            updated = self.assignment(cluster).with_updates(weights, health)
+            others = [a for name, a in current.assignments.items() if name != cluster]
+            return self.store.publish_assignments([*others, updated]).version
+
+    def publish(self, snapshot: Snapshot) -> None:
+        """Publish a prebuilt snapshot (see :func:`balanceiq.xds.snapshot.raw_snapshot`)."""
+        with self._publish_lock:
+            self.store.publish(snapshot)
+
+    # -- the read side ----------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        snap = self.store.latest()
+        return {
+            "listening": f"{self.host}:{self.port}" if self.port else None,
+            "tls": self.settings.xds.tls.enabled,
+            "epoch": self.store.epoch,
+            "version": snap.version if snap else None,
+            "restored_from_state": self.restored,
+            "started_at": self.started_at,
+            "clusters": {name: a.to_json() for name, a in (snap.assignments if snap else {}).items()},
+            **self.registry.to_json(),
+        }
+
+    def wait_for_ack(self, version: str, node_id: str | None = None, timeout: float = 5.0) -> bool:
+        """Block until a node (any, or the named one) ACKs ``version``."""
+
+        def done(nodes: Mapping[str, Any]) -> bool:
+            return any(
+                n.last_acked_version == version
+                for nid, n in nodes.items()
+                if node_id is None or nid == node_id
+            )
+
+        return self.registry.wait_for(done, timeout)
+
+    # -- streams ----------------------------------------------------------------------------
+
+    def _on_publish(self, snapshot: Snapshot) -> None:
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(self._fanout)
+
+    def _fanout(self) -> None:
+        for q in self._queues:
+            q.put_nowait(("snap", None))
+
+    async def _stream(self, context: grpc.aio.ServicerContext, machine: SotwStream | DeltaStream) -> None:
+        queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+        self._queues.add(queue)
+
+        async def reader() -> None:
+            try:
+                while True:
+                    req = await context.read()
+                    if req is grpc.aio.EOF:
+                        break
+                    queue.put_nowait(("req", req))
+            except (grpc.aio.AioRpcError, asyncio.CancelledError):
+                pass
+            except Exception as exc:  # a malformed request ends this stream only
+                log.warning("xDS stream read failed: %s", exc)
+            finally:
+                queue.put_nowait(("eof", None))
+
+        read_task = asyncio.ensure_future(reader())
+        try:
+            while True:
+                kind, req = await queue.get()
+                if kind == "eof":
+                    break
+                if kind == "snap":
+                    # Several publishes may be queued; only the latest matters.
+                    snapshot = self.store.latest()
+                    out = machine.on_snapshot(snapshot) if snapshot else []
+                else:
+                    out = machine.on_request(req, self.store.latest())
+                for payload in out:
+                    await context.write(payload)
+        finally:
+            self._queues.discard(queue)
+            read_task.cancel()
+            machine.close()
+
+    async def _ads_sotw(self, _it: Any, context: grpc.aio.ServicerContext) -> None:
+        await self._stream(context, SotwStream(self.registry, "ads-sotw"))
+
+    async def _ads_delta(self, _it: Any, context: grpc.aio.ServicerContext) -> None:
+        await self._stream(context, DeltaStream(self.registry, "ads-delta"))
+
+    async def _eds_sotw(self, _it: Any, context: grpc.aio.ServicerContext) -> None:
+        await self._stream(context, SotwStream(self.registry, "eds-sotw"))
+
+    async def _eds_delta(self, _it: Any, context: grpc.aio.ServicerContext) -> None:
+        await self._stream(context, DeltaStream(self.registry, "eds-delta"))
+
+    async def _eds_fetch(
+        self, req: discovery_pb2.DiscoveryRequest, context: grpc.aio.ServicerContext
+    ) -> bytes:
+        snapshot = self.store.latest()
+        if snapshot is None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "no snapshot yet")
+        names = frozenset(req.resource_names) if req.resource_names else None
+        return sotw_response(snapshot, names, "")  # type: ignore[arg-type]
+
+    def _handlers(self) -> list[grpc.GenericRpcHandler]:
+        sotw = discovery_pb2.DiscoveryRequest.FromString
+        delta = discovery_pb2.DeltaDiscoveryRequest.FromString
+
+        def stream(fn: Any, deser: Any) -> grpc.RpcMethodHandler:
+            return grpc.stream_stream_rpc_method_handler(
+                fn, request_deserializer=deser, response_serializer=_identity
+            )
+
+        return [
+            grpc.method_handlers_generic_handler(
+                ADS_SERVICE,
+                {
+                    "StreamAggregatedResources": stream(self._ads_sotw, sotw),
+                    "DeltaAggregatedResources": stream(self._ads_delta, delta),
+                },
+            ),
+            grpc.method_handlers_generic_handler(
+                EDS_SERVICE,
+                {
+                    "StreamEndpoints": stream(self._eds_sotw, sotw),
+                    "DeltaEndpoints": stream(self._eds_delta, delta),
+                    "FetchEndpoints": grpc.unary_unary_rpc_method_handler(
+                        self._eds_fetch, request_deserializer=sotw, response_serializer=_identity
+                    ),
+                },
+            ),
+        ]

@@ -1,0 +1,152 @@
+"""The weight store: the one place snapshots are versioned, published and persisted.
+
+Its interface is deliberately narrow (``publish``, ``latest``, ``watch``), in the spirit
+of go-control-plane's ``pkg/cache/v3``: the gRPC servicers read from it and know nothing
+about how snapshots are built, and the controller writes to it and knows nothing about
+streams.
+
+Versions are ``"<epoch>.<seq>"``. The epoch is ``max(previous epoch + 1, now in ms)`` and
+is written to the state directory before the first publish, so versions never repeat
+across restarts even if the clock steps back (Contour #6250 was a restart that reused
+version strings).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+from balanceiq.exceptions import AssignmentError
+from balanceiq.xds.assignment import Assignment
+from balanceiq.xds.snapshot import Snapshot, build_snapshot
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "xds-snapshot.json"
+EPOCH_FILE = "xds-epoch"
+
+Watcher = Callable[[Snapshot], None]
+
+
+class SnapshotStore:
+    """Latest-snapshot holder with versioning, watchers and optional persistence.
+
+    Thread-safe: ``publish`` may be called from any thread; watchers are called on the
+    publishing thread and must only hand the snapshot off (e.g. ``call_soon_threadsafe``).
+    """
+
+    def __init__(self, state_dir: Path | str | None = None) -> None:
+        self._state_dir = Path(state_dir) if state_dir is not None else None
+        self._lock = threading.Lock()
+        self._watchers: list[Watcher] = []
+        self._latest: Snapshot | None = None
+        self._seq = 0
+        self.epoch = self._next_epoch()
+
+    # -- versioning -------------------------------------------------------------------
+
+    def _next_epoch(self) -> int:
+        previous = 0
+        if self._state_dir is not None:
+            try:
+                previous = int((self._state_dir / EPOCH_FILE).read_text().strip())
+            except (OSError, ValueError):
+                previous = 0
+        epoch = max(previous + 1, time.time_ns() // 1_000_000)
+        if self._state_dir is not None:
+            self._state_dir.mkdir(parents=True, exist_ok=True)
+            _atomic_write(self._state_dir / EPOCH_FILE, str(epoch))
+        return epoch
+
+    def next_version(self) -> str:
+        with self._lock:
+            self._seq += 1
+            return f"{self.epoch}.{self._seq}"
+
+    # -- the narrow interface ----------------------------------------------------------
+
+    def latest(self) -> Snapshot | None:
+        return self._latest
+
+    def watch(self, watcher: Watcher) -> Callable[[], None]:
+        """Call ``watcher(snapshot)`` on every publish; returns an unsubscribe function."""
+        with self._lock:
+            self._watchers.append(watcher)
+
+        def cancel() -> None:
+            with self._lock:
+                if watcher in self._watchers:
+                    self._watchers.remove(watcher)
+
+        return cancel
+
+    def publish(self, snapshot: Snapshot) -> None:
+        with self._lock:
+            self._latest = snapshot
+            watchers = list(self._watchers)
+        for w in watchers:
+            try:
+                w(snapshot)
+            except Exception:  # one broken watcher must not starve the others
+                log.exception("snapshot watcher failed")
+
+    # -- assignments: build, publish, persist -------------------------------------------
+
+    def publish_assignments(self, assignments: Iterable[Assignment]) -> Snapshot:
+        snapshot = build_snapshot(self.next_version(), assignments)
+        self.publish(snapshot)
+        # Persist after streams were notified: the disk write is off the push path.
+        self._persist(snapshot)
+        return snapshot
+
+    def restore(self) -> list[Assignment] | None:
+        """Assignments of the last persisted snapshot, or None if there is none usable."""
+        if self._state_dir is None:
+            return None
+        path = self._state_dir / STATE_FILE
+        if not path.exists():
+            return None
+        try:
+            data = json.loads(path.read_text())
+            return [Assignment.from_json(a) for a in data["assignments"]]
+        except (OSError, ValueError, KeyError, TypeError, AssignmentError) as exc:
+            # A corrupt state file must not stop the server: fall back to config defaults.
+            log.warning("ignoring unreadable xDS state %s: %s", path, exc)
+            return None
+
+    def _persist(self, snapshot: Snapshot) -> None:
+        if self._state_dir is None:
+            return
+        data = {
+            "version": snapshot.version,
+            "saved_at": time.time(),
+            "assignments": [a.to_json() for a in snapshot.assignments.values()],
+        }
+        try:
+            _atomic_write(self._state_dir / STATE_FILE, json.dumps(data, indent=1))
+        except OSError as exc:
+            log.error("could not persist xDS snapshot %s: %s", snapshot.version, exc)
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    """Write via a temp file and rename, so a crash never leaves a half-written state."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
