@@ -268,10 +268,13 @@ class EnvoyProcess:
             "--log-level", self.log_level,
             "--log-path", str(self.log_path),
         ]
-        self.proc = subprocess.Popen(
-            cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-            start_new_session=True,
-        )
+        # stderr goes to a file, not a pipe: a detached envoy (``testbed up``) outlives
+        # this process, and writing to a closed pipe would kill it with SIGPIPE.
+        with open(self.workdir / "envoy.stderr", "wb") as err:
+            self.proc = subprocess.Popen(
+                cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
+                start_new_session=True,
+            )
         if wait_ready:
             self.wait_ready(ready_timeout)
         return self
@@ -282,7 +285,7 @@ class EnvoyProcess:
         with httpx.Client(timeout=1.0) as client:
             while time.monotonic() < deadline:
                 if self.proc is not None and self.proc.poll() is not None:
-                    err = self.proc.stderr.read().decode(errors="replace") if self.proc.stderr else ""
+                    err = (self.workdir / "envoy.stderr").read_text(errors="replace")
                     raise EnvoyError(f"envoy exited with {self.proc.returncode}: {_tail(err or self._log())}")
                 try:
                     r = client.get(f"{self.admin_url}/ready")
@@ -310,8 +313,6 @@ class EnvoyProcess:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(timeout)
-        if proc is not None and proc.stderr:
-            proc.stderr.close()
 
     def __enter__(self) -> EnvoyProcess:
         return self.start() if self.proc is None else self

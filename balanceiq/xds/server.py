@@ -130,6 +130,8 @@ class XdsServer:
             merge_restored(assignment_from_config(c), restored.get(c.name))
             for c in settings.clusters
         ]
+        # The write side's source of truth; a raw snapshot (tests) does not replace it.
+        self._assignments = {a.cluster: a for a in initial}
         self.store.publish_assignments(initial)
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -186,17 +188,19 @@ class XdsServer:
         loop.call_soon_threadsafe(loop.stop)
         if self._thread is not None:
             self._thread.join(5)
+            if not self._thread.is_alive():
+                loop.close()
         self._thread = None
         self._server = None
 
     # -- the write side ---------------------------------------------------------------------
 
     def assignment(self, cluster: str) -> Assignment:
-        snap = self.store.latest()
-        if snap is None or cluster not in snap.assignments:
-            known = sorted(snap.assignments) if snap else []
-            raise AssignmentError(f"unknown cluster {cluster!r}; known: {', '.join(known)}")
-        return snap.assignments[cluster]
+        try:
+            return self._assignments[cluster]
+        except KeyError:
+            known = ", ".join(sorted(self._assignments))
+            raise AssignmentError(f"unknown cluster {cluster!r}; known: {known}") from None
 
     def set_assignment(
         self,
@@ -208,13 +212,12 @@ class XdsServer:
 
         Invalid input raises AssignmentError and leaves the store unchanged.
         """
-        with self._publish_lock:  # read-modify-write of the latest snapshot
-            current = self.store.latest()
-            if current is None or not current.assignments:
-                raise XdsError("store holds no assignments to update")
+        with self._publish_lock:  # read-modify-write of the current assignments
             updated = self.assignment(cluster).with_updates(weights, health)
-            others = [a for name, a in current.assignments.items() if name != cluster]
-            return self.store.publish_assignments([*others, updated]).version
+            assignments = {**self._assignments, cluster: updated}
+            version = self.store.publish_assignments(assignments.values()).version
+            self._assignments = assignments
+            return version
 
     def publish(self, snapshot: Snapshot) -> None:
         """Publish a prebuilt snapshot (see :func:`balanceiq.xds.snapshot.raw_snapshot`)."""
@@ -232,7 +235,7 @@ class XdsServer:
             "version": snap.version if snap else None,
             "restored_from_state": self.restored,
             "started_at": self.started_at,
-            "clusters": {name: a.to_json() for name, a in (snap.assignments if snap else {}).items()},
+            "clusters": {name: a.to_json() for name, a in self._assignments.items()},
             **self.registry.to_json(),
         }
 

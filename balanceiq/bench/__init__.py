@@ -1,0 +1,1 @@
+"""Benchmarks: `balanceiq bench ...`, each printing one JSON object with --json."""

@@ -1,0 +1,922 @@
+"""BalanceIQ configuration: one YAML file, validated by pydantic.
+
+Every model is frozen and refuses unknown keys, so a typo such as ``wieght`` is reported
+instead of silently falling back to a default. :func:`load_config` turns every problem in
+a file (YAML syntax, wrong types, cross-field rules) into one :class:`ConfigError` whose
+``problems`` name the offending field, e.g. ``clusters[0].endpoints[2].address``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import math
+import re
+import stat
+import sys
+import types
+import typing
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
+
+from balanceiq.exceptions import ConfigError
+
+__all__ = [
+    "UINT32_MAX",
+    "BackendProfile",
+    "ClusterConfig",
+    "ControlConfig",
+    "EndpointConfig",
+    "EnvoyConfig",
+    "PrometheusConfig",
+    "Settings",
+    "TestbedConfig",
+    "TlsConfig",
+    "XdsConfig",
+    "check_config_command",
+    "default_settings",
+    "format_address",
+    "load_config",
+    "settings_from_dict",
+    "split_address",
+]
+
+UINT32_MAX = 2**32 - 1
+"""Envoy's ceiling for a load_balancing_weight and for the sum of weights in a locality."""
+
+# A config file is a few kilobytes; the cap keeps `config check /dev/zero`-like mistakes
+# from reading forever.
+_MAX_FILE_BYTES = 4 * 1024 * 1024
+
+Loc = tuple[str | int, ...]
+
+# Strict numbers: YAML already yields typed scalars, so a quoted "5" or a `yes` where a
+# number belongs is far more likely a mistake than something to coerce.
+Port = Annotated[int, Field(ge=1, le=65535, strict=True)]
+NonNegFloat = Annotated[float, Field(ge=0, allow_inf_nan=False, strict=True)]
+PosFloat = Annotated[float, Field(gt=0, allow_inf_nan=False, strict=True)]
+StrictBool = Annotated[bool, Field(strict=True)]
+
+
+# --------------------------------------------------------------------------- addresses
+
+_HOSTNAME_RE = re.compile(
+    r"(?=.*[A-Za-z])[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
+    r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*\.?"
+)
+
+
+def _parse_port(text: str, address: str) -> int:
+    if not text:
+        raise ValueError(f"{address!r} has no port; expected host:port, e.g. 127.0.0.1:8080")
+    if not (text.isascii() and text.isdigit()):
+        raise ValueError(f"port {text!r} in {address!r} is not a number")
+    port = int(text)
+    if not 1 <= port <= 65535:
+        raise ValueError(f"port {port} in {address!r} is out of range 1..65535")
+    return port
+
+
+def split_address(address: str) -> tuple[str, int]:
+    """Split ``"host:port"`` (IPv6 as ``"[::1]:port"``) into a canonical IP and a port.
+
+    The host must be an IP literal: Envoy takes EDS endpoint addresses as they are and
+    does not resolve DNS names there, so a hostname would be rejected by Envoy only
+    later, at runtime. Raises ``ValueError`` with a message meant for users.
+    """
+    if not isinstance(address, str):
+        raise ValueError(f"address must be a string like '127.0.0.1:8080', got {address!r}")
+    if address.startswith("["):
+        close = address.find("]")
+        if close < 0:
+            raise ValueError(f"{address!r} has '[' without ']'; expected e.g. [::1]:8080")
+        host, rest = address[1:close], address[close + 1 :]
+        if not rest.startswith(":"):
+            raise ValueError(f"{address!r} has no port; expected e.g. [::1]:8080")
+        port = _parse_port(rest[1:], address)
+        try:
+            ip = ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(
+                f"{host!r} inside brackets is not an IPv6 address; brackets are only for IPv6"
+            ) from None
+        return str(ip), port
+    host, sep, port_text = address.rpartition(":")
+    if not sep:
+        raise ValueError(
+            f"{address!r} is not host:port; expected e.g. 127.0.0.1:8080 or [::1]:8080"
+        )
+    if ":" in host:
+        raise ValueError(f"IPv6 addresses need brackets around the host, e.g. [{host}]:{port_text}")
+    port = _parse_port(port_text, address)
+    if not host:
+        raise ValueError(f"{address!r} has no host; expected e.g. 127.0.0.1:{port}")
+    try:
+        return str(ipaddress.IPv4Address(host)), port
+    except ValueError:
+        pass
+    if re.fullmatch(r"[0-9.]+", host):
+        raise ValueError(f"{host!r} is not a valid IPv4 address")
+    if _HOSTNAME_RE.fullmatch(host):
+        raise ValueError(
+            f"{host!r} is a hostname; Envoy does not resolve names in EDS endpoints, "
+            "so use an IPv4 or IPv6 literal (e.g. 10.0.0.5:8080 or [::1]:8080)"
+        )
+    raise ValueError(f"{host!r} is not an IPv4 or IPv6 address")
+
+
+def format_address(host: str, port: int) -> str:
+    """Inverse of :func:`split_address`: brackets go around IPv6 hosts."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _canonical_address(address: str) -> str:
+    return format_address(*split_address(address))
+
+
+# --------------------------------------------------------------------------- helpers
+
+# Cross-field rules find problems in fields below the model they run on. They raise one
+# error of this type whose context carries every (relative loc, message) pair, so the
+# loader can report each problem at its own field path; pydantic's own str() of the
+# error still reads well thanks to the summary.
+_CROSS_FIELD = "balanceiq_cross_field"
+
+
+def _cross_field_error(problems: list[tuple[Loc, str]]) -> PydanticCustomError:
+    summary = "; ".join(f"{_format_loc(loc) or '<here>'}: {msg}" for loc, msg in problems)
+    return PydanticCustomError(
+        _CROSS_FIELD, "{summary}", {"summary": summary, "problems": tuple(problems)}
+    )
+
+
+def _not_blank(value: str, what: str) -> str:
+    if not value.strip():
+        raise ValueError(f"{what} must not be empty")
+    if value != value.strip():
+        raise ValueError(f"{what} {value!r} has leading or trailing spaces")
+    return value
+
+
+def _http_url(value: str) -> str:
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ValueError(f"{value!r} is not an http:// or https:// URL")
+    if not parts.hostname:
+        raise ValueError(f"URL {value!r} has no host")
+    try:
+        parts.port  # noqa: B018 - urlsplit checks the port only when it is read
+    except ValueError:
+        raise ValueError(f"URL {value!r} has an invalid port") from None
+    # Callers append paths such as "/stats"; a trailing slash would double it.
+    return value.rstrip("/")
+
+
+def _expand_user(value: Path | None) -> Path | None:
+    return value.expanduser() if value is not None else None
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+
+# --------------------------------------------------------------------------- models
+
+
+class EndpointConfig(_Model):
+    """One backend Envoy sends traffic to, and what it costs."""
+
+    address: str = Field(description="Backend as host:port; host is an IPv4 or [IPv6] literal.")
+    """Backend as ``host:port``. The host must be an IP literal (IPv6 in brackets, e.g.
+    ``[::1]:8080``) because Envoy does not resolve names in EDS endpoints. Stored in
+    canonical form, so ``[::0:1]:80`` and ``[::1]:80`` are recognised as the same."""
+
+    cloud: str = Field(description="Cloud provider, e.g. aws, gcp, azure.")
+    """Cloud provider the backend runs in (``aws``, ``gcp``, ``azure``...); part of the
+    Envoy locality and the key for per-cloud testbed latencies."""
+
+    region: str = Field(description="Cloud region, e.g. us-east-1.")
+    """Region within the cloud; part of the Envoy locality."""
+
+    zone: str | None = Field(default=None, description="Availability zone, if known.")
+    """Availability zone within the region; part of the Envoy locality when set."""
+
+    cost_per_million_requests: NonNegFloat = Field(
+        default=0.0, description="Cost in currency units per million requests (>= 0)."
+    )
+    """What a million requests served here cost; the LP's cost term and the reward use
+    it to prefer cheaper backends when latency allows."""
+
+    weight: int = Field(
+        default=1,
+        ge=1,
+        le=UINT32_MAX,
+        strict=True,
+        description="Initial Envoy load_balancing_weight (1..2**32-1).",
+    )
+    """Initial Envoy ``load_balancing_weight`` before the controller has decided
+    anything. Envoy refuses 0 and anything above uint32."""
+
+    capacity_rps: PosFloat | None = Field(
+        default=None, description="Optional capacity hint in requests per second (> 0)."
+    )
+    """Requests per second the backend is expected to sustain. Only a hint: the
+    controller estimates capacity from telemetry and uses this as a prior."""
+
+    @field_validator("address")
+    @classmethod
+    def _check_address(cls, value: str) -> str:
+        return _canonical_address(value)
+
+    @field_validator("cloud")
+    @classmethod
+    def _check_cloud(cls, value: str) -> str:
+        _not_blank(value, "cloud")
+        if "/" in value:
+            # testbed.base_latency_ms keys are "cloud" or "cloud/region".
+            raise ValueError(f"cloud {value!r} must not contain '/'")
+        return value
+
+    @field_validator("region")
+    @classmethod
+    def _check_region(cls, value: str) -> str:
+        return _not_blank(value, "region")
+
+    @field_validator("zone")
+    @classmethod
+    def _check_zone(cls, value: str | None) -> str | None:
+        return None if value is None else _not_blank(value, "zone")
+
+    @property
+    def host(self) -> str:
+        """The IP address, without IPv6 brackets."""
+        return split_address(self.address)[0]
+
+    @property
+    def port(self) -> int:
+        """The TCP port."""
+        return split_address(self.address)[1]
+
+    @property
+    def locality(self) -> tuple[str, str, str | None]:
+        """``(cloud, region, zone)``: endpoints sharing it form one Envoy locality."""
+        return (self.cloud, self.region, self.zone)
+
+
+def _default_endpoints() -> list[EndpointConfig]:
+    # The three backends of the service BalanceIQ replaces, one per cloud.
+    backends = [
+        ("127.0.0.1:18001", "aws", "us-east-1", 0.40),
+        ("127.0.0.1:18002", "gcp", "us-central1", 0.35),
+        ("127.0.0.1:18003", "azure", "eastus", 0.55),
+    ]
+    return [
+        EndpointConfig(address=address, cloud=cloud, region=region, cost_per_million_requests=cost)
+        for address, cloud, region, cost in backends
+    ]
+
+
+class ClusterConfig(_Model):
+    """An Envoy cluster: a named set of endpoints whose weights the controller sets."""
+
+    name: str = Field(default="my_service", description="Envoy cluster name ([A-Za-z0-9_.-]+).")
+    """Envoy cluster name. Envoy's routes and stats refer to it, so it is limited to
+    characters that are safe in both: letters, digits, ``_``, ``.`` and ``-``."""
+
+    endpoints: list[EndpointConfig] = Field(description="Backends of this cluster (at least one).")
+    """Backends of this cluster. Addresses must be unique within the cluster."""
+
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, value: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", value):
+            raise ValueError(
+                f"cluster name {value!r} must be non-empty and use only letters, digits, "
+                "'_', '.' and '-'"
+            )
+        return value
+
+    @field_validator("endpoints")
+    @classmethod
+    def _check_endpoints(cls, endpoints: list[EndpointConfig]) -> list[EndpointConfig]:
+        if not endpoints:
+            raise ValueError("a cluster needs at least one endpoint")
+        problems: list[tuple[Loc, str]] = []
+        first_seen: dict[str, int] = {}
+        for index, endpoint in enumerate(endpoints):
+            first = first_seen.setdefault(endpoint.address, index)
+            if first != index:
+                message = (
+                    f"duplicate address {endpoint.address}: "
+                    f"endpoints[{first}] and endpoints[{index}] both use it"
+                )
+                problems.append(((index, "address"), message))
+        by_locality: dict[tuple[str, str, str | None], list[int]] = {}
+        for index, endpoint in enumerate(endpoints):
+            by_locality.setdefault(endpoint.locality, []).append(index)
+        for (cloud, region, zone), indices in by_locality.items():
+            total = sum(endpoints[i].weight for i in indices)
+            if total > UINT32_MAX:
+                where = "/".join(part for part in (cloud, region, zone) if part)
+                problems.append(
+                    (
+                        (),
+                        f"weights of locality {where} (endpoints {indices}) sum to {total}; "
+                        f"Envoy requires the sum per locality to fit in uint32 ({UINT32_MAX})",
+                    )
+                )
+        if problems:
+            raise _cross_field_error(problems)
+        return endpoints
+
+
+class TlsConfig(_Model):
+    """TLS for the xDS gRPC server Envoy connects to."""
+
+    enabled: StrictBool = Field(default=False, description="Serve xDS over TLS.")
+    """Serve xDS over TLS. Off by default because the default server listens on
+    loopback only; turn it on whenever Envoy reaches the server over a network."""
+
+    cert_file: Path | None = Field(default=None, description="PEM server certificate (chain).")
+    """PEM server certificate, optionally followed by its chain. Required when enabled.
+    Relative paths are relative to the config file's directory."""
+
+    key_file: Path | None = Field(default=None, description="PEM private key of cert_file.")
+    """PEM private key for ``cert_file``. Required when enabled."""
+
+    ca_file: Path | None = Field(default=None, description="PEM CA bundle for client certs.")
+    """PEM CA bundle that client (Envoy) certificates must chain to. Required when
+    ``require_client_cert`` is true."""
+
+    require_client_cert: StrictBool = Field(
+        default=False, description="Require and verify an Envoy client certificate (mTLS)."
+    )
+    """Require Envoy to present a certificate signed by ``ca_file`` (mutual TLS), so
+    only trusted proxies can read the endpoint assignment."""
+
+    @field_validator("cert_file", "key_file", "ca_file")
+    @classmethod
+    def _expand(cls, value: Path | None) -> Path | None:
+        return _expand_user(value)
+
+    @model_validator(mode="after")
+    def _check_requirements(self) -> TlsConfig:
+        problems: list[tuple[Loc, str]] = []
+        if self.enabled:
+            if self.cert_file is None:
+                problems.append((("cert_file",), "required when enabled is true"))
+            if self.key_file is None:
+                problems.append((("key_file",), "required when enabled is true"))
+        if self.require_client_cert:
+            if not self.enabled:
+                # Asking for mTLS while serving plaintext is a security surprise, not a no-op.
+                message = "needs enabled: true; without TLS no client certificate is checked"
+                problems.append((("require_client_cert",), message))
+            if self.ca_file is None:
+                message = (
+                    "required when require_client_cert is true "
+                    "(client certificates are verified against it)"
+                )
+                problems.append((("ca_file",), message))
+        if problems:
+            raise _cross_field_error(problems)
+        return self
+
+
+class XdsConfig(_Model):
+    """The xDS gRPC server (a Ray actor) that streams endpoint weights to Envoy."""
+
+    host: str = Field(default="127.0.0.1", description="Address the xDS server binds.")
+    """Address the xDS gRPC server binds. Loopback by default: anyone who can reach it
+    could read the endpoint assignment."""
+
+    port: Port = Field(default=50051, description="TCP port of the xDS server (1..65535).")
+    """TCP port of the xDS server; Envoy's bootstrap points here."""
+
+    tls: TlsConfig = Field(default_factory=TlsConfig, description="TLS for the xDS server.")
+    """TLS settings for the xDS server."""
+
+    api: Literal["ads-sotw", "ads-delta", "eds-sotw", "eds-delta"] = Field(
+        default="ads-sotw", description="xDS flavour the Envoy bootstrap uses."
+    )
+    """Which xDS flavour the generated Envoy bootstrap uses: aggregated (ADS) or plain
+    EDS, state-of-the-world or incremental (delta)."""
+
+    @field_validator("host")
+    @classmethod
+    def _check_host(cls, value: str) -> str:
+        return _not_blank(value, "host")
+
+
+class EnvoyConfig(_Model):
+    """Where Envoy's admin interface is and where Envoy accepts client traffic."""
+
+    admin_url: str = Field(default="http://127.0.0.1:9901", description="Envoy admin http(s) URL.")
+    """Base URL of Envoy's admin interface, used for readiness and stats. Keep it on
+    loopback: the admin API can change Envoy's state."""
+
+    listen_host: str = Field(
+        default="127.0.0.1", description="Address Envoy's proxy listener binds."
+    )
+    """Address Envoy's proxy listener binds."""
+
+    listen_port: Port = Field(default=10000, description="Port of Envoy's proxy listener.")
+    """Port clients send traffic to."""
+
+    update_merge_window_ms: int = Field(
+        default=0, ge=0, strict=True, description="Envoy cluster update merge window in ms (>= 0)."
+    )
+    """How long Envoy merges successive EDS updates before rebuilding its load balancer.
+    0 applies every weight change immediately, which is what a controller wants to
+    measure; raise it if updates are very frequent."""
+
+    @field_validator("admin_url")
+    @classmethod
+    def _check_admin_url(cls, value: str) -> str:
+        return _http_url(value)
+
+    @field_validator("listen_host")
+    @classmethod
+    def _check_listen_host(cls, value: str) -> str:
+        return _not_blank(value, "listen_host")
+
+
+class PrometheusConfig(_Model):
+    """The Prometheus server the controller queries for telemetry."""
+
+    url: str = Field(default="http://127.0.0.1:9090", description="Prometheus http(s) base URL.")
+    """Base URL of the Prometheus HTTP API (without ``/api/v1``)."""
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, value: str) -> str:
+        return _http_url(value)
+
+
+class ControlConfig(_Model):
+    """The control loop: how often it acts and how many endpoints it re-weights."""
+
+    interval_s: PosFloat = Field(default=5.0, description="Seconds between control steps (> 0).")
+    """Seconds between control steps (the original's OPTIMIZATION_INTERVAL_SECONDS).
+    Shorter reacts faster but sees noisier p95 latencies."""
+
+    k_critical: int | None = Field(
+        default=None,
+        ge=1,
+        strict=True,
+        description="Critical endpoints per step (None: about 20% of N).",
+    )
+    """How many critical endpoints the policy picks each step for the LP to re-weight;
+    the rest keep their share. ``None`` means about 20% of the cluster's endpoints, at
+    least 1. Values above N mean every endpoint is critical."""
+
+    def critical_count(self, n_endpoints: int) -> int:
+        """K for a cluster of ``n_endpoints`` endpoints, clamped to ``0..n_endpoints``."""
+        if n_endpoints <= 0:
+            return 0
+        k = self.k_critical if self.k_critical is not None else max(1, round(n_endpoints / 5))
+        return min(k, n_endpoints)
+
+
+class BackendProfile(_Model):
+    """Testbed behaviour of one backend; unset fields fall back to the testbed defaults."""
+
+    base_latency_ms: NonNegFloat | None = Field(
+        default=None, description="Base latency in ms (>= 0)."
+    )
+    """Latency the simulated backend adds to every request."""
+
+    concurrency: int | None = Field(
+        default=None, ge=1, strict=True, description="Requests served in parallel (>= 1)."
+    )
+    """Requests the backend serves at once; more queue, which is what makes it saturate."""
+
+    error_rate: float | None = Field(
+        default=None,
+        ge=0,
+        le=1,
+        allow_inf_nan=False,
+        strict=True,
+        description="Fraction of requests answered 5xx (0..1).",
+    )
+    """Fraction of requests answered with HTTP 503, to exercise error handling."""
+
+
+class TestbedConfig(_Model):
+    """How the local sample backends behave, so each cloud looks different."""
+
+    __test__ = False  # not a pytest test class, despite the name
+
+    base_latency_ms: dict[str, NonNegFloat] = Field(
+        default_factory=lambda: {"aws": 15.0, "gcp": 25.0, "azure": 35.0},
+        description="Base latency in ms keyed by 'cloud' or 'cloud/region'.",
+    )
+    """Base latency per ``cloud`` or ``cloud/region``; the more specific key wins. Makes
+    the clouds differ the way real regions do, so the policy has something to learn."""
+
+    default_latency_ms: NonNegFloat = Field(
+        default=20.0, description="Latency for clouds not listed (ms)."
+    )
+    """Base latency for endpoints whose cloud is not in ``base_latency_ms``."""
+
+    concurrency: int = Field(
+        default=8, ge=1, strict=True, description="Default requests served in parallel."
+    )
+    """Requests each backend serves at once unless overridden."""
+
+    overrides: dict[str, BackendProfile] = Field(
+        default_factory=dict, description="Per-backend profile keyed by endpoint address."
+    )
+    """Per-backend exceptions keyed by endpoint address, e.g. one slow or flaky backend.
+    Every key must be the address of a configured endpoint."""
+
+    @field_validator("base_latency_ms")
+    @classmethod
+    def _check_latency_keys(cls, value: dict[str, float]) -> dict[str, float]:
+        problems: list[tuple[Loc, str]] = []
+        for key in value:
+            parts = key.split("/")
+            if len(parts) > 2 or not all(part.strip() for part in parts):
+                message = "key must be 'cloud' or 'cloud/region', e.g. aws or aws/us-east-1"
+                problems.append(((key,), message))
+        if problems:
+            raise _cross_field_error(problems)
+        return value
+
+    @field_validator("overrides")
+    @classmethod
+    def _canonical_override_keys(
+        cls, value: dict[str, BackendProfile]
+    ) -> dict[str, BackendProfile]:
+        problems: list[tuple[Loc, str]] = []
+        canonical: dict[str, BackendProfile] = {}
+        original_key: dict[str, str] = {}
+        for key, profile in value.items():
+            try:
+                address = _canonical_address(key)
+            except ValueError as exc:
+                problems.append(((key,), f"key is not an endpoint address: {exc}"))
+                continue
+            if address in canonical:
+                problems.append(((key,), f"same endpoint as {original_key[address]!r}"))
+                continue
+            canonical[address] = profile
+            original_key[address] = key
+        if problems:
+            raise _cross_field_error(problems)
+        return canonical
+
+    def profile_for(self, ep: EndpointConfig) -> tuple[float, int, float]:
+        """``(base_latency_ms, concurrency, error_rate)`` the testbed gives ``ep``."""
+        override = self.overrides.get(ep.address, BackendProfile())
+        latency = override.base_latency_ms
+        if latency is None:
+            by_cloud = self.base_latency_ms.get(ep.cloud, self.default_latency_ms)
+            latency = self.base_latency_ms.get(f"{ep.cloud}/{ep.region}", by_cloud)
+        concurrency = override.concurrency if override.concurrency is not None else self.concurrency
+        error_rate = override.error_rate if override.error_rate is not None else 0.0
+        return latency, concurrency, error_rate
+
+
+def _default_clusters() -> list[ClusterConfig]:
+    return [ClusterConfig(name="my_service", endpoints=_default_endpoints())]
+
+
+class Settings(_Model):
+    """Everything BalanceIQ needs to run; the root of ``balanceiq.yaml``."""
+
+    clusters: list[ClusterConfig] = Field(
+        default_factory=_default_clusters,
+        description="Envoy clusters whose weights BalanceIQ sets.",
+    )
+    """Envoy clusters whose endpoint weights BalanceIQ controls; names are unique."""
+
+    xds: XdsConfig = Field(default_factory=XdsConfig, description="xDS server settings.")
+    """The xDS server Envoy gets its endpoints from."""
+
+    envoy: EnvoyConfig = Field(default_factory=EnvoyConfig, description="Envoy admin and listener.")
+    """Envoy's admin URL and proxy listener."""
+
+    prometheus: PrometheusConfig = Field(
+        default_factory=PrometheusConfig, description="Prometheus server."
+    )
+    """The Prometheus server holding the telemetry."""
+
+    control: ControlConfig = Field(
+        default_factory=ControlConfig, description="Control loop settings."
+    )
+    """The control loop's pace and number of critical endpoints."""
+
+    testbed: TestbedConfig = Field(
+        default_factory=TestbedConfig, description="Local testbed behaviour."
+    )
+    """How the local sample backends behave."""
+
+    state_dir: Path = Field(
+        default=Path(".state"), description="Directory for persisted xDS state."
+    )
+    """Where the xDS actor persists its last snapshot, so a restart serves the last
+    weights instead of resetting them. A relative path in a file is relative to the
+    file's directory."""
+
+    @field_validator("state_dir")
+    @classmethod
+    def _expand_state_dir(cls, value: Path) -> Path:
+        return value.expanduser()
+
+    @field_validator("clusters")
+    @classmethod
+    def _check_clusters(cls, clusters: list[ClusterConfig]) -> list[ClusterConfig]:
+        if not clusters:
+            raise ValueError("at least one cluster is required")
+        problems: list[tuple[Loc, str]] = []
+        first_seen: dict[str, int] = {}
+        for index, cluster in enumerate(clusters):
+            first = first_seen.setdefault(cluster.name, index)
+            if first != index:
+                message = f"duplicate cluster name {cluster.name!r}: clusters[{first}] has it too"
+                problems.append(((index, "name"), message))
+        if problems:
+            raise _cross_field_error(problems)
+        return clusters
+
+    @model_validator(mode="after")
+    def _check_overrides_known(self) -> Settings:
+        known = {ep.address for cluster in self.clusters for ep in cluster.endpoints}
+        problems: list[tuple[Loc, str]] = [
+            (("testbed", "overrides", address), "no configured endpoint has this address")
+            for address in self.testbed.overrides
+            if address not in known
+        ]
+        if problems:
+            raise _cross_field_error(problems)
+        return self
+
+    def cluster(self, name: str) -> ClusterConfig:
+        """The cluster called ``name``; ``KeyError`` naming the known clusters otherwise."""
+        for cluster in self.clusters:
+            if cluster.name == name:
+                return cluster
+        known = ", ".join(c.name for c in self.clusters)
+        raise KeyError(f"no cluster named {name!r}; configured clusters: {known}")
+
+
+# --------------------------------------------------------------------------- errors
+
+
+_IDENT_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def _format_loc(loc: Iterable[str | int]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif _IDENT_RE.fullmatch(part):
+            out += f".{part}" if out else part
+        else:
+            # Dict keys such as "127.0.0.1:18001" contain dots; quote them so the path
+            # stays unambiguous.
+            out += '["' + part.replace("\\", "\\\\").replace('"', '\\"') + '"]'
+    return out
+
+
+def _unwrap_annotation(annotation: Any) -> list[Any]:
+    origin = typing.get_origin(annotation)
+    if origin is Annotated:
+        return _unwrap_annotation(typing.get_args(annotation)[0])
+    if origin in (typing.Union, types.UnionType):
+        return [t for arg in typing.get_args(annotation) for t in _unwrap_annotation(arg)]
+    return [annotation]
+
+
+def _model_at(loc: Loc) -> type[BaseModel] | None:
+    """The model class that validates the mapping at ``loc`` below :class:`Settings`."""
+    candidates: list[Any] = [Settings]
+    for part in loc:
+        following: list[Any] = []
+        for candidate in candidates:
+            origin = typing.get_origin(candidate)
+            if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+                field = candidate.model_fields.get(part) if isinstance(part, str) else None
+                if field is not None:
+                    following += _unwrap_annotation(field.annotation)
+            elif origin in (list, dict):
+                following += _unwrap_annotation(typing.get_args(candidate)[-1])
+        candidates = following
+    for candidate in candidates:
+        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+            return candidate
+    return None
+
+
+def _unknown_key_message(loc: Loc) -> str:
+    model = _model_at(loc[:-1])
+    if model is None:
+        return "unknown key"
+    allowed = list(model.model_fields)
+    close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+    if close:
+        return f"unknown key; did you mean {close[0]!r}?"
+    return f"unknown key; allowed keys: {', '.join(allowed)}"
+
+
+def _short_repr(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _problems(exc: ValidationError) -> list[tuple[str, str]]:
+    problems: list[tuple[str, str]] = []
+    for error in exc.errors():
+        loc: Loc = tuple(error["loc"])
+        kind = error["type"]
+        ctx = error.get("ctx") or {}
+        if kind == _CROSS_FIELD:
+            for sub_loc, message in ctx["problems"]:
+                problems.append((_format_loc(loc + tuple(sub_loc)), message))
+            continue
+        if kind == "extra_forbidden":
+            message = _unknown_key_message(loc)
+        elif kind == "missing":
+            message = "required key is missing"
+        elif kind in ("value_error", "assertion_error") and "error" in ctx:
+            message = str(ctx["error"])
+        else:
+            message = error["msg"]
+            value = error.get("input")
+            if not isinstance(value, (dict, list)):
+                message += f" (got {_short_repr(value)})"
+        if loc and loc[-1] == "[key]":
+            # pydantic's marker for "the dict key itself", not a key named "[key]".
+            loc, message = loc[:-1], f"invalid key: {message}"
+        problems.append((_format_loc(loc), message))
+    return problems
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _yaml_type_name(value: Any) -> str:
+    names = {list: "list", str: "string", int: "number", float: "number", bool: "boolean"}
+    return names.get(type(value), type(value).__name__)
+
+
+def settings_from_dict(
+    data: Mapping[str, Any], source: str | None = None, *, base_dir: str | Path | None = None
+) -> Settings:
+    """Validate ``data`` (e.g. parsed YAML) into :class:`Settings`.
+
+    Raises :class:`ConfigError` listing every problem. With ``base_dir``, relative paths
+    (``state_dir``, TLS files) are resolved against it, as :func:`load_config` does with
+    the config file's directory.
+    """
+    if not isinstance(data, Mapping):
+        message = f"the top level must be a mapping of settings, not a {_yaml_type_name(data)}"
+        raise ConfigError([("", message)], source)
+    try:
+        settings = Settings.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_problems(exc), source) from exc
+    if base_dir is not None:
+        settings = _resolve_paths(settings, Path(base_dir))
+    return settings
+
+
+def _resolve_paths(settings: Settings, base_dir: Path) -> Settings:
+    def resolve(path: Path | None) -> Path | None:
+        return path if path is None or path.is_absolute() else base_dir / path
+
+    tls = settings.xds.tls
+    tls = tls.model_copy(
+        update={name: resolve(getattr(tls, name)) for name in ("cert_file", "key_file", "ca_file")}
+    )
+    return settings.model_copy(
+        update={
+            "state_dir": resolve(settings.state_dir),
+            "xds": settings.xds.model_copy(update={"tls": tls}),
+        }
+    )
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate mapping keys.
+
+    Plain PyYAML keeps the last of two equal keys without a word, so a second ``weight:``
+    would silently win; a config file is better off with an error.
+    """
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                duplicate = key in seen
+            except TypeError:
+                continue  # unhashable key; the base class reports it properly
+            if duplicate:
+                raise yaml.constructor.ConstructorError(
+                    "while constructing a mapping",
+                    node.start_mark,
+                    f"found duplicate key {key!r}",
+                    key_node.start_mark,
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _yaml_error_message(exc: yaml.YAMLError) -> str:
+    if isinstance(exc, yaml.reader.ReaderError):
+        return (
+            f"not readable as YAML text: {exc.reason} "
+            f"(character {exc.character!r} at position {exc.position})"
+        )
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    problem = getattr(exc, "problem", None) or getattr(exc, "context", None) or str(exc)
+    problem = " ".join(str(problem).split())
+    if mark is not None:
+        return f"YAML syntax error at line {mark.line + 1}, column {mark.column + 1}: {problem}"
+    return f"YAML syntax error: {problem}"
+
+
+def _read_text(path: Path, source: str) -> str:
+    def fail(message: str) -> ConfigError:
+        return ConfigError([("", message)], source)
+
+    try:
+        info = path.stat()
+    except FileNotFoundError as exc:
+        raise fail("file not found") from exc
+    except OSError as exc:
+        raise fail(f"cannot access file: {exc.strerror or exc}") from exc
+    if stat.S_ISDIR(info.st_mode):
+        raise fail("is a directory, not a config file")
+    if not stat.S_ISREG(info.st_mode):
+        raise fail("is not a regular file")
+    try:
+        with path.open("rb") as handle:
+            raw = handle.read(_MAX_FILE_BYTES + 1)
+    except OSError as exc:
+        raise fail(f"cannot read file: {exc.strerror or exc}") from exc
+    if len(raw) > _MAX_FILE_BYTES:
+        raise fail(f"file is larger than {_MAX_FILE_BYTES // (1024 * 1024)} MiB; not a config file")
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise fail(f"not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start})") from exc
+
+
+def load_config(path: str | Path) -> Settings:
+    """Read and validate a YAML config file.
+
+    Raises :class:`ConfigError` with every problem found: unreadable or empty file, YAML
+    syntax error (with line and column), wrong top-level type, and each invalid field.
+    Relative paths inside the file are relative to the file's directory.
+    """
+    path = Path(path)
+    source = str(path)
+    text = _read_text(path, source)
+    try:
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as exc:
+        raise ConfigError([("", _yaml_error_message(exc))], source) from exc
+    except RecursionError as exc:
+        raise ConfigError([("", "YAML is nested too deeply")], source) from exc
+    if data is None:
+        raise ConfigError([("", "file is empty (no settings in it)")], source)
+    return settings_from_dict(data, source, base_dir=path.absolute().parent)
+
+
+def default_settings() -> Settings:
+    """Settings used when no config file is given: three local backends, one per cloud."""
+    return Settings()
+
+
+def _plural(count: int, noun: str) -> str:
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+
+
+def check_config_command(path: str | Path) -> int:
+    """``balanceiq config check FILE``: 0 and a summary if valid, else 2 and every problem.
+
+    Problems go to stderr one per line as ``field.path: message``; never a traceback.
+    """
+    try:
+        settings = load_config(path)
+    except ConfigError as exc:
+        lines = [f"{path}: {_plural(len(exc.problems), 'problem')}"]
+        lines += [f"  {field}: {msg}" if field else f"  {msg}" for field, msg in exc.problems]
+        print("\n".join(lines), file=sys.stderr)
+        return 2
+    endpoints = sum(len(cluster.endpoints) for cluster in settings.clusters)
+    counts = f"{_plural(len(settings.clusters), 'cluster')}, {_plural(endpoints, 'endpoint')}"
+    print(f"OK: {path} ({counts})")
+    return 0

@@ -1,0 +1,1 @@
+"""The local testbed: sample backends in three "clouds", Envoy, and (later) Prometheus."""

@@ -1,0 +1,116 @@
+"""A bounded HTTP load generator: at most ``total`` requests, at most ``max_seconds``.
+
+Used by the demo, the tests and the benchmarks. It counts which backend answered (the
+sample backends set ``x-backend``), status codes and latencies. Traffic goes to loopback
+only: :func:`run_load` refuses any other address.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+import aiohttp
+import httpx
+import numpy as np
+
+from balanceiq.exceptions import BenchError
+
+
+@dataclass
+class LoadResult:
+    sent: int = 0
+    ok: int = 0
+    failed: int = 0  # transport errors and 5xx
+    by_backend: Counter[str] = field(default_factory=Counter)
+    by_status: Counter[int] = field(default_factory=Counter)
+    errors: Counter[str] = field(default_factory=Counter)
+    latencies_ms: list[float] = field(default_factory=list)
+    elapsed_s: float = 0.0
+
+    def shares(self) -> dict[str, float]:
+        total = sum(self.by_backend.values())
+        return {k: v / total for k, v in sorted(self.by_backend.items())} if total else {}
+
+    def percentile(self, q: float) -> float:
+        return float(np.percentile(self.latencies_ms, q)) if self.latencies_ms else float("nan")
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "sent": self.sent,
+            "ok": self.ok,
+            "failed": self.failed,
+            "rps": self.sent / self.elapsed_s if self.elapsed_s else 0.0,
+            "p50_ms": self.percentile(50),
+            "p95_ms": self.percentile(95),
+            "p99_ms": self.percentile(99),
+            "by_backend": dict(self.by_backend),
+            "by_status": {str(k): v for k, v in self.by_status.items()},
+            "errors": dict(self.errors),
+        }
+
+
+def ensure_loopback(url: str) -> None:
+    host = httpx.URL(url).host
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:
+        raise BenchError(f"load is only ever sent to loopback; refusing {url}")
+
+
+async def run_load(
+    url: str,
+    *,
+    total: int,
+    concurrency: int = 16,
+    max_seconds: float = 60.0,
+    timeout_s: float = 5.0,
+    rate_rps: float | None = None,
+) -> LoadResult:
+    """Send up to ``total`` GETs with ``concurrency`` workers, stopping at ``max_seconds``."""
+    ensure_loopback(url)
+    result = LoadResult()
+    remaining = total
+    start = time.monotonic()
+    deadline = start + max_seconds
+    interval = (concurrency / rate_rps) if rate_rps else 0.0
+
+    async def worker(session: aiohttp.ClientSession) -> None:
+        nonlocal remaining
+        while remaining > 0 and time.monotonic() < deadline:
+            remaining -= 1
+            result.sent += 1
+            t0 = time.monotonic()
+            try:
+                async with session.get(url) as resp:
+                    await resp.read()
+                    result.by_status[resp.status] += 1
+                    backend = resp.headers.get("x-backend")
+                    if backend:
+                        result.by_backend[backend] += 1
+                    if resp.status >= 500:
+                        result.failed += 1
+                    else:
+                        result.ok += 1
+            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                result.failed += 1
+                result.errors[type(exc).__name__] += 1
+            result.latencies_ms.append((time.monotonic() - t0) * 1000)
+            if interval:
+                await asyncio.sleep(max(0.0, interval - (time.monotonic() - t0)))
+
+    connector = aiohttp.TCPConnector(limit=concurrency, force_close=False)
+    timeout = aiohttp.ClientTimeout(total=timeout_s)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+        await asyncio.gather(*(worker(session) for _ in range(concurrency)))
+    result.elapsed_s = time.monotonic() - start
+    return result
+
+
+def run_load_sync(url: str, **kwargs: object) -> LoadResult:
+    return asyncio.run(run_load(url, **kwargs))  # type: ignore[arg-type]

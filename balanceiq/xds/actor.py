@@ -1,0 +1,96 @@
+"""The xDS server as a named Ray actor: one per Ray cluster, on the head node.
+
+Why these options:
+
+* named ``xds_server`` in namespace ``balanceiq`` and detached, so the controller, the
+  CLI and ``serve run`` all find the same server, and it outlives the driver that made it;
+* ``num_cpus=0``: it is I/O bound and must never wait for a CPU slot held by training;
+* pinned to the head node (``node:__internal_head__``), whose address Envoy's bootstrap
+  names; worker nodes come and go, the head does not;
+* ``max_restarts=-1``: Ray restarts it after a crash; the gRPC server starts in
+  ``__init__`` and the store reloads the last persisted snapshot, so a restarted actor
+  serves the last weights under a new epoch (versions never repeat).
+
+Ray auth: Ray 2.60 enables token authentication by default. We keep it on: drivers on
+this machine read the token Ray writes to ``~/.ray/auth_token``; see README "Ray".
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import ray
+
+from balanceiq.config import Settings
+from balanceiq.exceptions import XdsBindError
+from balanceiq.xds.server import XdsServer
+
+NAMESPACE = "balanceiq"
+ACTOR_NAME = "xds_server"
+HEAD_RESOURCE = "node:__internal_head__"
+
+
+class XdsServerActor:
+    """Ray actor body; wrap with :func:`start_actor`, not ``ray.remote`` by hand."""
+
+    def __init__(self, settings: Settings, state_dir: str | None = None, bind_retry_s: float = 5.0) -> None:
+        self._server = XdsServer(settings, state_dir=state_dir or settings.state_dir)
+        # After a crash the dead worker's socket may linger for a moment; SO_REUSEPORT
+        # is off (on purpose), so retry the bind briefly instead of failing the restart.
+        deadline = time.monotonic() + bind_retry_s
+        while True:
+            try:
+                self._server.start()
+                break
+            except XdsBindError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+
+    def set_assignment(
+        self,
+        cluster: str,
+        weights: Mapping[str, object] | None = None,
+        health: Mapping[str, object] | None = None,
+    ) -> str:
+        return self._server.set_assignment(cluster, weights, health)
+
+    def status(self) -> dict[str, Any]:
+        return {**self._server.status(), "pid": os.getpid()}
+
+    def wait_for_ack(self, version: str, node_id: str | None = None, timeout: float = 5.0) -> bool:
+        return self._server.wait_for_ack(version, node_id, timeout)
+
+    def port(self) -> int | None:
+        return self._server.port
+
+
+def _head_pinned_options() -> dict[str, Any]:
+    return {"resources": {HEAD_RESOURCE: 0.001}}
+
+
+def start_actor(settings: Settings, state_dir: str | Path | None = None) -> ray.actor.ActorHandle:
+    """Get the named xDS actor, creating it (pinned to the head) if it does not exist."""
+    cls = ray.remote(XdsServerActor)
+    handle = cls.options(  # type: ignore[attr-defined]
+        name=ACTOR_NAME,
+        namespace=NAMESPACE,
+        lifetime="detached",
+        get_if_exists=True,
+        num_cpus=0,
+        max_restarts=-1,
+        max_task_retries=3,
+        max_concurrency=4,  # status() must not queue behind a slow set_assignment()
+        **_head_pinned_options(),
+    ).remote(settings, str(state_dir) if state_dir else None)
+    ray.get(handle.port.remote())  # surfaces bind errors from __init__ here
+    return handle
+
+
+def get_actor() -> ray.actor.ActorHandle:
+    """The running xDS actor; raises ValueError if there is none."""
+    return ray.get_actor(ACTOR_NAME, namespace=NAMESPACE)

@@ -1,0 +1,64 @@
+"""Shared fixtures. Slow tests (real Envoy, Prometheus, Ray) run after the fast ones."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+
+import pytest
+
+from balanceiq.config import Settings, default_settings
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # Fast feedback first: a broken unit test should not wait behind Envoy start-ups.
+    items.sort(key=lambda item: item.get_closest_marker("slow") is not None)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def settings_on_free_ports(n_endpoints: int = 3, base: Settings | None = None) -> Settings:
+    """Default settings with every endpoint, xDS and Envoy port free right now."""
+    s = base or default_settings()
+    clouds = [("aws", "us-east-1"), ("gcp", "us-central1"), ("azure", "eastus")]
+    template = s.clusters[0].endpoints[0]
+    endpoints = [
+        template.model_copy(
+            update={
+                "address": f"127.0.0.1:{free_port()}",
+                "cloud": clouds[i % 3][0],
+                "region": clouds[i % 3][1],
+                "zone": None,
+            }
+        )
+        for i in range(n_endpoints)
+    ]
+    cluster = s.clusters[0].model_copy(update={"endpoints": endpoints})
+    return s.model_copy(
+        update={
+            "clusters": [cluster],
+            "xds": s.xds.model_copy(update={"port": free_port()}),
+            "envoy": s.envoy.model_copy(
+                update={"admin_url": f"http://127.0.0.1:{free_port()}", "listen_port": free_port()}
+            ),
+        }
+    )
+
+
+@pytest.fixture
+def ports_settings() -> Settings:
+    return settings_on_free_ports()
+
+
+@pytest.fixture(scope="session")
+def ray_local() -> Iterator[None]:
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, namespace="balanceiq-tests")
+    try:
+        yield
+    finally:
+        ray.shutdown()
