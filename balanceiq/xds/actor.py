@@ -60,7 +60,11 @@ class XdsServerActor:
         return self._server.set_assignment(cluster, weights, health)
 
     def status(self) -> dict[str, Any]:
-        return {**self._server.status(), "pid": os.getpid()}
+        return {
+            **self._server.status(),
+            "pid": os.getpid(),
+            "node_id": ray.get_runtime_context().get_node_id(),
+        }
 
     def wait_for_ack(self, version: str, node_id: str | None = None, timeout: float = 5.0) -> bool:
         return self._server.wait_for_ack(version, node_id, timeout)
