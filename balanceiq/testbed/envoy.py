@@ -151,8 +151,13 @@ def render_bootstrap(
                         "http_health_check": {"path": "/healthz"},
                     }
                 ],
+                # As the original: eject after 5 consecutive 5xx. Success-rate ejection
+                # is off: gradual degradation is the controller's job (it lowers the
+                # weight), and Envoy silently ejecting a 2%-error backend would make the
+                # split differ from the weights we pushed.
                 "outlier_detection": {
                     "consecutive_5xx": 5,
+                    "enforcing_success_rate": 0,
                     "interval": "5s",
                     "base_ejection_time": "15s",
                     "max_ejection_percent": 50,
@@ -337,6 +342,24 @@ def endpoint_weights(clusters_json: dict[str, Any], cluster: str) -> dict[str, i
         for hs in cs.get("host_statuses", []):
             sock = hs.get("address", {}).get("socket_address", {})
             out[f"{sock.get('address')}:{sock.get('port_value')}"] = int(hs.get("weight", 1))
+    return out
+
+
+def endpoint_health(clusters_json: dict[str, Any], cluster: str) -> dict[str, list[str]]:
+    """address -> reasons Envoy will not route to it (empty list: routable)."""
+    out: dict[str, list[str]] = {}
+    for cs in clusters_json.get("cluster_statuses", []):
+        if cs.get("name") != cluster:
+            continue
+        for hs in cs.get("host_statuses", []):
+            sock = hs.get("address", {}).get("socket_address", {})
+            hstat = hs.get("health_status", {})
+            reasons = [k for k, v in hstat.items() if k.startswith("failed") or k.startswith("pending")]
+            reasons = [k for k in reasons if hstat[k] is True]
+            eds = hstat.get("eds_health_status", "HEALTHY")
+            if eds not in ("HEALTHY", "UNKNOWN", "DEGRADED"):
+                reasons.append(f"eds_{eds.lower()}")
+            out[f"{sock.get('address')}:{sock.get('port_value')}"] = reasons
     return out
 
 

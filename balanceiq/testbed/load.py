@@ -24,7 +24,8 @@ from balanceiq.exceptions import BenchError
 class LoadResult:
     sent: int = 0
     ok: int = 0
-    failed: int = 0  # transport errors and 5xx
+    failed: int = 0  # transport errors and 5xx that Envoy itself produced
+    backend_5xx: int = 0  # 5xx a backend answered (e.g. injected errors); Envoy did its job
     by_backend: Counter[str] = field(default_factory=Counter)
     by_status: Counter[int] = field(default_factory=Counter)
     errors: Counter[str] = field(default_factory=Counter)
@@ -43,6 +44,7 @@ class LoadResult:
             "sent": self.sent,
             "ok": self.ok,
             "failed": self.failed,
+            "backend_5xx": self.backend_5xx,
             "rps": self.sent / self.elapsed_s if self.elapsed_s else 0.0,
             "p50_ms": self.percentile(50),
             "p95_ms": self.percentile(95),
@@ -93,10 +95,12 @@ async def run_load(
                     backend = resp.headers.get("x-backend")
                     if backend:
                         result.by_backend[backend] += 1
-                    if resp.status >= 500:
-                        result.failed += 1
-                    else:
+                    if resp.status < 500:
                         result.ok += 1
+                    elif backend:
+                        result.backend_5xx += 1
+                    else:
+                        result.failed += 1
             except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
                 result.failed += 1
                 result.errors[type(exc).__name__] += 1

@@ -213,7 +213,13 @@ class XdsServer:
         Invalid input raises AssignmentError and leaves the store unchanged.
         """
         with self._publish_lock:  # read-modify-write of the current assignments
-            updated = self.assignment(cluster).with_updates(weights, health)
+            current = self.assignment(cluster)
+            updated = current.with_updates(weights, health)
+            latest = self.store.latest()
+            if updated == current and latest is not None and cluster in latest.assignments:
+                # Nothing changed: no new version, so callers waiting for its ACK do
+                # not wait for a response that streams rightly never send.
+                return latest.version
             assignments = {**self._assignments, cluster: updated}
             version = self.store.publish_assignments(assignments.values()).version
             self._assignments = assignments
