@@ -251,6 +251,7 @@ class EnvoyProcess:
         self.log_level = log_level
         self._own_dir = workdir is None
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="balanceiq-envoy-"))
+        self.workdir.mkdir(parents=True, exist_ok=True)
         self.proc: subprocess.Popen[bytes] | None = None
         sock = bootstrap["admin"]["address"]["socket_address"]
         self.admin_url = f"http://{sock['address']}:{sock['port_value']}"

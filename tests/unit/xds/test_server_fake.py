@@ -26,6 +26,8 @@ from balanceiq.xds.snapshot import EDS_TYPE, raw_snapshot
 _DEFAULT = default_settings().clusters[0]
 CLUSTER = _DEFAULT.name
 EP1, EP2, EP3 = (ep.address for ep in _DEFAULT.endpoints)
+W1, W2, W3 = (ep.weight for ep in _DEFAULT.endpoints)
+LOCALITIES = sorted({f"{ep.cloud}/{ep.region}" for ep in _DEFAULT.endpoints})
 CDS_TYPE = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
 WAIT = 5.0
 
@@ -222,11 +224,11 @@ def test_initial_ack_push_nack(
     assert r1.type_url == EDS_TYPE and r1.nonce
     cla = flavour.clas(r1)[CLUSTER]
     assert endpoints(cla) == {
-        EP1: (1, health_check_pb2.HEALTHY),
-        EP2: (1, health_check_pb2.HEALTHY),
-        EP3: (1, health_check_pb2.HEALTHY),
+        EP1: (W1, health_check_pb2.HEALTHY),
+        EP2: (W2, health_check_pb2.HEALTHY),
+        EP3: (W3, health_check_pb2.HEALTHY),
     }
-    assert sorted(le.locality.region for le in cla.endpoints) == ["aws/us-east-1", "azure/eastus", "gcp/us-central1"]
+    assert sorted({le.locality.region for le in cla.endpoints}) == LOCALITIES
 
     # 2. ACK
     env.send(flavour.ack(r1, [CLUSTER]))
@@ -241,9 +243,9 @@ def test_initial_ack_push_nack(
     r2 = env.recv()
     assert flavour.version(r2) == v2
     assert endpoints(flavour.clas(r2)[CLUSTER]) == {
-        EP1: (1, health_check_pb2.HEALTHY),
+        EP1: (W1, health_check_pb2.HEALTHY),
         EP2: (7, health_check_pb2.HEALTHY),
-        EP3: (1, health_check_pb2.DRAINING),
+        EP3: (W3, health_check_pb2.DRAINING),
     }
     env.send(flavour.ack(r2, [CLUSTER]))
     assert server.wait_for_ack(v2, node_id, timeout=WAIT)
@@ -298,8 +300,31 @@ def test_bad_set_assignment_changes_nothing(
         server.set_assignment(CLUSTER, {EP1: 2**32 - 1, EP2: 2**32 - 1, EP3: True})
     assert server.status()["version"] == before
     assert server.store.latest() is latest
-    assert server.assignment(CLUSTER).weights == {EP1: 1, EP2: 1, EP3: 1}
+    assert server.assignment(CLUSTER).weights == {EP1: W1, EP2: W2, EP3: W3}
     env.expect_nothing()
+
+
+def test_unchanged_set_assignment_publishes_nothing(
+    server: XdsServer, envoys: Callable[[Flavour], FakeEnvoy]
+) -> None:
+    flavour = FLAVOURS[0]
+    env = envoys(flavour)
+    env.send(flavour.subscribe("n", [CLUSTER]))
+    r1 = env.recv()
+    env.send(flavour.ack(r1, [CLUSTER]))
+    assert server.wait_for_ack(r1.version_info, "n", timeout=WAIT)
+    latest = server.store.latest()
+    assert server.set_assignment(CLUSTER, {EP1: W1}) == r1.version_info
+    assert server.store.latest() is latest
+    env.expect_nothing()
+    # after a raw snapshot replaced the store, the same call publishes the real state again
+    server.publish(raw_snapshot(server.store.next_version(), {CLUSTER: b"\x12\x03bad"}))
+    r2 = env.recv()
+    env.send(flavour.ack(r2, [CLUSTER], accepted=r1.version_info, err="bad"))
+    v3 = server.set_assignment(CLUSTER, {EP1: W1})
+    assert v3 not in (r1.version_info, r2.version_info)
+    r3 = env.recv()
+    assert r3.version_info == v3 and endpoints(flavour.clas(r3)[CLUSTER])[EP1][0] == W1
 
 
 def test_one_publish_reaches_every_stream(
@@ -419,10 +444,38 @@ def test_restart_restores_weights(tmp_path: Path) -> None:
     try:
         assert second.restored is True
         a = second.assignment(CLUSTER)
-        assert a.weights == {EP1: 5, EP2: 1, EP3: 1}
+        assert a.weights == {EP1: 5, EP2: W2, EP3: W3}
         assert a.health[EP2] == "DRAINING"
         v2 = second.status()["version"]
         assert v2 != v1
         assert int(v2.split(".")[0]) > int(v1.split(".")[0])
     finally:
         second.stop()
+
+
+def test_restart_after_stop_still_pushes() -> None:
+    """start() after stop() must either refuse or serve pushes; never serve stale state."""
+    srv = XdsServer(default_settings(), port=0)
+    srv.start()
+    srv.stop()
+    try:
+        try:
+            port = srv.start()
+        except XdsError:
+            return  # refusing a restart is an acceptable contract
+        ch = grpc.insecure_channel(f"127.0.0.1:{port}")
+        flavour = FLAVOURS[0]
+        env = FakeEnvoy(flavour.method(ch))
+        try:
+            env.send(flavour.subscribe("n", [CLUSTER]))
+            r1 = env.recv()
+            env.send(flavour.ack(r1, [CLUSTER]))
+            assert srv.wait_for_ack(r1.version_info, "n", timeout=WAIT)
+            v = srv.set_assignment(CLUSTER, {EP1: 9})
+            r2 = env.recv(timeout=2)
+            assert r2.version_info == v
+        finally:
+            env.close()
+            ch.close()
+    finally:
+        srv.stop()

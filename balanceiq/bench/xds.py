@@ -1,0 +1,245 @@
+"""`balanceiq bench xds`: how fast a weight push reaches Envoy, and how far it fans out.
+
+One run, side by side: an in-process :class:`~balanceiq.xds.server.XdsServer`, one real
+Envoy, and ``streams`` simulated ADS clients in two child processes (real gRPC streams
+that ACK every response). Each push changes every endpoint's weight. Measured:
+
+* ``push_to_ack_ms``: ``set_assignment`` called -> the real Envoy's ACK arrives;
+* ``push_to_applied_ms``: -> the new weight is visible in Envoy's admin (``/clusters``
+  for small clusters; for large ones, the cluster's ``update_success`` counter, since
+  rendering /clusters for 1,000 hosts takes longer than the push itself);
+* ``fanout_s``: -> the last ACK of all streams (simulated and real);
+* ``rss_mb``: peak resident memory of the process hosting the server.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import random
+import socket
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import psutil
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from balanceiq.bench.xds_clients import client_process
+from balanceiq.config import Settings, settings_from_dict
+from balanceiq.exceptions import BenchError
+from balanceiq.testbed.envoy import EnvoyProcess, endpoint_weights, render_bootstrap
+from balanceiq.xds.server import XdsServer
+
+CLUSTER = "my_service"
+ENVOY_NODE = "bench-envoy"
+TARGETS = {
+    "push_to_ack_p99_ms": 20.0,
+    "push_to_applied_p99_ms": 100.0,
+    "fanout_s_at_1000x1000": 1.0,
+    "rss_mb_at_1000x1000": 1024.0,
+}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def bench_settings(endpoints: int) -> Settings:
+    clouds = [("aws", "us-east-1", 0.40), ("gcp", "us-central1", 0.35), ("azure", "eastus", 0.55)]
+    eps = []
+    for i in range(endpoints):
+        cloud, region, cost = clouds[i % 3]
+        # 127.0.0.0/8 gives enough distinct loopback addresses; nothing listens there.
+        eps.append(
+            {
+                "address": f"127.0.{1 + i // 250}.{1 + i % 250}:9",
+                "cloud": cloud,
+                "region": region,
+                "zone": f"{region}-{'abc'[i % 3]}",
+                "cost_per_million_requests": cost,
+            }
+        )
+    return settings_from_dict(
+        {
+            "clusters": [{"name": CLUSTER, "endpoints": eps}],
+            "xds": {"port": _free_port()},
+            "envoy": {"admin_url": f"http://127.0.0.1:{_free_port()}", "listen_port": _free_port()},
+        },
+        source="bench",
+    )
+
+
+class AckCollector:
+    """Records when each node first ACKs each version; wakes a waiter when all have."""
+
+    def __init__(self, expected_nodes: int) -> None:
+        self.expected = expected_nodes
+        self._lock = threading.Lock()
+        self.acks: dict[str, dict[str, float]] = {}
+        self._done: dict[str, threading.Event] = {}
+
+    def expect(self, version: str) -> threading.Event:
+        with self._lock:
+            self.acks.setdefault(version, {})
+            ev = self._done.setdefault(version, threading.Event())
+            if len(self.acks[version]) >= self.expected:
+                ev.set()
+            return ev
+
+    def __call__(self, node_id: str, version: str, t: float) -> None:
+        with self._lock:
+            by_node = self.acks.setdefault(version, {})
+            by_node.setdefault(node_id, t)
+            if len(by_node) >= self.expected and version in self._done:
+                self._done[version].set()
+
+
+def _pct(values: list[float]) -> dict[str, float]:
+    if not values:
+        return {"p50": float("nan"), "p99": float("nan"), "max": float("nan"), "n": 0}
+    arr = np.asarray(values)
+    return {
+        "p50": round(float(np.percentile(arr, 50)), 3),
+        "p99": round(float(np.percentile(arr, 99)), 3),
+        "max": round(float(arr.max()), 3),
+        "n": len(values),
+    }
+
+
+def run_xds_bench(
+    *, streams: int, endpoints: int, pushes: int, api: str = "ads-sotw", console: Console | None = None
+) -> dict[str, Any]:
+    if api not in ("ads-sotw", "ads-delta"):
+        raise BenchError(f"--api must be ads-sotw or ads-delta, got {api!r}")
+    if streams < 0 or endpoints < 1 or pushes < 1:
+        raise BenchError("--streams >= 0, --endpoints >= 1 and --pushes >= 1 are required")
+    console = console or Console(stderr=True)
+    proc = psutil.Process()
+    rss_baseline = proc.memory_info().rss
+    settings = bench_settings(endpoints)
+    addrs = [ep.address for ep in settings.clusters[0].endpoints]
+    probe_clusters = endpoints <= 100
+
+    ctx = mp.get_context("spawn")
+    stop = ctx.Event()
+    children: list[Any] = []
+    collector = AckCollector(expected_nodes=streams + 1)
+    rss_peak = rss_baseline
+    with tempfile.TemporaryDirectory(prefix="balanceiq-bench-") as work:
+        server = XdsServer(settings, state_dir=None)
+        server.registry.add_ack_listener(collector)
+        port = server.start()
+        envoy = EnvoyProcess(
+            render_bootstrap(settings, api=api, node_id=ENVOY_NODE, health_check_interval_s=300),
+            workdir=Path(work) / "envoy",
+        )
+        try:
+            with console.status(f"starting Envoy and {streams} simulated streams"):
+                envoy.start()
+                n_procs = min(2, streams)
+                readies = []
+                for p in range(n_procs):
+                    share = streams // n_procs + (1 if p < streams % n_procs else 0)
+                    ready = ctx.Event()
+                    child = ctx.Process(
+                        target=client_process,
+                        args=(f"127.0.0.1:{port}", f"bench-{p}", share, api, CLUSTER, ready, stop),
+                        daemon=True,
+                    )
+                    child.start()
+                    children.append(child)
+                    readies.append(ready)
+                deadline = time.monotonic() + 120
+                for ready in readies:
+                    if not ready.wait(max(0.1, deadline - time.monotonic())):
+                        raise BenchError("simulated clients did not connect within 120 s")
+                first = server.store.latest()
+                assert first is not None
+                if not collector.expect(first.version).wait(30):
+                    raise BenchError("not every client ACKed the initial snapshot within 30 s")
+
+            ack_ms: list[float] = []
+            applied_ms: list[float] = []
+            fanout_s: list[float] = []
+            rng = random.Random(7)
+            admin = httpx.Client(base_url=envoy.admin_url, timeout=5.0)
+            stat = f"cluster.{CLUSTER}.update_success"
+            with Progress(
+                TextColumn("pushes"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                console=console, transient=True,
+            ) as progress:
+                task = progress.add_task("push", total=pushes)
+                for i in range(pushes):
+                    weights = {a: rng.randint(1, 1000) for a in addrs}
+                    probe = addrs[0]
+                    weights[probe] = 1001 + i  # unique per push, so "applied" is unambiguous
+                    before = _counter(admin, stat) if not probe_clusters else 0
+                    t0 = time.monotonic()
+                    version = server.set_assignment(CLUSTER, weights)
+                    done = collector.expect(version)
+                    # Poll Envoy's admin until the push is visible there.
+                    while True:
+                        if probe_clusters:
+                            seen = endpoint_weights(admin.get("/clusters?format=json").json(), CLUSTER).get(probe)
+                            if seen == weights[probe]:
+                                break
+                        elif _counter(admin, stat) > before:
+                            break
+                        if time.monotonic() - t0 > 10:
+                            raise BenchError(f"push {version} not applied by Envoy within 10 s")
+                    applied_ms.append((time.monotonic() - t0) * 1000)
+                    if not done.wait(30):
+                        got = len(collector.acks.get(version, {}))
+                        raise BenchError(f"only {got}/{streams + 1} streams ACKed {version} within 30 s")
+                    acks = collector.acks[version]
+                    ack_ms.append((acks[ENVOY_NODE] - t0) * 1000)
+                    fanout_s.append(max(acks.values()) - t0)
+                    rss_peak = max(rss_peak, proc.memory_info().rss)
+                    progress.advance(task)
+                    time.sleep(0.02)
+            admin.close()
+            status = server.status()
+        finally:
+            stop.set()
+            for child in children:
+                child.join(10)
+                if child.is_alive():
+                    child.kill()
+            envoy.stop()
+            server.stop()
+
+    envoy_node = next(n for n in status["nodes"] if n["node_id"] == ENVOY_NODE)
+    result = {
+        "bench": "xds",
+        "api": api,
+        "streams": streams + 1,
+        "simulated_streams": streams,
+        "real_envoys": 1,
+        "endpoints": endpoints,
+        "pushes": pushes,
+        "push_to_ack_ms": _pct(ack_ms),
+        "push_to_applied_ms": _pct(applied_ms),
+        "applied_probe": "admin /clusters weight" if probe_clusters else f"admin stat {stat}",
+        "fanout_s": _pct(fanout_s),
+        "rss_mb": round(rss_peak / 2**20, 1),
+        "rss_baseline_mb": round(rss_baseline / 2**20, 1),
+        "envoy_nacks": envoy_node["nacks"],
+        "targets": TARGETS,
+    }
+    return result
+
+
+def _counter(admin: httpx.Client, name: str) -> int:
+    text = admin.get(f"/stats?filter=^{name}$").text
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == name:
+            return int(value.strip())
+    return 0
