@@ -159,25 +159,24 @@ def bench_xds(
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        app(args=argv, standalone_mode=False)
+        # standalone_mode=False hands errors to us instead of click printing and exiting,
+        # so a BalanceIQError becomes a message and exit 2 rather than a traceback.
+        rv = app(args=argv, standalone_mode=False)
     except BalanceIQError as exc:
         err.print(f"error: {exc}", markup=False, highlight=False)
         return 2
-    except typer.Exit as exc:
-        return int(exc.exit_code or 0)
-    except typer.Abort:
-        err.print("aborted")
-        return 130
     except KeyboardInterrupt:
         return 130
-    except Exception as exc:  # click usage errors and the like
-        import click
-
-        if isinstance(exc, click.ClickException):
+    except Exception as exc:
+        # Usage errors come from typer's own copy of click; recognise them by shape.
+        if hasattr(exc, "show") and hasattr(exc, "exit_code"):
             exc.show()
-            return 2
+            return int(exc.exit_code)
+        if type(exc).__name__ == "Abort":
+            err.print("aborted")
+            return 130
         raise
-    return 0
+    return rv if isinstance(rv, int) else 0
 
 
 if __name__ == "__main__":

@@ -54,8 +54,10 @@ def ports_settings() -> Settings:
     return settings_on_free_ports()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_local() -> Iterator[None]:
+    # Module scope: the local cluster is gone before tests that start their own Ray
+    # (``testbed up`` runs ``ray start --head``) so the two never meet.
     ray = pytest.importorskip("ray")
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, namespace="balanceiq-tests")
     try:

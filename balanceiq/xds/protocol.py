@@ -20,8 +20,9 @@ Rules honoured (https://www.envoyproxy.io/docs/envoy/latest/api-docs/xds_protoco
   previous incarnation); while a response is unacknowledged nothing more is sent, and
   a push that arrived meanwhile goes out with the ACK;
 * delta: ``initial_resource_versions`` on reconnect say what the client has, so only
-  resources whose content differs are sent; a resource that disappears, or that the
-  client has but we do not, is sent in ``removed_resources``.
+  resources whose content differs are sent; a resource that disappears, that the
+  client has but we do not, or that it subscribes to before it exists, is named in
+  ``removed_resources`` (once).
 """
 
 from __future__ import annotations
@@ -267,6 +268,7 @@ class _DeltaWatch:
     pending_versions: dict[str, str] = field(default_factory=dict)  # nonce -> system version
     inflight: dict[str, str | None] = field(default_factory=dict)  # name -> latest unACKed
     rejected: dict[str, str] = field(default_factory=dict)  # name -> NACKed version
+    told_absent: set[str] = field(default_factory=set)  # subscribed, reported missing once
 
 
 class DeltaStream:
@@ -333,6 +335,7 @@ class DeltaStream:
                 watch.client.pop(name, None)
                 watch.inflight.pop(name, None)
                 watch.rejected.pop(name, None)
+                watch.told_absent.discard(name)
             watch.names.add(name)
         for name in req.resource_names_unsubscribe:
             if name == "*":
@@ -341,6 +344,7 @@ class DeltaStream:
             watch.names.discard(name)
             watch.client.pop(name, None)
             watch.inflight.pop(name, None)
+            watch.told_absent.discard(name)
         return self._diff(watch, snapshot)
 
     def on_snapshot(self, snapshot: Snapshot) -> list[bytes]:
@@ -361,8 +365,15 @@ class DeltaStream:
             if res is not None:
                 if res.version != known and watch.rejected.get(name) != res.version:
                     send.append(res)
+                    watch.told_absent.discard(name)
             elif known is not None:
                 removed.append(name)
+            elif name in watch.names and name not in watch.told_absent:
+                # Say once that a subscribed resource does not exist (yet), so Envoy
+                # finishes warming instead of waiting out initial_fetch_timeout; the
+                # subscription stays, and the resource is sent when it appears.
+                removed.append(name)
+                watch.told_absent.add(name)
         if not send and not removed:
             return []
         nonce = _nonce()

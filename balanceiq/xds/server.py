@@ -16,7 +16,7 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
 from typing import Any
@@ -122,7 +122,7 @@ class XdsServer:
         self._thread: threading.Thread | None = None
         self._server: grpc.aio.Server | None = None
         self._queues: set[asyncio.Queue[tuple[str, Any]]] = set()
-        self._unwatch = self.store.watch(self._on_publish)
+        self._unwatch: Callable[[], None] = lambda: None
 
         restored = {a.cluster: a for a in (self.store.restore() or [])}
         self.restored = bool(restored)
@@ -142,6 +142,7 @@ class XdsServer:
             raise XdsError("xDS server already started")
         loop = asyncio.new_event_loop()
         self._loop = loop
+        self._unwatch = self.store.watch(self._on_publish)
         self._thread = threading.Thread(target=loop.run_forever, name="xds-grpc", daemon=True)
         self._thread.start()
         fut = asyncio.run_coroutine_threadsafe(self._start_grpc(), loop)
@@ -176,6 +177,7 @@ class XdsServer:
 
     def stop(self, grace: float = 0.5) -> None:
         self._unwatch()
+        self._unwatch = lambda: None
         loop, self._loop = self._loop, None
         if loop is None:
             return

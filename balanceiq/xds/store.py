@@ -44,6 +44,7 @@ class SnapshotStore:
     def __init__(self, state_dir: Path | str | None = None) -> None:
         self._state_dir = Path(state_dir) if state_dir is not None else None
         self._lock = threading.Lock()
+        self._publish_lock = threading.Lock()
         self._watchers: list[Watcher] = []
         self._latest: Snapshot | None = None
         self._seq = 0
@@ -99,10 +100,13 @@ class SnapshotStore:
     # -- assignments: build, publish, persist -------------------------------------------
 
     def publish_assignments(self, assignments: Iterable[Assignment]) -> Snapshot:
-        snapshot = build_snapshot(self.next_version(), assignments)
-        self.publish(snapshot)
-        # Persist after streams were notified: the disk write is off the push path.
-        self._persist(snapshot)
+        # Version, build and publish under one lock: two concurrent callers must not
+        # publish out of order and leave an older version as the latest.
+        with self._publish_lock:
+            snapshot = build_snapshot(self.next_version(), assignments)
+            self.publish(snapshot)
+            # Persist after streams were notified: the disk write is off the push path.
+            self._persist(snapshot)
         return snapshot
 
     def restore(self) -> list[Assignment] | None:
@@ -115,7 +119,7 @@ class SnapshotStore:
         try:
             data = json.loads(path.read_text())
             return [Assignment.from_json(a) for a in data["assignments"]]
-        except (OSError, ValueError, KeyError, TypeError, AssignmentError) as exc:
+        except (OSError, ValueError, KeyError, TypeError, RecursionError, AssignmentError) as exc:
             # A corrupt state file must not stop the server: fall back to config defaults.
             log.warning("ignoring unreadable xDS state %s: %s", path, exc)
             return None

@@ -521,9 +521,15 @@ def test_delta_explicit_star_wildcard(delta: DeltaStream) -> None:
 
 
 def test_delta_missing_subscription_served_when_it_appears(delta: DeltaStream) -> None:
-    assert delta.on_request(dreq(["ghost"]), snap(a=1)) == []
+    # Absence is reported once, so Envoy need not wait out initial_fetch_timeout ...
+    absent = one_delta(delta.on_request(dreq(["ghost"]), snap(a=1)))
+    assert list(absent.removed_resources) == ["ghost"] and not absent.resources
+    assert delta.on_request(dreq(nonce=absent.nonce), snap(a=1)) == []
+    assert delta.on_snapshot(snap(a=2)) == []
+    # ... and the subscription is remembered: the resource goes out when it appears.
     r = one_delta(delta.on_snapshot(snap(a=1, ghost=6)))
     assert delta_clas(r)["ghost"][1] == 6
+    assert not r.removed_resources
 
 
 def test_delta_unknown_nonce_does_not_record(delta: DeltaStream, reg: StatusRegistry) -> None:

@@ -285,3 +285,33 @@ def test_persist_failure_does_not_break_publish(
     snap = s.publish_assignments([assignment()])
     assert got == [snap] and s.latest() is snap
     assert "could not persist" in caplog.text
+
+
+def test_concurrent_publish_assignments_latest_is_newest_version(monkeypatch: pytest.MonkeyPatch) -> None:
+    """publish_assignments takes a version, then builds, then publishes. If two threads
+    interleave, the snapshot published last must still carry the highest version, or
+    ``latest()`` (and the persisted state) go back to an older version."""
+    s = SnapshotStore()
+    real_build = store_mod.build_snapshot
+    first_built = threading.Event()
+    second_done = threading.Event()
+    calls = []
+
+    def slow_first_build(version: str, assignments: object) -> Snapshot:
+        calls.append(version)
+        if len(calls) == 1:
+            first_built.set()
+            second_done.wait(2)  # the first caller is descheduled after taking its version
+        return real_build(version, assignments)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(store_mod, "build_snapshot", slow_first_build)
+    t = threading.Thread(target=lambda: s.publish_assignments([assignment(w1=1)]))
+    t.start()
+    assert first_built.wait(2)
+    s.publish_assignments([assignment(w1=2)])
+    second_done.set()
+    t.join(5)
+    latest = s.latest()
+    assert latest is not None
+    seqs = sorted(int(v.split(".")[1]) for v in calls)
+    assert int(latest.version.split(".")[1]) == seqs[-1]

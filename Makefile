@@ -1,0 +1,45 @@
+# Two commands set everything up from a fresh clone:
+#   make demo   the whole loop locally (testbed in 3 "clouds", xDS actor, real Envoy)
+#   make test   fast tests, then slow ones (real Envoy, Ray)
+# Both create .venv, install the CPU build of torch first (an unpinned torch would pull
+# a multi-GB CUDA build), then the package, then Prometheus via apt when it is missing.
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+STAMP  := $(VENV)/.installed-stamp
+
+.PHONY: setup test test-fast test-slow demo bench lint clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet torch==2.13.0
+	$(PIP) install --quiet -e '.[test]'
+	bash scripts/ensure-prometheus.sh
+	touch $(STAMP)
+
+test: setup
+	$(PY) -m pytest
+
+test-fast: setup
+	$(PY) -m pytest -m "not slow"
+
+test-slow: setup
+	$(PY) -m pytest -m slow
+
+demo: setup
+	$(VENV)/bin/balanceiq demo
+
+bench: setup
+	$(VENV)/bin/balanceiq bench xds --json
+	$(VENV)/bin/balanceiq bench xds --json --streams 1000 --endpoints 1000 --pushes 20
+
+lint: setup
+	$(VENV)/bin/lint-imports
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis artifacts *.egg-info

