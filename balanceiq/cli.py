@@ -145,12 +145,16 @@ def bench_xds(
     endpoints: Annotated[int, typer.Option(help="Endpoints in the cluster.")] = 6,
     pushes: Annotated[int, typer.Option(help="Weight pushes to time.")] = 50,
     api: Annotated[str, typer.Option(help="xDS flavour for all clients: ads-sotw | ads-delta.")] = "ads-sotw",
+    compare: Annotated[bool, typer.Option(help="Also run the other flavour in the same run; report both and their ratios.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,
 ) -> None:
     """Push→ACK, push→applied, fan-out and server memory against a real Envoy."""
-    from balanceiq.bench.xds import run_xds_bench
+    from balanceiq.bench.xds import run_xds_bench, side_by_side
 
     result = run_xds_bench(streams=streams, endpoints=endpoints, pushes=pushes, api=api, console=err)
+    if compare:
+        other = "ads-delta" if api == "ads-sotw" else "ads-sotw"
+        result = side_by_side(result, run_xds_bench(streams=streams, endpoints=endpoints, pushes=pushes, api=other, console=err))
     if as_json:
         sys.stdout.write(json.dumps(result) + "\n")
     else:

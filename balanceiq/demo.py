@@ -140,6 +140,7 @@ def run_demo(settings: Settings, *, requests_per_phase: int, out_dir: Path, cons
     report["max_share_error"] = max(p["max_share_error"] for p in report["phases"])
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "demo-report.json").write_text(json.dumps(report, indent=1))
+    plot_report(report, out_dir / "demo-shares.png")
     _summary(report, console, out_dir)
     return report
 
@@ -209,12 +210,38 @@ def _phase_table(entry: dict[str, Any], cloud: dict[str, str]) -> Table:
     return t
 
 
+def plot_report(report: dict[str, Any], path: Path) -> Path:
+    """One panel per phase: the share each endpoint should get (outline) and got (bar)."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # headless: no display here, and none needed
+    import matplotlib.pyplot as plt
+
+    phases = report["phases"]
+    fig, axes = plt.subplots(1, len(phases), figsize=(3.2 * len(phases), 3.6), sharey=True)
+    for ax, phase in zip(axes if len(phases) > 1 else [axes], phases):
+        rows = phase["rows"]
+        x = range(len(rows))
+        ax.bar(x, [r["observed_share"] * 100 for r in rows], color="#4c78a8", label="observed")
+        ax.bar(x, [r["expected_share"] * 100 for r in rows], fill=False, edgecolor="#e45756", linewidth=1.5, label="weights say")
+        ax.set_xticks(list(x), [r["address"].rsplit(":", 1)[-1] for r in rows], rotation=45, fontsize=8)
+        ax.set_title(f"{phase['phase']}\n${phase['cost_per_million']:.3f}/M req, p95 {phase['load']['p95_ms']:.0f} ms", fontsize=9)
+    axes_list = axes if len(phases) > 1 else [axes]
+    axes_list[0].set_ylabel("share of requests (%)")
+    axes_list[0].legend(fontsize=8, loc="upper left")
+    fig.suptitle(f"BalanceIQ demo: {report['total_requests']} requests through Envoy, split per pushed weights", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def _summary(report: dict[str, Any], console: Console, out_dir: Path) -> None:
     ok = report["failed_requests"] == 0 and report["max_share_error"] <= 0.03
     console.print(
         f"[{'green' if ok else 'red'}]demo {'passed' if ok else 'FAILED'}[/]: {report['total_requests']} requests, "
         f"{report['failed_requests']} failed, worst share error {report['max_share_error']:.1%} "
-        f"(report: {out_dir / 'demo-report.json'})"
+        f"(report: {out_dir / 'demo-report.json'}, plot: {out_dir / 'demo-shares.png'})"
     )
     if not ok:
         raise TestbedError("demo: traffic did not follow the pushed weights (see the report)")

@@ -101,14 +101,14 @@ class AckCollector:
                 self._done[version].set()
 
 
-def _pct(values: list[float]) -> dict[str, float]:
+def _pct(values: list[float], digits: int = 3) -> dict[str, float]:
     if not values:
         return {"p50": float("nan"), "p99": float("nan"), "max": float("nan"), "n": 0}
     arr = np.asarray(values)
     return {
-        "p50": round(float(np.percentile(arr, 50)), 3),
-        "p99": round(float(np.percentile(arr, 99)), 3),
-        "max": round(float(arr.max()), 3),
+        "p50": round(float(np.percentile(arr, 50)), digits),
+        "p99": round(float(np.percentile(arr, 99)), digits),
+        "max": round(float(arr.max()), digits),
         "n": len(values),
     }
 
@@ -227,13 +227,25 @@ def run_xds_bench(
         "push_to_ack_ms": _pct(ack_ms),
         "push_to_applied_ms": _pct(applied_ms),
         "applied_probe": "admin /clusters weight" if probe_clusters else f"admin stat {stat}",
-        "fanout_s": _pct(fanout_s),
+        "fanout_s": _pct(fanout_s, digits=6),  # microseconds, like the *_ms figures
         "rss_mb": round(rss_peak / 2**20, 1),
         "rss_baseline_mb": round(rss_baseline / 2**20, 1),
         "envoy_nacks": envoy_node["nacks"],
         "targets": TARGETS,
     }
     return result
+
+
+def side_by_side(first: dict[str, Any], second: dict[str, Any]) -> dict[str, Any]:
+    """``first`` at the top level (so its keys stay where readers expect them), both runs
+    under ``runs``, and ``second / first`` ratios of the p50/p99 figures."""
+    ratios = {
+        f"{key}.{q}": round(second[key][q] / first[key][q], 3) if first[key][q] else None
+        for key in ("push_to_ack_ms", "push_to_applied_ms", "fanout_s")
+        for q in ("p50", "p99")
+    }
+    ratios["rss_mb"] = round(second["rss_mb"] / first["rss_mb"], 3)
+    return {**first, "runs": [first, second], "ratios": {f"{second['api']}/{first['api']}": ratios}}
 
 
 def _counter(admin: httpx.Client, name: str) -> int:

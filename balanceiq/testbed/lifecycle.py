@@ -8,6 +8,7 @@ xDS actor, and stops Ray only if ``up`` started it.
 
 from __future__ import annotations
 
+import json
 import shutil
 import signal
 import subprocess
@@ -57,19 +58,25 @@ def up(settings: Settings, console: Console) -> dict[str, Any]:
         raise TestbedError(f"a testbed is already recorded in {state / STATE_FILE}; run `balanceiq testbed down` first")
     with console.status("connecting to Ray"):
         ray_started = connect_ray(start_if_missing=True)
-    with console.status("starting the xDS actor"):
-        start_actor(settings, state_dir=state)
-    tb = Testbed(settings, state / "testbed")
-    with console.status("starting backends and Envoy"):
-        tb.start()
+    # Record before starting anything else, so `down` (or the cleanup below, on Ctrl-C
+    # or a failed start) knows whether Ray is ours to stop.
+    state.mkdir(parents=True, exist_ok=True)
+    (state / STATE_FILE).write_text(json.dumps({"ray_started": ray_started}))
+    try:
+        with console.status("starting the xDS actor"):
+            start_actor(settings, state_dir=state)
+        tb = Testbed(settings, state / "testbed")
+        with console.status("starting backends and Envoy"):
+            tb.start()
+    except BaseException:
+        down(settings)
+        raise
     tb.record(state / STATE_FILE, {"ray_started": ray_started})
     console.print(f"[green]testbed up[/]: proxy {tb.envoy.listen_url}, admin {tb.envoy.admin_url}")
     return tb.urls()
 
 
 def down(settings: Settings) -> list[str]:
-    import json
-
     import ray
 
     state = Path(settings.state_dir)

@@ -167,6 +167,39 @@ class StatusRegistry:
             }
 
 
+# --- common to both flavours -------------------------------------------------------------
+
+
+class _Stream:
+    """Node identity and the type filter, shared by both flavours."""
+
+    def __init__(self, registry: StatusRegistry, api: str, default_type: str = EDS_TYPE) -> None:
+        self.registry = registry
+        self.api = api
+        self.default_type = default_type
+        self.node_id: str | None = None
+        self.unsupported_types: set[str] = set()
+
+    def _identify(self, node: Any) -> str:
+        # With set_node_on_first_message_only, only the first request names the node.
+        if self.node_id is None:
+            self.node_id = node.id or "<anonymous>"
+            self.registry.opened(self.node_id, node.cluster, self.api)
+        return self.node_id
+
+    def _served(self, type_url: str, snapshot: Snapshot | None) -> bool:
+        if snapshot is not None and type_url != snapshot.type_url:
+            # ADS may multiplex types we do not serve; answering with an empty set would
+            # delete the client's config for that type, so we stay silent and record it.
+            self.unsupported_types.add(type_url)
+            return False
+        return True
+
+    def close(self) -> None:
+        if self.node_id is not None:
+            self.registry.closed(self.node_id)
+
+
 # --- state of the world ------------------------------------------------------------------
 
 
@@ -179,35 +212,19 @@ class _SotwWatch:
     waiting: bool = False  # the client has an answered-nothing-yet request open
 
 
-class SotwStream:
+class SotwStream(_Stream):
     """One state-of-the-world stream (ADS or standalone EDS)."""
 
     def __init__(self, registry: StatusRegistry, api: str, default_type: str = EDS_TYPE) -> None:
-        self.registry = registry
-        self.api = api
-        self.default_type = default_type
-        self.node_id: str | None = None
+        super().__init__(registry, api, default_type)
         self._watches: dict[str, _SotwWatch] = {}
-        self.unsupported_types: set[str] = set()
-
-    def _identify(self, req: discovery_pb2.DiscoveryRequest) -> None:
-        if self.node_id is None:
-            self.node_id = req.node.id or "<anonymous>"
-            self.registry.opened(self.node_id, req.node.cluster, self.api)
-
-    def close(self) -> None:
-        if self.node_id is not None:
-            self.registry.closed(self.node_id)
 
     def on_request(
         self, req: discovery_pb2.DiscoveryRequest, snapshot: Snapshot | None
     ) -> list[bytes]:
-        self._identify(req)
+        self._identify(req.node)
         type_url = req.type_url or self.default_type
-        if snapshot is not None and type_url != snapshot.type_url:
-            # ADS may multiplex types we do not serve; answering with an empty set would
-            # delete the client's config for that type, so we stay silent and record it.
-            self.unsupported_types.add(type_url)
+        if not self._served(type_url, snapshot):
             return []
         watch = self._watches.setdefault(type_url, _SotwWatch())
         if req.response_nonce and req.response_nonce != watch.nonce:
@@ -271,30 +288,19 @@ class _DeltaWatch:
     told_absent: set[str] = field(default_factory=set)  # subscribed, reported missing once
 
 
-class DeltaStream:
+class DeltaStream(_Stream):
     """One incremental (delta) xDS stream (ADS or standalone EDS)."""
 
     def __init__(self, registry: StatusRegistry, api: str, default_type: str = EDS_TYPE) -> None:
-        self.registry = registry
-        self.api = api
-        self.default_type = default_type
-        self.node_id: str | None = None
+        super().__init__(registry, api, default_type)
         self._watches: dict[str, _DeltaWatch] = {}
-        self.unsupported_types: set[str] = set()
-
-    def close(self) -> None:
-        if self.node_id is not None:
-            self.registry.closed(self.node_id)
 
     def on_request(
         self, req: discovery_pb2.DeltaDiscoveryRequest, snapshot: Snapshot | None
     ) -> list[bytes]:
-        if self.node_id is None:
-            self.node_id = req.node.id or "<anonymous>"
-            self.registry.opened(self.node_id, req.node.cluster, self.api)
+        node_id = self._identify(req.node)
         type_url = req.type_url or self.default_type
-        if snapshot is not None and type_url != snapshot.type_url:
-            self.unsupported_types.add(type_url)
+        if not self._served(type_url, snapshot):
             return []
         watch = self._watches.get(type_url)
         if watch is None:
@@ -315,7 +321,7 @@ class DeltaStream:
                     for name, ver in sent.items():
                         if ver is not None:
                             watch.rejected[name] = ver
-                    self.registry.nack(self.node_id, type_url, version, req.error_detail.message)
+                    self.registry.nack(node_id, type_url, version, req.error_detail.message)
                 else:
                     for name, ver in sent.items():
                         if ver is None:
@@ -323,7 +329,7 @@ class DeltaStream:
                         else:
                             watch.client[name] = ver
                             watch.rejected.pop(name, None)
-                    self.registry.ack(self.node_id, version)
+                    self.registry.ack(node_id, version)
 
         for name in req.resource_names_subscribe:
             if name == "*":

@@ -38,7 +38,7 @@ def test_bench_xds_prints_one_json_object() -> None:
     for key in ("push_to_ack_ms", "push_to_applied_ms", "fanout_s"):
         assert out[key]["n"] == 10 and 0 < out[key]["p50"] <= out[key]["p99"] <= out[key]["max"]
     # Fan-out ends with the last ACK, so it is never shorter than the real Envoy's ACK.
-    assert out["fanout_s"]["max"] * 1000 >= out["push_to_ack_ms"]["max"] - 1e-6
+    assert out["fanout_s"]["max"] * 1000 >= out["push_to_ack_ms"]["max"] - 1e-3
     assert out["rss_mb"] > out["rss_baseline_mb"] > 0
     assert out["envoy_nacks"] == 0
 
