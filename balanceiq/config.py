@@ -360,7 +360,29 @@ class TlsConfig(_Model):
     """Require Envoy to present a certificate signed by ``ca_file`` (mutual TLS), so
     only trusted proxies can read the endpoint assignment."""
 
-    @field_validator("cert_file", "key_file", "ca_file")
+    envoy_ca_file: Path | None = Field(
+        default=None, description="PEM CA Envoy uses to verify the xDS server certificate."
+    )
+    """PEM CA bundle that the generated Envoy bootstrap uses to verify the xDS server's
+    certificate. Needed to render a bootstrap when TLS is enabled: an Envoy that does not
+    verify its control plane can be fed any endpoints."""
+
+    envoy_cert_file: Path | None = Field(
+        default=None, description="PEM client certificate Envoy presents (mTLS)."
+    )
+    """PEM certificate the generated Envoy bootstrap presents to the xDS server when
+    ``require_client_cert`` is true; it must chain to ``ca_file``."""
+
+    envoy_key_file: Path | None = Field(default=None, description="PEM private key of envoy_cert_file.")
+    """PEM private key for ``envoy_cert_file``."""
+
+    server_name: str | None = Field(
+        default=None, description="Name (SNI and SAN) Envoy expects on the server certificate."
+    )
+    """If set, Envoy sends it as SNI and accepts only a server certificate whose subject
+    alternative names include it."""
+
+    @field_validator("cert_file", "key_file", "ca_file", "envoy_ca_file", "envoy_cert_file", "envoy_key_file")
     @classmethod
     def _expand(cls, value: Path | None) -> Path | None:
         return _expand_user(value)
@@ -384,6 +406,9 @@ class TlsConfig(_Model):
                     "(client certificates are verified against it)"
                 )
                 problems.append((("ca_file",), message))
+        if (self.envoy_cert_file is None) != (self.envoy_key_file is None):
+            missing = "envoy_key_file" if self.envoy_key_file is None else "envoy_cert_file"
+            problems.append(((missing,), "envoy_cert_file and envoy_key_file go together"))
         if problems:
             raise _cross_field_error(problems)
         return self
@@ -795,7 +820,10 @@ def _resolve_paths(settings: Settings, base_dir: Path) -> Settings:
 
     tls = settings.xds.tls
     tls = tls.model_copy(
-        update={name: resolve(getattr(tls, name)) for name in ("cert_file", "key_file", "ca_file")}
+        update={
+            name: resolve(getattr(tls, name))
+            for name in ("cert_file", "key_file", "ca_file", "envoy_ca_file", "envoy_cert_file", "envoy_key_file")
+        }
     )
     return settings.model_copy(
         update={

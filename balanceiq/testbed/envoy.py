@@ -115,19 +115,7 @@ def render_bootstrap(
     }
     tls = settings.xds.tls
     if tls.enabled:
-        ctx: dict[str, Any] = {"@type": TLS_CTX, "common_tls_context": {}}
-        if tls.ca_file:
-            ctx["common_tls_context"]["validation_context"] = {
-                "trusted_ca": {"filename": str(tls.ca_file)}
-            }
-        if tls.require_client_cert:
-            ctx["common_tls_context"]["tls_certificates"] = [
-                {
-                    "certificate_chain": {"filename": str(tls.cert_file)},
-                    "private_key": {"filename": str(tls.key_file)},
-                }
-            ]
-        xds_cluster["transport_socket"] = {"name": "envoy.transport_sockets.tls", "typed_config": ctx}
+        xds_cluster["transport_socket"] = _xds_tls_socket(tls)
 
     clusters: list[dict[str, Any]] = [xds_cluster]
     for c in settings.clusters:
@@ -224,6 +212,36 @@ def render_bootstrap(
     if ads:
         bootstrap["dynamic_resources"] = {"ads_config": api_source}
     return bootstrap
+
+
+def _xds_tls_socket(tls: Any) -> dict[str, Any]:
+    """Envoy's side of TLS to the xDS server: verify it, and present a cert for mTLS."""
+    if tls.envoy_ca_file is None:
+        raise EnvoyError(
+            "xds.tls.envoy_ca_file is required to render a bootstrap with TLS: "
+            "Envoy must verify the xDS server it takes endpoints from"
+        )
+    validation: dict[str, Any] = {"trusted_ca": {"filename": str(tls.envoy_ca_file)}}
+    ctx: dict[str, Any] = {"@type": TLS_CTX, "common_tls_context": {"validation_context": validation}}
+    if tls.server_name:
+        ctx["sni"] = tls.server_name
+        validation["match_typed_subject_alt_names"] = [
+            {"san_type": "DNS", "matcher": {"exact": tls.server_name}},
+            {"san_type": "IP_ADDRESS", "matcher": {"exact": tls.server_name}},
+        ]
+    if tls.require_client_cert:
+        if tls.envoy_cert_file is None:
+            raise EnvoyError(
+                "xds.tls.envoy_cert_file/envoy_key_file are required when require_client_cert "
+                "is true: they are the certificate Envoy presents"
+            )
+        ctx["common_tls_context"]["tls_certificates"] = [
+            {
+                "certificate_chain": {"filename": str(tls.envoy_cert_file)},
+                "private_key": {"filename": str(tls.envoy_key_file)},
+            }
+        ]
+    return {"name": "envoy.transport_sockets.tls", "typed_config": ctx}
 
 
 def envoy_binary() -> Path:
