@@ -7,9 +7,13 @@
     ├── AssignmentError          weights/health for the xDS store are invalid; nothing published
     ├── XdsError                 the xDS server cannot do what was asked
     │   └── XdsBindError         the xDS port is taken or cannot be bound
+    ├── TelemetryError           a metrics source could not give a usable answer
+    │   ├── PrometheusError      Prometheus unreachable, timed out, or answered garbage
+    │   └── EnvoyAdminError      Envoy's admin /stats unreachable or unparsable
     ├── TestbedError             a local testbed part failed to start or stop
     │   ├── EnvoyError           the envoy binary failed to start, or never became ready
-    │   └── BackendError         a sample backend failed to start
+    │   ├── BackendError         a sample backend failed to start
+    │   └── PrometheusProcessError  the prometheus binary failed to start
     └── BenchError               a benchmark could not run to completion
 
 Errors from libraries (grpc, aiohttp, yaml, pydantic) are translated into these at the
@@ -52,6 +56,22 @@ class XdsBindError(XdsError):
     """The xDS server could not bind its port (usually: another server holds it)."""
 
 
+class TelemetryError(BalanceIQError):
+    """A metrics source could not give a usable answer.
+
+    Raised by sources; :class:`balanceiq.telemetry.Telemetry` catches it, falls back, and
+    records it in the observation, so it never reaches the caller's control loop.
+    """
+
+
+class PrometheusError(TelemetryError):
+    """Prometheus is unreachable, timed out, or answered something unusable."""
+
+
+class EnvoyAdminError(TelemetryError):
+    """Envoy's admin /stats endpoint is unreachable or its output cannot be parsed."""
+
+
 class TestbedError(BalanceIQError):
     """A part of the local testbed failed to start or stop."""
 
@@ -64,6 +84,10 @@ class EnvoyError(TestbedError):
 
 class BackendError(TestbedError):
     """A sample backend failed to start."""
+
+
+class PrometheusProcessError(TestbedError):
+    """The prometheus binary failed to start or never became ready."""
 
 
 class BenchError(BalanceIQError):

@@ -1,0 +1,1 @@
+"""Telemetry: one honest Observation per cluster, from Prometheus or (fallback) Envoy."""

@@ -1,0 +1,209 @@
+"""The one `Observation` of a cluster's endpoints, whoever produced it.
+
+Live telemetry (Prometheus, or Envoy's admin as a fallback) and the simulator both
+produce this type, so the policy sees one contract. Missing data is never zero-filled:
+a value that could not be measured is ``nan`` and the endpoint carries a flag saying why.
+:meth:`Observation.to_array` gives the policy a dense feature matrix plus a validity mask.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Literal
+
+import numpy as np
+
+Source = Literal["prometheus", "envoy-admin", "simulator", "none"]
+
+# Why a field is not a measurement. An endpoint with any flag is not "healthy and idle".
+NO_TRAFFIC = "no_traffic"  # no requests in the window: latency and error rate unknown
+STALE = "stale"  # the newest sample is older than the staleness limit
+MISSING = "missing"  # the source had no series for this endpoint
+INVALID = "invalid"  # the source returned NaN/Inf/negative where that cannot be
+WARMING = "warming"  # first scrape of a counter-based source: no rate yet
+NO_LATENCY_SOURCE = "no_latency_source"  # nothing configured measures per-endpoint latency
+FLAGS = (NO_TRAFFIC, STALE, MISSING, INVALID, WARMING, NO_LATENCY_SOURCE)
+
+# Feature order of Observation.to_array(); the policy's input layer depends on it.
+FEATURES = (
+    "p50_ms",
+    "p95_ms",
+    "error_rate",
+    "saturation",
+    "inflight",
+    "rps",
+    "cost_per_million",
+    "weight_share",
+    "healthy",
+)
+
+NAN = float("nan")
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointObservation:
+    """One endpoint over the observation window. ``nan`` means "not measured" (see flags)."""
+
+    address: str
+    p50_ms: float = NAN
+    p95_ms: float = NAN
+    error_rate: float = NAN  # fraction of requests answered 5xx or failed, 0..1
+    saturation: float = NAN  # in-flight over concurrency limit (0..1+), when known
+    inflight: float = NAN  # requests in flight at Envoy for this endpoint
+    rps: float = NAN  # requests per second over the window
+    cost_per_million: float = NAN  # $ per million requests (from config)
+    weight: float = NAN  # Envoy load_balancing_weight in force
+    healthy: bool | None = None  # Envoy's view (health checks, outlier detection); None: unknown
+    age_s: float = NAN  # age of the newest sample behind this row
+    flags: frozenset[str] = field(default_factory=frozenset)
+
+    @property
+    def usable(self) -> bool:
+        """True when latency and errors were measured on real, fresh traffic."""
+        return not (self.flags & {NO_TRAFFIC, STALE, MISSING, INVALID, WARMING})
+
+    def flagged(self, *flags: str) -> EndpointObservation:
+        return replace(self, flags=self.flags | set(flags))
+
+
+@dataclass(frozen=True, slots=True)
+class Observation:
+    """Every endpoint of one cluster at one moment, and where the numbers came from."""
+
+    cluster: str
+    endpoints: tuple[EndpointObservation, ...]
+    source: Source
+    timestamp: float = field(default_factory=time.time)
+    window_s: float = NAN
+    errors: tuple[str, ...] = ()  # what went wrong on the way (e.g. "prometheus: timeout")
+
+    @property
+    def addresses(self) -> list[str]:
+        return [e.address for e in self.endpoints]
+
+    @property
+    def fallback(self) -> bool:
+        return self.source == "envoy-admin"
+
+    def by_address(self) -> dict[str, EndpointObservation]:
+        return {e.address: e for e in self.endpoints}
+
+    def to_array(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(features[N, F], valid[N, F])`` in :data:`FEATURES` order.
+
+        Invalid entries are 0 in ``features`` *and* False in ``valid``: the policy must
+        read the mask, and a zero is never mistaken for a measurement.
+        """
+        total_weight = sum(e.weight for e in self.endpoints if math.isfinite(e.weight)) or NAN
+        rows = []
+        for e in self.endpoints:
+            rows.append(
+                [
+                    e.p50_ms,
+                    e.p95_ms,
+                    e.error_rate,
+                    e.saturation,
+                    e.inflight,
+                    e.rps,
+                    e.cost_per_million,
+                    e.weight / total_weight,
+                    NAN if e.healthy is None else float(e.healthy),
+                ]
+            )
+        arr = np.asarray(rows, dtype=np.float64).reshape(len(self.endpoints), len(FEATURES))
+        valid = np.isfinite(arr)
+        # Latency and error rate without fresh traffic behind them are not measurements.
+        for i, e in enumerate(self.endpoints):
+            if not e.usable:
+                valid[i, :3] = False
+        return np.where(valid, arr, 0.0), valid
+
+    def to_json(self) -> dict[str, object]:
+        def num(x: float) -> float | None:
+            return x if math.isfinite(x) else None
+
+        return {
+            "cluster": self.cluster,
+            "source": self.source,
+            "timestamp": self.timestamp,
+            "window_s": num(self.window_s),
+            "errors": list(self.errors),
+            "endpoints": [
+                {
+                    "address": e.address,
+                    "p50_ms": num(e.p50_ms),
+                    "p95_ms": num(e.p95_ms),
+                    "error_rate": num(e.error_rate),
+                    "saturation": num(e.saturation),
+                    "inflight": num(e.inflight),
+                    "rps": num(e.rps),
+                    "cost_per_million": num(e.cost_per_million),
+                    "weight": num(e.weight),
+                    "healthy": e.healthy,
+                    "age_s": num(e.age_s),
+                    "flags": sorted(e.flags),
+                }
+                for e in self.endpoints
+            ],
+        }
+
+
+def finite_or_nan(value: object) -> tuple[float, bool]:
+    """``(value, ok)``: a float if ``value`` is a finite non-negative number, else (nan, False)."""
+    try:
+        x = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return NAN, False
+    if not math.isfinite(x) or x < 0:
+        return NAN, False
+    return x, True
+
+
+def quantile_from_buckets(buckets: Sequence[tuple[float, float]], q: float) -> float:
+    """Prometheus' ``histogram_quantile`` on cumulative ``(le, count)`` pairs.
+
+    Same rules as Prometheus: linear interpolation inside the bucket, the lower bound of
+    the first bucket is 0, and a quantile in the ``+Inf`` bucket returns the largest
+    finite upper bound. Empty or malformed input gives ``nan``.
+    """
+    if not 0.0 <= q <= 1.0:
+        return NAN
+    pts = sorted((le, c) for le, c in buckets if not math.isnan(le) and math.isfinite(c) and c >= 0)
+    if len(pts) < 2 or not math.isinf(pts[-1][0]):
+        return NAN
+    # Counts must be cumulative; non-monotonic data (a reset mid-window) is clipped.
+    fixed = []
+    running = 0.0
+    for le, c in pts:
+        running = max(running, c)
+        fixed.append((le, running))
+    total = fixed[-1][1]
+    if total <= 0:
+        return NAN
+    rank = q * total
+    prev_le, prev_c = 0.0, 0.0
+    for le, c in fixed:
+        if c >= rank:
+            if math.isinf(le):
+                return fixed[-2][0]
+            if c == prev_c:
+                return le
+            return prev_le + (le - prev_le) * (rank - prev_c) / (c - prev_c)
+        prev_le, prev_c = le, c
+    return fixed[-2][0]
+
+
+def empty_observation(cluster: str, addresses: Sequence[str], costs: Mapping[str, float], source: Source, errors: Sequence[str]) -> Observation:
+    """Every endpoint flagged missing: what a caller gets when no source answered."""
+    return Observation(
+        cluster=cluster,
+        endpoints=tuple(
+            EndpointObservation(address=a, cost_per_million=costs.get(a, NAN), flags=frozenset({MISSING}))
+            for a in addresses
+        ),
+        source=source,
+        errors=tuple(errors),
+    )
