@@ -161,6 +161,38 @@ def bench_xds(
         out.print_json(json.dumps(result))
 
 
+@bench_app.command("telemetry")
+def bench_telemetry(
+    endpoints: Annotated[int, typer.Option(help="Sample backends (endpoints) in the cluster.")] = 100,
+    samples: Annotated[int, typer.Option(help="Observations to time from each source.")] = 20,
+    rate: Annotated[float, typer.Option(help="Background load, requests/s through Envoy.")] = 400.0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,
+) -> None:
+    """Observation time, staleness and accuracy vs injected truth; ALS overhead."""
+    from balanceiq.bench.telemetry import run_telemetry_bench
+
+    result = run_telemetry_bench(endpoints=endpoints, samples=samples, rate_rps=rate, console=err)
+    if as_json:
+        sys.stdout.write(json.dumps(result) + "\n")
+    else:
+        out.print_json(json.dumps(result))
+
+
+@app.command("observe")
+def observe(
+    config: ConfigOpt = None,
+    cluster: Annotated[str | None, typer.Option(help="Cluster (default: the first).")] = None,
+) -> None:
+    """Print one Observation of a running cluster (Prometheus, else Envoy's admin) as JSON."""
+    from balanceiq.telemetry.observe import Telemetry
+
+    telemetry = Telemetry(_settings(config), cluster)
+    try:
+        out.print_json(json.dumps(telemetry.observe().to_json()))
+    finally:
+        telemetry.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         # standalone_mode=False hands errors to us instead of click printing and exiting,

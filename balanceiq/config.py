@@ -476,12 +476,125 @@ class PrometheusConfig(_Model):
     """The Prometheus server the controller queries for telemetry."""
 
     url: str = Field(default="http://127.0.0.1:9090", description="Prometheus http(s) base URL.")
-    """Base URL of the Prometheus HTTP API (without ``/api/v1``)."""
+    """Base URL of the Prometheus HTTP API (without ``/api/v1``). The testbed starts its
+    own Prometheus on this host and port."""
+
+    scrape_interval_s: PosFloat = Field(default=1.0, description="Testbed scrape interval (s).")
+    """How often the testbed's Prometheus scrapes Envoy, the backends and the ALS
+    exporter. 1-2 s keeps observations fresh enough for a 5 s control interval."""
 
     @field_validator("url")
     @classmethod
     def _check_url(cls, value: str) -> str:
         return _http_url(value)
+
+
+def _envoy_query(expr: str) -> SignalQuery:
+    return SignalQuery(promql=expr, endpoint_label="envoy_endpoint_address")
+
+
+_ENVOY_SEL = 'envoy_cluster_name="$cluster"'
+
+
+def _default_queries() -> dict[str, SignalQuery]:
+    by = "sum by (envoy_endpoint_address)"
+    return {
+        "rps": _envoy_query(f"{by} (rate(envoy_cluster_endpoint_rq_total{{{_ENVOY_SEL}}}[$window]))"),
+        # Envoy counts 5xx answers (and resets) in rq_error; the error rate is computed
+        # from both rates in Python so an idle endpoint reads "no traffic", not 0/0.
+        "errors": _envoy_query(f"{by} (rate(envoy_cluster_endpoint_rq_error{{{_ENVOY_SEL}}}[$window]))"),
+        "inflight": _envoy_query(f"{by} (envoy_cluster_endpoint_rq_active{{{_ENVOY_SEL}}})"),
+        "healthy": _envoy_query(f"min by (envoy_endpoint_address) (envoy_cluster_endpoint_healthy{{{_ENVOY_SEL}}})"),
+        "last_sample": _envoy_query(
+            f"max by (envoy_endpoint_address) (timestamp(envoy_cluster_endpoint_rq_total{{{_ENVOY_SEL}}}))"
+        ),
+        # Latency from BalanceIQ's ALS exporter: Envoy's view of each upstream request.
+        "p50_ms": SignalQuery(
+            promql='histogram_quantile(0.5, sum by (endpoint, le) (rate(balanceiq_upstream_rq_time_seconds_bucket{cluster="$cluster"}[$window]))) * 1000',
+            endpoint_label="endpoint",
+        ),
+        "p95_ms": SignalQuery(
+            promql='histogram_quantile(0.95, sum by (endpoint, le) (rate(balanceiq_upstream_rq_time_seconds_bucket{cluster="$cluster"}[$window]))) * 1000',
+            endpoint_label="endpoint",
+        ),
+        # Testbed backends export their own in-flight count and limit; a real backend
+        # that exports nothing similar simply leaves saturation unmeasured (nan).
+        "saturation": SignalQuery(
+            promql="max by (backend) (backend_inflight_requests / backend_concurrency_limit)",
+            endpoint_label="backend",
+        ),
+    }
+
+
+class SignalQuery(_Model):
+    """One PromQL template giving one value per endpoint."""
+
+    promql: str = Field(description="PromQL; $cluster and $window are substituted.")
+    """An instant-vector PromQL expression. ``$cluster`` becomes the cluster name and
+    ``$window`` the rate window (e.g. ``10s``); ``$$`` is a literal ``$``."""
+
+    endpoint_label: str = Field(description="Label holding the endpoint's host:port.")
+    """The result label whose value is the endpoint address (``host:port``)."""
+
+    @field_validator("promql")
+    @classmethod
+    def _check_template(cls, value: str) -> str:
+        import string
+
+        try:
+            string.Template(value).substitute(cluster="c", window="1s")
+        except (KeyError, ValueError) as exc:
+            raise ValueError(f"bad placeholder in PromQL template ({exc}); use $cluster, $window, $$") from None
+        return _not_blank(value, "promql")
+
+
+SIGNALS = ("rps", "errors", "inflight", "healthy", "last_sample", "p50_ms", "p95_ms", "saturation")
+
+
+class TelemetryConfig(_Model):
+    """How observations are read: PromQL per signal, windows, the ALS latency source."""
+
+    window_s: PosFloat = Field(default=10.0, description="Rate window in seconds.")
+    """Window of ``rate()`` and of latency quantiles. At least 4 scrape intervals, or
+    rates are noise; longer smooths more and reacts later."""
+
+    stale_after_s: PosFloat = Field(default=10.0, description="Samples older than this are stale.")
+    """An endpoint whose newest sample is older than this is flagged stale."""
+
+    timeout_s: PosFloat = Field(default=2.0, description="Timeout of one Prometheus query.")
+    """Per-query timeout; past it, the observation falls back to Envoy's admin."""
+
+    queries: dict[str, SignalQuery] = Field(default_factory=_default_queries, description="PromQL per signal.")
+    """PromQL per signal (rps, errors, inflight, healthy, last_sample, p50_ms, p95_ms,
+    saturation). Entries given here replace the defaults one by one."""
+
+    als_enabled: StrictBool = Field(default=True, description="Envoy streams access logs for latency.")
+    """Configure Envoy's gRPC access log service so BalanceIQ measures each endpoint's
+    latency as Envoy sees it (works for any backend)."""
+
+    als_sample_percent: float = Field(default=100.0, gt=0, le=100, description="Share of requests logged.")
+    """Percentage of requests Envoy streams to the ALS (sampled in Envoy, so the cost
+    is bounded at high request rates)."""
+
+    als_grpc_port: Port = Field(default=9977, description="ALS gRPC port.")
+    """Port of the access log gRPC server Envoy streams to."""
+
+    als_metrics_port: Port = Field(default=9978, description="ALS /metrics port.")
+    """Port where the ALS exporter serves per-endpoint latency histograms."""
+
+    @field_validator("queries", mode="before")
+    @classmethod
+    def _merge_defaults(cls, value: Any) -> Any:
+        if isinstance(value, Mapping):
+            unknown = sorted(set(value) - set(SIGNALS))
+            if unknown:
+                raise ValueError(f"unknown signal(s) {', '.join(unknown)}; known: {', '.join(SIGNALS)}")
+            return {**_default_queries(), **value}
+        return value
+
+    @property
+    def window(self) -> str:
+        return f"{self.window_s:g}s"
 
 
 class ControlConfig(_Model):
@@ -632,6 +745,11 @@ class Settings(_Model):
         default_factory=PrometheusConfig, description="Prometheus server."
     )
     """The Prometheus server holding the telemetry."""
+
+    telemetry: TelemetryConfig = Field(
+        default_factory=TelemetryConfig, description="How observations are read."
+    )
+    """PromQL per signal, rate window, staleness, and the ALS latency source."""
 
     control: ControlConfig = Field(
         default_factory=ControlConfig, description="Control loop settings."

@@ -45,6 +45,10 @@ def settings_on_free_ports(n_endpoints: int = 3, base: Settings | None = None) -
             "envoy": s.envoy.model_copy(
                 update={"admin_url": f"http://127.0.0.1:{free_port()}", "listen_port": free_port()}
             ),
+            "prometheus": s.prometheus.model_copy(update={"url": f"http://127.0.0.1:{free_port()}"}),
+            "telemetry": s.telemetry.model_copy(
+                update={"als_grpc_port": free_port(), "als_metrics_port": free_port()}
+            ),
         }
     )
 

@@ -118,6 +118,13 @@ def render_bootstrap(
         xds_cluster["transport_socket"] = _xds_tls_socket(tls)
 
     clusters: list[dict[str, Any]] = [xds_cluster]
+    access_log: list[dict[str, Any]] = []
+    if settings.telemetry.als_enabled:
+        # Per-endpoint latency for any backend: Envoy streams each request's upstream
+        # host and timings to BalanceIQ's ALS exporter (balanceiq/telemetry/als.py).
+        from balanceiq.telemetry.als import access_log_config, als_cluster_config
+
+        access_log.append(access_log_config(sample_percent=settings.telemetry.als_sample_percent))
     for c in settings.clusters:
         clusters.append(
             {
@@ -153,6 +160,9 @@ def render_bootstrap(
             }
         )
 
+    if access_log:
+        # Last, so clusters[1:] are the service clusters in config order.
+        clusters.append(als_cluster_config("127.0.0.1", settings.telemetry.als_grpc_port))
     first = settings.clusters[0].name
     bootstrap: dict[str, Any] = {
         "node": {"id": node_id, "cluster": "balanceiq"},
@@ -179,6 +189,7 @@ def render_bootstrap(
                                     "typed_config": {
                                         "@type": HCM,
                                         "stat_prefix": "ingress",
+                                        **({"access_log": access_log} if access_log else {}),
                                         "route_config": {
                                             "virtual_hosts": [
                                                 {

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -73,8 +74,10 @@ async def run_load(
     max_seconds: float = 60.0,
     timeout_s: float = 5.0,
     rate_rps: float | None = None,
+    stop: threading.Event | None = None,
 ) -> LoadResult:
-    """Send up to ``total`` GETs with ``concurrency`` workers, stopping at ``max_seconds``."""
+    """Send up to ``total`` GETs with ``concurrency`` workers, stopping at ``max_seconds``
+    (or when ``stop`` is set, for background load in tests and benchmarks)."""
     ensure_loopback(url)
     result = LoadResult()
     remaining = total
@@ -84,7 +87,7 @@ async def run_load(
 
     async def worker(session: aiohttp.ClientSession) -> None:
         nonlocal remaining
-        while remaining > 0 and time.monotonic() < deadline:
+        while remaining > 0 and time.monotonic() < deadline and not (stop and stop.is_set()):
             remaining -= 1
             result.sent += 1
             t0 = time.monotonic()

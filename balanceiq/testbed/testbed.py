@@ -1,4 +1,4 @@
-"""The local testbed: sample backends (one child process), Envoy, and the xDS server.
+"""The local testbed: sample backends, the ALS latency exporter, Envoy and Prometheus.
 
 Two ways to run it:
 
@@ -25,6 +25,7 @@ import psutil
 from balanceiq.config import Settings
 from balanceiq.exceptions import BackendError, TestbedError
 from balanceiq.testbed.envoy import EnvoyProcess, render_bootstrap
+from balanceiq.testbed.prometheus import PrometheusProcess, render_config
 
 STATE_FILE = "testbed.json"
 
@@ -52,45 +53,47 @@ def backend_specs(settings: Settings, *, seed: int | None = 0) -> list[dict[str,
     return specs
 
 
-class BackendsProcess:
-    """All sample backends in one child process (`python -m balanceiq.testbed.backend`)."""
+class ReadyProcess:
+    """A child that prints one ``ready <what>`` line per thing it serves, then runs on.
 
-    def __init__(self, specs: list[dict[str, Any]], workdir: Path) -> None:
-        self.specs = specs
+    Started in its own session, so Ctrl-C in a terminal reaches only the parent, which
+    stops it by pid; stdout is closed once ready so a detached child never blocks on it.
+    """
+
+    def __init__(self, name: str, argv: list[str], expect: int, workdir: Path) -> None:
+        self.name = name
+        self.argv = argv
+        self.expect = expect
         self.workdir = workdir
         self.proc: subprocess.Popen[str] | None = None
-        self.urls: list[str] = []
+        self.ready_lines: list[str] = []
 
     @property
     def pid(self) -> int | None:
         return self.proc.pid if self.proc else None
 
-    def start(self, timeout: float = 20.0) -> BackendsProcess:
+    def start(self, timeout: float = 20.0) -> ReadyProcess:
         self.workdir.mkdir(parents=True, exist_ok=True)
-        spec_path = self.workdir / "backends.json"
-        spec_path.write_text(json.dumps(self.specs))
-        err_path = self.workdir / "backends.stderr"
+        err_path = self.workdir / f"{self.name}.stderr"
         with open(err_path, "wb") as err:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "balanceiq.testbed.backend", "--spec", f"@{spec_path}"],
-                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err, text=True,
+                self.argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err, text=True,
                 start_new_session=True,
             )
         deadline = time.monotonic() + timeout
         assert self.proc.stdout is not None
-        while len(self.urls) < len(self.specs):
+        while len(self.ready_lines) < self.expect:
             if time.monotonic() > deadline:
                 self.stop()
-                raise BackendError(f"backends not ready after {timeout}s")
+                raise BackendError(f"{self.name} not ready after {timeout}s")
             line = self.proc.stdout.readline()
             if not line:
                 code = self.proc.wait(5)
                 msg = err_path.read_text(errors="replace").strip()
                 self.proc = None
-                raise BackendError(f"backends exited with {code}: {msg}")
+                raise BackendError(f"{self.name} exited with {code}: {msg}")
             if line.startswith("ready "):
-                self.urls.append(line.split(" ", 1)[1].strip())
-        # Nothing more is printed; close our end so a detached child never blocks on it.
+                self.ready_lines.append(line.split(" ", 1)[1].strip())
         self.proc.stdout.close()
         return self
 
@@ -99,6 +102,34 @@ class BackendsProcess:
         if proc is not None:
             _terminate(proc.pid, timeout)
             proc.wait(timeout)
+
+
+class BackendsProcess(ReadyProcess):
+    """All sample backends in one child process (`python -m balanceiq.testbed.backend`)."""
+
+    def __init__(self, specs: list[dict[str, Any]], workdir: Path) -> None:
+        workdir.mkdir(parents=True, exist_ok=True)
+        spec_path = workdir / "backends.json"
+        spec_path.write_text(json.dumps(specs))
+        argv = [sys.executable, "-m", "balanceiq.testbed.backend", "--spec", f"@{spec_path}"]
+        super().__init__("backends", argv, len(specs), workdir)
+        self.specs = specs
+
+    @property
+    def urls(self) -> list[str]:
+        return self.ready_lines
+
+
+class AlsProcess(ReadyProcess):
+    """BalanceIQ's access-log (latency) exporter (`python -m balanceiq.telemetry.als`)."""
+
+    def __init__(self, grpc_port: int, metrics_port: int, workdir: Path) -> None:
+        argv = [
+            sys.executable, "-m", "balanceiq.telemetry.als",
+            "--grpc-port", str(grpc_port), "--metrics-port", str(metrics_port),
+        ]
+        super().__init__("als", argv, 1, workdir)
+        self.metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
 
 
 def _terminate(pid: int, timeout: float) -> None:
@@ -129,10 +160,15 @@ class Testbed:
         lb_policy: str = "ROUND_ROBIN",
         health_check_interval_s: float = 5.0,
         node_id: str = "balanceiq-envoy-0",
+        prometheus: bool = True,
     ) -> None:
         self.settings = settings
         self.workdir = Path(workdir)
         self.backends = BackendsProcess(backend_specs(settings), self.workdir / "backends")
+        tel = settings.telemetry
+        self.als = (
+            AlsProcess(tel.als_grpc_port, tel.als_metrics_port, self.workdir / "als") if tel.als_enabled else None
+        )
         bootstrap = render_bootstrap(
             settings,
             api=api,
@@ -143,21 +179,29 @@ class Testbed:
             lb_policy=lb_policy,
             health_check_interval_s=health_check_interval_s,
         )
-        (self.workdir / "envoy").mkdir(parents=True, exist_ok=True)
         self.envoy = EnvoyProcess(bootstrap, workdir=self.workdir / "envoy")
+        self.prometheus = (
+            PrometheusProcess(render_config(settings), settings.prometheus.url, self.workdir / "prometheus")
+            if prometheus
+            else None
+        )
+
+    def _parts(self) -> list[Any]:
+        """In start order; stopped in reverse."""
+        return [p for p in (self.backends, self.als, self.envoy, self.prometheus) if p is not None]
 
     def start(self) -> Testbed:
         try:
-            self.backends.start()
-            self.envoy.start()
+            for part in self._parts():
+                part.start()
         except BaseException:
             self.stop()
             raise
         return self
 
     def stop(self) -> None:
-        self.envoy.stop()
-        self.backends.stop()
+        for part in reversed(self._parts()):
+            part.stop()
 
     def __enter__(self) -> Testbed:
         return self.start()
@@ -166,18 +210,25 @@ class Testbed:
         self.stop()
 
     def urls(self) -> dict[str, Any]:
-        return {
+        urls: dict[str, Any] = {
             "proxy": self.envoy.listen_url,
             "envoy_admin": self.envoy.admin_url,
             "backends": self.backends.urls,
             "xds": f"{self.settings.xds.host}:{self.settings.xds.port}",
         }
+        if self.prometheus is not None:
+            urls["prometheus"] = self.prometheus.url
+        if self.als is not None:
+            urls["als_metrics"] = self.als.metrics_url
+        return urls
 
     def record(self, path: Path, extra: dict[str, Any] | None = None) -> None:
         """Write the pids for ``testbed down``."""
         data = {
             "backends_pid": self.backends.pid,
             "envoy_pid": self.envoy.pid,
+            "als_pid": self.als.pid if self.als else None,
+            "prometheus_pid": self.prometheus.pid if self.prometheus else None,
             "workdir": str(self.workdir),
             "urls": self.urls(),
             **(extra or {}),
@@ -195,7 +246,12 @@ def stop_recorded(path: Path, timeout: float = 5.0) -> list[str]:
     except (OSError, ValueError) as exc:
         raise TestbedError(f"unreadable testbed state {path}: {exc}") from exc
     stopped = []
-    for key, marker in (("envoy_pid", "envoy"), ("backends_pid", "balanceiq.testbed.backend")):
+    for key, marker in (
+        ("prometheus_pid", "prometheus"),
+        ("envoy_pid", "envoy"),
+        ("als_pid", "balanceiq.telemetry.als"),
+        ("backends_pid", "balanceiq.testbed.backend"),
+    ):
         pid = data.get(key)
         if not pid:
             continue

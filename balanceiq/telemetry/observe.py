@@ -1,0 +1,94 @@
+"""`Telemetry.observe()`: Prometheus first, Envoy's admin when it cannot answer.
+
+``observe`` never raises. Each call asks Prometheus first, so the return from the
+fallback is automatic once Prometheus recovers; when Prometheus fails (unreachable,
+timeout, malformed or empty answers) the same call reads Envoy's admin directly and the
+observation says so (``source == "envoy-admin"`` and the reason in ``errors``). When both
+fail, every endpoint is flagged missing (``source == "none"``): the caller's loop gets an
+honest "nothing known", never an exception and never zeros.
+
+While Prometheus is down, Prometheus is retried at most every ``retry_s`` seconds, so a
+dead Prometheus does not add a connect timeout to every control step.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+
+from balanceiq.config import ClusterConfig, Settings
+from balanceiq.exceptions import TelemetryError
+from balanceiq.telemetry.envoy_admin import EnvoyAdminSource
+from balanceiq.telemetry.observation import Observation, empty_observation
+from balanceiq.telemetry.prometheus import PrometheusSource
+
+log = logging.getLogger(__name__)
+
+
+class Telemetry:
+    """Observations of one cluster, from Prometheus with a direct-Envoy fallback."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        cluster: str | None = None,
+        *,
+        als_metrics_url: str | None = None,
+        retry_s: float = 5.0,
+    ) -> None:
+        self.cluster: ClusterConfig = settings.cluster(cluster) if cluster else settings.clusters[0]
+        self.addresses = [ep.address for ep in self.cluster.endpoints]
+        self.costs = {ep.address: ep.cost_per_million_requests for ep in self.cluster.endpoints}
+        self.prometheus = PrometheusSource(settings.prometheus.url, settings.telemetry)
+        if als_metrics_url is None and settings.telemetry.als_enabled:
+            als_metrics_url = f"http://127.0.0.1:{settings.telemetry.als_metrics_port}/metrics"
+        self.fallback = EnvoyAdminSource(
+            settings.envoy.admin_url, als_metrics_url=als_metrics_url, timeout_s=settings.telemetry.timeout_s
+        )
+        self.retry_s = retry_s
+        self._prometheus_down_since: float | None = None
+        self._last_prometheus_try = 0.0
+
+    def close(self) -> None:
+        self.prometheus.close()
+
+    def observe(self, weights: Mapping[str, float] | None = None) -> Observation:
+        errors: list[str] = []
+        now = time.monotonic()
+        if self._prometheus_down_since is None or now - self._last_prometheus_try >= self.retry_s:
+            self._last_prometheus_try = now
+            try:
+                obs = self.prometheus.observe(self.cluster.name, self.addresses, self.costs, weights)
+                if self._prometheus_down_since is not None:
+                    log.info("Prometheus is back; leaving the Envoy admin fallback")
+                self._prometheus_down_since = None
+                return obs
+            except TelemetryError as exc:
+                errors.append(f"prometheus: {exc}")
+            except Exception as exc:  # a bug in a source must not stop the control loop
+                log.exception("prometheus source failed unexpectedly")
+                errors.append(f"prometheus: unexpected {type(exc).__name__}: {exc}")
+            if self._prometheus_down_since is None:
+                log.warning("Prometheus unusable (%s); using Envoy's admin", errors[-1])
+                self._prometheus_down_since = now
+        else:
+            errors.append("prometheus: down, next retry in "
+                          f"{self.retry_s - (now - self._last_prometheus_try):.1f}s")
+        try:
+            obs = self.fallback.observe(self.cluster.name, self.addresses, self.costs, dict(weights or {}) or None)
+        except TelemetryError as exc:
+            errors.append(f"envoy-admin: {exc}")
+        except Exception as exc:
+            log.exception("envoy admin source failed unexpectedly")
+            errors.append(f"envoy-admin: unexpected {type(exc).__name__}: {exc}")
+        else:
+            return Observation(
+                cluster=obs.cluster,
+                endpoints=obs.endpoints,
+                source=obs.source,
+                timestamp=obs.timestamp,
+                window_s=obs.window_s,
+                errors=tuple(errors) + obs.errors,
+            )
+        return empty_observation(self.cluster.name, self.addresses, self.costs, "none", errors)

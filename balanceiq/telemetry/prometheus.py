@@ -1,0 +1,180 @@
+"""Observations from Prometheus, one PromQL query per signal (see ``telemetry.queries``).
+
+Queries go through ``prometheus-api-client`` and run concurrently (one round trip of
+latency, not eight). Every value is checked: NaN, Inf and negative numbers become flagged
+fields, not numbers; an empty result for an endpoint is ``missing``; a query that fails
+or returns malformed data raises :class:`~balanceiq.exceptions.PrometheusError`, which
+the caller turns into a fallback to Envoy's admin.
+"""
+
+from __future__ import annotations
+
+import math
+import string
+import time
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import requests
+from prometheus_api_client import PrometheusApiClientException, PrometheusConnect
+
+from balanceiq.config import SIGNALS, TelemetryConfig
+from balanceiq.exceptions import PrometheusError
+from balanceiq.telemetry.observation import (
+    INVALID,
+    MISSING,
+    NAN,
+    NO_LATENCY_SOURCE,
+    NO_TRAFFIC,
+    STALE,
+    EndpointObservation,
+    Observation,
+    finite_or_nan,
+)
+
+LATENCY = ("p50_ms", "p95_ms")
+
+
+def render(promql: str, cluster: str, window: str) -> str:
+    return string.Template(promql).substitute(cluster=cluster, window=window)
+
+
+def parse_vector(result: Any, endpoint_label: str) -> tuple[dict[str, float], list[str]]:
+    """``{endpoint: value}`` from an instant-vector result, plus problems found.
+
+    Raises PrometheusError if the result is not an instant vector at all (garbage);
+    single bad samples become problems and ``nan`` values.
+    """
+    if not isinstance(result, list):
+        raise PrometheusError(f"expected an instant vector, got {type(result).__name__}")
+    values: dict[str, float] = {}
+    problems: list[str] = []
+    for item in result:
+        if not isinstance(item, Mapping) or not isinstance(item.get("metric"), Mapping):
+            raise PrometheusError(f"malformed sample {str(item)[:80]!r}")
+        endpoint = item["metric"].get(endpoint_label)
+        if not endpoint:
+            problems.append(f"sample without label {endpoint_label!r}: {dict(item['metric'])}")
+            continue
+        pair = item.get("value")
+        if not isinstance(pair, (list, tuple)) or len(pair) != 2:
+            raise PrometheusError(f"malformed value for {endpoint}: {pair!r}")
+        try:
+            values[str(endpoint)] = float(pair[1])
+        except (TypeError, ValueError):
+            problems.append(f"{endpoint}: unparsable value {pair[1]!r}")
+            values[str(endpoint)] = NAN
+    return values, problems
+
+
+class PrometheusSource:
+    """Runs the configured PromQL and assembles an :class:`Observation`."""
+
+    def __init__(self, url: str, config: TelemetryConfig) -> None:
+        self.url = url
+        self.config = config
+        self._prom = PrometheusConnect(url=url, timeout=config.timeout_s)
+        self._pool = ThreadPoolExecutor(max_workers=len(SIGNALS), thread_name_prefix="promql")
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def _query(self, signal: str, cluster: str) -> tuple[dict[str, float], list[str]]:
+        q = self.config.queries[signal]
+        expr = render(q.promql, cluster, self.config.window)
+        try:
+            result = self._prom.custom_query(expr, params={"timeout": f"{self.config.timeout_s:g}s"})
+        except (requests.exceptions.RequestException, PrometheusApiClientException) as exc:
+            raise PrometheusError(f"{signal}: {type(exc).__name__}: {str(exc)[:200]}") from exc
+        except (ValueError, KeyError, TypeError) as exc:  # not JSON, or not Prometheus' shape
+            raise PrometheusError(f"{signal}: malformed response: {type(exc).__name__}: {exc}") from exc
+        return parse_vector(result, q.endpoint_label)
+
+    def query_all(self, cluster: str) -> dict[str, tuple[dict[str, float], list[str]]]:
+        futures = {s: self._pool.submit(self._query, s, cluster) for s in SIGNALS}
+        return {s: f.result() for s, f in futures.items()}
+
+    def observe(
+        self,
+        cluster: str,
+        addresses: Sequence[str],
+        costs: Mapping[str, float],
+        weights: Mapping[str, float] | None = None,
+    ) -> Observation:
+        t0 = time.time()
+        results = self.query_all(cluster)
+        rps = results["rps"][0]
+        if not any(a in rps for a in addresses):
+            # Prometheus answers but knows nothing of this cluster: not scraping Envoy,
+            # or the wrong Prometheus. Garbage for our purposes, so let the caller fall back.
+            raise PrometheusError(f"no rps series for any endpoint of cluster {cluster!r}")
+        problems = [p for _, probs in results.values() for p in probs]
+        latency_known = any(results[s][0] for s in LATENCY)
+        endpoints = [
+            self._endpoint(a, results, costs, weights, t0, latency_known) for a in addresses
+        ]
+        return Observation(
+            cluster=cluster,
+            endpoints=tuple(endpoints),
+            source="prometheus",
+            timestamp=t0,
+            window_s=self.config.window_s,
+            errors=tuple(problems[:20]),
+        )
+
+    def _endpoint(
+        self,
+        address: str,
+        results: Mapping[str, tuple[dict[str, float], list[str]]],
+        costs: Mapping[str, float],
+        weights: Mapping[str, float] | None,
+        now: float,
+        latency_known: bool,
+    ) -> EndpointObservation:
+        flags: set[str] = set()
+        values: dict[str, float] = {}
+        for signal in SIGNALS:
+            raw = results[signal][0].get(address)
+            if raw is None:
+                values[signal] = NAN
+                continue
+            value, ok = finite_or_nan(raw)
+            # histogram_quantile of an idle endpoint is NaN: that is "no traffic", not
+            # an invalid answer, and is decided below from rps.
+            if not ok and not (signal in LATENCY and math.isnan(raw)):
+                flags.add(INVALID)
+            values[signal] = value
+        if address not in results["rps"][0]:
+            flags.add(MISSING)
+        rps = values["rps"]
+        error_rate = NAN
+        if math.isfinite(rps):
+            if rps <= 0:
+                flags.add(NO_TRAFFIC)
+                values["p50_ms"] = values["p95_ms"] = NAN
+            elif math.isfinite(values["errors"]):
+                error_rate = min(1.0, values["errors"] / rps)
+        if not latency_known:
+            flags.add(NO_LATENCY_SOURCE)
+        age = NAN
+        last = values["last_sample"]
+        if math.isfinite(last):
+            age = max(0.0, now - last)
+            if age > self.config.stale_after_s:
+                flags.add(STALE)
+        healthy = None if math.isnan(values["healthy"]) else values["healthy"] >= 1
+        return EndpointObservation(
+            address=address,
+            p50_ms=values["p50_ms"],
+            p95_ms=values["p95_ms"],
+            error_rate=error_rate,
+            saturation=values["saturation"],
+            inflight=values["inflight"],
+            rps=rps,
+            cost_per_million=costs.get(address, NAN),
+            weight=float(weights[address]) if weights and address in weights else NAN,
+            healthy=healthy,
+            age_s=age,
+            flags=frozenset(flags),
+        )

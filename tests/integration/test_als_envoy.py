@@ -1,0 +1,200 @@
+"""ALS latency against a real Envoy, real sample backends and an in-process xDS server."""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from balanceiq.config import Settings
+from balanceiq.telemetry.als import AlsCollector, AlsServer, access_log_config, als_cluster_config
+from balanceiq.telemetry.observation import quantile_from_buckets
+from balanceiq.testbed.envoy import EnvoyProcess, endpoint_health, render_bootstrap
+from balanceiq.testbed.load import run_load_sync
+from balanceiq.testbed.testbed import BackendsProcess, backend_specs
+from balanceiq.xds.server import XdsServer
+
+pytestmark = pytest.mark.slow
+
+HIST = "balanceiq_upstream_rq_time_seconds"
+
+
+@dataclass
+class Stack:
+    settings: Settings
+    als: AlsServer
+    envoy: EnvoyProcess
+
+    @property
+    def cluster(self) -> str:
+        return self.settings.clusters[0].name
+
+    def base_latency_ms(self) -> dict[str, float]:
+        return {s["name"]: s["base_latency_ms"] for s in backend_specs(self.settings)}
+
+
+def with_als(bootstrap: dict[str, Any], grpc_port: int, sample_percent: float) -> dict[str, Any]:
+    """The bootstrap with our access log on the HCM and our ALS cluster (replacing any)."""
+    b = copy.deepcopy(bootstrap)
+    hcm = b["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    hcm["access_log"] = [access_log_config("als_cluster", sample_percent=sample_percent)]
+    clusters = [c for c in b["static_resources"]["clusters"] if c["name"] != "als_cluster"]
+    b["static_resources"]["clusters"] = [*clusters, als_cluster_config("127.0.0.1", grpc_port)]
+    return b
+
+
+def wait_until(check: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.05)
+
+
+@pytest.fixture
+def stack_factory(ports_settings: Settings, tmp_path: Path) -> Iterator[Callable[..., Stack]]:
+    with ExitStack() as stop:
+
+        def make(sample_percent: float, tweak: Callable[[dict[str, Any]], None] | None = None) -> Stack:
+            xds = XdsServer(ports_settings, state_dir=tmp_path / "state")
+            xds.start()
+            stop.callback(xds.stop)
+            als = AlsServer(AlsCollector())
+            grpc_port, _ = als.start()
+            stop.callback(als.stop)
+            backends = BackendsProcess(backend_specs(ports_settings), tmp_path / "backends")
+            backends.start()
+            stop.callback(backends.stop)
+            # One health check marks hosts healthy; later ones would only add noise.
+            bootstrap = with_als(
+                render_bootstrap(ports_settings, health_check_interval_s=60), grpc_port, sample_percent
+            )
+            if tweak is not None:
+                tweak(bootstrap)
+            envoy = EnvoyProcess(bootstrap, workdir=tmp_path / "envoy")
+            stop.callback(envoy.stop)
+            envoy.start()
+            stack = Stack(ports_settings, als, envoy)
+            addrs = set(stack.base_latency_ms())
+
+            def routable() -> bool:
+                health = endpoint_health(envoy.clusters_json(), stack.cluster)
+                return set(health) == addrs and not any(health.values())
+
+            wait_until(routable, 10, "every endpoint routable in Envoy")
+            return stack
+
+        yield make
+
+
+def scrape(als: AlsServer) -> list[Any]:
+    text = httpx.get(als.metrics_url, timeout=5).text  # type: ignore[arg-type]
+    return [s for fam in text_string_to_metric_families(text) for s in fam.samples]
+
+
+def counts(samples: list[Any], cluster: str) -> dict[str, float]:
+    return {
+        s.labels["endpoint"]: s.value
+        for s in samples
+        if s.name == f"{HIST}_count" and s.labels["cluster"] == cluster
+    }
+
+
+def buckets(samples: list[Any], cluster: str, endpoint: str) -> list[tuple[float, float]]:
+    return [
+        (float(s.labels["le"]), s.value)
+        for s in samples
+        if s.name == f"{HIST}_bucket" and s.labels["cluster"] == cluster and s.labels["endpoint"] == endpoint
+    ]
+
+
+def value(samples: list[Any], name: str, **labels: str) -> float:
+    return sum(s.value for s in samples if s.name == name and s.labels == labels)
+
+
+def test_p50_per_endpoint_matches_backend_latency(stack_factory: Callable[..., Stack]) -> None:
+    stack = stack_factory(100.0)
+    result = run_load_sync(stack.envoy.listen_url, total=300, concurrency=6, max_seconds=60)
+    assert result.failed == 0 and result.backend_5xx == 0, result.to_json()
+    sent = dict(result.by_backend)
+    assert sum(sent.values()) == 300 and set(sent) == set(stack.base_latency_ms())
+
+    # Envoy flushes its ALS buffer every 0.2 s: the counts must match within a few flushes.
+    wait_until(lambda: counts(scrape(stack.als), stack.cluster) == sent, 5, f"ALS counts {sent}")
+
+    samples = scrape(stack.als)
+    assert value(samples, "balanceiq_als_entries_total") == 300
+    assert value(samples, "balanceiq_als_dropped_total", reason="no_upstream") == 0
+    for addr, base_ms in stack.base_latency_ms().items():
+        ok = value(samples, "balanceiq_upstream_rq_total", cluster=stack.cluster, endpoint=addr, code_class="2xx")
+        assert ok == sent[addr]
+        p50_ms = quantile_from_buckets(buckets(samples, stack.cluster, addr), 0.5) * 1000
+        assert abs(p50_ms - base_ms) <= 10, (addr, p50_ms, base_ms)
+
+
+def test_runtime_sampling_at_10_percent(stack_factory: Callable[..., Stack]) -> None:
+    stack = stack_factory(10.0)
+    result = run_load_sync(stack.envoy.listen_url, total=1000, concurrency=12, max_seconds=60)
+    assert result.failed == 0, result.to_json()
+    assert sum(result.by_backend.values()) == 1000
+
+    # The sampled total is unknown in advance: wait until it stops changing for well over
+    # one flush interval (bounded, as everything here).
+    last: list[float] = [-1.0]
+    stable_since = [time.monotonic()]
+
+    def settled() -> bool:
+        total = sum(counts(scrape(stack.als), stack.cluster).values())
+        now = time.monotonic()
+        if total != last[0]:
+            last[0], stable_since[0] = total, now
+        return total > 0 and now - stable_since[0] >= 1.0
+
+    wait_until(settled, 5, "the sampled ALS count to settle")
+    samples = scrape(stack.als)
+    total = sum(counts(samples, stack.cluster).values())
+    assert 30 <= total <= 200, total
+    # Every sampled entry had an upstream: the counter of entries and the histogram agree.
+    assert value(samples, "balanceiq_als_entries_total") == total
+
+
+def test_envoy_own_503_is_dropped_not_observed(stack_factory: Callable[..., Stack]) -> None:
+    """No upstream host (Envoy's "no healthy upstream"): dropped, never a latency sample."""
+
+    def empty_route(bootstrap: dict[str, Any]) -> None:
+        res = bootstrap["static_resources"]
+        res["clusters"].append(
+            {
+                "name": "empty",
+                "type": "STATIC",
+                "connect_timeout": "1s",
+                "load_assignment": {"cluster_name": "empty", "endpoints": []},
+            }
+        )
+        hcm = res["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+        routes = hcm["route_config"]["virtual_hosts"][0]["routes"]
+        routes.insert(0, {"match": {"prefix": "/none"}, "route": {"cluster": "empty"}})
+
+    stack = stack_factory(100.0, empty_route)
+    bad = run_load_sync(f"{stack.envoy.listen_url}/none", total=20, concurrency=2, max_seconds=30)
+    assert bad.by_status == {503: 20}, bad.to_json()
+    good = run_load_sync(stack.envoy.listen_url, total=30, concurrency=3, max_seconds=30)
+    assert sum(good.by_backend.values()) == 30, good.to_json()
+
+    def arrived() -> bool:
+        samples = scrape(stack.als)
+        return value(samples, "balanceiq_als_entries_total") == 50
+
+    wait_until(arrived, 5, "all 50 ALS entries")
+    samples = scrape(stack.als)
+    assert value(samples, "balanceiq_als_dropped_total", reason="no_upstream") == 20
+    assert counts(samples, "empty") == {}
+    assert counts(samples, stack.cluster) == dict(good.by_backend)

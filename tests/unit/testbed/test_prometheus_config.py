@@ -1,0 +1,50 @@
+"""The Prometheus config we ship equals what the testbed renders, and promtool accepts it."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from balanceiq.config import load_config, settings_from_dict
+from balanceiq.exceptions import PrometheusProcessError
+from balanceiq.testbed import prometheus as prom
+
+ROOT = Path(__file__).resolve().parents[3]
+
+
+def test_shipped_config_matches_rendering() -> None:
+    shipped = yaml.safe_load((ROOT / "prometheus" / "prometheus.yml").read_text())
+    assert shipped == prom.render_config(load_config(ROOT / "balanceiq.yaml"))
+
+
+def test_promtool_accepts_the_config(tmp_path: Path) -> None:
+    promtool = prom.prometheus_binary().with_name("promtool")
+    res = subprocess.run([str(promtool), "check", "config", str(ROOT / "prometheus" / "prometheus.yml")],
+                         capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_scrape_targets_follow_the_config() -> None:
+    s = settings_from_dict({
+        "envoy": {"admin_url": "http://127.0.0.1:19901"},
+        "prometheus": {"scrape_interval_s": 2},
+        "telemetry": {"als_metrics_port": 19978},
+    })  # fmt: skip
+    cfg = prom.render_config(s)
+    jobs = {j["job_name"]: j for j in cfg["scrape_configs"]}
+    assert jobs["envoy"]["static_configs"][0]["targets"] == ["127.0.0.1:19901"]
+    assert jobs["envoy"]["metrics_path"] == "/stats/prometheus"
+    assert jobs["balanceiq-als"]["static_configs"][0]["targets"] == ["127.0.0.1:19978"]
+    assert cfg["global"]["scrape_interval"] == "2s"
+    no_als = prom.render_config(settings_from_dict({"telemetry": {"als_enabled": False}}))
+    assert "balanceiq-als" not in {j["job_name"] for j in no_als["scrape_configs"]}
+
+
+def test_missing_binary_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(prom.shutil, "which", lambda name: None)
+    monkeypatch.setattr(prom, "Path", lambda p: Path("/nonexistent") / Path(p).name)
+    with pytest.raises(PrometheusProcessError, match="apt-get install prometheus"):
+        prom.prometheus_binary()
