@@ -500,9 +500,12 @@ def _default_queries() -> dict[str, SignalQuery]:
     by = "sum by (envoy_endpoint_address)"
     return {
         "rps": _envoy_query(f"{by} (rate(envoy_cluster_endpoint_rq_total{{{_ENVOY_SEL}}}[$window]))"),
-        # Envoy counts 5xx answers (and resets) in rq_error; the error rate is computed
-        # from both rates in Python so an idle endpoint reads "no traffic", not 0/0.
+        # Envoy counts 5xx answers, timeouts and connect failures in rq_error, but a
+        # connect failure never reaches rq_total: the error rate is errors over
+        # completed (success + error) requests, computed in Python so an idle endpoint
+        # reads "no traffic", not 0/0, and a dead one reads 1.0, not "idle".
         "errors": _envoy_query(f"{by} (rate(envoy_cluster_endpoint_rq_error{{{_ENVOY_SEL}}}[$window]))"),
+        "success": _envoy_query(f"{by} (rate(envoy_cluster_endpoint_rq_success{{{_ENVOY_SEL}}}[$window]))"),
         "inflight": _envoy_query(f"{by} (envoy_cluster_endpoint_rq_active{{{_ENVOY_SEL}}})"),
         "healthy": _envoy_query(f"min by (envoy_endpoint_address) (envoy_cluster_endpoint_healthy{{{_ENVOY_SEL}}})"),
         "last_sample": _envoy_query(
@@ -548,7 +551,7 @@ class SignalQuery(_Model):
         return _not_blank(value, "promql")
 
 
-SIGNALS = ("rps", "errors", "inflight", "healthy", "last_sample", "p50_ms", "p95_ms", "saturation")
+SIGNALS = ("rps", "errors", "success", "inflight", "healthy", "last_sample", "p50_ms", "p95_ms", "saturation")
 
 
 class TelemetryConfig(_Model):
@@ -565,8 +568,8 @@ class TelemetryConfig(_Model):
     """Per-query timeout; past it, the observation falls back to Envoy's admin."""
 
     queries: dict[str, SignalQuery] = Field(default_factory=_default_queries, description="PromQL per signal.")
-    """PromQL per signal (rps, errors, inflight, healthy, last_sample, p50_ms, p95_ms,
-    saturation). Entries given here replace the defaults one by one."""
+    """PromQL per signal (rps, errors, success, inflight, healthy, last_sample, p50_ms,
+    p95_ms, saturation). Entries given here replace the defaults one by one."""
 
     als_enabled: StrictBool = Field(default=True, description="Envoy streams access logs for latency.")
     """Configure Envoy's gRPC access log service so BalanceIQ measures each endpoint's
@@ -594,7 +597,9 @@ class TelemetryConfig(_Model):
 
     @property
     def window(self) -> str:
-        return f"{self.window_s:g}s"
+        """The window as a PromQL duration (``10s``, ``2500ms``: no fractional units)."""
+        ms = round(self.window_s * 1000)
+        return f"{ms // 1000}s" if ms % 1000 == 0 else f"{ms}ms"
 
 
 class ControlConfig(_Model):

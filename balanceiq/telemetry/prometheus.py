@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import requests
+from urllib3.util.retry import Retry
 from prometheus_api_client import PrometheusApiClientException, PrometheusConnect
 
 from balanceiq.config import SIGNALS, TelemetryConfig
@@ -74,7 +75,9 @@ class PrometheusSource:
     def __init__(self, url: str, config: TelemetryConfig) -> None:
         self.url = url
         self.config = config
-        self._prom = PrometheusConnect(url=url, timeout=config.timeout_s)
+        # No client-side retries: a down Prometheus must fail fast so the same control
+        # step can still observe through Envoy's admin.
+        self._prom = PrometheusConnect(url=url, timeout=config.timeout_s, retry=Retry(total=0, connect=0, read=0))
         self._pool = ThreadPoolExecutor(max_workers=len(SIGNALS), thread_name_prefix="promql")
 
     def close(self) -> None:
@@ -149,12 +152,13 @@ class PrometheusSource:
             flags.add(MISSING)
         rps = values["rps"]
         error_rate = NAN
-        if math.isfinite(rps):
-            if rps <= 0:
+        completed = values["success"] + values["errors"]  # nan if either is unknown
+        if math.isfinite(completed):
+            if completed <= 0:
                 flags.add(NO_TRAFFIC)
                 values["p50_ms"] = values["p95_ms"] = NAN
-            elif math.isfinite(values["errors"]):
-                error_rate = min(1.0, values["errors"] / rps)
+            else:
+                error_rate = min(1.0, values["errors"] / completed)
         if not latency_known:
             flags.add(NO_LATENCY_SOURCE)
         age = NAN

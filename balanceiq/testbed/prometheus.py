@@ -29,8 +29,15 @@ def _hostport(url: str) -> str:
     return f"{u.host}:{u.port or (443 if u.scheme == 'https' else 80)}"
 
 
+def duration(seconds: float) -> str:
+    """A Prometheus duration: whole seconds as ``5s``, anything else in ms (``500ms``);
+    Prometheus rejects fractional units like ``0.5s``."""
+    ms = round(seconds * 1000)
+    return f"{ms // 1000}s" if ms % 1000 == 0 else f"{ms}ms"
+
+
 def render_config(settings: Settings, *, als_metrics_port: int | None = None) -> dict[str, Any]:
-    interval = f"{settings.prometheus.scrape_interval_s:g}s"
+    interval = duration(settings.prometheus.scrape_interval_s)
     backends = [ep.address for c in settings.clusters for ep in c.endpoints]
     jobs: list[dict[str, Any]] = [
         {

@@ -71,6 +71,7 @@ def test_observation_from_signals() -> None:
     src = FakeSource({
         "rps": {A: 100.0, B: 0.0},
         "errors": {A: 20.0, B: 0.0},
+        "success": {A: 80.0, B: 0.0},
         "inflight": {A: 3.0, B: 0.0},
         "healthy": {A: 1.0, B: 0.0},
         "last_sample": {A: now - 1, B: now - 60},
@@ -93,12 +94,22 @@ def test_observation_from_signals() -> None:
 
 
 def test_no_latency_source_is_flagged() -> None:
-    src = FakeSource({"rps": {A: 5.0}, "errors": {A: 0.0}})
+    src = FakeSource({"rps": {A: 5.0}, "errors": {A: 0.0}, "success": {A: 5.0}})
     try:
         o = src.observe("my_service", [A], {})
     finally:
         src.close()
     assert NO_LATENCY_SOURCE in o.endpoints[0].flags and o.endpoints[0].error_rate == 0.0
+
+
+def test_dead_endpoint_reads_all_errors_not_idle() -> None:
+    # Connect failures count in rq_error but never in rq_total.
+    src = FakeSource({"rps": {A: 0.0}, "errors": {A: 7.0}, "success": {A: 0.0}})
+    try:
+        e = src.observe("my_service", [A], {}).endpoints[0]
+    finally:
+        src.close()
+    assert e.error_rate == 1.0 and NO_TRAFFIC not in e.flags and e.rps == 0.0
 
 
 def test_prometheus_without_the_cluster_is_garbage() -> None:

@@ -48,3 +48,8 @@ def test_missing_binary_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> Non
     monkeypatch.setattr(prom, "Path", lambda p: Path("/nonexistent") / Path(p).name)
     with pytest.raises(PrometheusProcessError, match="apt-get install prometheus"):
         prom.prometheus_binary()
+
+
+def test_durations_are_valid_prometheus_durations() -> None:
+    assert prom.duration(1) == "1s" and prom.duration(0.5) == "500ms" and prom.duration(2.25) == "2250ms"
+    assert settings_from_dict({"telemetry": {"window_s": 2.5}}).telemetry.window == "2500ms"
