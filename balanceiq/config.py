@@ -496,7 +496,24 @@ def _envoy_query(expr: str) -> SignalQuery:
 _ENVOY_SEL = 'envoy_cluster_name="$cluster"'
 
 
-def _default_queries() -> dict[str, SignalQuery]:
+def _raw_latency() -> dict[str, SignalQuery]:
+    rate = "sum by (endpoint, le) (rate(balanceiq_upstream_rq_time_seconds_bucket{cluster=\"$cluster\"}[$window]))"
+    return {
+        name: SignalQuery(promql=f"histogram_quantile({q}, {rate}) * 1000", endpoint_label="endpoint")
+        for name, q in (("p50_ms", "0.5"), ("p95_ms", "0.95"))
+    }
+
+
+def _recorded_latency() -> dict[str, SignalQuery]:
+    # Series precomputed by the recording rules in prometheus/rules.yml: quantiles over
+    # 100 endpoints x 35 buckets cost Prometheus tens of ms per query, a lookup ~1 ms.
+    return {
+        name: SignalQuery(promql=f'balanceiq:upstream_rq_time_ms:{q}{{cluster="$cluster"}}', endpoint_label="endpoint")
+        for name, q in (("p50_ms", "p50"), ("p95_ms", "p95"))
+    }
+
+
+def _default_queries(recording_rules: bool = True) -> dict[str, SignalQuery]:
     by = "sum by (envoy_endpoint_address)"
     return {
         "rps": _envoy_query(f"{by} (rate(envoy_cluster_endpoint_rq_total{{{_ENVOY_SEL}}}[$window]))"),
@@ -512,14 +529,7 @@ def _default_queries() -> dict[str, SignalQuery]:
             f"max by (envoy_endpoint_address) (timestamp(envoy_cluster_endpoint_rq_total{{{_ENVOY_SEL}}}))"
         ),
         # Latency from BalanceIQ's ALS exporter: Envoy's view of each upstream request.
-        "p50_ms": SignalQuery(
-            promql='histogram_quantile(0.5, sum by (endpoint, le) (rate(balanceiq_upstream_rq_time_seconds_bucket{cluster="$cluster"}[$window]))) * 1000',
-            endpoint_label="endpoint",
-        ),
-        "p95_ms": SignalQuery(
-            promql='histogram_quantile(0.95, sum by (endpoint, le) (rate(balanceiq_upstream_rq_time_seconds_bucket{cluster="$cluster"}[$window]))) * 1000',
-            endpoint_label="endpoint",
-        ),
+        **(_recorded_latency() if recording_rules else _raw_latency()),
         # Testbed backends export their own in-flight count and limit; a real backend
         # that exports nothing similar simply leaves saturation unmeasured (nan).
         "saturation": SignalQuery(
@@ -567,7 +577,7 @@ class TelemetryConfig(_Model):
     timeout_s: PosFloat = Field(default=2.0, description="Timeout of one Prometheus query.")
     """Per-query timeout; past it, the observation falls back to Envoy's admin."""
 
-    queries: dict[str, SignalQuery] = Field(default_factory=_default_queries, description="PromQL per signal.")
+    queries: dict[str, SignalQuery] = Field(default_factory=dict, description="PromQL per signal.")
     """PromQL per signal (rps, errors, success, inflight, healthy, last_sample, p50_ms,
     p95_ms, saturation). Entries given here replace the defaults one by one."""
 
@@ -585,15 +595,33 @@ class TelemetryConfig(_Model):
     als_metrics_port: Port = Field(default=9978, description="ALS /metrics port.")
     """Port where the ALS exporter serves per-endpoint latency histograms."""
 
-    @field_validator("queries", mode="before")
+    recording_rules: StrictBool = Field(
+        default=True, description="Read latency quantiles from BalanceIQ's recording rules."
+    )
+    """Read p50/p95 from series precomputed by the recording rules in
+    ``prometheus/rules.yml`` (the testbed's Prometheus loads them). Set false for a
+    Prometheus without those rules: the quantiles are then computed at query time,
+    which costs tens of ms per observation at 100 endpoints."""
+
+    @model_validator(mode="before")
     @classmethod
-    def _merge_defaults(cls, value: Any) -> Any:
-        if isinstance(value, Mapping):
-            unknown = sorted(set(value) - set(SIGNALS))
+    def _merge_defaults(cls, data: Any) -> Any:
+        if not isinstance(data, Mapping):
+            return data
+        rules = data.get("recording_rules", True)
+        defaults = _default_queries(rules if isinstance(rules, bool) else True)
+        given = data.get("queries")
+        if given is None:
+            return {**data, "queries": defaults}
+        if isinstance(given, Mapping):
+            unknown = sorted(set(given) - set(SIGNALS))
             if unknown:
-                raise ValueError(f"unknown signal(s) {', '.join(unknown)}; known: {', '.join(SIGNALS)}")
-            return {**_default_queries(), **value}
-        return value
+                raise PydanticCustomError(
+                    "unknown_signal", "unknown signal(s) {names}; known: {known}",
+                    {"names": ", ".join(map(str, unknown)), "known": ", ".join(SIGNALS)},
+                )
+            return {**data, "queries": {**defaults, **given}}
+        return data
 
     @property
     def window(self) -> str:

@@ -29,13 +29,14 @@ import psutil
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from balanceiq.bench.xds import _free_port, _pct
+from balanceiq.bench.xds import _pct
 from balanceiq.config import Settings, settings_from_dict
 from balanceiq.exceptions import BenchError
 from balanceiq.telemetry.envoy_admin import EnvoyAdminSource
 from balanceiq.telemetry.observe import Telemetry
 from balanceiq.testbed.envoy import EnvoyProcess, render_bootstrap
 from balanceiq.testbed.load import run_load_sync
+from balanceiq.testbed.ports import free_ports
 from balanceiq.testbed.testbed import AlsProcess, BackendsProcess, Testbed, backend_specs
 from balanceiq.xds.server import XdsServer
 
@@ -48,20 +49,21 @@ def bench_settings(n: int, *, window_s: float, latency_ms: list[float] | None = 
     latency_ms = latency_ms or [10.0 + 10.0 * (i % 10) for i in range(n)]
     error_rates = error_rates or [(0.1 if i % 5 == 4 else 0.0) for i in range(n)]
     endpoints, overrides = [], {}
+    ports = iter(free_ports(n + 7))
     for i in range(n):
         cloud, region, cost = CLOUDS[i % 3]
-        address = f"127.0.0.1:{_free_port()}"
+        address = f"127.0.0.1:{next(ports)}"
         endpoints.append({"address": address, "cloud": cloud, "region": region, "cost_per_million_requests": cost})
         overrides[address] = {"base_latency_ms": latency_ms[i], "error_rate": error_rates[i], "concurrency": 256}
     return settings_from_dict(
         {
             "clusters": [{"name": "my_service", "endpoints": endpoints}],
-            "xds": {"port": _free_port()},
-            "envoy": {"admin_url": f"http://127.0.0.1:{_free_port()}", "listen_port": _free_port()},
-            "prometheus": {"url": f"http://127.0.0.1:{_free_port()}", "scrape_interval_s": 1},
+            "xds": {"port": next(ports)},
+            "envoy": {"admin_url": f"http://127.0.0.1:{next(ports)}", "listen_port": next(ports)},
+            "prometheus": {"url": f"http://127.0.0.1:{next(ports)}", "scrape_interval_s": 1},
             "telemetry": {
                 "window_s": window_s, "stale_after_s": 5, "als_enabled": als,
-                "als_grpc_port": _free_port(), "als_metrics_port": _free_port(),
+                "als_grpc_port": next(ports), "als_metrics_port": next(ports),
             },
             "testbed": {"overrides": overrides},
         },
@@ -166,6 +168,7 @@ def _summary(values: list[float], digits: int = 2) -> dict[str, float | None]:
 def _overhead(work: Path, console: Console, rounds: int = 2, seconds: float = 4.0) -> dict[str, Any]:
     """Two Envoys on one xDS server and the same 3 zero-latency backends, ALS on vs off."""
     settings = bench_settings(3, window_s=10, latency_ms=[0.0, 0.0, 0.0], error_rates=[0.0] * 3)
+    spare = iter(free_ports(2))
     off_settings = settings.model_copy(update={"telemetry": settings.telemetry.model_copy(update={"als_enabled": False})})
     xds = XdsServer(settings, state_dir=None)
     xds.start()
@@ -173,7 +176,7 @@ def _overhead(work: Path, console: Console, rounds: int = 2, seconds: float = 4.
     als = AlsProcess(settings.telemetry.als_grpc_port, settings.telemetry.als_metrics_port, work / "als")
     on = EnvoyProcess(render_bootstrap(settings, node_id="als-on", health_check_interval_s=300), workdir=work / "on")
     off = EnvoyProcess(
-        render_bootstrap(off_settings, node_id="als-off", admin_port=_free_port(), listen_port=_free_port(),
+        render_bootstrap(off_settings, node_id="als-off", admin_port=next(spare), listen_port=next(spare),
                          health_check_interval_s=300),
         workdir=work / "off",
     )  # fmt: skip

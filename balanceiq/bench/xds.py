@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import random
-import socket
 import tempfile
 import threading
 import time
@@ -33,6 +32,7 @@ from balanceiq.bench.xds_clients import client_process
 from balanceiq.config import Settings, settings_from_dict
 from balanceiq.exceptions import BenchError
 from balanceiq.testbed.envoy import EnvoyProcess, endpoint_weights, render_bootstrap
+from balanceiq.testbed.ports import free_ports
 from balanceiq.xds.server import XdsServer
 
 CLUSTER = "my_service"
@@ -43,12 +43,6 @@ TARGETS = {
     "fanout_s_at_1000x1000": 1.0,
     "rss_mb_at_1000x1000": 1024.0,
 }
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def bench_settings(endpoints: int) -> Settings:
@@ -66,11 +60,12 @@ def bench_settings(endpoints: int) -> Settings:
                 "cost_per_million_requests": cost,
             }
         )
+    xds_port, admin_port, listen_port = free_ports(3)
     return settings_from_dict(
         {
             "clusters": [{"name": CLUSTER, "endpoints": eps}],
-            "xds": {"port": _free_port()},
-            "envoy": {"admin_url": f"http://127.0.0.1:{_free_port()}", "listen_port": _free_port()},
+            "xds": {"port": xds_port},
+            "envoy": {"admin_url": f"http://127.0.0.1:{admin_port}", "listen_port": listen_port},
         },
         source="bench",
     )

@@ -35,6 +35,8 @@ from balanceiq.telemetry.observation import (
 )
 
 LATENCY = ("p50_ms", "p95_ms")
+_SIGNAL = "balanceiq_signal"
+_ENDPOINT = "balanceiq_endpoint"
 
 
 def render(promql: str, cluster: str, window: str) -> str:
@@ -83,20 +85,47 @@ class PrometheusSource:
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
+    def _run(self, what: str, expr: str) -> Any:
+        try:
+            return self._prom.custom_query(expr, params={"timeout": f"{self.config.timeout_s:g}s"})
+        except (requests.exceptions.RequestException, PrometheusApiClientException) as exc:
+            raise PrometheusError(f"{what}: {type(exc).__name__}: {str(exc)[:200]}") from exc
+        except (ValueError, KeyError, TypeError) as exc:  # not JSON, or not Prometheus' shape
+            raise PrometheusError(f"{what}: malformed response: {type(exc).__name__}: {exc}") from exc
+
     def _query(self, signal: str, cluster: str) -> tuple[dict[str, float], list[str]]:
         q = self.config.queries[signal]
-        expr = render(q.promql, cluster, self.config.window)
-        try:
-            result = self._prom.custom_query(expr, params={"timeout": f"{self.config.timeout_s:g}s"})
-        except (requests.exceptions.RequestException, PrometheusApiClientException) as exc:
-            raise PrometheusError(f"{signal}: {type(exc).__name__}: {str(exc)[:200]}") from exc
-        except (ValueError, KeyError, TypeError) as exc:  # not JSON, or not Prometheus' shape
-            raise PrometheusError(f"{signal}: malformed response: {type(exc).__name__}: {exc}") from exc
-        return parse_vector(result, q.endpoint_label)
+        return parse_vector(self._run(signal, render(q.promql, cluster, self.config.window)), q.endpoint_label)
+
+    def combined_query(self, cluster: str) -> str:
+        """Every signal in one PromQL expression, each series tagged with its signal and
+        its endpoint under common labels, joined with ``or`` (the tags differ, so ``or``
+        is a plain union). One round trip and one JSON parse instead of nine."""
+        parts = []
+        for signal in SIGNALS:
+            q = self.config.queries[signal]
+            expr = render(q.promql, cluster, self.config.window)
+            tagged = f'label_replace(({expr}), "{_ENDPOINT}", "$1", "{q.endpoint_label}", "(.+)")'
+            parts.append(f'label_replace({tagged}, "{_SIGNAL}", "{signal}", "", "")')
+        return " or ".join(parts)
 
     def query_all(self, cluster: str) -> dict[str, tuple[dict[str, float], list[str]]]:
-        futures = {s: self._pool.submit(self._query, s, cluster) for s in SIGNALS}
-        return {s: f.result() for s, f in futures.items()}
+        try:
+            result = self._run("combined query", self.combined_query(cluster))
+        except PrometheusError as exc:
+            if "HTTP Status Code 400" not in str(exc):
+                raise
+            # A bad template fails the whole expression; ask per signal to name the culprit.
+            futures = {s: self._pool.submit(self._query, s, cluster) for s in SIGNALS}
+            return {s: f.result() for s, f in futures.items()}
+        if not isinstance(result, list):
+            raise PrometheusError(f"expected an instant vector, got {type(result).__name__}")
+        by_signal: dict[str, list[Any]] = {s: [] for s in SIGNALS}
+        for item in result:
+            signal = item.get("metric", {}).get(_SIGNAL) if isinstance(item, Mapping) else None
+            if signal in by_signal:
+                by_signal[signal].append(item)
+        return {s: parse_vector(items, _ENDPOINT) for s, items in by_signal.items()}
 
     def observe(
         self,

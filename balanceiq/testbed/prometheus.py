@@ -50,9 +50,41 @@ def render_config(settings: Settings, *, als_metrics_port: int | None = None) ->
     if settings.telemetry.als_enabled:
         port = als_metrics_port or settings.telemetry.als_metrics_port
         jobs.append({"job_name": "balanceiq-als", "static_configs": [{"targets": [f"127.0.0.1:{port}"]}]})
-    return {
+    cfg: dict[str, Any] = {
         "global": {"scrape_interval": interval, "scrape_timeout": interval, "evaluation_interval": interval},
-        "scrape_configs": jobs,
+    }
+    if settings.telemetry.als_enabled and settings.telemetry.recording_rules:
+        cfg["rule_files"] = [RULES_FILE]
+    cfg["scrape_configs"] = jobs
+    return cfg
+
+
+RULES_FILE = "rules.yml"
+
+
+def render_rules(settings: Settings) -> dict[str, Any]:
+    """Recording rules that precompute per-endpoint latency quantiles every interval.
+
+    Rules in a group run in order, so the quantiles read the bucket rates recorded a
+    moment before in the same evaluation.
+    """
+    window = settings.telemetry.window
+    rate = "balanceiq:upstream_rq_time_seconds_bucket:rate"
+    return {
+        "groups": [
+            {
+                "name": "balanceiq-telemetry",
+                "interval": duration(settings.prometheus.scrape_interval_s),
+                "rules": [
+                    {
+                        "record": rate,
+                        "expr": f"sum by (cluster, endpoint, le) (rate(balanceiq_upstream_rq_time_seconds_bucket[{window}]))",
+                    },
+                    {"record": "balanceiq:upstream_rq_time_ms:p50", "expr": f"histogram_quantile(0.5, {rate}) * 1000"},
+                    {"record": "balanceiq:upstream_rq_time_ms:p95", "expr": f"histogram_quantile(0.95, {rate}) * 1000"},
+                ],
+            }
+        ]
     }
 
 
@@ -69,8 +101,11 @@ def prometheus_binary() -> Path:
 class PrometheusProcess:
     """A Prometheus with a throwaway TSDB; start()/stop() or use as a context manager."""
 
-    def __init__(self, config: dict[str, Any], url: str, workdir: Path | None = None) -> None:
+    def __init__(
+        self, config: dict[str, Any], url: str, workdir: Path | None = None, rules: dict[str, Any] | None = None
+    ) -> None:
         self.config = config
+        self.rules = rules
         self.url = url.rstrip("/")
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="balanceiq-prom-"))
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -83,6 +118,8 @@ class PrometheusProcess:
     def start(self, ready_timeout: float = 30.0) -> PrometheusProcess:
         cfg = self.workdir / "prometheus.yml"
         cfg.write_text(yaml.safe_dump(self.config, sort_keys=False))
+        if self.rules is not None:
+            (self.workdir / RULES_FILE).write_text(yaml.safe_dump(self.rules, sort_keys=False))
         data = self.workdir / "data"
         shutil.rmtree(data, ignore_errors=True)  # a fresh TSDB: no series from an earlier run
         cmd = [

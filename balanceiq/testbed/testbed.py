@@ -25,7 +25,7 @@ import psutil
 from balanceiq.config import Settings
 from balanceiq.exceptions import BackendError, TestbedError
 from balanceiq.testbed.envoy import EnvoyProcess, render_bootstrap
-from balanceiq.testbed.prometheus import PrometheusProcess, render_config
+from balanceiq.testbed.prometheus import PrometheusProcess, render_config, render_rules
 
 STATE_FILE = "testbed.json"
 
@@ -181,7 +181,9 @@ class Testbed:
         )
         self.envoy = EnvoyProcess(bootstrap, workdir=self.workdir / "envoy")
         self.prometheus = (
-            PrometheusProcess(render_config(settings), settings.prometheus.url, self.workdir / "prometheus")
+            PrometheusProcess(
+                render_config(settings), settings.prometheus.url, self.workdir / "prometheus", rules=render_rules(settings)
+            )
             if prometheus
             else None
         )

@@ -175,3 +175,34 @@ def test_prometheus_down_falls_back_to_envoy_and_comes_back(live: Live) -> None:
     # Automatic return: nobody tells Telemetry that Prometheus is back.
     back = live.wait_for(lambda o: o.source == "prometheus", timeout=30, what="return to prometheus")
     assert not back.errors or all(not e.startswith("prometheus: down") for e in back.errors)
+
+
+def test_a_broken_query_is_named_and_observation_still_arrives(live: Live) -> None:
+    from balanceiq.config import SignalQuery
+
+    bad = {**live.settings.telemetry.queries, "saturation": SignalQuery(promql="max by (backend) (", endpoint_label="backend")}
+    s = live.settings.model_copy(update={"telemetry": live.settings.telemetry.model_copy(update={"queries": bad})})
+    telemetry = Telemetry(s, retry_s=0.5)
+    try:
+        o = telemetry.observe()
+    finally:
+        telemetry.close()
+    assert o.source == "envoy-admin"
+    assert any(e.startswith("prometheus: saturation:") and "400" in e for e in o.errors), o.errors
+
+
+def test_raw_quantile_queries_agree_with_recording_rules(live: Live) -> None:
+    from balanceiq.config import settings_from_dict
+
+    raw_tel = settings_from_dict({"telemetry": {"recording_rules": False, "window_s": WINDOW_S}}).telemetry
+    raw_tel = raw_tel.model_copy(update={"als_metrics_port": live.settings.telemetry.als_metrics_port})
+    raw = Telemetry(live.settings.model_copy(update={"telemetry": raw_tel}), retry_s=0.5)
+    try:
+        rec = live.wait_for(lambda o: o.source == "prometheus" and all(e.usable for e in o.endpoints), 30, "recorded")
+        o = raw.observe()
+    finally:
+        raw.close()
+    assert o.source == "prometheus"
+    for a, b in zip(rec.endpoints, o.endpoints):
+        # Same histogram, evaluated up to one interval apart.
+        assert abs(a.p50_ms - b.p50_ms) <= 5, (a.address, a.p50_ms, b.p50_ms)

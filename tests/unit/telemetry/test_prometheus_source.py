@@ -125,7 +125,20 @@ def test_unreachable_prometheus_is_a_prometheus_error() -> None:
     settings = default_settings()
     src = PrometheusSource("http://127.0.0.1:9", settings.telemetry)  # port 9: discard, nothing listens
     try:
-        with pytest.raises(PrometheusError, match="rps|errors|inflight"):
+        with pytest.raises(PrometheusError, match="combined query: ConnectionError"):
             src.observe("my_service", [A], {})
     finally:
         src.close()
+
+
+def test_combined_query_tags_every_signal() -> None:
+    src = PrometheusSource("http://127.0.0.1:9", default_settings().telemetry)
+    try:
+        q = src.combined_query("my_service")
+    finally:
+        src.close()
+    assert q.count(" or ") == len(src.config.queries) - 1
+    for signal, sq in src.config.queries.items():
+        assert f'"balanceiq_signal", "{signal}"' in q
+        assert f'"{sq.endpoint_label}", "(.+)"' in q
+    assert "$cluster" not in q and 'envoy_cluster_name="my_service"' in q

@@ -20,11 +20,26 @@ def test_shipped_config_matches_rendering() -> None:
     assert shipped == prom.render_config(load_config(ROOT / "balanceiq.yaml"))
 
 
-def test_promtool_accepts_the_config(tmp_path: Path) -> None:
+def test_shipped_rules_match_rendering() -> None:
+    shipped = yaml.safe_load((ROOT / "prometheus" / "rules.yml").read_text())
+    assert shipped == prom.render_rules(load_config(ROOT / "balanceiq.yaml"))
+
+
+def test_promtool_accepts_the_config_and_rules(tmp_path: Path) -> None:
     promtool = prom.prometheus_binary().with_name("promtool")
-    res = subprocess.run([str(promtool), "check", "config", str(ROOT / "prometheus" / "prometheus.yml")],
-                         capture_output=True, text=True, timeout=60)  # fmt: skip
-    assert res.returncode == 0, res.stdout + res.stderr
+    for what, name in (("config", "prometheus.yml"), ("rules", "rules.yml")):
+        res = subprocess.run([str(promtool), "check", what, str(ROOT / "prometheus" / name)],
+                             capture_output=True, text=True, timeout=60)  # fmt: skip
+        assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_rules_follow_the_window() -> None:
+    s = settings_from_dict({"telemetry": {"window_s": 4}, "prometheus": {"scrape_interval_s": 0.5}})
+    group = prom.render_rules(s)["groups"][0]
+    assert group["interval"] == "500ms" and "[4s]" in group["rules"][0]["expr"]
+    no_rules = settings_from_dict({"telemetry": {"recording_rules": False}})
+    assert "rule_files" not in prom.render_config(no_rules)
+    assert "histogram_quantile" in no_rules.telemetry.queries["p95_ms"].promql
 
 
 def test_scrape_targets_follow_the_config() -> None:
