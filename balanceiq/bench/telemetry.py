@@ -92,7 +92,7 @@ def run_telemetry_bench(*, endpoints: int = 100, samples: int = 20, rate_rps: fl
             try:
                 loader = threading.Thread(
                     target=run_load_sync, args=(tb.envoy.listen_url,),
-                    kwargs={"total": 10**7, "concurrency": 16, "max_seconds": 600, "rate_rps": rate_rps, "stop": stop},
+                    kwargs={"total": 10**7, "concurrency": 48, "max_seconds": 600, "rate_rps": rate_rps, "stop": stop},
                     daemon=True,
                 )  # fmt: skip
                 loader.start()
@@ -121,6 +121,7 @@ def run_telemetry_bench(*, endpoints: int = 100, samples: int = 20, rate_rps: fl
                         fb_ms.append((time.perf_counter() - t) * 1000)
                         progress.advance(task)
                         time.sleep(0.5)
+                served = _served_error_rates(telemetry, window_s)
                 telemetry.close()
             finally:
                 stop.set()
@@ -131,6 +132,17 @@ def run_telemetry_bench(*, endpoints: int = 100, samples: int = 20, rate_rps: fl
         usable = [e for e in last.endpoints if e.usable and math.isfinite(e.p95_ms)]
         p95_err = [abs(e.p95_ms - truth_p95[e.address]) for e in usable]
         err_err = [abs(e.error_rate - truth_err[e.address]) for e in usable if math.isfinite(e.error_rate)]
+        served_err = [
+            abs(e.error_rate - served[e.address])
+            for e in usable
+            if math.isfinite(e.error_rate) and e.address in served
+        ]
+        worst = sorted(usable, key=lambda e: -abs(e.error_rate - truth_err[e.address]))[:3]
+        worst_err = [
+            {"address": e.address, "injected": truth_err[e.address], "observed": round(e.error_rate, 4),
+             "rps": round(e.rps, 2), "healthy": e.healthy}
+            for e in worst
+        ]  # fmt: skip
         ages = [e.age_s for e in last.endpoints if math.isfinite(e.age_s)]
         fb_usable = sum(1 for e in fb.endpoints if e.usable)
         overhead = _overhead(Path(work) / "overhead", console)
@@ -139,7 +151,7 @@ def run_telemetry_bench(*, endpoints: int = 100, samples: int = 20, rate_rps: fl
         "bench": "telemetry",
         "endpoints": endpoints,
         "samples": samples,
-        "load_rps": rate_rps,
+        "load_rps": {"target": rate_rps, "achieved": round(sum(e.rps for e in last.endpoints if math.isfinite(e.rps)), 1)},
         "window_s": window_s,
         "scrape_interval_s": settings.prometheus.scrape_interval_s,
         "observe_ms": {"prometheus": _pct(prom_ms), "fallback": _pct(fb_ms)},
@@ -147,10 +159,33 @@ def run_telemetry_bench(*, endpoints: int = 100, samples: int = 20, rate_rps: fl
         "staleness_s": {"median": round(statistics.median(ages), 3) if ages else None,
                         "max": round(max(ages), 3) if ages else None},  # fmt: skip
         "p95_abs_error_ms": _summary(p95_err),
-        "error_rate_abs_error": _summary(err_err, digits=4),
+        # Against the injected probability: includes binomial noise of the few requests
+        # each endpoint gets per window (see "requests_per_endpoint_window").
+        "error_rate_abs_error": {**_summary(err_err, digits=4), "worst": worst_err},
+        # Against what the backends say they served (their own counters): measurement error.
+        "error_rate_abs_error_vs_served": _summary(served_err, digits=4),
+        "requests_per_endpoint_window": round(statistics.fmean(e.rps for e in usable) * window_s, 1) if usable else None,
         "latency_source_overhead": overhead,
         "targets": TARGETS,
     }
+
+
+def _served_error_rates(telemetry: Telemetry, window_s: float) -> dict[str, float]:
+    """Each backend's own 5xx fraction over the window, from its /metrics via Prometheus."""
+    w = f"{window_s:g}s"
+    q = (f'sum by (backend) (rate(backend_requests_total{{code=~"5.."}}[{w}])) / '
+         f"sum by (backend) (rate(backend_requests_total[{w}]))")  # fmt: skip
+    try:
+        result = telemetry.prometheus._prom.custom_query(q)
+    except Exception as exc:  # the main numbers stand without this cross-check
+        raise BenchError(f"could not read the backends' served error rates: {exc}") from exc
+    out = {}
+    for item in result:
+        try:
+            out[item["metric"]["backend"]] = float(item["value"][1])
+        except (KeyError, ValueError, IndexError):
+            continue
+    return {k: v for k, v in out.items() if math.isfinite(v)}
 
 
 def _summary(values: list[float], digits: int = 2) -> dict[str, float | None]:

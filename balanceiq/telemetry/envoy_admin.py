@@ -38,6 +38,7 @@ import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 
@@ -586,10 +587,13 @@ class EnvoyAdminSource:
         if not (isinstance(timeout_s, int | float) and math.isfinite(timeout_s) and timeout_s > 0):
             raise EnvoyAdminError(f"timeout_s must be a positive number of seconds, not {timeout_s!r}")
         self.admin_url = _check_url(admin_url, "Envoy admin")
-        self.stats_url = f"{self.admin_url}/stats/prometheus"
+        # Only per-endpoint stats: Envoy renders and we parse half as much (measured: 242 KB
+        # -> 111 KB at 100 endpoints). The regex runs on Envoy's dotted stat names.
+        self.stats_url = f"{self.admin_url}/stats/prometheus?filter=%5Ecluster%5C..%2B%5C.endpoint%5C."
         self.als_metrics_url = _check_url(als_metrics_url, "ALS metrics") if als_metrics_url else None
         self.timeout_s = float(timeout_s)
         self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="als-scrape")
         # Per cluster: each cluster's window runs from its own previous observation, so
         # observing cluster A then B does not hand B a window of a few milliseconds.
         self._baseline: dict[str, Scrape] = {}
@@ -632,15 +636,19 @@ class EnvoyAdminSource:
         # No proxies from the environment: the admin port is an internal endpoint, and a
         # proxy answering in its place would be read as Envoy's numbers.
         with httpx.Client(timeout=self.timeout_s, follow_redirects=False, trust_env=False) as client:
+            als_text, als_problem = None, None
+            als: Future[str] | None = None
+            if self.als_metrics_url:
+                # Both pages at once: the ALS exporter renders thousands of bucket lines.
+                als = self._pool.submit(self._get, client, self.als_metrics_url)
             t0 = time.monotonic()
             text = self._get(client, self.stats_url)
             # The counters were read somewhere during the request; the midpoint halves the
             # worst-case error in the window length.
             ts = (t0 + time.monotonic()) / 2
-            als_text, als_problem = None, None
-            if self.als_metrics_url:
+            if als is not None:
                 try:
-                    als_text = self._get(client, self.als_metrics_url)
+                    als_text = als.result()
                 except EnvoyAdminError as exc:
                     als_problem = f"als: {exc}"
         try:
