@@ -37,6 +37,7 @@ demo: setup
 bench: setup
 	$(VENV)/bin/balanceiq bench xds --json
 	$(VENV)/bin/balanceiq bench xds --json --streams 1000 --endpoints 1000 --pushes 20
+	$(VENV)/bin/balanceiq bench telemetry --json
 
 lint: setup
 	$(VENV)/bin/lint-imports

@@ -165,7 +165,7 @@ def bench_xds(
 def bench_telemetry(
     endpoints: Annotated[int, typer.Option(help="Sample backends (endpoints) in the cluster.")] = 100,
     samples: Annotated[int, typer.Option(help="Observations to time from each source.")] = 20,
-    rate: Annotated[float, typer.Option(help="Background load, requests/s through Envoy.")] = 400.0,
+    rate: Annotated[float, typer.Option(help="Background load, requests/s through Envoy.")] = 250.0,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,
 ) -> None:
     """Observation time, staleness and accuracy vs injected truth; ALS overhead."""

@@ -65,9 +65,10 @@ def test_testbed_up_and_down_leave_nothing_running(ports_settings: Settings, tmp
         assert up.returncode == 0, up.stderr[-3000:]
         urls = json.loads(up.stdout)
         recorded = json.loads((tmp_path / "state" / "testbed.json").read_text())
-        pids = [recorded["backends_pid"], recorded["envoy_pid"]]
+        pids = [recorded[k] for k in ("backends_pid", "envoy_pid", "als_pid", "prometheus_pid")]
         assert all(psutil.pid_exists(p) for p in pids)
         assert httpx.get(f"{urls['envoy_admin']}/ready", timeout=2).text.strip() == "LIVE"
+        assert httpx.get(f"{urls['prometheus']}/-/ready", timeout=2).status_code == 200
 
         addrs = [ep.address for ep in s.clusters[0].endpoints]
         res = run("xds", "set", f"{addrs[0]}=9", f"{addrs[1]}=4", "--drain", addrs[2])
@@ -82,6 +83,10 @@ def test_testbed_up_and_down_leave_nothing_running(ports_settings: Settings, tmp
             raise AssertionError(f"weights never reached Envoy: {shown}")
         status = json.loads(run("xds", "status").stdout)
         assert status["nodes"][0]["connected"] and status["nodes"][0]["nacks"] == 0
+        observed = run("observe", "--config", str(cfg))
+        assert observed.returncode == 0, observed.stderr
+        obs = json.loads(observed.stdout)
+        assert [e["address"] for e in obs["endpoints"]] == addrs and obs["source"] in ("prometheus", "envoy-admin")
 
         again = run("testbed", "up", "--config", str(cfg))
         assert again.returncode == 2 and "testbed down" in again.stderr and "Traceback" not in again.stderr
