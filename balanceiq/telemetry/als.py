@@ -66,7 +66,6 @@ import sys
 import threading
 from collections import Counter as Tally
 from collections.abc import Iterable, Sequence
-from concurrent.futures import TimeoutError as FutureTimeout
 from types import FrameType
 from typing import Any, NoReturn
 
@@ -79,6 +78,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import choose_encoder
 
 from balanceiq.exceptions import TestbedError
+from balanceiq.loop import LoopThread
 
 log = logging.getLogger(__name__)
 
@@ -362,8 +362,7 @@ class AlsServer:
         self.requested_metrics_port = metrics_port
         self._grpc_port: int | None = None
         self._metrics_port: int | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
+        self._loop = LoopThread("als")
         self._server: grpc.aio.Server | None = None
         self._runner: web.AppRunner | None = None
 
@@ -388,17 +387,13 @@ class AlsServer:
 
         Raises TestbedError naming ``host:port`` if either cannot be bound.
         """
-        if self._thread is not None:
+        if self._loop.running:
             raise TestbedError("ALS server already started")
-        loop = asyncio.new_event_loop()
-        self._loop = loop
-        self._thread = threading.Thread(target=loop.run_forever, name="als", daemon=True)
-        self._thread.start()
+        self._loop.start()
         try:
-            fut = asyncio.run_coroutine_threadsafe(self._start_both(), loop)
             try:
-                self._grpc_port, self._metrics_port = fut.result(timeout)
-            except FutureTimeout as exc:
+                self._grpc_port, self._metrics_port = self._loop.run(self._start_both(), timeout)
+            except TimeoutError as exc:
                 raise TestbedError(f"ALS server did not start within {timeout}s") from exc
         except BaseException:
             self.stop()
@@ -460,25 +455,13 @@ class AlsServer:
 
     def stop(self, grace: float = 0.5) -> None:
         """Stop both servers. Safe to call twice, or after a failed start."""
-        loop, self._loop = self._loop, None
-        if loop is not None:
-            fut = asyncio.run_coroutine_threadsafe(self._stop_both(grace), loop)
-            try:
-                fut.result(grace + 10)
-            except Exception:  # shutting down: nothing useful to do with the error
-                log.debug("error stopping the ALS server", exc_info=True)
-            loop.call_soon_threadsafe(loop.stop)
-            if self._thread is not None:
-                self._thread.join(5)
-                if not self._thread.is_alive():
-                    loop.close()
-        self._thread = None
+        self._loop.close(self._stop_both(grace) if self._loop.running else None, timeout=grace + 10)
         self._server = None
         self._grpc_port = None
         self._metrics_port = None
 
     def __enter__(self) -> AlsServer:
-        if self._thread is None:
+        if not self._loop.running:
             self.start()
         return self
 

@@ -10,7 +10,6 @@ is the default rendering (a test keeps it identical).
 from __future__ import annotations
 
 import shutil
-import signal
 import subprocess
 import tempfile
 import time
@@ -22,6 +21,7 @@ import yaml
 
 from balanceiq.config import Settings
 from balanceiq.exceptions import PrometheusProcessError
+from balanceiq.testbed.process import stop_popen
 
 
 def _hostport(url: str) -> str:
@@ -150,13 +150,7 @@ class PrometheusProcess:
 
     def stop(self, timeout: float = 10.0) -> None:
         proc, self.proc = self.proc, None
-        if proc is not None and proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout)
+        stop_popen(proc, timeout)
 
     def __enter__(self) -> PrometheusProcess:
         return self.start() if self.proc is None else self

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -25,6 +24,7 @@ import psutil
 from balanceiq.config import Settings
 from balanceiq.exceptions import BackendError, TestbedError
 from balanceiq.testbed.envoy import EnvoyProcess, render_bootstrap
+from balanceiq.testbed.process import stop_popen, terminate_pid
 from balanceiq.testbed.prometheus import PrometheusProcess, render_config, render_rules
 
 STATE_FILE = "testbed.json"
@@ -100,8 +100,7 @@ class ReadyProcess:
     def stop(self, timeout: float = 5.0) -> None:
         proc, self.proc = self.proc, None
         if proc is not None:
-            _terminate(proc.pid, timeout)
-            proc.wait(timeout)
+            stop_popen(proc, timeout)
 
 
 class BackendsProcess(ReadyProcess):
@@ -130,17 +129,6 @@ class AlsProcess(ReadyProcess):
         ]
         super().__init__("als", argv, 1, workdir)
         self.metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
-
-
-def _terminate(pid: int, timeout: float) -> None:
-    try:
-        p = psutil.Process(pid)
-        p.send_signal(signal.SIGTERM)
-        p.wait(timeout)
-    except psutil.TimeoutExpired:
-        p.kill()
-    except psutil.NoSuchProcess:
-        pass
 
 
 class Testbed:
@@ -263,7 +251,7 @@ def stop_recorded(path: Path, timeout: float = 5.0) -> list[str]:
             continue
         if marker not in cmd:  # the pid was reused by something else: leave it alone
             continue
-        _terminate(pid, timeout)
+        terminate_pid(pid, timeout)
         stopped.append(f"{key.removesuffix('_pid')} (pid {pid})")
     os.unlink(path)
     return stopped

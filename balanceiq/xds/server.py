@@ -17,7 +17,6 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Mapping
-from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +25,7 @@ from envoy.service.discovery.v3 import discovery_pb2
 
 from balanceiq.config import ClusterConfig, Settings, TlsConfig
 from balanceiq.exceptions import AssignmentError, XdsBindError, XdsError
+from balanceiq.loop import LoopThread
 from balanceiq.xds.assignment import Assignment, EndpointAssignment
 from balanceiq.xds.protocol import DeltaStream, SotwStream, StatusRegistry
 from balanceiq.xds.snapshot import Snapshot, sotw_response
@@ -118,8 +118,7 @@ class XdsServer:
         self.registry = StatusRegistry()
         self.started_at = time.time()
         self._publish_lock = threading.Lock()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
+        self._loop = LoopThread("xds-grpc")
         self._server: grpc.aio.Server | None = None
         self._queues: set[asyncio.Queue[tuple[str, Any]]] = set()
         self._unwatch: Callable[[], None] = lambda: None
@@ -138,17 +137,13 @@ class XdsServer:
 
     def start(self, timeout: float = 10.0) -> int:
         """Bind and serve; returns the bound port. Raises XdsBindError if it is taken."""
-        if self._thread is not None:
+        if self._loop.running:
             raise XdsError("xDS server already started")
-        loop = asyncio.new_event_loop()
-        self._loop = loop
+        self._loop.start()
         self._unwatch = self.store.watch(self._on_publish)
-        self._thread = threading.Thread(target=loop.run_forever, name="xds-grpc", daemon=True)
-        self._thread.start()
-        fut = asyncio.run_coroutine_threadsafe(self._start_grpc(), loop)
         try:
-            self.port = fut.result(timeout)
-        except FutureTimeout as exc:
+            self.port = self._loop.run(self._start_grpc(), timeout)
+        except TimeoutError as exc:
             self.stop()
             raise XdsError(f"xDS server did not start within {timeout}s") from exc
         except BaseException:
@@ -178,22 +173,8 @@ class XdsServer:
     def stop(self, grace: float = 0.5) -> None:
         self._unwatch()
         self._unwatch = lambda: None
-        loop, self._loop = self._loop, None
-        if loop is None:
-            return
-        if self._server is not None:
-            fut = asyncio.run_coroutine_threadsafe(self._server.stop(grace), loop)
-            try:
-                fut.result(grace + 5)
-            except Exception:  # shutting down: nothing useful to do with the error
-                log.debug("error stopping gRPC server", exc_info=True)
-        loop.call_soon_threadsafe(loop.stop)
-        if self._thread is not None:
-            self._thread.join(5)
-            if not self._thread.is_alive():
-                loop.close()
-        self._thread = None
-        self._server = None
+        server, self._server = self._server, None
+        self._loop.close(server.stop(grace) if server is not None else None, timeout=grace + 5)
 
     # -- the write side ---------------------------------------------------------------------
 
@@ -262,9 +243,7 @@ class XdsServer:
     # -- streams ----------------------------------------------------------------------------
 
     def _on_publish(self, snapshot: Snapshot) -> None:
-        loop = self._loop
-        if loop is not None and not loop.is_closed():
-            loop.call_soon_threadsafe(self._fanout)
+        self._loop.call_soon(self._fanout)
 
     def _fanout(self) -> None:
         for q in self._queues:
