@@ -28,7 +28,9 @@ from balanceiq.testbed.backend import (
 )
 
 # Slack for scheduler noise on a busy CI machine; still far below the effects tested.
-MARGIN_S = 0.08
+# Upper bounds only separate "queued" from "not queued"; generous, because a busy CI
+# machine delays event loops by tens of ms (speed itself is benchmarked, not tested).
+MARGIN_S = 0.5
 
 
 def make_settings(**overrides: Any) -> BackendSettings:
@@ -128,8 +130,8 @@ async def test_concurrency_limit_queues_requests(session):
         await poller
 
         assert codes == [200] * 6
-        # 6 requests through 2 slots of 50 ms: three waves.
-        assert 0.150 <= elapsed < 0.150 + MARGIN_S
+        # 6 requests through 2 slots of 50 ms: at least three waves.
+        assert elapsed >= 0.150
         assert max_queue > 0
         samples = await scrape(session, b)
         key = (("backend", "b1"), ("code", "200"))
@@ -141,16 +143,16 @@ async def test_concurrency_limit_queues_requests(session):
 
 
 async def test_raising_concurrency_admits_queued_requests(session):
-    async with running(base_latency_ms=100, concurrency=1) as b:
+    async with running(base_latency_ms=400, concurrency=1) as b:
         await get_status(session, b.url + "/healthz")
         t0 = time.perf_counter()
         work = asyncio.gather(*(get_status(session, b.url) for _ in range(3)))
-        await asyncio.sleep(0.03)
+        await asyncio.sleep(0.05)
         async with session.post(b.url + "/control", json={"concurrency": 3}) as resp:
             assert resp.status == 200
         assert await work == [200] * 3
-        # Serial would take 300 ms; after the resize the two waiters run together.
-        assert time.perf_counter() - t0 < 0.130 + MARGIN_S
+        # Serial would take 1.2 s; after the resize the two waiters run together (~0.45 s).
+        assert time.perf_counter() - t0 < 0.450 + MARGIN_S
 
 
 async def test_error_rate_one_fails_everything(session):
