@@ -161,6 +161,58 @@ def bench_xds(
         out.print_json(json.dumps(result))
 
 
+@app.command("train")
+def train_cmd(
+    env: Annotated[str, typer.Option(help="Environment: sim (the simulator).")] = "sim",
+    scenario: Annotated[str | None, typer.Option(help="Comma-separated scenario names or files (default: the config's).")] = None,
+    num_env_runners: Annotated[int | None, typer.Option(help="Parallel env runners (Ray workers).")] = None,
+    iterations: Annotated[int, typer.Option(help="PPO training iterations.")] = 50,
+    checkpoint_dir: Annotated[Path, typer.Option(help="Where the checkpoint is written.")] = Path("checkpoints/ppo"),
+    rllib_config: Annotated[Path | None, typer.Option("--rllib-config", help="RLlib YAML (default rllib_configs/ppo.yaml).")] = None,
+    seed: Annotated[int, typer.Option(help="Seed.")] = 0,
+) -> None:
+    """Train the CFR-RL policy with PPO; prints a JSON summary."""
+    from balanceiq.train import train
+
+    if env != "sim":
+        raise typer.BadParameter(f"--env {env!r}: only 'sim' is available here (live environments: issue 6)")
+    if iterations < 1:
+        raise typer.BadParameter("--iterations must be >= 1")
+    scenarios = [s.strip() for s in scenario.split(",") if s.strip()] if scenario else None
+    summary = train(
+        scenarios=scenarios, iterations=iterations, checkpoint_dir=checkpoint_dir,
+        num_env_runners=num_env_runners, config_path=rllib_config, seed=seed, console=err,
+    )  # fmt: skip
+    sys.stdout.write(json.dumps({k: v for k, v in summary.items() if k != "history"}) + "\n")
+
+
+@bench_app.command("sim")
+def bench_sim(
+    scenarios: Annotated[str | None, typer.Option(help="Comma-separated shipped scenario names (default: all).")] = None,
+    scenario_file: Annotated[list[Path] | None, typer.Option(help="A scenario YAML of your own (repeatable).")] = None,
+    policies: Annotated[str | None, typer.Option(help="Comma-separated policies (default: all baselines, cfr_rl, oracle).")] = None,
+    checkpoint: Annotated[Path | None, typer.Option(help="Policy checkpoint (default: the shipped one).")] = None,
+    seed: Annotated[int, typer.Option(help="Seed shared by every policy.")] = 0,
+    plot: Annotated[Path | None, typer.Option(help="Write a PNG of weights and p99 over time here.")] = None,
+    plot_scenario: Annotated[str, typer.Option(help="Scenario to plot.")] = "degrade",
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,
+) -> None:
+    """Every policy on every scenario: latency, errors, cost, reward, performance ratio."""
+    from balanceiq.bench.sim import run_sim_bench
+
+    names = [s.strip() for s in scenarios.split(",") if s.strip()] if scenarios else []
+    names += [str(f) for f in scenario_file or []]
+    result = run_sim_bench(
+        scenarios=names or None,
+        policies=[p.strip() for p in policies.split(",") if p.strip()] if policies else None,
+        checkpoint=checkpoint, seed=seed, plot=plot, plot_scenario=plot_scenario, console=err,
+    )  # fmt: skip
+    if as_json:
+        sys.stdout.write(json.dumps(result) + "\n")
+    else:
+        out.print_json(json.dumps({k: v for k, v in result.items() if k != "results"}))
+
+
 @bench_app.command("telemetry")
 def bench_telemetry(
     endpoints: Annotated[int, typer.Option(help="Sample backends (endpoints) in the cluster.")] = 100,

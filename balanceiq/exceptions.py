@@ -7,6 +7,7 @@
     ├── AssignmentError          weights/health for the xDS store are invalid; nothing published
     ├── XdsError                 the xDS server cannot do what was asked
     │   └── XdsBindError         the xDS port is taken or cannot be bound
+    ├── PolicyError              a policy checkpoint is missing, unloadable, or not ours
     ├── TelemetryError           a metrics source could not give a usable answer
     │   ├── PrometheusError      Prometheus unreachable, timed out, or answered garbage
     │   └── EnvoyAdminError      Envoy's admin /stats unreachable or unparsable
@@ -54,6 +55,10 @@ class XdsError(BalanceIQError):
 
 class XdsBindError(XdsError):
     """The xDS server could not bind its port (usually: another server holds it)."""
+
+
+class PolicyError(BalanceIQError):
+    """A policy checkpoint is missing, cannot be loaded, or is not a CriticalEndpointModule."""
 
 
 class TelemetryError(BalanceIQError):

@@ -1,0 +1,206 @@
+"""`balanceiq bench sim`: every policy on every scenario, against the oracle.
+
+Each (scenario, policy) pair runs one whole scenario (same seed for every policy, so all
+face the same demand noise) with a decision every ``decision_steps`` simulator seconds.
+Every policy sees the same information: the observation and the capacity estimated from
+it (observed rps / saturation, else the config hint); only the oracle is also given the
+true capacities. Per pair:
+
+* ``p50_ms``/``p95_ms``/``p99_ms``/``error_rate``/``cost_per_million``: means over
+  decisions of the fleet-wide, traffic-weighted values;
+* ``reward``: mean reward per decision (:mod:`balanceiq.policy.reward`);
+* ``performance_ratio``: mean over decisions of (the oracle's worst utilisation) / (the
+  policy's worst utilisation), at the same demand and true capacities — 1 is optimal;
+* ``traffic_moved``: mean fraction of traffic whose endpoint changed per decision, and
+  ``traffic_moved_vs_full``: that over what full re-optimisation (the LP over all
+  endpoints with estimated capacity, policy ``full_lp``) moves on the same scenario.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from balanceiq.exceptions import BenchError
+from balanceiq.policy.baselines import BASELINES, Decision, PolicyContext, make_policy
+from balanceiq.policy.checkpoint import SHIPPED, RLPolicy
+from balanceiq.policy.lp import oracle, shares_to_weights, solve_critical
+from balanceiq.sim.bench import steps_per_second
+from balanceiq.sim.env import FleetEnv
+from balanceiq.sim.scenario import SCENARIOS
+
+DEFAULT_POLICIES = ("equal", "static", "cost_aware", "inverse_latency", "least_request", "topk", "full_lp", "cfr_rl", "oracle")
+
+
+class FullLp:
+    """Full re-optimisation every decision: the LP over all endpoints, estimated capacity."""
+
+    name = "full_lp"
+
+    def __init__(self, cost_weight: float = 0.1) -> None:
+        self.cost_weight = cost_weight
+
+    def reset(self) -> None:
+        pass
+
+    def decide(self, obs: Any, ctx: PolicyContext) -> Decision:
+        n = len(obs.endpoints)
+        cost = np.array([e.cost_per_million for e in obs.endpoints])
+        available = np.array([e.healthy is not False for e in obs.endpoints])
+        res = solve_critical(ctx.shares, list(range(n)), ctx.capacity_hint, cost, ctx.demand_rps,
+                             available=available, cost_weight=self.cost_weight)  # fmt: skip
+        return Decision(res.shares, shares_to_weights(res.shares), tuple(range(n)), {"lp_status": res.status})
+
+
+def _policy(name: str, checkpoint: Path | None) -> Any:
+    if name == "cfr_rl":
+        return RLPolicy.from_checkpoint(checkpoint or SHIPPED)
+    if name == "full_lp":
+        return FullLp()
+    return make_policy(name)
+
+
+def run_pair(scenario: str, policy: Any, *, seed: int = 0, decision_steps: int = 5, trace: bool = False) -> dict[str, Any]:
+    env = FleetEnv({"scenarios": [scenario], "n_max": 4096, "decision_steps": decision_steps,
+                    "episode_steps": 10**9, "seed": seed, "obs_noise": 0.05})  # fmt: skip
+    env.reset(seed=seed)
+    assert env.sim is not None
+    n = env.sim.n
+    k = max(1, round(0.2 * n))
+    static = np.asarray(env.sim.static_weights, dtype=np.float64)
+    policy.reset()
+    rows: list[dict[str, float]] = []
+    timeline: list[dict[str, Any]] = []
+    done = False
+    while not done:
+        obs = env.last_obs
+        cap_true = env.sim.capacity()
+        ctx = PolicyContext(
+            shares=env.shares, capacity_hint=env.capacity_estimate(), static_weights=static,
+            demand_rps=float(np.nansum([e.rps for e in obs.endpoints])), k=k, true_capacity=cap_true,
+        )  # fmt: skip
+        decision = policy.decide(obs, ctx)
+        demand = env.sim.demand_rps()
+        best = oracle(cap_true, env.sim.cost(), demand, available=env.sim.available()).max_utilization
+        _, r, _, truncated, info = env.step_shares(np.asarray(decision.shares, dtype=np.float64))
+        done = truncated
+        achieved = info["max_utilization"]
+        rows.append({
+            "p50_ms": info.get("p50_ms", float("nan")), "p95_ms": info["p95_ms"], "p99_ms": info["p99_ms"],
+            "error_rate": info["error_rate"], "cost_per_million": info["cost_per_million"], "reward": r,
+            "performance_ratio": min(1.0, best / achieved) if achieved > 0 else 1.0,
+            "traffic_moved": info["traffic_moved"],
+        })  # fmt: skip
+        if trace:
+            timeline.append({"t": env.sim.t, "shares": env.shares.tolist(), "p99_ms": info["p99_ms"]})
+    out = {key: float(statistics.fmean(r[key] for r in rows)) for key in rows[0]}
+    out["decisions"] = len(rows)
+    if trace:
+        out["timeline"] = timeline
+        out["names"] = list(env.sim.names)
+    return out
+
+
+def run_sim_bench(
+    *,
+    scenarios: list[str] | None = None,
+    policies: list[str] | None = None,
+    checkpoint: Path | None = None,
+    seed: int = 0,
+    plot: Path | None = None,
+    plot_scenario: str = "degrade",
+    console: Console | None = None,
+) -> dict[str, Any]:
+    console = console or Console(stderr=True)
+    scenarios = scenarios or list(SCENARIOS)
+    policies = policies or list(DEFAULT_POLICIES)
+    unknown = [p for p in policies if p not in (*BASELINES, "full_lp", "cfr_rl")]
+    if unknown:
+        raise BenchError(f"unknown policies {', '.join(unknown)}; known: {', '.join(DEFAULT_POLICIES)}")
+    if "full_lp" not in policies:
+        policies = [*policies, "full_lp"]  # the reference for traffic_moved_vs_full
+    loaded = {p: _policy(p, checkpoint) for p in policies}
+    results: dict[str, dict[str, dict[str, Any]]] = {}
+    t0 = time.monotonic()
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console, transient=True) as progress:  # fmt: skip
+        task = progress.add_task("scenario x policy", total=len(scenarios) * len(policies))
+        for sc in scenarios:
+            results[sc] = {}
+            for name in policies:
+                progress.update(task, description=f"{sc} / {name}")
+                results[sc][name] = run_pair(sc, loaded[name], seed=seed)
+                progress.advance(task)
+            full = results[sc]["full_lp"]["traffic_moved"]
+            for name in policies:
+                moved = results[sc][name]["traffic_moved"]
+                results[sc][name]["traffic_moved_vs_full"] = moved / full if full > 0 else None
+    summary = _summarise(results, policies)
+    out: dict[str, Any] = {
+        "bench": "sim",
+        "seed": seed,
+        "scenarios": scenarios,
+        "policies": policies,
+        "results": results,
+        "summary": summary,
+        "sim_steps_per_s": {"n8": round(steps_per_second("steady", 20000)), "n120": round(steps_per_second("many_endpoints", 2000))},
+        "elapsed_s": round(time.monotonic() - t0, 1),
+    }
+    if plot is not None:
+        if plot_scenario not in scenarios:
+            plot_scenario = scenarios[0]
+        traces = {p: run_pair(plot_scenario, loaded[p], seed=seed, trace=True) for p in ("equal", "topk", "cfr_rl", "oracle") if p in loaded}
+        out["plot"] = str(plot_traces(plot_scenario, traces, plot))
+    return out
+
+
+def _summarise(results: dict[str, dict[str, dict[str, Any]]], policies: list[str]) -> dict[str, Any]:
+    heuristics = [p for p in policies if p not in ("cfr_rl", "oracle", "full_lp")]
+    summary: dict[str, Any] = {}
+    if "cfr_rl" in policies:
+        beats = {sc: all(r["cfr_rl"]["reward"] >= r[h]["reward"] for h in heuristics) for sc, r in results.items()}
+        summary["cfr_rl_reward_ge_every_heuristic"] = beats
+        if "oracle" in policies:
+            summary["cfr_rl_p99_over_oracle"] = statistics.fmean(r["cfr_rl"]["p99_ms"] / r["oracle"]["p99_ms"] for r in results.values())
+            summary["cfr_rl_cost_over_oracle"] = statistics.fmean(
+                r["cfr_rl"]["cost_per_million"] / r["oracle"]["cost_per_million"] for r in results.values()
+            )
+        vs_full = [r["cfr_rl"]["traffic_moved_vs_full"] for r in results.values() if r["cfr_rl"]["traffic_moved_vs_full"] is not None]
+        summary["cfr_rl_traffic_moved_vs_full"] = statistics.fmean(vs_full) if vs_full else None
+        summary["cfr_rl_performance_ratio"] = statistics.fmean(r["cfr_rl"]["performance_ratio"] for r in results.values())
+    summary["mean_reward"] = {p: statistics.fmean(r[p]["reward"] for r in results.values()) for p in policies}
+    return summary
+
+
+def plot_traces(scenario: str, traces: dict[str, dict[str, Any]], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = next(iter(traces.values()))["names"]
+    fig, axes = plt.subplots(2, len(traces), figsize=(4.2 * len(traces), 6), sharex=True, squeeze=False)
+    for col, (policy, tr) in enumerate(traces.items()):
+        t = [p["t"] for p in tr["timeline"]]
+        shares = np.array([p["shares"] for p in tr["timeline"]])
+        axes[0][col].stackplot(t, shares.T * 100, labels=names)
+        axes[0][col].set_title(f"{policy}: reward {tr['reward']:.2f}", fontsize=9)
+        axes[0][col].set_ylim(0, 100)
+        axes[1][col].plot(t, [p["p99_ms"] for p in tr["timeline"]], color="#e45756")
+        axes[1][col].set_yscale("log")
+        axes[1][col].set_xlabel("simulated seconds")
+    axes[0][0].set_ylabel("traffic share (%)")
+    axes[1][0].set_ylabel("fleet p99 (ms)")
+    axes[0][-1].legend(fontsize=6, loc="upper right")
+    fig.suptitle(f"scenario {scenario}: traffic split and p99 over time", fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -1,0 +1,1 @@
+"""The weight policy: CFR-RL critical-endpoint selection, its linear program, and baselines."""

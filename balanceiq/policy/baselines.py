@@ -1,0 +1,346 @@
+"""Non-learned policies behind the same interface as the CFR-RL policy.
+
+Every policy maps ``(Observation, PolicyContext)`` to a :class:`Decision`: the traffic
+split it wants and the integer Envoy weights realising it. The baselines are what the
+learned policy is benchmarked against; ``oracle`` is the physical limit (simulator only).
+
+Availability: an endpoint whose ``healthy`` is ``False`` is unavailable (``None`` is
+"unknown" and counts as available). ``equal`` and ``static`` ignore it on purpose, since
+they model Envoy without a controller, where health is handled by Envoy itself; every
+other policy gives unavailable endpoints share 0 (weight 1, see
+:func:`~balanceiq.policy.lp.shares_to_weights`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+from balanceiq.policy.lp import UINT32_MAX, LpResult, oracle, shares_to_weights, solve_critical
+from balanceiq.telemetry.observation import Observation
+
+# Below this saturation, rps/saturation extrapolates too far to be a capacity estimate.
+MIN_SATURATION = 0.05
+# A measured p95 of ~0 is a clock artefact; it must not claim all the traffic.
+MIN_P95_MS = 0.1
+# A free endpoint may be preferred, but not to the point of taking all traffic.
+MIN_COST_FRACTION = 0.01
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What a policy wants applied, and the Envoy weights that realise it."""
+
+    shares: np.ndarray  # traffic fractions to apply (sum 1)
+    weights: np.ndarray  # integer Envoy load_balancing_weights (each in [1, 2**32-1])
+    critical: tuple[int, ...]  # endpoints re-optimised this step (all: full re-optimisation; (): static)
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class PolicyContext:
+    """What a policy may know besides the Observation (arrays in the Observation's order)."""
+
+    shares: np.ndarray  # current split
+    capacity_hint: np.ndarray  # config hints (nan if unknown)
+    static_weights: np.ndarray  # config weights
+    demand_rps: float  # observed total rps
+    k: int  # critical endpoints per decision
+    true_capacity: np.ndarray | None = None  # simulator only: for the oracle
+
+
+@runtime_checkable
+class Policy(Protocol):
+    name: str
+
+    def reset(self) -> None: ...
+
+    def decide(self, obs: Observation, ctx: PolicyContext) -> Decision: ...
+
+
+# -- helpers shared by the policies -----------------------------------------------------------
+
+
+def _check(obs: Observation, ctx: PolicyContext) -> int:
+    n = len(obs.endpoints)
+    if n == 0:
+        raise ValueError(f"cluster {obs.cluster!r}: observation has no endpoints")
+    for name in ("shares", "capacity_hint", "static_weights"):
+        got = np.asarray(getattr(ctx, name)).reshape(-1).shape[0]
+        if got != n:
+            raise ValueError(f"PolicyContext.{name} has {got} entries, observation has {n} endpoints")
+    return n
+
+
+def available_mask(obs: Observation) -> np.ndarray:
+    """True unless Envoy reports the endpoint unhealthy (unknown health counts as up)."""
+    return np.array([e.healthy is not False for e in obs.endpoints], dtype=bool)
+
+
+def _field(obs: Observation, name: str) -> np.ndarray:
+    return np.array([getattr(e, name) for e in obs.endpoints], dtype=np.float64)
+
+
+def _positive(arr: np.ndarray) -> np.ndarray:
+    return np.isfinite(arr) & (arr > 0)
+
+
+def _fill_median(arr: np.ndarray, ok: np.ndarray, default: float) -> np.ndarray:
+    fill = float(np.median(arr[ok])) if ok.any() else default
+    return np.where(ok, arr, fill)
+
+
+def _normalise(weights: np.ndarray, avail: np.ndarray | None = None) -> np.ndarray:
+    """Non-negative finite weights -> shares; unusable input -> equal over available."""
+    w = np.where(np.isfinite(weights) & (weights > 0), weights, 0.0)
+    if avail is not None:
+        w = np.where(avail, w, 0.0)
+    total = float(w.sum())
+    if total > 0 and math.isfinite(total):
+        return w / total
+    base = avail if avail is not None and avail.any() else np.ones(w.shape[0], dtype=bool)
+    return base / base.sum()
+
+
+def _decision(shares: np.ndarray, avail: np.ndarray | None, critical: tuple[int, ...], **info: Any) -> Decision:
+    return Decision(shares, shares_to_weights(shares, available=avail), critical, info)
+
+
+def _lp_decision(res: LpResult, avail: np.ndarray, critical: tuple[int, ...], **info: Any) -> Decision:
+    return _decision(
+        res.shares, avail, critical, lp_status=res.status, fallback=res.fallback,
+        max_utilization=res.max_utilization, **info,
+    )  # fmt: skip
+
+
+def estimate_capacity(obs: Observation, ctx: PolicyContext) -> np.ndarray:
+    """Capacity estimate (rps) per endpoint: the config hint, else measured, else the median.
+
+    Measured is ``rps / max(saturation, 0.05)``: saturation is in-flight over the
+    concurrency limit, so by Little's law rps/saturation is the throughput at the limit
+    (the floor keeps an idle endpoint from extrapolating to an absurd capacity). Endpoints
+    with neither get the median of the others; with nothing known at all the result is
+    ``nan`` everywhere and the LP falls back to a capacity-blind split.
+    """
+    n = _check(obs, ctx)
+    hint = np.asarray(ctx.capacity_hint, dtype=np.float64).reshape(-1)
+    rps = _field(obs, "rps")
+    sat = _field(obs, "saturation")
+    measurable = _positive(rps) & np.isfinite(sat) & (sat >= 0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        measured = np.where(measurable, rps / np.maximum(np.where(measurable, sat, 1.0), MIN_SATURATION), np.nan)
+    est = np.where(_positive(hint), hint, measured)
+    known = _positive(est)
+    if not known.any():
+        return np.full(n, math.nan)
+    return _fill_median(est, known, math.nan)
+
+
+# -- the baselines ---------------------------------------------------------------------------
+
+
+class EqualWeights:
+    """Every weight 1: Envoy's plain round robin."""
+
+    name = "equal"
+
+    def reset(self) -> None:
+        pass
+
+    def decide(self, obs: Observation, ctx: PolicyContext) -> Decision:
+        n = _check(obs, ctx)
+        return Decision(np.full(n, 1.0 / n), np.ones(n, dtype=np.int64), (), {})
+
+
+class StaticWeights:
+    """The weights from the config, as Envoy would apply them without a controller."""
+
+    name = "static"
+
+    def reset(self) -> None:
+        pass
+
+    def decide(self, obs: Observation, ctx: PolicyContext) -> Decision:
+        n = _check(obs, ctx)
+        raw = np.asarray(ctx.static_weights, dtype=np.float64).reshape(-1)
+        # Config weights are validated elsewhere; here a bad one becomes 1, never a crash.
+        w = np.where(np.isfinite(raw), np.rint(raw), 1.0)
+        w = np.clip(w, 1, UINT32_MAX).astype(np.int64)
+        if int(w.sum()) > UINT32_MAX:
+            return _decision(_normalise(w.astype(np.float64)), None, ())
+        return Decision(w / w.sum(), w, (), {})
+
+
+class CostAwareStatic:
+    """Shares proportional to capacity_hint / cost: a fixed, price-aware split.
+
+    Unknown hints or costs take the median of the known ones. Costs are floored at 1% of
+    the highest, so a free endpoint gets at most 100x the per-capacity share of the
+    priciest instead of everything.
+    """
+
+    name = "cost_aware"
+
+    def reset(self) -> None:
+        pass
+
+    def decide(self, obs: Observation, ctx: PolicyContext) -> Decision:
+        _check(obs, ctx)
+        avail = available_mask(obs)
+        hint = np.asarray(ctx.capacity_hint, dtype=np.float64).reshape(-1)
+        cap = _fill_median(hint, _positive(hint), 1.0)
+        cost = _field(obs, "cost_per_million")
+        known = np.isfinite(cost) & (cost >= 0)
+        cost = _fill_median(cost, known, 0.0)
+        cmax = float(cost.max())
+        if cmax > 0:
+            score = cap / np.maximum(cost, MIN_COST_FRACTION * cmax)
+        else:
+            score = cap
+        return _decision(_normalise(score, avail), avail, ())
+
+
+class InverseLatencyEwma:
+    """Weights proportional to 1 / EWMA(p95), alpha 0.3, tracked per endpoint address.
+
+    An endpoint without a usable p95 this window (idle, stale, NaN, ...) is not updated
+    and keeps its current share; the measured endpoints split the remaining traffic in
+    proportion to 1/EWMA. Nothing measured yet: the current split is kept.
+    """
+
+    name = "inverse_latency"
+    alpha = 0.3
+
+    def __init__(self) -> None:
+        self._ewma: dict[str, float] = {}
+
+    def reset(self) -> None:
+        self._ewma.clear()
+
+    def decide(self, obs: Observation, ctx: PolicyContext) -> Decision:
+        _check(obs, ctx)
+        avail = available_mask(obs)
+        measured = np.zeros(len(obs.endpoints), dtype=bool)
+        for i, e in enumerate(obs.endpoints):
+            if e.usable and math.isfinite(e.p95_ms) and e.p95_ms >= 0:
+                p95 = max(e.p95_ms, MIN_P95_MS)
+                old = self._ewma.get(e.address)
+                self._ewma[e.address] = p95 if old is None else self.alpha * p95 + (1 - self.alpha) * old
+                measured[i] = avail[i]
+        current = _normalise(np.asarray(ctx.shares, dtype=np.float64).reshape(-1), avail)
+        shares = np.where(measured, 0.0, current)
+        budget = max(0.0, 1.0 - float(shares.sum()))
+        if measured.any() and budget > 0:
+            inv = np.array([1.0 / self._ewma[e.address] if measured[i] else 0.0 for i, e in enumerate(obs.endpoints)])
+            shares = shares + budget * inv / inv.sum()
+        shares = _normalise(shares, avail)
+        return _decision(shares, avail, (), ewma_p95_ms={a: round(v, 3) for a, v in self._ewma.items()})
+
+
+class LeastRequest:
+    """A static model of Envoy's LEAST_REQUEST: shares proportional to capacity_hint / (inflight + 1).
+
+    Envoy picks per request (power of two choices; with unequal weights, weight /
+    (active_requests + 1)^bias with bias 1). Taking that effective weight with the
+    endpoint's capacity as its weight and the window's in-flight count as
+    active_requests, and holding it for a whole decision interval, is the approximation:
+    the real balancer reacts per request, so this is a lower bound on how well it does.
+    Unknown hints take the median of the known ones (1 if none); unknown in-flight 0.
+    """
+
+    name = "least_request"
+
+    def reset(self) -> None:
+        pass
+
+    def decide(self, obs: Observation, ctx: PolicyContext) -> Decision:
+        _check(obs, ctx)
+        avail = available_mask(obs)
+        hint = np.asarray(ctx.capacity_hint, dtype=np.float64).reshape(-1)
+        cap = _fill_median(hint, _positive(hint), 1.0)
+        inflight = _field(obs, "inflight")
+        inflight = np.where(np.isfinite(inflight) & (inflight >= 0), inflight, 0.0)
+        return _decision(_normalise(cap / (inflight + 1.0), avail), avail, ())
+
+
+class TopKHeuristic:
+    """The paper's "Top-K critical": the K most utilised endpoints, then the LP.
+
+    Utilisation is observed rps (or, unmeasured, current share x demand) over
+    :func:`estimate_capacity`; endpoints without a utilisation rank last. Note that the
+    LP moves traffic only among the critical endpoints, so this balances the hottest K
+    against each other.
+    """
+
+    name = "topk"
+
+    def __init__(self, cost_weight: float = 0.1) -> None:
+        self.cost_weight = cost_weight
+
+    def reset(self) -> None:
+        pass
+
+    def decide(self, obs: Observation, ctx: PolicyContext) -> Decision:
+        n = _check(obs, ctx)
+        avail = available_mask(obs)
+        cap = estimate_capacity(obs, ctx)
+        shares = np.asarray(ctx.shares, dtype=np.float64).reshape(-1)
+        rps = _field(obs, "rps")
+        demand = float(ctx.demand_rps)
+        load = np.where(np.isfinite(rps) & (rps >= 0), rps, shares * demand if math.isfinite(demand) else np.nan)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            util = np.where(_positive(cap), load / np.where(_positive(cap), cap, 1.0), np.nan)
+        util = np.where(np.isfinite(util), util, -np.inf)
+        k = min(max(int(ctx.k), 1), n)
+        critical = tuple(sorted(int(i) for i in np.argsort(-util, kind="stable")[:k]))
+        cost = _field(obs, "cost_per_million")
+        res = solve_critical(shares, critical, cap, cost, demand, available=avail, cost_weight=self.cost_weight)
+        return _lp_decision(res, avail, critical, capacity_estimate=cap.tolist())
+
+
+class Oracle:
+    """The LP over every endpoint with the simulator's true capacities: the physical limit."""
+
+    name = "oracle"
+
+    def __init__(self, cost_weight: float = 0.1) -> None:
+        self.cost_weight = cost_weight
+
+    def reset(self) -> None:
+        pass
+
+    def decide(self, obs: Observation, ctx: PolicyContext) -> Decision:
+        n = _check(obs, ctx)
+        if ctx.true_capacity is None:
+            raise ValueError(
+                "the oracle needs PolicyContext.true_capacity, which only the simulator knows; "
+                "use another policy on live traffic"
+            )
+        avail = available_mask(obs)
+        cost = _field(obs, "cost_per_million")
+        res = oracle(ctx.true_capacity, cost, ctx.demand_rps, available=avail, cost_weight=self.cost_weight)
+        return _lp_decision(res, avail, tuple(range(n)))
+
+
+BASELINES: dict[str, Callable[[], Policy]] = {
+    EqualWeights.name: EqualWeights,
+    StaticWeights.name: StaticWeights,
+    CostAwareStatic.name: CostAwareStatic,
+    InverseLatencyEwma.name: InverseLatencyEwma,
+    LeastRequest.name: LeastRequest,
+    TopKHeuristic.name: TopKHeuristic,
+    Oracle.name: Oracle,
+}
+
+
+def make_policy(name: str) -> Policy:
+    """A fresh baseline by name; ValueError naming the known ones otherwise."""
+    try:
+        factory = BASELINES[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown policy {name!r}; known: {', '.join(sorted(BASELINES))}") from None
+    return factory()

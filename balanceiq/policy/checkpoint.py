@@ -1,0 +1,90 @@
+"""Loading a trained policy, and using it with the same interface as the baselines.
+
+RLlib silently falls back to a default RLModule when it cannot import a custom one, so
+:func:`load_module` checks the class it got and refuses anything but ours.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from balanceiq.exceptions import PolicyError
+from balanceiq.policy.baselines import Decision, PolicyContext
+from balanceiq.policy.features import encode
+from balanceiq.policy.lp import shares_to_weights, solve_critical
+from balanceiq.telemetry.observation import Observation
+
+MODULE_SUBDIR = Path("learner_group") / "learner" / "rl_module" / "default_policy"
+SHIPPED = Path(__file__).resolve().parents[2] / "checkpoints" / "cfr_rl"
+
+
+def load_module(checkpoint: Path | str) -> Any:
+    """The trained RLModule from an algorithm or module checkpoint directory."""
+    from ray.rllib.core.rl_module.rl_module import RLModule
+
+    from balanceiq.policy.module import CriticalEndpointModule
+
+    path = Path(checkpoint)
+    if not path.exists():
+        raise PolicyError(f"no checkpoint at {checkpoint}")
+    if (path / MODULE_SUBDIR).exists():
+        path = path / MODULE_SUBDIR
+    try:
+        module = RLModule.from_checkpoint(path)
+    except Exception as exc:  # RLlib raises many kinds; the user needs one message
+        raise PolicyError(f"cannot load a policy from {checkpoint}: {type(exc).__name__}: {exc}") from exc
+    if not isinstance(module, CriticalEndpointModule):
+        raise PolicyError(
+            f"{checkpoint} loaded as {type(module).__name__}, not CriticalEndpointModule "
+            "(RLlib falls back to a default module when it cannot import ours)"
+        )
+    module.eval()
+    return module
+
+
+def scores(module: Any, rows: np.ndarray) -> np.ndarray:
+    """Per-endpoint scores for one encoded observation ``[N, F]`` (any N)."""
+    import torch
+    from ray.rllib.core.columns import Columns
+
+    with torch.no_grad():
+        out = module._forward({Columns.OBS: torch.from_numpy(rows[None])})
+    return out[Columns.ACTION_DIST_INPUTS][0].numpy()
+
+
+class RLPolicy:
+    """The trained CFR-RL policy: top-K scored endpoints are critical, the LP splits them."""
+
+    name = "cfr_rl"
+
+    def __init__(self, module: Any, *, cost_weight: float = 0.1, slo_ms: float = 150.0) -> None:
+        self.module = module
+        self.cost_weight = cost_weight
+        self.slo_ms = slo_ms
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: Path | str = SHIPPED, **kwargs: Any) -> RLPolicy:
+        return cls(load_module(checkpoint), **kwargs)
+
+    def reset(self) -> None:
+        pass
+
+    def critical(self, obs: Observation, ctx: PolicyContext) -> list[int]:
+        n = len(obs.endpoints)
+        rows = encode(obs, ctx.capacity_hint, n, self.slo_ms)
+        s = scores(self.module, rows)[:n]
+        k = max(1, min(ctx.k, n))
+        # Deterministic: the K highest scores, in score order (the distribution's mode).
+        return [int(i) for i in np.argsort(-s, kind="stable")[:k]]
+
+    def decide(self, obs: Observation, ctx: PolicyContext) -> Decision:
+        crit = self.critical(obs, ctx)
+        cost = np.array([e.cost_per_million for e in obs.endpoints])
+        available = np.array([e.healthy is not False for e in obs.endpoints])
+        res = solve_critical(ctx.shares, crit, ctx.capacity_hint, cost, ctx.demand_rps,
+                             available=available, cost_weight=self.cost_weight)  # fmt: skip
+        return Decision(shares=res.shares, weights=shares_to_weights(res.shares), critical=tuple(crit),
+                        info={"lp_status": res.status})  # fmt: skip

@@ -1,0 +1,54 @@
+"""Observation -> the policy's input rows: one normalised feature row per endpoint.
+
+The same encoding serves the simulator and live telemetry (both produce
+:class:`~balanceiq.telemetry.observation.Observation`). Rows are padded to ``n_max`` with
+zeros; the last column marks present endpoints. Unmeasured values are 0 *and* flagged in
+the validity columns, so the network can tell "zero" from "unknown".
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from balanceiq.telemetry.observation import FEATURES, Observation
+
+# value columns, validity columns, capacity share, estimated utilisation, present
+N_FEATURES = 2 * len(FEATURES) + 3
+
+
+def estimate_capacity(obs: Observation, hint: np.ndarray) -> np.ndarray:
+    """Capacity per endpoint: observed (rps / saturation) where measurable, else the hint."""
+    feats, valid = obs.to_array()
+    rps = feats[:, FEATURES.index("rps")]
+    sat = feats[:, FEATURES.index("saturation")]
+    ok = valid[:, FEATURES.index("rps")] & valid[:, FEATURES.index("saturation")] & (sat > 0.02) & (rps > 0)
+    est = np.where(ok, rps / np.where(ok, sat, 1.0), hint)
+    healthy = feats[:, FEATURES.index("healthy")]
+    down = valid[:, FEATURES.index("healthy")] & (healthy < 0.5)
+    return np.where(down, 0.0, est)
+
+
+def encode(obs: Observation, capacity: np.ndarray, n_max: int, slo_ms: float = 150.0) -> np.ndarray:
+    feats, valid = obs.to_array()
+    n = feats.shape[0]
+    if n > n_max:
+        raise ValueError(f"{n} endpoints exceed the policy's n_max={n_max}")
+    f = feats.copy()
+    col = {name: i for i, name in enumerate(FEATURES)}
+    f[:, col["p50_ms"]] = np.clip(f[:, col["p50_ms"]] / slo_ms, 0, 10)
+    f[:, col["p95_ms"]] = np.clip(f[:, col["p95_ms"]] / slo_ms, 0, 10)
+    f[:, col["saturation"]] = np.clip(f[:, col["saturation"]], 0, 3)
+    f[:, col["inflight"]] = np.log1p(np.clip(f[:, col["inflight"]], 0, None)) / 5
+    total_rps = f[:, col["rps"]].sum()
+    rps = f[:, col["rps"]]
+    f[:, col["rps"]] = rps / total_rps if total_rps > 0 else 0.0
+    max_cost = f[:, col["cost_per_million"]].max()
+    f[:, col["cost_per_million"]] = f[:, col["cost_per_million"]] / max_cost if max_cost > 0 else 0.0
+    f[:, col["weight_share"]] = f[:, col["weight_share"]] * n
+    cap = np.nan_to_num(capacity, nan=0.0, posinf=0.0)
+    cap_share = cap / cap.sum() if cap.sum() > 0 else np.zeros(n)
+    util = np.clip(np.divide(rps, cap, out=np.zeros(n), where=cap > 0), 0, 3)
+    rows = np.concatenate([f, valid.astype(np.float64), cap_share[:, None] * n, util[:, None], np.ones((n, 1))], axis=1)
+    out = np.zeros((n_max, N_FEATURES), dtype=np.float32)
+    out[:n] = rows
+    return out

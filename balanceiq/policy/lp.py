@@ -1,0 +1,434 @@
+"""The CFR-RL linear program, adapted from flows on links to traffic shares on endpoints.
+
+CFR-RL (Zhang et al., IEEE JSAC 2020) re-routes only a few *critical* flows and leaves the
+rest where they are. Here the "flows" are the traffic shares of endpoints: the policy
+picks K critical endpoints, every other (available) endpoint keeps its share exactly, and
+the LP redistributes the critical endpoints' traffic among the critical endpoints::
+
+    minimise    U + cost_weight * sum_i(cost_i * x_i) / max(cost)
+    subject to  U >= x_i * demand / capacity_i        for every usable critical i
+                U >= s_j * demand / capacity_j        for every kept non-critical j
+                sum_i x_i = 1 - sum_j s_j,  x_i >= 0
+
+**Cost normalisation.** ``sum_i cost_i x_i / max(cost)`` is the mean price per request
+relative to the priciest endpoint, a number in [0, 1], so it is commensurate with a
+utilisation (also ~[0, 1] in the healthy range). ``cost_weight=0.1`` reads as "sending all
+traffic from the priciest endpoint to a free one is worth 0.1 of utilisation";
+``cost_weight=0`` is pure min-max utilisation. ``max(cost)`` is over every endpoint, so
+the scale does not jump when an endpoint goes down.
+
+**Tie-break.** When a kept endpoint's utilisation is the maximum, U is fixed and every
+critical split below it is equally good; HiGHS would return an arbitrary vertex, often
+all critical traffic on one endpoint. So, only when kept endpoints set a floor, the LP
+also minimises ``TIE_BREAK * V`` with ``V >= x_i * demand / capacity_i`` over the critical
+endpoints: ties go to the most even critical split, while any real difference in U or
+in cost (>~ 1e-3) still decides. :func:`oracle` has no kept endpoints and no tie-break.
+
+**Input sanitation** (numeric problems never raise; shape problems do):
+
+- ``shares``: NaN/inf/negative -> 0, renormalised when the sum is off by > 1e-12
+  (all zero -> equal over available endpoints).
+- ``capacity``: NaN/inf/negative -> 0. An unknown capacity is no capacity to plan with,
+  and an infinite one is not an estimate. An endpoint with capacity 0 gets no critical
+  traffic; if *no* usable critical endpoint has a capacity, the split is capacity-blind.
+- ``cost``: NaN/inf/negative -> the highest valid cost (pessimistic: an endpoint must not
+  look attractive because its price is unknown); none valid -> 0 (the cost term vanishes).
+- ``demand``: NaN/inf/negative -> 0. The LP then plans for a nominal demand equal to the
+  total valid capacity (:func:`planning_demand`): at zero demand the cost term alone
+  would park all traffic on the cheapest endpoint, which overloads it as soon as traffic
+  returns. ``max_utilization`` is still reported against the real demand.
+- ``cost_weight``: NaN/inf/negative -> 0.
+
+**Fallbacks** (``status`` is ``"optimal"`` or the fallback's name):
+
+- ``"all_down"``: no endpoint available -> equal shares over all endpoints. Envoy needs
+  weights >= 1 anyway; excluding dead hosts is the job of health status.
+- ``"no_critical"``: no critical endpoint is available (including an empty critical set)
+  -> the current shares restricted to available endpoints, renormalised (equal over
+  available when nothing is left).
+- ``"no_capacity"``: available critical endpoints exist but none has a positive capacity
+  -> the critical budget is split equally over them (capacity-blind).
+- ``"lp_failed"``: HiGHS did not return an optimum -> the critical budget is split in
+  proportion to capacity (the min-max optimum when the cost term is ignored).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.optimize import OptimizeWarning, linprog
+
+# Envoy's limit on a weight and on a locality's sum (same value as balanceiq.xds.assignment;
+# not imported so the policy does not depend on the xDS layer).
+UINT32_MAX = 2**32 - 1
+
+_RENORM_TOL = 1e-12
+# Weight of the critical endpoints' own max utilisation, the LP's tie-break (module doc).
+TIE_BREAK = 1e-3
+
+Fallback = str  # "all_down" | "no_critical" | "no_capacity" | "lp_failed"
+
+
+@dataclass(frozen=True)
+class LpResult:
+    """A split of traffic over every endpoint and how it was reached."""
+
+    shares: np.ndarray  # >= 0, sums to 1 within 1e-9
+    max_utilization: float  # max_i share_i * demand / capacity_i with the given capacities
+    status: str  # "optimal" or the fallback's name
+    fallback: Fallback | None = None
+
+
+# -- sanitation ---------------------------------------------------------------------------
+
+
+def _vector(name: str, values: object, n: int | None = None) -> np.ndarray:
+    arr = np.asarray(values, dtype=np.float64).reshape(-1)
+    if n is not None and arr.shape[0] != n:
+        raise ValueError(f"{name} has {arr.shape[0]} entries, expected {n}")
+    return arr
+
+
+def _nonneg(arr: np.ndarray) -> np.ndarray:
+    return np.where(np.isfinite(arr) & (arr >= 0), arr, 0.0)
+
+
+def _clean_cost(cost: np.ndarray) -> np.ndarray:
+    ok = np.isfinite(cost) & (cost >= 0)
+    worst = float(cost[ok].max()) if ok.any() else 0.0
+    return np.where(ok, cost, worst)
+
+
+def _clean_scalar(x: object) -> float:
+    try:
+        v = float(x)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return 0.0
+    return v if math.isfinite(v) and v > 0 else 0.0
+
+
+def _available(available: object, n: int) -> np.ndarray:
+    if available is None:
+        return np.ones(n, dtype=bool)
+    arr = np.asarray(available).reshape(-1)
+    if arr.shape[0] != n:
+        raise ValueError(f"available has {arr.shape[0]} entries, expected {n}")
+    if arr.dtype != bool:
+        # A NaN in a float mask is "unknown", which must not take an endpoint down.
+        f = arr.astype(np.float64)
+        return ~(np.isfinite(f) & (f == 0))
+    return arr.copy()
+
+
+def _clean_shares(shares: np.ndarray, avail: np.ndarray) -> np.ndarray:
+    s = _nonneg(shares)
+    total = float(s.sum())
+    if total <= 0 or not math.isfinite(total):
+        base = avail if avail.any() else np.ones_like(avail)
+        return base / base.sum()
+    if abs(total - 1.0) > _RENORM_TOL:
+        s = s / total
+    return s
+
+
+def _critical_mask(critical: object, n: int) -> np.ndarray:
+    arr = np.asarray(critical if critical is not None else [])
+    if arr.dtype == bool:
+        arr = arr.reshape(-1)
+        if arr.shape[0] != n:
+            raise ValueError(f"critical mask has {arr.shape[0]} entries, expected {n}")
+        return arr.copy()
+    idx = arr.reshape(-1)
+    if idx.size and not np.issubdtype(idx.dtype, np.integer):
+        if not np.all(np.isfinite(idx) & (np.mod(idx, 1) == 0)):
+            raise ValueError(f"critical indices must be integers, got {critical!r}")
+    idx = idx.astype(np.int64)
+    if idx.size and (idx.min() < 0 or idx.max() >= n):
+        raise ValueError(f"critical index out of range for {n} endpoints: {sorted(set(idx.tolist()))}")
+    mask = np.zeros(n, dtype=bool)
+    mask[idx] = True
+    return mask
+
+
+def planning_demand(demand: float, capacity: np.ndarray) -> float:
+    """The demand the LP plans for: ``demand`` if positive, else the total valid capacity."""
+    d = _clean_scalar(demand)
+    if d > 0:
+        return d
+    return float(_nonneg(np.asarray(capacity, dtype=np.float64)).sum())
+
+
+def utilization(shares: np.ndarray, capacity: np.ndarray, demand: float) -> np.ndarray:
+    """Per-endpoint load/capacity. Load on an endpoint without capacity is ``inf``."""
+    s = _nonneg(np.asarray(shares, dtype=np.float64))
+    cap = _nonneg(np.asarray(capacity, dtype=np.float64))
+    d = _clean_scalar(demand)
+    load = s * d
+    with np.errstate(divide="ignore", invalid="ignore"):
+        u = np.where(cap > 0, load / np.where(cap > 0, cap, 1.0), np.where(load > 0, np.inf, 0.0))
+    return u
+
+
+def objective(
+    shares: np.ndarray,
+    capacity: np.ndarray,
+    cost: np.ndarray,
+    demand: float,
+    *,
+    cost_weight: float = 0.1,
+) -> float:
+    """The LP's objective for any full split: max utilisation + normalised cost term.
+
+    Uses the same sanitation and planning demand as the LP, so the value of an
+    :func:`oracle` result is <= that of any other split of the same inputs.
+    """
+    s = _nonneg(_vector("shares", shares))
+    n = s.shape[0]
+    cap = _nonneg(_vector("capacity", capacity, n))
+    c = _clean_cost(_vector("cost", cost, n))
+    w = _clean_scalar(cost_weight)
+    u = utilization(s, cap, planning_demand(demand, cap))
+    cmax = float(c.max()) if n else 0.0
+    cost_term = w * float(c @ s) / cmax if cmax > 0 else 0.0
+    return float(u.max(initial=0.0)) + cost_term
+
+
+# -- the LP -------------------------------------------------------------------------------
+
+
+def _lp(
+    cap: np.ndarray, cost_coef: np.ndarray, budget: float, floor: float, demand: float
+) -> np.ndarray | None:
+    """Critical shares minimising U + cost_coef @ x (+ the tie-break), or None on failure."""
+    m = cap.shape[0]
+    # Work in units of the largest capacity: x_i * r_i <= U' with r_i >= 1. Feasibility is
+    # then checked on shares (HiGHS' absolute 1e-7 tolerance), not on raw utilisations that
+    # may be tiny (little demand) and would leave the shares loose.
+    cap_ref = float(cap.max())
+    with np.errstate(over="ignore", divide="ignore", under="ignore"):
+        r = cap_ref / cap
+        k_u = demand / cap_ref  # U = k_u * U'
+    if not (np.all(np.isfinite(r)) and math.isfinite(k_u) and k_u > 0):
+        return None
+    tie = floor > 0
+    nv = m + 2 if tie else m + 1  # x..., U', and V' (the critical endpoints' own max)
+    c = np.zeros(nv)
+    c[:m] = cost_coef
+    c[m] = k_u
+    a_ub = np.zeros((m + 1 if tie else m, nv))
+    a_ub[np.arange(m), np.arange(m)] = r
+    if tie:
+        c[m + 1] = TIE_BREAK * k_u
+        a_ub[:m, m + 1] = -1.0  # V' >= x_i r_i
+        a_ub[m, m + 1] = 1.0  # U' >= V'
+        a_ub[m, m] = -1.0
+    else:
+        a_ub[:, m] = -1.0  # U' >= x_i r_i
+    # argmin is invariant to scaling the objective; a unit-sized one suits HiGHS' tolerances.
+    c /= float(np.abs(c).max())
+    a_eq = np.zeros((1, nv))
+    a_eq[0, :m] = 1.0
+    bounds = [(0.0, None)] * m + [(floor / k_u, None)] + ([(0.0, None)] if tie else [])
+    try:
+        with warnings.catch_warnings():
+            # A failed solve is handled by the caller's fallback; a warning would only
+            # duplicate it (and is an error under the test suite's settings).
+            warnings.simplefilter("ignore", OptimizeWarning)
+            warnings.simplefilter("ignore", RuntimeWarning)
+            res = linprog(
+                c, A_ub=a_ub, b_ub=np.zeros(a_ub.shape[0]), A_eq=a_eq, b_eq=[budget], bounds=bounds, method="highs"
+            )
+    except (ValueError, np.linalg.LinAlgError):
+        return None
+    if res.status != 0 or res.x is None or not np.all(np.isfinite(res.x)):
+        return None
+    x = np.clip(res.x[:m], 0.0, None)
+    total = float(x.sum())
+    if total <= 0 or abs(total - budget) > 1e-6 * max(budget, 1.0):
+        return None
+    # HiGHS meets the equality within its tolerance; the caller promises sum 1 within 1e-9.
+    return x * (budget / total)
+
+
+def _result(shares: np.ndarray, capacity: np.ndarray, demand: float, fallback: Fallback | None) -> LpResult:
+    s = np.clip(shares, 0.0, None)
+    total = float(s.sum())
+    if abs(total - 1.0) > 1e-12:
+        s = s / total
+    u = utilization(s, capacity, demand)
+    return LpResult(s, float(u.max(initial=0.0)), fallback or "optimal", fallback)
+
+
+def _solve(
+    shares: np.ndarray,
+    crit: np.ndarray,
+    capacity: np.ndarray,
+    cost: np.ndarray,
+    demand: float,
+    avail: np.ndarray,
+    cost_weight: float,
+) -> LpResult:
+    n = shares.shape[0]
+    cap = _nonneg(capacity)
+    d_real = _clean_scalar(demand)
+    if not avail.any():
+        return _result(np.full(n, 1.0 / n), cap, d_real, "all_down")
+    s = _clean_shares(shares, avail)
+    kept_mask = ~crit & avail
+    out = np.where(kept_mask, s, 0.0)
+    budget = max(0.0, 1.0 - float(out.sum()))
+
+    crit_avail = crit & avail
+    if not crit_avail.any():
+        base = np.where(avail, s, 0.0)
+        base = base / base.sum() if base.sum() > 0 else avail / avail.sum()
+        return _result(base, cap, d_real, "no_critical")
+    if budget <= 0:
+        return _result(out, cap, d_real, None)
+
+    usable = crit_avail & (cap > 0)
+    if not usable.any():
+        out[crit_avail] += budget / int(crit_avail.sum())
+        return _result(out, cap, d_real, "no_capacity")
+
+    idx = np.flatnonzero(usable)
+    if idx.size == 1:
+        out[idx] = budget
+        return _result(out, cap, d_real, None)
+
+    d_plan = planning_demand(d_real, cap)
+    fixed_u = utilization(out, cap, d_plan)[kept_mask]
+    # An overloaded kept endpoint without capacity (inf) is beyond the LP's reach; as a
+    # floor it would make every critical split "free" and hand it all to the cheapest.
+    fixed_u = fixed_u[np.isfinite(fixed_u)]
+    floor = float(fixed_u.max(initial=0.0))
+    c = _clean_cost(cost)
+    cmax = float(c.max())
+    w = _clean_scalar(cost_weight)
+    cost_coef = w * c[idx] / cmax if cmax > 0 else np.zeros(idx.size)
+
+    x = _lp(cap[idx], cost_coef, budget, floor, d_plan)
+    fallback = None
+    if x is None:
+        x = budget * cap[idx] / cap[idx].sum()
+        fallback = "lp_failed"
+    out[idx] = x
+    return _result(out, cap, d_real, fallback)
+
+
+def solve_critical(
+    shares: np.ndarray | Sequence[float],
+    critical: Sequence[int] | np.ndarray,
+    capacity: np.ndarray | Sequence[float],
+    cost: np.ndarray | Sequence[float],
+    demand: float,
+    *,
+    available: np.ndarray | Sequence[bool] | None = None,
+    cost_weight: float = 0.1,
+) -> LpResult:
+    """Re-optimise only the ``critical`` endpoints (indices or a bool mask); see the module doc.
+
+    Available non-critical endpoints keep their share exactly; unavailable ones release
+    theirs to the critical set. Raises ValueError only for structural problems (empty
+    input, mismatched lengths, critical index out of range).
+    """
+    s = _vector("shares", shares)
+    n = s.shape[0]
+    if n == 0:
+        raise ValueError("no endpoints")
+    avail = _available(available, n)
+    return _solve(
+        s,
+        _critical_mask(critical, n),
+        _vector("capacity", capacity, n),
+        _vector("cost", cost, n),
+        demand,
+        avail,
+        cost_weight,
+    )
+
+
+def oracle(
+    capacity: np.ndarray | Sequence[float],
+    cost: np.ndarray | Sequence[float],
+    demand: float,
+    *,
+    available: np.ndarray | Sequence[bool] | None = None,
+    cost_weight: float = 0.1,
+) -> LpResult:
+    """The same LP with every endpoint critical: with true capacities, the physical limit."""
+    cap = _vector("capacity", capacity)
+    n = cap.shape[0]
+    if n == 0:
+        raise ValueError("no endpoints")
+    avail = _available(available, n)
+    return _solve(
+        np.full(n, 1.0 / n), np.ones(n, dtype=bool), cap, _vector("cost", cost, n), demand, avail, cost_weight
+    )
+
+
+# -- from shares to Envoy weights -----------------------------------------------------------
+
+
+def shares_to_weights(
+    shares: np.ndarray | Sequence[float],
+    *,
+    scale: int = 10000,
+    available: np.ndarray | Sequence[bool] | None = None,
+) -> np.ndarray:
+    """Integer Envoy ``load_balancing_weight``s realising ``shares`` as closely as possible.
+
+    The weights sum to exactly ``max(scale, n)`` (<= 2**32-1), so ``weight / sum`` is the
+    realised share. Envoy forbids weight 0, so an endpoint with share 0 (or unavailable)
+    gets weight 1 and still receives ~1/scale of the traffic unless health status drains
+    it; the units those endpoints take are subtracted from the others in proportion.
+    The rest is largest-remainder rounding with every positive share at >= 1, which keeps
+    each realised share within ``n/scale`` of the intended one.
+
+    Shares are sanitised like the LP's (NaN/negative -> 0, renormalised; all zero -> equal
+    over available endpoints). Raises ValueError only for ``scale < 1``.
+    """
+    s = _nonneg(_vector("shares", shares))
+    n = s.shape[0]
+    if int(scale) < 1:
+        raise ValueError(f"scale must be >= 1, got {scale}")
+    if n == 0:
+        return np.zeros(0, dtype=np.int64)
+    avail = _available(available, n)
+    s = np.where(avail, s, 0.0)
+    total = float(s.sum())
+    if total > 0:
+        s = s / total
+    else:
+        base = avail if avail.any() else np.ones(n, dtype=bool)
+        s = base / base.sum()
+
+    units = min(max(int(scale), n), UINT32_MAX)
+    w = np.ones(n, dtype=np.int64)
+    pos = s > 0
+    # Every zero-share endpoint costs one unit; the positive ones share what is left.
+    rest = units - int((~pos).sum())
+    target = s[pos] * rest
+    wp = np.maximum(np.floor(target).astype(np.int64), 1)
+    deficit = rest - int(wp.sum())
+    if deficit > 0:
+        order = np.argsort(-(target - wp), kind="stable")
+        wp[order[:deficit]] += 1
+    while deficit < 0:
+        # Bumping tiny shares to 1 overspent; take back from the most over-served.
+        excess = np.where(wp > 1, wp - target, -np.inf)
+        wp[int(np.argmax(excess))] -= 1
+        deficit += 1
+    w[pos] = wp
+    return w
+
+
+def traffic_moved(old_shares: np.ndarray | Sequence[float], new_shares: np.ndarray | Sequence[float]) -> float:
+    """Fraction of traffic whose endpoint changed: ``0.5 * sum |new - old|`` (NaN -> 0)."""
+    old = _nonneg(_vector("old_shares", old_shares))
+    new = _nonneg(_vector("new_shares", new_shares, old.shape[0]))
+    return 0.5 * float(np.abs(new - old).sum())

@@ -1,0 +1,48 @@
+"""The reward: latency against an SLO, errors and cost, in one number per decision.
+
+    reward = -( latency * p95/slo
+              + tail    * max(0, p99/slo - 1)
+              + errors  * error_rate
+              + cost    * cost_per_million / ref_cost )
+
+All inputs are traffic-weighted aggregates over the decision interval. ``p95/slo`` keeps
+pressure on typical latency even inside the SLO; the tail term only counts once p99
+breaks the SLO; ``errors`` (default 10) makes a 1% error rate cost as much as p95 at 10%
+of the SLO; ``cost`` compares the blended $ per million requests with a reference price,
+so cheaper routing wins when latency and errors allow. Each ratio is clipped at 20 so an
+overloaded step cannot swamp the return. The original service used
+``1 / (1 + p95/1000 + 10*err + saturation/20 + 100/(rps+1))``; ours is linear, so
+improvements count the same everywhere on the scale.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+CLIP = 20.0
+
+
+@dataclass(frozen=True)
+class RewardWeights:
+    slo_ms: float = 150.0
+    latency: float = 1.0
+    tail: float = 1.0
+    errors: float = 10.0
+    cost: float = 0.5
+    ref_cost: float = 0.4
+
+
+def _ratio(x: float, scale: float) -> float:
+    if not math.isfinite(x):
+        return CLIP
+    return min(CLIP, max(0.0, x / scale))
+
+
+def reward(p95_ms: float, p99_ms: float, error_rate: float, cost_per_million: float, w: RewardWeights = RewardWeights()) -> float:
+    return -(
+        w.latency * _ratio(p95_ms, w.slo_ms)
+        + w.tail * max(0.0, _ratio(p99_ms, w.slo_ms) - 1.0)
+        + w.errors * (error_rate if math.isfinite(error_rate) else 1.0)
+        + w.cost * _ratio(cost_per_million, w.ref_cost)
+    )

@@ -1,0 +1,168 @@
+"""CFR-RL as a plain gymnasium environment over the fleet simulator.
+
+Each step is one control decision: the agent names K critical endpoints (ordered, no
+repeats), the LP re-splits traffic among them while every other endpoint keeps its share
+(CFR-RL), and the fleet runs ``decision_steps`` simulator steps under the new split. The
+reward (:mod:`balanceiq.policy.reward`) scores those steps.
+
+Configured entirely by ``env_config`` (RLlib passes it through):
+
+==================  ==========================================================
+``scenarios``       names or paths; one is drawn per episode (default ``steady``)
+``n_max``           endpoints the observation is padded to (default 16)
+``k``               critical endpoints per decision (default about 20% of n_max)
+``decision_steps``  simulator steps per decision (default 5)
+``episode_steps``   decisions per episode (default 60)
+``obs_noise``       relative noise on observed latency/errors (default 0.05)
+``cost_weight``     the LP's cost term (default 0.1)
+``reward``          :class:`~balanceiq.policy.reward.RewardWeights` fields
+``seed``            base seed
+==================  ==========================================================
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+
+from balanceiq.policy.features import N_FEATURES, encode, estimate_capacity
+from balanceiq.policy.lp import shares_to_weights, solve_critical, traffic_moved
+from balanceiq.policy.reward import RewardWeights, reward
+from balanceiq.sim.fleet import FleetSim
+from balanceiq.sim.scenario import Scenario, load_scenario
+from balanceiq.telemetry.observation import Observation
+
+
+@dataclass(frozen=True)
+class DecisionOutcome:
+    """What one decision produced, aggregated over its simulator steps."""
+
+    p50_ms: float
+    p95_ms: float
+    p99_ms: float
+    error_rate: float
+    cost_per_million: float
+    max_utilization: float
+    reward: float
+    traffic_moved: float
+
+
+def run_decision(sim: FleetSim, shares: np.ndarray, steps: int, weights: RewardWeights) -> tuple[DecisionOutcome, Any]:
+    """Run ``steps`` simulator steps with ``shares``; returns the outcome and last result."""
+    p50 = p95 = p99 = err = cost = 0.0
+    umax = 0.0
+    last = None
+    for _ in range(steps):
+        last = sim.step(shares)
+        p50 += last.p50_ms
+        p95 += last.p95_ms
+        p99 += last.p99_ms
+        err += last.error_rate
+        cost += last.cost_per_million
+        umax = max(umax, float(last.max_utilization))
+    p50, p95, p99, err, cost = (x / steps for x in (p50, p95, p99, err, cost))
+    r = reward(p95, p99, err, cost, weights)
+    return DecisionOutcome(p50, p95, p99, err, cost, umax, r, 0.0), last
+
+
+class FleetEnv(gym.Env):
+    """CFR-RL over :class:`~balanceiq.sim.fleet.FleetSim`; see the module docstring."""
+
+    metadata: dict[str, Any] = {"render_modes": []}
+
+    def __init__(self, env_config: dict[str, Any] | None = None) -> None:
+        cfg = dict(env_config or {})
+        names = cfg.get("scenarios", ["steady"])
+        self.scenarios: list[Scenario] = [load_scenario(s) for s in ([names] if isinstance(names, str) else names)]
+        biggest = max(len(s.endpoints) for s in self.scenarios)
+        self.n_max = int(cfg.get("n_max", max(16, biggest)))
+        if biggest > self.n_max:
+            raise ValueError(f"scenario with {biggest} endpoints exceeds n_max={self.n_max}")
+        self.k = int(cfg.get("k") or max(1, round(0.2 * self.n_max)))
+        self.decision_steps = int(cfg.get("decision_steps", 5))
+        self.episode_steps = int(cfg.get("episode_steps", 60))
+        self.obs_noise = float(cfg.get("obs_noise", 0.05))
+        self.cost_weight = float(cfg.get("cost_weight", 0.1))
+        self.weights = RewardWeights(**cfg.get("reward", {}))
+        self._base_seed = int(cfg.get("seed", 0))
+        self.observation_space = gym.spaces.Box(0.0, float(max(20, self.n_max)), (self.n_max, N_FEATURES), np.float32)
+        self.action_space = gym.spaces.MultiDiscrete([self.n_max] * self.k)
+        self.sim: FleetSim | None = None
+        self._episode = 0
+
+    # -- gymnasium API ---------------------------------------------------------------------
+
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[np.ndarray, dict[str, Any]]:
+        super().reset(seed=seed)
+        scenario = self.scenarios[int(self.np_random.integers(len(self.scenarios)))]
+        sim_seed = int(self.np_random.integers(2**31)) if seed is not None or self._episode else self._base_seed
+        self._episode += 1
+        self.sim = FleetSim(scenario, seed=sim_seed, obs_noise=self.obs_noise)
+        self.hint = np.array([e.capacity_rps for e in scenario.endpoints], dtype=np.float64)
+        static = np.array([e.weight for e in scenario.endpoints], dtype=np.float64)
+        self.shares = static / static.sum()
+        self.decisions = 0
+        _, last = run_decision(self.sim, self.shares, self.decision_steps, self.weights)
+        self.last_obs = self.sim.observation(last, shares_to_weights(self.shares))
+        return self._encode(self.last_obs), {"scenario": scenario.name}
+
+    def step(self, action: np.ndarray) -> tuple[np.ndarray, float, bool, bool, dict[str, Any]]:
+        assert self.sim is not None, "reset() first"
+        critical = self.critical_from_action(action)
+        new_shares, info = self.apply_critical(critical)
+        info["critical"] = critical
+        return self.step_shares(new_shares, info)
+
+    def step_shares(self, new_shares: np.ndarray, info: dict[str, Any] | None = None) -> tuple[np.ndarray, float, bool, bool, dict[str, Any]]:
+        """Apply a full traffic split (what a baseline decides) and run one decision."""
+        assert self.sim is not None, "reset() first"
+        info = dict(info or {})
+        outcome, last = run_decision(self.sim, new_shares, self.decision_steps, self.weights)
+        moved = traffic_moved(self.shares, new_shares)
+        self.shares = new_shares
+        self.last_obs = self.sim.observation(last, shares_to_weights(new_shares))
+        self.decisions += 1
+        truncated = self.decisions >= self.episode_steps or self.sim.done
+        info.update(
+            {
+                "p50_ms": outcome.p50_ms,
+                "p95_ms": outcome.p95_ms,
+                "p99_ms": outcome.p99_ms,
+                "error_rate": outcome.error_rate,
+                "cost_per_million": outcome.cost_per_million,
+                "max_utilization": outcome.max_utilization,
+                "traffic_moved": moved,
+                "reward": outcome.reward,
+            }
+        )
+        return self._encode(self.last_obs), float(outcome.reward), False, bool(truncated), info
+
+    # -- pieces shared with the benchmark and the live controller ------------------------------
+
+    def critical_from_action(self, action: np.ndarray) -> list[int]:
+        n = self.sim.n if self.sim else self.n_max
+        seen: list[int] = []
+        for a in np.asarray(action).reshape(-1):
+            a = int(a)
+            if 0 <= a < n and a not in seen:
+                seen.append(a)
+        return seen
+
+    def capacity_estimate(self) -> np.ndarray:
+        return estimate_capacity(self.last_obs, self.hint)
+
+    def apply_critical(self, critical: list[int]) -> tuple[np.ndarray, dict[str, Any]]:
+        """The LP over the critical set, with capacity estimated from observations."""
+        obs: Observation = self.last_obs
+        demand = float(np.nansum([e.rps for e in obs.endpoints]))
+        cap = self.capacity_estimate()
+        cost = np.array([e.cost_per_million for e in obs.endpoints])
+        available = np.array([e.healthy is not False for e in obs.endpoints])
+        res = solve_critical(self.shares, critical, cap, cost, demand, available=available, cost_weight=self.cost_weight)
+        return res.shares, {"lp_status": res.status}
+
+    def _encode(self, obs: Observation) -> np.ndarray:
+        return encode(obs, self.capacity_estimate() if self.sim else self.hint, self.n_max, self.weights.slo_ms)

@@ -1,0 +1,507 @@
+"""A vectorised, seeded model of a multi-cloud fleet under a traffic split.
+
+Each :meth:`FleetSim.step` is one telemetry window of ``step_s`` seconds. Total demand
+``D`` is split by the caller's shares ``s``; endpoint ``i`` receives ``lambda_i = s_i D``.
+
+Demand
+    ``D(t) = base_rps * (1 + a sin(2 pi t / period + phase)) * M(t) * eps_t``: a diurnal
+    cycle, the product ``M`` of active ``demand``/``burst`` event multipliers, and
+    mean-one lognormal noise ``eps_t`` (sigma = ``noise``) drawn once per step.
+
+Latency: M/M/1 per endpoint
+    Each endpoint is one M/M/1 queue with service rate ``mu`` = its effective capacity
+    and utilisation ``rho = lambda / mu``. The time in the queue is exponential with rate
+    ``mu (1 - rho)``, so a request's latency is ``base_latency_ms`` plus that sojourn.
+    M/M/1 is the simplest model whose delay grows without bound as ``rho -> 1``, which
+    is the behaviour a balancer must avoid; its quantiles and CDF are closed-form, which
+    keeps a step cheap.
+
+    The formula diverges at ``rho = 1``. Past ``RHO_SAT`` (0.98) a real server's queue
+    fills up until requests wait out the timeout, so the sojourn keeps its ``RHO_SAT``
+    shape and gains a minimum delay rising linearly from 0 at ``RHO_SAT`` to
+    ``TIMEOUT_MS`` (2 s) at ``RHO_FULL`` (1.1). The extra wait beyond ``base`` is capped
+    at ``TIMEOUT_MS``.
+
+    A ``tail_latency`` event (brownout) adds ``v`` ms to a random ``TAIL_FRACTION`` (10%)
+    of requests: the sojourn becomes the mixture ``0.9 Exp + 0.1 (Exp + v)``. The median
+    barely moves (it becomes the 0.556 quantile of the exponential) while p95 and p99
+    grow by about ``v``.
+
+Errors
+    Every endpoint fails ``BASE_ERROR`` (0.1%) of requests. Above capacity it can only
+    serve ``mu``, so the excess ``1 - 1/rho`` is shed: ``error = 1 - (1 - BASE_ERROR)
+    min(1, 1/rho)``. A failed endpoint (``fail`` event) answers every request with an
+    error after ``base_latency_ms`` (fast failure): error rate 1, latency = base,
+    capacity 0.
+
+Aggregates
+    Fleet quantiles are those of the traffic mixture ``F(x) = sum_i s_i F_i(x)``
+    evaluated on a fixed log-spaced latency grid with one matrix product, then inverted
+    by interpolation in log-latency (accurate to a fraction of the grid spacing,
+    ``grid_ratio``). Error rate is traffic-weighted; cost per million is weighted by
+    successfully served requests.
+
+Everything per endpoint is a numpy array: no Python loop over endpoints in a step.
+Event timelines are precompiled into segments of constant state, so a step only checks
+whether the next segment has started.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from balanceiq.sim.scenario import Scenario, load_scenario
+from balanceiq.telemetry.observation import NO_TRAFFIC, EndpointObservation, Observation
+
+__all__ = [
+    "BASE_ERROR",
+    "QUANTILES",
+    "RHO_FULL",
+    "RHO_SAT",
+    "SATURATION_MAX",
+    "TAIL_FRACTION",
+    "TIMEOUT_MS",
+    "FleetSim",
+    "StepResult",
+]
+
+RHO_SAT = 0.98
+"""Utilisation from which an endpoint counts as overloaded (M/M/1 stops applying)."""
+RHO_FULL = 1.1
+"""Utilisation at which every request served waits the full timeout."""
+TIMEOUT_MS = 2000.0
+"""Cap on the wait beyond base latency (queueing plus brownout)."""
+BASE_ERROR = 0.001
+"""Error rate of a healthy endpoint below capacity."""
+TAIL_FRACTION = 0.1
+"""Share of requests a ``tail_latency`` event slows down."""
+SATURATION_MAX = 10.0
+"""Observations clip saturation here: a dead endpoint under traffic is "very" saturated, not inf."""
+QUANTILES = np.array([0.5, 0.95, 0.99])
+"""Latency quantiles reported, in the order of the ``*_p50/p95/p99_ms`` fields."""
+
+_GRID_POINTS = 320
+_GRID_LO_MS = 0.01
+_NOISE_BLOCK = 1024
+
+# -ln(1-q): quantiles of Exp(1). With a brownout the lower 90% of the mixture inverts as
+# -ln(1 - q/0.9) while that stays below the extra delay (else the upper branch applies).
+_K = -np.log1p(-QUANTILES)
+
+
+def _k_low() -> np.ndarray:
+    out = np.full(QUANTILES.shape, np.inf)
+    low = QUANTILES < 1 - TAIL_FRACTION
+    out[low] = -np.log1p(-QUANTILES[low] / (1 - TAIL_FRACTION))
+    return out
+
+
+_K_LOW = _k_low()
+
+
+@dataclass(frozen=True, slots=True)
+class StepResult:
+    """One step of the fleet: per-endpoint arrays (length n) and fleet aggregates.
+
+    Per-endpoint latency and error rate are ``nan`` where the endpoint got no traffic
+    (nothing was measured), never zero.
+    """
+
+    t: float
+    """Simulated time at the start of the step, in seconds."""
+    offered_rps: np.ndarray
+    """Requests per second sent to each endpoint (share x demand)."""
+    served_rps: np.ndarray
+    """Requests per second answered successfully."""
+    capacity_rps: np.ndarray
+    """True effective capacity during the step (0 when failed)."""
+    available: np.ndarray
+    """False where the endpoint was down."""
+    utilization: np.ndarray
+    """offered / capacity; ``inf`` for a failed endpoint that was sent traffic."""
+    endpoint_p50_ms: np.ndarray
+    endpoint_p95_ms: np.ndarray
+    endpoint_p99_ms: np.ndarray
+    endpoint_error_rate: np.ndarray
+    """Fraction of offered requests that failed (shed, fast-failed or base errors)."""
+    inflight: np.ndarray
+    """Mean requests in the system (Little's law: accepted rate x mean latency)."""
+    endpoint_cost_per_million: np.ndarray
+    """Price per million requests in force during the step."""
+    demand_rps: float
+    """Total demand during the step."""
+    p50_ms: float
+    """Fleet median latency (mixture of endpoints by traffic share)."""
+    p95_ms: float
+    p99_ms: float
+    error_rate: float
+    """Fraction of all requests that failed."""
+    cost_per_million: float
+    """$ per million successfully served requests (offered-weighted if none was served)."""
+    max_utilization: float
+    """Highest utilisation among available endpoints; traffic sent to a failed endpoint
+    shows in ``error_rate`` instead of making this ``inf``."""
+
+
+class _Segment:
+    """Fleet state between two event boundaries; precomputed so a step does no event logic."""
+
+    __slots__ = (
+        "any_failed",
+        "any_tail",
+        "capacity",
+        "cost",
+        "demand_mult",
+        "failed",
+        "mu_accept",
+        "mu_safe",
+        "start",
+        "tail",
+        "up",
+    )
+
+    def __init__(self, start: float, base_cap: np.ndarray, base_cost: np.ndarray, active: list[tuple[list[int], str, float]]) -> None:
+        n = base_cap.shape[0]
+        cap_mult = np.ones(n)
+        cost_mult = np.ones(n)
+        tail = np.zeros(n)
+        failed = np.zeros(n, dtype=bool)
+        demand_mult = 1.0
+        for idx, kind, value in active:
+            if kind == "capacity":
+                cap_mult[idx] *= value
+            elif kind == "cost":
+                cost_mult[idx] *= value
+            elif kind == "tail_latency":
+                tail[idx] += value
+            elif kind == "fail":
+                failed[idx] = True
+            else:  # demand, burst
+                demand_mult *= value
+        self.start = start
+        self.failed = failed
+        self.any_failed = bool(failed.any())
+        self.tail = tail
+        self.any_tail = bool((tail > 0).any())
+        self.capacity = np.where(failed, 0.0, base_cap * cap_mult)
+        # A failed endpoint's rate only feeds divisions whose result is then overwritten.
+        self.mu_safe = np.where(failed, 1.0, self.capacity)
+        # Fast failures occupy the endpoint for base latency: nothing is shed, nothing served.
+        self.mu_accept = np.where(failed, np.inf, self.capacity)
+        self.cost = base_cost * cost_mult
+        self.up = ~failed
+        self.demand_mult = demand_mult
+        # Step results hand these out without copying; nobody may change them underneath.
+        for arr in (self.failed, self.tail, self.capacity, self.mu_safe, self.mu_accept, self.cost, self.up):
+            arr.setflags(write=False)
+
+
+class FleetSim:
+    """Seeded simulator of one scenario; see the module docstring for the model.
+
+    ``seed`` defaults to the scenario's. ``obs_noise`` is the relative (lognormal sigma)
+    noise :meth:`observation` puts on latency and error rate, so a policy never sees the
+    exact truth; it uses its own random stream, so observing does not change the run.
+    """
+
+    def __init__(self, scenario: Scenario | str | Path, seed: int | None = None, obs_noise: float = 0.0) -> None:
+        if not isinstance(scenario, Scenario):
+            scenario = load_scenario(scenario)
+        if not (math.isfinite(obs_noise) and obs_noise >= 0):
+            raise ValueError(f"obs_noise must be a finite number >= 0, got {obs_noise!r}")
+        self.scenario = scenario
+        self.obs_noise = float(obs_noise)
+        self.n = len(scenario.endpoints)
+        self.names: list[str] = scenario.names
+        self.clouds: list[str] = [e.cloud for e in scenario.endpoints]
+        self.step_s = float(scenario.step_s)
+        self.base_latency_ms = np.array([e.base_latency_ms for e in scenario.endpoints], dtype=np.float64)
+        self.base_capacity_rps = np.array([e.capacity_rps for e in scenario.endpoints], dtype=np.float64)
+        self.base_cost = np.array([e.cost_per_million for e in scenario.endpoints], dtype=np.float64)
+        self.static_weights = np.array([e.weight for e in scenario.endpoints], dtype=np.float64)
+
+        d = scenario.demand
+        self._base_rps = d.base_rps
+        self._amp = d.diurnal_amplitude
+        self._omega = 2.0 * math.pi / d.diurnal_period_s
+        self._phase = d.phase
+        self._sigma = d.noise
+
+        self._segments = self._compile_segments()
+        self._starts = [seg.start for seg in self._segments]
+        max_tail = max(float(seg.tail.max()) for seg in self._segments)
+
+        # One grid for every step: wide enough for the slowest possible answer.
+        hi = float(self.base_latency_ms.max()) + TIMEOUT_MS + max_tail
+        self.latency_grid_ms = np.geomspace(_GRID_LO_MS, hi * 1.05 + 1.0, _GRID_POINTS)
+        self.grid_ratio = float(self.latency_grid_ms[1] / self.latency_grid_ms[0])
+        """Ratio between neighbouring grid points: the resolution of fleet quantiles."""
+        self._log_grid = np.log(self.latency_grid_ms)
+        x = self.latency_grid_ms[None, :]
+        b = self.base_latency_ms[:, None]
+        self._x_minus_b = x - b
+        # 1 where the grid point is past base + timeout: every answer has arrived by then.
+        self._past_timeout = (self._x_minus_b >= TIMEOUT_MS).astype(np.float64)
+        # CDF of a failed endpoint: every (fast) answer takes exactly base latency.
+        self._failed_cdf = (self._x_minus_b >= 0).astype(np.float64)
+
+        self.seed = scenario.seed if seed is None else int(seed)
+        self.reset()
+
+    # ------------------------------------------------------------------ setup
+
+    def _compile_segments(self) -> list[_Segment]:
+        sc = self.scenario
+        events = [(sc.targets(e.target), e.kind, float(e.value), e.at_s, e.end_s) for e in sc.events]
+        bounds = sorted({0.0} | {e[3] for e in events} | {e[4] for e in events if math.isfinite(e[4])})
+        segments = []
+        for start in bounds:
+            active = [(idx, kind, value) for idx, kind, value, at, end in events if at <= start < end]
+            segments.append(_Segment(start, self.base_capacity_rps, self.base_cost, active))
+        return segments
+
+    def reset(self, seed: int | None = None) -> None:
+        """Back to time 0 with events re-armed; reseeds (same seed, same trajectory)."""
+        if seed is not None:
+            self.seed = int(seed)
+        demand_ss, obs_ss = np.random.SeedSequence(self.seed).spawn(2)
+        self._rng = np.random.default_rng(demand_ss)
+        self._obs_rng = np.random.default_rng(obs_ss)
+        self._k = 0
+        self.t = 0.0
+        self._seg_index = 0
+        self._next_start = self._starts[1] if len(self._starts) > 1 else math.inf
+        self._noise = np.empty(0)
+        self._noise_pos = 0
+        self._enter_step()
+
+    def _enter_step(self) -> None:
+        """Bring segment, demand noise and demand up to date for the step starting at ``t``."""
+        eps = 1e-9 * self.step_s
+        while self.t + eps >= self._next_start:
+            self._seg_index += 1
+            nxt = self._seg_index + 1
+            self._next_start = self._starts[nxt] if nxt < len(self._starts) else math.inf
+        self._seg = self._segments[self._seg_index]
+        if self._noise_pos >= self._noise.shape[0]:
+            # Drawn in blocks: one call per thousand steps instead of one per step.
+            s = self._sigma
+            self._noise = np.exp(s * self._rng.standard_normal(_NOISE_BLOCK) - 0.5 * s * s)
+            self._noise_pos = 0
+        noise = float(self._noise[self._noise_pos])
+        self._noise_pos += 1
+        diurnal = 1.0 + self._amp * math.sin(self._omega * self.t + self._phase)
+        self._demand = self._base_rps * diurnal * self._seg.demand_mult * noise
+
+    # ------------------------------------------------------------------ state now
+
+    def demand_rps(self) -> float:
+        """Total demand of the step about to run (diurnal x events x this step's noise)."""
+        return self._demand
+
+    def capacity(self) -> np.ndarray:
+        """True effective capacity now, in rps (0 where failed)."""
+        return self._seg.capacity.copy()
+
+    def cost(self) -> np.ndarray:
+        """$ per million requests now."""
+        return self._seg.cost.copy()
+
+    def available(self) -> np.ndarray:
+        """True where the endpoint is up."""
+        return self._seg.up.copy()
+
+    @property
+    def done(self) -> bool:
+        """True once ``duration_s`` has elapsed (stepping further is allowed)."""
+        return self.t >= self.scenario.duration_s - 1e-9 * self.step_s
+
+    # ------------------------------------------------------------------ dynamics
+
+    def _shares(self, shares: np.ndarray) -> np.ndarray:
+        s = np.asarray(shares, dtype=np.float64)
+        if s.shape != (self.n,):
+            raise ValueError(f"shares must have shape ({self.n},), got {s.shape}")
+        total = float(s.sum())
+        if not (math.isfinite(total) and total > 0.0) or float(s.min()) < 0.0:
+            bad = np.flatnonzero(np.isnan(s))
+            if bad.size:
+                raise ValueError(f"shares contain NaN at index {bad.tolist()}")
+            bad = np.flatnonzero(np.isinf(s))
+            if bad.size:
+                raise ValueError(f"shares contain infinity at index {bad.tolist()}")
+            bad = np.flatnonzero(s < 0)
+            if bad.size:
+                raise ValueError(f"shares must be >= 0; negative at index {bad.tolist()}")
+            raise ValueError("shares sum to 0: no endpoint would receive traffic")
+        return s if total == 1.0 else s / total
+
+    def step(self, shares: np.ndarray) -> StepResult:
+        """Run one step with traffic split ``shares`` (normalised if it does not sum to 1)."""
+        s = self._shares(shares)
+        seg = self._seg
+        demand = self._demand
+        b = self.base_latency_ms
+
+        lam = s * demand
+        rho = lam / seg.mu_safe
+        # Sojourn rate per ms; frozen at RHO_SAT once overloaded (see module docstring).
+        r = seg.mu_safe * (1.0 - np.minimum(rho, RHO_SAT)) * 1e-3
+        inv_r = 1.0 / r
+        shift = np.minimum(np.maximum((rho - RHO_SAT) * (TIMEOUT_MS / (RHO_FULL - RHO_SAT)), 0.0), TIMEOUT_MS)
+
+        if seg.any_tail:
+            v = seg.tail
+            low = np.multiply.outer(inv_r, _K_LOW)
+            high = v[:, None] + np.multiply.outer(inv_r, _K) + (np.log(TAIL_FRACTION + (1 - TAIL_FRACTION) * np.exp(-r * v)) * inv_r)[:, None]
+            z = np.where(low < v[:, None], low, high)
+        else:
+            z = np.multiply.outer(inv_r, _K)
+        z += shift[:, None]
+        lat = np.minimum(z, TIMEOUT_MS)
+        lat += b[:, None]
+
+        # Mean wait for Little's law, closed form so no sampling is needed:
+        # E[min(s + Exp(r), T)] = T - d + (1 - e^{-r d}) / r with d = max(T - s, 0).
+        gap = np.maximum(TIMEOUT_MS - shift, 0.0)
+        mean_wait = TIMEOUT_MS - gap - np.expm1(-r * gap) * inv_r
+        if seg.any_tail:
+            gap_t = np.maximum(TIMEOUT_MS - shift - seg.tail, 0.0)
+            mean_tail = TIMEOUT_MS - gap_t - np.expm1(-r * gap_t) * inv_r
+            mean_wait = (1 - TAIL_FRACTION) * mean_wait + TAIL_FRACTION * mean_tail
+
+        # Per-endpoint CDFs on one shared grid make the fleet mixture a single matrix product.
+        y = self._x_minus_b - shift[:, None]
+        neg_r = -r[:, None]
+        cdf = -np.expm1(neg_r * np.maximum(y, 0.0))
+        if seg.any_tail:
+            cdf *= 1 - TAIL_FRACTION
+            cdf -= TAIL_FRACTION * np.expm1(neg_r * np.maximum(y - seg.tail[:, None], 0.0))
+        np.maximum(cdf, self._past_timeout, out=cdf)
+
+        served = (1.0 - BASE_ERROR) * np.minimum(lam, seg.capacity)
+        accepted = np.minimum(lam, seg.mu_accept)
+        util = rho
+        if seg.any_failed:
+            failed = seg.failed
+            lat[failed] = b[failed, None]
+            mean_wait[failed] = 0.0
+            cdf[failed] = self._failed_cdf[failed]
+            util = np.where(failed, np.where(lam > 0.0, np.inf, 0.0), rho)
+            up = rho[seg.up]
+            max_util = float(up.max()) if up.size else 0.0
+        else:
+            max_util = float(rho.max())
+        inflight = accepted * (b + mean_wait) * 1e-3
+
+        mix = s @ cdf
+        agg = np.exp(np.interp(QUANTILES, mix, self._log_grid))
+
+        silent = lam <= 0.0
+        err = 1.0 - served / np.maximum(lam, 1e-300)
+        total_served = float(served.sum())
+        if total_served > 0.0:
+            price = float(served @ seg.cost) / total_served
+        else:
+            price = float(s @ seg.cost)
+        if silent.any():
+            lat[silent] = np.nan
+            err[silent] = np.nan
+
+        result = StepResult(
+            t=self.t,
+            offered_rps=lam,
+            served_rps=served,
+            capacity_rps=seg.capacity,
+            available=seg.up,
+            utilization=util,
+            endpoint_p50_ms=lat[:, 0],
+            endpoint_p95_ms=lat[:, 1],
+            endpoint_p99_ms=lat[:, 2],
+            endpoint_error_rate=err,
+            inflight=inflight,
+            endpoint_cost_per_million=seg.cost,
+            demand_rps=demand,
+            p50_ms=float(agg[0]),
+            p95_ms=float(agg[1]),
+            p99_ms=float(agg[2]),
+            error_rate=1.0 - total_served / demand,
+            cost_per_million=price,
+            max_utilization=max_util,
+        )
+        self._k += 1
+        self.t = self._k * self.step_s
+        self._enter_step()
+        return result
+
+    # ------------------------------------------------------------------ telemetry
+
+    def observation(self, result: StepResult, weights: np.ndarray | None = None) -> Observation:
+        """``result`` as the :class:`Observation` live telemetry would produce.
+
+        ``weights`` are the Envoy weights in force (default: the scenario's static ones).
+        ``rps`` is offered requests per second, like Envoy's ``rq_total`` rate (errors
+        included). Endpoints that got no traffic are flagged ``no_traffic`` with ``nan``
+        latency and error rate. ``timestamp`` is simulated time at the end of the step.
+        """
+        n = self.n
+        w = self.static_weights if weights is None else np.asarray(weights, dtype=np.float64)
+        if w.shape != (n,):
+            raise ValueError(f"weights must have shape ({n},), got {w.shape}")
+        p50 = result.endpoint_p50_ms
+        p95 = result.endpoint_p95_ms
+        err = result.endpoint_error_rate
+        if self.obs_noise > 0.0:
+            sig = self.obs_noise
+            z = self._obs_rng.standard_normal((2, n))
+            lat_noise = np.exp(sig * z[0] - 0.5 * sig * sig)
+            # One factor for both quantiles keeps p50 <= p95.
+            p50 = p50 * lat_noise
+            p95 = p95 * lat_noise
+            err = np.clip(err * np.exp(sig * z[1] - 0.5 * sig * sig), 0.0, 1.0)
+        sat = np.minimum(result.utilization, SATURATION_MAX)
+        silent = result.offered_rps <= 0.0
+        no_traffic = frozenset({NO_TRAFFIC})
+        none: frozenset[str] = frozenset()
+        rows = zip(
+            self.names,
+            p50.tolist(),
+            p95.tolist(),
+            err.tolist(),
+            sat.tolist(),
+            result.inflight.tolist(),
+            result.offered_rps.tolist(),
+            result.endpoint_cost_per_million.tolist(),
+            w.tolist(),
+            result.available.tolist(),
+            silent.tolist(),
+            strict=True,
+        )
+        endpoints = tuple(
+            EndpointObservation(
+                address=name,
+                p50_ms=a,
+                p95_ms=c,
+                error_rate=e,
+                saturation=sa,
+                inflight=inf,
+                rps=rps,
+                cost_per_million=cost,
+                weight=wt,
+                healthy=up,
+                age_s=0.0,
+                flags=no_traffic if quiet else none,
+            )
+            for name, a, c, e, sa, inf, rps, cost, wt, up, quiet in rows
+        )
+        return Observation(
+            cluster=self.scenario.name,
+            endpoints=endpoints,
+            source="simulator",
+            timestamp=result.t + self.step_s,
+            window_s=self.step_s,
+        )

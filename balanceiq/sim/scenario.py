@@ -1,0 +1,390 @@
+"""Scenarios: the fleet, its demand and a timeline of events, as data.
+
+A scenario is one YAML file (format: ``balanceiq/sim/scenarios/README.md``). The shipped
+ones live next to that README and are loaded by name; a user's own file is loaded by
+path. Every model is frozen and refuses unknown keys, like :mod:`balanceiq.config`, and
+:func:`load_scenario` turns every problem in a file into one :class:`ConfigError` whose
+``problems`` name the field, e.g. ``events[2].target``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+import typing
+from collections.abc import Mapping
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+
+from balanceiq.config import (
+    _CROSS_FIELD,
+    NonNegFloat,
+    PosFloat,
+    _cross_field_error,
+    _format_loc,
+    _Model,
+    _read_text,
+    _short_repr,
+    _UniqueKeyLoader,
+    _unwrap_annotation,
+    _yaml_error_message,
+)
+from balanceiq.exceptions import ConfigError
+
+__all__ = [
+    "SCENARIOS",
+    "DemandSpec",
+    "EndpointSpec",
+    "Event",
+    "EventKind",
+    "Scenario",
+    "load_scenario",
+    "scenario_from_dict",
+    "scenario_text",
+]
+
+SCENARIOS: tuple[str, ...] = (
+    "steady",
+    "heterogeneous",
+    "degrade",
+    "failure",
+    "brownout",
+    "cost_shift",
+    "flash_crowd",
+    "many_endpoints",
+)
+"""Names of the scenarios shipped in ``balanceiq/sim/scenarios/``."""
+
+EventKind = Literal["capacity", "fail", "tail_latency", "cost", "demand", "burst"]
+
+# Kinds that act on total demand rather than on endpoints.
+_DEMAND_KINDS = ("demand", "burst")
+
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]*")
+
+Multiplier = Annotated[float, Field(strict=True, allow_inf_nan=False)]
+
+
+def _not_blank(value: str, what: str) -> str:
+    if not value.strip():
+        raise ValueError(f"{what} must not be empty")
+    if value != value.strip():
+        raise ValueError(f"{what} {value!r} has leading or trailing spaces")
+    return value
+
+
+class EndpointSpec(_Model):
+    """One simulated backend: where it runs, how much it takes, what it costs."""
+
+    name: str
+    """Unique name; it is the endpoint's address in observations (e.g. ``aws-use1-a``).
+    Letters, digits, ``_ . : -``; not ``all`` and not starting with ``cloud:``, which
+    event targets reserve."""
+
+    cloud: str
+    """Cloud provider (``aws``, ``gcp``, ``azure``...); events can target a whole cloud
+    with ``cloud:<name>``."""
+
+    region: str
+    """Region within the cloud; informational (the latency it implies is in
+    ``base_latency_ms``)."""
+
+    capacity_rps: PosFloat
+    """Service rate in requests per second (the M/M/1 ``mu``); load above it is shed."""
+
+    base_latency_ms: NonNegFloat
+    """Latency of an unloaded request: network round trip plus service, in ms."""
+
+    cost_per_million: NonNegFloat
+    """Price of a million requests served here, in $."""
+
+    weight: int = Field(default=1, ge=1, strict=True)
+    """Static Envoy ``load_balancing_weight`` from config: the split a cost- and
+    load-blind balancer would use, and what observations report before anyone decides."""
+
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, value: str) -> str:
+        if not _NAME_RE.fullmatch(value):
+            raise ValueError(
+                f"endpoint name {value!r} must start with a letter or digit and use only "
+                "letters, digits, '_', '.', ':' and '-'"
+            )
+        if value == "all" or value.startswith("cloud:"):
+            raise ValueError(f"endpoint name {value!r} is reserved for event targets")
+        return value
+
+    @field_validator("cloud")
+    @classmethod
+    def _check_cloud(cls, value: str) -> str:
+        _not_blank(value, "cloud")
+        if "/" in value or ":" in value:
+            raise ValueError(f"cloud {value!r} must not contain '/' or ':'")
+        return value
+
+    @field_validator("region")
+    @classmethod
+    def _check_region(cls, value: str) -> str:
+        return _not_blank(value, "region")
+
+
+class DemandSpec(_Model):
+    """Total request rate offered to the fleet, before events."""
+
+    base_rps: PosFloat
+    """Mean total demand in requests per second."""
+
+    diurnal_amplitude: float = Field(default=0.3, ge=0, lt=1, strict=True, allow_inf_nan=False)
+    """Relative swing of the daily cycle: demand is ``base_rps * (1 + a*sin(...))``."""
+
+    diurnal_period_s: PosFloat = 600.0
+    """Length of one simulated "day" in seconds (compressed so an episode sees one)."""
+
+    noise: NonNegFloat = 0.05
+    """Relative step-to-step noise: a mean-one lognormal factor with this sigma."""
+
+    phase: Multiplier = 0.0
+    """Phase of the daily cycle in radians; 0 puts the peak at a quarter period."""
+
+
+class Event(_Model):
+    """Something that happens to endpoints (or to demand) from ``at_s`` for ``duration_s``."""
+
+    at_s: NonNegFloat
+    """Simulated second at which the event starts (steps starting at or after it see it)."""
+
+    duration_s: PosFloat | None = None
+    """How long it lasts in seconds; omitted or null: until the end of the run."""
+
+    target: str
+    """An endpoint name, ``cloud:<name>`` for every endpoint of that cloud, or ``all``.
+    ``demand`` and ``burst`` events act on total demand and must target ``all``."""
+
+    kind: EventKind
+    """``capacity`` (multiply capacity), ``fail`` (endpoint down: every request errors
+    fast), ``tail_latency`` (add ``value`` ms to a random 10% of requests), ``cost``
+    (multiply price), ``demand`` / ``burst`` (multiply total demand)."""
+
+    value: Multiplier
+    """Multiplier for capacity/cost/demand/burst (> 0; cost >= 0), extra ms for
+    tail_latency (>= 0); ignored (and optional) for fail."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fail_needs_no_value(cls, data: Any) -> Any:
+        if isinstance(data, Mapping) and data.get("kind") == "fail" and "value" not in data:
+            return {**data, "value": 0.0}
+        return data
+
+    @field_validator("target")
+    @classmethod
+    def _check_target(cls, value: str) -> str:
+        _not_blank(value, "target")
+        if value.startswith("cloud:") and not value[len("cloud:") :].strip():
+            raise ValueError("target 'cloud:' needs a cloud name, e.g. 'cloud:aws'")
+        return value
+
+    @model_validator(mode="after")
+    def _check_value(self) -> Event:
+        problems: list[tuple[tuple[str | int, ...], str]] = []
+        v = self.value
+        if self.kind in ("capacity", "demand", "burst") and v <= 0:
+            problems.append((("value",), f"a {self.kind} multiplier must be > 0 (got {v}); use kind 'fail' to take an endpoint down"))
+        elif self.kind == "cost" and v < 0:
+            problems.append((("value",), f"a cost multiplier must be >= 0 (got {v})"))
+        elif self.kind == "tail_latency" and v < 0:
+            problems.append((("value",), f"tail_latency adds milliseconds and must be >= 0 (got {v})"))
+        if self.kind in _DEMAND_KINDS and self.target != "all":
+            problems.append((("target",), f"{self.kind} events change total demand and must target 'all', not {self.target!r}"))
+        if problems:
+            raise _cross_field_error(problems)
+        return self
+
+    @property
+    def end_s(self) -> float:
+        """When the event stops; ``inf`` for one that lasts to the end."""
+        return float("inf") if self.duration_s is None else self.at_s + self.duration_s
+
+
+class Scenario(_Model):
+    """A fleet, its demand and a timeline of events: everything one simulator run needs."""
+
+    name: str
+    """Short name (the file name without ``.yaml`` when the file does not set it)."""
+
+    description: str = ""
+    """What the scenario tests, in a sentence or two."""
+
+    step_s: PosFloat = 1.0
+    """Simulated seconds per step (one telemetry window)."""
+
+    duration_s: PosFloat
+    """Length of a run in simulated seconds. The simulator can run past it; events
+    without a duration then stay in force."""
+
+    endpoints: list[EndpointSpec] = Field(min_length=1)
+    """The fleet; names must be unique."""
+
+    demand: DemandSpec
+    """Total demand over time, before demand/burst events."""
+
+    events: list[Event] = Field(default_factory=list)
+    """Timeline of events; overlapping events compose (multipliers multiply, extra
+    tail latencies add, any active ``fail`` takes the endpoint down)."""
+
+    seed: int = Field(default=0, ge=0, strict=True)
+    """Default random seed (demand noise); a simulator's own seed overrides it."""
+
+    @model_validator(mode="after")
+    def _check_references(self) -> Scenario:
+        problems: list[tuple[tuple[str | int, ...], str]] = []
+        if self.duration_s < self.step_s:
+            problems.append((("duration_s",), f"duration_s {self.duration_s} is shorter than one step (step_s {self.step_s})"))
+        first_seen: dict[str, int] = {}
+        for index, endpoint in enumerate(self.endpoints):
+            first = first_seen.setdefault(endpoint.name, index)
+            if first != index:
+                problems.append(((("endpoints", index, "name")), f"duplicate name {endpoint.name!r}: endpoints[{first}] has it too"))
+        names = set(first_seen)
+        clouds = sorted({e.cloud for e in self.endpoints})
+        for index, event in enumerate(self.events):
+            target = event.target
+            if target.startswith("cloud:"):
+                cloud = target[len("cloud:") :]
+                if cloud not in clouds:
+                    problems.append((("events", index, "target"), f"no endpoint runs in cloud {cloud!r}; clouds here: {', '.join(clouds)}"))
+            elif target != "all" and target not in names:
+                close = difflib.get_close_matches(target, sorted(names), n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                problems.append((("events", index, "target"), f"unknown endpoint {target!r}{hint} (use a name from endpoints, 'cloud:<name>' or 'all')"))
+            if event.at_s >= self.duration_s:
+                problems.append((("events", index, "at_s"), f"at_s {event.at_s} is not before the end of the run (duration_s {self.duration_s})"))
+        if problems:
+            raise _cross_field_error(problems)
+        return self
+
+    @property
+    def names(self) -> list[str]:
+        """Endpoint names in order."""
+        return [e.name for e in self.endpoints]
+
+    @property
+    def total_capacity_rps(self) -> float:
+        """Sum of configured capacities (before events)."""
+        return float(sum(e.capacity_rps for e in self.endpoints))
+
+    @property
+    def n_steps(self) -> int:
+        """Steps in one run of ``duration_s``."""
+        return max(1, round(self.duration_s / self.step_s))
+
+    def targets(self, target: str) -> list[int]:
+        """Indices of the endpoints an event target names."""
+        if target == "all":
+            return list(range(len(self.endpoints)))
+        if target.startswith("cloud:"):
+            cloud = target[len("cloud:") :]
+            return [i for i, e in enumerate(self.endpoints) if e.cloud == cloud]
+        return [i for i, e in enumerate(self.endpoints) if e.name == target]
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _model_at(loc: tuple[str | int, ...]) -> type[BaseModel] | None:
+    """The model that validates the mapping at ``loc`` below :class:`Scenario`."""
+    candidates: list[Any] = [Scenario]
+    for part in loc:
+        following: list[Any] = []
+        for candidate in candidates:
+            if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+                field = candidate.model_fields.get(part) if isinstance(part, str) else None
+                if field is not None:
+                    following += _unwrap_annotation(field.annotation)
+            elif typing.get_origin(candidate) in (list, dict):
+                following += _unwrap_annotation(typing.get_args(candidate)[-1])
+        candidates = following
+    return next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+
+
+def _problems(exc: ValidationError) -> list[tuple[str, str]]:
+    problems: list[tuple[str, str]] = []
+    for error in exc.errors():
+        loc = tuple(error["loc"])
+        kind = error["type"]
+        ctx = error.get("ctx") or {}
+        if kind == _CROSS_FIELD:
+            problems += [(_format_loc(loc + tuple(sub)), message) for sub, message in ctx["problems"]]
+            continue
+        if kind == "extra_forbidden":
+            model = _model_at(loc[:-1])
+            allowed = list(model.model_fields) if model else []
+            close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+            if close:
+                message = f"unknown key; did you mean {close[0]!r}?"
+            else:
+                message = f"unknown key; allowed keys: {', '.join(allowed)}" if allowed else "unknown key"
+        elif kind == "missing":
+            message = "required key is missing"
+        elif kind in ("value_error", "assertion_error") and "error" in ctx:
+            message = str(ctx["error"])
+        else:
+            message = error["msg"]
+            value = error.get("input")
+            if not isinstance(value, (dict, list)):
+                message += f" (got {_short_repr(value)})"
+        problems.append((_format_loc(loc), message))
+    return list(dict.fromkeys(problems))
+
+
+def scenario_from_dict(data: Any, source: str | None = None) -> Scenario:
+    """Validate parsed YAML into a :class:`Scenario`; :class:`ConfigError` lists every problem."""
+    if not isinstance(data, Mapping):
+        kind = "list" if isinstance(data, list) else type(data).__name__
+        raise ConfigError([("", f"the top level must be a mapping of scenario keys, not a {kind}")], source)
+    try:
+        return Scenario.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_problems(exc), source) from exc
+
+
+def _parse(text: str, source: str, default_name: str) -> Scenario:
+    try:
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as exc:
+        raise ConfigError([("", _yaml_error_message(exc))], source) from exc
+    except RecursionError as exc:
+        raise ConfigError([("", "YAML is nested too deeply")], source) from exc
+    if data is None:
+        raise ConfigError([("", "file is empty (no scenario in it)")], source)
+    if isinstance(data, Mapping) and "name" not in data:
+        data = {"name": default_name, **data}
+    return scenario_from_dict(data, source)
+
+
+def scenario_text(name: str) -> str:
+    """The YAML text of a shipped scenario (comments included)."""
+    if name not in SCENARIOS:
+        raise ConfigError([("", f"unknown scenario {name!r}; shipped: {', '.join(SCENARIOS)}")])
+    return resources.files("balanceiq.sim").joinpath("scenarios", f"{name}.yaml").read_text(encoding="utf-8")
+
+
+def load_scenario(name_or_path: str | Path) -> Scenario:
+    """A shipped scenario by name (see :data:`SCENARIOS`) or a scenario YAML file by path.
+
+    Raises :class:`ConfigError` naming every problem: unknown name, unreadable file, YAML
+    syntax (with line and column), and each invalid field (e.g. ``events[1].target``).
+    """
+    path = Path(name_or_path)
+    if str(name_or_path) in SCENARIOS and not path.exists():
+        return _parse(scenario_text(str(name_or_path)), f"scenario {name_or_path}", str(name_or_path))
+    source = str(path)
+    if not path.exists() and path.suffix not in (".yaml", ".yml") and len(path.parts) == 1:
+        raise ConfigError(
+            [("", f"no shipped scenario or file named {source!r}; shipped: {', '.join(SCENARIOS)}")], source
+        )
+    return _parse(_read_text(path, source), source, path.stem)

@@ -1,0 +1,133 @@
+"""`balanceiq train`: PPO (RLlib, new API stack) on the simulator, with progress and a summary.
+
+The algorithm config comes from ``rllib_configs/ppo.yaml``; flags override the number of
+env runners and iterations. The checkpoint is written with ``algo.save_to_path`` and the
+policy module is re-loaded from it and checked to be our class, because RLlib silently
+falls back to a default RLModule when it cannot import a custom one.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from balanceiq.exceptions import ConfigError
+from balanceiq.policy.checkpoint import load_module
+
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "rllib_configs" / "ppo.yaml"
+
+
+def load_algo_config(path: Path | None) -> dict[str, Any]:
+    path = path or DEFAULT_CONFIG
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError([("", f"cannot read RLlib config: {exc}")], str(path)) from exc
+    if not isinstance(data, dict) or data.get("algorithm") != "PPO":
+        raise ConfigError([("algorithm", "must be PPO")], str(path))
+    unknown = sorted(set(data) - {"algorithm", "env_config", "model", "training", "env_runners"})
+    if unknown:
+        raise ConfigError([(k, "unknown key") for k in unknown], str(path))
+    return data
+
+
+def build_algo_config(cfg: dict[str, Any], *, scenarios: list[str] | None, num_env_runners: int | None, seed: int = 0) -> Any:
+    from ray.rllib.algorithms.ppo import PPOConfig
+    from ray.rllib.core.rl_module.rl_module import RLModuleSpec
+
+    from balanceiq.policy.module import CriticalEndpointModule
+    from balanceiq.sim.env import FleetEnv
+
+    env_config = {**cfg.get("env_config", {}), "seed": seed}
+    if scenarios:
+        env_config["scenarios"] = scenarios
+    runners = dict(cfg.get("env_runners", {}))
+    if num_env_runners is not None:
+        runners["num_env_runners"] = num_env_runners
+    return (
+        PPOConfig()
+        .environment(FleetEnv, env_config=env_config)
+        .framework("torch")
+        .rl_module(rl_module_spec=RLModuleSpec(module_class=CriticalEndpointModule, model_config=cfg.get("model", {})))
+        .env_runners(**runners)
+        .learners(num_learners=0)
+        .training(**cfg.get("training", {}))
+        .debugging(seed=seed, log_level="ERROR")
+        .reporting(metrics_num_episodes_for_smoothing=20)
+    )
+
+
+def _metric(result: dict[str, Any], *keys: str) -> float | None:
+    node: Any = result
+    for k in keys:
+        if not isinstance(node, dict) or k not in node:
+            return None
+        node = node[k]
+    return float(node) if isinstance(node, (int, float)) else None
+
+
+def train(
+    *,
+    scenarios: list[str] | None,
+    iterations: int,
+    checkpoint_dir: Path,
+    num_env_runners: int | None = None,
+    config_path: Path | None = None,
+    seed: int = 0,
+    console: Console | None = None,
+) -> dict[str, Any]:
+    import ray
+
+    console = console or Console(stderr=True)
+    cfg = load_algo_config(config_path)
+    own_ray = not ray.is_initialized()
+    if own_ray:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    algo = None
+    history: list[dict[str, Any]] = []
+    t0 = time.monotonic()
+    try:
+        algo = build_algo_config(cfg, scenarios=scenarios, num_env_runners=num_env_runners, seed=seed).build_algo()
+        with Progress(
+            TextColumn("training"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            TextColumn("{task.fields[status]}"), console=console,
+        ) as progress:  # fmt: skip
+            task = progress.add_task("train", total=iterations, status="")
+            for i in range(iterations):
+                result = algo.train()
+                ret = _metric(result, "env_runners", "episode_return_mean")
+                steps = _metric(result, "num_env_steps_sampled_lifetime") or _metric(
+                    result, "env_runners", "num_env_steps_sampled_lifetime"
+                )
+                history.append({"iteration": i + 1, "episode_return_mean": ret, "env_steps": steps,
+                                "elapsed_s": round(time.monotonic() - t0, 1)})  # fmt: skip
+                progress.update(task, advance=1, status=f"return {ret:.2f}" if ret is not None else "")
+        checkpoint_dir = Path(checkpoint_dir).resolve()
+        checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        algo.save_to_path(str(checkpoint_dir))
+    finally:
+        if algo is not None:
+            algo.stop()
+        if own_ray:
+            ray.shutdown()
+    module = load_module(checkpoint_dir)
+    returns = [h["episode_return_mean"] for h in history if h["episode_return_mean"] is not None]
+    summary = {
+        "checkpoint": str(checkpoint_dir),
+        "module_class": type(module).__name__,
+        "iterations": iterations,
+        "env_steps": history[-1]["env_steps"] if history else 0,
+        "elapsed_s": round(time.monotonic() - t0, 1),
+        "first_return": returns[0] if returns else None,
+        "final_return": returns[-1] if returns else None,
+        "best_return": max(returns) if returns else None,
+        "history": history,
+    }
+    (checkpoint_dir / "training_summary.json").write_text(json.dumps(summary, indent=1))
+    return summary

@@ -1,0 +1,174 @@
+"""Baseline policies: one interface, valid decisions, and no crash on unmeasured data."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from balanceiq.policy.baselines import (
+    BASELINES,
+    CostAwareStatic,
+    Decision,
+    EqualWeights,
+    InverseLatencyEwma,
+    LeastRequest,
+    Oracle,
+    Policy,
+    PolicyContext,
+    StaticWeights,
+    TopKHeuristic,
+    estimate_capacity,
+    make_policy,
+)
+from balanceiq.policy.lp import UINT32_MAX
+from balanceiq.telemetry.observation import NO_TRAFFIC, EndpointObservation, Observation
+
+NAN = math.nan
+
+
+def fleet(*, healthy: tuple[bool | None, ...] = (True, True, True, None), p95: tuple[float, ...] = (20, 40, 80, NAN)) -> Observation:
+    flags = [frozenset() if math.isfinite(p) else frozenset({NO_TRAFFIC}) for p in p95]
+    rps = (300.0, 200.0, 100.0, 0.0)
+    eps = tuple(
+        EndpointObservation(
+            address=f"10.0.0.{i}:80", p50_ms=p / 2, p95_ms=p, error_rate=0.0, saturation=[0.3, 0.5, 0.9, NAN][i],
+            inflight=[3.0, 5.0, 9.0, NAN][i], rps=rps[i], cost_per_million=[0.2, 0.5, 1.0, NAN][i],
+            weight=1.0, healthy=healthy[i], flags=flags[i],
+        )  # fmt: skip
+        for i, p in enumerate(p95)
+    )
+    return Observation(cluster="web", endpoints=eps, source="simulator")
+
+
+def context(**over: object) -> PolicyContext:
+    base: dict[str, object] = {
+        "shares": np.array([0.4, 0.3, 0.2, 0.1]),
+        "capacity_hint": np.array([1000.0, NAN, 200.0, NAN]),
+        "static_weights": np.array([3.0, 2.0, 1.0, 1.0]),
+        "demand_rps": 600.0,
+        "k": 2,
+        "true_capacity": np.array([1000.0, 400.0, 200.0, 300.0]),
+    }
+    base.update(over)
+    return PolicyContext(**base)  # type: ignore[arg-type]
+
+
+def assert_valid(d: Decision, n: int, available: np.ndarray | None = None) -> None:
+    assert isinstance(d, Decision)
+    assert d.shares.shape == (n,) and np.all(np.isfinite(d.shares)) and np.all(d.shares >= 0)
+    assert abs(float(d.shares.sum()) - 1.0) <= 1e-9
+    assert d.weights.shape == (n,) and np.issubdtype(d.weights.dtype, np.integer)
+    assert np.all(d.weights >= 1) and int(d.weights.sum()) <= UINT32_MAX
+    assert all(0 <= i < n for i in d.critical)
+    if available is not None:
+        assert np.all(d.shares[~available] == 0)
+
+
+@pytest.mark.parametrize("name", sorted(BASELINES))
+def test_every_baseline_returns_a_valid_decision(name: str) -> None:
+    policy = make_policy(name)
+    assert isinstance(policy, Policy)
+    assert policy.name == name
+    policy.reset()
+    for _ in range(3):  # stateful policies must stay valid across steps
+        assert_valid(policy.decide(fleet(), context()), 4)
+
+
+@pytest.mark.parametrize("name", sorted(set(BASELINES) - {"equal", "static"}))
+def test_controller_baselines_drain_unhealthy_endpoints(name: str) -> None:
+    obs = fleet(healthy=(True, False, True, None))
+    d = make_policy(name).decide(obs, context())
+    assert_valid(d, 4, available=np.array([True, False, True, True]))
+
+
+@pytest.mark.parametrize("name", sorted(BASELINES))
+def test_baselines_survive_a_fleet_with_nothing_measured(name: str) -> None:
+    eps = tuple(EndpointObservation(address=f"h{i}:1", flags=frozenset({NO_TRAFFIC})) for i in range(3))
+    obs = Observation(cluster="c", endpoints=eps, source="none")
+    ctx = PolicyContext(
+        shares=np.array([NAN, NAN, NAN]), capacity_hint=np.full(3, NAN), static_weights=np.array([1.0, NAN, 0.0]),
+        demand_rps=NAN, k=5, true_capacity=np.array([NAN, 0.0, 10.0]),
+    )  # fmt: skip
+    assert_valid(make_policy(name).decide(obs, ctx), 3)
+
+
+def test_equal_and_static_are_what_envoy_does_alone() -> None:
+    d = EqualWeights().decide(fleet(), context())
+    assert d.weights.tolist() == [1, 1, 1, 1] and d.critical == ()
+    d = StaticWeights().decide(fleet(), context())
+    assert d.weights.tolist() == [3, 2, 1, 1]
+    assert d.shares == pytest.approx([3 / 7, 2 / 7, 1 / 7, 1 / 7])
+
+
+def test_cost_aware_prefers_cheap_capacity() -> None:
+    d = CostAwareStatic().decide(fleet(), context())
+    # hints 1000, (median 600), 200, (600); costs 0.2, 0.5, 1.0, (median 0.5)
+    score = np.array([1000 / 0.2, 600 / 0.5, 200 / 1.0, 600 / 0.5])
+    assert d.shares == pytest.approx(score / score.sum())
+
+
+def test_inverse_latency_tracks_an_ewma_and_keeps_unmeasured_shares() -> None:
+    policy = InverseLatencyEwma()
+    d = policy.decide(fleet(), context())
+    # Endpoint 3 is unmeasured: it keeps 0.1; the rest split 0.9 by 1/p95.
+    inv = np.array([1 / 20, 1 / 40, 1 / 80])
+    assert d.shares[3] == pytest.approx(0.1)
+    assert d.shares[:3] == pytest.approx(0.9 * inv / inv.sum())
+    d = policy.decide(fleet(p95=(120, 40, 80, NAN)), context())
+    assert d.info["ewma_p95_ms"]["10.0.0.0:80"] == pytest.approx(0.3 * 120 + 0.7 * 20)
+    policy.reset()
+    assert policy.decide(fleet(p95=(NAN, NAN, NAN, NAN)), context()).shares == pytest.approx([0.4, 0.3, 0.2, 0.1])
+
+
+def test_inverse_latency_survives_nan_and_zero_latency() -> None:
+    policy = InverseLatencyEwma()
+    for p95 in ((NAN, NAN, NAN, NAN), (0.0, NAN, 5.0, NAN), (NAN, math.inf, -1.0, NAN)):
+        assert_valid(policy.decide(fleet(p95=p95), context()), 4)
+
+
+def test_least_request_favours_idle_capacity() -> None:
+    d = LeastRequest().decide(fleet(), context())
+    score = np.array([1000 / 4, 600 / 6, 200 / 10, 600 / 1])
+    assert d.shares == pytest.approx(score / score.sum())
+
+
+def test_estimate_capacity_prefers_hints_then_measurement_then_median() -> None:
+    cap = estimate_capacity(fleet(), context())
+    # 0: hint; 1: 200 rps at saturation 0.5; 2: hint; 3: no hint, no saturation -> median.
+    assert cap.tolist() == pytest.approx([1000.0, 400.0, 200.0, 400.0])
+    nothing = context(capacity_hint=np.full(4, NAN))
+    obs = Observation("c", tuple(EndpointObservation(f"h{i}:1") for i in range(4)), "none")
+    assert np.isnan(estimate_capacity(obs, nothing)).all()
+    # An idle endpoint's saturation is floored: 10 rps at 0.01 is not 1000 rps of capacity.
+    idle = Observation("c", (EndpointObservation("h:1", rps=10.0, saturation=0.01),), "simulator")
+    one = context(shares=np.ones(1), capacity_hint=np.full(1, NAN), static_weights=np.ones(1))
+    assert estimate_capacity(idle, one).tolist() == [200.0]
+
+
+def test_topk_picks_the_most_utilised_and_runs_the_lp() -> None:
+    d = TopKHeuristic().decide(fleet(), context())
+    # Utilisation: 300/1000, 200/400, 100/200, 0/400 -> endpoints 1 and 2 are critical.
+    assert d.critical == (1, 2)
+    assert d.info["lp_status"] == "optimal"
+    assert d.shares[[0, 3]] == pytest.approx([0.4, 0.1], abs=0)
+
+
+def test_oracle_uses_true_capacity_and_needs_it() -> None:
+    d = Oracle().decide(fleet(), context())
+    assert d.critical == (0, 1, 2, 3)
+    assert d.info["lp_status"] == "optimal"
+    with pytest.raises(ValueError, match="true_capacity"):
+        Oracle().decide(fleet(), context(true_capacity=None))
+
+
+def test_context_must_match_the_observation() -> None:
+    with pytest.raises(ValueError, match="capacity_hint"):
+        TopKHeuristic().decide(fleet(), context(capacity_hint=np.ones(3)))
+
+
+def test_make_policy_names_the_known_ones() -> None:
+    with pytest.raises(ValueError, match="unknown policy 'nope'.*cost_aware.*topk"):
+        make_policy("nope")
+    assert make_policy("topk") is not make_policy("topk")

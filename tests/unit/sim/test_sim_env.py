@@ -1,0 +1,39 @@
+"""The gymnasium environment: API conformance and CFR-RL semantics."""
+
+from __future__ import annotations
+
+import numpy as np
+from gymnasium.utils.env_checker import check_env
+
+from balanceiq.sim.env import FleetEnv
+
+
+def test_passes_gymnasium_env_checker() -> None:
+    check_env(FleetEnv({"scenarios": ["degrade"], "n_max": 16}), skip_render_check=True)
+
+
+def test_only_critical_endpoints_move() -> None:
+    env = FleetEnv({"scenarios": ["heterogeneous"], "n_max": 16, "k": 2})
+    env.reset(seed=0)
+    before = env.shares.copy()
+    # Padding indices and repeats are ignored; the LP touches only endpoints 1 and 4.
+    _, _, _, _, info = env.step(np.array([1, 15]))
+    assert info["critical"] == [1]
+    _, _, _, _, info = env.step(np.array([4, 1]))
+    assert info["critical"] == [4, 1]
+    moved = np.flatnonzero(np.abs(env.shares - before) > 1e-12)
+    assert set(moved) <= {1, 4}
+    assert abs(env.shares.sum() - 1) < 1e-9
+
+
+def test_episodes_end_and_rewards_are_finite() -> None:
+    env = FleetEnv({"scenarios": ["failure"], "n_max": 16, "episode_steps": 20})
+    obs, _ = env.reset(seed=2)
+    total, steps, done = 0.0, 0, False
+    while not done:
+        obs, r, term, trunc, _ = env.step(env.action_space.sample())
+        assert np.isfinite(r) and env.observation_space.contains(obs)
+        total += r
+        steps += 1
+        done = term or trunc
+    assert steps == 20 and np.isfinite(total)
