@@ -213,6 +213,21 @@ def bench_sim(
         out.print_json(json.dumps({k: v for k, v in result.items() if k != "results"}))
 
 
+@bench_app.command("train")
+def bench_train(
+    iterations: Annotated[int, typer.Option(help="Timed PPO iterations per runner count.")] = 4,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,
+) -> None:
+    """Sample throughput of PPO with 1 and 2 env runners, side by side."""
+    from balanceiq.bench.train import run_train_bench
+
+    result = run_train_bench(iterations=iterations, console=err)
+    if as_json:
+        sys.stdout.write(json.dumps(result) + "\n")
+    else:
+        out.print_json(json.dumps(result))
+
+
 @bench_app.command("telemetry")
 def bench_telemetry(
     endpoints: Annotated[int, typer.Option(help="Sample backends (endpoints) in the cluster.")] = 100,

@@ -630,6 +630,14 @@ class TelemetryConfig(_Model):
         return f"{ms // 1000}s" if ms % 1000 == 0 else f"{ms}ms"
 
 
+def critical_count(n_endpoints: int) -> int:
+    """Default K: about 20% of N, but at least 2 (a single critical endpoint cannot move:
+    its share is whatever the others leave), and never more than N."""
+    if n_endpoints <= 0:
+        return 0
+    return min(n_endpoints, max(2, round(n_endpoints / 5)))
+
+
 class ControlConfig(_Model):
     """The control loop: how often it acts and how many endpoints it re-weights."""
 
@@ -645,14 +653,14 @@ class ControlConfig(_Model):
     )
     """How many critical endpoints the policy picks each step for the LP to re-weight;
     the rest keep their share. ``None`` means about 20% of the cluster's endpoints, at
-    least 1. Values above N mean every endpoint is critical."""
+    least 2 (one critical endpoint alone cannot move). Values above N mean every
+    endpoint is critical."""
 
     def critical_count(self, n_endpoints: int) -> int:
         """K for a cluster of ``n_endpoints`` endpoints, clamped to ``0..n_endpoints``."""
-        if n_endpoints <= 0:
-            return 0
-        k = self.k_critical if self.k_critical is not None else max(1, round(n_endpoints / 5))
-        return min(k, n_endpoints)
+        if self.k_critical is not None:
+            return max(0, min(self.k_critical, n_endpoints))
+        return critical_count(n_endpoints)
 
 
 class BackendProfile(_Model):

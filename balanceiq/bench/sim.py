@@ -27,6 +27,7 @@ import numpy as np
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from balanceiq.config import critical_count
 from balanceiq.exceptions import BenchError
 from balanceiq.policy.baselines import BASELINES, Decision, PolicyContext, make_policy
 from balanceiq.policy.checkpoint import SHIPPED, RLPolicy
@@ -72,7 +73,7 @@ def run_pair(scenario: str, policy: Any, *, seed: int = 0, decision_steps: int =
     env.reset(seed=seed)
     assert env.sim is not None
     n = env.sim.n
-    k = max(1, round(0.2 * n))
+    k = critical_count(n)
     static = np.asarray(env.sim.static_weights, dtype=np.float64)
     policy.reset()
     rows: list[dict[str, float]] = []

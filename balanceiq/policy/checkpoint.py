@@ -27,7 +27,7 @@ def load_module(checkpoint: Path | str) -> Any:
 
     from balanceiq.policy.module import CriticalEndpointModule
 
-    path = Path(checkpoint)
+    path = Path(checkpoint).resolve()  # RLlib reads through pyarrow, which wants a URI or absolute path
     if not path.exists():
         raise PolicyError(f"no checkpoint at {checkpoint}")
     if (path / MODULE_SUBDIR).exists():

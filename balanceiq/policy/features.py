@@ -12,8 +12,9 @@ import numpy as np
 
 from balanceiq.telemetry.observation import FEATURES, Observation
 
-# value columns, validity columns, capacity share, estimated utilisation, present
-N_FEATURES = 2 * len(FEATURES) + 3
+# value columns, validity columns, capacity share, estimated utilisation, its deviation
+# from the fleet's (signed and absolute), present
+N_FEATURES = 2 * len(FEATURES) + 5
 
 
 def estimate_capacity(obs: Observation, hint: np.ndarray) -> np.ndarray:
@@ -48,7 +49,15 @@ def encode(obs: Observation, capacity: np.ndarray, n_max: int, slo_ms: float = 1
     cap = np.nan_to_num(capacity, nan=0.0, posinf=0.0)
     cap_share = cap / cap.sum() if cap.sum() > 0 else np.zeros(n)
     util = np.clip(np.divide(rps, cap, out=np.zeros(n), where=cap > 0), 0, 3)
-    rows = np.concatenate([f, valid.astype(np.float64), cap_share[:, None] * n, util[:, None], np.ones((n, 1))], axis=1)
+    # The fleet's utilisation if perfectly balanced; CFR-RL gains most by pairing the
+    # endpoints furthest above it with those furthest below, so say how far each is.
+    fleet = float(np.clip(total_rps / cap.sum(), 0, 3)) if cap.sum() > 0 else 0.0
+    dev = np.where(cap > 0, util - fleet, 0.0)
+    rows = np.concatenate(
+        [f, valid.astype(np.float64), cap_share[:, None] * n, util[:, None],
+         np.clip(dev, -3, 3)[:, None], np.abs(dev)[:, None], np.ones((n, 1))],
+        axis=1,
+    )  # fmt: skip
     out = np.zeros((n_max, N_FEATURES), dtype=np.float32)
     out[:n] = rows
     return out

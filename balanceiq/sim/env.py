@@ -10,7 +10,8 @@ Configured entirely by ``env_config`` (RLlib passes it through):
 ==================  ==========================================================
 ``scenarios``       names or paths; one is drawn per episode (default ``steady``)
 ``n_max``           endpoints the observation is padded to (default 16)
-``k``               critical endpoints per decision (default about 20% of n_max)
+``k``               critical endpoints per decision (default about 20% of the
+                    largest scenario's N, at least 2)
 ``decision_steps``  simulator steps per decision (default 5)
 ``episode_steps``   decisions per episode (default 60)
 ``obs_noise``       relative noise on observed latency/errors (default 0.05)
@@ -28,6 +29,7 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 
+from balanceiq.config import critical_count
 from balanceiq.policy.features import N_FEATURES, encode, estimate_capacity
 from balanceiq.policy.lp import shares_to_weights, solve_critical, traffic_moved
 from balanceiq.policy.reward import RewardWeights, reward
@@ -81,14 +83,14 @@ class FleetEnv(gym.Env):
         self.n_max = int(cfg.get("n_max", max(16, biggest)))
         if biggest > self.n_max:
             raise ValueError(f"scenario with {biggest} endpoints exceeds n_max={self.n_max}")
-        self.k = int(cfg.get("k") or max(1, round(0.2 * self.n_max)))
+        self.k = int(cfg.get("k") or critical_count(biggest))
         self.decision_steps = int(cfg.get("decision_steps", 5))
         self.episode_steps = int(cfg.get("episode_steps", 60))
         self.obs_noise = float(cfg.get("obs_noise", 0.05))
         self.cost_weight = float(cfg.get("cost_weight", 0.1))
         self.weights = RewardWeights(**cfg.get("reward", {}))
         self._base_seed = int(cfg.get("seed", 0))
-        self.observation_space = gym.spaces.Box(0.0, float(max(20, self.n_max)), (self.n_max, N_FEATURES), np.float32)
+        self.observation_space = gym.spaces.Box(-3.0, float(max(20, self.n_max)), (self.n_max, N_FEATURES), np.float32)
         self.action_space = gym.spaces.MultiDiscrete([self.n_max] * self.k)
         self.sim: FleetSim | None = None
         self._episode = 0

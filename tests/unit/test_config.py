@@ -144,7 +144,7 @@ def test_ipv6_address_properties_strip_brackets_and_canonicalise() -> None:
     assert (ep.host, ep.port) == ("::1", 8080)
 
 
-@pytest.mark.parametrize(("n", "expected"), [(1, 1), (3, 1), (5, 1), (10, 2), (300, 60)])
+@pytest.mark.parametrize(("n", "expected"), [(1, 1), (3, 2), (5, 2), (10, 2), (20, 4), (300, 60)])
 def test_k_critical_defaults_to_about_a_fifth(n: int, expected: int) -> None:
     assert ControlConfig().critical_count(n) == expected
 
