@@ -186,7 +186,7 @@ def plot_traces(scenario: str, traces: dict[str, dict[str, Any]], path: Path) ->
     import matplotlib.pyplot as plt
 
     names = next(iter(traces.values()))["names"]
-    fig, axes = plt.subplots(2, len(traces), figsize=(4.2 * len(traces), 6), sharex=True, squeeze=False)
+    fig, axes = plt.subplots(2, len(traces), figsize=(4.2 * len(traces), 6), sharex=True, sharey="row", squeeze=False)
     for col, (policy, tr) in enumerate(traces.items()):
         t = [p["t"] for p in tr["timeline"]]
         shares = np.array([p["shares"] for p in tr["timeline"]])

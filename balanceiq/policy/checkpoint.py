@@ -60,24 +60,36 @@ class RLPolicy:
 
     name = "cfr_rl"
 
-    def __init__(self, module: Any, *, cost_weight: float = 0.1, slo_ms: float = 150.0) -> None:
+    def __init__(self, module: Any, *, cost_weight: float = 0.1, slo_ms: float = 150.0,
+                 mode: str = "sample", seed: int = 0) -> None:  # fmt: skip
+        if mode not in ("sample", "greedy"):
+            raise PolicyError(f"mode must be 'sample' or 'greedy', got {mode!r}")
         self.module = module
         self.cost_weight = cost_weight
         self.slo_ms = slo_ms
+        self.mode = mode
+        self.seed = seed
+        self._rng = np.random.default_rng(seed)
 
     @classmethod
     def from_checkpoint(cls, checkpoint: Path | str = SHIPPED, **kwargs: Any) -> RLPolicy:
         return cls(load_module(checkpoint), **kwargs)
 
     def reset(self) -> None:
-        pass
+        self._rng = np.random.default_rng(self.seed)
 
     def critical(self, obs: Observation, ctx: PolicyContext) -> list[int]:
+        """K endpoints: drawn from the policy's Plackett-Luce distribution (``sample``,
+        seeded, what PPO optimised), or its K highest scores (``greedy``). Shares persist
+        between decisions, so greedy can re-pick the same pair forever once it is
+        balanced; sampling keeps the policy's own exploration of which pairs to fix."""
         n = len(obs.endpoints)
         rows = encode(obs, ctx.capacity_hint, n, self.slo_ms)
         s = scores(self.module, rows)[:n]
         k = max(1, min(ctx.k, n))
-        # Deterministic: the K highest scores, in score order (the distribution's mode).
+        if self.mode == "sample":
+            u = self._rng.uniform(1e-12, 1.0 - 1e-7, size=n)
+            s = s - np.log(-np.log(u))  # Gumbel-top-k: an exact Plackett-Luce draw
         return [int(i) for i in np.argsort(-s, kind="stable")[:k]]
 
     def decide(self, obs: Observation, ctx: PolicyContext) -> Decision:
