@@ -101,3 +101,21 @@ def test_testbed_up_and_down_leave_nothing_running(ports_settings: Settings, tmp
     assert not (tmp_path / "state" / "testbed.json").exists()
     # A second down is harmless.
     assert run("testbed", "down", "--config", str(cfg)).returncode == 0
+
+
+def test_bench_sim_prints_one_json_object_with_every_metric(tmp_path: Path) -> None:
+    res = run("bench", "sim", "--json", "--scenarios", "degrade", "--policies", "equal,inverse_latency,cfr_rl,oracle",
+              "--plot", str(tmp_path / "sim.png"))  # fmt: skip
+    assert res.returncode == 0, res.stderr[-2000:]
+    out = json.loads(res.stdout)
+    rows = out["results"]["degrade"]
+    for policy in ("equal", "inverse_latency", "cfr_rl", "oracle", "full_lp"):
+        r = rows[policy]
+        for key in ("p50_ms", "p95_ms", "p99_ms", "error_rate", "cost_per_million", "reward", "performance_ratio", "traffic_moved"):
+            assert key in r and r[key] == r[key], (policy, key)  # present and not NaN
+        assert 0 < r["performance_ratio"] <= 1
+    # The oracle is the physical limit: nothing does meaningfully better.
+    assert rows["oracle"]["reward"] >= max(r["reward"] for r in rows.values()) - 0.25
+    assert rows["equal"]["reward"] < rows["oracle"]["reward"]
+    assert out["sim_steps_per_s"]["n8"] > 0
+    assert (tmp_path / "sim.png").stat().st_size > 10_000

@@ -78,3 +78,14 @@ def test_rl_policy_decides_valid_weights() -> None:
                         demand_rps=100.0, k=2)  # fmt: skip
     d = policy.decide(env.last_obs, ctx)
     assert len(d.critical) == 2 and abs(d.shares.sum() - 1) < 1e-9 and (d.weights >= 1).all()
+
+
+def test_shipped_checkpoint_loads_as_our_module() -> None:
+    from balanceiq.policy.checkpoint import SHIPPED
+
+    module = load_module(SHIPPED)  # refuses RLlib's silent fallback to a default module
+    assert isinstance(module, CriticalEndpointModule)
+    env = FleetEnv({"scenarios": ["degrade"], "n_max": 16})
+    obs, _ = env.reset(seed=0)
+    s = scores(module, obs[: env.sim.n])
+    assert s.shape == (env.sim.n,) and np.isfinite(s).all()
