@@ -880,9 +880,9 @@ def _unwrap_annotation(annotation: Any) -> list[Any]:
     return [annotation]
 
 
-def _model_at(loc: Loc) -> type[BaseModel] | None:
-    """The model class that validates the mapping at ``loc`` below :class:`Settings`."""
-    candidates: list[Any] = [Settings]
+def _model_at(loc: Loc, root: type[BaseModel] | None = None) -> type[BaseModel] | None:
+    """The model class that validates the mapping at ``loc`` below ``root`` (Settings)."""
+    candidates: list[Any] = [root or Settings]
     for part in loc:
         following: list[Any] = []
         for candidate in candidates:
@@ -900,8 +900,8 @@ def _model_at(loc: Loc) -> type[BaseModel] | None:
     return None
 
 
-def _unknown_key_message(loc: Loc) -> str:
-    model = _model_at(loc[:-1])
+def _unknown_key_message(loc: Loc, root: type[BaseModel] | None = None) -> str:
+    model = _model_at(loc[:-1], root)
     if model is None:
         return "unknown key"
     allowed = list(model.model_fields)
@@ -916,7 +916,12 @@ def _short_repr(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def _problems(exc: ValidationError) -> list[tuple[str, str]]:
+def validation_problems(exc: ValidationError, root: type[BaseModel] | None = None) -> list[tuple[str, str]]:
+    """``(field_path, message)`` for every error, unknown keys with a suggestion.
+
+    ``root`` is the model that was validated (default :class:`Settings`); other YAML
+    loaders (scenarios) reuse this so every file reports problems the same way.
+    """
     problems: list[tuple[str, str]] = []
     for error in exc.errors():
         loc: Loc = tuple(error["loc"])
@@ -927,7 +932,7 @@ def _problems(exc: ValidationError) -> list[tuple[str, str]]:
                 problems.append((_format_loc(loc + tuple(sub_loc)), message))
             continue
         if kind == "extra_forbidden":
-            message = _unknown_key_message(loc)
+            message = _unknown_key_message(loc, root)
         elif kind == "missing":
             message = "required key is missing"
         elif kind in ("value_error", "assertion_error") and "error" in ctx:
@@ -967,7 +972,7 @@ def settings_from_dict(
     try:
         settings = Settings.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(_problems(exc), source) from exc
+        raise ConfigError(validation_problems(exc), source) from exc
     if base_dir is not None:
         settings = _resolve_paths(settings, Path(base_dir))
     return settings

@@ -11,27 +11,23 @@ from __future__ import annotations
 
 import difflib
 import re
-import typing
 from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from balanceiq.config import (
-    _CROSS_FIELD,
     NonNegFloat,
     PosFloat,
     _cross_field_error,
-    _format_loc,
     _Model,
     _read_text,
-    _short_repr,
     _UniqueKeyLoader,
-    _unwrap_annotation,
     _yaml_error_message,
+    validation_problems,
 )
 from balanceiq.exceptions import ConfigError
 
@@ -295,52 +291,6 @@ class Scenario(_Model):
 # --------------------------------------------------------------------------- loading
 
 
-def _model_at(loc: tuple[str | int, ...]) -> type[BaseModel] | None:
-    """The model that validates the mapping at ``loc`` below :class:`Scenario`."""
-    candidates: list[Any] = [Scenario]
-    for part in loc:
-        following: list[Any] = []
-        for candidate in candidates:
-            if isinstance(candidate, type) and issubclass(candidate, BaseModel):
-                field = candidate.model_fields.get(part) if isinstance(part, str) else None
-                if field is not None:
-                    following += _unwrap_annotation(field.annotation)
-            elif typing.get_origin(candidate) in (list, dict):
-                following += _unwrap_annotation(typing.get_args(candidate)[-1])
-        candidates = following
-    return next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
-
-
-def _problems(exc: ValidationError) -> list[tuple[str, str]]:
-    problems: list[tuple[str, str]] = []
-    for error in exc.errors():
-        loc = tuple(error["loc"])
-        kind = error["type"]
-        ctx = error.get("ctx") or {}
-        if kind == _CROSS_FIELD:
-            problems += [(_format_loc(loc + tuple(sub)), message) for sub, message in ctx["problems"]]
-            continue
-        if kind == "extra_forbidden":
-            model = _model_at(loc[:-1])
-            allowed = list(model.model_fields) if model else []
-            close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
-            if close:
-                message = f"unknown key; did you mean {close[0]!r}?"
-            else:
-                message = f"unknown key; allowed keys: {', '.join(allowed)}" if allowed else "unknown key"
-        elif kind == "missing":
-            message = "required key is missing"
-        elif kind in ("value_error", "assertion_error") and "error" in ctx:
-            message = str(ctx["error"])
-        else:
-            message = error["msg"]
-            value = error.get("input")
-            if not isinstance(value, (dict, list)):
-                message += f" (got {_short_repr(value)})"
-        problems.append((_format_loc(loc), message))
-    return list(dict.fromkeys(problems))
-
-
 def scenario_from_dict(data: Any, source: str | None = None) -> Scenario:
     """Validate parsed YAML into a :class:`Scenario`; :class:`ConfigError` lists every problem."""
     if not isinstance(data, Mapping):
@@ -349,7 +299,7 @@ def scenario_from_dict(data: Any, source: str | None = None) -> Scenario:
     try:
         return Scenario.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(_problems(exc), source) from exc
+        raise ConfigError(list(dict.fromkeys(validation_problems(exc, Scenario))), source) from exc
 
 
 def _parse(text: str, source: str, default_name: str) -> Scenario:
