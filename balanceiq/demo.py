@@ -69,6 +69,11 @@ def _check_ports_free(settings: Settings, xds_port: int) -> None:
     wanted = [("xDS", settings.xds.host, xds_port), ("Envoy listener", settings.envoy.listen_host, settings.envoy.listen_port)]
     admin = URL(settings.envoy.admin_url)
     wanted.append(("Envoy admin", admin.host, admin.port or 80))
+    prom = URL(settings.prometheus.url)
+    wanted.append(("Prometheus", prom.host, prom.port or 80))
+    if settings.telemetry.als_enabled:
+        wanted += [("ALS", "127.0.0.1", settings.telemetry.als_grpc_port),
+                   ("ALS metrics", "127.0.0.1", settings.telemetry.als_metrics_port)]  # fmt: skip
     wanted += [("backend", ep.host, ep.port) for c in settings.clusters for ep in c.endpoints]
     busy = []
     for what, host, port in wanted:
