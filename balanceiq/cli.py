@@ -46,6 +46,14 @@ ConfigOpt = Annotated[
 ]
 
 
+def _emit(result: dict[str, Any], as_json: bool, omit: tuple[str, ...] = ()) -> None:
+    """``--json``: exactly one JSON object on stdout; otherwise pretty, bulky keys left out."""
+    if as_json:
+        sys.stdout.write(json.dumps(result) + "\n")
+    else:
+        out.print_json(json.dumps({k: v for k, v in result.items() if k not in omit}))
+
+
 def _settings(path: Path | None) -> Settings:
     if path is None:
         default = Path("balanceiq.yaml")
@@ -155,10 +163,7 @@ def bench_xds(
     if compare:
         other = "ads-delta" if api == "ads-sotw" else "ads-sotw"
         result = side_by_side(result, run_xds_bench(streams=streams, endpoints=endpoints, pushes=pushes, api=other, console=err))
-    if as_json:
-        sys.stdout.write(json.dumps(result) + "\n")
-    else:
-        out.print_json(json.dumps(result))
+    _emit(result, as_json)
 
 
 @app.command("train")
@@ -207,10 +212,7 @@ def bench_sim(
         policies=[p.strip() for p in policies.split(",") if p.strip()] if policies else None,
         checkpoint=checkpoint, seed=seed, plot=plot, plot_scenario=plot_scenario, console=err,
     )  # fmt: skip
-    if as_json:
-        sys.stdout.write(json.dumps(result) + "\n")
-    else:
-        out.print_json(json.dumps({k: v for k, v in result.items() if k != "results"}))
+    _emit(result, as_json, omit=("results",))
 
 
 @bench_app.command("train")
@@ -222,10 +224,7 @@ def bench_train(
     from balanceiq.bench.train import run_train_bench
 
     result = run_train_bench(iterations=iterations, console=err)
-    if as_json:
-        sys.stdout.write(json.dumps(result) + "\n")
-    else:
-        out.print_json(json.dumps(result))
+    _emit(result, as_json)
 
 
 @bench_app.command("telemetry")
@@ -239,10 +238,7 @@ def bench_telemetry(
     from balanceiq.bench.telemetry import run_telemetry_bench
 
     result = run_telemetry_bench(endpoints=endpoints, samples=samples, rate_rps=rate, console=err)
-    if as_json:
-        sys.stdout.write(json.dumps(result) + "\n")
-    else:
-        out.print_json(json.dumps(result))
+    _emit(result, as_json)
 
 
 @app.command("observe")

@@ -1075,7 +1075,12 @@ def load_config(path: str | Path) -> Settings:
     """
     path = Path(path)
     source = str(path)
-    text = _read_text(path, source)
+    data = parse_yaml(_read_text(path, source), source, "settings")
+    return settings_from_dict(data, source, base_dir=path.absolute().parent)
+
+
+def parse_yaml(text: str, source: str, what: str) -> Any:
+    """YAML text -> data, duplicate keys refused; every failure is a ConfigError."""
     try:
         data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as exc:
@@ -1083,8 +1088,8 @@ def load_config(path: str | Path) -> Settings:
     except RecursionError as exc:
         raise ConfigError([("", "YAML is nested too deeply")], source) from exc
     if data is None:
-        raise ConfigError([("", "file is empty (no settings in it)")], source)
-    return settings_from_dict(data, source, base_dir=path.absolute().parent)
+        raise ConfigError([("", f"file is empty (no {what} in it)")], source)
+    return data
 
 
 def default_settings() -> Settings:

@@ -29,12 +29,12 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from balanceiq.config import critical_count
 from balanceiq.exceptions import BenchError
-from balanceiq.policy.baselines import BASELINES, Decision, PolicyContext, make_policy
+from balanceiq.policy.baselines import BASELINES, Decision, PolicyContext, lp_decision, make_policy
 from balanceiq.policy.checkpoint import SHIPPED, RLPolicy
-from balanceiq.policy.lp import oracle, shares_to_weights, solve_critical
+from balanceiq.policy.lp import oracle
 from balanceiq.sim.bench import steps_per_second
 from balanceiq.sim.env import FleetEnv
-from balanceiq.sim.scenario import SCENARIOS
+from balanceiq.sim.scenario import SCENARIOS, load_scenario
 
 DEFAULT_POLICIES = ("equal", "static", "cost_aware", "inverse_latency", "least_request", "topk", "full_lp", "cfr_rl", "oracle")
 
@@ -51,12 +51,7 @@ class FullLp:
         pass
 
     def decide(self, obs: Any, ctx: PolicyContext) -> Decision:
-        n = len(obs.endpoints)
-        cost = np.array([e.cost_per_million for e in obs.endpoints])
-        available = np.array([e.healthy is not False for e in obs.endpoints])
-        res = solve_critical(ctx.shares, list(range(n)), ctx.capacity_hint, cost, ctx.demand_rps,
-                             available=available, cost_weight=self.cost_weight)  # fmt: skip
-        return Decision(res.shares, shares_to_weights(res.shares), tuple(range(n)), {"lp_status": res.status})
+        return lp_decision(obs, ctx, tuple(range(len(obs.endpoints))), ctx.capacity_hint, cost_weight=self.cost_weight)
 
 
 def _policy(name: str, checkpoint: Path | None) -> Any:
@@ -68,7 +63,9 @@ def _policy(name: str, checkpoint: Path | None) -> Any:
 
 
 def run_pair(scenario: str, policy: Any, *, seed: int = 0, decision_steps: int = 5, trace: bool = False) -> dict[str, Any]:
-    env = FleetEnv({"scenarios": [scenario], "n_max": 4096, "decision_steps": decision_steps,
+    # n_max = N: baselines never read the padded rows, so pad nothing.
+    n_max = len(load_scenario(scenario).endpoints)
+    env = FleetEnv({"scenarios": [scenario], "n_max": n_max, "decision_steps": decision_steps,
                     "episode_steps": 10**9, "seed": seed, "obs_noise": 0.05})  # fmt: skip
     env.reset(seed=seed)
     assert env.sim is not None

@@ -117,6 +117,30 @@ def _lp_decision(res: LpResult, avail: np.ndarray, critical: tuple[int, ...], **
     )  # fmt: skip
 
 
+def solve_for(
+    obs: Observation, shares: np.ndarray, critical: Any, capacity: np.ndarray, demand: float, *, cost_weight: float = 0.1
+) -> LpResult:
+    """The CFR-RL LP for this observation: costs and availability are read from it."""
+    return solve_critical(shares, critical, capacity, _field(obs, "cost_per_million"), demand,
+                          available=available_mask(obs), cost_weight=cost_weight)  # fmt: skip
+
+
+def lp_decision(
+    obs: Observation, ctx: PolicyContext, critical: tuple[int, ...], capacity: np.ndarray, *,
+    cost_weight: float = 0.1, **info: Any,
+) -> Decision:  # fmt: skip
+    """Re-optimise ``critical`` with the LP and package the result as a Decision."""
+    shares = np.asarray(ctx.shares, dtype=np.float64).reshape(-1)
+    res = solve_for(obs, shares, critical, capacity, float(ctx.demand_rps), cost_weight=cost_weight)
+    return _lp_decision(res, available_mask(obs), tuple(critical), **info)
+
+
+def _hint_capacity(ctx: PolicyContext) -> np.ndarray:
+    """Config capacity hints; unknown ones take the median of the known (1 if none)."""
+    hint = np.asarray(ctx.capacity_hint, dtype=np.float64).reshape(-1)
+    return _fill_median(hint, _positive(hint), 1.0)
+
+
 def estimate_capacity(obs: Observation, ctx: PolicyContext) -> np.ndarray:
     """Capacity estimate (rps) per endpoint: the config hint, else measured, else the median.
 
@@ -191,8 +215,7 @@ class CostAwareStatic:
     def decide(self, obs: Observation, ctx: PolicyContext) -> Decision:
         _check(obs, ctx)
         avail = available_mask(obs)
-        hint = np.asarray(ctx.capacity_hint, dtype=np.float64).reshape(-1)
-        cap = _fill_median(hint, _positive(hint), 1.0)
+        cap = _hint_capacity(ctx)
         cost = _field(obs, "cost_per_million")
         known = np.isfinite(cost) & (cost >= 0)
         cost = _fill_median(cost, known, 0.0)
@@ -260,8 +283,7 @@ class LeastRequest:
     def decide(self, obs: Observation, ctx: PolicyContext) -> Decision:
         _check(obs, ctx)
         avail = available_mask(obs)
-        hint = np.asarray(ctx.capacity_hint, dtype=np.float64).reshape(-1)
-        cap = _fill_median(hint, _positive(hint), 1.0)
+        cap = _hint_capacity(ctx)
         inflight = _field(obs, "inflight")
         inflight = np.where(np.isfinite(inflight) & (inflight >= 0), inflight, 0.0)
         return _decision(_normalise(cap / (inflight + 1.0), avail), avail, ())
@@ -297,9 +319,7 @@ class TopKHeuristic:
         util = np.where(np.isfinite(util), util, -np.inf)
         k = min(max(int(ctx.k), 1), n)
         critical = tuple(sorted(int(i) for i in np.argsort(-util, kind="stable")[:k]))
-        cost = _field(obs, "cost_per_million")
-        res = solve_critical(shares, critical, cap, cost, demand, available=avail, cost_weight=self.cost_weight)
-        return _lp_decision(res, avail, critical, capacity_estimate=cap.tolist())
+        return lp_decision(obs, ctx, critical, cap, cost_weight=self.cost_weight, capacity_estimate=cap.tolist())
 
 
 class Oracle:

@@ -12,9 +12,8 @@ from typing import Any
 import numpy as np
 
 from balanceiq.exceptions import PolicyError
-from balanceiq.policy.baselines import Decision, PolicyContext
+from balanceiq.policy.baselines import Decision, PolicyContext, lp_decision
 from balanceiq.policy.features import encode
-from balanceiq.policy.lp import shares_to_weights, solve_critical
 from balanceiq.telemetry.observation import Observation
 
 MODULE_SUBDIR = Path("learner_group") / "learner" / "rl_module" / "default_policy"
@@ -93,10 +92,4 @@ class RLPolicy:
         return [int(i) for i in np.argsort(-s, kind="stable")[:k]]
 
     def decide(self, obs: Observation, ctx: PolicyContext) -> Decision:
-        crit = self.critical(obs, ctx)
-        cost = np.array([e.cost_per_million for e in obs.endpoints])
-        available = np.array([e.healthy is not False for e in obs.endpoints])
-        res = solve_critical(ctx.shares, crit, ctx.capacity_hint, cost, ctx.demand_rps,
-                             available=available, cost_weight=self.cost_weight)  # fmt: skip
-        return Decision(shares=res.shares, weights=shares_to_weights(res.shares), critical=tuple(crit),
-                        info={"lp_status": res.status})  # fmt: skip
+        return lp_decision(obs, ctx, tuple(self.critical(obs, ctx)), ctx.capacity_hint, cost_weight=self.cost_weight)

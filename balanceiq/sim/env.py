@@ -31,7 +31,8 @@ import numpy as np
 
 from balanceiq.config import critical_count
 from balanceiq.policy.features import N_FEATURES, encode, estimate_capacity
-from balanceiq.policy.lp import shares_to_weights, solve_critical, traffic_moved
+from balanceiq.policy.baselines import solve_for
+from balanceiq.policy.lp import shares_to_weights, traffic_moved
 from balanceiq.policy.reward import RewardWeights, reward
 from balanceiq.sim.fleet import FleetSim
 from balanceiq.sim.scenario import Scenario, load_scenario
@@ -160,10 +161,7 @@ class FleetEnv(gym.Env):
         """The LP over the critical set, with capacity estimated from observations."""
         obs: Observation = self.last_obs
         demand = float(np.nansum([e.rps for e in obs.endpoints]))
-        cap = self.capacity_estimate()
-        cost = np.array([e.cost_per_million for e in obs.endpoints])
-        available = np.array([e.healthy is not False for e in obs.endpoints])
-        res = solve_critical(self.shares, critical, cap, cost, demand, available=available, cost_weight=self.cost_weight)
+        res = solve_for(obs, self.shares, critical, self.capacity_estimate(), demand, cost_weight=self.cost_weight)
         return res.shares, {"lp_status": res.status}
 
     def _encode(self, obs: Observation) -> np.ndarray:

@@ -16,7 +16,6 @@ from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from balanceiq.config import (
@@ -25,8 +24,7 @@ from balanceiq.config import (
     _cross_field_error,
     _Model,
     _read_text,
-    _UniqueKeyLoader,
-    _yaml_error_message,
+    parse_yaml,
     validation_problems,
 )
 from balanceiq.exceptions import ConfigError
@@ -303,14 +301,7 @@ def scenario_from_dict(data: Any, source: str | None = None) -> Scenario:
 
 
 def _parse(text: str, source: str, default_name: str) -> Scenario:
-    try:
-        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
-    except yaml.YAMLError as exc:
-        raise ConfigError([("", _yaml_error_message(exc))], source) from exc
-    except RecursionError as exc:
-        raise ConfigError([("", "YAML is nested too deeply")], source) from exc
-    if data is None:
-        raise ConfigError([("", "file is empty (no scenario in it)")], source)
+    data = parse_yaml(text, source, "scenario")
     if isinstance(data, Mapping) and "name" not in data:
         data = {"name": default_name, **data}
     return scenario_from_dict(data, source)
