@@ -198,8 +198,18 @@ def test_raw_quantile_queries_agree_with_recording_rules(live: Live) -> None:
     raw_tel = raw_tel.model_copy(update={"als_metrics_port": live.settings.telemetry.als_metrics_port})
     raw = Telemetry(live.settings.model_copy(update={"telemetry": raw_tel}), retry_s=0.5)
     try:
-        rec = live.wait_for(lambda o: o.source == "prometheus" and all(e.usable for e in o.endpoints), 30, "recorded")
-        o = raw.observe()
+        # Both observations must see the same, fresh histogram: on a busy machine a slow
+        # ALS scrape can leave a short window empty, so wait (bounded) for each to be usable.
+        def usable(o: Observation) -> bool:
+            return o.source == "prometheus" and all(e.usable and math.isfinite(e.p50_ms) for e in o.endpoints)
+
+        deadline = time.monotonic() + 30
+        while True:
+            rec = live.wait_for(usable, 30, "recorded")
+            o = raw.observe()
+            if usable(o) or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
     finally:
         raw.close()
     assert o.source == "prometheus"
