@@ -633,6 +633,7 @@ class FakeAdmin:
         self.errors_per_scrape = 2
         self.body: str | None = None  # fixed body; None: counters that grow per scrape
         self.scrapes = 0
+        self.als_scrapes = 0
         fake = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -668,7 +669,10 @@ class FakeAdmin:
         if self.body is not None:
             return self.body
         if path.startswith("/metrics"):
-            return als_text({A: [0.012] * (self.scrapes * 10)})
+            # Its own counter: the source fetches this page concurrently with the stats
+            # page, so tying it to the stats count would make the order matter.
+            self.als_scrapes += 1
+            return als_text({A: [0.012] * (self.als_scrapes * 10)})
         self.scrapes += 1
         n, e = self.scrapes * self.requests_per_scrape, self.scrapes * self.errors_per_scrape
         return envoy_text({A: counters(n, e), B: counters(n)})
