@@ -58,6 +58,7 @@ class NodeStatus:
     first_seen: float = field(default_factory=time.time)
     last_seen: float = field(default_factory=time.time)
     last_acked_version: str | None = None
+    last_acked_at: float | None = None
     last_nacked_version: str | None = None
     last_error: str | None = None
     acks: int = 0
@@ -74,6 +75,7 @@ class NodeStatus:
             "first_seen": self.first_seen,
             "last_seen": self.last_seen,
             "last_acked_version": self.last_acked_version,
+            "last_acked_at": self.last_acked_at,
             "last_nacked_version": self.last_nacked_version,
             "last_error": self.last_error,
             "acks": self.acks,
@@ -129,6 +131,7 @@ class StatusRegistry:
             node = self._node(node_id)
             node.acks += 1
             node.last_acked_version = version
+            node.last_acked_at = time.time()
             listeners = list(self._ack_listeners)
             self._lock.notify_all()
         for fn in listeners:

@@ -117,6 +117,7 @@ class XdsServer:
         self.store = SnapshotStore(state_dir)
         self.registry = StatusRegistry()
         self.started_at = time.time()
+        self.listening_since: float | None = None
         self._publish_lock = threading.Lock()
         self._loop = LoopThread("xds-grpc")
         self._server: grpc.aio.Server | None = None
@@ -143,6 +144,7 @@ class XdsServer:
         self._unwatch = self.store.watch(self._on_publish)
         try:
             self.port = self._loop.run(self._start_grpc(), timeout)
+            self.listening_since = time.time()
         except TimeoutError as exc:
             self.stop()
             raise XdsError(f"xDS server did not start within {timeout}s") from exc
@@ -224,6 +226,7 @@ class XdsServer:
             "version": snap.version if snap else None,
             "restored_from_state": self.restored,
             "started_at": self.started_at,
+            "listening_since": self.listening_since,
             "clusters": {name: a.to_json() for name, a in self._assignments.items()},
             **self.registry.to_json(),
         }
