@@ -663,6 +663,56 @@ class ControlConfig(_Model):
         return critical_count(n_endpoints)
 
 
+class GuardrailConfig(_Model):
+    """Limits between the LP and the weight store; every decision passes through them."""
+
+    min_share: float = Field(default=0.01, ge=0.0, lt=0.5, description="Floor share of each healthy endpoint.")
+    """Floor on the traffic share of every healthy, not drained endpoint (0.01 = 1%,
+    a weight of 100 out of 10,000), so the controller keeps seeing fresh latency from
+    each of them. Lowered automatically when N floors would not fit."""
+
+    max_shift: float = Field(default=0.25, gt=0.0, le=1.0, description="Max traffic moved per decision.")
+    """Largest fraction of traffic one decision may move (``0.5 * sum |new - old|``).
+    Moves off an endpoint that is down or drained are exempt: safety beats smoothness."""
+
+    rollback_after: int = Field(default=3, ge=1, le=1000, strict=True, description="Bad intervals before rollback.")
+    """M: after this many consecutive intervals in which the policy's realised reward is
+    below the baseline's reference, the controller rolls back to the baseline."""
+
+    rollback_margin: float = Field(default=0.05, ge=0.0, le=10.0, description="Tolerance before counting as worse.")
+    """How much worse (absolute reward) the policy may be than the baseline's reference
+    before an interval counts as underperforming; reward is noisy."""
+
+    probation_after: int = Field(default=6, ge=1, le=10000, strict=True, description="Baseline intervals before retry.")
+    """After a rollback, intervals spent on the baseline (refreshing its reference)
+    before the policy is tried again on probation."""
+
+    baseline: Literal["equal", "static", "cost_aware", "inverse_latency", "least_request"] = Field(
+        default="cost_aware", description="Policy used on rollback."
+    )
+    """The heuristic the controller falls back to when the learned policy underperforms."""
+
+
+class ApiConfig(_Model):
+    """The HTTP API and dashboard served by Ray Serve."""
+
+    host: str = Field(default="127.0.0.1", description="Address the HTTP API binds.")
+    """Bind address of the API. Loopback by default: the API can change routing."""
+
+    port: Port = Field(default=8000, description="HTTP port of the API.")
+    """TCP port of Ray Serve's HTTP proxy, which serves the API and the dashboard."""
+
+    token: str | None = Field(default=None, min_length=16, description="Bearer token for mutating calls.")
+    """Bearer token required by PUT/POST endpoints. Unset: one is generated on first
+    start, written to ``state_dir/api-token`` (mode 0600) and printed once. Never logged."""
+
+    checkpoint: Path | None = Field(default=None, description="RLModule checkpoint to serve.")
+    """Checkpoint the Policy deployment loads; unset means the shipped one."""
+
+    decision_log_size: int = Field(default=500, ge=10, le=100000, strict=True, description="Decisions kept.")
+    """Decisions kept in memory for ``/api/decisions`` and the dashboard."""
+
+
 class BackendProfile(_Model):
     """Testbed behaviour of one backend; unset fields fall back to the testbed defaults."""
 
@@ -796,6 +846,14 @@ class Settings(_Model):
         default_factory=ControlConfig, description="Control loop settings."
     )
     """The control loop's pace and number of critical endpoints."""
+
+    guardrails: GuardrailConfig = Field(
+        default_factory=GuardrailConfig, description="Limits between the LP and the store."
+    )
+    """Floor share, maximum shift per decision and rollback to the baseline."""
+
+    api: ApiConfig = Field(default_factory=ApiConfig, description="HTTP API and dashboard.")
+    """Where the API binds, its token and the checkpoint it serves."""
 
     testbed: TestbedConfig = Field(
         default_factory=TestbedConfig, description="Local testbed behaviour."
@@ -993,6 +1051,7 @@ def _resolve_paths(settings: Settings, base_dir: Path) -> Settings:
         update={
             "state_dir": resolve(settings.state_dir),
             "xds": settings.xds.model_copy(update={"tls": tls}),
+            "api": settings.api.model_copy(update={"checkpoint": resolve(settings.api.checkpoint)}),
         }
     )
 

@@ -546,5 +546,5 @@ def test_settings_round_trip_through_yaml(tmp_path: Path) -> None:
 def test_settings_model_is_the_root() -> None:
     assert issubclass(Settings, BaseModel)
     assert set(Settings.model_fields) == {
-        "clusters", "xds", "envoy", "prometheus", "telemetry", "control", "testbed", "state_dir",
+        "clusters", "xds", "envoy", "prometheus", "telemetry", "control", "guardrails", "api", "testbed", "state_dir",
     }  # fmt: skip
