@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -81,7 +82,10 @@ def train(
     config_path: Path | None = None,
     seed: int = 0,
     console: Console | None = None,
+    on_iteration: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
+    """Train, save to ``checkpoint_dir``, and return a summary. ``on_iteration`` gets
+    each iteration's row (return, loss, steps) as it finishes: the API's progress."""
     import ray
 
     console = console or Console(stderr=True)
@@ -105,8 +109,11 @@ def train(
                 steps = _metric(result, "num_env_steps_sampled_lifetime") or _metric(
                     result, "env_runners", "num_env_steps_sampled_lifetime"
                 )
+                loss = _metric(result, "learners", "default_policy", "total_loss")
                 history.append({"iteration": i + 1, "episode_return_mean": ret, "env_steps": steps,
-                                "elapsed_s": round(time.monotonic() - t0, 1)})  # fmt: skip
+                                "total_loss": loss, "elapsed_s": round(time.monotonic() - t0, 1)})  # fmt: skip
+                if on_iteration is not None:
+                    on_iteration(dict(history[-1]))
                 progress.update(task, advance=1, status=f"return {ret:.2f}" if ret is not None else "")
         checkpoint_dir = Path(checkpoint_dir).resolve()
         checkpoint_dir.mkdir(parents=True, exist_ok=True)

@@ -27,6 +27,7 @@ import ray
 
 from balanceiq.config import Settings
 from balanceiq.exceptions import XdsBindError
+from balanceiq.xds.lease import Lease
 from balanceiq.xds.server import XdsServer
 
 NAMESPACE = "balanceiq"
@@ -39,6 +40,8 @@ class XdsServerActor:
 
     def __init__(self, settings: Settings, state_dir: str | None = None, bind_retry_s: float = 5.0) -> None:
         self._server = XdsServer(settings, state_dir=state_dir or settings.state_dir)
+        # Not persisted: after a restart the controller simply acquires it again.
+        self._lease = Lease()
         # After a crash the dead worker's socket may linger for a moment; SO_REUSEPORT
         # is off (on purpose), so retry the bind briefly instead of failing the restart.
         deadline = time.monotonic() + bind_retry_s
@@ -56,12 +59,24 @@ class XdsServerActor:
         cluster: str,
         weights: Mapping[str, object] | None = None,
         health: Mapping[str, object] | None = None,
+        lease_owner: str | None = None,
     ) -> str:
+        """``lease_owner`` set: refused (XdsLeaseError) unless that owner holds the lease.
+        Operators' manual pushes (``balanceiq xds set``) pass none."""
+        if lease_owner is not None:
+            self._lease.check(lease_owner)
         return self._server.set_assignment(cluster, weights, health)
+
+    def acquire_lease(self, owner: str, ttl_s: float) -> dict[str, Any]:
+        return self._lease.acquire(owner, ttl_s)
+
+    def release_lease(self, owner: str) -> bool:
+        return self._lease.release(owner)
 
     def status(self) -> dict[str, Any]:
         return {
             **self._server.status(),
+            "lease": self._lease.state(),
             "pid": os.getpid(),
             "node_id": ray.get_runtime_context().get_node_id(),
         }

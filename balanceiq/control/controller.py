@@ -1,0 +1,402 @@
+"""The control loop: observe → policy → LP → guardrails → push, once per interval.
+
+One :meth:`Controller.step` is one decision:
+
+1. **Lease.** Renew the controller lease at the xDS server. Without it the step is a
+   ``standby`` record and nothing is pushed: exactly one loop acts, however many
+   controller replicas are alive.
+2. **Observe.** :class:`~balanceiq.telemetry.observe.Telemetry` never raises; when it
+   knows nothing (``source == "none"``) the step *holds* the weights in force, since
+   acting blind is worse than not acting.
+3. **Judge the last interval.** Its realised reward goes to the rollback monitor, which
+   may switch between the learned policy and the baseline heuristic.
+4. **Decide.** In ``policy`` mode the policy scores endpoints, the top K are critical
+   and the LP re-splits them (non-critical endpoints keep their share). A policy that
+   cannot answer makes this one step use the baseline, and says so.
+5. **Guardrails**: overrides (drain, pin, set), floor share, maximum shift.
+6. **Push** through the lease-checked ``set_assignment`` and wait briefly for Envoy's
+   ACK; unchanged weights are not pushed.
+
+Every step leaves a :class:`~balanceiq.control.records.DecisionRecord`, also when it
+failed: the loop itself never dies of an exception.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import replace
+from typing import Any, Protocol
+
+import numpy as np
+
+from balanceiq.config import Settings
+from balanceiq.control.guardrails import Guardrails, GuardResult, OverrideTable, RollbackMonitor
+from balanceiq.control.metrics import ControllerMetrics
+from balanceiq.control.records import DecisionLog, DecisionRecord
+from balanceiq.exceptions import BalanceIQError, ControlError, XdsError
+from balanceiq.policy.baselines import PolicyContext, available_mask, estimate_capacity, lp_decision, make_policy
+from balanceiq.policy.features import encode
+from balanceiq.policy.lp import traffic_moved
+from balanceiq.policy.reward import RewardWeights, reward
+from balanceiq.telemetry.observation import Observation
+
+log = logging.getLogger(__name__)
+
+Scorer = Callable[[np.ndarray], np.ndarray]
+"""Encoded observation rows ``[N, F]`` -> one score per endpoint ``[N]`` (may raise)."""
+
+
+class Observer(Protocol):
+    def observe(self, weights: Mapping[str, float] | None = None) -> Observation: ...
+
+
+class XdsClient(Protocol):
+    """The part of the xDS actor the controller uses (see :mod:`balanceiq.control.xds_client`)."""
+
+    def acquire_lease(self, owner: str, ttl_s: float) -> dict[str, Any]: ...
+
+    def release_lease(self, owner: str) -> bool: ...
+
+    def set_assignment(self, cluster: str, weights: Mapping[str, int], health: Mapping[str, str], lease_owner: str) -> str: ...
+
+    def wait_for_ack(self, version: str, timeout: float) -> bool: ...
+
+    def status(self) -> dict[str, Any]: ...
+
+
+def observed_reward(obs: Observation, weights: RewardWeights) -> float | None:
+    """The reward of the interval an observation covers, from live telemetry.
+
+    Same function as the simulator's (:func:`balanceiq.policy.reward.reward`), with
+    traffic-weighted p95, error rate and cost over endpoints that carried traffic. Live
+    telemetry has no p99, so the tail term sees p95 (it only counts once p95 itself
+    breaks the SLO). ``None`` when no endpoint carried measurable traffic.
+    """
+    rows = [
+        e for e in obs.endpoints
+        if math.isfinite(e.rps) and e.rps > 0 and math.isfinite(e.p95_ms) and math.isfinite(e.error_rate)
+    ]  # fmt: skip
+    if not rows:
+        return None
+    rps = np.array([e.rps for e in rows])
+    w = rps / rps.sum()
+    p95 = float(np.dot(w, [e.p95_ms for e in rows]))
+    err = float(np.dot(w, [e.error_rate for e in rows]))
+    costs = np.array([e.cost_per_million for e in rows])
+    cost = float(np.dot(w, np.where(np.isfinite(costs), costs, 0.0)))
+    return reward(p95, p95, err, cost, weights)
+
+
+class PolicySettings:
+    """What ``PUT /api/policy`` may change at run time (validated by the API's model)."""
+
+    def __init__(self, settings: Settings, n: int) -> None:
+        self.k = settings.control.critical_count(n)
+        self.interval_s = float(settings.control.interval_s)
+        self.reward = RewardWeights()
+        self.cost_weight = 0.1
+        self.mode = "sample"  # how critical endpoints are drawn from the scores
+
+    def to_json(self) -> dict[str, Any]:
+        r = self.reward
+        return {
+            "k": self.k,
+            "interval_s": self.interval_s,
+            "slo_ms": r.slo_ms,
+            "reward_weights": {"latency": r.latency, "tail": r.tail, "errors": r.errors, "cost": r.cost, "ref_cost": r.ref_cost},
+            "cost_weight": self.cost_weight,
+            "selection": self.mode,
+        }
+
+
+class Controller:
+    """The decision logic of one cluster; :class:`ControlLoop` runs it on a clock."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        observer: Observer,
+        xds: XdsClient,
+        scorer: Scorer | None,
+        *,
+        cluster: str | None = None,
+        recording: str | os.PathLike[str] | None = None,
+        seed: int = 0,
+    ) -> None:
+        self.settings = settings
+        self.cluster = settings.cluster(cluster) if cluster else settings.clusters[0]
+        self.addresses = [ep.address for ep in self.cluster.endpoints]
+        self.endpoints = {ep.address: ep for ep in self.cluster.endpoints}
+        self.observer = observer
+        self.xds = xds
+        self.scorer = scorer
+        n = len(self.addresses)
+        self.policy = PolicySettings(settings, n)
+        self.costs = {ep.address: float(ep.cost_per_million_requests) for ep in self.cluster.endpoints}
+        self.capacity_hint = np.array([ep.capacity_rps or math.nan for ep in self.cluster.endpoints], dtype=np.float64)
+        self.static_weights = np.array([ep.weight for ep in self.cluster.endpoints], dtype=np.float64)
+        g = settings.guardrails
+        self.guardrails = Guardrails(g)
+        self.overrides = OverrideTable(self.addresses)
+        self.rollback = RollbackMonitor(g.rollback_after, g.rollback_margin, g.probation_after)
+        self.baseline = make_policy(g.baseline)
+        self.log = DecisionLog(settings.api.decision_log_size, recording)
+        self.metrics = ControllerMetrics()
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self._rng = np.random.default_rng(seed)
+        self._lock = threading.RLock()  # one step at a time; API reads take it briefly
+        self.weights: dict[str, int] = {a: int(w) for a, w in zip(self.addresses, self.static_weights)}
+        self.health: dict[str, str] = dict.fromkeys(self.addresses, "HEALTHY")
+        self.weight_history: list[dict[str, Any]] = []
+        self.last_observation: Observation | None = None
+        self.last_guard: GuardResult | None = None
+        self.holds_lease = False
+        self.lease: dict[str, Any] = {}
+        self.policy_state: dict[str, Any] = {"ok": None, "error": None, "latency_ms": None, "at": None}
+        self.started_at = time.time()
+        self._adopted = False
+        self._mode_in_force: str | None = None
+
+    # -- helpers -------------------------------------------------------------------------
+
+    @property
+    def shares(self) -> np.ndarray:
+        w = np.array([self.weights[a] for a in self.addresses], dtype=np.float64)
+        routable = np.array([self.health[a] != "DRAINING" for a in self.addresses])
+        w = np.where(routable, w, 0.0)
+        return w / w.sum() if w.sum() > 0 else np.full(len(w), 1.0 / len(w))
+
+    def _adopt_current(self) -> None:
+        """Start from what the xDS server serves (a restored snapshot), not from config."""
+        if self._adopted:
+            return
+        try:
+            status = self.xds.status()
+        except (XdsError, BalanceIQError) as exc:
+            log.info("xDS status unavailable at start (%s); starting from config weights", exc)
+            return
+        eps = status.get("clusters", {}).get(self.cluster.name, {}).get("endpoints", [])
+        served = {e["address"]: e for e in eps if e.get("address") in self.endpoints}
+        if len(served) == len(self.addresses):
+            self.weights = {a: int(served[a]["weight"]) for a in self.addresses}
+            self.health = {a: ("DRAINING" if served[a].get("health") == "DRAINING" else "HEALTHY") for a in self.addresses}
+        self._adopted = True
+
+    def _with_costs(self, obs: Observation) -> Observation:
+        eps = tuple(replace(e, cost_per_million=self.costs.get(e.address, e.cost_per_million)) for e in obs.endpoints)
+        return replace(obs, endpoints=eps)
+
+    def _context(self, obs: Observation) -> PolicyContext:
+        rps = np.array([e.rps for e in obs.endpoints], dtype=np.float64)
+        demand = float(np.nansum(np.where(np.isfinite(rps), rps, 0.0)))
+        return PolicyContext(self.shares, self.capacity_hint, self.static_weights, demand, self.policy.k)
+
+    def _critical(self, obs: Observation, ctx: PolicyContext) -> list[int]:
+        assert self.scorer is not None
+        n = len(obs.endpoints)
+        rows = encode(obs, ctx.capacity_hint, n, self.policy.reward.slo_ms)
+        t0 = time.perf_counter()
+        s = np.asarray(self.scorer(rows), dtype=np.float64).reshape(-1)[:n]
+        self.policy_state.update(ok=True, error=None, latency_ms=round((time.perf_counter() - t0) * 1000, 3), at=time.time())
+        if s.shape[0] != n or not np.all(np.isfinite(s)):
+            raise ControlError(f"policy returned {s.shape[0]} scores for {n} endpoints, or non-finite ones")
+        if self.policy.mode == "sample":
+            u = self._rng.uniform(1e-12, 1.0 - 1e-7, size=n)
+            s = s - np.log(-np.log(u))  # Gumbel-top-k: an exact Plackett-Luce draw
+        s = np.where(available_mask(obs), s, -np.inf)  # a down endpoint is no use as critical
+        k = max(1, min(self.policy.k, n))
+        return [int(i) for i in np.argsort(-s, kind="stable")[:k]]
+
+    def _record(self, base: dict[str, Any], **kw: Any) -> DecisionRecord:
+        rec = DecisionRecord(**{**base, **kw})
+        self.log.append(rec)
+        outcome = "error" if rec.error else ("pushed" if rec.pushed else "unchanged")
+        self.metrics.decisions.labels(rec.mode, outcome).inc()
+        if rec.step_ms is not None:
+            self.metrics.step_seconds.observe(rec.step_ms / 1000)
+        return rec
+
+    # -- one decision --------------------------------------------------------------------
+
+    def step(self) -> DecisionRecord:
+        with self._lock:
+            return self._step()
+
+    def _step(self) -> DecisionRecord:
+        t0 = time.perf_counter()
+        now = time.time()
+        seq = self.log.next_seq()
+        base: dict[str, Any] = {
+            "seq": seq, "timestamp": now, "critical": (), "previous": dict(self.weights),
+            "weights": dict(self.weights), "reward": None, "moved": 0.0, "pushed": False,
+            "acked": None, "push_ms": None, "ack_ms": None, "version": None,
+        }  # fmt: skip
+
+        def elapsed() -> float:
+            return (time.perf_counter() - t0) * 1000
+
+        try:
+            self.lease = self.xds.acquire_lease(self.owner, max(3.0 * self.policy.interval_s, 5.0))
+        except (XdsError, BalanceIQError) as exc:
+            self.holds_lease = False
+            self.metrics.active.set(0)
+            self.metrics.errors.labels("lease").inc()
+            return self._record(base, mode="standby", error=f"xDS unreachable: {exc}", step_ms=elapsed())
+        self.holds_lease = bool(self.lease.get("granted"))
+        self.metrics.active.set(1 if self.holds_lease else 0)
+        if not self.holds_lease:
+            self._adopted = False  # whoever holds it may change the weights meanwhile
+            return self._record(base, mode="standby", notes=(f"lease held by {self.lease.get('holder')}",), step_ms=elapsed())
+        self._adopt_current()
+        base["previous"] = dict(self.weights)
+        base["weights"] = dict(self.weights)
+
+        obs = self._with_costs(self.observer.observe(self.weights))
+        self.last_observation = obs
+        base["source"] = obs.source
+        base["observation"] = obs.to_json()
+        r = observed_reward(obs, self.policy.reward)
+        base["reward"] = r
+        if r is not None:
+            self.metrics.reward.set(r)
+        if obs.source == "none" or not any(e.usable for e in obs.endpoints):
+            why = "; ".join(obs.errors) or "no endpoint has usable data"
+            self.metrics.set_mode("hold")
+            return self._record(base, mode="hold", notes=(f"telemetry blind ({why}): holding weights",), step_ms=elapsed())
+
+        if self._mode_in_force is not None and r is not None:
+            self.rollback.record(self._mode_in_force, r)
+        mode = self.rollback.mode
+        notes: list[str] = []
+        ctx = self._context(obs)
+        critical: list[int] = []
+        decision = None
+        if mode == "policy":
+            if self.scorer is None:
+                notes.append("no policy configured: baseline used")
+                mode = "baseline"
+            else:
+                try:
+                    critical = self._critical(obs, ctx)
+                    decision = lp_decision(obs, ctx, tuple(critical), estimate_capacity(obs, ctx),
+                                           cost_weight=self.policy.cost_weight)  # fmt: skip
+                except Exception as exc:  # the policy is a remote call: anything may come back
+                    self.policy_state.update(ok=False, error=f"{type(exc).__name__}: {exc}", at=time.time())
+                    self.metrics.errors.labels("policy").inc()
+                    notes.append(f"policy unavailable ({type(exc).__name__}: {exc}); baseline used")
+                    mode, critical = "baseline", []
+        if decision is None:
+            decision = self.baseline.decide(obs, ctx)
+        self._mode_in_force = mode
+        self.metrics.set_mode(mode)
+
+        guard = self.guardrails.apply(self.addresses, self.shares, decision.shares, available_mask(obs), self.overrides.active())
+        self.last_guard = guard
+        for note in guard.notes:
+            self.metrics.guardrail.labels(note.split(":", 1)[0]).inc()
+        notes += list(guard.notes)
+        new_weights = {a: int(w) for a, w in zip(self.addresses, guard.weights)}
+        base.update(critical=tuple(self.addresses[i] for i in critical), weights=new_weights,
+                    moved=traffic_moved(self.shares, guard.shares))  # fmt: skip
+
+        if new_weights == self.weights and guard.health == self.health:
+            return self._record(base, mode=mode, notes=(*notes, "unchanged: nothing pushed"), step_ms=elapsed())
+        t_push = time.perf_counter()
+        try:
+            version = self.xds.set_assignment(self.cluster.name, new_weights, guard.health, self.owner)
+        except (XdsError, BalanceIQError) as exc:
+            self.metrics.errors.labels("push").inc()
+            base["weights"] = dict(self.weights)
+            return self._record(base, mode=mode, notes=tuple(notes), error=f"push failed: {exc}", step_ms=elapsed())
+        push_ms = (time.perf_counter() - t_push) * 1000
+        self.metrics.push_seconds.observe(push_ms / 1000)
+        self.weights, self.health = new_weights, dict(guard.health)
+        self._remember(now)
+        acked: bool | None = None
+        ack_ms = None
+        t_ack = time.perf_counter()
+        try:
+            status = self.xds.status()
+            self.metrics.xds.update(status.get("nodes", []))
+            if any(n.get("connected") for n in status.get("nodes", [])):
+                acked = self.xds.wait_for_ack(version, min(2.0, self.policy.interval_s / 2))
+                if acked:
+                    ack_ms = (time.perf_counter() - t_ack) * 1000
+                    self.metrics.ack_seconds.observe(ack_ms / 1000)
+        except (XdsError, BalanceIQError) as exc:
+            notes.append(f"ACK unknown: {exc}")
+        return self._record(base, mode=mode, notes=tuple(notes), pushed=True, acked=acked, push_ms=push_ms,
+                            ack_ms=ack_ms, version=version, step_ms=(time.perf_counter() - t0) * 1000)  # fmt: skip
+
+    def _remember(self, now: float) -> None:
+        self.weight_history.append({"timestamp": now, "weights": dict(self.weights)})
+        del self.weight_history[:-360]
+        for a, w in self.weights.items():
+            self.metrics.weight.labels(self.cluster.name, a).set(w)
+        for a, s in zip(self.addresses, self.shares):
+            self.metrics.share.labels(self.cluster.name, a).set(float(s))
+
+    def release(self) -> None:
+        try:
+            self.xds.release_lease(self.owner)
+        except (XdsError, BalanceIQError) as exc:
+            log.info("lease release failed (it will expire): %s", exc)
+        self.holds_lease = False
+        self.metrics.active.set(0)
+
+
+class ControlLoop:
+    """Runs :meth:`Controller.step` every ``interval_s`` on a daemon thread."""
+
+    def __init__(self, controller: Controller) -> None:
+        self.controller = controller
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.last_tick: float | None = None
+        self.last_error: str | None = None
+        self.steps = 0
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def start(self) -> None:
+        if self.running:
+            return
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="balanceiq-control", daemon=True)
+        self._thread.start()
+
+    def wake(self) -> None:
+        """Apply a changed interval (or overrides) now rather than after the old interval."""
+        self._wake.set()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        self.controller.release()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            started = time.monotonic()
+            try:
+                self.controller.step()
+                self.last_error = None
+            except Exception as exc:  # the loop must outlive any bug in one step
+                log.exception("control step failed")
+                self.last_error = f"{type(exc).__name__}: {exc}"
+            self.steps += 1
+            self.last_tick = time.time()
+            wait = max(0.0, self.controller.policy.interval_s - (time.monotonic() - started))
+            self._wake.wait(wait)
+            self._wake.clear()

@@ -1,0 +1,103 @@
+"""What the controller decided and what came of it: one record per interval.
+
+The in-memory :class:`DecisionLog` feeds ``/api/decisions`` and the dashboard; the
+optional JSONL recording (one line per decision, with the full observation) is what a
+later calibration of the simulator fits against, so it keeps the inputs the decision
+saw and the weights it pushed, not just summaries.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import threading
+from collections import deque
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+def _num(x: float | None) -> float | None:
+    return None if x is None or not math.isfinite(x) else round(float(x), 6)
+
+
+@dataclass(frozen=True)
+class DecisionRecord:
+    """One control interval: what was seen, what was decided, what Envoy did with it."""
+
+    seq: int
+    timestamp: float
+    mode: str  # "policy" | "baseline" | "hold" (telemetry blind) | "standby" (no lease)
+    critical: tuple[str, ...]
+    weights: dict[str, int]
+    previous: dict[str, int]
+    reward: float | None  # realised reward of the interval that just ended
+    moved: float  # traffic_moved(previous, new)
+    pushed: bool
+    acked: bool | None  # None: not pushed, or no Envoy connected to ACK it
+    push_ms: float | None
+    ack_ms: float | None
+    version: str | None
+    notes: tuple[str, ...] = ()
+    source: str = "none"
+    error: str | None = None
+    step_ms: float | None = None  # observe to push, the whole decision
+    observation: dict[str, Any] | None = field(default=None, repr=False)
+
+    def to_json(self, *, with_observation: bool = False) -> dict[str, Any]:
+        out = asdict(self)
+        out["critical"] = list(self.critical)
+        out["notes"] = list(self.notes)
+        for key in ("reward", "push_ms", "ack_ms", "step_ms", "moved"):
+            out[key] = _num(out[key])
+        if not with_observation:
+            out.pop("observation")
+        return out
+
+
+class DecisionLog:
+    """The last ``size`` decisions in memory, and optionally every one appended to a file."""
+
+    def __init__(self, size: int = 500, recording: Path | str | None = None) -> None:
+        self._lock = threading.Lock()
+        self._items: deque[DecisionRecord] = deque(maxlen=size)
+        self._seq = 0
+        self.recording = Path(recording) if recording else None
+        self._recording_failed = False
+        if self.recording is not None:
+            self.recording.parent.mkdir(parents=True, exist_ok=True)
+
+    def next_seq(self) -> int:
+        with self._lock:
+            self._seq += 1
+            return self._seq
+
+    def append(self, record: DecisionRecord) -> None:
+        with self._lock:
+            self._items.append(record)
+        if self.recording is not None:
+            try:
+                with self.recording.open("a", encoding="utf-8") as fh:
+                    fh.write(json.dumps(record.to_json(with_observation=True)) + "\n")
+                self._recording_failed = False
+            except OSError as exc:
+                # A full disk must not stop the control loop; say so once per outage.
+                if not self._recording_failed:
+                    log.warning("decision recording to %s failed: %s", self.recording, exc)
+                self._recording_failed = True
+
+    def recent(self, limit: int = 20) -> list[DecisionRecord]:
+        with self._lock:
+            items = list(self._items)
+        return items[::-1][: max(0, limit)]
+
+    def last(self) -> DecisionRecord | None:
+        with self._lock:
+            return self._items[-1] if self._items else None
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._items)

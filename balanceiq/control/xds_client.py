@@ -1,0 +1,80 @@
+"""How the controller reaches the xDS server: the Ray actor, or one in this process.
+
+Both translate failures into :class:`~balanceiq.exceptions.XdsError` so the control loop
+handles one error type: a dead or restarting actor, a timeout and a refused push look
+the same to it (record, retry next interval).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from balanceiq.exceptions import AssignmentError, XdsError
+from balanceiq.xds.lease import Lease
+from balanceiq.xds.server import XdsServer
+
+
+class ActorXdsClient:
+    """Calls on the named xDS actor, each bounded by ``timeout_s``."""
+
+    def __init__(self, handle: Any, timeout_s: float = 5.0) -> None:
+        self.handle = handle
+        self.timeout_s = timeout_s
+
+    def _call(self, method: str, *args: Any, timeout: float | None = None) -> Any:
+        import ray
+
+        try:
+            return ray.get(getattr(self.handle, method).remote(*args), timeout=timeout or self.timeout_s)
+        except ray.exceptions.RayTaskError as exc:
+            cause = exc.as_instanceof_cause()
+            if isinstance(cause, (XdsError, AssignmentError)):
+                raise XdsError(str(cause).splitlines()[-1]) from exc
+            raise XdsError(f"xDS actor {method} failed: {type(cause).__name__}") from exc
+        except ray.exceptions.GetTimeoutError as exc:
+            raise XdsError(f"xDS actor did not answer {method} within {timeout or self.timeout_s:.1f}s") from exc
+        except ray.exceptions.RayError as exc:  # actor dead or restarting
+            raise XdsError(f"xDS actor unavailable ({type(exc).__name__})") from exc
+
+    def acquire_lease(self, owner: str, ttl_s: float) -> dict[str, Any]:
+        return self._call("acquire_lease", owner, ttl_s)  # type: ignore[no-any-return]
+
+    def release_lease(self, owner: str) -> bool:
+        return bool(self._call("release_lease", owner))
+
+    def set_assignment(self, cluster: str, weights: Mapping[str, int], health: Mapping[str, str], lease_owner: str) -> str:
+        return str(self._call("set_assignment", cluster, dict(weights), dict(health), lease_owner))
+
+    def wait_for_ack(self, version: str, timeout: float) -> bool:
+        return bool(self._call("wait_for_ack", version, None, timeout, timeout=timeout + self.timeout_s))
+
+    def status(self) -> dict[str, Any]:
+        return self._call("status")  # type: ignore[no-any-return]
+
+
+class LocalXdsClient:
+    """An in-process :class:`XdsServer` with its own lease (tests, benchmarks)."""
+
+    def __init__(self, server: XdsServer, lease: Lease | None = None) -> None:
+        self.server = server
+        self.lease = lease or Lease()
+
+    def acquire_lease(self, owner: str, ttl_s: float) -> dict[str, Any]:
+        return self.lease.acquire(owner, ttl_s)
+
+    def release_lease(self, owner: str) -> bool:
+        return self.lease.release(owner)
+
+    def set_assignment(self, cluster: str, weights: Mapping[str, int], health: Mapping[str, str], lease_owner: str) -> str:
+        self.lease.check(lease_owner)
+        try:
+            return self.server.set_assignment(cluster, weights, health)
+        except AssignmentError as exc:
+            raise XdsError(str(exc)) from exc
+
+    def wait_for_ack(self, version: str, timeout: float) -> bool:
+        return self.server.wait_for_ack(version, None, timeout)
+
+    def status(self) -> dict[str, Any]:
+        return {**self.server.status(), "lease": self.lease.state()}

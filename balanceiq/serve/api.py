@@ -1,0 +1,172 @@
+"""The HTTP API and dashboard (FastAPI), a thin layer over :class:`ControlPlane`.
+
+Read-only routes are open (the dashboard polls them); every route that changes
+routing or starts work needs ``Authorization: Bearer <token>``. Errors from the plane
+arrive as :class:`~balanceiq.exceptions.BalanceIQError` and leave as 4xx JSON with a
+message that names what was wrong; nothing has changed when one is returned.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from fastapi import Depends, FastAPI, HTTPException, Query, Request
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel, ConfigDict, Field
+
+from balanceiq.exceptions import BalanceIQError, ControlError, GuardrailError
+from balanceiq.serve.plane import ControlPlane
+
+log = logging.getLogger(__name__)
+
+STATIC = Path(__file__).resolve().parent / "static"
+ADDRESS_MAX = 300
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+class WeightChange(_Body):
+    """Pin, drain, set or clear one endpoint's override."""
+
+    address: str = Field(max_length=ADDRESS_MAX, description="Endpoint host:port as in the config.")
+    action: Literal["pin", "drain", "set", "clear"] = Field(
+        description="pin: freeze its current share; drain: no new traffic; set: fixed weight; clear: remove."
+    )
+    weight: int | None = Field(default=None, ge=1, le=10000, description="For set: weight out of 10,000.")
+    ttl_s: float | None = Field(default=None, gt=0, le=30 * 86400, description="Expiry in seconds; none: until cleared.")
+    reason: str = Field(default="", max_length=200, description="Shown in the status and the decision log.")
+
+
+class RewardWeightsBody(_Body):
+    latency: float | None = Field(default=None, ge=0, le=1000)
+    tail: float | None = Field(default=None, ge=0, le=1000)
+    errors: float | None = Field(default=None, ge=0, le=1000)
+    cost: float | None = Field(default=None, ge=0, le=1000)
+    ref_cost: float | None = Field(default=None, gt=0, le=1e6)
+
+
+class GuardrailsBody(_Body):
+    min_share: float | None = Field(default=None, ge=0, lt=0.5)
+    max_shift: float | None = Field(default=None, gt=0, le=1)
+    rollback_after: int | None = Field(default=None, ge=1, le=1000)
+    rollback_margin: float | None = Field(default=None, ge=0, le=10)
+    probation_after: int | None = Field(default=None, ge=1, le=10000)
+    baseline: Literal["equal", "static", "cost_aware", "inverse_latency", "least_request"] | None = None
+
+
+class PolicyChange(_Body):
+    """Any subset; all of it applies, or none of it if one value is refused."""
+
+    k: int | None = Field(default=None, ge=1, le=10000, description="Critical endpoints per decision.")
+    interval_s: float | None = Field(default=None, ge=0.2, le=3600, description="Seconds between decisions.")
+    slo_ms: float | None = Field(default=None, gt=0, le=600000, description="Latency SLO of the reward.")
+    reward_weights: RewardWeightsBody | None = None
+    cost_weight: float | None = Field(default=None, ge=0, le=100, description="LP cost term weight.")
+    selection: Literal["sample", "greedy"] | None = Field(default=None, description="How critical endpoints are drawn.")
+    costs: dict[Annotated[str, Field(max_length=ADDRESS_MAX)], Annotated[float, Field(ge=0, le=1e9)]] | None = Field(
+        default=None, description="$ per million requests by endpoint (e.g. a cloud got dearer)."
+    )
+    guardrails: GuardrailsBody | None = None
+    checkpoint: str | None = Field(default=None, max_length=4096, description="Hot-swap the policy checkpoint.")
+
+
+class TrainRequest(_Body):
+    iterations: int = Field(default=20, ge=1, le=10000)
+    scenarios: list[Annotated[str, Field(max_length=200)]] | None = Field(default=None, max_length=50)
+    num_env_runners: int = Field(default=1, ge=0, le=64)
+    seed: int = Field(default=0, ge=0, le=2**31 - 1)
+
+
+_bearer = HTTPBearer(auto_error=False, description="The API token (config api.token or state_dir/api-token).")
+
+
+def create_api(plane: ControlPlane) -> FastAPI:
+    app = FastAPI(
+        title="BalanceIQ",
+        version="0.1.0",
+        description="Learned, cost-aware weights for Envoy: status, weights, decisions, policy and training.",
+    )
+
+    def require_token(cred: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> None:
+        if cred is None or not plane.authorized(cred.credentials):
+            raise HTTPException(401, "missing or invalid bearer token", headers={"WWW-Authenticate": "Bearer"})
+
+    auth = [Depends(require_token)]
+
+    @app.exception_handler(BalanceIQError)
+    async def _refused(request: Request, exc: BalanceIQError) -> JSONResponse:
+        code = 409 if isinstance(exc, (GuardrailError, ControlError)) else 503
+        return JSONResponse({"detail": str(exc)}, status_code=code)
+
+    # -- compatible with the original service ------------------------------------------
+
+    @app.get("/api/health", tags=["compatible"])
+    def health() -> dict[str, Any]:
+        import time
+
+        return {"status": "healthy", "service": "balanceiq", "timestamp": time.time()}
+
+    @app.get("/api/metrics/training", tags=["compatible"])
+    def metrics_training() -> dict[str, Any]:
+        return plane.training_metrics()
+
+    @app.get("/api/metrics/weights", tags=["compatible"])
+    def metrics_weights() -> dict[str, Any]:
+        return plane.weight_metrics()
+
+    @app.get("/api/metrics/all", tags=["compatible"])
+    def metrics_all() -> dict[str, Any]:
+        return plane.all_metrics()
+
+    # -- BalanceIQ ------------------------------------------------------------------------
+
+    @app.get("/api/status")
+    def status() -> dict[str, Any]:
+        return plane.status()
+
+    @app.get("/api/weights")
+    def get_weights() -> dict[str, Any]:
+        return plane.weights()
+
+    @app.put("/api/weights", dependencies=auth, responses={401: {"description": "no or wrong token"}})
+    def put_weights(change: WeightChange) -> dict[str, Any]:
+        result = plane.set_override(change.address, change.action, change.weight, change.ttl_s, change.reason)
+        return {"override": result, "overrides": plane.controller.overrides.to_json()}
+
+    @app.get("/api/decisions")
+    def decisions(limit: Annotated[int, Query(ge=1, le=1000)] = 20) -> dict[str, Any]:
+        return {"decisions": [d.to_json() for d in plane.controller.log.recent(limit)]}
+
+    @app.get("/api/policy")
+    def get_policy() -> dict[str, Any]:
+        return plane.policy_settings()
+
+    @app.put("/api/policy", dependencies=auth, responses={401: {"description": "no or wrong token"}})
+    def put_policy(change: PolicyChange) -> dict[str, Any]:
+        return plane.update_policy(change.model_dump(exclude_none=True))
+
+    @app.post("/api/train", dependencies=auth, status_code=202, responses={401: {"description": "no or wrong token"}})
+    def post_train(req: TrainRequest) -> dict[str, Any]:
+        if plane.training is None:
+            raise ControlError("training is not available in this deployment")
+        return plane.training.start(req.iterations, req.scenarios, req.num_env_runners, req.seed)
+
+    @app.get("/metrics", response_class=Response)
+    def metrics() -> Response:
+        return Response(plane.controller.metrics.exposition(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    # -- dashboard ------------------------------------------------------------------------
+
+    @app.get("/", include_in_schema=False)
+    def dashboard() -> FileResponse:
+        return FileResponse(STATIC / "index.html")
+
+    if STATIC.is_dir():
+        app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    return app

@@ -1,0 +1,92 @@
+"""The Ray Serve application: Policy + Controller (FastAPI ingress) deployments.
+
+``serve run serve_app:app`` (or ``serve run serve_app.yaml``) builds it from the config
+named by ``BALANCEIQ_CONFIG`` (default ``balanceiq.yaml``). The Controller deployment
+gets or starts the xDS actor, runs the control loop in its replica and serves the API;
+it keeps one replica, and the controller lease at the xDS actor makes sure only one loop
+pushes even while Serve replaces a replica.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from balanceiq.config import Settings, load_config
+from balanceiq.control.controller import Controller
+from balanceiq.control.xds_client import ActorXdsClient
+from balanceiq.serve.api import create_api
+from balanceiq.serve.plane import ControlPlane, PolicyClient, load_or_create_token
+from balanceiq.serve.policy import PolicyDeployment
+from balanceiq.serve.training import TrainingManager
+from balanceiq.telemetry.observe import Telemetry
+from balanceiq.xds.actor import start_actor
+
+log = logging.getLogger(__name__)
+
+
+@serve.deployment(
+    name="Controller",
+    num_replicas=1,
+    ray_actor_options={"num_cpus": 0},
+    max_ongoing_requests=512,
+    health_check_period_s=5,
+)
+@serve.ingress()
+class ControllerDeployment:
+    def __init__(self, settings: dict[str, Any], policy: DeploymentHandle, recording: str | None = None,
+                 autostart: bool = True) -> None:  # fmt: skip
+        self.settings = Settings.model_validate(settings)
+        token, token_file, created = load_or_create_token(self.settings)
+        if created:
+            # The path, not the token: worker output ends up in Ray's log files.
+            print(f"BalanceIQ API token generated: stored in {token_file} (mode 0600). "
+                  f'Use: curl -H "Authorization: Bearer $(cat {token_file})" ...', flush=True)  # fmt: skip
+        self.policy = policy
+        actor = start_actor(self.settings)
+        self.xds = ActorXdsClient(actor)
+
+        def scorer(rows: Any) -> Any:
+            return policy.score.remote(rows).result(timeout_s=2.0)
+
+        self.telemetry = Telemetry(self.settings)
+        controller = Controller(self.settings, self.telemetry, self.xds, scorer, recording=recording)
+        policy_client = PolicyClient(
+            info=lambda: policy.info.remote().result(timeout_s=2.0),
+            reload=lambda ckpt: policy.reload.remote(ckpt).result(timeout_s=120.0),
+        )
+        training = TrainingManager(Path(self.settings.state_dir) / "checkpoints")
+        self.plane = ControlPlane(self.settings, controller, policy=policy_client, training=training, token=token)
+        if autostart:
+            self.plane.start()
+
+    def __serve_build_asgi_app__(self) -> Any:
+        return create_api(self.plane)
+
+    def check_health(self) -> None:
+        # A dead loop is a broken controller: let Serve replace the replica.
+        if self.plane.loop.steps and not self.plane.loop.running:
+            raise RuntimeError("control loop stopped")
+
+    def __del__(self) -> None:
+        try:
+            self.plane.stop()
+            self.telemetry.close()
+        except Exception:  # interpreter shutdown: best effort
+            pass
+
+
+def build_app(args: dict[str, Any] | None = None) -> Any:
+    """Application builder: ``args`` may name ``config``, ``checkpoint``, ``recording``."""
+    args = dict(args or {})
+    config = Path(args.get("config") or os.environ.get("BALANCEIQ_CONFIG", "balanceiq.yaml")).resolve()
+    settings = load_config(config)
+    checkpoint = args.get("checkpoint") or (str(settings.api.checkpoint) if settings.api.checkpoint else None)
+    recording = args.get("recording")
+    policy = PolicyDeployment.bind(checkpoint)  # type: ignore[attr-defined]
+    return ControllerDeployment.bind(settings.model_dump(mode="json"), policy, recording)  # type: ignore[attr-defined]

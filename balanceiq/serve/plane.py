@@ -1,0 +1,407 @@
+"""Everything the API reads or changes, behind one object the routes close over.
+
+The HTTP layer (:mod:`balanceiq.serve.api`) stays a thin translation: it validates
+bodies, checks the token and calls :class:`ControlPlane`, which owns the controller,
+its loop, training runs, the policy client and the health probes. Tests build a plane
+from real parts in-process (an :class:`~balanceiq.xds.server.XdsServer`, a real
+Envoy and Prometheus) without Serve; the Serve deployment builds the same object.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import math
+import os
+import secrets
+import threading
+import time
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+
+from balanceiq.config import GuardrailConfig, Settings
+from balanceiq.control.controller import ControlLoop, Controller
+from balanceiq.exceptions import BalanceIQError, ControlError, GuardrailError
+from balanceiq.policy.baselines import make_policy
+from balanceiq.policy.reward import RewardWeights
+from balanceiq.serve.training import TrainingManager
+
+log = logging.getLogger(__name__)
+
+UP, DEGRADED, DOWN = "up", "degraded", "down"
+
+
+def load_or_create_token(settings: Settings) -> tuple[str, Path | None, bool]:
+    """``(token, file, created)``: the configured token, else the one in ``state_dir``,
+    else a new one written there with mode 0600. The token itself is never logged."""
+    if settings.api.token:
+        return settings.api.token, None, False
+    path = Path(settings.state_dir) / "api-token"
+    try:
+        text = path.read_text().strip()
+        if len(text) >= 16:
+            return text, path, False
+    except OSError:
+        pass
+    token = secrets.token_urlsafe(32)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(token + "\n")
+    return token, path, True
+
+
+def _iso(ts: float | None) -> str | None:
+    return datetime.fromtimestamp(ts, timezone.utc).isoformat().replace("+00:00", "Z") if ts else None
+
+
+def _num(x: Any) -> float | None:
+    try:
+        f = float(x)
+    except (TypeError, ValueError):
+        return None
+    return f if math.isfinite(f) else None
+
+
+class PolicyClient:
+    """What the plane needs from the Policy deployment (or a local model in tests)."""
+
+    def __init__(self, info: Callable[[], dict[str, Any]], reload: Callable[[str], dict[str, Any]]) -> None:
+        self.info = info
+        self.reload = reload
+
+
+class ControlPlane:
+    def __init__(
+        self,
+        settings: Settings,
+        controller: Controller,
+        *,
+        policy: PolicyClient | None = None,
+        training: TrainingManager | None = None,
+        token: str | None = None,
+    ) -> None:
+        self.settings = settings
+        self.controller = controller
+        self.loop = ControlLoop(controller)
+        self.policy = policy
+        self.training = training
+        self.token = token or load_or_create_token(settings)[0]
+        self.started_at = time.time()
+        self._http = httpx.Client(timeout=1.0, trust_env=False)
+        self._http_lock = threading.Lock()
+        self._probe_cache: dict[str, tuple[float, dict[str, Any]]] = {}
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.loop.start()
+
+    def stop(self) -> None:
+        self.loop.stop()
+        if self.training is not None:
+            self.training.shutdown()
+        self._http.close()
+
+    # -- auth ----------------------------------------------------------------------------
+
+    def authorized(self, presented: str | None) -> bool:
+        """Constant-time comparison, so response timing does not leak the token."""
+        if not presented:
+            return False
+        return hmac.compare_digest(presented.encode(), self.token.encode())
+
+    # -- probes --------------------------------------------------------------------------
+
+    def _get(self, url: str) -> httpx.Response | None:
+        with self._http_lock:
+            try:
+                return self._http.get(url)
+            except httpx.HTTPError:
+                return None
+
+    def _cached(self, key: str, ttl: float, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        now = time.monotonic()
+        hit = self._probe_cache.get(key)
+        if hit and now - hit[0] < ttl:
+            return hit[1]
+        value = fn()
+        self._probe_cache[key] = (now, value)
+        return value
+
+    def _envoy(self) -> dict[str, Any]:
+        url = self.settings.envoy.admin_url.rstrip("/") + "/ready"
+        r = self._get(url)
+        if r is None:
+            return {"state": DOWN, "reason": f"admin {url} unreachable"}
+        if r.status_code == 200:
+            return {"state": UP, "reason": "admin /ready: LIVE"}
+        return {"state": DEGRADED, "reason": f"admin /ready answered {r.status_code}: {r.text.strip()[:60]}"}
+
+    def _prometheus(self) -> dict[str, Any]:
+        url = self.settings.prometheus.url.rstrip("/") + "/-/ready"
+        r = self._get(url)
+        obs = self.controller.last_observation
+        fallback = obs is not None and obs.source == "envoy-admin"
+        if r is None or r.status_code != 200:
+            why = "unreachable" if r is None else f"answered {r.status_code}"
+            note = "; telemetry uses Envoy's admin" if fallback else ""
+            return {"state": DOWN, "reason": f"{url} {why}{note}"}
+        if fallback:
+            return {"state": DEGRADED, "reason": "ready, but the last observation came from the Envoy fallback"}
+        return {"state": UP, "reason": "ready; observations from Prometheus"}
+
+    def _xds(self) -> dict[str, Any]:
+        try:
+            status = self.controller.xds.status()
+        except BalanceIQError as exc:
+            return {"state": DOWN, "reason": str(exc)}
+        nodes = status.get("nodes", [])
+        connected = [n for n in nodes if n.get("connected")]
+        if not connected:
+            return {"state": DEGRADED, "reason": "serving, but no Envoy is connected", "version": status.get("version")}
+        nacked = [n for n in connected if n.get("last_nacked_version") and n.get("last_nacked_version") == status.get("version")]
+        if nacked:
+            return {"state": DEGRADED, "reason": f"Envoy rejected version {status.get('version')}: {nacked[0].get('last_error')}"}
+        return {"state": UP, "reason": f"{len(connected)} Envoy node(s) connected, version {status.get('version')}",
+                "version": status.get("version")}  # fmt: skip
+
+    def _policy(self) -> dict[str, Any]:
+        st = self.controller.policy_state
+        info: dict[str, Any] = {}
+        if self.policy is not None:
+            try:
+                info = self.policy.info()
+            except Exception as exc:  # a remote deployment: anything may come back
+                return {"state": DOWN, "reason": f"policy deployment unavailable: {type(exc).__name__}"}
+        elif self.controller.scorer is None:
+            return {"state": DOWN, "reason": "no policy configured: the baseline decides"}
+        if st.get("ok") is False:
+            return {"state": DEGRADED, "reason": f"last call failed: {st.get('error')}", **info}
+        lat = st.get("latency_ms")
+        why = f"checkpoint {info.get('checkpoint', '?')}" + (f", last scoring {lat:.1f} ms" if lat is not None else "")
+        return {"state": UP, "reason": why, **info}
+
+    def _controller(self) -> dict[str, Any]:
+        c, loop = self.controller, self.loop
+        interval = c.policy.interval_s
+        if not loop.running:
+            return {"state": DOWN, "reason": "control loop not running"}
+        if loop.last_tick is None:
+            return {"state": DEGRADED, "reason": "starting: no decision yet"}
+        age = time.time() - loop.last_tick
+        if age > 3 * interval + 5:
+            return {"state": DOWN, "reason": f"last decision {age:.0f}s ago (interval {interval}s)"}
+        last = c.log.last()
+        if not c.holds_lease:
+            return {"state": DEGRADED, "reason": f"standby: lease held by {c.lease.get('holder') or 'nobody yet'}"}
+        if last is not None and last.error:
+            return {"state": DEGRADED, "reason": last.error}
+        if last is not None and last.mode == "hold":
+            return {"state": DEGRADED, "reason": last.notes[0] if last.notes else "holding weights"}
+        return {"state": UP, "reason": f"active, {loop.steps} decisions, mode {c.rollback.mode}"}
+
+    def status(self) -> dict[str, Any]:
+        comps = {
+            "controller": self._controller(),
+            "policy": self._cached("policy", 1.0, self._policy),
+            "xds": self._cached("xds", 1.0, self._xds),
+            "envoy": self._cached("envoy", 1.0, self._envoy),
+            "prometheus": self._cached("prometheus", 1.0, self._prometheus),
+        }
+        states = [v["state"] for v in comps.values()]
+        critical = [comps[k]["state"] for k in ("controller", "xds", "envoy")]
+        overall = DOWN if DOWN in critical else (UP if all(s == UP for s in states) else DEGRADED)
+        c = self.controller
+        rb = c.rollback.state()
+        return {
+            "overall": overall,
+            "components": comps,
+            "mode": rb["mode"],
+            "mode_reason": rb["reason"],
+            "rollback": rb,
+            "guardrails": {
+                **c.guardrails.state(),
+                "overrides": c.overrides.to_json(),
+                "last_notes": list(c.last_guard.notes) if c.last_guard else [],
+            },
+            "lease": c.lease,
+            "timestamp": time.time(),
+        }
+
+    # -- weights -------------------------------------------------------------------------
+
+    def total_requests(self) -> int | None:
+        """Envoy's own count of requests sent to the cluster (``upstream_rq_total``)."""
+        name = self.controller.cluster.name
+
+        def probe() -> dict[str, Any]:
+            url = self.settings.envoy.admin_url.rstrip("/") + f"/stats?filter=^cluster\\.{name}\\.upstream_rq_total$&format=json"
+            r = self._get(url)
+            try:
+                stats = r.json().get("stats", []) if r is not None and r.status_code == 200 else []
+            except ValueError:
+                stats = []
+            value = next((s.get("value") for s in stats if s.get("name") == f"cluster.{name}.upstream_rq_total"), None)
+            return {"value": int(value) if isinstance(value, (int, float)) else None}
+
+        return self._cached("total_requests", 1.0, probe)["value"]  # type: ignore[no-any-return]
+
+    def efficiency(self) -> float | None:
+        """Jain's fairness index of utilisation (rps / capacity) over endpoints with both
+        known: 1.0 when every endpoint is equally loaded relative to its capacity."""
+        obs = self.controller.last_observation
+        hint = self.controller.capacity_hint
+        if obs is None:
+            return None
+        u = np.array([e.rps / c for e, c in zip(obs.endpoints, hint) if math.isfinite(e.rps) and math.isfinite(c) and c > 0])
+        if u.size == 0 or float((u**2).sum()) == 0:
+            return None
+        return round(float(u.sum() ** 2 / (u.size * (u**2).sum())), 4)
+
+    def weights(self) -> dict[str, Any]:
+        c = self.controller
+        obs = c.last_observation.by_address() if c.last_observation else {}
+        overrides = {o["address"]: o for o in c.overrides.to_json()}
+        shares = c.shares
+        eps = []
+        for a, s in zip(c.addresses, shares):
+            ep = c.endpoints[a]
+            e = obs.get(a)
+            eps.append({
+                "address": a, "cloud": ep.cloud, "region": ep.region, "weight": c.weights[a], "share": round(float(s), 6),
+                "health": c.health[a], "override": overrides.get(a),
+                "p95_ms": _num(e.p95_ms) if e else None, "error_rate": _num(e.error_rate) if e else None,
+                "rps": _num(e.rps) if e else None, "cost_per_million": _num(c.costs.get(a)),
+                "healthy": e.healthy if e else None,
+            })  # fmt: skip
+        last = c.log.last()
+        return {
+            "cluster": c.cluster.name,
+            "version": next((d.version for d in c.log.recent(50) if d.version), None),
+            "mode": c.rollback.mode,
+            "endpoints": eps,
+            "history": list(c.weight_history[-120:]),
+            "total_requests": self.total_requests(),
+            "timestamp": last.timestamp if last else None,
+        }
+
+    def set_override(self, address: str, action: str, weight: int | None, ttl_s: float | None, reason: str) -> dict[str, Any]:
+        c = self.controller
+        if address not in c.endpoints:
+            raise GuardrailError(f"unknown endpoint {address!r}; known: {', '.join(c.addresses)}")
+        if action == "clear":
+            cleared = c.overrides.clear(address)
+            result: dict[str, Any] = {"address": address, "action": "clear", "cleared": cleared}
+        elif action == "drain":
+            result = c.overrides.drain(address, ttl_s, reason).to_json()
+        elif action == "pin":
+            share = float(c.shares[c.addresses.index(address)])
+            result = c.overrides.pin(address, share, ttl_s, reason).to_json()
+        elif action == "set":
+            if weight is None:
+                raise GuardrailError("action 'set' needs a weight (1..10000, out of 10000)")
+            result = c.overrides.set_weight(address, weight, ttl_s, reason).to_json()
+        else:
+            raise GuardrailError(f"unknown action {action!r}; use pin, drain, set or clear")
+        self.loop.wake()  # operators expect a drain now, not after the interval
+        return result
+
+    # -- policy settings -----------------------------------------------------------------
+
+    def policy_settings(self) -> dict[str, Any]:
+        c = self.controller
+        return {
+            **c.policy.to_json(),
+            "costs": dict(c.costs),
+            "guardrails": c.guardrails.config.model_dump(),
+            "checkpoint": (self.policy.info().get("checkpoint") if self.policy else None),
+        }
+
+    def update_policy(self, changes: dict[str, Any]) -> dict[str, Any]:
+        """Apply validated changes atomically: all of them, or none if one is invalid."""
+        c = self.controller
+        n = len(c.addresses)
+        if "k" in changes and changes["k"] is not None and not 1 <= changes["k"] <= n:
+            raise ControlError(f"k must be in 1..{n} (the cluster has {n} endpoints), got {changes['k']}")
+        costs = changes.get("costs") or {}
+        unknown = sorted(set(costs) - set(c.addresses))
+        if unknown:
+            raise ControlError(f"costs name unknown endpoint(s): {', '.join(unknown)}")
+        guard = None
+        if changes.get("guardrails"):
+            merged = {**c.guardrails.config.model_dump(), **changes["guardrails"]}
+            try:
+                guard = GuardrailConfig.model_validate(merged)
+            except ValueError as exc:
+                raise ControlError(f"guardrails: {exc}") from exc
+        reward = None
+        if changes.get("reward_weights") is not None or changes.get("slo_ms") is not None:
+            r = c.policy.reward
+            rw = {"slo_ms": r.slo_ms, "latency": r.latency, "tail": r.tail, "errors": r.errors, "cost": r.cost, "ref_cost": r.ref_cost}
+            rw.update(changes.get("reward_weights") or {})
+            if changes.get("slo_ms") is not None:
+                rw["slo_ms"] = changes["slo_ms"]
+            reward = RewardWeights(**rw)
+        if changes.get("checkpoint"):
+            if self.policy is None:
+                raise ControlError("no policy deployment to load a checkpoint into")
+            self.policy.reload(str(changes["checkpoint"]))
+        with c._lock:
+            if changes.get("k") is not None:
+                c.policy.k = int(changes["k"])
+            if changes.get("interval_s") is not None:
+                c.policy.interval_s = float(changes["interval_s"])
+            if changes.get("cost_weight") is not None:
+                c.policy.cost_weight = float(changes["cost_weight"])
+            if changes.get("selection") is not None:
+                c.policy.mode = str(changes["selection"])
+            if reward is not None:
+                c.policy.reward = reward
+            c.costs.update({a: float(v) for a, v in costs.items()})
+            if guard is not None:
+                c.guardrails.config = guard
+                c.rollback.reconfigure(guard.rollback_after, guard.rollback_margin, guard.probation_after)
+                if guard.baseline != c.baseline.name:
+                    c.baseline = make_policy(guard.baseline)
+        self.loop.wake()
+        return self.policy_settings()
+
+    # -- compatibility views (the original service's fields) -----------------------------
+
+    def training_metrics(self) -> dict[str, Any]:
+        if self.training is None:
+            return {"training_iterations": 0, "buffer_size": 0, "current_reward": None, "model_accuracy": None,
+                    "recent_rewards": [], "recent_losses": [], "last_update": None, "runs": []}  # fmt: skip
+        self.training.refresh()
+        return self.training.metrics()
+
+    def weight_metrics(self) -> dict[str, Any]:
+        last = self.controller.log.last()
+        return {
+            "endpoint_weights": dict(self.controller.weights),
+            "total_requests": self.total_requests(),
+            "load_balance_efficiency": self.efficiency(),
+            "last_update": _iso(last.timestamp if last else None),
+        }
+
+    def all_metrics(self) -> dict[str, Any]:
+        t = self.training_metrics()
+        w = self.weight_metrics()
+        return {
+            "training": {
+                "iterations": t["training_iterations"], "buffer_size": t["buffer_size"],
+                "current_reward": t["current_reward"], "model_accuracy": t["model_accuracy"],
+                "recent_rewards": t["recent_rewards"], "recent_losses": t["recent_losses"],
+            },
+            "load_balancing": {
+                "endpoint_weights": w["endpoint_weights"], "total_requests": w["total_requests"],
+                "efficiency": w["load_balance_efficiency"],
+            },
+            "status": {"last_update": w["last_update"], "uptime": round(time.time() - self.started_at, 1)},
+        }  # fmt: skip

@@ -1,0 +1,165 @@
+"""Training runs started from the API, executed on the Ray cluster.
+
+``POST /api/train`` creates a :class:`TrainingRun` actor; ``run()`` trains (PPO on the
+simulator, :func:`balanceiq.train.train`) while ``progress()`` answers concurrently, so
+``/api/metrics/training`` shows each iteration's return and loss as it lands. One run at
+a time: a 2-core box cannot train twice, and two runs racing to promote is a bug.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import ray
+
+from balanceiq.exceptions import ControlError
+
+
+class TrainingRun:
+    """Ray actor body (``max_concurrency=2``: ``progress`` runs beside ``run``)."""
+
+    def __init__(self, run_id: str, params: dict[str, Any]) -> None:
+        self.run_id = run_id
+        self.params = params
+        self._lock = threading.Lock()
+        self.state = "pending"
+        self.history: list[dict[str, Any]] = []
+        self.summary: dict[str, Any] | None = None
+        self.message = ""
+
+    def _on_iteration(self, row: dict[str, Any]) -> None:
+        with self._lock:
+            self.history.append({**row, "at": time.time()})
+
+    def run(self) -> dict[str, Any]:
+        from rich.console import Console
+
+        from balanceiq.train import train
+
+        with self._lock:
+            self.state = "running"
+        try:
+            summary = train(
+                scenarios=self.params.get("scenarios"),
+                iterations=int(self.params["iterations"]),
+                checkpoint_dir=Path(self.params["checkpoint_dir"]),
+                num_env_runners=self.params.get("num_env_runners"),
+                seed=int(self.params.get("seed", 0)),
+                console=Console(stderr=True, quiet=True),
+                on_iteration=self._on_iteration,
+            )
+        except Exception as exc:  # reported through progress(), not lost in a log
+            with self._lock:
+                self.state, self.message = "failed", f"{type(exc).__name__}: {exc}"
+            return self.progress()
+        with self._lock:
+            self.summary = {k: v for k, v in summary.items() if k != "history"}
+            self.state, self.message = "done", f"checkpoint at {summary['checkpoint']}"
+        return self.progress()
+
+    def progress(self) -> dict[str, Any]:
+        with self._lock:
+            last = self.history[-1] if self.history else {}
+            return {
+                "id": self.run_id,
+                "state": self.state,
+                "iteration": last.get("iteration", 0),
+                "iterations": int(self.params["iterations"]),
+                "reward": last.get("episode_return_mean"),
+                "message": self.message,
+                "history": list(self.history),
+                "summary": self.summary,
+                "params": {k: v for k, v in self.params.items()},
+            }
+
+
+class TrainingManager:
+    """Starts runs and remembers their progress (the last one's kept after it ends)."""
+
+    def __init__(self, checkpoint_root: Path) -> None:
+        self.checkpoint_root = Path(checkpoint_root)
+        self._lock = threading.Lock()
+        self._actors: dict[str, Any] = {}
+        self._last: dict[str, dict[str, Any]] = {}
+        self._order: list[str] = []
+        self._last_update: float | None = None
+
+    def start(self, iterations: int, scenarios: list[str] | None, num_env_runners: int, seed: int = 0) -> dict[str, Any]:
+        with self._lock:
+            for rid in self._order:
+                if self._last.get(rid, {}).get("state") in ("pending", "running"):
+                    raise ControlError(f"training run {rid} is still {self._last[rid]['state']}; one run at a time")
+            rid = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
+            params = {
+                "iterations": iterations, "scenarios": scenarios, "num_env_runners": num_env_runners,
+                "seed": seed, "checkpoint_dir": str((self.checkpoint_root / rid).resolve()),
+            }  # fmt: skip
+            actor = ray.remote(TrainingRun).options(  # type: ignore[attr-defined]
+                name=f"training-{rid}", namespace="balanceiq", num_cpus=0, max_concurrency=2
+            ).remote(rid, params)
+            actor.run.remote()
+            self._actors[rid] = actor
+            self._order.append(rid)
+            self._last[rid] = {"id": rid, "state": "pending", "iteration": 0, "iterations": iterations,
+                               "reward": None, "message": "", "history": [], "params": params}  # fmt: skip
+            self._last_update = time.time()
+            return dict(self._last[rid])
+
+    def refresh(self, timeout_s: float = 1.0) -> None:
+        """Poll live runs; a finished or dead run's actor is released."""
+        for rid in list(self._order):
+            actor = self._actors.get(rid)
+            if actor is None:
+                continue
+            try:
+                p = ray.get(actor.progress.remote(), timeout=timeout_s)
+            except ray.exceptions.GetTimeoutError:
+                continue
+            except ray.exceptions.RayError as exc:
+                p = {**self._last[rid], "state": "failed", "message": f"training actor died: {type(exc).__name__}"}
+            with self._lock:
+                if p != self._last.get(rid):
+                    self._last_update = time.time()
+                self._last[rid] = p
+                if p["state"] in ("done", "failed"):
+                    ray.kill(actor)
+                    self._actors.pop(rid, None)
+
+    def runs(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return [dict(self._last[rid]) for rid in reversed(self._order)]
+
+    def metrics(self) -> dict[str, Any]:
+        """The original service's training fields, from the latest run."""
+        runs = self.runs()
+        latest = runs[0] if runs else None
+        hist = latest["history"] if latest else []
+        rewards = [h["episode_return_mean"] for h in hist if h.get("episode_return_mean") is not None]
+        losses = [h["total_loss"] for h in hist if h.get("total_loss") is not None]
+        steps = hist[-1].get("env_steps") if hist else None
+        return {
+            "training_iterations": sum(r["iteration"] for r in runs),
+            "buffer_size": int(steps) if steps else 0,  # env steps sampled: PPO has no replay buffer
+            "current_reward": rewards[-1] if rewards else None,
+            "model_accuracy": None,  # a policy has no accuracy; kept for compatibility
+            "recent_rewards": rewards[-20:],
+            "recent_losses": losses[-20:],
+            "last_update": (
+                datetime.fromtimestamp(self._last_update, timezone.utc).isoformat().replace("+00:00", "Z")
+                if self._last_update else None
+            ),
+            "runs": [{k: v for k, v in r.items() if k not in ("history", "params")} for r in runs],
+        }
+
+    def shutdown(self) -> None:
+        for actor in list(self._actors.values()):
+            try:
+                ray.kill(actor)
+            except ray.exceptions.RayError:
+                pass
+        self._actors.clear()

@@ -1,0 +1,75 @@
+"""Who may push weights: a time-limited lease held by at most one controller.
+
+Several controller replicas may be alive (Serve restarts one while the old one still
+runs, or an operator starts a second app by mistake); only the lease holder's pushes
+are accepted, so two loops can never fight over Envoy's weights. A holder renews the
+lease every interval; if it dies, the lease expires after ``ttl_s`` and another takes
+over. It lives beside the one xDS server because that is the single point every push
+passes through anyway.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from balanceiq.exceptions import XdsLeaseError
+
+
+@dataclass(frozen=True)
+class LeaseState:
+    holder: str | None
+    expires_at: float  # time.monotonic() deadline
+    term: int  # increments whenever the holder changes
+
+    def to_json(self, now: float | None = None) -> dict[str, Any]:
+        now = time.monotonic() if now is None else now
+        live = self.holder is not None and self.expires_at > now
+        return {"holder": self.holder if live else None, "expires_in_s": round(max(0.0, self.expires_at - now), 3) if live else 0.0, "term": self.term}
+
+
+class Lease:
+    """Thread-safe single-holder lease with expiry."""
+
+    def __init__(self, clock: Any = time.monotonic) -> None:
+        self._lock = threading.Lock()
+        self._clock = clock
+        self._state = LeaseState(None, 0.0, 0)
+
+    def acquire(self, owner: str, ttl_s: float) -> dict[str, Any]:
+        """Take or renew the lease for ``owner``; ``granted`` says whether it holds it now."""
+        if not owner or not isinstance(owner, str):
+            raise XdsLeaseError("lease owner must be a non-empty string")
+        if not (isinstance(ttl_s, (int, float)) and math.isfinite(ttl_s) and 0 < ttl_s <= 3600):
+            raise XdsLeaseError(f"lease ttl_s must be in (0, 3600], got {ttl_s!r}")
+        with self._lock:
+            now = self._clock()
+            s = self._state
+            free = s.holder is None or s.expires_at <= now
+            if free or s.holder == owner:
+                term = s.term if s.holder == owner and not free else s.term + 1
+                self._state = LeaseState(owner, now + float(ttl_s), term)
+                return {"granted": True, **self._state.to_json(now)}
+            return {"granted": False, **s.to_json(now)}
+
+    def release(self, owner: str) -> bool:
+        with self._lock:
+            if self._state.holder == owner:
+                self._state = LeaseState(None, 0.0, self._state.term)
+                return True
+            return False
+
+    def check(self, owner: str) -> None:
+        """Raise unless ``owner`` holds an unexpired lease."""
+        with self._lock:
+            s = self._state
+            if s.holder != owner or s.expires_at <= self._clock():
+                holder = s.holder if s.holder and s.expires_at > self._clock() else "nobody"
+                raise XdsLeaseError(f"push refused: {owner!r} does not hold the controller lease (held by {holder})")
+
+    def state(self) -> dict[str, Any]:
+        with self._lock:
+            return self._state.to_json(self._clock())
