@@ -60,7 +60,8 @@ def ray_local() -> Iterator[None]:
     # Module scope: the local cluster is gone before tests that start their own Ray
     # (``testbed up`` runs ``ray start --head``) so the two never meet.
     ray = pytest.importorskip("ray")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, namespace="balanceiq-tests")
+    # address="local": a new cluster even if `ray start` left one running on this machine.
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, namespace="balanceiq-tests")
     try:
         yield
     finally:

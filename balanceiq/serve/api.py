@@ -76,6 +76,29 @@ class PolicyChange(_Body):
     checkpoint: str | None = Field(default=None, max_length=4096, description="Hot-swap the policy checkpoint.")
 
 
+class EndpointIn(_Body):
+    """One endpoint's observation, as ``/api/weights`` reports it; unknown fields are null."""
+
+    address: str = Field(max_length=ADDRESS_MAX)
+    p50_ms: float | None = Field(default=None, ge=0, le=1e7)
+    p95_ms: float | None = Field(default=None, ge=0, le=1e7)
+    error_rate: float | None = Field(default=None, ge=0, le=1)
+    saturation: float | None = Field(default=None, ge=0, le=1e6)
+    inflight: float | None = Field(default=None, ge=0, le=1e9)
+    rps: float | None = Field(default=None, ge=0, le=1e9)
+    cost_per_million: float | None = Field(default=None, ge=0, le=1e9)
+    weight: float | None = Field(default=None, ge=0, le=2**32)
+    healthy: bool | None = None
+    capacity_rps: float | None = Field(default=None, gt=0, le=1e9)
+
+
+class ScoreRequest(_Body):
+    """Ask the serving policy which endpoints it would re-optimise (nothing is applied)."""
+
+    endpoints: list[EndpointIn] = Field(min_length=1, max_length=1000)
+    k: int | None = Field(default=None, ge=1, le=1000, description="Critical endpoints wanted (default ~20% of N).")
+
+
 class TrainRequest(_Body):
     iterations: int = Field(default=20, ge=1, le=10000)
     scenarios: list[Annotated[str, Field(max_length=200)]] | None = Field(default=None, max_length=50)
@@ -150,6 +173,10 @@ def create_api(plane: ControlPlane) -> FastAPI:
     @app.put("/api/policy", dependencies=auth, responses={401: {"description": "no or wrong token"}})
     def put_policy(change: PolicyChange) -> dict[str, Any]:
         return plane.update_policy(change.model_dump(exclude_none=True))
+
+    @app.post("/api/policy/score")
+    def post_score(req: ScoreRequest) -> dict[str, Any]:
+        return plane.score([e.model_dump() for e in req.endpoints], req.k)
 
     @app.post("/api/train", dependencies=auth, status_code=202, responses={401: {"description": "no or wrong token"}})
     def post_train(req: TrainRequest) -> dict[str, Any]:

@@ -82,10 +82,14 @@ class ControllerDeployment:
 
 
 def build_app(args: dict[str, Any] | None = None) -> Any:
-    """Application builder: ``args`` may name ``config``, ``checkpoint``, ``recording``."""
+    """Application builder: ``args`` may name ``config`` (a path) or ``settings`` (a
+    :class:`Settings`, for tests and benchmarks), ``checkpoint`` and ``recording``."""
     args = dict(args or {})
-    config = Path(args.get("config") or os.environ.get("BALANCEIQ_CONFIG", "balanceiq.yaml")).resolve()
-    settings = load_config(config)
+    if isinstance(args.get("settings"), Settings):
+        settings = args["settings"]
+    else:
+        config = Path(args.get("config") or os.environ.get("BALANCEIQ_CONFIG", "balanceiq.yaml")).resolve()
+        settings = load_config(config)
     checkpoint = args.get("checkpoint") or (str(settings.api.checkpoint) if settings.api.checkpoint else None)
     recording = args.get("recording")
     policy = PolicyDeployment.bind(checkpoint)  # type: ignore[attr-defined]

@@ -24,12 +24,16 @@ from typing import Any
 import httpx
 import numpy as np
 
-from balanceiq.config import GuardrailConfig, Settings
+from balanceiq.config import GuardrailConfig, Settings, critical_count
 from balanceiq.control.controller import ControlLoop, Controller
 from balanceiq.exceptions import BalanceIQError, ControlError, GuardrailError
 from balanceiq.policy.baselines import make_policy
+from balanceiq.policy.features import encode, estimate_capacity
 from balanceiq.policy.reward import RewardWeights
 from balanceiq.serve.training import TrainingManager
+from balanceiq.telemetry.observation import EndpointObservation, Observation
+
+_OBS_FIELDS = ("p50_ms", "p95_ms", "error_rate", "saturation", "inflight", "rps", "cost_per_million", "weight")
 
 log = logging.getLogger(__name__)
 
@@ -371,6 +375,36 @@ class ControlPlane:
                     c.baseline = make_policy(guard.baseline)
         self.loop.wake()
         return self.policy_settings()
+
+    def score(self, endpoints: list[dict[str, Any]], k: int | None) -> dict[str, Any]:
+        """The policy's scores and greedy critical set for an observation sent over HTTP."""
+        c = self.controller
+        if c.scorer is None:
+            raise ControlError("no policy configured")
+        addresses = [e["address"] for e in endpoints]
+        if len(set(addresses)) != len(addresses):
+            raise ControlError("duplicate endpoint addresses in the request")
+        nan = float("nan")
+        eps = tuple(
+            EndpointObservation(
+                address=e["address"], **{f: (nan if e.get(f) is None else float(e[f])) for f in _OBS_FIELDS},
+                healthy=e.get("healthy"),
+            )
+            for e in endpoints
+        )  # fmt: skip
+        obs = Observation(cluster=c.cluster.name, endpoints=eps, source="api")
+        hint = np.array([nan if e.get("capacity_rps") is None else float(e["capacity_rps"]) for e in endpoints])
+        rows = encode(obs, estimate_capacity(obs, hint), len(eps), c.policy.reward.slo_ms)
+        t0 = time.perf_counter()
+        try:
+            scores = np.asarray(c.scorer(rows), dtype=np.float64).reshape(-1)
+        except Exception as exc:  # a remote deployment: anything may come back
+            raise ControlError(f"policy unavailable: {type(exc).__name__}: {exc}") from exc
+        ms = (time.perf_counter() - t0) * 1000
+        kk = min(len(eps), k or critical_count(len(eps)))
+        order = [int(i) for i in np.argsort(-scores, kind="stable")[:kk]]
+        return {"scores": {a: round(float(x), 6) for a, x in zip(addresses, scores)},
+                "critical": [addresses[i] for i in order], "k": kk, "inference_ms": round(ms, 3)}  # fmt: skip
 
     # -- compatibility views (the original service's fields) -----------------------------
 

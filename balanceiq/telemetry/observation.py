@@ -16,7 +16,7 @@ from typing import Literal
 
 import numpy as np
 
-Source = Literal["prometheus", "envoy-admin", "simulator", "none"]
+Source = Literal["prometheus", "envoy-admin", "simulator", "api", "none"]
 
 # Why a field is not a measurement. An endpoint with any flag is not "healthy and idle".
 NO_TRAFFIC = "no_traffic"  # no requests in the window: latency and error rate unknown

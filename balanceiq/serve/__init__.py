@@ -1,0 +1,1 @@
+"""Ray Serve application: the Policy and Controller deployments, the API and the dashboard."""
