@@ -6,7 +6,8 @@
     ├── ConfigError              a config file or value is invalid (carries every problem)
     ├── AssignmentError          weights/health for the xDS store are invalid; nothing published
     ├── XdsError                 the xDS server cannot do what was asked
-    │   └── XdsBindError         the xDS port is taken or cannot be bound
+    │   ├── XdsBindError         the xDS port is taken or cannot be bound
+    │   └── XdsLeaseError        a push from a controller that does not hold the lease
     ├── PolicyError              a policy checkpoint is missing, unloadable, or not ours
     ├── TelemetryError           a metrics source could not give a usable answer
     │   ├── PrometheusError      Prometheus unreachable, timed out, or answered garbage
@@ -15,7 +16,9 @@
     │   ├── EnvoyError           the envoy binary failed to start, or never became ready
     │   ├── BackendError         a sample backend failed to start
     │   └── PrometheusProcessError  the prometheus binary failed to start
-    └── BenchError               a benchmark could not run to completion
+    ├── BenchError               a benchmark could not run to completion
+    └── ControlError             the control loop or its guardrails refused an operation
+        └── GuardrailError       an override or guardrail setting that cannot be applied
 
 Errors from libraries (grpc, aiohttp, yaml, pydantic) are translated into these at the
 boundary with ``raise ... from exc``; the CLI prints their message and exits 2 instead of
@@ -55,6 +58,10 @@ class XdsError(BalanceIQError):
 
 class XdsBindError(XdsError):
     """The xDS server could not bind its port (usually: another server holds it)."""
+
+
+class XdsLeaseError(XdsError):
+    """A push or lease request refused: another controller holds the lease, or bad input."""
 
 
 class PolicyError(BalanceIQError):
@@ -97,3 +104,11 @@ class PrometheusProcessError(TestbedError):
 
 class BenchError(BalanceIQError):
     """A benchmark could not run to completion."""
+
+
+class ControlError(BalanceIQError):
+    """The control loop or its guardrails refused an operation."""
+
+
+class GuardrailError(ControlError):
+    """An override or guardrail setting that cannot be applied (names the endpoint or field)."""

@@ -41,8 +41,8 @@ from balanceiq.control.guardrails import Guardrails, GuardResult, OverrideTable,
 from balanceiq.control.metrics import ControllerMetrics
 from balanceiq.control.records import DecisionLog, DecisionRecord
 from balanceiq.exceptions import BalanceIQError, ControlError, XdsError
-from balanceiq.policy.baselines import PolicyContext, available_mask, estimate_capacity, lp_decision, make_policy
-from balanceiq.policy.features import encode
+from balanceiq.policy.baselines import PolicyContext, available_mask, lp_decision, make_policy
+from balanceiq.policy.features import encode, estimate_capacity
 from balanceiq.policy.lp import traffic_moved
 from balanceiq.policy.reward import RewardWeights, reward
 from balanceiq.telemetry.observation import Observation
@@ -198,10 +198,28 @@ class Controller:
         demand = float(np.nansum(np.where(np.isfinite(rps), rps, 0.0)))
         return PolicyContext(self.shares, self.capacity_hint, self.static_weights, demand, self.policy.k)
 
+    def capacity(self, obs: Observation) -> np.ndarray:
+        """Measured capacity (rps / saturation) where the endpoint is loaded enough to
+        tell, else the config hint: what the simulator's env feeds the policy and LP."""
+        return estimate_capacity(obs, self.capacity_hint)
+
+    def breaching(self, obs: Observation) -> list[int]:
+        """Endpoints in visible trouble: p95 over the SLO or >= 5% errors."""
+        slo = self.policy.reward.slo_ms
+        return [
+            i for i, e in enumerate(obs.endpoints)
+            if (math.isfinite(e.p95_ms) and e.p95_ms > slo) or (math.isfinite(e.error_rate) and e.error_rate >= 0.05)
+        ]  # fmt: skip
+
     def _critical(self, obs: Observation, ctx: PolicyContext) -> list[int]:
+        """K endpoints from the policy's scores, after any endpoint breaching the SLO.
+
+        Breaching endpoints are always re-optimised (a sampled draw could skip the one
+        endpoint that is on fire for several intervals); the policy picks the rest.
+        """
         assert self.scorer is not None
         n = len(obs.endpoints)
-        rows = encode(obs, ctx.capacity_hint, n, self.policy.reward.slo_ms)
+        rows = encode(obs, self.capacity(obs), n, self.policy.reward.slo_ms)
         t0 = time.perf_counter()
         s = np.asarray(self.scorer(rows), dtype=np.float64).reshape(-1)[:n]
         self.policy_state.update(ok=True, error=None, latency_ms=round((time.perf_counter() - t0) * 1000, 3), at=time.time())
@@ -212,7 +230,11 @@ class Controller:
             s = s - np.log(-np.log(u))  # Gumbel-top-k: an exact Plackett-Luce draw
         s = np.where(available_mask(obs), s, -np.inf)  # a down endpoint is no use as critical
         k = max(1, min(self.policy.k, n))
-        return [int(i) for i in np.argsort(-s, kind="stable")[:k]]
+        picked = [int(i) for i in np.argsort(-s, kind="stable")]
+        forced = [i for i in self.breaching(obs) if s[i] > -np.inf]
+        chosen = forced + [i for i in picked if i not in forced]
+        # A forced endpoint needs somewhere to send traffic: at least K, and one spare.
+        return chosen[: max(k, len(forced) + 1)]
 
     def _record(self, base: dict[str, Any], **kw: Any) -> DecisionRecord:
         rec = DecisionRecord(**{**base, **kw})
@@ -285,7 +307,7 @@ class Controller:
             else:
                 try:
                     critical = self._critical(obs, ctx)
-                    decision = lp_decision(obs, ctx, tuple(critical), estimate_capacity(obs, ctx),
+                    decision = lp_decision(obs, ctx, tuple(critical), self.capacity(obs),
                                            cost_weight=self.policy.cost_weight)  # fmt: skip
                 except Exception as exc:  # the policy is a remote call: anything may come back
                     self.policy_state.update(ok=False, error=f"{type(exc).__name__}: {exc}", at=time.time())

@@ -18,7 +18,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field
 
-from balanceiq.exceptions import BalanceIQError, ControlError, GuardrailError
+from balanceiq.exceptions import BalanceIQError, ControlError, GuardrailError, PolicyError
 from balanceiq.serve.plane import ControlPlane
 
 log = logging.getLogger(__name__)
@@ -124,7 +124,13 @@ def create_api(plane: ControlPlane) -> FastAPI:
 
     @app.exception_handler(BalanceIQError)
     async def _refused(request: Request, exc: BalanceIQError) -> JSONResponse:
-        code = 409 if isinstance(exc, (GuardrailError, ControlError)) else 503
+        # Bad input is the caller's (400/409); only a dependency being down is a 503.
+        if isinstance(exc, PolicyError):
+            code = 400
+        elif isinstance(exc, (GuardrailError, ControlError)):
+            code = 409
+        else:
+            code = 503
         return JSONResponse({"detail": str(exc)}, status_code=code)
 
     # -- compatible with the original service ------------------------------------------

@@ -58,7 +58,7 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
     import sys
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from conftest import settings_on_free_ports
+    from livestack import settings_on_free_ports
 
     base = settings_on_free_ports()
     s = base.model_copy(

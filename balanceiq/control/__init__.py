@@ -1,0 +1,1 @@
+"""The control loop's safety layer: guardrails, operator overrides and policy rollback."""

@@ -1,0 +1,163 @@
+"""A whole control plane in this process, on real parts, for integration tests.
+
+Backends, ALS, Envoy and Prometheus come from the real :class:`Testbed`; the xDS server,
+telemetry, controller and API are the real classes. Only Ray Serve is left out (the
+Serve tests cover it), so a test can step the controller deterministically and read
+its state directly as well as over HTTP.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import uvicorn
+
+from balanceiq.config import Settings, default_settings
+from balanceiq.control.controller import Controller
+from balanceiq.control.xds_client import LocalXdsClient
+from balanceiq.serve.api import create_api
+from balanceiq.serve.plane import ControlPlane, PolicyClient
+from balanceiq.serve.policy import PolicyModel
+from balanceiq.telemetry.observe import Telemetry
+from balanceiq.testbed.load import run_load_sync
+from balanceiq.testbed.ports import free_ports
+from balanceiq.testbed.testbed import Testbed
+from balanceiq.xds.server import XdsServer
+
+TOKEN = "test-token-0123456789abcdef"
+
+
+
+def settings_on_free_ports(n_endpoints: int = 3, base: Settings | None = None) -> Settings:
+    """Default settings with every endpoint, xDS and Envoy port free right now."""
+    s = base or default_settings()
+    ports = iter(free_ports(n_endpoints + 7))
+    clouds = [("aws", "us-east-1"), ("gcp", "us-central1"), ("azure", "eastus")]
+    template = s.clusters[0].endpoints[0]
+    endpoints = [
+        template.model_copy(
+            update={
+                "address": f"127.0.0.1:{next(ports)}",
+                "cloud": clouds[i % 3][0],
+                "region": clouds[i % 3][1],
+                "zone": None,
+            }
+        )
+        for i in range(n_endpoints)
+    ]
+    cluster = s.clusters[0].model_copy(update={"endpoints": endpoints})
+    return s.model_copy(
+        update={
+            "clusters": [cluster],
+            "xds": s.xds.model_copy(update={"port": next(ports)}),
+            "envoy": s.envoy.model_copy(
+                update={"admin_url": f"http://127.0.0.1:{next(ports)}", "listen_port": next(ports)}
+            ),
+            "prometheus": s.prometheus.model_copy(update={"url": f"http://127.0.0.1:{next(ports)}"}),
+            "telemetry": s.telemetry.model_copy(
+                update={"als_grpc_port": next(ports), "als_metrics_port": next(ports)}
+            ),
+        }
+    )
+
+
+def fast_settings(base: Settings, interval_s: float = 1.0) -> Settings:
+    """Short windows so a test sees a change within seconds, not the production 10 s."""
+    return base.model_copy(
+        update={
+            "prometheus": base.prometheus.model_copy(update={"scrape_interval_s": 0.5}),
+            "telemetry": base.telemetry.model_copy(update={"window_s": 2.0, "stale_after_s": 4.0}),
+            "control": base.control.model_copy(update={"interval_s": interval_s}),
+        }
+    )
+
+
+@dataclass
+class LiveStack:
+    settings: Settings
+    testbed: Testbed
+    xds: XdsServer
+    controller: Controller
+    plane: ControlPlane
+    url: str
+    backend_url: dict[str, str]
+
+    def control(self, address: str, **changes: Any) -> None:
+        """Change a backend's behaviour live (latency, errors, health...)."""
+        r = httpx.post(self.backend_url[address] + "/control", json=changes, timeout=5, trust_env=False)
+        r.raise_for_status()
+
+    def client(self) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=10, trust_env=False)
+
+
+class _Server(uvicorn.Server):
+    def install_signal_handlers(self) -> None:  # a thread may not own signals
+        pass
+
+
+@contextlib.contextmanager
+def serve_asgi(app: Any) -> Iterator[str]:
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = _Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()
+
+
+@contextlib.contextmanager
+def live_stack(settings: Settings, workdir: Path, *, rate_rps: float = 120, run_loop: bool = False,
+               max_load_s: float = 240) -> Iterator[LiveStack]:  # fmt: skip
+    """Everything up, a bounded load running through Envoy; all stopped on exit."""
+    settings = settings.model_copy(update={"state_dir": workdir / "state"})
+    xds = XdsServer(settings, state_dir=workdir / "state")
+    xds.start()
+    stop = threading.Event()
+    loader: threading.Thread | None = None
+    telemetry: Telemetry | None = None
+    plane: ControlPlane | None = None
+    try:
+        with Testbed(settings, workdir / "tb", health_check_interval_s=60) as tb:
+            loader = threading.Thread(
+                target=run_load_sync, args=(tb.envoy.listen_url,),
+                kwargs={"total": int(rate_rps * max_load_s), "concurrency": 8, "max_seconds": max_load_s,
+                        "rate_rps": rate_rps, "stop": stop},
+                daemon=True,
+            )  # fmt: skip
+            loader.start()
+            telemetry = Telemetry(settings, retry_s=0.5)
+            model = PolicyModel()
+            controller = Controller(settings, telemetry, LocalXdsClient(xds), lambda rows: model.score_many([rows])[0])
+            plane = ControlPlane(settings, controller, policy=PolicyClient(model.info, model.reload), token=TOKEN)
+            if run_loop:
+                plane.start()
+            backend_url = dict(zip([b["name"] for b in tb.backends.specs], tb.backends.urls))
+            with serve_asgi(create_api(plane)) as url:
+                yield LiveStack(settings, tb, xds, controller, plane, url, backend_url)
+    finally:
+        if plane is not None:
+            plane.stop()
+        if telemetry is not None:
+            telemetry.close()
+        stop.set()
+        if loader is not None:
+            loader.join(15)
+        xds.stop()

@@ -1,0 +1,233 @@
+"""API contract: the original service's fields, auth, validation, and no server errors.
+
+The plane here is real (controller, guardrails, an in-process gRPC xDS server, the
+shipped policy checkpoint); only telemetry is replayed from a fixed Observation, since
+no Envoy or Prometheus runs in the fast tests. The live versions are in
+tests/integration/test_control_loop.py.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+from prometheus_client.parser import text_string_to_metric_families
+
+from balanceiq.config import Settings
+from balanceiq.control.controller import Controller
+from balanceiq.control.xds_client import LocalXdsClient
+from balanceiq.serve.api import create_api
+from balanceiq.serve.plane import ControlPlane, PolicyClient
+from balanceiq.serve.policy import PolicyModel
+from balanceiq.telemetry.observation import EndpointObservation, Observation
+from balanceiq.xds.server import XdsServer
+
+TOKEN = "unit-test-token-0123456789"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+class ReplayObserver:
+    """Answers every observe() with the current ``latency`` map (address -> p95 ms)."""
+
+    def __init__(self, addresses: list[str]) -> None:
+        self.latency = dict.fromkeys(addresses, 30.0)
+
+    def observe(self, weights=None) -> Observation:  # type: ignore[no-untyped-def]
+        eps = tuple(
+            EndpointObservation(address=a, p50_ms=lat / 2, p95_ms=lat, error_rate=0.0, saturation=0.3, inflight=2.0,
+                                rps=50.0, cost_per_million=0.4, weight=float((weights or {}).get(a, 1)), healthy=True,
+                                age_s=0.5)  # fmt: skip
+            for a, lat in self.latency.items()
+        )
+        return Observation(cluster="my_service", endpoints=eps, source="simulator", window_s=10.0)
+
+
+@pytest.fixture(scope="module")
+def model() -> PolicyModel:
+    return PolicyModel()
+
+
+@pytest.fixture
+def plane(tmp_path: Path, model: PolicyModel) -> Iterator[ControlPlane]:
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    from livestack import settings_on_free_ports
+
+    s: Settings = settings_on_free_ports(5).model_copy(update={"state_dir": tmp_path / "state"})
+    xds = XdsServer(s, state_dir=tmp_path / "state")
+    xds.start()
+    observer = ReplayObserver([ep.address for ep in s.clusters[0].endpoints])
+    controller = Controller(s, observer, LocalXdsClient(xds), lambda rows: model.score_many([rows])[0])
+    p = ControlPlane(s, controller, policy=PolicyClient(model.info, model.reload), token=TOKEN)
+    p.observer = observer  # type: ignore[attr-defined]
+    try:
+        yield p
+    finally:
+        p.stop()
+        xds.stop()
+
+
+@pytest.fixture
+def api(plane: ControlPlane) -> Iterator[TestClient]:
+    with TestClient(create_api(plane)) as client:
+        yield client
+
+
+def test_original_fields_are_kept(api: TestClient, plane: ControlPlane) -> None:
+    for _ in range(3):
+        plane.controller.step()
+    h = api.get("/api/health").json()
+    assert h["status"] == "healthy" and h["service"] == "balanceiq" and h["timestamp"] > 0
+    t = api.get("/api/metrics/training").json()
+    assert {"training_iterations", "buffer_size", "current_reward", "model_accuracy", "recent_rewards",
+            "recent_losses", "last_update"} <= set(t)  # fmt: skip
+    w = api.get("/api/metrics/weights").json()
+    assert set(w) == {"endpoint_weights", "total_requests", "load_balance_efficiency", "last_update"}
+    assert w["endpoint_weights"] == plane.controller.weights and w["last_update"].endswith("Z")
+    a = api.get("/api/metrics/all").json()
+    assert set(a) == {"training", "load_balancing", "status"}
+    assert {"iterations", "buffer_size", "current_reward", "model_accuracy", "recent_rewards", "recent_losses"} == set(a["training"])
+    assert {"endpoint_weights", "total_requests", "efficiency"} == set(a["load_balancing"])
+    assert {"last_update", "uptime"} == set(a["status"])
+
+
+def test_status_names_each_component_and_why(api: TestClient, plane: ControlPlane) -> None:
+    plane.controller.step()
+    s = api.get("/api/status").json()
+    assert set(s["components"]) == {"controller", "policy", "xds", "envoy", "prometheus"}
+    for comp in s["components"].values():
+        assert comp["state"] in ("up", "degraded", "down") and comp["reason"]
+    # Nothing listens on the configured Envoy admin or Prometheus here.
+    assert s["components"]["envoy"]["state"] == "down" and "unreachable" in s["components"]["envoy"]["reason"]
+    assert s["components"]["xds"]["state"] == "degraded" and "no Envoy" in s["components"]["xds"]["reason"]
+    assert s["components"]["controller"]["state"] == "down"  # the loop is not started in this test
+    assert s["overall"] == "down"
+    assert s["mode"] == "baseline" and "warm-up" in s["mode_reason"]
+
+
+def test_overrides_need_the_token_and_apply(api: TestClient, plane: ControlPlane) -> None:
+    c = plane.controller
+    a = c.addresses[0]
+    r = api.put("/api/weights", json={"address": a, "action": "drain"})
+    assert r.status_code == 401 and c.overrides.active() == {}
+    r = api.put("/api/weights", json={"address": a, "action": "drain", "ttl_s": 60}, headers=AUTH)
+    assert r.status_code == 200 and r.json()["override"]["action"] == "drain"
+    rec = c.step()
+    assert rec.pushed and rec.weights[a] == 1 and c.health[a] == "DRAINING"
+    r = api.put("/api/weights", json={"address": c.addresses[1], "action": "set", "weight": 4000}, headers=AUTH)
+    assert r.status_code == 200
+    c.step()
+    # 4000 of 10,000 units, less the unit each drained endpoint must keep (Envoy forbids 0).
+    assert abs(c.weights[c.addresses[1]] - 4000) <= len(c.addresses)
+    ep = {e["address"]: e for e in api.get("/api/weights").json()["endpoints"]}
+    assert ep[a]["health"] == "DRAINING" and ep[c.addresses[1]]["override"]["weight"] == 4000
+
+
+@pytest.mark.parametrize(
+    ("body", "code", "needle"),
+    [
+        ({"address": "10.9.9.9:1", "action": "drain"}, 409, "10.9.9.9:1"),
+        ({"address": "X", "action": "set"}, 409, "needs a weight"),
+        ({"address": "X", "action": "explode"}, 422, "action"),
+        ({"address": "X", "action": "set", "weight": 0}, 422, "weight"),
+        ({"address": "X", "action": "drain", "ttl_s": -1}, 422, "ttl_s"),
+        ({"address": "X", "action": "drain", "extra": 1}, 422, "extra"),
+    ],
+)
+def test_bad_overrides_name_the_problem(api: TestClient, plane: ControlPlane, body: dict, code: int, needle: str) -> None:  # type: ignore[type-arg]
+    body = {**body, "address": plane.controller.addresses[0] if body["address"] == "X" else body["address"]}
+    r = api.put("/api/weights", json=body, headers=AUTH)
+    assert r.status_code == code, r.text
+    assert needle in r.text
+    assert plane.controller.overrides.active() == {}
+
+
+def test_policy_update_is_all_or_nothing(api: TestClient, plane: ControlPlane) -> None:
+    c = plane.controller
+    before = api.get("/api/policy").json()
+    r = api.put("/api/policy", json={"k": 99, "costs": {c.addresses[0]: 9.0}}, headers=AUTH)
+    assert r.status_code == 409 and "k must be in 1..5" in r.json()["detail"]
+    assert api.get("/api/policy").json() == before
+    r = api.put("/api/policy", json={"k": 3, "interval_s": 2.5, "slo_ms": 200, "selection": "greedy",
+                                     "costs": {c.addresses[0]: 9.0}, "guardrails": {"max_shift": 0.1}},
+                headers=AUTH)  # fmt: skip
+    assert r.status_code == 200, r.text
+    got = r.json()
+    assert got["k"] == 3 and got["interval_s"] == 2.5 and got["slo_ms"] == 200 and got["selection"] == "greedy"
+    assert got["costs"][c.addresses[0]] == 9.0 and got["guardrails"]["max_shift"] == 0.1
+    assert c.guardrails.config.max_shift == 0.1 and c.policy.k == 3
+    # The new cost reaches the observation the policy and LP see.
+    c.step()
+    assert c.last_observation is not None and c.last_observation.by_address()[c.addresses[0]].cost_per_million == 9.0
+    r = api.put("/api/policy", json={"checkpoint": "/nonexistent/ckpt"}, headers=AUTH)
+    assert r.status_code == 400 and "/nonexistent/ckpt" in r.json()["detail"]
+
+
+def test_score_metrics_and_decisions(api: TestClient, plane: ControlPlane) -> None:
+    c = plane.controller
+    for _ in range(4):
+        c.step()
+    eps = [{"address": f"10.0.0.{i}:80", "p95_ms": 20.0 + 30 * i, "rps": 10.0, "saturation": 0.2 + 0.1 * i,
+            "error_rate": 0.0, "cost_per_million": 0.5, "healthy": True} for i in range(8)]  # fmt: skip
+    r = api.post("/api/policy/score", json={"endpoints": eps, "k": 3})
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert len(out["critical"]) == 3 and set(out["scores"]) == {e["address"] for e in eps}
+    assert all(math.isfinite(v) for v in out["scores"].values())
+    assert api.post("/api/policy/score", json={"endpoints": eps + eps[:1]}).status_code == 409
+    d = api.get("/api/decisions", params={"limit": 2}).json()["decisions"]
+    assert len(d) == 2 and d[0]["seq"] > d[1]["seq"]
+    text = api.get("/metrics").text
+    fams = {f.name: f for f in text_string_to_metric_families(text)}
+    assert sum(s.value for s in fams["balanceiq_decisions"].samples if s.name.endswith("_total")) == 4
+    weights = {s.labels["endpoint"]: s.value for s in fams["balanceiq_endpoint_weight"].samples}
+    assert weights == {a: float(w) for a, w in c.weights.items()}
+
+
+def test_docs_and_openapi(api: TestClient) -> None:
+    assert api.get("/docs").status_code == 200
+    spec = api.get("/openapi.json").json()
+    for path in ("/api/health", "/api/metrics/all", "/api/metrics/training", "/api/metrics/weights", "/api/status",
+                 "/api/weights", "/api/train", "/api/policy", "/metrics"):  # fmt: skip
+        assert path in spec["paths"], path
+    assert api.get("/").status_code == 200 and "BalanceIQ" in api.get("/").text
+    assert api.get("/static/vendor/chart.umd.min.js").status_code == 200
+
+
+def test_no_server_errors_under_schemathesis(plane: ControlPlane) -> None:
+    """Every route, generated and mutated bodies, with the token: never a 5xx."""
+    import schemathesis
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis.errors import Unsatisfiable
+
+    for _ in range(2):
+        plane.controller.step()
+    app = create_api(plane)
+    schema = schemathesis.openapi.from_asgi("/openapi.json", app)
+    failures: list[str] = []
+    calls: list[str] = []
+    from schemathesis.generation import GenerationMode
+
+    for op in schema.get_all_operations():
+        operation = op.ok()
+        for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
+
+            @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+            @given(case=operation.as_strategy(mode))
+            def check(case) -> None:  # type: ignore[no-untyped-def]
+                response = case.call(headers=AUTH)
+                if response.status_code >= 500:
+                    failures.append(f"{case.method} {case.path} {case.body!r} -> {response.status_code}")
+
+            try:
+                check()
+            except Unsatisfiable:
+                # A route with no parameters and no body has nothing to make invalid.
+                assert mode is GenerationMode.NEGATIVE, operation.path
+        calls.append(operation.path)
+    assert failures == []
+    assert {"/api/weights", "/api/policy", "/api/train", "/api/policy/score"} <= set(calls)
