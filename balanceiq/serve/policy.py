@@ -34,6 +34,7 @@ class PolicyModel:
         self.loaded_at = time.time()
         self.swaps = 0
         self.scored = 0
+        self.max_batch = 0  # largest batch seen: evidence that @serve.batch is batching
 
     def score_many(self, batch: list[np.ndarray]) -> list[np.ndarray]:
         """Scores for each ``[N, F]`` array; arrays of the same N share a forward pass."""
@@ -58,6 +59,7 @@ class PolicyModel:
                 for j, i in enumerate(idx):
                     out[i] = logits[j]
         self.scored += len(batch)
+        self.max_batch = max(self.max_batch, len(batch))
         return [o for o in out if o is not None]
 
     def reload(self, checkpoint: str | Path) -> dict[str, Any]:
@@ -78,6 +80,7 @@ class PolicyModel:
             "loaded_at": self.loaded_at,
             "swaps": self.swaps,
             "scored": self.scored,
+            "max_batch": self.max_batch,
         }
 
 
