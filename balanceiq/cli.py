@@ -138,13 +138,25 @@ def xds_set(
 @app.command("demo")
 def demo(
     config: ConfigOpt = None,
-    requests_per_phase: Annotated[int, typer.Option("--requests", help="Requests per phase (bounded).")] = 1500,
-    out_dir: Annotated[Path, typer.Option(help="Where the report goes.")] = Path("artifacts"),
+    scenario: Annotated[str, typer.Option(help="Live scenario: a shipped name or a YAML file.")] = "degrade_and_dearer",
+    rate: Annotated[float, typer.Option(help="Requests per second through Envoy (open loop, bounded).", min=1, max=2000)] = 150.0,
+    out_dir: Annotated[Path, typer.Option(help="Where the report and plot go.")] = Path("artifacts"),
+    scripted: Annotated[bool, typer.Option(help="The actuator alone: a scripted weight schedule, no policy.")] = False,
+    requests_per_phase: Annotated[int, typer.Option("--requests", help="--scripted: requests per phase (bounded).")] = 1500,
 ) -> None:
-    """The whole loop locally: testbed in 3 clouds, xDS actor, scripted weight schedule, load."""
-    from balanceiq.demo import run_demo
+    """The whole loop locally: testbed in 3 clouds, Serve app with the policy, a live scenario, load."""
+    settings = _settings(config)
+    if scripted:
+        from balanceiq.demo_scripted import run_demo as run_scripted
 
-    run_demo(_settings(config), requests_per_phase=requests_per_phase, out_dir=out_dir, console=err)
+        run_scripted(settings, requests_per_phase=requests_per_phase, out_dir=out_dir, console=err)
+        return
+    from balanceiq.demo import run_demo
+    from balanceiq.testbed.scenario import load_live_scenario
+
+    report = run_demo(settings, load_live_scenario(scenario), rate_rps=rate, out_dir=out_dir, console=err, out=out)
+    if report["interrupted"]:
+        raise typer.Exit(130)
 
 
 @bench_app.command("xds")
@@ -238,6 +250,21 @@ def bench_telemetry(
     from balanceiq.bench.telemetry import run_telemetry_bench
 
     result = run_telemetry_bench(endpoints=endpoints, samples=samples, rate_rps=rate, console=err)
+    _emit(result, as_json)
+
+
+@bench_app.command("serve")
+def bench_serve(
+    endpoints: Annotated[int, typer.Option(help="Endpoints per scoring request (N).")] = 64,
+    duration: Annotated[float, typer.Option(help="Seconds of open-loop API load.")] = 30.0,
+    rate: Annotated[float, typer.Option(help="API requests/s of the open-loop load.")] = 200.0,
+    calls: Annotated[int, typer.Option(help="Timed inference calls per method (handle, HTTP, concurrent).")] = 500,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,
+) -> None:
+    """The Serve app: policy inference (handle, HTTP, batched), API under load, decision loop."""
+    from balanceiq.bench.serve import run_serve_bench
+
+    result = run_serve_bench(endpoints=endpoints, duration_s=duration, rate_rps=rate, calls=calls, console=err)
     _emit(result, as_json)
 
 

@@ -675,17 +675,19 @@ class GuardrailConfig(_Model):
     """Largest fraction of traffic one decision may move (``0.5 * sum |new - old|``).
     Moves off an endpoint that is down or drained are exempt: safety beats smoothness."""
 
-    rollback_after: int = Field(default=3, ge=1, le=1000, strict=True, description="Bad intervals before rollback.")
-    """M: after this many consecutive intervals in which the policy's realised reward is
-    below the baseline's reference, the controller rolls back to the baseline."""
+    rollback_after: int = Field(default=3, ge=1, le=1000, strict=True, description="Worse intervals before rollback.")
+    """M: every interval the policy's proposal and the baseline's are scored on the same
+    observation (negated LP objective: worst estimated load/capacity plus the cost term);
+    after M consecutive intervals in which the policy scores worse, the controller rolls
+    back to the baseline."""
 
     rollback_margin: float = Field(default=0.05, ge=0.0, le=10.0, description="Tolerance before counting as worse.")
-    """How much worse (absolute reward) the policy may be than the baseline's reference
-    before an interval counts as underperforming; reward is noisy."""
+    """How much lower (in LP objective units, where 0.05 is five points of utilisation)
+    the policy's score may be before an interval counts against it; estimates are noisy."""
 
-    probation_after: int = Field(default=6, ge=1, le=10000, strict=True, description="Baseline intervals before retry.")
-    """After a rollback, intervals spent on the baseline (refreshing its reference)
-    before the policy is tried again on probation."""
+    probation_after: int = Field(default=3, ge=1, le=10000, strict=True, description="Good intervals to return.")
+    """After a rollback, the policy keeps being scored in shadow; this many consecutive
+    intervals in which it is no longer worse bring it back."""
 
     baseline: Literal["equal", "static", "cost_aware", "inverse_latency", "least_request"] = Field(
         default="cost_aware", description="Policy used on rollback."

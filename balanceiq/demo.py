@@ -1,252 +1,348 @@
-"""`balanceiq demo` / `make demo`: the loop on one machine with a scripted weight schedule.
+"""`balanceiq demo` / `make demo`: the whole loop on one machine, driven by the policy.
 
-Starts a local Ray, the xDS actor, six sample backends in three "clouds" and Envoy; then
-walks through a schedule of weight assignments, pushing each through the actor, waiting
-for Envoy's ACK, sending a bounded burst of real requests through Envoy and showing the
-split it produced next to the split the weights ask for. A later issue puts the learned
-policy where the schedule is.
+Starts, from nothing: a local Ray (2 CPUs), six sample backends in three "clouds", Envoy,
+Prometheus and the ALS collector (the testbed), then the Serve application (Policy and
+Controller deployments, the API and dashboard) with the shipped checkpoint. A bounded,
+open-loop load runs through Envoy while a live scenario is replayed (by default one cloud
+degrades while another gets dearer). Each control interval prints one line: the traffic
+share and p95 per cloud, the blended price and what the controller did. At the end (or on
+Ctrl-C) everything is stopped, and a JSON report and a PNG go to ``--out-dir``.
+
+The controller is the product's, reached the way a user reaches it: over HTTP. Price
+changes in the scenario are sent with ``PUT /api/policy`` (what a billing feed would do).
 """
 
 from __future__ import annotations
 
 import json
-import socket
+import math
 import tempfile
+import threading
 import time
-from dataclasses import dataclass
+from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+import httpx
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from balanceiq.config import EndpointConfig, Settings
+from balanceiq.config import Settings
 from balanceiq.exceptions import TestbedError
-from balanceiq.testbed.envoy import endpoint_health, endpoint_weights
 from balanceiq.testbed.load import LoadResult, run_load_sync
+from balanceiq.testbed.ports import check_ports_free
+from balanceiq.testbed.scenario import LiveEvent, LiveScenario
 from balanceiq.testbed.testbed import Testbed
 
-
-@dataclass(frozen=True)
-class Phase:
-    name: str
-    why: str
-    weights: dict[str, int]
-    health: dict[str, str]
+APP_NAME = "balanceiq"
 
 
-def schedule(endpoints: list[EndpointConfig]) -> list[Phase]:
-    """The scripted decisions: what an operator (and later the policy) might choose."""
-    addrs = [ep.address for ep in endpoints]
-    cap = {ep.address: ep.capacity_rps or 100.0 for ep in endpoints}
-    cost = {ep.address: max(ep.cost_per_million_requests, 0.01) for ep in endpoints}
-    by_cap = {a: max(1, round(100 * cap[a] / max(cap.values()))) for a in addrs}
-    cheap = {a: max(1, round(100 * (cap[a] / cost[a]) / max(cap[b] / cost[b] for b in addrs))) for a in addrs}
-    drained = addrs[-1]
-    first_cloud = endpoints[0].cloud
-    prefer = {ep.address: (80 if ep.cloud == first_cloud else 10) for ep in endpoints}
-    return [
-        Phase("round robin", "every weight 1: what Envoy does with static equal weights", dict.fromkeys(addrs, 1), {}),
-        Phase("capacity", "weights proportional to each backend's capacity hint", by_cap, {}),
-        Phase("cost-aware", "capacity per dollar: cheap backends take more", cheap, {}),
-        Phase("drain", f"{drained} set DRAINING: it must receive nothing", cheap, {drained: "DRAINING"}),
-        Phase(f"prefer {first_cloud}", f"80/10 in favour of {first_cloud}, drained backend back", prefer, {drained: "HEALTHY"}),
-    ]
+class ScenarioDriver:
+    """Applies a live scenario's events to the backends and tells the controller prices."""
+
+    def __init__(self, settings: Settings, backend_urls: dict[str, str], api_url: str, token: str) -> None:
+        self.endpoints = list(settings.clusters[0].endpoints)
+        self.backend_urls = backend_urls
+        self.api_url = api_url
+        self.token = token
+        self.http = httpx.Client(timeout=5.0, trust_env=False)
+        self.initial: dict[str, dict[str, Any]] = {}
+        for ep in self.endpoints:
+            r = self.http.get(backend_urls[ep.address] + "/control")
+            r.raise_for_status()
+            self.initial[ep.address] = r.json()
+
+    def apply(self, event: LiveEvent) -> list[str]:
+        done = []
+        prices: dict[str, float] = {}
+        for ep in event.targets(self.endpoints):
+            url = self.backend_urls[ep.address] + "/control"
+            if event.reset:
+                keep = {k: v for k, v in self.initial[ep.address].items() if k in _RESETTABLE}
+                self.http.post(url, json=keep).raise_for_status()
+                prices[ep.address] = ep.cost_per_million_requests
+            if event.set:
+                self.http.post(url, json=event.set).raise_for_status()
+                if "cost_per_million_requests" in event.set:
+                    prices[ep.address] = float(event.set["cost_per_million_requests"])
+            if event.cost_multiplier is not None:
+                price = ep.cost_per_million_requests * event.cost_multiplier
+                self.http.post(url, json={"cost_per_million_requests": price}).raise_for_status()
+                prices[ep.address] = price
+            done.append(ep.address)
+        if prices:
+            r = self.http.put(self.api_url + "/api/policy", json={"costs": prices},
+                              headers={"Authorization": f"Bearer {self.token}"})  # fmt: skip
+            if r.status_code != 200:
+                raise TestbedError(f"PUT /api/policy costs refused ({r.status_code}): {r.text[:300]}")
+        return done
+
+    def close(self) -> None:
+        self.http.close()
 
 
-def expected_shares(weights: dict[str, int], not_routable: dict[str, list[str]]) -> dict[str, float]:
-    """Each endpoint's share of requests if Envoy follows the weights among the hosts it
-    routes to (hosts drained by us, or ejected/failed by Envoy's checks, get nothing)."""
-    live = {a: w for a, w in weights.items() if not not_routable.get(a)}
-    total = sum(live.values())
-    return {a: (live.get(a, 0) / total if total else 0.0) for a in weights}
+_RESETTABLE = ("base_latency_ms", "jitter_ms", "extra_latency_ms", "concurrency", "error_rate",
+               "cost_per_million_requests", "tail_prob", "tail_ms", "healthy")  # fmt: skip
 
 
-def _check_ports_free(settings: Settings, xds_port: int) -> None:
-    from httpx import URL
-
-    wanted = [("xDS", settings.xds.host, xds_port), ("Envoy listener", settings.envoy.listen_host, settings.envoy.listen_port)]
-    admin = URL(settings.envoy.admin_url)
-    wanted.append(("Envoy admin", admin.host, admin.port or 80))
-    prom = URL(settings.prometheus.url)
-    wanted.append(("Prometheus", prom.host, prom.port or 80))
-    if settings.telemetry.als_enabled:
-        wanted += [("ALS", "127.0.0.1", settings.telemetry.als_grpc_port),
-                   ("ALS metrics", "127.0.0.1", settings.telemetry.als_metrics_port)]  # fmt: skip
-    wanted += [("backend", ep.host, ep.port) for c in settings.clusters for ep in c.endpoints]
-    busy = []
-    for what, host, port in wanted:
-        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
-            try:
-                s.bind((host, port))
-            except OSError:
-                busy.append(f"{what} {host}:{port}")
-    if busy:
-        raise TestbedError(
-            "ports already in use: " + ", ".join(busy) + " (is `balanceiq testbed up` running? "
-            "run `balanceiq testbed down`, or pass --config with other ports)"
-        )
-
-
-def run_demo(settings: Settings, *, requests_per_phase: int, out_dir: Path, console: Console) -> dict[str, Any]:
-    import ray
-
-    from balanceiq.xds.actor import start_actor
-
-    _check_ports_free(settings, settings.xds.port)
-    cluster = settings.clusters[0]
-    phases = schedule(list(cluster.endpoints))
-    report: dict[str, Any] = {"cluster": cluster.name, "phases": []}
-    cost = {ep.address: ep.cost_per_million_requests for ep in cluster.endpoints}
-    cloud = {ep.address: f"{ep.cloud}/{ep.region}" for ep in cluster.endpoints}
-
-    with tempfile.TemporaryDirectory(prefix="balanceiq-demo-") as work:
-        with console.status("starting Ray (local, 2 CPUs)"):
-            ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, namespace="balanceiq")
+def _wait_ready(http: httpx.Client, url: str, timeout: float = 90.0) -> dict[str, Any]:
+    """Until the controller has pushed weights and Envoy has ACKed them."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
         try:
-            with console.status("starting the xDS actor"):
-                actor = start_actor(settings, state_dir=Path(work) / "state")
-            with console.status("starting 6 backends in 3 clouds and Envoy"):
-                tb = Testbed(settings, Path(work) / "testbed").start()
-            try:
-                console.print(f"[green]up[/]: proxy {tb.envoy.listen_url}  admin {tb.envoy.admin_url}  xDS {settings.xds.host}:{settings.xds.port}")
-                health: dict[str, str] = {}
-                with Progress(
-                    TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    console=console, transient=True,
-                ) as progress:
-                    task = progress.add_task("phases", total=len(phases))
-                    for phase in phases:
-                        progress.update(task, description=f"phase: {phase.name}")
-                        t0 = time.monotonic()
-                        version = ray.get(actor.set_assignment.remote(cluster.name, phase.weights, phase.health or None))
-                        if not ray.get(actor.wait_for_ack.remote(version, None, 10.0)):
-                            raise TestbedError(f"Envoy did not ACK version {version} within 10 s")
-                        acked_ms = (time.monotonic() - t0) * 1000
-                        health.update(phase.health)
-                        _wait_applied(tb, cluster.name, phase.weights, health)
-                        result = run_load_sync(tb.envoy.listen_url, total=requests_per_phase, concurrency=16, max_seconds=60)
-                        envoy_view = endpoint_health(tb.envoy.clusters_json(), cluster.name)
-                        expected = expected_shares(phase.weights, envoy_view)
-                        entry = _phase_entry(phase, version, acked_ms, result, expected, cost, envoy_view)
-                        report["phases"].append(entry)
-                        console.print(_phase_table(entry, cloud))
-                        progress.advance(task)
-                status = ray.get(actor.status.remote())
-            finally:
-                tb.stop()
-        finally:
-            ray.shutdown()
+            s = http.get(url + "/api/status").json()
+            last = s
+            if s["components"]["xds"]["state"] == "up" and s["components"]["controller"]["state"] in ("up", "degraded"):
+                return s  # type: ignore[no-any-return]
+        except (httpx.HTTPError, ValueError, KeyError) as exc:
+            last = repr(exc)
+        time.sleep(0.5)
+    raise TestbedError(f"the Serve app did not come up within {timeout:.0f}s; last status: {str(last)[:500]}")
 
-    report["xds"] = {k: status[k] for k in ("version", "epoch", "nodes", "rejections")}
-    report["total_requests"] = sum(p["load"]["sent"] for p in report["phases"])
-    report["failed_requests"] = sum(p["load"]["failed"] for p in report["phases"])
-    report["max_share_error"] = max(p["max_share_error"] for p in report["phases"])
+
+def _by_cloud(weights: dict[str, Any], clouds: dict[str, str]) -> dict[str, dict[str, float | None]]:
+    """Share, rps-weighted p95 and error rate per cloud from one GET /api/weights."""
+    agg: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+    for e in weights["endpoints"]:
+        c = agg[clouds[e["address"]]]
+        c["share"] += e["share"]
+        rps = e["rps"] or 0.0
+        if e["p95_ms"] is not None and rps > 0:
+            c["p95_w"] += e["p95_ms"] * rps
+            c["rps"] += rps
+        if e["error_rate"] is not None and rps > 0:
+            c["err_w"] += e["error_rate"] * rps
+    out: dict[str, dict[str, float | None]] = {}
+    for cloud, c in agg.items():
+        out[cloud] = {
+            "share": c["share"],
+            "p95_ms": c["p95_w"] / c["rps"] if c["rps"] else None,
+            "error_rate": c["err_w"] / c["rps"] if c["rps"] else None,
+        }
+    return out
+
+
+def _blended_cost(weights: dict[str, Any]) -> float | None:
+    rows = [(e["rps"] or 0.0, e["cost_per_million"]) for e in weights["endpoints"] if e["cost_per_million"] is not None]
+    total = sum(r for r, _ in rows)
+    return sum(r * c for r, c in rows) / total if total else None
+
+
+def _fmt(x: float | None, spec: str = ".0f") -> str:
+    return "—" if x is None or (isinstance(x, float) and not math.isfinite(x)) else format(x, spec)
+
+
+def _line(t: float, phase: str, w: dict[str, Any], d: dict[str, Any] | None, clouds: list[str], cost: float | None,
+          per_cloud: dict[str, dict[str, float | None]]) -> str:  # fmt: skip
+    shares = " ".join(f"{c} {_fmt((per_cloud.get(c) or {}).get('share', 0) * 100):>3}%" for c in clouds)  # type: ignore[operator]
+    p95 = " ".join(f"{c} {_fmt((per_cloud.get(c) or {}).get('p95_ms')):>4}" for c in clouds)
+    what = ""
+    if d:
+        crit = ",".join(a.rsplit(":", 1)[-1] for a in d["critical"]) or "-"
+        moved = _fmt(d["moved"] * 100 if d["moved"] is not None else None)
+        what = f"{d['mode']:<8} crit {crit:<11} moved {moved:>2}%" + (f"  {d['notes'][0][:60]}" if d["notes"] else "")
+    return f"t={t:5.0f}s  {phase[:18]:<18} share {shares}  p95ms {p95}  ${_fmt(cost, '.3f')}/M  {what}"
+
+
+def run_demo(
+    settings: Settings,
+    scenario: LiveScenario,
+    *,
+    rate_rps: float,
+    out_dir: Path,
+    console: Console,
+    out: Console | None = None,
+) -> dict[str, Any]:
+    """Run the demo; returns the report (also written to ``out_dir/demo-report.json``)."""
+    import ray
+    from ray import serve
+
+    from balanceiq.serve.app import build_app
+    from balanceiq.xds.actor import get_actor
+
+    out = out or Console()
+    cluster = settings.clusters[0]
+    scenario.check_targets(list(cluster.endpoints))
+    check_ports_free(settings, api=True)
+    clouds = {ep.address: ep.cloud for ep in cluster.endpoints}
+    cloud_names = list(dict.fromkeys(clouds.values()))
+    api_url = f"http://{settings.api.host}:{settings.api.port}"
+    report: dict[str, Any] = {"scenario": scenario.model_dump(), "intervals": [], "events": []}
+    interrupted = False
+    stop_load = threading.Event()
+    load_result: list[LoadResult] = []
+
+    with tempfile.TemporaryDirectory(prefix="balanceiq-demo-") as tmp:
+        work = Path(tmp)
+        # A fresh state dir: the demo must not inherit weights from an earlier run.
+        settings = settings.model_copy(update={"state_dir": work / "state"})
+        tb: Testbed | None = None
+        loader: threading.Thread | None = None
+        driver: ScenarioDriver | None = None
+        ray_started = False
+        try:
+            with console.status("starting Ray (local, 2 CPUs)"):
+                ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, namespace=APP_NAME)
+                ray_started = True
+            with console.status("starting 6 backends in 3 clouds, Envoy, Prometheus and the ALS collector"):
+                tb = Testbed(settings, work / "testbed").start()
+            with console.status("deploying the Serve app (Policy + Controller) with the shipped checkpoint"):
+                serve.start(http_options={"host": settings.api.host, "port": settings.api.port})
+                serve.run(build_app({"settings": settings}), name=APP_NAME, route_prefix="/")
+            http = httpx.Client(timeout=10.0, trust_env=False)
+            token_file = Path(settings.state_dir) / "api-token"
+            token = settings.api.token or token_file.read_text().strip()
+            console.print(f"[bold green]dashboard[/]: {api_url}/   API docs: {api_url}/docs   proxy: {tb.envoy.listen_url}")
+            console.print(f"API token: in {token_file if not settings.api.token else 'the config (api.token)'}"
+                          f"  e.g. curl -H \"Authorization: Bearer $(cat {token_file})\" ...")  # fmt: skip
+            backend_urls = dict(zip([b["name"] for b in tb.backends.specs], tb.backends.urls))
+            driver = ScenarioDriver(settings, backend_urls, api_url, token)
+            with console.status("waiting for the first decision and Envoy's ACK"):
+                _wait_ready(http, api_url)
+
+            duration = scenario.duration_s
+            loader = threading.Thread(
+                target=lambda: load_result.append(run_load_sync(
+                    tb.envoy.listen_url, total=int(rate_rps * (duration + 10)), concurrency=32,  # type: ignore[union-attr]
+                    max_seconds=duration + 10, rate_rps=rate_rps, stop=stop_load)),
+                daemon=True,
+            )  # fmt: skip
+            loader.start()
+            console.print(f"replaying [bold]{scenario.name}[/] for {duration:.0f}s at {rate_rps:.0f} req/s "
+                          f"(Ctrl-C stops everything)")  # fmt: skip
+            t0 = time.monotonic()
+            pending = list(scenario.events)
+            interval = settings.control.interval_s
+            next_line = interval
+            last_seq = 0
+            while (t := time.monotonic() - t0) < duration:
+                while pending and pending[0].at_s <= t:
+                    ev = pending.pop(0)
+                    hit = driver.apply(ev)
+                    report["events"].append({"t": round(t, 1), "name": ev.name, "endpoints": hit})
+                    out.print(f"[bold yellow]t={t:5.0f}s  event: {ev.name}[/] ({', '.join(hit)})")
+                if t >= next_line:
+                    next_line += interval
+                    w = http.get(api_url + "/api/weights").json()
+                    ds = http.get(api_url + "/api/decisions", params={"limit": 1}).json()["decisions"]
+                    d = ds[0] if ds and ds[0]["seq"] != last_seq else None
+                    last_seq = ds[0]["seq"] if ds else last_seq
+                    per_cloud = _by_cloud(w, clouds)
+                    cost = _blended_cost(w)
+                    phase = scenario.phase_at(t)
+                    out.print(_line(t, phase, w, d, cloud_names, cost, per_cloud), highlight=False, soft_wrap=True)
+                    report["intervals"].append({
+                        "t": round(t, 1), "phase": phase, "clouds": per_cloud, "cost_per_million": cost,
+                        "weights": {e["address"]: e["weight"] for e in w["endpoints"]},
+                        "decision": d,
+                    })  # fmt: skip
+                time.sleep(0.1)
+            report["status"] = http.get(api_url + "/api/status").json()
+            http.close()
+        except KeyboardInterrupt:
+            interrupted = True
+            console.print("[yellow]Ctrl-C: stopping everything[/]")
+        finally:
+            stop_load.set()
+            if loader is not None:
+                loader.join(30)
+            if driver is not None:
+                driver.close()
+            if ray_started:
+                with console.status("stopping Serve, the xDS actor and Ray"):
+                    try:
+                        serve.shutdown()
+                    except Exception as exc:  # shutting down: report, keep cleaning up
+                        console.print(f"[yellow]serve shutdown: {exc}[/]")
+                    try:
+                        ray.kill(get_actor(), no_restart=True)
+                    except (ValueError, ray.exceptions.RayError):
+                        pass
+                    ray.shutdown()
+            if tb is not None:
+                with console.status("stopping the testbed"):
+                    tb.stop()
+
+    report["interrupted"] = interrupted
+    report["load"] = load_result[0].to_json() if load_result else None
+    report["phases"] = summarise(report["intervals"], cloud_names)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "demo-report.json").write_text(json.dumps(report, indent=1))
-    plot_report(report, out_dir / "demo-shares.png")
-    _summary(report, console, out_dir)
+    (out_dir / "demo-report.json").write_text(json.dumps(report, indent=1, default=str))
+    if report["intervals"]:
+        plot(report, cloud_names, out_dir / "demo.png")
+    _print_summary(report, cloud_names, console, out_dir)
     return report
 
 
-def _wait_applied(tb: Testbed, cluster: str, weights: dict[str, int], health: dict[str, str], timeout: float = 5.0) -> None:
-    """Until Envoy's admin shows the pushed weights, and DRAINING exactly where we put it."""
-    draining = {a for a, h in health.items() if h == "DRAINING"}
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        state = tb.envoy.clusters_json()
-        shown = {a for a, r in endpoint_health(state, cluster).items() if "eds_draining" in r}
-        if endpoint_weights(state, cluster) == weights and shown == draining:
-            return
-        time.sleep(0.02)
-    raise TestbedError("Envoy ACKed but its admin /clusters never showed the pushed weights")
+def summarise(intervals: list[dict[str, Any]], clouds: list[str]) -> list[dict[str, Any]]:
+    """Mean share and p95 per cloud, and the blended price, for each phase."""
+    phases: dict[str, list[dict[str, Any]]] = {}
+    for row in intervals:
+        phases.setdefault(row["phase"], []).append(row)
+    out = []
+    for name, rows in phases.items():
+        entry: dict[str, Any] = {"phase": name, "intervals": len(rows), "clouds": {}}
+        for c in clouds:
+            shares = [r["clouds"].get(c, {}).get("share") for r in rows]
+            p95s = [r["clouds"].get(c, {}).get("p95_ms") for r in rows]
+            shares = [s for s in shares if s is not None]
+            p95s = [p for p in p95s if p is not None]
+            entry["clouds"][c] = {
+                "share": sum(shares) / len(shares) if shares else None,
+                "p95_ms": sum(p95s) / len(p95s) if p95s else None,
+            }
+        costs = [r["cost_per_million"] for r in rows if r["cost_per_million"] is not None]
+        entry["cost_per_million"] = sum(costs) / len(costs) if costs else None
+        out.append(entry)
+    return out
 
 
-def _phase_entry(
-    phase: Phase,
-    version: str,
-    acked_ms: float,
-    result: LoadResult,
-    expected: dict[str, float],
-    cost: dict[str, float],
-    envoy_view: dict[str, list[str]],
-) -> dict[str, Any]:
-    observed = result.shares()
-    rows = [
-        {
-            "address": a,
-            "weight": phase.weights[a],
-            "envoy": ", ".join(envoy_view.get(a, [])) or "routable",
-            "expected_share": expected[a],
-            "observed_share": observed.get(a, 0.0),
-        }
-        for a in phase.weights
-    ]
-    return {
-        "phase": phase.name,
-        "why": phase.why,
-        "version": version,
-        "push_to_ack_ms": acked_ms,
-        "rows": rows,
-        "max_share_error": max(abs(r["expected_share"] - r["observed_share"]) for r in rows),
-        "cost_per_million": sum(observed.get(a, 0.0) * c for a, c in cost.items()),
-        "load": result.to_json(),
-    }
+def _print_summary(report: dict[str, Any], clouds: list[str], console: Console, out_dir: Path) -> None:
+    t = Table(title="demo summary: mean per phase (share of traffic, p95 latency)")
+    t.add_column("phase")
+    for c in clouds:
+        t.add_column(f"{c} share", justify="right")
+        t.add_column(f"{c} p95 ms", justify="right")
+    t.add_column("$ / M req", justify="right")
+    for p in report["phases"]:
+        cells = []
+        for c in clouds:
+            v = p["clouds"][c]
+            cells += [_fmt(v["share"] * 100 if v["share"] is not None else None, ".0f") + "%", _fmt(v["p95_ms"])]
+        t.add_row(p["phase"], *cells, _fmt(p["cost_per_million"], ".3f"))
+    console.print(t)
+    load = report.get("load")
+    if load:
+        console.print(f"client side: {load['sent']} requests, {load['failed']} failed, "
+                      f"p50 {load['p50_ms']:.1f} ms, p99 {load['p99_ms']:.1f} ms")  # fmt: skip
+    console.print(f"report: {out_dir / 'demo-report.json'}  plot: {out_dir / 'demo.png'}")
 
 
-def _phase_table(entry: dict[str, Any], cloud: dict[str, str]) -> Table:
-    load = entry["load"]
-    t = Table(
-        title=f"{entry['phase']} — {entry['why']}",
-        caption=(
-            f"version {entry['version']} ACKed in {entry['push_to_ack_ms']:.1f} ms · {load['sent']} requests, "
-            f"{load['failed']} failed, {load['backend_5xx']} backend 5xx · p50 {load['p50_ms']:.1f} ms, p95 {load['p95_ms']:.1f} ms · "
-            f"${entry['cost_per_million']:.3f} per million requests"
-        ),
-    )
-    for col in ("endpoint", "cloud/region", "weight", "envoy", "expected", "observed"):
-        t.add_column(col, justify="right" if col in ("weight", "expected", "observed") else "left")
-    for r in entry["rows"]:
-        t.add_row(
-            r["address"], cloud[r["address"]], str(r["weight"]), r["envoy"],
-            f"{r['expected_share']:.1%}", f"{r['observed_share']:.1%}",
-        )
-    return t
-
-
-def plot_report(report: dict[str, Any], path: Path) -> Path:
-    """One panel per phase: the share each endpoint should get (outline) and got (bar)."""
+def plot(report: dict[str, Any], clouds: list[str], path: Path) -> Path:
     import matplotlib
 
-    matplotlib.use("Agg")  # headless: no display here, and none needed
+    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    phases = report["phases"]
-    fig, axes = plt.subplots(1, len(phases), figsize=(3.2 * len(phases), 3.6), sharey=True)
-    for ax, phase in zip(axes if len(phases) > 1 else [axes], phases):
-        rows = phase["rows"]
-        x = range(len(rows))
-        ax.bar(x, [r["observed_share"] * 100 for r in rows], color="#4c78a8", label="observed")
-        ax.bar(x, [r["expected_share"] * 100 for r in rows], fill=False, edgecolor="#e45756", linewidth=1.5, label="weights say")
-        ax.set_xticks(list(x), [r["address"].rsplit(":", 1)[-1] for r in rows], rotation=45, fontsize=8)
-        ax.set_title(f"{phase['phase']}\n${phase['cost_per_million']:.3f}/M req, p95 {phase['load']['p95_ms']:.0f} ms", fontsize=9)
-    axes_list = axes if len(phases) > 1 else [axes]
-    axes_list[0].set_ylabel("share of requests (%)")
-    axes_list[0].legend(fontsize=8, loc="upper left")
-    fig.suptitle(f"BalanceIQ demo: {report['total_requests']} requests through Envoy, split per pushed weights", fontsize=10)
+    rows = report["intervals"]
+    ts = [r["t"] for r in rows]
+    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(10, 6), sharex=True)
+    for c in clouds:
+        ax1.plot(ts, [100 * (r["clouds"].get(c, {}).get("share") or 0) for r in rows], label=c)
+        ax2.plot(ts, [r["clouds"].get(c, {}).get("p95_ms") or float("nan") for r in rows], label=c)
+    for ax in (ax1, ax2):
+        for ev in report["events"]:
+            ax.axvline(ev["t"], color="grey", linestyle="--", linewidth=0.8)
+    for ev in report["events"]:
+        ax1.text(ev["t"], 101, ev["name"], fontsize=8, rotation=0, va="bottom")
+    ax1.set_ylabel("traffic share %")
+    ax1.set_ylim(0, 100)
+    ax1.legend(loc="upper right")
+    ax2.set_ylabel("p95 ms")
+    ax2.set_xlabel("seconds")
+    fig.suptitle(f"BalanceIQ demo: {report['scenario']['name']}")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
-
-
-def _summary(report: dict[str, Any], console: Console, out_dir: Path) -> None:
-    ok = report["failed_requests"] == 0 and report["max_share_error"] <= 0.03
-    console.print(
-        f"[{'green' if ok else 'red'}]demo {'passed' if ok else 'FAILED'}[/]: {report['total_requests']} requests, "
-        f"{report['failed_requests']} failed, worst share error {report['max_share_error']:.1%} "
-        f"(report: {out_dir / 'demo-report.json'}, plot: {out_dir / 'demo-shares.png'})"
-    )
-    if not ok:
-        raise TestbedError("demo: traffic did not follow the pushed weights (see the report)")

@@ -8,11 +8,14 @@ One :meth:`Controller.step` is one decision:
 2. **Observe.** :class:`~balanceiq.telemetry.observe.Telemetry` never raises; when it
    knows nothing (``source == "none"``) the step *holds* the weights in force, since
    acting blind is worse than not acting.
-3. **Judge the last interval.** Its realised reward goes to the rollback monitor, which
-   may switch between the learned policy and the baseline heuristic.
-4. **Decide.** In ``policy`` mode the policy scores endpoints, the top K are critical
-   and the LP re-splits them (non-critical endpoints keep their share). A policy that
-   cannot answer makes this one step use the baseline, and says so.
+3. **Propose twice.** The policy scores endpoints, the top K (after any endpoint
+   breaching the SLO) are critical and the LP re-splits them; non-critical endpoints
+   keep their share. The baseline heuristic proposes too.
+4. **Judge and pick.** Both proposals are scored on this observation with the LP's own
+   objective; the rollback monitor switches to the baseline when the policy is worse
+   for M intervals in a row, and back once it holds its own. A policy that cannot answer
+   makes this one step use the baseline, and says so. The realised reward of the last
+   interval is recorded beside the decision.
 5. **Guardrails**: overrides (drain, pin, set), floor share, maximum shift.
 6. **Push** through the lease-checked ``set_assignment`` and wait briefly for Envoy's
    ACK; unchanged weights are not pushed.
@@ -43,7 +46,7 @@ from balanceiq.control.records import DecisionLog, DecisionRecord
 from balanceiq.exceptions import BalanceIQError, ControlError, XdsError
 from balanceiq.policy.baselines import PolicyContext, available_mask, lp_decision, make_policy
 from balanceiq.policy.features import encode, estimate_capacity
-from balanceiq.policy.lp import traffic_moved
+from balanceiq.policy.lp import objective, traffic_moved
 from balanceiq.policy.reward import RewardWeights, reward
 from balanceiq.telemetry.observation import Observation
 
@@ -162,7 +165,6 @@ class Controller:
         self.policy_state: dict[str, Any] = {"ok": None, "error": None, "latency_ms": None, "at": None}
         self.started_at = time.time()
         self._adopted = False
-        self._mode_in_force: str | None = None
 
     # -- helpers -------------------------------------------------------------------------
 
@@ -200,8 +202,29 @@ class Controller:
 
     def capacity(self, obs: Observation) -> np.ndarray:
         """Measured capacity (rps / saturation) where the endpoint is loaded enough to
-        tell, else the config hint: what the simulator's env feeds the policy and LP."""
-        return estimate_capacity(obs, self.capacity_hint)
+        tell, else the config hint (what the simulator's env feeds the policy and LP),
+        derated for endpoints breaching the SLO.
+
+        Saturation only shows overload that queues at the backend; a slow dependency or
+        a network problem breaks the SLO with the backend half idle, and the LP, which
+        balances load against capacity, would leave its share alone. So a breaching
+        endpoint's capacity is capped at its current load times ``slo / p95`` (and times
+        ``1 - 2 * error_rate`` for errors): the LP then moves traffic off it in proportion
+        to how far it is out of bounds.
+        """
+        cap = estimate_capacity(obs, self.capacity_hint).astype(np.float64)
+        slo = self.policy.reward.slo_ms
+        for i in self.breaching(obs):
+            e = obs.endpoints[i]
+            if not (math.isfinite(e.rps) and e.rps > 0):
+                continue
+            factor = 1.0
+            if math.isfinite(e.p95_ms) and e.p95_ms > slo:
+                factor = min(factor, slo / e.p95_ms)
+            if math.isfinite(e.error_rate):
+                factor = min(factor, max(0.1, 1.0 - 2.0 * e.error_rate))
+            cap[i] = min(cap[i], e.rps * factor) if math.isfinite(cap[i]) else e.rps * factor
+        return cap
 
     def breaching(self, obs: Observation) -> list[int]:
         """Endpoints in visible trouble: p95 over the SLO or >= 5% errors."""
@@ -293,30 +316,37 @@ class Controller:
             self.metrics.set_mode("hold")
             return self._record(base, mode="hold", notes=(f"telemetry blind ({why}): holding weights",), step_ms=elapsed())
 
-        if self._mode_in_force is not None and r is not None:
-            self.rollback.record(self._mode_in_force, r)
-        mode = self.rollback.mode
         notes: list[str] = []
         ctx = self._context(obs)
+        capacity = self.capacity(obs)
         critical: list[int] = []
-        decision = None
-        if mode == "policy":
-            if self.scorer is None:
-                notes.append("no policy configured: baseline used")
-                mode = "baseline"
-            else:
-                try:
-                    critical = self._critical(obs, ctx)
-                    decision = lp_decision(obs, ctx, tuple(critical), self.capacity(obs),
-                                           cost_weight=self.policy.cost_weight)  # fmt: skip
-                except Exception as exc:  # the policy is a remote call: anything may come back
-                    self.policy_state.update(ok=False, error=f"{type(exc).__name__}: {exc}", at=time.time())
-                    self.metrics.errors.labels("policy").inc()
-                    notes.append(f"policy unavailable ({type(exc).__name__}: {exc}); baseline used")
-                    mode, critical = "baseline", []
-        if decision is None:
-            decision = self.baseline.decide(obs, ctx)
-        self._mode_in_force = mode
+        proposal = None
+        if self.scorer is None:
+            notes.append("no policy configured: baseline used")
+        else:
+            try:
+                critical = self._critical(obs, ctx)
+                proposal = lp_decision(obs, ctx, tuple(critical), capacity, cost_weight=self.policy.cost_weight)
+            except Exception as exc:  # the policy is a remote call: anything may come back
+                self.policy_state.update(ok=False, error=f"{type(exc).__name__}: {exc}", at=time.time())
+                self.metrics.errors.labels("policy").inc()
+                notes.append(f"policy unavailable ({type(exc).__name__}: {exc}); baseline used")
+                critical = []
+        fallback = self.baseline.decide(obs, ctx)
+        if proposal is not None:
+            # Both judged on this very observation (see RollbackMonitor): the score is the
+            # negated LP objective, worst estimated load/capacity plus the cost term.
+            costs = np.array([e.cost_per_million for e in obs.endpoints], dtype=np.float64)
+            score = {
+                name: -objective(d.shares, capacity, costs, ctx.demand_rps, cost_weight=self.policy.cost_weight)
+                for name, d in (("policy", proposal), ("baseline", fallback))
+            }
+            self.rollback.record(score["policy"], score["baseline"])
+            base["scores"] = score
+        mode = self.rollback.mode if proposal is not None else "baseline"
+        decision = proposal if mode == "policy" and proposal is not None else fallback
+        if mode == "baseline":
+            critical = []
         self.metrics.set_mode(mode)
 
         guard = self.guardrails.apply(self.addresses, self.shares, decision.shares, available_mask(obs), self.overrides.active())

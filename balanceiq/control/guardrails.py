@@ -88,7 +88,6 @@ _SUM_TOL = 1e-9
 _NOTE_TOL = 1e-3
 _MAX_NAMES = 5
 _TRANSITIONS_KEPT = 20
-_HISTORY = 1000
 
 __all__ = [
     "WEIGHT_SCALE",
@@ -612,116 +611,68 @@ def _rollback_args(after: object, margin: object, probation_after: object) -> tu
 class RollbackMonitor:
     """Circuit breaker between the learned policy and the baseline heuristic.
 
-    Closed = "policy", open = "baseline", half-open = the policy again after
-    ``probation_after`` baseline intervals. The policy is judged against the baseline's
-    own recent reward on the same system, not an absolute threshold, because what a good
-    reward is depends on load, fleet and cost.
+    Every interval both the policy's proposal and the baseline's are scored on the *same*
+    observation with the same model (the caller passes the negated LP objective: worst
+    estimated load/capacity plus the cost term; higher is better). Comparing realised
+    rewards across time instead would blame the policy for the weather: a cloud that
+    degrades lowers the reward of whatever is in force.
 
-    Phases: *warm-up* (baseline, until ``warmup`` baseline intervals were recorded and at
-    least one had a finite reward, since a policy cannot be judged without a reference),
-    *policy* (each policy interval is worse if its reward is not finite or below
-    ``reference - margin``; ``after`` consecutive worse ones roll back), *rolled back*
-    (baseline, refreshing the reference, until ``probation_after`` baseline intervals,
-    then the policy again on probation under the same rule).
-
-    ``record`` takes the mode that was actually in force. A baseline interval always
-    feeds the reference (finite rewards only) and never touches the worse streak; a
-    policy interval recorded while this monitor says "baseline" (the caller overrode
-    it) is ignored. :meth:`reconfigure` takes effect at the next :meth:`record`.
-    Thread-safe: the control loop records while the API reads and reconfigures.
+    ``policy`` (closed): an interval is *worse* when the policy's score is below the
+    baseline's by more than ``margin`` (or not finite); ``after`` consecutive worse
+    intervals roll back. ``baseline`` (open): the policy keeps being scored in shadow;
+    ``probation_after`` consecutive intervals in which it is no longer worse bring it
+    back (it recovered). Thread-safe: the loop records while the API reads.
     """
 
-    def __init__(self, after: int, margin: float, probation_after: int, warmup: int = 2) -> None:
+    def __init__(self, after: int, margin: float, probation_after: int) -> None:
         self.after, self.margin, self.probation_after = _rollback_args(after, margin, probation_after)
-        self.warmup = _int_arg("warmup", warmup, 0)
         self._lock = threading.Lock()
-        self._baseline: deque[float] = deque(maxlen=max(_HISTORY, self.after, 3))
-        self._policy: deque[float] = deque(maxlen=max(_HISTORY, self.after))
         self._transitions: deque[dict[str, Any]] = deque(maxlen=_TRANSITIONS_KEPT)
-        self._count = 0  # baseline intervals in the current warm-up / rolled-back phase
+        self._recent: deque[tuple[float, float]] = deque(maxlen=20)
         self.worse_streak = 0
+        self.good_streak = 0
         self.rollbacks = 0
         self.recoveries = 0
         self.since = time.time()
-        self.mode: Mode
-        if self.warmup > 0:
-            self._phase = "warmup"
-            self.mode = "baseline"
-            self.reason = "warm-up: measuring the baseline"
-        else:
-            self._phase = "policy"
-            self.mode = "policy"
-            self.reason = "no warm-up: using the policy from the start"
+        self.mode: Mode = "policy"
+        self.reason = "using the policy (scored against the baseline every interval)"
 
-    # Both under the caller's lock.
-    def _reference(self) -> float | None:
-        k = max(self.after, 3)
-        recent = list(self._baseline)[-k:]
-        return float(np.mean(recent)) if recent else None
-
-    def _policy_recent(self) -> float | None:
-        recent = list(self._policy)[-self.after :]
-        return float(np.mean(recent)) if recent else None
-
-    def _go(self, to: Mode, phase: str, reason: str, now: float) -> None:
+    def _go(self, to: Mode, reason: str, now: float) -> None:
         self._transitions.append({"at": now, "from": self.mode, "to": to, "reason": reason})
         self.mode = to
-        self._phase = phase
         self.reason = reason
         self.since = now
-        self._count = 0
         self.worse_streak = 0
+        self.good_streak = 0
 
-    def record(self, mode_in_force: str, reward: float, now: float | None = None) -> str:
-        """Account one interval's realised reward; return the mode for the next decision."""
-        if mode_in_force not in ("policy", "baseline"):
-            raise GuardrailError(f"mode_in_force must be 'policy' or 'baseline', got {mode_in_force!r}")
-        try:
-            r = float(reward)
-        except (TypeError, ValueError):
-            r = math.nan
-        finite = math.isfinite(r)
+    def record(self, policy_score: float, baseline_score: float, now: float | None = None) -> str:
+        """Account one interval's shadow comparison; return the mode for the next decision."""
+        p, b = _finite_or_nan(policy_score), _finite_or_nan(baseline_score)
         t = _now(now)
         with self._lock:
-            if mode_in_force == "baseline":
-                if finite:
-                    self._baseline.append(r)
-                if self._phase in ("warmup", "rolled_back"):
-                    self._count += 1
-                ref = self._reference()
-                if self._phase == "warmup" and self._count >= self.warmup and ref is not None:
-                    self._go(
-                        "policy",
-                        "policy",
-                        f"warm-up done: baseline reference {_fmt(ref)} over {self._count} interval(s); "
-                        "using the policy",
-                        t,
-                    )
-                elif self._phase == "rolled_back" and self._count >= self.probation_after:
-                    self.recoveries += 1
-                    self._go(
-                        "policy",
-                        "policy",
-                        f"probation: {self._count} baseline interval(s) since the rollback "
-                        f"(baseline reference {_fmt(ref)}); trying the policy again (half-open), back to the "
-                        f"baseline after {self.after} consecutive worse interval(s)",
-                        t,
-                    )
-            elif self._phase == "policy":
-                if finite:
-                    self._policy.append(r)
-                ref = self._reference()
-                worse = not finite or (ref is not None and r < ref - self.margin)
+            if not math.isfinite(b):
+                return self.mode  # nothing to compare against: no evidence either way
+            self._recent.append((p, b))
+            worse = not math.isfinite(p) or p < b - self.margin
+            if self.mode == "policy":
                 self.worse_streak = self.worse_streak + 1 if worse else 0
                 if self.worse_streak >= self.after:
                     self.rollbacks += 1
                     self._go(
                         "baseline",
-                        "rolled_back",
-                        f"rollback: policy reward below baseline reference {_fmt(ref)} - margin "
-                        f"{_fmt(self.margin)} (or not finite) for {self.worse_streak} consecutive interval(s) "
-                        f"(last {_fmt(r)}, recent mean {_fmt(self._policy_recent())}); using the baseline for "
-                        f"{self.probation_after} interval(s)",
+                        f"rollback: the policy scored below the baseline by more than {_fmt(self.margin)} for "
+                        f"{self.worse_streak} consecutive interval(s) (last {_fmt(p)} vs {_fmt(b)}); using the "
+                        f"baseline until the policy holds its own for {self.probation_after} interval(s)",
+                        t,
+                    )
+            else:
+                self.good_streak = 0 if worse else self.good_streak + 1
+                if self.good_streak >= self.probation_after:
+                    self.recoveries += 1
+                    self._go(
+                        "policy",
+                        f"recovered: the policy scored within {_fmt(self.margin)} of the baseline or better for "
+                        f"{self.good_streak} consecutive interval(s) (last {_fmt(p)} vs {_fmt(b)}); using the policy",
                         t,
                     )
             return self.mode
@@ -731,26 +682,34 @@ class RollbackMonitor:
         a, mg, p = _rollback_args(after, margin, probation_after)
         with self._lock:
             self.after, self.margin, self.probation_after = a, mg, p
-            if self._baseline.maxlen is not None and self._baseline.maxlen < max(a, 3):
-                self._baseline = deque(self._baseline, maxlen=max(a, 3))
-            if self._policy.maxlen is not None and self._policy.maxlen < a:
-                self._policy = deque(self._policy, maxlen=a)
 
     def state(self) -> dict[str, Any]:
         with self._lock:
+            last = self._recent[-1] if self._recent else (None, None)
             return {
                 "mode": self.mode,
-                "phase": self._phase,
                 "reason": self.reason,
                 "since": self.since,
                 "worse_streak": self.worse_streak,
-                "baseline_reference": self._reference(),
-                "policy_recent": self._policy_recent(),
+                "good_streak": self.good_streak,
+                "last_policy_score": _num_or_none(last[0]),
+                "last_baseline_score": _num_or_none(last[1]),
                 "rollbacks": self.rollbacks,
                 "recoveries": self.recoveries,
                 "after": self.after,
                 "margin": self.margin,
                 "probation_after": self.probation_after,
-                "warmup": self.warmup,
                 "transitions": [dict(x) for x in self._transitions],
             }
+
+
+def _finite_or_nan(x: object) -> float:
+    try:
+        f = float(x)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return math.nan
+    return f if math.isfinite(f) else math.nan
+
+
+def _num_or_none(x: float | None) -> float | None:
+    return None if x is None or not math.isfinite(x) else x

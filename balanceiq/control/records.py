@@ -45,6 +45,7 @@ class DecisionRecord:
     source: str = "none"
     error: str | None = None
     step_ms: float | None = None  # observe to push, the whole decision
+    scores: dict[str, float] | None = None  # policy vs baseline proposal, negated LP objective
     observation: dict[str, Any] | None = field(default=None, repr=False)
 
     def to_json(self, *, with_observation: bool = False) -> dict[str, Any]:

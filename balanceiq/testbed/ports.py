@@ -1,9 +1,12 @@
-"""Free loopback ports for tests and benchmarks."""
+"""Free loopback ports for tests and benchmarks, and a check that configured ones are free."""
 
 from __future__ import annotations
 
 import socket
 from contextlib import ExitStack
+
+from balanceiq.config import Settings
+from balanceiq.exceptions import TestbedError
 
 
 def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
@@ -24,3 +27,34 @@ def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
 
 def free_port(host: str = "127.0.0.1") -> int:
     return free_ports(1, host)[0]
+
+
+def check_ports_free(settings: Settings, *, api: bool = False) -> None:
+    """TestbedError naming every configured port that is already taken (before starting
+    anything, so a clash is reported instead of half a stack left running)."""
+    from httpx import URL
+
+    wanted = [("xDS", settings.xds.host, settings.xds.port),
+              ("Envoy listener", settings.envoy.listen_host, settings.envoy.listen_port)]  # fmt: skip
+    admin = URL(settings.envoy.admin_url)
+    wanted.append(("Envoy admin", admin.host, admin.port or 80))
+    prom = URL(settings.prometheus.url)
+    wanted.append(("Prometheus", prom.host, prom.port or 80))
+    if settings.telemetry.als_enabled:
+        wanted += [("ALS", "127.0.0.1", settings.telemetry.als_grpc_port),
+                   ("ALS metrics", "127.0.0.1", settings.telemetry.als_metrics_port)]  # fmt: skip
+    if api:
+        wanted.append(("API", settings.api.host, settings.api.port))
+    wanted += [("backend", ep.host, ep.port) for c in settings.clusters for ep in c.endpoints]
+    busy = []
+    for what, host, port in wanted:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                busy.append(f"{what} {host}:{port}")
+    if busy:
+        raise TestbedError(
+            "ports already in use: " + ", ".join(busy) + " (is `balanceiq testbed up` or another demo running? "
+            "run `balanceiq testbed down`, or pass --config with other ports)"
+        )

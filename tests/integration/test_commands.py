@@ -46,7 +46,7 @@ def test_bench_xds_prints_one_json_object() -> None:
 def test_demo_runs_the_schedule(ports_settings: Settings, tmp_path: Path) -> None:
     s = ports_settings.model_copy(update={"state_dir": tmp_path / "state"})
     cfg = write_config(s, tmp_path / "demo.yaml")
-    res = run("demo", "--config", str(cfg), "--requests", "400", "--out-dir", str(tmp_path / "out"))
+    res = run("demo", "--scripted", "--config", str(cfg), "--requests", "400", "--out-dir", str(tmp_path / "out"))
     assert res.returncode == 0, res.stderr[-3000:]
     report = json.loads((tmp_path / "out" / "demo-report.json").read_text())
     assert [p["phase"] for p in report["phases"]][:4] == ["round robin", "capacity", "cost-aware", "drain"]

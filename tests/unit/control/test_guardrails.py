@@ -577,110 +577,64 @@ def test_table_feeds_apply() -> None:
 
 
 def test_rollback_full_cycle() -> None:
-    m = RollbackMonitor(after=3, margin=0.1, probation_after=2, warmup=2)
-    assert m.mode == "baseline" and m.state()["reason"] == "warm-up: measuring the baseline"
-    assert m.record("baseline", -1.0, now=T0 + 1) == "baseline"
-    assert m.record("baseline", -1.2, now=T0 + 2) == "policy"
-    s = m.state()
-    assert s["baseline_reference"] == pytest.approx(-1.1)
-    assert s["reason"].startswith("warm-up done: baseline reference -1.1")
-    assert s["since"] == T0 + 2
-
-    assert m.record("policy", -1.15, now=T0 + 3) == "policy"  # within the margin
-    assert m.record("policy", -1.5, now=T0 + 4) == "policy"
-    assert m.record("policy", -1.6, now=T0 + 5) == "policy"
-    assert m.state()["worse_streak"] == 2
-    assert m.record("policy", -1.0, now=T0 + 6) == "policy"  # better: the streak restarts
-    assert m.state()["worse_streak"] == 0
-    for k in range(2):
-        assert m.record("policy", -3.0, now=T0 + 7 + k) == "policy"
-    assert m.record("policy", -3.0, now=T0 + 9) == "baseline"
-    s = m.state()
-    assert s["rollbacks"] == 1 and s["recoveries"] == 0 and s["since"] == T0 + 9
-    assert "-1.1" in s["reason"] and "3 consecutive" in s["reason"] and "-3" in s["reason"]
-    assert s["policy_recent"] == pytest.approx(-3.0)
-
-    assert m.record("baseline", -0.9, now=T0 + 10) == "baseline"
-    assert m.record("baseline", -0.9, now=T0 + 11) == "policy"
-    s = m.state()
-    assert s["recoveries"] == 1 and "probation" in s["reason"] and "half-open" in s["reason"]
-    # The reference followed the fresh baseline intervals: the last max(after, 3).
-    assert s["baseline_reference"] == pytest.approx((-1.2 - 0.9 - 0.9) / 3)
-    assert [(x["from"], x["to"], x["at"]) for x in s["transitions"]] == [
-        ("baseline", "policy", T0 + 2),
-        ("policy", "baseline", T0 + 9),
-        ("baseline", "policy", T0 + 11),
-    ]
-
-
-def test_non_finite_rewards() -> None:
-    m = RollbackMonitor(after=2, margin=0.0, probation_after=1, warmup=1)
-    # Warm-up needs a measured baseline: a NaN interval does not end it.
-    assert m.record("baseline", NAN, now=T0) == "baseline"
-    assert m.state()["baseline_reference"] is None
-    assert m.record("baseline", -2.0, now=T0 + 1) == "policy"
-    assert m.record("baseline", INF, now=T0 + 2) == "policy"  # ignored for the reference
-    assert m.state()["baseline_reference"] == -2.0
-    assert m.record("policy", NAN, now=T0 + 3) == "policy"
-    assert m.record("policy", -INF, now=T0 + 4) == "baseline"  # non-finite counts as worse
-    assert m.state()["policy_recent"] is None
-
-
-def test_policy_rewards_while_rolled_back_are_ignored() -> None:
-    m = RollbackMonitor(after=1, margin=0.0, probation_after=3, warmup=1)
-    m.record("baseline", -1.0)
-    assert m.record("policy", -5.0) == "baseline"
-    for _ in range(5):
-        assert m.record("policy", -5.0) == "baseline"  # the caller ignored us; no effect
-    assert m.state()["rollbacks"] == 1
-
-
-def test_reference_window_is_at_least_three() -> None:
-    m = RollbackMonitor(after=1, margin=0.0, probation_after=1, warmup=4)
-    for r in (-10.0, -1.0, -2.0, -3.0):
-        m.record("baseline", r)
-    assert m.state()["baseline_reference"] == pytest.approx(-2.0)
-
-
-def test_no_warmup_starts_on_the_policy() -> None:
-    m = RollbackMonitor(after=2, margin=0.0, probation_after=1, warmup=0)
+    """Closed -> open after M worse intervals -> closed after P intervals holding its own."""
+    m = RollbackMonitor(after=3, margin=0.1, probation_after=2)
     assert m.mode == "policy"
-    # No reference yet: a finite reward cannot be judged worse.
-    assert m.record("policy", -100.0) == "policy" and m.state()["worse_streak"] == 0
+    # Within the margin is not worse; a good interval resets the streak.
+    assert m.record(-1.05, -1.0, now=1.0) == "policy"
+    assert m.record(-1.5, -1.0, now=2.0) == "policy" and m.worse_streak == 1
+    assert m.record(-0.5, -1.0, now=3.0) == "policy" and m.worse_streak == 0
+    for t in (4.0, 5.0):
+        assert m.record(-1.5, -1.0, now=t) == "policy"
+    assert m.record(-1.5, -1.0, now=6.0) == "baseline"
+    st = m.state()
+    assert st["rollbacks"] == 1 and st["since"] == 6.0 and "3 consecutive" in st["reason"]
+    assert st["transitions"][-1] == {"at": 6.0, "from": "policy", "to": "baseline", "reason": st["reason"]}
+    # Open: still worse keeps the baseline; holding its own twice in a row recovers.
+    assert m.record(-1.5, -1.0, now=7.0) == "baseline"
+    assert m.record(-1.0, -1.0, now=8.0) == "baseline" and m.good_streak == 1
+    assert m.record(-1.6, -1.0, now=9.0) == "baseline" and m.good_streak == 0
+    assert m.record(-0.9, -1.0, now=10.0) == "baseline"
+    assert m.record(-0.9, -1.0, now=11.0) == "policy"
+    st = m.state()
+    assert st["recoveries"] == 1 and "recovered" in st["reason"] and st["last_policy_score"] == -0.9
+
+
+def test_non_finite_scores() -> None:
+    m = RollbackMonitor(after=2, margin=0.0, probation_after=1)
+    # A policy score that is not finite counts as worse.
+    m.record(float("nan"), -1.0)
+    assert m.record(float("inf"), -1.0) == "baseline"
+    # A baseline score that is not finite is no evidence either way.
+    assert m.record(-0.5, float("nan")) == "baseline" and m.good_streak == 0
+    assert m.record(-0.5, -1.0) == "policy"
+    assert m.record("junk", None) == "policy"  # type: ignore[arg-type]
 
 
 def test_reconfigure() -> None:
-    m = RollbackMonitor(after=5, margin=0.5, probation_after=10, warmup=1)
-    m.record("baseline", -1.0)
-    assert m.record("policy", -1.4) == "policy"  # within margin 0.5
-    m.reconfigure(after=1, margin=0.1, probation_after=1)
-    assert m.record("policy", -1.4) == "baseline"  # worse under the new margin, and M is 1
-    assert m.record("baseline", -1.0) == "policy"  # probation after 1
-    with pytest.raises(GuardrailError, match="rollback_after must be an integer >= 1, got 0"):
-        m.reconfigure(after=0, margin=0.1, probation_after=1)
-    with pytest.raises(GuardrailError, match="rollback_margin must be finite"):
-        m.reconfigure(after=1, margin=NAN, probation_after=1)
-    with pytest.raises(GuardrailError, match="probation_after"):
-        m.reconfigure(after=1, margin=0.1, probation_after=0)
-    s = m.state()
-    assert (s["after"], s["margin"], s["probation_after"]) == (1, 0.1, 1)  # unchanged by the failures
+    m = RollbackMonitor(after=5, margin=0.5, probation_after=10)
+    m.record(-2.0, -1.0)
+    m.reconfigure(after=2, margin=0.5, probation_after=1)
+    assert m.record(-2.0, -1.0) == "baseline"
+    with pytest.raises(GuardrailError, match="rollback_margin"):
+        m.reconfigure(after=2, margin=-1, probation_after=1)
+    assert m.state()["margin"] == 0.5 and m.state()["after"] == 2
 
 
 def test_rollback_monitor_rejects_bad_arguments() -> None:
-    with pytest.raises(GuardrailError, match="rollback_margin must be >= 0"):
+    with pytest.raises(GuardrailError, match="rollback_margin"):
         RollbackMonitor(after=1, margin=-0.1, probation_after=1)
-    with pytest.raises(GuardrailError, match="warmup"):
-        RollbackMonitor(after=1, margin=0.1, probation_after=1, warmup=-1)
-    with pytest.raises(GuardrailError, match="mode_in_force"):
-        RollbackMonitor(after=1, margin=0.1, probation_after=1).record("learned", -1.0)
+    with pytest.raises(GuardrailError, match="rollback_after"):
+        RollbackMonitor(after=0, margin=0.1, probation_after=1)
+    with pytest.raises(GuardrailError, match="probation_after"):
+        RollbackMonitor(after=1, margin=0.1, probation_after=0)
 
 
 def test_transitions_keep_the_last_twenty() -> None:
-    m = RollbackMonitor(after=1, margin=0.0, probation_after=1, warmup=1)
-    m.record("baseline", -1.0)
-    for k in range(30):
-        m.record("policy", -9.0, now=T0 + k)
-        m.record("baseline", -1.0, now=T0 + k + 0.5)
-    s = m.state()
-    assert len(s["transitions"]) == 20 and s["rollbacks"] == 30 and s["recoveries"] == 30
-    assert s["transitions"][-1]["at"] == T0 + 29.5
+    m = RollbackMonitor(after=1, margin=0.0, probation_after=1)
+    for i in range(30):
+        m.record(-2.0, -1.0, now=float(2 * i))
+        m.record(-0.5, -1.0, now=float(2 * i + 1))
+    st = m.state()
+    assert st["rollbacks"] == 30 and st["recoveries"] == 30
+    assert len(st["transitions"]) == 20 and st["transitions"][-1]["at"] == 59.0

@@ -106,7 +106,8 @@ def test_status_names_each_component_and_why(api: TestClient, plane: ControlPlan
     assert s["components"]["xds"]["state"] == "degraded" and "no Envoy" in s["components"]["xds"]["reason"]
     assert s["components"]["controller"]["state"] == "down"  # the loop is not started in this test
     assert s["overall"] == "down"
-    assert s["mode"] == "baseline" and "warm-up" in s["mode_reason"]
+    assert s["mode"] == "policy" and s["mode_reason"]
+    assert s["rollback"]["last_policy_score"] is not None and s["rollback"]["last_baseline_score"] is not None
 
 
 def test_overrides_need_the_token_and_apply(api: TestClient, plane: ControlPlane) -> None:

@@ -1,0 +1,690 @@
+"""`balanceiq bench serve`: the Ray Serve app under load (policy inference, API, loop).
+
+One run, everything real: the sample backends, the ALS exporter, Envoy and Prometheus
+(a :class:`~balanceiq.testbed.testbed.Testbed`), a private local Ray cluster, and the
+product's Serve application (``build_app``: the batched ``Policy`` deployment and the
+``Controller`` FastAPI ingress, which starts the xDS actor and the control loop). A
+bounded background load (~100 req/s through Envoy) gives the controller real telemetry
+for the whole run. Measured:
+
+* ``inference_ms.handle``: ``policy.score.remote(rows).result()`` from the driver through
+  a ``DeploymentHandle``, N = ``--endpoints`` rows of a synthetic observation, sequential;
+* ``inference_ms.http``: ``POST /api/policy/score`` with the same endpoints as JSON
+  through Serve's HTTP proxy (validation, encoding, the same handle call inside the
+  Controller replica, JSON out), sequential;
+* ``inference_ms.concurrent``: 8 driver threads sharing the same number of handle calls,
+  so ``@serve.batch`` has something to batch (mean batch size from Serve's own
+  ``serve_actual_batch_size`` metric when Ray's metrics agent answers);
+* ``api``: an open-loop load (requests sent on a fixed schedule, latency measured from
+  the *intended* send time, so a stalled server cannot hide its queue by slowing the
+  client down) over the read-only routes the dashboard polls;
+* ``decision_loop_ms``: the controller's own ``step_ms`` (lease, observe, decide, push,
+  ACK) from ``GET /api/decisions``, with the control interval at 1 s.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import os
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter, defaultdict
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import psutil
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from balanceiq.config import Settings, default_settings
+from balanceiq.exceptions import BalanceIQError, BenchError
+from balanceiq.policy.features import encode, estimate_capacity
+from balanceiq.policy.reward import RewardWeights
+from balanceiq.telemetry.observation import EndpointObservation, Observation
+from balanceiq.testbed.ports import free_ports
+
+APP_NAME = "balanceiq-bench"
+TESTBED_ENDPOINTS = 6  # the controller's own cluster; --endpoints sizes the scoring requests
+CONTROL_INTERVAL_S = 1.0
+WARMUP_CALLS = 20
+CONCURRENT_CALLERS = 8
+BACKGROUND_RPS = 100.0
+API_PATHS = ("/api/status", "/api/weights", "/api/metrics/all", "/api/health", "/api/decisions")
+API_CONNECTIONS = 32
+API_TIMEOUT_S = 10.0
+TARGETS = {"handle_p99_ms_at_64_endpoints": 10.0, "api_errors_at_200_rps_for_30_s": 0}
+CLOUDS = [("aws", "us-east-1", 0.40), ("gcp", "us-central1", 0.35), ("azure", "eastus", 0.55)]
+
+
+# -- pure helpers (unit-tested) ----------------------------------------------------------
+
+
+def percentile(values: Sequence[float], q: float) -> float | None:
+    """The ``q``-th percentile (0..100) with linear interpolation, as ``numpy.percentile``;
+    ``None`` for no values (JSON has no NaN)."""
+    if not 0.0 <= q <= 100.0:
+        raise ValueError(f"percentile must be in 0..100, got {q}")
+    s = sorted(float(v) for v in values)
+    if not s:
+        return None
+    pos = (len(s) - 1) * q / 100.0
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
+
+
+def summary(values: Sequence[float], digits: int = 3) -> dict[str, float | int | None]:
+    """``p50``, ``p99``, ``mean``, ``max`` and ``n`` of latencies (ms), rounded."""
+
+    def r(x: float | None) -> float | None:
+        return None if x is None else round(x, digits)
+
+    vals = [float(v) for v in values]
+    return {
+        "p50": r(percentile(vals, 50)),
+        "p99": r(percentile(vals, 99)),
+        "mean": r(statistics.fmean(vals)) if vals else None,
+        "max": r(max(vals)) if vals else None,
+        "n": len(vals),
+    }
+
+
+def validate_args(*, endpoints: int, duration_s: float, rate_rps: float, calls: int) -> None:
+    """Refuse values that cannot give a meaningful, bounded run (``BenchError``)."""
+    problems = []
+    if not 1 <= endpoints <= 1000:
+        problems.append(f"--endpoints must be in 1..1000 (the API's ScoreRequest limit), got {endpoints}")
+    if not (math.isfinite(duration_s) and 1 <= duration_s <= 600):
+        problems.append(f"--duration must be in 1..600 seconds, got {duration_s}")
+    if not (math.isfinite(rate_rps) and 0 < rate_rps <= 2000):
+        problems.append(f"--rate must be in (0, 2000] requests/s (loopback, 2 cores), got {rate_rps}")
+    if not 1 <= calls <= 100_000:
+        problems.append(f"--calls must be in 1..100000, got {calls}")
+    if problems:
+        raise BenchError("; ".join(problems))
+
+
+def send_schedule(rate_rps: float, duration_s: float) -> list[float]:
+    """Intended send offsets (s) of an open-loop load: ``i / rate`` for every request
+    that starts inside ``duration_s``."""
+    n = max(1, int(math.floor(rate_rps * duration_s + 1e-9)))
+    return [i / rate_rps for i in range(n)]
+
+
+def split_calls(total: int, workers: int) -> list[int]:
+    """``total`` calls shared by ``workers`` as evenly as possible (no empty worker)."""
+    workers = max(1, min(workers, total))
+    return [total // workers + (1 if i < total % workers else 0) for i in range(workers)]
+
+
+def synthetic_observation(n: int, seed: int = 0) -> tuple[Observation, np.ndarray]:
+    """A plausible live observation of ``n`` endpoints in three clouds and the capacity
+    hint (rps) of each: mostly healthy, a few hot or erroring, one down."""
+    rng = np.random.default_rng(seed)
+    capacity = rng.choice([150.0, 300.0, 400.0], size=n)
+    util = rng.uniform(0.2, 0.85, size=n)
+    hot = rng.random(n) < 0.1
+    util[hot] = rng.uniform(0.9, 1.3, size=int(hot.sum()))
+    rps = capacity * util
+    base = np.array([(15.0, 25.0, 35.0)[i % 3] for i in range(n)]) + rng.uniform(0, 10, size=n)
+    p50 = base * (1 + np.maximum(0, util - 0.7) * 4)
+    p95 = p50 * rng.uniform(1.5, 2.5, size=n)
+    err = np.where(rng.random(n) < 0.08, rng.uniform(0.02, 0.1, size=n), rng.uniform(0, 0.003, size=n))
+    weights = np.maximum(1, np.round(10000 * capacity / capacity.sum()))
+    eps = []
+    for i in range(n):
+        healthy = not (n > 4 and i == n - 1)
+        eps.append(
+            EndpointObservation(
+                address=f"10.{i // 250 % 250}.{i % 250 + 1}.10:8080",
+                p50_ms=float(p50[i]), p95_ms=float(p95[i]), error_rate=float(err[i]),
+                saturation=float(util[i]), inflight=float(rps[i] * p50[i] / 1000), rps=float(rps[i] if healthy else 0.0),
+                cost_per_million=CLOUDS[i % 3][2], weight=float(weights[i]), healthy=healthy, age_s=0.5,
+            )
+        )  # fmt: skip
+    return Observation(cluster="my_service", endpoints=tuple(eps), source="api", window_s=10.0), capacity
+
+
+def policy_rows(obs: Observation, capacity_hint: np.ndarray, slo_ms: float | None = None) -> np.ndarray:
+    """What the controller (and ``POST /api/policy/score``) sends the Policy deployment."""
+    slo = RewardWeights().slo_ms if slo_ms is None else slo_ms
+    return encode(obs, estimate_capacity(obs, capacity_hint), len(obs.endpoints), slo)
+
+
+def score_request(obs: Observation, capacity_hint: np.ndarray) -> dict[str, Any]:
+    """The same observation as a ``ScoreRequest`` body (unknown values as null)."""
+
+    def num(x: float) -> float | None:
+        return x if math.isfinite(x) else None
+
+    return {
+        "endpoints": [
+            {
+                "address": e.address, "p50_ms": num(e.p50_ms), "p95_ms": num(e.p95_ms),
+                "error_rate": num(e.error_rate), "saturation": num(e.saturation), "inflight": num(e.inflight),
+                "rps": num(e.rps), "cost_per_million": num(e.cost_per_million), "weight": num(e.weight),
+                "healthy": e.healthy, "capacity_rps": num(float(c)),
+            }
+            for e, c in zip(obs.endpoints, capacity_hint)
+        ]
+    }  # fmt: skip
+
+
+def decision_stats(decisions: Sequence[dict[str, Any]], since: float = 0.0,
+                   window: tuple[float, float] | None = None) -> dict[str, Any]:  # fmt: skip
+    """``step_ms`` of the decisions taken at or after ``since`` (epoch s). The headline
+    p50/p99 covers full decisions (mode policy or baseline: lease, observe, decide, push
+    or "unchanged", ACK); hold (telemetry blind) and standby steps are only counted.
+    ``window`` (epoch s): also split the full decisions into inside / outside it."""
+    rows = [d for d in decisions if d.get("timestamp", 0) >= since and d.get("step_ms") is not None]
+    full = [d for d in rows if d.get("mode") in ("policy", "baseline")]
+    s = summary([d["step_ms"] for d in full])
+    out: dict[str, Any] = {
+        "p50": s["p50"], "p99": s["p99"], "mean": s["mean"], "max": s["max"], "decisions": len(full),
+        "pushed": summary([d["step_ms"] for d in full if d.get("pushed")]),
+        "unchanged": summary([d["step_ms"] for d in full if not d.get("pushed")]),
+        "push_ms": summary([d["push_ms"] for d in full if d.get("push_ms") is not None]),
+        "ack_ms": summary([d["ack_ms"] for d in full if d.get("ack_ms") is not None]),
+        "by_mode": dict(Counter(d.get("mode", "?") for d in rows)),
+        "by_source": dict(Counter(d.get("source", "?") for d in full)),
+        "errors": sum(1 for d in rows if d.get("error")),
+    }  # fmt: skip
+    if window is not None:
+        inside = [d["step_ms"] for d in full if window[0] <= d.get("timestamp", 0) <= window[1]]
+        outside = [d["step_ms"] for d in full if not window[0] <= d.get("timestamp", 0) <= window[1]]
+        out["during_api_load"] = summary(inside)
+        out["outside_api_load"] = summary(outside)
+    return out
+
+
+def bench_settings(state_dir: Path, n_endpoints: int = TESTBED_ENDPOINTS, base: Settings | None = None) -> Settings:
+    """Default settings with every endpoint, xDS, Envoy, Prometheus and ALS port free
+    right now (the same recipe as the tests' ``settings_on_free_ports``), a 1 s control
+    interval, a decision log that holds the whole run, and a private state dir."""
+    s = base or default_settings()
+    ports = iter(free_ports(n_endpoints + 7))
+    clouds = [("aws", "us-east-1"), ("gcp", "us-central1"), ("azure", "eastus")]
+    template = s.clusters[0].endpoints[0]
+    endpoints = [
+        template.model_copy(
+            update={"address": f"127.0.0.1:{next(ports)}", "cloud": clouds[i % 3][0], "region": clouds[i % 3][1], "zone": None}
+        )
+        for i in range(n_endpoints)
+    ]
+    cluster = s.clusters[0].model_copy(update={"endpoints": endpoints})
+    api_port = next(ports)
+    return s.model_copy(
+        update={
+            "clusters": [cluster],
+            "xds": s.xds.model_copy(update={"port": next(ports)}),
+            "envoy": s.envoy.model_copy(update={"admin_url": f"http://127.0.0.1:{next(ports)}", "listen_port": next(ports)}),
+            "prometheus": s.prometheus.model_copy(update={"url": f"http://127.0.0.1:{next(ports)}"}),
+            "telemetry": s.telemetry.model_copy(update={"als_grpc_port": next(ports), "als_metrics_port": next(ports)}),
+            "control": s.control.model_copy(update={"interval_s": CONTROL_INTERVAL_S}),
+            "api": s.api.model_copy(update={"host": "127.0.0.1", "port": api_port, "decision_log_size": 1000}),
+            "state_dir": Path(state_dir),
+        }
+    )
+
+
+# -- measurements ------------------------------------------------------------------------
+
+
+def _timed_calls(fn: Callable[[], Any], n: int, on_done: Callable[[], None] | None = None) -> list[float]:
+    out = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn()
+        out.append((time.perf_counter() - t0) * 1000)
+        if on_done:
+            on_done()
+    return out
+
+
+async def open_loop(base_url: str, paths: Sequence[str], rate_rps: float, duration_s: float, *,
+                    connections: int = API_CONNECTIONS, timeout_s: float = API_TIMEOUT_S,
+                    on_done: Callable[[], None] | None = None) -> dict[str, Any]:  # fmt: skip
+    """GET ``paths`` round-robin on a fixed schedule; latency from the intended send time."""
+    import aiohttp
+
+    schedule = send_schedule(rate_rps, duration_s)
+    lat: list[float] = []
+    lag: list[float] = []  # how late the client itself started a request (its own CPU)
+    by_path: dict[str, list[float]] = defaultdict(list)
+    path_errors: Counter[str] = Counter()
+    status: Counter[str] = Counter()
+    errors: Counter[str] = Counter()
+    size: dict[str, int] = {}
+    ok = 0
+    loop = asyncio.get_running_loop()
+    # keepalive below the server's (uvicorn: 5 s), so an idle pooled connection is never
+    # reused at the moment the server closes it (a client-made error, not the API's).
+    connector = aiohttp.TCPConnector(limit=connections, keepalive_timeout=2.0)
+    timeout = aiohttp.ClientTimeout(total=timeout_s)
+
+    async def one(session: aiohttp.ClientSession, path: str, intended: float) -> None:
+        nonlocal ok
+        lag.append((loop.time() - intended) * 1000)
+        try:
+            async with session.get(base_url + path) as resp:
+                body = await resp.read()
+                status[str(resp.status)] += 1
+                if 200 <= resp.status < 300:
+                    ok += 1
+                    size[path] = len(body)
+                else:
+                    errors[f"HTTP {resp.status}"] += 1
+                    path_errors[path] += 1
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            errors[type(exc).__name__] += 1
+            path_errors[path] += 1
+        ms = (loop.time() - intended) * 1000
+        lat.append(ms)
+        by_path[path].append(ms)
+        if on_done:
+            on_done()
+
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+        t0 = loop.time() + 0.05
+        tasks = []
+        for i, offset in enumerate(schedule):
+            intended = t0 + offset
+            delay = intended - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(one(session, paths[i % len(paths)], intended)))
+        await asyncio.gather(*tasks)
+        elapsed = loop.time() - t0
+    s = summary(lat)
+    return {
+        "rps": round(ok / elapsed, 1) if elapsed > 0 else None,
+        "p50_ms": s["p50"], "p99_ms": s["p99"], "max_ms": s["max"],
+        "errors": sum(errors.values()), "requests": len(schedule), "ok": ok,
+        "target_rps": rate_rps, "duration_s": duration_s, "wall_s": round(elapsed, 2),
+        "error_kinds": dict(errors), "status": dict(status),
+        "client_send_lag_ms": {k: summary(lag)[k] for k in ("p50", "p99", "max")},
+        "by_path": {
+            p: {**{k: v for k, v in summary(v).items() if k in ("p50", "p99", "max", "n")},
+                "errors": path_errors[p], "bytes": size.get(p)}
+            for p, v in sorted(by_path.items())
+        },
+        "connections": connections, "method": "open loop: fixed schedule, latency from the intended send time",
+    }  # fmt: skip
+
+
+def _batch_metrics(port: int | None) -> tuple[float, float] | None:
+    """``(sum, count)`` of Serve's ``serve_actual_batch_size`` for ``Policy.score``, from
+    Ray's metrics agent; ``None`` if it does not answer (then batch size is not reported)."""
+    if not port:
+        return None
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    try:
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=2.0, trust_env=False).text
+    except httpx.HTTPError:
+        return None
+    total = count = 0.0
+    found = False
+    for fam in text_string_to_metric_families(text):
+        if not fam.name.endswith("serve_actual_batch_size"):
+            continue
+        for sample in fam.samples:
+            labels = sample.labels
+            if labels.get("deployment") != "Policy" or "score" not in labels.get("function_name", ""):
+                continue
+            if sample.name.endswith("_sum"):
+                total += sample.value
+                found = True
+            elif sample.name.endswith("_count"):
+                count += sample.value
+    return (total, count) if found else None
+
+
+def _batch_metrics_settled(port: int | None, wait_s: float = 6.0) -> tuple[float, float] | None:
+    """The metric once it stops changing (it is exported every second or so)."""
+    last = _batch_metrics(port)
+    if last is None:
+        return None
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        time.sleep(1.5)
+        cur = _batch_metrics(port)
+        if cur == last:
+            return cur
+        last = cur
+    return last
+
+
+def _cpu_by_foreign_process() -> dict[int, tuple[str, float]]:
+    """CPU seconds so far of every process that is not this one or its descendants."""
+    me = psutil.Process()
+    ours = {me.pid} | {c.pid for c in me.children(recursive=True)}
+    out = {}
+    for p in psutil.process_iter(["pid", "name", "cmdline", "cpu_times"]):
+        if p.info["pid"] in ours or p.info["cpu_times"] is None:
+            continue
+        cmd = " ".join(p.info["cmdline"] or [])[:80] or p.info["name"]
+        out[p.info["pid"]] = (cmd, p.info["cpu_times"].user + p.info["cpu_times"].system)
+    return out
+
+
+def _foreign_cpu_delta(before: dict[int, tuple[str, float]], seconds: float) -> dict[str, Any]:
+    after = _cpu_by_foreign_process()
+    used = []
+    for pid, (cmd, cpu) in after.items():
+        d = cpu - before.get(pid, (cmd, 0.0))[1]
+        if d > 0.05:
+            used.append((d, cmd))
+    used.sort(reverse=True)
+    return {
+        "cores": round(sum(d for d, _ in used) / seconds, 2) if seconds > 0 else None,
+        "top": [{"cmd": c, "cores": round(d / seconds, 2)} for d, c in used[:3]],
+    }
+
+
+_ROLES = (
+    ("ProxyActor", "serve_proxy"),
+    (f"ServeReplica:{APP_NAME}:Controller", "controller_replica"),
+    (f"ServeReplica:{APP_NAME}:Policy", "policy_replica"),
+    ("ServeController", "serve_controller"),
+    ("XdsServerActor", "xds_actor"),
+)
+
+
+def _cpu_by_role() -> dict[int, tuple[str, float]]:
+    """CPU seconds so far of this process ("driver": the load generators and the bench)
+    and its descendants, by role; the rest of Ray and the testbed is "other"."""
+    me = psutil.Process()
+    out = {}
+    for p in [me, *me.children(recursive=True)]:
+        try:
+            cmd = " ".join(p.cmdline())
+            t = p.cpu_times()
+        except psutil.Error:
+            continue
+        role = "driver" if p.pid == me.pid else next((r for key, r in _ROLES if key in cmd), "other")
+        out[p.pid] = (role, t.user + t.system)
+    return out
+
+
+def _cpu_delta_by_role(before: dict[int, tuple[str, float]], seconds: float) -> dict[str, float]:
+    agg: dict[str, float] = defaultdict(float)
+    for pid, (role, cpu) in _cpu_by_role().items():
+        agg[role] += cpu - before.get(pid, (role, 0.0))[1]
+    return {r: round(v / seconds, 3) for r, v in sorted(agg.items(), key=lambda kv: -kv[1])} if seconds > 0 else {}
+
+
+def _leftovers(pids: set[int], wait_s: float = 15.0) -> list[str]:
+    """Processes among ``pids`` still alive after ``wait_s`` (zombies reaped or ignored)."""
+    deadline = time.monotonic() + wait_s
+    alive: list[psutil.Process] = []
+    while True:
+        alive = []
+        for pid in pids:
+            try:
+                p = psutil.Process(pid)
+                if p.status() != psutil.STATUS_ZOMBIE:
+                    alive.append(p)
+            except psutil.Error:
+                pass
+        if not alive or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    out = []
+    for p in alive:
+        try:
+            out.append(f"{p.pid} {' '.join(p.cmdline())[:80]}")
+        except psutil.Error:
+            pass
+    return out
+
+
+# -- the run -----------------------------------------------------------------------------
+
+
+def run_serve_bench(*, endpoints: int = 64, duration_s: float = 30.0, rate_rps: float = 200.0, calls: int = 500,
+                    console: Console | None = None) -> dict[str, Any]:  # fmt: skip
+    validate_args(endpoints=endpoints, duration_s=duration_s, rate_rps=rate_rps, calls=calls)
+    console = console or Console(stderr=True)
+    # Ray's driver prints task errors from its own threads to sys.stdout (e.g. Serve's
+    # controller being killed at shutdown); stdout is for the one JSON object only.
+    with contextlib.redirect_stdout(sys.stderr):
+        return _run(endpoints, duration_s, rate_rps, calls, console)
+
+
+def _run(endpoints: int, duration_s: float, rate_rps: float, calls: int, console: Console) -> dict[str, Any]:
+    import httpx
+    import ray
+    from ray import serve
+
+    from balanceiq.serve.app import build_app
+    from balanceiq.testbed.load import run_load_sync
+    from balanceiq.testbed.testbed import Testbed
+    from balanceiq.xds.actor import get_actor
+
+    if ray.is_initialized():
+        raise BenchError("Ray is already initialised in this process; the bench starts its own local cluster")
+    load0 = os.getloadavg()
+    obs, hint = synthetic_observation(endpoints)
+    rows = policy_rows(obs, hint)
+    body = score_request(obs, hint)
+    notes: list[str] = []
+    me = psutil.Process()
+    started_pids: set[int] = set()
+
+    def remember_children() -> None:
+        started_pids.update(c.pid for c in me.children(recursive=True))
+
+    with tempfile.TemporaryDirectory(prefix="balanceiq-bench-serve-") as work:
+        settings = bench_settings(Path(work) / "state")
+        http_port = settings.api.port
+        base = f"http://127.0.0.1:{http_port}"
+        stop_load = threading.Event()
+        loader: threading.Thread | None = None
+        load_result: dict[str, Any] = {}
+        tb = Testbed(settings, Path(work) / "tb", xds_port=settings.xds.port, health_check_interval_s=5)
+        client: httpx.Client | None = None
+        try:
+            # Ray and the app first: the Controller deployment starts the xDS actor, and
+            # Envoy only reports ready once it has its clusters from it.
+            with console.status("starting a local Ray cluster and Serve"):
+                try:
+                    # address="local": always a new cluster, never one `ray start` left running.
+                    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+                             namespace="balanceiq-bench", _system_config={"metrics_report_interval_ms": 1000})  # fmt: skip
+                    serve.start(http_options={"host": "127.0.0.1", "port": http_port})
+                except Exception as exc:
+                    raise BenchError(f"could not start Ray/Serve: {type(exc).__name__}: {exc}") from exc
+            remember_children()
+            with console.status("deploying the BalanceIQ app (Policy + Controller)"):
+                t_deploy = time.monotonic()
+                try:
+                    serve.run(build_app({"settings": settings}), name=APP_NAME, route_prefix="/")
+                except Exception as exc:
+                    raise BenchError(f"the Serve app did not deploy: {type(exc).__name__}: {exc}") from exc
+                deploy_s = time.monotonic() - t_deploy
+            remember_children()
+            with console.status("starting backends, ALS, Envoy and Prometheus"):
+                try:
+                    tb.start()
+                except BalanceIQError as exc:
+                    raise BenchError(f"testbed did not start: {exc}") from exc
+            remember_children()
+
+            def background() -> None:
+                res = run_load_sync(tb.envoy.listen_url, total=int(BACKGROUND_RPS * 900), concurrency=8,
+                                    max_seconds=900, rate_rps=BACKGROUND_RPS, stop=stop_load)  # fmt: skip
+                load_result.update(res.to_json())
+
+            loader = threading.Thread(target=background, name="bench-background-load", daemon=True)
+            loader.start()
+            client = httpx.Client(base_url=base, timeout=10.0, trust_env=False)
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    if client.get("/api/health").status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise BenchError(f"the API at {base} did not answer /api/health within 60 s")
+                time.sleep(0.2)
+            remember_children()
+            t_app = time.time()
+            policy = serve.get_deployment_handle("Policy", app_name=APP_NAME)
+            metrics_port = ray._private.worker.global_worker.node.metrics_export_port  # type: ignore[attr-defined]
+
+            def handle_call() -> None:
+                out = policy.score.remote(rows).result(timeout_s=10.0)
+                if len(out) != endpoints:
+                    raise BenchError(f"Policy.score returned {len(out)} scores for {endpoints} endpoints")
+
+            def http_call() -> None:
+                r = client.post("/api/policy/score", json=body)
+                if r.status_code != 200:
+                    raise BenchError(f"POST /api/policy/score answered {r.status_code}: {r.text[:200]}")
+                got = r.json()
+                if len(got["scores"]) != endpoints:
+                    raise BenchError(f"/api/policy/score returned {len(got['scores'])} scores for {endpoints}")
+                http_inner.append(float(got["inference_ms"]))
+
+            http_inner: list[float] = []
+            with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                          console=console, transient=True) as progress:  # fmt: skip
+                try:
+                    task = progress.add_task("warm-up", total=2 * WARMUP_CALLS)
+                    _timed_calls(handle_call, WARMUP_CALLS, lambda: progress.advance(task))
+                    _timed_calls(http_call, WARMUP_CALLS, lambda: progress.advance(task))
+                    http_inner.clear()
+                    task = progress.add_task(f"handle, N={endpoints}", total=calls)
+                    t = time.perf_counter()
+                    handle_ms = _timed_calls(handle_call, calls, lambda: progress.advance(task))
+                    seq_s = time.perf_counter() - t
+                    task = progress.add_task(f"HTTP /api/policy/score, N={endpoints}", total=calls)
+                    http_ms = _timed_calls(http_call, calls, lambda: progress.advance(task))
+
+                    shares = split_calls(calls, CONCURRENT_CALLERS)
+                    task = progress.add_task(f"handle, {len(shares)} concurrent callers", total=calls)
+                    batch0 = _batch_metrics_settled(metrics_port)
+                    t = time.perf_counter()
+                    with ThreadPoolExecutor(len(shares)) as pool:
+                        parts = list(pool.map(lambda k: _timed_calls(handle_call, k, lambda: progress.advance(task)), shares))
+                    conc_s = time.perf_counter() - t
+                    batch1 = _batch_metrics_settled(metrics_port)
+                except BalanceIQError:
+                    raise
+                except Exception as exc:
+                    raise BenchError(f"policy inference failed: {type(exc).__name__}: {exc}") from exc
+            conc_ms = [x for part in parts for x in part]
+            mean_batch = None
+            if batch0 is not None and batch1 is not None and batch1[1] > batch0[1]:
+                mean_batch = round((batch1[0] - batch0[0]) / (batch1[1] - batch0[1]), 2)
+            else:
+                notes.append("mean batch size not reported: Ray's metrics agent did not export serve_actual_batch_size")
+
+            foreign0, ours0 = _cpu_by_foreign_process(), _cpu_by_role()
+            with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                          console=console, transient=True) as progress:  # fmt: skip
+                task = progress.add_task(f"API open loop, {rate_rps:g} req/s", total=len(send_schedule(rate_rps, duration_s)))
+                t_api, t_api_epoch = time.monotonic(), time.time()
+                api = asyncio.run(open_loop(base, API_PATHS, rate_rps, duration_s, on_done=lambda: progress.advance(task)))
+                api_wall = time.monotonic() - t_api
+                api_window = (t_api_epoch, time.time())
+            foreign = _foreign_cpu_delta(foreign0, api_wall)
+            ours = _cpu_delta_by_role(ours0, api_wall)
+            api["cpu_cores_by_process"] = ours
+            if api["ok"]:
+                per_req = {r: round(1000 * ours.get(r, 0.0) * api_wall / api["ok"], 2)
+                           for r in ("serve_proxy", "controller_replica")}  # fmt: skip
+                api["cpu_ms_per_request"] = per_req
+
+            r = client.get("/api/decisions", params={"limit": 1000})
+            if r.status_code != 200:
+                raise BenchError(f"GET /api/decisions?limit=1000 answered {r.status_code}: {r.text[:200]}")
+            decisions = r.json()["decisions"]
+            remember_children()
+        finally:
+            stop_load.set()
+            if loader is not None:
+                loader.join(15)
+            with console.status("tearing down Serve, the xDS actor, Ray and the testbed"):
+                if client is not None:
+                    client.close()
+                if ray.is_initialized():  # also after a half-finished ray.init
+                    remember_children()
+                    try:
+                        serve.shutdown()
+                    except Exception as exc:  # teardown continues; say what failed
+                        notes.append(f"serve.shutdown failed: {type(exc).__name__}: {exc}")
+                    try:
+                        ray.kill(get_actor())
+                    except ValueError:
+                        pass  # never started, or already gone
+                    except Exception as exc:
+                        notes.append(f"killing the xDS actor failed: {type(exc).__name__}: {exc}")
+                    remember_children()
+                    ray.shutdown()
+                tb.stop()
+        leftover = _leftovers(started_pids)
+
+    load1 = os.getloadavg()
+    dl = decision_stats(decisions, since=t_app, window=api_window)
+    handle_s, http_s, conc_sum = summary(handle_ms), summary(http_ms), summary(conc_ms)
+    if dl["decisions"] == 0:
+        notes.append("no full decision (policy/baseline) was taken: telemetry stayed blind; see by_mode")
+    if leftover:
+        notes.append(f"processes still alive after teardown: {leftover}")
+    if foreign["cores"] and foreign["cores"] > 0.3:
+        notes.append(
+            f"other processes on this machine used {foreign['cores']} of {os.cpu_count()} cores during the API phase "
+            f"(top: {foreign['top'][0]['cmd']!r}); latencies include that contention"
+        )
+    if handle_s["p99"] is not None and handle_s["p99"] > TARGETS["handle_p99_ms_at_64_endpoints"]:
+        notes.append(f"handle p99 {handle_s['p99']} ms is above the 10 ms target")
+    if api["errors"]:
+        notes.append(f"API errors under load: {api['error_kinds']}")
+    if api["ok"] and (api["errors"] or (api["rps"] or 0) < 0.95 * rate_rps):
+        per = api.get("cpu_ms_per_request", {})
+        need = sum(per.values()) * rate_rps / 1000
+        notes.append(
+            f"API below target: {api['rps']} of {rate_rps:g} req/s. Serve's HTTP proxy used {per.get('serve_proxy')} ms and "
+            f"the Controller replica {per.get('controller_replica')} ms of CPU per request, i.e. {need:.2f} cores at "
+            f"{rate_rps:g} req/s on a {os.cpu_count()}-core machine (other processes took {foreign['cores']} cores)"
+        )
+    return {
+        "bench": "serve",
+        "endpoints": endpoints,
+        "calls": calls,
+        "inference_ms": {
+            "handle": handle_s,
+            "http": {**http_s, "inside_replica": {k: summary(http_inner)[k] for k in ("p50", "p99")}},
+            "concurrent": {
+                **conc_sum, "callers": len(shares),
+                "calls_per_s": round(calls / conc_s, 1), "sequential_calls_per_s": round(calls / seq_s, 1),
+                "mean_batch_size": mean_batch,
+            },
+        },  # fmt: skip
+        "api": api,
+        "decision_loop_ms": {**dl, "interval_s": CONTROL_INTERVAL_S, "testbed_endpoints": TESTBED_ENDPOINTS},
+        "background_load": {k: load_result.get(k) for k in ("sent", "ok", "failed", "rps", "p99_ms")},
+        "setup": {"deploy_s": round(deploy_s, 1), "http_port": http_port},
+        "machine": {
+            "cpu_count": os.cpu_count(),
+            "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
+            "loadavg_before": [round(x, 2) for x in load0],
+            "loadavg_after": [round(x, 2) for x in load1],
+            "foreign_cpu_during_api": foreign,
+        },
+        "leftover_processes": leftover,
+        "notes": notes,
+        "targets": TARGETS,
+    }

@@ -1,0 +1,141 @@
+"""The pure parts of `balanceiq bench serve`: statistics, argument checks, request bodies.
+
+The bench itself (Ray, Serve, Envoy, Prometheus) is run by hand; see BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from balanceiq.bench.serve import (
+    API_PATHS,
+    bench_settings,
+    decision_stats,
+    percentile,
+    policy_rows,
+    score_request,
+    send_schedule,
+    split_calls,
+    summary,
+    synthetic_observation,
+    validate_args,
+)
+from balanceiq.exceptions import BenchError
+from balanceiq.policy.features import N_FEATURES
+
+
+@pytest.mark.parametrize("q", [0, 1, 25, 50, 90, 99, 100])
+def test_percentile_matches_numpy_linear_interpolation(q: float) -> None:
+    values = [5.0, 1.0, 9.5, 3.25, 7.0, 2.0, 100.0]
+    assert percentile(values, q) == pytest.approx(float(np.percentile(values, q)))
+
+
+def test_percentile_edge_cases() -> None:
+    assert percentile([], 50) is None  # JSON has no NaN
+    assert percentile([4.0], 99) == 4.0
+    assert percentile([1, 2], 50) == 1.5
+    with pytest.raises(ValueError, match="0..100"):
+        percentile([1.0], 101)
+
+
+def test_summary_rounds_and_counts() -> None:
+    s = summary([1.0, 2.0, 3.0, 4.0, 1000.0], digits=1)
+    assert s == {"p50": 3.0, "p99": pytest.approx(960.2), "mean": 202.0, "max": 1000.0, "n": 5}
+    assert summary([]) == {"p50": None, "p99": None, "mean": None, "max": None, "n": 0}
+
+
+def test_validate_args_accepts_the_documented_defaults() -> None:
+    validate_args(endpoints=64, duration_s=30, rate_rps=200, calls=500)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "flag"),
+    [
+        ({"endpoints": 0}, "--endpoints"),
+        ({"endpoints": 1001}, "--endpoints"),
+        ({"duration_s": 0}, "--duration"),
+        ({"duration_s": math.inf}, "--duration"),
+        ({"rate_rps": 0}, "--rate"),
+        ({"rate_rps": math.nan}, "--rate"),
+        ({"calls": 0}, "--calls"),
+    ],
+)
+def test_validate_args_names_the_bad_flag(kwargs: dict[str, float], flag: str) -> None:
+    args = {"endpoints": 64, "duration_s": 30.0, "rate_rps": 200.0, "calls": 500, **kwargs}
+    with pytest.raises(BenchError, match=flag):
+        validate_args(**args)  # type: ignore[arg-type]
+
+
+def test_validate_args_reports_every_problem_at_once() -> None:
+    with pytest.raises(BenchError) as exc:
+        validate_args(endpoints=0, duration_s=0, rate_rps=0, calls=0)
+    assert all(flag in str(exc.value) for flag in ("--endpoints", "--duration", "--rate", "--calls"))
+
+
+def test_send_schedule_is_a_fixed_open_loop_rate() -> None:
+    sched = send_schedule(200, 30)
+    assert len(sched) == 6000
+    assert sched[0] == 0.0 and sched[-1] < 30
+    assert np.allclose(np.diff(sched), 1 / 200)
+    assert len(send_schedule(0.5, 1)) == 1  # never an empty run
+
+
+def test_split_calls_shares_evenly_without_empty_workers() -> None:
+    assert split_calls(500, 8) == [63, 63, 63, 63, 62, 62, 62, 62]
+    assert sum(split_calls(500, 8)) == 500
+    assert split_calls(3, 8) == [1, 1, 1]
+
+
+def test_policy_rows_and_score_request_describe_the_same_endpoints() -> None:
+    from balanceiq.serve.api import ScoreRequest
+
+    obs, hint = synthetic_observation(64)
+    rows = policy_rows(obs, hint)
+    assert rows.shape == (64, N_FEATURES) and rows.dtype == np.float32
+    assert np.all(np.isfinite(rows))
+    body = score_request(obs, hint)
+    req = ScoreRequest.model_validate(body)  # the API accepts it as sent
+    assert [e.address for e in req.endpoints] == obs.addresses
+    assert len(set(obs.addresses)) == 64
+    # Deterministic, so two runs score the same observation.
+    again, _ = synthetic_observation(64)
+    assert again.endpoints == obs.endpoints
+
+
+def test_decision_stats_headline_counts_full_decisions_only() -> None:
+    def rec(ts: float, mode: str, step: float, pushed: bool = True, source: str = "prometheus") -> dict[str, object]:
+        return {"timestamp": ts, "mode": mode, "step_ms": step, "pushed": pushed, "push_ms": 2.0 if pushed else None,
+                "ack_ms": 3.0 if pushed else None, "source": source, "error": None}  # fmt: skip
+
+    decisions = [
+        rec(5, "policy", 999.0),  # before `since`: ignored
+        rec(10, "hold", 1.0, pushed=False, source="none"),
+        rec(11, "policy", 40.0),
+        rec(12, "baseline", 60.0, pushed=False),
+        rec(13, "policy", 50.0),
+        rec(14, "standby", 0.5, pushed=False, source="none"),
+    ]
+    s = decision_stats(decisions, since=10, window=(12.5, 20))
+    assert s["decisions"] == 3
+    assert s["p50"] == 50.0 and s["max"] == 60.0
+    assert s["by_mode"] == {"hold": 1, "policy": 2, "baseline": 1, "standby": 1}
+    assert s["by_source"] == {"prometheus": 3}
+    assert s["pushed"]["n"] == 2 and s["unchanged"]["n"] == 1
+    assert s["during_api_load"]["n"] == 1 and s["outside_api_load"]["n"] == 2
+
+
+def test_bench_settings_use_distinct_free_ports_and_a_fast_loop(tmp_path: Path) -> None:
+    s = bench_settings(tmp_path / "state")
+    ports = [ep.port for ep in s.clusters[0].endpoints] + [
+        s.xds.port, s.envoy.listen_port, s.api.port, s.telemetry.als_grpc_port, s.telemetry.als_metrics_port,
+        int(s.envoy.admin_url.rsplit(":", 1)[1]), int(s.prometheus.url.rsplit(":", 1)[1]),
+    ]  # fmt: skip
+    assert len(set(ports)) == len(ports)
+    assert s.control.interval_s == 1.0
+    assert s.api.decision_log_size >= 1000  # /api/decisions?limit=1000 sees the whole run
+    assert s.state_dir == tmp_path / "state"
+    assert "/api/decisions" in API_PATHS and "/api/status" in API_PATHS

@@ -1,0 +1,143 @@
+"""The controller's decisions on a real in-process xDS server with replayed observations."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from balanceiq.control.controller import Controller, observed_reward
+from balanceiq.control.xds_client import LocalXdsClient
+from balanceiq.policy.reward import RewardWeights
+from balanceiq.telemetry.observation import EndpointObservation, Observation
+from balanceiq.xds.server import XdsServer
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from livestack import settings_on_free_ports  # noqa: E402
+
+
+class Fleet:
+    """Observations of 5 endpoints: capacity ``cap`` each, traffic split as pushed."""
+
+    def __init__(self, addresses: list[str], demand: float = 400.0) -> None:
+        self.addresses = addresses
+        self.cap = dict.fromkeys(addresses, 200.0)
+        self.p95 = dict.fromkeys(addresses, 40.0)
+        self.demand = demand
+        self.blind = False
+
+    def observe(self, weights=None) -> Observation:  # type: ignore[no-untyped-def]
+        if self.blind:
+            return Observation(cluster="my_service", endpoints=tuple(EndpointObservation(address=a) for a in self.addresses),
+                               source="none", errors=("prometheus: down", "envoy-admin: down"))  # fmt: skip
+        w = np.array([float((weights or {}).get(a, 1)) for a in self.addresses])
+        share = w / w.sum()
+        eps = []
+        for a, sh in zip(self.addresses, share):
+            rps = self.demand * sh
+            eps.append(EndpointObservation(
+                address=a, p50_ms=self.p95[a] / 2, p95_ms=self.p95[a], error_rate=0.0, saturation=rps / self.cap[a],
+                inflight=1.0, rps=rps, cost_per_million=0.4, weight=float((weights or {}).get(a, 1)), healthy=True, age_s=0.5,
+            ))  # fmt: skip
+        return Observation(cluster="my_service", endpoints=tuple(eps), source="simulator", window_s=10.0)
+
+
+@pytest.fixture
+def setup(tmp_path: Path) -> Iterator[tuple[Controller, Fleet, XdsServer, dict[str, list[int]]]]:
+    s = settings_on_free_ports(5)
+    # The config knows endpoint 0 is small, so the baseline (capacity/cost) spares it.
+    eps = [ep.model_copy(update={"capacity_rps": 50.0 if i == 0 else 200.0}) for i, ep in enumerate(s.clusters[0].endpoints)]
+    s = s.model_copy(update={"state_dir": tmp_path / "state", "clusters": [s.clusters[0].model_copy(update={"endpoints": eps})],
+                             "control": s.control.model_copy(update={"k_critical": 2})})  # fmt: skip
+    xds = XdsServer(s, state_dir=tmp_path / "state")
+    xds.start()
+    fleet = Fleet([ep.address for ep in s.clusters[0].endpoints])
+    pick = {"top": [3, 4]}
+
+    def scorer(rows: np.ndarray) -> np.ndarray:
+        out = np.zeros(rows.shape[0])
+        out[pick["top"]] = [10.0, 9.0]
+        return out
+
+    c = Controller(s, fleet, LocalXdsClient(xds), scorer)
+    c.policy.mode = "greedy"
+    try:
+        yield c, fleet, xds, pick
+    finally:
+        xds.stop()
+
+
+def test_rollback_when_the_policy_keeps_picking_the_wrong_endpoints(setup) -> None:  # type: ignore[no-untyped-def]
+    c, fleet, xds, pick = setup
+    # Endpoint 0 has a quarter of the others' capacity; the policy keeps re-splitting 3 and 4
+    # and leaves endpoint 0 overloaded, where the capacity-aware baseline would not.
+    fleet.cap[c.addresses[0]] = 50.0
+    modes = [c.step().mode for _ in range(4)]
+    # The third worse proposal is already not applied: the baseline decides that step.
+    assert modes == ["policy", "policy", "baseline", "baseline"], modes
+    st = c.rollback.state()
+    assert st["rollbacks"] == 1 and "rollback" in st["reason"]
+    # The policy learns to pick endpoint 0: in shadow it holds its own and comes back.
+    pick["top"] = [0, 1]
+    modes = [c.step().mode for _ in range(4)]
+    assert "policy" in modes and c.rollback.state()["recoveries"] == 1, modes
+    rec = c.log.last()
+    assert rec is not None and rec.scores is not None and set(rec.scores) == {"policy", "baseline"}
+
+
+def test_blind_telemetry_holds_the_weights(setup) -> None:  # type: ignore[no-untyped-def]
+    c, fleet, xds, pick = setup
+    c.step()
+    before = dict(c.weights)
+    version = xds.store.latest().version
+    fleet.blind = True
+    rec = c.step()
+    assert rec.mode == "hold" and not rec.pushed and "telemetry blind" in rec.notes[0]
+    assert c.weights == before and xds.store.latest().version == version
+
+
+def test_slo_breaching_endpoint_is_always_critical(setup) -> None:  # type: ignore[no-untyped-def]
+    c, fleet, xds, pick = setup
+    fleet.p95[c.addresses[2]] = 900.0  # far over the 150 ms SLO, and the policy ignores it
+    rec = c.step()
+    assert c.addresses[2] in rec.critical and c.addresses[3] in rec.critical
+    assert rec.weights[c.addresses[2]] < 10000 / 5
+
+
+def test_a_policy_that_fails_gives_a_baseline_step_not_an_exception(setup) -> None:  # type: ignore[no-untyped-def]
+    c, fleet, xds, pick = setup
+
+    def broken(rows: np.ndarray) -> np.ndarray:
+        raise TimeoutError("policy replica gone")
+
+    c.scorer = broken
+    rec = c.step()
+    assert rec.mode == "baseline" and rec.error is None and "policy unavailable" in rec.notes[0]
+    assert c.policy_state["ok"] is False and "policy replica gone" in c.policy_state["error"]
+
+
+def test_only_the_lease_holder_pushes(setup) -> None:  # type: ignore[no-untyped-def]
+    c, fleet, xds, pick = setup
+    other = Controller(c.settings, fleet, c.xds, None)
+    assert c.step().pushed
+    rec = other.step()
+    assert rec.mode == "standby" and not rec.pushed and c.owner in rec.notes[0]
+    c.release()
+    assert other.step().mode != "standby"
+
+
+def test_observed_reward_weighs_by_traffic() -> None:
+    eps = (
+        EndpointObservation(address="a:1", p95_ms=100.0, error_rate=0.0, rps=90.0, cost_per_million=0.4),
+        EndpointObservation(address="b:1", p95_ms=300.0, error_rate=0.1, rps=10.0, cost_per_million=0.4),
+        EndpointObservation(address="c:1"),  # no data: ignored, not zero-filled
+    )
+    obs = Observation(cluster="x", endpoints=eps, source="simulator")
+    w = RewardWeights()
+    r = observed_reward(obs, w)
+    p95 = 0.9 * 100 + 0.1 * 300
+    assert r == pytest.approx(-(p95 / 150 + 0 + 10 * 0.01 + 0.5 * 1.0))
+    assert observed_reward(Observation(cluster="x", endpoints=eps[2:], source="none"), w) is None
