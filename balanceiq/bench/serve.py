@@ -17,7 +17,10 @@ for the whole run. Measured:
   ``serve_actual_batch_size`` metric when Ray's metrics agent answers);
 * ``api``: an open-loop load (requests sent on a fixed schedule, latency measured from
   the *intended* send time, so a stalled server cannot hide its queue by slowing the
-  client down) over the read-only routes the dashboard polls;
+  client down) over the read-only routes the dashboard polls; plus CPU by process during
+  it, and a short closed-loop ``calibration`` of the same mix (CPU each request costs
+  the Serve proxy and the Controller replica when nothing queues), to say why if the
+  target rate is not reached;
 * ``decision_loop_ms``: the controller's own ``step_ms`` (lease, observe, decide, push,
   ACK) from ``GET /api/decisions``, with the control interval at 1 s.
 """
@@ -60,6 +63,8 @@ BACKGROUND_RPS = 100.0
 API_PATHS = ("/api/status", "/api/weights", "/api/metrics/all", "/api/health", "/api/decisions")
 API_CONNECTIONS = 32
 API_TIMEOUT_S = 10.0
+CALIBRATION_REQUESTS = 250
+BATCH_BUCKETS = ",".join(str(i) for i in range(1, 33))  # Policy's max_batch_size is 32
 TARGETS = {"handle_p99_ms_at_64_endpoints": 10.0, "api_errors_at_200_rps_for_30_s": 0}
 CLOUDS = [("aws", "us-east-1", 0.40), ("gcp", "us-central1", 0.35), ("azure", "eastus", 0.55)]
 
@@ -196,6 +201,10 @@ def decision_stats(decisions: Sequence[dict[str, Any]], since: float = 0.0,
         "by_mode": dict(Counter(d.get("mode", "?") for d in rows)),
         "by_source": dict(Counter(d.get("source", "?") for d in full)),
         "errors": sum(1 for d in rows if d.get("error")),
+        "slowest": [
+            {k: d.get(k) for k in ("seq", "mode", "source", "step_ms", "push_ms", "ack_ms", "pushed")}
+            for d in sorted(full, key=lambda d: -d["step_ms"])[:3]
+        ],
     }  # fmt: skip
     if window is not None:
         inside = [d["step_ms"] for d in full if window[0] <= d.get("timestamp", 0) <= window[1]]
@@ -320,9 +329,51 @@ async def open_loop(base_url: str, paths: Sequence[str], rate_rps: float, durati
     }  # fmt: skip
 
 
-def _batch_metrics(port: int | None) -> tuple[float, float] | None:
-    """``(sum, count)`` of Serve's ``serve_actual_batch_size`` for ``Policy.score``, from
-    Ray's metrics agent; ``None`` if it does not answer (then batch size is not reported)."""
+def _wait_for_source(client: Any, source: str, timeout_s: float) -> float | None:
+    """Epoch time of the controller's first full decision observed from ``source``."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            r = client.get("/api/decisions", params={"limit": 5})
+            for d in r.json().get("decisions", []) if r.status_code == 200 else []:
+                if d.get("source") == source and d.get("mode") in ("policy", "baseline"):
+                    return float(d["timestamp"])
+        except Exception:  # the app is starting: any failure here means "not yet"
+            pass
+        time.sleep(0.5)
+    return None
+
+
+def _calibrate(client: Any, paths: Sequence[str], n: int) -> dict[str, Any]:
+    """Closed loop, one connection: the CPU each request of the mix costs the Serve proxy
+    and the Controller replica when nothing queues (per request, in ms), and latency."""
+    per_path: dict[str, list[float]] = defaultdict(list)
+    before = _cpu_by_role()
+    t0 = time.perf_counter()
+    for i in range(n):
+        path = paths[i % len(paths)]
+        t = time.perf_counter()
+        r = client.get(path)
+        per_path[path].append((time.perf_counter() - t) * 1000)
+        if r.status_code != 200:
+            raise BenchError(f"GET {path} answered {r.status_code} before any load: {r.text[:200]}")
+    wall = time.perf_counter() - t0
+    cores = _cpu_delta_by_role(before, wall)
+    return {
+        "requests": n,
+        "closed_loop_rps": round(n / wall, 1),
+        "cpu_ms_per_request": {r: round(1000 * cores.get(r, 0.0) * wall / n, 2)
+                               for r in ("serve_proxy", "controller_replica", "driver")},  # fmt: skip
+        "p50_ms_by_path": {p: summary(v)["p50"] for p, v in sorted(per_path.items())},
+    }
+
+
+def _batch_metrics(port: int | None) -> dict[float, float] | None:
+    """Cumulative bucket counts (``le`` -> count) of Serve's ``serve_actual_batch_size``
+    for ``Policy.score``, from Ray's metrics agent; ``None`` if it does not answer.
+
+    Buckets, not ``_sum``: Ray's exporter builds a histogram's sum from bucket midpoints
+    (a batch of 1 counts as 0.5), so only the bucket counts are exact."""
     if not port:
         return None
     import httpx
@@ -332,36 +383,61 @@ def _batch_metrics(port: int | None) -> tuple[float, float] | None:
         text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=2.0, trust_env=False).text
     except httpx.HTTPError:
         return None
-    total = count = 0.0
-    found = False
+    cum: dict[float, float] = defaultdict(float)
     for fam in text_string_to_metric_families(text):
         if not fam.name.endswith("serve_actual_batch_size"):
             continue
         for sample in fam.samples:
             labels = sample.labels
-            if labels.get("deployment") != "Policy" or "score" not in labels.get("function_name", ""):
+            if not sample.name.endswith("_bucket") or labels.get("deployment") != "Policy":
                 continue
-            if sample.name.endswith("_sum"):
-                total += sample.value
-                found = True
-            elif sample.name.endswith("_count"):
-                count += sample.value
-    return (total, count) if found else None
+            if "score" not in labels.get("function_name", ""):
+                continue
+            cum[float(labels["le"])] += sample.value
+    return dict(cum) or None
 
 
-def _batch_metrics_settled(port: int | None, wait_s: float = 6.0) -> tuple[float, float] | None:
-    """The metric once it stops changing (it is exported every second or so)."""
+def _batch_metrics_settled(port: int | None, wait_s: float = 6.0) -> dict[float, float] | None:
+    """The metric once it stops changing (exported every second), at most ``wait_s``."""
     last = _batch_metrics(port)
-    if last is None:
-        return None
     deadline = time.monotonic() + wait_s
     while time.monotonic() < deadline:
         time.sleep(1.5)
         cur = _batch_metrics(port)
-        if cur == last:
+        if cur == last and cur is not None:
             return cur
         last = cur
     return last
+
+
+def batch_sizes(before: dict[float, float] | None, after: dict[float, float]) -> tuple[dict[str, int], float | None, bool]:
+    """Batches by size between two cumulative bucket snapshots: ``({size or range: count},
+    mean size, exact)``. Exact when every bucket holds one integer size (the bench asks
+    Serve for buckets 1, 2, ..., 32); otherwise the mean uses each range's midpoint."""
+    before = before or {}
+    counts: dict[str, int] = {}
+    total = weighted = 0.0
+    exact = True
+    lo, prev_cum = 0.0, 0.0
+    for le in sorted(after):
+        cum = after[le] - before.get(le, 0.0)
+        n = cum - prev_cum
+        prev_cum = cum
+        first = math.floor(lo) + 1
+        last = first if math.isinf(le) else math.floor(le)
+        lo = le
+        if n <= 0 or last < first:
+            continue
+        if math.isinf(le):
+            exact, size, key = False, float(first), f"{first}+"
+        elif first == last:
+            size, key = float(first), str(first)
+        else:
+            exact, size, key = False, (first + last) / 2, f"{first}-{last}"
+        counts[key] = counts.get(key, 0) + int(round(n))
+        total += n
+        weighted += n * size
+    return counts, (round(weighted / total, 2) if total else None), exact
 
 
 def _cpu_by_foreign_process() -> dict[int, tuple[str, float]]:
@@ -500,7 +576,11 @@ def _run(endpoints: int, duration_s: float, rate_rps: float, calls: int, console
                 try:
                     # address="local": always a new cluster, never one `ray start` left running.
                     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
-                             namespace="balanceiq-bench", _system_config={"metrics_report_interval_ms": 1000})  # fmt: skip
+                             namespace="balanceiq-bench",
+                             # Metrics every second and one histogram bucket per batch size, so
+                             # the batching figure is exact and ready right after the phase.
+                             _system_config={"metrics_report_interval_ms": 1000},
+                             runtime_env={"env_vars": {"RAY_SERVE_BATCH_SIZE_BUCKETS": BATCH_BUCKETS}})  # fmt: skip
                     serve.start(http_options={"host": "127.0.0.1", "port": http_port})
                 except Exception as exc:
                     raise BenchError(f"could not start Ray/Serve: {type(exc).__name__}: {exc}") from exc
@@ -539,7 +619,14 @@ def _run(endpoints: int, duration_s: float, rate_rps: float, calls: int, console
                     raise BenchError(f"the API at {base} did not answer /api/health within 60 s")
                 time.sleep(0.2)
             remember_children()
-            t_app = time.time()
+            # Steady state from here: the app came up before Prometheus did, so its first
+            # observations came from Envoy's admin (>= 0.25 s each, by design); the loop
+            # returns to Prometheus on its next retry once Prometheus has samples.
+            with console.status("waiting for the controller's first decision from Prometheus"):
+                t_app = _wait_for_source(client, "prometheus", timeout_s=45.0)
+            if t_app is None:
+                notes.append("no decision from Prometheus within 45 s of start; decision_loop_ms covers whatever came")
+                t_app = time.time()
             policy = serve.get_deployment_handle("Policy", app_name=APP_NAME)
             metrics_port = ray._private.worker.global_worker.node.metrics_export_port  # type: ignore[attr-defined]
 
@@ -558,6 +645,7 @@ def _run(endpoints: int, duration_s: float, rate_rps: float, calls: int, console
                 http_inner.append(float(got["inference_ms"]))
 
             http_inner: list[float] = []
+            foreign_inf0, t_inf = _cpu_by_foreign_process(), time.monotonic()
             with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                           console=console, transient=True) as progress:  # fmt: skip
                 try:
@@ -585,12 +673,18 @@ def _run(endpoints: int, duration_s: float, rate_rps: float, calls: int, console
                 except Exception as exc:
                     raise BenchError(f"policy inference failed: {type(exc).__name__}: {exc}") from exc
             conc_ms = [x for part in parts for x in part]
-            mean_batch = None
-            if batch0 is not None and batch1 is not None and batch1[1] > batch0[1]:
-                mean_batch = round((batch1[0] - batch0[0]) / (batch1[1] - batch0[1]), 2)
-            else:
+            batches: dict[str, int] = {}
+            mean_batch, exact = None, False
+            if batch0 is not None and batch1 is not None:
+                batches, mean_batch, exact = batch_sizes(batch0, batch1)
+            if mean_batch is None:
                 notes.append("mean batch size not reported: Ray's metrics agent did not export serve_actual_batch_size")
+            elif not exact:
+                notes.append("mean batch size estimated from coarse histogram buckets")
 
+            foreign_inf = _foreign_cpu_delta(foreign_inf0, time.monotonic() - t_inf)
+            with console.status("API calibration: the same mix, closed loop, one connection"):
+                calibration = _calibrate(client, API_PATHS, CALIBRATION_REQUESTS)
             foreign0, ours0 = _cpu_by_foreign_process(), _cpu_by_role()
             with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                           console=console, transient=True) as progress:  # fmt: skip
@@ -600,12 +694,8 @@ def _run(endpoints: int, duration_s: float, rate_rps: float, calls: int, console
                 api_wall = time.monotonic() - t_api
                 api_window = (t_api_epoch, time.time())
             foreign = _foreign_cpu_delta(foreign0, api_wall)
-            ours = _cpu_delta_by_role(ours0, api_wall)
-            api["cpu_cores_by_process"] = ours
-            if api["ok"]:
-                per_req = {r: round(1000 * ours.get(r, 0.0) * api_wall / api["ok"], 2)
-                           for r in ("serve_proxy", "controller_replica")}  # fmt: skip
-                api["cpu_ms_per_request"] = per_req
+            api["cpu_cores_by_process"] = _cpu_delta_by_role(ours0, api_wall)
+            api["calibration"] = calibration
 
             r = client.get("/api/decisions", params={"limit": 1000})
             if r.status_code != 200:
@@ -643,6 +733,11 @@ def _run(endpoints: int, duration_s: float, rate_rps: float, calls: int, console
         notes.append("no full decision (policy/baseline) was taken: telemetry stayed blind; see by_mode")
     if leftover:
         notes.append(f"processes still alive after teardown: {leftover}")
+    if foreign_inf["cores"] and foreign_inf["cores"] > 0.3:
+        notes.append(
+            f"other processes on this machine used {foreign_inf['cores']} of {os.cpu_count()} cores during the inference "
+            f"phase (top: {foreign_inf['top'][0]['cmd']!r}); latencies include that contention"
+        )
     if foreign["cores"] and foreign["cores"] > 0.3:
         notes.append(
             f"other processes on this machine used {foreign['cores']} of {os.cpu_count()} cores during the API phase "
@@ -652,13 +747,14 @@ def _run(endpoints: int, duration_s: float, rate_rps: float, calls: int, console
         notes.append(f"handle p99 {handle_s['p99']} ms is above the 10 ms target")
     if api["errors"]:
         notes.append(f"API errors under load: {api['error_kinds']}")
-    if api["ok"] and (api["errors"] or (api["rps"] or 0) < 0.95 * rate_rps):
-        per = api.get("cpu_ms_per_request", {})
-        need = sum(per.values()) * rate_rps / 1000
+    if api["errors"] or (api["rps"] or 0) < 0.95 * rate_rps:
+        per = calibration["cpu_ms_per_request"]
+        need = (per["serve_proxy"] + per["controller_replica"]) * rate_rps / 1000
         notes.append(
-            f"API below target: {api['rps']} of {rate_rps:g} req/s. Serve's HTTP proxy used {per.get('serve_proxy')} ms and "
-            f"the Controller replica {per.get('controller_replica')} ms of CPU per request, i.e. {need:.2f} cores at "
-            f"{rate_rps:g} req/s on a {os.cpu_count()}-core machine (other processes took {foreign['cores']} cores)"
+            f"API below target: {api['rps']} of {rate_rps:g} req/s. Unloaded, Serve's HTTP proxy costs "
+            f"{per['serve_proxy']} ms and the Controller replica {per['controller_replica']} ms of CPU per request "
+            f"(calibration), i.e. {need:.2f} cores at {rate_rps:g} req/s on a {os.cpu_count()}-core machine that also "
+            f"runs Envoy, Prometheus, the backends, Ray and the load generators (other processes: {foreign['cores']} cores)"
         )
     return {
         "bench": "serve",
@@ -670,11 +766,15 @@ def _run(endpoints: int, duration_s: float, rate_rps: float, calls: int, console
             "concurrent": {
                 **conc_sum, "callers": len(shares),
                 "calls_per_s": round(calls / conc_s, 1), "sequential_calls_per_s": round(calls / seq_s, 1),
-                "mean_batch_size": mean_batch,
+                "mean_batch_size": mean_batch, "batches_by_size": batches,
+                "batching_note": "Serve's own serve_actual_batch_size over the phase; the control loop's 1/s calls are included",
             },
         },  # fmt: skip
         "api": api,
-        "decision_loop_ms": {**dl, "interval_s": CONTROL_INTERVAL_S, "testbed_endpoints": TESTBED_ENDPOINTS},
+        "decision_loop_ms": {
+            **dl, "interval_s": CONTROL_INTERVAL_S, "testbed_endpoints": TESTBED_ENDPOINTS,
+            "startup_decisions_excluded": sum(1 for d in decisions if d.get("timestamp", 0) < t_app),
+        },  # fmt: skip
         "background_load": {k: load_result.get(k) for k in ("sent", "ok", "failed", "rps", "p99_ms")},
         "setup": {"deploy_s": round(deploy_s, 1), "http_port": http_port},
         "machine": {
@@ -682,6 +782,7 @@ def _run(endpoints: int, duration_s: float, rate_rps: float, calls: int, console
             "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
             "loadavg_before": [round(x, 2) for x in load0],
             "loadavg_after": [round(x, 2) for x in load1],
+            "foreign_cpu_during_inference": foreign_inf,
             "foreign_cpu_during_api": foreign,
         },
         "leftover_processes": leftover,

@@ -104,7 +104,8 @@ class PolicySettings:
         self.k = settings.control.critical_count(n)
         self.interval_s = float(settings.control.interval_s)
         self.reward = RewardWeights()
-        self.cost_weight = 0.1
+        self.cost_weight = float(settings.control.cost_weight)
+        self.util_target = float(settings.control.util_target)
         self.mode = "sample"  # how critical endpoints are drawn from the scores
 
     def to_json(self) -> dict[str, Any]:
@@ -115,6 +116,7 @@ class PolicySettings:
             "slo_ms": r.slo_ms,
             "reward_weights": {"latency": r.latency, "tail": r.tail, "errors": r.errors, "cost": r.cost, "ref_cost": r.ref_cost},
             "cost_weight": self.cost_weight,
+            "util_target": self.util_target,
             "selection": self.mode,
         }
 
@@ -326,7 +328,8 @@ class Controller:
         else:
             try:
                 critical = self._critical(obs, ctx)
-                proposal = lp_decision(obs, ctx, tuple(critical), capacity, cost_weight=self.policy.cost_weight)
+                proposal = lp_decision(obs, ctx, tuple(critical), capacity, cost_weight=self.policy.cost_weight,
+                                       util_target=self.policy.util_target)  # fmt: skip
             except Exception as exc:  # the policy is a remote call: anything may come back
                 self.policy_state.update(ok=False, error=f"{type(exc).__name__}: {exc}", at=time.time())
                 self.metrics.errors.labels("policy").inc()
@@ -338,7 +341,8 @@ class Controller:
             # negated LP objective, worst estimated load/capacity plus the cost term.
             costs = np.array([e.cost_per_million for e in obs.endpoints], dtype=np.float64)
             score = {
-                name: -objective(d.shares, capacity, costs, ctx.demand_rps, cost_weight=self.policy.cost_weight)
+                name: -objective(d.shares, capacity, costs, ctx.demand_rps, cost_weight=self.policy.cost_weight,
+                                 util_target=self.policy.util_target)
                 for name, d in (("policy", proposal), ("baseline", fallback))
             }
             self.rollback.record(score["policy"], score["baseline"])

@@ -118,20 +118,22 @@ def _lp_decision(res: LpResult, avail: np.ndarray, critical: tuple[int, ...], **
 
 
 def solve_for(
-    obs: Observation, shares: np.ndarray, critical: Any, capacity: np.ndarray, demand: float, *, cost_weight: float = 0.1
-) -> LpResult:
+    obs: Observation, shares: np.ndarray, critical: Any, capacity: np.ndarray, demand: float, *,
+    cost_weight: float = 0.1, util_target: float = 0.0,
+) -> LpResult:  # fmt: skip
     """The CFR-RL LP for this observation: costs and availability are read from it."""
     return solve_critical(shares, critical, capacity, _field(obs, "cost_per_million"), demand,
-                          available=available_mask(obs), cost_weight=cost_weight)  # fmt: skip
+                          available=available_mask(obs), cost_weight=cost_weight, util_target=util_target)  # fmt: skip
 
 
 def lp_decision(
     obs: Observation, ctx: PolicyContext, critical: tuple[int, ...], capacity: np.ndarray, *,
-    cost_weight: float = 0.1, **info: Any,
+    cost_weight: float = 0.1, util_target: float = 0.0, **info: Any,
 ) -> Decision:  # fmt: skip
     """Re-optimise ``critical`` with the LP and package the result as a Decision."""
     shares = np.asarray(ctx.shares, dtype=np.float64).reshape(-1)
-    res = solve_for(obs, shares, critical, capacity, float(ctx.demand_rps), cost_weight=cost_weight)
+    res = solve_for(obs, shares, critical, capacity, float(ctx.demand_rps), cost_weight=cost_weight,
+                    util_target=util_target)  # fmt: skip
     return _lp_decision(res, available_mask(obs), tuple(critical), **info)
 
 

@@ -40,24 +40,29 @@ def encode(obs: Observation, capacity: np.ndarray, n_max: int, slo_ms: float = 1
     f[:, col["p95_ms"]] = np.clip(f[:, col["p95_ms"]] / slo_ms, 0, 10)
     f[:, col["saturation"]] = np.clip(f[:, col["saturation"]], 0, 3)
     f[:, col["inflight"]] = np.log1p(np.clip(f[:, col["inflight"]], 0, None)) / 5
-    total_rps = f[:, col["rps"]].sum()
-    rps = f[:, col["rps"]]
-    f[:, col["rps"]] = rps / total_rps if total_rps > 0 else 0.0
-    max_cost = f[:, col["cost_per_million"]].max()
-    f[:, col["cost_per_million"]] = f[:, col["cost_per_million"]] / max_cost if max_cost > 0 else 0.0
-    f[:, col["weight_share"]] = f[:, col["weight_share"]] * n
-    cap = np.nan_to_num(capacity, nan=0.0, posinf=0.0)
-    cap_share = cap / cap.sum() if cap.sum() > 0 else np.zeros(n)
-    util = np.clip(np.divide(rps, cap, out=np.zeros(n), where=cap > 0), 0, 3)
-    # The fleet's utilisation if perfectly balanced; CFR-RL gains most by pairing the
-    # endpoints furthest above it with those furthest below, so say how far each is.
-    fleet = float(np.clip(total_rps / cap.sum(), 0, 3)) if cap.sum() > 0 else 0.0
-    dev = np.where(cap > 0, util - fleet, 0.0)
-    rows = np.concatenate(
-        [f, valid.astype(np.float64), cap_share[:, None] * n, util[:, None],
-         np.clip(dev, -3, 3)[:, None], np.abs(dev)[:, None], np.ones((n, 1))],
-        axis=1,
-    )  # fmt: skip
+    # Observations come from outside (an API caller, a broken exporter): extreme but
+    # finite values (1e-300 capacity, 1e300 rps) must give bounded features, not inf/NaN.
+    with np.errstate(over="ignore", divide="ignore", invalid="ignore", under="ignore"):
+        total_rps = f[:, col["rps"]].sum()
+        rps = f[:, col["rps"]]
+        f[:, col["rps"]] = rps / total_rps if total_rps > 0 else 0.0
+        max_cost = f[:, col["cost_per_million"]].max()
+        f[:, col["cost_per_million"]] = f[:, col["cost_per_million"]] / max_cost if max_cost > 0 else 0.0
+        f[:, col["weight_share"]] = f[:, col["weight_share"]] * n
+        cap = np.nan_to_num(capacity, nan=0.0, posinf=0.0)
+        cap_share = cap / cap.sum() if cap.sum() > 0 else np.zeros(n)
+        util = np.clip(np.divide(rps, cap, out=np.zeros(n), where=cap > 0), 0, 3)
+        # The fleet's utilisation if perfectly balanced; CFR-RL gains most by pairing the
+        # endpoints furthest above it with those furthest below, so say how far each is.
+        fleet = float(np.clip(total_rps / cap.sum(), 0, 3)) if cap.sum() > 0 else 0.0
+        dev = np.where(cap > 0, util - fleet, 0.0)
+        rows = np.concatenate(
+            [f, valid.astype(np.float64), cap_share[:, None] * n, util[:, None],
+             np.clip(dev, -3, 3)[:, None], np.abs(dev)[:, None], np.ones((n, 1))],
+            axis=1,
+        )  # fmt: skip
+    rows = np.nan_to_num(rows, nan=0.0, posinf=3.0, neginf=-3.0)
+    rows = np.clip(rows, -1e6, 1e6)
     out = np.zeros((n_max, N_FEATURES), dtype=np.float32)
     out[:n] = rows
     return out

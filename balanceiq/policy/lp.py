@@ -180,8 +180,10 @@ def objective(
     demand: float,
     *,
     cost_weight: float = 0.1,
+    util_target: float = 0.0,
 ) -> float:
-    """The LP's objective for any full split: max utilisation + normalised cost term.
+    """The LP's objective for any full split: max utilisation (no less than
+    ``util_target``, below which utilisation is free) + normalised cost term.
 
     Uses the same sanitation and planning demand as the LP, so the value of an
     :func:`oracle` result is <= that of any other split of the same inputs.
@@ -194,7 +196,7 @@ def objective(
     u = utilization(s, cap, planning_demand(demand, cap))
     cmax = float(c.max()) if n else 0.0
     cost_term = w * float(c @ s) / cmax if cmax > 0 else 0.0
-    return float(u.max(initial=0.0)) + cost_term
+    return max(float(u.max(initial=0.0)), _clean_scalar(util_target)) + cost_term
 
 
 # -- the LP -------------------------------------------------------------------------------
@@ -271,6 +273,7 @@ def _solve(
     demand: float,
     avail: np.ndarray,
     cost_weight: float,
+    util_target: float = 0.0,
 ) -> LpResult:
     n = shares.shape[0]
     cap = _nonneg(capacity)
@@ -305,7 +308,8 @@ def _solve(
     # An overloaded kept endpoint without capacity (inf) is beyond the LP's reach; as a
     # floor it would make every critical split "free" and hand it all to the cheapest.
     fixed_u = fixed_u[np.isfinite(fixed_u)]
-    floor = float(fixed_u.max(initial=0.0))
+    # Utilisation up to ``util_target`` is free: below it only cost decides (headroom).
+    floor = max(float(fixed_u.max(initial=0.0)), _clean_scalar(util_target))
     c = _clean_cost(cost)
     cmax = float(c.max())
     w = _clean_scalar(cost_weight)
@@ -329,12 +333,15 @@ def solve_critical(
     *,
     available: np.ndarray | Sequence[bool] | None = None,
     cost_weight: float = 0.1,
+    util_target: float = 0.0,
 ) -> LpResult:
     """Re-optimise only the ``critical`` endpoints (indices or a bool mask); see the module doc.
 
     Available non-critical endpoints keep their share exactly; unavailable ones release
-    theirs to the critical set. Raises ValueError only for structural problems (empty
-    input, mismatched lengths, critical index out of range).
+    theirs to the critical set. ``util_target`` > 0 makes utilisation up to that level
+    free, so below it the cost term alone decides (cheap endpoints fill up to the target
+    before dear ones get traffic); 0 is the pure min-max form. Raises ValueError only for
+    structural problems (empty input, mismatched lengths, critical index out of range).
     """
     s = _vector("shares", shares)
     n = s.shape[0]
@@ -349,6 +356,7 @@ def solve_critical(
         demand,
         avail,
         cost_weight,
+        util_target,
     )
 
 

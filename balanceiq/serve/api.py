@@ -68,6 +68,7 @@ class PolicyChange(_Body):
     slo_ms: float | None = Field(default=None, gt=0, le=600000, description="Latency SLO of the reward.")
     reward_weights: RewardWeightsBody | None = None
     cost_weight: float | None = Field(default=None, ge=0, le=100, description="LP cost term weight.")
+    util_target: float | None = Field(default=None, ge=0, le=1, description="Utilisation the LP treats as free.")
     selection: Literal["sample", "greedy"] | None = Field(default=None, description="How critical endpoints are drawn.")
     costs: dict[Annotated[str, Field(max_length=ADDRESS_MAX)], Annotated[float, Field(ge=0, le=1e9)]] | None = Field(
         default=None, description="$ per million requests by endpoint (e.g. a cloud got dearer)."

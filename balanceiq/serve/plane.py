@@ -363,6 +363,8 @@ class ControlPlane:
                 c.policy.interval_s = float(changes["interval_s"])
             if changes.get("cost_weight") is not None:
                 c.policy.cost_weight = float(changes["cost_weight"])
+            if changes.get("util_target") is not None:
+                c.policy.util_target = float(changes["util_target"])
             if changes.get("selection") is not None:
                 c.policy.mode = str(changes["selection"])
             if reward is not None:

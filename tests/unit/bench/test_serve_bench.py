@@ -13,6 +13,7 @@ import pytest
 
 from balanceiq.bench.serve import (
     API_PATHS,
+    batch_sizes,
     bench_settings,
     decision_stats,
     percentile,
@@ -139,3 +140,22 @@ def test_bench_settings_use_distinct_free_ports_and_a_fast_loop(tmp_path: Path) 
     assert s.api.decision_log_size >= 1000  # /api/decisions?limit=1000 sees the whole run
     assert s.state_dir == tmp_path / "state"
     assert "/api/decisions" in API_PATHS and "/api/status" in API_PATHS
+
+
+def test_batch_sizes_from_one_bucket_per_size_are_exact() -> None:
+    inf = float("inf")
+    before = {1.0: 10, 2.0: 10, 3.0: 10, inf: 10}  # 10 batches of 1 before the phase
+    after = {1.0: 12, 2.0: 15, 3.0: 19, inf: 19}  # then 2 x 1, 3 x 2, 4 x 3
+    counts, mean, exact = batch_sizes(before, after)
+    assert counts == {"1": 2, "2": 3, "3": 4}
+    assert mean == pytest.approx((2 * 1 + 3 * 2 + 4 * 3) / 9, abs=0.01)
+    assert exact
+
+
+def test_batch_sizes_from_coarse_buckets_are_an_estimate() -> None:
+    inf = float("inf")
+    counts, mean, exact = batch_sizes(None, {1.0: 4, 2.0: 4, 4.0: 8, 8.0: 8, inf: 9})
+    assert counts == {"1": 4, "3-4": 4, "9+": 1}
+    assert mean == pytest.approx((4 * 1 + 4 * 3.5 + 1 * 9) / 9, abs=0.01)
+    assert not exact
+    assert batch_sizes({1.0: 3}, {1.0: 3}) == ({}, None, True)  # nothing happened
