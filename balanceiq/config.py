@@ -656,14 +656,19 @@ class ControlConfig(_Model):
     least 2 (one critical endpoint alone cannot move). Values above N mean every
     endpoint is critical."""
 
-    util_target: float = Field(default=0.5, ge=0.0, le=1.0, description="Utilisation that costs nothing in the LP.")
+    util_target: float = Field(default=0.0, ge=0.0, le=1.0, description="Utilisation that costs nothing in the LP.")
     """Headroom knee of the live LP: utilisation (load over estimated capacity) up to this
     level is free, so below it the LP sends the critical endpoints' traffic to the
-    cheapest ones; above it, spreading load wins. 0 gives the pure min-max-utilisation LP
-    the simulator trains with. Capacity estimates are rough, hence the margin below 1."""
+    cheapest ones; above it, spreading load wins. 0 (default) is the pure
+    min-max-utilisation LP the simulator trains with. A knee concentrates traffic on cheap
+    endpoints and so trades latency (queueing grows before the knee) for price; the live
+    benchmark is where to choose it."""
 
     cost_weight: float = Field(default=0.1, ge=0.0, le=100.0, description="Weight of the LP's cost term.")
-    """Weight of the normalised price term against utilisation in the live LP."""
+    """Weight of the normalised price term against utilisation in the live LP (0.1, as the
+    simulator trains with). Both terms are linear in the shares, and one share of traffic
+    adds demand/capacity of utilisation, so the higher this weight, the more load a price
+    difference can move: at low load even a small weight moves traffic to cheap endpoints."""
 
     def critical_count(self, n_endpoints: int) -> int:
         """K for a cluster of ``n_endpoints`` endpoints, clamped to ``0..n_endpoints``."""

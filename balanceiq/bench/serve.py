@@ -64,6 +64,7 @@ API_PATHS = ("/api/status", "/api/weights", "/api/metrics/all", "/api/health", "
 API_CONNECTIONS = 32
 API_TIMEOUT_S = 10.0
 CALIBRATION_REQUESTS = 250
+SATURATION_CONNECTIONS = 16
 BATCH_BUCKETS = ",".join(str(i) for i in range(1, 33))  # Policy's max_batch_size is 32
 TARGETS = {"handle_p99_ms_at_64_endpoints": 10.0, "api_errors_at_200_rps_for_30_s": 0}
 CLOUDS = [("aws", "us-east-1", 0.40), ("gcp", "us-central1", 0.35), ("azure", "eastus", 0.55)]
@@ -366,6 +367,40 @@ def _calibrate(client: Any, paths: Sequence[str], n: int) -> dict[str, Any]:
                                for r in ("serve_proxy", "controller_replica", "driver")},  # fmt: skip
         "p50_ms_by_path": {p: summary(v)["p50"] for p, v in sorted(per_path.items())},
     }
+
+
+async def closed_loop(base_url: str, paths: Sequence[str], connections: int, seconds: float) -> dict[str, Any]:
+    """``connections`` clients each sending the next request when the last one answered,
+    for ``seconds``: the throughput the API saturates at (no timeouts, no backlog)."""
+    import aiohttp
+
+    ok = errors = 0
+    lat: list[float] = []
+    loop = asyncio.get_running_loop()
+    end = loop.time() + seconds
+
+    async def client(session: aiohttp.ClientSession, k: int) -> None:
+        nonlocal ok, errors
+        i = k
+        while loop.time() < end:
+            t = loop.time()
+            try:
+                async with session.get(base_url + paths[i % len(paths)]) as resp:
+                    await resp.read()
+                    ok, errors = (ok + 1, errors) if 200 <= resp.status < 300 else (ok, errors + 1)
+            except (aiohttp.ClientError, asyncio.TimeoutError):
+                errors += 1
+            lat.append((loop.time() - t) * 1000)
+            i += connections
+
+    t0 = loop.time()
+    connector = aiohttp.TCPConnector(limit=connections, keepalive_timeout=2.0)
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=API_TIMEOUT_S)) as session:
+        await asyncio.gather(*(client(session, k) for k in range(connections)))
+    wall = loop.time() - t0
+    s = summary(lat)
+    return {"connections": connections, "seconds": round(wall, 2), "rps": round(ok / wall, 1), "errors": errors,
+            "p50_ms": s["p50"], "p99_ms": s["p99"]}  # fmt: skip
 
 
 def _batch_metrics(port: int | None) -> dict[float, float] | None:
@@ -683,8 +718,9 @@ def _run(endpoints: int, duration_s: float, rate_rps: float, calls: int, console
                 notes.append("mean batch size estimated from coarse histogram buckets")
 
             foreign_inf = _foreign_cpu_delta(foreign_inf0, time.monotonic() - t_inf)
-            with console.status("API calibration: the same mix, closed loop, one connection"):
+            with console.status("API calibration: the same mix, closed loop (1, then 16 connections)"):
                 calibration = _calibrate(client, API_PATHS, CALIBRATION_REQUESTS)
+                calibration["saturation"] = asyncio.run(closed_loop(base, API_PATHS, SATURATION_CONNECTIONS, 5.0))
             foreign0, ours0 = _cpu_by_foreign_process(), _cpu_by_role()
             with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                           console=console, transient=True) as progress:  # fmt: skip
@@ -754,7 +790,9 @@ def _run(endpoints: int, duration_s: float, rate_rps: float, calls: int, console
             f"API below target: {api['rps']} of {rate_rps:g} req/s. Unloaded, Serve's HTTP proxy costs "
             f"{per['serve_proxy']} ms and the Controller replica {per['controller_replica']} ms of CPU per request "
             f"(calibration), i.e. {need:.2f} cores at {rate_rps:g} req/s on a {os.cpu_count()}-core machine that also "
-            f"runs Envoy, Prometheus, the backends, Ray and the load generators (other processes: {foreign['cores']} cores)"
+            f"runs Envoy, Prometheus, the backends, Ray and the load generators (other processes: {foreign['cores']} cores); "
+            f"closed loop with {calibration['saturation']['connections']} connections it saturates at "
+            f"{calibration['saturation']['rps']} req/s"
         )
     return {
         "bench": "serve",

@@ -205,7 +205,8 @@ class Controller:
     def capacity(self, obs: Observation) -> np.ndarray:
         """Measured capacity (rps / saturation) where the endpoint is loaded enough to
         tell, else the config hint (what the simulator's env feeds the policy and LP),
-        derated for endpoints breaching the SLO.
+        with unknown ones assumed typical (the median of the known), derated for
+        endpoints breaching the SLO.
 
         Saturation only shows overload that queues at the backend; a slow dependency or
         a network problem breaks the SLO with the backend half idle, and the LP, which
@@ -215,6 +216,12 @@ class Controller:
         to how far it is out of bounds.
         """
         cap = estimate_capacity(obs, self.capacity_hint).astype(np.float64)
+        # An endpoint with no hint and too little load to measure would look capacity-less
+        # to the LP, which could then never send it traffic again: assume it is typical.
+        known = np.isfinite(cap) & (cap > 0)
+        unknown = ~np.isfinite(cap)
+        if known.any() and unknown.any():
+            cap[unknown] = float(np.median(cap[known]))
         slo = self.policy.reward.slo_ms
         for i in self.breaching(obs):
             e = obs.endpoints[i]

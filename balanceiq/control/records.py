@@ -13,7 +13,7 @@ import logging
 import math
 import threading
 from collections import deque
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -49,13 +49,14 @@ class DecisionRecord:
     observation: dict[str, Any] | None = field(default=None, repr=False)
 
     def to_json(self, *, with_observation: bool = False) -> dict[str, Any]:
-        out = asdict(self)
-        out["critical"] = list(self.critical)
-        out["notes"] = list(self.notes)
+        # Not dataclasses.asdict: it deep-copies the observation only for it to be dropped
+        # (3.6 ms per 20 records at 6 endpoints, 30 ms at 64).
+        out = {f.name: getattr(self, f.name) for f in fields(self) if with_observation or f.name != "observation"}
+        out["critical"], out["notes"] = list(self.critical), list(self.notes)
+        out["weights"], out["previous"] = dict(self.weights), dict(self.previous)
+        out["scores"] = {k: _num(v) for k, v in self.scores.items()} if self.scores else None
         for key in ("reward", "push_ms", "ack_ms", "step_ms", "moved"):
             out[key] = _num(out[key])
-        if not with_observation:
-            out.pop("observation")
         return out
 
 

@@ -141,3 +141,15 @@ def test_observed_reward_weighs_by_traffic() -> None:
     p95 = 0.9 * 100 + 0.1 * 300
     assert r == pytest.approx(-(p95 / 150 + 0 + 10 * 0.01 + 0.5 * 1.0))
     assert observed_reward(Observation(cluster="x", endpoints=eps[2:], source="none"), w) is None
+
+
+def test_unmeasurable_endpoint_is_assumed_typical_not_capacityless(setup) -> None:  # type: ignore[no-untyped-def]
+    """An idle endpoint without a hint must stay usable by the LP (it once starved for good)."""
+    c, fleet, xds, pick = setup
+    c.capacity_hint[:] = np.nan
+    obs = fleet.observe({a: (1 if i == 4 else 1000) for i, a in enumerate(c.addresses)})
+    idle = obs.endpoints[4]
+    obs = Observation(cluster=obs.cluster, source=obs.source,
+                      endpoints=obs.endpoints[:4] + (EndpointObservation(address=idle.address, rps=0.0, healthy=True),))  # fmt: skip
+    cap = c.capacity(obs)
+    assert np.all(np.isfinite(cap)) and cap[4] == pytest.approx(np.median(cap[:4]))
