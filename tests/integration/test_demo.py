@@ -73,24 +73,27 @@ def test_demo_moves_traffic_off_the_degraded_cloud(tmp_path: Path) -> None:
 
 
 def test_ctrl_c_stops_everything(tmp_path: Path) -> None:
-    proc = subprocess.Popen(
-        [EXE, "demo", "--config", str(_config(tmp_path)), "--scenario", str(_scenario(tmp_path, 600)), "--rate", "40",
-         "--out-dir", str(tmp_path / "out")],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+    err_path = tmp_path / "demo.stderr"
+    with err_path.open("w") as err:
+        proc = subprocess.Popen(
+            [EXE, "demo", "--config", str(_config(tmp_path)), "--scenario", str(_scenario(tmp_path, 600)),
+             "--rate", "40", "--out-dir", str(tmp_path / "out")],
+            stdout=subprocess.PIPE, stderr=err, text=True,
+        )  # fmt: skip
     try:
         assert proc.stdout is not None
         deadline = time.monotonic() + 180
         line = ""
         while time.monotonic() < deadline and not line.startswith("t="):
             line = proc.stdout.readline()
-            assert line or proc.poll() is None, proc.stderr.read()[-3000:] if proc.stderr else ""
+            assert line or proc.poll() is None, err_path.read_text()[-3000:]
         assert line.startswith("t="), "no interval line within 180 s"
         children = _tree(proc.pid)
         assert any("envoy" in " ".join(c.cmdline()) for c in children if c.is_running())
         proc.send_signal(signal.SIGINT)
         code = proc.wait(timeout=90)
-        assert code == 130
+        assert code == 130, err_path.read_text()[-3000:]
+        assert "stopping everything" in err_path.read_text()
         time.sleep(1.0)
         alive = [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
         assert alive == [], [(c.pid, c.cmdline()[:3]) for c in alive]
@@ -98,3 +101,5 @@ def test_ctrl_c_stops_everything(tmp_path: Path) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
+        if proc.stdout is not None:
+            proc.stdout.close()
