@@ -23,6 +23,16 @@ for the whole run. Measured:
   target rate is not reached;
 * ``decision_loop_ms``: the controller's own ``step_ms`` (lease, observe, decide, push,
   ACK) from ``GET /api/decisions``, with the control interval at 1 s.
+
+``direct_ingress=True`` runs the same measurements with Ray Serve's experimental direct
+ingress (``RAY_SERVE_ENABLE_DIRECT_INGRESS=1`` in the environment of every process of
+the private cluster): the Controller replica runs its own uvicorn server on a port Serve
+allocates from ``RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT..MAX`` (default 30000..31000,
+*not* ``http_options.port``, where the proxy still listens), found from Serve's target
+groups; every HTTP measurement goes there. ``also_rate`` adds a second open-loop phase
+(``api_also``, run first) at a lower rate. :func:`run_serve_compare` runs both ingress
+modes one after the other, each in a fresh process with a fresh Ray, and reports both
+plus direct/proxy ratios.
 """
 
 from __future__ import annotations
@@ -30,8 +40,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -68,6 +80,25 @@ SATURATION_CONNECTIONS = 16
 BATCH_BUCKETS = ",".join(str(i) for i in range(1, 33))  # Policy's max_batch_size is 32
 TARGETS = {"handle_p99_ms_at_64_endpoints": 10.0, "api_errors_at_200_rps_for_30_s": 0}
 CLOUDS = [("aws", "us-east-1", 0.40), ("gcp", "us-central1", 0.35), ("azure", "eastus", 0.55)]
+# Set in os.environ before ray.init (the raylet, and so every worker, inherits it) and in
+# the job's runtime_env. Ray reads these at import time in the Serve controller and the
+# replicas; the driver does not use them.
+DIRECT_INGRESS_ENV = {
+    "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
+    # Ray holds a direct-ingress replica open >= this long when it stops (default 30 s, so
+    # an external load balancer can deregister it); nothing sits in front of it here.
+    "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0",
+}
+PROXY_ENV = {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "0"}  # explicit: RAY_SERVE_THROUGHPUT_OPTIMIZED=1 would turn it on
+MODES = ("proxy", "direct_ingress")
+COMPARE_METRICS = (
+    "api.rps", "api.errors", "api.p99_ms", "inference_ms.http.p99", "inference_ms.handle.p99",
+    "api.p50_ms", "inference_ms.http.p50", "inference_ms.handle.p50",
+    "api.calibration.closed_loop_rps", "api.calibration.saturation.rps", "api.calibration.saturation.p99_ms",
+    "api.calibration.cpu_ms_per_request.serve_proxy", "api.calibration.cpu_ms_per_request.controller_replica",
+    "api_also.rps", "api_also.errors", "api_also.p50_ms", "api_also.p99_ms",
+    "decision_loop_ms.p50", "decision_loop_ms.p99",
+)  # fmt: skip
 
 
 # -- pure helpers (unit-tested) ----------------------------------------------------------
@@ -103,9 +134,12 @@ def summary(values: Sequence[float], digits: int = 3) -> dict[str, float | int |
     }
 
 
-def validate_args(*, endpoints: int, duration_s: float, rate_rps: float, calls: int) -> None:
+def validate_args(*, endpoints: int, duration_s: float, rate_rps: float, calls: int,
+                  also_rate_rps: float | None = None) -> None:  # fmt: skip
     """Refuse values that cannot give a meaningful, bounded run (``BenchError``)."""
     problems = []
+    if also_rate_rps is not None and not (math.isfinite(also_rate_rps) and 0 < also_rate_rps <= 2000):
+        problems.append(f"--also-rate must be in (0, 2000] requests/s, got {also_rate_rps}")
     if not 1 <= endpoints <= 1000:
         problems.append(f"--endpoints must be in 1..1000 (the API's ScoreRequest limit), got {endpoints}")
     if not (math.isfinite(duration_s) and 1 <= duration_s <= 600):
@@ -243,6 +277,68 @@ def bench_settings(state_dir: Path, n_endpoints: int = TESTBED_ENDPOINTS, base: 
             "state_dir": Path(state_dir),
         }
     )
+
+
+def direct_ingress_targets(target_groups: Sequence[dict[str, Any]], app_name: str,
+                           proxy_port: int) -> list[int]:  # fmt: skip
+    """HTTP ports of ``app_name``'s ingress replicas, from Serve's target groups
+    (``ServeInstanceDetails.target_groups``, as ``get_serve_details()`` returns them).
+    Serve lists the proxy instead while the app has no running replica (and always when
+    direct ingress is off): those targets, on ``proxy_port``, are left out."""
+    ports = []
+    for group in target_groups:
+        protocol = str(group.get("protocol", "")).split(".")[-1].upper()
+        if protocol != "HTTP" or group.get("app_name") != app_name:
+            continue
+        for target in group.get("targets", []):
+            port = int(target["port"])
+            if port != proxy_port and port not in ports:
+                ports.append(port)
+    return ports
+
+
+def dig(d: Any, path: str) -> Any:
+    """``d["a"]["b"]`` for ``path`` ``"a.b"``; ``None`` if any step is missing."""
+    for key in path.split("."):
+        if not isinstance(d, dict) or key not in d:
+            return None
+        d = d[key]
+    return d
+
+
+def ratio(new: Any, old: Any, digits: int = 3) -> float | None:
+    """``new / old``; ``None`` when either is missing or ``old`` is 0 (0 errors against
+    0 errors has no ratio; the two values are reported beside it)."""
+    if not isinstance(new, (int, float)) or not isinstance(old, (int, float)) or isinstance(new, bool):
+        return None
+    if old == 0 or not (math.isfinite(new) and math.isfinite(old)):
+        return None
+    return round(new / old, digits)
+
+
+def compare_ratios(proxy: dict[str, Any], direct: dict[str, Any],
+                   metrics: Sequence[str] = COMPARE_METRICS) -> dict[str, dict[str, Any]]:  # fmt: skip
+    """Each metric of both runs side by side with ``direct_ingress / proxy``; metrics
+    that neither run reports (e.g. ``api_also`` without ``--also-rate``) are left out."""
+    out = {}
+    for m in metrics:
+        a, b = dig(proxy, m), dig(direct, m)
+        if a is None and b is None:
+            continue
+        out[m] = {"proxy": a, "direct_ingress": b, "ratio": ratio(b, a)}
+    return out
+
+
+def bench_argv(*, endpoints: int, duration_s: float, rate_rps: float, calls: int, also_rate_rps: float | None,
+               direct_ingress: bool) -> list[str]:  # fmt: skip
+    """Arguments of one ``python -m balanceiq.bench.serve`` run (one ingress mode)."""
+    argv = ["--json", "--endpoints", str(endpoints), "--duration", f"{duration_s:g}", "--rate", f"{rate_rps:g}",
+            "--calls", str(calls)]  # fmt: skip
+    if also_rate_rps is not None:
+        argv += ["--also-rate", f"{also_rate_rps:g}"]
+    if direct_ingress:
+        argv.append("--direct-ingress")
+    return argv
 
 
 # -- measurements ------------------------------------------------------------------------
@@ -563,16 +659,104 @@ def _leftovers(pids: set[int], wait_s: float = 15.0) -> list[str]:
 
 
 def run_serve_bench(*, endpoints: int = 64, duration_s: float = 30.0, rate_rps: float = 200.0, calls: int = 500,
+                    direct_ingress: bool = False, also_rate_rps: float | None = None,
                     console: Console | None = None) -> dict[str, Any]:  # fmt: skip
-    validate_args(endpoints=endpoints, duration_s=duration_s, rate_rps=rate_rps, calls=calls)
+    validate_args(endpoints=endpoints, duration_s=duration_s, rate_rps=rate_rps, calls=calls, also_rate_rps=also_rate_rps)
     console = console or Console(stderr=True)
-    # Ray's driver prints task errors from its own threads to sys.stdout (e.g. Serve's
-    # controller being killed at shutdown); stdout is for the one JSON object only.
-    with contextlib.redirect_stdout(sys.stderr):
-        return _run(endpoints, duration_s, rate_rps, calls, console)
+    env = DIRECT_INGRESS_ENV if direct_ingress else PROXY_ENV
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)  # before ray.init: the local cluster's processes inherit it
+    try:
+        # Ray's driver prints task errors from its own threads to sys.stdout (e.g. Serve's
+        # controller being killed at shutdown); stdout is for the one JSON object only.
+        with contextlib.redirect_stdout(sys.stderr):
+            return _run(endpoints, duration_s, rate_rps, calls, console, direct_ingress, also_rate_rps)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
-def _run(endpoints: int, duration_s: float, rate_rps: float, calls: int, console: Console) -> dict[str, Any]:
+def run_serve_compare(*, endpoints: int = 64, duration_s: float = 30.0, rate_rps: float = 200.0, calls: int = 500,
+                      also_rate_rps: float | None = None, console: Console | None = None,
+                      timeout_s: float = 1800.0) -> dict[str, Any]:  # fmt: skip
+    """Both ingress modes, one after the other, each in its own ``python -m
+    balanceiq.bench.serve`` process (fresh Ray, fresh Serve, fresh testbed; the
+    environment decides the mode before anything imports Ray), and the ratios."""
+    validate_args(endpoints=endpoints, duration_s=duration_s, rate_rps=rate_rps, calls=calls, also_rate_rps=also_rate_rps)
+    console = console or Console(stderr=True)
+    runs: dict[str, dict[str, Any]] = {}
+    notes: list[str] = []
+    for mode in MODES:
+        argv = bench_argv(endpoints=endpoints, duration_s=duration_s, rate_rps=rate_rps, calls=calls,
+                          also_rate_rps=also_rate_rps, direct_ingress=mode == "direct_ingress")  # fmt: skip
+        console.rule(f"bench serve: {mode}")
+        t = time.monotonic()
+        try:
+            # stderr (progress, Ray's messages) passes through; stdout is the JSON object.
+            proc = subprocess.run([sys.executable, "-m", "balanceiq.bench.serve", *argv], stdout=subprocess.PIPE,
+                                  text=True, timeout=timeout_s, check=False)  # fmt: skip
+        except subprocess.TimeoutExpired:
+            runs[mode] = {"error": f"no result within {timeout_s:g} s"}
+            notes.append(f"{mode}: timed out after {timeout_s:g} s")
+            continue
+        out = proc.stdout.strip().splitlines()
+        try:
+            runs[mode] = json.loads(out[-1]) if out else {}
+        except json.JSONDecodeError:
+            runs[mode] = {}
+        if proc.returncode != 0 or not runs[mode]:
+            runs[mode] = {"error": f"exit status {proc.returncode}; its stderr is above"}
+            notes.append(f"{mode}: the run failed (exit status {proc.returncode})")
+        runs[mode]["wall_s"] = round(time.monotonic() - t, 1)
+        for n in runs[mode].get("notes", []):
+            notes.append(f"{mode}: {n}")
+    proxy, direct = runs.get("proxy", {}), runs.get("direct_ingress", {})
+    return {
+        "bench": "serve-compare",
+        "order": list(MODES),
+        "ratio_is": "direct_ingress / proxy",
+        "ratios": compare_ratios(proxy, direct),
+        "proxy": proxy,
+        "direct_ingress": direct,
+        "notes": notes,
+    }
+
+
+def _direct_ingress_port(client: Any, proxy_port: int, timeout_s: float = 30.0) -> tuple[int, list[dict[str, Any]]]:
+    """The Controller replica's own HTTP port, from the Serve controller's target groups
+    (they list the proxy until the replica has its port)."""
+    deadline = time.monotonic() + timeout_s
+    groups: list[dict[str, Any]] = []
+    while True:
+        groups = client.get_serve_details().get("target_groups") or []
+        ports = direct_ingress_targets(groups, APP_NAME, proxy_port)
+        if ports:
+            return ports[0], groups
+        if time.monotonic() > deadline:
+            raise BenchError(
+                f"direct ingress was requested but after {timeout_s:g} s Serve's target groups name no replica port for "
+                f"{APP_NAME!r} (only the proxy): {groups}"
+            )
+        time.sleep(0.5)
+
+
+def _replica_env(keys: Sequence[str]) -> dict[str, str | None]:
+    """``keys`` as the Controller replica's process sees them (evidence the mode took)."""
+    for p in psutil.Process().children(recursive=True):
+        try:
+            if f"ServeReplica:{APP_NAME}:Controller" in " ".join(p.cmdline()):
+                env = p.environ()
+                return {k: env.get(k) for k in keys}
+        except psutil.Error:
+            continue
+    return {}
+
+
+def _run(endpoints: int, duration_s: float, rate_rps: float, calls: int, console: Console,
+         direct_ingress: bool = False, also_rate_rps: float | None = None) -> dict[str, Any]:  # fmt: skip
     import httpx
     import ray
     from ray import serve
@@ -595,9 +779,11 @@ def _run(endpoints: int, duration_s: float, rate_rps: float, calls: int, console
     def remember_children() -> None:
         started_pids.update(c.pid for c in me.children(recursive=True))
 
+    mode_env = DIRECT_INGRESS_ENV if direct_ingress else PROXY_ENV
+    ingress: dict[str, Any] = {"mode": "direct_ingress" if direct_ingress else "proxy", "env": mode_env}
     with tempfile.TemporaryDirectory(prefix="balanceiq-bench-serve-") as work:
         settings = bench_settings(Path(work) / "state")
-        http_port = settings.api.port
+        http_port = settings.api.port  # Serve's proxy (it also runs with direct ingress, on the head node)
         base = f"http://127.0.0.1:{http_port}"
         stop_load = threading.Event()
         loader: threading.Thread | None = None
@@ -615,7 +801,7 @@ def _run(endpoints: int, duration_s: float, rate_rps: float, calls: int, console
                              # Metrics every second and one histogram bucket per batch size, so
                              # the batching figure is exact and ready right after the phase.
                              _system_config={"metrics_report_interval_ms": 1000},
-                             runtime_env={"env_vars": {"RAY_SERVE_BATCH_SIZE_BUCKETS": BATCH_BUCKETS}})  # fmt: skip
+                             runtime_env={"env_vars": {"RAY_SERVE_BATCH_SIZE_BUCKETS": BATCH_BUCKETS, **mode_env}})  # fmt: skip
                     serve.start(http_options={"host": "127.0.0.1", "port": http_port})
                 except Exception as exc:
                     raise BenchError(f"could not start Ray/Serve: {type(exc).__name__}: {exc}") from exc
@@ -628,6 +814,14 @@ def _run(endpoints: int, duration_s: float, rate_rps: float, calls: int, console
                     raise BenchError(f"the Serve app did not deploy: {type(exc).__name__}: {exc}") from exc
                 deploy_s = time.monotonic() - t_deploy
             remember_children()
+            ingress["replica_env"] = _replica_env(list(mode_env))
+            if direct_ingress:
+                from ray.serve.context import _get_global_client
+
+                port, groups = _direct_ingress_port(_get_global_client(), http_port)
+                base = f"http://127.0.0.1:{port}"
+                ingress.update(replica_port=port, proxy_port=http_port, target_groups=groups)
+            ingress["url"] = base
             with console.status("starting backends, ALS, Envoy and Prometheus"):
                 try:
                     tb.start()
@@ -721,16 +915,27 @@ def _run(endpoints: int, duration_s: float, rate_rps: float, calls: int, console
             with console.status("API calibration: the same mix, closed loop (1, then 16 connections)"):
                 calibration = _calibrate(client, API_PATHS, CALIBRATION_REQUESTS)
                 calibration["saturation"] = asyncio.run(closed_loop(base, API_PATHS, SATURATION_CONNECTIONS, 5.0))
-            foreign0, ours0 = _cpu_by_foreign_process(), _cpu_by_role()
-            with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                          console=console, transient=True) as progress:  # fmt: skip
-                task = progress.add_task(f"API open loop, {rate_rps:g} req/s", total=len(send_schedule(rate_rps, duration_s)))
-                t_api, t_api_epoch = time.monotonic(), time.time()
-                api = asyncio.run(open_loop(base, API_PATHS, rate_rps, duration_s, on_done=lambda: progress.advance(task)))
-                api_wall = time.monotonic() - t_api
-                api_window = (t_api_epoch, time.time())
-            foreign = _foreign_cpu_delta(foreign0, api_wall)
-            api["cpu_cores_by_process"] = _cpu_delta_by_role(ours0, api_wall)
+            # The lower --also-rate first, so a queue the main rate may leave cannot spill into it.
+            phases = ([("api_also", also_rate_rps)] if also_rate_rps is not None else []) + [("api", rate_rps)]
+            results: dict[str, dict[str, Any]] = {}
+            foreign: dict[str, Any] = {}
+            t_phases = time.time()
+            for key, rate in phases:
+                foreign0, ours0 = _cpu_by_foreign_process(), _cpu_by_role()
+                with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                              console=console, transient=True) as progress:  # fmt: skip
+                    task = progress.add_task(f"API open loop, {rate:g} req/s", total=len(send_schedule(rate, duration_s)))
+                    t_api = time.monotonic()
+                    res = asyncio.run(open_loop(base, API_PATHS, rate, duration_s, on_done=lambda: progress.advance(task)))
+                    api_wall = time.monotonic() - t_api
+                foreign = _foreign_cpu_delta(foreign0, api_wall)
+                res["cpu_cores_by_process"] = _cpu_delta_by_role(ours0, api_wall)
+                res["foreign_cpu_cores"] = foreign["cores"]
+                results[key] = res
+                if key == "api_also":
+                    time.sleep(2.0)
+            api_window = (t_phases, time.time())
+            api = results["api"]
             api["calibration"] = calibration
 
             r = client.get("/api/decisions", params={"limit": 1000})
@@ -783,11 +988,15 @@ def _run(endpoints: int, duration_s: float, rate_rps: float, calls: int, console
         notes.append(f"handle p99 {handle_s['p99']} ms is above the 10 ms target")
     if api["errors"]:
         notes.append(f"API errors under load: {api['error_kinds']}")
+    also = results.get("api_also")
+    if also is not None and (also["errors"] or (also["rps"] or 0) < 0.95 * also["target_rps"]):
+        notes.append(f"API at --also-rate {also['target_rps']:g} req/s: {also['rps']} req/s, {also['errors']} errors "
+                     f"{also['error_kinds']}")  # fmt: skip
     if api["errors"] or (api["rps"] or 0) < 0.95 * rate_rps:
         per = calibration["cpu_ms_per_request"]
         need = (per["serve_proxy"] + per["controller_replica"]) * rate_rps / 1000
         notes.append(
-            f"API below target: {api['rps']} of {rate_rps:g} req/s. Unloaded, Serve's HTTP proxy costs "
+            f"API below target ({ingress['mode']}): {api['rps']} of {rate_rps:g} req/s. Unloaded, Serve's HTTP proxy costs "
             f"{per['serve_proxy']} ms and the Controller replica {per['controller_replica']} ms of CPU per request "
             f"(calibration), i.e. {need:.2f} cores at {rate_rps:g} req/s on a {os.cpu_count()}-core machine that also "
             f"runs Envoy, Prometheus, the backends, Ray and the load generators (other processes: {foreign['cores']} cores); "
@@ -809,12 +1018,13 @@ def _run(endpoints: int, duration_s: float, rate_rps: float, calls: int, console
             },
         },  # fmt: skip
         "api": api,
+        **({"api_also": results["api_also"]} if "api_also" in results else {}),
         "decision_loop_ms": {
             **dl, "interval_s": CONTROL_INTERVAL_S, "testbed_endpoints": TESTBED_ENDPOINTS,
             "startup_decisions_excluded": sum(1 for d in decisions if d.get("timestamp", 0) < t_app),
         },  # fmt: skip
         "background_load": {k: load_result.get(k) for k in ("sent", "ok", "failed", "rps", "p99_ms")},
-        "setup": {"deploy_s": round(deploy_s, 1), "http_port": http_port},
+        "setup": {"deploy_s": round(deploy_s, 1), "http_port": http_port, "ingress": ingress},
         "machine": {
             "cpu_count": os.cpu_count(),
             "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
@@ -827,3 +1037,36 @@ def _run(endpoints: int, duration_s: float, rate_rps: float, calls: int, console
         "notes": notes,
         "targets": TARGETS,
     }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m balanceiq.bench.serve``: one run (one JSON object on stdout), or
+    ``--compare`` (both ingress modes). The CLI's ``balanceiq bench serve`` is the same."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m balanceiq.bench.serve", description=__doc__.split("\n")[0])
+    ap.add_argument("--endpoints", type=int, default=64)
+    ap.add_argument("--duration", type=float, default=30.0)
+    ap.add_argument("--rate", type=float, default=200.0)
+    ap.add_argument("--calls", type=int, default=500)
+    ap.add_argument("--also-rate", type=float, default=None, help="a second, earlier API phase at this rate")
+    ap.add_argument("--direct-ingress", action="store_true", help="Ray Serve direct ingress (no proxy hop)")
+    ap.add_argument("--compare", action="store_true", help="both ingress modes, each with a fresh Ray; ratios")
+    ap.add_argument("--json", action="store_true", help="compact JSON (one line)")
+    a = ap.parse_args(argv)
+    console = Console(stderr=True, width=None if sys.stderr.isatty() else 120)
+    kw = {"endpoints": a.endpoints, "duration_s": a.duration, "rate_rps": a.rate, "calls": a.calls,
+          "also_rate_rps": a.also_rate, "console": console}  # fmt: skip
+    try:
+        if a.compare and a.direct_ingress:
+            raise BenchError("--compare runs both modes; leave out --direct-ingress")
+        result = run_serve_compare(**kw) if a.compare else run_serve_bench(direct_ingress=a.direct_ingress, **kw)
+    except BalanceIQError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        return 2
+    sys.stdout.write(json.dumps(result, indent=None if a.json else 2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

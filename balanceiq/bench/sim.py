@@ -29,80 +29,12 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from balanceiq.config import critical_count
 from balanceiq.exceptions import BenchError
-from balanceiq.policy.baselines import BASELINES, Decision, PolicyContext, lp_decision, make_policy
-from balanceiq.policy.checkpoint import SHIPPED, RLPolicy
-from balanceiq.policy.lp import oracle
+from balanceiq.policy.baselines import BASELINES
 from balanceiq.sim.bench import steps_per_second
-from balanceiq.sim.env import FleetEnv
+from balanceiq.sim.evaluate import FullLp, _policy, run_pair
 from balanceiq.sim.scenario import SCENARIOS, load_scenario
 
 DEFAULT_POLICIES = ("equal", "static", "cost_aware", "inverse_latency", "least_request", "topk", "full_lp", "cfr_rl", "oracle")
-
-
-class FullLp:
-    """Full re-optimisation every decision: the LP over all endpoints, estimated capacity."""
-
-    name = "full_lp"
-
-    def __init__(self, cost_weight: float = 0.1) -> None:
-        self.cost_weight = cost_weight
-
-    def reset(self) -> None:
-        pass
-
-    def decide(self, obs: Any, ctx: PolicyContext) -> Decision:
-        return lp_decision(obs, ctx, tuple(range(len(obs.endpoints))), ctx.capacity_hint, cost_weight=self.cost_weight)
-
-
-def _policy(name: str, checkpoint: Path | None) -> Any:
-    if name == "cfr_rl":
-        return RLPolicy.from_checkpoint(checkpoint or SHIPPED)
-    if name == "full_lp":
-        return FullLp()
-    return make_policy(name)
-
-
-def run_pair(scenario: str, policy: Any, *, seed: int = 0, decision_steps: int = 5, trace: bool = False) -> dict[str, Any]:
-    # n_max = N: baselines never read the padded rows, so pad nothing.
-    n_max = len(load_scenario(scenario).endpoints)
-    env = FleetEnv({"scenarios": [scenario], "n_max": n_max, "decision_steps": decision_steps,
-                    "episode_steps": 10**9, "seed": seed, "obs_noise": 0.05})  # fmt: skip
-    env.reset(seed=seed)
-    assert env.sim is not None
-    n = env.sim.n
-    k = critical_count(n)
-    static = np.asarray(env.sim.static_weights, dtype=np.float64)
-    policy.reset()
-    rows: list[dict[str, float]] = []
-    timeline: list[dict[str, Any]] = []
-    done = False
-    while not done:
-        obs = env.last_obs
-        cap_true = env.sim.capacity()
-        ctx = PolicyContext(
-            shares=env.shares, capacity_hint=env.capacity_estimate(), static_weights=static,
-            demand_rps=float(np.nansum([e.rps for e in obs.endpoints])), k=k, true_capacity=cap_true,
-        )  # fmt: skip
-        decision = policy.decide(obs, ctx)
-        demand = env.sim.demand_rps()
-        best = oracle(cap_true, env.sim.cost(), demand, available=env.sim.available()).max_utilization
-        _, r, _, truncated, info = env.step_shares(np.asarray(decision.shares, dtype=np.float64))
-        done = truncated
-        achieved = info["max_utilization"]
-        rows.append({
-            "p50_ms": info.get("p50_ms", float("nan")), "p95_ms": info["p95_ms"], "p99_ms": info["p99_ms"],
-            "error_rate": info["error_rate"], "cost_per_million": info["cost_per_million"], "reward": r,
-            "performance_ratio": min(1.0, best / achieved) if achieved > 0 else 1.0,
-            "traffic_moved": info["traffic_moved"],
-        })  # fmt: skip
-        if trace:
-            timeline.append({"t": env.sim.t, "shares": env.shares.tolist(), "p99_ms": info["p99_ms"]})
-    out = {key: float(statistics.fmean(r[key] for r in rows)) for key in rows[0]}
-    out["decisions"] = len(rows)
-    if trace:
-        out["timeline"] = timeline
-        out["names"] = list(env.sim.names)
-    return out
 
 
 def run_sim_bench(

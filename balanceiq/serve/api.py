@@ -105,6 +105,9 @@ class TrainRequest(_Body):
     scenarios: list[Annotated[str, Field(max_length=200)]] | None = Field(default=None, max_length=50)
     num_env_runners: int = Field(default=1, ge=0, le=64)
     seed: int = Field(default=0, ge=0, le=2**31 - 1)
+    evaluate: bool = Field(default=True, description="Compare with the serving checkpoint on held-back scenarios.")
+    promote: bool = Field(default=True, description="Hot-swap the Policy deployment if the new one is better.")
+    eval_seeds: int = Field(default=1, ge=1, le=20, description="Seeds per held-back scenario.")
 
 
 _bearer = HTTPBearer(auto_error=False, description="The API token (config api.token or state_dir/api-token).")
@@ -189,7 +192,8 @@ def create_api(plane: ControlPlane) -> FastAPI:
     def post_train(req: TrainRequest) -> dict[str, Any]:
         if plane.training is None:
             raise ControlError("training is not available in this deployment")
-        return plane.training.start(req.iterations, req.scenarios, req.num_env_runners, req.seed)
+        return plane.training.start(req.iterations, req.scenarios, req.num_env_runners, req.seed,
+                                    evaluate=req.evaluate, promote=req.promote, eval_seeds=req.eval_seeds)  # fmt: skip
 
     @app.get("/metrics", response_class=Response)
     def metrics() -> Response:

@@ -60,7 +60,11 @@ class ControllerDeployment:
             info=lambda: policy.info.remote().result(timeout_s=2.0),
             reload=lambda ckpt: policy.reload.remote(ckpt).result(timeout_s=120.0),
         )
-        training = TrainingManager(Path(self.settings.state_dir) / "checkpoints")
+        training = TrainingManager(
+            Path(self.settings.state_dir) / "checkpoints",
+            serving=lambda: policy_client.info()["checkpoint"],
+            promote=policy_client.reload,
+        )
         self.plane = ControlPlane(self.settings, controller, policy=policy_client, training=training, token=token)
         if autostart:
             self.plane.start()

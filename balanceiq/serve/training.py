@@ -1,9 +1,13 @@
-"""Training runs started from the API, executed on the Ray cluster.
+"""Training runs started from the API, executed on the Ray cluster: train → evaluate → promote.
 
 ``POST /api/train`` creates a :class:`TrainingRun` actor; ``run()`` trains (PPO on the
 simulator, :func:`balanceiq.train.train`) while ``progress()`` answers concurrently, so
-``/api/metrics/training`` shows each iteration's return and loss as it lands. One run at
-a time: a 2-core box cannot train twice, and two runs racing to promote is a bug.
+``/api/metrics/training`` shows each iteration's return and loss as it lands. Then the
+new checkpoint and the serving one run the same held-back scenarios
+(:func:`balanceiq.sim.evaluate.evaluate_checkpoints`), and the manager hot-swaps the
+Policy deployment to the new one only if :func:`~balanceiq.sim.evaluate.promotion_decision`
+says it is better. Each stage is reported. One run at a time: a 2-core box cannot train
+twice, and two runs racing to promote is a bug.
 """
 
 from __future__ import annotations
@@ -17,7 +21,8 @@ from typing import Any
 
 import ray
 
-from balanceiq.exceptions import ControlError
+from balanceiq.exceptions import BalanceIQError, ControlError
+from balanceiq.sim.scenario import load_scenario
 
 
 class TrainingRun:
@@ -31,18 +36,27 @@ class TrainingRun:
         self.history: list[dict[str, Any]] = []
         self.summary: dict[str, Any] | None = None
         self.message = ""
+        self.stages: dict[str, dict[str, Any]] = {"train": {"state": "pending"}}
+        self.evaluation: dict[str, Any] | None = None
+        self.promote = False
 
     def _on_iteration(self, row: dict[str, Any]) -> None:
         with self._lock:
             self.history.append({**row, "at": time.time()})
 
+    def _stage(self, name: str, state: str, **info: Any) -> None:
+        with self._lock:
+            self.stages[name] = {"state": state, **info, "at": time.time()}
+
     def run(self) -> dict[str, Any]:
         from rich.console import Console
 
+        from balanceiq.sim.evaluate import evaluate_checkpoints, promotion_decision
         from balanceiq.train import train
 
         with self._lock:
             self.state = "running"
+        self._stage("train", "running")
         try:
             summary = train(
                 scenarios=self.params.get("scenarios"),
@@ -54,12 +68,31 @@ class TrainingRun:
                 on_iteration=self._on_iteration,
             )
         except Exception as exc:  # reported through progress(), not lost in a log
+            self._stage("train", "failed", error=f"{type(exc).__name__}: {exc}")
             with self._lock:
-                self.state, self.message = "failed", f"{type(exc).__name__}: {exc}"
+                self.state, self.message = "failed", f"training failed: {type(exc).__name__}: {exc}"
             return self.progress()
+        self._stage("train", "done", checkpoint=summary["checkpoint"], final_return=summary["final_return"])
         with self._lock:
             self.summary = {k: v for k, v in summary.items() if k != "history"}
-            self.state, self.message = "done", f"checkpoint at {summary['checkpoint']}"
+        if self.params.get("evaluate", True):
+            self._stage("evaluate", "running")
+            try:
+                ev = evaluate_checkpoints(summary["checkpoint"], self.params.get("serving_checkpoint"),
+                                          seeds=tuple(range(int(self.params.get("eval_seeds", 1)))))  # fmt: skip
+                ok, why = promotion_decision(ev)
+            except Exception as exc:
+                self._stage("evaluate", "failed", error=f"{type(exc).__name__}: {exc}")
+                with self._lock:
+                    self.state, self.message = "failed", f"evaluation failed: {type(exc).__name__}: {exc}"
+                return self.progress()
+            self._stage("evaluate", "done", candidate=ev["candidate"], serving=ev["serving"],
+                        scenarios=ev["scenarios"], verdict=why)  # fmt: skip
+            with self._lock:
+                self.evaluation, self.promote = ev, ok and bool(self.params.get("promote", True))
+        with self._lock:
+            self.state = "done"
+            self.message = (self.stages.get("evaluate", {}).get("verdict") or f"checkpoint at {summary['checkpoint']}")
         return self.progress()
 
     def progress(self) -> dict[str, Any]:
@@ -75,29 +108,49 @@ class TrainingRun:
                 "history": list(self.history),
                 "summary": self.summary,
                 "params": {k: v for k, v in self.params.items()},
+                "stages": {k: dict(v) for k, v in self.stages.items()},
+                "promote": self.promote,
+                "checkpoint": self.params["checkpoint_dir"],
             }
 
 
 class TrainingManager:
     """Starts runs and remembers their progress (the last one's kept after it ends)."""
 
-    def __init__(self, checkpoint_root: Path) -> None:
+    def __init__(self, checkpoint_root: Path, *, serving: Any = None, promote: Any = None) -> None:
+        """``serving()`` names the checkpoint in service; ``promote(path)`` hot-swaps to one."""
         self.checkpoint_root = Path(checkpoint_root)
+        self.serving = serving
+        self.promote_fn = promote
         self._lock = threading.Lock()
         self._actors: dict[str, Any] = {}
         self._last: dict[str, dict[str, Any]] = {}
         self._order: list[str] = []
         self._last_update: float | None = None
 
-    def start(self, iterations: int, scenarios: list[str] | None, num_env_runners: int, seed: int = 0) -> dict[str, Any]:
+    def start(self, iterations: int, scenarios: list[str] | None, num_env_runners: int, seed: int = 0, *,
+              evaluate: bool = True, promote: bool = True, eval_seeds: int = 1) -> dict[str, Any]:  # fmt: skip
         with self._lock:
             for rid in self._order:
                 if self._last.get(rid, {}).get("state") in ("pending", "running"):
                     raise ControlError(f"training run {rid} is still {self._last[rid]['state']}; one run at a time")
             rid = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
+            for sc in scenarios or []:
+                try:
+                    load_scenario(sc)
+                except BalanceIQError as exc:
+                    raise ControlError(f"scenario {sc!r}: {exc}") from exc
+            serving = None
+            if self.serving is not None:
+                try:
+                    serving = self.serving()
+                except Exception as exc:  # no serving policy to compare with: no promotion either
+                    raise ControlError(f"cannot tell which checkpoint is serving: {exc}") from exc
             params = {
                 "iterations": iterations, "scenarios": scenarios, "num_env_runners": num_env_runners,
                 "seed": seed, "checkpoint_dir": str((self.checkpoint_root / rid).resolve()),
+                "evaluate": evaluate, "promote": promote and evaluate, "eval_seeds": eval_seeds,
+                "serving_checkpoint": serving,
             }  # fmt: skip
             actor = ray.remote(TrainingRun).options(  # type: ignore[attr-defined]
                 name=f"training-{rid}", namespace="balanceiq", num_cpus=0, max_concurrency=2
@@ -122,6 +175,12 @@ class TrainingManager:
                 continue
             except ray.exceptions.RayError as exc:
                 p = {**self._last[rid], "state": "failed", "message": f"training actor died: {type(exc).__name__}"}
+            if p["state"] == "done" and p.get("promote") and self.promote_fn is not None:
+                p["stages"]["promote"] = self._promote(p["checkpoint"])
+                if p["stages"]["promote"]["state"] == "failed":
+                    p["message"] = f"promotion failed: {p['stages']['promote']['error']}"
+            elif p["state"] == "done" and "evaluate" in p["stages"]:
+                p["stages"]["promote"] = {"state": "skipped", "reason": p["stages"]["evaluate"].get("verdict", "")}
             with self._lock:
                 if p != self._last.get(rid):
                     self._last_update = time.time()
@@ -129,6 +188,13 @@ class TrainingManager:
                 if p["state"] in ("done", "failed"):
                     ray.kill(actor)
                     self._actors.pop(rid, None)
+
+    def _promote(self, checkpoint: str) -> dict[str, Any]:
+        try:
+            info = self.promote_fn(checkpoint)  # type: ignore[misc]
+        except Exception as exc:  # the old checkpoint keeps serving
+            return {"state": "failed", "error": f"{type(exc).__name__}: {exc}", "at": time.time()}
+        return {"state": "done", "checkpoint": checkpoint, "swaps": (info or {}).get("swaps"), "at": time.time()}
 
     def runs(self) -> list[dict[str, Any]]:
         with self._lock:
@@ -153,7 +219,7 @@ class TrainingManager:
                 datetime.fromtimestamp(self._last_update, timezone.utc).isoformat().replace("+00:00", "Z")
                 if self._last_update else None
             ),
-            "runs": [{k: v for k, v in r.items() if k not in ("history", "params")} for r in runs],
+            "runs": [{k: v for k, v in r.items() if k not in ("history", "params", "summary")} for r in runs],
         }
 
     def shutdown(self) -> None:

@@ -139,8 +139,15 @@ def test_a_second_controller_stands_by(app: App) -> None:
     assert holder and holder != second.owner
 
 
-def test_training_over_the_api_reports_progress(app: App) -> None:
+def test_train_evaluate_promote_over_the_api(app: App) -> None:
+    """POST /api/train runs train -> evaluate -> promote and reports each stage; a
+    2-iteration policy is no better than the shipped one, so it must not be promoted."""
     auth = {"Authorization": f"Bearer {TOKEN}"}
+    handle = serve.get_deployment_handle("Policy", app_name=APP)
+    serving_before = handle.info.remote().result(timeout_s=10)["checkpoint"]
+    bad = httpx.post(app.url + "/api/train", json={"iterations": 1, "scenarios": ["no_such"]}, headers=auth,
+                     timeout=30, trust_env=False)  # fmt: skip
+    assert bad.status_code == 409 and "no_such" in bad.text
     r = httpx.post(app.url + "/api/train", json={"iterations": 2, "num_env_runners": 0, "scenarios": ["degrade"]},
                    headers=auth, timeout=30, trust_env=False)  # fmt: skip
     assert r.status_code == 202, r.text
@@ -150,8 +157,18 @@ def test_training_over_the_api_reports_progress(app: App) -> None:
     done = app.wait(
         "/api/metrics/training",
         lambda t: t["runs"] and t["runs"][0]["id"] == run_id and t["runs"][0]["state"] in ("done", "failed"),
-        timeout=300, what="training run finished",
+        timeout=420, what="training run finished",
     )  # fmt: skip
-    assert done["runs"][0]["state"] == "done", done["runs"][0]
+    run = done["runs"][0]
+    assert run["state"] == "done", run
     assert done["training_iterations"] >= 2 and len(done["recent_rewards"]) == 2 and done["buffer_size"] > 0
     assert done["last_update"].endswith("Z")
+    stages = run["stages"]
+    assert stages["train"]["state"] == "done"
+    ev = stages["evaluate"]
+    assert ev["state"] == "done" and set(ev["scenarios"]) == {"brownout", "many_endpoints"}
+    serving_after = handle.info.remote().result(timeout_s=10)["checkpoint"]
+    if ev["verdict"].startswith("promoted"):
+        assert stages["promote"]["state"] == "done" and serving_after == run["checkpoint"]
+    else:
+        assert stages["promote"]["state"] == "skipped" and serving_after == serving_before

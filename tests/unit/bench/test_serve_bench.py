@@ -13,14 +13,22 @@ import pytest
 
 from balanceiq.bench.serve import (
     API_PATHS,
+    COMPARE_METRICS,
+    DIRECT_INGRESS_ENV,
     batch_sizes,
+    bench_argv,
     bench_settings,
+    compare_ratios,
     decision_stats,
+    dig,
+    direct_ingress_targets,
+    main,
     percentile,
     policy_rows,
     score_request,
     send_schedule,
     split_calls,
+    ratio,
     summary,
     synthetic_observation,
     validate_args,
@@ -69,6 +77,12 @@ def test_validate_args_names_the_bad_flag(kwargs: dict[str, float], flag: str) -
     args = {"endpoints": 64, "duration_s": 30.0, "rate_rps": 200.0, "calls": 500, **kwargs}
     with pytest.raises(BenchError, match=flag):
         validate_args(**args)  # type: ignore[arg-type]
+
+
+def test_validate_args_checks_the_optional_second_rate() -> None:
+    validate_args(endpoints=64, duration_s=30, rate_rps=200, calls=500, also_rate_rps=100)
+    with pytest.raises(BenchError, match="--also-rate"):
+        validate_args(endpoints=64, duration_s=30, rate_rps=200, calls=500, also_rate_rps=0)
 
 
 def test_validate_args_reports_every_problem_at_once() -> None:
@@ -159,3 +173,71 @@ def test_batch_sizes_from_coarse_buckets_are_an_estimate() -> None:
     assert mean == pytest.approx((4 * 1 + 4 * 3.5 + 1 * 9) / 9, abs=0.01)
     assert not exact
     assert batch_sizes({1.0: 3}, {1.0: 3}) == ({}, None, True)  # nothing happened
+
+
+def _groups(app: str, *ports: int, protocol: str = "HTTP") -> list[dict[str, object]]:
+    return [{"protocol": protocol, "app_name": app, "route_prefix": "/",
+             "targets": [{"ip": "10.0.0.1", "port": p, "instance_id": "", "name": f"t{p}"} for p in ports]}]  # fmt: skip
+
+
+def test_direct_ingress_targets_are_the_apps_replica_ports() -> None:
+    groups = _groups("balanceiq-bench", 30000, 30001) + _groups("balanceiq-bench", 40000, protocol="gRPC")
+    groups += _groups("other-app", 30002)
+    assert direct_ingress_targets(groups, "balanceiq-bench", proxy_port=8000) == [30000, 30001]
+    # Serve names the enum member's value in JSON, but an enum repr must not fool it either.
+    assert direct_ingress_targets(_groups("a", 30000, protocol="RequestProtocol.HTTP"), "a", 8000) == [30000]
+
+
+def test_direct_ingress_targets_leave_out_the_proxy() -> None:
+    # Direct ingress off, or no running replica yet: Serve lists the proxy (app "" or the app, on the proxy port).
+    assert direct_ingress_targets(_groups("", 8000), "balanceiq-bench", proxy_port=8000) == []
+    assert direct_ingress_targets(_groups("balanceiq-bench", 8000), "balanceiq-bench", proxy_port=8000) == []
+    assert direct_ingress_targets([], "balanceiq-bench", proxy_port=8000) == []
+
+
+def test_direct_ingress_env_enables_it_without_the_30_s_drain() -> None:
+    assert DIRECT_INGRESS_ENV["RAY_SERVE_ENABLE_DIRECT_INGRESS"] == "1"  # Ray compares with == "1"
+    assert float(DIRECT_INGRESS_ENV["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"]) == 0
+
+
+def test_dig_and_ratio() -> None:
+    d = {"api": {"rps": 90.0, "calibration": {"saturation": {"rps": 120.0}}}}
+    assert dig(d, "api.rps") == 90.0
+    assert dig(d, "api.calibration.saturation.rps") == 120.0
+    assert dig(d, "api.p99_ms") is None and dig(d, "api.rps.x") is None and dig({}, "api") is None
+    assert ratio(180.0, 90.0) == 2.0
+    assert ratio(1.0, 3.0) == 0.333
+    assert ratio(0, 0) is None and ratio(5, 0) is None  # no ratio against zero errors
+    assert ratio(None, 1.0) is None and ratio(1.0, None) is None and ratio(True, 1.0) is None
+
+
+def test_compare_ratios_puts_both_modes_side_by_side() -> None:
+    proxy = {"api": {"rps": 100.0, "errors": 2500, "p99_ms": 10000.0},
+             "inference_ms": {"http": {"p99": 40.0}, "handle": {"p99": 20.0}}}  # fmt: skip
+    direct = {"api": {"rps": 200.0, "errors": 0, "p99_ms": 50.0},
+              "inference_ms": {"http": {"p99": 20.0}, "handle": {"p99": 20.0}}}  # fmt: skip
+    r = compare_ratios(proxy, direct)
+    assert list(r)[:5] == ["api.rps", "api.errors", "api.p99_ms", "inference_ms.http.p99", "inference_ms.handle.p99"]
+    assert r["api.rps"] == {"proxy": 100.0, "direct_ingress": 200.0, "ratio": 2.0}
+    assert r["api.errors"] == {"proxy": 2500, "direct_ingress": 0, "ratio": 0.0}
+    assert r["api.p99_ms"]["ratio"] == 0.005
+    assert r["inference_ms.handle.p99"]["ratio"] == 1.0
+    assert "api_also.rps" not in r  # neither run had --also-rate
+    assert set(r) <= set(COMPARE_METRICS)
+    # A failed run still compares: its side is None.
+    failed = compare_ratios(proxy, {"error": "exit status 2"})
+    assert failed["api.rps"] == {"proxy": 100.0, "direct_ingress": None, "ratio": None}
+
+
+def test_bench_argv_runs_one_mode_with_the_same_settings() -> None:
+    kw = {"endpoints": 64, "duration_s": 30.0, "rate_rps": 200.0, "calls": 500}
+    base = bench_argv(**kw, also_rate_rps=None, direct_ingress=False)  # type: ignore[arg-type]
+    assert base == ["--json", "--endpoints", "64", "--duration", "30", "--rate", "200", "--calls", "500"]
+    di = bench_argv(**kw, also_rate_rps=100.0, direct_ingress=True)  # type: ignore[arg-type]
+    assert di == [*base, "--also-rate", "100", "--direct-ingress"]
+
+
+def test_main_refuses_bad_arguments_before_starting_anything(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--rate", "0"]) == 2
+    assert main(["--compare", "--direct-ingress"]) == 2
+    assert capsys.readouterr().out == ""  # stdout is for the JSON object only

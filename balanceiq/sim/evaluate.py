@@ -1,0 +1,129 @@
+"""Running a policy through a whole simulated scenario, and the promotion gate.
+
+:func:`run_pair` is one (scenario, policy) episode with the oracle alongside (what
+``balanceiq bench sim`` tabulates). :func:`evaluate_checkpoints` runs a candidate and
+the serving checkpoint through the same held-back scenarios and seeds, and
+:func:`promotion_decision` says whether the candidate may replace the serving one: it
+must be better on average by a margin and not clearly worse on any scenario, because a
+policy that wins on average by wrecking one situation is not an improvement.
+"""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from balanceiq.config import critical_count
+from balanceiq.policy.baselines import Decision, PolicyContext, lp_decision, make_policy
+from balanceiq.policy.checkpoint import SHIPPED, RLPolicy
+from balanceiq.policy.lp import oracle
+from balanceiq.sim.env import FleetEnv
+from balanceiq.sim.scenario import load_scenario
+
+# Held out of training in rllib_configs/ppo.yaml: generalisation is what promotion checks.
+HELD_BACK = ("brownout", "many_endpoints")
+
+
+class FullLp:
+    """Full re-optimisation every decision: the LP over all endpoints, estimated capacity."""
+
+    name = "full_lp"
+
+    def __init__(self, cost_weight: float = 0.1) -> None:
+        self.cost_weight = cost_weight
+
+    def reset(self) -> None:
+        pass
+
+    def decide(self, obs: Any, ctx: PolicyContext) -> Decision:
+        return lp_decision(obs, ctx, tuple(range(len(obs.endpoints))), ctx.capacity_hint, cost_weight=self.cost_weight)
+
+
+def _policy(name: str, checkpoint: Path | None) -> Any:
+    if name == "cfr_rl":
+        return RLPolicy.from_checkpoint(checkpoint or SHIPPED)
+    if name == "full_lp":
+        return FullLp()
+    return make_policy(name)
+
+
+def run_pair(scenario: str, policy: Any, *, seed: int = 0, decision_steps: int = 5, trace: bool = False) -> dict[str, Any]:
+    # n_max = N: baselines never read the padded rows, so pad nothing.
+    n_max = len(load_scenario(scenario).endpoints)
+    env = FleetEnv({"scenarios": [scenario], "n_max": n_max, "decision_steps": decision_steps,
+                    "episode_steps": 10**9, "seed": seed, "obs_noise": 0.05})  # fmt: skip
+    env.reset(seed=seed)
+    assert env.sim is not None
+    n = env.sim.n
+    k = critical_count(n)
+    static = np.asarray(env.sim.static_weights, dtype=np.float64)
+    policy.reset()
+    rows: list[dict[str, float]] = []
+    timeline: list[dict[str, Any]] = []
+    done = False
+    while not done:
+        obs = env.last_obs
+        cap_true = env.sim.capacity()
+        ctx = PolicyContext(
+            shares=env.shares, capacity_hint=env.capacity_estimate(), static_weights=static,
+            demand_rps=float(np.nansum([e.rps for e in obs.endpoints])), k=k, true_capacity=cap_true,
+        )  # fmt: skip
+        decision = policy.decide(obs, ctx)
+        demand = env.sim.demand_rps()
+        best = oracle(cap_true, env.sim.cost(), demand, available=env.sim.available()).max_utilization
+        _, r, _, truncated, info = env.step_shares(np.asarray(decision.shares, dtype=np.float64))
+        done = truncated
+        achieved = info["max_utilization"]
+        rows.append({
+            "p50_ms": info.get("p50_ms", float("nan")), "p95_ms": info["p95_ms"], "p99_ms": info["p99_ms"],
+            "error_rate": info["error_rate"], "cost_per_million": info["cost_per_million"], "reward": r,
+            "performance_ratio": min(1.0, best / achieved) if achieved > 0 else 1.0,
+            "traffic_moved": info["traffic_moved"],
+        })  # fmt: skip
+        if trace:
+            timeline.append({"t": env.sim.t, "shares": env.shares.tolist(), "p99_ms": info["p99_ms"]})
+    out = {key: float(statistics.fmean(r[key] for r in rows)) for key in rows[0]}
+    out["decisions"] = len(rows)
+    if trace:
+        out["timeline"] = timeline
+        out["names"] = list(env.sim.names)
+    return out
+
+
+def evaluate_checkpoints(candidate: Path | str, serving: Path | str | None, *, scenarios: tuple[str, ...] = HELD_BACK,
+                         seeds: tuple[int, ...] = (0,)) -> dict[str, Any]:  # fmt: skip
+    """Mean reward of both checkpoints per scenario (same seeds, greedy-free: the policy's
+    own sampling, seeded), plus the means over all scenarios."""
+    out: dict[str, Any] = {"scenarios": {}, "seeds": list(seeds)}
+    for name, ckpt in (("candidate", candidate), ("serving", serving or SHIPPED)):
+        policy = RLPolicy.from_checkpoint(ckpt)
+        for sc in scenarios:
+            rewards = [run_pair(sc, policy, seed=seed)["reward"] for seed in seeds]
+            out["scenarios"].setdefault(sc, {})[name] = float(statistics.fmean(rewards))
+    for name in ("candidate", "serving"):
+        out[name] = float(statistics.fmean(v[name] for v in out["scenarios"].values()))
+    return out
+
+
+def promotion_decision(evaluation: dict[str, Any], *, margin: float = 0.02, worst_regression: float = 0.25) -> tuple[bool, str]:
+    """``(promote, reason)``: better by ``margin`` on average, and no scenario worse by more
+    than ``worst_regression``; both relative per scenario, so a scenario with a large
+    reward scale (many endpoints) does not drown the others."""
+    cand, serv = evaluation["candidate"], evaluation["serving"]
+    if not (np.isfinite(cand) and np.isfinite(serv)):
+        return False, "evaluation produced a non-finite reward"
+    regressions = {
+        sc: (v["candidate"] - v["serving"]) / max(abs(v["serving"]), 1e-9)
+        for sc, v in evaluation["scenarios"].items()
+    }
+    worst = min(regressions, key=lambda k: regressions[k])
+    if regressions[worst] < -worst_regression:
+        return False, (f"rejected: worse on {worst} by {-regressions[worst]:.0%} "
+                       f"({evaluation['scenarios'][worst]['candidate']:.3f} vs {evaluation['scenarios'][worst]['serving']:.3f})")  # fmt: skip
+    gain = float(statistics.fmean(regressions.values()))
+    if gain <= margin:
+        return False, f"rejected: {gain:+.1%} mean relative reward change vs the serving checkpoint (needs > {margin:+.0%})"
+    return True, f"promoted: {gain:+.1%} mean relative reward change vs the serving checkpoint"
