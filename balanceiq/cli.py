@@ -30,11 +30,13 @@ testbed_app = typer.Typer(help="The local testbed: sample backends, Envoy, the x
 envoy_app = typer.Typer(help="Envoy bootstraps.", no_args_is_help=True)
 xds_app = typer.Typer(help="Talk to the running xDS actor.", no_args_is_help=True)
 bench_app = typer.Typer(help="Benchmarks; each prints one JSON object with --json.", no_args_is_help=True)
+cluster_app = typer.Typer(help="Ray cluster launcher configs (cluster.yaml, cluster-local.yaml).", no_args_is_help=True)
 app.add_typer(config_app, name="config")
 app.add_typer(testbed_app, name="testbed")
 app.add_typer(envoy_app, name="envoy")
 app.add_typer(xds_app, name="xds")
 app.add_typer(bench_app, name="bench")
+app.add_typer(cluster_app, name="cluster")
 
 # Wide enough for the demo's tables when output is captured (rich assumes 80 columns).
 err = Console(stderr=True, width=None if sys.stderr.isatty() else 120)
@@ -65,6 +67,14 @@ def _settings(path: Path | None) -> Settings:
 def config_check(file: Annotated[Path, typer.Argument(help="Config file to validate.")]) -> None:
     """Print OK, or every problem with its field path (exit 2)."""
     raise typer.Exit(check_config_command(file))
+
+
+@cluster_app.command("check")
+def cluster_check(file: Annotated[Path, typer.Argument(help="Ray cluster config (ray up / --autoscaling-config).")]) -> None:
+    """Validate with Ray's own schema and prepare_config (no cloud calls): OK, or every problem (exit 2)."""
+    from balanceiq.cluster import cluster_check_command
+
+    raise typer.Exit(cluster_check_command(file))
 
 
 @envoy_app.command("bootstrap")
@@ -187,8 +197,13 @@ def train_cmd(
     checkpoint_dir: Annotated[Path, typer.Option(help="Where the checkpoint is written.")] = Path("checkpoints/ppo"),
     rllib_config: Annotated[Path | None, typer.Option("--rllib-config", help="RLlib YAML (default rllib_configs/ppo.yaml).")] = None,
     seed: Annotated[int, typer.Option(help="Seed.")] = 0,
+    address: Annotated[str | None, typer.Option(help="Run on an existing Ray cluster: auto, HOST:PORT or ray://HOST:10001 (default: a local 2-CPU Ray).")] = None,
+    calibrate_from: Annotated[Path | None, typer.Option("--calibrate-from", help="Recording (JSONL of decisions with observations): fit the simulator to it and train on that scenario (plus any --scenario).")] = None,
 ) -> None:
-    """Train the CFR-RL policy with PPO; prints a JSON summary."""
+    """Train the CFR-RL policy with PPO; prints a JSON summary.
+
+    With --calibrate-from, the fitted scenario and the fit report are written next to the
+    checkpoint (calibrated_scenario.yaml, calibration.json) and the fit error is printed."""
     from balanceiq.train import train
 
     if env != "sim":
@@ -196,11 +211,85 @@ def train_cmd(
     if iterations < 1:
         raise typer.BadParameter("--iterations must be >= 1")
     scenarios = [s.strip() for s in scenario.split(",") if s.strip()] if scenario else None
+    calibration: dict[str, Any] | None = None
+    if calibrate_from is not None:
+        from balanceiq.sim.calibrate import calibrate, fit_summary, write_calibration
+
+        cal = calibrate(calibrate_from)
+        target = checkpoint_dir.resolve()
+        scenario_path, report_path = target / "calibrated_scenario.yaml", target / "calibration.json"
+        write_calibration(cal, scenario_path, report_path)
+        err.print(fit_summary(cal.report), markup=False, highlight=False)
+        err.print(f"wrote {scenario_path} and {report_path}", markup=False, highlight=False)
+        scenarios = [str(scenario_path), *(scenarios or [])]
+        ov = cal.report["overall"]
+        calibration = {
+            "scenario": str(scenario_path), "report": str(report_path),
+            "held_out_latency_rel_err": ov["held_out_latency_rel_err"],
+            "capacity_rel_stderr_max": ov["capacity_rel_stderr_max"],
+            "base_latency_rel_stderr_max": ov["base_latency_rel_stderr_max"],
+            "endpoints": {e.name: {"capacity_rps": e.capacity_rps, "base_latency_ms": e.base_latency_ms} for e in cal.scenario.endpoints},
+        }  # fmt: skip
     summary = train(
         scenarios=scenarios, iterations=iterations, checkpoint_dir=checkpoint_dir,
-        num_env_runners=num_env_runners, config_path=rllib_config, seed=seed, console=err,
+        num_env_runners=num_env_runners, config_path=rllib_config, seed=seed, console=err, address=address,
     )  # fmt: skip
+    if calibration is not None:
+        summary = {**summary, "calibration": calibration}
     sys.stdout.write(json.dumps({k: v for k, v in summary.items() if k != "history"}) + "\n")
+
+
+@app.command("calibrate")
+def calibrate_cmd(
+    recording: Annotated[Path, typer.Argument(help="Recording: JSONL of decisions with observations (Controller recording= / balanceiq record).")],
+    out: Annotated[Path | None, typer.Option(help="Write the fitted scenario YAML here (train on it with --scenario FILE).")] = None,
+    report: Annotated[Path | None, typer.Option(help="Write the fit report JSON here too.")] = None,
+    name: Annotated[str, typer.Option(help="Scenario name.")] = "calibrated",
+    method: Annotated[str, typer.Option(help="Capacity from: auto (saturation when recorded), saturation, latency.")] = "auto",
+    folds: Annotated[int, typer.Option(help="Time blocks for held-out errors and jackknife standard errors.", min=2)] = 5,
+    settle_margin: Annotated[float | None, typer.Option(help="Seconds past a weight change + window before a record counts as settled (default: window/4).")] = None,
+    config: ConfigOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the fit report as one JSON object on stdout.")] = False,
+) -> None:
+    """Fit the simulator (capacity, base latency, error behaviour per endpoint) to recorded telemetry."""
+    from balanceiq.sim.calibrate import calibrate, fit_summary, write_calibration
+
+    places = None
+    if config is not None:
+        places = {ep.address: (ep.cloud, ep.region) for c in _settings(config).clusters for ep in c.endpoints}
+    cal = calibrate(recording, name=name, method=method, folds=folds, settle_margin_s=settle_margin, endpoints=places)
+    if out is not None:
+        write_calibration(cal, out, report)
+    elif report is not None:
+        report.parent.mkdir(parents=True, exist_ok=True)
+        report.write_text(json.dumps(cal.report, indent=1))
+    result = {**cal.report, "scenario_file": str(out) if out else None, "scenario": cal.scenario.model_dump(mode="json")}
+    if as_json:
+        sys.stdout.write(json.dumps(result) + "\n")
+    else:
+        err.print(fit_summary(cal.report), markup=False, highlight=False)
+        if out is not None:
+            err.print(f"scenario written to {out}", markup=False, highlight=False)
+
+
+@app.command("record")
+def record_cmd(
+    out: Annotated[Path, typer.Option(help="Recording to append to (JSONL, one line per observation).")],
+    duration: Annotated[float, typer.Option(help="Seconds of exploration (after warm-up).", min=1, max=3600)] = 60.0,
+    rate: Annotated[float, typer.Option(help="Requests per second through Envoy (paced, bounded, loopback only).", min=1, max=2000)] = 120.0,
+    hold: Annotated[float | None, typer.Option(help="Seconds each split is held (default: telemetry window + 2).")] = None,
+    window: Annotated[float, typer.Option(help="Telemetry rate window in seconds while recording.", min=0.5)] = 2.0,
+    seed: Annotated[int, typer.Option(help="Seed of the exploration splits.")] = 0,
+    config: ConfigOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,
+) -> None:
+    """Record an exploration run on a local testbed: varied weight splits under load, for `balanceiq calibrate`."""
+    from balanceiq.testbed.record import ExplorationPlan, record_exploration
+
+    plan = ExplorationPlan(hold_s=hold if hold is not None else window + 2.0, seed=seed)
+    result = record_exploration(_settings(config), out, duration_s=duration, rate_rps=rate, plan=plan, window_s=window,
+                                scrape_interval_s=window / 4, console=err)  # fmt: skip
+    _emit(result, as_json)
 
 
 @bench_app.command("sim")

@@ -83,15 +83,30 @@ def train(
     seed: int = 0,
     console: Console | None = None,
     on_iteration: Callable[[dict[str, Any]], None] | None = None,
+    address: str | None = None,
 ) -> dict[str, Any]:
     """Train, save to ``checkpoint_dir``, and return a summary. ``on_iteration`` gets
-    each iteration's row (return, loss, steps) as it finishes: the API's progress."""
+    each iteration's row (return, loss, steps) as it finishes: the API's progress.
+
+    ``address`` connects to a running Ray cluster (``auto``, ``host:port`` or
+    ``ray://host:10001``) instead of starting a local 2-CPU Ray; env runners are then
+    placed wherever the cluster has CPUs. It is ignored if Ray is already initialised
+    in this process (the caller owns that connection). The checkpoint is written by
+    this process, so ``checkpoint_dir`` is a path on the machine that runs it."""
     import ray
 
     console = console or Console(stderr=True)
     cfg = load_algo_config(config_path)
     own_ray = not ray.is_initialized()
-    if own_ray:
+    if own_ray and address:
+        # An existing cluster brings its own resources; num_cpus/include_dashboard may
+        # not be passed when connecting. The token (token auth is on) comes from
+        # RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH / ~/.ray/auth_token as for any driver.
+        try:
+            ray.init(address=address, log_to_driver=False)
+        except (ConnectionError, ValueError, ray.exceptions.AuthenticationError) as exc:
+            raise ConfigError([("--address", f"cannot connect to Ray at {address!r}: {exc}")]) from exc
+    elif own_ray:
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     algo = None
     history: list[dict[str, Any]] = []

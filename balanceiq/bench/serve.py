@@ -329,6 +329,22 @@ def compare_ratios(proxy: dict[str, Any], direct: dict[str, Any],
     return out
 
 
+def last_json_object(stdout: str) -> dict[str, Any]:
+    """The last line of ``stdout`` that is a JSON object (anything a library printed
+    after it, e.g. at interpreter exit, is skipped); ``{}`` if there is none."""
+    for line in reversed(stdout.splitlines()):
+        line = line.strip()
+        if not line.startswith("{"):
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(obj, dict):
+            return obj
+    return {}
+
+
 def bench_argv(*, endpoints: int, duration_s: float, rate_rps: float, calls: int, also_rate_rps: float | None,
                direct_ingress: bool) -> list[str]:  # fmt: skip
     """Arguments of one ``python -m balanceiq.bench.serve`` run (one ingress mode)."""
@@ -702,11 +718,7 @@ def run_serve_compare(*, endpoints: int = 64, duration_s: float = 30.0, rate_rps
             runs[mode] = {"error": f"no result within {timeout_s:g} s"}
             notes.append(f"{mode}: timed out after {timeout_s:g} s")
             continue
-        out = proc.stdout.strip().splitlines()
-        try:
-            runs[mode] = json.loads(out[-1]) if out else {}
-        except json.JSONDecodeError:
-            runs[mode] = {}
+        runs[mode] = last_json_object(proc.stdout)
         if proc.returncode != 0 or not runs[mode]:
             runs[mode] = {"error": f"exit status {proc.returncode}; its stderr is above"}
             notes.append(f"{mode}: the run failed (exit status {proc.returncode})")
@@ -848,6 +860,13 @@ def _run(endpoints: int, duration_s: float, rate_rps: float, calls: int, console
                     raise BenchError(f"the API at {base} did not answer /api/health within 60 s")
                 time.sleep(0.2)
             remember_children()
+            if direct_ingress:
+                # Serve keeps its proxy on the head node in this mode; it still routes to the app.
+                try:
+                    r = client.get(f"http://127.0.0.1:{http_port}/api/health")
+                    ingress["proxy_port_still_serves"] = r.status_code == 200
+                except httpx.HTTPError as exc:
+                    ingress["proxy_port_still_serves"] = f"{type(exc).__name__}: {exc}"
             # Steady state from here: the app came up before Prometheus did, so its first
             # observations came from Envoy's admin (>= 0.25 s each, by design); the loop
             # returns to Prometheus on its next retry once Prometheus has samples.

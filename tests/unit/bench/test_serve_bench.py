@@ -22,6 +22,7 @@ from balanceiq.bench.serve import (
     decision_stats,
     dig,
     direct_ingress_targets,
+    last_json_object,
     main,
     percentile,
     policy_rows,
@@ -241,3 +242,9 @@ def test_main_refuses_bad_arguments_before_starting_anything(capsys: pytest.Capt
     assert main(["--rate", "0"]) == 2
     assert main(["--compare", "--direct-ingress"]) == 2
     assert capsys.readouterr().out == ""  # stdout is for the JSON object only
+
+
+def test_last_json_object_skips_what_libraries_print_after_it() -> None:
+    out = 'starting\n{"bench": "serve", "api": {"rps": 1}}\n(raylet) Task failed: {not json}\n[1, 2]\n'
+    assert last_json_object(out) == {"bench": "serve", "api": {"rps": 1}}
+    assert last_json_object("") == {} and last_json_object("no json here\n") == {}
