@@ -348,12 +348,19 @@ def bench_serve(
     duration: Annotated[float, typer.Option(help="Seconds of open-loop API load.")] = 30.0,
     rate: Annotated[float, typer.Option(help="API requests/s of the open-loop load.")] = 200.0,
     calls: Annotated[int, typer.Option(help="Timed inference calls per method (handle, HTTP, concurrent).")] = 500,
+    also_rate: Annotated[float | None, typer.Option(help="An earlier API phase at this rate too (req/s), e.g. 100.")] = None,
+    direct_ingress: Annotated[bool, typer.Option("--direct-ingress", help="Ray Serve's experimental direct ingress: the Controller replica serves HTTP itself.")] = False,
+    compare: Annotated[bool, typer.Option("--compare", help="Proxy and direct ingress one after the other, each with a fresh Ray; ratios.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,
 ) -> None:
     """The Serve app: policy inference (handle, HTTP, batched), API under load, decision loop."""
-    from balanceiq.bench.serve import run_serve_bench
+    from balanceiq.bench.serve import run_serve_bench, run_serve_compare
+    from balanceiq.exceptions import BenchError
 
-    result = run_serve_bench(endpoints=endpoints, duration_s=duration, rate_rps=rate, calls=calls, console=err)
+    if compare and direct_ingress:
+        raise BenchError("--compare runs both modes; leave out --direct-ingress")
+    kw = {"endpoints": endpoints, "duration_s": duration, "rate_rps": rate, "calls": calls, "also_rate_rps": also_rate, "console": err}
+    result = run_serve_compare(**kw) if compare else run_serve_bench(direct_ingress=direct_ingress, **kw)
     _emit(result, as_json)
 
 
