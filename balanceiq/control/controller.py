@@ -47,7 +47,7 @@ from balanceiq.exceptions import BalanceIQError, ControlError, XdsError
 from balanceiq.policy.baselines import PolicyContext, available_mask, lp_decision, make_policy
 from balanceiq.policy.features import encode, estimate_capacity
 from balanceiq.policy.lp import objective, traffic_moved
-from balanceiq.policy.reward import RewardWeights, reward
+from balanceiq.policy.reward import RewardWeights, observed_reward
 from balanceiq.telemetry.observation import Observation
 
 log = logging.getLogger(__name__)
@@ -72,29 +72,6 @@ class XdsClient(Protocol):
     def wait_for_ack(self, version: str, timeout: float) -> bool: ...
 
     def status(self) -> dict[str, Any]: ...
-
-
-def observed_reward(obs: Observation, weights: RewardWeights) -> float | None:
-    """The reward of the interval an observation covers, from live telemetry.
-
-    Same function as the simulator's (:func:`balanceiq.policy.reward.reward`), with
-    traffic-weighted p95, error rate and cost over endpoints that carried traffic. Live
-    telemetry has no p99, so the tail term sees p95 (it only counts once p95 itself
-    breaks the SLO). ``None`` when no endpoint carried measurable traffic.
-    """
-    rows = [
-        e for e in obs.endpoints
-        if math.isfinite(e.rps) and e.rps > 0 and math.isfinite(e.p95_ms) and math.isfinite(e.error_rate)
-    ]  # fmt: skip
-    if not rows:
-        return None
-    rps = np.array([e.rps for e in rows])
-    w = rps / rps.sum()
-    p95 = float(np.dot(w, [e.p95_ms for e in rows]))
-    err = float(np.dot(w, [e.error_rate for e in rows]))
-    costs = np.array([e.cost_per_million for e in rows])
-    cost = float(np.dot(w, np.where(np.isfinite(costs), costs, 0.0)))
-    return reward(p95, p95, err, cost, weights)
 
 
 class PolicySettings:

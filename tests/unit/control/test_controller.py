@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from balanceiq.control.controller import Controller, observed_reward
+from balanceiq.control.controller import Controller
+from balanceiq.policy.reward import observed_reward
 from balanceiq.control.xds_client import LocalXdsClient
 from balanceiq.policy.reward import RewardWeights
 from balanceiq.telemetry.observation import EndpointObservation, Observation
