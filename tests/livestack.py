@@ -20,7 +20,7 @@ from typing import Any
 import httpx
 import uvicorn
 
-from balanceiq.config import Settings, default_settings
+from balanceiq.config import Settings
 from balanceiq.control.controller import Controller
 from balanceiq.control.xds_client import LocalXdsClient
 from balanceiq.serve.api import create_api
@@ -28,45 +28,12 @@ from balanceiq.serve.plane import ControlPlane, PolicyClient
 from balanceiq.serve.policy import PolicyModel
 from balanceiq.telemetry.observe import Telemetry
 from balanceiq.testbed.load import run_load_sync
-from balanceiq.testbed.ports import free_ports
+from balanceiq.testbed.ports import settings_on_free_ports  # noqa: F401  (re-exported for tests)
 from balanceiq.testbed.testbed import Testbed
 from balanceiq.xds.server import XdsServer
 
 TOKEN = "test-token-0123456789abcdef"
 
-
-
-def settings_on_free_ports(n_endpoints: int = 3, base: Settings | None = None) -> Settings:
-    """Default settings with every endpoint, xDS and Envoy port free right now."""
-    s = base or default_settings()
-    ports = iter(free_ports(n_endpoints + 7))
-    clouds = [("aws", "us-east-1"), ("gcp", "us-central1"), ("azure", "eastus")]
-    template = s.clusters[0].endpoints[0]
-    endpoints = [
-        template.model_copy(
-            update={
-                "address": f"127.0.0.1:{next(ports)}",
-                "cloud": clouds[i % 3][0],
-                "region": clouds[i % 3][1],
-                "zone": None,
-            }
-        )
-        for i in range(n_endpoints)
-    ]
-    cluster = s.clusters[0].model_copy(update={"endpoints": endpoints})
-    return s.model_copy(
-        update={
-            "clusters": [cluster],
-            "xds": s.xds.model_copy(update={"port": next(ports)}),
-            "envoy": s.envoy.model_copy(
-                update={"admin_url": f"http://127.0.0.1:{next(ports)}", "listen_port": next(ports)}
-            ),
-            "prometheus": s.prometheus.model_copy(update={"url": f"http://127.0.0.1:{next(ports)}"}),
-            "telemetry": s.telemetry.model_copy(
-                update={"als_grpc_port": next(ports), "als_metrics_port": next(ports)}
-            ),
-        }
-    )
 
 
 def fast_settings(base: Settings, interval_s: float = 1.0) -> Settings:

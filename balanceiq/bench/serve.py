@@ -59,12 +59,12 @@ import psutil
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from balanceiq.config import Settings, default_settings
+from balanceiq.config import Settings
 from balanceiq.exceptions import BalanceIQError, BenchError
 from balanceiq.policy.features import encode, estimate_capacity
 from balanceiq.policy.reward import RewardWeights
 from balanceiq.telemetry.observation import EndpointObservation, Observation
-from balanceiq.testbed.ports import free_ports
+from balanceiq.testbed.ports import settings_on_free_ports
 
 APP_NAME = "balanceiq-bench"
 TESTBED_ENDPOINTS = 6  # the controller's own cluster; --endpoints sizes the scoring requests
@@ -250,30 +250,13 @@ def decision_stats(decisions: Sequence[dict[str, Any]], since: float = 0.0,
 
 
 def bench_settings(state_dir: Path, n_endpoints: int = TESTBED_ENDPOINTS, base: Settings | None = None) -> Settings:
-    """Default settings with every endpoint, xDS, Envoy, Prometheus and ALS port free
-    right now (the same recipe as the tests' ``settings_on_free_ports``), a 1 s control
-    interval, a decision log that holds the whole run, and a private state dir."""
-    s = base or default_settings()
-    ports = iter(free_ports(n_endpoints + 7))
-    clouds = [("aws", "us-east-1"), ("gcp", "us-central1"), ("azure", "eastus")]
-    template = s.clusters[0].endpoints[0]
-    endpoints = [
-        template.model_copy(
-            update={"address": f"127.0.0.1:{next(ports)}", "cloud": clouds[i % 3][0], "region": clouds[i % 3][1], "zone": None}
-        )
-        for i in range(n_endpoints)
-    ]
-    cluster = s.clusters[0].model_copy(update={"endpoints": endpoints})
-    api_port = next(ports)
+    """Settings on free ports (:func:`balanceiq.testbed.ports.settings_on_free_ports`), a
+    1 s control interval, a decision log that holds the whole run, and a private state dir."""
+    s = settings_on_free_ports(n_endpoints, base)
     return s.model_copy(
         update={
-            "clusters": [cluster],
-            "xds": s.xds.model_copy(update={"port": next(ports)}),
-            "envoy": s.envoy.model_copy(update={"admin_url": f"http://127.0.0.1:{next(ports)}", "listen_port": next(ports)}),
-            "prometheus": s.prometheus.model_copy(update={"url": f"http://127.0.0.1:{next(ports)}"}),
-            "telemetry": s.telemetry.model_copy(update={"als_grpc_port": next(ports), "als_metrics_port": next(ports)}),
             "control": s.control.model_copy(update={"interval_s": CONTROL_INTERVAL_S}),
-            "api": s.api.model_copy(update={"host": "127.0.0.1", "port": api_port, "decision_log_size": 1000}),
+            "api": s.api.model_copy(update={"host": "127.0.0.1", "decision_log_size": 1000}),
             "state_dir": Path(state_dir),
         }
     )
