@@ -190,7 +190,8 @@ def bench_xds(
 
 @app.command("train")
 def train_cmd(
-    env: Annotated[str, typer.Option(help="Environment: sim (the simulator).")] = "sim",
+    env: Annotated[str, typer.Option(help="Environment: sim (the simulator) or live (LiveEnv: real Envoy and backends per env runner).")] = "sim",
+    live_config: Annotated[Path | None, typer.Option("--live-config", help="--env live: YAML of LiveEnv settings (mode private|attach, config, load_rps, scenario, decision_interval_s, ...; see balanceiq/testbed/live_env.py).")] = None,
     scenario: Annotated[str | None, typer.Option(help="Comma-separated scenario names or files (default: the config's).")] = None,
     num_env_runners: Annotated[int | None, typer.Option(help="Parallel env runners (Ray workers).")] = None,
     iterations: Annotated[int, typer.Option(help="PPO training iterations.")] = 50,
@@ -206,10 +207,30 @@ def train_cmd(
     checkpoint (calibrated_scenario.yaml, calibration.json) and the fit error is printed."""
     from balanceiq.train import train
 
-    if env != "sim":
-        raise typer.BadParameter(f"--env {env!r}: only 'sim' is available here (live environments: issue 6)")
+    if env not in ("sim", "live"):
+        raise typer.BadParameter(f"--env {env!r}: use sim or live")
     if iterations < 1:
         raise typer.BadParameter("--iterations must be >= 1")
+    live: dict[str, Any] = {}
+    if env == "live":
+        from balanceiq.testbed.live_env import LiveEnv, live_rllib_overrides, load_live_env_config
+        from balanceiq.train import load_algo_config
+
+        if scenario or calibrate_from:
+            raise typer.BadParameter("--scenario and --calibrate-from are for --env sim; a live scenario goes in --live-config (scenario: NAME)")
+        rl_cfg = load_algo_config(rllib_config)
+        runners = num_env_runners if num_env_runners is not None else int(rl_cfg.get("env_runners", {}).get("num_env_runners", 2))
+        live_cfg = load_live_env_config(live_config) if live_config is not None else {}
+        live = {"env": LiveEnv, "env_overrides": live_rllib_overrides(rl_cfg.get("env_config", {}), live_cfg, runners)}
+    elif live_config is not None:
+        raise typer.BadParameter("--live-config needs --env live")
+    if address:
+        from balanceiq.cluster import check_ray_address
+
+        # Ray retries a dead address for ~14 minutes; answer in seconds instead.
+        problem = check_ray_address(address)
+        if problem:
+            raise typer.BadParameter(problem, param_hint="'--address'")
     scenarios = [s.strip() for s in scenario.split(",") if s.strip()] if scenario else None
     calibration: dict[str, Any] | None = None
     if calibrate_from is not None:
@@ -232,7 +253,7 @@ def train_cmd(
         }  # fmt: skip
     summary = train(
         scenarios=scenarios, iterations=iterations, checkpoint_dir=checkpoint_dir,
-        num_env_runners=num_env_runners, config_path=rllib_config, seed=seed, console=err, address=address,
+        num_env_runners=num_env_runners, config_path=rllib_config, seed=seed, console=err, address=address, **live,
     )  # fmt: skip
     if calibration is not None:
         summary = {**summary, "calibration": calibration}
@@ -288,7 +309,7 @@ def record_cmd(
 
     plan = ExplorationPlan(hold_s=hold if hold is not None else window + 2.0, seed=seed)
     result = record_exploration(_settings(config), out, duration_s=duration, rate_rps=rate, plan=plan, window_s=window,
-                                scrape_interval_s=window / 4, console=err)  # fmt: skip
+                                console=err)  # fmt: skip
     _emit(result, as_json)
 
 
@@ -319,12 +340,19 @@ def bench_sim(
 @bench_app.command("train")
 def bench_train(
     iterations: Annotated[int, typer.Option(help="Timed PPO iterations per runner count.")] = 4,
+    target_iterations: Annotated[int, typer.Option(help="Iteration budget to reach the target reward.")] = 40,
+    calibration_s: Annotated[float, typer.Option(help="Seconds of live exploration recorded for calibration.")] = 60.0,
+    throughput_only: Annotated[bool, typer.Option("--throughput-only", help="Only env steps/s, 1 vs 2 runners.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,
 ) -> None:
-    """Sample throughput of PPO with 1 and 2 env runners, side by side."""
-    from balanceiq.bench.train import run_train_bench
+    """PPO sample throughput (1 vs 2 env runners), seconds to a target reward, calibration error."""
+    from balanceiq.bench.train import run_full_train_bench, run_train_bench
 
-    result = run_train_bench(iterations=iterations, console=err)
+    if throughput_only:
+        result = run_train_bench(iterations=iterations, console=err)
+    else:
+        result = run_full_train_bench(iterations=iterations, target_iterations=target_iterations,
+                                      calibration_s=calibration_s, console=err)  # fmt: skip
     _emit(result, as_json)
 
 
@@ -362,6 +390,33 @@ def bench_serve(
     kw = {"endpoints": endpoints, "duration_s": duration, "rate_rps": rate, "calls": calls, "also_rate_rps": also_rate, "console": err}
     result = run_serve_compare(**kw) if compare else run_serve_bench(direct_ingress=direct_ingress, **kw)
     _emit(result, as_json)
+
+
+@bench_app.command("live")
+def bench_live(
+    scenario: Annotated[str, typer.Option(help="Live scenario: a shipped name or a YAML file (format: balanceiq/testbed/scenario.py).")] = "degrade_and_dearer",
+    arms: Annotated[str | None, typer.Option(help="Comma-separated arms (default all): round_robin, least_request, cswrr, static_cost_aware, balanceiq_rr, balanceiq_lr.")] = None,
+    duration: Annotated[float, typer.Option(help="Measured seconds per arm; the scenario's timeline is scaled to fit.")] = 60.0,
+    rate: Annotated[float, typer.Option(help="Open-loop arrivals per second through Envoy (same schedule for every arm).")] = 150.0,
+    warmup: Annotated[float, typer.Option(help="Seconds of steady traffic before the scenario, not measured.")] = 12.0,
+    arrivals: Annotated[str, typer.Option(help="poisson (seeded) or constant.")] = "poisson",
+    seed: Annotated[int, typer.Option(help="Seed of the arrival schedule (shared by every arm).")] = 0,
+    slo_ms: Annotated[float, typer.Option("--slo-ms", help="Latency SLO for slo_attainment (ms).")] = 150.0,
+    plot: Annotated[Path, typer.Option(help="PNG of p99 latency (and cost) over time per arm, events marked.")] = Path("artifacts/bench-live.png"),
+    calibrate: Annotated[bool, typer.Option("--calibrate/--no-calibrate", help="First measure the rate this box sustains and the generator's overhead.")] = True,
+    config: ConfigOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,
+) -> None:
+    """BalanceIQ vs Envoy's balancers on one live scenario: p50/p99/p99.9, errors, cost, SLO attainment per arm."""
+    from balanceiq.bench.live import parse_arms, run_live_bench
+    from balanceiq.testbed.scenario import load_live_scenario
+
+    result = run_live_bench(
+        _settings(config), load_live_scenario(scenario), arms=parse_arms(arms), rate_rps=rate, duration_s=duration,
+        warmup_s=warmup, arrivals=arrivals, seed=seed, slo_ms=slo_ms, plot_path=plot, calibrate=calibrate,
+        scenario_file=scenario, console=err,
+    )  # fmt: skip
+    _emit(result, as_json, omit=("arms",))
 
 
 @app.command("observe")

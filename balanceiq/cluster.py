@@ -28,6 +28,7 @@ import difflib
 import io
 import json
 import logging
+import socket
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -35,7 +36,7 @@ from typing import Any
 
 import yaml
 
-__all__ = ["check_cluster_config", "cluster_check_command"]
+__all__ = ["check_cluster_config", "check_ray_address", "cluster_check_command"]
 
 # Keys the v1 autoscaler indexes directly (config["..."]) when it (re)reads a config
 # that no defaults were merged into: missing ones crash the monitor at start.
@@ -126,7 +127,7 @@ def _ray_problems(config: dict[str, Any], provider_type: str) -> list[str]:
     except NotImplementedError as exc:  # unknown provider type
         problems.append(f"provider.type: {exc}")
     except (ValueError, RuntimeError, KeyError, TypeError, AssertionError, OSError) as exc:
-        problems.append(f"{type(exc).__name__}: {exc}" if not str(exc) else str(exc))
+        problems.append(str(exc) or type(exc).__name__)
     return problems
 
 
@@ -146,6 +147,52 @@ def _extra_problems(config: dict[str, Any], provider_type: str) -> list[str]:
     if provider_type == "fake_multinode" and head != FAKE_HEAD_NODE_TYPE:
         problems.append(f"head_node_type: the fake provider registers the head as '{FAKE_HEAD_NODE_TYPE}', not {head!r}")
     return problems
+
+
+def _reachable(host: str, port: int, timeout: float) -> str | None:
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return None
+    except OSError as exc:
+        return exc.strerror or type(exc).__name__
+
+
+def check_ray_address(address: str, timeout: float = 5.0) -> str | None:
+    """Why ``address`` (for ``balanceiq train --address``) cannot be a live Ray
+    cluster, or ``None``. Given an address where nothing listens, ``ray.init`` retries
+    for about 14 minutes before it gives up; this answers in ``timeout`` seconds.
+
+    ``auto`` is resolved by Ray's own rules (``RAY_ADDRESS``; else the address file
+    ``ray start`` wrote in ``$RAY_TMPDIR/ray`` or ``/tmp/ray``, unless exactly one GCS
+    runs on this machine, which wins), so a stale address file is caught too."""
+    shown = address
+    if address == "auto":
+        from ray._common.utils import get_ray_address_file
+        from ray._private.services import canonicalize_bootstrap_address
+
+        try:
+            resolved = canonicalize_bootstrap_address("auto")
+        except ConnectionError as exc:
+            return f"auto: {exc}"
+        if resolved is None:
+            return "auto: no running Ray cluster found"
+        shown = f"auto (= {resolved}: RAY_ADDRESS, {get_ray_address_file(None)} or the local GCS)"
+        address = resolved
+    scheme, sep, rest = address.partition("://")
+    if not sep:
+        scheme, rest = "", address
+    elif scheme != "ray":
+        return f"{address}: expected auto, HOST:PORT or ray://HOST:PORT"
+    host, colon, port = rest.rpartition(":")
+    if scheme == "ray" and not colon:
+        host, port = rest, "10001"  # the Ray Client server's default port
+    host = host.strip("[]")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        return f"{address}: expected auto, HOST:PORT or ray://HOST:PORT"
+    why = _reachable(host, int(port), timeout)
+    if why:
+        return f"{shown}: nothing answers at {host}:{port} ({why}); is the cluster up (`ray status`)?"
+    return None
 
 
 def check_cluster_config(path: str | Path) -> list[str]:

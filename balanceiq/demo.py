@@ -20,6 +20,7 @@ import tempfile
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,58 +32,21 @@ from balanceiq.config import Settings
 from balanceiq.exceptions import TestbedError
 from balanceiq.testbed.load import LoadResult, run_load_sync
 from balanceiq.testbed.ports import check_ports_free
-from balanceiq.testbed.scenario import LiveEvent, LiveScenario
+from balanceiq.testbed.scenario import LiveScenario, ScenarioDriver
 from balanceiq.testbed.testbed import Testbed
 
 APP_NAME = "balanceiq"
 
 
-class ScenarioDriver:
-    """Applies a live scenario's events to the backends and tells the controller prices."""
+def _price_feed(http: httpx.Client, api_url: str, token: str) -> Callable[[dict[str, float]], None]:
+    """Tell the controller new prices the way a billing feed would: ``PUT /api/policy``."""
 
-    def __init__(self, settings: Settings, backend_urls: dict[str, str], api_url: str, token: str) -> None:
-        self.endpoints = list(settings.clusters[0].endpoints)
-        self.backend_urls = backend_urls
-        self.api_url = api_url
-        self.token = token
-        self.http = httpx.Client(timeout=5.0, trust_env=False)
-        self.initial: dict[str, dict[str, Any]] = {}
-        for ep in self.endpoints:
-            r = self.http.get(backend_urls[ep.address] + "/control")
-            r.raise_for_status()
-            self.initial[ep.address] = r.json()
+    def send(prices: dict[str, float]) -> None:
+        r = http.put(api_url + "/api/policy", json={"costs": prices}, headers={"Authorization": f"Bearer {token}"})
+        if r.status_code != 200:
+            raise TestbedError(f"PUT /api/policy costs refused ({r.status_code}): {r.text[:300]}")
 
-    def apply(self, event: LiveEvent) -> list[str]:
-        done = []
-        prices: dict[str, float] = {}
-        for ep in event.targets(self.endpoints):
-            url = self.backend_urls[ep.address] + "/control"
-            if event.reset:
-                keep = {k: v for k, v in self.initial[ep.address].items() if k in _RESETTABLE}
-                self.http.post(url, json=keep).raise_for_status()
-                prices[ep.address] = ep.cost_per_million_requests
-            if event.set:
-                self.http.post(url, json=event.set).raise_for_status()
-                if "cost_per_million_requests" in event.set:
-                    prices[ep.address] = float(event.set["cost_per_million_requests"])
-            if event.cost_multiplier is not None:
-                price = ep.cost_per_million_requests * event.cost_multiplier
-                self.http.post(url, json={"cost_per_million_requests": price}).raise_for_status()
-                prices[ep.address] = price
-            done.append(ep.address)
-        if prices:
-            r = self.http.put(self.api_url + "/api/policy", json={"costs": prices},
-                              headers={"Authorization": f"Bearer {self.token}"})  # fmt: skip
-            if r.status_code != 200:
-                raise TestbedError(f"PUT /api/policy costs refused ({r.status_code}): {r.text[:300]}")
-        return done
-
-    def close(self) -> None:
-        self.http.close()
-
-
-_RESETTABLE = ("base_latency_ms", "jitter_ms", "extra_latency_ms", "concurrency", "error_rate",
-               "cost_per_million_requests", "tail_prob", "tail_ms", "healthy")  # fmt: skip
+    return send
 
 
 def _wait_ready(http: httpx.Client, url: str, timeout: float = 90.0) -> dict[str, Any]:
@@ -197,7 +161,7 @@ def run_demo(
             console.print(f"API token: in {token_file if not settings.api.token else 'the config (api.token)'}"
                           f"  e.g. curl -H \"Authorization: Bearer $(cat {token_file})\" ...")  # fmt: skip
             backend_urls = dict(zip([b["name"] for b in tb.backends.specs], tb.backends.urls))
-            driver = ScenarioDriver(settings, backend_urls, api_url, token)
+            driver = ScenarioDriver(list(cluster.endpoints), backend_urls, on_prices=_price_feed(http, api_url, token))
             with console.status("waiting for the first decision and Envoy's ACK"):
                 _wait_ready(http, api_url)
 

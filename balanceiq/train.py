@@ -38,27 +38,35 @@ def load_algo_config(path: Path | None) -> dict[str, Any]:
     return data
 
 
-def build_algo_config(cfg: dict[str, Any], *, scenarios: list[str] | None, num_env_runners: int | None, seed: int = 0) -> Any:
+def build_algo_config(cfg: dict[str, Any], *, scenarios: list[str] | None, num_env_runners: int | None, seed: int = 0,
+                      env: Any = None, env_overrides: dict[str, dict[str, Any]] | None = None) -> Any:
+    """The PPO config. ``env`` (default FleetEnv) and ``env_overrides`` (``env_config``,
+    ``training``, ``env_runners`` replacing the YAML's) select another environment: the CLI
+    passes LiveEnv and :func:`balanceiq.testbed.live_env.live_rllib_overrides` for
+    ``--env live`` (this layer may not import the testbed)."""
     from ray.rllib.algorithms.ppo import PPOConfig
     from ray.rllib.core.rl_module.rl_module import RLModuleSpec
 
     from balanceiq.policy.module import CriticalEndpointModule
     from balanceiq.sim.env import FleetEnv
 
+    over = env_overrides or {}
     env_config = {**cfg.get("env_config", {}), "seed": seed}
     if scenarios:
         env_config["scenarios"] = scenarios
-    runners = dict(cfg.get("env_runners", {}))
+    if "env_config" in over:
+        env_config = {**over["env_config"], "seed": seed}
+    runners = {**cfg.get("env_runners", {}), **over.get("env_runners", {})}
     if num_env_runners is not None:
         runners["num_env_runners"] = num_env_runners
     return (
         PPOConfig()
-        .environment(FleetEnv, env_config=env_config)
+        .environment(env if env is not None else FleetEnv, env_config=env_config)
         .framework("torch")
         .rl_module(rl_module_spec=RLModuleSpec(module_class=CriticalEndpointModule, model_config=cfg.get("model", {})))
         .env_runners(**runners)
         .learners(num_learners=0)
-        .training(**cfg.get("training", {}))
+        .training(**{**cfg.get("training", {}), **over.get("training", {})})
         .debugging(seed=seed, log_level="ERROR")
         .reporting(metrics_num_episodes_for_smoothing=20)
     )
@@ -84,6 +92,8 @@ def train(
     console: Console | None = None,
     on_iteration: Callable[[dict[str, Any]], None] | None = None,
     address: str | None = None,
+    env: Any = None,
+    env_overrides: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Train, save to ``checkpoint_dir``, and return a summary. ``on_iteration`` gets
     each iteration's row (return, loss, steps) as it finishes: the API's progress.
@@ -92,7 +102,10 @@ def train(
     ``ray://host:10001``) instead of starting a local 2-CPU Ray; env runners are then
     placed wherever the cluster has CPUs. It is ignored if Ray is already initialised
     in this process (the caller owns that connection). The checkpoint is written by
-    this process, so ``checkpoint_dir`` is a path on the machine that runs it."""
+    this process, so ``checkpoint_dir`` is a path on the machine that runs it.
+
+    ``env`` / ``env_overrides``: another environment than the simulator (see
+    :func:`build_algo_config`; ``balanceiq train --env live`` passes LiveEnv)."""
     import ray
 
     console = console or Console(stderr=True)
@@ -107,12 +120,15 @@ def train(
         except (ConnectionError, ValueError, ray.exceptions.AuthenticationError) as exc:
             raise ConfigError([("--address", f"cannot connect to Ray at {address!r}: {exc}")]) from exc
     elif own_ray:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        # A private local Ray, even when another Ray runs on this machine: without
+        # --address, training must not land on somebody else's cluster.
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     algo = None
     history: list[dict[str, Any]] = []
     t0 = time.monotonic()
     try:
-        algo = build_algo_config(cfg, scenarios=scenarios, num_env_runners=num_env_runners, seed=seed).build_algo()
+        algo = build_algo_config(cfg, scenarios=scenarios, num_env_runners=num_env_runners, seed=seed, env=env,
+                                 env_overrides=env_overrides).build_algo()
         with Progress(
             TextColumn("training"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
             TextColumn("{task.fields[status]}"), console=console,

@@ -45,7 +45,8 @@ from balanceiq.control.metrics import ControllerMetrics
 from balanceiq.control.records import DecisionLog, DecisionRecord
 from balanceiq.exceptions import BalanceIQError, ControlError, XdsError
 from balanceiq.policy.baselines import PolicyContext, available_mask, lp_decision, make_policy
-from balanceiq.policy.features import encode, estimate_capacity
+from balanceiq.policy.capacity import breaching, live_capacity
+from balanceiq.policy.features import encode
 from balanceiq.policy.lp import objective, traffic_moved
 from balanceiq.policy.reward import RewardWeights, observed_reward
 from balanceiq.telemetry.observation import Observation
@@ -180,45 +181,14 @@ class Controller:
         return PolicyContext(self.shares, self.capacity_hint, self.static_weights, demand, self.policy.k)
 
     def capacity(self, obs: Observation) -> np.ndarray:
-        """Measured capacity (rps / saturation) where the endpoint is loaded enough to
-        tell, else the config hint (what the simulator's env feeds the policy and LP),
-        with unknown ones assumed typical (the median of the known), derated for
-        endpoints breaching the SLO.
-
-        Saturation only shows overload that queues at the backend; a slow dependency or
-        a network problem breaks the SLO with the backend half idle, and the LP, which
-        balances load against capacity, would leave its share alone. So a breaching
-        endpoint's capacity is capped at its current load times ``slo / p95`` (and times
-        ``1 - 2 * error_rate`` for errors): the LP then moves traffic off it in proportion
-        to how far it is out of bounds.
-        """
-        cap = estimate_capacity(obs, self.capacity_hint).astype(np.float64)
-        # An endpoint with no hint and too little load to measure would look capacity-less
-        # to the LP, which could then never send it traffic again: assume it is typical.
-        known = np.isfinite(cap) & (cap > 0)
-        unknown = ~np.isfinite(cap)
-        if known.any() and unknown.any():
-            cap[unknown] = float(np.median(cap[known]))
-        slo = self.policy.reward.slo_ms
-        for i in self.breaching(obs):
-            e = obs.endpoints[i]
-            if not (math.isfinite(e.rps) and e.rps > 0):
-                continue
-            factor = 1.0
-            if math.isfinite(e.p95_ms) and e.p95_ms > slo:
-                factor = min(factor, slo / e.p95_ms)
-            if math.isfinite(e.error_rate):
-                factor = min(factor, max(0.1, 1.0 - 2.0 * e.error_rate))
-            cap[i] = min(cap[i], e.rps * factor) if math.isfinite(cap[i]) else e.rps * factor
-        return cap
+        """The live capacity estimate (:func:`balanceiq.policy.capacity.live_capacity`):
+        measured where loaded enough to tell, else the config hint, unknown ones the
+        median, derated for endpoints breaching the SLO."""
+        return live_capacity(obs, self.capacity_hint, self.policy.reward.slo_ms)
 
     def breaching(self, obs: Observation) -> list[int]:
         """Endpoints in visible trouble: p95 over the SLO or >= 5% errors."""
-        slo = self.policy.reward.slo_ms
-        return [
-            i for i, e in enumerate(obs.endpoints)
-            if (math.isfinite(e.p95_ms) and e.p95_ms > slo) or (math.isfinite(e.error_rate) and e.error_rate >= 0.05)
-        ]  # fmt: skip
+        return breaching(obs, self.policy.reward.slo_ms)
 
     def _critical(self, obs: Observation, ctx: PolicyContext) -> list[int]:
         """K endpoints from the policy's scores, after any endpoint breaching the SLO.

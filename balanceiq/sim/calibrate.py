@@ -48,16 +48,30 @@ holds them to it):
 Which records are used
 ----------------------
 Latency and rates are window aggregates (``observation.window_s``). A record is
-*settled* when its whole window (plus ``settle_margin_s`` for scrape and rule lag; by
-default a quarter window, which is one scrape plus one rule evaluation both for the
-production 10 s window with ~1-2 s scrapes and for exploration's 2 s window with 0.5 s
-scrapes) lies after the last weight change that moved >= 2% of traffic, i.e. it
-measured one split.
-Latency, errors and held-out scores use settled records; the saturation fit of capacity
-uses every record (saturation and rps are averages over the same window, so a window
-spanning a change still obeys ``sat = rps / capacity``). With fewer than ``min_samples``
-settled records an endpoint is fitted on all of them, with a warning. An endpoint counts in a record when it carried traffic,
-was not unhealthy, and none of ``no_traffic/stale/missing/invalid/warming`` is set.
+*settled* when its whole window, plus ``settle_margin_s`` for scrape and rule-evaluation
+lag, lies after the last weight change that moved >= 2% of traffic: it measured one
+split. The margin defaults to a quarter window, which covers one scrape plus one rule
+evaluation both for the production 10 s window (1-2 s scrapes) and for exploration's
+2 s window (0.25 s scrapes). Latency, errors and the held-out scores use settled
+records; the saturation fit of capacity uses every record, since saturation and rps
+average over the same window and a window spanning a change still obeys
+``sat = rps / capacity`` -- except records right after the endpoint's share was cut
+while it was saturated, when a live queue is still draining (see
+:func:`endpoint_samples`). An endpoint with fewer than ``min_samples`` settled records is
+fitted on all of its records, with a warning. An endpoint counts in a record when it
+carried traffic, was not unhealthy, and none of ``no_traffic/stale/missing/invalid/
+warming`` is set.
+
+What the fitted scenario cannot reproduce (and the report shows)
+----------------------------------------------------------------
+* The shape of queueing. M/M/1 puts the whole service time in an exponential sojourn;
+  a backend with several slots and steady service times (the testbed's) stays flat far
+  longer and then turns sharply. With capacity pinned by saturation, the simulator's
+  p95 then overstates the live one below saturation (the report's p95 bias, and a
+  warning when the M/M/1 capacity that would fit the latency curve differs by > 1.5x).
+* Per-endpoint error rates and queueing instead of shedding (see above).
+* Memory: a live queue built during overload drains afterwards; each simulator step is
+  stationary. Robust losses and medians keep such records from steering the fit.
 
 Fit error
 ---------
@@ -91,29 +105,28 @@ from scipy.optimize import least_squares
 
 from balanceiq.exceptions import BalanceIQError
 from balanceiq.sim.fleet import BASE_ERROR, RHO_FULL, RHO_SAT, SATURATION_MAX, TIMEOUT_MS
-from balanceiq.sim.scenario import DemandSpec, EndpointSpec, Scenario, scenario_from_dict
+from balanceiq.sim.scenario import Scenario, scenario_from_dict
 
 __all__ = [
-    "CalibrationError",
     "Calibration",
+    "CalibrationError",
     "EndpointFit",
     "Recording",
+    "backend_truth",
     "calibrate",
     "calibration_error",
+    "fit_endpoint",
+    "fit_summary",
     "model_error_rate",
     "model_inflight",
     "model_quantile_ms",
     "model_saturation",
-    "fit_summary",
     "read_recording",
     "scenario_yaml",
     "write_calibration",
-    "backend_truth",
 ]
 
 LN2 = math.log(2.0)
-K50 = LN2
-K95 = -math.log(0.05)
 
 UNUSABLE_FLAGS = frozenset({"no_traffic", "stale", "missing", "invalid", "warming"})
 """Observation flags that make an endpoint's row of a record unusable for fitting."""
@@ -123,6 +136,10 @@ MIN_MOVED = 0.02
 
 LOW_LOAD_RHO = 0.5
 """Records at or below this utilisation pin the base latency."""
+
+WELL_LOADED_RHO = 0.5
+"""Below this peak utilisation in a recording, capacity (and the latency curve) are
+extrapolated from light load: the report warns."""
 
 
 class CalibrationError(BalanceIQError):
@@ -311,6 +328,7 @@ class Samples:
     inflight: np.ndarray
     settled: np.ndarray  # bool
     cost: np.ndarray
+    draining: np.ndarray  # bool: unsettled, and the last push cut this endpoint's share while it was saturated
 
     def take(self, mask: np.ndarray) -> Samples:
         return Samples(**{k: getattr(self, k)[mask] for k in self.__dataclass_fields__})
@@ -372,17 +390,29 @@ def _moved(a: Mapping[str, float], b: Mapping[str, float]) -> float:
 def endpoint_samples(
     recording: Recording, *, settle_margin_s: float = 1.0, default_window_s: float = 10.0
 ) -> tuple[list[str], dict[str, Samples], np.ndarray]:
-    """``(addresses in first-seen order, samples per address, settled per record)``."""
+    """``(addresses in first-seen order, samples per address, settled per record)``.
+
+    A sample is *draining* when its record is not settled and the last push cut the
+    endpoint's share (by more than 10%) while it was saturated (>= 0.95 at the record
+    before the push): a live queue built up in overload is still being worked off, so
+    the endpoint reads busy under a load it could carry (the simulator has no such
+    memory). The capacity fit leaves these out.
+    """
     records = recording.records
     settled = _settled(records, settle_margin_s, default_window_s)
     rows: dict[str, list[tuple[float, ...]]] = {}
     order: list[str] = []
+    last_sat: dict[str, float] = {}
+    cut: set[str] = set()
     for i, r in enumerate(records):
         for e in r["observation"]["endpoints"]:
             a = e["address"]
             if a not in rows:
                 rows[a] = []
                 order.append(a)
+            sat = _finite(e.get("saturation"))
+            if not math.isnan(sat):
+                last_sat[a] = sat
             if not _usable_row(e):
                 continue
             rows[a].append(
@@ -392,18 +422,28 @@ def endpoint_samples(
                     _finite(e.get("p50_ms")),
                     _finite(e.get("p95_ms")),
                     _finite(e.get("error_rate")),
-                    _finite(e.get("saturation")),
+                    sat,
                     _finite(e.get("inflight")),
                     float(settled[i]),
                     _finite(e.get("cost_per_million")),
+                    float(a in cut and not settled[i]),
                 )
             )
+        if settled[i]:
+            cut.clear()
+        if r.get("pushed") and isinstance(r.get("weights"), dict) and isinstance(r.get("previous"), dict):
+            before = _shares({k: _finite(v) for k, v in r["previous"].items()}) or {}
+            after = _shares({k: _finite(v) for k, v in r["weights"].items()}) or {}
+            cut = {
+                a for a, share in before.items()
+                if after.get(a, 0.0) < 0.9 * share and last_sat.get(a, 0.0) >= 0.95
+            }  # fmt: skip
     out = {}
     for a in order:
-        arr = np.array(rows[a], dtype=np.float64).reshape(-1, 9)
+        arr = np.array(rows[a], dtype=np.float64).reshape(-1, 10)
         out[a] = Samples(
             record=arr[:, 0].astype(np.int64), rps=arr[:, 1], p50=arr[:, 2], p95=arr[:, 3], err=arr[:, 4],
-            sat=arr[:, 5], inflight=arr[:, 6], settled=arr[:, 7] > 0.5, cost=arr[:, 8],
+            sat=arr[:, 5], inflight=arr[:, 6], settled=arr[:, 7] > 0.5, cost=arr[:, 8], draining=arr[:, 9] > 0.5,
         )  # fmt: skip
     return order, out, settled
 
@@ -522,16 +562,17 @@ def _fit_errors(s: Samples, mu: float) -> tuple[float, float | None, int]:
 def fit_endpoint(s: Samples, *, method: str = "auto") -> EndpointFit | None:
     """Capacity, base latency and error behaviour of one endpoint (None: not enough data).
 
-    Capacity from saturation uses every sample: saturation and rps describe the same
-    window (a window spanning a weight change still has ``sat = rps / capacity``; with
-    instantaneous gauges the mismatch averages out over moves up and down). Everything
-    nonlinear in load (latency quantiles, errors) uses the settled samples only.
+    Capacity from saturation uses every sample but the draining ones: saturation and
+    rps describe the same window (a window spanning a weight change still has
+    ``sat = rps / capacity``; with instantaneous gauges the mismatch averages out over
+    moves up and down). Everything nonlinear in load (latency quantiles, errors) uses
+    the settled samples only.
     """
     settled = s.take(s.settled)
     mu = None
     used = method
     if method in ("auto", "saturation"):
-        mu = _fit_capacity_saturation(s)
+        mu = _fit_capacity_saturation(s.take(~s.draining))
         used = "saturation"
     if mu is None and method in ("auto", "latency"):
         fit = _fit_latency_curve(settled)
@@ -717,10 +758,26 @@ def calibrate(
             "held_out": _summarise(held_cat, held_out=True),
             "in_sample": _summarise(in_errs, held_out=False),
         }
+        top = float(rho.max())
+        if top < WELL_LOADED_RHO:
+            warnings.append(
+                f"{a}: the recording loads it to only {top:.0%} of the fitted capacity, which is poorly "
+                f"identified (+-{_pct(per_ep[a]['capacity_rps']['rel_stderr'])}): record with more load on it "
+                "(balanceiq record --rate, or fewer endpoints)"
+            )
         if fit.method == "saturation":
             cross = _fit_latency_curve(s_settled)
             if cross is not None:
                 per_ep[a]["capacity_rps"]["latency_curve_estimate"] = _r(cross[0], 3)
+                ratio = cross[0] / fit.capacity_rps
+                if top >= WELL_LOADED_RHO and not 2 / 3 <= ratio <= 1.5:
+                    bias = per_ep[a]["in_sample"].get("p95") or {}
+                    warnings.append(
+                        f"{a}: latency follows an M/M/1 curve of capacity {cross[0]:.0f} rps, not the "
+                        f"{fit.capacity_rps:.0f} rps saturation shows: the live queueing is "
+                        + ("flatter (several servers, steady service times)" if ratio > 1 else "steeper")
+                        + f" than the simulator's; its p95 is off by {_pct(bias.get('bias'))} (median) in sample"
+                    )
     if not fits:
         raise CalibrationError(
             f"recording {rec.path}: no endpoint could be fitted ({len(rec.records)} usable record(s)); "
@@ -746,7 +803,7 @@ def calibrate(
                 "weight": first_weights.get(a, 1),
             }
         )
-    demand, demand_info = _demand(rec.records, settled)
+    demand, demand_info = _demand(rec.records)
     scenario = scenario_from_dict(
         {
             "name": name,
@@ -826,7 +883,7 @@ def _first_weights(records: Sequence[Mapping[str, Any]], addresses: Sequence[str
     return dict.fromkeys(addresses, 1)
 
 
-def _demand(records: Sequence[Mapping[str, Any]], settled: np.ndarray) -> tuple[dict[str, Any], dict[str, Any]]:
+def _demand(records: Sequence[Mapping[str, Any]]) -> tuple[dict[str, Any], dict[str, Any]]:
     totals = []
     for r in records:
         rps = [_finite(e.get("rps")) for e in r["observation"]["endpoints"]]

@@ -41,6 +41,23 @@ TLS_CTX = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Upstrea
 
 API_TYPES = ("ads-sotw", "ads-delta", "eds-sotw", "eds-delta")
 
+# Not a `lb_policy` enum value but an extension: endpoint weights come from the backends'
+# ORCA load reports (the `endpoint-load-metrics` response header), not from EDS.
+CSWRR = "CLIENT_SIDE_WEIGHTED_ROUND_ROBIN"
+CSWRR_EXTENSION = "envoy.load_balancing_policies.client_side_weighted_round_robin"
+CSWRR_TYPE = (
+    "type.googleapis.com/envoy.extensions.load_balancing_policies."
+    "client_side_weighted_round_robin.v3.ClientSideWeightedRoundRobin"
+)
+
+
+def _lb_config(lb_policy: str) -> dict[str, Any]:
+    """``lb_policy: X`` for Envoy's built-in policies; CSWRR (Envoy's defaults) by extension."""
+    if lb_policy == CSWRR:
+        ext = {"name": CSWRR_EXTENSION, "typed_config": {"@type": CSWRR_TYPE}}
+        return {"load_balancing_policy": {"policies": [{"typed_extension_config": ext}]}}
+    return {"lb_policy": lb_policy}
+
 
 def _host_port(url: str) -> tuple[str, int]:
     u = httpx.URL(url)
@@ -131,7 +148,7 @@ def render_bootstrap(
                 "name": c.name,
                 "type": "EDS",
                 "connect_timeout": "1s",
-                "lb_policy": lb_policy,
+                **_lb_config(lb_policy),
                 "eds_cluster_config": {"service_name": c.name, "eds_config": eds_config},
                 "common_lb_config": {
                     "update_merge_window": f"{settings.envoy.update_merge_window_ms / 1000:g}s"

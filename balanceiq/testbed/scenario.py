@@ -7,7 +7,9 @@ real backends through their ``POST /control``. Each event picks backends by ``cl
 ``healthy``, ``cost_per_million_requests``...), multiplies the configured price by
 ``cost_multiplier``, or ``reset``s them to how the config started them. A price change
 also goes to the controller (``PUT /api/policy`` ``costs``), the way a billing feed
-would tell it; a backend's own ``/metrics`` shows it too.
+would tell it; a backend's own ``/metrics`` shows it too. :class:`ScenarioDriver`
+applies events (the demo and ``balanceiq bench live`` share it); who hears about prices
+is the caller's ``on_prices`` callback.
 
 Example::
 
@@ -20,9 +22,11 @@ Example::
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import httpx
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from balanceiq.config import EndpointConfig, parse_yaml, validation_problems
@@ -125,3 +129,73 @@ def load_live_scenario(name_or_path: str | Path | None = None) -> LiveScenario:
         return LiveScenario.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(validation_problems(exc, LiveScenario), source=str(path)) from exc
+
+
+# What ``reset`` restores from each backend's state at the driver's start (not ``orca``:
+# how a backend reports load is the harness's choice, not part of the scenario).
+RESETTABLE = ("base_latency_ms", "jitter_ms", "extra_latency_ms", "concurrency", "error_rate",
+              "cost_per_million_requests", "tail_prob", "tail_ms", "healthy")  # fmt: skip
+
+
+class ScenarioDriver:
+    """Applies a live scenario's events to the backends through their ``POST /control``.
+
+    ``endpoints`` are the configured endpoints (their ``address`` keys ``backend_urls``
+    and their ``cost_per_million_requests`` is the configured price); ``on_prices`` is
+    called with ``{address: new price}`` whenever an event changes prices (the demo sends
+    them to the controller's API; the benchmark also books them for cost accounting).
+    """
+
+    def __init__(
+        self,
+        endpoints: list[EndpointConfig],
+        backend_urls: dict[str, str],
+        *,
+        on_prices: Callable[[dict[str, float]], None] | None = None,
+        timeout_s: float = 5.0,
+    ) -> None:
+        self.endpoints = list(endpoints)
+        self.backend_urls = backend_urls
+        self.on_prices = on_prices
+        self.http = httpx.Client(timeout=timeout_s, trust_env=False)
+        self.initial: dict[str, dict[str, Any]] = {}
+        try:
+            for ep in self.endpoints:
+                r = self.http.get(backend_urls[ep.address] + "/control")
+                r.raise_for_status()
+                self.initial[ep.address] = r.json()
+        except BaseException:
+            self.http.close()
+            raise
+
+    def apply(self, event: LiveEvent) -> list[str]:
+        """Apply one event; returns the addresses it changed."""
+        done = []
+        prices: dict[str, float] = {}
+        for ep in event.targets(self.endpoints):
+            url = self.backend_urls[ep.address] + "/control"
+            if event.reset:
+                keep = {k: v for k, v in self.initial[ep.address].items() if k in RESETTABLE}
+                self.http.post(url, json=keep).raise_for_status()
+                prices[ep.address] = ep.cost_per_million_requests
+            if event.set:
+                self.http.post(url, json=event.set).raise_for_status()
+                if "cost_per_million_requests" in event.set:
+                    prices[ep.address] = float(event.set["cost_per_million_requests"])
+            if event.cost_multiplier is not None:
+                price = ep.cost_per_million_requests * event.cost_multiplier
+                self.http.post(url, json={"cost_per_million_requests": price}).raise_for_status()
+                prices[ep.address] = price
+            done.append(ep.address)
+        if prices and self.on_prices is not None:
+            self.on_prices(prices)
+        return done
+
+    def close(self) -> None:
+        self.http.close()
+
+    def __enter__(self) -> ScenarioDriver:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

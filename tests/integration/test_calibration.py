@@ -15,15 +15,15 @@ from balanceiq.control.records import DecisionRecord
 from balanceiq.sim.calibrate import backend_truth, calibrate, calibration_error, write_calibration
 from balanceiq.sim.fleet import FleetSim
 from balanceiq.sim.scenario import load_scenario
+from balanceiq.testbed.ports import settings_on_free_ports
 from balanceiq.testbed.record import ExplorationPlan, record_exploration
-from livestack import settings_on_free_ports
 
 pytestmark = pytest.mark.slow
 
 # (base latency ms, concurrency): capacities 98, 49, 98 and 66 rps by concurrency / mean
 # slot hold (base + 0.5 ms of jitter): 311 rps in all against 120 rps of load, so the
-# sweeps (up to 70% of the load on one backend) take each one from idle to at or past
-# capacity, and the latencies sit in different ALS histogram buckets.
+# sweeps (4% to 70% of the load on one backend) take each from nearly idle to 80% of its
+# capacity or past it, and the latencies sit in different ALS histogram buckets.
 INJECTED = [(20.0, 2), (40.0, 2), (30.0, 3), (60.0, 4)]
 
 
@@ -34,23 +34,27 @@ def injected_settings() -> Settings:
     return s.model_copy(update={"testbed": s.testbed.model_copy(update={"overrides": overrides})})
 
 
-@pytest.mark.timeout(170)
+@pytest.mark.timeout(120)
 def test_calibration_recovers_injected_backend_parameters(tmp_path: Path) -> None:
-    """60 s of exploration at 120 rps (4 s holds, 2 s telemetry window), then a fit.
+    """60 s of exploration at 120 rps (4 s holds, 2 s telemetry window, 0.25 s scrapes),
+    then a fit; about 70 s in all.
 
-    Tolerances, from runs on this 2-core box (the same 60 s recording; five runs, some
-    while other test suites loaded the machine to a load average of 10):
+    Measured (``pytest -s`` prints the numbers), seven runs of this recording on this
+    2-core box, two of them with another process spinning on one core:
 
-    * capacity (``concurrency / mean slot hold``) was within 8%, 6%, 16%, 13% and 13% at
-      the worst endpoint, 4-7% on average. Saturation is sampled as busy slots at 0.5 s
-      scrapes (quantised to 1/concurrency), and under CPU contention the backends' event
-      loop really does hold slots longer than configured. Asserted: every endpoint
-      within 30%, the mean within 15%.
+    * capacity (``concurrency / mean slot hold``): worst endpoint 2-9% off, mean over
+      the four 1-4%. The noise is saturation itself: busy slots sampled at each scrape,
+      quantised to 1/concurrency. Earlier runs with 0.5 s scrapes while other suites
+      held the load average near 10 reached 16% at the worst endpoint (under CPU
+      contention the backends' event loop really does hold slots longer than configured).
     * latency (the scenario's unloaded median, ``base + 1000 ln2 / capacity``, against
-      the backend's ``base + jitter/2``) was within 5-19% at the worst endpoint, 3-7% on
-      average. Most of it is the ALS histogram: a latency between 20 and 25 ms reads as
-      22.5 ms (p50 interpolates in the bucket), +10% at 20 ms; contention adds the rest.
-      Asserted: every endpoint within 25%, the mean within 12%.
+      the backend's ``base + jitter/2``): worst endpoint 5-10%, mean 2-5%. Most of it is
+      the ALS histogram: every latency between 20 and 25 ms reads as 22.5 ms (p50
+      interpolates in the bucket), +10% at 20 ms, +8% at 60 ms; contention adds the
+      rest (up to 20% at the worst endpoint in the loaded runs).
+
+    Asserted, with room for a loaded machine: every endpoint within 25% on both, the
+    mean over endpoints within 12%.
 
     The raw ``base_latency_ms`` is not compared: in the simulator it excludes the
     service time, which its M/M/1 sojourn carries (see ``calibration_error``).
@@ -79,14 +83,15 @@ def test_calibration_recovers_injected_backend_parameters(tmp_path: Path) -> Non
     ce = calibration_error(cal, summary["truth"])
     assert ce["missing"] == []
     detail = json.dumps({a: {k: r[k] for k in ("capacity_rps", "latency_ms")} for a, r in ce["endpoints"].items()})
+    print(json.dumps({"capacity": ce["capacity_rel_error"], "latency": ce["latency_rel_error"]}), detail)  # shown with -s
     for address, row in ce["endpoints"].items():
-        assert abs(row["capacity_rps"]["rel_error"]) <= 0.30, detail
+        assert abs(row["capacity_rps"]["rel_error"]) <= 0.25, detail
         assert abs(row["latency_ms"]["rel_error"]) <= 0.25, detail
         ep = report["endpoints"][address]
         assert ep["capacity_rps"]["method"] == "saturation"
         assert ep["capacity_rps"]["rel_stderr"] is not None and ep["held_out"]["p50"] is not None
-        assert ep["utilization"][1] >= 0.6  # the sweep reached high load on every backend
-    assert ce["capacity_rel_error"]["mean_abs"] <= 0.15, detail
+        assert ep["utilization"][1] >= 0.5  # the sweep took every backend to at least half its capacity
+    assert ce["capacity_rel_error"]["mean_abs"] <= 0.12, detail
     assert ce["latency_rel_error"]["mean_abs"] <= 0.12, detail
     truth_caps = {a: backend_truth(t)["capacity_rps"] for a, t in summary["truth"].items()}
     assert all(math.isfinite(c) for c in truth_caps.values())

@@ -381,3 +381,37 @@ def test_explorer_records_decision_lines_that_calibrate(tmp_path: Path) -> None:
     cal = calibrate(path)
     for name, cap, _ in ENDPOINTS:
         assert cal.fits[name].capacity_rps == pytest.approx(cap, rel=0.01)
+
+
+def test_records_draining_an_overload_queue_are_flagged(tmp_path: Path) -> None:
+    """After a push cuts the share of a saturated endpoint, its live queue is still being
+    worked off: unsettled records then read busy under light load, so the capacity fit
+    leaves them out (the simulator has no queue memory)."""
+    from balanceiq.sim.calibrate import endpoint_samples
+
+    def record(seq: int, t: float, sats: tuple[float, float], weights: dict[str, int], pushed: dict[str, int] | None) -> str:
+        obs = {
+            "cluster": "c", "source": "prometheus", "timestamp": t, "window_s": 2.0, "errors": [],
+            "endpoints": [
+                {"address": a, "rps": 30.0, "p50_ms": 20.0, "p95_ms": 25.0, "error_rate": 0.0, "saturation": s,
+                 "inflight": 1.0, "weight": weights[a], "healthy": True, "flags": []}
+                for a, s in zip(("a", "b"), sats)
+            ],
+        }  # fmt: skip
+        return json.dumps({"seq": seq, "timestamp": t, "pushed": pushed is not None, "step_ms": 10.0,
+                           "previous": weights, "weights": pushed or weights, "observation": obs})  # fmt: skip
+
+    even, cut_a = {"a": 500, "b": 500}, {"a": 200, "b": 800}
+    lines = [
+        record(1, 100.0, (1.0, 0.5), even, cut_a),  # a saturated; its share is cut
+        record(2, 101.0, (1.0, 0.6), cut_a, None),  # window spans the cut: a draining
+        record(3, 102.0, (0.6, 0.7), cut_a, None),  # still unsettled: a draining
+        record(4, 103.0, (0.3, 0.7), cut_a, None),  # settled (2 s window + 0.5 s margin)
+        record(5, 104.0, (0.3, 0.7), cut_a, None),
+    ]
+    path = tmp_path / "drain.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    _, samples, settled = endpoint_samples(read_recording(path), settle_margin_s=0.5, default_window_s=2.0)
+    assert settled.tolist() == [True, False, False, True, True]
+    assert samples["a"].draining.tolist() == [False, True, True, False, False]
+    assert not samples["b"].draining.any()  # its share grew: nothing to drain

@@ -1,0 +1,988 @@
+"""`balanceiq bench live`: BalanceIQ against Envoy's own balancers, side by side, live.
+
+Every arm gets the same conditions, one arm after the other:
+
+* **the same testbed**, fresh for each arm on free loopback ports: the configured
+  endpoints' clouds, prices, capacity hints and testbed profiles (``balanceiq.yaml``),
+  the sample backends (delays are ``asyncio`` sleeps, so they cost no CPU; ORCA load
+  reports on in every arm, since one arm needs them), the ALS exporter, one Envoy and
+  Prometheus (scraping every 0.5 s), and an in-process :class:`~balanceiq.xds.server.XdsServer`;
+* **the same open-loop load** (:mod:`balanceiq.testbed.openloop`, in its own process):
+  one arrival schedule (Poisson from ``seed``, or constant) for every arm, latency from
+  the *intended* send time, a bounded number in flight, unsendable requests counted as
+  errors;
+* **the same scenario timeline** (:class:`~balanceiq.testbed.scenario.ScenarioDriver`,
+  as in the demo), scaled uniformly to ``duration_s`` and started after ``warmup_s`` of
+  steady traffic that is not measured.
+
+Arms (``ARMS``): Envoy ``ROUND_ROBIN``, ``LEAST_REQUEST`` and
+``client_side_weighted_round_robin`` (weights from the backends' ORCA reports) with
+equal EDS weights nothing changes; static cost-aware weights
+(:class:`~balanceiq.policy.baselines.CostAwareStatic`, pushed once) over round robin;
+and BalanceIQ (an in-process :class:`~balanceiq.control.controller.Controller` with the
+shipped policy, 2 s interval, 2 s telemetry window, prices from the scenario through
+``ControlPlane.update_policy`` as ``PUT /api/policy`` does) over ``ROUND_ROBIN`` and over
+``LEAST_REQUEST``.
+
+Per arm, over the measured requests: p50/p99/p99.9 latency (every request, failures
+included, from its intended send time), error rate (anything but 2xx, transport errors
+and unsent requests included), ``cost_per_million`` (each request a backend answered
+costs that backend's price *at the time it answered*, prices change mid-run; divided by
+all measured requests), ``slo_attainment`` (2xx within ``slo_ms``), per phase of the
+scenario, and p99 / cost per ``bin_s`` bin for the plot. Before the arms, the rate the
+box sustains is measured (a ramp through the same stack with zero-delay backends), and
+the generator's own overhead (schedule lag, CPU per request, a zero-delay calibration
+directly against one backend).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter, defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import psutil
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+from balanceiq.config import EndpointConfig, Settings
+from balanceiq.exceptions import BalanceIQError, BenchError
+from balanceiq.testbed.openloop import ARRIVALS, OpenLoopResult, latency_summary
+from balanceiq.testbed.ports import settings_on_free_ports
+from balanceiq.testbed.scenario import LiveScenario
+
+# -- the arms ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Arm:
+    name: str
+    label: str
+    lb_policy: str  # Envoy's policy for the cluster
+    weights: str  # "equal" (nothing changes them) | "cost_aware" (pushed once) | "controller"
+    family: str  # "envoy" (Envoy's own balancer, cost-blind) | "static" | "balanceiq"
+
+
+CSWRR = "CLIENT_SIDE_WEIGHTED_ROUND_ROBIN"  # balanceiq.testbed.envoy renders the extension
+ARMS: dict[str, Arm] = {
+    a.name: a
+    for a in (
+        Arm("round_robin", "Envoy ROUND_ROBIN", "ROUND_ROBIN", "equal", "envoy"),
+        Arm("least_request", "Envoy LEAST_REQUEST", "LEAST_REQUEST", "equal", "envoy"),
+        Arm("cswrr", "Envoy CSWRR (ORCA)", CSWRR, "equal", "envoy"),
+        Arm("static_cost_aware", "static cost-aware weights (RR)", "ROUND_ROBIN", "cost_aware", "static"),
+        Arm("balanceiq_rr", "BalanceIQ over ROUND_ROBIN", "ROUND_ROBIN", "controller", "balanceiq"),
+        Arm("balanceiq_lr", "BalanceIQ over LEAST_REQUEST", "LEAST_REQUEST", "controller", "balanceiq"),
+    )
+}
+
+# Defaults: 6 arms x (start + 12 s warm-up + 60 s + stop) plus the capacity ramp fit in
+# 10 minutes on the 2-core machine; see BENCHMARKS.md for the measured runtime.
+DEFAULT_RATE_RPS = 150.0
+DEFAULT_DURATION_S = 60.0
+DEFAULT_WARMUP_S = 12.0  # > CSWRR's default 10 s blackout; the controller's first decisions
+DEFAULT_SLO_MS = 150.0
+CONTROL_INTERVAL_S = 2.0
+TELEMETRY_WINDOW_S = 2.0
+SCRAPE_INTERVAL_S = 0.5
+BIN_S = 2.0
+MAX_INFLIGHT = 1000
+CLIENT_TIMEOUT_S = 11.0  # Envoy's route timeout is 10 s: its 504 is what a client sees
+RAMP_STEP_S = 5.0
+RAMP_FACTORS = (1, 2, 4, 8, 12)
+SUSTAIN_P99_MS = 20.0  # zero-delay backends: anything above is the pipeline queueing
+SUSTAIN_LAG_P99_MS = 10.0
+TOKEN = "bench-live-token-0123456789"
+TARGETS_TEXT = {
+    "p99_vs_least_request": ("p99 <= 0.8 x LEAST_REQUEST", 0.8),
+    "p99_vs_round_robin": ("p99 <= 0.5 x ROUND_ROBIN", 0.5),
+    "p99_vs_cswrr": ("p99 <= 1.0 x CSWRR", 1.0),
+    "cost_vs_best_cost_blind": ("cost <= 0.75 x best cost-blind arm, SLO attainment >= its", 0.75),
+    "errors_vs_envoy_arms": ("error rate <= every Envoy arm's", 1.0),
+}
+
+
+def parse_arms(text: str | None) -> list[Arm]:
+    """``a,b,...`` (default all, in ``ARMS`` order); BenchError naming unknown ones."""
+    if not text:
+        return list(ARMS.values())
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    unknown = [n for n in names if n not in ARMS]
+    if unknown or not names:
+        raise BenchError(f"unknown arm(s) {', '.join(unknown) or '(none given)'}; known: {', '.join(ARMS)}")
+    if len(set(names)) != len(names):
+        raise BenchError(f"--arms names an arm twice: {text}")
+    return [ARMS[n] for n in names]
+
+
+def validate_args(*, rate_rps: float, duration_s: float, warmup_s: float, slo_ms: float, bin_s: float) -> None:
+    problems = []
+    if not (math.isfinite(rate_rps) and 0 < rate_rps <= 2000):
+        problems.append(f"--rate must be in (0, 2000] requests/s (loopback, bounded), got {rate_rps}")
+    if not (math.isfinite(duration_s) and 2 <= duration_s <= 3600):
+        problems.append(f"--duration must be in 2..3600 seconds, got {duration_s}")
+    if not (math.isfinite(warmup_s) and 0 <= warmup_s <= 600):
+        problems.append(f"--warmup must be in 0..600 seconds, got {warmup_s}")
+    if not (math.isfinite(slo_ms) and slo_ms > 0):
+        problems.append(f"--slo-ms must be > 0, got {slo_ms}")
+    if not (math.isfinite(bin_s) and 0.1 <= bin_s <= duration_s):
+        problems.append(f"bin width must be in 0.1..duration seconds, got {bin_s}")
+    if rate_rps * (duration_s + warmup_s) > 1_000_000:
+        problems.append("rate x (duration + warm-up) must stay under 1,000,000 requests per arm")
+    if problems:
+        raise BenchError("; ".join(problems))
+
+
+# -- settings and scenario on free ports ------------------------------------------------------
+
+
+def bench_settings(base: Settings, state_dir: Path) -> tuple[Settings, dict[str, str]]:
+    """``base``'s first cluster (clouds, prices, capacity hints, weights, testbed
+    profiles) with every port free right now, the bench's fast telemetry and control
+    interval, and a fresh state dir. Returns it and {configured address: bench address}."""
+    cluster = base.clusters[0]
+    free = settings_on_free_ports(len(cluster.endpoints), base=base)
+    mapping = {ep.address: new.address for ep, new in zip(cluster.endpoints, free.clusters[0].endpoints)}
+    endpoints = [ep.model_copy(update={"address": mapping[ep.address]}) for ep in cluster.endpoints]
+    overrides = {mapping[a]: p for a, p in base.testbed.overrides.items() if a in mapping}
+    s = free.model_copy(
+        update={
+            "clusters": [cluster.model_copy(update={"endpoints": endpoints})],
+            "testbed": base.testbed.model_copy(update={"overrides": overrides}),
+            "prometheus": free.prometheus.model_copy(update={"scrape_interval_s": SCRAPE_INTERVAL_S}),
+            "telemetry": free.telemetry.model_copy(
+                update={"window_s": TELEMETRY_WINDOW_S, "stale_after_s": 2 * TELEMETRY_WINDOW_S}
+            ),
+            "control": free.control.model_copy(update={"interval_s": CONTROL_INTERVAL_S}),
+            "state_dir": state_dir,
+        }
+    )
+    return s, mapping
+
+
+def remap_scenario(scenario: LiveScenario, mapping: dict[str, str]) -> LiveScenario:
+    """Events naming an ``endpoint`` by its configured address, moved to the bench's."""
+    events = [e.model_copy(update={"endpoint": mapping.get(e.endpoint, e.endpoint)}) if e.endpoint else e
+              for e in scenario.events]  # fmt: skip
+    return scenario.model_copy(update={"events": events})
+
+
+# -- accounting (pure; unit-tested) -----------------------------------------------------------
+
+
+class PriceBook:
+    """Each endpoint's price over time: the configured one, then every change (offsets in
+    seconds from the run's start)."""
+
+    def __init__(self, initial: dict[str, float]) -> None:
+        self.changes: dict[str, list[tuple[float, float]]] = {a: [(-math.inf, float(p))] for a, p in initial.items()}
+
+    def change(self, t: float, prices: dict[str, float]) -> None:
+        for a, p in prices.items():
+            self.changes.setdefault(a, [(-math.inf, math.nan)]).append((float(t), float(p)))
+            self.changes[a].sort(key=lambda tp: tp[0])
+
+    def price_at(self, address: str, t: np.ndarray) -> np.ndarray:
+        ch = self.changes.get(address)
+        if not ch:
+            return np.full(np.shape(t), math.nan)
+        times = np.array([c[0] for c in ch])
+        prices = np.array([c[1] for c in ch])
+        idx = np.searchsorted(times, np.asarray(t, dtype=np.float64), side="right") - 1
+        return prices[np.clip(idx, 0, len(prices) - 1)]
+
+    def request_prices(self, res: OpenLoopResult) -> np.ndarray:
+        """Price (per million) of each request, at the time a backend answered it; 0 for
+        requests no backend answered (Envoy's own errors, transport errors, unsent)."""
+        out = np.zeros(len(res), dtype=np.float64)
+        done = res.completed_s
+        for ix, name in enumerate(res.backends):
+            m = res.backend == ix
+            if m.any():
+                out[m] = self.price_at(name, done[m])
+        return out
+
+
+def _r(x: float | None, digits: int = 3) -> float | None:
+    return None if x is None or not math.isfinite(x) else round(float(x), digits)
+
+
+def group_metrics(res: OpenLoopResult, mask: np.ndarray, prices: np.ndarray, slo_ms: float,
+                  clouds: dict[str, str] | None = None) -> dict[str, Any]:  # fmt: skip
+    """The headline numbers over the requests in ``mask``."""
+    n = int(mask.sum())
+    ok = res.ok & mask
+    lat = res.latency_ms[mask]
+    s = latency_summary(lat)
+    out: dict[str, Any] = {
+        "requests": n,
+        "p50_ms": s["p50"], "p99_ms": s["p99"], "p999_ms": s["p999"], "max_ms": s["max"],
+        "error_rate": _r((n - int(ok.sum())) / n, 5) if n else None,
+        "errors": n - int(ok.sum()),
+        "cost_per_million": _r(float(prices[mask].sum()) / n, 4) if n else None,
+        "slo_attainment": _r(float((ok & (res.latency_ms <= slo_ms)).sum()) / n, 5) if n else None,
+    }  # fmt: skip
+    if clouds is not None and n:
+        share: Counter[str] = Counter()
+        for ix, name in enumerate(res.backends):
+            share[clouds.get(name, name)] += int(((res.backend == ix) & mask).sum())
+        share["(no backend)"] = int(((res.backend < 0) & mask).sum())
+        out["share_by_cloud"] = {c: round(v / n, 4) for c, v in sorted(share.items()) if v}
+    return out
+
+
+def arm_metrics(res: OpenLoopResult, *, warmup_s: float, scale: float, scenario: LiveScenario, prices: PriceBook,
+                slo_ms: float, bin_s: float, clouds: dict[str, str]) -> dict[str, Any]:  # fmt: skip
+    """Headline numbers over the measured requests (intended at or after ``warmup_s``),
+    per scenario phase, and per ``bin_s`` bin (warm-up included, for the plot)."""
+    p = prices.request_prices(res)
+    measured = res.intended_s >= warmup_s
+    out = group_metrics(res, measured, p, slo_ms, clouds)
+    out["warmup_requests"] = int((~measured).sum())
+    t_scen = (res.intended_s - warmup_s) / scale  # in the scenario file's own seconds
+    phases = []
+    bounds = [0.0] + [e.at_s for e in scenario.events] + [scenario.duration_s]
+    names = ["start"] + [e.name for e in scenario.events]
+    for name, lo, hi in zip(names, bounds[:-1], bounds[1:]):
+        if hi <= lo:
+            continue
+        m = measured & (t_scen >= lo) & (t_scen < hi)
+        phases.append({"phase": name, "from_s": round(lo * scale, 2), "to_s": round(hi * scale, 2),
+                       **group_metrics(res, m, p, slo_ms, clouds)})  # fmt: skip
+    out["phases"] = phases
+    t = res.intended_s - warmup_s
+    n_bins = int(math.floor((float(t.max()) + warmup_s) / bin_s)) + 1 if len(res) else 0
+    bins: dict[str, list[Any]] = {"t_s": [], "p99_ms": [], "p50_ms": [], "error_rate": [], "cost_per_million": [],
+                                  "requests": []}  # fmt: skip
+    for lo in (-warmup_s + k * bin_s for k in range(n_bins)):
+        m = (t >= lo) & (t < lo + bin_s)
+        k = int(m.sum())
+        if not k:
+            continue
+        ls = latency_summary(res.latency_ms[m])
+        bins["t_s"].append(round(float(lo + bin_s / 2), 3))
+        bins["p99_ms"].append(ls["p99"])
+        bins["p50_ms"].append(ls["p50"])
+        bins["error_rate"].append(round(1 - float(res.ok[m].sum()) / k, 5))
+        bins["cost_per_million"].append(round(float(p[m].sum()) / k, 4))
+        bins["requests"].append(k)
+    out["bins"] = bins
+    return out
+
+
+def evaluate_targets(arms: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Issue #7's targets for each BalanceIQ arm present, against the Envoy arms present.
+
+    "Best" BalanceIQ arm: lowest p99. The cost target's reference is the cost-blind
+    (Envoy) arm with the highest SLO attainment (lower p99 breaks a tie)."""
+    biq = {n: a for n, a in arms.items() if ARMS.get(n) and ARMS[n].family == "balanceiq"}
+    envoy = {n: a for n, a in arms.items() if ARMS.get(n) and ARMS[n].family == "envoy"}
+    out: dict[str, Any] = {"by_arm": {}, "best_arm": None}
+    if not biq:
+        out["note"] = "no BalanceIQ arm ran: nothing to evaluate"
+        return out
+
+    def p99(a: dict[str, Any]) -> float:
+        v = a.get("p99_ms")
+        return math.inf if v is None else float(v)
+
+    best_blind = None
+    if envoy:
+        best_blind = max(envoy, key=lambda n: (envoy[n].get("slo_attainment") or 0.0, -p99(envoy[n])))
+    for name, a in biq.items():
+        res: dict[str, Any] = {}
+        for key, ref in (("p99_vs_least_request", "least_request"), ("p99_vs_round_robin", "round_robin"),
+                         ("p99_vs_cswrr", "cswrr")):  # fmt: skip
+            text, limit = TARGETS_TEXT[key]
+            if ref in arms and arms[ref].get("p99_ms"):
+                ratio = p99(a) / float(arms[ref]["p99_ms"])
+                res[key] = {"target": text, "ratio": _r(ratio, 3), "limit": limit, "met": bool(ratio <= limit)}
+            else:
+                res[key] = {"target": text, "ratio": None, "limit": limit, "met": None, "note": f"{ref} did not run"}
+        text, limit = TARGETS_TEXT["cost_vs_best_cost_blind"]
+        if best_blind is not None and envoy[best_blind].get("cost_per_million"):
+            ref = envoy[best_blind]
+            ratio = float(a["cost_per_million"]) / float(ref["cost_per_million"])
+            slo_ok = (a.get("slo_attainment") or 0.0) >= (ref.get("slo_attainment") or 0.0)
+            res["cost_vs_best_cost_blind"] = {
+                "target": text, "reference": best_blind, "ratio": _r(ratio, 3), "limit": limit,
+                "slo_attainment": a.get("slo_attainment"), "reference_slo_attainment": ref.get("slo_attainment"),
+                "met": bool(ratio <= limit and slo_ok), "cost_met": bool(ratio <= limit), "slo_met": bool(slo_ok),
+            }  # fmt: skip
+        else:
+            res["cost_vs_best_cost_blind"] = {"target": text, "met": None, "note": "no cost-blind arm ran"}
+        text, _ = TARGETS_TEXT["errors_vs_envoy_arms"]
+        if envoy:
+            worst_ok = all((a.get("error_rate") or 0.0) <= (e.get("error_rate") or 0.0) for e in envoy.values())
+            res["errors_vs_envoy_arms"] = {
+                "target": text, "error_rate": a.get("error_rate"),
+                "envoy_error_rates": {n: e.get("error_rate") for n, e in envoy.items()}, "met": bool(worst_ok),
+            }  # fmt: skip
+        else:
+            res["errors_vs_envoy_arms"] = {"target": text, "met": None, "note": "no Envoy arm ran"}
+        out["by_arm"][name] = res
+    best = min(biq, key=lambda n: p99(biq[n]))
+    out["best_arm"] = best
+    out["best"] = out["by_arm"][best]
+    out["met"] = {k: v.get("met") for k, v in out["best"].items()}
+    return out
+
+
+# -- processes ---------------------------------------------------------------------------------
+
+
+_ROLES = (
+    ("balanceiq.testbed.openloop", "generator"),
+    ("balanceiq.testbed.backend", "backends"),
+    ("balanceiq.telemetry.als", "als"),
+    ("envoy", "envoy"),
+    ("prometheus", "prometheus"),
+)
+
+
+def _cpu_snapshot() -> tuple[dict[int, tuple[str, float]], dict[int, float]]:
+    """CPU seconds so far of this process ("harness": xDS server, controller, scenario
+    driver) and its children by role, and of every other process on the machine."""
+    me = psutil.Process()
+    ours: dict[int, tuple[str, float]] = {}
+    for p in [me, *me.children(recursive=True)]:
+        try:
+            cmd = " ".join(p.cmdline())
+            t = p.cpu_times()
+        except psutil.Error:
+            continue
+        role = "harness" if p.pid == me.pid else next((r for k, r in _ROLES if k in cmd), "other")
+        ours[p.pid] = (role, t.user + t.system)
+    foreign: dict[int, float] = {}
+    for p in psutil.process_iter(["pid", "cpu_times"]):
+        if p.info["pid"] in ours or p.info["cpu_times"] is None:
+            continue
+        foreign[p.info["pid"]] = p.info["cpu_times"].user + p.info["cpu_times"].system
+    return ours, foreign
+
+
+def _cpu_delta(before: tuple[dict[int, tuple[str, float]], dict[int, float]], seconds: float) -> dict[str, Any]:
+    ours0, foreign0 = before
+    ours1, foreign1 = _cpu_snapshot()
+    agg: dict[str, float] = defaultdict(float)
+    for pid, (role, cpu) in ours1.items():
+        agg[role] += cpu - ours0.get(pid, (role, 0.0))[1]
+    # Per pid, so processes that ended meanwhile do not cancel others' use (their own
+    # last stretch is missed: a lower bound).
+    foreign = sum(max(0.0, cpu - foreign0.get(pid, 0.0)) for pid, cpu in foreign1.items())
+    if seconds <= 0:
+        return {}
+    return {
+        "ours_cores": {r: round(v / seconds, 3) for r, v in sorted(agg.items(), key=lambda kv: -kv[1])},
+        "other_processes_cores": round(foreign / seconds, 2),
+    }
+
+
+def _alive(pids: set[int], wait_s: float = 10.0) -> list[str]:
+    deadline = time.monotonic() + wait_s
+    while True:
+        alive = []
+        for pid in pids:
+            try:
+                p = psutil.Process(pid)
+                if p.status() != psutil.STATUS_ZOMBIE:
+                    alive.append(f"{pid} {' '.join(p.cmdline())[:80]}")
+            except psutil.Error:
+                pass
+        if not alive or time.monotonic() > deadline:
+            return alive
+        time.sleep(0.3)
+
+
+Inspect = Callable[["Stack", OpenLoopResult], Any]
+
+
+class Generator:
+    """The open-loop generator as a child process: started, handed t=0, waited for."""
+
+    def __init__(self, url: str, *, rate_rps: float, duration_s: float, arrivals: str, seed: int, out: Path,
+                 max_inflight: int = MAX_INFLIGHT, timeout_s: float = CLIENT_TIMEOUT_S) -> None:  # fmt: skip
+        self.out = out
+        self.duration_s = duration_s
+        self.timeout_s = timeout_s
+        argv = [
+            sys.executable, "-m", "balanceiq.testbed.openloop", "--url", url, "--rate", f"{rate_rps:g}",
+            "--duration", f"{duration_s:g}", "--arrivals", arrivals, "--seed", str(seed),
+            "--max-inflight", str(max_inflight), "--timeout", f"{timeout_s:g}", "--start-at", "-", "--out", str(out),
+        ]  # fmt: skip
+        self.err_path = out.with_suffix(".stderr")
+        with open(self.err_path, "wb") as err:
+            self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, text=True)
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if line.strip() != "ready":
+            self.stop()
+            raise BenchError(f"load generator did not start: {self.err_path.read_text(errors='replace')[-500:]}")
+        self.start_wall = math.nan
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def start(self, lead_s: float = 0.3) -> float:
+        """Fix t=0 ``lead_s`` from now; returns it (epoch seconds)."""
+        self.start_wall = time.time() + lead_s
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(f"{self.start_wall!r}\n")
+        self.proc.stdin.close()
+        return self.start_wall
+
+    def wait(self, on_tick: Callable[[float], None] | None = None) -> OpenLoopResult:
+        deadline = self.start_wall + self.duration_s + self.timeout_s + 30
+        while self.proc.poll() is None:
+            if time.time() > deadline:
+                self.stop()
+                raise BenchError("load generator overran its schedule by 30 s; killed")
+            if on_tick is not None:
+                on_tick(time.time() - self.start_wall)
+            time.sleep(0.25)
+        if self.proc.returncode != 0 or not self.out.exists():
+            raise BenchError(f"load generator exited {self.proc.returncode}: "
+                             f"{self.err_path.read_text(errors='replace')[-500:]}")  # fmt: skip
+        return OpenLoopResult.from_json(json.loads(self.out.read_text()))
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(5)
+        for f in (self.proc.stdin, self.proc.stdout):
+            with contextlib.suppress(Exception):
+                if f is not None:
+                    f.close()
+
+
+# -- one stack ----------------------------------------------------------------------------------
+
+
+class Stack:
+    """xDS server + testbed (backends with ORCA on, ALS, Envoy with ``lb_policy``,
+    Prometheus) on free ports; ``stop()`` stops all of it. Records every child pid."""
+
+    def __init__(self, base: Settings, workdir: Path, lb_policy: str) -> None:
+        from balanceiq.testbed.testbed import Testbed
+        from balanceiq.xds.server import XdsServer
+
+        self.settings, self.mapping = bench_settings(base, workdir / "state")
+        self.cluster = self.settings.clusters[0]
+        self.pids: set[int] = set()
+        self.xds = XdsServer(self.settings, state_dir=workdir / "state")
+        self.testbed: Any = None
+        try:
+            self.xds.start()
+            self.testbed = Testbed(self.settings, workdir / "tb", lb_policy=lb_policy)
+            self.testbed.start()
+            tb = self.testbed
+            self.pids = {p for p in (tb.backends.pid, tb.envoy.pid, tb.als.pid if tb.als else None,
+                                     tb.prometheus.pid if tb.prometheus else None) if p}  # fmt: skip
+            self.backend_urls = dict(zip([b["name"] for b in self.testbed.backends.specs], self.testbed.backends.urls))
+            self.http = httpx.Client(timeout=5.0, trust_env=False)
+        except BaseException:
+            self.stop()
+            raise
+
+    @property
+    def proxy_url(self) -> str:
+        return str(self.testbed.envoy.listen_url) + "/"
+
+    def control_all(self, update: dict[str, Any]) -> None:
+        for url in self.backend_urls.values():
+            self.http.post(url + "/control", json=update).raise_for_status()
+
+    def wait_routable(self, timeout_s: float = 30.0) -> None:
+        """Until Envoy has every endpoint from EDS and none fails its health check."""
+        from balanceiq.testbed.envoy import endpoint_health
+
+        deadline = time.monotonic() + timeout_s
+        last: Any = None
+        while time.monotonic() < deadline:
+            try:
+                health = endpoint_health(self.testbed.envoy.clusters_json(), self.cluster.name)
+                last = health
+                if set(health) == set(self.backend_urls) and not any(health.values()):
+                    return
+            except (httpx.HTTPError, ValueError) as exc:
+                last = repr(exc)
+            time.sleep(0.2)
+        raise BenchError(f"Envoy did not get every endpoint healthy within {timeout_s:.0f}s: {last}")
+
+    def push(self, weights: dict[str, int], timeout_s: float = 5.0) -> str:
+        version = self.xds.set_assignment(self.cluster.name, weights, {})
+        if not self.xds.wait_for_ack(version, None, timeout_s):
+            raise BenchError(f"Envoy did not ACK the static weights (version {version}) within {timeout_s:.0f}s")
+        return version
+
+    def envoy_weights(self) -> dict[str, int]:
+        from balanceiq.testbed.envoy import endpoint_weights
+
+        return endpoint_weights(self.testbed.envoy.clusters_json(), self.cluster.name)
+
+    def stop(self) -> None:
+        with contextlib.suppress(Exception):
+            self.http.close()
+        if self.testbed is not None:
+            self.testbed.stop()
+        self.xds.stop()
+
+
+def cost_aware_weights(cluster: Any) -> dict[str, int]:
+    """:class:`CostAwareStatic` on the configured prices and capacity hints, as weights."""
+    from balanceiq.policy.baselines import CostAwareStatic, PolicyContext
+    from balanceiq.telemetry.observation import EndpointObservation, Observation
+
+    eps: list[EndpointConfig] = list(cluster.endpoints)
+    obs = Observation(
+        cluster=cluster.name, source="api",
+        endpoints=tuple(EndpointObservation(address=e.address, cost_per_million=e.cost_per_million_requests,
+                                            healthy=True) for e in eps),
+    )  # fmt: skip
+    n = len(eps)
+    ctx = PolicyContext(
+        shares=np.full(n, 1.0 / n),
+        capacity_hint=np.array([e.capacity_rps or math.nan for e in eps], dtype=np.float64),
+        static_weights=np.array([e.weight for e in eps], dtype=np.float64),
+        demand_rps=0.0, k=1,
+    )  # fmt: skip
+    d = CostAwareStatic().decide(obs, ctx)
+    return {e.address: int(w) for e, w in zip(eps, d.weights)}
+
+
+# -- the rate the box sustains, and the generator's own overhead --------------------------------
+
+
+def measure_capacity(base: Settings, rate_rps: float, workdir: Path, *, arrivals: str, seed: int,
+                     console: Console) -> dict[str, Any]:  # fmt: skip
+    """A stack like the arms' (ROUND_ROBIN) with every backend at zero delay and no
+    concurrency limit, so only CPU limits it: (1) the generator alone against one
+    backend at ``rate_rps`` (its latency floor, schedule lag, CPU per request); (2) a
+    ramp through Envoy at 1, 2, 4, 8, 12 x ``rate_rps`` (at most 2,000), ``RAMP_STEP_S`` each, stopping at
+    the first rate not sustained (any error, p99 > ``SUSTAIN_P99_MS`` or schedule lag
+    p99 > ``SUSTAIN_LAG_P99_MS``)."""
+    out: dict[str, Any] = {"criteria": {"errors": 0, "p99_ms_max": SUSTAIN_P99_MS,
+                                        "schedule_lag_p99_ms_max": SUSTAIN_LAG_P99_MS, "step_s": RAMP_STEP_S}}  # fmt: skip
+    stack = Stack(base, workdir, "ROUND_ROBIN")
+    pids = set(stack.pids)
+    try:
+        stack.control_all({"base_latency_ms": 0.0, "jitter_ms": 0.0, "extra_latency_ms": 0.0, "tail_prob": 0.0,
+                           "concurrency": 100000, "error_rate": 0.0, "orca": True})  # fmt: skip
+        stack.wait_routable()
+
+        def run(url: str, rate: float, name: str) -> OpenLoopResult:
+            g = Generator(url, rate_rps=rate, duration_s=RAMP_STEP_S, arrivals=arrivals, seed=seed,
+                          out=workdir / f"{name}.json")  # fmt: skip
+            pids.add(g.pid)
+            g.start()
+            return g.wait()
+
+        direct_url = next(iter(stack.backend_urls.values())) + "/"
+        with console.status(f"capacity: the generator alone against a zero-delay backend at {rate_rps:g} req/s"):
+            r = run(direct_url, rate_rps, "calibration-direct")
+        out["generator_calibration"] = {
+            "what": "generator -> one zero-delay backend directly (no Envoy), open loop",
+            "rate_rps": rate_rps, **_step_summary(r),
+        }
+        steps = []
+        sustained = None
+        for f in RAMP_FACTORS:
+            rate = rate_rps * f
+            if rate > 2000:
+                break
+            with console.status(f"capacity: {rate:g} req/s through Envoy to zero-delay backends"):
+                r = run(stack.proxy_url, rate, f"ramp-{rate:g}")
+            s = _step_summary(r)
+            ok = (s["errors"] == 0 and (s["latency_ms"]["p99"] or math.inf) <= SUSTAIN_P99_MS
+                  and (s["schedule_lag_ms"]["p99"] or 0.0) <= SUSTAIN_LAG_P99_MS)  # fmt: skip
+            steps.append({"rate_rps": rate, "sustained": ok, **s})
+            if not ok:
+                break
+            sustained = rate
+        out["ramp"] = steps
+        out["sustainable_rps"] = sustained
+        out["sustainable_is_lower_bound"] = bool(steps and steps[-1]["sustained"])
+    finally:
+        stack.stop()
+    out["leftover_processes"] = _alive(pids)
+    return out
+
+
+def _step_summary(r: OpenLoopResult) -> dict[str, Any]:
+    s = r.summary()
+    o = r.overhead()
+    return {
+        "requests": s["requests"], "errors": s["errors"], "achieved_rps": round(s["ok"] / r.duration_s, 1)
+        if r.duration_s else None, "latency_ms": {k: s["latency_ms"][k] for k in ("p50", "p99", "p999", "max")},
+        "schedule_lag_ms": o["schedule_lag_ms"], "cpu_ms_per_request": o["cpu_ms_per_request"],
+        "generator_cores": o["cpu_cores"], "peak_inflight": o["peak_inflight"],
+    }  # fmt: skip
+
+
+# -- one arm ------------------------------------------------------------------------------------
+
+
+def run_arm(arm: Arm, base: Settings, scenario: LiveScenario, workdir: Path, *, rate_rps: float, duration_s: float,
+            warmup_s: float, arrivals: str, seed: int, slo_ms: float, bin_s: float, scorer: Any,
+            progress: Progress | None = None, inspect: Inspect | None = None) -> dict[str, Any]:  # fmt: skip
+    """One arm on a fresh stack; returns its metrics (and the pids it started).
+
+    ``inspect(stack, result)`` runs after the load, before teardown (tests read the
+    backends' own counters there); what it returns is kept under ``"inspect"``."""
+    from balanceiq.testbed.scenario import ScenarioDriver
+
+    t_arm = time.monotonic()
+    stack = Stack(base, workdir, arm.lb_policy)
+    pids = set(stack.pids)
+    cluster = stack.cluster
+    clouds = {ep.address: ep.cloud for ep in cluster.endpoints}
+    scen = remap_scenario(scenario, stack.mapping)
+    scale = duration_s / scenario.duration_s
+    book = PriceBook({ep.address: ep.cost_per_million_requests for ep in cluster.endpoints})
+    plane: Any = None
+    telemetry: Any = None
+    driver: ScenarioDriver | None = None
+    gen: Generator | None = None
+    applied: list[dict[str, Any]] = []
+    failures: list[str] = []
+    stop = threading.Event()
+    thread: threading.Thread | None = None
+    info: dict[str, Any] = {"label": arm.label, "lb_policy": arm.lb_policy, "weights": arm.weights, "family": arm.family}
+    try:
+        stack.control_all({"orca": True})  # every arm: the same backends, the same response headers
+        stack.wait_routable()
+        if arm.weights == "cost_aware":
+            w = cost_aware_weights(cluster)
+            stack.push(w)
+            info["static_weights"] = w
+        elif arm.weights == "controller":
+            from balanceiq.control.controller import Controller
+            from balanceiq.control.xds_client import LocalXdsClient
+            from balanceiq.serve.plane import ControlPlane
+            from balanceiq.telemetry.observe import Telemetry
+
+            telemetry = Telemetry(stack.settings, retry_s=0.5)
+            controller = Controller(stack.settings, telemetry, LocalXdsClient(stack.xds), scorer)
+            plane = ControlPlane(stack.settings, controller, token=TOKEN)
+
+        def on_prices(prices: dict[str, float]) -> None:
+            book.change(time.time() - gen.start_wall if gen else 0.0, prices)
+            if plane is not None:  # what PUT /api/policy {"costs": ...} does
+                plane.update_policy({"costs": prices})
+
+        driver = ScenarioDriver(list(cluster.endpoints), stack.backend_urls, on_prices=on_prices)
+        gen = Generator(stack.proxy_url, rate_rps=rate_rps, duration_s=warmup_s + duration_s, arrivals=arrivals,
+                        seed=seed, out=workdir / "load.json")  # fmt: skip
+        pids.add(gen.pid)
+        if plane is not None:
+            plane.start()
+        cpu0 = _cpu_snapshot()
+        start = gen.start()
+
+        def replay() -> None:
+            assert driver is not None
+            for ev in scen.events:
+                at = start + warmup_s + ev.at_s * scale
+                while (wait := at - time.time()) > 0:
+                    if stop.wait(min(wait, 0.5)):
+                        return
+                try:
+                    hit = driver.apply(ev)
+                    applied.append({"name": ev.name, "at_s": round(ev.at_s * scale, 3),
+                                    "applied_s": round(time.time() - start - warmup_s, 3), "endpoints": hit})  # fmt: skip
+                except Exception as exc:  # report it; the arm's numbers would be wrong
+                    failures.append(f"event {ev.name!r}: {type(exc).__name__}: {exc}")
+
+        thread = threading.Thread(target=replay, name="bench-live-scenario", daemon=True)
+        thread.start()
+        task = progress.add_task(f"{arm.name}", total=warmup_s + duration_s) if progress else None
+
+        def tick(elapsed: float) -> None:
+            if progress is not None and task is not None:
+                phase = "warm-up" if elapsed < warmup_s else scen.phase_at((elapsed - warmup_s) / scale)
+                progress.update(task, completed=min(max(elapsed, 0.0), warmup_s + duration_s),
+                                description=f"{arm.name:<18} {phase[:22]}")  # fmt: skip
+
+        res = gen.wait(tick)
+        wall = time.time() - start
+        cpu = _cpu_delta(cpu0, wall)
+        if progress is not None and task is not None:
+            progress.update(task, completed=warmup_s + duration_s, visible=False)
+        stop.set()
+        thread.join(10)
+        if failures:
+            raise BenchError(f"arm {arm.name}: scenario events failed: {'; '.join(failures)}")
+        if plane is not None:
+            info["controller"] = _controller_summary(plane.controller, start, warmup_s)
+        elif arm.family == "envoy" and arm.lb_policy == CSWRR:
+            info["envoy_weights_at_end"] = stack.envoy_weights()  # CSWRR's own, from ORCA
+        if inspect is not None:
+            info["inspect"] = inspect(stack, res)
+    finally:
+        stop.set()
+        if thread is not None:
+            thread.join(10)
+        if plane is not None:
+            plane.stop()
+        if telemetry is not None:
+            telemetry.close()
+        if driver is not None:
+            driver.close()
+        if gen is not None:
+            gen.stop()
+        stack.stop()
+    m = arm_metrics(res, warmup_s=warmup_s, scale=scale, scenario=scenario, prices=book, slo_ms=slo_ms, bin_s=bin_s,
+                    clouds=clouds)  # fmt: skip
+    return {
+        **info, **m, "events": applied, "generator": res.overhead(), "cpu": cpu,
+        "price_changes": {a: [[_r(t, 3), p] for t, p in ch[1:]] for a, ch in book.changes.items() if len(ch) > 1},
+        "backends": {a: clouds[a] for a in clouds}, "wall_s": round(time.monotonic() - t_arm, 1),
+        "_pids": sorted(pids),
+    }
+
+
+def _controller_summary(controller: Any, start_wall: float, warmup_s: float) -> dict[str, Any]:
+    recs = list(reversed(controller.log.recent(100000)))
+    modes = Counter(r.mode for r in recs)
+    clouds = {ep.address: ep.cloud for ep in controller.cluster.endpoints}
+    timeline = []
+    for r in recs:
+        total = sum(r.weights.values()) or 1
+        by_cloud: dict[str, float] = defaultdict(float)
+        for a, w in r.weights.items():
+            by_cloud[clouds.get(a, a)] += w / total
+        timeline.append({"t_s": round(r.timestamp - start_wall - warmup_s, 2), "mode": r.mode, "pushed": r.pushed,
+                         "share_by_cloud": {c: round(v, 3) for c, v in sorted(by_cloud.items())}})  # fmt: skip
+    return {
+        "decisions": len(recs), "modes": dict(modes), "pushes": sum(1 for r in recs if r.pushed),
+        "errors": sum(1 for r in recs if r.error), "weight_timeline": timeline,
+    }
+
+
+# -- output -------------------------------------------------------------------------------------
+
+
+HEADLINE = ("p50_ms", "p99_ms", "p999_ms", "error_rate", "cost_per_million", "slo_attainment", "requests")
+
+
+def markdown_table(result: dict[str, Any]) -> str:
+    """The per-arm table (as in BENCHMARKS.md)."""
+    slo = result["setup"]["slo_ms"]
+    lines = [
+        f"| arm | p50 ms | p99 ms | p99.9 ms | error rate | $ / M req | SLO attainment (≤ {slo:g} ms) | requests |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+
+    def f(v: Any, spec: str) -> str:
+        return "—" if v is None else format(v, spec)
+
+    best = (result.get("targets") or {}).get("best_arm")
+    for name, a in result["arms"].items():
+        label = f"**{a['label']}**" if name == best else a["label"]
+        lines.append(
+            f"| {label} | {f(a['p50_ms'], '.1f')} | {f(a['p99_ms'], '.0f')} | {f(a['p999_ms'], '.0f')} | "
+            f"{f(None if a['error_rate'] is None else 100 * a['error_rate'], '.2f')} % | "
+            f"{f(a['cost_per_million'], '.3f')} | {f(None if a['slo_attainment'] is None else 100 * a['slo_attainment'], '.2f')} % | "
+            f"{a['requests']} |"
+        )
+    return "\n".join(lines)
+
+
+def plot(result: dict[str, Any], path: Path) -> Path:
+    """p99 per bin (log scale) and $ per million per bin, one line per arm; events as
+    vertical lines; the warm-up shaded."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(13, 7), sharex=True, gridspec_kw={"height_ratios": [2, 1]})
+    styles = {"envoy": "-", "static": ":", "balanceiq": "-"}
+    for name, a in result["arms"].items():
+        b = a["bins"]
+        lw = 2.2 if a["family"] == "balanceiq" else 1.3
+        ax1.plot(b["t_s"], [v if v is not None else float("nan") for v in b["p99_ms"]], styles.get(a["family"], "-"),
+                 label=a["label"], linewidth=lw, drawstyle="steps-mid")  # fmt: skip
+        ax2.plot(b["t_s"], b["cost_per_million"], styles.get(a["family"], "-"), label=a["label"], linewidth=lw,
+                 drawstyle="steps-mid")
+    warm = result["setup"]["warmup_s"]
+    events = next((a["events"] for a in result["arms"].values() if a["events"]), [])
+    for ax in (ax1, ax2):
+        ax.axvspan(-warm, 0, color="0.92", zorder=0)
+        for ev in events:
+            ax.axvline(ev["applied_s"], color="0.35", linestyle="--", linewidth=0.9)
+    for ev in events:
+        ax1.annotate(ev["name"], (ev["applied_s"], 1.0), xycoords=("data", "axes fraction"), rotation=90,
+                     va="top", ha="right", fontsize=8, color="0.25")  # fmt: skip
+    ax1.annotate("warm-up (not measured)", (-warm, 0.0), xycoords=("data", "axes fraction"), va="bottom", fontsize=8,
+                 color="0.4")  # fmt: skip
+    ax1.axhline(result["setup"]["slo_ms"], color="tab:red", linewidth=0.8, alpha=0.6)
+    ax1.set_yscale("log")
+    ax1.set_ylabel(f"p99 latency per {result['setup']['bin_s']:g} s (ms)")
+    ax1.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
+    ax2.set_ylabel("$ per million requests")
+    ax2.set_xlabel(f"seconds into the scenario (x{result['scenario']['time_scale']:.2f} of the file's timeline)")
+    s = result["setup"]
+    fig.suptitle(f"balanceiq bench live: {result['scenario']['name']}, {s['rate_rps']:g} req/s open loop "
+                 f"({s['arrivals']}), latency from intended send time")  # fmt: skip
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+# -- the run --------------------------------------------------------------------------------------
+
+
+def run_live_bench(
+    base: Settings,
+    scenario: LiveScenario,
+    *,
+    arms: list[Arm] | None = None,
+    rate_rps: float = DEFAULT_RATE_RPS,
+    duration_s: float = DEFAULT_DURATION_S,
+    warmup_s: float = DEFAULT_WARMUP_S,
+    arrivals: str = "poisson",
+    seed: int = 0,
+    slo_ms: float = DEFAULT_SLO_MS,
+    bin_s: float = BIN_S,
+    plot_path: Path | None = Path("artifacts/bench-live.png"),
+    calibrate: bool = True,
+    scenario_file: str | None = None,
+    console: Console | None = None,
+    inspect: Inspect | None = None,
+) -> dict[str, Any]:
+    """Run every arm (see the module docstring); returns the result (one JSON object).
+    ``inspect``: see :func:`run_arm` (tests)."""
+    console = console or Console(stderr=True)
+    arms = arms if arms is not None else list(ARMS.values())
+    validate_args(rate_rps=rate_rps, duration_s=duration_s, warmup_s=warmup_s, slo_ms=slo_ms, bin_s=bin_s)
+    if arrivals not in ARRIVALS:
+        raise BenchError(f"arrivals must be one of {', '.join(ARRIVALS)}, got {arrivals!r}")
+    if not base.clusters or not base.clusters[0].endpoints:
+        raise BenchError("the config has no endpoints to balance")
+    scenario.check_targets(list(base.clusters[0].endpoints))
+    # Ray's and torch's chatter must not reach stdout: it carries exactly one JSON object.
+    with contextlib.redirect_stdout(sys.stderr):
+        return _run(base, scenario, arms, rate_rps, duration_s, warmup_s, arrivals, seed, slo_ms, bin_s, plot_path,
+                    calibrate, scenario_file, console, inspect)  # fmt: skip
+
+
+def _load_scorer(console: Console) -> tuple[Any, dict[str, Any]]:
+    with console.status("loading the shipped policy checkpoint"):
+        try:
+            from balanceiq.serve.policy import PolicyModel
+
+            model = PolicyModel()
+        except BalanceIQError:
+            raise
+        except Exception as exc:
+            raise BenchError(f"could not load the policy checkpoint: {type(exc).__name__}: {exc}") from exc
+    return (lambda rows: model.score_many([rows])[0]), {"checkpoint": str(model.checkpoint)}
+
+
+def _run(base: Settings, scenario: LiveScenario, arms: list[Arm], rate_rps: float, duration_s: float, warmup_s: float,
+         arrivals: str, seed: int, slo_ms: float, bin_s: float, plot_path: Path | None, calibrate: bool,
+         scenario_file: str | None, console: Console, inspect: Inspect | None = None) -> dict[str, Any]:  # fmt: skip
+    t0 = time.monotonic()
+    scale = duration_s / scenario.duration_s
+    notes: list[str] = []
+    all_pids: set[int] = set()
+    result: dict[str, Any] = {
+        "bench": "live",
+        "scenario": {
+            "name": scenario.name, "file": scenario_file, "duration_s": scenario.duration_s, "time_scale": round(scale, 4),
+            "events": [{"name": e.name, "at_s": e.at_s, "replayed_at_s": round(e.at_s * scale, 3)} for e in scenario.events],
+        },
+        "setup": {
+            "rate_rps": rate_rps, "arrivals": arrivals, "seed": seed, "duration_s": duration_s, "warmup_s": warmup_s,
+            "slo_ms": slo_ms, "bin_s": bin_s, "control_interval_s": CONTROL_INTERVAL_S,
+            "telemetry_window_s": TELEMETRY_WINDOW_S, "scrape_interval_s": SCRAPE_INTERVAL_S,
+            "max_inflight": MAX_INFLIGHT, "client_timeout_s": CLIENT_TIMEOUT_S, "envoy_route_timeout_s": 10.0,
+            "arms": [a.name for a in arms],
+            "endpoints": [{"address": ep.address, "cloud": ep.cloud, "region": ep.region,
+                           "cost_per_million": ep.cost_per_million_requests, "capacity_rps": ep.capacity_rps,
+                           "testbed": dict(zip(("base_latency_ms", "concurrency", "error_rate"),
+                                               base.testbed.profile_for(ep)))}
+                          for ep in base.clusters[0].endpoints],
+            "method": "open loop: one arrival schedule for every arm, latency from the intended send time; "
+                      "a fresh testbed per arm; the scenario scaled to duration_s after an unmeasured warm-up",
+        },  # fmt: skip
+        "machine": {"cores": os.cpu_count(), "load_avg_at_start": [round(x, 2) for x in os.getloadavg()]},
+    }
+    if len(base.clusters) > 1:
+        notes.append(f"only the first cluster ({base.clusters[0].name}) is benchmarked")
+    with tempfile.TemporaryDirectory(prefix="balanceiq-bench-live-") as tmp:
+        work = Path(tmp)
+        scorer = None
+        if any(a.family == "balanceiq" for a in arms):
+            scorer, info = _load_scorer(console)
+            result["setup"]["policy"] = info
+        if calibrate:
+            try:
+                cap = measure_capacity(base, rate_rps, work / "capacity", arrivals=arrivals, seed=seed, console=console)
+            except BalanceIQError:
+                raise
+            except Exception as exc:
+                raise BenchError(f"capacity measurement failed: {type(exc).__name__}: {exc}") from exc
+            result["capacity"] = cap
+            sus = cap.get("sustainable_rps")
+            if sus is None or sus < rate_rps:
+                notes.append(f"--rate {rate_rps:g} is above the rate this box sustained in the ramp ({sus}): "
+                             "the arms' latencies include the machine's own queueing")  # fmt: skip
+            if cap["leftover_processes"]:
+                notes.append(f"capacity stack left processes: {cap['leftover_processes']}")
+        result["arms"] = {}
+        with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed:>5.0f}/{task.total:.0f} s"),
+                      TimeElapsedColumn(), console=console, transient=True) as progress:  # fmt: skip
+            for arm in arms:
+                console.print(f"[bold]{arm.label}[/]: fresh testbed, {warmup_s:g} s warm-up + {duration_s:g} s "
+                              f"of {scenario.name}")  # fmt: skip
+                try:
+                    r = run_arm(arm, base, scenario, work / arm.name, rate_rps=rate_rps, duration_s=duration_s,
+                                warmup_s=warmup_s, arrivals=arrivals, seed=seed, slo_ms=slo_ms, bin_s=bin_s,
+                                scorer=scorer, progress=progress, inspect=inspect)  # fmt: skip
+                except BalanceIQError:
+                    raise
+                except Exception as exc:
+                    raise BenchError(f"arm {arm.name} failed: {type(exc).__name__}: {exc}") from exc
+                all_pids.update(r.pop("_pids"))
+                result["arms"][arm.name] = r
+                console.print(f"  p50 {r['p50_ms']} ms  p99 {r['p99_ms']} ms  p99.9 {r['p999_ms']} ms  "
+                              f"errors {100 * (r['error_rate'] or 0):.2f} %  ${r['cost_per_million']}/M  "
+                              f"SLO {100 * (r['slo_attainment'] or 0):.2f} %  ({r['wall_s']} s)", highlight=False)  # fmt: skip
+    result["targets"] = evaluate_targets(result["arms"])
+    lags = [a["generator"]["schedule_lag_ms"]["p99"] for a in result["arms"].values()]
+    cpu = [a["generator"]["cpu_ms_per_request"] for a in result["arms"].values()]
+    result["generator_overhead"] = {
+        "schedule_lag_p99_ms_max_over_arms": max((x for x in lags if x is not None), default=None),
+        "cpu_ms_per_request_mean_over_arms": round(float(np.mean(cpu)), 4) if cpu else None,
+        "not_sent_total": sum(a["generator"]["not_sent"] for a in result["arms"].values()),
+        "calibration": (result.get("capacity") or {}).get("generator_calibration"),
+    }
+    result["leftover_processes"] = _alive(all_pids)
+    if result["leftover_processes"]:
+        notes.append(f"processes still alive after teardown: {result['leftover_processes']}")
+    if plot_path is not None and result["arms"]:
+        result["plot"] = str(plot(result, Path(plot_path)))
+    result["markdown"] = markdown_table(result)
+    result["runtime_s"] = round(time.monotonic() - t0, 1)
+    result["machine"]["load_avg_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    result["notes"] = notes
+    console.print(result["markdown"], markup=False, highlight=False)
+    return result

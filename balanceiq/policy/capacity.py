@@ -1,0 +1,61 @@
+"""The live capacity estimate: what the controller's LP (and the live env's) balances against.
+
+Pure functions of an :class:`~balanceiq.telemetry.observation.Observation`, shared by
+:class:`~balanceiq.control.controller.Controller` and
+:class:`~balanceiq.testbed.live_env.LiveEnv` (which may not import the control layer), so
+a policy trained on live traffic sees exactly the LP it is deployed with.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from balanceiq.policy.features import estimate_capacity
+from balanceiq.telemetry.observation import Observation
+
+# An endpoint at or above this error rate is in visible trouble (as is one over the SLO).
+BREACH_ERROR_RATE = 0.05
+
+
+def breaching(obs: Observation, slo_ms: float) -> list[int]:
+    """Endpoints in visible trouble: p95 over the SLO or >= 5% errors."""
+    return [
+        i for i, e in enumerate(obs.endpoints)
+        if (math.isfinite(e.p95_ms) and e.p95_ms > slo_ms)
+        or (math.isfinite(e.error_rate) and e.error_rate >= BREACH_ERROR_RATE)
+    ]  # fmt: skip
+
+
+def live_capacity(obs: Observation, hint: np.ndarray, slo_ms: float) -> np.ndarray:
+    """Measured capacity (rps / saturation) where the endpoint is loaded enough to
+    tell, else the config hint (what the simulator's env feeds the policy and LP),
+    with unknown ones assumed typical (the median of the known), derated for
+    endpoints breaching the SLO.
+
+    Saturation only shows overload that queues at the backend; a slow dependency or
+    a network problem breaks the SLO with the backend half idle, and the LP, which
+    balances load against capacity, would leave its share alone. So a breaching
+    endpoint's capacity is capped at its current load times ``slo / p95`` (and times
+    ``1 - 2 * error_rate`` for errors): the LP then moves traffic off it in proportion
+    to how far it is out of bounds.
+    """
+    cap = estimate_capacity(obs, np.asarray(hint, dtype=np.float64)).astype(np.float64)
+    # An endpoint with no hint and too little load to measure would look capacity-less
+    # to the LP, which could then never send it traffic again: assume it is typical.
+    known = np.isfinite(cap) & (cap > 0)
+    unknown = ~np.isfinite(cap)
+    if known.any() and unknown.any():
+        cap[unknown] = float(np.median(cap[known]))
+    for i in breaching(obs, slo_ms):
+        e = obs.endpoints[i]
+        if not (math.isfinite(e.rps) and e.rps > 0):
+            continue
+        factor = 1.0
+        if math.isfinite(e.p95_ms) and e.p95_ms > slo_ms:
+            factor = min(factor, slo_ms / e.p95_ms)
+        if math.isfinite(e.error_rate):
+            factor = min(factor, max(0.1, 1.0 - 2.0 * e.error_rate))
+        cap[i] = min(cap[i], e.rps * factor) if math.isfinite(cap[i]) else e.rps * factor
+    return cap
