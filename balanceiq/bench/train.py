@@ -29,6 +29,14 @@ def _timer(result: dict[str, Any], name: str) -> float | None:
     return float(node) if isinstance(node, (int, float)) else None
 
 
+def _lifetime_steps(result: dict[str, Any]) -> float | None:
+    for node in (result, result.get("env_runners", {})):
+        v = node.get("num_env_steps_sampled_lifetime")
+        if isinstance(v, (int, float)):
+            return float(v)
+    return None
+
+
 def run_train_bench(*, runners: tuple[int, ...] = (1, 2), iterations: int = 4, console: Console | None = None) -> dict[str, Any]:
     import ray
 
@@ -43,20 +51,27 @@ def run_train_bench(*, runners: tuple[int, ...] = (1, 2), iterations: int = 4, c
             algo = build_algo_config(cfg, scenarios=None, num_env_runners=r).build_algo()
             try:
                 with console.status(f"PPO with {r} env runner(s)"):
-                    algo.train()  # warm-up: actors, connectors, first compile
-                    sample_rates, iter_s = [], []
+                    last = _lifetime_steps(algo.train())  # warm-up: actors, connectors, first compile
+                    sample_rates, iter_s, wall_rates = [], [], []
                     for _ in range(iterations):
                         t0 = time.monotonic()
                         result = algo.train()
                         iter_s.append(time.monotonic() - t0)
-                        steps = result.get("env_runners", {}).get("num_env_steps_sampled")
+                        # Steps from the lifetime counter's delta: the per-iteration
+                        # ``num_env_steps_sampled`` is not summed over runners consistently.
+                        now = _lifetime_steps(result)
+                        steps = (now - last) if now is not None and last is not None else None
+                        last = now
                         sampling = _timer(result, "env_runner_sampling_timer")
                         if steps and sampling:
                             sample_rates.append(float(steps) / sampling)
+                        if steps:
+                            wall_rates.append(float(steps) / iter_s[-1])
             finally:
                 algo.stop()
             out["runs"][str(r)] = {
                 "env_steps_per_s_sampling": round(statistics.fmean(sample_rates), 1) if sample_rates else None,
+                "env_steps_per_s_wall": round(statistics.fmean(wall_rates), 1) if wall_rates else None,
                 "iteration_s": round(statistics.fmean(iter_s), 2),
             }
     finally:
