@@ -221,8 +221,10 @@ def _r(x: float | None, digits: int = 3) -> float | None:
 
 
 def group_metrics(res: OpenLoopResult, mask: np.ndarray, prices: np.ndarray, slo_ms: float,
-                  clouds: dict[str, str] | None = None) -> dict[str, Any]:  # fmt: skip
-    """The headline numbers over the requests in ``mask``."""
+                  clouds: dict[str, str] | None = None, names: dict[str, str] | None = None) -> dict[str, Any]:  # fmt: skip
+    """The headline numbers over the requests in ``mask``; with ``clouds`` (address ->
+    cloud) the share answered by each cloud, with ``names`` (bench address -> configured
+    address) by each endpoint under its configured address."""
     n = int(mask.sum())
     ok = res.ok & mask
     lat = res.latency_ms[mask]
@@ -241,27 +243,33 @@ def group_metrics(res: OpenLoopResult, mask: np.ndarray, prices: np.ndarray, slo
             share[clouds.get(name, name)] += int(((res.backend == ix) & mask).sum())
         share["(no backend)"] = int(((res.backend < 0) & mask).sum())
         out["share_by_cloud"] = {c: round(v / n, 4) for c, v in sorted(share.items()) if v}
+    if names is not None and n:
+        out["share_by_endpoint"] = {
+            names.get(name, name): round(int(((res.backend == ix) & mask).sum()) / n, 4)
+            for ix, name in sorted(enumerate(res.backends), key=lambda kv: names.get(kv[1], kv[1]))
+        }
     return out
 
 
 def arm_metrics(res: OpenLoopResult, *, warmup_s: float, scale: float, scenario: LiveScenario, prices: PriceBook,
-                slo_ms: float, bin_s: float, clouds: dict[str, str]) -> dict[str, Any]:  # fmt: skip
+                slo_ms: float, bin_s: float, clouds: dict[str, str],
+                names: dict[str, str] | None = None) -> dict[str, Any]:  # fmt: skip
     """Headline numbers over the measured requests (intended at or after ``warmup_s``),
     per scenario phase, and per ``bin_s`` bin (warm-up included, for the plot)."""
     p = prices.request_prices(res)
     measured = res.intended_s >= warmup_s
-    out = group_metrics(res, measured, p, slo_ms, clouds)
+    out = group_metrics(res, measured, p, slo_ms, clouds, names)
     out["warmup_requests"] = int((~measured).sum())
     t_scen = (res.intended_s - warmup_s) / scale  # in the scenario file's own seconds
     phases = []
     bounds = [0.0] + [e.at_s for e in scenario.events] + [scenario.duration_s]
-    names = ["start"] + [e.name for e in scenario.events]
-    for name, lo, hi in zip(names, bounds[:-1], bounds[1:]):
+    phase_names = ["start"] + [e.name for e in scenario.events]
+    for name, lo, hi in zip(phase_names, bounds[:-1], bounds[1:]):
         if hi <= lo:
             continue
         m = measured & (t_scen >= lo) & (t_scen < hi)
         phases.append({"phase": name, "from_s": round(lo * scale, 2), "to_s": round(hi * scale, 2),
-                       **group_metrics(res, m, p, slo_ms, clouds)})  # fmt: skip
+                       **group_metrics(res, m, p, slo_ms, clouds, names)})  # fmt: skip
     out["phases"] = phases
     t = res.intended_s - warmup_s
     n_bins = int(math.floor((float(t.max()) + warmup_s) / bin_s)) + 1 if len(res) else 0
@@ -321,6 +329,12 @@ def evaluate_targets(arms: dict[str, dict[str, Any]]) -> dict[str, Any]:
                 "target": text, "reference": best_blind, "ratio": _r(ratio, 3), "limit": limit,
                 "slo_attainment": a.get("slo_attainment"), "reference_slo_attainment": ref.get("slo_attainment"),
                 "met": bool(ratio <= limit and slo_ok), "cost_met": bool(ratio <= limit), "slo_met": bool(slo_ok),
+                # The same test against every cost-blind arm, for readers who take "best" otherwise.
+                "vs_each": {
+                    n: {"ratio": _r(float(a["cost_per_million"]) / float(e["cost_per_million"]), 3),
+                        "slo_at_least_as_good": bool((a.get("slo_attainment") or 0.0) >= (e.get("slo_attainment") or 0.0))}
+                    for n, e in envoy.items() if e.get("cost_per_million")
+                },
             }  # fmt: skip
         else:
             res["cost_vs_best_cost_blind"] = {"target": text, "met": None, "note": "no cost-blind arm ran"}
@@ -745,8 +759,9 @@ def run_arm(arm: Arm, base: Settings, scenario: LiveScenario, workdir: Path, *, 
         if gen is not None:
             gen.stop()
         stack.stop()
+    configured = {new: old for old, new in stack.mapping.items()}
     m = arm_metrics(res, warmup_s=warmup_s, scale=scale, scenario=scenario, prices=book, slo_ms=slo_ms, bin_s=bin_s,
-                    clouds=clouds)  # fmt: skip
+                    clouds=clouds, names=configured)  # fmt: skip
     return {
         **info, **m, "events": applied, "generator": res.overhead(), "cpu": cpu,
         "price_changes": {a: [[_r(t, 3), p] for t, p in ch[1:]] for a, ch in book.changes.items() if len(ch) > 1},
@@ -962,6 +977,12 @@ def _run(base: Settings, scenario: LiveScenario, arms: list[Arm], rate_rps: floa
                 except Exception as exc:
                     raise BenchError(f"arm {arm.name} failed: {type(exc).__name__}: {exc}") from exc
                 all_pids.update(r.pop("_pids"))
+                lag = r["generator"]["schedule_lag_ms"]["p99"] or 0.0
+                r["disturbed"] = bool(lag > SUSTAIN_LAG_P99_MS)
+                if r["disturbed"]:
+                    notes.append(f"{arm.name}: the generator's schedule lag p99 was {lag:.0f} ms (> {SUSTAIN_LAG_P99_MS:g}; "
+                                 f"other processes used {r['cpu'].get('other_processes_cores')} cores): the machine "
+                                 "was busy during this arm and its latencies include that")  # fmt: skip
                 result["arms"][arm.name] = r
                 console.print(f"  p50 {r['p50_ms']} ms  p99 {r['p99_ms']} ms  p99.9 {r['p999_ms']} ms  "
                               f"errors {100 * (r['error_rate'] or 0):.2f} %  ${r['cost_per_million']}/M  "

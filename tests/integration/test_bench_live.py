@@ -83,7 +83,8 @@ def test_arm_metrics_phases_bins_and_slo() -> None:
     backend = [0, 0, 0, 1, 1, 0, -1, -1]
     res = _fake_result(intended, latency, status, backend, ["127.0.0.1:1", "127.0.0.1:2"])
     m = arm_metrics(res, warmup_s=2.0, scale=0.5, scenario=scen, prices=PriceBook({"127.0.0.1:1": 1.0, "127.0.0.1:2": 3.0}),
-                    slo_ms=150.0, bin_s=1.0, clouds={"127.0.0.1:1": "aws", "127.0.0.1:2": "gcp"})  # fmt: skip
+                    slo_ms=150.0, bin_s=1.0, clouds={"127.0.0.1:1": "aws", "127.0.0.1:2": "gcp"},
+                    names={"127.0.0.1:1": "10.0.0.1:80", "127.0.0.1:2": "10.0.0.2:80"})  # fmt: skip
     assert m["requests"] == 6 and m["warmup_requests"] == 2
     assert m["errors"] == 3 and m["error_rate"] == pytest.approx(0.5)  # 503, transport error, not sent
     assert m["slo_attainment"] == pytest.approx(2 / 6, abs=1e-4)  # 2.0 and 4.6 (3.0 was 300 ms)
@@ -92,6 +93,7 @@ def test_arm_metrics_phases_bins_and_slo() -> None:
     assert [p["requests"] for p in m["phases"]] == [3, 3] and m["phases"][1]["from_s"] == 2.5
     assert m["share_by_cloud"] == {"(no backend)": pytest.approx(2 / 6, abs=1e-3), "aws": pytest.approx(2 / 6, abs=1e-3),
                                    "gcp": pytest.approx(2 / 6, abs=1e-3)}  # fmt: skip
+    assert m["share_by_endpoint"] == {"10.0.0.1:80": pytest.approx(2 / 6, abs=1e-3), "10.0.0.2:80": pytest.approx(2 / 6, abs=1e-3)}
     assert m["bins"]["t_s"][0] < 0 and sum(m["bins"]["requests"]) == 8
 
 
@@ -113,6 +115,7 @@ def test_targets_are_judged_against_the_issue() -> None:
     assert b["cost_vs_best_cost_blind"]["reference"] == "cswrr"  # highest SLO attainment of the Envoy arms
     assert b["cost_vs_best_cost_blind"]["ratio"] == pytest.approx(0.72) and b["cost_vs_best_cost_blind"]["met"]
     assert b["errors_vs_envoy_arms"]["met"]
+    assert b["cost_vs_best_cost_blind"]["vs_each"]["least_request"] == {"ratio": 0.6, "slo_at_least_as_good": True}
     rr = t["by_arm"]["balanceiq_rr"]
     assert not rr["p99_vs_least_request"]["met"] and not rr["cost_vs_best_cost_blind"]["met"]  # SLO 0.96 < 0.97
     assert rr["cost_vs_best_cost_blind"]["cost_met"] and not rr["errors_vs_envoy_arms"]["met"]  # 0.001 > cswrr's 0
