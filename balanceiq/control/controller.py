@@ -47,7 +47,7 @@ from balanceiq.exceptions import BalanceIQError, ControlError, XdsError
 from balanceiq.policy.baselines import PolicyContext, available_mask, lp_decision, make_policy
 from balanceiq.policy.capacity import breaching, live_capacity
 from balanceiq.policy.features import encode
-from balanceiq.policy.lp import objective, traffic_moved
+from balanceiq.policy.lp import objective, traffic_moved, weights_to_shares
 from balanceiq.policy.reward import RewardWeights, observed_reward
 from balanceiq.telemetry.observation import Observation
 
@@ -150,10 +150,8 @@ class Controller:
 
     @property
     def shares(self) -> np.ndarray:
-        w = np.array([self.weights[a] for a in self.addresses], dtype=np.float64)
-        routable = np.array([self.health[a] != "DRAINING" for a in self.addresses])
-        w = np.where(routable, w, 0.0)
-        return w / w.sum() if w.sum() > 0 else np.full(len(w), 1.0 / len(w))
+        return weights_to_shares([self.weights[a] for a in self.addresses],
+                                 [self.health[a] != "DRAINING" for a in self.addresses])  # fmt: skip
 
     def _adopt_current(self) -> None:
         """Start from what the xDS server serves (a restored snapshot), not from config."""

@@ -26,8 +26,12 @@ def load_module(checkpoint: Path | str) -> Any:
 
     from balanceiq.policy.module import CriticalEndpointModule
 
-    path = Path(checkpoint).resolve()  # RLlib reads through pyarrow, which wants a URI or absolute path
-    if not path.exists():
+    try:
+        path = Path(checkpoint).resolve()  # RLlib reads through pyarrow, which wants a URI or absolute path
+        exists = path.exists()
+    except (OSError, ValueError) as exc:  # e.g. an embedded NUL byte sent over the API
+        raise PolicyError(f"not a usable checkpoint path {str(checkpoint)!r}: {exc}") from exc
+    if not exists:
         raise PolicyError(f"no checkpoint at {checkpoint}")
     if (path / MODULE_SUBDIR).exists():
         path = path / MODULE_SUBDIR

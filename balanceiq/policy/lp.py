@@ -440,3 +440,23 @@ def traffic_moved(old_shares: np.ndarray | Sequence[float], new_shares: np.ndarr
     old = _nonneg(_vector("old_shares", old_shares))
     new = _nonneg(_vector("new_shares", new_shares, old.shape[0]))
     return 0.5 * float(np.abs(new - old).sum())
+
+
+def weights_to_shares(weights: np.ndarray | Sequence[float], routable: np.ndarray | Sequence[bool] | None = None) -> np.ndarray:
+    """The traffic split Envoy realises from ``weights`` (non-routable endpoints, e.g.
+    DRAINING, get none); equal shares when nothing is left."""
+    w = _nonneg(_vector("weights", weights))
+    if routable is not None:
+        w = np.where(_available(routable, w.shape[0]), w, 0.0)
+    total = float(w.sum())
+    return w / total if total > 0 else np.full(w.shape[0], 1.0 / max(w.shape[0], 1))
+
+
+def critical_indices(action: object, n: int) -> list[int]:
+    """An action's endpoint indices in order, duplicates and out-of-range ones dropped."""
+    seen: list[int] = []
+    for a in np.asarray(action).reshape(-1):
+        a = int(a)
+        if 0 <= a < n and a not in seen:
+            seen.append(a)
+    return seen

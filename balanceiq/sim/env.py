@@ -32,7 +32,7 @@ import numpy as np
 from balanceiq.config import critical_count
 from balanceiq.policy.features import N_FEATURES, encode, estimate_capacity
 from balanceiq.policy.baselines import solve_for
-from balanceiq.policy.lp import shares_to_weights, traffic_moved
+from balanceiq.policy.lp import critical_indices, shares_to_weights, traffic_moved
 from balanceiq.policy.reward import RewardWeights, reward
 from balanceiq.sim.fleet import FleetSim
 from balanceiq.sim.scenario import Scenario, load_scenario
@@ -146,13 +146,7 @@ class FleetEnv(gym.Env):
     # -- pieces shared with the benchmark and the live controller ------------------------------
 
     def critical_from_action(self, action: np.ndarray) -> list[int]:
-        n = self.sim.n if self.sim else self.n_max
-        seen: list[int] = []
-        for a in np.asarray(action).reshape(-1):
-            a = int(a)
-            if 0 <= a < n and a not in seen:
-                seen.append(a)
-        return seen
+        return critical_indices(action, self.sim.n if self.sim else self.n_max)
 
     def capacity_estimate(self) -> np.ndarray:
         return estimate_capacity(self.last_obs, self.hint)

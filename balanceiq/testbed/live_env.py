@@ -125,7 +125,7 @@ from balanceiq.exceptions import BalanceIQError, ConfigError, TestbedError, XdsE
 from balanceiq.policy.baselines import PolicyContext, available_mask, lp_decision
 from balanceiq.policy.capacity import breaching, live_capacity
 from balanceiq.policy.features import N_FEATURES, encode
-from balanceiq.policy.lp import traffic_moved
+from balanceiq.policy.lp import critical_indices, traffic_moved, weights_to_shares
 from balanceiq.policy.reward import RewardWeights, observed_reward
 from balanceiq.telemetry.observation import Observation
 from balanceiq.telemetry.observe import Telemetry
@@ -753,10 +753,8 @@ class LiveEnv(gym.Env):  # type: ignore[misc]
 
     @property
     def shares(self) -> np.ndarray:
-        w = np.array([self.weights[a] for a in self.addresses], dtype=np.float64)
-        routable = np.array([self.health[a] != "DRAINING" for a in self.addresses])
-        w = np.where(routable, w, 0.0)
-        return w / w.sum() if w.sum() > 0 else np.full(len(w), 1.0 / len(w))
+        return weights_to_shares([self.weights[a] for a in self.addresses],
+                                 [self.health[a] != "DRAINING" for a in self.addresses])  # fmt: skip
 
     def _push(self, weights: Mapping[str, int], health: Mapping[str, str]) -> bool:
         xds = self._owned.xds
@@ -766,13 +764,7 @@ class LiveEnv(gym.Env):  # type: ignore[misc]
         return acked
 
     def critical_from_action(self, action: Any) -> list[int]:
-        n = len(self.addresses) if self.started else self.n_max
-        seen: list[int] = []
-        for a in np.asarray(action).reshape(-1):
-            a = int(a)
-            if 0 <= a < n and a not in seen:
-                seen.append(a)
-        return seen
+        return critical_indices(action, len(self.addresses) if self.started else self.n_max)
 
     def _critical(self, action: Any, obs: Observation) -> tuple[list[int], list[int]]:
         picked = self.critical_from_action(action)

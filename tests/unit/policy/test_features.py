@@ -22,3 +22,4 @@ def test_encode_is_bounded_for_extreme_finite_inputs() -> None:
         warnings.simplefilter("error")
         rows = encode(obs, np.array([5e-324, 1e308, np.nan]), 3)
     assert np.all(np.isfinite(rows)) and np.abs(rows).max() <= 1e6
+

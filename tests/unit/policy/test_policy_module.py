@@ -89,3 +89,14 @@ def test_shipped_checkpoint_loads_as_our_module() -> None:
     obs, _ = env.reset(seed=0)
     s = scores(module, obs[: env.sim.n])
     assert s.shape == (env.sim.n,) and np.isfinite(s).all()
+
+
+def test_a_checkpoint_path_with_a_nul_byte_is_a_policy_error() -> None:
+    """Found by schemathesis through PUT /api/policy {"checkpoint": "\\u0000"}."""
+    import pytest
+
+    from balanceiq.exceptions import PolicyError
+    from balanceiq.policy.checkpoint import load_module
+
+    with pytest.raises(PolicyError, match="not a usable checkpoint path"):
+        load_module("\x00")
