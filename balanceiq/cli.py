@@ -260,6 +260,40 @@ def train_cmd(
     sys.stdout.write(json.dumps({k: v for k, v in summary.items() if k != "history"}) + "\n")
 
 
+@app.command("evaluate")
+def evaluate_cmd(
+    candidate: Annotated[Path, typer.Argument(help="The new checkpoint.")],
+    serving: Annotated[Path | None, typer.Option(help="The checkpoint in service (default: the shipped one).")] = None,
+    seeds: Annotated[int, typer.Option(help="Seeds per held-back simulated scenario.", min=1, max=20)] = 1,
+    live: Annotated[bool, typer.Option("--live", help="Also evaluate both on a private live testbed (real Envoy and backends).")] = False,
+    live_config: Annotated[Path | None, typer.Option("--live-config", help="YAML of LiveEnv keys over the live evaluation defaults (implies --live).")] = None,
+    live_episodes: Annotated[int, typer.Option(help="Paired live episodes per checkpoint.", min=1, max=20)] = 2,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object on stdout.")] = False,
+) -> None:
+    """The promotion gate, by hand: would CANDIDATE replace the serving checkpoint?
+
+    Exit 0 when it would be promoted, 1 when not."""
+    from balanceiq.sim.evaluate import HELD_BACK, evaluate_checkpoints, merge_evaluations, promotion_decision
+
+    with err.status(f"simulated held-back scenarios ({', '.join(HELD_BACK)})"):
+        ev = evaluate_checkpoints(candidate, serving, seeds=tuple(range(seeds)))
+    if live or live_config is not None:
+        from balanceiq.testbed.evaluate_live import evaluate_checkpoints_live, live_eval_config
+        from balanceiq.testbed.live_env import load_live_env_config
+
+        cfg = live_eval_config(load_live_env_config(live_config) if live_config is not None else None)
+        with err.status("live testbed evaluation") as status:
+            def on_episode(row: dict[str, Any]) -> None:
+                status.update(f"live: episode {row['episode'] + 1}/{live_episodes} {row['checkpoint']} reward {row['reward']:.3f}")
+
+            ev = merge_evaluations(ev, evaluate_checkpoints_live(candidate, serving, cfg, episodes=live_episodes, on_episode=on_episode))
+    promote, why = promotion_decision(ev)
+    _emit({**ev, "promote": promote, "verdict": why}, as_json)
+    if not as_json:
+        err.print(why, markup=False, highlight=False)
+    raise typer.Exit(0 if promote else 1)
+
+
 @app.command("calibrate")
 def calibrate_cmd(
     recording: Annotated[Path, typer.Argument(help="Recording: JSONL of decisions with observations (Controller recording= / balanceiq record).")],

@@ -87,9 +87,13 @@ class RLPolicy:
         between decisions, so greedy can re-pick the same pair forever once it is
         balanced; sampling keeps the policy's own exploration of which pairs to fix."""
         n = len(obs.endpoints)
-        rows = encode(obs, ctx.capacity_hint, n, self.slo_ms)
-        s = scores(self.module, rows)[:n]
-        k = max(1, min(ctx.k, n))
+        return self.critical_from_rows(encode(obs, ctx.capacity_hint, n, self.slo_ms), n, ctx.k)
+
+    def critical_from_rows(self, rows: np.ndarray, n: int, k: int) -> list[int]:
+        """:meth:`critical` for an observation already encoded (an env's own, padded to
+        ``n_max``: rows past ``n`` are padding and never picked)."""
+        s = scores(self.module, np.asarray(rows, dtype=np.float32))[:n]
+        k = max(1, min(k, n))
         if self.mode == "sample":
             u = self._rng.uniform(1e-12, 1.0 - 1e-7, size=n)
             s = s - np.log(-np.log(u))  # Gumbel-top-k: an exact Plackett-Luce draw

@@ -100,6 +100,20 @@ class ScoreRequest(_Body):
     k: int | None = Field(default=None, ge=1, le=1000, description="Critical endpoints wanted (default ~20% of N).")
 
 
+class LiveEvalRequest(_Body):
+    """A live testbed evaluation beside the simulated one (a private testbed on this host;
+    never the fleet's traffic). Unset fields take the defaults of
+    ``balanceiq.testbed.evaluate_live.DEFAULT_LIVE_EVAL``."""
+
+    scenario: str | None = Field(default=None, max_length=200, pattern=r"^[A-Za-z0-9_.-]+$",
+                                 description="A shipped live scenario by name (default degrade_and_dearer).")  # fmt: skip
+    decision_interval_s: float | None = Field(default=None, ge=0.5, le=60)
+    episode_steps: int | None = Field(default=None, ge=2, le=500)
+    scenario_speed: float | None = Field(default=None, gt=0, le=1000)
+    load_rps: float | None = Field(default=None, gt=0, le=1000)
+    episodes: int = Field(default=2, ge=1, le=20, description="Paired episodes per checkpoint.")
+
+
 class TrainRequest(_Body):
     iterations: int = Field(default=20, ge=1, le=10000)
     scenarios: list[Annotated[str, Field(max_length=200)]] | None = Field(default=None, max_length=50)
@@ -108,6 +122,7 @@ class TrainRequest(_Body):
     evaluate: bool = Field(default=True, description="Compare with the serving checkpoint on held-back scenarios.")
     promote: bool = Field(default=True, description="Hot-swap the Policy deployment if the new one is better.")
     eval_seeds: int = Field(default=1, ge=1, le=20, description="Seeds per held-back scenario.")
+    live_eval: LiveEvalRequest | None = Field(default=None, description="Also evaluate both checkpoints live.")
 
 
 _bearer = HTTPBearer(auto_error=False, description="The API token (config api.token or state_dir/api-token).")
@@ -192,8 +207,11 @@ def create_api(plane: ControlPlane) -> FastAPI:
     def post_train(req: TrainRequest) -> dict[str, Any]:
         if plane.training is None:
             raise ControlError("training is not available in this deployment")
+        live = req.live_eval.model_dump(exclude_none=True) if req.live_eval is not None else None
+        episodes = live.pop("episodes") if live is not None else 2
         return plane.training.start(req.iterations, req.scenarios, req.num_env_runners, req.seed,
-                                    evaluate=req.evaluate, promote=req.promote, eval_seeds=req.eval_seeds)  # fmt: skip
+                                    evaluate=req.evaluate, promote=req.promote, eval_seeds=req.eval_seeds,
+                                    live_eval=live, live_episodes=episodes)  # fmt: skip
 
     @app.get("/metrics", response_class=Response)
     def metrics() -> Response:

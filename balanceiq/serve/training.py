@@ -51,7 +51,7 @@ class TrainingRun:
     def run(self) -> dict[str, Any]:
         from rich.console import Console
 
-        from balanceiq.sim.evaluate import evaluate_checkpoints, promotion_decision
+        from balanceiq.sim.evaluate import evaluate_checkpoints, merge_evaluations, promotion_decision
         from balanceiq.train import train
 
         with self._lock:
@@ -86,6 +86,12 @@ class TrainingRun:
                 with self._lock:
                     self.state, self.message = "failed", f"evaluation failed: {type(exc).__name__}: {exc}"
                 return self.progress()
+            if self.params.get("live_eval") is not None:
+                live = self._evaluate_live(summary["checkpoint"])
+                if live is None:
+                    return self.progress()
+                ev = merge_evaluations(ev, live)
+                ok, why = promotion_decision(ev)
             self._stage("evaluate", "done", candidate=ev["candidate"], serving=ev["serving"],
                         scenarios=ev["scenarios"], verdict=why)  # fmt: skip
             with self._lock:
@@ -94,6 +100,29 @@ class TrainingRun:
             self.state = "done"
             self.message = (self.stages.get("evaluate", {}).get("verdict") or f"checkpoint at {summary['checkpoint']}")
         return self.progress()
+
+    def _evaluate_live(self, checkpoint: str) -> dict[str, Any] | None:
+        """Both checkpoints on a private live testbed; ``None`` (run failed) on error."""
+        from balanceiq.testbed.evaluate_live import evaluate_checkpoints_live
+
+        self._stage("evaluate_live", "running", episodes_done=0)
+        done: list[dict[str, Any]] = []
+
+        def on_episode(row: dict[str, Any]) -> None:
+            done.append(row)
+            self._stage("evaluate_live", "running", episodes_done=len(done), last=row)
+
+        try:
+            live = evaluate_checkpoints_live(checkpoint, self.params.get("serving_checkpoint"), self.params["live_eval"],
+                                             episodes=int(self.params.get("live_episodes", 2)), on_episode=on_episode)  # fmt: skip
+        except Exception as exc:
+            self._stage("evaluate_live", "failed", error=f"{type(exc).__name__}: {exc}")
+            with self._lock:
+                self.state, self.message = "failed", f"live evaluation failed: {type(exc).__name__}: {exc}"
+            return None
+        self._stage("evaluate_live", "done", candidate=live["candidate"], serving=live["serving"],
+                    episodes=live["episodes"], seconds=live["seconds"])  # fmt: skip
+        return live
 
     def progress(self) -> dict[str, Any]:
         with self._lock:
@@ -129,7 +158,10 @@ class TrainingManager:
         self._last_update: float | None = None
 
     def start(self, iterations: int, scenarios: list[str] | None, num_env_runners: int, seed: int = 0, *,
-              evaluate: bool = True, promote: bool = True, eval_seeds: int = 1) -> dict[str, Any]:  # fmt: skip
+              evaluate: bool = True, promote: bool = True, eval_seeds: int = 1,
+              live_eval: dict[str, Any] | None = None, live_episodes: int = 2) -> dict[str, Any]:  # fmt: skip
+        """``live_eval`` (LiveEnv keys over :data:`~balanceiq.testbed.evaluate_live.DEFAULT_LIVE_EVAL`;
+        ``{}`` for the defaults) adds a live testbed evaluation to the simulated one."""
         with self._lock:
             for rid in self._order:
                 if self._last.get(rid, {}).get("state") in ("pending", "running"):
@@ -140,6 +172,17 @@ class TrainingManager:
                     load_scenario(sc)
                 except BalanceIQError as exc:
                     raise ControlError(f"scenario {sc!r}: {exc}") from exc
+            if live_eval is not None:
+                from balanceiq.testbed.evaluate_live import live_eval_config
+
+                if not evaluate:
+                    raise ControlError("live_eval needs evaluate: true (it is part of the evaluation)")
+                if live_episodes < 1:
+                    raise ControlError(f"live_episodes must be >= 1, got {live_episodes}")
+                try:
+                    live_eval = live_eval_config(live_eval)
+                except BalanceIQError as exc:
+                    raise ControlError(f"live_eval: {exc}") from exc
             serving = None
             if self.serving is not None:
                 try:
@@ -150,7 +193,7 @@ class TrainingManager:
                 "iterations": iterations, "scenarios": scenarios, "num_env_runners": num_env_runners,
                 "seed": seed, "checkpoint_dir": str((self.checkpoint_root / rid).resolve()),
                 "evaluate": evaluate, "promote": promote and evaluate, "eval_seeds": eval_seeds,
-                "serving_checkpoint": serving,
+                "serving_checkpoint": serving, "live_eval": live_eval, "live_episodes": live_episodes,
             }  # fmt: skip
             actor = ray.remote(TrainingRun).options(  # type: ignore[attr-defined]
                 name=f"training-{rid}", namespace="balanceiq", num_cpus=0, max_concurrency=2

@@ -127,3 +127,21 @@ def promotion_decision(evaluation: dict[str, Any], *, margin: float = 0.02, wors
     if gain <= margin:
         return False, f"rejected: {gain:+.1%} mean relative reward change vs the serving checkpoint (needs > {margin:+.0%})"
     return True, f"promoted: {gain:+.1%} mean relative reward change vs the serving checkpoint"
+
+
+def merge_evaluations(*evaluations: dict[str, Any]) -> dict[str, Any]:
+    """One evaluation from several (the simulator's and the live testbed's): the scenarios
+    side by side, the means recomputed over all of them, so the gate weighs a live
+    scenario like any held-back simulated one."""
+    merged: dict[str, Any] = {"scenarios": {}}
+    for ev in evaluations:
+        for sc, v in ev["scenarios"].items():
+            if sc in merged["scenarios"]:
+                raise ValueError(f"scenario {sc!r} evaluated twice")
+            merged["scenarios"][sc] = dict(v)
+        for key, value in ev.items():
+            if key not in ("scenarios", "candidate", "serving"):
+                merged.setdefault(key, value)
+    for name in ("candidate", "serving"):
+        merged[name] = float(statistics.fmean(v[name] for v in merged["scenarios"].values()))
+    return merged

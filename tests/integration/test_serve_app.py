@@ -148,7 +148,10 @@ def test_train_evaluate_promote_over_the_api(app: App) -> None:
     bad = httpx.post(app.url + "/api/train", json={"iterations": 1, "scenarios": ["no_such"]}, headers=auth,
                      timeout=30, trust_env=False)  # fmt: skip
     assert bad.status_code == 409 and "no_such" in bad.text
-    r = httpx.post(app.url + "/api/train", json={"iterations": 2, "num_env_runners": 0, "scenarios": ["degrade"]},
+    # With a short live evaluation too: the gate's live half runs inside the training actor.
+    live = {"episodes": 1, "episode_steps": 4, "decision_interval_s": 1.0, "scenario_speed": 40.0}
+    r = httpx.post(app.url + "/api/train", json={"iterations": 2, "num_env_runners": 0, "scenarios": ["degrade"],
+                                                 "live_eval": live},
                    headers=auth, timeout=30, trust_env=False)  # fmt: skip
     assert r.status_code == 202, r.text
     run_id = r.json()["id"]
@@ -166,7 +169,11 @@ def test_train_evaluate_promote_over_the_api(app: App) -> None:
     stages = run["stages"]
     assert stages["train"]["state"] == "done"
     ev = stages["evaluate"]
-    assert ev["state"] == "done" and set(ev["scenarios"]) == {"brownout", "many_endpoints"}
+    assert ev["state"] == "done" and set(ev["scenarios"]) == {"brownout", "many_endpoints", "live:degrade_and_dearer"}
+    ev_live = stages["evaluate_live"]
+    assert ev_live["state"] == "done" and [(e["episode"], e["checkpoint"]) for e in ev_live["episodes"]] == [
+        (0, "candidate"), (0, "serving")]
+    assert all(e["steps"] == 4 for e in ev_live["episodes"])
     serving_after = handle.info.remote().result(timeout_s=10)["checkpoint"]
     if ev["verdict"].startswith("promoted"):
         assert stages["promote"]["state"] == "done" and serving_after == run["checkpoint"]
