@@ -32,7 +32,7 @@ def load_algo_config(path: Path | None) -> dict[str, Any]:
         raise ConfigError([("", f"cannot read RLlib config: {exc}")], str(path)) from exc
     if not isinstance(data, dict) or data.get("algorithm") != "PPO":
         raise ConfigError([("algorithm", "must be PPO")], str(path))
-    unknown = sorted(set(data) - {"algorithm", "env_config", "model", "training", "env_runners"})
+    unknown = sorted(set(data) - {"algorithm", "env_config", "model", "training", "env_runners", "imitation"})
     if unknown:
         raise ConfigError([(k, "unknown key") for k in unknown], str(path))
     return data
@@ -70,6 +70,49 @@ def build_algo_config(cfg: dict[str, Any], *, scenarios: list[str] | None, num_e
         .debugging(seed=seed, log_level="ERROR")
         .reporting(metrics_num_episodes_for_smoothing=20)
     )
+
+
+IMITATION_KEYS = {"episodes", "epochs", "lr", "explore", "batch_size"}
+
+
+def warm_start(algo: Any, cfg: dict[str, Any], env_config: dict[str, Any], *, seed: int = 0,
+               console: Console | None = None) -> dict[str, Any]:  # fmt: skip
+    """Behaviour-clone the hot/cold heuristic (:mod:`balanceiq.sim.imitation`) into the
+    learner's module and the env runners' copies, before the first PPO iteration."""
+    from ray.rllib.core import DEFAULT_MODULE_ID
+
+    from balanceiq.policy.module import CriticalEndpointModule
+    from balanceiq.sim.env import FleetEnv
+    from balanceiq.sim.imitation import collect, pretrain
+
+    spec = dict(cfg.get("imitation") or {})
+    unknown = sorted(set(spec) - IMITATION_KEYS)
+    if unknown:
+        raise ConfigError([(f"imitation.{k}", "unknown key") for k in unknown], "RLlib config")
+    t0 = time.monotonic()
+    episodes = int(spec.get("episodes", 64))
+    epochs = int(spec.get("epochs", 100))
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console or Console(stderr=True), transient=True) as progress:  # fmt: skip
+        task = progress.add_task("imitation: demonstrations", total=episodes)
+        demos = collect(env_config, episodes=episodes, explore=float(spec.get("explore", 0.2)),
+                        gamma=float(cfg.get("training", {}).get("gamma", 0.9)), seed=seed,
+                        on_episode=lambda i: progress.update(task, completed=i))  # fmt: skip
+        progress.update(task, description="imitation: fitting", completed=0, total=epochs)
+        env = FleetEnv(env_config)
+        module = CriticalEndpointModule(observation_space=env.observation_space, action_space=env.action_space,
+                                        model_config=cfg.get("model", {}))  # fmt: skip
+        fit = pretrain(module, demos, epochs=epochs, lr=float(spec.get("lr", 3e-3)),
+                       batch_size=int(spec.get("batch_size", 256)), seed=seed,
+                       on_epoch=lambda i, _: progress.update(task, completed=i))  # fmt: skip
+    state = {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+    def load(learner: Any) -> None:
+        learner.module[DEFAULT_MODULE_ID].load_state_dict(state)
+
+    algo.learner_group.foreach_learner(load)
+    algo.env_runner_group.sync_weights(from_worker_or_learner_group=algo.learner_group, inference_only=True)
+    return {**fit, "seconds": round(time.monotonic() - t0, 1)}
 
 
 def _metric(result: dict[str, Any], *keys: str) -> float | None:
@@ -124,11 +167,17 @@ def train(
         # --address, training must not land on somebody else's cluster.
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     algo = None
+    imitation: dict[str, Any] | None = None
     history: list[dict[str, Any]] = []
     t0 = time.monotonic()
     try:
-        algo = build_algo_config(cfg, scenarios=scenarios, num_env_runners=num_env_runners, seed=seed, env=env,
-                                 env_overrides=env_overrides).build_algo()
+        algo_config = build_algo_config(cfg, scenarios=scenarios, num_env_runners=num_env_runners, seed=seed, env=env,
+                                        env_overrides=env_overrides)  # fmt: skip
+        algo = algo_config.build_algo()
+        if cfg.get("imitation") and env is None:
+            # The teacher needs the simulator's ground truth for its rollouts; a live run
+            # starts from PPO alone (or from a checkpoint trained here).
+            imitation = warm_start(algo, cfg, dict(algo_config.env_config), seed=seed, console=console)
         with Progress(
             TextColumn("training"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
             TextColumn("{task.fields[status]}"), console=console,
@@ -165,6 +214,7 @@ def train(
         "first_return": returns[0] if returns else None,
         "final_return": returns[-1] if returns else None,
         "best_return": max(returns) if returns else None,
+        "imitation": imitation,
         "history": history,
     }
     (checkpoint_dir / "training_summary.json").write_text(json.dumps(summary, indent=1))

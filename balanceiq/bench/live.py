@@ -20,7 +20,7 @@ Arms (``ARMS``): Envoy ``ROUND_ROBIN``, ``LEAST_REQUEST`` and
 equal EDS weights nothing changes; static cost-aware weights
 (:class:`~balanceiq.policy.baselines.CostAwareStatic`, pushed once) over round robin;
 and BalanceIQ (an in-process :class:`~balanceiq.control.controller.Controller` with the
-shipped policy, 2 s interval, 2 s telemetry window, prices from the scenario through
+shipped policy, 1 s interval (CSWRR recomputes its weights every second too), 2 s telemetry window, prices from the scenario through
 ``ControlPlane.update_policy`` as ``PUT /api/policy`` does) over ``ROUND_ROBIN`` and over
 ``LEAST_REQUEST``.
 
@@ -95,7 +95,7 @@ DEFAULT_RATE_RPS = 150.0
 DEFAULT_DURATION_S = 60.0
 DEFAULT_WARMUP_S = 12.0  # > CSWRR's default 10 s blackout; the controller's first decisions
 DEFAULT_SLO_MS = 150.0
-CONTROL_INTERVAL_S = 2.0
+CONTROL_INTERVAL_S = 1.0
 TELEMETRY_WINDOW_S = 2.0
 SCRAPE_INTERVAL_S = 0.5
 BIN_S = 2.0

@@ -34,7 +34,8 @@ from balanceiq.sim.bench import steps_per_second
 from balanceiq.sim.evaluate import FullLp, _policy, run_pair
 from balanceiq.sim.scenario import SCENARIOS, load_scenario
 
-DEFAULT_POLICIES = ("equal", "static", "cost_aware", "inverse_latency", "least_request", "topk", "full_lp", "cfr_rl", "oracle")
+DEFAULT_POLICIES = ("equal", "static", "cost_aware", "inverse_latency", "least_request", "topk", "hot_cold", "full_lp",
+                    "cfr_rl", "oracle")  # fmt: skip
 
 
 def run_sim_bench(
@@ -91,11 +92,15 @@ def run_sim_bench(
 
 
 def _summarise(results: dict[str, dict[str, dict[str, Any]]], policies: list[str]) -> dict[str, Any]:
-    heuristics = [p for p in policies if p not in ("cfr_rl", "oracle", "full_lp")]
+    # The heuristic baselines; hot_cold is the imitation teacher, reported apart.
+    heuristics = [p for p in policies if p not in ("cfr_rl", "oracle", "full_lp", "hot_cold")]
     summary: dict[str, Any] = {}
     if "cfr_rl" in policies:
         beats = {sc: all(r["cfr_rl"]["reward"] >= r[h]["reward"] for h in heuristics) for sc, r in results.items()}
         summary["cfr_rl_reward_ge_every_heuristic"] = beats
+        if "hot_cold" in policies:
+            summary["cfr_rl_reward_ge_hot_cold_teacher"] = {
+                sc: r["cfr_rl"]["reward"] >= r["hot_cold"]["reward"] for sc, r in results.items()}
         if "oracle" in policies:
             summary["cfr_rl_p99_over_oracle"] = statistics.fmean(r["cfr_rl"]["p99_ms"] / r["oracle"]["p99_ms"] for r in results.values())
             summary["cfr_rl_cost_over_oracle"] = statistics.fmean(

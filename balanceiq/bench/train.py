@@ -4,8 +4,9 @@
   process: env steps per second of *sampling* (RLlib's ``env_runner_sampling_timer``), so
   the learner's update time, which does not parallelise across env runners here, is
   measured separately; ``ratio`` is 2 runners over 1.
-* ``seconds_to_target_reward``: wall time of PPO from a fresh start until the mean
-  episode return on the target scenario reaches the target: the return of the best
+* ``seconds_to_target_reward``: wall time of training from a fresh start (the imitation
+  warm start included, when the RLlib config has one, as ``balanceiq train`` runs it)
+  until the mean episode return on the target scenario reaches the target: the return of the best
   static heuristic (equal, static or cost-aware weights) on the same scenario and seed
   (``null``, with the best return reached, if the iteration budget runs out first).
 * ``calibration_error``: a live exploration recording on a real testbed with injected
@@ -21,7 +22,7 @@ from typing import Any
 
 from rich.console import Console
 
-from balanceiq.train import build_algo_config, load_algo_config
+from balanceiq.train import build_algo_config, load_algo_config, warm_start
 
 
 def _timer(result: dict[str, Any], name: str) -> float | None:
@@ -123,10 +124,15 @@ def run_time_to_target(*, scenario: str = "degrade", max_iterations: int = 40, n
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     history: list[float] = []
     reached: float | None = None
+    imitation: dict[str, Any] | None = None
     t0 = time.monotonic()
     try:
-        algo = build_algo_config(cfg, scenarios=[scenario], num_env_runners=num_env_runners).build_algo()
+        algo_config = build_algo_config(cfg, scenarios=[scenario], num_env_runners=num_env_runners)
+        algo = algo_config.build_algo()
         try:
+            if cfg.get("imitation"):
+                # As `balanceiq train` does: the clock includes the warm start.
+                imitation = warm_start(algo, cfg, dict(algo_config.env_config), console=console)
             with console.status(f"PPO on {scenario} until return >= {target:.1f}") as status:
                 for i in range(max_iterations):
                     result = algo.train()
@@ -147,6 +153,7 @@ def run_time_to_target(*, scenario: str = "degrade", max_iterations: int = 40, n
         "target_return": target,
         "baseline_returns": baselines,
         "seconds": round(reached, 1) if reached is not None else None,
+        "imitation_s": imitation["seconds"] if imitation else None,
         "iterations": len(history),
         "max_iterations": max_iterations,
         "best_return": max(history) if history else None,

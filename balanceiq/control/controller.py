@@ -33,7 +33,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any, Protocol
 
@@ -84,7 +84,8 @@ class PolicySettings:
         self.reward = RewardWeights()
         self.cost_weight = float(settings.control.cost_weight)
         self.util_target = float(settings.control.util_target)
-        self.mode = "sample"  # how critical endpoints are drawn from the scores
+        self.latency_weight = float(settings.control.latency_weight)
+        self.mode = "greedy"  # how critical endpoints are drawn from the scores (RLPolicy.critical)
 
     def to_json(self) -> dict[str, Any]:
         r = self.reward
@@ -95,6 +96,7 @@ class PolicySettings:
             "reward_weights": {"latency": r.latency, "tail": r.tail, "errors": r.errors, "cost": r.cost, "ref_cost": r.ref_cost},
             "cost_weight": self.cost_weight,
             "util_target": self.util_target,
+            "latency_weight": self.latency_weight,
             "selection": self.mode,
         }
 
@@ -145,6 +147,7 @@ class Controller:
         self.policy_state: dict[str, Any] = {"ok": None, "error": None, "latency_ms": None, "at": None}
         self.started_at = time.time()
         self._adopted = False
+        self._breached: dict[str, float] = {}  # address -> when it was last measured breaching
 
     # -- helpers -------------------------------------------------------------------------
 
@@ -188,11 +191,32 @@ class Controller:
         """Endpoints in visible trouble: p95 over the SLO or >= 5% errors."""
         return breaching(obs, self.policy.reward.slo_ms)
 
-    def _critical(self, obs: Observation, ctx: PolicyContext) -> list[int]:
+    def breach_state(self, obs: Observation, now: float) -> tuple[list[int], list[int]]:
+        """``(measured, held)``: endpoints breaching now, and earlier breachers with too
+        little traffic left to measure, for up to ``guardrails.breach_hold_s``."""
+        measured = self.breaching(obs)
+        hold = float(self.settings.guardrails.breach_hold_s)
+        held: list[int] = []
+        for i, e in enumerate(obs.endpoints):
+            a = self.addresses[i]
+            if i in measured:
+                self._breached[a] = now
+            elif math.isfinite(e.p95_ms) and math.isfinite(e.rps) and e.rps > 0:
+                self._breached.pop(a, None)  # measured within the SLO: recovered
+            elif a in self._breached:
+                if now - self._breached[a] <= hold:
+                    held.append(i)
+                else:
+                    del self._breached[a]
+        return measured, held
+
+    def _critical(self, obs: Observation, ctx: PolicyContext, held: Sequence[int] = ()) -> list[int]:
         """K endpoints from the policy's scores, after any endpoint breaching the SLO.
 
         Breaching endpoints are always re-optimised (a sampled draw could skip the one
         endpoint that is on fire for several intervals); the policy picks the rest.
+        ``held`` breachers (too quiet to measure) are never critical: the LP, seeing no
+        latency, would hand them traffic back.
         """
         assert self.scorer is not None
         n = len(obs.endpoints)
@@ -206,8 +230,9 @@ class Controller:
             u = self._rng.uniform(1e-12, 1.0 - 1e-7, size=n)
             s = s - np.log(-np.log(u))  # Gumbel-top-k: an exact Plackett-Luce draw
         s = np.where(available_mask(obs), s, -np.inf)  # a down endpoint is no use as critical
+        s[list(held)] = -np.inf
         k = max(1, min(self.policy.k, n))
-        picked = [int(i) for i in np.argsort(-s, kind="stable")]
+        picked = [int(i) for i in np.argsort(-s, kind="stable") if s[i] > -np.inf]
         forced = [i for i in self.breaching(obs) if s[i] > -np.inf]
         chosen = forced + [i for i in picked if i not in forced]
         # A forced endpoint needs somewhere to send traffic: at least K, and one spare.
@@ -271,6 +296,9 @@ class Controller:
             return self._record(base, mode="hold", notes=(f"telemetry blind ({why}): holding weights",), step_ms=elapsed())
 
         notes: list[str] = []
+        measured, held = self.breach_state(obs, now)
+        if held:
+            notes.append(f"breach hold: {', '.join(self.addresses[i] for i in held)} too quiet to measure; kept at the floor")
         ctx = self._context(obs)
         capacity = self.capacity(obs)
         critical: list[int] = []
@@ -279,9 +307,10 @@ class Controller:
             notes.append("no policy configured: baseline used")
         else:
             try:
-                critical = self._critical(obs, ctx)
+                critical = self._critical(obs, ctx, held)
                 proposal = lp_decision(obs, ctx, tuple(critical), capacity, cost_weight=self.policy.cost_weight,
-                                       util_target=self.policy.util_target)  # fmt: skip
+                                       util_target=self.policy.util_target, latency_weight=self.policy.latency_weight,
+                                       slo_ms=self.policy.reward.slo_ms)  # fmt: skip
             except Exception as exc:  # the policy is a remote call: anything may come back
                 self.policy_state.update(ok=False, error=f"{type(exc).__name__}: {exc}", at=time.time())
                 self.metrics.errors.labels("policy").inc()
@@ -292,9 +321,11 @@ class Controller:
             # Both judged on this very observation (see RollbackMonitor): the score is the
             # negated LP objective, worst estimated load/capacity plus the cost term.
             costs = np.array([e.cost_per_million for e in obs.endpoints], dtype=np.float64)
+            latency = np.array([e.p95_ms for e in obs.endpoints], dtype=np.float64) / self.policy.reward.slo_ms
             score = {
                 name: -objective(d.shares, capacity, costs, ctx.demand_rps, cost_weight=self.policy.cost_weight,
-                                 util_target=self.policy.util_target)
+                                 util_target=self.policy.util_target, latency=latency,
+                                 latency_weight=self.policy.latency_weight)
                 for name, d in (("policy", proposal), ("baseline", fallback))
             }
             self.rollback.record(score["policy"], score["baseline"])
@@ -305,7 +336,10 @@ class Controller:
             critical = []
         self.metrics.set_mode(mode)
 
-        guard = self.guardrails.apply(self.addresses, self.shares, decision.shares, available_mask(obs), self.overrides.active())
+        breach = np.zeros(len(self.addresses), dtype=bool)
+        breach[measured + held] = True
+        guard = self.guardrails.apply(self.addresses, self.shares, decision.shares, available_mask(obs),
+                                      self.overrides.active(), breaching=breach)  # fmt: skip
         self.last_guard = guard
         for note in guard.notes:
             self.metrics.guardrail.labels(note.split(":", 1)[0]).inc()

@@ -28,17 +28,23 @@ proposes at all.
    fixed shares sum to more than 1, or every routable endpoint is fixed and they do not
    sum to 1, they are scaled to fit (noted): the shares must sum to 1 whatever happens.
    This comes before the floor because fixed endpoints are exempt from it.
-4. *Floor.* Every routable, non-fixed endpoint gets at least ``min_share``, so the
-   controller keeps seeing fresh latency from it. If the floors do not fit
-   (``m * min_share > free share``) the floor becomes ``free / (2 m)`` (noted), which
-   still leaves half of the free share to the proposal. Endpoints raised to the floor are
+   An endpoint breaching the SLO never gains share here, whoever proposed it (the
+   baseline after a rollback knows nothing of breaches): its excess goes to the others
+   in proportion to their target.
+4. *Floor.* Every routable, non-fixed endpoint gets at least ``min_share`` (an SLO
+   breacher only ``breach_min_share``), so the controller keeps seeing fresh latency
+   from it. If the floors do not fit (their sum exceeds the free share) they are scaled
+   to sum to half of it (noted), which still leaves the other half to the proposal. Endpoints raised to the floor are
    paid for by the others *in proportion to their excess over the floor*, which keeps
    every payer at or above the floor (the total excess is never smaller than the total
    deficit when the floors fit).
 5. *max_shift.* ``forced`` is ``current`` with steps 2-3 applied: drained/unavailable
    endpoints zeroed, fixed shares set, the other routable endpoints rescaled to the free
    share (if they carried no traffic at all, they take the target's split: there is no
-   current distribution to ramp from). If ``traffic_moved(forced, target) > max_shift``,
+   current distribution to ramp from). Then what the target takes off an endpoint
+   *breaching the SLO* is taken at once too, and handed to the non-breaching endpoints
+   the target adds traffic to, in proportion to what they gain (never beyond it): every
+   decision that leaves a breacher at full share keeps failing requests on it. If ``traffic_moved(forced, target) > max_shift``,
    the final shares are ``forced + alpha * (target - forced)`` with
    ``alpha = max_shift / moved``. That is a convex combination of two vectors that both
    sum to 1, carry the same fixed shares and zeros, so those survive exactly. Both are at
@@ -401,6 +407,7 @@ class Guardrails:
         proposed: np.ndarray,
         available: np.ndarray,
         overrides: Mapping[str, Override],
+        breaching: np.ndarray | None = None,
     ) -> GuardResult:
         cfg = self.config
         addrs = [str(a) for a in addresses]
@@ -410,6 +417,7 @@ class Guardrails:
         cur_raw = _vector("current", current, n)
         prop_raw = _vector("proposed", proposed, n)
         avail = _mask("available", available, n)
+        breach = np.zeros(n, dtype=bool) if breaching is None else _mask("breaching", breaching, n)
         notes: list[str] = []
 
         # Step 2 first (it decides what "equal over routable" in step 1 means).
@@ -478,30 +486,41 @@ class Guardrails:
                 ]
                 notes.append(f"fixed: {_names(held)} set at once (operator override, exempt from max_shift)")
 
-        # Step 4: floor.
-        floor = float(cfg.min_share)
+        # Step 3b: an SLO breacher never gains traffic (whoever proposes: the baseline after
+        # a rollback knows nothing of breaches); the excess goes to the others.
+        grow = free_mask & breach & (target > cur + _NOTE_TOL)
+        others = free_mask & ~breach
+        if grow.any() and float(target[others].sum()) > 0:
+            excess = float((target - cur)[grow].sum())
+            target[grow] = cur[grow]
+            target[others] += target[others] / float(target[others].sum()) * excess
+            notes.append(f"breaching: {_names([addrs[i] for i in np.flatnonzero(grow)])} kept from gaining traffic")
+
+        # Step 4: floor (SLO breachers get the lower breach_min_share).
+        floors = np.where(breach, float(cfg.breach_min_share), float(cfg.min_share))[free_mask]
         floor_acted = False
-        if m and floor > 0:
-            if m * floor > free + _SUM_TOL:
-                lowered = free / (2 * m)
+        if m and floors.max(initial=0.0) > 0:
+            if float(floors.sum()) > free + _SUM_TOL:
+                scale = free / (2 * float(floors.sum()))
                 notes.append(
-                    f"min_share: {m} floors of {_fmt(floor)} do not fit in the free share {_fmt(free)}; "
-                    f"floor lowered to {_fmt(lowered)}"
+                    f"min_share: floors summing to {_fmt(float(floors.sum()))} do not fit in the free share "
+                    f"{_fmt(free)}; floors scaled by {_fmt(scale)}"
                 )
-                floor = lowered
+                floors = floors * scale
                 floor_acted = True
             x = target[free_mask]
-            below = x < floor
-            if floor > 0 and below.any():
-                deficit = float((floor - x[below]).sum())
-                excess = np.where(below, 0.0, x - floor)
+            below = x < floors
+            if below.any():
+                deficit = float((floors - x)[below].sum())
+                excess = np.where(below, 0.0, x - floors)
                 total_excess = float(excess.sum())
                 if total_excess > 0:
-                    x = np.where(below, floor, x - excess / total_excess * deficit)
+                    x = np.where(below, floors, x - excess / total_excess * deficit)
                 else:  # only by rounding: the floors exactly fill the free share
-                    x = np.full(m, free / m)
+                    x = floors / float(floors.sum()) * free
                 target[free_mask] = np.maximum(x, 0.0)
-                notes.append(f"min_share: raised {int(below.sum())} endpoint(s) to the floor {_fmt(floor)}")
+                shown = sorted({_fmt(f) for f in floors[below]})
+                notes.append(f"min_share: raised {int(below.sum())} endpoint(s) to the floor {' / '.join(shown)}")
                 floor_acted = True
 
         # Step 5: max_shift, measured from ``forced``.
@@ -514,6 +533,20 @@ class Guardrails:
                 forced[free_mask] = forced[free_mask] / c_free * free
             else:
                 forced[free_mask] = target[free_mask]
+            # Moves off SLO breachers are not ramped (like a drain): what the proposal takes
+            # off them goes at once where the proposal adds traffic.
+            off = free_mask & breach & (forced > target + _NOTE_TOL)
+            gain = np.where(free_mask & ~breach, np.maximum(target - forced, 0.0), 0.0)
+            if off.any() and float(gain.sum()) > 0:
+                drop = np.where(off, forced - target, 0.0)
+                # Never more than the others are meant to gain (another breacher may be
+                # the one gaining): the move must not overshoot the proposal.
+                drop *= min(1.0, float(gain.sum()) / float(drop.sum()))
+                amount = float(drop.sum())
+                forced -= drop
+                forced += gain / float(gain.sum()) * amount
+                names = [addrs[i] for i in np.flatnonzero(off)]
+                notes.append(f"breaching: moved {_fmt(amount)} of traffic off {_names(names)} at once (exempt from max_shift)")
         want = traffic_moved(forced, target)
         limited = want > cfg.max_shift
         if limited:

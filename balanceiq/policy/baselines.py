@@ -119,21 +119,25 @@ def _lp_decision(res: LpResult, avail: np.ndarray, critical: tuple[int, ...], **
 
 def solve_for(
     obs: Observation, shares: np.ndarray, critical: Any, capacity: np.ndarray, demand: float, *,
-    cost_weight: float = 0.1, util_target: float = 0.0,
+    cost_weight: float = 0.1, util_target: float = 0.0, latency_weight: float = 0.0, slo_ms: float = 150.0,
 ) -> LpResult:  # fmt: skip
-    """The CFR-RL LP for this observation: costs and availability are read from it."""
+    """The CFR-RL LP for this observation: costs, availability and (with
+    ``latency_weight`` > 0) p95 latency in SLO units are read from it."""
+    latency = _field(obs, "p95_ms") / slo_ms if latency_weight > 0 else None
     return solve_critical(shares, critical, capacity, _field(obs, "cost_per_million"), demand,
-                          available=available_mask(obs), cost_weight=cost_weight, util_target=util_target)  # fmt: skip
+                          available=available_mask(obs), cost_weight=cost_weight, util_target=util_target,
+                          latency=latency, latency_weight=latency_weight)  # fmt: skip
 
 
 def lp_decision(
     obs: Observation, ctx: PolicyContext, critical: tuple[int, ...], capacity: np.ndarray, *,
-    cost_weight: float = 0.1, util_target: float = 0.0, **info: Any,
+    cost_weight: float = 0.1, util_target: float = 0.0, latency_weight: float = 0.0, slo_ms: float = 150.0,
+    **info: Any,
 ) -> Decision:  # fmt: skip
     """Re-optimise ``critical`` with the LP and package the result as a Decision."""
     shares = np.asarray(ctx.shares, dtype=np.float64).reshape(-1)
     res = solve_for(obs, shares, critical, capacity, float(ctx.demand_rps), cost_weight=cost_weight,
-                    util_target=util_target)  # fmt: skip
+                    util_target=util_target, latency_weight=latency_weight, slo_ms=slo_ms)  # fmt: skip
     return _lp_decision(res, available_mask(obs), tuple(critical), **info)
 
 
@@ -324,6 +328,48 @@ class TopKHeuristic:
         return lp_decision(obs, ctx, critical, cap, cost_weight=self.cost_weight, capacity_estimate=cap.tolist())
 
 
+class HotColdHeuristic:
+    """Pair the hottest with the coldest: the ceil(K/2) most utilised available endpoints
+    and the floor(K/2) least utilised are critical, then the LP.
+
+    Top-K alone balances the hottest endpoints against each other; the LP can only move
+    load to where there is headroom, so half of the critical set goes to the endpoints
+    that have the most. Repeated decisions then work like pairwise averaging towards the
+    full optimum. The imitation warm start of the learned policy copies this choice
+    (:mod:`balanceiq.imitation`).
+    """
+
+    name = "hot_cold"
+
+    def __init__(self, cost_weight: float = 0.1) -> None:
+        self.cost_weight = cost_weight
+
+    def reset(self) -> None:
+        pass
+
+    def critical(self, obs: Observation, ctx: PolicyContext) -> list[int]:
+        """The ordered choice: hottest first, then coldest (what imitation learns)."""
+        n = _check(obs, ctx)
+        avail = available_mask(obs)
+        cap = estimate_capacity(obs, ctx)
+        shares = np.asarray(ctx.shares, dtype=np.float64).reshape(-1)
+        rps = _field(obs, "rps")
+        demand = float(ctx.demand_rps)
+        load = np.where(np.isfinite(rps) & (rps >= 0), rps, shares * demand if math.isfinite(demand) else np.nan)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            util = np.where(_positive(cap), load / np.where(_positive(cap), cap, 1.0), np.nan)
+        known = np.isfinite(util) & avail
+        k = min(max(int(ctx.k), 1), n)
+        hot = [int(i) for i in np.argsort(np.where(known, -util, np.inf), kind="stable")[: (k + 1) // 2]]
+        cold = [int(i) for i in np.argsort(np.where(known, util, np.inf), kind="stable") if int(i) not in hot]
+        return hot + cold[: k - len(hot)]
+
+    def decide(self, obs: Observation, ctx: PolicyContext) -> Decision:
+        cap = estimate_capacity(obs, ctx)
+        critical = tuple(sorted(self.critical(obs, ctx)))
+        return lp_decision(obs, ctx, critical, cap, cost_weight=self.cost_weight, capacity_estimate=cap.tolist())
+
+
 class Oracle:
     """The LP over every endpoint with the simulator's true capacities: the physical limit."""
 
@@ -355,6 +401,7 @@ BASELINES: dict[str, Callable[[], Policy]] = {
     InverseLatencyEwma.name: InverseLatencyEwma,
     LeastRequest.name: LeastRequest,
     TopKHeuristic.name: TopKHeuristic,
+    HotColdHeuristic.name: HotColdHeuristic,
     Oracle.name: Oracle,
 }
 

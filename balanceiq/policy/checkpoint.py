@@ -64,7 +64,7 @@ class RLPolicy:
     name = "cfr_rl"
 
     def __init__(self, module: Any, *, cost_weight: float = 0.1, slo_ms: float = 150.0,
-                 mode: str = "sample", seed: int = 0) -> None:  # fmt: skip
+                 mode: str = "greedy", seed: int = 0) -> None:  # fmt: skip
         if mode not in ("sample", "greedy"):
             raise PolicyError(f"mode must be 'sample' or 'greedy', got {mode!r}")
         self.module = module
@@ -82,10 +82,11 @@ class RLPolicy:
         self._rng = np.random.default_rng(self.seed)
 
     def critical(self, obs: Observation, ctx: PolicyContext) -> list[int]:
-        """K endpoints: drawn from the policy's Plackett-Luce distribution (``sample``,
-        seeded, what PPO optimised), or its K highest scores (``greedy``). Shares persist
-        between decisions, so greedy can re-pick the same pair forever once it is
-        balanced; sampling keeps the policy's own exploration of which pairs to fix."""
+        """K endpoints: the K highest scores (``greedy``, the default), or a draw from the
+        policy's Plackett-Luce distribution (``sample``, seeded: what PPO explores with).
+        Greedy is better in every simulated scenario since the LP balances the critical
+        endpoints (re-picking a balanced pair moves nothing, where the old LP parked its
+        traffic on the cheaper one): e.g. -1.96 vs -2.50 on degrade."""
         n = len(obs.endpoints)
         return self.critical_from_rows(encode(obs, ctx.capacity_hint, n, self.slo_ms), n, ctx.k)
 

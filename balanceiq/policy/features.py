@@ -44,7 +44,8 @@ def encode(obs: Observation, capacity: np.ndarray, n_max: int, slo_ms: float = 1
     # finite values (1e-300 capacity, 1e300 rps) must give bounded features, not inf/NaN.
     with np.errstate(over="ignore", divide="ignore", invalid="ignore", under="ignore"):
         total_rps = f[:, col["rps"]].sum()
-        rps = f[:, col["rps"]]
+        # A copy: the column is normalised in place next, and utilisation needs rps.
+        rps = f[:, col["rps"]].copy()
         f[:, col["rps"]] = rps / total_rps if total_rps > 0 else 0.0
         max_cost = f[:, col["cost_per_million"]].max()
         f[:, col["cost_per_million"]] = f[:, col["cost_per_million"]] / max_cost if max_cost > 0 else 0.0

@@ -16,6 +16,9 @@ Configured entirely by ``env_config`` (RLlib passes it through):
 ``episode_steps``   decisions per episode (default 60)
 ``obs_noise``       relative noise on observed latency/errors (default 0.05)
 ``cost_weight``     the LP's cost term (default 0.1)
+``util_target``     the LP's headroom knee (default 0: pure min-max, as trained)
+``latency_weight``  the LP's latency term (default 0); set both to the live config's
+                    values to train against the LP the controller runs
 ``reward``          :class:`~balanceiq.policy.reward.RewardWeights` fields
 ``seed``            base seed
 ==================  ==========================================================
@@ -89,6 +92,8 @@ class FleetEnv(gym.Env):
         self.episode_steps = int(cfg.get("episode_steps", 60))
         self.obs_noise = float(cfg.get("obs_noise", 0.05))
         self.cost_weight = float(cfg.get("cost_weight", 0.1))
+        self.util_target = float(cfg.get("util_target", 0.0))
+        self.latency_weight = float(cfg.get("latency_weight", 0.0))
         self.weights = RewardWeights(**cfg.get("reward", {}))
         self._base_seed = int(cfg.get("seed", 0))
         self.observation_space = gym.spaces.Box(-3.0, float(max(20, self.n_max)), (self.n_max, N_FEATURES), np.float32)
@@ -155,7 +160,9 @@ class FleetEnv(gym.Env):
         """The LP over the critical set, with capacity estimated from observations."""
         obs: Observation = self.last_obs
         demand = float(np.nansum([e.rps for e in obs.endpoints]))
-        res = solve_for(obs, self.shares, critical, self.capacity_estimate(), demand, cost_weight=self.cost_weight)
+        res = solve_for(obs, self.shares, critical, self.capacity_estimate(), demand, cost_weight=self.cost_weight,
+                        util_target=self.util_target, latency_weight=self.latency_weight,
+                        slo_ms=self.weights.slo_ms)  # fmt: skip
         return res.shares, {"lp_status": res.status}
 
     def _encode(self, obs: Observation) -> np.ndarray:

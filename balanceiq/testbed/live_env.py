@@ -211,6 +211,7 @@ class LiveEnvConfig(BaseModel):
     scenario_speed: float = Field(default=1.0, gt=0, le=1000, description="Scenario seconds per wall-clock second.")
     cost_weight: float | None = Field(default=None, ge=0, le=100, description="LP cost term (default: the config's).")
     util_target: float | None = Field(default=None, ge=0, le=1, description="LP headroom knee (default: the config's).")
+    latency_weight: float | None = Field(default=None, ge=0, le=100, description="LP latency term (default: the config's).")
     force_breaching: bool = Field(default=True, description="SLO breachers are always critical, as in the controller.")
     reward: RewardConfig = Field(default_factory=RewardConfig)
     warmup_timeout_s: float = Field(default=30.0, gt=0, le=600, description="First reset: wait this long for traffic.")
@@ -609,6 +610,8 @@ class LiveEnv(gym.Env):  # type: ignore[misc]
         self.weights_cfg = self.cfg.reward.weights()
         self.cost_weight = float(self.cfg.cost_weight if self.cfg.cost_weight is not None else base.control.cost_weight)
         self.util_target = float(self.cfg.util_target if self.cfg.util_target is not None else base.control.util_target)
+        self.latency_weight = float(self.cfg.latency_weight if self.cfg.latency_weight is not None
+                                    else base.control.latency_weight)  # fmt: skip
         self.scenario: LiveScenario | None = load_live_scenario(self.cfg.scenario) if self.cfg.scenario else None
         if self.scenario is not None:
             self.scenario.check_targets(list(base.clusters[0].endpoints))
@@ -889,7 +892,8 @@ class LiveEnv(gym.Env):  # type: ignore[misc]
             demand = float(np.nansum(np.where(np.isfinite(rps), rps, 0.0)))
             ctx = PolicyContext(before, self.hint, self.static_weights, demand, self.k)
             decision = lp_decision(obs, ctx, tuple(critical), self._capacity(obs), cost_weight=self.cost_weight,
-                                   util_target=self.util_target)  # fmt: skip
+                                   util_target=self.util_target, latency_weight=self.latency_weight,
+                                   slo_ms=self.weights_cfg.slo_ms)  # fmt: skip
             lp_status = str(decision.info.get("lp_status"))
             new = {a: int(w) for a, w in zip(self.addresses, decision.weights)}
             acked = self._push(new, self.health)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -154,3 +155,35 @@ def test_unmeasurable_endpoint_is_assumed_typical_not_capacityless(setup) -> Non
                       endpoints=obs.endpoints[:4] + (EndpointObservation(address=idle.address, rps=0.0, healthy=True),))  # fmt: skip
     cap = c.capacity(obs)
     assert np.all(np.isfinite(cap)) and cap[4] == pytest.approx(np.median(cap[:4]))
+
+
+def test_a_breacher_leaves_at_once_and_is_held_while_too_quiet_to_measure(setup) -> None:  # type: ignore[no-untyped-def]
+    c, fleet, xds, pick = setup
+    c.guardrails.config = c.guardrails.config.model_copy(update={"max_shift": 0.05})
+    a = c.addresses[2]
+    c.step()
+    before = c.shares[2]
+    fleet.p95[a] = 900.0
+    rec = c.step()
+    # Derated to load x slo/p95, the LP takes most of its traffic away; all of that move
+    # happens in this one decision although max_shift is 0.05.
+    assert before - c.shares[2] > 0.1
+    assert any(n.startswith("breaching:") for n in rec.notes) and not any(n.startswith("max_shift") for n in rec.notes)
+    left = c.shares[2]
+    # Its trickle gives no latency: without the hold it would look unknown (typical),
+    # become critical and get traffic back; with it, it keeps its share and is not critical.
+    fleet.p95[a] = float("nan")
+    for _ in range(3):
+        rec = c.step()
+        assert a not in rec.critical and any(n.startswith("breach hold:") for n in rec.notes)
+        assert c.shares[2] <= left + 1e-9
+    # Measured within the SLO again: released at once.
+    fleet.p95[a] = 40.0
+    rec = c.step()
+    assert not any(n.startswith("breach hold:") for n in rec.notes)
+    # After breach_hold_s with no measurement, the hold also ends.
+    fleet.p95[a] = 900.0
+    c.step()
+    fleet.p95[a] = float("nan")
+    assert c.breach_state(fleet.observe(c.weights), now=time.time())[1] == [2]
+    assert c.breach_state(fleet.observe(c.weights), now=time.time() + c.settings.guardrails.breach_hold_s + 1)[1] == []

@@ -638,3 +638,45 @@ def test_transitions_keep_the_last_twenty() -> None:
     st = m.state()
     assert st["rollbacks"] == 30 and st["recoveries"] == 30
     assert len(st["transitions"]) == 20 and st["transitions"][-1]["at"] == 59.0
+
+
+# -- SLO breachers ------------------------------------------------------------------------
+
+
+def _breach_guard(max_shift: float = 0.1) -> Guardrails:
+    return Guardrails(GuardrailConfig(min_share=0.05, breach_min_share=0.001, max_shift=max_shift))
+
+
+def test_a_breacher_floors_at_breach_min_share_and_leaves_at_once() -> None:
+    addrs = ["a", "b", "c", "d"]
+    cur = np.array([0.25, 0.25, 0.25, 0.25])
+    prop = np.array([0.0, 0.5, 0.5, 0.0])  # the LP takes everything off a (breaching) and d
+    avail = np.ones(4, dtype=bool)
+    plain = _breach_guard().apply(addrs, cur, prop, avail, {})
+    assert plain.limited and plain.moved == pytest.approx(0.1, abs=1e-9)
+    r = _breach_guard().apply(addrs, cur, prop, avail, {}, breaching=np.array([True, False, False, False]))
+    # a drops to its floor at once; only the move off d (not breaching) is ramped.
+    assert r.shares[0] == pytest.approx(0.001, abs=1e-9)
+    # Floors: target a=0.001, d=0.05, b=c=0.4745. a's 0.249 goes to b and c at once; what
+    # is left (0.1 off d onto b and c each... 0.2 in all) is halved by max_shift=0.1.
+    assert r.shares[3] == pytest.approx(0.15, abs=1e-9)
+    assert any(n.startswith("breaching:") for n in r.notes)
+    assert r.shares.sum() == pytest.approx(1.0) and np.all(r.weights >= 1)
+
+
+def test_a_breacher_never_gains_traffic_whoever_proposes_it() -> None:
+    # Breacher a loses 0.3 at once; breacher b may not take 0.2 more (a rollback baseline
+    # knows nothing of breaches), so c, the healthy one, gets it all, ramped by max_shift.
+    addrs = ["a", "b", "c"]
+    cur = np.array([0.5, 0.2, 0.3])
+    prop = np.array([0.2, 0.4, 0.4])
+    r = Guardrails(GuardrailConfig(min_share=0.0, breach_min_share=0.0, max_shift=1.0)).apply(
+        addrs, cur, prop, np.ones(3, dtype=bool), {}, breaching=np.array([True, True, False]))
+    assert r.shares == pytest.approx([0.2, 0.2, 0.6], abs=1e-9)
+    assert any("kept from gaining" in n for n in r.notes)
+
+
+def test_breaching_mask_must_match_the_endpoints() -> None:
+    with pytest.raises(GuardrailError, match="breaching"):
+        _breach_guard().apply(["a", "b"], np.array([0.5, 0.5]), np.array([0.5, 0.5]), np.ones(2, dtype=bool), {},
+                              breaching=np.array([True]))

@@ -207,13 +207,23 @@ def test_critical_split_is_even_when_a_kept_endpoint_sets_the_max() -> None:
     assert res.shares == pytest.approx([0.25, 0.25, 0.25, 0.25], abs=1e-7)
 
 
-def test_cost_term_prefers_cheap_capacity_below_the_kept_floor() -> None:
-    # Kept endpoint 2 sits at utilisation 1.0; below that floor cost is free to decide.
+def test_cost_term_prefers_cheap_capacity_below_the_knee() -> None:
+    # Kept endpoint 2 sits at utilisation 1.0; with the knee there too, utilisation below
+    # it is free and cost alone decides the critical split.
     cap = np.array([200.0, 200.0, 100.0])
-    res = solve_critical([0.3, 0.3, 0.4], [0, 1], cap, [1.0, 10.0, 1.0], 250.0, cost_weight=0.1)
+    res = solve_critical([0.3, 0.3, 0.4], [0, 1], cap, [1.0, 10.0, 1.0], 250.0, cost_weight=0.1, util_target=1.0)
     assert res.shares[2] == 0.4
     assert res.shares[0] == pytest.approx(0.6, abs=1e-7)
     assert res.shares[1] == pytest.approx(0.0, abs=1e-7)
+
+
+def test_without_a_knee_critical_endpoints_are_balanced_under_a_kept_max() -> None:
+    # The same fleet with no knee: U is pinned by the kept endpoint, and the critical
+    # endpoints are balanced (BALANCE) rather than the cheap one filled up to U, so the
+    # next decision has headroom to lower U with (see the module doc).
+    cap = np.array([200.0, 200.0, 100.0])
+    res = solve_critical([0.5, 0.1, 0.4], [0, 1], cap, [1.0, 10.0, 1.0], 250.0, cost_weight=0.1)
+    assert res.shares == pytest.approx([0.3, 0.3, 0.4], abs=1e-7)
 
 
 def test_cost_weight_trades_utilisation_for_price() -> None:
@@ -337,3 +347,38 @@ def test_traffic_moved() -> None:
 def test_utilization_marks_load_without_capacity() -> None:
     u = utilization(np.array([0.5, 0.5, 0.0]), np.array([100.0, 0.0, 0.0]), 100.0)
     assert u.tolist() == [0.5, math.inf, 0.0]
+
+
+# -- the latency term ---------------------------------------------------------------------
+
+
+def test_latency_term_fills_fast_endpoints_first_below_the_knee() -> None:
+    from balanceiq.policy.lp import objective, solve_critical
+
+    cap = np.array([100.0, 100.0, 100.0])
+    cost = np.array([1.0, 1.0, 1.0])
+    latency = np.array([0.1, 0.6, np.nan])  # p95 / SLO; the third is unknown -> typical
+    shares = np.full(3, 1 / 3)
+    blind = solve_critical(shares, [0, 1, 2], cap, cost, 60.0, util_target=0.5)
+    aware = solve_critical(shares, [0, 1, 2], cap, cost, 60.0, util_target=0.5, latency=latency, latency_weight=0.2)
+    # Without the term every split under the knee costs the same; the tie-break spreads it.
+    assert blind.shares == pytest.approx(np.full(3, 1 / 3), abs=1e-6)
+    # The fast endpoint fills to the knee (0.5 * 100 / 60 of the traffic); the slow one gets
+    # what is left after the typical (unknown) one also fills to the knee.
+    assert aware.shares[0] == pytest.approx(50 / 60, abs=1e-6)
+    assert aware.shares[1] < aware.shares[2]
+    assert objective(aware.shares, cap, cost, 60.0, util_target=0.5, latency=latency, latency_weight=0.2) <= objective(
+        blind.shares, cap, cost, 60.0, util_target=0.5, latency=latency, latency_weight=0.2) + 1e-9
+
+
+@given(st.lists(st.floats(allow_nan=True, allow_infinity=True, width=64), min_size=1, max_size=12))
+@settings(max_examples=200, deadline=None)
+def test_latency_sanitation_is_finite_bounded_and_typical_for_unknowns(values: list[float]) -> None:
+    from balanceiq.policy.lp import clean_latency
+
+    lat = clean_latency(np.array(values))
+    assert lat.shape == (len(values),) and np.all(np.isfinite(lat)) and np.all((lat >= 0) & (lat <= 4))
+    known = [min(max(v, 0.0), 4.0) for v in values if math.isfinite(v)]
+    unknown = [i for i, v in enumerate(values) if not math.isfinite(v)]
+    for i in unknown:
+        assert lat[i] == pytest.approx(float(np.median(known)) if known else 0.0)

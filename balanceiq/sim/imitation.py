@@ -1,0 +1,149 @@
+"""Imitation warm start: teach the policy a good heuristic before PPO refines it.
+
+PPO from random scores spends most of its budget discovering that the LP needs an
+overloaded endpoint *and* one with headroom in the critical set. The
+:class:`~balanceiq.policy.baselines.HotColdHeuristic` knows that already, so training
+starts by cloning it (behaviour cloning with DAgger-style state coverage):
+
+1. :func:`collect` rolls :class:`~balanceiq.sim.env.FleetEnv` out over the training
+   scenarios. Each state is labelled with the teacher's ordered choice (hottest first,
+   then coldest); the action actually taken is the teacher's, or with probability
+   ``explore`` a uniformly random one, so the data also covers states the teacher never
+   reaches and where a cloned policy that slips must recover. The discounted return from
+   each state under that behaviour is kept for the value head.
+2. :func:`pretrain` fits the module by maximising the exact Plackett-Luce
+   log-likelihood of the teacher's ordered choice (the distribution PPO samples from,
+   :mod:`balanceiq.policy.distribution`) and regresses the value head on the returns, so
+   PPO's first advantages are not noise from an untrained critic.
+
+The result is a state dict for :class:`~balanceiq.policy.module.CriticalEndpointModule`;
+:func:`balanceiq.train.train` loads it into the learner (and the env runners) before the
+first PPO iteration.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from balanceiq.policy.baselines import HotColdHeuristic, PolicyContext
+
+
+@dataclass
+class Demonstrations:
+    """States (encoded observations), the teacher's ordered choices, and returns."""
+
+    obs: np.ndarray  # [M, n_max, F] float32
+    actions: np.ndarray  # [M, K] int64
+    returns: np.ndarray  # [M] float32
+    teacher_return: float  # mean episode return of the behaviour that collected them
+    episodes: int
+
+
+def _context(env: Any) -> PolicyContext:
+    obs = env.last_obs
+    return PolicyContext(
+        shares=env.shares, capacity_hint=env.capacity_estimate(),
+        static_weights=np.asarray(env.sim.static_weights, dtype=np.float64),
+        demand_rps=float(np.nansum([e.rps for e in obs.endpoints])), k=env.k,
+    )  # fmt: skip
+
+
+def collect(env_config: dict[str, Any], *, episodes: int = 24, explore: float = 0.2, gamma: float = 0.9,
+            seed: int = 0, on_episode: Callable[[int], None] | None = None) -> Demonstrations:  # fmt: skip
+    """Roll out the teacher (with ``explore`` random actions) and label every state."""
+    from balanceiq.sim.env import FleetEnv
+
+    rng = np.random.default_rng(seed)
+    teacher = HotColdHeuristic()
+    env = FleetEnv({**env_config, "seed": seed})
+    obs_rows: list[np.ndarray] = []
+    labels: list[list[int]] = []
+    returns: list[float] = []
+    totals: list[float] = []
+    for ep in range(episodes):
+        rows, _ = env.reset(seed=seed + ep)
+        assert env.sim is not None
+        rewards: list[float] = []
+        done = False
+        while not done:
+            n = env.sim.n
+            label = teacher.critical(env.last_obs, _context(env))
+            # The label must be a full K-tuple for the log-likelihood; pad with distinct
+            # unused endpoints when N < K would leave it short (never with padding rows).
+            label += [i for i in range(n) if i not in label][: env.k - len(label)]
+            if rng.random() < explore:
+                action = rng.choice(n, size=min(env.k, n), replace=False).tolist()
+            else:
+                action = label
+            obs_rows.append(rows)
+            labels.append(label[: env.k])
+            rows, r, _, done, _ = env.step(np.asarray(action + action[:1] * (env.k - len(action)), dtype=np.int64))
+            rewards.append(float(r))
+        g = 0.0
+        ep_returns = []
+        for r in reversed(rewards):
+            g = r + gamma * g
+            ep_returns.append(g)
+        returns.extend(reversed(ep_returns))
+        totals.append(float(sum(rewards)))
+        if on_episode is not None:
+            on_episode(ep + 1)
+    return Demonstrations(
+        obs=np.stack(obs_rows).astype(np.float32), actions=np.asarray(labels, dtype=np.int64),
+        returns=np.asarray(returns, dtype=np.float32), teacher_return=float(np.mean(totals)), episodes=episodes,
+    )  # fmt: skip
+
+
+def pretrain(module: Any, demos: Demonstrations, *, epochs: int = 30, lr: float = 3e-3, batch_size: int = 256,
+             value_coeff: float = 0.1, seed: int = 0,
+             on_epoch: Callable[[int, float], None] | None = None) -> dict[str, Any]:  # fmt: skip
+    """Fit ``module`` to the demonstrations in place; returns the fit's numbers.
+
+    ``agreement`` is the fraction of states where the module's K highest scores are the
+    teacher's K endpoints (as a set: the LP ignores the order)."""
+    import torch
+    from ray.rllib.core.columns import Columns
+
+    from balanceiq.policy.distribution import PlackettLuce
+
+    torch.manual_seed(seed)
+    obs = torch.from_numpy(demos.obs)
+    act = torch.from_numpy(demos.actions)
+    # Returns span two orders of magnitude across scenarios; the value head learns them
+    # scaled, and PPO's own value loss (clipped) adapts it from there.
+    ret = torch.from_numpy(demos.returns)
+    module.train()
+    params = [p for p in module.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=lr)
+    k = act.shape[1]
+    m = obs.shape[0]
+    losses: list[float] = []
+    for epoch in range(epochs):
+        perm = torch.randperm(m)
+        total = 0.0
+        for start in range(0, m, batch_size):
+            idx = perm[start : start + batch_size]
+            batch = {Columns.OBS: obs[idx]}
+            scores = module._forward(batch)[Columns.ACTION_DIST_INPUTS]
+            nll = -PlackettLuce(scores, k=k).logp(act[idx]).mean()
+            v = module.compute_values(batch)
+            loss = nll + value_coeff * torch.nn.functional.smooth_l1_loss(v, ret[idx])
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            total += float(nll.detach()) * len(idx)
+        losses.append(total / m)
+        if on_epoch is not None:
+            on_epoch(epoch + 1, losses[-1])
+    module.eval()
+    with torch.no_grad():
+        scores = module._forward({Columns.OBS: obs})[Columns.ACTION_DIST_INPUTS]
+        top = torch.topk(scores, k, dim=-1).indices.sort(-1).values
+        agree = float((top == act.sort(-1).values).all(-1).float().mean())
+    return {"states": int(m), "epochs": epochs, "nll_first": losses[0], "nll_last": losses[-1], "agreement": agree,
+            "teacher_return": demos.teacher_return}  # fmt: skip
