@@ -140,7 +140,7 @@ def test_arms_settings_and_scenario_remapping() -> None:
     assert {e.address for e in new}.isdisjoint({e.address for e in old})
     # The degraded azure backend keeps its testbed profile at its new address.
     assert s.testbed.profile_for(new[5]) == base.testbed.profile_for(old[5]) == (120.0, 4, 0.02)
-    assert s.control.interval_s == 2.0 and s.telemetry.window_s == 2.0 and s.prometheus.scrape_interval_s == 0.5
+    assert s.control.interval_s == 1.0 and s.telemetry.window_s == 2.0 and s.prometheus.scrape_interval_s == 0.5
     scen = LiveScenario.model_validate({"name": "s", "duration_s": 10, "events": [
         {"at_s": 1, "name": "one", "endpoint": old[5].address, "set": {"healthy": False}},
         {"at_s": 2, "name": "cloud", "cloud": "aws", "cost_multiplier": 2}]})  # fmt: skip
