@@ -39,6 +39,7 @@ import asyncio
 import json
 import math
 import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -248,13 +249,16 @@ async def run_open_loop(
     timeout_s: float = 11.0,
     start_wall: float | None = None,
     on_progress: Callable[[int], None] | None = None,
+    stop: threading.Event | None = None,
 ) -> OpenLoopResult:
     """Send one GET to ``url`` at each offset of ``schedule`` (seconds after the start).
 
     The start is ``start_wall`` (epoch seconds; the call sleeps until then) or now. A
     request whose intended time comes while ``max_inflight`` are outstanding is not sent
     and recorded as ``NOT_SENT``. Returns when every sent request has finished (each is
-    bounded by ``timeout_s``).
+    bounded by ``timeout_s``). Setting ``stop`` ends the schedule early (a fault test
+    runs load until its fault has played out): the result holds only the requests that
+    were due before it was set.
     """
     ensure_loopback(url)
     if max_inflight < 1:
@@ -313,10 +317,13 @@ async def run_open_loop(
     async with aiohttp.ClientSession(connector=connector, timeout=timeout, auto_decompress=False) as session:
         i = 0
         while i < n:
+            if stop is not None and stop.is_set():
+                break
             due = t0 + intended[i]
             wait = due - loop.time()
             if wait > 0:
-                await asyncio.sleep(wait)
+                # Bounded with a ``stop``, so it is seen soon even at a low rate.
+                await asyncio.sleep(wait if stop is None else min(wait, 0.1))
                 continue
             # Everything due by now leaves in this pass (after a stall, a burst: that is
             # the schedule, not a choice of the generator).
@@ -341,6 +348,8 @@ async def run_open_loop(
             await asyncio.gather(*list(tasks))
     wall = loop.time() - t0
     cpu = time.process_time() - cpu0
+    if i < n:  # stopped early: what was never due is not part of the run
+        intended, sent, latency, status, backend, error = (a[:i] for a in (intended, sent, latency, status, backend, error))
     return OpenLoopResult(
         intended_s=intended, sent_s=sent, latency_ms=latency, status=status, backend=backend,
         backends=sorted(backend_ix, key=backend_ix.__getitem__), error=error,

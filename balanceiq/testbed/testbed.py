@@ -16,6 +16,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -149,10 +150,25 @@ class Testbed:
         health_check_interval_s: float = 5.0,
         node_id: str = "balanceiq-envoy-0",
         prometheus: bool = True,
+        isolate: Collection[str] = (),
     ) -> None:
         self.settings = settings
         self.workdir = Path(workdir)
-        self.backends = BackendsProcess(backend_specs(settings), self.workdir / "backends")
+        specs = backend_specs(settings)
+        unknown = sorted(set(isolate) - {s["name"] for s in specs})
+        if unknown:
+            raise TestbedError(f"isolate names unknown endpoint(s): {', '.join(unknown)}")
+        shared = [s for s in specs if s["name"] not in isolate]
+        if not shared:
+            raise TestbedError("isolate must leave at least one backend in the shared process")
+        self.backends = BackendsProcess(shared, self.workdir / "backends")
+        # The backends share one process; an isolated one gets its own, so a fault test
+        # can kill exactly that endpoint (SIGKILL) while the others keep serving.
+        self.isolated = {
+            s["name"]: BackendsProcess([s], self.workdir / f"backend-{i}")
+            for i, s in enumerate(specs)
+            if s["name"] in isolate
+        }
         tel = settings.telemetry
         self.als = (
             AlsProcess(tel.als_grpc_port, tel.als_metrics_port, self.workdir / "als") if tel.als_enabled else None
@@ -178,7 +194,7 @@ class Testbed:
 
     def _parts(self) -> list[Any]:
         """In start order; stopped in reverse."""
-        return [p for p in (self.backends, self.als, self.envoy, self.prometheus) if p is not None]
+        return [p for p in (self.backends, *self.isolated.values(), self.als, self.envoy, self.prometheus) if p is not None]
 
     def start(self) -> Testbed:
         try:

@@ -18,7 +18,9 @@ this machine read the token Ray writes to ``~/.ray/auth_token``; see README "Ray
 from __future__ import annotations
 
 import os
+import threading
 import time
+from collections import deque
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -26,13 +28,14 @@ from typing import Any
 import ray
 
 from balanceiq.config import Settings
-from balanceiq.exceptions import XdsBindError
+from balanceiq.exceptions import AssignmentError, XdsBindError, XdsLeaseError
 from balanceiq.xds.lease import Lease
 from balanceiq.xds.server import XdsServer
 
 NAMESPACE = "balanceiq"
 ACTOR_NAME = "xds_server"
 HEAD_RESOURCE = "node:__internal_head__"
+AUDIT_SIZE = 1000  # lease-checked pushes remembered; at one per second, a quarter of an hour
 
 
 class XdsServerActor:
@@ -42,6 +45,12 @@ class XdsServerActor:
         self._server = XdsServer(settings, state_dir=state_dir or settings.state_dir)
         # Not persisted: after a restart the controller simply acquires it again.
         self._lease = Lease()
+        # Who pushed what and who held the lease when: the evidence that exactly one
+        # controller pushed at a time (the fault suite reads it after killing a replica).
+        # In memory, like the lease it audits.
+        self._audit_lock = threading.Lock()
+        self._pushes: deque[dict[str, Any]] = deque(maxlen=AUDIT_SIZE)
+        self._holders: deque[dict[str, Any]] = deque(maxlen=AUDIT_SIZE)
         # After a crash the dead worker's socket may linger for a moment; SO_REUSEPORT
         # is off (on purpose), so retry the bind briefly instead of failing the restart.
         deadline = time.monotonic() + bind_retry_s
@@ -63,12 +72,32 @@ class XdsServerActor:
     ) -> str:
         """``lease_owner`` set: refused (XdsLeaseError) unless that owner holds the lease.
         Operators' manual pushes (``balanceiq xds set``) pass none."""
-        if lease_owner is not None:
-            self._lease.check(lease_owner)
-        return self._server.set_assignment(cluster, weights, health)
+        if lease_owner is None:
+            return self._server.set_assignment(cluster, weights, health)
+        # One lock around check, publish and record, so the audit's order is the order
+        # versions were published in.
+        with self._audit_lock:
+            term = self._lease.state()["term"]
+            latest = self._server.store.latest()
+            before = latest.version if latest is not None else None
+            try:
+                self._lease.check(lease_owner)
+                version = self._server.set_assignment(cluster, weights, health)
+            except (XdsLeaseError, AssignmentError) as exc:
+                self._pushes.append({"at": time.time(), "owner": lease_owner, "term": term, "version": None,
+                                     "accepted": False, "reason": type(exc).__name__})  # fmt: skip
+                raise
+            self._pushes.append({"at": time.time(), "owner": lease_owner, "term": term, "version": version,
+                                 "accepted": True, "changed": version != before})  # fmt: skip
+            return version
 
     def acquire_lease(self, owner: str, ttl_s: float) -> dict[str, Any]:
-        return self._lease.acquire(owner, ttl_s)
+        with self._audit_lock:
+            granted = self._lease.acquire(owner, ttl_s)
+            last = self._holders[-1]["term"] if self._holders else None
+            if granted["granted"] and granted["term"] != last:
+                self._holders.append({"at": time.time(), "holder": owner, "term": granted["term"]})
+            return granted
 
     def release_lease(self, owner: str) -> bool:
         return self._lease.release(owner)
@@ -83,6 +112,12 @@ class XdsServerActor:
 
     def wait_for_ack(self, version: str, node_id: str | None = None, timeout: float = 5.0) -> bool:
         return self._server.wait_for_ack(version, node_id, timeout)
+
+    def audit(self) -> dict[str, Any]:
+        """Lease-checked pushes (accepted or refused, with owner, lease term and version)
+        and every change of lease holder, oldest first, since this actor (re)started."""
+        with self._audit_lock:
+            return {"pid": os.getpid(), "pushes": list(self._pushes), "holders": list(self._holders)}
 
     def port(self) -> int | None:
         return self._server.port

@@ -32,7 +32,8 @@ def test_bootstrap_choices() -> None:
     b = render_bootstrap(default_settings(), api="ads-delta")
     ads = b["dynamic_resources"]["ads_config"]
     assert ads["api_type"] == "DELTA_GRPC"
-    assert ads["grpc_services"][0]["retry_policy"]["retry_back_off"]["max_interval"] == "1s"
+    # Where Envoy reads the xDS stream's back-off (not GrpcService.retry_policy).
+    assert ads["grpc_services"][0]["envoy_grpc"]["retry_policy"]["retry_back_off"]["max_interval"] == "1s"
     cluster = b["static_resources"]["clusters"][1]
     assert cluster["eds_cluster_config"]["eds_config"] == {"ads": {}, "resource_api_version": "V3"}
     assert cluster["common_lb_config"]["update_merge_window"] == "0s"
