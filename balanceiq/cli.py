@@ -453,6 +453,49 @@ def bench_live(
     _emit(result, as_json, omit=("arms",))
 
 
+@bench_app.command("faults")
+def bench_faults(
+    faults: Annotated[str | None, typer.Option("--faults", help="Comma-separated (default all): envoy_restarted, prometheus_killed, backend_killed, actor_killed, serve_replica_killed, ray_head_restart.")] = None,
+    rate: Annotated[float, typer.Option(help="Open-loop requests/s through Envoy during each fault (loopback, bounded).")] = 100.0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout, keyed by fault name.")] = False,
+) -> None:
+    """Break one part at a time under load (Envoy, Prometheus, a backend, the xDS actor, the Serve replica, the Ray head): failed requests, recovery, invalid weights sent."""
+    from balanceiq.bench.faults import run_faults
+
+    _emit(run_faults(faults, rate_rps=rate, console=err), as_json)
+
+
+@bench_app.command("api-load")
+def bench_api_load(
+    rate: Annotated[float, typer.Option(help="API requests/s, open loop at a fixed rate (loopback only).")] = 200.0,
+    duration: Annotated[float, typer.Option(help="Seconds of API load.")] = 60.0,
+    background_rps: Annotated[float, typer.Option("--background-rps", help="Requests/s through Envoy meanwhile, so the controller sees real traffic.")] = 50.0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,
+) -> None:
+    """The API (uvicorn, real ControlPlane over a live stack) at a fixed rate: errors, latency, server CPU and memory."""
+    from balanceiq.bench.load import run_api_load
+
+    _emit(run_api_load(rate_rps=rate, duration_s=duration, background_rps=background_rps, console=err), as_json, omit=("by_route",))
+
+
+@bench_app.command("xds-soak")
+def bench_xds_soak(
+    streams: Annotated[int, typer.Option(help="Simulated ADS clients (real gRPC streams), besides one real Envoy.")] = 1000,
+    duration: Annotated[float, typer.Option(help="Seconds of pushing.")] = 60.0,
+    push_interval: Annotated[float, typer.Option("--push-interval", help="Seconds between weight pushes.")] = 1.0,
+    endpoints: Annotated[int, typer.Option(help="Endpoints in the cluster.")] = 50,
+    warmup: Annotated[float, typer.Option(help="Memory growth is measured from this mark (s) to the end.")] = 10.0,
+    api: Annotated[str, typer.Option(help="xDS flavour for all clients: ads-sotw | ads-delta.")] = "ads-sotw",
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,
+) -> None:
+    """Many xDS streams, a push every interval: every push ACKed by every stream, and the server's memory over time."""
+    from balanceiq.bench.load import run_xds_soak
+
+    result = run_xds_soak(streams=streams, duration_s=duration, push_interval_s=push_interval, endpoints=endpoints,
+                          warmup_s=warmup, api=api, console=err)  # fmt: skip
+    _emit(result, as_json, omit=("rss_mb",))
+
+
 @app.command("observe")
 def observe(
     config: ConfigOpt = None,

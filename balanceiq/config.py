@@ -42,6 +42,7 @@ __all__ = [
     "check_config_command",
     "default_settings",
     "format_address",
+    "is_loopback",
     "load_config",
     "settings_from_dict",
     "split_address",
@@ -50,9 +51,21 @@ __all__ = [
 UINT32_MAX = 2**32 - 1
 """Envoy's ceiling for a load_balancing_weight and for the sum of weights in a locality."""
 
-# A config file is a few kilobytes; the cap keeps `config check /dev/zero`-like mistakes
-# from reading forever.
-_MAX_FILE_BYTES = 4 * 1024 * 1024
+# A config file is a few kilobytes (the 6-endpoint sample is 5 KiB; 1,000 endpoints are
+# ~150 KiB). The cap keeps `config check /dev/zero`-like mistakes from reading forever and
+# bounds the pure-Python YAML parse to about a second.
+_MAX_FILE_BYTES = 1024 * 1024
+# Limits on the parsed data, checked before pydantic sees it: YAML aliases can make a
+# small file expand exponentially ("billion laughs"), and pydantic would then validate,
+# and report an error for, every expanded value.
+_MAX_VALUES = 100_000
+_MAX_DEPTH = 64
+_MAX_STRING = 65_536
+_MAX_PATH = 4096  # PATH_MAX on Linux
+# A file with thousands of mistakes is one mistake repeated; past this, the rest are counted.
+_MAX_PROBLEMS = 100
+# Fields whose value must never appear in an error message (messages reach logs and CI output).
+_SECRET_FIELDS = frozenset({"token", "key_file", "envoy_key_file"})
 
 Loc = tuple[str | int, ...]
 
@@ -180,6 +193,32 @@ def _http_url(value: str) -> str:
 
 def _expand_user(value: Path | None) -> Path | None:
     return value.expanduser() if value is not None else None
+
+
+def _check_path(value: Path | None) -> Path | None:
+    if value is None:
+        return None
+    text = str(value)
+    if "-----BEGIN" in text or "\n" in text:
+        # Pasting the PEM itself where a file name belongs is a common slip; echoing it
+        # back in the error would print a private key.
+        raise ValueError("looks like PEM content, not a file path; put it in a file and give its path")
+    if "\x00" in text:
+        raise ValueError("path contains a NUL byte")
+    if len(text) > _MAX_PATH:
+        raise ValueError(f"path is {len(text)} characters long; at most {_MAX_PATH}")
+    return value.expanduser()
+
+
+def is_loopback(host: str) -> bool:
+    """True for ``localhost`` and loopback IP literals (``127.0.0.0/8``, ``::1``)."""
+    host = host.strip().strip("[]")
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 class _Model(BaseModel):
@@ -385,7 +424,7 @@ class TlsConfig(_Model):
     @field_validator("cert_file", "key_file", "ca_file", "envoy_ca_file", "envoy_cert_file", "envoy_key_file")
     @classmethod
     def _expand(cls, value: Path | None) -> Path | None:
-        return _expand_user(value)
+        return _check_path(value)
 
     @model_validator(mode="after")
     def _check_requirements(self) -> TlsConfig:
@@ -433,10 +472,32 @@ class XdsConfig(_Model):
     """Which xDS flavour the generated Envoy bootstrap uses: aggregated (ADS) or plain
     EDS, state-of-the-world or incremental (delta)."""
 
+    allow_insecure_remote: StrictBool = Field(
+        default=False, description="Allow a non-loopback host without mutual TLS (not recommended)."
+    )
+    """A non-loopback ``host`` is refused unless ``tls.enabled`` and
+    ``tls.require_client_cert`` are both on: Envoy applies whatever its management server
+    sends, and without mutual TLS anyone who reaches the port reads every endpoint and
+    can pose as an Envoy. Set this to serve a network anyway (a trusted private network,
+    or TLS terminated by a sidecar); the server logs a warning at start."""
+
     @field_validator("host")
     @classmethod
     def _check_host(cls, value: str) -> str:
         return _not_blank(value, "host")
+
+    @model_validator(mode="after")
+    def _remote_needs_mtls(self) -> XdsConfig:
+        if is_loopback(self.host) or self.allow_insecure_remote:
+            return self
+        if self.tls.enabled and self.tls.require_client_cert:
+            return self
+        message = (
+            f"{self.host} is not a loopback address and the server has no mutual TLS; "
+            "set tls.enabled and tls.require_client_cert (see SECURITY.md), "
+            "or allow_insecure_remote: true to accept the risk"
+        )
+        raise _cross_field_error([(("host",), message)])
 
 
 class EnvoyConfig(_Model):
@@ -454,6 +515,14 @@ class EnvoyConfig(_Model):
     listen_port: Port = Field(default=10000, description="Port of Envoy's proxy listener.")
     """Port clients send traffic to."""
 
+    allow_remote_admin: StrictBool = Field(
+        default=False, description="Allow an admin_url host that is not loopback."
+    )
+    """Envoy's admin interface has no authentication and can stop Envoy, change its
+    logging and drain its listeners, so a non-loopback ``admin_url`` (which the generated
+    bootstrap binds) is refused unless this is set. Set it when the admin port is
+    reachable only from a trusted network, e.g. the controller reads a remote Envoy."""
+
     update_merge_window_ms: int = Field(
         default=0, ge=0, strict=True, description="Envoy cluster update merge window in ms (>= 0)."
     )
@@ -465,6 +534,17 @@ class EnvoyConfig(_Model):
     @classmethod
     def _check_admin_url(cls, value: str) -> str:
         return _http_url(value)
+
+    @model_validator(mode="after")
+    def _admin_on_loopback(self) -> EnvoyConfig:
+        host = urlsplit(self.admin_url).hostname or ""
+        if is_loopback(host) or self.allow_remote_admin:
+            return self
+        message = (
+            f"{host} is not a loopback address; Envoy's admin has no authentication "
+            "(keep it on 127.0.0.1, or set allow_remote_admin: true)"
+        )
+        raise _cross_field_error([(("admin_url",), message)])
 
     @field_validator("listen_host")
     @classmethod
@@ -614,12 +694,11 @@ class TelemetryConfig(_Model):
         if given is None:
             return {**data, "queries": defaults}
         if isinstance(given, Mapping):
-            unknown = sorted(set(given) - set(SIGNALS))
+            # str() first: YAML keys may be ints or None, which do not sort with strings.
+            unknown = sorted(str(k) for k in given if k not in SIGNALS)
             if unknown:
-                raise PydanticCustomError(
-                    "unknown_signal", "unknown signal(s) {names}; known: {known}",
-                    {"names": ", ".join(map(str, unknown)), "known": ", ".join(SIGNALS)},
-                )
+                message = f"unknown signal(s) {', '.join(unknown)}; known: {', '.join(SIGNALS)}"
+                raise _cross_field_error([(("queries",), message)])
             return {**data, "queries": {**defaults, **given}}
         return data
 
@@ -670,6 +749,13 @@ class ControlConfig(_Model):
     adds demand/capacity of utilisation, so the higher this weight, the more load a price
     difference can move: at low load even a small weight moves traffic to cheap endpoints."""
 
+    latency_weight: float = Field(default=0.0, ge=0.0, le=100.0, description="Weight of the LP's latency term.")
+    """Weight of the observed p95 latency (in units of the SLO) against utilisation in the
+    live LP. Min-max utilisation is blind to an endpoint that is idle but slow (a far
+    region, a slow dependency); with a knee (``util_target`` > 0) this term and the cost
+    term decide where traffic goes below it, so fast, cheap endpoints fill first.
+    0 is the pure CFR-RL LP."""
+
     def critical_count(self, n_endpoints: int) -> int:
         """K for a cluster of ``n_endpoints`` endpoints, clamped to ``0..n_endpoints``."""
         if self.k_critical is not None:
@@ -687,7 +773,22 @@ class GuardrailConfig(_Model):
 
     max_shift: float = Field(default=0.25, gt=0.0, le=1.0, description="Max traffic moved per decision.")
     """Largest fraction of traffic one decision may move (``0.5 * sum |new - old|``).
-    Moves off an endpoint that is down or drained are exempt: safety beats smoothness."""
+    Moves off an endpoint that is down or drained are exempt: safety beats smoothness;
+    so are moves off an endpoint breaching the SLO (see ``breach_min_share``)."""
+
+    breach_min_share: float = Field(default=0.001, ge=0.0, lt=0.5, description="Floor share of an SLO breacher.")
+    """Floor for an endpoint breaching the SLO (p95 over it, or >= 5% errors), instead of
+    ``min_share``: 0.001 still sends it a trickle to see it recover, without a whole
+    percent of requests paying its latency. Traffic the proposal moves off a breacher
+    leaves at once, exempt from ``max_shift``, for the same reason a drain is; traffic
+    moving *onto* endpoints is still ramped."""
+
+    breach_hold_s: float = Field(default=30.0, ge=0.0, le=86400.0, description="Seconds a quiet breacher stays one.")
+    """An endpoint that breached the SLO and now carries too little traffic to measure (the
+    trickle of ``breach_min_share``) is still treated as breaching for this long: held at
+    its floor and out of the critical set, instead of looking unknown, bouncing back to
+    ``min_share`` and failing requests again. A measurement within the SLO clears it at
+    once; 0 turns the hold off."""
 
     rollback_after: int = Field(default=3, ge=1, le=1000, strict=True, description="Worse intervals before rollback.")
     """M: every interval the policy's proposal and the baseline's are scored on the same
@@ -718,12 +819,19 @@ class ApiConfig(_Model):
     port: Port = Field(default=8000, description="HTTP port of the API.")
     """TCP port of Ray Serve's HTTP proxy, which serves the API and the dashboard."""
 
-    token: str | None = Field(default=None, min_length=16, description="Bearer token for mutating calls.")
+    token: str | None = Field(
+        default=None, min_length=16, max_length=4096, repr=False, description="Bearer token for mutating calls."
+    )
     """Bearer token required by PUT/POST endpoints. Unset: one is generated on first
     start, written to ``state_dir/api-token`` (mode 0600) and printed once. Never logged."""
 
     checkpoint: Path | None = Field(default=None, description="RLModule checkpoint to serve.")
     """Checkpoint the Policy deployment loads; unset means the shipped one."""
+
+    @field_validator("checkpoint")
+    @classmethod
+    def _check_checkpoint(cls, value: Path | None) -> Path | None:
+        return _check_path(value)
 
     decision_log_size: int = Field(default=500, ge=10, le=100000, strict=True, description="Decisions kept.")
     """Decisions kept in memory for ``/api/decisions`` and the dashboard."""
@@ -886,7 +994,7 @@ class Settings(_Model):
     @field_validator("state_dir")
     @classmethod
     def _expand_state_dir(cls, value: Path) -> Path:
-        return value.expanduser()
+        return _check_path(value)  # type: ignore[return-value]
 
     @field_validator("clusters")
     @classmethod
@@ -986,7 +1094,11 @@ def _unknown_key_message(loc: Loc, root: type[BaseModel] | None = None) -> str:
 
 
 def _short_repr(value: Any) -> str:
-    text = repr(value)
+    try:
+        text = repr(value)
+    except ValueError:  # an int past Python's 4,300-digit str() limit (a hex or binary literal)
+        digits = int(value.bit_length() * 0.30103) + 1 if isinstance(value, int) else 0
+        text = f"<a number with about {digits} digits>"
     return text if len(text) <= 60 else text[:57] + "..."
 
 
@@ -1014,13 +1126,69 @@ def validation_problems(exc: ValidationError, root: type[BaseModel] | None = Non
         else:
             message = error["msg"]
             value = error.get("input")
-            if not isinstance(value, (dict, list)):
+            if loc and loc[-1] in _SECRET_FIELDS:
+                message += " (value not shown: it is a secret)"
+            elif not isinstance(value, (dict, list)):
                 message += f" (got {_short_repr(value)})"
         if loc and loc[-1] == "[key]":
             # pydantic's marker for "the dict key itself", not a key named "[key]".
             loc, message = loc[:-1], f"invalid key: {message}"
         problems.append((_format_loc(loc), message))
-    return problems
+    return _capped(problems)
+
+
+def _capped(problems: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    if len(problems) <= _MAX_PROBLEMS:
+        return problems
+    more = len(problems) - _MAX_PROBLEMS
+    return problems[:_MAX_PROBLEMS] + [("", f"... and {more} more problem(s) not shown")]
+
+
+def _shape_problems(data: Any) -> list[tuple[str, str]]:
+    """Problems in the raw data's shape that pydantic should never be handed.
+
+    Walks the data as pydantic would, alias-shared parts once per reference, so a
+    "billion laughs" file is caught after ``_MAX_VALUES`` steps, not after minutes of
+    validation and a million error messages. Also finds alias cycles, nesting deeper
+    than ``_MAX_DEPTH`` and strings longer than ``_MAX_STRING``.
+    """
+    problems: list[tuple[str, str]] = []
+    seen = 0
+    active: set[int] = set()  # containers on the current path: a repeat is a cycle
+
+    def walk(value: Any, loc: Loc) -> bool:
+        nonlocal seen
+        seen += 1
+        if seen > _MAX_VALUES:
+            problems.append(
+                (_format_loc(loc[:1]), f"more than {_MAX_VALUES} values (YAML aliases expanding?); not a config file")
+            )
+            return False
+        if isinstance(value, str):
+            if len(value) > _MAX_STRING:
+                problems.append((_format_loc(loc), f"value is {len(value)} characters long; at most {_MAX_STRING}"))
+            return True
+        if not isinstance(value, (Mapping, list)):
+            return True
+        if len(loc) >= _MAX_DEPTH:
+            problems.append((_format_loc(loc), f"nested more than {_MAX_DEPTH} levels deep"))
+            return True
+        if id(value) in active:
+            problems.append((_format_loc(loc), "refers to itself (a YAML alias cycle)"))
+            return True
+        active.add(id(value))
+        try:
+            items = value.items() if isinstance(value, Mapping) else enumerate(value)
+            for key, child in items:
+                part = key if isinstance(key, (str, int)) else str(key)
+                if not walk(child, (*loc, part)):
+                    return False
+        finally:
+            active.discard(id(value))
+        return True
+
+    walk(data, ())
+    return _capped(problems)
 
 
 # --------------------------------------------------------------------------- loading
@@ -1043,6 +1211,9 @@ def settings_from_dict(
     if not isinstance(data, Mapping):
         message = f"the top level must be a mapping of settings, not a {_yaml_type_name(data)}"
         raise ConfigError([("", message)], source)
+    shape = _shape_problems(data)
+    if shape:
+        raise ConfigError(shape, source)
     try:
         settings = Settings.model_validate(data)
     except ValidationError as exc:
@@ -1072,12 +1243,49 @@ def _resolve_paths(settings: Settings, base_dir: Path) -> Settings:
     )
 
 
+class _TooLargeNumber:
+    """Stands in for an integer too long for Python to convert (over 4,300 digits).
+
+    Not an ``int``, so pydantic refuses it at the field it is in, and the message names
+    that field instead of failing the whole file at a line number.
+    """
+
+    __slots__ = ("digits",)
+
+    def __init__(self, digits: int) -> None:
+        self.digits = digits
+
+    def __repr__(self) -> str:
+        return f"<a number with {self.digits} digits>"
+
+
 class _UniqueKeyLoader(yaml.SafeLoader):
-    """SafeLoader that refuses duplicate mapping keys.
+    """SafeLoader that refuses duplicate mapping keys and never raises a bare exception.
 
     Plain PyYAML keeps the last of two equal keys without a word, so a second ``weight:``
-    would silently win; a config file is better off with an error.
+    would silently win; a config file is better off with an error. PyYAML's scalar
+    constructors also raise plain ValueError/AttributeError on values such as
+    ``2020-13-45`` or ``!!int x``; those become YAML errors with a line and column.
     """
+
+    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
+        try:
+            return super().construct_object(node, deep=deep)
+        except yaml.YAMLError:
+            raise
+        except (ValueError, TypeError, AttributeError, OverflowError) as exc:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"cannot read {node.tag.rsplit(':', 1)[-1]} value: {exc}", node.start_mark
+            ) from exc
+
+    def construct_yaml_int(self, node: yaml.ScalarNode) -> Any:
+        try:
+            return super().construct_yaml_int(node)
+        except ValueError:
+            digits = sum(ch.isalnum() for ch in str(node.value))
+            if digits <= 4300:
+                raise
+            return _TooLargeNumber(digits)
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen: set[Any] = set()
@@ -1098,6 +1306,9 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                 )
             seen.add(key)
         return super().construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor("tag:yaml.org,2002:int", _UniqueKeyLoader.construct_yaml_int)
 
 
 def _yaml_error_message(exc: yaml.YAMLError) -> str:

@@ -7,7 +7,8 @@
     ├── AssignmentError          weights/health for the xDS store are invalid; nothing published
     ├── XdsError                 the xDS server cannot do what was asked
     │   ├── XdsBindError         the xDS port is taken or cannot be bound
-    │   └── XdsLeaseError        a push from a controller that does not hold the lease
+    │   ├── XdsLeaseError        a push from a controller that does not hold the lease
+    │   └── XdsRequestError      a client's request is refused; its stream ends with an error status
     ├── PolicyError              a policy checkpoint is missing, unloadable, or not ours
     ├── TelemetryError           a metrics source could not give a usable answer
     │   ├── PrometheusError      Prometheus unreachable, timed out, or answered garbage
@@ -62,6 +63,19 @@ class XdsBindError(XdsError):
 
 class XdsLeaseError(XdsError):
     """A push or lease request refused: another controller holds the lease, or bad input."""
+
+
+class XdsRequestError(XdsError):
+    """An xDS client sent a request the server refuses; only that stream ends.
+
+    ``reason`` is the short name the refusal is counted under (``status()`` and
+    ``/metrics``); ``status`` names the gRPC status code the stream ends with.
+    """
+
+    def __init__(self, reason: str, message: str, status: str = "INVALID_ARGUMENT") -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.status = status
 
 
 class PolicyError(BalanceIQError):

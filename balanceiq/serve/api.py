@@ -19,6 +19,7 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field
 
 from balanceiq.exceptions import BalanceIQError, ControlError, GuardrailError, PolicyError
+from balanceiq.serve.metrics import ApiMetrics
 from balanceiq.serve.plane import ControlPlane
 
 log = logging.getLogger(__name__)
@@ -69,6 +70,7 @@ class PolicyChange(_Body):
     reward_weights: RewardWeightsBody | None = None
     cost_weight: float | None = Field(default=None, ge=0, le=100, description="LP cost term weight.")
     util_target: float | None = Field(default=None, ge=0, le=1, description="Utilisation the LP treats as free.")
+    latency_weight: float | None = Field(default=None, ge=0, le=100, description="Weight of the LP's latency term.")
     selection: Literal["sample", "greedy"] | None = Field(default=None, description="How critical endpoints are drawn.")
     costs: dict[Annotated[str, Field(max_length=ADDRESS_MAX)], Annotated[float, Field(ge=0, le=1e9)]] | None = Field(
         default=None, description="$ per million requests by endpoint (e.g. a cloud got dearer)."
@@ -128,6 +130,37 @@ class TrainRequest(_Body):
 _bearer = HTTPBearer(auto_error=False, description="The API token (config api.token or state_dir/api-token).")
 
 
+class _CountResponses:
+    """ASGI middleware: every response counted by method, route template and status.
+
+    Pure ASGI rather than ``@app.middleware``: no extra task per request. A handler that
+    raises reaches the server's error middleware (outside this one) before any response
+    starts, so it is counted here as the 500 it becomes.
+    """
+
+    def __init__(self, app: Any, metrics: ApiMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = 500
+
+        async def record(message: Any) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, record)
+        finally:
+            route = getattr(scope.get("route"), "path", None) or "unmatched"
+            self.metrics.responses.labels(scope.get("method", ""), route, str(status)).inc()
+
+
 def create_api(plane: ControlPlane) -> FastAPI:
     app = FastAPI(
         title="BalanceIQ",
@@ -136,10 +169,11 @@ def create_api(plane: ControlPlane) -> FastAPI:
     )
 
     def require_token(cred: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> None:
-        if cred is None or not plane.authorized(cred.credentials):
+        if not plane.authorized(cred.credentials if cred is not None else None):
             raise HTTPException(401, "missing or invalid bearer token", headers={"WWW-Authenticate": "Bearer"})
 
     auth = [Depends(require_token)]
+    app.add_middleware(_CountResponses, metrics=plane.metrics)
 
     @app.exception_handler(BalanceIQError)
     async def _refused(request: Request, exc: BalanceIQError) -> JSONResponse:
@@ -215,7 +249,8 @@ def create_api(plane: ControlPlane) -> FastAPI:
 
     @app.get("/metrics", response_class=Response)
     def metrics() -> Response:
-        return Response(plane.controller.metrics.exposition(), media_type="text/plain; version=0.0.4; charset=utf-8")
+        body = plane.controller.metrics.exposition() + plane.metrics.exposition()
+        return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     # -- dashboard ------------------------------------------------------------------------
 

@@ -24,12 +24,13 @@ from typing import Any
 import httpx
 import numpy as np
 
-from balanceiq.config import GuardrailConfig, Settings, critical_count
+from balanceiq.config import GuardrailConfig, Settings, critical_count, is_loopback
 from balanceiq.control.controller import ControlLoop, Controller
 from balanceiq.exceptions import BalanceIQError, ControlError, GuardrailError
 from balanceiq.policy.baselines import make_policy
 from balanceiq.policy.features import encode, estimate_capacity
 from balanceiq.policy.reward import RewardWeights
+from balanceiq.serve.metrics import ApiMetrics
 from balanceiq.serve.training import TrainingManager
 from balanceiq.telemetry.observation import EndpointObservation, Observation
 
@@ -96,10 +97,18 @@ class ControlPlane:
         self.policy = policy
         self.training = training
         self.token = token or load_or_create_token(settings)[0]
+        if not is_loopback(settings.api.host):
+            # Allowed (the host is set on purpose), but said once: changes need the token,
+            # yet reads are open and the token itself travels in plaintext HTTP.
+            log.warning(
+                "API binds %s, beyond loopback: reads are unauthenticated and HTTP is not encrypted; "
+                "put a TLS-terminating proxy in front (see SECURITY.md)", settings.api.host,
+            )  # fmt: skip
         self.started_at = time.time()
         self._http = httpx.Client(timeout=1.0, trust_env=False)
         self._http_lock = threading.Lock()
         self._probe_cache: dict[str, tuple[float, dict[str, Any]]] = {}
+        self.metrics = ApiMetrics(self._xds_status, lambda: dict(getattr(controller.observer, "failures", None) or {}))
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -115,10 +124,17 @@ class ControlPlane:
     # -- auth ----------------------------------------------------------------------------
 
     def authorized(self, presented: str | None) -> bool:
-        """Constant-time comparison, so response timing does not leak the token."""
+        """Constant-time comparison, so response timing does not leak the token.
+
+        Failures are counted by kind; neither token ever reaches a log or a message.
+        """
         if not presented:
+            self.metrics.auth_failures.labels("missing").inc()
             return False
-        return hmac.compare_digest(presented.encode(), self.token.encode())
+        if hmac.compare_digest(presented.encode(), self.token.encode()):
+            return True
+        self.metrics.auth_failures.labels("invalid").inc()
+        return False
 
     # -- probes --------------------------------------------------------------------------
 
@@ -159,6 +175,18 @@ class ControlPlane:
         if fallback:
             return {"state": DEGRADED, "reason": "ready, but the last observation came from the Envoy fallback"}
         return {"state": UP, "reason": "ready; observations from Prometheus"}
+
+    def _xds_status(self) -> dict[str, Any]:
+        """The xDS server's status, at most once a second (``/metrics`` and the status
+        page both read it; the server may be a remote actor)."""
+
+        def fetch() -> dict[str, Any]:
+            try:
+                return dict(self.controller.xds.status())
+            except BalanceIQError:
+                return {}
+
+        return self._cached("xds_status", 1.0, fetch)
 
     def _xds(self) -> dict[str, Any]:
         try:
@@ -365,6 +393,8 @@ class ControlPlane:
                 c.policy.cost_weight = float(changes["cost_weight"])
             if changes.get("util_target") is not None:
                 c.policy.util_target = float(changes["util_target"])
+            if changes.get("latency_weight") is not None:
+                c.policy.latency_weight = float(changes["latency_weight"])
             if changes.get("selection") is not None:
                 c.policy.mode = str(changes["selection"])
             if reward is not None:

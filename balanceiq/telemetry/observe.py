@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from collections.abc import Mapping
 
 from balanceiq.config import ClusterConfig, Settings
@@ -47,6 +48,9 @@ class Telemetry:
             settings.envoy.admin_url, als_metrics_url=als_metrics_url, timeout_s=settings.telemetry.timeout_s
         )
         self.retry_s = retry_s
+        # Failed reads by source ("prometheus", "envoy-admin"; "<source>-bug" for an
+        # exception that is not a TelemetryError). Read by the API's /metrics.
+        self.failures: Counter[str] = Counter()
         self._prometheus_down_since: float | None = None
         self._last_prometheus_try = 0.0
 
@@ -65,8 +69,10 @@ class Telemetry:
                 self._prometheus_down_since = None
                 return obs
             except TelemetryError as exc:
+                self.failures["prometheus"] += 1
                 errors.append(f"prometheus: {exc}")
             except Exception as exc:  # a bug in a source must not stop the control loop
+                self.failures["prometheus-bug"] += 1
                 log.exception("prometheus source failed unexpectedly")
                 errors.append(f"prometheus: unexpected {type(exc).__name__}: {exc}")
             if self._prometheus_down_since is None:
@@ -78,8 +84,10 @@ class Telemetry:
         try:
             obs = self.fallback.observe(self.cluster.name, self.addresses, self.costs, dict(weights or {}) or None)
         except TelemetryError as exc:
+            self.failures["envoy-admin"] += 1
             errors.append(f"envoy-admin: {exc}")
         except Exception as exc:
+            self.failures["envoy-admin-bug"] += 1
             log.exception("envoy admin source failed unexpectedly")
             errors.append(f"envoy-admin: unexpected {type(exc).__name__}: {exc}")
         else:

@@ -90,8 +90,10 @@ class PrometheusSource:
             return self._prom.custom_query(expr, params={"timeout": f"{self.config.timeout_s:g}s"})
         except (requests.exceptions.RequestException, PrometheusApiClientException) as exc:
             raise PrometheusError(f"{what}: {type(exc).__name__}: {str(exc)[:200]}") from exc
-        except (ValueError, KeyError, TypeError) as exc:  # not JSON, or not Prometheus' shape
-            raise PrometheusError(f"{what}: malformed response: {type(exc).__name__}: {exc}") from exc
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:  # not JSON, or not Prometheus' shape
+            raise PrometheusError(f"{what}: malformed response: {type(exc).__name__}: {str(exc)[:200]}") from exc
+        except RecursionError as exc:  # json's recursive decoder on "[[[[...": garbage, not a bug of ours
+            raise PrometheusError(f"{what}: malformed response: JSON nested too deeply") from exc
 
     def _query(self, signal: str, cluster: str) -> tuple[dict[str, float], list[str]]:
         q = self.config.queries[signal]
@@ -122,8 +124,11 @@ class PrometheusSource:
             raise PrometheusError(f"expected an instant vector, got {type(result).__name__}")
         by_signal: dict[str, list[Any]] = {s: [] for s in SIGNALS}
         for item in result:
-            signal = item.get("metric", {}).get(_SIGNAL) if isinstance(item, Mapping) else None
-            if signal in by_signal:
+            metric = item.get("metric") if isinstance(item, Mapping) else None
+            if not isinstance(metric, Mapping):
+                raise PrometheusError(f"malformed sample {str(item)[:80]!r}")
+            signal = metric.get(_SIGNAL)
+            if isinstance(signal, str) and signal in by_signal:
                 by_signal[signal].append(item)
         return {s: parse_vector(items, _ENDPOINT) for s, items in by_signal.items()}
 

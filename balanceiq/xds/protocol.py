@@ -23,6 +23,13 @@ Rules honoured (https://www.envoyproxy.io/docs/envoy/latest/api-docs/xds_protoco
   resources whose content differs are sent; a resource that disappears, that the
   client has but we do not, or that it subscribes to before it exists, is named in
   ``removed_resources`` (once).
+
+Bad input is either *ignored*, where the protocol says a request is simply not acted on
+(a stale or unknown nonce, a type we do not serve, unsubscribing a name never
+subscribed), or *refused* with :class:`~balanceiq.exceptions.XdsRequestError`, which
+ends that stream only (a node id that is not printable text, names or a subscription
+past the limits below: they would otherwise let one client grow the server's memory
+without bound). Both are counted by reason in :class:`StatusRegistry`.
 """
 
 from __future__ import annotations
@@ -30,16 +37,28 @@ from __future__ import annotations
 import itertools
 import threading
 import time
-from collections import deque
-from collections.abc import Callable
+from collections import Counter, deque
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 from envoy.service.discovery.v3 import discovery_pb2
 
+from balanceiq.exceptions import XdsRequestError
 from balanceiq.xds.snapshot import EDS_TYPE, Snapshot, delta_response, sotw_response
 
 _nonces = itertools.count(1)
+
+# Limits on what one client can make the server hold. Envoy's real values are far below
+# each: node ids like "sidecar~10.0.0.1~pod.ns~ns.svc.cluster.local", type URLs and
+# cluster names of tens of characters, one subscribed name per cluster.
+MAX_NODE_ID = 1024
+MAX_NAME = 1024  # one resource name or type URL
+MAX_NAMES = 10_000  # names subscribed on one stream, per type
+MAX_UNSUPPORTED_TYPES = 32  # distinct types we do not serve, asked for on one stream
+MAX_ERROR_DETAIL = 1024  # characters of a NACK's message kept in the status
+MAX_CLUSTER_FIELD = 256  # characters of node.cluster kept
+MAX_NODES = 10_000  # node records kept; the longest-disconnected are dropped past it
 
 
 def _nonce() -> str:
@@ -93,26 +112,63 @@ class Rejection:
     at: float
 
 
-class StatusRegistry:
-    """Who is connected, what they ACKed and what they rejected. Thread-safe."""
+@dataclass(frozen=True)
+class BadRequest:
+    kind: str  # "refused" (stream ended with an error status) or "ignored"
+    reason: str
+    api: str
+    node_id: str | None
+    detail: str
+    at: float
 
-    def __init__(self, max_rejections: int = 100) -> None:
+
+class StatusRegistry:
+    """Who is connected, what they ACKed and rejected, and bad requests. Thread-safe."""
+
+    def __init__(self, max_rejections: int = 100, max_nodes: int = MAX_NODES) -> None:
         self._lock = threading.Condition()
         self._nodes: dict[str, NodeStatus] = {}
+        self.max_nodes = max_nodes
         self.rejections: deque[Rejection] = deque(maxlen=max_rejections)
+        self.refused_by_reason: Counter[str] = Counter()
+        self.ignored_by_reason: Counter[str] = Counter()
+        self.bad_requests: deque[BadRequest] = deque(maxlen=max_rejections)
         self._ack_listeners: list[Callable[[str, str, float], None]] = []
 
     def _node(self, node_id: str) -> NodeStatus:
         node = self._nodes.get(node_id)
         if node is None:
+            if len(self._nodes) >= self.max_nodes:
+                self._evict()
             node = self._nodes[node_id] = NodeStatus(node_id)
         node.last_seen = time.time()
         return node
 
+    def _evict(self) -> None:
+        # Clients choose their node ids, so without this a client reconnecting under a
+        # new id each time would grow the registry forever. Connected nodes stay.
+        gone = sorted((n for n in self._nodes.values() if n.streams == 0), key=lambda n: n.last_seen)
+        for n in gone[: max(1, self.max_nodes // 10)]:
+            del self._nodes[n.node_id]
+
+    def _bad(self, kind: str, counter: Counter[str], reason: str, api: str, node_id: str | None, detail: str) -> None:
+        with self._lock:
+            counter[reason] += 1
+            self.bad_requests.append(BadRequest(kind, reason, api, node_id, detail[:200], time.time()))
+            self._lock.notify_all()
+
+    def refused(self, reason: str, api: str, node_id: str | None = None, detail: str = "") -> None:
+        """A request that ended its stream with an error status."""
+        self._bad("refused", self.refused_by_reason, reason, api, node_id, detail)
+
+    def ignored(self, reason: str, api: str, node_id: str | None = None, detail: str = "") -> None:
+        """A request not acted on, as the protocol says (the stream goes on)."""
+        self._bad("ignored", self.ignored_by_reason, reason, api, node_id, detail)
+
     def opened(self, node_id: str, cluster: str, api: str) -> None:
         with self._lock:
             node = self._node(node_id)
-            node.cluster = cluster or node.cluster
+            node.cluster = cluster[:MAX_CLUSTER_FIELD] or node.cluster
             node.streams += 1
             node.api.add(api)
 
@@ -138,6 +194,7 @@ class StatusRegistry:
             fn(node_id, version, now)
 
     def nack(self, node_id: str, type_url: str, version: str, error: str) -> None:
+        error = error[:MAX_ERROR_DETAIL]  # a client could send megabytes here, a hundred times over
         with self._lock:
             node = self._node(node_id)
             node.nacks += 1
@@ -167,6 +224,9 @@ class StatusRegistry:
                 "nodes": [n.to_json() for n in self._nodes.values()],
                 "connected": sum(1 for n in self._nodes.values() if n.streams > 0),
                 "rejections": [r.__dict__ for r in self.rejections],
+                "requests_refused": dict(self.refused_by_reason),
+                "requests_ignored": dict(self.ignored_by_reason),
+                "bad_requests": [b.__dict__ for b in self.bad_requests],
             }
 
 
@@ -186,15 +246,35 @@ class _Stream:
     def _identify(self, node: Any) -> str:
         # With set_node_on_first_message_only, only the first request names the node.
         if self.node_id is None:
-            self.node_id = node.id or "<anonymous>"
+            node_id = node.id
+            if len(node_id) > MAX_NODE_ID:
+                raise XdsRequestError("bad_node_id", f"node id is {len(node_id)} characters long; at most {MAX_NODE_ID}")
+            if not node_id.isprintable():
+                # Control characters would end up in status JSON, metrics labels and logs.
+                raise XdsRequestError("bad_node_id", "node id contains control or other non-printable characters")
+            self.node_id = node_id or "<anonymous>"
             self.registry.opened(self.node_id, node.cluster, self.api)
         return self.node_id
+
+    def _check_names(self, type_url: str, names: Iterable[str]) -> None:
+        if len(type_url) > MAX_NAME:
+            raise XdsRequestError("bad_name", f"type_url is {len(type_url)} characters long; at most {MAX_NAME}")
+        for name in names:
+            if len(name) > MAX_NAME:
+                raise XdsRequestError("bad_name", f"a resource name is {len(name)} characters long; at most {MAX_NAME}")
 
     def _served(self, type_url: str, snapshot: Snapshot | None) -> bool:
         if snapshot is not None and type_url != snapshot.type_url:
             # ADS may multiplex types we do not serve; answering with an empty set would
             # delete the client's config for that type, so we stay silent and record it.
             self.unsupported_types.add(type_url)
+            if len(self.unsupported_types) > MAX_UNSUPPORTED_TYPES:
+                raise XdsRequestError(
+                    "too_many_types",
+                    f"more than {MAX_UNSUPPORTED_TYPES} distinct unsupported types on one stream",
+                    "RESOURCE_EXHAUSTED",
+                )
+            self.registry.ignored("unsupported_type", self.api, self.node_id, type_url[:100])
             return False
         return True
 
@@ -227,11 +307,19 @@ class SotwStream(_Stream):
     ) -> list[bytes]:
         self._identify(req.node)
         type_url = req.type_url or self.default_type
+        if len(req.resource_names) > MAX_NAMES:
+            raise XdsRequestError(
+                "too_many_names", f"{len(req.resource_names)} resource names; at most {MAX_NAMES}", "RESOURCE_EXHAUSTED"
+            )
+        self._check_names(type_url, req.resource_names)
         if not self._served(type_url, snapshot):
             return []
         watch = self._watches.setdefault(type_url, _SotwWatch())
         if req.response_nonce and req.response_nonce != watch.nonce:
-            return []  # stale: a newer response is already on its way to the client
+            # Stale: a newer response is already on its way to the client. Envoy does
+            # this too when a request crosses a push, so it is counted, not refused.
+            self.registry.ignored("stale_nonce", self.api, self.node_id, req.response_nonce[:100])
+            return []
 
         names = frozenset(req.resource_names) if req.resource_names else None
         grew = watch.names is not None and (names is None or not names <= watch.names)
@@ -303,6 +391,10 @@ class DeltaStream(_Stream):
     ) -> list[bytes]:
         node_id = self._identify(req.node)
         type_url = req.type_url or self.default_type
+        if len(req.initial_resource_versions) > MAX_NAMES or len(req.resource_names_subscribe) > MAX_NAMES:
+            raise XdsRequestError("too_many_names", f"more than {MAX_NAMES} resource names in one request", "RESOURCE_EXHAUSTED")
+        self._check_names(type_url, req.resource_names_subscribe)
+        self._check_names(type_url, req.initial_resource_versions)
         if not self._served(type_url, snapshot):
             return []
         watch = self._watches.get(type_url)
@@ -316,7 +408,11 @@ class DeltaStream(_Stream):
         if req.response_nonce:
             sent = watch.pending.pop(req.response_nonce, None)
             version = watch.pending_versions.pop(req.response_nonce, "")
-            if sent is not None:
+            if sent is None:
+                # Not a nonce we sent on this stream (or one already answered): the
+                # ACK/NACK part means nothing, the subscription changes still apply.
+                self.registry.ignored("unknown_nonce", self.api, node_id, req.response_nonce[:100])
+            else:
                 for name, ver in sent.items():
                     if watch.inflight.get(name, "absent") == ver:
                         del watch.inflight[name]
@@ -346,9 +442,15 @@ class DeltaStream(_Stream):
                 watch.rejected.pop(name, None)
                 watch.told_absent.discard(name)
             watch.names.add(name)
+        if len(watch.names) > MAX_NAMES:
+            raise XdsRequestError("too_many_names", f"more than {MAX_NAMES} names subscribed on one stream", "RESOURCE_EXHAUSTED")
         for name in req.resource_names_unsubscribe:
             if name == "*":
                 watch.wildcard = False
+                continue
+            if name not in watch.names:
+                # Unsubscribing what was never subscribed is a no-op in the protocol.
+                self.registry.ignored("unknown_unsubscribe", self.api, node_id, name[:100])
                 continue
             watch.names.discard(name)
             watch.client.pop(name, None)

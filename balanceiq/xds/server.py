@@ -8,6 +8,12 @@ actor, a test or a benchmark. Streams are handled by the state machines in
 
 One store watcher hops each publish onto the event loop once, and the loop fans it out
 to every stream's queue: 1,000 streams cost one cross-thread wake-up, not 1,000.
+
+Bad input never takes more than its own stream down. A request that is not a valid
+protobuf, or that :mod:`~balanceiq.xds.protocol` refuses, ends that stream with
+``INVALID_ARGUMENT`` (or ``RESOURCE_EXHAUSTED`` past a limit) and a message saying why;
+one larger than :data:`MAX_REQUEST_BYTES` is refused by gRPC itself. Each is counted by
+reason in ``status()["requests_refused"]`` (ignored requests in ``requests_ignored``).
 """
 
 from __future__ import annotations
@@ -22,13 +28,14 @@ from typing import Any
 
 import grpc
 from envoy.service.discovery.v3 import discovery_pb2
+from google.protobuf.message import DecodeError
 
-from balanceiq.config import ClusterConfig, Settings, TlsConfig
-from balanceiq.exceptions import AssignmentError, XdsBindError, XdsError
+from balanceiq.config import ClusterConfig, Settings, TlsConfig, is_loopback
+from balanceiq.exceptions import AssignmentError, XdsBindError, XdsError, XdsRequestError
 from balanceiq.loop import LoopThread
 from balanceiq.xds.assignment import Assignment, EndpointAssignment
 from balanceiq.xds.protocol import DeltaStream, SotwStream, StatusRegistry
-from balanceiq.xds.snapshot import Snapshot, sotw_response
+from balanceiq.xds.snapshot import EDS_TYPE, Snapshot, sotw_response
 from balanceiq.xds.store import SnapshotStore
 
 log = logging.getLogger(__name__)
@@ -36,11 +43,23 @@ log = logging.getLogger(__name__)
 ADS_SERVICE = "envoy.service.discovery.v3.AggregatedDiscoveryService"
 EDS_SERVICE = "envoy.service.endpoint.v3.EndpointDiscoveryService"
 
+# Largest request accepted. xDS requests are small: Envoy's first request carries its
+# node (build, locality, metadata and the list of its ~400 extensions: tens of KiB), later
+# ones a nonce and the subscribed names (one per cluster). Even a delta reconnect naming
+# 10,000 resources with versions stays under 1 MiB. 4 MiB (gRPC's own default) leaves
+# ample room while bounding what one stream can make the server allocate per message;
+# the former 16 MiB let 1,000 streams pin 16 GB.
+MAX_REQUEST_BYTES = 4 * 1024 * 1024
+# Requests read ahead of processing, per stream. Past it the reader stops reading, so
+# gRPC flow control pushes back on a client that sends faster than it reads responses
+# (otherwise its requests would pile up in memory behind a blocked write).
+_READ_AHEAD = 16
+
 _GRPC_OPTIONS = [
     # gRPC turns SO_REUSEPORT on by default; a second server on the same port would then
     # silently share it and half the Envoys would talk to a stale control plane.
     ("grpc.so_reuseport", 0),
-    ("grpc.max_receive_message_length", 16 * 1024 * 1024),
+    ("grpc.max_receive_message_length", MAX_REQUEST_BYTES),
     ("grpc.max_send_message_length", 64 * 1024 * 1024),
     # Envoy keeps the ADS stream open for days: keepalives find dead peers.
     ("grpc.keepalive_time_ms", 30_000),
@@ -52,6 +71,39 @@ _GRPC_OPTIONS = [
 
 def _identity(b: bytes) -> bytes:
     return b
+
+
+class _Malformed:
+    """What a request that does not parse deserializes to.
+
+    With a deserializer that raises, the error surfaced from ``context.read()`` and the
+    stream ended with status OK, as if the client had simply left (and a unary call got
+    grpc's own logged traceback); this way the handler refuses it with INVALID_ARGUMENT
+    and a message, and counts it.
+    """
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: str) -> None:
+        self.error = error
+
+
+def _lenient(parse: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+    def deserialize(data: bytes) -> Any:
+        try:
+            return parse(data)
+        except DecodeError as exc:
+            return _Malformed(str(exc) or "not a valid protobuf message")
+
+    return deserialize
+
+
+class _StreamQueue(asyncio.Queue[tuple[str, Any]]):
+    """A stream's inbox. ``snap_pending`` keeps at most one publish queued: only the
+    latest snapshot matters, and a stream blocked on a slow client must not collect one
+    entry per push."""
+
+    snap_pending = False
 
 
 def assignment_from_config(cluster: ClusterConfig) -> Assignment:
@@ -87,13 +139,24 @@ def merge_restored(configured: Assignment, restored: Assignment | None) -> Assig
     return configured.with_updates(weights, health)
 
 
-def _server_credentials(tls: TlsConfig) -> grpc.ServerCredentials:
+def _read_pem(tls: TlsConfig, name: str) -> bytes:
+    path = getattr(tls, name)
+    text = str(path)
+    # Settings built in code skip the config's check for PEM pasted where a path belongs;
+    # the OSError's text would carry the key itself into the message and the logs.
+    shown = "(not a path: it looks like PEM content)" if "BEGIN" in text or "\n" in text else text[:300]
     try:
-        key = Path(tls.key_file).read_bytes()  # type: ignore[arg-type]
-        cert = Path(tls.cert_file).read_bytes()  # type: ignore[arg-type]
-        ca = Path(tls.ca_file).read_bytes() if tls.ca_file else None
-    except OSError as exc:
-        raise XdsError(f"cannot read xDS TLS material: {exc}") from exc
+        return Path(path).read_bytes()
+    except (OSError, ValueError, TypeError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
+        # Not chained: a logged traceback would print the OSError, and with it the "file name".
+        raise XdsError(f"cannot read xds.tls.{name} {shown}: {why}") from None
+
+
+def _server_credentials(tls: TlsConfig) -> grpc.ServerCredentials:
+    key = _read_pem(tls, "key_file")
+    cert = _read_pem(tls, "cert_file")
+    ca = _read_pem(tls, "ca_file") if tls.ca_file else None
     return grpc.ssl_server_credentials(
         [(key, cert)], root_certificates=ca, require_client_auth=tls.require_client_cert
     )
@@ -113,6 +176,14 @@ class XdsServer:
         self.settings = settings
         self.host = host if host is not None else settings.xds.host
         self.requested_port = port if port is not None else settings.xds.port
+        tls = settings.xds.tls
+        self.insecure_remote = not is_loopback(self.host) and not (tls.enabled and tls.require_client_cert)
+        if self.insecure_remote and not settings.xds.allow_insecure_remote:
+            # The config refuses this too; a host passed in code must not slip past it.
+            raise XdsError(
+                f"refusing to serve xDS on {self.host} without mutual TLS: Envoy applies whatever its "
+                "management server sends (set xds.tls, or xds.allow_insecure_remote; see SECURITY.md)"
+            )
         self.port: int | None = None
         self.store = SnapshotStore(state_dir)
         self.registry = StatusRegistry()
@@ -121,7 +192,7 @@ class XdsServer:
         self._publish_lock = threading.Lock()
         self._loop = LoopThread("xds-grpc")
         self._server: grpc.aio.Server | None = None
-        self._queues: set[asyncio.Queue[tuple[str, Any]]] = set()
+        self._queues: set[_StreamQueue] = set()
         self._unwatch: Callable[[], None] = lambda: None
 
         restored = {a.cluster: a for a in (self.store.restore() or [])}
@@ -152,6 +223,12 @@ class XdsServer:
             self.stop()
             raise
         log.info("xDS server listening on %s:%s", self.host, self.port)
+        if self.insecure_remote:
+            log.warning(
+                "xDS server on %s:%s is reachable beyond loopback without mutual TLS "
+                "(xds.allow_insecure_remote): anyone who reaches it reads every endpoint",
+                self.host, self.port,
+            )  # fmt: skip
         return self.port
 
     async def _start_grpc(self) -> int:
@@ -250,23 +327,42 @@ class XdsServer:
 
     def _fanout(self) -> None:
         for q in self._queues:
-            q.put_nowait(("snap", None))
+            if not q.snap_pending:
+                q.snap_pending = True
+                q.put_nowait(("snap", None))
+
+    async def _refuse(
+        self, context: grpc.aio.ServicerContext, api: str, node_id: str | None, exc: XdsRequestError
+    ) -> None:
+        self.registry.refused(exc.reason, api, node_id, str(exc))
+        await context.abort(grpc.StatusCode[exc.status], f"{exc} ({exc.reason})")
 
     async def _stream(self, context: grpc.aio.ServicerContext, machine: SotwStream | DeltaStream) -> None:
-        queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+        queue = _StreamQueue()
+        credits = asyncio.Semaphore(_READ_AHEAD)
         self._queues.add(queue)
 
         async def reader() -> None:
             try:
                 while True:
+                    await credits.acquire()
                     req = await context.read()
                     if req is grpc.aio.EOF:
+                        if not context.peer():
+                            # gRPC ended the call itself: a client's half-close, cancel or
+                            # disconnect keeps the peer, a request over the size limit
+                            # (answered RESOURCE_EXHAUSTED by gRPC) clears it. grpc.aio
+                            # says nothing else about it, and it must still be counted.
+                            self.registry.refused(
+                                "oversize", machine.api, machine.node_id,
+                                f"request over {MAX_REQUEST_BYTES} bytes (refused by gRPC)",
+                            )  # fmt: skip
                         break
                     queue.put_nowait(("req", req))
-            except (grpc.aio.AioRpcError, asyncio.CancelledError):
-                pass
-            except Exception as exc:  # a malformed request ends this stream only
-                log.warning("xDS stream read failed: %s", exc)
+            except (grpc.aio.AioRpcError, grpc.aio.AbortError, asyncio.CancelledError):
+                pass  # the client went away, or the handler refused the stream meanwhile
+            except Exception as exc:  # grpc internals: this stream ends, the server goes on
+                log.warning("xDS stream read failed: %s: %s", type(exc).__name__, exc)
             finally:
                 queue.put_nowait(("eof", None))
 
@@ -276,12 +372,24 @@ class XdsServer:
                 kind, req = await queue.get()
                 if kind == "eof":
                     break
-                if kind == "snap":
-                    # Several publishes may be queued; only the latest matters.
-                    snapshot = self.store.latest()
-                    out = machine.on_snapshot(snapshot) if snapshot else []
-                else:
-                    out = machine.on_request(req, self.store.latest())
+                try:
+                    if kind == "snap":
+                        queue.snap_pending = False
+                        snapshot = self.store.latest()
+                        out = machine.on_snapshot(snapshot) if snapshot else []
+                    else:
+                        credits.release()
+                        if isinstance(req, _Malformed):
+                            raise XdsRequestError("malformed", f"not a valid {machine.api} request: {req.error}")
+                        out = machine.on_request(req, self.store.latest())
+                except XdsRequestError as exc:
+                    await self._refuse(context, machine.api, machine.node_id, exc)
+                    return
+                except Exception as exc:  # a bug: it ends this stream only, loudly
+                    log.exception("xDS %s stream of node %r failed", machine.api, machine.node_id)
+                    self.registry.refused("internal_error", machine.api, machine.node_id, f"{type(exc).__name__}: {exc}")
+                    await context.abort(grpc.StatusCode.INTERNAL, "internal error in the xDS server")
+                    return
                 for payload in out:
                     await context.write(payload)
         finally:
@@ -302,8 +410,14 @@ class XdsServer:
         await self._stream(context, DeltaStream(self.registry, "eds-delta"))
 
     async def _eds_fetch(
-        self, req: discovery_pb2.DiscoveryRequest, context: grpc.aio.ServicerContext
+        self, req: discovery_pb2.DiscoveryRequest | _Malformed, context: grpc.aio.ServicerContext
     ) -> bytes:
+        if isinstance(req, _Malformed):
+            await self._refuse(context, "eds-fetch", None, XdsRequestError("malformed", f"not a valid request: {req.error}"))
+        assert isinstance(req, discovery_pb2.DiscoveryRequest)
+        if req.type_url and req.type_url != EDS_TYPE:
+            message = f"FetchEndpoints serves {EDS_TYPE} only, not {req.type_url[:100]!r}"
+            await self._refuse(context, "eds-fetch", None, XdsRequestError("unsupported_type", message))
         snapshot = self.store.latest()
         if snapshot is None:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "no snapshot yet")
@@ -311,8 +425,8 @@ class XdsServer:
         return sotw_response(snapshot, names, "")  # type: ignore[arg-type]
 
     def _handlers(self) -> list[grpc.GenericRpcHandler]:
-        sotw = discovery_pb2.DiscoveryRequest.FromString
-        delta = discovery_pb2.DeltaDiscoveryRequest.FromString
+        sotw = _lenient(discovery_pb2.DiscoveryRequest.FromString)
+        delta = _lenient(discovery_pb2.DeltaDiscoveryRequest.FromString)
 
         def stream(fn: Any, deser: Any) -> grpc.RpcMethodHandler:
             return grpc.stream_stream_rpc_method_handler(

@@ -8,16 +8,19 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import httpx
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from envoy.service.discovery.v3 import discovery_pb2
 
 from balanceiq.config import Settings
 from balanceiq.testbed.envoy import EnvoyProcess, endpoint_weights, render_bootstrap
 from balanceiq.xds.server import XdsServer
+from balanceiq.xds.snapshot import EDS_TYPE
 
 pytestmark = pytest.mark.slow
 
@@ -164,3 +167,36 @@ def test_mtls_accepts_a_trusted_envoy_and_rejects_others(ports_settings: Setting
     anonymous = with_tls(s, require_client_cert=False, ca_file=None, envoy_cert_file=None, envoy_key_file=None)
     assert envoy_gets_endpoints(anonymous, tmp_path / "anon", timeout=3) == {}
     assert len(xds.status()["nodes"]) == trusted_nodes == 1
+
+
+def _plaintext_stream_refused(port: int) -> grpc.RpcError:
+    """A plaintext gRPC client's ADS stream against the TLS port: the error it ends with."""
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+        call = ch.stream_stream("/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources",
+                                request_serializer=lambda b: b, response_deserializer=lambda b: b)  # fmt: skip
+        req = discovery_pb2.DiscoveryRequest(type_url=EDS_TYPE, resource_names=["my_service"])
+        req.node.id = "plaintext-client"
+        with pytest.raises(grpc.RpcError) as info:
+            list(call(iter([req.SerializeToString()]), timeout=3))
+        return info.value
+
+
+@pytest.mark.parametrize("mutual", [True, False], ids=["mtls", "tls"])
+def test_mtls_refuses_plaintext_clients(ports_settings: Settings, pki: dict[str, Path], tmp_path: Path, server_factory, mutual: bool) -> None:  # type: ignore[no-untyped-def]
+    s = with_tls(
+        ports_settings, enabled=True, cert_file=pki["server_crt"], key_file=pki["server_key"],
+        ca_file=pki["ca"] if mutual else None, require_client_cert=mutual, envoy_ca_file=pki["ca"],
+        envoy_cert_file=pki["envoy_crt"] if mutual else None, envoy_key_file=pki["envoy_key"] if mutual else None,
+    )  # fmt: skip
+    xds = server_factory(s)
+    # A real Envoy whose bootstrap speaks plaintext to the TLS port gets nothing.
+    plaintext = with_tls(s, enabled=False, require_client_cert=False, ca_file=None, envoy_ca_file=None,
+                         envoy_cert_file=None, envoy_key_file=None)  # fmt: skip
+    assert envoy_gets_endpoints(plaintext, tmp_path / "plain-envoy", timeout=3) == {}
+    # Nor does a plaintext gRPC client: the connection fails before any request is read.
+    err = _plaintext_stream_refused(xds.port)
+    assert err.code() == grpc.StatusCode.UNAVAILABLE  # type: ignore[attr-defined]
+    assert xds.status()["nodes"] == []
+    # The trusted Envoy still gets its endpoints on the same server.
+    assert len(envoy_gets_endpoints(s, tmp_path / "trusted", timeout=10) or {}) == 3
+    assert [n["node_id"] for n in xds.status()["nodes"]] == ["balanceiq-envoy-0"]

@@ -1,0 +1,489 @@
+"""`balanceiq bench api-load` and `balanceiq bench xds-soak`: sustained load, loopback only.
+
+**api-load** serves the real API (FastAPI on uvicorn, in this process) over a live stack:
+sample backends, Envoy, Prometheus and the ALS collector from the testbed, the in-process
+xDS server, real telemetry, the controller with its loop running every second, and a
+steady open-loop background load through Envoy (its own process). A second process
+sends API requests open loop at a fixed rate, each at its scheduled time whatever the
+previous ones are doing, so a slow server shows as latency instead of fewer requests.
+The mix is what operators and the dashboard send: every read route, policy scoring, and
+authenticated overrides. Latency is measured from the intended send time; an error is
+any answer that is not 2xx, or none.
+
+**xds-soak** holds ``streams`` simulated ADS clients (real gRPC streams in two child
+processes, ACKing like Envoy) plus one real Envoy on the in-process xDS server, pushes
+new weights for every endpoint every ``push_interval_s`` for ``duration_s``, checks that
+every stream ACKs every push before the next one goes out, and samples the resident memory of the process hosting the
+server once a second. Growth is taken from the ``warmup_s`` mark (allocator pools,
+caches and gRPC buffers have settled by then) to the end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import multiprocessing as mp
+import random
+import secrets
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import psutil
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+from balanceiq.bench.xds_clients import client_process
+from balanceiq.config import Settings
+from balanceiq.exceptions import BenchError
+
+MAX_RATE = 2000.0
+MAX_DURATION_S = 3600.0
+API_TIMEOUT_S = 10.0
+API_CONNECTIONS = 64
+XDS_ENVOY_NODE = "soak-envoy"
+# Bounds the soak is judged by (recorded in BENCHMARKS.md): memory may not grow by more
+# than this between the warm-up mark and the end, and every push reaches every stream.
+SOAK_GROWTH_BOUND_MB = 20.0
+SOAK_GROWTH_BOUND_PCT = 5.0
+SOAK_ACK_TIMEOUT_S = 10.0
+
+
+def _pct(values: Sequence[float], digits: int = 2) -> dict[str, Any]:
+    arr = np.asarray(values, dtype=np.float64)
+    arr = arr[np.isfinite(arr)]
+    if not arr.size:
+        return {"p50": None, "p90": None, "p99": None, "max": None, "n": 0}
+    return {
+        "p50": round(float(np.percentile(arr, 50)), digits), "p90": round(float(np.percentile(arr, 90)), digits),
+        "p99": round(float(np.percentile(arr, 99)), digits), "max": round(float(arr.max()), digits), "n": int(arr.size),
+    }  # fmt: skip
+
+
+def _check(rate_rps: float, duration_s: float) -> None:
+    if not 0 < rate_rps <= MAX_RATE:
+        raise BenchError(f"--rate must be in (0, {MAX_RATE:g}] requests/s, got {rate_rps}")
+    if not 0 < duration_s <= MAX_DURATION_S:
+        raise BenchError(f"--duration must be in (0, {MAX_DURATION_S:g}] s, got {duration_s}")
+
+
+# -- the API load ---------------------------------------------------------------------------------
+
+
+def request_mix(addresses: Sequence[str]) -> list[tuple[str, str, dict[str, Any] | None, bool]]:
+    """One cycle of 100 requests ``(method, path, json body, authenticated)``.
+
+    90 reads round-robin over every read route, 8 policy scorings (a six-endpoint
+    observation, as a dashboard "what if" would send), 2 authenticated overrides. The
+    overrides clear an override that is not there: a real authenticated write (token
+    check, guardrails, a wake-up of the control loop) that leaves routing as it was.
+    """
+    reads = ["/api/health", "/api/status", "/api/weights", "/api/metrics/all", "/api/metrics/weights",
+             "/api/metrics/training", "/api/decisions?limit=20", "/api/policy", "/metrics"]  # fmt: skip
+    score = {"endpoints": [
+        {"address": f"10.0.0.{i}:80", "p95_ms": 20.0 + 15 * i, "rps": 40.0, "saturation": 0.2 + 0.1 * i,
+         "error_rate": 0.0, "cost_per_million": 0.3 + 0.05 * i, "healthy": True}
+        for i in range(6)
+    ]}  # fmt: skip
+    cycle: list[tuple[str, str, dict[str, Any] | None, bool]] = []
+    r = 0
+    for i in range(100):
+        if i in (25, 75):
+            cycle.append(("PUT", "/api/weights", {"address": addresses[i % len(addresses)], "action": "clear"}, True))
+        elif i % 12 == 6:
+            cycle.append(("POST", "/api/policy/score", score, False))
+        else:
+            cycle.append(("GET", reads[r % len(reads)], None, False))
+            r += 1
+    return cycle
+
+
+async def _open_loop(url: str, token: str, rate_rps: float, duration_s: float, addresses: Sequence[str]) -> dict[str, Any]:
+    import aiohttp
+
+    mix = request_mix(addresses)
+    n = int(rate_rps * duration_s)
+    lat = np.full(n, np.nan)
+    lag = np.full(n, np.nan)
+    ok = np.zeros(n, dtype=bool)
+    status: Counter[str] = Counter()
+    errors: Counter[str] = Counter()
+    by_route: dict[str, list[int]] = {}
+    loop = asyncio.get_running_loop()
+    # Keep-alive below uvicorn's 5 s, so the client never reuses a connection at the very
+    # moment the server closes it (an error of the client's making, not the API's).
+    connector = aiohttp.TCPConnector(limit=API_CONNECTIONS, keepalive_timeout=2.0)
+    timeout = aiohttp.ClientTimeout(total=API_TIMEOUT_S)
+    auth = {"Authorization": f"Bearer {token}"}
+    cpu0 = time.process_time()
+
+    async def one(session: aiohttp.ClientSession, i: int, due: float) -> None:
+        method, path, body, authed = mix[i % len(mix)]
+        lag[i] = (loop.time() - due) * 1000
+        try:
+            async with session.request(method, url + path, json=body, headers=auth if authed else None) as resp:
+                await resp.read()
+                status[str(resp.status)] += 1
+                ok[i] = 200 <= resp.status < 300
+                if not ok[i]:
+                    errors[f"HTTP {resp.status} {method} {path}"] += 1
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+            errors[f"{type(exc).__name__} {method} {path}"] += 1
+        lat[i] = (loop.time() - due) * 1000
+        by_route.setdefault(f"{method} {path.split('?')[0]}", []).append(i)
+
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+        t0 = loop.time() + 0.05
+        tasks = []
+        for i in range(n):
+            due = t0 + i / rate_rps
+            delay = due - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.ensure_future(one(session, i, due)))
+        await asyncio.gather(*tasks)
+        wall = loop.time() - t0
+    done = int(ok.sum())
+    return {
+        "requests": n, "ok": done, "errors": n - done, "error_kinds": dict(errors), "status": dict(status),
+        "achieved_rps": round(done / wall, 1) if wall > 0 else None, "wall_s": round(wall, 2),
+        "latency_ms": _pct(lat),
+        "by_route": {route: {**_pct(lat[idx]), "errors": int((~ok[idx]).sum())} for route, idx in sorted(by_route.items())},
+        "client": {"schedule_lag_ms": _pct(lag), "cpu_s": round(time.process_time() - cpu0, 2),
+                   "connections": API_CONNECTIONS, "timeout_s": API_TIMEOUT_S},
+    }  # fmt: skip
+
+
+def _api_client(conn: Any, url: str, token: str, rate_rps: float, duration_s: float, addresses: list[str]) -> None:
+    """Child-process entry: the generator gets a core of its own, not a share of the
+    server's GIL, so its timing errors do not pass for the API's latency."""
+    try:
+        conn.send(("ok", asyncio.run(_open_loop(url, token, rate_rps, duration_s, addresses))))
+    except Exception as exc:  # reported to the parent, which raises BenchError
+        conn.send(("error", f"{type(exc).__name__}: {exc}"))
+    finally:
+        conn.close()
+
+
+class _Uvicorn:
+    """uvicorn on a loopback socket in a thread (a thread may not own signal handlers)."""
+
+    def __init__(self, app: Any) -> None:
+        import uvicorn
+
+        class Server(uvicorn.Server):
+            def install_signal_handlers(self) -> None:
+                pass
+
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.server = Server(uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+
+    def __enter__(self) -> str:
+        self.thread.start()
+        deadline = time.monotonic() + 15
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise BenchError("uvicorn did not start within 15 s")
+            time.sleep(0.02)
+        return self.url
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(15)
+        self.sock.close()
+
+
+def load_settings(state_dir: Path, base: Settings | None = None) -> Settings:
+    """Free loopback ports; telemetry and control tuned so the loop decides every second."""
+    from balanceiq.testbed.ports import settings_on_free_ports
+
+    s = settings_on_free_ports(6, base)
+    return s.model_copy(update={
+        "state_dir": state_dir,
+        "prometheus": s.prometheus.model_copy(update={"scrape_interval_s": 1.0}),
+        "telemetry": s.telemetry.model_copy(update={"window_s": 5.0, "stale_after_s": 10.0}),
+        "control": s.control.model_copy(update={"interval_s": 1.0}),
+    })  # fmt: skip
+
+
+@contextlib.contextmanager
+def _background_traffic(url: str, rate_rps: float, duration_s: float, workdir: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """Open-loop traffic through Envoy in its own process, so the controller sees real load."""
+    out = workdir / "background.json"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "balanceiq.testbed.openloop", "--url", url, "--rate", f"{rate_rps:g}",
+         "--duration", f"{duration_s:g}", "--arrivals", "constant", "--out", str(out)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+
+
+def run_api_load(
+    *, rate_rps: float = 200.0, duration_s: float = 60.0, background_rps: float = 50.0, warmup_s: float = 8.0,
+    console: Console | None = None, base: Settings | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    """The API at ``rate_rps`` for ``duration_s`` over a live stack; one JSON-able dict."""
+    _check(rate_rps, duration_s)
+    if not 0 <= background_rps <= MAX_RATE:
+        raise BenchError(f"--background-rps must be in [0, {MAX_RATE:g}], got {background_rps}")
+    from balanceiq.control.controller import Controller
+    from balanceiq.control.xds_client import LocalXdsClient
+    from balanceiq.serve.api import create_api
+    from balanceiq.serve.plane import ControlPlane, PolicyClient
+    from balanceiq.serve.policy import PolicyModel
+    from balanceiq.telemetry.observe import Telemetry
+    from balanceiq.testbed.testbed import Testbed
+    from balanceiq.xds.server import XdsServer
+
+    console = console or Console(stderr=True)
+    token = secrets.token_urlsafe(32)
+    proc = psutil.Process()
+    with tempfile.TemporaryDirectory(prefix="balanceiq-api-load-") as tmp:
+        work = Path(tmp)
+        settings = load_settings(work / "state", base)
+        addresses = [ep.address for ep in settings.clusters[0].endpoints]
+        xds = XdsServer(settings, state_dir=work / "state")
+        xds.start()
+        try:
+            with Testbed(settings, work / "tb", health_check_interval_s=60) as tb:
+                with console.status("starting the controller and the API"):
+                    telemetry = Telemetry(settings, retry_s=1.0)
+                    model = PolicyModel()
+                    controller = Controller(settings, telemetry, LocalXdsClient(xds), lambda rows: model.score_many([rows])[0])
+                    plane = ControlPlane(settings, controller, policy=PolicyClient(model.info, model.reload), token=token)
+                # The plane stops before the testbed does, so its last decisions do not
+                # report a Prometheus that is merely shutting down.
+                try:
+                    plane.start()
+                    with _background_traffic(tb.envoy.listen_url, background_rps, warmup_s + duration_s + 5, work), \
+                            _Uvicorn(create_api(plane)) as url:  # fmt: skip
+                        time.sleep(warmup_s)  # Prometheus has samples, the loop has decided
+                        steps0, cpu0 = plane.loop.steps, proc.cpu_times()
+                        result = _drive(url, token, rate_rps, duration_s, addresses, console)
+                        cpu1 = proc.cpu_times()
+                        server = {
+                            "rss_mb": round(proc.memory_info().rss / 2**20, 1),
+                            "cpu_cores": round((cpu1.user + cpu1.system - cpu0.user - cpu0.system) / result["wall_s"], 2),
+                            "controller_decisions": plane.loop.steps - steps0,
+                            "api_5xx": _api_5xx(plane),
+                        }
+                finally:
+                    plane.stop()
+                    telemetry.close()
+        finally:
+            xds.stop()
+    return {
+        "bench": "api-load", "target_rps": rate_rps, "duration_s": duration_s, **result, "server": server,
+        "stack": ("uvicorn + FastAPI over a real ControlPlane: 6 sample backends, Envoy, Prometheus, ALS, in-process "
+                  f"xDS server, control loop every 1 s, {background_rps:g} req/s through Envoy"),
+        "method": "open loop at a fixed rate from a separate process; latency from the intended send time; "
+                  "error = not 2xx or no answer",
+    }  # fmt: skip
+
+
+def _api_5xx(plane: Any) -> int:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    total = 0
+    for fam in text_string_to_metric_families(plane.metrics.exposition().decode()):
+        for s in fam.samples:
+            if s.name == "balanceiq_api_responses_total" and s.labels.get("code", "").startswith("5"):
+                total += int(s.value)
+    return total
+
+
+def _drive(url: str, token: str, rate_rps: float, duration_s: float, addresses: list[str], console: Console) -> dict[str, Any]:
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe(duplex=False)
+    gen = ctx.Process(target=_api_client, args=(child, url, token, rate_rps, duration_s, addresses), daemon=True)
+    gen.start()
+    child.close()
+    limit = duration_s + API_TIMEOUT_S + 60  # the schedule, the last answers, a spawn
+    t0 = time.monotonic()
+    try:
+        with Progress(TextColumn(f"API at {rate_rps:g} req/s"), BarColumn(), TextColumn("{task.completed:.0f}/{task.total:.0f} s"),
+                      TimeElapsedColumn(), console=console, transient=True) as progress:  # fmt: skip
+            task = progress.add_task("load", total=duration_s)
+            while not parent.poll(0.5):
+                progress.update(task, completed=min(duration_s, time.monotonic() - t0))
+                if not gen.is_alive() and not parent.poll(0):
+                    raise BenchError(f"the load generator exited with code {gen.exitcode} and no result")
+                if time.monotonic() - t0 > limit:
+                    raise BenchError(f"the load generator did not finish within {limit:.0f} s")
+            kind, payload = parent.recv()
+    finally:
+        gen.join(10)
+        if gen.is_alive():
+            gen.kill()
+            gen.join(5)
+        parent.close()
+    if kind != "ok":
+        raise BenchError(f"the load generator failed: {payload}")
+    return payload  # type: ignore[no-any-return]
+
+
+# -- the xDS soak ---------------------------------------------------------------------------------
+
+
+class _Fanout:
+    """ACKs of the version in flight; per-version counts only, so the bench itself does
+    not grow in memory while it measures the server's growth."""
+
+    def __init__(self, expected: int) -> None:
+        self.expected = expected
+        self._lock = threading.Lock()
+        self._version: str | None = None
+        self._count = 0
+        self._last = 0.0
+        self._done = threading.Event()
+
+    def expect(self, version: str) -> threading.Event:
+        with self._lock:
+            self._version, self._count, self._last = version, 0, 0.0
+            self._done = threading.Event()
+            return self._done
+
+    def count(self) -> tuple[int, float]:
+        with self._lock:
+            return self._count, self._last
+
+    def __call__(self, node_id: str, version: str, t: float) -> None:
+        with self._lock:
+            if version != self._version:
+                return
+            self._count += 1
+            self._last = t
+            if self._count >= self.expected:
+                self._done.set()
+
+
+def run_xds_soak(
+    *, streams: int = 1000, duration_s: float = 60.0, push_interval_s: float = 1.0, endpoints: int = 50,
+    warmup_s: float = 10.0, api: str = "ads-sotw", console: Console | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    """``streams`` simulated clients + one real Envoy; a push every ``push_interval_s``."""
+    from balanceiq.bench.xds import bench_settings
+    from balanceiq.testbed.envoy import EnvoyProcess, render_bootstrap
+    from balanceiq.xds.server import XdsServer
+
+    if api not in ("ads-sotw", "ads-delta"):
+        raise BenchError(f"--api must be ads-sotw or ads-delta, got {api!r}")
+    if not 1 <= streams <= 20_000 or not 1 <= endpoints <= 10_000:
+        raise BenchError("--streams must be in 1..20000 and --endpoints in 1..10000")
+    if not 0.05 <= push_interval_s <= 60 or not 0 < duration_s <= MAX_DURATION_S or not 0 <= warmup_s < duration_s:
+        raise BenchError("--push-interval in [0.05, 60] s, --duration in (0, 3600] s, and --warmup below --duration")
+    console = console or Console(stderr=True)
+    proc = psutil.Process()
+    settings = bench_settings(endpoints)
+    addrs = [ep.address for ep in settings.clusters[0].endpoints]
+    ctx = mp.get_context("spawn")
+    stop = ctx.Event()
+    children: list[Any] = []
+    fanout = _Fanout(streams + 1)
+    samples: list[tuple[float, float]] = []  # (seconds since the first push, RSS MiB)
+    fanout_s: list[float] = []
+    missed: list[str] = []
+    late = 0  # pushes that left more than 100 ms after their slot (the previous fan-out overran)
+    rng = random.Random(11)
+    with tempfile.TemporaryDirectory(prefix="balanceiq-xds-soak-") as work:
+        server = XdsServer(settings, state_dir=None)
+        server.registry.add_ack_listener(fanout)
+        port = server.start()
+        envoy = EnvoyProcess(render_bootstrap(settings, api=api, node_id=XDS_ENVOY_NODE, health_check_interval_s=300),
+                             workdir=Path(work) / "envoy")  # fmt: skip
+        try:
+            with console.status(f"starting Envoy and {streams} simulated streams"):
+                envoy.start()
+                readies = []
+                n_procs = min(2, streams)  # two processes: one core each on this 2-core box
+                for p in range(n_procs):
+                    share = streams // n_procs + (1 if p < streams % n_procs else 0)
+                    ready = ctx.Event()
+                    child = ctx.Process(target=client_process, daemon=True,
+                                        args=(f"127.0.0.1:{port}", f"soak-{p}", share, api, settings.clusters[0].name, ready, stop))  # fmt: skip
+                    child.start()
+                    children.append(child)
+                    readies.append(ready)
+                deadline = time.monotonic() + 120
+                for ready in readies:
+                    if not ready.wait(max(0.1, deadline - time.monotonic())):
+                        raise BenchError("simulated clients did not connect within 120 s")
+                if server.status()["connected"] != streams + 1:
+                    raise BenchError(f"{server.status()['connected']} of {streams + 1} streams connected")
+            rss0 = proc.memory_info().rss / 2**20
+            pushes = int(duration_s / push_interval_s)
+            with Progress(TextColumn("pushes"), BarColumn(), TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(),
+                          console=console, transient=True) as progress:  # fmt: skip
+                task = progress.add_task("soak", total=pushes)
+                t_start = time.monotonic()
+                for i in range(pushes):
+                    due = t_start + i * push_interval_s
+                    time.sleep(max(0.0, due - time.monotonic()))
+                    t0 = time.monotonic()
+                    late += t0 - due > 0.1
+                    weights = {a: rng.randint(1, 1000) for a in addrs}
+                    weights[addrs[0]] = 1001 + i  # every push a new version
+                    version = server.set_assignment(settings.clusters[0].name, weights)
+                    done = fanout.expect(version)
+                    # Every stream must ACK before the next push. A fan-out slower than the
+                    # interval (a busy machine) delays the next push and shows in "late";
+                    # one never completed is a stream that stopped receiving: "missed".
+                    if done.wait(SOAK_ACK_TIMEOUT_S):
+                        fanout_s.append(fanout.count()[1] - t0)
+                    else:
+                        got, _ = fanout.count()
+                        missed.append(f"{version}: {got}/{streams + 1} ACKs within {SOAK_ACK_TIMEOUT_S:g} s")
+                    samples.append((time.monotonic() - t_start, proc.memory_info().rss / 2**20))
+                    progress.advance(task)
+            status = server.status()
+        finally:
+            stop.set()
+            for child in children:
+                child.join(10)
+                if child.is_alive():
+                    child.kill()
+                    child.join(5)
+            envoy.stop()
+            server.stop()
+
+    at_warmup = next((mb for t, mb in samples if t >= warmup_s), samples[0][1])
+    end = samples[-1][1]
+    growth = end - at_warmup
+    envoy_node = next(n for n in status["nodes"] if n["node_id"] == XDS_ENVOY_NODE)
+    rss_series = [round(mb, 1) for _, mb in samples]
+    return {
+        "bench": "xds-soak", "api": api, "streams": streams + 1, "simulated_streams": streams, "real_envoys": 1,
+        "endpoints": endpoints, "duration_s": duration_s, "push_interval_s": push_interval_s, "pushes": len(samples),
+        "pushes_fully_acked": len(fanout_s), "missed": missed[:10], "late_pushes": late,
+        "fanout_s": _pct(fanout_s, digits=4),
+        "rss_mb": {"before_pushes": round(rss0, 1), f"at_{warmup_s:g}s": round(at_warmup, 1), "end": round(end, 1),
+                   "max": round(max(mb for _, mb in samples), 1), "every_s": rss_series},
+        "rss_growth_after_warmup_mb": round(growth, 2),
+        "rss_growth_after_warmup_pct": round(100 * growth / at_warmup, 2),
+        "bound": {"mb": SOAK_GROWTH_BOUND_MB, "pct": SOAK_GROWTH_BOUND_PCT},
+        "within_bound": growth < SOAK_GROWTH_BOUND_MB and 100 * growth / at_warmup < SOAK_GROWTH_BOUND_PCT,
+        "connected_at_end": status["connected"], "envoy_nacks": envoy_node["nacks"],
+        "envoy_last_acked": envoy_node["last_acked_version"] == status["version"],
+        "requests_refused": status["requests_refused"],
+        "method": "RSS of the process hosting the xDS server, sampled after every push",
+    }  # fmt: skip
