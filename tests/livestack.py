@@ -19,6 +19,7 @@ from typing import Any
 
 import httpx
 import uvicorn
+from uvicorn.config import LOGGING_CONFIG
 
 from balanceiq.config import Settings
 from balanceiq.control.controller import Controller
@@ -72,11 +73,16 @@ class _Server(uvicorn.Server):
 
 
 @contextlib.contextmanager
-def serve_asgi(app: Any) -> Iterator[str]:
+def serve_asgi(
+    app: Any, *, log_level: str = "warning", log_config: dict[str, Any] | None = LOGGING_CONFIG, access_log: bool = True
+) -> Iterator[str]:
+    """``app`` on a free loopback port, in a thread, until the block ends. ``log_config=None``
+    leaves uvicorn's loggers (access log included) to the logging tree, where caplog sees them."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    server = _Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
+    config = uvicorn.Config(app, log_level=log_level, log_config=log_config, access_log=access_log, lifespan="off")
+    server = _Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 10

@@ -41,7 +41,7 @@ import psutil
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from balanceiq.bench.xds_clients import client_process
+from balanceiq.bench.xds_clients import ClientProcesses
 from balanceiq.config import Settings
 from balanceiq.exceptions import BenchError
 
@@ -396,9 +396,6 @@ def run_xds_soak(
     proc = psutil.Process()
     settings = bench_settings(endpoints)
     addrs = [ep.address for ep in settings.clusters[0].endpoints]
-    ctx = mp.get_context("spawn")
-    stop = ctx.Event()
-    children: list[Any] = []
     fanout = _Fanout(streams + 1)
     samples: list[tuple[float, float]] = []  # (seconds since the first push, RSS MiB)
     fanout_s: list[float] = []
@@ -411,23 +408,11 @@ def run_xds_soak(
         port = server.start()
         envoy = EnvoyProcess(render_bootstrap(settings, api=api, node_id=XDS_ENVOY_NODE, health_check_interval_s=300),
                              workdir=Path(work) / "envoy")  # fmt: skip
+        clients = ClientProcesses(f"127.0.0.1:{port}", "soak", streams, api, settings.clusters[0].name)
         try:
             with console.status(f"starting Envoy and {streams} simulated streams"):
                 envoy.start()
-                readies = []
-                n_procs = min(2, streams)  # two processes: one core each on this 2-core box
-                for p in range(n_procs):
-                    share = streams // n_procs + (1 if p < streams % n_procs else 0)
-                    ready = ctx.Event()
-                    child = ctx.Process(target=client_process, daemon=True,
-                                        args=(f"127.0.0.1:{port}", f"soak-{p}", share, api, settings.clusters[0].name, ready, stop))  # fmt: skip
-                    child.start()
-                    children.append(child)
-                    readies.append(ready)
-                deadline = time.monotonic() + 120
-                for ready in readies:
-                    if not ready.wait(max(0.1, deadline - time.monotonic())):
-                        raise BenchError("simulated clients did not connect within 120 s")
+                clients.start()
                 if server.status()["connected"] != streams + 1:
                     raise BenchError(f"{server.status()['connected']} of {streams + 1} streams connected")
             rss0 = proc.memory_info().rss / 2**20
@@ -457,12 +442,7 @@ def run_xds_soak(
                     progress.advance(task)
             status = server.status()
         finally:
-            stop.set()
-            for child in children:
-                child.join(10)
-                if child.is_alive():
-                    child.kill()
-                    child.join(5)
+            clients.stop()
             envoy.stop()
             server.stop()
 

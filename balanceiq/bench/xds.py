@@ -14,7 +14,6 @@ that ACK every response). Each push changes every endpoint's weight. Measured:
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import random
 import tempfile
 import threading
@@ -28,7 +27,7 @@ import psutil
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from balanceiq.bench.xds_clients import client_process
+from balanceiq.bench.xds_clients import ClientProcesses
 from balanceiq.config import Settings, settings_from_dict
 from balanceiq.exceptions import BenchError
 from balanceiq.testbed.envoy import EnvoyProcess, endpoint_weights, render_bootstrap
@@ -122,9 +121,6 @@ def run_xds_bench(
     addrs = [ep.address for ep in settings.clusters[0].endpoints]
     probe_clusters = endpoints <= 100
 
-    ctx = mp.get_context("spawn")
-    stop = ctx.Event()
-    children: list[Any] = []
     collector = AckCollector(expected_nodes=streams + 1)
     rss_peak = rss_baseline
     with tempfile.TemporaryDirectory(prefix="balanceiq-bench-") as work:
@@ -135,26 +131,11 @@ def run_xds_bench(
             render_bootstrap(settings, api=api, node_id=ENVOY_NODE, health_check_interval_s=300),
             workdir=Path(work) / "envoy",
         )
+        clients = ClientProcesses(f"127.0.0.1:{port}", "bench", streams, api, CLUSTER)
         try:
             with console.status(f"starting Envoy and {streams} simulated streams"):
                 envoy.start()
-                n_procs = min(2, streams)
-                readies = []
-                for p in range(n_procs):
-                    share = streams // n_procs + (1 if p < streams % n_procs else 0)
-                    ready = ctx.Event()
-                    child = ctx.Process(
-                        target=client_process,
-                        args=(f"127.0.0.1:{port}", f"bench-{p}", share, api, CLUSTER, ready, stop),
-                        daemon=True,
-                    )
-                    child.start()
-                    children.append(child)
-                    readies.append(ready)
-                deadline = time.monotonic() + 120
-                for ready in readies:
-                    if not ready.wait(max(0.1, deadline - time.monotonic())):
-                        raise BenchError("simulated clients did not connect within 120 s")
+                clients.start()
                 first = server.store.latest()
                 assert first is not None
                 if not collector.expect(first.version).wait(30):
@@ -202,11 +183,7 @@ def run_xds_bench(
             admin.close()
             status = server.status()
         finally:
-            stop.set()
-            for child in children:
-                child.join(10)
-                if child.is_alive():
-                    child.kill()
+            clients.stop()
             envoy.stop()
             server.stop()
 

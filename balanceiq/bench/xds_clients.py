@@ -9,12 +9,15 @@ server's, not ours.
 from __future__ import annotations
 
 import asyncio
+import multiprocessing as mp
 import multiprocessing.synchronize
+import time
 from typing import Any
 
 import grpc
 from envoy.service.discovery.v3 import discovery_pb2
 
+from balanceiq.exceptions import BenchError
 from balanceiq.xds.snapshot import EDS_TYPE
 
 STREAMS_PER_CHANNEL = 100
@@ -84,3 +87,40 @@ def client_process(
     stop: multiprocessing.synchronize.Event,
 ) -> None:
     asyncio.run(_run(target, prefix, n, api, cluster, ready, stop))
+
+
+class ClientProcesses:
+    """``streams`` simulated clients split over two spawned processes, one core each on a
+    2-core box, so the clients do not share the measured server's GIL."""
+
+    def __init__(self, target: str, prefix: str, streams: int, api: str, cluster: str) -> None:
+        self._args = (target, prefix, streams, api, cluster)
+        self._ctx = mp.get_context("spawn")
+        self._stop = self._ctx.Event()
+        self._children: list[Any] = []
+
+    def start(self) -> None:
+        """Returns once every stream has had its first response."""
+        target, prefix, streams, api, cluster = self._args
+        n_procs = min(2, streams)
+        readies = []
+        for p in range(n_procs):
+            share = streams // n_procs + (1 if p < streams % n_procs else 0)
+            ready = self._ctx.Event()
+            child = self._ctx.Process(target=client_process, daemon=True,
+                                      args=(target, f"{prefix}-{p}", share, api, cluster, ready, self._stop))  # fmt: skip
+            child.start()
+            self._children.append(child)
+            readies.append(ready)
+        deadline = time.monotonic() + 120
+        for ready in readies:
+            if not ready.wait(max(0.1, deadline - time.monotonic())):
+                raise BenchError("simulated clients did not connect within 120 s")
+
+    def stop(self) -> None:
+        self._stop.set()
+        for child in self._children:
+            child.join(10)
+            if child.is_alive():
+                child.kill()
+                child.join(5)

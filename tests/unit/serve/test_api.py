@@ -16,14 +16,12 @@ import pytest
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from balanceiq.config import Settings
-from balanceiq.control.controller import Controller
-from balanceiq.control.xds_client import LocalXdsClient
 from balanceiq.serve.api import create_api
-from balanceiq.serve.plane import ControlPlane, PolicyClient
+from balanceiq.serve.plane import ControlPlane
 from balanceiq.serve.policy import PolicyModel
 from balanceiq.telemetry.observation import EndpointObservation, Observation
-from balanceiq.xds.server import XdsServer
+
+from planes import plane_on_free_ports  # beside this file: pytest puts its folder on sys.path
 
 TOKEN = "unit-test-token-0123456789"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -52,23 +50,8 @@ def model() -> PolicyModel:
 
 @pytest.fixture
 def plane(tmp_path: Path, model: PolicyModel) -> Iterator[ControlPlane]:
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-    from livestack import settings_on_free_ports
-
-    s: Settings = settings_on_free_ports(5).model_copy(update={"state_dir": tmp_path / "state"})
-    xds = XdsServer(s, state_dir=tmp_path / "state")
-    xds.start()
-    observer = ReplayObserver([ep.address for ep in s.clusters[0].endpoints])
-    controller = Controller(s, observer, LocalXdsClient(xds), lambda rows: model.score_many([rows])[0])
-    p = ControlPlane(s, controller, policy=PolicyClient(model.info, model.reload), token=TOKEN)
-    p.observer = observer  # type: ignore[attr-defined]
-    try:
+    with plane_on_free_ports(tmp_path, model, 5, token=TOKEN, observer=ReplayObserver) as p:
         yield p
-    finally:
-        p.stop()
-        xds.stop()
 
 
 @pytest.fixture

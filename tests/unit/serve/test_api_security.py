@@ -7,14 +7,11 @@ uvicorn on loopback and the xDS server over TLS with a key made here.
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import hmac
 import logging
 import re
-import socket
-import threading
-import time
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,7 +19,6 @@ from typing import Any
 import grpc
 import httpx
 import pytest
-import uvicorn
 import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -31,17 +27,20 @@ from cryptography.x509.oid import NameOID
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from balanceiq.config import Settings, default_settings, is_loopback, load_config, settings_from_dict
-from balanceiq.control.controller import Controller
-from balanceiq.control.xds_client import LocalXdsClient
+from balanceiq.config import default_settings, is_loopback, load_config, settings_from_dict
 from balanceiq.exceptions import ConfigError, XdsError
 from balanceiq.serve.api import create_api
-from balanceiq.serve.plane import ControlPlane, PolicyClient
+from balanceiq.serve.plane import ControlPlane
 from balanceiq.serve.policy import PolicyModel
 from balanceiq.telemetry.observation import EndpointObservation, Observation
 from balanceiq.testbed.envoy import render_bootstrap
 from balanceiq.testbed.ports import settings_on_free_ports
 from balanceiq.xds.server import XdsServer
+
+from planes import make_plane, plane_on_free_ports  # beside this file: pytest puts its folder on sys.path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from livestack import serve_asgi  # noqa: E402
 
 TOKEN = "sekrit-token-7f3a9c2e5b8d1f40"
 REPO = Path(__file__).resolve().parents[3]
@@ -65,24 +64,11 @@ def model() -> PolicyModel:
     return PolicyModel()
 
 
-def make_plane(settings: Settings, model: PolicyModel, xds: XdsServer) -> ControlPlane:
-    observer = Observer([ep.address for ep in settings.clusters[0].endpoints])
-    controller = Controller(settings, observer, LocalXdsClient(xds), lambda rows: model.score_many([rows])[0])
-    return ControlPlane(settings, controller, policy=PolicyClient(model.info, model.reload), token=TOKEN)
-
-
 @pytest.fixture
 def plane(tmp_path: Path, model: PolicyModel) -> Iterator[ControlPlane]:
-    s = settings_on_free_ports(3).model_copy(update={"state_dir": tmp_path / "state"})
-    xds = XdsServer(s, state_dir=tmp_path / "state")
-    xds.start()
-    p = make_plane(s, model, xds)
-    p.controller.step()
-    try:
+    with plane_on_free_ports(tmp_path, model, 3, token=TOKEN, observer=Observer) as p:
+        p.controller.step()
         yield p
-    finally:
-        p.stop()
-        xds.stop()
 
 
 @pytest.fixture
@@ -241,7 +227,7 @@ def test_remote_api_is_allowed_but_warned_about(tmp_path: Path, model: PolicyMod
     xds = XdsServer(s, state_dir=tmp_path / "state")  # loopback: only the API's host changed
     caplog.set_level(logging.WARNING, logger="balanceiq")
     try:
-        plane = make_plane(s, model, xds)
+        plane = make_plane(s, model, xds, token=TOKEN, observer=Observer)
         plane.stop()
     finally:
         xds.stop()
@@ -250,31 +236,6 @@ def test_remote_api_is_allowed_but_warned_about(tmp_path: Path, model: PolicyMod
 
 
 # -- secrets never logged ------------------------------------------------------------------------
-
-
-class _Uvicorn(uvicorn.Server):
-    def install_signal_handlers(self) -> None:  # a thread may not own signals
-        pass
-
-
-@contextlib.contextmanager
-def serve_logged(app: Any) -> Iterator[str]:
-    """uvicorn on loopback with its logging (access log included) left to the logging
-    tree, so caplog sees every line it writes."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = _Uvicorn(uvicorn.Config(app, log_config=None, log_level="debug", access_log=True, lifespan="off"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
-        sock.close()
 
 
 def _tls_material(d: Path) -> tuple[Path, Path, str]:
@@ -313,10 +274,12 @@ def test_token_and_key_never_reach_logs_messages_or_responses(
     said.append(repr(s))
     xds = XdsServer(s, state_dir=tmp_path / "state")
     xds.start()
-    plane = make_plane(s, model, xds)
+    plane = make_plane(s, model, xds, token=TOKEN, observer=Observer)
     try:
         plane.controller.step()
-        with serve_logged(create_api(plane)) as url, httpx.Client(base_url=url, trust_env=False, timeout=10) as c:
+        # Every uvicorn line, the access log too, must reach caplog to be searched for secrets.
+        served = serve_asgi(create_api(plane), log_config=None, log_level="debug", access_log=True)
+        with served as url, httpx.Client(base_url=url, trust_env=False, timeout=10) as c:
             body = {"address": plane.controller.addresses[0], "action": "drain"}
             for headers in ({}, {"Authorization": f"Bearer {wrong}"}, {"Authorization": f"Bearer {TOKEN[:8]}"},
                             {"Authorization": f"Basic {TOKEN}"}):  # fmt: skip

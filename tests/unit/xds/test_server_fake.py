@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import queue
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -23,6 +21,8 @@ from balanceiq.exceptions import AssignmentError, XdsBindError, XdsError
 from balanceiq.xds.server import XdsServer
 from balanceiq.xds.snapshot import EDS_TYPE, raw_snapshot
 
+from streams import XdsStream  # beside this file: pytest puts its folder on sys.path
+
 _DEFAULT = default_settings().clusters[0]
 CLUSTER = _DEFAULT.name
 EP1, EP2, EP3 = (ep.address for ep in _DEFAULT.endpoints)
@@ -33,55 +33,6 @@ WAIT = 5.0
 
 
 # --- a fake Envoy ---------------------------------------------------------------------------
-
-
-class FakeEnvoy:
-    """One bidirectional xDS stream; requests go in a queue, responses come out of one."""
-
-    def __init__(self, method: Callable[[Iterator[Any]], Any]) -> None:
-        self._requests: queue.Queue[Any] = queue.Queue()
-        self.responses: queue.Queue[Any] = queue.Queue()
-        self.call = method(self._iter())
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _iter(self) -> Iterator[Any]:
-        while True:
-            req = self._requests.get()
-            if req is None:
-                return
-            yield req
-
-    def _read(self) -> None:
-        try:
-            for resp in self.call:
-                self.responses.put(resp)
-        except grpc.RpcError as exc:
-            self.responses.put(exc)
-
-    def send(self, req: Any) -> None:
-        self._requests.put(req)
-
-    def recv(self, timeout: float = WAIT) -> Any:
-        try:
-            item = self.responses.get(timeout=timeout)
-        except queue.Empty:
-            raise AssertionError(f"no xDS response within {timeout}s") from None
-        if isinstance(item, grpc.RpcError):
-            raise AssertionError(f"stream failed: {item}")
-        return item
-
-    def expect_nothing(self, wait: float = 0.3) -> None:
-        try:
-            item = self.responses.get(timeout=wait)
-        except queue.Empty:
-            return
-        raise AssertionError(f"unexpected response: {item}")
-
-    def close(self) -> None:
-        self._requests.put(None)
-        self.call.cancel()
-        self._reader.join(WAIT)
 
 
 def with_node(req: Any, node_id: str) -> Any:
@@ -191,11 +142,11 @@ def channel(server: XdsServer) -> Iterator[grpc.Channel]:
 
 
 @pytest.fixture
-def envoys(channel: grpc.Channel) -> Iterator[Callable[[Flavour], FakeEnvoy]]:
-    opened: list[FakeEnvoy] = []
+def envoys(channel: grpc.Channel) -> Iterator[Callable[[Flavour], XdsStream]]:
+    opened: list[XdsStream] = []
 
-    def open_stream(flavour: Flavour) -> FakeEnvoy:
-        env = FakeEnvoy(flavour.method(channel))
+    def open_stream(flavour: Flavour) -> XdsStream:
+        env = XdsStream(flavour.method(channel))
         opened.append(env)
         return env
 
@@ -211,7 +162,7 @@ def envoys(channel: grpc.Channel) -> Iterator[Callable[[Flavour], FakeEnvoy]]:
 
 @pytest.mark.parametrize("flavour", FLAVOURS, ids=lambda f: f.name)
 def test_initial_ack_push_nack(
-    server: XdsServer, envoys: Callable[[Flavour], FakeEnvoy], flavour: Flavour
+    server: XdsServer, envoys: Callable[[Flavour], XdsStream], flavour: Flavour
 ) -> None:
     node_id = f"fake-{flavour.name}"
     env = envoys(flavour)
@@ -279,7 +230,7 @@ def test_initial_ack_push_nack(
 
 @pytest.mark.parametrize("flavour", FLAVOURS, ids=lambda f: f.name)
 def test_bad_set_assignment_changes_nothing(
-    server: XdsServer, envoys: Callable[[Flavour], FakeEnvoy], flavour: Flavour
+    server: XdsServer, envoys: Callable[[Flavour], XdsStream], flavour: Flavour
 ) -> None:
     env = envoys(flavour)
     env.send(flavour.subscribe("n", [CLUSTER]))
@@ -305,7 +256,7 @@ def test_bad_set_assignment_changes_nothing(
 
 
 def test_unchanged_set_assignment_publishes_nothing(
-    server: XdsServer, envoys: Callable[[Flavour], FakeEnvoy]
+    server: XdsServer, envoys: Callable[[Flavour], XdsStream]
 ) -> None:
     flavour = FLAVOURS[0]
     env = envoys(flavour)
@@ -328,7 +279,7 @@ def test_unchanged_set_assignment_publishes_nothing(
 
 
 def test_one_publish_reaches_every_stream(
-    server: XdsServer, envoys: Callable[[Flavour], FakeEnvoy]
+    server: XdsServer, envoys: Callable[[Flavour], XdsStream]
 ) -> None:
     streams = []
     for i, flavour in enumerate(FLAVOURS):
@@ -346,7 +297,7 @@ def test_one_publish_reaches_every_stream(
 
 
 def test_sotw_reconnect_gets_current_state_even_with_matching_version(
-    server: XdsServer, envoys: Callable[[Flavour], FakeEnvoy]
+    server: XdsServer, envoys: Callable[[Flavour], XdsStream]
 ) -> None:
     flavour = FLAVOURS[0]
     env = envoys(flavour)
@@ -359,7 +310,7 @@ def test_sotw_reconnect_gets_current_state_even_with_matching_version(
 
 
 def test_delta_reconnect_with_current_versions_gets_nothing(
-    server: XdsServer, envoys: Callable[[Flavour], FakeEnvoy]
+    server: XdsServer, envoys: Callable[[Flavour], XdsStream]
 ) -> None:
     flavour = FLAVOURS[1]
     first = envoys(flavour)
@@ -379,7 +330,7 @@ def test_delta_reconnect_with_current_versions_gets_nothing(
 
 @pytest.mark.parametrize("flavour", [FLAVOURS[0], FLAVOURS[1]], ids=lambda f: f.name)
 def test_ads_unsupported_type_gets_no_response(
-    server: XdsServer, envoys: Callable[[Flavour], FakeEnvoy], flavour: Flavour
+    server: XdsServer, envoys: Callable[[Flavour], XdsStream], flavour: Flavour
 ) -> None:
     env = envoys(flavour)
     env.send(flavour.subscribe("n", [], type_url=CDS_TYPE))
@@ -465,7 +416,7 @@ def test_restart_after_stop_still_pushes() -> None:
             return  # refusing a restart is an acceptable contract
         ch = grpc.insecure_channel(f"127.0.0.1:{port}")
         flavour = FLAVOURS[0]
-        env = FakeEnvoy(flavour.method(ch))
+        env = XdsStream(flavour.method(ch))
         try:
             env.send(flavour.subscribe("n", [CLUSTER]))
             r1 = env.recv()
