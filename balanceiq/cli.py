@@ -264,7 +264,7 @@ def train_cmd(
 def evaluate_cmd(
     candidate: Annotated[Path, typer.Argument(help="The new checkpoint.")],
     serving: Annotated[Path | None, typer.Option(help="The checkpoint in service (default: the shipped one).")] = None,
-    seeds: Annotated[int, typer.Option(help="Seeds per held-back simulated scenario.", min=1, max=20)] = 1,
+    seeds: Annotated[int, typer.Option(help="Seeds per simulated scenario.", min=1, max=20)] = 1,
     live: Annotated[bool, typer.Option("--live", help="Also evaluate both on a private live testbed (real Envoy and backends).")] = False,
     live_config: Annotated[Path | None, typer.Option("--live-config", help="YAML of LiveEnv keys over the live evaluation defaults (implies --live).")] = None,
     live_episodes: Annotated[int, typer.Option(help="Paired live episodes per checkpoint.", min=1, max=20)] = 2,
@@ -273,9 +273,9 @@ def evaluate_cmd(
     """The promotion gate, by hand: would CANDIDATE replace the serving checkpoint?
 
     Exit 0 when it would be promoted, 1 when not."""
-    from balanceiq.sim.evaluate import HELD_BACK, evaluate_checkpoints, merge_evaluations, promotion_decision
+    from balanceiq.sim.evaluate import GATE_SCENARIOS, evaluate_checkpoints, merge_evaluations, promotion_decision
 
-    with err.status(f"simulated held-back scenarios ({', '.join(HELD_BACK)})"):
+    with err.status(f"simulated scenarios ({', '.join(GATE_SCENARIOS)})"):
         ev = evaluate_checkpoints(candidate, serving, seeds=tuple(range(seeds)))
     if live or live_config is not None:
         from balanceiq.testbed.evaluate_live import evaluate_checkpoints_live, live_eval_config

@@ -121,9 +121,9 @@ class TrainRequest(_Body):
     scenarios: list[Annotated[str, Field(max_length=200)]] | None = Field(default=None, max_length=50)
     num_env_runners: int = Field(default=1, ge=0, le=64)
     seed: int = Field(default=0, ge=0, le=2**31 - 1)
-    evaluate: bool = Field(default=True, description="Compare with the serving checkpoint on held-back scenarios.")
+    evaluate: bool = Field(default=True, description="Compare with the serving checkpoint on every shipped scenario.")
     promote: bool = Field(default=True, description="Hot-swap the Policy deployment if the new one is better.")
-    eval_seeds: int = Field(default=1, ge=1, le=20, description="Seeds per held-back scenario.")
+    eval_seeds: int = Field(default=1, ge=1, le=20, description="Seeds per simulated scenario.")
     live_eval: LiveEvalRequest | None = Field(default=None, description="Also evaluate both checkpoints live.")
 
 

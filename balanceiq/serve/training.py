@@ -3,7 +3,7 @@
 ``POST /api/train`` creates a :class:`TrainingRun` actor; ``run()`` trains (PPO on the
 simulator, :func:`balanceiq.train.train`) while ``progress()`` answers concurrently, so
 ``/api/metrics/training`` shows each iteration's return and loss as it lands. Then the
-new checkpoint and the serving one run the same held-back scenarios
+new checkpoint and the serving one run every shipped simulator scenario (the held-back ones included)
 (:func:`balanceiq.sim.evaluate.evaluate_checkpoints`), and the manager hot-swaps the
 Policy deployment to the new one only if :func:`~balanceiq.sim.evaluate.promotion_decision`
 says it is better. Each stage is reported. One run at a time: a 2-core box cannot train

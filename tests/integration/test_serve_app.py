@@ -26,6 +26,7 @@ from balanceiq.control.controller import Controller  # noqa: E402
 from balanceiq.control.xds_client import ActorXdsClient  # noqa: E402
 from balanceiq.policy.checkpoint import SHIPPED  # noqa: E402
 from balanceiq.policy.features import N_FEATURES  # noqa: E402
+from balanceiq.sim.scenario import SCENARIOS  # noqa: E402
 from balanceiq.serve.app import build_app  # noqa: E402
 from balanceiq.testbed.load import run_load_sync  # noqa: E402
 from balanceiq.testbed.ports import free_port  # noqa: E402
@@ -169,7 +170,7 @@ def test_train_evaluate_promote_over_the_api(app: App) -> None:
     stages = run["stages"]
     assert stages["train"]["state"] == "done"
     ev = stages["evaluate"]
-    assert ev["state"] == "done" and set(ev["scenarios"]) == {"brownout", "many_endpoints", "live:degrade_and_dearer"}
+    assert ev["state"] == "done" and set(ev["scenarios"]) == {*SCENARIOS, "live:degrade_and_dearer"}
     ev_live = stages["evaluate_live"]
     assert ev_live["state"] == "done" and [(e["episode"], e["checkpoint"]) for e in ev_live["episodes"]] == [
         (0, "candidate"), (0, "serving")]
