@@ -783,6 +783,14 @@ class GuardrailConfig(_Model):
     leaves at once, exempt from ``max_shift``, for the same reason a drain is; traffic
     moving *onto* endpoints is still ramped."""
 
+    breach_error_rate: float = Field(default=0.01, gt=0.0, le=1.0, description="Sustained error rate that breaches.")
+    """An endpoint whose error rate over the last minute or so (requests and errors
+    summed over decisions, decaying with a 60 s time constant, at least 30 requests) is at
+    or above this is treated as breaching the SLO, like one whose p95 is over it. One
+    window rarely shows a steady 2% error rate on an endpoint that gets 1% of the traffic
+    (a handful of requests); the sum does. A single window at >= 5% errors breaches at
+    once."""
+
     breach_hold_s: float = Field(default=30.0, ge=0.0, le=86400.0, description="Seconds a quiet breacher stays one.")
     """An endpoint that breached the SLO and now carries too little traffic to measure (the
     trickle of ``breach_min_share``) is still treated as breaching for this long: held at

@@ -75,6 +75,11 @@ class XdsClient(Protocol):
     def status(self) -> dict[str, Any]: ...
 
 
+# Time constant of the decayed error evidence, and the requests it needs before it counts.
+ERROR_MEMORY_S = 60.0
+MIN_ERROR_EVIDENCE = 30.0
+
+
 class PolicySettings:
     """What ``PUT /api/policy`` may change at run time (validated by the API's model)."""
 
@@ -148,6 +153,10 @@ class Controller:
         self.started_at = time.time()
         self._adopted = False
         self._breached: dict[str, float] = {}  # address -> when it was last measured breaching
+        # Decayed request and error counts per endpoint (see guardrails.breach_error_rate).
+        self._requests = np.zeros(len(self.addresses))
+        self._errors = np.zeros(len(self.addresses))
+        self._evidence_at: float | None = None
 
     # -- helpers -------------------------------------------------------------------------
 
@@ -192,10 +201,22 @@ class Controller:
         return breaching(obs, self.policy.reward.slo_ms)
 
     def breach_state(self, obs: Observation, now: float) -> tuple[list[int], list[int]]:
-        """``(measured, held)``: endpoints breaching now, and earlier breachers with too
-        little traffic left to measure, for up to ``guardrails.breach_hold_s``."""
+        """``(measured, held)``: endpoints breaching now (in this window, or by their
+        sustained error rate), and earlier breachers with too little traffic left to
+        measure, for up to ``guardrails.breach_hold_s``."""
         measured = self.breaching(obs)
-        hold = float(self.settings.guardrails.breach_hold_s)
+        g = self.settings.guardrails
+        decay = math.exp(-(now - self._evidence_at) / ERROR_MEMORY_S) if self._evidence_at is not None else 0.0
+        self._evidence_at = now
+        window = obs.window_s if math.isfinite(obs.window_s) and obs.window_s > 0 else self.policy.interval_s
+        for i, e in enumerate(obs.endpoints):
+            seen = e.rps * window if math.isfinite(e.rps) and e.rps > 0 and math.isfinite(e.error_rate) else 0.0
+            self._requests[i] = self._requests[i] * decay + seen
+            self._errors[i] = self._errors[i] * decay + (e.error_rate * seen if seen else 0.0)
+            if (i not in measured and self._requests[i] >= MIN_ERROR_EVIDENCE
+                    and self._errors[i] / self._requests[i] >= g.breach_error_rate):  # fmt: skip
+                measured.append(i)
+        hold = float(g.breach_hold_s)
         held: list[int] = []
         for i, e in enumerate(obs.endpoints):
             a = self.addresses[i]
@@ -210,7 +231,8 @@ class Controller:
                     del self._breached[a]
         return measured, held
 
-    def _critical(self, obs: Observation, ctx: PolicyContext, held: Sequence[int] = ()) -> list[int]:
+    def _critical(self, obs: Observation, ctx: PolicyContext, held: Sequence[int] = (),
+                  breaching: Sequence[int] | None = None) -> list[int]:
         """K endpoints from the policy's scores, after any endpoint breaching the SLO.
 
         Breaching endpoints are always re-optimised (a sampled draw could skip the one
@@ -233,7 +255,7 @@ class Controller:
         s[list(held)] = -np.inf
         k = max(1, min(self.policy.k, n))
         picked = [int(i) for i in np.argsort(-s, kind="stable") if s[i] > -np.inf]
-        forced = [i for i in self.breaching(obs) if s[i] > -np.inf]
+        forced = [i for i in (self.breaching(obs) if breaching is None else breaching) if s[i] > -np.inf]
         chosen = forced + [i for i in picked if i not in forced]
         # A forced endpoint needs somewhere to send traffic: at least K, and one spare.
         return chosen[: max(k, len(forced) + 1)]
@@ -307,7 +329,7 @@ class Controller:
             notes.append("no policy configured: baseline used")
         else:
             try:
-                critical = self._critical(obs, ctx, held)
+                critical = self._critical(obs, ctx, held, measured)
                 proposal = lp_decision(obs, ctx, tuple(critical), capacity, cost_weight=self.policy.cost_weight,
                                        util_target=self.policy.util_target, latency_weight=self.policy.latency_weight,
                                        slo_ms=self.policy.reward.slo_ms)  # fmt: skip

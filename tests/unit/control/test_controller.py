@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import time
+from dataclasses import replace
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -187,3 +188,20 @@ def test_a_breacher_leaves_at_once_and_is_held_while_too_quiet_to_measure(setup)
     fleet.p95[a] = float("nan")
     assert c.breach_state(fleet.observe(c.weights), now=time.time())[1] == [2]
     assert c.breach_state(fleet.observe(c.weights), now=time.time() + c.settings.guardrails.breach_hold_s + 1)[1] == []
+
+
+def test_a_sustained_error_rate_too_small_to_see_in_one_window_breaches(setup) -> None:  # type: ignore[no-untyped-def]
+    c, fleet, xds, pick = setup
+    a = c.addresses[1]
+    obs = fleet.observe(c.weights)
+    # 2% errors on ~8 requests per window: one window says little, a minute says enough.
+    quiet = [replace(e, rps=0.8, error_rate=0.02) if e.address == a else e for e in obs.endpoints]
+    obs = replace(obs, endpoints=tuple(quiet), window_s=10.0)
+    t = 1000.0
+    first, _ = c.breach_state(obs, now=t)
+    assert 1 not in first  # 8 requests: not yet evidence
+    for step in range(1, 6):
+        measured, _ = c.breach_state(obs, now=t + step)
+    assert 1 in measured and c._errors[1] / c._requests[1] == pytest.approx(0.02)
+    # A healthy endpoint with the same traffic never does.
+    assert all(i == 1 for i in measured)
