@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import socket
 from contextlib import ExitStack
 
@@ -9,16 +10,40 @@ from balanceiq.config import Settings, default_settings
 from balanceiq.exceptions import TestbedError
 
 
-def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
-    """``n`` distinct ports free right now.
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as fh:
+            low, high = (int(x) for x in fh.read().split()[:2])
+        return low, high
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
 
-    All ``n`` sockets are held open until every port is chosen, so the kernel cannot hand
-    the same port out twice (closing each before asking for the next can, and did).
-    Another process may still take one before its user binds it; callers bind soon after.
+
+def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
+    """``n`` distinct ports free right now, chosen *below* the kernel's ephemeral range.
+
+    A port the kernel hands out for ``bind(0)`` comes from the ephemeral range, which is
+    also where every outgoing connection's local port comes from: between choosing such a
+    port and binding it, a connection (Ray opens many) could take it, and a backend then
+    failed with "address already in use" (seen in a fresh-clone test run). Below the range
+    only listeners compete. Ports are drawn at random, so concurrent callers rarely pick
+    the same one, and all ``n`` sockets are held open until every port is chosen.
     """
+    low, _ = _ephemeral_range()
+    top = max(low - 1, 2048)
+    candidates = random.Random().sample(range(1024 if top < 12000 else 10000, top + 1), k=min(4 * n + 64, top - 1024))
     with ExitStack() as stack:
-        ports = []
-        for _ in range(n):
+        ports: list[int] = []
+        for port in candidates:
+            if len(ports) == n:
+                break
+            s = stack.enter_context(socket.socket())
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            ports.append(port)
+        while len(ports) < n:  # a crowded low range: fall back to the kernel's choice
             s = stack.enter_context(socket.socket())
             s.bind((host, 0))
             ports.append(s.getsockname()[1])
