@@ -295,6 +295,19 @@ class LeastRequest:
         return _decision(_normalise(cap / (inflight + 1.0), avail), avail, ())
 
 
+def utilisation(obs: Observation, ctx: PolicyContext) -> tuple[np.ndarray, np.ndarray]:
+    """``(utilisation, capacity)``: load over :func:`estimate_capacity` per endpoint, the
+    load being observed rps or, unmeasured, current share x demand; NaN where unknown."""
+    cap = estimate_capacity(obs, ctx)
+    shares = np.asarray(ctx.shares, dtype=np.float64).reshape(-1)
+    rps = _field(obs, "rps")
+    demand = float(ctx.demand_rps)
+    load = np.where(np.isfinite(rps) & (rps >= 0), rps, shares * demand if math.isfinite(demand) else np.nan)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        util = np.where(_positive(cap), load / np.where(_positive(cap), cap, 1.0), np.nan)
+    return util, cap
+
+
 class TopKHeuristic:
     """The paper's "Top-K critical": the K most utilised endpoints, then the LP.
 
@@ -314,14 +327,7 @@ class TopKHeuristic:
 
     def decide(self, obs: Observation, ctx: PolicyContext) -> Decision:
         n = _check(obs, ctx)
-        avail = available_mask(obs)
-        cap = estimate_capacity(obs, ctx)
-        shares = np.asarray(ctx.shares, dtype=np.float64).reshape(-1)
-        rps = _field(obs, "rps")
-        demand = float(ctx.demand_rps)
-        load = np.where(np.isfinite(rps) & (rps >= 0), rps, shares * demand if math.isfinite(demand) else np.nan)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            util = np.where(_positive(cap), load / np.where(_positive(cap), cap, 1.0), np.nan)
+        util, cap = utilisation(obs, ctx)
         util = np.where(np.isfinite(util), util, -np.inf)
         k = min(max(int(ctx.k), 1), n)
         critical = tuple(sorted(int(i) for i in np.argsort(-util, kind="stable")[:k]))
@@ -350,15 +356,8 @@ class HotColdHeuristic:
     def critical(self, obs: Observation, ctx: PolicyContext) -> list[int]:
         """The ordered choice: hottest first, then coldest (what imitation learns)."""
         n = _check(obs, ctx)
-        avail = available_mask(obs)
-        cap = estimate_capacity(obs, ctx)
-        shares = np.asarray(ctx.shares, dtype=np.float64).reshape(-1)
-        rps = _field(obs, "rps")
-        demand = float(ctx.demand_rps)
-        load = np.where(np.isfinite(rps) & (rps >= 0), rps, shares * demand if math.isfinite(demand) else np.nan)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            util = np.where(_positive(cap), load / np.where(_positive(cap), cap, 1.0), np.nan)
-        known = np.isfinite(util) & avail
+        util, _ = utilisation(obs, ctx)
+        known = np.isfinite(util) & available_mask(obs)
         k = min(max(int(ctx.k), 1), n)
         hot = [int(i) for i in np.argsort(np.where(known, -util, np.inf), kind="stable")[: (k + 1) // 2]]
         cold = [int(i) for i in np.argsort(np.where(known, util, np.inf), kind="stable") if int(i) not in hot]
