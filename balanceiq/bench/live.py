@@ -58,6 +58,7 @@ import psutil
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+from balanceiq.bench.cpu import cpu_by_role
 from balanceiq.config import EndpointConfig, Settings
 from balanceiq.exceptions import BalanceIQError, BenchError
 from balanceiq.testbed.openloop import ARRIVALS, OpenLoopResult, latency_summary
@@ -370,16 +371,7 @@ _ROLES = (
 def _cpu_snapshot() -> tuple[dict[int, tuple[str, float]], dict[int, float]]:
     """CPU seconds so far of this process ("harness": xDS server, controller, scenario
     driver) and its children by role, and of every other process on the machine."""
-    me = psutil.Process()
-    ours: dict[int, tuple[str, float]] = {}
-    for p in [me, *me.children(recursive=True)]:
-        try:
-            cmd = " ".join(p.cmdline())
-            t = p.cpu_times()
-        except psutil.Error:
-            continue
-        role = "harness" if p.pid == me.pid else next((r for k, r in _ROLES if k in cmd), "other")
-        ours[p.pid] = (role, t.user + t.system)
+    ours = cpu_by_role(_ROLES, "harness")
     foreign: dict[int, float] = {}
     for p in psutil.process_iter(["pid", "cpu_times"]):
         if p.info["pid"] in ours or p.info["cpu_times"] is None:

@@ -59,6 +59,7 @@ import psutil
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from balanceiq.bench.cpu import cpu_by_role
 from balanceiq.config import Settings
 from balanceiq.exceptions import BalanceIQError, BenchError
 from balanceiq.policy.features import encode, estimate_capacity
@@ -609,17 +610,7 @@ _ROLES = (
 def _cpu_by_role() -> dict[int, tuple[str, float]]:
     """CPU seconds so far of this process ("driver": the load generators and the bench)
     and its descendants, by role; the rest of Ray and the testbed is "other"."""
-    me = psutil.Process()
-    out = {}
-    for p in [me, *me.children(recursive=True)]:
-        try:
-            cmd = " ".join(p.cmdline())
-            t = p.cpu_times()
-        except psutil.Error:
-            continue
-        role = "driver" if p.pid == me.pid else next((r for key, r in _ROLES if key in cmd), "other")
-        out[p.pid] = (role, t.user + t.system)
-    return out
+    return cpu_by_role(_ROLES, "driver")
 
 
 def _cpu_delta_by_role(before: dict[int, tuple[str, float]], seconds: float) -> dict[str, float]:
