@@ -58,7 +58,7 @@ import psutil
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from balanceiq.bench.cpu import cpu_by_role
+from balanceiq.bench.processes import cpu_by_role, leftovers
 from balanceiq.config import EndpointConfig, Settings
 from balanceiq.exceptions import BalanceIQError, BenchError
 from balanceiq.testbed.openloop import ARRIVALS, OpenLoopResult, latency_summary
@@ -397,22 +397,6 @@ def _cpu_delta(before: tuple[dict[int, tuple[str, float]], dict[int, float]], se
     }
 
 
-def _alive(pids: set[int], wait_s: float = 10.0) -> list[str]:
-    deadline = time.monotonic() + wait_s
-    while True:
-        alive = []
-        for pid in pids:
-            try:
-                p = psutil.Process(pid)
-                if p.status() != psutil.STATUS_ZOMBIE:
-                    alive.append(f"{pid} {' '.join(p.cmdline())[:80]}")
-            except psutil.Error:
-                pass
-        if not alive or time.monotonic() > deadline:
-            return alive
-        time.sleep(0.3)
-
-
 Inspect = Callable[["Stack", OpenLoopResult], Any]
 
 
@@ -624,7 +608,7 @@ def measure_capacity(base: Settings, rate_rps: float, workdir: Path, *, arrivals
         out["sustainable_is_lower_bound"] = bool(steps and steps[-1]["sustained"])
     finally:
         stack.stop()
-    out["leftover_processes"] = _alive(pids)
+    out["leftover_processes"] = leftovers(pids, 10.0)
     return out
 
 
@@ -988,7 +972,7 @@ def _run(base: Settings, scenario: LiveScenario, arms: list[Arm], rate_rps: floa
         "not_sent_total": sum(a["generator"]["not_sent"] for a in result["arms"].values()),
         "calibration": (result.get("capacity") or {}).get("generator_calibration"),
     }
-    result["leftover_processes"] = _alive(all_pids)
+    result["leftover_processes"] = leftovers(all_pids, 10.0)
     if result["leftover_processes"]:
         notes.append(f"processes still alive after teardown: {result['leftover_processes']}")
     if plot_path is not None and result["arms"]:

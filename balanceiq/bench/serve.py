@@ -59,7 +59,7 @@ import psutil
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from balanceiq.bench.cpu import cpu_by_role
+from balanceiq.bench.processes import cpu_by_role, leftovers
 from balanceiq.config import Settings
 from balanceiq.exceptions import BalanceIQError, BenchError
 from balanceiq.policy.features import encode, estimate_capacity
@@ -620,31 +620,6 @@ def _cpu_delta_by_role(before: dict[int, tuple[str, float]], seconds: float) -> 
     return {r: round(v / seconds, 3) for r, v in sorted(agg.items(), key=lambda kv: -kv[1])} if seconds > 0 else {}
 
 
-def _leftovers(pids: set[int], wait_s: float = 15.0) -> list[str]:
-    """Processes among ``pids`` still alive after ``wait_s`` (zombies reaped or ignored)."""
-    deadline = time.monotonic() + wait_s
-    alive: list[psutil.Process] = []
-    while True:
-        alive = []
-        for pid in pids:
-            try:
-                p = psutil.Process(pid)
-                if p.status() != psutil.STATUS_ZOMBIE:
-                    alive.append(p)
-            except psutil.Error:
-                pass
-        if not alive or time.monotonic() > deadline:
-            break
-        time.sleep(0.5)
-    out = []
-    for p in alive:
-        try:
-            out.append(f"{p.pid} {' '.join(p.cmdline())[:80]}")
-        except psutil.Error:
-            pass
-    return out
-
-
 # -- the run -----------------------------------------------------------------------------
 
 
@@ -958,7 +933,7 @@ def _run(endpoints: int, duration_s: float, rate_rps: float, calls: int, console
                     remember_children()
                     ray.shutdown()
                 tb.stop()
-        leftover = _leftovers(started_pids)
+        leftover = leftovers(started_pids, 15.0)
 
     load1 = os.getloadavg()
     dl = decision_stats(decisions, since=t_app, window=api_window)

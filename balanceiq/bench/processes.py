@@ -1,7 +1,8 @@
-"""CPU seconds of this process and its descendants, by role: what a benchmark spent where."""
+"""Processes a benchmark started: the CPU they spent, by role, and any left behind."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 
 import psutil
@@ -22,3 +23,21 @@ def cpu_by_role(roles: Sequence[tuple[str, str]], self_role: str) -> dict[int, t
         role = self_role if p.pid == me.pid else next((r for key, r in roles if key in cmd), "other")
         out[p.pid] = (role, t.user + t.system)
     return out
+
+
+def leftovers(pids: set[int], wait_s: float) -> list[str]:
+    """``"pid command"`` of the processes among ``pids`` still alive (zombies do not
+    count) after waiting up to ``wait_s`` for them to go: what a benchmark left behind."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        alive = []
+        for pid in pids:
+            try:
+                p = psutil.Process(pid)
+                if p.status() != psutil.STATUS_ZOMBIE:
+                    alive.append(f"{pid} {' '.join(p.cmdline())[:80]}")
+            except psutil.Error:
+                pass
+        if not alive or time.monotonic() > deadline:
+            return alive
+        time.sleep(0.3)
