@@ -8,9 +8,8 @@ One :meth:`Controller.step` is one decision:
 2. **Observe.** :class:`~balanceiq.telemetry.observe.Telemetry` never raises; when it
    knows nothing (``source == "none"``) the step *holds* the weights in force, since
    acting blind is worse than not acting.
-3. **Propose twice.** The policy scores endpoints, the top K (after any endpoint
-   breaching the SLO) are critical and the LP re-splits them; non-critical endpoints
-   keep their share. The baseline heuristic proposes too.
+3. **Propose twice.** Every endpoint breaching the SLO and the policy's top K scores
+   are critical and the LP re-splits them; non-critical endpoints keep their share. The baseline heuristic proposes too.
 4. **Judge and pick.** Both proposals are scored on this observation with the LP's own
    objective; the rollback monitor switches to the baseline when the policy is worse
    for M intervals in a row, and back once it holds its own. A policy that cannot answer
@@ -45,7 +44,7 @@ from balanceiq.control.metrics import ControllerMetrics
 from balanceiq.control.records import DecisionLog, DecisionRecord
 from balanceiq.exceptions import BalanceIQError, ControlError, XdsError
 from balanceiq.policy.baselines import PolicyContext, available_mask, lp_decision, make_policy
-from balanceiq.policy.capacity import breaching, live_capacity
+from balanceiq.policy.capacity import breaching, live_capacity, with_breaching
 from balanceiq.policy.features import encode
 from balanceiq.policy.lp import objective, traffic_moved, weights_to_shares
 from balanceiq.policy.reward import RewardWeights, observed_reward
@@ -233,7 +232,7 @@ class Controller:
 
     def _critical(self, obs: Observation, ctx: PolicyContext, held: Sequence[int] = (),
                   breaching: Sequence[int] | None = None) -> list[int]:
-        """K endpoints from the policy's scores, after any endpoint breaching the SLO.
+        """Every endpoint breaching the SLO, then K more from the policy's scores.
 
         Breaching endpoints are always re-optimised (a sampled draw could skip the one
         endpoint that is on fire for several intervals); the policy picks the rest.
@@ -256,9 +255,7 @@ class Controller:
         k = max(1, min(self.policy.k, n))
         picked = [int(i) for i in np.argsort(-s, kind="stable") if s[i] > -np.inf]
         forced = [i for i in (self.breaching(obs) if breaching is None else breaching) if s[i] > -np.inf]
-        chosen = forced + [i for i in picked if i not in forced]
-        # A forced endpoint needs somewhere to send traffic: at least K, and one spare.
-        return chosen[: max(k, len(forced) + 1)]
+        return with_breaching(picked, forced, k)
 
     def _record(self, base: dict[str, Any], **kw: Any) -> DecisionRecord:
         rec = DecisionRecord(**{**base, **kw})

@@ -12,7 +12,8 @@ from typing import Any
 import numpy as np
 
 from balanceiq.exceptions import PolicyError
-from balanceiq.policy.baselines import Decision, PolicyContext, lp_decision
+from balanceiq.policy.baselines import Decision, PolicyContext, available_mask, lp_decision
+from balanceiq.policy.capacity import breaching, with_breaching
 from balanceiq.policy.features import encode
 from balanceiq.telemetry.observation import Observation
 
@@ -64,10 +65,11 @@ class RLPolicy:
     name = "cfr_rl"
 
     def __init__(self, module: Any, *, cost_weight: float = 0.1, slo_ms: float = 150.0,
-                 mode: str = "greedy", seed: int = 0) -> None:  # fmt: skip
+                 mode: str = "greedy", seed: int = 0, force_breaching: bool = True) -> None:  # fmt: skip
         if mode not in ("sample", "greedy"):
             raise PolicyError(f"mode must be 'sample' or 'greedy', got {mode!r}")
         self.module = module
+        self.force_breaching = force_breaching
         self.cost_weight = cost_weight
         self.slo_ms = slo_ms
         self.mode = mode
@@ -82,17 +84,24 @@ class RLPolicy:
         self._rng = np.random.default_rng(self.seed)
 
     def critical(self, obs: Observation, ctx: PolicyContext) -> list[int]:
-        """K endpoints: the K highest scores (``greedy``, the default), or a draw from the
-        policy's Plackett-Luce distribution (``sample``, seeded: what PPO explores with).
-        Greedy is better in every simulated scenario since the LP balances the critical
-        endpoints (re-picking a balanced pair moves nothing, where the old LP parked its
-        traffic on the cheaper one): e.g. -1.96 vs -2.50 on degrade."""
+        """Every available endpoint breaching the SLO (with ``force_breaching``, the
+        default: what the controller does), then K more: the K highest scores
+        (``greedy``, the default), or a draw from the policy's Plackett-Luce distribution
+        (``sample``, seeded: what PPO explores with). Greedy is better in every simulated
+        scenario since the LP balances the critical endpoints (re-picking a balanced pair
+        moves nothing, where the old LP parked its traffic on the cheaper one): e.g.
+        -1.96 vs -2.50 on degrade."""
         n = len(obs.endpoints)
-        return self.critical_from_rows(encode(obs, ctx.capacity_hint, n, self.slo_ms), n, ctx.k)
+        ranked = self.critical_from_rows(encode(obs, ctx.capacity_hint, n, self.slo_ms), n, n)
+        if not self.force_breaching:
+            return ranked[: max(1, min(ctx.k, n))]
+        avail = available_mask(obs)
+        return with_breaching(ranked, [i for i in breaching(obs, self.slo_ms) if avail[i]], max(1, min(ctx.k, n)))
 
     def critical_from_rows(self, rows: np.ndarray, n: int, k: int) -> list[int]:
-        """:meth:`critical` for an observation already encoded (an env's own, padded to
-        ``n_max``: rows past ``n`` are padding and never picked)."""
+        """The policy's own K for an observation already encoded (an env's own, padded
+        to ``n_max``: rows past ``n`` are padding and never picked); no breachers added,
+        the env adds them."""
         s = scores(self.module, np.asarray(rows, dtype=np.float32))[:n]
         k = max(1, min(k, n))
         if self.mode == "sample":

@@ -1,7 +1,7 @@
 """CFR-RL as a plain gymnasium environment over the fleet simulator.
 
 Each step is one control decision: the agent names K critical endpoints (ordered, no
-repeats), the LP re-splits traffic among them while every other endpoint keeps its share
+repeats), any endpoint breaching the SLO joins them, the LP re-splits traffic among them while every other endpoint keeps its share
 (CFR-RL), and the fleet runs ``decision_steps`` simulator steps under the new split. The
 reward (:mod:`balanceiq.policy.reward`) scores those steps.
 
@@ -19,6 +19,8 @@ Configured entirely by ``env_config`` (RLlib passes it through):
 ``util_target``     the LP's headroom knee (default 0: pure min-max, as trained)
 ``latency_weight``  the LP's latency term (default 0); set both to the live config's
                     values to train against the LP the controller runs
+``force_breaching`` endpoints breaching the SLO join the K picked ones in the
+                    critical set, as in the controller (default true)
 ``reward``          :class:`~balanceiq.policy.reward.RewardWeights` fields
 ``seed``            base seed
 ==================  ==========================================================
@@ -34,7 +36,8 @@ import numpy as np
 
 from balanceiq.config import critical_count
 from balanceiq.policy.features import N_FEATURES, encode, estimate_capacity
-from balanceiq.policy.baselines import solve_for
+from balanceiq.policy.baselines import available_mask, solve_for
+from balanceiq.policy.capacity import breaching, with_breaching
 from balanceiq.policy.lp import critical_indices, shares_to_weights, traffic_moved
 from balanceiq.policy.reward import RewardWeights, reward
 from balanceiq.sim.fleet import FleetSim
@@ -94,6 +97,7 @@ class FleetEnv(gym.Env):
         self.cost_weight = float(cfg.get("cost_weight", 0.1))
         self.util_target = float(cfg.get("util_target", 0.0))
         self.latency_weight = float(cfg.get("latency_weight", 0.0))
+        self.force_breaching = bool(cfg.get("force_breaching", True))
         self.weights = RewardWeights(**cfg.get("reward", {}))
         self._base_seed = int(cfg.get("seed", 0))
         self.observation_space = gym.spaces.Box(-3.0, float(max(20, self.n_max)), (self.n_max, N_FEATURES), np.float32)
@@ -151,7 +155,12 @@ class FleetEnv(gym.Env):
     # -- pieces shared with the benchmark and the live controller ------------------------------
 
     def critical_from_action(self, action: np.ndarray) -> list[int]:
-        return critical_indices(action, self.sim.n if self.sim else self.n_max)
+        """The agent's picks, then (``force_breaching``) every available breacher first."""
+        picked = critical_indices(action, self.sim.n if self.sim else self.n_max)
+        if not self.force_breaching or self.sim is None:
+            return picked
+        avail = available_mask(self.last_obs)
+        return with_breaching(picked, [i for i in breaching(self.last_obs, self.weights.slo_ms) if avail[i]], len(picked))
 
     def capacity_estimate(self) -> np.ndarray:
         return estimate_capacity(self.last_obs, self.hint)

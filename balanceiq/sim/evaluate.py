@@ -1,7 +1,7 @@
 """Running a policy through a whole simulated scenario, and the promotion gate.
 
-:func:`run_pair` is one (scenario, policy) episode with the oracle alongside (what
-``balanceiq bench sim`` tabulates). :func:`evaluate_checkpoints` runs a candidate and
+:func:`run_pair` is one (scenario, policy) episode with the oracle and full
+re-optimisation alongside (what ``balanceiq bench sim`` tabulates). :func:`evaluate_checkpoints` runs a candidate and
 the serving checkpoint through the same held-back scenarios and seeds, and
 :func:`promotion_decision` says whether the candidate may replace the serving one: it
 must be better on average by a margin and not clearly worse on any scenario, because a
@@ -19,8 +19,9 @@ import numpy as np
 from balanceiq.config import critical_count
 from balanceiq.policy.baselines import Decision, PolicyContext, lp_decision, make_policy
 from balanceiq.policy.checkpoint import SHIPPED, RLPolicy
-from balanceiq.policy.lp import oracle
+from balanceiq.policy.lp import oracle, traffic_moved
 from balanceiq.sim.env import FleetEnv
+from balanceiq.sim.fleet import FleetSim
 from balanceiq.sim.scenario import SCENARIOS, load_scenario
 
 # Held out of training in rllib_configs/ppo.yaml: generalisation is part of what promotion checks.
@@ -45,6 +46,9 @@ class FullLp:
 
     def decide(self, obs: Any, ctx: PolicyContext) -> Decision:
         return lp_decision(obs, ctx, tuple(range(len(obs.endpoints))), ctx.capacity_hint, cost_weight=self.cost_weight)
+
+
+_FULL = FullLp()
 
 
 def _policy(name: str, checkpoint: Path | None) -> Any:
@@ -77,6 +81,9 @@ def run_pair(scenario: str, policy: Any, *, seed: int = 0, decision_steps: int =
             demand_rps=float(np.nansum([e.rps for e in obs.endpoints])), k=k, true_capacity=cap_true,
         )  # fmt: skip
         decision = policy.decide(obs, ctx)
+        # What full re-optimisation would move from this same state (the CFR-RL paper's
+        # comparison), beside what it moves on its own trajectory (policy full_lp).
+        full_moved = traffic_moved(env.shares, np.asarray(_FULL.decide(obs, ctx).shares, dtype=np.float64))
         demand = env.sim.demand_rps()
         best = oracle(cap_true, env.sim.cost(), demand, available=env.sim.available()).max_utilization
         _, r, _, truncated, info = env.step_shares(np.asarray(decision.shares, dtype=np.float64))
@@ -86,16 +93,32 @@ def run_pair(scenario: str, policy: Any, *, seed: int = 0, decision_steps: int =
             "p50_ms": info.get("p50_ms", float("nan")), "p95_ms": info["p95_ms"], "p99_ms": info["p99_ms"],
             "error_rate": info["error_rate"], "cost_per_million": info["cost_per_million"], "reward": r,
             "performance_ratio": min(1.0, best / achieved) if achieved > 0 else 1.0,
-            "traffic_moved": info["traffic_moved"],
+            "traffic_moved": info["traffic_moved"], "full_moved_same_state": full_moved,
         })  # fmt: skip
         if trace:
             timeline.append({"t": env.sim.t, "shares": env.shares.tolist(), "p99_ms": info["p99_ms"]})
     out = {key: float(statistics.fmean(r[key] for r in rows)) for key in rows[0]}
     out["decisions"] = len(rows)
+    # The first decision's move (off the config's static split) is most of what any
+    # policy moves in a run: reported so traffic_moved can be read with and without it.
+    out["traffic_moved_first"] = float(rows[0]["traffic_moved"])
     if trace:
         out["timeline"] = timeline
         out["names"] = list(env.sim.names)
     return out
+
+
+def least_move_off_static(scenario: str, utilization: float = 0.9, *, seed: int = 0) -> float:
+    """The least fraction of traffic any policy must move off the scenario's static split
+    to bring every endpoint to ``utilization`` or below (true capacities, demand at t=0).
+
+    A floor for ``traffic_moved`` over a run: what lies above the overloaded endpoints'
+    limits has to go somewhere, whoever decides where.
+    """
+    sim = FleetSim(scenario, seed=seed)
+    static = np.asarray(sim.static_weights, dtype=np.float64)
+    shares = static / static.sum()
+    return float(np.maximum(0.0, shares - utilization * sim.capacity() / sim.demand_rps()).sum())
 
 
 def evaluate_checkpoints(candidate: Path | str, serving: Path | str | None, *, scenarios: tuple[str, ...] = GATE_SCENARIOS,

@@ -123,7 +123,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from balanceiq.config import Settings, load_config, settings_from_dict, validation_problems
 from balanceiq.exceptions import BalanceIQError, ConfigError, TestbedError, XdsError
 from balanceiq.policy.baselines import PolicyContext, available_mask, lp_decision
-from balanceiq.policy.capacity import breaching, live_capacity
+from balanceiq.policy.capacity import breaching, live_capacity, with_breaching
 from balanceiq.policy.features import N_FEATURES, encode
 from balanceiq.policy.lp import critical_indices, traffic_moved, weights_to_shares
 from balanceiq.policy.reward import RewardWeights, observed_reward
@@ -775,9 +775,7 @@ class LiveEnv(gym.Env):  # type: ignore[misc]
             return picked, []
         avail = available_mask(obs)
         forced = [i for i in breaching(obs, self.weights_cfg.slo_ms) if avail[i]]
-        chosen = forced + [i for i in picked if i not in forced]
-        # As the controller: a forced endpoint needs somewhere to send traffic.
-        return chosen[: max(self.k, len(forced) + 1)], forced
+        return with_breaching(picked, forced, self.k), forced
 
     def _prices_callback(self) -> Any:
         # Weak: the driver belongs to Owned, which must not keep the env alive (finalizer).

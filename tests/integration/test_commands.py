@@ -114,6 +114,9 @@ def test_bench_sim_prints_one_json_object_with_every_metric(tmp_path: Path) -> N
         for key in ("p50_ms", "p95_ms", "p99_ms", "error_rate", "cost_per_million", "reward", "performance_ratio", "traffic_moved"):
             assert key in r and r[key] == r[key], (policy, key)  # present and not NaN
         assert 0 < r["performance_ratio"] <= 1
+        assert 0 <= r["traffic_moved_first"] <= 1 and r["full_moved_same_state"] >= 0
+    # Full re-optimisation moves, from its own state, exactly what it moves.
+    assert rows["full_lp"]["traffic_moved_vs_full_same_state"] == pytest.approx(1.0)
     # The oracle is the physical limit: nothing does meaningfully better.
     assert rows["oracle"]["reward"] >= max(r["reward"] for r in rows.values()) - 0.25
     assert rows["equal"]["reward"] < rows["oracle"]["reward"]

@@ -100,3 +100,24 @@ def test_a_checkpoint_path_with_a_nul_byte_is_a_policy_error() -> None:
 
     with pytest.raises(PolicyError, match="not a usable checkpoint path"):
         load_module("\x00")
+
+
+def test_rl_policy_adds_slo_breachers_to_its_k() -> None:
+    """What the controller does: breachers are critical whatever the scores say, and the
+    policy still picks K more for their traffic to go to (``force_breaching=False``
+    gives the policy's K alone)."""
+    from balanceiq.policy.baselines import PolicyContext
+    from balanceiq.policy.capacity import breaching
+
+    env = FleetEnv({"scenarios": ["heterogeneous"], "n_max": 16})
+    env.reset(seed=0)
+    n = env.sim.n
+    hot = breaching(env.last_obs, 150.0)
+    assert hot
+    ctx = PolicyContext(shares=env.shares, capacity_hint=env.capacity_estimate(), static_weights=np.ones(n),
+                        demand_rps=100.0, k=2)  # fmt: skip
+    forced = RLPolicy(make_module()).critical(env.last_obs, ctx)
+    own = RLPolicy(make_module(), force_breaching=False).critical(env.last_obs, ctx)
+    assert forced[: len(hot)] == hot and len(own) == 2
+    assert forced[len(hot):] == [i for i in RLPolicy(make_module(), force_breaching=False).critical(
+        env.last_obs, PolicyContext(**{**ctx.__dict__, "k": n})) if i not in hot][:2]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 from gymnasium.utils.env_checker import check_env
 
+from balanceiq.policy.capacity import breaching
 from balanceiq.sim.env import FleetEnv
 
 
@@ -13,7 +14,7 @@ def test_passes_gymnasium_env_checker() -> None:
 
 
 def test_only_critical_endpoints_move() -> None:
-    env = FleetEnv({"scenarios": ["heterogeneous"], "n_max": 16, "k": 2})
+    env = FleetEnv({"scenarios": ["heterogeneous"], "n_max": 16, "k": 2, "force_breaching": False})
     env.reset(seed=0)
     before = env.shares.copy()
     # Padding indices and repeats are ignored; the LP touches only endpoints 1 and 4.
@@ -37,3 +38,17 @@ def test_episodes_end_and_rewards_are_finite() -> None:
         steps += 1
         done = term or trunc
     assert steps == 20 and np.isfinite(total)
+
+
+def test_slo_breachers_join_the_agents_picks() -> None:
+    """As in the controller: the heterogeneous fleet's static split overloads some
+    endpoints, and they are re-split whatever the agent names."""
+    env = FleetEnv({"scenarios": ["heterogeneous"], "n_max": 16, "k": 2})
+    env.reset(seed=0)
+    hot = breaching(env.last_obs, env.weights.slo_ms)
+    calm = [i for i in range(env.sim.n) if i not in hot]
+    assert hot and len(calm) >= 2
+    before = env.shares.copy()
+    _, _, _, _, info = env.step(np.array(calm[:2]))
+    assert info["critical"] == [*hot, *calm[:2]]
+    assert all(env.shares[i] < before[i] for i in hot)
