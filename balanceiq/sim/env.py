@@ -1,9 +1,10 @@
 """CFR-RL as a plain gymnasium environment over the fleet simulator.
 
 Each step is one control decision: the agent names K critical endpoints (ordered, no
-repeats), any endpoint breaching the SLO joins them, the LP re-splits traffic among them while every other endpoint keeps its share
-(CFR-RL), and the fleet runs ``decision_steps`` simulator steps under the new split. The
-reward (:mod:`balanceiq.policy.reward`) scores those steps.
+repeats), any endpoint breaching the SLO joins them, the LP re-splits traffic among them
+while every other endpoint keeps its share (CFR-RL), and the fleet runs
+``decision_steps`` simulator steps under the new split. The reward
+(:mod:`balanceiq.policy.reward`) scores those steps.
 
 Configured entirely by ``env_config`` (RLlib passes it through):
 
@@ -155,7 +156,7 @@ class FleetEnv(gym.Env):
     # -- pieces shared with the benchmark and the live controller ------------------------------
 
     def critical_from_action(self, action: np.ndarray) -> list[int]:
-        """The agent's picks, then (``force_breaching``) every available breacher first."""
+        """Every available SLO breacher (with ``force_breaching``), then the agent's picks."""
         picked = critical_indices(action, self.sim.n if self.sim else self.n_max)
         if not self.force_breaching or self.sim is None:
             return picked
