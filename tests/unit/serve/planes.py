@@ -9,14 +9,32 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 from balanceiq.config import Settings
 from balanceiq.control.controller import Controller, Observer
 from balanceiq.control.xds_client import LocalXdsClient
 from balanceiq.serve.plane import ControlPlane, PolicyClient
 from balanceiq.serve.policy import PolicyModel
+from balanceiq.telemetry.observation import EndpointObservation, Observation
 from balanceiq.testbed.ports import settings_on_free_ports
 from balanceiq.xds.server import XdsServer
+
+
+class ReplayObserver:
+    """Answers every observe() with the current ``latency`` map (address -> p95 ms)."""
+
+    def __init__(self, addresses: list[str]) -> None:
+        self.latency = dict.fromkeys(addresses, 30.0)
+
+    def observe(self, weights: Any = None) -> Observation:
+        eps = tuple(
+            EndpointObservation(address=a, p50_ms=lat / 2, p95_ms=lat, error_rate=0.0, saturation=0.3, inflight=2.0,
+                                rps=50.0, cost_per_million=0.4, weight=float((weights or {}).get(a, 1)), healthy=True,
+                                age_s=0.5)  # fmt: skip
+            for a, lat in self.latency.items()
+        )
+        return Observation(cluster="my_service", endpoints=eps, source="simulator", window_s=10.0)
 
 
 def make_plane(

@@ -19,28 +19,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from balanceiq.serve.api import create_api
 from balanceiq.serve.plane import ControlPlane
 from balanceiq.serve.policy import PolicyModel
-from balanceiq.telemetry.observation import EndpointObservation, Observation
 
-from planes import plane_on_free_ports  # beside this file: pytest puts its folder on sys.path
+from planes import ReplayObserver, plane_on_free_ports  # beside this file: pytest puts its folder on sys.path
 
 TOKEN = "unit-test-token-0123456789"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
-
-
-class ReplayObserver:
-    """Answers every observe() with the current ``latency`` map (address -> p95 ms)."""
-
-    def __init__(self, addresses: list[str]) -> None:
-        self.latency = dict.fromkeys(addresses, 30.0)
-
-    def observe(self, weights=None) -> Observation:  # type: ignore[no-untyped-def]
-        eps = tuple(
-            EndpointObservation(address=a, p50_ms=lat / 2, p95_ms=lat, error_rate=0.0, saturation=0.3, inflight=2.0,
-                                rps=50.0, cost_per_million=0.4, weight=float((weights or {}).get(a, 1)), healthy=True,
-                                age_s=0.5)  # fmt: skip
-            for a, lat in self.latency.items()
-        )
-        return Observation(cluster="my_service", endpoints=eps, source="simulator", window_s=10.0)
 
 
 @pytest.fixture(scope="module")

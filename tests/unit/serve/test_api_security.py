@@ -32,31 +32,17 @@ from balanceiq.exceptions import ConfigError, XdsError
 from balanceiq.serve.api import create_api
 from balanceiq.serve.plane import ControlPlane
 from balanceiq.serve.policy import PolicyModel
-from balanceiq.telemetry.observation import EndpointObservation, Observation
 from balanceiq.testbed.envoy import render_bootstrap
 from balanceiq.testbed.ports import settings_on_free_ports
 from balanceiq.xds.server import XdsServer
 
-from planes import make_plane, plane_on_free_ports  # beside this file: pytest puts its folder on sys.path
+from planes import ReplayObserver, make_plane, plane_on_free_ports  # beside this file: pytest puts its folder on sys.path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from livestack import serve_asgi  # noqa: E402
 
 TOKEN = "sekrit-token-7f3a9c2e5b8d1f40"
 REPO = Path(__file__).resolve().parents[3]
-
-
-class Observer:
-    def __init__(self, addresses: list[str]) -> None:
-        self.addresses = addresses
-
-    def observe(self, weights: Any = None) -> Observation:
-        eps = tuple(
-            EndpointObservation(address=a, p50_ms=10.0, p95_ms=30.0, error_rate=0.0, saturation=0.3, inflight=2.0,
-                                rps=50.0, cost_per_million=0.4, weight=1.0, healthy=True, age_s=0.5)  # fmt: skip
-            for a in self.addresses
-        )
-        return Observation(cluster="my_service", endpoints=eps, source="simulator", window_s=10.0)
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +52,7 @@ def model() -> PolicyModel:
 
 @pytest.fixture
 def plane(tmp_path: Path, model: PolicyModel) -> Iterator[ControlPlane]:
-    with plane_on_free_ports(tmp_path, model, 3, token=TOKEN, observer=Observer) as p:
+    with plane_on_free_ports(tmp_path, model, 3, token=TOKEN, observer=ReplayObserver) as p:
         p.controller.step()
         yield p
 
@@ -227,7 +213,7 @@ def test_remote_api_is_allowed_but_warned_about(tmp_path: Path, model: PolicyMod
     xds = XdsServer(s, state_dir=tmp_path / "state")  # loopback: only the API's host changed
     caplog.set_level(logging.WARNING, logger="balanceiq")
     try:
-        plane = make_plane(s, model, xds, token=TOKEN, observer=Observer)
+        plane = make_plane(s, model, xds, token=TOKEN, observer=ReplayObserver)
         plane.stop()
     finally:
         xds.stop()
@@ -274,7 +260,7 @@ def test_token_and_key_never_reach_logs_messages_or_responses(
     said.append(repr(s))
     xds = XdsServer(s, state_dir=tmp_path / "state")
     xds.start()
-    plane = make_plane(s, model, xds, token=TOKEN, observer=Observer)
+    plane = make_plane(s, model, xds, token=TOKEN, observer=ReplayObserver)
     try:
         plane.controller.step()
         # Every uvicorn line, the access log too, must reach caplog to be searched for secrets.
