@@ -79,7 +79,7 @@ def run_sim_bench(
             results[sc] = {}
             for name in policies:
                 progress.update(task, description=f"{sc} / {name}")
-                results[sc][name] = run_pair(sc, loaded[name], seed=seed)
+                results[sc][name] = run_pair(sc, loaded[name], seed=seed, same_state=True)
                 progress.advance(task)
             full = results[sc]["full_lp"]["traffic_moved"]
             for name in policies:

@@ -13,6 +13,7 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
+from balanceiq.policy.baselines import available_mask
 from balanceiq.policy.features import estimate_capacity
 from balanceiq.telemetry.observation import Observation
 
@@ -40,9 +41,16 @@ def with_breaching(ranked: Iterable[int], forced: Sequence[int], k: int) -> list
     p99 at 1.40x the oracle's; with K spares 1.01x). The controller, the simulator's env
     and the live env all decide this way.
     """
-    chosen = [int(i) for i in dict.fromkeys(forced)]
-    extra = [int(i) for i in ranked if int(i) not in chosen]
-    return chosen + list(dict.fromkeys(extra))[: max(0, int(k))]
+    chosen = list(dict.fromkeys(int(i) for i in forced))
+    extra = [i for i in dict.fromkeys(int(i) for i in ranked) if i not in chosen]
+    return chosen + extra[: max(0, int(k))]
+
+
+def available_breaching(obs: Observation, slo_ms: float) -> list[int]:
+    """:func:`breaching` endpoints that are still routable: a down endpoint is no use
+    as critical (the LP gives it nothing whatever the set)."""
+    avail = available_mask(obs)
+    return [i for i in breaching(obs, slo_ms) if avail[i]]
 
 
 def live_capacity(obs: Observation, hint: np.ndarray, slo_ms: float) -> np.ndarray:

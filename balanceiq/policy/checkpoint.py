@@ -12,8 +12,8 @@ from typing import Any
 import numpy as np
 
 from balanceiq.exceptions import PolicyError
-from balanceiq.policy.baselines import Decision, PolicyContext, available_mask, lp_decision
-from balanceiq.policy.capacity import breaching, with_breaching
+from balanceiq.policy.baselines import Decision, PolicyContext, lp_decision
+from balanceiq.policy.capacity import available_breaching, with_breaching
 from balanceiq.policy.features import encode
 from balanceiq.telemetry.observation import Observation
 
@@ -92,11 +92,10 @@ class RLPolicy:
         moves nothing, where the old LP parked its traffic on the cheaper one): e.g.
         -1.96 vs -2.50 on degrade."""
         n = len(obs.endpoints)
+        k = max(1, min(ctx.k, n))
         ranked = self.critical_from_rows(encode(obs, ctx.capacity_hint, n, self.slo_ms), n, n)
-        if not self.force_breaching:
-            return ranked[: max(1, min(ctx.k, n))]
-        avail = available_mask(obs)
-        return with_breaching(ranked, [i for i in breaching(obs, self.slo_ms) if avail[i]], max(1, min(ctx.k, n)))
+        forced = available_breaching(obs, self.slo_ms) if self.force_breaching else []
+        return with_breaching(ranked, forced, k)
 
     def critical_from_rows(self, rows: np.ndarray, n: int, k: int) -> list[int]:
         """The policy's own K for an observation already encoded (an env's own, padded

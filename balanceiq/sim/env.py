@@ -37,8 +37,8 @@ import numpy as np
 
 from balanceiq.config import critical_count
 from balanceiq.policy.features import N_FEATURES, encode, estimate_capacity
-from balanceiq.policy.baselines import available_mask, solve_for
-from balanceiq.policy.capacity import breaching, with_breaching
+from balanceiq.policy.baselines import solve_for
+from balanceiq.policy.capacity import available_breaching, with_breaching
 from balanceiq.policy.lp import critical_indices, shares_to_weights, traffic_moved
 from balanceiq.policy.reward import RewardWeights, reward
 from balanceiq.sim.fleet import FleetSim
@@ -160,8 +160,7 @@ class FleetEnv(gym.Env):
         picked = critical_indices(action, self.sim.n if self.sim else self.n_max)
         if not self.force_breaching or self.sim is None:
             return picked
-        avail = available_mask(self.last_obs)
-        return with_breaching(picked, [i for i in breaching(self.last_obs, self.weights.slo_ms) if avail[i]], len(picked))
+        return with_breaching(picked, available_breaching(self.last_obs, self.weights.slo_ms), len(picked))
 
     def capacity_estimate(self) -> np.ndarray:
         return estimate_capacity(self.last_obs, self.hint)

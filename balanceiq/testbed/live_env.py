@@ -122,8 +122,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from balanceiq.config import Settings, load_config, settings_from_dict, validation_problems
 from balanceiq.exceptions import BalanceIQError, ConfigError, TestbedError, XdsError
-from balanceiq.policy.baselines import PolicyContext, available_mask, lp_decision
-from balanceiq.policy.capacity import breaching, live_capacity, with_breaching
+from balanceiq.policy.baselines import PolicyContext, lp_decision
+from balanceiq.policy.capacity import available_breaching, live_capacity, with_breaching
 from balanceiq.policy.features import N_FEATURES, encode
 from balanceiq.policy.lp import critical_indices, traffic_moved, weights_to_shares
 from balanceiq.policy.reward import RewardWeights, observed_reward
@@ -773,8 +773,7 @@ class LiveEnv(gym.Env):  # type: ignore[misc]
         picked = self.critical_from_action(action)
         if not self.cfg.force_breaching:
             return picked, []
-        avail = available_mask(obs)
-        forced = [i for i in breaching(obs, self.weights_cfg.slo_ms) if avail[i]]
+        forced = available_breaching(obs, self.weights_cfg.slo_ms)
         return with_breaching(picked, forced, self.k), forced
 
     def _prices_callback(self) -> Any:
