@@ -428,27 +428,56 @@ def bench_serve(
 
 @bench_app.command("live")
 def bench_live(
-    scenario: Annotated[str, typer.Option(help="Live scenario: a shipped name or a YAML file (format: balanceiq/testbed/scenario.py).")] = "degrade_and_dearer",
-    arms: Annotated[str | None, typer.Option(help="Comma-separated arms (default all): round_robin, least_request, cswrr, static_cost_aware, balanceiq_rr, balanceiq_lr.")] = None,
-    duration: Annotated[float, typer.Option(help="Measured seconds per arm; the scenario's timeline is scaled to fit.")] = 60.0,
-    rate: Annotated[float, typer.Option(help="Open-loop arrivals per second through Envoy (same schedule for every arm).")] = 150.0,
-    warmup: Annotated[float, typer.Option(help="Seconds of steady traffic before the scenario, not measured.")] = 12.0,
+    scenario: Annotated[str | None, typer.Option(help="Live scenario: a shipped name or a YAML file (format: balanceiq/testbed/scenario.py). Default degrade_and_dearer; not with --suite.")] = None,
+    arms: Annotated[str | None, typer.Option(help="Comma-separated arms (default all; with --suite: round_robin, least_request, cswrr, balanceiq_rr, balanceiq_lr, oracle): round_robin, least_request, cswrr, static_cost_aware, balanceiq_rr, balanceiq_lr, oracle.")] = None,
+    duration: Annotated[float | None, typer.Option(help="Measured seconds per arm; the scenario's timeline is scaled to fit. Default 60 (30 with --suite).")] = None,
+    rate: Annotated[float | None, typer.Option(help="Open-loop arrivals per second through Envoy (same schedule for every arm). Default 150; with --suite each fleet draws its rate in 100..200 unless this fixes it.")] = None,
+    warmup: Annotated[float | None, typer.Option(help="Seconds of steady traffic before the scenario, not measured. Default 12 (10 with --suite).")] = None,
     arrivals: Annotated[str, typer.Option(help="poisson (seeded) or constant.")] = "poisson",
-    seed: Annotated[int, typer.Option(help="Seed of the arrival schedule (shared by every arm).")] = 0,
+    seed: Annotated[int, typer.Option(help="Seed of the arrival schedule (shared by every arm); with --suite, fleet i is drawn (and loaded) with seed S*1000+i.")] = 0,
+    suite: Annotated[int | None, typer.Option("--suite", help="Run N seeded random fleets the project has never seen (1..50) instead of one scenario; see balanceiq/bench/suite.py.")] = None,
     slo_ms: Annotated[float, typer.Option("--slo-ms", help="Latency SLO for slo_attainment (ms).")] = 150.0,
-    plot: Annotated[Path, typer.Option(help="PNG of p99 latency (and cost) over time per arm, events marked.")] = Path("artifacts/bench-live.png"),
-    calibrate: Annotated[bool, typer.Option("--calibrate/--no-calibrate", help="First measure the rate this box sustains and the generator's overhead.")] = True,
+    plot: Annotated[Path | None, typer.Option(help="PNG of p99 latency (and cost) over time per arm, events marked (default artifacts/bench-live.png); with --suite each arm's p99 and cost relative to LEAST_REQUEST per fleet (default artifacts/bench-live-suite.png).")] = None,
+    calibrate: Annotated[bool, typer.Option("--calibrate/--no-calibrate", help="First measure the rate this box sustains and the generator's overhead (never with --suite).")] = True,
+    private_gauges: Annotated[bool, typer.Option("--private-gauges", help="Let BalanceIQ read the testbed backends' in-flight/concurrency gauges (saturation); off by default, as a real backend exports neither.")] = False,
     config: ConfigOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,
 ) -> None:
-    """BalanceIQ vs Envoy's balancers on one live scenario: p50/p99/p99.9, errors, cost, SLO attainment per arm."""
+    """BalanceIQ vs Envoy's balancers on one live scenario (or --suite N random fleets): p50/p99/p99.9, errors, cost, SLO attainment per arm."""
+    from balanceiq.exceptions import BenchError
+
+    if suite is not None:
+        from balanceiq.bench.suite import (
+            DEFAULT_RATE_RANGE,
+            DEFAULT_SUITE_DURATION_S,
+            DEFAULT_SUITE_WARMUP_S,
+            parse_suite_arms,
+            run_live_suite,
+        )
+
+        if scenario is not None:
+            raise BenchError("--suite draws its own fleets and events; leave out --scenario")
+        if arrivals != "poisson":
+            raise BenchError("--suite uses Poisson arrivals seeded per fleet; leave out --arrivals")
+        result = run_live_suite(
+            _settings(config), suite, seed=seed, arms=parse_suite_arms(arms),
+            duration_s=DEFAULT_SUITE_DURATION_S if duration is None else duration,
+            warmup_s=DEFAULT_SUITE_WARMUP_S if warmup is None else warmup,
+            rate_rps_range=DEFAULT_RATE_RANGE if rate is None else (rate, rate), slo_ms=slo_ms,
+            plot_path=plot or Path("artifacts/bench-live-suite.png"), private_gauges=private_gauges, console=err,
+        )  # fmt: skip
+        _emit(result, as_json, omit=("fleets",))
+        return
     from balanceiq.bench.live import parse_arms, run_live_bench
+    from balanceiq.testbed.scenario import DEFAULT as DEFAULT_SCENARIO
     from balanceiq.testbed.scenario import load_live_scenario
 
+    name = scenario or DEFAULT_SCENARIO
     result = run_live_bench(
-        _settings(config), load_live_scenario(scenario), arms=parse_arms(arms), rate_rps=rate, duration_s=duration,
-        warmup_s=warmup, arrivals=arrivals, seed=seed, slo_ms=slo_ms, plot_path=plot, calibrate=calibrate,
-        scenario_file=scenario, console=err,
+        _settings(config), load_live_scenario(name), arms=parse_arms(arms), rate_rps=150.0 if rate is None else rate,
+        duration_s=60.0 if duration is None else duration, warmup_s=12.0 if warmup is None else warmup,
+        arrivals=arrivals, seed=seed, slo_ms=slo_ms, plot_path=plot or Path("artifacts/bench-live.png"),
+        calibrate=calibrate, scenario_file=name, console=err, private_gauges=private_gauges,
     )  # fmt: skip
     _emit(result, as_json, omit=("arms",))
 

@@ -735,13 +735,13 @@ class ControlConfig(_Model):
     least 2 (one critical endpoint alone cannot move). Values above N mean every
     endpoint is critical."""
 
-    util_target: float = Field(default=0.0, ge=0.0, le=1.0, description="Utilisation that costs nothing in the LP.")
+    util_target: float = Field(default=0.5, ge=0.0, le=1.0, description="Utilisation that costs nothing in the LP.")
     """Headroom knee of the live LP: utilisation (load over estimated capacity) up to this
     level is free, so below it the LP sends the critical endpoints' traffic to the
-    cheapest ones; above it, spreading load wins. 0 (default) is the pure
-    min-max-utilisation LP the simulator trains with. A knee concentrates traffic on cheap
-    endpoints and so trades latency (queueing grows before the knee) for price; the live
-    benchmark is where to choose it."""
+    cheapest, fastest ones; above it, spreading load wins. 0 is the pure
+    min-max-utilisation LP, which ignores even a 5x price gap between equal endpoints
+    (moving load to the cheap one raises the maximum utilisation by more than the cost
+    term saves); 0.5 (default) lets price and latency decide below half load."""
 
     cost_weight: float = Field(default=0.1, ge=0.0, le=100.0, description="Weight of the LP's cost term.")
     """Weight of the normalised price term against utilisation in the live LP (0.1, as the
@@ -749,12 +749,13 @@ class ControlConfig(_Model):
     adds demand/capacity of utilisation, so the higher this weight, the more load a price
     difference can move: at low load even a small weight moves traffic to cheap endpoints."""
 
-    latency_weight: float = Field(default=0.0, ge=0.0, le=100.0, description="Weight of the LP's latency term.")
+    latency_weight: float = Field(default=0.2, ge=0.0, le=100.0, description="Weight of the LP's latency term.")
     """Weight of the observed p95 latency (in units of the SLO) against utilisation in the
     live LP. Min-max utilisation is blind to an endpoint that is idle but slow (a far
     region, a slow dependency); with a knee (``util_target`` > 0) this term and the cost
     term decide where traffic goes below it, so fast, cheap endpoints fill first.
-    0 is the pure CFR-RL LP."""
+    0 is the pure CFR-RL LP; 0.2 (default) reads "moving all traffic from an endpoint
+    at the SLO to an instant one is worth 0.2 of utilisation"."""
 
     def critical_count(self, n_endpoints: int) -> int:
         """K for a cluster of ``n_endpoints`` endpoints, clamped to ``0..n_endpoints``."""
@@ -868,6 +869,36 @@ class BackendProfile(_Model):
     )
     """Fraction of requests answered with HTTP 503, to exercise error handling."""
 
+    sigma: float | None = Field(
+        default=None,
+        ge=0,
+        le=3,
+        allow_inf_nan=False,
+        strict=True,
+        description="Lognormal spread of the service time (0..3; 0 = fixed delay).",
+    )
+    """Heavy-tailed service times: each request's delay is ``base_latency_ms *
+    exp(sigma * N(0, 1))`` (median ``base_latency_ms``, mean ``base * exp(sigma**2/2)``).
+    Unset or 0: the fixed delay of earlier versions."""
+
+    tail_prob: float | None = Field(
+        default=None,
+        ge=0,
+        le=1,
+        allow_inf_nan=False,
+        strict=True,
+        description="Probability a request also waits tail_ms (0..1).",
+    )
+    """Probability that a request takes ``tail_ms`` longer (a brownout-like tail)."""
+
+    tail_ms: NonNegFloat | None = Field(default=None, description="Extra latency of a tail request (ms, >= 0).")
+    """Latency added to the ``tail_prob`` fraction of requests."""
+
+
+# What :meth:`TestbedConfig.behaviour_for` reports beyond :meth:`TestbedConfig.profile_for`,
+# only when an override sets it (the backends' own defaults otherwise).
+TAIL_FIELDS = ("sigma", "tail_prob", "tail_ms")
+
 
 class TestbedConfig(_Model):
     """How the local sample backends behave, so each cloud looks different."""
@@ -943,6 +974,16 @@ class TestbedConfig(_Model):
         concurrency = override.concurrency if override.concurrency is not None else self.concurrency
         error_rate = override.error_rate if override.error_rate is not None else 0.0
         return latency, concurrency, error_rate
+
+    def behaviour_for(self, ep: EndpointConfig) -> dict[str, float | int]:
+        """Every backend setting the testbed gives ``ep``: :meth:`profile_for`'s three
+        plus ``sigma``, ``tail_prob`` and ``tail_ms`` where an override sets them."""
+        latency, concurrency, error_rate = self.profile_for(ep)
+        out: dict[str, float | int] = {"base_latency_ms": latency, "concurrency": concurrency, "error_rate": error_rate}
+        override = self.overrides.get(ep.address)
+        if override is not None:
+            out.update({k: getattr(override, k) for k in TAIL_FIELDS if getattr(override, k) is not None})
+        return out
 
 
 def _default_clusters() -> list[ClusterConfig]:

@@ -19,7 +19,7 @@ import math
 import tempfile
 import threading
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -30,6 +30,7 @@ from rich.table import Table
 
 from balanceiq.config import Settings
 from balanceiq.exceptions import TestbedError
+from balanceiq.policy.stability import reversal_events
 from balanceiq.testbed.load import LoadResult, run_load_sync
 from balanceiq.testbed.ports import check_ports_free
 from balanceiq.testbed.scenario import LiveScenario, ScenarioDriver
@@ -66,11 +67,16 @@ def _wait_ready(http: httpx.Client, url: str, timeout: float = 90.0) -> dict[str
 
 
 def _by_cloud(weights: dict[str, Any], clouds: dict[str, str]) -> dict[str, dict[str, float | None]]:
-    """Share, rps-weighted p95 and error rate per cloud from one GET /api/weights."""
+    """Share, rps-weighted p95, error rate and price ($ per million requests, weighted by
+    share; the plain mean when the cloud has no share) per cloud from one GET /api/weights."""
     agg: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
     for e in weights["endpoints"]:
         c = agg[clouds[e["address"]]]
         c["share"] += e["share"]
+        if e.get("cost_per_million") is not None:
+            c["price_w"] += e["cost_per_million"] * e["share"]
+            c["price_sum"] += e["cost_per_million"]
+            c["price_n"] += 1
         rps = e["rps"] or 0.0
         if e["p95_ms"] is not None and rps > 0:
             c["p95_w"] += e["p95_ms"] * rps
@@ -83,6 +89,8 @@ def _by_cloud(weights: dict[str, Any], clouds: dict[str, str]) -> dict[str, dict
             "share": c["share"],
             "p95_ms": c["p95_w"] / c["rps"] if c["rps"] else None,
             "error_rate": c["err_w"] / c["rps"] if c["rps"] else None,
+            "cost_per_million": (c["price_w"] / c["share"] if c["share"] > 0 else c["price_sum"] / c["price_n"])
+            if c["price_n"] else None,
         }
     return out
 
@@ -231,6 +239,7 @@ def run_demo(
     report["interrupted"] = interrupted
     report["load"] = load_result[0].to_json() if load_result else None
     report["phases"] = summarise(report["intervals"], cloud_names)
+    report["reversals"] = sum(p["reversals"] for p in report["phases"])
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "demo-report.json").write_text(json.dumps(report, indent=1, default=str))
     if report["intervals"]:
@@ -239,23 +248,25 @@ def run_demo(
     return report
 
 
+def _mean(rows: list[dict[str, Any]], cloud: str, key: str) -> float | None:
+    vals = [r["clouds"].get(cloud, {}).get(key) for r in rows]
+    vals = [v for v in vals if v is not None]
+    return sum(vals) / len(vals) if vals else None
+
+
 def summarise(intervals: list[dict[str, Any]], clouds: list[str]) -> list[dict[str, Any]]:
-    """Mean share and p95 per cloud, and the blended price, for each phase."""
+    """Mean share, p95 and price ($/M) per cloud, the blended price, and the weight
+    reversals (:func:`~balanceiq.policy.stability.reversal_events` over every interval's
+    weights, each counted in the phase of the interval that moved back) for each phase."""
     phases: dict[str, list[dict[str, Any]]] = {}
     for row in intervals:
         phases.setdefault(row["phase"], []).append(row)
+    back = Counter(intervals[i]["phase"] for i, _ in reversal_events([r.get("weights") or {} for r in intervals]))
     out = []
     for name, rows in phases.items():
-        entry: dict[str, Any] = {"phase": name, "intervals": len(rows), "clouds": {}}
+        entry: dict[str, Any] = {"phase": name, "intervals": len(rows), "clouds": {}, "reversals": back.get(name, 0)}
         for c in clouds:
-            shares = [r["clouds"].get(c, {}).get("share") for r in rows]
-            p95s = [r["clouds"].get(c, {}).get("p95_ms") for r in rows]
-            shares = [s for s in shares if s is not None]
-            p95s = [p for p in p95s if p is not None]
-            entry["clouds"][c] = {
-                "share": sum(shares) / len(shares) if shares else None,
-                "p95_ms": sum(p95s) / len(p95s) if p95s else None,
-            }
+            entry["clouds"][c] = {k: _mean(rows, c, k) for k in ("share", "p95_ms", "cost_per_million")}
         costs = [r["cost_per_million"] for r in rows if r["cost_per_million"] is not None]
         entry["cost_per_million"] = sum(costs) / len(costs) if costs else None
         out.append(entry)
@@ -263,19 +274,24 @@ def summarise(intervals: list[dict[str, Any]], clouds: list[str]) -> list[dict[s
 
 
 def _print_summary(report: dict[str, Any], clouds: list[str], console: Console, out_dir: Path) -> None:
-    t = Table(title="demo summary: mean per phase (share of traffic, p95 latency)")
+    t = Table(title="demo summary: mean per phase (share of traffic, p95 latency, price per cloud; blended $/M; weight reversals)")
     t.add_column("phase")
     for c in clouds:
         t.add_column(f"{c} share", justify="right")
         t.add_column(f"{c} p95 ms", justify="right")
+        t.add_column(f"{c} $/M", justify="right")
     t.add_column("$ / M req", justify="right")
+    t.add_column("reversals", justify="right")
     for p in report["phases"]:
         cells = []
         for c in clouds:
             v = p["clouds"][c]
-            cells += [_fmt(v["share"] * 100 if v["share"] is not None else None, ".0f") + "%", _fmt(v["p95_ms"])]
-        t.add_row(p["phase"], *cells, _fmt(p["cost_per_million"], ".3f"))
+            cells += [_fmt(v["share"] * 100 if v["share"] is not None else None, ".0f") + "%", _fmt(v["p95_ms"]),
+                      _fmt(v.get("cost_per_million"), ".3f")]  # fmt: skip
+        t.add_row(p["phase"], *cells, _fmt(p["cost_per_million"], ".3f"), str(p.get("reversals", 0)))
     console.print(t)
+    console.print(f"weight reversals (an endpoint's share moving > 5 points and back within 3 intervals): "
+                  f"{report.get('reversals', 0)} in total", highlight=False)  # fmt: skip
     load = report.get("load")
     if load:
         console.print(f"client side: {load['sent']} requests, {load['failed']} failed, "

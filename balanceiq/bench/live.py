@@ -22,7 +22,15 @@ equal EDS weights nothing changes; static cost-aware weights
 and BalanceIQ (an in-process :class:`~balanceiq.control.controller.Controller` with the
 shipped policy, 1 s interval (CSWRR recomputes its weights every second too), 2 s telemetry window, prices from the scenario through
 ``ControlPlane.update_policy`` as ``PUT /api/policy`` does) over ``ROUND_ROBIN`` and over
-``LEAST_REQUEST``.
+``LEAST_REQUEST``; and the **oracle**: the LP on the truth (each backend's true capacity,
+mean service time and price, from the testbed profiles and the scenario's events), pushed
+before the load and again right after every event, over the shipped lb_policy
+(``DEFAULT_LB_POLICY``). The backends' private gauges (in-flight, concurrency limit: the
+``saturation`` signal) are off for every arm unless ``private_gauges``: a real backend
+exports neither. ``reversals`` (:mod:`balanceiq.policy.stability`) counts each arm's
+weight ping-pong over the measured decisions (the oracle's pushes; 0 for static weights).
+``balanceiq bench live --suite N`` runs the arms over random fleets instead
+(:mod:`balanceiq.bench.suite`).
 
 Per arm, over the measured requests: p50/p99/p99.9 latency (every request, failures
 included, from its intended send time), error rate (anything but 2xx, transport errors
@@ -59,11 +67,17 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from balanceiq.bench.processes import cpu_by_role, leftovers
-from balanceiq.config import EndpointConfig, Settings
+from balanceiq.config import EndpointConfig, SignalQuery, Settings
 from balanceiq.exceptions import BalanceIQError, BenchError
+from balanceiq.policy.stability import count_reversals
 from balanceiq.testbed.openloop import ARRIVALS, OpenLoopResult, latency_summary
 from balanceiq.testbed.ports import settings_on_free_ports
-from balanceiq.testbed.scenario import LiveScenario
+from balanceiq.testbed.scenario import LiveEvent, LiveScenario, state_truth, states_after
+
+try:  # the Envoy lb_policy BalanceIQ ships with (the testbed's default)
+    from balanceiq.testbed.envoy import DEFAULT_LB_POLICY
+except ImportError:  # older testbed module: the benchmark's own choice
+    DEFAULT_LB_POLICY = "LEAST_REQUEST"
 
 # -- the arms ---------------------------------------------------------------------------------
 
@@ -73,11 +87,20 @@ class Arm:
     name: str
     label: str
     lb_policy: str  # Envoy's policy for the cluster
-    weights: str  # "equal" (nothing changes them) | "cost_aware" (pushed once) | "controller"
-    family: str  # "envoy" (Envoy's own balancer, cost-blind) | "static" | "balanceiq"
+    weights: str  # "equal" (nothing changes them) | "cost_aware" (pushed once) | "controller" | "oracle"
+    family: str  # "envoy" (Envoy's own balancer, cost-blind) | "static" | "balanceiq" | "oracle"
 
 
 CSWRR = "CLIENT_SIDE_WEIGHTED_ROUND_ROBIN"  # balanceiq.testbed.envoy renders the extension
+_SHORT = {"ROUND_ROBIN": "rr", "LEAST_REQUEST": "lr", CSWRR: "cswrr"}
+_BIQ_RR = Arm("balanceiq_rr", "BalanceIQ over ROUND_ROBIN", "ROUND_ROBIN", "controller", "balanceiq")
+_BIQ_LR = Arm("balanceiq_lr", "BalanceIQ over LEAST_REQUEST", "LEAST_REQUEST", "controller", "balanceiq")
+# BalanceIQ over the lb_policy it ships with: one of the two above, or its own arm.
+DEFAULT_ARM = next(
+    (a for a in (_BIQ_RR, _BIQ_LR) if a.lb_policy == DEFAULT_LB_POLICY),
+    Arm(f"balanceiq_{_SHORT.get(DEFAULT_LB_POLICY, DEFAULT_LB_POLICY.lower())}", f"BalanceIQ over {DEFAULT_LB_POLICY}",
+        DEFAULT_LB_POLICY, "controller", "balanceiq"),
+)  # fmt: skip
 ARMS: dict[str, Arm] = {
     a.name: a
     for a in (
@@ -85,13 +108,17 @@ ARMS: dict[str, Arm] = {
         Arm("least_request", "Envoy LEAST_REQUEST", "LEAST_REQUEST", "equal", "envoy"),
         Arm("cswrr", "Envoy CSWRR (ORCA)", CSWRR, "equal", "envoy"),
         Arm("static_cost_aware", "static cost-aware weights (RR)", "ROUND_ROBIN", "cost_aware", "static"),
-        Arm("balanceiq_rr", "BalanceIQ over ROUND_ROBIN", "ROUND_ROBIN", "controller", "balanceiq"),
-        Arm("balanceiq_lr", "BalanceIQ over LEAST_REQUEST", "LEAST_REQUEST", "controller", "balanceiq"),
+        _BIQ_RR,
+        _BIQ_LR,
+        DEFAULT_ARM,
+        # The LP on the true capacity, latency and price, re-pushed at every event (the
+        # harness knows them): what a balancer that knew everything would do.
+        Arm("oracle", f"oracle: LP on the truth ({DEFAULT_LB_POLICY})", DEFAULT_LB_POLICY, "oracle", "oracle"),
     )
 }
 
 # Defaults: 6 arms x (start + 12 s warm-up + 60 s + stop) plus the capacity ramp fit in
-# 10 minutes on the 2-core machine; see BENCHMARKS.md for the measured runtime.
+# 10 minutes on the 2-core machine (the oracle arm adds one more); see BENCHMARKS.md.
 DEFAULT_RATE_RPS = 150.0
 DEFAULT_DURATION_S = 60.0
 DEFAULT_WARMUP_S = 12.0  # > CSWRR's default 10 s blackout; the controller's first decisions
@@ -150,10 +177,19 @@ def validate_args(*, rate_rps: float, duration_s: float, warmup_s: float, slo_ms
 # -- settings and scenario on free ports ------------------------------------------------------
 
 
-def bench_settings(base: Settings, state_dir: Path) -> tuple[Settings, dict[str, str]]:
+# The ``saturation`` signal when the backends' private gauges are off: a metric nothing
+# exports, so saturation reads "unmeasured" as it would for a real backend.
+NO_PRIVATE_GAUGES = SignalQuery(promql="max by (backend) (balanceiq_private_gauges_off)", endpoint_label="backend")
+
+
+def bench_settings(base: Settings, state_dir: Path, *, private_gauges: bool = False) -> tuple[Settings, dict[str, str]]:
     """``base``'s first cluster (clouds, prices, capacity hints, weights, testbed
     profiles) with every port free right now, the bench's fast telemetry and control
-    interval, and a fresh state dir. Returns it and {configured address: bench address}."""
+    interval, and a fresh state dir. Returns it and {configured address: bench address}.
+
+    Unless ``private_gauges``, the ``saturation`` query reads a metric that does not
+    exist: the testbed backends' in-flight and concurrency-limit gauges are theirs, not
+    something a real backend exports, so no arm may use them."""
     cluster = base.clusters[0]
     free = settings_on_free_ports(len(cluster.endpoints), base=base)
     mapping = {ep.address: new.address for ep, new in zip(cluster.endpoints, free.clusters[0].endpoints)}
@@ -165,7 +201,9 @@ def bench_settings(base: Settings, state_dir: Path) -> tuple[Settings, dict[str,
             "testbed": base.testbed.model_copy(update={"overrides": overrides}),
             "prometheus": free.prometheus.model_copy(update={"scrape_interval_s": SCRAPE_INTERVAL_S}),
             "telemetry": free.telemetry.model_copy(
-                update={"window_s": TELEMETRY_WINDOW_S, "stale_after_s": 2 * TELEMETRY_WINDOW_S}
+                update={"window_s": TELEMETRY_WINDOW_S, "stale_after_s": 2 * TELEMETRY_WINDOW_S,
+                        "queries": free.telemetry.queries if private_gauges
+                        else {**free.telemetry.queries, "saturation": NO_PRIVATE_GAUGES}}  # fmt: skip
             ),
             "control": free.control.model_copy(update={"interval_s": CONTROL_INTERVAL_S}),
             "state_dir": state_dir,
@@ -179,6 +217,50 @@ def remap_scenario(scenario: LiveScenario, mapping: dict[str, str]) -> LiveScena
     events = [e.model_copy(update={"endpoint": mapping.get(e.endpoint, e.endpoint)}) if e.endpoint else e
               for e in scenario.events]  # fmt: skip
     return scenario.model_copy(update={"events": events})
+
+
+# -- the oracle (pure; unit-tested) ---------------------------------------------------------------
+
+ORACLE_MAX_UTIL_WITHOUT_ERRING = 0.9
+
+
+def oracle_split(truth: dict[str, dict[str, Any]], *, demand_rps: float, slo_ms: float, cost_weight: float,
+                 util_target: float, latency_weight: float) -> dict[str, Any]:  # fmt: skip
+    """The LP optimum on the truth (:func:`~balanceiq.testbed.scenario.state_truth` per
+    address): every endpoint critical, true capacity, price and mean service time over
+    the SLO as the latency term, the controller's knobs. A backend that answers errors is
+    left out (weight 1) when the others carry the demand below 90 % utilisation (worst
+    error rate first): the LP has no error term, the oracle knows better. Unhealthy
+    backends are left out. Returns {"weights", "shares", "excluded", "status"}."""
+    from balanceiq.policy.lp import shares_to_weights, solve_critical
+
+    addrs = list(truth)
+    n = len(addrs)
+    cap = np.array([truth[a]["capacity_rps"] for a in addrs], dtype=np.float64)
+    avail = np.array([bool(truth[a]["healthy"]) and cap[i] > 0 for i, a in enumerate(addrs)])
+    excluded = [a for i, a in enumerate(addrs) if not avail[i]]
+    for i in sorted((i for i in range(n) if truth[addrs[i]]["error_rate"] > 0 and avail[i]),
+                    key=lambda i: -truth[addrs[i]]["error_rate"]):  # fmt: skip
+        rest = float(cap[avail].sum()) - cap[i]
+        if rest * ORACLE_MAX_UTIL_WITHOUT_ERRING >= demand_rps:
+            avail[i] = False
+            excluded.append(addrs[i])
+    lat = np.array([truth[a]["mean_service_ms"] / slo_ms for a in addrs], dtype=np.float64)
+    res = solve_critical(np.full(n, 1.0 / n), list(range(n)), cap, [truth[a]["price"] for a in addrs], demand_rps,
+                         available=avail, cost_weight=cost_weight, util_target=util_target, latency=lat,
+                         latency_weight=latency_weight)  # fmt: skip
+    w = shares_to_weights(res.shares, available=avail)
+    return {"weights": {a: int(x) for a, x in zip(addrs, w)}, "shares": {a: round(float(x), 4) for a, x in zip(addrs, res.shares)},
+            "excluded": excluded, "status": res.status, "max_utilization": _r(res.max_utilization, 3)}  # fmt: skip
+
+
+def oracle_for(settings: Settings, events: list[LiveEvent], *, demand_rps: float, slo_ms: float) -> dict[str, Any]:
+    """:func:`oracle_split` once ``events`` have been applied to ``settings``' testbed,
+    with ``settings.control``'s knobs."""
+    truth = {a: state_truth(st) for a, st in states_after(settings, events).items()}
+    c = settings.control
+    return oracle_split(truth, demand_rps=demand_rps, slo_ms=slo_ms, cost_weight=c.cost_weight,
+                        util_target=c.util_target, latency_weight=c.latency_weight)  # fmt: skip
 
 
 # -- accounting (pure; unit-tested) -----------------------------------------------------------
@@ -466,11 +548,11 @@ class Stack:
     """xDS server + testbed (backends with ORCA on, ALS, Envoy with ``lb_policy``,
     Prometheus) on free ports; ``stop()`` stops all of it. Records every child pid."""
 
-    def __init__(self, base: Settings, workdir: Path, lb_policy: str) -> None:
+    def __init__(self, base: Settings, workdir: Path, lb_policy: str, *, private_gauges: bool = False) -> None:
         from balanceiq.testbed.testbed import Testbed
         from balanceiq.xds.server import XdsServer
 
-        self.settings, self.mapping = bench_settings(base, workdir / "state")
+        self.settings, self.mapping = bench_settings(base, workdir / "state", private_gauges=private_gauges)
         self.cluster = self.settings.clusters[0]
         self.pids: set[int] = set()
         self.xds = XdsServer(self.settings, state_dir=workdir / "state")
@@ -628,15 +710,21 @@ def _step_summary(r: OpenLoopResult) -> dict[str, Any]:
 
 def run_arm(arm: Arm, base: Settings, scenario: LiveScenario, workdir: Path, *, rate_rps: float, duration_s: float,
             warmup_s: float, arrivals: str, seed: int, slo_ms: float, bin_s: float, scorer: Any,
-            progress: Progress | None = None, inspect: Inspect | None = None) -> dict[str, Any]:  # fmt: skip
+            progress: Progress | None = None, inspect: Inspect | None = None,
+            private_gauges: bool = False) -> dict[str, Any]:  # fmt: skip
     """One arm on a fresh stack; returns its metrics (and the pids it started).
 
     ``inspect(stack, result)`` runs after the load, before teardown (tests read the
-    backends' own counters there); what it returns is kept under ``"inspect"``."""
+    backends' own counters there); what it returns is kept under ``"inspect"``.
+
+    The oracle arm pushes :func:`oracle_for` (the truth: the testbed profiles with the
+    events applied so far, ``rate_rps`` as demand) before the load and right after each
+    event. Every arm's result has ``reversals`` (:func:`~balanceiq.policy.stability.count_reversals`
+    over the measured decisions or pushes; 0 for arms whose weights never change)."""
     from balanceiq.testbed.scenario import ScenarioDriver
 
     t_arm = time.monotonic()
-    stack = Stack(base, workdir, arm.lb_policy)
+    stack = Stack(base, workdir, arm.lb_policy, private_gauges=private_gauges)
     pids = set(stack.pids)
     cluster = stack.cluster
     clouds = {ep.address: ep.cloud for ep in cluster.endpoints}
@@ -652,6 +740,19 @@ def run_arm(arm: Arm, base: Settings, scenario: LiveScenario, workdir: Path, *, 
     stop = threading.Event()
     thread: threading.Thread | None = None
     info: dict[str, Any] = {"label": arm.label, "lb_policy": arm.lb_policy, "weights": arm.weights, "family": arm.family}
+    configured = {new: old for old, new in stack.mapping.items()}
+    oracle_pushes: list[dict[str, Any]] = []
+
+    def push_oracle(n_events: int, t_s: float) -> None:
+        o = oracle_for(stack.settings, scen.events[:n_events], demand_rps=rate_rps, slo_ms=slo_ms)
+        stack.push(o["weights"])
+        oracle_pushes.append({
+            "t_s": round(t_s, 3), "after": scen.events[n_events - 1].name if n_events else "start",
+            "weights": {configured[a]: w for a, w in o["weights"].items()},
+            "excluded": [configured[a] for a in o["excluded"]], "status": o["status"],
+            "max_utilization": o["max_utilization"],
+        })  # fmt: skip
+
     try:
         stack.control_all({"orca": True})  # every arm: the same backends, the same response headers
         stack.wait_routable()
@@ -659,6 +760,8 @@ def run_arm(arm: Arm, base: Settings, scenario: LiveScenario, workdir: Path, *, 
             w = cost_aware_weights(cluster)
             stack.push(w)
             info["static_weights"] = w
+        elif arm.weights == "oracle":
+            push_oracle(0, -warmup_s)
         elif arm.weights == "controller":
             from balanceiq.control.controller import Controller
             from balanceiq.control.xds_client import LocalXdsClient
@@ -685,7 +788,7 @@ def run_arm(arm: Arm, base: Settings, scenario: LiveScenario, workdir: Path, *, 
 
         def replay() -> None:
             assert driver is not None
-            for ev in scen.events:
+            for i, ev in enumerate(scen.events):
                 at = start + warmup_s + ev.at_s * scale
                 while (wait := at - time.time()) > 0:
                     if stop.wait(min(wait, 0.5)):
@@ -694,6 +797,8 @@ def run_arm(arm: Arm, base: Settings, scenario: LiveScenario, workdir: Path, *, 
                     hit = driver.apply(ev)
                     applied.append({"name": ev.name, "at_s": round(ev.at_s * scale, 3),
                                     "applied_s": round(time.time() - start - warmup_s, 3), "endpoints": hit})  # fmt: skip
+                    if arm.weights == "oracle":
+                        push_oracle(i + 1, time.time() - start - warmup_s)
                 except Exception as exc:  # report it; the arm's numbers would be wrong
                     failures.append(f"event {ev.name!r}: {type(exc).__name__}: {exc}")
 
@@ -717,8 +822,14 @@ def run_arm(arm: Arm, base: Settings, scenario: LiveScenario, workdir: Path, *, 
         if failures:
             raise BenchError(f"arm {arm.name}: scenario events failed: {'; '.join(failures)}")
         if plane is not None:
-            info["controller"] = _controller_summary(plane.controller, start, warmup_s)
-        elif arm.family == "envoy" and arm.lb_policy == CSWRR:
+            info["controller"] = _controller_summary(plane.controller, start, warmup_s, configured)
+            info["reversals"] = info["controller"]["reversals"]
+        elif arm.weights == "oracle":
+            info["oracle_pushes"] = oracle_pushes
+            info["reversals"] = count_reversals([p["weights"] for p in oracle_pushes])
+        else:
+            info["reversals"] = 0
+        if arm.family == "envoy" and arm.lb_policy == CSWRR:
             info["envoy_weights_at_end"] = stack.envoy_weights()  # CSWRR's own, from ORCA
         if inspect is not None:
             info["inspect"] = inspect(stack, res)
@@ -735,7 +846,6 @@ def run_arm(arm: Arm, base: Settings, scenario: LiveScenario, workdir: Path, *, 
         if gen is not None:
             gen.stop()
         stack.stop()
-    configured = {new: old for old, new in stack.mapping.items()}
     m = arm_metrics(res, warmup_s=warmup_s, scale=scale, scenario=scenario, prices=book, slo_ms=slo_ms, bin_s=bin_s,
                     clouds=clouds, names=configured)  # fmt: skip
     return {
@@ -746,21 +856,34 @@ def run_arm(arm: Arm, base: Settings, scenario: LiveScenario, workdir: Path, *, 
     }
 
 
-def _controller_summary(controller: Any, start_wall: float, warmup_s: float) -> dict[str, Any]:
+def _controller_summary(controller: Any, start_wall: float, warmup_s: float,
+                        names: dict[str, str] | None = None) -> dict[str, Any]:  # fmt: skip
+    """Decisions, modes, pushes, each decision's weights (per endpoint, under its
+    configured address with ``names``; the weights Envoy was left with: the new ones if
+    pushed, else the previous) and share per cloud, and ``reversals`` over the measured
+    decisions (t >= 0, after the warm-up)."""
     recs = list(reversed(controller.log.recent(100000)))
     modes = Counter(r.mode for r in recs)
     clouds = {ep.address: ep.cloud for ep in controller.cluster.endpoints}
+    names = names or {}
     timeline = []
+    measured: list[dict[str, int]] = []
     for r in recs:
-        total = sum(r.weights.values()) or 1
+        weights = dict(r.weights if r.pushed or not r.previous else r.previous)
+        total = sum(weights.values()) or 1
         by_cloud: dict[str, float] = defaultdict(float)
-        for a, w in r.weights.items():
+        for a, w in weights.items():
             by_cloud[clouds.get(a, a)] += w / total
-        timeline.append({"t_s": round(r.timestamp - start_wall - warmup_s, 2), "mode": r.mode, "pushed": r.pushed,
-                         "share_by_cloud": {c: round(v, 3) for c, v in sorted(by_cloud.items())}})  # fmt: skip
+        t_s = round(r.timestamp - start_wall - warmup_s, 2)
+        if t_s >= 0:
+            measured.append(weights)
+        timeline.append({"t_s": t_s, "mode": r.mode, "pushed": r.pushed,
+                         "share_by_cloud": {c: round(v, 3) for c, v in sorted(by_cloud.items())},
+                         "weights": {names.get(a, a): int(w) for a, w in sorted(weights.items())}})  # fmt: skip
     return {
         "decisions": len(recs), "modes": dict(modes), "pushes": sum(1 for r in recs if r.pushed),
-        "errors": sum(1 for r in recs if r.error), "weight_timeline": timeline,
+        "errors": sum(1 for r in recs if r.error), "reversals": count_reversals(measured),
+        "measured_decisions": len(measured), "weight_timeline": timeline,
     }
 
 
@@ -803,7 +926,7 @@ def plot(result: dict[str, Any], path: Path) -> Path:
 
     path.parent.mkdir(parents=True, exist_ok=True)
     fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(13, 7), sharex=True, gridspec_kw={"height_ratios": [2, 1]})
-    styles = {"envoy": "-", "static": ":", "balanceiq": "-"}
+    styles = {"envoy": "-", "static": ":", "balanceiq": "-", "oracle": "--"}
     for name, a in result["arms"].items():
         b = a["bins"]
         lw = 2.2 if a["family"] == "balanceiq" else 1.3
@@ -857,9 +980,11 @@ def run_live_bench(
     scenario_file: str | None = None,
     console: Console | None = None,
     inspect: Inspect | None = None,
+    private_gauges: bool = False,
 ) -> dict[str, Any]:
     """Run every arm (see the module docstring); returns the result (one JSON object).
-    ``inspect``: see :func:`run_arm` (tests)."""
+    ``inspect``: see :func:`run_arm` (tests). ``private_gauges``: let the controller read
+    the testbed backends' in-flight / concurrency-limit gauges (off: see :func:`bench_settings`)."""
     console = console or Console(stderr=True)
     arms = arms if arms is not None else list(ARMS.values())
     validate_args(rate_rps=rate_rps, duration_s=duration_s, warmup_s=warmup_s, slo_ms=slo_ms, bin_s=bin_s)
@@ -871,7 +996,7 @@ def run_live_bench(
     # Ray's and torch's chatter must not reach stdout: it carries exactly one JSON object.
     with contextlib.redirect_stdout(sys.stderr):
         return _run(base, scenario, arms, rate_rps, duration_s, warmup_s, arrivals, seed, slo_ms, bin_s, plot_path,
-                    calibrate, scenario_file, console, inspect)  # fmt: skip
+                    calibrate, scenario_file, console, inspect, private_gauges)  # fmt: skip
 
 
 def _load_scorer(console: Console) -> tuple[Any, dict[str, Any]]:
@@ -889,7 +1014,8 @@ def _load_scorer(console: Console) -> tuple[Any, dict[str, Any]]:
 
 def _run(base: Settings, scenario: LiveScenario, arms: list[Arm], rate_rps: float, duration_s: float, warmup_s: float,
          arrivals: str, seed: int, slo_ms: float, bin_s: float, plot_path: Path | None, calibrate: bool,
-         scenario_file: str | None, console: Console, inspect: Inspect | None = None) -> dict[str, Any]:  # fmt: skip
+         scenario_file: str | None, console: Console, inspect: Inspect | None = None,
+         private_gauges: bool = False) -> dict[str, Any]:  # fmt: skip
     t0 = time.monotonic()
     scale = duration_s / scenario.duration_s
     notes: list[str] = []
@@ -905,11 +1031,10 @@ def _run(base: Settings, scenario: LiveScenario, arms: list[Arm], rate_rps: floa
             "slo_ms": slo_ms, "bin_s": bin_s, "control_interval_s": CONTROL_INTERVAL_S,
             "telemetry_window_s": TELEMETRY_WINDOW_S, "scrape_interval_s": SCRAPE_INTERVAL_S,
             "max_inflight": MAX_INFLIGHT, "client_timeout_s": CLIENT_TIMEOUT_S, "envoy_route_timeout_s": 10.0,
-            "arms": [a.name for a in arms],
+            "arms": [a.name for a in arms], "private_gauges": private_gauges,
             "endpoints": [{"address": ep.address, "cloud": ep.cloud, "region": ep.region,
                            "cost_per_million": ep.cost_per_million_requests, "capacity_rps": ep.capacity_rps,
-                           "testbed": dict(zip(("base_latency_ms", "concurrency", "error_rate"),
-                                               base.testbed.profile_for(ep)))}
+                           "testbed": base.testbed.behaviour_for(ep)}
                           for ep in base.clusters[0].endpoints],
             "method": "open loop: one arrival schedule for every arm, latency from the intended send time; "
                       "a fresh testbed per arm; the scenario scaled to duration_s after an unmeasured warm-up",
@@ -947,7 +1072,7 @@ def _run(base: Settings, scenario: LiveScenario, arms: list[Arm], rate_rps: floa
                 try:
                     r = run_arm(arm, base, scenario, work / arm.name, rate_rps=rate_rps, duration_s=duration_s,
                                 warmup_s=warmup_s, arrivals=arrivals, seed=seed, slo_ms=slo_ms, bin_s=bin_s,
-                                scorer=scorer, progress=progress, inspect=inspect)  # fmt: skip
+                                scorer=scorer, progress=progress, inspect=inspect, private_gauges=private_gauges)  # fmt: skip
                 except BalanceIQError:
                     raise
                 except Exception as exc:

@@ -60,9 +60,11 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from balanceiq.bench.processes import cpu_by_role, leftovers
-from balanceiq.config import Settings
+from balanceiq.config import Settings, critical_count
 from balanceiq.exceptions import BalanceIQError, BenchError
-from balanceiq.policy.features import encode, estimate_capacity
+from balanceiq.policy.baselines import PolicyContext
+from balanceiq.policy.decide import Knobs, observe_only
+from balanceiq.policy.features import encode
 from balanceiq.policy.reward import RewardWeights
 from balanceiq.telemetry.observation import EndpointObservation, Observation
 from balanceiq.testbed.ports import settings_on_free_ports
@@ -197,7 +199,11 @@ def synthetic_observation(n: int, seed: int = 0) -> tuple[Observation, np.ndarra
 def policy_rows(obs: Observation, capacity_hint: np.ndarray, slo_ms: float | None = None) -> np.ndarray:
     """What the controller (and ``POST /api/policy/score``) sends the Policy deployment."""
     slo = RewardWeights().slo_ms if slo_ms is None else slo_ms
-    return encode(obs, estimate_capacity(obs, capacity_hint), len(obs.endpoints), slo)
+    n = len(obs.endpoints)
+    rps = np.array([e.rps for e in obs.endpoints], dtype=np.float64)
+    ctx = PolicyContext(np.full(n, 1.0 / n), capacity_hint, np.ones(n), float(np.nansum(rps)), critical_count(n))
+    est, _ = observe_only(obs, ctx, Knobs(k=critical_count(n), slo_ms=slo))
+    return encode(obs, est.capacity, n, slo)
 
 
 def score_request(obs: Observation, capacity_hint: np.ndarray) -> dict[str, Any]:

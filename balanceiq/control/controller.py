@@ -43,8 +43,8 @@ from balanceiq.control.guardrails import Guardrails, GuardResult, OverrideTable,
 from balanceiq.control.metrics import ControllerMetrics
 from balanceiq.control.records import DecisionLog, DecisionRecord
 from balanceiq.exceptions import BalanceIQError, ControlError, XdsError
-from balanceiq.policy.baselines import PolicyContext, available_mask, lp_decision, make_policy
-from balanceiq.policy.capacity import breaching, live_capacity, with_breaching
+from balanceiq.policy.baselines import Decision, PolicyContext, available_mask, make_policy
+from balanceiq.policy.decide import CoreDecision, CoreState, Knobs, breach_state, decide, observe_only
 from balanceiq.policy.features import encode
 from balanceiq.policy.lp import objective, traffic_moved, weights_to_shares
 from balanceiq.policy.reward import RewardWeights, observed_reward
@@ -72,11 +72,6 @@ class XdsClient(Protocol):
     def wait_for_ack(self, version: str, timeout: float) -> bool: ...
 
     def status(self) -> dict[str, Any]: ...
-
-
-# Time constant of the decayed error evidence, and the requests it needs before it counts.
-ERROR_MEMORY_S = 60.0
-MIN_ERROR_EVIDENCE = 30.0
 
 
 class PolicySettings:
@@ -151,11 +146,8 @@ class Controller:
         self.policy_state: dict[str, Any] = {"ok": None, "error": None, "latency_ms": None, "at": None}
         self.started_at = time.time()
         self._adopted = False
-        self._breached: dict[str, float] = {}  # address -> when it was last measured breaching
-        # Decayed request and error counts per endpoint (see guardrails.breach_error_rate).
-        self._requests = np.zeros(len(self.addresses))
-        self._errors = np.zeros(len(self.addresses))
-        self._evidence_at: float | None = None
+        self.core_state = CoreState()  # the decision core's memory (baselines, breaches, prices)
+        self.last_core: CoreDecision | None = None
 
     # -- helpers -------------------------------------------------------------------------
 
@@ -189,59 +181,29 @@ class Controller:
         demand = float(np.nansum(np.where(np.isfinite(rps), rps, 0.0)))
         return PolicyContext(self.shares, self.capacity_hint, self.static_weights, demand, self.policy.k)
 
-    def capacity(self, obs: Observation) -> np.ndarray:
-        """The live capacity estimate (:func:`balanceiq.policy.capacity.live_capacity`):
-        measured where loaded enough to tell, else the config hint, unknown ones the
-        median, derated for endpoints breaching the SLO."""
-        return live_capacity(obs, self.capacity_hint, self.policy.reward.slo_ms)
+    def knobs(self) -> Knobs:
+        """The decision core's knobs from the run-time policy and the guardrails."""
+        p, g = self.policy, self.settings.guardrails
+        return Knobs(k=max(1, min(p.k, len(self.addresses))), slo_ms=p.reward.slo_ms, cost_weight=p.cost_weight,
+                     util_target=p.util_target, latency_weight=p.latency_weight,
+                     breach_error_rate=g.breach_error_rate, breach_hold_s=g.breach_hold_s)  # fmt: skip
 
-    def breaching(self, obs: Observation) -> list[int]:
-        """Endpoints in visible trouble: p95 over the SLO or >= 5% errors."""
-        return breaching(obs, self.policy.reward.slo_ms)
+    def capacity(self, obs: Observation) -> np.ndarray:
+        """The decision core's capacity estimate for ``obs`` (nothing remembered)."""
+        est, _ = observe_only(obs, self._context(obs), self.knobs(), self.core_state)
+        return est.capacity
 
     def breach_state(self, obs: Observation, now: float) -> tuple[list[int], list[int]]:
-        """``(measured, held)``: endpoints breaching now (in this window, or by their
-        sustained error rate), and earlier breachers with too little traffic left to
-        measure, for up to ``guardrails.breach_hold_s``."""
-        measured = self.breaching(obs)
-        g = self.settings.guardrails
-        decay = math.exp(-(now - self._evidence_at) / ERROR_MEMORY_S) if self._evidence_at is not None else 0.0
-        self._evidence_at = now
-        window = obs.window_s if math.isfinite(obs.window_s) and obs.window_s > 0 else self.policy.interval_s
-        for i, e in enumerate(obs.endpoints):
-            seen = e.rps * window if math.isfinite(e.rps) and e.rps > 0 and math.isfinite(e.error_rate) else 0.0
-            self._requests[i] = self._requests[i] * decay + seen
-            self._errors[i] = self._errors[i] * decay + (e.error_rate * seen if seen else 0.0)
-            if (i not in measured and self._requests[i] >= MIN_ERROR_EVIDENCE
-                    and self._errors[i] / self._requests[i] >= g.breach_error_rate):  # fmt: skip
-                measured.append(i)
-        hold = float(g.breach_hold_s)
-        held: list[int] = []
-        for i, e in enumerate(obs.endpoints):
-            a = self.addresses[i]
-            if i in measured:
-                self._breached[a] = now
-            elif math.isfinite(e.p95_ms) and math.isfinite(e.rps) and e.rps > 0:
-                self._breached.pop(a, None)  # measured within the SLO: recovered
-            elif a in self._breached:
-                if now - self._breached[a] <= hold:
-                    held.append(i)
-                else:
-                    del self._breached[a]
+        """``(measured, held)`` by the decision core, remembering this observation."""
+        measured, held, self.core_state = breach_state(obs, self.shares, self.knobs(), self.core_state, now=now)
         return measured, held
 
-    def _critical(self, obs: Observation, ctx: PolicyContext, held: Sequence[int] = (),
-                  breaching: Sequence[int] | None = None) -> list[int]:
-        """Every endpoint breaching the SLO, then K more from the policy's scores.
-
-        Breaching endpoints are always re-optimised (a sampled draw could skip the one
-        endpoint that is on fire for several intervals); the policy picks the rest.
-        ``held`` breachers (too quiet to measure) are never critical: the LP, seeing no
-        latency, would hand them traffic back.
-        """
+    def _scores(self, obs: Observation, capacity: np.ndarray) -> np.ndarray:
+        """The policy's score per endpoint (Gumbel-perturbed when sampling); raises when
+        the policy cannot answer."""
         assert self.scorer is not None
         n = len(obs.endpoints)
-        rows = encode(obs, self.capacity(obs), n, self.policy.reward.slo_ms)
+        rows = encode(obs, capacity, n, self.policy.reward.slo_ms)
         t0 = time.perf_counter()
         s = np.asarray(self.scorer(rows), dtype=np.float64).reshape(-1)[:n]
         self.policy_state.update(ok=True, error=None, latency_ms=round((time.perf_counter() - t0) * 1000, 3), at=time.time())
@@ -250,12 +212,7 @@ class Controller:
         if self.policy.mode == "sample":
             u = self._rng.uniform(1e-12, 1.0 - 1e-7, size=n)
             s = s - np.log(-np.log(u))  # Gumbel-top-k: an exact Plackett-Luce draw
-        s = np.where(available_mask(obs), s, -np.inf)  # a down endpoint is no use as critical
-        s[list(held)] = -np.inf
-        k = max(1, min(self.policy.k, n))
-        picked = [int(i) for i in np.argsort(-s, kind="stable") if s[i] > -np.inf]
-        forced = [i for i in (self.breaching(obs) if breaching is None else breaching) if s[i] > -np.inf]
-        return with_breaching(picked, forced, k)
+        return s
 
     def _record(self, base: dict[str, Any], **kw: Any) -> DecisionRecord:
         rec = DecisionRecord(**{**base, **kw})
@@ -315,26 +272,33 @@ class Controller:
             return self._record(base, mode="hold", notes=(f"telemetry blind ({why}): holding weights",), step_ms=elapsed())
 
         notes: list[str] = []
-        measured, held = self.breach_state(obs, now)
-        if held:
-            notes.append(f"breach hold: {', '.join(self.addresses[i] for i in held)} too quiet to measure; kept at the floor")
         ctx = self._context(obs)
-        capacity = self.capacity(obs)
-        critical: list[int] = []
-        proposal = None
+        knobs = self.knobs()
+        scores = None
+        policy_ok = self.scorer is not None
         if self.scorer is None:
             notes.append("no policy configured: baseline used")
         else:
             try:
-                critical = self._critical(obs, ctx, held, measured)
-                proposal = lp_decision(obs, ctx, tuple(critical), capacity, cost_weight=self.policy.cost_weight,
-                                       util_target=self.policy.util_target, latency_weight=self.policy.latency_weight,
-                                       slo_ms=self.policy.reward.slo_ms)  # fmt: skip
+                est, _ = observe_only(obs, ctx, knobs, self.core_state, now=now)
+                scores = self._scores(obs, est.capacity)
             except Exception as exc:  # the policy is a remote call: anything may come back
                 self.policy_state.update(ok=False, error=f"{type(exc).__name__}: {exc}", at=time.time())
                 self.metrics.errors.labels("policy").inc()
                 notes.append(f"policy unavailable ({type(exc).__name__}: {exc}); baseline used")
-                critical = []
+                policy_ok = False
+        # One decision core for the controller, the simulator and the live env; without a
+        # policy it still runs, so what it remembers (baselines, breaches, prices) stays current.
+        core = decide(obs, ctx, scores if policy_ok else None, knobs, self.core_state, now=now)
+        self.core_state = core.state
+        self.last_core = core
+        measured, held = list(core.breaching), list(core.held)
+        if held:
+            notes.append(f"breach hold: {', '.join(self.addresses[i] for i in held)} too quiet to measure; kept at the floor")
+        notes += list(core.notes)
+        capacity = core.capacity
+        critical: list[int] = list(core.critical) if policy_ok else []
+        proposal = Decision(core.shares, core.weights, core.critical, core.info()) if policy_ok else None
         fallback = self.baseline.decide(obs, ctx)
         if proposal is not None:
             # Both judged on this very observation (see RollbackMonitor): the score is the

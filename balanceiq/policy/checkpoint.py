@@ -12,8 +12,8 @@ from typing import Any
 import numpy as np
 
 from balanceiq.exceptions import PolicyError
-from balanceiq.policy.baselines import Decision, PolicyContext, lp_decision
-from balanceiq.policy.capacity import available_breaching, with_breaching
+from balanceiq.policy.baselines import Decision, PolicyContext
+from balanceiq.policy.decide import CoreState, Knobs, decide, observe_only
 from balanceiq.policy.features import encode
 from balanceiq.telemetry.observation import Observation
 
@@ -75,6 +75,7 @@ class RLPolicy:
         self.mode = mode
         self.seed = seed
         self._rng = np.random.default_rng(seed)
+        self.state = CoreState()
 
     @classmethod
     def from_checkpoint(cls, checkpoint: Path | str = SHIPPED, **kwargs: Any) -> RLPolicy:
@@ -82,20 +83,29 @@ class RLPolicy:
 
     def reset(self) -> None:
         self._rng = np.random.default_rng(self.seed)
+        self.state = CoreState()
+
+    def knobs(self, ctx: PolicyContext) -> Knobs:
+        return Knobs(k=int(ctx.k), slo_ms=self.slo_ms, cost_weight=self.cost_weight,
+                     force_breaching=self.force_breaching)  # fmt: skip
+
+    def scores(self, obs: Observation, ctx: PolicyContext) -> np.ndarray:
+        """The policy's score per endpoint on the decision core's capacity estimate
+        (Gumbel-perturbed in ``sample`` mode)."""
+        n = len(obs.endpoints)
+        est, _ = observe_only(obs, ctx, self.knobs(ctx), self.state)
+        s = scores(self.module, encode(obs, est.capacity, n, self.slo_ms))[:n]
+        if self.mode == "sample":
+            u = self._rng.uniform(1e-12, 1.0 - 1e-7, size=n)
+            s = s - np.log(-np.log(u))  # Gumbel-top-k: an exact Plackett-Luce draw
+        return s
 
     def critical(self, obs: Observation, ctx: PolicyContext) -> list[int]:
-        """Every available endpoint breaching the SLO (with ``force_breaching``, the
-        default: what the controller does), then K more: the K highest scores
-        (``greedy``, the default), or a draw from the policy's Plackett-Luce distribution
-        (``sample``, seeded: what PPO explores with). Greedy is better in every simulated
-        scenario since the LP balances the critical endpoints (re-picking a balanced pair
-        moves nothing, where the old LP parked its traffic on the cheaper one): e.g.
-        -1.96 vs -2.50 on degrade."""
-        n = len(obs.endpoints)
-        k = max(1, min(ctx.k, n))
-        ranked = self.critical_from_rows(encode(obs, ctx.capacity_hint, n, self.slo_ms), n, n)
-        forced = available_breaching(obs, self.slo_ms) if self.force_breaching else []
-        return with_breaching(ranked, forced, k)
+        """Every available endpoint breaching the SLO, congested or repriced (with
+        ``force_breaching``, the default: what the controller does), then K more: the K
+        highest scores (``greedy``, the default), or a draw from the policy's
+        Plackett-Luce distribution (``sample``, seeded: what PPO explores with)."""
+        return list(decide(obs, ctx, self.scores(obs, ctx), self.knobs(ctx), self.state).critical)
 
     def critical_from_rows(self, rows: np.ndarray, n: int, k: int) -> list[int]:
         """The policy's own K for an observation already encoded (an env's own, padded
@@ -109,4 +119,8 @@ class RLPolicy:
         return [int(i) for i in np.argsort(-s, kind="stable")[:k]]
 
     def decide(self, obs: Observation, ctx: PolicyContext) -> Decision:
-        return lp_decision(obs, ctx, tuple(self.critical(obs, ctx)), ctx.capacity_hint, cost_weight=self.cost_weight)
+        """The decision core with this policy's scores (it remembers across calls until
+        :meth:`reset`)."""
+        core = decide(obs, ctx, self.scores(obs, ctx), self.knobs(ctx), self.state)
+        self.state = core.state
+        return Decision(core.shares, core.weights, core.critical, core.info())

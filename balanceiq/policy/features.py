@@ -17,18 +17,6 @@ from balanceiq.telemetry.observation import FEATURES, Observation
 N_FEATURES = 2 * len(FEATURES) + 5
 
 
-def estimate_capacity(obs: Observation, hint: np.ndarray) -> np.ndarray:
-    """Capacity per endpoint: observed (rps / saturation) where measurable, else the hint."""
-    feats, valid = obs.to_array()
-    rps = feats[:, FEATURES.index("rps")]
-    sat = feats[:, FEATURES.index("saturation")]
-    ok = valid[:, FEATURES.index("rps")] & valid[:, FEATURES.index("saturation")] & (sat > 0.02) & (rps > 0)
-    est = np.where(ok, rps / np.where(ok, sat, 1.0), hint)
-    healthy = feats[:, FEATURES.index("healthy")]
-    down = valid[:, FEATURES.index("healthy")] & (healthy < 0.5)
-    return np.where(down, 0.0, est)
-
-
 def encode(obs: Observation, capacity: np.ndarray, n_max: int, slo_ms: float = 150.0) -> np.ndarray:
     feats, valid = obs.to_array()
     n = feats.shape[0]

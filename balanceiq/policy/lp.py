@@ -241,7 +241,13 @@ def objective(
 
 
 def _lp(
-    cap: np.ndarray, cost_coef: np.ndarray, budget: float, floor: float, demand: float, knee: float = 0.0
+    cap: np.ndarray,
+    cost_coef: np.ndarray,
+    budget: float,
+    floor: float,
+    demand: float,
+    knee: float = 0.0,
+    upper: np.ndarray | None = None,
 ) -> np.ndarray | None:
     """Critical shares minimising U + cost_coef @ x (+ balance and tie-break), or None on failure."""
     m = cap.shape[0]
@@ -276,7 +282,8 @@ def _lp(
     c /= float(np.abs(c).max())
     a_eq = np.zeros((1, nv))
     a_eq[0, :m] = 1.0
-    bounds = [(0.0, None)] * m + [(floor / k_u, None)] + ([(0.0, None), (knee / k_u, None)] if tie else [])
+    xb = [(0.0, None)] * m if upper is None else [(0.0, float(u) if math.isfinite(u) else None) for u in upper]
+    bounds = xb + [(floor / k_u, None)] + ([(0.0, None), (knee / k_u, None)] if tie else [])
     try:
         with warnings.catch_warnings():
             # A failed solve is handled by the caller's fallback; a warning would only
@@ -318,6 +325,7 @@ def _solve(
     util_target: float = 0.0,
     latency: np.ndarray | None = None,
     latency_weight: float = 0.0,
+    max_share: np.ndarray | None = None,
 ) -> LpResult:
     n = shares.shape[0]
     cap = _nonneg(capacity)
@@ -362,7 +370,19 @@ def _solve(
     if latency is not None and wl > 0:
         cost_coef = cost_coef + wl * clean_latency(latency)[idx]
 
-    x = _lp(cap[idx], cost_coef, budget, floor, d_plan, _clean_scalar(util_target))
+    upper = None
+    if max_share is not None:
+        upper = np.where(np.isfinite(max_share) & (max_share >= 0), max_share, np.inf)[idx]
+        room = float(np.minimum(upper, budget).sum())
+        if room < budget * (1 + 1e-9):
+            # Not enough headroom among the critical endpoints for their traffic: stretch
+            # every bound by the same factor (most room where most was estimated).
+            finite = np.isfinite(upper)
+            if finite.all() and room > 0:
+                upper = upper * (budget / room) * (1 + 1e-6)
+            elif finite.all():
+                upper = None
+    x = _lp(cap[idx], cost_coef, budget, floor, d_plan, _clean_scalar(util_target), upper)
     fallback = None
     if x is None:
         x = budget * cap[idx] / cap[idx].sum()
@@ -383,13 +403,16 @@ def solve_critical(
     util_target: float = 0.0,
     latency: np.ndarray | Sequence[float] | None = None,
     latency_weight: float = 0.0,
+    max_share: np.ndarray | Sequence[float] | None = None,
 ) -> LpResult:
     """Re-optimise only the ``critical`` endpoints (indices or a bool mask); see the module doc.
 
     Available non-critical endpoints keep their share exactly; unavailable ones release
     theirs to the critical set. ``util_target`` > 0 makes utilisation up to that level
     free, so below it the cost term alone decides (cheap endpoints fill up to the target
-    before dear ones get traffic); 0 is the pure min-max form. Raises ValueError only for
+    before dear ones get traffic); 0 is the pure min-max form. ``max_share`` bounds each
+    critical endpoint's share (NaN/inf: unbounded); bounds that cannot hold the critical
+    traffic are stretched by one common factor until they can. Raises ValueError only for
     structural problems (empty input, mismatched lengths, critical index out of range).
     """
     s = _vector("shares", shares)
@@ -408,6 +431,7 @@ def solve_critical(
         util_target,
         None if latency is None else _vector("latency", latency, n),
         latency_weight,
+        None if max_share is None else _vector("max_share", max_share, n),
     )
 
 

@@ -17,6 +17,7 @@ import secrets
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -27,8 +28,9 @@ import numpy as np
 from balanceiq.config import GuardrailConfig, Settings, critical_count, is_loopback
 from balanceiq.control.controller import ControlLoop, Controller
 from balanceiq.exceptions import BalanceIQError, ControlError, GuardrailError
-from balanceiq.policy.baselines import make_policy
-from balanceiq.policy.features import encode, estimate_capacity
+from balanceiq.policy.baselines import PolicyContext, make_policy
+from balanceiq.policy.decide import decide, observe_only
+from balanceiq.policy.features import encode
 from balanceiq.policy.reward import RewardWeights
 from balanceiq.serve.metrics import ApiMetrics
 from balanceiq.serve.training import TrainingManager
@@ -426,17 +428,36 @@ class ControlPlane:
         )  # fmt: skip
         obs = Observation(cluster=c.cluster.name, endpoints=eps, source="api")
         hint = np.array([nan if e.get("capacity_rps") is None else float(e["capacity_rps"]) for e in endpoints])
-        rows = encode(obs, estimate_capacity(obs, hint), len(eps), c.policy.reward.slo_ms)
+        n = len(eps)
+        kk = min(n, k or critical_count(n))
+        w = np.array([ep.weight for ep in eps], dtype=np.float64)
+        w = np.where(np.isfinite(w) & (w > 0), w, 0.0)
+        shares = w / w.sum() if w.sum() > 0 else np.full(n, 1.0 / n)
+        rps = np.array([ep.rps for ep in eps], dtype=np.float64)
+        ctx = PolicyContext(shares, hint, np.ones(n), float(np.nansum(np.where(np.isfinite(rps), rps, 0.0))), kk)
+        # The controller's own decision core, with no memory: what it would do with this
+        # observation as its first.
+        knobs = replace(c.knobs(), k=max(1, kk))
+        est, _ = observe_only(obs, ctx, knobs)
+        rows = encode(obs, est.capacity, n, c.policy.reward.slo_ms)
         t0 = time.perf_counter()
         try:
             scores = np.asarray(c.scorer(rows), dtype=np.float64).reshape(-1)
         except Exception as exc:  # a remote deployment: anything may come back
             raise ControlError(f"policy unavailable: {type(exc).__name__}: {exc}") from exc
         ms = (time.perf_counter() - t0) * 1000
-        kk = min(len(eps), k or critical_count(len(eps)))
+        if scores.shape[0] != n or not np.all(np.isfinite(scores)):
+            raise ControlError(f"policy returned {scores.shape[0]} scores for {n} endpoints, or non-finite ones")
+        core = decide(obs, ctx, scores, knobs)
         order = [int(i) for i in np.argsort(-scores, kind="stable")[:kk]]
         return {"scores": {a: round(float(x), 6) for a, x in zip(addresses, scores)},
-                "critical": [addresses[i] for i in order], "k": kk, "inference_ms": round(ms, 3)}  # fmt: skip
+                "critical": [addresses[i] for i in order], "k": kk, "inference_ms": round(ms, 3),
+                "decision": {"critical": [addresses[i] for i in core.critical],
+                             "forced": [addresses[i] for i in core.forced],
+                             "shares": {a: round(float(x), 6) for a, x in zip(addresses, core.shares)},
+                             "weights": {a: int(x) for a, x in zip(addresses, core.weights)},
+                             "capacity_estimate": {a: round(float(x), 3) for a, x in zip(addresses, core.capacity)},
+                             "lp_status": core.lp_status}}  # fmt: skip
 
     # -- compatibility views (the original service's fields) -----------------------------
 

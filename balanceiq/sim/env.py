@@ -36,9 +36,9 @@ import gymnasium as gym
 import numpy as np
 
 from balanceiq.config import critical_count
-from balanceiq.policy.features import N_FEATURES, encode, estimate_capacity
-from balanceiq.policy.baselines import solve_for
-from balanceiq.policy.capacity import available_breaching, with_breaching
+from balanceiq.policy.baselines import PolicyContext
+from balanceiq.policy.decide import CoreDecision, CoreState, Knobs, decide, observe_only
+from balanceiq.policy.features import N_FEATURES, encode
 from balanceiq.policy.lp import critical_indices, shares_to_weights, traffic_moved
 from balanceiq.policy.reward import RewardWeights, reward
 from balanceiq.sim.fleet import FleetSim
@@ -117,6 +117,8 @@ class FleetEnv(gym.Env):
         self.hint = np.array([e.capacity_rps for e in scenario.endpoints], dtype=np.float64)
         static = np.array([e.weight for e in scenario.endpoints], dtype=np.float64)
         self.shares = static / static.sum()
+        self.static = static
+        self.core_state = CoreState()
         self.decisions = 0
         _, last = run_decision(self.sim, self.shares, self.decision_steps, self.weights)
         self.last_obs = self.sim.observation(last, shares_to_weights(self.shares))
@@ -124,9 +126,8 @@ class FleetEnv(gym.Env):
 
     def step(self, action: np.ndarray) -> tuple[np.ndarray, float, bool, bool, dict[str, Any]]:
         assert self.sim is not None, "reset() first"
-        critical = self.critical_from_action(action)
-        new_shares, info = self.apply_critical(critical)
-        info["critical"] = critical
+        picked = critical_indices(action, self.sim.n)
+        new_shares, info = self.apply_critical(picked)
         return self.step_shares(new_shares, info)
 
     def step_shares(self, new_shares: np.ndarray, info: dict[str, Any] | None = None) -> tuple[np.ndarray, float, bool, bool, dict[str, Any]]:
@@ -155,24 +156,48 @@ class FleetEnv(gym.Env):
 
     # -- pieces shared with the benchmark and the live controller ------------------------------
 
-    def critical_from_action(self, action: np.ndarray) -> list[int]:
-        """Every available SLO breacher (with ``force_breaching``), then the agent's picks."""
-        picked = critical_indices(action, self.sim.n if self.sim else self.n_max)
-        if not self.force_breaching or self.sim is None:
-            return picked
-        return with_breaching(picked, available_breaching(self.last_obs, self.weights.slo_ms), len(picked))
+    def knobs(self, k: int | None = None) -> Knobs:
+        return Knobs(k=self.k if k is None else k, slo_ms=self.weights.slo_ms, cost_weight=self.cost_weight,
+                     util_target=self.util_target, latency_weight=self.latency_weight,
+                     force_breaching=self.force_breaching)  # fmt: skip
 
-    def capacity_estimate(self) -> np.ndarray:
-        return estimate_capacity(self.last_obs, self.hint)
-
-    def apply_critical(self, critical: list[int]) -> tuple[np.ndarray, dict[str, Any]]:
-        """The LP over the critical set, with capacity estimated from observations."""
+    def context(self) -> PolicyContext:
         obs: Observation = self.last_obs
         demand = float(np.nansum([e.rps for e in obs.endpoints]))
-        res = solve_for(obs, self.shares, critical, self.capacity_estimate(), demand, cost_weight=self.cost_weight,
-                        util_target=self.util_target, latency_weight=self.latency_weight,
-                        slo_ms=self.weights.slo_ms)  # fmt: skip
-        return res.shares, {"lp_status": res.status}
+        return PolicyContext(self.shares, self.hint, self.static, demand, self.k)
+
+    def decide(self, critical: list[int] | None) -> CoreDecision:
+        """The decision core on the last observation: ``critical`` in the policy's order
+        (forced endpoints join them), or ``None`` for every endpoint. Remembers."""
+        n = len(self.last_obs.endpoints)
+        scores = None
+        if critical is not None:
+            scores = np.full(n, -np.inf)
+            scores[list(critical)] = len(critical) - np.arange(len(critical), dtype=np.float64)
+        k = self.k if critical is None else max(1, len(critical))
+        core = decide(self.last_obs, self.context(), scores, self.knobs(k), self.core_state)
+        self.core_state = core.state
+        return core
+
+    def critical_from_action(self, action: np.ndarray) -> list[int]:
+        """Every available SLO breacher, congested or repriced endpoint (with
+        ``force_breaching``), then the agent's picks: what the decision core would use."""
+        picked = critical_indices(action, self.sim.n if self.sim else self.n_max)
+        if self.sim is None:
+            return picked
+        n = len(self.last_obs.endpoints)
+        scores = np.full(n, -np.inf)
+        scores[picked] = len(picked) - np.arange(len(picked), dtype=np.float64)
+        return list(decide(self.last_obs, self.context(), scores, self.knobs(max(1, len(picked))), self.core_state).critical)
+
+    def capacity_estimate(self) -> np.ndarray:
+        est, _ = observe_only(self.last_obs, self.context(), self.knobs(), self.core_state)
+        return est.capacity
+
+    def apply_critical(self, critical: list[int]) -> tuple[np.ndarray, dict[str, Any]]:
+        """The decision core over ``critical`` (forced endpoints join them)."""
+        core = self.decide(critical)
+        return core.shares, {"lp_status": core.lp_status, "critical": list(core.critical)}
 
     def _encode(self, obs: Observation) -> np.ndarray:
         return encode(obs, self.capacity_estimate() if self.sim else self.hint, self.n_max, self.weights.slo_ms)

@@ -17,7 +17,8 @@ from typing import Any
 import numpy as np
 
 from balanceiq.config import critical_count
-from balanceiq.policy.baselines import Decision, PolicyContext, lp_decision, make_policy
+from balanceiq.policy.baselines import Decision, PolicyContext, make_policy
+from balanceiq.policy.decide import CoreState, Knobs, decide
 from balanceiq.policy.checkpoint import SHIPPED, RLPolicy
 from balanceiq.policy.lp import oracle, traffic_moved
 from balanceiq.sim.env import FleetEnv
@@ -34,21 +35,21 @@ GATE_SCENARIOS = tuple(SCENARIOS)
 
 
 class FullLp:
-    """Full re-optimisation every decision: the LP over all endpoints, estimated capacity."""
+    """Full re-optimisation every decision: the decision core with every endpoint critical."""
 
     name = "full_lp"
 
     def __init__(self, cost_weight: float = 0.1) -> None:
         self.cost_weight = cost_weight
+        self.state = CoreState()
 
     def reset(self) -> None:
-        pass
+        self.state = CoreState()
 
     def decide(self, obs: Any, ctx: PolicyContext) -> Decision:
-        return lp_decision(obs, ctx, tuple(range(len(obs.endpoints))), ctx.capacity_hint, cost_weight=self.cost_weight)
-
-
-_FULL = FullLp()
+        core = decide(obs, ctx, None, Knobs(k=int(ctx.k), cost_weight=self.cost_weight), self.state)
+        self.state = core.state
+        return Decision(core.shares, core.weights, core.critical, core.info())
 
 
 def _policy(name: str, checkpoint: Path | None) -> Any:
@@ -74,6 +75,7 @@ def run_pair(scenario: str, policy: Any, *, seed: int = 0, decision_steps: int =
     k = critical_count(n)
     static = np.asarray(env.sim.static_weights, dtype=np.float64)
     policy.reset()
+    full = FullLp()  # its own memory, on the policy's trajectory
     rows: list[dict[str, float]] = []
     timeline: list[dict[str, Any]] = []
     done = False
@@ -88,7 +90,7 @@ def run_pair(scenario: str, policy: Any, *, seed: int = 0, decision_steps: int =
         if same_state:
             # The CFR-RL paper's comparison, beside what full re-optimisation moves on its
             # own trajectory (policy full_lp).
-            full_moved = traffic_moved(env.shares, np.asarray(_FULL.decide(obs, ctx).shares, dtype=np.float64))
+            full_moved = traffic_moved(env.shares, np.asarray(full.decide(obs, ctx).shares, dtype=np.float64))
         demand = env.sim.demand_rps()
         best = oracle(cap_true, env.sim.cost(), demand, available=env.sim.available()).max_utilization
         _, r, _, truncated, info = env.step_shares(np.asarray(decision.shares, dtype=np.float64))

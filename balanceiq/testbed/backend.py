@@ -12,7 +12,7 @@ its own :class:`prometheus_client.CollectorRegistry` and nothing is global.
 CLI::
 
     python -m balanceiq.testbed.backend --name b1 --port 18001 --cloud aws \\
-        --region us-east-1 --latency-ms 20 --concurrency 8 [--error-rate 0] [--cost 0.4] [--orca]
+        --region us-east-1 --latency-ms 20 --concurrency 8 [--error-rate 0] [--cost 0.4] [--sigma 0.5] [--orca]
     python -m balanceiq.testbed.backend --spec '[{"name": "b1", "port": 18001, ...}, ...]'
 
 It prints ``ready <url>`` once per backend when listening and exits 0 on SIGTERM/SIGINT.
@@ -46,7 +46,9 @@ __all__ = [
     "Backend",
     "BackendSettings",
     "main",
+    "mean_service_ms",
     "run_backends",
+    "true_capacity_rps",
 ]
 
 ORCA_HEADER = "endpoint-load-metrics"
@@ -96,6 +98,17 @@ def _check_bool(value: Any) -> str | None:
     return None if isinstance(value, bool) else "must be true or false"
 
 
+SIGMA_MAX = 3.0
+
+
+def _check_sigma(value: Any) -> str | None:
+    if not _is_number(value) or not math.isfinite(value):
+        return "must be a finite number"
+    if not 0.0 <= value <= SIGMA_MAX:
+        return f"must be between 0 and {SIGMA_MAX:g}"
+    return None
+
+
 # Fields POST /control may change, with their validators. name/host/port/cloud/region
 # identify the backend and are fixed for its lifetime.
 CONTROL_FIELDS: dict[str, Any] = {
@@ -108,6 +121,7 @@ CONTROL_FIELDS: dict[str, Any] = {
     "orca": _check_bool,
     "tail_prob": _check_fraction,
     "tail_ms": _check_non_negative,
+    "sigma": _check_sigma,
     "healthy": _check_bool,
 }
 
@@ -143,9 +157,11 @@ _SETTINGS_CHECKS: dict[str, Any] = {
 class BackendSettings:
     """How one sample backend behaves. Mutable: ``POST /control`` edits it live.
 
-    Latency of a request is ``base_latency_ms + extra_latency_ms + U(0, jitter_ms)``,
-    plus ``tail_ms`` with probability ``tail_prob``, plus however long it waited for one
-    of the ``concurrency`` slots.
+    Latency of a request is ``(base_latency_ms + extra_latency_ms) * exp(sigma * N(0, 1))``
+    (lognormal with median ``base + extra``; ``sigma`` 0, the default, is a fixed delay)
+    ``+ U(0, jitter_ms)``, plus ``tail_ms`` with probability ``tail_prob``, plus however
+    long it waited for one of the ``concurrency`` slots. :func:`mean_service_ms` is the
+    mean slot hold, so ``concurrency / mean`` is the true capacity.
     """
 
     name: str
@@ -162,6 +178,7 @@ class BackendSettings:
     orca: bool = False
     tail_prob: float = 0.0
     tail_ms: float = 0.0
+    sigma: float = 0.0
     seed: int | None = None
 
     def __post_init__(self) -> None:
@@ -195,6 +212,25 @@ class BackendSettings:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def mean_service_ms(
+    base_latency_ms: float,
+    *,
+    extra_latency_ms: float = 0.0,
+    sigma: float = 0.0,
+    jitter_ms: float = 1.0,
+    tail_prob: float = 0.0,
+    tail_ms: float = 0.0,
+) -> float:
+    """Mean time a request holds a concurrency slot (ms), queueing excluded:
+    ``(base + extra) * exp(sigma**2 / 2) + jitter / 2 + tail_prob * tail_ms``."""
+    return (base_latency_ms + extra_latency_ms) * math.exp(sigma * sigma / 2.0) + jitter_ms / 2.0 + tail_prob * tail_ms
+
+
+def true_capacity_rps(concurrency: int, mean_ms: float) -> float:
+    """Requests per second a backend sustains: ``concurrency / mean slot hold``."""
+    return concurrency / (mean_ms / 1000.0) if mean_ms > 0 else math.inf
 
 
 class _Limiter:
@@ -380,6 +416,8 @@ class Backend:
             s = self.settings
             rng = self._rng
             delay_ms = s.base_latency_ms + s.extra_latency_ms
+            if s.sigma > 0:
+                delay_ms *= rng.lognormvariate(0.0, s.sigma)
             if s.jitter_ms > 0:
                 delay_ms += rng.uniform(0.0, s.jitter_ms)
             if s.tail_prob > 0 and rng.random() < s.tail_prob:
@@ -574,6 +612,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--cost", type=float, default=0.0, dest="cost_per_million_requests")
     p.add_argument("--tail-prob", type=float, default=0.0)
     p.add_argument("--tail-ms", type=float, default=0.0)
+    p.add_argument("--sigma", type=float, default=0.0, help="lognormal spread of the service time (0..3)")
     p.add_argument("--orca", action="store_true")
     p.add_argument("--seed", type=int)
     args = p.parse_args(argv)
@@ -615,7 +654,7 @@ def _settings_from_args(args: argparse.Namespace) -> list[BackendSettings]:
     keys = (
         "name", "host", "port", "cloud", "region", "base_latency_ms", "jitter_ms",
         "concurrency", "error_rate", "cost_per_million_requests", "tail_prob", "tail_ms",
-        "orca", "seed",
+        "sigma", "orca", "seed",
     )  # fmt: skip
     return [BackendSettings(**{k: getattr(args, k) for k in keys})]
 

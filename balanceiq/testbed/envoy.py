@@ -51,6 +51,13 @@ CSWRR_TYPE = (
 )
 
 
+# Envoy's balancer under BalanceIQ's weights in the generated bootstrap. LEAST_REQUEST
+# with unequal weights picks by weight / (active + 1)^bias, so Envoy itself steers away
+# from an endpoint whose requests pile up between two decisions; measured against
+# ROUND_ROBIN on the live suite of unseen fleets (BENCHMARKS.md, "Unseen fleets").
+DEFAULT_LB_POLICY = "LEAST_REQUEST"
+
+
 def _lb_config(lb_policy: str) -> dict[str, Any]:
     """``lb_policy: X`` for Envoy's built-in policies; CSWRR (Envoy's defaults) by extension."""
     if lb_policy == CSWRR:
@@ -72,7 +79,7 @@ def render_bootstrap(
     admin_port: int | None = None,
     listen_port: int | None = None,
     xds_port: int | None = None,
-    lb_policy: str = "ROUND_ROBIN",
+    lb_policy: str = DEFAULT_LB_POLICY,
     health_check_interval_s: float = 5.0,
 ) -> dict[str, Any]:
     """An Envoy v3 bootstrap as a dict: one listener, one EDS cluster per config cluster."""

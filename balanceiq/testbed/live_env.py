@@ -7,12 +7,10 @@ One :meth:`LiveEnv.step` is one live control decision, the way the controller ma
 (:class:`~balanceiq.control.controller.Controller`, minus lease arbitration, the rollback
 monitor and guardrails, which FleetEnv does not model either):
 
-1. the critical set is the action's distinct in-range indices, after every endpoint
-   breaching the SLO (``force_breaching``, as the controller forces them);
-2. the LP re-splits the critical endpoints
-   (:func:`~balanceiq.policy.baselines.lp_decision`) against the controller's own
-   capacity estimate (:func:`~balanceiq.policy.capacity.live_capacity`: measured, else
-   the config hint, derated for SLO breachers); non-critical endpoints keep their share;
+1-2. :func:`~balanceiq.policy.decide.decide`, the controller's own decision core, with
+   the action's distinct in-range indices as the policy's order: breaching, congested
+   and repriced endpoints join them (``force_breaching``), the LP re-splits the critical
+   endpoints against the core's capacity estimate, non-critical ones keep their share;
 3. the weights are pushed over xDS and Envoy's ACK awaited;
 4. ``decision_interval_s`` later the interval since the push is observed through
    :class:`~balanceiq.telemetry.observe.Telemetry`, and the reward is
@@ -122,8 +120,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from balanceiq.config import Settings, load_config, settings_from_dict, validation_problems
 from balanceiq.exceptions import BalanceIQError, ConfigError, TestbedError, XdsError
-from balanceiq.policy.baselines import PolicyContext, lp_decision
-from balanceiq.policy.capacity import available_breaching, live_capacity, with_breaching
+from balanceiq.policy.baselines import PolicyContext
+from balanceiq.policy.decide import CoreDecision, CoreState, Knobs, decide, observe_only
 from balanceiq.policy.features import N_FEATURES, encode
 from balanceiq.policy.lp import critical_indices, traffic_moved, weights_to_shares
 from balanceiq.policy.reward import RewardWeights, observed_reward
@@ -627,6 +625,7 @@ class LiveEnv(gym.Env):  # type: ignore[misc]
         self._finalizer = weakref.finalize(self, Owned.cleanup, self._owned)
         self.started = False
         self.closed = False
+        self.core_state = CoreState()
         self.decisions = 0
         self.total_steps = 0
         self.episodes = 0
@@ -748,8 +747,25 @@ class LiveEnv(gym.Env):  # type: ignore[misc]
         eps = tuple(replace(e, cost_per_million=self.costs.get(e.address, e.cost_per_million)) for e in obs.endpoints)
         return replace(obs, endpoints=eps)
 
+    def _knobs(self, k: int | None = None) -> Knobs:
+        return Knobs(k=self.k if k is None else k, slo_ms=self.weights_cfg.slo_ms, cost_weight=self.cost_weight,
+                     util_target=self.util_target, latency_weight=self.latency_weight,
+                     force_breaching=self.cfg.force_breaching)  # fmt: skip
+
+    def _context(self, obs: Observation) -> PolicyContext:
+        rps = np.array([e.rps for e in obs.endpoints], dtype=np.float64)
+        demand = float(np.nansum(np.where(np.isfinite(rps), rps, 0.0)))
+        return PolicyContext(self.shares, self.hint, self.static_weights, demand, self.k)
+
     def _capacity(self, obs: Observation) -> np.ndarray:
-        return live_capacity(obs, self.hint, self.weights_cfg.slo_ms)
+        est, _ = observe_only(obs, self._context(obs), self._knobs(), self.core_state)
+        return est.capacity
+
+    def _decide(self, picked: list[int], obs: Observation) -> CoreDecision:
+        """The decision core (the controller's) with the agent's picks as the policy's order."""
+        scores = np.full(len(obs.endpoints), -np.inf)
+        scores[picked] = len(picked) - np.arange(len(picked), dtype=np.float64)
+        return decide(obs, self._context(obs), scores, self._knobs(max(1, len(picked))), self.core_state)
 
     def _encode(self, obs: Observation) -> np.ndarray:
         return encode(obs, self._capacity(obs), self.n_max, self.weights_cfg.slo_ms)
@@ -770,11 +786,8 @@ class LiveEnv(gym.Env):  # type: ignore[misc]
         return critical_indices(action, len(self.addresses) if self.started else self.n_max)
 
     def _critical(self, action: Any, obs: Observation) -> tuple[list[int], list[int]]:
-        picked = self.critical_from_action(action)
-        if not self.cfg.force_breaching:
-            return picked, []
-        forced = available_breaching(obs, self.weights_cfg.slo_ms)
-        return with_breaching(picked, forced, self.k), forced
+        core = self._decide(self.critical_from_action(action), obs)
+        return list(core.critical), list(core.forced)
 
     def _prices_callback(self) -> Any:
         # Weak: the driver belongs to Owned, which must not keep the env alive (finalizer).
@@ -866,6 +879,7 @@ class LiveEnv(gym.Env):  # type: ignore[misc]
         self.last_obs = obs
         r = observed_reward(obs, self.weights_cfg)
         self._last_reward = float(r) if r is not None else self._last_reward
+        self.core_state = CoreState()
         self.decisions = 0
         self.episodes += 1
         info = self._info(obs, r)
@@ -878,20 +892,17 @@ class LiveEnv(gym.Env):  # type: ignore[misc]
             raise RuntimeError("LiveEnv: reset() first")
         t0 = time.monotonic()
         obs = self.last_obs
-        critical, forced = self._critical(action, obs)
+        core = self._decide(self.critical_from_action(action), obs)
+        critical, forced = list(core.critical), list(core.forced)
         before = self.shares
         held = obs.source == "none" or not any(e.usable for e in obs.endpoints)
         lp_status: str | None = None
         if held or not critical:
             acked: bool | None = None
         else:
-            rps = np.array([e.rps for e in obs.endpoints], dtype=np.float64)
-            demand = float(np.nansum(np.where(np.isfinite(rps), rps, 0.0)))
-            ctx = PolicyContext(before, self.hint, self.static_weights, demand, self.k)
-            decision = lp_decision(obs, ctx, tuple(critical), self._capacity(obs), cost_weight=self.cost_weight,
-                                   util_target=self.util_target, latency_weight=self.latency_weight,
-                                   slo_ms=self.weights_cfg.slo_ms)  # fmt: skip
-            lp_status = str(decision.info.get("lp_status"))
+            self.core_state = core.state
+            decision = core
+            lp_status = core.lp_status
             new = {a: int(w) for a, w in zip(self.addresses, decision.weights)}
             acked = self._push(new, self.health)
         t_push = time.monotonic()

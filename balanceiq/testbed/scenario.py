@@ -22,6 +22,7 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -29,9 +30,9 @@ from typing import Any
 import httpx
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from balanceiq.config import EndpointConfig, parse_yaml, validation_problems
+from balanceiq.config import EndpointConfig, Settings, parse_yaml, validation_problems
 from balanceiq.exceptions import ConfigError
-from balanceiq.testbed.backend import CONTROL_FIELDS
+from balanceiq.testbed.backend import CONTROL_FIELDS, BackendSettings, mean_service_ms, true_capacity_rps
 
 SHIPPED_DIR = Path(__file__).resolve().parent / "scenarios"
 DEFAULT = "degrade_and_dearer"
@@ -134,7 +135,7 @@ def load_live_scenario(name_or_path: str | Path | None = None) -> LiveScenario:
 # What ``reset`` restores from each backend's state at the driver's start (not ``orca``:
 # how a backend reports load is the harness's choice, not part of the scenario).
 RESETTABLE = ("base_latency_ms", "jitter_ms", "extra_latency_ms", "concurrency", "error_rate",
-              "cost_per_million_requests", "tail_prob", "tail_ms", "healthy")  # fmt: skip
+              "cost_per_million_requests", "tail_prob", "tail_ms", "sigma", "healthy")  # fmt: skip
 
 
 class ScenarioDriver:
@@ -199,3 +200,61 @@ class ScenarioDriver:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+# -- what a scenario makes each backend be (the benchmark's oracle reads it) ---------------------
+
+
+def initial_states(settings: Settings) -> dict[str, dict[str, Any]]:
+    """Each backend's behaviour and price as the testbed starts it (the first cluster's
+    endpoints, keyed by address): :class:`~balanceiq.testbed.backend.BackendSettings`
+    defaults overlaid with the testbed profile and the configured price."""
+    defaults = {f.name: f.default for f in dataclasses.fields(BackendSettings) if f.name in RESETTABLE}
+    out: dict[str, dict[str, Any]] = {}
+    for ep in settings.clusters[0].endpoints:
+        state = {**defaults, "healthy": True, **settings.testbed.behaviour_for(ep),
+                 "cost_per_million_requests": ep.cost_per_million_requests}  # fmt: skip
+        out[ep.address] = state
+    return out
+
+
+def states_after(settings: Settings, events: list[LiveEvent]) -> dict[str, dict[str, Any]]:
+    """Each backend's behaviour and price once ``events`` (in order) have been applied the
+    way :class:`ScenarioDriver` applies them; keys as in :func:`initial_states`."""
+    initial = initial_states(settings)
+    endpoints = list(settings.clusters[0].endpoints)
+    states = {a: dict(s) for a, s in initial.items()}
+    for ev in events:
+        for ep in ev.targets(endpoints):
+            st = states[ep.address]
+            if ev.reset:
+                st.update(initial[ep.address])
+            st.update(ev.set)
+            if ev.cost_multiplier is not None:
+                st["cost_per_million_requests"] = ep.cost_per_million_requests * ev.cost_multiplier
+    return states
+
+
+def state_truth(state: dict[str, Any]) -> dict[str, Any]:
+    """True mean service time (ms, no queueing), capacity (req/s), price, error rate and
+    health of one backend state (see :func:`~balanceiq.testbed.backend.mean_service_ms`)."""
+    mean = mean_service_ms(
+        float(state["base_latency_ms"]), extra_latency_ms=float(state.get("extra_latency_ms", 0.0)),
+        sigma=float(state.get("sigma", 0.0)), jitter_ms=float(state.get("jitter_ms", 1.0)),
+        tail_prob=float(state.get("tail_prob", 0.0)), tail_ms=float(state.get("tail_ms", 0.0)),
+    )  # fmt: skip
+    healthy = bool(state.get("healthy", True))
+    return {
+        "mean_service_ms": mean,
+        "capacity_rps": true_capacity_rps(int(state["concurrency"]), mean) if healthy else 0.0,
+        "price": float(state["cost_per_million_requests"]),
+        "error_rate": float(state.get("error_rate", 0.0)),
+        "healthy": healthy,
+    }
+
+
+def truth_at(settings: Settings, scenario: LiveScenario, t: float) -> dict[str, dict[str, Any]]:
+    """:func:`state_truth` of every backend at ``t`` seconds of the scenario's own timeline
+    (every event with ``at_s <= t`` applied)."""
+    states = states_after(settings, [e for e in scenario.events if e.at_s <= t])
+    return {a: state_truth(s) for a, s in states.items()}

@@ -24,7 +24,7 @@ import psutil
 
 from balanceiq.config import Settings
 from balanceiq.exceptions import BackendError, TestbedError
-from balanceiq.testbed.envoy import EnvoyProcess, render_bootstrap
+from balanceiq.testbed.envoy import DEFAULT_LB_POLICY, EnvoyProcess, render_bootstrap
 from balanceiq.testbed.process import stop_popen, terminate_pid
 from balanceiq.testbed.prometheus import PrometheusProcess, render_config, render_rules
 
@@ -36,7 +36,8 @@ def backend_specs(settings: Settings, *, seed: int | None = 0) -> list[dict[str,
     specs = []
     for cluster in settings.clusters:
         for i, ep in enumerate(cluster.endpoints):
-            latency, concurrency, error_rate = settings.testbed.profile_for(ep)
+            # base_latency_ms, concurrency, error_rate (+ sigma, tail_prob, tail_ms if set)
+            behaviour = settings.testbed.behaviour_for(ep)
             specs.append(
                 {
                     "name": ep.address,
@@ -44,9 +45,7 @@ def backend_specs(settings: Settings, *, seed: int | None = 0) -> list[dict[str,
                     "port": ep.port,
                     "cloud": ep.cloud,
                     "region": ep.region,
-                    "base_latency_ms": latency,
-                    "concurrency": concurrency,
-                    "error_rate": error_rate,
+                    **behaviour,
                     "cost_per_million_requests": ep.cost_per_million_requests,
                     "seed": None if seed is None else seed + i,
                 }
@@ -146,7 +145,7 @@ class Testbed:
         api: str | None = None,
         admin_port: int | None = None,
         listen_port: int | None = None,
-        lb_policy: str = "ROUND_ROBIN",
+        lb_policy: str = DEFAULT_LB_POLICY,
         health_check_interval_s: float = 5.0,
         node_id: str = "balanceiq-envoy-0",
         prometheus: bool = True,

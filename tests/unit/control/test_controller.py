@@ -203,6 +203,7 @@ def test_a_sustained_error_rate_too_small_to_see_in_one_window_breaches(setup) -
     assert 1 not in first  # 8 requests: not yet evidence
     for step in range(1, 6):
         measured, _ = c.breach_state(obs, now=t + step)
-    assert 1 in measured and c._errors[1] / c._requests[1] == pytest.approx(0.02)
+    m = c.core_state.memory[a]
+    assert 1 in measured and m.errors / m.requests == pytest.approx(0.02)
     # A healthy endpoint with the same traffic never does.
     assert all(i == 1 for i in measured)

@@ -1,0 +1,427 @@
+"""The one decision step: observation -> capacity -> breachers -> critical set -> LP.
+
+:func:`decide` is a pure function of (observation, context, policy scores, knobs, state)
+and returns the decision together with the next state. The controller, the simulator's
+policy, :class:`~balanceiq.sim.env.FleetEnv`, :class:`~balanceiq.testbed.live_env.LiveEnv`
+and ``POST /api/policy/score`` all call it, so what is trained is what is served.
+
+Capacity comes from what every Envoy reports (:func:`estimate`): its in-flight count
+per endpoint, request and error rates and the ALS latency. Each endpoint's *baseline*
+is the lowest median latency it has shown lately; an endpoint whose median rises well
+above it, or whose in-flight requests are far older than what completes (Little's law),
+is **congested**: it is at its capacity, and the rate it completes bounds it. An
+uncongested endpoint's capacity is unknown beyond what it carries, so it may grow only
+by ``growth`` per decision (and never past what it was last seen congested at): safe
+moves probe for headroom instead of pouring traffic onto an endpoint that cannot take
+it. The backends' own saturation gauges, ORCA utilisation or a configured
+``capacity_rps`` refine this when present; none is required.
+
+Price: a price change makes the endpoint critical at once; an endpoint whose price rose
+does not gain share while it stays up, unless the others cannot carry the traffic.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+
+from balanceiq.policy.baselines import PolicyContext, available_mask
+from balanceiq.policy.lp import shares_to_weights, solve_critical
+from balanceiq.telemetry.observation import Observation
+
+# An endpoint at or above this error rate in one window is in visible trouble.
+BREACH_ERROR_RATE = 0.05
+# Time constant of the decayed error evidence, and the requests it needs before it counts.
+ERROR_MEMORY_S = 60.0
+MIN_ERROR_EVIDENCE = 30.0
+# Median latency above CONGESTED_RATIO x baseline + CONGESTED_SLACK_MS is queueing.
+CONGESTED_RATIO = 1.5
+CONGESTED_SLACK_MS = 5.0
+# How fast a baseline may rise (a slowed endpoint's new normal) and a ceiling relax.
+BASELINE_TAU_S = 60.0
+CEILING_TAU_S = 90.0
+GOOD_TAU_S = 120.0
+# Below this load an endpoint is too quiet for its latency to say anything about capacity.
+MIN_PROBE_RPS = 1.0
+
+
+@dataclass(frozen=True)
+class Knobs:
+    """What shapes a decision besides the observation (the controller's run-time policy)."""
+
+    k: int = 2
+    """Critical endpoints the policy adds on top of the forced ones."""
+    slo_ms: float = 150.0
+    """p95 above this breaches the SLO."""
+    cost_weight: float = 0.1
+    """Weight of the LP's cost term."""
+    util_target: float = 0.0
+    """Utilisation below which the LP's cost and latency terms alone decide."""
+    latency_weight: float = 0.0
+    """Weight of the LP's latency term (p95 in SLO units)."""
+    growth: float = 1.5
+    """An uncongested endpoint's load may grow by at most this factor per decision."""
+    probe_share: float = 0.05
+    """Every endpoint may grow to at least this share of demand, however quiet it was."""
+    breach_error_rate: float = 0.01
+    """A decayed error rate at or above this over about a minute breaches."""
+    breach_hold_s: float = 30.0
+    """A breacher too quiet to measure stays one this long."""
+    force_breaching: bool = True
+    """Breaching, congested and repriced endpoints are always critical."""
+    safe_moves: bool = True
+    """Bound growth by the headroom estimate (off: the plain CFR-RL LP)."""
+
+
+@dataclass(frozen=True)
+class Memory:
+    """What the core remembers of one endpoint between decisions."""
+
+    base_ms: float = math.nan  # lowest recent median latency
+    good_rps: float = 0.0  # most load carried uncongested lately
+    ceiling_rps: float = math.nan  # load it was last seen congested at (nan: never)
+    price: float = math.nan  # price at the last decision
+    dearer_from: float = math.nan  # its price before a rise still in force
+    dearer_share: float = math.nan  # its share when the price rose: no more while dearer
+    breached_at: float = math.nan  # last time it was measured breaching
+    requests: float = 0.0  # decayed request count (error evidence)
+    errors: float = 0.0  # decayed error count
+
+
+@dataclass(frozen=True)
+class CoreState:
+    """The core's memory across decisions (immutable; :func:`decide` returns the next)."""
+
+    at: float | None = None
+    memory: Mapping[str, Memory] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """Per endpoint: capacity for the LP, the most load it may get now, and why."""
+
+    capacity: np.ndarray  # rps; the LP's utilisation denominator
+    max_load: np.ndarray  # rps; inf = unbounded
+    congested: np.ndarray  # bool: queueing now (or overloaded)
+    baseline_ms: np.ndarray
+
+
+@dataclass(frozen=True)
+class CoreDecision:
+    """One decision and the state it leaves."""
+
+    shares: np.ndarray
+    weights: np.ndarray
+    critical: tuple[int, ...]
+    forced: tuple[int, ...]
+    breaching: tuple[int, ...]  # measured now (window or sustained errors)
+    held: tuple[int, ...]  # earlier breachers too quiet to measure
+    estimate: Estimate
+    lp_status: str
+    state: CoreState
+    notes: tuple[str, ...] = ()
+
+    @property
+    def capacity(self) -> np.ndarray:
+        return self.estimate.capacity
+
+    def info(self) -> dict[str, Any]:
+        return {"lp_status": self.lp_status, "capacity_estimate": [round(float(c), 3) for c in self.capacity]}
+
+
+def _f(x: float) -> float:
+    return float(x) if math.isfinite(x) else math.nan
+
+
+def _arr(obs: Observation, name: str) -> np.ndarray:
+    return np.array([getattr(e, name) for e in obs.endpoints], dtype=np.float64)
+
+
+def window_breaching(obs: Observation, slo_ms: float) -> list[int]:
+    """Endpoints in visible trouble in this window: p95 over the SLO or >= 5% errors."""
+    return [
+        i
+        for i, e in enumerate(obs.endpoints)
+        if (math.isfinite(e.p95_ms) and e.p95_ms > slo_ms)
+        or (math.isfinite(e.error_rate) and e.error_rate >= BREACH_ERROR_RATE)
+    ]
+
+
+def with_forced(ranked: Sequence[int], forced: Sequence[int], k: int) -> list[int]:
+    """Every ``forced`` endpoint, then the first ``k`` of ``ranked`` not already in.
+
+    The policy adds its own K on top rather than filling up to K: the forced endpoints'
+    traffic needs somewhere to go, and with one spare the LP would pour all of it there.
+    """
+    chosen = list(dict.fromkeys(int(i) for i in forced))
+    extra = [i for i in dict.fromkeys(int(i) for i in ranked) if i not in chosen]
+    return chosen + extra[: max(0, int(k))]
+
+
+def _remember(obs: Observation, shares: np.ndarray, knobs: Knobs, state: CoreState, now: float) -> tuple[
+    dict[str, Memory], list[int], list[int], list[int]
+]:
+    """Update each endpoint's memory; returns it, the breachers measured now, the quiet
+    breachers held, and the endpoints whose price changed."""
+    dt = max(0.0, now - state.at) if state.at is not None else 0.0
+    decay = math.exp(-dt / ERROR_MEMORY_S) if state.at is not None else 0.0
+    window = obs.window_s if math.isfinite(obs.window_s) and obs.window_s > 0 else max(dt, 1.0)
+    measured = set(window_breaching(obs, knobs.slo_ms))
+    mem: dict[str, Memory] = {}
+    held: list[int] = []
+    repriced: list[int] = []
+    for i, e in enumerate(obs.endpoints):
+        m = state.memory.get(e.address, Memory())
+        # Error evidence: decayed counts, so a steady trickle of errors breaches too.
+        seen = e.rps * window if math.isfinite(e.rps) and e.rps > 0 and math.isfinite(e.error_rate) else 0.0
+        req = m.requests * decay + seen
+        err = m.errors * decay + (e.error_rate * seen if seen else 0.0)
+        if req >= MIN_ERROR_EVIDENCE and err / req >= knobs.breach_error_rate:
+            measured.add(i)
+        breached_at = m.breached_at
+        if i in measured:
+            breached_at = now
+        elif math.isfinite(e.p95_ms) and math.isfinite(e.rps) and e.rps > 0:
+            breached_at = math.nan  # measured within the SLO: recovered
+        elif math.isfinite(breached_at):
+            if now - breached_at <= knobs.breach_hold_s:
+                held.append(i)
+            else:
+                breached_at = math.nan
+        # Baseline: the lowest median lately, allowed to drift up (a slowed endpoint's
+        # new normal) but never above what is measured now.
+        base = m.base_ms
+        p50 = e.p50_ms if e.usable and math.isfinite(e.p50_ms) and e.p50_ms > 0 else math.nan
+        if math.isfinite(p50):
+            drifted = base * math.exp(dt / BASELINE_TAU_S) if math.isfinite(base) else math.inf
+            base = min(p50, drifted)
+        # Price: a change is re-optimised at once; a rise caps the share while it lasts.
+        price = e.cost_per_million
+        dearer_from, dearer_share = m.dearer_from, m.dearer_share
+        if math.isfinite(price) and math.isfinite(m.price) and abs(price - m.price) > 1e-12 * max(1.0, m.price):
+            repriced.append(i)
+            if price > m.price and not math.isfinite(dearer_from):
+                dearer_from, dearer_share = m.price, float(shares[i])
+        if math.isfinite(dearer_from) and math.isfinite(price) and price <= dearer_from:
+            dearer_from = dearer_share = math.nan
+        mem[e.address] = replace(
+            m,
+            base_ms=_f(base),
+            price=_f(price) if math.isfinite(price) else m.price,
+            dearer_from=dearer_from,
+            dearer_share=dearer_share,
+            breached_at=breached_at,
+            requests=req,
+            errors=err,
+        )
+    breaching = sorted(i for i in measured if i not in held)
+    return mem, breaching, held, repriced
+
+
+def estimate(
+    obs: Observation,
+    hint: np.ndarray,
+    memory: Mapping[str, Memory],
+    knobs: Knobs,
+    dt: float,
+    breaching: Sequence[int] = (),
+) -> tuple[Estimate, dict[str, Memory]]:
+    """Capacity and headroom per endpoint from what Envoy reports (see the module doc);
+    returns the estimate and the memory with ``good_rps``/``ceiling_rps`` updated.
+
+    A ``breaching`` endpoint's capacity is also capped at its load times ``slo / p95``
+    (and ``1 - 2 x error rate``): a slow dependency or a network problem breaks the SLO
+    with the backend half idle, and the LP must still move traffic off it in proportion
+    to how far it is out of bounds."""
+    n = len(obs.endpoints)
+    rps = _arr(obs, "rps")
+    p50 = _arr(obs, "p50_ms")
+    p95 = _arr(obs, "p95_ms")
+    inflight = _arr(obs, "inflight")
+    sat = _arr(obs, "saturation")
+    err = _arr(obs, "error_rate")
+    hint = np.asarray(hint, dtype=np.float64).reshape(-1)
+    avail = available_mask(obs)
+    demand = float(np.nansum(np.where(np.isfinite(rps) & (rps > 0), rps, 0.0)))
+    cap = np.full(n, math.nan)
+    max_load = np.full(n, math.inf)
+    congested = np.zeros(n, dtype=bool)
+    base_out = np.full(n, math.nan)
+    out: dict[str, Memory] = {}
+    for i, e in enumerate(obs.endpoints):
+        m = memory.get(e.address, Memory())
+        base_out[i] = m.base_ms
+        load = float(rps[i]) if math.isfinite(rps[i]) and rps[i] > 0 else 0.0
+        good = m.good_rps * math.exp(-dt / GOOD_TAU_S)
+        ceiling = m.ceiling_rps * math.exp(dt / CEILING_TAU_S) if math.isfinite(m.ceiling_rps) else math.nan
+        # Queueing, by the endpoint's own baseline: the median well above it ...
+        queueing = (
+            e.usable
+            and math.isfinite(p50[i])
+            and math.isfinite(m.base_ms)
+            and load >= MIN_PROBE_RPS
+            and p50[i] > CONGESTED_RATIO * m.base_ms + CONGESTED_SLACK_MS
+        )
+        # ... or requests in flight far older than what completes (Little's law: their
+        # time in system is in-flight / rate): a stuck or overloaded endpoint completes
+        # little, so its latency reads stale while Envoy's rq_active climbs.
+        q = float(inflight[i]) if math.isfinite(inflight[i]) and inflight[i] > 0 else 0.0
+        recent = p95[i] if math.isfinite(p95[i]) else (m.base_ms if math.isfinite(m.base_ms) else math.nan)
+        if q >= 2.0:
+            little_ms = 1000.0 * q / load if load > 0 else math.inf
+            if not math.isfinite(recent) or little_ms > max(2.0 * recent, 50.0):
+                queueing = True
+        ratio = p50[i] / m.base_ms if queueing and math.isfinite(p50[i]) and m.base_ms > 0 else 2 * CONGESTED_RATIO
+        if queueing and load > 0:
+            # At mild queueing it runs at ~80% of what it can do; well past the knee it
+            # completes what it can (its capacity) and the rest queues.
+            util = min(1.0, 0.8 + 0.2 * max(0.0, ratio - CONGESTED_RATIO) / CONGESTED_RATIO)
+            ceiling = load / util
+            congested[i] = True
+        elif load >= MIN_PROBE_RPS and not queueing:
+            good = max(good, load)
+        # The backend's own saturation gauge (or an ORCA utilisation) when it reports one.
+        measured = load / sat[i] if math.isfinite(sat[i]) and sat[i] > 0.02 and load > 0 else math.nan
+        prior = hint[i] if math.isfinite(hint[i]) and hint[i] > 0 else math.nan
+        if math.isfinite(measured):
+            c = measured
+        elif congested[i]:
+            c = ceiling
+        elif math.isfinite(ceiling):
+            c = max(ceiling, load)
+        elif math.isfinite(prior):
+            c = prior
+        else:
+            c = math.nan  # unknown: filled below
+        if math.isfinite(err[i]) and err[i] > 0 and math.isfinite(c):
+            c *= max(0.1, 1.0 - 2.0 * err[i])
+        if i in breaching and load > 0:
+            factor = knobs.slo_ms / p95[i] if math.isfinite(p95[i]) and p95[i] > knobs.slo_ms else 1.0
+            if math.isfinite(err[i]):
+                factor = min(factor, max(0.1, 1.0 - 2.0 * err[i]))
+            c = min(c, load * factor) if math.isfinite(c) else load * factor
+        cap[i] = c
+        if knobs.safe_moves:
+            probe = knobs.probe_share * demand
+            if congested[i]:
+                max_load[i] = min(load, c) if math.isfinite(c) else load
+            elif not math.isfinite(measured):
+                bound = knobs.growth * max(good, load, probe)
+                if math.isfinite(ceiling):
+                    bound = min(bound, max(0.9 * ceiling, load))
+                max_load[i] = bound
+        if not avail[i]:
+            cap[i] = 0.0
+        out[e.address] = replace(m, good_rps=good, ceiling_rps=ceiling if math.isfinite(ceiling) else math.nan)
+    # Unknown capacity: typical (the median of the known), else enough for all traffic;
+    # growth is bounded by max_load, so this only lets cost and latency decide where it goes.
+    unknown = ~np.isfinite(cap)
+    if unknown.any():
+        known = np.isfinite(cap) & (cap > 0)
+        cap[unknown] = float(np.median(cap[known])) if known.any() else max(demand, 1.0)
+    return Estimate(cap, max_load, congested, base_out), out
+
+
+def decide(
+    obs: Observation,
+    ctx: PolicyContext,
+    scores: np.ndarray | None,
+    knobs: Knobs,
+    state: CoreState | None = None,
+    *,
+    now: float | None = None,
+) -> CoreDecision:
+    """One decision (see the module doc). ``scores``: the policy's, one per endpoint
+    (higher = more critical; already perturbed if the caller samples), or ``None`` to
+    re-optimise every endpoint. ``ctx.shares`` is the split in force."""
+    state = state or CoreState()
+    n = len(obs.endpoints)
+    if n == 0:
+        raise ValueError(f"cluster {obs.cluster!r}: observation has no endpoints")
+    now = float(obs.timestamp if now is None else now)
+    shares = np.asarray(ctx.shares, dtype=np.float64).reshape(-1)
+    if shares.shape[0] != n:
+        raise ValueError(f"context has {shares.shape[0]} shares, observation has {n} endpoints")
+    dt = max(0.0, now - state.at) if state.at is not None else 0.0
+    mem, breaching, held, repriced = _remember(obs, shares, knobs, state, now)
+    est, mem = estimate(obs, np.asarray(ctx.capacity_hint, dtype=np.float64), mem, knobs, dt, breaching)
+    avail = available_mask(obs)
+    notes: list[str] = []
+
+    forced: list[int] = []
+    if knobs.force_breaching:
+        forced = [i for i in breaching + [int(j) for j in np.flatnonzero(est.congested)] + repriced if avail[i]]
+        forced = [i for i in dict.fromkeys(forced) if i not in held]
+    if scores is None:
+        critical = [i for i in range(n) if avail[i] and i not in held]
+    else:
+        s = np.asarray(scores, dtype=np.float64).reshape(-1)[:n]
+        if s.shape[0] != n:
+            raise ValueError(f"{s.shape[0]} scores for {n} endpoints")
+        s = np.where(avail & np.isfinite(s), s, -np.inf)
+        s[list(held)] = -np.inf
+        ranked = [int(i) for i in np.argsort(-s, kind="stable") if s[i] > -np.inf]
+        critical = with_forced(ranked, forced, max(1, min(int(knobs.k), n)))
+
+    demand = float(ctx.demand_rps) if math.isfinite(ctx.demand_rps) and ctx.demand_rps > 0 else 0.0
+    max_share = None
+    if knobs.safe_moves and demand > 0:
+        max_share = np.where(np.isfinite(est.max_load), est.max_load / demand, np.inf)
+        # A price that rose caps the share unless the others cannot carry the traffic.
+        dearer = np.array([math.isfinite(mem[e.address].dearer_share) for e in obs.endpoints])
+        if dearer.any():
+            capped = np.where(dearer, np.minimum(max_share, [mem[e.address].dearer_share for e in obs.endpoints]),
+                              max_share)  # fmt: skip
+            crit = np.zeros(n, dtype=bool)
+            crit[critical] = True
+            budget = 1.0 - float(np.where(~crit & avail, shares, 0.0).sum())
+            room = float(np.minimum(np.where(crit & avail, capped, 0.0), 1.0).sum())
+            if room >= budget:
+                max_share = capped
+            else:
+                notes.append("price: a repriced endpoint may gain share, the others lack headroom")
+    latency = _arr(obs, "p95_ms") / knobs.slo_ms if knobs.latency_weight > 0 else None
+    res = solve_critical(shares, critical, est.capacity, _arr(obs, "cost_per_million"), demand, available=avail,
+                         cost_weight=knobs.cost_weight, util_target=knobs.util_target, latency=latency,
+                         latency_weight=knobs.latency_weight, max_share=max_share)  # fmt: skip
+    return CoreDecision(
+        shares=res.shares,
+        weights=shares_to_weights(res.shares, available=avail),
+        critical=tuple(critical),
+        forced=tuple(forced),
+        breaching=tuple(breaching),
+        held=tuple(held),
+        estimate=est,
+        lp_status=res.status,
+        state=CoreState(at=now, memory=mem),
+        notes=tuple(notes),
+    )
+
+
+def breach_state(
+    obs: Observation, shares: np.ndarray, knobs: Knobs, state: CoreState | None = None, *, now: float | None = None
+) -> tuple[list[int], list[int], CoreState]:
+    """``(measured, held, next state)``: endpoints breaching now (in this window or by
+    their sustained error rate), and earlier breachers too quiet to measure, held for up
+    to ``knobs.breach_hold_s``."""
+    state = state or CoreState()
+    now = float(obs.timestamp if now is None else now)
+    mem, measured, held, _ = _remember(obs, np.asarray(shares, dtype=np.float64), knobs, state, now)
+    return measured, held, CoreState(at=now, memory=mem)
+
+
+def observe_only(obs: Observation, ctx: PolicyContext, knobs: Knobs, state: CoreState | None = None, *,
+                 now: float | None = None) -> tuple[Estimate, CoreState]:  # fmt: skip
+    """The estimate without a decision (for encoding the policy's input), and the state
+    it would leave; :func:`decide` on the same input computes the same estimate."""
+    state = state or CoreState()
+    now = float(obs.timestamp if now is None else now)
+    dt = max(0.0, now - state.at) if state.at is not None else 0.0
+    shares = np.asarray(ctx.shares, dtype=np.float64).reshape(-1)
+    mem, breaching, _, _ = _remember(obs, shares, knobs, state, now)
+    est, _ = estimate(obs, np.asarray(ctx.capacity_hint, dtype=np.float64), mem, knobs, dt, breaching)
+    return est, state

@@ -1,0 +1,187 @@
+"""The decision core: one function for the controller, the simulator and the live env."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from balanceiq.policy.baselines import PolicyContext
+from balanceiq.policy.decide import CoreState, Knobs, decide, observe_only
+from balanceiq.telemetry.observation import EndpointObservation, Observation
+
+NAN = float("nan")
+
+
+def obs_of(rows: list[dict], t: float = 1000.0) -> Observation:
+    eps = tuple(
+        EndpointObservation(
+            address=f"10.0.0.{i + 1}:80",
+            p50_ms=r.get("p50", 20.0),
+            p95_ms=r.get("p95", 2 * r.get("p50", 20.0)),
+            error_rate=r.get("err", 0.0),
+            saturation=r.get("sat", NAN),
+            inflight=r.get("inflight", r.get("rps", 50.0) * r.get("p50", 20.0) / 1000),
+            rps=r.get("rps", 50.0),
+            cost_per_million=r.get("cost", 0.4),
+            weight=r.get("weight", 100.0),
+            healthy=r.get("healthy", True),
+            age_s=0.5,
+        )
+        for i, r in enumerate(rows)
+    )
+    return Observation(cluster="c", endpoints=eps, source="simulator", timestamp=t, window_s=2.0)
+
+
+def ctx_of(obs: Observation, shares: np.ndarray | None = None, k: int = 2) -> PolicyContext:
+    n = len(obs.endpoints)
+    s = np.full(n, 1.0 / n) if shares is None else np.asarray(shares, dtype=np.float64)
+    demand = float(sum(e.rps for e in obs.endpoints))
+    return PolicyContext(s, np.full(n, NAN), np.ones(n), demand, k)
+
+
+def run(rows_at: list[list[dict]], knobs: Knobs, scores: np.ndarray | None = None):  # type: ignore[no-untyped-def]
+    """Decisions over successive observations (one per second), shares carried over."""
+    state = CoreState()
+    shares = None
+    out = []
+    for t, rows in enumerate(rows_at):
+        obs = obs_of(rows, 1000.0 + t)
+        d = decide(obs, ctx_of(obs, shares, knobs.k), scores, knobs, state)
+        state, shares = d.state, d.shares
+        out.append(d)
+    return out
+
+
+def test_a_queueing_endpoint_is_congested_forced_critical_and_never_grows() -> None:
+    calm = [{"p50": 20.0, "rps": 50.0} for _ in range(4)]
+    busy = [dict(r) for r in calm]
+    busy[1] = {"p50": 80.0, "rps": 50.0}  # 4x its own baseline: queueing
+    d0, d1 = run([calm, busy], Knobs(k=1), scores=np.array([0.0, 0.0, 0.0, 1.0]))
+    assert not d0.estimate.congested.any()
+    assert d1.estimate.congested.tolist() == [False, True, False, False]
+    assert 1 in d1.forced and 1 in d1.critical
+    assert d1.estimate.max_load[1] <= 50.0 + 1e-9
+    assert d1.shares[1] < 0.25  # traffic moved off it
+
+
+def test_little_law_flags_an_overloaded_endpoint_whose_latency_reads_stale() -> None:
+    calm = [{"p50": 20.0, "rps": 50.0} for _ in range(3)]
+    stuck = [dict(r) for r in calm]
+    # Latency still reads as before (completed requests are old news), but 40 requests
+    # sit in flight while 5 per second complete: 8 s in the system.
+    stuck[2] = {"p50": 20.0, "rps": 5.0, "inflight": 40.0}
+    _, d1 = run([calm, stuck], Knobs(k=1))
+    assert d1.estimate.congested[2]
+
+
+def test_an_uncongested_endpoint_grows_by_at_most_growth_per_decision() -> None:
+    # Endpoint 0 is cheap and fast but carries little; nothing says what it can take.
+    rows = [{"p50": 10.0, "rps": 10.0, "cost": 0.05}, {"p50": 30.0, "rps": 90.0, "cost": 1.0},
+            {"p50": 30.0, "rps": 100.0, "cost": 1.0}]  # fmt: skip
+    knobs = Knobs(k=3, util_target=0.5, latency_weight=0.2, growth=1.5, probe_share=0.05)
+    obs = obs_of(rows)
+    d = decide(obs, ctx_of(obs, np.array([0.05, 0.45, 0.5]), 3), None, knobs)
+    demand = 200.0
+    assert d.shares[0] * demand <= 1.5 * max(10.0, 0.05 * demand) + 1e-6
+    assert d.shares[0] > 0.05  # but it does grow: cheap and fast
+    # Without safe moves the LP would hand it much more at once.
+    free = decide(obs, ctx_of(obs, np.array([0.05, 0.45, 0.5]), 3), None, replace(knobs, safe_moves=False))
+    assert free.shares[0] > d.shares[0]
+
+
+def test_after_congestion_growth_stops_below_the_level_it_congested_at() -> None:
+    knobs = Knobs(k=2, util_target=0.5, latency_weight=0.2)
+    base = [{"p50": 10.0, "rps": 60.0, "cost": 0.1}, {"p50": 30.0, "rps": 60.0, "cost": 1.0}]
+    hot = [{"p50": 40.0, "rps": 60.0, "cost": 0.1}, {"p50": 30.0, "rps": 60.0, "cost": 1.0}]
+    cooled = [{"p50": 10.0, "rps": 40.0, "cost": 0.1}, {"p50": 30.0, "rps": 80.0, "cost": 1.0}]
+    _, d1, d2 = run([base, hot, cooled], knobs)
+    assert d1.estimate.congested[0]
+    ceiling = d2.state.memory["10.0.0.1:80"].ceiling_rps
+    assert math.isfinite(ceiling) and 60.0 <= ceiling <= 80.0
+    assert d2.estimate.max_load[0] <= 0.9 * ceiling * 1.05 + 1e-9
+
+
+def test_a_price_rise_is_reoptimised_at_once_and_never_gains_share() -> None:
+    knobs = Knobs(k=1, util_target=0.5, latency_weight=0.2)
+    rows = [{"p50": 20.0, "rps": 50.0, "cost": c} for c in (0.2, 0.2, 0.2, 0.2)]
+    dearer = [dict(r) for r in rows]
+    dearer[3]["cost"] = 0.8
+    scores = np.array([1.0, 0.0, 0.0, 0.0])
+    d = run([rows, dearer, dearer, dearer], knobs, scores)
+    assert 3 in d[1].forced and 3 in d[1].critical
+    assert all(x.shares[3] <= d[0].shares[3] + 1e-9 for x in d[1:])
+    assert d[-1].shares[3] < d[0].shares[3]
+
+
+def test_price_matters_with_the_shipped_defaults() -> None:
+    from balanceiq.config import Settings
+
+    c = Settings().control
+    knobs = Knobs(k=2, cost_weight=c.cost_weight, util_target=c.util_target, latency_weight=c.latency_weight)
+    rows = [{"p50": 20.0, "rps": 30.0, "cost": 0.1, "sat": 0.2}, {"p50": 20.0, "rps": 30.0, "cost": 0.5, "sat": 0.2}]
+    obs = obs_of(rows)
+    d = decide(obs, ctx_of(obs, None, 2), None, knobs)
+    assert d.shares[0] > 0.6, d.shares
+
+
+def test_the_controller_and_fleet_env_decide_the_same_on_the_same_observation(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """One core: the same observation and picks give the same shares in both."""
+    from balanceiq.control.controller import Controller
+    from balanceiq.sim.env import FleetEnv
+    from balanceiq.config import Settings, ClusterConfig, EndpointConfig
+
+    env = FleetEnv({"scenarios": ["heterogeneous"], "seed": 3, "cost_weight": 0.1, "util_target": 0.5,
+                    "latency_weight": 0.2})  # fmt: skip
+    env.reset(seed=3)
+    obs = env.last_obs
+    n = len(obs.endpoints)
+    eps = [EndpointConfig(address=f"127.0.0.{i + 1}:8000", cloud="aws", region="r",
+                          cost_per_million_requests=e.cost_per_million,
+                          capacity_rps=float(env.hint[i]) if math.isfinite(env.hint[i]) else None)
+           for i, e in enumerate(obs.endpoints)]  # fmt: skip
+    addr = {e.address: eps[i].address for i, e in enumerate(obs.endpoints)}
+    settings = Settings(clusters=[ClusterConfig(name="c", endpoints=eps)], state_dir=tmp_path,
+                        control={"cost_weight": 0.1, "util_target": 0.5, "latency_weight": 0.2, "k_critical": env.k})  # fmt: skip
+    same = replace(obs, endpoints=tuple(replace(e, address=addr[e.address]) for e in obs.endpoints))
+    # The agent names K endpoints (the env's action); the policy ranks every endpoint.
+    # Both add their K on top of the forced ones, so pick among the others.
+    forced = decide(obs, env.context(), None, env.knobs(), env.core_state).forced
+    picks = [i for i in reversed(range(n)) if i not in forced][: env.k]
+
+    def scorer(rows: np.ndarray) -> np.ndarray:
+        s = np.zeros(rows.shape[0])
+        s[picks] = np.arange(len(picks), 0, -1)
+        return s
+
+    c = Controller(settings, observer=None, xds=None, scorer=scorer)  # type: ignore[arg-type]
+    c.weights = {a: int(round(s * 10000)) for a, s in zip(c.addresses, env.shares)}
+    ctx = c._context(same)
+    knobs = c.knobs()
+    est, _ = observe_only(same, ctx, knobs, c.core_state)
+    ctx.shares[:] = env.shares  # the env's exact split (the controller's went through weights)
+    from_controller = decide(same, ctx, c._scores(same, est.capacity), knobs, c.core_state)
+    from_env = env.decide(picks)
+    assert from_controller.critical == from_env.critical
+    np.testing.assert_allclose(from_controller.shares, from_env.shares, atol=1e-9)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_shares_are_always_a_valid_split_on_random_observations(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    state = CoreState()
+    shares = None
+    for t in range(20):
+        n = 6
+        rows = [{"p50": float(rng.uniform(1, 300)), "rps": float(rng.choice([0.0, rng.uniform(0, 200)])),
+                 "inflight": float(rng.uniform(0, 50)), "cost": float(rng.uniform(0, 2)),
+                 "err": float(rng.choice([0.0, rng.uniform(0, 1)])), "healthy": bool(rng.random() > 0.1)}
+                for _ in range(n)]  # fmt: skip
+        obs = obs_of(rows, 1000.0 + t)
+        d = decide(obs, ctx_of(obs, shares, 2), rng.normal(size=n), Knobs(k=2, util_target=0.5, latency_weight=0.2),
+                   state)  # fmt: skip
+        assert np.all(np.isfinite(d.shares)) and np.all(d.shares >= 0) and abs(d.shares.sum() - 1) < 1e-9
+        assert np.all(d.weights >= 1)
+        state, shares = d.state, d.shares
