@@ -14,6 +14,11 @@ stack with the same open-loop arrival schedule (Poisson, seeded by the fleet's s
   only ~100-250 req/s, so the rate is drawn in ``rate_rps_range`` first and every base
   latency is then scaled by one common factor (kept within 5-150 ms; the concurrencies
   are adjusted when that is not enough) until rate / capacity is the drawn fraction.
+  At 100-200 req/s and 5-150 ms that leaves most backends with 1-3 slots (a few
+  more on the slow ones): queueing at 40-80 % load on single-slot, heavy-tailed
+  backends is what the balancers are up against. A draw that cannot be fitted is
+  drawn again from the same generator (still deterministic; ``draw_attempts`` says how
+  many it took).
   True capacity of a backend = ``concurrency / mean slot hold``, the mean being
   ``median * exp(sigma**2 / 2) + jitter / 2 + tail_prob * tail_ms``
   (:func:`~balanceiq.testbed.backend.mean_service_ms`).

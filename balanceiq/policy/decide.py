@@ -376,11 +376,20 @@ def decide(
         if dearer.any():
             capped = np.where(dearer, np.minimum(max_share, [mem[e.address].dearer_share for e in obs.endpoints]),
                               max_share)  # fmt: skip
-            crit = np.zeros(n, dtype=bool)
-            crit[critical] = True
-            budget = 1.0 - float(np.where(~crit & avail, shares, 0.0).sum())
-            room = float(np.minimum(np.where(crit & avail, capped, 0.0), 1.0).sum())
-            if room >= budget:
+
+            def room_for(crit_idx: list[int]) -> bool:
+                crit = np.zeros(n, dtype=bool)
+                crit[crit_idx] = True
+                budget = 1.0 - float(np.where(~crit & avail, shares, 0.0).sum())
+                return float(np.minimum(np.where(crit & avail, capped, 0.0), 1.0).sum()) >= budget
+
+            if not room_for(critical):
+                # Look for headroom among every endpoint before the dearer one may grow.
+                everyone = [i for i in range(n) if avail[i] and i not in held]
+                if room_for(everyone):
+                    critical = list(dict.fromkeys(critical + everyone))
+                    notes.append("price: every endpoint re-optimised to keep a repriced one from gaining share")
+            if room_for(critical):
                 max_share = capped
             else:
                 notes.append("price: a repriced endpoint may gain share, the others lack headroom")
