@@ -743,11 +743,13 @@ class ControlConfig(_Model):
     (moving load to the cheap one raises the maximum utilisation by more than the cost
     term saves); 0.5 (default) lets price and latency decide below half load."""
 
-    cost_weight: float = Field(default=0.1, ge=0.0, le=100.0, description="Weight of the LP's cost term.")
-    """Weight of the normalised price term against utilisation in the live LP (0.1, as the
-    simulator trains with). Both terms are linear in the shares, and one share of traffic
-    adds demand/capacity of utilisation, so the higher this weight, the more load a price
-    difference can move: at low load even a small weight moves traffic to cheap endpoints."""
+    cost_weight: float = Field(default=0.3, ge=0.0, le=100.0, description="Weight of the LP's cost term.")
+    """Weight of the normalised price term (price over the fleet's highest) against
+    utilisation in the live LP. Both terms are linear in the shares, and one share of
+    traffic adds demand/capacity of utilisation, so the higher this weight, the more load
+    a price difference can move. 0.3 (default) is commensurate with ``latency_weight`` 0.2:
+    the whole price range is worth a little more than 1.5 SLOs of p95. The simulator
+    trains with 0.1 (``rllib_configs/ppo.yaml``)."""
 
     latency_weight: float = Field(default=0.2, ge=0.0, le=100.0, description="Weight of the LP's latency term.")
     """Weight of the observed p95 latency (in units of the SLO) against utilisation in the

@@ -45,6 +45,16 @@ CONGESTED_SLACK_MS = 5.0
 BASELINE_TAU_S = 60.0
 CEILING_TAU_S = 90.0
 GOOD_TAU_S = 120.0
+# How long a quiet endpoint's last measured p95 stands in for a measurement.
+LATENCY_MEMORY_S = 120.0
+# Requests a window needs before its median says anything (about latency or queueing).
+MIN_SAMPLES = 8.0
+# How far one window below the baseline pulls it down, and the weight of a new window in
+# the smoothed median/baseline ratio: single windows of a few dozen requests are noisy.
+BASELINE_STEP = 0.3
+RATIO_SMOOTHING = 0.5
+# An endpoint that is not queueing is taken to run at no more than this utilisation.
+UNCONGESTED_UTIL = 0.5
 # Below this load an endpoint is too quiet for its latency to say anything about capacity.
 MIN_PROBE_RPS = 1.0
 
@@ -67,6 +77,10 @@ class Knobs:
     """An uncongested endpoint's load may grow by at most this factor per decision."""
     probe_share: float = 0.05
     """Every endpoint may grow to at least this share of demand, however quiet it was."""
+    max_step: float = 0.05
+    """An endpoint gains at most this share of demand per decision (bounded steps)."""
+    cooldown: int = 3
+    """Decisions a congested or breaching endpoint waits before it may grow again."""
     breach_error_rate: float = 0.01
     """A decayed error rate at or above this over about a minute breaches."""
     breach_hold_s: float = 30.0
@@ -82,12 +96,16 @@ class Memory:
     """What the core remembers of one endpoint between decisions."""
 
     base_ms: float = math.nan  # lowest recent median latency
+    ratio: float = math.nan  # median over baseline, smoothed over decisions
     good_rps: float = 0.0  # most load carried uncongested lately
     ceiling_rps: float = math.nan  # load it was last seen congested at (nan: never)
     price: float = math.nan  # price at the last decision
     dearer_from: float = math.nan  # its price before a rise still in force
     dearer_share: float = math.nan  # its share when the price rose: no more while dearer
     breached_at: float = math.nan  # last time it was measured breaching
+    p95_ms: float = math.nan  # last measured p95 (a quiet endpoint keeps its record)
+    p95_at: float = math.nan  # when
+    cooldown: int = 0  # decisions left without growth after it congested
     requests: float = 0.0  # decayed request count (error evidence)
     errors: float = 0.0  # decayed error count
 
@@ -131,6 +149,46 @@ class CoreDecision:
 
     def info(self) -> dict[str, Any]:
         return {"lp_status": self.lp_status, "capacity_estimate": [round(float(c), 3) for c in self.capacity]}
+
+
+def erlang_wait(c: int, a: float) -> float:
+    """Mean wait in queue over mean service time of an M/M/c queue with offered load
+    ``a`` = arrival rate x service time (Erlang C / (c - a)); inf when ``a >= c``."""
+    if a >= c:
+        return math.inf
+    if a <= 0:
+        return 0.0
+    term, total = 1.0, 1.0  # a^k / k!, summed for k < c
+    for k in range(1, c):
+        term *= a / k
+        total += term
+    last = term * a / c * c / (c - a)  # a^c / c! * c / (c - a)
+    return last / (total + last) / (c - a)
+
+
+def queue_utilisation(busy: float, wait_ratio: float, max_servers: int = 256) -> float:
+    """Utilisation of an endpoint seen queueing: ``busy`` is its offered load in servers
+    (rate x baseline service time, Little's law), ``wait_ratio`` the queueing delay over
+    the service time. The server count whose M/M/c wait matches best gives capacity
+    ``servers / service time``, so utilisation ``busy / servers``; clamped to [0.3, 1]
+    because a median is a noisy measure of a mean wait."""
+    if not (math.isfinite(busy) and busy > 0 and math.isfinite(wait_ratio) and wait_ratio > 0):
+        return 1.0
+    best, best_err = 1.0, math.inf
+    c = max(1, math.floor(busy) + 1)
+    if erlang_wait(c, busy) < wait_ratio:
+        # It queues more than even the fewest servers would at this load: busier than
+        # its baseline says (it slowed down); read the wait as one server's.
+        return min(1.0, max(0.3, busy / c, wait_ratio / (1.0 + wait_ratio)))
+    while c <= max_servers:
+        w = erlang_wait(c, busy)
+        err = abs(math.log(w / wait_ratio)) if w > 0 else math.inf
+        if err < best_err:
+            best, best_err = busy / c, err
+        if w < wait_ratio:  # the wait only falls as servers are added
+            break
+        c += 1
+    return min(1.0, max(0.3, best))
 
 
 def _f(x: float) -> float:
@@ -194,11 +252,19 @@ def _remember(obs: Observation, shares: np.ndarray, knobs: Knobs, state: CoreSta
                 breached_at = math.nan
         # Baseline: the lowest median lately, allowed to drift up (a slowed endpoint's
         # new normal) but never above what is measured now.
-        base = m.base_ms
+        base, smooth = m.base_ms, m.ratio
         p50 = e.p50_ms if e.usable and math.isfinite(e.p50_ms) and e.p50_ms > 0 else math.nan
+        if not (math.isfinite(e.rps) and e.rps * window >= MIN_SAMPLES):
+            p50 = math.nan  # a median of a handful of requests is noise
         if math.isfinite(p50):
-            drifted = base * math.exp(dt / BASELINE_TAU_S) if math.isfinite(base) else math.inf
-            base = min(p50, drifted)
+            if not math.isfinite(base):
+                base = p50
+            elif p50 < base:
+                base += BASELINE_STEP * (p50 - base)  # down, but not to one lucky window
+            else:
+                base = min(p50, base * math.exp(dt / BASELINE_TAU_S))
+            r = p50 / base
+            smooth = r if not math.isfinite(smooth) else RATIO_SMOOTHING * r + (1 - RATIO_SMOOTHING) * smooth
         # Price: a change is re-optimised at once; a rise caps the share while it lasts.
         price = e.cost_per_million
         dearer_from, dearer_share = m.dearer_from, m.dearer_share
@@ -211,6 +277,9 @@ def _remember(obs: Observation, shares: np.ndarray, knobs: Knobs, state: CoreSta
         mem[e.address] = replace(
             m,
             base_ms=_f(base),
+            ratio=_f(smooth),
+            p95_ms=e.p95_ms if e.usable and math.isfinite(e.p95_ms) else m.p95_ms,
+            p95_at=now if e.usable and math.isfinite(e.p95_ms) else m.p95_at,
             price=_f(price) if math.isfinite(price) else m.price,
             dearer_from=dearer_from,
             dearer_share=dearer_share,
@@ -239,7 +308,6 @@ def estimate(
     to how far it is out of bounds."""
     n = len(obs.endpoints)
     rps = _arr(obs, "rps")
-    p50 = _arr(obs, "p50_ms")
     p95 = _arr(obs, "p95_ms")
     inflight = _arr(obs, "inflight")
     sat = _arr(obs, "saturation")
@@ -259,13 +327,8 @@ def estimate(
         good = m.good_rps * math.exp(-dt / GOOD_TAU_S)
         ceiling = m.ceiling_rps * math.exp(dt / CEILING_TAU_S) if math.isfinite(m.ceiling_rps) else math.nan
         # Queueing, by the endpoint's own baseline: the median well above it ...
-        queueing = (
-            e.usable
-            and math.isfinite(p50[i])
-            and math.isfinite(m.base_ms)
-            and load >= MIN_PROBE_RPS
-            and p50[i] > CONGESTED_RATIO * m.base_ms + CONGESTED_SLACK_MS
-        )
+        limit = CONGESTED_RATIO + CONGESTED_SLACK_MS / m.base_ms if math.isfinite(m.base_ms) and m.base_ms > 0 else math.inf
+        queueing = bool(load >= MIN_PROBE_RPS and math.isfinite(m.ratio) and m.ratio > limit)
         # ... or requests in flight far older than what completes (Little's law: their
         # time in system is in-flight / rate): a stuck or overloaded endpoint completes
         # little, so its latency reads stale while Envoy's rq_active climbs.
@@ -275,11 +338,12 @@ def estimate(
             little_ms = 1000.0 * q / load if load > 0 else math.inf
             if not math.isfinite(recent) or little_ms > max(2.0 * recent, 50.0):
                 queueing = True
-        ratio = p50[i] / m.base_ms if queueing and math.isfinite(p50[i]) and m.base_ms > 0 else 2 * CONGESTED_RATIO
+        ratio = m.ratio if queueing and math.isfinite(m.ratio) else 2 * CONGESTED_RATIO
         if queueing and load > 0:
-            # At mild queueing it runs at ~80% of what it can do; well past the knee it
-            # completes what it can (its capacity) and the rest queues.
-            util = min(1.0, 0.8 + 0.2 * max(0.0, ratio - CONGESTED_RATIO) / CONGESTED_RATIO)
+            # How busy it is, from how much it queues at this load (M/M/c, the servers
+            # inferred): a one-slot backend queues at a third of its capacity, a
+            # sixteen-slot one only near all of it.
+            util = queue_utilisation(load * m.base_ms / 1000.0, ratio - 1.0) if math.isfinite(m.base_ms) else 1.0
             ceiling = load / util
             congested[i] = True
         elif load >= MIN_PROBE_RPS and not queueing:
@@ -295,6 +359,12 @@ def estimate(
             c = max(ceiling, load)
         elif math.isfinite(prior):
             c = prior
+        elif load > 0 and knobs.safe_moves:
+            # Carrying this much without queueing: it can take what the growth bound
+            # lets it grow to at no more than UNCONGESTED_UTIL (the bound, not this
+            # guess, keeps it from being flooded; the guess lets price and latency pick).
+            c = max(load, min(knobs.growth * max(good, load, knobs.probe_share * demand),
+                              load + knobs.max_step * demand)) / UNCONGESTED_UTIL  # fmt: skip
         else:
             c = math.nan  # unknown: filled below
         if math.isfinite(err[i]) and err[i] > 0 and math.isfinite(c):
@@ -305,18 +375,24 @@ def estimate(
                 factor = min(factor, max(0.1, 1.0 - 2.0 * err[i]))
             c = min(c, load * factor) if math.isfinite(c) else load * factor
         cap[i] = c
+        # A breacher, like a congested endpoint, waits before it may grow again: its next
+        # window may well read fine (a tail is bursty), and regrowing at once is ping-pong.
+        cooldown = knobs.cooldown if congested[i] or i in breaching else max(0, m.cooldown - 1)
         if knobs.safe_moves:
             probe = knobs.probe_share * demand
-            if congested[i]:
+            if congested[i] or m.cooldown > 0:
+                # Backed off: no growth for a few decisions, or the next window (still
+                # draining its queue) would hand it back what it just lost: ping-pong.
                 max_load[i] = min(load, c) if math.isfinite(c) else load
             elif not math.isfinite(measured):
-                bound = knobs.growth * max(good, load, probe)
+                bound = min(knobs.growth * max(good, load, probe), load + knobs.max_step * demand)
                 if math.isfinite(ceiling):
                     bound = min(bound, max(0.9 * ceiling, load))
                 max_load[i] = bound
         if not avail[i]:
             cap[i] = 0.0
-        out[e.address] = replace(m, good_rps=good, ceiling_rps=ceiling if math.isfinite(ceiling) else math.nan)
+        out[e.address] = replace(m, good_rps=good, ceiling_rps=ceiling if math.isfinite(ceiling) else math.nan,
+                                 cooldown=cooldown)  # fmt: skip
     # Unknown capacity: typical (the median of the known), else enough for all traffic;
     # growth is bounded by max_load, so this only lets cost and latency decide where it goes.
     unknown = ~np.isfinite(cap)
@@ -393,7 +469,16 @@ def decide(
                 max_share = capped
             else:
                 notes.append("price: a repriced endpoint may gain share, the others lack headroom")
-    latency = _arr(obs, "p95_ms") / knobs.slo_ms if knobs.latency_weight > 0 else None
+    latency = None
+    if knobs.latency_weight > 0:
+        # A quiet endpoint's latency is what it last measured (for LATENCY_MEMORY_S), not
+        # "typical": the trickle a slow endpoint is left with must not make it look new.
+        p95 = _arr(obs, "p95_ms")
+        for i, e in enumerate(obs.endpoints):
+            m = mem[e.address]
+            if not math.isfinite(p95[i]) and math.isfinite(m.p95_ms) and now - m.p95_at <= LATENCY_MEMORY_S:
+                p95[i] = m.p95_ms
+        latency = p95 / knobs.slo_ms
     res = solve_critical(shares, critical, est.capacity, _arr(obs, "cost_per_million"), demand, available=avail,
                          cost_weight=knobs.cost_weight, util_target=knobs.util_target, latency=latency,
                          latency_weight=knobs.latency_weight, max_share=max_share)  # fmt: skip
