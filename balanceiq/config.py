@@ -610,11 +610,13 @@ def _default_queries(recording_rules: bool = True) -> dict[str, SignalQuery]:
         ),
         # Latency from BalanceIQ's ALS exporter: Envoy's view of each upstream request.
         **(_recorded_latency() if recording_rules else _raw_latency()),
-        # Testbed backends export their own in-flight count and limit; a real backend
-        # that exports nothing similar simply leaves saturation unmeasured (nan).
+        # ORCA load reports (Envoy's standard endpoint-load-metrics header), as Envoy logs
+        # them to the ALS exporter. Optional: an endpoint that sends none leaves saturation
+        # unmeasured (nan) and the controller reads capacity from latency and in-flight
+        # requests instead. Backends' own gauges can be used here too (BACKEND_SATURATION).
         "saturation": SignalQuery(
-            promql="max by (backend) (backend_inflight_requests / backend_concurrency_limit)",
-            endpoint_label="backend",
+            promql='max by (endpoint) (avg_over_time(balanceiq_upstream_orca_utilization{cluster="$cluster"}[$window]))',
+            endpoint_label="endpoint",
         ),
     }
 
@@ -642,6 +644,13 @@ class SignalQuery(_Model):
 
 
 SIGNALS = ("rps", "errors", "success", "inflight", "healthy", "last_sample", "p50_ms", "p95_ms", "saturation")
+
+# The testbed backends' private gauges (in-flight over concurrency limit), for
+# ``telemetry.queries.saturation`` on a fleet whose services export such gauges.
+BACKEND_SATURATION = SignalQuery(
+    promql="max by (backend) (backend_inflight_requests / backend_concurrency_limit)",
+    endpoint_label="backend",
+)
 
 
 class TelemetryConfig(_Model):

@@ -67,7 +67,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from balanceiq.bench.processes import cpu_by_role, leftovers
-from balanceiq.config import EndpointConfig, SignalQuery, Settings
+from balanceiq.config import BACKEND_SATURATION, EndpointConfig, SignalQuery, Settings
 from balanceiq.exceptions import BalanceIQError, BenchError
 from balanceiq.policy.stability import count_reversals
 from balanceiq.testbed.openloop import ARRIVALS, OpenLoopResult, latency_summary
@@ -178,7 +178,10 @@ def validate_args(*, rate_rps: float, duration_s: float, warmup_s: float, slo_ms
 
 
 # The ``saturation`` signal when the backends' private gauges are off: a metric nothing
-# exports, so saturation reads "unmeasured" as it would for a real backend.
+# exports, so saturation reads "unmeasured" as it would for a real backend. (The default
+# query reads ORCA reports through the ALS exporter; the backends send ORCA in every arm
+# because CSWRR needs it, so it is off here too: BalanceIQ's numbers are from latency,
+# rates and in-flight requests alone.)
 NO_PRIVATE_GAUGES = SignalQuery(promql="max by (backend) (balanceiq_private_gauges_off)", endpoint_label="backend")
 
 
@@ -202,8 +205,8 @@ def bench_settings(base: Settings, state_dir: Path, *, private_gauges: bool = Fa
             "prometheus": free.prometheus.model_copy(update={"scrape_interval_s": SCRAPE_INTERVAL_S}),
             "telemetry": free.telemetry.model_copy(
                 update={"window_s": TELEMETRY_WINDOW_S, "stale_after_s": 2 * TELEMETRY_WINDOW_S,
-                        "queries": free.telemetry.queries if private_gauges
-                        else {**free.telemetry.queries, "saturation": NO_PRIVATE_GAUGES}}  # fmt: skip
+                        "queries": {**free.telemetry.queries,
+                                    "saturation": BACKEND_SATURATION if private_gauges else NO_PRIVATE_GAUGES}}  # fmt: skip
             ),
             "control": free.control.model_copy(update={"interval_s": CONTROL_INTERVAL_S}),
             "state_dir": state_dir,
@@ -232,6 +235,7 @@ def oracle_split(truth: dict[str, dict[str, Any]], *, demand_rps: float, slo_ms:
     left out (weight 1) when the others carry the demand below 90 % utilisation (worst
     error rate first): the LP has no error term, the oracle knows better. Unhealthy
     backends are left out. Returns {"weights", "shares", "excluded", "status"}."""
+    from balanceiq.policy.decide import lp_latency
     from balanceiq.policy.lp import shares_to_weights, solve_critical
 
     addrs = list(truth)
@@ -245,7 +249,7 @@ def oracle_split(truth: dict[str, dict[str, Any]], *, demand_rps: float, slo_ms:
         if rest * ORACLE_MAX_UTIL_WITHOUT_ERRING >= demand_rps:
             avail[i] = False
             excluded.append(addrs[i])
-    lat = np.array([truth[a]["mean_service_ms"] / slo_ms for a in addrs], dtype=np.float64)
+    lat = lp_latency(np.array([truth[a]["mean_service_ms"] for a in addrs], dtype=np.float64), slo_ms)
     res = solve_critical(np.full(n, 1.0 / n), list(range(n)), cap, [truth[a]["price"] for a in addrs], demand_rps,
                          available=avail, cost_weight=cost_weight, util_target=util_target, latency=lat,
                          latency_weight=latency_weight)  # fmt: skip

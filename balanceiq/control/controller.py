@@ -44,7 +44,7 @@ from balanceiq.control.metrics import ControllerMetrics
 from balanceiq.control.records import DecisionLog, DecisionRecord
 from balanceiq.exceptions import BalanceIQError, ControlError, XdsError
 from balanceiq.policy.baselines import Decision, PolicyContext, available_mask, make_policy
-from balanceiq.policy.decide import CoreDecision, CoreState, Knobs, breach_state, decide, observe_only
+from balanceiq.policy.decide import CoreDecision, CoreState, Knobs, breach_state, decide, lp_latency, observe_only
 from balanceiq.policy.features import encode
 from balanceiq.policy.lp import objective, traffic_moved, weights_to_shares
 from balanceiq.policy.reward import RewardWeights, observed_reward
@@ -304,7 +304,7 @@ class Controller:
             # Both judged on this very observation (see RollbackMonitor): the score is the
             # negated LP objective, worst estimated load/capacity plus the cost term.
             costs = np.array([e.cost_per_million for e in obs.endpoints], dtype=np.float64)
-            latency = np.array([e.p95_ms for e in obs.endpoints], dtype=np.float64) / self.policy.reward.slo_ms
+            latency = lp_latency(np.array([e.p95_ms for e in obs.endpoints], dtype=np.float64), self.policy.reward.slo_ms)
             score = {
                 name: -objective(d.shares, capacity, costs, ctx.demand_rps, cost_weight=self.policy.cost_weight,
                                  util_target=self.policy.util_target, latency=latency,

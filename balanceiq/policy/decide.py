@@ -45,6 +45,9 @@ CONGESTED_SLACK_MS = 5.0
 BASELINE_TAU_S = 60.0
 CEILING_TAU_S = 90.0
 GOOD_TAU_S = 120.0
+# Latency (p95) below this fraction of the SLO costs nothing in the LP: once an endpoint
+# is comfortably inside the SLO, price decides, not a few milliseconds more or less.
+LATENCY_FREE = 0.5
 # How long a quiet endpoint's last measured p95 stands in for a measurement.
 LATENCY_MEMORY_S = 120.0
 # Requests a window needs before its median says anything (about latency or queueing).
@@ -189,6 +192,13 @@ def queue_utilisation(busy: float, wait_ratio: float, max_servers: int = 256) ->
             break
         c += 1
     return min(1.0, max(0.3, best))
+
+
+def lp_latency(p95_ms: np.ndarray, slo_ms: float) -> np.ndarray:
+    """The LP's latency term per endpoint: p95 in SLO units above :data:`LATENCY_FREE`
+    (NaN stays unknown)."""
+    with np.errstate(invalid="ignore"):
+        return np.maximum(np.asarray(p95_ms, dtype=np.float64) / slo_ms - LATENCY_FREE, 0.0)
 
 
 def _f(x: float) -> float:
@@ -478,7 +488,7 @@ def decide(
             m = mem[e.address]
             if not math.isfinite(p95[i]) and math.isfinite(m.p95_ms) and now - m.p95_at <= LATENCY_MEMORY_S:
                 p95[i] = m.p95_ms
-        latency = p95 / knobs.slo_ms
+        latency = lp_latency(p95, knobs.slo_ms)
     res = solve_critical(shares, critical, est.capacity, _arr(obs, "cost_per_million"), demand, available=avail,
                          cost_weight=knobs.cost_weight, util_target=knobs.util_target, latency=latency,
                          latency_weight=knobs.latency_weight, max_share=max_share)  # fmt: skip

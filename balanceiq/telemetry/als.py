@@ -84,11 +84,13 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "BUCKETS",
+    "ORCA_HEADER",
     "AlsCollector",
     "AlsServer",
     "access_log_config",
     "als_cluster_config",
     "main",
+    "orca_utilization",
 ]
 
 ALS_SERVICE = "envoy.service.accesslog.v3.AccessLogService"
@@ -108,6 +110,12 @@ BUCKETS: tuple[float, ...] = (
 )  # fmt: skip
 
 DROP_REASONS = ("no_upstream", "malformed", "intermediate", "cardinality", "tcp")
+
+# Envoy's standard per-response load report (ORCA, native HTTP form). Envoy logs it when
+# asked to (``additional_response_headers_to_log``); backends that do not send it simply
+# leave the utilisation gauge absent.
+ORCA_HEADER = "endpoint-load-metrics"
+_ORCA_KEYS = ("application_utilization", "cpu_utilization")
 
 _T = accesslog_pb2.AccessLogType
 # NotSet: Envoy versions before access_log_type existed only logged at stream end.
@@ -163,6 +171,39 @@ def code_class(entry: accesslog_pb2.HTTPAccessLogEntry) -> str:
     return _CODE_CLASSES.get(entry.response.response_code.value // 100, "none")
 
 
+def orca_utilization(value: str) -> float | None:
+    """Utilisation from an ORCA ``endpoint-load-metrics`` header in its TEXT or JSON form
+    (``application_utilization``, else ``cpu_utilization``); None when absent or odd."""
+    text = value.strip()
+    fields: dict[str, str] = {}
+    if text[:5].upper() == "TEXT ":
+        for item in text[5:].split(","):
+            key, sep, val = item.partition(":")
+            if sep:
+                fields[key.strip()] = val.strip()
+    elif text[:5].upper() == "JSON ":
+        import json
+
+        try:
+            data = json.loads(text[5:])
+        except ValueError:
+            return None
+        if isinstance(data, dict):
+            fields = {str(k): str(v) for k, v in data.items() if isinstance(v, (int, float))}
+        # protobuf JSON uses camelCase
+        for snake, camel in (("application_utilization", "applicationUtilization"), ("cpu_utilization", "cpuUtilization")):
+            if camel in fields and snake not in fields:
+                fields[snake] = fields[camel]
+    for key in _ORCA_KEYS:
+        try:
+            u = float(fields[key])
+        except (KeyError, ValueError):
+            continue
+        if math.isfinite(u) and 0.0 <= u <= 100.0:
+            return u
+    return None
+
+
 def parse_entry(entry: accesslog_pb2.HTTPAccessLogEntry) -> tuple[str, str, str, float | None] | str:
     """``(cluster, endpoint, code_class, seconds | None)``, or the reason to drop it."""
     common = entry.common_properties
@@ -182,13 +223,20 @@ def parse_entry(entry: accesslog_pb2.HTTPAccessLogEntry) -> tuple[str, str, str,
 class _Series:
     """Cached children of one (cluster, endpoint): ``labels()`` is the costly part."""
 
-    __slots__ = ("counts", "hist", "key", "rq_total")
+    __slots__ = ("counts", "hist", "key", "orca", "orca_gauge", "rq_total")
 
     def __init__(self, collector: AlsCollector, cluster: str, endpoint: str) -> None:
         self.key = (cluster, endpoint)
         self.hist = collector.rq_time.labels(cluster, endpoint)
         self.rq_total = collector.rq_total
+        self.orca_gauge = collector.orca
+        self.orca: Any = None  # the gauge's child, made on the first report
         self.counts: dict[str, Any] = {}
+
+    def report(self, utilization: float) -> None:
+        if self.orca is None:
+            self.orca = self.orca_gauge.labels(*self.key)
+        self.orca.set(utilization)
 
     def count(self, klass: str, n: int = 1) -> None:
         child = self.counts.get(klass)
@@ -241,6 +289,13 @@ class AlsCollector:
         self.series_gauge = Gauge(
             "balanceiq_als_series", "(cluster, endpoint) series in use.", registry=reg
         )
+        self.orca = Gauge(
+            "balanceiq_upstream_orca_utilization",
+            "The endpoint's last ORCA load report (endpoint-load-metrics: application, else "
+            "CPU utilisation), as Envoy logged it; absent for endpoints that send none.",
+            ["cluster", "endpoint"],
+            registry=reg,
+        )
         # Every reason exported from the start: a rate() over a series that appears only
         # on the first drop would miss that drop.
         self._drop_children = {r: self.dropped.labels(r) for r in DROP_REASONS}
@@ -253,13 +308,15 @@ class AlsCollector:
 
     def observe_entries(self, entries: Iterable[accesslog_pb2.HTTPAccessLogEntry]) -> int:
         """Fold a batch in under one lock; returns how many were attributed to an endpoint."""
-        parsed: list[tuple[str, str, str, float | None]] = []
+        parsed: list[tuple[str, str, str, float | None, float | None]] = []
         drops: Tally[str] = Tally()
         n = 0
         for entry in entries:
             n += 1
             try:
                 row = parse_entry(entry)
+                orca = entry.response.response_headers.get(ORCA_HEADER) if not isinstance(row, str) else None
+                util = orca_utilization(orca) if orca else None
             except Exception:  # one odd entry must not end Envoy's stream
                 log.debug("unparsable access-log entry", exc_info=True)
                 drops["malformed"] += 1
@@ -267,11 +324,11 @@ class AlsCollector:
             if isinstance(row, str):
                 drops[row] += 1
             else:
-                parsed.append(row)
+                parsed.append((*row, util))
         observed = 0
         with self._lock:
             series = self._series
-            for cluster, endpoint, klass, seconds in parsed:
+            for cluster, endpoint, klass, seconds, util in parsed:
                 s = series.get((cluster, endpoint))
                 if s is None:
                     if len(series) >= self.max_endpoints:
@@ -282,6 +339,8 @@ class AlsCollector:
                 s.count(klass)
                 if seconds is not None and math.isfinite(seconds):
                     s.hist.observe(seconds)
+                if util is not None:
+                    s.report(util)
                 observed += 1
         if n:
             self.entries.inc(n)
@@ -521,6 +580,8 @@ def access_log_config(
                 "buffer_flush_interval": "0.2s",
                 "buffer_size_bytes": 16384,
             },
+            # ORCA load reports, when a backend sends them (never required).
+            "additional_response_headers_to_log": [ORCA_HEADER],
         },
     }
     if sample_percent < 100.0:

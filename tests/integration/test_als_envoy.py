@@ -63,14 +63,16 @@ def wait_until(check: Callable[[], bool], timeout: float, what: str) -> None:
 def stack_factory(ports_settings: Settings, tmp_path: Path) -> Iterator[Callable[..., Stack]]:
     with ExitStack() as stop:
 
-        def make(sample_percent: float, tweak: Callable[[dict[str, Any]], None] | None = None) -> Stack:
+        def make(sample_percent: float, tweak: Callable[[dict[str, Any]], None] | None = None,
+                 orca: bool = False) -> Stack:  # fmt: skip
             xds = XdsServer(ports_settings, state_dir=tmp_path / "state")
             xds.start()
             stop.callback(xds.stop)
             als = AlsServer(AlsCollector())
             grpc_port, _ = als.start()
             stop.callback(als.stop)
-            backends = BackendsProcess(backend_specs(ports_settings), tmp_path / "backends")
+            specs = [{**spec, "orca": orca} for spec in backend_specs(ports_settings)]
+            backends = BackendsProcess(specs, tmp_path / "backends")
             backends.start()
             stop.callback(backends.stop)
             # One health check marks hosts healthy; later ones would only add noise.
@@ -138,6 +140,22 @@ def test_p50_per_endpoint_matches_backend_latency(stack_factory: Callable[..., S
         assert ok == sent[addr]
         p50_ms = quantile_from_buckets(buckets(samples, stack.cluster, addr), 0.5) * 1000
         assert abs(p50_ms - base_ms) <= 10, (addr, p50_ms, base_ms)
+    # These backends send no ORCA reports: no utilisation series appears.
+    assert not [x for x in samples if x.name == "balanceiq_upstream_orca_utilization"]
+
+
+def test_orca_load_reports_reach_the_exporter(stack_factory: Callable[..., Stack]) -> None:
+    """Backends that send endpoint-load-metrics: Envoy logs the header, the exporter keeps
+    each endpoint's last utilisation (what the default saturation query reads)."""
+    stack = stack_factory(100.0, orca=True)
+    result = run_load_sync(stack.envoy.listen_url, total=120, concurrency=6, max_seconds=60)
+    assert result.failed == 0, result.to_json()
+    sent = dict(result.by_backend)
+    wait_until(lambda: counts(scrape(stack.als), stack.cluster) == sent, 5, f"ALS counts {sent}")
+    util = {x.labels["endpoint"]: x.value for x in scrape(stack.als) if x.name == "balanceiq_upstream_orca_utilization"}
+    assert set(util) == set(sent), (util, sent)
+    # The testbed reports in-flight over its concurrency limit, counting the request itself.
+    assert all(0.0 < u <= 1.0 for u in util.values()), util
 
 
 def test_runtime_sampling_at_10_percent(stack_factory: Callable[..., Stack]) -> None:

@@ -484,3 +484,30 @@ def test_cli_bind_failure_exit_2_with_one_line(flag: str) -> None:
     assert res.stderr.strip().splitlines() == [res.stderr.strip()]
     assert f"127.0.0.1:{port}" in res.stderr
     assert res.stdout == ""
+
+
+def test_orca_utilization_reads_text_and_json_and_refuses_the_rest() -> None:
+    from balanceiq.telemetry.als import orca_utilization
+
+    assert orca_utilization("TEXT cpu_utilization:0.4,rps_fractional:12,application_utilization:0.35") == 0.35
+    assert orca_utilization("TEXT cpu_utilization:0.4") == 0.4
+    assert orca_utilization('JSON {"cpuUtilization": 0.5, "rpsFractional": 3}') == 0.5
+    for bad in ("", "garbage", "TEXT x:1", "TEXT cpu_utilization:nan", "TEXT cpu_utilization:-1",
+                "JSON {not json", 'JSON ["a"]', "BIN AAAA"):  # fmt: skip
+        assert orca_utilization(bad) is None, bad
+
+
+def test_collector_keeps_each_endpoints_last_orca_report() -> None:
+    from prometheus_client import generate_latest
+
+    from balanceiq.telemetry.als import ORCA_HEADER
+
+    col = AlsCollector()
+    a, b, c = entry(port=1), entry(port=1), entry(port=2)
+    a.response.response_headers[ORCA_HEADER] = "TEXT application_utilization:0.2"
+    b.response.response_headers[ORCA_HEADER] = "TEXT application_utilization:0.7"
+    c.response.response_headers[ORCA_HEADER] = "nonsense"  # counted, not reported
+    assert col.observe_entries([a, b, c]) == 3
+    text = generate_latest(col.registry).decode()
+    assert 'balanceiq_upstream_orca_utilization{cluster="svc",endpoint="10.0.0.1:1"} 0.7' in text
+    assert 'endpoint="10.0.0.1:2"} ' not in text.split("balanceiq_upstream_orca_utilization{", 1)[1].split("\n# ")[0]
