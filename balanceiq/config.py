@@ -523,6 +523,15 @@ class EnvoyConfig(_Model):
     bootstrap binds) is refused unless this is set. Set it when the admin port is
     reachable only from a trusted network, e.g. the controller reads a remote Envoy."""
 
+    lb_policy: Literal["LEAST_REQUEST", "ROUND_ROBIN"] = Field(
+        default="LEAST_REQUEST", description="Envoy's balancer under BalanceIQ's weights."
+    )
+    """The ``lb_policy`` of the steered clusters: what the generated bootstrap sets, and
+    what the controller writes weights for (under LEAST_REQUEST Envoy picks by
+    ``weight / (active + 1)``, which the controller compensates so the intended shares
+    are what the endpoints get). LEAST_REQUEST (default) also lets Envoy itself steer
+    away from an endpoint whose requests pile up between two decisions."""
+
     update_merge_window_ms: int = Field(
         default=0, ge=0, strict=True, description="Envoy cluster update merge window in ms (>= 0)."
     )
@@ -744,7 +753,7 @@ class ControlConfig(_Model):
     least 2 (one critical endpoint alone cannot move). Values above N mean every
     endpoint is critical."""
 
-    util_target: float = Field(default=0.5, ge=0.0, le=1.0, description="Utilisation that costs nothing in the LP.")
+    util_target: float = Field(default=0.7, ge=0.0, le=1.0, description="Utilisation that costs nothing in the LP.")
     """Headroom knee of the live LP: utilisation (load over estimated capacity) up to this
     level is free, so below it the LP sends the critical endpoints' traffic to the
     cheapest, fastest ones; above it, spreading load wins. 0 is the pure

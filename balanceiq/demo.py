@@ -207,6 +207,7 @@ def run_demo(
                     report["intervals"].append({
                         "t": round(t, 1), "phase": phase, "clouds": per_cloud, "cost_per_million": cost,
                         "weights": {e["address"]: e["weight"] for e in w["endpoints"]},
+                        "shares": {e["address"]: e["share"] for e in w["endpoints"]},
                         "decision": d,
                     })  # fmt: skip
                 time.sleep(0.1)
@@ -261,7 +262,7 @@ def summarise(intervals: list[dict[str, Any]], clouds: list[str]) -> list[dict[s
     phases: dict[str, list[dict[str, Any]]] = {}
     for row in intervals:
         phases.setdefault(row["phase"], []).append(row)
-    back = Counter(intervals[i]["phase"] for i, _ in reversal_events([r.get("weights") or {} for r in intervals]))
+    back = Counter(intervals[i]["phase"] for i, _ in reversal_events([r.get("shares") or r.get("weights") or {} for r in intervals]))
     out = []
     for name, rows in phases.items():
         entry: dict[str, Any] = {"phase": name, "intervals": len(rows), "clouds": {}, "reversals": back.get(name, 0)}

@@ -74,10 +74,7 @@ from balanceiq.testbed.openloop import ARRIVALS, OpenLoopResult, latency_summary
 from balanceiq.testbed.ports import settings_on_free_ports
 from balanceiq.testbed.scenario import LiveEvent, LiveScenario, state_truth, states_after
 
-try:  # the Envoy lb_policy BalanceIQ ships with (the testbed's default)
-    from balanceiq.testbed.envoy import DEFAULT_LB_POLICY
-except ImportError:  # older testbed module: the benchmark's own choice
-    DEFAULT_LB_POLICY = "LEAST_REQUEST"
+from balanceiq.testbed.envoy import DEFAULT_LB_POLICY  # what BalanceIQ ships with
 
 # -- the arms ---------------------------------------------------------------------------------
 
@@ -185,7 +182,8 @@ def validate_args(*, rate_rps: float, duration_s: float, warmup_s: float, slo_ms
 NO_PRIVATE_GAUGES = SignalQuery(promql="max by (backend) (balanceiq_private_gauges_off)", endpoint_label="backend")
 
 
-def bench_settings(base: Settings, state_dir: Path, *, private_gauges: bool = False) -> tuple[Settings, dict[str, str]]:
+def bench_settings(base: Settings, state_dir: Path, *, private_gauges: bool = False,
+                   lb_policy: str | None = None) -> tuple[Settings, dict[str, str]]:  # fmt: skip
     """``base``'s first cluster (clouds, prices, capacity hints, weights, testbed
     profiles) with every port free right now, the bench's fast telemetry and control
     interval, and a fresh state dir. Returns it and {configured address: bench address}.
@@ -209,6 +207,9 @@ def bench_settings(base: Settings, state_dir: Path, *, private_gauges: bool = Fa
                                     "saturation": BACKEND_SATURATION if private_gauges else NO_PRIVATE_GAUGES}}  # fmt: skip
             ),
             "control": free.control.model_copy(update={"interval_s": CONTROL_INTERVAL_S}),
+            # The controller writes weights for the balancer Envoy runs in this arm.
+            "envoy": free.envoy.model_copy(update={"lb_policy": lb_policy})
+            if lb_policy in ("LEAST_REQUEST", "ROUND_ROBIN") else free.envoy,
             "state_dir": state_dir,
         }
     )
@@ -556,7 +557,8 @@ class Stack:
         from balanceiq.testbed.testbed import Testbed
         from balanceiq.xds.server import XdsServer
 
-        self.settings, self.mapping = bench_settings(base, workdir / "state", private_gauges=private_gauges)
+        self.settings, self.mapping = bench_settings(base, workdir / "state", private_gauges=private_gauges,
+                                                     lb_policy=lb_policy)  # fmt: skip
         self.cluster = self.settings.clusters[0]
         self.pids: set[int] = set()
         self.xds = XdsServer(self.settings, state_dir=workdir / "state")
@@ -864,23 +866,27 @@ def _controller_summary(controller: Any, start_wall: float, warmup_s: float,
                         names: dict[str, str] | None = None) -> dict[str, Any]:  # fmt: skip
     """Decisions, modes, pushes, each decision's weights (per endpoint, under its
     configured address with ``names``; the weights Envoy was left with: the new ones if
-    pushed, else the previous) and share per cloud, and ``reversals`` over the measured
-    decisions (t >= 0, after the warm-up)."""
+    pushed, else the previous) and share per cloud, and ``reversals`` of the decided
+    split (weights differ from it under LEAST_REQUEST, which they compensate) over the
+    measured decisions (t >= 0, after the warm-up)."""
     recs = list(reversed(controller.log.recent(100000)))
     modes = Counter(r.mode for r in recs)
     clouds = {ep.address: ep.cloud for ep in controller.cluster.endpoints}
     names = names or {}
     timeline = []
-    measured: list[dict[str, int]] = []
+    measured: list[dict[str, float]] = []
+    split: dict[str, float] | None = None  # the split decided last (weights realise it)
     for r in recs:
         weights = dict(r.weights if r.pushed or not r.previous else r.previous)
+        if r.pushed and getattr(r, "shares", None):
+            split = dict(r.shares)
         total = sum(weights.values()) or 1
         by_cloud: dict[str, float] = defaultdict(float)
         for a, w in weights.items():
             by_cloud[clouds.get(a, a)] += w / total
         t_s = round(r.timestamp - start_wall - warmup_s, 2)
         if t_s >= 0:
-            measured.append(weights)
+            measured.append(split or {a: float(w) for a, w in weights.items()})
         timeline.append({"t_s": t_s, "mode": r.mode, "pushed": r.pushed,
                          "share_by_cloud": {c: round(v, 3) for c, v in sorted(by_cloud.items())},
                          "weights": {names.get(a, a): int(w) for a, w in sorted(weights.items())}})  # fmt: skip

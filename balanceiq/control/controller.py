@@ -39,14 +39,14 @@ from typing import Any, Protocol
 import numpy as np
 
 from balanceiq.config import Settings
-from balanceiq.control.guardrails import Guardrails, GuardResult, OverrideTable, RollbackMonitor
+from balanceiq.control.guardrails import WEIGHT_SCALE, Guardrails, GuardResult, OverrideTable, RollbackMonitor
 from balanceiq.control.metrics import ControllerMetrics
 from balanceiq.control.records import DecisionLog, DecisionRecord
 from balanceiq.exceptions import BalanceIQError, ControlError, XdsError
 from balanceiq.policy.baselines import Decision, PolicyContext, available_mask, make_policy
 from balanceiq.policy.decide import CoreDecision, CoreState, Knobs, breach_state, decide, lp_latency, observe_only
 from balanceiq.policy.features import encode
-from balanceiq.policy.lp import objective, traffic_moved, weights_to_shares
+from balanceiq.policy.lp import least_request_weights, objective, traffic_moved, weights_to_shares
 from balanceiq.policy.reward import RewardWeights, observed_reward
 from balanceiq.telemetry.observation import Observation
 
@@ -148,13 +148,42 @@ class Controller:
         self._adopted = False
         self.core_state = CoreState()  # the decision core's memory (baselines, breaches, prices)
         self.last_core: CoreDecision | None = None
+        self._intent: tuple[dict[str, int], np.ndarray] | None = None  # weights pushed, split they realise
 
     # -- helpers -------------------------------------------------------------------------
 
     @property
     def shares(self) -> np.ndarray:
+        """The split in force: the one decided, while Envoy holds the weights pushed for
+        it (under LEAST_REQUEST they differ from it); else what the weights say."""
+        if self._intent is not None and self._intent[0] == self.weights:
+            return self._intent[1].copy()
         return weights_to_shares([self.weights[a] for a in self.addresses],
                                  [self.health[a] != "DRAINING" for a in self.addresses])  # fmt: skip
+
+    def envoy_weights(self, guard: GuardResult, routable: np.ndarray, demand: float) -> np.ndarray:
+        """Integer weights that give the guarded split under Envoy's ``lb_policy``: the
+        guardrails' own for ROUND_ROBIN; for LEAST_REQUEST, where Envoy picks by
+        ``weight / (active + 1)``, each scaled by (1 + the requests it will hold, from its
+        smoothed median latency by Little's law). An operator's pinned or set weight is
+        kept as given; the others share the rest of the units."""
+        weights = np.asarray(guard.weights, dtype=np.int64)
+        if self.settings.envoy.lb_policy != "LEAST_REQUEST":
+            return weights
+        fixed = np.array([a in self.overrides.active() and self.overrides.active()[a].fixed for a in self.addresses])
+        free = routable & ~fixed
+        units = int(weights[~fixed].sum())
+        if not free.any() or units < int((~fixed).sum()):
+            return weights
+        t = np.full(len(self.addresses), np.nan)
+        for i, a in enumerate(self.addresses):
+            m = self.core_state.memory.get(a)
+            if m is not None and math.isfinite(m.base_ms) and math.isfinite(m.ratio):
+                t[i] = m.base_ms * m.ratio / 1000.0
+        out = weights.copy()
+        idx = np.flatnonzero(~fixed)
+        out[idx] = least_request_weights(np.asarray(guard.shares)[idx], t[idx], demand, available=free[idx], scale=units)
+        return out
 
     def _adopt_current(self) -> None:
         """Start from what the xDS server serves (a restored snapshot), not from config."""
@@ -327,8 +356,11 @@ class Controller:
         for note in guard.notes:
             self.metrics.guardrail.labels(note.split(":", 1)[0]).inc()
         notes += list(guard.notes)
-        new_weights = {a: int(w) for a, w in zip(self.addresses, guard.weights)}
+        routable = available_mask(obs) & np.array([guard.health[a] != "DRAINING" for a in self.addresses])
+        weights = self.envoy_weights(guard, routable, ctx.demand_rps)
+        new_weights = {a: int(w) for a, w in zip(self.addresses, weights)}
         base.update(critical=tuple(self.addresses[i] for i in critical), weights=new_weights,
+                    shares={a: float(x) for a, x in zip(self.addresses, guard.shares)},
                     moved=traffic_moved(self.shares, guard.shares))  # fmt: skip
 
         if new_weights == self.weights and guard.health == self.health:
@@ -343,6 +375,7 @@ class Controller:
         push_ms = (time.perf_counter() - t_push) * 1000
         self.metrics.push_seconds.observe(push_ms / 1000)
         self.weights, self.health = new_weights, dict(guard.health)
+        self._intent = (dict(new_weights), np.asarray(guard.shares, dtype=np.float64).copy())
         self._remember(now)
         acked: bool | None = None
         ack_ms = None

@@ -46,6 +46,7 @@ class DecisionRecord:
     error: str | None = None
     step_ms: float | None = None  # observe to push, the whole decision
     scores: dict[str, float] | None = None  # policy vs baseline proposal, negated LP objective
+    shares: dict[str, float] | None = None  # the split decided (weights realise it in Envoy)
     observation: dict[str, Any] | None = field(default=None, repr=False)
 
     def to_json(self, *, with_observation: bool = False) -> dict[str, Any]:
@@ -55,6 +56,7 @@ class DecisionRecord:
         out["critical"], out["notes"] = list(self.critical), list(self.notes)
         out["weights"], out["previous"] = dict(self.weights), dict(self.previous)
         out["scores"] = {k: _num(v) for k, v in self.scores.items()} if self.scores else None
+        out["shares"] = {k: round(float(v), 6) for k, v in self.shares.items()} if self.shares else None
         for key in ("reward", "push_ms", "ack_ms", "step_ms", "moved"):
             out[key] = _num(out[key])
         return out

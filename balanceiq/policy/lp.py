@@ -510,6 +510,34 @@ def shares_to_weights(
     return w
 
 
+def least_request_weights(
+    shares: np.ndarray | Sequence[float],
+    time_in_system_s: np.ndarray | Sequence[float],
+    demand_rps: float,
+    *,
+    available: np.ndarray | Sequence[bool] | None = None,
+    bias: float = 1.0,
+    scale: int = 10000,
+) -> np.ndarray:
+    """Weights that realise ``shares`` under Envoy's LEAST_REQUEST with unequal weights.
+
+    There Envoy picks by ``weight / (active + 1)^bias``, not by weight: an endpoint whose
+    requests stay longer (more of them active) gets less than its weight's share. At the
+    intended split each endpoint holds ``active = share x demand x time in system``
+    (Little's law) requests, so weights ``share x (active + 1)^bias`` give it back. Unknown
+    times count as none (plain ``shares_to_weights``)."""
+    s = _nonneg(_vector("shares", shares))
+    n = s.shape[0]
+    t = _nonneg(_vector("time_in_system_s", time_in_system_s, n))
+    d = _clean_scalar(demand_rps)
+    b = _clean_scalar(bias)
+    total = float(s.sum())
+    frac = s / total if total > 0 else s
+    with np.errstate(over="ignore", invalid="ignore"):
+        factor = np.power(1.0 + np.minimum(frac * d * t, 1e6), b)
+    return shares_to_weights(s * np.where(np.isfinite(factor), factor, 1.0), scale=scale, available=available)
+
+
 def traffic_moved(old_shares: np.ndarray | Sequence[float], new_shares: np.ndarray | Sequence[float]) -> float:
     """Fraction of traffic whose endpoint changed: ``0.5 * sum |new - old|`` (NaN -> 0)."""
     old = _nonneg(_vector("old_shares", old_shares))

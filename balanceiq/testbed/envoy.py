@@ -51,10 +51,11 @@ CSWRR_TYPE = (
 )
 
 
-# Envoy's balancer under BalanceIQ's weights in the generated bootstrap. LEAST_REQUEST
-# with unequal weights picks by weight / (active + 1)^bias, so Envoy itself steers away
-# from an endpoint whose requests pile up between two decisions; measured against
-# ROUND_ROBIN on the live suite of unseen fleets (BENCHMARKS.md, "Unseen fleets").
+# Envoy's balancer under BalanceIQ's weights in the generated bootstrap (the default of
+# ``envoy.lb_policy``). LEAST_REQUEST with unequal weights picks by weight / (active + 1),
+# so Envoy itself steers away from an endpoint whose requests pile up between two
+# decisions; measured against ROUND_ROBIN on the live suite of unseen fleets
+# (BENCHMARKS.md, "Unseen fleets").
 DEFAULT_LB_POLICY = "LEAST_REQUEST"
 
 
@@ -79,7 +80,7 @@ def render_bootstrap(
     admin_port: int | None = None,
     listen_port: int | None = None,
     xds_port: int | None = None,
-    lb_policy: str = DEFAULT_LB_POLICY,
+    lb_policy: str | None = None,
     health_check_interval_s: float = 5.0,
 ) -> dict[str, Any]:
     """An Envoy v3 bootstrap as a dict: one listener, one EDS cluster per config cluster."""
@@ -160,7 +161,7 @@ def render_bootstrap(
                 "name": c.name,
                 "type": "EDS",
                 "connect_timeout": "1s",
-                **_lb_config(lb_policy),
+                **_lb_config(lb_policy or settings.envoy.lb_policy),
                 "eds_cluster_config": {"service_name": c.name, "eds_config": eds_config},
                 "common_lb_config": {
                     "update_merge_window": f"{settings.envoy.update_merge_window_ms / 1000:g}s"

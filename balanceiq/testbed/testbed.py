@@ -24,7 +24,7 @@ import psutil
 
 from balanceiq.config import Settings
 from balanceiq.exceptions import BackendError, TestbedError
-from balanceiq.testbed.envoy import DEFAULT_LB_POLICY, EnvoyProcess, render_bootstrap
+from balanceiq.testbed.envoy import EnvoyProcess, render_bootstrap
 from balanceiq.testbed.process import stop_popen, terminate_pid
 from balanceiq.testbed.prometheus import PrometheusProcess, render_config, render_rules
 
@@ -145,7 +145,7 @@ class Testbed:
         api: str | None = None,
         admin_port: int | None = None,
         listen_port: int | None = None,
-        lb_policy: str = DEFAULT_LB_POLICY,
+        lb_policy: str | None = None,
         health_check_interval_s: float = 5.0,
         node_id: str = "balanceiq-envoy-0",
         prometheus: bool = True,

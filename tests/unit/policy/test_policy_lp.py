@@ -382,3 +382,19 @@ def test_latency_sanitation_is_finite_bounded_and_typical_for_unknowns(values: l
     unknown = [i for i, v in enumerate(values) if not math.isfinite(v)]
     for i in unknown:
         assert lat[i] == pytest.approx(float(np.median(known)) if known else 0.0)
+
+
+def test_least_request_weights_give_back_what_active_requests_take() -> None:
+    """Envoy's LEAST_REQUEST picks by weight / (active + 1): the weights make up for it."""
+    from balanceiq.policy.lp import least_request_weights
+
+    shares = np.array([0.5, 0.5])
+    # 100 req/s; endpoint 0 holds each request 10 ms, endpoint 1 for 100 ms.
+    w = least_request_weights(shares, [0.01, 0.1], 100.0, scale=10000)
+    active = shares * 100 * np.array([0.01, 0.1])  # 0.5 and 5 requests in flight
+    effective = w / (active + 1)
+    np.testing.assert_allclose(effective / effective.sum(), shares, atol=1e-3)
+    # Unknown times (NaN) or no demand: the plain weights.
+    assert least_request_weights(shares, [np.nan, np.nan], 100.0).tolist() == shares_to_weights(shares).tolist()
+    assert least_request_weights(shares, [0.01, 0.1], float("nan")).tolist() == shares_to_weights(shares).tolist()
+    assert all(1 <= x <= 2**32 - 1 for x in least_request_weights([1.0, 0.0], [1e9, 1e9], 1e9))
