@@ -753,7 +753,7 @@ class ControlConfig(_Model):
     least 2 (one critical endpoint alone cannot move). Values above N mean every
     endpoint is critical."""
 
-    util_target: float = Field(default=0.7, ge=0.0, le=1.0, description="Utilisation that costs nothing in the LP.")
+    util_target: float = Field(default=0.5, ge=0.0, le=1.0, description="Utilisation that costs nothing in the LP.")
     """Headroom knee of the live LP: utilisation (load over estimated capacity) up to this
     level is free, so below it the LP sends the critical endpoints' traffic to the
     cheapest, fastest ones; above it, spreading load wins. 0 is the pure

@@ -229,7 +229,7 @@ ORACLE_MAX_UTIL_WITHOUT_ERRING = 0.9
 
 
 def oracle_split(truth: dict[str, dict[str, Any]], *, demand_rps: float, slo_ms: float, cost_weight: float,
-                 util_target: float, latency_weight: float) -> dict[str, Any]:  # fmt: skip
+                 util_target: float, latency_weight: float, lb_policy: str = "ROUND_ROBIN") -> dict[str, Any]:  # fmt: skip
     """The LP optimum on the truth (:func:`~balanceiq.testbed.scenario.state_truth` per
     address): every endpoint critical, true capacity, price and mean service time over
     the SLO as the latency term, the controller's knobs. A backend that answers errors is
@@ -237,7 +237,7 @@ def oracle_split(truth: dict[str, dict[str, Any]], *, demand_rps: float, slo_ms:
     error rate first): the LP has no error term, the oracle knows better. Unhealthy
     backends are left out. Returns {"weights", "shares", "excluded", "status"}."""
     from balanceiq.policy.decide import lp_latency
-    from balanceiq.policy.lp import shares_to_weights, solve_critical
+    from balanceiq.policy.lp import least_request_weights, shares_to_weights, solve_critical
 
     addrs = list(truth)
     n = len(addrs)
@@ -254,7 +254,13 @@ def oracle_split(truth: dict[str, dict[str, Any]], *, demand_rps: float, slo_ms:
     res = solve_critical(np.full(n, 1.0 / n), list(range(n)), cap, [truth[a]["price"] for a in addrs], demand_rps,
                          available=avail, cost_weight=cost_weight, util_target=util_target, latency=lat,
                          latency_weight=latency_weight)  # fmt: skip
-    w = shares_to_weights(res.shares, available=avail)
+    if lb_policy == "LEAST_REQUEST":
+        # Under LEAST_REQUEST Envoy picks by weight / (active + 1); with the true service
+        # times the oracle knows what each endpoint will hold (as the controller estimates).
+        svc = np.array([truth[a]["mean_service_ms"] / 1000.0 for a in addrs], dtype=np.float64)
+        w = least_request_weights(res.shares, svc, demand_rps, available=avail)
+    else:
+        w = shares_to_weights(res.shares, available=avail)
     return {"weights": {a: int(x) for a, x in zip(addrs, w)}, "shares": {a: round(float(x), 4) for a, x in zip(addrs, res.shares)},
             "excluded": excluded, "status": res.status, "max_utilization": _r(res.max_utilization, 3)}  # fmt: skip
 
@@ -265,7 +271,8 @@ def oracle_for(settings: Settings, events: list[LiveEvent], *, demand_rps: float
     truth = {a: state_truth(st) for a, st in states_after(settings, events).items()}
     c = settings.control
     return oracle_split(truth, demand_rps=demand_rps, slo_ms=slo_ms, cost_weight=c.cost_weight,
-                        util_target=c.util_target, latency_weight=c.latency_weight)  # fmt: skip
+                        util_target=c.util_target, latency_weight=c.latency_weight,
+                        lb_policy=DEFAULT_LB_POLICY)  # fmt: skip
 
 
 # -- accounting (pure; unit-tested) -----------------------------------------------------------
