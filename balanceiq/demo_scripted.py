@@ -82,7 +82,9 @@ def run_demo(settings: Settings, *, requests_per_phase: int, out_dir: Path, cons
             with console.status("starting the xDS actor"):
                 actor = start_actor(settings, state_dir=Path(work) / "state")
             with console.status("starting 6 backends in 3 clouds and Envoy"):
-                tb = Testbed(settings, Path(work) / "testbed").start()
+                # ROUND_ROBIN: this demo shows weights becoming shares one to one (under
+                # LEAST_REQUEST, Envoy's default here, active requests bend them).
+                tb = Testbed(settings, Path(work) / "testbed", lb_policy="ROUND_ROBIN").start()
             try:
                 console.print(f"[green]up[/]: proxy {tb.envoy.listen_url}  admin {tb.envoy.admin_url}  xDS {settings.xds.host}:{settings.xds.port}")
                 health: dict[str, str] = {}

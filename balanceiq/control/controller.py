@@ -44,9 +44,18 @@ from balanceiq.control.metrics import ControllerMetrics
 from balanceiq.control.records import DecisionLog, DecisionRecord
 from balanceiq.exceptions import BalanceIQError, ControlError, XdsError
 from balanceiq.policy.baselines import Decision, PolicyContext, available_mask, make_policy
-from balanceiq.policy.decide import CoreDecision, CoreState, Knobs, breach_state, decide, lp_latency, observe_only
+from balanceiq.policy.decide import (
+    CoreDecision,
+    CoreState,
+    Knobs,
+    breach_state,
+    decide,
+    envoy_weights,
+    lp_latency,
+    observe_only,
+)
 from balanceiq.policy.features import encode
-from balanceiq.policy.lp import least_request_weights, objective, traffic_moved, weights_to_shares
+from balanceiq.policy.lp import objective, traffic_moved, weights_to_shares
 from balanceiq.policy.reward import RewardWeights, observed_reward
 from balanceiq.telemetry.observation import Observation
 
@@ -175,14 +184,10 @@ class Controller:
         units = int(weights[~fixed].sum())
         if not free.any() or units < int((~fixed).sum()):
             return weights
-        t = np.full(len(self.addresses), np.nan)
-        for i, a in enumerate(self.addresses):
-            m = self.core_state.memory.get(a)
-            if m is not None and math.isfinite(m.base_ms) and math.isfinite(m.ratio):
-                t[i] = m.base_ms * m.ratio / 1000.0
         out = weights.copy()
         idx = np.flatnonzero(~fixed)
-        out[idx] = least_request_weights(np.asarray(guard.shares)[idx], t[idx], demand, available=free[idx], scale=units)
+        out[idx] = envoy_weights(np.asarray(guard.shares)[idx], [self.addresses[i] for i in idx], self.core_state,
+                                 demand, "LEAST_REQUEST", available=free[idx], scale=units)  # fmt: skip
         return out
 
     def _adopt_current(self) -> None:

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from balanceiq.policy.baselines import PolicyContext, available_mask
-from balanceiq.policy.lp import shares_to_weights, solve_critical
+from balanceiq.policy.lp import least_request_weights, shares_to_weights, solve_critical
 from balanceiq.telemetry.observation import Observation
 
 # An endpoint at or above this error rate in one window is in visible trouble.
@@ -48,8 +48,8 @@ GOOD_TAU_S = 120.0
 # Latency (p95) below this fraction of the SLO costs nothing in the LP: once an endpoint
 # is comfortably inside the SLO, price decides, not a few milliseconds more or less.
 LATENCY_FREE = 0.5
-# How long a quiet endpoint's last measured p95 stands in for a measurement.
-LATENCY_MEMORY_S = 120.0
+# How long a quiet endpoint's last measured p95 stands in (fading) for a measurement.
+LATENCY_MEMORY_S = 20.0
 # Requests a window needs before its median says anything (about latency or queueing).
 MIN_SAMPLES = 8.0
 # How far one window below the baseline pulls it down, and the weight of a new window in
@@ -201,6 +201,27 @@ def lp_latency(p95_ms: np.ndarray, slo_ms: float) -> np.ndarray:
         return np.maximum(np.asarray(p95_ms, dtype=np.float64) / slo_ms - LATENCY_FREE, 0.0)
 
 
+def time_in_system_s(addresses: Sequence[str], state: CoreState) -> np.ndarray:
+    """Each endpoint's smoothed median latency in seconds (NaN: not measured yet)."""
+    t = np.full(len(addresses), math.nan)
+    for i, a in enumerate(addresses):
+        m = state.memory.get(a)
+        if m is not None and math.isfinite(m.base_ms) and math.isfinite(m.ratio):
+            t[i] = m.base_ms * m.ratio / 1000.0
+    return t
+
+
+def envoy_weights(shares: np.ndarray, addresses: Sequence[str], state: CoreState, demand_rps: float,
+                  lb_policy: str, *, available: np.ndarray | None = None, scale: int = 10000) -> np.ndarray:  # fmt: skip
+    """Integer Envoy weights that realise ``shares`` under ``lb_policy``: as they are for
+    ROUND_ROBIN; for LEAST_REQUEST, where Envoy picks by ``weight / (active + 1)``, each
+    scaled by (1 + the requests it will hold), from its smoothed median latency."""
+    if lb_policy != "LEAST_REQUEST":
+        return shares_to_weights(shares, scale=scale, available=available)
+    return least_request_weights(shares, time_in_system_s(addresses, state), demand_rps, available=available,
+                                 scale=scale)  # fmt: skip
+
+
 def _f(x: float) -> float:
     return float(x) if math.isfinite(x) else math.nan
 
@@ -275,6 +296,10 @@ def _remember(obs: Observation, shares: np.ndarray, knobs: Knobs, state: CoreSta
                 base = min(p50, base * math.exp(dt / BASELINE_TAU_S))
             r = p50 / base
             smooth = r if not math.isfinite(smooth) else RATIO_SMOOTHING * r + (1 - RATIO_SMOOTHING) * smooth
+        else:
+            # Too quiet to measure now: what it queued like before says nothing about
+            # today (a recovered endpoint must not stay "congested" on its trickle).
+            smooth = math.nan
         # Price: a change is re-optimised at once; a rise caps the share while it lasts.
         price = e.cost_per_million
         dearer_from, dearer_share = m.dearer_from, m.dearer_share
@@ -481,13 +506,20 @@ def decide(
                 notes.append("price: a repriced endpoint may gain share, the others lack headroom")
     latency = None
     if knobs.latency_weight > 0:
-        # A quiet endpoint's latency is what it last measured (for LATENCY_MEMORY_S), not
-        # "typical": the trickle a slow endpoint is left with must not make it look new.
+        # A quiet endpoint's latency is what it last measured (fading over LATENCY_MEMORY_S),
+        # not "typical" at once: the trickle a slow endpoint is left with must not make it
+        # look new.
         p95 = _arr(obs, "p95_ms")
+        known = np.isfinite(p95)
+        typical = float(np.median(p95[known])) if known.any() else math.nan
         for i, e in enumerate(obs.endpoints):
             m = mem[e.address]
-            if not math.isfinite(p95[i]) and math.isfinite(m.p95_ms) and now - m.p95_at <= LATENCY_MEMORY_S:
-                p95[i] = m.p95_ms
+            age = now - m.p95_at
+            if not known[i] and math.isfinite(m.p95_ms) and age < LATENCY_MEMORY_S:
+                # Fades to "typical" (what an unknown latency counts as) so a recovered
+                # endpoint's trickle of traffic can win it back.
+                w = 1.0 - age / LATENCY_MEMORY_S
+                p95[i] = w * m.p95_ms + (1.0 - w) * typical if math.isfinite(typical) else m.p95_ms
         latency = lp_latency(p95, knobs.slo_ms)
     res = solve_critical(shares, critical, est.capacity, _arr(obs, "cost_per_million"), demand, available=avail,
                          cost_weight=knobs.cost_weight, util_target=knobs.util_target, latency=latency,

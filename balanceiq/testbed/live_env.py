@@ -121,7 +121,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from balanceiq.config import Settings, load_config, settings_from_dict, validation_problems
 from balanceiq.exceptions import BalanceIQError, ConfigError, TestbedError, XdsError
 from balanceiq.policy.baselines import PolicyContext
-from balanceiq.policy.decide import CoreDecision, CoreState, Knobs, decide, observe_only
+from balanceiq.policy.decide import CoreDecision, CoreState, Knobs, decide, envoy_weights, observe_only
 from balanceiq.policy.features import N_FEATURES, encode
 from balanceiq.policy.lp import critical_indices, traffic_moved, weights_to_shares
 from balanceiq.policy.reward import RewardWeights, observed_reward
@@ -903,6 +903,13 @@ class LiveEnv(gym.Env):  # type: ignore[misc]
             self.core_state = core.state
             decision = core
             lp_status = core.lp_status
+            # Realised under the testbed's balancer as the controller does (LEAST_REQUEST:
+            # weights that make up for Envoy's weight / (active + 1)).
+            assert self.settings is not None
+            demand = float(np.nansum([e.rps for e in obs.endpoints if math.isfinite(e.rps)]))
+            weights = envoy_weights(core.shares, self.addresses, core.state, demand, self.settings.envoy.lb_policy,
+                                    available=np.array([e.healthy is not False for e in obs.endpoints]))  # fmt: skip
+            decision = replace(core, weights=weights)
             new = {a: int(w) for a, w in zip(self.addresses, decision.weights)}
             acked = self._push(new, self.health)
         t_push = time.monotonic()

@@ -352,7 +352,8 @@ def record_exploration(
         telemetry: Telemetry | None = None
         try:
             with console.status(f"starting {len(addresses)} backends, ALS, Envoy and Prometheus"):
-                tb = Testbed(settings, work / "testbed", health_check_interval_s=60).start()
+                # ROUND_ROBIN: the sweep sets each endpoint's share by its weight exactly.
+                tb = Testbed(settings, work / "testbed", health_check_interval_s=60, lb_policy="ROUND_ROBIN").start()
             try:
                 def push(weights: Mapping[str, int]) -> tuple[str | None, bool | None]:
                     version = xds.set_assignment(c.name, dict(weights))

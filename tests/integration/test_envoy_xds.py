@@ -38,8 +38,10 @@ def stack(request: pytest.FixtureRequest, ports_settings: Settings, tmp_path: Pa
     try:
         # Health checks every 60 s: the first one marks hosts healthy; later ones would
         # only add noise to request counts.
+        # ROUND_ROBIN: these tests check weights becoming shares one to one (under
+        # LEAST_REQUEST, the product's default, active requests bend them on purpose).
         with Testbed(
-            ports_settings, tmp_path / "tb", api=request.param, health_check_interval_s=60
+            ports_settings, tmp_path / "tb", api=request.param, health_check_interval_s=60, lb_policy="ROUND_ROBIN"
         ) as tb:
             yield xds, tb
     finally:
