@@ -199,7 +199,8 @@ def utilization(shares: np.ndarray, capacity: np.ndarray, demand: float) -> np.n
     cap = _nonneg(np.asarray(capacity, dtype=np.float64))
     d = _clean_scalar(demand)
     load = s * d
-    with np.errstate(divide="ignore", invalid="ignore"):
+    # A subnormal capacity (an API caller's 5e-324) overflows to inf: as overloaded as it is.
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         u = np.where(cap > 0, load / np.where(cap > 0, cap, 1.0), np.where(load > 0, np.inf, 0.0))
     return u
 

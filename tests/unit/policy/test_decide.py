@@ -222,3 +222,17 @@ def test_a_quiet_endpoint_keeps_its_last_measured_latency() -> None:
     d = run([seen, quiet, quiet], knobs)
     # Remembered as slow, it gets the floor of the LP (nothing), not a "typical" share.
     assert d[-1].shares[2] < 0.01
+
+
+def test_subnormal_and_huge_inputs_decide_without_warnings() -> None:
+    """Found by schemathesis on POST /api/policy/score: capacity_rps 5e-324 overflowed."""
+    import warnings
+
+    for cap in (5e-324, 1e-300, 1e300, NAN):
+        eps = (EndpointObservation(address="a", rps=1.0), EndpointObservation(address="b", rps=1e300))
+        obs = Observation(cluster="c", endpoints=eps, source="api")
+        ctx = PolicyContext(np.array([0.5, 0.5]), np.array([cap, cap]), np.ones(2), 1.0, 1)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            d = decide(obs, ctx, np.array([0.0, 1.0]), Knobs(k=1, util_target=0.5, latency_weight=0.2))
+        assert abs(d.shares.sum() - 1) < 1e-9 and np.all(d.weights >= 1)
