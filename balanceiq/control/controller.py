@@ -179,7 +179,8 @@ class Controller:
         weights = np.asarray(guard.weights, dtype=np.int64)
         if self.settings.envoy.lb_policy != "LEAST_REQUEST":
             return weights
-        fixed = np.array([a in self.overrides.active() and self.overrides.active()[a].fixed for a in self.addresses])
+        active = self.overrides.active()
+        fixed = np.array([a in active and active[a].fixed for a in self.addresses])
         free = routable & ~fixed
         units = int(weights[~fixed].sum())
         if not free.any() or units < int((~fixed).sum()):
