@@ -908,13 +908,19 @@ def backend_killed(settings: Settings | None = None, workdir: Path | None = None
     """SIGKILL one backend's process: the controller must give it weight 1 (no traffic)
     within two control intervals, and errors must fall below 1% within 10 s."""
     s = settings or fault_settings()
-    victim = s.clusters[0].endpoints[1].address
+    # The cheapest backend: the LP loads it first, so it carries real traffic to lose.
+    victim = s.clusters[0].endpoints[3].address
     interval = float(s.control.interval_s)
     t0 = time.monotonic()
     with _workdir(workdir) as wd, _stack(s, wd, rate_rps=rate_rps, isolate=[victim]) as st:
         progress("backend_killed: waiting for the controller to route to every backend")
         _controller_settled(st)
-        _until(lambda: st.envoy_weights().get(victim, 0) > 1, 20, f"traffic to {victim}", every=0.2)
+        def carries_traffic() -> bool:
+            w = st.envoy_weights()
+            return w.get(victim, 0) > 0.1 * max(1, sum(w.values()))
+
+        # A weight of 2 in 10,000 would get no request to fail, and nothing to take off.
+        _until(carries_traffic, 30, f"a tenth of the traffic to {victim}", every=0.2)
         proc = st.testbed.isolated[victim].proc
         assert proc is not None
         progress(f"backend_killed: SIGKILL {victim}")

@@ -111,7 +111,7 @@ class Memory:
     p95_ms: float = math.nan  # last measured p95 (a quiet endpoint keeps its record)
     p95_at: float = math.nan  # when
     cooldown: int = 0  # decisions left without growth after it congested
-    recovering: int = 0  # decisions left as critical after it recovered from a breach
+    recovering: int = 0  # decisions left as critical (recovered from a breach, or still growing)
     requests: float = 0.0  # decayed request count (error evidence)
     errors: float = 0.0  # decayed error count
 
@@ -290,7 +290,10 @@ def _remember(obs: Observation, shares: np.ndarray, knobs: Knobs, state: CoreSta
             if now - breached_at <= knobs.breach_hold_s:
                 held.append(i)
             else:
+                # Too quiet to measure for the whole hold: re-optimised too, or its
+                # trickle would be its share until the policy happens to pick it.
                 breached_at = math.nan
+                recovering = RECOVERY_DECISIONS
         # Baseline: the lowest median lately, allowed to drift up (a slowed endpoint's
         # new normal) but never above what is measured now.
         base, smooth = m.base_ms, m.ratio
@@ -319,8 +322,17 @@ def _remember(obs: Observation, shares: np.ndarray, knobs: Knobs, state: CoreSta
                 dearer_from, dearer_share = m.price, float(shares[i])
         if math.isfinite(dearer_from) and math.isfinite(price) and price <= dearer_from:
             dearer_from = dearer_share = math.nan
+        ceiling = m.ceiling_rps
+        if recovering == RECOVERY_DECISIONS:
+            # The incident is over: what it queued like while slow (a slowdown reads as
+            # queueing) is not today's, and a ceiling learned then must not cap it below
+            # what it carried cleanly before.
+            smooth = p50 / base if math.isfinite(p50) and math.isfinite(base) else math.nan
+            if math.isfinite(ceiling):
+                ceiling = max(ceiling, m.good_rps)
         mem[e.address] = replace(
             m,
+            ceiling_rps=ceiling,
             base_ms=_f(base),
             ratio=_f(smooth),
             p95_ms=e.p95_ms if e.usable and math.isfinite(e.p95_ms) else m.p95_ms,
@@ -537,6 +549,13 @@ def decide(
     res = solve_critical(shares, critical, est.capacity, _arr(obs, "cost_per_million"), demand, available=avail,
                          cost_weight=knobs.cost_weight, util_target=knobs.util_target, latency=latency,
                          latency_weight=knobs.latency_weight, max_share=max_share)  # fmt: skip
+    if max_share is not None:
+        # Grown as far as its safe-move bound allows: the LP wanted more, so it stays
+        # critical until it has what the LP wants (CFR-RL re-routes until converged).
+        bound = (res.shares > shares + 1e-6) & np.isfinite(max_share) & (res.shares >= max_share - 1e-6)
+        for i in np.flatnonzero(bound):
+            a = obs.endpoints[int(i)].address
+            mem[a] = replace(mem[a], recovering=max(mem[a].recovering, 2))
     return CoreDecision(
         shares=res.shares,
         weights=shares_to_weights(res.shares, available=avail),

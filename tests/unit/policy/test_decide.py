@@ -236,3 +236,32 @@ def test_subnormal_and_huge_inputs_decide_without_warnings() -> None:
             warnings.simplefilter("error")
             d = decide(obs, ctx, np.array([0.0, 1.0]), Knobs(k=1, util_target=0.5, latency_weight=0.2))
         assert abs(d.shares.sum() - 1) < 1e-9 and np.all(d.weights >= 1)
+
+
+def test_a_ceiling_learned_while_slow_does_not_outlive_the_slowdown() -> None:
+    # Endpoint 0 carries 60 req/s cleanly, then slows (a slowdown reads as queueing, so a
+    # low ceiling is learned), then is back to normal on a trickle.
+    knobs = Knobs(k=1, slo_ms=150.0)
+    clean = [{"p50": 20.0, "rps": 60.0}] + [{"p50": 20.0, "rps": 40.0} for _ in range(3)]
+    slow = [{"p50": 400.0, "p95": 800.0, "rps": 6.0}] + clean[1:]
+    back = [{"p50": 20.0, "p95": 40.0, "rps": 6.0}] + clean[1:]
+    out = run([clean] * 4 + [slow] * 3 + [back] * 2, knobs)
+    addr = "10.0.0.1:80"
+    during = out[6].state.memory[addr].ceiling_rps
+    assert 0 in out[6].breaching and during < 20.0
+    after = out[7].state.memory[addr]
+    assert after.recovering > 0 and 0 in out[7].critical
+    # Back to what it carried cleanly before (decayed a little), not the slow-time ceiling.
+    assert after.ceiling_rps > 50.0 > 3 * during
+
+
+def test_a_breacher_too_quiet_to_measure_is_reoptimised_once_its_hold_ends() -> None:
+    knobs = Knobs(k=1, slo_ms=150.0, breach_hold_s=2.0)
+    clean = [{"p50": 20.0, "rps": 40.0} for _ in range(4)]
+    slow = [{"p50": 400.0, "p95": 800.0, "rps": 40.0}] + clean[1:]
+    quiet = [{"p50": NAN, "p95": NAN, "rps": 0.0}] + clean[1:]
+    # Scores that never pick endpoint 0: only the core's own rules can make it critical.
+    out = run([clean] * 3 + [slow] + [quiet] * 5, knobs, scores=np.array([-1.0, 1.0, 0.5, 0.0]))
+    assert 0 in out[3].breaching
+    assert [0 in d.held for d in out[4:]] == [True, True, False, False, False]
+    assert all(0 in d.critical for d in out[6:])  # re-optimised after the hold, not left as is
