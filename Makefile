@@ -11,7 +11,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: setup test test-fast test-slow demo bench lint clean
+.PHONY: setup test test-fast test-slow fuzz demo bench lint clean
 
 setup: $(STAMP)
 
@@ -32,6 +32,11 @@ test-fast: setup
 
 test-slow: setup
 	$(PY) -m pytest -m slow
+
+# `make test` (and CI) runs the property tests derandomised, the same examples every
+# time; this searches afresh. Turn each find into a fixed example beside its test.
+fuzz: setup
+	HYPOTHESIS_PROFILE=explore $(PY) -m pytest -m "not slow"
 
 demo: setup
 	$(VENV)/bin/balanceiq demo

@@ -1,10 +1,13 @@
-"""Entry for ``serve run serve_app:app``: the BalanceIQ Serve application.
-
-The config file comes from ``BALANCEIQ_CONFIG`` (default ``balanceiq.yaml``); see
-:mod:`balanceiq.serve.app`. ``serve run serve_app.yaml`` runs the same app with its HTTP
-options (loopback, port 8000) spelled out.
-"""
-
-from balanceiq.serve.app import build_app
-
-app = build_app()
+# The BalanceIQ Serve application, for all three forms users were given:
+#   serve run serve_app:app     imports this module: `app` is bound on the last line
+#   serve run serve_app.py      Ray's CLI reads an existing file as a YAML config, so this
+#                               file is also YAML: the keys below are that config
+#   serve run serve_app.yaml    the same application, HTTP options spelled out
+# Every line is both Python (an annotated name) and YAML (a key and its value), which is
+# why there is no docstring and why the import sits in an expression. The config file
+# comes from BALANCEIQ_CONFIG (default balanceiq.yaml); see balanceiq.serve.app. Keep the
+# API on loopback unless an authenticating proxy is in front (mutations need the token).
+proxy_location: "HeadOnly"
+http_options: {"host": "127.0.0.1", "port": 8000}
+applications: [{"name": "balanceiq", "route_prefix": "/", "import_path": "balanceiq.serve.app:build_app"}]
+balanceiq_app: (app := __import__("balanceiq.serve.app").serve.app.build_app())

@@ -31,6 +31,25 @@ envoy_app = typer.Typer(help="Envoy bootstraps.", no_args_is_help=True)
 xds_app = typer.Typer(help="Talk to the running xDS actor.", no_args_is_help=True)
 bench_app = typer.Typer(help="Benchmarks; each prints one JSON object with --json.", no_args_is_help=True)
 cluster_app = typer.Typer(help="Ray cluster launcher configs (cluster.yaml, cluster-local.yaml).", no_args_is_help=True)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from balanceiq import __version__
+
+        sys.stdout.write(f"balanceiq {__version__}\n")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """Learned, cost-aware multi-cloud load balancing for Envoy."""
+
+
 app.add_typer(config_app, name="config")
 app.add_typer(testbed_app, name="testbed")
 app.add_typer(envoy_app, name="envoy")
@@ -75,6 +94,17 @@ def cluster_check(file: Annotated[Path, typer.Argument(help="Ray cluster config 
     from balanceiq.cluster import cluster_check_command
 
     raise typer.Exit(cluster_check_command(file))
+
+
+@envoy_app.command("snippet")
+def envoy_snippet(
+    config: ConfigOpt = None,
+    api: Annotated[str | None, typer.Option(help="ads-sotw | ads-delta | eds-sotw | eds-delta")] = None,
+) -> None:
+    """Print what to merge into an Envoy you already run so BalanceIQ steers it."""
+    from balanceiq.testbed.envoy import render_attach_yaml
+
+    out.print(render_attach_yaml(_settings(config), api=api), end="", markup=False, highlight=False)
 
 
 @envoy_app.command("bootstrap")

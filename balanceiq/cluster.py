@@ -157,6 +157,23 @@ def _reachable(host: str, port: int, timeout: float) -> str | None:
         return exc.strerror or type(exc).__name__
 
 
+def _speaks_grpc(host: str, port: int, timeout: float) -> str | None:
+    """Ray's GCS and its client server speak gRPC; anything else listening there (a web
+    server, a stale port reused) would leave ``ray.init`` retrying with pages of GCS
+    warnings before its own error."""
+    import grpc
+
+    target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    channel = grpc.insecure_channel(target)
+    try:
+        grpc.channel_ready_future(channel).result(timeout=timeout)
+        return None
+    except grpc.FutureTimeoutError:
+        return f"it does not answer gRPC within {timeout:g}s, so it is not Ray's GCS"
+    finally:
+        channel.close()
+
+
 def check_ray_address(address: str, timeout: float = 5.0) -> str | None:
     """Why ``address`` (for ``balanceiq train --address``) cannot be a live Ray
     cluster, or ``None``. Given an address where nothing listens, ``ray.init`` retries
@@ -192,6 +209,9 @@ def check_ray_address(address: str, timeout: float = 5.0) -> str | None:
     why = _reachable(host, int(port), timeout)
     if why:
         return f"{shown}: nothing answers at {host}:{port} ({why}); is the cluster up (`ray status`)?"
+    why = _speaks_grpc(host, int(port), timeout)
+    if why:
+        return f"{shown}: something listens at {host}:{port}, but {why}; is this the head's GCS port (6379)?"
     return None
 
 

@@ -738,7 +738,13 @@ def critical_count(n_endpoints: int) -> int:
 class ControlConfig(_Model):
     """The control loop: how often it acts and how many endpoints it re-weights."""
 
-    interval_s: PosFloat = Field(default=5.0, description="Seconds between control steps (> 0).")
+    mode: Literal["active", "shadow"] = Field(default="active", description="active: steer; shadow: decide, push nothing.")
+    """``shadow`` observes, decides and records every decision with its estimated effect,
+    but pushes nothing and takes no lease: run it beside an Envoy you already trust and
+    see what it would do. Switch with ``PUT /api/policy {"control_mode": "active"}``; the
+    first active step starts from the weights Envoy serves, moving at most ``max_shift``."""
+
+    interval_s: PosFloat = Field(default=5.0, le=3600, description="Seconds between control steps (0-3600].")
     """Seconds between control steps (the original's OPTIMIZATION_INTERVAL_SECONDS).
     Shorter reacts faster but sees noisier p95 latencies."""
 
@@ -864,6 +870,10 @@ class ApiConfig(_Model):
 
     decision_log_size: int = Field(default=500, ge=10, le=100000, strict=True, description="Decisions kept.")
     """Decisions kept in memory for ``/api/decisions`` and the dashboard."""
+
+    max_body_bytes: int = Field(default=1 << 20, ge=1024, le=1 << 30, strict=True, description="Largest request body.")
+    """A request body larger than this is refused with 413 before it is read whole (the
+    largest valid body, a 1,000-endpoint score request, is about 300 KB)."""
 
 
 class BackendProfile(_Model):
@@ -1378,6 +1388,11 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 
 
 _UniqueKeyLoader.add_constructor("tag:yaml.org,2002:int", _UniqueKeyLoader.construct_yaml_int)
+# YAML 1.1 (PyYAML) reads ``1e3`` as the string "1e3": a float needs a dot there. Config
+# files are written by people who expect YAML 1.2 and JSON, where it is a number.
+_UniqueKeyLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789")
+)
 
 
 def _yaml_error_message(exc: yaml.YAMLError) -> str:

@@ -74,12 +74,17 @@ class _Server(uvicorn.Server):
 
 @contextlib.contextmanager
 def serve_asgi(
-    app: Any, *, log_level: str = "warning", log_config: dict[str, Any] | None = LOGGING_CONFIG, access_log: bool = True
+    app: Any, *, log_level: str = "warning", log_config: dict[str, Any] | None = LOGGING_CONFIG, access_log: bool = True,
+    port: int = 0,
 ) -> Iterator[str]:
-    """``app`` on a free loopback port, in a thread, until the block ends. ``log_config=None``
-    leaves uvicorn's loggers (access log included) to the logging tree, where caplog sees them."""
+    """``app`` on a loopback port (``port``, else a free one), in a thread, until the block
+    ends. ``log_config=None`` leaves uvicorn's loggers (access log included) to the logging
+    tree, where caplog sees them."""
     sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
+    try:
+        sock.bind(("127.0.0.1", port))
+    except OSError:  # taken since it was picked: any free one (Prometheus then misses it)
+        sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
     config = uvicorn.Config(app, log_level=log_level, log_config=log_config, access_log=access_log, lifespan="off")
     server = _Server(config)
@@ -123,7 +128,8 @@ def live_stack(settings: Settings, workdir: Path, *, rate_rps: float = 120, run_
             if run_loop:
                 plane.start()
             backend_url = dict(zip([b["name"] for b in tb.backends.specs], tb.backends.urls))
-            with serve_asgi(create_api(plane)) as url:
+            # On api.port, where the testbed's Prometheus scrapes the controller's /metrics.
+            with serve_asgi(create_api(plane), port=settings.api.port) as url:
                 yield LiveStack(settings, tb, xds, controller, plane, url, backend_url)
     finally:
         if plane is not None:

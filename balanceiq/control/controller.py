@@ -94,6 +94,7 @@ class PolicySettings:
         self.util_target = float(settings.control.util_target)
         self.latency_weight = float(settings.control.latency_weight)
         self.mode = "greedy"  # how critical endpoints are drawn from the scores (RLPolicy.critical)
+        self.control_mode = str(settings.control.mode)  # "active" steers, "shadow" only records
 
     def to_json(self) -> dict[str, Any]:
         r = self.reward
@@ -106,6 +107,7 @@ class PolicySettings:
             "util_target": self.util_target,
             "latency_weight": self.latency_weight,
             "selection": self.mode,
+            "control_mode": self.control_mode,
         }
 
 
@@ -158,6 +160,9 @@ class Controller:
         self.core_state = CoreState()  # the decision core's memory (baselines, breaches, prices)
         self.last_core: CoreDecision | None = None
         self._intent: tuple[dict[str, int], np.ndarray] | None = None  # weights pushed, split they realise
+        # Start of the last step whose weights (pushed, or found unchanged) include every
+        # override made before it: a newer override is still pending.
+        self.overrides_applied_at: float | None = None
 
     # -- helpers -------------------------------------------------------------------------
 
@@ -277,6 +282,25 @@ class Controller:
         def elapsed() -> float:
             return (time.perf_counter() - t0) * 1000
 
+        shadow = self.policy.control_mode == "shadow"
+        base["shadow"] = shadow
+        if shadow:
+            # Takes no lease (an active controller keeps steering) and pushes nothing; what
+            # Envoy serves is the split in force, read from telemetry where it says.
+            if self.holds_lease:
+                self.release()
+            self._adopted = False  # going active re-reads what the xDS server serves
+        else:
+            lease = self._acquire(base, elapsed)
+            if lease is not None:
+                return lease
+        obs = self._with_costs(self.observer.observe(self.weights))
+        if shadow:
+            self._follow_envoy(obs)
+        return self._decide(base, obs, now, t0)
+
+    def _acquire(self, base: dict[str, Any], elapsed: Callable[[], float]) -> DecisionRecord | None:
+        """Take or renew the xDS lease; a standby record when this controller may not push."""
         try:
             self.lease = self.xds.acquire_lease(self.owner, max(3.0 * self.policy.interval_s, 5.0))
         except (XdsError, BalanceIQError) as exc:
@@ -292,8 +316,22 @@ class Controller:
         self._adopt_current()
         base["previous"] = dict(self.weights)
         base["weights"] = dict(self.weights)
+        return None
 
-        obs = self._with_costs(self.observer.observe(self.weights))
+    def _follow_envoy(self, obs: Observation) -> None:
+        """Shadow mode: the weights in force are Envoy's as telemetry reports them (an
+        Envoy this controller does not steer), else the ones it started from."""
+        w = np.array([e.weight for e in obs.endpoints], dtype=np.float64)
+        if len(w) == len(self.addresses) and np.isfinite(w).all() and (w >= 1).all():
+            self.weights = {a: int(round(x)) for a, x in zip(self.addresses, w)}
+            self._intent = None
+
+    def _decide(self, base: dict[str, Any], obs: Observation, now: float, t0: float) -> DecisionRecord:
+        def elapsed() -> float:
+            return (time.perf_counter() - t0) * 1000
+
+        base["previous"] = dict(self.weights)
+        base["weights"] = dict(self.weights)
         self.last_observation = obs
         base["source"] = obs.source
         base["observation"] = obs.to_json()
@@ -304,7 +342,17 @@ class Controller:
         if obs.source == "none" or not any(e.usable for e in obs.endpoints):
             why = "; ".join(obs.errors) or "no endpoint has usable data"
             self.metrics.set_mode("hold")
-            return self._record(base, mode="hold", notes=(f"telemetry blind ({why}): holding weights",), step_ms=elapsed())
+            hold = f"telemetry blind ({why}): holding weights"
+            active = self.overrides.active()
+            if not active and "DRAINING" not in self.health.values():
+                return self._record(base, mode="hold", notes=(hold,), step_ms=elapsed())
+            # Operators drain when telemetry is most likely blind (an incident): their
+            # overrides apply over the weights held, with no decision needed.
+            guard = self.guardrails.apply(self.addresses, self.shares, self.shares, available_mask(obs), active,
+                                          breaching=np.zeros(len(self.addresses), dtype=bool))  # fmt: skip
+            self.last_guard = guard
+            return self._push_guarded(base, "hold", [hold, "overrides applied to the held weights", *guard.notes],
+                                      guard, obs, 0.0, t0, now)  # fmt: skip
 
         notes: list[str] = []
         ctx = self._context(obs)
@@ -362,14 +410,28 @@ class Controller:
         for note in guard.notes:
             self.metrics.guardrail.labels(note.split(":", 1)[0]).inc()
         notes += list(guard.notes)
+        base["critical"] = tuple(self.addresses[i] for i in critical)
+        return self._push_guarded(base, mode, notes, guard, obs, ctx.demand_rps, t0, now)
+
+    def _push_guarded(self, base: dict[str, Any], mode: str, notes: list[str], guard: GuardResult, obs: Observation,
+                      demand: float, t0: float, now: float) -> DecisionRecord:  # fmt: skip
+        """Push what the guardrails returned (unless nothing changed), wait briefly for
+        Envoy's ACK, and record the decision."""
+
+        def elapsed() -> float:
+            return (time.perf_counter() - t0) * 1000
+
         routable = available_mask(obs) & np.array([guard.health[a] != "DRAINING" for a in self.addresses])
-        weights = self.envoy_weights(guard, routable, ctx.demand_rps)
+        weights = self.envoy_weights(guard, routable, demand)
         new_weights = {a: int(w) for a, w in zip(self.addresses, weights)}
-        base.update(critical=tuple(self.addresses[i] for i in critical), weights=new_weights,
-                    shares={a: float(x) for a, x in zip(self.addresses, guard.shares)},
+        base.update(weights=new_weights, shares={a: float(x) for a, x in zip(self.addresses, guard.shares)},
                     moved=traffic_moved(self.shares, guard.shares))  # fmt: skip
 
+        if base.get("shadow"):
+            base["effect"] = self._effect(obs, guard.shares, demand)
+            return self._record(base, mode=mode, notes=(*notes, "shadow: recorded, not pushed"), step_ms=elapsed())
         if new_weights == self.weights and guard.health == self.health:
+            self.overrides_applied_at = now
             return self._record(base, mode=mode, notes=(*notes, "unchanged: nothing pushed"), step_ms=elapsed())
         t_push = time.perf_counter()
         try:
@@ -381,6 +443,7 @@ class Controller:
         push_ms = (time.perf_counter() - t_push) * 1000
         self.metrics.push_seconds.observe(push_ms / 1000)
         self.weights, self.health = new_weights, dict(guard.health)
+        self.overrides_applied_at = now
         self._intent = (dict(new_weights), np.asarray(guard.shares, dtype=np.float64).copy())
         self._remember(now)
         acked: bool | None = None
@@ -398,6 +461,21 @@ class Controller:
             notes.append(f"ACK unknown: {exc}")
         return self._record(base, mode=mode, notes=tuple(notes), pushed=True, acked=acked, push_ms=push_ms,
                             ack_ms=ack_ms, version=version, step_ms=(time.perf_counter() - t0) * 1000)  # fmt: skip
+
+    def _effect(self, obs: Observation, proposed: np.ndarray, demand: float) -> dict[str, Any]:
+        """Estimated effect of a split against the one in force: blended $ per million
+        requests, and the busiest endpoint's load over its estimated capacity."""
+        price = np.array([e.cost_per_million for e in obs.endpoints], dtype=np.float64)
+        cap = self.last_core.capacity if self.last_core is not None else np.full(len(price), math.nan)
+        out: dict[str, Any] = {}
+        for name, split in (("current", self.shares), ("proposed", np.asarray(proposed, dtype=np.float64))):
+            known = np.isfinite(price)
+            cost = float((split[known] * price[known]).sum() / max(split[known].sum(), 1e-12)) if known.any() else None
+            ok = np.isfinite(cap) & (cap > 0)
+            util = float((split[ok] * demand / cap[ok]).max()) if ok.any() and demand > 0 else None
+            out[name] = {"cost_per_million": None if cost is None else round(cost, 6),
+                         "max_utilisation": None if util is None else round(util, 4)}  # fmt: skip
+        return out
 
     def _remember(self, now: float) -> None:
         self.weight_history.append({"timestamp": now, "weights": dict(self.weights)})

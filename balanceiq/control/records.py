@@ -47,6 +47,8 @@ class DecisionRecord:
     step_ms: float | None = None  # observe to push, the whole decision
     scores: dict[str, float] | None = None  # policy vs baseline proposal, negated LP objective
     shares: dict[str, float] | None = None  # the split decided (weights realise it in Envoy)
+    shadow: bool = False  # decided in shadow mode: recorded, never pushed
+    effect: dict[str, Any] | None = None  # estimated effect of the split decided vs the one in force
     observation: dict[str, Any] | None = field(default=None, repr=False)
 
     def to_json(self, *, with_observation: bool = False) -> dict[str, Any]:

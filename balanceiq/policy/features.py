@@ -24,13 +24,14 @@ def encode(obs: Observation, capacity: np.ndarray, n_max: int, slo_ms: float = 1
         raise ValueError(f"{n} endpoints exceed the policy's n_max={n_max}")
     f = feats.copy()
     col = {name: i for i, name in enumerate(FEATURES)}
-    f[:, col["p50_ms"]] = np.clip(f[:, col["p50_ms"]] / slo_ms, 0, 10)
-    f[:, col["p95_ms"]] = np.clip(f[:, col["p95_ms"]] / slo_ms, 0, 10)
-    f[:, col["saturation"]] = np.clip(f[:, col["saturation"]], 0, 3)
-    f[:, col["inflight"]] = np.log1p(np.clip(f[:, col["inflight"]], 0, None)) / 5
     # Observations come from outside (an API caller, a broken exporter): extreme but
-    # finite values (1e-300 capacity, 1e300 rps) must give bounded features, not inf/NaN.
+    # finite values (1e-300 capacity, 1e300 rps, a 1e-300 ms SLO) must give bounded
+    # features, not inf/NaN or an overflow warning.
     with np.errstate(over="ignore", divide="ignore", invalid="ignore", under="ignore"):
+        f[:, col["p50_ms"]] = np.clip(f[:, col["p50_ms"]] / slo_ms, 0, 10)
+        f[:, col["p95_ms"]] = np.clip(f[:, col["p95_ms"]] / slo_ms, 0, 10)
+        f[:, col["saturation"]] = np.clip(f[:, col["saturation"]], 0, 3)
+        f[:, col["inflight"]] = np.log1p(np.clip(f[:, col["inflight"]], 0, None)) / 5
         total_rps = f[:, col["rps"]].sum()
         # A copy: the column is normalised in place next, and utilisation needs rps.
         rps = f[:, col["rps"]].copy()

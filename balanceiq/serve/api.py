@@ -8,11 +8,13 @@ message that names what was wrong; nothing has changed when one is returned.
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.staticfiles import StaticFiles
@@ -26,6 +28,11 @@ log = logging.getLogger(__name__)
 
 STATIC = Path(__file__).resolve().parent / "static"
 ADDRESS_MAX = 300
+# A 422 names what is wrong, never echoes the input (it may be huge or not encodable as
+# JSON, like NaN), and stays small: the first few problems, each location clipped.
+MAX_PROBLEMS = 10
+LOC_PART_MAX = 40
+MSG_MAX = 200
 
 
 class _Body(BaseModel):
@@ -66,12 +73,15 @@ class PolicyChange(_Body):
 
     k: int | None = Field(default=None, ge=1, le=10000, description="Critical endpoints per decision.")
     interval_s: float | None = Field(default=None, ge=0.2, le=3600, description="Seconds between decisions.")
-    slo_ms: float | None = Field(default=None, gt=0, le=600000, description="Latency SLO of the reward.")
+    slo_ms: float | None = Field(default=None, ge=1, le=600000, description="Latency SLO of the reward (ms).")
     reward_weights: RewardWeightsBody | None = None
     cost_weight: float | None = Field(default=None, ge=0, le=100, description="LP cost term weight.")
     util_target: float | None = Field(default=None, ge=0, le=1, description="Utilisation the LP treats as free.")
     latency_weight: float | None = Field(default=None, ge=0, le=100, description="Weight of the LP's latency term.")
     selection: Literal["sample", "greedy"] | None = Field(default=None, description="How critical endpoints are drawn.")
+    control_mode: Literal["active", "shadow"] | None = Field(
+        default=None, description="active: steer Envoy; shadow: decide and record, push nothing."
+    )
     costs: dict[Annotated[str, Field(max_length=ADDRESS_MAX)], Annotated[float, Field(ge=0, le=1e9)]] | None = Field(
         default=None, description="$ per million requests by endpoint (e.g. a cloud got dearer)."
     )
@@ -161,6 +171,64 @@ class _CountResponses:
             self.metrics.responses.labels(scope.get("method", ""), route, str(status)).inc()
 
 
+class _LimitBody:
+    """ASGI middleware: a request body over ``limit`` bytes gets 413 before it is read
+    whole, whether it declares its length or streams it."""
+
+    def __init__(self, app: Any, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers") or ()).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
+            await self._refuse(send)
+            return
+        seen = 0
+        started = False
+
+        async def counted() -> Any:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise _TooLarge
+            return message
+
+        async def tracked(message: Any) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counted, tracked)
+        except _TooLarge:
+            if not started:
+                await self._refuse(send)
+
+    async def _refuse(self, send: Any) -> None:
+        body = json.dumps({"detail": f"request body larger than {self.limit} bytes (api.max_body_bytes)"}).encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})  # fmt: skip
+        await send({"type": "http.response.body", "body": body})
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def _problems(exc: RequestValidationError) -> list[dict[str, Any]]:
+    out = []
+    for err in exc.errors()[:MAX_PROBLEMS]:
+        loc = [p if isinstance(p, int) else str(p)[:LOC_PART_MAX] for p in err.get("loc", ())][:8]
+        out.append({"loc": loc, "msg": str(err.get("msg", ""))[:MSG_MAX], "type": str(err.get("type", ""))[:60]})
+    return out
+
+
 def create_api(plane: ControlPlane) -> FastAPI:
     app = FastAPI(
         title="BalanceIQ",
@@ -173,7 +241,18 @@ def create_api(plane: ControlPlane) -> FastAPI:
             raise HTTPException(401, "missing or invalid bearer token", headers={"WWW-Authenticate": "Bearer"})
 
     auth = [Depends(require_token)]
+    # Outermost last: the count sees the 413s too.
+    app.add_middleware(_LimitBody, limit=int(plane.settings.api.max_body_bytes))
     app.add_middleware(_CountResponses, metrics=plane.metrics)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = exc.errors()
+        more = len(errors) - MAX_PROBLEMS
+        body: dict[str, Any] = {"detail": _problems(exc)}
+        if more > 0:
+            body["more"] = f"{more} more problem(s) not shown"
+        return JSONResponse(body, status_code=422)
 
     @app.exception_handler(BalanceIQError)
     async def _refused(request: Request, exc: BalanceIQError) -> JSONResponse:

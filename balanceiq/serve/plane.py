@@ -232,6 +232,8 @@ class ControlPlane:
         if age > 3 * interval + 5:
             return {"state": DOWN, "reason": f"last decision {age:.0f}s ago (interval {interval}s)"}
         last = c.log.last()
+        if c.policy.control_mode == "shadow":
+            return {"state": UP, "reason": f"shadow: {loop.steps} decisions recorded, none pushed"}
         if not c.holds_lease:
             return {"state": DEGRADED, "reason": f"standby: lease held by {c.lease.get('holder') or 'nobody yet'}"}
         if last is not None and last.error:
@@ -258,6 +260,7 @@ class ControlPlane:
             "components": comps,
             "mode": rb["mode"],
             "mode_reason": rb["reason"],
+            "control_mode": c.policy.control_mode,
             "rollback": rb,
             "guardrails": {
                 **c.guardrails.state(),
@@ -301,7 +304,7 @@ class ControlPlane:
     def weights(self) -> dict[str, Any]:
         c = self.controller
         obs = c.last_observation.by_address() if c.last_observation else {}
-        overrides = {o["address"]: o for o in c.overrides.to_json()}
+        overrides = {o["address"]: self._with_state(o) for o in c.overrides.to_json()}
         shares = c.shares
         eps = []
         for a, s in zip(c.addresses, shares):
@@ -325,6 +328,14 @@ class ControlPlane:
             "timestamp": last.timestamp if last else None,
         }
 
+    def _with_state(self, override: dict[str, Any]) -> dict[str, Any]:
+        """The override as JSON, with ``state``: ``applied`` once a push (or a step that
+        found nothing to change) has included it, else ``pending``."""
+        done = self.controller.overrides_applied_at
+        created = override.get("created_at")
+        applied = done is not None and created is not None and float(created) <= done
+        return {**override, "state": "applied" if applied else "pending"}
+
     def set_override(self, address: str, action: str, weight: int | None, ttl_s: float | None, reason: str) -> dict[str, Any]:
         c = self.controller
         if address not in c.endpoints:
@@ -344,7 +355,7 @@ class ControlPlane:
         else:
             raise GuardrailError(f"unknown action {action!r}; use pin, drain, set or clear")
         self.loop.wake()  # operators expect a drain now, not after the interval
-        return result
+        return self._with_state(result) if "created_at" in result else result
 
     # -- policy settings -----------------------------------------------------------------
 
@@ -399,6 +410,9 @@ class ControlPlane:
                 c.policy.latency_weight = float(changes["latency_weight"])
             if changes.get("selection") is not None:
                 c.policy.mode = str(changes["selection"])
+            if changes.get("control_mode") is not None and changes["control_mode"] != c.policy.control_mode:
+                c.policy.control_mode = str(changes["control_mode"])
+                log.warning("control mode now %s (PUT /api/policy)", c.policy.control_mode)
             if reward is not None:
                 c.policy.reward = reward
             c.costs.update({a: float(v) for a, v in costs.items()})

@@ -522,10 +522,13 @@ def _derive_one(
             if done <= 0:
                 flags.add(NO_TRAFFIC)  # nothing completed: error rate and latency unknown
             else:
-                error_rate = min(1.0, d["rq_error"] / done)
                 p50, p95, lat_flag = _latency(prev, cur, key)
                 if lat_flag:
                     flags.add(lat_flag)
+                # A warming row is not a measurement (Observation.usable): its error rate
+                # is left unknown with its latency, never half a window's worth.
+                if lat_flag != WARMING:
+                    error_rate = min(1.0, d["rq_error"] / done)
     return EndpointObservation(
         **common,
         p50_ms=p50,

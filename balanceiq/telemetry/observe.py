@@ -53,6 +53,7 @@ class Telemetry:
         self.failures: Counter[str] = Counter()
         self._prometheus_down_since: float | None = None
         self._last_prometheus_try = 0.0
+        self._blind = False
 
     def close(self) -> None:
         self.prometheus.close()
@@ -76,7 +77,7 @@ class Telemetry:
                 log.exception("prometheus source failed unexpectedly")
                 errors.append(f"prometheus: unexpected {type(exc).__name__}: {exc}")
             if self._prometheus_down_since is None:
-                log.warning("Prometheus unusable (%s); using Envoy's admin", errors[-1])
+                log.warning("Prometheus unusable (%s); trying Envoy's admin instead", errors[-1])
                 self._prometheus_down_since = now
         else:
             errors.append("prometheus: down, next retry in "
@@ -91,6 +92,9 @@ class Telemetry:
             log.exception("envoy admin source failed unexpectedly")
             errors.append(f"envoy-admin: unexpected {type(exc).__name__}: {exc}")
         else:
+            if self._blind:
+                log.info("telemetry back from Envoy's admin")
+                self._blind = False
             return Observation(
                 cluster=obs.cluster,
                 endpoints=obs.endpoints,
@@ -99,4 +103,8 @@ class Telemetry:
                 window_s=obs.window_s,
                 errors=tuple(errors) + obs.errors,
             )
+        if not self._blind:
+            # Said once per episode, so "trying Envoy's admin" is never the last word.
+            log.warning("telemetry blind: %s", "; ".join(errors))
+            self._blind = True
         return empty_observation(self.cluster.name, self.addresses, self.costs, "none", errors)

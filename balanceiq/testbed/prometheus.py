@@ -2,8 +2,8 @@
 
 The Debian package's ``/usr/bin/prometheus`` runs with its own temporary data directory
 and listens only on the host and port of ``prometheus.url`` (loopback by default). It
-scrapes Envoy's ``/stats/prometheus``, every backend's ``/metrics`` and BalanceIQ's ALS
-exporter every ``prometheus.scrape_interval_s``. ``prometheus/prometheus.yml`` in the repo
+scrapes Envoy's ``/stats/prometheus``, every backend's ``/metrics``, BalanceIQ's ALS
+exporter and the controller's API ``/metrics`` every ``prometheus.scrape_interval_s``. ``prometheus/prometheus.yml`` in the repo
 is the default rendering (a test keeps it identical).
 """
 
@@ -50,6 +50,11 @@ def render_config(settings: Settings, *, als_metrics_port: int | None = None) ->
     if settings.telemetry.als_enabled:
         port = als_metrics_port or settings.telemetry.als_metrics_port
         jobs.append({"job_name": "balanceiq-als", "static_configs": [{"targets": [f"127.0.0.1:{port}"]}]})
+    # The controller's own metrics (decisions, pushes, ACKs, mode, shares) for the Grafana
+    # dashboard, from the API's /metrics wherever `serve run` or the demo serves it.
+    host = "127.0.0.1" if settings.api.host in ("0.0.0.0", "::", "") else settings.api.host
+    api = f"[{host}]:{settings.api.port}" if ":" in host else f"{host}:{settings.api.port}"
+    jobs.append({"job_name": "balanceiq", "metrics_path": "/metrics", "static_configs": [{"targets": [api]}]})
     cfg: dict[str, Any] = {
         "global": {"scrape_interval": interval, "scrape_timeout": interval, "evaluation_interval": interval},
     }

@@ -107,3 +107,42 @@ def test_drain_over_the_api_takes_traffic_off_at_once(stack: LiveStack) -> None:
         assert r.status_code == 200 and r.json()["override"]["cleared"] is True
         rec = c.step()
         assert c.health[victim] == "HEALTHY"
+
+
+def _grafana_exprs() -> list[tuple[str, str]]:
+    import json
+
+    dash = json.loads((Path(__file__).resolve().parents[2] / "prometheus" / "grafana-dashboard.json").read_text())
+    out = []
+    panels = [p for top in dash["panels"] for p in (top, *top.get("panels", []))]  # rows nest theirs
+    for panel in panels:
+        for target in panel.get("targets", []):
+            if target.get("expr"):
+                out.append((panel.get("title", "?"), target["expr"]))
+    return out
+
+
+def test_every_grafana_panel_returns_data_from_the_live_prometheus(stack: LiveStack) -> None:
+    # Last in the module: the decisions, pushes, ACKs and guardrail actions of the tests
+    # above are all in Prometheus by now (it scrapes the controller on api.port).
+    import httpx
+
+    _steps(stack, 3)
+    exprs = _grafana_exprs()
+    assert len(exprs) >= 15
+    subst = {"$__rate_interval": "30s", "$__range": "10m", "$cluster": ".*", "$endpoint": ".*"}
+    empty: list[str] = []
+    deadline = time.monotonic() + 20
+    for title, expr in exprs:
+        q = expr
+        for k, v in subst.items():
+            q = q.replace(k, v)
+        while True:
+            r = httpx.get(stack.settings.prometheus.url + "/api/v1/query", params={"query": q}, timeout=5, trust_env=False)
+            assert r.status_code == 200 and r.json()["status"] == "success", (title, q, r.text)
+            if r.json()["data"]["result"] or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)  # a scrape or a rate window away
+        if not r.json()["data"]["result"]:
+            empty.append(f"{title}: {q}")
+    assert empty == [], empty

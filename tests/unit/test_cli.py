@@ -68,3 +68,10 @@ def test_bad_config_for_any_command_is_a_clear_error(tmp_path: Path) -> None:
     bad.write_text("xds: {port: 70000}\n")
     res = run("envoy", "bootstrap", "--config", str(bad))
     assert res.returncode == 2 and "xds.port" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_version_prints_the_package_version() -> None:
+    from balanceiq import __version__
+
+    res = run("--version")
+    assert res.returncode == 0 and res.stdout == f"balanceiq {__version__}\n", res

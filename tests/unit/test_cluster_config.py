@@ -194,8 +194,20 @@ def test_ray_address_is_checked_in_seconds(tmp_path: Path, monkeypatch: pytest.M
         listening.bind(("127.0.0.1", 0))
         listening.listen()
         port = listening.getsockname()[1]
+        # Something listens but never speaks gRPC (a web server, a reused port): refused
+        # in the timeout, not after pages of GCS retries.
+        assert "does not answer gRPC" in (check_ray_address(f"127.0.0.1:{port}", timeout=0.5) or "")
+    import grpc
+    from concurrent.futures import ThreadPoolExecutor
+
+    server = grpc.server(ThreadPoolExecutor(1), options=[("grpc.so_reuseport", 0)])
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
         assert check_ray_address(f"127.0.0.1:{port}") is None
         assert check_ray_address(f"ray://127.0.0.1:{port}") is None
+    finally:
+        server.stop(None)
     for bad in ("http://127.0.0.1:8265", "127.0.0.1", "127.0.0.1:http", "ray://:10001"):
         assert "expected auto, HOST:PORT or ray://HOST:PORT" in (check_ray_address(bad) or ""), bad
     # `auto` is resolved by Ray's rules, then probed. RAY_ADDRESS comes first:
@@ -223,3 +235,15 @@ def test_cli_train_address(tmp_path: Path) -> None:
     assert res.returncode == 2 and "Traceback" not in res.stderr
     assert f"nothing answers at 127.0.0.1:{closed}" in res.stderr and "--address" in res.stderr
     assert not (tmp_path / "c").exists()
+
+
+def test_the_aws_launcher_loads_from_this_venv() -> None:
+    # `ray up cluster.yaml` imports Ray's AWS node provider locally, which needs boto3
+    # (the `aws` extra); without it the launcher dies before asking for credentials.
+    import boto3  # noqa: F401
+    from ray.autoscaler._private.aws.node_provider import AWSNodeProvider
+    from ray.autoscaler._private.providers import _get_node_provider_cls
+
+    config = yaml.safe_load((ROOT / "cluster.yaml").read_text())
+    assert config["provider"]["type"] == "aws"
+    assert _get_node_provider_cls(config["provider"]) is AWSNodeProvider

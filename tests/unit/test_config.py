@@ -280,6 +280,7 @@ def test_missing_required_key() -> None:
         ({"envoy": {"update_merge_window_ms": -1}}, "envoy.update_merge_window_ms", "greater than or equal to 0"),
         ({"prometheus": {"url": "localhost:9090"}}, "prometheus.url", "not an http:// or https:// URL"),
         ({"control": {"interval_s": 0}}, "control.interval_s", "greater than 0"),
+        ({"control": {"interval_s": 3600000000}}, "control.interval_s", "less than or equal to 3600"),
         ({"control": {"k_critical": 0}}, "control.k_critical", "greater than or equal to 1"),
         ({"testbed": {"overrides": {"127.0.0.1:18001": {"error_rate": 1.5}}}},
          'testbed.overrides["127.0.0.1:18001"].error_rate', "less than or equal to 1"),  # fmt: skip
@@ -412,6 +413,15 @@ def test_duplicate_yaml_key_is_an_error_not_a_silent_override(tmp_path: Path) ->
     ((path, message),) = _load_problems(_write(tmp_path, text))
     assert path == ""
     assert "line 3, column 3" in message and "duplicate key 'interval_s'" in message
+
+
+def test_exponent_floats_read_as_numbers_as_in_yaml_1_2(tmp_path: Path) -> None:
+    # PyYAML (YAML 1.1) reads 1e3 as the string "1e3", which then failed as "not a number".
+    base = load_config(_write(tmp_path, "control:\n  interval_s: 5\n"))
+    text = yaml.safe_dump(base.model_dump(mode="json", exclude={"api": {"token"}}), sort_keys=False)
+    text = text.replace("interval_s: 5.0", "interval_s: 1e3")
+    assert "interval_s: 1e3" in text
+    assert load_config(_write(tmp_path, text)).control.interval_s == 1000.0
 
 
 def test_yaml_merge_keys_still_work(tmp_path: Path) -> None:

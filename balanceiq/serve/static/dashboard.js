@@ -216,9 +216,10 @@
     setText("hdr-asof", clock(s.timestamp));
 
     const mode = $("status-mode");
-    mode.textContent = text(s.mode);
-    mode.className = "mode-pill" + (s.mode ? " mode-" + s.mode : "");
-    setText("status-mode-reason", text(s.mode_reason));
+    const shadow = s.control_mode === "shadow";
+    mode.textContent = shadow ? "shadow · " + text(s.mode) : text(s.mode);
+    mode.className = "mode-pill" + (shadow ? " mode-shadow" : s.mode ? " mode-" + s.mode : "");
+    setText("status-mode-reason", shadow ? "shadow mode: decisions are recorded with their estimated effect, nothing is pushed. " + text(s.mode_reason) : text(s.mode_reason));
 
     const g = s.guardrails || {};
     setText("guard-min-share", isNum(g.min_share) ? percent(g.min_share, 1) + "%" : DASH);
@@ -430,14 +431,20 @@
     const rows = list.slice(0, MAX_DECISIONS).map((x) => {
       const critical = Array.isArray(x.critical) ? (x.critical.length ? x.critical.join(", ") : "none") : DASH;
       const notes = Array.isArray(x.notes) ? x.notes.map(String) : [];
+      const fx = x.effect && typeof x.effect === "object" ? x.effect : null;
+      if (fx && fx.current && fx.proposed) {
+        // What it would have done, in the operator's units: $ per million and the busiest endpoint.
+        notes.push("would change $/M " + fixed(fx.current.cost_per_million, 3) + " → " + fixed(fx.proposed.cost_per_million, 3) +
+          ", busiest " + percent(fx.current.max_utilisation, 0) + "% → " + percent(fx.proposed.max_utilisation, 0) + "%");
+      }
       const notesCell = el("td", { dataset: { field: "notes" }, title: "telemetry: " + text(x.source) + ", xDS version " + text(x.version) }, [
         document.createTextNode(notes.length ? notes.join("; ") : x.error ? "" : DASH),
         x.error ? el("span", { className: "bad", text: (notes.length ? " " : "") + "error: " + x.error }) : null,
       ]);
-      const pushCls = x.pushed === false || x.acked === false ? "bad" : x.pushed === true && x.acked === true ? "ok" : "";
+      const pushCls = x.shadow ? "" : x.pushed === false || x.acked === false ? "bad" : x.pushed === true && x.acked === true ? "ok" : "";
       return el("tr", { dataset: { seq: isNum(x.seq) ? String(x.seq) : "" } }, [
         el("td", { className: "mono", text: clock(x.timestamp), dataset: { field: "time" } }),
-        el("td", {}, [el("span", { className: "mode-pill" + (x.mode ? " mode-" + x.mode : ""), text: text(x.mode) })]),
+        el("td", {}, [el("span", { className: "mode-pill" + (x.shadow ? " mode-shadow" : x.mode ? " mode-" + x.mode : ""), text: (x.shadow ? "shadow · " : "") + text(x.mode) })]),
         el("td", { className: "mono small", text: critical, dataset: { field: "critical" } }),
         el("td", { className: "num", text: fixed(x.reward, 3), dataset: { field: "reward" } }),
         el("td", { className: "num", text: percent(x.moved, 1), dataset: { field: "moved" } }),

@@ -102,6 +102,30 @@ def test_blind_telemetry_holds_the_weights(setup) -> None:  # type: ignore[no-un
     assert c.weights == before and xds.store.latest().version == version
 
 
+def test_an_override_applies_while_telemetry_is_blind(setup) -> None:  # type: ignore[no-untyped-def]
+    # Issue #15: a drain answered 200 but Envoy kept the endpoint's weight for as long as
+    # telemetry stayed blind. Incidents, when telemetry is most likely blind, are when
+    # operators drain.
+    c, fleet, xds, pick = setup
+    c.step()
+    victim, other = c.addresses[1], c.addresses[2]
+    before = dict(c.weights)
+    fleet.blind = True
+    c.overrides.drain(victim, None, "incident")
+    rec = c.step()
+    assert rec.mode == "hold" and rec.pushed and "telemetry blind" in rec.notes[0], rec.to_json()
+    served = {e.address: e for e in xds.store.latest().assignments[c.cluster.name].endpoints}
+    assert c.health[victim] == "DRAINING" and served[victim].health == "DRAINING"
+    assert c.weights[victim] == 1 and c.overrides_applied_at == rec.timestamp
+    # The rest keep their relative split (no decision was made without telemetry).
+    assert c.weights[other] >= before[other]
+    # Nothing more to apply: held, not pushed again; a cleared drain applies blind too.
+    assert not c.step().pushed
+    c.overrides.clear(victim)
+    rec = c.step()
+    assert rec.pushed and c.health[victim] == "HEALTHY" and c.weights[victim] > 1
+
+
 def test_slo_breaching_endpoint_is_always_critical(setup) -> None:  # type: ignore[no-untyped-def]
     c, fleet, xds, pick = setup
     fleet.p95[c.addresses[2]] = 900.0  # far over the 150 ms SLO, and the policy ignores it
@@ -207,3 +231,24 @@ def test_a_sustained_error_rate_too_small_to_see_in_one_window_breaches(setup) -
     assert 1 in measured and m.errors / m.requests == pytest.approx(0.02)
     # A healthy endpoint with the same traffic never does.
     assert all(i == 1 for i in measured)
+
+
+def test_shadow_mode_decides_and_records_but_pushes_nothing(setup) -> None:  # type: ignore[no-untyped-def]
+    c, fleet, xds, pick = setup
+    c.policy.control_mode = "shadow"
+    version = xds.store.latest().version
+    before = dict(c.weights)
+    fleet.cap[c.addresses[0]] = 50.0  # overloaded at equal weights: a real decision to make
+    recs = [c.step() for _ in range(3)]
+    assert all(r.shadow and not r.pushed and "shadow: recorded, not pushed" in r.notes for r in recs), recs
+    assert xds.store.latest().version == version and c.weights == before and not c.holds_lease
+    # What it would have done, and its estimated effect against the split in force.
+    last = recs[-1]
+    assert last.weights != before and last.moved > 0
+    assert last.effect is not None and last.effect["proposed"]["max_utilisation"] < last.effect["current"]["max_utilisation"]
+    assert last.to_json()["shadow"] is True
+    # Going active: the lease, then the weights served, moved at most max_shift.
+    c.policy.control_mode = "active"
+    rec = c.step()
+    assert rec.pushed and not rec.shadow and c.holds_lease
+    assert rec.moved <= c.guardrails.config.max_shift + 1e-6, rec.to_json()

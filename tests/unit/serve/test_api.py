@@ -209,3 +209,105 @@ def test_no_server_errors_under_schemathesis(plane: ControlPlane) -> None:
         if s.name == "balanceiq_api_responses_total"
     }
     assert codes and not any(c.startswith("5") for c in codes), codes
+
+
+# Every numeric field of every body, as JSON literals Python's parser accepts but no
+# finite-number field may: each must be a bounded 4xx that does not echo the input.
+_NON_FINITE = ("NaN", "Infinity", "-Infinity", "1e999", "-1e999")
+_NUMERIC_BODIES = [
+    ("PUT", "/api/weights", '{"address": "127.0.0.1:1", "action": "set", "weight": %s}'),
+    ("PUT", "/api/weights", '{"address": "127.0.0.1:1", "action": "drain", "ttl_s": %s}'),
+    ("PUT", "/api/policy", '{"slo_ms": %s}'),
+    ("PUT", "/api/policy", '{"interval_s": %s}'),
+    ("PUT", "/api/policy", '{"cost_weight": %s, "util_target": 0.5}'),
+    ("PUT", "/api/policy", '{"costs": {"127.0.0.1:1": %s}}'),
+    ("PUT", "/api/policy", '{"reward_weights": {"latency": %s}}'),
+    ("PUT", "/api/policy", '{"guardrails": {"max_shift": %s}}'),
+    ("POST", "/api/policy/score", '{"endpoints": [{"address": "a", "p50_ms": %s}]}'),
+    ("POST", "/api/policy/score", '{"endpoints": [{"address": "a", "rps": %s, "p95_ms": 10}]}'),
+    ("POST", "/api/policy/score", '{"endpoints": [{"address": "a", "capacity_rps": %s}], "k": 1}'),
+    ("POST", "/api/train", '{"iterations": %s}'),
+    ("POST", "/api/train", '{"live_eval": {"load_rps": %s}}'),
+]
+
+
+@pytest.mark.parametrize(("method", "path", "template"), _NUMERIC_BODIES)
+def test_non_finite_numbers_get_a_small_422_that_does_not_echo_them(
+    api: TestClient, plane: ControlPlane, method: str, path: str, template: str
+) -> None:
+    policy = api.get("/api/policy").json()
+    for literal in _NON_FINITE:
+        body = template % literal
+        r = api.request(method, path, content=body, headers={**AUTH, "content-type": "application/json"})
+        assert r.status_code == 422, (body, r.status_code, r.text)
+        assert len(r.content) <= 4096 and "input" not in r.json()["detail"][0], r.text
+        assert "finite" in r.text or "integer" in r.text, r.text
+    assert api.get("/api/policy").json() == policy  # nothing changed
+
+
+def test_a_huge_body_is_refused_before_it_is_read_and_errors_stay_small(api: TestClient, plane: ControlPlane) -> None:
+    limit = plane.settings.api.max_body_bytes
+    big = b'{"endpoints": [' + b'{"address": "a"},' * (limit // 16) + b'{"address": "a"}]}'
+    r = api.post("/api/policy/score", content=big, headers={"content-type": "application/json"})
+    assert r.status_code == 413 and "api.max_body_bytes" in r.text and len(r.content) < 200
+    # Under the limit but invalid in thousands of places: the first few, each clipped.
+    many = '{"endpoints": [' + ",".join(['{"address": "%s", "rps": -1}' % ("x" * 250)] * 1000) + "]}"
+    r = api.post("/api/policy/score", content=many, headers={"content-type": "application/json"})
+    assert r.status_code == 422 and len(r.content) <= 4096, len(r.content)
+    assert "more problem" in r.json()["more"]
+    # The API still answers, and counted the refusals.
+    assert api.get("/api/health").status_code == 200
+    text = plane.metrics.exposition().decode()
+    assert 'code="413"' in text and 'code="422"' in text
+
+
+def test_score_after_the_smallest_slo_stays_finite_and_warning_free(api: TestClient) -> None:
+    # Schemathesis find (issue #15): a tiny SLO set through PUT /api/policy made the next
+    # score overflow in the policy's encoding. The SLO now has a floor of 1 ms, and the
+    # encoding is bounded whatever it is given.
+    assert api.put("/api/policy", json={"slo_ms": 1e-300}, headers=AUTH).status_code == 422
+    assert api.put("/api/policy", json={"slo_ms": 1.0}, headers=AUTH).status_code == 200
+    body = {"endpoints": [{"address": "a", "p50_ms": 1e7, "p95_ms": 1e7, "rps": 1e9}, {"address": "b", "rps": 1e-300}]}
+    r = api.post("/api/policy/score", json=body)
+    assert r.status_code == 200, r.text
+    assert all(math.isfinite(x) for x in r.json()["scores"].values()), r.text
+
+
+def test_encode_is_bounded_for_a_subnormal_slo() -> None:
+    import numpy as np
+
+    from balanceiq.policy.features import encode
+    from balanceiq.telemetry.observation import EndpointObservation, Observation
+
+    e = EndpointObservation(address="a", p50_ms=1e7, p95_ms=1e7, error_rate=0.0, saturation=math.nan, inflight=1.0,
+                            rps=10.0, cost_per_million=1.0, weight=1.0, healthy=True, age_s=0.0)  # fmt: skip
+    rows = encode(Observation(cluster="c", endpoints=(e,), source="api", timestamp=0.0), np.ones(1), 4, 5e-324)
+    assert np.isfinite(rows).all() and rows[0, 0] == 10.0
+
+
+def test_an_override_says_pending_until_a_push_has_included_it(api: TestClient, plane: ControlPlane) -> None:
+    c = plane.controller
+    c.step()
+    victim = c.addresses[2]
+    r = api.put("/api/weights", json={"address": victim, "action": "drain", "reason": "test"}, headers=AUTH)
+    assert r.status_code == 200 and r.json()["override"]["state"] == "pending", r.text
+
+    def state() -> str:
+        (ep,) = [e for e in api.get("/api/weights").json()["endpoints"] if e["address"] == victim]
+        return ep["override"]["state"]
+
+    assert state() == "pending"
+    c.step()
+    assert state() == "applied" and c.health[victim] == "DRAINING"
+
+
+def test_shadow_mode_is_switched_with_the_token_and_shown(api: TestClient, plane: ControlPlane) -> None:
+    assert api.put("/api/policy", json={"control_mode": "shadow"}).status_code == 401
+    assert api.put("/api/policy", json={"control_mode": "passive"}, headers=AUTH).status_code == 422
+    r = api.put("/api/policy", json={"control_mode": "shadow"}, headers=AUTH)
+    assert r.status_code == 200 and r.json()["control_mode"] == "shadow"
+    assert api.get("/api/status").json()["control_mode"] == "shadow"
+    plane.controller.step()
+    (d,) = api.get("/api/decisions", params={"limit": 1}).json()["decisions"]
+    assert d["shadow"] is True and d["pushed"] is False and set(d["effect"]) == {"current", "proposed"}
+    assert api.put("/api/policy", json={"control_mode": "active"}, headers=AUTH).json()["control_mode"] == "active"

@@ -454,6 +454,17 @@ def test_histogram_layout_change_or_duplicate_bucket() -> None:
     assert (CLUSTER, A) in s.bad_latency and any("duplicate" in p for p in s.problems)
 
 
+def test_a_row_warming_on_its_latency_has_no_error_rate_either() -> None:
+    # Hypothesis find (issue #15): the exporter came back between two scrapes, so the
+    # row is WARMING; its error rate came back as 1.0 from the counters' window.
+    prev = Scrape(0.0, {(CLUSTER, A): EndpointStats(rq_total=0, rq_error=0, rq_success=0)}, latency_source=False)
+    cur = Scrape(1.0, {(CLUSTER, A): EndpointStats(rq_total=5, rq_error=5, rq_success=0)},
+                 latency={(CLUSTER, A): ((0.02, 3.0), (math.inf, 5.0))}, latency_source=True)  # fmt: skip
+    (a,) = derive(prev, cur, CLUSTER, [A], COSTS).endpoints
+    assert WARMING in a.flags and not a.usable
+    assert math.isnan(a.error_rate) and math.isnan(a.p95_ms) and a.rps == 5.0
+
+
 def test_histogram_without_inf_bucket_uses_count() -> None:
     text = als_text({A: [0.01, 0.2]})
     text = "\n".join(ln for ln in text.splitlines() if 'le="+Inf"' not in ln)
