@@ -304,6 +304,11 @@ def create_api(plane: ControlPlane) -> FastAPI:
     def decisions(limit: Annotated[int, Query(ge=1, le=1000)] = 20) -> dict[str, Any]:
         return {"decisions": [d.to_json() for d in plane.controller.log.recent(limit)]}
 
+    @app.get("/api/timeline")
+    def timeline(limit: Annotated[int, Query(ge=2, le=1000)] = 120) -> dict[str, Any]:
+        """Latency and cost over recent decisions, events marked, saving against equal weights."""
+        return plane.timeline(limit)
+
     @app.get("/api/policy")
     def get_policy() -> dict[str, Any]:
         return plane.policy_settings()

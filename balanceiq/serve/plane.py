@@ -271,6 +271,90 @@ class ControlPlane:
             "timestamp": time.time(),
         }
 
+    # -- timeline ------------------------------------------------------------------------
+
+    def timeline(self, limit: int = 120) -> dict[str, Any]:
+        """Latency and cost over the last ``limit`` decisions, from what each one observed:
+        p95 per cloud (request-weighted), blended $ per million requests, what equal
+        weights would cost on the same endpoints, the saving against that, and events
+        (traffic moved, mode changes, price changes, operator overrides). The fleet's p99
+        as Envoy sees it comes from Prometheus (the ALS histogram) when it answers."""
+        c = self.controller
+        clouds = {a: ep.cloud for a, ep in c.endpoints.items()}
+        points: list[dict[str, Any]] = []
+        events: list[dict[str, Any]] = []
+        prev_mode: str | None = None
+        prev_costs: dict[str, float] = {}
+        for rec in reversed(c.log.recent(limit)):
+            obs = rec.observation or {}
+            eps = [e for e in obs.get("endpoints", []) if isinstance(e, dict)]
+            rps = {e["address"]: e.get("rps") for e in eps}
+            price = {e["address"]: e.get("cost_per_million") for e in eps}
+            carried = [(rps[a], price[a]) for a in rps if _num(rps[a]) and _num(price[a]) is not None]
+            total = sum(r for r, _ in carried)
+            blended = sum(r * p for r, p in carried) / total if total > 0 else None
+            # Equal weights: an equal share of the same traffic on every endpoint that was up.
+            up = [_num(price[e["address"]]) for e in eps if e.get("healthy") is not False and _num(price[e["address"]]) is not None]
+            equal = sum(up) / len(up) if up else None  # type: ignore[arg-type]
+            by_cloud: dict[str, list[tuple[float, float]]] = {}
+            for e in eps:
+                r, p95 = _num(e.get("rps")), _num(e.get("p95_ms"))
+                if r and p95 is not None:
+                    by_cloud.setdefault(clouds.get(e["address"], "?"), []).append((r, p95))
+            p95 = {k: round(sum(r * x for r, x in v) / sum(r for r, _ in v), 3) for k, v in sorted(by_cloud.items())}
+            points.append({
+                "t": rec.timestamp, "seq": rec.seq, "mode": rec.mode,
+                "cost_per_million": None if blended is None else round(blended, 6),
+                "equal_cost_per_million": None if equal is None else round(equal, 6),
+                "saving": None if blended is None or not equal else round(1.0 - blended / equal, 4),
+                "p95_ms_by_cloud": p95, "rps": round(total, 3),
+            })  # fmt: skip
+            if rec.moved and rec.moved >= 0.05 and rec.pushed:
+                events.append({"t": rec.timestamp, "kind": "moved", "text": f"moved {rec.moved:.0%} of traffic"})
+            if prev_mode is not None and rec.mode != prev_mode:
+                events.append({"t": rec.timestamp, "kind": "mode", "text": f"mode {prev_mode} -> {rec.mode}"})
+            changed = [a for a, p in price.items() if _num(p) is not None and a in prev_costs and abs(prev_costs[a] - float(p)) > 1e-12]
+            if changed:
+                events.append({"t": rec.timestamp, "kind": "price", "text": f"price changed: {', '.join(changed)}"})
+            for note in rec.notes:
+                if note.startswith(("drained", "override", "fixed", "pinned")):
+                    events.append({"t": rec.timestamp, "kind": "override", "text": note[:200]})
+            prev_mode = rec.mode
+            prev_costs.update({a: float(p) for a, p in price.items() if _num(p) is not None})
+        costs = [p for p in points if p["cost_per_million"] is not None and p["equal_cost_per_million"]]
+        saving = None
+        if costs:
+            spent = sum(p["cost_per_million"] * p["rps"] for p in costs)
+            equal_spent = sum(p["equal_cost_per_million"] * p["rps"] for p in costs)
+            saving = round(1.0 - spent / equal_spent, 4) if equal_spent > 0 else None
+        p99, p99_reason = self._fleet_p99(points)
+        return {"cluster": c.cluster.name, "points": points, "events": events, "saving_vs_equal": saving,
+                "fleet_p99_ms": p99, "fleet_p99_reason": p99_reason}  # fmt: skip
+
+    def _fleet_p99(self, points: list[dict[str, Any]]) -> tuple[list[dict[str, float]], str | None]:
+        """The cluster's p99 over every request Envoy sent, from the ALS histogram."""
+        if len(points) < 2:
+            return [], "too few decisions yet"
+        start, end = points[0]["t"], points[-1]["t"]
+        step = max(1.0, (end - start) / 200)
+        window = max(2.0, float(self.settings.telemetry.window_s))
+        name = self.controller.cluster.name
+        q = (f'histogram_quantile(0.99, sum by (le) (rate(balanceiq_upstream_rq_time_seconds_bucket{{cluster="{name}"}}'
+             f"[{window:g}s]))) * 1000")  # fmt: skip
+        url = self.settings.prometheus.url.rstrip("/") + "/api/v1/query_range"
+        with self._http_lock:
+            try:
+                r = self._http.get(url, params={"query": q, "start": start, "end": end, "step": step})
+            except httpx.HTTPError as exc:
+                return [], f"Prometheus unreachable ({type(exc).__name__})"
+        try:
+            result = r.json()["data"]["result"] if r.status_code == 200 else []
+        except (ValueError, KeyError, TypeError):
+            result = []
+        out = [{"t": float(t), "ms": round(float(v), 3)} for series in result[:1] for t, v in series.get("values", [])
+               if _num(v) is not None]  # fmt: skip
+        return out, None if out else f"no ALS latency in Prometheus (answered {r.status_code})"
+
     # -- weights -------------------------------------------------------------------------
 
     def total_requests(self) -> int | None:

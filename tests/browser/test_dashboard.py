@@ -36,8 +36,8 @@ CHROMIUM_ARGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
-PANELS = ["status", "weights", "weight-history", "load", "endpoints", "training", "loss-history", "decisions"]
-CANVASES = ["weights-chart", "weight-history-chart", "load-chart", "training-chart", "loss-chart"]
+PANELS = ["status", "weights", "weight-history", "load", "endpoints", "training", "loss-history", "timeline", "decisions"]
+CANVASES = ["weights-chart", "weight-history-chart", "load-chart", "training-chart", "loss-chart", "timeline-chart"]
 COMPONENTS = ["controller", "policy", "xds", "envoy", "prometheus"]
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 LOCAL_SCHEMES = {"data", "blob", "about"}
@@ -109,11 +109,13 @@ def refresh_and_capture(page: Any) -> dict[str, Any]:
         page.expect_response(lambda r: urlsplit(r.url).path == "/api/weights") as weights,
         page.expect_response(lambda r: urlsplit(r.url).path == "/api/status") as status,
         page.expect_response(lambda r: urlsplit(r.url).path == "/api/decisions") as decisions,
+        page.expect_response(lambda r: urlsplit(r.url).path == "/api/timeline") as timeline,
     ):
         page.click("#refresh-now")
     wait_all_changed(page, old)
     wait_idle(page)
-    return {"weights": weights.value.json(), "status": status.value.json(), "decisions": decisions.value.json()}
+    return {"weights": weights.value.json(), "status": status.value.json(), "decisions": decisions.value.json(),
+            "timeline": timeline.value.json()}  # fmt: skip
 
 
 def test_dashboard_renders_live_api_values(dashboard_url: str, live_values: Callable[[], dict[str, Any]]) -> None:
@@ -174,6 +176,12 @@ def test_dashboard_renders_live_api_values(dashboard_url: str, live_values: Call
             assert as_int(shown) == weights["total_requests"]
             if before["weights"]["total_requests"] is not None:
                 assert as_int(shown) >= before["weights"]["total_requests"]
+
+        # Latency and cost: the saving against equal weights the API computed, as shown.
+        t = api["timeline"]
+        assert t["points"], "the timeline has no points"
+        saving = page.locator('[data-testid="saving-vs-equal"]').text_content()
+        assert saving == (DASH if t["saving_vs_equal"] is None else js_fixed(t["saving_vs_equal"] * 100, 1) + "%")
 
         # Charts drew into real canvases.
         for canvas_id in CANVASES:

@@ -33,6 +33,12 @@
       render: renderTraining,
     },
     {
+      key: "timeline",
+      url: "/api/timeline?limit=180",
+      panels: ["timeline"],
+      render: renderTimeline,
+    },
+    {
       key: "decisions",
       url: "/api/decisions?limit=" + MAX_DECISIONS,
       panels: ["decisions"],
@@ -421,6 +427,75 @@
       }),
       "no training runs"
     );
+  }
+
+  // ---------------------------------------------------------------- latency and cost
+
+  function renderTimeline(t) {
+    const points = (Array.isArray(t.points) ? t.points : []).filter((p) => p && isNum(p.t));
+    const saving = $("saving-vs-equal");
+    saving.textContent = isNum(t.saving_vs_equal) ? percent(t.saving_vs_equal, 1) + "%" : DASH;
+    saving.dataset.value = isNum(t.saving_vs_equal) ? String(t.saving_vs_equal) : "";
+    const last = points.length ? points[points.length - 1] : null;
+    setText("cost-now", last && isNum(last.cost_per_million) ? "$" + fixed(last.cost_per_million, 3) + " / M requests" : DASH);
+    setText("p99-note", t.fleet_p99_reason ? "fleet p99: " + text(t.fleet_p99_reason) : "");
+    const clouds = [];
+    for (const p of points) for (const c of Object.keys(p.p95_ms_by_cloud || {})) if (!clouds.includes(c)) clouds.push(c);
+    // Prometheus's p99 samples, each on the decision nearest in time.
+    const p99 = (Array.isArray(t.fleet_p99_ms) ? t.fleet_p99_ms : []).filter((x) => x && isNum(x.t) && isNum(x.ms));
+    const nearest = (ts) => {
+      let best = null;
+      for (const x of p99) if (best === null || Math.abs(x.t - ts) < Math.abs(best.t - ts)) best = x;
+      return best && Math.abs(best.t - ts) < 30 ? best.ms : null;
+    };
+    const events = (Array.isArray(t.events) ? t.events : []).filter((e) => e && isNum(e.t));
+    const eventAt = points.map((p, i) => {
+      const next = i + 1 < points.length ? points[i + 1].t : Infinity;
+      return events.filter((e) => e.t >= p.t && e.t < next);
+    });
+    const datasets = clouds.map((c) => ({
+      label: "p95 " + c,
+      data: points.map((p) => (p.p95_ms_by_cloud && isNum(p.p95_ms_by_cloud[c]) ? p.p95_ms_by_cloud[c] : null)),
+      borderColor: colourFor(c), backgroundColor: colourFor(c), pointRadius: 0, borderWidth: 2, tension: 0.2, yAxisID: "y",
+    }));
+    datasets.push({
+      label: "fleet p99 (Envoy)", data: points.map((p) => nearest(p.t)), borderColor: RED, backgroundColor: RED,
+      borderDash: [6, 4], pointRadius: 0, borderWidth: 2, tension: 0.2, yAxisID: "y",
+    });
+    datasets.push({
+      label: "$ / M requests", data: points.map((p) => (isNum(p.cost_per_million) ? p.cost_per_million : null)),
+      borderColor: "#ecf0f1", backgroundColor: "#ecf0f1", pointRadius: 0, borderWidth: 2, tension: 0.2, yAxisID: "cost",
+    });
+    datasets.push({
+      label: "$ / M at equal weights", data: points.map((p) => (isNum(p.equal_cost_per_million) ? p.equal_cost_per_million : null)),
+      borderColor: "#95a5a6", backgroundColor: "#95a5a6", borderDash: [2, 3], pointRadius: 0, borderWidth: 1, yAxisID: "cost",
+    });
+    // Decisions and events as markers on the cost line, described in the tooltip.
+    datasets.push({
+      label: "events", type: "line", showLine: false, pointRadius: 5, pointStyle: "triangle", borderColor: ORANGE, backgroundColor: ORANGE,
+      data: points.map((p, i) => (eventAt[i].length && isNum(p.cost_per_million) ? p.cost_per_million : null)), yAxisID: "cost",
+    });
+    chart("timeline", "timeline-chart", {
+      type: "line",
+      data: { labels: points.map((p) => clock(p.t)), datasets },
+      options: baseOptions({
+        plugins: {
+          tooltip: {
+            callbacks: {
+              afterBody: (items) => {
+                const i = items.length ? items[0].dataIndex : -1;
+                return i >= 0 && eventAt[i] ? eventAt[i].map((e) => e.text) : [];
+              },
+            },
+          },
+        },
+        scales: {
+          x: axis("", { ticks: { color: "#b8bec8", maxTicksLimit: 8 } }),
+          y: axis("latency (ms)", { beginAtZero: true, position: "left" }),
+          cost: axis("$ / M requests", { beginAtZero: true, position: "right", grid: { drawOnChartArea: false } }),
+        },
+      }),
+    });
   }
 
   // ---------------------------------------------------------------- decisions

@@ -12,6 +12,7 @@ import math
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
@@ -311,3 +312,29 @@ def test_shadow_mode_is_switched_with_the_token_and_shown(api: TestClient, plane
     (d,) = api.get("/api/decisions", params={"limit": 1}).json()["decisions"]
     assert d["shadow"] is True and d["pushed"] is False and set(d["effect"]) == {"current", "proposed"}
     assert api.put("/api/policy", json={"control_mode": "active"}, headers=AUTH).json()["control_mode"] == "active"
+
+
+def test_timeline_shows_cost_latency_events_and_the_saving_against_equal_weights(api: TestClient, plane: ControlPlane) -> None:
+    c = plane.controller
+    for _ in range(3):
+        c.step()
+    dear = c.addresses[0]
+    assert api.put("/api/policy", json={"costs": {dear: 40.0}}, headers=AUTH).status_code == 200
+    for _ in range(2):
+        c.step()
+    t = api.get("/api/timeline").json()
+    assert t["cluster"] == c.cluster.name and len(t["points"]) == 5
+    last = t["points"][-1]
+    obs = c.last_observation
+    assert obs is not None
+    # Blended $/M is what the observed traffic cost at the prices in force.
+    rps = np.array([e.rps for e in obs.endpoints])
+    price = np.array([c.costs[e.address] for e in obs.endpoints])
+    assert last["cost_per_million"] == pytest.approx(float((rps * price).sum() / rps.sum()), rel=1e-4)
+    assert last["equal_cost_per_million"] == pytest.approx(float(price.mean()), rel=1e-4)
+    assert last["saving"] == pytest.approx(1 - last["cost_per_million"] / last["equal_cost_per_million"], abs=1e-3)
+    assert set(last["p95_ms_by_cloud"]) <= {ep.cloud for ep in c.endpoints.values()} and last["p95_ms_by_cloud"]
+    assert any(e["kind"] == "price" and dear in e["text"] for e in t["events"]), t["events"]
+    assert t["saving_vs_equal"] is not None
+    # No Prometheus here: the fleet p99 says why it is missing rather than inventing one.
+    assert t["fleet_p99_ms"] == [] and t["fleet_p99_reason"]
