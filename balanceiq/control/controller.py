@@ -83,6 +83,11 @@ class XdsClient(Protocol):
     def status(self) -> dict[str, Any]: ...
 
 
+def _ms_since(t0: float) -> float:
+    """Milliseconds since ``t0`` (a ``time.perf_counter()`` reading)."""
+    return (time.perf_counter() - t0) * 1000
+
+
 class PolicySettings:
     """What ``PUT /api/policy`` may change at run time (validated by the API's model)."""
 
@@ -279,9 +284,6 @@ class Controller:
             "acked": None, "push_ms": None, "ack_ms": None, "version": None,
         }  # fmt: skip
 
-        def elapsed() -> float:
-            return (time.perf_counter() - t0) * 1000
-
         shadow = self.policy.control_mode == "shadow"
         base["shadow"] = shadow
         if shadow:
@@ -291,7 +293,7 @@ class Controller:
                 self.release()
             self._adopted = False  # going active re-reads what the xDS server serves
         else:
-            lease = self._acquire(base, elapsed)
+            lease = self._acquire(base, t0)
             if lease is not None:
                 return lease
         obs = self._with_costs(self.observer.observe(self.weights))
@@ -299,7 +301,7 @@ class Controller:
             self._follow_envoy(obs)
         return self._decide(base, obs, now, t0)
 
-    def _acquire(self, base: dict[str, Any], elapsed: Callable[[], float]) -> DecisionRecord | None:
+    def _acquire(self, base: dict[str, Any], t0: float) -> DecisionRecord | None:
         """Take or renew the xDS lease; a standby record when this controller may not push."""
         try:
             self.lease = self.xds.acquire_lease(self.owner, max(3.0 * self.policy.interval_s, 5.0))
@@ -307,12 +309,12 @@ class Controller:
             self.holds_lease = False
             self.metrics.active.set(0)
             self.metrics.errors.labels("lease").inc()
-            return self._record(base, mode="standby", error=f"xDS unreachable: {exc}", step_ms=elapsed())
+            return self._record(base, mode="standby", error=f"xDS unreachable: {exc}", step_ms=_ms_since(t0))
         self.holds_lease = bool(self.lease.get("granted"))
         self.metrics.active.set(1 if self.holds_lease else 0)
         if not self.holds_lease:
             self._adopted = False  # whoever holds it may change the weights meanwhile
-            return self._record(base, mode="standby", notes=(f"lease held by {self.lease.get('holder')}",), step_ms=elapsed())
+            return self._record(base, mode="standby", notes=(f"lease held by {self.lease.get('holder')}",), step_ms=_ms_since(t0))
         self._adopt_current()
         base["previous"] = dict(self.weights)
         base["weights"] = dict(self.weights)
@@ -327,8 +329,6 @@ class Controller:
             self._intent = None
 
     def _decide(self, base: dict[str, Any], obs: Observation, now: float, t0: float) -> DecisionRecord:
-        def elapsed() -> float:
-            return (time.perf_counter() - t0) * 1000
 
         base["previous"] = dict(self.weights)
         base["weights"] = dict(self.weights)
@@ -345,7 +345,7 @@ class Controller:
             hold = f"telemetry blind ({why}): holding weights"
             active = self.overrides.active()
             if not active and "DRAINING" not in self.health.values():
-                return self._record(base, mode="hold", notes=(hold,), step_ms=elapsed())
+                return self._record(base, mode="hold", notes=(hold,), step_ms=_ms_since(t0))
             # Operators drain when telemetry is most likely blind (an incident): their
             # overrides apply over the weights held, with no decision needed.
             guard = self.guardrails.apply(self.addresses, self.shares, self.shares, available_mask(obs), active,
@@ -418,8 +418,6 @@ class Controller:
         """Push what the guardrails returned (unless nothing changed), wait briefly for
         Envoy's ACK, and record the decision."""
 
-        def elapsed() -> float:
-            return (time.perf_counter() - t0) * 1000
 
         routable = available_mask(obs) & np.array([guard.health[a] != "DRAINING" for a in self.addresses])
         weights = self.envoy_weights(guard, routable, demand)
@@ -429,17 +427,17 @@ class Controller:
 
         if base.get("shadow"):
             base["effect"] = self._effect(obs, guard.shares, demand)
-            return self._record(base, mode=mode, notes=(*notes, "shadow: recorded, not pushed"), step_ms=elapsed())
+            return self._record(base, mode=mode, notes=(*notes, "shadow: recorded, not pushed"), step_ms=_ms_since(t0))
         if new_weights == self.weights and guard.health == self.health:
             self.overrides_applied_at = now
-            return self._record(base, mode=mode, notes=(*notes, "unchanged: nothing pushed"), step_ms=elapsed())
+            return self._record(base, mode=mode, notes=(*notes, "unchanged: nothing pushed"), step_ms=_ms_since(t0))
         t_push = time.perf_counter()
         try:
             version = self.xds.set_assignment(self.cluster.name, new_weights, guard.health, self.owner)
         except (XdsError, BalanceIQError) as exc:
             self.metrics.errors.labels("push").inc()
             base["weights"] = dict(self.weights)
-            return self._record(base, mode=mode, notes=tuple(notes), error=f"push failed: {exc}", step_ms=elapsed())
+            return self._record(base, mode=mode, notes=tuple(notes), error=f"push failed: {exc}", step_ms=_ms_since(t0))
         push_ms = (time.perf_counter() - t_push) * 1000
         self.metrics.push_seconds.observe(push_ms / 1000)
         self.weights, self.health = new_weights, dict(guard.health)
@@ -460,7 +458,7 @@ class Controller:
         except (XdsError, BalanceIQError) as exc:
             notes.append(f"ACK unknown: {exc}")
         return self._record(base, mode=mode, notes=tuple(notes), pushed=True, acked=acked, push_ms=push_ms,
-                            ack_ms=ack_ms, version=version, step_ms=(time.perf_counter() - t0) * 1000)  # fmt: skip
+                            ack_ms=ack_ms, version=version, step_ms=_ms_since(t0))  # fmt: skip
 
     def _effect(self, obs: Observation, proposed: np.ndarray, demand: float) -> dict[str, Any]:
         """Estimated effect of a split against the one in force: blended $ per million
