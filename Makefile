@@ -38,8 +38,11 @@ test-slow: setup
 fuzz: setup
 	HYPOTHESIS_PROFILE=explore $(PY) -m pytest -m "not slow"
 
+# `make demo CLUSTERS=2` steers a second cluster (checkout) beside the first.
+CLUSTERS ?= 1
+
 demo: setup
-	$(VENV)/bin/balanceiq demo
+	$(VENV)/bin/balanceiq demo --clusters $(CLUSTERS)
 
 bench: setup
 	$(VENV)/bin/balanceiq bench xds --json

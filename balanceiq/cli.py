@@ -183,9 +183,15 @@ def demo(
     out_dir: Annotated[Path, typer.Option(help="Where the report and plot go.")] = Path("artifacts"),
     scripted: Annotated[bool, typer.Option(help="The actuator alone: a scripted weight schedule, no policy.")] = False,
     requests_per_phase: Annotated[int, typer.Option("--requests", help="--scripted: requests per phase (bounded).")] = 1500,
+    clusters: Annotated[int, typer.Option(help="2: add a second cluster (checkout, 3 backends) steered beside the first.",
+                                          min=1, max=2)] = 1,
 ) -> None:
     """The whole loop locally: testbed in 3 clouds, Serve app with the policy, a live scenario, load."""
     settings = _settings(config)
+    if clusters == 2 and len(settings.clusters) == 1:
+        from balanceiq.demo import with_second_cluster
+
+        settings = with_second_cluster(settings)
     if scripted:
         from balanceiq.demo_scripted import run_demo as run_scripted
 

@@ -32,11 +32,37 @@ from balanceiq.config import Settings
 from balanceiq.exceptions import TestbedError
 from balanceiq.policy.stability import reversal_events
 from balanceiq.testbed.load import LoadResult, run_load_sync
-from balanceiq.testbed.ports import check_ports_free
+from balanceiq.testbed.ports import check_ports_free, free_ports
 from balanceiq.testbed.scenario import LiveScenario, ScenarioDriver
 from balanceiq.testbed.testbed import Testbed
 
 APP_NAME = "balanceiq"
+SECOND_CLUSTER = "checkout"
+
+
+def with_second_cluster(settings: Settings, name: str = SECOND_CLUSTER) -> Settings:
+    """``settings`` plus a cluster ``name`` of three backends on free ports, one in each
+    of the first cluster's first three clouds (same behaviour and prices), so the demo
+    shows two clusters steered through one Envoy."""
+    template = settings.clusters[0].endpoints
+    if any(c.name == name for c in settings.clusters):
+        return settings
+    picked = list({ep.cloud: ep for ep in template}.values())[:3] or template[:1]
+    eps = [ep.model_copy(update={"address": f"127.0.0.1:{port}", "capacity_rps": ep.capacity_rps})
+           for ep, port in zip(picked, free_ports(len(picked)))]  # fmt: skip
+    second = settings.clusters[0].model_copy(update={"name": name, "endpoints": eps})
+    return settings.model_copy(update={"clusters": [*settings.clusters, second]})
+
+
+def _other_clusters(http: httpx.Client, api_url: str, names: list[str]) -> dict[str, Any]:
+    """Each further cluster's weights and last decision, as the API shows them."""
+    out = {}
+    for name in names:
+        w = http.get(api_url + "/api/weights", params={"cluster": name}).json()
+        ds = http.get(api_url + "/api/decisions", params={"cluster": name, "limit": 1}).json()["decisions"]
+        out[name] = {"shares": {e["address"]: e["share"] for e in w["endpoints"]}, "version": w.get("version"),
+                     "decision": ds[0] if ds else None}  # fmt: skip
+    return out
 
 
 def _price_feed(http: httpx.Client, api_url: str, token: str) -> Callable[[dict[str, float]], None]:
@@ -126,7 +152,8 @@ def run_demo(
     console: Console,
     out: Console | None = None,
 ) -> dict[str, Any]:
-    """Run the demo; returns the report (also written to ``out_dir/demo-report.json``)."""
+    """Run the demo; returns the report (also written to ``out_dir/demo-report.json``).
+    The scenario plays on the first cluster; any other is steered under steady load."""
     import ray
     from ray import serve
 
@@ -140,10 +167,13 @@ def run_demo(
     clouds = {ep.address: ep.cloud for ep in cluster.endpoints}
     cloud_names = list(dict.fromkeys(clouds.values()))
     api_url = f"http://{settings.api.host}:{settings.api.port}"
-    report: dict[str, Any] = {"scenario": scenario.model_dump(), "intervals": [], "events": []}
+    others = [c.name for c in settings.clusters[1:]]
+    report: dict[str, Any] = {"scenario": scenario.model_dump(), "intervals": [], "events": [],
+                              "clusters": [c.name for c in settings.clusters]}  # fmt: skip
     interrupted = False
     stop_load = threading.Event()
     load_result: list[LoadResult] = []
+    other_load: list[LoadResult] = []
 
     with tempfile.TemporaryDirectory(prefix="balanceiq-demo-") as tmp:
         work = Path(tmp)
@@ -151,13 +181,16 @@ def run_demo(
         settings = settings.model_copy(update={"state_dir": work / "state"})
         tb: Testbed | None = None
         loader: threading.Thread | None = None
+        loaders: list[threading.Thread] = []
         driver: ScenarioDriver | None = None
         ray_started = False
         try:
             with console.status("starting Ray (local, 2 CPUs)"):
                 ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, namespace=APP_NAME)
                 ray_started = True
-            with console.status("starting 6 backends in 3 clouds, Envoy, Prometheus and the ALS collector"):
+            n_eps = sum(len(c.endpoints) for c in settings.clusters)
+            where = f"{len(settings.clusters)} clusters" if others else "3 clouds"
+            with console.status(f"starting {n_eps} backends in {where}, Envoy, Prometheus and the ALS collector"):
                 tb = Testbed(settings, work / "testbed").start()
             with console.status("deploying the Serve app (Policy + Controller) with the shipped checkpoint"):
                 serve.start(http_options={"host": settings.api.host, "port": settings.api.port})
@@ -181,6 +214,19 @@ def run_demo(
                 daemon=True,
             )  # fmt: skip
             loader.start()
+            # Further clusters: the same open loop at half the rate, behind "/<name>/".
+            for name in others:
+                url = tb.envoy.listen_url.rstrip("/") + f"/{name}/"
+                loaders.append(threading.Thread(
+                    target=lambda u=url: other_load.append(run_load_sync(
+                        u, total=int(rate_rps / 2 * (duration + 10)), concurrency=16, max_seconds=duration + 10,
+                        rate_rps=rate_rps / 2, stop=stop_load)),
+                    daemon=True,
+                ))  # fmt: skip
+                loaders[-1].start()
+            if others:
+                console.print(f"also steering {', '.join(others)} (steady load at {rate_rps / 2:.0f} req/s each, "
+                              f"behind {tb.envoy.listen_url}/<cluster>/)")  # fmt: skip
             console.print(f"replaying [bold]{scenario.name}[/] for {duration:.0f}s at {rate_rps:.0f} req/s "
                           f"(Ctrl-C stops everything)")  # fmt: skip
             t0 = time.monotonic()
@@ -209,6 +255,7 @@ def run_demo(
                         "weights": {e["address"]: e["weight"] for e in w["endpoints"]},
                         "shares": {e["address"]: e["share"] for e in w["endpoints"]},
                         "decision": d,
+                        **({"others": _other_clusters(http, api_url, others)} if others else {}),
                     })  # fmt: skip
                 time.sleep(0.1)
             report["status"] = http.get(api_url + "/api/status").json()
@@ -220,6 +267,8 @@ def run_demo(
             stop_load.set()
             if loader is not None:
                 loader.join(30)
+            for extra in loaders:
+                extra.join(30)
             if driver is not None:
                 driver.close()
             if ray_started:
@@ -239,6 +288,8 @@ def run_demo(
 
     report["interrupted"] = interrupted
     report["load"] = load_result[0].to_json() if load_result else None
+    if others:
+        report["others"] = _summarise_others(report["intervals"], others, other_load)
     report["phases"] = summarise(report["intervals"], cloud_names)
     report["reversals"] = sum(p["reversals"] for p in report["phases"])
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -247,6 +298,23 @@ def run_demo(
         plot(report, cloud_names, out_dir / "demo.png")
     _print_summary(report, cloud_names, console, out_dir)
     return report
+
+
+def _summarise_others(intervals: list[dict[str, Any]], names: list[str], loads: list[LoadResult]) -> dict[str, Any]:
+    """Per further cluster: decisions seen, how many were pushed and ACKed, reversals."""
+    out: dict[str, Any] = {}
+    for name in names:
+        rows = [r["others"][name] for r in intervals if name in r.get("others", {})]
+        ds = {d["seq"]: d for d in (r["decision"] for r in rows) if d}
+        out[name] = {
+            "decisions": len(ds),
+            "pushed": sum(1 for d in ds.values() if d.get("pushed")),
+            "acked": sum(1 for d in ds.values() if d.get("acked")),
+            "last_version": rows[-1]["version"] if rows else None,
+            "reversals": len(reversal_events([r["shares"] for r in rows])),
+        }
+    out["load"] = [x.to_json() for x in loads]
+    return out
 
 
 def _mean(rows: list[dict[str, Any]], cloud: str, key: str) -> float | None:
@@ -293,6 +361,10 @@ def _print_summary(report: dict[str, Any], clouds: list[str], console: Console, 
     console.print(t)
     console.print(f"weight reversals (an endpoint's share moving > 5 points and back within 3 intervals): "
                   f"{report.get('reversals', 0)} in total", highlight=False)  # fmt: skip
+    for name, o in (report.get("others") or {}).items():
+        if name != "load":
+            console.print(f"cluster {name}: {o['decisions']} decisions seen, {o['pushed']} pushed, {o['acked']} ACKed, "
+                          f"{o['reversals']} reversals, version {o['last_version']}", highlight=False)  # fmt: skip
     load = report.get("load")
     if load:
         console.print(f"client side: {load['sent']} requests, {load['failed']} failed, "

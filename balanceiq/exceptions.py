@@ -19,7 +19,8 @@
     │   └── PrometheusProcessError  the prometheus binary failed to start
     ├── BenchError               a benchmark could not run to completion
     └── ControlError             the control loop or its guardrails refused an operation
-        └── GuardrailError       an override or guardrail setting that cannot be applied
+        ├── GuardrailError       an override or guardrail setting that cannot be applied
+        └── UnknownClusterError  a request names a cluster the config does not have
 
 Errors from libraries (grpc, aiohttp, yaml, pydantic) are translated into these at the
 boundary with ``raise ... from exc``; the CLI prints their message and exits 2 instead of
@@ -126,3 +127,7 @@ class ControlError(BalanceIQError):
 
 class GuardrailError(ControlError):
     """An override or guardrail setting that cannot be applied (names the endpoint or field)."""
+
+
+class UnknownClusterError(ControlError):
+    """A request names a cluster the config does not have (or leaves it ambiguous)."""

@@ -25,7 +25,7 @@ from balanceiq.config import Settings
 from balanceiq.control.controller import Controller
 from balanceiq.control.xds_client import LocalXdsClient
 from balanceiq.serve.api import create_api
-from balanceiq.serve.plane import ControlPlane, PolicyClient
+from balanceiq.serve.plane import ControlPlane, PolicyClient, cluster_controllers
 from balanceiq.serve.policy import PolicyModel
 from balanceiq.telemetry.observe import Telemetry
 from balanceiq.testbed.load import run_load_sync
@@ -109,22 +109,32 @@ def live_stack(settings: Settings, workdir: Path, *, rate_rps: float = 120, run_
     xds = XdsServer(settings, state_dir=workdir / "state")
     xds.start()
     stop = threading.Event()
-    loader: threading.Thread | None = None
-    telemetry: Telemetry | None = None
+    loaders: list[threading.Thread] = []
+    telemetry: list[Telemetry] = []
     plane: ControlPlane | None = None
     try:
         with Testbed(settings, workdir / "tb", health_check_interval_s=60) as tb:
-            loader = threading.Thread(
-                target=run_load_sync, args=(tb.envoy.listen_url,),
-                kwargs={"total": int(rate_rps * max_load_s), "concurrency": 8, "max_seconds": max_load_s,
-                        "rate_rps": rate_rps, "stop": stop},
-                daemon=True,
-            )  # fmt: skip
-            loader.start()
-            telemetry = Telemetry(settings, retry_s=0.5)
+            # The same load on every cluster: the first behind "/", the others behind
+            # "/<name>/" (testbed.envoy.cluster_routes).
+            for i, c in enumerate(settings.clusters):
+                url = tb.envoy.listen_url.rstrip("/") + ("" if i == 0 else f"/{c.name}/")
+                loaders.append(threading.Thread(
+                    target=run_load_sync, args=(url,),
+                    kwargs={"total": int(rate_rps * max_load_s), "concurrency": 8, "max_seconds": max_load_s,
+                            "rate_rps": rate_rps, "stop": stop},
+                    daemon=True,
+                ))  # fmt: skip
+                loaders[-1].start()
             model = PolicyModel()
-            controller = Controller(settings, telemetry, LocalXdsClient(xds), lambda rows: model.score_many([rows])[0])
-            plane = ControlPlane(settings, controller, policy=PolicyClient(model.info, model.reload), token=TOKEN)
+
+            def observer(cluster: str) -> Telemetry:
+                telemetry.append(Telemetry(settings, cluster, retry_s=0.5))
+                return telemetry[-1]
+
+            # One controller per configured cluster, as the Serve app builds them.
+            controllers = cluster_controllers(settings, LocalXdsClient(xds), lambda rows: model.score_many([rows])[0], observer)
+            controller = controllers[0]
+            plane = ControlPlane(settings, controllers, policy=PolicyClient(model.info, model.reload), token=TOKEN)
             if run_loop:
                 plane.start()
             backend_url = dict(zip([b["name"] for b in tb.backends.specs], tb.backends.urls))
@@ -134,9 +144,9 @@ def live_stack(settings: Settings, workdir: Path, *, rate_rps: float = 120, run_
     finally:
         if plane is not None:
             plane.stop()
-        if telemetry is not None:
-            telemetry.close()
+        for t in telemetry:
+            t.close()
         stop.set()
-        if loader is not None:
+        for loader in loaders:
             loader.join(15)
         xds.stop()

@@ -2,9 +2,9 @@
 
 One :meth:`Controller.step` is one decision:
 
-1. **Lease.** Renew the controller lease at the xDS server. Without it the step is a
-   ``standby`` record and nothing is pushed: exactly one loop acts, however many
-   controller replicas are alive.
+1. **Lease.** Renew this cluster's lease at the xDS server. Without it the step is a
+   ``standby`` record and nothing is pushed: exactly one loop acts on a cluster, however
+   many controller replicas are alive.
 2. **Observe.** :class:`~balanceiq.telemetry.observe.Telemetry` never raises; when it
    knows nothing (``source == "none"``) the step *holds* the weights in force, since
    acting blind is worse than not acting.
@@ -40,7 +40,7 @@ import numpy as np
 
 from balanceiq.config import Settings
 from balanceiq.control.guardrails import WEIGHT_SCALE, Guardrails, GuardResult, OverrideTable, RollbackMonitor
-from balanceiq.control.metrics import ControllerMetrics
+from balanceiq.control.metrics import ClusterMetrics, ControllerMetrics
 from balanceiq.control.records import DecisionLog, DecisionRecord
 from balanceiq.exceptions import BalanceIQError, ControlError, XdsError
 from balanceiq.policy.baselines import Decision, PolicyContext, available_mask, make_policy
@@ -72,9 +72,9 @@ class Observer(Protocol):
 class XdsClient(Protocol):
     """The part of the xDS actor the controller uses (see :mod:`balanceiq.control.xds_client`)."""
 
-    def acquire_lease(self, owner: str, ttl_s: float) -> dict[str, Any]: ...
+    def acquire_lease(self, owner: str, ttl_s: float, cluster: str | None = None) -> dict[str, Any]: ...
 
-    def release_lease(self, owner: str) -> bool: ...
+    def release_lease(self, owner: str, cluster: str | None = None) -> bool: ...
 
     def set_assignment(self, cluster: str, weights: Mapping[str, int], health: Mapping[str, str], lease_owner: str) -> str: ...
 
@@ -129,6 +129,7 @@ class Controller:
         cluster: str | None = None,
         recording: str | os.PathLike[str] | None = None,
         seed: int = 0,
+        metrics: ControllerMetrics | None = None,
     ) -> None:
         self.settings = settings
         self.cluster = settings.cluster(cluster) if cluster else settings.clusters[0]
@@ -148,7 +149,8 @@ class Controller:
         self.rollback = RollbackMonitor(g.rollback_after, g.rollback_margin, g.probation_after)
         self.baseline = make_policy(g.baseline)
         self.log = DecisionLog(settings.api.decision_log_size, recording)
-        self.metrics = ControllerMetrics()
+        # Shared by every cluster's controller in a process: one /metrics page.
+        self.metrics: ClusterMetrics = (metrics or ControllerMetrics()).cluster(self.cluster.name)
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._rng = np.random.default_rng(seed)
         self._lock = threading.RLock()  # one step at a time; API reads take it briefly
@@ -263,9 +265,7 @@ class Controller:
         rec = DecisionRecord(**{**base, **kw})
         self.log.append(rec)
         outcome = "error" if rec.error else ("pushed" if rec.pushed else "unchanged")
-        self.metrics.decisions.labels(rec.mode, outcome).inc()
-        if rec.step_ms is not None:
-            self.metrics.step_seconds.observe(rec.step_ms / 1000)
+        self.metrics.decision(rec.mode, outcome, None if rec.step_ms is None else rec.step_ms / 1000)
         return rec
 
     # -- one decision --------------------------------------------------------------------
@@ -304,14 +304,14 @@ class Controller:
     def _acquire(self, base: dict[str, Any], t0: float) -> DecisionRecord | None:
         """Take or renew the xDS lease; a standby record when this controller may not push."""
         try:
-            self.lease = self.xds.acquire_lease(self.owner, max(3.0 * self.policy.interval_s, 5.0))
+            self.lease = self.xds.acquire_lease(self.owner, max(3.0 * self.policy.interval_s, 5.0), self.cluster.name)
         except (XdsError, BalanceIQError) as exc:
             self.holds_lease = False
-            self.metrics.active.set(0)
-            self.metrics.errors.labels("lease").inc()
+            self.metrics.set_active(False)
+            self.metrics.error("lease")
             return self._record(base, mode="standby", error=f"xDS unreachable: {exc}", step_ms=_ms_since(t0))
         self.holds_lease = bool(self.lease.get("granted"))
-        self.metrics.active.set(1 if self.holds_lease else 0)
+        self.metrics.set_active(self.holds_lease)
         if not self.holds_lease:
             self._adopted = False  # whoever holds it may change the weights meanwhile
             return self._record(base, mode="standby", notes=(f"lease held by {self.lease.get('holder')}",), step_ms=_ms_since(t0))
@@ -338,7 +338,7 @@ class Controller:
         r = observed_reward(obs, self.policy.reward)
         base["reward"] = r
         if r is not None:
-            self.metrics.reward.set(r)
+            self.metrics.set_reward(r)
         if obs.source == "none" or not any(e.usable for e in obs.endpoints):
             why = "; ".join(obs.errors) or "no endpoint has usable data"
             self.metrics.set_mode("hold")
@@ -367,7 +367,7 @@ class Controller:
                 scores = self._scores(obs, est.capacity)
             except Exception as exc:  # the policy is a remote call: anything may come back
                 self.policy_state.update(ok=False, error=f"{type(exc).__name__}: {exc}", at=time.time())
-                self.metrics.errors.labels("policy").inc()
+                self.metrics.error("policy")
                 notes.append(f"policy unavailable ({type(exc).__name__}: {exc}); baseline used")
                 policy_ok = False
         # One decision core for the controller, the simulator and the live env; without a
@@ -408,7 +408,7 @@ class Controller:
                                       self.overrides.active(), breaching=breach)  # fmt: skip
         self.last_guard = guard
         for note in guard.notes:
-            self.metrics.guardrail.labels(note.split(":", 1)[0]).inc()
+            self.metrics.guardrail(note.split(":", 1)[0])
         notes += list(guard.notes)
         base["critical"] = tuple(self.addresses[i] for i in critical)
         return self._push_guarded(base, mode, notes, guard, obs, ctx.demand_rps, t0, now)
@@ -435,11 +435,11 @@ class Controller:
         try:
             version = self.xds.set_assignment(self.cluster.name, new_weights, guard.health, self.owner)
         except (XdsError, BalanceIQError) as exc:
-            self.metrics.errors.labels("push").inc()
+            self.metrics.error("push")
             base["weights"] = dict(self.weights)
             return self._record(base, mode=mode, notes=tuple(notes), error=f"push failed: {exc}", step_ms=_ms_since(t0))
         push_ms = (time.perf_counter() - t_push) * 1000
-        self.metrics.push_seconds.observe(push_ms / 1000)
+        self.metrics.push(push_ms / 1000)
         self.weights, self.health = new_weights, dict(guard.health)
         self.overrides_applied_at = now
         self._intent = (dict(new_weights), np.asarray(guard.shares, dtype=np.float64).copy())
@@ -449,12 +449,12 @@ class Controller:
         t_ack = time.perf_counter()
         try:
             status = self.xds.status()
-            self.metrics.xds.update(status.get("nodes", []))
+            self.metrics.xds_nodes(status.get("nodes", []))
             if any(n.get("connected") for n in status.get("nodes", [])):
                 acked = self.xds.wait_for_ack(version, min(2.0, self.policy.interval_s / 2))
                 if acked:
                     ack_ms = (time.perf_counter() - t_ack) * 1000
-                    self.metrics.ack_seconds.observe(ack_ms / 1000)
+                    self.metrics.ack(ack_ms / 1000)
         except (XdsError, BalanceIQError) as exc:
             notes.append(f"ACK unknown: {exc}")
         return self._record(base, mode=mode, notes=tuple(notes), pushed=True, acked=acked, push_ms=push_ms,
@@ -478,18 +478,16 @@ class Controller:
     def _remember(self, now: float) -> None:
         self.weight_history.append({"timestamp": now, "weights": dict(self.weights)})
         del self.weight_history[:-360]
-        for a, w in self.weights.items():
-            self.metrics.weight.labels(self.cluster.name, a).set(w)
         for a, s in zip(self.addresses, self.shares):
-            self.metrics.share.labels(self.cluster.name, a).set(float(s))
+            self.metrics.endpoint(a, self.weights[a], float(s))
 
     def release(self) -> None:
         try:
-            self.xds.release_lease(self.owner)
+            self.xds.release_lease(self.owner, self.cluster.name)
         except (XdsError, BalanceIQError) as exc:
             log.info("lease release failed (it will expire): %s", exc)
         self.holds_lease = False
-        self.metrics.active.set(0)
+        self.metrics.set_active(False)
 
 
 class ControlLoop:

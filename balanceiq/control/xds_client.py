@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from balanceiq.exceptions import AssignmentError, XdsError
-from balanceiq.xds.lease import Lease
+from balanceiq.xds.lease import LeaseTable
 from balanceiq.xds.server import XdsServer
 
 
@@ -37,11 +37,11 @@ class ActorXdsClient:
         except ray.exceptions.RayError as exc:  # actor dead or restarting
             raise XdsError(f"xDS actor unavailable ({type(exc).__name__})") from exc
 
-    def acquire_lease(self, owner: str, ttl_s: float) -> dict[str, Any]:
-        return self._call("acquire_lease", owner, ttl_s)  # type: ignore[no-any-return]
+    def acquire_lease(self, owner: str, ttl_s: float, cluster: str | None = None) -> dict[str, Any]:
+        return self._call("acquire_lease", owner, ttl_s, cluster)  # type: ignore[no-any-return]
 
-    def release_lease(self, owner: str) -> bool:
-        return bool(self._call("release_lease", owner))
+    def release_lease(self, owner: str, cluster: str | None = None) -> bool:
+        return bool(self._call("release_lease", owner, cluster))
 
     def set_assignment(self, cluster: str, weights: Mapping[str, int], health: Mapping[str, str], lease_owner: str) -> str:
         return str(self._call("set_assignment", cluster, dict(weights), dict(health), lease_owner))
@@ -54,20 +54,21 @@ class ActorXdsClient:
 
 
 class LocalXdsClient:
-    """An in-process :class:`XdsServer` with its own lease (tests, benchmarks)."""
+    """An in-process :class:`XdsServer` with its own leases (tests, benchmarks); clients
+    given the same ``lease`` table compete as replicas would at the actor."""
 
-    def __init__(self, server: XdsServer, lease: Lease | None = None) -> None:
+    def __init__(self, server: XdsServer, lease: LeaseTable | None = None) -> None:
         self.server = server
-        self.lease = lease or Lease()
+        self.lease = lease or LeaseTable()
 
-    def acquire_lease(self, owner: str, ttl_s: float) -> dict[str, Any]:
-        return self.lease.acquire(owner, ttl_s)
+    def acquire_lease(self, owner: str, ttl_s: float, cluster: str | None = None) -> dict[str, Any]:
+        return self.lease.acquire(owner, ttl_s, cluster)
 
-    def release_lease(self, owner: str) -> bool:
-        return self.lease.release(owner)
+    def release_lease(self, owner: str, cluster: str | None = None) -> bool:
+        return self.lease.release(owner, cluster)
 
     def set_assignment(self, cluster: str, weights: Mapping[str, int], health: Mapping[str, str], lease_owner: str) -> str:
-        self.lease.check(lease_owner)
+        self.lease.check(lease_owner, cluster)
         try:
             return self.server.set_assignment(cluster, weights, health)
         except AssignmentError as exc:
@@ -77,4 +78,4 @@ class LocalXdsClient:
         return self.server.wait_for_ack(version, None, timeout)
 
     def status(self) -> dict[str, Any]:
-        return {**self.server.status(), "lease": self.lease.state()}
+        return {**self.server.status(), "lease": self.lease.state(), "leases": self.lease.states()}

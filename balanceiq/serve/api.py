@@ -20,7 +20,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field
 
-from balanceiq.exceptions import BalanceIQError, ControlError, GuardrailError, PolicyError
+from balanceiq.exceptions import BalanceIQError, ControlError, GuardrailError, PolicyError, UnknownClusterError
 from balanceiq.serve.metrics import ApiMetrics
 from balanceiq.serve.plane import ControlPlane
 
@@ -33,6 +33,11 @@ ADDRESS_MAX = 300
 MAX_PROBLEMS = 10
 LOC_PART_MAX = 40
 MSG_MAX = 200
+
+ClusterQuery = Annotated[
+    str | None,
+    Query(min_length=1, max_length=200, description="The cluster to read or change; the first configured one if omitted."),
+]
 
 
 class _Body(BaseModel):
@@ -257,7 +262,9 @@ def create_api(plane: ControlPlane) -> FastAPI:
     @app.exception_handler(BalanceIQError)
     async def _refused(request: Request, exc: BalanceIQError) -> JSONResponse:
         # Bad input is the caller's (400/409); only a dependency being down is a 503.
-        if isinstance(exc, PolicyError):
+        if isinstance(exc, UnknownClusterError):
+            code = 404
+        elif isinstance(exc, PolicyError):
             code = 400
         elif isinstance(exc, (GuardrailError, ControlError)):
             code = 409
@@ -278,48 +285,54 @@ def create_api(plane: ControlPlane) -> FastAPI:
         return plane.training_metrics()
 
     @app.get("/api/metrics/weights", tags=["compatible"])
-    def metrics_weights() -> dict[str, Any]:
-        return plane.weight_metrics()
+    def metrics_weights(cluster: ClusterQuery = None) -> dict[str, Any]:
+        return plane.weight_metrics(cluster)
 
     @app.get("/api/metrics/all", tags=["compatible"])
-    def metrics_all() -> dict[str, Any]:
-        return plane.all_metrics()
+    def metrics_all(cluster: ClusterQuery = None) -> dict[str, Any]:
+        return plane.all_metrics(cluster)
 
     # -- BalanceIQ ------------------------------------------------------------------------
 
+    @app.get("/api/clusters")
+    def clusters() -> dict[str, Any]:
+        """Every cluster this deployment steers; the first is the default of ``?cluster=``."""
+        return {"clusters": plane.clusters(), "default": plane.controller.cluster.name}
+
     @app.get("/api/status")
-    def status() -> dict[str, Any]:
-        return plane.status()
+    def status(cluster: ClusterQuery = None) -> dict[str, Any]:
+        return plane.status(cluster)
 
     @app.get("/api/weights")
-    def get_weights() -> dict[str, Any]:
-        return plane.weights()
+    def get_weights(cluster: ClusterQuery = None) -> dict[str, Any]:
+        return plane.weights(cluster)
 
     @app.put("/api/weights", dependencies=auth, responses={401: {"description": "no or wrong token"}})
-    def put_weights(change: WeightChange) -> dict[str, Any]:
-        result = plane.set_override(change.address, change.action, change.weight, change.ttl_s, change.reason)
-        return {"override": result, "overrides": plane.controller.overrides.to_json()}
+    def put_weights(change: WeightChange, cluster: ClusterQuery = None) -> dict[str, Any]:
+        result = plane.set_override(change.address, change.action, change.weight, change.ttl_s, change.reason, cluster)
+        return {"override": result, "overrides": plane.pick(result["cluster"]).overrides.to_json()}
 
     @app.get("/api/decisions")
-    def decisions(limit: Annotated[int, Query(ge=1, le=1000)] = 20) -> dict[str, Any]:
-        return {"decisions": [d.to_json() for d in plane.controller.log.recent(limit)]}
+    def decisions(limit: Annotated[int, Query(ge=1, le=1000)] = 20, cluster: ClusterQuery = None) -> dict[str, Any]:
+        c = plane.pick(cluster)
+        return {"cluster": c.cluster.name, "decisions": [d.to_json() for d in c.log.recent(limit)]}
 
     @app.get("/api/timeline")
-    def timeline(limit: Annotated[int, Query(ge=2, le=1000)] = 120) -> dict[str, Any]:
+    def timeline(limit: Annotated[int, Query(ge=2, le=1000)] = 120, cluster: ClusterQuery = None) -> dict[str, Any]:
         """Latency and cost over recent decisions, events marked, saving against equal weights."""
-        return plane.timeline(limit)
+        return plane.timeline(limit, cluster)
 
     @app.get("/api/policy")
-    def get_policy() -> dict[str, Any]:
-        return plane.policy_settings()
+    def get_policy(cluster: ClusterQuery = None) -> dict[str, Any]:
+        return plane.policy_settings(cluster)
 
     @app.put("/api/policy", dependencies=auth, responses={401: {"description": "no or wrong token"}})
-    def put_policy(change: PolicyChange) -> dict[str, Any]:
-        return plane.update_policy(change.model_dump(exclude_none=True))
+    def put_policy(change: PolicyChange, cluster: ClusterQuery = None) -> dict[str, Any]:
+        return plane.update_policy(change.model_dump(exclude_none=True), cluster)
 
     @app.post("/api/policy/score")
-    def post_score(req: ScoreRequest) -> dict[str, Any]:
-        return plane.score([e.model_dump() for e in req.endpoints], req.k)
+    def post_score(req: ScoreRequest, cluster: ClusterQuery = None) -> dict[str, Any]:
+        return plane.score([e.model_dump() for e in req.endpoints], req.k, cluster)
 
     @app.post("/api/train", dependencies=auth, status_code=202, responses={401: {"description": "no or wrong token"}})
     def post_train(req: TrainRequest) -> dict[str, Any]:
@@ -333,7 +346,7 @@ def create_api(plane: ControlPlane) -> FastAPI:
 
     @app.get("/metrics", response_class=Response)
     def metrics() -> Response:
-        body = plane.controller.metrics.exposition() + plane.metrics.exposition()
+        body = plane.metrics_exposition()
         return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     # -- dashboard ------------------------------------------------------------------------

@@ -2,9 +2,9 @@
 
 ``serve run serve_app:app`` (or ``serve run serve_app.yaml``) builds it from the config
 named by ``BALANCEIQ_CONFIG`` (default ``balanceiq.yaml``). The Controller deployment
-gets or starts the xDS actor, runs the control loop in its replica and serves the API;
-it keeps one replica, and the controller lease at the xDS actor makes sure only one loop
-pushes even while Serve replaces a replica.
+gets or starts the xDS actor, runs one control loop per configured cluster in its
+replica and serves the API; it keeps one replica, and each cluster's lease at the xDS actor makes sure only one loop
+pushes to it even while Serve replaces a replica.
 """
 
 from __future__ import annotations
@@ -18,10 +18,9 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from balanceiq.config import Settings, load_config
-from balanceiq.control.controller import Controller
 from balanceiq.control.xds_client import ActorXdsClient
 from balanceiq.serve.api import create_api
-from balanceiq.serve.plane import ControlPlane, PolicyClient, load_or_create_token
+from balanceiq.serve.plane import ControlPlane, PolicyClient, cluster_controllers, load_or_create_token
 from balanceiq.serve.policy import PolicyDeployment
 from balanceiq.serve.training import TrainingManager
 from balanceiq.telemetry.observe import Telemetry
@@ -54,8 +53,14 @@ class ControllerDeployment:
         def scorer(rows: Any) -> Any:
             return policy.score.remote(rows).result(timeout_s=2.0)
 
-        self.telemetry = Telemetry(self.settings)
-        controller = Controller(self.settings, self.telemetry, self.xds, scorer, recording=recording)
+        self.telemetry: list[Telemetry] = []
+
+        def observer(cluster: str) -> Telemetry:
+            t = Telemetry(self.settings, cluster)
+            self.telemetry.append(t)
+            return t
+
+        controllers = cluster_controllers(self.settings, self.xds, scorer, observer, recording=recording)
         policy_client = PolicyClient(
             info=lambda: policy.info.remote().result(timeout_s=2.0),
             reload=lambda ckpt: policy.reload.remote(ckpt).result(timeout_s=120.0),
@@ -65,7 +70,7 @@ class ControllerDeployment:
             serving=lambda: policy_client.info()["checkpoint"],
             promote=policy_client.reload,
         )
-        self.plane = ControlPlane(self.settings, controller, policy=policy_client, training=training, token=token)
+        self.plane = ControlPlane(self.settings, controllers, policy=policy_client, training=training, token=token)
         if autostart:
             self.plane.start()
 
@@ -74,13 +79,15 @@ class ControllerDeployment:
 
     def check_health(self) -> None:
         # A dead loop is a broken controller: let Serve replace the replica.
-        if self.plane.loop.steps and not self.plane.loop.running:
-            raise RuntimeError("control loop stopped")
+        for name, loop in self.plane.loops.items():
+            if loop.steps and not loop.running:
+                raise RuntimeError(f"control loop of cluster {name} stopped")
 
     def __del__(self) -> None:
         try:
             self.plane.stop()
-            self.telemetry.close()
+            for t in self.telemetry:
+                t.close()
         except Exception:  # interpreter shutdown: best effort
             pass
 

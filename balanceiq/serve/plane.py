@@ -16,7 +16,7 @@ import os
 import secrets
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -26,8 +26,9 @@ import httpx
 import numpy as np
 
 from balanceiq.config import GuardrailConfig, Settings, critical_count, is_loopback
-from balanceiq.control.controller import ControlLoop, Controller
-from balanceiq.exceptions import BalanceIQError, ControlError, GuardrailError
+from balanceiq.control.controller import ControlLoop, Controller, Observer, Scorer, XdsClient
+from balanceiq.control.metrics import ControllerMetrics
+from balanceiq.exceptions import BalanceIQError, ControlError, GuardrailError, UnknownClusterError
 from balanceiq.policy.baselines import PolicyContext, make_policy
 from balanceiq.policy.decide import decide, observe_only
 from balanceiq.policy.features import encode
@@ -83,19 +84,51 @@ class PolicyClient:
         self.reload = reload
 
 
+def cluster_controllers(
+    settings: Settings,
+    xds: XdsClient,
+    scorer: Scorer | None,
+    observer: Callable[[str], Observer],
+    *,
+    recording: str | os.PathLike[str] | None = None,
+) -> list[Controller]:
+    """One controller per configured cluster, in config order, sharing the xDS client,
+    the policy and one metrics registry; ``observer(name)`` gives each its telemetry. A
+    recording path gets the cluster's name before its suffix from the second cluster on."""
+    metrics = ControllerMetrics()
+    out = []
+    for i, c in enumerate(settings.clusters):
+        rec = recording
+        if recording is not None and i > 0:
+            path = Path(recording)
+            rec = path.with_name(f"{path.stem}.{c.name}{path.suffix}")
+        out.append(Controller(settings, observer(c.name), xds, scorer, cluster=c.name, recording=rec, metrics=metrics))
+    return out
+
+
 class ControlPlane:
+    """The API's view of every cluster's controller and loop; ``cluster=None`` means the
+    first configured cluster, so a one-cluster deployment never has to name it."""
+
     def __init__(
         self,
         settings: Settings,
-        controller: Controller,
+        controllers: Controller | Sequence[Controller],
         *,
         policy: PolicyClient | None = None,
         training: TrainingManager | None = None,
         token: str | None = None,
     ) -> None:
         self.settings = settings
-        self.controller = controller
-        self.loop = ControlLoop(controller)
+        cs = [controllers] if isinstance(controllers, Controller) else list(controllers)
+        if not cs:
+            raise ControlError("a control plane needs at least one cluster's controller")
+        self.controllers: dict[str, Controller] = {c.cluster.name: c for c in cs}
+        if len(self.controllers) != len(cs):
+            raise ControlError("two controllers for the same cluster")
+        self.loops: dict[str, ControlLoop] = {name: ControlLoop(c) for name, c in self.controllers.items()}
+        self.controller = cs[0]
+        self.loop = self.loops[self.controller.cluster.name]
         self.policy = policy
         self.training = training
         self.token = token or load_or_create_token(settings)[0]
@@ -110,15 +143,60 @@ class ControlPlane:
         self._http = httpx.Client(timeout=1.0, trust_env=False)
         self._http_lock = threading.Lock()
         self._probe_cache: dict[str, tuple[float, dict[str, Any]]] = {}
-        self.metrics = ApiMetrics(self._xds_status, lambda: dict(getattr(controller.observer, "failures", None) or {}))
+        self.metrics = ApiMetrics(self._xds_status, self._telemetry_failures)
+
+    # -- clusters ------------------------------------------------------------------------
+
+    def pick(self, cluster: str | None = None) -> Controller:
+        """The named cluster's controller; the first configured one for ``None``."""
+        if cluster is None:
+            return self.controller
+        c = self.controllers.get(cluster)
+        if c is None:
+            raise UnknownClusterError(f"unknown cluster {cluster[:80]!r}; known: {', '.join(self.controllers)}")
+        return c
+
+    def _for_address(self, address: str, cluster: str | None) -> Controller:
+        """The controller of ``cluster``, else of the one cluster that has ``address``."""
+        if cluster is not None or len(self.controllers) == 1:
+            return self.pick(cluster)
+        owners = [c for c in self.controllers.values() if address in c.endpoints]
+        if len(owners) > 1:
+            raise UnknownClusterError(f"{address!r} is in clusters {', '.join(c.cluster.name for c in owners)}: name one with ?cluster=")
+        return owners[0] if owners else self.controller
+
+    def clusters(self) -> list[dict[str, Any]]:
+        """Every steered cluster: name, endpoints, mode and whether its loop holds the lease."""
+        out = []
+        for name, c in self.controllers.items():
+            comp = self._controller(c, self.loops[name])
+            out.append({"cluster": name, "endpoints": len(c.addresses), "state": comp["state"], "reason": comp["reason"],
+                        "mode": c.rollback.mode, "control_mode": c.policy.control_mode, "holds_lease": c.holds_lease,
+                        "decisions": self.loops[name].steps})  # fmt: skip
+        return out
+
+    def _telemetry_failures(self) -> dict[str, int]:
+        total: dict[str, int] = {}
+        for c in self.controllers.values():
+            for k, v in (getattr(c.observer, "failures", None) or {}).items():
+                total[k] = total.get(k, 0) + int(v)
+        return total
+
+    def metrics_exposition(self) -> bytes:
+        """Every controller's metrics (one registry when built by :func:`cluster_controllers`)
+        then the API's."""
+        parents = {id(c.metrics.parent): c.metrics.parent for c in self.controllers.values()}
+        return b"".join(p.exposition() for p in parents.values()) + self.metrics.exposition()
 
     # -- lifecycle -----------------------------------------------------------------------
 
     def start(self) -> None:
-        self.loop.start()
+        for loop in self.loops.values():
+            loop.start()
 
     def stop(self) -> None:
-        self.loop.stop()
+        for loop in self.loops.values():
+            loop.stop()
         if self.training is not None:
             self.training.shutdown()
         self._http.close()
@@ -168,8 +246,8 @@ class ControlPlane:
     def _prometheus(self) -> dict[str, Any]:
         url = self.settings.prometheus.url.rstrip("/") + "/-/ready"
         r = self._get(url)
-        obs = self.controller.last_observation
-        fallback = obs is not None and obs.source == "envoy-admin"
+        fallback = any(c.last_observation is not None and c.last_observation.source == "envoy-admin"
+                       for c in self.controllers.values())  # fmt: skip
         if r is None or r.status_code != 200:
             why = "unreachable" if r is None else f"answered {r.status_code}"
             note = "; telemetry uses Envoy's admin" if fallback else ""
@@ -206,7 +284,8 @@ class ControlPlane:
                 "version": status.get("version")}  # fmt: skip
 
     def _policy(self) -> dict[str, Any]:
-        st = self.controller.policy_state
+        states = [c.policy_state for c in self.controllers.values()]
+        st = next((x for x in states if x.get("ok") is False), states[0])
         info: dict[str, Any] = {}
         if self.policy is not None:
             try:
@@ -221,8 +300,7 @@ class ControlPlane:
         why = f"checkpoint {info.get('checkpoint', '?')}" + (f", last scoring {lat:.1f} ms" if lat is not None else "")
         return {"state": UP, "reason": why, **info}
 
-    def _controller(self) -> dict[str, Any]:
-        c, loop = self.controller, self.loop
+    def _controller(self, c: Controller, loop: ControlLoop) -> dict[str, Any]:
         interval = c.policy.interval_s
         if not loop.running:
             return {"state": DOWN, "reason": "control loop not running"}
@@ -242,9 +320,21 @@ class ControlPlane:
             return {"state": DEGRADED, "reason": last.notes[0] if last.notes else "holding weights"}
         return {"state": UP, "reason": f"active, {loop.steps} decisions, mode {c.rollback.mode}"}
 
-    def status(self) -> dict[str, Any]:
+    def _controllers(self) -> dict[str, Any]:
+        """The worst cluster's loop (each named when there are several)."""
+        rank = {UP: 0, DEGRADED: 1, DOWN: 2}
+        per = {name: self._controller(c, self.loops[name]) for name, c in self.controllers.items()}
+        if len(per) == 1:
+            return next(iter(per.values()))
+        name, worst = max(per.items(), key=lambda kv: rank[kv[1]["state"]])
+        if worst["state"] == UP:
+            return {"state": UP, "reason": f"{len(per)} clusters steered: " + "; ".join(f"{n}: {v['reason']}" for n, v in per.items())}
+        return {**worst, "reason": f"cluster {name}: {worst['reason']}"}
+
+    def status(self, cluster: str | None = None) -> dict[str, Any]:
+        c = self.pick(cluster)
         comps = {
-            "controller": self._controller(),
+            "controller": self._controllers(),
             "policy": self._cached("policy", 1.0, self._policy),
             "xds": self._cached("xds", 1.0, self._xds),
             "envoy": self._cached("envoy", 1.0, self._envoy),
@@ -253,10 +343,11 @@ class ControlPlane:
         states = [v["state"] for v in comps.values()]
         critical = [comps[k]["state"] for k in ("controller", "xds", "envoy")]
         overall = DOWN if DOWN in critical else (UP if all(s == UP for s in states) else DEGRADED)
-        c = self.controller
         rb = c.rollback.state()
         return {
             "overall": overall,
+            "cluster": c.cluster.name,
+            "clusters": self.clusters(),
             "components": comps,
             "mode": rb["mode"],
             "mode_reason": rb["reason"],
@@ -273,13 +364,13 @@ class ControlPlane:
 
     # -- timeline ------------------------------------------------------------------------
 
-    def timeline(self, limit: int = 120) -> dict[str, Any]:
+    def timeline(self, limit: int = 120, cluster: str | None = None) -> dict[str, Any]:
         """Latency and cost over the last ``limit`` decisions, from what each one observed:
         p95 per cloud (request-weighted), blended $ per million requests, what equal
         weights would cost on the same endpoints, the saving against that, and events
         (traffic moved, mode changes, price changes, operator overrides). The fleet's p99
         as Envoy sees it comes from Prometheus (the ALS histogram) when it answers."""
-        c = self.controller
+        c = self.pick(cluster)
         clouds = {a: ep.cloud for a, ep in c.endpoints.items()}
         points: list[dict[str, Any]] = []
         events: list[dict[str, Any]] = []
@@ -327,18 +418,17 @@ class ControlPlane:
             spent = sum(p["cost_per_million"] * p["rps"] for p in costs)
             equal_spent = sum(p["equal_cost_per_million"] * p["rps"] for p in costs)
             saving = round(1.0 - spent / equal_spent, 4) if equal_spent > 0 else None
-        p99, p99_reason = self._fleet_p99(points)
+        p99, p99_reason = self._fleet_p99(points, c.cluster.name)
         return {"cluster": c.cluster.name, "points": points, "events": events, "saving_vs_equal": saving,
                 "fleet_p99_ms": p99, "fleet_p99_reason": p99_reason}  # fmt: skip
 
-    def _fleet_p99(self, points: list[dict[str, Any]]) -> tuple[list[dict[str, float]], str | None]:
+    def _fleet_p99(self, points: list[dict[str, Any]], name: str) -> tuple[list[dict[str, float]], str | None]:
         """The cluster's p99 over every request Envoy sent, from the ALS histogram."""
         if len(points) < 2:
             return [], "too few decisions yet"
         start, end = points[0]["t"], points[-1]["t"]
         step = max(1.0, (end - start) / 200)
         window = max(2.0, float(self.settings.telemetry.window_s))
-        name = self.controller.cluster.name
         q = (f'histogram_quantile(0.99, sum by (le) (rate(balanceiq_upstream_rq_time_seconds_bucket{{cluster="{name}"}}'
              f"[{window:g}s]))) * 1000")  # fmt: skip
         url = self.settings.prometheus.url.rstrip("/") + "/api/v1/query_range"
@@ -357,9 +447,9 @@ class ControlPlane:
 
     # -- weights -------------------------------------------------------------------------
 
-    def total_requests(self) -> int | None:
+    def total_requests(self, cluster: str | None = None) -> int | None:
         """Envoy's own count of requests sent to the cluster (``upstream_rq_total``)."""
-        name = self.controller.cluster.name
+        name = self.pick(cluster).cluster.name
 
         def probe() -> dict[str, Any]:
             url = self.settings.envoy.admin_url.rstrip("/") + f"/stats?filter=^cluster\\.{name}\\.upstream_rq_total$&format=json"
@@ -371,13 +461,14 @@ class ControlPlane:
             value = next((s.get("value") for s in stats if s.get("name") == f"cluster.{name}.upstream_rq_total"), None)
             return {"value": int(value) if isinstance(value, (int, float)) else None}
 
-        return self._cached("total_requests", 1.0, probe)["value"]  # type: ignore[no-any-return]
+        return self._cached(f"total_requests:{name}", 1.0, probe)["value"]  # type: ignore[no-any-return]
 
-    def efficiency(self) -> float | None:
+    def efficiency(self, cluster: str | None = None) -> float | None:
         """Jain's fairness index of utilisation (rps / capacity) over endpoints with both
         known: 1.0 when every endpoint is equally loaded relative to its capacity."""
-        obs = self.controller.last_observation
-        hint = self.controller.capacity_hint
+        c = self.pick(cluster)
+        obs = c.last_observation
+        hint = c.capacity_hint
         if obs is None:
             return None
         u = np.array([e.rps / c for e, c in zip(obs.endpoints, hint) if math.isfinite(e.rps) and math.isfinite(c) and c > 0])
@@ -385,10 +476,10 @@ class ControlPlane:
             return None
         return round(float(u.sum() ** 2 / (u.size * (u**2).sum())), 4)
 
-    def weights(self) -> dict[str, Any]:
-        c = self.controller
+    def weights(self, cluster: str | None = None) -> dict[str, Any]:
+        c = self.pick(cluster)
         obs = c.last_observation.by_address() if c.last_observation else {}
-        overrides = {o["address"]: self._with_state(o) for o in c.overrides.to_json()}
+        overrides = {o["address"]: self._with_state(o, c) for o in c.overrides.to_json()}
         shares = c.shares
         eps = []
         for a, s in zip(c.addresses, shares):
@@ -408,22 +499,24 @@ class ControlPlane:
             "mode": c.rollback.mode,
             "endpoints": eps,
             "history": list(c.weight_history[-120:]),
-            "total_requests": self.total_requests(),
+            "total_requests": self.total_requests(c.cluster.name),
             "timestamp": last.timestamp if last else None,
         }
 
-    def _with_state(self, override: dict[str, Any]) -> dict[str, Any]:
+    def _with_state(self, override: dict[str, Any], c: Controller) -> dict[str, Any]:
         """The override as JSON, with ``state``: ``applied`` once a push (or a step that
         found nothing to change) has included it, else ``pending``."""
-        done = self.controller.overrides_applied_at
+        done = c.overrides_applied_at
         created = override.get("created_at")
         applied = done is not None and created is not None and float(created) <= done
         return {**override, "state": "applied" if applied else "pending"}
 
-    def set_override(self, address: str, action: str, weight: int | None, ttl_s: float | None, reason: str) -> dict[str, Any]:
-        c = self.controller
+    def set_override(self, address: str, action: str, weight: int | None, ttl_s: float | None, reason: str,
+                     cluster: str | None = None) -> dict[str, Any]:  # fmt: skip
+        """Apply an override; ``cluster`` defaults to the one cluster with ``address``."""
+        c = self._for_address(address, cluster)
         if address not in c.endpoints:
-            raise GuardrailError(f"unknown endpoint {address!r}; known: {', '.join(c.addresses)}")
+            raise GuardrailError(f"unknown endpoint {address!r} in cluster {c.cluster.name}; known: {', '.join(c.addresses)}")
         if action == "clear":
             cleared = c.overrides.clear(address)
             result: dict[str, Any] = {"address": address, "action": "clear", "cleared": cleared}
@@ -438,23 +531,26 @@ class ControlPlane:
             result = c.overrides.set_weight(address, weight, ttl_s, reason).to_json()
         else:
             raise GuardrailError(f"unknown action {action!r}; use pin, drain, set or clear")
-        self.loop.wake()  # operators expect a drain now, not after the interval
-        return self._with_state(result) if "created_at" in result else result
+        self.loops[c.cluster.name].wake()  # operators expect a drain now, not after the interval
+        out = self._with_state(result, c) if "created_at" in result else result
+        return {**out, "cluster": c.cluster.name}
 
     # -- policy settings -----------------------------------------------------------------
 
-    def policy_settings(self) -> dict[str, Any]:
-        c = self.controller
+    def policy_settings(self, cluster: str | None = None) -> dict[str, Any]:
+        c = self.pick(cluster)
         return {
+            "cluster": c.cluster.name,
             **c.policy.to_json(),
             "costs": dict(c.costs),
             "guardrails": c.guardrails.config.model_dump(),
             "checkpoint": (self.policy.info().get("checkpoint") if self.policy else None),
         }
 
-    def update_policy(self, changes: dict[str, Any]) -> dict[str, Any]:
-        """Apply validated changes atomically: all of them, or none if one is invalid."""
-        c = self.controller
+    def update_policy(self, changes: dict[str, Any], cluster: str | None = None) -> dict[str, Any]:
+        """Apply validated changes to one cluster's controller atomically: all of them, or
+        none if one is invalid. A checkpoint is the one policy every cluster shares."""
+        c = self.pick(cluster)
         n = len(c.addresses)
         if "k" in changes and changes["k"] is not None and not 1 <= changes["k"] <= n:
             raise ControlError(f"k must be in 1..{n} (the cluster has {n} endpoints), got {changes['k']}")
@@ -505,12 +601,13 @@ class ControlPlane:
                 c.rollback.reconfigure(guard.rollback_after, guard.rollback_margin, guard.probation_after)
                 if guard.baseline != c.baseline.name:
                     c.baseline = make_policy(guard.baseline)
-        self.loop.wake()
-        return self.policy_settings()
+        self.loops[c.cluster.name].wake()
+        return self.policy_settings(c.cluster.name)
 
-    def score(self, endpoints: list[dict[str, Any]], k: int | None) -> dict[str, Any]:
-        """The policy's scores and greedy critical set for an observation sent over HTTP."""
-        c = self.controller
+    def score(self, endpoints: list[dict[str, Any]], k: int | None, cluster: str | None = None) -> dict[str, Any]:
+        """The policy's scores and greedy critical set for an observation sent over HTTP,
+        decided with ``cluster``'s knobs."""
+        c = self.pick(cluster)
         if c.scorer is None:
             raise ControlError("no policy configured")
         addresses = [e["address"] for e in endpoints]
@@ -566,18 +663,19 @@ class ControlPlane:
         self.training.refresh()
         return self.training.metrics()
 
-    def weight_metrics(self) -> dict[str, Any]:
-        last = self.controller.log.last()
+    def weight_metrics(self, cluster: str | None = None) -> dict[str, Any]:
+        c = self.pick(cluster)
+        last = c.log.last()
         return {
-            "endpoint_weights": dict(self.controller.weights),
-            "total_requests": self.total_requests(),
-            "load_balance_efficiency": self.efficiency(),
+            "endpoint_weights": dict(c.weights),
+            "total_requests": self.total_requests(c.cluster.name),
+            "load_balance_efficiency": self.efficiency(c.cluster.name),
             "last_update": _iso(last.timestamp if last else None),
         }
 
-    def all_metrics(self) -> dict[str, Any]:
+    def all_metrics(self, cluster: str | None = None) -> dict[str, Any]:
         t = self.training_metrics()
-        w = self.weight_metrics()
+        w = self.weight_metrics(cluster)
         return {
             "training": {
                 "iterations": t["training_iterations"], "buffer_size": t["buffer_size"],

@@ -38,6 +38,7 @@ HCM = "type.googleapis.com/envoy.extensions.filters.network.http_connection_mana
 ROUTER = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
 HTTP_OPTS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 TLS_CTX = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext"
+CLUSTER_HEADER = "x-balanceiq-cluster"  # picks a cluster other than the first (see cluster_routes)
 
 API_TYPES = ("ads-sotw", "ads-delta", "eds-sotw", "eds-delta")
 
@@ -193,7 +194,7 @@ def render_bootstrap(
     if access_log:
         # Last, so clusters[1:] are the service clusters in config order.
         clusters.append(als_cluster_config("127.0.0.1", settings.telemetry.als_grpc_port))
-    first = settings.clusters[0].name
+    routes = cluster_routes(settings)
     bootstrap: dict[str, Any] = {
         "node": {"id": node_id, "cluster": "balanceiq"},
         "admin": {
@@ -225,12 +226,7 @@ def render_bootstrap(
                                                 {
                                                     "name": "all",
                                                     "domains": ["*"],
-                                                    "routes": [
-                                                        {
-                                                            "match": {"prefix": "/"},
-                                                            "route": {"cluster": first, "timeout": "10s"},
-                                                        }
-                                                    ],
+                                                    "routes": routes,
                                                 }
                                             ]
                                         },
@@ -253,6 +249,20 @@ def render_bootstrap(
     if ads:
         bootstrap["dynamic_resources"] = {"ads_config": api_source}
     return bootstrap
+
+
+def cluster_routes(settings: Settings) -> list[dict[str, Any]]:
+    """Routes to every configured cluster: the first takes ``/``; each other one takes
+    requests with ``x-balanceiq-cluster: <name>`` and paths under ``/<name>/`` (the
+    prefix stripped), so one listener fronts them all."""
+    first, *others = settings.clusters
+    routes: list[dict[str, Any]] = []
+    for c in others:
+        routes.append({"match": {"prefix": "/", "headers": [{"name": CLUSTER_HEADER, "string_match": {"exact": c.name}}]},
+                       "route": {"cluster": c.name, "timeout": "10s"}})  # fmt: skip
+        routes.append({"match": {"prefix": f"/{c.name}/"}, "route": {"cluster": c.name, "timeout": "10s", "prefix_rewrite": "/"}})
+    routes.append({"match": {"prefix": "/"}, "route": {"cluster": first.name, "timeout": "10s"}})
+    return routes
 
 
 def render_attach(settings: Settings, *, api: str | None = None) -> dict[str, Any]:

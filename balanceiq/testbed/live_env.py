@@ -498,6 +498,7 @@ class ActorXds:
         self.timeout_s = timeout_s
         self.ttl = lease_ttl_s
         self.owner = f"liveenv:{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self._leased: set[str] = set()  # clusters whose lease this env took
 
     def _call(self, method: str, *args: Any, timeout: float | None = None) -> Any:
         import ray
@@ -513,7 +514,8 @@ class ActorXds:
                 {e["address"]: ("DRAINING" if e.get("health") == "DRAINING" else "HEALTHY") for e in eps})  # fmt: skip
 
     def push(self, cluster: str, weights: Mapping[str, int], health: Mapping[str, str], timeout: float) -> bool:
-        lease = self._call("acquire_lease", self.owner, self.ttl)
+        lease = self._call("acquire_lease", self.owner, self.ttl, cluster)
+        self._leased.add(cluster)
         if not lease.get("granted"):
             raise XdsError(
                 f"the controller lease is held by {lease.get('holder')!r}: LiveEnv (attach) does not fight a running "
@@ -524,7 +526,8 @@ class ActorXds:
 
     def close(self) -> None:
         try:
-            self._call("release_lease", self.owner)
+            for cluster in sorted(self._leased):
+                self._call("release_lease", self.owner, cluster)
         except XdsError as exc:
             log.info("lease release failed (it expires by itself): %s", exc)
         if self.connected_here:

@@ -29,7 +29,7 @@ import ray
 
 from balanceiq.config import Settings
 from balanceiq.exceptions import AssignmentError, XdsBindError, XdsLeaseError
-from balanceiq.xds.lease import Lease
+from balanceiq.xds.lease import LeaseTable
 from balanceiq.xds.server import XdsServer
 
 NAMESPACE = "balanceiq"
@@ -44,7 +44,8 @@ class XdsServerActor:
     def __init__(self, settings: Settings, state_dir: str | None = None, bind_retry_s: float = 5.0) -> None:
         self._server = XdsServer(settings, state_dir=state_dir or settings.state_dir)
         # Not persisted: after a restart the controller simply acquires it again.
-        self._lease = Lease()
+        # One per cluster (each control loop's) beside the server-wide one.
+        self._lease = LeaseTable()
         # Who pushed what and who held the lease when: the evidence that exactly one
         # controller pushed at a time (the fault suite reads it after killing a replica).
         # In memory, like the lease it audits.
@@ -70,42 +71,45 @@ class XdsServerActor:
         health: Mapping[str, object] | None = None,
         lease_owner: str | None = None,
     ) -> str:
-        """``lease_owner`` set: refused (XdsLeaseError) unless that owner holds the lease.
+        """``lease_owner`` set: refused (XdsLeaseError) unless that owner holds the
+        cluster's lease (or the server-wide one while nobody holds the cluster's).
         Operators' manual pushes (``balanceiq xds set``) pass none."""
         if lease_owner is None:
             return self._server.set_assignment(cluster, weights, health)
         # One lock around check, publish and record, so the audit's order is the order
         # versions were published in.
         with self._audit_lock:
-            term = self._lease.state()["term"]
+            term = self._lease.term(str(cluster))
             latest = self._server.store.latest()
             before = latest.version if latest is not None else None
             try:
-                self._lease.check(lease_owner)
+                self._lease.check(lease_owner, str(cluster))
                 version = self._server.set_assignment(cluster, weights, health)
             except (XdsLeaseError, AssignmentError) as exc:
                 self._pushes.append({"at": time.time(), "owner": lease_owner, "term": term, "version": None,
-                                     "accepted": False, "reason": type(exc).__name__})  # fmt: skip
+                                     "cluster": cluster, "accepted": False, "reason": type(exc).__name__})  # fmt: skip
                 raise
             self._pushes.append({"at": time.time(), "owner": lease_owner, "term": term, "version": version,
-                                 "accepted": True, "changed": version != before})  # fmt: skip
+                                 "cluster": cluster, "accepted": True, "changed": version != before})  # fmt: skip
             return version
 
-    def acquire_lease(self, owner: str, ttl_s: float) -> dict[str, Any]:
+    def acquire_lease(self, owner: str, ttl_s: float, cluster: str | None = None) -> dict[str, Any]:
+        """Take or renew ``cluster``'s lease, or the server-wide one (``None``)."""
         with self._audit_lock:
-            granted = self._lease.acquire(owner, ttl_s)
-            last = self._holders[-1]["term"] if self._holders else None
+            granted = self._lease.acquire(owner, ttl_s, cluster)
+            last = next((h["term"] for h in reversed(self._holders) if h.get("cluster") == cluster), None)
             if granted["granted"] and granted["term"] != last:
-                self._holders.append({"at": time.time(), "holder": owner, "term": granted["term"]})
+                self._holders.append({"at": time.time(), "holder": owner, "term": granted["term"], "cluster": cluster})
             return granted
 
-    def release_lease(self, owner: str) -> bool:
-        return self._lease.release(owner)
+    def release_lease(self, owner: str, cluster: str | None = None) -> bool:
+        return self._lease.release(owner, cluster)
 
     def status(self) -> dict[str, Any]:
         return {
             **self._server.status(),
             "lease": self._lease.state(),
+            "leases": self._lease.states(),
             "pid": os.getpid(),
             "node_id": ray.get_runtime_context().get_node_id(),
         }

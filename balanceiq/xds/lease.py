@@ -6,6 +6,12 @@ are accepted, so two loops can never fight over Envoy's weights. A holder renews
 lease every interval; if it dies, the lease expires after ``ttl_s`` and another takes
 over. It lives beside the one xDS server because that is the single point every push
 passes through anyway.
+
+:class:`LeaseTable` holds one lease per cluster beside the server-wide one, so each
+cluster's control loop has its own: a cluster lease is refused while another owner
+holds the server-wide lease, the server-wide lease while another owner holds any
+cluster's, and a push to a cluster needs that cluster's lease, or the server-wide one
+when nobody holds the cluster's.
 """
 
 from __future__ import annotations
@@ -73,3 +79,69 @@ class Lease:
     def state(self) -> dict[str, Any]:
         with self._lock:
             return self._state.to_json(self._clock())
+
+
+class LeaseTable:
+    """The server-wide lease (scope ``None``) and one lease per cluster, checked together."""
+
+    def __init__(self, clock: Any = time.monotonic) -> None:
+        self._lock = threading.Lock()
+        self._clock = clock
+        self._global = Lease(clock)
+        self._scoped: dict[str, Lease] = {}
+
+    def _lease(self, scope: str | None) -> Lease:
+        if scope is None:
+            return self._global
+        if not isinstance(scope, str) or not scope:
+            raise XdsLeaseError("lease cluster must be a non-empty string or None")
+        return self._scoped.setdefault(scope, Lease(self._clock))
+
+    def _blocker(self, owner: str, scope: str | None) -> str | None:
+        """Another owner holding a lease that overlaps ``scope``, if any."""
+        if scope is None:
+            return next((h for h in (lease.state()["holder"] for lease in self._scoped.values()) if h and h != owner), None)
+        holder = self._global.state()["holder"]
+        return holder if holder and holder != owner else None
+
+    def acquire(self, owner: str, ttl_s: float, scope: str | None = None) -> dict[str, Any]:
+        """Take or renew ``scope``'s lease (a cluster, or ``None`` for the whole server)."""
+        with self._lock:
+            lease = self._lease(scope)
+            blocker = self._blocker(owner, scope)
+            if blocker is not None:
+                if not owner or not isinstance(owner, str):
+                    raise XdsLeaseError("lease owner must be a non-empty string")
+                return {"granted": False, **lease.state(), "holder": blocker, "cluster": scope}
+            return {**lease.acquire(owner, ttl_s), "cluster": scope}
+
+    def release(self, owner: str, scope: str | None = None) -> bool:
+        with self._lock:
+            return self._lease(scope).release(owner)
+
+    def check(self, owner: str, cluster: str) -> dict[str, Any]:
+        """Raise unless ``owner`` may push to ``cluster``; the lease state that allowed it."""
+        with self._lock:
+            scoped = self._scoped.get(cluster)
+            if scoped is not None and scoped.state()["holder"] is not None:
+                scoped.check(owner)
+                return {**scoped.state(), "cluster": cluster}
+            self._global.check(owner)
+            return {**self._global.state(), "cluster": None}
+
+    def term(self, cluster: str) -> int:
+        """The term a push to ``cluster`` would be checked under."""
+        with self._lock:
+            scoped = self._scoped.get(cluster)
+            lease = scoped if scoped is not None and scoped.state()["holder"] is not None else self._global
+            return int(lease.state()["term"])
+
+    def state(self, scope: str | None = None) -> dict[str, Any]:
+        with self._lock:
+            lease = self._global if scope is None else self._scoped.get(scope)
+            return lease.state() if lease is not None else {"holder": None, "expires_in_s": 0.0, "term": 0}
+
+    def states(self) -> dict[str, dict[str, Any]]:
+        """Every cluster lease ever taken, by cluster."""
+        with self._lock:
+            return {k: v.state() for k, v in sorted(self._scoped.items())}

@@ -52,10 +52,11 @@ def _tree(pid: int) -> list[psutil.Process]:
 
 
 def test_demo_moves_traffic_off_the_degraded_cloud(tmp_path: Path) -> None:
+    # With a second cluster (issue #15): steered beside the first through one Envoy.
     out = tmp_path / "out"
     res = subprocess.run(
         [EXE, "demo", "--config", str(_config(tmp_path)), "--scenario", str(_scenario(tmp_path, 40)), "--rate", "60",
-         "--out-dir", str(out)],
+         "--out-dir", str(out), "--clusters", "2"],
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert res.returncode == 0, res.stderr[-3000:]
@@ -70,6 +71,12 @@ def test_demo_moves_traffic_off_the_degraded_cloud(tmp_path: Path) -> None:
     assert [e["name"] for e in report["events"]] == ["gcp degrades", "gcp recovers"]
     assert (out / "demo.png").stat().st_size > 10_000
     assert report["status"]["components"]["xds"]["state"] == "up"
+    assert report["clusters"] == ["my_service", "checkout"]
+    second = report["others"]["checkout"]
+    assert second["pushed"] >= 1 and second["acked"] >= 1, second
+    assert [x["failed"] for x in report["others"]["load"]] == [0] and report["others"]["load"][0]["sent"] > 500
+    assert "cluster checkout:" in res.stderr
+    assert {c["cluster"] for c in report["status"]["clusters"]} == {"my_service", "checkout"}
 
 
 def test_ctrl_c_stops_everything(tmp_path: Path) -> None:
