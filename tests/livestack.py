@@ -29,7 +29,7 @@ from balanceiq.serve.plane import ControlPlane, PolicyClient, cluster_controller
 from balanceiq.serve.policy import PolicyModel
 from balanceiq.telemetry.observe import Telemetry
 from balanceiq.testbed.load import run_load_sync
-from balanceiq.testbed.ports import settings_on_free_ports  # noqa: F401  (re-exported for tests)
+from balanceiq.testbed.ports import settings_on_free_ports
 from balanceiq.testbed.testbed import Testbed
 from balanceiq.xds.server import XdsServer
 
@@ -46,6 +46,15 @@ def fast_settings(base: Settings, interval_s: float = 1.0) -> Settings:
             "control": base.control.model_copy(update={"interval_s": interval_s}),
         }
     )
+
+
+def two_cluster_settings(n: int = 6, interval_s: float = 1.0) -> Settings:
+    """``n`` endpoints on free ports split in two clusters: ``my_service`` and ``checkout``."""
+    s = settings_on_free_ports(n)
+    eps = s.clusters[0].endpoints
+    first = s.clusters[0].model_copy(update={"endpoints": eps[: n // 2]})
+    second = s.clusters[0].model_copy(update={"name": "checkout", "endpoints": eps[n // 2 :]})
+    return fast_settings(s.model_copy(update={"clusters": [first, second]}), interval_s)
 
 
 @dataclass

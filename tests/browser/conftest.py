@@ -5,6 +5,7 @@ touching it:
 
 * ``dashboard_url``: base URL (``http://127.0.0.1:PORT``) of a server that serves the
   dashboard at ``/``, its assets under ``/static`` and the JSON API under ``/api``.
+* ``two_cluster_url``: the same with two clusters steered, for the cluster selector.
 * ``live_values``: a callable returning what that API says *now*
   (``{"weights": <GET /api/weights>, "status": <GET /api/status>}``), so assertions compare
   the page with the API rather than with constants.
@@ -25,7 +26,7 @@ import httpx
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from livestack import fast_settings, live_stack, settings_on_free_ports  # noqa: E402
+from livestack import fast_settings, live_stack, settings_on_free_ports, two_cluster_settings  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -42,6 +43,16 @@ def dashboard_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             time.sleep(0.2)
         else:
             raise AssertionError(f"control loop made no decision within 30 s; last: {stack.controller.log.last()}")
+        yield stack.url
+
+
+@pytest.fixture(scope="module")
+def two_cluster_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """As ``dashboard_url``, with two clusters (my_service, checkout) steered at once."""
+    with live_stack(two_cluster_settings(), tmp_path_factory.mktemp("dashboard2"), run_loop=True, max_load_s=90) as stack:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not all(c.weight_history for c in stack.plane.controllers.values()):
+            time.sleep(0.2)
         yield stack.url
 
 

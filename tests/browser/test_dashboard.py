@@ -245,3 +245,32 @@ def test_dashboard_names_failing_url_and_recovers(dashboard_url: str) -> None:
         # The only console errors are Chromium's own report of the injected 503.
         unexpected = [e for e in errors if "503" not in e]
         assert not unexpected, "errors in the page:\n" + "\n".join(unexpected)
+
+
+def test_cluster_selector_switches_every_panel_to_the_chosen_cluster(two_cluster_url: str) -> None:
+    with dashboard_page(two_cluster_url) as (page, errors, requests):
+        page.wait_for_function("ids => ids.every(id => document.getElementById(id).dataset.updated)", arg=PANELS)
+        page.uncheck("#auto-refresh")
+        wait_idle(page)
+        select = page.locator("#cluster-select")
+        assert select.is_visible() and select.input_value() == "my_service"
+        options = page.eval_on_selector_all("#cluster-select option", "os => os.map(o => o.value)")
+        assert options == ["my_service", "checkout"]
+        import httpx
+
+        wanted = [e["address"] for e in httpx.get(two_cluster_url + "/api/weights?cluster=checkout").json()["endpoints"]]
+        first = [e["address"] for e in httpx.get(two_cluster_url + "/api/weights").json()["endpoints"]]
+        assert set(wanted).isdisjoint(first)
+
+        old = stamps(page)
+        with page.expect_response(lambda r: urlsplit(r.url).path == "/api/weights" and "cluster=checkout" in r.url):
+            select.select_option("checkout")
+        wait_all_changed(page, old, [p for p in PANELS if p not in ("training", "loss-history")])
+        wait_idle(page)
+        shown = page.eval_on_selector_all("#weights-list li[data-address]", "ls => ls.map(l => l.dataset.address)")
+        assert shown == wanted
+        assert "cluster=checkout" in page.url
+        assert page.locator("#decisions-table tbody tr[data-seq]").count() > 0
+        scoped = [u for u in requests if urlsplit(u).path in ("/api/status", "/api/timeline", "/api/decisions")]
+        assert any("cluster=checkout" in u for u in scoped)
+        assert not errors, "errors in the page:\n" + "\n".join(errors)

@@ -11,21 +11,11 @@ import httpx
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from livestack import TOKEN, fast_settings, live_stack, settings_on_free_ports  # noqa: E402
+from livestack import TOKEN, live_stack, two_cluster_settings  # noqa: E402
 
-from balanceiq.config import Settings  # noqa: E402
 from balanceiq.testbed.envoy import endpoint_health, endpoint_weights  # noqa: E402
 
 pytestmark = pytest.mark.slow
-
-
-def two_clusters(n: int = 6) -> Settings:
-    """``n`` endpoints on free ports split in two clusters: ``my_service`` and ``checkout``."""
-    s = settings_on_free_ports(n)
-    eps = s.clusters[0].endpoints
-    first = s.clusters[0].model_copy(update={"endpoints": eps[: n // 2]})
-    second = s.clusters[0].model_copy(update={"name": "checkout", "endpoints": eps[n // 2 :]})
-    return fast_settings(s.model_copy(update={"clusters": [first, second]}))
 
 
 def _upstream_total(admin_url: str, cluster: str) -> int:
@@ -35,7 +25,7 @@ def _upstream_total(admin_url: str, cluster: str) -> int:
 
 @pytest.mark.timeout(180)
 def test_two_clusters_on_one_envoy_are_both_steered_and_acked(tmp_path: Path) -> None:
-    settings = two_clusters()
+    settings = two_cluster_settings()
     with live_stack(settings, tmp_path, rate_rps=40, run_loop=True) as st:
         plane = st.plane
         assert list(plane.controllers) == ["my_service", "checkout"]

@@ -17,12 +17,21 @@
   const COMPONENTS = ["controller", "policy", "xds", "envoy", "prometheus"];
   const MAX_DECISIONS = 20;
 
-  // Each source feeds these panels (ids of the cards).
+  // The cluster shown (?cluster= in the page's URL); null: the API's default (the first).
+  let cluster = new URLSearchParams(window.location.search).get("cluster") || null;
+
+  function forCluster(path) {
+    if (!cluster) return path;
+    return path + (path.includes("?") ? "&" : "?") + "cluster=" + encodeURIComponent(cluster);
+  }
+
+  // Each source feeds these panels (ids of the cards); `scoped` sources are per cluster.
   const SOURCES = [
-    { key: "status", url: "/api/status", panels: ["status"], render: renderStatus },
+    { key: "status", url: "/api/status", scoped: true, panels: ["status"], render: renderStatus },
     {
       key: "weights",
       url: "/api/weights",
+      scoped: true,
       panels: ["weights", "weight-history", "load", "endpoints"],
       render: renderWeights,
     },
@@ -35,12 +44,14 @@
     {
       key: "timeline",
       url: "/api/timeline?limit=180",
+      scoped: true,
       panels: ["timeline"],
       render: renderTimeline,
     },
     {
       key: "decisions",
       url: "/api/decisions?limit=" + MAX_DECISIONS,
+      scoped: true,
       panels: ["decisions"],
       render: renderDecisions,
     },
@@ -216,6 +227,8 @@
       tile.querySelector('[data-field="reason"]').textContent = text(c.reason);
     }
 
+    renderClusterSelect(Array.isArray(s.clusters) ? s.clusters : [], s.cluster);
+
     const overall = $("overall-state");
     overall.textContent = text(s.overall);
     overall.className = "state-pill state-" + stateClass(s.overall);
@@ -238,6 +251,35 @@
       ovs.map((o) => el("li", { text: overrideText(o), dataset: { address: text(o.address) } })),
       "none active"
     );
+  }
+
+  // A selector once the deployment steers more than one cluster; each option names the
+  // cluster's state, so a cluster in trouble shows without switching to it.
+  function renderClusterSelect(list, shown) {
+    const select = $("cluster-select");
+    const names = list.map((c) => String(c.cluster));
+    select.hidden = names.length < 2;
+    $("hdr-cluster").hidden = names.length >= 2;
+    if (names.length < 2) return;
+    const current = Array.from(select.options).map((o) => o.value + "|" + o.textContent);
+    const wanted = list.map((c) => String(c.cluster) + "|" + String(c.cluster) + " (" + text(c.state) + ")");
+    if (current.join("\n") !== wanted.join("\n")) {
+      select.replaceChildren(
+        ...list.map((c) => el("option", { text: String(c.cluster) + " (" + text(c.state) + ")", attrs: { value: String(c.cluster) } }))
+      );
+    }
+    if (shown && select.value !== shown && document.activeElement !== select) select.value = shown;
+  }
+
+  function chooseCluster(name) {
+    cluster = name || null;
+    const params = new URLSearchParams(window.location.search);
+    if (cluster) params.set("cluster", cluster);
+    else params.delete("cluster");
+    const q = params.toString();
+    window.history.replaceState(null, "", window.location.pathname + (q ? "?" + q : ""));
+    for (const id of ["weights", "weight-history", "load", "endpoints", "timeline", "decisions", "status"]) delete $(id).dataset.updated;
+    refresh();
   }
 
   // ---------------------------------------------------------------- weights, load, endpoints
@@ -562,9 +604,12 @@
   }
 
   async function refreshSource(src) {
+    const url = src.scoped ? forCluster(src.url) : src.url;
+    const asked = cluster;
     try {
-      const data = await getJSON(src.url);
+      const data = await getJSON(url);
       if (!data || typeof data !== "object") throw new Error("response is not a JSON object");
+      if (asked !== cluster) return; // the selection changed meanwhile: the next round renders it
       src.render(data);
       const stamp = nextStamp();
       for (const id of src.panels) {
@@ -572,9 +617,9 @@
         card.dataset.updated = stamp;
         card.dataset.stale = "false";
       }
-      errors.delete(src.url);
+      for (const key of errors.keys()) if (key.split("?")[0] === src.url.split("?")[0]) errors.delete(key);
     } catch (e) {
-      errors.set(src.url, (e && e.message) || String(e));
+      errors.set(url, (e && e.message) || String(e));
       for (const id of src.panels) $(id).dataset.stale = "true";
     }
   }
@@ -620,6 +665,7 @@
       refresh();
     });
     $("auto-refresh").addEventListener("change", schedule);
+    $("cluster-select").addEventListener("change", (e) => chooseCluster(e.target.value));
     refresh();
   }
 

@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from balanceiq.config import Settings
-from balanceiq.control.controller import Controller, Observer
+from balanceiq.control.controller import Observer
 from balanceiq.control.xds_client import LocalXdsClient
-from balanceiq.serve.plane import ControlPlane, PolicyClient
+from balanceiq.serve.plane import ControlPlane, PolicyClient, cluster_controllers
 from balanceiq.serve.policy import PolicyModel
 from balanceiq.telemetry.observation import EndpointObservation, Observation
 from balanceiq.testbed.ports import settings_on_free_ports
@@ -40,18 +40,27 @@ class ReplayObserver:
 def make_plane(
     settings: Settings, model: PolicyModel, xds: XdsServer, *, token: str, observer: Callable[[list[str]], Observer]
 ) -> ControlPlane:
-    """``observer`` is given the configured endpoint addresses."""
-    addresses = [ep.address for ep in settings.clusters[0].endpoints]
-    controller = Controller(settings, observer(addresses), LocalXdsClient(xds), lambda rows: model.score_many([rows])[0])
-    return ControlPlane(settings, controller, policy=PolicyClient(model.info, model.reload), token=token)
+    """``observer`` is given each cluster's endpoint addresses."""
+    controllers = cluster_controllers(
+        settings, LocalXdsClient(xds), lambda rows: model.score_many([rows])[0],
+        lambda name: observer([ep.address for ep in settings.cluster(name).endpoints]),
+    )  # fmt: skip
+    return ControlPlane(settings, controllers, policy=PolicyClient(model.info, model.reload), token=token)
 
 
 @contextlib.contextmanager
 def plane_on_free_ports(
-    tmp_path: Path, model: PolicyModel, endpoints: int, *, token: str, observer: Callable[[list[str]], Observer]
+    tmp_path: Path, model: PolicyModel, endpoints: int, *, token: str, observer: Callable[[list[str]], Observer],
+    clusters: int = 1,
 ) -> Iterator[ControlPlane]:
-    """A plane over a started xDS server; both stop when the block ends."""
+    """A plane over a started xDS server; both stop when the block ends. ``clusters=2``
+    splits the endpoints between ``my_service`` and ``checkout``."""
     s = settings_on_free_ports(endpoints).model_copy(update={"state_dir": tmp_path / "state"})
+    if clusters == 2:
+        eps = s.clusters[0].endpoints
+        half = len(eps) // 2
+        s = s.model_copy(update={"clusters": [s.clusters[0].model_copy(update={"endpoints": eps[:half]}),
+                                              s.clusters[0].model_copy(update={"name": "checkout", "endpoints": eps[half:]})]})  # fmt: skip
     xds = XdsServer(s, state_dir=tmp_path / "state")
     xds.start()
     plane = make_plane(s, model, xds, token=token, observer=observer)
