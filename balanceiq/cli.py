@@ -448,7 +448,8 @@ def bench_serve(
     calls: Annotated[int, typer.Option(help="Timed inference calls per method (handle, HTTP, concurrent).")] = 500,
     also_rate: Annotated[float | None, typer.Option(help="An earlier API phase at this rate too (req/s), e.g. 100.")] = None,
     direct_ingress: Annotated[bool, typer.Option("--direct-ingress", help="Ray Serve's experimental direct ingress: the Controller replica serves HTTP itself.")] = False,
-    compare: Annotated[bool, typer.Option("--compare", help="Proxy and direct ingress one after the other, each with a fresh Ray; ratios.")] = False,
+    ingress: Annotated[str | None, typer.Option(help="Ingress: replica_server (default, as serve_app.yaml starts it: the Controller replica's own server on api.port), proxy (Serve's proxy only) or direct_ingress.")] = None,
+    compare: Annotated[bool, typer.Option("--compare", help="Every ingress mode one after the other, each with a fresh Ray; ratios to the proxy.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,
 ) -> None:
     """The Serve app: policy inference (handle, HTTP, batched), API under load, decision loop."""
@@ -458,7 +459,7 @@ def bench_serve(
     if compare and direct_ingress:
         raise BenchError("--compare runs both modes; leave out --direct-ingress")
     kw = {"endpoints": endpoints, "duration_s": duration, "rate_rps": rate, "calls": calls, "also_rate_rps": also_rate, "console": err}
-    result = run_serve_compare(**kw) if compare else run_serve_bench(direct_ingress=direct_ingress, **kw)
+    result = run_serve_compare(**kw) if compare else run_serve_bench(direct_ingress=direct_ingress, mode=ingress, **kw)
     _emit(result, as_json)
 
 

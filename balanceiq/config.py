@@ -852,7 +852,15 @@ class ApiConfig(_Model):
     """Bind address of the API. Loopback by default: the API can change routing."""
 
     port: Port = Field(default=8000, description="HTTP port of the API.")
-    """TCP port of Ray Serve's HTTP proxy, which serves the API and the dashboard."""
+    """Where the API and dashboard are, whichever way the app was started: the Controller
+    replica serves them here itself (``serve_directly``), unless Serve's HTTP proxy
+    already listens here, in which case the proxy serves them."""
+
+    serve_directly: bool = Field(default=True, description="Controller replica serves host:port itself.")
+    """The Controller replica runs its own HTTP server on ``host:port`` (no proxy hop and
+    no Ray task per request: a fraction of the proxy's CPU per request). Serve's HTTP
+    proxy serves the same API on its own port (``http_options`` in ``serve_app.yaml``).
+    False: only the proxy."""
 
     token: str | None = Field(
         default=None, min_length=16, max_length=4096, repr=False, description="Bearer token for mutating calls."

@@ -193,7 +193,10 @@ def run_demo(
             with console.status(f"starting {n_eps} backends in {where}, Envoy, Prometheus and the ALS collector"):
                 tb = Testbed(settings, work / "testbed").start()
             with console.status("deploying the Serve app (Policy + Controller) with the shipped checkpoint"):
-                serve.start(http_options={"host": settings.api.host, "port": settings.api.port})
+                # The API on api.port is the Controller replica's own server (as with
+                # `serve run serve_app.py`); Serve's proxy takes a port of its own.
+                proxy_port = free_ports(1)[0]
+                serve.start(http_options={"host": settings.api.host, "port": proxy_port})
                 serve.run(build_app({"settings": settings}), name=APP_NAME, route_prefix="/")
             http = httpx.Client(timeout=10.0, trust_env=False)
             token_file = Path(settings.state_dir) / "api-token"

@@ -67,7 +67,7 @@ from balanceiq.policy.decide import Knobs, observe_only
 from balanceiq.policy.features import encode
 from balanceiq.policy.reward import RewardWeights
 from balanceiq.telemetry.observation import EndpointObservation, Observation
-from balanceiq.testbed.ports import settings_on_free_ports
+from balanceiq.testbed.ports import free_port, settings_on_free_ports
 
 APP_NAME = "balanceiq-bench"
 TESTBED_ENDPOINTS = 6  # the controller's own cluster; --endpoints sizes the scoring requests
@@ -93,7 +93,11 @@ DIRECT_INGRESS_ENV = {
     "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0",
 }
 PROXY_ENV = {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "0"}  # explicit: RAY_SERVE_THROUGHPUT_OPTIMIZED=1 would turn it on
-MODES = ("proxy", "direct_ingress")
+# replica_server: the app as `serve run serve_app.py` starts it (the Controller replica's
+# own HTTP server on api.port, Serve's proxy on another port); proxy: Serve's proxy
+# alone on api.port; direct_ingress: Ray Serve's experimental direct ingress.
+MODES = ("proxy", "direct_ingress", "replica_server")
+DEFAULT_MODE = "replica_server"
 COMPARE_METRICS = (
     "api.rps", "api.errors", "api.p99_ms", "inference_ms.http.p99", "inference_ms.handle.p99",
     "api.p50_ms", "inference_ms.http.p50", "inference_ms.handle.p50",
@@ -336,14 +340,16 @@ def last_json_object(stdout: str) -> dict[str, Any]:
 
 
 def bench_argv(*, endpoints: int, duration_s: float, rate_rps: float, calls: int, also_rate_rps: float | None,
-               direct_ingress: bool) -> list[str]:  # fmt: skip
+               direct_ingress: bool = False, mode: str | None = None) -> list[str]:  # fmt: skip
     """Arguments of one ``python -m balanceiq.bench.serve`` run (one ingress mode)."""
     argv = ["--json", "--endpoints", str(endpoints), "--duration", f"{duration_s:g}", "--rate", f"{rate_rps:g}",
             "--calls", str(calls)]  # fmt: skip
     if also_rate_rps is not None:
         argv += ["--also-rate", f"{also_rate_rps:g}"]
-    if direct_ingress:
+    if direct_ingress or mode == "direct_ingress":
         argv.append("--direct-ingress")
+    elif mode is not None:
+        argv += ["--ingress", mode]
     return argv
 
 
@@ -631,17 +637,22 @@ def _cpu_delta_by_role(before: dict[int, tuple[str, float]], seconds: float) -> 
 
 def run_serve_bench(*, endpoints: int = 64, duration_s: float = 30.0, rate_rps: float = 200.0, calls: int = 500,
                     direct_ingress: bool = False, also_rate_rps: float | None = None,
-                    console: Console | None = None) -> dict[str, Any]:  # fmt: skip
+                    console: Console | None = None, mode: str | None = None) -> dict[str, Any]:  # fmt: skip
+    """One run in one ingress ``mode`` (default: the replica's own server, as shipped;
+    ``direct_ingress=True`` is ``mode="direct_ingress"``)."""
     validate_args(endpoints=endpoints, duration_s=duration_s, rate_rps=rate_rps, calls=calls, also_rate_rps=also_rate_rps)
+    mode = "direct_ingress" if direct_ingress else (mode or DEFAULT_MODE)
+    if mode not in MODES:
+        raise BenchError(f"unknown ingress mode {mode!r}; use one of {', '.join(MODES)}")
     console = console or Console(stderr=True)
-    env = DIRECT_INGRESS_ENV if direct_ingress else PROXY_ENV
+    env = DIRECT_INGRESS_ENV if mode == "direct_ingress" else PROXY_ENV
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)  # before ray.init: the local cluster's processes inherit it
     try:
         # Ray's driver prints task errors from its own threads to sys.stdout (e.g. Serve's
         # controller being killed at shutdown); stdout is for the one JSON object only.
         with contextlib.redirect_stdout(sys.stderr):
-            return _run(endpoints, duration_s, rate_rps, calls, console, direct_ingress, also_rate_rps)
+            return _run(endpoints, duration_s, rate_rps, calls, console, mode, also_rate_rps)
     finally:
         for k, v in saved.items():
             if v is None:
@@ -653,16 +664,16 @@ def run_serve_bench(*, endpoints: int = 64, duration_s: float = 30.0, rate_rps: 
 def run_serve_compare(*, endpoints: int = 64, duration_s: float = 30.0, rate_rps: float = 200.0, calls: int = 500,
                       also_rate_rps: float | None = None, console: Console | None = None,
                       timeout_s: float = 1800.0) -> dict[str, Any]:  # fmt: skip
-    """Both ingress modes, one after the other, each in its own ``python -m
+    """Every ingress mode, one after the other, each in its own ``python -m
     balanceiq.bench.serve`` process (fresh Ray, fresh Serve, fresh testbed; the
-    environment decides the mode before anything imports Ray), and the ratios."""
+    environment decides the mode before anything imports Ray), and the ratios to the proxy."""
     validate_args(endpoints=endpoints, duration_s=duration_s, rate_rps=rate_rps, calls=calls, also_rate_rps=also_rate_rps)
     console = console or Console(stderr=True)
     runs: dict[str, dict[str, Any]] = {}
     notes: list[str] = []
     for mode in MODES:
         argv = bench_argv(endpoints=endpoints, duration_s=duration_s, rate_rps=rate_rps, calls=calls,
-                          also_rate_rps=also_rate_rps, direct_ingress=mode == "direct_ingress")  # fmt: skip
+                          also_rate_rps=also_rate_rps, mode=mode)  # fmt: skip
         console.rule(f"bench serve: {mode}")
         t = time.monotonic()
         try:
@@ -680,14 +691,17 @@ def run_serve_compare(*, endpoints: int = 64, duration_s: float = 30.0, rate_rps
         runs[mode]["wall_s"] = round(time.monotonic() - t, 1)
         for n in runs[mode].get("notes", []):
             notes.append(f"{mode}: {n}")
-    proxy, direct = runs.get("proxy", {}), runs.get("direct_ingress", {})
+    proxy, direct, replica = runs.get("proxy", {}), runs.get("direct_ingress", {}), runs.get("replica_server", {})
     return {
         "bench": "serve-compare",
         "order": list(MODES),
         "ratio_is": "direct_ingress / proxy",
         "ratios": compare_ratios(proxy, direct),
+        "ratios_replica_server": {m: {"proxy": v["proxy"], "replica_server": v["direct_ingress"], "ratio": v["ratio"]}
+                                  for m, v in compare_ratios(proxy, replica).items()},
         "proxy": proxy,
         "direct_ingress": direct,
+        "replica_server": replica,
         "notes": notes,
     }
 
@@ -723,7 +737,7 @@ def _replica_env(keys: Sequence[str]) -> dict[str, str | None]:
 
 
 def _run(endpoints: int, duration_s: float, rate_rps: float, calls: int, console: Console,
-         direct_ingress: bool = False, also_rate_rps: float | None = None) -> dict[str, Any]:  # fmt: skip
+         mode: str = DEFAULT_MODE, also_rate_rps: float | None = None) -> dict[str, Any]:  # fmt: skip
     import httpx
     import ray
     from ray import serve
@@ -746,12 +760,17 @@ def _run(endpoints: int, duration_s: float, rate_rps: float, calls: int, console
     def remember_children() -> None:
         started_pids.update(c.pid for c in me.children(recursive=True))
 
+    direct_ingress = mode == "direct_ingress"
+    own_server = mode == "replica_server"
     mode_env = DIRECT_INGRESS_ENV if direct_ingress else PROXY_ENV
-    ingress: dict[str, Any] = {"mode": "direct_ingress" if direct_ingress else "proxy", "env": mode_env}
+    ingress: dict[str, Any] = {"mode": mode, "env": mode_env}
     with tempfile.TemporaryDirectory(prefix="balanceiq-bench-serve-") as work:
         settings = bench_settings(Path(work) / "state")
-        http_port = settings.api.port  # Serve's proxy (it also runs with direct ingress, on the head node)
-        base = f"http://127.0.0.1:{http_port}"
+        settings = settings.model_copy(update={"api": settings.api.model_copy(update={"serve_directly": own_server})})
+        # Serve's proxy (it also runs with direct ingress, on the head node); with the
+        # replica's own server on api.port, on a port of its own as serve_app.yaml has it.
+        http_port = free_port() if own_server else settings.api.port
+        base = f"http://127.0.0.1:{settings.api.port}"
         stop_load = threading.Event()
         loader: threading.Thread | None = None
         load_result: dict[str, Any] = {}
@@ -815,8 +834,8 @@ def _run(endpoints: int, duration_s: float, rate_rps: float, calls: int, console
                     raise BenchError(f"the API at {base} did not answer /api/health within 60 s")
                 time.sleep(0.2)
             remember_children()
-            if direct_ingress:
-                # Serve keeps its proxy on the head node in this mode; it still routes to the app.
+            if direct_ingress or own_server:
+                # Serve keeps its proxy on the head node in these modes; it still routes to the app.
                 try:
                     r = client.get(f"http://127.0.0.1:{http_port}/api/health")
                     ingress["proxy_port_still_serves"] = r.status_code == 200
@@ -1025,6 +1044,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--calls", type=int, default=500)
     ap.add_argument("--also-rate", type=float, default=None, help="a second, earlier API phase at this rate")
     ap.add_argument("--direct-ingress", action="store_true", help="Ray Serve direct ingress (no proxy hop)")
+    ap.add_argument("--ingress", choices=MODES, default=None, help="ingress mode (default: replica_server, as shipped)")
     ap.add_argument("--compare", action="store_true", help="both ingress modes, each with a fresh Ray; ratios")
     ap.add_argument("--json", action="store_true", help="compact JSON (one line)")
     a = ap.parse_args(argv)
@@ -1034,7 +1054,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if a.compare and a.direct_ingress:
             raise BenchError("--compare runs both modes; leave out --direct-ingress")
-        result = run_serve_compare(**kw) if a.compare else run_serve_bench(direct_ingress=a.direct_ingress, **kw)
+        result = run_serve_compare(**kw) if a.compare else run_serve_bench(direct_ingress=a.direct_ingress, mode=a.ingress, **kw)
     except BalanceIQError as exc:
         console.print(f"[red]error:[/red] {exc}")
         return 2

@@ -22,6 +22,7 @@ from balanceiq.control.xds_client import ActorXdsClient
 from balanceiq.serve.api import create_api
 from balanceiq.serve.plane import ControlPlane, PolicyClient, cluster_controllers, load_or_create_token
 from balanceiq.serve.policy import PolicyDeployment
+from balanceiq.serve.server import ApiServer
 from balanceiq.serve.training import TrainingManager
 from balanceiq.telemetry.observe import Telemetry
 from balanceiq.xds.actor import start_actor
@@ -71,6 +72,11 @@ class ControllerDeployment:
             promote=policy_client.reload,
         )
         self.plane = ControlPlane(self.settings, controllers, policy=policy_client, training=training, token=token)
+        self.server: ApiServer | None = None
+        if self.settings.api.serve_directly:
+            # api.host:api.port, served here: no proxy hop (see balanceiq.serve.server).
+            self.server = ApiServer(create_api(self.plane), self.settings.api.host, self.settings.api.port).start()
+            self.plane.api_server = lambda: self.server.state if self.server is not None else "off"
         if autostart:
             self.plane.start()
 
@@ -85,6 +91,8 @@ class ControllerDeployment:
 
     def __del__(self) -> None:
         try:
+            if self.server is not None:
+                self.server.stop()
             self.plane.stop()
             for t in self.telemetry:
                 t.close()

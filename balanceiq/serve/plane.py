@@ -131,6 +131,8 @@ class ControlPlane:
         self.loop = self.loops[self.controller.cluster.name]
         self.policy = policy
         self.training = training
+        # The Controller replica's own API server, when it runs one (its state, for /api/status).
+        self.api_server: Callable[[], str] | None = None
         self.token = token or load_or_create_token(settings)[0]
         if not is_loopback(settings.api.host):
             # Allowed (the host is set on purpose), but said once: changes need the token,
@@ -359,6 +361,7 @@ class ControlPlane:
                 "last_notes": list(c.last_guard.notes) if c.last_guard else [],
             },
             "lease": c.lease,
+            "api_server": self.api_server() if self.api_server is not None else "off",
             "timestamp": time.time(),
         }
 

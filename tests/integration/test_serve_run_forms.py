@@ -1,6 +1,8 @@
 """The three `serve run` forms our users were given start the same application on a real
 local Ray: `serve run serve_app:app`, `serve run serve_app.py` (which Ray's CLI reads as a
-YAML config, because the file exists) and `serve run serve_app.yaml`."""
+YAML config, because the file exists) and `serve run serve_app.yaml`. Each serves the API
+at the config's api.host:api.port (the Controller replica's own server) and through
+Serve's proxy on the port the form gives it."""
 
 from __future__ import annotations
 
@@ -24,7 +26,8 @@ pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[2]
 SERVE = str(Path(sys.executable).parent / "serve")
-PORT = 8000  # what serve_app.py and serve_app.yaml say, and Serve's default for serve_app:app
+# Serve's proxy: what serve_app.py and serve_app.yaml say, and Serve's default for serve_app:app.
+PROXY_PORT = {"serve_app:app": 8000, "serve_app.py": 8001, "serve_app.yaml": 8001}
 TOKEN = "serve-run-token-0123456789"
 
 
@@ -53,8 +56,10 @@ def workdir(tmp_path: Path) -> Path:
 
 @pytest.mark.parametrize("form", ["serve_app:app", "serve_app.py", "serve_app.yaml"])
 def test_each_serve_run_form_serves_the_api(workdir: Path, form: str) -> None:
-    if not _port_free(PORT):
-        pytest.skip(f"127.0.0.1:{PORT} is taken by another process; the shipped forms serve there")
+    proxy = PROXY_PORT[form]
+    if not _port_free(proxy):
+        pytest.skip(f"127.0.0.1:{proxy} is taken by another process; the shipped form's proxy listens there")
+    api_port = yaml.safe_load((workdir / "balanceiq.yaml").read_text())["api"]["port"]
     env = {**os.environ, "BALANCEIQ_CONFIG": str(workdir / "balanceiq.yaml")}
     env.pop("RAY_ADDRESS", None)
     # --address local: a new Ray of its own, never someone else's on this machine.
@@ -67,19 +72,29 @@ def test_each_serve_run_form_serves_the_api(workdir: Path, form: str) -> None:
         deadline = time.monotonic() + 150
         while time.monotonic() < deadline and proc.poll() is None:
             try:
-                r = httpx.get(f"http://127.0.0.1:{PORT}/api/status", timeout=5, trust_env=False)
+                r = httpx.get(f"http://127.0.0.1:{api_port}/api/status", timeout=5, trust_env=False)
                 if r.status_code == 200:
                     status = r.json()
                     break
             except httpx.HTTPError:
                 pass
             time.sleep(1)
-        assert status is not None, f"{form}: no API on :{PORT} (exit {proc.poll()})"
+        assert status is not None, f"{form}: no API on api.port :{api_port} (exit {proc.poll()})"
         assert set(status["components"]) >= {"controller", "policy", "xds"}, status
-        assert httpx.get(f"http://127.0.0.1:{PORT}/api/health", timeout=5, trust_env=False).json()["status"] == "healthy"
-        # The token from this config, not another: mutations need it.
-        r = httpx.put(f"http://127.0.0.1:{PORT}/api/policy", json={"k": 2}, timeout=10, trust_env=False)
-        assert r.status_code == 401
+        assert status["api_server"] == f"serving on http://127.0.0.1:{api_port}", status["api_server"]
+        # The proxy path serves the same app.
+        deadline = time.monotonic() + 60
+        health = None
+        while time.monotonic() < deadline and health is None:
+            try:
+                health = httpx.get(f"http://127.0.0.1:{proxy}/api/health", timeout=5, trust_env=False).json()
+            except (httpx.HTTPError, ValueError):
+                time.sleep(1)
+        assert health is not None and health["status"] == "healthy", f"{form}: no API through the proxy on :{proxy}"
+        # The token from this config, not another: mutations need it, on either path.
+        for port in (api_port, proxy):
+            r = httpx.put(f"http://127.0.0.1:{port}/api/policy", json={"k": 2}, timeout=10, trust_env=False)
+            assert r.status_code == 401, port
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C does: Serve and its Ray shut down

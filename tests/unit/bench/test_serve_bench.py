@@ -248,3 +248,10 @@ def test_last_json_object_skips_what_libraries_print_after_it() -> None:
     out = 'starting\n{"bench": "serve", "api": {"rps": 1}}\n(raylet) Task failed: {not json}\n[1, 2]\n'
     assert last_json_object(out) == {"bench": "serve", "api": {"rps": 1}}
     assert last_json_object("") == {} and last_json_object("no json here\n") == {}
+
+
+def test_bench_argv_names_the_ingress_mode() -> None:
+    kw = {"endpoints": 8, "duration_s": 5.0, "rate_rps": 50.0, "calls": 10, "also_rate_rps": None}
+    assert bench_argv(**kw, mode="replica_server")[-2:] == ["--ingress", "replica_server"]  # type: ignore[arg-type]
+    assert bench_argv(**kw, mode="direct_ingress")[-1] == "--direct-ingress"  # type: ignore[arg-type]
+    assert "--ingress" not in bench_argv(**kw)  # type: ignore[arg-type]

@@ -1,0 +1,72 @@
+"""The Controller replica's own API server: serves api.host:api.port, or leaves it to
+Serve's proxy when something already listens there."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import httpx
+from fastapi import FastAPI
+
+from balanceiq.serve.server import ApiServer, bind
+from balanceiq.testbed.ports import free_port
+
+
+def _app() -> FastAPI:
+    app = FastAPI()
+
+    @app.get("/api/health")
+    def health() -> dict[str, str]:
+        return {"status": "healthy"}
+
+    return app
+
+
+def _wait(cond, timeout: float = 10.0) -> bool:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_serves_on_the_configured_port_and_stops() -> None:
+    port = free_port()
+    server = ApiServer(_app(), "127.0.0.1", port).start()
+    try:
+        assert _wait(lambda: server.serving), server.state
+        assert server.state == f"serving on http://127.0.0.1:{port}"
+        r = httpx.get(f"http://127.0.0.1:{port}/api/health", timeout=5, trust_env=False)
+        assert r.json() == {"status": "healthy"}
+    finally:
+        server.stop()
+    assert server.state == "stopped"
+    with socket.socket() as s:  # the port is free again
+        s.bind(("127.0.0.1", port))
+
+
+def test_a_taken_port_is_retried_then_left_to_the_proxy() -> None:
+    taken = bind("127.0.0.1", free_port())
+    port = taken.getsockname()[1]
+    server = ApiServer(_app(), "127.0.0.1", port, retry_s=0.5).start()
+    try:
+        assert _wait(lambda: server.state.startswith("waiting"), 2), server.state
+        assert _wait(lambda: server.state.startswith("not serving"), 5), server.state
+        assert "proxy serves the API" in server.state and not server.serving
+    finally:
+        server.stop()
+        taken.close()
+
+
+def test_it_takes_the_port_once_the_old_holder_lets_go() -> None:
+    taken = bind("127.0.0.1", free_port())
+    port = taken.getsockname()[1]
+    server = ApiServer(_app(), "127.0.0.1", port, retry_s=30).start()
+    try:
+        assert _wait(lambda: server.state.startswith("waiting"), 2), server.state
+        taken.close()  # a replaced replica's server goes away
+        assert _wait(lambda: server.serving, 10), server.state
+    finally:
+        server.stop()
