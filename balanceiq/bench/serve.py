@@ -81,7 +81,8 @@ API_TIMEOUT_S = 10.0
 CALIBRATION_REQUESTS = 250
 SATURATION_CONNECTIONS = 16
 BATCH_BUCKETS = ",".join(str(i) for i in range(1, 33))  # Policy's max_batch_size is 32
-TARGETS = {"handle_p99_ms_at_64_endpoints": 10.0, "api_errors_at_200_rps_for_30_s": 0}
+TARGETS = {"handle_p99_ms_at_64_endpoints": 10.0, "api_errors_at_200_rps_for_30_s": 0, "api_p99_ms_at_200_rps": 100.0,
+           "decision_score_ms_p99": 10.0}
 CLOUDS = [("aws", "us-east-1", 0.40), ("gcp", "us-central1", 0.35), ("azure", "eastus", 0.55)]
 # Set in os.environ before ray.init (the raylet, and so every worker, inherits it) and in
 # the job's runtime_env. Ray reads these at import time in the Serve controller and the
@@ -244,11 +245,13 @@ def decision_stats(decisions: Sequence[dict[str, Any]], since: float = 0.0,
         "unchanged": summary([d["step_ms"] for d in full if not d.get("pushed")]),
         "push_ms": summary([d["push_ms"] for d in full if d.get("push_ms") is not None]),
         "ack_ms": summary([d["ack_ms"] for d in full if d.get("ack_ms") is not None]),
+        # The policy's share of each decision: scored in the Controller replica.
+        "score_ms": summary([d["score_ms"] for d in full if d.get("score_ms") is not None]),
         "by_mode": dict(Counter(d.get("mode", "?") for d in rows)),
         "by_source": dict(Counter(d.get("source", "?") for d in full)),
         "errors": sum(1 for d in rows if d.get("error")),
         "slowest": [
-            {k: d.get(k) for k in ("seq", "mode", "source", "step_ms", "push_ms", "ack_ms", "pushed")}
+            {k: d.get(k) for k in ("seq", "mode", "source", "step_ms", "score_ms", "push_ms", "ack_ms", "pushed")}
             for d in sorted(full, key=lambda d: -d["step_ms"])[:3]
         ],
     }  # fmt: skip

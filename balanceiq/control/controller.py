@@ -365,6 +365,7 @@ class Controller:
             try:
                 est, _ = observe_only(obs, ctx, knobs, self.core_state, now=now)
                 scores = self._scores(obs, est.capacity)
+                base["score_ms"] = self.policy_state["latency_ms"]
             except Exception as exc:  # the policy is a remote call: anything may come back
                 self.policy_state.update(ok=False, error=f"{type(exc).__name__}: {exc}", at=time.time())
                 self.metrics.error("policy")

@@ -49,6 +49,7 @@ class DecisionRecord:
     shares: dict[str, float] | None = None  # the split decided (weights realise it in Envoy)
     shadow: bool = False  # decided in shadow mode: recorded, never pushed
     effect: dict[str, Any] | None = None  # estimated effect of the split decided vs the one in force
+    score_ms: float | None = None  # the policy's scoring within step_ms (None: not asked)
     observation: dict[str, Any] | None = field(default=None, repr=False)
 
     def to_json(self, *, with_observation: bool = False) -> dict[str, Any]:
@@ -59,7 +60,7 @@ class DecisionRecord:
         out["weights"], out["previous"] = dict(self.weights), dict(self.previous)
         out["scores"] = {k: _num(v) for k, v in self.scores.items()} if self.scores else None
         out["shares"] = {k: round(float(v), 6) for k, v in self.shares.items()} if self.shares else None
-        for key in ("reward", "push_ms", "ack_ms", "step_ms", "moved"):
+        for key in ("reward", "push_ms", "ack_ms", "step_ms", "moved", "score_ms"):
             out[key] = _num(out[key])
         return out
 

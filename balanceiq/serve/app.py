@@ -21,7 +21,7 @@ from balanceiq.config import Settings, load_config
 from balanceiq.control.xds_client import ActorXdsClient
 from balanceiq.serve.api import create_api
 from balanceiq.serve.plane import ControlPlane, PolicyClient, cluster_controllers, load_or_create_token
-from balanceiq.serve.policy import PolicyDeployment
+from balanceiq.serve.policy import PolicyDeployment, PolicyModel
 from balanceiq.serve.server import ApiServer
 from balanceiq.serve.training import TrainingManager
 from balanceiq.telemetry.observe import Telemetry
@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 @serve.ingress()
 class ControllerDeployment:
     def __init__(self, settings: dict[str, Any], policy: DeploymentHandle, recording: str | None = None,
-                 autostart: bool = True) -> None:  # fmt: skip
+                 autostart: bool = True, checkpoint: str | None = None) -> None:  # fmt: skip
         self.settings = Settings.model_validate(settings)
         token, token_file, created = load_or_create_token(self.settings)
         if created:
@@ -51,8 +51,12 @@ class ControllerDeployment:
         actor = start_actor(self.settings)
         self.xds = ActorXdsClient(actor)
 
+        # The loop scores here, with the checkpoint the Policy deployment serves (both
+        # swapped together by PolicyClient.reload): no Serve handle call per decision.
+        self.local_policy = PolicyModel(checkpoint)
+
         def scorer(rows: Any) -> Any:
-            return policy.score.remote(rows).result(timeout_s=2.0)
+            return self.local_policy.score_many([rows])[0]
 
         self.telemetry: list[Telemetry] = []
 
@@ -65,6 +69,7 @@ class ControllerDeployment:
         policy_client = PolicyClient(
             info=lambda: policy.info.remote().result(timeout_s=2.0),
             reload=lambda ckpt: policy.reload.remote(ckpt).result(timeout_s=120.0),
+            local=self.local_policy,
         )
         training = TrainingManager(
             Path(self.settings.state_dir) / "checkpoints",
@@ -112,4 +117,5 @@ def build_app(args: dict[str, Any] | None = None) -> Any:
     checkpoint = args.get("checkpoint") or (str(settings.api.checkpoint) if settings.api.checkpoint else None)
     recording = args.get("recording")
     policy = PolicyDeployment.bind(checkpoint)  # type: ignore[attr-defined]
-    return ControllerDeployment.bind(settings.model_dump(mode="json"), policy, recording)  # type: ignore[attr-defined]
+    return ControllerDeployment.bind(settings.model_dump(mode="json"), policy, recording,  # type: ignore[attr-defined]
+                                     checkpoint=checkpoint)  # fmt: skip

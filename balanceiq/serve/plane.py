@@ -77,11 +77,36 @@ def _num(x: Any) -> float | None:
 
 
 class PolicyClient:
-    """What the plane needs from the Policy deployment (or a local model in tests)."""
+    """What the plane needs from the Policy deployment (or a local model in tests), and
+    the controller's own copy of the model (``local``) when the loop scores in-process:
+    a reload swaps both, so the loop and the API always score with one checkpoint."""
 
-    def __init__(self, info: Callable[[], dict[str, Any]], reload: Callable[[str], dict[str, Any]]) -> None:
-        self.info = info
-        self.reload = reload
+    def __init__(self, info: Callable[[], dict[str, Any]], reload: Callable[[str], dict[str, Any]],
+                 local: Any | None = None) -> None:  # fmt: skip
+        self._info = info
+        self._reload = reload
+        self.local = local
+
+    def info(self) -> dict[str, Any]:
+        out = dict(self._info())
+        if self.local is not None:
+            mine = str(self.local.checkpoint)
+            out["controller_checkpoint"] = mine
+            out["in_sync"] = mine == str(out.get("checkpoint"))
+        return out
+
+    def reload(self, checkpoint: str) -> dict[str, Any]:
+        """The deployment first (it refuses a bad checkpoint, changing nothing), then the
+        controller's copy; if that fails, the deployment goes back to what it served."""
+        before = str(self.local.checkpoint) if self.local is not None else None
+        out = self._reload(checkpoint)
+        if self.local is not None:
+            try:
+                self.local.reload(checkpoint)
+            except Exception:
+                self._reload(str(before))
+                raise
+        return out
 
 
 def cluster_controllers(
@@ -298,8 +323,12 @@ class ControlPlane:
             return {"state": DOWN, "reason": "no policy configured: the baseline decides"}
         if st.get("ok") is False:
             return {"state": DEGRADED, "reason": f"last call failed: {st.get('error')}", **info}
+        if info.get("in_sync") is False:
+            return {"state": DEGRADED, "reason": f"the loop scores with {info.get('controller_checkpoint')}, the "
+                                                  f"deployment serves {info.get('checkpoint')}", **info}  # fmt: skip
         lat = st.get("latency_ms")
-        why = f"checkpoint {info.get('checkpoint', '?')}" + (f", last scoring {lat:.1f} ms" if lat is not None else "")
+        where = " in the controller" if "controller_checkpoint" in info else ""
+        why = f"checkpoint {info.get('checkpoint', '?')}" + (f", last scoring{where} {lat:.1f} ms" if lat is not None else "")
         return {"state": UP, "reason": why, **info}
 
     def _controller(self, c: Controller, loop: ControlLoop) -> dict[str, Any]:

@@ -58,6 +58,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import bisect
+import json
 import logging
 import math
 import signal
@@ -115,6 +117,7 @@ DROP_REASONS = ("no_upstream", "malformed", "intermediate", "cardinality", "tcp"
 # asked to (``additional_response_headers_to_log``); backends that do not send it simply
 # leave the utilisation gauge absent.
 ORCA_HEADER = "endpoint-load-metrics"
+SNAPSHOT_FORMAT = "balanceiq-als-snapshot/1"
 _ORCA_KEYS = ("application_utilization", "cpu_utilization")
 
 _T = accesslog_pb2.AccessLogType
@@ -223,7 +226,7 @@ def parse_entry(entry: accesslog_pb2.HTTPAccessLogEntry) -> tuple[str, str, str,
 class _Series:
     """Cached children of one (cluster, endpoint): ``labels()`` is the costly part."""
 
-    __slots__ = ("counts", "hist", "key", "orca", "orca_gauge", "rq_total")
+    __slots__ = ("bounds", "buckets", "classes", "counts", "hist", "key", "last_util", "orca", "orca_gauge", "rq_total")
 
     def __init__(self, collector: AlsCollector, cluster: str, endpoint: str) -> None:
         self.key = (cluster, endpoint)
@@ -232,17 +235,37 @@ class _Series:
         self.orca_gauge = collector.orca
         self.orca: Any = None  # the gauge's child, made on the first report
         self.counts: dict[str, Any] = {}
+        # The same numbers kept plainly for /snapshot: rendering them is a JSON dump, not
+        # a walk over the registry (the exposition costs ~90 ms at 100 endpoints).
+        self.bounds = collector.bounds
+        self.buckets = [0] * (len(self.bounds) + 1)  # per bucket (not cumulative); last: +Inf
+        self.classes: dict[str, int] = {}
+        self.last_util: float | None = None
 
     def report(self, utilization: float) -> None:
         if self.orca is None:
             self.orca = self.orca_gauge.labels(*self.key)
         self.orca.set(utilization)
+        self.last_util = utilization
 
     def count(self, klass: str, n: int = 1) -> None:
         child = self.counts.get(klass)
         if child is None:
             child = self.counts[klass] = self.rq_total.labels(*self.key, klass)
         child.inc(n)
+        self.classes[klass] = self.classes.get(klass, 0) + n
+
+    def observe(self, seconds: float) -> None:
+        self.hist.observe(seconds)
+        self.buckets[bisect.bisect_left(self.bounds, seconds)] += 1  # le is inclusive
+
+    def to_json(self) -> dict[str, Any]:
+        running, cumulative = 0, []
+        for n in self.buckets:
+            running += n
+            cumulative.append(running)
+        return {"cluster": self.key[0], "endpoint": self.key[1], "buckets": cumulative,
+                "codes": dict(self.classes), "orca": self.last_util}  # fmt: skip
 
 
 class AlsCollector:
@@ -258,6 +281,7 @@ class AlsCollector:
         if max_endpoints < 0:
             raise ValueError(f"max_endpoints must be >= 0, got {max_endpoints}")
         self.max_endpoints = max_endpoints
+        self.bounds = tuple(sorted(float(b) for b in buckets if math.isfinite(b)))
         self.registry = registry if registry is not None else CollectorRegistry()
         reg = self.registry
         self.rq_time = Histogram(
@@ -338,7 +362,7 @@ class AlsCollector:
                     self.series_gauge.set(len(series))
                 s.count(klass)
                 if seconds is not None and math.isfinite(seconds):
-                    s.hist.observe(seconds)
+                    s.observe(seconds)
                 if util is not None:
                     s.report(util)
                 observed += 1
@@ -364,6 +388,14 @@ class AlsCollector:
         """The (cluster, endpoint) pairs with a series, in first-seen order."""
         with self._lock:
             return list(self._series)
+
+    def snapshot(self) -> dict[str, Any]:
+        """Every endpoint's counts as JSON: cumulative latency buckets (seconds; the last
+        is +Inf, i.e. the count), requests by response class, the last ORCA report. What
+        ``/snapshot`` serves, for the controller's fast fallback."""
+        with self._lock:
+            series = [s.to_json() for s in self._series.values()]
+        return {"format": SNAPSHOT_FORMAT, "bounds": list(self.bounds), "series": series}
 
 
 # -- serving ------------------------------------------------------------------------------
@@ -485,6 +517,7 @@ class AlsServer:
     async def _start_metrics(self) -> int:
         app = web.Application()
         app.router.add_get("/metrics", self._metrics)
+        app.router.add_get("/snapshot", self._snapshot)
         # Scrapes are short; a stop should not wait a minute for a stuck client.
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
         await runner.setup()
@@ -503,6 +536,10 @@ class AlsServer:
         # Off the loop: rendering 10,000 endpoints' buckets must not stall Envoy's streams.
         body = await asyncio.get_running_loop().run_in_executor(None, encoder, self.collector.registry)
         return web.Response(body=body, headers={"Content-Type": content_type})
+
+    async def _snapshot(self, request: web.Request) -> web.Response:
+        body = json.dumps(self.collector.snapshot(), separators=(",", ":"))
+        return web.Response(text=body, content_type="application/json")
 
     async def _stop_both(self, grace: float) -> None:
         runner, self._runner = self._runner, None

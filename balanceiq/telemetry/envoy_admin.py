@@ -33,6 +33,7 @@ What Envoy 1.40's exposition looks like, and what this module relies on:
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import threading
@@ -383,6 +384,44 @@ def parse_exposition(
     return acc.scrape(ts)
 
 
+def parse_als_snapshot(data: object) -> tuple[dict[Key, Buckets], frozenset[Key], tuple[str, ...]]:
+    """The ALS exporter's ``/snapshot`` JSON -> ``(latency buckets, bad keys, problems)``.
+
+    Each series' ``buckets`` are cumulative counts at ``bounds`` then +Inf; a series with
+    the wrong length, a negative or non-integer count, or counts going down is bad (its
+    latency unknown), never guessed. Raises :class:`EnvoyAdminError` when ``data`` is not
+    a snapshot at all, so the caller can read ``/metrics`` instead.
+    """
+    if not isinstance(data, dict) or not isinstance(data.get("series"), list) or not isinstance(data.get("bounds"), list):
+        raise EnvoyAdminError("not an ALS snapshot (no bounds/series)")
+    try:
+        bounds = [float(b) for b in data["bounds"]]
+    except (TypeError, ValueError) as exc:
+        raise EnvoyAdminError(f"ALS snapshot bounds are not numbers: {exc}") from exc
+    if any(not math.isfinite(b) or b < 0 for b in bounds) or bounds != sorted(set(bounds)):
+        raise EnvoyAdminError("ALS snapshot bounds must be finite, >= 0 and strictly ascending")
+    les = [*bounds, math.inf]
+    latency: dict[Key, Buckets] = {}
+    bad: set[Key] = set()
+    problems: list[str] = []
+    for item in data["series"]:
+        if not isinstance(item, dict) or not isinstance(item.get("cluster"), str) or not isinstance(item.get("endpoint"), str):
+            problems.append(f"als snapshot: series without cluster/endpoint: {_clip(repr(item))}")
+            continue
+        key = (item["cluster"], item["endpoint"])
+        counts = item.get("buckets")
+        ok = (isinstance(counts, list) and len(counts) == len(les)
+              and all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in counts)
+              and all(a <= b for a, b in zip(counts, counts[1:])))  # fmt: skip
+        if not ok or key in latency or key in bad:
+            problems.append(f"als snapshot: bad or duplicate buckets for {key[0]}/{key[1]}")
+            bad.add(key)
+            latency.pop(key, None)
+            continue
+        latency[key] = tuple(zip(les, (float(c) for c in counts)))
+    return latency, frozenset(bad), tuple(problems)
+
+
 # -- two scrapes to an Observation -----------------------------------------------------------
 
 
@@ -577,6 +616,13 @@ def _check_url(url: str, what: str) -> str:
 _TEXT_TYPES = ("text/plain", "application/openmetrics-text")
 
 
+def _json_loads(body: str) -> object:
+    try:
+        return json.loads(body)
+    except ValueError as exc:
+        raise EnvoyAdminError(f"ALS snapshot is not JSON: {_clip(str(exc))}") from exc
+
+
 class EnvoyAdminSource:
     """Reads Envoy's admin stats (and the ALS exporter) and turns them into Observations.
 
@@ -594,6 +640,10 @@ class EnvoyAdminSource:
         # -> 111 KB at 100 endpoints). The regex runs on Envoy's dotted stat names.
         self.stats_url = f"{self.admin_url}/stats/prometheus?filter=%5Ecluster%5C..%2B%5C.endpoint%5C."
         self.als_metrics_url = _check_url(als_metrics_url, "ALS metrics") if als_metrics_url else None
+        # The exporter's compact JSON beside /metrics (tens of ms cheaper to render and
+        # parse); an exporter without it (404, or not a snapshot) is read as text after.
+        self.als_snapshot_url = (self.als_metrics_url.removesuffix("/metrics") + "/snapshot"
+                                 if self.als_metrics_url and self.als_metrics_url.endswith("/metrics") else None)  # fmt: skip
         self.timeout_s = float(timeout_s)
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="als-scrape")
@@ -601,16 +651,16 @@ class EnvoyAdminSource:
         # observing cluster A then B does not hand B a window of a few milliseconds.
         self._baseline: dict[str, Scrape] = {}
 
-    def _get(self, client: httpx.Client, url: str) -> str:
+    def _get(self, client: httpx.Client, url: str, types: tuple[str, ...] = ()) -> str:
         deadline = time.monotonic() + self.timeout_s
         try:
             with client.stream("GET", url) as r:
                 if r.status_code != 200:
                     raise EnvoyAdminError(f"GET {url}: HTTP {r.status_code} {r.reason_phrase}".rstrip())
                 ctype = r.headers.get("content-type", "").split(";", 1)[0].strip().lower()
-                if ctype and not ctype.startswith(_TEXT_TYPES):
+                if ctype and not ctype.startswith(types or _TEXT_TYPES):
                     raise EnvoyAdminError(
-                        f"GET {url}: content-type {ctype!r}, not the Prometheus text format"
+                        f"GET {url}: content-type {ctype!r}, not {'JSON' if types else 'the Prometheus text format'}"
                     )
                 body = bytearray()
                 # httpx's timeout is per read; a peer trickling bytes must not hold us past
@@ -640,8 +690,11 @@ class EnvoyAdminSource:
         # proxy answering in its place would be read as Envoy's numbers.
         with httpx.Client(timeout=self.timeout_s, follow_redirects=False, trust_env=False) as client:
             als_text, als_problem = None, None
+            snapshot: tuple[dict[Key, Buckets], frozenset[Key], tuple[str, ...]] | None = None
             als: Future[str] | None = None
-            if self.als_metrics_url:
+            if self.als_snapshot_url:
+                als = self._pool.submit(self._get, client, self.als_snapshot_url, ("application/json",))
+            elif self.als_metrics_url:
                 # Both pages at once: the ALS exporter renders thousands of bucket lines.
                 als = self._pool.submit(self._get, client, self.als_metrics_url)
             t0 = time.monotonic()
@@ -651,13 +704,29 @@ class EnvoyAdminSource:
             ts = (t0 + time.monotonic()) / 2
             if als is not None:
                 try:
-                    als_text = als.result()
+                    body = als.result()
+                    if self.als_snapshot_url:
+                        snapshot = parse_als_snapshot(_json_loads(body))
+                    else:
+                        als_text = body
                 except EnvoyAdminError as exc:
-                    als_problem = f"als: {exc}"
+                    missing = any(m in str(exc) for m in ("HTTP 404", "content-type", "snapshot"))
+                    if missing and self.als_snapshot_url and self.als_metrics_url:
+                        # No snapshot here (an older exporter): the text page from now on.
+                        self.als_snapshot_url = None
+                        try:
+                            als_text = self._get(client, self.als_metrics_url)
+                        except EnvoyAdminError as exc2:
+                            als_problem = f"als: {exc2}"
+                    else:
+                        als_problem = f"als: {exc}"
         try:
             s = parse_exposition(text, ts, als_text=als_text)
         except EnvoyAdminError as exc:
             raise EnvoyAdminError(f"GET {self.stats_url}: {exc}") from exc
+        if snapshot is not None:
+            latency, bad, problems = snapshot
+            s = replace(s, latency=latency, latency_source=True, bad_latency=bad, problems=(*s.problems, *problems))
         if als_problem:
             s = replace(s, problems=(*s.problems, als_problem))
         return s

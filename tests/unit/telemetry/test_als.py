@@ -511,3 +511,26 @@ def test_collector_keeps_each_endpoints_last_orca_report() -> None:
     text = generate_latest(col.registry).decode()
     assert 'balanceiq_upstream_orca_utilization{cluster="svc",endpoint="10.0.0.1:1"} 0.7' in text
     assert 'endpoint="10.0.0.1:2"} ' not in text.split("balanceiq_upstream_orca_utilization{", 1)[1].split("\n# ")[0]
+
+
+# -- /snapshot: the same numbers as /metrics, as compact JSON -------------------------------
+
+
+def test_snapshot_agrees_with_the_exposition(als: AlsServer) -> None:
+    durations = [0.5, 1.0, 2.5, 7.0, 20.0, 20.0, 99.0, 250.0, 11_000.0]  # ms, on and between bounds
+    send(als, [entry(int(d * MS), host="10.0.0.1") for d in durations]
+         + [entry(5 * MS, host="10.0.0.2", code=503), entry(None, host="10.0.0.2", code=None)])  # fmt: skip
+    scrape = Scrape(als.metrics_url or "")
+    r = httpx.get((als.metrics_url or "").removesuffix("/metrics") + "/snapshot", timeout=5)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("application/json")
+    snap = r.json()
+    assert snap["format"] == "balanceiq-als-snapshot/1"
+    by_key = {(s["cluster"], s["endpoint"]): s for s in snap["series"]}
+    for ep in ("10.0.0.1:8080", "10.0.0.2:8080"):
+        s = by_key[("svc", ep)]
+        les = [*snap["bounds"], math.inf]
+        assert list(zip(les, s["buckets"])) == scrape.buckets("svc", ep)
+        assert s["buckets"][-1] == scrape.count("svc", ep)
+        for klass, n in s["codes"].items():
+            assert n == scrape.rq("svc", ep, klass)
+    assert by_key[("svc", "10.0.0.2:8080")]["codes"] == {"5xx": 1, "none": 1}

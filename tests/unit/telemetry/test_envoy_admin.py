@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import threading
 import time
@@ -22,6 +23,7 @@ from balanceiq.telemetry.envoy_admin import (
     EnvoyAdminSource,
     Scrape,
     derive,
+    parse_als_snapshot,
     parse_exposition,
 )
 from balanceiq.telemetry.observation import (
@@ -645,13 +647,24 @@ class FakeAdmin:
         self.body: str | None = None  # fixed body; None: counters that grow per scrape
         self.scrapes = 0
         self.als_scrapes = 0
+        self.snapshot = False  # serve the ALS exporter's /snapshot too (else 404 there)
+        self.paths: list[str] = []
         fake = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:  # noqa: N802 - http.server's naming
                 fake.methods.append("GET")
+                fake.paths.append(self.path)
                 if fake.delay_s:
                     time.sleep(fake.delay_s)
+                if self.path.startswith("/snapshot"):
+                    body = fake.render_snapshot().encode() if fake.snapshot else b"404: Not Found"
+                    self.send_response(200 if fake.snapshot else 404)
+                    self.send_header("Content-Type", "application/json" if fake.snapshot else "text/plain")
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
+                    return
                 body = fake.render(self.path).encode()
                 self.send_response(fake.status)
                 self.send_header("Content-Type", fake.content_type)
@@ -675,6 +688,13 @@ class FakeAdmin:
         self.server.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
+
+    def render_snapshot(self) -> str:
+        self.als_scrapes += 1
+        n = self.als_scrapes * 10  # every request 12 ms: in the 0.01..0.02 bucket
+        return json.dumps({"format": "balanceiq-als-snapshot/1", "bounds": [0.01, 0.02, 0.05, 0.1],
+                           "series": [{"cluster": CLUSTER, "endpoint": A, "buckets": [0, n, n, n, n],
+                                       "codes": {"2xx": n}, "orca": None}]})  # fmt: skip
 
     def render(self, path: str) -> str:
         if self.body is not None:
@@ -725,6 +745,56 @@ def test_observe_with_als_metrics(admin: FakeAdmin) -> None:
     (a,) = src.observe(CLUSTER, [A], COSTS, min_window_s=0.05).endpoints
     assert NO_LATENCY_SOURCE not in a.flags
     assert 10.0 < a.p50_ms <= 20.0
+
+
+def test_observe_with_the_als_snapshot(admin: FakeAdmin) -> None:
+    admin.snapshot = True
+    src = EnvoyAdminSource(admin.url, als_metrics_url=admin.url + "/metrics")
+    (a,) = src.observe(CLUSTER, [A], COSTS, min_window_s=0.05).endpoints
+    assert NO_LATENCY_SOURCE not in a.flags and 10.0 < a.p50_ms <= 20.0
+    assert any(p.startswith("/snapshot") for p in admin.paths)
+    assert not any(p.startswith("/metrics") for p in admin.paths)
+
+
+def test_an_exporter_without_snapshot_is_read_as_text(admin: FakeAdmin) -> None:
+    src = EnvoyAdminSource(admin.url, als_metrics_url=admin.url + "/metrics")
+    (a,) = src.observe(CLUSTER, [A], COSTS, min_window_s=0.05).endpoints
+    assert 10.0 < a.p50_ms <= 20.0
+    assert src.als_snapshot_url is None  # asked once, then the text page only
+    assert sum(p.startswith("/snapshot") for p in admin.paths) == 1
+
+
+def test_als_snapshot_parsing_matches_the_exposition() -> None:
+    values = {A: [0.005, 0.012, 0.03, 0.2], B: [0.015] * 3}
+    text = parse_exposition(envoy_text({A: counters(1), B: counters(1)}), 1.0, als_text=als_text(values))
+    snap = {"bounds": [0.01, 0.02, 0.05, 0.1], "series": [
+        {"cluster": CLUSTER, "endpoint": A, "buckets": [1, 2, 3, 3, 4]},
+        {"cluster": CLUSTER, "endpoint": B, "buckets": [0, 3, 3, 3, 3]}]}  # fmt: skip
+    latency, bad, problems = parse_als_snapshot(snap)
+    assert latency == dict(text.latency) and not bad and not problems
+
+
+@pytest.mark.parametrize(
+    "series",
+    [
+        {"cluster": CLUSTER, "endpoint": A, "buckets": [1, 2, 3]},  # wrong length
+        {"cluster": CLUSTER, "endpoint": A, "buckets": [3, 2, 3, 3, 4]},  # going down
+        {"cluster": CLUSTER, "endpoint": A, "buckets": [0, 0, 0, 0, -1]},
+        {"cluster": CLUSTER, "endpoint": A, "buckets": [0, 0, 0, 0, 1.5]},
+        {"cluster": CLUSTER, "endpoint": A, "buckets": "many"},
+    ],
+)
+def test_a_bad_snapshot_series_is_unknown_not_guessed(series: dict[str, Any]) -> None:
+    good = {"cluster": CLUSTER, "endpoint": B, "buckets": [0, 1, 1, 1, 1]}
+    latency, bad, problems = parse_als_snapshot({"bounds": [0.01, 0.02, 0.05, 0.1], "series": [series, good]})
+    assert (CLUSTER, A) in bad and (CLUSTER, A) not in latency and (CLUSTER, B) in latency and problems
+
+
+@pytest.mark.parametrize("data", [None, [], {"series": []}, {"bounds": [0.1, 0.05], "series": []},
+                                  {"bounds": ["x"], "series": []}, {"bounds": [float("inf")], "series": []}])  # fmt: skip
+def test_not_a_snapshot_raises(data: Any) -> None:
+    with pytest.raises(EnvoyAdminError):
+        parse_als_snapshot(data)
 
 
 def test_als_down_is_a_problem_not_a_failure(admin: FakeAdmin) -> None:
