@@ -110,6 +110,7 @@ def run_telemetry_bench(*, endpoints: int = 100, samples: int = 20, rate_rps: fl
                     task = progress.add_task("observing", total=samples)
                     prom_ms, fb_ms, last = [], [], None
                     fallback.observe("my_service", addrs, costs)  # holds a scrape from here on
+                    time.sleep(0.5)  # as between the samples below: no sample waits for a window
                     for _ in range(samples):
                         t = time.perf_counter()
                         last = telemetry.observe()
@@ -123,6 +124,7 @@ def run_telemetry_bench(*, endpoints: int = 100, samples: int = 20, rate_rps: fl
                         time.sleep(0.5)
                 served, served_p95 = _served(telemetry, window_s)
                 telemetry.close()
+                fallback.close()
             finally:
                 stop.set()
                 tb.stop()

@@ -57,6 +57,7 @@ class Telemetry:
 
     def close(self) -> None:
         self.prometheus.close()
+        self.fallback.close()
 
     def observe(self, weights: Mapping[str, float] | None = None) -> Observation:
         errors: list[str] = []

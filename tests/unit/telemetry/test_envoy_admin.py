@@ -24,6 +24,7 @@ from balanceiq.telemetry.envoy_admin import (
     Scrape,
     derive,
     parse_als_snapshot,
+    parse_clusters_json,
     parse_exposition,
 )
 from balanceiq.telemetry.observation import (
@@ -96,6 +97,27 @@ def als_text(observations: dict[str, list[float]], cluster: str = CLUSTER) -> st
 def counters(total: int, error: int = 0, *, timeout: int = 0, active: int = 0, healthy: int = 1) -> dict[str, Any]:
     return {"rq_total": total, "rq_error": error, "rq_success": total - error, "rq_timeout": timeout,
             "rq_active": active, "healthy": healthy}  # fmt: skip
+
+
+def clusters_json(per_endpoint: dict[str, dict[str, Any]], cluster: str = CLUSTER,
+                  health: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:  # fmt: skip
+    """``/clusters?format=json`` as Envoy 1.40 writes it (checked against a live dump):
+    zero-valued stats have no ``value``; values are strings; gauges carry a type."""
+    hosts = []
+    for addr, v in per_endpoint.items():
+        host, port = addr.rsplit(":", 1)
+        stats = []
+        for name in ("cx_connect_fail", "cx_total", "rq_error", "rq_success", "rq_timeout", "rq_total"):
+            x = v.get(name, 0)
+            stats.append({"name": name, **({"value": str(x)} if x else {})})
+        for name in ("cx_active", "rq_active", "rq_pending_active"):
+            x = v.get(name, 0)
+            stats.append({"type": "GAUGE", "name": name, **({"value": str(x)} if x else {})})
+        hosts.append({"address": {"socket_address": {"address": host.strip("[]"), "port_value": int(port)}},
+                      "stats": stats, "health_status": (health or {}).get(addr, {"eds_health_status": "HEALTHY"}),
+                      "weight": 1})  # fmt: skip
+    return {"cluster_statuses": [{"name": "xds_cluster", "host_statuses": []},
+                                 {"name": cluster, "host_statuses": hosts}]}  # fmt: skip
 
 
 # -- parse_exposition --------------------------------------------------------------------------
@@ -648,6 +670,7 @@ class FakeAdmin:
         self.scrapes = 0
         self.als_scrapes = 0
         self.snapshot = False  # serve the ALS exporter's /snapshot too (else 404 there)
+        self.clusters_json = False  # answer /clusters?format=json as Envoy does (else the text)
         self.paths: list[str] = []
         fake = self
 
@@ -657,6 +680,16 @@ class FakeAdmin:
                 fake.paths.append(self.path)
                 if fake.delay_s:
                     time.sleep(fake.delay_s)
+                if self.path.startswith("/clusters") and fake.clusters_json:
+                    fake.scrapes += 1
+                    n, e = fake.scrapes * fake.requests_per_scrape, fake.scrapes * fake.errors_per_scrape
+                    body = json.dumps(clusters_json({A: counters(n, e), B: counters(n)})).encode()
+                    self.send_response(200)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
+                    return
                 if self.path.startswith("/snapshot"):
                     body = fake.render_snapshot().encode() if fake.snapshot else b"404: Not Found"
                     self.send_response(200 if fake.snapshot else 404)
@@ -795,6 +828,51 @@ def test_a_bad_snapshot_series_is_unknown_not_guessed(series: dict[str, Any]) ->
 def test_not_a_snapshot_raises(data: Any) -> None:
     with pytest.raises(EnvoyAdminError):
         parse_als_snapshot(data)
+
+
+def test_clusters_json_gives_what_the_text_stats_give() -> None:
+    per = {A: counters(120, 7, timeout=2, active=3), B: counters(50), C: counters(0, healthy=0)}
+    per[C]["cx_connect_fail"] = 4
+    health = {C: {"failed_active_health_check": True, "eds_health_status": "HEALTHY"}}
+    from_text = parse_exposition(envoy_text(per), 1.0)
+    from_json = parse_clusters_json(clusters_json(per, health=health), 1.0)
+    assert dict(from_json.endpoints) == {k: v for k, v in from_text.endpoints.items()}
+    assert not from_json.problems
+
+
+@pytest.mark.parametrize(("health", "healthy"), [
+    ({"eds_health_status": "HEALTHY"}, 1.0), ({"eds_health_status": "UNKNOWN"}, 1.0), ({}, 1.0),
+    ({"eds_health_status": "DRAINING"}, 0.0), ({"eds_health_status": "DEGRADED"}, 0.0),
+    ({"failed_outlier_check": True, "eds_health_status": "HEALTHY"}, 0.0), ({"pending_dynamic_removal": True}, 0.0),
+])  # fmt: skip
+def test_clusters_json_health_is_envoys_healthy_gauge(health: dict[str, Any], healthy: float) -> None:
+    s = parse_clusters_json(clusters_json({A: counters(1)}, health={A: health}), 1.0)
+    assert s.endpoint(CLUSTER, A).healthy == healthy  # type: ignore[union-attr]
+
+
+def test_clusters_json_ipv6_and_bad_values() -> None:
+    data = clusters_json({"[::1]:18001": counters(5), A: counters(5)})
+    data["cluster_statuses"][1]["host_statuses"][1]["stats"][5]["value"] = "nan"  # A's rq_total
+    s = parse_clusters_json(data, 1.0)
+    assert s.endpoint(CLUSTER, "[::1]:18001").rq_total == 5  # type: ignore[union-attr]
+    a = s.endpoint(CLUSTER, A)
+    assert a is not None and "rq_total" in a.bad and math.isnan(a.rq_total) and s.problems
+
+
+@pytest.mark.parametrize("data", [None, [], {"cluster_statuses": "x"}, {"cluster_statuses": []},
+                                  {"cluster_statuses": [{"name": CLUSTER, "host_statuses": [{"address": {}}]}]}])  # fmt: skip
+def test_clusters_json_without_endpoints_raises(data: Any) -> None:
+    with pytest.raises(EnvoyAdminError):
+        parse_clusters_json(data)
+
+
+def test_observe_from_clusters_json_and_the_als_snapshot(admin: FakeAdmin) -> None:
+    admin.clusters_json = admin.snapshot = True
+    src = EnvoyAdminSource(admin.url, als_metrics_url=admin.url + "/metrics")
+    a, b = src.observe(CLUSTER, [A, B], COSTS, min_window_s=0.05).endpoints
+    assert a.rps > 0 and a.error_rate == pytest.approx(0.2) and b.error_rate == 0.0
+    assert 10.0 < a.p50_ms <= 20.0 and src.clusters_url is not None
+    assert not any(p.startswith("/stats") for p in admin.paths)
 
 
 def test_als_down_is_a_problem_not_a_failure(admin: FakeAdmin) -> None:
