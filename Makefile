@@ -2,8 +2,9 @@
 #   make demo   the whole loop locally (testbed in 3 "clouds", xDS actor, real Envoy)
 #   make test   fast tests, then slow ones (real Envoy, Prometheus, Ray, Chromium)
 # Both create .venv, install the CPU build of torch first (an unpinned torch would pull
-# a multi-GB CUDA build), then the package, then Prometheus and Chromium (for the
-# dashboard's browser test) via apt when they are missing.
+# a multi-GB CUDA build), then the package, then Prometheus, Redis (Ray's external GCS
+# storage, for head fault tolerance) and Chromium (for the dashboard's browser test) via
+# apt when they are missing.
 
 PYTHON ?= python3
 VENV   ?= .venv
@@ -15,12 +16,13 @@ STAMP  := $(VENV)/.installed-stamp
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml scripts/ensure-prometheus.sh scripts/ensure-chromium.sh
+$(STAMP): pyproject.toml scripts/ensure-prometheus.sh scripts/ensure-redis.sh scripts/ensure-chromium.sh
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet torch==2.13.0
 	$(PIP) install --quiet -e '.[test]'
 	bash scripts/ensure-prometheus.sh
+	bash scripts/ensure-redis.sh
 	bash scripts/ensure-chromium.sh
 	touch $(STAMP)
 

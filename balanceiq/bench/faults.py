@@ -89,9 +89,11 @@ FAULTS = (
     "actor_killed",
     "serve_replica_killed",
     "ray_head_restart",
+    "head_crash_gcs_ft",
+    "head_crash_no_ft",
 )
 """In the order the CLI runs them: without Ray first, the head restart (which replaces
-the Ray cluster) last."""
+the Ray cluster) after the other Ray ones; the head crashes start Ray heads of their own."""
 RAY_FAULTS = frozenset({"actor_killed", "serve_replica_killed", "ray_head_restart"})
 
 ENDPOINTS = 4
@@ -668,12 +670,14 @@ def _workdir(workdir: Path | None) -> Iterator[Path]:
 
 @contextlib.contextmanager
 def _stack(settings: Settings, workdir: Path, *, actor: Any = None, controller: bool = True,
-           isolate: Sequence[str] = (), rate_rps: float = RATE_RPS, max_load_s: float = 180.0) -> Iterator[Stack]:  # fmt: skip
+           isolate: Sequence[str] = (), rate_rps: float = RATE_RPS, max_load_s: float = 180.0,
+           xds: bool = True) -> Iterator[Stack]:  # fmt: skip
     """Backends, ALS, Envoy, Prometheus, the tap and the load; the xDS server in-process
-    unless ``actor`` is given; and, with ``controller``, a control loop in this process
-    (the production Controller with the shipped policy). Everything stops on exit."""
+    unless ``actor`` is given (or ``xds=False``: someone else serves it); and, with
+    ``controller``, a control loop in this process (the production Controller with the
+    shipped policy). Everything stops on exit."""
     server: XdsServer | None = None
-    if actor is None:
+    if actor is None and xds:
         server = XdsServer(settings, state_dir=workdir / "state")
         server.start()
     tb = Testbed(settings, workdir / "tb", isolate=isolate)
@@ -1261,6 +1265,141 @@ def ray_head_restart(settings: Settings | None = None, workdir: Path | None = No
                     ray.kill(actor, no_restart=True)
 
 
+@dataclass(kw_only=True)
+class HeadCrashResult(FaultResult):
+    """The Ray head dies whole (every process of it SIGKILLed, as a machine that died)
+    and is started again with the same ``ray start`` command, nothing else typed.
+    ``recovery_s``: ``ray start`` returned -> the first controller decision pushed and
+    ACKed by Envoy (``None``: none within ``wait_s``)."""
+
+    gcs_ft: bool  # Redis as the GCS's external storage
+    processes_killed: int
+    head_down_s: float  # the kill -> ray start returned again
+    ray_start_s: float  # the second ray start took this long
+    wait_s: float  # how long recovery was waited for
+    decision_version: str | None  # the first decision pushed after the restart
+    operator_commands: int  # commands typed after the restart besides restarting the head: none
+    envoy_weights_held: bool  # every poll of Envoy during the outage == the weights before it
+    versions_repeated: int
+
+    def checks(self) -> dict[str, tuple[Any, str, bool]]:
+        out = {
+            **super().checks(),
+            "failed_requests": (self.failed_requests, "== 0", self.failed_requests == 0),
+            "envoy_weights_held": (self.envoy_weights_held, "true", self.envoy_weights_held),
+            "versions_repeated": (self.versions_repeated, "== 0", self.versions_repeated == 0),
+        }
+        if self.gcs_ft:  # the issue's target; without FT the result only shows the contrast
+            back = self.recovery_s is not None and self.recovery_s <= 30.0
+            out["recovery_s"] = (self.recovery_s, "<= 30 (no command typed)", back and self.operator_commands == 0)
+        return out
+
+
+def _serve_yaml(workdir: Path, config: Path, proxy_port: int) -> Path:
+    """serve_app.yaml as shipped, with this run's config and a proxy port of its own."""
+    import yaml
+
+    path = workdir / "serve_app.yaml"
+    path.write_text(yaml.safe_dump({
+        "proxy_location": "HeadOnly", "http_options": {"host": "127.0.0.1", "port": proxy_port},
+        "applications": [{"name": "balanceiq", "route_prefix": "/", "import_path": "balanceiq.serve.app:build_app",
+                          "args": {"config": str(config)}}],
+    }, sort_keys=False))  # fmt: skip
+    return path
+
+
+def head_crash(settings: Settings | None = None, workdir: Path | None = None, *, gcs_ft: bool = True,
+               rate_rps: float = RATE_RPS, wait_s: float = 60.0, progress: Progressor = _quiet) -> HeadCrashResult:  # fmt: skip
+    """A Ray head of its own (``ray start --head``; with ``gcs_ft`` backed by a Redis on
+    loopback), the Serve app deployed on it as users do (``serve run --non-blocking`` of
+    serve_app.yaml), the testbed and a load through Envoy; then every process of the head
+    is SIGKILLed and the head started again with the same command. Measures whether the
+    control plane comes back by itself: the first decision pushed and ACKed afterwards,
+    read from the API on ``api.port`` (the Controller replica's own server)."""
+    import yaml
+
+    from balanceiq.testbed.gcs import RayHead, RedisProcess
+    from balanceiq.testbed.ports import free_ports
+
+    s = settings or fault_settings()
+    t0 = time.monotonic()
+    name = "head_crash_gcs_ft" if gcs_ft else "head_crash_no_ft"
+    with _workdir(workdir) as wd:
+        s = s.model_copy(update={"state_dir": wd / "state"})
+        config = wd / "balanceiq.yaml"
+        config.write_text(yaml.safe_dump(s.model_dump(mode="json"), sort_keys=False))
+        redis = RedisProcess(wd / "redis").start() if gcs_ft else None
+        head = RayHead(wd / "ray", redis=redis, namespace=f"biq-{os.getpid()}")
+        api = f"http://127.0.0.1:{s.api.port}"
+        http = httpx.Client(timeout=2.0, trust_env=False)
+
+        def decisions() -> list[dict[str, Any]]:
+            try:
+                r = http.get(api + "/api/decisions", params={"limit": 50})
+                return list(r.json()["decisions"]) if r.status_code == 200 else []
+            except (httpx.HTTPError, ValueError, KeyError):
+                return []
+
+        try:
+            progress(f"{name}: ray start --head" + (" (GCS in Redis)" if gcs_ft else ""))
+            head.start()
+            exe = str(Path(head.ray_bin).with_name("serve"))
+            res = subprocess_run([exe, "run", "--non-blocking", "--address", head.address,
+                                  str(_serve_yaml(wd, config, free_ports(1)[0]))], env=head.env(), timeout=180)  # fmt: skip
+            if res.returncode != 0:
+                raise BenchError(f"serve run failed ({res.returncode}): {(res.stdout + res.stderr)[-1500:]}")
+            with _stack(s, wd, controller=False, xds=False, rate_rps=rate_rps, max_load_s=wait_s + 150) as st:
+                progress(f"{name}: waiting for the app's first decisions, pushed and ACKed")
+                _until(lambda: any(d["pushed"] and d["acked"] for d in decisions()), 90, "a decision pushed and ACKed", every=0.5)
+                before = st.envoy_weights()
+                progress(f"{name}: the head dies (SIGKILL, every process)")
+                t_kill = time.time()
+                killed = head.kill()
+                polls = held = 0
+                # Envoy on its own: the weights it had, and the requests it keeps serving.
+                t_until = time.monotonic() + 2.0
+                while time.monotonic() < t_until:
+                    with contextlib.suppress(httpx.HTTPError):
+                        held += st.envoy_weights() == before
+                        polls += 1
+                    time.sleep(0.25)
+                progress(f"{name}: ray start --head again (nothing else)")
+                start_s = head.start()
+                t_back = time.time()
+                progress(f"{name}: waiting up to {wait_s:g}s for a decision pushed and ACKed")
+                first = None
+                deadline = time.monotonic() + wait_s
+                while time.monotonic() < deadline and first is None:
+                    first = next((d for d in reversed(decisions()) if d["timestamp"] > t_back and d["pushed"] and d["acked"]), None)
+                    if first is None:
+                        time.sleep(0.5)
+                    else:
+                        break
+                time.sleep(1.0)
+                load = st.load.finish()
+                common = _common(st, name, load, t0)
+                tap = st.tap.summary()
+                return HeadCrashResult(
+                    **common, failed_requests=int((~load.ok).sum()),
+                    recovery_s=None if first is None else float(first["timestamp"]) - t_back,
+                    gcs_ft=gcs_ft, processes_killed=killed, head_down_s=t_back - t_kill, ray_start_s=start_s,
+                    wait_s=wait_s, decision_version=None if first is None else first.get("version"),
+                    operator_commands=0, envoy_weights_held=polls > 0 and held == polls,
+                    versions_repeated=_versions_repeated(tap),
+                )  # fmt: skip
+        finally:
+            http.close()
+            head.stop()
+            if redis is not None:
+                redis.stop()
+
+
+def subprocess_run(args: Sequence[str], *, env: Mapping[str, str], timeout: float) -> Any:
+    import subprocess
+
+    return subprocess.run(list(args), env=dict(env), capture_output=True, text=True, timeout=timeout)
+
+
 SCENARIOS: dict[str, Callable[..., FaultResult]] = {
     "envoy_restarted": envoy_restarted,
     "prometheus_killed": prometheus_killed,
@@ -1268,6 +1407,8 @@ SCENARIOS: dict[str, Callable[..., FaultResult]] = {
     "actor_killed": actor_killed,
     "serve_replica_killed": serve_replica_killed,
     "ray_head_restart": ray_head_restart,
+    "head_crash_gcs_ft": lambda **kw: head_crash(gcs_ft=True, **kw),
+    "head_crash_no_ft": lambda **kw: head_crash(gcs_ft=False, **kw),
 }
 
 

@@ -116,3 +116,17 @@ def test_ray_head_restart_envoy_keeps_serving_and_state_is_restored(ray_local: N
     assert r.controller_mode != "standby" and r.controller_first_move <= 0.25 + 1e-3, _show(r)
     _audited(r, 2)
     assert r.ok
+
+
+@pytest.mark.timeout(300)
+def test_a_head_that_crashes_comes_back_by_itself_with_the_gcs_in_redis(tmp_path: Path) -> None:
+    # Issue #17: every process of the head SIGKILLed, `ray start --head` again and
+    # nothing else; Redis keeps the GCS's tables, so the xDS actor, the Serve app and the
+    # control loop return on their own.
+    r = faults.head_crash(workdir=tmp_path, gcs_ft=True, wait_s=60)
+    _show(r)
+    assert r.processes_killed >= 5  # gcs_server, raylet, the actors' workers
+    assert r.recovery_s is not None and r.recovery_s <= 30 and r.operator_commands == 0, _show(r)
+    assert r.failed_requests == 0 and r.envoy_weights_held and r.versions_repeated == 0, _show(r)
+    _audited(r, 2)
+    assert r.ok, _show(r)
