@@ -260,6 +260,11 @@ def decision_stats(decisions: Sequence[dict[str, Any]], since: float = 0.0,
         outside = [d["step_ms"] for d in full if not window[0] <= d.get("timestamp", 0) <= window[1]]
         out["during_api_load"] = summary(inside)
         out["outside_api_load"] = summary(outside)
+        inw = [d for d in full if window[0] <= d.get("timestamp", 0) <= window[1] and d.get("score_ms") is not None]
+        outw = [d for d in full if not window[0] <= d.get("timestamp", 0) <= window[1] and d.get("score_ms") is not None]
+        # Outside the API phase the bench saturates both cores itself (the inference phase).
+        out["score_ms_during_api_load"] = summary([d["score_ms"] for d in inw])
+        out["score_ms_outside_api_load"] = summary([d["score_ms"] for d in outw])
     return out
 
 

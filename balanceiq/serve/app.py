@@ -54,6 +54,11 @@ class ControllerDeployment:
         # The loop scores here, with the checkpoint the Policy deployment serves (both
         # swapped together by PolicyClient.reload): no Serve handle call per decision.
         self.local_policy = PolicyModel(checkpoint)
+        # One intra-op thread: a forward pass over a few hundred numbers gains nothing
+        # from more, and the replica also serves the API.
+        import torch
+
+        torch.set_num_threads(1)
 
         def scorer(rows: Any) -> Any:
             return self.local_policy.score_many([rows])[0]
@@ -77,6 +82,8 @@ class ControllerDeployment:
             promote=policy_client.reload,
         )
         self.plane = ControlPlane(self.settings, controllers, policy=policy_client, training=training, token=token)
+        # API callers score through the Policy deployment (batched), not the loop's copy.
+        self.plane.api_scorer = lambda rows: policy.score.remote(rows).result(timeout_s=2.0)
         self.server: ApiServer | None = None
         if self.settings.api.serve_directly:
             # api.host:api.port, served here: no proxy hop (see balanceiq.serve.server).

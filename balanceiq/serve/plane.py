@@ -158,6 +158,9 @@ class ControlPlane:
         self.training = training
         # The Controller replica's own API server, when it runs one (its state, for /api/status).
         self.api_server: Callable[[], str] | None = None
+        # What POST /api/policy/score asks: the Policy deployment (batched, beside the
+        # loop) when set, else the controller's own scorer.
+        self.api_scorer: Scorer | None = None
         self.token = token or load_or_create_token(settings)[0]
         if not is_loopback(settings.api.host):
             # Allowed (the host is set on purpose), but said once: changes need the token,
@@ -640,7 +643,8 @@ class ControlPlane:
         """The policy's scores and greedy critical set for an observation sent over HTTP,
         decided with ``cluster``'s knobs."""
         c = self.pick(cluster)
-        if c.scorer is None:
+        scorer = self.api_scorer or c.scorer
+        if scorer is None:
             raise ControlError("no policy configured")
         addresses = [e["address"] for e in endpoints]
         if len(set(addresses)) != len(addresses):
@@ -669,7 +673,7 @@ class ControlPlane:
         rows = encode(obs, est.capacity, n, c.policy.reward.slo_ms)
         t0 = time.perf_counter()
         try:
-            scores = np.asarray(c.scorer(rows), dtype=np.float64).reshape(-1)
+            scores = np.asarray(scorer(rows), dtype=np.float64).reshape(-1)
         except Exception as exc:  # a remote deployment: anything may come back
             raise ControlError(f"policy unavailable: {type(exc).__name__}: {exc}") from exc
         ms = (time.perf_counter() - t0) * 1000
