@@ -33,25 +33,33 @@ def ports_settings() -> Settings:
     return settings_on_free_ports()
 
 
+def init_local_ray(namespace: str) -> None:
+    """``ray.init`` of a new local cluster (2 CPUs), tried twice.
+
+    address="local": a new cluster even if `ray start` left one running on this machine.
+    On a loaded 2-core box a node's start can time out once (seen in CI right after the
+    fault suite's stacks stopped: the raylet "timed out during startup", or the GCS's
+    port file never came); the half-started node is shut down (its processes would
+    otherwise be collected, still running, in a later test) and started again."""
+    import ray
+
+    for attempt in (1, 2):
+        try:
+            ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, namespace=namespace)
+            return
+        except Exception as exc:
+            ray.shutdown()
+            if attempt == 2 or "timed out" not in str(exc).lower():
+                raise
+            time.sleep(5.0)
+
+
 @pytest.fixture(scope="module")
 def ray_local() -> Iterator[None]:
     # Module scope: the local cluster is gone before tests that start their own Ray
     # (``testbed up`` runs ``ray start --head``) so the two never meet.
     ray = pytest.importorskip("ray")
-    # address="local": a new cluster even if `ray start` left one running on this machine.
-    # On a loaded 2-core box a node's start can time out once (seen in CI right after the
-    # fault suite's stacks stopped); the half-started node is shut down (its processes
-    # would otherwise be collected, still running, in a later test) and started again.
-    for attempt in (1, 2):
-        try:
-            ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
-                     namespace="balanceiq-tests")  # fmt: skip
-            break
-        except Exception as exc:
-            ray.shutdown()
-            if attempt == 2 or "timed out during startup" not in str(exc):
-                raise
-            time.sleep(2.0)
+    init_local_ray("balanceiq-tests")
     try:
         yield
     finally:

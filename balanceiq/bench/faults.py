@@ -1328,7 +1328,7 @@ def head_crash(settings: Settings | None = None, workdir: Path | None = None, *,
         s = s.model_copy(update={"state_dir": wd / "state"})
         config = wd / "balanceiq.yaml"
         config.write_text(yaml.safe_dump(s.model_dump(mode="json"), sort_keys=False))
-        redis = RedisProcess(wd / "redis").start() if gcs_ft else None
+        redis = RedisProcess(wd / "redis") if gcs_ft else None
         head = RayHead(wd / "ray", redis=redis, namespace=f"biq-{os.getpid()}")
         api = f"http://127.0.0.1:{s.api.port}"
         http = httpx.Client(timeout=2.0, trust_env=False)
@@ -1341,6 +1341,8 @@ def head_crash(settings: Settings | None = None, workdir: Path | None = None, *,
                 return []
 
         try:
+            if redis is not None:
+                redis.start()
             progress(f"{name}: ray start --head" + (" (GCS in Redis)" if gcs_ft else ""))
             head.start()
             exe = str(Path(head.ray_bin).with_name("serve"))

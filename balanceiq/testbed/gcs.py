@@ -89,6 +89,9 @@ class RayHead:
         (self.port, self.node_manager_port, self.object_manager_port, self.agent_port, self.agent_grpc_port,
          self.metrics_port, self.runtime_env_port, self.client_port) = free_ports(8)  # fmt: skip
         self.starts = 0
+        # Every process `ray start` spawns inherits this: how kill() finds them all, even
+        # a worker that renamed itself (ray::...) or lost its parent.
+        self.marker = f"biq-{secrets.token_hex(8)}"
 
     @property
     def address(self) -> str:
@@ -98,6 +101,7 @@ class RayHead:
         env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
         # Token auth stays on, explicitly (the token is ~/.ray/auth_token; README "Ray").
         env["RAY_AUTH_MODE"] = "token"
+        env["BALANCEIQ_RAY_HEAD"] = self.marker
         if self.redis is not None:
             env["RAY_REDIS_ADDRESS"] = self.redis.address
             env["RAY_external_storage_namespace"] = self.namespace
@@ -127,15 +131,18 @@ class RayHead:
         return time.monotonic() - t0
 
     def processes(self) -> list[psutil.Process]:
-        """Every process of this head: its daemons (found by the temp dir in their command
-        line) and everything they started (workers, actors)."""
-        marker = str(self.temp_dir)
+        """Every process of this head: whatever carries its marker in the environment, or
+        its temp dir on the command line, and everything those started."""
+        me = os.getpid()
         roots = []
         for p in psutil.process_iter(["cmdline"]):
+            if p.pid == me:
+                continue
             try:
-                if any(marker in part for part in p.info["cmdline"] or ()):
+                if any(str(self.temp_dir) in part for part in p.info["cmdline"] or ()) or \
+                        p.environ().get("BALANCEIQ_RAY_HEAD") == self.marker:
                     roots.append(p)
-            except (psutil.NoSuchProcess, psutil.AccessDenied):
+            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
                 continue
         seen = {p.pid: p for p in roots}
         for p in roots:
@@ -146,17 +153,24 @@ class RayHead:
         return list(seen.values())
 
     def kill(self, timeout: float = 15.0) -> int:
-        """SIGKILL every process of this head, as a machine that died; how many."""
-        procs = self.processes()
-        for p in procs:
-            try:
-                p.kill()
-            except psutil.NoSuchProcess:
-                pass
-        _, alive = psutil.wait_procs(procs, timeout=timeout)
-        if alive:
-            raise TestbedError(f"{len(alive)} Ray process(es) survived SIGKILL: {[p.pid for p in alive]}")
-        return len(procs)
+        """SIGKILL every process of this head, as a machine that died; how many. Looks
+        again until none is left: the raylet may start a worker while it is being killed."""
+        killed: set[int] = set()
+        deadline = time.monotonic() + timeout
+        while True:
+            procs = [p for p in self.processes() if p.pid not in killed or p.is_running()]
+            if not procs:
+                return len(killed)
+            for p in procs:
+                try:
+                    p.kill()
+                except psutil.NoSuchProcess:
+                    pass
+                killed.add(p.pid)
+            _, alive = psutil.wait_procs(procs, timeout=max(0.1, deadline - time.monotonic()))
+            if alive and time.monotonic() >= deadline:
+                raise TestbedError(f"{len(alive)} Ray process(es) survived SIGKILL: {[p.pid for p in alive]}")
+            time.sleep(0.2)
 
     def stop(self) -> None:
         try:

@@ -229,9 +229,9 @@ def test_reaper_stops_the_stack_of_a_killed_env_runner(tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def ray_local() -> Iterator[None]:
     import ray
+    from conftest import init_local_ray  # tests/conftest.py: a cluster of our own, tried twice
 
-    # address="local": a cluster of our own, never another engineer's.
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, namespace="balanceiq-liveenv-tests")
+    init_local_ray("balanceiq-liveenv-tests")
     try:
         yield
     finally:
