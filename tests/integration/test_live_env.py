@@ -15,7 +15,6 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -226,16 +225,7 @@ def test_reaper_stops_the_stack_of_a_killed_env_runner(tmp_path: Path) -> None:
 # -- on Ray: attach mode and RLlib ------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def ray_local() -> Iterator[None]:
-    import ray
-    from conftest import init_local_ray  # tests/conftest.py: a cluster of our own, tried twice
-
-    init_local_ray("balanceiq-liveenv-tests")
-    try:
-        yield
-    finally:
-        ray.shutdown()
+# ``ray_local`` is tests/conftest.py's: a local cluster of this module's own, its start tried twice.
 
 
 @pytest.mark.timeout(120)
