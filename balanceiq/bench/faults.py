@@ -48,6 +48,7 @@ import os
 import queue
 import re
 import signal
+import subprocess
 import sys
 import tempfile
 import threading
@@ -1346,8 +1347,9 @@ def head_crash(settings: Settings | None = None, workdir: Path | None = None, *,
             progress(f"{name}: ray start --head" + (" (GCS in Redis)" if gcs_ft else ""))
             head.start()
             exe = str(Path(head.ray_bin).with_name("serve"))
-            res = subprocess_run([exe, "run", "--non-blocking", "--address", head.address,
-                                  str(_serve_yaml(wd, config, free_ports(1)[0]))], env=head.env(), timeout=180)  # fmt: skip
+            res = subprocess.run([exe, "run", "--non-blocking", "--address", head.address,
+                                  str(_serve_yaml(wd, config, free_ports(1)[0]))],
+                                 env=head.env(), capture_output=True, text=True, timeout=180)  # fmt: skip
             if res.returncode != 0:
                 raise BenchError(f"serve run failed ({res.returncode}): {(res.stdout + res.stderr)[-1500:]}")
             with _stack(s, wd, controller=False, xds=False, rate_rps=rate_rps, max_load_s=wait_s + 150) as st:
@@ -1375,8 +1377,6 @@ def head_crash(settings: Settings | None = None, workdir: Path | None = None, *,
                     first = next((d for d in reversed(decisions()) if d["timestamp"] > t_back and d["pushed"] and d["acked"]), None)
                     if first is None:
                         time.sleep(0.5)
-                    else:
-                        break
                 time.sleep(1.0)
                 load = st.load.finish()
                 common = _common(st, name, load, t0)
@@ -1394,12 +1394,6 @@ def head_crash(settings: Settings | None = None, workdir: Path | None = None, *,
             head.stop()
             if redis is not None:
                 redis.stop()
-
-
-def subprocess_run(args: Sequence[str], *, env: Mapping[str, str], timeout: float) -> Any:
-    import subprocess
-
-    return subprocess.run(list(args), env=dict(env), capture_output=True, text=True, timeout=timeout)
 
 
 SCENARIOS: dict[str, Callable[..., FaultResult]] = {

@@ -195,11 +195,15 @@ class ControlPlane:
             raise UnknownClusterError(f"{address!r} is in clusters {', '.join(c.cluster.name for c in owners)}: name one with ?cluster=")
         return owners[0] if owners else self.controller
 
-    def clusters(self) -> list[dict[str, Any]]:
+    def _loop_states(self) -> dict[str, dict[str, Any]]:
+        return {name: self._controller(c, self.loops[name]) for name, c in self.controllers.items()}
+
+    def clusters(self, states: dict[str, dict[str, Any]] | None = None) -> list[dict[str, Any]]:
         """Every steered cluster: name, endpoints, mode and whether its loop holds the lease."""
+        states = states or self._loop_states()
         out = []
         for name, c in self.controllers.items():
-            comp = self._controller(c, self.loops[name])
+            comp = states[name]
             out.append({"cluster": name, "endpoints": len(c.addresses), "state": comp["state"], "reason": comp["reason"],
                         "mode": c.rollback.mode, "control_mode": c.policy.control_mode, "holds_lease": c.holds_lease,
                         "decisions": self.loops[name].steps})  # fmt: skip
@@ -354,10 +358,10 @@ class ControlPlane:
             return {"state": DEGRADED, "reason": last.notes[0] if last.notes else "holding weights"}
         return {"state": UP, "reason": f"active, {loop.steps} decisions, mode {c.rollback.mode}"}
 
-    def _controllers(self) -> dict[str, Any]:
+    @staticmethod
+    def _controllers(per: dict[str, dict[str, Any]]) -> dict[str, Any]:
         """The worst cluster's loop (each named when there are several)."""
         rank = {UP: 0, DEGRADED: 1, DOWN: 2}
-        per = {name: self._controller(c, self.loops[name]) for name, c in self.controllers.items()}
         if len(per) == 1:
             return next(iter(per.values()))
         name, worst = max(per.items(), key=lambda kv: rank[kv[1]["state"]])
@@ -367,8 +371,9 @@ class ControlPlane:
 
     def status(self, cluster: str | None = None) -> dict[str, Any]:
         c = self.pick(cluster)
+        loops = self._loop_states()
         comps = {
-            "controller": self._controllers(),
+            "controller": self._controllers(loops),
             "policy": self._cached("policy", 1.0, self._policy),
             "xds": self._cached("xds", 1.0, self._xds),
             "envoy": self._cached("envoy", 1.0, self._envoy),
@@ -381,7 +386,7 @@ class ControlPlane:
         return {
             "overall": overall,
             "cluster": c.cluster.name,
-            "clusters": self.clusters(),
+            "clusters": self.clusters(loops),
             "components": comps,
             "mode": rb["mode"],
             "mode_reason": rb["reason"],

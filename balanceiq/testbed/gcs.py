@@ -158,7 +158,7 @@ class RayHead:
         killed: set[int] = set()
         deadline = time.monotonic() + timeout
         while True:
-            procs = [p for p in self.processes() if p.pid not in killed or p.is_running()]
+            procs = self.processes()
             if not procs:
                 return len(killed)
             for p in procs:

@@ -119,22 +119,24 @@ class LeaseTable:
         with self._lock:
             return self._lease(scope).release(owner)
 
+    def _governing(self, cluster: str) -> tuple[Lease, str | None]:
+        """The cluster's lease while someone holds it, else the server-wide one."""
+        scoped = self._scoped.get(cluster)
+        if scoped is not None and scoped.state()["holder"] is not None:
+            return scoped, cluster
+        return self._global, None
+
     def check(self, owner: str, cluster: str) -> dict[str, Any]:
         """Raise unless ``owner`` may push to ``cluster``; the lease state that allowed it."""
         with self._lock:
-            scoped = self._scoped.get(cluster)
-            if scoped is not None and scoped.state()["holder"] is not None:
-                scoped.check(owner)
-                return {**scoped.state(), "cluster": cluster}
-            self._global.check(owner)
-            return {**self._global.state(), "cluster": None}
+            lease, scope = self._governing(cluster)
+            lease.check(owner)
+            return {**lease.state(), "cluster": scope}
 
     def term(self, cluster: str) -> int:
         """The term a push to ``cluster`` would be checked under."""
         with self._lock:
-            scoped = self._scoped.get(cluster)
-            lease = scoped if scoped is not None and scoped.state()["holder"] is not None else self._global
-            return int(lease.state()["term"])
+            return int(self._governing(cluster)[0].state()["term"])
 
     def state(self, scope: str | None = None) -> dict[str, Any]:
         with self._lock:

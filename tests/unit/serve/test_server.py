@@ -47,12 +47,17 @@ def test_serves_on_the_configured_port_and_stops() -> None:
         s.bind(("127.0.0.1", port))
 
 
-def test_a_taken_port_is_retried_then_left_to_the_proxy() -> None:
+def _waiting_on_a_taken_port(retry_s: float) -> tuple[socket.socket, ApiServer]:
+    """A port someone else holds, and a server started on it, seen waiting."""
     taken = bind("127.0.0.1", free_port())
-    port = taken.getsockname()[1]
-    server = ApiServer(_app(), "127.0.0.1", port, retry_s=0.5).start()
+    server = ApiServer(_app(), "127.0.0.1", taken.getsockname()[1], retry_s=retry_s).start()
+    assert _wait(lambda: server.state.startswith("waiting"), 2), server.state
+    return taken, server
+
+
+def test_a_taken_port_is_retried_then_left_to_the_proxy() -> None:
+    taken, server = _waiting_on_a_taken_port(0.5)
     try:
-        assert _wait(lambda: server.state.startswith("waiting"), 2), server.state
         assert _wait(lambda: server.state.startswith("not serving"), 5), server.state
         assert "proxy serves the API" in server.state and not server.serving
     finally:
@@ -61,11 +66,8 @@ def test_a_taken_port_is_retried_then_left_to_the_proxy() -> None:
 
 
 def test_it_takes_the_port_once_the_old_holder_lets_go() -> None:
-    taken = bind("127.0.0.1", free_port())
-    port = taken.getsockname()[1]
-    server = ApiServer(_app(), "127.0.0.1", port, retry_s=30).start()
+    taken, server = _waiting_on_a_taken_port(30)
     try:
-        assert _wait(lambda: server.state.startswith("waiting"), 2), server.state
         taken.close()  # a replaced replica's server goes away
         assert _wait(lambda: server.serving, 10), server.state
     finally:
