@@ -31,7 +31,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -346,34 +346,42 @@ def _drive(url: str, token: str, rate_rps: float, duration_s: float, addresses: 
 
 
 class _Fanout:
-    """ACKs of the version in flight; per-version counts only, so the bench itself does
-    not grow in memory while it measures the server's growth."""
+    """ACKs per version for the last few versions only, so the bench itself does not grow
+    in memory while it measures the server's growth. Counting starts before ``expect``:
+    a fast stream ACKs a push before ``set_assignment`` has even returned its version."""
+
+    KEEP = 4
 
     def __init__(self, expected: int) -> None:
         self.expected = expected
         self._lock = threading.Lock()
+        self._counts: OrderedDict[str, list[float]] = OrderedDict()  # version -> [count, last ACK time]
         self._version: str | None = None
-        self._count = 0
-        self._last = 0.0
         self._done = threading.Event()
 
     def expect(self, version: str) -> threading.Event:
         with self._lock:
-            self._version, self._count, self._last = version, 0, 0.0
+            self._version = version
             self._done = threading.Event()
+            if self._counts.get(version, [0, 0.0])[0] >= self.expected:
+                self._done.set()
             return self._done
 
     def count(self) -> tuple[int, float]:
         with self._lock:
-            return self._count, self._last
+            n, last = self._counts.get(self._version or "", [0, 0.0])
+            return int(n), last
 
     def __call__(self, node_id: str, version: str, t: float) -> None:
         with self._lock:
-            if version != self._version:
-                return
-            self._count += 1
-            self._last = t
-            if self._count >= self.expected:
+            entry = self._counts.get(version)
+            if entry is None:
+                entry = self._counts[version] = [0, 0.0]
+                while len(self._counts) > self.KEEP:
+                    self._counts.popitem(last=False)
+            entry[0] += 1
+            entry[1] = t
+            if version == self._version and entry[0] >= self.expected:
                 self._done.set()
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from balanceiq.bench.load import request_mix, run_api_load, run_xds_soak
+from balanceiq.bench.load import _Fanout, request_mix, run_api_load, run_xds_soak
 from balanceiq.exceptions import BenchError
 
 EXE = str(Path(sys.executable).parent / "balanceiq")
@@ -54,3 +54,21 @@ def test_cli_bad_arguments_exit_2_with_one_line(args: list[str]) -> None:
     res = subprocess.run([EXE, "bench", *args, "--json"], capture_output=True, text=True, timeout=120)
     assert res.returncode == 2 and res.stdout == "" and "Traceback" not in res.stderr
     assert res.stderr.startswith("error: ")
+
+
+def test_acks_that_arrive_before_the_version_is_expected_still_count() -> None:
+    # CI: a 21-stream soak saw "18/21 ACKs within 10 s": three streams ACKed the push
+    # before set_assignment returned the version the bench then waited for.
+    fanout = _Fanout(3)
+    for node in ("a", "b"):
+        fanout("n-" + node, "v1", 1.0)
+    done = fanout.expect("v1")
+    assert not done.is_set() and fanout.count() == (2, 1.0)
+    fanout("n-c", "v1", 2.0)
+    assert done.is_set() and fanout.count() == (3, 2.0)
+    for node in "abc":
+        fanout("n-" + node, "v2", 3.0)
+    assert fanout.expect("v2").is_set()
+    for v in range(10):  # only the last few versions are kept
+        fanout("n-a", f"w{v}", 4.0)
+    assert len(fanout._counts) == _Fanout.KEEP
