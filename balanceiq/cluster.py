@@ -41,10 +41,18 @@ __all__ = ["check_cluster_config", "check_ray_address", "cluster_check_command"]
 # Keys the v1 autoscaler indexes directly (config["..."]) when it (re)reads a config
 # that no defaults were merged into: missing ones crash the monitor at start.
 AUTOSCALER_REQUIRED_KEYS = (
-    "cluster_name", "provider", "max_workers", "idle_timeout_minutes", "available_node_types",
-    "head_node_type", "auth", "file_mounts", "cluster_synced_files",
-    "worker_setup_commands", "worker_start_ray_commands",
-)  # fmt: skip
+    "cluster_name",
+    "provider",
+    "max_workers",
+    "idle_timeout_minutes",
+    "available_node_types",
+    "head_node_type",
+    "auth",
+    "file_mounts",
+    "cluster_synced_files",
+    "worker_setup_commands",
+    "worker_start_ray_commands",
+)
 # The fake provider registers the head under this node type (fake_multi_node.node_provider).
 FAKE_HEAD_NODE_TYPE = "ray.head.default"
 # Providers whose config is used as written (no ``ray up``, no defaults merged).
@@ -84,7 +92,9 @@ def _schema_problems(config: dict[str, Any]) -> list[str]:
             allowed = sorted((error.schema.get("properties") or {}).keys())
             for key in sorted(set(error.instance) - set(allowed), key=str):
                 hint = difflib.get_close_matches(str(key), allowed, n=1)
-                problems.append(f"{_key_path([*path, key])}: unknown key" + (f" (did you mean '{hint[0]}'?)" if hint else ""))
+                problems.append(
+                    f"{_key_path([*path, key])}: unknown key" + (f" (did you mean '{hint[0]}'?)" if hint else "")
+                )
         else:
             problems.append(f"{_key_path(path)}: {error.message}")
     return problems
@@ -116,7 +126,10 @@ def _ray_problems(config: dict[str, Any], provider_type: str) -> list[str]:
         with _quiet_ray():
             if provider_type in AS_WRITTEN_PROVIDERS:
                 missing = [k for k in AUTOSCALER_REQUIRED_KEYS if k not in config]
-                problems += [f"{k}: required (the autoscaler reads this file as written; use {{}} or [] if empty)" for k in missing]
+                problems += [
+                    f"{k}: required (the autoscaler reads this file as written; use {{}} or [] if empty)"
+                    for k in missing
+                ]
                 if missing:
                     return problems
                 validate_config(copy.deepcopy(config))
@@ -145,7 +158,9 @@ def _extra_problems(config: dict[str, Any], provider_type: str) -> list[str]:
         if provider_type == "aws" and not (spec.get("node_config") or {}).get("InstanceType"):
             problems.append(f"{where}.node_config.InstanceType: required")
     if provider_type == "fake_multinode" and head != FAKE_HEAD_NODE_TYPE:
-        problems.append(f"head_node_type: the fake provider registers the head as '{FAKE_HEAD_NODE_TYPE}', not {head!r}")
+        problems.append(
+            f"head_node_type: the fake provider registers the head as '{FAKE_HEAD_NODE_TYPE}', not {head!r}"
+        )
     return problems
 
 
@@ -249,7 +264,8 @@ def cluster_check_command(path: str | Path) -> int:
     node_types = config["available_node_types"]
     workers = ", ".join(
         f"{name} {spec.get('min_workers', 0)}-{spec.get('max_workers', config.get('max_workers', '?'))}"
-        for name, spec in node_types.items() if name != config["head_node_type"]
-    )  # fmt: skip
+        for name, spec in node_types.items()
+        if name != config["head_node_type"]
+    )
     print(f"OK: {path} (provider {config['provider']['type']}, head {config['head_node_type']}, workers {workers})")
     return 0

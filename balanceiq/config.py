@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import difflib
 import ipaddress
-import math
 import re
 import stat
 import sys
@@ -116,15 +115,11 @@ def split_address(address: str) -> tuple[str, int]:
         try:
             ip = ipaddress.IPv6Address(host)
         except ValueError:
-            raise ValueError(
-                f"{host!r} inside brackets is not an IPv6 address; brackets are only for IPv6"
-            ) from None
+            raise ValueError(f"{host!r} inside brackets is not an IPv6 address; brackets are only for IPv6") from None
         return str(ip), port
     host, sep, port_text = address.rpartition(":")
     if not sep:
-        raise ValueError(
-            f"{address!r} is not host:port; expected e.g. 127.0.0.1:8080 or [::1]:8080"
-        )
+        raise ValueError(f"{address!r} is not host:port; expected e.g. 127.0.0.1:8080 or [::1]:8080")
     if ":" in host:
         raise ValueError(f"IPv6 addresses need brackets around the host, e.g. [{host}]:{port_text}")
     port = _parse_port(port_text, address)
@@ -164,9 +159,7 @@ _CROSS_FIELD = "balanceiq_cross_field"
 
 def _cross_field_error(problems: list[tuple[Loc, str]]) -> PydanticCustomError:
     summary = "; ".join(f"{_format_loc(loc) or '<here>'}: {msg}" for loc, msg in problems)
-    return PydanticCustomError(
-        _CROSS_FIELD, "{summary}", {"summary": summary, "problems": tuple(problems)}
-    )
+    return PydanticCustomError(_CROSS_FIELD, "{summary}", {"summary": summary, "problems": tuple(problems)})
 
 
 def _not_blank(value: str, what: str) -> str:
@@ -335,10 +328,7 @@ class ClusterConfig(_Model):
     @classmethod
     def _check_name(cls, value: str) -> str:
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", value):
-            raise ValueError(
-                f"cluster name {value!r} must be non-empty and use only letters, digits, "
-                "'_', '.' and '-'"
-            )
+            raise ValueError(f"cluster name {value!r} must be non-empty and use only letters, digits, '_', '.' and '-'")
         return value
 
     @field_validator("endpoints")
@@ -351,10 +341,7 @@ class ClusterConfig(_Model):
         for index, endpoint in enumerate(endpoints):
             first = first_seen.setdefault(endpoint.address, index)
             if first != index:
-                message = (
-                    f"duplicate address {endpoint.address}: "
-                    f"endpoints[{first}] and endpoints[{index}] both use it"
-                )
+                message = f"duplicate address {endpoint.address}: endpoints[{first}] and endpoints[{index}] both use it"
                 problems.append(((index, "address"), message))
         by_locality: dict[tuple[str, str, str | None], list[int]] = {}
         for index, endpoint in enumerate(endpoints):
@@ -406,9 +393,7 @@ class TlsConfig(_Model):
     certificate. Needed to render a bootstrap when TLS is enabled: an Envoy that does not
     verify its control plane can be fed any endpoints."""
 
-    envoy_cert_file: Path | None = Field(
-        default=None, description="PEM client certificate Envoy presents (mTLS)."
-    )
+    envoy_cert_file: Path | None = Field(default=None, description="PEM client certificate Envoy presents (mTLS).")
     """PEM certificate the generated Envoy bootstrap presents to the xDS server when
     ``require_client_cert`` is true; it must chain to ``ca_file``."""
 
@@ -440,10 +425,7 @@ class TlsConfig(_Model):
                 message = "needs enabled: true; without TLS no client certificate is checked"
                 problems.append((("require_client_cert",), message))
             if self.ca_file is None:
-                message = (
-                    "required when require_client_cert is true "
-                    "(client certificates are verified against it)"
-                )
+                message = "required when require_client_cert is true (client certificates are verified against it)"
                 problems.append((("ca_file",), message))
         if (self.envoy_cert_file is None) != (self.envoy_key_file is None):
             missing = "envoy_key_file" if self.envoy_key_file is None else "envoy_cert_file"
@@ -507,17 +489,13 @@ class EnvoyConfig(_Model):
     """Base URL of Envoy's admin interface, used for readiness and stats. Keep it on
     loopback: the admin API can change Envoy's state."""
 
-    listen_host: str = Field(
-        default="127.0.0.1", description="Address Envoy's proxy listener binds."
-    )
+    listen_host: str = Field(default="127.0.0.1", description="Address Envoy's proxy listener binds.")
     """Address Envoy's proxy listener binds."""
 
     listen_port: Port = Field(default=10000, description="Port of Envoy's proxy listener.")
     """Port clients send traffic to."""
 
-    allow_remote_admin: StrictBool = Field(
-        default=False, description="Allow an admin_url host that is not loopback."
-    )
+    allow_remote_admin: StrictBool = Field(default=False, description="Allow an admin_url host that is not loopback.")
     """Envoy's admin interface has no authentication and can stop Envoy, change its
     logging and drain its listeners, so a non-loopback ``admin_url`` (which the generated
     bootstrap binds) is refused unless this is set. Set it when the admin port is
@@ -586,7 +564,7 @@ _ENVOY_SEL = 'envoy_cluster_name="$cluster"'
 
 
 def _raw_latency() -> dict[str, SignalQuery]:
-    rate = "sum by (endpoint, le) (rate(balanceiq_upstream_rq_time_seconds_bucket{cluster=\"$cluster\"}[$window]))"
+    rate = 'sum by (endpoint, le) (rate(balanceiq_upstream_rq_time_seconds_bucket{cluster="$cluster"}[$window]))'
     return {
         name: SignalQuery(promql=f"histogram_quantile({q}, {rate}) * 1000", endpoint_label="endpoint")
         for name, q in (("p50_ms", "0.5"), ("p95_ms", "0.95"))
@@ -738,7 +716,9 @@ def critical_count(n_endpoints: int) -> int:
 class ControlConfig(_Model):
     """The control loop: how often it acts and how many endpoints it re-weights."""
 
-    mode: Literal["active", "shadow"] = Field(default="active", description="active: steer; shadow: decide, push nothing.")
+    mode: Literal["active", "shadow"] = Field(
+        default="active", description="active: steer; shadow: decide, push nothing."
+    )
     """``shadow`` observes, decides and records every decision with its estimated effect,
     but pushes nothing and takes no lease: run it beside an Envoy you already trust and
     see what it would do. Switch with ``PUT /api/policy {"control_mode": "active"}``; the
@@ -887,14 +867,10 @@ class ApiConfig(_Model):
 class BackendProfile(_Model):
     """Testbed behaviour of one backend; unset fields fall back to the testbed defaults."""
 
-    base_latency_ms: NonNegFloat | None = Field(
-        default=None, description="Base latency in ms (>= 0)."
-    )
+    base_latency_ms: NonNegFloat | None = Field(default=None, description="Base latency in ms (>= 0).")
     """Latency the simulated backend adds to every request."""
 
-    concurrency: int | None = Field(
-        default=None, ge=1, strict=True, description="Requests served in parallel (>= 1)."
-    )
+    concurrency: int | None = Field(default=None, ge=1, strict=True, description="Requests served in parallel (>= 1).")
     """Requests the backend serves at once; more queue, which is what makes it saturate."""
 
     error_rate: float | None = Field(
@@ -950,14 +926,10 @@ class TestbedConfig(_Model):
     """Base latency per ``cloud`` or ``cloud/region``; the more specific key wins. Makes
     the clouds differ the way real regions do, so the policy has something to learn."""
 
-    default_latency_ms: NonNegFloat = Field(
-        default=20.0, description="Latency for clouds not listed (ms)."
-    )
+    default_latency_ms: NonNegFloat = Field(default=20.0, description="Latency for clouds not listed (ms).")
     """Base latency for endpoints whose cloud is not in ``base_latency_ms``."""
 
-    concurrency: int = Field(
-        default=8, ge=1, strict=True, description="Default requests served in parallel."
-    )
+    concurrency: int = Field(default=8, ge=1, strict=True, description="Default requests served in parallel.")
     """Requests each backend serves at once unless overridden."""
 
     overrides: dict[str, BackendProfile] = Field(
@@ -981,9 +953,7 @@ class TestbedConfig(_Model):
 
     @field_validator("overrides")
     @classmethod
-    def _canonical_override_keys(
-        cls, value: dict[str, BackendProfile]
-    ) -> dict[str, BackendProfile]:
+    def _canonical_override_keys(cls, value: dict[str, BackendProfile]) -> dict[str, BackendProfile]:
         problems: list[tuple[Loc, str]] = []
         canonical: dict[str, BackendProfile] = {}
         original_key: dict[str, str] = {}
@@ -1043,19 +1013,13 @@ class Settings(_Model):
     envoy: EnvoyConfig = Field(default_factory=EnvoyConfig, description="Envoy admin and listener.")
     """Envoy's admin URL and proxy listener."""
 
-    prometheus: PrometheusConfig = Field(
-        default_factory=PrometheusConfig, description="Prometheus server."
-    )
+    prometheus: PrometheusConfig = Field(default_factory=PrometheusConfig, description="Prometheus server.")
     """The Prometheus server holding the telemetry."""
 
-    telemetry: TelemetryConfig = Field(
-        default_factory=TelemetryConfig, description="How observations are read."
-    )
+    telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig, description="How observations are read.")
     """PromQL per signal, rate window, staleness, and the ALS latency source."""
 
-    control: ControlConfig = Field(
-        default_factory=ControlConfig, description="Control loop settings."
-    )
+    control: ControlConfig = Field(default_factory=ControlConfig, description="Control loop settings.")
     """The control loop's pace and number of critical endpoints."""
 
     guardrails: GuardrailConfig = Field(
@@ -1066,14 +1030,10 @@ class Settings(_Model):
     api: ApiConfig = Field(default_factory=ApiConfig, description="HTTP API and dashboard.")
     """Where the API binds, its token and the checkpoint it serves."""
 
-    testbed: TestbedConfig = Field(
-        default_factory=TestbedConfig, description="Local testbed behaviour."
-    )
+    testbed: TestbedConfig = Field(default_factory=TestbedConfig, description="Local testbed behaviour.")
     """How the local sample backends behave."""
 
-    state_dir: Path = Field(
-        default=Path(".state"), description="Directory for persisted xDS state."
-    )
+    state_dir: Path = Field(default=Path(".state"), description="Directory for persisted xDS state.")
     """Where the xDS actor persists its last snapshot, so a restart serves the last
     weights instead of resetting them. A relative path in a file is relative to the
     file's directory."""
@@ -1405,10 +1365,7 @@ _UniqueKeyLoader.add_implicit_resolver(
 
 def _yaml_error_message(exc: yaml.YAMLError) -> str:
     if isinstance(exc, yaml.reader.ReaderError):
-        return (
-            f"not readable as YAML text: {exc.reason} "
-            f"(character {exc.character!r} at position {exc.position})"
-        )
+        return f"not readable as YAML text: {exc.reason} (character {exc.character!r} at position {exc.position})"
     mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
     problem = getattr(exc, "problem", None) or getattr(exc, "context", None) or str(exc)
     problem = " ".join(str(problem).split())
@@ -1460,7 +1417,7 @@ def load_config(path: str | Path) -> Settings:
 def parse_yaml(text: str, source: str, what: str) -> Any:
     """YAML text -> data, duplicate keys refused; every failure is a ConfigError."""
     try:
-        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+        data = yaml.load(text, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as exc:
         raise ConfigError([("", _yaml_error_message(exc))], source) from exc
     except RecursionError as exc:

@@ -48,8 +48,10 @@ def with_second_cluster(settings: Settings, name: str = SECOND_CLUSTER) -> Setti
     if any(c.name == name for c in settings.clusters):
         return settings
     picked = list({ep.cloud: ep for ep in template}.values())[:3] or template[:1]
-    eps = [ep.model_copy(update={"address": f"127.0.0.1:{port}", "capacity_rps": ep.capacity_rps})
-           for ep, port in zip(picked, free_ports(len(picked)))]  # fmt: skip
+    eps = [
+        ep.model_copy(update={"address": f"127.0.0.1:{port}", "capacity_rps": ep.capacity_rps})
+        for ep, port in zip(picked, free_ports(len(picked)))
+    ]
     second = settings.clusters[0].model_copy(update={"name": name, "endpoints": eps})
     return settings.model_copy(update={"clusters": [*settings.clusters, second]})
 
@@ -60,8 +62,11 @@ def _other_clusters(http: httpx.Client, api_url: str, names: list[str]) -> dict[
     for name in names:
         w = http.get(api_url + "/api/weights", params={"cluster": name}).json()
         ds = http.get(api_url + "/api/decisions", params={"cluster": name, "limit": 1}).json()["decisions"]
-        out[name] = {"shares": {e["address"]: e["share"] for e in w["endpoints"]}, "version": w.get("version"),
-                     "decision": ds[0] if ds else None}  # fmt: skip
+        out[name] = {
+            "shares": {e["address"]: e["share"] for e in w["endpoints"]},
+            "version": w.get("version"),
+            "decision": ds[0] if ds else None,
+        }
     return out
 
 
@@ -116,7 +121,8 @@ def _by_cloud(weights: dict[str, Any], clouds: dict[str, str]) -> dict[str, dict
             "p95_ms": c["p95_w"] / c["rps"] if c["rps"] else None,
             "error_rate": c["err_w"] / c["rps"] if c["rps"] else None,
             "cost_per_million": (c["price_w"] / c["share"] if c["share"] > 0 else c["price_sum"] / c["price_n"])
-            if c["price_n"] else None,
+            if c["price_n"]
+            else None,
         }
     return out
 
@@ -131,8 +137,15 @@ def _fmt(x: float | None, spec: str = ".0f") -> str:
     return "—" if x is None or (isinstance(x, float) and not math.isfinite(x)) else format(x, spec)
 
 
-def _line(t: float, phase: str, w: dict[str, Any], d: dict[str, Any] | None, clouds: list[str], cost: float | None,
-          per_cloud: dict[str, dict[str, float | None]]) -> str:  # fmt: skip
+def _line(
+    t: float,
+    phase: str,
+    w: dict[str, Any],
+    d: dict[str, Any] | None,
+    clouds: list[str],
+    cost: float | None,
+    per_cloud: dict[str, dict[str, float | None]],
+) -> str:
     shares = " ".join(f"{c} {_fmt((per_cloud.get(c) or {}).get('share', 0) * 100):>3}%" for c in clouds)  # type: ignore[operator]
     p95 = " ".join(f"{c} {_fmt((per_cloud.get(c) or {}).get('p95_ms')):>4}" for c in clouds)
     what = ""
@@ -168,8 +181,12 @@ def run_demo(
     cloud_names = list(dict.fromkeys(clouds.values()))
     api_url = f"http://{settings.api.host}:{settings.api.port}"
     others = [c.name for c in settings.clusters[1:]]
-    report: dict[str, Any] = {"scenario": scenario.model_dump(), "intervals": [], "events": [],
-                              "clusters": [c.name for c in settings.clusters]}  # fmt: skip
+    report: dict[str, Any] = {
+        "scenario": scenario.model_dump(),
+        "intervals": [],
+        "events": [],
+        "clusters": [c.name for c in settings.clusters],
+    }
     interrupted = False
     stop_load = threading.Event()
     load_result: list[LoadResult] = []
@@ -201,9 +218,13 @@ def run_demo(
             http = httpx.Client(timeout=10.0, trust_env=False)
             token_file = Path(settings.state_dir) / "api-token"
             token = settings.api.token or token_file.read_text().strip()
-            console.print(f"[bold green]dashboard[/]: {api_url}/   API docs: {api_url}/docs   proxy: {tb.envoy.listen_url}")
-            console.print(f"API token: in {token_file if not settings.api.token else 'the config (api.token)'}"
-                          f"  e.g. curl -H \"Authorization: Bearer $(cat {token_file})\" ...")  # fmt: skip
+            console.print(
+                f"[bold green]dashboard[/]: {api_url}/   API docs: {api_url}/docs   proxy: {tb.envoy.listen_url}"
+            )
+            console.print(
+                f"API token: in {token_file if not settings.api.token else 'the config (api.token)'}"
+                f'  e.g. curl -H "Authorization: Bearer $(cat {token_file})" ...'
+            )
             backend_urls = dict(zip([b["name"] for b in tb.backends.specs], tb.backends.urls))
             driver = ScenarioDriver(list(cluster.endpoints), backend_urls, on_prices=_price_feed(http, api_url, token))
             with console.status("waiting for the first decision and Envoy's ACK"):
@@ -211,27 +232,47 @@ def run_demo(
 
             duration = scenario.duration_s
             loader = threading.Thread(
-                target=lambda: load_result.append(run_load_sync(
-                    tb.envoy.listen_url, total=int(rate_rps * (duration + 10)), concurrency=32,  # type: ignore[union-attr]
-                    max_seconds=duration + 10, rate_rps=rate_rps, stop=stop_load)),
+                target=lambda: load_result.append(
+                    run_load_sync(
+                        tb.envoy.listen_url,
+                        total=int(rate_rps * (duration + 10)),
+                        concurrency=32,  # type: ignore[union-attr]
+                        max_seconds=duration + 10,
+                        rate_rps=rate_rps,
+                        stop=stop_load,
+                    )
+                ),
                 daemon=True,
-            )  # fmt: skip
+            )
             loader.start()
             # Further clusters: the same open loop at half the rate, behind "/<name>/".
             for name in others:
                 url = tb.envoy.listen_url.rstrip("/") + f"/{name}/"
-                loaders.append(threading.Thread(
-                    target=lambda u=url: other_load.append(run_load_sync(
-                        u, total=int(rate_rps / 2 * (duration + 10)), concurrency=16, max_seconds=duration + 10,
-                        rate_rps=rate_rps / 2, stop=stop_load)),
-                    daemon=True,
-                ))  # fmt: skip
+                loaders.append(
+                    threading.Thread(
+                        target=lambda u=url: other_load.append(
+                            run_load_sync(
+                                u,
+                                total=int(rate_rps / 2 * (duration + 10)),
+                                concurrency=16,
+                                max_seconds=duration + 10,
+                                rate_rps=rate_rps / 2,
+                                stop=stop_load,
+                            )
+                        ),
+                        daemon=True,
+                    )
+                )
                 loaders[-1].start()
             if others:
-                console.print(f"also steering {', '.join(others)} (steady load at {rate_rps / 2:.0f} req/s each, "
-                              f"behind {tb.envoy.listen_url}/<cluster>/)")  # fmt: skip
-            console.print(f"replaying [bold]{scenario.name}[/] for {duration:.0f}s at {rate_rps:.0f} req/s "
-                          f"(Ctrl-C stops everything)")  # fmt: skip
+                console.print(
+                    f"also steering {', '.join(others)} (steady load at {rate_rps / 2:.0f} req/s each, "
+                    f"behind {tb.envoy.listen_url}/<cluster>/)"
+                )
+            console.print(
+                f"replaying [bold]{scenario.name}[/] for {duration:.0f}s at {rate_rps:.0f} req/s "
+                f"(Ctrl-C stops everything)"
+            )
             t0 = time.monotonic()
             pending = list(scenario.events)
             interval = settings.control.interval_s
@@ -253,13 +294,18 @@ def run_demo(
                     cost = _blended_cost(w)
                     phase = scenario.phase_at(t)
                     out.print(_line(t, phase, w, d, cloud_names, cost, per_cloud), highlight=False, soft_wrap=True)
-                    report["intervals"].append({
-                        "t": round(t, 1), "phase": phase, "clouds": per_cloud, "cost_per_million": cost,
-                        "weights": {e["address"]: e["weight"] for e in w["endpoints"]},
-                        "shares": {e["address"]: e["share"] for e in w["endpoints"]},
-                        "decision": d,
-                        **({"others": _other_clusters(http, api_url, others)} if others else {}),
-                    })  # fmt: skip
+                    report["intervals"].append(
+                        {
+                            "t": round(t, 1),
+                            "phase": phase,
+                            "clouds": per_cloud,
+                            "cost_per_million": cost,
+                            "weights": {e["address"]: e["weight"] for e in w["endpoints"]},
+                            "shares": {e["address"]: e["share"] for e in w["endpoints"]},
+                            "decision": d,
+                            **({"others": _other_clusters(http, api_url, others)} if others else {}),
+                        }
+                    )
                 time.sleep(0.1)
             report["status"] = http.get(api_url + "/api/status").json()
             http.close()
@@ -333,7 +379,10 @@ def summarise(intervals: list[dict[str, Any]], clouds: list[str]) -> list[dict[s
     phases: dict[str, list[dict[str, Any]]] = {}
     for row in intervals:
         phases.setdefault(row["phase"], []).append(row)
-    back = Counter(intervals[i]["phase"] for i, _ in reversal_events([r.get("shares") or r.get("weights") or {} for r in intervals]))
+    back = Counter(
+        intervals[i]["phase"]
+        for i, _ in reversal_events([r.get("shares") or r.get("weights") or {} for r in intervals])
+    )
     out = []
     for name, rows in phases.items():
         entry: dict[str, Any] = {"phase": name, "intervals": len(rows), "clouds": {}, "reversals": back.get(name, 0)}
@@ -346,7 +395,9 @@ def summarise(intervals: list[dict[str, Any]], clouds: list[str]) -> list[dict[s
 
 
 def _print_summary(report: dict[str, Any], clouds: list[str], console: Console, out_dir: Path) -> None:
-    t = Table(title="demo summary: mean per phase (share of traffic, p95 latency, price per cloud; blended $/M; weight reversals)")
+    t = Table(
+        title="demo summary: mean per phase (share of traffic, p95 latency, price per cloud; blended $/M; weight reversals)"
+    )
     t.add_column("phase")
     for c in clouds:
         t.add_column(f"{c} share", justify="right")
@@ -358,20 +409,31 @@ def _print_summary(report: dict[str, Any], clouds: list[str], console: Console, 
         cells = []
         for c in clouds:
             v = p["clouds"][c]
-            cells += [_fmt(v["share"] * 100 if v["share"] is not None else None, ".0f") + "%", _fmt(v["p95_ms"]),
-                      _fmt(v.get("cost_per_million"), ".3f")]  # fmt: skip
+            cells += [
+                _fmt(v["share"] * 100 if v["share"] is not None else None, ".0f") + "%",
+                _fmt(v["p95_ms"]),
+                _fmt(v.get("cost_per_million"), ".3f"),
+            ]
         t.add_row(p["phase"], *cells, _fmt(p["cost_per_million"], ".3f"), str(p.get("reversals", 0)))
     console.print(t)
-    console.print(f"weight reversals (an endpoint's share moving > 5 points and back within 3 intervals): "
-                  f"{report.get('reversals', 0)} in total", highlight=False)  # fmt: skip
+    console.print(
+        f"weight reversals (an endpoint's share moving > 5 points and back within 3 intervals): "
+        f"{report.get('reversals', 0)} in total",
+        highlight=False,
+    )
     for name, o in (report.get("others") or {}).items():
         if name != "load":
-            console.print(f"cluster {name}: {o['decisions']} decisions seen, {o['pushed']} pushed, {o['acked']} ACKed, "
-                          f"{o['reversals']} reversals, version {o['last_version']}", highlight=False)  # fmt: skip
+            console.print(
+                f"cluster {name}: {o['decisions']} decisions seen, {o['pushed']} pushed, {o['acked']} ACKed, "
+                f"{o['reversals']} reversals, version {o['last_version']}",
+                highlight=False,
+            )
     load = report.get("load")
     if load:
-        console.print(f"client side: {load['sent']} requests, {load['failed']} failed, "
-                      f"p50 {load['p50_ms']:.1f} ms, p99 {load['p99_ms']:.1f} ms")  # fmt: skip
+        console.print(
+            f"client side: {load['sent']} requests, {load['failed']} failed, "
+            f"p50 {load['p50_ms']:.1f} ms, p99 {load['p99_ms']:.1f} ms"
+        )
     console.print(f"report: {out_dir / 'demo-report.json'}  plot: {out_dir / 'demo.png'}")
 
 

@@ -23,8 +23,8 @@ from rich.table import Table
 from balanceiq.config import EndpointConfig, Settings
 from balanceiq.exceptions import TestbedError
 from balanceiq.testbed.envoy import endpoint_health, endpoint_weights
-from balanceiq.testbed.ports import check_ports_free
 from balanceiq.testbed.load import LoadResult, run_load_sync
+from balanceiq.testbed.ports import check_ports_free
 from balanceiq.testbed.testbed import Testbed
 
 
@@ -51,7 +51,12 @@ def schedule(endpoints: list[EndpointConfig]) -> list[Phase]:
         Phase("capacity", "weights proportional to each backend's capacity hint", by_cap, {}),
         Phase("cost-aware", "capacity per dollar: cheap backends take more", cheap, {}),
         Phase("drain", f"{drained} set DRAINING: it must receive nothing", cheap, {drained: "DRAINING"}),
-        Phase(f"prefer {first_cloud}", f"80/10 in favour of {first_cloud}, drained backend back", prefer, {drained: "HEALTHY"}),
+        Phase(
+            f"prefer {first_cloud}",
+            f"80/10 in favour of {first_cloud}, drained backend back",
+            prefer,
+            {drained: "HEALTHY"},
+        ),
     ]
 
 
@@ -86,23 +91,33 @@ def run_demo(settings: Settings, *, requests_per_phase: int, out_dir: Path, cons
                 # LEAST_REQUEST, Envoy's default here, active requests bend them).
                 tb = Testbed(settings, Path(work) / "testbed", lb_policy="ROUND_ROBIN").start()
             try:
-                console.print(f"[green]up[/]: proxy {tb.envoy.listen_url}  admin {tb.envoy.admin_url}  xDS {settings.xds.host}:{settings.xds.port}")
+                console.print(
+                    f"[green]up[/]: proxy {tb.envoy.listen_url}  admin {tb.envoy.admin_url}  xDS {settings.xds.host}:{settings.xds.port}"
+                )
                 health: dict[str, str] = {}
                 with Progress(
-                    TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    console=console, transient=True,
+                    TextColumn("{task.description}"),
+                    BarColumn(),
+                    MofNCompleteColumn(),
+                    TimeElapsedColumn(),
+                    console=console,
+                    transient=True,
                 ) as progress:
                     task = progress.add_task("phases", total=len(phases))
                     for phase in phases:
                         progress.update(task, description=f"phase: {phase.name}")
                         t0 = time.monotonic()
-                        version = ray.get(actor.set_assignment.remote(cluster.name, phase.weights, phase.health or None))
+                        version = ray.get(
+                            actor.set_assignment.remote(cluster.name, phase.weights, phase.health or None)
+                        )
                         if not ray.get(actor.wait_for_ack.remote(version, None, 10.0)):
                             raise TestbedError(f"Envoy did not ACK version {version} within 10 s")
                         acked_ms = (time.monotonic() - t0) * 1000
                         health.update(phase.health)
                         _wait_applied(tb, cluster.name, phase.weights, health)
-                        result = run_load_sync(tb.envoy.listen_url, total=requests_per_phase, concurrency=16, max_seconds=60)
+                        result = run_load_sync(
+                            tb.envoy.listen_url, total=requests_per_phase, concurrency=16, max_seconds=60
+                        )
                         envoy_view = endpoint_health(tb.envoy.clusters_json(), cluster.name)
                         expected = expected_shares(phase.weights, envoy_view)
                         entry = _phase_entry(phase, version, acked_ms, result, expected, cost, envoy_view)
@@ -126,7 +141,9 @@ def run_demo(settings: Settings, *, requests_per_phase: int, out_dir: Path, cons
     return report
 
 
-def _wait_applied(tb: Testbed, cluster: str, weights: dict[str, int], health: dict[str, str], timeout: float = 5.0) -> None:
+def _wait_applied(
+    tb: Testbed, cluster: str, weights: dict[str, int], health: dict[str, str], timeout: float = 5.0
+) -> None:
     """Until Envoy's admin shows the pushed weights, and DRAINING exactly where we put it."""
     draining = {a for a, h in health.items() if h == "DRAINING"}
     deadline = time.monotonic() + timeout
@@ -185,8 +202,12 @@ def _phase_table(entry: dict[str, Any], cloud: dict[str, str]) -> Table:
         t.add_column(col, justify="right" if col in ("weight", "expected", "observed") else "left")
     for r in entry["rows"]:
         t.add_row(
-            r["address"], cloud[r["address"]], str(r["weight"]), r["envoy"],
-            f"{r['expected_share']:.1%}", f"{r['observed_share']:.1%}",
+            r["address"],
+            cloud[r["address"]],
+            str(r["weight"]),
+            r["envoy"],
+            f"{r['expected_share']:.1%}",
+            f"{r['observed_share']:.1%}",
         )
     return t
 
@@ -204,13 +225,25 @@ def plot_report(report: dict[str, Any], path: Path) -> Path:
         rows = phase["rows"]
         x = range(len(rows))
         ax.bar(x, [r["observed_share"] * 100 for r in rows], color="#4c78a8", label="observed")
-        ax.bar(x, [r["expected_share"] * 100 for r in rows], fill=False, edgecolor="#e45756", linewidth=1.5, label="weights say")
+        ax.bar(
+            x,
+            [r["expected_share"] * 100 for r in rows],
+            fill=False,
+            edgecolor="#e45756",
+            linewidth=1.5,
+            label="weights say",
+        )
         ax.set_xticks(list(x), [r["address"].rsplit(":", 1)[-1] for r in rows], rotation=45, fontsize=8)
-        ax.set_title(f"{phase['phase']}\n${phase['cost_per_million']:.3f}/M req, p95 {phase['load']['p95_ms']:.0f} ms", fontsize=9)
+        ax.set_title(
+            f"{phase['phase']}\n${phase['cost_per_million']:.3f}/M req, p95 {phase['load']['p95_ms']:.0f} ms",
+            fontsize=9,
+        )
     axes_list = axes if len(phases) > 1 else [axes]
     axes_list[0].set_ylabel("share of requests (%)")
     axes_list[0].legend(fontsize=8, loc="upper left")
-    fig.suptitle(f"BalanceIQ demo: {report['total_requests']} requests through Envoy, split per pushed weights", fontsize=10)
+    fig.suptitle(
+        f"BalanceIQ demo: {report['total_requests']} requests through Envoy, split per pushed weights", fontsize=10
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

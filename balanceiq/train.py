@@ -38,8 +38,15 @@ def load_algo_config(path: Path | None) -> dict[str, Any]:
     return data
 
 
-def build_algo_config(cfg: dict[str, Any], *, scenarios: list[str] | None, num_env_runners: int | None, seed: int = 0,
-                      env: Any = None, env_overrides: dict[str, dict[str, Any]] | None = None) -> Any:
+def build_algo_config(
+    cfg: dict[str, Any],
+    *,
+    scenarios: list[str] | None,
+    num_env_runners: int | None,
+    seed: int = 0,
+    env: Any = None,
+    env_overrides: dict[str, dict[str, Any]] | None = None,
+) -> Any:
     """The PPO config. ``env`` (default FleetEnv) and ``env_overrides`` (``env_config``,
     ``training``, ``env_runners`` replacing the YAML's) select another environment: the CLI
     passes LiveEnv and :func:`balanceiq.testbed.live_env.live_rllib_overrides` for
@@ -75,8 +82,9 @@ def build_algo_config(cfg: dict[str, Any], *, scenarios: list[str] | None, num_e
 IMITATION_KEYS = {"episodes", "epochs", "lr", "explore", "batch_size"}
 
 
-def warm_start(algo: Any, cfg: dict[str, Any], env_config: dict[str, Any], *, seed: int = 0,
-               console: Console | None = None) -> dict[str, Any]:  # fmt: skip
+def warm_start(
+    algo: Any, cfg: dict[str, Any], env_config: dict[str, Any], *, seed: int = 0, console: Console | None = None
+) -> dict[str, Any]:
     """Behaviour-clone the hot/cold heuristic (:mod:`balanceiq.sim.imitation`) into the
     learner's module and the env runners' copies, before the first PPO iteration."""
     from ray.rllib.core import DEFAULT_MODULE_ID
@@ -92,19 +100,37 @@ def warm_start(algo: Any, cfg: dict[str, Any], env_config: dict[str, Any], *, se
     t0 = time.monotonic()
     episodes = int(spec.get("episodes", 64))
     epochs = int(spec.get("epochs", 100))
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=console or Console(stderr=True), transient=True) as progress:  # fmt: skip
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console or Console(stderr=True),
+        transient=True,
+    ) as progress:
         task = progress.add_task("imitation: demonstrations", total=episodes)
-        demos = collect(env_config, episodes=episodes, explore=float(spec.get("explore", 0.2)),
-                        gamma=float(cfg.get("training", {}).get("gamma", 0.9)), seed=seed,
-                        on_episode=lambda i: progress.update(task, completed=i))  # fmt: skip
+        demos = collect(
+            env_config,
+            episodes=episodes,
+            explore=float(spec.get("explore", 0.2)),
+            gamma=float(cfg.get("training", {}).get("gamma", 0.9)),
+            seed=seed,
+            on_episode=lambda i: progress.update(task, completed=i),
+        )
         progress.update(task, description="imitation: fitting", completed=0, total=epochs)
         env = FleetEnv(env_config)
-        module = CriticalEndpointModule(observation_space=env.observation_space, action_space=env.action_space,
-                                        model_config=cfg.get("model", {}))  # fmt: skip
-        fit = pretrain(module, demos, epochs=epochs, lr=float(spec.get("lr", 3e-3)),
-                       batch_size=int(spec.get("batch_size", 256)), seed=seed,
-                       on_epoch=lambda i, _: progress.update(task, completed=i))  # fmt: skip
+        module = CriticalEndpointModule(
+            observation_space=env.observation_space, action_space=env.action_space, model_config=cfg.get("model", {})
+        )
+        fit = pretrain(
+            module,
+            demos,
+            epochs=epochs,
+            lr=float(spec.get("lr", 3e-3)),
+            batch_size=int(spec.get("batch_size", 256)),
+            seed=seed,
+            on_epoch=lambda i, _: progress.update(task, completed=i),
+        )
     state = {k: v.detach().clone() for k, v in module.state_dict().items()}
 
     def load(learner: Any) -> None:
@@ -171,17 +197,22 @@ def train(
     history: list[dict[str, Any]] = []
     t0 = time.monotonic()
     try:
-        algo_config = build_algo_config(cfg, scenarios=scenarios, num_env_runners=num_env_runners, seed=seed, env=env,
-                                        env_overrides=env_overrides)  # fmt: skip
+        algo_config = build_algo_config(
+            cfg, scenarios=scenarios, num_env_runners=num_env_runners, seed=seed, env=env, env_overrides=env_overrides
+        )
         algo = algo_config.build_algo()
         if cfg.get("imitation") and env is None:
             # The teacher needs the simulator's ground truth for its rollouts; a live run
             # starts from PPO alone (or from a checkpoint trained here).
             imitation = warm_start(algo, cfg, dict(algo_config.env_config), seed=seed, console=console)
         with Progress(
-            TextColumn("training"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-            TextColumn("{task.fields[status]}"), console=console,
-        ) as progress:  # fmt: skip
+            TextColumn("training"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TextColumn("{task.fields[status]}"),
+            console=console,
+        ) as progress:
             task = progress.add_task("train", total=iterations, status="")
             for i in range(iterations):
                 result = algo.train()
@@ -190,8 +221,15 @@ def train(
                     result, "env_runners", "num_env_steps_sampled_lifetime"
                 )
                 loss = _metric(result, "learners", "default_policy", "total_loss")
-                history.append({"iteration": i + 1, "episode_return_mean": ret, "env_steps": steps,
-                                "total_loss": loss, "elapsed_s": round(time.monotonic() - t0, 1)})  # fmt: skip
+                history.append(
+                    {
+                        "iteration": i + 1,
+                        "episode_return_mean": ret,
+                        "env_steps": steps,
+                        "total_loss": loss,
+                        "elapsed_s": round(time.monotonic() - t0, 1),
+                    }
+                )
                 if on_iteration is not None:
                     on_iteration(dict(history[-1]))
                 progress.update(task, advance=1, status=f"return {ret:.2f}" if ret is not None else "")

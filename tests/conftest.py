@@ -25,6 +25,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 # Defined beside the live stack so test packages with their own conftest can import it.
 from livestack import settings_on_free_ports  # noqa: E402
+
 from balanceiq.testbed.ports import free_port, free_ports  # noqa: E402,F401  (re-exported for tests)
 
 

@@ -36,7 +36,6 @@ from balanceiq.xds.server import XdsServer
 TOKEN = "test-token-0123456789abcdef"
 
 
-
 def fast_settings(base: Settings, interval_s: float = 1.0) -> Settings:
     """Short windows so a test sees a change within seconds, not the production 10 s."""
     return base.model_copy(
@@ -83,7 +82,11 @@ class _Server(uvicorn.Server):
 
 @contextlib.contextmanager
 def serve_asgi(
-    app: Any, *, log_level: str = "warning", log_config: dict[str, Any] | None = LOGGING_CONFIG, access_log: bool = True,
+    app: Any,
+    *,
+    log_level: str = "warning",
+    log_config: dict[str, Any] | None = LOGGING_CONFIG,
+    access_log: bool = True,
     port: int = 0,
 ) -> Iterator[str]:
     """``app`` on a loopback port (``port``, else a free one), in a thread, until the block
@@ -111,8 +114,9 @@ def serve_asgi(
 
 
 @contextlib.contextmanager
-def live_stack(settings: Settings, workdir: Path, *, rate_rps: float = 120, run_loop: bool = False,
-               max_load_s: float = 240) -> Iterator[LiveStack]:  # fmt: skip
+def live_stack(
+    settings: Settings, workdir: Path, *, rate_rps: float = 120, run_loop: bool = False, max_load_s: float = 240
+) -> Iterator[LiveStack]:
     """Everything up, a bounded load running through Envoy; all stopped on exit."""
     settings = settings.model_copy(update={"state_dir": workdir / "state"})
     xds = XdsServer(settings, state_dir=workdir / "state")
@@ -127,12 +131,20 @@ def live_stack(settings: Settings, workdir: Path, *, rate_rps: float = 120, run_
             # "/<name>/" (testbed.envoy.cluster_routes).
             for i, c in enumerate(settings.clusters):
                 url = tb.envoy.listen_url.rstrip("/") + ("" if i == 0 else f"/{c.name}/")
-                loaders.append(threading.Thread(
-                    target=run_load_sync, args=(url,),
-                    kwargs={"total": int(rate_rps * max_load_s), "concurrency": 8, "max_seconds": max_load_s,
-                            "rate_rps": rate_rps, "stop": stop},
-                    daemon=True,
-                ))  # fmt: skip
+                loaders.append(
+                    threading.Thread(
+                        target=run_load_sync,
+                        args=(url,),
+                        kwargs={
+                            "total": int(rate_rps * max_load_s),
+                            "concurrency": 8,
+                            "max_seconds": max_load_s,
+                            "rate_rps": rate_rps,
+                            "stop": stop,
+                        },
+                        daemon=True,
+                    )
+                )
                 loaders[-1].start()
             model = PolicyModel()
 
@@ -141,7 +153,9 @@ def live_stack(settings: Settings, workdir: Path, *, rate_rps: float = 120, run_
                 return telemetry[-1]
 
             # One controller per configured cluster, as the Serve app builds them.
-            controllers = cluster_controllers(settings, LocalXdsClient(xds), lambda rows: model.score_many([rows])[0], observer)
+            controllers = cluster_controllers(
+                settings, LocalXdsClient(xds), lambda rows: model.score_many([rows])[0], observer
+            )
             controller = controllers[0]
             plane = ControlPlane(settings, controllers, policy=PolicyClient(model.info, model.reload), token=TOKEN)
             if run_loop:

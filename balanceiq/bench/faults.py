@@ -70,7 +70,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from balanceiq.config import Settings
-from balanceiq.control.controller import ControlLoop, Controller
+from balanceiq.control.controller import Controller, ControlLoop
 from balanceiq.control.records import DecisionRecord
 from balanceiq.control.xds_client import ActorXdsClient, LocalXdsClient
 from balanceiq.exceptions import BalanceIQError, BenchError
@@ -80,8 +80,8 @@ from balanceiq.testbed.envoy import endpoint_health, endpoint_weights
 from balanceiq.testbed.openloop import OpenLoopResult, arrival_schedule, run_open_loop_sync
 from balanceiq.testbed.ports import settings_on_free_ports
 from balanceiq.testbed.testbed import Testbed
-from balanceiq.xds.snapshot import EDS_TYPE
 from balanceiq.xds.server import XdsServer
+from balanceiq.xds.snapshot import EDS_TYPE
 
 FAULTS = (
     "envoy_restarted",
@@ -110,9 +110,12 @@ SLOW_MS = 250.0  # extra latency that puts a backend well over the 150 ms SLO
 MOVE_TOL = 1e-3  # integer weights out of 10,000 round each share by < 1e-4
 LOCAL_RAY: dict[str, Any] = {
     # address="local": a new cluster, never one `ray start` left running on this machine.
-    "address": "local", "num_cpus": 2, "include_dashboard": False, "log_to_driver": False,
+    "address": "local",
+    "num_cpus": 2,
+    "include_dashboard": False,
+    "log_to_driver": False,
     "namespace": "balanceiq-faults",
-}  # fmt: skip
+}
 
 Progressor = Callable[[str], None]
 T = TypeVar("T")
@@ -125,15 +128,19 @@ def _quiet(_: str) -> None:
 # -- settings ------------------------------------------------------------------------------
 
 
-def fault_settings(n_endpoints: int = ENDPOINTS, interval_s: float = INTERVAL_S, base: Settings | None = None) -> Settings:
+def fault_settings(
+    n_endpoints: int = ENDPOINTS, interval_s: float = INTERVAL_S, base: Settings | None = None
+) -> Settings:
     """Every port free, and short windows so a change shows within a control interval or
     two (Prometheus scrapes every 0.5 s, rates over 2 s) instead of the production 10 s."""
     s = settings_on_free_ports(n_endpoints, base)
     # Clouds priced apart, as in the sample config, so the LP's cost term has something
     # to weigh (the scenarios that need the split to move also slow a backend).
     costs = [0.40, 0.35, 0.55, 0.12]
-    eps = [ep.model_copy(update={"cost_per_million_requests": costs[i % len(costs)]})
-           for i, ep in enumerate(s.clusters[0].endpoints)]  # fmt: skip
+    eps = [
+        ep.model_copy(update={"cost_per_million_requests": costs[i % len(costs)]})
+        for i, ep in enumerate(s.clusters[0].endpoints)
+    ]
     return s.model_copy(
         update={
             "clusters": [s.clusters[0].model_copy(update={"endpoints": eps})],
@@ -311,8 +318,11 @@ class ServeReplicaKilledResult(FaultResult):
             **super().checks(),
             "resumed": (self.recovery_s, "a new lease holder", resumed),
             "double_pushes": (self.double_pushes, "== 0", self.double_pushes == 0),
-            "one_active_loop": ((self.owners_after_takeover, self.running_replicas), "(<= 1, 1)",
-                                self.owners_after_takeover <= 1 and self.running_replicas == 1),  # fmt: skip
+            "one_active_loop": (
+                (self.owners_after_takeover, self.running_replicas),
+                "(<= 1, 1)",
+                self.owners_after_takeover <= 1 and self.running_replicas == 1,
+            ),
             "versions_repeated": (self.versions_repeated, "== 0", self.versions_repeated == 0),
         }
 
@@ -470,9 +480,14 @@ class XdsTap:
         try:
             for resp in call:
                 self._record(resp)
-                requests.put(discovery_pb2.DiscoveryRequest(
-                    type_url=EDS_TYPE, resource_names=[self.cluster], version_info=resp.version_info,
-                    response_nonce=resp.nonce))  # fmt: skip
+                requests.put(
+                    discovery_pb2.DiscoveryRequest(
+                        type_url=EDS_TYPE,
+                        resource_names=[self.cluster],
+                        version_info=resp.version_info,
+                        response_nonce=resp.nonce,
+                    )
+                )
         finally:
             requests.put(None)
 
@@ -539,8 +554,15 @@ class XdsTap:
                     regressions += 1
                 best = v if best is None else max(best, v)
         epochs = sorted({v[0] for v in map(parse_version, by_version) if v is not None})
-        return {"checked": len(by_version), "invalid": invalid, "regressions": regressions, "conflicts": conflicts,
-                "epochs": epochs, "problems": problems[:10], "streams": self.streams}  # fmt: skip
+        return {
+            "checked": len(by_version),
+            "invalid": invalid,
+            "regressions": regressions,
+            "conflicts": conflicts,
+            "epochs": epochs,
+            "problems": problems[:10],
+            "streams": self.streams,
+        }
 
 
 # -- load ----------------------------------------------------------------------------------
@@ -567,8 +589,14 @@ class Load:
 
     def _run(self) -> None:
         try:
-            self._result = run_open_loop_sync(self.url, self.schedule, max_inflight=500, timeout_s=REQUEST_TIMEOUT_S,
-                                              start_wall=self.start_wall, stop=self._stop)  # fmt: skip
+            self._result = run_open_loop_sync(
+                self.url,
+                self.schedule,
+                max_inflight=500,
+                timeout_s=REQUEST_TIMEOUT_S,
+                start_wall=self.start_wall,
+                stop=self._stop,
+            )
         except BaseException as exc:  # reported by finish()
             self._error = exc
 
@@ -636,8 +664,12 @@ class Stack:
     def envoy_rejected(self) -> int:
         """Envoy's own count of EDS updates it rejected (reset when Envoy restarts)."""
         name = f"cluster.{self.cluster}.update_rejected"
-        r = httpx.get(f"{self.testbed.envoy.admin_url}/stats", params={"filter": f"^{name}$", "format": "json"},
-                      timeout=2.0, trust_env=False)  # fmt: skip
+        r = httpx.get(
+            f"{self.testbed.envoy.admin_url}/stats",
+            params={"filter": f"^{name}$", "format": "json"},
+            timeout=2.0,
+            trust_env=False,
+        )
         stats = r.json().get("stats", [])
         return int(next((s.get("value", 0) for s in stats if s.get("name") == name), 0))
 
@@ -655,8 +687,12 @@ class Stack:
         """The weights audit: the tap's findings plus Envoy's rejections."""
         tap = self.tap.summary()
         rejected = rejected_before + self.envoy_rejected()
-        return {"assignments_checked": tap["checked"], "invalid_weights_sent": tap["invalid"] + rejected,
-                "envoy_rejected_updates": rejected, "tap": tap}  # fmt: skip
+        return {
+            "assignments_checked": tap["checked"],
+            "invalid_weights_sent": tap["invalid"] + rejected,
+            "envoy_rejected_updates": rejected,
+            "tap": tap,
+        }
 
 
 @contextlib.contextmanager
@@ -670,9 +706,17 @@ def _workdir(workdir: Path | None) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def _stack(settings: Settings, workdir: Path, *, actor: Any = None, controller: bool = True,
-           isolate: Sequence[str] = (), rate_rps: float = RATE_RPS, max_load_s: float = 180.0,
-           xds: bool = True) -> Iterator[Stack]:  # fmt: skip
+def _stack(
+    settings: Settings,
+    workdir: Path,
+    *,
+    actor: Any = None,
+    controller: bool = True,
+    isolate: Sequence[str] = (),
+    rate_rps: float = RATE_RPS,
+    max_load_s: float = 180.0,
+    xds: bool = True,
+) -> Iterator[Stack]:
     """Backends, ALS, Envoy, Prometheus, the tap and the load; the xDS server in-process
     unless ``actor`` is given (or ``xds=False``: someone else serves it); and, with
     ``controller``, a control loop in this process (the production Controller with the
@@ -682,8 +726,11 @@ def _stack(settings: Settings, workdir: Path, *, actor: Any = None, controller: 
         server = XdsServer(settings, state_dir=workdir / "state")
         server.start()
     tb = Testbed(settings, workdir / "tb", isolate=isolate)
-    tap = XdsTap(f"127.0.0.1:{settings.xds.port}", settings.clusters[0].name,
-                 [ep.address for ep in settings.clusters[0].endpoints])  # fmt: skip
+    tap = XdsTap(
+        f"127.0.0.1:{settings.xds.port}",
+        settings.clusters[0].name,
+        [ep.address for ep in settings.clusters[0].endpoints],
+    )
     load: Load | None = None
     telemetry: Telemetry | None = None
     loop: ControlLoop | None = None
@@ -752,9 +799,15 @@ def _controller_settled(st: Stack, timeout: float = 60.0) -> None:
 def _common(st: Stack, fault: str, res: OpenLoopResult, t0: float, rejected_before: int = 0) -> dict[str, Any]:
     audit = st.audit(rejected_before)
     notes = [f"tap: {p}" for p in audit["tap"]["problems"]]
-    return {"fault": fault, "requests": len(res), "invalid_weights_sent": audit["invalid_weights_sent"],
-            "assignments_checked": audit["assignments_checked"], "envoy_rejected_updates": audit["envoy_rejected_updates"],
-            "wall_s": time.monotonic() - t0, "notes": notes}  # fmt: skip
+    return {
+        "fault": fault,
+        "requests": len(res),
+        "invalid_weights_sent": audit["invalid_weights_sent"],
+        "assignments_checked": audit["assignments_checked"],
+        "envoy_rejected_updates": audit["envoy_rejected_updates"],
+        "wall_s": time.monotonic() - t0,
+        "notes": notes,
+    }
 
 
 def _require_ray() -> Any:
@@ -773,8 +826,13 @@ def _versions_repeated(tap: dict[str, Any], pushed: Sequence[str | None] = ()) -
 # -- scenarios -----------------------------------------------------------------------------
 
 
-def envoy_restarted(settings: Settings | None = None, workdir: Path | None = None, *, rate_rps: float = RATE_RPS,
-                    progress: Progressor = _quiet) -> EnvoyRestartedResult:  # fmt: skip
+def envoy_restarted(
+    settings: Settings | None = None,
+    workdir: Path | None = None,
+    *,
+    rate_rps: float = RATE_RPS,
+    progress: Progressor = _quiet,
+) -> EnvoyRestartedResult:
     """Stop Envoy while the controller runs, start it again: it must come back with the
     version the server serves and exactly those weights."""
     s = settings or fault_settings()
@@ -824,11 +882,18 @@ def envoy_restarted(settings: Settings | None = None, workdir: Path | None = Non
         outage = (done >= t_stop) & (done <= t_ready + 0.5)
         common = _common(st, "envoy_restarted", res, t0, rejected_before)
         return EnvoyRestartedResult(
-            **common, failed_requests=int((failed & ~outage).sum()), refused_while_down=int((failed & outage).sum()),
-            recovery_s=node["last_acked_at"] - t_start, down_s=t_ready - t_stop, ack_exact=node["acks"] == acks0 + 1,
-            latest_version=latest, envoy_acked_version=latest, envoy_weights=weights,
-            weights_match=weights == served, pushes_before_restart=pushes_before,
-        )  # fmt: skip
+            **common,
+            failed_requests=int((failed & ~outage).sum()),
+            refused_while_down=int((failed & outage).sum()),
+            recovery_s=node["last_acked_at"] - t_start,
+            down_s=t_ready - t_stop,
+            ack_exact=node["acks"] == acks0 + 1,
+            latest_version=latest,
+            envoy_acked_version=latest,
+            envoy_weights=weights,
+            weights_match=weights == served,
+            pushes_before_restart=pushes_before,
+        )
 
 
 def _share(weights: Mapping[str, int], address: str) -> float:
@@ -850,8 +915,14 @@ def _moved(rec: DecisionRecord, addresses: Sequence[str]) -> float:
     return traffic_moved(old, new)
 
 
-def prometheus_killed(settings: Settings | None = None, workdir: Path | None = None, *, rate_rps: float = RATE_RPS,
-                      after_decisions: int = 8, progress: Progressor = _quiet) -> PrometheusKilledResult:  # fmt: skip
+def prometheus_killed(
+    settings: Settings | None = None,
+    workdir: Path | None = None,
+    *,
+    rate_rps: float = RATE_RPS,
+    after_decisions: int = 8,
+    progress: Progressor = _quiet,
+) -> PrometheusKilledResult:
     """SIGKILL Prometheus under a running controller: decisions must go on from Envoy's
     admin, and none may move more traffic than the guardrails' ``max_shift``."""
     s = settings or fault_settings()
@@ -859,8 +930,12 @@ def prometheus_killed(settings: Settings | None = None, workdir: Path | None = N
     with _workdir(workdir) as wd, _stack(s, wd, rate_rps=rate_rps) as st:
         progress("prometheus_killed: waiting for decisions from Prometheus")
         _controller_settled(st)
-        _until(lambda: sum(r.source == "prometheus" and r.mode in FULL for r in st.decisions()) >= 3, 30,
-               "three decisions from Prometheus", every=0.2)  # fmt: skip
+        _until(
+            lambda: sum(r.source == "prometheus" and r.mode in FULL for r in st.decisions()) >= 3,
+            30,
+            "three decisions from Prometheus",
+            every=0.2,
+        )
         prom = st.testbed.prometheus
         assert prom is not None and prom.proc is not None
         progress("prometheus_killed: SIGKILL Prometheus")
@@ -869,8 +944,10 @@ def prometheus_killed(settings: Settings | None = None, workdir: Path | None = N
         prom.proc.wait(10)
 
         def first_fallback() -> DecisionRecord | None:
-            return next((r for r in st.decisions() if r.timestamp >= t_kill and r.source == "envoy-admin"
-                         and r.mode in FULL), None)  # fmt: skip
+            return next(
+                (r for r in st.decisions() if r.timestamp >= t_kill and r.source == "envoy-admin" and r.mode in FULL),
+                None,
+            )
 
         first = _until(first_fallback, 30, "a decision from the Envoy-admin fallback", every=0.1)
         # The world keeps changing while Prometheus is gone: a backend slows down, so the
@@ -879,8 +956,12 @@ def prometheus_killed(settings: Settings | None = None, workdir: Path | None = N
         share_before = _share(st.served_weights(), slowed)
         st.control(slowed, extra_latency_ms=SLOW_MS)
         progress(f"prometheus_killed: {after_decisions} decisions on the fallback, {slowed} slowed")
-        _until(lambda: sum(r.timestamp >= t_kill for r in st.decisions()) >= after_decisions, 60,
-               f"{after_decisions} decisions after the kill", every=0.2)  # fmt: skip
+        _until(
+            lambda: sum(r.timestamp >= t_kill for r in st.decisions()) >= after_decisions,
+            60,
+            f"{after_decisions} decisions after the kill",
+            every=0.2,
+        )
         share_after = _share(st.served_weights(), slowed)
         res = st.load.finish()
         assert st.controller is not None
@@ -898,18 +979,31 @@ def prometheus_killed(settings: Settings | None = None, workdir: Path | None = N
         if swings:
             common["notes"].append(f"decisions beyond max_shift: {swings}")
         return PrometheusKilledResult(
-            **common, failed_requests=failed,
+            **common,
+            failed_requests=failed,
             recovery_s=first.timestamp + (first.step_ms or 0.0) / 1000 - t_kill,
-            decisions_after=len(after), by_source=dict(Counter(r.source for r in after)),
-            by_mode=dict(Counter(r.mode for r in after)), max_moved=max(moved, default=0.0),
-            max_limited_move=max(limited, default=0.0), exempt_moves=sum(_exempt(r) > 0 for r in recs),
-            max_shift=max_shift, swings_beyond_max_shift=len(swings), slowed=slowed, slowed_share_before=share_before,
+            decisions_after=len(after),
+            by_source=dict(Counter(r.source for r in after)),
+            by_mode=dict(Counter(r.mode for r in after)),
+            max_moved=max(moved, default=0.0),
+            max_limited_move=max(limited, default=0.0),
+            exempt_moves=sum(_exempt(r) > 0 for r in recs),
+            max_shift=max_shift,
+            swings_beyond_max_shift=len(swings),
+            slowed=slowed,
+            slowed_share_before=share_before,
             slowed_share_after=share_after,
-        )  # fmt: skip
+        )
 
 
-def backend_killed(settings: Settings | None = None, workdir: Path | None = None, *, rate_rps: float = RATE_RPS,
-                   observe_s: float = 15.0, progress: Progressor = _quiet) -> BackendKilledResult:  # fmt: skip
+def backend_killed(
+    settings: Settings | None = None,
+    workdir: Path | None = None,
+    *,
+    rate_rps: float = RATE_RPS,
+    observe_s: float = 15.0,
+    progress: Progressor = _quiet,
+) -> BackendKilledResult:
     """SIGKILL one backend's process: the controller must give it weight 1 (no traffic)
     within two control intervals, and errors must fall below 1% within 10 s."""
     s = settings or fault_settings()
@@ -920,6 +1014,7 @@ def backend_killed(settings: Settings | None = None, workdir: Path | None = None
     with _workdir(workdir) as wd, _stack(s, wd, rate_rps=rate_rps, isolate=[victim]) as st:
         progress("backend_killed: waiting for the controller to route to every backend")
         _controller_settled(st)
+
         def carries_traffic() -> bool:
             w = st.envoy_weights()
             return w.get(victim, 0) > 0.1 * max(1, sum(w.values()))
@@ -961,14 +1056,23 @@ def backend_killed(settings: Settings | None = None, workdir: Path | None = None
         common = _common(st, "backend_killed", res, t0)
         off_s = None if off_at is None else off_at - t_kill
         return BackendKilledResult(
-            **common, failed_requests=int(failed.sum()), recovery_s=off_s, victim=victim, interval_s=interval,
-            traffic_off_s=off_s, traffic_off_intervals=None if off_s is None else off_s / interval,
+            **common,
+            failed_requests=int(failed.sum()),
+            recovery_s=off_s,
+            victim=victim,
+            interval_s=interval,
+            traffic_off_s=off_s,
+            traffic_off_intervals=None if off_s is None else off_s / interval,
             ejected_s=None if ejected_at is None else ejected_at - t_kill,
-            first_decision=None if took is None else {k: took[k] for k in ("seq", "timestamp", "mode", "source", "weights", "notes")},
-            error_rate_first_10s=_rate(failed, first10), error_rate_after_10s=_rate(failed, late),
-            errors_settled_s=float(bad[-1] + 1) if bad else 0.0, errors_by_second=[int(x) for x in per_s],
+            first_decision=None
+            if took is None
+            else {k: took[k] for k in ("seq", "timestamp", "mode", "source", "weights", "notes")},
+            error_rate_first_10s=_rate(failed, first10),
+            error_rate_after_10s=_rate(failed, late),
+            errors_settled_s=float(bad[-1] + 1) if bad else 0.0,
+            errors_by_second=[int(x) for x in per_s],
             requests_after_10s=int(late.sum()),
-        )  # fmt: skip
+        )
 
 
 def _rate(failed: np.ndarray, mask: np.ndarray) -> float | None:
@@ -976,8 +1080,13 @@ def _rate(failed: np.ndarray, mask: np.ndarray) -> float | None:
     return float((failed & mask).sum() / n) if n else None
 
 
-def actor_killed(settings: Settings | None = None, workdir: Path | None = None, *, rate_rps: float = RATE_RPS,
-                 progress: Progressor = _quiet) -> ActorKilledResult:  # fmt: skip
+def actor_killed(
+    settings: Settings | None = None,
+    workdir: Path | None = None,
+    *,
+    rate_rps: float = RATE_RPS,
+    progress: Progressor = _quiet,
+) -> ActorKilledResult:
     """Kill the xDS Ray actor (Ray restarts it) while the controller pushes through it:
     no request may fail, Envoy must resync within 2 s, no version may repeat."""
     ray = _require_ray()
@@ -1012,12 +1121,14 @@ def actor_killed(settings: Settings | None = None, workdir: Path | None = None, 
                     return (status, node) if node and node["acks"] >= 1 else None
 
                 # Polled every 20 ms: the node's first ACK time is exact while acks == 1.
-                synced, node = _until(envoy_back, 10, "Envoy's ACK on the restarted actor", every=0.02)
+                _synced, node = _until(envoy_back, 10, "Envoy's ACK on the restarted actor", every=0.02)
                 # In force at the kill: the last version of the old epoch Envoy's twin got.
                 # Restored: the new epoch's first version (the controller may push after it).
                 in_force = st.tap.last_of_epoch(int(before["epoch"]))
                 first_new = f"{after['epoch']}.1"
-                restored = st.tap.weights_of(first_new) or (st.served_weights(after) if after["version"] == first_new else None)
+                restored = st.tap.weights_of(first_new) or (
+                    st.served_weights(after) if after["version"] == first_new else None
+                )
                 time.sleep(2.0)  # load and the controller carry on after the resync
                 res = st.load.finish()
                 listening = after["listening_since"]
@@ -1025,14 +1136,20 @@ def actor_killed(settings: Settings | None = None, workdir: Path | None = None, 
                 common = _common(st, "actor_killed", res, t0)
                 tap = st.tap.summary()
                 return ActorKilledResult(
-                    **common, failed_requests=int((~res.ok).sum()), recovery_s=node["last_acked_at"] - t_kill,
-                    restart_s=after["started_at"] - t_kill, bind_s=listening - after["started_at"],
-                    resync_s=node["last_acked_at"] - listening, resync_exact=node["acks"] == 1,
+                    **common,
+                    failed_requests=int((~res.ok).sum()),
+                    recovery_s=node["last_acked_at"] - t_kill,
+                    restart_s=after["started_at"] - t_kill,
+                    bind_s=listening - after["started_at"],
+                    resync_s=node["last_acked_at"] - listening,
+                    resync_exact=node["acks"] == 1,
                     restored_from_state=bool(after["restored_from_state"]),
-                    weights_restored=restored is not None and restored == in_force, epoch_before=int(before["epoch"]),
-                    epoch_after=int(after["epoch"]), versions_seen=tap["checked"],
+                    weights_restored=restored is not None and restored == in_force,
+                    epoch_before=int(before["epoch"]),
+                    epoch_after=int(after["epoch"]),
+                    versions_seen=tap["checked"],
                     versions_repeated=_versions_repeated(tap, pushed),
-                )  # fmt: skip
+                )
         finally:
             with contextlib.suppress(Exception):
                 ray.kill(actor, no_restart=True)
@@ -1083,18 +1200,30 @@ def lease_audit(audit: Mapping[str, Any]) -> dict[str, Any]:
         if p["term"] < newest:
             violations.append(f"push {p['version']} by {p['owner']} under old term {p['term']} (newest {newest})")
         if term_holder.get(p["term"]) not in (None, p["owner"]):
-            violations.append(f"push {p['version']} by {p['owner']}, but term {p['term']} is {term_holder[p['term']]}'s")
+            violations.append(
+                f"push {p['version']} by {p['owner']}, but term {p['term']} is {term_holder[p['term']]}'s"
+            )
         v = parse_version(p["version"] or "")
         if p.get("changed") and v is not None:
             if last_version is not None and v <= last_version:
                 violations.append(f"version {p['version']} not above the previous push")
             last_version = v
-    return {"accepted": accepted, "refused": refused, "violations": violations,
-            "owners": [h["holder"] for h in holders], "terms": terms}  # fmt: skip
+    return {
+        "accepted": accepted,
+        "refused": refused,
+        "violations": violations,
+        "owners": [h["holder"] for h in holders],
+        "terms": terms,
+    }
 
 
-def serve_replica_killed(settings: Settings | None = None, workdir: Path | None = None, *,
-                         rate_rps: float = RATE_RPS, progress: Progressor = _quiet) -> ServeReplicaKilledResult:  # fmt: skip
+def serve_replica_killed(
+    settings: Settings | None = None,
+    workdir: Path | None = None,
+    *,
+    rate_rps: float = RATE_RPS,
+    progress: Progressor = _quiet,
+) -> ServeReplicaKilledResult:
     """SIGKILL the Controller deployment's replica of the Serve app: Serve starts a new
     one, which must take the lease over and push, with never two loops pushing."""
     ray = _require_ray()
@@ -1162,17 +1291,25 @@ def serve_replica_killed(settings: Settings | None = None, workdir: Path | None 
                 common = _common(st, "serve_replica_killed", res, t0)
                 common["notes"] += checked["violations"][:10]
                 if first_push is None:
-                    common["notes"].append("the new controller held the lease but pushed nothing in 15 s (weights unchanged)")
+                    common["notes"].append(
+                        "the new controller held the lease but pushed nothing in 15 s (weights unchanged)"
+                    )
                 tap = st.tap.summary()
                 return ServeReplicaKilledResult(
-                    **common, failed_requests=int((~res.ok).sum()), recovery_s=takeover["at"] - t_kill,
+                    **common,
+                    failed_requests=int((~res.ok).sum()),
+                    recovery_s=takeover["at"] - t_kill,
                     replaced_s=None if replaced_at is None else replaced_at - t_kill,
                     first_push_s=None if first_push is None else first_push["at"] - t_kill,
-                    owners=[o.split(":")[-1] for o in checked["owners"]], lease_terms=checked["terms"],
-                    pushes_accepted=checked["accepted"], pushes_refused=checked["refused"],
-                    double_pushes=len(checked["violations"]), owners_after_takeover=len({p["owner"] for p in after}),
-                    running_replicas=running, versions_repeated=_versions_repeated(tap),
-                )  # fmt: skip
+                    owners=[o.split(":")[-1] for o in checked["owners"]],
+                    lease_terms=checked["terms"],
+                    pushes_accepted=checked["accepted"],
+                    pushes_refused=checked["refused"],
+                    double_pushes=len(checked["violations"]),
+                    owners_after_takeover=len({p["owner"] for p in after}),
+                    running_replicas=running,
+                    versions_repeated=_versions_repeated(tap),
+                )
         finally:
             with contextlib.suppress(Exception):
                 serve.shutdown()
@@ -1181,9 +1318,15 @@ def serve_replica_killed(settings: Settings | None = None, workdir: Path | None 
                     ray.kill(actor, no_restart=True)
 
 
-def ray_head_restart(settings: Settings | None = None, workdir: Path | None = None, *, rate_rps: float = RATE_RPS,
-                     outage_s: float = 3.0, ray_init: Mapping[str, Any] | None = None,
-                     progress: Progressor = _quiet) -> RayHeadRestartResult:  # fmt: skip
+def ray_head_restart(
+    settings: Settings | None = None,
+    workdir: Path | None = None,
+    *,
+    rate_rps: float = RATE_RPS,
+    outage_s: float = 3.0,
+    ray_init: Mapping[str, Any] | None = None,
+    progress: Progressor = _quiet,
+) -> RayHeadRestartResult:
     """Take the whole Ray cluster down (``ray.shutdown()`` of the local cluster this
     process started: GCS, raylet, the xDS actor) and start a new one with ``ray_init``
     (default :data:`LOCAL_RAY`). Envoy must keep serving its last weights with no failed
@@ -1231,8 +1374,9 @@ def ray_head_restart(settings: Settings | None = None, workdir: Path | None = No
                     return node if node and node["acks"] >= 1 else None
 
                 node = _until(envoy_back, 15, "Envoy's ACK on the new actor", every=0.02)
-                envoy_after = _until(lambda: st.envoy_weights() == weights and st.envoy_weights(), 10,
-                                     "Envoy on the restored weights")  # fmt: skip
+                envoy_after = _until(
+                    lambda: st.envoy_weights() == weights and st.envoy_weights(), 10, "Envoy on the restored weights"
+                )
                 # A controller started after the restart (as the redeployed Serve app's
                 # would be): a fresh lease, and it starts from the restored split.
                 telemetry = Telemetry(s)
@@ -1246,20 +1390,30 @@ def ray_head_restart(settings: Settings | None = None, workdir: Path | None = No
                 res = st.load.finish()
                 common = _common(st, "ray_head_restart", res, t0)
                 if node["acks"] != 1:
-                    common["notes"].append("Envoy ACKed more than once before it was polled: resync_s is an upper bound")
+                    common["notes"].append(
+                        "Envoy ACKed more than once before it was polled: resync_s is an upper bound"
+                    )
                 tap = st.tap.summary()
                 return RayHeadRestartResult(
-                    **common, failed_requests=int((~res.ok).sum()), recovery_s=node["last_acked_at"] - t_init,
-                    shutdown_s=t_gone - t_down, outage_s=t_init - t_gone, ray_start_s=t_actor - t_init,
+                    **common,
+                    failed_requests=int((~res.ok).sum()),
+                    recovery_s=node["last_acked_at"] - t_init,
+                    shutdown_s=t_gone - t_down,
+                    outage_s=t_init - t_gone,
+                    ray_start_s=t_actor - t_init,
                     resync_s=node["last_acked_at"] - after["listening_since"],
-                    envoy_weights_held=polls > 0 and held == polls, polls_during_outage=polls,
+                    envoy_weights_held=polls > 0 and held == polls,
+                    polls_during_outage=polls,
                     restored_from_state=bool(after["restored_from_state"]),
                     weights_restored=st.served_weights(after) == weights and envoy_after == weights,
-                    controller_adopted=first.previous == weights, controller_lease_term=int(ctl.lease.get("term", 0)),
-                    controller_first_move=_moved(first, st.addresses) - _exempt(first), controller_mode=first.mode,
-                    epoch_before=int(before["epoch"]), epoch_after=int(after["epoch"]),
+                    controller_adopted=first.previous == weights,
+                    controller_lease_term=int(ctl.lease.get("term", 0)),
+                    controller_first_move=_moved(first, st.addresses) - _exempt(first),
+                    controller_mode=first.mode,
+                    epoch_before=int(before["epoch"]),
+                    epoch_after=int(after["epoch"]),
                     versions_repeated=_versions_repeated(tap),
-                )  # fmt: skip
+                )
         finally:
             if ray.is_initialized():
                 with contextlib.suppress(Exception):
@@ -1301,16 +1455,35 @@ def _serve_yaml(workdir: Path, config: Path, proxy_port: int) -> Path:
     import yaml
 
     path = workdir / "serve_app.yaml"
-    path.write_text(yaml.safe_dump({
-        "proxy_location": "HeadOnly", "http_options": {"host": "127.0.0.1", "port": proxy_port},
-        "applications": [{"name": "balanceiq", "route_prefix": "/", "import_path": "balanceiq.serve.app:build_app",
-                          "args": {"config": str(config)}}],
-    }, sort_keys=False))  # fmt: skip
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "proxy_location": "HeadOnly",
+                "http_options": {"host": "127.0.0.1", "port": proxy_port},
+                "applications": [
+                    {
+                        "name": "balanceiq",
+                        "route_prefix": "/",
+                        "import_path": "balanceiq.serve.app:build_app",
+                        "args": {"config": str(config)},
+                    }
+                ],
+            },
+            sort_keys=False,
+        )
+    )
     return path
 
 
-def head_crash(settings: Settings | None = None, workdir: Path | None = None, *, gcs_ft: bool = True,
-               rate_rps: float = RATE_RPS, wait_s: float = 60.0, progress: Progressor = _quiet) -> HeadCrashResult:  # fmt: skip
+def head_crash(
+    settings: Settings | None = None,
+    workdir: Path | None = None,
+    *,
+    gcs_ft: bool = True,
+    rate_rps: float = RATE_RPS,
+    wait_s: float = 60.0,
+    progress: Progressor = _quiet,
+) -> HeadCrashResult:
     """A Ray head of its own (``ray start --head``; with ``gcs_ft`` backed by a Redis on
     loopback), the Serve app deployed on it as users do (``serve run --non-blocking`` of
     serve_app.yaml), the testbed and a load through Envoy; then every process of the head
@@ -1347,14 +1520,30 @@ def head_crash(settings: Settings | None = None, workdir: Path | None = None, *,
             progress(f"{name}: ray start --head" + (" (GCS in Redis)" if gcs_ft else ""))
             head.start()
             exe = str(Path(head.ray_bin).with_name("serve"))
-            res = subprocess.run([exe, "run", "--non-blocking", "--address", head.address,
-                                  str(_serve_yaml(wd, config, free_ports(1)[0]))],
-                                 env=head.env(), capture_output=True, text=True, timeout=180)  # fmt: skip
+            res = subprocess.run(
+                [
+                    exe,
+                    "run",
+                    "--non-blocking",
+                    "--address",
+                    head.address,
+                    str(_serve_yaml(wd, config, free_ports(1)[0])),
+                ],
+                env=head.env(),
+                capture_output=True,
+                text=True,
+                timeout=180,
+            )
             if res.returncode != 0:
                 raise BenchError(f"serve run failed ({res.returncode}): {(res.stdout + res.stderr)[-1500:]}")
             with _stack(s, wd, controller=False, xds=False, rate_rps=rate_rps, max_load_s=wait_s + 150) as st:
                 progress(f"{name}: waiting for the app's first decisions, pushed and ACKed")
-                _until(lambda: any(d["pushed"] and d["acked"] for d in decisions()), 90, "a decision pushed and ACKed", every=0.5)
+                _until(
+                    lambda: any(d["pushed"] and d["acked"] for d in decisions()),
+                    90,
+                    "a decision pushed and ACKed",
+                    every=0.5,
+                )
                 before = st.envoy_weights()
                 progress(f"{name}: the head dies (SIGKILL, every process)")
                 t_kill = time.time()
@@ -1374,7 +1563,10 @@ def head_crash(settings: Settings | None = None, workdir: Path | None = None, *,
                 first = None
                 deadline = time.monotonic() + wait_s
                 while time.monotonic() < deadline and first is None:
-                    first = next((d for d in reversed(decisions()) if d["timestamp"] > t_back and d["pushed"] and d["acked"]), None)
+                    first = next(
+                        (d for d in reversed(decisions()) if d["timestamp"] > t_back and d["pushed"] and d["acked"]),
+                        None,
+                    )
                     if first is None:
                         time.sleep(0.5)
                 time.sleep(1.0)
@@ -1382,13 +1574,19 @@ def head_crash(settings: Settings | None = None, workdir: Path | None = None, *,
                 common = _common(st, name, load, t0)
                 tap = st.tap.summary()
                 return HeadCrashResult(
-                    **common, failed_requests=int((~load.ok).sum()),
+                    **common,
+                    failed_requests=int((~load.ok).sum()),
                     recovery_s=None if first is None else float(first["timestamp"]) - t_back,
-                    gcs_ft=gcs_ft, processes_killed=killed, head_down_s=t_back - t_kill, ray_start_s=start_s,
-                    wait_s=wait_s, decision_version=None if first is None else first.get("version"),
-                    operator_commands=0, envoy_weights_held=polls > 0 and held == polls,
+                    gcs_ft=gcs_ft,
+                    processes_killed=killed,
+                    head_down_s=t_back - t_kill,
+                    ray_start_s=start_s,
+                    wait_s=wait_s,
+                    decision_version=None if first is None else first.get("version"),
+                    operator_commands=0,
+                    envoy_weights_held=polls > 0 and held == polls,
                     versions_repeated=_versions_repeated(tap),
-                )  # fmt: skip
+                )
         finally:
             http.close()
             head.stop()
@@ -1421,8 +1619,9 @@ def parse_faults(spec: str | Sequence[str] | None) -> list[str]:
     return [f for f in FAULTS if f in names]
 
 
-def run_faults(faults: str | Sequence[str] | None = None, *, rate_rps: float = RATE_RPS,
-               console: Console | None = None) -> dict[str, Any]:  # fmt: skip
+def run_faults(
+    faults: str | Sequence[str] | None = None, *, rate_rps: float = RATE_RPS, console: Console | None = None
+) -> dict[str, Any]:
     """Every selected scenario, one after the other; a JSON-ready dict keyed by fault
     name. Starts (and stops) a local Ray cluster when a Ray scenario is selected. A
     scenario that cannot complete reports ``{"error": ...}`` and the rest still run."""
@@ -1435,8 +1634,14 @@ def run_faults(faults: str | Sequence[str] | None = None, *, rate_rps: float = R
     # Ray's driver prints from its own threads to stdout; stdout is for the JSON object.
     with contextlib.redirect_stdout(sys.stderr):
         try:
-            with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                          console=console, transient=True) as bar:  # fmt: skip
+            with Progress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                console=console,
+                transient=True,
+            ) as bar:
                 task = bar.add_task("faults", total=len(names))
 
                 def say(msg: str) -> None:

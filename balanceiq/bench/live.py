@@ -67,14 +67,13 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from balanceiq.bench.processes import cpu_by_role, leftovers
-from balanceiq.config import BACKEND_SATURATION, EndpointConfig, SignalQuery, Settings
+from balanceiq.config import BACKEND_SATURATION, EndpointConfig, Settings, SignalQuery
 from balanceiq.exceptions import BalanceIQError, BenchError
 from balanceiq.policy.stability import count_reversals
+from balanceiq.testbed.envoy import DEFAULT_LB_POLICY  # what BalanceIQ ships with
 from balanceiq.testbed.openloop import ARRIVALS, OpenLoopResult, latency_summary
 from balanceiq.testbed.ports import settings_on_free_ports
 from balanceiq.testbed.scenario import LiveEvent, LiveScenario, state_truth, states_after
-
-from balanceiq.testbed.envoy import DEFAULT_LB_POLICY  # what BalanceIQ ships with
 
 # -- the arms ---------------------------------------------------------------------------------
 
@@ -95,9 +94,14 @@ _BIQ_LR = Arm("balanceiq_lr", "BalanceIQ over LEAST_REQUEST", "LEAST_REQUEST", "
 # BalanceIQ over the lb_policy it ships with: one of the two above, or its own arm.
 DEFAULT_ARM = next(
     (a for a in (_BIQ_RR, _BIQ_LR) if a.lb_policy == DEFAULT_LB_POLICY),
-    Arm(f"balanceiq_{_SHORT.get(DEFAULT_LB_POLICY, DEFAULT_LB_POLICY.lower())}", f"BalanceIQ over {DEFAULT_LB_POLICY}",
-        DEFAULT_LB_POLICY, "controller", "balanceiq"),
-)  # fmt: skip
+    Arm(
+        f"balanceiq_{_SHORT.get(DEFAULT_LB_POLICY, DEFAULT_LB_POLICY.lower())}",
+        f"BalanceIQ over {DEFAULT_LB_POLICY}",
+        DEFAULT_LB_POLICY,
+        "controller",
+        "balanceiq",
+    ),
+)
 ARMS: dict[str, Arm] = {
     a.name: a
     for a in (
@@ -182,8 +186,9 @@ def validate_args(*, rate_rps: float, duration_s: float, warmup_s: float, slo_ms
 NO_PRIVATE_GAUGES = SignalQuery(promql="max by (backend) (balanceiq_private_gauges_off)", endpoint_label="backend")
 
 
-def bench_settings(base: Settings, state_dir: Path, *, private_gauges: bool = False,
-                   lb_policy: str | None = None) -> tuple[Settings, dict[str, str]]:  # fmt: skip
+def bench_settings(
+    base: Settings, state_dir: Path, *, private_gauges: bool = False, lb_policy: str | None = None
+) -> tuple[Settings, dict[str, str]]:
     """``base``'s first cluster (clouds, prices, capacity hints, weights, testbed
     profiles) with every port free right now, the bench's fast telemetry and control
     interval, and a fresh state dir. Returns it and {configured address: bench address}.
@@ -202,14 +207,20 @@ def bench_settings(base: Settings, state_dir: Path, *, private_gauges: bool = Fa
             "testbed": base.testbed.model_copy(update={"overrides": overrides}),
             "prometheus": free.prometheus.model_copy(update={"scrape_interval_s": SCRAPE_INTERVAL_S}),
             "telemetry": free.telemetry.model_copy(
-                update={"window_s": TELEMETRY_WINDOW_S, "stale_after_s": 2 * TELEMETRY_WINDOW_S,
-                        "queries": {**free.telemetry.queries,
-                                    "saturation": BACKEND_SATURATION if private_gauges else NO_PRIVATE_GAUGES}}  # fmt: skip
+                update={
+                    "window_s": TELEMETRY_WINDOW_S,
+                    "stale_after_s": 2 * TELEMETRY_WINDOW_S,
+                    "queries": {
+                        **free.telemetry.queries,
+                        "saturation": BACKEND_SATURATION if private_gauges else NO_PRIVATE_GAUGES,
+                    },
+                }
             ),
             "control": free.control.model_copy(update={"interval_s": CONTROL_INTERVAL_S}),
             # The controller writes weights for the balancer Envoy runs in this arm.
             "envoy": free.envoy.model_copy(update={"lb_policy": lb_policy})
-            if lb_policy in ("LEAST_REQUEST", "ROUND_ROBIN") else free.envoy,
+            if lb_policy in ("LEAST_REQUEST", "ROUND_ROBIN")
+            else free.envoy,
             "state_dir": state_dir,
         }
     )
@@ -218,8 +229,10 @@ def bench_settings(base: Settings, state_dir: Path, *, private_gauges: bool = Fa
 
 def remap_scenario(scenario: LiveScenario, mapping: dict[str, str]) -> LiveScenario:
     """Events naming an ``endpoint`` by its configured address, moved to the bench's."""
-    events = [e.model_copy(update={"endpoint": mapping.get(e.endpoint, e.endpoint)}) if e.endpoint else e
-              for e in scenario.events]  # fmt: skip
+    events = [
+        e.model_copy(update={"endpoint": mapping.get(e.endpoint, e.endpoint)}) if e.endpoint else e
+        for e in scenario.events
+    ]
     return scenario.model_copy(update={"events": events})
 
 
@@ -228,8 +241,16 @@ def remap_scenario(scenario: LiveScenario, mapping: dict[str, str]) -> LiveScena
 ORACLE_MAX_UTIL_WITHOUT_ERRING = 0.9
 
 
-def oracle_split(truth: dict[str, dict[str, Any]], *, demand_rps: float, slo_ms: float, cost_weight: float,
-                 util_target: float, latency_weight: float, lb_policy: str = "ROUND_ROBIN") -> dict[str, Any]:  # fmt: skip
+def oracle_split(
+    truth: dict[str, dict[str, Any]],
+    *,
+    demand_rps: float,
+    slo_ms: float,
+    cost_weight: float,
+    util_target: float,
+    latency_weight: float,
+    lb_policy: str = "ROUND_ROBIN",
+) -> dict[str, Any]:
     """The LP optimum on the truth (:func:`~balanceiq.testbed.scenario.state_truth` per
     address): every endpoint critical, true capacity, price and mean service time over
     the SLO as the latency term, the controller's knobs. A backend that answers errors is
@@ -244,16 +265,27 @@ def oracle_split(truth: dict[str, dict[str, Any]], *, demand_rps: float, slo_ms:
     cap = np.array([truth[a]["capacity_rps"] for a in addrs], dtype=np.float64)
     avail = np.array([bool(truth[a]["healthy"]) and cap[i] > 0 for i, a in enumerate(addrs)])
     excluded = [a for i, a in enumerate(addrs) if not avail[i]]
-    for i in sorted((i for i in range(n) if truth[addrs[i]]["error_rate"] > 0 and avail[i]),
-                    key=lambda i: -truth[addrs[i]]["error_rate"]):  # fmt: skip
+    for i in sorted(
+        (i for i in range(n) if truth[addrs[i]]["error_rate"] > 0 and avail[i]),
+        key=lambda i: -truth[addrs[i]]["error_rate"],
+    ):
         rest = float(cap[avail].sum()) - cap[i]
         if rest * ORACLE_MAX_UTIL_WITHOUT_ERRING >= demand_rps:
             avail[i] = False
             excluded.append(addrs[i])
     lat = lp_latency(np.array([truth[a]["mean_service_ms"] for a in addrs], dtype=np.float64), slo_ms)
-    res = solve_critical(np.full(n, 1.0 / n), list(range(n)), cap, [truth[a]["price"] for a in addrs], demand_rps,
-                         available=avail, cost_weight=cost_weight, util_target=util_target, latency=lat,
-                         latency_weight=latency_weight)  # fmt: skip
+    res = solve_critical(
+        np.full(n, 1.0 / n),
+        list(range(n)),
+        cap,
+        [truth[a]["price"] for a in addrs],
+        demand_rps,
+        available=avail,
+        cost_weight=cost_weight,
+        util_target=util_target,
+        latency=lat,
+        latency_weight=latency_weight,
+    )
     if lb_policy == "LEAST_REQUEST":
         # Under LEAST_REQUEST Envoy picks by weight / (active + 1); with the true service
         # times the oracle knows what each endpoint will hold (as the controller estimates).
@@ -261,8 +293,13 @@ def oracle_split(truth: dict[str, dict[str, Any]], *, demand_rps: float, slo_ms:
         w = least_request_weights(res.shares, svc, demand_rps, available=avail)
     else:
         w = shares_to_weights(res.shares, available=avail)
-    return {"weights": {a: int(x) for a, x in zip(addrs, w)}, "shares": {a: round(float(x), 4) for a, x in zip(addrs, res.shares)},
-            "excluded": excluded, "status": res.status, "max_utilization": _r(res.max_utilization, 3)}  # fmt: skip
+    return {
+        "weights": {a: int(x) for a, x in zip(addrs, w)},
+        "shares": {a: round(float(x), 4) for a, x in zip(addrs, res.shares)},
+        "excluded": excluded,
+        "status": res.status,
+        "max_utilization": _r(res.max_utilization, 3),
+    }
 
 
 def oracle_for(settings: Settings, events: list[LiveEvent], *, demand_rps: float, slo_ms: float) -> dict[str, Any]:
@@ -270,9 +307,15 @@ def oracle_for(settings: Settings, events: list[LiveEvent], *, demand_rps: float
     with ``settings.control``'s knobs."""
     truth = {a: state_truth(st) for a, st in states_after(settings, events).items()}
     c = settings.control
-    return oracle_split(truth, demand_rps=demand_rps, slo_ms=slo_ms, cost_weight=c.cost_weight,
-                        util_target=c.util_target, latency_weight=c.latency_weight,
-                        lb_policy=DEFAULT_LB_POLICY)  # fmt: skip
+    return oracle_split(
+        truth,
+        demand_rps=demand_rps,
+        slo_ms=slo_ms,
+        cost_weight=c.cost_weight,
+        util_target=c.util_target,
+        latency_weight=c.latency_weight,
+        lb_policy=DEFAULT_LB_POLICY,
+    )
 
 
 # -- accounting (pure; unit-tested) -----------------------------------------------------------
@@ -315,8 +358,14 @@ def _r(x: float | None, digits: int = 3) -> float | None:
     return None if x is None or not math.isfinite(x) else round(float(x), digits)
 
 
-def group_metrics(res: OpenLoopResult, mask: np.ndarray, prices: np.ndarray, slo_ms: float,
-                  clouds: dict[str, str] | None = None, names: dict[str, str] | None = None) -> dict[str, Any]:  # fmt: skip
+def group_metrics(
+    res: OpenLoopResult,
+    mask: np.ndarray,
+    prices: np.ndarray,
+    slo_ms: float,
+    clouds: dict[str, str] | None = None,
+    names: dict[str, str] | None = None,
+) -> dict[str, Any]:
     """The headline numbers over the requests in ``mask``; with ``clouds`` (address ->
     cloud) the share answered by each cloud, with ``names`` (bench address -> configured
     address) by each endpoint under its configured address."""
@@ -326,12 +375,15 @@ def group_metrics(res: OpenLoopResult, mask: np.ndarray, prices: np.ndarray, slo
     s = latency_summary(lat)
     out: dict[str, Any] = {
         "requests": n,
-        "p50_ms": s["p50"], "p99_ms": s["p99"], "p999_ms": s["p999"], "max_ms": s["max"],
+        "p50_ms": s["p50"],
+        "p99_ms": s["p99"],
+        "p999_ms": s["p999"],
+        "max_ms": s["max"],
         "error_rate": _r((n - int(ok.sum())) / n, 5) if n else None,
         "errors": n - int(ok.sum()),
         "cost_per_million": _r(float(prices[mask].sum()) / n, 4) if n else None,
         "slo_attainment": _r(float((ok & (res.latency_ms <= slo_ms)).sum()) / n, 5) if n else None,
-    }  # fmt: skip
+    }
     if clouds is not None and n:
         share: Counter[str] = Counter()
         for ix, name in enumerate(res.backends):
@@ -346,9 +398,18 @@ def group_metrics(res: OpenLoopResult, mask: np.ndarray, prices: np.ndarray, slo
     return out
 
 
-def arm_metrics(res: OpenLoopResult, *, warmup_s: float, scale: float, scenario: LiveScenario, prices: PriceBook,
-                slo_ms: float, bin_s: float, clouds: dict[str, str],
-                names: dict[str, str] | None = None) -> dict[str, Any]:  # fmt: skip
+def arm_metrics(
+    res: OpenLoopResult,
+    *,
+    warmup_s: float,
+    scale: float,
+    scenario: LiveScenario,
+    prices: PriceBook,
+    slo_ms: float,
+    bin_s: float,
+    clouds: dict[str, str],
+    names: dict[str, str] | None = None,
+) -> dict[str, Any]:
     """Headline numbers over the measured requests (intended at or after ``warmup_s``),
     per scenario phase, and per ``bin_s`` bin (warm-up included, for the plot)."""
     p = prices.request_prices(res)
@@ -363,13 +424,25 @@ def arm_metrics(res: OpenLoopResult, *, warmup_s: float, scale: float, scenario:
         if hi <= lo:
             continue
         m = measured & (t_scen >= lo) & (t_scen < hi)
-        phases.append({"phase": name, "from_s": round(lo * scale, 2), "to_s": round(hi * scale, 2),
-                       **group_metrics(res, m, p, slo_ms, clouds, names)})  # fmt: skip
+        phases.append(
+            {
+                "phase": name,
+                "from_s": round(lo * scale, 2),
+                "to_s": round(hi * scale, 2),
+                **group_metrics(res, m, p, slo_ms, clouds, names),
+            }
+        )
     out["phases"] = phases
     t = res.intended_s - warmup_s
-    n_bins = int(math.floor((float(t.max()) + warmup_s) / bin_s)) + 1 if len(res) else 0
-    bins: dict[str, list[Any]] = {"t_s": [], "p99_ms": [], "p50_ms": [], "error_rate": [], "cost_per_million": [],
-                                  "requests": []}  # fmt: skip
+    n_bins = math.floor((float(t.max()) + warmup_s) / bin_s) + 1 if len(res) else 0
+    bins: dict[str, list[Any]] = {
+        "t_s": [],
+        "p99_ms": [],
+        "p50_ms": [],
+        "error_rate": [],
+        "cost_per_million": [],
+        "requests": [],
+    }
     for lo in (-warmup_s + k * bin_s for k in range(n_bins)):
         m = (t >= lo) & (t < lo + bin_s)
         k = int(m.sum())
@@ -407,8 +480,11 @@ def evaluate_targets(arms: dict[str, dict[str, Any]]) -> dict[str, Any]:
         best_blind = max(envoy, key=lambda n: (envoy[n].get("slo_attainment") or 0.0, -p99(envoy[n])))
     for name, a in biq.items():
         res: dict[str, Any] = {}
-        for key, ref in (("p99_vs_least_request", "least_request"), ("p99_vs_round_robin", "round_robin"),
-                         ("p99_vs_cswrr", "cswrr")):  # fmt: skip
+        for key, ref in (
+            ("p99_vs_least_request", "least_request"),
+            ("p99_vs_round_robin", "round_robin"),
+            ("p99_vs_cswrr", "cswrr"),
+        ):
             text, limit = TARGETS_TEXT[key]
             if ref in arms and arms[ref].get("p99_ms"):
                 ratio = p99(a) / float(arms[ref]["p99_ms"])
@@ -421,25 +497,38 @@ def evaluate_targets(arms: dict[str, dict[str, Any]]) -> dict[str, Any]:
             ratio = float(a["cost_per_million"]) / float(ref["cost_per_million"])
             slo_ok = (a.get("slo_attainment") or 0.0) >= (ref.get("slo_attainment") or 0.0)
             res["cost_vs_best_cost_blind"] = {
-                "target": text, "reference": best_blind, "ratio": _r(ratio, 3), "limit": limit,
-                "slo_attainment": a.get("slo_attainment"), "reference_slo_attainment": ref.get("slo_attainment"),
-                "met": bool(ratio <= limit and slo_ok), "cost_met": bool(ratio <= limit), "slo_met": bool(slo_ok),
+                "target": text,
+                "reference": best_blind,
+                "ratio": _r(ratio, 3),
+                "limit": limit,
+                "slo_attainment": a.get("slo_attainment"),
+                "reference_slo_attainment": ref.get("slo_attainment"),
+                "met": bool(ratio <= limit and slo_ok),
+                "cost_met": bool(ratio <= limit),
+                "slo_met": bool(slo_ok),
                 # The same test against every cost-blind arm, for readers who take "best" otherwise.
                 "vs_each": {
-                    n: {"ratio": _r(float(a["cost_per_million"]) / float(e["cost_per_million"]), 3),
-                        "slo_at_least_as_good": bool((a.get("slo_attainment") or 0.0) >= (e.get("slo_attainment") or 0.0))}
-                    for n, e in envoy.items() if e.get("cost_per_million")
+                    n: {
+                        "ratio": _r(float(a["cost_per_million"]) / float(e["cost_per_million"]), 3),
+                        "slo_at_least_as_good": bool(
+                            (a.get("slo_attainment") or 0.0) >= (e.get("slo_attainment") or 0.0)
+                        ),
+                    }
+                    for n, e in envoy.items()
+                    if e.get("cost_per_million")
                 },
-            }  # fmt: skip
+            }
         else:
             res["cost_vs_best_cost_blind"] = {"target": text, "met": None, "note": "no cost-blind arm ran"}
         text, _ = TARGETS_TEXT["errors_vs_envoy_arms"]
         if envoy:
             worst_ok = all((a.get("error_rate") or 0.0) <= (e.get("error_rate") or 0.0) for e in envoy.values())
             res["errors_vs_envoy_arms"] = {
-                "target": text, "error_rate": a.get("error_rate"),
-                "envoy_error_rates": {n: e.get("error_rate") for n, e in envoy.items()}, "met": bool(worst_ok),
-            }  # fmt: skip
+                "target": text,
+                "error_rate": a.get("error_rate"),
+                "envoy_error_rates": {n: e.get("error_rate") for n, e in envoy.items()},
+                "met": bool(worst_ok),
+            }
         else:
             res["errors_vs_envoy_arms"] = {"target": text, "met": None, "note": "no Envoy arm ran"}
         out["by_arm"][name] = res
@@ -497,16 +586,44 @@ Inspect = Callable[["Stack", OpenLoopResult], Any]
 class Generator:
     """The open-loop generator as a child process: started, handed t=0, waited for."""
 
-    def __init__(self, url: str, *, rate_rps: float, duration_s: float, arrivals: str, seed: int, out: Path,
-                 max_inflight: int = MAX_INFLIGHT, timeout_s: float = CLIENT_TIMEOUT_S) -> None:  # fmt: skip
+    def __init__(
+        self,
+        url: str,
+        *,
+        rate_rps: float,
+        duration_s: float,
+        arrivals: str,
+        seed: int,
+        out: Path,
+        max_inflight: int = MAX_INFLIGHT,
+        timeout_s: float = CLIENT_TIMEOUT_S,
+    ) -> None:
         self.out = out
         self.duration_s = duration_s
         self.timeout_s = timeout_s
         argv = [
-            sys.executable, "-m", "balanceiq.testbed.openloop", "--url", url, "--rate", f"{rate_rps:g}",
-            "--duration", f"{duration_s:g}", "--arrivals", arrivals, "--seed", str(seed),
-            "--max-inflight", str(max_inflight), "--timeout", f"{timeout_s:g}", "--start-at", "-", "--out", str(out),
-        ]  # fmt: skip
+            sys.executable,
+            "-m",
+            "balanceiq.testbed.openloop",
+            "--url",
+            url,
+            "--rate",
+            f"{rate_rps:g}",
+            "--duration",
+            f"{duration_s:g}",
+            "--arrivals",
+            arrivals,
+            "--seed",
+            str(seed),
+            "--max-inflight",
+            str(max_inflight),
+            "--timeout",
+            f"{timeout_s:g}",
+            "--start-at",
+            "-",
+            "--out",
+            str(out),
+        ]
         self.err_path = out.with_suffix(".stderr")
         with open(self.err_path, "wb") as err:
             self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, text=True)
@@ -539,8 +656,9 @@ class Generator:
                 on_tick(time.time() - self.start_wall)
             time.sleep(0.25)
         if self.proc.returncode != 0 or not self.out.exists():
-            raise BenchError(f"load generator exited {self.proc.returncode}: "
-                             f"{self.err_path.read_text(errors='replace')[-500:]}")  # fmt: skip
+            raise BenchError(
+                f"load generator exited {self.proc.returncode}: {self.err_path.read_text(errors='replace')[-500:]}"
+            )
         return OpenLoopResult.from_json(json.loads(self.out.read_text()))
 
     def stop(self) -> None:
@@ -564,8 +682,9 @@ class Stack:
         from balanceiq.testbed.testbed import Testbed
         from balanceiq.xds.server import XdsServer
 
-        self.settings, self.mapping = bench_settings(base, workdir / "state", private_gauges=private_gauges,
-                                                     lb_policy=lb_policy)  # fmt: skip
+        self.settings, self.mapping = bench_settings(
+            base, workdir / "state", private_gauges=private_gauges, lb_policy=lb_policy
+        )
         self.cluster = self.settings.clusters[0]
         self.pids: set[int] = set()
         self.xds = XdsServer(self.settings, state_dir=workdir / "state")
@@ -575,8 +694,16 @@ class Stack:
             self.testbed = Testbed(self.settings, workdir / "tb", lb_policy=lb_policy)
             self.testbed.start()
             tb = self.testbed
-            self.pids = {p for p in (tb.backends.pid, tb.envoy.pid, tb.als.pid if tb.als else None,
-                                     tb.prometheus.pid if tb.prometheus else None) if p}  # fmt: skip
+            self.pids = {
+                p
+                for p in (
+                    tb.backends.pid,
+                    tb.envoy.pid,
+                    tb.als.pid if tb.als else None,
+                    tb.prometheus.pid if tb.prometheus else None,
+                )
+                if p
+            }
             self.backend_urls = dict(zip([b["name"] for b in self.testbed.backends.specs], self.testbed.backends.urls))
             self.http = httpx.Client(timeout=5.0, trust_env=False)
         except BaseException:
@@ -634,17 +761,21 @@ def cost_aware_weights(cluster: Any) -> dict[str, int]:
 
     eps: list[EndpointConfig] = list(cluster.endpoints)
     obs = Observation(
-        cluster=cluster.name, source="api",
-        endpoints=tuple(EndpointObservation(address=e.address, cost_per_million=e.cost_per_million_requests,
-                                            healthy=True) for e in eps),
-    )  # fmt: skip
+        cluster=cluster.name,
+        source="api",
+        endpoints=tuple(
+            EndpointObservation(address=e.address, cost_per_million=e.cost_per_million_requests, healthy=True)
+            for e in eps
+        ),
+    )
     n = len(eps)
     ctx = PolicyContext(
         shares=np.full(n, 1.0 / n),
         capacity_hint=np.array([e.capacity_rps or math.nan for e in eps], dtype=np.float64),
         static_weights=np.array([e.weight for e in eps], dtype=np.float64),
-        demand_rps=0.0, k=1,
-    )  # fmt: skip
+        demand_rps=0.0,
+        k=1,
+    )
     d = CostAwareStatic().decide(obs, ctx)
     return {e.address: int(w) for e, w in zip(eps, d.weights)}
 
@@ -652,26 +783,43 @@ def cost_aware_weights(cluster: Any) -> dict[str, int]:
 # -- the rate the box sustains, and the generator's own overhead --------------------------------
 
 
-def measure_capacity(base: Settings, rate_rps: float, workdir: Path, *, arrivals: str, seed: int,
-                     console: Console) -> dict[str, Any]:  # fmt: skip
+def measure_capacity(
+    base: Settings, rate_rps: float, workdir: Path, *, arrivals: str, seed: int, console: Console
+) -> dict[str, Any]:
     """A stack like the arms' (ROUND_ROBIN) with every backend at zero delay and no
     concurrency limit, so only CPU limits it: (1) the generator alone against one
     backend at ``rate_rps`` (its latency floor, schedule lag, CPU per request); (2) a
     ramp through Envoy at 1, 2, 4, 8, 12 x ``rate_rps`` (at most 2,000), ``RAMP_STEP_S`` each, stopping at
     the first rate not sustained (any error, p99 > ``SUSTAIN_P99_MS`` or schedule lag
     p99 > ``SUSTAIN_LAG_P99_MS``)."""
-    out: dict[str, Any] = {"criteria": {"errors": 0, "p99_ms_max": SUSTAIN_P99_MS,
-                                        "schedule_lag_p99_ms_max": SUSTAIN_LAG_P99_MS, "step_s": RAMP_STEP_S}}  # fmt: skip
+    out: dict[str, Any] = {
+        "criteria": {
+            "errors": 0,
+            "p99_ms_max": SUSTAIN_P99_MS,
+            "schedule_lag_p99_ms_max": SUSTAIN_LAG_P99_MS,
+            "step_s": RAMP_STEP_S,
+        }
+    }
     stack = Stack(base, workdir, "ROUND_ROBIN")
     pids = set(stack.pids)
     try:
-        stack.control_all({"base_latency_ms": 0.0, "jitter_ms": 0.0, "extra_latency_ms": 0.0, "tail_prob": 0.0,
-                           "concurrency": 100000, "error_rate": 0.0, "orca": True})  # fmt: skip
+        stack.control_all(
+            {
+                "base_latency_ms": 0.0,
+                "jitter_ms": 0.0,
+                "extra_latency_ms": 0.0,
+                "tail_prob": 0.0,
+                "concurrency": 100000,
+                "error_rate": 0.0,
+                "orca": True,
+            }
+        )
         stack.wait_routable()
 
         def run(url: str, rate: float, name: str) -> OpenLoopResult:
-            g = Generator(url, rate_rps=rate, duration_s=RAMP_STEP_S, arrivals=arrivals, seed=seed,
-                          out=workdir / f"{name}.json")  # fmt: skip
+            g = Generator(
+                url, rate_rps=rate, duration_s=RAMP_STEP_S, arrivals=arrivals, seed=seed, out=workdir / f"{name}.json"
+            )
             pids.add(g.pid)
             g.start()
             return g.wait()
@@ -681,7 +829,8 @@ def measure_capacity(base: Settings, rate_rps: float, workdir: Path, *, arrivals
             r = run(direct_url, rate_rps, "calibration-direct")
         out["generator_calibration"] = {
             "what": "generator -> one zero-delay backend directly (no Envoy), open loop",
-            "rate_rps": rate_rps, **_step_summary(r),
+            "rate_rps": rate_rps,
+            **_step_summary(r),
         }
         steps = []
         sustained = None
@@ -692,8 +841,11 @@ def measure_capacity(base: Settings, rate_rps: float, workdir: Path, *, arrivals
             with console.status(f"capacity: {rate:g} req/s through Envoy to zero-delay backends"):
                 r = run(stack.proxy_url, rate, f"ramp-{rate:g}")
             s = _step_summary(r)
-            ok = (s["errors"] == 0 and (s["latency_ms"]["p99"] or math.inf) <= SUSTAIN_P99_MS
-                  and (s["schedule_lag_ms"]["p99"] or 0.0) <= SUSTAIN_LAG_P99_MS)  # fmt: skip
+            ok = (
+                s["errors"] == 0
+                and (s["latency_ms"]["p99"] or math.inf) <= SUSTAIN_P99_MS
+                and (s["schedule_lag_ms"]["p99"] or 0.0) <= SUSTAIN_LAG_P99_MS
+            )
             steps.append({"rate_rps": rate, "sustained": ok, **s})
             if not ok:
                 break
@@ -711,20 +863,38 @@ def _step_summary(r: OpenLoopResult) -> dict[str, Any]:
     s = r.summary()
     o = r.overhead()
     return {
-        "requests": s["requests"], "errors": s["errors"], "achieved_rps": round(s["ok"] / r.duration_s, 1)
-        if r.duration_s else None, "latency_ms": {k: s["latency_ms"][k] for k in ("p50", "p99", "p999", "max")},
-        "schedule_lag_ms": o["schedule_lag_ms"], "cpu_ms_per_request": o["cpu_ms_per_request"],
-        "generator_cores": o["cpu_cores"], "peak_inflight": o["peak_inflight"],
-    }  # fmt: skip
+        "requests": s["requests"],
+        "errors": s["errors"],
+        "achieved_rps": round(s["ok"] / r.duration_s, 1) if r.duration_s else None,
+        "latency_ms": {k: s["latency_ms"][k] for k in ("p50", "p99", "p999", "max")},
+        "schedule_lag_ms": o["schedule_lag_ms"],
+        "cpu_ms_per_request": o["cpu_ms_per_request"],
+        "generator_cores": o["cpu_cores"],
+        "peak_inflight": o["peak_inflight"],
+    }
 
 
 # -- one arm ------------------------------------------------------------------------------------
 
 
-def run_arm(arm: Arm, base: Settings, scenario: LiveScenario, workdir: Path, *, rate_rps: float, duration_s: float,
-            warmup_s: float, arrivals: str, seed: int, slo_ms: float, bin_s: float, scorer: Any,
-            progress: Progress | None = None, inspect: Inspect | None = None,
-            private_gauges: bool = False) -> dict[str, Any]:  # fmt: skip
+def run_arm(
+    arm: Arm,
+    base: Settings,
+    scenario: LiveScenario,
+    workdir: Path,
+    *,
+    rate_rps: float,
+    duration_s: float,
+    warmup_s: float,
+    arrivals: str,
+    seed: int,
+    slo_ms: float,
+    bin_s: float,
+    scorer: Any,
+    progress: Progress | None = None,
+    inspect: Inspect | None = None,
+    private_gauges: bool = False,
+) -> dict[str, Any]:
     """One arm on a fresh stack; returns its metrics (and the pids it started).
 
     ``inspect(stack, result)`` runs after the load, before teardown (tests read the
@@ -752,19 +922,28 @@ def run_arm(arm: Arm, base: Settings, scenario: LiveScenario, workdir: Path, *, 
     failures: list[str] = []
     stop = threading.Event()
     thread: threading.Thread | None = None
-    info: dict[str, Any] = {"label": arm.label, "lb_policy": arm.lb_policy, "weights": arm.weights, "family": arm.family}
+    info: dict[str, Any] = {
+        "label": arm.label,
+        "lb_policy": arm.lb_policy,
+        "weights": arm.weights,
+        "family": arm.family,
+    }
     configured = {new: old for old, new in stack.mapping.items()}
     oracle_pushes: list[dict[str, Any]] = []
 
     def push_oracle(n_events: int, t_s: float) -> None:
         o = oracle_for(stack.settings, scen.events[:n_events], demand_rps=rate_rps, slo_ms=slo_ms)
         stack.push(o["weights"])
-        oracle_pushes.append({
-            "t_s": round(t_s, 3), "after": scen.events[n_events - 1].name if n_events else "start",
-            "weights": {configured[a]: w for a, w in o["weights"].items()},
-            "excluded": [configured[a] for a in o["excluded"]], "status": o["status"],
-            "max_utilization": o["max_utilization"],
-        })  # fmt: skip
+        oracle_pushes.append(
+            {
+                "t_s": round(t_s, 3),
+                "after": scen.events[n_events - 1].name if n_events else "start",
+                "weights": {configured[a]: w for a, w in o["weights"].items()},
+                "excluded": [configured[a] for a in o["excluded"]],
+                "status": o["status"],
+                "max_utilization": o["max_utilization"],
+            }
+        )
 
     try:
         stack.control_all({"orca": True})  # every arm: the same backends, the same response headers
@@ -791,8 +970,14 @@ def run_arm(arm: Arm, base: Settings, scenario: LiveScenario, workdir: Path, *, 
                 plane.update_policy({"costs": prices})
 
         driver = ScenarioDriver(list(cluster.endpoints), stack.backend_urls, on_prices=on_prices)
-        gen = Generator(stack.proxy_url, rate_rps=rate_rps, duration_s=warmup_s + duration_s, arrivals=arrivals,
-                        seed=seed, out=workdir / "load.json")  # fmt: skip
+        gen = Generator(
+            stack.proxy_url,
+            rate_rps=rate_rps,
+            duration_s=warmup_s + duration_s,
+            arrivals=arrivals,
+            seed=seed,
+            out=workdir / "load.json",
+        )
         pids.add(gen.pid)
         if plane is not None:
             plane.start()
@@ -808,8 +993,14 @@ def run_arm(arm: Arm, base: Settings, scenario: LiveScenario, workdir: Path, *, 
                         return
                 try:
                     hit = driver.apply(ev)
-                    applied.append({"name": ev.name, "at_s": round(ev.at_s * scale, 3),
-                                    "applied_s": round(time.time() - start - warmup_s, 3), "endpoints": hit})  # fmt: skip
+                    applied.append(
+                        {
+                            "name": ev.name,
+                            "at_s": round(ev.at_s * scale, 3),
+                            "applied_s": round(time.time() - start - warmup_s, 3),
+                            "endpoints": hit,
+                        }
+                    )
                     if arm.weights == "oracle":
                         push_oracle(i + 1, time.time() - start - warmup_s)
                 except Exception as exc:  # report it; the arm's numbers would be wrong
@@ -822,8 +1013,11 @@ def run_arm(arm: Arm, base: Settings, scenario: LiveScenario, workdir: Path, *, 
         def tick(elapsed: float) -> None:
             if progress is not None and task is not None:
                 phase = "warm-up" if elapsed < warmup_s else scen.phase_at((elapsed - warmup_s) / scale)
-                progress.update(task, completed=min(max(elapsed, 0.0), warmup_s + duration_s),
-                                description=f"{arm.name:<18} {phase[:22]}")  # fmt: skip
+                progress.update(
+                    task,
+                    completed=min(max(elapsed, 0.0), warmup_s + duration_s),
+                    description=f"{arm.name:<18} {phase[:22]}",
+                )
 
         res = gen.wait(tick)
         wall = time.time() - start
@@ -859,18 +1053,33 @@ def run_arm(arm: Arm, base: Settings, scenario: LiveScenario, workdir: Path, *, 
         if gen is not None:
             gen.stop()
         stack.stop()
-    m = arm_metrics(res, warmup_s=warmup_s, scale=scale, scenario=scenario, prices=book, slo_ms=slo_ms, bin_s=bin_s,
-                    clouds=clouds, names=configured)  # fmt: skip
+    m = arm_metrics(
+        res,
+        warmup_s=warmup_s,
+        scale=scale,
+        scenario=scenario,
+        prices=book,
+        slo_ms=slo_ms,
+        bin_s=bin_s,
+        clouds=clouds,
+        names=configured,
+    )
     return {
-        **info, **m, "events": applied, "generator": res.overhead(), "cpu": cpu,
+        **info,
+        **m,
+        "events": applied,
+        "generator": res.overhead(),
+        "cpu": cpu,
         "price_changes": {a: [[_r(t, 3), p] for t, p in ch[1:]] for a, ch in book.changes.items() if len(ch) > 1},
-        "backends": {a: clouds[a] for a in clouds}, "wall_s": round(time.monotonic() - t_arm, 1),
+        "backends": {a: clouds[a] for a in clouds},
+        "wall_s": round(time.monotonic() - t_arm, 1),
         "_pids": sorted(pids),
     }
 
 
-def _controller_summary(controller: Any, start_wall: float, warmup_s: float,
-                        names: dict[str, str] | None = None) -> dict[str, Any]:  # fmt: skip
+def _controller_summary(
+    controller: Any, start_wall: float, warmup_s: float, names: dict[str, str] | None = None
+) -> dict[str, Any]:
     """Decisions, modes, pushes, each decision's weights (per endpoint, under its
     configured address with ``names``; the weights Envoy was left with: the new ones if
     pushed, else the previous) and share per cloud, and ``reversals`` of the decided
@@ -894,13 +1103,23 @@ def _controller_summary(controller: Any, start_wall: float, warmup_s: float,
         t_s = round(r.timestamp - start_wall - warmup_s, 2)
         if t_s >= 0:
             measured.append(split or {a: float(w) for a, w in weights.items()})
-        timeline.append({"t_s": t_s, "mode": r.mode, "pushed": r.pushed,
-                         "share_by_cloud": {c: round(v, 3) for c, v in sorted(by_cloud.items())},
-                         "weights": {names.get(a, a): int(w) for a, w in sorted(weights.items())}})  # fmt: skip
+        timeline.append(
+            {
+                "t_s": t_s,
+                "mode": r.mode,
+                "pushed": r.pushed,
+                "share_by_cloud": {c: round(v, 3) for c, v in sorted(by_cloud.items())},
+                "weights": {names.get(a, a): int(w) for a, w in sorted(weights.items())},
+            }
+        )
     return {
-        "decisions": len(recs), "modes": dict(modes), "pushes": sum(1 for r in recs if r.pushed),
-        "errors": sum(1 for r in recs if r.error), "reversals": count_reversals(measured),
-        "measured_decisions": len(measured), "weight_timeline": timeline,
+        "decisions": len(recs),
+        "modes": dict(modes),
+        "pushes": sum(1 for r in recs if r.pushed),
+        "errors": sum(1 for r in recs if r.error),
+        "reversals": count_reversals(measured),
+        "measured_decisions": len(measured),
+        "weight_timeline": timeline,
     }
 
 
@@ -944,13 +1163,25 @@ def plot(result: dict[str, Any], path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(13, 7), sharex=True, gridspec_kw={"height_ratios": [2, 1]})
     styles = {"envoy": "-", "static": ":", "balanceiq": "-", "oracle": "--"}
-    for name, a in result["arms"].items():
+    for a in result["arms"].values():
         b = a["bins"]
         lw = 2.2 if a["family"] == "balanceiq" else 1.3
-        ax1.plot(b["t_s"], [v if v is not None else float("nan") for v in b["p99_ms"]], styles.get(a["family"], "-"),
-                 label=a["label"], linewidth=lw, drawstyle="steps-mid")  # fmt: skip
-        ax2.plot(b["t_s"], b["cost_per_million"], styles.get(a["family"], "-"), label=a["label"], linewidth=lw,
-                 drawstyle="steps-mid")
+        ax1.plot(
+            b["t_s"],
+            [v if v is not None else float("nan") for v in b["p99_ms"]],
+            styles.get(a["family"], "-"),
+            label=a["label"],
+            linewidth=lw,
+            drawstyle="steps-mid",
+        )
+        ax2.plot(
+            b["t_s"],
+            b["cost_per_million"],
+            styles.get(a["family"], "-"),
+            label=a["label"],
+            linewidth=lw,
+            drawstyle="steps-mid",
+        )
     warm = result["setup"]["warmup_s"]
     events = next((a["events"] for a in result["arms"].values() if a["events"]), [])
     for ax in (ax1, ax2):
@@ -958,10 +1189,19 @@ def plot(result: dict[str, Any], path: Path) -> Path:
         for ev in events:
             ax.axvline(ev["applied_s"], color="0.35", linestyle="--", linewidth=0.9)
     for ev in events:
-        ax1.annotate(ev["name"], (ev["applied_s"], 1.0), xycoords=("data", "axes fraction"), rotation=90,
-                     va="top", ha="right", fontsize=8, color="0.25")  # fmt: skip
-    ax1.annotate("warm-up (not measured)", (-warm, 0.0), xycoords=("data", "axes fraction"), va="bottom", fontsize=8,
-                 color="0.4")  # fmt: skip
+        ax1.annotate(
+            ev["name"],
+            (ev["applied_s"], 1.0),
+            xycoords=("data", "axes fraction"),
+            rotation=90,
+            va="top",
+            ha="right",
+            fontsize=8,
+            color="0.25",
+        )
+    ax1.annotate(
+        "warm-up (not measured)", (-warm, 0.0), xycoords=("data", "axes fraction"), va="bottom", fontsize=8, color="0.4"
+    )
     ax1.axhline(result["setup"]["slo_ms"], color="tab:red", linewidth=0.8, alpha=0.6)
     ax1.set_yscale("log")
     ax1.set_ylabel(f"p99 latency per {result['setup']['bin_s']:g} s (ms)")
@@ -969,8 +1209,10 @@ def plot(result: dict[str, Any], path: Path) -> Path:
     ax2.set_ylabel("$ per million requests")
     ax2.set_xlabel(f"seconds into the scenario (x{result['scenario']['time_scale']:.2f} of the file's timeline)")
     s = result["setup"]
-    fig.suptitle(f"balanceiq bench live: {result['scenario']['name']}, {s['rate_rps']:g} req/s open loop "
-                 f"({s['arrivals']}), latency from intended send time")  # fmt: skip
+    fig.suptitle(
+        f"balanceiq bench live: {result['scenario']['name']}, {s['rate_rps']:g} req/s open loop "
+        f"({s['arrivals']}), latency from intended send time"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -1012,8 +1254,24 @@ def run_live_bench(
     scenario.check_targets(list(base.clusters[0].endpoints))
     # Ray's and torch's chatter must not reach stdout: it carries exactly one JSON object.
     with contextlib.redirect_stdout(sys.stderr):
-        return _run(base, scenario, arms, rate_rps, duration_s, warmup_s, arrivals, seed, slo_ms, bin_s, plot_path,
-                    calibrate, scenario_file, console, inspect, private_gauges)  # fmt: skip
+        return _run(
+            base,
+            scenario,
+            arms,
+            rate_rps,
+            duration_s,
+            warmup_s,
+            arrivals,
+            seed,
+            slo_ms,
+            bin_s,
+            plot_path,
+            calibrate,
+            scenario_file,
+            console,
+            inspect,
+            private_gauges,
+        )
 
 
 def _load_scorer(console: Console) -> tuple[Any, dict[str, Any]]:
@@ -1029,10 +1287,24 @@ def _load_scorer(console: Console) -> tuple[Any, dict[str, Any]]:
     return (lambda rows: model.score_many([rows])[0]), {"checkpoint": str(model.checkpoint)}
 
 
-def _run(base: Settings, scenario: LiveScenario, arms: list[Arm], rate_rps: float, duration_s: float, warmup_s: float,
-         arrivals: str, seed: int, slo_ms: float, bin_s: float, plot_path: Path | None, calibrate: bool,
-         scenario_file: str | None, console: Console, inspect: Inspect | None = None,
-         private_gauges: bool = False) -> dict[str, Any]:  # fmt: skip
+def _run(
+    base: Settings,
+    scenario: LiveScenario,
+    arms: list[Arm],
+    rate_rps: float,
+    duration_s: float,
+    warmup_s: float,
+    arrivals: str,
+    seed: int,
+    slo_ms: float,
+    bin_s: float,
+    plot_path: Path | None,
+    calibrate: bool,
+    scenario_file: str | None,
+    console: Console,
+    inspect: Inspect | None = None,
+    private_gauges: bool = False,
+) -> dict[str, Any]:
     t0 = time.monotonic()
     scale = duration_s / scenario.duration_s
     notes: list[str] = []
@@ -1040,22 +1312,44 @@ def _run(base: Settings, scenario: LiveScenario, arms: list[Arm], rate_rps: floa
     result: dict[str, Any] = {
         "bench": "live",
         "scenario": {
-            "name": scenario.name, "file": scenario_file, "duration_s": scenario.duration_s, "time_scale": round(scale, 4),
-            "events": [{"name": e.name, "at_s": e.at_s, "replayed_at_s": round(e.at_s * scale, 3)} for e in scenario.events],
+            "name": scenario.name,
+            "file": scenario_file,
+            "duration_s": scenario.duration_s,
+            "time_scale": round(scale, 4),
+            "events": [
+                {"name": e.name, "at_s": e.at_s, "replayed_at_s": round(e.at_s * scale, 3)} for e in scenario.events
+            ],
         },
         "setup": {
-            "rate_rps": rate_rps, "arrivals": arrivals, "seed": seed, "duration_s": duration_s, "warmup_s": warmup_s,
-            "slo_ms": slo_ms, "bin_s": bin_s, "control_interval_s": CONTROL_INTERVAL_S,
-            "telemetry_window_s": TELEMETRY_WINDOW_S, "scrape_interval_s": SCRAPE_INTERVAL_S,
-            "max_inflight": MAX_INFLIGHT, "client_timeout_s": CLIENT_TIMEOUT_S, "envoy_route_timeout_s": 10.0,
-            "arms": [a.name for a in arms], "private_gauges": private_gauges,
-            "endpoints": [{"address": ep.address, "cloud": ep.cloud, "region": ep.region,
-                           "cost_per_million": ep.cost_per_million_requests, "capacity_rps": ep.capacity_rps,
-                           "testbed": base.testbed.behaviour_for(ep)}
-                          for ep in base.clusters[0].endpoints],
+            "rate_rps": rate_rps,
+            "arrivals": arrivals,
+            "seed": seed,
+            "duration_s": duration_s,
+            "warmup_s": warmup_s,
+            "slo_ms": slo_ms,
+            "bin_s": bin_s,
+            "control_interval_s": CONTROL_INTERVAL_S,
+            "telemetry_window_s": TELEMETRY_WINDOW_S,
+            "scrape_interval_s": SCRAPE_INTERVAL_S,
+            "max_inflight": MAX_INFLIGHT,
+            "client_timeout_s": CLIENT_TIMEOUT_S,
+            "envoy_route_timeout_s": 10.0,
+            "arms": [a.name for a in arms],
+            "private_gauges": private_gauges,
+            "endpoints": [
+                {
+                    "address": ep.address,
+                    "cloud": ep.cloud,
+                    "region": ep.region,
+                    "cost_per_million": ep.cost_per_million_requests,
+                    "capacity_rps": ep.capacity_rps,
+                    "testbed": base.testbed.behaviour_for(ep),
+                }
+                for ep in base.clusters[0].endpoints
+            ],
             "method": "open loop: one arrival schedule for every arm, latency from the intended send time; "
-                      "a fresh testbed per arm; the scenario scaled to duration_s after an unmeasured warm-up",
-        },  # fmt: skip
+            "a fresh testbed per arm; the scenario scaled to duration_s after an unmeasured warm-up",
+        },
         "machine": {"cores": os.cpu_count(), "load_avg_at_start": [round(x, 2) for x in os.getloadavg()]},
     }
     if len(base.clusters) > 1:
@@ -1076,20 +1370,43 @@ def _run(base: Settings, scenario: LiveScenario, arms: list[Arm], rate_rps: floa
             result["capacity"] = cap
             sus = cap.get("sustainable_rps")
             if sus is None or sus < rate_rps:
-                notes.append(f"--rate {rate_rps:g} is above the rate this box sustained in the ramp ({sus}): "
-                             "the arms' latencies include the machine's own queueing")  # fmt: skip
+                notes.append(
+                    f"--rate {rate_rps:g} is above the rate this box sustained in the ramp ({sus}): "
+                    "the arms' latencies include the machine's own queueing"
+                )
             if cap["leftover_processes"]:
                 notes.append(f"capacity stack left processes: {cap['leftover_processes']}")
         result["arms"] = {}
-        with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed:>5.0f}/{task.total:.0f} s"),
-                      TimeElapsedColumn(), console=console, transient=True) as progress:  # fmt: skip
+        with Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            TextColumn("{task.completed:>5.0f}/{task.total:.0f} s"),
+            TimeElapsedColumn(),
+            console=console,
+            transient=True,
+        ) as progress:
             for arm in arms:
-                console.print(f"[bold]{arm.label}[/]: fresh testbed, {warmup_s:g} s warm-up + {duration_s:g} s "
-                              f"of {scenario.name}")  # fmt: skip
+                console.print(
+                    f"[bold]{arm.label}[/]: fresh testbed, {warmup_s:g} s warm-up + {duration_s:g} s of {scenario.name}"
+                )
                 try:
-                    r = run_arm(arm, base, scenario, work / arm.name, rate_rps=rate_rps, duration_s=duration_s,
-                                warmup_s=warmup_s, arrivals=arrivals, seed=seed, slo_ms=slo_ms, bin_s=bin_s,
-                                scorer=scorer, progress=progress, inspect=inspect, private_gauges=private_gauges)  # fmt: skip
+                    r = run_arm(
+                        arm,
+                        base,
+                        scenario,
+                        work / arm.name,
+                        rate_rps=rate_rps,
+                        duration_s=duration_s,
+                        warmup_s=warmup_s,
+                        arrivals=arrivals,
+                        seed=seed,
+                        slo_ms=slo_ms,
+                        bin_s=bin_s,
+                        scorer=scorer,
+                        progress=progress,
+                        inspect=inspect,
+                        private_gauges=private_gauges,
+                    )
                 except BalanceIQError:
                     raise
                 except Exception as exc:
@@ -1098,13 +1415,18 @@ def _run(base: Settings, scenario: LiveScenario, arms: list[Arm], rate_rps: floa
                 lag = r["generator"]["schedule_lag_ms"]["p99"] or 0.0
                 r["disturbed"] = bool(lag > SUSTAIN_LAG_P99_MS)
                 if r["disturbed"]:
-                    notes.append(f"{arm.name}: the generator's schedule lag p99 was {lag:.0f} ms (> {SUSTAIN_LAG_P99_MS:g}; "
-                                 f"other processes used {r['cpu'].get('other_processes_cores')} cores): the machine "
-                                 "was busy during this arm and its latencies include that")  # fmt: skip
+                    notes.append(
+                        f"{arm.name}: the generator's schedule lag p99 was {lag:.0f} ms (> {SUSTAIN_LAG_P99_MS:g}; "
+                        f"other processes used {r['cpu'].get('other_processes_cores')} cores): the machine "
+                        "was busy during this arm and its latencies include that"
+                    )
                 result["arms"][arm.name] = r
-                console.print(f"  p50 {r['p50_ms']} ms  p99 {r['p99_ms']} ms  p99.9 {r['p999_ms']} ms  "
-                              f"errors {100 * (r['error_rate'] or 0):.2f} %  ${r['cost_per_million']}/M  "
-                              f"SLO {100 * (r['slo_attainment'] or 0):.2f} %  ({r['wall_s']} s)", highlight=False)  # fmt: skip
+                console.print(
+                    f"  p50 {r['p50_ms']} ms  p99 {r['p99_ms']} ms  p99.9 {r['p999_ms']} ms  "
+                    f"errors {100 * (r['error_rate'] or 0):.2f} %  ${r['cost_per_million']}/M  "
+                    f"SLO {100 * (r['slo_attainment'] or 0):.2f} %  ({r['wall_s']} s)",
+                    highlight=False,
+                )
     result["targets"] = evaluate_targets(result["arms"])
     lags = [a["generator"]["schedule_lag_ms"]["p99"] for a in result["arms"].values()]
     cpu = [a["generator"]["cpu_ms_per_request"] for a in result["arms"].values()]

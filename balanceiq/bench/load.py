@@ -63,9 +63,12 @@ def _pct(values: Sequence[float], digits: int = 2) -> dict[str, Any]:
     if not arr.size:
         return {"p50": None, "p90": None, "p99": None, "max": None, "n": 0}
     return {
-        "p50": round(float(np.percentile(arr, 50)), digits), "p90": round(float(np.percentile(arr, 90)), digits),
-        "p99": round(float(np.percentile(arr, 99)), digits), "max": round(float(arr.max()), digits), "n": int(arr.size),
-    }  # fmt: skip
+        "p50": round(float(np.percentile(arr, 50)), digits),
+        "p90": round(float(np.percentile(arr, 90)), digits),
+        "p99": round(float(np.percentile(arr, 99)), digits),
+        "max": round(float(arr.max()), digits),
+        "n": int(arr.size),
+    }
 
 
 def _check(rate_rps: float, duration_s: float) -> None:
@@ -86,13 +89,31 @@ def request_mix(addresses: Sequence[str]) -> list[tuple[str, str, dict[str, Any]
     overrides clear an override that is not there: a real authenticated write (token
     check, guardrails, a wake-up of the control loop) that leaves routing as it was.
     """
-    reads = ["/api/health", "/api/status", "/api/weights", "/api/metrics/all", "/api/metrics/weights",
-             "/api/metrics/training", "/api/decisions?limit=20", "/api/policy", "/metrics"]  # fmt: skip
-    score = {"endpoints": [
-        {"address": f"10.0.0.{i}:80", "p95_ms": 20.0 + 15 * i, "rps": 40.0, "saturation": 0.2 + 0.1 * i,
-         "error_rate": 0.0, "cost_per_million": 0.3 + 0.05 * i, "healthy": True}
-        for i in range(6)
-    ]}  # fmt: skip
+    reads = [
+        "/api/health",
+        "/api/status",
+        "/api/weights",
+        "/api/metrics/all",
+        "/api/metrics/weights",
+        "/api/metrics/training",
+        "/api/decisions?limit=20",
+        "/api/policy",
+        "/metrics",
+    ]
+    score = {
+        "endpoints": [
+            {
+                "address": f"10.0.0.{i}:80",
+                "p95_ms": 20.0 + 15 * i,
+                "rps": 40.0,
+                "saturation": 0.2 + 0.1 * i,
+                "error_rate": 0.0,
+                "cost_per_million": 0.3 + 0.05 * i,
+                "healthy": True,
+            }
+            for i in range(6)
+        ]
+    }
     cycle: list[tuple[str, str, dict[str, Any] | None, bool]] = []
     r = 0
     for i in range(100):
@@ -106,7 +127,9 @@ def request_mix(addresses: Sequence[str]) -> list[tuple[str, str, dict[str, Any]
     return cycle
 
 
-async def _open_loop(url: str, token: str, rate_rps: float, duration_s: float, addresses: Sequence[str]) -> dict[str, Any]:
+async def _open_loop(
+    url: str, token: str, rate_rps: float, duration_s: float, addresses: Sequence[str]
+) -> dict[str, Any]:
     import aiohttp
 
     mix = request_mix(addresses)
@@ -135,7 +158,7 @@ async def _open_loop(url: str, token: str, rate_rps: float, duration_s: float, a
                 ok[i] = 200 <= resp.status < 300
                 if not ok[i]:
                     errors[f"HTTP {resp.status} {method} {path}"] += 1
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             errors[f"{type(exc).__name__} {method} {path}"] += 1
         lat[i] = (loop.time() - due) * 1000
         by_route.setdefault(f"{method} {path.split('?')[0]}", []).append(i)
@@ -153,13 +176,24 @@ async def _open_loop(url: str, token: str, rate_rps: float, duration_s: float, a
         wall = loop.time() - t0
     done = int(ok.sum())
     return {
-        "requests": n, "ok": done, "errors": n - done, "error_kinds": dict(errors), "status": dict(status),
-        "achieved_rps": round(done / wall, 1) if wall > 0 else None, "wall_s": round(wall, 2),
+        "requests": n,
+        "ok": done,
+        "errors": n - done,
+        "error_kinds": dict(errors),
+        "status": dict(status),
+        "achieved_rps": round(done / wall, 1) if wall > 0 else None,
+        "wall_s": round(wall, 2),
         "latency_ms": _pct(lat),
-        "by_route": {route: {**_pct(lat[idx]), "errors": int((~ok[idx]).sum())} for route, idx in sorted(by_route.items())},
-        "client": {"schedule_lag_ms": _pct(lag), "cpu_s": round(time.process_time() - cpu0, 2),
-                   "connections": API_CONNECTIONS, "timeout_s": API_TIMEOUT_S},
-    }  # fmt: skip
+        "by_route": {
+            route: {**_pct(lat[idx]), "errors": int((~ok[idx]).sum())} for route, idx in sorted(by_route.items())
+        },
+        "client": {
+            "schedule_lag_ms": _pct(lag),
+            "cpu_s": round(time.process_time() - cpu0, 2),
+            "connections": API_CONNECTIONS,
+            "timeout_s": API_TIMEOUT_S,
+        },
+    }
 
 
 def _api_client(conn: Any, url: str, token: str, rate_rps: float, duration_s: float, addresses: list[str]) -> None:
@@ -209,23 +243,41 @@ def load_settings(state_dir: Path, base: Settings | None = None) -> Settings:
     from balanceiq.testbed.ports import settings_on_free_ports
 
     s = settings_on_free_ports(6, base)
-    return s.model_copy(update={
-        "state_dir": state_dir,
-        "prometheus": s.prometheus.model_copy(update={"scrape_interval_s": 1.0}),
-        "telemetry": s.telemetry.model_copy(update={"window_s": 5.0, "stale_after_s": 10.0}),
-        "control": s.control.model_copy(update={"interval_s": 1.0}),
-    })  # fmt: skip
+    return s.model_copy(
+        update={
+            "state_dir": state_dir,
+            "prometheus": s.prometheus.model_copy(update={"scrape_interval_s": 1.0}),
+            "telemetry": s.telemetry.model_copy(update={"window_s": 5.0, "stale_after_s": 10.0}),
+            "control": s.control.model_copy(update={"interval_s": 1.0}),
+        }
+    )
 
 
 @contextlib.contextmanager
-def _background_traffic(url: str, rate_rps: float, duration_s: float, workdir: Path) -> Iterator[subprocess.Popen[bytes]]:
+def _background_traffic(
+    url: str, rate_rps: float, duration_s: float, workdir: Path
+) -> Iterator[subprocess.Popen[bytes]]:
     """Open-loop traffic through Envoy in its own process, so the controller sees real load."""
     out = workdir / "background.json"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "balanceiq.testbed.openloop", "--url", url, "--rate", f"{rate_rps:g}",
-         "--duration", f"{duration_s:g}", "--arrivals", "constant", "--out", str(out)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "balanceiq.testbed.openloop",
+            "--url",
+            url,
+            "--rate",
+            f"{rate_rps:g}",
+            "--duration",
+            f"{duration_s:g}",
+            "--arrivals",
+            "constant",
+            "--out",
+            str(out),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         yield proc
     finally:
@@ -239,9 +291,14 @@ def _background_traffic(url: str, rate_rps: float, duration_s: float, workdir: P
 
 
 def run_api_load(
-    *, rate_rps: float = 200.0, duration_s: float = 60.0, background_rps: float = 50.0, warmup_s: float = 8.0,
-    console: Console | None = None, base: Settings | None = None,
-) -> dict[str, Any]:  # fmt: skip
+    *,
+    rate_rps: float = 200.0,
+    duration_s: float = 60.0,
+    background_rps: float = 50.0,
+    warmup_s: float = 8.0,
+    console: Console | None = None,
+    base: Settings | None = None,
+) -> dict[str, Any]:
     """The API at ``rate_rps`` for ``duration_s`` over a live stack; one JSON-able dict."""
     _check(rate_rps, duration_s)
     if not 0 <= background_rps <= MAX_RATE:
@@ -269,21 +326,29 @@ def run_api_load(
                 with console.status("starting the controller and the API"):
                     telemetry = Telemetry(settings, retry_s=1.0)
                     model = PolicyModel()
-                    controller = Controller(settings, telemetry, LocalXdsClient(xds), lambda rows: model.score_many([rows])[0])
-                    plane = ControlPlane(settings, controller, policy=PolicyClient(model.info, model.reload), token=token)
+                    controller = Controller(
+                        settings, telemetry, LocalXdsClient(xds), lambda rows: model.score_many([rows])[0]
+                    )
+                    plane = ControlPlane(
+                        settings, controller, policy=PolicyClient(model.info, model.reload), token=token
+                    )
                 # The plane stops before the testbed does, so its last decisions do not
                 # report a Prometheus that is merely shutting down.
                 try:
                     plane.start()
-                    with _background_traffic(tb.envoy.listen_url, background_rps, warmup_s + duration_s + 5, work), \
-                            _Uvicorn(create_api(plane)) as url:  # fmt: skip
+                    with (
+                        _background_traffic(tb.envoy.listen_url, background_rps, warmup_s + duration_s + 5, work),
+                        _Uvicorn(create_api(plane)) as url,
+                    ):
                         time.sleep(warmup_s)  # Prometheus has samples, the loop has decided
                         steps0, cpu0 = plane.loop.steps, proc.cpu_times()
                         result = _drive(url, token, rate_rps, duration_s, addresses, console)
                         cpu1 = proc.cpu_times()
                         server = {
                             "rss_mb": round(proc.memory_info().rss / 2**20, 1),
-                            "cpu_cores": round((cpu1.user + cpu1.system - cpu0.user - cpu0.system) / result["wall_s"], 2),
+                            "cpu_cores": round(
+                                (cpu1.user + cpu1.system - cpu0.user - cpu0.system) / result["wall_s"], 2
+                            ),
                             "controller_decisions": plane.loop.steps - steps0,
                             "api_5xx": _api_5xx(plane),
                         }
@@ -293,12 +358,18 @@ def run_api_load(
         finally:
             xds.stop()
     return {
-        "bench": "api-load", "target_rps": rate_rps, "duration_s": duration_s, **result, "server": server,
-        "stack": ("uvicorn + FastAPI over a real ControlPlane: 6 sample backends, Envoy, Prometheus, ALS, in-process "
-                  f"xDS server, control loop every 1 s, {background_rps:g} req/s through Envoy"),
+        "bench": "api-load",
+        "target_rps": rate_rps,
+        "duration_s": duration_s,
+        **result,
+        "server": server,
+        "stack": (
+            "uvicorn + FastAPI over a real ControlPlane: 6 sample backends, Envoy, Prometheus, ALS, in-process "
+            f"xDS server, control loop every 1 s, {background_rps:g} req/s through Envoy"
+        ),
         "method": "open loop at a fixed rate from a separate process; latency from the intended send time; "
-                  "error = not 2xx or no answer",
-    }  # fmt: skip
+        "error = not 2xx or no answer",
+    }
 
 
 def _api_5xx(plane: Any) -> int:
@@ -312,7 +383,9 @@ def _api_5xx(plane: Any) -> int:
     return total
 
 
-def _drive(url: str, token: str, rate_rps: float, duration_s: float, addresses: list[str], console: Console) -> dict[str, Any]:
+def _drive(
+    url: str, token: str, rate_rps: float, duration_s: float, addresses: list[str], console: Console
+) -> dict[str, Any]:
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe(duplex=False)
     gen = ctx.Process(target=_api_client, args=(child, url, token, rate_rps, duration_s, addresses), daemon=True)
@@ -321,8 +394,14 @@ def _drive(url: str, token: str, rate_rps: float, duration_s: float, addresses: 
     limit = duration_s + API_TIMEOUT_S + 60  # the schedule, the last answers, a spawn
     t0 = time.monotonic()
     try:
-        with Progress(TextColumn(f"API at {rate_rps:g} req/s"), BarColumn(), TextColumn("{task.completed:.0f}/{task.total:.0f} s"),
-                      TimeElapsedColumn(), console=console, transient=True) as progress:  # fmt: skip
+        with Progress(
+            TextColumn(f"API at {rate_rps:g} req/s"),
+            BarColumn(),
+            TextColumn("{task.completed:.0f}/{task.total:.0f} s"),
+            TimeElapsedColumn(),
+            console=console,
+            transient=True,
+        ) as progress:
             task = progress.add_task("load", total=duration_s)
             while not parent.poll(0.5):
                 progress.update(task, completed=min(duration_s, time.monotonic() - t0))
@@ -386,9 +465,15 @@ class _Fanout:
 
 
 def run_xds_soak(
-    *, streams: int = 1000, duration_s: float = 60.0, push_interval_s: float = 1.0, endpoints: int = 50,
-    warmup_s: float = 10.0, api: str = "ads-sotw", console: Console | None = None,
-) -> dict[str, Any]:  # fmt: skip
+    *,
+    streams: int = 1000,
+    duration_s: float = 60.0,
+    push_interval_s: float = 1.0,
+    endpoints: int = 50,
+    warmup_s: float = 10.0,
+    api: str = "ads-sotw",
+    console: Console | None = None,
+) -> dict[str, Any]:
     """``streams`` simulated clients + one real Envoy; a push every ``push_interval_s``."""
     from balanceiq.bench.xds import bench_settings
     from balanceiq.testbed.envoy import EnvoyProcess, render_bootstrap
@@ -414,8 +499,10 @@ def run_xds_soak(
         server = XdsServer(settings, state_dir=None)
         server.registry.add_ack_listener(fanout)
         port = server.start()
-        envoy = EnvoyProcess(render_bootstrap(settings, api=api, node_id=XDS_ENVOY_NODE, health_check_interval_s=300),
-                             workdir=Path(work) / "envoy")  # fmt: skip
+        envoy = EnvoyProcess(
+            render_bootstrap(settings, api=api, node_id=XDS_ENVOY_NODE, health_check_interval_s=300),
+            workdir=Path(work) / "envoy",
+        )
         clients = ClientProcesses(f"127.0.0.1:{port}", "soak", streams, api, settings.clusters[0].name)
         try:
             with console.status(f"starting Envoy and {streams} simulated streams"):
@@ -425,8 +512,14 @@ def run_xds_soak(
                     raise BenchError(f"{server.status()['connected']} of {streams + 1} streams connected")
             rss0 = proc.memory_info().rss / 2**20
             pushes = int(duration_s / push_interval_s)
-            with Progress(TextColumn("pushes"), BarColumn(), TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(),
-                          console=console, transient=True) as progress:  # fmt: skip
+            with Progress(
+                TextColumn("pushes"),
+                BarColumn(),
+                TextColumn("{task.completed}/{task.total}"),
+                TimeElapsedColumn(),
+                console=console,
+                transient=True,
+            ) as progress:
                 task = progress.add_task("soak", total=pushes)
                 t_start = time.monotonic()
                 for i in range(pushes):
@@ -460,18 +553,33 @@ def run_xds_soak(
     envoy_node = next(n for n in status["nodes"] if n["node_id"] == XDS_ENVOY_NODE)
     rss_series = [round(mb, 1) for _, mb in samples]
     return {
-        "bench": "xds-soak", "api": api, "streams": streams + 1, "simulated_streams": streams, "real_envoys": 1,
-        "endpoints": endpoints, "duration_s": duration_s, "push_interval_s": push_interval_s, "pushes": len(samples),
-        "pushes_fully_acked": len(fanout_s), "missed": missed[:10], "late_pushes": late,
+        "bench": "xds-soak",
+        "api": api,
+        "streams": streams + 1,
+        "simulated_streams": streams,
+        "real_envoys": 1,
+        "endpoints": endpoints,
+        "duration_s": duration_s,
+        "push_interval_s": push_interval_s,
+        "pushes": len(samples),
+        "pushes_fully_acked": len(fanout_s),
+        "missed": missed[:10],
+        "late_pushes": late,
         "fanout_s": _pct(fanout_s, digits=4),
-        "rss_mb": {"before_pushes": round(rss0, 1), f"at_{warmup_s:g}s": round(at_warmup, 1), "end": round(end, 1),
-                   "max": round(max(mb for _, mb in samples), 1), "every_s": rss_series},
+        "rss_mb": {
+            "before_pushes": round(rss0, 1),
+            f"at_{warmup_s:g}s": round(at_warmup, 1),
+            "end": round(end, 1),
+            "max": round(max(mb for _, mb in samples), 1),
+            "every_s": rss_series,
+        },
         "rss_growth_after_warmup_mb": round(growth, 2),
         "rss_growth_after_warmup_pct": round(100 * growth / at_warmup, 2),
         "bound": {"mb": SOAK_GROWTH_BOUND_MB, "pct": SOAK_GROWTH_BOUND_PCT},
         "within_bound": growth < SOAK_GROWTH_BOUND_MB and 100 * growth / at_warmup < SOAK_GROWTH_BOUND_PCT,
-        "connected_at_end": status["connected"], "envoy_nacks": envoy_node["nacks"],
+        "connected_at_end": status["connected"],
+        "envoy_nacks": envoy_node["nacks"],
         "envoy_last_acked": envoy_node["last_acked_version"] == status["version"],
         "requests_refused": status["requests_refused"],
         "method": "RSS of the process hosting the xDS server, sampled after every push",
-    }  # fmt: skip
+    }

@@ -39,8 +39,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import math
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -81,8 +81,12 @@ API_TIMEOUT_S = 10.0
 CALIBRATION_REQUESTS = 250
 SATURATION_CONNECTIONS = 16
 BATCH_BUCKETS = ",".join(str(i) for i in range(1, 33))  # Policy's max_batch_size is 32
-TARGETS = {"handle_p99_ms_at_64_endpoints": 10.0, "api_errors_at_200_rps_for_30_s": 0, "api_p99_ms_at_200_rps": 100.0,
-           "decision_score_ms_p99": 10.0}
+TARGETS = {
+    "handle_p99_ms_at_64_endpoints": 10.0,
+    "api_errors_at_200_rps_for_30_s": 0,
+    "api_p99_ms_at_200_rps": 100.0,
+    "decision_score_ms_p99": 10.0,
+}
 CLOUDS = [("aws", "us-east-1", 0.40), ("gcp", "us-central1", 0.35), ("azure", "eastus", 0.55)]
 # Set in os.environ before ray.init (the raylet, and so every worker, inherits it) and in
 # the job's runtime_env. Ray reads these at import time in the Serve controller and the
@@ -100,13 +104,26 @@ PROXY_ENV = {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "0"}  # explicit: RAY_SERVE_THRO
 MODES = ("proxy", "direct_ingress", "replica_server")
 DEFAULT_MODE = "replica_server"
 COMPARE_METRICS = (
-    "api.rps", "api.errors", "api.p99_ms", "inference_ms.http.p99", "inference_ms.handle.p99",
-    "api.p50_ms", "inference_ms.http.p50", "inference_ms.handle.p50",
-    "api.calibration.closed_loop_rps", "api.calibration.saturation.rps", "api.calibration.saturation.p99_ms",
-    "api.calibration.cpu_ms_per_request.serve_proxy", "api.calibration.cpu_ms_per_request.controller_replica",
-    "api_also.rps", "api_also.errors", "api_also.p50_ms", "api_also.p99_ms",
-    "decision_loop_ms.p50", "decision_loop_ms.p99",
-)  # fmt: skip
+    "api.rps",
+    "api.errors",
+    "api.p99_ms",
+    "inference_ms.http.p99",
+    "inference_ms.handle.p99",
+    "api.p50_ms",
+    "inference_ms.http.p50",
+    "inference_ms.handle.p50",
+    "api.calibration.closed_loop_rps",
+    "api.calibration.saturation.rps",
+    "api.calibration.saturation.p99_ms",
+    "api.calibration.cpu_ms_per_request.serve_proxy",
+    "api.calibration.cpu_ms_per_request.controller_replica",
+    "api_also.rps",
+    "api_also.errors",
+    "api_also.p50_ms",
+    "api_also.p99_ms",
+    "decision_loop_ms.p50",
+    "decision_loop_ms.p99",
+)
 
 
 # -- pure helpers (unit-tested) ----------------------------------------------------------
@@ -142,8 +159,9 @@ def summary(values: Sequence[float], digits: int = 3) -> dict[str, float | int |
     }
 
 
-def validate_args(*, endpoints: int, duration_s: float, rate_rps: float, calls: int,
-                  also_rate_rps: float | None = None) -> None:  # fmt: skip
+def validate_args(
+    *, endpoints: int, duration_s: float, rate_rps: float, calls: int, also_rate_rps: float | None = None
+) -> None:
     """Refuse values that cannot give a meaningful, bounded run (``BenchError``)."""
     problems = []
     if also_rate_rps is not None and not (math.isfinite(also_rate_rps) and 0 < also_rate_rps <= 2000):
@@ -163,7 +181,7 @@ def validate_args(*, endpoints: int, duration_s: float, rate_rps: float, calls: 
 def send_schedule(rate_rps: float, duration_s: float) -> list[float]:
     """Intended send offsets (s) of an open-loop load: ``i / rate`` for every request
     that starts inside ``duration_s``."""
-    n = max(1, int(math.floor(rate_rps * duration_s + 1e-9)))
+    n = max(1, math.floor(rate_rps * duration_s + 1e-9))
     return [i / rate_rps for i in range(n)]
 
 
@@ -193,11 +211,18 @@ def synthetic_observation(n: int, seed: int = 0) -> tuple[Observation, np.ndarra
         eps.append(
             EndpointObservation(
                 address=f"10.{i // 250 % 250}.{i % 250 + 1}.10:8080",
-                p50_ms=float(p50[i]), p95_ms=float(p95[i]), error_rate=float(err[i]),
-                saturation=float(util[i]), inflight=float(rps[i] * p50[i] / 1000), rps=float(rps[i] if healthy else 0.0),
-                cost_per_million=CLOUDS[i % 3][2], weight=float(weights[i]), healthy=healthy, age_s=0.5,
+                p50_ms=float(p50[i]),
+                p95_ms=float(p95[i]),
+                error_rate=float(err[i]),
+                saturation=float(util[i]),
+                inflight=float(rps[i] * p50[i] / 1000),
+                rps=float(rps[i] if healthy else 0.0),
+                cost_per_million=CLOUDS[i % 3][2],
+                weight=float(weights[i]),
+                healthy=healthy,
+                age_s=0.5,
             )
-        )  # fmt: skip
+        )
     return Observation(cluster="my_service", endpoints=tuple(eps), source="api", window_s=10.0), capacity
 
 
@@ -220,18 +245,26 @@ def score_request(obs: Observation, capacity_hint: np.ndarray) -> dict[str, Any]
     return {
         "endpoints": [
             {
-                "address": e.address, "p50_ms": num(e.p50_ms), "p95_ms": num(e.p95_ms),
-                "error_rate": num(e.error_rate), "saturation": num(e.saturation), "inflight": num(e.inflight),
-                "rps": num(e.rps), "cost_per_million": num(e.cost_per_million), "weight": num(e.weight),
-                "healthy": e.healthy, "capacity_rps": num(float(c)),
+                "address": e.address,
+                "p50_ms": num(e.p50_ms),
+                "p95_ms": num(e.p95_ms),
+                "error_rate": num(e.error_rate),
+                "saturation": num(e.saturation),
+                "inflight": num(e.inflight),
+                "rps": num(e.rps),
+                "cost_per_million": num(e.cost_per_million),
+                "weight": num(e.weight),
+                "healthy": e.healthy,
+                "capacity_rps": num(float(c)),
             }
             for e, c in zip(obs.endpoints, capacity_hint)
         ]
-    }  # fmt: skip
+    }
 
 
-def decision_stats(decisions: Sequence[dict[str, Any]], since: float = 0.0,
-                   window: tuple[float, float] | None = None) -> dict[str, Any]:  # fmt: skip
+def decision_stats(
+    decisions: Sequence[dict[str, Any]], since: float = 0.0, window: tuple[float, float] | None = None
+) -> dict[str, Any]:
     """``step_ms`` of the decisions taken at or after ``since`` (epoch s). The headline
     p50/p99 covers full decisions (mode policy or baseline: lease, observe, decide, push
     or "unchanged", ACK); hold (telemetry blind) and standby steps are only counted.
@@ -240,7 +273,11 @@ def decision_stats(decisions: Sequence[dict[str, Any]], since: float = 0.0,
     full = [d for d in rows if d.get("mode") in ("policy", "baseline")]
     s = summary([d["step_ms"] for d in full])
     out: dict[str, Any] = {
-        "p50": s["p50"], "p99": s["p99"], "mean": s["mean"], "max": s["max"], "decisions": len(full),
+        "p50": s["p50"],
+        "p99": s["p99"],
+        "mean": s["mean"],
+        "max": s["max"],
+        "decisions": len(full),
         "pushed": summary([d["step_ms"] for d in full if d.get("pushed")]),
         "unchanged": summary([d["step_ms"] for d in full if not d.get("pushed")]),
         "push_ms": summary([d["push_ms"] for d in full if d.get("push_ms") is not None]),
@@ -254,14 +291,16 @@ def decision_stats(decisions: Sequence[dict[str, Any]], since: float = 0.0,
             {k: d.get(k) for k in ("seq", "mode", "source", "step_ms", "score_ms", "push_ms", "ack_ms", "pushed")}
             for d in sorted(full, key=lambda d: -d["step_ms"])[:3]
         ],
-    }  # fmt: skip
+    }
     if window is not None:
         inside = [d["step_ms"] for d in full if window[0] <= d.get("timestamp", 0) <= window[1]]
         outside = [d["step_ms"] for d in full if not window[0] <= d.get("timestamp", 0) <= window[1]]
         out["during_api_load"] = summary(inside)
         out["outside_api_load"] = summary(outside)
         inw = [d for d in full if window[0] <= d.get("timestamp", 0) <= window[1] and d.get("score_ms") is not None]
-        outw = [d for d in full if not window[0] <= d.get("timestamp", 0) <= window[1] and d.get("score_ms") is not None]
+        outw = [
+            d for d in full if not window[0] <= d.get("timestamp", 0) <= window[1] and d.get("score_ms") is not None
+        ]
         # Outside the API phase the bench saturates both cores itself (the inference phase).
         out["score_ms_during_api_load"] = summary([d["score_ms"] for d in inw])
         out["score_ms_outside_api_load"] = summary([d["score_ms"] for d in outw])
@@ -281,8 +320,7 @@ def bench_settings(state_dir: Path, n_endpoints: int = TESTBED_ENDPOINTS, base: 
     )
 
 
-def direct_ingress_targets(target_groups: Sequence[dict[str, Any]], app_name: str,
-                           proxy_port: int) -> list[int]:  # fmt: skip
+def direct_ingress_targets(target_groups: Sequence[dict[str, Any]], app_name: str, proxy_port: int) -> list[int]:
     """HTTP ports of ``app_name``'s ingress replicas, from Serve's target groups
     (``ServeInstanceDetails.target_groups``, as ``get_serve_details()`` returns them).
     Serve lists the proxy instead while the app has no running replica (and always when
@@ -318,8 +356,9 @@ def ratio(new: Any, old: Any, digits: int = 3) -> float | None:
     return round(new / old, digits)
 
 
-def compare_ratios(proxy: dict[str, Any], direct: dict[str, Any],
-                   metrics: Sequence[str] = COMPARE_METRICS) -> dict[str, dict[str, Any]]:  # fmt: skip
+def compare_ratios(
+    proxy: dict[str, Any], direct: dict[str, Any], metrics: Sequence[str] = COMPARE_METRICS
+) -> dict[str, dict[str, Any]]:
     """Each metric of both runs side by side with ``direct_ingress / proxy``; metrics
     that neither run reports (e.g. ``api_also`` without ``--also-rate``) are left out."""
     out = {}
@@ -347,11 +386,28 @@ def last_json_object(stdout: str) -> dict[str, Any]:
     return {}
 
 
-def bench_argv(*, endpoints: int, duration_s: float, rate_rps: float, calls: int, also_rate_rps: float | None,
-               direct_ingress: bool = False, mode: str | None = None) -> list[str]:  # fmt: skip
+def bench_argv(
+    *,
+    endpoints: int,
+    duration_s: float,
+    rate_rps: float,
+    calls: int,
+    also_rate_rps: float | None,
+    direct_ingress: bool = False,
+    mode: str | None = None,
+) -> list[str]:
     """Arguments of one ``python -m balanceiq.bench.serve`` run (one ingress mode)."""
-    argv = ["--json", "--endpoints", str(endpoints), "--duration", f"{duration_s:g}", "--rate", f"{rate_rps:g}",
-            "--calls", str(calls)]  # fmt: skip
+    argv = [
+        "--json",
+        "--endpoints",
+        str(endpoints),
+        "--duration",
+        f"{duration_s:g}",
+        "--rate",
+        f"{rate_rps:g}",
+        "--calls",
+        str(calls),
+    ]
     if also_rate_rps is not None:
         argv += ["--also-rate", f"{also_rate_rps:g}"]
     if direct_ingress or mode == "direct_ingress":
@@ -375,9 +431,16 @@ def _timed_calls(fn: Callable[[], Any], n: int, on_done: Callable[[], None] | No
     return out
 
 
-async def open_loop(base_url: str, paths: Sequence[str], rate_rps: float, duration_s: float, *,
-                    connections: int = API_CONNECTIONS, timeout_s: float = API_TIMEOUT_S,
-                    on_done: Callable[[], None] | None = None) -> dict[str, Any]:  # fmt: skip
+async def open_loop(
+    base_url: str,
+    paths: Sequence[str],
+    rate_rps: float,
+    duration_s: float,
+    *,
+    connections: int = API_CONNECTIONS,
+    timeout_s: float = API_TIMEOUT_S,
+    on_done: Callable[[], None] | None = None,
+) -> dict[str, Any]:
     """GET ``paths`` round-robin on a fixed schedule; latency from the intended send time."""
     import aiohttp
 
@@ -409,7 +472,7 @@ async def open_loop(base_url: str, paths: Sequence[str], rate_rps: float, durati
                 else:
                     errors[f"HTTP {resp.status}"] += 1
                     path_errors[path] += 1
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, aiohttp.ClientError) as exc:
             errors[type(exc).__name__] += 1
             path_errors[path] += 1
         ms = (loop.time() - intended) * 1000
@@ -432,18 +495,29 @@ async def open_loop(base_url: str, paths: Sequence[str], rate_rps: float, durati
     s = summary(lat)
     return {
         "rps": round(ok / elapsed, 1) if elapsed > 0 else None,
-        "p50_ms": s["p50"], "p99_ms": s["p99"], "max_ms": s["max"],
-        "errors": sum(errors.values()), "requests": len(schedule), "ok": ok,
-        "target_rps": rate_rps, "duration_s": duration_s, "wall_s": round(elapsed, 2),
-        "error_kinds": dict(errors), "status": dict(status),
+        "p50_ms": s["p50"],
+        "p99_ms": s["p99"],
+        "max_ms": s["max"],
+        "errors": sum(errors.values()),
+        "requests": len(schedule),
+        "ok": ok,
+        "target_rps": rate_rps,
+        "duration_s": duration_s,
+        "wall_s": round(elapsed, 2),
+        "error_kinds": dict(errors),
+        "status": dict(status),
         "client_send_lag_ms": {k: summary(lag)[k] for k in ("p50", "p99", "max")},
         "by_path": {
-            p: {**{k: v for k, v in summary(v).items() if k in ("p50", "p99", "max", "n")},
-                "errors": path_errors[p], "bytes": size.get(p)}
+            p: {
+                **{k: v for k, v in summary(v).items() if k in ("p50", "p99", "max", "n")},
+                "errors": path_errors[p],
+                "bytes": size.get(p),
+            }
             for p, v in sorted(by_path.items())
         },
-        "connections": connections, "method": "open loop: fixed schedule, latency from the intended send time",
-    }  # fmt: skip
+        "connections": connections,
+        "method": "open loop: fixed schedule, latency from the intended send time",
+    }
 
 
 def _wait_for_source(client: Any, source: str, timeout_s: float) -> float | None:
@@ -479,8 +553,9 @@ def _calibrate(client: Any, paths: Sequence[str], n: int) -> dict[str, Any]:
     return {
         "requests": n,
         "closed_loop_rps": round(n / wall, 1),
-        "cpu_ms_per_request": {r: round(1000 * cores.get(r, 0.0) * wall / n, 2)
-                               for r in ("serve_proxy", "controller_replica", "driver")},  # fmt: skip
+        "cpu_ms_per_request": {
+            r: round(1000 * cores.get(r, 0.0) * wall / n, 2) for r in ("serve_proxy", "controller_replica", "driver")
+        },
         "p50_ms_by_path": {p: summary(v)["p50"] for p, v in sorted(per_path.items())},
     }
 
@@ -504,19 +579,27 @@ async def closed_loop(base_url: str, paths: Sequence[str], connections: int, sec
                 async with session.get(base_url + paths[i % len(paths)]) as resp:
                     await resp.read()
                     ok, errors = (ok + 1, errors) if 200 <= resp.status < 300 else (ok, errors + 1)
-            except (aiohttp.ClientError, asyncio.TimeoutError):
+            except (TimeoutError, aiohttp.ClientError):
                 errors += 1
             lat.append((loop.time() - t) * 1000)
             i += connections
 
     t0 = loop.time()
     connector = aiohttp.TCPConnector(limit=connections, keepalive_timeout=2.0)
-    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=API_TIMEOUT_S)) as session:
+    async with aiohttp.ClientSession(
+        connector=connector, timeout=aiohttp.ClientTimeout(total=API_TIMEOUT_S)
+    ) as session:
         await asyncio.gather(*(client(session, k) for k in range(connections)))
     wall = loop.time() - t0
     s = summary(lat)
-    return {"connections": connections, "seconds": round(wall, 2), "rps": round(ok / wall, 1), "errors": errors,
-            "p50_ms": s["p50"], "p99_ms": s["p99"]}  # fmt: skip
+    return {
+        "connections": connections,
+        "seconds": round(wall, 2),
+        "rps": round(ok / wall, 1),
+        "errors": errors,
+        "p50_ms": s["p50"],
+        "p99_ms": s["p99"],
+    }
 
 
 def _batch_metrics(port: int | None) -> dict[float, float] | None:
@@ -561,7 +644,9 @@ def _batch_metrics_settled(port: int | None, wait_s: float = 6.0) -> dict[float,
     return last
 
 
-def batch_sizes(before: dict[float, float] | None, after: dict[float, float]) -> tuple[dict[str, int], float | None, bool]:
+def batch_sizes(
+    before: dict[float, float] | None, after: dict[float, float]
+) -> tuple[dict[str, int], float | None, bool]:
     """Batches by size between two cumulative bucket snapshots: ``({size or range: count},
     mean size, exact)``. Exact when every bucket holds one integer size (the bench asks
     Serve for buckets 1, 2, ..., 32); otherwise the mean uses each range's midpoint."""
@@ -585,7 +670,7 @@ def batch_sizes(before: dict[float, float] | None, after: dict[float, float]) ->
             size, key = float(first), str(first)
         else:
             exact, size, key = False, (first + last) / 2, f"{first}-{last}"
-        counts[key] = counts.get(key, 0) + int(round(n))
+        counts[key] = counts.get(key, 0) + round(n)
         total += n
         weighted += n * size
     return counts, (round(weighted / total, 2) if total else None), exact
@@ -643,12 +728,22 @@ def _cpu_delta_by_role(before: dict[int, tuple[str, float]], seconds: float) -> 
 # -- the run -----------------------------------------------------------------------------
 
 
-def run_serve_bench(*, endpoints: int = 64, duration_s: float = 30.0, rate_rps: float = 200.0, calls: int = 500,
-                    direct_ingress: bool = False, also_rate_rps: float | None = None,
-                    console: Console | None = None, mode: str | None = None) -> dict[str, Any]:  # fmt: skip
+def run_serve_bench(
+    *,
+    endpoints: int = 64,
+    duration_s: float = 30.0,
+    rate_rps: float = 200.0,
+    calls: int = 500,
+    direct_ingress: bool = False,
+    also_rate_rps: float | None = None,
+    console: Console | None = None,
+    mode: str | None = None,
+) -> dict[str, Any]:
     """One run in one ingress ``mode`` (default: the replica's own server, as shipped;
     ``direct_ingress=True`` is ``mode="direct_ingress"``)."""
-    validate_args(endpoints=endpoints, duration_s=duration_s, rate_rps=rate_rps, calls=calls, also_rate_rps=also_rate_rps)
+    validate_args(
+        endpoints=endpoints, duration_s=duration_s, rate_rps=rate_rps, calls=calls, also_rate_rps=also_rate_rps
+    )
     mode = "direct_ingress" if direct_ingress else (mode or DEFAULT_MODE)
     if mode not in MODES:
         raise BenchError(f"unknown ingress mode {mode!r}; use one of {', '.join(MODES)}")
@@ -669,25 +764,45 @@ def run_serve_bench(*, endpoints: int = 64, duration_s: float = 30.0, rate_rps: 
                 os.environ[k] = v
 
 
-def run_serve_compare(*, endpoints: int = 64, duration_s: float = 30.0, rate_rps: float = 200.0, calls: int = 500,
-                      also_rate_rps: float | None = None, console: Console | None = None,
-                      timeout_s: float = 1800.0) -> dict[str, Any]:  # fmt: skip
+def run_serve_compare(
+    *,
+    endpoints: int = 64,
+    duration_s: float = 30.0,
+    rate_rps: float = 200.0,
+    calls: int = 500,
+    also_rate_rps: float | None = None,
+    console: Console | None = None,
+    timeout_s: float = 1800.0,
+) -> dict[str, Any]:
     """Every ingress mode, one after the other, each in its own ``python -m
     balanceiq.bench.serve`` process (fresh Ray, fresh Serve, fresh testbed; the
     environment decides the mode before anything imports Ray), and the ratios to the proxy."""
-    validate_args(endpoints=endpoints, duration_s=duration_s, rate_rps=rate_rps, calls=calls, also_rate_rps=also_rate_rps)
+    validate_args(
+        endpoints=endpoints, duration_s=duration_s, rate_rps=rate_rps, calls=calls, also_rate_rps=also_rate_rps
+    )
     console = console or Console(stderr=True)
     runs: dict[str, dict[str, Any]] = {}
     notes: list[str] = []
     for mode in MODES:
-        argv = bench_argv(endpoints=endpoints, duration_s=duration_s, rate_rps=rate_rps, calls=calls,
-                          also_rate_rps=also_rate_rps, mode=mode)  # fmt: skip
+        argv = bench_argv(
+            endpoints=endpoints,
+            duration_s=duration_s,
+            rate_rps=rate_rps,
+            calls=calls,
+            also_rate_rps=also_rate_rps,
+            mode=mode,
+        )
         console.rule(f"bench serve: {mode}")
         t = time.monotonic()
         try:
             # stderr (progress, Ray's messages) passes through; stdout is the JSON object.
-            proc = subprocess.run([sys.executable, "-m", "balanceiq.bench.serve", *argv], stdout=subprocess.PIPE,
-                                  text=True, timeout=timeout_s, check=False)  # fmt: skip
+            proc = subprocess.run(
+                [sys.executable, "-m", "balanceiq.bench.serve", *argv],
+                stdout=subprocess.PIPE,
+                text=True,
+                timeout=timeout_s,
+                check=False,
+            )
         except subprocess.TimeoutExpired:
             runs[mode] = {"error": f"no result within {timeout_s:g} s"}
             notes.append(f"{mode}: timed out after {timeout_s:g} s")
@@ -705,8 +820,10 @@ def run_serve_compare(*, endpoints: int = 64, duration_s: float = 30.0, rate_rps
         "order": list(MODES),
         "ratio_is": "direct_ingress / proxy",
         "ratios": compare_ratios(proxy, direct),
-        "ratios_replica_server": {m: {"proxy": v["proxy"], "replica_server": v["direct_ingress"], "ratio": v["ratio"]}
-                                  for m, v in compare_ratios(proxy, replica).items()},
+        "ratios_replica_server": {
+            m: {"proxy": v["proxy"], "replica_server": v["direct_ingress"], "ratio": v["ratio"]}
+            for m, v in compare_ratios(proxy, replica).items()
+        },
         "proxy": proxy,
         "direct_ingress": direct,
         "replica_server": replica,
@@ -744,8 +861,15 @@ def _replica_env(keys: Sequence[str]) -> dict[str, str | None]:
     return {}
 
 
-def _run(endpoints: int, duration_s: float, rate_rps: float, calls: int, console: Console,
-         mode: str = DEFAULT_MODE, also_rate_rps: float | None = None) -> dict[str, Any]:  # fmt: skip
+def _run(
+    endpoints: int,
+    duration_s: float,
+    rate_rps: float,
+    calls: int,
+    console: Console,
+    mode: str = DEFAULT_MODE,
+    also_rate_rps: float | None = None,
+) -> dict[str, Any]:
     import httpx
     import ray
     from ray import serve
@@ -790,12 +914,17 @@ def _run(endpoints: int, duration_s: float, rate_rps: float, calls: int, console
             with console.status("starting a local Ray cluster and Serve"):
                 try:
                     # address="local": always a new cluster, never one `ray start` left running.
-                    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
-                             namespace="balanceiq-bench",
-                             # Metrics every second and one histogram bucket per batch size, so
-                             # the batching figure is exact and ready right after the phase.
-                             _system_config={"metrics_report_interval_ms": 1000},
-                             runtime_env={"env_vars": {"RAY_SERVE_BATCH_SIZE_BUCKETS": BATCH_BUCKETS, **mode_env}})  # fmt: skip
+                    ray.init(
+                        address="local",
+                        num_cpus=2,
+                        include_dashboard=False,
+                        log_to_driver=False,
+                        namespace="balanceiq-bench",
+                        # Metrics every second and one histogram bucket per batch size, so
+                        # the batching figure is exact and ready right after the phase.
+                        _system_config={"metrics_report_interval_ms": 1000},
+                        runtime_env={"env_vars": {"RAY_SERVE_BATCH_SIZE_BUCKETS": BATCH_BUCKETS, **mode_env}},
+                    )
                     serve.start(http_options={"host": "127.0.0.1", "port": http_port})
                 except Exception as exc:
                     raise BenchError(f"could not start Ray/Serve: {type(exc).__name__}: {exc}") from exc
@@ -824,8 +953,14 @@ def _run(endpoints: int, duration_s: float, rate_rps: float, calls: int, console
             remember_children()
 
             def background() -> None:
-                res = run_load_sync(tb.envoy.listen_url, total=int(BACKGROUND_RPS * 900), concurrency=8,
-                                    max_seconds=900, rate_rps=BACKGROUND_RPS, stop=stop_load)  # fmt: skip
+                res = run_load_sync(
+                    tb.envoy.listen_url,
+                    total=int(BACKGROUND_RPS * 900),
+                    concurrency=8,
+                    max_seconds=900,
+                    rate_rps=BACKGROUND_RPS,
+                    stop=stop_load,
+                )
                 load_result.update(res.to_json())
 
             loader = threading.Thread(target=background, name="bench-background-load", daemon=True)
@@ -876,8 +1011,14 @@ def _run(endpoints: int, duration_s: float, rate_rps: float, calls: int, console
 
             http_inner: list[float] = []
             foreign_inf0, t_inf = _cpu_by_foreign_process(), time.monotonic()
-            with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                          console=console, transient=True) as progress:  # fmt: skip
+            with Progress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                console=console,
+                transient=True,
+            ) as progress:
                 try:
                     task = progress.add_task("warm-up", total=2 * WARMUP_CALLS)
                     _timed_calls(handle_call, WARMUP_CALLS, lambda: progress.advance(task))
@@ -895,7 +1036,9 @@ def _run(endpoints: int, duration_s: float, rate_rps: float, calls: int, console
                     batch0 = _batch_metrics_settled(metrics_port)
                     t = time.perf_counter()
                     with ThreadPoolExecutor(len(shares)) as pool:
-                        parts = list(pool.map(lambda k: _timed_calls(handle_call, k, lambda: progress.advance(task)), shares))
+                        parts = list(
+                            pool.map(lambda k: _timed_calls(handle_call, k, lambda: progress.advance(task)), shares)
+                        )
                     conc_s = time.perf_counter() - t
                     batch1 = _batch_metrics_settled(metrics_port)
                 except BalanceIQError:
@@ -923,11 +1066,21 @@ def _run(endpoints: int, duration_s: float, rate_rps: float, calls: int, console
             t_phases = time.time()
             for key, rate in phases:
                 foreign0, ours0 = _cpu_by_foreign_process(), _cpu_by_role()
-                with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                              console=console, transient=True) as progress:  # fmt: skip
-                    task = progress.add_task(f"API open loop, {rate:g} req/s", total=len(send_schedule(rate, duration_s)))
+                with Progress(
+                    TextColumn("{task.description}"),
+                    BarColumn(),
+                    MofNCompleteColumn(),
+                    TimeElapsedColumn(),
+                    console=console,
+                    transient=True,
+                ) as progress:
+                    task = progress.add_task(
+                        f"API open loop, {rate:g} req/s", total=len(send_schedule(rate, duration_s))
+                    )
                     t_api = time.monotonic()
-                    res = asyncio.run(open_loop(base, API_PATHS, rate, duration_s, on_done=lambda: progress.advance(task)))
+                    res = asyncio.run(
+                        open_loop(base, API_PATHS, rate, duration_s, on_done=lambda task=task: progress.advance(task))
+                    )
                     api_wall = time.monotonic() - t_api
                 foreign = _foreign_cpu_delta(foreign0, api_wall)
                 res["cpu_cores_by_process"] = _cpu_delta_by_role(ours0, api_wall)
@@ -991,8 +1144,10 @@ def _run(endpoints: int, duration_s: float, rate_rps: float, calls: int, console
         notes.append(f"API errors under load: {api['error_kinds']}")
     also = results.get("api_also")
     if also is not None and (also["errors"] or (also["rps"] or 0) < 0.95 * also["target_rps"]):
-        notes.append(f"API at --also-rate {also['target_rps']:g} req/s: {also['rps']} req/s, {also['errors']} errors "
-                     f"{also['error_kinds']}")  # fmt: skip
+        notes.append(
+            f"API at --also-rate {also['target_rps']:g} req/s: {also['rps']} req/s, {also['errors']} errors "
+            f"{also['error_kinds']}"
+        )
     if api["errors"] or (api["rps"] or 0) < 0.95 * rate_rps:
         per = calibration["cpu_ms_per_request"]
         need = (per["serve_proxy"] + per["controller_replica"]) * rate_rps / 1000
@@ -1012,18 +1167,23 @@ def _run(endpoints: int, duration_s: float, rate_rps: float, calls: int, console
             "handle": handle_s,
             "http": {**http_s, "inside_replica": {k: summary(http_inner)[k] for k in ("p50", "p99")}},
             "concurrent": {
-                **conc_sum, "callers": len(shares),
-                "calls_per_s": round(calls / conc_s, 1), "sequential_calls_per_s": round(calls / seq_s, 1),
-                "mean_batch_size": mean_batch, "batches_by_size": batches,
+                **conc_sum,
+                "callers": len(shares),
+                "calls_per_s": round(calls / conc_s, 1),
+                "sequential_calls_per_s": round(calls / seq_s, 1),
+                "mean_batch_size": mean_batch,
+                "batches_by_size": batches,
                 "batching_note": "Serve's own serve_actual_batch_size over the phase; the control loop's 1/s calls are included",
             },
-        },  # fmt: skip
+        },
         "api": api,
         **({"api_also": results["api_also"]} if "api_also" in results else {}),
         "decision_loop_ms": {
-            **dl, "interval_s": CONTROL_INTERVAL_S, "testbed_endpoints": TESTBED_ENDPOINTS,
+            **dl,
+            "interval_s": CONTROL_INTERVAL_S,
+            "testbed_endpoints": TESTBED_ENDPOINTS,
             "startup_decisions_excluded": sum(1 for d in decisions if d.get("timestamp", 0) < t_app),
-        },  # fmt: skip
+        },
         "background_load": {k: load_result.get(k) for k in ("sent", "ok", "failed", "rps", "p99_ms")},
         "setup": {"deploy_s": round(deploy_s, 1), "http_port": http_port, "ingress": ingress},
         "machine": {
@@ -1057,12 +1217,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--json", action="store_true", help="compact JSON (one line)")
     a = ap.parse_args(argv)
     console = Console(stderr=True, width=None if sys.stderr.isatty() else 120)
-    kw = {"endpoints": a.endpoints, "duration_s": a.duration, "rate_rps": a.rate, "calls": a.calls,
-          "also_rate_rps": a.also_rate, "console": console}  # fmt: skip
+    kw = {
+        "endpoints": a.endpoints,
+        "duration_s": a.duration,
+        "rate_rps": a.rate,
+        "calls": a.calls,
+        "also_rate_rps": a.also_rate,
+        "console": console,
+    }
     try:
         if a.compare and a.direct_ingress:
             raise BenchError("--compare runs both modes; leave out --direct-ingress")
-        result = run_serve_compare(**kw) if a.compare else run_serve_bench(direct_ingress=a.direct_ingress, mode=a.ingress, **kw)
+        result = (
+            run_serve_compare(**kw)
+            if a.compare
+            else run_serve_bench(direct_ingress=a.direct_ingress, mode=a.ingress, **kw)
+        )
     except BalanceIQError as exc:
         console.print(f"[red]error:[/red] {exc}")
         return 2

@@ -39,15 +39,24 @@ import numpy as np
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from balanceiq.config import critical_count
 from balanceiq.exceptions import BenchError
 from balanceiq.policy.baselines import BASELINES
 from balanceiq.sim.bench import steps_per_second
 from balanceiq.sim.evaluate import _policy, least_move_off_static, run_pair
-from balanceiq.sim.scenario import SCENARIOS, load_scenario
+from balanceiq.sim.scenario import SCENARIOS
 
-DEFAULT_POLICIES = ("equal", "static", "cost_aware", "inverse_latency", "least_request", "topk", "hot_cold", "full_lp",
-                    "cfr_rl", "oracle")  # fmt: skip
+DEFAULT_POLICIES = (
+    "equal",
+    "static",
+    "cost_aware",
+    "inverse_latency",
+    "least_request",
+    "topk",
+    "hot_cold",
+    "full_lp",
+    "cfr_rl",
+    "oracle",
+)
 
 
 def run_sim_bench(
@@ -72,8 +81,14 @@ def run_sim_bench(
     results: dict[str, dict[str, dict[str, Any]]] = {}
     floors: dict[str, dict[str, Any]] = {}
     t0 = time.monotonic()
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=console, transient=True) as progress:  # fmt: skip
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+    ) as progress:
         task = progress.add_task("scenario x policy", total=len(scenarios) * len(policies))
         for sc in scenarios:
             results[sc] = {}
@@ -89,9 +104,13 @@ def run_sim_bench(
                 same = row["full_moved_same_state"]
                 row["traffic_moved_vs_full_same_state"] = moved / same if same > 0 else None
             full_total = full * results[sc]["full_lp"]["decisions"]
-            floors[sc] = {"least_move_to_90pct": least_move_off_static(sc, 0.9, seed=seed),
-                          "full_lp_total_moved": full_total}  # fmt: skip
-            floors[sc]["least_move_vs_full"] = floors[sc]["least_move_to_90pct"] / full_total if full_total > 0 else None
+            floors[sc] = {
+                "least_move_to_90pct": least_move_off_static(sc, 0.9, seed=seed),
+                "full_lp_total_moved": full_total,
+            }
+            floors[sc]["least_move_vs_full"] = (
+                floors[sc]["least_move_to_90pct"] / full_total if full_total > 0 else None
+            )
     summary = _summarise(results, policies)
     out: dict[str, Any] = {
         "bench": "sim",
@@ -103,13 +122,20 @@ def run_sim_bench(
         # No policy that keeps every endpoint at or under 90% can move less than this
         # over a run, against what full re-optimisation moves in the whole run.
         "traffic_moved_floor": floors,
-        "sim_steps_per_s": {"n8": round(steps_per_second("steady", 20000)), "n120": round(steps_per_second("many_endpoints", 2000))},
+        "sim_steps_per_s": {
+            "n8": round(steps_per_second("steady", 20000)),
+            "n120": round(steps_per_second("many_endpoints", 2000)),
+        },
         "elapsed_s": round(time.monotonic() - t0, 1),
     }
     if plot is not None:
         if plot_scenario not in scenarios:
             plot_scenario = scenarios[0]
-        traces = {p: run_pair(plot_scenario, loaded[p], seed=seed, trace=True) for p in ("equal", "topk", "cfr_rl", "oracle") if p in loaded}
+        traces = {
+            p: run_pair(plot_scenario, loaded[p], seed=seed, trace=True)
+            for p in ("equal", "topk", "cfr_rl", "oracle")
+            if p in loaded
+        }
         out["plot"] = str(plot_traces(plot_scenario, traces, plot))
     return out
 
@@ -123,16 +149,21 @@ def _summarise(results: dict[str, dict[str, dict[str, Any]]], policies: list[str
         summary["cfr_rl_reward_ge_every_heuristic"] = beats
         if "hot_cold" in policies:
             summary["cfr_rl_reward_ge_hot_cold_teacher"] = {
-                sc: r["cfr_rl"]["reward"] >= r["hot_cold"]["reward"] for sc, r in results.items()}
+                sc: r["cfr_rl"]["reward"] >= r["hot_cold"]["reward"] for sc, r in results.items()
+            }
         if "oracle" in policies:
-            summary["cfr_rl_p99_over_oracle"] = statistics.fmean(r["cfr_rl"]["p99_ms"] / r["oracle"]["p99_ms"] for r in results.values())
+            summary["cfr_rl_p99_over_oracle"] = statistics.fmean(
+                r["cfr_rl"]["p99_ms"] / r["oracle"]["p99_ms"] for r in results.values()
+            )
             summary["cfr_rl_cost_over_oracle"] = statistics.fmean(
                 r["cfr_rl"]["cost_per_million"] / r["oracle"]["cost_per_million"] for r in results.values()
             )
         for key in ("traffic_moved_vs_full", "traffic_moved_vs_full_same_state"):
             vals = [r["cfr_rl"][key] for r in results.values() if r["cfr_rl"][key] is not None]
             summary[f"cfr_rl_{key}"] = statistics.fmean(vals) if vals else None
-        summary["cfr_rl_performance_ratio"] = statistics.fmean(r["cfr_rl"]["performance_ratio"] for r in results.values())
+        summary["cfr_rl_performance_ratio"] = statistics.fmean(
+            r["cfr_rl"]["performance_ratio"] for r in results.values()
+        )
     summary["mean_reward"] = {p: statistics.fmean(r[p]["reward"] for r in results.values()) for p in policies}
     return summary
 

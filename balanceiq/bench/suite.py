@@ -43,6 +43,7 @@ the shipped lb_policy (:data:`balanceiq.bench.live.DEFAULT_ARM`).
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import os
 import sys
@@ -72,7 +73,7 @@ from balanceiq.bench.live import (
 )
 from balanceiq.bench.processes import leftovers
 from balanceiq.config import BackendProfile, ClusterConfig, EndpointConfig, Settings, default_settings
-from balanceiq.exceptions import BalanceIQError, BenchError
+from balanceiq.exceptions import BenchError
 from balanceiq.testbed.backend import mean_service_ms, true_capacity_rps
 from balanceiq.testbed.scenario import LiveEvent, LiveScenario, state_truth, states_after, truth_at
 
@@ -129,8 +130,9 @@ class FleetBackend:
 
     @property
     def mean_service_ms(self) -> float:
-        return mean_service_ms(self.base_latency_ms, sigma=self.sigma, jitter_ms=JITTER_MS, tail_prob=self.tail_prob,
-                               tail_ms=self.tail_ms)  # fmt: skip
+        return mean_service_ms(
+            self.base_latency_ms, sigma=self.sigma, jitter_ms=JITTER_MS, tail_prob=self.tail_prob, tail_ms=self.tail_ms
+        )
 
     @property
     def capacity_rps(self) -> float:
@@ -138,11 +140,19 @@ class FleetBackend:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "address": self.address, "cloud": self.cloud, "region": self.region, "zone": self.zone,
-            "price": self.price, "base_latency_ms": round(self.base_latency_ms, 3), "sigma": round(self.sigma, 4),
-            "tail_prob": round(self.tail_prob, 4), "tail_ms": round(self.tail_ms, 1), "concurrency": self.concurrency,
-            "mean_service_ms": round(self.mean_service_ms, 3), "capacity_rps": round(self.capacity_rps, 2),
-        }  # fmt: skip
+            "address": self.address,
+            "cloud": self.cloud,
+            "region": self.region,
+            "zone": self.zone,
+            "price": self.price,
+            "base_latency_ms": round(self.base_latency_ms, 3),
+            "sigma": round(self.sigma, 4),
+            "tail_prob": round(self.tail_prob, 4),
+            "tail_ms": round(self.tail_ms, 1),
+            "concurrency": self.concurrency,
+            "mean_service_ms": round(self.mean_service_ms, 3),
+            "capacity_rps": round(self.capacity_rps, 2),
+        }
 
 
 @dataclass
@@ -168,12 +178,17 @@ class Fleet:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "seed": self.seed, "rate_rps": self.rate_rps, "load_fraction": round(self.load_fraction, 4),
-            "total_capacity_rps": round(self.total_capacity_rps, 2), "latency_scale": round(self.latency_scale, 4),
-            "duration_s": self.duration_s, "clouds": sorted({b.cloud for b in self.backends}),
+            "seed": self.seed,
+            "rate_rps": self.rate_rps,
+            "load_fraction": round(self.load_fraction, 4),
+            "total_capacity_rps": round(self.total_capacity_rps, 2),
+            "latency_scale": round(self.latency_scale, 4),
+            "duration_s": self.duration_s,
+            "clouds": sorted({b.cloud for b in self.backends}),
             "price_spread": round(max(b.price for b in self.backends) / min(b.price for b in self.backends), 3),
-            "backends": [b.to_json() for b in self.backends], "draw_attempts": self.attempts,
-        }  # fmt: skip
+            "backends": [b.to_json() for b in self.backends],
+            "draw_attempts": self.attempts,
+        }
 
     def events_json(self) -> list[dict[str, Any]]:
         return list(self.event_info)
@@ -198,8 +213,9 @@ def _capacity(scale: float, lat: np.ndarray, infl: np.ndarray, fixed: np.ndarray
     return float((conc * 1000.0 / (scale * lat * infl + fixed)).sum())
 
 
-def _fit_scale(target: float, lat: np.ndarray, infl: np.ndarray, fixed: np.ndarray,
-               conc: np.ndarray) -> tuple[float, np.ndarray] | None:  # fmt: skip
+def _fit_scale(
+    target: float, lat: np.ndarray, infl: np.ndarray, fixed: np.ndarray, conc: np.ndarray
+) -> tuple[float, np.ndarray] | None:
     """One common latency factor (and concurrencies, adjusted if that alone cannot) that
     make the total capacity ``target`` with every scaled latency within LATENCY_MS; None
     when no such fleet is near (the caller draws again)."""
@@ -247,14 +263,19 @@ def _draw_backends(rng: np.random.Generator) -> tuple[list[dict[str, Any]], list
     for i, cloud in enumerate(assign):
         region = CLOUDS[cloud][int(rng.integers(0, len(CLOUDS[cloud])))]
         heavy = rng.random() < TAIL_SHARE
-        rows.append({
-            "cloud": cloud, "region": region, "zone": f"{region}-{'abc'[int(rng.integers(0, 3))]}",
-            "price": prices[i], "latency": _loguniform(rng, *LATENCY_MS),
-            "sigma": TAIL_SIGMA if heavy else float(rng.uniform(*SIGMA)),
-            "tail_prob": float(rng.uniform(*TAIL_PROB)) if heavy else 0.0,
-            "tail_ms": float(rng.uniform(*TAIL_MS)) if heavy else 0.0,
-            "concurrency": int(rng.integers(CONCURRENCY[0], CONCURRENCY[1] + 1)),
-        })  # fmt: skip
+        rows.append(
+            {
+                "cloud": cloud,
+                "region": region,
+                "zone": f"{region}-{'abc'[int(rng.integers(0, 3))]}",
+                "price": prices[i],
+                "latency": _loguniform(rng, *LATENCY_MS),
+                "sigma": TAIL_SIGMA if heavy else float(rng.uniform(*SIGMA)),
+                "tail_prob": float(rng.uniform(*TAIL_PROB)) if heavy else 0.0,
+                "tail_ms": float(rng.uniform(*TAIL_MS)) if heavy else 0.0,
+                "concurrency": int(rng.integers(CONCURRENCY[0], CONCURRENCY[1] + 1)),
+            }
+        )
     return rows, clouds
 
 
@@ -263,13 +284,28 @@ def fleet_settings(backends: list[FleetBackend], base: Settings | None = None) -
     (no capacity hints) and a testbed profile per backend."""
     base = base or default_settings()
     name = base.clusters[0].name if base.clusters else "my_service"
-    endpoints = [EndpointConfig(address=b.address, cloud=b.cloud, region=b.region, zone=b.zone,
-                                cost_per_million_requests=b.price, capacity_rps=None) for b in backends]  # fmt: skip
-    overrides = {
-        b.address: BackendProfile(base_latency_ms=b.base_latency_ms, concurrency=b.concurrency, error_rate=0.0,
-                                  sigma=b.sigma, tail_prob=b.tail_prob, tail_ms=b.tail_ms)
+    endpoints = [
+        EndpointConfig(
+            address=b.address,
+            cloud=b.cloud,
+            region=b.region,
+            zone=b.zone,
+            cost_per_million_requests=b.price,
+            capacity_rps=None,
+        )
         for b in backends
-    }  # fmt: skip
+    ]
+    overrides = {
+        b.address: BackendProfile(
+            base_latency_ms=b.base_latency_ms,
+            concurrency=b.concurrency,
+            error_rate=0.0,
+            sigma=b.sigma,
+            tail_prob=b.tail_prob,
+            tail_ms=b.tail_ms,
+        )
+        for b in backends
+    }
     data = base.model_dump()
     data["clusters"] = [ClusterConfig(name=name, endpoints=endpoints).model_dump()]
     data["testbed"] = {**data["testbed"], "overrides": {a: p.model_dump() for a, p in overrides.items()}}
@@ -281,7 +317,7 @@ def _event_times(rng: np.random.Generator, k: int, duration_s: float) -> list[fl
     gap = EVENT_MIN_GAP * duration_s
     for _ in range(1000):
         t = sorted(round(float(x), 2) for x in rng.uniform(lo, hi, k))
-        if all(b - a >= gap for a, b in zip(t, t[1:])):
+        if all(b - a >= gap for a, b in itertools.pairwise(t)):
             return t
     return [round(lo + i * (hi - lo) / max(k - 1, 1), 2) for i in range(k)]  # evenly spread
 
@@ -294,8 +330,9 @@ def _label(b: FleetBackend, i: int) -> str:
     return f"b{i} ({b.cloud}/{b.region})"
 
 
-def _draw_events(rng: np.random.Generator, fleet_backends: list[FleetBackend], settings: Settings, rate: float,
-                 duration_s: float) -> tuple[list[LiveEvent], list[dict[str, Any]]]:  # fmt: skip
+def _draw_events(
+    rng: np.random.Generator, fleet_backends: list[FleetBackend], settings: Settings, rate: float, duration_s: float
+) -> tuple[list[LiveEvent], list[dict[str, Any]]]:
     k = int(rng.integers(EVENTS[0], EVENTS[1] + 1))
     times = _event_times(rng, k, duration_s)
     events: list[LiveEvent] = []
@@ -316,13 +353,17 @@ def _draw_events(rng: np.random.Generator, fleet_backends: list[FleetBackend], s
                 detail: dict[str, Any] = {"kind": kind, "target": b.address}
                 if kind == "slowdown":
                     f = float(rng.uniform(2, 5))
-                    ev_kw |= {"name": f"{_label(b, i)} slows x{f:.1f}",
-                              "set": {"base_latency_ms": round(float(st["base_latency_ms"]) * f, 3)}}  # fmt: skip
+                    ev_kw |= {
+                        "name": f"{_label(b, i)} slows x{f:.1f}",
+                        "set": {"base_latency_ms": round(float(st["base_latency_ms"]) * f, 3)},
+                    }
                     detail["factor"] = round(f, 3)
                 elif kind == "tail":
                     tp, tm = float(rng.uniform(0.02, 0.1)), float(rng.uniform(*TAIL_MS))
-                    ev_kw |= {"name": f"{_label(b, i)} tail {100 * tp:.0f}% +{tm:.0f} ms",
-                              "set": {"tail_prob": round(tp, 4), "tail_ms": round(tm, 1)}}  # fmt: skip
+                    ev_kw |= {
+                        "name": f"{_label(b, i)} tail {100 * tp:.0f}% +{tm:.0f} ms",
+                        "set": {"tail_prob": round(tp, 4), "tail_ms": round(tm, 1)},
+                    }
                 elif kind == "errors":
                     e = float(rng.uniform(0.05, 0.3))
                     ev_kw |= {"name": f"{_label(b, i)} errors {100 * e:.0f}%", "set": {"error_rate": round(e, 4)}}
@@ -332,7 +373,10 @@ def _draw_events(rng: np.random.Generator, fleet_backends: list[FleetBackend], s
                         continue
                     d = int(rng.integers(2, 4))
                     new = max(1, c // d)
-                    ev_kw |= {"name": f"{_label(b, i)} loses capacity ({c} -> {new} slots)", "set": {"concurrency": new}}
+                    ev_kw |= {
+                        "name": f"{_label(b, i)} loses capacity ({c} -> {new} slots)",
+                        "set": {"concurrency": new},
+                    }
                 elif kind == "recovery":
                     if i not in hit:
                         continue
@@ -358,9 +402,16 @@ def _draw_events(rng: np.random.Generator, fleet_backends: list[FleetBackend], s
                     hit = [h for h in hit if h not in targets]
                 else:
                     hit.extend(t for t in targets if t not in hit)
-                detail.update({"at_s": at, "name": ev.name, "set": dict(ev.set), "reset": ev.reset,
-                               "cost_multiplier": ev.cost_multiplier,
-                               "capacity_after_rps": round(cap, 2)})  # fmt: skip
+                detail.update(
+                    {
+                        "at_s": at,
+                        "name": ev.name,
+                        "set": dict(ev.set),
+                        "reset": ev.reset,
+                        "cost_multiplier": ev.cost_multiplier,
+                        "capacity_after_rps": round(cap, 2),
+                    }
+                )
                 break
             if chosen is not None:
                 break
@@ -370,8 +421,13 @@ def _draw_events(rng: np.random.Generator, fleet_backends: list[FleetBackend], s
     return events, info
 
 
-def draw_fleet(seed: int, rate_rps_range: tuple[float, float] = DEFAULT_RATE_RANGE, *,
-               duration_s: float = DEFAULT_SUITE_DURATION_S, base: Settings | None = None) -> Fleet:  # fmt: skip
+def draw_fleet(
+    seed: int,
+    rate_rps_range: tuple[float, float] = DEFAULT_RATE_RANGE,
+    *,
+    duration_s: float = DEFAULT_SUITE_DURATION_S,
+    base: Settings | None = None,
+) -> Fleet:
     """A random fleet, its offered rate and a timeline of events; the same for the same
     arguments (numpy ``default_rng(seed)``). See the module docstring for the ranges."""
     if not (isinstance(seed, int) and not isinstance(seed, bool) and seed >= 0):
@@ -393,21 +449,44 @@ def draw_fleet(seed: int, rate_rps_range: tuple[float, float] = DEFAULT_RATE_RAN
             continue
         scale, conc = fit
         backends = [
-            FleetBackend(address=f"127.0.0.1:{PORT0 + i}", cloud=r["cloud"], region=r["region"], zone=r["zone"],
-                         price=r["price"], base_latency_ms=float(np.clip(scale * r["latency"], *LATENCY_MS)),
-                         sigma=r["sigma"], tail_prob=r["tail_prob"], tail_ms=r["tail_ms"], concurrency=int(conc[i]))
+            FleetBackend(
+                address=f"127.0.0.1:{PORT0 + i}",
+                cloud=r["cloud"],
+                region=r["region"],
+                zone=r["zone"],
+                price=r["price"],
+                base_latency_ms=float(np.clip(scale * r["latency"], *LATENCY_MS)),
+                sigma=r["sigma"],
+                tail_prob=r["tail_prob"],
+                tail_ms=r["tail_ms"],
+                concurrency=int(conc[i]),
+            )
             for i, r in enumerate(rows)
-        ]  # fmt: skip
+        ]
         total = sum(b.capacity_rps for b in backends)
         assert abs(rate / total - load) < 1e-6, (rate, total, load)
         assert all(LATENCY_MS[0] <= b.base_latency_ms <= LATENCY_MS[1] for b in backends)
         settings = fleet_settings(backends, base)
         events, info = _draw_events(rng, backends, settings, rate, duration_s)
-        scenario = LiveScenario(name=f"fleet-{seed}", duration_s=duration_s, events=events,
-                                description=f"random fleet, seed {seed}: {len(backends)} backends, "
-                                            f"{100 * load:.0f}% load at {rate:g} req/s")  # fmt: skip
-        return Fleet(seed=seed, rate_rps=rate, load_fraction=load, latency_scale=scale, duration_s=duration_s,
-                     backends=backends, settings=settings, scenario=scenario, event_info=info, attempts=attempt)  # fmt: skip
+        scenario = LiveScenario(
+            name=f"fleet-{seed}",
+            duration_s=duration_s,
+            events=events,
+            description=f"random fleet, seed {seed}: {len(backends)} backends, "
+            f"{100 * load:.0f}% load at {rate:g} req/s",
+        )
+        return Fleet(
+            seed=seed,
+            rate_rps=rate,
+            load_fraction=load,
+            latency_scale=scale,
+            duration_s=duration_s,
+            backends=backends,
+            settings=settings,
+            scenario=scenario,
+            event_info=info,
+            attempts=attempt,
+        )
     raise BenchError(f"seed {seed}: no fleet fits the rate range {rate_rps_range} in 200 draws")
 
 
@@ -455,7 +534,10 @@ def _usable(arm: dict[str, Any] | None) -> bool:
 def arm_summary(name: str, fleets: list[dict[str, Any]]) -> dict[str, Any]:
     """One arm over every fleet it ran on (see the module docstring)."""
     rows = [f["arms"] for f in fleets if _usable(f["arms"].get(name))]
-    out: dict[str, Any] = {"fleets": len(rows), "reversals_total": sum(int(r[name].get("reversals") or 0) for r in rows)}
+    out: dict[str, Any] = {
+        "fleets": len(rows),
+        "reversals_total": sum(int(r[name].get("reversals") or 0) for r in rows),
+    }
     for ref in REFERENCES:
         if ref == name:
             continue
@@ -537,7 +619,9 @@ def markdown_summary(summary: dict[str, Any]) -> str:
     lines.append(f"Targets (issue #13) for **{default}**: {t['met']}/{t['of']} met")
     for v in t["targets"].values():
         mark = {True: "met", False: "NOT met", None: "unknown"}[v["met"]]
-        lines.append(f"- {v['target']}: {f(v['value'], '.3f') if not isinstance(v['value'], bool) else f(v['value'])} ({mark})")
+        lines.append(
+            f"- {v['target']}: {f(v['value'], '.3f') if not isinstance(v['value'], bool) else f(v['value'])} ({mark})"
+        )
     return "\n".join(lines)
 
 
@@ -561,8 +645,15 @@ def plot_suite(result: dict[str, Any], path: Path) -> Path:
             for fl in fleets:
                 a, lr = fl["arms"].get(name), fl["arms"].get(LR)
                 ys.append(ratio(a.get(key), lr.get(key)) if _usable(a) and _usable(lr) else None)
-            ax.scatter(xs, [math.nan if y is None else y for y in ys], marker=markers[k % len(markers)], s=36,
-                       label=name, zorder=3, linewidths=2.0 if name == result["default_arm"] else 0.8)  # fmt: skip
+            ax.scatter(
+                xs,
+                [math.nan if y is None else y for y in ys],
+                marker=markers[k % len(markers)],
+                s=36,
+                label=name,
+                zorder=3,
+                linewidths=2.0 if name == result["default_arm"] else 0.8,
+            )
     for ax, what in zip(axes, ("p99 / LEAST_REQUEST", "$ per M / LEAST_REQUEST")):
         ax.axhline(1.0, color="0.3", linewidth=0.9)
         ax.set_yscale("log")
@@ -570,11 +661,18 @@ def plot_suite(result: dict[str, Any], path: Path) -> Path:
         ax.grid(True, axis="y", which="both", alpha=0.3)
     axes[0].legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
     axes[1].set_xticks(range(len(fleets)))
-    axes[1].set_xticklabels([f"seed {fl['seed']}\n{fl['fleet']['rate_rps']:g} rps, {100 * fl['fleet']['load_fraction']:.0f}%"
-                             for fl in fleets], fontsize=8)  # fmt: skip
+    axes[1].set_xticklabels(
+        [
+            f"seed {fl['seed']}\n{fl['fleet']['rate_rps']:g} rps, {100 * fl['fleet']['load_fraction']:.0f}%"
+            for fl in fleets
+        ],
+        fontsize=8,
+    )
     s = result["setup"]
-    fig.suptitle(f"balanceiq bench live --suite {s['fleets']} --seed {s['seed']}: each arm relative to LEAST_REQUEST "
-                 f"({s['duration_s']:g} s per arm)")  # fmt: skip
+    fig.suptitle(
+        f"balanceiq bench live --suite {s['fleets']} --seed {s['seed']}: each arm relative to LEAST_REQUEST "
+        f"({s['duration_s']:g} s per arm)"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -583,15 +681,32 @@ def plot_suite(result: dict[str, Any], path: Path) -> Path:
 
 # -- the run -------------------------------------------------------------------------------------------
 
-ARM_KEYS = ("label", "family", "lb_policy", "p50_ms", "p99_ms", "p999_ms", "cost_per_million", "error_rate",
-            "slo_attainment", "reversals", "requests", "errors", "share_by_cloud", "disturbed", "wall_s")  # fmt: skip
+ARM_KEYS = (
+    "label",
+    "family",
+    "lb_policy",
+    "p50_ms",
+    "p99_ms",
+    "p999_ms",
+    "cost_per_million",
+    "error_rate",
+    "slo_attainment",
+    "reversals",
+    "requests",
+    "errors",
+    "share_by_cloud",
+    "disturbed",
+    "wall_s",
+)
 
 
 def _compact(r: dict[str, Any]) -> dict[str, Any]:
     out = {k: r.get(k) for k in ARM_KEYS}
     out["schedule_lag_p99_ms"] = r["generator"]["schedule_lag_ms"]["p99"]
-    out["phases"] = [{k: p.get(k) for k in ("phase", "from_s", "to_s", "p99_ms", "cost_per_million", "error_rate")}
-                     for p in r.get("phases", [])]  # fmt: skip
+    out["phases"] = [
+        {k: p.get(k) for k in ("phase", "from_s", "to_s", "p99_ms", "cost_per_million", "error_rate")}
+        for p in r.get("phases", [])
+    ]
     if "controller" in r:
         c = r["controller"]
         out["controller"] = {k: c[k] for k in ("decisions", "measured_decisions", "modes", "pushes", "errors")}
@@ -615,7 +730,9 @@ def validate_suite_args(n: int, seed: int, rate_rps_range: tuple[float, float]) 
     if not (isinstance(n, int) and not isinstance(n, bool) and 1 <= n <= MAX_FLEETS):
         problems.append(f"--suite must be an integer in 1..{MAX_FLEETS} (fleets), got {n!r}")
     if not (isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed <= MAX_SEED):
-        problems.append(f"--seed must be an integer in 0..{MAX_SEED} (fleet i uses seed * {SEED_STRIDE} + i), got {seed!r}")
+        problems.append(
+            f"--seed must be an integer in 0..{MAX_SEED} (fleet i uses seed * {SEED_STRIDE} + i), got {seed!r}"
+        )
     lo, hi = rate_rps_range
     if not (math.isfinite(lo) and math.isfinite(hi) and 0 < lo <= hi <= 2000):
         problems.append(f"the rate range must satisfy 0 < low <= high <= 2000 req/s, got {rate_rps_range}")
@@ -646,30 +763,54 @@ def run_live_suite(
     # Every fleet is drawn before anything starts: a bad draw fails fast.
     fleets = [draw_fleet(seed * SEED_STRIDE + i, rate_rps_range, duration_s=duration_s, base=base) for i in range(n)]
     with contextlib.redirect_stdout(sys.stderr):
-        return _run_suite(base, fleets, arms, seed, duration_s, warmup_s, rate_rps_range, slo_ms, plot_path,
-                          private_gauges, console)  # fmt: skip
+        return _run_suite(
+            base, fleets, arms, seed, duration_s, warmup_s, rate_rps_range, slo_ms, plot_path, private_gauges, console
+        )
 
 
-def _run_suite(base: Settings, fleets: list[Fleet], arms: list[Arm], seed: int, duration_s: float, warmup_s: float,
-               rate_rps_range: tuple[float, float], slo_ms: float, plot_path: Path | None, private_gauges: bool,
-               console: Console) -> dict[str, Any]:  # fmt: skip
+def _run_suite(
+    base: Settings,
+    fleets: list[Fleet],
+    arms: list[Arm],
+    seed: int,
+    duration_s: float,
+    warmup_s: float,
+    rate_rps_range: tuple[float, float],
+    slo_ms: float,
+    plot_path: Path | None,
+    private_gauges: bool,
+    console: Console,
+) -> dict[str, Any]:
     t0 = time.monotonic()
     c = base.control
     default = DEFAULT_ARM.name
     result: dict[str, Any] = {
         "bench": "live-suite",
         "setup": {
-            "fleets": len(fleets), "seed": seed, "fleet_seeds": [f.seed for f in fleets],
+            "fleets": len(fleets),
+            "seed": seed,
+            "fleet_seeds": [f.seed for f in fleets],
             "seed_rule": f"fleet i uses seed {SEED_STRIDE} * seed + i (numpy default_rng): "
-                         "backends, load, events and the Poisson arrival schedule",
-            "arms": [a.name for a in arms], "duration_s": duration_s, "warmup_s": warmup_s, "slo_ms": slo_ms,
-            "rate_rps_range": list(rate_rps_range), "arrivals": "poisson", "private_gauges": private_gauges,
-            "capacity_hints": False, "capacity_ramp": False, "default_lb_policy": DEFAULT_LB_POLICY,
-            "control": {"interval_s": 1.0, "cost_weight": c.cost_weight, "util_target": c.util_target,
-                        "latency_weight": c.latency_weight},
+            "backends, load, events and the Poisson arrival schedule",
+            "arms": [a.name for a in arms],
+            "duration_s": duration_s,
+            "warmup_s": warmup_s,
+            "slo_ms": slo_ms,
+            "rate_rps_range": list(rate_rps_range),
+            "arrivals": "poisson",
+            "private_gauges": private_gauges,
+            "capacity_hints": False,
+            "capacity_ramp": False,
+            "default_lb_policy": DEFAULT_LB_POLICY,
+            "control": {
+                "interval_s": 1.0,
+                "cost_weight": c.cost_weight,
+                "util_target": c.util_target,
+                "latency_weight": c.latency_weight,
+            },
             "method": "per fleet, every arm on a fresh stack with the same open-loop schedule; the fleet's events "
-                      "after an unmeasured warm-up; ratios are geometric means over fleets",
-        },  # fmt: skip
+            "after an unmeasured warm-up; ratios are geometric means over fleets",
+        },
         "default_arm": default,
         "machine": {"cores": os.cpu_count(), "load_avg_at_start": [round(x, 2) for x in os.getloadavg()]},
         "fleets": [],
@@ -682,22 +823,47 @@ def _run_suite(base: Settings, fleets: list[Fleet], arms: list[Arm], seed: int, 
         if any(a.family == "balanceiq" for a in arms):
             scorer, info = _load_scorer(console)
             result["setup"]["policy"] = info
-        with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed:>5.0f}/{task.total:.0f} s"),
-                      TimeElapsedColumn(), console=console, transient=True) as progress:  # fmt: skip
+        with Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            TextColumn("{task.completed:>5.0f}/{task.total:.0f} s"),
+            TimeElapsedColumn(),
+            console=console,
+            transient=True,
+        ) as progress:
             for k, fleet in enumerate(fleets):
                 fj = fleet.to_json()
-                console.print(f"[bold]fleet {k + 1}/{len(fleets)}[/] seed {fleet.seed}: {len(fleet.backends)} backends in "
-                              f"{len(fj['clouds'])} clouds, {fleet.rate_rps:g} req/s = {100 * fleet.load_fraction:.0f}% "
-                              f"of {fleet.total_capacity_rps:.0f} req/s; events: "
-                              f"{'; '.join(f'{e.at_s:g}s {e.name}' for e in fleet.scenario.events)}")  # fmt: skip
-                entry: dict[str, Any] = {"seed": fleet.seed, "fleet": fj, "events": fleet.events_json(),
-                                         "oracle_at_start": _oracle_preview(fleet, slo_ms), "arms": {}}  # fmt: skip
+                console.print(
+                    f"[bold]fleet {k + 1}/{len(fleets)}[/] seed {fleet.seed}: {len(fleet.backends)} backends in "
+                    f"{len(fj['clouds'])} clouds, {fleet.rate_rps:g} req/s = {100 * fleet.load_fraction:.0f}% "
+                    f"of {fleet.total_capacity_rps:.0f} req/s; events: "
+                    f"{'; '.join(f'{e.at_s:g}s {e.name}' for e in fleet.scenario.events)}"
+                )
+                entry: dict[str, Any] = {
+                    "seed": fleet.seed,
+                    "fleet": fj,
+                    "events": fleet.events_json(),
+                    "oracle_at_start": _oracle_preview(fleet, slo_ms),
+                    "arms": {},
+                }
                 for arm in arms:
                     try:
-                        r = run_arm(arm, fleet.settings, fleet.scenario, work / f"{fleet.seed}-{arm.name}",
-                                    rate_rps=fleet.rate_rps, duration_s=duration_s, warmup_s=warmup_s,
-                                    arrivals="poisson", seed=fleet.seed, slo_ms=slo_ms, bin_s=BIN_S, scorer=scorer,
-                                    progress=progress, private_gauges=private_gauges)  # fmt: skip
+                        r = run_arm(
+                            arm,
+                            fleet.settings,
+                            fleet.scenario,
+                            work / f"{fleet.seed}-{arm.name}",
+                            rate_rps=fleet.rate_rps,
+                            duration_s=duration_s,
+                            warmup_s=warmup_s,
+                            arrivals="poisson",
+                            seed=fleet.seed,
+                            slo_ms=slo_ms,
+                            bin_s=BIN_S,
+                            scorer=scorer,
+                            progress=progress,
+                            private_gauges=private_gauges,
+                        )
                     except KeyboardInterrupt:
                         raise
                     except Exception as exc:  # one arm failing must not lose the rest of the suite
@@ -710,11 +876,16 @@ def _run_suite(base: Settings, fleets: list[Fleet], arms: list[Arm], seed: int, 
                     lag = r["generator"]["schedule_lag_ms"]["p99"] or 0.0
                     r["disturbed"] = bool(lag > SUSTAIN_LAG_P99_MS)
                     if r["disturbed"]:
-                        notes.append(f"fleet {fleet.seed}, {arm.name}: the generator's schedule lag p99 was {lag:.0f} ms")
+                        notes.append(
+                            f"fleet {fleet.seed}, {arm.name}: the generator's schedule lag p99 was {lag:.0f} ms"
+                        )
                     entry["arms"][arm.name] = _compact(r)
-                    console.print(f"  {arm.name:<14} p50 {r['p50_ms']} ms  p99 {r['p99_ms']} ms  p99.9 {r['p999_ms']} ms  "
-                                  f"errors {100 * (r['error_rate'] or 0):.2f} %  ${r['cost_per_million']}/M  "
-                                  f"reversals {r['reversals']}  ({r['wall_s']} s)", highlight=False)  # fmt: skip
+                    console.print(
+                        f"  {arm.name:<14} p50 {r['p50_ms']} ms  p99 {r['p99_ms']} ms  p99.9 {r['p999_ms']} ms  "
+                        f"errors {100 * (r['error_rate'] or 0):.2f} %  ${r['cost_per_million']}/M  "
+                        f"reversals {r['reversals']}  ({r['wall_s']} s)",
+                        highlight=False,
+                    )
                 result["fleets"].append(entry)
     result["summary"] = suite_summary(result["fleets"], default)
     result["leftover_processes"] = leftovers(all_pids, 10.0)

@@ -44,8 +44,14 @@ CLOUDS = [("aws", "us-east-1", 0.40), ("gcp", "us-central1", 0.35), ("azure", "e
 TARGETS = {"observe_ms_at_100_endpoints": 50.0, "p95_abs_error_ms": 10.0}
 
 
-def bench_settings(n: int, *, window_s: float, latency_ms: list[float] | None = None,
-                   error_rates: list[float] | None = None, als: bool = True) -> Settings:  # fmt: skip
+def bench_settings(
+    n: int,
+    *,
+    window_s: float,
+    latency_ms: list[float] | None = None,
+    error_rates: list[float] | None = None,
+    als: bool = True,
+) -> Settings:
     latency_ms = latency_ms or [10.0 + 10.0 * (i % 10) for i in range(n)]
     error_rates = error_rates or [(0.1 if i % 5 == 4 else 0.0) for i in range(n)]
     endpoints, overrides = [], {}
@@ -62,17 +68,21 @@ def bench_settings(n: int, *, window_s: float, latency_ms: list[float] | None = 
             "envoy": {"admin_url": f"http://127.0.0.1:{next(ports)}", "listen_port": next(ports)},
             "prometheus": {"url": f"http://127.0.0.1:{next(ports)}", "scrape_interval_s": 1},
             "telemetry": {
-                "window_s": window_s, "stale_after_s": 5, "als_enabled": als,
-                "als_grpc_port": next(ports), "als_metrics_port": next(ports),
+                "window_s": window_s,
+                "stale_after_s": 5,
+                "als_enabled": als,
+                "als_grpc_port": next(ports),
+                "als_metrics_port": next(ports),
             },
             "testbed": {"overrides": overrides},
         },
         source="bench",
-    )  # fmt: skip
+    )
 
 
-def run_telemetry_bench(*, endpoints: int = 100, samples: int = 20, rate_rps: float = 250.0,
-                        console: Console | None = None) -> dict[str, Any]:  # fmt: skip
+def run_telemetry_bench(
+    *, endpoints: int = 100, samples: int = 20, rate_rps: float = 250.0, console: Console | None = None
+) -> dict[str, Any]:
     if endpoints < 1 or samples < 1 or rate_rps <= 0:
         raise BenchError("--endpoints >= 1, --samples >= 1 and --rate > 0 are required")
     console = console or Console(stderr=True)
@@ -91,17 +101,21 @@ def run_telemetry_bench(*, endpoints: int = 100, samples: int = 20, rate_rps: fl
                 tb = Testbed(settings, Path(work) / "tb", health_check_interval_s=300).start()
             try:
                 loader = threading.Thread(
-                    target=run_load_sync, args=(tb.envoy.listen_url,),
+                    target=run_load_sync,
+                    args=(tb.envoy.listen_url,),
                     kwargs={"total": 10**7, "concurrency": 48, "max_seconds": 600, "rate_rps": rate_rps, "stop": stop},
                     daemon=True,
-                )  # fmt: skip
+                )
                 loader.start()
                 telemetry = Telemetry(settings, als_metrics_url=tb.als.metrics_url if tb.als else None)
-                fallback = EnvoyAdminSource(settings.envoy.admin_url, als_metrics_url=tb.als.metrics_url if tb.als else None)
+                fallback = EnvoyAdminSource(
+                    settings.envoy.admin_url, als_metrics_url=tb.als.metrics_url if tb.als else None
+                )
                 addrs, costs = telemetry.addresses, telemetry.costs
                 warm_s = window_s + 5
-                with Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(),
-                              console=console, transient=True) as progress:  # fmt: skip
+                with Progress(
+                    TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), console=console, transient=True
+                ) as progress:
                     task = progress.add_task("warming up (one rate window)", total=warm_s)
                     t0 = time.monotonic()
                     while (elapsed := time.monotonic() - t0) < warm_s:
@@ -135,19 +149,20 @@ def run_telemetry_bench(*, endpoints: int = 100, samples: int = 20, rate_rps: fl
         p95_err = [abs(e.p95_ms - truth_p95[e.address]) for e in usable]
         err_err = [abs(e.error_rate - truth_err[e.address]) for e in usable if math.isfinite(e.error_rate)]
         served_err = [
-            abs(e.error_rate - served[e.address])
-            for e in usable
-            if math.isfinite(e.error_rate) and e.address in served
+            abs(e.error_rate - served[e.address]) for e in usable if math.isfinite(e.error_rate) and e.address in served
         ]
-        served_p95_err = [
-            abs(e.p95_ms - served_p95[e.address]) for e in usable if e.address in served_p95
-        ]
+        served_p95_err = [abs(e.p95_ms - served_p95[e.address]) for e in usable if e.address in served_p95]
         worst = sorted(usable, key=lambda e: -abs(e.error_rate - truth_err[e.address]))[:3]
         worst_err = [
-            {"address": e.address, "injected": truth_err[e.address], "observed": round(e.error_rate, 4),
-             "rps": round(e.rps, 2), "healthy": e.healthy}
+            {
+                "address": e.address,
+                "injected": truth_err[e.address],
+                "observed": round(e.error_rate, 4),
+                "rps": round(e.rps, 2),
+                "healthy": e.healthy,
+            }
             for e in worst
-        ]  # fmt: skip
+        ]
         ages = [e.age_s for e in last.endpoints if math.isfinite(e.age_s)]
         fb_usable = sum(1 for e in fb.endpoints if e.usable)
         overhead = _overhead(Path(work) / "overhead", console)
@@ -156,13 +171,18 @@ def run_telemetry_bench(*, endpoints: int = 100, samples: int = 20, rate_rps: fl
         "bench": "telemetry",
         "endpoints": endpoints,
         "samples": samples,
-        "load_rps": {"target": rate_rps, "achieved": round(sum(e.rps for e in last.endpoints if math.isfinite(e.rps)), 1)},
+        "load_rps": {
+            "target": rate_rps,
+            "achieved": round(sum(e.rps for e in last.endpoints if math.isfinite(e.rps)), 1),
+        },
         "window_s": window_s,
         "scrape_interval_s": settings.prometheus.scrape_interval_s,
         "observe_ms": {"prometheus": _pct(prom_ms), "fallback": _pct(fb_ms)},
         "usable_endpoints": {"prometheus": len(usable), "fallback": fb_usable},
-        "staleness_s": {"median": round(statistics.median(ages), 3) if ages else None,
-                        "max": round(max(ages), 3) if ages else None},  # fmt: skip
+        "staleness_s": {
+            "median": round(statistics.median(ages), 3) if ages else None,
+            "max": round(max(ages), 3) if ages else None,
+        },
         # Against the injected base latency (+ jitter): holds while the backends' process
         # is not CPU-starved; and against the p95 the backends measured themselves.
         "p95_abs_error_ms": _summary(p95_err),
@@ -172,7 +192,9 @@ def run_telemetry_bench(*, endpoints: int = 100, samples: int = 20, rate_rps: fl
         "error_rate_abs_error": {**_summary(err_err, digits=4), "worst": worst_err},
         # Against what the backends say they served (their own counters): measurement error.
         "error_rate_abs_error_vs_served": _summary(served_err, digits=4),
-        "requests_per_endpoint_window": round(statistics.fmean(e.rps for e in usable) * window_s, 1) if usable else None,
+        "requests_per_endpoint_window": round(statistics.fmean(e.rps for e in usable) * window_s, 1)
+        if usable
+        else None,
         "latency_source_overhead": overhead,
         "targets": TARGETS,
     }
@@ -183,8 +205,10 @@ def _served(telemetry: Telemetry, window_s: float) -> tuple[dict[str, float], di
     Prometheus: 5xx fraction, and p95 in ms (which includes the backend's own event-loop
     delays when the machine is busy, unlike the injected base latency)."""
     w = f"{window_s:g}s"
-    errors = (f'sum by (backend) (rate(backend_requests_total{{code=~"5.."}}[{w}])) / '
-              f"sum by (backend) (rate(backend_requests_total[{w}]))")  # fmt: skip
+    errors = (
+        f'sum by (backend) (rate(backend_requests_total{{code=~"5.."}}[{w}])) / '
+        f"sum by (backend) (rate(backend_requests_total[{w}]))"
+    )
     p95 = f"histogram_quantile(0.95, sum by (backend, le) (rate(backend_request_duration_seconds_bucket[{w}]))) * 1000"
     return _by_backend(telemetry, errors), _by_backend(telemetry, p95)
 
@@ -219,18 +243,28 @@ def _overhead(work: Path, console: Console, rounds: int = 2, seconds: float = 4.
     """Two Envoys on one xDS server and the same 3 zero-latency backends, ALS on vs off."""
     settings = bench_settings(3, window_s=10, latency_ms=[0.0, 0.0, 0.0], error_rates=[0.0] * 3)
     spare = iter(free_ports(2))
-    off_settings = settings.model_copy(update={"telemetry": settings.telemetry.model_copy(update={"als_enabled": False})})
+    off_settings = settings.model_copy(
+        update={"telemetry": settings.telemetry.model_copy(update={"als_enabled": False})}
+    )
     xds = XdsServer(settings, state_dir=None)
     xds.start()
     backends = BackendsProcess(backend_specs(settings), work / "backends")
     als = AlsProcess(settings.telemetry.als_grpc_port, settings.telemetry.als_metrics_port, work / "als")
     on = EnvoyProcess(render_bootstrap(settings, node_id="als-on", health_check_interval_s=300), workdir=work / "on")
     off = EnvoyProcess(
-        render_bootstrap(off_settings, node_id="als-off", admin_port=next(spare), listen_port=next(spare),
-                         health_check_interval_s=300),
+        render_bootstrap(
+            off_settings,
+            node_id="als-off",
+            admin_port=next(spare),
+            listen_port=next(spare),
+            health_check_interval_s=300,
+        ),
         workdir=work / "off",
-    )  # fmt: skip
-    stats: dict[str, dict[str, float]] = {"on": {"requests": 0, "seconds": 0, "cpu_s": 0}, "off": {"requests": 0, "seconds": 0, "cpu_s": 0}}
+    )
+    stats: dict[str, dict[str, float]] = {
+        "on": {"requests": 0, "seconds": 0, "cpu_s": 0},
+        "off": {"requests": 0, "seconds": 0, "cpu_s": 0},
+    }
     try:
         with console.status("latency-source overhead: ALS on vs off, alternating"):
             for part in (backends, als, on, off):

@@ -38,7 +38,9 @@ def _lifetime_steps(result: dict[str, Any]) -> float | None:
     return None
 
 
-def run_train_bench(*, runners: tuple[int, ...] = (1, 2), iterations: int = 4, console: Console | None = None) -> dict[str, Any]:
+def run_train_bench(
+    *, runners: tuple[int, ...] = (1, 2), iterations: int = 4, console: Console | None = None
+) -> dict[str, Any]:
     import ray
 
     console = console or Console(stderr=True)
@@ -101,9 +103,13 @@ def baseline_return(scenario: str, env_config: dict[str, Any], seed: int = 0) ->
         total, done = 0.0, False
         while not done:
             obs = env.last_obs
-            ctx = PolicyContext(shares=env.shares, capacity_hint=env.capacity_estimate(),
-                                static_weights=np.asarray(env.sim.static_weights, dtype=np.float64),
-                                demand_rps=float(np.nansum([e.rps for e in obs.endpoints])), k=env.k)  # fmt: skip
+            ctx = PolicyContext(
+                shares=env.shares,
+                capacity_hint=env.capacity_estimate(),
+                static_weights=np.asarray(env.sim.static_weights, dtype=np.float64),
+                demand_rps=float(np.nansum([e.rps for e in obs.endpoints])),
+                k=env.k,
+            )
             _, r, _, truncated, _ = env.step_shares(np.asarray(policy.decide(obs, ctx).shares, dtype=np.float64))
             total += r
             done = truncated
@@ -111,8 +117,9 @@ def baseline_return(scenario: str, env_config: dict[str, Any], seed: int = 0) ->
     return out
 
 
-def run_time_to_target(*, scenario: str = "degrade", max_iterations: int = 40, num_env_runners: int = 2,
-                       console: Console | None = None) -> dict[str, Any]:  # fmt: skip
+def run_time_to_target(
+    *, scenario: str = "degrade", max_iterations: int = 40, num_env_runners: int = 2, console: Console | None = None
+) -> dict[str, Any]:
     import ray
 
     console = console or Console(stderr=True)
@@ -165,7 +172,9 @@ def run_time_to_target(*, scenario: str = "degrade", max_iterations: int = 40, n
 CALIBRATION_TRUTH = ((20.0, 2), (40.0, 2), (30.0, 3), (60.0, 4))
 
 
-def run_calibration_error(*, duration_s: float = 60.0, rate_rps: float = 120.0, console: Console | None = None) -> dict[str, Any]:
+def run_calibration_error(
+    *, duration_s: float = 60.0, rate_rps: float = 120.0, console: Console | None = None
+) -> dict[str, Any]:
     """Record exploration on a testbed with injected backends, fit, compare with the truth."""
     import tempfile
     from pathlib import Path
@@ -177,19 +186,29 @@ def run_calibration_error(*, duration_s: float = 60.0, rate_rps: float = 120.0, 
 
     console = console or Console(stderr=True)
     s = settings_on_free_ports(len(CALIBRATION_TRUTH))
-    overrides = {ep.address: BackendProfile(base_latency_ms=b, concurrency=c)
-                 for ep, (b, c) in zip(s.clusters[0].endpoints, CALIBRATION_TRUTH)}  # fmt: skip
+    overrides = {
+        ep.address: BackendProfile(base_latency_ms=b, concurrency=c)
+        for ep, (b, c) in zip(s.clusters[0].endpoints, CALIBRATION_TRUTH)
+    }
     s = s.model_copy(update={"testbed": s.testbed.model_copy(update={"overrides": overrides})})
     with tempfile.TemporaryDirectory(prefix="balanceiq-calib-") as tmp:
         rec_path = Path(tmp) / "recording.jsonl"
-        rec = record_exploration(s, rec_path, duration_s=duration_s, rate_rps=rate_rps,
-                                 plan=ExplorationPlan(hold_s=4.0, seed=0), workdir=Path(tmp) / "work", console=console)  # fmt: skip
+        rec = record_exploration(
+            s,
+            rec_path,
+            duration_s=duration_s,
+            rate_rps=rate_rps,
+            plan=ExplorationPlan(hold_s=4.0, seed=0),
+            workdir=Path(tmp) / "work",
+            console=console,
+        )
         err = calibration_error(calibrate(rec_path), rec["truth"])
     return {"duration_s": duration_s, "rate_rps": rate_rps, "injected": [list(t) for t in CALIBRATION_TRUTH], **err}
 
 
-def run_full_train_bench(*, iterations: int = 4, target_iterations: int = 40, calibration_s: float = 60.0,
-                         console: Console | None = None) -> dict[str, Any]:  # fmt: skip
+def run_full_train_bench(
+    *, iterations: int = 4, target_iterations: int = 40, calibration_s: float = 60.0, console: Console | None = None
+) -> dict[str, Any]:
     """Everything #6 asks of ``balanceiq bench train``, in one JSON object."""
     console = console or Console(stderr=True)
     throughput = run_train_bench(iterations=iterations, console=console)

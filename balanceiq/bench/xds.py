@@ -148,8 +148,12 @@ def run_xds_bench(
             admin = httpx.Client(base_url=envoy.admin_url, timeout=5.0)
             stat = f"cluster.{CLUSTER}.update_success"
             with Progress(
-                TextColumn("pushes"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                console=console, transient=True,
+                TextColumn("pushes"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                console=console,
+                transient=True,
             ) as progress:
                 task = progress.add_task("push", total=pushes)
                 for i in range(pushes):

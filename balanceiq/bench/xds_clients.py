@@ -107,8 +107,11 @@ class ClientProcesses:
         for p in range(n_procs):
             share = streams // n_procs + (1 if p < streams % n_procs else 0)
             ready = self._ctx.Event()
-            child = self._ctx.Process(target=client_process, daemon=True,
-                                      args=(target, f"{prefix}-{p}", share, api, cluster, ready, self._stop))  # fmt: skip
+            child = self._ctx.Process(
+                target=client_process,
+                daemon=True,
+                args=(target, f"{prefix}-{p}", share, api, cluster, ready, self._stop),
+            )
             child.start()
             self._children.append(child)
             readies.append(ready)

@@ -32,14 +32,14 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from typing import Any, Protocol
 
 import numpy as np
 
 from balanceiq.config import Settings
-from balanceiq.control.guardrails import WEIGHT_SCALE, Guardrails, GuardResult, OverrideTable, RollbackMonitor
+from balanceiq.control.guardrails import Guardrails, GuardResult, OverrideTable, RollbackMonitor
 from balanceiq.control.metrics import ClusterMetrics, ControllerMetrics
 from balanceiq.control.records import DecisionLog, DecisionRecord
 from balanceiq.exceptions import BalanceIQError, ControlError, XdsError
@@ -76,7 +76,9 @@ class XdsClient(Protocol):
 
     def release_lease(self, owner: str, cluster: str | None = None) -> bool: ...
 
-    def set_assignment(self, cluster: str, weights: Mapping[str, int], health: Mapping[str, str], lease_owner: str) -> str: ...
+    def set_assignment(
+        self, cluster: str, weights: Mapping[str, int], health: Mapping[str, str], lease_owner: str
+    ) -> str: ...
 
     def wait_for_ack(self, version: str, timeout: float) -> bool: ...
 
@@ -107,7 +109,13 @@ class PolicySettings:
             "k": self.k,
             "interval_s": self.interval_s,
             "slo_ms": r.slo_ms,
-            "reward_weights": {"latency": r.latency, "tail": r.tail, "errors": r.errors, "cost": r.cost, "ref_cost": r.ref_cost},
+            "reward_weights": {
+                "latency": r.latency,
+                "tail": r.tail,
+                "errors": r.errors,
+                "cost": r.cost,
+                "ref_cost": r.ref_cost,
+            },
             "cost_weight": self.cost_weight,
             "util_target": self.util_target,
             "latency_weight": self.latency_weight,
@@ -179,8 +187,9 @@ class Controller:
         it (under LEAST_REQUEST they differ from it); else what the weights say."""
         if self._intent is not None and self._intent[0] == self.weights:
             return self._intent[1].copy()
-        return weights_to_shares([self.weights[a] for a in self.addresses],
-                                 [self.health[a] != "DRAINING" for a in self.addresses])  # fmt: skip
+        return weights_to_shares(
+            [self.weights[a] for a in self.addresses], [self.health[a] != "DRAINING" for a in self.addresses]
+        )
 
     def envoy_weights(self, guard: GuardResult, routable: np.ndarray, demand: float) -> np.ndarray:
         """Integer weights that give the guarded split under Envoy's ``lb_policy``: the
@@ -199,8 +208,15 @@ class Controller:
             return weights
         out = weights.copy()
         idx = np.flatnonzero(~fixed)
-        out[idx] = envoy_weights(np.asarray(guard.shares)[idx], [self.addresses[i] for i in idx], self.core_state,
-                                 demand, "LEAST_REQUEST", available=free[idx], scale=units)  # fmt: skip
+        out[idx] = envoy_weights(
+            np.asarray(guard.shares)[idx],
+            [self.addresses[i] for i in idx],
+            self.core_state,
+            demand,
+            "LEAST_REQUEST",
+            available=free[idx],
+            scale=units,
+        )
         return out
 
     def _adopt_current(self) -> None:
@@ -216,7 +232,9 @@ class Controller:
         served = {e["address"]: e for e in eps if e.get("address") in self.endpoints}
         if len(served) == len(self.addresses):
             self.weights = {a: int(served[a]["weight"]) for a in self.addresses}
-            self.health = {a: ("DRAINING" if served[a].get("health") == "DRAINING" else "HEALTHY") for a in self.addresses}
+            self.health = {
+                a: ("DRAINING" if served[a].get("health") == "DRAINING" else "HEALTHY") for a in self.addresses
+            }
         self._adopted = True
 
     def _with_costs(self, obs: Observation) -> Observation:
@@ -231,9 +249,15 @@ class Controller:
     def knobs(self) -> Knobs:
         """The decision core's knobs from the run-time policy and the guardrails."""
         p, g = self.policy, self.settings.guardrails
-        return Knobs(k=max(1, min(p.k, len(self.addresses))), slo_ms=p.reward.slo_ms, cost_weight=p.cost_weight,
-                     util_target=p.util_target, latency_weight=p.latency_weight,
-                     breach_error_rate=g.breach_error_rate, breach_hold_s=g.breach_hold_s)  # fmt: skip
+        return Knobs(
+            k=max(1, min(p.k, len(self.addresses))),
+            slo_ms=p.reward.slo_ms,
+            cost_weight=p.cost_weight,
+            util_target=p.util_target,
+            latency_weight=p.latency_weight,
+            breach_error_rate=g.breach_error_rate,
+            breach_hold_s=g.breach_hold_s,
+        )
 
     def capacity(self, obs: Observation) -> np.ndarray:
         """The decision core's capacity estimate for ``obs`` (nothing remembered)."""
@@ -253,7 +277,9 @@ class Controller:
         rows = encode(obs, capacity, n, self.policy.reward.slo_ms)
         t0 = time.perf_counter()
         s = np.asarray(self.scorer(rows), dtype=np.float64).reshape(-1)[:n]
-        self.policy_state.update(ok=True, error=None, latency_ms=round((time.perf_counter() - t0) * 1000, 3), at=time.time())
+        self.policy_state.update(
+            ok=True, error=None, latency_ms=round((time.perf_counter() - t0) * 1000, 3), at=time.time()
+        )
         if s.shape[0] != n or not np.all(np.isfinite(s)):
             raise ControlError(f"policy returned {s.shape[0]} scores for {n} endpoints, or non-finite ones")
         if self.policy.mode == "sample":
@@ -279,10 +305,19 @@ class Controller:
         now = time.time()
         seq = self.log.next_seq()
         base: dict[str, Any] = {
-            "seq": seq, "timestamp": now, "critical": (), "previous": dict(self.weights),
-            "weights": dict(self.weights), "reward": None, "moved": 0.0, "pushed": False,
-            "acked": None, "push_ms": None, "ack_ms": None, "version": None,
-        }  # fmt: skip
+            "seq": seq,
+            "timestamp": now,
+            "critical": (),
+            "previous": dict(self.weights),
+            "weights": dict(self.weights),
+            "reward": None,
+            "moved": 0.0,
+            "pushed": False,
+            "acked": None,
+            "push_ms": None,
+            "ack_ms": None,
+            "version": None,
+        }
 
         shadow = self.policy.control_mode == "shadow"
         base["shadow"] = shadow
@@ -314,7 +349,9 @@ class Controller:
         self.metrics.set_active(self.holds_lease)
         if not self.holds_lease:
             self._adopted = False  # whoever holds it may change the weights meanwhile
-            return self._record(base, mode="standby", notes=(f"lease held by {self.lease.get('holder')}",), step_ms=_ms_since(t0))
+            return self._record(
+                base, mode="standby", notes=(f"lease held by {self.lease.get('holder')}",), step_ms=_ms_since(t0)
+            )
         self._adopt_current()
         base["previous"] = dict(self.weights)
         base["weights"] = dict(self.weights)
@@ -325,7 +362,7 @@ class Controller:
         Envoy this controller does not steer), else the ones it started from."""
         w = np.array([e.weight for e in obs.endpoints], dtype=np.float64)
         if len(w) == len(self.addresses) and np.isfinite(w).all() and (w >= 1).all():
-            self.weights = {a: int(round(x)) for a, x in zip(self.addresses, w)}
+            self.weights = {a: round(x) for a, x in zip(self.addresses, w)}
             self._intent = None
 
     def _decide(self, base: dict[str, Any], obs: Observation, now: float, t0: float) -> DecisionRecord:
@@ -348,11 +385,18 @@ class Controller:
                 return self._record(base, mode="hold", notes=(hold,), step_ms=_ms_since(t0))
             # Operators drain when telemetry is most likely blind (an incident): their
             # overrides apply over the weights held, with no decision needed.
-            guard = self.guardrails.apply(self.addresses, self.shares, self.shares, available_mask(obs), active,
-                                          breaching=np.zeros(len(self.addresses), dtype=bool))  # fmt: skip
+            guard = self.guardrails.apply(
+                self.addresses,
+                self.shares,
+                self.shares,
+                available_mask(obs),
+                active,
+                breaching=np.zeros(len(self.addresses), dtype=bool),
+            )
             self.last_guard = guard
-            return self._push_guarded(base, "hold", [hold, "overrides applied to the held weights", *guard.notes],
-                                      guard, obs, 0.0, t0, now)  # fmt: skip
+            return self._push_guarded(
+                base, "hold", [hold, "overrides applied to the held weights", *guard.notes], guard, obs, 0.0, t0, now
+            )
 
         notes: list[str] = []
         ctx = self._context(obs)
@@ -378,7 +422,9 @@ class Controller:
         self.last_core = core
         measured, held = list(core.breaching), list(core.held)
         if held:
-            notes.append(f"breach hold: {', '.join(self.addresses[i] for i in held)} too quiet to measure; kept at the floor")
+            notes.append(
+                f"breach hold: {', '.join(self.addresses[i] for i in held)} too quiet to measure; kept at the floor"
+            )
         notes += list(core.notes)
         capacity = core.capacity
         critical: list[int] = list(core.critical) if policy_ok else []
@@ -388,11 +434,20 @@ class Controller:
             # Both judged on this very observation (see RollbackMonitor): the score is the
             # negated LP objective, worst estimated load/capacity plus the cost term.
             costs = np.array([e.cost_per_million for e in obs.endpoints], dtype=np.float64)
-            latency = lp_latency(np.array([e.p95_ms for e in obs.endpoints], dtype=np.float64), self.policy.reward.slo_ms)
+            latency = lp_latency(
+                np.array([e.p95_ms for e in obs.endpoints], dtype=np.float64), self.policy.reward.slo_ms
+            )
             score = {
-                name: -objective(d.shares, capacity, costs, ctx.demand_rps, cost_weight=self.policy.cost_weight,
-                                 util_target=self.policy.util_target, latency=latency,
-                                 latency_weight=self.policy.latency_weight)
+                name: -objective(
+                    d.shares,
+                    capacity,
+                    costs,
+                    ctx.demand_rps,
+                    cost_weight=self.policy.cost_weight,
+                    util_target=self.policy.util_target,
+                    latency=latency,
+                    latency_weight=self.policy.latency_weight,
+                )
                 for name, d in (("policy", proposal), ("baseline", fallback))
             }
             self.rollback.record(score["policy"], score["baseline"])
@@ -405,8 +460,9 @@ class Controller:
 
         breach = np.zeros(len(self.addresses), dtype=bool)
         breach[measured + held] = True
-        guard = self.guardrails.apply(self.addresses, self.shares, decision.shares, available_mask(obs),
-                                      self.overrides.active(), breaching=breach)  # fmt: skip
+        guard = self.guardrails.apply(
+            self.addresses, self.shares, decision.shares, available_mask(obs), self.overrides.active(), breaching=breach
+        )
         self.last_guard = guard
         for note in guard.notes:
             self.metrics.guardrail(note.split(":", 1)[0])
@@ -414,17 +470,28 @@ class Controller:
         base["critical"] = tuple(self.addresses[i] for i in critical)
         return self._push_guarded(base, mode, notes, guard, obs, ctx.demand_rps, t0, now)
 
-    def _push_guarded(self, base: dict[str, Any], mode: str, notes: list[str], guard: GuardResult, obs: Observation,
-                      demand: float, t0: float, now: float) -> DecisionRecord:  # fmt: skip
+    def _push_guarded(
+        self,
+        base: dict[str, Any],
+        mode: str,
+        notes: list[str],
+        guard: GuardResult,
+        obs: Observation,
+        demand: float,
+        t0: float,
+        now: float,
+    ) -> DecisionRecord:
         """Push what the guardrails returned (unless nothing changed), wait briefly for
         Envoy's ACK, and record the decision."""
-
 
         routable = available_mask(obs) & np.array([guard.health[a] != "DRAINING" for a in self.addresses])
         weights = self.envoy_weights(guard, routable, demand)
         new_weights = {a: int(w) for a, w in zip(self.addresses, weights)}
-        base.update(weights=new_weights, shares={a: float(x) for a, x in zip(self.addresses, guard.shares)},
-                    moved=traffic_moved(self.shares, guard.shares))  # fmt: skip
+        base.update(
+            weights=new_weights,
+            shares={a: float(x) for a, x in zip(self.addresses, guard.shares)},
+            moved=traffic_moved(self.shares, guard.shares),
+        )
 
         if base.get("shadow"):
             base["effect"] = self._effect(obs, guard.shares, demand)
@@ -458,8 +525,17 @@ class Controller:
                     self.metrics.ack(ack_ms / 1000)
         except (XdsError, BalanceIQError) as exc:
             notes.append(f"ACK unknown: {exc}")
-        return self._record(base, mode=mode, notes=tuple(notes), pushed=True, acked=acked, push_ms=push_ms,
-                            ack_ms=ack_ms, version=version, step_ms=_ms_since(t0))  # fmt: skip
+        return self._record(
+            base,
+            mode=mode,
+            notes=tuple(notes),
+            pushed=True,
+            acked=acked,
+            push_ms=push_ms,
+            ack_ms=ack_ms,
+            version=version,
+            step_ms=_ms_since(t0),
+        )
 
     def _effect(self, obs: Observation, proposed: np.ndarray, demand: float) -> dict[str, Any]:
         """Estimated effect of a split against the one in force: blended $ per million
@@ -472,8 +548,10 @@ class Controller:
             cost = float((split[known] * price[known]).sum() / max(split[known].sum(), 1e-12)) if known.any() else None
             ok = np.isfinite(cap) & (cap > 0)
             util = float((split[ok] * demand / cap[ok]).max()) if ok.any() and demand > 0 else None
-            out[name] = {"cost_per_million": None if cost is None else round(cost, 6),
-                         "max_utilisation": None if util is None else round(util, 4)}  # fmt: skip
+            out[name] = {
+                "cost_per_million": None if cost is None else round(cost, 6),
+                "max_utilisation": None if util is None else round(util, 4),
+            }
         return out
 
     def _remember(self, now: float) -> None:

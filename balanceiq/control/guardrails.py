@@ -240,7 +240,13 @@ class OverrideTable:
             del self._overrides[a]
 
     def _put(
-        self, address: str, action: Action, share: float | None, what: str, ttl_s: float | None, reason: str,
+        self,
+        address: str,
+        action: Action,
+        share: float | None,
+        what: str,
+        ttl_s: float | None,
+        reason: str,
         now: float | None,
     ) -> Override:
         self._check_address(address)
@@ -266,7 +272,11 @@ class OverrideTable:
         return ov
 
     def pin(
-        self, address: str, current_share: float, ttl_s: float | None = None, reason: str = "",
+        self,
+        address: str,
+        current_share: float,
+        ttl_s: float | None = None,
+        reason: str = "",
         now: float | None = None,
     ) -> Override:
         """Freeze ``address`` at ``current_share`` (the share it has now, in [0, 1])."""
@@ -276,9 +286,7 @@ class OverrideTable:
             raise GuardrailError(f"cannot pin {address}: current_share must be in [0, 1], got {current_share!r}")
         return self._put(address, "pin", share, f"pin {address} at share {share:.4g}", ttl_s, reason, now)
 
-    def drain(
-        self, address: str, ttl_s: float | None = None, reason: str = "", now: float | None = None
-    ) -> Override:
+    def drain(self, address: str, ttl_s: float | None = None, reason: str = "", now: float | None = None) -> Override:
         """Take ``address`` out of rotation (share 0, health DRAINING) at once."""
         return self._put(address, "drain", None, f"drain {address}", ttl_s, reason, now)
 
@@ -481,9 +489,7 @@ class Guardrails:
         if fixed.any():
             moved_fixed = np.abs(cur[fixed] - fv[fixed])
             if float(moved_fixed.max()) > _NOTE_TOL:
-                held = [
-                    f"{addrs[i]}={fv[i]:.4g}" for i in np.flatnonzero(fixed) if abs(cur[i] - fv[i]) > _NOTE_TOL
-                ]
+                held = [f"{addrs[i]}={fv[i]:.4g}" for i in np.flatnonzero(fixed) if abs(cur[i] - fv[i]) > _NOTE_TOL]
                 notes.append(f"fixed: {_names(held)} set at once (operator override, exempt from max_shift)")
 
         # Step 3b: an SLO breacher never gains traffic (whoever proposes: the baseline after
@@ -546,7 +552,9 @@ class Guardrails:
                 forced -= drop
                 forced += gain / float(gain.sum()) * amount
                 names = [addrs[i] for i in np.flatnonzero(off)]
-                notes.append(f"breaching: moved {_fmt(amount)} of traffic off {_names(names)} at once (exempt from max_shift)")
+                notes.append(
+                    f"breaching: moved {_fmt(amount)} of traffic off {_names(names)} at once (exempt from max_shift)"
+                )
         want = traffic_moved(forced, target)
         limited = want > cfg.max_shift
         if limited:

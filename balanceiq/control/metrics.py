@@ -55,19 +55,30 @@ class ControllerMetrics:
         self.decisions = Counter(
             "balanceiq_decisions", "Control decisions by mode and outcome", ["cluster", "mode", "outcome"], registry=r
         )
-        self.reward = Gauge("balanceiq_decision_reward", "Realised reward of the last interval", ["cluster"], registry=r)
+        self.reward = Gauge(
+            "balanceiq_decision_reward", "Realised reward of the last interval", ["cluster"], registry=r
+        )
         self.push_seconds = Histogram(
-            "balanceiq_push_seconds", "set_assignment round trip to the xDS actor", ["cluster"], registry=r,
+            "balanceiq_push_seconds",
+            "set_assignment round trip to the xDS actor",
+            ["cluster"],
+            registry=r,
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
-        )  # fmt: skip
+        )
         self.ack_seconds = Histogram(
-            "balanceiq_ack_seconds", "Push to Envoy's ACK", ["cluster"], registry=r,
+            "balanceiq_ack_seconds",
+            "Push to Envoy's ACK",
+            ["cluster"],
+            registry=r,
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
-        )  # fmt: skip
+        )
         self.step_seconds = Histogram(
-            "balanceiq_decision_seconds", "One decision, observe to push", ["cluster"], registry=r,
+            "balanceiq_decision_seconds",
+            "One decision, observe to push",
+            ["cluster"],
+            registry=r,
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
-        )  # fmt: skip
+        )
         self.weight = Gauge("balanceiq_endpoint_weight", "Envoy weight in force", ["cluster", "endpoint"], registry=r)
         self.share = Gauge("balanceiq_endpoint_share", "Traffic share asked for", ["cluster", "endpoint"], registry=r)
         self.mode = Gauge("balanceiq_controller_mode", "1 for the mode in force", ["cluster", "mode"], registry=r)

@@ -43,7 +43,9 @@ class ActorXdsClient:
     def release_lease(self, owner: str, cluster: str | None = None) -> bool:
         return bool(self._call("release_lease", owner, cluster))
 
-    def set_assignment(self, cluster: str, weights: Mapping[str, int], health: Mapping[str, str], lease_owner: str) -> str:
+    def set_assignment(
+        self, cluster: str, weights: Mapping[str, int], health: Mapping[str, str], lease_owner: str
+    ) -> str:
         return str(self._call("set_assignment", cluster, dict(weights), dict(health), lease_owner))
 
     def wait_for_ack(self, version: str, timeout: float) -> bool:
@@ -67,7 +69,9 @@ class LocalXdsClient:
     def release_lease(self, owner: str, cluster: str | None = None) -> bool:
         return self.lease.release(owner, cluster)
 
-    def set_assignment(self, cluster: str, weights: Mapping[str, int], health: Mapping[str, str], lease_owner: str) -> str:
+    def set_assignment(
+        self, cluster: str, weights: Mapping[str, int], health: Mapping[str, str], lease_owner: str
+    ) -> str:
         self.lease.check(lease_owner, cluster)
         try:
             return self.server.set_assignment(cluster, weights, health)

@@ -112,32 +112,70 @@ def _decision(shares: np.ndarray, avail: np.ndarray | None, critical: tuple[int,
 
 def _lp_decision(res: LpResult, avail: np.ndarray, critical: tuple[int, ...], **info: Any) -> Decision:
     return _decision(
-        res.shares, avail, critical, lp_status=res.status, fallback=res.fallback,
-        max_utilization=res.max_utilization, **info,
-    )  # fmt: skip
+        res.shares,
+        avail,
+        critical,
+        lp_status=res.status,
+        fallback=res.fallback,
+        max_utilization=res.max_utilization,
+        **info,
+    )
 
 
 def solve_for(
-    obs: Observation, shares: np.ndarray, critical: Any, capacity: np.ndarray, demand: float, *,
-    cost_weight: float = 0.1, util_target: float = 0.0, latency_weight: float = 0.0, slo_ms: float = 150.0,
-) -> LpResult:  # fmt: skip
+    obs: Observation,
+    shares: np.ndarray,
+    critical: Any,
+    capacity: np.ndarray,
+    demand: float,
+    *,
+    cost_weight: float = 0.1,
+    util_target: float = 0.0,
+    latency_weight: float = 0.0,
+    slo_ms: float = 150.0,
+) -> LpResult:
     """The CFR-RL LP for this observation: costs, availability and (with
     ``latency_weight`` > 0) p95 latency in SLO units are read from it."""
     latency = _field(obs, "p95_ms") / slo_ms if latency_weight > 0 else None
-    return solve_critical(shares, critical, capacity, _field(obs, "cost_per_million"), demand,
-                          available=available_mask(obs), cost_weight=cost_weight, util_target=util_target,
-                          latency=latency, latency_weight=latency_weight)  # fmt: skip
+    return solve_critical(
+        shares,
+        critical,
+        capacity,
+        _field(obs, "cost_per_million"),
+        demand,
+        available=available_mask(obs),
+        cost_weight=cost_weight,
+        util_target=util_target,
+        latency=latency,
+        latency_weight=latency_weight,
+    )
 
 
 def lp_decision(
-    obs: Observation, ctx: PolicyContext, critical: tuple[int, ...], capacity: np.ndarray, *,
-    cost_weight: float = 0.1, util_target: float = 0.0, latency_weight: float = 0.0, slo_ms: float = 150.0,
+    obs: Observation,
+    ctx: PolicyContext,
+    critical: tuple[int, ...],
+    capacity: np.ndarray,
+    *,
+    cost_weight: float = 0.1,
+    util_target: float = 0.0,
+    latency_weight: float = 0.0,
+    slo_ms: float = 150.0,
     **info: Any,
-) -> Decision:  # fmt: skip
+) -> Decision:
     """Re-optimise ``critical`` with the LP and package the result as a Decision."""
     shares = np.asarray(ctx.shares, dtype=np.float64).reshape(-1)
-    res = solve_for(obs, shares, critical, capacity, float(ctx.demand_rps), cost_weight=cost_weight,
-                    util_target=util_target, latency_weight=latency_weight, slo_ms=slo_ms)  # fmt: skip
+    res = solve_for(
+        obs,
+        shares,
+        critical,
+        capacity,
+        float(ctx.demand_rps),
+        cost_weight=cost_weight,
+        util_target=util_target,
+        latency_weight=latency_weight,
+        slo_ms=slo_ms,
+    )
     return _lp_decision(res, available_mask(obs), tuple(critical), **info)
 
 
@@ -195,7 +233,7 @@ class StaticWeights:
         pass
 
     def decide(self, obs: Observation, ctx: PolicyContext) -> Decision:
-        n = _check(obs, ctx)
+        _check(obs, ctx)
         raw = np.asarray(ctx.static_weights, dtype=np.float64).reshape(-1)
         # Config weights are validated elsewhere; here a bad one becomes 1, never a crash.
         w = np.where(np.isfinite(raw), np.rint(raw), 1.0)

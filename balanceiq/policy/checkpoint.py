@@ -64,8 +64,16 @@ class RLPolicy:
 
     name = "cfr_rl"
 
-    def __init__(self, module: Any, *, cost_weight: float = 0.1, slo_ms: float = 150.0,
-                 mode: str = "greedy", seed: int = 0, force_breaching: bool = True) -> None:  # fmt: skip
+    def __init__(
+        self,
+        module: Any,
+        *,
+        cost_weight: float = 0.1,
+        slo_ms: float = 150.0,
+        mode: str = "greedy",
+        seed: int = 0,
+        force_breaching: bool = True,
+    ) -> None:
         if mode not in ("sample", "greedy"):
             raise PolicyError(f"mode must be 'sample' or 'greedy', got {mode!r}")
         self.module = module
@@ -86,8 +94,9 @@ class RLPolicy:
         self.state = CoreState()
 
     def knobs(self, ctx: PolicyContext) -> Knobs:
-        return Knobs(k=int(ctx.k), slo_ms=self.slo_ms, cost_weight=self.cost_weight,
-                     force_breaching=self.force_breaching)  # fmt: skip
+        return Knobs(
+            k=int(ctx.k), slo_ms=self.slo_ms, cost_weight=self.cost_weight, force_breaching=self.force_breaching
+        )
 
     def scores(self, obs: Observation, ctx: PolicyContext) -> np.ndarray:
         """The policy's score per endpoint on the decision core's capacity estimate

@@ -214,15 +214,24 @@ def time_in_system_s(addresses: Sequence[str], state: CoreState) -> np.ndarray:
     return t
 
 
-def envoy_weights(shares: np.ndarray, addresses: Sequence[str], state: CoreState, demand_rps: float,
-                  lb_policy: str, *, available: np.ndarray | None = None, scale: int = 10000) -> np.ndarray:  # fmt: skip
+def envoy_weights(
+    shares: np.ndarray,
+    addresses: Sequence[str],
+    state: CoreState,
+    demand_rps: float,
+    lb_policy: str,
+    *,
+    available: np.ndarray | None = None,
+    scale: int = 10000,
+) -> np.ndarray:
     """Integer Envoy weights that realise ``shares`` under ``lb_policy``: as they are for
     ROUND_ROBIN; for LEAST_REQUEST, where Envoy picks by ``weight / (active + 1)``, each
     scaled by (1 + the requests it will hold), from its smoothed median latency."""
     if lb_policy != "LEAST_REQUEST":
         return shares_to_weights(shares, scale=scale, available=available)
-    return least_request_weights(shares, time_in_system_s(addresses, state), demand_rps, available=available,
-                                 scale=scale)  # fmt: skip
+    return least_request_weights(
+        shares, time_in_system_s(addresses, state), demand_rps, available=available, scale=scale
+    )
 
 
 def _f(x: float) -> float:
@@ -254,9 +263,9 @@ def with_forced(ranked: Sequence[int], forced: Sequence[int], k: int) -> list[in
     return chosen + extra[: max(0, int(k))]
 
 
-def _remember(obs: Observation, shares: np.ndarray, knobs: Knobs, state: CoreState, now: float) -> tuple[
-    dict[str, Memory], list[int], list[int], list[int]
-]:
+def _remember(
+    obs: Observation, shares: np.ndarray, knobs: Knobs, state: CoreState, now: float
+) -> tuple[dict[str, Memory], list[int], list[int], list[int]]:
     """Update each endpoint's memory; returns it, the breachers measured now, the quiet
     breachers held, and the endpoints whose price changed."""
     dt = max(0.0, now - state.at) if state.at is not None else 0.0
@@ -385,7 +394,9 @@ def estimate(
         good = m.good_rps * math.exp(-dt / GOOD_TAU_S)
         ceiling = m.ceiling_rps * math.exp(dt / CEILING_TAU_S) if math.isfinite(m.ceiling_rps) else math.nan
         # Queueing, by the endpoint's own baseline: the median well above it ...
-        limit = CONGESTED_RATIO + CONGESTED_SLACK_MS / m.base_ms if math.isfinite(m.base_ms) and m.base_ms > 0 else math.inf
+        limit = (
+            CONGESTED_RATIO + CONGESTED_SLACK_MS / m.base_ms if math.isfinite(m.base_ms) and m.base_ms > 0 else math.inf
+        )
         queueing = bool(load >= MIN_PROBE_RPS and math.isfinite(m.ratio) and m.ratio > limit)
         # ... or requests in flight far older than what completes (Little's law: their
         # time in system is in-flight / rate): a stuck or overloaded endpoint completes
@@ -421,8 +432,13 @@ def estimate(
             # Carrying this much without queueing: it can take what the growth bound
             # lets it grow to at no more than UNCONGESTED_UTIL (the bound, not this
             # guess, keeps it from being flooded; the guess lets price and latency pick).
-            c = max(load, min(knobs.growth * max(good, load, knobs.probe_share * demand),
-                              load + knobs.max_step * demand)) / UNCONGESTED_UTIL  # fmt: skip
+            c = (
+                max(
+                    load,
+                    min(knobs.growth * max(good, load, knobs.probe_share * demand), load + knobs.max_step * demand),
+                )
+                / UNCONGESTED_UTIL
+            )
         else:
             c = math.nan  # unknown: filled below
         if math.isfinite(err[i]) and err[i] > 0 and math.isfinite(c):
@@ -449,8 +465,9 @@ def estimate(
                 max_load[i] = bound
         if not avail[i]:
             cap[i] = 0.0
-        out[e.address] = replace(m, good_rps=good, ceiling_rps=ceiling if math.isfinite(ceiling) else math.nan,
-                                 cooldown=cooldown)  # fmt: skip
+        out[e.address] = replace(
+            m, good_rps=good, ceiling_rps=ceiling if math.isfinite(ceiling) else math.nan, cooldown=cooldown
+        )
     # Unknown capacity: typical (the median of the known), else enough for all traffic;
     # growth is bounded by max_load, so this only lets cost and latency decide where it goes.
     unknown = ~np.isfinite(cap)
@@ -489,8 +506,9 @@ def decide(
     forced: list[int] = []
     if knobs.force_breaching:
         recovered = [i for i, e in enumerate(obs.endpoints) if mem[e.address].recovering > 0]
-        forced = [i for i in breaching + [int(j) for j in np.flatnonzero(est.congested)] + repriced + recovered
-                  if avail[i]]  # fmt: skip
+        forced = [
+            i for i in breaching + [int(j) for j in np.flatnonzero(est.congested)] + repriced + recovered if avail[i]
+        ]
         forced = [i for i in dict.fromkeys(forced) if i not in held]
     if scores is None:
         critical = [i for i in range(n) if avail[i] and i not in held]
@@ -510,8 +528,9 @@ def decide(
         # A price that rose caps the share unless the others cannot carry the traffic.
         dearer = np.array([math.isfinite(mem[e.address].dearer_share) for e in obs.endpoints])
         if dearer.any():
-            capped = np.where(dearer, np.minimum(max_share, [mem[e.address].dearer_share for e in obs.endpoints]),
-                              max_share)  # fmt: skip
+            capped = np.where(
+                dearer, np.minimum(max_share, [mem[e.address].dearer_share for e in obs.endpoints]), max_share
+            )
 
             def room_for(crit_idx: list[int]) -> bool:
                 crit = np.zeros(n, dtype=bool)
@@ -546,9 +565,19 @@ def decide(
                 w = 1.0 - age / LATENCY_MEMORY_S
                 p95[i] = w * m.p95_ms + (1.0 - w) * typical if math.isfinite(typical) else m.p95_ms
         latency = lp_latency(p95, knobs.slo_ms)
-    res = solve_critical(shares, critical, est.capacity, _arr(obs, "cost_per_million"), demand, available=avail,
-                         cost_weight=knobs.cost_weight, util_target=knobs.util_target, latency=latency,
-                         latency_weight=knobs.latency_weight, max_share=max_share)  # fmt: skip
+    res = solve_critical(
+        shares,
+        critical,
+        est.capacity,
+        _arr(obs, "cost_per_million"),
+        demand,
+        available=avail,
+        cost_weight=knobs.cost_weight,
+        util_target=knobs.util_target,
+        latency=latency,
+        latency_weight=knobs.latency_weight,
+        max_share=max_share,
+    )
     if max_share is not None:
         # Grown as far as its safe-move bound allows: the LP wanted more, so it stays
         # critical until it has what the LP wants (CFR-RL re-routes until converged).
@@ -582,8 +611,9 @@ def breach_state(
     return measured, held, CoreState(at=now, memory=mem)
 
 
-def observe_only(obs: Observation, ctx: PolicyContext, knobs: Knobs, state: CoreState | None = None, *,
-                 now: float | None = None) -> tuple[Estimate, CoreState]:  # fmt: skip
+def observe_only(
+    obs: Observation, ctx: PolicyContext, knobs: Knobs, state: CoreState | None = None, *, now: float | None = None
+) -> tuple[Estimate, CoreState]:
     """The estimate without a decision (for encoding the policy's input), and the state
     it would leave; :func:`decide` on the same input computes the same estimate."""
     state = state or CoreState()

@@ -47,10 +47,17 @@ def encode(obs: Observation, capacity: np.ndarray, n_max: int, slo_ms: float = 1
         fleet = float(np.clip(total_rps / cap.sum(), 0, 3)) if cap.sum() > 0 else 0.0
         dev = np.where(cap > 0, util - fleet, 0.0)
         rows = np.concatenate(
-            [f, valid.astype(np.float64), cap_share[:, None] * n, util[:, None],
-             np.clip(dev, -3, 3)[:, None], np.abs(dev)[:, None], np.ones((n, 1))],
+            [
+                f,
+                valid.astype(np.float64),
+                cap_share[:, None] * n,
+                util[:, None],
+                np.clip(dev, -3, 3)[:, None],
+                np.abs(dev)[:, None],
+                np.ones((n, 1)),
+            ],
             axis=1,
-        )  # fmt: skip
+        )
     rows = np.nan_to_num(rows, nan=0.0, posinf=3.0, neginf=-3.0)
     rows = np.clip(rows, -1e6, 1e6)
     out = np.zeros((n_max, N_FEATURES), dtype=np.float32)

@@ -174,9 +174,8 @@ def _critical_mask(critical: object, n: int) -> np.ndarray:
             raise ValueError(f"critical mask has {arr.shape[0]} entries, expected {n}")
         return arr.copy()
     idx = arr.reshape(-1)
-    if idx.size and not np.issubdtype(idx.dtype, np.integer):
-        if not np.all(np.isfinite(idx) & (np.mod(idx, 1) == 0)):
-            raise ValueError(f"critical indices must be integers, got {critical!r}")
+    if idx.size and not np.issubdtype(idx.dtype, np.integer) and not np.all(np.isfinite(idx) & (np.mod(idx, 1) == 0)):
+        raise ValueError(f"critical indices must be integers, got {critical!r}")
     idx = idx.astype(np.int64)
     if idx.size and (idx.min() < 0 or idx.max() >= n):
         raise ValueError(f"critical index out of range for {n} endpoints: {sorted(set(idx.tolist()))}")
@@ -546,7 +545,9 @@ def traffic_moved(old_shares: np.ndarray | Sequence[float], new_shares: np.ndarr
     return 0.5 * float(np.abs(new - old).sum())
 
 
-def weights_to_shares(weights: np.ndarray | Sequence[float], routable: np.ndarray | Sequence[bool] | None = None) -> np.ndarray:
+def weights_to_shares(
+    weights: np.ndarray | Sequence[float], routable: np.ndarray | Sequence[bool] | None = None
+) -> np.ndarray:
     """The traffic split Envoy realises from ``weights`` (non-routable endpoints, e.g.
     DRAINING, get none); equal shares when nothing is left."""
     w = _nonneg(_vector("weights", weights))

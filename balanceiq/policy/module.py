@@ -30,15 +30,15 @@ class CriticalEndpointModule(TorchRLModule, ValueFunctionAPI):
         hidden = int(self.model_config.get("hidden_dim", 64))
         self.k = int(self.action_space.nvec.shape[0])
         self._encoder = torch.nn.Sequential(
-            torch.nn.Linear(features, hidden), torch.nn.Tanh(),
-            torch.nn.Linear(hidden, hidden), torch.nn.Tanh(),
-        )  # fmt: skip
+            torch.nn.Linear(features, hidden),
+            torch.nn.Tanh(),
+            torch.nn.Linear(hidden, hidden),
+            torch.nn.Tanh(),
+        )
         self._scorer = torch.nn.Sequential(
             torch.nn.Linear(2 * hidden, hidden), torch.nn.Tanh(), torch.nn.Linear(hidden, 1)
         )
-        self._value = torch.nn.Sequential(
-            torch.nn.Linear(hidden, hidden), torch.nn.Tanh(), torch.nn.Linear(hidden, 1)
-        )
+        self._value = torch.nn.Sequential(torch.nn.Linear(hidden, hidden), torch.nn.Tanh(), torch.nn.Linear(hidden, 1))
         # RLlib builds the action distribution from logits alone, so K is baked into the
         # class; the same class serves sampling (exploration) and top-K (inference).
         self.action_dist_cls = plackett_luce(self.k)

@@ -43,7 +43,9 @@ def _ratio(x: float, scale: float) -> float:
     return min(CLIP, max(0.0, x / scale))
 
 
-def reward(p95_ms: float, p99_ms: float, error_rate: float, cost_per_million: float, w: RewardWeights = RewardWeights()) -> float:
+def reward(
+    p95_ms: float, p99_ms: float, error_rate: float, cost_per_million: float, w: RewardWeights = RewardWeights()
+) -> float:
     return -(
         w.latency * _ratio(p95_ms, w.slo_ms)
         + w.tail * max(0.0, _ratio(p99_ms, w.slo_ms) - 1.0)
@@ -61,9 +63,10 @@ def observed_reward(obs: Observation, weights: RewardWeights) -> float | None:
     breaks the SLO). ``None`` when no endpoint carried measurable traffic.
     """
     rows = [
-        e for e in obs.endpoints
+        e
+        for e in obs.endpoints
         if math.isfinite(e.rps) and e.rps > 0 and math.isfinite(e.p95_ms) and math.isfinite(e.error_rate)
-    ]  # fmt: skip
+    ]
     if not rows:
         return None
     rps = np.array([e.rps for e in rows])

@@ -36,7 +36,9 @@ MSG_MAX = 200
 
 ClusterQuery = Annotated[
     str | None,
-    Query(min_length=1, max_length=200, description="The cluster to read or change; the first configured one if omitted."),
+    Query(
+        min_length=1, max_length=200, description="The cluster to read or change; the first configured one if omitted."
+    ),
 ]
 
 
@@ -52,7 +54,9 @@ class WeightChange(_Body):
         description="pin: freeze its current share; drain: no new traffic; set: fixed weight; clear: remove."
     )
     weight: int | None = Field(default=None, ge=1, le=10000, description="For set: weight out of 10,000.")
-    ttl_s: float | None = Field(default=None, gt=0, le=30 * 86400, description="Expiry in seconds; none: until cleared.")
+    ttl_s: float | None = Field(
+        default=None, gt=0, le=30 * 86400, description="Expiry in seconds; none: until cleared."
+    )
     reason: str = Field(default="", max_length=200, description="Shown in the status and the decision log.")
 
 
@@ -122,8 +126,12 @@ class LiveEvalRequest(_Body):
     never the fleet's traffic). Unset fields take the defaults of
     ``balanceiq.testbed.evaluate_live.DEFAULT_LIVE_EVAL``."""
 
-    scenario: str | None = Field(default=None, max_length=200, pattern=r"^[A-Za-z0-9_.-]+$",
-                                 description="A shipped live scenario by name (default degrade_and_dearer).")  # fmt: skip
+    scenario: str | None = Field(
+        default=None,
+        max_length=200,
+        pattern=r"^[A-Za-z0-9_.-]+$",
+        description="A shipped live scenario by name (default degrade_and_dearer).",
+    )
     decision_interval_s: float | None = Field(default=None, ge=0.5, le=60)
     episode_steps: int | None = Field(default=None, ge=2, le=500)
     scenario_speed: float | None = Field(default=None, gt=0, le=1000)
@@ -217,8 +225,13 @@ class _LimitBody:
 
     async def _refuse(self, send: Any) -> None:
         body = json.dumps({"detail": f"request body larger than {self.limit} bytes (api.max_body_bytes)"}).encode()
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})  # fmt: skip
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 413,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+            }
+        )
         await send({"type": "http.response.body", "body": body})
 
 
@@ -340,9 +353,17 @@ def create_api(plane: ControlPlane) -> FastAPI:
             raise ControlError("training is not available in this deployment")
         live = req.live_eval.model_dump(exclude_none=True) if req.live_eval is not None else None
         episodes = live.pop("episodes") if live is not None else 2
-        return plane.training.start(req.iterations, req.scenarios, req.num_env_runners, req.seed,
-                                    evaluate=req.evaluate, promote=req.promote, eval_seeds=req.eval_seeds,
-                                    live_eval=live, live_episodes=episodes)  # fmt: skip
+        return plane.training.start(
+            req.iterations,
+            req.scenarios,
+            req.num_env_runners,
+            req.seed,
+            evaluate=req.evaluate,
+            promote=req.promote,
+            eval_seeds=req.eval_seeds,
+            live_eval=live,
+            live_episodes=episodes,
+        )
 
     @app.get("/metrics", response_class=Response)
     def metrics() -> Response:

@@ -39,14 +39,23 @@ log = logging.getLogger(__name__)
 )
 @serve.ingress()
 class ControllerDeployment:
-    def __init__(self, settings: dict[str, Any], policy: DeploymentHandle, recording: str | None = None,
-                 autostart: bool = True, checkpoint: str | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        settings: dict[str, Any],
+        policy: DeploymentHandle,
+        recording: str | None = None,
+        autostart: bool = True,
+        checkpoint: str | None = None,
+    ) -> None:
         self.settings = Settings.model_validate(settings)
         token, token_file, created = load_or_create_token(self.settings)
         if created:
             # The path, not the token: worker output ends up in Ray's log files.
-            print(f"BalanceIQ API token generated: stored in {token_file} (mode 0600). "
-                  f'Use: curl -H "Authorization: Bearer $(cat {token_file})" ...', flush=True)  # fmt: skip
+            print(
+                f"BalanceIQ API token generated: stored in {token_file} (mode 0600). "
+                f'Use: curl -H "Authorization: Bearer $(cat {token_file})" ...',
+                flush=True,
+            )
         self.policy = policy
         actor = start_actor(self.settings)
         self.xds = ActorXdsClient(actor)
@@ -124,5 +133,9 @@ def build_app(args: dict[str, Any] | None = None) -> Any:
     checkpoint = args.get("checkpoint") or (str(settings.api.checkpoint) if settings.api.checkpoint else None)
     recording = args.get("recording")
     policy = PolicyDeployment.bind(checkpoint)  # type: ignore[attr-defined]
-    return ControllerDeployment.bind(settings.model_dump(mode="json"), policy, recording,  # type: ignore[attr-defined]
-                                     checkpoint=checkpoint)  # fmt: skip
+    return ControllerDeployment.bind(
+        settings.model_dump(mode="json"),
+        policy,
+        recording,  # type: ignore[attr-defined]
+        checkpoint=checkpoint,
+    )

@@ -32,7 +32,9 @@ class _XdsBadRequests(Collector):
 
     def _families(self, status: Mapping[str, Any]) -> Iterator[CounterMetricFamily]:
         refused = CounterMetricFamily(
-            "balanceiq_xds_requests_refused", "xDS requests that ended their stream with an error status", labels=["reason"]
+            "balanceiq_xds_requests_refused",
+            "xDS requests that ended their stream with an error status",
+            labels=["reason"],
         )
         ignored = CounterMetricFamily(
             "balanceiq_xds_requests_ignored", "xDS requests not acted on, as the protocol says", labels=["reason"]
@@ -57,9 +59,10 @@ class _TelemetryFailures(Collector):
 
     def _families(self, failures: Mapping[str, int]) -> Iterator[CounterMetricFamily]:
         fam = CounterMetricFamily(
-            "balanceiq_telemetry_failures", "Telemetry reads that failed, by source (-bug: not a TelemetryError)",
+            "balanceiq_telemetry_failures",
+            "Telemetry reads that failed, by source (-bug: not a TelemetryError)",
             labels=["source"],
-        )  # fmt: skip
+        )
         for source, n in sorted(failures.items()):
             fam.add_metric([str(source)], float(n))
         yield fam
@@ -73,11 +76,16 @@ class ApiMetrics:
         r = self.registry
         # Labelled by route template, not path, so a scan of random URLs adds no series.
         self.responses = Counter(
-            "balanceiq_api_responses", "API responses by method, route and status code", ["method", "route", "code"],
+            "balanceiq_api_responses",
+            "API responses by method, route and status code",
+            ["method", "route", "code"],
             registry=r,
-        )  # fmt: skip
+        )
         self.auth_failures = Counter(
-            "balanceiq_api_auth_failures", "Requests refused for a missing or wrong bearer token", ["reason"], registry=r
+            "balanceiq_api_auth_failures",
+            "Requests refused for a missing or wrong bearer token",
+            ["reason"],
+            registry=r,
         )
         for reason in ("missing", "invalid"):
             self.auth_failures.labels(reason)

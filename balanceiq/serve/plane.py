@@ -18,7 +18,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,7 @@ import httpx
 import numpy as np
 
 from balanceiq.config import GuardrailConfig, Settings, critical_count, is_loopback
-from balanceiq.control.controller import ControlLoop, Controller, Observer, Scorer, XdsClient
+from balanceiq.control.controller import Controller, ControlLoop, Observer, Scorer, XdsClient
 from balanceiq.control.metrics import ControllerMetrics
 from balanceiq.exceptions import BalanceIQError, ControlError, GuardrailError, UnknownClusterError
 from balanceiq.policy.baselines import PolicyContext, make_policy
@@ -65,7 +65,7 @@ def load_or_create_token(settings: Settings) -> tuple[str, Path | None, bool]:
 
 
 def _iso(ts: float | None) -> str | None:
-    return datetime.fromtimestamp(ts, timezone.utc).isoformat().replace("+00:00", "Z") if ts else None
+    return datetime.fromtimestamp(ts, UTC).isoformat().replace("+00:00", "Z") if ts else None
 
 
 def _num(x: Any) -> float | None:
@@ -81,8 +81,9 @@ class PolicyClient:
     the controller's own copy of the model (``local``) when the loop scores in-process:
     a reload swaps both, so the loop and the API always score with one checkpoint."""
 
-    def __init__(self, info: Callable[[], dict[str, Any]], reload: Callable[[str], dict[str, Any]],
-                 local: Any | None = None) -> None:  # fmt: skip
+    def __init__(
+        self, info: Callable[[], dict[str, Any]], reload: Callable[[str], dict[str, Any]], local: Any | None = None
+    ) -> None:
         self._info = info
         self._reload = reload
         self.local = local
@@ -167,8 +168,9 @@ class ControlPlane:
             # yet reads are open and the token itself travels in plaintext HTTP.
             log.warning(
                 "API binds %s, beyond loopback: reads are unauthenticated and HTTP is not encrypted; "
-                "put a TLS-terminating proxy in front (see SECURITY.md)", settings.api.host,
-            )  # fmt: skip
+                "put a TLS-terminating proxy in front (see SECURITY.md)",
+                settings.api.host,
+            )
         self.started_at = time.time()
         self._http = httpx.Client(timeout=1.0, trust_env=False)
         self._http_lock = threading.Lock()
@@ -192,7 +194,9 @@ class ControlPlane:
             return self.pick(cluster)
         owners = [c for c in self.controllers.values() if address in c.endpoints]
         if len(owners) > 1:
-            raise UnknownClusterError(f"{address!r} is in clusters {', '.join(c.cluster.name for c in owners)}: name one with ?cluster=")
+            raise UnknownClusterError(
+                f"{address!r} is in clusters {', '.join(c.cluster.name for c in owners)}: name one with ?cluster="
+            )
         return owners[0] if owners else self.controller
 
     def _loop_states(self) -> dict[str, dict[str, Any]]:
@@ -204,9 +208,18 @@ class ControlPlane:
         out = []
         for name, c in self.controllers.items():
             comp = states[name]
-            out.append({"cluster": name, "endpoints": len(c.addresses), "state": comp["state"], "reason": comp["reason"],
-                        "mode": c.rollback.mode, "control_mode": c.policy.control_mode, "holds_lease": c.holds_lease,
-                        "decisions": self.loops[name].steps})  # fmt: skip
+            out.append(
+                {
+                    "cluster": name,
+                    "endpoints": len(c.addresses),
+                    "state": comp["state"],
+                    "reason": comp["reason"],
+                    "mode": c.rollback.mode,
+                    "control_mode": c.policy.control_mode,
+                    "holds_lease": c.holds_lease,
+                    "decisions": self.loops[name].steps,
+                }
+            )
         return out
 
     def _telemetry_failures(self) -> dict[str, int]:
@@ -280,8 +293,10 @@ class ControlPlane:
     def _prometheus(self) -> dict[str, Any]:
         url = self.settings.prometheus.url.rstrip("/") + "/-/ready"
         r = self._get(url)
-        fallback = any(c.last_observation is not None and c.last_observation.source == "envoy-admin"
-                       for c in self.controllers.values())  # fmt: skip
+        fallback = any(
+            c.last_observation is not None and c.last_observation.source == "envoy-admin"
+            for c in self.controllers.values()
+        )
         if r is None or r.status_code != 200:
             why = "unreachable" if r is None else f"answered {r.status_code}"
             note = "; telemetry uses Envoy's admin" if fallback else ""
@@ -311,11 +326,21 @@ class ControlPlane:
         connected = [n for n in nodes if n.get("connected")]
         if not connected:
             return {"state": DEGRADED, "reason": "serving, but no Envoy is connected", "version": status.get("version")}
-        nacked = [n for n in connected if n.get("last_nacked_version") and n.get("last_nacked_version") == status.get("version")]
+        nacked = [
+            n
+            for n in connected
+            if n.get("last_nacked_version") and n.get("last_nacked_version") == status.get("version")
+        ]
         if nacked:
-            return {"state": DEGRADED, "reason": f"Envoy rejected version {status.get('version')}: {nacked[0].get('last_error')}"}
-        return {"state": UP, "reason": f"{len(connected)} Envoy node(s) connected, version {status.get('version')}",
-                "version": status.get("version")}  # fmt: skip
+            return {
+                "state": DEGRADED,
+                "reason": f"Envoy rejected version {status.get('version')}: {nacked[0].get('last_error')}",
+            }
+        return {
+            "state": UP,
+            "reason": f"{len(connected)} Envoy node(s) connected, version {status.get('version')}",
+            "version": status.get("version"),
+        }
 
     def _policy(self) -> dict[str, Any]:
         states = [c.policy_state for c in self.controllers.values()]
@@ -331,11 +356,17 @@ class ControlPlane:
         if st.get("ok") is False:
             return {"state": DEGRADED, "reason": f"last call failed: {st.get('error')}", **info}
         if info.get("in_sync") is False:
-            return {"state": DEGRADED, "reason": f"the loop scores with {info.get('controller_checkpoint')}, the "
-                                                  f"deployment serves {info.get('checkpoint')}", **info}  # fmt: skip
+            return {
+                "state": DEGRADED,
+                "reason": f"the loop scores with {info.get('controller_checkpoint')}, the "
+                f"deployment serves {info.get('checkpoint')}",
+                **info,
+            }
         lat = st.get("latency_ms")
         where = " in the controller" if "controller_checkpoint" in info else ""
-        why = f"checkpoint {info.get('checkpoint', '?')}" + (f", last scoring{where} {lat:.1f} ms" if lat is not None else "")
+        why = f"checkpoint {info.get('checkpoint', '?')}" + (
+            f", last scoring{where} {lat:.1f} ms" if lat is not None else ""
+        )
         return {"state": UP, "reason": why, **info}
 
     def _controller(self, c: Controller, loop: ControlLoop) -> dict[str, Any]:
@@ -366,7 +397,10 @@ class ControlPlane:
             return next(iter(per.values()))
         name, worst = max(per.items(), key=lambda kv: rank[kv[1]["state"]])
         if worst["state"] == UP:
-            return {"state": UP, "reason": f"{len(per)} clusters steered: " + "; ".join(f"{n}: {v['reason']}" for n, v in per.items())}
+            return {
+                "state": UP,
+                "reason": f"{len(per)} clusters steered: " + "; ".join(f"{n}: {v['reason']}" for n, v in per.items()),
+            }
         return {**worst, "reason": f"cluster {name}: {worst['reason']}"}
 
     def status(self, cluster: str | None = None) -> dict[str, Any]:
@@ -425,7 +459,11 @@ class ControlPlane:
             total = sum(r for r, _ in carried)
             blended = sum(r * p for r, p in carried) / total if total > 0 else None
             # Equal weights: an equal share of the same traffic on every endpoint that was up.
-            up = [_num(price[e["address"]]) for e in eps if e.get("healthy") is not False and _num(price[e["address"]]) is not None]
+            up = [
+                _num(price[e["address"]])
+                for e in eps
+                if e.get("healthy") is not False and _num(price[e["address"]]) is not None
+            ]
             equal = sum(up) / len(up) if up else None  # type: ignore[arg-type]
             by_cloud: dict[str, list[tuple[float, float]]] = {}
             for e in eps:
@@ -433,18 +471,27 @@ class ControlPlane:
                 if r and p95 is not None:
                     by_cloud.setdefault(clouds.get(e["address"], "?"), []).append((r, p95))
             p95 = {k: round(sum(r * x for r, x in v) / sum(r for r, _ in v), 3) for k, v in sorted(by_cloud.items())}
-            points.append({
-                "t": rec.timestamp, "seq": rec.seq, "mode": rec.mode,
-                "cost_per_million": None if blended is None else round(blended, 6),
-                "equal_cost_per_million": None if equal is None else round(equal, 6),
-                "saving": None if blended is None or not equal else round(1.0 - blended / equal, 4),
-                "p95_ms_by_cloud": p95, "rps": round(total, 3),
-            })  # fmt: skip
+            points.append(
+                {
+                    "t": rec.timestamp,
+                    "seq": rec.seq,
+                    "mode": rec.mode,
+                    "cost_per_million": None if blended is None else round(blended, 6),
+                    "equal_cost_per_million": None if equal is None else round(equal, 6),
+                    "saving": None if blended is None or not equal else round(1.0 - blended / equal, 4),
+                    "p95_ms_by_cloud": p95,
+                    "rps": round(total, 3),
+                }
+            )
             if rec.moved and rec.moved >= 0.05 and rec.pushed:
                 events.append({"t": rec.timestamp, "kind": "moved", "text": f"moved {rec.moved:.0%} of traffic"})
             if prev_mode is not None and rec.mode != prev_mode:
                 events.append({"t": rec.timestamp, "kind": "mode", "text": f"mode {prev_mode} -> {rec.mode}"})
-            changed = [a for a, p in price.items() if _num(p) is not None and a in prev_costs and abs(prev_costs[a] - float(p)) > 1e-12]
+            changed = [
+                a
+                for a, p in price.items()
+                if _num(p) is not None and a in prev_costs and abs(prev_costs[a] - float(p)) > 1e-12
+            ]
             if changed:
                 events.append({"t": rec.timestamp, "kind": "price", "text": f"price changed: {', '.join(changed)}"})
             for note in rec.notes:
@@ -459,8 +506,14 @@ class ControlPlane:
             equal_spent = sum(p["equal_cost_per_million"] * p["rps"] for p in costs)
             saving = round(1.0 - spent / equal_spent, 4) if equal_spent > 0 else None
         p99, p99_reason = self._fleet_p99(points, c.cluster.name)
-        return {"cluster": c.cluster.name, "points": points, "events": events, "saving_vs_equal": saving,
-                "fleet_p99_ms": p99, "fleet_p99_reason": p99_reason}  # fmt: skip
+        return {
+            "cluster": c.cluster.name,
+            "points": points,
+            "events": events,
+            "saving_vs_equal": saving,
+            "fleet_p99_ms": p99,
+            "fleet_p99_reason": p99_reason,
+        }
 
     def _fleet_p99(self, points: list[dict[str, Any]], name: str) -> tuple[list[dict[str, float]], str | None]:
         """The cluster's p99 over every request Envoy sent, from the ALS histogram."""
@@ -469,8 +522,10 @@ class ControlPlane:
         start, end = points[0]["t"], points[-1]["t"]
         step = max(1.0, (end - start) / 200)
         window = max(2.0, float(self.settings.telemetry.window_s))
-        q = (f'histogram_quantile(0.99, sum by (le) (rate(balanceiq_upstream_rq_time_seconds_bucket{{cluster="{name}"}}'
-             f"[{window:g}s]))) * 1000")  # fmt: skip
+        q = (
+            f'histogram_quantile(0.99, sum by (le) (rate(balanceiq_upstream_rq_time_seconds_bucket{{cluster="{name}"}}'
+            f"[{window:g}s]))) * 1000"
+        )
         url = self.settings.prometheus.url.rstrip("/") + "/api/v1/query_range"
         with self._http_lock:
             try:
@@ -481,8 +536,12 @@ class ControlPlane:
             result = r.json()["data"]["result"] if r.status_code == 200 else []
         except (ValueError, KeyError, TypeError):
             result = []
-        out = [{"t": float(t), "ms": round(float(v), 3)} for series in result[:1] for t, v in series.get("values", [])
-               if _num(v) is not None]  # fmt: skip
+        out = [
+            {"t": float(t), "ms": round(float(v), 3)}
+            for series in result[:1]
+            for t, v in series.get("values", [])
+            if _num(v) is not None
+        ]
         return out, None if out else f"no ALS latency in Prometheus (answered {r.status_code})"
 
     # -- weights -------------------------------------------------------------------------
@@ -492,7 +551,10 @@ class ControlPlane:
         name = self.pick(cluster).cluster.name
 
         def probe() -> dict[str, Any]:
-            url = self.settings.envoy.admin_url.rstrip("/") + f"/stats?filter=^cluster\\.{name}\\.upstream_rq_total$&format=json"
+            url = (
+                self.settings.envoy.admin_url.rstrip("/")
+                + f"/stats?filter=^cluster\\.{name}\\.upstream_rq_total$&format=json"
+            )
             r = self._get(url)
             try:
                 stats = r.json().get("stats", []) if r is not None and r.status_code == 200 else []
@@ -511,7 +573,9 @@ class ControlPlane:
         hint = c.capacity_hint
         if obs is None:
             return None
-        u = np.array([e.rps / c for e, c in zip(obs.endpoints, hint) if math.isfinite(e.rps) and math.isfinite(c) and c > 0])
+        u = np.array(
+            [e.rps / c for e, c in zip(obs.endpoints, hint) if math.isfinite(e.rps) and math.isfinite(c) and c > 0]
+        )
         if u.size == 0 or float((u**2).sum()) == 0:
             return None
         return round(float(u.sum() ** 2 / (u.size * (u**2).sum())), 4)
@@ -525,13 +589,22 @@ class ControlPlane:
         for a, s in zip(c.addresses, shares):
             ep = c.endpoints[a]
             e = obs.get(a)
-            eps.append({
-                "address": a, "cloud": ep.cloud, "region": ep.region, "weight": c.weights[a], "share": round(float(s), 6),
-                "health": c.health[a], "override": overrides.get(a),
-                "p95_ms": _num(e.p95_ms) if e else None, "error_rate": _num(e.error_rate) if e else None,
-                "rps": _num(e.rps) if e else None, "cost_per_million": _num(c.costs.get(a)),
-                "healthy": e.healthy if e else None,
-            })  # fmt: skip
+            eps.append(
+                {
+                    "address": a,
+                    "cloud": ep.cloud,
+                    "region": ep.region,
+                    "weight": c.weights[a],
+                    "share": round(float(s), 6),
+                    "health": c.health[a],
+                    "override": overrides.get(a),
+                    "p95_ms": _num(e.p95_ms) if e else None,
+                    "error_rate": _num(e.error_rate) if e else None,
+                    "rps": _num(e.rps) if e else None,
+                    "cost_per_million": _num(c.costs.get(a)),
+                    "healthy": e.healthy if e else None,
+                }
+            )
         last = c.log.last()
         return {
             "cluster": c.cluster.name,
@@ -551,12 +624,21 @@ class ControlPlane:
         applied = done is not None and created is not None and float(created) <= done
         return {**override, "state": "applied" if applied else "pending"}
 
-    def set_override(self, address: str, action: str, weight: int | None, ttl_s: float | None, reason: str,
-                     cluster: str | None = None) -> dict[str, Any]:  # fmt: skip
+    def set_override(
+        self,
+        address: str,
+        action: str,
+        weight: int | None,
+        ttl_s: float | None,
+        reason: str,
+        cluster: str | None = None,
+    ) -> dict[str, Any]:
         """Apply an override; ``cluster`` defaults to the one cluster with ``address``."""
         c = self._for_address(address, cluster)
         if address not in c.endpoints:
-            raise GuardrailError(f"unknown endpoint {address!r} in cluster {c.cluster.name}; known: {', '.join(c.addresses)}")
+            raise GuardrailError(
+                f"unknown endpoint {address!r} in cluster {c.cluster.name}; known: {', '.join(c.addresses)}"
+            )
         if action == "clear":
             cleared = c.overrides.clear(address)
             result: dict[str, Any] = {"address": address, "action": "clear", "cleared": cleared}
@@ -608,7 +690,14 @@ class ControlPlane:
         reward = None
         if changes.get("reward_weights") is not None or changes.get("slo_ms") is not None:
             r = c.policy.reward
-            rw = {"slo_ms": r.slo_ms, "latency": r.latency, "tail": r.tail, "errors": r.errors, "cost": r.cost, "ref_cost": r.ref_cost}
+            rw = {
+                "slo_ms": r.slo_ms,
+                "latency": r.latency,
+                "tail": r.tail,
+                "errors": r.errors,
+                "cost": r.cost,
+                "ref_cost": r.ref_cost,
+            }
             rw.update(changes.get("reward_weights") or {})
             if changes.get("slo_ms") is not None:
                 rw["slo_ms"] = changes["slo_ms"]
@@ -657,11 +746,12 @@ class ControlPlane:
         nan = float("nan")
         eps = tuple(
             EndpointObservation(
-                address=e["address"], **{f: (nan if e.get(f) is None else float(e[f])) for f in _OBS_FIELDS},
+                address=e["address"],
+                **{f: (nan if e.get(f) is None else float(e[f])) for f in _OBS_FIELDS},
                 healthy=e.get("healthy"),
             )
             for e in endpoints
-        )  # fmt: skip
+        )
         obs = Observation(cluster=c.cluster.name, endpoints=eps, source="api")
         hint = np.array([nan if e.get("capacity_rps") is None else float(e["capacity_rps"]) for e in endpoints])
         n = len(eps)
@@ -686,21 +776,35 @@ class ControlPlane:
             raise ControlError(f"policy returned {scores.shape[0]} scores for {n} endpoints, or non-finite ones")
         core = decide(obs, ctx, scores, knobs)
         order = [int(i) for i in np.argsort(-scores, kind="stable")[:kk]]
-        return {"scores": {a: round(float(x), 6) for a, x in zip(addresses, scores)},
-                "critical": [addresses[i] for i in order], "k": kk, "inference_ms": round(ms, 3),
-                "decision": {"critical": [addresses[i] for i in core.critical],
-                             "forced": [addresses[i] for i in core.forced],
-                             "shares": {a: round(float(x), 6) for a, x in zip(addresses, core.shares)},
-                             "weights": {a: int(x) for a, x in zip(addresses, core.weights)},
-                             "capacity_estimate": {a: round(float(x), 3) for a, x in zip(addresses, core.capacity)},
-                             "lp_status": core.lp_status}}  # fmt: skip
+        return {
+            "scores": {a: round(float(x), 6) for a, x in zip(addresses, scores)},
+            "critical": [addresses[i] for i in order],
+            "k": kk,
+            "inference_ms": round(ms, 3),
+            "decision": {
+                "critical": [addresses[i] for i in core.critical],
+                "forced": [addresses[i] for i in core.forced],
+                "shares": {a: round(float(x), 6) for a, x in zip(addresses, core.shares)},
+                "weights": {a: int(x) for a, x in zip(addresses, core.weights)},
+                "capacity_estimate": {a: round(float(x), 3) for a, x in zip(addresses, core.capacity)},
+                "lp_status": core.lp_status,
+            },
+        }
 
     # -- compatibility views (the original service's fields) -----------------------------
 
     def training_metrics(self) -> dict[str, Any]:
         if self.training is None:
-            return {"training_iterations": 0, "buffer_size": 0, "current_reward": None, "model_accuracy": None,
-                    "recent_rewards": [], "recent_losses": [], "last_update": None, "runs": []}  # fmt: skip
+            return {
+                "training_iterations": 0,
+                "buffer_size": 0,
+                "current_reward": None,
+                "model_accuracy": None,
+                "recent_rewards": [],
+                "recent_losses": [],
+                "last_update": None,
+                "runs": [],
+            }
         self.training.refresh()
         return self.training.metrics()
 
@@ -719,13 +823,17 @@ class ControlPlane:
         w = self.weight_metrics(cluster)
         return {
             "training": {
-                "iterations": t["training_iterations"], "buffer_size": t["buffer_size"],
-                "current_reward": t["current_reward"], "model_accuracy": t["model_accuracy"],
-                "recent_rewards": t["recent_rewards"], "recent_losses": t["recent_losses"],
+                "iterations": t["training_iterations"],
+                "buffer_size": t["buffer_size"],
+                "current_reward": t["current_reward"],
+                "model_accuracy": t["model_accuracy"],
+                "recent_rewards": t["recent_rewards"],
+                "recent_losses": t["recent_losses"],
             },
             "load_balancing": {
-                "endpoint_weights": w["endpoint_weights"], "total_requests": w["total_requests"],
+                "endpoint_weights": w["endpoint_weights"],
+                "total_requests": w["total_requests"],
                 "efficiency": w["load_balance_efficiency"],
             },
             "status": {"last_update": w["last_update"], "uptime": round(time.time() - self.started_at, 1)},
-        }  # fmt: skip
+        }

@@ -73,7 +73,9 @@ class ApiServer:
                 break
             except OSError as exc:
                 if exc.errno != errno.EADDRINUSE or time.monotonic() >= deadline or self._stop.is_set():
-                    self.state = f"not serving: {self.host}:{self.port}: {exc.strerror or exc}; Serve's proxy serves the API"
+                    self.state = (
+                        f"not serving: {self.host}:{self.port}: {exc.strerror or exc}; Serve's proxy serves the API"
+                    )
                     log.warning("API server %s", self.state)
                     return
                 self.state = f"waiting: {self.host}:{self.port} in use"

@@ -15,7 +15,7 @@ from __future__ import annotations
 import threading
 import time
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -78,8 +78,11 @@ class TrainingRun:
         if self.params.get("evaluate", True):
             self._stage("evaluate", "running")
             try:
-                ev = evaluate_checkpoints(summary["checkpoint"], self.params.get("serving_checkpoint"),
-                                          seeds=tuple(range(int(self.params.get("eval_seeds", 1)))))  # fmt: skip
+                ev = evaluate_checkpoints(
+                    summary["checkpoint"],
+                    self.params.get("serving_checkpoint"),
+                    seeds=tuple(range(int(self.params.get("eval_seeds", 1)))),
+                )
                 ok, why = promotion_decision(ev)
             except Exception as exc:
                 self._stage("evaluate", "failed", error=f"{type(exc).__name__}: {exc}")
@@ -92,13 +95,19 @@ class TrainingRun:
                     return self.progress()
                 ev = merge_evaluations(ev, live)
                 ok, why = promotion_decision(ev)
-            self._stage("evaluate", "done", candidate=ev["candidate"], serving=ev["serving"],
-                        scenarios=ev["scenarios"], verdict=why)  # fmt: skip
+            self._stage(
+                "evaluate",
+                "done",
+                candidate=ev["candidate"],
+                serving=ev["serving"],
+                scenarios=ev["scenarios"],
+                verdict=why,
+            )
             with self._lock:
                 self.evaluation, self.promote = ev, ok and bool(self.params.get("promote", True))
         with self._lock:
             self.state = "done"
-            self.message = (self.stages.get("evaluate", {}).get("verdict") or f"checkpoint at {summary['checkpoint']}")
+            self.message = self.stages.get("evaluate", {}).get("verdict") or f"checkpoint at {summary['checkpoint']}"
         return self.progress()
 
     def _evaluate_live(self, checkpoint: str) -> dict[str, Any] | None:
@@ -113,15 +122,26 @@ class TrainingRun:
             self._stage("evaluate_live", "running", episodes_done=len(done), last=row)
 
         try:
-            live = evaluate_checkpoints_live(checkpoint, self.params.get("serving_checkpoint"), self.params["live_eval"],
-                                             episodes=int(self.params.get("live_episodes", 2)), on_episode=on_episode)  # fmt: skip
+            live = evaluate_checkpoints_live(
+                checkpoint,
+                self.params.get("serving_checkpoint"),
+                self.params["live_eval"],
+                episodes=int(self.params.get("live_episodes", 2)),
+                on_episode=on_episode,
+            )
         except Exception as exc:
             self._stage("evaluate_live", "failed", error=f"{type(exc).__name__}: {exc}")
             with self._lock:
                 self.state, self.message = "failed", f"live evaluation failed: {type(exc).__name__}: {exc}"
             return None
-        self._stage("evaluate_live", "done", candidate=live["candidate"], serving=live["serving"],
-                    episodes=live["episodes"], seconds=live["seconds"])  # fmt: skip
+        self._stage(
+            "evaluate_live",
+            "done",
+            candidate=live["candidate"],
+            serving=live["serving"],
+            episodes=live["episodes"],
+            seconds=live["seconds"],
+        )
         return live
 
     def progress(self) -> dict[str, Any]:
@@ -157,16 +177,26 @@ class TrainingManager:
         self._order: list[str] = []
         self._last_update: float | None = None
 
-    def start(self, iterations: int, scenarios: list[str] | None, num_env_runners: int, seed: int = 0, *,
-              evaluate: bool = True, promote: bool = True, eval_seeds: int = 1,
-              live_eval: dict[str, Any] | None = None, live_episodes: int = 2) -> dict[str, Any]:  # fmt: skip
+    def start(
+        self,
+        iterations: int,
+        scenarios: list[str] | None,
+        num_env_runners: int,
+        seed: int = 0,
+        *,
+        evaluate: bool = True,
+        promote: bool = True,
+        eval_seeds: int = 1,
+        live_eval: dict[str, Any] | None = None,
+        live_episodes: int = 2,
+    ) -> dict[str, Any]:
         """``live_eval`` (LiveEnv keys over :data:`~balanceiq.testbed.evaluate_live.DEFAULT_LIVE_EVAL`;
         ``{}`` for the defaults) adds a live testbed evaluation to the simulated one."""
         with self._lock:
             for rid in self._order:
                 if self._last.get(rid, {}).get("state") in ("pending", "running"):
                     raise ControlError(f"training run {rid} is still {self._last[rid]['state']}; one run at a time")
-            rid = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
+            rid = datetime.now(UTC).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
             for sc in scenarios or []:
                 try:
                     load_scenario(sc)
@@ -190,19 +220,38 @@ class TrainingManager:
                 except Exception as exc:  # no serving policy to compare with: no promotion either
                     raise ControlError(f"cannot tell which checkpoint is serving: {exc}") from exc
             params = {
-                "iterations": iterations, "scenarios": scenarios, "num_env_runners": num_env_runners,
-                "seed": seed, "checkpoint_dir": str((self.checkpoint_root / rid).resolve()),
-                "evaluate": evaluate, "promote": promote and evaluate, "eval_seeds": eval_seeds,
-                "serving_checkpoint": serving, "live_eval": live_eval, "live_episodes": live_episodes,
-            }  # fmt: skip
-            actor = ray.remote(TrainingRun).options(  # type: ignore[attr-defined]
-                name=f"training-{rid}", namespace="balanceiq", num_cpus=0, max_concurrency=2
-            ).remote(rid, params)
+                "iterations": iterations,
+                "scenarios": scenarios,
+                "num_env_runners": num_env_runners,
+                "seed": seed,
+                "checkpoint_dir": str((self.checkpoint_root / rid).resolve()),
+                "evaluate": evaluate,
+                "promote": promote and evaluate,
+                "eval_seeds": eval_seeds,
+                "serving_checkpoint": serving,
+                "live_eval": live_eval,
+                "live_episodes": live_episodes,
+            }
+            actor = (
+                ray.remote(TrainingRun)
+                .options(  # type: ignore[attr-defined]
+                    name=f"training-{rid}", namespace="balanceiq", num_cpus=0, max_concurrency=2
+                )
+                .remote(rid, params)
+            )
             actor.run.remote()
             self._actors[rid] = actor
             self._order.append(rid)
-            self._last[rid] = {"id": rid, "state": "pending", "iteration": 0, "iterations": iterations,
-                               "reward": None, "message": "", "history": [], "params": params}  # fmt: skip
+            self._last[rid] = {
+                "id": rid,
+                "state": "pending",
+                "iteration": 0,
+                "iterations": iterations,
+                "reward": None,
+                "message": "",
+                "history": [],
+                "params": params,
+            }
             self._last_update = time.time()
             return dict(self._last[rid])
 
@@ -259,8 +308,9 @@ class TrainingManager:
             "recent_rewards": rewards[-20:],
             "recent_losses": losses[-20:],
             "last_update": (
-                datetime.fromtimestamp(self._last_update, timezone.utc).isoformat().replace("+00:00", "Z")
-                if self._last_update else None
+                datetime.fromtimestamp(self._last_update, UTC).isoformat().replace("+00:00", "Z")
+                if self._last_update
+                else None
             ),
             "runs": [{k: v for k, v in r.items() if k not in ("history", "params", "summary")} for r in runs],
         }

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import time
 
-import numpy as np
-
 from balanceiq.sim.fleet import FleetSim
 
 __all__ = ["steps_per_second"]
@@ -30,5 +28,3 @@ def steps_per_second(scenario_name: str = "steady", n_steps: int = 20000) -> flo
         step(shares)
     elapsed = time.perf_counter() - start
     return n_steps / elapsed if elapsed > 0 else float("inf")
-
-

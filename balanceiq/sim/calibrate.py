@@ -278,7 +278,9 @@ def read_recording(path: Path | str, *, cluster: str | None = None) -> Recording
     if cluster is not None:
         chosen = cluster
         if cluster not in clusters and parsed:
-            raise CalibrationError(f"recording {p}: no records of cluster {cluster!r}; found {', '.join(sorted(clusters))}")
+            raise CalibrationError(
+                f"recording {p}: no records of cluster {cluster!r}; found {', '.join(sorted(clusters))}"
+            )
     else:
         chosen = clusters.most_common(1)[0][0] if clusters else ""
     for d in parsed:
@@ -434,17 +436,22 @@ def endpoint_samples(
         if r.get("pushed") and isinstance(r.get("weights"), dict) and isinstance(r.get("previous"), dict):
             before = _shares({k: _finite(v) for k, v in r["previous"].items()}) or {}
             after = _shares({k: _finite(v) for k, v in r["weights"].items()}) or {}
-            cut = {
-                a for a, share in before.items()
-                if after.get(a, 0.0) < 0.9 * share and last_sat.get(a, 0.0) >= 0.95
-            }  # fmt: skip
+            cut = {a for a, share in before.items() if after.get(a, 0.0) < 0.9 * share and last_sat.get(a, 0.0) >= 0.95}
     out = {}
     for a in order:
         arr = np.array(rows[a], dtype=np.float64).reshape(-1, 10)
         out[a] = Samples(
-            record=arr[:, 0].astype(np.int64), rps=arr[:, 1], p50=arr[:, 2], p95=arr[:, 3], err=arr[:, 4],
-            sat=arr[:, 5], inflight=arr[:, 6], settled=arr[:, 7] > 0.5, cost=arr[:, 8], draining=arr[:, 9] > 0.5,
-        )  # fmt: skip
+            record=arr[:, 0].astype(np.int64),
+            rps=arr[:, 1],
+            p50=arr[:, 2],
+            p95=arr[:, 3],
+            err=arr[:, 4],
+            sat=arr[:, 5],
+            inflight=arr[:, 6],
+            settled=arr[:, 7] > 0.5,
+            cost=arr[:, 8],
+            draining=arr[:, 9] > 0.5,
+        )
     return order, out, settled
 
 
@@ -530,8 +537,13 @@ def _fit_latency_curve(s: Samples) -> tuple[float, float] | None:
     best = None
     for start in (mu0, lam_max * 1.05, lam_max * 4.0):
         try:
-            res = least_squares(resid, x0=[start / lam_max, b0], bounds=([0.05, 0.0], [1e4, max(1.0, float(p50.max()))]),
-                                loss="soft_l1", f_scale=0.1)  # fmt: skip
+            res = least_squares(
+                resid,
+                x0=[start / lam_max, b0],
+                bounds=([0.05, 0.0], [1e4, max(1.0, float(p50.max()))]),
+                loss="soft_l1",
+                f_scale=0.1,
+            )
         except ValueError:
             continue
         if best is None or res.cost < best.cost:
@@ -586,8 +598,14 @@ def fit_endpoint(s: Samples, *, method: str = "auto") -> EndpointFit | None:
     if not math.isfinite(b):
         return None
     e0, slope, n_over = _fit_errors(settled, mu)
-    return EndpointFit(capacity_rps=mu, base_latency_ms=b, method=used, error_baseline=e0,
-                       overload_shed_slope=slope, overloaded_samples=n_over)  # fmt: skip
+    return EndpointFit(
+        capacity_rps=mu,
+        base_latency_ms=b,
+        method=used,
+        error_baseline=e0,
+        overload_shed_slope=slope,
+        overloaded_samples=n_over,
+    )
 
 
 # --------------------------------------------------------------------------- errors
@@ -637,8 +655,12 @@ def _summarise(errs: Mapping[str, np.ndarray], *, held_out: bool) -> dict[str, A
         if held_out:
             out[name] = {"median_abs": _r(np.median(a)), "p90_abs": _r(np.percentile(a, 90)), "n": int(e.size)}
         else:
-            out[name] = {"rms": _r(np.sqrt(np.mean(e * e))), "median_abs": _r(np.median(a)),
-                         "bias": _r(np.median(e)), "n": int(e.size)}  # fmt: skip
+            out[name] = {
+                "rms": _r(np.sqrt(np.mean(e * e))),
+                "median_abs": _r(np.median(a)),
+                "bias": _r(np.median(e)),
+                "n": int(e.size),
+            }
         out[name]["kind"] = "relative" if name in _RELATIVE else "absolute"
     return out
 
@@ -702,7 +724,9 @@ def calibrate(
         n_settled = int(s.settled.sum())
         if n_settled < min_samples:
             if len(s) >= min_samples:
-                warnings.append(f"{a}: only {n_settled} settled record(s); fitted on all {len(s)}, including records whose window spans a weight change")
+                warnings.append(
+                    f"{a}: only {n_settled} settled record(s); fitted on all {len(s)}, including records whose window spans a weight change"
+                )
                 s = s.take(np.ones(len(s), dtype=bool))
                 s.settled = np.ones(len(s), dtype=bool)
                 used = "all"
@@ -747,7 +771,11 @@ def calibrate(
             "records_used": used,
             "load_rps": [_r(s.rps.min(), 2), _r(s.rps.max(), 2)],
             "utilization": [_r(rho.min(), 3), _r(rho.max(), 3)],
-            "capacity_rps": {"value": _r(fit.capacity_rps, 3), "method": fit.method, **_jackknife(fold_caps, fit.capacity_rps)},
+            "capacity_rps": {
+                "value": _r(fit.capacity_rps, 3),
+                "method": fit.method,
+                **_jackknife(fold_caps, fit.capacity_rps),
+            },
             "base_latency_ms": {"value": _r(fit.base_latency_ms, 3), **_jackknife(fold_bases, fit.base_latency_ms)},
             "unloaded_p50_ms": _r(fit.unloaded_p50_ms, 3),
             "errors": {
@@ -855,13 +883,23 @@ def _jackknife(values: Sequence[float], full: float) -> dict[str, Any]:
     return {"stderr": _r(se, 4), "rel_stderr": _r(se / abs(full), 4) if full else None, "folds": int(k)}
 
 
-def _overall(out: Mapping[str, list[np.ndarray]], inn: Mapping[str, list[np.ndarray]], per_ep: Mapping[str, Any]) -> dict[str, Any]:
+def _overall(
+    out: Mapping[str, list[np.ndarray]], inn: Mapping[str, list[np.ndarray]], per_ep: Mapping[str, Any]
+) -> dict[str, Any]:
     held = {k: np.concatenate(v) if v else np.zeros(0) for k, v in out.items()}
     ins = {k: np.concatenate(v) if v else np.zeros(0) for k, v in inn.items()}
     lat = np.abs(np.concatenate([held["p50"], held["p95"]]))
     lat_in = np.concatenate([ins["p50"], ins["p95"]])
-    caps = [e["capacity_rps"]["rel_stderr"] for e in per_ep.values() if e.get("fitted") and e["capacity_rps"]["rel_stderr"] is not None]
-    bases = [e["base_latency_ms"]["rel_stderr"] for e in per_ep.values() if e.get("fitted") and e["base_latency_ms"]["rel_stderr"] is not None]
+    caps = [
+        e["capacity_rps"]["rel_stderr"]
+        for e in per_ep.values()
+        if e.get("fitted") and e["capacity_rps"]["rel_stderr"] is not None
+    ]
+    bases = [
+        e["base_latency_ms"]["rel_stderr"]
+        for e in per_ep.values()
+        if e.get("fitted") and e["base_latency_ms"]["rel_stderr"] is not None
+    ]
     return {
         "held_out_latency_rel_err": _r(np.median(lat)) if lat.size else None,
         "held_out": _summarise(held, held_out=True),
@@ -895,8 +933,12 @@ def _demand(records: Sequence[Mapping[str, Any]]) -> tuple[dict[str, Any], dict[
     noise = float(np.std(np.log(tot))) if tot.size > 1 else 0.0
     noise = round(min(max(noise, 0.0), 1.0), 4)
     spec = {"base_rps": round(base, 2), "diurnal_amplitude": 0.0, "noise": noise}
-    info = {**spec, "min_rps": _r(tot.min(), 2), "max_rps": _r(tot.max(), 2),
-            "note": "total rps of the recording; no daily cycle is fitted (add one by editing demand)"}  # fmt: skip
+    info = {
+        **spec,
+        "min_rps": _r(tot.min(), 2),
+        "max_rps": _r(tot.max(), 2),
+        "note": "total rps of the recording; no daily cycle is fitted (add one by editing demand)",
+    }
     return spec, info
 
 
@@ -1038,13 +1080,23 @@ def calibration_error(
     listed under ``missing``.
     """
     if isinstance(fitted, Calibration):
-        fit_params = {e.name: {"capacity_rps": e.capacity_rps, "base_latency_ms": e.base_latency_ms} for e in fitted.scenario.endpoints}
+        fit_params = {
+            e.name: {"capacity_rps": e.capacity_rps, "base_latency_ms": e.base_latency_ms}
+            for e in fitted.scenario.endpoints
+        }
     elif isinstance(fitted, Scenario):
-        fit_params = {e.name: {"capacity_rps": e.capacity_rps, "base_latency_ms": e.base_latency_ms} for e in fitted.endpoints}
+        fit_params = {
+            e.name: {"capacity_rps": e.capacity_rps, "base_latency_ms": e.base_latency_ms} for e in fitted.endpoints
+        }
     else:
-        fit_params = {a: {"capacity_rps": float(v["capacity_rps"]), "base_latency_ms": float(v["base_latency_ms"])} for a, v in fitted.items()}
+        fit_params = {
+            a: {"capacity_rps": float(v["capacity_rps"]), "base_latency_ms": float(v["base_latency_ms"])}
+            for a, v in fitted.items()
+        }
     if isinstance(truth, Scenario):
-        truth = {e.name: {"capacity_rps": e.capacity_rps, "base_latency_ms": e.base_latency_ms} for e in truth.endpoints}
+        truth = {
+            e.name: {"capacity_rps": e.capacity_rps, "base_latency_ms": e.base_latency_ms} for e in truth.endpoints
+        }
     rows: dict[str, dict[str, Any]] = {}
     for a, t in truth.items():
         f = fit_params.get(a)
@@ -1061,13 +1113,22 @@ def calibration_error(
         fit_unloaded = f["base_latency_ms"] + 1000 * LN2 / f["capacity_rps"]
         rows[a] = {
             "truth": kind,
-            "capacity_rps": {"fitted": _r(f["capacity_rps"], 3), "truth": _r(tt["capacity_rps"], 3),
-                             "rel_error": _rel(f["capacity_rps"], tt["capacity_rps"])},
-            "latency_ms": {"fitted": _r(fit_unloaded, 3), "truth": _r(tt["unloaded_p50_ms"], 3),
-                           "rel_error": _rel(fit_unloaded, tt["unloaded_p50_ms"])},
-            "base_latency_ms": {"fitted": _r(f["base_latency_ms"], 3), "truth": _r(tt["base_latency_ms"], 3),
-                                "rel_error": _rel(f["base_latency_ms"], tt["base_latency_ms"])},
-        }  # fmt: skip
+            "capacity_rps": {
+                "fitted": _r(f["capacity_rps"], 3),
+                "truth": _r(tt["capacity_rps"], 3),
+                "rel_error": _rel(f["capacity_rps"], tt["capacity_rps"]),
+            },
+            "latency_ms": {
+                "fitted": _r(fit_unloaded, 3),
+                "truth": _r(tt["unloaded_p50_ms"], 3),
+                "rel_error": _rel(fit_unloaded, tt["unloaded_p50_ms"]),
+            },
+            "base_latency_ms": {
+                "fitted": _r(f["base_latency_ms"], 3),
+                "truth": _r(tt["base_latency_ms"], 3),
+                "rel_error": _rel(f["base_latency_ms"], tt["base_latency_ms"]),
+            },
+        }
 
     def agg(key: str) -> dict[str, Any]:
         errs = [abs(r[key]["rel_error"]) for r in rows.values() if r[key]["rel_error"] is not None]

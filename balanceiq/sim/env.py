@@ -30,7 +30,7 @@ Configured entirely by ``env_config`` (RLlib passes it through):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import gymnasium as gym
 import numpy as np
@@ -81,7 +81,7 @@ def run_decision(sim: FleetSim, shares: np.ndarray, steps: int, weights: RewardW
 class FleetEnv(gym.Env):
     """CFR-RL over :class:`~balanceiq.sim.fleet.FleetSim`; see the module docstring."""
 
-    metadata: dict[str, Any] = {"render_modes": []}
+    metadata: ClassVar[dict[str, Any]] = {"render_modes": []}
 
     def __init__(self, env_config: dict[str, Any] | None = None) -> None:
         cfg = dict(env_config or {})
@@ -108,7 +108,9 @@ class FleetEnv(gym.Env):
 
     # -- gymnasium API ---------------------------------------------------------------------
 
-    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[np.ndarray, dict[str, Any]]:
+    def reset(
+        self, *, seed: int | None = None, options: dict[str, Any] | None = None
+    ) -> tuple[np.ndarray, dict[str, Any]]:
         super().reset(seed=seed)
         scenario = self.scenarios[int(self.np_random.integers(len(self.scenarios)))]
         sim_seed = int(self.np_random.integers(2**31)) if seed is not None or self._episode else self._base_seed
@@ -130,7 +132,9 @@ class FleetEnv(gym.Env):
         new_shares, info = self.apply_critical(picked)
         return self.step_shares(new_shares, info)
 
-    def step_shares(self, new_shares: np.ndarray, info: dict[str, Any] | None = None) -> tuple[np.ndarray, float, bool, bool, dict[str, Any]]:
+    def step_shares(
+        self, new_shares: np.ndarray, info: dict[str, Any] | None = None
+    ) -> tuple[np.ndarray, float, bool, bool, dict[str, Any]]:
         """Apply a full traffic split (what a baseline decides) and run one decision."""
         assert self.sim is not None, "reset() first"
         info = dict(info or {})
@@ -157,9 +161,14 @@ class FleetEnv(gym.Env):
     # -- pieces shared with the benchmark and the live controller ------------------------------
 
     def knobs(self, k: int | None = None) -> Knobs:
-        return Knobs(k=self.k if k is None else k, slo_ms=self.weights.slo_ms, cost_weight=self.cost_weight,
-                     util_target=self.util_target, latency_weight=self.latency_weight,
-                     force_breaching=self.force_breaching)  # fmt: skip
+        return Knobs(
+            k=self.k if k is None else k,
+            slo_ms=self.weights.slo_ms,
+            cost_weight=self.cost_weight,
+            util_target=self.util_target,
+            latency_weight=self.latency_weight,
+            force_breaching=self.force_breaching,
+        )
 
     def context(self) -> PolicyContext:
         obs: Observation = self.last_obs
@@ -188,7 +197,9 @@ class FleetEnv(gym.Env):
         n = len(self.last_obs.endpoints)
         scores = np.full(n, -np.inf)
         scores[picked] = len(picked) - np.arange(len(picked), dtype=np.float64)
-        return list(decide(self.last_obs, self.context(), scores, self.knobs(max(1, len(picked))), self.core_state).critical)
+        return list(
+            decide(self.last_obs, self.context(), scores, self.knobs(max(1, len(picked))), self.core_state).critical
+        )
 
     def capacity_estimate(self) -> np.ndarray:
         est, _ = observe_only(self.last_obs, self.context(), self.knobs(), self.core_state)

@@ -18,8 +18,8 @@ import numpy as np
 
 from balanceiq.config import critical_count
 from balanceiq.policy.baselines import Decision, PolicyContext, make_policy
-from balanceiq.policy.decide import CoreState, Knobs, decide
 from balanceiq.policy.checkpoint import SHIPPED, RLPolicy
+from balanceiq.policy.decide import CoreState, Knobs, decide
 from balanceiq.policy.lp import oracle, traffic_moved
 from balanceiq.sim.env import FleetEnv
 from balanceiq.sim.fleet import FleetSim
@@ -60,15 +60,24 @@ def _policy(name: str, checkpoint: Path | None) -> Any:
     return make_policy(name)
 
 
-def run_pair(scenario: str, policy: Any, *, seed: int = 0, decision_steps: int = 5, trace: bool = False,
-             same_state: bool = False) -> dict[str, Any]:  # fmt: skip
+def run_pair(
+    scenario: str, policy: Any, *, seed: int = 0, decision_steps: int = 5, trace: bool = False, same_state: bool = False
+) -> dict[str, Any]:
     """One whole scenario under ``policy``; with ``same_state`` also what full
     re-optimisation would move from the policy's state each decision (one more LP over
     every endpoint per decision, so only the benchmark asks for it, not the gate)."""
     # n_max = N: baselines never read the padded rows, so pad nothing.
     n_max = len(load_scenario(scenario).endpoints)
-    env = FleetEnv({"scenarios": [scenario], "n_max": n_max, "decision_steps": decision_steps,
-                    "episode_steps": 10**9, "seed": seed, "obs_noise": 0.05})  # fmt: skip
+    env = FleetEnv(
+        {
+            "scenarios": [scenario],
+            "n_max": n_max,
+            "decision_steps": decision_steps,
+            "episode_steps": 10**9,
+            "seed": seed,
+            "obs_noise": 0.05,
+        }
+    )
     env.reset(seed=seed)
     assert env.sim is not None
     n = env.sim.n
@@ -83,9 +92,13 @@ def run_pair(scenario: str, policy: Any, *, seed: int = 0, decision_steps: int =
         obs = env.last_obs
         cap_true = env.sim.capacity()
         ctx = PolicyContext(
-            shares=env.shares, capacity_hint=env.capacity_estimate(), static_weights=static,
-            demand_rps=float(np.nansum([e.rps for e in obs.endpoints])), k=k, true_capacity=cap_true,
-        )  # fmt: skip
+            shares=env.shares,
+            capacity_hint=env.capacity_estimate(),
+            static_weights=static,
+            demand_rps=float(np.nansum([e.rps for e in obs.endpoints])),
+            k=k,
+            true_capacity=cap_true,
+        )
         decision = policy.decide(obs, ctx)
         if same_state:
             # The CFR-RL paper's comparison, beside what full re-optimisation moves on its
@@ -96,12 +109,18 @@ def run_pair(scenario: str, policy: Any, *, seed: int = 0, decision_steps: int =
         _, r, _, truncated, info = env.step_shares(np.asarray(decision.shares, dtype=np.float64))
         done = truncated
         achieved = info["max_utilization"]
-        rows.append({
-            "p50_ms": info.get("p50_ms", float("nan")), "p95_ms": info["p95_ms"], "p99_ms": info["p99_ms"],
-            "error_rate": info["error_rate"], "cost_per_million": info["cost_per_million"], "reward": r,
-            "performance_ratio": min(1.0, best / achieved) if achieved > 0 else 1.0,
-            "traffic_moved": info["traffic_moved"],
-        })  # fmt: skip
+        rows.append(
+            {
+                "p50_ms": info.get("p50_ms", float("nan")),
+                "p95_ms": info["p95_ms"],
+                "p99_ms": info["p99_ms"],
+                "error_rate": info["error_rate"],
+                "cost_per_million": info["cost_per_million"],
+                "reward": r,
+                "performance_ratio": min(1.0, best / achieved) if achieved > 0 else 1.0,
+                "traffic_moved": info["traffic_moved"],
+            }
+        )
         if same_state:
             rows[-1]["full_moved_same_state"] = full_moved
         if trace:
@@ -130,8 +149,13 @@ def least_move_off_static(scenario: str, utilization: float = 0.9, *, seed: int 
     return float(np.maximum(0.0, shares - utilization * sim.capacity() / sim.demand_rps()).sum())
 
 
-def evaluate_checkpoints(candidate: Path | str, serving: Path | str | None, *, scenarios: tuple[str, ...] = GATE_SCENARIOS,
-                         seeds: tuple[int, ...] = (0,)) -> dict[str, Any]:  # fmt: skip
+def evaluate_checkpoints(
+    candidate: Path | str,
+    serving: Path | str | None,
+    *,
+    scenarios: tuple[str, ...] = GATE_SCENARIOS,
+    seeds: tuple[int, ...] = (0,),
+) -> dict[str, Any]:
     """Mean reward of both checkpoints per scenario (same seeds; each policy as it serves,
     greedy top-K), plus the means over all scenarios."""
     out: dict[str, Any] = {"scenarios": {}, "seeds": list(seeds)}
@@ -145,7 +169,9 @@ def evaluate_checkpoints(candidate: Path | str, serving: Path | str | None, *, s
     return out
 
 
-def promotion_decision(evaluation: dict[str, Any], *, margin: float = 0.02, worst_regression: float = 0.25) -> tuple[bool, str]:
+def promotion_decision(
+    evaluation: dict[str, Any], *, margin: float = 0.02, worst_regression: float = 0.25
+) -> tuple[bool, str]:
     """``(promote, reason)``: better by ``margin`` on average, and no scenario worse by more
     than ``worst_regression``; both relative per scenario, so a scenario with a large
     reward scale (many endpoints) does not drown the others."""
@@ -153,16 +179,20 @@ def promotion_decision(evaluation: dict[str, Any], *, margin: float = 0.02, wors
     if not (np.isfinite(cand) and np.isfinite(serv)):
         return False, "evaluation produced a non-finite reward"
     regressions = {
-        sc: (v["candidate"] - v["serving"]) / max(abs(v["serving"]), 1e-9)
-        for sc, v in evaluation["scenarios"].items()
+        sc: (v["candidate"] - v["serving"]) / max(abs(v["serving"]), 1e-9) for sc, v in evaluation["scenarios"].items()
     }
     worst = min(regressions, key=lambda k: regressions[k])
     if regressions[worst] < -worst_regression:
-        return False, (f"rejected: worse on {worst} by {-regressions[worst]:.0%} "
-                       f"({evaluation['scenarios'][worst]['candidate']:.3f} vs {evaluation['scenarios'][worst]['serving']:.3f})")  # fmt: skip
+        return False, (
+            f"rejected: worse on {worst} by {-regressions[worst]:.0%} "
+            f"({evaluation['scenarios'][worst]['candidate']:.3f} vs {evaluation['scenarios'][worst]['serving']:.3f})"
+        )
     gain = float(statistics.fmean(regressions.values()))
     if gain <= margin:
-        return False, f"rejected: {gain:+.1%} mean relative reward change vs the serving checkpoint (needs > {margin:+.0%})"
+        return (
+            False,
+            f"rejected: {gain:+.1%} mean relative reward change vs the serving checkpoint (needs > {margin:+.0%})",
+        )
     return True, f"promoted: {gain:+.1%} mean relative reward change vs the serving checkpoint"
 
 

@@ -164,7 +164,9 @@ class _Segment:
         "up",
     )
 
-    def __init__(self, start: float, base_cap: np.ndarray, base_cost: np.ndarray, active: list[tuple[list[int], str, float]]) -> None:
+    def __init__(
+        self, start: float, base_cap: np.ndarray, base_cost: np.ndarray, active: list[tuple[list[int], str, float]]
+    ) -> None:
         n = base_cap.shape[0]
         cap_mult = np.ones(n)
         cost_mult = np.ones(n)
@@ -357,7 +359,11 @@ class FleetSim:
         if seg.any_tail:
             v = seg.tail
             low = np.multiply.outer(inv_r, _K_LOW)
-            high = v[:, None] + np.multiply.outer(inv_r, _K) + (np.log(TAIL_FRACTION + (1 - TAIL_FRACTION) * np.exp(-r * v)) * inv_r)[:, None]
+            high = (
+                v[:, None]
+                + np.multiply.outer(inv_r, _K)
+                + (np.log(TAIL_FRACTION + (1 - TAIL_FRACTION) * np.exp(-r * v)) * inv_r)[:, None]
+            )
             z = np.where(low < v[:, None], low, high)
         else:
             z = np.multiply.outer(inv_r, _K)

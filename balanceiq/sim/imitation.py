@@ -46,14 +46,23 @@ class Demonstrations:
 def _context(env: Any) -> PolicyContext:
     obs = env.last_obs
     return PolicyContext(
-        shares=env.shares, capacity_hint=env.capacity_estimate(),
+        shares=env.shares,
+        capacity_hint=env.capacity_estimate(),
         static_weights=np.asarray(env.sim.static_weights, dtype=np.float64),
-        demand_rps=float(np.nansum([e.rps for e in obs.endpoints])), k=env.k,
-    )  # fmt: skip
+        demand_rps=float(np.nansum([e.rps for e in obs.endpoints])),
+        k=env.k,
+    )
 
 
-def collect(env_config: dict[str, Any], *, episodes: int = 24, explore: float = 0.2, gamma: float = 0.9,
-            seed: int = 0, on_episode: Callable[[int], None] | None = None) -> Demonstrations:  # fmt: skip
+def collect(
+    env_config: dict[str, Any],
+    *,
+    episodes: int = 24,
+    explore: float = 0.2,
+    gamma: float = 0.9,
+    seed: int = 0,
+    on_episode: Callable[[int], None] | None = None,
+) -> Demonstrations:
     """Roll out the teacher (with ``explore`` random actions) and label every state."""
     from balanceiq.sim.env import FleetEnv
 
@@ -93,14 +102,25 @@ def collect(env_config: dict[str, Any], *, episodes: int = 24, explore: float = 
         if on_episode is not None:
             on_episode(ep + 1)
     return Demonstrations(
-        obs=np.stack(obs_rows).astype(np.float32), actions=np.asarray(labels, dtype=np.int64),
-        returns=np.asarray(returns, dtype=np.float32), teacher_return=float(np.mean(totals)), episodes=episodes,
-    )  # fmt: skip
+        obs=np.stack(obs_rows).astype(np.float32),
+        actions=np.asarray(labels, dtype=np.int64),
+        returns=np.asarray(returns, dtype=np.float32),
+        teacher_return=float(np.mean(totals)),
+        episodes=episodes,
+    )
 
 
-def pretrain(module: Any, demos: Demonstrations, *, epochs: int = 30, lr: float = 3e-3, batch_size: int = 256,
-             value_coeff: float = 0.1, seed: int = 0,
-             on_epoch: Callable[[int, float], None] | None = None) -> dict[str, Any]:  # fmt: skip
+def pretrain(
+    module: Any,
+    demos: Demonstrations,
+    *,
+    epochs: int = 30,
+    lr: float = 3e-3,
+    batch_size: int = 256,
+    value_coeff: float = 0.1,
+    seed: int = 0,
+    on_epoch: Callable[[int, float], None] | None = None,
+) -> dict[str, Any]:
     """Fit ``module`` to the demonstrations in place; returns the fit's numbers.
 
     ``agreement`` is the fraction of states where the module's K highest scores are the
@@ -145,5 +165,11 @@ def pretrain(module: Any, demos: Demonstrations, *, epochs: int = 30, lr: float 
         scores = module._forward({Columns.OBS: obs})[Columns.ACTION_DIST_INPUTS]
         top = torch.topk(scores, k, dim=-1).indices.sort(-1).values
         agree = float((top == act.sort(-1).values).all(-1).float().mean())
-    return {"states": int(m), "epochs": epochs, "nll_first": losses[0], "nll_last": losses[-1], "agreement": agree,
-            "teacher_return": demos.teacher_return}  # fmt: skip
+    return {
+        "states": int(m),
+        "epochs": epochs,
+        "nll_first": losses[0],
+        "nll_last": losses[-1],
+        "agreement": agree,
+        "teacher_return": demos.teacher_return,
+    }

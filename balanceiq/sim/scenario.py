@@ -187,13 +187,20 @@ class Event(_Model):
         problems: list[tuple[tuple[str | int, ...], str]] = []
         v = self.value
         if self.kind in ("capacity", "demand", "burst") and v <= 0:
-            problems.append((("value",), f"a {self.kind} multiplier must be > 0 (got {v}); use kind 'fail' to take an endpoint down"))
+            problems.append(
+                (
+                    ("value",),
+                    f"a {self.kind} multiplier must be > 0 (got {v}); use kind 'fail' to take an endpoint down",
+                )
+            )
         elif self.kind == "cost" and v < 0:
             problems.append((("value",), f"a cost multiplier must be >= 0 (got {v})"))
         elif self.kind == "tail_latency" and v < 0:
             problems.append((("value",), f"tail_latency adds milliseconds and must be >= 0 (got {v})"))
         if self.kind in _DEMAND_KINDS and self.target != "all":
-            problems.append((("target",), f"{self.kind} events change total demand and must target 'all', not {self.target!r}"))
+            problems.append(
+                (("target",), f"{self.kind} events change total demand and must target 'all', not {self.target!r}")
+            )
         if problems:
             raise _cross_field_error(problems)
         return self
@@ -237,12 +244,16 @@ class Scenario(_Model):
     def _check_references(self) -> Scenario:
         problems: list[tuple[tuple[str | int, ...], str]] = []
         if self.duration_s < self.step_s:
-            problems.append((("duration_s",), f"duration_s {self.duration_s} is shorter than one step (step_s {self.step_s})"))
+            problems.append(
+                (("duration_s",), f"duration_s {self.duration_s} is shorter than one step (step_s {self.step_s})")
+            )
         first_seen: dict[str, int] = {}
         for index, endpoint in enumerate(self.endpoints):
             first = first_seen.setdefault(endpoint.name, index)
             if first != index:
-                problems.append(((("endpoints", index, "name")), f"duplicate name {endpoint.name!r}: endpoints[{first}] has it too"))
+                problems.append(
+                    ((("endpoints", index, "name")), f"duplicate name {endpoint.name!r}: endpoints[{first}] has it too")
+                )
         names = set(first_seen)
         clouds = sorted({e.cloud for e in self.endpoints})
         for index, event in enumerate(self.events):
@@ -250,13 +261,28 @@ class Scenario(_Model):
             if target.startswith("cloud:"):
                 cloud = target[len("cloud:") :]
                 if cloud not in clouds:
-                    problems.append((("events", index, "target"), f"no endpoint runs in cloud {cloud!r}; clouds here: {', '.join(clouds)}"))
+                    problems.append(
+                        (
+                            ("events", index, "target"),
+                            f"no endpoint runs in cloud {cloud!r}; clouds here: {', '.join(clouds)}",
+                        )
+                    )
             elif target != "all" and target not in names:
                 close = difflib.get_close_matches(target, sorted(names), n=1)
                 hint = f"; did you mean {close[0]!r}?" if close else ""
-                problems.append((("events", index, "target"), f"unknown endpoint {target!r}{hint} (use a name from endpoints, 'cloud:<name>' or 'all')"))
+                problems.append(
+                    (
+                        ("events", index, "target"),
+                        f"unknown endpoint {target!r}{hint} (use a name from endpoints, 'cloud:<name>' or 'all')",
+                    )
+                )
             if event.at_s >= self.duration_s:
-                problems.append((("events", index, "at_s"), f"at_s {event.at_s} is not before the end of the run (duration_s {self.duration_s})"))
+                problems.append(
+                    (
+                        ("events", index, "at_s"),
+                        f"at_s {event.at_s} is not before the end of the run (duration_s {self.duration_s})",
+                    )
+                )
         if problems:
             raise _cross_field_error(problems)
         return self

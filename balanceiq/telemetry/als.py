@@ -106,10 +106,41 @@ _HTTP_OPTS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 # series of 100+ buckets would cost Prometheus more than the precision is worth.
 # Pass ``AlsCollector(buckets=...)`` for finer steps at higher latencies.
 BUCKETS: tuple[float, ...] = (
-    0.001, 0.0025, 0.005, 0.0075, 0.01, 0.0125, 0.015, 0.0175, 0.02, 0.025, 0.03, 0.035,
-    0.04, 0.045, 0.05, 0.06, 0.07, 0.08, 0.09, 0.1, 0.11, 0.125, 0.15, 0.175, 0.2, 0.25,
-    0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0,
-)  # fmt: skip
+    0.001,
+    0.0025,
+    0.005,
+    0.0075,
+    0.01,
+    0.0125,
+    0.015,
+    0.0175,
+    0.02,
+    0.025,
+    0.03,
+    0.035,
+    0.04,
+    0.045,
+    0.05,
+    0.06,
+    0.07,
+    0.08,
+    0.09,
+    0.1,
+    0.11,
+    0.125,
+    0.15,
+    0.175,
+    0.2,
+    0.25,
+    0.3,
+    0.4,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+)
 
 DROP_REASONS = ("no_upstream", "malformed", "intermediate", "cardinality", "tcp")
 
@@ -194,7 +225,10 @@ def orca_utilization(value: str) -> float | None:
         if isinstance(data, dict):
             fields = {str(k): str(v) for k, v in data.items() if isinstance(v, (int, float))}
         # protobuf JSON uses camelCase
-        for snake, camel in (("application_utilization", "applicationUtilization"), ("cpu_utilization", "cpuUtilization")):
+        for snake, camel in (
+            ("application_utilization", "applicationUtilization"),
+            ("cpu_utilization", "cpuUtilization"),
+        ):
             if camel in fields and snake not in fields:
                 fields[snake] = fields[camel]
     for key in _ORCA_KEYS:
@@ -264,8 +298,13 @@ class _Series:
         for n in self.buckets:
             running += n
             cumulative.append(running)
-        return {"cluster": self.key[0], "endpoint": self.key[1], "buckets": cumulative,
-                "codes": dict(self.classes), "orca": self.last_util}  # fmt: skip
+        return {
+            "cluster": self.key[0],
+            "endpoint": self.key[1],
+            "buckets": cumulative,
+            "codes": dict(self.classes),
+            "orca": self.last_util,
+        }
 
 
 class AlsCollector:
@@ -286,8 +325,7 @@ class AlsCollector:
         reg = self.registry
         self.rq_time = Histogram(
             "balanceiq_upstream_rq_time_seconds",
-            "Upstream time per request (first byte sent upstream to last byte received), "
-            "from Envoy's access log.",
+            "Upstream time per request (first byte sent upstream to last byte received), from Envoy's access log.",
             ["cluster", "endpoint"],
             buckets=tuple(buckets),
             registry=reg,
@@ -298,21 +336,15 @@ class AlsCollector:
             ["cluster", "endpoint", "code_class"],
             registry=reg,
         )
-        self.entries = Counter(
-            "balanceiq_als_entries_total", "HTTP access-log entries received.", registry=reg
-        )
+        self.entries = Counter("balanceiq_als_entries_total", "HTTP access-log entries received.", registry=reg)
         self.dropped = Counter(
             "balanceiq_als_dropped_total",
             "Access-log entries not attributed to an endpoint, by reason.",
             ["reason"],
             registry=reg,
         )
-        self.streams = Gauge(
-            "balanceiq_als_streams", "ALS streams open now (0: no Envoy is sending).", registry=reg
-        )
-        self.series_gauge = Gauge(
-            "balanceiq_als_series", "(cluster, endpoint) series in use.", registry=reg
-        )
+        self.streams = Gauge("balanceiq_als_streams", "ALS streams open now (0: no Envoy is sending).", registry=reg)
+        self.series_gauge = Gauge("balanceiq_als_series", "(cluster, endpoint) series in use.", registry=reg)
         self.orca = Gauge(
             "balanceiq_upstream_orca_utilization",
             "The endpoint's last ORCA load report (endpoint-load-metrics: application, else "
@@ -656,11 +688,7 @@ def als_cluster_config(host: str, port: int, name: str = "als_cluster") -> dict[
         "load_assignment": {
             "cluster_name": name,
             "endpoints": [
-                {
-                    "lb_endpoints": [
-                        {"endpoint": {"address": {"socket_address": {"address": host, "port_value": port}}}}
-                    ]
-                }
+                {"lb_endpoints": [{"endpoint": {"address": {"socket_address": {"address": host, "port_value": port}}}}]}
             ],
         },
     }
@@ -704,13 +732,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--grpc-port", type=_port, required=True, help="ALS gRPC port (0: any free)")
     p.add_argument("--metrics-port", type=_port, required=True, help="/metrics port (0: any free)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind both ports on")
-    p.add_argument("--max-endpoints", type=_non_negative, default=10_000,
-                   help="most (cluster, endpoint) series kept; later ones are dropped")  # fmt: skip
+    p.add_argument(
+        "--max-endpoints",
+        type=_non_negative,
+        default=10_000,
+        help="most (cluster, endpoint) series kept; later ones are dropped",
+    )
     args = p.parse_args(argv)
 
-    server = AlsServer(
-        AlsCollector(max_endpoints=args.max_endpoints), args.host, args.grpc_port, args.metrics_port
-    )
+    server = AlsServer(AlsCollector(max_endpoints=args.max_endpoints), args.host, args.grpc_port, args.metrics_port)
     stopping = threading.Event()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:

@@ -33,6 +33,7 @@ What Envoy 1.40's exposition looks like, and what this module relies on:
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import re
@@ -135,7 +136,7 @@ class Scrape:
 
 
 def _wanted(name: str) -> bool:
-    return name.startswith(ENVOY_PREFIX) or name.startswith(ALS_HISTOGRAM)
+    return name.startswith((ENVOY_PREFIX, ALS_HISTOGRAM))
 
 
 _NAME_END = re.compile(r"[{\s]")
@@ -175,7 +176,7 @@ def _parse_samples(
     # gives up at the first bad line, so on any failure we go line by line to keep the rest.
     try:
         families = list(text_string_to_metric_families("\n".join(lines)))
-    except Exception:  # noqa: BLE001 - third-party parser on untrusted text raises anything
+    except Exception:
         families = None
     if families is not None:
         for fam in families:
@@ -187,7 +188,7 @@ def _parse_samples(
         if line.startswith("#"):
             try:
                 list(text_string_to_metric_families(line))
-            except Exception as exc:  # noqa: BLE001 - see above
+            except Exception as exc:
                 # A broken TYPE line would fail every sample parsed under it; the
                 # samples are still readable as untyped.
                 on_bad_line(line, str(exc) or type(exc).__name__)
@@ -198,7 +199,7 @@ def _parse_samples(
         text = f"{type_line}\n{line}" if type_line else line
         try:
             fams = list(text_string_to_metric_families(text))
-        except Exception as exc:  # noqa: BLE001 - see above
+        except Exception as exc:
             on_bad_line(line, str(exc) or type(exc).__name__)
             continue
         for fam in fams:
@@ -288,9 +289,7 @@ class _Accumulator:
         self.latency_source = True
         cluster, address = labels.get(ALS_CLUSTER_LABEL, ""), labels.get(ALS_ADDRESS_LABEL, "")
         if not cluster or not address:
-            self.problems.append(
-                f"{name}{_fmt_labels(labels)}: no {ALS_CLUSTER_LABEL}/{ALS_ADDRESS_LABEL} label"
-            )
+            self.problems.append(f"{name}{_fmt_labels(labels)}: no {ALS_CLUSTER_LABEL}/{ALS_ADDRESS_LABEL} label")
             return
         key = (cluster, address)
         x, ok = finite_or_nan(value)
@@ -318,10 +317,7 @@ class _Accumulator:
 
     def scrape(self, timestamp: float) -> Scrape:
         keys = set(self.stats) | set(self.bad)
-        endpoints = {
-            k: EndpointStats(**self.stats.get(k, {}), bad=frozenset(self.bad.get(k, ())))
-            for k in keys
-        }
+        endpoints = {k: EndpointStats(**self.stats.get(k, {}), bad=frozenset(self.bad.get(k, ()))) for k in keys}
         latency: dict[Key, Buckets] = {}
         for k, b in self.buckets.items():
             if k in self.bad_latency:
@@ -358,9 +354,7 @@ def _why_unusable(text: str, acc: _Accumulator) -> str:
     return f"no usable per-endpoint sample ({len(acc.problems)} problem(s): {shown})"
 
 
-def parse_exposition(
-    text: str, timestamp: float | None = None, *, als_text: str | None = None
-) -> Scrape:
+def parse_exposition(text: str, timestamp: float | None = None, *, als_text: str | None = None) -> Scrape:
     """Parse Envoy's ``/stats/prometheus`` (and optionally the ALS exporter's ``/metrics``).
 
     Individual bad samples (NaN/Inf/negative values, missing labels, unparsable lines)
@@ -387,8 +381,14 @@ def parse_exposition(
 
 # /clusters?format=json stat name -> EndpointStats field (counters and the in-flight gauge;
 # ``healthy`` comes from the host's health flags).
-CLUSTERS_JSON_FIELDS = {"rq_total": "rq_total", "rq_success": "rq_success", "rq_error": "rq_error",
-                        "rq_timeout": "rq_timeout", "rq_active": "rq_active", "cx_connect_fail": "cx_connect_fail"}  # fmt: skip
+CLUSTERS_JSON_FIELDS = {
+    "rq_total": "rq_total",
+    "rq_success": "rq_success",
+    "rq_error": "rq_error",
+    "rq_timeout": "rq_timeout",
+    "rq_active": "rq_active",
+    "cx_connect_fail": "cx_connect_fail",
+}
 
 
 def _host_address(host: Mapping[str, object]) -> str | None:
@@ -464,7 +464,11 @@ def parse_als_snapshot(data: object) -> tuple[dict[Key, Buckets], frozenset[Key]
     latency unknown), never guessed. Raises :class:`EnvoyAdminError` when ``data`` is not
     a snapshot at all, so the caller can read ``/metrics`` instead.
     """
-    if not isinstance(data, dict) or not isinstance(data.get("series"), list) or not isinstance(data.get("bounds"), list):
+    if (
+        not isinstance(data, dict)
+        or not isinstance(data.get("series"), list)
+        or not isinstance(data.get("bounds"), list)
+    ):
         raise EnvoyAdminError("not an ALS snapshot (no bounds/series)")
     try:
         bounds = [float(b) for b in data["bounds"]]
@@ -477,14 +481,21 @@ def parse_als_snapshot(data: object) -> tuple[dict[Key, Buckets], frozenset[Key]
     bad: set[Key] = set()
     problems: list[str] = []
     for item in data["series"]:
-        if not isinstance(item, dict) or not isinstance(item.get("cluster"), str) or not isinstance(item.get("endpoint"), str):
+        if (
+            not isinstance(item, dict)
+            or not isinstance(item.get("cluster"), str)
+            or not isinstance(item.get("endpoint"), str)
+        ):
             problems.append(f"als snapshot: series without cluster/endpoint: {_clip(repr(item))}")
             continue
         key = (item["cluster"], item["endpoint"])
         counts = item.get("buckets")
-        ok = (isinstance(counts, list) and len(counts) == len(les)
-              and all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in counts)
-              and all(a <= b for a, b in zip(counts, counts[1:])))  # fmt: skip
+        ok = (
+            isinstance(counts, list)
+            and len(counts) == len(les)
+            and all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in counts)
+            and all(a <= b for a, b in itertools.pairwise(counts))
+        )
         if not ok or key in latency or key in bad:
             problems.append(f"als snapshot: bad or duplicate buckets for {key[0]}/{key[1]}")
             bad.add(key)
@@ -707,9 +718,7 @@ class EnvoyAdminSource:
     observers of one cluster do not interleave their windows.
     """
 
-    def __init__(
-        self, admin_url: str, als_metrics_url: str | None = None, timeout_s: float = 1.0
-    ) -> None:
+    def __init__(self, admin_url: str, als_metrics_url: str | None = None, timeout_s: float = 1.0) -> None:
         if not (isinstance(timeout_s, int | float) and math.isfinite(timeout_s) and timeout_s > 0):
             raise EnvoyAdminError(f"timeout_s must be a positive number of seconds, not {timeout_s!r}")
         self.admin_url = _check_url(admin_url, "Envoy admin")
@@ -722,8 +731,11 @@ class EnvoyAdminSource:
         self.als_metrics_url = _check_url(als_metrics_url, "ALS metrics") if als_metrics_url else None
         # The exporter's compact JSON beside /metrics (tens of ms cheaper to render and
         # parse); an exporter without it (404, or not a snapshot) is read as text after.
-        self.als_snapshot_url = (self.als_metrics_url.removesuffix("/metrics") + "/snapshot"
-                                 if self.als_metrics_url and self.als_metrics_url.endswith("/metrics") else None)  # fmt: skip
+        self.als_snapshot_url = (
+            self.als_metrics_url.removesuffix("/metrics") + "/snapshot"
+            if self.als_metrics_url and self.als_metrics_url.endswith("/metrics")
+            else None
+        )
         self.timeout_s = float(timeout_s)
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="als-scrape")
@@ -760,14 +772,10 @@ class EnvoyAdminSource:
                     if len(body) > MAX_BODY_BYTES:
                         raise EnvoyAdminError(f"GET {url}: answer larger than {MAX_BODY_BYTES} bytes")
                     if time.monotonic() > deadline:
-                        raise EnvoyAdminError(
-                            f"GET {url}: timed out after {self.timeout_s:g}s reading the answer"
-                        )
+                        raise EnvoyAdminError(f"GET {url}: timed out after {self.timeout_s:g}s reading the answer")
                 return body.decode(r.encoding or "utf-8", errors="replace")
         except httpx.TimeoutException as exc:
-            raise EnvoyAdminError(
-                f"GET {url}: timed out after {self.timeout_s:g}s ({type(exc).__name__})"
-            ) from exc
+            raise EnvoyAdminError(f"GET {url}: timed out after {self.timeout_s:g}s ({type(exc).__name__})") from exc
         except httpx.ConnectError as exc:
             raise EnvoyAdminError(f"GET {url}: cannot connect: {exc}") from exc
         except (httpx.HTTPError, httpx.InvalidURL, LookupError) as exc:
@@ -827,8 +835,13 @@ class EnvoyAdminSource:
                 acc = _Accumulator()
                 acc.add_text(als_text)
                 lat = acc.scrape(ts)
-                s = replace(s, latency=lat.latency, latency_source=lat.latency_source, bad_latency=lat.bad_latency,
-                            problems=(*s.problems, *(f"als: {p}" for p in lat.problems)))  # fmt: skip
+                s = replace(
+                    s,
+                    latency=lat.latency,
+                    latency_source=lat.latency_source,
+                    bad_latency=lat.bad_latency,
+                    problems=(*s.problems, *(f"als: {p}" for p in lat.problems)),
+                )
         else:
             try:
                 s = parse_exposition(text, ts, als_text=als_text)

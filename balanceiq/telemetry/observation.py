@@ -196,7 +196,9 @@ def quantile_from_buckets(buckets: Sequence[tuple[float, float]], q: float) -> f
     return fixed[-2][0]
 
 
-def empty_observation(cluster: str, addresses: Sequence[str], costs: Mapping[str, float], source: Source, errors: Sequence[str]) -> Observation:
+def empty_observation(
+    cluster: str, addresses: Sequence[str], costs: Mapping[str, float], source: Source, errors: Sequence[str]
+) -> Observation:
     """Every endpoint flagged missing: what a caller gets when no source answered."""
     return Observation(
         cluster=cluster,

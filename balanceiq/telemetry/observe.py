@@ -81,8 +81,7 @@ class Telemetry:
                 log.warning("Prometheus unusable (%s); trying Envoy's admin instead", errors[-1])
                 self._prometheus_down_since = now
         else:
-            errors.append("prometheus: down, next retry in "
-                          f"{self.retry_s - (now - self._last_prometheus_try):.1f}s")
+            errors.append(f"prometheus: down, next retry in {self.retry_s - (now - self._last_prometheus_try):.1f}s")
         try:
             obs = self.fallback.observe(self.cluster.name, self.addresses, self.costs, dict(weights or {}) or None)
         except TelemetryError as exc:

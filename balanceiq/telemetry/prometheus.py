@@ -17,8 +17,8 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import requests
-from urllib3.util.retry import Retry
 from prometheus_api_client import PrometheusApiClientException, PrometheusConnect
+from urllib3.util.retry import Retry
 
 from balanceiq.config import SIGNALS, TelemetryConfig
 from balanceiq.exceptions import PrometheusError
@@ -90,7 +90,13 @@ class PrometheusSource:
             return self._prom.custom_query(expr, params={"timeout": f"{self.config.timeout_s:g}s"})
         except (requests.exceptions.RequestException, PrometheusApiClientException) as exc:
             raise PrometheusError(f"{what}: {type(exc).__name__}: {str(exc)[:200]}") from exc
-        except (ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:  # not JSON, or not Prometheus' shape
+        except (
+            ValueError,
+            KeyError,
+            TypeError,
+            IndexError,
+            AttributeError,
+        ) as exc:  # not JSON, or not Prometheus' shape
             raise PrometheusError(f"{what}: malformed response: {type(exc).__name__}: {str(exc)[:200]}") from exc
         except RecursionError as exc:  # json's recursive decoder on "[[[[...": garbage, not a bug of ours
             raise PrometheusError(f"{what}: malformed response: JSON nested too deeply") from exc
@@ -148,9 +154,7 @@ class PrometheusSource:
             raise PrometheusError(f"no rps series for any endpoint of cluster {cluster!r}")
         problems = [p for _, probs in results.values() for p in probs]
         latency_known = any(results[s][0] for s in LATENCY)
-        endpoints = [
-            self._endpoint(a, results, costs, weights, t0, latency_known) for a in addresses
-        ]
+        endpoints = [self._endpoint(a, results, costs, weights, t0, latency_known) for a in addresses]
         return Observation(
             cluster=cluster,
             endpoints=tuple(endpoints),

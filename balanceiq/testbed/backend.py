@@ -56,9 +56,29 @@ ORCA_HEADER = "endpoint-load-metrics"
 # Fine enough to tell 5–500 ms latencies apart within ~10 ms, which is what the
 # controller's p95 estimates and the tests need.
 DURATION_BUCKETS = (
-    0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.06, 0.075, 0.1, 0.125,
-    0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0,
-)  # fmt: skip
+    0.005,
+    0.01,
+    0.015,
+    0.02,
+    0.025,
+    0.03,
+    0.04,
+    0.05,
+    0.06,
+    0.075,
+    0.1,
+    0.125,
+    0.15,
+    0.2,
+    0.25,
+    0.3,
+    0.4,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+)
 
 # How long stop() lets in-flight requests finish before cancelling them; a testbed
 # backend holds no state worth waiting for.
@@ -183,9 +203,7 @@ class BackendSettings:
 
     def __post_init__(self) -> None:
         problems = [
-            (key, msg)
-            for key, check in _SETTINGS_CHECKS.items()
-            if (msg := check(getattr(self, key))) is not None
+            (key, msg) for key, check in _SETTINGS_CHECKS.items() if (msg := check(getattr(self, key))) is not None
         ]
         if problems:
             raise ConfigError(problems, source=f"backend {self.name!r}")
@@ -345,9 +363,7 @@ class Backend:
             buckets=DURATION_BUCKETS,
             registry=r,
         )
-        self._requests = Counter(
-            "backend_requests", "Requests answered.", ["backend", "code"], registry=r
-        )
+        self._requests = Counter("backend_requests", "Requests answered.", ["backend", "code"], registry=r)
         # Gauges read live state when scraped, so the request path never updates them.
         Gauge(
             "backend_inflight_requests",
@@ -402,9 +418,7 @@ class Backend:
 
     def _render_body(self) -> None:
         s = self.settings
-        self._body = json.dumps(
-            {"backend": s.name, "cloud": s.cloud, "region": s.region, "port": self.port}
-        ).encode()
+        self._body = json.dumps({"backend": s.name, "cloud": s.cloud, "region": s.region, "port": self.port}).encode()
 
     async def _handle_request(self, request: web.Request) -> web.Response:
         loop = asyncio.get_running_loop()
@@ -449,10 +463,7 @@ class Backend:
         rps = self._rate.rate(now)
         # Envoy's native-HTTP ORCA parser (source/common/orca/orca_parser.cc) splits each
         # comma-separated entry on ':'; an '=' separator is rejected as an empty value.
-        return (
-            f"TEXT cpu_utilization:{util:.4f},rps_fractional:{rps:.3f},"
-            f"application_utilization:{util:.4f}"
-        )
+        return f"TEXT cpu_utilization:{util:.4f},rps_fractional:{rps:.3f},application_utilization:{util:.4f}"
 
     async def _handle_healthz(self, request: web.Request) -> web.Response:
         if self.healthy:
@@ -460,9 +471,7 @@ class Backend:
         return web.Response(status=503, text="unhealthy")
 
     async def _handle_metrics(self, request: web.Request) -> web.Response:
-        return web.Response(
-            body=generate_latest(self.registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
-        )
+        return web.Response(body=generate_latest(self.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     def control_state(self) -> dict[str, Any]:
         """What GET /control answers: the settings plus the health flag."""
@@ -526,9 +535,7 @@ class Backend:
         if self._runner is not None:
             raise BackendError(f"backend {self.settings.name!r} is already started")
         s = self.settings
-        runner = web.AppRunner(
-            self.app, access_log=None, handle_signals=False, shutdown_timeout=_SHUTDOWN_TIMEOUT_S
-        )
+        runner = web.AppRunner(self.app, access_log=None, handle_signals=False, shutdown_timeout=_SHUTDOWN_TIMEOUT_S)
         await runner.setup()
         # A deep backlog so bursts from a load generator queue in the kernel, not RST.
         site = web.TCPSite(runner, s.host, s.port, backlog=1024)
@@ -536,9 +543,7 @@ class Backend:
             await site.start()
         except OSError as exc:
             await runner.cleanup()
-            raise BackendError(
-                f"backend {s.name!r} cannot listen on {s.host}:{s.port}: {exc.strerror or exc}"
-            ) from exc
+            raise BackendError(f"backend {s.name!r} cannot listen on {s.host}:{s.port}: {exc.strerror or exc}") from exc
         self._runner = runner
         self._port = runner.addresses[0][1]
         self.settings.port = self._port
@@ -558,9 +563,7 @@ class Backend:
         await self.stop()
 
 
-def _bad_request(
-    field: str, message: str, problems: list[tuple[str, str]] | None = None
-) -> web.Response:
+def _bad_request(field: str, message: str, problems: list[tuple[str, str]] | None = None) -> web.Response:
     problems = problems or [(field, message)]
     return web.json_response(
         {
@@ -621,10 +624,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         missing = [k for k in required if getattr(args, k) is None]
         if missing:
             flags = {"base_latency_ms": "latency-ms"}
-            p.error(
-                "without --spec these are required: "
-                + ", ".join("--" + flags.get(k, k) for k in missing)
-            )
+            p.error("without --spec these are required: " + ", ".join("--" + flags.get(k, k) for k in missing))
     return args
 
 
@@ -647,15 +647,24 @@ def _settings_from_args(args: argparse.Namespace) -> list[BackendSettings]:
             spec = [spec]
         if not isinstance(spec, list) or not spec:
             raise ConfigError([("", "must be a non-empty list of backend objects")], source)
-        return [
-            BackendSettings.from_dict(item, source=f"{source}[{i}]")
-            for i, item in enumerate(spec)
-        ]
+        return [BackendSettings.from_dict(item, source=f"{source}[{i}]") for i, item in enumerate(spec)]
     keys = (
-        "name", "host", "port", "cloud", "region", "base_latency_ms", "jitter_ms",
-        "concurrency", "error_rate", "cost_per_million_requests", "tail_prob", "tail_ms",
-        "sigma", "orca", "seed",
-    )  # fmt: skip
+        "name",
+        "host",
+        "port",
+        "cloud",
+        "region",
+        "base_latency_ms",
+        "jitter_ms",
+        "concurrency",
+        "error_rate",
+        "cost_per_million_requests",
+        "tail_prob",
+        "tail_ms",
+        "sigma",
+        "orca",
+        "seed",
+    )
     return [BackendSettings(**{k: getattr(args, k) for k in keys})]
 
 

@@ -164,9 +164,7 @@ def render_bootstrap(
                 "connect_timeout": "1s",
                 **_lb_config(lb_policy or settings.envoy.lb_policy),
                 "eds_cluster_config": {"service_name": c.name, "eds_config": eds_config},
-                "common_lb_config": {
-                    "update_merge_window": f"{settings.envoy.update_merge_window_ms / 1000:g}s"
-                },
+                "common_lb_config": {"update_merge_window": f"{settings.envoy.update_merge_window_ms / 1000:g}s"},
                 "track_cluster_stats": {"per_endpoint_stats": True},
                 "health_checks": [
                     {
@@ -197,11 +195,7 @@ def render_bootstrap(
     routes = cluster_routes(settings)
     bootstrap: dict[str, Any] = {
         "node": {"id": node_id, "cluster": "balanceiq"},
-        "admin": {
-            "address": {
-                "socket_address": {"address": admin_host, "port_value": admin_port or cfg_admin_port}
-            }
-        },
+        "admin": {"address": {"socket_address": {"address": admin_host, "port_value": admin_port or cfg_admin_port}}},
         "static_resources": {
             "listeners": [
                 {
@@ -258,9 +252,15 @@ def cluster_routes(settings: Settings) -> list[dict[str, Any]]:
     first, *others = settings.clusters
     routes: list[dict[str, Any]] = []
     for c in others:
-        routes.append({"match": {"prefix": "/", "headers": [{"name": CLUSTER_HEADER, "string_match": {"exact": c.name}}]},
-                       "route": {"cluster": c.name, "timeout": "10s"}})  # fmt: skip
-        routes.append({"match": {"prefix": f"/{c.name}/"}, "route": {"cluster": c.name, "timeout": "10s", "prefix_rewrite": "/"}})
+        routes.append(
+            {
+                "match": {"prefix": "/", "headers": [{"name": CLUSTER_HEADER, "string_match": {"exact": c.name}}]},
+                "route": {"cluster": c.name, "timeout": "10s"},
+            }
+        )
+        routes.append(
+            {"match": {"prefix": f"/{c.name}/"}, "route": {"cluster": c.name, "timeout": "10s", "prefix_rewrite": "/"}}
+        )
     routes.append({"match": {"prefix": "/"}, "route": {"cluster": first.name, "timeout": "10s"}})
     return routes
 
@@ -293,16 +293,23 @@ def render_attach_yaml(settings: Settings, *, api: str | None = None) -> str:
         yaml.safe_dump({"clusters": parts["clusters"]}, sort_keys=False).rstrip(),
     ]
     if parts["dynamic_resources"] is not None:
-        out += ["# 2. Merge into the bootstrap's top-level dynamic_resources (ADS):",
-                yaml.safe_dump({"dynamic_resources": parts["dynamic_resources"]}, sort_keys=False).rstrip()]
+        out += [
+            "# 2. Merge into the bootstrap's top-level dynamic_resources (ADS):",
+            yaml.safe_dump({"dynamic_resources": parts["dynamic_resources"]}, sort_keys=False).rstrip(),
+        ]
     else:
         out += ["# 2. No dynamic_resources needed: each EDS cluster names the xDS cluster itself."]
     if parts["access_log"]:
-        out += ["# 3. Append to the access_log of each http_connection_manager routing to these",
-                "#    clusters: per-endpoint latency for BalanceIQ's telemetry (ALS).",
-                yaml.safe_dump({"access_log": parts["access_log"]}, sort_keys=False).rstrip()]
-    out += ["# Route to the clusters above as to any other; give the bootstrap a node.id.",
-            "# Check the merged file: envoy --mode validate -c merged.yaml", ""]
+        out += [
+            "# 3. Append to the access_log of each http_connection_manager routing to these",
+            "#    clusters: per-endpoint latency for BalanceIQ's telemetry (ALS).",
+            yaml.safe_dump({"access_log": parts["access_log"]}, sort_keys=False).rstrip(),
+        ]
+    out += [
+        "# Route to the clusters above as to any other; give the bootstrap a node.id.",
+        "# Check the merged file: envoy --mode validate -c merged.yaml",
+        "",
+    ]
     return "\n".join(out)
 
 
@@ -384,17 +391,24 @@ class EnvoyProcess:
         path.write_text(yaml.safe_dump(self.bootstrap, sort_keys=False))
         cmd = [
             str(envoy_binary()),
-            "-c", str(path),
+            "-c",
+            str(path),
             "--disable-hot-restart",  # several envoys may run on one machine (tests, bench)
-            "--concurrency", "1",
-            "--log-level", self.log_level,
-            "--log-path", str(self.log_path),
+            "--concurrency",
+            "1",
+            "--log-level",
+            self.log_level,
+            "--log-path",
+            str(self.log_path),
         ]
         # stderr goes to a file, not a pipe: a detached envoy (``testbed up``) outlives
         # this process, and writing to a closed pipe would kill it with SIGPIPE.
         with open(self.workdir / "envoy.stderr", "wb") as err:
             self.proc = subprocess.Popen(
-                cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=err,
                 start_new_session=True,
             )
         if wait_ready:
@@ -465,7 +479,7 @@ def endpoint_health(clusters_json: dict[str, Any], cluster: str) -> dict[str, li
         for hs in cs.get("host_statuses", []):
             sock = hs.get("address", {}).get("socket_address", {})
             hstat = hs.get("health_status", {})
-            reasons = [k for k, v in hstat.items() if k.startswith("failed") or k.startswith("pending")]
+            reasons = [k for k, v in hstat.items() if k.startswith(("failed", "pending"))]
             reasons = [k for k in reasons if hstat[k] is True]
             eds = hstat.get("eds_health_status", "HEALTHY")
             if eds not in ("HEALTHY", "UNKNOWN", "DEGRADED"):
@@ -481,7 +495,9 @@ def validate_bootstrap(bootstrap: dict[str, Any]) -> None:
         path.write_text(yaml.safe_dump(bootstrap, sort_keys=False))
         res = subprocess.run(
             [str(envoy_binary()), "--mode", "validate", "-c", str(path), "--disable-hot-restart"],
-            capture_output=True, text=True, timeout=60,
+            capture_output=True,
+            text=True,
+            timeout=60,
         )
         if res.returncode != 0:
             raise EnvoyError(f"envoy rejected the bootstrap: {_tail(res.stderr + res.stdout)}")

@@ -41,19 +41,25 @@ class RedisProcess:
     def start(self, timeout: float = 10.0) -> RedisProcess:
         exe = shutil.which("redis-server")
         if exe is None:
-            raise TestbedError("redis-server is not installed: run `bash scripts/ensure-redis.sh` (Debian's redis-server)")
+            raise TestbedError(
+                "redis-server is not installed: run `bash scripts/ensure-redis.sh` (Debian's redis-server)"
+            )
         self.workdir.mkdir(parents=True, exist_ok=True)
         # The password on stdin's config, not argv: any local user can read argv.
         conf = self.workdir / "redis.conf"
-        conf.write_text(f"port {self.port}\nbind 127.0.0.1\nprotected-mode yes\nrequirepass {self.password}\n"
-                        f'dir {self.workdir}\nsave ""\nappendonly no\n')  # fmt: skip
+        conf.write_text(
+            f"port {self.port}\nbind 127.0.0.1\nprotected-mode yes\nrequirepass {self.password}\n"
+            f'dir {self.workdir}\nsave ""\nappendonly no\n'
+        )
         conf.chmod(0o600)
         with (self.workdir / "redis.log").open("wb") as log:  # the child keeps its own descriptor
             self.proc = subprocess.Popen([exe, str(conf)], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise TestbedError(f"redis-server exited with {self.proc.returncode}: {(self.workdir / 'redis.log').read_text()[-500:]}")
+                raise TestbedError(
+                    f"redis-server exited with {self.proc.returncode}: {(self.workdir / 'redis.log').read_text()[-500:]}"
+                )
             if "Ready to accept connections" in (self.workdir / "redis.log").read_text(errors="replace"):
                 return self
             time.sleep(0.05)
@@ -69,8 +75,15 @@ class RedisProcess:
 class RayHead:
     """One Ray head node started with ``ray start --head``, killable and restartable."""
 
-    def __init__(self, workdir: Path, *, redis: RedisProcess | None = None, namespace: str = "balanceiq",
-                 num_cpus: int = 2, ray_bin: str | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        redis: RedisProcess | None = None,
+        namespace: str = "balanceiq",
+        num_cpus: int = 2,
+        ray_bin: str | None = None,
+    ) -> None:
         self.workdir = Path(workdir)
         # Ray puts a socket path under the temp dir: keep it short (108-byte limit).
         self.temp_dir = Path(f"/tmp/biq-ray-{secrets.token_hex(4)}")
@@ -86,8 +99,16 @@ class RayHead:
             self.ray_bin = found
         # Every port Ray would otherwise take from fixed defaults, free now, the same on
         # every start (a restarted head is the same node to its clients).
-        (self.port, self.node_manager_port, self.object_manager_port, self.agent_port, self.agent_grpc_port,
-         self.metrics_port, self.runtime_env_port, self.client_port) = free_ports(8)  # fmt: skip
+        (
+            self.port,
+            self.node_manager_port,
+            self.object_manager_port,
+            self.agent_port,
+            self.agent_grpc_port,
+            self.metrics_port,
+            self.runtime_env_port,
+            self.client_port,
+        ) = free_ports(8)
         self.starts = 0
         # Every process `ray start` spawns inherits this: how kill() finds them all, even
         # a worker that renamed itself (ray::...) or lost its parent.
@@ -109,20 +130,39 @@ class RayHead:
 
     def start(self, timeout: float = 120.0) -> float:
         """``ray start --head``; seconds it took."""
-        args = [self.ray_bin, "start", "--head", f"--port={self.port}", f"--num-cpus={self.num_cpus}",
-                "--node-ip-address=127.0.0.1", f"--temp-dir={self.temp_dir}", "--include-dashboard=false",
-                f"--node-manager-port={self.node_manager_port}", f"--object-manager-port={self.object_manager_port}",
-                f"--dashboard-agent-listen-port={self.agent_port}", f"--dashboard-agent-grpc-port={self.agent_grpc_port}",
-                f"--metrics-export-port={self.metrics_port}", f"--runtime-env-agent-port={self.runtime_env_port}",
-                f"--ray-client-server-port={self.client_port}", "--min-worker-port=0", "--max-worker-port=0",
-                "--disable-usage-stats"]  # fmt: skip
+        args = [
+            self.ray_bin,
+            "start",
+            "--head",
+            f"--port={self.port}",
+            f"--num-cpus={self.num_cpus}",
+            "--node-ip-address=127.0.0.1",
+            f"--temp-dir={self.temp_dir}",
+            "--include-dashboard=false",
+            f"--node-manager-port={self.node_manager_port}",
+            f"--object-manager-port={self.object_manager_port}",
+            f"--dashboard-agent-listen-port={self.agent_port}",
+            f"--dashboard-agent-grpc-port={self.agent_grpc_port}",
+            f"--metrics-export-port={self.metrics_port}",
+            f"--runtime-env-agent-port={self.runtime_env_port}",
+            f"--ray-client-server-port={self.client_port}",
+            "--min-worker-port=0",
+            "--max-worker-port=0",
+            "--disable-usage-stats",
+        ]
         if self.redis is not None:
             args.append(f"--redis-password={self.redis.password}")
         if self.starts == 0:
             # `ray start` refuses to start without the token; make sure it exists (a no-op
             # if it does: what a first local `ray.init()` would do). It prints the token.
-            subprocess.run([self.ray_bin, "get-auth-token", "--generate"], env=self.env(), stdout=subprocess.DEVNULL,
-                           stderr=subprocess.DEVNULL, timeout=60, check=False)  # fmt: skip
+            subprocess.run(
+                [self.ray_bin, "get-auth-token", "--generate"],
+                env=self.env(),
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                timeout=60,
+                check=False,
+            )
         t0 = time.monotonic()
         res = subprocess.run(args, env=self.env(), capture_output=True, text=True, timeout=timeout)
         if res.returncode != 0:
@@ -139,8 +179,10 @@ class RayHead:
             if p.pid == me:
                 continue
             try:
-                if any(str(self.temp_dir) in part for part in p.info["cmdline"] or ()) or \
-                        p.environ().get("BALANCEIQ_RAY_HEAD") == self.marker:
+                if (
+                    any(str(self.temp_dir) in part for part in p.info["cmdline"] or ())
+                    or p.environ().get("BALANCEIQ_RAY_HEAD") == self.marker
+                ):
                     roots.append(p)
             except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
                 continue

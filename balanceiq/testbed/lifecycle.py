@@ -25,7 +25,11 @@ from balanceiq.testbed.testbed import STATE_FILE, Testbed, stop_recorded
 
 
 def _ray_cli() -> str:
-    return str(Path(sys.executable).parent / "ray") if (Path(sys.executable).parent / "ray").exists() else (shutil.which("ray") or "ray")
+    return (
+        str(Path(sys.executable).parent / "ray")
+        if (Path(sys.executable).parent / "ray").exists()
+        else (shutil.which("ray") or "ray")
+    )
 
 
 def connect_ray(start_if_missing: bool) -> bool:
@@ -42,7 +46,9 @@ def connect_ray(start_if_missing: bool) -> bool:
             raise TestbedError("no Ray cluster is running (start one with `balanceiq testbed up`)") from None
     res = subprocess.run(
         [_ray_cli(), "start", "--head", "--num-cpus=2", "--include-dashboard=false", "--disable-usage-stats"],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     if res.returncode != 0:
         raise TestbedError(f"`ray start --head` failed: {res.stderr.strip()[-2000:]}")

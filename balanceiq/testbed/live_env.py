@@ -111,7 +111,7 @@ import weakref
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import gymnasium as gym
 import httpx
@@ -144,18 +144,54 @@ DEFAULT_LAYOUT: dict[str, Any] = {
         {
             "name": "my_service",
             "endpoints": [
-                {"address": "127.0.0.1:18001", "cloud": "aws", "region": "us-east-1", "zone": "us-east-1a",
-                 "cost_per_million_requests": 0.40, "capacity_rps": 400},
-                {"address": "127.0.0.1:18002", "cloud": "aws", "region": "us-east-1", "zone": "us-east-1b",
-                 "cost_per_million_requests": 0.12, "capacity_rps": 150},
-                {"address": "127.0.0.1:18003", "cloud": "gcp", "region": "us-central1", "zone": "us-central1-a",
-                 "cost_per_million_requests": 0.35, "capacity_rps": 350},
-                {"address": "127.0.0.1:18004", "cloud": "gcp", "region": "europe-west1", "zone": "europe-west1-b",
-                 "cost_per_million_requests": 0.35, "capacity_rps": 300},
-                {"address": "127.0.0.1:18005", "cloud": "azure", "region": "eastus", "zone": "eastus-1",
-                 "cost_per_million_requests": 0.55, "capacity_rps": 300},
-                {"address": "127.0.0.1:18006", "cloud": "azure", "region": "eastus", "zone": "eastus-2",
-                 "cost_per_million_requests": 0.55, "capacity_rps": 300},
+                {
+                    "address": "127.0.0.1:18001",
+                    "cloud": "aws",
+                    "region": "us-east-1",
+                    "zone": "us-east-1a",
+                    "cost_per_million_requests": 0.40,
+                    "capacity_rps": 400,
+                },
+                {
+                    "address": "127.0.0.1:18002",
+                    "cloud": "aws",
+                    "region": "us-east-1",
+                    "zone": "us-east-1b",
+                    "cost_per_million_requests": 0.12,
+                    "capacity_rps": 150,
+                },
+                {
+                    "address": "127.0.0.1:18003",
+                    "cloud": "gcp",
+                    "region": "us-central1",
+                    "zone": "us-central1-a",
+                    "cost_per_million_requests": 0.35,
+                    "capacity_rps": 350,
+                },
+                {
+                    "address": "127.0.0.1:18004",
+                    "cloud": "gcp",
+                    "region": "europe-west1",
+                    "zone": "europe-west1-b",
+                    "cost_per_million_requests": 0.35,
+                    "capacity_rps": 300,
+                },
+                {
+                    "address": "127.0.0.1:18005",
+                    "cloud": "azure",
+                    "region": "eastus",
+                    "zone": "eastus-1",
+                    "cost_per_million_requests": 0.55,
+                    "capacity_rps": 300,
+                },
+                {
+                    "address": "127.0.0.1:18006",
+                    "cloud": "azure",
+                    "region": "eastus",
+                    "zone": "eastus-2",
+                    "cost_per_million_requests": 0.55,
+                    "capacity_rps": 300,
+                },
             ],
         }
     ],
@@ -165,7 +201,7 @@ DEFAULT_LAYOUT: dict[str, Any] = {
         "concurrency": 8,
         "overrides": {"127.0.0.1:18006": {"base_latency_ms": 120, "concurrency": 4, "error_rate": 0.02}},
     },
-}  # fmt: skip
+}
 
 
 # -- configuration (pure) -----------------------------------------------------------------------
@@ -193,23 +229,35 @@ class LiveEnvConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
 
     mode: Literal["private", "attach"] = Field(default="private", description="Own a stack, or drive a staging one.")
-    config: Path | None = Field(default=None, description="balanceiq YAML: the private layout, or the stack to attach to.")
-    settings: Settings | None = Field(default=None, description="Settings object instead of `config` (programmatic use).")
+    config: Path | None = Field(
+        default=None, description="balanceiq YAML: the private layout, or the stack to attach to."
+    )
+    settings: Settings | None = Field(
+        default=None, description="Settings object instead of `config` (programmatic use)."
+    )
     n_max: int = Field(default=16, ge=1, le=4096, description="Endpoints the observation is padded to (FleetEnv's).")
     k: int | None = Field(default=None, ge=1, description="Critical endpoints per decision (default: the config's K).")
     decision_interval_s: float = Field(default=2.0, gt=0, le=600, description="Seconds between push and observation.")
-    reset_settle_s: float | None = Field(default=None, ge=0, le=600, description="Wait after reset (default: the interval).")
+    reset_settle_s: float | None = Field(
+        default=None, ge=0, le=600, description="Wait after reset (default: the interval)."
+    )
     episode_steps: int = Field(default=15, ge=1, le=100000, description="Decisions per episode (then truncated).")
-    load_rps: float | None = Field(default=None, ge=0, le=10000, description="Load through Envoy (default 60 private, 0 attach).")
+    load_rps: float | None = Field(
+        default=None, ge=0, le=10000, description="Load through Envoy (default 60 private, 0 attach)."
+    )
     load_concurrency: int = Field(default=8, ge=1, le=256)
     load_max_s: float = Field(default=86400.0, gt=0, description="The load generator's lifetime bound.")
-    prometheus: bool = Field(default=False, description="Private mode: run a Prometheus per env (see module docstring).")
+    prometheus: bool = Field(
+        default=False, description="Private mode: run a Prometheus per env (see module docstring)."
+    )
     scenario: str | None = Field(default=None, description="Live scenario (name or YAML) replayed across episodes.")
     scenario_offset_s: float | None = Field(default=None, ge=0, description="Scenario time at reset (default: random).")
     scenario_speed: float = Field(default=1.0, gt=0, le=1000, description="Scenario seconds per wall-clock second.")
     cost_weight: float | None = Field(default=None, ge=0, le=100, description="LP cost term (default: the config's).")
     util_target: float | None = Field(default=None, ge=0, le=1, description="LP headroom knee (default: the config's).")
-    latency_weight: float | None = Field(default=None, ge=0, le=100, description="LP latency term (default: the config's).")
+    latency_weight: float | None = Field(
+        default=None, ge=0, le=100, description="LP latency term (default: the config's)."
+    )
     force_breaching: bool = Field(default=True, description="SLO breachers are always critical, as in the controller.")
     reward: RewardConfig = Field(default_factory=RewardConfig)
     warmup_timeout_s: float = Field(default=30.0, gt=0, le=600, description="First reset: wait this long for traffic.")
@@ -327,8 +375,9 @@ def fast_windows(settings: Settings, interval_s: float) -> Settings:
     )
 
 
-def live_rllib_overrides(base_env_config: Mapping[str, Any], live: Mapping[str, Any] | None,
-                         num_env_runners: int) -> dict[str, dict[str, Any]]:  # fmt: skip
+def live_rllib_overrides(
+    base_env_config: Mapping[str, Any], live: Mapping[str, Any] | None, num_env_runners: int
+) -> dict[str, dict[str, Any]]:
     """What ``balanceiq train --env live`` changes in the RLlib config.
 
     ``env_config``: the live file's keys, with ``n_max``, ``k``, ``cost_weight`` and
@@ -391,9 +440,13 @@ class Reaper:
 
     def __init__(self, workdir: Path | None = None) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", _REAPER, *([str(workdir)] if workdir else [])], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL, start_new_session=True, text=True,
-        )  # fmt: skip
+            [sys.executable, "-c", _REAPER, *([str(workdir)] if workdir else [])],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+            text=True,
+        )
 
     def add(self, pid: int | None) -> None:
         if pid is None or self.proc.stdin is None or self.proc.stdin.closed:
@@ -441,8 +494,15 @@ class LoadThread:
         while not self._stop.is_set() and time.monotonic() < end:
             span = min(self.chunk_s, end - time.monotonic())
             try:
-                res = run_load_sync(self.url, total=int(self.rate * span) + self.concurrency, concurrency=self.concurrency,
-                                    max_seconds=span, rate_rps=self.rate, stop=self._stop, timeout_s=3.0)  # fmt: skip
+                res = run_load_sync(
+                    self.url,
+                    total=int(self.rate * span) + self.concurrency,
+                    concurrency=self.concurrency,
+                    max_seconds=span,
+                    rate_rps=self.rate,
+                    stop=self._stop,
+                    timeout_s=3.0,
+                )
             except Exception as exc:  # keep trying: a live env without load sees nothing
                 self.error = f"{type(exc).__name__}: {exc}"
                 self._stop.wait(1.0)
@@ -506,12 +566,16 @@ class ActorXds:
         try:
             return ray.get(getattr(self.handle, method).remote(*args), timeout=timeout or self.timeout_s)
         except ray.exceptions.RayError as exc:
-            raise XdsError(f"xDS actor {method}: {type(exc).__name__}: {str(exc).splitlines()[-1] if str(exc) else ''}") from exc
+            raise XdsError(
+                f"xDS actor {method}: {type(exc).__name__}: {str(exc).splitlines()[-1] if str(exc) else ''}"
+            ) from exc
 
     def served(self, cluster: str) -> tuple[dict[str, int], dict[str, str]]:
         eps = self._call("status")["clusters"][cluster]["endpoints"]
-        return ({e["address"]: int(e["weight"]) for e in eps},
-                {e["address"]: ("DRAINING" if e.get("health") == "DRAINING" else "HEALTHY") for e in eps})  # fmt: skip
+        return (
+            {e["address"]: int(e["weight"]) for e in eps},
+            {e["address"]: ("DRAINING" if e.get("health") == "DRAINING" else "HEALTHY") for e in eps},
+        )
 
     def push(self, cluster: str, weights: Mapping[str, int], health: Mapping[str, str], timeout: float) -> bool:
         lease = self._call("acquire_lease", self.owner, self.ttl, cluster)
@@ -595,7 +659,7 @@ class Owned:
 class LiveEnv(gym.Env):  # type: ignore[misc]
     """CFR-RL against a real Envoy; see the module docstring."""
 
-    metadata: dict[str, Any] = {"render_modes": []}
+    metadata: ClassVar[dict[str, Any]] = {"render_modes": []}
 
     def __init__(self, env_config: Mapping[str, Any] | None = None) -> None:
         self.cfg = LiveEnvConfig.from_env_config(env_config)
@@ -606,13 +670,16 @@ class LiveEnv(gym.Env):  # type: ignore[misc]
         n = len(base.clusters[0].endpoints)
         self.n_max = int(self.cfg.n_max)
         if n > self.n_max:
-            raise ConfigError([("n_max", f"the cluster has {n} endpoints, more than n_max={self.n_max}")], "LiveEnv env_config")
+            raise ConfigError(
+                [("n_max", f"the cluster has {n} endpoints, more than n_max={self.n_max}")], "LiveEnv env_config"
+            )
         self.k = int(self.cfg.k or base.control.critical_count(n))
         self.weights_cfg = self.cfg.reward.weights()
         self.cost_weight = float(self.cfg.cost_weight if self.cfg.cost_weight is not None else base.control.cost_weight)
         self.util_target = float(self.cfg.util_target if self.cfg.util_target is not None else base.control.util_target)
-        self.latency_weight = float(self.cfg.latency_weight if self.cfg.latency_weight is not None
-                                    else base.control.latency_weight)  # fmt: skip
+        self.latency_weight = float(
+            self.cfg.latency_weight if self.cfg.latency_weight is not None else base.control.latency_weight
+        )
         self.scenario: LiveScenario | None = load_live_scenario(self.cfg.scenario) if self.cfg.scenario else None
         if self.scenario is not None:
             self.scenario.check_targets(list(base.clusters[0].endpoints))
@@ -620,9 +687,11 @@ class LiveEnv(gym.Env):  # type: ignore[misc]
         self.action_space = gym.spaces.MultiDiscrete([self.n_max] * self.k)
         # Live traffic is not reproducible from a seed: say so (gymnasium's checker reads it).
         self.spec = gym.envs.registration.EnvSpec(
-            "balanceiq/LiveEnv-v0", entry_point=ENTRY_POINT, nondeterministic=True,
+            "balanceiq/LiveEnv-v0",
+            entry_point=ENTRY_POINT,
+            nondeterministic=True,
             kwargs={"env_config": dict(env_config or {})},
-        )  # fmt: skip
+        )
         self.settings: Settings | None = None
         self._owned = Owned()
         self._finalizer = weakref.finalize(self, Owned.cleanup, self._owned)
@@ -667,8 +736,12 @@ class LiveEnv(gym.Env):  # type: ignore[misc]
             settings = settings.model_copy(update={"state_dir": own.workdir / f"state{attempt}"})
             try:
                 own.xds = LocalXds(settings, own.workdir / f"state{attempt}")
-                tb = Testbed(settings, own.workdir / f"tb{attempt}", prometheus=self.cfg.prometheus,
-                             health_check_interval_s=self.cfg.health_check_interval_s)  # fmt: skip
+                tb = Testbed(
+                    settings,
+                    own.workdir / f"tb{attempt}",
+                    prometheus=self.cfg.prometheus,
+                    health_check_interval_s=self.cfg.health_check_interval_s,
+                )
                 own.testbed = tb
                 tb.start()
             except (BalanceIQError, OSError) as exc:
@@ -696,10 +769,13 @@ class LiveEnv(gym.Env):  # type: ignore[misc]
         own.telemetry = Telemetry(self.settings, retry_s=5.0 if self.cfg.prometheus else 1e9)
         if self.scenario is not None:
             urls = dict(zip([b["name"] for b in own.testbed.backends.specs], own.testbed.backends.urls))
-            own.driver = ScenarioDriver(list(self.settings.clusters[0].endpoints), urls, on_prices=self._prices_callback())
+            own.driver = ScenarioDriver(
+                list(self.settings.clusters[0].endpoints), urls, on_prices=self._prices_callback()
+            )
         if self.cfg.rps > 0:
-            own.load = LoadThread(own.testbed.envoy.listen_url, self.cfg.rps, self.cfg.load_concurrency,
-                                  self.cfg.load_max_s).start()  # fmt: skip
+            own.load = LoadThread(
+                own.testbed.envoy.listen_url, self.cfg.rps, self.cfg.load_concurrency, self.cfg.load_max_s
+            ).start()
 
     def _start_attach(self) -> None:
         own = self._owned
@@ -711,15 +787,26 @@ class LiveEnv(gym.Env):  # type: ignore[misc]
         self._address_map = {}
         # The stack's Prometheus scrapes at its own pace; the rate window follows the
         # decision interval but spans at least 4 of its scrapes.
-        tel = s.telemetry.model_copy(update={"window_s": max(self.cfg.decision_interval_s, 4 * s.prometheus.scrape_interval_s),
-                                             "stale_after_s": max(2 * self.cfg.decision_interval_s, s.telemetry.stale_after_s)})
+        tel = s.telemetry.model_copy(
+            update={
+                "window_s": max(self.cfg.decision_interval_s, 4 * s.prometheus.scrape_interval_s),
+                "stale_after_s": max(2 * self.cfg.decision_interval_s, s.telemetry.stale_after_s),
+            }
+        )
         own.telemetry = Telemetry(s.model_copy(update={"telemetry": tel}))
         if self.scenario is not None:
-            own.driver = ScenarioDriver(list(s.clusters[0].endpoints), {e.address: f"http://{e.address}" for e in s.clusters[0].endpoints},
-                                        on_prices=self._prices_callback())  # fmt: skip
+            own.driver = ScenarioDriver(
+                list(s.clusters[0].endpoints),
+                {e.address: f"http://{e.address}" for e in s.clusters[0].endpoints},
+                on_prices=self._prices_callback(),
+            )
         if self.cfg.rps > 0:
-            own.load = LoadThread(f"http://{s.envoy.listen_host}:{s.envoy.listen_port}", self.cfg.rps,
-                                  self.cfg.load_concurrency, self.cfg.load_max_s).start()  # fmt: skip
+            own.load = LoadThread(
+                f"http://{s.envoy.listen_host}:{s.envoy.listen_port}",
+                self.cfg.rps,
+                self.cfg.load_concurrency,
+                self.cfg.load_max_s,
+            ).start()
 
     # -- pieces --------------------------------------------------------------------------------
 
@@ -734,11 +821,20 @@ class LiveEnv(gym.Env):  # type: ignore[misc]
     def describe(self) -> dict[str, Any]:
         """Where this env's stack is (JSON-friendly)."""
         s = self.settings
-        out: dict[str, Any] = {"mode": self.cfg.mode, "worker_index": self.worker_index, "pid": os.getpid(),
-                               "steps": self.total_steps, "episodes": self.episodes}  # fmt: skip
+        out: dict[str, Any] = {
+            "mode": self.cfg.mode,
+            "worker_index": self.worker_index,
+            "pid": os.getpid(),
+            "steps": self.total_steps,
+            "episodes": self.episodes,
+        }
         if s is not None:
-            out.update(envoy_admin=s.envoy.admin_url, listen_port=s.envoy.listen_port, xds_port=s.xds.port,
-                       endpoints=[e.address for e in s.clusters[0].endpoints])  # fmt: skip
+            out.update(
+                envoy_admin=s.envoy.admin_url,
+                listen_port=s.envoy.listen_port,
+                xds_port=s.xds.port,
+                endpoints=[e.address for e in s.clusters[0].endpoints],
+            )
         if self._owned.load is not None:
             out["load_sent"] = self._owned.load.sent  # requests of finished (60 s) load chunks
         return out
@@ -751,9 +847,14 @@ class LiveEnv(gym.Env):  # type: ignore[misc]
         return replace(obs, endpoints=eps)
 
     def _knobs(self, k: int | None = None) -> Knobs:
-        return Knobs(k=self.k if k is None else k, slo_ms=self.weights_cfg.slo_ms, cost_weight=self.cost_weight,
-                     util_target=self.util_target, latency_weight=self.latency_weight,
-                     force_breaching=self.cfg.force_breaching)  # fmt: skip
+        return Knobs(
+            k=self.k if k is None else k,
+            slo_ms=self.weights_cfg.slo_ms,
+            cost_weight=self.cost_weight,
+            util_target=self.util_target,
+            latency_weight=self.latency_weight,
+            force_breaching=self.cfg.force_breaching,
+        )
 
     def _context(self, obs: Observation) -> PolicyContext:
         rps = np.array([e.rps for e in obs.endpoints], dtype=np.float64)
@@ -775,8 +876,9 @@ class LiveEnv(gym.Env):  # type: ignore[misc]
 
     @property
     def shares(self) -> np.ndarray:
-        return weights_to_shares([self.weights[a] for a in self.addresses],
-                                 [self.health[a] != "DRAINING" for a in self.addresses])  # fmt: skip
+        return weights_to_shares(
+            [self.weights[a] for a in self.addresses], [self.health[a] != "DRAINING" for a in self.addresses]
+        )
 
     def _push(self, weights: Mapping[str, int], health: Mapping[str, str]) -> bool:
         xds = self._owned.xds
@@ -841,7 +943,9 @@ class LiveEnv(gym.Env):  # type: ignore[misc]
 
     # -- gymnasium API --------------------------------------------------------------------------
 
-    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[np.ndarray, dict[str, Any]]:
+    def reset(
+        self, *, seed: int | None = None, options: dict[str, Any] | None = None
+    ) -> tuple[np.ndarray, dict[str, Any]]:
         if seed is None and not self.episodes:
             seed = self.cfg.seed + 1000 * self.worker_index  # env runners differ, runs repeat
         super().reset(seed=seed)
@@ -886,8 +990,13 @@ class LiveEnv(gym.Env):  # type: ignore[misc]
         self.decisions = 0
         self.episodes += 1
         info = self._info(obs, r)
-        info.update(acked=acked, reset_s=round(time.monotonic() - t0, 3), scenario_t=self._scenario_t,
-                    scenario_events=events, phase=self.scenario.phase_at(self._scenario_t) if self.scenario else None)  # fmt: skip
+        info.update(
+            acked=acked,
+            reset_s=round(time.monotonic() - t0, 3),
+            scenario_t=self._scenario_t,
+            scenario_events=events,
+            phase=self.scenario.phase_at(self._scenario_t) if self.scenario else None,
+        )
         return self._encode(obs), info
 
     def step(self, action: Any) -> tuple[np.ndarray, float, bool, bool, dict[str, Any]]:
@@ -910,8 +1019,14 @@ class LiveEnv(gym.Env):  # type: ignore[misc]
             # weights that make up for Envoy's weight / (active + 1)).
             assert self.settings is not None
             demand = float(np.nansum([e.rps for e in obs.endpoints if math.isfinite(e.rps)]))
-            weights = envoy_weights(core.shares, self.addresses, core.state, demand, self.settings.envoy.lb_policy,
-                                    available=np.array([e.healthy is not False for e in obs.endpoints]))  # fmt: skip
+            weights = envoy_weights(
+                core.shares,
+                self.addresses,
+                core.state,
+                demand,
+                self.settings.envoy.lb_policy,
+                available=np.array([e.healthy is not False for e in obs.endpoints]),
+            )
             decision = replace(core, weights=weights)
             new = {a: int(w) for a, w in zip(self.addresses, decision.weights)}
             acked = self._push(new, self.health)
@@ -931,10 +1046,18 @@ class LiveEnv(gym.Env):  # type: ignore[misc]
         self.total_steps += 1
         truncated = self.decisions >= self.cfg.episode_steps
         info = self._info(obs, r)
-        info.update(critical=critical, forced=forced, held=held, lp_status=lp_status, acked=acked,
-                    moved=float(traffic_moved(before, self.shares)), step_s=round(time.monotonic() - t0, 3),
-                    scenario_t=self._scenario_t, scenario_events=events,
-                    phase=self.scenario.phase_at(self._scenario_t) if self.scenario else None)  # fmt: skip
+        info.update(
+            critical=critical,
+            forced=forced,
+            held=held,
+            lp_status=lp_status,
+            acked=acked,
+            moved=float(traffic_moved(before, self.shares)),
+            step_s=round(time.monotonic() - t0, 3),
+            scenario_t=self._scenario_t,
+            scenario_events=events,
+            phase=self.scenario.phase_at(self._scenario_t) if self.scenario else None,
+        )
         return self._encode(obs), float(self._last_reward), False, bool(truncated), info
 
     def close(self) -> None:

@@ -104,7 +104,7 @@ async def run_load(
                         result.backend_5xx += 1
                     else:
                         result.failed += 1
-            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            except (TimeoutError, aiohttp.ClientError) as exc:
                 result.failed += 1
                 result.errors[type(exc).__name__] += 1
             result.latencies_ms.append((time.monotonic() - t0) * 1000)

@@ -85,7 +85,7 @@ def arrival_schedule(rate_rps: float, duration_s: float, *, arrivals: str = "poi
     if rate_rps * duration_s > MAX_REQUESTS:
         raise BenchError(f"rate x duration = {rate_rps * duration_s:.0f} requests; at most {MAX_REQUESTS} per run")
     if arrivals == "constant":
-        n = max(1, int(math.floor(rate_rps * duration_s - 1e-9)) + 1)
+        n = max(1, math.floor(rate_rps * duration_s - 1e-9) + 1)
         offsets = np.arange(n, dtype=np.float64) / rate_rps
         return offsets[offsets < duration_s]
     if arrivals == "poisson":
@@ -119,10 +119,14 @@ def latency_summary(values: np.ndarray | Sequence[float], digits: int = 3) -> di
     arr = np.asarray(values, dtype=np.float64)
     arr = arr[np.isfinite(arr)]
     return {
-        "p50": r(percentile(arr, 50)), "p90": r(percentile(arr, 90)), "p99": r(percentile(arr, 99)),
-        "p999": r(percentile(arr, 99.9)), "max": r(float(arr.max())) if arr.size else None,
-        "mean": r(float(arr.mean())) if arr.size else None, "n": int(arr.size),
-    }  # fmt: skip
+        "p50": r(percentile(arr, 50)),
+        "p90": r(percentile(arr, 90)),
+        "p99": r(percentile(arr, 99)),
+        "p999": r(percentile(arr, 99.9)),
+        "max": r(float(arr.max())) if arr.size else None,
+        "mean": r(float(arr.mean())) if arr.size else None,
+        "n": int(arr.size),
+    }
 
 
 @dataclass
@@ -187,7 +191,9 @@ class OpenLoopResult:
         n = len(self)
         lag = self.schedule_lag_ms()
         return {
-            "schedule_lag_ms": {k: v for k, v in latency_summary(lag).items() if k in ("p50", "p99", "p999", "max", "mean")},
+            "schedule_lag_ms": {
+                k: v for k, v in latency_summary(lag).items() if k in ("p50", "p99", "p999", "max", "mean")
+            },
             "not_sent": int((~self.sent).sum()),
             "peak_inflight": self.peak_inflight,
             "max_inflight": self.max_inflight,
@@ -207,9 +213,13 @@ class OpenLoopResult:
             if not 200 <= s < 300:
                 kinds[self.error_kinds[e] if e >= 0 else f"HTTP {s}"] += 1
         return {
-            "requests": n, "ok": ok, "errors": n - ok, "error_rate": (n - ok) / n if n else None,
-            "latency_ms": latency_summary(self.latency_ms[m]), "error_kinds": dict(kinds),
-        }  # fmt: skip
+            "requests": n,
+            "ok": ok,
+            "errors": n - ok,
+            "error_rate": (n - ok) / n if n else None,
+            "latency_ms": latency_summary(self.latency_ms[m]),
+            "error_kinds": dict(kinds),
+        }
 
     # -- (de)serialisation: the CLI hands results to its parent as JSON ----------------------
 
@@ -218,12 +228,24 @@ class OpenLoopResult:
             "intended_s": np.round(self.intended_s, 6).tolist(),
             "sent_s": [None if not math.isfinite(x) else round(x, 6) for x in self.sent_s.tolist()],
             "latency_ms": np.round(self.latency_ms, 4).tolist(),
-            "status": self.status.tolist(), "backend": self.backend.tolist(), "backends": self.backends,
-            "error": self.error.tolist(), "error_kinds": self.error_kinds, "start_wall": self.start_wall,
-            "timeout_s": self.timeout_s, "max_inflight": self.max_inflight, "url": self.url,
-            "arrivals": self.arrivals, "rate_rps": self.rate_rps, "duration_s": self.duration_s, "seed": self.seed,
-            "cpu_s": self.cpu_s, "wall_s": self.wall_s, "peak_inflight": self.peak_inflight, "extra": self.extra,
-        }  # fmt: skip
+            "status": self.status.tolist(),
+            "backend": self.backend.tolist(),
+            "backends": self.backends,
+            "error": self.error.tolist(),
+            "error_kinds": self.error_kinds,
+            "start_wall": self.start_wall,
+            "timeout_s": self.timeout_s,
+            "max_inflight": self.max_inflight,
+            "url": self.url,
+            "arrivals": self.arrivals,
+            "rate_rps": self.rate_rps,
+            "duration_s": self.duration_s,
+            "seed": self.seed,
+            "cpu_s": self.cpu_s,
+            "wall_s": self.wall_s,
+            "peak_inflight": self.peak_inflight,
+            "extra": self.extra,
+        }
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> OpenLoopResult:
@@ -231,14 +253,24 @@ class OpenLoopResult:
             intended_s=np.asarray(d["intended_s"], dtype=np.float64),
             sent_s=np.asarray([math.nan if x is None else x for x in d["sent_s"]], dtype=np.float64),
             latency_ms=np.asarray(d["latency_ms"], dtype=np.float64),
-            status=np.asarray(d["status"], dtype=np.int64), backend=np.asarray(d["backend"], dtype=np.int64),
-            backends=list(d["backends"]), error=np.asarray(d["error"], dtype=np.int64),
-            error_kinds=list(d["error_kinds"]), start_wall=float(d["start_wall"]), timeout_s=float(d["timeout_s"]),
-            max_inflight=int(d["max_inflight"]), url=d.get("url", ""), arrivals=d.get("arrivals", ""),
-            rate_rps=float(d.get("rate_rps", 0.0)), duration_s=float(d.get("duration_s", 0.0)), seed=d.get("seed"),
-            cpu_s=float(d.get("cpu_s", 0.0)), wall_s=float(d.get("wall_s", 0.0)),
-            peak_inflight=int(d.get("peak_inflight", 0)), extra=dict(d.get("extra") or {}),
-        )  # fmt: skip
+            status=np.asarray(d["status"], dtype=np.int64),
+            backend=np.asarray(d["backend"], dtype=np.int64),
+            backends=list(d["backends"]),
+            error=np.asarray(d["error"], dtype=np.int64),
+            error_kinds=list(d["error_kinds"]),
+            start_wall=float(d["start_wall"]),
+            timeout_s=float(d["timeout_s"]),
+            max_inflight=int(d["max_inflight"]),
+            url=d.get("url", ""),
+            arrivals=d.get("arrivals", ""),
+            rate_rps=float(d.get("rate_rps", 0.0)),
+            duration_s=float(d.get("duration_s", 0.0)),
+            seed=d.get("seed"),
+            cpu_s=float(d.get("cpu_s", 0.0)),
+            wall_s=float(d.get("wall_s", 0.0)),
+            peak_inflight=int(d.get("peak_inflight", 0)),
+            extra=dict(d.get("extra") or {}),
+        )
 
 
 async def run_open_loop(
@@ -299,7 +331,7 @@ async def run_open_loop(
                 if name:
                     backend[i] = backend_ix.setdefault(name, len(backend_ix))
                 latency[i] = (loop.time() - due) * 1000.0
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             status[i] = TRANSPORT_ERROR
             error[i] = kind(type(exc).__name__)
             # A timeout counts the full wait; a refused connection its (short) real time.
@@ -349,13 +381,26 @@ async def run_open_loop(
     wall = loop.time() - t0
     cpu = time.process_time() - cpu0
     if i < n:  # stopped early: what was never due is not part of the run
-        intended, sent, latency, status, backend, error = (a[:i] for a in (intended, sent, latency, status, backend, error))
+        intended, sent, latency, status, backend, error = (
+            a[:i] for a in (intended, sent, latency, status, backend, error)
+        )
     return OpenLoopResult(
-        intended_s=intended, sent_s=sent, latency_ms=latency, status=status, backend=backend,
-        backends=sorted(backend_ix, key=backend_ix.__getitem__), error=error,
-        error_kinds=sorted(error_ix, key=error_ix.__getitem__), start_wall=start_wall, timeout_s=timeout_s,
-        max_inflight=max_inflight, url=url, cpu_s=cpu, wall_s=wall, peak_inflight=peak,
-    )  # fmt: skip
+        intended_s=intended,
+        sent_s=sent,
+        latency_ms=latency,
+        status=status,
+        backend=backend,
+        backends=sorted(backend_ix, key=backend_ix.__getitem__),
+        error=error,
+        error_kinds=sorted(error_ix, key=error_ix.__getitem__),
+        start_wall=start_wall,
+        timeout_s=timeout_s,
+        max_inflight=max_inflight,
+        url=url,
+        cpu_s=cpu,
+        wall_s=wall,
+        peak_inflight=peak,
+    )
 
 
 def run_open_loop_sync(url: str, schedule: np.ndarray | Sequence[float], **kwargs: Any) -> OpenLoopResult:
@@ -374,8 +419,11 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-inflight", type=int, default=1000)
     p.add_argument("--timeout", type=float, default=11.0, help="Per-request timeout (s).")
-    p.add_argument("--start-at", default=None,
-                   help="Epoch seconds of the schedule's t=0 (default: now); '-': read it from stdin after 'ready'.")
+    p.add_argument(
+        "--start-at",
+        default=None,
+        help="Epoch seconds of the schedule's t=0 (default: now); '-': read it from stdin after 'ready'.",
+    )
     p.add_argument("--out", type=Path, required=True, help="Write the result JSON here.")
     return p.parse_args(argv)
 
@@ -394,8 +442,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             start_wall = None if start is None else float(start)
         except ValueError:
             raise BenchError(f"--start-at must be epoch seconds or '-', got {start!r}") from None
-        res = run_open_loop_sync(args.url, schedule, max_inflight=args.max_inflight, timeout_s=args.timeout,
-                                 start_wall=start_wall)  # fmt: skip
+        res = run_open_loop_sync(
+            args.url, schedule, max_inflight=args.max_inflight, timeout_s=args.timeout, start_wall=start_wall
+        )
     except BenchError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 2

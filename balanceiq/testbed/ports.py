@@ -59,15 +59,19 @@ def check_ports_free(settings: Settings, *, api: bool = False) -> None:
     anything, so a clash is reported instead of half a stack left running)."""
     from httpx import URL
 
-    wanted = [("xDS", settings.xds.host, settings.xds.port),
-              ("Envoy listener", settings.envoy.listen_host, settings.envoy.listen_port)]  # fmt: skip
+    wanted = [
+        ("xDS", settings.xds.host, settings.xds.port),
+        ("Envoy listener", settings.envoy.listen_host, settings.envoy.listen_port),
+    ]
     admin = URL(settings.envoy.admin_url)
     wanted.append(("Envoy admin", admin.host, admin.port or 80))
     prom = URL(settings.prometheus.url)
     wanted.append(("Prometheus", prom.host, prom.port or 80))
     if settings.telemetry.als_enabled:
-        wanted += [("ALS", "127.0.0.1", settings.telemetry.als_grpc_port),
-                   ("ALS metrics", "127.0.0.1", settings.telemetry.als_metrics_port)]  # fmt: skip
+        wanted += [
+            ("ALS", "127.0.0.1", settings.telemetry.als_grpc_port),
+            ("ALS metrics", "127.0.0.1", settings.telemetry.als_metrics_port),
+        ]
     if api:
         wanted.append(("API", settings.api.host, settings.api.port))
     wanted += [("backend", ep.host, ep.port) for c in settings.clusters for ep in c.endpoints]
@@ -95,7 +99,12 @@ def settings_on_free_ports(n_endpoints: int = 3, base: Settings | None = None) -
     template = s.clusters[0].endpoints[0]
     endpoints = [
         template.model_copy(
-            update={"address": f"127.0.0.1:{next(ports)}", "cloud": clouds[i % 3][0], "region": clouds[i % 3][1], "zone": None}
+            update={
+                "address": f"127.0.0.1:{next(ports)}",
+                "cloud": clouds[i % 3][0],
+                "region": clouds[i % 3][1],
+                "zone": None,
+            }
         )
         for i in range(n_endpoints)
     ]
@@ -104,7 +113,9 @@ def settings_on_free_ports(n_endpoints: int = 3, base: Settings | None = None) -
         update={
             "clusters": [cluster],
             "xds": s.xds.model_copy(update={"port": next(ports)}),
-            "envoy": s.envoy.model_copy(update={"admin_url": f"http://127.0.0.1:{next(ports)}", "listen_port": next(ports)}),
+            "envoy": s.envoy.model_copy(
+                update={"admin_url": f"http://127.0.0.1:{next(ports)}", "listen_port": next(ports)}
+            ),
             "prometheus": s.prometheus.model_copy(update={"url": f"http://127.0.0.1:{next(ports)}"}),
             "telemetry": s.telemetry.model_copy(update={"als_grpc_port": next(ports), "als_metrics_port": next(ports)}),
             "api": s.api.model_copy(update={"port": next(ports)}),

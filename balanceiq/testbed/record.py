@@ -47,8 +47,8 @@ from balanceiq.telemetry.observation import Observation
 __all__ = [
     "ExplorationPlan",
     "Explorer",
-    "exploration_splits",
     "exploration_settings",
+    "exploration_splits",
     "record_exploration",
 ]
 
@@ -191,7 +191,9 @@ class Explorer:
         """Explore for ``duration_s`` seconds (or until ``stop``); returns a summary."""
         plan = self.plan
         holds = max(1, math.ceil(duration_s / plan.hold_s))
-        splits = exploration_splits(len(self.addresses), holds, floor=plan.floor, max_share=plan.max_share, seed=plan.seed)
+        splits = exploration_splits(
+            len(self.addresses), holds, floor=plan.floor, max_share=plan.max_share, seed=plan.seed
+        )
         start = time.monotonic()
         next_hold = 0
         seq = 0
@@ -211,7 +213,10 @@ class Explorer:
                 notes: list[str] = []
                 due = start + next_hold * plan.hold_s
                 if next_hold < holds and now >= due - 1e-3:
-                    new = {a: int(w) for a, w in zip(self.addresses, shares_to_weights(splits[next_hold], scale=WEIGHT_SCALE))}
+                    new = {
+                        a: int(w)
+                        for a, w in zip(self.addresses, shares_to_weights(splits[next_hold], scale=WEIGHT_SCALE))
+                    }
                     notes.append(f"explore: split {next_hold + 1}/{holds}, held {plan.hold_s:g}s")
                     next_hold += 1
                     t_push = time.perf_counter()
@@ -229,10 +234,21 @@ class Explorer:
                         pushed = True
                         self.pushes += 1
                 line = _record_line(
-                    seq + 1, wall, obs, previous, self.weights, pushed=pushed, acked=acked, push_ms=push_ms,
-                    ack_ms=ack_ms, version=version, moved=moved, notes=notes,
-                    step_ms=(time.perf_counter() - t0) * 1000, error=error,
-                )  # fmt: skip
+                    seq + 1,
+                    wall,
+                    obs,
+                    previous,
+                    self.weights,
+                    pushed=pushed,
+                    acked=acked,
+                    push_ms=push_ms,
+                    ack_ms=ack_ms,
+                    version=version,
+                    moved=moved,
+                    notes=notes,
+                    step_ms=(time.perf_counter() - t0) * 1000,
+                    error=error,
+                )
                 seq += 1
                 fh.write(json.dumps(line) + "\n")
                 fh.flush()
@@ -355,6 +371,7 @@ def record_exploration(
                 # ROUND_ROBIN: the sweep sets each endpoint's share by its weight exactly.
                 tb = Testbed(settings, work / "testbed", health_check_interval_s=60, lb_policy="ROUND_ROBIN").start()
             try:
+
                 def push(weights: Mapping[str, int]) -> tuple[str | None, bool | None]:
                     version = xds.set_assignment(c.name, dict(weights))
                     return version, xds.wait_for_ack(version, None, 2.0)
@@ -366,12 +383,20 @@ def record_exploration(
                         raise TestbedError("Envoy did not ACK the first assignment within 15 s")
                 total = int(rate_rps * (duration_s + warmup_budget_s + 20))
                 loader = threading.Thread(
-                    target=lambda: loads.append(run_load_sync(
-                        tb.envoy.listen_url, total=total, concurrency=load_concurrency,
-                        max_seconds=duration_s + warmup_budget_s + 20, rate_rps=rate_rps, stop=stop, timeout_s=10.0,
-                    )),
-                    daemon=True, name="balanceiq-record-load",
-                )  # fmt: skip
+                    target=lambda: loads.append(
+                        run_load_sync(
+                            tb.envoy.listen_url,
+                            total=total,
+                            concurrency=load_concurrency,
+                            max_seconds=duration_s + warmup_budget_s + 20,
+                            rate_rps=rate_rps,
+                            stop=stop,
+                            timeout_s=10.0,
+                        )
+                    ),
+                    daemon=True,
+                    name="balanceiq-record-load",
+                )
                 loader.start()
                 telemetry = Telemetry(settings, c.name, retry_s=0.5)
                 with console.status("warming up: waiting for a full telemetry window of every endpoint"):
@@ -379,10 +404,14 @@ def record_exploration(
                     time.sleep(window_s + 2 * scrape_interval_s)
                     while True:
                         obs = telemetry.observe(initial)
-                        if obs.source == "prometheus" and all(e.usable and math.isfinite(e.p50_ms) for e in obs.endpoints):
+                        if obs.source == "prometheus" and all(
+                            e.usable and math.isfinite(e.p50_ms) for e in obs.endpoints
+                        ):
                             break
                         if time.monotonic() > deadline:
-                            raise TestbedError(f"telemetry not usable after {warmup_budget_s:.0f}s of load: {obs.errors}")
+                            raise TestbedError(
+                                f"telemetry not usable after {warmup_budget_s:.0f}s of load: {obs.errors}"
+                            )
                         time.sleep(0.5)
                 explorer = Explorer(addresses, telemetry.observe, push, out, plan, initial=initial)
                 with console.status(f"exploring for {duration_s:g}s at {rate_rps:g} rps -> {out}"):

@@ -71,11 +71,12 @@ class LiveEvent(BaseModel):
 
     def targets(self, endpoints: list[EndpointConfig]) -> list[EndpointConfig]:
         return [
-            ep for ep in endpoints
+            ep
+            for ep in endpoints
             if (self.cloud is not None and ep.cloud == self.cloud)
             or (self.region is not None and ep.region == self.region)
             or (self.endpoint is not None and ep.address == self.endpoint)
-        ]  # fmt: skip
+        ]
 
 
 class LiveScenario(BaseModel):
@@ -98,8 +99,9 @@ class LiveScenario(BaseModel):
         """Every event must hit at least one configured backend (a typo would do nothing)."""
         problems = [
             (f"events.{i}", f"{e.name!r} matches no endpoint (clouds: {sorted({ep.cloud for ep in endpoints})})")
-            for i, e in enumerate(self.events) if not e.targets(endpoints)
-        ]  # fmt: skip
+            for i, e in enumerate(self.events)
+            if not e.targets(endpoints)
+        ]
         if problems:
             raise ConfigError(problems, source=self.name)
 
@@ -119,7 +121,9 @@ def load_live_scenario(name_or_path: str | Path | None = None) -> LiveScenario:
         shipped = SHIPPED_DIR / f"{ref}.yaml"
         if not shipped.exists():
             known = ", ".join(sorted(p.stem for p in SHIPPED_DIR.glob("*.yaml")))
-            raise ConfigError([("", f"no scenario file {ref!r} and no shipped scenario of that name (shipped: {known})")])
+            raise ConfigError(
+                [("", f"no scenario file {ref!r} and no shipped scenario of that name (shipped: {known})")]
+            )
         path = shipped
     try:
         text = path.read_text()
@@ -134,8 +138,18 @@ def load_live_scenario(name_or_path: str | Path | None = None) -> LiveScenario:
 
 # What ``reset`` restores from each backend's state at the driver's start (not ``orca``:
 # how a backend reports load is the harness's choice, not part of the scenario).
-RESETTABLE = ("base_latency_ms", "jitter_ms", "extra_latency_ms", "concurrency", "error_rate",
-              "cost_per_million_requests", "tail_prob", "tail_ms", "sigma", "healthy")  # fmt: skip
+RESETTABLE = (
+    "base_latency_ms",
+    "jitter_ms",
+    "extra_latency_ms",
+    "concurrency",
+    "error_rate",
+    "cost_per_million_requests",
+    "tail_prob",
+    "tail_ms",
+    "sigma",
+    "healthy",
+)
 
 
 class ScenarioDriver:
@@ -212,8 +226,12 @@ def initial_states(settings: Settings) -> dict[str, dict[str, Any]]:
     defaults = {f.name: f.default for f in dataclasses.fields(BackendSettings) if f.name in RESETTABLE}
     out: dict[str, dict[str, Any]] = {}
     for ep in settings.clusters[0].endpoints:
-        state = {**defaults, "healthy": True, **settings.testbed.behaviour_for(ep),
-                 "cost_per_million_requests": ep.cost_per_million_requests}  # fmt: skip
+        state = {
+            **defaults,
+            "healthy": True,
+            **settings.testbed.behaviour_for(ep),
+            "cost_per_million_requests": ep.cost_per_million_requests,
+        }
         out[ep.address] = state
     return out
 
@@ -239,10 +257,13 @@ def state_truth(state: dict[str, Any]) -> dict[str, Any]:
     """True mean service time (ms, no queueing), capacity (req/s), price, error rate and
     health of one backend state (see :func:`~balanceiq.testbed.backend.mean_service_ms`)."""
     mean = mean_service_ms(
-        float(state["base_latency_ms"]), extra_latency_ms=float(state.get("extra_latency_ms", 0.0)),
-        sigma=float(state.get("sigma", 0.0)), jitter_ms=float(state.get("jitter_ms", 1.0)),
-        tail_prob=float(state.get("tail_prob", 0.0)), tail_ms=float(state.get("tail_ms", 0.0)),
-    )  # fmt: skip
+        float(state["base_latency_ms"]),
+        extra_latency_ms=float(state.get("extra_latency_ms", 0.0)),
+        sigma=float(state.get("sigma", 0.0)),
+        jitter_ms=float(state.get("jitter_ms", 1.0)),
+        tail_prob=float(state.get("tail_prob", 0.0)),
+        tail_ms=float(state.get("tail_ms", 0.0)),
+    )
     healthy = bool(state.get("healthy", True))
     return {
         "mean_service_ms": mean,

@@ -77,7 +77,11 @@ class ReadyProcess:
         err_path = self.workdir / f"{self.name}.stderr"
         with open(err_path, "wb") as err:
             self.proc = subprocess.Popen(
-                self.argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err, text=True,
+                self.argv,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=err,
+                text=True,
                 start_new_session=True,
             )
         deadline = time.monotonic() + timeout
@@ -124,8 +128,13 @@ class AlsProcess(ReadyProcess):
 
     def __init__(self, grpc_port: int, metrics_port: int, workdir: Path) -> None:
         argv = [
-            sys.executable, "-m", "balanceiq.telemetry.als",
-            "--grpc-port", str(grpc_port), "--metrics-port", str(metrics_port),
+            sys.executable,
+            "-m",
+            "balanceiq.telemetry.als",
+            "--grpc-port",
+            str(grpc_port),
+            "--metrics-port",
+            str(metrics_port),
         ]
         super().__init__("als", argv, 1, workdir)
         self.metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
@@ -185,7 +194,10 @@ class Testbed:
         self.envoy = EnvoyProcess(bootstrap, workdir=self.workdir / "envoy")
         self.prometheus = (
             PrometheusProcess(
-                render_config(settings), settings.prometheus.url, self.workdir / "prometheus", rules=render_rules(settings)
+                render_config(settings),
+                settings.prometheus.url,
+                self.workdir / "prometheus",
+                rules=render_rules(settings),
             )
             if prometheus
             else None
@@ -193,7 +205,9 @@ class Testbed:
 
     def _parts(self) -> list[Any]:
         """In start order; stopped in reverse."""
-        return [p for p in (self.backends, *self.isolated.values(), self.als, self.envoy, self.prometheus) if p is not None]
+        return [
+            p for p in (self.backends, *self.isolated.values(), self.als, self.envoy, self.prometheus) if p is not None
+        ]
 
     def start(self) -> Testbed:
         try:

@@ -86,11 +86,29 @@ class XdsServerActor:
                 self._lease.check(lease_owner, str(cluster))
                 version = self._server.set_assignment(cluster, weights, health)
             except (XdsLeaseError, AssignmentError) as exc:
-                self._pushes.append({"at": time.time(), "owner": lease_owner, "term": term, "version": None,
-                                     "cluster": cluster, "accepted": False, "reason": type(exc).__name__})  # fmt: skip
+                self._pushes.append(
+                    {
+                        "at": time.time(),
+                        "owner": lease_owner,
+                        "term": term,
+                        "version": None,
+                        "cluster": cluster,
+                        "accepted": False,
+                        "reason": type(exc).__name__,
+                    }
+                )
                 raise
-            self._pushes.append({"at": time.time(), "owner": lease_owner, "term": term, "version": version,
-                                 "cluster": cluster, "accepted": True, "changed": version != before})  # fmt: skip
+            self._pushes.append(
+                {
+                    "at": time.time(),
+                    "owner": lease_owner,
+                    "term": term,
+                    "version": version,
+                    "cluster": cluster,
+                    "accepted": True,
+                    "changed": version != before,
+                }
+            )
             return version
 
     def acquire_lease(self, owner: str, ttl_s: float, cluster: str | None = None) -> dict[str, Any]:

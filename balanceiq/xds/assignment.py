@@ -78,8 +78,7 @@ class Assignment:
         unknown = sorted((set(weights) | set(health)) - known)
         if unknown:
             raise AssignmentError(
-                f"cluster {self.cluster!r}: unknown endpoint(s) {', '.join(unknown)}; "
-                f"known: {', '.join(sorted(known))}"
+                f"cluster {self.cluster!r}: unknown endpoint(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
             )
         problems: list[str] = []
         new_eps = []
@@ -94,9 +93,7 @@ class Assignment:
             if ep.address in health:
                 raw = health[ep.address]
                 if not isinstance(raw, str) or raw.upper() not in HEALTH_VALUES:
-                    problems.append(
-                        f"health[{ep.address!r}]: {raw!r} is not one of {', '.join(HEALTH_VALUES)}"
-                    )
+                    problems.append(f"health[{ep.address!r}]: {raw!r} is not one of {', '.join(HEALTH_VALUES)}")
                 else:
                     h = raw.upper()  # type: ignore[assignment]
             new_eps.append(replace(ep, weight=w, health=h))

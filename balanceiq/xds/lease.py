@@ -34,7 +34,11 @@ class LeaseState:
     def to_json(self, now: float | None = None) -> dict[str, Any]:
         now = time.monotonic() if now is None else now
         live = self.holder is not None and self.expires_at > now
-        return {"holder": self.holder if live else None, "expires_in_s": round(max(0.0, self.expires_at - now), 3) if live else 0.0, "term": self.term}
+        return {
+            "holder": self.holder if live else None,
+            "expires_in_s": round(max(0.0, self.expires_at - now), 3) if live else 0.0,
+            "term": self.term,
+        }
 
 
 class Lease:
@@ -100,7 +104,9 @@ class LeaseTable:
     def _blocker(self, owner: str, scope: str | None) -> str | None:
         """Another owner holding a lease that overlaps ``scope``, if any."""
         if scope is None:
-            return next((h for h in (lease.state()["holder"] for lease in self._scoped.values()) if h and h != owner), None)
+            return next(
+                (h for h in (lease.state()["holder"] for lease in self._scoped.values()) if h and h != owner), None
+            )
         holder = self._global.state()["holder"]
         return holder if holder and holder != owner else None
 

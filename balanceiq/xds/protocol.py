@@ -248,7 +248,9 @@ class _Stream:
         if self.node_id is None:
             node_id = node.id
             if len(node_id) > MAX_NODE_ID:
-                raise XdsRequestError("bad_node_id", f"node id is {len(node_id)} characters long; at most {MAX_NODE_ID}")
+                raise XdsRequestError(
+                    "bad_node_id", f"node id is {len(node_id)} characters long; at most {MAX_NODE_ID}"
+                )
             if not node_id.isprintable():
                 # Control characters would end up in status JSON, metrics labels and logs.
                 raise XdsRequestError("bad_node_id", "node id contains control or other non-printable characters")
@@ -302,9 +304,7 @@ class SotwStream(_Stream):
         super().__init__(registry, api, default_type)
         self._watches: dict[str, _SotwWatch] = {}
 
-    def on_request(
-        self, req: discovery_pb2.DiscoveryRequest, snapshot: Snapshot | None
-    ) -> list[bytes]:
+    def on_request(self, req: discovery_pb2.DiscoveryRequest, snapshot: Snapshot | None) -> list[bytes]:
         self._identify(req.node)
         type_url = req.type_url or self.default_type
         if len(req.resource_names) > MAX_NAMES:
@@ -331,9 +331,7 @@ class SotwStream(_Stream):
             # something, whatever version_info the client claims to hold.
             watch.sent = None
         elif req.HasField("error_detail"):
-            self.registry.nack(
-                self.node_id, type_url, watch.sent_version or "", req.error_detail.message
-            )
+            self.registry.nack(self.node_id, type_url, watch.sent_version or "", req.error_detail.message)
         else:
             self.registry.ack(self.node_id, watch.sent_version or req.version_info)
         if grew:
@@ -386,13 +384,13 @@ class DeltaStream(_Stream):
         super().__init__(registry, api, default_type)
         self._watches: dict[str, _DeltaWatch] = {}
 
-    def on_request(
-        self, req: discovery_pb2.DeltaDiscoveryRequest, snapshot: Snapshot | None
-    ) -> list[bytes]:
+    def on_request(self, req: discovery_pb2.DeltaDiscoveryRequest, snapshot: Snapshot | None) -> list[bytes]:
         node_id = self._identify(req.node)
         type_url = req.type_url or self.default_type
         if len(req.initial_resource_versions) > MAX_NAMES or len(req.resource_names_subscribe) > MAX_NAMES:
-            raise XdsRequestError("too_many_names", f"more than {MAX_NAMES} resource names in one request", "RESOURCE_EXHAUSTED")
+            raise XdsRequestError(
+                "too_many_names", f"more than {MAX_NAMES} resource names in one request", "RESOURCE_EXHAUSTED"
+            )
         self._check_names(type_url, req.resource_names_subscribe)
         self._check_names(type_url, req.initial_resource_versions)
         if not self._served(type_url, snapshot):
@@ -443,7 +441,9 @@ class DeltaStream(_Stream):
                 watch.told_absent.discard(name)
             watch.names.add(name)
         if len(watch.names) > MAX_NAMES:
-            raise XdsRequestError("too_many_names", f"more than {MAX_NAMES} names subscribed on one stream", "RESOURCE_EXHAUSTED")
+            raise XdsRequestError(
+                "too_many_names", f"more than {MAX_NAMES} names subscribed on one stream", "RESOURCE_EXHAUSTED"
+            )
         for name in req.resource_names_unsubscribe:
             if name == "*":
                 watch.wildcard = False

@@ -157,9 +157,7 @@ def _server_credentials(tls: TlsConfig) -> grpc.ServerCredentials:
     key = _read_pem(tls, "key_file")
     cert = _read_pem(tls, "cert_file")
     ca = _read_pem(tls, "ca_file") if tls.ca_file else None
-    return grpc.ssl_server_credentials(
-        [(key, cert)], root_certificates=ca, require_client_auth=tls.require_client_cert
-    )
+    return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=tls.require_client_cert)
 
 
 class XdsServer:
@@ -197,10 +195,7 @@ class XdsServer:
 
         restored = {a.cluster: a for a in (self.store.restore() or [])}
         self.restored = bool(restored)
-        initial = [
-            merge_restored(assignment_from_config(c), restored.get(c.name))
-            for c in settings.clusters
-        ]
+        initial = [merge_restored(assignment_from_config(c), restored.get(c.name)) for c in settings.clusters]
         # The write side's source of truth; a raw snapshot (tests) does not replace it.
         self._assignments = {a.cluster: a for a in initial}
         self.store.publish_assignments(initial)
@@ -227,8 +222,9 @@ class XdsServer:
             log.warning(
                 "xDS server on %s:%s is reachable beyond loopback without mutual TLS "
                 "(xds.allow_insecure_remote): anyone who reaches it reads every endpoint",
-                self.host, self.port,
-            )  # fmt: skip
+                self.host,
+                self.port,
+            )
         return self.port
 
     async def _start_grpc(self) -> int:
@@ -312,11 +308,7 @@ class XdsServer:
         """Block until a node (any, or the named one) ACKs ``version``."""
 
         def done(nodes: Mapping[str, Any]) -> bool:
-            return any(
-                n.last_acked_version == version
-                for nid, n in nodes.items()
-                if node_id is None or nid == node_id
-            )
+            return any(n.last_acked_version == version for nid, n in nodes.items() if node_id is None or nid == node_id)
 
         return self.registry.wait_for(done, timeout)
 
@@ -354,9 +346,11 @@ class XdsServer:
                             # (answered RESOURCE_EXHAUSTED by gRPC) clears it. grpc.aio
                             # says nothing else about it, and it must still be counted.
                             self.registry.refused(
-                                "oversize", machine.api, machine.node_id,
+                                "oversize",
+                                machine.api,
+                                machine.node_id,
                                 f"request over {MAX_REQUEST_BYTES} bytes (refused by gRPC)",
-                            )  # fmt: skip
+                            )
                         break
                     queue.put_nowait(("req", req))
             except (grpc.aio.AioRpcError, grpc.aio.AbortError, asyncio.CancelledError):
@@ -387,7 +381,9 @@ class XdsServer:
                     return
                 except Exception as exc:  # a bug: it ends this stream only, loudly
                     log.exception("xDS %s stream of node %r failed", machine.api, machine.node_id)
-                    self.registry.refused("internal_error", machine.api, machine.node_id, f"{type(exc).__name__}: {exc}")
+                    self.registry.refused(
+                        "internal_error", machine.api, machine.node_id, f"{type(exc).__name__}: {exc}"
+                    )
                     await context.abort(grpc.StatusCode.INTERNAL, "internal error in the xDS server")
                     return
                 for payload in out:
@@ -413,7 +409,9 @@ class XdsServer:
         self, req: discovery_pb2.DiscoveryRequest | _Malformed, context: grpc.aio.ServicerContext
     ) -> bytes:
         if isinstance(req, _Malformed):
-            await self._refuse(context, "eds-fetch", None, XdsRequestError("malformed", f"not a valid request: {req.error}"))
+            await self._refuse(
+                context, "eds-fetch", None, XdsRequestError("malformed", f"not a valid request: {req.error}")
+            )
         assert isinstance(req, discovery_pb2.DiscoveryRequest)
         if req.type_url and req.type_url != EDS_TYPE:
             message = f"FetchEndpoints serves {EDS_TYPE} only, not {req.type_url[:100]!r}"
@@ -429,9 +427,7 @@ class XdsServer:
         delta = _lenient(discovery_pb2.DeltaDiscoveryRequest.FromString)
 
         def stream(fn: Any, deser: Any) -> grpc.RpcMethodHandler:
-            return grpc.stream_stream_rpc_method_handler(
-                fn, request_deserializer=deser, response_serializer=_identity
-            )
+            return grpc.stream_stream_rpc_method_handler(fn, request_deserializer=deser, response_serializer=_identity)
 
         return [
             grpc.method_handlers_generic_handler(

@@ -91,9 +91,7 @@ class Resource:
         version = hashlib.sha256(type_url.encode() + b"\0" + value).hexdigest()[:16]
         any_bytes = field_str(ANY_TYPE_URL, type_url) + field_bytes(ANY_VALUE, value)
         delta_bytes = (
-            field_str(RESOURCE_NAME, name)
-            + field_str(RESOURCE_VERSION, version)
-            + field_bytes(RESOURCE_ANY, any_bytes)
+            field_str(RESOURCE_NAME, name) + field_str(RESOURCE_VERSION, version) + field_bytes(RESOURCE_ANY, any_bytes)
         )
         return cls(name, version, type_url, any_bytes, delta_bytes)
 
@@ -113,9 +111,7 @@ class Snapshot:
     assignments: Mapping[str, Assignment] = field(default_factory=dict)
     # SotW response bodies keyed by the subscribed-name set; built on first use and shared
     # by every stream that subscribes to the same set (usually all of them).
-    _bodies: dict[frozenset[str] | None, bytes] = field(
-        default_factory=dict, repr=False, compare=False
-    )
+    _bodies: dict[frozenset[str] | None, bytes] = field(default_factory=dict, repr=False, compare=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def resource_versions(self, names: Iterable[str] | None) -> dict[str, str | None]:
@@ -151,9 +147,7 @@ def sotw_response(snapshot: Snapshot, names: frozenset[str] | None, nonce: str) 
     return snapshot.sotw_body(names) + field_str(SOTW_NONCE, nonce)
 
 
-def delta_response(
-    snapshot: Snapshot, send: Iterable[Resource], removed: Iterable[str], nonce: str
-) -> bytes:
+def delta_response(snapshot: Snapshot, send: Iterable[Resource], removed: Iterable[str], nonce: str) -> bytes:
     parts = [field_str(DELTA_SYSTEM_VERSION, snapshot.version)]
     parts += [field_bytes(DELTA_RESOURCES, r.delta_bytes) for r in send]
     parts.append(field_str(DELTA_TYPE_URL, snapshot.type_url))
@@ -199,9 +193,7 @@ def cluster_load_assignment(assignment: Assignment) -> endpoint_pb2.ClusterLoadA
 
 def build_snapshot(version: str, assignments: Iterable[Assignment]) -> Snapshot:
     amap = {a.cluster: a for a in assignments}
-    resources = {
-        name: Resource.from_message(name, cluster_load_assignment(a)) for name, a in amap.items()
-    }
+    resources = {name: Resource.from_message(name, cluster_load_assignment(a)) for name, a in amap.items()}
     return Snapshot(version=version, resources=resources, assignments=amap)
 
 

@@ -26,7 +26,7 @@ import httpx
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from livestack import fast_settings, live_stack, settings_on_free_ports, two_cluster_settings  # noqa: E402
+from livestack import fast_settings, live_stack, settings_on_free_ports, two_cluster_settings
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +49,9 @@ def dashboard_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 @pytest.fixture(scope="module")
 def two_cluster_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """As ``dashboard_url``, with two clusters (my_service, checkout) steered at once."""
-    with live_stack(two_cluster_settings(), tmp_path_factory.mktemp("dashboard2"), run_loop=True, max_load_s=90) as stack:
+    with live_stack(
+        two_cluster_settings(), tmp_path_factory.mktemp("dashboard2"), run_loop=True, max_load_s=90
+    ) as stack:
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and not all(c.weight_history for c in stack.plane.controllers.values()):
             time.sleep(0.2)

@@ -36,7 +36,17 @@ CHROMIUM_ARGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
-PANELS = ["status", "weights", "weight-history", "load", "endpoints", "training", "loss-history", "timeline", "decisions"]
+PANELS = [
+    "status",
+    "weights",
+    "weight-history",
+    "load",
+    "endpoints",
+    "training",
+    "loss-history",
+    "timeline",
+    "decisions",
+]
 CANVASES = ["weights-chart", "weight-history-chart", "load-chart", "training-chart", "loss-chart", "timeline-chart"]
 COMPONENTS = ["controller", "policy", "xds", "envoy", "prometheus"]
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
@@ -74,7 +84,10 @@ def dashboard_page(url: str) -> Iterator[tuple[Any, list[str], list[str]]]:
             page = browser.new_page(viewport={"width": 1440, "height": 1000})
             page.set_default_timeout(STEP_MS)
             page.set_default_navigation_timeout(STEP_MS)
-            page.on("console", lambda m: errors.append(f"console.error: {m.text} at {m.location}") if m.type == "error" else None)
+            page.on(
+                "console",
+                lambda m: errors.append(f"console.error: {m.text} at {m.location}") if m.type == "error" else None,
+            )
             page.on("pageerror", lambda e: errors.append(f"pageerror: {e}"))
             page.on("request", lambda r: requests.append(r.url))
             page.goto(url + "/", wait_until="load")
@@ -114,8 +127,12 @@ def refresh_and_capture(page: Any) -> dict[str, Any]:
         page.click("#refresh-now")
     wait_all_changed(page, old)
     wait_idle(page)
-    return {"weights": weights.value.json(), "status": status.value.json(), "decisions": decisions.value.json(),
-            "timeline": timeline.value.json()}  # fmt: skip
+    return {
+        "weights": weights.value.json(),
+        "status": status.value.json(),
+        "decisions": decisions.value.json(),
+        "timeline": timeline.value.json(),
+    }
 
 
 def test_dashboard_renders_live_api_values(dashboard_url: str, live_values: Callable[[], dict[str, Any]]) -> None:
@@ -187,11 +204,18 @@ def test_dashboard_renders_live_api_values(dashboard_url: str, live_values: Call
         for canvas_id in CANVASES:
             box = page.locator(f"#{canvas_id}").bounding_box()
             assert box is not None and box["width"] > 0 and box["height"] > 0, canvas_id
-            size = page.evaluate("id => [document.getElementById(id).width, document.getElementById(id).height]", canvas_id)
+            size = page.evaluate(
+                "id => [document.getElementById(id).width, document.getElementById(id).height]", canvas_id
+            )
             assert size[0] > 0 and size[1] > 0, canvas_id
 
         # Decision log: newest first, at most 20, the same decisions the API returned.
-        seqs = [int(s) for s in page.eval_on_selector_all("#decisions-table tbody tr[data-seq]", "rows => rows.map(r => r.dataset.seq)")]
+        seqs = [
+            int(s)
+            for s in page.eval_on_selector_all(
+                "#decisions-table tbody tr[data-seq]", "rows => rows.map(r => r.dataset.seq)"
+            )
+        ]
         assert seqs, "the decision table has no rows"
         assert len(seqs) <= 20
         assert seqs == sorted(seqs, reverse=True)
@@ -202,9 +226,7 @@ def test_dashboard_renders_live_api_values(dashboard_url: str, live_values: Call
 
         assert not errors, "errors in the page:\n" + "\n".join(errors)
         outside = [
-            u
-            for u in requests
-            if urlsplit(u).scheme not in LOCAL_SCHEMES and urlsplit(u).hostname not in LOOPBACK
+            u for u in requests if urlsplit(u).scheme not in LOCAL_SCHEMES and urlsplit(u).hostname not in LOOPBACK
         ]
         assert not outside, f"the page requested non-loopback URLs: {outside}"
         # It did fetch its own assets (no CDN), which proves the list above is not empty by accident.
@@ -258,7 +280,9 @@ def test_cluster_selector_switches_every_panel_to_the_chosen_cluster(two_cluster
         assert options == ["my_service", "checkout"]
         import httpx
 
-        wanted = [e["address"] for e in httpx.get(two_cluster_url + "/api/weights?cluster=checkout").json()["endpoints"]]
+        wanted = [
+            e["address"] for e in httpx.get(two_cluster_url + "/api/weights?cluster=checkout").json()["endpoints"]
+        ]
         first = [e["address"] for e in httpx.get(two_cluster_url + "/api/weights").json()["endpoints"]]
         assert set(wanted).isdisjoint(first)
 

@@ -63,8 +63,9 @@ def wait_until(check: Callable[[], bool], timeout: float, what: str) -> None:
 def stack_factory(ports_settings: Settings, tmp_path: Path) -> Iterator[Callable[..., Stack]]:
     with ExitStack() as stop:
 
-        def make(sample_percent: float, tweak: Callable[[dict[str, Any]], None] | None = None,
-                 orca: bool = False) -> Stack:  # fmt: skip
+        def make(
+            sample_percent: float, tweak: Callable[[dict[str, Any]], None] | None = None, orca: bool = False
+        ) -> Stack:
             xds = XdsServer(ports_settings, state_dir=tmp_path / "state")
             xds.start()
             stop.callback(xds.stop)
@@ -104,9 +105,7 @@ def scrape(als: AlsServer) -> list[Any]:
 
 def counts(samples: list[Any], cluster: str) -> dict[str, float]:
     return {
-        s.labels["endpoint"]: s.value
-        for s in samples
-        if s.name == f"{HIST}_count" and s.labels["cluster"] == cluster
+        s.labels["endpoint"]: s.value for s in samples if s.name == f"{HIST}_count" and s.labels["cluster"] == cluster
     }
 
 

@@ -42,21 +42,32 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def _settings(endpoints: list[dict[str, Any]], overrides: dict[str, dict[str, Any]]) -> Settings:
-    return Settings.model_validate({
-        "clusters": [{"name": "my_service", "endpoints": endpoints}],
-        "testbed": {"overrides": overrides},
-        "state_dir": "/tmp/unused-bench-state",
-    })  # fmt: skip
+    return Settings.model_validate(
+        {
+            "clusters": [{"name": "my_service", "endpoints": endpoints}],
+            "testbed": {"overrides": overrides},
+            "state_dir": "/tmp/unused-bench-state",
+        }
+    )
 
 
-def _fake_result(intended: list[float], latency: list[float], status: list[int], backend: list[int],
-                 backends: list[str]) -> OpenLoopResult:  # fmt: skip
+def _fake_result(
+    intended: list[float], latency: list[float], status: list[int], backend: list[int], backends: list[str]
+) -> OpenLoopResult:
     n = len(intended)
     return OpenLoopResult(
-        intended_s=np.array(intended, dtype=float), sent_s=np.array(intended, dtype=float),
-        latency_ms=np.array(latency, dtype=float), status=np.array(status), backend=np.array(backend),
-        backends=backends, error=np.full(n, -1), error_kinds=[], start_wall=0.0, timeout_s=11.0, max_inflight=10,
-    )  # fmt: skip
+        intended_s=np.array(intended, dtype=float),
+        sent_s=np.array(intended, dtype=float),
+        latency_ms=np.array(latency, dtype=float),
+        status=np.array(status),
+        backend=np.array(backend),
+        backends=backends,
+        error=np.full(n, -1),
+        error_kinds=[],
+        start_wall=0.0,
+        timeout_s=11.0,
+        max_inflight=10,
+    )
 
 
 # -- accounting (fast) ---------------------------------------------------------------------------
@@ -74,26 +85,45 @@ def test_price_book_charges_the_price_at_answer_time() -> None:
 
 
 def test_arm_metrics_phases_bins_and_slo() -> None:
-    scen = LiveScenario.model_validate({"name": "s", "duration_s": 10, "events": [
-        {"at_s": 5, "name": "b slows", "endpoint": "127.0.0.1:1", "set": {"extra_latency_ms": 100}}]})  # fmt: skip
+    scen = LiveScenario.model_validate(
+        {
+            "name": "s",
+            "duration_s": 10,
+            "events": [{"at_s": 5, "name": "b slows", "endpoint": "127.0.0.1:1", "set": {"extra_latency_ms": 100}}],
+        }
+    )
     # 2 s warm-up, scale 0.5 (10 s file -> 5 s replay): the event at 2 + 2.5 s.
     intended = [0.5, 1.0, 2.0, 3.0, 4.0, 4.6, 5.0, 6.0]
     latency = [10, 10, 10, 300, 10, 10, 10, 10]
     status = [200, 200, 200, 200, 503, 200, 0, NOT_SENT]
     backend = [0, 0, 0, 1, 1, 0, -1, -1]
     res = _fake_result(intended, latency, status, backend, ["127.0.0.1:1", "127.0.0.1:2"])
-    m = arm_metrics(res, warmup_s=2.0, scale=0.5, scenario=scen, prices=PriceBook({"127.0.0.1:1": 1.0, "127.0.0.1:2": 3.0}),
-                    slo_ms=150.0, bin_s=1.0, clouds={"127.0.0.1:1": "aws", "127.0.0.1:2": "gcp"},
-                    names={"127.0.0.1:1": "10.0.0.1:80", "127.0.0.1:2": "10.0.0.2:80"})  # fmt: skip
+    m = arm_metrics(
+        res,
+        warmup_s=2.0,
+        scale=0.5,
+        scenario=scen,
+        prices=PriceBook({"127.0.0.1:1": 1.0, "127.0.0.1:2": 3.0}),
+        slo_ms=150.0,
+        bin_s=1.0,
+        clouds={"127.0.0.1:1": "aws", "127.0.0.1:2": "gcp"},
+        names={"127.0.0.1:1": "10.0.0.1:80", "127.0.0.1:2": "10.0.0.2:80"},
+    )
     assert m["requests"] == 6 and m["warmup_requests"] == 2
     assert m["errors"] == 3 and m["error_rate"] == pytest.approx(0.5)  # 503, transport error, not sent
     assert m["slo_attainment"] == pytest.approx(2 / 6, abs=1e-4)  # 2.0 and 4.6 (3.0 was 300 ms)
     assert m["cost_per_million"] == pytest.approx((1 + 3 + 3 + 1) / 6, abs=1e-4)
     assert [p["phase"] for p in m["phases"]] == ["start", "b slows"]
     assert [p["requests"] for p in m["phases"]] == [3, 3] and m["phases"][1]["from_s"] == 2.5
-    assert m["share_by_cloud"] == {"(no backend)": pytest.approx(2 / 6, abs=1e-3), "aws": pytest.approx(2 / 6, abs=1e-3),
-                                   "gcp": pytest.approx(2 / 6, abs=1e-3)}  # fmt: skip
-    assert m["share_by_endpoint"] == {"10.0.0.1:80": pytest.approx(2 / 6, abs=1e-3), "10.0.0.2:80": pytest.approx(2 / 6, abs=1e-3)}
+    assert m["share_by_cloud"] == {
+        "(no backend)": pytest.approx(2 / 6, abs=1e-3),
+        "aws": pytest.approx(2 / 6, abs=1e-3),
+        "gcp": pytest.approx(2 / 6, abs=1e-3),
+    }
+    assert m["share_by_endpoint"] == {
+        "10.0.0.1:80": pytest.approx(2 / 6, abs=1e-3),
+        "10.0.0.2:80": pytest.approx(2 / 6, abs=1e-3),
+    }
     assert m["bins"]["t_s"][0] < 0 and sum(m["bins"]["requests"]) == 8
 
 
@@ -103,10 +133,13 @@ def _arm(p99: float, err: float, cost: float, slo: float) -> dict[str, Any]:
 
 def test_targets_are_judged_against_the_issue() -> None:
     arms = {
-        "round_robin": _arm(1000, 0.004, 0.6, 0.80), "least_request": _arm(250, 0.002, 0.6, 0.95),
-        "cswrr": _arm(200, 0.0, 0.5, 0.97), "static_cost_aware": _arm(5000, 0.003, 0.5, 0.8),
-        "balanceiq_rr": _arm(300, 0.001, 0.3, 0.96), "balanceiq_lr": _arm(190, 0.0, 0.36, 0.975),
-    }  # fmt: skip
+        "round_robin": _arm(1000, 0.004, 0.6, 0.80),
+        "least_request": _arm(250, 0.002, 0.6, 0.95),
+        "cswrr": _arm(200, 0.0, 0.5, 0.97),
+        "static_cost_aware": _arm(5000, 0.003, 0.5, 0.8),
+        "balanceiq_rr": _arm(300, 0.001, 0.3, 0.96),
+        "balanceiq_lr": _arm(190, 0.0, 0.36, 0.975),
+    }
     t = evaluate_targets(arms)
     assert t["best_arm"] == "balanceiq_lr"
     b = t["best"]
@@ -135,15 +168,23 @@ def test_arms_settings_and_scenario_remapping() -> None:
     s, mapping = bench_settings(base, Path("/tmp/x"))
     old = list(base.clusters[0].endpoints)
     new = list(s.clusters[0].endpoints)
-    assert [(e.cloud, e.region, e.cost_per_million_requests, e.capacity_rps) for e in new] == \
-        [(e.cloud, e.region, e.cost_per_million_requests, e.capacity_rps) for e in old]
+    assert [(e.cloud, e.region, e.cost_per_million_requests, e.capacity_rps) for e in new] == [
+        (e.cloud, e.region, e.cost_per_million_requests, e.capacity_rps) for e in old
+    ]
     assert {e.address for e in new}.isdisjoint({e.address for e in old})
     # The degraded azure backend keeps its testbed profile at its new address.
     assert s.testbed.profile_for(new[5]) == base.testbed.profile_for(old[5]) == (120.0, 4, 0.02)
     assert s.control.interval_s == 1.0 and s.telemetry.window_s == 2.0 and s.prometheus.scrape_interval_s == 0.5
-    scen = LiveScenario.model_validate({"name": "s", "duration_s": 10, "events": [
-        {"at_s": 1, "name": "one", "endpoint": old[5].address, "set": {"healthy": False}},
-        {"at_s": 2, "name": "cloud", "cloud": "aws", "cost_multiplier": 2}]})  # fmt: skip
+    scen = LiveScenario.model_validate(
+        {
+            "name": "s",
+            "duration_s": 10,
+            "events": [
+                {"at_s": 1, "name": "one", "endpoint": old[5].address, "set": {"healthy": False}},
+                {"at_s": 2, "name": "cloud", "cloud": "aws", "cost_multiplier": 2},
+            ],
+        }
+    )
     moved = remap_scenario(scen, mapping)
     assert moved.events[0].endpoint == new[5].address and moved.events[1].cloud == "aws"
     moved.check_targets(new)
@@ -153,8 +194,10 @@ def test_arms_settings_and_scenario_remapping() -> None:
 
 
 def test_markdown_table_names_every_arm() -> None:
-    arms = {n: {**_arm(100, 0.001, 0.5, 0.99), "label": ARMS[n].label, "p50_ms": 20.0, "p999_ms": 150.0, "requests": 9000}
-            for n in ("round_robin", "balanceiq_lr")}  # fmt: skip
+    arms = {
+        n: {**_arm(100, 0.001, 0.5, 0.99), "label": ARMS[n].label, "p50_ms": 20.0, "p999_ms": 150.0, "requests": 9000}
+        for n in ("round_robin", "balanceiq_lr")
+    }
     table = markdown_table({"setup": {"slo_ms": 150.0}, "arms": arms, "targets": {"best_arm": "balanceiq_lr"}})
     lines = table.splitlines()
     assert len(lines) == 4 and "**BalanceIQ over LEAST_REQUEST**" in lines[3] and "0.10 %" in lines[2]
@@ -193,15 +236,24 @@ def test_injected_delay_errors_and_prices_are_measured(tmp_path: Path) -> None:
         {"address": "127.0.0.1:18002", "cloud": "gcp", "region": "us-central1", "cost_per_million_requests": 0.30},
         {"address": "127.0.0.1:18003", "cloud": "azure", "region": "eastus", "cost_per_million_requests": 0.50},
     ]
-    base = _settings(eps, {
-        "127.0.0.1:18001": {"base_latency_ms": 100, "concurrency": 64},  # the injected fixed delay
-        "127.0.0.1:18002": {"base_latency_ms": 0, "concurrency": 64, "error_rate": 0.1},  # the injected errors
-        "127.0.0.1:18003": {"base_latency_ms": 0, "concurrency": 64},
-    })  # fmt: skip
-    scen = LiveScenario.model_validate({"name": "short", "duration_s": 4, "events": [
-        {"at_s": 1, "name": "aws dearer", "cloud": "aws", "cost_multiplier": 2},
-        {"at_s": 3, "name": "azure slows", "endpoint": "127.0.0.1:18003", "set": {"extra_latency_ms": 200}},
-    ]})  # fmt: skip
+    base = _settings(
+        eps,
+        {
+            "127.0.0.1:18001": {"base_latency_ms": 100, "concurrency": 64},  # the injected fixed delay
+            "127.0.0.1:18002": {"base_latency_ms": 0, "concurrency": 64, "error_rate": 0.1},  # the injected errors
+            "127.0.0.1:18003": {"base_latency_ms": 0, "concurrency": 64},
+        },
+    )
+    scen = LiveScenario.model_validate(
+        {
+            "name": "short",
+            "duration_s": 4,
+            "events": [
+                {"at_s": 1, "name": "aws dearer", "cloud": "aws", "cost_multiplier": 2},
+                {"at_s": 3, "name": "azure slows", "endpoint": "127.0.0.1:18003", "set": {"extra_latency_ms": 200}},
+            ],
+        }
+    )
     kept: dict[str, Any] = {}
 
     def inspect(stack: Any, res: OpenLoopResult) -> dict[str, Any]:
@@ -211,8 +263,18 @@ def test_injected_delay_errors_and_prices_are_measured(tmp_path: Path) -> None:
 
     plot = tmp_path / "live.png"
     t0 = time.monotonic()
-    result = run_live_bench(base, scen, arms=parse_arms("round_robin,least_request"), rate_rps=100, duration_s=4,
-                            warmup_s=1, arrivals="constant", plot_path=plot, calibrate=False, inspect=inspect)  # fmt: skip
+    result = run_live_bench(
+        base,
+        scen,
+        arms=parse_arms("round_robin,least_request"),
+        rate_rps=100,
+        duration_s=4,
+        warmup_s=1,
+        arrivals="constant",
+        plot_path=plot,
+        calibrate=False,
+        inspect=inspect,
+    )
     assert time.monotonic() - t0 < 90
     assert plot.exists() and plot.stat().st_size > 10_000
     assert result["leftover_processes"] == [] and set(result["arms"]) == {"round_robin", "least_request"}
@@ -249,8 +311,12 @@ def test_injected_delay_errors_and_prices_are_measured(tmp_path: Path) -> None:
         # Cost: each request at its backend's price when it was answered (aws doubles at ~1 s).
         initial = {aws: 0.40, gcp: 0.30, azure: 0.50}
         t_change = 1.0 + ev["aws dearer"]  # offsets from the generator's start
-        price = np.array([0.0 if n is None else (0.80 if n == aws and c >= t_change else initial[n])
-                          for n, c in zip(names.tolist(), res.completed_s.tolist())])  # fmt: skip
+        price = np.array(
+            [
+                0.0 if n is None else (0.80 if n == aws and c >= t_change else initial[n])
+                for n, c in zip(names.tolist(), res.completed_s.tolist())
+            ]
+        )
         assert arm["cost_per_million"] == pytest.approx(float(price[measured].sum()) / 400, abs=2e-3)
         assert arm["price_changes"][aws][0][1] == pytest.approx(0.80)
 
@@ -279,12 +345,21 @@ def test_queueing_behind_a_stalled_backend_is_in_the_latency(tmp_path: Path) -> 
     base = _settings(
         [{"address": "127.0.0.1:18001", "cloud": "aws", "region": "us-east-1", "cost_per_million_requests": 1.0}],
         {"127.0.0.1:18001": {"base_latency_ms": 50, "concurrency": 1}},
-    )  # fmt: skip
+    )
     scen = LiveScenario.model_validate({"name": "stall", "duration_s": 2, "events": []})
     kept: list[OpenLoopResult] = []
-    result = run_live_bench(base, scen, arms=parse_arms("round_robin"), rate_rps=40, duration_s=2, warmup_s=0,
-                            arrivals="constant", plot_path=None, calibrate=False,
-                            inspect=lambda stack, res: kept.append(res))  # fmt: skip
+    result = run_live_bench(
+        base,
+        scen,
+        arms=parse_arms("round_robin"),
+        rate_rps=40,
+        duration_s=2,
+        warmup_s=0,
+        arrivals="constant",
+        plot_path=None,
+        calibrate=False,
+        inspect=lambda stack, res: kept.append(res),
+    )
     res = kept[0]
     assert len(res) == 80 and res.ok.all()
     service = float(np.median(np.diff(np.sort(res.completed_s))))

@@ -28,8 +28,9 @@ def test_one_fleet_two_arms_end_to_end(tmp_path: Path) -> None:
     base = load_config(REPO / "balanceiq.yaml")
     plot = tmp_path / "suite.png"
     t0 = time.monotonic()
-    result = run_live_suite(base, 1, seed=4, arms=parse_arms("least_request,oracle"), duration_s=5.0, warmup_s=1.0,
-                            plot_path=plot)  # fmt: skip
+    result = run_live_suite(
+        base, 1, seed=4, arms=parse_arms("least_request,oracle"), duration_s=5.0, warmup_s=1.0, plot_path=plot
+    )
     assert time.monotonic() - t0 < 120
     assert result["bench"] == "live-suite" and result["default_arm"] == DEFAULT_ARM.name
     setup = result["setup"]
@@ -51,7 +52,7 @@ def test_one_fleet_two_arms_end_to_end(tmp_path: Path) -> None:
         assert 0.0 <= arm["error_rate"] <= 1.0 and 0.0 <= arm["slo_attainment"] <= 1.0
         assert arm["requests"] > 0.5 * fleet["fleet"]["rate_rps"] * 5.0
         assert isinstance(arm["reversals"], int) and arm["reversals"] >= 0
-        assert [p["phase"] for p in arm["phases"]][0] == "start"
+        assert next(p["phase"] for p in arm["phases"]) == "start"
     assert fleet["arms"]["least_request"]["reversals"] == 0
     # The oracle pushed at the start and right after every event, weights for every backend.
     pushes = fleet["arms"]["oracle"]["oracle_pushes"]

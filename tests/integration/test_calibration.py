@@ -63,9 +63,13 @@ def test_calibration_recovers_injected_backend_parameters(tmp_path: Path) -> Non
     recording = tmp_path / "exploration.jsonl"
     t0 = time.monotonic()
     summary = record_exploration(
-        settings, recording, duration_s=60.0, rate_rps=120.0, plan=ExplorationPlan(hold_s=4.0, seed=0),
+        settings,
+        recording,
+        duration_s=60.0,
+        rate_rps=120.0,
+        plan=ExplorationPlan(hold_s=4.0, seed=0),
         workdir=tmp_path / "work",
-    )  # fmt: skip
+    )
     assert time.monotonic() - t0 < 110
     assert summary["records"] >= 55 and summary["pushes"] == 15 and summary["failed_pushes"] == 0
     assert summary["sources"] == {"prometheus": summary["records"]}
@@ -83,7 +87,9 @@ def test_calibration_recovers_injected_backend_parameters(tmp_path: Path) -> Non
     ce = calibration_error(cal, summary["truth"])
     assert ce["missing"] == []
     detail = json.dumps({a: {k: r[k] for k in ("capacity_rps", "latency_ms")} for a, r in ce["endpoints"].items()})
-    print(json.dumps({"capacity": ce["capacity_rel_error"], "latency": ce["latency_rel_error"]}), detail)  # shown with -s
+    print(
+        json.dumps({"capacity": ce["capacity_rel_error"], "latency": ce["latency_rel_error"]}), detail
+    )  # shown with -s
     for address, row in ce["endpoints"].items():
         assert abs(row["capacity_rps"]["rel_error"]) <= 0.25, detail
         assert abs(row["latency_ms"]["rel_error"]) <= 0.25, detail

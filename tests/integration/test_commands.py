@@ -75,7 +75,9 @@ def test_testbed_up_and_down_leave_nothing_running(ports_settings: Settings, tmp
         assert res.returncode == 0, res.stderr
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
-            shown = endpoint_weights(httpx.get(f"{urls['envoy_admin']}/clusters?format=json", timeout=2).json(), "my_service")
+            shown = endpoint_weights(
+                httpx.get(f"{urls['envoy_admin']}/clusters?format=json", timeout=2).json(), "my_service"
+            )
             if shown.get(addrs[0]) == 9 and shown.get(addrs[1]) == 4:
                 break
             time.sleep(0.1)
@@ -104,14 +106,32 @@ def test_testbed_up_and_down_leave_nothing_running(ports_settings: Settings, tmp
 
 
 def test_bench_sim_prints_one_json_object_with_every_metric(tmp_path: Path) -> None:
-    res = run("bench", "sim", "--json", "--scenarios", "degrade", "--policies", "equal,inverse_latency,cfr_rl,oracle",
-              "--plot", str(tmp_path / "sim.png"))  # fmt: skip
+    res = run(
+        "bench",
+        "sim",
+        "--json",
+        "--scenarios",
+        "degrade",
+        "--policies",
+        "equal,inverse_latency,cfr_rl,oracle",
+        "--plot",
+        str(tmp_path / "sim.png"),
+    )
     assert res.returncode == 0, res.stderr[-2000:]
     out = json.loads(res.stdout)
     rows = out["results"]["degrade"]
     for policy in ("equal", "inverse_latency", "cfr_rl", "oracle", "full_lp"):
         r = rows[policy]
-        for key in ("p50_ms", "p95_ms", "p99_ms", "error_rate", "cost_per_million", "reward", "performance_ratio", "traffic_moved"):
+        for key in (
+            "p50_ms",
+            "p95_ms",
+            "p99_ms",
+            "error_rate",
+            "cost_per_million",
+            "reward",
+            "performance_ratio",
+            "traffic_moved",
+        ):
             assert key in r and r[key] == r[key], (policy, key)  # present and not NaN
         assert 0 < r["performance_ratio"] <= 1
         assert 0 <= r["traffic_moved_first"] <= 1 and r["full_moved_same_state"] >= 0

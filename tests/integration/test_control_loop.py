@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from livestack import TOKEN, LiveStack, fast_settings, live_stack, settings_on_free_ports  # noqa: E402
+from livestack import TOKEN, LiveStack, fast_settings, live_stack, settings_on_free_ports
 
 pytestmark = pytest.mark.slow
 
@@ -58,14 +58,17 @@ def test_degraded_backend_loses_weight_within_two_intervals_and_regains_it(stack
     # breach_hold_s (30 s by default; tested in tests/unit/control): shortened here so
     # these 30 one-second intervals see the regain, not the hold.
     c.settings = c.settings.model_copy(
-        update={"guardrails": c.settings.guardrails.model_copy(update={"breach_hold_s": 3.0})})
+        update={"guardrails": c.settings.guardrails.model_copy(update={"breach_hold_s": 3.0})}
+    )
     stack.control(victim, extra_latency_ms=0)
     # It grows back in bounded steps (safe moves: at most x1.5 or +5 % of traffic per
     # decision, none for 3 decisions after a breach), so it takes a few more intervals.
     recovered = _steps(stack, 30)
     print("recovered:", [(r.mode, r.critical, r.weights[victim]) for r in recovered])  # -rP
     back = _share(stack, victim)
-    assert back > 2 * after and back > 0.3 * before, f"share {after:.3f} -> {back:.3f} after recovery (was {before:.3f})"
+    assert back > 2 * after and back > 0.3 * before, (
+        f"share {after:.3f} -> {back:.3f} after recovery (was {before:.3f})"
+    )
     # Every decision respected the guardrails: weights valid, no step moved more than allowed
     # unless it moved traffic off an endpoint in trouble.
     for r in degraded + recovered:
@@ -96,7 +99,9 @@ def test_drain_over_the_api_takes_traffic_off_at_once(stack: LiveStack) -> None:
     victim = c.addresses[3]
     auth = {"Authorization": f"Bearer {TOKEN}"}
     with stack.client() as http:
-        r = http.put("/api/weights", json={"address": victim, "action": "drain", "ttl_s": 30, "reason": "test"}, headers=auth)
+        r = http.put(
+            "/api/weights", json={"address": victim, "action": "drain", "ttl_s": 30, "reason": "test"}, headers=auth
+        )
         assert r.status_code == 200, r.text
         rec = c.step()
         assert rec.pushed and c.health[victim] == "DRAINING" and rec.weights[victim] == 1
@@ -138,7 +143,9 @@ def test_every_grafana_panel_returns_data_from_the_live_prometheus(stack: LiveSt
         for k, v in subst.items():
             q = q.replace(k, v)
         while True:
-            r = httpx.get(stack.settings.prometheus.url + "/api/v1/query", params={"query": q}, timeout=5, trust_env=False)
+            r = httpx.get(
+                stack.settings.prometheus.url + "/api/v1/query", params={"query": q}, timeout=5, trust_env=False
+            )
             assert r.status_code == 200 and r.json()["status"] == "success", (title, q, r.text)
             if r.json()["data"]["result"] or time.monotonic() > deadline:
                 break

@@ -14,10 +14,10 @@ import pytest
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from livestack import fast_settings, settings_on_free_ports  # noqa: E402
+from livestack import fast_settings, settings_on_free_ports
 
-from balanceiq.config import Settings  # noqa: E402
-from balanceiq.testbed.ports import free_port  # noqa: E402
+from balanceiq.config import Settings
+from balanceiq.testbed.ports import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -34,13 +34,18 @@ def _config(tmp_path: Path) -> Path:
 
 def _scenario(tmp_path: Path, duration: float) -> Path:
     path = tmp_path / "scenario.yaml"
-    path.write_text(yaml.safe_dump({
-        "name": "short_degrade", "duration_s": duration,
-        "events": [
-            {"at_s": 12, "name": "gcp degrades", "cloud": "gcp", "set": {"extra_latency_ms": 300}},
-            {"at_s": 28, "name": "gcp recovers", "cloud": "gcp", "reset": True},
-        ],
-    }))  # fmt: skip
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "name": "short_degrade",
+                "duration_s": duration,
+                "events": [
+                    {"at_s": 12, "name": "gcp degrades", "cloud": "gcp", "set": {"extra_latency_ms": 300}},
+                    {"at_s": 28, "name": "gcp recovers", "cloud": "gcp", "reset": True},
+                ],
+            }
+        )
+    )
     return path
 
 
@@ -55,10 +60,24 @@ def test_demo_moves_traffic_off_the_degraded_cloud(tmp_path: Path) -> None:
     # With a second cluster (issue #15): steered beside the first through one Envoy.
     out = tmp_path / "out"
     res = subprocess.run(
-        [EXE, "demo", "--config", str(_config(tmp_path)), "--scenario", str(_scenario(tmp_path, 40)), "--rate", "60",
-         "--out-dir", str(out), "--clusters", "2"],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        [
+            EXE,
+            "demo",
+            "--config",
+            str(_config(tmp_path)),
+            "--scenario",
+            str(_scenario(tmp_path, 40)),
+            "--rate",
+            "60",
+            "--out-dir",
+            str(out),
+            "--clusters",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     assert "dashboard" in res.stderr and "t=" in res.stdout  # the URL, and one line per interval
     report = json.loads((out / "demo-report.json").read_text())
@@ -83,10 +102,22 @@ def test_ctrl_c_stops_everything(tmp_path: Path) -> None:
     err_path = tmp_path / "demo.stderr"
     with err_path.open("w") as err:
         proc = subprocess.Popen(
-            [EXE, "demo", "--config", str(_config(tmp_path)), "--scenario", str(_scenario(tmp_path, 600)),
-             "--rate", "40", "--out-dir", str(tmp_path / "out")],
-            stdout=subprocess.PIPE, stderr=err, text=True,
-        )  # fmt: skip
+            [
+                EXE,
+                "demo",
+                "--config",
+                str(_config(tmp_path)),
+                "--scenario",
+                str(_scenario(tmp_path, 600)),
+                "--rate",
+                "40",
+                "--out-dir",
+                str(tmp_path / "out"),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=err,
+            text=True,
+        )
     try:
         assert proc.stdout is not None
         deadline = time.monotonic() + 180

@@ -44,9 +44,7 @@ def wait_all_healthy(src: EnvoyAdminSource, addrs: list[str], timeout: float = 1
             last = src.scrape()
         except EnvoyAdminError:  # no per-endpoint series until EDS has arrived
             last = None
-        if last is not None and all(
-            (e := last.endpoint(CLUSTER, a)) is not None and e.healthy == 1.0 for a in addrs
-        ):
+        if last is not None and all((e := last.endpoint(CLUSTER, a)) is not None and e.healthy == 1.0 for a in addrs):
             return last
         time.sleep(0.1)
     raise AssertionError(f"endpoints not all healthy in Envoy within {timeout}s: {last}")
@@ -109,10 +107,7 @@ def test_latency_from_the_als_exporter(stack: tuple[Settings, Testbed]) -> None:
     costs = {ep.address: ep.cost_per_million_requests for ep in cluster.endpoints}
     src = EnvoyAdminSource(tb.envoy.admin_url, als_metrics_url=tb.als.metrics_url)
     wait_all_healthy(src, addrs)
-    base = {
-        u.removeprefix("http://"): httpx.get(f"{u}/control", timeout=5).json()
-        for u in tb.backends.urls
-    }
+    base = {u.removeprefix("http://"): httpx.get(f"{u}/control", timeout=5).json() for u in tb.backends.urls}
     # The exporter has seen no request yet: it declares its histogram with no series.
     # That must count as a zero baseline, or the first loaded window would be "warming".
     first = src.observe(CLUSTER, addrs, costs)

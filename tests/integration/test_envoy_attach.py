@@ -30,27 +30,67 @@ def existing_bootstrap(admin: int, listen: int, legacy_port: int) -> dict:  # ty
         "node": {"id": "edge-1", "cluster": "edge"},
         "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin}}},
         "static_resources": {
-            "listeners": [{
-                "name": "edge",
-                "address": {"socket_address": {"address": "127.0.0.1", "port_value": listen}},
-                "filter_chains": [{"filters": [{
-                    "name": "envoy.filters.network.http_connection_manager",
-                    "typed_config": {
-                        "@type": HCM, "stat_prefix": "edge",
-                        "route_config": {"virtual_hosts": [{"name": "all", "domains": ["*"], "routes": [
-                            {"match": {"prefix": "/legacy"}, "route": {"cluster": "legacy"}},
-                        ]}]},
-                        "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {"@type": ROUTER}}],
+            "listeners": [
+                {
+                    "name": "edge",
+                    "address": {"socket_address": {"address": "127.0.0.1", "port_value": listen}},
+                    "filter_chains": [
+                        {
+                            "filters": [
+                                {
+                                    "name": "envoy.filters.network.http_connection_manager",
+                                    "typed_config": {
+                                        "@type": HCM,
+                                        "stat_prefix": "edge",
+                                        "route_config": {
+                                            "virtual_hosts": [
+                                                {
+                                                    "name": "all",
+                                                    "domains": ["*"],
+                                                    "routes": [
+                                                        {
+                                                            "match": {"prefix": "/legacy"},
+                                                            "route": {"cluster": "legacy"},
+                                                        },
+                                                    ],
+                                                }
+                                            ]
+                                        },
+                                        "http_filters": [
+                                            {"name": "envoy.filters.http.router", "typed_config": {"@type": ROUTER}}
+                                        ],
+                                    },
+                                }
+                            ]
+                        }
+                    ],
+                }
+            ],
+            "clusters": [
+                {
+                    "name": "legacy",
+                    "type": "STATIC",
+                    "connect_timeout": "1s",
+                    "load_assignment": {
+                        "cluster_name": "legacy",
+                        "endpoints": [
+                            {
+                                "lb_endpoints": [
+                                    {
+                                        "endpoint": {
+                                            "address": {
+                                                "socket_address": {"address": "127.0.0.1", "port_value": legacy_port}
+                                            }
+                                        }
+                                    }
+                                ]
+                            }
+                        ],
                     },
-                }]}],
-            }],
-            "clusters": [{
-                "name": "legacy", "type": "STATIC", "connect_timeout": "1s",
-                "load_assignment": {"cluster_name": "legacy", "endpoints": [{"lb_endpoints": [
-                    {"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": legacy_port}}}}]}]},
-            }],
+                }
+            ],
         },
-    }  # fmt: skip
+    }
 
 
 def merge(bootstrap: dict, snippet: dict) -> dict:  # type: ignore[type-arg]
@@ -67,12 +107,19 @@ def merge(bootstrap: dict, snippet: dict) -> dict:  # type: ignore[type-arg]
 
 
 @pytest.mark.parametrize("api", ["ads-sotw", "eds-delta"])
-def test_the_snippet_merged_into_an_existing_bootstrap_is_steered(ports_settings: Settings, tmp_path: Path, api: str) -> None:
+def test_the_snippet_merged_into_an_existing_bootstrap_is_steered(
+    ports_settings: Settings, tmp_path: Path, api: str
+) -> None:
     # The printed snippet is what the test merges (YAML with its comments), not a re-render.
     cfg = tmp_path / "balanceiq.yaml"
     cfg.write_text(yaml.safe_dump(ports_settings.model_dump(mode="json"), sort_keys=False))
-    printed = subprocess.run([str(Path(sys.executable).parent / "balanceiq"), "envoy", "snippet", "-c", str(cfg), "--api", api],
-                             capture_output=True, text=True, timeout=60, check=True).stdout  # fmt: skip
+    printed = subprocess.run(
+        [str(Path(sys.executable).parent / "balanceiq"), "envoy", "snippet", "-c", str(cfg), "--api", api],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
     snippet = {"clusters": [], "dynamic_resources": None, "access_log": []}
     parsed = yaml.safe_load(printed)
     assert parsed is not None

@@ -32,7 +32,9 @@ def wait_weights(tb: Testbed, cluster: str, expected: dict[str, int], timeout: f
 
 
 @pytest.fixture(params=APIS)
-def stack(request: pytest.FixtureRequest, ports_settings: Settings, tmp_path: Path) -> Iterator[tuple[XdsServer, Testbed]]:
+def stack(
+    request: pytest.FixtureRequest, ports_settings: Settings, tmp_path: Path
+) -> Iterator[tuple[XdsServer, Testbed]]:
     xds = XdsServer(ports_settings, state_dir=tmp_path / "state")
     xds.start()
     try:

@@ -44,11 +44,18 @@ def test_live_gate_promotes_the_better_and_refuses_the_worse(tmp_path: Path) -> 
     print({k: ev[k] for k in ("scenarios", "seconds")}, episodes)
     # Paired and alternated: candidate first in episode 0, serving first in episode 1.
     assert [(e["episode"], e["checkpoint"]) for e in episodes] == [
-        (0, "candidate"), (0, "serving"), (1, "serving"), (1, "candidate")]
+        (0, "candidate"),
+        (0, "serving"),
+        (1, "serving"),
+        (1, "candidate"),
+    ]
     assert all(e["blind_steps"] <= 2 for e in episodes), "the testbed's load should make every step measurable"
     assert list(ev["scenarios"]) == ["live:degrade_and_dearer"]
-    swapped = {"scenarios": {k: {"candidate": v["serving"], "serving": v["candidate"]} for k, v in ev["scenarios"].items()},
-               "candidate": ev["serving"], "serving": ev["candidate"]}  # fmt: skip
+    swapped = {
+        "scenarios": {k: {"candidate": v["serving"], "serving": v["candidate"]} for k, v in ev["scenarios"].items()},
+        "candidate": ev["serving"],
+        "serving": ev["candidate"],
+    }
     scores = ev["scenarios"]["live:degrade_and_dearer"]
     better, worse_way = (ev, swapped) if scores["candidate"] > scores["serving"] else (swapped, ev)
     ok, why = promotion_decision(better)

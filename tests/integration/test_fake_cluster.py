@@ -61,40 +61,65 @@ class FakeCluster:
         self.config = self.tmp / "cluster.yaml"
         self.config.write_text(yaml.safe_dump(cfg))
         self.env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # RAY_ADDRESS would override `auto`
-        self.env.update({
-            "RAY_TMPDIR": str(self.tmp),
-            "RAY_FAKE_CLUSTER": "1",
-            "AUTOSCALER_UPDATE_INTERVAL_S": "1",  # the autoscaler's loop: launch workers quickly
-            # Token auth stays on, explicitly: `ray start` refuses to start without a
-            # token and the Ray CLI (state API) sends it; the token is ~/.ray/auth_token.
-            "RAY_AUTH_MODE": "token",
-        })  # fmt: skip
+        self.env.update(
+            {
+                "RAY_TMPDIR": str(self.tmp),
+                "RAY_FAKE_CLUSTER": "1",
+                "AUTOSCALER_UPDATE_INTERVAL_S": "1",  # the autoscaler's loop: launch workers quickly
+                # Token auth stays on, explicitly: `ray start` refuses to start without a
+                # token and the Ray CLI (state API) sends it; the token is ~/.ray/auth_token.
+                "RAY_AUTH_MODE": "token",
+            }
+        )
         self.core_pids: dict[int, str] = {}  # every raylet / gcs_server of ours ever seen
 
     def remaining(self, cap: float) -> float:
         return max(1.0, min(cap, self.deadline - time.monotonic()))
 
     def run(self, *args: str, timeout: float, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(list(args), env=self.env, cwd=cwd, capture_output=True, text=True, timeout=self.remaining(timeout))
+        return subprocess.run(
+            list(args), env=self.env, cwd=cwd, capture_output=True, text=True, timeout=self.remaining(timeout)
+        )
 
     def start(self) -> None:
         res = self.run(
-            str(BIN / "ray"), "start", "--head", f"--port={self.gcs_port}", "--num-cpus=0",
-            f"--autoscaling-config={self.config}", f"--dashboard-port={self.dashboard_port}",
-            f"--dashboard-agent-listen-port={self.agent_port}", f"--ray-client-server-port={self.client_port}",
-            "--min-worker-port=0", "--max-worker-port=0", "--object-store-memory=200000000",
-            "--disable-usage-stats", timeout=120,
-        )  # fmt: skip
+            str(BIN / "ray"),
+            "start",
+            "--head",
+            f"--port={self.gcs_port}",
+            "--num-cpus=0",
+            f"--autoscaling-config={self.config}",
+            f"--dashboard-port={self.dashboard_port}",
+            f"--dashboard-agent-listen-port={self.agent_port}",
+            f"--ray-client-server-port={self.client_port}",
+            "--min-worker-port=0",
+            "--max-worker-port=0",
+            "--object-store-memory=200000000",
+            "--disable-usage-stats",
+            timeout=120,
+        )
         assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
         self.note_core_pids()
 
     def note_core_pids(self) -> None:
-        self.core_pids |= {p.pid: p.info["name"] for p in self.processes() if p.info["name"] in ("gcs_server", "raylet")}
+        self.core_pids |= {
+            p.pid: p.info["name"] for p in self.processes() if p.info["name"] in ("gcs_server", "raylet")
+        }
 
     def state(self, kind: str, *filters: str) -> list[dict[str, Any]]:
         """`ray list KIND` through this cluster's dashboard (the state API)."""
-        args = [str(BIN / "ray"), "list", kind, "--address", f"http://127.0.0.1:{self.dashboard_port}",
-                "--format", "json", "--detail", "--limit", "1000"]  # fmt: skip
+        args = [
+            str(BIN / "ray"),
+            "list",
+            kind,
+            "--address",
+            f"http://127.0.0.1:{self.dashboard_port}",
+            "--format",
+            "json",
+            "--detail",
+            "--limit",
+            "1000",
+        ]
         for f in filters:
             args += ["--filter", f]
         res = self.run(*args, timeout=60)
@@ -109,7 +134,9 @@ class FakeCluster:
             if len(workers) >= n:
                 return workers
             time.sleep(2)
-        raise AssertionError(f"{len(workers)} of {n} fake worker nodes joined in {timeout:.0f} s\n{self.log_tail('monitor.err')}")
+        raise AssertionError(
+            f"{len(workers)} of {n} fake worker nodes joined in {timeout:.0f} s\n{self.log_tail('monitor.err')}"
+        )
 
     def processes(self) -> list[psutil.Process]:
         """Every live process of this cluster: RAY_TMPDIR inherited, or our dir on its command line."""
@@ -162,8 +189,13 @@ def test_train_runs_env_runners_on_several_fake_nodes_and_leaves_nothing(tmp_pat
     default_address_before = _address_file_state()
     # Token auth is on: make sure the token exists (a no-op if it does; what a first
     # local `ray.init()` would do). It prints the token, which goes nowhere.
-    subprocess.run([str(BIN / "ray"), "get-auth-token", "--generate"], stdout=subprocess.DEVNULL,
-                   stderr=subprocess.DEVNULL, timeout=60, check=True)  # fmt: skip
+    subprocess.run(
+        [str(BIN / "ray"), "get-auth-token", "--generate"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        timeout=60,
+        check=True,
+    )
 
     cluster = FakeCluster(ROOT / "cluster-local.yaml", deadline=t0 + BUDGET_S)
     try:
@@ -179,9 +211,22 @@ def test_train_runs_env_runners_on_several_fake_nodes_and_leaves_nothing(tmp_pat
 
         ckpt = tmp_path / "ckpt"
         res = cluster.run(
-            str(BIN / "balanceiq"), "train", "--address", "auto", "--env", "sim", "--scenario", "degrade",
-            "--iterations", "2", "--num-env-runners", "2", "--checkpoint-dir", str(ckpt), timeout=200,
-        )  # fmt: skip
+            str(BIN / "balanceiq"),
+            "train",
+            "--address",
+            "auto",
+            "--env",
+            "sim",
+            "--scenario",
+            "degrade",
+            "--iterations",
+            "2",
+            "--num-env-runners",
+            "2",
+            "--checkpoint-dir",
+            str(ckpt),
+            timeout=200,
+        )
         timings["trained_s"] = time.monotonic() - t0
         assert res.returncode == 0, res.stderr[-4000:]
         # The driver joined this cluster (found through our RAY_TMPDIR), not another one.

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import signal
 import subprocess
 import sys
@@ -27,7 +26,14 @@ import yaml
 from balanceiq.config import settings_from_dict
 from balanceiq.exceptions import XdsError
 from balanceiq.testbed.envoy import endpoint_weights
-from balanceiq.testbed.live_env import DEFAULT_LAYOUT, LiveEnv, fast_windows, live_rllib_overrides, ports_needed, reallocate_ports
+from balanceiq.testbed.live_env import (
+    DEFAULT_LAYOUT,
+    LiveEnv,
+    fast_windows,
+    live_rllib_overrides,
+    ports_needed,
+    reallocate_ports,
+)
 from balanceiq.testbed.ports import free_ports
 from balanceiq.testbed.testbed import Testbed
 
@@ -66,9 +72,13 @@ def ports_of(env: LiveEnv) -> set[int]:
     s = env.settings
     assert s is not None
     return {ep.port for ep in s.clusters[0].endpoints} | {
-        s.xds.port, s.envoy.listen_port, httpx.URL(s.envoy.admin_url).port, httpx.URL(s.prometheus.url).port,
-        s.telemetry.als_grpc_port, s.telemetry.als_metrics_port,
-    }  # fmt: skip
+        s.xds.port,
+        s.envoy.listen_port,
+        httpx.URL(s.envoy.admin_url).port,
+        httpx.URL(s.prometheus.url).port,
+        s.telemetry.als_grpc_port,
+        s.telemetry.als_metrics_port,
+    }
 
 
 def wait_weights(env: LiveEnv, timeout: float = 5.0) -> dict[str, int]:
@@ -94,7 +104,7 @@ def test_two_live_envs_side_by_side() -> None:
             results[i].append((obs, None, info))
             for step in range(3):
                 # Distinct in-range endpoints: the LP re-splits them, so weights change.
-                obs, r, term, trunc, info = env.step(np.array([step, step + 3]))
+                obs, r, _term, _trunc, info = env.step(np.array([step, step + 3]))
                 results[i].append((obs, r, info))
         except BaseException as exc:  # surfaced in the main thread
             errors.append(exc)
@@ -115,7 +125,7 @@ def test_two_live_envs_side_by_side() -> None:
         assert not ports_of(envs[0]) & ports_of(envs[1])
         for i, env in enumerate(envs):
             assert len(results[i]) == 4
-            for obs, r, info in results[i]:
+            for obs, r, _info in results[i]:
                 assert env.observation_space.contains(obs)
                 assert r is None or math.isfinite(r)
             assert all(info["reward_measured"] for _, r, info in results[i][1:]), [x[2] for x in results[i]]
@@ -123,8 +133,10 @@ def test_two_live_envs_side_by_side() -> None:
             assert env.weights != {a: 1 for a in env.addresses}  # the LP's weights, not the config's
             assert wait_weights(env) == env.weights  # ... applied in this env's own Envoy
         # Concurrent, not one after the other: 3 decisions of 1 s each plus start-up.
-        print(f"two envs: reset + 3 steps each in {elapsed:.1f}s; step_s "
-              f"{[round(x[2]['step_s'], 2) for i in results for x in results[i][1:]]}")  # fmt: skip
+        print(
+            f"two envs: reset + 3 steps each in {elapsed:.1f}s; step_s "
+            f"{[round(x[2]['step_s'], 2) for i in results for x in results[i][1:]]}"
+        )
     finally:
         for env in envs:
             env.close()
@@ -136,7 +148,9 @@ def test_two_live_envs_side_by_side() -> None:
 @pytest.mark.timeout(120)
 def test_reset_restores_backends_weights_and_prices_after_a_scenario() -> None:
     # 1 s decisions, 36 scenario seconds each: the first step crosses two events.
-    env = LiveEnv(dict(FAST, scenario="degrade_and_dearer", scenario_offset_s=34.5, scenario_speed=36, reset_settle_s=1.0))
+    env = LiveEnv(
+        dict(FAST, scenario="degrade_and_dearer", scenario_offset_s=34.5, scenario_speed=36, reset_settle_s=1.0)
+    )
     try:
         _, info = env.reset()
         assert info["phase"] == "start"
@@ -147,15 +161,21 @@ def test_reset_restores_backends_weights_and_prices_after_a_scenario() -> None:
         assert driver is not None
 
         def extra_ms(a: str) -> float:
-            return float(httpx.get(driver.backend_urls[a] + "/control", timeout=5, trust_env=False).json()["extra_latency_ms"])
+            return float(
+                httpx.get(driver.backend_urls[a] + "/control", timeout=5, trust_env=False).json()["extra_latency_ms"]
+            )
 
         gcp = [a for a, c in clouds.items() if c == "gcp"]
         assert all(extra_ms(a) == 150 for a in gcp)
         assert env.last_obs is not None
-        assert [e.cost_per_million for e in env.last_obs.endpoints if clouds[e.address] == "azure"] == pytest.approx([2.2, 2.2])
+        assert [e.cost_per_million for e in env.last_obs.endpoints if clouds[e.address] == "azure"] == pytest.approx(
+            [2.2, 2.2]
+        )
         _, info = env.reset()
         assert all(extra_ms(a) == 0 for a in gcp)
-        assert [e.cost_per_million for e in env.last_obs.endpoints if clouds[e.address] == "azure"] == pytest.approx([0.55, 0.55])
+        assert [e.cost_per_million for e in env.last_obs.endpoints if clouds[e.address] == "azure"] == pytest.approx(
+            [0.55, 0.55]
+        )
         assert info["weights"] == [1] * 6 and wait_weights(env) == env.weights
     finally:
         env.close()
@@ -201,7 +221,9 @@ def test_reaper_stops_the_stack_of_a_killed_env_runner(tmp_path: Path) -> None:
         time.sleep(120)
         """
     )
-    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+    )
     try:
         assert proc.stdout is not None
         line = proc.stdout.readline()
@@ -253,7 +275,7 @@ def test_attach_mode_drives_a_staging_stack_and_leaves_it_running(ray_local: Non
             obs, _ = env.reset()
             assert env.observation_space.contains(obs)
             for step in range(2):
-                obs, r, _, _, info = env.step(np.array([step, step + 3]))
+                obs, r, _, _, _info = env.step(np.array([step, step + 3]))
                 assert env.observation_space.contains(obs) and math.isfinite(r)
             assert env.weights != {a: 1 for a in env.addresses}
             assert wait_weights(env) == env.weights
@@ -285,7 +307,10 @@ def test_rllib_trains_on_two_live_env_runners(ray_local: None) -> None:
         t0 = time.monotonic()
         results = [algo.train() for _ in range(2)]
         elapsed = time.monotonic() - t0
-        sampled = results[-1].get("num_env_steps_sampled_lifetime") or results[-1]["env_runners"]["num_env_steps_sampled_lifetime"]
+        sampled = (
+            results[-1].get("num_env_steps_sampled_lifetime")
+            or results[-1]["env_runners"]["num_env_steps_sampled_lifetime"]
+        )
         assert sampled >= 32
         per_runner = algo.env_runner_group.foreach_env_runner(
             lambda r: [e.unwrapped.describe() | {"pids": e.unwrapped.owned_pids} for e in r.env.unwrapped.envs],

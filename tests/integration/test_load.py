@@ -41,10 +41,12 @@ def test_1000_xds_streams_pushed_every_second_for_60_s_do_not_grow_memory() -> N
 
 @pytest.mark.parametrize(
     "args",
-    [["xds-soak", "--streams", "20", "--duration", "3", "--warmup", "1"],
-     ["api-load", "--rate", "20", "--duration", "3", "--background-rps", "10"]],
+    [
+        ["xds-soak", "--streams", "20", "--duration", "3", "--warmup", "1"],
+        ["api-load", "--rate", "20", "--duration", "3", "--background-rps", "10"],
+    ],
     ids=["xds-soak", "api-load"],
-)  # fmt: skip
+)
 def test_cli_prints_one_json_object(args: list[str]) -> None:
     import json
     import subprocess
@@ -60,6 +62,9 @@ def test_cli_prints_one_json_object(args: list[str]) -> None:
     if args[0] == "xds-soak":
         # A push a second for 3 s: on a loaded machine the third can fall past the end
         # (seen once in CI). What this smoke test checks is that every push was ACKed.
-        assert out["pushes"] >= 2 and out["pushes_fully_acked"] == out["pushes"] and out["streams"] == 21, (out["missed"], out)
+        assert out["pushes"] >= 2 and out["pushes_fully_acked"] == out["pushes"] and out["streams"] == 21, (
+            out["missed"],
+            out,
+        )
     else:
         assert out["requests"] == 60 and out["errors"] == 0

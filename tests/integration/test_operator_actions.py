@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from livestack import TOKEN, fast_settings, live_stack, settings_on_free_ports  # noqa: E402
+from livestack import TOKEN, fast_settings, live_stack, settings_on_free_ports
 
-from balanceiq.testbed.envoy import endpoint_health  # noqa: E402
+from balanceiq.testbed.envoy import endpoint_health
 
 pytestmark = pytest.mark.slow
 
@@ -33,8 +33,11 @@ def test_a_drain_reaches_envoy_within_two_seconds_while_telemetry_is_blind(tmp_p
         assert not endpoint_health(st.testbed.envoy.clusters_json(), c.cluster.name)[victim]
         with st.client() as http:
             t0 = time.monotonic()
-            r = http.put("/api/weights", json={"address": victim, "action": "drain", "reason": "incident"},
-                         headers={"Authorization": f"Bearer {TOKEN}"})  # fmt: skip
+            r = http.put(
+                "/api/weights",
+                json={"address": victim, "action": "drain", "reason": "incident"},
+                headers={"Authorization": f"Bearer {TOKEN}"},
+            )
             assert r.status_code == 200, r.text
             reasons: list[str] = []
             while time.monotonic() - t0 < 5:

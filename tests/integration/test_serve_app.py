@@ -19,19 +19,19 @@ import ray
 from ray import serve
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from livestack import fast_settings, settings_on_free_ports  # noqa: E402
+from livestack import fast_settings, settings_on_free_ports
 
-from balanceiq.config import Settings  # noqa: E402
-from balanceiq.control.controller import Controller  # noqa: E402
-from balanceiq.control.xds_client import ActorXdsClient  # noqa: E402
-from balanceiq.policy.checkpoint import SHIPPED  # noqa: E402
-from balanceiq.policy.features import N_FEATURES  # noqa: E402
-from balanceiq.sim.scenario import SCENARIOS  # noqa: E402
-from balanceiq.serve.app import build_app  # noqa: E402
-from balanceiq.testbed.load import run_load_sync  # noqa: E402
-from balanceiq.testbed.ports import free_port  # noqa: E402
-from balanceiq.testbed.testbed import Testbed  # noqa: E402
-from balanceiq.xds.actor import get_actor  # noqa: E402
+from balanceiq.config import Settings
+from balanceiq.control.controller import Controller
+from balanceiq.control.xds_client import ActorXdsClient
+from balanceiq.policy.checkpoint import SHIPPED
+from balanceiq.policy.features import N_FEATURES
+from balanceiq.serve.app import build_app
+from balanceiq.sim.scenario import SCENARIOS
+from balanceiq.testbed.load import run_load_sync
+from balanceiq.testbed.ports import free_port
+from balanceiq.testbed.testbed import Testbed
+from balanceiq.xds.actor import get_actor
 
 pytestmark = pytest.mark.slow
 
@@ -71,10 +71,11 @@ def app(ray_local: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[A
     stop = threading.Event()
     with Testbed(s, work / "tb", health_check_interval_s=60) as tb:
         loader = threading.Thread(
-            target=run_load_sync, args=(tb.envoy.listen_url,),
+            target=run_load_sync,
+            args=(tb.envoy.listen_url,),
             kwargs={"total": 100 * 400, "concurrency": 6, "max_seconds": 400, "rate_rps": 100, "stop": stop},
             daemon=True,
-        )  # fmt: skip
+        )
         loader.start()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         try:
@@ -94,8 +95,9 @@ def test_api_and_loop_over_serve(app: App) -> None:
     status = app.wait(
         "/api/status",
         lambda s: s["components"]["controller"]["state"] == "up" and s["components"]["xds"]["state"] == "up",
-        timeout=60, what="controller and xDS up",
-    )  # fmt: skip
+        timeout=60,
+        what="controller and xDS up",
+    )
     assert status["components"]["policy"]["state"] == "up"
     assert status["components"]["policy"]["module_class"] == "CriticalEndpointModule"
     weights = app.get("/api/weights").json()
@@ -125,8 +127,13 @@ def test_policy_batches_and_hot_swaps_without_dropping_requests(app: App) -> Non
     assert swapped["swaps"] == before["swaps"] + 1
     info = handle.info.remote().result(timeout_s=10)
     assert info["max_batch"] > 1, info  # concurrent callers shared forward passes
-    bad = httpx.put(app.url + "/api/policy", json={"checkpoint": "/nonexistent"}, timeout=30, trust_env=False,
-                    headers={"Authorization": f"Bearer {TOKEN}"})  # fmt: skip
+    bad = httpx.put(
+        app.url + "/api/policy",
+        json={"checkpoint": "/nonexistent"},
+        timeout=30,
+        trust_env=False,
+        headers={"Authorization": f"Bearer {TOKEN}"},
+    )
     assert bad.status_code == 400 and "/nonexistent" in bad.text
     assert handle.info.remote().result(timeout_s=10)["checkpoint"] == str(SHIPPED)
 
@@ -146,14 +153,23 @@ def test_train_evaluate_promote_over_the_api(app: App) -> None:
     auth = {"Authorization": f"Bearer {TOKEN}"}
     handle = serve.get_deployment_handle("Policy", app_name=APP)
     serving_before = handle.info.remote().result(timeout_s=10)["checkpoint"]
-    bad = httpx.post(app.url + "/api/train", json={"iterations": 1, "scenarios": ["no_such"]}, headers=auth,
-                     timeout=30, trust_env=False)  # fmt: skip
+    bad = httpx.post(
+        app.url + "/api/train",
+        json={"iterations": 1, "scenarios": ["no_such"]},
+        headers=auth,
+        timeout=30,
+        trust_env=False,
+    )
     assert bad.status_code == 409 and "no_such" in bad.text
     # With a short live evaluation too: the gate's live half runs inside the training actor.
     live = {"episodes": 1, "episode_steps": 4, "decision_interval_s": 1.0, "scenario_speed": 40.0}
-    r = httpx.post(app.url + "/api/train", json={"iterations": 2, "num_env_runners": 0, "scenarios": ["degrade"],
-                                                 "live_eval": live},
-                   headers=auth, timeout=30, trust_env=False)  # fmt: skip
+    r = httpx.post(
+        app.url + "/api/train",
+        json={"iterations": 2, "num_env_runners": 0, "scenarios": ["degrade"], "live_eval": live},
+        headers=auth,
+        timeout=30,
+        trust_env=False,
+    )
     assert r.status_code == 202, r.text
     run_id = r.json()["id"]
     again = httpx.post(app.url + "/api/train", json={"iterations": 1}, headers=auth, timeout=30, trust_env=False)
@@ -161,8 +177,9 @@ def test_train_evaluate_promote_over_the_api(app: App) -> None:
     done = app.wait(
         "/api/metrics/training",
         lambda t: t["runs"] and t["runs"][0]["id"] == run_id and t["runs"][0]["state"] in ("done", "failed"),
-        timeout=420, what="training run finished",
-    )  # fmt: skip
+        timeout=420,
+        what="training run finished",
+    )
     run = done["runs"][0]
     assert run["state"] == "done", run
     assert done["training_iterations"] >= 2 and len(done["recent_rewards"]) == 2 and done["buffer_size"] > 0
@@ -173,7 +190,9 @@ def test_train_evaluate_promote_over_the_api(app: App) -> None:
     assert ev["state"] == "done" and set(ev["scenarios"]) == {*SCENARIOS, "live:degrade_and_dearer"}
     ev_live = stages["evaluate_live"]
     assert ev_live["state"] == "done" and [(e["episode"], e["checkpoint"]) for e in ev_live["episodes"]] == [
-        (0, "candidate"), (0, "serving")]
+        (0, "candidate"),
+        (0, "serving"),
+    ]
     assert all(e["steps"] == 4 for e in ev_live["episodes"])
     serving_after = handle.info.remote().result(timeout_s=10)["checkpoint"]
     if ev["verdict"].startswith("promoted"):

@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from livestack import settings_on_free_ports  # noqa: E402
+from livestack import settings_on_free_ports
 
 pytestmark = pytest.mark.slow
 
@@ -65,8 +65,14 @@ def test_each_serve_run_form_serves_the_api(workdir: Path, form: str) -> None:
     # --address local: a new Ray of its own, never someone else's on this machine.
     log = workdir / "serve-run.log"
     with log.open("w") as sink:  # a file, not a pipe: a full pipe would stall `serve run`
-        proc = subprocess.Popen([SERVE, "run", "--address", "local", form], cwd=workdir, env=env,
-                                stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+        proc = subprocess.Popen(
+            [SERVE, "run", "--address", "local", form],
+            cwd=workdir,
+            env=env,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     status = None
     try:
         deadline = time.monotonic() + 150

@@ -102,8 +102,9 @@ def test_healthy_traffic_is_observed_from_prometheus(live: Live) -> None:
     addrs = [ep.address for ep in live.settings.clusters[0].endpoints]
     o = live.wait_for(
         lambda o: o.source == "prometheus" and all(e.usable and e.p95_ms > 0 for e in o.endpoints),
-        timeout=30, what="usable observation of every endpoint",
-    )  # fmt: skip
+        timeout=30,
+        what="usable observation of every endpoint",
+    )
     for e in o.endpoints:
         assert e.rps > 10 and e.error_rate == 0.0 and e.healthy is True
         assert e.age_s < 5 and e.weight == 1 and math.isfinite(e.cost_per_million)
@@ -123,8 +124,9 @@ def test_injected_latency_shows_in_p95(live: Live) -> None:
         # Within the rate window plus a few scrape intervals.
         after = live.wait_for(
             lambda o: o.source == "prometheus" and abs(_ep(o, addr).p95_ms - (p95_before + 50)) <= 10,
-            timeout=WINDOW_S + 6, what=f"p95 of {addr} rising by 50 ms from {p95_before:.1f}",
-        )  # fmt: skip
+            timeout=WINDOW_S + 6,
+            what=f"p95 of {addr} rising by 50 ms from {p95_before:.1f}",
+        )
         print(f"p95 {p95_before:.1f} -> {_ep(after, addr).p95_ms:.1f} ms in {time.monotonic() - injected_at:.1f}s")
     finally:
         live.control(addr, extra_latency_ms=0)
@@ -136,8 +138,9 @@ def test_injected_errors_read_as_error_rate(live: Live) -> None:
     try:
         o = live.wait_for(
             lambda o: o.source == "prometheus" and abs(_ep(o, addr).error_rate - 0.2) <= 0.05,
-            timeout=WINDOW_S + 8, what=f"error rate of {addr} near 0.2",
-        )  # fmt: skip
+            timeout=WINDOW_S + 8,
+            what=f"error rate of {addr} near 0.2",
+        )
         others = [e for e in o.endpoints if e.address != addr]
         assert all(e.error_rate <= 0.01 for e in others)
     finally:
@@ -167,8 +170,9 @@ def test_prometheus_down_falls_back_to_envoy_and_comes_back(live: Live) -> None:
         assert any(err.startswith("prometheus:") for err in o.errors)
         o = live.wait_for(
             lambda o: o.source == "envoy-admin" and all(e.usable and e.rps > 0 for e in o.endpoints),
-            timeout=10, what="usable fallback observation",
-        )  # fmt: skip
+            timeout=10,
+            what="usable fallback observation",
+        )
         assert all(e.healthy is True for e in o.endpoints)
     finally:
         prom.start()
@@ -180,7 +184,10 @@ def test_prometheus_down_falls_back_to_envoy_and_comes_back(live: Live) -> None:
 def test_a_broken_query_is_named_and_observation_still_arrives(live: Live) -> None:
     from balanceiq.config import SignalQuery
 
-    bad = {**live.settings.telemetry.queries, "saturation": SignalQuery(promql="max by (backend) (", endpoint_label="backend")}
+    bad = {
+        **live.settings.telemetry.queries,
+        "saturation": SignalQuery(promql="max by (backend) (", endpoint_label="backend"),
+    }
     s = live.settings.model_copy(update={"telemetry": live.settings.telemetry.model_copy(update={"queries": bad})})
     telemetry = Telemetry(s, retry_s=0.5)
     try:

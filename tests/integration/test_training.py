@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import yaml
 
-from balanceiq.policy.checkpoint import RLPolicy
 from balanceiq.policy.baselines import PolicyContext
+from balanceiq.policy.checkpoint import RLPolicy
 from balanceiq.sim.env import FleetEnv
 from balanceiq.train import train
 
@@ -36,8 +36,14 @@ def test_bounded_ppo_improves_over_random_on_degrade(tmp_path: Path) -> None:
     cfg.pop("imitation", None)  # PPO alone must learn; the warm start is tested below
     small = tmp_path / "ppo.yaml"
     small.write_text(yaml.safe_dump(cfg))
-    summary = train(scenarios=["degrade"], iterations=8, checkpoint_dir=tmp_path / "ckpt", num_env_runners=1,
-                    config_path=small, seed=0)  # fmt: skip
+    summary = train(
+        scenarios=["degrade"],
+        iterations=8,
+        checkpoint_dir=tmp_path / "ckpt",
+        num_env_runners=1,
+        config_path=small,
+        seed=0,
+    )
     assert summary["module_class"] == "CriticalEndpointModule"
     assert json.loads((tmp_path / "ckpt" / "training_summary.json").read_text())["iterations"] == 8
 
@@ -46,8 +52,13 @@ def test_bounded_ppo_improves_over_random_on_degrade(tmp_path: Path) -> None:
     policy = RLPolicy.from_checkpoint(tmp_path / "ckpt", mode="sample")
 
     def trained(env: FleetEnv, rng: np.random.Generator) -> list[int]:
-        ctx = PolicyContext(shares=env.shares, capacity_hint=env.capacity_estimate(),
-                            static_weights=np.ones(env.sim.n), demand_rps=0.0, k=env.k)  # fmt: skip
+        ctx = PolicyContext(
+            shares=env.shares,
+            capacity_hint=env.capacity_estimate(),
+            static_weights=np.ones(env.sim.n),
+            demand_rps=0.0,
+            k=env.k,
+        )
         return policy.critical(env.last_obs, ctx)
 
     def random(env: FleetEnv, rng: np.random.Generator) -> list[int]:
@@ -68,8 +79,14 @@ def test_imitation_warm_start_reaches_the_env_runners(tmp_path: Path) -> None:
     cfg["imitation"] = {"episodes": 12, "epochs": 40, "lr": 0.003, "explore": 0.2}
     small = tmp_path / "ppo.yaml"
     small.write_text(yaml.safe_dump(cfg))
-    summary = train(scenarios=["degrade"], iterations=1, checkpoint_dir=tmp_path / "ckpt", num_env_runners=1,
-                    config_path=small, seed=0)  # fmt: skip
+    summary = train(
+        scenarios=["degrade"],
+        iterations=1,
+        checkpoint_dir=tmp_path / "ckpt",
+        num_env_runners=1,
+        config_path=small,
+        seed=0,
+    )
     fit = summary["imitation"]
     assert fit["states"] == 12 * 60 and fit["nll_last"] < fit["nll_first"]
 

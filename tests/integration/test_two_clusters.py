@@ -11,16 +11,23 @@ import httpx
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from livestack import TOKEN, live_stack, two_cluster_settings  # noqa: E402
+from livestack import TOKEN, live_stack, two_cluster_settings
 
-from balanceiq.testbed.envoy import endpoint_health, endpoint_weights  # noqa: E402
+from balanceiq.testbed.envoy import endpoint_health, endpoint_weights
 
 pytestmark = pytest.mark.slow
 
 
 def _upstream_total(admin_url: str, cluster: str) -> int:
-    r = httpx.get(f"{admin_url}/stats?filter=^cluster\\.{cluster}\\.upstream_rq_total$&format=json", timeout=2, trust_env=False)
-    return int(next((s["value"] for s in r.json().get("stats", []) if s.get("name") == f"cluster.{cluster}.upstream_rq_total"), 0))
+    r = httpx.get(
+        f"{admin_url}/stats?filter=^cluster\\.{cluster}\\.upstream_rq_total$&format=json", timeout=2, trust_env=False
+    )
+    return int(
+        next(
+            (s["value"] for s in r.json().get("stats", []) if s.get("name") == f"cluster.{cluster}.upstream_rq_total"),
+            0,
+        )
+    )
 
 
 @pytest.mark.timeout(180)
@@ -69,8 +76,11 @@ def test_two_clusters_on_one_envoy_are_both_steered_and_acked(tmp_path: Path) ->
             victim = plane.controllers["checkout"].addresses[0]
             before = endpoint_weights(envoy.clusters_json(), "my_service")
             t0 = time.monotonic()
-            r = http.put("/api/weights", json={"address": victim, "action": "drain", "reason": "test"},
-                         headers={"Authorization": f"Bearer {TOKEN}"})  # fmt: skip
+            r = http.put(
+                "/api/weights",
+                json={"address": victim, "action": "drain", "reason": "test"},
+                headers={"Authorization": f"Bearer {TOKEN}"},
+            )
             assert r.status_code == 200, r.text
             assert r.json()["override"]["cluster"] == "checkout"
             reasons: list[str] = []
@@ -84,8 +94,12 @@ def test_two_clusters_on_one_envoy_are_both_steered_and_acked(tmp_path: Path) ->
             assert set(endpoint_weights(envoy.clusters_json(), "my_service")) == set(before)
 
             # A policy change for one cluster leaves the other's as it was.
-            r = http.put("/api/policy", params={"cluster": "checkout"}, json={"cost_weight": 0.9},
-                         headers={"Authorization": f"Bearer {TOKEN}"})  # fmt: skip
+            r = http.put(
+                "/api/policy",
+                params={"cluster": "checkout"},
+                json={"cost_weight": 0.9},
+                headers={"Authorization": f"Bearer {TOKEN}"},
+            )
             assert r.status_code == 200 and r.json()["cost_weight"] == 0.9
             assert http.get("/api/policy").json()["cost_weight"] != 0.9
 

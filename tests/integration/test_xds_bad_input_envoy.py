@@ -27,16 +27,21 @@ def _identity(b: bytes) -> bytes:
     return b
 
 
-def sotw(node: str | None = "bad", names: tuple[str, ...] = ("my_service",), type_url: str = EDS_TYPE, nonce: str = "") -> bytes:
+def sotw(
+    node: str | None = "bad", names: tuple[str, ...] = ("my_service",), type_url: str = EDS_TYPE, nonce: str = ""
+) -> bytes:
     req = discovery_pb2.DiscoveryRequest(type_url=type_url, resource_names=names, response_nonce=nonce)
     if node is not None:
         req.node.id = node
     return req.SerializeToString()  # type: ignore[no-any-return]
 
 
-def delta(node: str | None = "bad", sub: tuple[str, ...] = ("my_service",), unsub: tuple[str, ...] = (), nonce: str = "") -> bytes:
+def delta(
+    node: str | None = "bad", sub: tuple[str, ...] = ("my_service",), unsub: tuple[str, ...] = (), nonce: str = ""
+) -> bytes:
     req = discovery_pb2.DeltaDiscoveryRequest(
-        type_url=EDS_TYPE, resource_names_subscribe=sub, resource_names_unsubscribe=unsub, response_nonce=nonce)  # fmt: skip
+        type_url=EDS_TYPE, resource_names_subscribe=sub, resource_names_unsubscribe=unsub, response_nonce=nonce
+    )
     if node is not None:
         req.node.id = node
     return req.SerializeToString()  # type: ignore[no-any-return]
@@ -50,16 +55,24 @@ BAD: list[tuple[str, list[str], list[bytes]]] = [
     ("unknown type url", SOTW, [sotw(type_url="type.googleapis.com/not.a.Type"), sotw(None, nonce="x")]),
     ("bogus nonces", SOTW, [sotw(), sotw(None, nonce="99999"), sotw(None, nonce="")]),
     ("names past the limit", SOTW, [sotw(names=tuple(f"n{i}" for i in range(10_001)))]),
-    ("unsubscribe unknown names", DELTA, [delta(), delta(None, sub=(), unsub=("ghost", "nope")), delta(None, sub=(), nonce="zz")]),
-]  # fmt: skip
+    (
+        "unsubscribe unknown names",
+        DELTA,
+        [delta(), delta(None, sub=(), unsub=("ghost", "nope")), delta(None, sub=(), nonce="zz")],
+    ),
+]
 
 
 @pytest.fixture(params=["ads-sotw", "ads-delta"])
-def envoy_and_server(request: pytest.FixtureRequest, ports_settings: Settings, tmp_path: Path) -> Iterator[tuple[XdsServer, EnvoyProcess]]:
+def envoy_and_server(
+    request: pytest.FixtureRequest, ports_settings: Settings, tmp_path: Path
+) -> Iterator[tuple[XdsServer, EnvoyProcess]]:
     xds = XdsServer(ports_settings, state_dir=tmp_path / "state")
     xds.start()
-    envoy = EnvoyProcess(render_bootstrap(ports_settings, api=request.param, node_id="real-envoy", health_check_interval_s=60),
-                         workdir=tmp_path / "envoy")  # fmt: skip
+    envoy = EnvoyProcess(
+        render_bootstrap(ports_settings, api=request.param, node_id="real-envoy", health_check_interval_s=60),
+        workdir=tmp_path / "envoy",
+    )
     try:
         envoy.start()
         yield xds, envoy
@@ -79,7 +92,9 @@ def wait_weight(envoy: EnvoyProcess, address: str, weight: int, timeout: float =
     raise AssertionError(f"Envoy shows weight {seen} for {address}, expected {weight}")
 
 
-def test_real_envoy_keeps_receiving_while_bad_clients_are_refused(envoy_and_server: tuple[XdsServer, EnvoyProcess]) -> None:
+def test_real_envoy_keeps_receiving_while_bad_clients_are_refused(
+    envoy_and_server: tuple[XdsServer, EnvoyProcess],
+) -> None:
     xds, envoy = envoy_and_server
     address = next(iter(xds.assignment("my_service").weights))
     wait_weight(envoy, address, 1)
@@ -96,8 +111,11 @@ def test_real_envoy_keeps_receiving_while_bad_clients_are_refused(envoy_and_serv
                     for _ in call(iter(requests), timeout=0.5):
                         pass
                 except grpc.RpcError as exc:
-                    assert exc.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED,  # type: ignore[attr-defined]
-                                          grpc.StatusCode.DEADLINE_EXCEEDED), (what, method, exc)  # fmt: skip
+                    assert exc.code() in (
+                        grpc.StatusCode.INVALID_ARGUMENT,
+                        grpc.StatusCode.RESOURCE_EXHAUSTED,  # type: ignore[attr-defined]
+                        grpc.StatusCode.DEADLINE_EXCEEDED,
+                    ), (what, method, exc)
                 weight += 1
                 version = xds.set_assignment("my_service", {address: weight})
                 assert xds.wait_for_ack(version, "real-envoy", timeout=5), f"Envoy did not ACK after {what} on {method}"

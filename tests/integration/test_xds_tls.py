@@ -39,7 +39,7 @@ def _write(path: Path, key: ec.EllipticCurvePrivateKey, cert: x509.Certificate) 
 
 def make_ca(path: Path, cn: str) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
     key = ec.generate_private_key(ec.SECP256R1())
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     cert = (
         x509.CertificateBuilder()
         .subject_name(_name(cn))
@@ -57,7 +57,7 @@ def make_ca(path: Path, cn: str) -> tuple[ec.EllipticCurvePrivateKey, x509.Certi
 
 def make_leaf(path: Path, cn: str, ca: tuple[ec.EllipticCurvePrivateKey, x509.Certificate]) -> tuple[Path, Path]:
     key = ec.generate_private_key(ec.SECP256R1())
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     cert = (
         x509.CertificateBuilder()
         .subject_name(_name(cn))
@@ -84,11 +84,15 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     envoy_crt, envoy_key = make_leaf(d / "envoy", "envoy.balanceiq.test", ca)
     rogue_crt, rogue_key = make_leaf(d / "rogue-envoy", "envoy.balanceiq.test", rogue)
     return {
-        "ca": d / "ca.crt", "rogue_ca": d / "rogue-ca.crt",
-        "server_crt": server_crt, "server_key": server_key,
-        "envoy_crt": envoy_crt, "envoy_key": envoy_key,
-        "rogue_crt": rogue_crt, "rogue_key": rogue_key,
-    }  # fmt: skip
+        "ca": d / "ca.crt",
+        "rogue_ca": d / "rogue-ca.crt",
+        "server_crt": server_crt,
+        "server_key": server_key,
+        "envoy_crt": envoy_crt,
+        "envoy_key": envoy_key,
+        "rogue_crt": rogue_crt,
+        "rogue_key": rogue_key,
+    }
 
 
 def with_tls(settings: Settings, **tls: object) -> Settings:
@@ -134,17 +138,25 @@ def envoy_gets_endpoints(settings: Settings, tmp_path: Path, timeout: float) -> 
         envoy.stop()
 
 
-def test_tls_server_verified_by_envoy(ports_settings: Settings, pki: dict[str, Path], tmp_path: Path, server_factory) -> None:  # type: ignore[no-untyped-def]
+def test_tls_server_verified_by_envoy(
+    ports_settings: Settings, pki: dict[str, Path], tmp_path: Path, server_factory
+) -> None:  # type: ignore[no-untyped-def]
     s = with_tls(
-        ports_settings, enabled=True, cert_file=pki["server_crt"], key_file=pki["server_key"],
-        envoy_ca_file=pki["ca"], server_name="xds.balanceiq.test",
-    )  # fmt: skip
+        ports_settings,
+        enabled=True,
+        cert_file=pki["server_crt"],
+        key_file=pki["server_key"],
+        envoy_ca_file=pki["ca"],
+        server_name="xds.balanceiq.test",
+    )
     xds = server_factory(s)
     assert len(envoy_gets_endpoints(s, tmp_path, timeout=10) or {}) == 3
     assert xds.status()["tls"] is True
 
 
-def test_envoy_refuses_a_server_it_cannot_verify(ports_settings: Settings, pki: dict[str, Path], tmp_path: Path, server_factory) -> None:  # type: ignore[no-untyped-def]
+def test_envoy_refuses_a_server_it_cannot_verify(
+    ports_settings: Settings, pki: dict[str, Path], tmp_path: Path, server_factory
+) -> None:  # type: ignore[no-untyped-def]
     server = with_tls(ports_settings, enabled=True, cert_file=pki["server_crt"], key_file=pki["server_key"])
     xds = server_factory(server)
     envoy_side = with_tls(server, envoy_ca_file=pki["rogue_ca"])
@@ -152,12 +164,20 @@ def test_envoy_refuses_a_server_it_cannot_verify(ports_settings: Settings, pki: 
     assert xds.status()["nodes"] == []
 
 
-def test_mtls_accepts_a_trusted_envoy_and_rejects_others(ports_settings: Settings, pki: dict[str, Path], tmp_path: Path, server_factory) -> None:  # type: ignore[no-untyped-def]
+def test_mtls_accepts_a_trusted_envoy_and_rejects_others(
+    ports_settings: Settings, pki: dict[str, Path], tmp_path: Path, server_factory
+) -> None:  # type: ignore[no-untyped-def]
     s = with_tls(
-        ports_settings, enabled=True, cert_file=pki["server_crt"], key_file=pki["server_key"],
-        ca_file=pki["ca"], require_client_cert=True, envoy_ca_file=pki["ca"],
-        envoy_cert_file=pki["envoy_crt"], envoy_key_file=pki["envoy_key"],
-    )  # fmt: skip
+        ports_settings,
+        enabled=True,
+        cert_file=pki["server_crt"],
+        key_file=pki["server_key"],
+        ca_file=pki["ca"],
+        require_client_cert=True,
+        envoy_ca_file=pki["ca"],
+        envoy_cert_file=pki["envoy_crt"],
+        envoy_key_file=pki["envoy_key"],
+    )
     xds = server_factory(s)
     assert len(envoy_gets_endpoints(s, tmp_path / "trusted", timeout=10) or {}) == 3
     trusted_nodes = len(xds.status()["nodes"])
@@ -172,8 +192,11 @@ def test_mtls_accepts_a_trusted_envoy_and_rejects_others(ports_settings: Setting
 def _plaintext_stream_refused(port: int) -> grpc.RpcError:
     """A plaintext gRPC client's ADS stream against the TLS port: the error it ends with."""
     with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
-        call = ch.stream_stream("/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources",
-                                request_serializer=lambda b: b, response_deserializer=lambda b: b)  # fmt: skip
+        call = ch.stream_stream(
+            "/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources",
+            request_serializer=lambda b: b,
+            response_deserializer=lambda b: b,
+        )
         req = discovery_pb2.DiscoveryRequest(type_url=EDS_TYPE, resource_names=["my_service"])
         req.node.id = "plaintext-client"
         with pytest.raises(grpc.RpcError) as info:
@@ -182,16 +205,31 @@ def _plaintext_stream_refused(port: int) -> grpc.RpcError:
 
 
 @pytest.mark.parametrize("mutual", [True, False], ids=["mtls", "tls"])
-def test_mtls_refuses_plaintext_clients(ports_settings: Settings, pki: dict[str, Path], tmp_path: Path, server_factory, mutual: bool) -> None:  # type: ignore[no-untyped-def]
+def test_mtls_refuses_plaintext_clients(
+    ports_settings: Settings, pki: dict[str, Path], tmp_path: Path, server_factory, mutual: bool
+) -> None:  # type: ignore[no-untyped-def]
     s = with_tls(
-        ports_settings, enabled=True, cert_file=pki["server_crt"], key_file=pki["server_key"],
-        ca_file=pki["ca"] if mutual else None, require_client_cert=mutual, envoy_ca_file=pki["ca"],
-        envoy_cert_file=pki["envoy_crt"] if mutual else None, envoy_key_file=pki["envoy_key"] if mutual else None,
-    )  # fmt: skip
+        ports_settings,
+        enabled=True,
+        cert_file=pki["server_crt"],
+        key_file=pki["server_key"],
+        ca_file=pki["ca"] if mutual else None,
+        require_client_cert=mutual,
+        envoy_ca_file=pki["ca"],
+        envoy_cert_file=pki["envoy_crt"] if mutual else None,
+        envoy_key_file=pki["envoy_key"] if mutual else None,
+    )
     xds = server_factory(s)
     # A real Envoy whose bootstrap speaks plaintext to the TLS port gets nothing.
-    plaintext = with_tls(s, enabled=False, require_client_cert=False, ca_file=None, envoy_ca_file=None,
-                         envoy_cert_file=None, envoy_key_file=None)  # fmt: skip
+    plaintext = with_tls(
+        s,
+        enabled=False,
+        require_client_cert=False,
+        ca_file=None,
+        envoy_ca_file=None,
+        envoy_cert_file=None,
+        envoy_key_file=None,
+    )
     assert envoy_gets_endpoints(plaintext, tmp_path / "plain-envoy", timeout=3) == {}
     # Nor does a plaintext gRPC client: the connection fails before any request is read.
     err = _plaintext_stream_refused(xds.port)

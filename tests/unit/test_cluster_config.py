@@ -98,22 +98,35 @@ def test_local_config_fits_this_machine() -> None:
 @pytest.mark.parametrize(
     ("edit", "expected"),
     [
-        (lambda c: c["available_node_types"]["ray.worker.cpu"].update(max_wokers=2),
-         "available_node_types[ray.worker.cpu].max_wokers: unknown key (did you mean 'max_workers'?)"),
-        (lambda c: c.update(idle_timout_minutes=5), "idle_timout_minutes: unknown key (did you mean 'idle_timeout_minutes'?)"),
+        (
+            lambda c: c["available_node_types"]["ray.worker.cpu"].update(max_wokers=2),
+            "available_node_types[ray.worker.cpu].max_wokers: unknown key (did you mean 'max_workers'?)",
+        ),
+        (
+            lambda c: c.update(idle_timout_minutes=5),
+            "idle_timout_minutes: unknown key (did you mean 'idle_timeout_minutes'?)",
+        ),
         (lambda c: c.update(max_workers="four"), "max_workers: 'four' is not of type 'integer'"),
-        (lambda c: c["available_node_types"]["ray.worker.cpu"]["resources"].update(CPU=1.5),
-         "available_node_types[ray.worker.cpu].resources.CPU: 1.5 is not of type 'integer'"),
-        (lambda c: c["available_node_types"]["ray.worker.cpu"].pop("node_config"),
-         "available_node_types[ray.worker.cpu]: 'node_config' is a required property"),
-        (lambda c: c["available_node_types"]["ray.worker.cpu"].update(min_workers=5),
-         "available_node_types[ray.worker.cpu]: min_workers 5 > max_workers 4"),
+        (
+            lambda c: c["available_node_types"]["ray.worker.cpu"]["resources"].update(CPU=1.5),
+            "available_node_types[ray.worker.cpu].resources.CPU: 1.5 is not of type 'integer'",
+        ),
+        (
+            lambda c: c["available_node_types"]["ray.worker.cpu"].pop("node_config"),
+            "available_node_types[ray.worker.cpu]: 'node_config' is a required property",
+        ),
+        (
+            lambda c: c["available_node_types"]["ray.worker.cpu"].update(min_workers=5),
+            "available_node_types[ray.worker.cpu]: min_workers 5 > max_workers 4",
+        ),
         (lambda c: c.update(head_node_type="ray.head.gpu"), "`head_node_type` must be one of `available_node_types`."),
         (lambda c: c["provider"].update(type="aws2"), "provider.type: Unsupported node provider: aws2"),
-        (lambda c: c["available_node_types"]["ray.worker.cpu"]["node_config"].pop("InstanceType"),
-         "available_node_types[ray.worker.cpu].node_config.InstanceType: required"),
+        (
+            lambda c: c["available_node_types"]["ray.worker.cpu"]["node_config"].pop("InstanceType"),
+            "available_node_types[ray.worker.cpu].node_config.InstanceType: required",
+        ),
     ],
-)  # fmt: skip
+)
 def test_broken_aws_config_names_the_problem(tmp_path: Path, no_network: None, edit: Any, expected: str) -> None:
     cfg = load(AWS)
     edit(cfg)
@@ -134,15 +147,25 @@ def test_every_problem_is_reported_at_once(tmp_path: Path) -> None:
     ("edit", "expected"),
     [
         (lambda c: c.pop("worker_start_ray_commands"), "worker_start_ray_commands: required"),
-        (lambda c: c.update(head_node_type="head", available_node_types={
-            "head" if k == "ray.head.default" else k: v for k, v in c["available_node_types"].items()}),
-         "head_node_type: the fake provider registers the head as 'ray.head.default'"),
-        (lambda c: c["available_node_types"]["ray.worker.cpu"].update(resources={}),
-         "available_node_types[ray.worker.cpu].resources: fake nodes have only the resources listed; give CPU"),
-        (lambda c: c["available_node_types"]["ray.worker.cpu"].update(min_workers=4),
-         "The specified global `max_workers` is smaller than the sum of `min_workers`"),
+        (
+            lambda c: c.update(
+                head_node_type="head",
+                available_node_types={
+                    "head" if k == "ray.head.default" else k: v for k, v in c["available_node_types"].items()
+                },
+            ),
+            "head_node_type: the fake provider registers the head as 'ray.head.default'",
+        ),
+        (
+            lambda c: c["available_node_types"]["ray.worker.cpu"].update(resources={}),
+            "available_node_types[ray.worker.cpu].resources: fake nodes have only the resources listed; give CPU",
+        ),
+        (
+            lambda c: c["available_node_types"]["ray.worker.cpu"].update(min_workers=4),
+            "The specified global `max_workers` is smaller than the sum of `min_workers`",
+        ),
     ],
-)  # fmt: skip
+)
 def test_broken_local_config_names_the_problem(tmp_path: Path, edit: Any, expected: str) -> None:
     cfg = load(LOCAL)
     edit(cfg)
@@ -151,14 +174,19 @@ def test_broken_local_config_names_the_problem(tmp_path: Path, edit: Any, expect
 
 
 def test_unreadable_files(tmp_path: Path) -> None:
-    assert check_cluster_config(tmp_path / "missing.yaml") == [f"cannot read {tmp_path / 'missing.yaml'}: No such file or directory"]
+    assert check_cluster_config(tmp_path / "missing.yaml") == [
+        f"cannot read {tmp_path / 'missing.yaml'}: No such file or directory"
+    ]
     bad = tmp_path / "bad.yaml"
     bad.write_text("cluster_name: [unclosed\n")
     assert check_cluster_config(bad)[0].startswith("not valid YAML:")
     bad.write_text("- a list\n")
     assert check_cluster_config(bad) == ["<root>: must be a mapping of keys, got list"]
     bad.write_text("max_workers: 2\n")
-    assert check_cluster_config(bad) == ["<root>: 'cluster_name' is a required property", "<root>: 'provider' is a required property"]
+    assert check_cluster_config(bad) == [
+        "<root>: 'cluster_name' is a required property",
+        "<root>: 'provider' is a required property",
+    ]
 
 
 def run(*args: str) -> subprocess.CompletedProcess[str]:
@@ -173,7 +201,9 @@ def test_cli_cluster_check_ok_and_problems(tmp_path: Path) -> None:
     assert res.returncode == 0 and res.stdout.startswith("OK: cluster-local.yaml (provider fake_multinode")
 
     cfg = load(AWS)
-    cfg["available_node_types"]["ray.worker.cpu"]["max_wokers"] = cfg["available_node_types"]["ray.worker.cpu"].pop("max_workers")
+    cfg["available_node_types"]["ray.worker.cpu"]["max_wokers"] = cfg["available_node_types"]["ray.worker.cpu"].pop(
+        "max_workers"
+    )
     res = run("cluster", "check", str(write(tmp_path, cfg, "typo.yaml")))
     assert res.returncode == 2 and res.stdout == ""
     assert "Traceback" not in res.stderr
@@ -188,7 +218,9 @@ def test_cli_cluster_check_ok_and_problems(tmp_path: Path) -> None:
 def test_ray_address_is_checked_in_seconds(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # Given a dead address, ray.init retries for ~14 minutes; the check answers at once.
     closed = free_port()
-    assert "nothing answers at 127.0.0.1:%d (Connection refused)" % closed in (check_ray_address(f"127.0.0.1:{closed}") or "")
+    assert f"nothing answers at 127.0.0.1:{closed} (Connection refused)" in (
+        check_ray_address(f"127.0.0.1:{closed}") or ""
+    )
     assert "nothing answers" in (check_ray_address(f"ray://127.0.0.1:{closed}") or "")
     with socket.socket() as listening:
         listening.bind(("127.0.0.1", 0))
@@ -197,8 +229,9 @@ def test_ray_address_is_checked_in_seconds(tmp_path: Path, monkeypatch: pytest.M
         # Something listens but never speaks gRPC (a web server, a reused port): refused
         # in the timeout, not after pages of GCS retries.
         assert "does not answer gRPC" in (check_ray_address(f"127.0.0.1:{port}", timeout=0.5) or "")
-    import grpc
     from concurrent.futures import ThreadPoolExecutor
+
+    import grpc
 
     server = grpc.server(ThreadPoolExecutor(1), options=[("grpc.so_reuseport", 0)])
     port = server.add_insecure_port("127.0.0.1:0")

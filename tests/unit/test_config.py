@@ -119,9 +119,17 @@ def test_models_are_frozen() -> None:
 
 def test_every_field_is_documented() -> None:
     models = [
-        cfg.EndpointConfig, cfg.ClusterConfig, cfg.TlsConfig, cfg.XdsConfig, cfg.EnvoyConfig,
-        cfg.PrometheusConfig, cfg.ControlConfig, cfg.BackendProfile, TestbedCfg, cfg.Settings,
-    ]  # fmt: skip
+        cfg.EndpointConfig,
+        cfg.ClusterConfig,
+        cfg.TlsConfig,
+        cfg.XdsConfig,
+        cfg.EnvoyConfig,
+        cfg.PrometheusConfig,
+        cfg.ControlConfig,
+        cfg.BackendProfile,
+        TestbedCfg,
+        cfg.Settings,
+    ]
     for model in models:
         assert model.model_config.get("extra") == "forbid" and model.model_config.get("frozen")
         for name, field in model.model_fields.items():
@@ -130,8 +138,12 @@ def test_every_field_is_documented() -> None:
 
 def test_cluster_lookup_names_known_clusters() -> None:
     settings = settings_from_dict(
-        {"clusters": [{"name": "a", "endpoints": [_endpoint("10.0.0.1:80")]},
-                      {"name": "b", "endpoints": [_endpoint("10.0.0.1:80")]}]}  # fmt: skip
+        {
+            "clusters": [
+                {"name": "a", "endpoints": [_endpoint("10.0.0.1:80")]},
+                {"name": "b", "endpoints": [_endpoint("10.0.0.1:80")]},
+            ]
+        }
     )
     assert settings.cluster("b").name == "b"
     with pytest.raises(KeyError, match=r"no cluster named 'c'; configured clusters: a, b"):
@@ -217,9 +229,7 @@ def test_bad_address_is_reported_at_its_field(address: str, expected: str) -> No
     assert expected in problems["clusters[0].endpoints[0].address"]
 
 
-@pytest.mark.parametrize(
-    "address", ["backend.internal:8080", "localhost:80", "api.example.com.:443"]
-)
+@pytest.mark.parametrize("address", ["backend.internal:8080", "localhost:80", "api.example.com.:443"])
 def test_hostname_is_refused_with_the_reason(address: str) -> None:
     message = _problems(_minimal(_endpoint(address)))["clusters[0].endpoints[0].address"]
     assert "is a hostname" in message
@@ -271,8 +281,11 @@ def test_missing_required_key() -> None:
     [
         ({"clusters": []}, "clusters", "at least one cluster"),
         ({"clusters": [{"endpoints": []}]}, "clusters[0].endpoints", "at least one endpoint"),
-        ({"clusters": [{"name": "my service", "endpoints": [_endpoint("10.0.0.1:1")]}]},
-         "clusters[0].name", "letters, digits"),  # fmt: skip
+        (
+            {"clusters": [{"name": "my service", "endpoints": [_endpoint("10.0.0.1:1")]}]},
+            "clusters[0].name",
+            "letters, digits",
+        ),
         ({"xds": {"port": 70000}}, "xds.port", "less than or equal to 65535"),
         ({"xds": {"api": "rest"}}, "xds.api", "'ads-sotw', 'ads-delta', 'eds-sotw' or 'eds-delta'"),
         ({"envoy": {"admin_url": "ftp://127.0.0.1:9901"}}, "envoy.admin_url", "not an http:// or https:// URL"),
@@ -282,13 +295,22 @@ def test_missing_required_key() -> None:
         ({"control": {"interval_s": 0}}, "control.interval_s", "greater than 0"),
         ({"control": {"interval_s": 3600000000}}, "control.interval_s", "less than or equal to 3600"),
         ({"control": {"k_critical": 0}}, "control.k_critical", "greater than or equal to 1"),
-        ({"testbed": {"overrides": {"127.0.0.1:18001": {"error_rate": 1.5}}}},
-         'testbed.overrides["127.0.0.1:18001"].error_rate', "less than or equal to 1"),  # fmt: skip
-        ({"testbed": {"base_latency_ms": {"aws/us-east-1/a": 3}}},
-         'testbed.base_latency_ms["aws/us-east-1/a"]', "'cloud' or 'cloud/region'"),  # fmt: skip
+        (
+            {"testbed": {"overrides": {"127.0.0.1:18001": {"error_rate": 1.5}}}},
+            'testbed.overrides["127.0.0.1:18001"].error_rate',
+            "less than or equal to 1",
+        ),
+        (
+            {"testbed": {"base_latency_ms": {"aws/us-east-1/a": 3}}},
+            'testbed.base_latency_ms["aws/us-east-1/a"]',
+            "'cloud' or 'cloud/region'",
+        ),
         ({"testbed": {"overrides": {"nope": {}}}}, "testbed.overrides.nope", "not an endpoint address"),
-        ({"testbed": {"overrides": {"10.9.9.9:80": {}}}},
-         'testbed.overrides["10.9.9.9:80"]', "no configured endpoint has this address"),  # fmt: skip
+        (
+            {"testbed": {"overrides": {"10.9.9.9:80": {}}}},
+            'testbed.overrides["10.9.9.9:80"]',
+            "no configured endpoint has this address",
+        ),
     ],
 )
 def test_other_field_errors(data: dict[str, Any], path: str, expected: str) -> None:
@@ -502,12 +524,8 @@ def test_check_command_prints_every_field_problem_one_per_line(
     assert "Traceback" not in err
     lines = err.splitlines()
     assert lines[0] == f"{path}: 2 problems"
-    assert lines[1].startswith(
-        "  clusters[0].endpoints[0].address: 'backend.internal' is a hostname"
-    )
-    assert lines[2] == (
-        "  clusters[0].endpoints[1].weight: Input should be greater than or equal to 1 (got 0)"
-    )
+    assert lines[1].startswith("  clusters[0].endpoints[0].address: 'backend.internal' is a hostname")
+    assert lines[2] == ("  clusters[0].endpoints[1].weight: Input should be greater than or equal to 1 (got 0)")
     assert len(lines) == 3
 
 
@@ -556,5 +574,14 @@ def test_settings_round_trip_through_yaml(tmp_path: Path) -> None:
 def test_settings_model_is_the_root() -> None:
     assert issubclass(Settings, BaseModel)
     assert set(Settings.model_fields) == {
-        "clusters", "xds", "envoy", "prometheus", "telemetry", "control", "guardrails", "api", "testbed", "state_dir",
-    }  # fmt: skip
+        "clusters",
+        "xds",
+        "envoy",
+        "prometheus",
+        "telemetry",
+        "control",
+        "guardrails",
+        "api",
+        "testbed",
+        "state_dir",
+    }

@@ -66,13 +66,38 @@ BASE_PATHS = paths(BASE)
 BASE_MAPPINGS = mapping_paths(BASE)
 
 scalars = st.one_of(
-    st.none(), st.booleans(), st.integers(), st.floats(), st.text(max_size=20),
-    st.sampled_from([
-        0, -1, 2**32, 2**64, 10**400, 10**4000, -(10**4000), 1e308, float("inf"), float("-inf"), float("nan"),
-        "", " ", "127.0.0.1:0", "[::1]:99999", "0.0.0.0", "-----BEGIN PRIVATE KEY-----\nMIIE",
-        "a\x00b", "\u202e\ufeff", "$cluster $window $", "http://", "aws/us/east",
-    ]),
-)  # fmt: skip
+    st.none(),
+    st.booleans(),
+    st.integers(),
+    st.floats(),
+    st.text(max_size=20),
+    st.sampled_from(
+        [
+            0,
+            -1,
+            2**32,
+            2**64,
+            10**400,
+            10**4000,
+            -(10**4000),
+            1e308,
+            float("inf"),
+            float("-inf"),
+            float("nan"),
+            "",
+            " ",
+            "127.0.0.1:0",
+            "[::1]:99999",
+            "0.0.0.0",
+            "-----BEGIN PRIVATE KEY-----\nMIIE",
+            "a\x00b",
+            "\u202e\ufeff",
+            "$cluster $window $",
+            "http://",
+            "aws/us/east",
+        ]
+    ),
+)
 junk = st.recursive(
     scalars, lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=8), c, max_size=4), max_leaves=8
 )
@@ -105,15 +130,44 @@ def test_arbitrary_text_is_settings_or_config_error(text: str, tmp_path_factory:
 
 
 yaml_fragments = st.lists(
-    st.sampled_from([
-        "clusters:", "- name: x", "  endpoints:", "  - address: 10.0.0.1:80", "    cloud: aws", "    region: r",
-        "    weight: 0x" + "f" * 5000, "    weight: " + "9" * 5000, "xds: {port: 99999}", "xds:", "  host: 0.0.0.0",
-        "api: {token: short}", "state_dir: 2020-13-45", "control: {interval_s: .nan}", "x: &a [*a]", "y: *b",
-        "  tls: {enabled: true}", "? [a, b]\n: c", "!!binary zz", "%YAML 1.1", "---", "...", "\t", "'", "\"\\x", "{",
-        "- - - -", "a: !!int 12x", "a: !!float 1.2.3", "a: !!timestamp nope", "<<: *a", "envoy: {admin_url: 'http://10.1.1.1:9901'}",
-    ]),
+    st.sampled_from(
+        [
+            "clusters:",
+            "- name: x",
+            "  endpoints:",
+            "  - address: 10.0.0.1:80",
+            "    cloud: aws",
+            "    region: r",
+            "    weight: 0x" + "f" * 5000,
+            "    weight: " + "9" * 5000,
+            "xds: {port: 99999}",
+            "xds:",
+            "  host: 0.0.0.0",
+            "api: {token: short}",
+            "state_dir: 2020-13-45",
+            "control: {interval_s: .nan}",
+            "x: &a [*a]",
+            "y: *b",
+            "  tls: {enabled: true}",
+            "? [a, b]\n: c",
+            "!!binary zz",
+            "%YAML 1.1",
+            "---",
+            "...",
+            "\t",
+            "'",
+            '"\\x',
+            "{",
+            "- - - -",
+            "a: !!int 12x",
+            "a: !!float 1.2.3",
+            "a: !!timestamp nope",
+            "<<: *a",
+            "envoy: {admin_url: 'http://10.1.1.1:9901'}",
+        ]
+    ),
     max_size=12,
-)  # fmt: skip
+)
 
 
 @FUZZ
@@ -154,12 +208,16 @@ def test_unknown_key_is_named_with_its_path(where: tuple[str | int, ...], key: s
     assert isinstance(result, ConfigError)
     named = fmt([*where, key])
     assert any(field == named and message.startswith("unknown key") for field, message in result.problems), (
-        named, result.problems)  # fmt: skip
+        named,
+        result.problems,
+    )
 
 
 @FUZZ
 @given(data=st.data())
-def test_a_duplicated_key_is_an_error_with_its_line(data: st.DataObject, tmp_path_factory: pytest.TempPathFactory) -> None:
+def test_a_duplicated_key_is_an_error_with_its_line(
+    data: st.DataObject, tmp_path_factory: pytest.TempPathFactory
+) -> None:
     text = yaml.safe_dump(BASE, sort_keys=False, width=10_000)
     lines = text.splitlines()
     # A line "key: ..." that does not start a list item; "key: 1" put just above it is
@@ -185,18 +243,31 @@ def test_a_duplicated_key_is_an_error_with_its_line(data: st.DataObject, tmp_pat
         ("state_dir: 2020-13-45\n", "", "cannot read timestamp value"),  # was ValueError
         ("a: !!timestamp nope\n", "", "cannot read timestamp value"),  # was AttributeError
         ("a: !!int 12x\n", "", "cannot read int value"),
-        ("clusters:\n- name: a\n  endpoints:\n  - {address: '1.2.3.4:5', cloud: a, region: b, weight: " + "9" * 5000 + "}\n",
-         "clusters[0].endpoints[0].weight", "a number with 5000 digits"),  # was ValueError (int digits limit)
-        ("clusters:\n- name: a\n  endpoints:\n  - {address: '1.2.3.4:5', cloud: a, region: b, weight: 0x" + "f" * 5000 + "}\n",
-         "clusters[0].endpoints[0].weight", "less than or equal to 4294967295"),  # was ValueError in repr()
+        (
+            "clusters:\n- name: a\n  endpoints:\n  - {address: '1.2.3.4:5', cloud: a, region: b, weight: "
+            + "9" * 5000
+            + "}\n",
+            "clusters[0].endpoints[0].weight",
+            "a number with 5000 digits",
+        ),  # was ValueError (int digits limit)
+        (
+            "clusters:\n- name: a\n  endpoints:\n  - {address: '1.2.3.4:5', cloud: a, region: b, weight: 0x"
+            + "f" * 5000
+            + "}\n",
+            "clusters[0].endpoints[0].weight",
+            "less than or equal to 4294967295",
+        ),  # was ValueError in repr()
         ("telemetry:\n  queries: {1: x, a: y}\n", "telemetry.queries", "unknown signal(s) 1, a"),  # was TypeError
         ("clusters: &a [*a]\n", "clusters[0]", "refers to itself"),
-        ("state_dir: \"a\\0b\"\n", "state_dir", "NUL"),
+        ('state_dir: "a\\0b"\n', "state_dir", "NUL"),
         ("state_dir: " + "a" * 70_000 + "\n", "state_dir", "at most 65536"),
-        ("xds:\n  tls:\n    enabled: true\n    cert_file: c.pem\n    key_file: \"-----BEGIN PRIVATE KEY-----\\nMIIEv\"\n",
-         "xds.tls.key_file", "looks like PEM content"),
+        (
+            'xds:\n  tls:\n    enabled: true\n    cert_file: c.pem\n    key_file: "-----BEGIN PRIVATE KEY-----\\nMIIEv"\n',
+            "xds.tls.key_file",
+            "looks like PEM content",
+        ),
     ],
-)  # fmt: skip
+)
 def test_inputs_that_used_to_escape(tmp_path: Path, text: str, field: str, needle: str) -> None:
     path = tmp_path / "c.yaml"
     path.write_text(text)

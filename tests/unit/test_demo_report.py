@@ -10,8 +10,20 @@ from balanceiq.demo import _by_cloud, _print_summary, summarise
 
 
 def _weights(shares: dict[str, float], prices: dict[str, float]) -> dict[str, object]:
-    return {"endpoints": [{"address": a, "share": s, "weight": round(10000 * s), "rps": 100 * s, "p95_ms": 20.0,
-                           "error_rate": 0.0, "cost_per_million": prices[a]} for a, s in shares.items()]}  # fmt: skip
+    return {
+        "endpoints": [
+            {
+                "address": a,
+                "share": s,
+                "weight": round(10000 * s),
+                "rps": 100 * s,
+                "p95_ms": 20.0,
+                "error_rate": 0.0,
+                "cost_per_million": prices[a],
+            }
+            for a, s in shares.items()
+        ]
+    }
 
 
 CLOUDS = {"a1": "aws", "a2": "aws", "g1": "gcp"}
@@ -19,8 +31,13 @@ CLOUDS = {"a1": "aws", "a2": "aws", "g1": "gcp"}
 
 def _interval(t: float, phase: str, shares: dict[str, float], prices: dict[str, float]) -> dict[str, object]:
     w = _weights(shares, prices)
-    return {"t": t, "phase": phase, "clouds": _by_cloud(w, CLOUDS), "cost_per_million": 0.3,
-            "weights": {e["address"]: e["weight"] for e in w["endpoints"]}}  # type: ignore[attr-defined]  # fmt: skip
+    return {
+        "t": t,
+        "phase": phase,
+        "clouds": _by_cloud(w, CLOUDS),
+        "cost_per_million": 0.3,
+        "weights": {e["address"]: e["weight"] for e in w["endpoints"]},
+    }  # type: ignore[attr-defined]
 
 
 def test_by_cloud_prices_are_share_weighted() -> None:

@@ -25,8 +25,15 @@ ADDRS = ["127.0.0.1:18001", "127.0.0.1:18002", "127.0.0.1:18003"]
 def _cla(weights: list[int], health: list[str] | None = None) -> endpoint_pb2.ClusterLoadAssignment:
     """What the xDS server sends, built the way it builds it."""
     eps = tuple(
-        EndpointAssignment(address=a, host=a.split(":")[0], port=int(a.split(":")[1]), weight=1, cloud="aws",
-                           region="r", health=(health or ["HEALTHY"] * len(ADDRS))[i])  # fmt: skip
+        EndpointAssignment(
+            address=a,
+            host=a.split(":")[0],
+            port=int(a.split(":")[1]),
+            weight=1,
+            cloud="aws",
+            region="r",
+            health=(health or ["HEALTHY"] * len(ADDRS))[i],
+        )
         for i, a in enumerate(ADDRS)
     )
     cla = cluster_load_assignment(Assignment("my_service", eps))
@@ -45,14 +52,22 @@ def test_a_valid_assignment_passes() -> None:
     [
         (lambda c: c.endpoints[0].lb_endpoints[0].load_balancing_weight.__setattr__("value", 0), "weight 0 outside"),
         (lambda c: c.endpoints[0].lb_endpoints[0].ClearField("load_balancing_weight"), "no load_balancing_weight"),
-        (lambda c: [lb.load_balancing_weight.__setattr__("value", 2**31) for lb in c.endpoints[0].lb_endpoints],
-         "> uint32"),
+        (
+            lambda c: [lb.load_balancing_weight.__setattr__("value", 2**31) for lb in c.endpoints[0].lb_endpoints],
+            "> uint32",
+        ),
         (lambda c: c.endpoints[0].lb_endpoints.pop(), "missing or unknown"),
         (lambda c: c.__setattr__("cluster_name", "other"), "cluster_name 'other'"),
-        (lambda c: [lb.__setattr__("health_status", health_check_pb2.DRAINING)
-                    for loc in c.endpoints for lb in loc.lb_endpoints], "no endpoint routable"),
+        (
+            lambda c: [
+                lb.__setattr__("health_status", health_check_pb2.DRAINING)
+                for loc in c.endpoints
+                for lb in loc.lb_endpoints
+            ],
+            "no endpoint routable",
+        ),
     ],
-)  # fmt: skip
+)
 def test_invalid_assignments_are_caught(mutate, needle: str) -> None:  # type: ignore[no-untyped-def]
     cla = _cla([5000, 3000, 2000])
     mutate(cla)
@@ -72,9 +87,13 @@ def _push(at: float, owner: str, term: int, version: str | None, accepted: bool 
 def test_lease_audit_accepts_a_clean_takeover() -> None:
     audit = {
         "holders": [{"at": 0, "holder": "a", "term": 1}, {"at": 10, "holder": "b", "term": 2}],
-        "pushes": [_push(1, "a", 1, "5.1"), _push(2, "a", 1, "5.2"), _push(9, "b", 1, None, accepted=False),
-                   _push(11, "b", 2, "5.3")],
-    }  # fmt: skip
+        "pushes": [
+            _push(1, "a", 1, "5.1"),
+            _push(2, "a", 1, "5.2"),
+            _push(9, "b", 1, None, accepted=False),
+            _push(11, "b", 2, "5.3"),
+        ],
+    }
     out = lease_audit(audit)
     assert out["violations"] == [] and out["accepted"] == 3 and out["refused"] == 1
     assert out["owners"] == ["a", "b"] and out["terms"] == [1, 2]
@@ -96,14 +115,15 @@ def test_lease_audit_catches_double_pushes() -> None:
 def test_fault_names_are_checked_and_run_in_order() -> None:
     assert parse_faults(None) == list(FAULTS)
     assert parse_faults("ray_head_restart, envoy_restarted") == ["envoy_restarted", "ray_head_restart"]
-    with pytest.raises(BenchError, match="unknown fault.*nope"):
+    with pytest.raises(BenchError, match=r"unknown fault.*nope"):
         parse_faults("nope,envoy_restarted")
 
 
 def test_cli_refuses_an_unknown_fault_before_starting_anything() -> None:
     exe = str(Path(sys.executable).parent / "balanceiq")
-    res = subprocess.run([exe, "bench", "faults", "--faults", "nope", "--json"], capture_output=True, text=True,
-                         timeout=120)  # fmt: skip
+    res = subprocess.run(
+        [exe, "bench", "faults", "--faults", "nope", "--json"], capture_output=True, text=True, timeout=120
+    )
     assert res.returncode == 2 and "unknown fault(s) nope" in res.stderr and res.stdout == ""
     assert "Traceback" not in res.stderr
 

@@ -56,7 +56,7 @@ def test_draw_fleet_is_deterministic_per_seed() -> None:
     assert a.to_json() != c.to_json()
 
 
-@pytest.mark.parametrize("seed", range(0, 120))
+@pytest.mark.parametrize("seed", range(120))
 def test_fleets_stay_in_their_ranges(seed: int) -> None:
     f = draw_fleet(seed, duration_s=30.0)
     n = len(f.backends)
@@ -73,16 +73,23 @@ def test_fleets_stay_in_their_ranges(seed: int) -> None:
     for b in f.backends:
         assert 5.0 <= b.base_latency_ms <= 150.0
         assert 1 <= b.concurrency <= 64
-        assert (b.sigma == pytest.approx(0.1) and 0.01 <= b.tail_prob <= 0.05 and 100 <= b.tail_ms <= 500) or \
-            (0.2 <= b.sigma <= 0.6 and b.tail_prob == 0.0)  # fmt: skip
+        assert (b.sigma == pytest.approx(0.1) and 0.01 <= b.tail_prob <= 0.05 and 100 <= b.tail_ms <= 500) or (
+            0.2 <= b.sigma <= 0.6 and b.tail_prob == 0.0
+        )
     # No capacity hints; one cluster; a testbed profile per backend carrying the tail.
     eps = f.settings.clusters[0].endpoints
     assert len(f.settings.clusters) == 1 and len(eps) == n
     assert all(ep.capacity_rps is None for ep in eps)
     for ep, b in zip(eps, f.backends):
         beh = f.settings.testbed.behaviour_for(ep)
-        assert beh == {"base_latency_ms": b.base_latency_ms, "concurrency": b.concurrency, "error_rate": 0.0,
-                       "sigma": b.sigma, "tail_prob": b.tail_prob, "tail_ms": b.tail_ms}  # fmt: skip
+        assert beh == {
+            "base_latency_ms": b.base_latency_ms,
+            "concurrency": b.concurrency,
+            "error_rate": 0.0,
+            "sigma": b.sigma,
+            "tail_prob": b.tail_prob,
+            "tail_ms": b.tail_ms,
+        }
         assert ep.cost_per_million_requests == b.price
     # 2-3 events at distinct times in 25-80 % of the run, each hitting something.
     ev = f.scenario.events
@@ -213,8 +220,9 @@ def test_arms_and_private_gauges() -> None:
 
 
 def _rec(t: float, weights: dict[str, int], pushed: bool = True, previous: dict[str, int] | None = None) -> Any:
-    return SimpleNamespace(timestamp=t, weights=weights, previous=previous or {}, pushed=pushed, mode="policy",
-                           error=None)  # fmt: skip
+    return SimpleNamespace(
+        timestamp=t, weights=weights, previous=previous or {}, pushed=pushed, mode="policy", error=None
+    )
 
 
 def test_controller_summary_counts_reversals_after_the_warm_up() -> None:
@@ -224,7 +232,9 @@ def test_controller_summary_counts_reversals_after_the_warm_up() -> None:
     recs += [_rec(110.0 + i, w) for i, w in enumerate([*flip, {a: 50, b: 50}])]
     recs.append(_rec(114.0, {a: 90, b: 10}, pushed=False, previous={a: 50, b: 50}))  # not pushed: Envoy kept 50/50
     log = SimpleNamespace(recent=lambda n: list(reversed(recs)))
-    cluster = SimpleNamespace(endpoints=[SimpleNamespace(address=a, cloud="aws"), SimpleNamespace(address=b, cloud="gcp")])
+    cluster = SimpleNamespace(
+        endpoints=[SimpleNamespace(address=a, cloud="aws"), SimpleNamespace(address=b, cloud="gcp")]
+    )
     s = _controller_summary(SimpleNamespace(log=log, cluster=cluster), 100.0, 10.0, {a: "10.0.0.1:80"})
     assert s["decisions"] == 8 and s["measured_decisions"] == 5 and s["reversals"] == 2
     assert s["weight_timeline"][-1]["weights"] == {"10.0.0.1:80": 50, b: 50}
@@ -240,12 +250,33 @@ def _a(p99: float | None, cost: float | None, err: float = 0.0, rev: int = 0, **
 
 
 FLEETS = [
-    {"seed": 0, "arms": {"least_request": _a(200, 0.5, 0.01), "cswrr": _a(100, 0.4), "oracle": _a(80, 0.25),
-                         "balanceiq_lr": _a(100, 0.25, 0.005, 2)}},  # fmt: skip
-    {"seed": 1, "arms": {"least_request": _a(100, 0.4, 0.0), "cswrr": _a(100, 0.4), "oracle": _a(100, 0.4),
-                         "balanceiq_lr": _a(125, 0.1, 0.001, 1)}},  # fmt: skip
-    {"seed": 2, "arms": {"least_request": _a(300, 1.0), "cswrr": _a(None, None, error="boom"), "oracle": _a(300, 0.5),
-                         "balanceiq_lr": _a(150, 0.8, 0.0, 0)}},  # fmt: skip
+    {
+        "seed": 0,
+        "arms": {
+            "least_request": _a(200, 0.5, 0.01),
+            "cswrr": _a(100, 0.4),
+            "oracle": _a(80, 0.25),
+            "balanceiq_lr": _a(100, 0.25, 0.005, 2),
+        },
+    },
+    {
+        "seed": 1,
+        "arms": {
+            "least_request": _a(100, 0.4, 0.0),
+            "cswrr": _a(100, 0.4),
+            "oracle": _a(100, 0.4),
+            "balanceiq_lr": _a(125, 0.1, 0.001, 1),
+        },
+    },
+    {
+        "seed": 2,
+        "arms": {
+            "least_request": _a(300, 1.0),
+            "cswrr": _a(None, None, error="boom"),
+            "oracle": _a(300, 0.5),
+            "balanceiq_lr": _a(150, 0.8, 0.0, 0),
+        },
+    },
 ]
 
 
@@ -287,8 +318,9 @@ def test_targets_and_summary() -> None:
     assert g["p99_vs_cswrr"]["met"] is False and g["cost_vs_cswrr"]["met"] is True
     assert g["p99_vs_oracle"]["met"] is True and g["cost_vs_oracle"]["met"] is True
     assert t["all_met"] is False and t["met"] == 5
-    good = {k: (True if k.startswith("errors") else 0.5 if not k.startswith("both") else 1.0) for k, *_ in
-            [(k,) for k in g]}  # fmt: skip
+    good = {
+        k: (True if k.startswith("errors") else 0.5 if not k.startswith("both") else 1.0) for k, *_ in [(k,) for k in g]
+    }
     assert evaluate_suite_targets(good, "x")["all_met"] is True
     missing = evaluate_suite_targets(None, "x")
     assert missing["all_met"] is None and missing["met"] == 0
@@ -299,14 +331,17 @@ def test_targets_and_summary() -> None:
 # -- CLI -------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("argv", "needle"), [
-    (["--suite", "0"], "--suite"),
-    (["--suite", "51"], "--suite"),
-    (["--suite", "1", "--seed", "-3"], "--seed"),
-    (["--suite", "1", "--scenario", "degrade_and_dearer"], "--scenario"),
-    (["--suite", "1", "--duration", "1"], "--duration"),
-    (["--suite", "1", "--arms", "nope"], "nope"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (["--suite", "0"], "--suite"),
+        (["--suite", "51"], "--suite"),
+        (["--suite", "1", "--seed", "-3"], "--seed"),
+        (["--suite", "1", "--scenario", "degrade_and_dearer"], "--scenario"),
+        (["--suite", "1", "--duration", "1"], "--duration"),
+        (["--suite", "1", "--arms", "nope"], "nope"),
+    ],
+)
 def test_cli_refuses_bad_suite_arguments(argv: list[str], needle: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert cli_main(["bench", "live", *argv]) == 2
     err = capsys.readouterr().err

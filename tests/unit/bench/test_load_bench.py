@@ -22,8 +22,17 @@ def test_the_mix_covers_every_read_route_and_authenticated_writes() -> None:
     kinds = Counter((m, p.split("?")[0]) for m, p, _, _ in mix)
     assert kinds[("PUT", "/api/weights")] == 2 and kinds[("POST", "/api/policy/score")] == 8
     reads = {p for (m, p) in kinds if m == "GET"}
-    assert reads == {"/api/health", "/api/status", "/api/weights", "/api/metrics/all", "/api/metrics/weights",
-                     "/api/metrics/training", "/api/decisions", "/api/policy", "/metrics"}  # fmt: skip
+    assert reads == {
+        "/api/health",
+        "/api/status",
+        "/api/weights",
+        "/api/metrics/all",
+        "/api/metrics/weights",
+        "/api/metrics/training",
+        "/api/decisions",
+        "/api/policy",
+        "/metrics",
+    }
     # Only the writes carry the token; each write names a configured endpoint.
     assert all(authed == (m == "PUT") for m, _, _, authed in mix)
     assert all(body["address"] in addresses for m, _, body, _ in mix if m == "PUT")  # type: ignore[index]
@@ -31,9 +40,14 @@ def test_the_mix_covers_every_read_route_and_authenticated_writes() -> None:
 
 @pytest.mark.parametrize(
     ("kwargs", "needle"),
-    [({"rate_rps": 0}, "--rate"), ({"rate_rps": 5000}, "--rate"), ({"duration_s": -1}, "--duration"),
-     ({"duration_s": 10_000}, "--duration"), ({"background_rps": -5}, "--background-rps")],
-)  # fmt: skip
+    [
+        ({"rate_rps": 0}, "--rate"),
+        ({"rate_rps": 5000}, "--rate"),
+        ({"duration_s": -1}, "--duration"),
+        ({"duration_s": 10_000}, "--duration"),
+        ({"background_rps": -5}, "--background-rps"),
+    ],
+)
 def test_api_load_refuses_bad_arguments_before_starting_anything(kwargs: dict, needle: str) -> None:  # type: ignore[type-arg]
     with pytest.raises(BenchError, match=needle):
         run_api_load(**kwargs)
@@ -41,9 +55,14 @@ def test_api_load_refuses_bad_arguments_before_starting_anything(kwargs: dict, n
 
 @pytest.mark.parametrize(
     ("kwargs", "needle"),
-    [({"api": "rest"}, "--api"), ({"streams": 0}, "--streams"), ({"endpoints": 0}, "--endpoints"),
-     ({"push_interval_s": 0.0}, "--push-interval"), ({"duration_s": 10, "warmup_s": 10}, "--warmup")],
-)  # fmt: skip
+    [
+        ({"api": "rest"}, "--api"),
+        ({"streams": 0}, "--streams"),
+        ({"endpoints": 0}, "--endpoints"),
+        ({"push_interval_s": 0.0}, "--push-interval"),
+        ({"duration_s": 10, "warmup_s": 10}, "--warmup"),
+    ],
+)
 def test_xds_soak_refuses_bad_arguments_before_starting_anything(kwargs: dict, needle: str) -> None:  # type: ignore[type-arg]
     with pytest.raises(BenchError, match=needle):
         run_xds_soak(**kwargs)

@@ -26,10 +26,10 @@ from balanceiq.bench.serve import (
     main,
     percentile,
     policy_rows,
+    ratio,
     score_request,
     send_schedule,
     split_calls,
-    ratio,
     summary,
     synthetic_observation,
     validate_args,
@@ -48,7 +48,7 @@ def test_percentile_edge_cases() -> None:
     assert percentile([], 50) is None  # JSON has no NaN
     assert percentile([4.0], 99) == 4.0
     assert percentile([1, 2], 50) == 1.5
-    with pytest.raises(ValueError, match="0..100"):
+    with pytest.raises(ValueError, match=r"0\.\.100"):
         percentile([1.0], 101)
 
 
@@ -124,8 +124,16 @@ def test_policy_rows_and_score_request_describe_the_same_endpoints() -> None:
 
 def test_decision_stats_headline_counts_full_decisions_only() -> None:
     def rec(ts: float, mode: str, step: float, pushed: bool = True, source: str = "prometheus") -> dict[str, object]:
-        return {"timestamp": ts, "mode": mode, "step_ms": step, "pushed": pushed, "push_ms": 2.0 if pushed else None,
-                "ack_ms": 3.0 if pushed else None, "source": source, "error": None}  # fmt: skip
+        return {
+            "timestamp": ts,
+            "mode": mode,
+            "step_ms": step,
+            "pushed": pushed,
+            "push_ms": 2.0 if pushed else None,
+            "ack_ms": 3.0 if pushed else None,
+            "source": source,
+            "error": None,
+        }
 
     decisions = [
         rec(5, "policy", 999.0),  # before `since`: ignored
@@ -147,9 +155,14 @@ def test_decision_stats_headline_counts_full_decisions_only() -> None:
 def test_bench_settings_use_distinct_free_ports_and_a_fast_loop(tmp_path: Path) -> None:
     s = bench_settings(tmp_path / "state")
     ports = [ep.port for ep in s.clusters[0].endpoints] + [
-        s.xds.port, s.envoy.listen_port, s.api.port, s.telemetry.als_grpc_port, s.telemetry.als_metrics_port,
-        int(s.envoy.admin_url.rsplit(":", 1)[1]), int(s.prometheus.url.rsplit(":", 1)[1]),
-    ]  # fmt: skip
+        s.xds.port,
+        s.envoy.listen_port,
+        s.api.port,
+        s.telemetry.als_grpc_port,
+        s.telemetry.als_metrics_port,
+        int(s.envoy.admin_url.rsplit(":", 1)[1]),
+        int(s.prometheus.url.rsplit(":", 1)[1]),
+    ]
     assert len(set(ports)) == len(ports)
     assert s.control.interval_s == 1.0
     assert s.api.decision_log_size >= 1000  # /api/decisions?limit=1000 sees the whole run
@@ -177,8 +190,14 @@ def test_batch_sizes_from_coarse_buckets_are_an_estimate() -> None:
 
 
 def _groups(app: str, *ports: int, protocol: str = "HTTP") -> list[dict[str, object]]:
-    return [{"protocol": protocol, "app_name": app, "route_prefix": "/",
-             "targets": [{"ip": "10.0.0.1", "port": p, "instance_id": "", "name": f"t{p}"} for p in ports]}]  # fmt: skip
+    return [
+        {
+            "protocol": protocol,
+            "app_name": app,
+            "route_prefix": "/",
+            "targets": [{"ip": "10.0.0.1", "port": p, "instance_id": "", "name": f"t{p}"} for p in ports],
+        }
+    ]
 
 
 def test_direct_ingress_targets_are_the_apps_replica_ports() -> None:
@@ -213,10 +232,14 @@ def test_dig_and_ratio() -> None:
 
 
 def test_compare_ratios_puts_both_modes_side_by_side() -> None:
-    proxy = {"api": {"rps": 100.0, "errors": 2500, "p99_ms": 10000.0},
-             "inference_ms": {"http": {"p99": 40.0}, "handle": {"p99": 20.0}}}  # fmt: skip
-    direct = {"api": {"rps": 200.0, "errors": 0, "p99_ms": 50.0},
-              "inference_ms": {"http": {"p99": 20.0}, "handle": {"p99": 20.0}}}  # fmt: skip
+    proxy = {
+        "api": {"rps": 100.0, "errors": 2500, "p99_ms": 10000.0},
+        "inference_ms": {"http": {"p99": 40.0}, "handle": {"p99": 20.0}},
+    }
+    direct = {
+        "api": {"rps": 200.0, "errors": 0, "p99_ms": 50.0},
+        "inference_ms": {"http": {"p99": 20.0}, "handle": {"p99": 20.0}},
+    }
     r = compare_ratios(proxy, direct)
     assert list(r)[:5] == ["api.rps", "api.errors", "api.p99_ms", "inference_ms.http.p99", "inference_ms.handle.p99"]
     assert r["api.rps"] == {"proxy": 100.0, "direct_ingress": 200.0, "ratio": 2.0}

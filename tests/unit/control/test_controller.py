@@ -4,22 +4,21 @@ from __future__ import annotations
 
 import sys
 import time
-from dataclasses import replace
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from balanceiq.control.controller import Controller
-from balanceiq.policy.reward import observed_reward
 from balanceiq.control.xds_client import LocalXdsClient
-from balanceiq.policy.reward import RewardWeights
+from balanceiq.policy.reward import RewardWeights, observed_reward
 from balanceiq.telemetry.observation import EndpointObservation, Observation
 from balanceiq.xds.server import XdsServer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from livestack import settings_on_free_ports  # noqa: E402
+from livestack import settings_on_free_ports
 
 
 class Fleet:
@@ -34,17 +33,32 @@ class Fleet:
 
     def observe(self, weights=None) -> Observation:  # type: ignore[no-untyped-def]
         if self.blind:
-            return Observation(cluster="my_service", endpoints=tuple(EndpointObservation(address=a) for a in self.addresses),
-                               source="none", errors=("prometheus: down", "envoy-admin: down"))  # fmt: skip
+            return Observation(
+                cluster="my_service",
+                endpoints=tuple(EndpointObservation(address=a) for a in self.addresses),
+                source="none",
+                errors=("prometheus: down", "envoy-admin: down"),
+            )
         w = np.array([float((weights or {}).get(a, 1)) for a in self.addresses])
         share = w / w.sum()
         eps = []
         for a, sh in zip(self.addresses, share):
             rps = self.demand * sh
-            eps.append(EndpointObservation(
-                address=a, p50_ms=self.p95[a] / 2, p95_ms=self.p95[a], error_rate=0.0, saturation=rps / self.cap[a],
-                inflight=1.0, rps=rps, cost_per_million=0.4, weight=float((weights or {}).get(a, 1)), healthy=True, age_s=0.5,
-            ))  # fmt: skip
+            eps.append(
+                EndpointObservation(
+                    address=a,
+                    p50_ms=self.p95[a] / 2,
+                    p95_ms=self.p95[a],
+                    error_rate=0.0,
+                    saturation=rps / self.cap[a],
+                    inflight=1.0,
+                    rps=rps,
+                    cost_per_million=0.4,
+                    weight=float((weights or {}).get(a, 1)),
+                    healthy=True,
+                    age_s=0.5,
+                )
+            )
         return Observation(cluster="my_service", endpoints=tuple(eps), source="simulator", window_s=10.0)
 
 
@@ -52,9 +66,17 @@ class Fleet:
 def setup(tmp_path: Path) -> Iterator[tuple[Controller, Fleet, XdsServer, dict[str, list[int]]]]:
     s = settings_on_free_ports(5)
     # The config knows endpoint 0 is small, so the baseline (capacity/cost) spares it.
-    eps = [ep.model_copy(update={"capacity_rps": 50.0 if i == 0 else 200.0}) for i, ep in enumerate(s.clusters[0].endpoints)]
-    s = s.model_copy(update={"state_dir": tmp_path / "state", "clusters": [s.clusters[0].model_copy(update={"endpoints": eps})],
-                             "control": s.control.model_copy(update={"k_critical": 2})})  # fmt: skip
+    eps = [
+        ep.model_copy(update={"capacity_rps": 50.0 if i == 0 else 200.0})
+        for i, ep in enumerate(s.clusters[0].endpoints)
+    ]
+    s = s.model_copy(
+        update={
+            "state_dir": tmp_path / "state",
+            "clusters": [s.clusters[0].model_copy(update={"endpoints": eps})],
+            "control": s.control.model_copy(update={"k_critical": 2}),
+        }
+    )
     xds = XdsServer(s, state_dir=tmp_path / "state")
     xds.start()
     fleet = Fleet([ep.address for ep in s.clusters[0].endpoints])
@@ -74,7 +96,7 @@ def setup(tmp_path: Path) -> Iterator[tuple[Controller, Fleet, XdsServer, dict[s
 
 
 def test_rollback_when_the_policy_keeps_picking_the_wrong_endpoints(setup) -> None:  # type: ignore[no-untyped-def]
-    c, fleet, xds, pick = setup
+    c, fleet, _xds, pick = setup
     # Endpoint 0 has a quarter of the others' capacity; the policy keeps re-splitting 3 and 4
     # and leaves endpoint 0 overloaded, where the capacity-aware baseline would not.
     fleet.cap[c.addresses[0]] = 50.0
@@ -92,7 +114,7 @@ def test_rollback_when_the_policy_keeps_picking_the_wrong_endpoints(setup) -> No
 
 
 def test_blind_telemetry_holds_the_weights(setup) -> None:  # type: ignore[no-untyped-def]
-    c, fleet, xds, pick = setup
+    c, fleet, xds, _pick = setup
     c.step()
     before = dict(c.weights)
     version = xds.store.latest().version
@@ -106,7 +128,7 @@ def test_an_override_applies_while_telemetry_is_blind(setup) -> None:  # type: i
     # Issue #15: a drain answered 200 but Envoy kept the endpoint's weight for as long as
     # telemetry stayed blind. Incidents, when telemetry is most likely blind, are when
     # operators drain.
-    c, fleet, xds, pick = setup
+    c, fleet, xds, _pick = setup
     c.step()
     victim, other = c.addresses[1], c.addresses[2]
     before = dict(c.weights)
@@ -127,7 +149,7 @@ def test_an_override_applies_while_telemetry_is_blind(setup) -> None:  # type: i
 
 
 def test_slo_breaching_endpoint_is_always_critical(setup) -> None:  # type: ignore[no-untyped-def]
-    c, fleet, xds, pick = setup
+    c, fleet, _xds, _pick = setup
     fleet.p95[c.addresses[2]] = 900.0  # far over the 150 ms SLO, and the policy ignores it
     rec = c.step()
     # The breacher first, then the policy's own K (3 and 4) for its traffic to go to.
@@ -136,7 +158,7 @@ def test_slo_breaching_endpoint_is_always_critical(setup) -> None:  # type: igno
 
 
 def test_a_policy_that_fails_gives_a_baseline_step_not_an_exception(setup) -> None:  # type: ignore[no-untyped-def]
-    c, fleet, xds, pick = setup
+    c, _fleet, _xds, _pick = setup
 
     def broken(rows: np.ndarray) -> np.ndarray:
         raise TimeoutError("policy replica gone")
@@ -148,7 +170,7 @@ def test_a_policy_that_fails_gives_a_baseline_step_not_an_exception(setup) -> No
 
 
 def test_only_the_lease_holder_pushes(setup) -> None:  # type: ignore[no-untyped-def]
-    c, fleet, xds, pick = setup
+    c, fleet, _xds, _pick = setup
     other = Controller(c.settings, fleet, c.xds, None)
     assert c.step().pushed
     rec = other.step()
@@ -173,18 +195,21 @@ def test_observed_reward_weighs_by_traffic() -> None:
 
 def test_unmeasurable_endpoint_is_assumed_typical_not_capacityless(setup) -> None:  # type: ignore[no-untyped-def]
     """An idle endpoint without a hint must stay usable by the LP (it once starved for good)."""
-    c, fleet, xds, pick = setup
+    c, fleet, _xds, _pick = setup
     c.capacity_hint[:] = np.nan
     obs = fleet.observe({a: (1 if i == 4 else 1000) for i, a in enumerate(c.addresses)})
     idle = obs.endpoints[4]
-    obs = Observation(cluster=obs.cluster, source=obs.source,
-                      endpoints=obs.endpoints[:4] + (EndpointObservation(address=idle.address, rps=0.0, healthy=True),))  # fmt: skip
+    obs = Observation(
+        cluster=obs.cluster,
+        source=obs.source,
+        endpoints=obs.endpoints[:4] + (EndpointObservation(address=idle.address, rps=0.0, healthy=True),),
+    )
     cap = c.capacity(obs)
     assert np.all(np.isfinite(cap)) and cap[4] == pytest.approx(np.median(cap[:4]))
 
 
 def test_a_breacher_leaves_at_once_and_is_held_while_too_quiet_to_measure(setup) -> None:  # type: ignore[no-untyped-def]
-    c, fleet, xds, pick = setup
+    c, fleet, _xds, _pick = setup
     c.guardrails.config = c.guardrails.config.model_copy(update={"max_shift": 0.05})
     a = c.addresses[2]
     c.step()
@@ -216,7 +241,7 @@ def test_a_breacher_leaves_at_once_and_is_held_while_too_quiet_to_measure(setup)
 
 
 def test_a_sustained_error_rate_too_small_to_see_in_one_window_breaches(setup) -> None:  # type: ignore[no-untyped-def]
-    c, fleet, xds, pick = setup
+    c, fleet, _xds, _pick = setup
     a = c.addresses[1]
     obs = fleet.observe(c.weights)
     # 2% errors on ~8 requests per window: one window says little, a minute says enough.
@@ -234,7 +259,7 @@ def test_a_sustained_error_rate_too_small_to_see_in_one_window_breaches(setup) -
 
 
 def test_shadow_mode_decides_and_records_but_pushes_nothing(setup) -> None:  # type: ignore[no-untyped-def]
-    c, fleet, xds, pick = setup
+    c, fleet, xds, _pick = setup
     c.policy.control_mode = "shadow"
     version = xds.store.latest().version
     before = dict(c.weights)
@@ -245,7 +270,10 @@ def test_shadow_mode_decides_and_records_but_pushes_nothing(setup) -> None:  # t
     # What it would have done, and its estimated effect against the split in force.
     last = recs[-1]
     assert last.weights != before and last.moved > 0
-    assert last.effect is not None and last.effect["proposed"]["max_utilisation"] < last.effect["current"]["max_utilisation"]
+    assert (
+        last.effect is not None
+        and last.effect["proposed"]["max_utilisation"] < last.effect["current"]["max_utilisation"]
+    )
     assert last.to_json()["shadow"] is True
     # Going active: the lease, then the weights served, moved at most max_shift.
     c.policy.control_mode = "active"

@@ -19,8 +19,8 @@ from hypothesis import strategies as st
 from balanceiq.config import GuardrailConfig
 from balanceiq.control.guardrails import (
     WEIGHT_SCALE,
-    GuardResult,
     Guardrails,
+    GuardResult,
     Override,
     OverrideTable,
     RollbackMonitor,
@@ -165,9 +165,7 @@ def check_invariants(case: Case, res: GuardResult) -> Expect:
         return e
     assert abs(float(s[e.routable].sum()) - 1.0) <= 1e-9
     assert np.all(s[~e.routable] == 0.0)  # drained / unavailable: exactly 0
-    assert res.health == {
-        a: ("DRAINING" if e.drained[i] else "HEALTHY") for i, a in enumerate(case.addresses)
-    }
+    assert res.health == {a: ("DRAINING" if e.drained[i] else "HEALTHY") for i, a in enumerate(case.addresses)}
     if e.feasible:
         assert np.all(s[e.fixed] == e.fixed_val[e.fixed])  # exact, not approximately
         free = e.routable & ~e.fixed
@@ -218,7 +216,7 @@ def test_repeated_decisions_converge_to_the_target(case: Case) -> None:
     unlimited = Guardrails(case.config.model_copy(update={"max_shift": 1.0}))
     target = unlimited.apply(case.addresses, case.current, case.proposed, case.available, case.overrides).shares
     cur = case.current
-    for _ in range(int(math.ceil(1.0 / case.config.max_shift)) + 2):
+    for _ in range(math.ceil(1.0 / case.config.max_shift) + 2):
         res = g.apply(case.addresses, cur, case.proposed, case.available, case.overrides)
         cur = res.shares
     np.testing.assert_allclose(cur, target, atol=1e-9)
@@ -259,9 +257,7 @@ def test_drain_is_exempt_from_max_shift() -> None:
     a = addrs(3)
     table = OverrideTable(a)
     table.drain(a[0], reason="maintenance", now=T0)
-    res = guard(max_shift=0.1).apply(
-        a, np.array([0.6, 0.2, 0.2]), np.full(3, 1 / 3), ones(3), table.active(now=T0)
-    )
+    res = guard(max_shift=0.1).apply(a, np.array([0.6, 0.2, 0.2]), np.full(3, 1 / 3), ones(3), table.active(now=T0))
     np.testing.assert_allclose(res.shares, [0.0, 0.5, 0.5])
     assert res.shares[0] == 0.0
     assert res.moved == pytest.approx(0.6) and not res.limited
@@ -304,8 +300,9 @@ def test_floor_is_lowered_when_it_does_not_fit() -> None:
     a = addrs(4)
     table = OverrideTable(a)
     table.set_weight(a[0], 9900, now=T0)
-    res = guard(min_share=0.01).apply(a, np.array([0.99, 0.01, 0.0, 0.0]), np.array([0, 1, 0, 0.0]), ones(4),
-                                      table.active(now=T0))
+    res = guard(min_share=0.01).apply(
+        a, np.array([0.99, 0.01, 0.0, 0.0]), np.array([0, 1, 0, 0.0]), ones(4), table.active(now=T0)
+    )
     # Three floors of 0.01 do not fit in 0.01 free: each becomes 0.01 / 6.
     assert res.shares[0] == 0.99
     assert res.shares[2] == pytest.approx(0.01 / 6) and res.shares[3] == pytest.approx(0.01 / 6)
@@ -333,16 +330,22 @@ def test_fixed_shares_that_cannot_be_honoured_are_scaled_with_a_note() -> None:
     np.testing.assert_allclose(res.shares, [0.7 / 1.3, 0.6 / 1.3, 0.0])
     assert any("sum to 1.3 > 1" in x for x in res.notes)
     # Every routable endpoint fixed, summing to 0.5: scaled up to 1.
-    res = guard().apply(a, np.full(3, 1 / 3), np.full(3, 1 / 3), np.array([True, True, False]),
-                        {a[0]: Override(a[0], "set", 0.3, None), a[1]: Override(a[1], "set", 0.2, None)})
+    res = guard().apply(
+        a,
+        np.full(3, 1 / 3),
+        np.full(3, 1 / 3),
+        np.array([True, True, False]),
+        {a[0]: Override(a[0], "set", 0.3, None), a[1]: Override(a[1], "set", 0.2, None)},
+    )
     np.testing.assert_allclose(res.shares, [0.6, 0.4, 0.0])
     assert any("every routable endpoint is pinned/set" in x for x in res.notes)
 
 
 def test_pin_on_an_unavailable_endpoint_is_released() -> None:
     a = addrs(3)
-    res = guard().apply(a, np.full(3, 1 / 3), np.full(3, 1 / 3), np.array([False, True, True]),
-                        {a[0]: Override(a[0], "pin", 0.5, None)})
+    res = guard().apply(
+        a, np.full(3, 1 / 3), np.full(3, 1 / 3), np.array([False, True, True]), {a[0]: Override(a[0], "pin", 0.5, None)}
+    )
     np.testing.assert_allclose(res.shares, [0.0, 0.5, 0.5])
     assert any(x.startswith(f"fixed: {a[0]} not routable") for x in res.notes)
 
@@ -433,10 +436,24 @@ def test_override_table_round_trip_and_json() -> None:
     assert pin == Override(a[0], "pin", 0.33333, T0 + 60, "investigating", T0)
     t.set_weight(a[1], 2500, now=T0)
     assert t.to_json(now=T0) == [
-        {"address": a[0], "action": "pin", "share": 0.33333, "weight": 3333, "expires_at": T0 + 60,
-         "reason": "investigating", "created_at": T0},
-        {"address": a[1], "action": "set", "share": 0.25, "weight": 2500, "expires_at": None,
-         "reason": "", "created_at": T0},
+        {
+            "address": a[0],
+            "action": "pin",
+            "share": 0.33333,
+            "weight": 3333,
+            "expires_at": T0 + 60,
+            "reason": "investigating",
+            "created_at": T0,
+        },
+        {
+            "address": a[1],
+            "action": "set",
+            "share": 0.25,
+            "weight": 2500,
+            "expires_at": None,
+            "reason": "",
+            "created_at": T0,
+        },
     ]
     assert t.drain(a[1], now=T0).action == "drain"  # replaces the set
     assert t.active(now=T0)[a[1]].share is None
@@ -671,12 +688,19 @@ def test_a_breacher_never_gains_traffic_whoever_proposes_it() -> None:
     cur = np.array([0.5, 0.2, 0.3])
     prop = np.array([0.2, 0.4, 0.4])
     r = Guardrails(GuardrailConfig(min_share=0.0, breach_min_share=0.0, max_shift=1.0)).apply(
-        addrs, cur, prop, np.ones(3, dtype=bool), {}, breaching=np.array([True, True, False]))
+        addrs, cur, prop, np.ones(3, dtype=bool), {}, breaching=np.array([True, True, False])
+    )
     assert r.shares == pytest.approx([0.2, 0.2, 0.6], abs=1e-9)
     assert any("kept from gaining" in n for n in r.notes)
 
 
 def test_breaching_mask_must_match_the_endpoints() -> None:
     with pytest.raises(GuardrailError, match="breaching"):
-        _breach_guard().apply(["a", "b"], np.array([0.5, 0.5]), np.array([0.5, 0.5]), np.ones(2, dtype=bool), {},
-                              breaching=np.array([True]))
+        _breach_guard().apply(
+            ["a", "b"],
+            np.array([0.5, 0.5]),
+            np.array([0.5, 0.5]),
+            np.ones(2, dtype=bool),
+            {},
+            breaching=np.array([True]),
+        )

@@ -27,4 +27,4 @@ def test_critical_set_properties(ranked: list[int], forced: list[int], k: int) -
     assert len(out) == len(set(out))
     assert out[: len(unique_forced)] == unique_forced
     # The policy's picks keep their order and number: K of them (or all there are).
-    assert out[len(unique_forced):] == extras[:k]
+    assert out[len(unique_forced) :] == extras[:k]

@@ -79,8 +79,11 @@ def test_little_law_flags_an_overloaded_endpoint_whose_latency_reads_stale() -> 
 
 def test_an_uncongested_endpoint_grows_by_at_most_growth_per_decision() -> None:
     # Endpoint 0 is cheap and fast but carries little; nothing says what it can take.
-    rows = [{"p50": 10.0, "rps": 10.0, "cost": 0.05}, {"p50": 30.0, "rps": 90.0, "cost": 1.0},
-            {"p50": 30.0, "rps": 100.0, "cost": 1.0}]  # fmt: skip
+    rows = [
+        {"p50": 10.0, "rps": 10.0, "cost": 0.05},
+        {"p50": 30.0, "rps": 90.0, "cost": 1.0},
+        {"p50": 30.0, "rps": 100.0, "cost": 1.0},
+    ]
     knobs = Knobs(k=3, util_target=0.5, latency_weight=0.2, growth=1.5, probe_share=0.05)
     obs = obs_of(rows)
     d = decide(obs, ctx_of(obs, np.array([0.05, 0.45, 0.5]), 3), None, knobs)
@@ -131,22 +134,32 @@ def test_price_matters_with_the_shipped_defaults() -> None:
 
 def test_the_controller_and_fleet_env_decide_the_same_on_the_same_observation(tmp_path) -> None:  # type: ignore[no-untyped-def]
     """One core: the same observation and picks give the same shares in both."""
+    from balanceiq.config import ClusterConfig, EndpointConfig, Settings
     from balanceiq.control.controller import Controller
     from balanceiq.sim.env import FleetEnv
-    from balanceiq.config import Settings, ClusterConfig, EndpointConfig
 
-    env = FleetEnv({"scenarios": ["heterogeneous"], "seed": 3, "cost_weight": 0.1, "util_target": 0.5,
-                    "latency_weight": 0.2})  # fmt: skip
+    env = FleetEnv(
+        {"scenarios": ["heterogeneous"], "seed": 3, "cost_weight": 0.1, "util_target": 0.5, "latency_weight": 0.2}
+    )
     env.reset(seed=3)
     obs = env.last_obs
     n = len(obs.endpoints)
-    eps = [EndpointConfig(address=f"127.0.0.{i + 1}:8000", cloud="aws", region="r",
-                          cost_per_million_requests=e.cost_per_million,
-                          capacity_rps=float(env.hint[i]) if math.isfinite(env.hint[i]) else None)
-           for i, e in enumerate(obs.endpoints)]  # fmt: skip
+    eps = [
+        EndpointConfig(
+            address=f"127.0.0.{i + 1}:8000",
+            cloud="aws",
+            region="r",
+            cost_per_million_requests=e.cost_per_million,
+            capacity_rps=float(env.hint[i]) if math.isfinite(env.hint[i]) else None,
+        )
+        for i, e in enumerate(obs.endpoints)
+    ]
     addr = {e.address: eps[i].address for i, e in enumerate(obs.endpoints)}
-    settings = Settings(clusters=[ClusterConfig(name="c", endpoints=eps)], state_dir=tmp_path,
-                        control={"cost_weight": 0.1, "util_target": 0.5, "latency_weight": 0.2, "k_critical": env.k})  # fmt: skip
+    settings = Settings(
+        clusters=[ClusterConfig(name="c", endpoints=eps)],
+        state_dir=tmp_path,
+        control={"cost_weight": 0.1, "util_target": 0.5, "latency_weight": 0.2, "k_critical": env.k},
+    )
     same = replace(obs, endpoints=tuple(replace(e, address=addr[e.address]) for e in obs.endpoints))
     # The agent names K endpoints (the env's action); the policy ranks every endpoint.
     # Both add their K on top of the forced ones, so pick among the others.
@@ -159,7 +172,7 @@ def test_the_controller_and_fleet_env_decide_the_same_on_the_same_observation(tm
         return s
 
     c = Controller(settings, observer=None, xds=None, scorer=scorer)  # type: ignore[arg-type]
-    c.weights = {a: int(round(s * 10000)) for a, s in zip(c.addresses, env.shares)}
+    c.weights = {a: round(s * 10000) for a, s in zip(c.addresses, env.shares)}
     ctx = c._context(same)
     knobs = c.knobs()
     est, _ = observe_only(same, ctx, knobs, c.core_state)
@@ -177,13 +190,21 @@ def test_shares_are_always_a_valid_split_on_random_observations(seed: int) -> No
     shares = None
     for t in range(20):
         n = 6
-        rows = [{"p50": float(rng.uniform(1, 300)), "rps": float(rng.choice([0.0, rng.uniform(0, 200)])),
-                 "inflight": float(rng.uniform(0, 50)), "cost": float(rng.uniform(0, 2)),
-                 "err": float(rng.choice([0.0, rng.uniform(0, 1)])), "healthy": bool(rng.random() > 0.1)}
-                for _ in range(n)]  # fmt: skip
+        rows = [
+            {
+                "p50": float(rng.uniform(1, 300)),
+                "rps": float(rng.choice([0.0, rng.uniform(0, 200)])),
+                "inflight": float(rng.uniform(0, 50)),
+                "cost": float(rng.uniform(0, 2)),
+                "err": float(rng.choice([0.0, rng.uniform(0, 1)])),
+                "healthy": bool(rng.random() > 0.1),
+            }
+            for _ in range(n)
+        ]
         obs = obs_of(rows, 1000.0 + t)
-        d = decide(obs, ctx_of(obs, shares, 2), rng.normal(size=n), Knobs(k=2, util_target=0.5, latency_weight=0.2),
-                   state)  # fmt: skip
+        d = decide(
+            obs, ctx_of(obs, shares, 2), rng.normal(size=n), Knobs(k=2, util_target=0.5, latency_weight=0.2), state
+        )
         assert np.all(np.isfinite(d.shares)) and np.all(d.shares >= 0) and abs(d.shares.sum() - 1) < 1e-9
         assert np.all(d.weights >= 1)
         state, shares = d.state, d.shares

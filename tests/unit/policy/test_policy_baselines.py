@@ -28,15 +28,25 @@ from balanceiq.telemetry.observation import NO_TRAFFIC, EndpointObservation, Obs
 NAN = math.nan
 
 
-def fleet(*, healthy: tuple[bool | None, ...] = (True, True, True, None), p95: tuple[float, ...] = (20, 40, 80, NAN)) -> Observation:
+def fleet(
+    *, healthy: tuple[bool | None, ...] = (True, True, True, None), p95: tuple[float, ...] = (20, 40, 80, NAN)
+) -> Observation:
     flags = [frozenset() if math.isfinite(p) else frozenset({NO_TRAFFIC}) for p in p95]
     rps = (300.0, 200.0, 100.0, 0.0)
     eps = tuple(
         EndpointObservation(
-            address=f"10.0.0.{i}:80", p50_ms=p / 2, p95_ms=p, error_rate=0.0, saturation=[0.3, 0.5, 0.9, NAN][i],
-            inflight=[3.0, 5.0, 9.0, NAN][i], rps=rps[i], cost_per_million=[0.2, 0.5, 1.0, NAN][i],
-            weight=1.0, healthy=healthy[i], flags=flags[i],
-        )  # fmt: skip
+            address=f"10.0.0.{i}:80",
+            p50_ms=p / 2,
+            p95_ms=p,
+            error_rate=0.0,
+            saturation=[0.3, 0.5, 0.9, NAN][i],
+            inflight=[3.0, 5.0, 9.0, NAN][i],
+            rps=rps[i],
+            cost_per_million=[0.2, 0.5, 1.0, NAN][i],
+            weight=1.0,
+            healthy=healthy[i],
+            flags=flags[i],
+        )
         for i, p in enumerate(p95)
     )
     return Observation(cluster="web", endpoints=eps, source="simulator")
@@ -88,9 +98,13 @@ def test_baselines_survive_a_fleet_with_nothing_measured(name: str) -> None:
     eps = tuple(EndpointObservation(address=f"h{i}:1", flags=frozenset({NO_TRAFFIC})) for i in range(3))
     obs = Observation(cluster="c", endpoints=eps, source="none")
     ctx = PolicyContext(
-        shares=np.array([NAN, NAN, NAN]), capacity_hint=np.full(3, NAN), static_weights=np.array([1.0, NAN, 0.0]),
-        demand_rps=NAN, k=5, true_capacity=np.array([NAN, 0.0, 10.0]),
-    )  # fmt: skip
+        shares=np.array([NAN, NAN, NAN]),
+        capacity_hint=np.full(3, NAN),
+        static_weights=np.array([1.0, NAN, 0.0]),
+        demand_rps=NAN,
+        k=5,
+        true_capacity=np.array([NAN, 0.0, 10.0]),
+    )
     assert_valid(make_policy(name).decide(obs, ctx), 3)
 
 
@@ -169,6 +183,6 @@ def test_context_must_match_the_observation() -> None:
 
 
 def test_make_policy_names_the_known_ones() -> None:
-    with pytest.raises(ValueError, match="unknown policy 'nope'.*cost_aware.*topk"):
+    with pytest.raises(ValueError, match=r"unknown policy 'nope'.*cost_aware.*topk"):
         make_policy("nope")
     assert make_policy("topk") is not make_policy("topk")

@@ -156,8 +156,15 @@ def test_oracle_is_never_beaten(c: Case) -> None:
     res = solve(c)
     assert best <= obj(res.shares, c) + tol
     # The oracle can do at least as well as any critical set, including "everything".
-    every = solve_critical(c.shares, list(range(len(c.shares))), c.capacity, c.cost, c.demand,
-                           available=c.available, cost_weight=c.cost_weight)  # fmt: skip
+    every = solve_critical(
+        c.shares,
+        list(range(len(c.shares))),
+        c.capacity,
+        c.cost,
+        c.demand,
+        available=c.available,
+        cost_weight=c.cost_weight,
+    )
     assert best <= obj(every.shares, c) + tol
 
 
@@ -236,8 +243,9 @@ def test_cost_weight_trades_utilisation_for_price() -> None:
 
 
 def test_unavailable_non_critical_share_is_released_to_the_critical_set() -> None:
-    res = solve_critical([0.25] * 4, [0, 1], [100.0] * 4, [1.0] * 4, 100.0,
-                         available=[True, True, True, False], cost_weight=0.0)  # fmt: skip
+    res = solve_critical(
+        [0.25] * 4, [0, 1], [100.0] * 4, [1.0] * 4, 100.0, available=[True, True, True, False], cost_weight=0.0
+    )
     assert res.status == "optimal"
     assert res.shares == pytest.approx([0.375, 0.375, 0.25, 0.0], abs=1e-7)
 
@@ -282,8 +290,14 @@ def test_capacity_unknown_on_every_critical_endpoint_is_capacity_blind(bad: floa
 
 
 def test_nan_and_inf_inputs_are_sanitised() -> None:
-    res = solve_critical([NAN, math.inf, -1.0, 0.5], [0, 1, 2, 3], [100.0, NAN, 100.0, 100.0],
-                         [NAN, 1.0, math.inf, 2.0], NAN, cost_weight=NAN)  # fmt: skip
+    res = solve_critical(
+        [NAN, math.inf, -1.0, 0.5],
+        [0, 1, 2, 3],
+        [100.0, NAN, 100.0, 100.0],
+        [NAN, 1.0, math.inf, 2.0],
+        NAN,
+        cost_weight=NAN,
+    )
     assert res.status == "optimal"
     assert np.all(np.isfinite(res.shares)) and res.shares.sum() == pytest.approx(1.0, abs=1e-12)
     # Unknown capacity (index 1) gets nothing; the rest by capacity (cost_weight NaN -> 0).
@@ -367,8 +381,10 @@ def test_latency_term_fills_fast_endpoints_first_below_the_knee() -> None:
     # what is left after the typical (unknown) one also fills to the knee.
     assert aware.shares[0] == pytest.approx(50 / 60, abs=1e-6)
     assert aware.shares[1] < aware.shares[2]
-    assert objective(aware.shares, cap, cost, 60.0, util_target=0.5, latency=latency, latency_weight=0.2) <= objective(
-        blind.shares, cap, cost, 60.0, util_target=0.5, latency=latency, latency_weight=0.2) + 1e-9
+    assert (
+        objective(aware.shares, cap, cost, 60.0, util_target=0.5, latency=latency, latency_weight=0.2)
+        <= objective(blind.shares, cap, cost, 60.0, util_target=0.5, latency=latency, latency_weight=0.2) + 1e-9
+    )
 
 
 @given(st.lists(st.floats(allow_nan=True, allow_infinity=True, width=64), min_size=1, max_size=12))

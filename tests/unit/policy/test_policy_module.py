@@ -49,12 +49,20 @@ def test_checkpoint_round_trip_gives_identical_deterministic_actions(tmp_path: P
     env = FleetEnv({"scenarios": ["degrade"], "n_max": 16})
     obs, _ = env.reset(seed=5)
     for _ in range(10):
-        a = m.get_inference_action_dist_cls().from_logits(
-            m.forward_inference({Columns.OBS: torch.from_numpy(obs[None])})[Columns.ACTION_DIST_INPUTS]
-        ).to_deterministic().sample()
-        b = loaded.get_inference_action_dist_cls().from_logits(
-            loaded.forward_inference({Columns.OBS: torch.from_numpy(obs[None])})[Columns.ACTION_DIST_INPUTS]
-        ).to_deterministic().sample()
+        a = (
+            m.get_inference_action_dist_cls()
+            .from_logits(m.forward_inference({Columns.OBS: torch.from_numpy(obs[None])})[Columns.ACTION_DIST_INPUTS])
+            .to_deterministic()
+            .sample()
+        )
+        b = (
+            loaded.get_inference_action_dist_cls()
+            .from_logits(
+                loaded.forward_inference({Columns.OBS: torch.from_numpy(obs[None])})[Columns.ACTION_DIST_INPUTS]
+            )
+            .to_deterministic()
+            .sample()
+        )
         assert torch.equal(a, b)
         obs, *_ = env.step(a[0].numpy())
 
@@ -74,8 +82,9 @@ def test_rl_policy_decides_valid_weights() -> None:
     env = FleetEnv({"scenarios": ["steady"], "n_max": 16})
     env.reset(seed=1)
     n = env.sim.n
-    ctx = PolicyContext(shares=env.shares, capacity_hint=env.capacity_estimate(), static_weights=np.ones(n),
-                        demand_rps=100.0, k=2)  # fmt: skip
+    ctx = PolicyContext(
+        shares=env.shares, capacity_hint=env.capacity_estimate(), static_weights=np.ones(n), demand_rps=100.0, k=2
+    )
     d = policy.decide(env.last_obs, ctx)
     assert len(d.critical) == 2 and abs(d.shares.sum() - 1) < 1e-9 and (d.weights >= 1).all()
 
@@ -114,10 +123,19 @@ def test_rl_policy_adds_slo_breachers_to_its_k() -> None:
     n = env.sim.n
     hot = breaching(env.last_obs, 150.0)
     assert hot
-    ctx = PolicyContext(shares=env.shares, capacity_hint=env.capacity_estimate(), static_weights=np.ones(n),
-                        demand_rps=100.0, k=2)  # fmt: skip
+    ctx = PolicyContext(
+        shares=env.shares, capacity_hint=env.capacity_estimate(), static_weights=np.ones(n), demand_rps=100.0, k=2
+    )
     forced = RLPolicy(make_module()).critical(env.last_obs, ctx)
     own = RLPolicy(make_module(), force_breaching=False).critical(env.last_obs, ctx)
     assert forced[: len(hot)] == hot and len(own) == 2
-    assert forced[len(hot):] == [i for i in RLPolicy(make_module(), force_breaching=False).critical(
-        env.last_obs, PolicyContext(**{**ctx.__dict__, "k": n})) if i not in hot][:2]
+    assert (
+        forced[len(hot) :]
+        == [
+            i
+            for i in RLPolicy(make_module(), force_breaching=False).critical(
+                env.last_obs, PolicyContext(**{**ctx.__dict__, "k": n})
+            )
+            if i not in hot
+        ][:2]
+    )

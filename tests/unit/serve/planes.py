@@ -29,9 +29,19 @@ class ReplayObserver:
 
     def observe(self, weights: Any = None) -> Observation:
         eps = tuple(
-            EndpointObservation(address=a, p50_ms=lat / 2, p95_ms=lat, error_rate=0.0, saturation=0.3, inflight=2.0,
-                                rps=50.0, cost_per_million=0.4, weight=float((weights or {}).get(a, 1)), healthy=True,
-                                age_s=0.5)  # fmt: skip
+            EndpointObservation(
+                address=a,
+                p50_ms=lat / 2,
+                p95_ms=lat,
+                error_rate=0.0,
+                saturation=0.3,
+                inflight=2.0,
+                rps=50.0,
+                cost_per_million=0.4,
+                weight=float((weights or {}).get(a, 1)),
+                healthy=True,
+                age_s=0.5,
+            )
             for a, lat in self.latency.items()
         )
         return Observation(cluster="my_service", endpoints=eps, source="simulator", window_s=10.0)
@@ -42,15 +52,22 @@ def make_plane(
 ) -> ControlPlane:
     """``observer`` is given each cluster's endpoint addresses."""
     controllers = cluster_controllers(
-        settings, LocalXdsClient(xds), lambda rows: model.score_many([rows])[0],
+        settings,
+        LocalXdsClient(xds),
+        lambda rows: model.score_many([rows])[0],
         lambda name: observer([ep.address for ep in settings.cluster(name).endpoints]),
-    )  # fmt: skip
+    )
     return ControlPlane(settings, controllers, policy=PolicyClient(model.info, model.reload), token=token)
 
 
 @contextlib.contextmanager
 def plane_on_free_ports(
-    tmp_path: Path, model: PolicyModel, endpoints: int, *, token: str, observer: Callable[[list[str]], Observer],
+    tmp_path: Path,
+    model: PolicyModel,
+    endpoints: int,
+    *,
+    token: str,
+    observer: Callable[[list[str]], Observer],
     clusters: int = 1,
 ) -> Iterator[ControlPlane]:
     """A plane over a started xDS server; both stop when the block ends. ``clusters=2``
@@ -59,8 +76,14 @@ def plane_on_free_ports(
     if clusters == 2:
         eps = s.clusters[0].endpoints
         half = len(eps) // 2
-        s = s.model_copy(update={"clusters": [s.clusters[0].model_copy(update={"endpoints": eps[:half]}),
-                                              s.clusters[0].model_copy(update={"name": "checkout", "endpoints": eps[half:]})]})  # fmt: skip
+        s = s.model_copy(
+            update={
+                "clusters": [
+                    s.clusters[0].model_copy(update={"endpoints": eps[:half]}),
+                    s.clusters[0].model_copy(update={"name": "checkout", "endpoints": eps[half:]}),
+                ]
+            }
+        )
     xds = XdsServer(s, state_dir=tmp_path / "state")
     xds.start()
     plane = make_plane(s, model, xds, token=token, observer=observer)

@@ -15,13 +15,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
+from planes import ReplayObserver, plane_on_free_ports  # beside this file: pytest puts its folder on sys.path
 from prometheus_client.parser import text_string_to_metric_families
 
 from balanceiq.serve.api import create_api
 from balanceiq.serve.plane import ControlPlane
 from balanceiq.serve.policy import PolicyModel
-
-from planes import ReplayObserver, plane_on_free_ports  # beside this file: pytest puts its folder on sys.path
 
 TOKEN = "unit-test-token-0123456789"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -50,14 +49,23 @@ def test_original_fields_are_kept(api: TestClient, plane: ControlPlane) -> None:
     h = api.get("/api/health").json()
     assert h["status"] == "healthy" and h["service"] == "balanceiq" and h["timestamp"] > 0
     t = api.get("/api/metrics/training").json()
-    assert {"training_iterations", "buffer_size", "current_reward", "model_accuracy", "recent_rewards",
-            "recent_losses", "last_update"} <= set(t)  # fmt: skip
+    assert {
+        "training_iterations",
+        "buffer_size",
+        "current_reward",
+        "model_accuracy",
+        "recent_rewards",
+        "recent_losses",
+        "last_update",
+    } <= set(t)
     w = api.get("/api/metrics/weights").json()
     assert set(w) == {"endpoint_weights", "total_requests", "load_balance_efficiency", "last_update"}
     assert w["endpoint_weights"] == plane.controller.weights and w["last_update"].endswith("Z")
     a = api.get("/api/metrics/all").json()
     assert set(a) == {"training", "load_balancing", "status"}
-    assert {"iterations", "buffer_size", "current_reward", "model_accuracy", "recent_rewards", "recent_losses"} == set(a["training"])
+    assert {"iterations", "buffer_size", "current_reward", "model_accuracy", "recent_rewards", "recent_losses"} == set(
+        a["training"]
+    )
     assert {"endpoint_weights", "total_requests", "efficiency"} == set(a["load_balancing"])
     assert {"last_update", "uptime"} == set(a["status"])
 
@@ -106,7 +114,9 @@ def test_overrides_need_the_token_and_apply(api: TestClient, plane: ControlPlane
         ({"address": "X", "action": "drain", "extra": 1}, 422, "extra"),
     ],
 )
-def test_bad_overrides_name_the_problem(api: TestClient, plane: ControlPlane, body: dict, code: int, needle: str) -> None:  # type: ignore[type-arg]
+def test_bad_overrides_name_the_problem(
+    api: TestClient, plane: ControlPlane, body: dict, code: int, needle: str
+) -> None:  # type: ignore[type-arg]
     body = {**body, "address": plane.controller.addresses[0] if body["address"] == "X" else body["address"]}
     r = api.put("/api/weights", json=body, headers=AUTH)
     assert r.status_code == code, r.text
@@ -120,9 +130,18 @@ def test_policy_update_is_all_or_nothing(api: TestClient, plane: ControlPlane) -
     r = api.put("/api/policy", json={"k": 99, "costs": {c.addresses[0]: 9.0}}, headers=AUTH)
     assert r.status_code == 409 and "k must be in 1..5" in r.json()["detail"]
     assert api.get("/api/policy").json() == before
-    r = api.put("/api/policy", json={"k": 3, "interval_s": 2.5, "slo_ms": 200, "selection": "greedy",
-                                     "costs": {c.addresses[0]: 9.0}, "guardrails": {"max_shift": 0.1}},
-                headers=AUTH)  # fmt: skip
+    r = api.put(
+        "/api/policy",
+        json={
+            "k": 3,
+            "interval_s": 2.5,
+            "slo_ms": 200,
+            "selection": "greedy",
+            "costs": {c.addresses[0]: 9.0},
+            "guardrails": {"max_shift": 0.1},
+        },
+        headers=AUTH,
+    )
     assert r.status_code == 200, r.text
     got = r.json()
     assert got["k"] == 3 and got["interval_s"] == 2.5 and got["slo_ms"] == 200 and got["selection"] == "greedy"
@@ -139,8 +158,18 @@ def test_score_metrics_and_decisions(api: TestClient, plane: ControlPlane) -> No
     c = plane.controller
     for _ in range(4):
         c.step()
-    eps = [{"address": f"10.0.0.{i}:80", "p95_ms": 20.0 + 30 * i, "rps": 10.0, "saturation": 0.2 + 0.1 * i,
-            "error_rate": 0.0, "cost_per_million": 0.5, "healthy": True} for i in range(8)]  # fmt: skip
+    eps = [
+        {
+            "address": f"10.0.0.{i}:80",
+            "p95_ms": 20.0 + 30 * i,
+            "rps": 10.0,
+            "saturation": 0.2 + 0.1 * i,
+            "error_rate": 0.0,
+            "cost_per_million": 0.5,
+            "healthy": True,
+        }
+        for i in range(8)
+    ]
     r = api.post("/api/policy/score", json={"endpoints": eps, "k": 3})
     assert r.status_code == 200, r.text
     out = r.json()
@@ -159,8 +188,17 @@ def test_score_metrics_and_decisions(api: TestClient, plane: ControlPlane) -> No
 def test_docs_and_openapi(api: TestClient) -> None:
     assert api.get("/docs").status_code == 200
     spec = api.get("/openapi.json").json()
-    for path in ("/api/health", "/api/metrics/all", "/api/metrics/training", "/api/metrics/weights", "/api/status",
-                 "/api/weights", "/api/train", "/api/policy", "/metrics"):  # fmt: skip
+    for path in (
+        "/api/health",
+        "/api/metrics/all",
+        "/api/metrics/training",
+        "/api/metrics/weights",
+        "/api/status",
+        "/api/weights",
+        "/api/train",
+        "/api/policy",
+        "/metrics",
+    ):
         assert path in spec["paths"], path
     assert api.get("/").status_code == 200 and "BalanceIQ" in api.get("/").text
     assert api.get("/static/vendor/chart.umd.min.js").status_code == 200
@@ -280,8 +318,19 @@ def test_encode_is_bounded_for_a_subnormal_slo() -> None:
     from balanceiq.policy.features import encode
     from balanceiq.telemetry.observation import EndpointObservation, Observation
 
-    e = EndpointObservation(address="a", p50_ms=1e7, p95_ms=1e7, error_rate=0.0, saturation=math.nan, inflight=1.0,
-                            rps=10.0, cost_per_million=1.0, weight=1.0, healthy=True, age_s=0.0)  # fmt: skip
+    e = EndpointObservation(
+        address="a",
+        p50_ms=1e7,
+        p95_ms=1e7,
+        error_rate=0.0,
+        saturation=math.nan,
+        inflight=1.0,
+        rps=10.0,
+        cost_per_million=1.0,
+        weight=1.0,
+        healthy=True,
+        age_s=0.0,
+    )
     rows = encode(Observation(cluster="c", endpoints=(e,), source="api", timestamp=0.0), np.ones(1), 4, 5e-324)
     assert np.isfinite(rows).all() and rows[0, 0] == 10.0
 
@@ -314,7 +363,9 @@ def test_shadow_mode_is_switched_with_the_token_and_shown(api: TestClient, plane
     assert api.put("/api/policy", json={"control_mode": "active"}, headers=AUTH).json()["control_mode"] == "active"
 
 
-def test_timeline_shows_cost_latency_events_and_the_saving_against_equal_weights(api: TestClient, plane: ControlPlane) -> None:
+def test_timeline_shows_cost_latency_events_and_the_saving_against_equal_weights(
+    api: TestClient, plane: ControlPlane
+) -> None:
     c = plane.controller
     for _ in range(3):
         c.step()
@@ -346,12 +397,17 @@ def test_every_cluster_has_its_own_views_and_changes(tmp_path: Path, model: Poli
             for c in plane.controllers.values():
                 assert c.step().pushed
             listed = api.get("/api/clusters").json()
-            assert [c["cluster"] for c in listed["clusters"]] == ["my_service", "checkout"] and listed["default"] == "my_service"
+            assert [c["cluster"] for c in listed["clusters"]] == ["my_service", "checkout"] and listed[
+                "default"
+            ] == "my_service"
             checkout = plane.controllers["checkout"]
             w = api.get("/api/weights", params={"cluster": "checkout"}).json()
             assert w["cluster"] == "checkout" and [e["address"] for e in w["endpoints"]] == checkout.addresses
             assert api.get("/api/weights").json()["cluster"] == "my_service"
-            assert api.get("/api/metrics/weights", params={"cluster": "checkout"}).json()["endpoint_weights"] == checkout.weights
+            assert (
+                api.get("/api/metrics/weights", params={"cluster": "checkout"}).json()["endpoint_weights"]
+                == checkout.weights
+            )
             assert api.get("/api/decisions", params={"cluster": "checkout"}).json()["cluster"] == "checkout"
             assert api.get("/api/timeline", params={"cluster": "checkout"}).json()["cluster"] == "checkout"
             st = api.get("/api/status", params={"cluster": "checkout"}).json()
@@ -364,14 +420,22 @@ def test_every_cluster_has_its_own_views_and_changes(tmp_path: Path, model: Poli
             r = api.put("/api/weights", json={"address": victim, "action": "drain"}, headers=AUTH)
             assert r.status_code == 200 and r.json()["override"]["cluster"] == "checkout"
             assert victim in checkout.overrides.active() and not plane.controller.overrides.active()
-            r = api.put("/api/weights", params={"cluster": "my_service"}, json={"address": victim, "action": "drain"}, headers=AUTH)
+            r = api.put(
+                "/api/weights",
+                params={"cluster": "my_service"},
+                json={"address": victim, "action": "drain"},
+                headers=AUTH,
+            )
             assert r.status_code == 409 and "my_service" in r.json()["detail"]
             r = api.put("/api/policy", params={"cluster": "checkout"}, json={"k": 2, "cost_weight": 0.7}, headers=AUTH)
             assert r.status_code == 200 and r.json()["cost_weight"] == 0.7 and r.json()["cluster"] == "checkout"
             assert plane.controller.policy.cost_weight != 0.7
             # Each controller under its own lease, one metrics page with both clusters.
             leases = plane.controller.xds.status()["leases"]
-            assert leases["my_service"]["holder"] == plane.controller.owner and leases["checkout"]["holder"] == checkout.owner
+            assert (
+                leases["my_service"]["holder"] == plane.controller.owner
+                and leases["checkout"]["holder"] == checkout.owner
+            )
             families = {f.name: f for f in text_string_to_metric_families(api.get("/metrics").text)}
             clusters = {s.labels["cluster"] for s in families["balanceiq_decisions"].samples}
             assert clusters == {"my_service", "checkout"}

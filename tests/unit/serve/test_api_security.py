@@ -25,6 +25,11 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from fastapi.testclient import TestClient
+from planes import (  # beside this file: pytest puts its folder on sys.path
+    ReplayObserver,
+    make_plane,
+    plane_on_free_ports,
+)
 from prometheus_client.parser import text_string_to_metric_families
 
 from balanceiq.config import default_settings, is_loopback, load_config, settings_from_dict
@@ -36,10 +41,8 @@ from balanceiq.testbed.envoy import render_bootstrap
 from balanceiq.testbed.ports import settings_on_free_ports
 from balanceiq.xds.server import XdsServer
 
-from planes import ReplayObserver, make_plane, plane_on_free_ports  # beside this file: pytest puts its folder on sys.path
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from livestack import serve_asgi  # noqa: E402
+from livestack import serve_asgi
 
 TOKEN = "sekrit-token-7f3a9c2e5b8d1f40"
 REPO = Path(__file__).resolve().parents[3]
@@ -139,8 +142,11 @@ def test_errors_of_every_kind_are_counted_on_metrics(api: TestClient, plane: Con
     # And a bad xDS request against the plane's real gRPC server shows up on the same page.
     xds = plane.controller.xds.server  # type: ignore[attr-defined]
     with grpc.insecure_channel(f"127.0.0.1:{xds.port}") as ch:
-        call = ch.stream_stream("/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources",
-                                request_serializer=lambda b: b, response_deserializer=lambda b: b)  # fmt: skip
+        call = ch.stream_stream(
+            "/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources",
+            request_serializer=lambda b: b,
+            response_deserializer=lambda b: b,
+        )
         with pytest.raises(grpc.RpcError) as info:
             list(call(iter([b"\xff\xff\xff"]), timeout=5))
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
@@ -170,8 +176,11 @@ def test_every_listener_defaults_to_loopback() -> None:
         doc = yaml.safe_load(path.read_text())
         assert is_loopback(doc["admin"]["address"]["socket_address"]["address"]), path
         xds_cluster = next(c for c in doc["static_resources"]["clusters"] if c["name"] == "xds_cluster")
-        hosts = [e["endpoint"]["address"]["socket_address"]["address"]
-                 for le in xds_cluster["load_assignment"]["endpoints"] for e in le["lb_endpoints"]]  # fmt: skip
+        hosts = [
+            e["endpoint"]["address"]["socket_address"]["address"]
+            for le in xds_cluster["load_assignment"]["endpoints"]
+            for e in le["lb_endpoints"]
+        ]
         assert hosts and all(is_loopback(h) for h in hosts), path
 
 
@@ -184,7 +193,9 @@ def test_remote_xds_needs_mutual_tls_or_an_explicit_opt_in(host: str) -> None:
     tls_only = {"enabled": True, "cert_file": "c.pem", "key_file": "k.pem"}
     with pytest.raises(ConfigError):
         settings_from_dict({"xds": {"host": host, "tls": tls_only}})
-    mtls = settings_from_dict({"xds": {"host": host, "tls": {**tls_only, "require_client_cert": True, "ca_file": "ca.pem"}}})
+    mtls = settings_from_dict(
+        {"xds": {"host": host, "tls": {**tls_only, "require_client_cert": True, "ca_file": "ca.pem"}}}
+    )
     assert mtls.xds.host == host
     assert settings_from_dict({"xds": {"host": host, "allow_insecure_remote": True}}).xds.allow_insecure_remote
     # A host given in code is held to the same rule.
@@ -207,7 +218,9 @@ def test_remote_envoy_admin_needs_an_explicit_opt_in() -> None:
     assert render_bootstrap(s)["admin"]["address"]["socket_address"]["address"] == "10.0.0.7"
 
 
-def test_remote_api_is_allowed_but_warned_about(tmp_path: Path, model: PolicyModel, caplog: pytest.LogCaptureFixture) -> None:
+def test_remote_api_is_allowed_but_warned_about(
+    tmp_path: Path, model: PolicyModel, caplog: pytest.LogCaptureFixture
+) -> None:
     s = settings_on_free_ports(3).model_copy(update={"state_dir": tmp_path / "state"})
     s = s.model_copy(update={"api": s.api.model_copy(update={"host": "0.0.0.0"})})
     xds = XdsServer(s, state_dir=tmp_path / "state")  # loopback: only the API's host changed
@@ -227,13 +240,20 @@ def test_remote_api_is_allowed_but_warned_about(tmp_path: Path, model: PolicyMod
 def _tls_material(d: Path) -> tuple[Path, Path, str]:
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "xds.balanceiq.test")])
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     cert = (
-        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-        .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=1)).sign(key, hashes.SHA256())
-    )  # fmt: skip
-    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()).decode()
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .sign(key, hashes.SHA256())
+    )
+    pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    ).decode()
     (d / "xds.key").write_text(pem)
     (d / "xds.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     return d / "xds.crt", d / "xds.key", pem
@@ -245,8 +265,17 @@ def test_token_and_key_never_reach_logs_messages_or_responses(
     # Everything our code and the servers it runs log, down to DEBUG. (Not the root
     # logger: Ray's handlers, set up while the module's policy loaded, write to a capture
     # stream that is closed by now.)
-    for name in ("balanceiq", "uvicorn", "uvicorn.access", "uvicorn.error", "fastapi", "starlette", "grpc", "httpx",
-                 "asyncio"):  # fmt: skip
+    for name in (
+        "balanceiq",
+        "uvicorn",
+        "uvicorn.access",
+        "uvicorn.error",
+        "fastapi",
+        "starlette",
+        "grpc",
+        "httpx",
+        "asyncio",
+    ):
         caplog.set_level(logging.DEBUG, logger=name)
     crt, key, pem = _tls_material(tmp_path)
     key_body = "".join(line for line in pem.splitlines() if not line.startswith("-----"))
@@ -256,7 +285,9 @@ def test_token_and_key_never_reach_logs_messages_or_responses(
 
     s = settings_on_free_ports(3).model_copy(update={"state_dir": tmp_path / "state"})
     tls = s.xds.tls.model_copy(update={"enabled": True, "cert_file": crt, "key_file": key})
-    s = s.model_copy(update={"xds": s.xds.model_copy(update={"tls": tls}), "api": s.api.model_copy(update={"token": TOKEN})})
+    s = s.model_copy(
+        update={"xds": s.xds.model_copy(update={"tls": tls}), "api": s.api.model_copy(update={"token": TOKEN})}
+    )
     said.append(repr(s))
     xds = XdsServer(s, state_dir=tmp_path / "state")
     xds.start()
@@ -267,8 +298,12 @@ def test_token_and_key_never_reach_logs_messages_or_responses(
         served = serve_asgi(create_api(plane), log_config=None, log_level="debug", access_log=True)
         with served as url, httpx.Client(base_url=url, trust_env=False, timeout=10) as c:
             body = {"address": plane.controller.addresses[0], "action": "drain"}
-            for headers in ({}, {"Authorization": f"Bearer {wrong}"}, {"Authorization": f"Bearer {TOKEN[:8]}"},
-                            {"Authorization": f"Basic {TOKEN}"}):  # fmt: skip
+            for headers in (
+                {},
+                {"Authorization": f"Bearer {wrong}"},
+                {"Authorization": f"Bearer {TOKEN[:8]}"},
+                {"Authorization": f"Basic {TOKEN}"},
+            ):
                 r = c.put("/api/weights", json=body, headers=headers)
                 assert r.status_code == 401
                 said.append(r.text + str(r.headers))
@@ -276,9 +311,8 @@ def test_token_and_key_never_reach_logs_messages_or_responses(
                 said.append(c.get(path).text)
             assert c.put("/api/weights", json=body, headers={"Authorization": f"Bearer {TOKEN}"}).status_code == 200
         # A plaintext client against the TLS port: refused, and nothing secret said about it.
-        with grpc.insecure_channel(f"127.0.0.1:{xds.port}") as ch:
-            with pytest.raises(grpc.FutureTimeoutError):
-                grpc.channel_ready_future(ch).result(timeout=1)
+        with grpc.insecure_channel(f"127.0.0.1:{xds.port}") as ch, pytest.raises(grpc.FutureTimeoutError):
+            grpc.channel_ready_future(ch).result(timeout=1)
     finally:
         plane.stop()
         xds.stop()
@@ -298,7 +332,9 @@ def test_token_and_key_never_reach_logs_messages_or_responses(
         said.append(str(info.value))
         logging.getLogger("balanceiq.test").warning("config error: %s", info.value)
     # A key pasted where its path belongs, in settings built in code (no config validation).
-    pasted = s.model_copy(update={"xds": s.xds.model_copy(update={"tls": tls.model_copy(update={"key_file": Path(pem)})})})
+    pasted = s.model_copy(
+        update={"xds": s.xds.model_copy(update={"tls": tls.model_copy(update={"key_file": Path(pem)})})}
+    )
     server = XdsServer(pasted, port=0, state_dir=None)
     with pytest.raises(XdsError) as err:
         server.start()

@@ -39,7 +39,9 @@ def test_a_bad_checkpoint_changes_neither(models: tuple[PolicyModel, PolicyModel
     assert str(deployment.checkpoint) == str(local.checkpoint) == str(SHIPPED)
 
 
-def test_if_the_controller_copy_fails_the_deployment_goes_back(models: tuple[PolicyModel, PolicyModel], tmp_path: Path) -> None:
+def test_if_the_controller_copy_fails_the_deployment_goes_back(
+    models: tuple[PolicyModel, PolicyModel], tmp_path: Path
+) -> None:
     deployment, local = models
 
     class Broken:

@@ -13,7 +13,7 @@ from balanceiq.sim.evaluate import merge_evaluations, promotion_decision
 
 
 def test_live_eval_with_an_unknown_scenario_is_refused_naming_it(tmp_path: Path) -> None:
-    with pytest.raises(ControlError, match="(?s)live_eval: .*no_such_live_scenario"):
+    with pytest.raises(ControlError, match=r"(?s)live_eval: .*no_such_live_scenario"):
         TrainingManager(tmp_path).start(1, None, 1, live_eval={"scenario": "no_such_live_scenario"})
 
 
@@ -34,11 +34,21 @@ def test_live_eval_request_accepts_only_safe_fields() -> None:
 
 
 def test_merged_sim_and_live_evaluations_weigh_every_scenario_alike() -> None:
-    sim = {"scenarios": {"brownout": {"candidate": -2.0, "serving": -2.0},
-                         "many_endpoints": {"candidate": -10.0, "serving": -10.0}},
-           "candidate": -6.0, "serving": -6.0, "seeds": [0]}  # fmt: skip
-    live = {"scenarios": {"live:degrade_and_dearer": {"candidate": -1.0, "serving": -1.5}},
-            "candidate": -1.0, "serving": -1.5, "episodes": []}  # fmt: skip
+    sim = {
+        "scenarios": {
+            "brownout": {"candidate": -2.0, "serving": -2.0},
+            "many_endpoints": {"candidate": -10.0, "serving": -10.0},
+        },
+        "candidate": -6.0,
+        "serving": -6.0,
+        "seeds": [0],
+    }
+    live = {
+        "scenarios": {"live:degrade_and_dearer": {"candidate": -1.0, "serving": -1.5}},
+        "candidate": -1.0,
+        "serving": -1.5,
+        "episodes": [],
+    }
     ev = merge_evaluations(sim, live)
     assert list(ev["scenarios"]) == ["brownout", "many_endpoints", "live:degrade_and_dearer"]
     assert ev["candidate"] == pytest.approx(-13.0 / 3) and ev["seeds"] == [0] and ev["episodes"] == []

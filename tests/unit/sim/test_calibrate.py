@@ -20,6 +20,7 @@ import pytest
 from balanceiq.cli import main
 from balanceiq.sim.calibrate import (
     CalibrationError,
+    backend_truth,
     calibrate,
     calibration_error,
     model_error_rate,
@@ -27,7 +28,6 @@ from balanceiq.sim.calibrate import (
     model_quantile_ms,
     model_saturation,
     read_recording,
-    backend_truth,
     write_calibration,
 )
 from balanceiq.sim.fleet import BASE_ERROR, FleetSim
@@ -50,12 +50,19 @@ def truth_scenario(endpoints: list[tuple[str, float, float]] = ENDPOINTS, base_r
             "seed": 3,
             "demand": {"base_rps": base_rps, "diurnal_amplitude": 0.1, "diurnal_period_s": 300, "noise": 0.05},
             "endpoints": [
-                {"name": n, "cloud": n.split("-")[0], "region": "r1", "capacity_rps": c, "base_latency_ms": b,
-                 "cost_per_million": 0.3, "weight": 1}
+                {
+                    "name": n,
+                    "cloud": n.split("-")[0],
+                    "region": "r1",
+                    "capacity_rps": c,
+                    "base_latency_ms": b,
+                    "cost_per_million": 0.3,
+                    "weight": 1,
+                }
                 for n, c, b in endpoints
             ],
         }
-    )  # fmt: skip
+    )
 
 
 def synthetic_recording(
@@ -91,12 +98,26 @@ def synthetic_recording(
                     weights = new
                 seq += 1
                 line: dict[str, Any] = {
-                    "seq": seq, "timestamp": obs["timestamp"], "mode": "explore", "critical": [],
-                    "weights": {a: int(w) for a, w in zip(sim.names, weights)}, "previous": previous,
-                    "reward": None, "moved": 0.0, "pushed": pushed, "acked": True if pushed else None,
-                    "push_ms": None, "ack_ms": None, "version": None, "notes": [], "source": "simulator",
-                    "error": None, "step_ms": 0.0, "scores": None, "observation": obs,
-                }  # fmt: skip
+                    "seq": seq,
+                    "timestamp": obs["timestamp"],
+                    "mode": "explore",
+                    "critical": [],
+                    "weights": {a: int(w) for a, w in zip(sim.names, weights)},
+                    "previous": previous,
+                    "reward": None,
+                    "moved": 0.0,
+                    "pushed": pushed,
+                    "acked": True if pushed else None,
+                    "push_ms": None,
+                    "ack_ms": None,
+                    "version": None,
+                    "notes": [],
+                    "source": "simulator",
+                    "error": None,
+                    "step_ms": 0.0,
+                    "scores": None,
+                    "observation": obs,
+                }
                 fh.write(json.dumps(line) + "\n")
     return path
 
@@ -273,14 +294,18 @@ def test_an_endpoint_without_enough_data_gets_typical_values_and_a_warning(tmp_p
     assert cal.report["endpoints"]["aws-b"] == {"fitted": False, "samples": 0}
     assert any("aws-b" in w and "not fitted" in w for w in cal.report["warnings"])
     spec = {e.name: e for e in cal.scenario.endpoints}["aws-b"]
-    assert spec.capacity_rps == pytest.approx(float(np.median([cal.fits[n].capacity_rps for n in ("aws-a", "gcp-a", "azure-a")])), rel=1e-3)
+    assert spec.capacity_rps == pytest.approx(
+        float(np.median([cal.fits[n].capacity_rps for n in ("aws-a", "gcp-a", "azure-a")])), rel=1e-3
+    )
 
 
 # --------------------------------------------------------------------------- outputs
 
 
 def test_written_scenario_loads_back(tmp_path: Path) -> None:
-    cal = calibrate(synthetic_recording(tmp_path / "rec.jsonl", truth_scenario()), endpoints={"aws-a": ("aws", "us-east-1")})
+    cal = calibrate(
+        synthetic_recording(tmp_path / "rec.jsonl", truth_scenario()), endpoints={"aws-a": ("aws", "us-east-1")}
+    )
     write_calibration(cal, tmp_path / "out" / "calibrated_scenario.yaml", tmp_path / "out" / "calibration.json")
     text = (tmp_path / "out" / "calibrated_scenario.yaml").read_text()
     assert text.startswith("# calibrated: written by balanceiq calibrate")
@@ -315,15 +340,30 @@ def test_backend_truth_matches_the_backend_queueing() -> None:
     t = backend_truth({"base_latency_ms": 20.0, "concurrency": 2})
     assert t["capacity_rps"] == pytest.approx(2 / 0.0205)
     assert t["unloaded_p50_ms"] == pytest.approx(20.5)
-    t = backend_truth({"base_latency_ms": 20.0, "concurrency": 4, "jitter_ms": 0.0, "extra_latency_ms": 5.0,
-                       "tail_prob": 0.1, "tail_ms": 50.0})  # fmt: skip
+    t = backend_truth(
+        {
+            "base_latency_ms": 20.0,
+            "concurrency": 4,
+            "jitter_ms": 0.0,
+            "extra_latency_ms": 5.0,
+            "tail_prob": 0.1,
+            "tail_ms": 50.0,
+        }
+    )
     assert t["capacity_rps"] == pytest.approx(4 / 0.030)
     assert t["unloaded_p50_ms"] == pytest.approx(25.0)
 
 
 def test_calibration_error_against_backend_truth() -> None:
-    fitted = {"a": {"capacity_rps": 90.0, "base_latency_ms": 14.0}, "b": {"capacity_rps": 60.0, "base_latency_ms": 50.0}}
-    truth = {"a": {"base_latency_ms": 20.0, "concurrency": 2}, "b": {"base_latency_ms": 60.0, "concurrency": 4}, "c": {"base_latency_ms": 1.0, "concurrency": 1}}
+    fitted = {
+        "a": {"capacity_rps": 90.0, "base_latency_ms": 14.0},
+        "b": {"capacity_rps": 60.0, "base_latency_ms": 50.0},
+    }
+    truth = {
+        "a": {"base_latency_ms": 20.0, "concurrency": 2},
+        "b": {"base_latency_ms": 60.0, "concurrency": 4},
+        "c": {"base_latency_ms": 1.0, "concurrency": 1},
+    }
     ce = calibration_error(fitted, truth)
     a = ce["endpoints"]["a"]
     assert a["capacity_rps"]["rel_error"] == pytest.approx(90 / (2 / 0.0205) - 1, abs=1e-4)
@@ -389,17 +429,42 @@ def test_records_draining_an_overload_queue_are_flagged(tmp_path: Path) -> None:
     leaves them out (the simulator has no queue memory)."""
     from balanceiq.sim.calibrate import endpoint_samples
 
-    def record(seq: int, t: float, sats: tuple[float, float], weights: dict[str, int], pushed: dict[str, int] | None) -> str:
+    def record(
+        seq: int, t: float, sats: tuple[float, float], weights: dict[str, int], pushed: dict[str, int] | None
+    ) -> str:
         obs = {
-            "cluster": "c", "source": "prometheus", "timestamp": t, "window_s": 2.0, "errors": [],
+            "cluster": "c",
+            "source": "prometheus",
+            "timestamp": t,
+            "window_s": 2.0,
+            "errors": [],
             "endpoints": [
-                {"address": a, "rps": 30.0, "p50_ms": 20.0, "p95_ms": 25.0, "error_rate": 0.0, "saturation": s,
-                 "inflight": 1.0, "weight": weights[a], "healthy": True, "flags": []}
+                {
+                    "address": a,
+                    "rps": 30.0,
+                    "p50_ms": 20.0,
+                    "p95_ms": 25.0,
+                    "error_rate": 0.0,
+                    "saturation": s,
+                    "inflight": 1.0,
+                    "weight": weights[a],
+                    "healthy": True,
+                    "flags": [],
+                }
                 for a, s in zip(("a", "b"), sats)
             ],
-        }  # fmt: skip
-        return json.dumps({"seq": seq, "timestamp": t, "pushed": pushed is not None, "step_ms": 10.0,
-                           "previous": weights, "weights": pushed or weights, "observation": obs})  # fmt: skip
+        }
+        return json.dumps(
+            {
+                "seq": seq,
+                "timestamp": t,
+                "pushed": pushed is not None,
+                "step_ms": 10.0,
+                "previous": weights,
+                "weights": pushed or weights,
+                "observation": obs,
+            }
+        )
 
     even, cut_a = {"a": 500, "b": 500}, {"a": 200, "b": 800}
     lines = [

@@ -20,9 +20,13 @@ def test_demonstrations_label_every_state_with_the_teachers_ordered_choice() -> 
     env.reset(seed=3)
     assert env.sim is not None
     obs = env.last_obs
-    ctx = PolicyContext(shares=env.shares, capacity_hint=env.capacity_estimate(),
-                        static_weights=np.asarray(env.sim.static_weights, dtype=np.float64),
-                        demand_rps=float(np.nansum([e.rps for e in obs.endpoints])), k=2)  # fmt: skip
+    ctx = PolicyContext(
+        shares=env.shares,
+        capacity_hint=env.capacity_estimate(),
+        static_weights=np.asarray(env.sim.static_weights, dtype=np.float64),
+        demand_rps=float(np.nansum([e.rps for e in obs.endpoints])),
+        k=2,
+    )
     assert demos.actions[0].tolist() == HotColdHeuristic().critical(obs, ctx)
     # Hottest first, coldest second: the encoded utilisation column orders them so.
     util = demos.obs[0, :, -4]
@@ -37,8 +41,9 @@ def test_pretraining_raises_the_likelihood_of_the_teachers_choices() -> None:
 
     demos = collect(ENV, episodes=6, explore=0.2, seed=0)
     env = FleetEnv(ENV)
-    module = CriticalEndpointModule(observation_space=env.observation_space, action_space=env.action_space,
-                                    model_config={"hidden_dim": 32})  # fmt: skip
+    module = CriticalEndpointModule(
+        observation_space=env.observation_space, action_space=env.action_space, model_config={"hidden_dim": 32}
+    )
     fit = pretrain(module, demos, epochs=40, lr=3e-3, batch_size=64, seed=0)
     assert fit["states"] == 120 and fit["nll_last"] < fit["nll_first"] - 0.3
     # Better than chance at naming the teacher's pair (1 in C(6,2) = 15 by chance).

@@ -7,8 +7,11 @@ from balanceiq.sim.evaluate import promotion_decision
 
 def _ev(**per: tuple[float, float]) -> dict:  # type: ignore[type-arg]
     sc = {k: {"candidate": c, "serving": s} for k, (c, s) in per.items()}
-    return {"scenarios": sc, "candidate": sum(c for c, _ in per.values()) / len(per),
-            "serving": sum(s for _, s in per.values()) / len(per)}  # fmt: skip
+    return {
+        "scenarios": sc,
+        "candidate": sum(c for c, _ in per.values()) / len(per),
+        "serving": sum(s for _, s in per.values()) / len(per),
+    }
 
 
 def test_better_everywhere_is_promoted() -> None:

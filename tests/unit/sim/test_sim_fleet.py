@@ -17,7 +17,9 @@ from balanceiq.sim.scenario import Scenario, load_scenario, scenario_from_dict
 from balanceiq.telemetry.observation import NO_TRAFFIC, Observation
 
 
-def _scenario(endpoints: list[dict[str, Any]], base_rps: float, events: list[dict[str, Any]] | None = None, **demand: Any) -> Scenario:
+def _scenario(
+    endpoints: list[dict[str, Any]], base_rps: float, events: list[dict[str, Any]] | None = None, **demand: Any
+) -> Scenario:
     return scenario_from_dict(
         {
             "name": "t",
@@ -30,7 +32,14 @@ def _scenario(endpoints: list[dict[str, Any]], base_rps: float, events: list[dic
 
 
 def _ep(name: str, cap: float, base: float = 10.0, cost: float = 0.3, cloud: str = "aws") -> dict[str, Any]:
-    return {"name": name, "cloud": cloud, "region": "r1", "capacity_rps": cap, "base_latency_ms": base, "cost_per_million": cost}
+    return {
+        "name": name,
+        "cloud": cloud,
+        "region": "r1",
+        "capacity_rps": cap,
+        "base_latency_ms": base,
+        "cost_per_million": cost,
+    }
 
 
 def _two(base_rps: float = 100.0, events: list[dict[str, Any]] | None = None) -> FleetSim:
@@ -299,7 +308,11 @@ def test_all_traffic_on_one_endpoint_gives_its_quantiles(scenario: str) -> None:
         shares[i] = 1.0
         r = sim.step(shares)
         tol = sim.grid_ratio - 1
-        for agg, ep in ((r.p50_ms, r.endpoint_p50_ms[i]), (r.p95_ms, r.endpoint_p95_ms[i]), (r.p99_ms, r.endpoint_p99_ms[i])):
+        for agg, ep in (
+            (r.p50_ms, r.endpoint_p50_ms[i]),
+            (r.p95_ms, r.endpoint_p95_ms[i]),
+            (r.p99_ms, r.endpoint_p99_ms[i]),
+        ):
             assert agg == pytest.approx(ep, rel=tol)
         assert r.error_rate == pytest.approx(r.endpoint_error_rate[i])
         assert r.cost_per_million == pytest.approx(r.endpoint_cost_per_million[i])
@@ -315,7 +328,9 @@ _BASES = {name: load_scenario(name) for name in ("heterogeneous", "brownout", "f
     scale=st.floats(0.2, 2.5),
     raw=st.lists(st.floats(0.0, 1.0), min_size=8, max_size=8).filter(lambda xs: sum(xs) > 1e-3),
 )
-def test_fleet_quantiles_are_ordered_and_between_endpoint_quantiles(name: str, start: int, scale: float, raw: list[float]) -> None:
+def test_fleet_quantiles_are_ordered_and_between_endpoint_quantiles(
+    name: str, start: int, scale: float, raw: list[float]
+) -> None:
     base = _BASES[name]
     demand = base.demand.model_copy(update={"base_rps": base.demand.base_rps * scale})
     sim = FleetSim(base.model_copy(update={"demand": demand}))

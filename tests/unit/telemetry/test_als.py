@@ -72,17 +72,13 @@ def entry(
     return e
 
 
-def send(
-    target: AlsServer | int, entries: Iterable[accesslog_pb2.HTTPAccessLogEntry], batch: int = 50
-) -> None:
+def send(target: AlsServer | int, entries: Iterable[accesslog_pb2.HTTPAccessLogEntry], batch: int = 50) -> None:
     """One ALS stream carrying ``entries``, returned once the server has taken all of it."""
     port = target if isinstance(target, int) else target.grpc_port
     entries = list(entries)
 
     def messages() -> Iterator[als_pb2.StreamAccessLogsMessage]:
-        ident = als_pb2.StreamAccessLogsMessage.Identifier(
-            node=base_pb2.Node(id="test-envoy"), log_name="balanceiq"
-        )
+        ident = als_pb2.StreamAccessLogsMessage.Identifier(node=base_pb2.Node(id="test-envoy"), log_name="balanceiq")
         for i in range(0, max(len(entries), 1), batch):
             msg = als_pb2.StreamAccessLogsMessage()
             if i == 0:
@@ -203,8 +199,12 @@ def test_code_classes(als: AlsServer) -> None:
     m = Scrape(als.metrics_url)  # type: ignore[arg-type]
     ep = "10.0.0.1:8080"
     assert {k: m.rq("svc", ep, k) for k in ("2xx", "3xx", "4xx", "5xx", "none")} == {
-        "2xx": 2, "3xx": 1, "4xx": 2, "5xx": 3, "none": 1,
-    }  # fmt: skip
+        "2xx": 2,
+        "3xx": 1,
+        "4xx": 2,
+        "5xx": 3,
+        "none": 1,
+    }
     # Every answered or reset request with an upstream time is also a latency sample.
     assert m.count("svc", ep) == len(codes)
 
@@ -279,9 +279,9 @@ def test_tcp_logs_are_dropped(als: AlsServer) -> None:
 def test_own_registry_not_global(als: AlsServer) -> None:
     send(als, [entry()])
     assert REGISTRY.get_sample_value(f"{HIST}_count", {"cluster": "svc", "endpoint": "10.0.0.1:8080"}) is None
-    assert als.collector.registry.get_sample_value(
-        f"{HIST}_count", {"cluster": "svc", "endpoint": "10.0.0.1:8080"}
-    ) == 1
+    assert (
+        als.collector.registry.get_sample_value(f"{HIST}_count", {"cluster": "svc", "endpoint": "10.0.0.1:8080"}) == 1
+    )
 
 
 _cluster_ids = itertools.count()
@@ -431,15 +431,20 @@ def test_envoy_accepts_the_access_log_and_cluster(sample_percent: float) -> None
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "balanceiq.telemetry.als", *args],
-        capture_output=True, text=True, timeout=30,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
 
 
 def test_cli_serves_until_sigterm() -> None:
     proc = subprocess.Popen(
         [sys.executable, "-m", "balanceiq.telemetry.als", "--grpc-port", "0", "--metrics-port", "0"],
-        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert proc.stdout is not None
         line = proc.stdout.readline().strip()
@@ -492,8 +497,16 @@ def test_orca_utilization_reads_text_and_json_and_refuses_the_rest() -> None:
     assert orca_utilization("TEXT cpu_utilization:0.4,rps_fractional:12,application_utilization:0.35") == 0.35
     assert orca_utilization("TEXT cpu_utilization:0.4") == 0.4
     assert orca_utilization('JSON {"cpuUtilization": 0.5, "rpsFractional": 3}') == 0.5
-    for bad in ("", "garbage", "TEXT x:1", "TEXT cpu_utilization:nan", "TEXT cpu_utilization:-1",
-                "JSON {not json", 'JSON ["a"]', "BIN AAAA"):  # fmt: skip
+    for bad in (
+        "",
+        "garbage",
+        "TEXT x:1",
+        "TEXT cpu_utilization:nan",
+        "TEXT cpu_utilization:-1",
+        "JSON {not json",
+        'JSON ["a"]',
+        "BIN AAAA",
+    ):
         assert orca_utilization(bad) is None, bad
 
 
@@ -518,8 +531,11 @@ def test_collector_keeps_each_endpoints_last_orca_report() -> None:
 
 def test_snapshot_agrees_with_the_exposition(als: AlsServer) -> None:
     durations = [0.5, 1.0, 2.5, 7.0, 20.0, 20.0, 99.0, 250.0, 11_000.0]  # ms, on and between bounds
-    send(als, [entry(int(d * MS), host="10.0.0.1") for d in durations]
-         + [entry(5 * MS, host="10.0.0.2", code=503), entry(None, host="10.0.0.2", code=None)])  # fmt: skip
+    send(
+        als,
+        [entry(int(d * MS), host="10.0.0.1") for d in durations]
+        + [entry(5 * MS, host="10.0.0.2", code=503), entry(None, host="10.0.0.2", code=None)],
+    )
     scrape = Scrape(als.metrics_url or "")
     r = httpx.get((als.metrics_url or "").removesuffix("/metrics") + "/snapshot", timeout=5)
     assert r.status_code == 200 and r.headers["content-type"].startswith("application/json")

@@ -86,8 +86,9 @@ def envoy_text(per_endpoint: dict[str, dict[str, Any]], cluster: str = CLUSTER) 
 def als_text(observations: dict[str, list[float]], cluster: str = CLUSTER) -> str:
     """The ALS exporter's /metrics, produced by prometheus_client exactly as it would."""
     reg = CollectorRegistry()
-    h = Histogram(ALS_HISTOGRAM, "upstream time", ["cluster", "endpoint"],
-                  buckets=(0.01, 0.02, 0.05, 0.1), registry=reg)  # fmt: skip
+    h = Histogram(
+        ALS_HISTOGRAM, "upstream time", ["cluster", "endpoint"], buckets=(0.01, 0.02, 0.05, 0.1), registry=reg
+    )
     for addr, values in observations.items():
         for v in values:
             h.labels(cluster, addr).observe(v)
@@ -95,12 +96,19 @@ def als_text(observations: dict[str, list[float]], cluster: str = CLUSTER) -> st
 
 
 def counters(total: int, error: int = 0, *, timeout: int = 0, active: int = 0, healthy: int = 1) -> dict[str, Any]:
-    return {"rq_total": total, "rq_error": error, "rq_success": total - error, "rq_timeout": timeout,
-            "rq_active": active, "healthy": healthy}  # fmt: skip
+    return {
+        "rq_total": total,
+        "rq_error": error,
+        "rq_success": total - error,
+        "rq_timeout": timeout,
+        "rq_active": active,
+        "healthy": healthy,
+    }
 
 
-def clusters_json(per_endpoint: dict[str, dict[str, Any]], cluster: str = CLUSTER,
-                  health: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:  # fmt: skip
+def clusters_json(
+    per_endpoint: dict[str, dict[str, Any]], cluster: str = CLUSTER, health: dict[str, dict[str, Any]] | None = None
+) -> dict[str, Any]:
     """``/clusters?format=json`` as Envoy 1.40 writes it (checked against a live dump):
     zero-valued stats have no ``value``; values are strings; gauges carry a type."""
     hosts = []
@@ -113,11 +121,17 @@ def clusters_json(per_endpoint: dict[str, dict[str, Any]], cluster: str = CLUSTE
         for name in ("cx_active", "rq_active", "rq_pending_active"):
             x = v.get(name, 0)
             stats.append({"type": "GAUGE", "name": name, **({"value": str(x)} if x else {})})
-        hosts.append({"address": {"socket_address": {"address": host.strip("[]"), "port_value": int(port)}},
-                      "stats": stats, "health_status": (health or {}).get(addr, {"eds_health_status": "HEALTHY"}),
-                      "weight": 1})  # fmt: skip
-    return {"cluster_statuses": [{"name": "xds_cluster", "host_statuses": []},
-                                 {"name": cluster, "host_statuses": hosts}]}  # fmt: skip
+        hosts.append(
+            {
+                "address": {"socket_address": {"address": host.strip("[]"), "port_value": int(port)}},
+                "stats": stats,
+                "health_status": (health or {}).get(addr, {"eds_health_status": "HEALTHY"}),
+                "weight": 1,
+            }
+        )
+    return {
+        "cluster_statuses": [{"name": "xds_cluster", "host_statuses": []}, {"name": cluster, "host_statuses": hosts}]
+    }
 
 
 # -- parse_exposition --------------------------------------------------------------------------
@@ -388,8 +402,12 @@ def test_latency_histogram_reset_and_first_appearance() -> None:
     (a,) = derive(prev, cur, CLUSTER, [A], COSTS).endpoints
     assert WARMING in a.flags and math.isnan(a.p95_ms)
     # Exporter up before, no series for A yet: A had zero observations, so the delta is all of cur.
-    prev, cur = pair({A: counters(0), B: counters(0)}, {A: counters(10), B: counters(0)},
-                     als_before={B: [0.01]}, als_after={A: [0.015] * 10, B: [0.01]})  # fmt: skip
+    prev, cur = pair(
+        {A: counters(0), B: counters(0)},
+        {A: counters(10), B: counters(0)},
+        als_before={B: [0.01]},
+        als_after={A: [0.015] * 10, B: [0.01]},
+    )
     (a,) = derive(prev, cur, CLUSTER, [A], COSTS).endpoints
     assert a.flags == frozenset() and 10.0 < a.p50_ms <= 20.0
     # Exporter up but with no series yet (it declares the histogram all the same): a
@@ -456,8 +474,9 @@ def test_latency_edge_cases() -> None:
     assert (CLUSTER, A) in cur.bad_latency
     a, b = derive(prev, cur, CLUSTER, [A, B], COSTS).endpoints
     assert INVALID in a.flags and math.isnan(a.p50_ms)
-    assert INVALID not in b.flags and b.p50_ms == pytest.approx(quantile_from_buckets(
-        [(0.01, 4.0), (0.02, 4.0), (0.05, 4.0), (0.1, 4.0), (math.inf, 4.0)], 0.5) * 1000)  # fmt: skip
+    assert INVALID not in b.flags and b.p50_ms == pytest.approx(
+        quantile_from_buckets([(0.01, 4.0), (0.02, 4.0), (0.05, 4.0), (0.1, 4.0), (math.inf, 4.0)], 0.5) * 1000
+    )
     # The exporter is up but has no series for C, which had traffic: latency unknown, no flag.
     cur = parse_exposition(envoy_text({C: counters(10)}), 1.0, als_text=als_text({B: [0.01]}))
     prev = parse_exposition(envoy_text({C: counters(0)}), 0.0, als_text=als_text({B: [0.01]}))
@@ -466,10 +485,18 @@ def test_latency_edge_cases() -> None:
 
 
 def test_histogram_layout_change_or_duplicate_bucket() -> None:
-    prev = Scrape(0.0, {(CLUSTER, A): EndpointStats(rq_total=0, rq_error=0, rq_success=0)},
-                  latency={(CLUSTER, A): ((0.01, 1.0), (math.inf, 1.0))}, latency_source=True)  # fmt: skip
-    cur = Scrape(1.0, {(CLUSTER, A): EndpointStats(rq_total=5, rq_error=0, rq_success=5)},
-                 latency={(CLUSTER, A): ((0.02, 3.0), (math.inf, 6.0))}, latency_source=True)  # fmt: skip
+    prev = Scrape(
+        0.0,
+        {(CLUSTER, A): EndpointStats(rq_total=0, rq_error=0, rq_success=0)},
+        latency={(CLUSTER, A): ((0.01, 1.0), (math.inf, 1.0))},
+        latency_source=True,
+    )
+    cur = Scrape(
+        1.0,
+        {(CLUSTER, A): EndpointStats(rq_total=5, rq_error=0, rq_success=5)},
+        latency={(CLUSTER, A): ((0.02, 3.0), (math.inf, 6.0))},
+        latency_source=True,
+    )
     (a,) = derive(prev, cur, CLUSTER, [A], COSTS).endpoints
     assert WARMING in a.flags and math.isnan(a.p50_ms)
     dup = als_text({A: [0.01]})
@@ -482,8 +509,12 @@ def test_a_row_warming_on_its_latency_has_no_error_rate_either() -> None:
     # Hypothesis find (issue #15): the exporter came back between two scrapes, so the
     # row is WARMING; its error rate came back as 1.0 from the counters' window.
     prev = Scrape(0.0, {(CLUSTER, A): EndpointStats(rq_total=0, rq_error=0, rq_success=0)}, latency_source=False)
-    cur = Scrape(1.0, {(CLUSTER, A): EndpointStats(rq_total=5, rq_error=5, rq_success=0)},
-                 latency={(CLUSTER, A): ((0.02, 3.0), (math.inf, 5.0))}, latency_source=True)  # fmt: skip
+    cur = Scrape(
+        1.0,
+        {(CLUSTER, A): EndpointStats(rq_total=5, rq_error=5, rq_success=0)},
+        latency={(CLUSTER, A): ((0.02, 3.0), (math.inf, 5.0))},
+        latency_source=True,
+    )
     (a,) = derive(prev, cur, CLUSTER, [A], COSTS).endpoints
     assert WARMING in a.flags and not a.usable
     assert math.isnan(a.error_rate) and math.isnan(a.p95_ms) and a.rps == 5.0
@@ -509,14 +540,23 @@ counts = st.integers(min_value=0, max_value=10**12)
 
 
 @settings(max_examples=300, deadline=None)
-@given(p_total=counts, d_total=counts, p_err=counts, d_err=counts, p_ok=counts, d_ok=counts,
-       dt=st.floats(min_value=1e-3, max_value=1e4, allow_nan=False))  # fmt: skip
+@given(
+    p_total=counts,
+    d_total=counts,
+    p_err=counts,
+    d_err=counts,
+    p_ok=counts,
+    d_ok=counts,
+    dt=st.floats(min_value=1e-3, max_value=1e4, allow_nan=False),
+)
 def test_property_rates_are_deltas_over_time(
     p_total: int, d_total: int, p_err: int, d_err: int, p_ok: int, d_ok: int, dt: float
 ) -> None:
     prev = Scrape(10.0, {(CLUSTER, A): EndpointStats(rq_total=p_total, rq_error=p_err, rq_success=p_ok)})
-    cur = Scrape(10.0 + dt, {(CLUSTER, A): EndpointStats(
-        rq_total=p_total + d_total, rq_error=p_err + d_err, rq_success=p_ok + d_ok)})  # fmt: skip
+    cur = Scrape(
+        10.0 + dt,
+        {(CLUSTER, A): EndpointStats(rq_total=p_total + d_total, rq_error=p_err + d_err, rq_success=p_ok + d_ok)},
+    )
     real_dt = cur.timestamp - prev.timestamp
     assume(real_dt > 0)
     (e,) = derive(prev, cur, CLUSTER, [A], COSTS).endpoints
@@ -533,13 +573,18 @@ floats_any = st.one_of(
 addr_pool = st.sampled_from([A, B, C, "10.0.0.1:80", "[::1]:9000", ""])
 stats_st = st.builds(
     EndpointStats,
-    rq_total=floats_any, rq_success=floats_any, rq_error=floats_any, rq_timeout=floats_any,
-    rq_active=floats_any, healthy=floats_any, cx_connect_fail=floats_any,
+    rq_total=floats_any,
+    rq_success=floats_any,
+    rq_error=floats_any,
+    rq_timeout=floats_any,
+    rq_active=floats_any,
+    healthy=floats_any,
+    cx_connect_fail=floats_any,
     bad=st.frozensets(st.sampled_from(["rq_total", "rq_error", "healthy", "rq_active"])),
-)  # fmt: skip
-buckets_st = st.lists(
-    st.tuples(st.one_of(st.floats(allow_nan=True), st.just(math.inf)), floats_any), max_size=6
-).map(tuple)
+)
+buckets_st = st.lists(st.tuples(st.one_of(st.floats(allow_nan=True), st.just(math.inf)), floats_any), max_size=6).map(
+    tuple
+)
 scrape_st = st.builds(
     Scrape,
     timestamp=st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.floats(0, 100)),
@@ -560,8 +605,9 @@ def scrape_pairs(draw: st.DrawFn) -> tuple[Scrape | None, Scrape]:
         return None, cur
     if kind == "unrelated":
         return draw(scrape_st), cur
-    endpoints = {k: draw(st.one_of(stats_st, st.just(v))) for k, v in cur.endpoints.items()
-                 if draw(st.integers(0, 9)) > 0}  # fmt: skip
+    endpoints = {
+        k: draw(st.one_of(stats_st, st.just(v))) for k, v in cur.endpoints.items() if draw(st.integers(0, 9)) > 0
+    }
     latency = {k: draw(st.one_of(buckets_st, st.just(v))) for k, v in cur.latency.items()}
     prev = Scrape(
         timestamp=cur.timestamp - draw(st.one_of(st.floats(-1, 100), st.just(2.0))),
@@ -574,10 +620,12 @@ def scrape_pairs(draw: st.DrawFn) -> tuple[Scrape | None, Scrape]:
 
 
 @settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(scrapes=scrape_pairs(),
-       addresses=st.lists(addr_pool, unique=True, max_size=6),
-       weights=st.one_of(st.none(), st.dictionaries(addr_pool, floats_any)),
-       now=st.one_of(st.none(), st.floats(allow_nan=True, allow_infinity=True)))  # fmt: skip
+@given(
+    scrapes=scrape_pairs(),
+    addresses=st.lists(addr_pool, unique=True, max_size=6),
+    weights=st.one_of(st.none(), st.dictionaries(addr_pool, floats_any)),
+    now=st.one_of(st.none(), st.floats(allow_nan=True, allow_infinity=True)),
+)
 def test_property_derive_never_raises_and_keeps_every_address_in_order(
     scrapes: tuple[Scrape | None, Scrape],
     addresses: list[str],
@@ -608,20 +656,34 @@ value_text = st.one_of(
 sample_line = st.builds(
     lambda name, c, a, v: f'envoy_cluster_endpoint_{name}{{envoy_cluster_name="{c}",envoy_endpoint_address="{a}"}} {v}',
     st.sampled_from(["rq_total", "rq_error", "rq_success", "rq_active", "healthy", "rq_timeout", "cx_total"]),
-    st.sampled_from([CLUSTER, "", 'we"ird']), addr_pool, value_text,
-)  # fmt: skip
+    st.sampled_from([CLUSTER, "", 'we"ird']),
+    addr_pool,
+    value_text,
+)
 exposition_line = st.one_of(
     sample_line,
-    st.sampled_from(["# TYPE envoy_cluster_endpoint_rq_total counter", "# TYPE envoy_cluster_endpoint_rq_error counter",
-                     "# TYPE envoy_cluster_endpoint_healthy gauge", "# TYPE envoy_cluster_endpoint_rq_total histogram",
-                     "# TYPE envoy_cluster_endpoint_ bogus", "# HELP envoy_cluster_endpoint_rq_total \\x",
-                     f"# TYPE {ALS_HISTOGRAM} histogram", "# TYPE envoy_cluster_endpoint_rq-total counter"]),
-    st.builds(lambda s, a, le, v: f'{ALS_HISTOGRAM}{s}{{cluster="{CLUSTER}",endpoint="{a}",le="{le}"}} {v}',
-              st.sampled_from(["_bucket", "_count", "_sum", "_created", ""]), addr_pool,
-              st.sampled_from(["0.01", "+Inf", "x", "-1", "NaN"]), value_text),
+    st.sampled_from(
+        [
+            "# TYPE envoy_cluster_endpoint_rq_total counter",
+            "# TYPE envoy_cluster_endpoint_rq_error counter",
+            "# TYPE envoy_cluster_endpoint_healthy gauge",
+            "# TYPE envoy_cluster_endpoint_rq_total histogram",
+            "# TYPE envoy_cluster_endpoint_ bogus",
+            "# HELP envoy_cluster_endpoint_rq_total \\x",
+            f"# TYPE {ALS_HISTOGRAM} histogram",
+            "# TYPE envoy_cluster_endpoint_rq-total counter",
+        ]
+    ),
+    st.builds(
+        lambda s, a, le, v: f'{ALS_HISTOGRAM}{s}{{cluster="{CLUSTER}",endpoint="{a}",le="{le}"}} {v}',
+        st.sampled_from(["_bucket", "_count", "_sum", "_created", ""]),
+        addr_pool,
+        st.sampled_from(["0.01", "+Inf", "x", "-1", "NaN"]),
+        value_text,
+    ),
     st.text(max_size=40).map(lambda t: "envoy_cluster_endpoint_" + t),
     st.text(max_size=40),
-)  # fmt: skip
+)
 
 
 @settings(max_examples=500, deadline=None)
@@ -675,7 +737,7 @@ class FakeAdmin:
         fake = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+            def do_GET(self) -> None:
                 fake.methods.append("GET")
                 fake.paths.append(self.path)
                 if fake.delay_s:
@@ -725,9 +787,15 @@ class FakeAdmin:
     def render_snapshot(self) -> str:
         self.als_scrapes += 1
         n = self.als_scrapes * 10  # every request 12 ms: in the 0.01..0.02 bucket
-        return json.dumps({"format": "balanceiq-als-snapshot/1", "bounds": [0.01, 0.02, 0.05, 0.1],
-                           "series": [{"cluster": CLUSTER, "endpoint": A, "buckets": [0, n, n, n, n],
-                                       "codes": {"2xx": n}, "orca": None}]})  # fmt: skip
+        return json.dumps(
+            {
+                "format": "balanceiq-als-snapshot/1",
+                "bounds": [0.01, 0.02, 0.05, 0.1],
+                "series": [
+                    {"cluster": CLUSTER, "endpoint": A, "buckets": [0, n, n, n, n], "codes": {"2xx": n}, "orca": None}
+                ],
+            }
+        )
 
     def render(self, path: str) -> str:
         if self.body is not None:
@@ -761,7 +829,7 @@ def test_scrape_and_observe_over_http(admin: FakeAdmin) -> None:
     t0 = time.monotonic()
     obs = src.observe(CLUSTER, [A, B], COSTS, min_window_s=0.2)
     assert time.monotonic() - t0 >= 0.2  # the first observation waits for a real window
-    a, b = obs.endpoints
+    a, _b = obs.endpoints
     assert WARMING not in a.flags and a.rps > 0 and a.error_rate == pytest.approx(0.2)
     assert obs.window_s >= 0.2
     # Next time the kept scrape is the baseline: one GET, window since the last call.
@@ -800,9 +868,13 @@ def test_an_exporter_without_snapshot_is_read_as_text(admin: FakeAdmin) -> None:
 def test_als_snapshot_parsing_matches_the_exposition() -> None:
     values = {A: [0.005, 0.012, 0.03, 0.2], B: [0.015] * 3}
     text = parse_exposition(envoy_text({A: counters(1), B: counters(1)}), 1.0, als_text=als_text(values))
-    snap = {"bounds": [0.01, 0.02, 0.05, 0.1], "series": [
-        {"cluster": CLUSTER, "endpoint": A, "buckets": [1, 2, 3, 3, 4]},
-        {"cluster": CLUSTER, "endpoint": B, "buckets": [0, 3, 3, 3, 3]}]}  # fmt: skip
+    snap = {
+        "bounds": [0.01, 0.02, 0.05, 0.1],
+        "series": [
+            {"cluster": CLUSTER, "endpoint": A, "buckets": [1, 2, 3, 3, 4]},
+            {"cluster": CLUSTER, "endpoint": B, "buckets": [0, 3, 3, 3, 3]},
+        ],
+    }
     latency, bad, problems = parse_als_snapshot(snap)
     assert latency == dict(text.latency) and not bad and not problems
 
@@ -823,8 +895,17 @@ def test_a_bad_snapshot_series_is_unknown_not_guessed(series: dict[str, Any]) ->
     assert (CLUSTER, A) in bad and (CLUSTER, A) not in latency and (CLUSTER, B) in latency and problems
 
 
-@pytest.mark.parametrize("data", [None, [], {"series": []}, {"bounds": [0.1, 0.05], "series": []},
-                                  {"bounds": ["x"], "series": []}, {"bounds": [float("inf")], "series": []}])  # fmt: skip
+@pytest.mark.parametrize(
+    "data",
+    [
+        None,
+        [],
+        {"series": []},
+        {"bounds": [0.1, 0.05], "series": []},
+        {"bounds": ["x"], "series": []},
+        {"bounds": [float("inf")], "series": []},
+    ],
+)
 def test_not_a_snapshot_raises(data: Any) -> None:
     with pytest.raises(EnvoyAdminError):
         parse_als_snapshot(data)
@@ -840,11 +921,18 @@ def test_clusters_json_gives_what_the_text_stats_give() -> None:
     assert not from_json.problems
 
 
-@pytest.mark.parametrize(("health", "healthy"), [
-    ({"eds_health_status": "HEALTHY"}, 1.0), ({"eds_health_status": "UNKNOWN"}, 1.0), ({}, 1.0),
-    ({"eds_health_status": "DRAINING"}, 0.0), ({"eds_health_status": "DEGRADED"}, 0.0),
-    ({"failed_outlier_check": True, "eds_health_status": "HEALTHY"}, 0.0), ({"pending_dynamic_removal": True}, 0.0),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("health", "healthy"),
+    [
+        ({"eds_health_status": "HEALTHY"}, 1.0),
+        ({"eds_health_status": "UNKNOWN"}, 1.0),
+        ({}, 1.0),
+        ({"eds_health_status": "DRAINING"}, 0.0),
+        ({"eds_health_status": "DEGRADED"}, 0.0),
+        ({"failed_outlier_check": True, "eds_health_status": "HEALTHY"}, 0.0),
+        ({"pending_dynamic_removal": True}, 0.0),
+    ],
+)
 def test_clusters_json_health_is_envoys_healthy_gauge(health: dict[str, Any], healthy: float) -> None:
     s = parse_clusters_json(clusters_json({A: counters(1)}, health={A: health}), 1.0)
     assert s.endpoint(CLUSTER, A).healthy == healthy  # type: ignore[union-attr]
@@ -859,8 +947,16 @@ def test_clusters_json_ipv6_and_bad_values() -> None:
     assert a is not None and "rq_total" in a.bad and math.isnan(a.rq_total) and s.problems
 
 
-@pytest.mark.parametrize("data", [None, [], {"cluster_statuses": "x"}, {"cluster_statuses": []},
-                                  {"cluster_statuses": [{"name": CLUSTER, "host_statuses": [{"address": {}}]}]}])  # fmt: skip
+@pytest.mark.parametrize(
+    "data",
+    [
+        None,
+        [],
+        {"cluster_statuses": "x"},
+        {"cluster_statuses": []},
+        {"cluster_statuses": [{"name": CLUSTER, "host_statuses": [{"address": {}}]}]},
+    ],
+)
 def test_clusters_json_without_endpoints_raises(data: Any) -> None:
     with pytest.raises(EnvoyAdminError):
         parse_clusters_json(data)

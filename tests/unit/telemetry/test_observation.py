@@ -25,10 +25,21 @@ def obs(*eps: EndpointObservation) -> Observation:
 
 
 def test_array_masks_what_was_not_measured() -> None:
-    good = EndpointObservation("a:1", p50_ms=10, p95_ms=20, error_rate=0.1, saturation=0.5, inflight=2, rps=100,
-                               cost_per_million=0.4, weight=3, healthy=True)  # fmt: skip
-    idle = EndpointObservation("b:1", p50_ms=float("nan"), rps=0.0, cost_per_million=0.2, weight=1, healthy=True,
-                               flags=frozenset({NO_TRAFFIC}))  # fmt: skip
+    good = EndpointObservation(
+        "a:1",
+        p50_ms=10,
+        p95_ms=20,
+        error_rate=0.1,
+        saturation=0.5,
+        inflight=2,
+        rps=100,
+        cost_per_million=0.4,
+        weight=3,
+        healthy=True,
+    )
+    idle = EndpointObservation(
+        "b:1", p50_ms=float("nan"), rps=0.0, cost_per_million=0.2, weight=1, healthy=True, flags=frozenset({NO_TRAFFIC})
+    )
     feats, valid = obs(good, idle).to_array()
     assert feats.shape == valid.shape == (2, len(FEATURES))
     assert valid[0].all()
@@ -81,7 +92,9 @@ def test_quantile_lies_in_the_bucket_holding_the_true_quantile(samples: list[flo
     assert lower - 1e-12 <= est <= upper + 1e-12
 
 
-@given(st.lists(st.tuples(st.floats(allow_nan=True), st.floats(allow_nan=True, allow_infinity=True)), max_size=20),
-       st.floats(allow_nan=True))  # fmt: skip
+@given(
+    st.lists(st.tuples(st.floats(allow_nan=True), st.floats(allow_nan=True, allow_infinity=True)), max_size=20),
+    st.floats(allow_nan=True),
+)
 def test_quantile_never_raises(buckets: list[tuple[float, float]], q: float) -> None:
     quantile_from_buckets(buckets, q)

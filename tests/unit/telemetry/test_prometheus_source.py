@@ -15,7 +15,9 @@ from balanceiq.telemetry.prometheus import PrometheusSource, parse_vector, rende
 
 
 def vec(label: str, **values: object) -> list[dict[str, object]]:
-    return [{"metric": {label: k.replace("_", ".").replace(".P", ":")}, "value": [1.0, str(v)]} for k, v in values.items()]
+    return [
+        {"metric": {label: k.replace("_", ".").replace(".P", ":")}, "value": [1.0, str(v)]} for k, v in values.items()
+    ]
 
 
 def test_render_substitutes_placeholders() -> None:
@@ -40,9 +42,13 @@ def test_parse_vector_rejects_garbage(garbage: object) -> None:
         parse_vector(garbage, "a")
 
 
-@given(st.recursive(st.none() | st.booleans() | st.floats() | st.text(max_size=5),
-                    lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=5), c, max_size=3),
-                    max_leaves=10))  # fmt: skip
+@given(
+    st.recursive(
+        st.none() | st.booleans() | st.floats() | st.text(max_size=5),
+        lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=5), c, max_size=3),
+        max_leaves=10,
+    )
+)
 def test_parse_vector_never_raises_anything_else(data: object) -> None:
     try:
         parse_vector(data, "a")
@@ -68,24 +74,34 @@ def test_observation_from_signals() -> None:
     import time
 
     now = time.time()
-    src = FakeSource({
-        "rps": {A: 100.0, B: 0.0},
-        "errors": {A: 20.0, B: 0.0},
-        "success": {A: 80.0, B: 0.0},
-        "inflight": {A: 3.0, B: 0.0},
-        "healthy": {A: 1.0, B: 0.0},
-        "last_sample": {A: now - 1, B: now - 60},
-        "p50_ms": {A: 12.0, B: float("nan")},
-        "p95_ms": {A: 40.0, B: float("nan")},
-        "saturation": {A: float("inf")},
-    })  # fmt: skip
+    src = FakeSource(
+        {
+            "rps": {A: 100.0, B: 0.0},
+            "errors": {A: 20.0, B: 0.0},
+            "success": {A: 80.0, B: 0.0},
+            "inflight": {A: 3.0, B: 0.0},
+            "healthy": {A: 1.0, B: 0.0},
+            "last_sample": {A: now - 1, B: now - 60},
+            "p50_ms": {A: 12.0, B: float("nan")},
+            "p95_ms": {A: 40.0, B: float("nan")},
+            "saturation": {A: float("inf")},
+        }
+    )
     try:
         o = src.observe("my_service", [A, B, C], {A: 0.4}, {A: 5})
     finally:
         src.close()
     a, b, c = o.endpoints
     assert o.source == "prometheus"
-    assert (a.rps, a.error_rate, a.p95_ms, a.inflight, a.healthy, a.weight, a.cost_per_million) == (100, 0.2, 40, 3, True, 5, 0.4)
+    assert (a.rps, a.error_rate, a.p95_ms, a.inflight, a.healthy, a.weight, a.cost_per_million) == (
+        100,
+        0.2,
+        40,
+        3,
+        True,
+        5,
+        0.4,
+    )
     assert a.flags == {INVALID}  # saturation was +Inf
     assert math.isnan(a.saturation)
     assert NO_TRAFFIC in b.flags and STALE in b.flags and b.healthy is False and math.isnan(b.p95_ms)

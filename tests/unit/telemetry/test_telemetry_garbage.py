@@ -50,7 +50,7 @@ class Garbage:
                 self.end_headers()
                 self.wfile.write(body)
 
-            do_GET = do_POST = _answer  # noqa: N815 - http.server's naming
+            do_GET = do_POST = _answer
 
             def log_message(self, *args: Any) -> None:
                 pass
@@ -101,7 +101,9 @@ junk = st.recursive(
     lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=6), c, max_size=3),
     max_leaves=10,
 )
-number_text = st.sampled_from(["1", "0", "-1", "NaN", "+Inf", "-Inf", "1e999", "2.5", "", "x", "1" * 5000]) | st.text(max_size=5)
+number_text = st.sampled_from(["1", "0", "-1", "NaN", "+Inf", "-Inf", "1e999", "2.5", "", "x", "1" * 5000]) | st.text(
+    max_size=5
+)
 
 
 @st.composite
@@ -115,11 +117,18 @@ def sample(draw: st.DrawFn) -> Any:
     return {"metric": draw(st.just(metric) | junk), "value": value}
 
 
-prometheus_shaped = st.fixed_dictionaries({
-    "status": st.sampled_from(["success", "error"]) | junk,
-    "data": st.fixed_dictionaries({"resultType": st.sampled_from(["vector", "matrix"]) | junk,
-                                   "result": st.lists(sample(), max_size=12) | junk}) | junk,
-})  # fmt: skip
+prometheus_shaped = st.fixed_dictionaries(
+    {
+        "status": st.sampled_from(["success", "error"]) | junk,
+        "data": st.fixed_dictionaries(
+            {
+                "resultType": st.sampled_from(["vector", "matrix"]) | junk,
+                "result": st.lists(sample(), max_size=12) | junk,
+            }
+        )
+        | junk,
+    }
+)
 prometheus_body = st.one_of(
     prometheus_shaped.map(lambda v: json.dumps(v).encode()),
     junk.map(lambda v: json.dumps(v).encode()),
@@ -167,14 +176,25 @@ def test_garbage_that_used_to_escape(garbage: Garbage, prometheus: PrometheusSou
 
 envoy_line = st.one_of(
     st.builds(
-        lambda stat, addr, value: f'envoy_cluster_endpoint_{stat}{{envoy_cluster_name="my_service",envoy_endpoint_address="{addr}"}} {value}',
-        st.sampled_from(["rq_total", "rq_success", "rq_error", "rq_active", "healthy", "rq_timeout"]) | st.text(max_size=6),
+        lambda stat, addr, value: (
+            f'envoy_cluster_endpoint_{stat}{{envoy_cluster_name="my_service",envoy_endpoint_address="{addr}"}} {value}'
+        ),
+        st.sampled_from(["rq_total", "rq_success", "rq_error", "rq_active", "healthy", "rq_timeout"])
+        | st.text(max_size=6),
         st.sampled_from(ADDRESSES) | st.text(max_size=8),
         number_text,
     ),
-    st.sampled_from(["# TYPE envoy_cluster_endpoint_rq_total counter", "# TYPE envoy_cluster_endpoint_rq_active gauge", "# HELP x y", "#", ""]),
+    st.sampled_from(
+        [
+            "# TYPE envoy_cluster_endpoint_rq_total counter",
+            "# TYPE envoy_cluster_endpoint_rq_active gauge",
+            "# HELP x y",
+            "#",
+            "",
+        ]
+    ),
     st.text(max_size=40),
-)  # fmt: skip
+)
 envoy_body = st.one_of(
     st.lists(envoy_line, max_size=30).map(lambda ls: "\n".join(ls).encode()),
     st.binary(max_size=300),
@@ -184,7 +204,9 @@ envoy_body = st.one_of(
 
 @settings(max_examples=100, deadline=None, database=None, suppress_health_check=list(HealthCheck))
 @given(first=envoy_body, second=envoy_body)
-def test_envoy_stats_garbage_is_an_envoy_admin_error_or_a_valid_observation(garbage: Garbage, first: bytes, second: bytes) -> None:
+def test_envoy_stats_garbage_is_an_envoy_admin_error_or_a_valid_observation(
+    garbage: Garbage, first: bytes, second: bytes
+) -> None:
     src = EnvoyAdminSource(garbage.url, timeout_s=2.0)
     garbage.envoy = first
     try:
@@ -205,13 +227,17 @@ def test_envoy_stats_garbage_is_an_envoy_admin_error_or_a_valid_observation(garb
 
 @settings(max_examples=30, deadline=None, database=None, suppress_health_check=list(HealthCheck))
 @given(prom=prometheus_body, envoy=envoy_body, status=st.sampled_from([200, 200, 200, 400, 500, 302]))
-def test_telemetry_never_raises_and_counts_each_failed_read(garbage: Garbage, prom: bytes, envoy: bytes, status: int) -> None:
+def test_telemetry_never_raises_and_counts_each_failed_read(
+    garbage: Garbage, prom: bytes, envoy: bytes, status: int
+) -> None:
     s = default_settings()
-    s = s.model_copy(update={
-        "prometheus": s.prometheus.model_copy(update={"url": garbage.url}),
-        "envoy": s.envoy.model_copy(update={"admin_url": garbage.url}),
-        "telemetry": s.telemetry.model_copy(update={"als_enabled": False, "timeout_s": 2.0}),
-    })  # fmt: skip
+    s = s.model_copy(
+        update={
+            "prometheus": s.prometheus.model_copy(update={"url": garbage.url}),
+            "envoy": s.envoy.model_copy(update={"admin_url": garbage.url}),
+            "telemetry": s.telemetry.model_copy(update={"als_enabled": False, "timeout_s": 2.0}),
+        }
+    )
     telemetry = Telemetry(s, retry_s=0.0)
     garbage.status, garbage.prometheus, garbage.envoy = status, prom, envoy
     try:
@@ -221,8 +247,10 @@ def test_telemetry_never_raises_and_counts_each_failed_read(garbage: Garbage, pr
     assert_valid(obs)
     # A successful admin read may carry its own notes ("envoy-admin: ..."), so a failed
     # admin read is told by the result: nothing usable at all (source "none").
-    expected = {"prometheus": sum(e.startswith("prometheus:") for e in obs.errors),
-                "envoy-admin": int(obs.source == "none")}  # fmt: skip
+    expected = {
+        "prometheus": sum(e.startswith("prometheus:") for e in obs.errors),
+        "envoy-admin": int(obs.source == "none"),
+    }
     assert dict(telemetry.failures) == {k: v for k, v in expected.items() if v}
     assert not any(k.endswith("-bug") for k in telemetry.failures)
     if obs.source == "none":

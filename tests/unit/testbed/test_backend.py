@@ -179,8 +179,9 @@ async def test_seeded_error_rate_is_close_and_reproducible(session):
 
 
 async def test_metrics_exposition(session):
-    async with running(name="m1", cloud="gcp", region="europe-west1",
-                       cost_per_million_requests=0.4, concurrency=8) as b:  # fmt: skip
+    async with running(
+        name="m1", cloud="gcp", region="europe-west1", cost_per_million_requests=0.4, concurrency=8
+    ) as b:
         for _ in range(5):
             assert await get_status(session, b.url) == 200
         async with session.post(b.url + "/control", json={"error_rate": 1.0}) as resp:
@@ -198,16 +199,11 @@ async def test_metrics_exposition(session):
         samples = await scrape(session, b)
         bl = ("backend", "m1")
         counts = {
-            code: samples[("backend_request_duration_seconds_count", (bl, ("code", code)))]
-            for code in ("200", "503")
+            code: samples[("backend_request_duration_seconds_count", (bl, ("code", code)))] for code in ("200", "503")
         }
         assert counts == {"200": 5, "503": 3}
         assert samples[("backend_requests_total", (bl, ("code", "200")))] == 5
-        bounds = {
-            dict(labels)["le"]
-            for name, labels in samples
-            if name == "backend_request_duration_seconds_bucket"
-        }
+        bounds = {dict(labels)["le"] for name, labels in samples if name == "backend_request_duration_seconds_bucket"}
         assert {"0.005", "0.01", "0.015", "0.05", "0.5", "5.0", "+Inf"} <= bounds
         assert samples[("backend_concurrency_limit", (bl,))] == 8
         assert samples[("backend_cost_per_million_requests", (bl,))] == 0.4
@@ -235,8 +231,15 @@ async def test_control_get_and_post(session):
         assert state["healthy"] is True
         assert state["seed"] == 3
 
-        update = {"base_latency_ms": 2.5, "error_rate": 1, "orca": True, "tail_prob": 0.1,
-                  "tail_ms": 200, "extra_latency_ms": 3, "cost_per_million_requests": 1.5}  # fmt: skip
+        update = {
+            "base_latency_ms": 2.5,
+            "error_rate": 1,
+            "orca": True,
+            "tail_prob": 0.1,
+            "tail_ms": 200,
+            "extra_latency_ms": 3,
+            "cost_per_million_requests": 1.5,
+        }
         async with session.post(b.url + "/control", json=update) as resp:
             assert resp.status == 200
             posted = await resp.json()
@@ -315,8 +318,7 @@ async def test_orca_header(session):
         assert report["rps_fractional"] >= 1.0
 
         # Shrinking the limit under load must still report utilisation clipped to 1.
-        async with session.post(b.url + "/control",
-                                json={"base_latency_ms": 60, "concurrency": 4}) as resp:  # fmt: skip
+        async with session.post(b.url + "/control", json={"base_latency_ms": 60, "concurrency": 4}) as resp:
             assert resp.status == 200
 
         async def orca_of_one() -> dict[str, float]:
@@ -358,9 +360,7 @@ async def test_run_backends_starts_all_or_none(session):
         free_port = probe.getsockname()[1]
     async with running(name="holder") as holder:
         with pytest.raises(BackendError):
-            await run_backends(
-                [make_settings(name="ok", port=free_port), make_settings(port=holder.port)]
-            )
+            await run_backends([make_settings(name="ok", port=free_port), make_settings(port=holder.port)])
     # The backend that did start was stopped again, so its port is free.
     with socket.socket() as again:
         again.bind(("127.0.0.1", free_port))
@@ -390,8 +390,20 @@ def test_main_rejects_bad_spec_and_taken_port(capsys):
         holder.bind(("127.0.0.1", 0))
         holder.listen()
         port = holder.getsockname()[1]
-        args = ["--name", "b", "--port", str(port), "--cloud", "aws", "--region", "r",
-                "--latency-ms", "1", "--concurrency", "1"]  # fmt: skip
+        args = [
+            "--name",
+            "b",
+            "--port",
+            str(port),
+            "--cloud",
+            "aws",
+            "--region",
+            "r",
+            "--latency-ms",
+            "1",
+            "--concurrency",
+            "1",
+        ]
         assert main(args) == 2
     err = capsys.readouterr().err
     assert f"127.0.0.1:{port}" in err
@@ -399,11 +411,14 @@ def test_main_rejects_bad_spec_and_taken_port(capsys):
 
 async def _run_cli(args: list[str], n_ready: int, session: aiohttp.ClientSession) -> list[str]:
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "balanceiq.testbed.backend", *args,
+        sys.executable,
+        "-m",
+        "balanceiq.testbed.backend",
+        *args,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
         cwd=os.getcwd(),
-    )  # fmt: skip
+    )
     try:
         urls = []
         for _ in range(n_ready):
@@ -425,17 +440,32 @@ async def _run_cli(args: list[str], n_ready: int, session: aiohttp.ClientSession
 
 
 async def test_cli_single_backend_ready_and_sigterm(session):
-    args = ["--name", "c1", "--port", "0", "--cloud", "aws", "--region", "us-east-1",
-            "--latency-ms", "2", "--concurrency", "4", "--error-rate", "0", "--cost", "0.4",
-            "--orca"]  # fmt: skip
+    args = [
+        "--name",
+        "c1",
+        "--port",
+        "0",
+        "--cloud",
+        "aws",
+        "--region",
+        "us-east-1",
+        "--latency-ms",
+        "2",
+        "--concurrency",
+        "4",
+        "--error-rate",
+        "0",
+        "--cost",
+        "0.4",
+        "--orca",
+    ]
     [url] = await _run_cli(args, 1, session)
     assert url.startswith("http://127.0.0.1:")
 
 
 async def test_cli_spec_runs_several_backends(session):
     spec = [
-        {"name": f"s{i}", "port": 0, "cloud": c, "region": "r1", "base_latency_ms": 1,
-         "concurrency": 4}  # fmt: skip
+        {"name": f"s{i}", "port": 0, "cloud": c, "region": "r1", "base_latency_ms": 1, "concurrency": 4}
         for i, c in enumerate(["aws", "gcp", "azure"])
     ]
     urls = await _run_cli(["--spec", json.dumps(spec)], 3, session)

@@ -21,8 +21,15 @@ REPO = Path(__file__).resolve().parents[3]
 
 
 def _settings(**kw: object) -> BackendSettings:
-    values: dict[str, object] = {"name": "b1", "port": 0, "cloud": "aws", "region": "r", "base_latency_ms": 20.0,
-                                 "jitter_ms": 0.0, "concurrency": 64}  # fmt: skip
+    values: dict[str, object] = {
+        "name": "b1",
+        "port": 0,
+        "cloud": "aws",
+        "region": "r",
+        "base_latency_ms": 20.0,
+        "jitter_ms": 0.0,
+        "concurrency": 64,
+    }
     values.update(kw)
     return BackendSettings(**values)  # type: ignore[arg-type]
 
@@ -48,7 +55,9 @@ def test_default_is_the_old_fixed_delay() -> None:
     assert _settings().sigma == 0.0
     assert mean_service_ms(20.0) == pytest.approx(20.5)  # + jitter 1 ms / 2
     assert mean_service_ms(20.0, sigma=0.5, jitter_ms=0.0) == pytest.approx(20.0 * math.exp(0.125))
-    assert mean_service_ms(10.0, extra_latency_ms=10.0, jitter_ms=2.0, tail_prob=0.1, tail_ms=200.0) == pytest.approx(41.0)
+    assert mean_service_ms(10.0, extra_latency_ms=10.0, jitter_ms=2.0, tail_prob=0.1, tail_ms=200.0) == pytest.approx(
+        41.0
+    )
     assert true_capacity_rps(4, 20.0) == pytest.approx(200.0) and true_capacity_rps(1, 0.0) == math.inf
 
 
@@ -81,13 +90,23 @@ async def test_sigma_spreads_the_service_time_around_its_median() -> None:
 
 
 def test_testbed_profiles_carry_the_tail() -> None:
-    tb = TestbedConfig(overrides={"10.0.0.1:80": {"base_latency_ms": 40, "sigma": 0.5, "tail_prob": 0.02, "tail_ms": 300},
-                                  "10.0.0.2:80": {"concurrency": 2}})  # fmt: skip
+    tb = TestbedConfig(
+        overrides={
+            "10.0.0.1:80": {"base_latency_ms": 40, "sigma": 0.5, "tail_prob": 0.02, "tail_ms": 300},
+            "10.0.0.2:80": {"concurrency": 2},
+        }
+    )
     a = EndpointConfig(address="10.0.0.1:80", cloud="aws", region="r")
     b = EndpointConfig(address="10.0.0.2:80", cloud="gcp", region="r")
     assert tb.profile_for(a) == (40.0, 8, 0.0)  # unchanged three-tuple
-    assert tb.behaviour_for(a) == {"base_latency_ms": 40.0, "concurrency": 8, "error_rate": 0.0, "sigma": 0.5,
-                                   "tail_prob": 0.02, "tail_ms": 300.0}  # fmt: skip
+    assert tb.behaviour_for(a) == {
+        "base_latency_ms": 40.0,
+        "concurrency": 8,
+        "error_rate": 0.0,
+        "sigma": 0.5,
+        "tail_prob": 0.02,
+        "tail_ms": 300.0,
+    }
     assert tb.behaviour_for(b) == {"base_latency_ms": 25.0, "concurrency": 2, "error_rate": 0.0}
     for bad in ({"sigma": 4}, {"sigma": -1}, {"tail_prob": 1.5}, {"tail_ms": -5}, {"sigma": math.nan}):
         with pytest.raises(ValidationError):

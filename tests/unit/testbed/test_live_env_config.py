@@ -34,8 +34,14 @@ def all_ports(s) -> list[int]:  # type: ignore[no-untyped-def]
     from httpx import URL
 
     eps = [ep.port for c in s.clusters for ep in c.endpoints]
-    return eps + [s.xds.port, URL(s.envoy.admin_url).port, s.envoy.listen_port, URL(s.prometheus.url).port,
-                  s.telemetry.als_grpc_port, s.telemetry.als_metrics_port]  # fmt: skip
+    return eps + [
+        s.xds.port,
+        URL(s.envoy.admin_url).port,
+        s.envoy.listen_port,
+        URL(s.prometheus.url).port,
+        s.telemetry.als_grpc_port,
+        s.telemetry.als_metrics_port,
+    ]
 
 
 # -- configuration -----------------------------------------------------------------------------
@@ -112,7 +118,11 @@ def test_reallocate_ports_moves_every_port_and_keeps_the_endpoints() -> None:
     for old, new in zip(base.clusters[0].endpoints, s.clusters[0].endpoints):
         assert mapping[old.address] == new.address and new.host == old.host
         assert (new.cloud, new.region, new.cost_per_million_requests, new.capacity_rps) == (
-            old.cloud, old.region, old.cost_per_million_requests, old.capacity_rps)  # fmt: skip
+            old.cloud,
+            old.region,
+            old.cost_per_million_requests,
+            old.capacity_rps,
+        )
     # the degraded backend's override follows its endpoint
     (moved,) = s.testbed.overrides
     assert moved == mapping["127.0.0.1:18006"]
@@ -183,7 +193,9 @@ def test_action_indices_outside_the_fleet_are_ignored_like_fleet_env() -> None:
 # -- CLI ---------------------------------------------------------------------------------------
 
 
-def test_train_live_rejects_bad_input_before_starting_anything(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_train_live_rejects_bad_input_before_starting_anything(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     bad = tmp_path / "live.yaml"
     bad.write_text("decision_interval_s: -2\n")
     assert main(["train", "--env", "live", "--live-config", str(bad), "--checkpoint-dir", str(tmp_path / "c")]) == 2

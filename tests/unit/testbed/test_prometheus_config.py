@@ -28,8 +28,9 @@ def test_shipped_rules_match_rendering() -> None:
 def test_promtool_accepts_the_config_and_rules(tmp_path: Path) -> None:
     promtool = prom.prometheus_binary().with_name("promtool")
     for what, name in (("config", "prometheus.yml"), ("rules", "rules.yml")):
-        res = subprocess.run([str(promtool), "check", what, str(ROOT / "prometheus" / name)],
-                             capture_output=True, text=True, timeout=60)  # fmt: skip
+        res = subprocess.run(
+            [str(promtool), "check", what, str(ROOT / "prometheus" / name)], capture_output=True, text=True, timeout=60
+        )
         assert res.returncode == 0, res.stdout + res.stderr
 
 
@@ -43,11 +44,13 @@ def test_rules_follow_the_window() -> None:
 
 
 def test_scrape_targets_follow_the_config() -> None:
-    s = settings_from_dict({
-        "envoy": {"admin_url": "http://127.0.0.1:19901"},
-        "prometheus": {"scrape_interval_s": 2},
-        "telemetry": {"als_metrics_port": 19978},
-    })  # fmt: skip
+    s = settings_from_dict(
+        {
+            "envoy": {"admin_url": "http://127.0.0.1:19901"},
+            "prometheus": {"scrape_interval_s": 2},
+            "telemetry": {"als_metrics_port": 19978},
+        }
+    )
     cfg = prom.render_config(s)
     jobs = {j["job_name"]: j for j in cfg["scrape_configs"]}
     assert jobs["envoy"]["static_configs"][0]["targets"] == ["127.0.0.1:19901"]

@@ -13,7 +13,11 @@ from balanceiq.testbed.scenario import load_live_scenario
 
 def test_shipped_scenario_loads_and_hits_the_sample_config() -> None:
     sc = load_live_scenario()
-    assert sc.name == "degrade_and_dearer" and [e.name for e in sc.events] == ["gcp degrades", "azure gets dearer", "gcp recovers"]
+    assert sc.name == "degrade_and_dearer" and [e.name for e in sc.events] == [
+        "gcp degrades",
+        "azure gets dearer",
+        "gcp recovers",
+    ]
     eps = list(default_settings().clusters[0].endpoints)
     sc.check_targets(eps)
     assert sc.phase_at(0) == "start" and sc.phase_at(80) == "azure gets dearer"
@@ -22,9 +26,18 @@ def test_shipped_scenario_loads_and_hits_the_sample_config() -> None:
 @pytest.mark.parametrize(
     ("text", "needle"),
     [
-        ("name: x\nduration_s: 10\nevents:\n  - {at_s: 1, name: a, cloud: aws, set: {extra_latency_ms: -5}}\n", "extra_latency_ms"),
-        ("name: x\nduration_s: 10\nevents:\n  - {at_s: 1, name: a, cloud: aws, set: {latency: 5}}\n", "unknown set field"),
-        ("name: x\nduration_s: 10\nevents:\n  - {at_s: 1, name: a, cloud: aws, region: r, reset: true}\n", "exactly one"),
+        (
+            "name: x\nduration_s: 10\nevents:\n  - {at_s: 1, name: a, cloud: aws, set: {extra_latency_ms: -5}}\n",
+            "extra_latency_ms",
+        ),
+        (
+            "name: x\nduration_s: 10\nevents:\n  - {at_s: 1, name: a, cloud: aws, set: {latency: 5}}\n",
+            "unknown set field",
+        ),
+        (
+            "name: x\nduration_s: 10\nevents:\n  - {at_s: 1, name: a, cloud: aws, region: r, reset: true}\n",
+            "exactly one",
+        ),
         ("name: x\nduration_s: 10\nevents:\n  - {at_s: 1, name: a, cloud: aws}\n", "set, cost_multiplier or reset"),
         ("name: x\nduration_s: 10\nevents:\n  - {at_s: 11, name: late, cloud: aws, reset: true}\n", "late"),
         ("name: x\nduration_s: 10\nevnts: []\n", "evnts"),

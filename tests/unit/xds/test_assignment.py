@@ -313,7 +313,12 @@ def test_from_json_defaults_health_and_cost() -> None:
         {"cluster": "svc", "endpoints": [{"address": "nope", "weight": 1, "cloud": "c", "region": "r"}]},
         {"cluster": "svc", "endpoints": [{"address": "h:1", "weight": 0, "cloud": "c", "region": "r"}]},
         {"cluster": "svc", "endpoints": [{"address": "h:1", "weight": 1, "cloud": "c", "region": "r", "health": "X"}]},
-        {"cluster": "svc", "endpoints": [{"address": "h:1", "weight": 1, "cloud": "c", "region": "r", "cost_per_million_requests": "x"}]},
+        {
+            "cluster": "svc",
+            "endpoints": [
+                {"address": "h:1", "weight": 1, "cloud": "c", "region": "r", "cost_per_million_requests": "x"}
+            ],
+        },
         {"cluster": "svc", "endpoints": 5},
         {"cluster": "svc", "endpoints": ["h:1"]},
         {"cluster": "svc", "endpoints": []},

@@ -21,13 +21,12 @@ import pytest
 from envoy.service.discovery.v3 import discovery_pb2
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from streams import XdsStream, raw_stream  # beside this file: pytest puts its folder on sys.path
 
 from balanceiq.config import default_settings
 from balanceiq.xds import protocol
 from balanceiq.xds.server import MAX_REQUEST_BYTES, XdsServer
 from balanceiq.xds.snapshot import EDS_TYPE
-
-from streams import XdsStream, raw_stream  # beside this file: pytest puts its folder on sys.path
 
 CLUSTER = default_settings().clusters[0].name
 EP1 = default_settings().clusters[0].endpoints[0].address
@@ -66,8 +65,14 @@ class GoodEnvoy:
                     self._cond.notify_all()
                 return
             resp = discovery_pb2.DiscoveryResponse.FromString(item)
-            self.stream.send(discovery_pb2.DiscoveryRequest(
-                type_url=EDS_TYPE, resource_names=[CLUSTER], version_info=resp.version_info, response_nonce=resp.nonce))  # fmt: skip
+            self.stream.send(
+                discovery_pb2.DiscoveryRequest(
+                    type_url=EDS_TYPE,
+                    resource_names=[CLUSTER],
+                    version_info=resp.version_info,
+                    response_nonce=resp.nonce,
+                )
+            )
             with self._cond:
                 self.versions.append(resp.version_info)
                 self._cond.notify_all()
@@ -81,8 +86,12 @@ class GoodEnvoy:
         self.channel.close()
 
 
-def sotw_request(node_id: str | None, names: list[str], type_url: str = EDS_TYPE, nonce: str = "", version: str = "") -> Any:
-    req = discovery_pb2.DiscoveryRequest(type_url=type_url, resource_names=names, response_nonce=nonce, version_info=version)
+def sotw_request(
+    node_id: str | None, names: list[str], type_url: str = EDS_TYPE, nonce: str = "", version: str = ""
+) -> Any:
+    req = discovery_pb2.DiscoveryRequest(
+        type_url=type_url, resource_names=names, response_nonce=nonce, version_info=version
+    )
     if node_id is not None:
         req.node.id = node_id
     return req
@@ -90,7 +99,11 @@ def sotw_request(node_id: str | None, names: list[str], type_url: str = EDS_TYPE
 
 def delta_request(node_id: str | None, subscribe: list[str] = (), unsubscribe: list[str] = (), nonce: str = "") -> Any:  # type: ignore[assignment]
     req = discovery_pb2.DeltaDiscoveryRequest(
-        type_url=EDS_TYPE, resource_names_subscribe=subscribe, resource_names_unsubscribe=unsubscribe, response_nonce=nonce)  # fmt: skip
+        type_url=EDS_TYPE,
+        resource_names_subscribe=subscribe,
+        resource_names_unsubscribe=unsubscribe,
+        response_nonce=nonce,
+    )
     if node_id is not None:
         req.node.id = node_id
     return req
@@ -209,10 +222,14 @@ def test_request_over_the_size_cap_is_refused_by_grpc_and_counted(
 @pytest.mark.parametrize("method", SOTW_METHODS + DELTA_METHODS)
 @pytest.mark.parametrize(
     ("node_id", "needle"),
-    [("evil\nnode", "non-printable"), ("nul\x00id", "non-printable"), ("\u202eevil", "non-printable"),
-     ("x" * (protocol.MAX_NODE_ID + 1), "characters long")],
+    [
+        ("evil\nnode", "non-printable"),
+        ("nul\x00id", "non-printable"),
+        ("\u202eevil", "non-printable"),
+        ("x" * (protocol.MAX_NODE_ID + 1), "characters long"),
+    ],
     ids=["newline", "nul", "bidi-override", "too-long"],
-)  # fmt: skip
+)
 def test_garbage_node_id_is_refused(
     server: XdsServer, good: GoodEnvoy, bad_channel: grpc.Channel, method: str, node_id: str, needle: str
 ) -> None:
@@ -341,7 +358,9 @@ def test_huge_nack_message_is_kept_short(server: XdsServer, good: GoodEnvoy, bad
     s.close()
 
 
-def test_node_registry_is_bounded_against_id_churn(server: XdsServer, good: GoodEnvoy, bad_channel: grpc.Channel) -> None:
+def test_node_registry_is_bounded_against_id_churn(
+    server: XdsServer, good: GoodEnvoy, bad_channel: grpc.Channel
+) -> None:
     server.registry.max_nodes = 50  # the real bound is 10,000; the rule is the same
     for i in range(120):
         s = raw_stream(bad_channel, SOTW_METHODS[0])
@@ -410,11 +429,14 @@ def assert_survives(server: XdsServer, ch: grpc.Channel, method: str, payloads: 
 
 
 @FUZZ
-@given(method=st.sampled_from(SOTW_METHODS + DELTA_METHODS), payloads=st.lists(st.binary(max_size=300), min_size=1, max_size=4))
+@given(
+    method=st.sampled_from(SOTW_METHODS + DELTA_METHODS),
+    payloads=st.lists(st.binary(max_size=300), min_size=1, max_size=4),
+)
 def test_random_bytes_never_crash_the_server(
     shared: tuple[XdsServer, GoodEnvoy, grpc.Channel], method: str, payloads: list[bytes]
 ) -> None:
-    server, good, ch = shared
+    server, _good, ch = shared
     assert_survives(server, ch, method, payloads)
 
 
@@ -449,7 +471,7 @@ def delta_requests(draw: st.DrawFn) -> bytes:
 def test_random_well_formed_requests_never_crash_the_server(
     shared: tuple[XdsServer, GoodEnvoy, grpc.Channel], data: st.DataObject, delta: bool
 ) -> None:
-    server, good, ch = shared
+    server, _good, ch = shared
     method = data.draw(st.sampled_from(DELTA_METHODS if delta else SOTW_METHODS))
     reqs = data.draw(st.lists(delta_requests() if delta else sotw_requests(), min_size=1, max_size=5))
     assert_survives(server, ch, method, reqs)

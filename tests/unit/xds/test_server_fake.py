@@ -15,13 +15,12 @@ from envoy.config.endpoint.v3 import endpoint_pb2
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from envoy.service.endpoint.v3 import eds_pb2_grpc
 from google.rpc import status_pb2
+from streams import XdsStream  # beside this file: pytest puts its folder on sys.path
 
 from balanceiq.config import default_settings
 from balanceiq.exceptions import AssignmentError, XdsBindError, XdsError
 from balanceiq.xds.server import XdsServer
 from balanceiq.xds.snapshot import EDS_TYPE, raw_snapshot
-
-from streams import XdsStream  # beside this file: pytest puts its folder on sys.path
 
 _DEFAULT = default_settings().clusters[0]
 CLUSTER = _DEFAULT.name
@@ -161,9 +160,7 @@ def envoys(channel: grpc.Channel) -> Iterator[Callable[[Flavour], XdsStream]]:
 
 
 @pytest.mark.parametrize("flavour", FLAVOURS, ids=lambda f: f.name)
-def test_initial_ack_push_nack(
-    server: XdsServer, envoys: Callable[[Flavour], XdsStream], flavour: Flavour
-) -> None:
+def test_initial_ack_push_nack(server: XdsServer, envoys: Callable[[Flavour], XdsStream], flavour: Flavour) -> None:
     node_id = f"fake-{flavour.name}"
     env = envoys(flavour)
     env.send(flavour.subscribe(node_id, [CLUSTER]))
@@ -207,9 +204,7 @@ def test_initial_ack_push_nack(
     r3 = env.recv()
     assert flavour.version(r3) == bad_version
     env.send(flavour.ack(r3, [CLUSTER], accepted=v2, err="malformed ClusterLoadAssignment"))
-    assert server.registry.wait_for(
-        lambda nodes: nodes[node_id].last_nacked_version == bad_version, timeout=WAIT
-    )
+    assert server.registry.wait_for(lambda nodes: nodes[node_id].last_nacked_version == bad_version, timeout=WAIT)
     status = node_status(server, node_id)
     assert status is not None
     assert status["last_error"] == "malformed ClusterLoadAssignment"
@@ -255,9 +250,7 @@ def test_bad_set_assignment_changes_nothing(
     env.expect_nothing()
 
 
-def test_unchanged_set_assignment_publishes_nothing(
-    server: XdsServer, envoys: Callable[[Flavour], XdsStream]
-) -> None:
+def test_unchanged_set_assignment_publishes_nothing(server: XdsServer, envoys: Callable[[Flavour], XdsStream]) -> None:
     flavour = FLAVOURS[0]
     env = envoys(flavour)
     env.send(flavour.subscribe("n", [CLUSTER]))
@@ -278,9 +271,7 @@ def test_unchanged_set_assignment_publishes_nothing(
     assert r3.version_info == v3 and endpoints(flavour.clas(r3)[CLUSTER])[EP1][0] == W1
 
 
-def test_one_publish_reaches_every_stream(
-    server: XdsServer, envoys: Callable[[Flavour], XdsStream]
-) -> None:
+def test_one_publish_reaches_every_stream(server: XdsServer, envoys: Callable[[Flavour], XdsStream]) -> None:
     streams = []
     for i, flavour in enumerate(FLAVOURS):
         env = envoys(flavour)

@@ -30,22 +30,27 @@ from balanceiq.xds.snapshot import (
 CLA = endpoint_pb2.ClusterLoadAssignment
 
 
-def ep(address: str, weight: int, cloud: str, region: str, zone: str | None = None,
-       health: str = "HEALTHY", cost: float = 0.0) -> EndpointAssignment:
+def ep(
+    address: str,
+    weight: int,
+    cloud: str,
+    region: str,
+    zone: str | None = None,
+    health: str = "HEALTHY",
+    cost: float = 0.0,
+) -> EndpointAssignment:
     host, port = split_address(address)
     return EndpointAssignment(address, host, port, weight, cloud, region, zone, health, cost)  # type: ignore[arg-type]
 
 
-def svc(weights: tuple[int, int, int, int] = (10, 20, 30, 40), cluster: str = "svc",
-        drain: bool = True) -> Assignment:
+def svc(weights: tuple[int, int, int, int] = (10, 20, 30, 40), cluster: str = "svc", drain: bool = True) -> Assignment:
     return Assignment(
         cluster,
         (
             ep("10.0.0.1:80", weights[0], "aws", "us-east-1", "a", cost=0.4),
             ep("10.0.0.2:80", weights[1], "aws", "us-east-1", "a", cost=0.4),
             ep("10.0.1.1:81", weights[2], "gcp", "us-east-1", None, cost=0.35),
-            ep("[::1]:82", weights[3], "azure", "eastus", "2",
-               health="DRAINING" if drain else "HEALTHY", cost=0.55),
+            ep("[::1]:82", weights[3], "azure", "eastus", "2", health="DRAINING" if drain else "HEALTHY", cost=0.55),
         ),
     )
 
@@ -91,7 +96,7 @@ def test_field_numbers_match_descriptors(message: type, field: str, constant: st
 
 
 def test_eds_type_url_names_the_cla_message() -> None:
-    assert EDS_TYPE == "type.googleapis.com/" + CLA.DESCRIPTOR.full_name
+    assert "type.googleapis.com/" + CLA.DESCRIPTOR.full_name == EDS_TYPE
 
 
 # --- SotW ------------------------------------------------------------------------------
@@ -109,9 +114,7 @@ def test_sotw_response_decodes_like_protobuf() -> None:
 
 def test_sotw_response_selects_subscribed_names_and_skips_missing() -> None:
     snap = build_snapshot("1.1", [svc(), other()])
-    resp = discovery_pb2.DiscoveryResponse.FromString(
-        sotw_response(snap, frozenset({"other", "ghost"}), "x")
-    )
+    resp = discovery_pb2.DiscoveryResponse.FromString(sotw_response(snap, frozenset({"other", "ghost"}), "x"))
     assert [unpack(r).cluster_name for r in resp.resources] == ["other"]
     assert unpack(resp.resources[0]) == cluster_load_assignment(other())
 
@@ -197,7 +200,9 @@ def test_delta_response_decodes_like_protobuf() -> None:
         assert unpack(r.resource) == cluster_load_assignment(snap.assignments[r.name])
 
     expected = discovery_pb2.DeltaDiscoveryResponse(
-        system_version_info="3.4", type_url=EDS_TYPE, nonce="n7",
+        system_version_info="3.4",
+        type_url=EDS_TYPE,
+        nonce="n7",
         removed_resources=["gone-a", "gone-b"],
     )
     for res in send:
@@ -233,17 +238,21 @@ def test_cla_groups_localities_by_cloud_region_zone() -> None:
     assert locs == [("aws/us-east-1", "a", 0), ("azure/eastus", "2", 0), ("gcp/us-east-1", "", 0)]
     by_loc = {
         le.locality.region: [
-            (lb.endpoint.address.socket_address.address,
-             lb.endpoint.address.socket_address.port_value,
-             lb.load_balancing_weight.value,
-             lb.health_status)
+            (
+                lb.endpoint.address.socket_address.address,
+                lb.endpoint.address.socket_address.port_value,
+                lb.load_balancing_weight.value,
+                lb.health_status,
+            )
             for lb in le.lb_endpoints
         ]
         for le in cla.endpoints
     }
     assert by_loc == {
-        "aws/us-east-1": [("10.0.0.1", 80, 10, health_check_pb2.HEALTHY),
-                          ("10.0.0.2", 80, 20, health_check_pb2.HEALTHY)],
+        "aws/us-east-1": [
+            ("10.0.0.1", 80, 10, health_check_pb2.HEALTHY),
+            ("10.0.0.2", 80, 20, health_check_pb2.HEALTHY),
+        ],
         "azure/eastus": [("::1", 82, 40, health_check_pb2.DRAINING)],
         "gcp/us-east-1": [("10.0.1.1", 81, 30, health_check_pb2.HEALTHY)],
     }

@@ -19,7 +19,9 @@ def assignment(cluster: str = "svc", w1: int = 1, w2: int = 2, health: str = "HE
     return Assignment(
         cluster,
         (
-            EndpointAssignment("10.0.0.1:80", "10.0.0.1", 80, w1, "aws", "us-east-1", "a", cost_per_million_requests=0.4),
+            EndpointAssignment(
+                "10.0.0.1:80", "10.0.0.1", 80, w1, "aws", "us-east-1", "a", cost_per_million_requests=0.4
+            ),
             EndpointAssignment("[::1]:81", "::1", 81, w2, "gcp", "us-central1", None, health, 0.35),  # type: ignore[arg-type]
         ),
     )
@@ -49,9 +51,7 @@ def test_epoch_is_wall_clock_ms(monkeypatch: pytest.MonkeyPatch, tmp_path: Path)
     assert (tmp_path / EPOCH_FILE).read_text().strip() == "5000000"
 
 
-def test_epoch_increases_even_when_clock_goes_backwards(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> None:
+def test_epoch_increases_even_when_clock_goes_backwards(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     fake_clock(monkeypatch, 2_000_000_000_000)
     first = SnapshotStore(tmp_path).epoch
     fake_clock(monkeypatch, 1_000)  # the clock stepped back by decades
@@ -235,9 +235,14 @@ def test_restored_state_is_publishable_or_ignored(tmp_path: Path) -> None:
     """Whatever restore() returns must build: a non-string zone is corrupt, not usable."""
     (tmp_path / STATE_FILE).write_text(
         json.dumps(
-            {"assignments": [{"cluster": "c", "endpoints": [
-                {"address": "h:1", "weight": 1, "cloud": "x", "region": "r", "zone": 5}
-            ]}]}
+            {
+                "assignments": [
+                    {
+                        "cluster": "c",
+                        "endpoints": [{"address": "h:1", "weight": 1, "cloud": "x", "region": "r", "zone": 5}],
+                    }
+                ]
+            }
         )
     )
     s = SnapshotStore(tmp_path)
@@ -254,9 +259,7 @@ def test_atomic_write_leaves_no_temp_files(tmp_path: Path) -> None:
     assert no_temp_files(tmp_path) == []
 
 
-def test_atomic_write_failure_cleans_up_and_keeps_old_file(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> None:
+def test_atomic_write_failure_cleans_up_and_keeps_old_file(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     target = tmp_path / "f.json"
     store_mod._atomic_write(target, "old")
 
