@@ -51,7 +51,12 @@ bench: setup
 	$(VENV)/bin/balanceiq bench xds --json --streams 1000 --endpoints 1000 --pushes 20
 	$(VENV)/bin/balanceiq bench telemetry --json
 
+# Formatting, lint, types and the import contracts (layers; the product never imports
+# the lab). CI runs it before the tests.
 lint: setup
+	$(VENV)/bin/ruff format --check balanceiq tests
+	$(VENV)/bin/ruff check balanceiq tests
+	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports
 
 clean:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TypedDict
 
 import typer
 import yaml
@@ -547,6 +547,17 @@ def bench_telemetry(
     _emit(result, as_json)
 
 
+class _ServeBenchArgs(TypedDict):
+    """What ``bench serve`` passes to run_serve_bench and run_serve_compare alike."""
+
+    endpoints: int
+    duration_s: float
+    rate_rps: float
+    calls: int
+    also_rate_rps: float | None
+    console: Console
+
+
 @bench_app.command("serve")
 def bench_serve(
     endpoints: Annotated[int, typer.Option(help="Endpoints per scoring request (N).")] = 64,
@@ -583,7 +594,7 @@ def bench_serve(
 
     if compare and direct_ingress:
         raise BenchError("--compare runs both modes; leave out --direct-ingress")
-    kw = {
+    kw: _ServeBenchArgs = {
         "endpoints": endpoints,
         "duration_s": duration,
         "rate_rps": rate,

@@ -90,7 +90,7 @@ def _wait_ready(http: httpx.Client, url: str, timeout: float = 90.0) -> dict[str
             s = http.get(url + "/api/status").json()
             last = s
             if s["components"]["xds"]["state"] == "up" and s["components"]["controller"]["state"] in ("up", "degraded"):
-                return s  # type: ignore[no-any-return]
+                return s
         except (httpx.HTTPError, ValueError, KeyError) as exc:
             last = repr(exc)
         time.sleep(0.5)
@@ -236,7 +236,7 @@ def run_demo(
                     run_load_sync(
                         tb.envoy.listen_url,
                         total=int(rate_rps * (duration + 10)),
-                        concurrency=32,  # type: ignore[union-attr]
+                        concurrency=32,
                         max_seconds=duration + 10,
                         rate_rps=rate_rps,
                         stop=stop_load,

@@ -14,7 +14,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -107,8 +107,9 @@ def run_demo(settings: Settings, *, requests_per_phase: int, out_dir: Path, cons
                     for phase in phases:
                         progress.update(task, description=f"phase: {phase.name}")
                         t0 = time.monotonic()
-                        version = ray.get(
-                            actor.set_assignment.remote(cluster.name, phase.weights, phase.health or None)
+                        # Ray types an actor handle's undecorated methods as Never: say what they return.
+                        version = cast(
+                            str, ray.get(actor.set_assignment.remote(cluster.name, phase.weights, phase.health or None))
                         )
                         if not ray.get(actor.wait_for_ack.remote(version, None, 10.0)):
                             raise TestbedError(f"Envoy did not ACK version {version} within 10 s")
@@ -124,7 +125,7 @@ def run_demo(settings: Settings, *, requests_per_phase: int, out_dir: Path, cons
                         report["phases"].append(entry)
                         console.print(_phase_table(entry, cloud))
                         progress.advance(task)
-                status = ray.get(actor.status.remote())
+                status = cast("dict[str, Any]", ray.get(actor.status.remote()))
             finally:
                 tb.stop()
         finally:
@@ -166,7 +167,7 @@ def _phase_entry(
     envoy_view: dict[str, list[str]],
 ) -> dict[str, Any]:
     observed = result.shares()
-    rows = [
+    rows: list[dict[str, Any]] = [
         {
             "address": a,
             "weight": phase.weights[a],

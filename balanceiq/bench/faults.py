@@ -190,7 +190,7 @@ class FaultResult:
         out = _round(asdict(self))
         out["targets"] = {k: {"measured": _round(v), "target": t, "met": m} for k, (v, t, m) in self.checks().items()}
         out["ok"] = self.ok
-        return out  # type: ignore[no-any-return]
+        return out
 
 
 @dataclass(kw_only=True)
@@ -645,7 +645,7 @@ class Stack:
             return self.server.status()
         import ray
 
-        return ray.get(self.actor.status.remote(), timeout=10)  # type: ignore[no-any-return]
+        return ray.get(self.actor.status.remote(), timeout=10)
 
     def envoy_node(self, status: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
         nodes = (status or self.status()).get("nodes", [])
@@ -656,7 +656,7 @@ class Stack:
         return {e["address"]: int(e["weight"]) for e in eps}
 
     def envoy_clusters(self) -> dict[str, Any]:
-        return httpx.get(f"{self.testbed.envoy.admin_url}/clusters?format=json", timeout=2.0, trust_env=False).json()  # type: ignore[no-any-return]
+        return httpx.get(f"{self.testbed.envoy.admin_url}/clusters?format=json", timeout=2.0, trust_env=False).json()
 
     def envoy_weights(self) -> dict[str, int]:
         return endpoint_weights(self.envoy_clusters(), self.cluster)
@@ -1172,7 +1172,8 @@ def _running_replicas(app: str, deployment: str = "Controller") -> int:
     from ray import serve
 
     try:
-        states = serve.status().applications[app].deployments[deployment].replica_states
+        # Keyed by ReplicaState, a str enum (not public API): "RUNNING" finds its entry.
+        states: Mapping[Any, int] = serve.status().applications[app].deployments[deployment].replica_states
     except (KeyError, AttributeError):
         return 0
     return int(states.get("RUNNING", 0))

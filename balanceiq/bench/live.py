@@ -493,16 +493,16 @@ def evaluate_targets(arms: dict[str, dict[str, Any]]) -> dict[str, Any]:
                 res[key] = {"target": text, "ratio": None, "limit": limit, "met": None, "note": f"{ref} did not run"}
         text, limit = TARGETS_TEXT["cost_vs_best_cost_blind"]
         if best_blind is not None and envoy[best_blind].get("cost_per_million"):
-            ref = envoy[best_blind]
-            ratio = float(a["cost_per_million"]) / float(ref["cost_per_million"])
-            slo_ok = (a.get("slo_attainment") or 0.0) >= (ref.get("slo_attainment") or 0.0)
+            blind = envoy[best_blind]
+            ratio = float(a["cost_per_million"]) / float(blind["cost_per_million"])
+            slo_ok = (a.get("slo_attainment") or 0.0) >= (blind.get("slo_attainment") or 0.0)
             res["cost_vs_best_cost_blind"] = {
                 "target": text,
                 "reference": best_blind,
                 "ratio": _r(ratio, 3),
                 "limit": limit,
                 "slo_attainment": a.get("slo_attainment"),
-                "reference_slo_attainment": ref.get("slo_attainment"),
+                "reference_slo_attainment": blind.get("slo_attainment"),
                 "met": bool(ratio <= limit and slo_ok),
                 "cost_met": bool(ratio <= limit),
                 "slo_met": bool(slo_ok),
@@ -1087,13 +1087,13 @@ def _controller_summary(
     measured decisions (t >= 0, after the warm-up)."""
     recs = list(reversed(controller.log.recent(100000)))
     modes = Counter(r.mode for r in recs)
-    clouds = {ep.address: ep.cloud for ep in controller.cluster.endpoints}
+    clouds: dict[str, str] = {ep.address: ep.cloud for ep in controller.cluster.endpoints}
     names = names or {}
     timeline = []
     measured: list[dict[str, float]] = []
     split: dict[str, float] | None = None  # the split decided last (weights realise it)
     for r in recs:
-        weights = dict(r.weights if r.pushed or not r.previous else r.previous)
+        weights: dict[str, int] = dict(r.weights if r.pushed or not r.previous else r.previous)
         if r.pushed and getattr(r, "shares", None):
             split = dict(r.shares)
         total = sum(weights.values()) or 1
@@ -1183,7 +1183,7 @@ def plot(result: dict[str, Any], path: Path) -> Path:
             drawstyle="steps-mid",
         )
     warm = result["setup"]["warmup_s"]
-    events = next((a["events"] for a in result["arms"].values() if a["events"]), [])
+    events: list[dict[str, Any]] = next((a["events"] for a in result["arms"].values() if a["events"]), [])
     for ax in (ax1, ax2):
         ax.axvspan(-warm, 0, color="0.92", zorder=0)
         for ev in events:

@@ -57,7 +57,7 @@ SOAK_GROWTH_BOUND_PCT = 5.0
 SOAK_ACK_TIMEOUT_S = 10.0
 
 
-def _pct(values: Sequence[float], digits: int = 2) -> dict[str, Any]:
+def _pct(values: Sequence[float] | np.ndarray, digits: int = 2) -> dict[str, Any]:
     arr = np.asarray(values, dtype=np.float64)
     arr = arr[np.isfinite(arr)]
     if not arr.size:
@@ -418,7 +418,7 @@ def _drive(
         parent.close()
     if kind != "ok":
         raise BenchError(f"the load generator failed: {payload}")
-    return payload  # type: ignore[no-any-return]
+    return payload
 
 
 # -- the xDS soak ---------------------------------------------------------------------------------

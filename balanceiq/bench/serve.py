@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import math
 import os
@@ -993,7 +994,7 @@ def _run(
                 notes.append("no decision from Prometheus within 45 s of start; decision_loop_ms covers whatever came")
                 t_app = time.time()
             policy = serve.get_deployment_handle("Policy", app_name=APP_NAME)
-            metrics_port = ray._private.worker.global_worker.node.metrics_export_port  # type: ignore[attr-defined]
+            metrics_port = ray._private.worker.global_worker.node.metrics_export_port
 
             def handle_call() -> None:
                 out = policy.score.remote(rows).result(timeout_s=10.0)
@@ -1079,7 +1080,7 @@ def _run(
                     )
                     t_api = time.monotonic()
                     res = asyncio.run(
-                        open_loop(base, API_PATHS, rate, duration_s, on_done=lambda task=task: progress.advance(task))
+                        open_loop(base, API_PATHS, rate, duration_s, on_done=functools.partial(progress.advance, task))
                     )
                     api_wall = time.monotonic() - t_api
                 foreign = _foreign_cpu_delta(foreign0, api_wall)

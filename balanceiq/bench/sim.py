@@ -131,7 +131,7 @@ def run_sim_bench(
     if plot is not None:
         if plot_scenario not in scenarios:
             plot_scenario = scenarios[0]
-        traces = {
+        traces: dict[str, dict[str, Any]] = {
             p: run_pair(plot_scenario, loaded[p], seed=seed, trace=True)
             for p in ("equal", "topk", "cfr_rl", "oracle")
             if p in loaded

@@ -518,10 +518,10 @@ class Guardrails:
             below = x < floors
             if below.any():
                 deficit = float((floors - x)[below].sum())
-                excess = np.where(below, 0.0, x - floors)
-                total_excess = float(excess.sum())
+                above = np.where(below, 0.0, x - floors)
+                total_excess = float(above.sum())
                 if total_excess > 0:
-                    x = np.where(below, floors, x - excess / total_excess * deficit)
+                    x = np.where(below, floors, x - above / total_excess * deficit)
                 else:  # only by rounding: the floors exactly fill the free share
                     x = floors / float(floors.sum()) * free
                 target[free_mask] = np.maximum(x, 0.0)

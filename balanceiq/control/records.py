@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import threading
 from collections import deque
 from dataclasses import dataclass, field, fields
@@ -68,7 +69,7 @@ class DecisionRecord:
 class DecisionLog:
     """The last ``size`` decisions in memory, and optionally every one appended to a file."""
 
-    def __init__(self, size: int = 500, recording: Path | str | None = None) -> None:
+    def __init__(self, size: int = 500, recording: str | os.PathLike[str] | None = None) -> None:
         self._lock = threading.Lock()
         self._items: deque[DecisionRecord] = deque(maxlen=size)
         self._seq = 0

@@ -38,7 +38,7 @@ class ActorXdsClient:
             raise XdsError(f"xDS actor unavailable ({type(exc).__name__})") from exc
 
     def acquire_lease(self, owner: str, ttl_s: float, cluster: str | None = None) -> dict[str, Any]:
-        return self._call("acquire_lease", owner, ttl_s, cluster)  # type: ignore[no-any-return]
+        return self._call("acquire_lease", owner, ttl_s, cluster)
 
     def release_lease(self, owner: str, cluster: str | None = None) -> bool:
         return bool(self._call("release_lease", owner, cluster))
@@ -52,7 +52,7 @@ class ActorXdsClient:
         return bool(self._call("wait_for_ack", version, None, timeout, timeout=timeout + self.timeout_s))
 
     def status(self) -> dict[str, Any]:
-        return self._call("status")  # type: ignore[no-any-return]
+        return self._call("status")
 
 
 class LocalXdsClient:

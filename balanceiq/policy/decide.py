@@ -582,8 +582,8 @@ def decide(
         # Grown as far as its safe-move bound allows: the LP wanted more, so it stays
         # critical until it has what the LP wants (CFR-RL re-routes until converged).
         bound = (res.shares > shares + 1e-6) & np.isfinite(max_share) & (res.shares >= max_share - 1e-6)
-        for i in np.flatnonzero(bound):
-            a = obs.endpoints[int(i)].address
+        for j in np.flatnonzero(bound):
+            a = obs.endpoints[int(j)].address
             mem[a] = replace(mem[a], recovering=max(mem[a].recovering, 2))
     return CoreDecision(
         shares=res.shares,

@@ -32,6 +32,8 @@ def _masked(logits: torch.Tensor, picked: torch.Tensor) -> torch.Tensor:
     return logits.masked_fill(picked, NEG)
 
 
+# RLlib's Distribution is typed for every framework (numpy/jax/tf/torch tensors, extra
+# **kwargs, sample(return_logp=...)); this one is torch-only, hence the override ignores.
 class PlackettLuce(Distribution):
     """K ordered picks without replacement from ``logits`` (shape ``[..., N]``)."""
 
@@ -44,17 +46,17 @@ class PlackettLuce(Distribution):
 
     # -- sampling ------------------------------------------------------------------------
 
-    def sample(self, *, sample_shape: Any = None) -> torch.Tensor:
+    def sample(self, *, sample_shape: Any = None) -> torch.Tensor:  # type: ignore[override]  # torch-only
         u = torch.rand_like(self.logits).clamp_(1e-12, 1.0 - 1e-7)
         gumbel = -torch.log(-torch.log(u))
         return torch.topk(self.logits + gumbel, self.k, dim=-1).indices
 
-    def rsample(self, *, sample_shape: Any = None) -> torch.Tensor:
+    def rsample(self, *, sample_shape: Any = None) -> torch.Tensor:  # type: ignore[override]  # torch-only
         raise NotImplementedError("Plackett-Luce samples are discrete; use sample()")
 
     # -- probabilities -------------------------------------------------------------------
 
-    def logp(self, value: torch.Tensor) -> torch.Tensor:
+    def logp(self, value: torch.Tensor) -> torch.Tensor:  # type: ignore[override]  # torch-only
         value = value.long()
         picked = torch.zeros_like(self.logits, dtype=torch.bool)
         total = torch.zeros(self.logits.shape[:-1], dtype=self.logits.dtype, device=self.logits.device)
@@ -75,14 +77,14 @@ class PlackettLuce(Distribution):
             picked = picked.scatter(-1, order[..., j : j + 1], True)
         return steps
 
-    def entropy(self) -> torch.Tensor:
+    def entropy(self) -> torch.Tensor:  # type: ignore[override]  # torch-only
         total = torch.zeros(self.logits.shape[:-1], dtype=self.logits.dtype, device=self.logits.device)
         for masked in self._greedy_steps():
             logp = torch.log_softmax(masked, dim=-1)
             total = total - (logp.exp() * logp).sum(-1)
         return total
 
-    def kl(self, other: Distribution) -> torch.Tensor:
+    def kl(self, other: Distribution) -> torch.Tensor:  # type: ignore[override]  # torch-only
         assert isinstance(other, PlackettLuce)
         total = torch.zeros(self.logits.shape[:-1], dtype=self.logits.dtype, device=self.logits.device)
         order = torch.topk(self.logits, self.k, dim=-1).indices
@@ -97,7 +99,7 @@ class PlackettLuce(Distribution):
     # -- RLlib plumbing ------------------------------------------------------------------
 
     @classmethod
-    def from_logits(cls, logits: torch.Tensor, **kwargs: Any) -> PlackettLuce:
+    def from_logits(cls, logits: torch.Tensor, **kwargs: Any) -> PlackettLuce:  # type: ignore[override]  # torch-only
         return cls(logits, k=kwargs.get("k"))
 
     @staticmethod
@@ -112,7 +114,7 @@ class PlackettLuce(Distribution):
 class _TopK(PlackettLuce):
     """The most likely ordered choice: the K highest scores (for inference)."""
 
-    def sample(self, *, sample_shape: Any = None) -> torch.Tensor:
+    def sample(self, *, sample_shape: Any = None) -> torch.Tensor:  # type: ignore[override]  # torch-only
         return torch.topk(self.logits, self.k, dim=-1).indices
 
     def to_deterministic(self) -> _TopK:

@@ -12,8 +12,9 @@ indices drawn by :class:`balanceiq.policy.distribution.PlackettLuce`.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
+import gymnasium as gym
 import torch
 from ray.rllib.core.columns import Columns
 from ray.rllib.core.rl_module.apis import ValueFunctionAPI
@@ -26,9 +27,14 @@ class CriticalEndpointModule(TorchRLModule, ValueFunctionAPI):
     """Scores endpoints with shared per-endpoint layers plus pooled context."""
 
     def setup(self) -> None:
-        features = self.observation_space.shape[-1]
-        hidden = int(self.model_config.get("hidden_dim", 64))
-        self.k = int(self.action_space.nvec.shape[0])
+        # RLlib sets the spaces before setup(): FleetEnv's/LiveEnv's Box [N_max, F] and
+        # MultiDiscrete [K]; train.py passes model_config as a dict.
+        obs_space = cast(gym.spaces.Box, self.observation_space)
+        act_space = cast(gym.spaces.MultiDiscrete, self.action_space)
+        model_config = cast("dict[str, Any]", self.model_config)
+        features = obs_space.shape[-1]
+        hidden = int(model_config.get("hidden_dim", 64))
+        self.k = int(act_space.nvec.shape[0])
         self._encoder = torch.nn.Sequential(
             torch.nn.Linear(features, hidden),
             torch.nn.Tanh(),

@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import numpy as np
@@ -453,8 +453,8 @@ class ControlPlane:
         for rec in reversed(c.log.recent(limit)):
             obs = rec.observation or {}
             eps = [e for e in obs.get("endpoints", []) if isinstance(e, dict)]
-            rps = {e["address"]: e.get("rps") for e in eps}
-            price = {e["address"]: e.get("cost_per_million") for e in eps}
+            rps: dict[str, Any] = {e["address"]: e.get("rps") for e in eps}
+            price: dict[str, Any] = {e["address"]: e.get("cost_per_million") for e in eps}
             carried = [(rps[a], price[a]) for a in rps if _num(rps[a]) and _num(price[a]) is not None]
             total = sum(r for r, _ in carried)
             blended = sum(r * p for r, p in carried) / total if total > 0 else None
@@ -470,7 +470,9 @@ class ControlPlane:
                 r, p95 = _num(e.get("rps")), _num(e.get("p95_ms"))
                 if r and p95 is not None:
                     by_cloud.setdefault(clouds.get(e["address"], "?"), []).append((r, p95))
-            p95 = {k: round(sum(r * x for r, x in v) / sum(r for r, _ in v), 3) for k, v in sorted(by_cloud.items())}
+            p95_by_cloud = {
+                k: round(sum(r * x for r, x in v) / sum(r for r, _ in v), 3) for k, v in sorted(by_cloud.items())
+            }
             points.append(
                 {
                     "t": rec.timestamp,
@@ -479,7 +481,7 @@ class ControlPlane:
                     "cost_per_million": None if blended is None else round(blended, 6),
                     "equal_cost_per_million": None if equal is None else round(equal, 6),
                     "saving": None if blended is None or not equal else round(1.0 - blended / equal, 4),
-                    "p95_ms_by_cloud": p95,
+                    "p95_ms_by_cloud": p95_by_cloud,
                     "rps": round(total, 3),
                 }
             )
@@ -563,7 +565,7 @@ class ControlPlane:
             value = next((s.get("value") for s in stats if s.get("name") == f"cluster.{name}.upstream_rq_total"), None)
             return {"value": int(value) if isinstance(value, (int, float)) else None}
 
-        return self._cached(f"total_requests:{name}", 1.0, probe)["value"]  # type: ignore[no-any-return]
+        return self._cached(f"total_requests:{name}", 1.0, probe)["value"]
 
     def efficiency(self, cluster: str | None = None) -> float | None:
         """Jain's fairness index of utilisation (rps / capacity) over endpoints with both
@@ -747,7 +749,7 @@ class ControlPlane:
         eps = tuple(
             EndpointObservation(
                 address=e["address"],
-                **{f: (nan if e.get(f) is None else float(e[f])) for f in _OBS_FIELDS},
+                **cast("dict[str, Any]", {f: (nan if e.get(f) is None else float(e[f])) for f in _OBS_FIELDS}),
                 healthy=e.get("healthy"),
             )
             for e in endpoints

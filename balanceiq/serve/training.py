@@ -17,7 +17,7 @@ import time
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import ray
 
@@ -232,13 +232,13 @@ class TrainingManager:
                 "live_eval": live_eval,
                 "live_episodes": live_episodes,
             }
-            actor = (
+            created = (
                 ray.remote(TrainingRun)
-                .options(  # type: ignore[attr-defined]
-                    name=f"training-{rid}", namespace="balanceiq", num_cpus=0, max_concurrency=2
-                )
+                .options(name=f"training-{rid}", namespace="balanceiq", num_cpus=0, max_concurrency=2)
                 .remote(rid, params)
             )
+            # Ray types ActorClass.remote() as ActorHandle[T] | type[T]; what it returns is the handle.
+            actor = cast(ray.actor.ActorHandle, created)
             actor.run.remote()
             self._actors[rid] = actor
             self._order.append(rid)
@@ -283,7 +283,7 @@ class TrainingManager:
 
     def _promote(self, checkpoint: str) -> dict[str, Any]:
         try:
-            info = self.promote_fn(checkpoint)  # type: ignore[misc]
+            info = self.promote_fn(checkpoint)
         except Exception as exc:  # the old checkpoint keeps serving
             return {"state": "failed", "error": f"{type(exc).__name__}: {exc}", "at": time.time()}
         return {"state": "done", "checkpoint": checkpoint, "swaps": (info or {}).get("swaps"), "at": time.time()}

@@ -760,9 +760,9 @@ def calibrate(
         held_cat = {k: np.concatenate(v) if v else np.zeros(0) for k, v in held.items()}
         s_settled = s.take(s.settled)
         in_errs = _errors(_predict(fit, s_settled), s_settled)
-        for k in pooled_out:
-            pooled_out[k].append(held_cat[k])
-            pooled_in[k].append(in_errs[k])
+        for sig in pooled_out:
+            pooled_out[sig].append(held_cat[sig])
+            pooled_in[sig].append(in_errs[sig])
         rho = s.rps / fit.capacity_rps
         per_ep[a] = {
             "fitted": True,

@@ -81,7 +81,8 @@ def run_decision(sim: FleetSim, shares: np.ndarray, steps: int, weights: RewardW
 class FleetEnv(gym.Env):
     """CFR-RL over :class:`~balanceiq.sim.fleet.FleetSim`; see the module docstring."""
 
-    metadata: ClassVar[dict[str, Any]] = {"render_modes": []}
+    # gymnasium.Env declares metadata as an instance attribute; it is class-wide here.
+    metadata: ClassVar[dict[str, Any]] = {"render_modes": []}  # type: ignore[misc]
 
     def __init__(self, env_config: dict[str, Any] | None = None) -> None:
         cfg = dict(env_config or {})

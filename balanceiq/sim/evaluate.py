@@ -125,7 +125,7 @@ def run_pair(
             rows[-1]["full_moved_same_state"] = full_moved
         if trace:
             timeline.append({"t": env.sim.t, "shares": env.shares.tolist(), "p99_ms": info["p99_ms"]})
-    out = {key: float(statistics.fmean(r[key] for r in rows)) for key in rows[0]}
+    out: dict[str, Any] = {key: float(statistics.fmean(r[key] for r in rows)) for key in rows[0]}
     out["decisions"] = len(rows)
     # The first decision's move (off the config's static split) is most of what any
     # policy moves in a run: reported so traffic_moved can be read with and without it.

@@ -49,6 +49,7 @@ whether the next segment has started.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -165,7 +166,7 @@ class _Segment:
     )
 
     def __init__(
-        self, start: float, base_cap: np.ndarray, base_cost: np.ndarray, active: list[tuple[list[int], str, float]]
+        self, start: float, base_cap: np.ndarray, base_cost: np.ndarray, active: Sequence[tuple[list[int], str, float]]
     ) -> None:
         n = base_cap.shape[0]
         cap_mult = np.ones(n)

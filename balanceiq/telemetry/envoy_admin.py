@@ -44,6 +44,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
+from typing import TypedDict
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
@@ -392,8 +393,9 @@ CLUSTERS_JSON_FIELDS = {
 
 
 def _host_address(host: Mapping[str, object]) -> str | None:
-    sock = host.get("address", {}).get("socket_address", {}) if isinstance(host.get("address"), dict) else {}
-    addr, port = sock.get("address"), sock.get("port_value")  # type: ignore[union-attr]
+    address = host.get("address")
+    sock = address.get("socket_address", {}) if isinstance(address, dict) else {}
+    addr, port = sock.get("address"), sock.get("port_value")
     if not isinstance(addr, str) or not addr or not isinstance(port, int):
         return None
     return f"[{addr}]:{port}" if ":" in addr else f"{addr}:{port}"
@@ -433,7 +435,7 @@ def parse_clusters_json(data: object, timestamp: float | None = None) -> Scrape:
             values: dict[str, float] = {}
             bad: set[str] = set()
             for stat in host.get("stats") or []:
-                fname = CLUSTERS_JSON_FIELDS.get(stat.get("name")) if isinstance(stat, dict) else None
+                fname = CLUSTERS_JSON_FIELDS.get(stat.get("name", "")) if isinstance(stat, dict) else None
                 if fname is None:
                     continue
                 x, ok = finite_or_nan(_num(stat.get("value", 0)))
@@ -501,6 +503,7 @@ def parse_als_snapshot(data: object) -> tuple[dict[Key, Buckets], frozenset[Key]
             bad.add(key)
             latency.pop(key, None)
             continue
+        assert counts is not None  # ok: a list
         latency[key] = tuple(zip(les, (float(c) for c in counts)))
     return latency, frozenset(bad), tuple(problems)
 
@@ -586,6 +589,15 @@ def derive(
     )
 
 
+class _CommonFields(TypedDict):
+    """The EndpointObservation fields every row of :func:`_derive_one` has, found or not."""
+
+    address: str
+    cost_per_million: float
+    weight: float
+    age_s: float
+
+
 def _derive_one(
     prev: Scrape | None,
     cur: Scrape,
@@ -600,7 +612,7 @@ def _derive_one(
     flags: set[str] = set()
     if not cur.latency_source:
         flags.add(NO_LATENCY_SOURCE)
-    common = {
+    common: _CommonFields = {
         "address": address,
         "cost_per_million": _num(costs.get(address, NAN)),
         "weight": _num(weights.get(address, NAN)) if weights is not None else NAN,

@@ -631,15 +631,15 @@ class Owned:
                 return
             self.done = True
         steps: list[tuple[str, Any]] = [
-            ("load", lambda: self.load and self.load.stop()),
-            ("backends", lambda: self.driver and restore_backends(self.driver)),
+            ("load", lambda: self.load.stop() if self.load else None),
+            ("backends", lambda: restore_backends(self.driver) if self.driver else None),
             ("weights", self._restore_weights),
-            ("telemetry", lambda: self.telemetry and self.telemetry.close()),
-            ("testbed", lambda: self.testbed and self.testbed.stop()),
-            ("xds", lambda: self.xds and self.xds.close()),
-            ("http", lambda: self.driver and self.driver.close()),
-            ("reaper", lambda: self.reaper and self.reaper.close()),
-            ("workdir", lambda: self.workdir and shutil.rmtree(self.workdir, ignore_errors=True)),
+            ("telemetry", lambda: self.telemetry.close() if self.telemetry else None),
+            ("testbed", lambda: self.testbed.stop() if self.testbed else None),
+            ("xds", lambda: self.xds.close() if self.xds else None),
+            ("http", lambda: self.driver.close() if self.driver else None),
+            ("reaper", lambda: self.reaper.close() if self.reaper else None),
+            ("workdir", lambda: shutil.rmtree(self.workdir, ignore_errors=True) if self.workdir else None),
         ]
         for what, fn in steps:
             try:
@@ -656,10 +656,11 @@ class Owned:
 # -- the environment ---------------------------------------------------------------------------
 
 
-class LiveEnv(gym.Env):  # type: ignore[misc]
+class LiveEnv(gym.Env):
     """CFR-RL against a real Envoy; see the module docstring."""
 
-    metadata: ClassVar[dict[str, Any]] = {"render_modes": []}
+    # gymnasium.Env declares metadata as an instance attribute; it is class-wide here.
+    metadata: ClassVar[dict[str, Any]] = {"render_modes": []}  # type: ignore[misc]
 
     def __init__(self, env_config: Mapping[str, Any] | None = None) -> None:
         self.cfg = LiveEnvConfig.from_env_config(env_config)

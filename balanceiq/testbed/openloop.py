@@ -381,9 +381,8 @@ async def run_open_loop(
     wall = loop.time() - t0
     cpu = time.process_time() - cpu0
     if i < n:  # stopped early: what was never due is not part of the run
-        intended, sent, latency, status, backend, error = (
-            a[:i] for a in (intended, sent, latency, status, backend, error)
-        )
+        intended, sent, latency = intended[:i], sent[:i], latency[:i]
+        status, backend, error = status[:i], backend[:i], error[:i]
     return OpenLoopResult(
         intended_s=intended,
         sent_s=sent,

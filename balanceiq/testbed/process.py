@@ -8,7 +8,7 @@ import subprocess
 import psutil
 
 
-def stop_popen(proc: subprocess.Popen | None, timeout: float = 5.0) -> None:  # type: ignore[type-arg]
+def stop_popen(proc: subprocess.Popen | None, timeout: float = 5.0) -> None:
     """Stop a child we started and reap it (no zombie left behind)."""
     if proc is None:
         return

@@ -85,12 +85,13 @@ class ReadyProcess:
                 start_new_session=True,
             )
         deadline = time.monotonic() + timeout
-        assert self.proc.stdout is not None
+        stdout = self.proc.stdout
+        assert stdout is not None
         while len(self.ready_lines) < self.expect:
             if time.monotonic() > deadline:
                 self.stop()
                 raise BackendError(f"{self.name} not ready after {timeout}s")
-            line = self.proc.stdout.readline()
+            line = stdout.readline()
             if not line:
                 code = self.proc.wait(5)
                 msg = err_path.read_text(errors="replace").strip()
@@ -98,7 +99,7 @@ class ReadyProcess:
                 raise BackendError(f"{self.name} exited with {code}: {msg}")
             if line.startswith("ready "):
                 self.ready_lines.append(line.split(" ", 1)[1].strip())
-        self.proc.stdout.close()
+        stdout.close()
         return self
 
     def stop(self, timeout: float = 5.0) -> None:

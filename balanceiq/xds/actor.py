@@ -23,7 +23,7 @@ import time
 from collections import deque
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import ray
 
@@ -152,7 +152,7 @@ def _head_pinned_options() -> dict[str, Any]:
 def start_actor(settings: Settings, state_dir: str | Path | None = None) -> ray.actor.ActorHandle:
     """Get the named xDS actor, creating it (pinned to the head) if it does not exist."""
     cls = ray.remote(XdsServerActor)
-    handle = cls.options(  # type: ignore[attr-defined]
+    created = cls.options(
         name=ACTOR_NAME,
         namespace=NAMESPACE,
         lifetime="detached",
@@ -163,6 +163,8 @@ def start_actor(settings: Settings, state_dir: str | Path | None = None) -> ray.
         max_concurrency=4,  # status() must not queue behind a slow set_assignment()
         **_head_pinned_options(),
     ).remote(settings, str(state_dir) if state_dir else None)
+    # Ray types ActorClass.remote() as ActorHandle[T] | type[T]; what it returns is the handle.
+    handle = cast(ray.actor.ActorHandle, created)
     ray.get(handle.port.remote())  # surfaces bind errors from __init__ here
     return handle
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Literal
+from typing import Any, Literal, cast
 
 from balanceiq.exceptions import AssignmentError
 
@@ -123,7 +123,8 @@ class Assignment:
         try:
             cluster = str(data["cluster"])
             eps = []
-            for raw in data["endpoints"]:  # type: ignore[union-attr]
+            # A malformed entry fails below with KeyError/TypeError, reported as such.
+            for raw in cast("Iterable[Mapping[str, Any]]", data["endpoints"]):
                 host, port = split_address(str(raw["address"]))
                 zone = raw.get("zone")
                 if zone is not None and not isinstance(zone, str):

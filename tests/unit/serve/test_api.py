@@ -392,50 +392,51 @@ def test_timeline_shows_cost_latency_events_and_the_saving_against_equal_weights
 
 
 def test_every_cluster_has_its_own_views_and_changes(tmp_path: Path, model: PolicyModel) -> None:
-    with plane_on_free_ports(tmp_path, model, 6, token=TOKEN, observer=ReplayObserver, clusters=2) as plane:
-        with TestClient(create_api(plane)) as api:
-            for c in plane.controllers.values():
-                assert c.step().pushed
-            listed = api.get("/api/clusters").json()
-            assert [c["cluster"] for c in listed["clusters"]] == ["my_service", "checkout"] and listed[
-                "default"
-            ] == "my_service"
-            checkout = plane.controllers["checkout"]
-            w = api.get("/api/weights", params={"cluster": "checkout"}).json()
-            assert w["cluster"] == "checkout" and [e["address"] for e in w["endpoints"]] == checkout.addresses
-            assert api.get("/api/weights").json()["cluster"] == "my_service"
-            assert (
-                api.get("/api/metrics/weights", params={"cluster": "checkout"}).json()["endpoint_weights"]
-                == checkout.weights
-            )
-            assert api.get("/api/decisions", params={"cluster": "checkout"}).json()["cluster"] == "checkout"
-            assert api.get("/api/timeline", params={"cluster": "checkout"}).json()["cluster"] == "checkout"
-            st = api.get("/api/status", params={"cluster": "checkout"}).json()
-            assert st["cluster"] == "checkout" and st["lease"]["cluster"] == "checkout"
-            # Unknown clusters: 404 naming the known ones, without echoing much.
-            r = api.get("/api/weights", params={"cluster": "x" * 200})
-            assert r.status_code == 404 and "checkout" in r.json()["detail"] and len(r.content) < 400
-            # A drain finds the cluster from the address; a policy change stays in its cluster.
-            victim = checkout.addresses[0]
-            r = api.put("/api/weights", json={"address": victim, "action": "drain"}, headers=AUTH)
-            assert r.status_code == 200 and r.json()["override"]["cluster"] == "checkout"
-            assert victim in checkout.overrides.active() and not plane.controller.overrides.active()
-            r = api.put(
-                "/api/weights",
-                params={"cluster": "my_service"},
-                json={"address": victim, "action": "drain"},
-                headers=AUTH,
-            )
-            assert r.status_code == 409 and "my_service" in r.json()["detail"]
-            r = api.put("/api/policy", params={"cluster": "checkout"}, json={"k": 2, "cost_weight": 0.7}, headers=AUTH)
-            assert r.status_code == 200 and r.json()["cost_weight"] == 0.7 and r.json()["cluster"] == "checkout"
-            assert plane.controller.policy.cost_weight != 0.7
-            # Each controller under its own lease, one metrics page with both clusters.
-            leases = plane.controller.xds.status()["leases"]
-            assert (
-                leases["my_service"]["holder"] == plane.controller.owner
-                and leases["checkout"]["holder"] == checkout.owner
-            )
-            families = {f.name: f for f in text_string_to_metric_families(api.get("/metrics").text)}
-            clusters = {s.labels["cluster"] for s in families["balanceiq_decisions"].samples}
-            assert clusters == {"my_service", "checkout"}
+    with (
+        plane_on_free_ports(tmp_path, model, 6, token=TOKEN, observer=ReplayObserver, clusters=2) as plane,
+        TestClient(create_api(plane)) as api,
+    ):
+        for c in plane.controllers.values():
+            assert c.step().pushed
+        listed = api.get("/api/clusters").json()
+        assert [c["cluster"] for c in listed["clusters"]] == ["my_service", "checkout"] and listed[
+            "default"
+        ] == "my_service"
+        checkout = plane.controllers["checkout"]
+        w = api.get("/api/weights", params={"cluster": "checkout"}).json()
+        assert w["cluster"] == "checkout" and [e["address"] for e in w["endpoints"]] == checkout.addresses
+        assert api.get("/api/weights").json()["cluster"] == "my_service"
+        assert (
+            api.get("/api/metrics/weights", params={"cluster": "checkout"}).json()["endpoint_weights"]
+            == checkout.weights
+        )
+        assert api.get("/api/decisions", params={"cluster": "checkout"}).json()["cluster"] == "checkout"
+        assert api.get("/api/timeline", params={"cluster": "checkout"}).json()["cluster"] == "checkout"
+        st = api.get("/api/status", params={"cluster": "checkout"}).json()
+        assert st["cluster"] == "checkout" and st["lease"]["cluster"] == "checkout"
+        # Unknown clusters: 404 naming the known ones, without echoing much.
+        r = api.get("/api/weights", params={"cluster": "x" * 200})
+        assert r.status_code == 404 and "checkout" in r.json()["detail"] and len(r.content) < 400
+        # A drain finds the cluster from the address; a policy change stays in its cluster.
+        victim = checkout.addresses[0]
+        r = api.put("/api/weights", json={"address": victim, "action": "drain"}, headers=AUTH)
+        assert r.status_code == 200 and r.json()["override"]["cluster"] == "checkout"
+        assert victim in checkout.overrides.active() and not plane.controller.overrides.active()
+        r = api.put(
+            "/api/weights",
+            params={"cluster": "my_service"},
+            json={"address": victim, "action": "drain"},
+            headers=AUTH,
+        )
+        assert r.status_code == 409 and "my_service" in r.json()["detail"]
+        r = api.put("/api/policy", params={"cluster": "checkout"}, json={"k": 2, "cost_weight": 0.7}, headers=AUTH)
+        assert r.status_code == 200 and r.json()["cost_weight"] == 0.7 and r.json()["cluster"] == "checkout"
+        assert plane.controller.policy.cost_weight != 0.7
+        # Each controller under its own lease, one metrics page with both clusters.
+        leases = plane.controller.xds.status()["leases"]
+        assert (
+            leases["my_service"]["holder"] == plane.controller.owner and leases["checkout"]["holder"] == checkout.owner
+        )
+        families = {f.name: f for f in text_string_to_metric_families(api.get("/metrics").text)}
+        clusters = {s.labels["cluster"] for s in families["balanceiq_decisions"].samples}
+        assert clusters == {"my_service", "checkout"}
