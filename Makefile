@@ -16,11 +16,12 @@ STAMP  := $(VENV)/.installed-stamp
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml scripts/ensure-prometheus.sh scripts/ensure-redis.sh scripts/ensure-chromium.sh
+$(STAMP): pyproject.toml lab/pyproject.toml scripts/ensure-prometheus.sh scripts/ensure-redis.sh scripts/ensure-chromium.sh
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet torch==2.13.0
 	$(PIP) install --quiet -e '.[test]'
+	$(PIP) install --quiet -e ./lab
 	bash scripts/ensure-prometheus.sh
 	bash scripts/ensure-redis.sh
 	bash scripts/ensure-chromium.sh
@@ -54,8 +55,8 @@ bench: setup
 # Formatting, lint, types and the import contracts (layers; the product never imports
 # the lab). CI runs it before the tests.
 lint: setup
-	$(VENV)/bin/ruff format --check balanceiq tests
-	$(VENV)/bin/ruff check balanceiq tests
+	$(VENV)/bin/ruff format --check balanceiq lab tests
+	$(VENV)/bin/ruff check balanceiq lab tests
 	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports
 

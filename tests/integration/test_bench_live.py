@@ -19,7 +19,12 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from balanceiq.bench.live import (
+from balanceiq.cli import main as cli_main
+from balanceiq.config import Settings, load_config
+from balanceiq.exceptions import BenchError
+from balanceiq.testbed.openloop import NOT_SENT, OpenLoopResult
+from balanceiq.testbed.scenario import LiveScenario, load_live_scenario
+from balanceiq_lab.bench.live import (
     ARMS,
     CSWRR,
     PriceBook,
@@ -32,11 +37,6 @@ from balanceiq.bench.live import (
     remap_scenario,
     run_live_bench,
 )
-from balanceiq.cli import main as cli_main
-from balanceiq.config import Settings, load_config
-from balanceiq.exceptions import BenchError
-from balanceiq.testbed.openloop import NOT_SENT, OpenLoopResult
-from balanceiq.testbed.scenario import LiveScenario, load_live_scenario
 
 REPO = Path(__file__).resolve().parents[2]
 

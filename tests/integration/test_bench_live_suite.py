@@ -11,9 +11,9 @@ from typing import Any
 
 import pytest
 
-from balanceiq.bench.live import DEFAULT_ARM, parse_arms
-from balanceiq.bench.suite import draw_fleet, run_live_suite
 from balanceiq.config import load_config
+from balanceiq_lab.bench.live import DEFAULT_ARM, parse_arms
+from balanceiq_lab.bench.suite import draw_fleet, run_live_suite
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -2,7 +2,7 @@
 on real parts (Envoy, Prometheus, backends, Ray, Serve), under a bounded open-loop
 load to loopback (100 req/s, each scenario under a minute).
 
-The scenarios are :mod:`balanceiq.bench.faults`, the same functions ``balanceiq bench
+The scenarios are :mod:`balanceiq_lab.bench.faults`, the same functions ``balanceiq bench
 faults`` runs, so these tests and the benchmark measure the same thing. Times come from
 the xDS server's and Envoy's own clocks where one exists; a poll on a loaded machine
 must not count as recovery time. Ray scenarios come last: the head restart replaces the
@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from balanceiq.bench import faults
-from balanceiq.bench.faults import FaultResult
+from balanceiq_lab.bench import faults
+from balanceiq_lab.bench.faults import FaultResult
 
 pytestmark = [pytest.mark.slow, pytest.mark.faults]
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from balanceiq.bench.load import SOAK_GROWTH_BOUND_MB, SOAK_GROWTH_BOUND_PCT, run_api_load, run_xds_soak
+from balanceiq_lab.bench.load import SOAK_GROWTH_BOUND_MB, SOAK_GROWTH_BOUND_PCT, run_api_load, run_xds_soak
 
 pytestmark = pytest.mark.slow
 

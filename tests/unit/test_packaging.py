@@ -41,3 +41,18 @@ def test_import_layers_are_kept() -> None:
     out = subprocess.run([str(lint)], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "broken" in out.stdout and "0 broken" in out.stdout
+
+
+def test_the_lab_adds_bench_and_demo_through_the_entry_point() -> None:
+    from importlib.metadata import entry_points
+
+    (ep,) = [ep for ep in entry_points(group="balanceiq.cli") if ep.name == "lab"]
+    assert ep.value == "balanceiq_lab.cli:register"
+    exe = Path(sys.executable).parent / "balanceiq"
+    out = subprocess.run([str(exe), "--help"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and " bench " in out.stdout and " demo " in out.stdout, out.stdout
+    # The product's own distribution ships no lab module.
+    import setuptools
+
+    shipped = setuptools.find_packages(str(ROOT), include=["balanceiq*"])
+    assert "balanceiq" in shipped and not [p for p in shipped if p.startswith("balanceiq_lab")], shipped

@@ -30,14 +30,14 @@ stack with the same open-loop arrival schedule (Poisson, seeded by the fleet's s
 
 The **oracle** arm is the LP on the truth (:func:`truth` gives every backend's capacity,
 mean service time and price at any time of the run), pushed at the start and right after
-each event (:func:`balanceiq.bench.live.oracle_split`).
+each event (:func:`balanceiq_lab.bench.live.oracle_split`).
 
 Per fleet and arm: p50/p99/p99.9, $ per million, error rate, SLO attainment, weight
 reversals. The summary (:func:`suite_summary`, pure) gives per arm the geometric-mean
 ratios of p99 and cost against LEAST_REQUEST, CSWRR and the oracle, how often it was no
 worse than LEAST_REQUEST on both, its worst p99 ratio, whether its error rate never
 exceeded LEAST_REQUEST's, total reversals, and issue #13's targets for BalanceIQ over
-the shipped lb_policy (:data:`balanceiq.bench.live.DEFAULT_ARM`).
+the shipped lb_policy (:data:`balanceiq_lab.bench.live.DEFAULT_ARM`).
 """
 
 from __future__ import annotations
@@ -57,7 +57,11 @@ import numpy as np
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from balanceiq.bench.live import (
+from balanceiq.config import BackendProfile, ClusterConfig, EndpointConfig, Settings, default_settings
+from balanceiq.exceptions import BenchError
+from balanceiq.testbed.backend import mean_service_ms, true_capacity_rps
+from balanceiq.testbed.scenario import LiveEvent, LiveScenario, state_truth, states_after, truth_at
+from balanceiq_lab.bench.live import (
     ARMS,
     BIN_S,
     DEFAULT_ARM,
@@ -71,11 +75,7 @@ from balanceiq.bench.live import (
     run_arm,
     validate_args,
 )
-from balanceiq.bench.processes import leftovers
-from balanceiq.config import BackendProfile, ClusterConfig, EndpointConfig, Settings, default_settings
-from balanceiq.exceptions import BenchError
-from balanceiq.testbed.backend import mean_service_ms, true_capacity_rps
-from balanceiq.testbed.scenario import LiveEvent, LiveScenario, state_truth, states_after, truth_at
+from balanceiq_lab.bench.processes import leftovers
 
 # -- knobs -------------------------------------------------------------------------------------
 
@@ -717,7 +717,7 @@ def _compact(r: dict[str, Any]) -> dict[str, Any]:
 
 def parse_suite_arms(text: str | None) -> list[Arm]:
     """``--arms`` for the suite: default :data:`SUITE_ARMS` (plus the default arm if it is another)."""
-    from balanceiq.bench.live import parse_arms
+    from balanceiq_lab.bench.live import parse_arms
 
     if text:
         return parse_arms(text)

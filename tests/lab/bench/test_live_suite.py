@@ -14,7 +14,11 @@ from typing import Any
 import numpy as np
 import pytest
 
-from balanceiq.bench.live import (
+from balanceiq.cli import main as cli_main
+from balanceiq.config import load_config
+from balanceiq.exceptions import BenchError
+from balanceiq.testbed.scenario import load_live_scenario, truth_at
+from balanceiq_lab.bench.live import (
     ARMS,
     DEFAULT_ARM,
     DEFAULT_LB_POLICY,
@@ -24,7 +28,7 @@ from balanceiq.bench.live import (
     oracle_for,
     oracle_split,
 )
-from balanceiq.bench.suite import (
+from balanceiq_lab.bench.suite import (
     CLOUDS,
     SUITE_ARMS,
     arm_summary,
@@ -38,10 +42,6 @@ from balanceiq.bench.suite import (
     truth,
     validate_suite_args,
 )
-from balanceiq.cli import main as cli_main
-from balanceiq.config import load_config
-from balanceiq.exceptions import BenchError
-from balanceiq.testbed.scenario import load_live_scenario, truth_at
 
 REPO = Path(__file__).resolve().parents[3]
 

@@ -41,9 +41,9 @@ import psutil
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from balanceiq.bench.xds_clients import ClientProcesses
 from balanceiq.config import Settings
 from balanceiq.exceptions import BenchError
+from balanceiq_lab.bench.xds_clients import ClientProcesses
 
 MAX_RATE = 2000.0
 MAX_DURATION_S = 3600.0
@@ -475,9 +475,9 @@ def run_xds_soak(
     console: Console | None = None,
 ) -> dict[str, Any]:
     """``streams`` simulated clients + one real Envoy; a push every ``push_interval_s``."""
-    from balanceiq.bench.xds import bench_settings
     from balanceiq.testbed.envoy import EnvoyProcess, render_bootstrap
     from balanceiq.xds.server import XdsServer
+    from balanceiq_lab.bench.xds import bench_settings
 
     if api not in ("ads-sotw", "ads-delta"):
         raise BenchError(f"--api must be ads-sotw or ads-delta, got {api!r}")

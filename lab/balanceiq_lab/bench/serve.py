@@ -60,7 +60,6 @@ import psutil
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from balanceiq.bench.processes import cpu_by_role, leftovers
 from balanceiq.config import Settings, critical_count
 from balanceiq.exceptions import BalanceIQError, BenchError
 from balanceiq.policy.baselines import PolicyContext
@@ -69,6 +68,7 @@ from balanceiq.policy.features import encode
 from balanceiq.policy.reward import RewardWeights
 from balanceiq.telemetry.observation import EndpointObservation, Observation
 from balanceiq.testbed.ports import free_port, settings_on_free_ports
+from balanceiq_lab.bench.processes import cpu_by_role, leftovers
 
 APP_NAME = "balanceiq-bench"
 TESTBED_ENDPOINTS = 6  # the controller's own cluster; --endpoints sizes the scoring requests
@@ -397,7 +397,7 @@ def bench_argv(
     direct_ingress: bool = False,
     mode: str | None = None,
 ) -> list[str]:
-    """Arguments of one ``python -m balanceiq.bench.serve`` run (one ingress mode)."""
+    """Arguments of one ``python -m balanceiq_lab.bench.serve`` run (one ingress mode)."""
     argv = [
         "--json",
         "--endpoints",
@@ -776,7 +776,7 @@ def run_serve_compare(
     timeout_s: float = 1800.0,
 ) -> dict[str, Any]:
     """Every ingress mode, one after the other, each in its own ``python -m
-    balanceiq.bench.serve`` process (fresh Ray, fresh Serve, fresh testbed; the
+    balanceiq_lab.bench.serve`` process (fresh Ray, fresh Serve, fresh testbed; the
     environment decides the mode before anything imports Ray), and the ratios to the proxy."""
     validate_args(
         endpoints=endpoints, duration_s=duration_s, rate_rps=rate_rps, calls=calls, also_rate_rps=also_rate_rps
@@ -798,7 +798,7 @@ def run_serve_compare(
         try:
             # stderr (progress, Ray's messages) passes through; stdout is the JSON object.
             proc = subprocess.run(
-                [sys.executable, "-m", "balanceiq.bench.serve", *argv],
+                [sys.executable, "-m", "balanceiq_lab.bench.serve", *argv],
                 stdout=subprocess.PIPE,
                 text=True,
                 timeout=timeout_s,
@@ -1202,11 +1202,11 @@ def _run(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m balanceiq.bench.serve``: one run (one JSON object on stdout), or
+    """``python -m balanceiq_lab.bench.serve``: one run (one JSON object on stdout), or
     ``--compare`` (both ingress modes). The CLI's ``balanceiq bench serve`` is the same."""
     import argparse
 
-    ap = argparse.ArgumentParser(prog="python -m balanceiq.bench.serve", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m balanceiq_lab.bench.serve", description=__doc__.split("\n")[0])
     ap.add_argument("--endpoints", type=int, default=64)
     ap.add_argument("--duration", type=float, default=30.0)
     ap.add_argument("--rate", type=float, default=200.0)

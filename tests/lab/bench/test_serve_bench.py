@@ -11,7 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from balanceiq.bench.serve import (
+from balanceiq.exceptions import BenchError
+from balanceiq.policy.features import N_FEATURES
+from balanceiq_lab.bench.serve import (
     API_PATHS,
     COMPARE_METRICS,
     DIRECT_INGRESS_ENV,
@@ -34,8 +36,6 @@ from balanceiq.bench.serve import (
     synthetic_observation,
     validate_args,
 )
-from balanceiq.exceptions import BenchError
-from balanceiq.policy.features import N_FEATURES
 
 
 @pytest.mark.parametrize("q", [0, 1, 25, 50, 90, 99, 100])

@@ -27,12 +27,12 @@ import psutil
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from balanceiq.bench.xds_clients import ClientProcesses
 from balanceiq.config import Settings, settings_from_dict
 from balanceiq.exceptions import BenchError
 from balanceiq.testbed.envoy import EnvoyProcess, endpoint_weights, render_bootstrap
 from balanceiq.testbed.ports import free_ports
 from balanceiq.xds.server import XdsServer
+from balanceiq_lab.bench.xds_clients import ClientProcesses
 
 CLUSTER = "my_service"
 ENVOY_NODE = "bench-envoy"

@@ -12,12 +12,12 @@ import pytest
 from envoy.config.core.v3 import health_check_pb2
 from envoy.config.endpoint.v3 import endpoint_pb2
 
-from balanceiq.bench.faults import FAULTS, check_assignment, lease_audit, parse_faults, parse_version
 from balanceiq.config import default_settings
 from balanceiq.exceptions import BenchError, TestbedError
 from balanceiq.testbed.testbed import Testbed
 from balanceiq.xds.assignment import Assignment, EndpointAssignment
 from balanceiq.xds.snapshot import cluster_load_assignment
+from balanceiq_lab.bench.faults import FAULTS, check_assignment, lease_audit, parse_faults, parse_version
 
 ADDRS = ["127.0.0.1:18001", "127.0.0.1:18002", "127.0.0.1:18003"]
 
@@ -139,7 +139,7 @@ def test_testbed_isolates_only_known_backends(tmp_path: Path) -> None:
 
 def test_exempt_moves_are_read_from_the_guardrails_notes() -> None:
     """The swing check subtracts only what the guardrails say they moved at once."""
-    from balanceiq.bench.faults import _exempt
+    from balanceiq_lab.bench.faults import _exempt
 
     class Rec:
         notes = (

@@ -29,7 +29,6 @@ import psutil
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from balanceiq.bench.xds import _pct
 from balanceiq.config import Settings, settings_from_dict
 from balanceiq.exceptions import BenchError
 from balanceiq.telemetry.envoy_admin import EnvoyAdminSource
@@ -39,6 +38,7 @@ from balanceiq.testbed.load import run_load_sync
 from balanceiq.testbed.ports import free_ports
 from balanceiq.testbed.testbed import AlsProcess, BackendsProcess, Testbed, backend_specs
 from balanceiq.xds.server import XdsServer
+from balanceiq_lab.bench.xds import _pct
 
 CLOUDS = [("aws", "us-east-1", 0.40), ("gcp", "us-central1", 0.35), ("azure", "eastus", 0.55)]
 TARGETS = {"observe_ms_at_100_endpoints": 50.0, "p95_abs_error_ms": 10.0}

@@ -30,7 +30,7 @@ before the load and again right after every event, over the shipped lb_policy
 exports neither. ``reversals`` (:mod:`balanceiq.policy.stability`) counts each arm's
 weight ping-pong over the measured decisions (the oracle's pushes; 0 for static weights).
 ``balanceiq bench live --suite N`` runs the arms over random fleets instead
-(:mod:`balanceiq.bench.suite`).
+(:mod:`balanceiq_lab.bench.suite`).
 
 Per arm, over the measured requests: p50/p99/p99.9 latency (every request, failures
 included, from its intended send time), error rate (anything but 2xx, transport errors
@@ -66,7 +66,6 @@ import psutil
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from balanceiq.bench.processes import cpu_by_role, leftovers
 from balanceiq.config import BACKEND_SATURATION, EndpointConfig, Settings, SignalQuery
 from balanceiq.exceptions import BalanceIQError, BenchError
 from balanceiq.policy.stability import count_reversals
@@ -74,6 +73,7 @@ from balanceiq.testbed.envoy import DEFAULT_LB_POLICY  # what BalanceIQ ships wi
 from balanceiq.testbed.openloop import ARRIVALS, OpenLoopResult, latency_summary
 from balanceiq.testbed.ports import settings_on_free_ports
 from balanceiq.testbed.scenario import LiveEvent, LiveScenario, state_truth, states_after
+from balanceiq_lab.bench.processes import cpu_by_role, leftovers
 
 # -- the arms ---------------------------------------------------------------------------------
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from rich.console import Console
 
-from balanceiq.demo import _by_cloud, _print_summary, summarise
+from balanceiq_lab.demo import _by_cloud, _print_summary, summarise
 
 
 def _weights(shares: dict[str, float], prices: dict[str, float]) -> dict[str, object]:
