@@ -856,6 +856,13 @@ class ApiConfig(_Model):
     def _check_checkpoint(cls, value: Path | None) -> Path | None:
         return _check_path(value)
 
+    policy_niceness: int = Field(
+        default=10, ge=0, le=19, strict=True, description="CPU niceness of the Policy deployment's replica."
+    )
+    """The Policy deployment (API and batch score calls) runs at this lower CPU priority
+    than the Controller replica, so a flood of score calls cannot delay the control
+    loop's own scoring; 0 leaves it at the default priority."""
+
     decision_log_size: int = Field(default=500, ge=10, le=100000, strict=True, description="Decisions kept.")
     """Decisions kept in memory for ``/api/decisions`` and the dashboard."""
 

@@ -133,7 +133,7 @@ def build_app(args: dict[str, Any] | None = None) -> Any:
     checkpoint = args.get("checkpoint") or (str(settings.api.checkpoint) if settings.api.checkpoint else None)
     recording = args.get("recording")
     # mypy does not apply class decorators: @serve.deployment made these Deployments (with .bind).
-    policy = PolicyDeployment.bind(checkpoint)  # type: ignore[attr-defined]
+    policy = PolicyDeployment.bind(checkpoint, settings.api.policy_niceness)  # type: ignore[attr-defined]
     return ControllerDeployment.bind(  # type: ignore[attr-defined]
         settings.model_dump(mode="json"),
         policy,

@@ -13,6 +13,8 @@ old one serving and the error is returned to the caller.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import threading
 import time
 from pathlib import Path
@@ -92,7 +94,14 @@ class PolicyModel:
     max_ongoing_requests=256,
 )
 class PolicyDeployment:
-    def __init__(self, checkpoint: str | None = None) -> None:
+    def __init__(self, checkpoint: str | None = None, niceness: int = 0) -> None:
+        # Batch scoring is throughput work; the control loop (in the Controller replica,
+        # often on the same node) is latency work. A lower CPU priority here keeps a
+        # flood of API/batch score calls from delaying decisions; it costs nothing when
+        # the node is idle. Raising niceness needs no privilege.
+        if niceness > 0:
+            with contextlib.suppress(OSError):
+                os.setpriority(os.PRIO_PROCESS, 0, max(os.getpriority(os.PRIO_PROCESS, 0), niceness))
         self.model = PolicyModel(checkpoint)
 
     # No wait: a lone caller is not delayed, and concurrent callers still share a batch
