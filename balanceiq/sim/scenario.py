@@ -18,15 +18,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from balanceiq.config import (
-    NonNegFloat,
-    PosFloat,
-    _cross_field_error,
-    _Model,
-    _read_text,
-    parse_yaml,
-    validation_problems,
-)
+from balanceiq.config import parse_yaml, validation_problems
+from balanceiq.config.base import NonNegFloat, PosFloat, _cross_field_error, _Model
+from balanceiq.config.loading import _read_text
 from balanceiq.exceptions import ConfigError
 
 __all__ = [

@@ -1,0 +1,162 @@
+"""The clusters BalanceIQ steers and their endpoints."""
+
+from __future__ import annotations
+
+import re
+
+from pydantic import Field, field_validator
+
+from balanceiq.config.addresses import (
+    _canonical_address,
+    split_address,
+)
+from balanceiq.config.base import (
+    UINT32_MAX,
+    Loc,
+    NonNegFloat,
+    PosFloat,
+    _cross_field_error,
+    _Model,
+    _not_blank,
+)
+
+
+class EndpointConfig(_Model):
+    """One backend Envoy sends traffic to, and what it costs."""
+
+    address: str = Field(description="Backend as host:port; host is an IPv4 or [IPv6] literal.")
+    """Backend as ``host:port``. The host must be an IP literal (IPv6 in brackets, e.g.
+    ``[::1]:8080``) because Envoy does not resolve names in EDS endpoints. Stored in
+    canonical form, so ``[::0:1]:80`` and ``[::1]:80`` are recognised as the same."""
+
+    cloud: str = Field(description="Cloud provider, e.g. aws, gcp, azure.")
+    """Cloud provider the backend runs in (``aws``, ``gcp``, ``azure``...); part of the
+    Envoy locality and the key for per-cloud testbed latencies."""
+
+    region: str = Field(description="Cloud region, e.g. us-east-1.")
+    """Region within the cloud; part of the Envoy locality."""
+
+    zone: str | None = Field(default=None, description="Availability zone, if known.")
+    """Availability zone within the region; part of the Envoy locality when set."""
+
+    cost_per_million_requests: NonNegFloat = Field(
+        default=0.0, description="Cost in currency units per million requests (>= 0)."
+    )
+    """What a million requests served here cost; the LP's cost term and the reward use
+    it to prefer cheaper backends when latency allows."""
+
+    weight: int = Field(
+        default=1,
+        ge=1,
+        le=UINT32_MAX,
+        strict=True,
+        description="Initial Envoy load_balancing_weight (1..2**32-1).",
+    )
+    """Initial Envoy ``load_balancing_weight`` before the controller has decided
+    anything. Envoy refuses 0 and anything above uint32."""
+
+    capacity_rps: PosFloat | None = Field(
+        default=None, description="Optional capacity hint in requests per second (> 0)."
+    )
+    """Requests per second the backend is expected to sustain. Only a hint: the
+    controller estimates capacity from telemetry and uses this as a prior."""
+
+    @field_validator("address")
+    @classmethod
+    def _check_address(cls, value: str) -> str:
+        return _canonical_address(value)
+
+    @field_validator("cloud")
+    @classmethod
+    def _check_cloud(cls, value: str) -> str:
+        _not_blank(value, "cloud")
+        if "/" in value:
+            # testbed.base_latency_ms keys are "cloud" or "cloud/region".
+            raise ValueError(f"cloud {value!r} must not contain '/'")
+        return value
+
+    @field_validator("region")
+    @classmethod
+    def _check_region(cls, value: str) -> str:
+        return _not_blank(value, "region")
+
+    @field_validator("zone")
+    @classmethod
+    def _check_zone(cls, value: str | None) -> str | None:
+        return None if value is None else _not_blank(value, "zone")
+
+    @property
+    def host(self) -> str:
+        """The IP address, without IPv6 brackets."""
+        return split_address(self.address)[0]
+
+    @property
+    def port(self) -> int:
+        """The TCP port."""
+        return split_address(self.address)[1]
+
+    @property
+    def locality(self) -> tuple[str, str, str | None]:
+        """``(cloud, region, zone)``: endpoints sharing it form one Envoy locality."""
+        return (self.cloud, self.region, self.zone)
+
+
+def _default_endpoints() -> list[EndpointConfig]:
+    # The three backends of the service BalanceIQ replaces, one per cloud.
+    backends = [
+        ("127.0.0.1:18001", "aws", "us-east-1", 0.40),
+        ("127.0.0.1:18002", "gcp", "us-central1", 0.35),
+        ("127.0.0.1:18003", "azure", "eastus", 0.55),
+    ]
+    return [
+        EndpointConfig(address=address, cloud=cloud, region=region, cost_per_million_requests=cost)
+        for address, cloud, region, cost in backends
+    ]
+
+
+class ClusterConfig(_Model):
+    """An Envoy cluster: a named set of endpoints whose weights the controller sets."""
+
+    name: str = Field(default="my_service", description="Envoy cluster name ([A-Za-z0-9_.-]+).")
+    """Envoy cluster name. Envoy's routes and stats refer to it, so it is limited to
+    characters that are safe in both: letters, digits, ``_``, ``.`` and ``-``."""
+
+    endpoints: list[EndpointConfig] = Field(description="Backends of this cluster (at least one).")
+    """Backends of this cluster. Addresses must be unique within the cluster."""
+
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, value: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", value):
+            raise ValueError(f"cluster name {value!r} must be non-empty and use only letters, digits, '_', '.' and '-'")
+        return value
+
+    @field_validator("endpoints")
+    @classmethod
+    def _check_endpoints(cls, endpoints: list[EndpointConfig]) -> list[EndpointConfig]:
+        if not endpoints:
+            raise ValueError("a cluster needs at least one endpoint")
+        problems: list[tuple[Loc, str]] = []
+        first_seen: dict[str, int] = {}
+        for index, endpoint in enumerate(endpoints):
+            first = first_seen.setdefault(endpoint.address, index)
+            if first != index:
+                message = f"duplicate address {endpoint.address}: endpoints[{first}] and endpoints[{index}] both use it"
+                problems.append(((index, "address"), message))
+        by_locality: dict[tuple[str, str, str | None], list[int]] = {}
+        for index, endpoint in enumerate(endpoints):
+            by_locality.setdefault(endpoint.locality, []).append(index)
+        for (cloud, region, zone), indices in by_locality.items():
+            total = sum(endpoints[i].weight for i in indices)
+            if total > UINT32_MAX:
+                where = "/".join(part for part in (cloud, region, zone) if part)
+                problems.append(
+                    (
+                        (),
+                        f"weights of locality {where} (endpoints {indices}) sum to {total}; "
+                        f"Envoy requires the sum per locality to fit in uint32 ({UINT32_MAX})",
+                    )
+                )
+        if problems:
+            raise _cross_field_error(problems)
+        return endpoints

@@ -1,0 +1,238 @@
+"""Reading a config file: bounded, safe YAML, then validation; ``balanceiq config check``."""
+
+from __future__ import annotations
+
+import re
+import stat
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from balanceiq.config.base import (
+    _MAX_FILE_BYTES,
+)
+from balanceiq.config.problems import (
+    _shape_problems,
+    validation_problems,
+)
+from balanceiq.config.settings import (
+    Settings,
+)
+from balanceiq.exceptions import ConfigError
+
+
+def _yaml_type_name(value: Any) -> str:
+    names = {list: "list", str: "string", int: "number", float: "number", bool: "boolean"}
+    return names.get(type(value), type(value).__name__)
+
+
+def settings_from_dict(
+    data: Mapping[str, Any], source: str | None = None, *, base_dir: str | Path | None = None
+) -> Settings:
+    """Validate ``data`` (e.g. parsed YAML) into :class:`Settings`.
+
+    Raises :class:`ConfigError` listing every problem. With ``base_dir``, relative paths
+    (``state_dir``, TLS files) are resolved against it, as :func:`load_config` does with
+    the config file's directory.
+    """
+    if not isinstance(data, Mapping):
+        message = f"the top level must be a mapping of settings, not a {_yaml_type_name(data)}"
+        raise ConfigError([("", message)], source)
+    shape = _shape_problems(data)
+    if shape:
+        raise ConfigError(shape, source)
+    try:
+        settings = Settings.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(validation_problems(exc), source) from exc
+    if base_dir is not None:
+        settings = _resolve_paths(settings, Path(base_dir))
+    return settings
+
+
+def _resolve_paths(settings: Settings, base_dir: Path) -> Settings:
+    def resolve(path: Path | None) -> Path | None:
+        return path if path is None or path.is_absolute() else base_dir / path
+
+    tls = settings.xds.tls
+    tls = tls.model_copy(
+        update={
+            name: resolve(getattr(tls, name))
+            for name in ("cert_file", "key_file", "ca_file", "envoy_ca_file", "envoy_cert_file", "envoy_key_file")
+        }
+    )
+    return settings.model_copy(
+        update={
+            "state_dir": resolve(settings.state_dir),
+            "xds": settings.xds.model_copy(update={"tls": tls}),
+            "api": settings.api.model_copy(update={"checkpoint": resolve(settings.api.checkpoint)}),
+        }
+    )
+
+
+class _TooLargeNumber:
+    """Stands in for an integer too long for Python to convert (over 4,300 digits).
+
+    Not an ``int``, so pydantic refuses it at the field it is in, and the message names
+    that field instead of failing the whole file at a line number.
+    """
+
+    __slots__ = ("digits",)
+
+    def __init__(self, digits: int) -> None:
+        self.digits = digits
+
+    def __repr__(self) -> str:
+        return f"<a number with {self.digits} digits>"
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate mapping keys and never raises a bare exception.
+
+    Plain PyYAML keeps the last of two equal keys without a word, so a second ``weight:``
+    would silently win; a config file is better off with an error. PyYAML's scalar
+    constructors also raise plain ValueError/AttributeError on values such as
+    ``2020-13-45`` or ``!!int x``; those become YAML errors with a line and column.
+    """
+
+    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
+        try:
+            return super().construct_object(node, deep=deep)
+        except yaml.YAMLError:
+            raise
+        except (ValueError, TypeError, AttributeError, OverflowError) as exc:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"cannot read {node.tag.rsplit(':', 1)[-1]} value: {exc}", node.start_mark
+            ) from exc
+
+    def construct_yaml_int(self, node: yaml.ScalarNode) -> Any:
+        try:
+            return super().construct_yaml_int(node)
+        except ValueError:
+            digits = sum(ch.isalnum() for ch in str(node.value))
+            if digits <= 4300:
+                raise
+            return _TooLargeNumber(digits)
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                duplicate = key in seen
+            except TypeError:
+                continue  # unhashable key; the base class reports it properly
+            if duplicate:
+                raise yaml.constructor.ConstructorError(
+                    "while constructing a mapping",
+                    node.start_mark,
+                    f"found duplicate key {key!r}",
+                    key_node.start_mark,
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor("tag:yaml.org,2002:int", _UniqueKeyLoader.construct_yaml_int)
+# YAML 1.1 (PyYAML) reads ``1e3`` as the string "1e3": a float needs a dot there. Config
+# files are written by people who expect YAML 1.2 and JSON, where it is a number.
+_UniqueKeyLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789")
+)
+
+
+def _yaml_error_message(exc: yaml.YAMLError) -> str:
+    if isinstance(exc, yaml.reader.ReaderError):
+        return f"not readable as YAML text: {exc.reason} (character {exc.character!r} at position {exc.position})"
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    problem = getattr(exc, "problem", None) or getattr(exc, "context", None) or str(exc)
+    problem = " ".join(str(problem).split())
+    if mark is not None:
+        return f"YAML syntax error at line {mark.line + 1}, column {mark.column + 1}: {problem}"
+    return f"YAML syntax error: {problem}"
+
+
+def _read_text(path: Path, source: str) -> str:
+    def fail(message: str) -> ConfigError:
+        return ConfigError([("", message)], source)
+
+    try:
+        info = path.stat()
+    except FileNotFoundError as exc:
+        raise fail("file not found") from exc
+    except OSError as exc:
+        raise fail(f"cannot access file: {exc.strerror or exc}") from exc
+    if stat.S_ISDIR(info.st_mode):
+        raise fail("is a directory, not a config file")
+    if not stat.S_ISREG(info.st_mode):
+        raise fail("is not a regular file")
+    try:
+        with path.open("rb") as handle:
+            raw = handle.read(_MAX_FILE_BYTES + 1)
+    except OSError as exc:
+        raise fail(f"cannot read file: {exc.strerror or exc}") from exc
+    if len(raw) > _MAX_FILE_BYTES:
+        raise fail(f"file is larger than {_MAX_FILE_BYTES // (1024 * 1024)} MiB; not a config file")
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise fail(f"not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start})") from exc
+
+
+def load_config(path: str | Path) -> Settings:
+    """Read and validate a YAML config file.
+
+    Raises :class:`ConfigError` with every problem found: unreadable or empty file, YAML
+    syntax error (with line and column), wrong top-level type, and each invalid field.
+    Relative paths inside the file are relative to the file's directory.
+    """
+    path = Path(path)
+    source = str(path)
+    data = parse_yaml(_read_text(path, source), source, "settings")
+    return settings_from_dict(data, source, base_dir=path.absolute().parent)
+
+
+def parse_yaml(text: str, source: str, what: str) -> Any:
+    """YAML text -> data, duplicate keys refused; every failure is a ConfigError."""
+    try:
+        data = yaml.load(text, Loader=_UniqueKeyLoader)
+    except yaml.YAMLError as exc:
+        raise ConfigError([("", _yaml_error_message(exc))], source) from exc
+    except RecursionError as exc:
+        raise ConfigError([("", "YAML is nested too deeply")], source) from exc
+    if data is None:
+        raise ConfigError([("", f"file is empty (no {what} in it)")], source)
+    return data
+
+
+def default_settings() -> Settings:
+    """Settings used when no config file is given: three local backends, one per cloud."""
+    return Settings()
+
+
+def _plural(count: int, noun: str) -> str:
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+
+
+def check_config_command(path: str | Path) -> int:
+    """``balanceiq config check FILE``: 0 and a summary if valid, else 2 and every problem.
+
+    Problems go to stderr one per line as ``field.path: message``; never a traceback.
+    """
+    try:
+        settings = load_config(path)
+    except ConfigError as exc:
+        lines = [f"{path}: {_plural(len(exc.problems), 'problem')}"]
+        lines += [f"  {field}: {msg}" if field else f"  {msg}" for field, msg in exc.problems]
+        print("\n".join(lines), file=sys.stderr)
+        return 2
+    endpoints = sum(len(cluster.endpoints) for cluster in settings.clusters)
+    counts = f"{_plural(len(settings.clusters), 'cluster')}, {_plural(endpoints, 'endpoint')}"
+    print(f"OK: {path} ({counts})")
+    return 0

@@ -1,0 +1,120 @@
+"""The whole configuration: one :class:`Settings`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, field_validator, model_validator
+
+from balanceiq.config.base import (
+    Loc,
+    _check_path,
+    _cross_field_error,
+    _Model,
+)
+from balanceiq.config.cluster import (
+    ClusterConfig,
+    _default_endpoints,
+)
+from balanceiq.config.control import (
+    ApiConfig,
+    ControlConfig,
+    GuardrailConfig,
+)
+from balanceiq.config.signals import (
+    PrometheusConfig,
+    TelemetryConfig,
+)
+from balanceiq.config.testbed import (
+    TestbedConfig,
+)
+from balanceiq.config.transport import (
+    EnvoyConfig,
+    XdsConfig,
+)
+
+
+def _default_clusters() -> list[ClusterConfig]:
+    return [ClusterConfig(name="my_service", endpoints=_default_endpoints())]
+
+
+class Settings(_Model):
+    """Everything BalanceIQ needs to run; the root of ``balanceiq.yaml``."""
+
+    clusters: list[ClusterConfig] = Field(
+        default_factory=_default_clusters,
+        description="Envoy clusters whose weights BalanceIQ sets.",
+    )
+    """Envoy clusters whose endpoint weights BalanceIQ controls; names are unique."""
+
+    xds: XdsConfig = Field(default_factory=XdsConfig, description="xDS server settings.")
+    """The xDS server Envoy gets its endpoints from."""
+
+    envoy: EnvoyConfig = Field(default_factory=EnvoyConfig, description="Envoy admin and listener.")
+    """Envoy's admin URL and proxy listener."""
+
+    prometheus: PrometheusConfig = Field(default_factory=PrometheusConfig, description="Prometheus server.")
+    """The Prometheus server holding the telemetry."""
+
+    telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig, description="How observations are read.")
+    """PromQL per signal, rate window, staleness, and the ALS latency source."""
+
+    control: ControlConfig = Field(default_factory=ControlConfig, description="Control loop settings.")
+    """The control loop's pace and number of critical endpoints."""
+
+    guardrails: GuardrailConfig = Field(
+        default_factory=GuardrailConfig, description="Limits between the LP and the store."
+    )
+    """Floor share, maximum shift per decision and rollback to the baseline."""
+
+    api: ApiConfig = Field(default_factory=ApiConfig, description="HTTP API and dashboard.")
+    """Where the API binds, its token and the checkpoint it serves."""
+
+    testbed: TestbedConfig = Field(default_factory=TestbedConfig, description="Local testbed behaviour.")
+    """How the local sample backends behave."""
+
+    state_dir: Path = Field(default=Path(".state"), description="Directory for persisted xDS state.")
+    """Where the xDS actor persists its last snapshot, so a restart serves the last
+    weights instead of resetting them. A relative path in a file is relative to the
+    file's directory."""
+
+    @field_validator("state_dir")
+    @classmethod
+    def _expand_state_dir(cls, value: Path) -> Path:
+        return _check_path(value)  # type: ignore[return-value]
+
+    @field_validator("clusters")
+    @classmethod
+    def _check_clusters(cls, clusters: list[ClusterConfig]) -> list[ClusterConfig]:
+        if not clusters:
+            raise ValueError("at least one cluster is required")
+        problems: list[tuple[Loc, str]] = []
+        first_seen: dict[str, int] = {}
+        for index, cluster in enumerate(clusters):
+            first = first_seen.setdefault(cluster.name, index)
+            if first != index:
+                message = f"duplicate cluster name {cluster.name!r}: clusters[{first}] has it too"
+                problems.append(((index, "name"), message))
+        if problems:
+            raise _cross_field_error(problems)
+        return clusters
+
+    @model_validator(mode="after")
+    def _check_overrides_known(self) -> Settings:
+        known = {ep.address for cluster in self.clusters for ep in cluster.endpoints}
+        problems: list[tuple[Loc, str]] = [
+            (("testbed", "overrides", address), "no configured endpoint has this address")
+            for address in self.testbed.overrides
+            if address not in known
+        ]
+        if problems:
+            raise _cross_field_error(problems)
+        return self
+
+    def cluster(self, name: str) -> ClusterConfig:
+        """The cluster called ``name``; ``KeyError`` naming the known clusters otherwise."""
+        for cluster in self.clusters:
+            if cluster.name == name:
+                return cluster
+        known = ", ".join(c.name for c in self.clusters)
+        raise KeyError(f"no cluster named {name!r}; configured clusters: {known}")

@@ -1,0 +1,148 @@
+"""The local testbed's sample backends."""
+
+from __future__ import annotations
+
+from pydantic import Field, field_validator
+
+from balanceiq.config.addresses import (
+    _canonical_address,
+)
+from balanceiq.config.base import (
+    Loc,
+    NonNegFloat,
+    _cross_field_error,
+    _Model,
+)
+from balanceiq.config.cluster import (
+    EndpointConfig,
+)
+
+
+class BackendProfile(_Model):
+    """Testbed behaviour of one backend; unset fields fall back to the testbed defaults."""
+
+    base_latency_ms: NonNegFloat | None = Field(default=None, description="Base latency in ms (>= 0).")
+    """Latency the simulated backend adds to every request."""
+
+    concurrency: int | None = Field(default=None, ge=1, strict=True, description="Requests served in parallel (>= 1).")
+    """Requests the backend serves at once; more queue, which is what makes it saturate."""
+
+    error_rate: float | None = Field(
+        default=None,
+        ge=0,
+        le=1,
+        allow_inf_nan=False,
+        strict=True,
+        description="Fraction of requests answered 5xx (0..1).",
+    )
+    """Fraction of requests answered with HTTP 503, to exercise error handling."""
+
+    sigma: float | None = Field(
+        default=None,
+        ge=0,
+        le=3,
+        allow_inf_nan=False,
+        strict=True,
+        description="Lognormal spread of the service time (0..3; 0 = fixed delay).",
+    )
+    """Heavy-tailed service times: each request's delay is ``base_latency_ms *
+    exp(sigma * N(0, 1))`` (median ``base_latency_ms``, mean ``base * exp(sigma**2/2)``).
+    Unset or 0: the fixed delay of earlier versions."""
+
+    tail_prob: float | None = Field(
+        default=None,
+        ge=0,
+        le=1,
+        allow_inf_nan=False,
+        strict=True,
+        description="Probability a request also waits tail_ms (0..1).",
+    )
+    """Probability that a request takes ``tail_ms`` longer (a brownout-like tail)."""
+
+    tail_ms: NonNegFloat | None = Field(default=None, description="Extra latency of a tail request (ms, >= 0).")
+    """Latency added to the ``tail_prob`` fraction of requests."""
+
+
+# What :meth:`TestbedConfig.behaviour_for` reports beyond :meth:`TestbedConfig.profile_for`,
+# only when an override sets it (the backends' own defaults otherwise).
+TAIL_FIELDS = ("sigma", "tail_prob", "tail_ms")
+
+
+class TestbedConfig(_Model):
+    """How the local sample backends behave, so each cloud looks different."""
+
+    __test__ = False  # not a pytest test class, despite the name
+
+    base_latency_ms: dict[str, NonNegFloat] = Field(
+        default_factory=lambda: {"aws": 15.0, "gcp": 25.0, "azure": 35.0},
+        description="Base latency in ms keyed by 'cloud' or 'cloud/region'.",
+    )
+    """Base latency per ``cloud`` or ``cloud/region``; the more specific key wins. Makes
+    the clouds differ the way real regions do, so the policy has something to learn."""
+
+    default_latency_ms: NonNegFloat = Field(default=20.0, description="Latency for clouds not listed (ms).")
+    """Base latency for endpoints whose cloud is not in ``base_latency_ms``."""
+
+    concurrency: int = Field(default=8, ge=1, strict=True, description="Default requests served in parallel.")
+    """Requests each backend serves at once unless overridden."""
+
+    overrides: dict[str, BackendProfile] = Field(
+        default_factory=dict, description="Per-backend profile keyed by endpoint address."
+    )
+    """Per-backend exceptions keyed by endpoint address, e.g. one slow or flaky backend.
+    Every key must be the address of a configured endpoint."""
+
+    @field_validator("base_latency_ms")
+    @classmethod
+    def _check_latency_keys(cls, value: dict[str, float]) -> dict[str, float]:
+        problems: list[tuple[Loc, str]] = []
+        for key in value:
+            parts = key.split("/")
+            if len(parts) > 2 or not all(part.strip() for part in parts):
+                message = "key must be 'cloud' or 'cloud/region', e.g. aws or aws/us-east-1"
+                problems.append(((key,), message))
+        if problems:
+            raise _cross_field_error(problems)
+        return value
+
+    @field_validator("overrides")
+    @classmethod
+    def _canonical_override_keys(cls, value: dict[str, BackendProfile]) -> dict[str, BackendProfile]:
+        problems: list[tuple[Loc, str]] = []
+        canonical: dict[str, BackendProfile] = {}
+        original_key: dict[str, str] = {}
+        for key, profile in value.items():
+            try:
+                address = _canonical_address(key)
+            except ValueError as exc:
+                problems.append(((key,), f"key is not an endpoint address: {exc}"))
+                continue
+            if address in canonical:
+                problems.append(((key,), f"same endpoint as {original_key[address]!r}"))
+                continue
+            canonical[address] = profile
+            original_key[address] = key
+        if problems:
+            raise _cross_field_error(problems)
+        return canonical
+
+    def profile_for(self, ep: EndpointConfig) -> tuple[float, int, float]:
+        """``(base_latency_ms, concurrency, error_rate)`` the testbed gives ``ep``."""
+        override = self.overrides.get(ep.address, BackendProfile())
+        latency = override.base_latency_ms
+        if latency is None:
+            by_cloud = self.base_latency_ms.get(ep.cloud, self.default_latency_ms)
+            latency = self.base_latency_ms.get(f"{ep.cloud}/{ep.region}", by_cloud)
+        concurrency = override.concurrency if override.concurrency is not None else self.concurrency
+        error_rate = override.error_rate if override.error_rate is not None else 0.0
+        return latency, concurrency, error_rate
+
+    def behaviour_for(self, ep: EndpointConfig) -> dict[str, float | int]:
+        """Every backend setting the testbed gives ``ep``: :meth:`profile_for`'s three
+        plus ``sigma``, ``tail_prob`` and ``tail_ms`` where an override sets them."""
+        latency, concurrency, error_rate = self.profile_for(ep)
+        out: dict[str, float | int] = {"base_latency_ms": latency, "concurrency": concurrency, "error_rate": error_rate}
+        override = self.overrides.get(ep.address)
+        if override is not None:
+            out.update({k: getattr(override, k) for k in TAIL_FIELDS if getattr(override, k) is not None})
+        return out
