@@ -39,9 +39,11 @@ from typing import Any, Protocol
 import numpy as np
 
 from balanceiq.config import Settings
-from balanceiq.control.guardrails import Guardrails, GuardResult, OverrideTable, RollbackMonitor
+from balanceiq.control.guardrails import Guardrails, GuardResult
 from balanceiq.control.metrics import ClusterMetrics, ControllerMetrics
+from balanceiq.control.overrides import OverrideTable
 from balanceiq.control.records import DecisionLog, DecisionRecord
+from balanceiq.control.rollback import RollbackMonitor
 from balanceiq.exceptions import BalanceIQError, ControlError, XdsError
 from balanceiq.policy.baselines import Decision, PolicyContext, available_mask, make_policy
 from balanceiq.policy.decide import (

@@ -17,14 +17,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from balanceiq.config import GuardrailConfig
-from balanceiq.control.guardrails import (
-    WEIGHT_SCALE,
-    Guardrails,
-    GuardResult,
-    Override,
-    OverrideTable,
-    RollbackMonitor,
-)
+from balanceiq.control.args import WEIGHT_SCALE
+from balanceiq.control.guardrails import Guardrails, GuardResult
+from balanceiq.control.overrides import Override, OverrideTable
+from balanceiq.control.rollback import RollbackMonitor
 from balanceiq.exceptions import ControlError, GuardrailError
 from balanceiq.policy.lp import UINT32_MAX, traffic_moved
 
