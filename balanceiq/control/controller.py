@@ -303,11 +303,27 @@ class Controller:
             return self._step()
 
     def _step(self) -> DecisionRecord:
-        t0 = time.perf_counter()
-        now = time.time()
-        seq = self.log.next_seq()
-        base: dict[str, Any] = {
-            "seq": seq,
+        """lease -> observe -> decide -> judge -> guard -> push."""
+        t0, now = time.perf_counter(), time.time()
+        base = self._base_record(now)
+        standby = self._lease(base, t0)
+        if standby is not None:
+            return standby
+        obs = self._observe(base)
+        if obs.source == "none" or not any(e.usable for e in obs.endpoints):
+            return self._hold(base, obs, t0, now)
+        ctx = self._context(obs)
+        notes: list[str] = []
+        core, policy_ok = self._decide_core(obs, ctx, base, notes, now)
+        mode, decision = self._judge(obs, ctx, core if policy_ok else None, base)
+        guard = self._guard(obs, decision, core, notes)
+        critical = core.critical if policy_ok and mode == "policy" else ()
+        base["critical"] = tuple(self.addresses[i] for i in critical)
+        return self._push_guarded(base, mode, notes, guard, obs, ctx.demand_rps, t0, now)
+
+    def _base_record(self, now: float) -> dict[str, Any]:
+        return {
+            "seq": self.log.next_seq(),
             "timestamp": now,
             "critical": (),
             "previous": dict(self.weights),
@@ -319,24 +335,129 @@ class Controller:
             "push_ms": None,
             "ack_ms": None,
             "version": None,
+            "shadow": self.policy.control_mode == "shadow",
         }
 
-        shadow = self.policy.control_mode == "shadow"
-        base["shadow"] = shadow
-        if shadow:
-            # Takes no lease (an active controller keeps steering) and pushes nothing; what
-            # Envoy serves is the split in force, read from telemetry where it says.
-            if self.holds_lease:
-                self.release()
-            self._adopted = False  # going active re-reads what the xDS server serves
-        else:
-            lease = self._acquire(base, t0)
-            if lease is not None:
-                return lease
+    def _lease(self, base: dict[str, Any], t0: float) -> DecisionRecord | None:
+        """Active: take or renew the lease (a standby record if not granted). Shadow: take
+        none (an active controller keeps steering) and push nothing."""
+        if not base["shadow"]:
+            return self._acquire(base, t0)
+        if self.holds_lease:
+            self.release()
+        self._adopted = False  # going active re-reads what the xDS server serves
+        return None
+
+    def _observe(self, base: dict[str, Any]) -> Observation:
         obs = self._with_costs(self.observer.observe(self.weights))
-        if shadow:
+        if base["shadow"]:
+            # What Envoy serves is the split in force, read from telemetry where it says.
             self._follow_envoy(obs)
-        return self._decide(base, obs, now, t0)
+        base["previous"] = dict(self.weights)
+        base["weights"] = dict(self.weights)
+        self.last_observation = obs
+        base["source"] = obs.source
+        base["observation"] = obs.to_json()
+        r = observed_reward(obs, self.policy.reward)
+        base["reward"] = r
+        if r is not None:
+            self.metrics.set_reward(r)
+        return obs
+
+    def _hold(self, base: dict[str, Any], obs: Observation, t0: float, now: float) -> DecisionRecord:
+        """Telemetry blind: hold the weights. Operators drain when telemetry is most likely
+        blind (an incident): their overrides apply over the weights held."""
+        why = "; ".join(obs.errors) or "no endpoint has usable data"
+        self.metrics.set_mode("hold")
+        hold = f"telemetry blind ({why}): holding weights"
+        active = self.overrides.active()
+        if not active and "DRAINING" not in self.health.values():
+            return self._record(base, mode="hold", notes=(hold,), step_ms=_ms_since(t0))
+        guard = self.guardrails.apply(
+            self.addresses,
+            self.shares,
+            self.shares,
+            available_mask(obs),
+            active,
+            breaching=np.zeros(len(self.addresses), dtype=bool),
+        )
+        self.last_guard = guard
+        return self._push_guarded(
+            base, "hold", [hold, "overrides applied to the held weights", *guard.notes], guard, obs, 0.0, t0, now
+        )
+
+    def _decide_core(
+        self, obs: Observation, ctx: PolicyContext, base: dict[str, Any], notes: list[str], now: float
+    ) -> tuple[CoreDecision, bool]:
+        """The policy's scores, then the one decision core; ``(decision, policy usable)``.
+        Without a policy the core still runs, so what it remembers (baselines, breaches,
+        prices) stays current."""
+        knobs = self.knobs()
+        scores = None
+        policy_ok = self.scorer is not None
+        if self.scorer is None:
+            notes.append("no policy configured: baseline used")
+        else:
+            try:
+                est, _ = observe_only(obs, ctx, knobs, self.core_state, now=now)
+                scores = self._scores(obs, est.capacity)
+                base["score_ms"] = self.policy_state["latency_ms"]
+            except Exception as exc:  # the policy is a remote call: anything may come back
+                self.policy_state.update(ok=False, error=f"{type(exc).__name__}: {exc}", at=time.time())
+                self.metrics.error("policy")
+                notes.append(f"policy unavailable ({type(exc).__name__}: {exc}); baseline used")
+                policy_ok = False
+        core = decide(obs, ctx, scores if policy_ok else None, knobs, self.core_state, now=now)
+        self.core_state = core.state
+        self.last_core = core
+        if core.held:
+            quiet = ", ".join(self.addresses[i] for i in core.held)
+            notes.append(f"breach hold: {quiet} too quiet to measure; kept at the floor")
+        notes += list(core.notes)
+        return core, policy_ok
+
+    def _judge(
+        self, obs: Observation, ctx: PolicyContext, core: CoreDecision | None, base: dict[str, Any]
+    ) -> tuple[str, Decision]:
+        """Policy or baseline: both scored on this very observation (see RollbackMonitor),
+        the score being the negated LP objective (worst load/capacity plus the cost term)."""
+        fallback = self.baseline.decide(obs, ctx)
+        if core is None:
+            self.metrics.set_mode("baseline")
+            return "baseline", fallback
+        proposal = Decision(core.shares, core.weights, core.critical, core.info())
+        costs = np.array([e.cost_per_million for e in obs.endpoints], dtype=np.float64)
+        latency = lp_latency(np.array([e.p95_ms for e in obs.endpoints], dtype=np.float64), self.policy.reward.slo_ms)
+        score = {
+            name: -objective(
+                d.shares,
+                core.capacity,
+                costs,
+                ctx.demand_rps,
+                cost_weight=self.policy.cost_weight,
+                util_target=self.policy.util_target,
+                latency=latency,
+                latency_weight=self.policy.latency_weight,
+            )
+            for name, d in (("policy", proposal), ("baseline", fallback))
+        }
+        self.rollback.record(score["policy"], score["baseline"])
+        base["scores"] = score
+        mode = self.rollback.mode
+        self.metrics.set_mode(mode)
+        return mode, proposal if mode == "policy" else fallback
+
+    def _guard(self, obs: Observation, decision: Decision, core: CoreDecision, notes: list[str]) -> GuardResult:
+        breach = np.zeros(len(self.addresses), dtype=bool)
+        breach[list(core.breaching) + list(core.held)] = True
+        guard = self.guardrails.apply(
+            self.addresses, self.shares, decision.shares, available_mask(obs), self.overrides.active(), breaching=breach
+        )
+        self.last_guard = guard
+        for note in guard.notes:
+            self.metrics.guardrail(note.split(":", 1)[0])
+        notes += list(guard.notes)
+        return guard
 
     def _acquire(self, base: dict[str, Any], t0: float) -> DecisionRecord | None:
         """Take or renew the xDS lease; a standby record when this controller may not push."""
@@ -366,111 +487,6 @@ class Controller:
         if len(w) == len(self.addresses) and np.isfinite(w).all() and (w >= 1).all():
             self.weights = {a: round(x) for a, x in zip(self.addresses, w)}
             self._intent = None
-
-    def _decide(self, base: dict[str, Any], obs: Observation, now: float, t0: float) -> DecisionRecord:
-
-        base["previous"] = dict(self.weights)
-        base["weights"] = dict(self.weights)
-        self.last_observation = obs
-        base["source"] = obs.source
-        base["observation"] = obs.to_json()
-        r = observed_reward(obs, self.policy.reward)
-        base["reward"] = r
-        if r is not None:
-            self.metrics.set_reward(r)
-        if obs.source == "none" or not any(e.usable for e in obs.endpoints):
-            why = "; ".join(obs.errors) or "no endpoint has usable data"
-            self.metrics.set_mode("hold")
-            hold = f"telemetry blind ({why}): holding weights"
-            active = self.overrides.active()
-            if not active and "DRAINING" not in self.health.values():
-                return self._record(base, mode="hold", notes=(hold,), step_ms=_ms_since(t0))
-            # Operators drain when telemetry is most likely blind (an incident): their
-            # overrides apply over the weights held, with no decision needed.
-            guard = self.guardrails.apply(
-                self.addresses,
-                self.shares,
-                self.shares,
-                available_mask(obs),
-                active,
-                breaching=np.zeros(len(self.addresses), dtype=bool),
-            )
-            self.last_guard = guard
-            return self._push_guarded(
-                base, "hold", [hold, "overrides applied to the held weights", *guard.notes], guard, obs, 0.0, t0, now
-            )
-
-        notes: list[str] = []
-        ctx = self._context(obs)
-        knobs = self.knobs()
-        scores = None
-        policy_ok = self.scorer is not None
-        if self.scorer is None:
-            notes.append("no policy configured: baseline used")
-        else:
-            try:
-                est, _ = observe_only(obs, ctx, knobs, self.core_state, now=now)
-                scores = self._scores(obs, est.capacity)
-                base["score_ms"] = self.policy_state["latency_ms"]
-            except Exception as exc:  # the policy is a remote call: anything may come back
-                self.policy_state.update(ok=False, error=f"{type(exc).__name__}: {exc}", at=time.time())
-                self.metrics.error("policy")
-                notes.append(f"policy unavailable ({type(exc).__name__}: {exc}); baseline used")
-                policy_ok = False
-        # One decision core for the controller, the simulator and the live env; without a
-        # policy it still runs, so what it remembers (baselines, breaches, prices) stays current.
-        core = decide(obs, ctx, scores if policy_ok else None, knobs, self.core_state, now=now)
-        self.core_state = core.state
-        self.last_core = core
-        measured, held = list(core.breaching), list(core.held)
-        if held:
-            notes.append(
-                f"breach hold: {', '.join(self.addresses[i] for i in held)} too quiet to measure; kept at the floor"
-            )
-        notes += list(core.notes)
-        capacity = core.capacity
-        critical: list[int] = list(core.critical) if policy_ok else []
-        proposal = Decision(core.shares, core.weights, core.critical, core.info()) if policy_ok else None
-        fallback = self.baseline.decide(obs, ctx)
-        if proposal is not None:
-            # Both judged on this very observation (see RollbackMonitor): the score is the
-            # negated LP objective, worst estimated load/capacity plus the cost term.
-            costs = np.array([e.cost_per_million for e in obs.endpoints], dtype=np.float64)
-            latency = lp_latency(
-                np.array([e.p95_ms for e in obs.endpoints], dtype=np.float64), self.policy.reward.slo_ms
-            )
-            score = {
-                name: -objective(
-                    d.shares,
-                    capacity,
-                    costs,
-                    ctx.demand_rps,
-                    cost_weight=self.policy.cost_weight,
-                    util_target=self.policy.util_target,
-                    latency=latency,
-                    latency_weight=self.policy.latency_weight,
-                )
-                for name, d in (("policy", proposal), ("baseline", fallback))
-            }
-            self.rollback.record(score["policy"], score["baseline"])
-            base["scores"] = score
-        mode = self.rollback.mode if proposal is not None else "baseline"
-        decision = proposal if mode == "policy" and proposal is not None else fallback
-        if mode == "baseline":
-            critical = []
-        self.metrics.set_mode(mode)
-
-        breach = np.zeros(len(self.addresses), dtype=bool)
-        breach[measured + held] = True
-        guard = self.guardrails.apply(
-            self.addresses, self.shares, decision.shares, available_mask(obs), self.overrides.active(), breaching=breach
-        )
-        self.last_guard = guard
-        for note in guard.notes:
-            self.metrics.guardrail(note.split(":", 1)[0])
-        notes += list(guard.notes)
-        base["critical"] = tuple(self.addresses[i] for i in critical)
-        return self._push_guarded(base, mode, notes, guard, obs, ctx.demand_rps, t0, now)
 
     def _push_guarded(
         self,
