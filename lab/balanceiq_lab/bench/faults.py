@@ -77,11 +77,11 @@ from balanceiq.exceptions import BalanceIQError, BenchError
 from balanceiq.policy.lp import traffic_moved, weights_to_shares
 from balanceiq.telemetry.observe import Telemetry
 from balanceiq.testbed.envoy import endpoint_health, endpoint_weights
-from balanceiq.testbed.openloop import OpenLoopResult, arrival_schedule, run_open_loop_sync
 from balanceiq.testbed.ports import settings_on_free_ports
 from balanceiq.testbed.testbed import Testbed
 from balanceiq.xds.server import XdsServer
 from balanceiq.xds.snapshot import EDS_TYPE
+from balanceiq_lab.openloop import OpenLoopResult, arrival_schedule, run_open_loop_sync
 
 FAULTS = (
     "envoy_restarted",
@@ -1493,8 +1493,8 @@ def head_crash(
     read from the API on ``api.port`` (the Controller replica's own server)."""
     import yaml
 
-    from balanceiq.testbed.gcs import RayHead, RedisProcess
     from balanceiq.testbed.ports import free_ports
+    from balanceiq_lab.gcs import RayHead, RedisProcess
 
     s = settings or fault_settings()
     t0 = time.monotonic()

@@ -7,7 +7,7 @@ Every arm gets the same conditions, one arm after the other:
   the sample backends (delays are ``asyncio`` sleeps, so they cost no CPU; ORCA load
   reports on in every arm, since one arm needs them), the ALS exporter, one Envoy and
   Prometheus (scraping every 0.5 s), and an in-process :class:`~balanceiq.xds.server.XdsServer`;
-* **the same open-loop load** (:mod:`balanceiq.testbed.openloop`, in its own process):
+* **the same open-loop load** (:mod:`balanceiq_lab.openloop`, in its own process):
   one arrival schedule (Poisson from ``seed``, or constant) for every arm, latency from
   the *intended* send time, a bounded number in flight, unsendable requests counted as
   errors;
@@ -70,10 +70,10 @@ from balanceiq.config import BACKEND_SATURATION, EndpointConfig, Settings, Signa
 from balanceiq.exceptions import BalanceIQError, BenchError
 from balanceiq.policy.stability import count_reversals
 from balanceiq.testbed.envoy import DEFAULT_LB_POLICY  # what BalanceIQ ships with
-from balanceiq.testbed.openloop import ARRIVALS, OpenLoopResult, latency_summary
 from balanceiq.testbed.ports import settings_on_free_ports
 from balanceiq.testbed.scenario import LiveEvent, LiveScenario, state_truth, states_after
 from balanceiq_lab.bench.processes import cpu_by_role, leftovers
+from balanceiq_lab.openloop import ARRIVALS, OpenLoopResult, latency_summary
 
 # -- the arms ---------------------------------------------------------------------------------
 
@@ -543,7 +543,7 @@ def evaluate_targets(arms: dict[str, dict[str, Any]]) -> dict[str, Any]:
 
 
 _ROLES = (
-    ("balanceiq.testbed.openloop", "generator"),
+    ("balanceiq_lab.openloop", "generator"),
     ("balanceiq.testbed.backend", "backends"),
     ("balanceiq.telemetry.als", "als"),
     ("envoy", "envoy"),
@@ -604,7 +604,7 @@ class Generator:
         argv = [
             sys.executable,
             "-m",
-            "balanceiq.testbed.openloop",
+            "balanceiq_lab.openloop",
             "--url",
             url,
             "--rate",

@@ -263,7 +263,7 @@ def _background_traffic(
         [
             sys.executable,
             "-m",
-            "balanceiq.testbed.openloop",
+            "balanceiq_lab.openloop",
             "--url",
             url,
             "--rate",

@@ -23,10 +23,10 @@ does, so it sends fewer requests into a queue and times only the ones that got t
 Its own overhead is measured, not assumed: **schedule lag** (actual send minus intended)
 percentiles, the CPU the generator process used per request, and the most requests it
 had in flight. :func:`run_open_loop` runs it in this process's event loop; the CLI
-(``python -m balanceiq.testbed.openloop``) runs it as its own process, so nothing else
+(``python -m balanceiq_lab.openloop``) runs it as its own process, so nothing else
 in a benchmark (a control loop holding the GIL, say) can delay the schedule::
 
-    python -m balanceiq.testbed.openloop --url http://127.0.0.1:10000/ --rate 150 \\
+    python -m balanceiq_lab.openloop --url http://127.0.0.1:10000/ --rate 150 \\
         --duration 75 [--arrivals poisson --seed 0] [--start-at EPOCH|-] --out result.json
 
 Traffic goes to loopback only (:func:`balanceiq.testbed.load.ensure_loopback`).
@@ -410,7 +410,7 @@ def run_open_loop_sync(url: str, schedule: np.ndarray | Sequence[float], **kwarg
 
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m balanceiq.testbed.openloop", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m balanceiq_lab.openloop", description=__doc__.splitlines()[0])
     p.add_argument("--url", required=True, help="Target (loopback only).")
     p.add_argument("--rate", type=float, required=True, help="Mean arrivals per second.")
     p.add_argument("--duration", type=float, required=True, help="Seconds of arrivals.")

@@ -14,7 +14,8 @@ import pytest
 
 from balanceiq.exceptions import BenchError
 from balanceiq.testbed.backend import Backend, BackendSettings
-from balanceiq.testbed.openloop import (
+from balanceiq.testbed.ports import free_port
+from balanceiq_lab.openloop import (
     NOT_SENT,
     TRANSPORT_ERROR,
     OpenLoopResult,
@@ -22,7 +23,6 @@ from balanceiq.testbed.openloop import (
     latency_summary,
     run_open_loop,
 )
-from balanceiq.testbed.ports import free_port
 
 
 def _backend(name: str = "b1", *, latency_ms: float = 0.0, concurrency: int = 1000, error_rate: float = 0.0) -> Backend:
@@ -214,7 +214,7 @@ async def test_json_round_trip() -> None:
 
 
 def test_cli_runs_in_its_own_process(tmp_path: Path) -> None:
-    """``python -m balanceiq.testbed.openloop``: ready, t=0 from stdin, result as JSON."""
+    """``python -m balanceiq_lab.openloop``: ready, t=0 from stdin, result as JSON."""
     from balanceiq.testbed.testbed import BackendsProcess
 
     spec = [
@@ -236,7 +236,7 @@ def test_cli_runs_in_its_own_process(tmp_path: Path) -> None:
             [
                 sys.executable,
                 "-m",
-                "balanceiq.testbed.openloop",
+                "balanceiq_lab.openloop",
                 "--url",
                 bp.urls[0] + "/",
                 "--rate",
@@ -267,7 +267,7 @@ def test_cli_runs_in_its_own_process(tmp_path: Path) -> None:
         [
             sys.executable,
             "-m",
-            "balanceiq.testbed.openloop",
+            "balanceiq_lab.openloop",
             "--url",
             "http://10.0.0.1/",
             "--rate",
