@@ -48,36 +48,12 @@ Modes
 
 Prometheus or not, per private env
 ----------------------------------
-No Prometheus by default (``prometheus: false``); telemetry then comes from Envoy's admin
-and the ALS exporter, which :class:`Telemetry` falls back to (it asks the absent
-Prometheus once, logs that it falls back, and never asks again). Measured on this
-2-core box, one env, 60 rps, 6 endpoints, 2 s decisions, 30 s of steps (% of one core):
-
-==============================  ==========  ============
-process                         without     with (0.5 s scrapes)
-==============================  ==========  ============
-Prometheus                      -           3.2
-backends (scraped /metrics)     2.3         4.4
-ALS exporter                    0.9         1.7
-Envoy                           2.2         2.9
-env process (load, xDS, admin)  6.0         3.9
-**total**                       **11.4**    **16.1**
-==============================  ==========  ============
-
-So a Prometheus costs ~40 % more CPU per env (two envs on two cores: ~10 % of a core),
-and while it has no samples yet (the first reset) Telemetry falls back to the admin
-anyway, so an episode could mix sources. Without it the observation window is *exactly*
-the decision interval (counters are scraped at the push and at the observation), where
-Prometheus' ``rate()`` window trails the push by up to a scrape. The price: the admin
-source has no saturation (testbed backends export it only to Prometheus), so capacity is
-the config hint (derated for breachers), as it is for the controller whenever Prometheus
-is down; the validity columns tell the policy. ``prometheus: true`` gives each env its own
-Prometheus when a run must see exactly the production observation path.
-
-Timing: a step takes ``decision_interval_s`` + ~50 ms (LP, push, ACK, two admin scrapes);
-a reset ``reset_settle_s`` (default: the interval), the first one ~1 s more to start the
-stack. With ``balanceiq train --env live`` defaults (2 s, 16-step fragments, 15-step
-episodes) one runner samples ~0.46 env steps/s and two runners in parallel ~0.91.
+No Prometheus by default (``prometheus: false``): telemetry comes from Envoy's admin and
+the ALS exporter, which :class:`Telemetry` falls back to, and the observation window is
+then exactly the decision interval. The admin source has no saturation gauge, so capacity
+comes from the decision core's estimate, as for the controller whenever Prometheus is
+down. ``prometheus: true`` gives each env its own Prometheus, for runs that must see the
+production observation path. CPU cost of each and step timing: BENCHMARKS.md ("LiveEnv").
 
 Cleanup
 -------
