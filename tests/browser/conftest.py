@@ -16,16 +16,12 @@ touching it:
 
 from __future__ import annotations
 
-import sys
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from livestack import fast_settings, live_stack, settings_on_free_ports, two_cluster_settings
 
 

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from livestack import TOKEN, LiveStack, fast_settings, live_stack, settings_on_free_ports
 
 pytestmark = pytest.mark.slow

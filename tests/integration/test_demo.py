@@ -12,8 +12,6 @@ from pathlib import Path
 import psutil
 import pytest
 import yaml
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from livestack import fast_settings, settings_on_free_ports
 
 from balanceiq.config import Settings

@@ -3,13 +3,10 @@ traffic and Prometheus down reaches Envoy within 2 s, and the API says when it h
 
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from livestack import TOKEN, fast_settings, live_stack, settings_on_free_ports
 
 from balanceiq.testbed.envoy import endpoint_health

@@ -3,23 +3,19 @@ deployment's batching and hot swap, one active loop, and training started over t
 
 from __future__ import annotations
 
-import sys
 import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import httpx
 import numpy as np
 import pytest
 import ray
-from ray import serve
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from livestack import fast_settings, settings_on_free_ports
+from ray import serve
 
 from balanceiq.config import Settings
 from balanceiq.control.controller import Controller

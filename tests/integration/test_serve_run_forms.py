@@ -18,8 +18,6 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from livestack import settings_on_free_ports
 
 pytestmark = pytest.mark.slow

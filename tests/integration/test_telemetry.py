@@ -13,7 +13,6 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import httpx
 import pytest
@@ -55,9 +54,6 @@ class Live:
 
 @pytest.fixture(scope="module")
 def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from livestack import settings_on_free_ports
 
     base = settings_on_free_ports()

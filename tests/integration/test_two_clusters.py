@@ -3,14 +3,11 @@ each with its own loop, lease, decisions and API views, both ACKed from one xDS 
 
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 
 import httpx
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from livestack import TOKEN, live_stack, two_cluster_settings
 
 from balanceiq.testbed.envoy import endpoint_health, endpoint_weights

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import replace
@@ -10,15 +9,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from livestack import settings_on_free_ports
 
 from balanceiq.control.controller import Controller
 from balanceiq.control.xds_client import LocalXdsClient
 from balanceiq.policy.reward import RewardWeights, observed_reward
 from balanceiq.telemetry.observation import EndpointObservation, Observation
 from balanceiq.xds.server import XdsServer
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from livestack import settings_on_free_ports
 
 
 class Fleet:

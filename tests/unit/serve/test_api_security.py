@@ -11,7 +11,6 @@ import datetime as dt
 import hmac
 import logging
 import re
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from fastapi.testclient import TestClient
+from livestack import serve_asgi
 from planes import (  # beside this file: pytest puts its folder on sys.path
     ReplayObserver,
     make_plane,
@@ -40,9 +40,6 @@ from balanceiq.serve.policy import PolicyModel
 from balanceiq.testbed.envoy import render_bootstrap
 from balanceiq.testbed.ports import settings_on_free_ports
 from balanceiq.xds.server import XdsServer
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from livestack import serve_asgi
 
 TOKEN = "sekrit-token-7f3a9c2e5b8d1f40"
 REPO = Path(__file__).resolve().parents[3]
