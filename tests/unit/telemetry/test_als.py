@@ -420,6 +420,7 @@ def bootstrap_with_als(sample_percent: float) -> dict[str, Any]:
     return bootstrap
 
 
+@pytest.mark.slow  # runs the real Envoy binary (--mode validate)
 @pytest.mark.parametrize("sample_percent", [100.0, 10.0, 0.5])
 def test_envoy_accepts_the_access_log_and_cluster(sample_percent: float) -> None:
     validate_bootstrap(bootstrap_with_als(sample_percent))

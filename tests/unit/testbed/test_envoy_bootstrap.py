@@ -23,6 +23,7 @@ def test_shipped_bootstrap_matches_rendering(api: str) -> None:
     )
 
 
+@pytest.mark.slow  # runs the real Envoy binary (--mode validate)
 @pytest.mark.parametrize("api", API_TYPES)
 def test_real_envoy_accepts_each_flavour(api: str) -> None:
     validate_bootstrap(render_bootstrap(default_settings(), api=api))
@@ -50,6 +51,7 @@ def test_unknown_api_is_a_clear_error() -> None:
         render_bootstrap(default_settings(), api="grpc")
 
 
+@pytest.mark.slow  # runs the real Envoy binary (--mode validate)
 def test_invalid_bootstrap_is_reported_with_envoys_reason() -> None:
     b = render_bootstrap(default_settings())
     b["static_resources"]["clusters"][1]["lb_policy"] = "NOT_A_POLICY"
