@@ -369,10 +369,10 @@ def estimate(
     """Capacity and headroom per endpoint from what Envoy reports (see the module doc);
     returns the estimate and the memory with ``good_rps``/``ceiling_rps`` updated.
 
-    A ``breaching`` endpoint's capacity is also capped at its load times ``(slo / p95)^2``
+    A ``breaching`` endpoint's capacity is also capped at its load times ``slo / p95``
     (and ``1 - 2 x error rate``): a slow dependency or a network problem breaks the SLO
     with the backend half idle, and the LP must still move traffic off it in proportion
-    to how far it is out of bounds, and then some (queueing is convex in load)."""
+    to how far it is out of bounds."""
     n = len(obs.endpoints)
     rps = _arr(obs, "rps")
     p95 = _arr(obs, "p95_ms")
@@ -444,12 +444,7 @@ def estimate(
         if math.isfinite(err[i]) and err[i] > 0 and math.isfinite(c):
             c *= max(0.1, 1.0 - 2.0 * err[i])
         if i in breaching and load > 0:
-            # Squared: queueing delay grows faster than load (M/M/1: s / (1 - rho)), so a
-            # cut in proportion to slo/p95 lands above the SLO and takes another decision;
-            # and a breach from a fixed added latency, which no cut of load fixes, should
-            # lose most of its traffic at once (CI: a +300 ms backend kept 54 % of its share
-            # after two intervals with the linear cut).
-            factor = (knobs.slo_ms / p95[i]) ** 2 if math.isfinite(p95[i]) and p95[i] > knobs.slo_ms else 1.0
+            factor = knobs.slo_ms / p95[i] if math.isfinite(p95[i]) and p95[i] > knobs.slo_ms else 1.0
             if math.isfinite(err[i]):
                 factor = min(factor, max(0.1, 1.0 - 2.0 * err[i]))
             c = min(c, load * factor) if math.isfinite(c) else load * factor
