@@ -179,8 +179,18 @@ class FaultResult:
     notes: list[str] = field(default_factory=list)
 
     def checks(self) -> dict[str, tuple[Any, str, bool]]:
-        """``name -> (measured, target, met)``: the issue's targets for this fault."""
-        return {"invalid_weights_sent": (self.invalid_weights_sent, "== 0", self.invalid_weights_sent == 0)}
+        """``name -> (measured, target, met)``: the issue's targets for this fault, and the
+        evidence a run needs for them to mean something. The fault tests assert exactly
+        these, so the benchmark and the tests cannot disagree."""
+        return {
+            "invalid_weights_sent": (self.invalid_weights_sent, "== 0", self.invalid_weights_sent == 0),
+            "envoy_rejected_updates": (self.envoy_rejected_updates, "== 0", self.envoy_rejected_updates == 0),
+            # Enough versions seen for "0 invalid" to mean something.
+            "assignments_checked": (self.assignments_checked, ">= 2", self.assignments_checked >= 2),
+        }
+
+    def _requests(self, at_least: int) -> dict[str, tuple[Any, str, bool]]:
+        return {"requests": (self.requests, f">= {at_least}", self.requests >= at_least)}
 
     @property
     def ok(self) -> bool:
@@ -211,10 +221,12 @@ class ActorKilledResult(FaultResult):
     def checks(self) -> dict[str, tuple[Any, str, bool]]:
         return {
             **super().checks(),
+            **self._requests(500),
             "failed_requests": (self.failed_requests, "== 0", self.failed_requests == 0),
             "resync_s": (self.resync_s, "<= 2.0", self.resync_s <= 2.0),
             "versions_repeated": (self.versions_repeated, "== 0", self.versions_repeated == 0),
             "new_epoch": (self.epoch_after, f"> {self.epoch_before}", self.epoch_after > self.epoch_before),
+            "weights_restored": (self.weights_restored, "true", self.weights_restored and self.restored_from_state),
         }
 
 
@@ -237,8 +249,14 @@ class EnvoyRestartedResult(FaultResult):
         latest = self.envoy_acked_version is not None and self.envoy_acked_version == self.latest_version
         return {
             **super().checks(),
+            **self._requests(500),
             "latest_version_after_restart": (self.envoy_acked_version, f"== {self.latest_version}", latest),
             "weights_match": (self.weights_match, "true", self.weights_match),
+            "recovery_s": (self.recovery_s, "< 5", self.recovery_s is not None and self.recovery_s < 5.0),
+            # Only the outage itself may fail requests: none before the stop or after it is back.
+            "failed_requests": (self.failed_requests, "== 0", self.failed_requests == 0),
+            # Something beyond the config's weights to fetch.
+            "pushes_before_restart": (self.pushes_before_restart, ">= 1", self.pushes_before_restart >= 1),
         }
 
 
@@ -262,9 +280,24 @@ class PrometheusKilledResult(FaultResult):
         fell_back = self.by_source.get("envoy-admin", 0) > 0
         return {
             **super().checks(),
+            **self._requests(500),
             "fallback_decisions": (self.by_source.get("envoy-admin", 0), "> 0", fell_back),
             "swings_beyond_max_shift": (self.swings_beyond_max_shift, "== 0", self.swings_beyond_max_shift == 0),
+            "max_limited_move": (
+                self.max_limited_move,
+                f"<= {self.max_shift:g}",
+                self.max_limited_move <= self.max_shift + 1e-3,
+            ),
             "failed_requests": (self.failed_requests, "== 0", self.failed_requests == 0),
+            # retry_s (5 s) + an interval
+            "recovery_s": (self.recovery_s, "< 10", self.recovery_s is not None and self.recovery_s < 10.0),
+            "decisions_after": (self.decisions_after, ">= 8", self.decisions_after >= 8),
+            # A backend slowed during the outage: the fallback's decisions move traffic off it.
+            "slowed_share": (
+                (self.slowed_share_before, self.slowed_share_after),
+                "falls",
+                self.slowed_share_after < self.slowed_share_before,
+            ),
         }
 
 
@@ -294,6 +327,7 @@ class BackendKilledResult(FaultResult):
             "traffic_off_intervals": (off, "<= 2", off is not None and off <= 2.0),
             "errors_settled_s": (settled, "<= 10", settled is not None and settled <= 10.0),
             "error_rate_after_10s": (after, "< 0.01", after is not None and after < 0.01),
+            "requests_after_10s": (self.requests_after_10s, ">= 300", self.requests_after_10s >= 300),
         }
 
 
@@ -313,10 +347,14 @@ class ServeReplicaKilledResult(FaultResult):
     versions_repeated: int
 
     def checks(self) -> dict[str, tuple[Any, str, bool]]:
-        resumed = self.recovery_s is not None and len(self.owners) >= 2
+        resumed = self.recovery_s is not None and 0 < self.recovery_s < 60.0 and len(self.owners) == 2
         return {
             **super().checks(),
-            "resumed": (self.recovery_s, "a new lease holder", resumed),
+            "resumed": (self.recovery_s, "a new lease holder within 60 s", resumed),
+            # The old holder's lease must expire (ttl 5 s) before anyone else may push.
+            "lease_terms": (self.lease_terms, "[1, 2]", self.lease_terms == [1, 2]),
+            "pushes_accepted": (self.pushes_accepted, ">= 1", self.pushes_accepted >= 1),
+            "failed_requests": (self.failed_requests, "== 0", self.failed_requests == 0),
             "double_pushes": (self.double_pushes, "== 0", self.double_pushes == 0),
             "one_active_loop": (
                 (self.owners_after_takeover, self.running_replicas),
@@ -357,6 +395,14 @@ class RayHeadRestartResult(FaultResult):
             "resync_s": (self.resync_s, "<= 2.0", self.resync_s <= 2.0),
             "weights_restored": (self.weights_restored, "true", self.weights_restored and self.restored_from_state),
             "new_epoch": (self.epoch_after, f"> {self.epoch_before}", self.epoch_after > self.epoch_before),
+            **self._requests(500),
+            "polls_during_outage": (self.polls_during_outage, ">= 5", self.polls_during_outage >= 5),
+            "versions_repeated": (self.versions_repeated, "== 0", self.versions_repeated == 0),
+            # A controller started afterwards: nothing of the old lease left, and it starts
+            # from the restored split, moving at most max_shift (0.25) from it.
+            "controller_lease_term": (self.controller_lease_term, "== 1", self.controller_lease_term == 1),
+            "controller_active": (self.controller_mode, "!= standby", self.controller_mode != "standby"),
+            "controller_first_move": (self.controller_first_move, "<= 0.25", self.controller_first_move <= 0.25 + 1e-3),
         }
 
 
@@ -1448,6 +1494,8 @@ class HeadCrashResult(FaultResult):
         if self.gcs_ft:  # the issue's target; without FT the result only shows the contrast
             back = self.recovery_s is not None and self.recovery_s <= 30.0
             out["recovery_s"] = (self.recovery_s, "<= 30 (no command typed)", back and self.operator_commands == 0)
+            # gcs_server, raylet and the actors' workers: the whole head went down.
+            out["processes_killed"] = (self.processes_killed, ">= 5", self.processes_killed >= 5)
         return out
 
 
