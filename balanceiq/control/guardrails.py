@@ -190,144 +190,21 @@ class Guardrails:
         notes: list[str] = []
 
         # Step 2 first (it decides what "equal over routable" in step 1 means).
-        index = {a: i for i, a in enumerate(addrs)}
-        unknown = sorted(a for a in overrides if a not in index)
-        if unknown:
-            notes.append(f"overrides: ignored for unknown endpoint(s) {_names(unknown)}")
-        drained = np.zeros(n, dtype=bool)
-        fixed = np.zeros(n, dtype=bool)
-        fixed_val = np.zeros(n)
-        for a, ov in overrides.items():
-            i = index.get(a)
-            if i is None:
-                continue
-            if ov.action == "drain":
-                drained[i] = True
-            elif ov.fixed:
-                fixed[i] = True
-                fixed_val[i] = float(ov.share or 0.0)
+        drained, fixed, fixed_val = _overrides(addrs, overrides, notes)
         routable = avail & ~drained
-
         if not routable.any():
             return self._fallback(addrs, cur_raw, avail, drained, notes, cfg)
-
         # Step 1: sanitise.
         cur = _clean(cur_raw, routable)
         prop = _clean(prop_raw, routable)
-
-        for mask, label in ((drained & (cur > 0), "drained"), (~avail & ~drained & (cur > 0), "unavailable")):
-            amount = float(cur[mask].sum())
-            if amount > _NOTE_TOL:
-                names = [addrs[i] for i in np.flatnonzero(mask)]
-                notes.append(
-                    f"{label}: moved {_fmt(amount)} of traffic off {_names(names)} at once (exempt from max_shift)"
-                )
-
-        # Step 3: fixed shares.
-        released = fixed & ~routable & (fixed_val > 0)
-        if released.any():
-            names = [addrs[i] for i in np.flatnonzero(released)]
-            notes.append(f"fixed: {_names(names)} not routable; pinned/set share released to the others")
-        fixed &= routable
-        fv = np.where(fixed, fixed_val, 0.0)
-        free_mask = routable & ~fixed
-        fsum = float(fv.sum())
-        if fsum > 1.0 + _SUM_TOL:
-            fv = fv / fsum
-            notes.append(f"fixed: pinned/set shares sum to {_fmt(fsum)} > 1; scaled down to sum 1")
-        elif not free_mask.any() and abs(fsum - 1.0) > _SUM_TOL:
-            fv = fv / fsum if fsum > 0 else fixed / fixed.sum()
-            notes.append(
-                f"fixed: every routable endpoint is pinned/set but their shares sum to {_fmt(fsum)}; scaled to sum 1"
-            )
-        free = max(0.0, 1.0 - float(fv.sum()))
-        m = int(free_mask.sum())
-        target = fv.copy()
-        if m:
-            p = prop[free_mask]
-            psum = float(p.sum())
-            target[free_mask] = p / psum * free if psum > 0 else free / m
-        if fixed.any():
-            moved_fixed = np.abs(cur[fixed] - fv[fixed])
-            if float(moved_fixed.max()) > _NOTE_TOL:
-                held = [f"{addrs[i]}={fv[i]:.4g}" for i in np.flatnonzero(fixed) if abs(cur[i] - fv[i]) > _NOTE_TOL]
-                notes.append(f"fixed: {_names(held)} set at once (operator override, exempt from max_shift)")
-
-        # Step 3b: an SLO breacher never gains traffic (whoever proposes: the baseline after
-        # a rollback knows nothing of breaches); the excess goes to the others.
-        grow = free_mask & breach & (target > cur + _NOTE_TOL)
-        others = free_mask & ~breach
-        if grow.any() and float(target[others].sum()) > 0:
-            excess = float((target - cur)[grow].sum())
-            target[grow] = cur[grow]
-            target[others] += target[others] / float(target[others].sum()) * excess
-            notes.append(f"breaching: {_names([addrs[i] for i in np.flatnonzero(grow)])} kept from gaining traffic")
-
+        _note_forced_off(addrs, cur, avail, drained, notes)
+        # Step 3: fixed shares, and an SLO breacher never gains traffic.
+        split = _fixed_split(addrs, cur, prop, fixed, fixed_val, routable, notes)
+        _keep_breachers_from_gaining(addrs, cur, split, breach, notes)
         # Step 4: floor (SLO breachers get the lower breach_min_share).
-        floors = np.where(breach, float(cfg.breach_min_share), float(cfg.min_share))[free_mask]
-        floor_acted = False
-        if m and floors.max(initial=0.0) > 0:
-            if float(floors.sum()) > free + _SUM_TOL:
-                scale = free / (2 * float(floors.sum()))
-                notes.append(
-                    f"min_share: floors summing to {_fmt(float(floors.sum()))} do not fit in the free share "
-                    f"{_fmt(free)}; floors scaled by {_fmt(scale)}"
-                )
-                floors = floors * scale
-                floor_acted = True
-            x = target[free_mask]
-            below = x < floors
-            if below.any():
-                deficit = float((floors - x)[below].sum())
-                above = np.where(below, 0.0, x - floors)
-                total_excess = float(above.sum())
-                if total_excess > 0:
-                    x = np.where(below, floors, x - above / total_excess * deficit)
-                else:  # only by rounding: the floors exactly fill the free share
-                    x = floors / float(floors.sum()) * free
-                target[free_mask] = np.maximum(x, 0.0)
-                shown = sorted({_fmt(f) for f in floors[below]})
-                notes.append(f"min_share: raised {int(below.sum())} endpoint(s) to the floor {' / '.join(shown)}")
-                floor_acted = True
-
-        # Step 5: max_shift, measured from ``forced``.
-        forced = np.where(routable, cur, 0.0)
-        forced[fixed] = fv[fixed]
-        if m:
-            c_free = float(forced[free_mask].sum())
-            if c_free > 0:
-                # Divide first: free / c_free overflows when c_free is subnormal.
-                forced[free_mask] = forced[free_mask] / c_free * free
-            else:
-                forced[free_mask] = target[free_mask]
-            # Moves off SLO breachers are not ramped (like a drain): what the proposal takes
-            # off them goes at once where the proposal adds traffic.
-            off = free_mask & breach & (forced > target + _NOTE_TOL)
-            gain = np.where(free_mask & ~breach, np.maximum(target - forced, 0.0), 0.0)
-            if off.any() and float(gain.sum()) > 0:
-                drop = np.where(off, forced - target, 0.0)
-                # Never more than the others are meant to gain (another breacher may be
-                # the one gaining): the move must not overshoot the proposal.
-                drop *= min(1.0, float(gain.sum()) / float(drop.sum()))
-                amount = float(drop.sum())
-                forced -= drop
-                forced += gain / float(gain.sum()) * amount
-                names = [addrs[i] for i in np.flatnonzero(off)]
-                notes.append(
-                    f"breaching: moved {_fmt(amount)} of traffic off {_names(names)} at once (exempt from max_shift)"
-                )
-        want = traffic_moved(forced, target)
-        limited = want > cfg.max_shift
-        if limited:
-            alpha = float(cfg.max_shift) / want
-            final = forced + alpha * (target - forced)
-            final[fixed] = fv[fixed]  # already exact (f + alpha * 0); kept explicit
-            final[~routable] = 0.0
-            final = np.maximum(final, 0.0)
-            notes.append(f"max_shift: proposal moved {_fmt(want)} of traffic, limited to {_fmt(cfg.max_shift)}")
-        else:
-            final = target
-
+        floor_acted = _raise_to_floors(split, breach, cfg, notes)
+        # Step 5: max_shift, measured from what is forced.
+        final, limited = _limit_shift(addrs, cur, split, routable, breach, cfg, notes)
         # Step 6: weights.
         weights = shares_to_weights(final, scale=WEIGHT_SCALE, available=routable)
         health = {a: ("DRAINING" if drained[i] else "HEALTHY") for i, a in enumerate(addrs)}
@@ -396,3 +273,190 @@ class Guardrails:
                 last_notes=list(self._last_notes),
             )
         return out
+
+
+# -- the steps of Guardrails.apply (see the module docstring) ---------------------------------
+
+
+@dataclass
+class _Split:
+    """Step 3's result: the target shares, the fixed ones, and the free share."""
+
+    target: np.ndarray
+    fixed: np.ndarray  # bool: routable pinned/set endpoints
+    fv: np.ndarray  # their shares (0 elsewhere)
+    free_mask: np.ndarray  # bool: routable and not fixed
+    free: float  # 1 - sum(fixed shares)
+
+
+def _overrides(
+    addrs: list[str], overrides: Mapping[str, Override], notes: list[str]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(drained, fixed, fixed share)`` per endpoint; overrides of unknown ones noted."""
+    n = len(addrs)
+    index = {a: i for i, a in enumerate(addrs)}
+    unknown = sorted(a for a in overrides if a not in index)
+    if unknown:
+        notes.append(f"overrides: ignored for unknown endpoint(s) {_names(unknown)}")
+    drained = np.zeros(n, dtype=bool)
+    fixed = np.zeros(n, dtype=bool)
+    fixed_val = np.zeros(n)
+    for a, ov in overrides.items():
+        i = index.get(a)
+        if i is None:
+            continue
+        if ov.action == "drain":
+            drained[i] = True
+        elif ov.fixed:
+            fixed[i] = True
+            fixed_val[i] = float(ov.share or 0.0)
+    return drained, fixed, fixed_val
+
+
+def _note_forced_off(
+    addrs: list[str], cur: np.ndarray, avail: np.ndarray, drained: np.ndarray, notes: list[str]
+) -> None:
+    for mask, label in ((drained & (cur > 0), "drained"), (~avail & ~drained & (cur > 0), "unavailable")):
+        amount = float(cur[mask].sum())
+        if amount > _NOTE_TOL:
+            names = [addrs[i] for i in np.flatnonzero(mask)]
+            notes.append(
+                f"{label}: moved {_fmt(amount)} of traffic off {_names(names)} at once (exempt from max_shift)"
+            )
+
+
+def _fixed_split(
+    addrs: list[str],
+    cur: np.ndarray,
+    prop: np.ndarray,
+    fixed: np.ndarray,
+    fixed_val: np.ndarray,
+    routable: np.ndarray,
+    notes: list[str],
+) -> _Split:
+    """Fixed shares exactly; the other routable endpoints share the rest like the proposal."""
+    released = fixed & ~routable & (fixed_val > 0)
+    if released.any():
+        names = [addrs[i] for i in np.flatnonzero(released)]
+        notes.append(f"fixed: {_names(names)} not routable; pinned/set share released to the others")
+    fixed = fixed & routable
+    fv = np.where(fixed, fixed_val, 0.0)
+    free_mask = routable & ~fixed
+    fsum = float(fv.sum())
+    if fsum > 1.0 + _SUM_TOL:
+        fv = fv / fsum
+        notes.append(f"fixed: pinned/set shares sum to {_fmt(fsum)} > 1; scaled down to sum 1")
+    elif not free_mask.any() and abs(fsum - 1.0) > _SUM_TOL:
+        fv = fv / fsum if fsum > 0 else fixed / fixed.sum()
+        notes.append(
+            f"fixed: every routable endpoint is pinned/set but their shares sum to {_fmt(fsum)}; scaled to sum 1"
+        )
+    free = max(0.0, 1.0 - float(fv.sum()))
+    m = int(free_mask.sum())
+    target = fv.copy()
+    if m:
+        p = prop[free_mask]
+        psum = float(p.sum())
+        target[free_mask] = p / psum * free if psum > 0 else free / m
+    if fixed.any():
+        moved_fixed = np.abs(cur[fixed] - fv[fixed])
+        if float(moved_fixed.max()) > _NOTE_TOL:
+            held = [f"{addrs[i]}={fv[i]:.4g}" for i in np.flatnonzero(fixed) if abs(cur[i] - fv[i]) > _NOTE_TOL]
+            notes.append(f"fixed: {_names(held)} set at once (operator override, exempt from max_shift)")
+    return _Split(target=target, fixed=fixed, fv=fv, free_mask=free_mask, free=free)
+
+
+def _keep_breachers_from_gaining(
+    addrs: list[str], cur: np.ndarray, split: _Split, breach: np.ndarray, notes: list[str]
+) -> None:
+    """Whoever proposes (the baseline after a rollback knows nothing of breaches), an SLO
+    breacher never gains traffic; the excess goes to the others."""
+    target, free_mask = split.target, split.free_mask
+    grow = free_mask & breach & (target > cur + _NOTE_TOL)
+    others = free_mask & ~breach
+    if grow.any() and float(target[others].sum()) > 0:
+        excess = float((target - cur)[grow].sum())
+        target[grow] = cur[grow]
+        target[others] += target[others] / float(target[others].sum()) * excess
+        notes.append(f"breaching: {_names([addrs[i] for i in np.flatnonzero(grow)])} kept from gaining traffic")
+
+
+def _raise_to_floors(split: _Split, breach: np.ndarray, cfg: GuardrailConfig, notes: list[str]) -> bool:
+    """Every free endpoint at least its floor, paid for by the others in proportion to
+    their excess over theirs; True when the floors changed anything."""
+    target, free_mask, free = split.target, split.free_mask, split.free
+    floors = np.where(breach, float(cfg.breach_min_share), float(cfg.min_share))[free_mask]
+    floor_acted = False
+    if not free_mask.any() or floors.max(initial=0.0) <= 0:
+        return False
+    if float(floors.sum()) > free + _SUM_TOL:
+        scale = free / (2 * float(floors.sum()))
+        notes.append(
+            f"min_share: floors summing to {_fmt(float(floors.sum()))} do not fit in the free share "
+            f"{_fmt(free)}; floors scaled by {_fmt(scale)}"
+        )
+        floors = floors * scale
+        floor_acted = True
+    x = target[free_mask]
+    below = x < floors
+    if below.any():
+        deficit = float((floors - x)[below].sum())
+        above = np.where(below, 0.0, x - floors)
+        total_excess = float(above.sum())
+        if total_excess > 0:
+            x = np.where(below, floors, x - above / total_excess * deficit)
+        else:  # only by rounding: the floors exactly fill the free share
+            x = floors / float(floors.sum()) * free
+        target[free_mask] = np.maximum(x, 0.0)
+        shown = sorted({_fmt(f) for f in floors[below]})
+        notes.append(f"min_share: raised {int(below.sum())} endpoint(s) to the floor {' / '.join(shown)}")
+        floor_acted = True
+    return floor_acted
+
+
+def _limit_shift(
+    addrs: list[str],
+    cur: np.ndarray,
+    split: _Split,
+    routable: np.ndarray,
+    breach: np.ndarray,
+    cfg: GuardrailConfig,
+    notes: list[str],
+) -> tuple[np.ndarray, bool]:
+    """``forced`` (what moves at once) plus at most ``max_shift`` of the rest of the way
+    to the target; ``(final shares, limited)``."""
+    target, fixed, fv, free_mask, free = split.target, split.fixed, split.fv, split.free_mask, split.free
+    forced = np.where(routable, cur, 0.0)
+    forced[fixed] = fv[fixed]
+    if free_mask.any():
+        c_free = float(forced[free_mask].sum())
+        if c_free > 0:
+            # Divide first: free / c_free overflows when c_free is subnormal.
+            forced[free_mask] = forced[free_mask] / c_free * free
+        else:
+            forced[free_mask] = target[free_mask]
+        # Moves off SLO breachers are not ramped (like a drain): what the proposal takes
+        # off them goes at once where the proposal adds traffic.
+        off = free_mask & breach & (forced > target + _NOTE_TOL)
+        gain = np.where(free_mask & ~breach, np.maximum(target - forced, 0.0), 0.0)
+        if off.any() and float(gain.sum()) > 0:
+            drop = np.where(off, forced - target, 0.0)
+            # Never more than the others are meant to gain (another breacher may be
+            # the one gaining): the move must not overshoot the proposal.
+            drop *= min(1.0, float(gain.sum()) / float(drop.sum()))
+            amount = float(drop.sum())
+            forced -= drop
+            forced += gain / float(gain.sum()) * amount
+            names = [addrs[i] for i in np.flatnonzero(off)]
+            notes.append(
+                f"breaching: moved {_fmt(amount)} of traffic off {_names(names)} at once (exempt from max_shift)"
+            )
+    want = traffic_moved(forced, target)
+    if want <= cfg.max_shift:
+        return target, False
+    alpha = float(cfg.max_shift) / want
+    final = forced + alpha * (target - forced)
+    final[fixed] = fv[fixed]  # already exact (f + alpha * 0); kept explicit
+    final[~routable] = 0.0
+    notes.append(f"max_shift: proposal moved {_fmt(want)} of traffic, limited to {_fmt(cfg.max_shift)}")
+    return np.maximum(final, 0.0), True
