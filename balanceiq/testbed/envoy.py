@@ -114,7 +114,38 @@ def render_bootstrap(
         else {"api_config_source": api_source, "resource_api_version": "V3"}
     )
 
-    xds_cluster: dict[str, Any] = {
+    clusters: list[dict[str, Any]] = [_xds_cluster(settings, xds_host, xds_port or settings.xds.port)]
+    access_log: list[dict[str, Any]] = []
+    if settings.telemetry.als_enabled:
+        # Per-endpoint latency for any backend: Envoy streams each request's upstream
+        # host and timings to BalanceIQ's ALS exporter (balanceiq/telemetry/als.py).
+        from balanceiq.telemetry.als import access_log_config, als_cluster_config
+
+        access_log.append(access_log_config(sample_percent=settings.telemetry.als_sample_percent))
+    lb = _lb_config(lb_policy or settings.envoy.lb_policy)
+    for c in settings.clusters:
+        clusters.append(_service_cluster(c.name, settings, eds_config, lb, health_check_interval_s))
+    if access_log:
+        # Last, so clusters[1:] are the service clusters in config order.
+        clusters.append(als_cluster_config("127.0.0.1", settings.telemetry.als_grpc_port))
+    listener = _listener(
+        settings.envoy.listen_host, listen_port or settings.envoy.listen_port, access_log, cluster_routes(settings)
+    )
+    bootstrap: dict[str, Any] = {
+        "node": {"id": node_id, "cluster": "balanceiq"},
+        "admin": {"address": {"socket_address": {"address": admin_host, "port_value": admin_port or cfg_admin_port}}},
+        "static_resources": {"listeners": [listener], "clusters": clusters},
+    }
+    if ads:
+        bootstrap["dynamic_resources"] = {"ads_config": api_source}
+    return bootstrap
+
+
+def _xds_cluster(settings: Settings, host: str, port: int) -> dict[str, Any]:
+    """The static cluster Envoy reaches BalanceIQ's xDS server through (HTTP/2, TLS when
+    configured)."""
+    endpoint = {"endpoint": {"address": {"socket_address": {"address": host, "port_value": port}}}}
+    cluster: dict[str, Any] = {
         "name": "xds_cluster",
         "type": "STATIC",
         "connect_timeout": "1s",
@@ -124,125 +155,65 @@ def render_bootstrap(
                 "explicit_http_config": {"http2_protocol_options": {}},
             }
         },
-        "load_assignment": {
-            "cluster_name": "xds_cluster",
-            "endpoints": [
-                {
-                    "lb_endpoints": [
-                        {
-                            "endpoint": {
-                                "address": {
-                                    "socket_address": {
-                                        "address": xds_host,
-                                        "port_value": xds_port or settings.xds.port,
-                                    }
-                                }
-                            }
-                        }
-                    ]
-                }
-            ],
-        },
+        "load_assignment": {"cluster_name": "xds_cluster", "endpoints": [{"lb_endpoints": [endpoint]}]},
     }
-    tls = settings.xds.tls
-    if tls.enabled:
-        xds_cluster["transport_socket"] = _xds_tls_socket(tls)
+    if settings.xds.tls.enabled:
+        cluster["transport_socket"] = _xds_tls_socket(settings.xds.tls)
+    return cluster
 
-    clusters: list[dict[str, Any]] = [xds_cluster]
-    access_log: list[dict[str, Any]] = []
-    if settings.telemetry.als_enabled:
-        # Per-endpoint latency for any backend: Envoy streams each request's upstream
-        # host and timings to BalanceIQ's ALS exporter (balanceiq/telemetry/als.py).
-        from balanceiq.telemetry.als import access_log_config, als_cluster_config
 
-        access_log.append(access_log_config(sample_percent=settings.telemetry.als_sample_percent))
-    for c in settings.clusters:
-        clusters.append(
+def _service_cluster(
+    name: str, settings: Settings, eds_config: dict[str, Any], lb: dict[str, Any], health_check_interval_s: float
+) -> dict[str, Any]:
+    """One steered cluster: endpoints and weights over EDS, active health checks, and
+    outlier detection as the original service had it."""
+    return {
+        "name": name,
+        "type": "EDS",
+        "connect_timeout": "1s",
+        **lb,
+        "eds_cluster_config": {"service_name": name, "eds_config": eds_config},
+        "common_lb_config": {"update_merge_window": f"{settings.envoy.update_merge_window_ms / 1000:g}s"},
+        "track_cluster_stats": {"per_endpoint_stats": True},
+        "health_checks": [
             {
-                "name": c.name,
-                "type": "EDS",
-                "connect_timeout": "1s",
-                **_lb_config(lb_policy or settings.envoy.lb_policy),
-                "eds_cluster_config": {"service_name": c.name, "eds_config": eds_config},
-                "common_lb_config": {"update_merge_window": f"{settings.envoy.update_merge_window_ms / 1000:g}s"},
-                "track_cluster_stats": {"per_endpoint_stats": True},
-                "health_checks": [
-                    {
-                        "timeout": "1s",
-                        "interval": f"{health_check_interval_s:g}s",
-                        "unhealthy_threshold": 2,
-                        "healthy_threshold": 1,
-                        "http_health_check": {"path": "/healthz"},
-                    }
-                ],
-                # As the original: eject after 5 consecutive 5xx. Success-rate ejection
-                # is off: gradual degradation is the controller's job (it lowers the
-                # weight), and Envoy silently ejecting a 2%-error backend would make the
-                # split differ from the weights we pushed.
-                "outlier_detection": {
-                    "consecutive_5xx": 5,
-                    "enforcing_success_rate": 0,
-                    "interval": "5s",
-                    "base_ejection_time": "15s",
-                    "max_ejection_percent": 50,
-                },
+                "timeout": "1s",
+                "interval": f"{health_check_interval_s:g}s",
+                "unhealthy_threshold": 2,
+                "healthy_threshold": 1,
+                "http_health_check": {"path": "/healthz"},
             }
-        )
-
-    if access_log:
-        # Last, so clusters[1:] are the service clusters in config order.
-        clusters.append(als_cluster_config("127.0.0.1", settings.telemetry.als_grpc_port))
-    routes = cluster_routes(settings)
-    bootstrap: dict[str, Any] = {
-        "node": {"id": node_id, "cluster": "balanceiq"},
-        "admin": {"address": {"socket_address": {"address": admin_host, "port_value": admin_port or cfg_admin_port}}},
-        "static_resources": {
-            "listeners": [
-                {
-                    "name": "ingress",
-                    "address": {
-                        "socket_address": {
-                            "address": settings.envoy.listen_host,
-                            "port_value": listen_port or settings.envoy.listen_port,
-                        }
-                    },
-                    "filter_chains": [
-                        {
-                            "filters": [
-                                {
-                                    "name": "envoy.filters.network.http_connection_manager",
-                                    "typed_config": {
-                                        "@type": HCM,
-                                        "stat_prefix": "ingress",
-                                        **({"access_log": access_log} if access_log else {}),
-                                        "route_config": {
-                                            "virtual_hosts": [
-                                                {
-                                                    "name": "all",
-                                                    "domains": ["*"],
-                                                    "routes": routes,
-                                                }
-                                            ]
-                                        },
-                                        "http_filters": [
-                                            {
-                                                "name": "envoy.filters.http.router",
-                                                "typed_config": {"@type": ROUTER},
-                                            }
-                                        ],
-                                    },
-                                }
-                            ]
-                        }
-                    ],
-                }
-            ],
-            "clusters": clusters,
+        ],
+        # As the original: eject after 5 consecutive 5xx. Success-rate ejection is off:
+        # gradual degradation is the controller's job (it lowers the weight), and Envoy
+        # silently ejecting a 2%-error backend would make the split differ from the
+        # weights we pushed.
+        "outlier_detection": {
+            "consecutive_5xx": 5,
+            "enforcing_success_rate": 0,
+            "interval": "5s",
+            "base_ejection_time": "15s",
+            "max_ejection_percent": 50,
         },
     }
-    if ads:
-        bootstrap["dynamic_resources"] = {"ads_config": api_source}
-    return bootstrap
+
+
+def _listener(host: str, port: int, access_log: list[dict[str, Any]], routes: list[dict[str, Any]]) -> dict[str, Any]:
+    """The ingress listener: one HTTP connection manager routing to the clusters."""
+    hcm: dict[str, Any] = {
+        "@type": HCM,
+        "stat_prefix": "ingress",
+        **({"access_log": access_log} if access_log else {}),
+        "route_config": {"virtual_hosts": [{"name": "all", "domains": ["*"], "routes": routes}]},
+        "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {"@type": ROUTER}}],
+    }
+    return {
+        "name": "ingress",
+        "address": {"socket_address": {"address": host, "port_value": port}},
+        "filter_chains": [
+            {"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]}
+        ],
+    }
 
 
 def cluster_routes(settings: Settings) -> list[dict[str, Any]]:
