@@ -96,13 +96,15 @@ def _ep(o: Observation, address: str):  # type: ignore[no-untyped-def]
 
 def test_healthy_traffic_is_observed_from_prometheus(live: Live) -> None:
     addrs = [ep.address for ep in live.settings.clusters[0].endpoints]
+    # The first usable window can still hold the load's start (CI once: 9.4 req/s at one
+    # endpoint of ~50), so wait for the steady rate, then check the rest of that observation.
     o = live.wait_for(
-        lambda o: o.source == "prometheus" and all(e.usable and e.p95_ms > 0 for e in o.endpoints),
+        lambda o: o.source == "prometheus" and all(e.usable and e.p95_ms > 0 and e.rps > 10 for e in o.endpoints),
         timeout=30,
-        what="usable observation of every endpoint",
+        what="usable observation of every endpoint at > 10 req/s",
     )
     for e in o.endpoints:
-        assert e.rps > 10 and e.error_rate == 0.0 and e.healthy is True
+        assert e.error_rate == 0.0 and e.healthy is True
         assert e.age_s < 5 and e.weight == 1 and math.isfinite(e.cost_per_million)
     # Testbed latencies by cloud: aws 15, gcp 25, azure 35 ms (+ up to 1 ms jitter).
     expected = [15, 25, 35]
