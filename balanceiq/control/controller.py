@@ -475,9 +475,7 @@ class Controller:
             return self._record(
                 base, mode="standby", notes=(f"lease held by {self.lease.get('holder')}",), step_ms=_ms_since(t0)
             )
-        self._adopt_current()
-        base["previous"] = dict(self.weights)
-        base["weights"] = dict(self.weights)
+        self._adopt_current()  # _observe then records the weights adopted
         return None
 
     def _follow_envoy(self, obs: Observation) -> None:

@@ -386,9 +386,9 @@ def _raise_to_floors(split: _Split, breach: np.ndarray, cfg: GuardrailConfig, no
     their excess over theirs; True when the floors changed anything."""
     target, free_mask, free = split.target, split.free_mask, split.free
     floors = np.where(breach, float(cfg.breach_min_share), float(cfg.min_share))[free_mask]
-    floor_acted = False
     if not free_mask.any() or floors.max(initial=0.0) <= 0:
         return False
+    floor_acted = False
     if float(floors.sum()) > free + _SUM_TOL:
         scale = free / (2 * float(floors.sum()))
         notes.append(

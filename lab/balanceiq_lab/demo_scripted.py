@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any, cast
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from balanceiq.config import EndpointConfig, Settings
@@ -26,6 +25,7 @@ from balanceiq.testbed.envoy import endpoint_health, endpoint_weights
 from balanceiq.testbed.load import LoadResult, run_load_sync
 from balanceiq.testbed.ports import check_ports_free
 from balanceiq.testbed.testbed import Testbed
+from balanceiq_lab.progress import progress_bar
 
 
 @dataclass(frozen=True)
@@ -95,14 +95,7 @@ def run_demo(settings: Settings, *, requests_per_phase: int, out_dir: Path, cons
                     f"[green]up[/]: proxy {tb.envoy.listen_url}  admin {tb.envoy.admin_url}  xDS {settings.xds.host}:{settings.xds.port}"
                 )
                 health: dict[str, str] = {}
-                with Progress(
-                    TextColumn("{task.description}"),
-                    BarColumn(),
-                    MofNCompleteColumn(),
-                    TimeElapsedColumn(),
-                    console=console,
-                    transient=True,
-                ) as progress:
+                with progress_bar(console) as progress:
                     task = progress.add_task("phases", total=len(phases))
                     for phase in phases:
                         progress.update(task, description=f"phase: {phase.name}")

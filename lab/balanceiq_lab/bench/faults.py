@@ -67,7 +67,6 @@ from envoy.config.core.v3 import health_check_pb2
 from envoy.config.endpoint.v3 import endpoint_pb2
 from envoy.service.discovery.v3 import discovery_pb2
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from balanceiq.config import Settings
 from balanceiq.control.controller import Controller, ControlLoop
@@ -82,6 +81,7 @@ from balanceiq.testbed.testbed import Testbed
 from balanceiq.xds.server import XdsServer
 from balanceiq.xds.snapshot import EDS_TYPE
 from balanceiq_lab.openloop import OpenLoopResult, arrival_schedule, run_open_loop_sync
+from balanceiq_lab.progress import progress_bar
 
 FAULTS = (
     "envoy_restarted",
@@ -1683,14 +1683,7 @@ def run_faults(
     # Ray's driver prints from its own threads to stdout; stdout is for the JSON object.
     with contextlib.redirect_stdout(sys.stderr):
         try:
-            with Progress(
-                TextColumn("{task.description}"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TimeElapsedColumn(),
-                console=console,
-                transient=True,
-            ) as bar:
+            with progress_bar(console) as bar:
                 task = bar.add_task("faults", total=len(names))
 
                 def say(msg: str) -> None:

@@ -64,7 +64,7 @@ import httpx
 import numpy as np
 import psutil
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import Progress
 
 from balanceiq.config import BACKEND_SATURATION, EndpointConfig, Settings, SignalQuery
 from balanceiq.exceptions import BalanceIQError, BenchError
@@ -74,6 +74,7 @@ from balanceiq.testbed.ports import settings_on_free_ports
 from balanceiq.testbed.scenario import LiveEvent, LiveScenario, state_truth, states_after
 from balanceiq_lab.bench.processes import cpu_by_role, leftovers
 from balanceiq_lab.openloop import ARRIVALS, OpenLoopResult, latency_summary
+from balanceiq_lab.progress import progress_bar
 
 # -- the arms ---------------------------------------------------------------------------------
 
@@ -1377,14 +1378,7 @@ def _run(
             if cap["leftover_processes"]:
                 notes.append(f"capacity stack left processes: {cap['leftover_processes']}")
         result["arms"] = {}
-        with Progress(
-            TextColumn("{task.description}"),
-            BarColumn(),
-            TextColumn("{task.completed:>5.0f}/{task.total:.0f} s"),
-            TimeElapsedColumn(),
-            console=console,
-            transient=True,
-        ) as progress:
+        with progress_bar(console, count="{task.completed:>5.0f}/{task.total:.0f} s") as progress:
             for arm in arms:
                 console.print(
                     f"[bold]{arm.label}[/]: fresh testbed, {warmup_s:g} s warm-up + {duration_s:g} s of {scenario.name}"

@@ -39,11 +39,11 @@ from typing import Any
 import numpy as np
 import psutil
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from balanceiq.config import Settings
 from balanceiq.exceptions import BenchError
 from balanceiq_lab.bench.xds_clients import ClientProcesses
+from balanceiq_lab.progress import progress_bar
 
 MAX_RATE = 2000.0
 MAX_DURATION_S = 3600.0
@@ -394,13 +394,8 @@ def _drive(
     limit = duration_s + API_TIMEOUT_S + 60  # the schedule, the last answers, a spawn
     t0 = time.monotonic()
     try:
-        with Progress(
-            TextColumn(f"API at {rate_rps:g} req/s"),
-            BarColumn(),
-            TextColumn("{task.completed:.0f}/{task.total:.0f} s"),
-            TimeElapsedColumn(),
-            console=console,
-            transient=True,
+        with progress_bar(
+            console, f"API at {rate_rps:g} req/s", count="{task.completed:.0f}/{task.total:.0f} s"
         ) as progress:
             task = progress.add_task("load", total=duration_s)
             while not parent.poll(0.5):
@@ -512,14 +507,7 @@ def run_xds_soak(
                     raise BenchError(f"{server.status()['connected']} of {streams + 1} streams connected")
             rss0 = proc.memory_info().rss / 2**20
             pushes = int(duration_s / push_interval_s)
-            with Progress(
-                TextColumn("pushes"),
-                BarColumn(),
-                TextColumn("{task.completed}/{task.total}"),
-                TimeElapsedColumn(),
-                console=console,
-                transient=True,
-            ) as progress:
+            with progress_bar(console, "pushes", count="{task.completed}/{task.total}") as progress:
                 task = progress.add_task("soak", total=pushes)
                 t_start = time.monotonic()
                 for i in range(pushes):

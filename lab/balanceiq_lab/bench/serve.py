@@ -58,7 +58,6 @@ from typing import Any
 import numpy as np
 import psutil
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from balanceiq.config import Settings, critical_count
 from balanceiq.exceptions import BalanceIQError, BenchError
@@ -69,6 +68,7 @@ from balanceiq.policy.reward import RewardWeights
 from balanceiq.telemetry.observation import EndpointObservation, Observation
 from balanceiq.testbed.ports import free_port, settings_on_free_ports
 from balanceiq_lab.bench.processes import cpu_by_role, leftovers
+from balanceiq_lab.progress import progress_bar
 
 APP_NAME = "balanceiq-bench"
 TESTBED_ENDPOINTS = 6  # the controller's own cluster; --endpoints sizes the scoring requests
@@ -1012,14 +1012,7 @@ def _run(
 
             http_inner: list[float] = []
             foreign_inf0, t_inf = _cpu_by_foreign_process(), time.monotonic()
-            with Progress(
-                TextColumn("{task.description}"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TimeElapsedColumn(),
-                console=console,
-                transient=True,
-            ) as progress:
+            with progress_bar(console) as progress:
                 try:
                     task = progress.add_task("warm-up", total=2 * WARMUP_CALLS)
                     _timed_calls(handle_call, WARMUP_CALLS, lambda: progress.advance(task))
@@ -1067,14 +1060,7 @@ def _run(
             t_phases = time.time()
             for key, rate in phases:
                 foreign0, ours0 = _cpu_by_foreign_process(), _cpu_by_role()
-                with Progress(
-                    TextColumn("{task.description}"),
-                    BarColumn(),
-                    MofNCompleteColumn(),
-                    TimeElapsedColumn(),
-                    console=console,
-                    transient=True,
-                ) as progress:
+                with progress_bar(console) as progress:
                     task = progress.add_task(
                         f"API open loop, {rate:g} req/s", total=len(send_schedule(rate, duration_s))
                     )

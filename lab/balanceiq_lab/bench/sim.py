@@ -37,13 +37,13 @@ from typing import Any
 
 import numpy as np
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from balanceiq.exceptions import BenchError
 from balanceiq.policy.baselines import BASELINES
 from balanceiq.sim.bench import steps_per_second
 from balanceiq.sim.evaluate import _policy, least_move_off_static, run_pair
 from balanceiq.sim.scenario import SCENARIOS
+from balanceiq_lab.progress import progress_bar
 
 DEFAULT_POLICIES = (
     "equal",
@@ -81,14 +81,7 @@ def run_sim_bench(
     results: dict[str, dict[str, dict[str, Any]]] = {}
     floors: dict[str, dict[str, Any]] = {}
     t0 = time.monotonic()
-    with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=console,
-        transient=True,
-    ) as progress:
+    with progress_bar(console) as progress:
         task = progress.add_task("scenario x policy", total=len(scenarios) * len(policies))
         for sc in scenarios:
             results[sc] = {}

@@ -55,7 +55,6 @@ from typing import Any
 
 import numpy as np
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from balanceiq.config import BackendProfile, ClusterConfig, EndpointConfig, Settings, default_settings
 from balanceiq.exceptions import BenchError
@@ -76,6 +75,7 @@ from balanceiq_lab.bench.live import (
     validate_args,
 )
 from balanceiq_lab.bench.processes import leftovers
+from balanceiq_lab.progress import progress_bar
 
 # -- knobs -------------------------------------------------------------------------------------
 
@@ -823,14 +823,7 @@ def _run_suite(
         if any(a.family == "balanceiq" for a in arms):
             scorer, info = _load_scorer(console)
             result["setup"]["policy"] = info
-        with Progress(
-            TextColumn("{task.description}"),
-            BarColumn(),
-            TextColumn("{task.completed:>5.0f}/{task.total:.0f} s"),
-            TimeElapsedColumn(),
-            console=console,
-            transient=True,
-        ) as progress:
+        with progress_bar(console, count="{task.completed:>5.0f}/{task.total:.0f} s") as progress:
             for k, fleet in enumerate(fleets):
                 fj = fleet.to_json()
                 console.print(

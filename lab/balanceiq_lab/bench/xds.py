@@ -25,7 +25,6 @@ import httpx
 import numpy as np
 import psutil
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from balanceiq.config import Settings, settings_from_dict
 from balanceiq.exceptions import BenchError
@@ -33,6 +32,7 @@ from balanceiq.testbed.envoy import EnvoyProcess, endpoint_weights, render_boots
 from balanceiq.testbed.ports import free_ports
 from balanceiq.xds.server import XdsServer
 from balanceiq_lab.bench.xds_clients import ClientProcesses
+from balanceiq_lab.progress import progress_bar
 
 CLUSTER = "my_service"
 ENVOY_NODE = "bench-envoy"
@@ -147,14 +147,7 @@ def run_xds_bench(
             rng = random.Random(7)
             admin = httpx.Client(base_url=envoy.admin_url, timeout=5.0)
             stat = f"cluster.{CLUSTER}.update_success"
-            with Progress(
-                TextColumn("pushes"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TimeElapsedColumn(),
-                console=console,
-                transient=True,
-            ) as progress:
+            with progress_bar(console, "pushes") as progress:
                 task = progress.add_task("push", total=pushes)
                 for i in range(pushes):
                     weights = {a: rng.randint(1, 1000) for a in addrs}
