@@ -44,15 +44,22 @@ def _reap_half_started_node() -> None:
     import subprocess
     import warnings
 
-    for obj in gc.get_objects():
-        if isinstance(obj, subprocess.Popen) and obj.returncode is None and "/ray/" in str(obj.args):
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", ResourceWarning)
-                obj.kill()
-                try:
-                    obj.wait(10)
-                except subprocess.TimeoutExpired:
-                    pass
+    # type(), not isinstance(): isinstance falls back to obj.__class__, and some objects
+    # in the heap warn when touched (torch.distributed.reduce_op: a FutureWarning, an
+    # error under -W error, which turned this clean-up into the setup error itself).
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        running = [
+            obj
+            for obj in gc.get_objects()
+            if issubclass(type(obj), subprocess.Popen) and obj.returncode is None and "/ray/" in str(obj.args)
+        ]
+        for proc in running:
+            proc.kill()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                pass
 
 
 def init_local_ray(namespace: str) -> None:
