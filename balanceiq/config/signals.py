@@ -70,7 +70,10 @@ def _default_queries(recording_rules: bool = True) -> dict[str, SignalQuery]:
         # reads "no traffic", not 0/0, and a dead one reads 1.0, not "idle".
         "errors": _envoy_query(f"{by} (rate(envoy_cluster_endpoint_rq_error{{{_ENVOY_SEL}}}[$window]))"),
         "success": _envoy_query(f"{by} (rate(envoy_cluster_endpoint_rq_success{{{_ENVOY_SEL}}}[$window]))"),
-        "inflight": _envoy_query(f"{by} (envoy_cluster_endpoint_rq_active{{{_ENVOY_SEL}}})"),
+        # The mean over the window, not the gauge's last sample: Little's law (time in
+        # system = mean in-flight / rate) needs the mean, and one sample of a bursty
+        # gauge reads a queue at a tenth of an endpoint's capacity.
+        "inflight": _envoy_query(f"{by} (avg_over_time(envoy_cluster_endpoint_rq_active{{{_ENVOY_SEL}}}[$window]))"),
         "healthy": _envoy_query(f"min by (envoy_endpoint_address) (envoy_cluster_endpoint_healthy{{{_ENVOY_SEL}}})"),
         "last_sample": _envoy_query(
             f"max by (envoy_endpoint_address) (timestamp(envoy_cluster_endpoint_rq_total{{{_ENVOY_SEL}}}))"

@@ -84,6 +84,10 @@ class Knobs:
     """Every endpoint may grow to at least this share of demand, however quiet it was."""
     max_step: float = 0.05
     """An endpoint gains at most this share of demand per decision (bounded steps)."""
+    max_shrink: float = 0.04
+    """A steady endpoint (not breaching, congested or repriced) loses at most this share
+    per decision: shed at once for a small gain, it is what the next event needs back.
+    Below the 5-point step that counts towards a reversal, with room for rounding."""
     cooldown: int = 3
     """Decisions a congested or breaching endpoint waits before it may grow again."""
     breach_error_rate: float = 0.01
@@ -403,11 +407,20 @@ def estimate(
         # little, so its latency reads stale while Envoy's rq_active climbs.
         q = float(inflight[i]) if math.isfinite(inflight[i]) and inflight[i] > 0 else 0.0
         recent = p95[i] if math.isfinite(p95[i]) else (m.base_ms if math.isfinite(m.base_ms) else math.nan)
+        little_ratio = math.nan
         if q >= 2.0:
             little_ms = 1000.0 * q / load if load > 0 else math.inf
-            if not math.isfinite(recent) or little_ms > max(2.0 * recent, 50.0):
+            # Far older, not merely older: rq_active is a sampled gauge, and a time average
+            # of samples reads high when scrapes meet bursts (seen: 53 ms by Little's law at
+            # a 17 ms median); a fresh, well-sampled latency measures queueing directly.
+            if not math.isfinite(recent) or little_ms > max(3.0 * recent, recent + 100.0):
                 queueing = True
-        ratio = m.ratio if queueing and math.isfinite(m.ratio) else 2 * CONGESTED_RATIO
+                if math.isfinite(m.base_ms) and m.base_ms > 0:
+                    little_ratio = little_ms / m.base_ms
+        # How long requests wait, over the baseline: the median's word, or Little's law's
+        # when that says more (a median of the few that complete reads as no queue at all).
+        waits = [r for r in (m.ratio, little_ratio) if math.isfinite(r)]
+        ratio = max(waits) if queueing and waits else 2 * CONGESTED_RATIO
         if queueing and load > 0:
             # How busy it is, from how much it queues at this load (M/M/c, the servers
             # inferred): a one-slot backend queues at a third of its capacity, a
@@ -415,7 +428,7 @@ def estimate(
             util = queue_utilisation(load * m.base_ms / 1000.0, ratio - 1.0) if math.isfinite(m.base_ms) else 1.0
             ceiling = load / util
             congested[i] = True
-        elif load >= MIN_PROBE_RPS and not queueing:
+        elif load >= MIN_PROBE_RPS and not queueing and i not in breaching:
             good = max(good, load)
         # The backend's own saturation gauge (or an ORCA utilisation) when it reports one.
         measured = load / sat[i] if math.isfinite(sat[i]) and sat[i] > 0.02 and load > 0 else math.nan
@@ -435,6 +448,7 @@ def estimate(
             c = (
                 max(
                     load,
+                    good,
                     min(knobs.growth * max(good, load, knobs.probe_share * demand), load + knobs.max_step * demand),
                 )
                 / UNCONGESTED_UTIL
@@ -462,6 +476,11 @@ def estimate(
                 bound = min(knobs.growth * max(good, load, probe), load + knobs.max_step * demand)
                 if math.isfinite(ceiling):
                     bound = min(bound, max(0.9 * ceiling, load))
+                else:
+                    # Never seen queueing: what it carried cleanly lately is known headroom,
+                    # not a probe; one shed for price takes it back at once when an event
+                    # needs it (after a queue, the ceiling decides instead).
+                    bound = max(bound, good)
                 max_load[i] = bound
         if not avail[i]:
             cap[i] = 0.0
@@ -548,6 +567,16 @@ def decide(
                 max_share = capped
             else:
                 notes.append("price: a repriced endpoint may gain share, the others lack headroom")
+    min_share = None
+    if knobs.safe_moves:
+        # Bounded steps down as well as up: only trouble (a breach, a queue, a price
+        # change) moves traffic off an endpoint at once; the LP's preference alone
+        # moves it gradually, so an endpoint is not emptied one decision and refilled
+        # the next (ping-pong) while the others grow in bounded steps.
+        urgent = set(breaching) | set(held) | set(repriced) | {int(j) for j in np.flatnonzero(est.congested)}
+        urgent |= {i for i, e in enumerate(obs.endpoints) if math.isfinite(mem[e.address].dearer_share)}
+        steady = np.array([avail[i] and i not in urgent for i in range(n)])
+        min_share = np.where(steady, np.maximum(shares - knobs.max_shrink, 0.0), 0.0)
     latency = None
     if knobs.latency_weight > 0:
         # A quiet endpoint's latency is what it last measured (fading over LATENCY_MEMORY_S),
@@ -577,11 +606,16 @@ def decide(
         latency=latency,
         latency_weight=knobs.latency_weight,
         max_share=max_share,
+        min_share=min_share,
     )
     if max_share is not None:
         # Grown as far as its safe-move bound allows: the LP wanted more, so it stays
         # critical until it has what the LP wants (CFR-RL re-routes until converged).
         bound = (res.shares > shares + 1e-6) & np.isfinite(max_share) & (res.shares >= max_share - 1e-6)
+        if min_share is not None:
+            # Likewise one held up by its bounded step down: it stays critical until it has
+            # shed what the LP wants off it, or it keeps a stop-gap share for good.
+            bound |= (res.shares < shares - 1e-6) & (min_share > 0) & (res.shares <= min_share + 1e-6)
         for j in np.flatnonzero(bound):
             a = obs.endpoints[int(j)].address
             mem[a] = replace(mem[a], recovering=max(mem[a].recovering, 2))

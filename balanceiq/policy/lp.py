@@ -248,6 +248,7 @@ def _lp(
     demand: float,
     knee: float = 0.0,
     upper: np.ndarray | None = None,
+    lower: np.ndarray | None = None,
 ) -> np.ndarray | None:
     """Critical shares minimising U + cost_coef @ x (+ balance and tie-break), or None on failure."""
     m = cap.shape[0]
@@ -282,7 +283,9 @@ def _lp(
     c /= float(np.abs(c).max())
     a_eq = np.zeros((1, nv))
     a_eq[0, :m] = 1.0
-    xb = [(0.0, None)] * m if upper is None else [(0.0, float(u) if math.isfinite(u) else None) for u in upper]
+    lo = np.zeros(m) if lower is None else lower
+    up = np.full(m, np.inf) if upper is None else upper
+    xb = [(float(a), float(u) if math.isfinite(u) else None) for a, u in zip(lo, up, strict=True)]
     bounds = xb + [(floor / k_u, None)] + ([(0.0, None), (knee / k_u, None)] if tie else [])
     try:
         with warnings.catch_warnings():
@@ -326,6 +329,7 @@ def _solve(
     latency: np.ndarray | None = None,
     latency_weight: float = 0.0,
     max_share: np.ndarray | None = None,
+    min_share: np.ndarray | None = None,
 ) -> LpResult:
     n = shares.shape[0]
     cap = _nonneg(capacity)
@@ -382,7 +386,14 @@ def _solve(
                 upper = upper * (budget / room) * (1 + 1e-6)
             elif finite.all():
                 upper = None
-    x = _lp(cap[idx], cost_coef, budget, floor, d_plan, _clean_scalar(util_target), upper)
+    lower = None
+    if min_share is not None:
+        lower = np.where(np.isfinite(min_share) & (min_share > 0), min_share, 0.0)[idx]
+        if upper is not None:
+            lower = np.minimum(lower, upper)
+        if lower.sum() > budget:
+            lower = lower * (budget / float(lower.sum())) * (1 - 1e-9)
+    x = _lp(cap[idx], cost_coef, budget, floor, d_plan, _clean_scalar(util_target), upper, lower)
     fallback = None
     if x is None:
         x = budget * cap[idx] / cap[idx].sum()
@@ -404,6 +415,7 @@ def solve_critical(
     latency: np.ndarray | Sequence[float] | None = None,
     latency_weight: float = 0.0,
     max_share: np.ndarray | Sequence[float] | None = None,
+    min_share: np.ndarray | Sequence[float] | None = None,
 ) -> LpResult:
     """Re-optimise only the ``critical`` endpoints (indices or a bool mask); see the module doc.
 
@@ -412,7 +424,9 @@ def solve_critical(
     free, so below it the cost term alone decides (cheap endpoints fill up to the target
     before dear ones get traffic); 0 is the pure min-max form. ``max_share`` bounds each
     critical endpoint's share (NaN/inf: unbounded); bounds that cannot hold the critical
-    traffic are stretched by one common factor until they can. Raises ValueError only for
+    traffic are stretched by one common factor until they can; ``min_share`` is the share
+    each keeps at least (never above its bound; scaled down if together they exceed the
+    critical traffic). Raises ValueError only for
     structural problems (empty input, mismatched lengths, critical index out of range).
     """
     s = _vector("shares", shares)
@@ -432,6 +446,7 @@ def solve_critical(
         None if latency is None else _vector("latency", latency, n),
         latency_weight,
         None if max_share is None else _vector("max_share", max_share, n),
+        None if min_share is None else _vector("min_share", min_share, n),
     )
 
 

@@ -78,6 +78,9 @@ def check_ports_free(settings: Settings, *, api: bool = False) -> None:
     busy = []
     for what, host, port in wanted:
         with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+            # As the servers themselves bind (SO_REUSEADDR): the last run's connections
+            # in TIME_WAIT do not keep them off the port, a listener does.
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 s.bind((host, port))
             except OSError:

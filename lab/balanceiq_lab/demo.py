@@ -214,7 +214,13 @@ def run_demo(
                 # `serve run serve_app.py`); Serve's proxy takes a port of its own.
                 proxy_port = free_ports(1)[0]
                 serve.start(http_options={"host": settings.api.host, "port": proxy_port})
-                serve.run(build_app({"settings": settings}), name=APP_NAME, route_prefix="/")
+                # Every decision with the observation it saw: what `balanceiq calibrate`
+                # fits, and what a decision can be replayed from offline.
+                recording = out_dir.resolve() / "demo-decisions.jsonl"
+                recording.unlink(missing_ok=True)
+                serve.run(
+                    build_app({"settings": settings, "recording": str(recording)}), name=APP_NAME, route_prefix="/"
+                )
             http = httpx.Client(timeout=10.0, trust_env=False)
             token_file = Path(settings.state_dir) / "api-token"
             token = settings.api.token or token_file.read_text().strip()

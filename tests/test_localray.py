@@ -1,4 +1,4 @@
-"""The test harness's own clean-up, which CI depends on when a Ray start fails."""
+"""The local-Ray helper's clean-up, which CI depends on when a Ray start fails."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from conftest import _reap_half_started_node
+from localray import _reap_half_started_node
 
 
 class _WarnsWhenTouched:
