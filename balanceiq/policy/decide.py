@@ -116,6 +116,7 @@ class Memory:
     p95_at: float = math.nan  # when
     cooldown: int = 0  # decisions left without growth after it congested
     recovering: int = 0  # decisions left as critical (recovered from a breach, or still growing)
+    stale_inflight: bool = False  # Little's law read its in-flight requests far older than its latency
     requests: float = 0.0  # decayed request count (error evidence)
     errors: float = 0.0  # decayed error count
 
@@ -408,12 +409,15 @@ def estimate(
         q = float(inflight[i]) if math.isfinite(inflight[i]) and inflight[i] > 0 else 0.0
         recent = p95[i] if math.isfinite(p95[i]) else (m.base_ms if math.isfinite(m.base_ms) else math.nan)
         little_ratio = math.nan
+        stale = False
         if q >= 2.0:
             little_ms = 1000.0 * q / load if load > 0 else math.inf
             # Far older, not merely older: rq_active is a sampled gauge, and a time average
             # of samples reads high when scrapes meet bursts (seen: 53 ms by Little's law at
-            # a 17 ms median); a fresh, well-sampled latency measures queueing directly.
-            if not math.isfinite(recent) or little_ms > max(3.0 * recent, recent + 100.0):
+            # a 17 ms median; Envoy's admin gives one sample, not an average). Against a
+            # fresh latency it must say so twice running; without one, once is enough.
+            stale = not math.isfinite(recent) or little_ms > max(3.0 * recent, recent + 100.0)
+            if stale and (m.stale_inflight or not math.isfinite(p95[i])):
                 queueing = True
                 if math.isfinite(m.base_ms) and m.base_ms > 0:
                     little_ratio = little_ms / m.base_ms
@@ -485,7 +489,11 @@ def estimate(
         if not avail[i]:
             cap[i] = 0.0
         out[e.address] = replace(
-            m, good_rps=good, ceiling_rps=ceiling if math.isfinite(ceiling) else math.nan, cooldown=cooldown
+            m,
+            good_rps=good,
+            ceiling_rps=ceiling if math.isfinite(ceiling) else math.nan,
+            cooldown=cooldown,
+            stale_inflight=stale,
         )
     # Unknown capacity: typical (the median of the known), else enough for all traffic;
     # growth is bounded by max_load, so this only lets cost and latency decide where it goes.

@@ -74,7 +74,14 @@ def test_little_law_flags_an_overloaded_endpoint_whose_latency_reads_stale() -> 
     # Latency still reads as before (completed requests are old news), but 40 requests
     # sit in flight while 5 per second complete: 8 s in the system.
     stuck[2] = {"p50": 20.0, "rps": 5.0, "inflight": 40.0}
-    _, d1 = run([calm, stuck], Knobs(k=1))
+    _, d1, d2 = run([calm, stuck, stuck], Knobs(k=1))
+    # Against a fresh latency one window could be a sampled burst; two are not.
+    assert not d1.estimate.congested[2]
+    assert d2.estimate.congested[2]
+    # With nothing completing (no latency at all), one window is enough.
+    silent = [dict(r) for r in calm]
+    silent[2] = {"p50": NAN, "p95": NAN, "rps": 0.5, "inflight": 40.0}
+    _, d1 = run([calm, silent], Knobs(k=1))
     assert d1.estimate.congested[2]
 
 
@@ -336,3 +343,13 @@ def test_an_endpoint_held_up_by_its_bounded_step_down_stays_critical_until_shed(
     assert all(0 in d.critical for d in out[1:4]), "held up by its step down, it must stay critical"
     assert all(b.shares[0] <= a.shares[0] + 1e-9 for a, b in itertools.pairwise(out))
     assert out[-1].shares[0] < 0.05, [round(float(d.shares[0]), 3) for d in out]
+
+
+def test_one_sampled_burst_of_in_flight_requests_is_not_a_queue() -> None:
+    # Envoy's admin gives one sample of rq_active: 5 in flight at 27 req/s (185 ms by
+    # Little's law) at an 18 ms median, in the first window after start-up (seen live).
+    calm = [{"p50": 18.0, "p95": 20.0, "rps": 27.0, "inflight": 0.5} for _ in range(3)]
+    burst = [dict(r, inflight=5.0) for r in calm]
+    d = run([burst, calm, burst, calm], Knobs(k=1))
+    assert not any(x.estimate.congested.any() for x in d)
+    assert all(math.isnan(x.state.memory["10.0.0.1:80"].ceiling_rps) for x in d)
