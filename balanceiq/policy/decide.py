@@ -549,15 +549,15 @@ def decide(
         critical = with_forced(ranked, forced, max(1, min(int(knobs.k), n)))
 
     demand = float(ctx.demand_rps) if math.isfinite(ctx.demand_rps) and ctx.demand_rps > 0 else 0.0
+    # Each endpoint's share when its price rose (NaN: no rise in force).
+    dearer_share = np.array([mem[e.address].dearer_share for e in obs.endpoints], dtype=np.float64)
+    dearer = np.isfinite(dearer_share)
     max_share = None
     if knobs.safe_moves and demand > 0:
         max_share = np.where(np.isfinite(est.max_load), est.max_load / demand, np.inf)
         # A price that rose caps the share unless the others cannot carry the traffic.
-        dearer = np.array([math.isfinite(mem[e.address].dearer_share) for e in obs.endpoints])
         if dearer.any():
-            capped = np.where(
-                dearer, np.minimum(max_share, [mem[e.address].dearer_share for e in obs.endpoints]), max_share
-            )
+            capped = np.where(dearer, np.minimum(max_share, dearer_share), max_share)
 
             def room_for(crit_idx: list[int]) -> bool:
                 crit = np.zeros(n, dtype=bool)
@@ -581,10 +581,9 @@ def decide(
         # change) moves traffic off an endpoint at once; the LP's preference alone
         # moves it gradually, so an endpoint is not emptied one decision and refilled
         # the next (ping-pong) while the others grow in bounded steps.
-        urgent = set(breaching) | set(held) | set(repriced) | {int(j) for j in np.flatnonzero(est.congested)}
-        urgent |= {i for i, e in enumerate(obs.endpoints) if math.isfinite(mem[e.address].dearer_share)}
-        steady = np.array([avail[i] and i not in urgent for i in range(n)])
-        min_share = np.where(steady, np.maximum(shares - knobs.max_shrink, 0.0), 0.0)
+        urgent = est.congested | dearer
+        urgent[[*breaching, *held, *repriced]] = True
+        min_share = np.where(avail & ~urgent, np.maximum(shares - knobs.max_shrink, 0.0), 0.0)
     latency = None
     if knobs.latency_weight > 0:
         # A quiet endpoint's latency is what it last measured (fading over LATENCY_MEMORY_S),
