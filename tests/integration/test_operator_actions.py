@@ -28,6 +28,7 @@ def test_a_drain_reaches_envoy_within_two_seconds_while_telemetry_is_blind(tmp_p
         prom.proc.wait(10)
         victim = c.addresses[1]
         assert not endpoint_health(st.testbed.envoy.clusters_json(), c.cluster.name)[victim]
+        before = c.log.last()
         with st.client() as http:
             t0 = time.monotonic()
             r = http.put(
@@ -44,7 +45,12 @@ def test_a_drain_reaches_envoy_within_two_seconds_while_telemetry_is_blind(tmp_p
                 time.sleep(0.05)
             took = time.monotonic() - t0
             assert "eds_draining" in reasons and took <= 2.0, (took, reasons, [d.to_json() for d in c.log.recent(3)])
+            # Envoy applies the push before the step that made it is recorded (the step
+            # waits for the ACK first): wait for that record, not the one before the drain.
             rec = c.log.last()
+            while rec is before and time.monotonic() - t0 < 10:
+                time.sleep(0.05)
+                rec = c.log.last()
             assert rec is not None and rec.mode == "hold" and rec.pushed, rec.to_json()
             (ep,) = [e for e in http.get("/api/weights").json()["endpoints"] if e["address"] == victim]
             assert ep["override"]["state"] == "applied" and ep["health"] == "DRAINING"
