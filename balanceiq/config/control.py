@@ -110,10 +110,12 @@ class GuardrailConfig(_Model):
 
     breach_hold_s: float = Field(default=30.0, ge=0.0, le=86400.0, description="Seconds a quiet breacher stays one.")
     """An endpoint that breached the SLO and now carries too little traffic to measure (the
-    trickle of ``breach_min_share``) is still treated as breaching for this long: held at
-    its floor and out of the critical set, instead of looking unknown, bouncing back to
-    ``min_share`` and failing requests again. A measurement within the SLO clears it at
-    once; 0 turns the hold off."""
+    trickle of ``breach_min_share``) is still treated as breaching for up to this long: held
+    at its floor and out of the critical set, instead of looking unknown, bouncing back to
+    ``min_share`` and failing requests again. The first hold lasts 5 s, each breach within
+    a minute of the last one doubles it up to this cap (as Envoy's outlier ejection grows
+    with the ejection count), so a transient breach does not idle a good endpoint. A
+    measurement within the SLO clears it at once; 0 turns the hold off."""
 
     rollback_after: int = Field(default=3, ge=1, le=1000, strict=True, description="Worse intervals before rollback.")
     """M: every interval the policy's proposal and the baseline's are scored on the same

@@ -62,6 +62,24 @@ RATIO_SMOOTHING = 0.5
 UNCONGESTED_UTIL = 0.5
 # Below this load an endpoint is too quiet for its latency to say anything about capacity.
 MIN_PROBE_RPS = 1.0
+# Latency evidence: each window's p95 over the SLO (in log units), weighted by the
+# requests behind it and decayed with this time constant, and the requests it needs
+# before it says anything. The p95 of one window of a few dozen requests is one of its
+# slowest two or three: an endpoint with a 4 % tail reads "breaching" in every other
+# window, and acting on each reading moves traffic back and forth (ping-pong).
+LATENCY_EVIDENCE_S = 3.0
+MIN_LATENCY_EVIDENCE = 30.0
+# A breacher's capacity is cut to load x SLO / p95, but by at most this factor per
+# decision: latency grows faster than linearly with load near capacity, so a linear cut
+# sheds far more than the SLO needs, and the endpoints taking it over queue next (seen:
+# cuts to a sixth, all endpoints of a loaded fleet breaching in turn).
+MAX_BREACH_CUT = 0.5
+# A quiet breacher's first hold lasts this long, each further one (a breach again within
+# STRIKE_MEMORY_S of the last) twice as long, up to ``breach_hold_s`` (Envoy's outlier
+# ejection likewise grows with the ejection count): a transient breach must not idle a
+# good endpoint for the whole hold while the others queue for it.
+HOLD_BASE_S = 5.0
+STRIKE_MEMORY_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -112,6 +130,8 @@ class Memory:
     dearer_from: float = math.nan  # its price before a rise still in force
     dearer_share: float = math.nan  # its share when the price rose: no more while dearer
     breached_at: float = math.nan  # last time it was measured breaching
+    strikes: int = 0  # breach episodes in a row (each lengthens the hold)
+    cleared_at: float = math.nan  # when the last episode ended
     p95_ms: float = math.nan  # last measured p95 (a quiet endpoint keeps its record)
     p95_at: float = math.nan  # when
     cooldown: int = 0  # decisions left without growth after it congested
@@ -119,6 +139,8 @@ class Memory:
     stale_inflight: bool = False  # Little's law read its in-flight requests far older than its latency
     requests: float = 0.0  # decayed request count (error evidence)
     errors: float = 0.0  # decayed error count
+    slow_log: float = math.nan  # log(p95 / SLO), request-weighted over recent windows
+    slow_n: float = 0.0  # decayed requests behind slow_log
 
 
 @dataclass(frozen=True)
@@ -257,6 +279,13 @@ def window_breaching(obs: Observation, slo_ms: float) -> list[int]:
     ]
 
 
+def latency_p95(m: Memory, slo_ms: float) -> float:
+    """The p95 the latency evidence stands for (NaN: not enough of it)."""
+    if m.slow_n >= MIN_LATENCY_EVIDENCE and math.isfinite(m.slow_log):
+        return slo_ms * math.exp(m.slow_log)
+    return math.nan
+
+
 def with_forced(ranked: Sequence[int], forced: Sequence[int], k: int) -> list[int]:
     """Every ``forced`` endpoint, then the first ``k`` of ``ranked`` not already in.
 
@@ -275,8 +304,11 @@ def _remember(
     breachers held, and the endpoints whose price changed."""
     dt = max(0.0, now - state.at) if state.at is not None else 0.0
     decay = math.exp(-dt / ERROR_MEMORY_S) if state.at is not None else 0.0
+    fade = math.exp(-dt / LATENCY_EVIDENCE_S) if state.at is not None else 0.0
     window = obs.window_s if math.isfinite(obs.window_s) and obs.window_s > 0 else max(dt, 1.0)
-    measured = set(window_breaching(obs, knobs.slo_ms))
+    measured = {
+        i for i, e in enumerate(obs.endpoints) if math.isfinite(e.error_rate) and e.error_rate >= BREACH_ERROR_RATE
+    }
     mem: dict[str, Memory] = {}
     held: list[int] = []
     repriced: list[int] = []
@@ -288,26 +320,51 @@ def _remember(
         err = m.errors * decay + (e.error_rate * seen if seen else 0.0)
         if req >= MIN_ERROR_EVIDENCE and err / req >= knobs.breach_error_rate:
             measured.add(i)
+        # Latency evidence: breaching once the requests behind it say p95 > SLO, or at
+        # once when even the window's median misses the SLO (no sampling doubt then).
+        slow_n, slow_log = m.slow_n * fade, m.slow_log
+        n = e.rps * window if math.isfinite(e.rps) and e.rps > 0 else 0.0
+        fresh = n > 0 and math.isfinite(e.p95_ms) and e.p95_ms > 0
+        if fresh:
+            x = math.log(e.p95_ms / knobs.slo_ms)
+            slow_log = x if not math.isfinite(slow_log) or slow_n <= 0 else (slow_log * slow_n + x * n) / (slow_n + n)
+            slow_n += n
+        # Judged only on a window that measured it: what it read before is no verdict on
+        # an endpoint too quiet to measure now (the hold below covers that).
+        evidence = fresh and slow_n >= MIN_LATENCY_EVIDENCE and math.isfinite(slow_log)
+        median_miss = n >= MIN_SAMPLES and math.isfinite(e.p50_ms) and e.p50_ms > knobs.slo_ms
+        if median_miss or (evidence and slow_log > 0):
+            measured.add(i)
+        # Within the SLO on less evidence than a breach needs: a breacher left with a
+        # trickle gathers little, and must not stay held for want of it.
+        within = fresh and slow_n >= MIN_SAMPLES and math.isfinite(slow_log) and slow_log <= 0
         breached_at = m.breached_at
         recovering = max(0, m.recovering - 1)
+        strikes, cleared_at = m.strikes, m.cleared_at
         if i in measured:
+            if not math.isfinite(breached_at):
+                recent = math.isfinite(cleared_at) and now - cleared_at <= STRIKE_MEMORY_S
+                strikes = strikes + 1 if recent else 1
             breached_at = now
             recovering = 0
-        elif math.isfinite(e.p95_ms) and math.isfinite(e.rps) and e.rps > 0:
+        elif within:
             if math.isfinite(breached_at):
                 # Measured within the SLO again: re-optimised for the next few decisions
                 # (like a price change), so it wins traffic back without waiting for the
                 # policy to pick it.
                 recovering = RECOVERY_DECISIONS
+                cleared_at = now
             breached_at = math.nan
         elif math.isfinite(breached_at):
-            if now - breached_at <= knobs.breach_hold_s:
+            hold = min(knobs.breach_hold_s, HOLD_BASE_S * 2.0 ** max(0, strikes - 1))
+            if now - breached_at <= hold:
                 held.append(i)
             else:
                 # Too quiet to measure for the whole hold: re-optimised too, or its
                 # trickle would be its share until the policy happens to pick it.
                 breached_at = math.nan
                 recovering = RECOVERY_DECISIONS
+                cleared_at = now
         # Baseline: the lowest median lately, allowed to drift up (a slowed endpoint's
         # new normal) but never above what is measured now.
         base, smooth = m.base_ms, m.ratio
@@ -355,9 +412,13 @@ def _remember(
             dearer_from=dearer_from,
             dearer_share=dearer_share,
             breached_at=breached_at,
+            strikes=strikes,
+            cleared_at=cleared_at,
             recovering=recovering,
             requests=req,
             errors=err,
+            slow_log=_f(slow_log),
+            slow_n=slow_n,
         )
     breaching = sorted(i for i in measured if i not in held)
     return mem, breaching, held, repriced
@@ -462,7 +523,12 @@ def estimate(
         if math.isfinite(err[i]) and err[i] > 0 and math.isfinite(c):
             c *= max(0.1, 1.0 - 2.0 * err[i])
         if i in breaching and load > 0:
-            factor = knobs.slo_ms / p95[i] if math.isfinite(p95[i]) and p95[i] > knobs.slo_ms else 1.0
+            # How far out it is: the evidence's p95, or this window's when even its
+            # median misses (a sudden slowdown is acted on in full at once).
+            seen = latency_p95(m, knobs.slo_ms)
+            if math.isfinite(p95[i]) and (not math.isfinite(seen) or obs.endpoints[i].p50_ms > knobs.slo_ms):
+                seen = max(seen, p95[i]) if math.isfinite(seen) else p95[i]
+            factor = max(MAX_BREACH_CUT, knobs.slo_ms / seen) if math.isfinite(seen) and seen > knobs.slo_ms else 1.0
             if math.isfinite(err[i]):
                 factor = min(factor, max(0.1, 1.0 - 2.0 * err[i]))
             c = min(c, load * factor) if math.isfinite(c) else load * factor
@@ -589,7 +655,13 @@ def decide(
         # A quiet endpoint's latency is what it last measured (fading over LATENCY_MEMORY_S),
         # not "typical" at once: the trickle a slow endpoint is left with must not make it
         # look new.
+        # The latency evidence's p95 where there is enough of it: one window's p95 flips
+        # with the few slowest requests it happened to catch.
         p95 = _arr(obs, "p95_ms")
+        for i, e in enumerate(obs.endpoints):
+            smooth = latency_p95(mem[e.address], knobs.slo_ms)
+            if math.isfinite(smooth) and math.isfinite(p95[i]):
+                p95[i] = smooth
         known = np.isfinite(p95)
         typical = float(np.median(p95[known])) if known.any() else math.nan
         for i, e in enumerate(obs.endpoints):

@@ -246,6 +246,20 @@ def bench_live(
             help="Run N seeded random fleets the project has never seen (1..50) instead of one scenario; see lab/balanceiq_lab/bench/suite.py.",
         ),
     ] = None,
+    only: Annotated[
+        str | None,
+        typer.Option(
+            "--only",
+            help="With --suite: comma-separated fleet indices (0-based) to run, drawn as in the whole suite (re-run one fleet).",
+        ),
+    ] = None,
+    record: Annotated[
+        Path | None,
+        typer.Option(
+            "--record",
+            help="With --suite: a directory for each BalanceIQ arm's decisions with their observations (<fleet seed>-<arm>.jsonl).",
+        ),
+    ] = None,
     slo_ms: Annotated[float, typer.Option("--slo-ms", help="Latency SLO for slo_attainment (ms).")] = 150.0,
     plot: Annotated[
         Path | None,
@@ -273,6 +287,8 @@ def bench_live(
     """BalanceIQ vs Envoy's balancers on one live scenario (or --suite N random fleets): p50/p99/p99.9, errors, cost, SLO attainment per arm."""
     from balanceiq.exceptions import BenchError
 
+    if suite is None and (only is not None or record is not None):
+        raise BenchError("--only and --record go with --suite")
     if suite is not None:
         from balanceiq_lab.bench.suite import (
             DEFAULT_RATE_RANGE,
@@ -286,6 +302,10 @@ def bench_live(
             raise BenchError("--suite draws its own fleets and events; leave out --scenario")
         if arrivals != "poisson":
             raise BenchError("--suite uses Poisson arrivals seeded per fleet; leave out --arrivals")
+        try:
+            only_idx = [int(x) for x in only.split(",") if x.strip()] if only else None
+        except ValueError as exc:
+            raise BenchError(f"--only takes comma-separated fleet indices such as 0,3, got {only!r}") from exc
         result = run_live_suite(
             _settings(config),
             suite,
@@ -298,6 +318,8 @@ def bench_live(
             plot_path=plot or Path("artifacts/bench-live-suite.png"),
             private_gauges=private_gauges,
             console=err,
+            only=only_idx,
+            record_dir=record,
         )
         _emit(result, as_json, omit=("fleets",))
         return

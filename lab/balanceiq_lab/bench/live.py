@@ -895,8 +895,12 @@ def run_arm(
     progress: Progress | None = None,
     inspect: Inspect | None = None,
     private_gauges: bool = False,
+    recording: Path | None = None,
 ) -> dict[str, Any]:
     """One arm on a fresh stack; returns its metrics (and the pids it started).
+
+    ``recording``: the controller's decisions, each with its observation, as JSON lines
+    (what ``balanceiq calibrate`` fits and what a decision is replayed from offline).
 
     ``inspect(stack, result)`` runs after the load, before teardown (tests read the
     backends' own counters there); what it returns is kept under ``"inspect"``.
@@ -962,7 +966,7 @@ def run_arm(
             from balanceiq.telemetry.observe import Telemetry
 
             telemetry = Telemetry(stack.settings, retry_s=0.5)
-            controller = Controller(stack.settings, telemetry, LocalXdsClient(stack.xds), scorer)
+            controller = Controller(stack.settings, telemetry, LocalXdsClient(stack.xds), scorer, recording=recording)
             plane = ControlPlane(stack.settings, controller, token=TOKEN)
 
         def on_prices(prices: dict[str, float]) -> None:

@@ -753,18 +753,41 @@ def run_live_suite(
     plot_path: Path | None = Path("artifacts/bench-live-suite.png"),
     private_gauges: bool = False,
     console: Console | None = None,
+    only: list[int] | None = None,
+    record_dir: Path | None = None,
 ) -> dict[str, Any]:
-    """``n`` fleets (seeds ``seed * 1000 + i``), every arm on each; one JSON object."""
+    """``n`` fleets (seeds ``seed * 1000 + i``), every arm on each; one JSON object.
+
+    ``only``: run just these fleet indices of the ``n`` (to re-run a fleet, same draw).
+    ``record_dir``: each controller arm's decisions as ``<fleet seed>-<arm>.jsonl``."""
     console = console or Console(stderr=True)
     validate_suite_args(n, seed, rate_rps_range)
+    bad = [i for i in only or [] if not 0 <= i < n]
+    if bad:
+        raise BenchError(f"--only takes fleet indices in 0..{n - 1} of the suite, got {bad}")
     validate_args(rate_rps=rate_rps_range[1], duration_s=duration_s, warmup_s=warmup_s, slo_ms=slo_ms, bin_s=BIN_S)
     arms = arms if arms is not None else parse_suite_arms(None)
     base = base or default_settings()
     # Every fleet is drawn before anything starts: a bad draw fails fast.
     fleets = [draw_fleet(seed * SEED_STRIDE + i, rate_rps_range, duration_s=duration_s, base=base) for i in range(n)]
+    if only:
+        fleets = [fleets[i] for i in sorted(set(only))]
+    if record_dir is not None:
+        record_dir.mkdir(parents=True, exist_ok=True)
     with contextlib.redirect_stdout(sys.stderr):
         return _run_suite(
-            base, fleets, arms, seed, duration_s, warmup_s, rate_rps_range, slo_ms, plot_path, private_gauges, console
+            base,
+            fleets,
+            arms,
+            seed,
+            duration_s,
+            warmup_s,
+            rate_rps_range,
+            slo_ms,
+            plot_path,
+            private_gauges,
+            console,
+            record_dir,
         )
 
 
@@ -780,6 +803,7 @@ def _run_suite(
     plot_path: Path | None,
     private_gauges: bool,
     console: Console,
+    record_dir: Path | None = None,
 ) -> dict[str, Any]:
     t0 = time.monotonic()
     c = base.control
@@ -856,6 +880,9 @@ def _run_suite(
                             scorer=scorer,
                             progress=progress,
                             private_gauges=private_gauges,
+                            recording=None
+                            if record_dir is None or arm.weights != "controller"
+                            else record_dir / f"{fleet.seed}-{arm.name}.jsonl",
                         )
                     except KeyboardInterrupt:
                         raise
