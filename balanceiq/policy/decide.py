@@ -436,9 +436,9 @@ def estimate(
     returns the estimate and the memory with ``good_rps``/``ceiling_rps`` updated.
 
     A ``breaching`` endpoint's capacity is also capped at its load times ``slo / p95``
-    (and ``1 - 2 x error rate``): a slow dependency or a network problem breaks the SLO
-    with the backend half idle, and the LP must still move traffic off it in proportion
-    to how far it is out of bounds."""
+    (no lower than :data:`MAX_BREACH_CUT` of it per decision) and ``1 - 2 x error rate``:
+    a slow dependency or a network problem breaks the SLO with the backend half idle, and
+    the LP must still move traffic off it in proportion to how far it is out of bounds."""
     n = len(obs.endpoints)
     rps = _arr(obs, "rps")
     p95 = _arr(obs, "p95_ms")

@@ -340,6 +340,10 @@ def test_targets_and_summary() -> None:
         (["--suite", "1", "--scenario", "degrade_and_dearer"], "--scenario"),
         (["--suite", "1", "--duration", "1"], "--duration"),
         (["--suite", "1", "--arms", "nope"], "nope"),
+        (["--suite", "3", "--only", "3"], "--only"),
+        (["--suite", "3", "--only", "1,x"], "--only"),
+        (["--only", "0"], "--suite"),
+        (["--record", "somewhere"], "--suite"),
     ],
 )
 def test_cli_refuses_bad_suite_arguments(argv: list[str], needle: str, capsys: pytest.CaptureFixture[str]) -> None:

@@ -353,3 +353,46 @@ def test_one_sampled_burst_of_in_flight_requests_is_not_a_queue() -> None:
     d = run([burst, calm, burst, calm], Knobs(k=1))
     assert not any(x.estimate.congested.any() for x in d)
     assert all(math.isnan(x.state.memory["10.0.0.1:80"].ceiling_rps) for x in d)
+
+
+def test_one_window_whose_p95_caught_a_tail_is_not_a_breach_a_sustained_one_is() -> None:
+    # 100 requests a window: one window's p95 over the SLO with the median where it always
+    # is (a 4 % tail caught) is noise; the same p95 window after window is a breach.
+    knobs = Knobs(k=1, slo_ms=150.0)
+    clean = [{"p50": 20.0, "p95": 40.0, "rps": 50.0} for _ in range(4)]
+    tail = [{"p50": 20.0, "p95": 440.0, "rps": 50.0}] + clean[1:]
+    once = run([clean] * 4 + [tail] + [clean] * 2, knobs)
+    assert not any(0 in d.breaching for d in once)
+    sustained = run([clean] * 4 + [tail] * 3, knobs)
+    assert 0 not in sustained[4].breaching and 0 in sustained[-1].breaching
+
+
+def test_a_window_whose_median_misses_the_slo_breaches_at_once() -> None:
+    knobs = Knobs(k=1, slo_ms=150.0)
+    clean = [{"p50": 20.0, "p95": 40.0, "rps": 50.0} for _ in range(4)]
+    slow = [{"p50": 400.0, "p95": 800.0, "rps": 50.0}] + clean[1:]
+    out = run([clean] * 4 + [slow], knobs)
+    assert 0 in out[-1].breaching and 0 in out[-1].forced
+
+
+def test_a_breacher_loses_at_most_half_its_capacity_per_decision() -> None:
+    # Latency grows faster than linearly near capacity: a linear cut to load x SLO / p95
+    # (a sixth here) sheds far more than the SLO needs.
+    knobs = Knobs(k=1, slo_ms=150.0)
+    clean = [{"p50": 20.0, "p95": 40.0, "rps": 50.0} for _ in range(4)]
+    slow = [{"p50": 400.0, "p95": 900.0, "rps": 50.0}] + clean[1:]
+    d = run([clean] * 4 + [slow], knobs)[-1]
+    assert d.estimate.capacity[0] == pytest.approx(25.0)
+
+
+def test_a_quiet_breacher_is_held_five_seconds_first_and_longer_each_time_it_breaches_again() -> None:
+    knobs = Knobs(k=1, slo_ms=150.0, breach_hold_s=30.0)
+    clean = [{"p50": 20.0, "p95": 40.0, "rps": 40.0} for _ in range(4)]
+    slow = [{"p50": 400.0, "p95": 800.0, "rps": 40.0}] + clean[1:]
+    quiet = [{"p50": NAN, "p95": NAN, "rps": 0.0}] + clean[1:]
+    never = np.array([-1.0, 1.0, 0.5, 0.0])
+    out = run([clean] * 2 + [slow] + [quiet] * 7 + [slow] + [quiet] * 12, knobs, scores=never)
+    first = [0 in d.held for d in out[3:10]]
+    assert first == [True] * 5 + [False] * 2  # 5 s after the breach at t=2
+    second = [0 in d.held for d in out[11:23]]
+    assert second == [True] * 10 + [False] * 2  # breached again within a minute: 10 s
