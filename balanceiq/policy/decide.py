@@ -80,6 +80,9 @@ MAX_BREACH_CUT = 0.5
 # good endpoint for the whole hold while the others queue for it.
 HOLD_BASE_S = 5.0
 STRIKE_MEMORY_S = 60.0
+# Below this distance from the fleet-wide optimum (a share of traffic) an endpoint is
+# where it should be: not worth a place in the critical set.
+GAP_MIN = 0.01
 
 
 @dataclass(frozen=True)
@@ -108,12 +111,17 @@ class Knobs:
     Below the 5-point step that counts towards a reversal, with room for rounding."""
     cooldown: int = 3
     """Decisions a congested or breaching endpoint waits before it may grow again."""
+    gap_k: int = 1
+    """Endpoints added to the critical set each decision because they sit furthest from
+    the whole fleet's optimum (the LP over every endpoint, same bounds): whatever the
+    policy ranks, a dear endpoint nobody picks still sheds in bounded steps."""
     breach_error_rate: float = 0.01
     """A decayed error rate at or above this over about a minute breaches."""
     breach_hold_s: float = 30.0
     """A breacher too quiet to measure stays one this long."""
     force_breaching: bool = True
-    """Breaching, congested and repriced endpoints are always critical."""
+    """Breaching, congested and repriced endpoints (and the ``gap_k`` furthest from the
+    optimum) are always critical; off: the policy's K alone (plain CFR-RL)."""
     safe_moves: bool = True
     """Bound growth by the headroom estimate (off: the plain CFR-RL LP)."""
 
@@ -673,20 +681,34 @@ def decide(
                 w = 1.0 - age / LATENCY_MEMORY_S
                 p95[i] = w * m.p95_ms + (1.0 - w) * typical if math.isfinite(typical) else m.p95_ms
         latency = lp_latency(p95, knobs.slo_ms)
-    res = solve_critical(
-        shares,
-        critical,
-        est.capacity,
-        _arr(obs, "cost_per_million"),
-        demand,
-        available=avail,
-        cost_weight=knobs.cost_weight,
-        util_target=knobs.util_target,
-        latency=latency,
-        latency_weight=knobs.latency_weight,
-        max_share=max_share,
-        min_share=min_share,
-    )
+
+    def solve(crit: Sequence[int]) -> Any:
+        return solve_critical(
+            shares,
+            crit,
+            est.capacity,
+            _arr(obs, "cost_per_million"),
+            demand,
+            available=avail,
+            cost_weight=knobs.cost_weight,
+            util_target=knobs.util_target,
+            latency=latency,
+            latency_weight=knobs.latency_weight,
+            max_share=max_share,
+            min_share=min_share,
+        )
+
+    if scores is not None and knobs.gap_k > 0 and knobs.force_breaching:
+        # The policy ranks by what it learned (today: load, not price); the endpoints
+        # furthest from the fleet-wide optimum join too, so none is left at a share the
+        # optimum has long moved away from only because the policy never names it.
+        whole = solve([i for i in range(n) if avail[i] and i not in held])
+        gap = np.abs(whole.shares - shares)
+        gap[list(critical)] = 0.0
+        gap[list(held)] = 0.0
+        picks = [int(i) for i in np.argsort(-gap, kind="stable")[: knobs.gap_k] if gap[i] > GAP_MIN]
+        critical = critical + picks
+    res = solve(critical)
     if max_share is not None:
         # Grown as far as its safe-move bound allows: the LP wanted more, so it stays
         # critical until it has what the LP wants (CFR-RL re-routes until converged).

@@ -149,8 +149,9 @@ def test_slo_breaching_endpoint_is_always_critical(setup) -> None:  # type: igno
     c, fleet, _xds, _pick = setup
     fleet.p95[c.addresses[2]] = 900.0  # far over the 150 ms SLO, and the policy ignores it
     rec = c.step()
-    # The breacher first, then the policy's own K (3 and 4) for its traffic to go to.
-    assert list(rec.critical) == [c.addresses[i] for i in (2, 3, 4)]
+    # The breacher first, then the policy's own K (3 and 4) for its traffic to go to, then
+    # at most one endpoint furthest from the fleet-wide optimum.
+    assert list(rec.critical)[:3] == [c.addresses[i] for i in (2, 3, 4)] and len(rec.critical) <= 4
     assert rec.weights[c.addresses[2]] < 10000 / 5
 
 

@@ -396,3 +396,19 @@ def test_a_quiet_breacher_is_held_five_seconds_first_and_longer_each_time_it_bre
     assert first == [True] * 5 + [False] * 2  # 5 s after the breach at t=2
     second = [0 in d.held for d in out[11:23]]
     assert second == [True] * 10 + [False] * 2  # breached again within a minute: 10 s
+
+
+def test_a_dear_endpoint_the_policy_never_names_still_sheds_in_bounded_steps() -> None:
+    # The policy's scores rank endpoint 0 (5x dearer) last; it is not breaching, congested
+    # or repriced. The fleet-wide optimum wants it emptied, so it joins the critical set
+    # as the endpoint furthest from it, and sheds max_shrink per decision.
+    knobs = Knobs(k=1, cost_weight=1.0, util_target=0.5)
+    rows = [{"p50": 20.0, "rps": 25.0, "cost": 2.0}] + [{"p50": 20.0, "rps": 25.0, "cost": 0.4} for _ in range(3)]
+    never = np.array([-1.0, 1.0, 0.5, 0.0])
+    out = run([rows] * 4, knobs, scores=never)
+    assert all(0 in d.critical for d in out)
+    steps = np.diff([0.25] + [float(d.shares[0]) for d in out])
+    assert np.all(steps < 0) and np.all(steps >= -knobs.max_shrink - 1e-9)
+    assert float(out[0].shares[0]) == pytest.approx(0.25 - knobs.max_shrink)
+    plain = run([rows] * 4, replace(knobs, gap_k=0), scores=never)
+    assert all(0 not in d.critical and d.shares[0] == pytest.approx(0.25) for d in plain)

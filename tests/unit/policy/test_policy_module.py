@@ -129,8 +129,10 @@ def test_rl_policy_adds_slo_breachers_to_its_k() -> None:
     forced = RLPolicy(make_module()).critical(env.last_obs, ctx)
     own = RLPolicy(make_module(), force_breaching=False).critical(env.last_obs, ctx)
     assert forced[: len(hot)] == hot and len(own) == 2
+    # Then the policy's K, then at most gap_k (1) furthest from the fleet-wide optimum.
+    assert len(forced) <= len(hot) + 2 + 1
     assert (
-        forced[len(hot) :]
+        forced[len(hot) : len(hot) + 2]
         == [
             i
             for i in RLPolicy(make_module(), force_breaching=False).critical(

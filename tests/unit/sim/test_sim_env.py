@@ -50,5 +50,6 @@ def test_slo_breachers_join_the_agents_picks() -> None:
     assert hot and len(calm) >= 2
     before = env.shares.copy()
     _, _, _, _, info = env.step(np.array(calm[:2]))
-    assert info["critical"] == [*hot, *calm[:2]]
+    # Then at most one more: the endpoint furthest from the fleet-wide optimum.
+    assert info["critical"][: len(hot) + 2] == [*hot, *calm[:2]] and len(info["critical"]) <= len(hot) + 3
     assert all(env.shares[i] < before[i] for i in hot)
