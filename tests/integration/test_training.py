@@ -18,7 +18,13 @@ pytestmark = pytest.mark.slow
 
 
 def episode_reward(choose, seed: int) -> float:  # type: ignore[no-untyped-def]
-    env = FleetEnv({"scenarios": ["degrade"], "n_max": 16, "episode_steps": 60})
+    """One episode of ``degrade`` on the env PPO trains on (``ppo.yaml``'s env_config):
+    with the core's own rules off there (``force_breaching: false``), random picks are
+    the policy's real competitor; with them on, the core re-optimises whatever the picks
+    miss (the endpoint furthest from the optimum joins every decision) and random picks
+    score close to any policy."""
+    cfg = yaml.safe_load((Path(__file__).resolve().parents[2] / "rllib_configs" / "ppo.yaml").read_text())
+    env = FleetEnv({**cfg["env_config"], "scenarios": ["degrade"], "n_max": 16, "episode_steps": 60})
     env.reset(seed=seed)
     rng = np.random.default_rng(seed)
     total, done = 0.0, False

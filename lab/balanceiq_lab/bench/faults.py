@@ -998,8 +998,11 @@ def prometheus_killed(
         first = _until(first_fallback, 30, "a decision from the Envoy-admin fallback", every=0.1)
         # The world keeps changing while Prometheus is gone: a backend slows down, so the
         # fallback's decisions want to move traffic and the guardrails have work to do.
-        slowed = st.addresses[0]
-        share_before = _share(st.served_weights(), slowed)
+        # The busiest backend slows: one already at its floor (say the dearest, shed by
+        # then) would leave the fallback nothing to move.
+        served = st.served_weights()
+        slowed = max(st.addresses, key=lambda a: _share(served, a))
+        share_before = _share(served, slowed)
         st.control(slowed, extra_latency_ms=SLOW_MS)
         progress(f"prometheus_killed: {after_decisions} decisions on the fallback, {slowed} slowed")
         _until(
