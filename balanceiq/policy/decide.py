@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from balanceiq.policy.baselines import PolicyContext, available_mask
-from balanceiq.policy.lp import least_request_weights, shares_to_weights, solve_critical
+from balanceiq.policy.lp import LpResult, least_request_weights, shares_to_weights, solve_critical
 from balanceiq.telemetry.observation import Observation
 
 # An endpoint at or above this error rate in one window is in visible trouble.
@@ -339,13 +339,13 @@ def _remember(
             slow_n += n
         # Judged only on a window that measured it: what it read before is no verdict on
         # an endpoint too quiet to measure now (the hold below covers that).
-        evidence = fresh and slow_n >= MIN_LATENCY_EVIDENCE and math.isfinite(slow_log)
+        evidence = fresh and slow_n >= MIN_LATENCY_EVIDENCE
         median_miss = n >= MIN_SAMPLES and math.isfinite(e.p50_ms) and e.p50_ms > knobs.slo_ms
         if median_miss or (evidence and slow_log > 0):
             measured.add(i)
         # Within the SLO on less evidence than a breach needs: a breacher left with a
         # trickle gathers little, and must not stay held for want of it.
-        within = fresh and slow_n >= MIN_SAMPLES and math.isfinite(slow_log) and slow_log <= 0
+        within = fresh and slow_n >= MIN_SAMPLES and slow_log <= 0
         breached_at = m.breached_at
         recovering = max(0, m.recovering - 1)
         strikes, cleared_at = m.strikes, m.cleared_at
@@ -534,8 +534,8 @@ def estimate(
             # How far out it is: the evidence's p95, or this window's when even its
             # median misses (a sudden slowdown is acted on in full at once).
             seen = latency_p95(m, knobs.slo_ms)
-            if math.isfinite(p95[i]) and (not math.isfinite(seen) or obs.endpoints[i].p50_ms > knobs.slo_ms):
-                seen = max(seen, p95[i]) if math.isfinite(seen) else p95[i]
+            if not math.isfinite(seen) or obs.endpoints[i].p50_ms > knobs.slo_ms:
+                seen = max((v for v in (seen, p95[i]) if math.isfinite(v)), default=math.nan)
             factor = max(MAX_BREACH_CUT, knobs.slo_ms / seen) if math.isfinite(seen) and seen > knobs.slo_ms else 1.0
             if math.isfinite(err[i]):
                 factor = min(factor, max(0.1, 1.0 - 2.0 * err[i]))
@@ -660,9 +660,6 @@ def decide(
         min_share = np.where(avail & ~urgent, np.maximum(shares - knobs.max_shrink, 0.0), 0.0)
     latency = None
     if knobs.latency_weight > 0:
-        # A quiet endpoint's latency is what it last measured (fading over LATENCY_MEMORY_S),
-        # not "typical" at once: the trickle a slow endpoint is left with must not make it
-        # look new.
         # The latency evidence's p95 where there is enough of it: one window's p95 flips
         # with the few slowest requests it happened to catch.
         p95 = _arr(obs, "p95_ms")
@@ -670,6 +667,9 @@ def decide(
             smooth = latency_p95(mem[e.address], knobs.slo_ms)
             if math.isfinite(smooth) and math.isfinite(p95[i]):
                 p95[i] = smooth
+        # A quiet endpoint's latency is what it last measured (fading over LATENCY_MEMORY_S),
+        # not "typical" at once: the trickle a slow endpoint is left with must not make it
+        # look new.
         known = np.isfinite(p95)
         typical = float(np.median(p95[known])) if known.any() else math.nan
         for i, e in enumerate(obs.endpoints):
@@ -682,7 +682,7 @@ def decide(
                 p95[i] = w * m.p95_ms + (1.0 - w) * typical if math.isfinite(typical) else m.p95_ms
         latency = lp_latency(p95, knobs.slo_ms)
 
-    def solve(crit: Sequence[int]) -> Any:
+    def solve(crit: Sequence[int]) -> LpResult:
         return solve_critical(
             shares,
             crit,
@@ -702,8 +702,11 @@ def decide(
         # The policy ranks by what it learned (today: load, not price); the endpoints
         # furthest from the fleet-wide optimum join too, so none is left at a share the
         # optimum has long moved away from only because the policy never names it.
-        whole = solve([i for i in range(n) if avail[i] and i not in held])
-        gap = np.abs(whole.shares - shares)
+        everyone = [i for i in range(n) if avail[i] and i not in held]
+        # Nothing to add when the critical set already holds everyone (small fleets):
+        # no second LP on the decision path then.
+        whole = solve(everyone) if set(everyone) - set(critical) else None
+        gap = np.abs(whole.shares - shares) if whole is not None else np.zeros(n)
         gap[list(critical)] = 0.0
         gap[list(held)] = 0.0
         picks = [int(i) for i in np.argsort(-gap, kind="stable")[: knobs.gap_k] if gap[i] > GAP_MIN]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -17,14 +18,20 @@ from balanceiq.train import train
 pytestmark = pytest.mark.slow
 
 
+@functools.cache
+def _ppo_env_config() -> dict:  # type: ignore[type-arg]
+    return yaml.safe_load((Path(__file__).resolve().parents[2] / "rllib_configs" / "ppo.yaml").read_text())[
+        "env_config"
+    ]
+
+
 def episode_reward(choose, seed: int) -> float:  # type: ignore[no-untyped-def]
     """One episode of ``degrade`` on the env PPO trains on (``ppo.yaml``'s env_config):
     with the core's own rules off there (``force_breaching: false``), random picks are
     the policy's real competitor; with them on, the core re-optimises whatever the picks
     miss (the endpoint furthest from the optimum joins every decision) and random picks
     score close to any policy."""
-    cfg = yaml.safe_load((Path(__file__).resolve().parents[2] / "rllib_configs" / "ppo.yaml").read_text())
-    env = FleetEnv({**cfg["env_config"], "scenarios": ["degrade"], "n_max": 16, "episode_steps": 60})
+    env = FleetEnv({**_ppo_env_config(), "scenarios": ["degrade"], "n_max": 16, "episode_steps": 60})
     env.reset(seed=seed)
     rng = np.random.default_rng(seed)
     total, done = 0.0, False
