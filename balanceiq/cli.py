@@ -26,7 +26,6 @@ app = typer.Typer(
     add_completion=False,
 )
 config_app = typer.Typer(help="Validate configuration files.", no_args_is_help=True)
-testbed_app = typer.Typer(help="The local testbed: sample backends, Envoy, the xDS actor.", no_args_is_help=True)
 envoy_app = typer.Typer(help="Envoy bootstraps.", no_args_is_help=True)
 xds_app = typer.Typer(help="Talk to the running xDS actor.", no_args_is_help=True)
 cluster_app = typer.Typer(help="Ray cluster launcher configs (cluster.yaml, cluster-local.yaml).", no_args_is_help=True)
@@ -50,7 +49,6 @@ def _root(
 
 
 app.add_typer(config_app, name="config")
-app.add_typer(testbed_app, name="testbed")
 app.add_typer(envoy_app, name="envoy")
 app.add_typer(xds_app, name="xds")
 app.add_typer(cluster_app, name="cluster")
@@ -124,30 +122,6 @@ def envoy_bootstrap(
         markup=False,
         highlight=False,
     )
-
-
-@testbed_app.command("up")
-def testbed_up(
-    config: ConfigOpt = None,
-    foreground: Annotated[bool, typer.Option("--foreground", "-f", help="Stay attached; Ctrl-C tears down.")] = False,
-) -> None:
-    """Start Ray (if needed), the xDS actor, the sample backends and Envoy; print URLs."""
-    from balanceiq.testbed import lifecycle
-
-    settings = _settings(config)
-    urls = lifecycle.up(settings, console=err)
-    out.print_json(json.dumps(urls))
-    if foreground:
-        lifecycle.wait_for_interrupt(settings, console=err)
-
-
-@testbed_app.command("down")
-def testbed_down(config: ConfigOpt = None) -> None:
-    """Stop everything `testbed up` started (by pid), and the xDS actor."""
-    from balanceiq.testbed import lifecycle
-
-    for line in lifecycle.down(_settings(config)):
-        err.print(f"stopped {line}")
 
 
 @xds_app.command("status")
@@ -231,54 +205,20 @@ def train_cmd(
         raise typer.BadParameter("--iterations must be >= 1")
     live: dict[str, Any] = {}
     if env == "live":
-        from balanceiq.testbed.live_env import LiveEnv, live_rllib_overrides, load_live_env_config
-        from balanceiq.train import load_algo_config
-
         if scenario or calibrate_from:
             raise typer.BadParameter(
                 "--scenario and --calibrate-from are for --env sim; a live scenario goes in --live-config (scenario: NAME)"
             )
-        rl_cfg = load_algo_config(rllib_config)
-        runners = (
-            num_env_runners
-            if num_env_runners is not None
-            else int(rl_cfg.get("env_runners", {}).get("num_env_runners", 2))
-        )
-        live_cfg = load_live_env_config(live_config) if live_config is not None else {}
-        live = {"env": LiveEnv, "env_overrides": live_rllib_overrides(rl_cfg.get("env_config", {}), live_cfg, runners)}
+        live = _live_training(live_config, rllib_config, num_env_runners)
     elif live_config is not None:
         raise typer.BadParameter("--live-config needs --env live")
     if address:
-        from balanceiq.cluster import check_ray_address
-
-        # Ray retries a dead address for ~14 minutes; answer in seconds instead.
-        problem = check_ray_address(address)
-        if problem:
-            raise typer.BadParameter(problem, param_hint="'--address'")
+        _check_address(address)
     scenarios = [s.strip() for s in scenario.split(",") if s.strip()] if scenario else None
     calibration: dict[str, Any] | None = None
     if calibrate_from is not None:
-        from balanceiq.sim.calibrate import calibrate, fit_summary, write_calibration
-
-        cal = calibrate(calibrate_from)
-        target = checkpoint_dir.resolve()
-        scenario_path, report_path = target / "calibrated_scenario.yaml", target / "calibration.json"
-        write_calibration(cal, scenario_path, report_path)
-        err.print(fit_summary(cal.report), markup=False, highlight=False)
-        err.print(f"wrote {scenario_path} and {report_path}", markup=False, highlight=False)
-        scenarios = [str(scenario_path), *(scenarios or [])]
-        ov = cal.report["overall"]
-        calibration = {
-            "scenario": str(scenario_path),
-            "report": str(report_path),
-            "held_out_latency_rel_err": ov["held_out_latency_rel_err"],
-            "capacity_rel_stderr_max": ov["capacity_rel_stderr_max"],
-            "base_latency_rel_stderr_max": ov["base_latency_rel_stderr_max"],
-            "endpoints": {
-                e.name: {"capacity_rps": e.capacity_rps, "base_latency_ms": e.base_latency_ms}
-                for e in cal.scenario.endpoints
-            },
-        }
+        calibration = _calibrate_for_training(calibrate_from, checkpoint_dir)
+        scenarios = [calibration["scenario"], *(scenarios or [])]
     summary = train(
         scenarios=scenarios,
         iterations=iterations,
@@ -293,6 +233,53 @@ def train_cmd(
     if calibration is not None:
         summary = {**summary, "calibration": calibration}
     sys.stdout.write(json.dumps({k: v for k, v in summary.items() if k != "history"}) + "\n")
+
+
+def _check_address(address: str) -> None:
+    from balanceiq.cluster import check_ray_address
+
+    # Ray retries a dead address for ~14 minutes; answer in seconds instead.
+    problem = check_ray_address(address)
+    if problem:
+        raise typer.BadParameter(problem, param_hint="'--address'")
+
+
+def _live_training(live_config: Path | None, rllib_config: Path | None, num_env_runners: int | None) -> dict[str, Any]:
+    """``train``'s keyword arguments for ``--env live``: LiveEnv and its RLlib overrides."""
+    from balanceiq.testbed.live_env import LiveEnv, live_rllib_overrides, load_live_env_config
+    from balanceiq.train import load_algo_config
+
+    rl_cfg = load_algo_config(rllib_config)
+    runners = num_env_runners
+    if runners is None:
+        runners = int(rl_cfg.get("env_runners", {}).get("num_env_runners", 2))
+    live_cfg = load_live_env_config(live_config) if live_config is not None else {}
+    return {"env": LiveEnv, "env_overrides": live_rllib_overrides(rl_cfg.get("env_config", {}), live_cfg, runners)}
+
+
+def _calibrate_for_training(recording: Path, checkpoint_dir: Path) -> dict[str, Any]:
+    """Fit the simulator to ``recording``, write scenario and report next to the checkpoint,
+    print the fit error; the summary's ``calibration`` entry."""
+    from balanceiq.sim.calibrate import calibrate, fit_summary, write_calibration
+
+    cal = calibrate(recording)
+    target = checkpoint_dir.resolve()
+    scenario_path, report_path = target / "calibrated_scenario.yaml", target / "calibration.json"
+    write_calibration(cal, scenario_path, report_path)
+    err.print(fit_summary(cal.report), markup=False, highlight=False)
+    err.print(f"wrote {scenario_path} and {report_path}", markup=False, highlight=False)
+    ov = cal.report["overall"]
+    return {
+        "scenario": str(scenario_path),
+        "report": str(report_path),
+        "held_out_latency_rel_err": ov["held_out_latency_rel_err"],
+        "capacity_rel_stderr_max": ov["capacity_rel_stderr_max"],
+        "base_latency_rel_stderr_max": ov["base_latency_rel_stderr_max"],
+        "endpoints": {
+            e.name: {"capacity_rps": e.capacity_rps, "base_latency_ms": e.base_latency_ms}
+            for e in cal.scenario.endpoints
+        },
+    }
 
 
 @app.command("evaluate")

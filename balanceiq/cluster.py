@@ -1,23 +1,10 @@
 """Ray cluster launcher configs (``cluster.yaml``, ``cluster-local.yaml``), checked offline.
 
-:func:`check_cluster_config` runs Ray's own checks, the ones ``ray up`` and the
-autoscaler run, and turns their exceptions into readable problems:
-
-- Ray's JSON schema (``ray/autoscaler/ray-schema.json``) over the file as written, with
-  every violation named by its key path; an unknown key (a typo such as
-  ``max_wokers``) gets a "did you mean" from the keys the schema allows there.
-- For cloud providers (``ray up``): ``prepare_config`` (merges the provider's
-  ``defaults.yaml``, fills per-node-type worker bounds; it reads local files only,
-  no cloud call: AWS is first contacted by the provider's ``bootstrap_config``, which
-  is not run) and then ``validate_config`` on the result.
-- For ``fake_multinode`` (``ray start --autoscaling-config``): the autoscaler reads
-  the file as written, with no defaults merged (Ray's wheel does not even ship the
-  defaults file ``prepare_config`` would look for), so ``validate_config`` runs on the
-  file itself, and the top-level keys the autoscaler indexes directly must be there.
-
-Then a few rules Ray enforces late (at launch) or never: ``min_workers <= max_workers``
-per node type, the fake provider's fixed head node type name, explicit resources for
-fake nodes, an instance type for each AWS node type.
+:func:`check_cluster_config` runs the checks ``ray up`` and the autoscaler run (Ray's JSON
+schema, with "did you mean" for unknown keys; ``prepare_config`` + ``validate_config``,
+no cloud call; for ``fake_multinode``, used as written, ``validate_config`` alone) and
+turns their exceptions into readable problems, then a few rules Ray enforces late or
+never (``min_workers <= max_workers``, the fake head's node type, resources, instance types).
 """
 
 from __future__ import annotations
@@ -87,8 +74,7 @@ def _schema_problems(config: dict[str, Any]) -> list[str]:
     for error in sorted(validator.iter_errors(config), key=lambda e: [str(p) for p in e.absolute_path]):
         path = list(error.absolute_path)
         if error.validator == "additionalProperties" and isinstance(error.instance, dict):
-            # One line per unknown key, with the nearest allowed key: typos are the
-            # usual cause (jsonschema's own message lumps them together).
+            # One line per unknown key, with the nearest allowed one: typos are the usual cause.
             allowed = sorted((error.schema.get("properties") or {}).keys())
             for key in sorted(set(error.instance) - set(allowed), key=str):
                 hint = difflib.get_close_matches(str(key), allowed, n=1)
@@ -102,9 +88,7 @@ def _schema_problems(config: dict[str, Any]) -> list[str]:
 
 @contextlib.contextmanager
 def _quiet_ray() -> Iterator[None]:
-    """Ray's helpers print through ``cli_logger`` (sys.stdout/err) and log at INFO; a
-    check should print only its verdict. (Its one warning here, "File Mount refers to
-    a file", concerns Docker bind mounts.)"""
+    """Silence Ray's helpers (they print and log at INFO): a check prints only its verdict."""
     logger = logging.getLogger("ray.autoscaler")
     level = logger.level
     logger.setLevel(logging.ERROR)
@@ -173,9 +157,8 @@ def _reachable(host: str, port: int, timeout: float) -> str | None:
 
 
 def _speaks_grpc(host: str, port: int, timeout: float) -> str | None:
-    """Ray's GCS and its client server speak gRPC; anything else listening there (a web
-    server, a stale port reused) would leave ``ray.init`` retrying with pages of GCS
-    warnings before its own error."""
+    """Why ``host:port`` is not Ray's GCS (it speaks gRPC), or ``None``: ``ray.init`` would
+    retry with pages of warnings before its own error."""
     import grpc
 
     target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
@@ -190,13 +173,9 @@ def _speaks_grpc(host: str, port: int, timeout: float) -> str | None:
 
 
 def check_ray_address(address: str, timeout: float = 5.0) -> str | None:
-    """Why ``address`` (for ``balanceiq train --address``) cannot be a live Ray
-    cluster, or ``None``. Given an address where nothing listens, ``ray.init`` retries
-    for about 14 minutes before it gives up; this answers in ``timeout`` seconds.
-
-    ``auto`` is resolved by Ray's own rules (``RAY_ADDRESS``; else the address file
-    ``ray start`` wrote in ``$RAY_TMPDIR/ray`` or ``/tmp/ray``, unless exactly one GCS
-    runs on this machine, which wins), so a stale address file is caught too."""
+    """Why ``address`` (for ``balanceiq train --address``) cannot be a live Ray cluster, or
+    ``None``, in ``timeout`` seconds (``ray.init`` retries for minutes). ``auto`` is resolved
+    by Ray's own rules, so a stale address file is caught too."""
     shown = address
     if address == "auto":
         from ray._common.utils import get_ray_address_file
@@ -231,9 +210,8 @@ def check_ray_address(address: str, timeout: float = 5.0) -> str | None:
 
 
 def check_cluster_config(path: str | Path) -> list[str]:
-    """Every problem in a Ray cluster launcher config, one readable line each; ``[]``
-    means ``ray up`` / ``ray start --autoscaling-config`` will accept it. Never raises
-    for a bad file; makes no cloud call."""
+    """Every problem in a Ray cluster launcher config, one line each; ``[]``: Ray accepts it.
+    Never raises for a bad file; makes no cloud call."""
     path = Path(path)
     try:
         config = yaml.safe_load(path.read_text())
@@ -253,8 +231,7 @@ def check_cluster_config(path: str | Path) -> list[str]:
 
 
 def cluster_check_command(path: str | Path) -> int:
-    """``balanceiq cluster check FILE``: 0 and a one-line summary, or 2 and every
-    problem on stderr (never a traceback)."""
+    """``balanceiq cluster check FILE``: 0 and a summary, or 2 and every problem on stderr."""
     problems = check_cluster_config(path)
     if problems:
         noun = "problem" if len(problems) == 1 else "problems"

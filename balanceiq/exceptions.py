@@ -35,11 +35,7 @@ class BalanceIQError(Exception):
 
 
 class ConfigError(BalanceIQError):
-    """A configuration file or value is invalid.
-
-    ``problems`` holds ``(field_path, message)`` pairs, one per problem found, so a user
-    sees every mistake at once rather than one per run.
-    """
+    """A configuration file or value is invalid; ``problems``: every ``(field_path, message)``."""
 
     def __init__(self, problems: list[tuple[str, str]], source: str | None = None) -> None:
         self.problems = list(problems)
@@ -67,11 +63,8 @@ class XdsLeaseError(XdsError):
 
 
 class XdsRequestError(XdsError):
-    """An xDS client sent a request the server refuses; only that stream ends.
-
-    ``reason`` is the short name the refusal is counted under (``status()`` and
-    ``/metrics``); ``status`` names the gRPC status code the stream ends with.
-    """
+    """An xDS client's request is refused; only that stream ends, with gRPC ``status``.
+    ``reason`` is the name the refusal is counted under."""
 
     def __init__(self, reason: str, message: str, status: str = "INVALID_ARGUMENT") -> None:
         super().__init__(message)
@@ -84,11 +77,7 @@ class PolicyError(BalanceIQError):
 
 
 class TelemetryError(BalanceIQError):
-    """A metrics source could not give a usable answer.
-
-    Raised by sources; :class:`balanceiq.telemetry.Telemetry` catches it, falls back, and
-    records it in the observation, so it never reaches the caller's control loop.
-    """
+    """A metrics source could not give a usable answer (Telemetry falls back and records it)."""
 
 
 class PrometheusError(TelemetryError):

@@ -1,9 +1,8 @@
 """`balanceiq train`: PPO (RLlib, new API stack) on the simulator, with progress and a summary.
 
-The algorithm config comes from ``rllib_configs/ppo.yaml``; flags override the number of
-env runners and iterations. The checkpoint is written with ``algo.save_to_path`` and the
-policy module is re-loaded from it and checked to be our class, because RLlib silently
-falls back to a default RLModule when it cannot import a custom one.
+The algorithm config comes from ``rllib_configs/ppo.yaml``. The saved policy module is
+re-loaded and checked to be our class, because RLlib silently falls back to a default
+RLModule when it cannot import a custom one.
 """
 
 from __future__ import annotations
@@ -48,9 +47,8 @@ def build_algo_config(
     env_overrides: dict[str, dict[str, Any]] | None = None,
 ) -> Any:
     """The PPO config. ``env`` (default FleetEnv) and ``env_overrides`` (``env_config``,
-    ``training``, ``env_runners`` replacing the YAML's) select another environment: the CLI
-    passes LiveEnv and :func:`balanceiq.testbed.live_env.live_rllib_overrides` for
-    ``--env live`` (this layer may not import the testbed)."""
+    ``training``, ``env_runners`` over the YAML's) select another environment, e.g. LiveEnv
+    (passed in by the CLI: this layer may not import the testbed)."""
     from ray.rllib.algorithms.ppo import PPOConfig
     from ray.rllib.core.rl_module.rl_module import RLModuleSpec
 
@@ -100,14 +98,8 @@ def warm_start(
     t0 = time.monotonic()
     episodes = int(spec.get("episodes", 64))
     epochs = int(spec.get("epochs", 100))
-    with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=console or Console(stderr=True),
-        transient=True,
-    ) as progress:
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console or Console(stderr=True), transient=True) as progress:
         task = progress.add_task("imitation: demonstrations", total=episodes)
         demos = collect(
             env_config,
@@ -150,6 +142,59 @@ def _metric(result: dict[str, Any], *keys: str) -> float | None:
     return float(node) if isinstance(node, (int, float)) else None
 
 
+def _connect_ray(address: str | None) -> bool:
+    """Connect to ``address``, or start a private local 2-CPU Ray; False if Ray was already up."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    if address:
+        # An existing cluster brings its own resources (num_cpus may not be passed); the
+        # token comes from RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH / ~/.ray/auth_token.
+        try:
+            ray.init(address=address, log_to_driver=False)
+        except (ConnectionError, ValueError, ray.exceptions.AuthenticationError) as exc:
+            raise ConfigError([("--address", f"cannot connect to Ray at {address!r}: {exc}")]) from exc
+    else:
+        # Private even when another Ray runs here: without --address, training must not
+        # land on somebody else's cluster.
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    return True
+
+
+def _iterate(
+    algo: Any,
+    iterations: int,
+    console: Console,
+    on_iteration: Callable[[dict[str, Any]], None] | None,
+    t0: float,
+) -> list[dict[str, Any]]:
+    """Run the PPO iterations with a progress bar; one history row per iteration."""
+    history: list[dict[str, Any]] = []
+    columns = (TextColumn("training"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, TextColumn("{task.fields[status]}"), console=console) as progress:
+        task = progress.add_task("train", total=iterations, status="")
+        for i in range(iterations):
+            result = algo.train()
+            ret = _metric(result, "env_runners", "episode_return_mean")
+            steps = _metric(result, "num_env_steps_sampled_lifetime") or _metric(
+                result, "env_runners", "num_env_steps_sampled_lifetime"
+            )
+            history.append(
+                {
+                    "iteration": i + 1,
+                    "episode_return_mean": ret,
+                    "env_steps": steps,
+                    "total_loss": _metric(result, "learners", "default_policy", "total_loss"),
+                    "elapsed_s": round(time.monotonic() - t0, 1),
+                }
+            )
+            if on_iteration is not None:
+                on_iteration(dict(history[-1]))
+            progress.update(task, advance=1, status=f"return {ret:.2f}" if ret is not None else "")
+    return history
+
+
 def train(
     *,
     scenarios: list[str] | None,
@@ -168,33 +213,18 @@ def train(
     each iteration's row (return, loss, steps) as it finishes: the API's progress.
 
     ``address`` connects to a running Ray cluster (``auto``, ``host:port`` or
-    ``ray://host:10001``) instead of starting a local 2-CPU Ray; env runners are then
-    placed wherever the cluster has CPUs. It is ignored if Ray is already initialised
-    in this process (the caller owns that connection). The checkpoint is written by
-    this process, so ``checkpoint_dir`` is a path on the machine that runs it.
-
+    ``ray://host:10001``) instead of starting a local 2-CPU Ray; it is ignored if Ray is
+    already initialised in this process (the caller owns that connection). The checkpoint
+    is written by this process, so ``checkpoint_dir`` is a path on the machine that runs it.
     ``env`` / ``env_overrides``: another environment than the simulator (see
-    :func:`build_algo_config`; ``balanceiq train --env live`` passes LiveEnv)."""
+    :func:`build_algo_config`)."""
     import ray
 
     console = console or Console(stderr=True)
     cfg = load_algo_config(config_path)
-    own_ray = not ray.is_initialized()
-    if own_ray and address:
-        # An existing cluster brings its own resources; num_cpus/include_dashboard may
-        # not be passed when connecting. The token (token auth is on) comes from
-        # RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH / ~/.ray/auth_token as for any driver.
-        try:
-            ray.init(address=address, log_to_driver=False)
-        except (ConnectionError, ValueError, ray.exceptions.AuthenticationError) as exc:
-            raise ConfigError([("--address", f"cannot connect to Ray at {address!r}: {exc}")]) from exc
-    elif own_ray:
-        # A private local Ray, even when another Ray runs on this machine: without
-        # --address, training must not land on somebody else's cluster.
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    own_ray = _connect_ray(address)
     algo = None
     imitation: dict[str, Any] | None = None
-    history: list[dict[str, Any]] = []
     t0 = time.monotonic()
     try:
         algo_config = build_algo_config(
@@ -205,34 +235,7 @@ def train(
             # The teacher needs the simulator's ground truth for its rollouts; a live run
             # starts from PPO alone (or from a checkpoint trained here).
             imitation = warm_start(algo, cfg, dict(algo_config.env_config), seed=seed, console=console)
-        with Progress(
-            TextColumn("training"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            TextColumn("{task.fields[status]}"),
-            console=console,
-        ) as progress:
-            task = progress.add_task("train", total=iterations, status="")
-            for i in range(iterations):
-                result = algo.train()
-                ret = _metric(result, "env_runners", "episode_return_mean")
-                steps = _metric(result, "num_env_steps_sampled_lifetime") or _metric(
-                    result, "env_runners", "num_env_steps_sampled_lifetime"
-                )
-                loss = _metric(result, "learners", "default_policy", "total_loss")
-                history.append(
-                    {
-                        "iteration": i + 1,
-                        "episode_return_mean": ret,
-                        "env_steps": steps,
-                        "total_loss": loss,
-                        "elapsed_s": round(time.monotonic() - t0, 1),
-                    }
-                )
-                if on_iteration is not None:
-                    on_iteration(dict(history[-1]))
-                progress.update(task, advance=1, status=f"return {ret:.2f}" if ret is not None else "")
+        history = _iterate(algo, iterations, console, on_iteration, t0)
         checkpoint_dir = Path(checkpoint_dir).resolve()
         checkpoint_dir.mkdir(parents=True, exist_ok=True)
         algo.save_to_path(str(checkpoint_dir))

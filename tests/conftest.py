@@ -16,6 +16,10 @@ hypothesis_settings.register_profile("ci", derandomize=True, print_blob=True)
 hypothesis_settings.register_profile("explore", derandomize=False, print_blob=True)
 hypothesis_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
+# LiveEnv, live evaluation and `record` take their sample fleet from the lab (inherited by
+# the Ray workers and subprocesses tests start).
+os.environ.setdefault("BALANCEIQ_FLEET", "balanceiq_lab.testbed.fleet:provider")
+
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     # Fast feedback first: a broken unit test should not wait behind Envoy start-ups.

@@ -28,10 +28,10 @@ from balanceiq.serve.api import create_api
 from balanceiq.serve.plane import ControlPlane, PolicyClient, cluster_controllers
 from balanceiq.serve.policy import PolicyModel
 from balanceiq.telemetry.observe import Telemetry
-from balanceiq.testbed.load import run_load_sync
 from balanceiq.testbed.ports import settings_on_free_ports
-from balanceiq.testbed.testbed import Testbed
 from balanceiq.xds.server import XdsServer
+from balanceiq_lab.testbed.load import run_load_sync
+from balanceiq_lab.testbed.testbed import Testbed
 
 TOKEN = "test-token-0123456789abcdef"
 

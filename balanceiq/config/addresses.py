@@ -5,8 +5,6 @@ from __future__ import annotations
 import ipaddress
 import re
 
-# --------------------------------------------------------------------------- addresses
-
 _HOSTNAME_RE = re.compile(
     r"(?=.*[A-Za-z])[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
     r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*\.?"
@@ -27,10 +25,8 @@ def _parse_port(text: str, address: str) -> int:
 def split_address(address: str) -> tuple[str, int]:
     """Split ``"host:port"`` (IPv6 as ``"[::1]:port"``) into a canonical IP and a port.
 
-    The host must be an IP literal: Envoy takes EDS endpoint addresses as they are and
-    does not resolve DNS names there, so a hostname would be rejected by Envoy only
-    later, at runtime. Raises ``ValueError`` with a message meant for users.
-    """
+    The host must be an IP literal: Envoy does not resolve names in EDS endpoints.
+    Raises ``ValueError`` with a message meant for users."""
     if not isinstance(address, str):
         raise ValueError(f"address must be a string like '127.0.0.1:8080', got {address!r}")
     if address.startswith("["):

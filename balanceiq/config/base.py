@@ -1,5 +1,4 @@
-"""What every config model shares: limits on input, strict field types, the base model and
-small validators."""
+"""What every config model shares: input limits, strict field types, the base model, validators."""
 
 from __future__ import annotations
 
@@ -16,13 +15,9 @@ from pydantic_core import PydanticCustomError
 UINT32_MAX = 2**32 - 1
 """Envoy's ceiling for a load_balancing_weight and for the sum of weights in a locality."""
 
-# A config file is a few kilobytes (the 6-endpoint sample is 5 KiB; 1,000 endpoints are
-# ~150 KiB). The cap keeps `config check /dev/zero`-like mistakes from reading forever and
-# bounds the pure-Python YAML parse to about a second.
+# Config files are kilobytes; the cap stops `config check /dev/zero` from reading forever.
 _MAX_FILE_BYTES = 1024 * 1024
-# Limits on the parsed data, checked before pydantic sees it: YAML aliases can make a
-# small file expand exponentially ("billion laughs"), and pydantic would then validate,
-# and report an error for, every expanded value.
+# Checked before pydantic sees the data: YAML aliases can expand a small file exponentially.
 _MAX_VALUES = 100_000
 _MAX_DEPTH = 64
 _MAX_STRING = 65_536
@@ -34,15 +29,12 @@ _SECRET_FIELDS = frozenset({"token", "key_file", "envoy_key_file"})
 
 Loc = tuple[str | int, ...]
 
-# Strict numbers: YAML already yields typed scalars, so a quoted "5" or a `yes` where a
-# number belongs is far more likely a mistake than something to coerce.
+# Strict: YAML yields typed scalars, so a quoted "5" where a number belongs is a mistake.
 Port = Annotated[int, Field(ge=1, le=65535, strict=True)]
 NonNegFloat = Annotated[float, Field(ge=0, allow_inf_nan=False, strict=True)]
 PosFloat = Annotated[float, Field(gt=0, allow_inf_nan=False, strict=True)]
 StrictBool = Annotated[bool, Field(strict=True)]
 
-
-# --------------------------------------------------------------------------- helpers
 
 _IDENT_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
@@ -55,16 +47,13 @@ def _format_loc(loc: Iterable[str | int]) -> str:
         elif _IDENT_RE.fullmatch(part):
             out += f".{part}" if out else part
         else:
-            # Dict keys such as "127.0.0.1:18001" contain dots; quote them so the path
-            # stays unambiguous.
+            # Keys such as "127.0.0.1:18001" contain dots: quoted, the path stays unambiguous.
             out += '["' + part.replace("\\", "\\\\").replace('"', '\\"') + '"]'
     return out
 
 
-# Cross-field rules find problems in fields below the model they run on. They raise one
-# error of this type whose context carries every (relative loc, message) pair, so the
-# loader can report each problem at its own field path; pydantic's own str() of the
-# error still reads well thanks to the summary.
+# Cross-field rules raise one error of this type carrying every (relative loc, message)
+# pair, so the loader reports each problem at its own field path.
 _CROSS_FIELD = "balanceiq_cross_field"
 
 
@@ -95,17 +84,12 @@ def _http_url(value: str) -> str:
     return value.rstrip("/")
 
 
-def _expand_user(value: Path | None) -> Path | None:
-    return value.expanduser() if value is not None else None
-
-
 def _check_path(value: Path | None) -> Path | None:
     if value is None:
         return None
     text = str(value)
     if "-----BEGIN" in text or "\n" in text:
-        # Pasting the PEM itself where a file name belongs is a common slip; echoing it
-        # back in the error would print a private key.
+        # A pasted PEM echoed back in the error would print a private key.
         raise ValueError("looks like PEM content, not a file path; put it in a file and give its path")
     if "\x00" in text:
         raise ValueError("path contains a NUL byte")

@@ -6,60 +6,33 @@ import re
 
 from pydantic import Field, field_validator
 
-from balanceiq.config.addresses import (
-    _canonical_address,
-    split_address,
-)
-from balanceiq.config.base import (
-    UINT32_MAX,
-    Loc,
-    NonNegFloat,
-    PosFloat,
-    _cross_field_error,
-    _Model,
-    _not_blank,
-)
+from balanceiq.config.addresses import _canonical_address, split_address
+from balanceiq.config.base import UINT32_MAX, Loc, NonNegFloat, PosFloat, _cross_field_error, _Model, _not_blank
 
 
 class EndpointConfig(_Model):
     """One backend Envoy sends traffic to, and what it costs."""
 
-    address: str = Field(description="Backend as host:port; host is an IPv4 or [IPv6] literal.")
-    """Backend as ``host:port``. The host must be an IP literal (IPv6 in brackets, e.g.
-    ``[::1]:8080``) because Envoy does not resolve names in EDS endpoints. Stored in
-    canonical form, so ``[::0:1]:80`` and ``[::1]:80`` are recognised as the same."""
+    address: str
+    """Backend as host:port; host is an IPv4 or [IPv6] literal."""
 
-    cloud: str = Field(description="Cloud provider, e.g. aws, gcp, azure.")
-    """Cloud provider the backend runs in (``aws``, ``gcp``, ``azure``...); part of the
-    Envoy locality and the key for per-cloud testbed latencies."""
+    cloud: str
+    """Cloud provider, e.g. aws, gcp, azure."""
 
-    region: str = Field(description="Cloud region, e.g. us-east-1.")
-    """Region within the cloud; part of the Envoy locality."""
+    region: str
+    """Cloud region, e.g. us-east-1."""
 
-    zone: str | None = Field(default=None, description="Availability zone, if known.")
-    """Availability zone within the region; part of the Envoy locality when set."""
+    zone: str | None = None
+    """Availability zone, if known."""
 
-    cost_per_million_requests: NonNegFloat = Field(
-        default=0.0, description="Cost in currency units per million requests (>= 0)."
-    )
-    """What a million requests served here cost; the LP's cost term and the reward use
-    it to prefer cheaper backends when latency allows."""
+    cost_per_million_requests: NonNegFloat = 0.0
+    """Cost in currency units per million requests (>= 0)."""
 
-    weight: int = Field(
-        default=1,
-        ge=1,
-        le=UINT32_MAX,
-        strict=True,
-        description="Initial Envoy load_balancing_weight (1..2**32-1).",
-    )
-    """Initial Envoy ``load_balancing_weight`` before the controller has decided
-    anything. Envoy refuses 0 and anything above uint32."""
+    weight: int = Field(default=1, ge=1, le=UINT32_MAX, strict=True)
+    """Initial Envoy load_balancing_weight (1..2**32-1)."""
 
-    capacity_rps: PosFloat | None = Field(
-        default=None, description="Optional capacity hint in requests per second (> 0)."
-    )
-    """Requests per second the backend is expected to sustain. Only a hint: the
-    controller estimates capacity from telemetry and uses this as a prior."""
+    capacity_rps: PosFloat | None = None
+    """Optional capacity hint in requests per second (> 0)."""
 
     @field_validator("address")
     @classmethod
@@ -117,12 +90,11 @@ def _default_endpoints() -> list[EndpointConfig]:
 class ClusterConfig(_Model):
     """An Envoy cluster: a named set of endpoints whose weights the controller sets."""
 
-    name: str = Field(default="my_service", description="Envoy cluster name ([A-Za-z0-9_.-]+).")
-    """Envoy cluster name. Envoy's routes and stats refer to it, so it is limited to
-    characters that are safe in both: letters, digits, ``_``, ``.`` and ``-``."""
+    name: str = "my_service"
+    """Envoy cluster name ([A-Za-z0-9_.-]+)."""
 
-    endpoints: list[EndpointConfig] = Field(description="Backends of this cluster (at least one).")
-    """Backends of this cluster. Addresses must be unique within the cluster."""
+    endpoints: list[EndpointConfig]
+    """Backends of this cluster (at least one)."""
 
     @field_validator("name")
     @classmethod

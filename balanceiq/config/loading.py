@@ -12,16 +12,9 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from balanceiq.config.base import (
-    _MAX_FILE_BYTES,
-)
-from balanceiq.config.problems import (
-    _shape_problems,
-    validation_problems,
-)
-from balanceiq.config.settings import (
-    Settings,
-)
+from balanceiq.config.base import _MAX_FILE_BYTES
+from balanceiq.config.problems import _shape_problems, validation_problems
+from balanceiq.config.settings import Settings
 from balanceiq.exceptions import ConfigError
 
 
@@ -33,12 +26,8 @@ def _yaml_type_name(value: Any) -> str:
 def settings_from_dict(
     data: Mapping[str, Any], source: str | None = None, *, base_dir: str | Path | None = None
 ) -> Settings:
-    """Validate ``data`` (e.g. parsed YAML) into :class:`Settings`.
-
-    Raises :class:`ConfigError` listing every problem. With ``base_dir``, relative paths
-    (``state_dir``, TLS files) are resolved against it, as :func:`load_config` does with
-    the config file's directory.
-    """
+    """Validate ``data`` (e.g. parsed YAML) into :class:`Settings`; :class:`ConfigError` lists
+    every problem. Relative paths are resolved against ``base_dir`` when given."""
     if not isinstance(data, Mapping):
         message = f"the top level must be a mapping of settings, not a {_yaml_type_name(data)}"
         raise ConfigError([("", message)], source)
@@ -75,11 +64,7 @@ def _resolve_paths(settings: Settings, base_dir: Path) -> Settings:
 
 
 class _TooLargeNumber:
-    """Stands in for an integer too long for Python to convert (over 4,300 digits).
-
-    Not an ``int``, so pydantic refuses it at the field it is in, and the message names
-    that field instead of failing the whole file at a line number.
-    """
+    """An integer too long for Python to convert: pydantic refuses it at its own field."""
 
     __slots__ = ("digits",)
 
@@ -91,13 +76,8 @@ class _TooLargeNumber:
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
-    """SafeLoader that refuses duplicate mapping keys and never raises a bare exception.
-
-    Plain PyYAML keeps the last of two equal keys without a word, so a second ``weight:``
-    would silently win; a config file is better off with an error. PyYAML's scalar
-    constructors also raise plain ValueError/AttributeError on values such as
-    ``2020-13-45`` or ``!!int x``; those become YAML errors with a line and column.
-    """
+    """SafeLoader that refuses duplicate keys (PyYAML silently keeps the last) and turns the
+    bare errors of scalar constructors (``2020-13-45``, ``!!int x``) into YAML errors."""
 
     def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
         try:
@@ -130,18 +110,14 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                 continue  # unhashable key; the base class reports it properly
             if duplicate:
                 raise yaml.constructor.ConstructorError(
-                    "while constructing a mapping",
-                    node.start_mark,
-                    f"found duplicate key {key!r}",
-                    key_node.start_mark,
+                    "while constructing a mapping", node.start_mark, f"found duplicate key {key!r}", key_node.start_mark
                 )
             seen.add(key)
         return super().construct_mapping(node, deep=deep)
 
 
 _UniqueKeyLoader.add_constructor("tag:yaml.org,2002:int", _UniqueKeyLoader.construct_yaml_int)
-# YAML 1.1 (PyYAML) reads ``1e3`` as the string "1e3": a float needs a dot there. Config
-# files are written by people who expect YAML 1.2 and JSON, where it is a number.
+# YAML 1.1 reads ``1e3`` as a string; people expect YAML 1.2 and JSON, where it is a number.
 _UniqueKeyLoader.add_implicit_resolver(
     "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789")
 )
@@ -186,12 +162,8 @@ def _read_text(path: Path, source: str) -> str:
 
 
 def load_config(path: str | Path) -> Settings:
-    """Read and validate a YAML config file.
-
-    Raises :class:`ConfigError` with every problem found: unreadable or empty file, YAML
-    syntax error (with line and column), wrong top-level type, and each invalid field.
-    Relative paths inside the file are relative to the file's directory.
-    """
+    """Read and validate a YAML config file; :class:`ConfigError` lists every problem.
+    Relative paths inside the file are relative to its directory."""
     path = Path(path)
     source = str(path)
     data = parse_yaml(_read_text(path, source), source, "settings")
@@ -221,10 +193,7 @@ def _plural(count: int, noun: str) -> str:
 
 
 def check_config_command(path: str | Path) -> int:
-    """``balanceiq config check FILE``: 0 and a summary if valid, else 2 and every problem.
-
-    Problems go to stderr one per line as ``field.path: message``; never a traceback.
-    """
+    """``balanceiq config check FILE``: 0 and a summary, or 2 and every problem on stderr."""
     try:
         settings = load_config(path)
     except ConfigError as exc:

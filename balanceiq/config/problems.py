@@ -20,9 +20,7 @@ from balanceiq.config.base import (
     Loc,
     _format_loc,
 )
-from balanceiq.config.settings import (
-    Settings,
-)
+from balanceiq.config.settings import Settings
 
 
 def _unwrap_annotation(annotation: Any) -> list[Any]:
@@ -75,11 +73,8 @@ def _short_repr(value: Any) -> str:
 
 
 def validation_problems(exc: ValidationError, root: type[BaseModel] | None = None) -> list[tuple[str, str]]:
-    """``(field_path, message)`` for every error, unknown keys with a suggestion.
-
-    ``root`` is the model that was validated (default :class:`Settings`); other YAML
-    loaders (scenarios) reuse this so every file reports problems the same way.
-    """
+    """``(field_path, message)`` for every error, unknown keys with a suggestion; ``root`` is
+    the model validated (default :class:`Settings`)."""
     problems: list[tuple[str, str]] = []
     for error in exc.errors():
         loc: Loc = tuple(error["loc"])
@@ -117,13 +112,8 @@ def _capped(problems: list[tuple[str, str]]) -> list[tuple[str, str]]:
 
 
 def _shape_problems(data: Any) -> list[tuple[str, str]]:
-    """Problems in the raw data's shape that pydantic should never be handed.
-
-    Walks the data as pydantic would, alias-shared parts once per reference, so a
-    "billion laughs" file is caught after ``_MAX_VALUES`` steps, not after minutes of
-    validation and a million error messages. Also finds alias cycles, nesting deeper
-    than ``_MAX_DEPTH`` and strings longer than ``_MAX_STRING``.
-    """
+    """Problems in the raw data's shape pydantic should never be handed: more than
+    ``_MAX_VALUES`` values (aliases counted per reference), alias cycles, deep nesting, long strings."""
     problems: list[tuple[str, str]] = []
     seen = 0
     active: set[int] = set()  # containers on the current path: a repeat is a cycle

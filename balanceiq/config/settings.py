@@ -6,32 +6,12 @@ from pathlib import Path
 
 from pydantic import Field, field_validator, model_validator
 
-from balanceiq.config.base import (
-    Loc,
-    _check_path,
-    _cross_field_error,
-    _Model,
-)
-from balanceiq.config.cluster import (
-    ClusterConfig,
-    _default_endpoints,
-)
-from balanceiq.config.control import (
-    ApiConfig,
-    ControlConfig,
-    GuardrailConfig,
-)
-from balanceiq.config.signals import (
-    PrometheusConfig,
-    TelemetryConfig,
-)
-from balanceiq.config.testbed import (
-    TestbedConfig,
-)
-from balanceiq.config.transport import (
-    EnvoyConfig,
-    XdsConfig,
-)
+from balanceiq.config.base import Loc, _check_path, _cross_field_error, _Model
+from balanceiq.config.cluster import ClusterConfig, _default_endpoints
+from balanceiq.config.control import ApiConfig, ControlConfig, GuardrailConfig
+from balanceiq.config.signals import PrometheusConfig, TelemetryConfig
+from balanceiq.config.testbed import TestbedConfig
+from balanceiq.config.transport import EnvoyConfig, XdsConfig
 
 
 def _default_clusters() -> list[ClusterConfig]:
@@ -41,42 +21,35 @@ def _default_clusters() -> list[ClusterConfig]:
 class Settings(_Model):
     """Everything BalanceIQ needs to run; the root of ``balanceiq.yaml``."""
 
-    clusters: list[ClusterConfig] = Field(
-        default_factory=_default_clusters,
-        description="Envoy clusters whose weights BalanceIQ sets.",
-    )
-    """Envoy clusters whose endpoint weights BalanceIQ controls; names are unique."""
+    clusters: list[ClusterConfig] = Field(default_factory=_default_clusters)
+    """Envoy clusters whose weights BalanceIQ sets."""
 
-    xds: XdsConfig = Field(default_factory=XdsConfig, description="xDS server settings.")
-    """The xDS server Envoy gets its endpoints from."""
+    xds: XdsConfig = Field(default_factory=XdsConfig)
+    """xDS server settings."""
 
-    envoy: EnvoyConfig = Field(default_factory=EnvoyConfig, description="Envoy admin and listener.")
-    """Envoy's admin URL and proxy listener."""
+    envoy: EnvoyConfig = Field(default_factory=EnvoyConfig)
+    """Envoy admin and listener."""
 
-    prometheus: PrometheusConfig = Field(default_factory=PrometheusConfig, description="Prometheus server.")
-    """The Prometheus server holding the telemetry."""
+    prometheus: PrometheusConfig = Field(default_factory=PrometheusConfig)
+    """Prometheus server."""
 
-    telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig, description="How observations are read.")
-    """PromQL per signal, rate window, staleness, and the ALS latency source."""
+    telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
+    """How observations are read."""
 
-    control: ControlConfig = Field(default_factory=ControlConfig, description="Control loop settings.")
-    """The control loop's pace and number of critical endpoints."""
+    control: ControlConfig = Field(default_factory=ControlConfig)
+    """Control loop settings."""
 
-    guardrails: GuardrailConfig = Field(
-        default_factory=GuardrailConfig, description="Limits between the LP and the store."
-    )
-    """Floor share, maximum shift per decision and rollback to the baseline."""
+    guardrails: GuardrailConfig = Field(default_factory=GuardrailConfig)
+    """Limits between the LP and the store."""
 
-    api: ApiConfig = Field(default_factory=ApiConfig, description="HTTP API and dashboard.")
-    """Where the API binds, its token and the checkpoint it serves."""
+    api: ApiConfig = Field(default_factory=ApiConfig)
+    """HTTP API and dashboard."""
 
-    testbed: TestbedConfig = Field(default_factory=TestbedConfig, description="Local testbed behaviour.")
-    """How the local sample backends behave."""
+    testbed: TestbedConfig = Field(default_factory=TestbedConfig)
+    """Local testbed behaviour."""
 
-    state_dir: Path = Field(default=Path(".state"), description="Directory for persisted xDS state.")
-    """Where the xDS actor persists its last snapshot, so a restart serves the last
-    weights instead of resetting them. A relative path in a file is relative to the
-    file's directory."""
+    state_dir: Path = Path(".state")
+    """Directory for persisted xDS state."""
 
     @field_validator("state_dir")
     @classmethod

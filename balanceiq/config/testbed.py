@@ -4,67 +4,34 @@ from __future__ import annotations
 
 from pydantic import Field, field_validator
 
-from balanceiq.config.addresses import (
-    _canonical_address,
-)
-from balanceiq.config.base import (
-    Loc,
-    NonNegFloat,
-    _cross_field_error,
-    _Model,
-)
-from balanceiq.config.cluster import (
-    EndpointConfig,
-)
+from balanceiq.config.addresses import _canonical_address
+from balanceiq.config.base import Loc, NonNegFloat, _cross_field_error, _Model
+from balanceiq.config.cluster import EndpointConfig
 
 
 class BackendProfile(_Model):
     """Testbed behaviour of one backend; unset fields fall back to the testbed defaults."""
 
-    base_latency_ms: NonNegFloat | None = Field(default=None, description="Base latency in ms (>= 0).")
-    """Latency the simulated backend adds to every request."""
+    base_latency_ms: NonNegFloat | None = None
+    """Base latency in ms (>= 0)."""
 
-    concurrency: int | None = Field(default=None, ge=1, strict=True, description="Requests served in parallel (>= 1).")
-    """Requests the backend serves at once; more queue, which is what makes it saturate."""
+    concurrency: int | None = Field(default=None, ge=1, strict=True)
+    """Requests served in parallel (>= 1)."""
 
-    error_rate: float | None = Field(
-        default=None,
-        ge=0,
-        le=1,
-        allow_inf_nan=False,
-        strict=True,
-        description="Fraction of requests answered 5xx (0..1).",
-    )
-    """Fraction of requests answered with HTTP 503, to exercise error handling."""
+    error_rate: float | None = Field(default=None, ge=0, le=1, allow_inf_nan=False, strict=True)
+    """Fraction of requests answered 5xx (0..1)."""
 
-    sigma: float | None = Field(
-        default=None,
-        ge=0,
-        le=3,
-        allow_inf_nan=False,
-        strict=True,
-        description="Lognormal spread of the service time (0..3; 0 = fixed delay).",
-    )
-    """Heavy-tailed service times: each request's delay is ``base_latency_ms *
-    exp(sigma * N(0, 1))`` (median ``base_latency_ms``, mean ``base * exp(sigma**2/2)``).
-    Unset or 0: the fixed delay of earlier versions."""
+    sigma: float | None = Field(default=None, ge=0, le=3, allow_inf_nan=False, strict=True)
+    """Lognormal spread of the service time (0..3; 0 = fixed delay)."""
 
-    tail_prob: float | None = Field(
-        default=None,
-        ge=0,
-        le=1,
-        allow_inf_nan=False,
-        strict=True,
-        description="Probability a request also waits tail_ms (0..1).",
-    )
-    """Probability that a request takes ``tail_ms`` longer (a brownout-like tail)."""
+    tail_prob: float | None = Field(default=None, ge=0, le=1, allow_inf_nan=False, strict=True)
+    """Probability a request also waits tail_ms (0..1)."""
 
-    tail_ms: NonNegFloat | None = Field(default=None, description="Extra latency of a tail request (ms, >= 0).")
-    """Latency added to the ``tail_prob`` fraction of requests."""
+    tail_ms: NonNegFloat | None = None
+    """Extra latency of a tail request (ms, >= 0)."""
 
 
-# What :meth:`TestbedConfig.behaviour_for` reports beyond :meth:`TestbedConfig.profile_for`,
-# only when an override sets it (the backends' own defaults otherwise).
+# What behaviour_for adds to profile_for, only when an override sets it.
 TAIL_FIELDS = ("sigma", "tail_prob", "tail_ms")
 
 
@@ -73,24 +40,17 @@ class TestbedConfig(_Model):
 
     __test__ = False  # not a pytest test class, despite the name
 
-    base_latency_ms: dict[str, NonNegFloat] = Field(
-        default_factory=lambda: {"aws": 15.0, "gcp": 25.0, "azure": 35.0},
-        description="Base latency in ms keyed by 'cloud' or 'cloud/region'.",
-    )
-    """Base latency per ``cloud`` or ``cloud/region``; the more specific key wins. Makes
-    the clouds differ the way real regions do, so the policy has something to learn."""
+    base_latency_ms: dict[str, NonNegFloat] = Field(default_factory=lambda: {"aws": 15.0, "gcp": 25.0, "azure": 35.0})
+    """Base latency in ms keyed by 'cloud' or 'cloud/region'."""
 
-    default_latency_ms: NonNegFloat = Field(default=20.0, description="Latency for clouds not listed (ms).")
-    """Base latency for endpoints whose cloud is not in ``base_latency_ms``."""
+    default_latency_ms: NonNegFloat = 20.0
+    """Latency for clouds not listed (ms)."""
 
-    concurrency: int = Field(default=8, ge=1, strict=True, description="Default requests served in parallel.")
-    """Requests each backend serves at once unless overridden."""
+    concurrency: int = Field(default=8, ge=1, strict=True)
+    """Default requests served in parallel."""
 
-    overrides: dict[str, BackendProfile] = Field(
-        default_factory=dict, description="Per-backend profile keyed by endpoint address."
-    )
-    """Per-backend exceptions keyed by endpoint address, e.g. one slow or flaky backend.
-    Every key must be the address of a configured endpoint."""
+    overrides: dict[str, BackendProfile] = Field(default_factory=dict)
+    """Per-backend profile keyed by endpoint address."""
 
     @field_validator("base_latency_ms")
     @classmethod

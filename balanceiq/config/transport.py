@@ -24,46 +24,32 @@ from balanceiq.config.base import (
 class TlsConfig(_Model):
     """TLS for the xDS gRPC server Envoy connects to."""
 
-    enabled: StrictBool = Field(default=False, description="Serve xDS over TLS.")
-    """Serve xDS over TLS. Off by default because the default server listens on
-    loopback only; turn it on whenever Envoy reaches the server over a network."""
+    enabled: StrictBool = False
+    """Serve xDS over TLS."""
 
-    cert_file: Path | None = Field(default=None, description="PEM server certificate (chain).")
-    """PEM server certificate, optionally followed by its chain. Required when enabled.
-    Relative paths are relative to the config file's directory."""
+    cert_file: Path | None = None
+    """PEM server certificate (chain)."""
 
-    key_file: Path | None = Field(default=None, description="PEM private key of cert_file.")
-    """PEM private key for ``cert_file``. Required when enabled."""
+    key_file: Path | None = None
+    """PEM private key of cert_file."""
 
-    ca_file: Path | None = Field(default=None, description="PEM CA bundle for client certs.")
-    """PEM CA bundle that client (Envoy) certificates must chain to. Required when
-    ``require_client_cert`` is true."""
+    ca_file: Path | None = None
+    """PEM CA bundle for client certs."""
 
-    require_client_cert: StrictBool = Field(
-        default=False, description="Require and verify an Envoy client certificate (mTLS)."
-    )
-    """Require Envoy to present a certificate signed by ``ca_file`` (mutual TLS), so
-    only trusted proxies can read the endpoint assignment."""
+    require_client_cert: StrictBool = False
+    """Require and verify an Envoy client certificate (mTLS)."""
 
-    envoy_ca_file: Path | None = Field(
-        default=None, description="PEM CA Envoy uses to verify the xDS server certificate."
-    )
-    """PEM CA bundle that the generated Envoy bootstrap uses to verify the xDS server's
-    certificate. Needed to render a bootstrap when TLS is enabled: an Envoy that does not
-    verify its control plane can be fed any endpoints."""
+    envoy_ca_file: Path | None = None
+    """PEM CA Envoy uses to verify the xDS server certificate."""
 
-    envoy_cert_file: Path | None = Field(default=None, description="PEM client certificate Envoy presents (mTLS).")
-    """PEM certificate the generated Envoy bootstrap presents to the xDS server when
-    ``require_client_cert`` is true; it must chain to ``ca_file``."""
+    envoy_cert_file: Path | None = None
+    """PEM client certificate Envoy presents (mTLS)."""
 
-    envoy_key_file: Path | None = Field(default=None, description="PEM private key of envoy_cert_file.")
-    """PEM private key for ``envoy_cert_file``."""
+    envoy_key_file: Path | None = None
+    """PEM private key of envoy_cert_file."""
 
-    server_name: str | None = Field(
-        default=None, description="Name (SNI and SAN) Envoy expects on the server certificate."
-    )
-    """If set, Envoy sends it as SNI and accepts only a server certificate whose subject
-    alternative names include it."""
+    server_name: str | None = None
+    """Name (SNI and SAN) Envoy expects on the server certificate."""
 
     @field_validator("cert_file", "key_file", "ca_file", "envoy_ca_file", "envoy_cert_file", "envoy_key_file")
     @classmethod
@@ -97,30 +83,20 @@ class TlsConfig(_Model):
 class XdsConfig(_Model):
     """The xDS gRPC server (a Ray actor) that streams endpoint weights to Envoy."""
 
-    host: str = Field(default="127.0.0.1", description="Address the xDS server binds.")
-    """Address the xDS gRPC server binds. Loopback by default: anyone who can reach it
-    could read the endpoint assignment."""
+    host: str = "127.0.0.1"
+    """Address the xDS server binds."""
 
-    port: Port = Field(default=50051, description="TCP port of the xDS server (1..65535).")
-    """TCP port of the xDS server; Envoy's bootstrap points here."""
+    port: Port = 50051
+    """TCP port of the xDS server (1..65535)."""
 
-    tls: TlsConfig = Field(default_factory=TlsConfig, description="TLS for the xDS server.")
-    """TLS settings for the xDS server."""
+    tls: TlsConfig = Field(default_factory=TlsConfig)
+    """TLS for the xDS server."""
 
-    api: Literal["ads-sotw", "ads-delta", "eds-sotw", "eds-delta"] = Field(
-        default="ads-sotw", description="xDS flavour the Envoy bootstrap uses."
-    )
-    """Which xDS flavour the generated Envoy bootstrap uses: aggregated (ADS) or plain
-    EDS, state-of-the-world or incremental (delta)."""
+    api: Literal["ads-sotw", "ads-delta", "eds-sotw", "eds-delta"] = "ads-sotw"
+    """xDS flavour the Envoy bootstrap uses."""
 
-    allow_insecure_remote: StrictBool = Field(
-        default=False, description="Allow a non-loopback host without mutual TLS (not recommended)."
-    )
-    """A non-loopback ``host`` is refused unless ``tls.enabled`` and
-    ``tls.require_client_cert`` are both on: Envoy applies whatever its management server
-    sends, and without mutual TLS anyone who reaches the port reads every endpoint and
-    can pose as an Envoy. Set this to serve a network anyway (a trusted private network,
-    or TLS terminated by a sidecar); the server logs a warning at start."""
+    allow_insecure_remote: StrictBool = False
+    """Allow a non-loopback host without mutual TLS (not recommended)."""
 
     @field_validator("host")
     @classmethod
@@ -144,37 +120,24 @@ class XdsConfig(_Model):
 class EnvoyConfig(_Model):
     """Where Envoy's admin interface is and where Envoy accepts client traffic."""
 
-    admin_url: str = Field(default="http://127.0.0.1:9901", description="Envoy admin http(s) URL.")
-    """Base URL of Envoy's admin interface, used for readiness and stats. Keep it on
-    loopback: the admin API can change Envoy's state."""
+    admin_url: str = "http://127.0.0.1:9901"
+    """Envoy admin http(s) URL."""
 
-    listen_host: str = Field(default="127.0.0.1", description="Address Envoy's proxy listener binds.")
+    listen_host: str = "127.0.0.1"
     """Address Envoy's proxy listener binds."""
 
-    listen_port: Port = Field(default=10000, description="Port of Envoy's proxy listener.")
-    """Port clients send traffic to."""
+    listen_port: Port = 10000
+    """Port of Envoy's proxy listener."""
 
-    allow_remote_admin: StrictBool = Field(default=False, description="Allow an admin_url host that is not loopback.")
-    """Envoy's admin interface has no authentication and can stop Envoy, change its
-    logging and drain its listeners, so a non-loopback ``admin_url`` (which the generated
-    bootstrap binds) is refused unless this is set. Set it when the admin port is
-    reachable only from a trusted network, e.g. the controller reads a remote Envoy."""
+    allow_remote_admin: StrictBool = False
+    """Allow an admin_url host that is not loopback."""
 
-    lb_policy: Literal["LEAST_REQUEST", "ROUND_ROBIN"] = Field(
-        default="LEAST_REQUEST", description="Envoy's balancer under BalanceIQ's weights."
-    )
-    """The ``lb_policy`` of the steered clusters: what the generated bootstrap sets, and
-    what the controller writes weights for (under LEAST_REQUEST Envoy picks by
-    ``weight / (active + 1)``, which the controller compensates so the intended shares
-    are what the endpoints get). LEAST_REQUEST (default) also lets Envoy itself steer
-    away from an endpoint whose requests pile up between two decisions."""
+    # LEAST_REQUEST picks by weight / (active + 1); the controller compensates for that.
+    lb_policy: Literal["LEAST_REQUEST", "ROUND_ROBIN"] = "LEAST_REQUEST"
+    """Envoy's balancer under BalanceIQ's weights."""
 
-    update_merge_window_ms: int = Field(
-        default=0, ge=0, strict=True, description="Envoy cluster update merge window in ms (>= 0)."
-    )
-    """How long Envoy merges successive EDS updates before rebuilding its load balancer.
-    0 applies every weight change immediately, which is what a controller wants to
-    measure; raise it if updates are very frequent."""
+    update_merge_window_ms: int = Field(default=0, ge=0, strict=True)
+    """Envoy cluster update merge window in ms (>= 0)."""
 
     @field_validator("admin_url")
     @classmethod

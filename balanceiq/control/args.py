@@ -28,9 +28,6 @@ _MAX_NAMES = 5
 _TRANSITIONS_KEPT = 20
 
 
-# -- small helpers ---------------------------------------------------------------------------
-
-
 def _fmt(x: float | None) -> str:
     """Numbers in notes and reasons: short, and ``n/a`` for a missing value."""
     return "n/a" if x is None else f"{x:.3g}"

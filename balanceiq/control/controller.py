@@ -1,26 +1,12 @@
-"""The control loop: observe → policy → LP → guardrails → push, once per interval.
+"""The control loop: lease -> observe -> decide -> judge -> guard -> push, once per interval.
 
-One :meth:`Controller.step` is one decision:
-
-1. **Lease.** Renew this cluster's lease at the xDS server. Without it the step is a
-   ``standby`` record and nothing is pushed: exactly one loop acts on a cluster, however
-   many controller replicas are alive.
-2. **Observe.** :class:`~balanceiq.telemetry.observe.Telemetry` never raises; when it
-   knows nothing (``source == "none"``) the step *holds* the weights in force, since
-   acting blind is worse than not acting.
-3. **Propose twice.** Every endpoint breaching the SLO and the policy's top K scores
-   are critical and the LP re-splits them; non-critical endpoints keep their share. The baseline heuristic proposes too.
-4. **Judge and pick.** Both proposals are scored on this observation with the LP's own
-   objective; the rollback monitor switches to the baseline when the policy is worse
-   for M intervals in a row, and back once it holds its own. A policy that cannot answer
-   makes this one step use the baseline, and says so. The realised reward of the last
-   interval is recorded beside the decision.
-5. **Guardrails**: overrides (drain, pin, set), floor share, maximum shift.
-6. **Push** through the lease-checked ``set_assignment`` and wait briefly for Envoy's
-   ACK; unchanged weights are not pushed.
-
-Every step leaves a :class:`~balanceiq.control.records.DecisionRecord`, also when it
-failed: the loop itself never dies of an exception.
+Only the holder of the cluster's lease at the xDS server pushes (others record
+``standby``). When telemetry knows nothing the weights in force are *held*: acting blind
+is worse than not acting. The decision core proposes (breachers and the policy's top K
+re-split by the LP), the baseline proposes too, and the rollback monitor picks one by
+scoring both on this observation. Guardrails (overrides, floor, maximum shift) come last;
+unchanged weights are not pushed. Every step leaves a
+:class:`~balanceiq.control.records.DecisionRecord`; the loop never dies of an exception.
 """
 
 from __future__ import annotations
@@ -33,19 +19,21 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Mapping
-from dataclasses import replace
+from dataclasses import asdict, replace
 from typing import Any, Protocol
 
 import numpy as np
 
 from balanceiq.config import Settings
 from balanceiq.control.guardrails import Guardrails, GuardResult
+from balanceiq.control.loop import ControlLoop  # noqa: F401  (callers import it from here)
 from balanceiq.control.metrics import ClusterMetrics, ControllerMetrics
 from balanceiq.control.overrides import OverrideTable
 from balanceiq.control.records import DecisionLog, DecisionRecord
 from balanceiq.control.rollback import RollbackMonitor
 from balanceiq.exceptions import BalanceIQError, ControlError, XdsError
-from balanceiq.policy.baselines import Decision, PolicyContext, available_mask, make_policy
+from balanceiq.policy.baselines import Decision, PolicyContext, available_mask, make_policy, obs_field
+from balanceiq.policy.checkpoint import gumbel_perturb
 from balanceiq.policy.decide import (
     CoreDecision,
     CoreState,
@@ -106,18 +94,12 @@ class PolicySettings:
         self.control_mode = str(settings.control.mode)  # "active" steers, "shadow" only records
 
     def to_json(self) -> dict[str, Any]:
-        r = self.reward
+        weights = {k: v for k, v in asdict(self.reward).items() if k != "slo_ms"}
         return {
             "k": self.k,
             "interval_s": self.interval_s,
-            "slo_ms": r.slo_ms,
-            "reward_weights": {
-                "latency": r.latency,
-                "tail": r.tail,
-                "errors": r.errors,
-                "cost": r.cost,
-                "ref_cost": r.ref_cost,
-            },
+            "slo_ms": self.reward.slo_ms,
+            "reward_weights": weights,
             "cost_weight": self.cost_weight,
             "util_target": self.util_target,
             "latency_weight": self.latency_weight,
@@ -194,11 +176,8 @@ class Controller:
         )
 
     def envoy_weights(self, guard: GuardResult, routable: np.ndarray, demand: float) -> np.ndarray:
-        """Integer weights that give the guarded split under Envoy's ``lb_policy``: the
-        guardrails' own for ROUND_ROBIN; for LEAST_REQUEST, where Envoy picks by
-        ``weight / (active + 1)``, each scaled by (1 + the requests it will hold, from its
-        smoothed median latency by Little's law). An operator's pinned or set weight is
-        kept as given; the others share the rest of the units."""
+        """Integer weights that give the guarded split under Envoy's ``lb_policy`` (see
+        :func:`~balanceiq.policy.decide.envoy_weights`); pinned or set weights kept as given."""
         weights = np.asarray(guard.weights, dtype=np.int64)
         if self.settings.envoy.lb_policy != "LEAST_REQUEST":
             return weights
@@ -244,7 +223,7 @@ class Controller:
         return replace(obs, endpoints=eps)
 
     def _context(self, obs: Observation) -> PolicyContext:
-        rps = np.array([e.rps for e in obs.endpoints], dtype=np.float64)
+        rps = obs_field(obs, "rps")
         demand = float(np.nansum(np.where(np.isfinite(rps), rps, 0.0)))
         return PolicyContext(self.shares, self.capacity_hint, self.static_weights, demand, self.policy.k)
 
@@ -284,10 +263,7 @@ class Controller:
         )
         if s.shape[0] != n or not np.all(np.isfinite(s)):
             raise ControlError(f"policy returned {s.shape[0]} scores for {n} endpoints, or non-finite ones")
-        if self.policy.mode == "sample":
-            u = self._rng.uniform(1e-12, 1.0 - 1e-7, size=n)
-            s = s - np.log(-np.log(u))  # Gumbel-top-k: an exact Plackett-Luce draw
-        return s
+        return gumbel_perturb(s, self._rng) if self.policy.mode == "sample" else s
 
     def _record(self, base: dict[str, Any], **kw: Any) -> DecisionRecord:
         rec = DecisionRecord(**{**base, **kw})
@@ -426,8 +402,8 @@ class Controller:
             self.metrics.set_mode("baseline")
             return "baseline", fallback
         proposal = Decision(core.shares, core.weights, core.critical, core.info())
-        costs = np.array([e.cost_per_million for e in obs.endpoints], dtype=np.float64)
-        latency = lp_latency(np.array([e.p95_ms for e in obs.endpoints], dtype=np.float64), self.policy.reward.slo_ms)
+        costs = obs_field(obs, "cost_per_million")
+        latency = lp_latency(obs_field(obs, "p95_ms"), self.policy.reward.slo_ms)
         score = {
             name: -objective(
                 d.shares,
@@ -481,7 +457,7 @@ class Controller:
     def _follow_envoy(self, obs: Observation) -> None:
         """Shadow mode: the weights in force are Envoy's as telemetry reports them (an
         Envoy this controller does not steer), else the ones it started from."""
-        w = np.array([e.weight for e in obs.endpoints], dtype=np.float64)
+        w = obs_field(obs, "weight")
         if len(w) == len(self.addresses) and np.isfinite(w).all() and (w >= 1).all():
             self.weights = {a: round(x) for a, x in zip(self.addresses, w)}
             self._intent = None
@@ -499,7 +475,6 @@ class Controller:
     ) -> DecisionRecord:
         """Push what the guardrails returned (unless nothing changed), wait briefly for
         Envoy's ACK, and record the decision."""
-
         routable = available_mask(obs) & np.array([guard.health[a] != "DRAINING" for a in self.addresses])
         weights = self.envoy_weights(guard, routable, demand)
         new_weights = {a: int(w) for a, w in zip(self.addresses, weights)}
@@ -508,7 +483,6 @@ class Controller:
             shares={a: float(x) for a, x in zip(self.addresses, guard.shares)},
             moved=traffic_moved(self.shares, guard.shares),
         )
-
         if base.get("shadow"):
             base["effect"] = self._effect(obs, guard.shares, demand)
             return self._record(base, mode=mode, notes=(*notes, "shadow: recorded, not pushed"), step_ms=_ms_since(t0))
@@ -528,6 +502,21 @@ class Controller:
         self.overrides_applied_at = now
         self._intent = (dict(new_weights), np.asarray(guard.shares, dtype=np.float64).copy())
         self._remember(now)
+        acked, ack_ms = self._await_ack(version, notes)
+        return self._record(
+            base,
+            mode=mode,
+            notes=tuple(notes),
+            pushed=True,
+            acked=acked,
+            push_ms=push_ms,
+            ack_ms=ack_ms,
+            version=version,
+            step_ms=_ms_since(t0),
+        )
+
+    def _await_ack(self, version: str, notes: list[str]) -> tuple[bool | None, float | None]:
+        """Wait briefly for Envoy's ACK of ``version``; ``(acked, ms)``, None when no Envoy is connected."""
         acked: bool | None = None
         ack_ms = None
         t_ack = time.perf_counter()
@@ -541,22 +530,12 @@ class Controller:
                     self.metrics.ack(ack_ms / 1000)
         except (XdsError, BalanceIQError) as exc:
             notes.append(f"ACK unknown: {exc}")
-        return self._record(
-            base,
-            mode=mode,
-            notes=tuple(notes),
-            pushed=True,
-            acked=acked,
-            push_ms=push_ms,
-            ack_ms=ack_ms,
-            version=version,
-            step_ms=_ms_since(t0),
-        )
+        return acked, ack_ms
 
     def _effect(self, obs: Observation, proposed: np.ndarray, demand: float) -> dict[str, Any]:
         """Estimated effect of a split against the one in force: blended $ per million
         requests, and the busiest endpoint's load over its estimated capacity."""
-        price = np.array([e.cost_per_million for e in obs.endpoints], dtype=np.float64)
+        price = obs_field(obs, "cost_per_million")
         cap = self.last_core.capacity if self.last_core is not None else np.full(len(price), math.nan)
         out: dict[str, Any] = {}
         for name, split in (("current", self.shares), ("proposed", np.asarray(proposed, dtype=np.float64))):
@@ -583,53 +562,3 @@ class Controller:
             log.info("lease release failed (it will expire): %s", exc)
         self.holds_lease = False
         self.metrics.set_active(False)
-
-
-class ControlLoop:
-    """Runs :meth:`Controller.step` every ``interval_s`` on a daemon thread."""
-
-    def __init__(self, controller: Controller) -> None:
-        self.controller = controller
-        self._stop = threading.Event()
-        self._wake = threading.Event()
-        self._thread: threading.Thread | None = None
-        self.last_tick: float | None = None
-        self.last_error: str | None = None
-        self.steps = 0
-
-    @property
-    def running(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
-
-    def start(self) -> None:
-        if self.running:
-            return
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._run, name="balanceiq-control", daemon=True)
-        self._thread.start()
-
-    def wake(self) -> None:
-        """Apply a changed interval (or overrides) now rather than after the old interval."""
-        self._wake.set()
-
-    def stop(self, timeout: float = 10.0) -> None:
-        self._stop.set()
-        self._wake.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-        self.controller.release()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            started = time.monotonic()
-            try:
-                self.controller.step()
-                self.last_error = None
-            except Exception as exc:  # the loop must outlive any bug in one step
-                log.exception("control step failed")
-                self.last_error = f"{type(exc).__name__}: {exc}"
-            self.steps += 1
-            self.last_tick = time.time()
-            wait = max(0.0, self.controller.policy.interval_s - (time.monotonic() - started))
-            self._wake.wait(wait)
-            self._wake.clear()

@@ -1,65 +1,27 @@
 """Guardrails between the policy's proposal and the weights Envoy receives.
 
-The policy and the LP propose traffic shares; nothing reaches Envoy before
-:meth:`Guardrails.apply` has turned them into shares that are safe to publish, and then
-into integer weights. Operators steer it with overrides (pin, drain, set:
-``control/overrides.py``), and ``control/rollback.py`` decides whether the learned policy
-or the baseline heuristic proposes at all.
+:meth:`Guardrails.apply`, in this order (each step may assume the previous ones held):
 
-**What :meth:`Guardrails.apply` does, in this order, and why this order**
-
-1. *Sanitise.* NaN, negative and infinite entries of ``current`` and ``proposed`` become
-   0, both are renormalised to sum 1; an all-zero vector becomes an equal split over the
-   routable endpoints. A length mismatch is a programming error, not a number problem,
-   and raises :class:`~balanceiq.exceptions.GuardrailError`. Everything after this step
-   may assume clean probability vectors.
-2. *Routable set.* Routable = available and not drained. Drained and unavailable
-   endpoints get share 0 *at once*, exempt from ``max_shift``: safety beats smoothness,
-   and ramping traffic off a dead host would only mean failing requests more slowly.
-   If nothing is routable the guardrails stop here and split equally over the available
-   endpoints (drains are then ignored: an up endpoint that is drained beats an outage),
-   or, if nothing is available either, over the endpoints that are not drained (or all
-   of them): Envoy must still get valid weights, and its own health checks and panic
-   threshold know better than a controller that sees nothing alive. Each case is noted.
-3. *Fixed shares.* "pin" and "set" endpoints that are routable get exactly their
-   override's share, also at once (an operator's explicit instruction is not smoothed).
-   The other routable endpoints share ``1 - sum(fixed)`` in proportion to the proposal.
-   Fixed shares of endpoints that are not routable are released to the others. If the
-   fixed shares sum to more than 1, or every routable endpoint is fixed and they do not
-   sum to 1, they are scaled to fit (noted): the shares must sum to 1 whatever happens.
-   This comes before the floor because fixed endpoints are exempt from it.
-   An endpoint breaching the SLO never gains share here, whoever proposed it (the
-   baseline after a rollback knows nothing of breaches): its excess goes to the others
-   in proportion to their target.
-4. *Floor.* Every routable, non-fixed endpoint gets at least ``min_share`` (an SLO
-   breacher only ``breach_min_share``), so the controller keeps seeing fresh latency
-   from it. If the floors do not fit (their sum exceeds the free share) they are scaled
-   to sum to half of it (noted), which still leaves the other half to the proposal. Endpoints raised to the floor are
-   paid for by the others *in proportion to their excess over the floor*, which keeps
-   every payer at or above the floor (the total excess is never smaller than the total
-   deficit when the floors fit).
-5. *max_shift.* ``forced`` is ``current`` with steps 2-3 applied: drained/unavailable
-   endpoints zeroed, fixed shares set, the other routable endpoints rescaled to the free
-   share (if they carried no traffic at all, they take the target's split: there is no
-   current distribution to ramp from). Then what the target takes off an endpoint
-   *breaching the SLO* is taken at once too, and handed to the non-breaching endpoints
-   the target adds traffic to, in proportion to what they gain (never beyond it): every
-   decision that leaves a breacher at full share keeps failing requests on it. If ``traffic_moved(forced, target) > max_shift``,
-   the final shares are ``forced + alpha * (target - forced)`` with
-   ``alpha = max_shift / moved``. That is a convex combination of two vectors that both
-   sum to 1, carry the same fixed shares and zeros, so those survive exactly. Both are at
-   or above the floor wherever ``forced`` is, so the result is too; an endpoint that just
-   came back (0 in ``forced``) ramps up to the floor over a few decisions instead of
-   jumping there, which is the point of the limit. Coming last, the limit sees the real
-   change the proposal asks for, floors included, and nothing after it can undo it.
-6. *Weights.* ``shares_to_weights(final, scale=10000, available=routable)``: integers in
-   ``[1, 2**32-1]`` summing to 10,000 (or n); Envoy forbids weight 0, so drained and
-   unavailable endpoints get weight 1 and their health status ("DRAINING" for drains,
-   Envoy's own health checks for the rest) keeps traffic off them.
-
-``GuardResult.moved`` is ``traffic_moved`` from the sanitised ``current`` to the final
-shares, forced moves included, so it can exceed ``max_shift`` only when something was
-forced (a drain, an endpoint going down, a new fixed share, a fallback).
+1. *Sanitise* ``current`` and ``proposed``: NaN/negative/inf -> 0, renormalised (all
+   zero: equal over the routable); a length mismatch raises ``GuardrailError``.
+2. *Routable* = available and not drained. Others get 0 at once, exempt from
+   ``max_shift``: ramping traffic off a dead host only fails requests more slowly. With
+   nothing routable, an equal split over the least bad set (noted): Envoy must still get
+   valid weights.
+3. *Fixed shares*: routable "pin"/"set" endpoints get exactly their share at once (an
+   operator's instruction is not smoothed), scaled to fit when they cannot sum to 1; the
+   rest share the remainder like the proposal. An SLO breacher never gains share here,
+   whoever proposed it (the baseline knows nothing of breaches).
+4. *Floor*: every routable, non-fixed endpoint gets ``min_share`` (a breacher
+   ``breach_min_share``) so its latency stays measured, paid for by the others in
+   proportion to their excess over the floor; floors that do not fit are scaled to half
+   the free share.
+5. *max_shift*: from ``forced`` (``current`` with steps 2-3 applied, and what the target
+   takes off a breacher moved at once), at most ``max_shift`` of the way to the target.
+   A convex combination keeps fixed shares, zeros and floors exact; coming last, nothing
+   can undo it.
+6. *Weights*: ``shares_to_weights`` at ``WEIGHT_SCALE``; Envoy forbids weight 0, so
+   health status ("DRAINING") keeps traffic off drained endpoints.
 """
 
 from __future__ import annotations
@@ -72,21 +34,12 @@ from typing import Any
 import numpy as np
 
 from balanceiq.config import GuardrailConfig
-from balanceiq.control.args import (
-    _NOTE_TOL,
-    _SUM_TOL,
-    WEIGHT_SCALE,
-    _fmt,
-    _names,
-)
+from balanceiq.control.args import _NOTE_TOL, _SUM_TOL, WEIGHT_SCALE, _fmt, _names
 from balanceiq.control.overrides import Override
 from balanceiq.exceptions import GuardrailError
 from balanceiq.policy.lp import shares_to_weights, traffic_moved
 
 __all__ = ["GuardResult", "Guardrails"]
-
-
-# -- guardrails ------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -155,11 +108,8 @@ def _clean(v: np.ndarray, base: np.ndarray) -> np.ndarray:
 
 
 class Guardrails:
-    """Apply a :class:`GuardrailConfig` to each decision (module doc: order and why).
-
-    ``config`` may be replaced at run time by assigning the attribute; each
-    :meth:`apply` reads it once, so a decision never mixes two configs.
-    """
+    """Apply a :class:`GuardrailConfig` to each decision (module doc); ``config`` may be
+    reassigned at run time, and each :meth:`apply` reads it once."""
 
     def __init__(self, config: GuardrailConfig) -> None:
         self.config = config

@@ -1,9 +1,5 @@
-"""The controller's own metrics, in Prometheus exposition on ``GET /metrics``.
-
-A private registry: the process may host other instrumented libraries (Ray Serve does),
-and ``/metrics`` must say only what the controller knows. Names are what the Grafana
-dashboard in ``prometheus/grafana-dashboard.json`` queries.
-"""
+"""The controller's own metrics on ``GET /metrics``, in a private registry (Ray Serve
+instruments the same process). Names are what ``prometheus/grafana-dashboard.json`` queries."""
 
 from __future__ import annotations
 
@@ -58,26 +54,20 @@ class ControllerMetrics:
         self.reward = Gauge(
             "balanceiq_decision_reward", "Realised reward of the last interval", ["cluster"], registry=r
         )
+        fast = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+        slow = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
         self.push_seconds = Histogram(
             "balanceiq_push_seconds",
             "set_assignment round trip to the xDS actor",
             ["cluster"],
             registry=r,
-            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+            buckets=fast,
         )
         self.ack_seconds = Histogram(
-            "balanceiq_ack_seconds",
-            "Push to Envoy's ACK",
-            ["cluster"],
-            registry=r,
-            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
+            "balanceiq_ack_seconds", "Push to Envoy's ACK", ["cluster"], registry=r, buckets=slow
         )
         self.step_seconds = Histogram(
-            "balanceiq_decision_seconds",
-            "One decision, observe to push",
-            ["cluster"],
-            registry=r,
-            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
+            "balanceiq_decision_seconds", "One decision, observe to push", ["cluster"], registry=r, buckets=slow
         )
         self.weight = Gauge("balanceiq_endpoint_weight", "Envoy weight in force", ["cluster", "endpoint"], registry=r)
         self.share = Gauge("balanceiq_endpoint_share", "Traffic share asked for", ["cluster", "endpoint"], registry=r)

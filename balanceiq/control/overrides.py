@@ -1,7 +1,5 @@
-"""Operator overrides: pin, drain or set an endpoint's share, each with an optional TTL.
-
-The guardrails apply them after the policy and the LP, so an operator's instruction is
-final (and applied at once, not smoothed)."""
+"""Operator overrides: pin, drain or set an endpoint's share, each with an optional TTL;
+the guardrails apply them last and at once, so an operator's instruction is final."""
 
 from __future__ import annotations
 
@@ -13,28 +11,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from balanceiq.control.args import (
-    _ACTIONS,
-    _FIXED,
-    _SUM_TOL,
-    WEIGHT_SCALE,
-    Action,
-    _finite_float,
-    _names,
-    _now,
-)
+from balanceiq.control.args import _ACTIONS, _FIXED, _SUM_TOL, WEIGHT_SCALE, Action, _finite_float, _names, _now
 from balanceiq.exceptions import GuardrailError
-
-# -- overrides -------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class Override:
-    """An operator's instruction for one endpoint, optionally with an expiry.
-
-    ``share`` is the frozen share for "pin", ``weight / 10000`` for "set" and None for
-    "drain". Validated on construction so a malformed override never reaches the loop.
-    """
+    """An operator's instruction for one endpoint, validated on construction. ``share``:
+    the frozen share for "pin", ``weight / 10000`` for "set", None for "drain"."""
 
     address: str
     action: Action
@@ -79,13 +63,9 @@ class Override:
 
 
 class OverrideTable:
-    """The active overrides, at most one per endpoint; a new one replaces the old.
-
-    Thread-safe: the API thread writes while the control loop reads :meth:`active`.
-    Every write is checked against the *active* overrides at its ``now``, so an operator
-    cannot leave the loop without a routable endpoint or with fixed shares above 1.
-    (Availability is not known here; :meth:`Guardrails.apply` handles what it changes.)
-    """
+    """The active overrides, at most one per endpoint (thread-safe: the API writes while
+    the loop reads). A write that would leave no routable endpoint, or fixed shares above
+    1, is refused; availability is the guardrails' business."""
 
     def __init__(self, addresses: Sequence[str]) -> None:
         addrs = [str(a) for a in addresses]

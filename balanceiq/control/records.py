@@ -1,10 +1,6 @@
-"""What the controller decided and what came of it: one record per interval.
-
-The in-memory :class:`DecisionLog` feeds ``/api/decisions`` and the dashboard; the
-optional JSONL recording (one line per decision, with the full observation) is what a
-later calibration of the simulator fits against, so it keeps the inputs the decision
-saw and the weights it pushed, not just summaries.
-"""
+"""What the controller decided and what came of it: one record per interval, kept in
+memory for the API and optionally appended to a JSONL recording (with the full
+observation: simulator calibration fits against the inputs, not summaries)."""
 
 from __future__ import annotations
 
@@ -54,8 +50,7 @@ class DecisionRecord:
     observation: dict[str, Any] | None = field(default=None, repr=False)
 
     def to_json(self, *, with_observation: bool = False) -> dict[str, Any]:
-        # Not dataclasses.asdict: it deep-copies the observation only for it to be dropped
-        # (3.6 ms per 20 records at 6 endpoints, 30 ms at 64).
+        # Not dataclasses.asdict: it deep-copies the observation only for it to be dropped.
         out = {f.name: getattr(self, f.name) for f in fields(self) if with_observation or f.name != "observation"}
         out["critical"], out["notes"] = list(self.critical), list(self.notes)
         out["weights"], out["previous"] = dict(self.weights), dict(self.previous)

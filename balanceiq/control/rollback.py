@@ -8,17 +8,8 @@ import time
 from collections import deque
 from typing import Any
 
-from balanceiq.control.args import (
-    _TRANSITIONS_KEPT,
-    Mode,
-    _finite_float,
-    _fmt,
-    _int_arg,
-    _now,
-)
+from balanceiq.control.args import _TRANSITIONS_KEPT, Mode, _finite_float, _fmt, _int_arg, _now
 from balanceiq.exceptions import GuardrailError
-
-# -- rollback --------------------------------------------------------------------------------
 
 
 def _rollback_args(after: object, margin: object, probation_after: object) -> tuple[int, float, int]:
@@ -31,20 +22,11 @@ def _rollback_args(after: object, margin: object, probation_after: object) -> tu
 
 
 class RollbackMonitor:
-    """Circuit breaker between the learned policy and the baseline heuristic.
-
-    Every interval both the policy's proposal and the baseline's are scored on the *same*
-    observation with the same model (the caller passes the negated LP objective: worst
-    estimated load/capacity plus the cost term; higher is better). Comparing realised
-    rewards across time instead would blame the policy for the weather: a cloud that
-    degrades lowers the reward of whatever is in force.
-
-    ``policy`` (closed): an interval is *worse* when the policy's score is below the
-    baseline's by more than ``margin`` (or not finite); ``after`` consecutive worse
-    intervals roll back. ``baseline`` (open): the policy keeps being scored in shadow;
-    ``probation_after`` consecutive intervals in which it is no longer worse bring it
-    back (it recovered). Thread-safe: the loop records while the API reads.
-    """
+    """Both proposals are scored on the *same* observation (higher is better): realised
+    rewards across time would blame the policy for the weather. In ``policy`` mode,
+    ``after`` consecutive intervals worse by more than ``margin`` roll back; in
+    ``baseline`` mode the policy is still scored, and ``probation_after`` intervals no
+    longer worse bring it back. Thread-safe: the loop records while the API reads."""
 
     def __init__(self, after: int, margin: float, probation_after: int) -> None:
         self.after, self.margin, self.probation_after = _rollback_args(after, margin, probation_after)

@@ -1,9 +1,6 @@
 """How the controller reaches the xDS server: the Ray actor, or one in this process.
-
-Both translate failures into :class:`~balanceiq.exceptions.XdsError` so the control loop
-handles one error type: a dead or restarting actor, a timeout and a refused push look
-the same to it (record, retry next interval).
-"""
+Both raise only :class:`~balanceiq.exceptions.XdsError`: to the loop a dead actor, a
+timeout and a refused push are alike (record, retry next interval)."""
 
 from __future__ import annotations
 

@@ -1,14 +1,9 @@
-"""Non-learned policies behind the same interface as the CFR-RL policy.
+"""Non-learned policies behind the same interface as the CFR-RL policy: the baselines the
+learned policy is benchmarked against, and ``oracle`` (the physical limit, simulator only).
 
-Every policy maps ``(Observation, PolicyContext)`` to a :class:`Decision`: the traffic
-split it wants and the integer Envoy weights realising it. The baselines are what the
-learned policy is benchmarked against; ``oracle`` is the physical limit (simulator only).
-
-Availability: an endpoint whose ``healthy`` is ``False`` is unavailable (``None`` is
-"unknown" and counts as available). ``equal`` and ``static`` ignore it on purpose, since
-they model Envoy without a controller, where health is handled by Envoy itself; every
-other policy gives unavailable endpoints share 0 (weight 1, see
-:func:`~balanceiq.policy.lp.shares_to_weights`).
+An endpoint whose ``healthy`` is ``False`` is unavailable (``None`` counts as available)
+and gets share 0, except under ``equal`` and ``static``, which model Envoy without a
+controller (Envoy handles health itself).
 """
 
 from __future__ import annotations
@@ -62,9 +57,6 @@ class Policy(Protocol):
     def decide(self, obs: Observation, ctx: PolicyContext) -> Decision: ...
 
 
-# -- helpers shared by the policies -----------------------------------------------------------
-
-
 def _check(obs: Observation, ctx: PolicyContext) -> int:
     n = len(obs.endpoints)
     if n == 0:
@@ -81,7 +73,8 @@ def available_mask(obs: Observation) -> np.ndarray:
     return np.array([e.healthy is not False for e in obs.endpoints], dtype=bool)
 
 
-def _field(obs: Observation, name: str) -> np.ndarray:
+def obs_field(obs: Observation, name: str) -> np.ndarray:
+    """One field of every endpoint, as floats."""
     return np.array([getattr(e, name) for e in obs.endpoints], dtype=np.float64)
 
 
@@ -122,35 +115,6 @@ def _lp_decision(res: LpResult, avail: np.ndarray, critical: tuple[int, ...], **
     )
 
 
-def solve_for(
-    obs: Observation,
-    shares: np.ndarray,
-    critical: Any,
-    capacity: np.ndarray,
-    demand: float,
-    *,
-    cost_weight: float = 0.1,
-    util_target: float = 0.0,
-    latency_weight: float = 0.0,
-    slo_ms: float = 150.0,
-) -> LpResult:
-    """The CFR-RL LP for this observation: costs, availability and (with
-    ``latency_weight`` > 0) p95 latency in SLO units are read from it."""
-    latency = _field(obs, "p95_ms") / slo_ms if latency_weight > 0 else None
-    return solve_critical(
-        shares,
-        critical,
-        capacity,
-        _field(obs, "cost_per_million"),
-        demand,
-        available=available_mask(obs),
-        cost_weight=cost_weight,
-        util_target=util_target,
-        latency=latency,
-        latency_weight=latency_weight,
-    )
-
-
 def lp_decision(
     obs: Observation,
     ctx: PolicyContext,
@@ -163,18 +127,19 @@ def lp_decision(
     slo_ms: float = 150.0,
     **info: Any,
 ) -> Decision:
-    """Re-optimise ``critical`` with the LP and package the result as a Decision."""
-    shares = np.asarray(ctx.shares, dtype=np.float64).reshape(-1)
-    res = solve_for(
-        obs,
-        shares,
+    """Re-optimise ``critical`` with the LP (costs, availability and, with
+    ``latency_weight`` > 0, p95 in SLO units read from ``obs``) as a Decision."""
+    res = solve_critical(
+        np.asarray(ctx.shares, dtype=np.float64).reshape(-1),
         critical,
         capacity,
+        obs_field(obs, "cost_per_million"),
         float(ctx.demand_rps),
+        available=available_mask(obs),
         cost_weight=cost_weight,
         util_target=util_target,
+        latency=obs_field(obs, "p95_ms") / slo_ms if latency_weight > 0 else None,
         latency_weight=latency_weight,
-        slo_ms=slo_ms,
     )
     return _lp_decision(res, available_mask(obs), tuple(critical), **info)
 
@@ -186,18 +151,13 @@ def _hint_capacity(ctx: PolicyContext) -> np.ndarray:
 
 
 def estimate_capacity(obs: Observation, ctx: PolicyContext) -> np.ndarray:
-    """Capacity estimate (rps) per endpoint: the config hint, else measured, else the median.
-
-    Measured is ``rps / max(saturation, 0.05)``: saturation is in-flight over the
-    concurrency limit, so by Little's law rps/saturation is the throughput at the limit
-    (the floor keeps an idle endpoint from extrapolating to an absurd capacity). Endpoints
-    with neither get the median of the others; with nothing known at all the result is
-    ``nan`` everywhere and the LP falls back to a capacity-blind split.
-    """
+    """Capacity (rps) per endpoint: the config hint, else ``rps / saturation`` (the
+    throughput at the concurrency limit, by Little's law), else the median of the others;
+    NaN everywhere when nothing is known (the LP then splits capacity-blind)."""
     n = _check(obs, ctx)
     hint = np.asarray(ctx.capacity_hint, dtype=np.float64).reshape(-1)
-    rps = _field(obs, "rps")
-    sat = _field(obs, "saturation")
+    rps = obs_field(obs, "rps")
+    sat = obs_field(obs, "saturation")
     measurable = _positive(rps) & np.isfinite(sat) & (sat >= 0)
     with np.errstate(divide="ignore", invalid="ignore"):
         measured = np.where(measurable, rps / np.maximum(np.where(measurable, sat, 1.0), MIN_SATURATION), np.nan)
@@ -208,29 +168,30 @@ def estimate_capacity(obs: Observation, ctx: PolicyContext) -> np.ndarray:
     return _fill_median(est, known, math.nan)
 
 
-# -- the baselines ---------------------------------------------------------------------------
+class _Stateless:
+    def reset(self) -> None:
+        pass
 
 
-class EqualWeights:
+class _LpPolicy(_Stateless):
+    def __init__(self, cost_weight: float = 0.1) -> None:
+        self.cost_weight = cost_weight
+
+
+class EqualWeights(_Stateless):
     """Every weight 1: Envoy's plain round robin."""
 
     name = "equal"
-
-    def reset(self) -> None:
-        pass
 
     def decide(self, obs: Observation, ctx: PolicyContext) -> Decision:
         n = _check(obs, ctx)
         return Decision(np.full(n, 1.0 / n), np.ones(n, dtype=np.int64), (), {})
 
 
-class StaticWeights:
+class StaticWeights(_Stateless):
     """The weights from the config, as Envoy would apply them without a controller."""
 
     name = "static"
-
-    def reset(self) -> None:
-        pass
 
     def decide(self, obs: Observation, ctx: PolicyContext) -> Decision:
         _check(obs, ctx)
@@ -243,24 +204,17 @@ class StaticWeights:
         return Decision(w / w.sum(), w, (), {})
 
 
-class CostAwareStatic:
-    """Shares proportional to capacity_hint / cost: a fixed, price-aware split.
-
-    Unknown hints or costs take the median of the known ones. Costs are floored at 1% of
-    the highest, so a free endpoint gets at most 100x the per-capacity share of the
-    priciest instead of everything.
-    """
+class CostAwareStatic(_Stateless):
+    """Shares proportional to capacity_hint / cost (unknowns: the median of the known;
+    costs floored at 1% of the highest, so a free endpoint does not take everything)."""
 
     name = "cost_aware"
-
-    def reset(self) -> None:
-        pass
 
     def decide(self, obs: Observation, ctx: PolicyContext) -> Decision:
         _check(obs, ctx)
         avail = available_mask(obs)
         cap = _hint_capacity(ctx)
-        cost = _field(obs, "cost_per_million")
+        cost = obs_field(obs, "cost_per_million")
         known = np.isfinite(cost) & (cost >= 0)
         cost = _fill_median(cost, known, 0.0)
         cmax = float(cost.max())
@@ -272,12 +226,8 @@ class CostAwareStatic:
 
 
 class InverseLatencyEwma:
-    """Weights proportional to 1 / EWMA(p95), alpha 0.3, tracked per endpoint address.
-
-    An endpoint without a usable p95 this window (idle, stale, NaN, ...) is not updated
-    and keeps its current share; the measured endpoints split the remaining traffic in
-    proportion to 1/EWMA. Nothing measured yet: the current split is kept.
-    """
+    """Weights proportional to 1 / EWMA(p95) per address; an endpoint without a usable
+    p95 this window keeps its current share, the measured ones split the rest."""
 
     name = "inverse_latency"
     alpha = 0.3
@@ -308,27 +258,18 @@ class InverseLatencyEwma:
         return _decision(shares, avail, (), ewma_p95_ms={a: round(v, 3) for a, v in self._ewma.items()})
 
 
-class LeastRequest:
-    """A static model of Envoy's LEAST_REQUEST: shares proportional to capacity_hint / (inflight + 1).
-
-    Envoy picks per request (power of two choices; with unequal weights, weight /
-    (active_requests + 1)^bias with bias 1). Taking that effective weight with the
-    endpoint's capacity as its weight and the window's in-flight count as
-    active_requests, and holding it for a whole decision interval, is the approximation:
-    the real balancer reacts per request, so this is a lower bound on how well it does.
-    Unknown hints take the median of the known ones (1 if none); unknown in-flight 0.
-    """
+class LeastRequest(_Stateless):
+    """A static model of Envoy's LEAST_REQUEST: shares proportional to capacity_hint /
+    (inflight + 1), held for a whole interval (Envoy reacts per request, so this is a
+    lower bound on how well it does)."""
 
     name = "least_request"
-
-    def reset(self) -> None:
-        pass
 
     def decide(self, obs: Observation, ctx: PolicyContext) -> Decision:
         _check(obs, ctx)
         avail = available_mask(obs)
         cap = _hint_capacity(ctx)
-        inflight = _field(obs, "inflight")
+        inflight = obs_field(obs, "inflight")
         inflight = np.where(np.isfinite(inflight) & (inflight >= 0), inflight, 0.0)
         return _decision(_normalise(cap / (inflight + 1.0), avail), avail, ())
 
@@ -338,7 +279,7 @@ def utilisation(obs: Observation, ctx: PolicyContext) -> tuple[np.ndarray, np.nd
     load being observed rps or, unmeasured, current share x demand; NaN where unknown."""
     cap = estimate_capacity(obs, ctx)
     shares = np.asarray(ctx.shares, dtype=np.float64).reshape(-1)
-    rps = _field(obs, "rps")
+    rps = obs_field(obs, "rps")
     demand = float(ctx.demand_rps)
     load = np.where(np.isfinite(rps) & (rps >= 0), rps, shares * demand if math.isfinite(demand) else np.nan)
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -346,22 +287,11 @@ def utilisation(obs: Observation, ctx: PolicyContext) -> tuple[np.ndarray, np.nd
     return util, cap
 
 
-class TopKHeuristic:
-    """The paper's "Top-K critical": the K most utilised endpoints, then the LP.
-
-    Utilisation is observed rps (or, unmeasured, current share x demand) over
-    :func:`estimate_capacity`; endpoints without a utilisation rank last. Note that the
-    LP moves traffic only among the critical endpoints, so this balances the hottest K
-    against each other.
-    """
+class TopKHeuristic(_LpPolicy):
+    """The paper's "Top-K critical": the K most utilised endpoints (:func:`utilisation`),
+    then the LP, which balances the hottest K against each other."""
 
     name = "topk"
-
-    def __init__(self, cost_weight: float = 0.1) -> None:
-        self.cost_weight = cost_weight
-
-    def reset(self) -> None:
-        pass
 
     def decide(self, obs: Observation, ctx: PolicyContext) -> Decision:
         n = _check(obs, ctx)
@@ -372,24 +302,12 @@ class TopKHeuristic:
         return lp_decision(obs, ctx, critical, cap, cost_weight=self.cost_weight, capacity_estimate=cap.tolist())
 
 
-class HotColdHeuristic:
-    """Pair the hottest with the coldest: the ceil(K/2) most utilised available endpoints
-    and the floor(K/2) least utilised are critical, then the LP.
-
-    Top-K alone balances the hottest endpoints against each other; the LP can only move
-    load to where there is headroom, so half of the critical set goes to the endpoints
-    that have the most. Repeated decisions then work like pairwise averaging towards the
-    full optimum. The imitation warm start of the learned policy copies this choice
-    (:mod:`balanceiq.imitation`).
-    """
+class HotColdHeuristic(_LpPolicy):
+    """The ceil(K/2) most utilised available endpoints and the floor(K/2) least utilised
+    are critical, then the LP: load can only move to where there is headroom, so repeated
+    decisions work like pairwise averaging. The learned policy's warm start imitates it."""
 
     name = "hot_cold"
-
-    def __init__(self, cost_weight: float = 0.1) -> None:
-        self.cost_weight = cost_weight
-
-    def reset(self) -> None:
-        pass
 
     def critical(self, obs: Observation, ctx: PolicyContext) -> list[int]:
         """The ordered choice: hottest first, then coldest (what imitation learns)."""
@@ -407,16 +325,10 @@ class HotColdHeuristic:
         return lp_decision(obs, ctx, critical, cap, cost_weight=self.cost_weight, capacity_estimate=cap.tolist())
 
 
-class Oracle:
+class Oracle(_LpPolicy):
     """The LP over every endpoint with the simulator's true capacities: the physical limit."""
 
     name = "oracle"
-
-    def __init__(self, cost_weight: float = 0.1) -> None:
-        self.cost_weight = cost_weight
-
-    def reset(self) -> None:
-        pass
 
     def decide(self, obs: Observation, ctx: PolicyContext) -> Decision:
         n = _check(obs, ctx)
@@ -426,7 +338,7 @@ class Oracle:
                 "use another policy on live traffic"
             )
         avail = available_mask(obs)
-        cost = _field(obs, "cost_per_million")
+        cost = obs_field(obs, "cost_per_million")
         res = oracle(ctx.true_capacity, cost, ctx.demand_rps, available=avail, cost_weight=self.cost_weight)
         return _lp_decision(res, avail, tuple(range(n)))
 

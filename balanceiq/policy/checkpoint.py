@@ -1,8 +1,4 @@
-"""Loading a trained policy, and using it with the same interface as the baselines.
-
-RLlib silently falls back to a default RLModule when it cannot import a custom one, so
-:func:`load_module` checks the class it got and refuses anything but ours.
-"""
+"""Loading a trained policy, and using it with the same interface as the baselines."""
 
 from __future__ import annotations
 
@@ -22,7 +18,8 @@ SHIPPED = Path(__file__).resolve().parents[2] / "checkpoints" / "cfr_rl"
 
 
 def load_module(checkpoint: Path | str) -> Any:
-    """The trained RLModule from an algorithm or module checkpoint directory."""
+    """The trained RLModule from an algorithm or module checkpoint directory (checked:
+    RLlib silently falls back to a default module when it cannot import ours)."""
     from ray.rllib.core.rl_module.rl_module import RLModule
 
     from balanceiq.policy.module import CriticalEndpointModule
@@ -57,6 +54,12 @@ def scores(module: Any, rows: np.ndarray) -> np.ndarray:
     with torch.no_grad():
         out = module._forward({Columns.OBS: torch.from_numpy(rows[None])})
     return out[Columns.ACTION_DIST_INPUTS][0].numpy()
+
+
+def gumbel_perturb(s: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Scores plus Gumbel noise: their top K is an exact Plackett-Luce draw (Gumbel-top-k)."""
+    u = rng.uniform(1e-12, 1.0 - 1e-7, size=len(s))
+    return s - np.log(-np.log(u))
 
 
 class RLPolicy:
@@ -105,15 +108,12 @@ class RLPolicy:
         est, _ = observe_only(obs, ctx, self.knobs(ctx), self.state)
         s = scores(self.module, encode(obs, est.capacity, n, self.slo_ms))[:n]
         if self.mode == "sample":
-            u = self._rng.uniform(1e-12, 1.0 - 1e-7, size=n)
-            s = s - np.log(-np.log(u))  # Gumbel-top-k: an exact Plackett-Luce draw
+            s = gumbel_perturb(s, self._rng)
         return s
 
     def critical(self, obs: Observation, ctx: PolicyContext) -> list[int]:
-        """Every available endpoint breaching the SLO, congested or repriced (with
-        ``force_breaching``, the default: what the controller does), then K more: the K
-        highest scores (``greedy``, the default), or a draw from the policy's
-        Plackett-Luce distribution (``sample``, seeded: what PPO explores with)."""
+        """The decision core's critical set: the forced endpoints (with ``force_breaching``),
+        then the K highest scores (``greedy``) or a seeded Plackett-Luce draw (``sample``)."""
         return list(decide(obs, ctx, self.scores(obs, ctx), self.knobs(ctx), self.state).critical)
 
     def critical_from_rows(self, rows: np.ndarray, n: int, k: int) -> list[int]:
@@ -123,8 +123,7 @@ class RLPolicy:
         s = scores(self.module, np.asarray(rows, dtype=np.float32))[:n]
         k = max(1, min(k, n))
         if self.mode == "sample":
-            u = self._rng.uniform(1e-12, 1.0 - 1e-7, size=n)
-            s = s - np.log(-np.log(u))  # Gumbel-top-k: an exact Plackett-Luce draw
+            s = gumbel_perturb(s, self._rng)
         return [int(i) for i in np.argsort(-s, kind="stable")[:k]]
 
     def decide(self, obs: Observation, ctx: PolicyContext) -> Decision:

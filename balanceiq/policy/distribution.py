@@ -6,14 +6,10 @@ of an ordered choice (a_1, ..., a_K) is exact:
 
     log p = sum_k [ s_{a_k} - logsumexp(s_j for j not in {a_1..a_{k-1}}) ]
 
-Padding: absent endpoints carry a score of ``-1e9`` (set by the module), so they are never
-drawn while at least K real endpoints exist; if fewer exist, the extra picks land on
-padding and the environment ignores them.
-
-Entropy and KL have no cheap closed form for K > 1; we use the sequential entropies (and
-KLs) of the K softmax choices along the greedy order. Both are deterministic,
-differentiable functions of the scores, which is what PPO's entropy bonus and KL penalty
-need.
+Padding scores ``-1e9`` (set by the module), so it is drawn only when fewer than K real
+endpoints exist (the environment ignores those picks). Entropy and KL have no cheap closed
+form for K > 1: the sequential ones of the K softmax choices along the greedy order are
+deterministic and differentiable, which is what PPO needs.
 """
 
 from __future__ import annotations
@@ -44,8 +40,6 @@ class PlackettLuce(Distribution):
         self.logits = logits
         self.k = int(k or self.k)
 
-    # -- sampling ------------------------------------------------------------------------
-
     def sample(self, *, sample_shape: Any = None) -> torch.Tensor:  # type: ignore[override]  # torch-only
         u = torch.rand_like(self.logits).clamp_(1e-12, 1.0 - 1e-7)
         gumbel = -torch.log(-torch.log(u))
@@ -53,8 +47,6 @@ class PlackettLuce(Distribution):
 
     def rsample(self, *, sample_shape: Any = None) -> torch.Tensor:  # type: ignore[override]  # torch-only
         raise NotImplementedError("Plackett-Luce samples are discrete; use sample()")
-
-    # -- probabilities -------------------------------------------------------------------
 
     def logp(self, value: torch.Tensor) -> torch.Tensor:  # type: ignore[override]  # torch-only
         value = value.long()
@@ -95,8 +87,6 @@ class PlackettLuce(Distribution):
             total = total + (p.exp() * (p - q)).sum(-1)
             picked = picked.scatter(-1, order[..., j : j + 1], True)
         return total
-
-    # -- RLlib plumbing ------------------------------------------------------------------
 
     @classmethod
     def from_logits(cls, logits: torch.Tensor, **kwargs: Any) -> PlackettLuce:  # type: ignore[override]  # torch-only

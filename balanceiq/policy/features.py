@@ -1,10 +1,6 @@
-"""Observation -> the policy's input rows: one normalised feature row per endpoint.
-
-The same encoding serves the simulator and live telemetry (both produce
-:class:`~balanceiq.telemetry.observation.Observation`). Rows are padded to ``n_max`` with
-zeros; the last column marks present endpoints. Unmeasured values are 0 *and* flagged in
-the validity columns, so the network can tell "zero" from "unknown".
-"""
+"""Observation -> the policy's input: one normalised feature row per endpoint, padded to
+``n_max`` with zeros (the last column marks present endpoints). Unmeasured values are 0
+*and* flagged in validity columns, so the network can tell "zero" from "unknown"."""
 
 from __future__ import annotations
 

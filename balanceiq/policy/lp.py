@@ -1,9 +1,7 @@
-"""The CFR-RL linear program, adapted from flows on links to traffic shares on endpoints.
+"""The CFR-RL linear program (Zhang et al., IEEE JSAC 2020), on endpoint traffic shares.
 
-CFR-RL (Zhang et al., IEEE JSAC 2020) re-routes only a few *critical* flows and leaves the
-rest where they are. Here the "flows" are the traffic shares of endpoints: the policy
-picks K critical endpoints, every other (available) endpoint keeps its share exactly, and
-the LP redistributes the critical endpoints' traffic among the critical endpoints::
+The policy picks K critical endpoints; every other available endpoint keeps its share
+exactly, and the LP redistributes the critical endpoints' traffic among them::
 
     minimise    U + cost_weight * sum_i(cost_i * x_i) / max(cost)
                   + latency_weight * sum_i(latency_i * x_i)
@@ -11,63 +9,22 @@ the LP redistributes the critical endpoints' traffic among the critical endpoint
                 U >= s_j * demand / capacity_j        for every kept non-critical j
                 sum_i x_i = 1 - sum_j s_j,  x_i >= 0
 
-**Cost normalisation.** ``sum_i cost_i x_i / max(cost)`` is the mean price per request
-relative to the priciest endpoint, a number in [0, 1], so it is commensurate with a
-utilisation (also ~[0, 1] in the healthy range). ``cost_weight=0.1`` reads as "sending all
-traffic from the priciest endpoint to a free one is worth 0.1 of utilisation";
-``cost_weight=0`` is pure min-max utilisation. ``max(cost)`` is over every endpoint, so
-the scale does not jump when an endpoint goes down.
+The cost term is the mean price relative to the priciest endpoint (in [0, 1], like a
+utilisation); ``latency_i`` is p95 in SLO units (:func:`clean_latency`). Utilisation
+below ``util_target`` is free, so there cost and latency decide (default 0: pure CFR-RL).
 
-**Latency term.** ``latency_i`` is the endpoint's observed tail latency in units of the
-SLO (p95 / slo, clipped to [0, 4]; unknown -> the median of the known, i.e. typical), so
-``latency_weight=0.2`` reads as "moving all traffic from an endpoint at the SLO to an
-instant one is worth 0.2 of utilisation". Min-max utilisation balances load against
-capacity and is blind to an endpoint that is idle but slow (a far region, a slow
-dependency); with ``util_target`` > 0 (utilisation below it is free) the linear terms
-decide where traffic goes below the knee: fast, cheap endpoints fill first. Default 0:
-the pure CFR-RL form.
+When kept endpoints or the knee fix U, every critical split below it is equally good and
+the cost term would park all critical traffic on the cheapest endpoint, so successive
+decisions over small critical sets stall. Then the LP also minimises ``BALANCE *
+max(V, util_target)`` and ``TIE_BREAK * V`` with ``V`` the critical endpoints' own
+maximum utilisation: they are balanced against each other above the knee.
 
-**Balance and tie-break.** When a kept endpoint's utilisation is the maximum, U is fixed
-and every critical split below it is equally good for U. With only a tiny tie-break the
-cost term then parks the critical traffic on the cheaper endpoint right up to U, and
-repeated decisions over small critical sets stall: two endpoints tied at the maximum
-can never both be critical with K=2, so U never falls (measured in the simulator: the
-"pair the hottest with the coldest" heuristic stuck at a performance ratio of 0.71 on
-``degrade``, 0.52 on ``many_endpoints``). So, only when kept endpoints or the knee set a
-floor, the LP also minimises ``BALANCE * max(V, util_target)`` (0.5) and
-``TIE_BREAK * V`` (1e-3), with ``V >= x_i * demand / capacity_i`` over the critical
-endpoints: the critical endpoints are balanced against each other *above the knee*,
-which is what lets successive CFR-RL decisions converge towards the full optimum (the
-same heuristic then reaches 0.93 on both), while below the knee cost and latency still
-decide and ties go to the most even split. :func:`oracle` has no kept endpoints and
-neither term.
-
-**Input sanitation** (numeric problems never raise; shape problems do):
-
-- ``shares``: NaN/inf/negative -> 0, renormalised when the sum is off by > 1e-12
-  (all zero -> equal over available endpoints).
-- ``capacity``: NaN/inf/negative -> 0. An unknown capacity is no capacity to plan with,
-  and an infinite one is not an estimate. An endpoint with capacity 0 gets no critical
-  traffic; if *no* usable critical endpoint has a capacity, the split is capacity-blind.
-- ``cost``: NaN/inf/negative -> the highest valid cost (pessimistic: an endpoint must not
-  look attractive because its price is unknown); none valid -> 0 (the cost term vanishes).
-- ``demand``: NaN/inf/negative -> 0. The LP then plans for a nominal demand equal to the
-  total valid capacity (:func:`planning_demand`): at zero demand the cost term alone
-  would park all traffic on the cheapest endpoint, which overloads it as soon as traffic
-  returns. ``max_utilization`` is still reported against the real demand.
-- ``cost_weight``: NaN/inf/negative -> 0.
-
-**Fallbacks** (``status`` is ``"optimal"`` or the fallback's name):
-
-- ``"all_down"``: no endpoint available -> equal shares over all endpoints. Envoy needs
-  weights >= 1 anyway; excluding dead hosts is the job of health status.
-- ``"no_critical"``: no critical endpoint is available (including an empty critical set)
-  -> the current shares restricted to available endpoints, renormalised (equal over
-  available when nothing is left).
-- ``"no_capacity"``: available critical endpoints exist but none has a positive capacity
-  -> the critical budget is split equally over them (capacity-blind).
-- ``"lp_failed"``: HiGHS did not return an optimum -> the critical budget is split in
-  proportion to capacity (the min-max optimum when the cost term is ignored).
+Numeric problems never raise (shape problems do): NaN/inf/negative shares, capacities,
+demand and weights become 0 (costs: the highest valid cost, so an unknown price is not
+attractive). At zero demand the LP plans for the total capacity (:func:`planning_demand`).
+``status`` is ``"optimal"`` or a fallback: ``"all_down"`` (equal over all),
+``"no_critical"`` (current shares over the available), ``"no_capacity"`` (equal over the
+critical) or ``"lp_failed"`` (in proportion to capacity).
 """
 
 from __future__ import annotations
@@ -85,9 +42,8 @@ from scipy.optimize import OptimizeWarning, linprog
 UINT32_MAX = 2**32 - 1
 
 _RENORM_TOL = 1e-12
-# Weight of the critical endpoints' own max utilisation above the knee (module doc).
+# Weights of the critical endpoints' own max utilisation above the knee, and as a tie-break.
 BALANCE = 0.5
-# Weight of the critical endpoints' own max utilisation, the LP's tie-break (module doc).
 TIE_BREAK = 1e-3
 
 Fallback = str  # "all_down" | "no_critical" | "no_capacity" | "lp_failed"
@@ -101,9 +57,6 @@ class LpResult:
     max_utilization: float  # max_i share_i * demand / capacity_i with the given capacities
     status: str  # "optimal" or the fallback's name
     fallback: Fallback | None = None
-
-
-# -- sanitation ---------------------------------------------------------------------------
 
 
 def _vector(name: str, values: object, n: int | None = None) -> np.ndarray:
@@ -124,9 +77,8 @@ def _clean_cost(cost: np.ndarray) -> np.ndarray:
 
 
 def clean_latency(latency: np.ndarray) -> np.ndarray:
-    """Latency in SLO units for the LP: unknown (NaN) -> median of the known (0 if none),
-    negative -> 0, capped at 4 (beyond 4x the SLO an endpoint is simply bad; the cap keeps
-    the term commensurate with a utilisation)."""
+    """Latency in SLO units for the LP: unknown -> median of the known (0 if none), clipped
+    to [0, 4] (beyond 4x the SLO an endpoint is simply bad; the term stays commensurate)."""
     lat = np.asarray(latency, dtype=np.float64).copy()
     known = np.isfinite(lat)
     lat[known] = np.clip(lat[known], 0.0, 4.0)
@@ -215,13 +167,9 @@ def objective(
     latency: np.ndarray | Sequence[float] | None = None,
     latency_weight: float = 0.0,
 ) -> float:
-    """The LP's objective for any full split: max utilisation (no less than
-    ``util_target``, below which utilisation is free) + normalised cost term + latency
-    term.
-
-    Uses the same sanitation and planning demand as the LP, so the value of an
-    :func:`oracle` result is <= that of any other split of the same inputs.
-    """
+    """The LP's objective for any full split (max utilisation, no less than
+    ``util_target``, + cost + latency terms), sanitised like the LP: an :func:`oracle`
+    result scores <= any other split of the same inputs."""
     s = _nonneg(_vector("shares", shares))
     n = s.shape[0]
     cap = _nonneg(_vector("capacity", capacity, n))
@@ -235,9 +183,6 @@ def objective(
     if latency is not None and wl > 0:
         lat_term = wl * float(clean_latency(_vector("latency", latency, n)) @ s)
     return max(float(u.max(initial=0.0)), _clean_scalar(util_target)) + cost_term + lat_term
-
-
-# -- the LP -------------------------------------------------------------------------------
 
 
 def _lp(
@@ -317,6 +262,32 @@ def _result(shares: np.ndarray, capacity: np.ndarray, demand: float, fallback: F
     return LpResult(s, float(u.max(initial=0.0)), fallback or "optimal", fallback)
 
 
+def _share_bounds(
+    max_share: np.ndarray | None, min_share: np.ndarray | None, idx: np.ndarray, budget: float
+) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """The critical endpoints' share bounds, made to hold the critical ``budget``."""
+    upper = None
+    if max_share is not None:
+        upper = np.where(np.isfinite(max_share) & (max_share >= 0), max_share, np.inf)[idx]
+        room = float(np.minimum(upper, budget).sum())
+        if room < budget * (1 + 1e-9):
+            # Not enough headroom for the critical traffic: stretch every bound by the
+            # same factor (most room where most was estimated).
+            finite = np.isfinite(upper)
+            if finite.all() and room > 0:
+                upper = upper * (budget / room) * (1 + 1e-6)
+            elif finite.all():
+                upper = None
+    lower = None
+    if min_share is not None:
+        lower = np.where(np.isfinite(min_share) & (min_share > 0), min_share, 0.0)[idx]
+        if upper is not None:
+            lower = np.minimum(lower, upper)
+        if lower.sum() > budget:
+            lower = lower * (budget / float(lower.sum())) * (1 - 1e-9)
+    return upper, lower
+
+
 def _solve(
     shares: np.ndarray,
     crit: np.ndarray,
@@ -374,25 +345,7 @@ def _solve(
     if latency is not None and wl > 0:
         cost_coef = cost_coef + wl * clean_latency(latency)[idx]
 
-    upper = None
-    if max_share is not None:
-        upper = np.where(np.isfinite(max_share) & (max_share >= 0), max_share, np.inf)[idx]
-        room = float(np.minimum(upper, budget).sum())
-        if room < budget * (1 + 1e-9):
-            # Not enough headroom among the critical endpoints for their traffic: stretch
-            # every bound by the same factor (most room where most was estimated).
-            finite = np.isfinite(upper)
-            if finite.all() and room > 0:
-                upper = upper * (budget / room) * (1 + 1e-6)
-            elif finite.all():
-                upper = None
-    lower = None
-    if min_share is not None:
-        lower = np.where(np.isfinite(min_share) & (min_share > 0), min_share, 0.0)[idx]
-        if upper is not None:
-            lower = np.minimum(lower, upper)
-        if lower.sum() > budget:
-            lower = lower * (budget / float(lower.sum())) * (1 - 1e-9)
+    upper, lower = _share_bounds(max_share, min_share, idx, budget)
     x = _lp(cap[idx], cost_coef, budget, floor, d_plan, _clean_scalar(util_target), upper, lower)
     fallback = None
     if x is None:
@@ -417,18 +370,10 @@ def solve_critical(
     max_share: np.ndarray | Sequence[float] | None = None,
     min_share: np.ndarray | Sequence[float] | None = None,
 ) -> LpResult:
-    """Re-optimise only the ``critical`` endpoints (indices or a bool mask); see the module doc.
-
-    Available non-critical endpoints keep their share exactly; unavailable ones release
-    theirs to the critical set. ``util_target`` > 0 makes utilisation up to that level
-    free, so below it the cost term alone decides (cheap endpoints fill up to the target
-    before dear ones get traffic); 0 is the pure min-max form. ``max_share`` bounds each
-    critical endpoint's share (NaN/inf: unbounded); bounds that cannot hold the critical
-    traffic are stretched by one common factor until they can; ``min_share`` is the share
-    each keeps at least (never above its bound; scaled down if together they exceed the
-    critical traffic). Raises ValueError only for
-    structural problems (empty input, mismatched lengths, critical index out of range).
-    """
+    """Re-optimise only the ``critical`` endpoints (indices or a bool mask; module doc):
+    available non-critical ones keep their share, unavailable ones release theirs.
+    ``max_share``/``min_share`` bound each critical share (stretched or scaled to fit the
+    critical traffic). ValueError only for structural problems (lengths, indices)."""
     s = _vector("shares", shares)
     n = s.shape[0]
     if n == 0:
@@ -469,27 +414,16 @@ def oracle(
     )
 
 
-# -- from shares to Envoy weights -----------------------------------------------------------
-
-
 def shares_to_weights(
     shares: np.ndarray | Sequence[float],
     *,
     scale: int = 10000,
     available: np.ndarray | Sequence[bool] | None = None,
 ) -> np.ndarray:
-    """Integer Envoy ``load_balancing_weight``s realising ``shares`` as closely as possible.
-
-    The weights sum to exactly ``max(scale, n)`` (<= 2**32-1), so ``weight / sum`` is the
-    realised share. Envoy forbids weight 0, so an endpoint with share 0 (or unavailable)
-    gets weight 1 and still receives ~1/scale of the traffic unless health status drains
-    it; the units those endpoints take are subtracted from the others in proportion.
-    The rest is largest-remainder rounding with every positive share at >= 1, which keeps
-    each realised share within ``n/scale`` of the intended one.
-
-    Shares are sanitised like the LP's (NaN/negative -> 0, renormalised; all zero -> equal
-    over available endpoints). Raises ValueError only for ``scale < 1``.
-    """
+    """Integer Envoy weights summing to exactly ``max(scale, n)`` (<= 2**32-1) that realise
+    ``shares`` within ``n/scale`` each (largest remainder). Envoy forbids weight 0, so a
+    zero-share or unavailable endpoint gets 1 (health status drains it). Shares are
+    sanitised like the LP's; ValueError only for ``scale < 1``."""
     s = _nonneg(_vector("shares", shares))
     n = s.shape[0]
     if int(scale) < 1:
@@ -534,13 +468,10 @@ def least_request_weights(
     bias: float = 1.0,
     scale: int = 10000,
 ) -> np.ndarray:
-    """Weights that realise ``shares`` under Envoy's LEAST_REQUEST with unequal weights.
-
-    There Envoy picks by ``weight / (active + 1)^bias``, not by weight: an endpoint whose
-    requests stay longer (more of them active) gets less than its weight's share. At the
-    intended split each endpoint holds ``active = share x demand x time in system``
-    (Little's law) requests, so weights ``share x (active + 1)^bias`` give it back. Unknown
-    times count as none (plain ``shares_to_weights``)."""
+    """Weights that realise ``shares`` under Envoy's LEAST_REQUEST, which picks by
+    ``weight / (active + 1)^bias``: at the intended split each endpoint holds ``active =
+    share x demand x time in system`` (Little's law), so weights ``share x (active +
+    1)^bias`` give its share back. Unknown times count as none."""
     s = _nonneg(_vector("shares", shares))
     n = s.shape[0]
     t = _nonneg(_vector("time_in_system_s", time_in_system_s, n))

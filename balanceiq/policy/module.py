@@ -1,13 +1,9 @@
 """The CFR-RL policy as an RLlib RLModule: one network for any number of endpoints.
 
-Each endpoint's feature row goes through the same small MLP (shared weights), the rows
-are mean-pooled over present endpoints into a context vector, and each endpoint's score
-comes from its own embedding next to that context. Nothing depends on N, so a checkpoint
-trained on 8 endpoints scores 3 or 300. The value head reads the pooled context.
-
-Observation: ``[N_max, F]`` float32 rows from :func:`balanceiq.policy.features.encode`,
-the last column being 1 for a present endpoint and 0 for padding. Action: K endpoint
-indices drawn by :class:`balanceiq.policy.distribution.PlackettLuce`.
+Each endpoint's row (:func:`~balanceiq.policy.features.encode`) goes through a shared MLP;
+the embeddings are mean-pooled over present endpoints into a context, and each score comes
+from the endpoint's embedding beside it (the value head reads the context). Nothing
+depends on N. Action: K indices drawn by :class:`~.distribution.PlackettLuce`.
 """
 
 from __future__ import annotations

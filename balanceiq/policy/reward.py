@@ -5,14 +5,10 @@
               + errors  * error_rate
               + cost    * cost_per_million / ref_cost )
 
-All inputs are traffic-weighted aggregates over the decision interval. ``p95/slo`` keeps
-pressure on typical latency even inside the SLO; the tail term only counts once p99
-breaks the SLO; ``errors`` (default 10) makes a 1% error rate cost as much as p95 at 10%
-of the SLO; ``cost`` compares the blended $ per million requests with a reference price,
-so cheaper routing wins when latency and errors allow. Each ratio is clipped at 20 so an
-overloaded step cannot swamp the return. The original service used
-``1 / (1 + p95/1000 + 10*err + saturation/20 + 100/(rps+1))``; ours is linear, so
-improvements count the same everywhere on the scale.
+Inputs are traffic-weighted over the decision interval. ``p95/slo`` keeps pressure on
+typical latency inside the SLO; the tail term counts once p99 breaks it; ``cost`` compares
+the blended price with a reference. Each ratio is clipped at 20 so an overloaded step
+cannot swamp the return; linear, so improvements count the same everywhere on the scale.
 """
 
 from __future__ import annotations
@@ -55,13 +51,9 @@ def reward(
 
 
 def observed_reward(obs: Observation, weights: RewardWeights) -> float | None:
-    """The reward of the interval an observation covers, from live telemetry.
-
-    Same function as the simulator's (:func:`balanceiq.policy.reward.reward`), with
-    traffic-weighted p95, error rate and cost over endpoints that carried traffic. Live
-    telemetry has no p99, so the tail term sees p95 (it only counts once p95 itself
-    breaks the SLO). ``None`` when no endpoint carried measurable traffic.
-    """
+    """:func:`reward` of the interval an observation covers, traffic-weighted over the
+    endpoints that carried traffic (``None``: none did); live telemetry has no p99, so the
+    tail term sees p95."""
     rows = [
         e
         for e in obs.endpoints

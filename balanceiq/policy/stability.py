@@ -1,10 +1,6 @@
-"""Ping-pong in a sequence of traffic splits: one definition for the controller, the demo
-report and ``balanceiq bench live``.
-
-A **reversal** is an endpoint's share moving more than ``threshold`` (5 points) one way
-and then more than ``threshold`` back within ``window`` (3) decisions. Each decision's
-split is a mapping address -> share (or weight; it is normalised here).
-"""
+"""Ping-pong in a sequence of traffic splits (address -> share or weight), one definition
+for the controller, the demo report and ``balanceiq bench live``: a **reversal** is a
+share moving more than ``threshold`` one way, then back within ``window`` decisions."""
 
 from __future__ import annotations
 
@@ -26,12 +22,8 @@ def reversal_events(
     threshold: float = REVERSAL_THRESHOLD,
     window: int = REVERSAL_WINDOW,
 ) -> list[tuple[int, str]]:
-    """``(decision index of the move back, address)`` for every reversal in ``timeline``.
-
-    A move is the change of one endpoint's share between consecutive decisions; a
-    reversal pairs a move over ``threshold`` with a later, opposite move over
-    ``threshold`` at most ``window`` decisions after it. Each move back counts once.
-    """
+    """``(decision index of the move back, address)`` for every reversal in ``timeline``
+    (each move back counts once)."""
     splits = [_normalised(s) for s in timeline]
     addresses = sorted({a for s in splits for a in s})
     out: list[tuple[int, str]] = []

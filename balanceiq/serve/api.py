@@ -9,7 +9,7 @@ message that names what was wrong; nothing has changed when one is returned.
 from __future__ import annotations
 
 import json
-import logging
+import time
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -23,8 +23,6 @@ from pydantic import BaseModel, ConfigDict, Field
 from balanceiq.exceptions import BalanceIQError, ControlError, GuardrailError, PolicyError, UnknownClusterError
 from balanceiq.serve.metrics import ApiMetrics
 from balanceiq.serve.plane import ControlPlane
-
-log = logging.getLogger(__name__)
 
 STATIC = Path(__file__).resolve().parent / "static"
 ADDRESS_MAX = 300
@@ -156,10 +154,8 @@ _bearer = HTTPBearer(auto_error=False, description="The API token (config api.to
 class _CountResponses:
     """ASGI middleware: every response counted by method, route template and status.
 
-    Pure ASGI rather than ``@app.middleware``: no extra task per request. A handler that
-    raises reaches the server's error middleware (outside this one) before any response
-    starts, so it is counted here as the 500 it becomes.
-    """
+    Pure ASGI: no extra task per request. A handler that raises is counted as the 500 it
+    becomes (the server's error middleware is outside this one)."""
 
     def __init__(self, app: Any, metrics: ApiMetrics) -> None:
         self.app = app
@@ -262,7 +258,26 @@ def create_api(plane: ControlPlane) -> FastAPI:
     # Outermost last: the count sees the 413s too.
     app.add_middleware(_LimitBody, limit=int(plane.settings.api.max_body_bytes))
     app.add_middleware(_CountResponses, metrics=plane.metrics)
+    _error_handlers(app)
+    _compatible_routes(app, plane)
+    _routing_routes(app, plane, auth)
+    _policy_routes(app, plane, auth)
 
+    @app.get("/metrics", response_class=Response)
+    def metrics() -> Response:
+        body = plane.metrics_exposition()
+        return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/", include_in_schema=False)
+    def dashboard() -> FileResponse:
+        return FileResponse(STATIC / "index.html")
+
+    if STATIC.is_dir():
+        app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    return app
+
+
+def _error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         errors = exc.errors()
@@ -285,12 +300,12 @@ def create_api(plane: ControlPlane) -> FastAPI:
             code = 503
         return JSONResponse({"detail": str(exc)}, status_code=code)
 
-    # -- compatible with the original service ------------------------------------------
+
+def _compatible_routes(app: FastAPI, plane: ControlPlane) -> None:
+    """The original service's routes and fields."""
 
     @app.get("/api/health", tags=["compatible"])
     def health() -> dict[str, Any]:
-        import time
-
         return {"status": "healthy", "service": "balanceiq", "timestamp": time.time()}
 
     @app.get("/api/metrics/training", tags=["compatible"])
@@ -305,7 +320,9 @@ def create_api(plane: ControlPlane) -> FastAPI:
     def metrics_all(cluster: ClusterQuery = None) -> dict[str, Any]:
         return plane.all_metrics(cluster)
 
-    # -- BalanceIQ ------------------------------------------------------------------------
+
+def _routing_routes(app: FastAPI, plane: ControlPlane, auth: list[Any]) -> None:
+    """Clusters, status, weights, overrides and the decisions behind them."""
 
     @app.get("/api/clusters")
     def clusters() -> dict[str, Any]:
@@ -334,6 +351,10 @@ def create_api(plane: ControlPlane) -> FastAPI:
     def timeline(limit: Annotated[int, Query(ge=2, le=1000)] = 120, cluster: ClusterQuery = None) -> dict[str, Any]:
         """Latency and cost over recent decisions, events marked, saving against equal weights."""
         return plane.timeline(limit, cluster)
+
+
+def _policy_routes(app: FastAPI, plane: ControlPlane, auth: list[Any]) -> None:
+    """The policy's settings, scoring and training."""
 
     @app.get("/api/policy")
     def get_policy(cluster: ClusterQuery = None) -> dict[str, Any]:
@@ -364,18 +385,3 @@ def create_api(plane: ControlPlane) -> FastAPI:
             live_eval=live,
             live_episodes=episodes,
         )
-
-    @app.get("/metrics", response_class=Response)
-    def metrics() -> Response:
-        body = plane.metrics_exposition()
-        return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
-
-    # -- dashboard ------------------------------------------------------------------------
-
-    @app.get("/", include_in_schema=False)
-    def dashboard() -> FileResponse:
-        return FileResponse(STATIC / "index.html")
-
-    if STATIC.is_dir():
-        app.mount("/static", StaticFiles(directory=STATIC), name="static")
-    return app

@@ -1,15 +1,13 @@
 """The Ray Serve application: Policy + Controller (FastAPI ingress) deployments.
 
-``serve run serve_app:app`` (or ``serve run serve_app.yaml``) builds it from the config
-named by ``BALANCEIQ_CONFIG`` (default ``balanceiq.yaml``). The Controller deployment
-gets or starts the xDS actor, runs one control loop per configured cluster in its
-replica and serves the API; it keeps one replica, and each cluster's lease at the xDS actor makes sure only one loop
-pushes to it even while Serve replaces a replica.
+``serve run serve_app:app`` builds it from ``BALANCEIQ_CONFIG`` (default ``balanceiq.yaml``).
+The Controller replica gets or starts the xDS actor, runs one control loop per cluster
+and serves the API; each cluster's lease at the xDS actor keeps a second loop (while
+Serve replaces the replica) from pushing.
 """
 
 from __future__ import annotations
 
-import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -26,8 +24,6 @@ from balanceiq.serve.server import ApiServer
 from balanceiq.serve.training import TrainingManager
 from balanceiq.telemetry.observe import Telemetry
 from balanceiq.xds.actor import start_actor
-
-log = logging.getLogger(__name__)
 
 
 @serve.deployment(
@@ -60,11 +56,10 @@ class ControllerDeployment:
         actor = start_actor(self.settings)
         self.xds = ActorXdsClient(actor)
 
-        # The loop scores here, with the checkpoint the Policy deployment serves (both
-        # swapped together by PolicyClient.reload): no Serve handle call per decision.
+        # The loop scores here (no Serve handle call per decision), with the checkpoint the
+        # Policy deployment serves: PolicyClient.reload swaps both.
         self.local_policy = PolicyModel(checkpoint)
-        # One intra-op thread: a forward pass over a few hundred numbers gains nothing
-        # from more, and the replica also serves the API.
+        # One intra-op thread: a tiny forward pass gains nothing from more.
         import torch
 
         torch.set_num_threads(1)
@@ -95,7 +90,6 @@ class ControllerDeployment:
         self.plane.api_scorer = lambda rows: policy.score.remote(rows).result(timeout_s=2.0)
         self.server: ApiServer | None = None
         if self.settings.api.serve_directly:
-            # api.host:api.port, served here: no proxy hop (see balanceiq.serve.server).
             self.server = ApiServer(create_api(self.plane), self.settings.api.host, self.settings.api.port).start()
             self.plane.api_server = lambda: self.server.state if self.server is not None else "off"
         if autostart:
@@ -123,7 +117,7 @@ class ControllerDeployment:
 
 def build_app(args: dict[str, Any] | None = None) -> Any:
     """Application builder: ``args`` may name ``config`` (a path) or ``settings`` (a
-    :class:`Settings`, for tests and benchmarks), ``checkpoint`` and ``recording``."""
+    :class:`Settings`), ``checkpoint`` and ``recording``."""
     args = dict(args or {})
     if isinstance(args.get("settings"), Settings):
         settings = args["settings"]
@@ -135,8 +129,5 @@ def build_app(args: dict[str, Any] | None = None) -> Any:
     # mypy does not apply class decorators: @serve.deployment made these Deployments (with .bind).
     policy = PolicyDeployment.bind(checkpoint, settings.api.policy_niceness)  # type: ignore[attr-defined]
     return ControllerDeployment.bind(  # type: ignore[attr-defined]
-        settings.model_dump(mode="json"),
-        policy,
-        recording,
-        checkpoint=checkpoint,
+        settings.model_dump(mode="json"), policy, recording, checkpoint=checkpoint
     )

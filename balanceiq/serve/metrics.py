@@ -1,11 +1,6 @@
-"""The API's own counters and the xDS server's bad-request counters, for ``GET /metrics``.
-
-The controller's metrics (:mod:`balanceiq.control.metrics`) say what it decided; these
-say what was refused at the edges: API responses by route and status code (every 4xx
-and 5xx is visible there), requests refused for a missing or wrong token, the xDS
-requests the server refused or ignored, by reason, and telemetry reads that failed. A registry of its own, exposed
-after the controller's on the same page.
-"""
+"""What was refused at the edges, for ``GET /metrics`` after the controller's metrics:
+API responses by route and status, token failures, xDS requests refused or ignored,
+failed telemetry reads."""
 
 from __future__ import annotations
 
@@ -16,56 +11,49 @@ from prometheus_client import CollectorRegistry, Counter, generate_latest
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 
+_Family = tuple[str, str, str, str | None]
 
-class _XdsBadRequests(Collector):
-    """Read from the xDS server's status at scrape time (it counts; this only shows)."""
 
-    def __init__(self, status: Callable[[], Mapping[str, Any]]) -> None:
-        self._status = status
+class _Counted(Collector):
+    """Counters another part keeps, read at scrape time: ``(name, help, label, key)`` per
+    family, ``key`` naming the counts in what ``read()`` returns (``None``: all of it)."""
+
+    def __init__(self, read: Callable[[], Mapping[str, Any]], specs: list[_Family]) -> None:
+        self._read = read
+        self._specs = specs
 
     def describe(self) -> Iterator[CounterMetricFamily]:
         # Names only: registering must not call the (possibly remote) xDS server.
         yield from self._families({})
 
     def collect(self) -> Iterator[CounterMetricFamily]:
-        yield from self._families(self._status())
+        yield from self._families(self._read())
 
-    def _families(self, status: Mapping[str, Any]) -> Iterator[CounterMetricFamily]:
-        refused = CounterMetricFamily(
-            "balanceiq_xds_requests_refused",
-            "xDS requests that ended their stream with an error status",
-            labels=["reason"],
-        )
-        ignored = CounterMetricFamily(
-            "balanceiq_xds_requests_ignored", "xDS requests not acted on, as the protocol says", labels=["reason"]
-        )
-        for reason, n in sorted((status.get("requests_refused") or {}).items()):
-            refused.add_metric([str(reason)], float(n))
-        for reason, n in sorted((status.get("requests_ignored") or {}).items()):
-            ignored.add_metric([str(reason)], float(n))
-        yield refused
-        yield ignored
+    def _families(self, data: Mapping[str, Any]) -> Iterator[CounterMetricFamily]:
+        for name, doc, label, key in self._specs:
+            fam = CounterMetricFamily(name, doc, labels=[label])
+            for k, n in sorted((data if key is None else data.get(key) or {}).items()):
+                fam.add_metric([str(k)], float(n))
+            yield fam
 
 
-class _TelemetryFailures(Collector):
-    def __init__(self, failures: Callable[[], Mapping[str, int]]) -> None:
-        self._failures = failures
-
-    def describe(self) -> Iterator[CounterMetricFamily]:
-        yield from self._families({})
-
-    def collect(self) -> Iterator[CounterMetricFamily]:
-        yield from self._families(self._failures())
-
-    def _families(self, failures: Mapping[str, int]) -> Iterator[CounterMetricFamily]:
-        fam = CounterMetricFamily(
-            "balanceiq_telemetry_failures",
-            "Telemetry reads that failed, by source (-bug: not a TelemetryError)",
-            labels=["source"],
-        )
-        for source, n in sorted(failures.items()):
-            fam.add_metric([str(source)], float(n))
-        yield fam
+_XDS_FAMILIES: list[_Family] = [
+    (
+        "balanceiq_xds_requests_refused",
+        "xDS requests that ended their stream with an error status",
+        "reason",
+        "requests_refused",
+    ),
+    ("balanceiq_xds_requests_ignored", "xDS requests not acted on, as the protocol says", "reason", "requests_ignored"),
+]
+_TELEMETRY_FAMILIES: list[_Family] = [
+    (
+        "balanceiq_telemetry_failures",
+        "Telemetry reads that failed, by source (-bug: not a TelemetryError)",
+        "source",
+        None,
+    ),
+]
 
 
 class ApiMetrics:
@@ -89,8 +77,8 @@ class ApiMetrics:
         )
         for reason in ("missing", "invalid"):
             self.auth_failures.labels(reason)
-        r.register(_XdsBadRequests(xds_status))
-        r.register(_TelemetryFailures(telemetry_failures))
+        r.register(_Counted(xds_status, _XDS_FAMILIES))
+        r.register(_Counted(telemetry_failures, _TELEMETRY_FAMILIES))
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

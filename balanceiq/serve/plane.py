@@ -1,10 +1,8 @@
 """Everything the API reads or changes, behind one object the routes close over.
 
-The HTTP layer (:mod:`balanceiq.serve.api`) stays a thin translation: it validates
-bodies, checks the token and calls :class:`ControlPlane`, which owns the controller,
-its loop, training runs, the policy client and the health probes. Tests build a plane
-from real parts in-process (an :class:`~balanceiq.xds.server.XdsServer`, a real
-Envoy and Prometheus) without Serve; the Serve deployment builds the same object.
+The HTTP layer (:mod:`balanceiq.serve.api`) validates bodies, checks the token and calls
+:class:`ControlPlane`, which owns the controllers, their loops, training runs and the
+policy client. Tests build one in-process from real parts, without Serve.
 """
 
 from __future__ import annotations
@@ -17,31 +15,36 @@ import secrets
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import replace
-from datetime import UTC, datetime
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import httpx
 import numpy as np
 
-from balanceiq.config import GuardrailConfig, Settings, critical_count, is_loopback
+from balanceiq.config import GuardrailConfig, Settings, is_loopback
 from balanceiq.control.controller import Controller, ControlLoop, Observer, Scorer, XdsClient
 from balanceiq.control.metrics import ControllerMetrics
 from balanceiq.exceptions import BalanceIQError, ControlError, GuardrailError, UnknownClusterError
-from balanceiq.policy.baselines import PolicyContext, make_policy
-from balanceiq.policy.decide import decide, observe_only
-from balanceiq.policy.features import encode
+from balanceiq.policy.baselines import make_policy
 from balanceiq.policy.reward import RewardWeights
+from balanceiq.serve import health, scoring
 from balanceiq.serve.metrics import ApiMetrics
-from balanceiq.serve.training import TrainingManager
-from balanceiq.telemetry.observation import EndpointObservation, Observation
-
-_OBS_FIELDS = ("p50_ms", "p95_ms", "error_rate", "saturation", "inflight", "rps", "cost_per_million", "weight")
+from balanceiq.serve.timeline import finite
+from balanceiq.serve.timeline import timeline as decision_timeline
+from balanceiq.serve.training import TrainingManager, iso_time
 
 log = logging.getLogger(__name__)
 
-UP, DEGRADED, DOWN = "up", "degraded", "down"
+# PUT /api/policy keys set directly on the controller's policy: (attribute, type).
+_KNOBS: dict[str, tuple[str, Callable[[Any], Any]]] = {
+    "k": ("k", int),
+    "interval_s": ("interval_s", float),
+    "cost_weight": ("cost_weight", float),
+    "util_target": ("util_target", float),
+    "latency_weight": ("latency_weight", float),
+    "selection": ("mode", str),
+}
 
 
 def load_or_create_token(settings: Settings) -> tuple[str, Path | None, bool]:
@@ -64,22 +67,9 @@ def load_or_create_token(settings: Settings) -> tuple[str, Path | None, bool]:
     return token, path, True
 
 
-def _iso(ts: float | None) -> str | None:
-    return datetime.fromtimestamp(ts, UTC).isoformat().replace("+00:00", "Z") if ts else None
-
-
-def _num(x: Any) -> float | None:
-    try:
-        f = float(x)
-    except (TypeError, ValueError):
-        return None
-    return f if math.isfinite(f) else None
-
-
 class PolicyClient:
-    """What the plane needs from the Policy deployment (or a local model in tests), and
-    the controller's own copy of the model (``local``) when the loop scores in-process:
-    a reload swaps both, so the loop and the API always score with one checkpoint."""
+    """The Policy deployment (or a local model in tests) and the controller's own copy of
+    the model (``local``): a reload swaps both, so the loop and the API score alike."""
 
     def __init__(
         self, info: Callable[[], dict[str, Any]], reload: Callable[[str], dict[str, Any]], local: Any | None = None
@@ -97,8 +87,8 @@ class PolicyClient:
         return out
 
     def reload(self, checkpoint: str) -> dict[str, Any]:
-        """The deployment first (it refuses a bad checkpoint, changing nothing), then the
-        controller's copy; if that fails, the deployment goes back to what it served."""
+        """The deployment first (it refuses a bad checkpoint), then the controller's copy;
+        if that fails, the deployment goes back to what it served."""
         before = str(self.local.checkpoint) if self.local is not None else None
         out = self._reload(checkpoint)
         if self.local is not None:
@@ -157,15 +147,11 @@ class ControlPlane:
         self.loop = self.loops[self.controller.cluster.name]
         self.policy = policy
         self.training = training
-        # The Controller replica's own API server, when it runs one (its state, for /api/status).
-        self.api_server: Callable[[], str] | None = None
-        # What POST /api/policy/score asks: the Policy deployment (batched, beside the
-        # loop) when set, else the controller's own scorer.
-        self.api_scorer: Scorer | None = None
+        self.api_server: Callable[[], str] | None = None  # the replica's own server's state
+        self.api_scorer: Scorer | None = None  # POST /api/policy/score: else the controller's scorer
         self.token = token or load_or_create_token(settings)[0]
         if not is_loopback(settings.api.host):
-            # Allowed (the host is set on purpose), but said once: changes need the token,
-            # yet reads are open and the token itself travels in plaintext HTTP.
+            # Allowed (set on purpose), but said once: reads are open, the token travels in plaintext.
             log.warning(
                 "API binds %s, beyond loopback: reads are unauthenticated and HTTP is not encrypted; "
                 "put a TLS-terminating proxy in front (see SECURITY.md)",
@@ -176,8 +162,6 @@ class ControlPlane:
         self._http_lock = threading.Lock()
         self._probe_cache: dict[str, tuple[float, dict[str, Any]]] = {}
         self.metrics = ApiMetrics(self._xds_status, self._telemetry_failures)
-
-    # -- clusters ------------------------------------------------------------------------
 
     def pick(self, cluster: str | None = None) -> Controller:
         """The named cluster's controller; the first configured one for ``None``."""
@@ -200,7 +184,7 @@ class ControlPlane:
         return owners[0] if owners else self.controller
 
     def _loop_states(self) -> dict[str, dict[str, Any]]:
-        return {name: self._controller(c, self.loops[name]) for name, c in self.controllers.items()}
+        return {name: health.loop_state(c, self.loops[name]) for name, c in self.controllers.items()}
 
     def clusters(self, states: dict[str, dict[str, Any]] | None = None) -> list[dict[str, Any]]:
         """Every steered cluster: name, endpoints, mode and whether its loop holds the lease."""
@@ -230,12 +214,9 @@ class ControlPlane:
         return total
 
     def metrics_exposition(self) -> bytes:
-        """Every controller's metrics (one registry when built by :func:`cluster_controllers`)
-        then the API's."""
+        """Every controller's metrics registry, then the API's."""
         parents = {id(c.metrics.parent): c.metrics.parent for c in self.controllers.values()}
         return b"".join(p.exposition() for p in parents.values()) + self.metrics.exposition()
-
-    # -- lifecycle -----------------------------------------------------------------------
 
     def start(self) -> None:
         for loop in self.loops.values():
@@ -248,13 +229,8 @@ class ControlPlane:
             self.training.shutdown()
         self._http.close()
 
-    # -- auth ----------------------------------------------------------------------------
-
     def authorized(self, presented: str | None) -> bool:
-        """Constant-time comparison, so response timing does not leak the token.
-
-        Failures are counted by kind; neither token ever reaches a log or a message.
-        """
+        """Constant-time comparison, so timing does not leak the token; failures counted by kind."""
         if not presented:
             self.metrics.auth_failures.labels("missing").inc()
             return False
@@ -262,8 +238,6 @@ class ControlPlane:
             return True
         self.metrics.auth_failures.labels("invalid").inc()
         return False
-
-    # -- probes --------------------------------------------------------------------------
 
     def _get(self, url: str) -> httpx.Response | None:
         with self._http_lock:
@@ -281,33 +255,8 @@ class ControlPlane:
         self._probe_cache[key] = (now, value)
         return value
 
-    def _envoy(self) -> dict[str, Any]:
-        url = self.settings.envoy.admin_url.rstrip("/") + "/ready"
-        r = self._get(url)
-        if r is None:
-            return {"state": DOWN, "reason": f"admin {url} unreachable"}
-        if r.status_code == 200:
-            return {"state": UP, "reason": "admin /ready: LIVE"}
-        return {"state": DEGRADED, "reason": f"admin /ready answered {r.status_code}: {r.text.strip()[:60]}"}
-
-    def _prometheus(self) -> dict[str, Any]:
-        url = self.settings.prometheus.url.rstrip("/") + "/-/ready"
-        r = self._get(url)
-        fallback = any(
-            c.last_observation is not None and c.last_observation.source == "envoy-admin"
-            for c in self.controllers.values()
-        )
-        if r is None or r.status_code != 200:
-            why = "unreachable" if r is None else f"answered {r.status_code}"
-            note = "; telemetry uses Envoy's admin" if fallback else ""
-            return {"state": DOWN, "reason": f"{url} {why}{note}"}
-        if fallback:
-            return {"state": DEGRADED, "reason": "ready, but the last observation came from the Envoy fallback"}
-        return {"state": UP, "reason": "ready; observations from Prometheus"}
-
     def _xds_status(self) -> dict[str, Any]:
-        """The xDS server's status, at most once a second (``/metrics`` and the status
-        page both read it; the server may be a remote actor)."""
+        """The xDS server's status (maybe a remote actor), at most once a second."""
 
         def fetch() -> dict[str, Any]:
             try:
@@ -317,236 +266,11 @@ class ControlPlane:
 
         return self._cached("xds_status", 1.0, fetch)
 
-    def _xds(self) -> dict[str, Any]:
-        try:
-            status = self.controller.xds.status()
-        except BalanceIQError as exc:
-            return {"state": DOWN, "reason": str(exc)}
-        nodes = status.get("nodes", [])
-        connected = [n for n in nodes if n.get("connected")]
-        if not connected:
-            return {"state": DEGRADED, "reason": "serving, but no Envoy is connected", "version": status.get("version")}
-        nacked = [
-            n
-            for n in connected
-            if n.get("last_nacked_version") and n.get("last_nacked_version") == status.get("version")
-        ]
-        if nacked:
-            return {
-                "state": DEGRADED,
-                "reason": f"Envoy rejected version {status.get('version')}: {nacked[0].get('last_error')}",
-            }
-        return {
-            "state": UP,
-            "reason": f"{len(connected)} Envoy node(s) connected, version {status.get('version')}",
-            "version": status.get("version"),
-        }
-
-    def _policy(self) -> dict[str, Any]:
-        states = [c.policy_state for c in self.controllers.values()]
-        st = next((x for x in states if x.get("ok") is False), states[0])
-        info: dict[str, Any] = {}
-        if self.policy is not None:
-            try:
-                info = self.policy.info()
-            except Exception as exc:  # a remote deployment: anything may come back
-                return {"state": DOWN, "reason": f"policy deployment unavailable: {type(exc).__name__}"}
-        elif self.controller.scorer is None:
-            return {"state": DOWN, "reason": "no policy configured: the baseline decides"}
-        if st.get("ok") is False:
-            return {"state": DEGRADED, "reason": f"last call failed: {st.get('error')}", **info}
-        if info.get("in_sync") is False:
-            return {
-                "state": DEGRADED,
-                "reason": f"the loop scores with {info.get('controller_checkpoint')}, the "
-                f"deployment serves {info.get('checkpoint')}",
-                **info,
-            }
-        lat = st.get("latency_ms")
-        where = " in the controller" if "controller_checkpoint" in info else ""
-        why = f"checkpoint {info.get('checkpoint', '?')}" + (
-            f", last scoring{where} {lat:.1f} ms" if lat is not None else ""
-        )
-        return {"state": UP, "reason": why, **info}
-
-    def _controller(self, c: Controller, loop: ControlLoop) -> dict[str, Any]:
-        interval = c.policy.interval_s
-        if not loop.running:
-            return {"state": DOWN, "reason": "control loop not running"}
-        if loop.last_tick is None:
-            return {"state": DEGRADED, "reason": "starting: no decision yet"}
-        age = time.time() - loop.last_tick
-        if age > 3 * interval + 5:
-            return {"state": DOWN, "reason": f"last decision {age:.0f}s ago (interval {interval}s)"}
-        last = c.log.last()
-        if c.policy.control_mode == "shadow":
-            return {"state": UP, "reason": f"shadow: {loop.steps} decisions recorded, none pushed"}
-        if not c.holds_lease:
-            return {"state": DEGRADED, "reason": f"standby: lease held by {c.lease.get('holder') or 'nobody yet'}"}
-        if last is not None and last.error:
-            return {"state": DEGRADED, "reason": last.error}
-        if last is not None and last.mode == "hold":
-            return {"state": DEGRADED, "reason": last.notes[0] if last.notes else "holding weights"}
-        return {"state": UP, "reason": f"active, {loop.steps} decisions, mode {c.rollback.mode}"}
-
-    @staticmethod
-    def _controllers(per: dict[str, dict[str, Any]]) -> dict[str, Any]:
-        """The worst cluster's loop (each named when there are several)."""
-        rank = {UP: 0, DEGRADED: 1, DOWN: 2}
-        if len(per) == 1:
-            return next(iter(per.values()))
-        name, worst = max(per.items(), key=lambda kv: rank[kv[1]["state"]])
-        if worst["state"] == UP:
-            return {
-                "state": UP,
-                "reason": f"{len(per)} clusters steered: " + "; ".join(f"{n}: {v['reason']}" for n, v in per.items()),
-            }
-        return {**worst, "reason": f"cluster {name}: {worst['reason']}"}
-
     def status(self, cluster: str | None = None) -> dict[str, Any]:
-        c = self.pick(cluster)
-        loops = self._loop_states()
-        comps = {
-            "controller": self._controllers(loops),
-            "policy": self._cached("policy", 1.0, self._policy),
-            "xds": self._cached("xds", 1.0, self._xds),
-            "envoy": self._cached("envoy", 1.0, self._envoy),
-            "prometheus": self._cached("prometheus", 1.0, self._prometheus),
-        }
-        states = [v["state"] for v in comps.values()]
-        critical = [comps[k]["state"] for k in ("controller", "xds", "envoy")]
-        overall = DOWN if DOWN in critical else (UP if all(s == UP for s in states) else DEGRADED)
-        rb = c.rollback.state()
-        return {
-            "overall": overall,
-            "cluster": c.cluster.name,
-            "clusters": self.clusters(loops),
-            "components": comps,
-            "mode": rb["mode"],
-            "mode_reason": rb["reason"],
-            "control_mode": c.policy.control_mode,
-            "rollback": rb,
-            "guardrails": {
-                **c.guardrails.state(),
-                "overrides": c.overrides.to_json(),
-                "last_notes": list(c.last_guard.notes) if c.last_guard else [],
-            },
-            "lease": c.lease,
-            "api_server": self.api_server() if self.api_server is not None else "off",
-            "timestamp": time.time(),
-        }
-
-    # -- timeline ------------------------------------------------------------------------
+        return health.status(self, cluster)
 
     def timeline(self, limit: int = 120, cluster: str | None = None) -> dict[str, Any]:
-        """Latency and cost over the last ``limit`` decisions, from what each one observed:
-        p95 per cloud (request-weighted), blended $ per million requests, what equal
-        weights would cost on the same endpoints, the saving against that, and events
-        (traffic moved, mode changes, price changes, operator overrides). The fleet's p99
-        as Envoy sees it comes from Prometheus (the ALS histogram) when it answers."""
-        c = self.pick(cluster)
-        clouds = {a: ep.cloud for a, ep in c.endpoints.items()}
-        points: list[dict[str, Any]] = []
-        events: list[dict[str, Any]] = []
-        prev_mode: str | None = None
-        prev_costs: dict[str, float] = {}
-        for rec in reversed(c.log.recent(limit)):
-            obs = rec.observation or {}
-            eps = [e for e in obs.get("endpoints", []) if isinstance(e, dict)]
-            rps: dict[str, Any] = {e["address"]: e.get("rps") for e in eps}
-            price: dict[str, Any] = {e["address"]: e.get("cost_per_million") for e in eps}
-            carried = [(rps[a], price[a]) for a in rps if _num(rps[a]) and _num(price[a]) is not None]
-            total = sum(r for r, _ in carried)
-            blended = sum(r * p for r, p in carried) / total if total > 0 else None
-            # Equal weights: an equal share of the same traffic on every endpoint that was up.
-            up = [
-                _num(price[e["address"]])
-                for e in eps
-                if e.get("healthy") is not False and _num(price[e["address"]]) is not None
-            ]
-            equal = sum(up) / len(up) if up else None  # type: ignore[arg-type]
-            by_cloud: dict[str, list[tuple[float, float]]] = {}
-            for e in eps:
-                r, p95 = _num(e.get("rps")), _num(e.get("p95_ms"))
-                if r and p95 is not None:
-                    by_cloud.setdefault(clouds.get(e["address"], "?"), []).append((r, p95))
-            p95_by_cloud = {
-                k: round(sum(r * x for r, x in v) / sum(r for r, _ in v), 3) for k, v in sorted(by_cloud.items())
-            }
-            points.append(
-                {
-                    "t": rec.timestamp,
-                    "seq": rec.seq,
-                    "mode": rec.mode,
-                    "cost_per_million": None if blended is None else round(blended, 6),
-                    "equal_cost_per_million": None if equal is None else round(equal, 6),
-                    "saving": None if blended is None or not equal else round(1.0 - blended / equal, 4),
-                    "p95_ms_by_cloud": p95_by_cloud,
-                    "rps": round(total, 3),
-                }
-            )
-            if rec.moved and rec.moved >= 0.05 and rec.pushed:
-                events.append({"t": rec.timestamp, "kind": "moved", "text": f"moved {rec.moved:.0%} of traffic"})
-            if prev_mode is not None and rec.mode != prev_mode:
-                events.append({"t": rec.timestamp, "kind": "mode", "text": f"mode {prev_mode} -> {rec.mode}"})
-            changed = [
-                a
-                for a, p in price.items()
-                if _num(p) is not None and a in prev_costs and abs(prev_costs[a] - float(p)) > 1e-12
-            ]
-            if changed:
-                events.append({"t": rec.timestamp, "kind": "price", "text": f"price changed: {', '.join(changed)}"})
-            for note in rec.notes:
-                if note.startswith(("drained", "override", "fixed", "pinned")):
-                    events.append({"t": rec.timestamp, "kind": "override", "text": note[:200]})
-            prev_mode = rec.mode
-            prev_costs.update({a: float(p) for a, p in price.items() if _num(p) is not None})
-        costs = [p for p in points if p["cost_per_million"] is not None and p["equal_cost_per_million"]]
-        saving = None
-        if costs:
-            spent = sum(p["cost_per_million"] * p["rps"] for p in costs)
-            equal_spent = sum(p["equal_cost_per_million"] * p["rps"] for p in costs)
-            saving = round(1.0 - spent / equal_spent, 4) if equal_spent > 0 else None
-        p99, p99_reason = self._fleet_p99(points, c.cluster.name)
-        return {
-            "cluster": c.cluster.name,
-            "points": points,
-            "events": events,
-            "saving_vs_equal": saving,
-            "fleet_p99_ms": p99,
-            "fleet_p99_reason": p99_reason,
-        }
-
-    def _fleet_p99(self, points: list[dict[str, Any]], name: str) -> tuple[list[dict[str, float]], str | None]:
-        """The cluster's p99 over every request Envoy sent, from the ALS histogram."""
-        if len(points) < 2:
-            return [], "too few decisions yet"
-        start, end = points[0]["t"], points[-1]["t"]
-        step = max(1.0, (end - start) / 200)
-        window = max(2.0, float(self.settings.telemetry.window_s))
-        q = (
-            f'histogram_quantile(0.99, sum by (le) (rate(balanceiq_upstream_rq_time_seconds_bucket{{cluster="{name}"}}'
-            f"[{window:g}s]))) * 1000"
-        )
-        url = self.settings.prometheus.url.rstrip("/") + "/api/v1/query_range"
-        with self._http_lock:
-            try:
-                r = self._http.get(url, params={"query": q, "start": start, "end": end, "step": step})
-            except httpx.HTTPError as exc:
-                return [], f"Prometheus unreachable ({type(exc).__name__})"
-        try:
-            result = r.json()["data"]["result"] if r.status_code == 200 else []
-        except (ValueError, KeyError, TypeError):
-            result = []
-        out = [
-            {"t": float(t), "ms": round(float(v), 3)}
-            for series in result[:1]
-            for t, v in series.get("values", [])
-            if _num(v) is not None
-        ]
-        return out, None if out else f"no ALS latency in Prometheus (answered {r.status_code})"
-
-    # -- weights -------------------------------------------------------------------------
+        return decision_timeline(self, limit, cluster)
 
     def total_requests(self, cluster: str | None = None) -> int | None:
         """Envoy's own count of requests sent to the cluster (``upstream_rq_total``)."""
@@ -568,8 +292,7 @@ class ControlPlane:
         return self._cached(f"total_requests:{name}", 1.0, probe)["value"]
 
     def efficiency(self, cluster: str | None = None) -> float | None:
-        """Jain's fairness index of utilisation (rps / capacity) over endpoints with both
-        known: 1.0 when every endpoint is equally loaded relative to its capacity."""
+        """Jain's fairness index of utilisation (rps / capacity): 1.0 when evenly loaded."""
         c = self.pick(cluster)
         obs = c.last_observation
         hint = c.capacity_hint
@@ -600,10 +323,10 @@ class ControlPlane:
                     "share": round(float(s), 6),
                     "health": c.health[a],
                     "override": overrides.get(a),
-                    "p95_ms": _num(e.p95_ms) if e else None,
-                    "error_rate": _num(e.error_rate) if e else None,
-                    "rps": _num(e.rps) if e else None,
-                    "cost_per_million": _num(c.costs.get(a)),
+                    "p95_ms": finite(e.p95_ms) if e else None,
+                    "error_rate": finite(e.error_rate) if e else None,
+                    "rps": finite(e.rps) if e else None,
+                    "cost_per_million": finite(c.costs.get(a)),
                     "healthy": e.healthy if e else None,
                 }
             )
@@ -619,8 +342,7 @@ class ControlPlane:
         }
 
     def _with_state(self, override: dict[str, Any], c: Controller) -> dict[str, Any]:
-        """The override as JSON, with ``state``: ``applied`` once a push (or a step that
-        found nothing to change) has included it, else ``pending``."""
+        """The override with ``state``: ``applied`` once a step has included it, else ``pending``."""
         done = c.overrides_applied_at
         created = override.get("created_at")
         applied = done is not None and created is not None and float(created) <= done
@@ -659,8 +381,6 @@ class ControlPlane:
         out = self._with_state(result, c) if "created_at" in result else result
         return {**out, "cluster": c.cluster.name}
 
-    # -- policy settings -----------------------------------------------------------------
-
     def policy_settings(self, cluster: str | None = None) -> dict[str, Any]:
         c = self.pick(cluster)
         return {
@@ -691,16 +411,7 @@ class ControlPlane:
                 raise ControlError(f"guardrails: {exc}") from exc
         reward = None
         if changes.get("reward_weights") is not None or changes.get("slo_ms") is not None:
-            r = c.policy.reward
-            rw = {
-                "slo_ms": r.slo_ms,
-                "latency": r.latency,
-                "tail": r.tail,
-                "errors": r.errors,
-                "cost": r.cost,
-                "ref_cost": r.ref_cost,
-            }
-            rw.update(changes.get("reward_weights") or {})
+            rw = {**asdict(c.policy.reward), **(changes.get("reward_weights") or {})}
             if changes.get("slo_ms") is not None:
                 rw["slo_ms"] = changes["slo_ms"]
             reward = RewardWeights(**rw)
@@ -709,18 +420,9 @@ class ControlPlane:
                 raise ControlError("no policy deployment to load a checkpoint into")
             self.policy.reload(str(changes["checkpoint"]))
         with c._lock:
-            if changes.get("k") is not None:
-                c.policy.k = int(changes["k"])
-            if changes.get("interval_s") is not None:
-                c.policy.interval_s = float(changes["interval_s"])
-            if changes.get("cost_weight") is not None:
-                c.policy.cost_weight = float(changes["cost_weight"])
-            if changes.get("util_target") is not None:
-                c.policy.util_target = float(changes["util_target"])
-            if changes.get("latency_weight") is not None:
-                c.policy.latency_weight = float(changes["latency_weight"])
-            if changes.get("selection") is not None:
-                c.policy.mode = str(changes["selection"])
+            for key, (attr, kind) in _KNOBS.items():
+                if changes.get(key) is not None:
+                    setattr(c.policy, attr, kind(changes[key]))
             if changes.get("control_mode") is not None and changes["control_mode"] != c.policy.control_mode:
                 c.policy.control_mode = str(changes["control_mode"])
                 log.warning("control mode now %s (PUT /api/policy)", c.policy.control_mode)
@@ -736,64 +438,7 @@ class ControlPlane:
         return self.policy_settings(c.cluster.name)
 
     def score(self, endpoints: list[dict[str, Any]], k: int | None, cluster: str | None = None) -> dict[str, Any]:
-        """The policy's scores and greedy critical set for an observation sent over HTTP,
-        decided with ``cluster``'s knobs."""
-        c = self.pick(cluster)
-        scorer = self.api_scorer or c.scorer
-        if scorer is None:
-            raise ControlError("no policy configured")
-        addresses = [e["address"] for e in endpoints]
-        if len(set(addresses)) != len(addresses):
-            raise ControlError("duplicate endpoint addresses in the request")
-        nan = float("nan")
-        eps = tuple(
-            EndpointObservation(
-                address=e["address"],
-                **cast("dict[str, Any]", {f: (nan if e.get(f) is None else float(e[f])) for f in _OBS_FIELDS}),
-                healthy=e.get("healthy"),
-            )
-            for e in endpoints
-        )
-        obs = Observation(cluster=c.cluster.name, endpoints=eps, source="api")
-        hint = np.array([nan if e.get("capacity_rps") is None else float(e["capacity_rps"]) for e in endpoints])
-        n = len(eps)
-        kk = min(n, k or critical_count(n))
-        w = np.array([ep.weight for ep in eps], dtype=np.float64)
-        w = np.where(np.isfinite(w) & (w > 0), w, 0.0)
-        shares = w / w.sum() if w.sum() > 0 else np.full(n, 1.0 / n)
-        rps = np.array([ep.rps for ep in eps], dtype=np.float64)
-        ctx = PolicyContext(shares, hint, np.ones(n), float(np.nansum(np.where(np.isfinite(rps), rps, 0.0))), kk)
-        # The controller's own decision core, with no memory: what it would do with this
-        # observation as its first.
-        knobs = replace(c.knobs(), k=max(1, kk))
-        est, _ = observe_only(obs, ctx, knobs)
-        rows = encode(obs, est.capacity, n, c.policy.reward.slo_ms)
-        t0 = time.perf_counter()
-        try:
-            scores = np.asarray(scorer(rows), dtype=np.float64).reshape(-1)
-        except Exception as exc:  # a remote deployment: anything may come back
-            raise ControlError(f"policy unavailable: {type(exc).__name__}: {exc}") from exc
-        ms = (time.perf_counter() - t0) * 1000
-        if scores.shape[0] != n or not np.all(np.isfinite(scores)):
-            raise ControlError(f"policy returned {scores.shape[0]} scores for {n} endpoints, or non-finite ones")
-        core = decide(obs, ctx, scores, knobs)
-        order = [int(i) for i in np.argsort(-scores, kind="stable")[:kk]]
-        return {
-            "scores": {a: round(float(x), 6) for a, x in zip(addresses, scores)},
-            "critical": [addresses[i] for i in order],
-            "k": kk,
-            "inference_ms": round(ms, 3),
-            "decision": {
-                "critical": [addresses[i] for i in core.critical],
-                "forced": [addresses[i] for i in core.forced],
-                "shares": {a: round(float(x), 6) for a, x in zip(addresses, core.shares)},
-                "weights": {a: int(x) for a, x in zip(addresses, core.weights)},
-                "capacity_estimate": {a: round(float(x), 3) for a, x in zip(addresses, core.capacity)},
-                "lp_status": core.lp_status,
-            },
-        }
-
-    # -- compatibility views (the original service's fields) -----------------------------
+        return scoring.score(self, endpoints, k, cluster)
 
     def training_metrics(self) -> dict[str, Any]:
         if self.training is None:
@@ -817,7 +462,7 @@ class ControlPlane:
             "endpoint_weights": dict(c.weights),
             "total_requests": self.total_requests(c.cluster.name),
             "load_balance_efficiency": self.efficiency(c.cluster.name),
-            "last_update": _iso(last.timestamp if last else None),
+            "last_update": iso_time(last.timestamp if last else None),
         }
 
     def all_metrics(self, cluster: str | None = None) -> dict[str, Any]:
@@ -826,11 +471,10 @@ class ControlPlane:
         return {
             "training": {
                 "iterations": t["training_iterations"],
-                "buffer_size": t["buffer_size"],
-                "current_reward": t["current_reward"],
-                "model_accuracy": t["model_accuracy"],
-                "recent_rewards": t["recent_rewards"],
-                "recent_losses": t["recent_losses"],
+                **{
+                    k: t[k]
+                    for k in ("buffer_size", "current_reward", "model_accuracy", "recent_rewards", "recent_losses")
+                },
             },
             "load_balancing": {
                 "endpoint_weights": w["endpoint_weights"],

@@ -1,13 +1,9 @@
 """The Policy deployment: the RLModule checkpoint behind a batched ``score`` call.
 
-:class:`PolicyModel` is the plain part (load, check, score a batch, hot-swap), testable
-without Serve; :class:`PolicyDeployment` wraps it with ``@serve.batch`` so concurrent
-callers share one forward pass.
-
-Hot swap: the new checkpoint is loaded and checked off the event loop while the old
-module keeps answering; the swap is one reference assignment, and a batch already
-running keeps the module it started with. A checkpoint that fails to load leaves the
-old one serving and the error is returned to the caller.
+:class:`PolicyModel` loads, checks, scores and hot-swaps (testable without Serve);
+:class:`PolicyDeployment` wraps it with ``@serve.batch``. A swap loads the new checkpoint
+off the event loop while the old one answers, then swaps one reference; a checkpoint that
+fails to load leaves the old one serving.
 """
 
 from __future__ import annotations
@@ -95,17 +91,14 @@ class PolicyModel:
 )
 class PolicyDeployment:
     def __init__(self, checkpoint: str | None = None, niceness: int = 0) -> None:
-        # Batch scoring is throughput work; the control loop (in the Controller replica,
-        # often on the same node) is latency work. A lower CPU priority here keeps a
-        # flood of API/batch score calls from delaying decisions; it costs nothing when
-        # the node is idle. Raising niceness needs no privilege.
+        # Batch scoring is throughput work, the control loop latency work: a lower CPU
+        # priority keeps a flood of score calls from delaying decisions.
         if niceness > 0:
             with contextlib.suppress(OSError):
                 os.setpriority(os.PRIO_PROCESS, 0, max(os.getpriority(os.PRIO_PROCESS, 0), niceness))
         self.model = PolicyModel(checkpoint)
 
-    # No wait: a lone caller is not delayed, and concurrent callers still share a batch
-    # (measured: sequential p99 28 -> 17 ms, 8 callers still batch ~2.6).
+    # No wait: a lone caller is not delayed, and concurrent callers still share a batch.
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.0)
     async def score(self, batch: list[np.ndarray]) -> list[np.ndarray]:
         return self.model.score_many(list(batch))

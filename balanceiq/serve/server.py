@@ -1,10 +1,8 @@
 """The API on the Controller replica's own HTTP server, beside Serve's proxy.
 
-Through Serve's proxy every request is a hop and a Ray task (~12 ms of CPU here); the
-replica serving ``api.host:api.port`` itself costs a fraction of that, and makes
-``api.host``/``api.port`` the one place the API's address is set, however the app was
-started. If the port is taken (Serve's proxy is there, or a replica being replaced still
-holds it), binding is retried for ``retry_s``, then the proxy alone serves the API.
+Through the proxy every request is a hop and a Ray task; served here, it costs a fraction.
+If ``api.host:api.port`` is taken (the proxy, or a replica being replaced), binding is
+retried for ``retry_s``, then the proxy alone serves the API.
 """
 
 from __future__ import annotations

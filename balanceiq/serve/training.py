@@ -1,13 +1,10 @@
 """Training runs started from the API, executed on the Ray cluster: train → evaluate → promote.
 
-``POST /api/train`` creates a :class:`TrainingRun` actor; ``run()`` trains (PPO on the
-simulator, :func:`balanceiq.train.train`) while ``progress()`` answers concurrently, so
-``/api/metrics/training`` shows each iteration's return and loss as it lands. Then the
-new checkpoint and the serving one run every shipped simulator scenario (the held-back ones included)
-(:func:`balanceiq.sim.evaluate.evaluate_checkpoints`), and the manager hot-swaps the
-Policy deployment to the new one only if :func:`~balanceiq.sim.evaluate.promotion_decision`
-says it is better. Each stage is reported. One run at a time: a 2-core box cannot train
-twice, and two runs racing to promote is a bug.
+``POST /api/train`` creates a :class:`TrainingRun` actor that trains while ``progress()``
+answers beside it; the new checkpoint and the serving one then run every shipped
+scenario, and the manager hot-swaps the Policy deployment only if
+:func:`~balanceiq.sim.evaluate.promotion_decision` says the new one is better. One run at
+a time: two runs racing to promote is a bug.
 """
 
 from __future__ import annotations
@@ -23,6 +20,10 @@ import ray
 
 from balanceiq.exceptions import BalanceIQError, ControlError
 from balanceiq.sim.scenario import load_scenario
+
+
+def iso_time(ts: float | None) -> str | None:
+    return datetime.fromtimestamp(ts, UTC).isoformat().replace("+00:00", "Z") if ts else None
 
 
 class TrainingRun:
@@ -48,6 +49,11 @@ class TrainingRun:
         with self._lock:
             self.stages[name] = {"state": state, **info, "at": time.time()}
 
+    def _fail(self, stage: str, what: str, exc: Exception) -> None:
+        self._stage(stage, "failed", error=f"{type(exc).__name__}: {exc}")
+        with self._lock:
+            self.state, self.message = "failed", f"{what} failed: {type(exc).__name__}: {exc}"
+
     def run(self) -> dict[str, Any]:
         from rich.console import Console
 
@@ -68,9 +74,7 @@ class TrainingRun:
                 on_iteration=self._on_iteration,
             )
         except Exception as exc:  # reported through progress(), not lost in a log
-            self._stage("train", "failed", error=f"{type(exc).__name__}: {exc}")
-            with self._lock:
-                self.state, self.message = "failed", f"training failed: {type(exc).__name__}: {exc}"
+            self._fail("train", "training", exc)
             return self.progress()
         self._stage("train", "done", checkpoint=summary["checkpoint"], final_return=summary["final_return"])
         with self._lock:
@@ -85,9 +89,7 @@ class TrainingRun:
                 )
                 ok, why = promotion_decision(ev)
             except Exception as exc:
-                self._stage("evaluate", "failed", error=f"{type(exc).__name__}: {exc}")
-                with self._lock:
-                    self.state, self.message = "failed", f"evaluation failed: {type(exc).__name__}: {exc}"
+                self._fail("evaluate", "evaluation", exc)
                 return self.progress()
             if self.params.get("live_eval") is not None:
                 live = self._evaluate_live(summary["checkpoint"])
@@ -130,9 +132,7 @@ class TrainingRun:
                 on_episode=on_episode,
             )
         except Exception as exc:
-            self._stage("evaluate_live", "failed", error=f"{type(exc).__name__}: {exc}")
-            with self._lock:
-                self.state, self.message = "failed", f"live evaluation failed: {type(exc).__name__}: {exc}"
+            self._fail("evaluate_live", "live evaluation", exc)
             return None
         self._stage(
             "evaluate_live",
@@ -190,8 +190,7 @@ class TrainingManager:
         live_eval: dict[str, Any] | None = None,
         live_episodes: int = 2,
     ) -> dict[str, Any]:
-        """``live_eval`` (LiveEnv keys over :data:`~balanceiq.testbed.evaluate_live.DEFAULT_LIVE_EVAL`;
-        ``{}`` for the defaults) adds a live testbed evaluation to the simulated one."""
+        """``live_eval`` (keys over ``DEFAULT_LIVE_EVAL``; ``{}``: the defaults) adds a live evaluation."""
         with self._lock:
             for rid in self._order:
                 if self._last.get(rid, {}).get("state") in ("pending", "running"):
@@ -307,11 +306,7 @@ class TrainingManager:
             "model_accuracy": None,  # a policy has no accuracy; kept for compatibility
             "recent_rewards": rewards[-20:],
             "recent_losses": losses[-20:],
-            "last_update": (
-                datetime.fromtimestamp(self._last_update, UTC).isoformat().replace("+00:00", "Z")
-                if self._last_update
-                else None
-            ),
+            "last_update": iso_time(self._last_update),
             "runs": [{k: v for k, v in r.items() if k not in ("history", "params", "summary")} for r in runs],
         }
 

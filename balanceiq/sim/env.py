@@ -1,30 +1,16 @@
 """CFR-RL as a plain gymnasium environment over the fleet simulator.
 
 Each step is one control decision: the agent names K critical endpoints (ordered, no
-repeats), any endpoint breaching the SLO joins them, the LP re-splits traffic among them
-while every other endpoint keeps its share (CFR-RL), and the fleet runs
-``decision_steps`` simulator steps under the new split. The reward
-(:mod:`balanceiq.policy.reward`) scores those steps.
+repeats), SLO breachers join them, the LP re-splits traffic among them while every other
+endpoint keeps its share, and the fleet runs ``decision_steps`` simulator steps under the
+new split, scored by :mod:`balanceiq.policy.reward`.
 
-Configured entirely by ``env_config`` (RLlib passes it through):
-
-==================  ==========================================================
-``scenarios``       names or paths; one is drawn per episode (default ``steady``)
-``n_max``           endpoints the observation is padded to (default 16)
-``k``               critical endpoints per decision (default about 20% of the
-                    largest scenario's N, at least 2)
-``decision_steps``  simulator steps per decision (default 5)
-``episode_steps``   decisions per episode (default 60)
-``obs_noise``       relative noise on observed latency/errors (default 0.05)
-``cost_weight``     the LP's cost term (default 0.1)
-``util_target``     the LP's headroom knee (default 0: pure min-max, as trained)
-``latency_weight``  the LP's latency term (default 0); set both to the live config's
-                    values to train against the LP the controller runs
-``force_breaching`` endpoints breaching the SLO join the K picked ones in the
-                    critical set, as in the controller (default true)
-``reward``          :class:`~balanceiq.policy.reward.RewardWeights` fields
-``seed``            base seed
-==================  ==========================================================
+``env_config`` keys (RLlib passes it through): ``scenarios`` (one drawn per episode;
+default ``steady``), ``n_max`` (observation padding, 16), ``k`` (about 20% of the largest
+N), ``decision_steps`` (5), ``episode_steps`` (60), ``obs_noise`` (0.05), the LP's
+``cost_weight`` (0.1), ``util_target`` (0) and ``latency_weight`` (0) -- set them to the
+live config's to train against the LP the controller runs --, ``force_breaching`` (true),
+``reward`` (:class:`~balanceiq.policy.reward.RewardWeights` fields) and ``seed``.
 """
 
 from __future__ import annotations
@@ -62,8 +48,7 @@ class DecisionOutcome:
 
 def run_decision(sim: FleetSim, shares: np.ndarray, steps: int, weights: RewardWeights) -> tuple[DecisionOutcome, Any]:
     """Run ``steps`` simulator steps with ``shares``; returns the outcome and last result."""
-    p50 = p95 = p99 = err = cost = 0.0
-    umax = 0.0
+    p50 = p95 = p99 = err = cost = umax = 0.0
     last = None
     for _ in range(steps):
         last = sim.step(shares)
@@ -76,6 +61,9 @@ def run_decision(sim: FleetSim, shares: np.ndarray, steps: int, weights: RewardW
     p50, p95, p99, err, cost = (x / steps for x in (p50, p95, p99, err, cost))
     r = reward(p95, p99, err, cost, weights)
     return DecisionOutcome(p50, p95, p99, err, cost, umax, r, 0.0), last
+
+
+_INFO_KEYS = ("p50_ms", "p95_ms", "p99_ms", "error_rate", "cost_per_million", "max_utilization")
 
 
 class FleetEnv(gym.Env):
@@ -106,8 +94,6 @@ class FleetEnv(gym.Env):
         self.action_space = gym.spaces.MultiDiscrete([self.n_max] * self.k)
         self.sim: FleetSim | None = None
         self._episode = 0
-
-    # -- gymnasium API ---------------------------------------------------------------------
 
     def reset(
         self, *, seed: int | None = None, options: dict[str, Any] | None = None
@@ -145,21 +131,8 @@ class FleetEnv(gym.Env):
         self.last_obs = self.sim.observation(last, shares_to_weights(new_shares))
         self.decisions += 1
         truncated = self.decisions >= self.episode_steps or self.sim.done
-        info.update(
-            {
-                "p50_ms": outcome.p50_ms,
-                "p95_ms": outcome.p95_ms,
-                "p99_ms": outcome.p99_ms,
-                "error_rate": outcome.error_rate,
-                "cost_per_million": outcome.cost_per_million,
-                "max_utilization": outcome.max_utilization,
-                "traffic_moved": moved,
-                "reward": outcome.reward,
-            }
-        )
+        info.update({k: getattr(outcome, k) for k in _INFO_KEYS}, traffic_moved=moved, reward=outcome.reward)
         return self._encode(self.last_obs), float(outcome.reward), False, bool(truncated), info
-
-    # -- pieces shared with the benchmark and the live controller ------------------------------
 
     def knobs(self, k: int | None = None) -> Knobs:
         return Knobs(

@@ -1,11 +1,10 @@
 """Running a policy through a whole simulated scenario, and the promotion gate.
 
-:func:`run_pair` is one (scenario, policy) episode with the oracle and full
-re-optimisation alongside (what ``balanceiq bench sim`` tabulates). :func:`evaluate_checkpoints` runs a candidate and
-the serving checkpoint through the same held-back scenarios and seeds, and
-:func:`promotion_decision` says whether the candidate may replace the serving one: it
-must be better on average by a margin and not clearly worse on any scenario, because a
-policy that wins on average by wrecking one situation is not an improvement.
+:func:`run_pair` is one (scenario, policy) episode with the oracle alongside.
+:func:`evaluate_checkpoints` runs a candidate and the serving checkpoint through the same
+scenarios and seeds, and :func:`promotion_decision` says whether the candidate may replace
+the serving one: better on average by a margin and not clearly worse on any scenario (a
+policy that wins on average by wrecking one situation is not an improvement).
 """
 
 from __future__ import annotations
@@ -28,9 +27,7 @@ from balanceiq.sim.scenario import SCENARIOS, load_scenario
 # Held out of training in rllib_configs/ppo.yaml: generalisation is part of what promotion checks.
 HELD_BACK = ("brownout", "many_endpoints")
 # The gate runs every shipped scenario, the held-back ones included: a candidate that
-# generalises better can still have forgotten a training scenario (measured: 150 PPO
-# iterations gained 4.5% on many_endpoints and lost 154% on flash_crowd against the
-# 80-iteration checkpoint), and "not much worse anywhere" must see that.
+# generalises better can still have forgotten a training scenario.
 GATE_SCENARIOS = tuple(SCENARIOS)
 
 
@@ -68,16 +65,8 @@ def run_pair(
     every endpoint per decision, so only the benchmark asks for it, not the gate)."""
     # n_max = N: baselines never read the padded rows, so pad nothing.
     n_max = len(load_scenario(scenario).endpoints)
-    env = FleetEnv(
-        {
-            "scenarios": [scenario],
-            "n_max": n_max,
-            "decision_steps": decision_steps,
-            "episode_steps": 10**9,
-            "seed": seed,
-            "obs_noise": 0.05,
-        }
-    )
+    cfg = {"scenarios": [scenario], "n_max": n_max, "decision_steps": decision_steps, "episode_steps": 10**9}
+    env = FleetEnv({**cfg, "seed": seed, "obs_noise": 0.05})
     env.reset(seed=seed)
     assert env.sim is not None
     n = env.sim.n

@@ -1,49 +1,23 @@
 """A vectorised, seeded model of a multi-cloud fleet under a traffic split.
 
-Each :meth:`FleetSim.step` is one telemetry window of ``step_s`` seconds. Total demand
-``D`` is split by the caller's shares ``s``; endpoint ``i`` receives ``lambda_i = s_i D``.
+Each :meth:`FleetSim.step` is one telemetry window of ``step_s`` seconds; endpoint ``i``
+receives ``lambda_i = s_i D`` of total demand ``D(t) = base_rps (1 + a sin(2 pi t / period
++ phase)) M(t) eps_t`` (daily cycle, active demand/burst multipliers, mean-one lognormal
+noise).
 
-Demand
-    ``D(t) = base_rps * (1 + a sin(2 pi t / period + phase)) * M(t) * eps_t``: a diurnal
-    cycle, the product ``M`` of active ``demand``/``burst`` event multipliers, and
-    mean-one lognormal noise ``eps_t`` (sigma = ``noise``) drawn once per step.
+Latency: each endpoint is an M/M/1 queue (service rate ``mu`` = effective capacity): a
+request takes ``base_latency_ms`` plus an exponential sojourn of rate ``mu (1 - rho)``,
+the simplest model whose delay grows without bound as ``rho -> 1`` and whose quantiles
+are closed-form. Past ``RHO_SAT`` a real queue fills until requests wait out the timeout,
+so the sojourn keeps its ``RHO_SAT`` shape plus a delay rising to ``TIMEOUT_MS`` at
+``RHO_FULL``. A ``tail_latency`` event adds ``v`` ms to ``TAIL_FRACTION`` of requests.
 
-Latency: M/M/1 per endpoint
-    Each endpoint is one M/M/1 queue with service rate ``mu`` = its effective capacity
-    and utilisation ``rho = lambda / mu``. The time in the queue is exponential with rate
-    ``mu (1 - rho)``, so a request's latency is ``base_latency_ms`` plus that sojourn.
-    M/M/1 is the simplest model whose delay grows without bound as ``rho -> 1``, which
-    is the behaviour a balancer must avoid; its quantiles and CDF are closed-form, which
-    keeps a step cheap.
+Errors: ``BASE_ERROR`` everywhere, plus the load above capacity shed (``1 - 1/rho``); a
+failed endpoint answers every request with an error after its base latency.
 
-    The formula diverges at ``rho = 1``. Past ``RHO_SAT`` (0.98) a real server's queue
-    fills up until requests wait out the timeout, so the sojourn keeps its ``RHO_SAT``
-    shape and gains a minimum delay rising linearly from 0 at ``RHO_SAT`` to
-    ``TIMEOUT_MS`` (2 s) at ``RHO_FULL`` (1.1). The extra wait beyond ``base`` is capped
-    at ``TIMEOUT_MS``.
-
-    A ``tail_latency`` event (brownout) adds ``v`` ms to a random ``TAIL_FRACTION`` (10%)
-    of requests: the sojourn becomes the mixture ``0.9 Exp + 0.1 (Exp + v)``. The median
-    barely moves (it becomes the 0.556 quantile of the exponential) while p95 and p99
-    grow by about ``v``.
-
-Errors
-    Every endpoint fails ``BASE_ERROR`` (0.1%) of requests. Above capacity it can only
-    serve ``mu``, so the excess ``1 - 1/rho`` is shed: ``error = 1 - (1 - BASE_ERROR)
-    min(1, 1/rho)``. A failed endpoint (``fail`` event) answers every request with an
-    error after ``base_latency_ms`` (fast failure): error rate 1, latency = base,
-    capacity 0.
-
-Aggregates
-    Fleet quantiles are those of the traffic mixture ``F(x) = sum_i s_i F_i(x)``
-    evaluated on a fixed log-spaced latency grid with one matrix product, then inverted
-    by interpolation in log-latency (accurate to a fraction of the grid spacing,
-    ``grid_ratio``). Error rate is traffic-weighted; cost per million is weighted by
-    successfully served requests.
-
-Everything per endpoint is a numpy array: no Python loop over endpoints in a step.
-Event timelines are precompiled into segments of constant state, so a step only checks
-whether the next segment has started.
+Fleet quantiles invert the traffic mixture of the endpoints' CDFs on a fixed log-spaced
+latency grid (one matrix product per step). Everything per endpoint is a numpy array, and
+event timelines are precompiled into segments of constant state.
 """
 
 from __future__ import annotations
@@ -106,11 +80,8 @@ _K_LOW = _k_low()
 
 @dataclass(frozen=True, slots=True)
 class StepResult:
-    """One step of the fleet: per-endpoint arrays (length n) and fleet aggregates.
-
-    Per-endpoint latency and error rate are ``nan`` where the endpoint got no traffic
-    (nothing was measured), never zero.
-    """
+    """One step: per-endpoint arrays (length n; latency and error rate ``nan`` where the
+    endpoint got no traffic) and fleet aggregates."""
 
     t: float
     """Simulated time at the start of the step, in seconds."""
@@ -144,8 +115,7 @@ class StepResult:
     cost_per_million: float
     """$ per million successfully served requests (offered-weighted if none was served)."""
     max_utilization: float
-    """Highest utilisation among available endpoints; traffic sent to a failed endpoint
-    shows in ``error_rate`` instead of making this ``inf``."""
+    """Highest utilisation among available endpoints (a failed one shows in ``error_rate``)."""
 
 
 class _Segment:
@@ -206,9 +176,8 @@ class _Segment:
 class FleetSim:
     """Seeded simulator of one scenario; see the module docstring for the model.
 
-    ``seed`` defaults to the scenario's. ``obs_noise`` is the relative (lognormal sigma)
-    noise :meth:`observation` puts on latency and error rate, so a policy never sees the
-    exact truth; it uses its own random stream, so observing does not change the run.
+    ``obs_noise`` is the relative (lognormal sigma) noise :meth:`observation` puts on
+    latency and error rate, from its own random stream so observing does not change the run.
     """
 
     def __init__(self, scenario: Scenario | str | Path, seed: int | None = None, obs_noise: float = 0.0) -> None:
@@ -255,8 +224,6 @@ class FleetSim:
         self.seed = scenario.seed if seed is None else int(seed)
         self.reset()
 
-    # ------------------------------------------------------------------ setup
-
     def _compile_segments(self) -> list[_Segment]:
         sc = self.scenario
         events = [(sc.targets(e.target), e.kind, float(e.value), e.at_s, e.end_s) for e in sc.events]
@@ -300,8 +267,6 @@ class FleetSim:
         diurnal = 1.0 + self._amp * math.sin(self._omega * self.t + self._phase)
         self._demand = self._base_rps * diurnal * self._seg.demand_mult * noise
 
-    # ------------------------------------------------------------------ state now
-
     def demand_rps(self) -> float:
         """Total demand of the step about to run (diurnal x events x this step's noise)."""
         return self._demand
@@ -323,8 +288,6 @@ class FleetSim:
         """True once ``duration_s`` has elapsed (stepping further is allowed)."""
         return self.t >= self.scenario.duration_s - 1e-9 * self.step_s
 
-    # ------------------------------------------------------------------ dynamics
-
     def _shares(self, shares: np.ndarray) -> np.ndarray:
         s = np.asarray(shares, dtype=np.float64)
         if s.shape != (self.n,):
@@ -343,20 +306,9 @@ class FleetSim:
             raise ValueError("shares sum to 0: no endpoint would receive traffic")
         return s if total == 1.0 else s / total
 
-    def step(self, shares: np.ndarray) -> StepResult:
-        """Run one step with traffic split ``shares`` (normalised if it does not sum to 1)."""
-        s = self._shares(shares)
-        seg = self._seg
-        demand = self._demand
-        b = self.base_latency_ms
-
-        lam = s * demand
-        rho = lam / seg.mu_safe
-        # Sojourn rate per ms; frozen at RHO_SAT once overloaded (see module docstring).
-        r = seg.mu_safe * (1.0 - np.minimum(rho, RHO_SAT)) * 1e-3
+    def _queueing(self, seg: _Segment, r: np.ndarray, shift: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per endpoint: latency quantiles (ms, base included), mean wait, and the CDF on the grid."""
         inv_r = 1.0 / r
-        shift = np.minimum(np.maximum((rho - RHO_SAT) * (TIMEOUT_MS / (RHO_FULL - RHO_SAT)), 0.0), TIMEOUT_MS)
-
         if seg.any_tail:
             v = seg.tail
             low = np.multiply.outer(inv_r, _K_LOW)
@@ -370,7 +322,7 @@ class FleetSim:
             z = np.multiply.outer(inv_r, _K)
         z += shift[:, None]
         lat = np.minimum(z, TIMEOUT_MS)
-        lat += b[:, None]
+        lat += self.base_latency_ms[:, None]
 
         # Mean wait for Little's law, closed form so no sampling is needed:
         # E[min(s + Exp(r), T)] = T - d + (1 - e^{-r d}) / r with d = max(T - s, 0).
@@ -389,6 +341,21 @@ class FleetSim:
             cdf *= 1 - TAIL_FRACTION
             cdf -= TAIL_FRACTION * np.expm1(neg_r * np.maximum(y - seg.tail[:, None], 0.0))
         np.maximum(cdf, self._past_timeout, out=cdf)
+        return lat, mean_wait, cdf
+
+    def step(self, shares: np.ndarray) -> StepResult:
+        """Run one step with traffic split ``shares`` (normalised if it does not sum to 1)."""
+        s = self._shares(shares)
+        seg = self._seg
+        demand = self._demand
+        b = self.base_latency_ms
+
+        lam = s * demand
+        rho = lam / seg.mu_safe
+        # Sojourn rate per ms; frozen at RHO_SAT once overloaded (see module docstring).
+        r = seg.mu_safe * (1.0 - np.minimum(rho, RHO_SAT)) * 1e-3
+        shift = np.minimum(np.maximum((rho - RHO_SAT) * (TIMEOUT_MS / (RHO_FULL - RHO_SAT)), 0.0), TIMEOUT_MS)
+        lat, mean_wait, cdf = self._queueing(seg, r, shift)
 
         served = (1.0 - BASE_ERROR) * np.minimum(lam, seg.capacity)
         accepted = np.minimum(lam, seg.mu_accept)
@@ -445,16 +412,10 @@ class FleetSim:
         self._enter_step()
         return result
 
-    # ------------------------------------------------------------------ telemetry
-
     def observation(self, result: StepResult, weights: np.ndarray | None = None) -> Observation:
-        """``result`` as the :class:`Observation` live telemetry would produce.
-
-        ``weights`` are the Envoy weights in force (default: the scenario's static ones).
-        ``rps`` is offered requests per second, like Envoy's ``rq_total`` rate (errors
-        included). Endpoints that got no traffic are flagged ``no_traffic`` with ``nan``
-        latency and error rate. ``timestamp`` is simulated time at the end of the step.
-        """
+        """``result`` as the :class:`Observation` live telemetry would produce, under Envoy
+        ``weights`` (default: the scenario's static ones). ``rps`` is offered load, like
+        Envoy's ``rq_total`` rate; ``timestamp`` is the end of the step."""
         n = self.n
         w = self.static_weights if weights is None else np.asarray(weights, dtype=np.float64)
         if w.shape != (n,):

@@ -1,24 +1,14 @@
 """Imitation warm start: teach the policy a good heuristic before PPO refines it.
 
 PPO from random scores spends most of its budget discovering that the LP needs an
-overloaded endpoint *and* one with headroom in the critical set. The
-:class:`~balanceiq.policy.baselines.HotColdHeuristic` knows that already, so training
-starts by cloning it (behaviour cloning with DAgger-style state coverage):
-
-1. :func:`collect` rolls :class:`~balanceiq.sim.env.FleetEnv` out over the training
-   scenarios. Each state is labelled with the teacher's ordered choice (hottest first,
-   then coldest); the action actually taken is the teacher's, or with probability
-   ``explore`` a uniformly random one, so the data also covers states the teacher never
-   reaches and where a cloned policy that slips must recover. The discounted return from
-   each state under that behaviour is kept for the value head.
-2. :func:`pretrain` fits the module by maximising the exact Plackett-Luce
-   log-likelihood of the teacher's ordered choice (the distribution PPO samples from,
-   :mod:`balanceiq.policy.distribution`) and regresses the value head on the returns, so
-   PPO's first advantages are not noise from an untrained critic.
-
-The result is a state dict for :class:`~balanceiq.policy.module.CriticalEndpointModule`;
-:func:`balanceiq.train.train` loads it into the learner (and the env runners) before the
-first PPO iteration.
+overloaded endpoint *and* one with headroom in the critical set; the
+:class:`~balanceiq.policy.baselines.HotColdHeuristic` knows that already. :func:`collect`
+rolls the teacher out over the training scenarios (with probability ``explore`` a random
+action instead, DAgger-style, so the data covers states a slipping clone must recover
+from), labelling each state with the teacher's ordered choice and its discounted return.
+:func:`pretrain` maximises the Plackett-Luce log-likelihood of those choices (the
+distribution PPO samples from) and regresses the value head on the returns, so PPO's
+first advantages are not noise from an untrained critic.
 """
 
 from __future__ import annotations

@@ -69,30 +69,19 @@ class EndpointSpec(_Model):
     """One simulated backend: where it runs, how much it takes, what it costs."""
 
     name: str
-    """Unique name; it is the endpoint's address in observations (e.g. ``aws-use1-a``).
-    Letters, digits, ``_ . : -``; not ``all`` and not starting with ``cloud:``, which
-    event targets reserve."""
-
+    """Unique name and address in observations; not ``all`` or ``cloud:...`` (event targets)."""
     cloud: str
-    """Cloud provider (``aws``, ``gcp``, ``azure``...); events can target a whole cloud
-    with ``cloud:<name>``."""
-
+    """Cloud provider; events can target a whole cloud with ``cloud:<name>``."""
     region: str
-    """Region within the cloud; informational (the latency it implies is in
-    ``base_latency_ms``)."""
-
+    """Region within the cloud; informational."""
     capacity_rps: PosFloat
     """Service rate in requests per second (the M/M/1 ``mu``); load above it is shed."""
-
     base_latency_ms: NonNegFloat
     """Latency of an unloaded request: network round trip plus service, in ms."""
-
     cost_per_million: NonNegFloat
     """Price of a million requests served here, in $."""
-
     weight: int = Field(default=1, ge=1, strict=True)
-    """Static Envoy ``load_balancing_weight`` from config: the split a cost- and
-    load-blind balancer would use, and what observations report before anyone decides."""
+    """Static Envoy ``load_balancing_weight``: the split before anyone decides."""
 
     @field_validator("name")
     @classmethod
@@ -125,16 +114,12 @@ class DemandSpec(_Model):
 
     base_rps: PosFloat
     """Mean total demand in requests per second."""
-
     diurnal_amplitude: float = Field(default=0.3, ge=0, lt=1, strict=True, allow_inf_nan=False)
     """Relative swing of the daily cycle: demand is ``base_rps * (1 + a*sin(...))``."""
-
     diurnal_period_s: PosFloat = 600.0
-    """Length of one simulated "day" in seconds (compressed so an episode sees one)."""
-
+    """Length of one simulated "day" in seconds."""
     noise: NonNegFloat = 0.05
     """Relative step-to-step noise: a mean-one lognormal factor with this sigma."""
-
     phase: Multiplier = 0.0
     """Phase of the daily cycle in radians; 0 puts the peak at a quarter period."""
 
@@ -144,22 +129,16 @@ class Event(_Model):
 
     at_s: NonNegFloat
     """Simulated second at which the event starts (steps starting at or after it see it)."""
-
     duration_s: PosFloat | None = None
     """How long it lasts in seconds; omitted or null: until the end of the run."""
-
     target: str
-    """An endpoint name, ``cloud:<name>`` for every endpoint of that cloud, or ``all``.
-    ``demand`` and ``burst`` events act on total demand and must target ``all``."""
-
+    """An endpoint name, ``cloud:<name>`` or ``all`` (the only target of demand and burst)."""
     kind: EventKind
-    """``capacity`` (multiply capacity), ``fail`` (endpoint down: every request errors
-    fast), ``tail_latency`` (add ``value`` ms to a random 10% of requests), ``cost``
-    (multiply price), ``demand`` / ``burst`` (multiply total demand)."""
+    """Multiply ``capacity``, ``cost`` or total demand (``demand``, ``burst``); ``fail``
+    the endpoint (fast errors); add ``value`` ms to 10% of requests (``tail_latency``)."""
 
     value: Multiplier
-    """Multiplier for capacity/cost/demand/burst (> 0; cost >= 0), extra ms for
-    tail_latency (>= 0); ignored (and optional) for fail."""
+    """Multiplier (> 0; cost >= 0), or extra ms for tail_latency; optional for fail."""
 
     @model_validator(mode="before")
     @classmethod
@@ -179,22 +158,17 @@ class Event(_Model):
     @model_validator(mode="after")
     def _check_value(self) -> Event:
         problems: list[tuple[tuple[str | int, ...], str]] = []
-        v = self.value
-        if self.kind in ("capacity", "demand", "burst") and v <= 0:
-            problems.append(
-                (
-                    ("value",),
-                    f"a {self.kind} multiplier must be > 0 (got {v}); use kind 'fail' to take an endpoint down",
-                )
-            )
-        elif self.kind == "cost" and v < 0:
+        v, kind = self.value, self.kind
+        if kind in ("capacity", "demand", "burst") and v <= 0:
+            why = f"a {kind} multiplier must be > 0 (got {v}); use kind 'fail' to take an endpoint down"
+            problems.append((("value",), why))
+        elif kind == "cost" and v < 0:
             problems.append((("value",), f"a cost multiplier must be >= 0 (got {v})"))
-        elif self.kind == "tail_latency" and v < 0:
+        elif kind == "tail_latency" and v < 0:
             problems.append((("value",), f"tail_latency adds milliseconds and must be >= 0 (got {v})"))
-        if self.kind in _DEMAND_KINDS and self.target != "all":
-            problems.append(
-                (("target",), f"{self.kind} events change total demand and must target 'all', not {self.target!r}")
-            )
+        if kind in _DEMAND_KINDS and self.target != "all":
+            why = f"{kind} events change total demand and must target 'all', not {self.target!r}"
+            problems.append((("target",), why))
         if problems:
             raise _cross_field_error(problems)
         return self
@@ -210,27 +184,18 @@ class Scenario(_Model):
 
     name: str
     """Short name (the file name without ``.yaml`` when the file does not set it)."""
-
     description: str = ""
     """What the scenario tests, in a sentence or two."""
-
     step_s: PosFloat = 1.0
     """Simulated seconds per step (one telemetry window)."""
-
     duration_s: PosFloat
-    """Length of a run in simulated seconds. The simulator can run past it; events
-    without a duration then stay in force."""
-
+    """Length of a run in simulated seconds (the simulator can run past it)."""
     endpoints: list[EndpointSpec] = Field(min_length=1)
     """The fleet; names must be unique."""
-
     demand: DemandSpec
     """Total demand over time, before demand/burst events."""
-
     events: list[Event] = Field(default_factory=list)
-    """Timeline of events; overlapping events compose (multipliers multiply, extra
-    tail latencies add, any active ``fail`` takes the endpoint down)."""
-
+    """Timeline of events; overlapping ones compose (multipliers multiply, delays add)."""
     seed: int = Field(default=0, ge=0, strict=True)
     """Default random seed (demand noise); a simulator's own seed overrides it."""
 
@@ -238,45 +203,29 @@ class Scenario(_Model):
     def _check_references(self) -> Scenario:
         problems: list[tuple[tuple[str | int, ...], str]] = []
         if self.duration_s < self.step_s:
-            problems.append(
-                (("duration_s",), f"duration_s {self.duration_s} is shorter than one step (step_s {self.step_s})")
-            )
+            why = f"duration_s {self.duration_s} is shorter than one step (step_s {self.step_s})"
+            problems.append((("duration_s",), why))
         first_seen: dict[str, int] = {}
         for index, endpoint in enumerate(self.endpoints):
             first = first_seen.setdefault(endpoint.name, index)
             if first != index:
-                problems.append(
-                    ((("endpoints", index, "name")), f"duplicate name {endpoint.name!r}: endpoints[{first}] has it too")
-                )
+                why = f"duplicate name {endpoint.name!r}: endpoints[{first}] has it too"
+                problems.append((("endpoints", index, "name"), why))
         names = set(first_seen)
         clouds = sorted({e.cloud for e in self.endpoints})
         for index, event in enumerate(self.events):
             target = event.target
-            if target.startswith("cloud:"):
-                cloud = target[len("cloud:") :]
-                if cloud not in clouds:
-                    problems.append(
-                        (
-                            ("events", index, "target"),
-                            f"no endpoint runs in cloud {cloud!r}; clouds here: {', '.join(clouds)}",
-                        )
-                    )
-            elif target != "all" and target not in names:
+            if target.startswith("cloud:") and target[len("cloud:") :] not in clouds:
+                why = f"no endpoint runs in cloud {target[len('cloud:') :]!r}; clouds here: {', '.join(clouds)}"
+                problems.append((("events", index, "target"), why))
+            elif not target.startswith("cloud:") and target != "all" and target not in names:
                 close = difflib.get_close_matches(target, sorted(names), n=1)
                 hint = f"; did you mean {close[0]!r}?" if close else ""
-                problems.append(
-                    (
-                        ("events", index, "target"),
-                        f"unknown endpoint {target!r}{hint} (use a name from endpoints, 'cloud:<name>' or 'all')",
-                    )
-                )
+                why = f"unknown endpoint {target!r}{hint} (use a name from endpoints, 'cloud:<name>' or 'all')"
+                problems.append((("events", index, "target"), why))
             if event.at_s >= self.duration_s:
-                problems.append(
-                    (
-                        ("events", index, "at_s"),
-                        f"at_s {event.at_s} is not before the end of the run (duration_s {self.duration_s})",
-                    )
-                )
+                why = f"at_s {event.at_s} is not before the end of the run (duration_s {self.duration_s})"
+                problems.append((("events", index, "at_s"), why))
         if problems:
             raise _cross_field_error(problems)
         return self
@@ -304,9 +253,6 @@ class Scenario(_Model):
             cloud = target[len("cloud:") :]
             return [i for i, e in enumerate(self.endpoints) if e.cloud == cloud]
         return [i for i, e in enumerate(self.endpoints) if e.name == target]
-
-
-# --------------------------------------------------------------------------- loading
 
 
 def scenario_from_dict(data: Any, source: str | None = None) -> Scenario:

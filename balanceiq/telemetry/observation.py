@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields
 from typing import Literal
 
 import numpy as np
@@ -65,8 +65,12 @@ class EndpointObservation:
         """True when latency and errors were measured on real, fresh traffic."""
         return not (self.flags & {NO_TRAFFIC, STALE, MISSING, INVALID, WARMING})
 
-    def flagged(self, *flags: str) -> EndpointObservation:
-        return replace(self, flags=self.flags | set(flags))
+
+_FLOAT_FIELDS = tuple(f.name for f in fields(EndpointObservation) if f.type == "float")
+
+
+def _fields_of(e: EndpointObservation) -> dict[str, object]:
+    return {f.name: getattr(e, f.name) for f in fields(e)}
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,21 +102,14 @@ class Observation:
         read the mask, and a zero is never mistaken for a measurement.
         """
         total_weight = sum(e.weight for e in self.endpoints if math.isfinite(e.weight)) or NAN
-        rows = []
-        for e in self.endpoints:
-            rows.append(
-                [
-                    e.p50_ms,
-                    e.p95_ms,
-                    e.error_rate,
-                    e.saturation,
-                    e.inflight,
-                    e.rps,
-                    e.cost_per_million,
-                    e.weight / total_weight,
-                    NAN if e.healthy is None else float(e.healthy),
-                ]
-            )
+        rows = [
+            [
+                *(getattr(e, f) for f in FEATURES[:7]),
+                e.weight / total_weight,
+                NAN if e.healthy is None else float(e.healthy),
+            ]
+            for e in self.endpoints
+        ]
         arr = np.asarray(rows, dtype=np.float64).reshape(len(self.endpoints), len(FEATURES))
         valid = np.isfinite(arr)
         # Latency and error rate without fresh traffic behind them are not measurements.
@@ -132,20 +129,8 @@ class Observation:
             "window_s": num(self.window_s),
             "errors": list(self.errors),
             "endpoints": [
-                {
-                    "address": e.address,
-                    "p50_ms": num(e.p50_ms),
-                    "p95_ms": num(e.p95_ms),
-                    "error_rate": num(e.error_rate),
-                    "saturation": num(e.saturation),
-                    "inflight": num(e.inflight),
-                    "rps": num(e.rps),
-                    "cost_per_million": num(e.cost_per_million),
-                    "weight": num(e.weight),
-                    "healthy": e.healthy,
-                    "age_s": num(e.age_s),
-                    "flags": sorted(e.flags),
-                }
+                # Field order kept from the dataclass; floats as numbers or null.
+                {**_fields_of(e), **{f: num(getattr(e, f)) for f in _FLOAT_FIELDS}, "flags": sorted(e.flags)}
                 for e in self.endpoints
             ],
         }
@@ -163,12 +148,8 @@ def finite_or_nan(value: object) -> tuple[float, bool]:
 
 
 def quantile_from_buckets(buckets: Sequence[tuple[float, float]], q: float) -> float:
-    """Prometheus' ``histogram_quantile`` on cumulative ``(le, count)`` pairs.
-
-    Same rules as Prometheus: linear interpolation inside the bucket, the lower bound of
-    the first bucket is 0, and a quantile in the ``+Inf`` bucket returns the largest
-    finite upper bound. Empty or malformed input gives ``nan``.
-    """
+    """Prometheus' ``histogram_quantile`` on cumulative ``(le, count)`` pairs, with its rules
+    (the first bucket starts at 0; the ``+Inf`` bucket gives the largest finite bound); ``nan`` if empty."""
     if not 0.0 <= q <= 1.0:
         return NAN
     pts = sorted((le, c) for le, c in buckets if not math.isnan(le) and math.isfinite(c) and c >= 0)
@@ -200,12 +181,5 @@ def empty_observation(
     cluster: str, addresses: Sequence[str], costs: Mapping[str, float], source: Source, errors: Sequence[str]
 ) -> Observation:
     """Every endpoint flagged missing: what a caller gets when no source answered."""
-    return Observation(
-        cluster=cluster,
-        endpoints=tuple(
-            EndpointObservation(address=a, cost_per_million=costs.get(a, NAN), flags=frozenset({MISSING}))
-            for a in addresses
-        ),
-        source=source,
-        errors=tuple(errors),
-    )
+    rows = (EndpointObservation(a, cost_per_million=costs.get(a, NAN), flags=frozenset({MISSING})) for a in addresses)
+    return Observation(cluster, tuple(rows), source, errors=tuple(errors))

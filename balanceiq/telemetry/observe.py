@@ -1,14 +1,9 @@
-"""`Telemetry.observe()`: Prometheus first, Envoy's admin when it cannot answer.
+"""`Telemetry.observe()`: Prometheus first, Envoy's admin when it cannot answer; never raises.
 
-``observe`` never raises. Each call asks Prometheus first, so the return from the
-fallback is automatic once Prometheus recovers; when Prometheus fails (unreachable,
-timeout, malformed or empty answers) the same call reads Envoy's admin directly and the
-observation says so (``source == "envoy-admin"`` and the reason in ``errors``). When both
-fail, every endpoint is flagged missing (``source == "none"``): the caller's loop gets an
-honest "nothing known", never an exception and never zeros.
-
-While Prometheus is down, Prometheus is retried at most every ``retry_s`` seconds, so a
-dead Prometheus does not add a connect timeout to every control step.
+Every call asks Prometheus first (at most every ``retry_s`` while it is down, so a dead
+Prometheus does not add a connect timeout to every step), so the fallback ends by itself.
+The observation's ``source`` and ``errors`` say what happened; when both fail every
+endpoint is flagged missing (``source == "none"``): never an exception, never zeros.
 """
 
 from __future__ import annotations
@@ -17,6 +12,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Mapping
+from dataclasses import replace
 
 from balanceiq.config import ClusterConfig, Settings
 from balanceiq.exceptions import TelemetryError
@@ -95,14 +91,7 @@ class Telemetry:
             if self._blind:
                 log.info("telemetry back from Envoy's admin")
                 self._blind = False
-            return Observation(
-                cluster=obs.cluster,
-                endpoints=obs.endpoints,
-                source=obs.source,
-                timestamp=obs.timestamp,
-                window_s=obs.window_s,
-                errors=tuple(errors) + obs.errors,
-            )
+            return replace(obs, errors=tuple(errors) + obs.errors)
         if not self._blind:
             # Said once per episode, so "trying Envoy's admin" is never the last word.
             log.warning("telemetry blind: %s", "; ".join(errors))

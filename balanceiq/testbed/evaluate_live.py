@@ -1,18 +1,13 @@
 """The live half of the promotion gate: both checkpoints on one real testbed.
 
 :func:`evaluate_checkpoints_live` drives a private :class:`~balanceiq.testbed.live_env.LiveEnv`
-(real Envoy, real backends, a live scenario replayed per episode) with the candidate and
-the serving checkpoint in turn and returns the same shape as
-:func:`balanceiq.sim.evaluate.evaluate_checkpoints`, one entry per live scenario named
-``live:<scenario>``, so :func:`~balanceiq.sim.evaluate.merge_evaluations` can put sim and
-live results before one :func:`~balanceiq.sim.evaluate.promotion_decision`.
+(a live scenario replayed per episode) with the candidate and the serving checkpoint in turn,
+returning :func:`balanceiq.sim.evaluate.evaluate_checkpoints`'s shape (one ``live:<scenario>``
+entry) for :func:`~balanceiq.sim.evaluate.merge_evaluations`.
 
-Live rewards are noisy (real queues, a Poisson-ish load, a shared 2-core box), so the
-comparison is *paired*: one testbed for both checkpoints, the scenario restarted from the
-same offset every episode, the same sampling seed for both, and the order alternated
-per episode (candidate first, then serving first) so a drift of the box over the run
-favours neither. Only measured rewards count: a step where telemetry was blind repeats
-the last reward in the env, which is not the policy's doing, and is left out here.
+Live rewards are noisy, so the comparison is *paired* (one testbed, the same scenario
+offset and seed for both, the order alternated per episode so a drift favours neither),
+and only measured rewards count (a blind step's repeated reward is not the policy's doing).
 """
 
 from __future__ import annotations
@@ -25,11 +20,11 @@ from typing import Any
 
 from balanceiq.exceptions import BalanceIQError, PolicyError
 from balanceiq.policy.checkpoint import SHIPPED, RLPolicy, load_module
+from balanceiq.testbed.fleet import resolve_fleet
 from balanceiq.testbed.live_env import LiveEnv, LiveEnvConfig
-from balanceiq.testbed.scenario import load_live_scenario
 
-# A compressed replay of the scenario the live benchmark names (150 s of timeline in 15
-# one-second decisions): short enough to run twice per checkpoint inside a training run.
+# A compressed replay of the live benchmark's scenario: short enough to run twice per
+# checkpoint inside a training run.
 DEFAULT_LIVE_EVAL: dict[str, Any] = {
     "scenario": "degrade_and_dearer",
     "decision_interval_s": 1.0,
@@ -48,7 +43,8 @@ def live_eval_config(overrides: Mapping[str, Any] | None) -> dict[str, Any]:
         raise PolicyError("live evaluation needs its own testbed (mode: private): it must not move a fleet's traffic")
     LiveEnvConfig.from_env_config(cfg)
     if cfg.get("scenario"):
-        load_live_scenario(cfg["scenario"])  # an unknown name fails here, naming it
+        # An unknown name fails here, naming it.
+        resolve_fleet(cfg.get("fleet"), "live evaluation").scenario(cfg["scenario"])
     return cfg
 
 

@@ -22,12 +22,9 @@ def _ephemeral_range() -> tuple[int, int]:
 def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
     """``n`` distinct ports free right now, chosen *below* the kernel's ephemeral range.
 
-    A port the kernel hands out for ``bind(0)`` comes from the ephemeral range, which is
-    also where every outgoing connection's local port comes from: between choosing such a
-    port and binding it, a connection (Ray opens many) could take it, and a backend then
-    failed with "address already in use" (seen in a fresh-clone test run). Below the range
-    only listeners compete. Ports are drawn at random, so concurrent callers rarely pick
-    the same one, and all ``n`` sockets are held open until every port is chosen.
+    Every outgoing connection's local port comes from the ephemeral range, so one (Ray
+    opens many) could take such a port between choosing and binding it; below the range
+    only listeners compete. Random draws keep concurrent callers apart.
     """
     low, _ = _ephemeral_range()
     top = max(low - 1, 2048)

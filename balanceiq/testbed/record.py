@@ -1,31 +1,17 @@
-"""Exploration recordings on the live testbed: varied load per endpoint, for calibration.
+"""Exploration recordings: varied load per endpoint on a live fleet, for calibration.
 
 A controller that keeps its weights still gives one operating point per endpoint, and a
-fit of capacity and the latency-vs-load curve needs many. :class:`Explorer` runs a loop
-shaped like :class:`~balanceiq.control.controller.Controller`'s (observe with the real
-:class:`~balanceiq.telemetry.observe.Telemetry`, push weights through the xDS server, append
-one JSON line per step) but its decisions are an exploration schedule instead of a policy:
-
-* every ``hold_s`` seconds a new split is pushed; it is held long enough for the
-  telemetry's rate window to cover it alone (``hold_s >= window_s + a scrape or two``),
-  and observations are taken every ``observe_every_s`` in between;
-* the splits sweep each endpoint's load from a floor share to ``max_share``: hold ``k``
-  puts endpoint ``k mod n`` at a stratified share (a Latin-hypercube draw over
-  ``[floor, max_share]``, so each endpoint sees low, middle and high loads) and splits
-  the rest with a Dirichlet(1) draw above the floor.
-
-The lines are :class:`~balanceiq.control.records.DecisionRecord`-compatible (mode
-``"explore"``; the observation was taken under ``previous``, then ``weights`` pushed), so
-``balanceiq calibrate`` reads controller recordings and exploration recordings alike.
-
-:func:`record_exploration` brings up a whole testbed for it (backends, ALS, Envoy,
-Prometheus and an in-process :class:`~balanceiq.xds.server.XdsServer`), sends bounded,
-paced load to loopback only, explores for ``duration_s`` and stops everything.
+fit of capacity and the latency-vs-load curve needs many. :class:`Explorer` runs the
+controller's loop (observe, push, append one
+:class:`~balanceiq.control.records.DecisionRecord`-compatible JSON line, mode ``"explore"``)
+with an exploration schedule for decisions: each ``hold_s`` a split that sweeps one endpoint
+from a floor share to ``max_share`` (:func:`exploration_splits`), held long enough for the
+telemetry window to cover it alone. ``balanceiq calibrate`` reads these and controller
+recordings alike.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import tempfile
@@ -43,17 +29,13 @@ from balanceiq.config import Settings, SignalQuery
 from balanceiq.exceptions import TestbedError
 from balanceiq.policy.lp import shares_to_weights, traffic_moved
 from balanceiq.telemetry.observation import Observation
+from balanceiq.testbed.fleet import FleetProvider, resolve_fleet
 
-__all__ = [
-    "ExplorationPlan",
-    "Explorer",
-    "exploration_settings",
-    "exploration_splits",
-    "record_exploration",
-]
+__all__ = ["ExplorationPlan", "Explorer", "exploration_settings", "exploration_splits", "record_exploration"]
 
 WEIGHT_SCALE = 1000
 """Weights pushed sum to this: shares are realised to 0.1%."""
+WARMUP_BUDGET_S = 40.0
 
 
 @dataclass(frozen=True)
@@ -115,14 +97,14 @@ def _record_line(
     previous: Mapping[str, int],
     weights: Mapping[str, int],
     *,
-    pushed: bool,
-    acked: bool | None,
-    push_ms: float | None,
-    ack_ms: float | None,
-    version: str | None,
-    moved: float,
     notes: Sequence[str],
     step_ms: float,
+    pushed: bool = False,
+    acked: bool | None = None,
+    push_ms: float | None = None,
+    ack_ms: float | None = None,
+    version: str | None = None,
+    moved: float = 0.0,
     error: str | None = None,
 ) -> dict[str, Any]:
     """The JSON a :class:`~balanceiq.control.records.DecisionRecord` writes with its observation."""
@@ -187,6 +169,27 @@ class Explorer:
         w = np.array([weights[a] for a in self.addresses], dtype=np.float64)
         return w / w.sum()
 
+    def _push(self, new: dict[str, int]) -> dict[str, Any]:
+        """Push ``new``; the record's push fields (a failed push is recorded and explored past)."""
+        previous = dict(self.weights)
+        t_push = time.perf_counter()
+        try:
+            version, acked = self.push(new)
+        except Exception as exc:
+            self.failed_pushes += 1
+            return {"error": f"push failed: {type(exc).__name__}: {exc}"}
+        push_ms = (time.perf_counter() - t_push) * 1000
+        self.weights = new
+        self.pushes += 1
+        return {
+            "pushed": True,
+            "acked": acked,
+            "version": version,
+            "push_ms": push_ms,
+            "ack_ms": push_ms if acked else None,
+            "moved": traffic_moved(self._shares(previous), self._shares(new)),
+        }
+
     def run(self, duration_s: float, stop: threading.Event | None = None) -> dict[str, Any]:
         """Explore for ``duration_s`` seconds (or until ``stop``); returns a summary."""
         plan = self.plan
@@ -195,8 +198,7 @@ class Explorer:
             len(self.addresses), holds, floor=plan.floor, max_share=plan.max_share, seed=plan.seed
         )
         start = time.monotonic()
-        next_hold = 0
-        seq = 0
+        next_hold = seq = 0
         with self.recording.open("a", encoding="utf-8") as fh:
             tick = start
             while True:
@@ -208,60 +210,27 @@ class Explorer:
                 obs = self.observe(dict(self.weights))
                 self.sources[obs.source] = self.sources.get(obs.source, 0) + 1
                 previous = dict(self.weights)
-                pushed, acked, version, push_ms, ack_ms, error = False, None, None, None, None, None
-                moved = 0.0
+                fields: dict[str, Any] = {"pushed": False, "moved": 0.0}
                 notes: list[str] = []
-                due = start + next_hold * plan.hold_s
-                if next_hold < holds and now >= due - 1e-3:
-                    new = {
-                        a: int(w)
-                        for a, w in zip(self.addresses, shares_to_weights(splits[next_hold], scale=WEIGHT_SCALE))
-                    }
+                if next_hold < holds and now >= start + next_hold * plan.hold_s - 1e-3:
+                    shares = shares_to_weights(splits[next_hold], scale=WEIGHT_SCALE)
                     notes.append(f"explore: split {next_hold + 1}/{holds}, held {plan.hold_s:g}s")
                     next_hold += 1
-                    t_push = time.perf_counter()
-                    try:
-                        version, acked = self.push(new)
-                    except Exception as exc:  # a failed push is recorded and explored past
-                        self.failed_pushes += 1
-                        error = f"push failed: {type(exc).__name__}: {exc}"
-                    else:
-                        push_ms = (time.perf_counter() - t_push) * 1000
-                        if acked:
-                            ack_ms = push_ms
-                        moved = traffic_moved(self._shares(previous), self._shares(new))
-                        self.weights = new
-                        pushed = True
-                        self.pushes += 1
-                line = _record_line(
-                    seq + 1,
-                    wall,
-                    obs,
-                    previous,
-                    self.weights,
-                    pushed=pushed,
-                    acked=acked,
-                    push_ms=push_ms,
-                    ack_ms=ack_ms,
-                    version=version,
-                    moved=moved,
-                    notes=notes,
-                    step_ms=(time.perf_counter() - t0) * 1000,
-                    error=error,
-                )
+                    fields.update(self._push({a: int(w) for a, w in zip(self.addresses, shares)}))
+                step_ms = (time.perf_counter() - t0) * 1000
                 seq += 1
+                line = _record_line(seq, wall, obs, previous, self.weights, notes=notes, step_ms=step_ms, **fields)
                 fh.write(json.dumps(line) + "\n")
                 fh.flush()
                 self.records += 1
                 tick += plan.observe_every_s
                 wait = tick - time.monotonic()
-                if wait > 0:
-                    if stop is not None:
-                        stop.wait(wait)
-                    else:
-                        time.sleep(wait)
-                else:
+                if wait <= 0:
                     tick = time.monotonic()  # fell behind: do not burst to catch up
+                elif stop is not None:
+                    stop.wait(wait)
+                else:
+                    time.sleep(wait)
         return {
             "recording": str(self.recording),
             "records": self.records,
@@ -273,10 +242,8 @@ class Explorer:
         }
 
 
-# The default saturation and in-flight queries read gauges at the last scrape: one
-# instant, quantised to 1/concurrency. Averaged over the rate window they describe the
-# same interval as the record's rps and latency (what the simulator's utilisation and
-# Little's-law in-flight mean), with a fraction of the noise.
+# The default saturation and in-flight queries read one scrape (quantised to 1/concurrency);
+# averaged over the rate window they cover the record's interval, with a fraction of the noise.
 _WINDOWED_QUERIES = {
     "saturation": (
         "max by (backend) (avg_over_time(backend_inflight_requests[$window])"
@@ -291,9 +258,8 @@ _WINDOWED_QUERIES = {
 
 
 def exploration_settings(settings: Settings, *, window_s: float = 2.0, scrape_interval_s: float = 0.25) -> Settings:
-    """``settings`` with a short telemetry window (so each held split is measured on its
-    own) and saturation / in-flight averaged over that window instead of read at one
-    scrape."""
+    """``settings`` with a short telemetry window (each held split measured on its own) and
+    saturation / in-flight averaged over that window instead of read at one scrape."""
     queries = dict(settings.telemetry.queries)
     for signal, (promql, label) in _WINDOWED_QUERIES.items():
         queries[signal] = SignalQuery(promql=promql, endpoint_label=label)
@@ -311,6 +277,52 @@ def exploration_settings(settings: Settings, *, window_s: float = 2.0, scrape_in
     )
 
 
+def _pusher(xds: Any, cluster: str) -> Callable[[Mapping[str, int]], tuple[str | None, bool | None]]:
+    def push(weights: Mapping[str, int]) -> tuple[str | None, bool | None]:
+        version = xds.set_assignment(cluster, dict(weights))
+        return version, xds.wait_for_ack(version, None, 2.0)
+
+    return push
+
+
+def _first_assignment(xds: Any, cluster: str, addresses: list[str], console: Console) -> dict[str, int]:
+    with console.status("waiting for Envoy to take the first assignment"):
+        initial = dict.fromkeys(addresses, WEIGHT_SCALE // max(1, len(addresses)))
+        version = xds.set_assignment(cluster, initial)
+        if not xds.wait_for_ack(version, None, 15.0):
+            raise TestbedError("Envoy did not ACK the first assignment within 15 s")
+    return initial
+
+
+def _warm_up(telemetry: Any, initial: dict[str, int], wait_s: float, console: Console) -> None:
+    """Wait for a full telemetry window of every endpoint (Prometheus, latency included)."""
+    with console.status("warming up: waiting for a full telemetry window of every endpoint"):
+        deadline = time.monotonic() + WARMUP_BUDGET_S
+        time.sleep(wait_s)
+        while True:
+            obs = telemetry.observe(initial)
+            if obs.source == "prometheus" and all(e.usable and math.isfinite(e.p50_ms) for e in obs.endpoints):
+                return
+            if time.monotonic() > deadline:
+                raise TestbedError(f"telemetry not usable after {WARMUP_BUDGET_S:.0f}s of load: {obs.errors}")
+            time.sleep(0.5)
+
+
+def _start_load(
+    fleet: FleetProvider, url: str, rate_rps: float, concurrency: int, max_s: float, stop: threading.Event
+) -> tuple[threading.Thread, list[dict[str, Any]]]:
+    """Paced, bounded load on a thread; its result lands in the returned list."""
+    loads: list[dict[str, Any]] = []
+    kw = {"concurrency": concurrency, "max_seconds": max_s, "rate_rps": rate_rps, "stop": stop, "timeout_s": 10.0}
+    loader = threading.Thread(
+        target=lambda: loads.append(fleet.run_load(url, total=int(rate_rps * max_s), **kw)),
+        daemon=True,
+        name="balanceiq-record-load",
+    )
+    loader.start()
+    return loader, loads
+
+
 def record_exploration(
     settings: Settings,
     out: Path | str,
@@ -324,96 +336,55 @@ def record_exploration(
     workdir: Path | str | None = None,
     console: Console | None = None,
     cluster: str | None = None,
+    fleet: FleetProvider | str | None = None,
 ) -> dict[str, Any]:
-    """Start a testbed for ``settings``, explore under load for ``duration_s``, stop it all.
+    """Start a sample fleet (``fleet``: see :mod:`balanceiq.testbed.fleet`) for ``settings``,
+    explore under paced, bounded loopback load for ``duration_s`` into ``out`` (JSONL), stop it all.
 
-    Appends to ``out`` (JSONL). Load goes to Envoy on loopback only, paced at ``rate_rps``
-    and bounded to ``rate_rps * (duration_s + 60)`` requests. The telemetry window is
-    shortened to ``window_s`` and Prometheus scrapes every ``scrape_interval_s`` (default
-    ``window_s / 8``: saturation is sampled busy slots, and eight samples per window
-    instead of four cut its noise, and the capacity error, by about a third at this
-    size); ``plan.hold_s`` defaults to ``window_s + 2`` so each split is measured on its
-    own. Returns a summary
-    with the load's totals and the backends' configured parameters (the ground truth a
-    calibration is compared with).
-    """
+    Prometheus scrapes every ``scrape_interval_s`` (default ``window_s / 8``: more saturation
+    samples per window cut its noise). The summary holds the load's totals and the backends'
+    configured parameters (the calibration's ground truth)."""
     from balanceiq.telemetry.observe import Telemetry
-    from balanceiq.testbed.load import run_load_sync
     from balanceiq.testbed.ports import check_ports_free
-    from balanceiq.testbed.testbed import Testbed, backend_specs
     from balanceiq.xds.server import XdsServer
 
     if not (duration_s > 0 and math.isfinite(duration_s)):
         raise TestbedError(f"duration must be > 0 seconds, got {duration_s}")
     if not (0 < rate_rps <= 2000):
         raise TestbedError(f"rate must be in (0, 2000] requests/s, got {rate_rps}")
+    provider = resolve_fleet(fleet, "balanceiq record")
     console = console or Console(stderr=True)
-    if scrape_interval_s is None:
-        scrape_interval_s = window_s / 8
+    scrape_interval_s = window_s / 8 if scrape_interval_s is None else scrape_interval_s
     settings = exploration_settings(settings, window_s=window_s, scrape_interval_s=scrape_interval_s)
     plan = plan or ExplorationPlan(hold_s=window_s + 2.0)
     check_ports_free(settings)
     c = settings.cluster(cluster) if cluster else settings.clusters[0]
     addresses = [ep.address for ep in c.endpoints]
-    out = Path(out)
-    warmup_budget_s = 40.0
     summary: dict[str, Any] = {"cluster": c.name, "endpoints": addresses}
+    loads: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="balanceiq-record-") as tmp:
-        work = Path(workdir) if workdir else Path(tmp)
         xds = XdsServer(settings, state_dir=None)
         xds.start()
         stop = threading.Event()
-        loads: list[Any] = []
         loader: threading.Thread | None = None
         telemetry: Telemetry | None = None
         try:
             with console.status(f"starting {len(addresses)} backends, ALS, Envoy and Prometheus"):
                 # ROUND_ROBIN: the sweep sets each endpoint's share by its weight exactly.
-                tb = Testbed(settings, work / "testbed", health_check_interval_s=60, lb_policy="ROUND_ROBIN").start()
-            try:
-
-                def push(weights: Mapping[str, int]) -> tuple[str | None, bool | None]:
-                    version = xds.set_assignment(c.name, dict(weights))
-                    return version, xds.wait_for_ack(version, None, 2.0)
-
-                with console.status("waiting for Envoy to take the first assignment"):
-                    initial = dict.fromkeys(addresses, WEIGHT_SCALE // max(1, len(addresses)))
-                    version = xds.set_assignment(c.name, initial)
-                    if not xds.wait_for_ack(version, None, 15.0):
-                        raise TestbedError("Envoy did not ACK the first assignment within 15 s")
-                total = int(rate_rps * (duration_s + warmup_budget_s + 20))
-                loader = threading.Thread(
-                    target=lambda: loads.append(
-                        run_load_sync(
-                            tb.envoy.listen_url,
-                            total=total,
-                            concurrency=load_concurrency,
-                            max_seconds=duration_s + warmup_budget_s + 20,
-                            rate_rps=rate_rps,
-                            stop=stop,
-                            timeout_s=10.0,
-                        )
-                    ),
-                    daemon=True,
-                    name="balanceiq-record-load",
+                fl = provider.start(
+                    settings,
+                    (Path(workdir) if workdir else Path(tmp)) / "testbed",
+                    prometheus=True,
+                    health_check_interval_s=60,
+                    lb_policy="ROUND_ROBIN",
                 )
-                loader.start()
+            try:
+                initial = _first_assignment(xds, c.name, addresses, console)
+                max_s = duration_s + WARMUP_BUDGET_S + 20
+                loader, loads = _start_load(provider, fl.listen_url, rate_rps, load_concurrency, max_s, stop)
                 telemetry = Telemetry(settings, c.name, retry_s=0.5)
-                with console.status("warming up: waiting for a full telemetry window of every endpoint"):
-                    deadline = time.monotonic() + warmup_budget_s
-                    time.sleep(window_s + 2 * scrape_interval_s)
-                    while True:
-                        obs = telemetry.observe(initial)
-                        if obs.source == "prometheus" and all(
-                            e.usable and math.isfinite(e.p50_ms) for e in obs.endpoints
-                        ):
-                            break
-                        if time.monotonic() > deadline:
-                            raise TestbedError(
-                                f"telemetry not usable after {warmup_budget_s:.0f}s of load: {obs.errors}"
-                            )
-                        time.sleep(0.5)
-                explorer = Explorer(addresses, telemetry.observe, push, out, plan, initial=initial)
+                _warm_up(telemetry, initial, window_s + 2 * scrape_interval_s, console)
+                explorer = Explorer(addresses, telemetry.observe, _pusher(xds, c.name), out, plan, initial=initial)
                 with console.status(f"exploring for {duration_s:g}s at {rate_rps:g} rps -> {out}"):
                     summary.update(explorer.run(duration_s))
             finally:
@@ -422,25 +393,11 @@ def record_exploration(
                     loader.join(20)
                 if telemetry is not None:
                     telemetry.close()
-                tb.stop()
+                fl.stop()
         finally:
             xds.stop()
     if loads:
-        lr = loads[0].to_json()
-        summary["load"] = {k: lr[k] for k in ("sent", "ok", "failed", "backend_5xx", "rps", "errors")}
-    summary["truth"] = truth_from_specs(backend_specs(settings))
-    summary["window_s"] = window_s
-    summary["scrape_interval_s"] = scrape_interval_s
-    summary["hold_s"] = plan.hold_s
+        summary["load"] = {k: loads[0][k] for k in ("sent", "ok", "failed", "backend_5xx", "rps", "errors")}
+    summary["truth"] = provider.truth(settings)
+    summary.update(window_s=window_s, scrape_interval_s=scrape_interval_s, hold_s=plan.hold_s)
     return summary
-
-
-def truth_from_specs(specs: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, float]]:
-    """The backends' configured parameters, keyed by name (= endpoint address), with the
-    :class:`~balanceiq.testbed.backend.BackendSettings` defaults for keys a spec leaves out
-    (the testbed does not set ``jitter_ms``: every backend adds U(0, 1 ms))."""
-    from balanceiq.testbed.backend import BackendSettings
-
-    keys = ("base_latency_ms", "concurrency", "error_rate", "jitter_ms", "extra_latency_ms", "tail_prob", "tail_ms")
-    defaults = {f.name: f.default for f in dataclasses.fields(BackendSettings) if f.name in keys}
-    return {str(s["name"]): {k: float(s.get(k, defaults.get(k, 0.0))) for k in keys} for s in specs}

@@ -1,18 +1,9 @@
-"""The xDS server as a named Ray actor: one per Ray cluster, on the head node.
+"""The xDS server as a named, detached Ray actor: one per Ray cluster, on the head node.
 
-Why these options:
-
-* named ``xds_server`` in namespace ``balanceiq`` and detached, so the controller, the
-  CLI and ``serve run`` all find the same server, and it outlives the driver that made it;
-* ``num_cpus=0``: it is I/O bound and must never wait for a CPU slot held by training;
-* pinned to the head node (``node:__internal_head__``), whose address Envoy's bootstrap
-  names; worker nodes come and go, the head does not;
-* ``max_restarts=-1``: Ray restarts it after a crash; the gRPC server starts in
-  ``__init__`` and the store reloads the last persisted snapshot, so a restarted actor
-  serves the last weights under a new epoch (versions never repeat).
-
-Ray auth: Ray 2.60 enables token authentication by default. We keep it on: drivers on
-this machine read the token Ray writes to ``~/.ray/auth_token``; see README "Ray".
+Named so the controller, the CLI and ``serve run`` find the same server; ``num_cpus=0``
+as it is I/O bound and must never wait behind training; pinned to the head, whose address
+Envoy's bootstrap names; restarted after a crash, serving the persisted weights under a
+new epoch. Ray's token authentication stays on (see README "Ray").
 """
 
 from __future__ import annotations
@@ -44,16 +35,12 @@ class XdsServerActor:
     def __init__(self, settings: Settings, state_dir: str | None = None, bind_retry_s: float = 5.0) -> None:
         self._server = XdsServer(settings, state_dir=state_dir or settings.state_dir)
         # Not persisted: after a restart the controller simply acquires it again.
-        # One per cluster (each control loop's) beside the server-wide one.
         self._lease = LeaseTable()
-        # Who pushed what and who held the lease when: the evidence that exactly one
-        # controller pushed at a time (the fault suite reads it after killing a replica).
-        # In memory, like the lease it audits.
+        # Who pushed what under which lease: the evidence that one controller pushed at a time.
         self._audit_lock = threading.Lock()
         self._pushes: deque[dict[str, Any]] = deque(maxlen=AUDIT_SIZE)
         self._holders: deque[dict[str, Any]] = deque(maxlen=AUDIT_SIZE)
-        # After a crash the dead worker's socket may linger for a moment; SO_REUSEPORT
-        # is off (on purpose), so retry the bind briefly instead of failing the restart.
+        # After a crash the dead worker's socket may linger (SO_REUSEPORT is off): retry.
         deadline = time.monotonic() + bind_retry_s
         while True:
             try:
@@ -71,9 +58,8 @@ class XdsServerActor:
         health: Mapping[str, object] | None = None,
         lease_owner: str | None = None,
     ) -> str:
-        """``lease_owner`` set: refused (XdsLeaseError) unless that owner holds the
-        cluster's lease (or the server-wide one while nobody holds the cluster's).
-        Operators' manual pushes (``balanceiq xds set``) pass none."""
+        """With ``lease_owner`` (operators' manual pushes pass none): refused (XdsLeaseError)
+        unless that owner holds the cluster's lease, or the server-wide one."""
         if lease_owner is None:
             return self._server.set_assignment(cluster, weights, health)
         # One lock around check, publish and record, so the audit's order is the order
@@ -86,30 +72,14 @@ class XdsServerActor:
                 self._lease.check(lease_owner, str(cluster))
                 version = self._server.set_assignment(cluster, weights, health)
             except (XdsLeaseError, AssignmentError) as exc:
-                self._pushes.append(
-                    {
-                        "at": time.time(),
-                        "owner": lease_owner,
-                        "term": term,
-                        "version": None,
-                        "cluster": cluster,
-                        "accepted": False,
-                        "reason": type(exc).__name__,
-                    }
-                )
+                self._record(lease_owner, term, None, cluster, accepted=False, reason=type(exc).__name__)
                 raise
-            self._pushes.append(
-                {
-                    "at": time.time(),
-                    "owner": lease_owner,
-                    "term": term,
-                    "version": version,
-                    "cluster": cluster,
-                    "accepted": True,
-                    "changed": version != before,
-                }
-            )
+            self._record(lease_owner, term, version, cluster, accepted=True, changed=version != before)
             return version
+
+    def _record(self, owner: str, term: int, version: str | None, cluster: str, **outcome: object) -> None:
+        push = {"at": time.time(), "owner": owner, "term": term, "version": version, "cluster": cluster}
+        self._pushes.append({**push, **outcome})
 
     def acquire_lease(self, owner: str, ttl_s: float, cluster: str | None = None) -> dict[str, Any]:
         """Take or renew ``cluster``'s lease, or the server-wide one (``None``)."""
@@ -136,8 +106,7 @@ class XdsServerActor:
         return self._server.wait_for_ack(version, node_id, timeout)
 
     def audit(self) -> dict[str, Any]:
-        """Lease-checked pushes (accepted or refused, with owner, lease term and version)
-        and every change of lease holder, oldest first, since this actor (re)started."""
+        """Lease-checked pushes and changes of lease holder, oldest first, since this actor (re)started."""
         with self._audit_lock:
             return {"pid": os.getpid(), "pushes": list(self._pushes), "holders": list(self._holders)}
 

@@ -1,13 +1,13 @@
 """What the controller asks Envoy to do: per-endpoint weights and health for one cluster.
 
-An :class:`Assignment` is validated here, before anything reaches the store, so every
-weight Envoy receives is an integer in ``[1, 2**32-1]`` and every locality's sum fits in
-uint32 (Envoy NACKs a ClusterLoadAssignment whose locality sum overflows).
+Validated before anything reaches the store: every weight is an integer in ``[1, 2**32-1]``
+and every locality's sum fits in uint32 (Envoy NACKs an overflow).
 """
 
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal, cast
@@ -18,6 +18,7 @@ UINT32_MAX = 2**32 - 1
 
 Health = Literal["HEALTHY", "DRAINING", "UNHEALTHY", "DEGRADED"]
 HEALTH_VALUES: tuple[str, ...] = ("HEALTHY", "DRAINING", "UNHEALTHY", "DEGRADED")
+_JSON_FIELDS = ("address", "weight", "health", "cloud", "region", "zone", "cost_per_million_requests")
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,8 +36,7 @@ class EndpointAssignment:
     cost_per_million_requests: float = 0.0
 
     def __post_init__(self) -> None:
-        # Store what Envoy will get: a plain int (2.0 or numpy.int64 would break the
-        # protobuf and JSON encoders far from here).
+        # A plain int: 2.0 or numpy.int64 would break the encoders far from here.
         object.__setattr__(self, "weight", coerce_weight(self.weight))
 
     @property
@@ -63,15 +63,9 @@ class Assignment:
         return {ep.address: ep.health for ep in self.endpoints}
 
     def with_updates(
-        self,
-        weights: Mapping[str, object] | None = None,
-        health: Mapping[str, object] | None = None,
+        self, weights: Mapping[str, object] | None = None, health: Mapping[str, object] | None = None
     ) -> Assignment:
-        """A new assignment with some endpoints' weight and/or health changed.
-
-        Endpoints not named keep their current values, so an operator override can touch
-        one endpoint without restating the rest. Unknown addresses are an error.
-        """
+        """A new assignment with the named endpoints' weight and/or health changed (unknown ones: an error)."""
         weights = dict(weights or {})
         health = dict(health or {})
         known = {ep.address for ep in self.endpoints}
@@ -104,18 +98,7 @@ class Assignment:
     def to_json(self) -> dict[str, object]:
         return {
             "cluster": self.cluster,
-            "endpoints": [
-                {
-                    "address": ep.address,
-                    "weight": ep.weight,
-                    "health": ep.health,
-                    "cloud": ep.cloud,
-                    "region": ep.region,
-                    "zone": ep.zone,
-                    "cost_per_million_requests": ep.cost_per_million_requests,
-                }
-                for ep in self.endpoints
-            ],
+            "endpoints": [{k: getattr(ep, k) for k in _JSON_FIELDS} for ep in self.endpoints],
         }
 
     @classmethod
@@ -158,15 +141,8 @@ def coerce_weight(value: object) -> int:
         if not math.isfinite(value) or value != int(value):
             raise AssignmentError(f"weight must be a whole number, got {value!r}")
         value = int(value)
-    if not isinstance(value, int):
-        # numpy integers are ints in spirit; anything else is a caller bug worth naming.
-        try:
-            import numpy as np
-
-            if isinstance(value, np.integer):
-                value = int(value)
-        except ImportError:  # pragma: no cover - numpy is a dependency
-            pass
+    if isinstance(value, numbers.Integral):  # numpy integers are ints in spirit
+        value = int(value)
     if not isinstance(value, int):
         raise AssignmentError(f"weight must be an integer, got {type(value).__name__} {value!r}")
     if not 1 <= value <= UINT32_MAX:

@@ -1,17 +1,9 @@
 """Who may push weights: a time-limited lease held by at most one controller.
 
-Several controller replicas may be alive (Serve restarts one while the old one still
-runs, or an operator starts a second app by mistake); only the lease holder's pushes
-are accepted, so two loops can never fight over Envoy's weights. A holder renews the
-lease every interval; if it dies, the lease expires after ``ttl_s`` and another takes
-over. It lives beside the one xDS server because that is the single point every push
-passes through anyway.
-
-:class:`LeaseTable` holds one lease per cluster beside the server-wide one, so each
-cluster's control loop has its own: a cluster lease is refused while another owner
-holds the server-wide lease, the server-wide lease while another owner holds any
-cluster's, and a push to a cluster needs that cluster's lease, or the server-wide one
-when nobody holds the cluster's.
+Only the holder's pushes are accepted, so two controller replicas never fight over
+Envoy's weights; a dead holder's lease expires after ``ttl_s``. :class:`LeaseTable` keeps
+one lease per cluster beside the server-wide one: each excludes other owners of the
+other, and a push needs its cluster's lease, or the server-wide one when nobody holds it.
 """
 
 from __future__ import annotations

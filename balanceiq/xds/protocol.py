@@ -1,35 +1,22 @@
 """The xDS protocol as plain state machines, with no gRPC in sight.
 
-One :class:`SotwStream` or :class:`DeltaStream` per gRPC stream. Each takes requests and
-new snapshots and returns the encoded responses to write. That keeps the rules testable
-against a fake stream (tests/unit/xds/test_protocol.py) and the servicers thin.
+One :class:`SotwStream` or :class:`DeltaStream` per gRPC stream turns requests and new
+snapshots into encoded responses. Rules (envoyproxy.io xds_protocol):
 
-Rules honoured (https://www.envoyproxy.io/docs/envoy/latest/api-docs/xds_protocol):
+* nonces are per stream; a SotW request answering an older nonce is stale and ignored;
+* ACK and NACK differ by ``error_detail``; NACKed content is not sent again until the
+  content changes or the subscription grows (go-control-plane re-sends it forever, its
+  issues #46 and #962);
+* a newly subscribed resource is sent even if unchanged, and one that does not exist yet
+  is served when it appears;
+* SotW: a stream's first request is always answered (a restarted server must not trust a
+  version from a previous incarnation); nothing more goes out while a response is unACKed;
+* delta: ``initial_resource_versions`` say what the client has; resources that vanish, or
+  that are subscribed before they exist, are named in ``removed_resources`` (once).
 
-* nonces are per stream; a request whose ``response_nonce`` is not the latest one sent on
-  that stream for that type is stale and ignored (SotW);
-* ACK and NACK are told apart by ``error_detail``; a NACK is recorded per node and the
-  rejected content is not sent again: the next response goes out only when the content
-  changes or the subscription grows (go-control-plane re-sends a NACKed version forever,
-  its issues #46 and #962);
-* a newly subscribed resource is sent even when its content did not change, and a
-  subscription to a resource that does not exist yet is remembered and served when it
-  appears;
-* SotW: a stream's first request is always answered (even if its ``version_info``
-  matches ours: a restarted server must not trust a version the client got from a
-  previous incarnation); while a response is unacknowledged nothing more is sent, and
-  a push that arrived meanwhile goes out with the ACK;
-* delta: ``initial_resource_versions`` on reconnect say what the client has, so only
-  resources whose content differs are sent; a resource that disappears, that the
-  client has but we do not, or that it subscribes to before it exists, is named in
-  ``removed_resources`` (once).
-
-Bad input is either *ignored*, where the protocol says a request is simply not acted on
-(a stale or unknown nonce, a type we do not serve, unsubscribing a name never
-subscribed), or *refused* with :class:`~balanceiq.exceptions.XdsRequestError`, which
-ends that stream only (a node id that is not printable text, names or a subscription
-past the limits below: they would otherwise let one client grow the server's memory
-without bound). Both are counted by reason in :class:`StatusRegistry`.
+Bad input is *ignored* where the protocol says so, or *refused* with
+:class:`~balanceiq.exceptions.XdsRequestError` (ending that stream only) where it would
+let one client grow the server's memory; both counted in :class:`StatusRegistry`.
 """
 
 from __future__ import annotations
@@ -39,7 +26,7 @@ import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from envoy.service.discovery.v3 import discovery_pb2
@@ -49,9 +36,7 @@ from balanceiq.xds.snapshot import EDS_TYPE, Snapshot, delta_response, sotw_resp
 
 _nonces = itertools.count(1)
 
-# Limits on what one client can make the server hold. Envoy's real values are far below
-# each: node ids like "sidecar~10.0.0.1~pod.ns~ns.svc.cluster.local", type URLs and
-# cluster names of tens of characters, one subscribed name per cluster.
+# Limits on what one client can make the server hold; Envoy's real values are far below.
 MAX_NODE_ID = 1024
 MAX_NAME = 1024  # one resource name or type URL
 MAX_NAMES = 10_000  # names subscribed on one stream, per type
@@ -63,6 +48,10 @@ MAX_NODES = 10_000  # node records kept; the longest-disconnected are dropped pa
 
 def _nonce() -> str:
     return str(next(_nonces))
+
+
+def _too_many(reason: str, message: str) -> XdsRequestError:
+    return XdsRequestError(reason, message, "RESOURCE_EXHAUSTED")
 
 
 # --- per-node status ---------------------------------------------------------------------
@@ -85,21 +74,13 @@ class NodeStatus:
     responses_sent: int = 0
 
     def to_json(self) -> dict[str, Any]:
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
         return {
             "node_id": self.node_id,
             "cluster": self.cluster,
             "connected": self.streams > 0,
-            "streams": self.streams,
+            **d,
             "api": sorted(self.api),
-            "first_seen": self.first_seen,
-            "last_seen": self.last_seen,
-            "last_acked_version": self.last_acked_version,
-            "last_acked_at": self.last_acked_at,
-            "last_nacked_version": self.last_nacked_version,
-            "last_error": self.last_error,
-            "acks": self.acks,
-            "nacks": self.nacks,
-            "responses_sent": self.responses_sent,
         }
 
 
@@ -145,8 +126,7 @@ class StatusRegistry:
         return node
 
     def _evict(self) -> None:
-        # Clients choose their node ids, so without this a client reconnecting under a
-        # new id each time would grow the registry forever. Connected nodes stay.
+        # Clients choose their node ids: one reconnecting under new ids must not grow this forever.
         gone = sorted((n for n in self._nodes.values() if n.streams == 0), key=lambda n: n.last_seen)
         for n in gone[: max(1, self.max_nodes // 10)]:
             del self._nodes[n.node_id]
@@ -267,14 +247,11 @@ class _Stream:
 
     def _served(self, type_url: str, snapshot: Snapshot | None) -> bool:
         if snapshot is not None and type_url != snapshot.type_url:
-            # ADS may multiplex types we do not serve; answering with an empty set would
-            # delete the client's config for that type, so we stay silent and record it.
+            # ADS may multiplex types we do not serve; an empty answer would delete them.
             self.unsupported_types.add(type_url)
             if len(self.unsupported_types) > MAX_UNSUPPORTED_TYPES:
-                raise XdsRequestError(
-                    "too_many_types",
-                    f"more than {MAX_UNSUPPORTED_TYPES} distinct unsupported types on one stream",
-                    "RESOURCE_EXHAUSTED",
+                raise _too_many(
+                    "too_many_types", f"more than {MAX_UNSUPPORTED_TYPES} distinct unsupported types on one stream"
                 )
             self.registry.ignored("unsupported_type", self.api, self.node_id, type_url[:100])
             return False
@@ -308,16 +285,13 @@ class SotwStream(_Stream):
         self._identify(req.node)
         type_url = req.type_url or self.default_type
         if len(req.resource_names) > MAX_NAMES:
-            raise XdsRequestError(
-                "too_many_names", f"{len(req.resource_names)} resource names; at most {MAX_NAMES}", "RESOURCE_EXHAUSTED"
-            )
+            raise _too_many("too_many_names", f"{len(req.resource_names)} resource names; at most {MAX_NAMES}")
         self._check_names(type_url, req.resource_names)
         if not self._served(type_url, snapshot):
             return []
         watch = self._watches.setdefault(type_url, _SotwWatch())
         if req.response_nonce and req.response_nonce != watch.nonce:
-            # Stale: a newer response is already on its way to the client. Envoy does
-            # this too when a request crosses a push, so it is counted, not refused.
+            # Stale: a newer response is on its way (a request crossed a push). Not refused.
             self.registry.ignored("stale_nonce", self.api, self.node_id, req.response_nonce[:100])
             return []
 
@@ -327,8 +301,7 @@ class SotwStream(_Stream):
         watch.waiting = True
         assert self.node_id is not None
         if not req.response_nonce:
-            # First request of this type on this stream: always answer once we have
-            # something, whatever version_info the client claims to hold.
+            # First request of this type: answer whatever version_info the client claims.
             watch.sent = None
         elif req.HasField("error_detail"):
             self.registry.nack(self.node_id, type_url, watch.sent_version or "", req.error_detail.message)
@@ -388,9 +361,7 @@ class DeltaStream(_Stream):
         node_id = self._identify(req.node)
         type_url = req.type_url or self.default_type
         if len(req.initial_resource_versions) > MAX_NAMES or len(req.resource_names_subscribe) > MAX_NAMES:
-            raise XdsRequestError(
-                "too_many_names", f"more than {MAX_NAMES} resource names in one request", "RESOURCE_EXHAUSTED"
-            )
+            raise _too_many("too_many_names", f"more than {MAX_NAMES} resource names in one request")
         self._check_names(type_url, req.resource_names_subscribe)
         self._check_names(type_url, req.initial_resource_versions)
         if not self._served(type_url, snapshot):
@@ -404,46 +375,20 @@ class DeltaStream(_Stream):
             watch.wildcard = not req.resource_names_subscribe
 
         if req.response_nonce:
-            sent = watch.pending.pop(req.response_nonce, None)
-            version = watch.pending_versions.pop(req.response_nonce, "")
-            if sent is None:
-                # Not a nonce we sent on this stream (or one already answered): the
-                # ACK/NACK part means nothing, the subscription changes still apply.
-                self.registry.ignored("unknown_nonce", self.api, node_id, req.response_nonce[:100])
-            else:
-                for name, ver in sent.items():
-                    if watch.inflight.get(name, "absent") == ver:
-                        del watch.inflight[name]
-                if req.HasField("error_detail"):
-                    for name, ver in sent.items():
-                        if ver is not None:
-                            watch.rejected[name] = ver
-                    self.registry.nack(node_id, type_url, version, req.error_detail.message)
-                else:
-                    for name, ver in sent.items():
-                        if ver is None:
-                            watch.client.pop(name, None)
-                        else:
-                            watch.client[name] = ver
-                            watch.rejected.pop(name, None)
-                    self.registry.ack(node_id, version)
-
+            self._on_answer(watch, req, node_id, type_url)
         for name in req.resource_names_subscribe:
             if name == "*":
                 watch.wildcard = True
                 continue
             if name not in watch.names and name not in req.initial_resource_versions:
-                # A fresh subscription: the client holds nothing for it, whatever we
-                # recorded before it unsubscribed.
+                # A fresh subscription: the client holds nothing for it.
                 watch.client.pop(name, None)
                 watch.inflight.pop(name, None)
                 watch.rejected.pop(name, None)
                 watch.told_absent.discard(name)
             watch.names.add(name)
         if len(watch.names) > MAX_NAMES:
-            raise XdsRequestError(
-                "too_many_names", f"more than {MAX_NAMES} names subscribed on one stream", "RESOURCE_EXHAUSTED"
-            )
+            raise _too_many("too_many_names", f"more than {MAX_NAMES} names subscribed on one stream")
         for name in req.resource_names_unsubscribe:
             if name == "*":
                 watch.wildcard = False
@@ -461,6 +406,31 @@ class DeltaStream(_Stream):
     def on_snapshot(self, snapshot: Snapshot) -> list[bytes]:
         watch = self._watches.get(snapshot.type_url)
         return [] if watch is None else self._diff(watch, snapshot)
+
+    def _on_answer(
+        self, watch: _DeltaWatch, req: discovery_pb2.DeltaDiscoveryRequest, node_id: str, type_url: str
+    ) -> None:
+        """The ACK or NACK of the response ``req.response_nonce`` names."""
+        sent = watch.pending.pop(req.response_nonce, None)
+        version = watch.pending_versions.pop(req.response_nonce, "")
+        if sent is None:
+            # Not a nonce we sent (or already answered): the subscription changes still apply.
+            self.registry.ignored("unknown_nonce", self.api, node_id, req.response_nonce[:100])
+            return
+        for name, ver in sent.items():
+            if watch.inflight.get(name, "absent") == ver:
+                del watch.inflight[name]
+        if req.HasField("error_detail"):
+            watch.rejected.update({name: ver for name, ver in sent.items() if ver is not None})
+            self.registry.nack(node_id, type_url, version, req.error_detail.message)
+            return
+        for name, ver in sent.items():
+            if ver is None:
+                watch.client.pop(name, None)
+            else:
+                watch.client[name] = ver
+                watch.rejected.pop(name, None)
+        self.registry.ack(node_id, version)
 
     def _diff(self, watch: _DeltaWatch, snapshot: Snapshot | None) -> list[bytes]:
         if snapshot is None:
@@ -480,9 +450,8 @@ class DeltaStream(_Stream):
             elif known is not None:
                 removed.append(name)
             elif name in watch.names and name not in watch.told_absent:
-                # Say once that a subscribed resource does not exist (yet), so Envoy
-                # finishes warming instead of waiting out initial_fetch_timeout; the
-                # subscription stays, and the resource is sent when it appears.
+                # Say once that it does not exist (yet), so Envoy finishes warming instead
+                # of waiting out initial_fetch_timeout; it is sent when it appears.
                 removed.append(name)
                 watch.told_absent.add(name)
         if not send and not removed:

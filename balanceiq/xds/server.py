@@ -1,19 +1,13 @@
 """The gRPC side: ADS and standalone EDS, state-of-the-world and delta, on grpc.aio.
 
-:class:`XdsServer` owns a :class:`~balanceiq.xds.store.SnapshotStore` and runs a grpc.aio
-server on its own event loop in a background thread, so it behaves the same inside a Ray
-actor, a test or a benchmark. Streams are handled by the state machines in
-:mod:`balanceiq.xds.protocol`; responses are pre-encoded bytes (see
-:mod:`balanceiq.xds.snapshot`), so the servicers register an identity serializer.
+:class:`XdsServer` owns a :class:`~balanceiq.xds.store.SnapshotStore` and serves it on its
+own event loop in a background thread. Streams run the state machines of
+:mod:`balanceiq.xds.protocol` and write pre-encoded bytes. One store watcher hops each
+publish onto the loop once, which fans it out to every stream's queue.
 
-One store watcher hops each publish onto the event loop once, and the loop fans it out
-to every stream's queue: 1,000 streams cost one cross-thread wake-up, not 1,000.
-
-Bad input never takes more than its own stream down. A request that is not a valid
-protobuf, or that :mod:`~balanceiq.xds.protocol` refuses, ends that stream with
-``INVALID_ARGUMENT`` (or ``RESOURCE_EXHAUSTED`` past a limit) and a message saying why;
-one larger than :data:`MAX_REQUEST_BYTES` is refused by gRPC itself. Each is counted by
-reason in ``status()["requests_refused"]`` (ignored requests in ``requests_ignored``).
+Bad input never takes more than its own stream down: a request that does not parse or
+that the protocol refuses ends it with ``INVALID_ARGUMENT`` (or ``RESOURCE_EXHAUSTED``),
+counted by reason in ``status()["requests_refused"]``.
 """
 
 from __future__ import annotations
@@ -43,21 +37,15 @@ log = logging.getLogger(__name__)
 ADS_SERVICE = "envoy.service.discovery.v3.AggregatedDiscoveryService"
 EDS_SERVICE = "envoy.service.endpoint.v3.EndpointDiscoveryService"
 
-# Largest request accepted. xDS requests are small: Envoy's first request carries its
-# node (build, locality, metadata and the list of its ~400 extensions: tens of KiB), later
-# ones a nonce and the subscribed names (one per cluster). Even a delta reconnect naming
-# 10,000 resources with versions stays under 1 MiB. 4 MiB (gRPC's own default) leaves
-# ample room while bounding what one stream can make the server allocate per message;
-# the former 16 MiB let 1,000 streams pin 16 GB.
+# xDS requests are small (Envoy's first, with its node, tens of KiB); this bounds what
+# one stream can make the server allocate per message.
 MAX_REQUEST_BYTES = 4 * 1024 * 1024
-# Requests read ahead of processing, per stream. Past it the reader stops reading, so
-# gRPC flow control pushes back on a client that sends faster than it reads responses
-# (otherwise its requests would pile up in memory behind a blocked write).
+# Requests read ahead per stream: past it gRPC flow control pushes back on a client that
+# sends faster than it reads.
 _READ_AHEAD = 16
 
 _GRPC_OPTIONS = [
-    # gRPC turns SO_REUSEPORT on by default; a second server on the same port would then
-    # silently share it and half the Envoys would talk to a stale control plane.
+    # gRPC turns SO_REUSEPORT on by default: a second server would silently share the port.
     ("grpc.so_reuseport", 0),
     ("grpc.max_receive_message_length", MAX_REQUEST_BYTES),
     ("grpc.max_send_message_length", 64 * 1024 * 1024),
@@ -74,12 +62,9 @@ def _identity(b: bytes) -> bytes:
 
 
 class _Malformed:
-    """What a request that does not parse deserializes to.
+    """What a request that does not parse deserializes to, so the handler can refuse it.
 
-    With a deserializer that raises, the error surfaced from ``context.read()`` and the
-    stream ended with status OK, as if the client had simply left (and a unary call got
-    grpc's own logged traceback); this way the handler refuses it with INVALID_ARGUMENT
-    and a message, and counts it.
+    A raising deserializer would end the stream with status OK, as if the client had left.
     """
 
     __slots__ = ("error",)
@@ -99,38 +84,21 @@ def _lenient(parse: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
 
 
 class _StreamQueue(asyncio.Queue[tuple[str, Any]]):
-    """A stream's inbox. ``snap_pending`` keeps at most one publish queued: only the
-    latest snapshot matters, and a stream blocked on a slow client must not collect one
-    entry per push."""
+    """A stream's inbox; ``snap_pending`` keeps at most one publish queued (only the latest matters)."""
 
     snap_pending = False
 
 
+_CONFIG_FIELDS = ("address", "host", "port", "weight", "cloud", "region", "zone", "cost_per_million_requests")
+
+
 def assignment_from_config(cluster: ClusterConfig) -> Assignment:
-    return Assignment(
-        cluster.name,
-        tuple(
-            EndpointAssignment(
-                address=ep.address,
-                host=ep.host,
-                port=ep.port,
-                weight=ep.weight,
-                cloud=ep.cloud,
-                region=ep.region,
-                zone=ep.zone,
-                cost_per_million_requests=ep.cost_per_million_requests,
-            )
-            for ep in cluster.endpoints
-        ),
-    )
+    eps = (EndpointAssignment(**{k: getattr(ep, k) for k in _CONFIG_FIELDS}) for ep in cluster.endpoints)
+    return Assignment(cluster.name, tuple(eps))
 
 
 def merge_restored(configured: Assignment, restored: Assignment | None) -> Assignment:
-    """Config decides membership; the restored state decides weight and health.
-
-    So a restart serves the last weights, while an endpoint added to or removed from the
-    config file still takes effect.
-    """
+    """Config decides membership; the restored state decides weight and health."""
     if restored is None:
         return configured
     old = {ep.address: ep for ep in restored.endpoints}
@@ -142,8 +110,7 @@ def merge_restored(configured: Assignment, restored: Assignment | None) -> Assig
 def _read_pem(tls: TlsConfig, name: str) -> bytes:
     path = getattr(tls, name)
     text = str(path)
-    # Settings built in code skip the config's check for PEM pasted where a path belongs;
-    # the OSError's text would carry the key itself into the message and the logs.
+    # PEM pasted where a path belongs must not reach the message and the logs.
     shown = "(not a path: it looks like PEM content)" if "BEGIN" in text or "\n" in text else text[:300]
     try:
         return Path(path).read_bytes()
@@ -200,8 +167,6 @@ class XdsServer:
         self._assignments = {a.cluster: a for a in initial}
         self.store.publish_assignments(initial)
 
-    # -- lifecycle ------------------------------------------------------------------------
-
     def start(self, timeout: float = 10.0) -> int:
         """Bind and serve; returns the bound port. Raises XdsBindError if it is taken."""
         if self._loop.running:
@@ -251,8 +216,6 @@ class XdsServer:
         server, self._server = self._server, None
         self._loop.close(server.stop(grace) if server is not None else None, timeout=grace + 5)
 
-    # -- the write side ---------------------------------------------------------------------
-
     def assignment(self, cluster: str) -> Assignment:
         try:
             return self._assignments[cluster]
@@ -261,22 +224,15 @@ class XdsServer:
             raise AssignmentError(f"unknown cluster {cluster!r}; known: {known}") from None
 
     def set_assignment(
-        self,
-        cluster: str,
-        weights: Mapping[str, object] | None = None,
-        health: Mapping[str, object] | None = None,
+        self, cluster: str, weights: Mapping[str, object] | None = None, health: Mapping[str, object] | None = None
     ) -> str:
-        """Change some endpoints' weights and/or health; returns the new version.
-
-        Invalid input raises AssignmentError and leaves the store unchanged.
-        """
+        """Change some endpoints' weights and/or health; the new version (AssignmentError: no change)."""
         with self._publish_lock:  # read-modify-write of the current assignments
             current = self.assignment(cluster)
             updated = current.with_updates(weights, health)
             latest = self.store.latest()
             if updated == current and latest is not None and cluster in latest.assignments:
-                # Nothing changed: no new version, so callers waiting for its ACK do
-                # not wait for a response that streams rightly never send.
+                # No new version: callers would wait for an ACK that never comes.
                 return latest.version
             assignments = {**self._assignments, cluster: updated}
             version = self.store.publish_assignments(assignments.values()).version
@@ -287,8 +243,6 @@ class XdsServer:
         """Publish a prebuilt snapshot (see :func:`balanceiq.xds.snapshot.raw_snapshot`)."""
         with self._publish_lock:
             self.store.publish(snapshot)
-
-    # -- the read side ----------------------------------------------------------------------
 
     def status(self) -> dict[str, Any]:
         snap = self.store.latest()
@@ -311,8 +265,6 @@ class XdsServer:
             return any(n.last_acked_version == version for nid, n in nodes.items() if node_id is None or nid == node_id)
 
         return self.registry.wait_for(done, timeout)
-
-    # -- streams ----------------------------------------------------------------------------
 
     def _on_publish(self, snapshot: Snapshot) -> None:
         self._loop.call_soon(self._fanout)
@@ -341,10 +293,8 @@ class XdsServer:
                     req = await context.read()
                     if req is grpc.aio.EOF:
                         if not context.peer():
-                            # gRPC ended the call itself: a client's half-close, cancel or
-                            # disconnect keeps the peer, a request over the size limit
-                            # (answered RESOURCE_EXHAUSTED by gRPC) clears it. grpc.aio
-                            # says nothing else about it, and it must still be counted.
+                            # gRPC ended the call over the size limit (a client leaving keeps
+                            # the peer); grpc.aio says nothing else, and it must be counted.
                             self.registry.refused(
                                 "oversize",
                                 machine.api,
@@ -393,18 +343,6 @@ class XdsServer:
             read_task.cancel()
             machine.close()
 
-    async def _ads_sotw(self, _it: Any, context: grpc.aio.ServicerContext) -> None:
-        await self._stream(context, SotwStream(self.registry, "ads-sotw"))
-
-    async def _ads_delta(self, _it: Any, context: grpc.aio.ServicerContext) -> None:
-        await self._stream(context, DeltaStream(self.registry, "ads-delta"))
-
-    async def _eds_sotw(self, _it: Any, context: grpc.aio.ServicerContext) -> None:
-        await self._stream(context, SotwStream(self.registry, "eds-sotw"))
-
-    async def _eds_delta(self, _it: Any, context: grpc.aio.ServicerContext) -> None:
-        await self._stream(context, DeltaStream(self.registry, "eds-delta"))
-
     async def _eds_fetch(
         self, req: discovery_pb2.DiscoveryRequest | _Malformed, context: grpc.aio.ServicerContext
     ) -> bytes:
@@ -426,22 +364,28 @@ class XdsServer:
         sotw = _lenient(discovery_pb2.DiscoveryRequest.FromString)
         delta = _lenient(discovery_pb2.DeltaDiscoveryRequest.FromString)
 
-        def stream(fn: Any, deser: Any) -> grpc.RpcMethodHandler:
-            return grpc.stream_stream_rpc_method_handler(fn, request_deserializer=deser, response_serializer=_identity)
+        def stream(api: str, machine: type[SotwStream | DeltaStream]) -> grpc.RpcMethodHandler:
+            async def handle(_it: Any, context: grpc.aio.ServicerContext) -> None:
+                await self._stream(context, machine(self.registry, api))
+
+            deser = sotw if machine is SotwStream else delta
+            return grpc.stream_stream_rpc_method_handler(
+                handle, request_deserializer=deser, response_serializer=_identity
+            )
 
         return [
             grpc.method_handlers_generic_handler(
                 ADS_SERVICE,
                 {
-                    "StreamAggregatedResources": stream(self._ads_sotw, sotw),
-                    "DeltaAggregatedResources": stream(self._ads_delta, delta),
+                    "StreamAggregatedResources": stream("ads-sotw", SotwStream),
+                    "DeltaAggregatedResources": stream("ads-delta", DeltaStream),
                 },
             ),
             grpc.method_handlers_generic_handler(
                 EDS_SERVICE,
                 {
-                    "StreamEndpoints": stream(self._eds_sotw, sotw),
-                    "DeltaEndpoints": stream(self._eds_delta, delta),
+                    "StreamEndpoints": stream("eds-sotw", SotwStream),
+                    "DeltaEndpoints": stream("eds-delta", DeltaStream),
                     "FetchEndpoints": grpc.unary_unary_rpc_method_handler(
                         self._eds_fetch, request_deserializer=sotw, response_serializer=_identity
                     ),

@@ -1,15 +1,9 @@
 """Immutable, versioned snapshots of xDS resources, serialized once.
 
-A :class:`Snapshot` maps resource names to :class:`Resource`\\ s. Each resource is
-serialized to bytes exactly once, when the snapshot is built; every stream then sends
-those same bytes. Responses are assembled by concatenating pre-encoded protobuf fields
-(protobuf's wire format is a sequence of independent fields), so the per-stream cost of a
-push is a nonce and a memcpy, not a re-serialization of N endpoints.
-
-Versions: ``Snapshot.version`` is ``"<epoch>.<seq>"``. The epoch grows across restarts
-(see :mod:`balanceiq.xds.store`), so a version string is never reused for different
-content. Each resource also carries a content hash as its own version, used by delta xDS
-and to skip sending resources a stream already has.
+Each :class:`Resource` is encoded when the snapshot is built; responses concatenate those
+pre-encoded protobuf fields (the wire format is a sequence of independent fields), so a
+push costs each stream a nonce and a copy. ``Snapshot.version`` is ``"<epoch>.<seq>"``
+(see :mod:`balanceiq.xds.store`); each resource's version is its content hash.
 """
 
 from __future__ import annotations
@@ -23,16 +17,11 @@ from envoy.config.core.v3 import address_pb2, health_check_pb2
 from envoy.config.endpoint.v3 import endpoint_pb2
 from google.protobuf import any_pb2, struct_pb2, wrappers_pb2
 
-from balanceiq.xds.assignment import Assignment
+from balanceiq.xds.assignment import HEALTH_VALUES, Assignment
 
 EDS_TYPE = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
 
-_HEALTH = {
-    "HEALTHY": health_check_pb2.HEALTHY,
-    "DRAINING": health_check_pb2.DRAINING,
-    "UNHEALTHY": health_check_pb2.UNHEALTHY,
-    "DEGRADED": health_check_pb2.DEGRADED,
-}
+_HEALTH = {h: health_check_pb2.HealthStatus.Value(h) for h in HEALTH_VALUES}
 
 
 # --- protobuf wire encoding: just enough to concatenate length-delimited fields -------
@@ -69,11 +58,7 @@ ANY_TYPE_URL, ANY_VALUE = 1, 2
 
 @dataclass(frozen=True, slots=True)
 class Resource:
-    """One xDS resource, serialized once.
-
-    ``any_bytes`` is the encoded ``google.protobuf.Any``; ``delta_bytes`` the encoded
-    ``envoy.service.discovery.v3.Resource`` used in delta responses.
-    """
+    """One xDS resource as an encoded ``Any`` and an encoded delta ``Resource``."""
 
     name: str
     version: str
@@ -109,8 +94,7 @@ class Snapshot:
     resources: Mapping[str, Resource]
     type_url: str = EDS_TYPE
     assignments: Mapping[str, Assignment] = field(default_factory=dict)
-    # SotW response bodies keyed by the subscribed-name set; built on first use and shared
-    # by every stream that subscribes to the same set (usually all of them).
+    # SotW response bodies by subscribed-name set, shared by every stream with that set.
     _bodies: dict[frozenset[str] | None, bytes] = field(default_factory=dict, repr=False, compare=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
@@ -157,11 +141,9 @@ def delta_response(snapshot: Snapshot, send: Iterable[Resource], removed: Iterab
 
 
 def cluster_load_assignment(assignment: Assignment) -> endpoint_pb2.ClusterLoadAssignment:
-    """The Envoy resource for one assignment; endpoints grouped into localities.
+    """The Envoy resource for one assignment, in localities ``cloud/region``, ``zone``.
 
-    Locality region is ``cloud/region`` so the same region name in two clouds stays two
-    localities; zone is the endpoint's zone. All localities share priority 0: weights,
-    not failover tiers, decide the split.
+    All localities share priority 0: weights, not failover tiers, decide the split.
     """
     cla = endpoint_pb2.ClusterLoadAssignment(cluster_name=assignment.cluster)
     groups: dict[tuple[str, str, str], list] = {}
@@ -181,11 +163,7 @@ def cluster_load_assignment(assignment: Assignment) -> endpoint_pb2.ClusterLoadA
             lb.health_status = _HEALTH[ep.health]
             meta = struct_pb2.Struct()
             meta.update(
-                {
-                    "cloud": ep.cloud,
-                    "region": ep.region,
-                    "cost_per_million_requests": ep.cost_per_million_requests,
-                }
+                {"cloud": ep.cloud, "region": ep.region, "cost_per_million_requests": ep.cost_per_million_requests}
             )
             lb.metadata.filter_metadata["balanceiq"].CopyFrom(meta)
     return cla
@@ -198,12 +176,7 @@ def build_snapshot(version: str, assignments: Iterable[Assignment]) -> Snapshot:
 
 
 def raw_snapshot(version: str, resources: Mapping[str, bytes], type_url: str = EDS_TYPE) -> Snapshot:
-    """A snapshot of already-encoded resources, bypassing assignment validation.
-
-    The store is resource-agnostic like go-control-plane's cache; validation belongs to
-    :class:`Assignment`. This path exists for tests that must hand Envoy a resource it will
-    reject, to exercise NACK handling end to end.
-    """
+    """A snapshot of already-encoded resources, unvalidated (for tests of Envoy's NACKs)."""
     return Snapshot(
         version=version,
         resources={n: Resource.from_bytes(n, b, type_url) for n, b in resources.items()},

@@ -1,14 +1,9 @@
 """The weight store: the one place snapshots are versioned, published and persisted.
 
-Its interface is deliberately narrow (``publish``, ``latest``, ``watch``), in the spirit
-of go-control-plane's ``pkg/cache/v3``: the gRPC servicers read from it and know nothing
-about how snapshots are built, and the controller writes to it and knows nothing about
-streams.
-
-Versions are ``"<epoch>.<seq>"``. The epoch is ``max(previous epoch + 1, now in ms)`` and
-is written to the state directory before the first publish, so versions never repeat
-across restarts even if the clock steps back (Contour #6250 was a restart that reused
-version strings).
+A narrow interface (``publish``, ``latest``, ``watch``) as go-control-plane's cache: the
+servicers read from it, the controller writes to it. Versions are ``"<epoch>.<seq>"``;
+the epoch is ``max(previous epoch + 1, now in ms)``, written before the first publish, so
+versions never repeat across restarts even if the clock steps back.
 """
 
 from __future__ import annotations
@@ -37,8 +32,7 @@ Watcher = Callable[[Snapshot], None]
 class SnapshotStore:
     """Latest-snapshot holder with versioning, watchers and optional persistence.
 
-    Thread-safe: ``publish`` may be called from any thread; watchers are called on the
-    publishing thread and must only hand the snapshot off (e.g. ``call_soon_threadsafe``).
+    Thread-safe; watchers run on the publishing thread and must only hand the snapshot off.
     """
 
     def __init__(self, state_dir: Path | str | None = None) -> None:
@@ -49,8 +43,6 @@ class SnapshotStore:
         self._latest: Snapshot | None = None
         self._seq = 0
         self.epoch = self._next_epoch()
-
-    # -- versioning -------------------------------------------------------------------
 
     def _next_epoch(self) -> int:
         previous = 0
@@ -69,8 +61,6 @@ class SnapshotStore:
         with self._lock:
             self._seq += 1
             return f"{self.epoch}.{self._seq}"
-
-    # -- the narrow interface ----------------------------------------------------------
 
     def latest(self) -> Snapshot | None:
         return self._latest
@@ -96,8 +86,6 @@ class SnapshotStore:
                 w(snapshot)
             except Exception:  # one broken watcher must not starve the others
                 log.exception("snapshot watcher failed")
-
-    # -- assignments: build, publish, persist -------------------------------------------
 
     def publish_assignments(self, assignments: Iterable[Assignment]) -> Snapshot:
         # Version, build and publish under one lock: two concurrent callers must not

@@ -42,8 +42,8 @@ def demo(
 
         run_scripted(settings, requests_per_phase=requests_per_phase, out_dir=out_dir, console=err)
         return
-    from balanceiq.testbed.scenario import load_live_scenario
     from balanceiq_lab.demo import run_demo
+    from balanceiq_lab.testbed.scenario import load_live_scenario
 
     report = run_demo(settings, load_live_scenario(scenario), rate_rps=rate, out_dir=out_dir, console=err, out=out)
     if report["interrupted"]:
@@ -202,12 +202,59 @@ def bench_serve(
     _emit(result, as_json)
 
 
+def _bench_suite(
+    suite: int,
+    arms: str | None,
+    duration: float | None,
+    rate: float | None,
+    warmup: float | None,
+    seed: int,
+    only: str | None,
+    record: Path | None,
+    slo_ms: float,
+    plot: Path | None,
+    private_gauges: bool,
+    config: Path | None,
+    as_json: bool,
+) -> None:
+    """``bench live --suite N``: N seeded random fleets."""
+    from balanceiq.exceptions import BenchError
+    from balanceiq_lab.bench.suite import (
+        DEFAULT_RATE_RANGE,
+        DEFAULT_SUITE_DURATION_S,
+        DEFAULT_SUITE_WARMUP_S,
+        parse_suite_arms,
+        run_live_suite,
+    )
+
+    try:
+        only_idx = [int(x) for x in only.split(",") if x.strip()] if only else None
+    except ValueError as exc:
+        raise BenchError(f"--only takes comma-separated fleet indices such as 0,3, got {only!r}") from exc
+    result = run_live_suite(
+        _settings(config),
+        suite,
+        seed=seed,
+        arms=parse_suite_arms(arms),
+        duration_s=DEFAULT_SUITE_DURATION_S if duration is None else duration,
+        warmup_s=DEFAULT_SUITE_WARMUP_S if warmup is None else warmup,
+        rate_rps_range=DEFAULT_RATE_RANGE if rate is None else (rate, rate),
+        slo_ms=slo_ms,
+        plot_path=plot or Path("artifacts/bench-live-suite.png"),
+        private_gauges=private_gauges,
+        console=err,
+        only=only_idx,
+        record_dir=record,
+    )
+    _emit(result, as_json, omit=("fleets",))
+
+
 @bench_app.command("live")
 def bench_live(
     scenario: Annotated[
         str | None,
         typer.Option(
-            help="Live scenario: a shipped name or a YAML file (format: balanceiq/testbed/scenario.py). Default degrade_and_dearer; not with --suite."
+            help="Live scenario: a shipped name or a YAML file (format: lab/balanceiq_lab/testbed/scenario.py). Default degrade_and_dearer; not with --suite."
         ),
     ] = None,
     arms: Annotated[
@@ -290,42 +337,17 @@ def bench_live(
     if suite is None and (only is not None or record is not None):
         raise BenchError("--only and --record go with --suite")
     if suite is not None:
-        from balanceiq_lab.bench.suite import (
-            DEFAULT_RATE_RANGE,
-            DEFAULT_SUITE_DURATION_S,
-            DEFAULT_SUITE_WARMUP_S,
-            parse_suite_arms,
-            run_live_suite,
-        )
-
         if scenario is not None:
             raise BenchError("--suite draws its own fleets and events; leave out --scenario")
         if arrivals != "poisson":
             raise BenchError("--suite uses Poisson arrivals seeded per fleet; leave out --arrivals")
-        try:
-            only_idx = [int(x) for x in only.split(",") if x.strip()] if only else None
-        except ValueError as exc:
-            raise BenchError(f"--only takes comma-separated fleet indices such as 0,3, got {only!r}") from exc
-        result = run_live_suite(
-            _settings(config),
-            suite,
-            seed=seed,
-            arms=parse_suite_arms(arms),
-            duration_s=DEFAULT_SUITE_DURATION_S if duration is None else duration,
-            warmup_s=DEFAULT_SUITE_WARMUP_S if warmup is None else warmup,
-            rate_rps_range=DEFAULT_RATE_RANGE if rate is None else (rate, rate),
-            slo_ms=slo_ms,
-            plot_path=plot or Path("artifacts/bench-live-suite.png"),
-            private_gauges=private_gauges,
-            console=err,
-            only=only_idx,
-            record_dir=record,
+        _bench_suite(
+            suite, arms, duration, rate, warmup, seed, only, record, slo_ms, plot, private_gauges, config, as_json
         )
-        _emit(result, as_json, omit=("fleets",))
         return
-    from balanceiq.testbed.scenario import DEFAULT as DEFAULT_SCENARIO
-    from balanceiq.testbed.scenario import load_live_scenario
     from balanceiq_lab.bench.live import parse_arms, run_live_bench
+    from balanceiq_lab.testbed.scenario import DEFAULT as DEFAULT_SCENARIO
+    from balanceiq_lab.testbed.scenario import load_live_scenario
 
     name = scenario or DEFAULT_SCENARIO
     result = run_live_bench(
@@ -419,6 +441,15 @@ def bench_xds_soak(
 
 
 def register(root: typer.Typer) -> None:
-    """Entry point ``balanceiq.cli``: mount ``bench`` and ``demo`` on the product CLI."""
+    """Entry point ``balanceiq.cli``: mount ``bench``, ``demo`` and ``testbed`` on the product CLI,
+    and offer the sample fleet to the product features that need one (LiveEnv, ``record``)."""
+    import os
+
+    from balanceiq.testbed.fleet import ENV_VAR
+    from balanceiq_lab.testbed.cli import testbed_app
+    from balanceiq_lab.testbed.fleet import PROVIDER
+
     root.add_typer(bench_app, name="bench")
     root.command("demo")(demo)
+    root.add_typer(testbed_app, name="testbed")
+    os.environ.setdefault(ENV_VAR, PROVIDER)  # inherited by the env runners and actors it starts

@@ -31,10 +31,10 @@ from rich.table import Table
 from balanceiq.config import Settings
 from balanceiq.exceptions import TestbedError
 from balanceiq.policy.stability import reversal_events
-from balanceiq.testbed.load import LoadResult, run_load_sync
 from balanceiq.testbed.ports import check_ports_free, free_ports
-from balanceiq.testbed.scenario import LiveScenario, ScenarioDriver
-from balanceiq.testbed.testbed import Testbed
+from balanceiq_lab.testbed.load import LoadResult, run_load_sync
+from balanceiq_lab.testbed.scenario import LiveScenario, ScenarioDriver
+from balanceiq_lab.testbed.testbed import Testbed
 
 APP_NAME = "balanceiq"
 SECOND_CLUSTER = "checkout"
@@ -156,6 +156,140 @@ def _line(
     return f"t={t:5.0f}s  {phase[:18]:<18} share {shares}  p95ms {p95}  ${_fmt(cost, '.3f')}/M  {what}"
 
 
+def _deploy(settings: Settings, out_dir: Path) -> None:
+    from ray import serve
+
+    from balanceiq.serve.app import build_app
+
+    # The API on api.port is the Controller replica's own server (as with
+    # `serve run serve_app.py`); Serve's proxy takes a port of its own.
+    proxy_port = free_ports(1)[0]
+    serve.start(http_options={"host": settings.api.host, "port": proxy_port})
+    # Every decision with the observation it saw: what `balanceiq calibrate`
+    # fits, and what a decision can be replayed from offline.
+    recording = out_dir.resolve() / "demo-decisions.jsonl"
+    recording.unlink(missing_ok=True)
+    serve.run(build_app({"settings": settings, "recording": str(recording)}), name=APP_NAME, route_prefix="/")
+
+
+def _announce(settings: Settings, api_url: str, proxy_url: str, console: Console) -> str:
+    """Print where the dashboard, API and proxy are; the API token."""
+    token_file = Path(settings.state_dir) / "api-token"
+    token = settings.api.token or token_file.read_text().strip()
+    console.print(f"[bold green]dashboard[/]: {api_url}/   API docs: {api_url}/docs   proxy: {proxy_url}")
+    console.print(
+        f"API token: in {token_file if not settings.api.token else 'the config (api.token)'}"
+        f'  e.g. curl -H "Authorization: Bearer $(cat {token_file})" ...'
+    )
+    return token
+
+
+def _start_loads(
+    proxy_url: str,
+    others: list[str],
+    rate_rps: float,
+    duration: float,
+    stop: threading.Event,
+    load_result: list[LoadResult],
+    other_load: list[LoadResult],
+    console: Console,
+) -> tuple[threading.Thread, list[threading.Thread]]:
+    """Load on the first cluster at ``rate_rps``; on each further one (behind "/<name>/") at half."""
+
+    def load(url: str, rate: float, concurrency: int, into: list[LoadResult]) -> threading.Thread:
+        def run() -> None:
+            into.append(
+                run_load_sync(
+                    url,
+                    total=int(rate * (duration + 10)),
+                    concurrency=concurrency,
+                    max_seconds=duration + 10,
+                    rate_rps=rate,
+                    stop=stop,
+                )
+            )
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        return thread
+
+    loader = load(proxy_url, rate_rps, 32, load_result)
+    loaders = [load(proxy_url.rstrip("/") + f"/{name}/", rate_rps / 2, 16, other_load) for name in others]
+    if others:
+        console.print(
+            f"also steering {', '.join(others)} (steady load at {rate_rps / 2:.0f} req/s each, "
+            f"behind {proxy_url}/<cluster>/)"
+        )
+    return loader, loaders
+
+
+def _replay(
+    scenario: LiveScenario,
+    driver: ScenarioDriver,
+    http: httpx.Client,
+    api_url: str,
+    interval: float,
+    clouds: dict[str, str],
+    others: list[str],
+    report: dict[str, Any],
+    out: Console,
+) -> None:
+    """Play the scenario's events on time; one line (and one report interval) per control interval."""
+    cloud_names = list(dict.fromkeys(clouds.values()))
+    duration = scenario.duration_s
+    t0 = time.monotonic()
+    pending = list(scenario.events)
+    next_line = interval
+    last_seq = 0
+    while (t := time.monotonic() - t0) < duration:
+        while pending and pending[0].at_s <= t:
+            ev = pending.pop(0)
+            hit = driver.apply(ev)
+            report["events"].append({"t": round(t, 1), "name": ev.name, "endpoints": hit})
+            out.print(f"[bold yellow]t={t:5.0f}s  event: {ev.name}[/] ({', '.join(hit)})")
+        if t >= next_line:
+            next_line += interval
+            w = http.get(api_url + "/api/weights").json()
+            ds = http.get(api_url + "/api/decisions", params={"limit": 1}).json()["decisions"]
+            d = ds[0] if ds and ds[0]["seq"] != last_seq else None
+            last_seq = ds[0]["seq"] if ds else last_seq
+            per_cloud = _by_cloud(w, clouds)
+            cost = _blended_cost(w)
+            phase = scenario.phase_at(t)
+            out.print(_line(t, phase, w, d, cloud_names, cost, per_cloud), highlight=False, soft_wrap=True)
+            report["intervals"].append(
+                {
+                    "t": round(t, 1),
+                    "phase": phase,
+                    "clouds": per_cloud,
+                    "cost_per_million": cost,
+                    "weights": {e["address"]: e["weight"] for e in w["endpoints"]},
+                    "shares": {e["address"]: e["share"] for e in w["endpoints"]},
+                    "decision": d,
+                    **({"others": _other_clusters(http, api_url, others)} if others else {}),
+                }
+            )
+        time.sleep(0.1)
+
+
+def _stop_ray(console: Console) -> None:
+    import ray
+    from ray import serve
+
+    from balanceiq.xds.actor import get_actor
+
+    with console.status("stopping Serve, the xDS actor and Ray"):
+        try:
+            serve.shutdown()
+        except Exception as exc:  # shutting down: report, keep cleaning up
+            console.print(f"[yellow]serve shutdown: {exc}[/]")
+        try:
+            ray.kill(get_actor(), no_restart=True)
+        except (ValueError, ray.exceptions.RayError):
+            pass
+        ray.shutdown()
+
+
 def run_demo(
     settings: Settings,
     scenario: LiveScenario,
@@ -168,10 +302,6 @@ def run_demo(
     """Run the demo; returns the report (also written to ``out_dir/demo-report.json``).
     The scenario plays on the first cluster; any other is steered under steady load."""
     import ray
-    from ray import serve
-
-    from balanceiq.serve.app import build_app
-    from balanceiq.xds.actor import get_actor
 
     out = out or Console()
     cluster = settings.clusters[0]
@@ -210,109 +340,23 @@ def run_demo(
             with console.status(f"starting {n_eps} backends in {where}, Envoy, Prometheus and the ALS collector"):
                 tb = Testbed(settings, work / "testbed").start()
             with console.status("deploying the Serve app (Policy + Controller) with the shipped checkpoint"):
-                # The API on api.port is the Controller replica's own server (as with
-                # `serve run serve_app.py`); Serve's proxy takes a port of its own.
-                proxy_port = free_ports(1)[0]
-                serve.start(http_options={"host": settings.api.host, "port": proxy_port})
-                # Every decision with the observation it saw: what `balanceiq calibrate`
-                # fits, and what a decision can be replayed from offline.
-                recording = out_dir.resolve() / "demo-decisions.jsonl"
-                recording.unlink(missing_ok=True)
-                serve.run(
-                    build_app({"settings": settings, "recording": str(recording)}), name=APP_NAME, route_prefix="/"
-                )
+                _deploy(settings, out_dir)
             http = httpx.Client(timeout=10.0, trust_env=False)
-            token_file = Path(settings.state_dir) / "api-token"
-            token = settings.api.token or token_file.read_text().strip()
-            console.print(
-                f"[bold green]dashboard[/]: {api_url}/   API docs: {api_url}/docs   proxy: {tb.envoy.listen_url}"
-            )
-            console.print(
-                f"API token: in {token_file if not settings.api.token else 'the config (api.token)'}"
-                f'  e.g. curl -H "Authorization: Bearer $(cat {token_file})" ...'
-            )
+            token = _announce(settings, api_url, tb.envoy.listen_url, console)
             backend_urls = dict(zip([b["name"] for b in tb.backends.specs], tb.backends.urls))
             driver = ScenarioDriver(list(cluster.endpoints), backend_urls, on_prices=_price_feed(http, api_url, token))
             with console.status("waiting for the first decision and Envoy's ACK"):
                 _wait_ready(http, api_url)
 
             duration = scenario.duration_s
-            loader = threading.Thread(
-                target=lambda: load_result.append(
-                    run_load_sync(
-                        tb.envoy.listen_url,
-                        total=int(rate_rps * (duration + 10)),
-                        concurrency=32,
-                        max_seconds=duration + 10,
-                        rate_rps=rate_rps,
-                        stop=stop_load,
-                    )
-                ),
-                daemon=True,
+            loader, loaders = _start_loads(
+                tb.envoy.listen_url, others, rate_rps, duration, stop_load, load_result, other_load, console
             )
-            loader.start()
-            # Further clusters: the same open loop at half the rate, behind "/<name>/".
-            for name in others:
-                url = tb.envoy.listen_url.rstrip("/") + f"/{name}/"
-                loaders.append(
-                    threading.Thread(
-                        target=lambda u=url: other_load.append(
-                            run_load_sync(
-                                u,
-                                total=int(rate_rps / 2 * (duration + 10)),
-                                concurrency=16,
-                                max_seconds=duration + 10,
-                                rate_rps=rate_rps / 2,
-                                stop=stop_load,
-                            )
-                        ),
-                        daemon=True,
-                    )
-                )
-                loaders[-1].start()
-            if others:
-                console.print(
-                    f"also steering {', '.join(others)} (steady load at {rate_rps / 2:.0f} req/s each, "
-                    f"behind {tb.envoy.listen_url}/<cluster>/)"
-                )
             console.print(
                 f"replaying [bold]{scenario.name}[/] for {duration:.0f}s at {rate_rps:.0f} req/s "
                 f"(Ctrl-C stops everything)"
             )
-            t0 = time.monotonic()
-            pending = list(scenario.events)
-            interval = settings.control.interval_s
-            next_line = interval
-            last_seq = 0
-            while (t := time.monotonic() - t0) < duration:
-                while pending and pending[0].at_s <= t:
-                    ev = pending.pop(0)
-                    hit = driver.apply(ev)
-                    report["events"].append({"t": round(t, 1), "name": ev.name, "endpoints": hit})
-                    out.print(f"[bold yellow]t={t:5.0f}s  event: {ev.name}[/] ({', '.join(hit)})")
-                if t >= next_line:
-                    next_line += interval
-                    w = http.get(api_url + "/api/weights").json()
-                    ds = http.get(api_url + "/api/decisions", params={"limit": 1}).json()["decisions"]
-                    d = ds[0] if ds and ds[0]["seq"] != last_seq else None
-                    last_seq = ds[0]["seq"] if ds else last_seq
-                    per_cloud = _by_cloud(w, clouds)
-                    cost = _blended_cost(w)
-                    phase = scenario.phase_at(t)
-                    out.print(_line(t, phase, w, d, cloud_names, cost, per_cloud), highlight=False, soft_wrap=True)
-                    report["intervals"].append(
-                        {
-                            "t": round(t, 1),
-                            "phase": phase,
-                            "clouds": per_cloud,
-                            "cost_per_million": cost,
-                            "weights": {e["address"]: e["weight"] for e in w["endpoints"]},
-                            "shares": {e["address"]: e["share"] for e in w["endpoints"]},
-                            "decision": d,
-                            **({"others": _other_clusters(http, api_url, others)} if others else {}),
-                        }
-                    )
-                time.sleep(0.1)
+            _replay(scenario, driver, http, api_url, settings.control.interval_s, clouds, others, report, out)
             report["status"] = http.get(api_url + "/api/status").json()
             http.close()
         except KeyboardInterrupt:
@@ -327,16 +371,7 @@ def run_demo(
             if driver is not None:
                 driver.close()
             if ray_started:
-                with console.status("stopping Serve, the xDS actor and Ray"):
-                    try:
-                        serve.shutdown()
-                    except Exception as exc:  # shutting down: report, keep cleaning up
-                        console.print(f"[yellow]serve shutdown: {exc}[/]")
-                    try:
-                        ray.kill(get_actor(), no_restart=True)
-                    except (ValueError, ray.exceptions.RayError):
-                        pass
-                    ray.shutdown()
+                _stop_ray(console)
             if tb is not None:
                 with console.status("stopping the testbed"):
                     tb.stop()

@@ -21,11 +21,11 @@ from rich.table import Table
 
 from balanceiq.config import EndpointConfig, Settings
 from balanceiq.exceptions import TestbedError
-from balanceiq.testbed.envoy import endpoint_health, endpoint_weights
-from balanceiq.testbed.load import LoadResult, run_load_sync
 from balanceiq.testbed.ports import check_ports_free
-from balanceiq.testbed.testbed import Testbed
 from balanceiq_lab.progress import progress_bar
+from balanceiq_lab.testbed.envoy import endpoint_health, endpoint_weights
+from balanceiq_lab.testbed.load import LoadResult, run_load_sync
+from balanceiq_lab.testbed.testbed import Testbed
 
 
 @dataclass(frozen=True)

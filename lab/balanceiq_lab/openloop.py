@@ -1,6 +1,6 @@
 """An open-loop HTTP load generator: requests leave on a fixed schedule, whatever happens.
 
-A closed-loop generator (:mod:`balanceiq.testbed.load`: N workers, each sending its next
+A closed-loop generator (:mod:`balanceiq_lab.testbed.load`: N workers, each sending its next
 request when the previous one returns) slows down exactly when the system under test
 does, so it sends fewer requests into a queue and times only the ones that got through:
 *coordinated omission*. This one does not:
@@ -29,7 +29,7 @@ in a benchmark (a control loop holding the GIL, say) can delay the schedule::
     python -m balanceiq_lab.openloop --url http://127.0.0.1:10000/ --rate 150 \\
         --duration 75 [--arrivals poisson --seed 0] [--start-at EPOCH|-] --out result.json
 
-Traffic goes to loopback only (:func:`balanceiq.testbed.load.ensure_loopback`).
+Traffic goes to loopback only (:func:`balanceiq_lab.testbed.load.ensure_loopback`).
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,14 +51,17 @@ import aiohttp
 import numpy as np
 
 from balanceiq.exceptions import BenchError
-from balanceiq.testbed.load import ensure_loopback
+from balanceiq_lab.results import error_rate, latency_summary, percentile
+from balanceiq_lab.testbed.load import ensure_loopback
 
 __all__ = [
     "ARRIVALS",
     "NOT_SENT",
     "TRANSPORT_ERROR",
     "OpenLoopResult",
+    "Request",
     "arrival_schedule",
+    "cli_argv",
     "latency_summary",
     "main",
     "percentile",
@@ -103,32 +106,6 @@ def arrival_schedule(rate_rps: float, duration_s: float, *, arrivals: str = "poi
     raise BenchError(f"arrivals must be one of {', '.join(ARRIVALS)}, got {arrivals!r}")
 
 
-def percentile(values: np.ndarray | Sequence[float], q: float) -> float | None:
-    """``numpy.percentile`` (linear), ``None`` when empty (JSON has no NaN)."""
-    arr = np.asarray(values, dtype=np.float64)
-    arr = arr[np.isfinite(arr)]
-    return float(np.percentile(arr, q)) if arr.size else None
-
-
-def latency_summary(values: np.ndarray | Sequence[float], digits: int = 3) -> dict[str, Any]:
-    """p50 / p90 / p99 / p99.9 / max / mean (ms) and n."""
-
-    def r(x: float | None) -> float | None:
-        return None if x is None else round(x, digits)
-
-    arr = np.asarray(values, dtype=np.float64)
-    arr = arr[np.isfinite(arr)]
-    return {
-        "p50": r(percentile(arr, 50)),
-        "p90": r(percentile(arr, 90)),
-        "p99": r(percentile(arr, 99)),
-        "p999": r(percentile(arr, 99.9)),
-        "max": r(float(arr.max())) if arr.size else None,
-        "mean": r(float(arr.mean())) if arr.size else None,
-        "n": int(arr.size),
-    }
-
-
 @dataclass
 class OpenLoopResult:
     """One run, one row per scheduled request (arrays in schedule order).
@@ -160,6 +137,7 @@ class OpenLoopResult:
     wall_s: float = 0.0  # start to the last completion
     peak_inflight: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+    nbytes: np.ndarray | None = None  # body bytes per request; in-process runs only, not serialised
 
     def __len__(self) -> int:
         return int(self.intended_s.shape[0])
@@ -216,7 +194,7 @@ class OpenLoopResult:
             "requests": n,
             "ok": ok,
             "errors": n - ok,
-            "error_rate": (n - ok) / n if n else None,
+            "error_rate": error_rate(n, ok),
             "latency_ms": latency_summary(self.latency_ms[m]),
             "error_kinds": dict(kinds),
         }
@@ -273,6 +251,79 @@ class OpenLoopResult:
         )
 
 
+@dataclass(frozen=True)
+class Request:
+    """One request of a round-robin mix: ``path`` is appended to the run's URL."""
+
+    path: str = ""
+    method: str = "GET"
+    json: Any = None
+    headers: Mapping[str, str] | None = None
+
+
+class _Recorder:
+    """The per-request arrays of one run, filled in as requests finish."""
+
+    def __init__(self, n: int, on_progress: Callable[[int], None] | None) -> None:
+        self.sent = np.full(n, math.nan)
+        self.latency = np.full(n, math.nan)
+        self.status = np.full(n, TRANSPORT_ERROR, dtype=np.int64)
+        self.backend = np.full(n, -1, dtype=np.int64)
+        self.error = np.full(n, -1, dtype=np.int64)
+        self.nbytes = np.zeros(n, dtype=np.int64)
+        self.backend_ix: dict[str, int] = {}
+        self.error_ix: dict[str, int] = {}
+        self.inflight = 0
+        self.peak = 0
+        self.done = 0
+        self.on_progress = on_progress
+
+    def kind(self, name: str) -> int:
+        return self.error_ix.setdefault(name, len(self.error_ix))
+
+    def finished(self) -> None:
+        self.done += 1
+        if self.on_progress is not None:
+            self.on_progress(self.done)
+
+    def not_sent(self, i: int, timeout_s: float) -> None:
+        self.status[i] = NOT_SENT
+        self.error[i] = self.kind("not_sent_max_inflight")
+        self.latency[i] = timeout_s * 1000.0
+        self.finished()
+
+    async def send(self, session: aiohttp.ClientSession, i: int, url: str, req: Request, due: float, t0: float) -> None:
+        loop = asyncio.get_running_loop()
+        self.sent[i] = loop.time() - t0  # when this request's task actually runs: the true send
+        try:
+            async with session.request(req.method, url + req.path, json=req.json, headers=req.headers) as resp:
+                body = await resp.read()
+                self.status[i] = resp.status
+                self.nbytes[i] = len(body)
+                name = resp.headers.get("x-backend")
+                if name:
+                    self.backend[i] = self.backend_ix.setdefault(name, len(self.backend_ix))
+                self.latency[i] = (loop.time() - due) * 1000.0
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            self.status[i] = TRANSPORT_ERROR
+            self.error[i] = self.kind(type(exc).__name__)
+            # A timeout counts the full wait; a refused connection its (short) real time.
+            self.latency[i] = (loop.time() - due) * 1000.0
+        finally:
+            self.inflight -= 1
+            self.finished()
+
+
+def _check_run(url: str, intended: np.ndarray, max_inflight: int, timeout_s: float) -> None:
+    ensure_loopback(url)
+    if max_inflight < 1:
+        raise BenchError(f"max_inflight must be >= 1, got {max_inflight}")
+    if not (math.isfinite(timeout_s) and timeout_s > 0):
+        raise BenchError(f"timeout must be > 0 seconds, got {timeout_s}")
+    if intended.ndim != 1 or (intended.size and (np.any(np.diff(intended) < 0) or intended[0] < 0)):
+        raise BenchError("schedule must be a 1-D array of non-decreasing offsets >= 0")
+
+
 async def run_open_loop(
     url: str,
     schedule: np.ndarray | Sequence[float],
@@ -282,68 +333,34 @@ async def run_open_loop(
     start_wall: float | None = None,
     on_progress: Callable[[int], None] | None = None,
     stop: threading.Event | None = None,
+    requests: Sequence[Request] = (Request(),),
+    connections: int | None = None,
+    keepalive_s: float | None = None,
 ) -> OpenLoopResult:
-    """Send one GET to ``url`` at each offset of ``schedule`` (seconds after the start).
+    """Send request ``i % len(requests)`` to ``url`` at each offset of ``schedule``
+    (seconds after the start).
 
     The start is ``start_wall`` (epoch seconds; the call sleeps until then) or now. A
     request whose intended time comes while ``max_inflight`` are outstanding is not sent
     and recorded as ``NOT_SENT``. Returns when every sent request has finished (each is
     bounded by ``timeout_s``). Setting ``stop`` ends the schedule early (a fault test
     runs load until its fault has played out): the result holds only the requests that
-    were due before it was set.
+    were due before it was set. ``connections`` bounds the connection pool (default
+    ``max_inflight``); ``keepalive_s`` below the server's keep-alive means a pooled
+    connection is never reused just as the server closes it (an error of the client's making).
     """
-    ensure_loopback(url)
-    if max_inflight < 1:
-        raise BenchError(f"max_inflight must be >= 1, got {max_inflight}")
-    if not (math.isfinite(timeout_s) and timeout_s > 0):
-        raise BenchError(f"timeout must be > 0 seconds, got {timeout_s}")
     intended = np.asarray(schedule, dtype=np.float64)
-    if intended.ndim != 1 or (intended.size and (np.any(np.diff(intended) < 0) or intended[0] < 0)):
-        raise BenchError("schedule must be a 1-D array of non-decreasing offsets >= 0")
+    _check_run(url, intended, max_inflight, timeout_s)
     n = int(intended.size)
-    sent = np.full(n, math.nan)
-    latency = np.full(n, math.nan)
-    status = np.full(n, TRANSPORT_ERROR, dtype=np.int64)
-    backend = np.full(n, -1, dtype=np.int64)
-    error = np.full(n, -1, dtype=np.int64)
-    backend_ix: dict[str, int] = {}
-    error_ix: dict[str, int] = {}
-
-    def kind(name: str) -> int:
-        return error_ix.setdefault(name, len(error_ix))
-
+    rec = _Recorder(n, on_progress)
     loop = asyncio.get_running_loop()
     now_wall = time.time()
     start_wall = now_wall if start_wall is None else float(start_wall)
     t0 = loop.time() + (start_wall - now_wall)  # the start on the loop's monotonic clock
-    inflight = 0
-    peak = 0
-    done = 0
-
-    async def one(session: aiohttp.ClientSession, i: int, due: float) -> None:
-        nonlocal inflight, done
-        sent[i] = loop.time() - t0  # when this request's task actually runs: the true send
-        try:
-            async with session.get(url) as resp:
-                await resp.read()
-                status[i] = resp.status
-                name = resp.headers.get("x-backend")
-                if name:
-                    backend[i] = backend_ix.setdefault(name, len(backend_ix))
-                latency[i] = (loop.time() - due) * 1000.0
-        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-            status[i] = TRANSPORT_ERROR
-            error[i] = kind(type(exc).__name__)
-            # A timeout counts the full wait; a refused connection its (short) real time.
-            latency[i] = (loop.time() - due) * 1000.0
-        finally:
-            inflight -= 1
-            done += 1
-            if on_progress is not None:
-                on_progress(done)
-
     cpu0 = time.process_time()
-    connector = aiohttp.TCPConnector(limit=max_inflight, limit_per_host=max_inflight, force_close=False)
+    limit = max_inflight if connections is None else connections
+    extra: dict[str, Any] = {} if keepalive_s is None else {"keepalive_timeout": keepalive_s}
+    connector = aiohttp.TCPConnector(limit=limit, limit_per_host=limit, force_close=False, **extra)
     timeout = aiohttp.ClientTimeout(total=timeout_s)
     tasks: set[asyncio.Task[None]] = set()
     async with aiohttp.ClientSession(connector=connector, timeout=timeout, auto_decompress=False) as session:
@@ -351,8 +368,7 @@ async def run_open_loop(
         while i < n:
             if stop is not None and stop.is_set():
                 break
-            due = t0 + intended[i]
-            wait = due - loop.time()
+            wait = t0 + intended[i] - loop.time()
             if wait > 0:
                 # Bounded with a ``stop``, so it is seen soon even at a low rate.
                 await asyncio.sleep(wait if stop is None else min(wait, 0.1))
@@ -361,18 +377,13 @@ async def run_open_loop(
             # the schedule, not a choice of the generator).
             now = loop.time()
             while i < n and t0 + intended[i] <= now:
-                due = t0 + intended[i]
-                if inflight >= max_inflight:
-                    status[i] = NOT_SENT
-                    error[i] = kind("not_sent_max_inflight")
-                    latency[i] = timeout_s * 1000.0
-                    done += 1
-                    if on_progress is not None:
-                        on_progress(done)
+                if rec.inflight >= max_inflight:
+                    rec.not_sent(i, timeout_s)
                 else:
-                    inflight += 1
-                    peak = max(peak, inflight)
-                    task = asyncio.create_task(one(session, i, due))
+                    rec.inflight += 1
+                    rec.peak = max(rec.peak, rec.inflight)
+                    req = requests[i % len(requests)]
+                    task = asyncio.create_task(rec.send(session, i, url, req, t0 + intended[i], t0))
                     tasks.add(task)
                     task.add_done_callback(tasks.discard)
                 i += 1
@@ -380,25 +391,23 @@ async def run_open_loop(
             await asyncio.gather(*list(tasks))
     wall = loop.time() - t0
     cpu = time.process_time() - cpu0
-    if i < n:  # stopped early: what was never due is not part of the run
-        intended, sent, latency = intended[:i], sent[:i], latency[:i]
-        status, backend, error = status[:i], backend[:i], error[:i]
-    return OpenLoopResult(
-        intended_s=intended,
-        sent_s=sent,
-        latency_ms=latency,
-        status=status,
-        backend=backend,
-        backends=sorted(backend_ix, key=backend_ix.__getitem__),
-        error=error,
-        error_kinds=sorted(error_ix, key=error_ix.__getitem__),
+    return OpenLoopResult(  # stopped early: what was never due is not part of the run
+        intended_s=intended[:i],
+        sent_s=rec.sent[:i],
+        latency_ms=rec.latency[:i],
+        status=rec.status[:i],
+        backend=rec.backend[:i],
+        backends=sorted(rec.backend_ix, key=rec.backend_ix.__getitem__),
+        error=rec.error[:i],
+        error_kinds=sorted(rec.error_ix, key=rec.error_ix.__getitem__),
         start_wall=start_wall,
         timeout_s=timeout_s,
         max_inflight=max_inflight,
         url=url,
         cpu_s=cpu,
         wall_s=wall,
-        peak_inflight=peak,
+        peak_inflight=rec.peak,
+        nbytes=rec.nbytes[:i],
     )
 
 
@@ -407,6 +416,32 @@ def run_open_loop_sync(url: str, schedule: np.ndarray | Sequence[float], **kwarg
 
 
 # -- CLI: the generator in its own process -------------------------------------------------
+
+
+def cli_argv(
+    url: str,
+    rate_rps: float,
+    duration_s: float,
+    out: Path,
+    *,
+    arrivals: str,
+    seed: int | None = None,
+    max_inflight: int | None = None,
+    timeout_s: float | None = None,
+    start_at: str | None = None,
+) -> list[str]:
+    """The command line that runs this generator as a child process (options left out: defaults)."""
+    argv = [sys.executable, "-m", "balanceiq_lab.openloop", "--url", url, "--rate", f"{rate_rps:g}"]
+    argv += ["--duration", f"{duration_s:g}", "--arrivals", arrivals]
+    if seed is not None:
+        argv += ["--seed", str(seed)]
+    if max_inflight is not None:
+        argv += ["--max-inflight", str(max_inflight)]
+    if timeout_s is not None:
+        argv += ["--timeout", f"{timeout_s:g}"]
+    if start_at is not None:
+        argv += ["--start-at", start_at]
+    return argv + ["--out", str(out)]
 
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

@@ -10,9 +10,9 @@ import pytest
 import ray
 
 from balanceiq.config import Settings
-from balanceiq.testbed.load import LoadResult, run_load_sync
-from balanceiq.testbed.testbed import Testbed
 from balanceiq.xds.actor import ACTOR_NAME, NAMESPACE, get_actor, start_actor
+from balanceiq_lab.testbed.load import LoadResult, run_load_sync
+from balanceiq_lab.testbed.testbed import Testbed
 
 pytestmark = pytest.mark.slow
 

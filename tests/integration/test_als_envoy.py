@@ -17,10 +17,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from balanceiq.config import Settings
 from balanceiq.telemetry.als import AlsCollector, AlsServer, access_log_config, als_cluster_config
 from balanceiq.telemetry.observation import quantile_from_buckets
-from balanceiq.testbed.envoy import EnvoyProcess, endpoint_health, render_bootstrap
-from balanceiq.testbed.load import run_load_sync
-from balanceiq.testbed.testbed import BackendsProcess, backend_specs
+from balanceiq.testbed.envoy import render_bootstrap
 from balanceiq.xds.server import XdsServer
+from balanceiq_lab.testbed.envoy import EnvoyProcess, endpoint_health
+from balanceiq_lab.testbed.load import run_load_sync
+from balanceiq_lab.testbed.testbed import BackendsProcess, backend_specs
 
 pytestmark = pytest.mark.slow
 

@@ -22,7 +22,6 @@ from prometheus_client.parser import text_string_to_metric_families
 from balanceiq.cli import main as cli_main
 from balanceiq.config import Settings, load_config
 from balanceiq.exceptions import BenchError
-from balanceiq.testbed.scenario import LiveScenario, load_live_scenario
 from balanceiq_lab.bench.live import (
     ARMS,
     CSWRR,
@@ -37,6 +36,7 @@ from balanceiq_lab.bench.live import (
     run_live_bench,
 )
 from balanceiq_lab.openloop import NOT_SENT, OpenLoopResult
+from balanceiq_lab.testbed.scenario import LiveScenario, load_live_scenario
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from balanceiq.config import Settings
-from balanceiq.testbed.envoy import endpoint_weights
+from balanceiq_lab.testbed.envoy import endpoint_weights
 
 pytestmark = pytest.mark.slow
 

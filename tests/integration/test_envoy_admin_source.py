@@ -14,9 +14,9 @@ from balanceiq.config import Settings
 from balanceiq.exceptions import EnvoyAdminError
 from balanceiq.telemetry.envoy_admin import EnvoyAdminSource, Scrape
 from balanceiq.telemetry.observation import NO_LATENCY_SOURCE, NO_TRAFFIC, WARMING
-from balanceiq.testbed.load import run_load_sync
-from balanceiq.testbed.testbed import Testbed
 from balanceiq.xds.server import XdsServer
+from balanceiq_lab.testbed.load import run_load_sync
+from balanceiq_lab.testbed.testbed import Testbed
 
 pytestmark = pytest.mark.slow
 

@@ -14,9 +14,10 @@ import pytest
 import yaml
 
 from balanceiq.config import Settings
-from balanceiq.testbed.envoy import EnvoyProcess, endpoint_weights, render_attach
+from balanceiq.testbed.envoy import render_attach
 from balanceiq.testbed.ports import free_ports
 from balanceiq.xds.server import XdsServer
+from balanceiq_lab.testbed.envoy import EnvoyProcess, endpoint_weights
 
 pytestmark = pytest.mark.slow
 

@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 
 from balanceiq.config import Settings
-from balanceiq.testbed.envoy import endpoint_weights
-from balanceiq.testbed.load import run_load_sync
-from balanceiq.testbed.testbed import Testbed
 from balanceiq.xds.server import XdsServer
 from balanceiq.xds.snapshot import cluster_load_assignment, raw_snapshot
+from balanceiq_lab.testbed.envoy import endpoint_weights
+from balanceiq_lab.testbed.load import run_load_sync
+from balanceiq_lab.testbed.testbed import Testbed
 
 pytestmark = pytest.mark.slow
 

@@ -25,7 +25,6 @@ import yaml
 
 from balanceiq.config import settings_from_dict
 from balanceiq.exceptions import XdsError
-from balanceiq.testbed.envoy import endpoint_weights
 from balanceiq.testbed.live_env import (
     DEFAULT_LAYOUT,
     LiveEnv,
@@ -35,7 +34,8 @@ from balanceiq.testbed.live_env import (
     reallocate_ports,
 )
 from balanceiq.testbed.ports import free_ports
-from balanceiq.testbed.testbed import Testbed
+from balanceiq_lab.testbed.envoy import endpoint_weights
+from balanceiq_lab.testbed.testbed import Testbed
 
 pytestmark = pytest.mark.slow
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from livestack import TOKEN, fast_settings, live_stack, settings_on_free_ports
 
-from balanceiq.testbed.envoy import endpoint_health
+from balanceiq_lab.testbed.envoy import endpoint_health
 
 pytestmark = pytest.mark.slow
 

@@ -24,10 +24,10 @@ from balanceiq.policy.checkpoint import SHIPPED
 from balanceiq.policy.features import N_FEATURES
 from balanceiq.serve.app import build_app
 from balanceiq.sim.scenario import SCENARIOS
-from balanceiq.testbed.load import run_load_sync
 from balanceiq.testbed.ports import free_port
-from balanceiq.testbed.testbed import Testbed
 from balanceiq.xds.actor import get_actor
+from balanceiq_lab.testbed.load import run_load_sync
+from balanceiq_lab.testbed.testbed import Testbed
 
 pytestmark = pytest.mark.slow
 

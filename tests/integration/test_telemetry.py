@@ -20,9 +20,9 @@ import pytest
 from balanceiq.config import Settings
 from balanceiq.telemetry.observation import NO_TRAFFIC, Observation
 from balanceiq.telemetry.observe import Telemetry
-from balanceiq.testbed.load import run_load_sync
-from balanceiq.testbed.testbed import Testbed
 from balanceiq.xds.server import XdsServer
+from balanceiq_lab.testbed.load import run_load_sync
+from balanceiq_lab.testbed.testbed import Testbed
 
 pytestmark = pytest.mark.slow
 

@@ -10,7 +10,7 @@ import httpx
 import pytest
 from livestack import TOKEN, live_stack, two_cluster_settings
 
-from balanceiq.testbed.envoy import endpoint_health, endpoint_weights
+from balanceiq_lab.testbed.envoy import endpoint_health, endpoint_weights
 
 pytestmark = pytest.mark.slow
 

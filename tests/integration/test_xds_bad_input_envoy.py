@@ -11,9 +11,10 @@ import pytest
 from envoy.service.discovery.v3 import discovery_pb2
 
 from balanceiq.config import Settings
-from balanceiq.testbed.envoy import EnvoyProcess, endpoint_weights, render_bootstrap
+from balanceiq.testbed.envoy import render_bootstrap
 from balanceiq.xds.server import MAX_REQUEST_BYTES, XdsServer
 from balanceiq.xds.snapshot import EDS_TYPE
+from balanceiq_lab.testbed.envoy import EnvoyProcess, endpoint_weights
 
 pytestmark = pytest.mark.slow
 

@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 
 from balanceiq.exceptions import BenchError
-from balanceiq.testbed.backend import Backend, BackendSettings
 from balanceiq.testbed.ports import free_port
 from balanceiq_lab.openloop import (
     NOT_SENT,
@@ -23,6 +22,7 @@ from balanceiq_lab.openloop import (
     latency_summary,
     run_open_loop,
 )
+from balanceiq_lab.testbed.backend import Backend, BackendSettings
 
 
 def _backend(name: str = "b1", *, latency_ms: float = 0.0, concurrency: int = 1000, error_rate: float = 0.0) -> Backend:
@@ -215,7 +215,7 @@ async def test_json_round_trip() -> None:
 
 def test_cli_runs_in_its_own_process(tmp_path: Path) -> None:
     """``python -m balanceiq_lab.openloop``: ready, t=0 from stdin, result as JSON."""
-    from balanceiq.testbed.testbed import BackendsProcess
+    from balanceiq_lab.testbed.testbed import BackendsProcess
 
     spec = [
         {

@@ -75,13 +75,13 @@ from balanceiq.control.xds_client import ActorXdsClient, LocalXdsClient
 from balanceiq.exceptions import BalanceIQError, BenchError
 from balanceiq.policy.lp import traffic_moved, weights_to_shares
 from balanceiq.telemetry.observe import Telemetry
-from balanceiq.testbed.envoy import endpoint_health, endpoint_weights
-from balanceiq.testbed.ports import settings_on_free_ports
-from balanceiq.testbed.testbed import Testbed
 from balanceiq.xds.server import XdsServer
 from balanceiq.xds.snapshot import EDS_TYPE
+from balanceiq_lab.bench.settings import bench_settings
 from balanceiq_lab.openloop import OpenLoopResult, arrival_schedule, run_open_loop_sync
 from balanceiq_lab.progress import progress_bar
+from balanceiq_lab.testbed.envoy import endpoint_health, endpoint_weights
+from balanceiq_lab.testbed.testbed import Testbed
 
 FAULTS = (
     "envoy_restarted",
@@ -133,7 +133,9 @@ def fault_settings(
 ) -> Settings:
     """Every port free, and short windows so a change shows within a control interval or
     two (Prometheus scrapes every 0.5 s, rates over 2 s) instead of the production 10 s."""
-    s = settings_on_free_ports(n_endpoints, base)
+    s = bench_settings(
+        n_endpoints, base, scrape_interval_s=0.5, window_s=2.0, stale_after_s=4.0, control_interval_s=interval_s
+    )
     # Clouds priced apart, as in the sample config, so the LP's cost term has something
     # to weigh (the scenarios that need the split to move also slow a backend).
     costs = [0.40, 0.35, 0.55, 0.12]
@@ -141,14 +143,7 @@ def fault_settings(
         ep.model_copy(update={"cost_per_million_requests": costs[i % len(costs)]})
         for i, ep in enumerate(s.clusters[0].endpoints)
     ]
-    return s.model_copy(
-        update={
-            "clusters": [s.clusters[0].model_copy(update={"endpoints": eps})],
-            "prometheus": s.prometheus.model_copy(update={"scrape_interval_s": 0.5}),
-            "telemetry": s.telemetry.model_copy(update={"window_s": 2.0, "stale_after_s": 4.0}),
-            "control": s.control.model_copy(update={"interval_s": interval_s}),
-        }
-    )
+    return s.model_copy(update={"clusters": [s.clusters[0].model_copy(update={"endpoints": eps})]})
 
 
 # -- results -------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ Every arm gets the same conditions, one arm after the other:
   one arrival schedule (Poisson from ``seed``, or constant) for every arm, latency from
   the *intended* send time, a bounded number in flight, unsendable requests counted as
   errors;
-* **the same scenario timeline** (:class:`~balanceiq.testbed.scenario.ScenarioDriver`,
+* **the same scenario timeline** (:class:`~balanceiq_lab.testbed.scenario.ScenarioDriver`,
   as in the demo), scaled uniformly to ``duration_s`` and started after ``warmup_s`` of
   steady traffic that is not measured.
 
@@ -70,11 +70,12 @@ from balanceiq.config import BACKEND_SATURATION, EndpointConfig, Settings, Signa
 from balanceiq.exceptions import BalanceIQError, BenchError
 from balanceiq.policy.stability import count_reversals
 from balanceiq.testbed.envoy import DEFAULT_LB_POLICY  # what BalanceIQ ships with
-from balanceiq.testbed.ports import settings_on_free_ports
-from balanceiq.testbed.scenario import LiveEvent, LiveScenario, state_truth, states_after
-from balanceiq_lab.bench.processes import cpu_by_role, leftovers
-from balanceiq_lab.openloop import ARRIVALS, OpenLoopResult, latency_summary
+from balanceiq_lab.bench.processes import cores_by_role, cpu_by_role, leftovers
+from balanceiq_lab.bench.settings import bench_settings as common_settings
+from balanceiq_lab.openloop import ARRIVALS, OpenLoopResult, cli_argv
 from balanceiq_lab.progress import progress_bar
+from balanceiq_lab.results import error_rate, latency_summary, slo_attainment
+from balanceiq_lab.testbed.scenario import LiveEvent, LiveScenario, state_truth, states_after
 
 # -- the arms ---------------------------------------------------------------------------------
 
@@ -119,8 +120,7 @@ ARMS: dict[str, Arm] = {
     )
 }
 
-# Defaults: 6 arms x (start + 12 s warm-up + 60 s + stop) plus the capacity ramp fit in
-# 10 minutes on the 2-core machine (the oracle arm adds one more); see BENCHMARKS.md.
+# Defaults sized so every arm plus the capacity ramp fits a short run (see BENCHMARKS.md).
 DEFAULT_RATE_RPS = 150.0
 DEFAULT_DURATION_S = 60.0
 DEFAULT_WARMUP_S = 12.0  # > CSWRR's default 10 s blackout; the controller's first decisions
@@ -198,7 +198,16 @@ def bench_settings(
     exist: the testbed backends' in-flight and concurrency-limit gauges are theirs, not
     something a real backend exports, so no arm may use them."""
     cluster = base.clusters[0]
-    free = settings_on_free_ports(len(cluster.endpoints), base=base)
+    saturation = BACKEND_SATURATION if private_gauges else NO_PRIVATE_GAUGES
+    free = common_settings(
+        len(cluster.endpoints),
+        base,
+        state_dir=state_dir,
+        scrape_interval_s=SCRAPE_INTERVAL_S,
+        window_s=TELEMETRY_WINDOW_S,
+        stale_after_s=2 * TELEMETRY_WINDOW_S,
+        control_interval_s=CONTROL_INTERVAL_S,
+    )
     mapping = {ep.address: new.address for ep, new in zip(cluster.endpoints, free.clusters[0].endpoints)}
     endpoints = [ep.model_copy(update={"address": mapping[ep.address]}) for ep in cluster.endpoints]
     overrides = {mapping[a]: p for a, p in base.testbed.overrides.items() if a in mapping}
@@ -206,23 +215,13 @@ def bench_settings(
         update={
             "clusters": [cluster.model_copy(update={"endpoints": endpoints})],
             "testbed": base.testbed.model_copy(update={"overrides": overrides}),
-            "prometheus": free.prometheus.model_copy(update={"scrape_interval_s": SCRAPE_INTERVAL_S}),
             "telemetry": free.telemetry.model_copy(
-                update={
-                    "window_s": TELEMETRY_WINDOW_S,
-                    "stale_after_s": 2 * TELEMETRY_WINDOW_S,
-                    "queries": {
-                        **free.telemetry.queries,
-                        "saturation": BACKEND_SATURATION if private_gauges else NO_PRIVATE_GAUGES,
-                    },
-                }
+                update={"queries": {**free.telemetry.queries, "saturation": saturation}}
             ),
-            "control": free.control.model_copy(update={"interval_s": CONTROL_INTERVAL_S}),
             # The controller writes weights for the balancer Envoy runs in this arm.
             "envoy": free.envoy.model_copy(update={"lb_policy": lb_policy})
             if lb_policy in ("LEAST_REQUEST", "ROUND_ROBIN")
             else free.envoy,
-            "state_dir": state_dir,
         }
     )
     return s, mapping
@@ -252,7 +251,7 @@ def oracle_split(
     latency_weight: float,
     lb_policy: str = "ROUND_ROBIN",
 ) -> dict[str, Any]:
-    """The LP optimum on the truth (:func:`~balanceiq.testbed.scenario.state_truth` per
+    """The LP optimum on the truth (:func:`~balanceiq_lab.testbed.scenario.state_truth` per
     address): every endpoint critical, true capacity, price and mean service time over
     the SLO as the latency term, the controller's knobs. A backend that answers errors is
     left out (weight 1) when the others carry the demand below 90 % utilisation (worst
@@ -380,10 +379,10 @@ def group_metrics(
         "p99_ms": s["p99"],
         "p999_ms": s["p999"],
         "max_ms": s["max"],
-        "error_rate": _r((n - int(ok.sum())) / n, 5) if n else None,
+        "error_rate": _r(error_rate(n, int(ok.sum())), 5),
         "errors": n - int(ok.sum()),
         "cost_per_million": _r(float(prices[mask].sum()) / n, 4) if n else None,
-        "slo_attainment": _r(float((ok & (res.latency_ms <= slo_ms)).sum()) / n, 5) if n else None,
+        "slo_attainment": _r(slo_attainment(ok[mask], res.latency_ms[mask], slo_ms), 5),
     }
     if clouds is not None and n:
         share: Counter[str] = Counter()
@@ -545,7 +544,7 @@ def evaluate_targets(arms: dict[str, dict[str, Any]]) -> dict[str, Any]:
 
 _ROLES = (
     ("balanceiq_lab.openloop", "generator"),
-    ("balanceiq.testbed.backend", "backends"),
+    ("balanceiq_lab.testbed.backend", "backends"),
     ("balanceiq.telemetry.als", "als"),
     ("envoy", "envoy"),
     ("prometheus", "prometheus"),
@@ -567,16 +566,13 @@ def _cpu_snapshot() -> tuple[dict[int, tuple[str, float]], dict[int, float]]:
 def _cpu_delta(before: tuple[dict[int, tuple[str, float]], dict[int, float]], seconds: float) -> dict[str, Any]:
     ours0, foreign0 = before
     ours1, foreign1 = _cpu_snapshot()
-    agg: dict[str, float] = defaultdict(float)
-    for pid, (role, cpu) in ours1.items():
-        agg[role] += cpu - ours0.get(pid, (role, 0.0))[1]
     # Per pid, so processes that ended meanwhile do not cancel others' use (their own
     # last stretch is missed: a lower bound).
     foreign = sum(max(0.0, cpu - foreign0.get(pid, 0.0)) for pid, cpu in foreign1.items())
     if seconds <= 0:
         return {}
     return {
-        "ours_cores": {r: round(v / seconds, 3) for r, v in sorted(agg.items(), key=lambda kv: -kv[1])},
+        "ours_cores": cores_by_role(ours0, ours1, seconds),
         "other_processes_cores": round(foreign / seconds, 2),
     }
 
@@ -602,29 +598,17 @@ class Generator:
         self.out = out
         self.duration_s = duration_s
         self.timeout_s = timeout_s
-        argv = [
-            sys.executable,
-            "-m",
-            "balanceiq_lab.openloop",
-            "--url",
+        argv = cli_argv(
             url,
-            "--rate",
-            f"{rate_rps:g}",
-            "--duration",
-            f"{duration_s:g}",
-            "--arrivals",
-            arrivals,
-            "--seed",
-            str(seed),
-            "--max-inflight",
-            str(max_inflight),
-            "--timeout",
-            f"{timeout_s:g}",
-            "--start-at",
-            "-",
-            "--out",
-            str(out),
-        ]
+            rate_rps,
+            duration_s,
+            out,
+            arrivals=arrivals,
+            seed=seed,
+            max_inflight=max_inflight,
+            timeout_s=timeout_s,
+            start_at="-",
+        )
         self.err_path = out.with_suffix(".stderr")
         with open(self.err_path, "wb") as err:
             self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, text=True)
@@ -680,8 +664,8 @@ class Stack:
     Prometheus) on free ports; ``stop()`` stops all of it. Records every child pid."""
 
     def __init__(self, base: Settings, workdir: Path, lb_policy: str, *, private_gauges: bool = False) -> None:
-        from balanceiq.testbed.testbed import Testbed
         from balanceiq.xds.server import XdsServer
+        from balanceiq_lab.testbed.testbed import Testbed
 
         self.settings, self.mapping = bench_settings(
             base, workdir / "state", private_gauges=private_gauges, lb_policy=lb_policy
@@ -721,7 +705,7 @@ class Stack:
 
     def wait_routable(self, timeout_s: float = 30.0) -> None:
         """Until Envoy has every endpoint from EDS and none fails its health check."""
-        from balanceiq.testbed.envoy import endpoint_health
+        from balanceiq_lab.testbed.envoy import endpoint_health
 
         deadline = time.monotonic() + timeout_s
         last: Any = None
@@ -743,7 +727,7 @@ class Stack:
         return version
 
     def envoy_weights(self) -> dict[str, int]:
-        from balanceiq.testbed.envoy import endpoint_weights
+        from balanceiq_lab.testbed.envoy import endpoint_weights
 
         return endpoint_weights(self.testbed.envoy.clusters_json(), self.cluster.name)
 
@@ -878,6 +862,195 @@ def _step_summary(r: OpenLoopResult) -> dict[str, Any]:
 # -- one arm ------------------------------------------------------------------------------------
 
 
+_CpuSnapshot = tuple[dict[int, tuple[str, float]], dict[int, float]]
+
+
+class _ArmRun:
+    """One arm's stack, weights, scenario replay and load; :func:`run_arm` drives it."""
+
+    def __init__(
+        self,
+        arm: Arm,
+        base: Settings,
+        scenario: LiveScenario,
+        workdir: Path,
+        *,
+        rate_rps: float,
+        duration_s: float,
+        warmup_s: float,
+        slo_ms: float,
+        private_gauges: bool,
+    ) -> None:
+        self.arm = arm
+        self.rate_rps, self.duration_s, self.warmup_s, self.slo_ms = rate_rps, duration_s, warmup_s, slo_ms
+        self.stack = Stack(base, workdir, arm.lb_policy, private_gauges=private_gauges)
+        self.pids = set(self.stack.pids)
+        self.cluster = self.stack.cluster
+        self.clouds = {ep.address: ep.cloud for ep in self.cluster.endpoints}
+        self.scen = remap_scenario(scenario, self.stack.mapping)
+        self.scale = duration_s / scenario.duration_s
+        self.book = PriceBook({ep.address: ep.cost_per_million_requests for ep in self.cluster.endpoints})
+        self.configured = {new: old for old, new in self.stack.mapping.items()}
+        self.plane: Any = None
+        self.telemetry: Any = None
+        self.driver: Any = None
+        self.gen: Generator | None = None
+        self.applied: list[dict[str, Any]] = []
+        self.failures: list[str] = []
+        self.oracle_pushes: list[dict[str, Any]] = []
+        self.stop = threading.Event()
+        self.thread: threading.Thread | None = None
+        self.start_wall = 0.0
+        self.info: dict[str, Any] = {
+            "label": arm.label,
+            "lb_policy": arm.lb_policy,
+            "weights": arm.weights,
+            "family": arm.family,
+        }
+
+    def push_oracle(self, n_events: int, t_s: float) -> None:
+        events = self.scen.events
+        o = oracle_for(self.stack.settings, events[:n_events], demand_rps=self.rate_rps, slo_ms=self.slo_ms)
+        self.stack.push(o["weights"])
+        self.oracle_pushes.append(
+            {
+                "t_s": round(t_s, 3),
+                "after": events[n_events - 1].name if n_events else "start",
+                "weights": {self.configured[a]: w for a, w in o["weights"].items()},
+                "excluded": [self.configured[a] for a in o["excluded"]],
+                "status": o["status"],
+                "max_utilization": o["max_utilization"],
+            }
+        )
+
+    def set_weights(self, scorer: Any, recording: Path | None) -> None:
+        """The arm's weights: static, the oracle's first push, or a controller (not started yet)."""
+        self.stack.control_all({"orca": True})  # every arm: the same backends, the same response headers
+        self.stack.wait_routable()
+        if self.arm.weights == "cost_aware":
+            w = cost_aware_weights(self.cluster)
+            self.stack.push(w)
+            self.info["static_weights"] = w
+        elif self.arm.weights == "oracle":
+            self.push_oracle(0, -self.warmup_s)
+        elif self.arm.weights == "controller":
+            from balanceiq.control.controller import Controller
+            from balanceiq.control.xds_client import LocalXdsClient
+            from balanceiq.serve.plane import ControlPlane
+            from balanceiq.telemetry.observe import Telemetry
+
+            settings = self.stack.settings
+            self.telemetry = Telemetry(settings, retry_s=0.5)
+            xds = LocalXdsClient(self.stack.xds)
+            controller = Controller(settings, self.telemetry, xds, scorer, recording=recording)
+            self.plane = ControlPlane(settings, controller, token=TOKEN)
+
+    def on_prices(self, prices: dict[str, float]) -> None:
+        self.book.change(time.time() - self.gen.start_wall if self.gen else 0.0, prices)
+        if self.plane is not None:  # what PUT /api/policy {"costs": ...} does
+            self.plane.update_policy({"costs": prices})
+
+    def start(self, arrivals: str, seed: int, out: Path) -> _CpuSnapshot:
+        """Generator, controller and scenario replay under way; the CPU snapshot at t=0."""
+        from balanceiq_lab.testbed.scenario import ScenarioDriver
+
+        self.driver = ScenarioDriver(list(self.cluster.endpoints), self.stack.backend_urls, on_prices=self.on_prices)
+        self.gen = Generator(
+            self.stack.proxy_url,
+            rate_rps=self.rate_rps,
+            duration_s=self.warmup_s + self.duration_s,
+            arrivals=arrivals,
+            seed=seed,
+            out=out,
+        )
+        self.pids.add(self.gen.pid)
+        if self.plane is not None:
+            self.plane.start()
+        cpu0 = _cpu_snapshot()
+        self.start_wall = self.gen.start()
+        self.thread = threading.Thread(target=self.replay, name="bench-live-scenario", daemon=True)
+        self.thread.start()
+        return cpu0
+
+    def replay(self) -> None:
+        start = self.start_wall
+        for i, ev in enumerate(self.scen.events):
+            at = start + self.warmup_s + ev.at_s * self.scale
+            while (wait := at - time.time()) > 0:
+                if self.stop.wait(min(wait, 0.5)):
+                    return
+            try:
+                hit = self.driver.apply(ev)
+                self.applied.append(
+                    {
+                        "name": ev.name,
+                        "at_s": round(ev.at_s * self.scale, 3),
+                        "applied_s": round(time.time() - start - self.warmup_s, 3),
+                        "endpoints": hit,
+                    }
+                )
+                if self.arm.weights == "oracle":
+                    self.push_oracle(i + 1, time.time() - start - self.warmup_s)
+            except Exception as exc:  # report it; the arm's numbers would be wrong
+                self.failures.append(f"event {ev.name!r}: {type(exc).__name__}: {exc}")
+
+    def wait(self, progress: Progress | None, cpu0: _CpuSnapshot) -> tuple[OpenLoopResult, dict[str, Any]]:
+        """The load's result and the CPU used meanwhile, once the schedule has played out."""
+        assert self.gen is not None
+        total = self.warmup_s + self.duration_s
+        task = progress.add_task(f"{self.arm.name}", total=total) if progress else None
+
+        def tick(elapsed: float) -> None:
+            if progress is not None and task is not None:
+                w = self.warmup_s
+                phase = "warm-up" if elapsed < w else self.scen.phase_at((elapsed - w) / self.scale)
+                progress.update(
+                    task, completed=min(max(elapsed, 0.0), total), description=f"{self.arm.name:<18} {phase[:22]}"
+                )
+
+        res = self.gen.wait(tick)
+        cpu = _cpu_delta(cpu0, time.time() - self.start_wall)
+        if progress is not None and task is not None:
+            progress.update(task, completed=total, visible=False)
+        self.stop.set()
+        assert self.thread is not None
+        self.thread.join(10)
+        if self.failures:
+            raise BenchError(f"arm {self.arm.name}: scenario events failed: {'; '.join(self.failures)}")
+        return res, cpu
+
+    def conclude(self, res: OpenLoopResult, inspect: Inspect | None) -> None:
+        """Reversals, the controller's or oracle's record and ``inspect``, before teardown."""
+        if self.plane is not None:
+            self.info["controller"] = _controller_summary(
+                self.plane.controller, self.start_wall, self.warmup_s, self.configured
+            )
+            self.info["reversals"] = self.info["controller"]["reversals"]
+        elif self.arm.weights == "oracle":
+            self.info["oracle_pushes"] = self.oracle_pushes
+            self.info["reversals"] = count_reversals([p["weights"] for p in self.oracle_pushes])
+        else:
+            self.info["reversals"] = 0
+        if self.arm.family == "envoy" and self.arm.lb_policy == CSWRR:
+            self.info["envoy_weights_at_end"] = self.stack.envoy_weights()  # CSWRR's own, from ORCA
+        if inspect is not None:
+            self.info["inspect"] = inspect(self.stack, res)
+
+    def close(self) -> None:
+        self.stop.set()
+        if self.thread is not None:
+            self.thread.join(10)
+        if self.plane is not None:
+            self.plane.stop()
+        if self.telemetry is not None:
+            self.telemetry.close()
+        if self.driver is not None:
+            self.driver.close()
+        if self.gen is not None:
+            self.gen.stop()
+        self.stack.stop()
+
+
 def run_arm(
     arm: Arm,
     base: Settings,
@@ -909,176 +1082,46 @@ def run_arm(
     events applied so far, ``rate_rps`` as demand) before the load and right after each
     event. Every arm's result has ``reversals`` (:func:`~balanceiq.policy.stability.count_reversals`
     over the measured decisions or pushes; 0 for arms whose weights never change)."""
-    from balanceiq.testbed.scenario import ScenarioDriver
-
     t_arm = time.monotonic()
-    stack = Stack(base, workdir, arm.lb_policy, private_gauges=private_gauges)
-    pids = set(stack.pids)
-    cluster = stack.cluster
-    clouds = {ep.address: ep.cloud for ep in cluster.endpoints}
-    scen = remap_scenario(scenario, stack.mapping)
-    scale = duration_s / scenario.duration_s
-    book = PriceBook({ep.address: ep.cost_per_million_requests for ep in cluster.endpoints})
-    plane: Any = None
-    telemetry: Any = None
-    driver: ScenarioDriver | None = None
-    gen: Generator | None = None
-    applied: list[dict[str, Any]] = []
-    failures: list[str] = []
-    stop = threading.Event()
-    thread: threading.Thread | None = None
-    info: dict[str, Any] = {
-        "label": arm.label,
-        "lb_policy": arm.lb_policy,
-        "weights": arm.weights,
-        "family": arm.family,
-    }
-    configured = {new: old for old, new in stack.mapping.items()}
-    oracle_pushes: list[dict[str, Any]] = []
-
-    def push_oracle(n_events: int, t_s: float) -> None:
-        o = oracle_for(stack.settings, scen.events[:n_events], demand_rps=rate_rps, slo_ms=slo_ms)
-        stack.push(o["weights"])
-        oracle_pushes.append(
-            {
-                "t_s": round(t_s, 3),
-                "after": scen.events[n_events - 1].name if n_events else "start",
-                "weights": {configured[a]: w for a, w in o["weights"].items()},
-                "excluded": [configured[a] for a in o["excluded"]],
-                "status": o["status"],
-                "max_utilization": o["max_utilization"],
-            }
-        )
-
+    run = _ArmRun(
+        arm,
+        base,
+        scenario,
+        workdir,
+        rate_rps=rate_rps,
+        duration_s=duration_s,
+        warmup_s=warmup_s,
+        slo_ms=slo_ms,
+        private_gauges=private_gauges,
+    )
     try:
-        stack.control_all({"orca": True})  # every arm: the same backends, the same response headers
-        stack.wait_routable()
-        if arm.weights == "cost_aware":
-            w = cost_aware_weights(cluster)
-            stack.push(w)
-            info["static_weights"] = w
-        elif arm.weights == "oracle":
-            push_oracle(0, -warmup_s)
-        elif arm.weights == "controller":
-            from balanceiq.control.controller import Controller
-            from balanceiq.control.xds_client import LocalXdsClient
-            from balanceiq.serve.plane import ControlPlane
-            from balanceiq.telemetry.observe import Telemetry
-
-            telemetry = Telemetry(stack.settings, retry_s=0.5)
-            controller = Controller(stack.settings, telemetry, LocalXdsClient(stack.xds), scorer, recording=recording)
-            plane = ControlPlane(stack.settings, controller, token=TOKEN)
-
-        def on_prices(prices: dict[str, float]) -> None:
-            book.change(time.time() - gen.start_wall if gen else 0.0, prices)
-            if plane is not None:  # what PUT /api/policy {"costs": ...} does
-                plane.update_policy({"costs": prices})
-
-        driver = ScenarioDriver(list(cluster.endpoints), stack.backend_urls, on_prices=on_prices)
-        gen = Generator(
-            stack.proxy_url,
-            rate_rps=rate_rps,
-            duration_s=warmup_s + duration_s,
-            arrivals=arrivals,
-            seed=seed,
-            out=workdir / "load.json",
-        )
-        pids.add(gen.pid)
-        if plane is not None:
-            plane.start()
-        cpu0 = _cpu_snapshot()
-        start = gen.start()
-
-        def replay() -> None:
-            assert driver is not None
-            for i, ev in enumerate(scen.events):
-                at = start + warmup_s + ev.at_s * scale
-                while (wait := at - time.time()) > 0:
-                    if stop.wait(min(wait, 0.5)):
-                        return
-                try:
-                    hit = driver.apply(ev)
-                    applied.append(
-                        {
-                            "name": ev.name,
-                            "at_s": round(ev.at_s * scale, 3),
-                            "applied_s": round(time.time() - start - warmup_s, 3),
-                            "endpoints": hit,
-                        }
-                    )
-                    if arm.weights == "oracle":
-                        push_oracle(i + 1, time.time() - start - warmup_s)
-                except Exception as exc:  # report it; the arm's numbers would be wrong
-                    failures.append(f"event {ev.name!r}: {type(exc).__name__}: {exc}")
-
-        thread = threading.Thread(target=replay, name="bench-live-scenario", daemon=True)
-        thread.start()
-        task = progress.add_task(f"{arm.name}", total=warmup_s + duration_s) if progress else None
-
-        def tick(elapsed: float) -> None:
-            if progress is not None and task is not None:
-                phase = "warm-up" if elapsed < warmup_s else scen.phase_at((elapsed - warmup_s) / scale)
-                progress.update(
-                    task,
-                    completed=min(max(elapsed, 0.0), warmup_s + duration_s),
-                    description=f"{arm.name:<18} {phase[:22]}",
-                )
-
-        res = gen.wait(tick)
-        wall = time.time() - start
-        cpu = _cpu_delta(cpu0, wall)
-        if progress is not None and task is not None:
-            progress.update(task, completed=warmup_s + duration_s, visible=False)
-        stop.set()
-        thread.join(10)
-        if failures:
-            raise BenchError(f"arm {arm.name}: scenario events failed: {'; '.join(failures)}")
-        if plane is not None:
-            info["controller"] = _controller_summary(plane.controller, start, warmup_s, configured)
-            info["reversals"] = info["controller"]["reversals"]
-        elif arm.weights == "oracle":
-            info["oracle_pushes"] = oracle_pushes
-            info["reversals"] = count_reversals([p["weights"] for p in oracle_pushes])
-        else:
-            info["reversals"] = 0
-        if arm.family == "envoy" and arm.lb_policy == CSWRR:
-            info["envoy_weights_at_end"] = stack.envoy_weights()  # CSWRR's own, from ORCA
-        if inspect is not None:
-            info["inspect"] = inspect(stack, res)
+        run.set_weights(scorer, recording)
+        cpu0 = run.start(arrivals, seed, workdir / "load.json")
+        res, cpu = run.wait(progress, cpu0)
+        run.conclude(res, inspect)
     finally:
-        stop.set()
-        if thread is not None:
-            thread.join(10)
-        if plane is not None:
-            plane.stop()
-        if telemetry is not None:
-            telemetry.close()
-        if driver is not None:
-            driver.close()
-        if gen is not None:
-            gen.stop()
-        stack.stop()
+        run.close()
     m = arm_metrics(
         res,
         warmup_s=warmup_s,
-        scale=scale,
+        scale=run.scale,
         scenario=scenario,
-        prices=book,
+        prices=run.book,
         slo_ms=slo_ms,
         bin_s=bin_s,
-        clouds=clouds,
-        names=configured,
+        clouds=run.clouds,
+        names=run.configured,
     )
     return {
-        **info,
+        **run.info,
         **m,
-        "events": applied,
+        "events": run.applied,
         "generator": res.overhead(),
         "cpu": cpu,
-        "price_changes": {a: [[_r(t, 3), p] for t, p in ch[1:]] for a, ch in book.changes.items() if len(ch) > 1},
-        "backends": {a: clouds[a] for a in clouds},
+        "price_changes": {a: [[_r(t, 3), p] for t, p in ch[1:]] for a, ch in run.book.changes.items() if len(ch) > 1},
+        "backends": {a: run.clouds[a] for a in run.clouds},
         "wall_s": round(time.monotonic() - t_arm, 1),
-        "_pids": sorted(pids),
+        "_pids": sorted(run.pids),
     }
 
 
@@ -1292,29 +1335,17 @@ def _load_scorer(console: Console) -> tuple[Any, dict[str, Any]]:
     return (lambda rows: model.score_many([rows])[0]), {"checkpoint": str(model.checkpoint)}
 
 
-def _run(
+def _result_header(
     base: Settings,
     scenario: LiveScenario,
     arms: list[Arm],
-    rate_rps: float,
-    duration_s: float,
-    warmup_s: float,
-    arrivals: str,
-    seed: int,
-    slo_ms: float,
-    bin_s: float,
-    plot_path: Path | None,
-    calibrate: bool,
+    setup: dict[str, Any],
     scenario_file: str | None,
-    console: Console,
-    inspect: Inspect | None = None,
-    private_gauges: bool = False,
+    private_gauges: bool,
 ) -> dict[str, Any]:
-    t0 = time.monotonic()
-    scale = duration_s / scenario.duration_s
-    notes: list[str] = []
-    all_pids: set[int] = set()
-    result: dict[str, Any] = {
+    """The result's scenario, setup and machine sections, before any arm runs."""
+    scale = setup["duration_s"] / scenario.duration_s
+    return {
         "bench": "live",
         "scenario": {
             "name": scenario.name,
@@ -1326,13 +1357,7 @@ def _run(
             ],
         },
         "setup": {
-            "rate_rps": rate_rps,
-            "arrivals": arrivals,
-            "seed": seed,
-            "duration_s": duration_s,
-            "warmup_s": warmup_s,
-            "slo_ms": slo_ms,
-            "bin_s": bin_s,
+            **setup,
             "control_interval_s": CONTROL_INTERVAL_S,
             "telemetry_window_s": TELEMETRY_WINDOW_S,
             "scrape_interval_s": SCRAPE_INTERVAL_S,
@@ -1357,6 +1382,89 @@ def _run(
         },
         "machine": {"cores": os.cpu_count(), "load_avg_at_start": [round(x, 2) for x in os.getloadavg()]},
     }
+
+
+def _calibrate_capacity(
+    base: Settings, rate_rps: float, work: Path, arrivals: str, seed: int, console: Console, notes: list[str]
+) -> dict[str, Any]:
+    """The ramp that finds the rate this box sustains (notes when ``rate_rps`` is above it)."""
+    try:
+        cap = measure_capacity(base, rate_rps, work / "capacity", arrivals=arrivals, seed=seed, console=console)
+    except BalanceIQError:
+        raise
+    except Exception as exc:
+        raise BenchError(f"capacity measurement failed: {type(exc).__name__}: {exc}") from exc
+    sus = cap.get("sustainable_rps")
+    if sus is None or sus < rate_rps:
+        notes.append(
+            f"--rate {rate_rps:g} is above the rate this box sustained in the ramp ({sus}): "
+            "the arms' latencies include the machine's own queueing"
+        )
+    if cap["leftover_processes"]:
+        notes.append(f"capacity stack left processes: {cap['leftover_processes']}")
+    return cap
+
+
+def _arm_verdict(arm: Arm, r: dict[str, Any], notes: list[str], console: Console) -> None:
+    """Flag an arm the machine disturbed; print its headline."""
+    lag = r["generator"]["schedule_lag_ms"]["p99"] or 0.0
+    r["disturbed"] = bool(lag > SUSTAIN_LAG_P99_MS)
+    if r["disturbed"]:
+        notes.append(
+            f"{arm.name}: the generator's schedule lag p99 was {lag:.0f} ms (> {SUSTAIN_LAG_P99_MS:g}; "
+            f"other processes used {r['cpu'].get('other_processes_cores')} cores): the machine "
+            "was busy during this arm and its latencies include that"
+        )
+    console.print(
+        f"  p50 {r['p50_ms']} ms  p99 {r['p99_ms']} ms  p99.9 {r['p999_ms']} ms  "
+        f"errors {100 * (r['error_rate'] or 0):.2f} %  ${r['cost_per_million']}/M  "
+        f"SLO {100 * (r['slo_attainment'] or 0):.2f} %  ({r['wall_s']} s)",
+        highlight=False,
+    )
+
+
+def _generator_overhead(arms: dict[str, dict[str, Any]], capacity: dict[str, Any] | None) -> dict[str, Any]:
+    lags = [a["generator"]["schedule_lag_ms"]["p99"] for a in arms.values()]
+    cpu = [a["generator"]["cpu_ms_per_request"] for a in arms.values()]
+    return {
+        "schedule_lag_p99_ms_max_over_arms": max((x for x in lags if x is not None), default=None),
+        "cpu_ms_per_request_mean_over_arms": round(float(np.mean(cpu)), 4) if cpu else None,
+        "not_sent_total": sum(a["generator"]["not_sent"] for a in arms.values()),
+        "calibration": (capacity or {}).get("generator_calibration"),
+    }
+
+
+def _run(
+    base: Settings,
+    scenario: LiveScenario,
+    arms: list[Arm],
+    rate_rps: float,
+    duration_s: float,
+    warmup_s: float,
+    arrivals: str,
+    seed: int,
+    slo_ms: float,
+    bin_s: float,
+    plot_path: Path | None,
+    calibrate: bool,
+    scenario_file: str | None,
+    console: Console,
+    inspect: Inspect | None = None,
+    private_gauges: bool = False,
+) -> dict[str, Any]:
+    t0 = time.monotonic()
+    notes: list[str] = []
+    all_pids: set[int] = set()
+    setup = {
+        "rate_rps": rate_rps,
+        "arrivals": arrivals,
+        "seed": seed,
+        "duration_s": duration_s,
+        "warmup_s": warmup_s,
+        "slo_ms": slo_ms,
+        "bin_s": bin_s,
+    }
+    result = _result_header(base, scenario, arms, setup, scenario_file, private_gauges)
     if len(base.clusters) > 1:
         notes.append(f"only the first cluster ({base.clusters[0].name}) is benchmarked")
     with tempfile.TemporaryDirectory(prefix="balanceiq-bench-live-") as tmp:
@@ -1366,21 +1474,7 @@ def _run(
             scorer, info = _load_scorer(console)
             result["setup"]["policy"] = info
         if calibrate:
-            try:
-                cap = measure_capacity(base, rate_rps, work / "capacity", arrivals=arrivals, seed=seed, console=console)
-            except BalanceIQError:
-                raise
-            except Exception as exc:
-                raise BenchError(f"capacity measurement failed: {type(exc).__name__}: {exc}") from exc
-            result["capacity"] = cap
-            sus = cap.get("sustainable_rps")
-            if sus is None or sus < rate_rps:
-                notes.append(
-                    f"--rate {rate_rps:g} is above the rate this box sustained in the ramp ({sus}): "
-                    "the arms' latencies include the machine's own queueing"
-                )
-            if cap["leftover_processes"]:
-                notes.append(f"capacity stack left processes: {cap['leftover_processes']}")
+            result["capacity"] = _calibrate_capacity(base, rate_rps, work, arrivals, seed, console, notes)
         result["arms"] = {}
         with progress_bar(console, count="{task.completed:>5.0f}/{task.total:.0f} s") as progress:
             for arm in arms:
@@ -1410,30 +1504,10 @@ def _run(
                 except Exception as exc:
                     raise BenchError(f"arm {arm.name} failed: {type(exc).__name__}: {exc}") from exc
                 all_pids.update(r.pop("_pids"))
-                lag = r["generator"]["schedule_lag_ms"]["p99"] or 0.0
-                r["disturbed"] = bool(lag > SUSTAIN_LAG_P99_MS)
-                if r["disturbed"]:
-                    notes.append(
-                        f"{arm.name}: the generator's schedule lag p99 was {lag:.0f} ms (> {SUSTAIN_LAG_P99_MS:g}; "
-                        f"other processes used {r['cpu'].get('other_processes_cores')} cores): the machine "
-                        "was busy during this arm and its latencies include that"
-                    )
+                _arm_verdict(arm, r, notes, console)
                 result["arms"][arm.name] = r
-                console.print(
-                    f"  p50 {r['p50_ms']} ms  p99 {r['p99_ms']} ms  p99.9 {r['p999_ms']} ms  "
-                    f"errors {100 * (r['error_rate'] or 0):.2f} %  ${r['cost_per_million']}/M  "
-                    f"SLO {100 * (r['slo_attainment'] or 0):.2f} %  ({r['wall_s']} s)",
-                    highlight=False,
-                )
     result["targets"] = evaluate_targets(result["arms"])
-    lags = [a["generator"]["schedule_lag_ms"]["p99"] for a in result["arms"].values()]
-    cpu = [a["generator"]["cpu_ms_per_request"] for a in result["arms"].values()]
-    result["generator_overhead"] = {
-        "schedule_lag_p99_ms_max_over_arms": max((x for x in lags if x is not None), default=None),
-        "cpu_ms_per_request_mean_over_arms": round(float(np.mean(cpu)), 4) if cpu else None,
-        "not_sent_total": sum(a["generator"]["not_sent"] for a in result["arms"].values()),
-        "calibration": (result.get("capacity") or {}).get("generator_calibration"),
-    }
+    result["generator_overhead"] = _generator_overhead(result["arms"], result.get("capacity"))
     result["leftover_processes"] = leftovers(all_pids, 10.0)
     if result["leftover_processes"]:
         notes.append(f"processes still alive after teardown: {result['leftover_processes']}")

@@ -27,7 +27,6 @@ import random
 import secrets
 import socket
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -42,8 +41,11 @@ from rich.console import Console
 
 from balanceiq.config import Settings
 from balanceiq.exceptions import BenchError
+from balanceiq_lab.bench.settings import bench_settings
 from balanceiq_lab.bench.xds_clients import ClientProcesses
+from balanceiq_lab.openloop import Request, cli_argv, run_open_loop
 from balanceiq_lab.progress import progress_bar
+from balanceiq_lab.results import latency_summary
 
 MAX_RATE = 2000.0
 MAX_DURATION_S = 3600.0
@@ -58,17 +60,7 @@ SOAK_ACK_TIMEOUT_S = 10.0
 
 
 def _pct(values: Sequence[float] | np.ndarray, digits: int = 2) -> dict[str, Any]:
-    arr = np.asarray(values, dtype=np.float64)
-    arr = arr[np.isfinite(arr)]
-    if not arr.size:
-        return {"p50": None, "p90": None, "p99": None, "max": None, "n": 0}
-    return {
-        "p50": round(float(np.percentile(arr, 50)), digits),
-        "p90": round(float(np.percentile(arr, 90)), digits),
-        "p99": round(float(np.percentile(arr, 99)), digits),
-        "max": round(float(arr.max()), digits),
-        "n": int(arr.size),
-    }
+    return latency_summary(values, digits, keys=("p50", "p90", "p99", "max", "n"))
 
 
 def _check(rate_rps: float, duration_s: float) -> None:
@@ -130,66 +122,44 @@ def request_mix(addresses: Sequence[str]) -> list[tuple[str, str, dict[str, Any]
 async def _open_loop(
     url: str, token: str, rate_rps: float, duration_s: float, addresses: Sequence[str]
 ) -> dict[str, Any]:
-    import aiohttp
-
     mix = request_mix(addresses)
+    auth = {"Authorization": f"Bearer {token}"}
     n = int(rate_rps * duration_s)
-    lat = np.full(n, np.nan)
-    lag = np.full(n, np.nan)
-    ok = np.zeros(n, dtype=bool)
-    status: Counter[str] = Counter()
+    res = await run_open_loop(
+        url,
+        np.arange(n) / rate_rps,
+        max_inflight=max(n, 1),  # unbounded: every request leaves on time
+        timeout_s=API_TIMEOUT_S,
+        start_wall=time.time() + 0.05,
+        requests=[Request(path, method, body, auth if authed else None) for method, path, body, authed in mix],
+        connections=API_CONNECTIONS,
+        keepalive_s=2.0,  # below uvicorn's 5 s
+    )
+    ok = res.ok
     errors: Counter[str] = Counter()
     by_route: dict[str, list[int]] = {}
-    loop = asyncio.get_running_loop()
-    # Keep-alive below uvicorn's 5 s, so the client never reuses a connection at the very
-    # moment the server closes it (an error of the client's making, not the API's).
-    connector = aiohttp.TCPConnector(limit=API_CONNECTIONS, keepalive_timeout=2.0)
-    timeout = aiohttp.ClientTimeout(total=API_TIMEOUT_S)
-    auth = {"Authorization": f"Bearer {token}"}
-    cpu0 = time.process_time()
-
-    async def one(session: aiohttp.ClientSession, i: int, due: float) -> None:
-        method, path, body, authed = mix[i % len(mix)]
-        lag[i] = (loop.time() - due) * 1000
-        try:
-            async with session.request(method, url + path, json=body, headers=auth if authed else None) as resp:
-                await resp.read()
-                status[str(resp.status)] += 1
-                ok[i] = 200 <= resp.status < 300
-                if not ok[i]:
-                    errors[f"HTTP {resp.status} {method} {path}"] += 1
-        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-            errors[f"{type(exc).__name__} {method} {path}"] += 1
-        lat[i] = (loop.time() - due) * 1000
+    for i, (status, err) in enumerate(zip(res.status.tolist(), res.error.tolist())):
+        method, path, _, _ = mix[i % len(mix)]
+        if not ok[i]:
+            errors[f"{res.error_kinds[err] if err >= 0 else f'HTTP {status}'} {method} {path}"] += 1
         by_route.setdefault(f"{method} {path.split('?')[0]}", []).append(i)
-
-    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
-        t0 = loop.time() + 0.05
-        tasks = []
-        for i in range(n):
-            due = t0 + i / rate_rps
-            delay = due - loop.time()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            tasks.append(asyncio.ensure_future(one(session, i, due)))
-        await asyncio.gather(*tasks)
-        wall = loop.time() - t0
     done = int(ok.sum())
     return {
         "requests": n,
         "ok": done,
         "errors": n - done,
         "error_kinds": dict(errors),
-        "status": dict(status),
-        "achieved_rps": round(done / wall, 1) if wall > 0 else None,
-        "wall_s": round(wall, 2),
-        "latency_ms": _pct(lat),
+        "status": dict(Counter(str(s) for s in res.status.tolist() if s > 0)),
+        "achieved_rps": round(done / res.wall_s, 1) if res.wall_s > 0 else None,
+        "wall_s": round(res.wall_s, 2),
+        "latency_ms": _pct(res.latency_ms),
         "by_route": {
-            route: {**_pct(lat[idx]), "errors": int((~ok[idx]).sum())} for route, idx in sorted(by_route.items())
+            route: {**_pct(res.latency_ms[idx]), "errors": int((~ok[idx]).sum())}
+            for route, idx in sorted(by_route.items())
         },
         "client": {
-            "schedule_lag_ms": _pct(lag),
-            "cpu_s": round(time.process_time() - cpu0, 2),
+            "schedule_lag_ms": _pct(res.schedule_lag_ms()),
+            "cpu_s": round(res.cpu_s, 2),
             "connections": API_CONNECTIONS,
             "timeout_s": API_TIMEOUT_S,
         },
@@ -238,21 +208,6 @@ class _Uvicorn:
         self.sock.close()
 
 
-def load_settings(state_dir: Path, base: Settings | None = None) -> Settings:
-    """Free loopback ports; telemetry and control tuned so the loop decides every second."""
-    from balanceiq.testbed.ports import settings_on_free_ports
-
-    s = settings_on_free_ports(6, base)
-    return s.model_copy(
-        update={
-            "state_dir": state_dir,
-            "prometheus": s.prometheus.model_copy(update={"scrape_interval_s": 1.0}),
-            "telemetry": s.telemetry.model_copy(update={"window_s": 5.0, "stale_after_s": 10.0}),
-            "control": s.control.model_copy(update={"interval_s": 1.0}),
-        }
-    )
-
-
 @contextlib.contextmanager
 def _background_traffic(
     url: str, rate_rps: float, duration_s: float, workdir: Path
@@ -260,21 +215,7 @@ def _background_traffic(
     """Open-loop traffic through Envoy in its own process, so the controller sees real load."""
     out = workdir / "background.json"
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "balanceiq_lab.openloop",
-            "--url",
-            url,
-            "--rate",
-            f"{rate_rps:g}",
-            "--duration",
-            f"{duration_s:g}",
-            "--arrivals",
-            "constant",
-            "--out",
-            str(out),
-        ],
+        cli_argv(url, rate_rps, duration_s, out, arrivals="constant"),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -309,15 +250,24 @@ def run_api_load(
     from balanceiq.serve.plane import ControlPlane, PolicyClient
     from balanceiq.serve.policy import PolicyModel
     from balanceiq.telemetry.observe import Telemetry
-    from balanceiq.testbed.testbed import Testbed
     from balanceiq.xds.server import XdsServer
+    from balanceiq_lab.testbed.testbed import Testbed
 
     console = console or Console(stderr=True)
     token = secrets.token_urlsafe(32)
     proc = psutil.Process()
     with tempfile.TemporaryDirectory(prefix="balanceiq-api-load-") as tmp:
         work = Path(tmp)
-        settings = load_settings(work / "state", base)
+        # Telemetry and control tuned so the loop decides every second.
+        settings = bench_settings(
+            6,
+            base,
+            state_dir=work / "state",
+            scrape_interval_s=1.0,
+            window_s=5.0,
+            stale_after_s=10.0,
+            control_interval_s=1.0,
+        )
         addresses = [ep.address for ep in settings.clusters[0].endpoints]
         xds = XdsServer(settings, state_dir=work / "state")
         xds.start()
@@ -470,9 +420,10 @@ def run_xds_soak(
     console: Console | None = None,
 ) -> dict[str, Any]:
     """``streams`` simulated clients + one real Envoy; a push every ``push_interval_s``."""
-    from balanceiq.testbed.envoy import EnvoyProcess, render_bootstrap
+    from balanceiq.testbed.envoy import render_bootstrap
     from balanceiq.xds.server import XdsServer
-    from balanceiq_lab.bench.xds import bench_settings
+    from balanceiq_lab.bench.xds import xds_settings
+    from balanceiq_lab.testbed.envoy import EnvoyProcess
 
     if api not in ("ads-sotw", "ads-delta"):
         raise BenchError(f"--api must be ads-sotw or ads-delta, got {api!r}")
@@ -482,7 +433,7 @@ def run_xds_soak(
         raise BenchError("--push-interval in [0.05, 60] s, --duration in (0, 3600] s, and --warmup below --duration")
     console = console or Console(stderr=True)
     proc = psutil.Process()
-    settings = bench_settings(endpoints)
+    settings = xds_settings(endpoints)
     addrs = [ep.address for ep in settings.clusters[0].endpoints]
     fanout = _Fanout(streams + 1)
     samples: list[tuple[float, float]] = []  # (seconds since the first push, RSS MiB)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections import defaultdict
 from collections.abc import Sequence
 
 import psutil
@@ -23,6 +24,16 @@ def cpu_by_role(roles: Sequence[tuple[str, str]], self_role: str) -> dict[int, t
         role = self_role if p.pid == me.pid else next((r for key, r in roles if key in cmd), "other")
         out[p.pid] = (role, t.user + t.system)
     return out
+
+
+def cores_by_role(
+    before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]], seconds: float
+) -> dict[str, float]:
+    """Cores each role used between two :func:`cpu_by_role` snapshots ``seconds`` apart, busiest first."""
+    agg: dict[str, float] = defaultdict(float)
+    for pid, (role, cpu) in after.items():
+        agg[role] += cpu - before.get(pid, (role, 0.0))[1]
+    return {r: round(v / seconds, 3) for r, v in sorted(agg.items(), key=lambda kv: -kv[1])} if seconds > 0 else {}
 
 
 def leftovers(pids: set[int], wait_s: float) -> list[str]:

@@ -1,7 +1,7 @@
 """`balanceiq bench serve`: the Ray Serve app under load (policy inference, API, loop).
 
 One run, everything real: the sample backends, the ALS exporter, Envoy and Prometheus
-(a :class:`~balanceiq.testbed.testbed.Testbed`), a private local Ray cluster, and the
+(a :class:`~balanceiq_lab.testbed.testbed.Testbed`), a private local Ray cluster, and the
 product's Serve application (``build_app``: the batched ``Policy`` deployment and the
 ``Controller`` FastAPI ingress, which starts the xDS actor and the control loop). A
 bounded background load (~100 req/s through Envoy) gives the controller real telemetry
@@ -43,7 +43,6 @@ import functools
 import json
 import math
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -52,6 +51,7 @@ import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -66,9 +66,13 @@ from balanceiq.policy.decide import Knobs, observe_only
 from balanceiq.policy.features import encode
 from balanceiq.policy.reward import RewardWeights
 from balanceiq.telemetry.observation import EndpointObservation, Observation
-from balanceiq.testbed.ports import free_port, settings_on_free_ports
-from balanceiq_lab.bench.processes import cpu_by_role, leftovers
+from balanceiq.testbed.ports import free_port
+from balanceiq_lab.bench.processes import cores_by_role, cpu_by_role, leftovers
+from balanceiq_lab.bench.settings import CLOUDS
+from balanceiq_lab.bench.settings import bench_settings as common_settings
+from balanceiq_lab.openloop import Request, run_open_loop
 from balanceiq_lab.progress import progress_bar
+from balanceiq_lab.results import latency_summary
 
 APP_NAME = "balanceiq-bench"
 TESTBED_ENDPOINTS = 6  # the controller's own cluster; --endpoints sizes the scoring requests
@@ -88,7 +92,6 @@ TARGETS = {
     "api_p99_ms_at_200_rps": 100.0,
     "decision_score_ms_p99": 10.0,
 }
-CLOUDS = [("aws", "us-east-1", 0.40), ("gcp", "us-central1", 0.35), ("azure", "eastus", 0.55)]
 # Set in os.environ before ray.init (the raylet, and so every worker, inherits it) and in
 # the job's runtime_env. Ray reads these at import time in the Serve controller and the
 # replicas; the driver does not use them.
@@ -130,34 +133,9 @@ COMPARE_METRICS = (
 # -- pure helpers (unit-tested) ----------------------------------------------------------
 
 
-def percentile(values: Sequence[float], q: float) -> float | None:
-    """The ``q``-th percentile (0..100) with linear interpolation, as ``numpy.percentile``;
-    ``None`` for no values (JSON has no NaN)."""
-    if not 0.0 <= q <= 100.0:
-        raise ValueError(f"percentile must be in 0..100, got {q}")
-    s = sorted(float(v) for v in values)
-    if not s:
-        return None
-    pos = (len(s) - 1) * q / 100.0
-    lo = math.floor(pos)
-    hi = min(lo + 1, len(s) - 1)
-    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
-
-
-def summary(values: Sequence[float], digits: int = 3) -> dict[str, float | int | None]:
+def summary(values: Sequence[float] | np.ndarray, digits: int = 3) -> dict[str, float | int | None]:
     """``p50``, ``p99``, ``mean``, ``max`` and ``n`` of latencies (ms), rounded."""
-
-    def r(x: float | None) -> float | None:
-        return None if x is None else round(x, digits)
-
-    vals = [float(v) for v in values]
-    return {
-        "p50": r(percentile(vals, 50)),
-        "p99": r(percentile(vals, 99)),
-        "mean": r(statistics.fmean(vals)) if vals else None,
-        "max": r(max(vals)) if vals else None,
-        "n": len(vals),
-    }
+    return latency_summary(values, digits, keys=("p50", "p99", "mean", "max", "n"))
 
 
 def validate_args(
@@ -311,14 +289,8 @@ def decision_stats(
 def bench_settings(state_dir: Path, n_endpoints: int = TESTBED_ENDPOINTS, base: Settings | None = None) -> Settings:
     """Settings on free ports (:func:`balanceiq.testbed.ports.settings_on_free_ports`), a
     1 s control interval, a decision log that holds the whole run, and a private state dir."""
-    s = settings_on_free_ports(n_endpoints, base)
-    return s.model_copy(
-        update={
-            "control": s.control.model_copy(update={"interval_s": CONTROL_INTERVAL_S}),
-            "api": s.api.model_copy(update={"host": "127.0.0.1", "decision_log_size": 1000}),
-            "state_dir": Path(state_dir),
-        }
-    )
+    s = common_settings(n_endpoints, base, state_dir=state_dir, control_interval_s=CONTROL_INTERVAL_S)
+    return s.model_copy(update={"api": s.api.model_copy(update={"host": "127.0.0.1", "decision_log_size": 1000})})
 
 
 def direct_ingress_targets(target_groups: Sequence[dict[str, Any]], app_name: str, proxy_port: int) -> list[int]:
@@ -443,78 +415,46 @@ async def open_loop(
     on_done: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
     """GET ``paths`` round-robin on a fixed schedule; latency from the intended send time."""
-    import aiohttp
-
     schedule = send_schedule(rate_rps, duration_s)
-    lat: list[float] = []
-    lag: list[float] = []  # how late the client itself started a request (its own CPU)
-    by_path: dict[str, list[float]] = defaultdict(list)
-    path_errors: Counter[str] = Counter()
-    status: Counter[str] = Counter()
-    errors: Counter[str] = Counter()
-    size: dict[str, int] = {}
-    ok = 0
-    loop = asyncio.get_running_loop()
-    # keepalive below the server's (uvicorn: 5 s), so an idle pooled connection is never
-    # reused at the moment the server closes it (a client-made error, not the API's).
-    connector = aiohttp.TCPConnector(limit=connections, keepalive_timeout=2.0)
-    timeout = aiohttp.ClientTimeout(total=timeout_s)
-
-    async def one(session: aiohttp.ClientSession, path: str, intended: float) -> None:
-        nonlocal ok
-        lag.append((loop.time() - intended) * 1000)
-        try:
-            async with session.get(base_url + path) as resp:
-                body = await resp.read()
-                status[str(resp.status)] += 1
-                if 200 <= resp.status < 300:
-                    ok += 1
-                    size[path] = len(body)
-                else:
-                    errors[f"HTTP {resp.status}"] += 1
-                    path_errors[path] += 1
-        except (TimeoutError, aiohttp.ClientError) as exc:
-            errors[type(exc).__name__] += 1
-            path_errors[path] += 1
-        ms = (loop.time() - intended) * 1000
-        lat.append(ms)
-        by_path[path].append(ms)
-        if on_done:
-            on_done()
-
-    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
-        t0 = loop.time() + 0.05
-        tasks = []
-        for i, offset in enumerate(schedule):
-            intended = t0 + offset
-            delay = intended - loop.time()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(one(session, paths[i % len(paths)], intended)))
-        await asyncio.gather(*tasks)
-        elapsed = loop.time() - t0
-    s = summary(lat)
+    res = await run_open_loop(
+        base_url,
+        schedule,
+        max_inflight=len(schedule),  # unbounded: every request leaves on time
+        timeout_s=timeout_s,
+        start_wall=time.time() + 0.05,
+        on_progress=None if on_done is None else (lambda _: on_done()),
+        requests=[Request(p) for p in paths],
+        connections=connections,
+        keepalive_s=2.0,  # below uvicorn's 5 s
+    )
+    s = res.summary()
+    ok, path_of = res.ok, [paths[i % len(paths)] for i in range(len(res))]
+    by_path: dict[str, list[int]] = defaultdict(list)
+    for i, p in enumerate(path_of):
+        by_path[p].append(i)
+    size = {path_of[i]: int(res.nbytes[i]) for i in np.flatnonzero(ok)} if res.nbytes is not None else {}
+    lat = summary(res.latency_ms)
     return {
-        "rps": round(ok / elapsed, 1) if elapsed > 0 else None,
-        "p50_ms": s["p50"],
-        "p99_ms": s["p99"],
-        "max_ms": s["max"],
-        "errors": sum(errors.values()),
+        "rps": round(s["ok"] / res.wall_s, 1) if res.wall_s > 0 else None,
+        "p50_ms": lat["p50"],
+        "p99_ms": lat["p99"],
+        "max_ms": lat["max"],
+        "errors": s["errors"],
         "requests": len(schedule),
-        "ok": ok,
+        "ok": s["ok"],
         "target_rps": rate_rps,
         "duration_s": duration_s,
-        "wall_s": round(elapsed, 2),
-        "error_kinds": dict(errors),
-        "status": dict(status),
-        "client_send_lag_ms": {k: summary(lag)[k] for k in ("p50", "p99", "max")},
+        "wall_s": round(res.wall_s, 2),
+        "error_kinds": s["error_kinds"],
+        "status": dict(Counter(str(c) for c in res.status.tolist() if c > 0)),
+        "client_send_lag_ms": {k: summary(res.schedule_lag_ms())[k] for k in ("p50", "p99", "max")},
         "by_path": {
             p: {
-                **{k: v for k, v in summary(v).items() if k in ("p50", "p99", "max", "n")},
-                "errors": path_errors[p],
+                **latency_summary(res.latency_ms[idx], 3, keys=("p50", "p99", "max", "n")),
+                "errors": int((~ok[idx]).sum()),
                 "bytes": size.get(p),
             }
-            for p, v in sorted(by_path.items())
+            for p, idx in sorted(by_path.items())
         },
         "connections": connections,
         "method": "open loop: fixed schedule, latency from the intended send time",
@@ -720,10 +660,7 @@ def _cpu_by_role() -> dict[int, tuple[str, float]]:
 
 
 def _cpu_delta_by_role(before: dict[int, tuple[str, float]], seconds: float) -> dict[str, float]:
-    agg: dict[str, float] = defaultdict(float)
-    for pid, (role, cpu) in _cpu_by_role().items():
-        agg[role] += cpu - before.get(pid, (role, 0.0))[1]
-    return {r: round(v / seconds, 3) for r, v in sorted(agg.items(), key=lambda kv: -kv[1])} if seconds > 0 else {}
+    return cores_by_role(before, _cpu_by_role(), seconds)
 
 
 # -- the run -----------------------------------------------------------------------------
@@ -862,6 +799,322 @@ def _replica_env(keys: Sequence[str]) -> dict[str, str | None]:
     return {}
 
 
+@dataclass
+class _Inference:
+    """What the inference phase measured (ms per call, seconds per phase)."""
+
+    handle_ms: list[float]
+    http_ms: list[float]
+    conc_ms: list[float]
+    http_inner: list[float]
+    callers: int
+    seq_s: float
+    conc_s: float
+    batches: dict[str, int]
+    mean_batch: float | None
+    foreign_cpu: dict[str, Any]
+
+
+def _start_serve(
+    settings: Settings, http_port: int, mode_env: dict[str, str], console: Console, remember: Callable[[], None]
+) -> float:
+    """A new local Ray cluster, Serve on ``http_port`` and the app on it; the deploy time (s)."""
+    import ray
+    from ray import serve
+
+    from balanceiq.serve.app import build_app
+
+    # Ray and the app first: the Controller deployment starts the xDS actor, and
+    # Envoy only reports ready once it has its clusters from it.
+    with console.status("starting a local Ray cluster and Serve"):
+        try:
+            # address="local": always a new cluster, never one `ray start` left running.
+            ray.init(
+                address="local",
+                num_cpus=2,
+                include_dashboard=False,
+                log_to_driver=False,
+                namespace="balanceiq-bench",
+                # Metrics every second and one histogram bucket per batch size, so
+                # the batching figure is exact and ready right after the phase.
+                _system_config={"metrics_report_interval_ms": 1000},
+                runtime_env={"env_vars": {"RAY_SERVE_BATCH_SIZE_BUCKETS": BATCH_BUCKETS, **mode_env}},
+            )
+            serve.start(http_options={"host": "127.0.0.1", "port": http_port})
+        except Exception as exc:
+            raise BenchError(f"could not start Ray/Serve: {type(exc).__name__}: {exc}") from exc
+    remember()
+    with console.status("deploying the BalanceIQ app (Policy + Controller)"):
+        t_deploy = time.monotonic()
+        try:
+            serve.run(build_app({"settings": settings}), name=APP_NAME, route_prefix="/")
+        except Exception as exc:
+            raise BenchError(f"the Serve app did not deploy: {type(exc).__name__}: {exc}") from exc
+        deploy_s = time.monotonic() - t_deploy
+    remember()
+    return deploy_s
+
+
+def _ingress_url(base: str, http_port: int, ingress: dict[str, Any], mode_env: dict[str, str]) -> str:
+    """The URL every HTTP measurement goes to (the replica's own port with direct ingress)."""
+    ingress["replica_env"] = _replica_env(list(mode_env))
+    if ingress["mode"] == "direct_ingress":
+        from ray.serve.context import _get_global_client
+
+        port, groups = _direct_ingress_port(_get_global_client(), http_port)
+        base = f"http://127.0.0.1:{port}"
+        ingress.update(replica_port=port, proxy_port=http_port, target_groups=groups)
+    ingress["url"] = base
+    return base
+
+
+def _background_load(url: str, stop: threading.Event, into: dict[str, Any]) -> threading.Thread:
+    """~``BACKGROUND_RPS`` through Envoy until ``stop``, so the controller has real telemetry."""
+    from balanceiq_lab.testbed.load import run_load_sync
+
+    def background() -> None:
+        res = run_load_sync(
+            url, total=int(BACKGROUND_RPS * 900), concurrency=8, max_seconds=900, rate_rps=BACKGROUND_RPS, stop=stop
+        )
+        into.update(res.to_json())
+
+    loader = threading.Thread(target=background, name="bench-background-load", daemon=True)
+    loader.start()
+    return loader
+
+
+def _wait_healthy(client: Any, base: str, timeout_s: float = 60.0) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if client.get("/api/health").status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            raise BenchError(f"the API at {base} did not answer /api/health within {timeout_s:g} s")
+        time.sleep(0.2)
+
+
+def _proxy_still_serves(client: Any, http_port: int) -> bool | str:
+    """Serve keeps its proxy on the head node with direct ingress or the replica's own
+    server; whether it still routes to the app."""
+    import httpx
+
+    try:
+        return bool(client.get(f"http://127.0.0.1:{http_port}/api/health").status_code == 200)
+    except httpx.HTTPError as exc:
+        return f"{type(exc).__name__}: {exc}"
+
+
+def _measure_inference(
+    client: Any, rows: np.ndarray, body: dict[str, Any], endpoints: int, calls: int, console: Console, notes: list[str]
+) -> _Inference:
+    """Sequential handle calls, sequential HTTP calls, then concurrent handle calls."""
+    import ray
+    from ray import serve
+
+    policy = serve.get_deployment_handle("Policy", app_name=APP_NAME)
+    metrics_port = ray._private.worker.global_worker.node.metrics_export_port
+    http_inner: list[float] = []
+
+    def handle_call() -> None:
+        out = policy.score.remote(rows).result(timeout_s=10.0)
+        if len(out) != endpoints:
+            raise BenchError(f"Policy.score returned {len(out)} scores for {endpoints} endpoints")
+
+    def http_call() -> None:
+        r = client.post("/api/policy/score", json=body)
+        if r.status_code != 200:
+            raise BenchError(f"POST /api/policy/score answered {r.status_code}: {r.text[:200]}")
+        got = r.json()
+        if len(got["scores"]) != endpoints:
+            raise BenchError(f"/api/policy/score returned {len(got['scores'])} scores for {endpoints}")
+        http_inner.append(float(got["inference_ms"]))
+
+    foreign_inf0, t_inf = _cpu_by_foreign_process(), time.monotonic()
+    with progress_bar(console) as progress:
+        try:
+            task = progress.add_task("warm-up", total=2 * WARMUP_CALLS)
+            _timed_calls(handle_call, WARMUP_CALLS, lambda: progress.advance(task))
+            _timed_calls(http_call, WARMUP_CALLS, lambda: progress.advance(task))
+            http_inner.clear()
+            task = progress.add_task(f"handle, N={endpoints}", total=calls)
+            t = time.perf_counter()
+            handle_ms = _timed_calls(handle_call, calls, lambda: progress.advance(task))
+            seq_s = time.perf_counter() - t
+            task = progress.add_task(f"HTTP /api/policy/score, N={endpoints}", total=calls)
+            http_ms = _timed_calls(http_call, calls, lambda: progress.advance(task))
+
+            shares = split_calls(calls, CONCURRENT_CALLERS)
+            task = progress.add_task(f"handle, {len(shares)} concurrent callers", total=calls)
+            batch0 = _batch_metrics_settled(metrics_port)
+            t = time.perf_counter()
+            with ThreadPoolExecutor(len(shares)) as pool:
+                parts = list(pool.map(lambda k: _timed_calls(handle_call, k, lambda: progress.advance(task)), shares))
+            conc_s = time.perf_counter() - t
+            batch1 = _batch_metrics_settled(metrics_port)
+        except BalanceIQError:
+            raise
+        except Exception as exc:
+            raise BenchError(f"policy inference failed: {type(exc).__name__}: {exc}") from exc
+    batches: dict[str, int] = {}
+    mean_batch, exact = None, False
+    if batch0 is not None and batch1 is not None:
+        batches, mean_batch, exact = batch_sizes(batch0, batch1)
+    if mean_batch is None:
+        notes.append("mean batch size not reported: Ray's metrics agent did not export serve_actual_batch_size")
+    elif not exact:
+        notes.append("mean batch size estimated from coarse histogram buckets")
+    return _Inference(
+        handle_ms=handle_ms,
+        http_ms=http_ms,
+        conc_ms=[x for part in parts for x in part],
+        http_inner=http_inner,
+        callers=len(shares),
+        seq_s=seq_s,
+        conc_s=conc_s,
+        batches=batches,
+        mean_batch=mean_batch,
+        foreign_cpu=_foreign_cpu_delta(foreign_inf0, time.monotonic() - t_inf),
+    )
+
+
+def _measure_api(
+    client: Any, base: str, rate_rps: float, also_rate_rps: float | None, duration_s: float, console: Console
+) -> tuple[dict[str, dict[str, Any]], dict[str, Any], tuple[float, float]]:
+    """Calibration, then the open-loop phases: results by phase, the last phase's foreign
+    CPU and the phases' wall-clock window."""
+    with console.status("API calibration: the same mix, closed loop (1, then 16 connections)"):
+        calibration = _calibrate(client, API_PATHS, CALIBRATION_REQUESTS)
+        calibration["saturation"] = asyncio.run(closed_loop(base, API_PATHS, SATURATION_CONNECTIONS, 5.0))
+    # The lower --also-rate first, so a queue the main rate may leave cannot spill into it.
+    phases = ([("api_also", also_rate_rps)] if also_rate_rps is not None else []) + [("api", rate_rps)]
+    results: dict[str, dict[str, Any]] = {}
+    foreign: dict[str, Any] = {}
+    t_phases = time.time()
+    for key, rate in phases:
+        foreign0, ours0 = _cpu_by_foreign_process(), _cpu_by_role()
+        with progress_bar(console) as progress:
+            task = progress.add_task(f"API open loop, {rate:g} req/s", total=len(send_schedule(rate, duration_s)))
+            t_api = time.monotonic()
+            res = asyncio.run(
+                open_loop(base, API_PATHS, rate, duration_s, on_done=functools.partial(progress.advance, task))
+            )
+            api_wall = time.monotonic() - t_api
+        foreign = _foreign_cpu_delta(foreign0, api_wall)
+        res["cpu_cores_by_process"] = _cpu_delta_by_role(ours0, api_wall)
+        res["foreign_cpu_cores"] = foreign["cores"]
+        results[key] = res
+        if key == "api_also":
+            time.sleep(2.0)
+    results["api"]["calibration"] = calibration
+    return results, foreign, (t_phases, time.time())
+
+
+def _all_decisions(client: Any) -> list[dict[str, Any]]:
+    r = client.get("/api/decisions", params={"limit": 1000})
+    if r.status_code != 200:
+        raise BenchError(f"GET /api/decisions?limit=1000 answered {r.status_code}: {r.text[:200]}")
+    return list(r.json()["decisions"])
+
+
+def _teardown(client: Any, tb: Any, console: Console, notes: list[str], remember: Callable[[], None]) -> None:
+    import ray
+    from ray import serve
+
+    from balanceiq.xds.actor import get_actor
+
+    with console.status("tearing down Serve, the xDS actor, Ray and the testbed"):
+        if client is not None:
+            client.close()
+        if ray.is_initialized():  # also after a half-finished ray.init
+            remember()
+            try:
+                serve.shutdown()
+            except Exception as exc:  # teardown continues; say what failed
+                notes.append(f"serve.shutdown failed: {type(exc).__name__}: {exc}")
+            try:
+                ray.kill(get_actor())
+            except ValueError:
+                pass  # never started, or already gone
+            except Exception as exc:
+                notes.append(f"killing the xDS actor failed: {type(exc).__name__}: {exc}")
+            remember()
+            ray.shutdown()
+        tb.stop()
+
+
+def _contention_note(cpu: dict[str, Any], phase: str) -> str | None:
+    if not (cpu["cores"] and cpu["cores"] > 0.3):
+        return None
+    return (
+        f"other processes on this machine used {cpu['cores']} of {os.cpu_count()} cores during the {phase} "
+        f"phase (top: {cpu['top'][0]['cmd']!r}); latencies include that contention"
+    )
+
+
+def _result_notes(
+    notes: list[str],
+    *,
+    inf: _Inference,
+    results: dict[str, dict[str, Any]],
+    foreign: dict[str, Any],
+    decisions_taken: int,
+    leftover: Any,
+    rate_rps: float,
+    mode: str,
+) -> None:
+    """What a reader of the result must know to trust it (appended to ``notes``)."""
+    if decisions_taken == 0:
+        notes.append("no full decision (policy/baseline) was taken: telemetry stayed blind; see by_mode")
+    if leftover:
+        notes.append(f"processes still alive after teardown: {leftover}")
+    notes.extend(n for n in (_contention_note(inf.foreign_cpu, "inference"), _contention_note(foreign, "API")) if n)
+    handle_p99 = summary(inf.handle_ms)["p99"]
+    if handle_p99 is not None and handle_p99 > TARGETS["handle_p99_ms_at_64_endpoints"]:
+        notes.append(f"handle p99 {handle_p99} ms is above the 10 ms target")
+    api = results["api"]
+    if api["errors"]:
+        notes.append(f"API errors under load: {api['error_kinds']}")
+    also = results.get("api_also")
+    if also is not None and (also["errors"] or (also["rps"] or 0) < 0.95 * also["target_rps"]):
+        notes.append(
+            f"API at --also-rate {also['target_rps']:g} req/s: {also['rps']} req/s, {also['errors']} errors "
+            f"{also['error_kinds']}"
+        )
+    if api["errors"] or (api["rps"] or 0) < 0.95 * rate_rps:
+        calibration = api["calibration"]
+        per = calibration["cpu_ms_per_request"]
+        need = (per["serve_proxy"] + per["controller_replica"]) * rate_rps / 1000
+        notes.append(
+            f"API below target ({mode}): {api['rps']} of {rate_rps:g} req/s. Unloaded, Serve's HTTP proxy costs "
+            f"{per['serve_proxy']} ms and the Controller replica {per['controller_replica']} ms of CPU per request "
+            f"(calibration), i.e. {need:.2f} cores at {rate_rps:g} req/s on a {os.cpu_count()}-core machine that also "
+            f"runs Envoy, Prometheus, the backends, Ray and the load generators (other processes: {foreign['cores']} cores); "
+            f"closed loop with {calibration['saturation']['connections']} connections it saturates at "
+            f"{calibration['saturation']['rps']} req/s"
+        )
+
+
+def _inference_report(inf: _Inference, calls: int) -> dict[str, Any]:
+    return {
+        "handle": summary(inf.handle_ms),
+        "http": {**summary(inf.http_ms), "inside_replica": {k: summary(inf.http_inner)[k] for k in ("p50", "p99")}},
+        "concurrent": {
+            **summary(inf.conc_ms),
+            "callers": inf.callers,
+            "calls_per_s": round(calls / inf.conc_s, 1),
+            "sequential_calls_per_s": round(calls / inf.seq_s, 1),
+            "mean_batch_size": inf.mean_batch,
+            "batches_by_size": inf.batches,
+            "batching_note": "Serve's own serve_actual_batch_size over the phase; the control loop's 1/s calls are included",
+        },
+    }
+
+
 def _run(
     endpoints: int,
     duration_s: float,
@@ -873,19 +1126,14 @@ def _run(
 ) -> dict[str, Any]:
     import httpx
     import ray
-    from ray import serve
 
-    from balanceiq.serve.app import build_app
-    from balanceiq.testbed.load import run_load_sync
-    from balanceiq.testbed.testbed import Testbed
-    from balanceiq.xds.actor import get_actor
+    from balanceiq_lab.testbed.testbed import Testbed
 
     if ray.is_initialized():
         raise BenchError("Ray is already initialised in this process; the bench starts its own local cluster")
     load0 = os.getloadavg()
     obs, hint = synthetic_observation(endpoints)
-    rows = policy_rows(obs, hint)
-    body = score_request(obs, hint)
+    rows, body = policy_rows(obs, hint), score_request(obs, hint)
     notes: list[str] = []
     me = psutil.Process()
     started_pids: set[int] = set()
@@ -893,9 +1141,8 @@ def _run(
     def remember_children() -> None:
         started_pids.update(c.pid for c in me.children(recursive=True))
 
-    direct_ingress = mode == "direct_ingress"
     own_server = mode == "replica_server"
-    mode_env = DIRECT_INGRESS_ENV if direct_ingress else PROXY_ENV
+    mode_env = DIRECT_INGRESS_ENV if mode == "direct_ingress" else PROXY_ENV
     ingress: dict[str, Any] = {"mode": mode, "env": mode_env}
     with tempfile.TemporaryDirectory(prefix="balanceiq-bench-serve-") as work:
         settings = bench_settings(Path(work) / "state")
@@ -903,88 +1150,26 @@ def _run(
         # Serve's proxy (it also runs with direct ingress, on the head node); with the
         # replica's own server on api.port, on a port of its own as serve_app.yaml has it.
         http_port = free_port() if own_server else settings.api.port
-        base = f"http://127.0.0.1:{settings.api.port}"
         stop_load = threading.Event()
         loader: threading.Thread | None = None
         load_result: dict[str, Any] = {}
         tb = Testbed(settings, Path(work) / "tb", xds_port=settings.xds.port, health_check_interval_s=5)
         client: httpx.Client | None = None
         try:
-            # Ray and the app first: the Controller deployment starts the xDS actor, and
-            # Envoy only reports ready once it has its clusters from it.
-            with console.status("starting a local Ray cluster and Serve"):
-                try:
-                    # address="local": always a new cluster, never one `ray start` left running.
-                    ray.init(
-                        address="local",
-                        num_cpus=2,
-                        include_dashboard=False,
-                        log_to_driver=False,
-                        namespace="balanceiq-bench",
-                        # Metrics every second and one histogram bucket per batch size, so
-                        # the batching figure is exact and ready right after the phase.
-                        _system_config={"metrics_report_interval_ms": 1000},
-                        runtime_env={"env_vars": {"RAY_SERVE_BATCH_SIZE_BUCKETS": BATCH_BUCKETS, **mode_env}},
-                    )
-                    serve.start(http_options={"host": "127.0.0.1", "port": http_port})
-                except Exception as exc:
-                    raise BenchError(f"could not start Ray/Serve: {type(exc).__name__}: {exc}") from exc
-            remember_children()
-            with console.status("deploying the BalanceIQ app (Policy + Controller)"):
-                t_deploy = time.monotonic()
-                try:
-                    serve.run(build_app({"settings": settings}), name=APP_NAME, route_prefix="/")
-                except Exception as exc:
-                    raise BenchError(f"the Serve app did not deploy: {type(exc).__name__}: {exc}") from exc
-                deploy_s = time.monotonic() - t_deploy
-            remember_children()
-            ingress["replica_env"] = _replica_env(list(mode_env))
-            if direct_ingress:
-                from ray.serve.context import _get_global_client
-
-                port, groups = _direct_ingress_port(_get_global_client(), http_port)
-                base = f"http://127.0.0.1:{port}"
-                ingress.update(replica_port=port, proxy_port=http_port, target_groups=groups)
-            ingress["url"] = base
+            deploy_s = _start_serve(settings, http_port, mode_env, console, remember_children)
+            base = _ingress_url(f"http://127.0.0.1:{settings.api.port}", http_port, ingress, mode_env)
             with console.status("starting backends, ALS, Envoy and Prometheus"):
                 try:
                     tb.start()
                 except BalanceIQError as exc:
                     raise BenchError(f"testbed did not start: {exc}") from exc
             remember_children()
-
-            def background() -> None:
-                res = run_load_sync(
-                    tb.envoy.listen_url,
-                    total=int(BACKGROUND_RPS * 900),
-                    concurrency=8,
-                    max_seconds=900,
-                    rate_rps=BACKGROUND_RPS,
-                    stop=stop_load,
-                )
-                load_result.update(res.to_json())
-
-            loader = threading.Thread(target=background, name="bench-background-load", daemon=True)
-            loader.start()
+            loader = _background_load(tb.envoy.listen_url, stop_load, load_result)
             client = httpx.Client(base_url=base, timeout=10.0, trust_env=False)
-            deadline = time.monotonic() + 60
-            while True:
-                try:
-                    if client.get("/api/health").status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise BenchError(f"the API at {base} did not answer /api/health within 60 s")
-                time.sleep(0.2)
+            _wait_healthy(client, base)
             remember_children()
-            if direct_ingress or own_server:
-                # Serve keeps its proxy on the head node in these modes; it still routes to the app.
-                try:
-                    r = client.get(f"http://127.0.0.1:{http_port}/api/health")
-                    ingress["proxy_port_still_serves"] = r.status_code == 200
-                except httpx.HTTPError as exc:
-                    ingress["proxy_port_still_serves"] = f"{type(exc).__name__}: {exc}"
+            if mode in ("direct_ingress", "replica_server"):
+                ingress["proxy_port_still_serves"] = _proxy_still_serves(client, http_port)
             # Steady state from here: the app came up before Prometheus did, so its first
             # observations came from Envoy's admin (>= 0.25 s each, by design); the loop
             # returns to Prometheus on its next retry once Prometheus has samples.
@@ -993,177 +1178,69 @@ def _run(
             if t_app is None:
                 notes.append("no decision from Prometheus within 45 s of start; decision_loop_ms covers whatever came")
                 t_app = time.time()
-            policy = serve.get_deployment_handle("Policy", app_name=APP_NAME)
-            metrics_port = ray._private.worker.global_worker.node.metrics_export_port
-
-            def handle_call() -> None:
-                out = policy.score.remote(rows).result(timeout_s=10.0)
-                if len(out) != endpoints:
-                    raise BenchError(f"Policy.score returned {len(out)} scores for {endpoints} endpoints")
-
-            def http_call() -> None:
-                r = client.post("/api/policy/score", json=body)
-                if r.status_code != 200:
-                    raise BenchError(f"POST /api/policy/score answered {r.status_code}: {r.text[:200]}")
-                got = r.json()
-                if len(got["scores"]) != endpoints:
-                    raise BenchError(f"/api/policy/score returned {len(got['scores'])} scores for {endpoints}")
-                http_inner.append(float(got["inference_ms"]))
-
-            http_inner: list[float] = []
-            foreign_inf0, t_inf = _cpu_by_foreign_process(), time.monotonic()
-            with progress_bar(console) as progress:
-                try:
-                    task = progress.add_task("warm-up", total=2 * WARMUP_CALLS)
-                    _timed_calls(handle_call, WARMUP_CALLS, lambda: progress.advance(task))
-                    _timed_calls(http_call, WARMUP_CALLS, lambda: progress.advance(task))
-                    http_inner.clear()
-                    task = progress.add_task(f"handle, N={endpoints}", total=calls)
-                    t = time.perf_counter()
-                    handle_ms = _timed_calls(handle_call, calls, lambda: progress.advance(task))
-                    seq_s = time.perf_counter() - t
-                    task = progress.add_task(f"HTTP /api/policy/score, N={endpoints}", total=calls)
-                    http_ms = _timed_calls(http_call, calls, lambda: progress.advance(task))
-
-                    shares = split_calls(calls, CONCURRENT_CALLERS)
-                    task = progress.add_task(f"handle, {len(shares)} concurrent callers", total=calls)
-                    batch0 = _batch_metrics_settled(metrics_port)
-                    t = time.perf_counter()
-                    with ThreadPoolExecutor(len(shares)) as pool:
-                        parts = list(
-                            pool.map(lambda k: _timed_calls(handle_call, k, lambda: progress.advance(task)), shares)
-                        )
-                    conc_s = time.perf_counter() - t
-                    batch1 = _batch_metrics_settled(metrics_port)
-                except BalanceIQError:
-                    raise
-                except Exception as exc:
-                    raise BenchError(f"policy inference failed: {type(exc).__name__}: {exc}") from exc
-            conc_ms = [x for part in parts for x in part]
-            batches: dict[str, int] = {}
-            mean_batch, exact = None, False
-            if batch0 is not None and batch1 is not None:
-                batches, mean_batch, exact = batch_sizes(batch0, batch1)
-            if mean_batch is None:
-                notes.append("mean batch size not reported: Ray's metrics agent did not export serve_actual_batch_size")
-            elif not exact:
-                notes.append("mean batch size estimated from coarse histogram buckets")
-
-            foreign_inf = _foreign_cpu_delta(foreign_inf0, time.monotonic() - t_inf)
-            with console.status("API calibration: the same mix, closed loop (1, then 16 connections)"):
-                calibration = _calibrate(client, API_PATHS, CALIBRATION_REQUESTS)
-                calibration["saturation"] = asyncio.run(closed_loop(base, API_PATHS, SATURATION_CONNECTIONS, 5.0))
-            # The lower --also-rate first, so a queue the main rate may leave cannot spill into it.
-            phases = ([("api_also", also_rate_rps)] if also_rate_rps is not None else []) + [("api", rate_rps)]
-            results: dict[str, dict[str, Any]] = {}
-            foreign: dict[str, Any] = {}
-            t_phases = time.time()
-            for key, rate in phases:
-                foreign0, ours0 = _cpu_by_foreign_process(), _cpu_by_role()
-                with progress_bar(console) as progress:
-                    task = progress.add_task(
-                        f"API open loop, {rate:g} req/s", total=len(send_schedule(rate, duration_s))
-                    )
-                    t_api = time.monotonic()
-                    res = asyncio.run(
-                        open_loop(base, API_PATHS, rate, duration_s, on_done=functools.partial(progress.advance, task))
-                    )
-                    api_wall = time.monotonic() - t_api
-                foreign = _foreign_cpu_delta(foreign0, api_wall)
-                res["cpu_cores_by_process"] = _cpu_delta_by_role(ours0, api_wall)
-                res["foreign_cpu_cores"] = foreign["cores"]
-                results[key] = res
-                if key == "api_also":
-                    time.sleep(2.0)
-            api_window = (t_phases, time.time())
-            api = results["api"]
-            api["calibration"] = calibration
-
-            r = client.get("/api/decisions", params={"limit": 1000})
-            if r.status_code != 200:
-                raise BenchError(f"GET /api/decisions?limit=1000 answered {r.status_code}: {r.text[:200]}")
-            decisions = r.json()["decisions"]
+            inf = _measure_inference(client, rows, body, endpoints, calls, console, notes)
+            results, foreign, api_window = _measure_api(client, base, rate_rps, also_rate_rps, duration_s, console)
+            decisions = _all_decisions(client)
             remember_children()
         finally:
             stop_load.set()
             if loader is not None:
                 loader.join(15)
-            with console.status("tearing down Serve, the xDS actor, Ray and the testbed"):
-                if client is not None:
-                    client.close()
-                if ray.is_initialized():  # also after a half-finished ray.init
-                    remember_children()
-                    try:
-                        serve.shutdown()
-                    except Exception as exc:  # teardown continues; say what failed
-                        notes.append(f"serve.shutdown failed: {type(exc).__name__}: {exc}")
-                    try:
-                        ray.kill(get_actor())
-                    except ValueError:
-                        pass  # never started, or already gone
-                    except Exception as exc:
-                        notes.append(f"killing the xDS actor failed: {type(exc).__name__}: {exc}")
-                    remember_children()
-                    ray.shutdown()
-                tb.stop()
+            _teardown(client, tb, console, notes, remember_children)
         leftover = leftovers(started_pids, 15.0)
 
     load1 = os.getloadavg()
     dl = decision_stats(decisions, since=t_app, window=api_window)
-    handle_s, http_s, conc_sum = summary(handle_ms), summary(http_ms), summary(conc_ms)
-    if dl["decisions"] == 0:
-        notes.append("no full decision (policy/baseline) was taken: telemetry stayed blind; see by_mode")
-    if leftover:
-        notes.append(f"processes still alive after teardown: {leftover}")
-    if foreign_inf["cores"] and foreign_inf["cores"] > 0.3:
-        notes.append(
-            f"other processes on this machine used {foreign_inf['cores']} of {os.cpu_count()} cores during the inference "
-            f"phase (top: {foreign_inf['top'][0]['cmd']!r}); latencies include that contention"
-        )
-    if foreign["cores"] and foreign["cores"] > 0.3:
-        notes.append(
-            f"other processes on this machine used {foreign['cores']} of {os.cpu_count()} cores during the API phase "
-            f"(top: {foreign['top'][0]['cmd']!r}); latencies include that contention"
-        )
-    if handle_s["p99"] is not None and handle_s["p99"] > TARGETS["handle_p99_ms_at_64_endpoints"]:
-        notes.append(f"handle p99 {handle_s['p99']} ms is above the 10 ms target")
-    if api["errors"]:
-        notes.append(f"API errors under load: {api['error_kinds']}")
-    also = results.get("api_also")
-    if also is not None and (also["errors"] or (also["rps"] or 0) < 0.95 * also["target_rps"]):
-        notes.append(
-            f"API at --also-rate {also['target_rps']:g} req/s: {also['rps']} req/s, {also['errors']} errors "
-            f"{also['error_kinds']}"
-        )
-    if api["errors"] or (api["rps"] or 0) < 0.95 * rate_rps:
-        per = calibration["cpu_ms_per_request"]
-        need = (per["serve_proxy"] + per["controller_replica"]) * rate_rps / 1000
-        notes.append(
-            f"API below target ({ingress['mode']}): {api['rps']} of {rate_rps:g} req/s. Unloaded, Serve's HTTP proxy costs "
-            f"{per['serve_proxy']} ms and the Controller replica {per['controller_replica']} ms of CPU per request "
-            f"(calibration), i.e. {need:.2f} cores at {rate_rps:g} req/s on a {os.cpu_count()}-core machine that also "
-            f"runs Envoy, Prometheus, the backends, Ray and the load generators (other processes: {foreign['cores']} cores); "
-            f"closed loop with {calibration['saturation']['connections']} connections it saturates at "
-            f"{calibration['saturation']['rps']} req/s"
-        )
+    _result_notes(
+        notes,
+        inf=inf,
+        results=results,
+        foreign=foreign,
+        decisions_taken=dl["decisions"],
+        leftover=leftover,
+        rate_rps=rate_rps,
+        mode=mode,
+    )
+    return _report(
+        endpoints=endpoints,
+        calls=calls,
+        inf=inf,
+        results=results,
+        foreign=foreign,
+        decisions=decisions,
+        dl=dl,
+        t_app=t_app,
+        background=load_result,
+        setup={"deploy_s": round(deploy_s, 1), "http_port": http_port, "ingress": ingress},
+        loadavg=(load0, load1),
+        leftover=leftover,
+        notes=notes,
+    )
+
+
+def _report(
+    *,
+    endpoints: int,
+    calls: int,
+    inf: _Inference,
+    results: dict[str, dict[str, Any]],
+    foreign: dict[str, Any],
+    decisions: list[dict[str, Any]],
+    dl: dict[str, Any],
+    t_app: float,
+    background: dict[str, Any],
+    setup: dict[str, Any],
+    loadavg: tuple[Any, Any],
+    leftover: Any,
+    notes: list[str],
+) -> dict[str, Any]:
+    load0, load1 = loadavg
     return {
         "bench": "serve",
         "endpoints": endpoints,
         "calls": calls,
-        "inference_ms": {
-            "handle": handle_s,
-            "http": {**http_s, "inside_replica": {k: summary(http_inner)[k] for k in ("p50", "p99")}},
-            "concurrent": {
-                **conc_sum,
-                "callers": len(shares),
-                "calls_per_s": round(calls / conc_s, 1),
-                "sequential_calls_per_s": round(calls / seq_s, 1),
-                "mean_batch_size": mean_batch,
-                "batches_by_size": batches,
-                "batching_note": "Serve's own serve_actual_batch_size over the phase; the control loop's 1/s calls are included",
-            },
-        },
-        "api": api,
+        "inference_ms": _inference_report(inf, calls),
+        "api": results["api"],
         **({"api_also": results["api_also"]} if "api_also" in results else {}),
         "decision_loop_ms": {
             **dl,
@@ -1171,14 +1248,14 @@ def _run(
             "testbed_endpoints": TESTBED_ENDPOINTS,
             "startup_decisions_excluded": sum(1 for d in decisions if d.get("timestamp", 0) < t_app),
         },
-        "background_load": {k: load_result.get(k) for k in ("sent", "ok", "failed", "rps", "p99_ms")},
-        "setup": {"deploy_s": round(deploy_s, 1), "http_port": http_port, "ingress": ingress},
+        "background_load": {k: background.get(k) for k in ("sent", "ok", "failed", "rps", "p99_ms")},
+        "setup": setup,
         "machine": {
             "cpu_count": os.cpu_count(),
             "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
             "loadavg_before": [round(x, 2) for x in load0],
             "loadavg_after": [round(x, 2) for x in load1],
-            "foreign_cpu_during_inference": foreign_inf,
+            "foreign_cpu_during_inference": inf.foreign_cpu,
             "foreign_cpu_during_api": foreign,
         },
         "leftover_processes": leftover,

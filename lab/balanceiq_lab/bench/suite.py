@@ -10,8 +10,8 @@ stack with the same open-loop arrival schedule (Poisson, seeded by the fleet's s
   rare long tail: ``tail_prob`` 0.01-0.05 of ``tail_ms`` 100-500), ``concurrency`` slots,
   a price per million requests (up to 20x apart across the fleet) and **no capacity
   hint**: the controller must learn capacity from telemetry.
-* **The load** is 40-80 % of the fleet's true total capacity. Envoy on this box passes
-  only ~100-250 req/s, so the rate is drawn in ``rate_rps_range`` first and every base
+* **The load** is 40-80 % of the fleet's true total capacity. A small box's Envoy passes
+  only a few hundred req/s, so the rate is drawn in ``rate_rps_range`` first and every base
   latency is then scaled by one common factor (kept within 5-150 ms; the concurrencies
   are adjusted when that is not enough) until rate / capacity is the drawn fraction.
   At 100-200 req/s and 5-150 ms that leaves most backends with 1-3 slots (a few
@@ -21,7 +21,7 @@ stack with the same open-loop arrival schedule (Poisson, seeded by the fleet's s
   many it took).
   True capacity of a backend = ``concurrency / mean slot hold``, the mean being
   ``median * exp(sigma**2 / 2) + jitter / 2 + tail_prob * tail_ms``
-  (:func:`~balanceiq.testbed.backend.mean_service_ms`).
+  (:func:`~balanceiq_lab.testbed.backend.mean_service_ms`).
 * **2-3 events** at distinct times between 25 % and 80 % of the run: a backend slows
   down 2-5x, grows a latency tail, answers 5-30 % errors, loses half or two thirds of its
   concurrency, changes price 0.2-10x (one backend or a whole cloud), or recovers (an
@@ -58,8 +58,6 @@ from rich.console import Console
 
 from balanceiq.config import BackendProfile, ClusterConfig, EndpointConfig, Settings, default_settings
 from balanceiq.exceptions import BenchError
-from balanceiq.testbed.backend import mean_service_ms, true_capacity_rps
-from balanceiq.testbed.scenario import LiveEvent, LiveScenario, state_truth, states_after, truth_at
 from balanceiq_lab.bench.live import (
     ARMS,
     BIN_S,
@@ -76,6 +74,8 @@ from balanceiq_lab.bench.live import (
 )
 from balanceiq_lab.bench.processes import leftovers
 from balanceiq_lab.progress import progress_bar
+from balanceiq_lab.testbed.backend import mean_service_ms, true_capacity_rps
+from balanceiq_lab.testbed.scenario import LiveEvent, LiveScenario, state_truth, states_after, truth_at
 
 # -- knobs -------------------------------------------------------------------------------------
 
@@ -791,6 +791,45 @@ def run_live_suite(
         )
 
 
+def _suite_setup(
+    base: Settings,
+    fleets: list[Fleet],
+    arms: list[Arm],
+    seed: int,
+    duration_s: float,
+    warmup_s: float,
+    rate_rps_range: tuple[float, float],
+    slo_ms: float,
+    private_gauges: bool,
+) -> dict[str, Any]:
+    c = base.control
+    return {
+        "fleets": len(fleets),
+        "seed": seed,
+        "fleet_seeds": [f.seed for f in fleets],
+        "seed_rule": f"fleet i uses seed {SEED_STRIDE} * seed + i (numpy default_rng): "
+        "backends, load, events and the Poisson arrival schedule",
+        "arms": [a.name for a in arms],
+        "duration_s": duration_s,
+        "warmup_s": warmup_s,
+        "slo_ms": slo_ms,
+        "rate_rps_range": list(rate_rps_range),
+        "arrivals": "poisson",
+        "private_gauges": private_gauges,
+        "capacity_hints": False,
+        "capacity_ramp": False,
+        "default_lb_policy": DEFAULT_LB_POLICY,
+        "control": {
+            "interval_s": 1.0,
+            "cost_weight": c.cost_weight,
+            "util_target": c.util_target,
+            "latency_weight": c.latency_weight,
+        },
+        "method": "per fleet, every arm on a fresh stack with the same open-loop schedule; the fleet's events "
+        "after an unmeasured warm-up; ratios are geometric means over fleets",
+    }
+
+
 def _run_suite(
     base: Settings,
     fleets: list[Fleet],
@@ -806,35 +845,11 @@ def _run_suite(
     record_dir: Path | None = None,
 ) -> dict[str, Any]:
     t0 = time.monotonic()
-    c = base.control
     default = DEFAULT_ARM.name
+    setup = _suite_setup(base, fleets, arms, seed, duration_s, warmup_s, rate_rps_range, slo_ms, private_gauges)
     result: dict[str, Any] = {
         "bench": "live-suite",
-        "setup": {
-            "fleets": len(fleets),
-            "seed": seed,
-            "fleet_seeds": [f.seed for f in fleets],
-            "seed_rule": f"fleet i uses seed {SEED_STRIDE} * seed + i (numpy default_rng): "
-            "backends, load, events and the Poisson arrival schedule",
-            "arms": [a.name for a in arms],
-            "duration_s": duration_s,
-            "warmup_s": warmup_s,
-            "slo_ms": slo_ms,
-            "rate_rps_range": list(rate_rps_range),
-            "arrivals": "poisson",
-            "private_gauges": private_gauges,
-            "capacity_hints": False,
-            "capacity_ramp": False,
-            "default_lb_policy": DEFAULT_LB_POLICY,
-            "control": {
-                "interval_s": 1.0,
-                "cost_weight": c.cost_weight,
-                "util_target": c.util_target,
-                "latency_weight": c.latency_weight,
-            },
-            "method": "per fleet, every arm on a fresh stack with the same open-loop schedule; the fleet's events "
-            "after an unmeasured warm-up; ratios are geometric means over fleets",
-        },
+        "setup": setup,
         "default_arm": default,
         "machine": {"cores": os.cpu_count(), "load_avg_at_start": [round(x, 2) for x in os.getloadavg()]},
         "fleets": [],

@@ -33,18 +33,20 @@ from balanceiq.config import Settings, settings_from_dict
 from balanceiq.exceptions import BenchError
 from balanceiq.telemetry.envoy_admin import EnvoyAdminSource
 from balanceiq.telemetry.observe import Telemetry
-from balanceiq.testbed.envoy import EnvoyProcess, render_bootstrap
-from balanceiq.testbed.load import run_load_sync
+from balanceiq.testbed.envoy import render_bootstrap
 from balanceiq.testbed.ports import free_ports
-from balanceiq.testbed.testbed import AlsProcess, BackendsProcess, Testbed, backend_specs
 from balanceiq.xds.server import XdsServer
+from balanceiq_lab.bench.settings import CLOUDS
 from balanceiq_lab.bench.xds import _pct
+from balanceiq_lab.results import latency_summary
+from balanceiq_lab.testbed.envoy import EnvoyProcess
+from balanceiq_lab.testbed.load import run_load_sync
+from balanceiq_lab.testbed.testbed import AlsProcess, BackendsProcess, Testbed, backend_specs
 
-CLOUDS = [("aws", "us-east-1", 0.40), ("gcp", "us-central1", 0.35), ("azure", "eastus", 0.55)]
 TARGETS = {"observe_ms_at_100_endpoints": 50.0, "p95_abs_error_ms": 10.0}
 
 
-def bench_settings(
+def telemetry_settings(
     n: int,
     *,
     window_s: float,
@@ -87,7 +89,7 @@ def run_telemetry_bench(
         raise BenchError("--endpoints >= 1, --samples >= 1 and --rate > 0 are required")
     console = console or Console(stderr=True)
     window_s = 10.0
-    settings = bench_settings(endpoints, window_s=window_s)
+    settings = telemetry_settings(endpoints, window_s=window_s)
     specs = {s["name"]: s for s in backend_specs(settings)}
     truth_p95 = {a: s["base_latency_ms"] + 0.95 * 1.0 for a, s in specs.items()}  # jitter U(0, 1 ms)
     truth_err = {a: s["error_rate"] for a, s in specs.items()}
@@ -228,20 +230,13 @@ def _by_backend(telemetry: Telemetry, q: str) -> dict[str, float]:
 
 
 def _summary(values: list[float], digits: int = 2) -> dict[str, float | None]:
-    if not values:
-        return {"mean": None, "p90": None, "max": None, "n": 0}
-    s = sorted(values)
-    return {
-        "mean": round(statistics.fmean(s), digits),
-        "p90": round(s[min(len(s) - 1, int(0.9 * len(s)))], digits),
-        "max": round(s[-1], digits),
-        "n": len(s),
-    }
+    # p90 by nearest rank (the value at index int(0.9 n) of the sorted sample).
+    return latency_summary(values, digits, keys=("mean", "p90", "max", "n"), method="higher")
 
 
 def _overhead(work: Path, console: Console, rounds: int = 2, seconds: float = 4.0) -> dict[str, Any]:
     """Two Envoys on one xDS server and the same 3 zero-latency backends, ALS on vs off."""
-    settings = bench_settings(3, window_s=10, latency_ms=[0.0, 0.0, 0.0], error_rates=[0.0] * 3)
+    settings = telemetry_settings(3, window_s=10, latency_ms=[0.0, 0.0, 0.0], error_rates=[0.0] * 3)
     spare = iter(free_ports(2))
     off_settings = settings.model_copy(
         update={"telemetry": settings.telemetry.model_copy(update={"als_enabled": False})}

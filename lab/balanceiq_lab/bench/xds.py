@@ -14,6 +14,7 @@ that ACK every response). Each push changes every endpoint's weight. Measured:
 
 from __future__ import annotations
 
+import math
 import random
 import tempfile
 import threading
@@ -22,17 +23,19 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import numpy as np
 import psutil
 from rich.console import Console
 
 from balanceiq.config import Settings, settings_from_dict
 from balanceiq.exceptions import BenchError
-from balanceiq.testbed.envoy import EnvoyProcess, endpoint_weights, render_bootstrap
+from balanceiq.testbed.envoy import render_bootstrap
 from balanceiq.testbed.ports import free_ports
 from balanceiq.xds.server import XdsServer
+from balanceiq_lab.bench.settings import CLOUDS
 from balanceiq_lab.bench.xds_clients import ClientProcesses
 from balanceiq_lab.progress import progress_bar
+from balanceiq_lab.results import latency_summary
+from balanceiq_lab.testbed.envoy import EnvoyProcess, endpoint_weights
 
 CLUSTER = "my_service"
 ENVOY_NODE = "bench-envoy"
@@ -44,11 +47,11 @@ TARGETS = {
 }
 
 
-def bench_settings(endpoints: int) -> Settings:
-    clouds = [("aws", "us-east-1", 0.40), ("gcp", "us-central1", 0.35), ("azure", "eastus", 0.55)]
+def xds_settings(endpoints: int) -> Settings:
+    """``endpoints`` endpoints on loopback addresses nothing listens on, xDS/Envoy on free ports."""
     eps = []
     for i in range(endpoints):
-        cloud, region, cost = clouds[i % 3]
+        cloud, region, cost = CLOUDS[i % 3]
         # 127.0.0.0/8 gives enough distinct loopback addresses; nothing listens there.
         eps.append(
             {
@@ -96,15 +99,8 @@ class AckCollector:
 
 
 def _pct(values: list[float], digits: int = 3) -> dict[str, float]:
-    if not values:
-        return {"p50": float("nan"), "p99": float("nan"), "max": float("nan"), "n": 0}
-    arr = np.asarray(values)
-    return {
-        "p50": round(float(np.percentile(arr, 50)), digits),
-        "p99": round(float(np.percentile(arr, 99)), digits),
-        "max": round(float(arr.max()), digits),
-        "n": len(values),
-    }
+    s = latency_summary(values, digits, keys=("p50", "p99", "max", "n"))
+    return {k: math.nan if v is None else v for k, v in s.items()}
 
 
 def run_xds_bench(
@@ -117,7 +113,7 @@ def run_xds_bench(
     console = console or Console(stderr=True)
     proc = psutil.Process()
     rss_baseline = proc.memory_info().rss
-    settings = bench_settings(endpoints)
+    settings = xds_settings(endpoints)
     addrs = [ep.address for ep in settings.clusters[0].endpoints]
     probe_clusters = endpoints <= 100
 

@@ -17,7 +17,6 @@ import pytest
 from balanceiq.cli import main as cli_main
 from balanceiq.config import load_config
 from balanceiq.exceptions import BenchError
-from balanceiq.testbed.scenario import load_live_scenario, truth_at
 from balanceiq_lab.bench.live import (
     ARMS,
     DEFAULT_ARM,
@@ -42,6 +41,7 @@ from balanceiq_lab.bench.suite import (
     truth,
     validate_suite_args,
 )
+from balanceiq_lab.testbed.scenario import load_live_scenario, truth_at
 
 REPO = Path(__file__).resolve().parents[3]
 

@@ -26,7 +26,6 @@ from balanceiq_lab.bench.serve import (
     direct_ingress_targets,
     last_json_object,
     main,
-    percentile,
     policy_rows,
     ratio,
     score_request,
@@ -36,6 +35,7 @@ from balanceiq_lab.bench.serve import (
     synthetic_observation,
     validate_args,
 )
+from balanceiq_lab.results import percentile
 
 
 @pytest.mark.parametrize("q", [0, 1, 25, 50, 90, 99, 100])

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from balanceiq.policy.baselines import PolicyContext
-from balanceiq.policy.decide import CoreState, Knobs, decide, erlang_wait, observe_only, queue_utilisation
+from balanceiq.policy.decide import CoreState, Knobs, decide, observe_only
 from balanceiq.telemetry.observation import EndpointObservation, Observation
 
 NAN = float("nan")
@@ -235,19 +235,6 @@ def test_shares_are_always_a_valid_split_on_random_observations(seed: int) -> No
         assert np.all(np.isfinite(d.shares)) and np.all(d.shares >= 0) and abs(d.shares.sum() - 1) < 1e-9
         assert np.all(d.weights >= 1)
         state, shares = d.state, d.shares
-
-
-@pytest.mark.parametrize(("servers", "rho"), [(1, 0.4), (1, 0.6), (2, 0.6), (4, 0.7), (8, 0.85), (16, 0.9)])
-def test_queueing_delay_and_load_give_back_the_utilisation(servers: int, rho: float) -> None:
-    """The server count is not reported anywhere: inferred from how much it queues."""
-    busy = servers * rho
-    assert queue_utilisation(busy, erlang_wait(servers, busy)) == pytest.approx(rho)
-
-
-def test_queue_utilisation_is_bounded_on_nonsense() -> None:
-    assert queue_utilisation(0.5, 50.0) == pytest.approx(50 / 51)
-    for busy, wait in ((NAN, 1.0), (1.0, NAN), (-1.0, 1.0), (1.0, 0.0), (300.0, 1e-9)):
-        assert 0.3 <= queue_utilisation(busy, wait) <= 1.0
 
 
 def test_a_backed_off_endpoint_waits_before_growing_again_and_grows_in_bounded_steps() -> None:

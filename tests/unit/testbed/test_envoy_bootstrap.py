@@ -9,7 +9,7 @@ import yaml
 
 from balanceiq.config import default_settings, load_config
 from balanceiq.exceptions import EnvoyError
-from balanceiq.testbed.envoy import API_TYPES, endpoint_health, endpoint_weights, render_bootstrap, validate_bootstrap
+from balanceiq.testbed.envoy import API_TYPES, render_bootstrap, validate_bootstrap
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -57,36 +57,3 @@ def test_invalid_bootstrap_is_reported_with_envoys_reason() -> None:
     b["static_resources"]["clusters"][1]["lb_policy"] = "NOT_A_POLICY"
     with pytest.raises(EnvoyError, match="NOT_A_POLICY"):
         validate_bootstrap(b)
-
-
-def test_admin_json_parsing() -> None:
-    doc = {
-        "cluster_statuses": [
-            {
-                "name": "my_service",
-                "host_statuses": [
-                    {
-                        "address": {"socket_address": {"address": "127.0.0.1", "port_value": 1}},
-                        "weight": 7,
-                        "health_status": {"eds_health_status": "DRAINING"},
-                    },
-                    {
-                        "address": {"socket_address": {"address": "127.0.0.1", "port_value": 2}},
-                        "health_status": {"eds_health_status": "HEALTHY", "failed_outlier_check": True},
-                    },
-                    {
-                        "address": {"socket_address": {"address": "127.0.0.1", "port_value": 3}},
-                        "weight": 2,
-                        "health_status": {"eds_health_status": "HEALTHY"},
-                    },
-                ],
-            },
-            {"name": "other", "host_statuses": []},
-        ]
-    }
-    assert endpoint_weights(doc, "my_service") == {"127.0.0.1:1": 7, "127.0.0.1:2": 1, "127.0.0.1:3": 2}
-    assert endpoint_health(doc, "my_service") == {
-        "127.0.0.1:1": ["eds_draining"],
-        "127.0.0.1:2": ["failed_outlier_check"],
-        "127.0.0.1:3": [],
-    }

@@ -24,9 +24,10 @@ import psutil
 
 from balanceiq.config import Settings
 from balanceiq.exceptions import BackendError, TestbedError
-from balanceiq.testbed.envoy import EnvoyProcess, render_bootstrap
+from balanceiq.testbed.envoy import render_bootstrap
 from balanceiq.testbed.process import stop_popen, terminate_pid
-from balanceiq.testbed.prometheus import PrometheusProcess, render_config, render_rules
+from balanceiq_lab.testbed.envoy import EnvoyProcess
+from balanceiq_lab.testbed.prometheus import PrometheusProcess, render_config, render_rules
 
 STATE_FILE = "testbed.json"
 
@@ -109,13 +110,13 @@ class ReadyProcess:
 
 
 class BackendsProcess(ReadyProcess):
-    """All sample backends in one child process (`python -m balanceiq.testbed.backend`)."""
+    """All sample backends in one child process (`python -m balanceiq_lab.testbed.backend`)."""
 
     def __init__(self, specs: list[dict[str, Any]], workdir: Path) -> None:
         workdir.mkdir(parents=True, exist_ok=True)
         spec_path = workdir / "backends.json"
         spec_path.write_text(json.dumps(specs))
-        argv = [sys.executable, "-m", "balanceiq.testbed.backend", "--spec", f"@{spec_path}"]
+        argv = [sys.executable, "-m", "balanceiq_lab.testbed.backend", "--spec", f"@{spec_path}"]
         super().__init__("backends", argv, len(specs), workdir)
         self.specs = specs
 
@@ -270,7 +271,7 @@ def stop_recorded(path: Path, timeout: float = 5.0) -> list[str]:
         ("prometheus_pid", "prometheus"),
         ("envoy_pid", "envoy"),
         ("als_pid", "balanceiq.telemetry.als"),
-        ("backends_pid", "balanceiq.testbed.backend"),
+        ("backends_pid", "balanceiq_lab.testbed.backend"),
     ):
         pid = data.get(key)
         if not pid:

@@ -121,3 +121,45 @@ async def run_load(
 
 def run_load_sync(url: str, **kwargs: object) -> LoadResult:
     return asyncio.run(run_load(url, **kwargs))  # type: ignore[arg-type]
+
+
+class LoadThread:
+    """Bounded open-loop load through Envoy, in chunks, until stopped or ``max_s`` is up."""
+
+    def __init__(self, url: str, rate_rps: float, concurrency: int, max_s: float, chunk_s: float = 60.0) -> None:
+        self.url, self.rate, self.concurrency, self.max_s, self.chunk_s = url, rate_rps, concurrency, max_s, chunk_s
+        self._stop = threading.Event()
+        self.sent = 0
+        self.failed = 0
+        self.error: str | None = None
+        self.thread = threading.Thread(target=self._run, name="liveenv-load", daemon=True)
+
+    def start(self) -> LoadThread:
+        self.thread.start()
+        return self
+
+    def _run(self) -> None:
+        end = time.monotonic() + self.max_s
+        while not self._stop.is_set() and time.monotonic() < end:
+            span = min(self.chunk_s, end - time.monotonic())
+            try:
+                res = run_load_sync(
+                    self.url,
+                    total=int(self.rate * span) + self.concurrency,
+                    concurrency=self.concurrency,
+                    max_seconds=span,
+                    rate_rps=self.rate,
+                    stop=self._stop,
+                    timeout_s=3.0,
+                )
+            except Exception as exc:  # keep trying: a live env without load sees nothing
+                self.error = f"{type(exc).__name__}: {exc}"
+                self._stop.wait(1.0)
+                continue
+            self.sent += res.sent
+            self.failed += res.failed
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        if self.thread.is_alive():
+            self.thread.join(timeout)

@@ -8,7 +8,7 @@ import pytest
 
 from balanceiq.config import default_settings
 from balanceiq.exceptions import ConfigError
-from balanceiq.testbed.scenario import load_live_scenario
+from balanceiq_lab.testbed.scenario import load_live_scenario
 
 
 def test_shipped_scenario_loads_and_hits_the_sample_config() -> None:

@@ -13,9 +13,9 @@ from pydantic import ValidationError
 
 from balanceiq.config import EndpointConfig, Settings, TestbedConfig, load_config
 from balanceiq.exceptions import ConfigError
-from balanceiq.testbed.backend import CONTROL_FIELDS, Backend, BackendSettings, mean_service_ms, true_capacity_rps
-from balanceiq.testbed.scenario import LiveEvent
-from balanceiq.testbed.testbed import backend_specs
+from balanceiq_lab.testbed.backend import CONTROL_FIELDS, Backend, BackendSettings, mean_service_ms, true_capacity_rps
+from balanceiq_lab.testbed.scenario import LiveEvent
+from balanceiq_lab.testbed.testbed import backend_specs
 
 REPO = Path(__file__).resolve().parents[3]
 

@@ -19,7 +19,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from balanceiq.exceptions import BackendError, ConfigError
-from balanceiq.testbed.backend import (
+from balanceiq_lab.testbed.backend import (
     ORCA_HEADER,
     Backend,
     BackendSettings,
@@ -413,7 +413,7 @@ async def _run_cli(args: list[str], n_ready: int, session: aiohttp.ClientSession
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "balanceiq.testbed.backend",
+        "balanceiq_lab.testbed.backend",
         *args,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,

@@ -32,7 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from balanceiq.config import EndpointConfig, Settings, parse_yaml, validation_problems
 from balanceiq.exceptions import ConfigError
-from balanceiq.testbed.backend import CONTROL_FIELDS, BackendSettings, mean_service_ms, true_capacity_rps
+from balanceiq_lab.testbed.backend import CONTROL_FIELDS, BackendSettings, mean_service_ms, true_capacity_rps
 
 SHIPPED_DIR = Path(__file__).resolve().parent / "scenarios"
 DEFAULT = "degrade_and_dearer"
@@ -206,6 +206,11 @@ class ScenarioDriver:
             self.on_prices(prices)
         return done
 
+    def restore(self) -> None:
+        """Every backend back to how the driver found it (a ``reset`` event for each)."""
+        for ep in self.endpoints:
+            self.apply(LiveEvent(at_s=0, name="restore", endpoint=ep.address, reset=True))
+
     def close(self) -> None:
         self.http.close()
 
@@ -221,7 +226,7 @@ class ScenarioDriver:
 
 def initial_states(settings: Settings) -> dict[str, dict[str, Any]]:
     """Each backend's behaviour and price as the testbed starts it (the first cluster's
-    endpoints, keyed by address): :class:`~balanceiq.testbed.backend.BackendSettings`
+    endpoints, keyed by address): :class:`~balanceiq_lab.testbed.backend.BackendSettings`
     defaults overlaid with the testbed profile and the configured price."""
     defaults = {f.name: f.default for f in dataclasses.fields(BackendSettings) if f.name in RESETTABLE}
     out: dict[str, dict[str, Any]] = {}
@@ -255,7 +260,7 @@ def states_after(settings: Settings, events: list[LiveEvent]) -> dict[str, dict[
 
 def state_truth(state: dict[str, Any]) -> dict[str, Any]:
     """True mean service time (ms, no queueing), capacity (req/s), price, error rate and
-    health of one backend state (see :func:`~balanceiq.testbed.backend.mean_service_ms`)."""
+    health of one backend state (see :func:`~balanceiq_lab.testbed.backend.mean_service_ms`)."""
     mean = mean_service_ms(
         float(state["base_latency_ms"]),
         extra_latency_ms=float(state.get("extra_latency_ms", 0.0)),

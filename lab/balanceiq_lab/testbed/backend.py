@@ -11,9 +11,9 @@ its own :class:`prometheus_client.CollectorRegistry` and nothing is global.
 
 CLI::
 
-    python -m balanceiq.testbed.backend --name b1 --port 18001 --cloud aws \\
+    python -m balanceiq_lab.testbed.backend --name b1 --port 18001 --cloud aws \\
         --region us-east-1 --latency-ms 20 --concurrency 8 [--error-rate 0] [--cost 0.4] [--sigma 0.5] [--orca]
-    python -m balanceiq.testbed.backend --spec '[{"name": "b1", "port": 18001, ...}, ...]'
+    python -m balanceiq_lab.testbed.backend --spec '[{"name": "b1", "port": 18001, ...}, ...]'
 
 It prints ``ready <url>`` once per backend when listening and exits 0 on SIGTERM/SIGINT.
 """
@@ -595,7 +595,7 @@ async def run_backends(settings_list: Sequence[BackendSettings]) -> list[Backend
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        prog="python -m balanceiq.testbed.backend",
+        prog="python -m balanceiq_lab.testbed.backend",
         description="Run sample testbed backends until SIGTERM/SIGINT.",
     )
     p.add_argument(

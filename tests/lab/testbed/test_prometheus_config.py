@@ -10,7 +10,7 @@ import yaml
 
 from balanceiq.config import load_config, settings_from_dict
 from balanceiq.exceptions import PrometheusProcessError
-from balanceiq.testbed import prometheus as prom
+from balanceiq_lab.testbed import prometheus as prom
 
 ROOT = Path(__file__).resolve().parents[3]
 

@@ -1,0 +1,276 @@
+"""Reading a recording (one :class:`~balanceiq.control.records.DecisionLog` JSON line per
+control step) into per-endpoint samples, with which records are *settled*.
+
+A record is settled when its whole window, plus a margin for scrape and rule-evaluation
+lag, lies after the last weight change that moved >= 2% of traffic: it measured one split.
+An endpoint counts in a record when it carried traffic, was not unhealthy and has none of
+the :data:`UNUSABLE_FLAGS`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from balanceiq.exceptions import BalanceIQError
+
+UNUSABLE_FLAGS = frozenset({"no_traffic", "stale", "missing", "invalid", "warming"})
+"""Observation flags that make an endpoint's row of a record unusable for fitting."""
+
+MIN_MOVED = 0.02
+"""A weight change moving less traffic than this does not unsettle the records after it."""
+
+
+class CalibrationError(BalanceIQError):
+    """The recording cannot be read, or holds nothing a fit can use."""
+
+
+@dataclass
+class Recording:
+    """The usable records of a recording file, and what was skipped and why."""
+
+    path: str
+    records: list[dict[str, Any]]
+    lines: int = 0
+    bad_lines: int = 0
+    bad_reasons: Counter[str] = field(default_factory=Counter)
+    skipped: Counter[str] = field(default_factory=Counter)
+    """Well-formed records with nothing to fit (no observation data)."""
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "recording": self.path,
+            "lines": self.lines,
+            "records": len(self.records),
+            "bad_lines": self.bad_lines,
+            "bad_reasons": dict(self.bad_reasons),
+            "skipped_records": dict(self.skipped),
+        }
+
+
+def finite(x: Any) -> float:
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        return math.nan
+    x = float(x)
+    return x if math.isfinite(x) else math.nan
+
+
+def _num_or_none(x: Any) -> float | None:
+    v = finite(x)
+    return None if math.isnan(v) else v
+
+
+def _check_record(data: Any) -> str | None:
+    """Why a parsed line is not a record with an observation (None if it is one)."""
+    if not isinstance(data, dict):
+        return "not a JSON object"
+    obs = data.get("observation")
+    if obs is None:
+        return "no observation"
+    if not isinstance(obs, dict):
+        return "observation is not an object"
+    eps = obs.get("endpoints")
+    if not isinstance(eps, list) or not all(isinstance(e, dict) and isinstance(e.get("address"), str) for e in eps):
+        return "observation.endpoints is not a list of endpoints with addresses"
+    if _num_or_none(obs.get("timestamp")) is None and _num_or_none(data.get("timestamp")) is None:
+        return "no numeric timestamp"
+    return None
+
+
+def _parse_lines(text: str, rec: Recording) -> list[dict[str, Any]]:
+    """The records with a usable observation; counts bad and skipped lines into ``rec``."""
+    parsed: list[dict[str, Any]] = []
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        rec.lines += 1
+        try:
+            data = json.loads(line)
+            why = _check_record(data)
+        except ValueError:
+            why = "not JSON"
+        if why is not None:
+            rec.bad_lines += 1
+            rec.bad_reasons[why] += 1
+            continue
+        obs = data["observation"]
+        if obs.get("source") == "none" or not any(_usable_row(e) for e in obs["endpoints"]):
+            rec.skipped["no usable endpoint in the observation"] += 1
+            continue
+        parsed.append(data)
+    return parsed
+
+
+def read_recording(path: Path | str, *, cluster: str | None = None) -> Recording:
+    """Every line of ``path`` that is a record with an observation; bad lines are counted
+    (by reason) and skipped. Raises :class:`CalibrationError` when the file cannot be read
+    or none of it is usable. ``cluster`` picks one of several (default: the most records)."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8", errors="replace")
+    except FileNotFoundError:
+        raise CalibrationError(f"recording {p}: file not found") from None
+    except OSError as exc:
+        raise CalibrationError(f"recording {p}: cannot read: {exc.strerror or exc}") from exc
+    rec = Recording(path=str(p), records=[])
+    parsed = _parse_lines(text, rec)
+    clusters = Counter(str(d["observation"].get("cluster", "")) for d in parsed)
+    if cluster is not None and cluster not in clusters and parsed:
+        raise CalibrationError(f"recording {p}: no records of cluster {cluster!r}; found {', '.join(sorted(clusters))}")
+    chosen = cluster if cluster is not None else (clusters.most_common(1)[0][0] if clusters else "")
+    for d in parsed:
+        if str(d["observation"].get("cluster", "")) == chosen:
+            rec.records.append(d)
+        else:
+            rec.skipped[f"other cluster ({d['observation'].get('cluster')})"] += 1
+    if not rec.records:
+        detail = f"{rec.lines} non-empty line(s), {rec.bad_lines} bad"
+        if rec.bad_reasons:
+            detail += " (" + ", ".join(f"{k}: {v}" for k, v in rec.bad_reasons.most_common()) + ")"
+        if rec.skipped:
+            detail += ", " + ", ".join(f"{v} skipped: {k}" for k, v in rec.skipped.items())
+        raise CalibrationError(f"recording {p} has no usable records: {detail}")
+    rec.records.sort(key=_obs_time)
+    return rec
+
+
+def _obs_time(record: Mapping[str, Any]) -> float:
+    t = finite(record["observation"].get("timestamp"))
+    return t if not math.isnan(t) else finite(record.get("timestamp"))
+
+
+def _usable_row(e: Mapping[str, Any]) -> bool:
+    flags = e.get("flags") or []
+    if not isinstance(flags, list) or UNUSABLE_FLAGS & {str(f) for f in flags}:
+        return False
+    if e.get("healthy") is False:
+        return False
+    return finite(e.get("rps")) > 0 and not math.isnan(finite(e.get("p50_ms")))
+
+
+@dataclass
+class Samples:
+    """One endpoint's usable rows, as arrays in time order."""
+
+    record: np.ndarray  # index of the record in the recording
+    rps: np.ndarray
+    p50: np.ndarray
+    p95: np.ndarray
+    err: np.ndarray
+    sat: np.ndarray
+    inflight: np.ndarray
+    settled: np.ndarray  # bool
+    cost: np.ndarray
+    draining: np.ndarray  # bool: unsettled, and the last push cut this endpoint's share while it was saturated
+
+    def take(self, mask: np.ndarray) -> Samples:
+        return Samples(**{k: getattr(self, k)[mask] for k in self.__dataclass_fields__})
+
+    def __len__(self) -> int:
+        return int(self.rps.shape[0])
+
+
+def _shares(weights: Mapping[str, Any]) -> dict[str, float] | None:
+    vals = {k: v for k, v in ((k, finite(v)) for k, v in weights.items()) if not math.isnan(v) and v >= 0}
+    total = sum(vals.values())
+    if not vals or total <= 0:
+        return None
+    return {k: v / total for k, v in vals.items()}
+
+
+def _moved(a: Mapping[str, float], b: Mapping[str, float]) -> float:
+    return 0.5 * sum(abs(a.get(k, 0.0) - b.get(k, 0.0)) for k in set(a) | set(b))
+
+
+def _settled(records: Sequence[Mapping[str, Any]], settle_margin_s: float, default_window_s: float) -> np.ndarray:
+    """True where a record's window (plus margin) started after the last real weight change.
+
+    Changes are the recorded pushes (at ``timestamp + step_ms``) that moved at least
+    :data:`MIN_MOVED` of traffic, and any change of the reported weights no recorded push
+    explains (another writer, a restart), dated conservatively at that observation.
+    """
+    out = np.zeros(len(records), dtype=bool)
+    last_change = -math.inf
+    expected: dict[str, float] | None = None  # shares in force according to what we saw
+    for i, r in enumerate(records):
+        obs = r["observation"]
+        t = _obs_time(r)
+        w = finite(obs.get("window_s"))
+        window = w if w > 0 else default_window_s
+        seen = _shares({e["address"]: e.get("weight") for e in obs["endpoints"]})
+        if seen is not None:
+            if expected is not None and _moved(expected, seen) >= MIN_MOVED:
+                last_change = max(last_change, t)
+            expected = seen
+        out[i] = t - last_change >= window + settle_margin_s
+        if r.get("pushed") and isinstance(r.get("weights"), dict):
+            after = _shares(r["weights"])
+            before = expected
+            if before is None and isinstance(r.get("previous"), dict):
+                before = _shares(r["previous"])
+            if after is not None:
+                if before is None or _moved(before, after) >= MIN_MOVED:
+                    step_ms = finite(r.get("step_ms"))
+                    start = finite(r.get("timestamp"))
+                    pushed_at = (start if not math.isnan(start) else t) + (step_ms / 1000 if step_ms > 0 else 0.0)
+                    last_change = max(last_change, pushed_at)
+                expected = after
+    return out
+
+
+def endpoint_samples(
+    recording: Recording, *, settle_margin_s: float = 1.0, default_window_s: float = 10.0
+) -> tuple[list[str], dict[str, Samples], np.ndarray]:
+    """``(addresses in first-seen order, samples per address, settled per record)``.
+
+    A sample is *draining* when its record is not settled and the last push cut the
+    endpoint's share (by more than 10%) while it was saturated (>= 0.95 just before): a
+    live queue built in overload is still being worked off, so the endpoint reads busy
+    under a load it could carry (the simulator has no such memory). The capacity fit
+    leaves these out.
+    """
+    records = recording.records
+    settled = _settled(records, settle_margin_s, default_window_s)
+    rows: dict[str, list[tuple[Any, ...]]] = {}
+    last_sat: dict[str, float] = {}
+    cut: set[str] = set()
+    for i, r in enumerate(records):
+        for e in r["observation"]["endpoints"]:
+            a = e["address"]
+            rows.setdefault(a, [])
+            sat = finite(e.get("saturation"))
+            if not math.isnan(sat):
+                last_sat[a] = sat
+            if _usable_row(e):  # one row per sample, in the order of Samples' fields
+                signals = [finite(e.get(k)) for k in ("rps", "p50_ms", "p95_ms", "error_rate")]
+                tail = (settled[i], finite(e.get("cost_per_million")), a in cut and not settled[i])
+                rows[a].append((i, *signals, sat, finite(e.get("inflight")), *tail))
+        if settled[i]:
+            cut.clear()
+        if r.get("pushed") and isinstance(r.get("weights"), dict) and isinstance(r.get("previous"), dict):
+            before = _shares(r["previous"]) or {}
+            after = _shares(r["weights"]) or {}
+            cut = {a for a, share in before.items() if after.get(a, 0.0) < 0.9 * share and last_sat.get(a, 0.0) >= 0.95}
+    out = {}
+    for a, row in rows.items():
+        c = np.array(row, dtype=np.float64).reshape(-1, 10).T
+        out[a] = Samples(
+            record=c[0].astype(np.int64),
+            rps=c[1],
+            p50=c[2],
+            p95=c[3],
+            err=c[4],
+            sat=c[5],
+            inflight=c[6],
+            settled=c[7] > 0.5,
+            cost=c[8],
+            draining=c[9] > 0.5,
+        )
+    return list(rows), out, settled

@@ -1,0 +1,449 @@
+"""Envoy's admin output (and the ALS exporter's pages) parsed into an immutable :class:`Scrape`.
+
+What Envoy's exposition looks like, and what this module relies on:
+
+* per-endpoint series carry ``envoy_cluster_name`` and ``envoy_endpoint_address``; every
+  counter is declared ``counter`` but only some names end in ``_total``, and
+  prometheus_client renames samples differently by version, so matching is on sample
+  names with one ``_total`` suffix removed;
+* ``rq_total`` counts requests attached to an upstream connection, ``rq_error`` every
+  failure charged (connection failures too), so error rate is taken over
+  ``rq_success + rq_error`` (see :mod:`balanceiq.telemetry.envoy_admin`);
+* ``rq_timeout`` is not an error of its own: Envoy also charges a timeout as a 504.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import re
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from balanceiq.exceptions import EnvoyAdminError
+from balanceiq.telemetry.observation import NAN, finite_or_nan
+
+ENVOY_PREFIX = "envoy_cluster_endpoint_"
+CLUSTER_LABEL = "envoy_cluster_name"
+ADDRESS_LABEL = "envoy_endpoint_address"
+
+ALS_HISTOGRAM = "balanceiq_upstream_rq_time_seconds"
+ALS_CLUSTER_LABEL = "cluster"
+ALS_ADDRESS_LABEL = "endpoint"
+
+# Envoy stat (after the prefix, one ``_total`` removed) -> EndpointStats field.
+ENVOY_FIELDS = {
+    "rq": "rq_total",
+    **{f: f for f in ("rq_success", "rq_error", "rq_timeout", "rq_active", "healthy", "cx_connect_fail")},
+}
+# /clusters?format=json stat name -> field (``healthy`` comes from the host's health flags).
+CLUSTERS_JSON_FIELDS = {f: f for f in ENVOY_FIELDS.values() if f != "healthy"}
+
+Key = tuple[str, str]  # (cluster, endpoint address)
+Buckets = tuple[tuple[float, float], ...]  # cumulative (le, count), le ascending
+Sample = tuple[str, dict[str, str], float]  # (sample name, labels, value)
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointStats:
+    """One endpoint's raw series in one scrape. ``nan``: absent or rejected (see ``bad``)."""
+
+    rq_total: float = NAN
+    rq_success: float = NAN
+    rq_error: float = NAN
+    rq_timeout: float = NAN
+    rq_active: float = NAN  # gauge: requests in flight
+    healthy: float = NAN  # gauge: 1 healthy, 0 not
+    cx_connect_fail: float = NAN
+    bad: frozenset[str] = frozenset()  # fields whose sample was NaN/Inf/negative/duplicated
+
+
+@dataclass(frozen=True, slots=True)
+class Scrape:
+    """One read of the admin page (plus the ALS page) at ``timestamp`` (caller's clock)."""
+
+    timestamp: float
+    endpoints: Mapping[Key, EndpointStats] = field(default_factory=dict)
+    latency: Mapping[Key, Buckets] = field(default_factory=dict)  # seconds
+    latency_source: bool = False  # the ALS histogram was declared or had samples
+    bad_latency: frozenset[Key] = frozenset()
+    problems: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "endpoints", MappingProxyType(dict(self.endpoints)))
+        object.__setattr__(self, "latency", MappingProxyType(dict(self.latency)))
+
+    def endpoint(self, cluster: str, address: str) -> EndpointStats | None:
+        return self.endpoints.get((cluster, address))
+
+    def clusters(self) -> list[str]:
+        return sorted({c for c, _ in self.endpoints})
+
+
+# -- the text exposition ----------------------------------------------------------------------
+
+
+def _wanted(name: str) -> bool:
+    return name.startswith((ENVOY_PREFIX, ALS_HISTOGRAM))
+
+
+_NAME_END = re.compile(r"[{\s]")
+_LABEL_RE = re.compile(r'([A-Za-z_][A-Za-z0-9_]*)\s*=\s*"([^"\\]*)"')
+
+
+def _name(line: str) -> str:
+    m = _NAME_END.search(line)
+    return line[: m.start()] if m else line
+
+
+def _relevant_lines(text: str) -> list[str]:
+    """Our TYPE lines and samples only: junk in a series we do not use cannot cost us ours."""
+    kept: list[str] = []
+    for raw in text.split("\n"):
+        line = raw.strip()
+        if not line:
+            continue
+        if line.startswith("#"):
+            parts = line.split(None, 3)
+            if len(parts) >= 4 and parts[1] == "TYPE" and _wanted(parts[2]):
+                kept.append(line)
+        elif _wanted(_name(line)):
+            kept.append(line)
+    return kept
+
+
+def _samples(text: str) -> Iterable[Sample]:
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            yield s.name, dict(s.labels), s.value
+
+
+def _parse_samples(lines: list[str], on_bad_line: Callable[[str, str], None]) -> Iterable[Sample]:
+    """Every sample of the lines that parse; the rest to ``on_bad_line``."""
+    # The parser gives up at the first bad line: on any failure, go line by line.
+    try:
+        parsed = list(_samples("\n".join(lines)))
+    except Exception:
+        parsed = None
+    if parsed is not None:
+        yield from parsed
+        return
+    type_line = ""
+    for line in lines:
+        is_type = line.startswith("#")
+        try:
+            samples = list(_samples(line if is_type or not type_line else f"{type_line}\n{line}"))
+        except Exception as exc:
+            on_bad_line(line, str(exc) or type(exc).__name__)
+            # A broken TYPE line would fail every sample under it; they still read as untyped.
+            type_line = "" if is_type else type_line
+            continue
+        if is_type:
+            type_line = line
+        else:
+            yield from samples
+
+
+def clip(s: str, n: int = 120) -> str:
+    return s if len(s) <= n else s[: n - 3] + "..."
+
+
+def _fmt_labels(labels: Mapping[str, str]) -> str:
+    return clip("{" + ",".join(f'{k}="{v}"' for k, v in sorted(labels.items())) + "}", 160)
+
+
+class _Accumulator:
+    """Mutable state while parsing; frozen into a Scrape at the end."""
+
+    def __init__(self) -> None:
+        self.stats: dict[Key, dict[str, float]] = {}
+        self.bad: dict[Key, set[str]] = {}
+        self.buckets: dict[Key, dict[float, float]] = {}
+        self.counts: dict[Key, float] = {}
+        self.bad_latency: set[Key] = set()
+        self.latency_source = False
+        self.problems: list[str] = []
+        self.envoy_lines = 0
+
+    def add_text(self, text: str) -> None:
+        lines = _relevant_lines(text)
+        self.envoy_lines += sum(1 for ln in lines if ln.startswith(ENVOY_PREFIX))
+        # A declared histogram without samples yet is a source whose counts are all zero,
+        # so the first window with traffic already has a baseline.
+        if any(ln.split()[2:3] == [ALS_HISTOGRAM] for ln in lines if ln.startswith("#")):
+            self.latency_source = True
+        for name, labels, value in _parse_samples(lines, self._bad_line):
+            if name.startswith(ENVOY_PREFIX):
+                self._envoy_sample(name, labels, value)
+            elif name.startswith(ALS_HISTOGRAM):
+                self._als_sample(name, labels, value)
+
+    def _mark_bad(self, key: Key, fname: str) -> None:
+        self.stats.setdefault(key, {}).pop(fname, None)
+        self.bad.setdefault(key, set()).add(fname)
+
+    def _bad_line(self, line: str, why: str) -> None:
+        self.problems.append(f"unparsable line {clip(line)!r}: {clip(why)}")
+        # Flag whose sample it was, so the endpoint reads invalid rather than unexported.
+        name, labels = _name(line), dict(_LABEL_RE.findall(line))
+        if name.startswith(ENVOY_PREFIX):
+            fname = ENVOY_FIELDS.get(name[len(ENVOY_PREFIX) :].removesuffix("_total"))
+            key = (labels.get(CLUSTER_LABEL, ""), labels.get(ADDRESS_LABEL, ""))
+            if fname and all(key):
+                self._mark_bad(key, fname)
+        elif name.startswith(ALS_HISTOGRAM):
+            key = (labels.get(ALS_CLUSTER_LABEL, ""), labels.get(ALS_ADDRESS_LABEL, ""))
+            if all(key):
+                self.bad_latency.add(key)
+
+    def _key(self, name: str, labels: dict[str, str], cluster_label: str, address_label: str) -> Key | None:
+        key = (labels.get(cluster_label, ""), labels.get(address_label, ""))
+        if not all(key):
+            self.problems.append(f"{name}{_fmt_labels(labels)}: no {cluster_label}/{address_label} label")
+            return None
+        return key
+
+    def _envoy_sample(self, name: str, labels: dict[str, str], value: float) -> None:
+        fname = ENVOY_FIELDS.get(name[len(ENVOY_PREFIX) :].removesuffix("_total"))
+        if fname is None:  # cx_total, cx_active, rq_pending_active...: not used
+            return
+        key = self._key(name, labels, CLUSTER_LABEL, ADDRESS_LABEL)
+        if key is None:
+            return
+        x, ok = finite_or_nan(value)
+        if ok and fname == "healthy" and x not in (0.0, 1.0):
+            ok = False
+        if not ok:
+            self.problems.append(f"{name}{_fmt_labels(labels)} = {value!r}: not a valid {fname}")
+        elif fname in self.stats.get(key, {}) or fname in self.bad.get(key, ()):
+            # Two series for one endpoint's stat: neither can be trusted to be "the" one.
+            self.problems.append(f"{name}{_fmt_labels(labels)}: duplicate series")
+            ok = False
+        if ok:
+            self.stats.setdefault(key, {})[fname] = x
+        else:
+            self._mark_bad(key, fname)
+
+    def _bad_latency(self, key: Key, problem: str) -> None:
+        self.problems.append(problem)
+        self.bad_latency.add(key)
+
+    def _als_sample(self, name: str, labels: dict[str, str], value: float) -> None:
+        suffix = name[len(ALS_HISTOGRAM) :]
+        if suffix not in ("_bucket", "_count"):
+            return  # _sum, _created: not needed for quantiles
+        self.latency_source = True
+        key = self._key(name, labels, ALS_CLUSTER_LABEL, ALS_ADDRESS_LABEL)
+        if key is None:
+            return
+        x, ok = finite_or_nan(value)
+        if not ok:
+            self._bad_latency(key, f"{name}{_fmt_labels(labels)} = {value!r}: not a valid count")
+            return
+        if suffix == "_count":
+            self.counts[key] = x
+            return
+        try:
+            le = float(labels.get("le", ""))
+        except ValueError:
+            le = NAN
+        bucket = self.buckets.setdefault(key, {})
+        if math.isnan(le) or le < 0 or le in bucket:
+            why = "duplicate bucket" if le in bucket else "bad or missing le"
+            self._bad_latency(key, f"{name}{_fmt_labels(labels)}: {why}")
+            return
+        bucket[le] = x
+
+    def scrape(self, timestamp: float) -> Scrape:
+        keys = set(self.stats) | set(self.bad)
+        endpoints = {k: EndpointStats(**self.stats.get(k, {}), bad=frozenset(self.bad.get(k, ()))) for k in keys}
+        latency: dict[Key, Buckets] = {}
+        for k, b in self.buckets.items():
+            if k in self.bad_latency:
+                continue
+            if math.inf not in b and k in self.counts:
+                b = {**b, math.inf: self.counts[k]}  # _count is the +Inf bucket by definition
+            latency[k] = tuple(sorted(b.items()))
+        return Scrape(
+            timestamp, endpoints, latency, self.latency_source, frozenset(self.bad_latency), tuple(self.problems)
+        )
+
+
+def _why_unusable(text: str, acc: _Accumulator) -> str:
+    head = text.lstrip()[:1024].lower()
+    if not head:
+        return "empty response"
+    if head.startswith("<") or "<html" in head:
+        return "answered an HTML/XML page, not the Prometheus text format"
+    if acc.envoy_lines == 0:
+        return (
+            f"no {ENVOY_PREFIX}* series: not Envoy's /stats/prometheus, or the cluster "
+            "lacks track_cluster_stats.per_endpoint_stats"
+        )
+    shown = "; ".join(acc.problems[:3])
+    return f"no usable per-endpoint sample ({len(acc.problems)} problem(s): {shown})"
+
+
+def parse_exposition(text: str, timestamp: float | None = None, *, als_text: str | None = None) -> Scrape:
+    """Parse Envoy's ``/stats/prometheus`` (and optionally the ALS exporter's ``/metrics``).
+
+    Bad samples are skipped, listed in ``problems`` and their field marked bad. Raises
+    :class:`EnvoyAdminError` when ``text`` has no usable per-endpoint sample at all;
+    ``als_text`` never raises.
+    """
+    ts = time.monotonic() if timestamp is None else timestamp
+    if isinstance(text, bytes | bytearray):
+        text = bytes(text).decode("utf-8", errors="replace")
+    if not isinstance(text, str):
+        raise EnvoyAdminError(f"expected exposition text, got {type(text).__name__}")
+    acc = _Accumulator()
+    acc.add_text(text)
+    if not any(len(s) > 0 for s in acc.stats.values()):
+        raise EnvoyAdminError(_why_unusable(text, acc))
+    if als_text is not None:
+        n = len(acc.problems)
+        acc.add_text(als_text if isinstance(als_text, str) else str(als_text))
+        acc.problems[n:] = [f"als: {p}" for p in acc.problems[n:]]
+    return acc.scrape(ts)
+
+
+def parse_als_text(text: str, timestamp: float) -> Scrape:
+    """Only the ALS histogram of the exporter's ``/metrics`` (never raises)."""
+    acc = _Accumulator()
+    acc.add_text(text)
+    return acc.scrape(timestamp)
+
+
+# -- JSON pages -----------------------------------------------------------------------------
+
+
+def _host_address(host: Mapping[str, object]) -> str | None:
+    address = host.get("address")
+    sock = address.get("socket_address", {}) if isinstance(address, dict) else {}
+    addr, port = sock.get("address"), sock.get("port_value")
+    if not isinstance(addr, str) or not addr or not isinstance(port, int):
+        return None
+    return f"[{addr}]:{port}" if ":" in addr else f"{addr}:{port}"
+
+
+def _host_healthy(health: object) -> float:
+    """Envoy's per-endpoint ``healthy`` gauge: 1 with no failed check and EDS HEALTHY or UNKNOWN."""
+    if not isinstance(health, dict):
+        return NAN
+    if any(v is True for k, v in health.items() if k.startswith("failed") or k == "pending_dynamic_removal"):
+        return 0.0
+    return 1.0 if health.get("eds_health_status", "HEALTHY") in ("HEALTHY", "UNKNOWN") else 0.0
+
+
+def as_float(x: object) -> float:
+    try:
+        return float(x)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return NAN
+
+
+def _host_stats(key: Key, host: dict[str, Any], problems: list[str]) -> tuple[dict[str, float], set[str]]:
+    values: dict[str, float] = {}
+    bad: set[str] = set()
+    for stat in host.get("stats") or []:
+        fname = CLUSTERS_JSON_FIELDS.get(stat.get("name", "")) if isinstance(stat, dict) else None
+        if fname is None:
+            continue
+        x, ok = finite_or_nan(as_float(stat.get("value", 0)))
+        if ok and fname not in values:
+            values[fname] = x
+        else:
+            problems.append(f"{key[0]}/{key[1]} {stat.get('name')} = {stat.get('value')!r}: not a valid count")
+            bad.add(fname)
+    for fname in CLUSTERS_JSON_FIELDS.values():
+        if fname not in values and fname not in bad:
+            values[fname] = 0.0  # proto3 JSON omits zeros
+    values["healthy"] = _host_healthy(host.get("health_status"))
+    return values, bad
+
+
+def parse_clusters_json(data: object, timestamp: float | None = None) -> Scrape:
+    """Envoy's ``/clusters?format=json`` -> :class:`Scrape`, as :func:`parse_exposition` reads
+    the text stats but far cheaper. Raises :class:`EnvoyAdminError` when nothing usable is in it."""
+    ts = time.monotonic() if timestamp is None else timestamp
+    if not isinstance(data, dict) or not isinstance(data.get("cluster_statuses"), list):
+        raise EnvoyAdminError("not Envoy's /clusters?format=json (no cluster_statuses)")
+    endpoints: dict[Key, EndpointStats] = {}
+    problems: list[str] = []
+    for cs in data["cluster_statuses"]:
+        if not isinstance(cs, dict) or not isinstance(cs.get("name"), str):
+            continue
+        for host in cs.get("host_statuses") or []:
+            if not isinstance(host, dict):
+                continue
+            address = _host_address(host)
+            if address is None:
+                problems.append(f"{cs['name']}: a host without a socket address")
+                continue
+            key = (cs["name"], address)
+            values, bad = _host_stats(key, host, problems)
+            if key in endpoints:
+                problems.append(f"{key[0]}/{address}: listed twice")
+                bad |= set(CLUSTERS_JSON_FIELDS.values())
+                values = {}
+            endpoints[key] = EndpointStats(**{k: v for k, v in values.items() if k not in bad}, bad=frozenset(bad))
+    if not endpoints:
+        raise EnvoyAdminError("no endpoint in /clusters?format=json")
+    return Scrape(timestamp=ts, endpoints=endpoints, problems=tuple(problems))
+
+
+def _snapshot_bounds(data: object) -> list[float]:
+    if (
+        not isinstance(data, dict)
+        or not isinstance(data.get("series"), list)
+        or not isinstance(data.get("bounds"), list)
+    ):
+        raise EnvoyAdminError("not an ALS snapshot (no bounds/series)")
+    try:
+        bounds = [float(b) for b in data["bounds"]]
+    except (TypeError, ValueError) as exc:
+        raise EnvoyAdminError(f"ALS snapshot bounds are not numbers: {exc}") from exc
+    if any(not math.isfinite(b) or b < 0 for b in bounds) or bounds != sorted(set(bounds)):
+        raise EnvoyAdminError("ALS snapshot bounds must be finite, >= 0 and strictly ascending")
+    return bounds
+
+
+def parse_als_snapshot(data: object) -> tuple[dict[Key, Buckets], frozenset[Key], tuple[str, ...]]:
+    """The ALS exporter's ``/snapshot`` JSON -> ``(latency buckets, bad keys, problems)``.
+
+    A series with the wrong length, a negative or non-integer count, or counts going down
+    is bad (latency unknown, never guessed). Raises :class:`EnvoyAdminError` when ``data``
+    is not a snapshot at all, so the caller can read ``/metrics`` instead.
+    """
+    les = [*_snapshot_bounds(data), math.inf]
+    assert isinstance(data, dict)
+    latency: dict[Key, Buckets] = {}
+    bad: set[Key] = set()
+    problems: list[str] = []
+    for item in data["series"]:
+        if not (
+            isinstance(item, dict) and isinstance(item.get("cluster"), str) and isinstance(item.get("endpoint"), str)
+        ):
+            problems.append(f"als snapshot: series without cluster/endpoint: {clip(repr(item))}")
+            continue
+        key = (item["cluster"], item["endpoint"])
+        counts = item.get("buckets")
+        ok = (
+            isinstance(counts, list)
+            and len(counts) == len(les)
+            and all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in counts)
+            and all(a <= b for a, b in itertools.pairwise(counts))
+        )
+        if not ok or key in latency or key in bad:
+            problems.append(f"als snapshot: bad or duplicate buckets for {key[0]}/{key[1]}")
+            bad.add(key)
+            latency.pop(key, None)
+            continue
+        assert counts is not None  # ok: a list
+        latency[key] = tuple(zip(les, (float(c) for c in counts)))
+    return latency, frozenset(bad), tuple(problems)

@@ -1,0 +1,82 @@
+"""A reaper process that stops an owner's children when the owner dies, however it dies.
+
+The kernel closes the owner's end of a pipe when it dies (SIGKILL included); the reaper, in
+its own session, then stops the registered pids (checked against their creation time, so a
+recycled pid is never hit) and deletes the work directory.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+_REAPER = r"""
+import os, signal, sys, time
+import psutil
+procs = []
+for line in sys.stdin:
+    try:
+        pid, created = line.split()
+        procs.append(psutil.Process(int(pid)))
+        if abs(procs[-1].create_time() - float(created)) > 0.01:
+            procs.pop()
+    except (ValueError, psutil.Error):
+        pass
+alive = []
+for p in procs:
+    try:
+        p.terminate()
+        alive.append(p)
+    except psutil.Error:
+        pass
+gone, alive = psutil.wait_procs(alive, timeout=5)
+for p in alive:
+    try:
+        p.kill()
+    except psutil.Error:
+        pass
+psutil.wait_procs(alive, timeout=5)
+if len(sys.argv) > 1:  # the owner's work directory (logs, xDS state)
+    import shutil
+    shutil.rmtree(sys.argv[1], ignore_errors=True)
+"""
+
+
+class Reaper:
+    """Kills registered pids when this process dies, however it dies."""
+
+    def __init__(self, workdir: Path | None = None) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", _REAPER, *([str(workdir)] if workdir else [])],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+            text=True,
+        )
+
+    def add(self, pid: int | None) -> None:
+        if pid is None or self.proc.stdin is None or self.proc.stdin.closed:
+            return
+        import psutil
+
+        try:
+            created = psutil.Process(pid).create_time()
+        except psutil.Error:
+            return
+        self.proc.stdin.write(f"{pid} {created}\n")
+        self.proc.stdin.flush()
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Closing the pipe is the signal: anything registered and still alive is stopped."""
+        if self.proc.stdin is not None and not self.proc.stdin.closed:
+            try:
+                self.proc.stdin.close()
+            except OSError:
+                pass
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)

@@ -1,0 +1,1 @@
+"""The sample fleet: backends, their launcher, load generators and live scenarios."""

