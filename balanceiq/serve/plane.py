@@ -83,6 +83,7 @@ class PolicyClient:
         if self.local is not None:
             mine = str(self.local.checkpoint)
             out["controller_checkpoint"] = mine
+            out["controller_forward"] = "numpy" if getattr(self.local, "fast", None) is not None else "torch"
             out["in_sync"] = mine == str(out.get("checkpoint"))
         return out
 

@@ -22,6 +22,7 @@ from ray import serve
 from balanceiq.exceptions import PolicyError
 from balanceiq.policy.checkpoint import SHIPPED, load_module
 from balanceiq.policy.features import N_FEATURES
+from balanceiq.policy.inference import NumpyScorer, export
 
 
 class PolicyModel:
@@ -29,6 +30,7 @@ class PolicyModel:
         self._lock = threading.Lock()
         self.checkpoint = Path(checkpoint or SHIPPED)
         self.module = load_module(self.checkpoint)
+        self.fast: NumpyScorer | None = export(self.module, N_FEATURES)
         self.loaded_at = time.time()
         self.swaps = 0
         self.scored = 0
@@ -39,7 +41,8 @@ class PolicyModel:
         import torch
         from ray.rllib.core.columns import Columns
 
-        module = self.module  # a swap during this batch must not mix two modules
+        with self._lock:  # a swap during this batch must not mix two modules
+            module, fast = self.module, self.fast
         out: list[np.ndarray | None] = [None] * len(batch)
         groups: dict[int, list[int]] = {}
         for i, rows in enumerate(batch):
@@ -52,8 +55,13 @@ class PolicyModel:
             groups.setdefault(rows.shape[0], []).append(i)
         with torch.no_grad():
             for idx in groups.values():
-                obs = torch.from_numpy(np.stack([batch[i] for i in idx]))
-                logits = module._forward({Columns.OBS: obs})[Columns.ACTION_DIST_INPUTS].numpy()
+                stacked = np.stack([batch[i] for i in idx])
+                if fast is not None:
+                    logits = fast(stacked)
+                else:
+                    logits = module._forward({Columns.OBS: torch.from_numpy(stacked)})[
+                        Columns.ACTION_DIST_INPUTS
+                    ].numpy()
                 for j, i in enumerate(idx):
                     out[i] = logits[j]
         self.scored += len(batch)
@@ -62,8 +70,9 @@ class PolicyModel:
 
     def reload(self, checkpoint: str | Path) -> dict[str, Any]:
         module = load_module(checkpoint)  # raises PolicyError and keeps the old one
+        fast = export(module, N_FEATURES)
         with self._lock:
-            self.module = module
+            self.module, self.fast = module, fast
             self.checkpoint = Path(checkpoint)
             self.loaded_at = time.time()
             self.swaps += 1
@@ -74,6 +83,7 @@ class PolicyModel:
         return {
             "checkpoint": str(self.checkpoint),
             "module_class": type(self.module).__name__,
+            "forward": "numpy" if self.fast is not None else "torch",
             "parameters": n_params,
             "loaded_at": self.loaded_at,
             "swaps": self.swaps,

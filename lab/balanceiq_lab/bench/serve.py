@@ -267,7 +267,10 @@ def decision_stats(
         "by_source": dict(Counter(d.get("source", "?") for d in full)),
         "errors": sum(1 for d in rows if d.get("error")),
         "slowest": [
-            {k: d.get(k) for k in ("seq", "mode", "source", "step_ms", "score_ms", "push_ms", "ack_ms", "pushed")}
+            {
+                k: d.get(k)
+                for k in ("seq", "timestamp", "mode", "source", "step_ms", "score_ms", "push_ms", "ack_ms", "pushed")
+            }
             for d in sorted(full, key=lambda d: -d["step_ms"])[:3]
         ],
     }
@@ -284,6 +287,18 @@ def decision_stats(
         out["score_ms_during_api_load"] = summary([d["score_ms"] for d in inw])
         out["score_ms_outside_api_load"] = summary([d["score_ms"] for d in outw])
     return out
+
+
+def score_by_window(
+    decisions: Sequence[dict[str, Any]], windows: dict[str, tuple[float, float]], interval_s: float
+) -> dict[str, Any]:
+    """``score_ms`` of the full decisions whose step overlaps each window (a step starts
+    at its ``timestamp`` and lasts at most one interval)."""
+    full = [d for d in decisions if d.get("mode") in ("policy", "baseline") and d.get("score_ms") is not None]
+    return {
+        name: summary([d["score_ms"] for d in full if lo - interval_s <= d.get("timestamp", 0) <= hi])
+        for name, (lo, hi) in windows.items()
+    }
 
 
 def bench_settings(state_dir: Path, n_endpoints: int = TESTBED_ENDPOINTS, base: Settings | None = None) -> Settings:
@@ -813,6 +828,9 @@ class _Inference:
     batches: dict[str, int]
     mean_batch: float | None
     foreign_cpu: dict[str, Any]
+    windows: dict[str, tuple[float, float]]
+    """Wall-clock (epoch s) start and end of each part of the phase (warm-up, handle, http,
+    the batch-metric waits, concurrent)."""
 
 
 def _start_serve(
@@ -938,24 +956,34 @@ def _measure_inference(
     with progress_bar(console) as progress:
         try:
             task = progress.add_task("warm-up", total=2 * WARMUP_CALLS)
+            w0 = time.time()
             _timed_calls(handle_call, WARMUP_CALLS, lambda: progress.advance(task))
             _timed_calls(http_call, WARMUP_CALLS, lambda: progress.advance(task))
+            warmup = (w0, time.time())
             http_inner.clear()
             task = progress.add_task(f"handle, N={endpoints}", total=calls)
-            t = time.perf_counter()
+            t, w0 = time.perf_counter(), time.time()
             handle_ms = _timed_calls(handle_call, calls, lambda: progress.advance(task))
             seq_s = time.perf_counter() - t
+            windows = {"warmup": warmup, "handle": (w0, time.time())}
             task = progress.add_task(f"HTTP /api/policy/score, N={endpoints}", total=calls)
+            w0 = time.time()
             http_ms = _timed_calls(http_call, calls, lambda: progress.advance(task))
+            windows["http"] = (w0, time.time())
 
             shares = split_calls(calls, CONCURRENT_CALLERS)
             task = progress.add_task(f"handle, {len(shares)} concurrent callers", total=calls)
+            w0 = time.time()
             batch0 = _batch_metrics_settled(metrics_port)
-            t = time.perf_counter()
+            windows["metrics_before"] = (w0, time.time())
+            t, w0 = time.perf_counter(), time.time()
             with ThreadPoolExecutor(len(shares)) as pool:
                 parts = list(pool.map(lambda k: _timed_calls(handle_call, k, lambda: progress.advance(task)), shares))
             conc_s = time.perf_counter() - t
+            windows["concurrent"] = (w0, time.time())
+            w0 = time.time()
             batch1 = _batch_metrics_settled(metrics_port)
+            windows["metrics_after"] = (w0, time.time())
         except BalanceIQError:
             raise
         except Exception as exc:
@@ -979,6 +1007,7 @@ def _measure_inference(
         batches=batches,
         mean_batch=mean_batch,
         foreign_cpu=_foreign_cpu_delta(foreign_inf0, time.monotonic() - t_inf),
+        windows=windows,
     )
 
 
@@ -988,8 +1017,10 @@ def _measure_api(
     """Calibration, then the open-loop phases: results by phase, the last phase's foreign
     CPU and the phases' wall-clock window."""
     with console.status("API calibration: the same mix, closed loop (1, then 16 connections)"):
+        c0 = time.time()
         calibration = _calibrate(client, API_PATHS, CALIBRATION_REQUESTS)
         calibration["saturation"] = asyncio.run(closed_loop(base, API_PATHS, SATURATION_CONNECTIONS, 5.0))
+        calibration["window"] = [round(c0, 3), round(time.time(), 3)]
     # The lower --also-rate first, so a queue the main rate may leave cannot spill into it.
     phases = ([("api_also", also_rate_rps)] if also_rate_rps is not None else []) + [("api", rate_rps)]
     results: dict[str, dict[str, Any]] = {}
@@ -1101,6 +1132,7 @@ def _result_notes(
 
 def _inference_report(inf: _Inference, calls: int) -> dict[str, Any]:
     return {
+        "windows": {k: [round(a, 3), round(b, 3)] for k, (a, b) in inf.windows.items()},
         "handle": summary(inf.handle_ms),
         "http": {**summary(inf.http_ms), "inside_replica": {k: summary(inf.http_inner)[k] for k in ("p50", "p99")}},
         "concurrent": {
@@ -1247,6 +1279,12 @@ def _report(
             "interval_s": CONTROL_INTERVAL_S,
             "testbed_endpoints": TESTBED_ENDPOINTS,
             "startup_decisions_excluded": sum(1 for d in decisions if d.get("timestamp", 0) < t_app),
+            # The API's closed-loop calibration keeps the replica's API thread busy.
+            "score_ms_by_inference_phase": score_by_window(
+                decisions,
+                {**inf.windows, "api_calibration": tuple(results["api"]["calibration"]["window"])},
+                CONTROL_INTERVAL_S,
+            ),
         },
         "background_load": {k: background.get(k) for k in ("sent", "ok", "failed", "rps", "p99_ms")},
         "setup": setup,

@@ -28,6 +28,7 @@ from balanceiq_lab.bench.serve import (
     main,
     policy_rows,
     ratio,
+    score_by_window,
     score_request,
     send_schedule,
     split_calls,
@@ -278,3 +279,16 @@ def test_bench_argv_names_the_ingress_mode() -> None:
     assert bench_argv(**kw, mode="replica_server")[-2:] == ["--ingress", "replica_server"]  # type: ignore[arg-type]
     assert bench_argv(**kw, mode="direct_ingress")[-1] == "--direct-ingress"  # type: ignore[arg-type]
     assert "--ingress" not in bench_argv(**kw)  # type: ignore[arg-type]
+
+
+def test_score_by_window_counts_full_decisions_whose_step_overlaps_each_phase() -> None:
+    decisions = [
+        {"timestamp": 99.5, "mode": "policy", "score_ms": 1.0},  # started before, still running at 100
+        {"timestamp": 101.0, "mode": "policy", "score_ms": 30.0},
+        {"timestamp": 101.5, "mode": "hold", "score_ms": 99.0},  # not a full decision
+        {"timestamp": 104.0, "mode": "baseline", "score_ms": 2.0},
+        {"timestamp": 108.0, "mode": "policy", "score_ms": 5.0},  # after both windows
+    ]
+    got = score_by_window(decisions, {"http": (100.0, 102.0), "concurrent": (103.5, 104.5)}, interval_s=1.0)
+    assert got["http"]["n"] == 2 and got["http"]["max"] == 30.0
+    assert got["concurrent"]["n"] == 1 and got["concurrent"]["max"] == 2.0
