@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import math
 import tempfile
-import threading
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable
@@ -32,9 +31,9 @@ from balanceiq.config import Settings
 from balanceiq.exceptions import TestbedError
 from balanceiq.policy.stability import reversal_events
 from balanceiq.testbed.ports import check_ports_free, free_ports
-from balanceiq_lab.testbed.load import LoadResult, run_load_sync
+from balanceiq_lab.stack import BackgroundLoad, Stack
+from balanceiq_lab.testbed.load import LoadResult
 from balanceiq_lab.testbed.scenario import LiveScenario, ScenarioDriver
-from balanceiq_lab.testbed.testbed import Testbed
 
 APP_NAME = "balanceiq"
 SECOND_CLUSTER = "checkout"
@@ -185,40 +184,16 @@ def _announce(settings: Settings, api_url: str, proxy_url: str, console: Console
 
 
 def _start_loads(
-    proxy_url: str,
-    others: list[str],
-    rate_rps: float,
-    duration: float,
-    stop: threading.Event,
-    load_result: list[LoadResult],
-    other_load: list[LoadResult],
-    console: Console,
-) -> tuple[threading.Thread, list[threading.Thread]]:
+    stack: Stack, others: list[str], rate_rps: float, duration: float, console: Console
+) -> tuple[BackgroundLoad, list[BackgroundLoad]]:
     """Load on the first cluster at ``rate_rps``; on each further one (behind "/<name>/") at half."""
-
-    def load(url: str, rate: float, concurrency: int, into: list[LoadResult]) -> threading.Thread:
-        def run() -> None:
-            into.append(
-                run_load_sync(
-                    url,
-                    total=int(rate * (duration + 10)),
-                    concurrency=concurrency,
-                    max_seconds=duration + 10,
-                    rate_rps=rate,
-                    stop=stop,
-                )
-            )
-
-        thread = threading.Thread(target=run, daemon=True)
-        thread.start()
-        return thread
-
-    loader = load(proxy_url, rate_rps, 32, load_result)
-    loaders = [load(proxy_url.rstrip("/") + f"/{name}/", rate_rps / 2, 16, other_load) for name in others]
+    max_s = duration + 10
+    loader = stack.bounded_load(rate_rps=rate_rps, max_s=max_s, concurrency=32)
+    loaders = [stack.bounded_load(name, rate_rps=rate_rps / 2, max_s=max_s, concurrency=16) for name in others]
     if others:
         console.print(
             f"also steering {', '.join(others)} (steady load at {rate_rps / 2:.0f} req/s each, "
-            f"behind {proxy_url}/<cluster>/)"
+            f"behind {stack.listen_url}/<cluster>/)"
         )
     return loader, loaders
 
@@ -318,17 +293,15 @@ def run_demo(
         "clusters": [c.name for c in settings.clusters],
     }
     interrupted = False
-    stop_load = threading.Event()
-    load_result: list[LoadResult] = []
-    other_load: list[LoadResult] = []
 
     with tempfile.TemporaryDirectory(prefix="balanceiq-demo-") as tmp:
         work = Path(tmp)
         # A fresh state dir: the demo must not inherit weights from an earlier run.
         settings = settings.model_copy(update={"state_dir": work / "state"})
-        tb: Testbed | None = None
-        loader: threading.Thread | None = None
-        loaders: list[threading.Thread] = []
+        # The Serve app serves xDS (the Ray actor): the stack has no xDS server of its own.
+        stack = Stack(settings, work, xds=False)
+        loader: BackgroundLoad | None = None
+        loaders: list[BackgroundLoad] = []
         driver: ScenarioDriver | None = None
         ray_started = False
         try:
@@ -338,20 +311,19 @@ def run_demo(
             n_eps = sum(len(c.endpoints) for c in settings.clusters)
             where = f"{len(settings.clusters)} clusters" if others else "3 clouds"
             with console.status(f"starting {n_eps} backends in {where}, Envoy, Prometheus and the ALS collector"):
-                tb = Testbed(settings, work / "testbed").start()
+                stack.start()
             with console.status("deploying the Serve app (Policy + Controller) with the shipped checkpoint"):
                 _deploy(settings, out_dir)
             http = httpx.Client(timeout=10.0, trust_env=False)
-            token = _announce(settings, api_url, tb.envoy.listen_url, console)
-            backend_urls = dict(zip([b["name"] for b in tb.backends.specs], tb.backends.urls))
-            driver = ScenarioDriver(list(cluster.endpoints), backend_urls, on_prices=_price_feed(http, api_url, token))
+            token = _announce(settings, api_url, stack.listen_url, console)
+            driver = ScenarioDriver(
+                list(cluster.endpoints), stack.backend_urls, on_prices=_price_feed(http, api_url, token)
+            )
             with console.status("waiting for the first decision and Envoy's ACK"):
                 _wait_ready(http, api_url)
 
             duration = scenario.duration_s
-            loader, loaders = _start_loads(
-                tb.envoy.listen_url, others, rate_rps, duration, stop_load, load_result, other_load, console
-            )
+            loader, loaders = _start_loads(stack, others, rate_rps, duration, console)
             console.print(
                 f"replaying [bold]{scenario.name}[/] for {duration:.0f}s at {rate_rps:.0f} req/s "
                 f"(Ctrl-C stops everything)"
@@ -363,22 +335,18 @@ def run_demo(
             interrupted = True
             console.print("[yellow]Ctrl-C: stopping everything[/]")
         finally:
-            stop_load.set()
-            if loader is not None:
-                loader.join(30)
-            for extra in loaders:
-                extra.join(30)
+            stack.stop_loads(30)
             if driver is not None:
                 driver.close()
             if ray_started:
                 _stop_ray(console)
-            if tb is not None:
-                with console.status("stopping the testbed"):
-                    tb.stop()
+            with console.status("stopping the testbed"):
+                stack.stop()
 
     report["interrupted"] = interrupted
-    report["load"] = load_result[0].to_json() if load_result else None
+    report["load"] = loader.result.to_json() if loader is not None and loader.result is not None else None
     if others:
+        other_load = [x.result for x in loaders if x.result is not None]
         report["others"] = _summarise_others(report["intervals"], others, other_load)
     report["phases"] = summarise(report["intervals"], cloud_names)
     report["reversals"] = sum(p["reversals"] for p in report["phases"])

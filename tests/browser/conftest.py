@@ -39,7 +39,7 @@ def dashboard_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             time.sleep(0.2)
         else:
             raise AssertionError(f"control loop made no decision within 30 s; last: {stack.controller.log.last()}")
-        yield stack.url
+        yield stack.api_url
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +51,7 @@ def two_cluster_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and not all(c.weight_history for c in stack.plane.controllers.values()):
             time.sleep(0.2)
-        yield stack.url
+        yield stack.api_url
 
 
 @pytest.fixture

@@ -1,12 +1,10 @@
-"""ALS latency against a real Envoy, real sample backends and an in-process xDS server."""
+"""ALS latency against a real Envoy, real sample backends, the ALS exporter and an in-process xDS server."""
 
 from __future__ import annotations
 
-import copy
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,41 +13,18 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from balanceiq.config import Settings
-from balanceiq.telemetry.als import AlsCollector, AlsServer, access_log_config, als_cluster_config
 from balanceiq.telemetry.observation import quantile_from_buckets
-from balanceiq.testbed.envoy import render_bootstrap
-from balanceiq.xds.server import XdsServer
-from balanceiq_lab.testbed.envoy import EnvoyProcess, endpoint_health
+from balanceiq_lab.stack import Stack
 from balanceiq_lab.testbed.load import run_load_sync
-from balanceiq_lab.testbed.testbed import BackendsProcess, backend_specs
+from balanceiq_lab.testbed.testbed import backend_specs
 
 pytestmark = pytest.mark.slow
 
 HIST = "balanceiq_upstream_rq_time_seconds"
 
 
-@dataclass
-class Stack:
-    settings: Settings
-    als: AlsServer
-    envoy: EnvoyProcess
-
-    @property
-    def cluster(self) -> str:
-        return self.settings.clusters[0].name
-
-    def base_latency_ms(self) -> dict[str, float]:
-        return {s["name"]: s["base_latency_ms"] for s in backend_specs(self.settings)}
-
-
-def with_als(bootstrap: dict[str, Any], grpc_port: int, sample_percent: float) -> dict[str, Any]:
-    """The bootstrap with our access log on the HCM and our ALS cluster (replacing any)."""
-    b = copy.deepcopy(bootstrap)
-    hcm = b["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
-    hcm["access_log"] = [access_log_config("als_cluster", sample_percent=sample_percent)]
-    clusters = [c for c in b["static_resources"]["clusters"] if c["name"] != "als_cluster"]
-    b["static_resources"]["clusters"] = [*clusters, als_cluster_config("127.0.0.1", grpc_port)]
-    return b
+def base_latency_ms(stack: Stack) -> dict[str, float]:
+    return {s["name"]: s["base_latency_ms"] for s in backend_specs(stack.settings)}
 
 
 def wait_until(check: Callable[[], bool], timeout: float, what: str) -> None:
@@ -67,40 +42,33 @@ def stack_factory(ports_settings: Settings, tmp_path: Path) -> Iterator[Callable
         def make(
             sample_percent: float, tweak: Callable[[dict[str, Any]], None] | None = None, orca: bool = False
         ) -> Stack:
-            xds = XdsServer(ports_settings, state_dir=tmp_path / "state")
-            xds.start()
-            stop.callback(xds.stop)
-            als = AlsServer(AlsCollector())
-            grpc_port, _ = als.start()
-            stop.callback(als.stop)
-            specs = [{**spec, "orca": orca} for spec in backend_specs(ports_settings)]
-            backends = BackendsProcess(specs, tmp_path / "backends")
-            backends.start()
-            stop.callback(backends.stop)
-            # One health check marks hosts healthy; later ones would only add noise.
-            bootstrap = with_als(
-                render_bootstrap(ports_settings, health_check_interval_s=60), grpc_port, sample_percent
+            # Envoy's access log to the testbed's ALS exporter, sampled at sample_percent.
+            tel = ports_settings.telemetry.model_copy(
+                update={"als_enabled": True, "als_sample_percent": sample_percent}
             )
-            if tweak is not None:
-                tweak(bootstrap)
-            envoy = EnvoyProcess(bootstrap, workdir=tmp_path / "envoy")
-            stop.callback(envoy.stop)
-            envoy.start()
-            stack = Stack(ports_settings, als, envoy)
-            addrs = set(stack.base_latency_ms())
-
-            def routable() -> bool:
-                health = endpoint_health(envoy.clusters_json(), stack.cluster)
-                return set(health) == addrs and not any(health.values())
-
-            wait_until(routable, 10, "every endpoint routable in Envoy")
+            stack = Stack(
+                ports_settings.model_copy(update={"telemetry": tel}),
+                tmp_path,
+                # One health check marks hosts healthy; later ones would only add noise.
+                health_check_interval_s=60,
+                prometheus=False,
+                orca=orca,
+                envoy_bootstrap=tweak,
+            )
+            stop.enter_context(stack)
+            stack.wait_routable(10)
             return stack
 
         yield make
 
 
-def scrape(als: AlsServer) -> list[Any]:
-    text = httpx.get(als.metrics_url, timeout=5).text  # type: ignore[arg-type]
+def metrics_url(stack: Stack) -> str:
+    assert stack.testbed.als is not None
+    return stack.testbed.als.metrics_url
+
+
+def scrape(stack: Stack) -> list[Any]:
+    text = httpx.get(metrics_url(stack), timeout=5).text
     return [s for fam in text_string_to_metric_families(text) for s in fam.samples]
 
 
@@ -124,18 +92,18 @@ def value(samples: list[Any], name: str, **labels: str) -> float:
 
 def test_p50_per_endpoint_matches_backend_latency(stack_factory: Callable[..., Stack]) -> None:
     stack = stack_factory(100.0)
-    result = run_load_sync(stack.envoy.listen_url, total=300, concurrency=6, max_seconds=60)
+    result = run_load_sync(stack.listen_url, total=300, concurrency=6, max_seconds=60)
     assert result.failed == 0 and result.backend_5xx == 0, result.to_json()
     sent = dict(result.by_backend)
-    assert sum(sent.values()) == 300 and set(sent) == set(stack.base_latency_ms())
+    assert sum(sent.values()) == 300 and set(sent) == set(base_latency_ms(stack))
 
     # Envoy flushes its ALS buffer every 0.2 s: the counts must match within a few flushes.
-    wait_until(lambda: counts(scrape(stack.als), stack.cluster) == sent, 5, f"ALS counts {sent}")
+    wait_until(lambda: counts(scrape(stack), stack.cluster) == sent, 5, f"ALS counts {sent}")
 
-    samples = scrape(stack.als)
+    samples = scrape(stack)
     assert value(samples, "balanceiq_als_entries_total") == 300
     assert value(samples, "balanceiq_als_dropped_total", reason="no_upstream") == 0
-    for addr, base_ms in stack.base_latency_ms().items():
+    for addr, base_ms in base_latency_ms(stack).items():
         ok = value(samples, "balanceiq_upstream_rq_total", cluster=stack.cluster, endpoint=addr, code_class="2xx")
         assert ok == sent[addr]
         p50_ms = quantile_from_buckets(buckets(samples, stack.cluster, addr), 0.5) * 1000
@@ -148,11 +116,11 @@ def test_orca_load_reports_reach_the_exporter(stack_factory: Callable[..., Stack
     """Backends that send endpoint-load-metrics: Envoy logs the header, the exporter keeps
     each endpoint's last utilisation (what the default saturation query reads)."""
     stack = stack_factory(100.0, orca=True)
-    result = run_load_sync(stack.envoy.listen_url, total=120, concurrency=6, max_seconds=60)
+    result = run_load_sync(stack.listen_url, total=120, concurrency=6, max_seconds=60)
     assert result.failed == 0, result.to_json()
     sent = dict(result.by_backend)
-    wait_until(lambda: counts(scrape(stack.als), stack.cluster) == sent, 5, f"ALS counts {sent}")
-    util = {x.labels["endpoint"]: x.value for x in scrape(stack.als) if x.name == "balanceiq_upstream_orca_utilization"}
+    wait_until(lambda: counts(scrape(stack), stack.cluster) == sent, 5, f"ALS counts {sent}")
+    util = {x.labels["endpoint"]: x.value for x in scrape(stack) if x.name == "balanceiq_upstream_orca_utilization"}
     assert set(util) == set(sent), (util, sent)
     # The testbed reports in-flight over its concurrency limit, counting the request itself.
     assert all(0.0 < u <= 1.0 for u in util.values()), util
@@ -160,7 +128,7 @@ def test_orca_load_reports_reach_the_exporter(stack_factory: Callable[..., Stack
 
 def test_runtime_sampling_at_10_percent(stack_factory: Callable[..., Stack]) -> None:
     stack = stack_factory(10.0)
-    result = run_load_sync(stack.envoy.listen_url, total=1000, concurrency=12, max_seconds=60)
+    result = run_load_sync(stack.listen_url, total=1000, concurrency=12, max_seconds=60)
     assert result.failed == 0, result.to_json()
     assert sum(result.by_backend.values()) == 1000
 
@@ -170,14 +138,14 @@ def test_runtime_sampling_at_10_percent(stack_factory: Callable[..., Stack]) -> 
     stable_since = [time.monotonic()]
 
     def settled() -> bool:
-        total = sum(counts(scrape(stack.als), stack.cluster).values())
+        total = sum(counts(scrape(stack), stack.cluster).values())
         now = time.monotonic()
         if total != last[0]:
             last[0], stable_since[0] = total, now
         return total > 0 and now - stable_since[0] >= 1.0
 
     wait_until(settled, 5, "the sampled ALS count to settle")
-    samples = scrape(stack.als)
+    samples = scrape(stack)
     total = sum(counts(samples, stack.cluster).values())
     assert 30 <= total <= 200, total
     # Every sampled entry had an upstream: the counter of entries and the histogram agree.
@@ -202,17 +170,17 @@ def test_envoy_own_503_is_dropped_not_observed(stack_factory: Callable[..., Stac
         routes.insert(0, {"match": {"prefix": "/none"}, "route": {"cluster": "empty"}})
 
     stack = stack_factory(100.0, empty_route)
-    bad = run_load_sync(f"{stack.envoy.listen_url}/none", total=20, concurrency=2, max_seconds=30)
+    bad = run_load_sync(f"{stack.listen_url}/none", total=20, concurrency=2, max_seconds=30)
     assert bad.by_status == {503: 20}, bad.to_json()
-    good = run_load_sync(stack.envoy.listen_url, total=30, concurrency=3, max_seconds=30)
+    good = run_load_sync(stack.listen_url, total=30, concurrency=3, max_seconds=30)
     assert sum(good.by_backend.values()) == 30, good.to_json()
 
     def arrived() -> bool:
-        samples = scrape(stack.als)
+        samples = scrape(stack)
         return value(samples, "balanceiq_als_entries_total") == 50
 
     wait_until(arrived, 5, "all 50 ALS entries")
-    samples = scrape(stack.als)
+    samples = scrape(stack)
     assert value(samples, "balanceiq_als_dropped_total", reason="no_upstream") == 20
     assert counts(samples, "empty") == {}
     assert counts(samples, stack.cluster) == dict(good.by_backend)

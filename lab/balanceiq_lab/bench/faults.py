@@ -69,19 +69,18 @@ from envoy.service.discovery.v3 import discovery_pb2
 from rich.console import Console
 
 from balanceiq.config import Settings
-from balanceiq.control.controller import Controller, ControlLoop
+from balanceiq.control.controller import Controller
 from balanceiq.control.records import DecisionRecord
-from balanceiq.control.xds_client import ActorXdsClient, LocalXdsClient
+from balanceiq.control.xds_client import ActorXdsClient
 from balanceiq.exceptions import BalanceIQError, BenchError
 from balanceiq.policy.lp import traffic_moved, weights_to_shares
 from balanceiq.telemetry.observe import Telemetry
-from balanceiq.xds.server import XdsServer
 from balanceiq.xds.snapshot import EDS_TYPE
 from balanceiq_lab.bench.settings import bench_settings
 from balanceiq_lab.openloop import OpenLoopResult, arrival_schedule, run_open_loop_sync
 from balanceiq_lab.progress import progress_bar
+from balanceiq_lab.stack import Stack
 from balanceiq_lab.testbed.envoy import endpoint_health, endpoint_weights
-from balanceiq_lab.testbed.testbed import Testbed
 
 FAULTS = (
     "envoy_restarted",
@@ -661,29 +660,21 @@ def _times(res: OpenLoopResult) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 # -- the stack -----------------------------------------------------------------------------
 
 
-@dataclass
-class Stack:
-    settings: Settings
-    workdir: Path
-    testbed: Testbed
-    tap: XdsTap
-    load: Load
-    server: XdsServer | None = None  # in-process xDS server
-    actor: Any = None  # or the Ray actor's handle
-    controller: Controller | None = None
-    loop: ControlLoop | None = None
+class FaultStack(Stack):
+    """The live :class:`~balanceiq_lab.stack.Stack` a fault acts on, with the xDS tap, the
+    load and the xDS status read from the in-process server or the Ray actor (``actor``)."""
 
-    @property
-    def cluster(self) -> str:
-        return self.settings.clusters[0].name
-
-    @property
-    def addresses(self) -> list[str]:
-        return [ep.address for ep in self.settings.clusters[0].endpoints]
+    def __init__(
+        self, settings: Settings, workdir: Path, *, actor: Any = None, xds: bool = True, isolate: Sequence[str] = ()
+    ) -> None:
+        super().__init__(settings, workdir, xds=actor is None and xds, isolate=isolate)
+        self.actor = actor
+        self.tap = XdsTap(f"127.0.0.1:{settings.xds.port}", self.cluster, self.addresses)
+        self.load: Load
 
     def status(self) -> dict[str, Any]:
-        if self.server is not None:
-            return self.server.status()
+        if self.xds is not None:
+            return self.xds.status()
         import ray
 
         return ray.get(self.actor.status.remote(), timeout=10)
@@ -696,12 +687,6 @@ class Stack:
         eps = (status or self.status())["clusters"][self.cluster]["endpoints"]
         return {e["address"]: int(e["weight"]) for e in eps}
 
-    def envoy_clusters(self) -> dict[str, Any]:
-        return httpx.get(f"{self.testbed.envoy.admin_url}/clusters?format=json", timeout=2.0, trust_env=False).json()
-
-    def envoy_weights(self) -> dict[str, int]:
-        return endpoint_weights(self.envoy_clusters(), self.cluster)
-
     def envoy_rejected(self) -> int:
         """Envoy's own count of EDS updates it rejected (reset when Envoy restarts)."""
         name = f"cluster.{self.cluster}.update_rejected"
@@ -713,12 +698,6 @@ class Stack:
         )
         stats = r.json().get("stats", [])
         return int(next((s.get("value", 0) for s in stats if s.get("name") == name), 0))
-
-    def control(self, address: str, **changes: Any) -> None:
-        """Change a sample backend's behaviour live (its ``POST /control``)."""
-        r = httpx.post(f"http://{address}/control", json=changes, timeout=5.0, trust_env=False)
-        if r.status_code != 200:
-            raise BenchError(f"backend {address} refused {changes}: {r.text[:200]}")
 
     def decisions(self) -> list[DecisionRecord]:
         assert self.controller is not None
@@ -757,51 +736,28 @@ def _stack(
     rate_rps: float = RATE_RPS,
     max_load_s: float = 180.0,
     xds: bool = True,
-) -> Iterator[Stack]:
+) -> Iterator[FaultStack]:
     """Backends, ALS, Envoy, Prometheus, the tap and the load; the xDS server in-process
     unless ``actor`` is given (or ``xds=False``: someone else serves it); and, with
     ``controller``, a control loop in this process (the production Controller with the
     shipped policy). Everything stops on exit."""
-    server: XdsServer | None = None
-    if actor is None and xds:
-        server = XdsServer(settings, state_dir=workdir / "state")
-        server.start()
-    tb = Testbed(settings, workdir / "tb", isolate=isolate)
-    tap = XdsTap(
-        f"127.0.0.1:{settings.xds.port}",
-        settings.clusters[0].name,
-        [ep.address for ep in settings.clusters[0].endpoints],
-    )
-    load: Load | None = None
-    telemetry: Telemetry | None = None
-    loop: ControlLoop | None = None
-    try:
-        tb.start()
-        tap.start()
-        load = Load(tb.envoy.listen_url, rate_rps, max_load_s).start()
-        ctl = None
+    with FaultStack(settings, workdir, actor=actor, xds=xds, isolate=isolate) as st:
+        st.tap.start()
+        st.defer(st.tap.stop)
+        st.load = Load(st.listen_url, rate_rps, max_load_s).start()
+        st.defer(_finish_quietly, st.load)
         if controller:
             from balanceiq.serve.policy import PolicyModel
 
             model = PolicyModel()
-            telemetry = Telemetry(settings)
-            client = LocalXdsClient(server) if server is not None else ActorXdsClient(actor)
-            ctl = Controller(settings, telemetry, client, lambda rows: model.score_many([rows])[0])
-            loop = ControlLoop(ctl)
-            loop.start()
-        yield Stack(settings, workdir, tb, tap, load, server=server, actor=actor, controller=ctl, loop=loop)
-    finally:
-        if loop is not None:
-            loop.stop()
-        if telemetry is not None:
-            telemetry.close()
-        if load is not None:
-            with contextlib.suppress(BenchError):
-                load.finish()
-        tap.stop()
-        tb.stop()
-        if server is not None:
-            server.stop()
+            client = ActorXdsClient(actor) if st.xds is None else None
+            st.control_plane(lambda rows: model.score_many([rows])[0], token=API_TOKEN, xds_client=client).start()
+        yield st
+
+
+def _finish_quietly(load: Load) -> None:
+    with contextlib.suppress(BenchError):
+        load.finish()
 
 
 def _until(fn: Callable[[], T | None], timeout: float, what: str, every: float = 0.05) -> T:
@@ -821,7 +777,7 @@ def _until(fn: Callable[[], T | None], timeout: float, what: str, every: float =
 FULL = ("policy", "baseline")  # decision modes that decide (not hold or standby)
 
 
-def _controller_settled(st: Stack, timeout: float = 60.0) -> None:
+def _controller_settled(st: FaultStack, timeout: float = 60.0) -> None:
     """The controller decides from Prometheus telemetry, has pushed at least once, and
     Envoy has ACKed the version the server serves."""
 
@@ -837,7 +793,7 @@ def _controller_settled(st: Stack, timeout: float = 60.0) -> None:
     _until(settled, timeout, "decisions from Prometheus telemetry, pushed and ACKed by Envoy", every=0.2)
 
 
-def _common(st: Stack, fault: str, res: OpenLoopResult, t0: float, rejected_before: int = 0) -> dict[str, Any]:
+def _common(st: FaultStack, fault: str, res: OpenLoopResult, t0: float, rejected_before: int = 0) -> dict[str, Any]:
     audit = st.audit(rejected_before)
     notes = [f"tap: {p}" for p in audit["tap"]["problems"]]
     return {

@@ -60,7 +60,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
 import numpy as np
 import psutil
 from rich.console import Console
@@ -75,6 +74,7 @@ from balanceiq_lab.bench.settings import bench_settings as common_settings
 from balanceiq_lab.openloop import ARRIVALS, OpenLoopResult, cli_argv
 from balanceiq_lab.progress import progress_bar
 from balanceiq_lab.results import error_rate, latency_summary, slo_attainment
+from balanceiq_lab.stack import Stack
 from balanceiq_lab.testbed.scenario import LiveEvent, LiveScenario, state_truth, states_after
 
 # -- the arms ---------------------------------------------------------------------------------
@@ -577,7 +577,7 @@ def _cpu_delta(before: tuple[dict[int, tuple[str, float]], dict[int, float]], se
     }
 
 
-Inspect = Callable[["Stack", OpenLoopResult], Any]
+Inspect = Callable[["ArmStack", OpenLoopResult], Any]
 
 
 class Generator:
@@ -659,84 +659,17 @@ class Generator:
 # -- one stack ----------------------------------------------------------------------------------
 
 
-class Stack:
-    """xDS server + testbed (backends with ORCA on, ALS, Envoy with ``lb_policy``,
-    Prometheus) on free ports; ``stop()`` stops all of it. Records every child pid."""
+class ArmStack(Stack):
+    """A :class:`~balanceiq_lab.stack.Stack` on :func:`bench_settings` (free ports, the
+    bench's windows, a fresh state dir), Envoy on ``lb_policy``, started; ``mapping`` is
+    {configured address: bench address}."""
 
     def __init__(self, base: Settings, workdir: Path, lb_policy: str, *, private_gauges: bool = False) -> None:
-        from balanceiq.xds.server import XdsServer
-        from balanceiq_lab.testbed.testbed import Testbed
-
-        self.settings, self.mapping = bench_settings(
+        settings, self.mapping = bench_settings(
             base, workdir / "state", private_gauges=private_gauges, lb_policy=lb_policy
         )
-        self.cluster = self.settings.clusters[0]
-        self.pids: set[int] = set()
-        self.xds = XdsServer(self.settings, state_dir=workdir / "state")
-        self.testbed: Any = None
-        try:
-            self.xds.start()
-            self.testbed = Testbed(self.settings, workdir / "tb", lb_policy=lb_policy)
-            self.testbed.start()
-            tb = self.testbed
-            self.pids = {
-                p
-                for p in (
-                    tb.backends.pid,
-                    tb.envoy.pid,
-                    tb.als.pid if tb.als else None,
-                    tb.prometheus.pid if tb.prometheus else None,
-                )
-                if p
-            }
-            self.backend_urls = dict(zip([b["name"] for b in self.testbed.backends.specs], self.testbed.backends.urls))
-            self.http = httpx.Client(timeout=5.0, trust_env=False)
-        except BaseException:
-            self.stop()
-            raise
-
-    @property
-    def proxy_url(self) -> str:
-        return str(self.testbed.envoy.listen_url) + "/"
-
-    def control_all(self, update: dict[str, Any]) -> None:
-        for url in self.backend_urls.values():
-            self.http.post(url + "/control", json=update).raise_for_status()
-
-    def wait_routable(self, timeout_s: float = 30.0) -> None:
-        """Until Envoy has every endpoint from EDS and none fails its health check."""
-        from balanceiq_lab.testbed.envoy import endpoint_health
-
-        deadline = time.monotonic() + timeout_s
-        last: Any = None
-        while time.monotonic() < deadline:
-            try:
-                health = endpoint_health(self.testbed.envoy.clusters_json(), self.cluster.name)
-                last = health
-                if set(health) == set(self.backend_urls) and not any(health.values()):
-                    return
-            except (httpx.HTTPError, ValueError) as exc:
-                last = repr(exc)
-            time.sleep(0.2)
-        raise BenchError(f"Envoy did not get every endpoint healthy within {timeout_s:.0f}s: {last}")
-
-    def push(self, weights: dict[str, int], timeout_s: float = 5.0) -> str:
-        version = self.xds.set_assignment(self.cluster.name, weights, {})
-        if not self.xds.wait_for_ack(version, None, timeout_s):
-            raise BenchError(f"Envoy did not ACK the static weights (version {version}) within {timeout_s:.0f}s")
-        return version
-
-    def envoy_weights(self) -> dict[str, int]:
-        from balanceiq_lab.testbed.envoy import endpoint_weights
-
-        return endpoint_weights(self.testbed.envoy.clusters_json(), self.cluster.name)
-
-    def stop(self) -> None:
-        with contextlib.suppress(Exception):
-            self.http.close()
-        if self.testbed is not None:
-            self.testbed.stop()
-        self.xds.stop()
+        super().__init__(settings, workdir, lb_policy=lb_policy)
+        self.start()
 
 
 def cost_aware_weights(cluster: Any) -> dict[str, int]:
@@ -785,7 +718,7 @@ def measure_capacity(
             "step_s": RAMP_STEP_S,
         }
     }
-    stack = Stack(base, workdir, "ROUND_ROBIN")
+    stack = ArmStack(base, workdir, "ROUND_ROBIN")
     pids = set(stack.pids)
     try:
         stack.control_all(
@@ -883,16 +816,15 @@ class _ArmRun:
     ) -> None:
         self.arm = arm
         self.rate_rps, self.duration_s, self.warmup_s, self.slo_ms = rate_rps, duration_s, warmup_s, slo_ms
-        self.stack = Stack(base, workdir, arm.lb_policy, private_gauges=private_gauges)
+        self.stack = ArmStack(base, workdir, arm.lb_policy, private_gauges=private_gauges)
         self.pids = set(self.stack.pids)
-        self.cluster = self.stack.cluster
+        self.cluster = self.stack.settings.clusters[0]
         self.clouds = {ep.address: ep.cloud for ep in self.cluster.endpoints}
         self.scen = remap_scenario(scenario, self.stack.mapping)
         self.scale = duration_s / scenario.duration_s
         self.book = PriceBook({ep.address: ep.cost_per_million_requests for ep in self.cluster.endpoints})
         self.configured = {new: old for old, new in self.stack.mapping.items()}
         self.plane: Any = None
-        self.telemetry: Any = None
         self.driver: Any = None
         self.gen: Generator | None = None
         self.applied: list[dict[str, Any]] = []
@@ -934,16 +866,7 @@ class _ArmRun:
         elif self.arm.weights == "oracle":
             self.push_oracle(0, -self.warmup_s)
         elif self.arm.weights == "controller":
-            from balanceiq.control.controller import Controller
-            from balanceiq.control.xds_client import LocalXdsClient
-            from balanceiq.serve.plane import ControlPlane
-            from balanceiq.telemetry.observe import Telemetry
-
-            settings = self.stack.settings
-            self.telemetry = Telemetry(settings, retry_s=0.5)
-            xds = LocalXdsClient(self.stack.xds)
-            controller = Controller(settings, self.telemetry, xds, scorer, recording=recording)
-            self.plane = ControlPlane(settings, controller, token=TOKEN)
+            self.plane = self.stack.control_plane(scorer, token=TOKEN, recording=recording, retry_s=0.5)
 
     def on_prices(self, prices: dict[str, float]) -> None:
         self.book.change(time.time() - self.gen.start_wall if self.gen else 0.0, prices)
@@ -1040,15 +963,11 @@ class _ArmRun:
         self.stop.set()
         if self.thread is not None:
             self.thread.join(10)
-        if self.plane is not None:
-            self.plane.stop()
-        if self.telemetry is not None:
-            self.telemetry.close()
         if self.driver is not None:
             self.driver.close()
         if self.gen is not None:
             self.gen.stop()
-        self.stack.stop()
+        self.stack.stop()  # the controller's loop and telemetry too
 
 
 def run_arm(

@@ -8,32 +8,19 @@ from pathlib import Path
 from typing import Any
 
 from balanceiq.config import EndpointConfig, Settings
+from balanceiq_lab.stack import Stack
 from balanceiq_lab.testbed.backend import BackendSettings
 from balanceiq_lab.testbed.load import LoadThread, run_load_sync
 from balanceiq_lab.testbed.scenario import LiveScenario, ScenarioDriver, load_live_scenario
-from balanceiq_lab.testbed.testbed import Testbed, backend_specs
+from balanceiq_lab.testbed.testbed import backend_specs
 
 PROVIDER = "balanceiq_lab.testbed.fleet:provider"
 
 
-class TestbedFleet:
-    """A started :class:`Testbed`, seen as a :class:`balanceiq.testbed.fleet.Fleet`."""
-
-    __test__ = False  # not a pytest test class, despite the name
-
-    def __init__(self, testbed: Testbed) -> None:
-        self.testbed = testbed
-        self.listen_url = testbed.envoy.listen_url
-        self.backend_urls = dict(zip([b["name"] for b in testbed.backends.specs], testbed.backends.urls))
-        parts = (testbed.backends, testbed.als, testbed.envoy, testbed.prometheus)
-        self.pids = [p.pid for p in parts if p is not None and p.pid is not None]
-
-    def stop(self) -> None:
-        self.testbed.stop()
-
-
 class SampleFleet:
-    """Sample backends, ALS exporter, Envoy and Prometheus from :class:`Testbed`."""
+    """Sample backends, ALS exporter, Envoy and Prometheus: a :class:`~balanceiq_lab.stack.Stack`
+    without its xDS server (the product feature serves xDS itself), which is the
+    :class:`balanceiq.testbed.fleet.Fleet` returned."""
 
     def start(
         self,
@@ -43,15 +30,16 @@ class SampleFleet:
         prometheus: bool,
         health_check_interval_s: float,
         lb_policy: str | None = None,
-    ) -> TestbedFleet:
-        tb = Testbed(
+    ) -> Stack:
+        stack = Stack(
             settings,
             workdir,
+            xds=False,
             prometheus=prometheus,
             health_check_interval_s=health_check_interval_s,
             lb_policy=lb_policy,
         )
-        return TestbedFleet(tb.start())
+        return stack.start()
 
     def background_load(self, url: str, rate_rps: float, concurrency: int, max_s: float) -> LoadThread:
         return LoadThread(url, rate_rps, concurrency, max_s).start()

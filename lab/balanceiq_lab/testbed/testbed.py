@@ -161,10 +161,13 @@ class Testbed:
         node_id: str = "balanceiq-envoy-0",
         prometheus: bool = True,
         isolate: Collection[str] = (),
+        orca: bool = False,
     ) -> None:
         self.settings = settings
         self.workdir = Path(workdir)
         specs = backend_specs(settings)
+        if orca:  # every backend sends ORCA load reports (endpoint-load-metrics)
+            specs = [{**s, "orca": True} for s in specs]
         unknown = sorted(set(isolate) - {s["name"] for s in specs})
         if unknown:
             raise TestbedError(f"isolate names unknown endpoint(s): {', '.join(unknown)}")
