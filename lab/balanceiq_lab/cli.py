@@ -328,6 +328,13 @@ def bench_live(
             help="Let BalanceIQ read the testbed backends' in-flight/concurrency gauges (saturation); off by default, as a real backend exports neither.",
         ),
     ] = False,
+    orca: Annotated[
+        bool,
+        typer.Option(
+            "--orca",
+            help="Let BalanceIQ read the backends' ORCA load reports (the shipped saturation query, what CSWRR reads); not with --suite.",
+        ),
+    ] = False,
     config: ConfigOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,
 ) -> None:
@@ -341,6 +348,8 @@ def bench_live(
             raise BenchError("--suite draws its own fleets and events; leave out --scenario")
         if arrivals != "poisson":
             raise BenchError("--suite uses Poisson arrivals seeded per fleet; leave out --arrivals")
+        if orca:
+            raise BenchError("--orca is for one scenario; the suite states its targets without it")
         _bench_suite(
             suite, arms, duration, rate, warmup, seed, only, record, slo_ms, plot, private_gauges, config, as_json
         )
@@ -365,6 +374,7 @@ def bench_live(
         scenario_file=name,
         console=err,
         private_gauges=private_gauges,
+        orca=orca,
     )
     _emit(result, as_json, omit=("arms",))
 

@@ -65,7 +65,7 @@ import psutil
 from rich.console import Console
 from rich.progress import Progress
 
-from balanceiq.config import BACKEND_SATURATION, EndpointConfig, Settings, SignalQuery
+from balanceiq.config import BACKEND_SATURATION, EndpointConfig, Settings, SignalQuery, TelemetryConfig
 from balanceiq.exceptions import BalanceIQError, BenchError
 from balanceiq.policy.stability import count_reversals
 from balanceiq.testbed.envoy import DEFAULT_LB_POLICY  # what BalanceIQ ships with
@@ -188,7 +188,7 @@ NO_PRIVATE_GAUGES = SignalQuery(promql="max by (backend) (balanceiq_private_gaug
 
 
 def bench_settings(
-    base: Settings, state_dir: Path, *, private_gauges: bool = False, lb_policy: str | None = None
+    base: Settings, state_dir: Path, *, private_gauges: bool = False, orca: bool = False, lb_policy: str | None = None
 ) -> tuple[Settings, dict[str, str]]:
     """``base``'s first cluster (clouds, prices, capacity hints, weights, testbed
     profiles) with every port free right now, the bench's fast telemetry and control
@@ -196,9 +196,13 @@ def bench_settings(
 
     Unless ``private_gauges``, the ``saturation`` query reads a metric that does not
     exist: the testbed backends' in-flight and concurrency-limit gauges are theirs, not
-    something a real backend exports, so no arm may use them."""
+    something a real backend exports, so no arm may use them. ``orca``: the shipped default
+    query instead, the backends' ORCA load reports through the ALS exporter (Envoy's
+    standard, what CSWRR reads)."""
     cluster = base.clusters[0]
-    saturation = BACKEND_SATURATION if private_gauges else NO_PRIVATE_GAUGES
+    saturation = (
+        BACKEND_SATURATION if private_gauges else TelemetryConfig().queries["saturation"] if orca else NO_PRIVATE_GAUGES
+    )
     free = common_settings(
         len(cluster.endpoints),
         base,
@@ -664,9 +668,11 @@ class ArmStack(Stack):
     bench's windows, a fresh state dir), Envoy on ``lb_policy``, started; ``mapping`` is
     {configured address: bench address}."""
 
-    def __init__(self, base: Settings, workdir: Path, lb_policy: str, *, private_gauges: bool = False) -> None:
+    def __init__(
+        self, base: Settings, workdir: Path, lb_policy: str, *, private_gauges: bool = False, orca: bool = False
+    ) -> None:
         settings, self.mapping = bench_settings(
-            base, workdir / "state", private_gauges=private_gauges, lb_policy=lb_policy
+            base, workdir / "state", private_gauges=private_gauges, orca=orca, lb_policy=lb_policy
         )
         super().__init__(settings, workdir, lb_policy=lb_policy)
         self.start()
@@ -813,10 +819,11 @@ class _ArmRun:
         warmup_s: float,
         slo_ms: float,
         private_gauges: bool,
+        orca: bool = False,
     ) -> None:
         self.arm = arm
         self.rate_rps, self.duration_s, self.warmup_s, self.slo_ms = rate_rps, duration_s, warmup_s, slo_ms
-        self.stack = ArmStack(base, workdir, arm.lb_policy, private_gauges=private_gauges)
+        self.stack = ArmStack(base, workdir, arm.lb_policy, private_gauges=private_gauges, orca=orca)
         self.pids = set(self.stack.pids)
         self.cluster = self.stack.settings.clusters[0]
         self.clouds = {ep.address: ep.cloud for ep in self.cluster.endpoints}
@@ -988,6 +995,7 @@ def run_arm(
     inspect: Inspect | None = None,
     private_gauges: bool = False,
     recording: Path | None = None,
+    orca: bool = False,
 ) -> dict[str, Any]:
     """One arm on a fresh stack; returns its metrics (and the pids it started).
 
@@ -1012,6 +1020,7 @@ def run_arm(
         warmup_s=warmup_s,
         slo_ms=slo_ms,
         private_gauges=private_gauges,
+        orca=orca,
     )
     try:
         run.set_weights(scorer, recording)
@@ -1207,6 +1216,7 @@ def run_live_bench(
     console: Console | None = None,
     inspect: Inspect | None = None,
     private_gauges: bool = False,
+    orca: bool = False,
 ) -> dict[str, Any]:
     """Run every arm (see the module docstring); returns the result (one JSON object).
     ``inspect``: see :func:`run_arm` (tests). ``private_gauges``: let the controller read
@@ -1238,6 +1248,7 @@ def run_live_bench(
             console,
             inspect,
             private_gauges,
+            orca,
         )
 
 
@@ -1261,6 +1272,7 @@ def _result_header(
     setup: dict[str, Any],
     scenario_file: str | None,
     private_gauges: bool,
+    orca: bool = False,
 ) -> dict[str, Any]:
     """The result's scenario, setup and machine sections, before any arm runs."""
     scale = setup["duration_s"] / scenario.duration_s
@@ -1285,6 +1297,7 @@ def _result_header(
             "envoy_route_timeout_s": 10.0,
             "arms": [a.name for a in arms],
             "private_gauges": private_gauges,
+            "orca_for_balanceiq": orca,
             "endpoints": [
                 {
                     "address": ep.address,
@@ -1370,6 +1383,7 @@ def _run(
     console: Console,
     inspect: Inspect | None = None,
     private_gauges: bool = False,
+    orca: bool = False,
 ) -> dict[str, Any]:
     t0 = time.monotonic()
     notes: list[str] = []
@@ -1383,7 +1397,7 @@ def _run(
         "slo_ms": slo_ms,
         "bin_s": bin_s,
     }
-    result = _result_header(base, scenario, arms, setup, scenario_file, private_gauges)
+    result = _result_header(base, scenario, arms, setup, scenario_file, private_gauges, orca)
     if len(base.clusters) > 1:
         notes.append(f"only the first cluster ({base.clusters[0].name}) is benchmarked")
     with tempfile.TemporaryDirectory(prefix="balanceiq-bench-live-") as tmp:
@@ -1417,6 +1431,7 @@ def _run(
                         progress=progress,
                         inspect=inspect,
                         private_gauges=private_gauges,
+                        orca=orca,
                     )
                 except BalanceIQError:
                     raise

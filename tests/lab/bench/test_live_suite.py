@@ -213,6 +213,8 @@ def test_arms_and_private_gauges() -> None:
     assert off.telemetry.queries["saturation"] == NO_PRIVATE_GAUGES
     assert "backend_inflight_requests" in on.telemetry.queries["saturation"].promql
     assert off.telemetry.queries["rps"] == on.telemetry.queries["rps"]
+    orca, _ = bench_settings(f.settings, Path("/tmp/unused"), orca=True)
+    assert "balanceiq_upstream_orca_utilization" in orca.telemetry.queries["saturation"].promql
     # The profiles (with the tails) move with the endpoints.
     for ep in f.settings.clusters[0].endpoints:
         new = next(e for e in off.clusters[0].endpoints if e.address == mapping[ep.address])
@@ -344,6 +346,7 @@ def test_targets_and_summary() -> None:
         (["--suite", "3", "--only", "1,x"], "--only"),
         (["--only", "0"], "--suite"),
         (["--record", "somewhere"], "--suite"),
+        (["--suite", "1", "--orca"], "--orca"),
     ],
 )
 def test_cli_refuses_bad_suite_arguments(argv: list[str], needle: str, capsys: pytest.CaptureFixture[str]) -> None:
