@@ -36,8 +36,6 @@ from balanceiq.policy.baselines import Decision, PolicyContext, available_mask, 
 from balanceiq.policy.checkpoint import gumbel_perturb
 from balanceiq.policy.decide import (
     CoreDecision,
-    CoreState,
-    Knobs,
     breach_state,
     decide,
     envoy_weights,
@@ -45,7 +43,9 @@ from balanceiq.policy.decide import (
     observe_only,
 )
 from balanceiq.policy.features import encode
+from balanceiq.policy.knobs import Knobs
 from balanceiq.policy.lp import objective, traffic_moved, weights_to_shares
+from balanceiq.policy.memory import CoreState
 from balanceiq.policy.reward import RewardWeights, observed_reward
 from balanceiq.telemetry.observation import Observation
 

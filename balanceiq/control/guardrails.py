@@ -94,7 +94,7 @@ def _mask(name: str, values: object, n: int) -> np.ndarray:
     except (TypeError, ValueError) as exc:
         raise GuardrailError(f"{name} must be a vector of booleans: {exc}") from None
     # As in the LP: NaN is "unknown", which must not take an endpoint down.
-    return ~(np.isfinite(f) & (f == 0))
+    return np.asarray(~(np.isfinite(f) & (f == 0)))
 
 
 def _clean(v: np.ndarray, base: np.ndarray) -> np.ndarray:
@@ -102,9 +102,9 @@ def _clean(v: np.ndarray, base: np.ndarray) -> np.ndarray:
     s = np.where(np.isfinite(v) & (v >= 0), v, 0.0)
     top = float(s.max(initial=0.0))
     if top <= 0:
-        return base / base.sum()
+        return np.asarray(base / base.sum())
     s = s / top  # no overflow in the sum, whatever the magnitudes
-    return s / s.sum()
+    return np.asarray(s / s.sum())
 
 
 class Guardrails:

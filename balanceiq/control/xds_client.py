@@ -25,7 +25,7 @@ class ActorXdsClient:
         try:
             return ray.get(getattr(self.handle, method).remote(*args), timeout=timeout or self.timeout_s)
         except ray.exceptions.RayTaskError as exc:
-            cause = exc.as_instanceof_cause()
+            cause = exc.as_instanceof_cause()  # type: ignore[no-untyped-call]
             if isinstance(cause, (XdsError, AssignmentError)):
                 raise XdsError(str(cause).splitlines()[-1]) from exc
             raise XdsError(f"xDS actor {method} failed: {type(cause).__name__}") from exc
@@ -35,7 +35,7 @@ class ActorXdsClient:
             raise XdsError(f"xDS actor unavailable ({type(exc).__name__})") from exc
 
     def acquire_lease(self, owner: str, ttl_s: float, cluster: str | None = None) -> dict[str, Any]:
-        return self._call("acquire_lease", owner, ttl_s, cluster)
+        return dict(self._call("acquire_lease", owner, ttl_s, cluster))
 
     def release_lease(self, owner: str, cluster: str | None = None) -> bool:
         return bool(self._call("release_lease", owner, cluster))
@@ -49,7 +49,7 @@ class ActorXdsClient:
         return bool(self._call("wait_for_ack", version, None, timeout, timeout=timeout + self.timeout_s))
 
     def status(self) -> dict[str, Any]:
-        return self._call("status")
+        return dict(self._call("status"))
 
 
 class LocalXdsClient:

@@ -79,7 +79,7 @@ def obs_field(obs: Observation, name: str) -> np.ndarray:
 
 
 def _positive(arr: np.ndarray) -> np.ndarray:
-    return np.isfinite(arr) & (arr > 0)
+    return np.asarray(np.isfinite(arr) & (arr > 0))
 
 
 def _fill_median(arr: np.ndarray, ok: np.ndarray, default: float) -> np.ndarray:
@@ -96,7 +96,7 @@ def _normalise(weights: np.ndarray, avail: np.ndarray | None = None) -> np.ndarr
     if total > 0 and math.isfinite(total):
         return w / total
     base = avail if avail is not None and avail.any() else np.ones(w.shape[0], dtype=bool)
-    return base / base.sum()
+    return np.asarray(base / base.sum())
 
 
 def _decision(shares: np.ndarray, avail: np.ndarray | None, critical: tuple[int, ...], **info: Any) -> Decision:

@@ -9,8 +9,10 @@ import numpy as np
 
 from balanceiq.exceptions import PolicyError
 from balanceiq.policy.baselines import Decision, PolicyContext
-from balanceiq.policy.decide import CoreState, Knobs, decide, observe_only
+from balanceiq.policy.decide import decide, observe_only
 from balanceiq.policy.features import encode
+from balanceiq.policy.knobs import Knobs
+from balanceiq.policy.memory import CoreState
 from balanceiq.telemetry.observation import Observation
 
 MODULE_SUBDIR = Path("learner_group") / "learner" / "rl_module" / "default_policy"
@@ -53,7 +55,7 @@ def scores(module: Any, rows: np.ndarray) -> np.ndarray:
 
     with torch.no_grad():
         out = module._forward({Columns.OBS: torch.from_numpy(rows[None])})
-    return out[Columns.ACTION_DIST_INPUTS][0].numpy()
+    return np.asarray(out[Columns.ACTION_DIST_INPUTS][0].numpy())
 
 
 def gumbel_perturb(s: np.ndarray, rng: np.random.Generator) -> np.ndarray:

@@ -93,7 +93,7 @@ class PlackettLuce(Distribution):
         return cls(logits, k=kwargs.get("k"))
 
     @staticmethod
-    def required_input_dim(space: gym.Space, **kwargs: Any) -> int:
+    def required_input_dim(space: gym.Space[Any], **kwargs: Any) -> int:
         assert isinstance(space, gym.spaces.MultiDiscrete)
         return int(space.nvec[0])
 

@@ -23,7 +23,7 @@ Layer = Callable[[np.ndarray], np.ndarray]
 
 def _affine(w: np.ndarray, b: np.ndarray) -> Layer:
     def step(x: np.ndarray) -> np.ndarray:
-        return x @ w + b
+        return np.asarray(x @ w + b)
 
     return step
 

@@ -103,7 +103,7 @@ def _available(available: object, n: int) -> np.ndarray:
     if arr.dtype != bool:
         # A NaN in a float mask is "unknown", which must not take an endpoint down.
         f = arr.astype(np.float64)
-        return ~(np.isfinite(f) & (f == 0))
+        return np.asarray(~(np.isfinite(f) & (f == 0)))
     return arr.copy()
 
 
@@ -112,7 +112,7 @@ def _clean_shares(shares: np.ndarray, avail: np.ndarray) -> np.ndarray:
     total = float(s.sum())
     if total <= 0 or not math.isfinite(total):
         base = avail if avail.any() else np.ones_like(avail)
-        return base / base.sum()
+        return np.asarray(base / base.sum())
     if abs(total - 1.0) > _RENORM_TOL:
         s = s / total
     return s
@@ -250,7 +250,7 @@ def _lp(
     if total <= 0 or abs(total - budget) > 1e-6 * max(budget, 1.0):
         return None
     # HiGHS meets the equality within its tolerance; the caller promises sum 1 within 1e-9.
-    return x * (budget / total)
+    return np.asarray(x * (budget / total))
 
 
 def _result(shares: np.ndarray, capacity: np.ndarray, demand: float, fallback: Fallback | None) -> LpResult:

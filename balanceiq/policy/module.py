@@ -59,4 +59,4 @@ class CriticalEndpointModule(TorchRLModule, ValueFunctionAPI):
 
     def compute_values(self, batch: dict[str, Any], embeddings: Any = None) -> torch.Tensor:
         _, context, _ = self._embed(batch[Columns.OBS])
-        return self._value(context).squeeze(-1)
+        return cast(torch.Tensor, self._value(context).squeeze(-1))

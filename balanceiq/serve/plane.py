@@ -23,7 +23,8 @@ import httpx
 import numpy as np
 
 from balanceiq.config import GuardrailConfig, Settings, is_loopback
-from balanceiq.control.controller import Controller, ControlLoop, Observer, Scorer, XdsClient
+from balanceiq.control.controller import Controller, Observer, Scorer, XdsClient
+from balanceiq.control.loop import ControlLoop
 from balanceiq.control.metrics import ControllerMetrics
 from balanceiq.exceptions import BalanceIQError, ControlError, GuardrailError, UnknownClusterError
 from balanceiq.policy.baselines import make_policy

@@ -23,9 +23,11 @@ import numpy as np
 
 from balanceiq.config import critical_count
 from balanceiq.policy.baselines import PolicyContext
-from balanceiq.policy.decide import CoreDecision, CoreState, Knobs, decide, observe_only
+from balanceiq.policy.decide import CoreDecision, decide, observe_only
 from balanceiq.policy.features import N_FEATURES, encode
+from balanceiq.policy.knobs import Knobs
 from balanceiq.policy.lp import critical_indices, shares_to_weights, traffic_moved
+from balanceiq.policy.memory import CoreState
 from balanceiq.policy.reward import RewardWeights, reward
 from balanceiq.sim.fleet import FleetSim
 from balanceiq.sim.scenario import Scenario, load_scenario

@@ -18,8 +18,10 @@ import numpy as np
 from balanceiq.config import critical_count
 from balanceiq.policy.baselines import Decision, PolicyContext, make_policy
 from balanceiq.policy.checkpoint import SHIPPED, RLPolicy
-from balanceiq.policy.decide import CoreState, Knobs, decide
+from balanceiq.policy.decide import decide
+from balanceiq.policy.knobs import Knobs
 from balanceiq.policy.lp import oracle, traffic_moved
+from balanceiq.policy.memory import CoreState
 from balanceiq.sim.env import FleetEnv
 from balanceiq.sim.fleet import FleetSim
 from balanceiq.sim.scenario import SCENARIOS, load_scenario

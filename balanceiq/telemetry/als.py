@@ -159,7 +159,7 @@ class AlsServer:
             raise TestbedError(f"cannot bind ALS gRPC server to {address}: port in use?")
         await server.start()
         self._server = server
-        return port
+        return int(port)
 
     async def _start_metrics(self) -> int:
         app = web.Application()

@@ -37,9 +37,11 @@ import numpy as np
 from balanceiq.config import Settings
 from balanceiq.exceptions import BalanceIQError, ConfigError, TestbedError
 from balanceiq.policy.baselines import PolicyContext
-from balanceiq.policy.decide import CoreDecision, CoreState, Knobs, decide, envoy_weights, observe_only
+from balanceiq.policy.decide import CoreDecision, decide, envoy_weights, observe_only
 from balanceiq.policy.features import N_FEATURES, encode
+from balanceiq.policy.knobs import Knobs
 from balanceiq.policy.lp import critical_indices, traffic_moved, weights_to_shares
+from balanceiq.policy.memory import CoreState
 from balanceiq.policy.reward import observed_reward
 from balanceiq.telemetry.observation import Observation
 from balanceiq.telemetry.observe import Telemetry

@@ -118,7 +118,7 @@ def _head_pinned_options() -> dict[str, Any]:
     return {"resources": {HEAD_RESOURCE: 0.001}}
 
 
-def start_actor(settings: Settings, state_dir: str | Path | None = None) -> ray.actor.ActorHandle:
+def start_actor(settings: Settings, state_dir: str | Path | None = None) -> ray.actor.ActorHandle[Any]:
     """Get the named xDS actor, creating it (pinned to the head) if it does not exist."""
     cls = ray.remote(XdsServerActor)
     created = cls.options(
@@ -133,11 +133,11 @@ def start_actor(settings: Settings, state_dir: str | Path | None = None) -> ray.
         **_head_pinned_options(),
     ).remote(settings, str(state_dir) if state_dir else None)
     # Ray types ActorClass.remote() as ActorHandle[T] | type[T]; what it returns is the handle.
-    handle = cast(ray.actor.ActorHandle, created)
+    handle = cast("ray.actor.ActorHandle[Any]", created)
     ray.get(handle.port.remote())  # surfaces bind errors from __init__ here
     return handle
 
 
-def get_actor() -> ray.actor.ActorHandle:
+def get_actor() -> ray.actor.ActorHandle[Any]:
     """The running xDS actor; raises ValueError if there is none."""
     return ray.get_actor(ACTOR_NAME, namespace=NAMESPACE)

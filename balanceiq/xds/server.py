@@ -208,7 +208,7 @@ class XdsServer:
             raise XdsBindError(f"cannot bind xDS server to {address}: port in use?")
         await server.start()
         self._server = server
-        return port
+        return int(port)
 
     def stop(self, grace: float = 0.5) -> None:
         self._unwatch()

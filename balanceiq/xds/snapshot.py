@@ -12,6 +12,7 @@ import hashlib
 import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from envoy.config.core.v3 import address_pb2, health_check_pb2
 from envoy.config.endpoint.v3 import endpoint_pb2
@@ -146,7 +147,7 @@ def cluster_load_assignment(assignment: Assignment) -> endpoint_pb2.ClusterLoadA
     All localities share priority 0: weights, not failover tiers, decide the split.
     """
     cla = endpoint_pb2.ClusterLoadAssignment(cluster_name=assignment.cluster)
-    groups: dict[tuple[str, str, str], list] = {}
+    groups: dict[tuple[str, str, str], list[Any]] = {}
     for ep in assignment.endpoints:
         groups.setdefault(ep.locality, []).append(ep)
     for (cloud, region, zone), eps in sorted(groups.items()):

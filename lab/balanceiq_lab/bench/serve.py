@@ -62,8 +62,9 @@ from rich.console import Console
 from balanceiq.config import Settings, critical_count
 from balanceiq.exceptions import BalanceIQError, BenchError
 from balanceiq.policy.baselines import PolicyContext
-from balanceiq.policy.decide import Knobs, observe_only
+from balanceiq.policy.decide import observe_only
 from balanceiq.policy.features import encode
+from balanceiq.policy.knobs import Knobs
 from balanceiq.policy.reward import RewardWeights
 from balanceiq.telemetry.observation import EndpointObservation, Observation
 from balanceiq.testbed.ports import free_port
