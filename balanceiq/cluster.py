@@ -1,11 +1,6 @@
-"""Ray cluster launcher configs (``cluster.yaml``, ``cluster-local.yaml``), checked offline.
-
-:func:`check_cluster_config` runs the checks ``ray up`` and the autoscaler run (Ray's JSON
-schema, with "did you mean" for unknown keys; ``prepare_config`` + ``validate_config``,
-no cloud call; for ``fake_multinode``, used as written, ``validate_config`` alone) and
-turns their exceptions into readable problems, then a few rules Ray enforces late or
-never (``min_workers <= max_workers``, the fake head's node type, resources, instance types).
-"""
+"""Ray cluster launcher configs (``cluster.yaml``, ``cluster-local.yaml``), checked offline:
+the checks ``ray up`` and the autoscaler run (no cloud call), as readable problems, plus a few
+rules Ray enforces late or never (``min_workers <= max_workers``, node types, resources)."""
 
 from __future__ import annotations
 
@@ -22,8 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-
-__all__ = ["check_cluster_config", "check_ray_address", "cluster_check_command"]
 
 # Keys the v1 autoscaler indexes directly (config["..."]) when it (re)reads a config
 # that no defaults were merged into: missing ones crash the monitor at start.
@@ -42,34 +35,25 @@ AUTOSCALER_REQUIRED_KEYS = (
 )
 # The fake provider registers the head under this node type (fake_multi_node.node_provider).
 FAKE_HEAD_NODE_TYPE = "ray.head.default"
-# Providers whose config is used as written (no ``ray up``, no defaults merged).
-AS_WRITTEN_PROVIDERS = {"fake_multinode"}
 
 
 def _key_path(parts: Sequence[Any]) -> str:
     out = ""
     for p in parts:
-        if isinstance(p, int):
-            out += f"[{p}]"
-        elif "." in str(p) or not str(p):
+        if isinstance(p, int) or "." in str(p) or not str(p):
             out += f"[{p}]"  # node type names such as ray.worker.cpu contain dots
         else:
             out += f".{p}" if out else str(p)
     return out or "<root>"
 
 
-def _schema() -> dict[str, Any]:
+def _schema_problems(config: dict[str, Any]) -> list[str]:
+    """Every violation of Ray's JSON schema, as ``key.path: message``."""
+    import jsonschema
     import ray.autoscaler
 
-    path = Path(ray.autoscaler.__file__).parent / "ray-schema.json"
-    return json.loads(path.read_text())
-
-
-def _schema_problems(config: dict[str, Any]) -> list[str]:
-    """Every schema violation, as ``key.path: message``."""
-    import jsonschema
-
-    validator = jsonschema.Draft7Validator(_schema())
+    schema = json.loads((Path(ray.autoscaler.__file__).parent / "ray-schema.json").read_text())
+    validator = jsonschema.Draft7Validator(schema)
     problems = []
     for error in sorted(validator.iter_errors(config), key=lambda e: [str(p) for p in e.absolute_path]):
         path = list(error.absolute_path)
@@ -108,7 +92,7 @@ def _ray_problems(config: dict[str, Any], provider_type: str) -> list[str]:
     problems: list[str] = []
     try:
         with _quiet_ray():
-            if provider_type in AS_WRITTEN_PROVIDERS:
+            if provider_type == "fake_multinode":  # used as written: no ``ray up``, no defaults merged
                 missing = [k for k in AUTOSCALER_REQUIRED_KEYS if k not in config]
                 problems += [
                     f"{k}: required (the autoscaler reads this file as written; use {{}} or [] if empty)"
@@ -200,11 +184,9 @@ def check_ray_address(address: str, timeout: float = 5.0) -> str | None:
     host = host.strip("[]")
     if not host or not port.isdigit() or not 0 < int(port) < 65536:
         return f"{address}: expected auto, HOST:PORT or ray://HOST:PORT"
-    why = _reachable(host, int(port), timeout)
-    if why:
+    if why := _reachable(host, int(port), timeout):
         return f"{shown}: nothing answers at {host}:{port} ({why}); is the cluster up (`ray status`)?"
-    why = _speaks_grpc(host, int(port), timeout)
-    if why:
+    if why := _speaks_grpc(host, int(port), timeout):
         return f"{shown}: something listens at {host}:{port}, but {why}; is this the head's GCS port (6379)?"
     return None
 
@@ -238,10 +220,9 @@ def cluster_check_command(path: str | Path) -> int:
         print("\n".join([f"{path}: {len(problems)} {noun}", *(f"  {p}" for p in problems)]), file=sys.stderr)
         return 2
     config = yaml.safe_load(Path(path).read_text())
-    node_types = config["available_node_types"]
     workers = ", ".join(
         f"{name} {spec.get('min_workers', 0)}-{spec.get('max_workers', config.get('max_workers', '?'))}"
-        for name, spec in node_types.items()
+        for name, spec in config["available_node_types"].items()
         if name != config["head_node_type"]
     )
     print(f"OK: {path} (provider {config['provider']['type']}, head {config['head_node_type']}, workers {workers})")

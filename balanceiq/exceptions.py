@@ -1,33 +1,8 @@
-"""Every error BalanceIQ raises on purpose, in one tree.
+"""Every error BalanceIQ raises on purpose: subclasses of :class:`BalanceIQError`.
 
-::
-
-    BalanceIQError
-    ├── ConfigError              a config file or value is invalid (carries every problem)
-    ├── AssignmentError          weights/health for the xDS store are invalid; nothing published
-    ├── XdsError                 the xDS server cannot do what was asked
-    │   ├── XdsBindError         the xDS port is taken or cannot be bound
-    │   ├── XdsLeaseError        a push from a controller that does not hold the lease
-    │   └── XdsRequestError      a client's request is refused; its stream ends with an error status
-    ├── PolicyError              a policy checkpoint is missing, unloadable, or not ours
-    ├── TelemetryError           a metrics source could not give a usable answer
-    │   ├── PrometheusError      Prometheus unreachable, timed out, or answered garbage
-    │   └── EnvoyAdminError      Envoy's admin /stats unreachable or unparsable
-    ├── TestbedError             a local testbed part failed to start or stop
-    │   ├── EnvoyError           the envoy binary failed to start, or never became ready
-    │   ├── BackendError         a sample backend failed to start
-    │   └── PrometheusProcessError  the prometheus binary failed to start
-    ├── BenchError               a benchmark could not run to completion
-    └── ControlError             the control loop or its guardrails refused an operation
-        ├── GuardrailError       an override or guardrail setting that cannot be applied
-        └── UnknownClusterError  a request names a cluster the config does not have
-
-Errors from libraries (grpc, aiohttp, yaml, pydantic) are translated into these at the
-boundary with ``raise ... from exc``; the CLI prints their message and exits 2 instead of
-showing a traceback.
+Library errors (grpc, aiohttp, yaml, pydantic) are translated into these at the boundary with
+``raise ... from exc``; the CLI prints their message and exits 2 instead of showing a traceback.
 """
-
-from __future__ import annotations
 
 
 class BalanceIQError(Exception):
@@ -96,18 +71,6 @@ class TestbedError(BalanceIQError):
 
 class EnvoyError(TestbedError):
     """The envoy binary failed to start or never became ready."""
-
-
-class BackendError(TestbedError):
-    """A sample backend failed to start."""
-
-
-class PrometheusProcessError(TestbedError):
-    """The prometheus binary failed to start or never became ready."""
-
-
-class BenchError(BalanceIQError):
-    """A benchmark could not run to completion."""
 
 
 class ControlError(BalanceIQError):

@@ -1,8 +1,5 @@
-"""An asyncio event loop on its own thread, for servers driven from synchronous code.
-
-The xDS server and the ALS exporter run grpc.aio servers this way, so they behave the
-same inside a Ray actor (whose own loop they must not share), a test or a benchmark.
-"""
+"""An asyncio event loop on its own thread, for the grpc.aio servers (xDS, ALS) driven from
+synchronous code: inside a Ray actor they must not share the actor's own loop."""
 
 from __future__ import annotations
 
@@ -18,7 +15,7 @@ T = TypeVar("T")
 
 
 class LoopThread:
-    """Start with :meth:`run` of a setup coroutine; :meth:`close` stops and joins."""
+    """:meth:`start`, then :meth:`run` coroutines on the loop; :meth:`close` stops and joins."""
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -29,13 +26,12 @@ class LoopThread:
     def running(self) -> bool:
         return self.loop is not None
 
-    def start(self) -> asyncio.AbstractEventLoop:
+    def start(self) -> None:
         if self.loop is not None:
             raise RuntimeError(f"{self.name} loop already running")
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name=self.name, daemon=True)
         self._thread.start()
-        return self.loop
 
     def run(self, coro: Coroutine[Any, Any, T], timeout: float) -> T:
         """Run ``coro`` on the loop and wait; raises TimeoutError past ``timeout``."""

@@ -1,9 +1,7 @@
-"""`balanceiq train`: PPO (RLlib, new API stack) on the simulator, with progress and a summary.
+"""`balanceiq train`: PPO (RLlib, new API stack, config ``rllib_configs/ppo.yaml``) on the simulator.
 
-The algorithm config comes from ``rllib_configs/ppo.yaml``. The saved policy module is
-re-loaded and checked to be our class, because RLlib silently falls back to a default
-RLModule when it cannot import a custom one.
-"""
+The saved module is re-loaded and checked to be ours: RLlib silently falls back to a default
+RLModule when it cannot import a custom one."""
 
 from __future__ import annotations
 
@@ -136,9 +134,7 @@ def warm_start(
 def _metric(result: dict[str, Any], *keys: str) -> float | None:
     node: Any = result
     for k in keys:
-        if not isinstance(node, dict) or k not in node:
-            return None
-        node = node[k]
+        node = node.get(k) if isinstance(node, dict) else None
     return float(node) if isinstance(node, (int, float)) else None
 
 
@@ -180,17 +176,16 @@ def _iterate(
             steps = _metric(result, "num_env_steps_sampled_lifetime") or _metric(
                 result, "env_runners", "num_env_steps_sampled_lifetime"
             )
-            history.append(
-                {
-                    "iteration": i + 1,
-                    "episode_return_mean": ret,
-                    "env_steps": steps,
-                    "total_loss": _metric(result, "learners", "default_policy", "total_loss"),
-                    "elapsed_s": round(time.monotonic() - t0, 1),
-                }
-            )
+            row = {
+                "iteration": i + 1,
+                "episode_return_mean": ret,
+                "env_steps": steps,
+                "total_loss": _metric(result, "learners", "default_policy", "total_loss"),
+                "elapsed_s": round(time.monotonic() - t0, 1),
+            }
+            history.append(row)
             if on_iteration is not None:
-                on_iteration(dict(history[-1]))
+                on_iteration(dict(row))
             progress.update(task, advance=1, status=f"return {ret:.2f}" if ret is not None else "")
     return history
 
@@ -209,15 +204,10 @@ def train(
     env: Any = None,
     env_overrides: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """Train, save to ``checkpoint_dir``, and return a summary. ``on_iteration`` gets
-    each iteration's row (return, loss, steps) as it finishes: the API's progress.
-
-    ``address`` connects to a running Ray cluster (``auto``, ``host:port`` or
-    ``ray://host:10001``) instead of starting a local 2-CPU Ray; it is ignored if Ray is
-    already initialised in this process (the caller owns that connection). The checkpoint
-    is written by this process, so ``checkpoint_dir`` is a path on the machine that runs it.
-    ``env`` / ``env_overrides``: another environment than the simulator (see
-    :func:`build_algo_config`)."""
+    """Train, save to ``checkpoint_dir`` (on the machine running this) and return a summary;
+    ``on_iteration`` gets each iteration's row as it finishes. ``address``: a running Ray
+    cluster instead of a local 2-CPU Ray (ignored if Ray is already initialised here).
+    ``env`` / ``env_overrides``: see :func:`build_algo_config`."""
     import ray
 
     console = console or Console(stderr=True)
@@ -244,11 +234,10 @@ def train(
             algo.stop()
         if own_ray:
             ray.shutdown()
-    module = load_module(checkpoint_dir)
     returns = [h["episode_return_mean"] for h in history if h["episode_return_mean"] is not None]
     summary = {
         "checkpoint": str(checkpoint_dir),
-        "module_class": type(module).__name__,
+        "module_class": type(load_module(checkpoint_dir)).__name__,
         "iterations": iterations,
         "env_steps": history[-1]["env_steps"] if history else 0,
         "elapsed_s": round(time.monotonic() - t0, 1),

@@ -15,7 +15,7 @@ from pathlib import Path
 from balanceiq.config import Settings
 from balanceiq.serve.plane import PolicyClient
 from balanceiq.serve.policy import PolicyModel
-from balanceiq.testbed.ports import settings_on_free_ports
+from balanceiq_lab.bench.settings import settings_on_free_ports
 from balanceiq_lab.stack import Stack, serve_asgi
 
 __all__ = ["TOKEN", "LiveStack", "fast_settings", "live_stack", "serve_asgi", "settings_on_free_ports"]

@@ -1,4 +1,4 @@
-"""What every config model shares: input limits, strict field types, the base model, validators."""
+"""What every config model shares: strict field types, validators, ``host:port`` addresses, the base model."""
 
 from __future__ import annotations
 
@@ -9,23 +9,13 @@ from pathlib import Path
 from typing import Annotated
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo
 from pydantic_core import PydanticCustomError
 
 UINT32_MAX = 2**32 - 1
 """Envoy's ceiling for a load_balancing_weight and for the sum of weights in a locality."""
 
-# Config files are kilobytes; the cap stops `config check /dev/zero` from reading forever.
-_MAX_FILE_BYTES = 1024 * 1024
-# Checked before pydantic sees the data: YAML aliases can expand a small file exponentially.
-_MAX_VALUES = 100_000
-_MAX_DEPTH = 64
-_MAX_STRING = 65_536
 _MAX_PATH = 4096  # PATH_MAX on Linux
-# A file with thousands of mistakes is one mistake repeated; past this, the rest are counted.
-_MAX_PROBLEMS = 100
-# Fields whose value must never appear in an error message (messages reach logs and CI output).
-_SECRET_FIELDS = frozenset({"token", "key_file", "envoy_key_file"})
 
 Loc = tuple[str | int, ...]
 
@@ -34,7 +24,6 @@ Port = Annotated[int, Field(ge=1, le=65535, strict=True)]
 NonNegFloat = Annotated[float, Field(ge=0, allow_inf_nan=False, strict=True)]
 PosFloat = Annotated[float, Field(gt=0, allow_inf_nan=False, strict=True)]
 StrictBool = Annotated[bool, Field(strict=True)]
-
 
 _IDENT_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
@@ -84,9 +73,7 @@ def _http_url(value: str) -> str:
     return value.rstrip("/")
 
 
-def _check_path(value: Path | None) -> Path | None:
-    if value is None:
-        return None
+def _check_path(value: Path) -> Path:
     text = str(value)
     if "-----BEGIN" in text or "\n" in text:
         # A pasted PEM echoed back in the error would print a private key.
@@ -107,6 +94,79 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+_HOSTNAME_RE = re.compile(
+    r"(?=.*[A-Za-z])[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
+    r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*\.?"
+)
+
+
+def _parse_port(text: str, address: str) -> int:
+    if not text:
+        raise ValueError(f"{address!r} has no port; expected host:port, e.g. 127.0.0.1:8080")
+    if not (text.isascii() and text.isdigit()):
+        raise ValueError(f"port {text!r} in {address!r} is not a number")
+    port = int(text)
+    if not 1 <= port <= 65535:
+        raise ValueError(f"port {port} in {address!r} is out of range 1..65535")
+    return port
+
+
+def split_address(address: str) -> tuple[str, int]:
+    """Split ``"host:port"`` (IPv6 as ``"[::1]:port"``) into a canonical IP and a port.
+
+    The host must be an IP literal: Envoy does not resolve names in EDS endpoints.
+    Raises ``ValueError`` with a message meant for users."""
+    if not isinstance(address, str):
+        raise ValueError(f"address must be a string like '127.0.0.1:8080', got {address!r}")
+    if address.startswith("["):
+        close = address.find("]")
+        if close < 0:
+            raise ValueError(f"{address!r} has '[' without ']'; expected e.g. [::1]:8080")
+        host, rest = address[1:close], address[close + 1 :]
+        if not rest.startswith(":"):
+            raise ValueError(f"{address!r} has no port; expected e.g. [::1]:8080")
+        port = _parse_port(rest[1:], address)
+        try:
+            ip = ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(f"{host!r} inside brackets is not an IPv6 address; brackets are only for IPv6") from None
+        return str(ip), port
+    host, sep, port_text = address.rpartition(":")
+    if not sep:
+        raise ValueError(f"{address!r} is not host:port; expected e.g. 127.0.0.1:8080 or [::1]:8080")
+    if ":" in host:
+        raise ValueError(f"IPv6 addresses need brackets around the host, e.g. [{host}]:{port_text}")
+    port = _parse_port(port_text, address)
+    if not host:
+        raise ValueError(f"{address!r} has no host; expected e.g. 127.0.0.1:{port}")
+    try:
+        return str(ipaddress.IPv4Address(host)), port
+    except ValueError:
+        pass
+    if re.fullmatch(r"[0-9.]+", host):
+        raise ValueError(f"{host!r} is not a valid IPv4 address")
+    if _HOSTNAME_RE.fullmatch(host):
+        raise ValueError(
+            f"{host!r} is a hostname; Envoy does not resolve names in EDS endpoints, "
+            "so use an IPv4 or IPv6 literal (e.g. 10.0.0.5:8080 or [::1]:8080)"
+        )
+    raise ValueError(f"{host!r} is not an IPv4 or IPv6 address")
+
+
+def _canonical_address(address: str) -> str:
+    host, port = split_address(address)
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _not_blank_field(value: str, info: ValidationInfo) -> str:
+    return _not_blank(value, str(info.field_name))
+
+
+NonBlank = Annotated[str, AfterValidator(_not_blank_field)]
+HttpUrlStr = Annotated[str, AfterValidator(_http_url)]
+ConfigPath = Annotated[Path, AfterValidator(_check_path)]
 
 
 class _Model(BaseModel):

@@ -6,8 +6,17 @@ import re
 
 from pydantic import Field, field_validator
 
-from balanceiq.config.addresses import _canonical_address, split_address
-from balanceiq.config.base import UINT32_MAX, Loc, NonNegFloat, PosFloat, _cross_field_error, _Model, _not_blank
+from balanceiq.config.base import (
+    UINT32_MAX,
+    Loc,
+    NonBlank,
+    NonNegFloat,
+    PosFloat,
+    _canonical_address,
+    _cross_field_error,
+    _Model,
+    split_address,
+)
 
 
 class EndpointConfig(_Model):
@@ -16,13 +25,13 @@ class EndpointConfig(_Model):
     address: str
     """Backend as host:port; host is an IPv4 or [IPv6] literal."""
 
-    cloud: str
+    cloud: NonBlank
     """Cloud provider, e.g. aws, gcp, azure."""
 
-    region: str
+    region: NonBlank
     """Cloud region, e.g. us-east-1."""
 
-    zone: str | None = None
+    zone: NonBlank | None = None
     """Availability zone, if known."""
 
     cost_per_million_requests: NonNegFloat = 0.0
@@ -42,21 +51,10 @@ class EndpointConfig(_Model):
     @field_validator("cloud")
     @classmethod
     def _check_cloud(cls, value: str) -> str:
-        _not_blank(value, "cloud")
         if "/" in value:
             # testbed.base_latency_ms keys are "cloud" or "cloud/region".
             raise ValueError(f"cloud {value!r} must not contain '/'")
         return value
-
-    @field_validator("region")
-    @classmethod
-    def _check_region(cls, value: str) -> str:
-        return _not_blank(value, "region")
-
-    @field_validator("zone")
-    @classmethod
-    def _check_zone(cls, value: str | None) -> str | None:
-        return None if value is None else _not_blank(value, "zone")
 
     @property
     def host(self) -> str:
@@ -72,19 +70,6 @@ class EndpointConfig(_Model):
     def locality(self) -> tuple[str, str, str | None]:
         """``(cloud, region, zone)``: endpoints sharing it form one Envoy locality."""
         return (self.cloud, self.region, self.zone)
-
-
-def _default_endpoints() -> list[EndpointConfig]:
-    # The three backends of the service BalanceIQ replaces, one per cloud.
-    backends = [
-        ("127.0.0.1:18001", "aws", "us-east-1", 0.40),
-        ("127.0.0.1:18002", "gcp", "us-central1", 0.35),
-        ("127.0.0.1:18003", "azure", "eastus", 0.55),
-    ]
-    return [
-        EndpointConfig(address=address, cloud=cloud, region=region, cost_per_million_requests=cost)
-        for address, cloud, region, cost in backends
-    ]
 
 
 class ClusterConfig(_Model):
@@ -110,25 +95,22 @@ class ClusterConfig(_Model):
             raise ValueError("a cluster needs at least one endpoint")
         problems: list[tuple[Loc, str]] = []
         first_seen: dict[str, int] = {}
+        by_locality: dict[tuple[str, str, str | None], list[int]] = {}
         for index, endpoint in enumerate(endpoints):
+            by_locality.setdefault(endpoint.locality, []).append(index)
             first = first_seen.setdefault(endpoint.address, index)
             if first != index:
                 message = f"duplicate address {endpoint.address}: endpoints[{first}] and endpoints[{index}] both use it"
                 problems.append(((index, "address"), message))
-        by_locality: dict[tuple[str, str, str | None], list[int]] = {}
-        for index, endpoint in enumerate(endpoints):
-            by_locality.setdefault(endpoint.locality, []).append(index)
         for (cloud, region, zone), indices in by_locality.items():
             total = sum(endpoints[i].weight for i in indices)
             if total > UINT32_MAX:
                 where = "/".join(part for part in (cloud, region, zone) if part)
-                problems.append(
-                    (
-                        (),
-                        f"weights of locality {where} (endpoints {indices}) sum to {total}; "
-                        f"Envoy requires the sum per locality to fit in uint32 ({UINT32_MAX})",
-                    )
+                message = (
+                    f"weights of locality {where} (endpoints {indices}) sum to {total}; "
+                    f"Envoy requires the sum per locality to fit in uint32 ({UINT32_MAX})"
                 )
+                problems.append(((), message))
         if problems:
             raise _cross_field_error(problems)
         return endpoints

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field
 
-from balanceiq.config.base import Port, PosFloat, _check_path, _Model
+from balanceiq.config.base import ConfigPath, Port, PosFloat, _Model
 
 
 def critical_count(n_endpoints: int) -> int:
@@ -95,13 +94,8 @@ class ApiConfig(_Model):
     token: str | None = Field(default=None, min_length=16, max_length=4096, repr=False)
     """Bearer token for mutating calls."""
 
-    checkpoint: Path | None = None
+    checkpoint: ConfigPath | None = None
     """RLModule checkpoint to serve."""
-
-    @field_validator("checkpoint")
-    @classmethod
-    def _check_checkpoint(cls, value: Path | None) -> Path | None:
-        return _check_path(value)
 
     policy_niceness: int = Field(default=10, ge=0, le=19, strict=True)
     """CPU niceness of the Policy deployment's replica."""

@@ -12,15 +12,12 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from balanceiq.config.base import _MAX_FILE_BYTES
 from balanceiq.config.problems import _shape_problems, validation_problems
 from balanceiq.config.settings import Settings
 from balanceiq.exceptions import ConfigError
 
-
-def _yaml_type_name(value: Any) -> str:
-    names = {list: "list", str: "string", int: "number", float: "number", bool: "boolean"}
-    return names.get(type(value), type(value).__name__)
+# Config files are kilobytes; the cap stops `config check /dev/zero` from reading forever.
+_MAX_FILE_BYTES = 1024 * 1024
 
 
 def settings_from_dict(
@@ -29,7 +26,8 @@ def settings_from_dict(
     """Validate ``data`` (e.g. parsed YAML) into :class:`Settings`; :class:`ConfigError` lists
     every problem. Relative paths are resolved against ``base_dir`` when given."""
     if not isinstance(data, Mapping):
-        message = f"the top level must be a mapping of settings, not a {_yaml_type_name(data)}"
+        names = {list: "list", str: "string", int: "number", float: "number", bool: "boolean"}
+        message = f"the top level must be a mapping of settings, not a {names.get(type(data), type(data).__name__)}"
         raise ConfigError([("", message)], source)
     shape = _shape_problems(data)
     if shape:
@@ -48,12 +46,7 @@ def _resolve_paths(settings: Settings, base_dir: Path) -> Settings:
         return path if path is None or path.is_absolute() else base_dir / path
 
     tls = settings.xds.tls
-    tls = tls.model_copy(
-        update={
-            name: resolve(getattr(tls, name))
-            for name in ("cert_file", "key_file", "ca_file", "envoy_ca_file", "envoy_cert_file", "envoy_key_file")
-        }
-    )
+    tls = tls.model_copy(update={name: resolve(value) for name, value in tls if name.endswith("_file")})
     return settings.model_copy(
         update={
             "state_dir": resolve(settings.state_dir),

@@ -10,17 +10,17 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ValidationError
 
-from balanceiq.config.base import (
-    _CROSS_FIELD,
-    _MAX_DEPTH,
-    _MAX_PROBLEMS,
-    _MAX_STRING,
-    _MAX_VALUES,
-    _SECRET_FIELDS,
-    Loc,
-    _format_loc,
-)
+from balanceiq.config.base import _CROSS_FIELD, Loc, _format_loc
 from balanceiq.config.settings import Settings
+
+# Checked before pydantic sees the data: YAML aliases can expand a small file exponentially.
+_MAX_VALUES = 100_000
+_MAX_DEPTH = 64
+_MAX_STRING = 65_536
+# A file with thousands of mistakes is one mistake repeated; past this, the rest are counted.
+_MAX_PROBLEMS = 100
+# Fields whose value must never appear in an error message (messages reach logs and CI output).
+_SECRET_FIELDS = frozenset({"token", "key_file", "envoy_key_file"})
 
 
 def _unwrap_annotation(annotation: Any) -> list[Any]:
@@ -139,14 +139,10 @@ def _shape_problems(data: Any) -> list[tuple[str, str]]:
             problems.append((_format_loc(loc), "refers to itself (a YAML alias cycle)"))
             return True
         active.add(id(value))
-        try:
-            items = value.items() if isinstance(value, Mapping) else enumerate(value)
-            for key, child in items:
-                part = key if isinstance(key, (str, int)) else str(key)
-                if not walk(child, (*loc, part)):
-                    return False
-        finally:
-            active.discard(id(value))
+        for key, child in value.items() if isinstance(value, Mapping) else enumerate(value):
+            if not walk(child, (*loc, key if isinstance(key, (str, int)) else str(key))):
+                return False  # the walk stops here: ``active`` is no longer needed
+        active.discard(id(value))
         return True
 
     walk(data, ())

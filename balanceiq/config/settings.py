@@ -6,8 +6,8 @@ from pathlib import Path
 
 from pydantic import Field, field_validator, model_validator
 
-from balanceiq.config.base import Loc, _check_path, _cross_field_error, _Model
-from balanceiq.config.cluster import ClusterConfig, _default_endpoints
+from balanceiq.config.base import ConfigPath, Loc, _cross_field_error, _Model
+from balanceiq.config.cluster import ClusterConfig, EndpointConfig
 from balanceiq.config.control import ApiConfig, ControlConfig, GuardrailConfig
 from balanceiq.config.signals import PrometheusConfig, TelemetryConfig
 from balanceiq.config.testbed import TestbedConfig
@@ -15,7 +15,17 @@ from balanceiq.config.transport import EnvoyConfig, XdsConfig
 
 
 def _default_clusters() -> list[ClusterConfig]:
-    return [ClusterConfig(name="my_service", endpoints=_default_endpoints())]
+    # The three backends of the service BalanceIQ replaces, one per cloud.
+    backends = [
+        ("127.0.0.1:18001", "aws", "us-east-1", 0.40),
+        ("127.0.0.1:18002", "gcp", "us-central1", 0.35),
+        ("127.0.0.1:18003", "azure", "eastus", 0.55),
+    ]
+    endpoints = [
+        EndpointConfig(address=address, cloud=cloud, region=region, cost_per_million_requests=cost)
+        for address, cloud, region, cost in backends
+    ]
+    return [ClusterConfig(name="my_service", endpoints=endpoints)]
 
 
 class Settings(_Model):
@@ -48,13 +58,8 @@ class Settings(_Model):
     testbed: TestbedConfig = Field(default_factory=TestbedConfig)
     """Local testbed behaviour."""
 
-    state_dir: Path = Path(".state")
+    state_dir: ConfigPath = Path(".state")
     """Directory for persisted xDS state."""
-
-    @field_validator("state_dir")
-    @classmethod
-    def _expand_state_dir(cls, value: Path) -> Path:
-        return _check_path(value)  # type: ignore[return-value]
 
     @field_validator("clusters")
     @classmethod

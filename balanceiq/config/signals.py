@@ -7,63 +7,43 @@ from typing import Any
 
 from pydantic import Field, field_validator, model_validator
 
-from balanceiq.config.base import Port, PosFloat, StrictBool, _cross_field_error, _http_url, _Model, _not_blank
+from balanceiq.config.base import HttpUrlStr, Port, PosFloat, StrictBool, _cross_field_error, _Model, _not_blank
 
 
 class PrometheusConfig(_Model):
     """The Prometheus server the controller queries for telemetry."""
 
-    url: str = "http://127.0.0.1:9090"
+    url: HttpUrlStr = "http://127.0.0.1:9090"
     """Prometheus http(s) base URL."""
 
     scrape_interval_s: PosFloat = 1.0
     """Testbed scrape interval (s)."""
 
-    @field_validator("url")
-    @classmethod
-    def _check_url(cls, value: str) -> str:
-        return _http_url(value)
-
-
-def _envoy_query(expr: str) -> SignalQuery:
-    return SignalQuery(promql=expr, endpoint_label="envoy_endpoint_address")
-
-
-_ENVOY_SEL = 'envoy_cluster_name="$cluster"'
-
-
-def _raw_latency() -> dict[str, SignalQuery]:
-    rate = 'sum by (endpoint, le) (rate(balanceiq_upstream_rq_time_seconds_bucket{cluster="$cluster"}[$window]))'
-    return {
-        name: SignalQuery(promql=f"histogram_quantile({q}, {rate}) * 1000", endpoint_label="endpoint")
-        for name, q in (("p50_ms", "0.5"), ("p95_ms", "0.95"))
-    }
-
-
-def _recorded_latency() -> dict[str, SignalQuery]:
-    # Precomputed by the recording rules in prometheus/rules.yml: a lookup, not a quantile per query.
-    return {
-        name: SignalQuery(promql=f'balanceiq:upstream_rq_time_ms:{q}{{cluster="$cluster"}}', endpoint_label="endpoint")
-        for name, q in (("p50_ms", "p50"), ("p95_ms", "p95"))
-    }
-
 
 def _default_queries(recording_rules: bool = True) -> dict[str, SignalQuery]:
+    def envoy(expr: str) -> SignalQuery:
+        return SignalQuery(promql=expr, endpoint_label="envoy_endpoint_address")
+
+    sel = 'envoy_cluster_name="$cluster"'
     by = "sum by (envoy_endpoint_address)"
+    if recording_rules:
+        # Precomputed by the recording rules in prometheus/rules.yml: a lookup, not a quantile per query.
+        latency = {p: f'balanceiq:upstream_rq_time_ms:p{p}{{cluster="$cluster"}}' for p in (50, 95)}
+    else:
+        rate = 'sum by (endpoint, le) (rate(balanceiq_upstream_rq_time_seconds_bucket{cluster="$cluster"}[$window]))'
+        latency = {p: f"histogram_quantile({p / 100}, {rate}) * 1000" for p in (50, 95)}
     return {
-        "rps": _envoy_query(f"{by} (rate(envoy_cluster_endpoint_rq_total{{{_ENVOY_SEL}}}[$window]))"),
+        "rps": envoy(f"{by} (rate(envoy_cluster_endpoint_rq_total{{{sel}}}[$window]))"),
         # A connect failure counts in rq_error but never in rq_total: the error rate is
         # errors / (success + errors), in Python, so idle reads "no traffic" and dead 1.0.
-        "errors": _envoy_query(f"{by} (rate(envoy_cluster_endpoint_rq_error{{{_ENVOY_SEL}}}[$window]))"),
-        "success": _envoy_query(f"{by} (rate(envoy_cluster_endpoint_rq_success{{{_ENVOY_SEL}}}[$window]))"),
+        "errors": envoy(f"{by} (rate(envoy_cluster_endpoint_rq_error{{{sel}}}[$window]))"),
+        "success": envoy(f"{by} (rate(envoy_cluster_endpoint_rq_success{{{sel}}}[$window]))"),
         # The window's mean, not the last sample: Little's law needs the mean of a bursty gauge.
-        "inflight": _envoy_query(f"{by} (avg_over_time(envoy_cluster_endpoint_rq_active{{{_ENVOY_SEL}}}[$window]))"),
-        "healthy": _envoy_query(f"min by (envoy_endpoint_address) (envoy_cluster_endpoint_healthy{{{_ENVOY_SEL}}})"),
-        "last_sample": _envoy_query(
-            f"max by (envoy_endpoint_address) (timestamp(envoy_cluster_endpoint_rq_total{{{_ENVOY_SEL}}}))"
-        ),
+        "inflight": envoy(f"{by} (avg_over_time(envoy_cluster_endpoint_rq_active{{{sel}}}[$window]))"),
+        "healthy": envoy(f"min by (envoy_endpoint_address) (envoy_cluster_endpoint_healthy{{{sel}}})"),
+        "last_sample": envoy(f"max by (envoy_endpoint_address) (timestamp(envoy_cluster_endpoint_rq_total{{{sel}}}))"),
         # Latency from BalanceIQ's ALS exporter: Envoy's view of each upstream request.
-        **(_recorded_latency() if recording_rules else _raw_latency()),
+        **{f"p{p}_ms": SignalQuery(promql=q, endpoint_label="endpoint") for p, q in latency.items()},
         # ORCA load reports, as Envoy logs them to the ALS exporter; optional (nan without).
         "saturation": SignalQuery(
             promql='max by (endpoint) (avg_over_time(balanceiq_upstream_orca_utilization{cluster="$cluster"}[$window]))',

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from pydantic import Field, field_validator
 
-from balanceiq.config.addresses import _canonical_address
-from balanceiq.config.base import Loc, NonNegFloat, _cross_field_error, _Model
+from balanceiq.config.base import Loc, NonNegFloat, _canonical_address, _cross_field_error, _Model
 from balanceiq.config.cluster import EndpointConfig
 
 
@@ -29,10 +28,6 @@ class BackendProfile(_Model):
 
     tail_ms: NonNegFloat | None = None
     """Extra latency of a tail request (ms, >= 0)."""
-
-
-# What behaviour_for adds to profile_for, only when an override sets it.
-TAIL_FIELDS = ("sigma", "tail_prob", "tail_ms")
 
 
 class TestbedConfig(_Model):
@@ -101,8 +96,6 @@ class TestbedConfig(_Model):
         """Every backend setting the testbed gives ``ep``: :meth:`profile_for`'s three
         plus ``sigma``, ``tail_prob`` and ``tail_ms`` where an override sets them."""
         latency, concurrency, error_rate = self.profile_for(ep)
-        out: dict[str, float | int] = {"base_latency_ms": latency, "concurrency": concurrency, "error_rate": error_rate}
-        override = self.overrides.get(ep.address)
-        if override is not None:
-            out.update({k: getattr(override, k) for k in TAIL_FIELDS if getattr(override, k) is not None})
-        return out
+        override = self.overrides.get(ep.address, BackendProfile())
+        tail = override.model_dump(include={"sigma", "tail_prob", "tail_ms"}, exclude_none=True)
+        return {"base_latency_ms": latency, "concurrency": concurrency, "error_rate": error_rate, **tail}

@@ -2,21 +2,20 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, model_validator
 
 from balanceiq.config.base import (
+    ConfigPath,
+    HttpUrlStr,
     Loc,
+    NonBlank,
     Port,
     StrictBool,
-    _check_path,
     _cross_field_error,
-    _http_url,
     _Model,
-    _not_blank,
     is_loopback,
 )
 
@@ -27,34 +26,29 @@ class TlsConfig(_Model):
     enabled: StrictBool = False
     """Serve xDS over TLS."""
 
-    cert_file: Path | None = None
+    cert_file: ConfigPath | None = None
     """PEM server certificate (chain)."""
 
-    key_file: Path | None = None
+    key_file: ConfigPath | None = None
     """PEM private key of cert_file."""
 
-    ca_file: Path | None = None
+    ca_file: ConfigPath | None = None
     """PEM CA bundle for client certs."""
 
     require_client_cert: StrictBool = False
     """Require and verify an Envoy client certificate (mTLS)."""
 
-    envoy_ca_file: Path | None = None
+    envoy_ca_file: ConfigPath | None = None
     """PEM CA Envoy uses to verify the xDS server certificate."""
 
-    envoy_cert_file: Path | None = None
+    envoy_cert_file: ConfigPath | None = None
     """PEM client certificate Envoy presents (mTLS)."""
 
-    envoy_key_file: Path | None = None
+    envoy_key_file: ConfigPath | None = None
     """PEM private key of envoy_cert_file."""
 
     server_name: str | None = None
     """Name (SNI and SAN) Envoy expects on the server certificate."""
-
-    @field_validator("cert_file", "key_file", "ca_file", "envoy_ca_file", "envoy_cert_file", "envoy_key_file")
-    @classmethod
-    def _expand(cls, value: Path | None) -> Path | None:
-        return _check_path(value)
 
     @model_validator(mode="after")
     def _check_requirements(self) -> TlsConfig:
@@ -83,7 +77,7 @@ class TlsConfig(_Model):
 class XdsConfig(_Model):
     """The xDS gRPC server (a Ray actor) that streams endpoint weights to Envoy."""
 
-    host: str = "127.0.0.1"
+    host: NonBlank = "127.0.0.1"
     """Address the xDS server binds."""
 
     port: Port = 50051
@@ -97,11 +91,6 @@ class XdsConfig(_Model):
 
     allow_insecure_remote: StrictBool = False
     """Allow a non-loopback host without mutual TLS (not recommended)."""
-
-    @field_validator("host")
-    @classmethod
-    def _check_host(cls, value: str) -> str:
-        return _not_blank(value, "host")
 
     @model_validator(mode="after")
     def _remote_needs_mtls(self) -> XdsConfig:
@@ -120,10 +109,10 @@ class XdsConfig(_Model):
 class EnvoyConfig(_Model):
     """Where Envoy's admin interface is and where Envoy accepts client traffic."""
 
-    admin_url: str = "http://127.0.0.1:9901"
+    admin_url: HttpUrlStr = "http://127.0.0.1:9901"
     """Envoy admin http(s) URL."""
 
-    listen_host: str = "127.0.0.1"
+    listen_host: NonBlank = "127.0.0.1"
     """Address Envoy's proxy listener binds."""
 
     listen_port: Port = 10000
@@ -139,11 +128,6 @@ class EnvoyConfig(_Model):
     update_merge_window_ms: int = Field(default=0, ge=0, strict=True)
     """Envoy cluster update merge window in ms (>= 0)."""
 
-    @field_validator("admin_url")
-    @classmethod
-    def _check_admin_url(cls, value: str) -> str:
-        return _http_url(value)
-
     @model_validator(mode="after")
     def _admin_on_loopback(self) -> EnvoyConfig:
         host = urlsplit(self.admin_url).hostname or ""
@@ -154,8 +138,3 @@ class EnvoyConfig(_Model):
             "(keep it on 127.0.0.1, or set allow_remote_admin: true)"
         )
         raise _cross_field_error([(("admin_url",), message)])
-
-    @field_validator("listen_host")
-    @classmethod
-    def _check_listen_host(cls, value: str) -> str:
-        return _not_blank(value, "listen_host")

@@ -7,25 +7,15 @@ import math
 import operator
 import time
 from collections.abc import Sequence
-from typing import Literal
 
 from balanceiq.exceptions import GuardrailError
 
 #: The controller's weights always sum to this; a "set" weight w means share w / WEIGHT_SCALE.
 WEIGHT_SCALE = 10000
 
-Action = Literal["pin", "drain", "set"]
-Mode = Literal["policy", "baseline"]
-
-_ACTIONS: tuple[str, ...] = ("pin", "drain", "set")
-_FIXED: tuple[str, ...] = ("pin", "set")
 # Shares are floats: a sum within this of 1 is 1 (and fixed shares may sum to 1 + this).
 _SUM_TOL = 1e-9
-# Forced moves smaller than this are not worth a note: a drained endpoint keeps weight 1,
-# so a ``current`` derived from realised weights always shows ~1e-4 on it.
-_NOTE_TOL = 1e-3
 _MAX_NAMES = 5
-_TRANSITIONS_KEPT = 20
 
 
 def _fmt(x: float | None) -> str:
@@ -54,14 +44,16 @@ def _now(now: float | None) -> float:
     return time.time() if now is None else _finite_float("now", now)
 
 
-def _int_arg(name: str, value: object, minimum: int) -> int:
-    # bool is an int to Python, but ``after=True`` is a bug, not a count.
-    if isinstance(value, bool):
-        raise GuardrailError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    try:
-        v = operator.index(value)  # type: ignore[arg-type]
-    except TypeError:
-        raise GuardrailError(f"{name} must be an integer >= {minimum}, got {value!r}") from None
-    if v < minimum:
-        raise GuardrailError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return v
+def _int_arg(name: str, value: object, minimum: int, maximum: int | None = None) -> int:
+    """``value`` as an int in ``[minimum, maximum]``; a bool is an int to Python, but
+    ``after=True`` is a bug, not a count."""
+    wanted = f">= {minimum}" if maximum is None else f"in {minimum}..{maximum}"
+    if not isinstance(value, bool):
+        try:
+            v = operator.index(value)  # type: ignore[arg-type]
+        except TypeError:
+            pass
+        else:
+            if v >= minimum and (maximum is None or v <= maximum):
+                return v
+    raise GuardrailError(f"{name} must be an integer {wanted}, got {value!r}")

@@ -1,13 +1,8 @@
-"""The control loop: lease -> observe -> decide -> judge -> guard -> push, once per interval.
-
-Only the holder of the cluster's lease at the xDS server pushes (others record
-``standby``). When telemetry knows nothing the weights in force are *held*: acting blind
-is worse than not acting. The decision core proposes (breachers and the policy's top K
-re-split by the LP), the baseline proposes too, and the rollback monitor picks one by
-scoring both on this observation. Guardrails (overrides, floor, maximum shift) come last;
-unchanged weights are not pushed. Every step leaves a
-:class:`~balanceiq.control.records.DecisionRecord`; the loop never dies of an exception.
-"""
+"""One cluster's decisions, once per interval: lease -> observe -> decide -> judge -> guard
+-> push. Only the holder of the cluster's lease at the xDS server pushes; blind telemetry
+holds the weights in force (acting blind is worse than not acting); the rollback monitor
+picks the policy's or the baseline's proposal; guardrails come last, and unchanged weights
+are not pushed. Every step leaves a :class:`~balanceiq.control.records.DecisionRecord`."""
 
 from __future__ import annotations
 
@@ -26,22 +21,14 @@ import numpy as np
 
 from balanceiq.config import Settings
 from balanceiq.control.guardrails import Guardrails, GuardResult
-from balanceiq.control.loop import ControlLoop  # noqa: F401  (callers import it from here)
 from balanceiq.control.metrics import ClusterMetrics, ControllerMetrics
 from balanceiq.control.overrides import OverrideTable
 from balanceiq.control.records import DecisionLog, DecisionRecord
 from balanceiq.control.rollback import RollbackMonitor
-from balanceiq.exceptions import BalanceIQError, ControlError, XdsError
+from balanceiq.exceptions import BalanceIQError, ControlError
 from balanceiq.policy.baselines import Decision, PolicyContext, available_mask, make_policy, obs_field
 from balanceiq.policy.checkpoint import gumbel_perturb
-from balanceiq.policy.decide import (
-    CoreDecision,
-    breach_state,
-    decide,
-    envoy_weights,
-    lp_latency,
-    observe_only,
-)
+from balanceiq.policy.decide import CoreDecision, decide, envoy_weights, lp_latency, observe_only
 from balanceiq.policy.features import encode
 from balanceiq.policy.knobs import Knobs
 from balanceiq.policy.lp import objective, traffic_moved, weights_to_shares
@@ -94,12 +81,11 @@ class PolicySettings:
         self.control_mode = str(settings.control.mode)  # "active" steers, "shadow" only records
 
     def to_json(self) -> dict[str, Any]:
-        weights = {k: v for k, v in asdict(self.reward).items() if k != "slo_ms"}
         return {
             "k": self.k,
             "interval_s": self.interval_s,
             "slo_ms": self.reward.slo_ms,
-            "reward_weights": weights,
+            "reward_weights": {k: v for k, v in asdict(self.reward).items() if k != "slo_ms"},
             "cost_weight": self.cost_weight,
             "util_target": self.util_target,
             "latency_weight": self.latency_weight,
@@ -109,7 +95,7 @@ class PolicySettings:
 
 
 class Controller:
-    """The decision logic of one cluster; :class:`ControlLoop` runs it on a clock."""
+    """The decision logic of one cluster; :class:`~balanceiq.control.loop.ControlLoop` runs it on a clock."""
 
     def __init__(
         self,
@@ -120,21 +106,20 @@ class Controller:
         *,
         cluster: str | None = None,
         recording: str | os.PathLike[str] | None = None,
-        seed: int = 0,
         metrics: ControllerMetrics | None = None,
     ) -> None:
         self.settings = settings
         self.cluster = settings.cluster(cluster) if cluster else settings.clusters[0]
-        self.addresses = [ep.address for ep in self.cluster.endpoints]
-        self.endpoints = {ep.address: ep for ep in self.cluster.endpoints}
+        eps = self.cluster.endpoints
+        self.addresses = [ep.address for ep in eps]
+        self.endpoints = {ep.address: ep for ep in eps}
         self.observer = observer
         self.xds = xds
         self.scorer = scorer
-        n = len(self.addresses)
-        self.policy = PolicySettings(settings, n)
-        self.costs = {ep.address: float(ep.cost_per_million_requests) for ep in self.cluster.endpoints}
-        self.capacity_hint = np.array([ep.capacity_rps or math.nan for ep in self.cluster.endpoints], dtype=np.float64)
-        self.static_weights = np.array([ep.weight for ep in self.cluster.endpoints], dtype=np.float64)
+        self.policy = PolicySettings(settings, len(eps))
+        self.costs = {ep.address: float(ep.cost_per_million_requests) for ep in eps}
+        self.capacity_hint = np.array([ep.capacity_rps or math.nan for ep in eps], dtype=np.float64)
+        self.static_weights = np.array([ep.weight for ep in eps], dtype=np.float64)
         g = settings.guardrails
         self.guardrails = Guardrails(g)
         self.overrides = OverrideTable(self.addresses)
@@ -144,7 +129,7 @@ class Controller:
         # Shared by every cluster's controller in a process: one /metrics page.
         self.metrics: ClusterMetrics = (metrics or ControllerMetrics()).cluster(self.cluster.name)
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-        self._rng = np.random.default_rng(seed)
+        self._rng = np.random.default_rng(0)
         self._lock = threading.RLock()  # one step at a time; API reads take it briefly
         self.weights: dict[str, int] = {a: int(w) for a, w in zip(self.addresses, self.static_weights)}
         self.health: dict[str, str] = dict.fromkeys(self.addresses, "HEALTHY")
@@ -154,7 +139,6 @@ class Controller:
         self.holds_lease = False
         self.lease: dict[str, Any] = {}
         self.policy_state: dict[str, Any] = {"ok": None, "error": None, "latency_ms": None, "at": None}
-        self.started_at = time.time()
         self._adopted = False
         self.core_state = CoreState()  # the decision core's memory (baselines, breaches, prices)
         self.last_core: CoreDecision | None = None
@@ -182,20 +166,18 @@ class Controller:
         if self.settings.envoy.lb_policy != "LEAST_REQUEST":
             return weights
         active = self.overrides.active()
-        fixed = np.array([a in active and active[a].fixed for a in self.addresses])
-        free = routable & ~fixed
-        units = int(weights[~fixed].sum())
-        if not free.any() or units < int((~fixed).sum()):
+        idx = np.flatnonzero([not (a in active and active[a].fixed) for a in self.addresses])
+        units = int(weights[idx].sum())
+        if not routable[idx].any() or units < len(idx):
             return weights
         out = weights.copy()
-        idx = np.flatnonzero(~fixed)
         out[idx] = envoy_weights(
             np.asarray(guard.shares)[idx],
             [self.addresses[i] for i in idx],
             self.core_state,
             demand,
             "LEAST_REQUEST",
-            available=free[idx],
+            available=routable[idx],
             scale=units,
         )
         return out
@@ -206,7 +188,7 @@ class Controller:
             return
         try:
             status = self.xds.status()
-        except (XdsError, BalanceIQError) as exc:
+        except BalanceIQError as exc:
             log.info("xDS status unavailable at start (%s); starting from config weights", exc)
             return
         eps = status.get("clusters", {}).get(self.cluster.name, {}).get("endpoints", [])
@@ -214,13 +196,9 @@ class Controller:
         if len(served) == len(self.addresses):
             self.weights = {a: int(served[a]["weight"]) for a in self.addresses}
             self.health = {
-                a: ("DRAINING" if served[a].get("health") == "DRAINING" else "HEALTHY") for a in self.addresses
+                a: "DRAINING" if served[a].get("health") == "DRAINING" else "HEALTHY" for a in self.addresses
             }
         self._adopted = True
-
-    def _with_costs(self, obs: Observation) -> Observation:
-        eps = tuple(replace(e, cost_per_million=self.costs.get(e.address, e.cost_per_million)) for e in obs.endpoints)
-        return replace(obs, endpoints=eps)
 
     def _context(self, obs: Observation) -> PolicyContext:
         rps = obs_field(obs, "rps")
@@ -240,16 +218,6 @@ class Controller:
             breach_hold_s=g.breach_hold_s,
         )
 
-    def capacity(self, obs: Observation) -> np.ndarray:
-        """The decision core's capacity estimate for ``obs`` (nothing remembered)."""
-        est, _ = observe_only(obs, self._context(obs), self.knobs(), self.core_state)
-        return est.capacity
-
-    def breach_state(self, obs: Observation, now: float) -> tuple[list[int], list[int]]:
-        """``(measured, held)`` by the decision core, remembering this observation."""
-        measured, held, self.core_state = breach_state(obs, self.shares, self.knobs(), self.core_state, now=now)
-        return measured, held
-
     def _scores(self, obs: Observation, capacity: np.ndarray) -> np.ndarray:
         """The policy's score per endpoint (Gumbel-perturbed when sampling); raises when
         the policy cannot answer."""
@@ -258,18 +226,18 @@ class Controller:
         rows = encode(obs, capacity, n, self.policy.reward.slo_ms)
         t0 = time.perf_counter()
         s = np.asarray(self.scorer(rows), dtype=np.float64).reshape(-1)[:n]
-        self.policy_state.update(
-            ok=True, error=None, latency_ms=round((time.perf_counter() - t0) * 1000, 3), at=time.time()
-        )
+        self.policy_state.update(ok=True, error=None, latency_ms=round(_ms_since(t0), 3), at=time.time())
         if s.shape[0] != n or not np.all(np.isfinite(s)):
             raise ControlError(f"policy returned {s.shape[0]} scores for {n} endpoints, or non-finite ones")
         return gumbel_perturb(s, self._rng) if self.policy.mode == "sample" else s
 
-    def _record(self, base: dict[str, Any], **kw: Any) -> DecisionRecord:
-        rec = DecisionRecord(**{**base, **kw})
+    def _record(self, base: dict[str, Any], t0: float, **kw: Any) -> DecisionRecord:
+        """Record ``base`` (the decision so far, ``notes`` a list) updated by ``kw``."""
+        step_ms = _ms_since(t0)
+        rec = DecisionRecord(**{**base, **kw, "notes": tuple(base["notes"]), "step_ms": step_ms})
         self.log.append(rec)
         outcome = "error" if rec.error else ("pushed" if rec.pushed else "unchanged")
-        self.metrics.decision(rec.mode, outcome, None if rec.step_ms is None else rec.step_ms / 1000)
+        self.metrics.decision(rec.mode, outcome, step_ms / 1000)
         return rec
 
     # -- one decision --------------------------------------------------------------------
@@ -279,100 +247,98 @@ class Controller:
             return self._step()
 
     def _step(self) -> DecisionRecord:
-        """lease -> observe -> decide -> judge -> guard -> push."""
+        """lease -> observe -> decide -> judge -> guard -> push; ``base`` collects the record."""
         t0, now = time.perf_counter(), time.time()
-        base = self._base_record(now)
+        base: dict[str, Any] = {
+            "seq": self.log.next_seq(),
+            "timestamp": now,
+            "previous": dict(self.weights),
+            "weights": dict(self.weights),
+            "notes": [],
+            "shadow": self.policy.control_mode == "shadow",
+        }
         standby = self._lease(base, t0)
         if standby is not None:
             return standby
         obs = self._observe(base)
         if obs.source == "none" or not any(e.usable for e in obs.endpoints):
-            return self._hold(base, obs, t0, now)
+            return self._hold(base, obs, t0)
         ctx = self._context(obs)
-        notes: list[str] = []
-        core, policy_ok = self._decide_core(obs, ctx, base, notes, now)
-        mode, decision = self._judge(obs, ctx, core if policy_ok else None, base)
-        guard = self._guard(obs, decision, core, notes)
-        critical = core.critical if policy_ok and mode == "policy" else ()
+        core, policy_ok = self._decide_core(obs, ctx, base, now)
+        decision = self._judge(obs, ctx, core if policy_ok else None, base)
+        guard = self._guard(obs, decision, core, base)
+        critical = core.critical if policy_ok and base["mode"] == "policy" else ()
         base["critical"] = tuple(self.addresses[i] for i in critical)
-        return self._push_guarded(base, mode, notes, guard, obs, ctx.demand_rps, t0, now)
-
-    def _base_record(self, now: float) -> dict[str, Any]:
-        return {
-            "seq": self.log.next_seq(),
-            "timestamp": now,
-            "critical": (),
-            "previous": dict(self.weights),
-            "weights": dict(self.weights),
-            "reward": None,
-            "moved": 0.0,
-            "pushed": False,
-            "acked": None,
-            "push_ms": None,
-            "ack_ms": None,
-            "version": None,
-            "shadow": self.policy.control_mode == "shadow",
-        }
+        return self._push_guarded(base, guard, obs, ctx.demand_rps, t0)
 
     def _lease(self, base: dict[str, Any], t0: float) -> DecisionRecord | None:
-        """Active: take or renew the lease (a standby record if not granted). Shadow: take
-        none (an active controller keeps steering) and push nothing."""
-        if not base["shadow"]:
-            return self._acquire(base, t0)
-        if self.holds_lease:
-            self.release()
-        self._adopted = False  # going active re-reads what the xDS server serves
+        """Active: take or renew the lease; a standby record when this controller may not
+        push. Shadow: take none (an active controller keeps steering) and push nothing."""
+        if base["shadow"]:
+            if self.holds_lease:
+                self.release()
+            self._adopted = False  # going active re-reads what the xDS server serves
+            return None
+        try:
+            self.lease = self.xds.acquire_lease(self.owner, max(3.0 * self.policy.interval_s, 5.0), self.cluster.name)
+        except BalanceIQError as exc:
+            self.holds_lease = False
+            self.metrics.set_active(False)
+            self.metrics.error("lease")
+            return self._record(base, t0, mode="standby", error=f"xDS unreachable: {exc}")
+        self.holds_lease = bool(self.lease.get("granted"))
+        self.metrics.set_active(self.holds_lease)
+        if not self.holds_lease:
+            self._adopted = False  # whoever holds it may change the weights meanwhile
+            base["notes"].append(f"lease held by {self.lease.get('holder')}")
+            return self._record(base, t0, mode="standby")
+        self._adopt_current()  # _observe then records the weights adopted
         return None
 
     def _observe(self, base: dict[str, Any]) -> Observation:
-        obs = self._with_costs(self.observer.observe(self.weights))
+        raw = self.observer.observe(self.weights)
+        eps = tuple(replace(e, cost_per_million=self.costs.get(e.address, e.cost_per_million)) for e in raw.endpoints)
+        obs = replace(raw, endpoints=eps)
         if base["shadow"]:
-            # What Envoy serves is the split in force, read from telemetry where it says.
-            self._follow_envoy(obs)
-        base["previous"] = dict(self.weights)
-        base["weights"] = dict(self.weights)
+            # The weights in force are those of an Envoy this controller does not steer, as
+            # telemetry reports them (else the ones it started from).
+            w = obs_field(obs, "weight")
+            if len(w) == len(self.addresses) and np.isfinite(w).all() and (w >= 1).all():
+                self.weights = {a: round(x) for a, x in zip(self.addresses, w)}
+                self._intent = None
         self.last_observation = obs
-        base["source"] = obs.source
+        reward = observed_reward(obs, self.policy.reward)
+        base.update(previous=dict(self.weights), weights=dict(self.weights), source=obs.source, reward=reward)
         base["observation"] = obs.to_json()
-        r = observed_reward(obs, self.policy.reward)
-        base["reward"] = r
-        if r is not None:
-            self.metrics.set_reward(r)
+        if reward is not None:
+            self.metrics.set_reward(reward)
         return obs
 
-    def _hold(self, base: dict[str, Any], obs: Observation, t0: float, now: float) -> DecisionRecord:
+    def _hold(self, base: dict[str, Any], obs: Observation, t0: float) -> DecisionRecord:
         """Telemetry blind: hold the weights. Operators drain when telemetry is most likely
         blind (an incident): their overrides apply over the weights held."""
         why = "; ".join(obs.errors) or "no endpoint has usable data"
         self.metrics.set_mode("hold")
-        hold = f"telemetry blind ({why}): holding weights"
+        base["mode"] = "hold"
+        base["notes"].append(f"telemetry blind ({why}): holding weights")
         active = self.overrides.active()
         if not active and "DRAINING" not in self.health.values():
-            return self._record(base, mode="hold", notes=(hold,), step_ms=_ms_since(t0))
-        guard = self.guardrails.apply(
-            self.addresses,
-            self.shares,
-            self.shares,
-            available_mask(obs),
-            active,
-            breaching=np.zeros(len(self.addresses), dtype=bool),
-        )
+            return self._record(base, t0)
+        guard = self.guardrails.apply(self.addresses, self.shares, self.shares, available_mask(obs), active)
         self.last_guard = guard
-        return self._push_guarded(
-            base, "hold", [hold, "overrides applied to the held weights", *guard.notes], guard, obs, 0.0, t0, now
-        )
+        base["notes"] += ["overrides applied to the held weights", *guard.notes]
+        return self._push_guarded(base, guard, obs, 0.0, t0)
 
     def _decide_core(
-        self, obs: Observation, ctx: PolicyContext, base: dict[str, Any], notes: list[str], now: float
+        self, obs: Observation, ctx: PolicyContext, base: dict[str, Any], now: float
     ) -> tuple[CoreDecision, bool]:
         """The policy's scores, then the one decision core; ``(decision, policy usable)``.
         Without a policy the core still runs, so what it remembers (baselines, breaches,
         prices) stays current."""
         knobs = self.knobs()
         scores = None
-        policy_ok = self.scorer is not None
         if self.scorer is None:
-            notes.append("no policy configured: baseline used")
+            base["notes"].append("no policy configured: baseline used")
         else:
             try:
                 est, _ = observe_only(obs, ctx, knobs, self.core_state, now=now)
@@ -381,26 +347,25 @@ class Controller:
             except Exception as exc:  # the policy is a remote call: anything may come back
                 self.policy_state.update(ok=False, error=f"{type(exc).__name__}: {exc}", at=time.time())
                 self.metrics.error("policy")
-                notes.append(f"policy unavailable ({type(exc).__name__}: {exc}); baseline used")
-                policy_ok = False
-        core = decide(obs, ctx, scores if policy_ok else None, knobs, self.core_state, now=now)
+                base["notes"].append(f"policy unavailable ({type(exc).__name__}: {exc}); baseline used")
+        core = decide(obs, ctx, scores, knobs, self.core_state, now=now)
         self.core_state = core.state
         self.last_core = core
         if core.held:
             quiet = ", ".join(self.addresses[i] for i in core.held)
-            notes.append(f"breach hold: {quiet} too quiet to measure; kept at the floor")
-        notes += list(core.notes)
-        return core, policy_ok
+            base["notes"].append(f"breach hold: {quiet} too quiet to measure; kept at the floor")
+        base["notes"] += core.notes
+        return core, scores is not None
 
-    def _judge(
-        self, obs: Observation, ctx: PolicyContext, core: CoreDecision | None, base: dict[str, Any]
-    ) -> tuple[str, Decision]:
-        """Policy or baseline: both scored on this very observation (see RollbackMonitor),
-        the score being the negated LP objective (worst load/capacity plus the cost term)."""
+    def _judge(self, obs: Observation, ctx: PolicyContext, core: CoreDecision | None, base: dict[str, Any]) -> Decision:
+        """Policy or baseline (``base["mode"]``): both scored on this very observation (see
+        RollbackMonitor), the score being the negated LP objective (worst load/capacity
+        plus the cost term)."""
         fallback = self.baseline.decide(obs, ctx)
         if core is None:
             self.metrics.set_mode("baseline")
-            return "baseline", fallback
+            base["mode"] = "baseline"
+            return fallback
         proposal = Decision(core.shares, core.weights, core.critical, core.info())
         costs = obs_field(obs, "cost_per_million")
         latency = lp_latency(obs_field(obs, "p95_ms"), self.policy.reward.slo_ms)
@@ -419,129 +384,79 @@ class Controller:
         }
         self.rollback.record(score["policy"], score["baseline"])
         base["scores"] = score
-        mode = self.rollback.mode
-        self.metrics.set_mode(mode)
-        return mode, proposal if mode == "policy" else fallback
+        base["mode"] = self.rollback.mode
+        self.metrics.set_mode(base["mode"])
+        return proposal if base["mode"] == "policy" else fallback
 
-    def _guard(self, obs: Observation, decision: Decision, core: CoreDecision, notes: list[str]) -> GuardResult:
-        breach = np.zeros(len(self.addresses), dtype=bool)
-        breach[list(core.breaching) + list(core.held)] = True
+    def _guard(self, obs: Observation, decision: Decision, core: CoreDecision, base: dict[str, Any]) -> GuardResult:
+        breach = np.isin(np.arange(len(self.addresses)), [*core.breaching, *core.held])
         guard = self.guardrails.apply(
             self.addresses, self.shares, decision.shares, available_mask(obs), self.overrides.active(), breaching=breach
         )
         self.last_guard = guard
         for note in guard.notes:
             self.metrics.guardrail(note.split(":", 1)[0])
-        notes += list(guard.notes)
+        base["notes"] += guard.notes
         return guard
 
-    def _acquire(self, base: dict[str, Any], t0: float) -> DecisionRecord | None:
-        """Take or renew the xDS lease; a standby record when this controller may not push."""
-        try:
-            self.lease = self.xds.acquire_lease(self.owner, max(3.0 * self.policy.interval_s, 5.0), self.cluster.name)
-        except (XdsError, BalanceIQError) as exc:
-            self.holds_lease = False
-            self.metrics.set_active(False)
-            self.metrics.error("lease")
-            return self._record(base, mode="standby", error=f"xDS unreachable: {exc}", step_ms=_ms_since(t0))
-        self.holds_lease = bool(self.lease.get("granted"))
-        self.metrics.set_active(self.holds_lease)
-        if not self.holds_lease:
-            self._adopted = False  # whoever holds it may change the weights meanwhile
-            return self._record(
-                base, mode="standby", notes=(f"lease held by {self.lease.get('holder')}",), step_ms=_ms_since(t0)
-            )
-        self._adopt_current()  # _observe then records the weights adopted
-        return None
-
-    def _follow_envoy(self, obs: Observation) -> None:
-        """Shadow mode: the weights in force are Envoy's as telemetry reports them (an
-        Envoy this controller does not steer), else the ones it started from."""
-        w = obs_field(obs, "weight")
-        if len(w) == len(self.addresses) and np.isfinite(w).all() and (w >= 1).all():
-            self.weights = {a: round(x) for a, x in zip(self.addresses, w)}
-            self._intent = None
-
     def _push_guarded(
-        self,
-        base: dict[str, Any],
-        mode: str,
-        notes: list[str],
-        guard: GuardResult,
-        obs: Observation,
-        demand: float,
-        t0: float,
-        now: float,
+        self, base: dict[str, Any], guard: GuardResult, obs: Observation, demand: float, t0: float
     ) -> DecisionRecord:
         """Push what the guardrails returned (unless nothing changed), wait briefly for
         Envoy's ACK, and record the decision."""
         routable = available_mask(obs) & np.array([guard.health[a] != "DRAINING" for a in self.addresses])
-        weights = self.envoy_weights(guard, routable, demand)
-        new_weights = {a: int(w) for a, w in zip(self.addresses, weights)}
-        base.update(
-            weights=new_weights,
-            shares={a: float(x) for a, x in zip(self.addresses, guard.shares)},
-            moved=traffic_moved(self.shares, guard.shares),
-        )
-        if base.get("shadow"):
+        new_weights = {a: int(w) for a, w in zip(self.addresses, self.envoy_weights(guard, routable, demand))}
+        shares = {a: float(x) for a, x in zip(self.addresses, guard.shares)}
+        base.update(weights=new_weights, shares=shares, moved=traffic_moved(self.shares, guard.shares))
+        if base["shadow"]:
             base["effect"] = self._effect(obs, guard.shares, demand)
-            return self._record(base, mode=mode, notes=(*notes, "shadow: recorded, not pushed"), step_ms=_ms_since(t0))
+            base["notes"].append("shadow: recorded, not pushed")
+            return self._record(base, t0)
         if new_weights == self.weights and guard.health == self.health:
-            self.overrides_applied_at = now
-            return self._record(base, mode=mode, notes=(*notes, "unchanged: nothing pushed"), step_ms=_ms_since(t0))
+            self.overrides_applied_at = base["timestamp"]
+            base["notes"].append("unchanged: nothing pushed")
+            return self._record(base, t0)
         t_push = time.perf_counter()
         try:
             version = self.xds.set_assignment(self.cluster.name, new_weights, guard.health, self.owner)
-        except (XdsError, BalanceIQError) as exc:
+        except BalanceIQError as exc:
             self.metrics.error("push")
-            base["weights"] = dict(self.weights)
-            return self._record(base, mode=mode, notes=tuple(notes), error=f"push failed: {exc}", step_ms=_ms_since(t0))
-        push_ms = (time.perf_counter() - t_push) * 1000
+            return self._record(base, t0, weights=dict(self.weights), error=f"push failed: {exc}")
+        push_ms = _ms_since(t_push)
         self.metrics.push(push_ms / 1000)
         self.weights, self.health = new_weights, dict(guard.health)
-        self.overrides_applied_at = now
+        self.overrides_applied_at = base["timestamp"]
         self._intent = (dict(new_weights), np.asarray(guard.shares, dtype=np.float64).copy())
-        self._remember(now)
-        acked, ack_ms = self._await_ack(version, notes)
-        return self._record(
-            base,
-            mode=mode,
-            notes=tuple(notes),
-            pushed=True,
-            acked=acked,
-            push_ms=push_ms,
-            ack_ms=ack_ms,
-            version=version,
-            step_ms=_ms_since(t0),
-        )
+        self.weight_history.append({"timestamp": base["timestamp"], "weights": dict(self.weights)})
+        del self.weight_history[:-360]
+        for a, s in zip(self.addresses, self.shares):
+            self.metrics.endpoint(a, self.weights[a], float(s))
+        self._await_ack(version, base)
+        return self._record(base, t0, pushed=True, push_ms=push_ms, version=version)
 
-    def _await_ack(self, version: str, notes: list[str]) -> tuple[bool | None, float | None]:
-        """Wait briefly for Envoy's ACK of ``version``; ``(acked, ms)``, None when no Envoy is connected."""
-        acked: bool | None = None
-        ack_ms = None
+    def _await_ack(self, version: str, base: dict[str, Any]) -> None:
+        """Wait briefly for Envoy's ACK of ``version``; ``acked`` stays None when no Envoy is connected."""
         t_ack = time.perf_counter()
         try:
             status = self.xds.status()
             self.metrics.xds_nodes(status.get("nodes", []))
             if any(n.get("connected") for n in status.get("nodes", [])):
-                acked = self.xds.wait_for_ack(version, min(2.0, self.policy.interval_s / 2))
-                if acked:
-                    ack_ms = (time.perf_counter() - t_ack) * 1000
-                    self.metrics.ack(ack_ms / 1000)
-        except (XdsError, BalanceIQError) as exc:
-            notes.append(f"ACK unknown: {exc}")
-        return acked, ack_ms
+                base["acked"] = self.xds.wait_for_ack(version, min(2.0, self.policy.interval_s / 2))
+                if base["acked"]:
+                    base["ack_ms"] = _ms_since(t_ack)
+                    self.metrics.ack(base["ack_ms"] / 1000)
+        except BalanceIQError as exc:
+            base["notes"].append(f"ACK unknown: {exc}")
 
     def _effect(self, obs: Observation, proposed: np.ndarray, demand: float) -> dict[str, Any]:
         """Estimated effect of a split against the one in force: blended $ per million
         requests, and the busiest endpoint's load over its estimated capacity."""
         price = obs_field(obs, "cost_per_million")
         cap = self.last_core.capacity if self.last_core is not None else np.full(len(price), math.nan)
+        known, ok = np.isfinite(price), np.isfinite(cap) & (cap > 0)
         out: dict[str, Any] = {}
         for name, split in (("current", self.shares), ("proposed", np.asarray(proposed, dtype=np.float64))):
-            known = np.isfinite(price)
             cost = float((split[known] * price[known]).sum() / max(split[known].sum(), 1e-12)) if known.any() else None
-            ok = np.isfinite(cap) & (cap > 0)
             util = float((split[ok] * demand / cap[ok]).max()) if ok.any() and demand > 0 else None
             out[name] = {
                 "cost_per_million": None if cost is None else round(cost, 6),
@@ -549,16 +464,10 @@ class Controller:
             }
         return out
 
-    def _remember(self, now: float) -> None:
-        self.weight_history.append({"timestamp": now, "weights": dict(self.weights)})
-        del self.weight_history[:-360]
-        for a, s in zip(self.addresses, self.shares):
-            self.metrics.endpoint(a, self.weights[a], float(s))
-
     def release(self) -> None:
         try:
             self.xds.release_lease(self.owner, self.cluster.name)
-        except (XdsError, BalanceIQError) as exc:
+        except BalanceIQError as exc:
             log.info("lease release failed (it will expire): %s", exc)
         self.holds_lease = False
         self.metrics.set_active(False)

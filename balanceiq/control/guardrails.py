@@ -1,27 +1,7 @@
-"""Guardrails between the policy's proposal and the weights Envoy receives.
-
-:meth:`Guardrails.apply`, in this order (each step may assume the previous ones held):
-
-1. *Sanitise* ``current`` and ``proposed``: NaN/negative/inf -> 0, renormalised (all
-   zero: equal over the routable); a length mismatch raises ``GuardrailError``.
-2. *Routable* = available and not drained. Others get 0 at once, exempt from
-   ``max_shift``: ramping traffic off a dead host only fails requests more slowly. With
-   nothing routable, an equal split over the least bad set (noted): Envoy must still get
-   valid weights.
-3. *Fixed shares*: routable "pin"/"set" endpoints get exactly their share at once (an
-   operator's instruction is not smoothed), scaled to fit when they cannot sum to 1; the
-   rest share the remainder like the proposal. An SLO breacher never gains share here,
-   whoever proposed it (the baseline knows nothing of breaches).
-4. *Floor*: every routable, non-fixed endpoint gets ``min_share`` (a breacher
-   ``breach_min_share``) so its latency stays measured, paid for by the others in
-   proportion to their excess over the floor; floors that do not fit are scaled to half
-   the free share.
-5. *max_shift*: from ``forced`` (``current`` with steps 2-3 applied, and what the target
-   takes off a breacher moved at once), at most ``max_shift`` of the way to the target.
-   A convex combination keeps fixed shares, zeros and floors exact; coming last, nothing
-   can undo it.
-6. *Weights*: ``shares_to_weights`` at ``WEIGHT_SCALE``; Envoy forbids weight 0, so
-   health status ("DRAINING") keeps traffic off drained endpoints.
+"""Guardrails between the policy's proposal and the weights Envoy receives: sanitise the
+inputs, take unavailable and drained endpoints out at once, honour operator overrides, keep
+SLO breachers from gaining, floor every share and limit how much traffic one decision moves.
+The steps of :meth:`Guardrails.apply` run in that order, each assuming the previous ones held.
 """
 
 from __future__ import annotations
@@ -34,12 +14,16 @@ from typing import Any
 import numpy as np
 
 from balanceiq.config import GuardrailConfig
-from balanceiq.control.args import _NOTE_TOL, _SUM_TOL, WEIGHT_SCALE, _fmt, _names
+from balanceiq.control.args import _SUM_TOL, WEIGHT_SCALE, _fmt, _names
 from balanceiq.control.overrides import Override
 from balanceiq.exceptions import GuardrailError
 from balanceiq.policy.lp import shares_to_weights, traffic_moved
 
 __all__ = ["GuardResult", "Guardrails"]
+
+# Forced moves smaller than this are not worth a note: a drained endpoint keeps weight 1,
+# so a ``current`` derived from realised weights always shows ~1e-4 on it.
+_NOTE_TOL = 1e-3
 
 
 @dataclass(frozen=True)
@@ -53,40 +37,17 @@ class GuardResult:
     notes: tuple[str, ...]  # one per guardrail that acted
     limited: bool  # max_shift acted
 
-    def to_json(self, addresses: Sequence[str]) -> dict[str, Any]:
-        addrs = [str(a) for a in addresses]
-        if len(addrs) != len(self.shares):
-            raise GuardrailError(f"addresses has {len(addrs)} entries, the result {len(self.shares)}")
-        return {
-            "endpoints": [
-                {
-                    "address": a,
-                    "share": float(self.shares[i]),
-                    "weight": int(self.weights[i]),
-                    "health": self.health.get(a, "HEALTHY"),
-                }
-                for i, a in enumerate(addrs)
-            ],
-            "moved": float(self.moved),
-            "limited": bool(self.limited),
-            "notes": list(self.notes),
-        }
-
 
 def _vector(name: str, values: object, n: int) -> np.ndarray:
     try:
         arr = np.asarray(values, dtype=np.float64).reshape(-1)
     except (TypeError, ValueError) as exc:
         raise GuardrailError(f"{name} must be a vector of numbers: {exc}") from None
-    if arr.shape[0] != n:
-        raise GuardrailError(f"{name} has {arr.shape[0]} entries, expected {n} (one per endpoint)")
-    return arr
+    return _one_per_endpoint(name, arr, n)
 
 
 def _mask(name: str, values: object, n: int) -> np.ndarray:
-    arr = np.asarray(values).reshape(-1)
-    if arr.shape[0] != n:
-        raise GuardrailError(f"{name} has {arr.shape[0]} entries, expected {n} (one per endpoint)")
+    arr = _one_per_endpoint(name, np.asarray(values).reshape(-1), n)
     if arr.dtype == bool:
         return arr.copy()
     try:
@@ -95,6 +56,12 @@ def _mask(name: str, values: object, n: int) -> np.ndarray:
         raise GuardrailError(f"{name} must be a vector of booleans: {exc}") from None
     # As in the LP: NaN is "unknown", which must not take an endpoint down.
     return np.asarray(~(np.isfinite(f) & (f == 0)))
+
+
+def _one_per_endpoint(name: str, arr: np.ndarray, n: int) -> np.ndarray:
+    if arr.shape[0] != n:
+        raise GuardrailError(f"{name} has {arr.shape[0]} entries, expected {n} (one per endpoint)")
+    return arr
 
 
 def _clean(v: np.ndarray, base: np.ndarray) -> np.ndarray:
@@ -108,8 +75,8 @@ def _clean(v: np.ndarray, base: np.ndarray) -> np.ndarray:
 
 
 class Guardrails:
-    """Apply a :class:`GuardrailConfig` to each decision (module doc); ``config`` may be
-    reassigned at run time, and each :meth:`apply` reads it once."""
+    """Apply a :class:`GuardrailConfig` to each decision; ``config`` may be reassigned at
+    run time, and each :meth:`apply` reads it once."""
 
     def __init__(self, config: GuardrailConfig) -> None:
         self.config = config
@@ -117,7 +84,6 @@ class Guardrails:
         self._decisions = 0
         self._limited = 0
         self._floored = 0
-        self._last_notes: tuple[str, ...] = ()
 
     def apply(
         self,
@@ -138,99 +104,43 @@ class Guardrails:
         avail = _mask("available", available, n)
         breach = np.zeros(n, dtype=bool) if breaching is None else _mask("breaching", breaching, n)
         notes: list[str] = []
-
-        # Step 2 first (it decides what "equal over routable" in step 1 means).
         drained, fixed, fixed_val = _overrides(addrs, overrides, notes)
         routable = avail & ~drained
-        if not routable.any():
-            return self._fallback(addrs, cur_raw, avail, drained, notes, cfg)
-        # Step 1: sanitise.
-        cur = _clean(cur_raw, routable)
-        prop = _clean(prop_raw, routable)
-        _note_forced_off(addrs, cur, avail, drained, notes)
-        # Step 3: fixed shares, and an SLO breacher never gains traffic.
-        split = _fixed_split(addrs, cur, prop, fixed, fixed_val, routable, notes)
-        _keep_breachers_from_gaining(addrs, cur, split, breach, notes)
-        # Step 4: floor (SLO breachers get the lower breach_min_share).
-        floor_acted = _raise_to_floors(split, breach, cfg, notes)
-        # Step 5: max_shift, measured from what is forced.
-        final, limited = _limit_shift(addrs, cur, split, routable, breach, cfg, notes)
-        # Step 6: weights.
-        weights = shares_to_weights(final, scale=WEIGHT_SCALE, available=routable)
-        health = {a: ("DRAINING" if drained[i] else "HEALTHY") for i, a in enumerate(addrs)}
-        result = GuardResult(
-            shares=final,
-            weights=weights,
-            health=health,
-            moved=traffic_moved(cur, final),
-            notes=tuple(notes),
-            limited=bool(limited),
-        )
-        self._count(result, floor_acted)
-        return result
-
-    def _fallback(
-        self,
-        addrs: list[str],
-        cur_raw: np.ndarray,
-        avail: np.ndarray,
-        drained: np.ndarray,
-        notes: list[str],
-        cfg: GuardrailConfig,
-    ) -> GuardResult:
-        """Nothing routable: an equal split over whatever is least bad (module doc, step 2)."""
-        n = len(addrs)
-        if avail.any():
-            serve = avail.copy()
-            notes.append(
-                f"fallback: every available endpoint is drained; equal split over the {int(serve.sum())} "
-                "available endpoint(s), drains ignored"
-            )
-        elif (~drained).any():
-            serve = ~drained
-            notes.append(
-                f"fallback: no endpoint available; equal split over the {int(serve.sum())} not drained "
-                "endpoint(s), Envoy's health checks decide"
-            )
+        limited = floored = False
+        if routable.any():
+            cur = _clean(cur_raw, routable)
+            _note_forced_off(addrs, cur, avail, drained, notes)
+            split = _fixed_split(addrs, cur, _clean(prop_raw, routable), fixed, fixed_val, routable, notes)
+            _keep_breachers_from_gaining(addrs, cur, split, breach, notes)
+            floored = _raise_to_floors(split, breach, cfg, notes)
+            final, limited = _limit_shift(addrs, cur, split, breach, cfg.max_shift, notes)
         else:
-            serve = np.ones(n, dtype=bool)
-            notes.append(f"fallback: no endpoint available and all drained; equal split over all {n}")
-        final = serve / serve.sum()
-        cur = _clean(cur_raw, serve)
+            routable = _fallback_set(avail, drained, notes)
+            final = routable / routable.sum()
+            cur = _clean(cur_raw, routable)
         # An endpoint we route to is never reported DRAINING: Envoy would refuse it.
-        health = {a: ("DRAINING" if drained[i] and not serve[i] else "HEALTHY") for i, a in enumerate(addrs)}
-        weights = shares_to_weights(final, scale=WEIGHT_SCALE, available=serve)
-        result = GuardResult(final, weights, health, traffic_moved(cur, final), tuple(notes), False)
-        self._count(result, False)
-        return result
-
-    def _count(self, result: GuardResult, floor_acted: bool) -> None:
+        health = {a: ("DRAINING" if d and not r else "HEALTHY") for a, d, r in zip(addrs, drained, routable)}
+        weights = shares_to_weights(final, scale=WEIGHT_SCALE, available=routable)
+        result = GuardResult(final, weights, health, traffic_moved(cur, final), tuple(notes), limited)
         with self._lock:
             self._decisions += 1
-            self._limited += int(result.limited)
-            self._floored += int(floor_acted)
-            self._last_notes = result.notes
+            self._limited += int(limited)
+            self._floored += int(floored)
+        return result
 
     def state(self) -> dict[str, Any]:
         """The config in force and how often each guardrail acted, for the API."""
-        cfg = self.config
-        out: dict[str, Any] = dict(cfg.model_dump(mode="json"))
         with self._lock:
-            out.update(
-                decisions=self._decisions,
-                limited_count=self._limited,
-                floor_count=self._floored,
-                last_notes=list(self._last_notes),
-            )
-        return out
+            counts = {"decisions": self._decisions, "limited_count": self._limited, "floor_count": self._floored}
+        return {**self.config.model_dump(mode="json"), **counts}
 
 
-# -- the steps of Guardrails.apply (see the module docstring) ---------------------------------
+# -- the steps of Guardrails.apply ------------------------------------------------------------
 
 
 @dataclass
 class _Split:
-    """Step 3's result: the target shares, the fixed ones, and the free share."""
+    """The fixed shares' result: the target shares, the fixed ones, and the free share."""
 
     target: np.ndarray
     fixed: np.ndarray  # bool: routable pinned/set endpoints
@@ -239,39 +149,55 @@ class _Split:
     free: float  # 1 - sum(fixed shares)
 
 
+def _named(addrs: list[str], mask: np.ndarray) -> str:
+    return _names([addrs[i] for i in np.flatnonzero(mask)])
+
+
 def _overrides(
     addrs: list[str], overrides: Mapping[str, Override], notes: list[str]
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(drained, fixed, fixed share)`` per endpoint; overrides of unknown ones noted."""
-    n = len(addrs)
-    index = {a: i for i, a in enumerate(addrs)}
-    unknown = sorted(a for a in overrides if a not in index)
+    unknown = sorted(set(overrides) - set(addrs))
     if unknown:
         notes.append(f"overrides: ignored for unknown endpoint(s) {_names(unknown)}")
-    drained = np.zeros(n, dtype=bool)
-    fixed = np.zeros(n, dtype=bool)
-    fixed_val = np.zeros(n)
-    for a, ov in overrides.items():
-        i = index.get(a)
-        if i is None:
-            continue
-        if ov.action == "drain":
-            drained[i] = True
-        elif ov.fixed:
-            fixed[i] = True
-            fixed_val[i] = float(ov.share or 0.0)
+    ovs = [overrides.get(a) for a in addrs]
+    drained = np.array([o is not None and o.action == "drain" for o in ovs])
+    fixed = np.array([o is not None and o.fixed for o in ovs])
+    fixed_val = np.array([float(o.share or 0.0) if o is not None and o.fixed else 0.0 for o in ovs])
     return drained, fixed, fixed_val
+
+
+def _fallback_set(avail: np.ndarray, drained: np.ndarray, notes: list[str]) -> np.ndarray:
+    """Nothing routable: the least bad set to split equally over, for Envoy must still get
+    valid weights."""
+    if avail.any():
+        serve = avail.copy()
+        notes.append(
+            f"fallback: every available endpoint is drained; equal split over the {int(serve.sum())} "
+            "available endpoint(s), drains ignored"
+        )
+    elif (~drained).any():
+        serve = ~drained
+        notes.append(
+            f"fallback: no endpoint available; equal split over the {int(serve.sum())} not drained "
+            "endpoint(s), Envoy's health checks decide"
+        )
+    else:
+        serve = np.ones(len(avail), dtype=bool)
+        notes.append(f"fallback: no endpoint available and all drained; equal split over all {len(avail)}")
+    return serve
 
 
 def _note_forced_off(
     addrs: list[str], cur: np.ndarray, avail: np.ndarray, drained: np.ndarray, notes: list[str]
 ) -> None:
+    """Unavailable and drained endpoints get 0 at once, exempt from ``max_shift``: ramping
+    traffic off a dead host only fails requests more slowly."""
     for mask, label in ((drained & (cur > 0), "drained"), (~avail & ~drained & (cur > 0), "unavailable")):
         amount = float(cur[mask].sum())
         if amount > _NOTE_TOL:
-            names = [addrs[i] for i in np.flatnonzero(mask)]
             notes.append(
-                f"{label}: moved {_fmt(amount)} of traffic off {_names(names)} at once (exempt from max_shift)"
+                f"{label}: moved {_fmt(amount)} of traffic off {_named(addrs, mask)} at once (exempt from max_shift)"
             )
 
 
@@ -284,11 +210,12 @@ def _fixed_split(
     routable: np.ndarray,
     notes: list[str],
 ) -> _Split:
-    """Fixed shares exactly; the other routable endpoints share the rest like the proposal."""
+    """Routable pinned/set endpoints get exactly their share at once (an operator's
+    instruction is not smoothed), scaled to fit when they cannot sum to 1; the other
+    routable endpoints share the rest like the proposal."""
     released = fixed & ~routable & (fixed_val > 0)
     if released.any():
-        names = [addrs[i] for i in np.flatnonzero(released)]
-        notes.append(f"fixed: {_names(names)} not routable; pinned/set share released to the others")
+        notes.append(f"fixed: {_named(addrs, released)} not routable; pinned/set share released to the others")
     fixed = fixed & routable
     fv = np.where(fixed, fixed_val, 0.0)
     free_mask = routable & ~fixed
@@ -302,17 +229,14 @@ def _fixed_split(
             f"fixed: every routable endpoint is pinned/set but their shares sum to {_fmt(fsum)}; scaled to sum 1"
         )
     free = max(0.0, 1.0 - float(fv.sum()))
-    m = int(free_mask.sum())
     target = fv.copy()
-    if m:
+    if free_mask.any():
         p = prop[free_mask]
         psum = float(p.sum())
-        target[free_mask] = p / psum * free if psum > 0 else free / m
-    if fixed.any():
-        moved_fixed = np.abs(cur[fixed] - fv[fixed])
-        if float(moved_fixed.max()) > _NOTE_TOL:
-            held = [f"{addrs[i]}={fv[i]:.4g}" for i in np.flatnonzero(fixed) if abs(cur[i] - fv[i]) > _NOTE_TOL]
-            notes.append(f"fixed: {_names(held)} set at once (operator override, exempt from max_shift)")
+        target[free_mask] = p / psum * free if psum > 0 else free / int(free_mask.sum())
+    held = [f"{addrs[i]}={fv[i]:.4g}" for i in np.flatnonzero(fixed) if abs(cur[i] - fv[i]) > _NOTE_TOL]
+    if held:
+        notes.append(f"fixed: {_names(held)} set at once (operator override, exempt from max_shift)")
     return _Split(target=target, fixed=fixed, fv=fv, free_mask=free_mask, free=free)
 
 
@@ -328,12 +252,13 @@ def _keep_breachers_from_gaining(
         excess = float((target - cur)[grow].sum())
         target[grow] = cur[grow]
         target[others] += target[others] / float(target[others].sum()) * excess
-        notes.append(f"breaching: {_names([addrs[i] for i in np.flatnonzero(grow)])} kept from gaining traffic")
+        notes.append(f"breaching: {_named(addrs, grow)} kept from gaining traffic")
 
 
 def _raise_to_floors(split: _Split, breach: np.ndarray, cfg: GuardrailConfig, notes: list[str]) -> bool:
-    """Every free endpoint at least its floor, paid for by the others in proportion to
-    their excess over theirs; True when the floors changed anything."""
+    """Every free endpoint at least ``min_share`` (a breacher ``breach_min_share``) so its
+    latency stays measured, paid for by the others in proportion to their excess over
+    theirs; floors that do not fit are scaled to half the free share. True when they acted."""
     target, free_mask, free = split.target, split.free_mask, split.free
     floors = np.where(breach, float(cfg.breach_min_share), float(cfg.min_share))[free_mask]
     if not free_mask.any() or floors.max(initial=0.0) <= 0:
@@ -365,18 +290,14 @@ def _raise_to_floors(split: _Split, breach: np.ndarray, cfg: GuardrailConfig, no
 
 
 def _limit_shift(
-    addrs: list[str],
-    cur: np.ndarray,
-    split: _Split,
-    routable: np.ndarray,
-    breach: np.ndarray,
-    cfg: GuardrailConfig,
-    notes: list[str],
+    addrs: list[str], cur: np.ndarray, split: _Split, breach: np.ndarray, max_shift: float, notes: list[str]
 ) -> tuple[np.ndarray, bool]:
-    """``forced`` (what moves at once) plus at most ``max_shift`` of the rest of the way
-    to the target; ``(final shares, limited)``."""
+    """``forced`` (``cur`` with the moves above that happen at once) plus at most
+    ``max_shift`` of the rest of the way to the target; ``(final shares, limited)``. The
+    convex combination keeps fixed shares, zeros and floors exact; coming last, nothing
+    can undo it."""
     target, fixed, fv, free_mask, free = split.target, split.fixed, split.fv, split.free_mask, split.free
-    forced = np.where(routable, cur, 0.0)
+    forced = np.where(fixed | free_mask, cur, 0.0)
     forced[fixed] = fv[fixed]
     if free_mask.any():
         c_free = float(forced[free_mask].sum())
@@ -397,16 +318,11 @@ def _limit_shift(
             amount = float(drop.sum())
             forced -= drop
             forced += gain / float(gain.sum()) * amount
-            names = [addrs[i] for i in np.flatnonzero(off)]
             notes.append(
-                f"breaching: moved {_fmt(amount)} of traffic off {_names(names)} at once (exempt from max_shift)"
+                f"breaching: moved {_fmt(amount)} of traffic off {_named(addrs, off)} at once (exempt from max_shift)"
             )
     want = traffic_moved(forced, target)
-    if want <= cfg.max_shift:
+    if want <= max_shift:
         return target, False
-    alpha = float(cfg.max_shift) / want
-    final = forced + alpha * (target - forced)
-    final[fixed] = fv[fixed]  # already exact (f + alpha * 0); kept explicit
-    final[~routable] = 0.0
-    notes.append(f"max_shift: proposal moved {_fmt(want)} of traffic, limited to {_fmt(cfg.max_shift)}")
-    return np.maximum(final, 0.0), True
+    notes.append(f"max_shift: proposal moved {_fmt(want)} of traffic, limited to {_fmt(max_shift)}")
+    return np.maximum(forced + float(max_shift) / want * (target - forced), 0.0), True

@@ -22,7 +22,6 @@ class ControlLoop:
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self.last_tick: float | None = None
-        self.last_error: str | None = None
         self.steps = 0
 
     @property
@@ -52,10 +51,8 @@ class ControlLoop:
             started = time.monotonic()
             try:
                 self.controller.step()
-                self.last_error = None
-            except Exception as exc:  # the loop must outlive any bug in one step
+            except Exception:  # the loop must outlive any bug in one step
                 log.exception("control step failed")
-                self.last_error = f"{type(exc).__name__}: {exc}"
             self.steps += 1
             self.last_tick = time.time()
             wait = max(0.0, self.controller.policy.interval_s - (time.monotonic() - started))

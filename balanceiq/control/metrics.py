@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator, Mapping
+from typing import Any, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 
 MODES = ("policy", "baseline", "hold", "standby")
+_Metric = TypeVar("_Metric", Counter, Gauge, Histogram)
+_XDS_COUNTERS = {"acks": "xDS responses Envoy accepted", "nacks": "xDS responses Envoy rejected"}
 
 
 class _XdsCounters(Collector):
@@ -18,28 +21,24 @@ class _XdsCounters(Collector):
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._acks: dict[str, float] = {}
-        self._nacks: dict[str, float] = {}
+        self._totals: dict[str, dict[str, float]] = {kind: {} for kind in _XDS_COUNTERS}
 
     def update(self, nodes: list[Mapping[str, object]]) -> None:
         with self._lock:
             for n in nodes:
                 node = str(n.get("node_id", ""))
-                # Counters must not go down; a restarted xDS server starts from 0 again.
-                self._acks[node] = max(self._acks.get(node, 0.0), float(n.get("acks", 0) or 0))  # type: ignore[arg-type]
-                self._nacks[node] = max(self._nacks.get(node, 0.0), float(n.get("nacks", 0) or 0))  # type: ignore[arg-type]
+                for kind, totals in self._totals.items():
+                    # Counters must not go down; a restarted xDS server starts from 0 again.
+                    totals[node] = max(totals.get(node, 0.0), float(n.get(kind, 0) or 0))  # type: ignore[arg-type]
 
     def collect(self) -> Iterator[CounterMetricFamily]:
         with self._lock:
-            acks, nacks = dict(self._acks), dict(self._nacks)
-        a = CounterMetricFamily("balanceiq_xds_acks", "xDS responses Envoy accepted", labels=["node"])
-        n = CounterMetricFamily("balanceiq_xds_nacks", "xDS responses Envoy rejected", labels=["node"])
-        for node, v in sorted(acks.items()):
-            a.add_metric([node], v)
-        for node, v in sorted(nacks.items()):
-            n.add_metric([node], v)
-        yield a
-        yield n
+            totals = {kind: dict(values) for kind, values in self._totals.items()}
+        for kind, values in totals.items():
+            family = CounterMetricFamily(f"balanceiq_xds_{kind}", _XDS_COUNTERS[kind], labels=["node"])
+            for node, v in sorted(values.items()):
+                family.add_metric([node], v)
+            yield family
 
 
 class ControllerMetrics:
@@ -47,42 +46,27 @@ class ControllerMetrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
-        r = self.registry
-        self.decisions = Counter(
-            "balanceiq_decisions", "Control decisions by mode and outcome", ["cluster", "mode", "outcome"], registry=r
-        )
-        self.reward = Gauge(
-            "balanceiq_decision_reward", "Realised reward of the last interval", ["cluster"], registry=r
-        )
         fast = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
         slow = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
-        self.push_seconds = Histogram(
-            "balanceiq_push_seconds",
-            "set_assignment round trip to the xDS actor",
-            ["cluster"],
-            registry=r,
-            buckets=fast,
+        self.decisions = self._new(Counter, "decisions", "Control decisions by mode and outcome", "mode", "outcome")
+        self.reward = self._new(Gauge, "decision_reward", "Realised reward of the last interval")
+        self.push_seconds = self._new(
+            Histogram, "push_seconds", "set_assignment round trip to the xDS actor", buckets=fast
         )
-        self.ack_seconds = Histogram(
-            "balanceiq_ack_seconds", "Push to Envoy's ACK", ["cluster"], registry=r, buckets=slow
-        )
-        self.step_seconds = Histogram(
-            "balanceiq_decision_seconds", "One decision, observe to push", ["cluster"], registry=r, buckets=slow
-        )
-        self.weight = Gauge("balanceiq_endpoint_weight", "Envoy weight in force", ["cluster", "endpoint"], registry=r)
-        self.share = Gauge("balanceiq_endpoint_share", "Traffic share asked for", ["cluster", "endpoint"], registry=r)
-        self.mode = Gauge("balanceiq_controller_mode", "1 for the mode in force", ["cluster", "mode"], registry=r)
-        self.active = Gauge(
-            "balanceiq_controller_active", "1 while this controller holds the cluster's lease", ["cluster"], registry=r
-        )
-        self.guardrail = Counter(
-            "balanceiq_guardrail_actions", "Times a guardrail changed a decision", ["cluster", "guardrail"], registry=r
-        )
-        self.errors = Counter(
-            "balanceiq_decision_errors", "Decisions that failed, by stage", ["cluster", "stage"], registry=r
-        )
+        self.ack_seconds = self._new(Histogram, "ack_seconds", "Push to Envoy's ACK", buckets=slow)
+        self.step_seconds = self._new(Histogram, "decision_seconds", "One decision, observe to push", buckets=slow)
+        self.weight = self._new(Gauge, "endpoint_weight", "Envoy weight in force", "endpoint")
+        self.share = self._new(Gauge, "endpoint_share", "Traffic share asked for", "endpoint")
+        self.mode = self._new(Gauge, "controller_mode", "1 for the mode in force", "mode")
+        self.active = self._new(Gauge, "controller_active", "1 while this controller holds the cluster's lease")
+        self.guardrail = self._new(Counter, "guardrail_actions", "Times a guardrail changed a decision", "guardrail")
+        self.errors = self._new(Counter, "decision_errors", "Decisions that failed, by stage", "stage")
         self.xds = _XdsCounters()
-        r.register(self.xds)
+        self.registry.register(self.xds)
+
+    def _new(self, kind: type[_Metric], name: str, doc: str, *labels: str, **kw: Any) -> _Metric:
+        """``balanceiq_<name>`` in this registry, labelled by cluster and then ``labels``."""
+        return kind(f"balanceiq_{name}", doc, ["cluster", *labels], registry=self.registry, **kw)
 
     def cluster(self, name: str) -> ClusterMetrics:
         """The view one cluster's controller records through."""
@@ -98,13 +82,11 @@ class ClusterMetrics:
     def __init__(self, parent: ControllerMetrics, cluster: str) -> None:
         self.parent = parent
         self.name = cluster
-        for m in MODES:
-            parent.mode.labels(cluster, m).set(0)
+        self.set_mode(None)
 
-    def decision(self, mode: str, outcome: str, step_s: float | None) -> None:
+    def decision(self, mode: str, outcome: str, step_s: float) -> None:
         self.parent.decisions.labels(self.name, mode, outcome).inc()
-        if step_s is not None:
-            self.parent.step_seconds.labels(self.name).observe(step_s)
+        self.parent.step_seconds.labels(self.name).observe(step_s)
 
     def error(self, stage: str) -> None:
         self.parent.errors.labels(self.name, stage).inc()
@@ -118,7 +100,8 @@ class ClusterMetrics:
     def set_reward(self, reward: float) -> None:
         self.parent.reward.labels(self.name).set(reward)
 
-    def set_mode(self, mode: str) -> None:
+    def set_mode(self, mode: str | None) -> None:
+        """1 for ``mode``, 0 for the others (all 0 for None, before the first decision)."""
         for m in MODES:
             self.parent.mode.labels(self.name, m).set(1.0 if m == mode else 0.0)
 
@@ -134,6 +117,3 @@ class ClusterMetrics:
 
     def xds_nodes(self, nodes: list[Mapping[str, object]]) -> None:
         self.parent.xds.update(nodes)
-
-    def exposition(self) -> bytes:
-        return self.parent.exposition()

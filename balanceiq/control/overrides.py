@@ -3,16 +3,17 @@ the guardrails apply them last and at once, so an operator's instruction is fina
 
 from __future__ import annotations
 
-import operator
 import threading
 import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, get_args
 
-from balanceiq.control.args import _ACTIONS, _FIXED, _SUM_TOL, WEIGHT_SCALE, Action, _finite_float, _names, _now
+from balanceiq.control.args import _SUM_TOL, WEIGHT_SCALE, _finite_float, _int_arg, _names, _now
 from balanceiq.exceptions import GuardrailError
+
+Action = Literal["pin", "drain", "set"]
 
 
 @dataclass(frozen=True)
@@ -28,9 +29,9 @@ class Override:
     created_at: float = field(default_factory=time.time)
 
     def __post_init__(self) -> None:
-        if self.action not in _ACTIONS:
+        if self.action not in get_args(Action):
             raise GuardrailError(
-                f"override action for {self.address} must be one of {', '.join(_ACTIONS)}, got {self.action!r}"
+                f"override action for {self.address} must be one of {', '.join(get_args(Action))}, got {self.action!r}"
             )
         if self.action == "drain":
             if self.share is not None:
@@ -45,10 +46,7 @@ class Override:
     @property
     def fixed(self) -> bool:
         """True for "pin" and "set": the endpoint's share is decided by the operator."""
-        return self.action in _FIXED
-
-    def expired(self, now: float) -> bool:
-        return self.expires_at is not None and now >= self.expires_at
+        return self.action != "drain"
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -76,26 +74,12 @@ class OverrideTable:
         self._lock = threading.Lock()
         self._overrides: dict[str, Override] = {}
 
-    @property
-    def addresses(self) -> tuple[str, ...]:
-        return self._addresses
-
     def _check_address(self, address: str) -> None:
         if address not in self._addresses:
             raise GuardrailError(f"unknown endpoint {address!r}: not one of {_names(self._addresses)}")
 
-    @staticmethod
-    def _ttl(address: str, ttl_s: float | None) -> float | None:
-        if ttl_s is None:
-            return None
-        ttl = _finite_float(f"ttl_s for {address}", ttl_s)
-        if ttl <= 0:
-            raise GuardrailError(f"ttl_s for {address} must be > 0, got {ttl_s!r}")
-        return ttl
-
     def _expire(self, now: float) -> None:
-        for a in [a for a, o in self._overrides.items() if o.expired(now)]:
-            del self._overrides[a]
+        self._overrides = {a: o for a, o in self._overrides.items() if o.expires_at is None or now < o.expires_at}
 
     def _put(
         self,
@@ -108,7 +92,9 @@ class OverrideTable:
         now: float | None,
     ) -> Override:
         self._check_address(address)
-        ttl = self._ttl(address, ttl_s)
+        ttl = None if ttl_s is None else _finite_float(f"ttl_s for {address}", ttl_s)
+        if ttl is not None and ttl <= 0:
+            raise GuardrailError(f"ttl_s for {address} must be > 0, got {ttl_s!r}")
         t = _now(now)
         ov = Override(address, action, share, None if ttl is None else t + ttl, str(reason), t)
         with self._lock:
@@ -153,16 +139,7 @@ class OverrideTable:
     ) -> Override:
         """Fix ``address`` at ``weight`` out of 10,000, i.e. share ``weight / 10000``."""
         self._check_address(address)
-        if isinstance(weight, bool):
-            raise GuardrailError(f"weight for {address} must be an integer in 1..{WEIGHT_SCALE}, got {weight!r}")
-        try:
-            w = operator.index(weight)
-        except TypeError:
-            raise GuardrailError(
-                f"weight for {address} must be an integer in 1..{WEIGHT_SCALE}, got {weight!r}"
-            ) from None
-        if not 1 <= w <= WEIGHT_SCALE:
-            raise GuardrailError(f"weight for {address} must be in 1..{WEIGHT_SCALE}, got {w}")
+        w = _int_arg(f"weight for {address}", weight, 1, WEIGHT_SCALE)
         return self._put(address, "set", w / WEIGHT_SCALE, f"set {address} to weight {w}", ttl_s, reason, now)
 
     def clear(self, address: str) -> bool:

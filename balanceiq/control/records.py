@@ -21,23 +21,23 @@ def _num(x: float | None) -> float | None:
     return None if x is None or not math.isfinite(x) else round(float(x), 6)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class DecisionRecord:
     """One control interval: what was seen, what was decided, what Envoy did with it."""
 
     seq: int
     timestamp: float
     mode: str  # "policy" | "baseline" | "hold" (telemetry blind) | "standby" (no lease)
-    critical: tuple[str, ...]
+    critical: tuple[str, ...] = ()
     weights: dict[str, int]
     previous: dict[str, int]
-    reward: float | None  # realised reward of the interval that just ended
-    moved: float  # traffic_moved(previous, new)
-    pushed: bool
-    acked: bool | None  # None: not pushed, or no Envoy connected to ACK it
-    push_ms: float | None
-    ack_ms: float | None
-    version: str | None
+    reward: float | None = None  # realised reward of the interval that just ended
+    moved: float = 0.0  # traffic_moved(previous, new)
+    pushed: bool = False
+    acked: bool | None = None  # None: not pushed, or no Envoy connected to ACK it
+    push_ms: float | None = None
+    ack_ms: float | None = None
+    version: str | None = None
     notes: tuple[str, ...] = ()
     source: str = "none"
     error: str | None = None
@@ -100,7 +100,3 @@ class DecisionLog:
     def last(self) -> DecisionRecord | None:
         with self._lock:
             return self._items[-1] if self._items else None
-
-    def __len__(self) -> int:
-        with self._lock:
-            return len(self._items)

@@ -6,10 +6,12 @@ import math
 import threading
 import time
 from collections import deque
-from typing import Any
+from typing import Any, Literal
 
-from balanceiq.control.args import _TRANSITIONS_KEPT, Mode, _finite_float, _fmt, _int_arg, _now
+from balanceiq.control.args import _finite_float, _fmt, _int_arg, _now
 from balanceiq.exceptions import GuardrailError
+
+Mode = Literal["policy", "baseline"]
 
 
 def _rollback_args(after: object, margin: object, probation_after: object) -> tuple[int, float, int]:
@@ -17,8 +19,15 @@ def _rollback_args(after: object, margin: object, probation_after: object) -> tu
     mg = _finite_float("rollback_margin", margin)
     if mg < 0:
         raise GuardrailError(f"rollback_margin must be >= 0, got {margin!r}")
-    p = _int_arg("probation_after", probation_after, 1)
-    return a, mg, p
+    return a, mg, _int_arg("probation_after", probation_after, 1)
+
+
+def _finite_or_nan(x: object) -> float:
+    try:
+        f = float(x)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return math.nan
+    return f if math.isfinite(f) else math.nan
 
 
 class RollbackMonitor:
@@ -31,8 +40,8 @@ class RollbackMonitor:
     def __init__(self, after: int, margin: float, probation_after: int) -> None:
         self.after, self.margin, self.probation_after = _rollback_args(after, margin, probation_after)
         self._lock = threading.Lock()
-        self._transitions: deque[dict[str, Any]] = deque(maxlen=_TRANSITIONS_KEPT)
-        self._recent: deque[tuple[float, float]] = deque(maxlen=20)
+        self._transitions: deque[dict[str, Any]] = deque(maxlen=20)
+        self._last: tuple[float, float] | None = None  # the last (policy, baseline) scores compared
         self.worse_streak = 0
         self.good_streak = 0
         self.rollbacks = 0
@@ -56,8 +65,9 @@ class RollbackMonitor:
         with self._lock:
             if not math.isfinite(b):
                 return self.mode  # nothing to compare against: no evidence either way
-            self._recent.append((p, b))
+            self._last = (p, b)
             worse = not math.isfinite(p) or p < b - self.margin
+            last = f"(last {_fmt(p)} vs {_fmt(b)})"
             if self.mode == "policy":
                 self.worse_streak = self.worse_streak + 1 if worse else 0
                 if self.worse_streak >= self.after:
@@ -65,8 +75,8 @@ class RollbackMonitor:
                     self._go(
                         "baseline",
                         f"rollback: the policy scored below the baseline by more than {_fmt(self.margin)} for "
-                        f"{self.worse_streak} consecutive interval(s) (last {_fmt(p)} vs {_fmt(b)}); using the "
-                        f"baseline until the policy holds its own for {self.probation_after} interval(s)",
+                        f"{self.worse_streak} consecutive interval(s) {last}; using the baseline until the "
+                        f"policy holds its own for {self.probation_after} interval(s)",
                         t,
                     )
             else:
@@ -76,7 +86,7 @@ class RollbackMonitor:
                     self._go(
                         "policy",
                         f"recovered: the policy scored within {_fmt(self.margin)} of the baseline or better for "
-                        f"{self.good_streak} consecutive interval(s) (last {_fmt(p)} vs {_fmt(b)}); using the policy",
+                        f"{self.good_streak} consecutive interval(s) {last}; using the policy",
                         t,
                     )
             return self.mode
@@ -89,15 +99,15 @@ class RollbackMonitor:
 
     def state(self) -> dict[str, Any]:
         with self._lock:
-            last = self._recent[-1] if self._recent else (None, None)
+            p, b = self._last or (math.nan, math.nan)
             return {
                 "mode": self.mode,
                 "reason": self.reason,
                 "since": self.since,
                 "worse_streak": self.worse_streak,
                 "good_streak": self.good_streak,
-                "last_policy_score": _num_or_none(last[0]),
-                "last_baseline_score": _num_or_none(last[1]),
+                "last_policy_score": p if math.isfinite(p) else None,
+                "last_baseline_score": b if math.isfinite(b) else None,
                 "rollbacks": self.rollbacks,
                 "recoveries": self.recoveries,
                 "after": self.after,
@@ -105,15 +115,3 @@ class RollbackMonitor:
                 "probation_after": self.probation_after,
                 "transitions": [dict(x) for x in self._transitions],
             }
-
-
-def _finite_or_nan(x: object) -> float:
-    try:
-        f = float(x)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        return math.nan
-    return f if math.isfinite(f) else math.nan
-
-
-def _num_or_none(x: float | None) -> float | None:
-    return None if x is None or not math.isfinite(x) else x

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import KW_ONLY, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -64,31 +65,23 @@ def gumbel_perturb(s: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return s - np.log(-np.log(u))
 
 
+@dataclass(eq=False)
 class RLPolicy:
     """The trained CFR-RL policy: top-K scored endpoints are critical, the LP splits them."""
 
     name = "cfr_rl"
+    module: Any
+    _: KW_ONLY
+    cost_weight: float = 0.1
+    slo_ms: float = 150.0
+    mode: str = "greedy"
+    seed: int = 0
+    force_breaching: bool = True
 
-    def __init__(
-        self,
-        module: Any,
-        *,
-        cost_weight: float = 0.1,
-        slo_ms: float = 150.0,
-        mode: str = "greedy",
-        seed: int = 0,
-        force_breaching: bool = True,
-    ) -> None:
-        if mode not in ("sample", "greedy"):
-            raise PolicyError(f"mode must be 'sample' or 'greedy', got {mode!r}")
-        self.module = module
-        self.force_breaching = force_breaching
-        self.cost_weight = cost_weight
-        self.slo_ms = slo_ms
-        self.mode = mode
-        self.seed = seed
-        self._rng = np.random.default_rng(seed)
-        self.state = CoreState()
+    def __post_init__(self) -> None:
+        if self.mode not in ("sample", "greedy"):
+            raise PolicyError(f"mode must be 'sample' or 'greedy', got {self.mode!r}")
+        self.reset()
 
     @classmethod
     def from_checkpoint(cls, checkpoint: Path | str = SHIPPED, **kwargs: Any) -> RLPolicy:
@@ -103,15 +96,15 @@ class RLPolicy:
             k=int(ctx.k), slo_ms=self.slo_ms, cost_weight=self.cost_weight, force_breaching=self.force_breaching
         )
 
+    def _perturbed(self, s: np.ndarray) -> np.ndarray:
+        return gumbel_perturb(s, self._rng) if self.mode == "sample" else s
+
     def scores(self, obs: Observation, ctx: PolicyContext) -> np.ndarray:
         """The policy's score per endpoint on the decision core's capacity estimate
         (Gumbel-perturbed in ``sample`` mode)."""
         n = len(obs.endpoints)
         est, _ = observe_only(obs, ctx, self.knobs(ctx), self.state)
-        s = scores(self.module, encode(obs, est.capacity, n, self.slo_ms))[:n]
-        if self.mode == "sample":
-            s = gumbel_perturb(s, self._rng)
-        return s
+        return self._perturbed(scores(self.module, encode(obs, est.capacity, n, self.slo_ms))[:n])
 
     def critical(self, obs: Observation, ctx: PolicyContext) -> list[int]:
         """The decision core's critical set: the forced endpoints (with ``force_breaching``),
@@ -119,14 +112,10 @@ class RLPolicy:
         return list(decide(obs, ctx, self.scores(obs, ctx), self.knobs(ctx), self.state).critical)
 
     def critical_from_rows(self, rows: np.ndarray, n: int, k: int) -> list[int]:
-        """The policy's own K for an observation already encoded (an env's own, padded
-        to ``n_max``: rows past ``n`` are padding and never picked); no breachers added,
-        the env adds them."""
-        s = scores(self.module, np.asarray(rows, dtype=np.float32))[:n]
-        k = max(1, min(k, n))
-        if self.mode == "sample":
-            s = gumbel_perturb(s, self._rng)
-        return [int(i) for i in np.argsort(-s, kind="stable")[:k]]
+        """The policy's own K for rows already encoded by an env (padding past ``n`` is never
+        picked); no breachers added, the env adds them."""
+        s = self._perturbed(scores(self.module, np.asarray(rows, dtype=np.float32))[:n])
+        return [int(i) for i in np.argsort(-s, kind="stable")[: max(1, min(k, n))]]
 
     def decide(self, obs: Observation, ctx: PolicyContext) -> Decision:
         """The decision core with this policy's scores (it remembers across calls until

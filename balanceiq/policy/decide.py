@@ -1,19 +1,7 @@
 """The one decision step: observation -> capacity -> breachers -> critical set -> LP.
 
-:func:`decide` is a pure function of (observation, context, policy scores, knobs, state)
-and returns the decision with the next state. The controller, the simulator, the live
-env and ``POST /api/policy/score`` all call it, so what is trained is what is served.
-
-Capacity comes from what every Envoy reports (:mod:`.headroom`): in-flight counts, request
-and error rates and latency. An endpoint whose median rises well above its *baseline*
-(the lowest median it has shown lately), or whose in-flight requests are far older than
-what completes (Little's law), is **congested**: at capacity, bounded by what it
-completes. An uncongested endpoint may grow only by ``growth`` per decision (and never
-past where it last congested): safe moves probe for headroom. Saturation gauges, ORCA
-utilisation or a configured ``capacity_rps`` refine this when present.
-
-Price: a price change makes the endpoint critical at once; an endpoint whose price rose
-does not gain share while it stays up, unless the others cannot carry the traffic.
+A pure function of (observation, context, policy scores, knobs, state); the controller, the
+simulator, the live env and ``POST /api/policy/score`` all call it, so what is trained is served.
 """
 
 from __future__ import annotations
@@ -27,19 +15,17 @@ from typing import Any
 import numpy as np
 
 from balanceiq.policy.baselines import PolicyContext, available_mask, obs_field
-from balanceiq.policy.headroom import Estimate, erlang_wait, estimate, queue_utilisation  # noqa: F401  (old home)
+from balanceiq.policy.headroom import Estimate, estimate
 from balanceiq.policy.knobs import Knobs
 from balanceiq.policy.lp import LpResult, least_request_weights, shares_to_weights, solve_critical
-from balanceiq.policy.memory import BREACH_ERROR_RATE, CoreState, Memory, latency_p95, remember, window_breaching  # noqa: F401  (old home)
+from balanceiq.policy.memory import CoreState, Memory, latency_p95, remember
 from balanceiq.telemetry.observation import Observation
 
-# Latency (p95) below this fraction of the SLO costs nothing in the LP: once an endpoint
-# is comfortably inside the SLO, price decides, not a few milliseconds more or less.
+# Latency (p95) below this fraction of the SLO costs nothing in the LP (price decides).
 LATENCY_FREE = 0.5
 # How long a quiet endpoint's last measured p95 stands in (fading) for a measurement.
 LATENCY_MEMORY_S = 20.0
-# Below this distance from the fleet-wide optimum (a share of traffic) an endpoint is
-# where it should be: not worth a place in the critical set.
+# Below this distance from the fleet-wide optimum (a share) no place in the critical set.
 GAP_MIN = 0.01
 
 
@@ -73,16 +59,6 @@ def lp_latency(p95_ms: np.ndarray, slo_ms: float) -> np.ndarray:
         return np.maximum(np.asarray(p95_ms, dtype=np.float64) / slo_ms - LATENCY_FREE, 0.0)
 
 
-def time_in_system_s(addresses: Sequence[str], state: CoreState) -> np.ndarray:
-    """Each endpoint's smoothed median latency in seconds (NaN: not measured yet)."""
-    t = np.full(len(addresses), math.nan)
-    for i, a in enumerate(addresses):
-        m = state.memory.get(a)
-        if m is not None and math.isfinite(m.base_ms) and math.isfinite(m.ratio):
-            t[i] = m.base_ms * m.ratio / 1000.0
-    return t
-
-
 def envoy_weights(
     shares: np.ndarray,
     addresses: Sequence[str],
@@ -93,19 +69,18 @@ def envoy_weights(
     available: np.ndarray | None = None,
     scale: int = 10000,
 ) -> np.ndarray:
-    """Integer Envoy weights that realise ``shares`` under ``lb_policy``: as they are for
-    ROUND_ROBIN; for LEAST_REQUEST, where Envoy picks by ``weight / (active + 1)``, each
-    scaled by (1 + the requests it will hold), from its smoothed median latency."""
+    """Integer Envoy weights that realise ``shares`` under ``lb_policy`` (for LEAST_REQUEST,
+    scaled by the requests each will hold, from its smoothed median latency)."""
     if lb_policy != "LEAST_REQUEST":
         return shares_to_weights(shares, scale=scale, available=available)
-    t = time_in_system_s(addresses, state)
-    return least_request_weights(shares, t, demand_rps, available=available, scale=scale)
+    mems = [state.memory.get(a, Memory()) for a in addresses]
+    time_in_system_s = np.array([m.base_ms * m.ratio / 1000.0 for m in mems], dtype=np.float64)
+    return least_request_weights(shares, time_in_system_s, demand_rps, available=available, scale=scale)
 
 
 def with_forced(ranked: Sequence[int], forced: Sequence[int], k: int) -> list[int]:
-    """Every ``forced`` endpoint, then the first ``k`` of ``ranked`` not already in: the
-    forced endpoints' traffic needs somewhere to go, and with one spare the LP would pour
-    all of it there."""
+    """Every ``forced`` endpoint, then the first ``k`` of ``ranked`` not already in (the
+    forced endpoints' traffic needs more than one place to go)."""
     chosen = list(dict.fromkeys(int(i) for i in forced))
     extra = [i for i in dict.fromkeys(int(i) for i in ranked) if i not in chosen]
     return chosen + extra[: max(0, int(k))]
@@ -120,9 +95,8 @@ def decide(
     *,
     now: float | None = None,
 ) -> CoreDecision:
-    """One decision (see the module doc). ``scores``: the policy's, one per endpoint
-    (higher = more critical; already perturbed if the caller samples), or ``None`` to
-    re-optimise every endpoint. ``ctx.shares`` is the split in force."""
+    """One decision from the split in force (``ctx.shares``). ``scores``: the policy's, one per
+    endpoint (higher = more critical), or ``None`` to re-optimise every endpoint."""
     state = state or CoreState()
     n = len(obs.endpoints)
     if n == 0:
@@ -139,14 +113,12 @@ def decide(
     forced: list[int] = []
     if knobs.force_breaching:
         recovered = [i for i, e in enumerate(obs.endpoints) if mem[e.address].recovering > 0]
-        congested = [int(j) for j in np.flatnonzero(est.congested)]
-        forced = [i for i in breaching + congested + repriced + recovered if avail[i]]
-        forced = [i for i in dict.fromkeys(forced) if i not in held]
+        candidates = breaching + np.flatnonzero(est.congested).tolist() + repriced + recovered
+        forced = [i for i in dict.fromkeys(candidates) if avail[i] and i not in held]
     everyone = [i for i in range(n) if avail[i] and i not in held]
     critical = everyone if scores is None else _ranked(scores, n, avail, held, forced, knobs)
     demand = float(ctx.demand_rps) if math.isfinite(ctx.demand_rps) and ctx.demand_rps > 0 else 0.0
-    # Each endpoint's share when its price rose (NaN: no rise in force).
-    dearer_share = np.array([mem[e.address].dearer_share for e in obs.endpoints], dtype=np.float64)
+    dearer_share = np.array([mem[e.address].dearer_share for e in obs.endpoints], dtype=np.float64)  # NaN: no rise
     max_share = None
     if knobs.safe_moves and demand > 0:
         max_share = np.where(np.isfinite(est.max_load), est.max_load / demand, np.inf)
@@ -154,15 +126,24 @@ def decide(
             max_share, critical = _price_cap(max_share, dearer_share, shares, avail, critical, everyone, notes)
     min_share = None
     if knobs.safe_moves:
-        # Bounded steps down as well as up: only trouble (a breach, a queue, a price
-        # change) moves traffic off an endpoint at once; the LP's preference alone moves
-        # it gradually, so an endpoint is not emptied one decision and refilled the next.
+        # Bounded steps down too: only trouble (a breach, a queue, a price change) empties an endpoint at once.
         urgent = est.congested | np.isfinite(dearer_share)
         urgent[[*breaching, *held, *repriced]] = True
         min_share = np.where(avail & ~urgent, np.maximum(shares - knobs.max_shrink, 0.0), 0.0)
-    latency = _latency(obs, mem, knobs, now) if knobs.latency_weight > 0 else None
-    cost = obs_field(obs, "cost_per_million")
-    solve = functools.partial(_solve, shares, est.capacity, cost, demand, avail, knobs, latency, max_share, min_share)
+    solve = functools.partial(
+        solve_critical,
+        shares,
+        capacity=est.capacity,
+        cost=obs_field(obs, "cost_per_million"),
+        demand=demand,
+        available=avail,
+        cost_weight=knobs.cost_weight,
+        util_target=knobs.util_target,
+        latency=_latency(obs, mem, knobs, now) if knobs.latency_weight > 0 else None,
+        latency_weight=knobs.latency_weight,
+        max_share=max_share,
+        min_share=min_share,
+    )
     if scores is not None and knobs.gap_k > 0 and knobs.force_breaching:
         critical = critical + _gap_picks(solve, everyone, critical, held, shares, knobs.gap_k)
     res = solve(critical)
@@ -195,34 +176,6 @@ def _ranked(
     return with_forced(ranked, forced, max(1, min(int(knobs.k), n)))
 
 
-def _solve(
-    shares: np.ndarray,
-    capacity: np.ndarray,
-    cost: np.ndarray,
-    demand: float,
-    avail: np.ndarray,
-    knobs: Knobs,
-    latency: np.ndarray | None,
-    max_share: np.ndarray | None,
-    min_share: np.ndarray | None,
-    critical: Sequence[int],
-) -> LpResult:
-    return solve_critical(
-        shares,
-        critical,
-        capacity,
-        cost,
-        demand,
-        available=avail,
-        cost_weight=knobs.cost_weight,
-        util_target=knobs.util_target,
-        latency=latency,
-        latency_weight=knobs.latency_weight,
-        max_share=max_share,
-        min_share=min_share,
-    )
-
-
 def _gap_picks(
     solve: Callable[[Sequence[int]], LpResult],
     everyone: list[int],
@@ -231,9 +184,8 @@ def _gap_picks(
     shares: np.ndarray,
     gap_k: int,
 ) -> list[int]:
-    """The ``gap_k`` endpoints furthest from the fleet-wide optimum: the policy ranks by
-    what it learned (today: load, not price), and none may be left at a share the optimum
-    has long moved away from. No second LP when everyone is critical already."""
+    """The ``gap_k`` endpoints furthest from the fleet-wide optimum, which the policy (ranking
+    by load, not price) may never pick. No second LP when everyone is critical already."""
     whole = solve(everyone) if set(everyone) - set(critical) else None
     gap = np.abs(whole.shares - shares) if whole is not None else np.zeros(shares.shape[0])
     gap[list(critical)] = 0.0
@@ -250,8 +202,8 @@ def _price_cap(
     everyone: list[int],
     notes: list[str],
 ) -> tuple[np.ndarray, list[int]]:
-    """A price that rose caps the share unless the others cannot carry the traffic;
-    ``(max_share, critical)``, every endpoint made critical when that finds the room."""
+    """``(max_share, critical)``: an endpoint whose price rose gains no share, unless the others
+    cannot carry the traffic (every endpoint made critical when that finds the room)."""
     n = shares.shape[0]
     dearer = np.isfinite(dearer_share)
     capped = np.where(dearer, np.minimum(max_share, dearer_share), max_share)
@@ -275,19 +227,15 @@ def _latency(obs: Observation, mem: dict[str, Memory], knobs: Knobs, now: float)
     """The LP's latency term: the latency evidence's p95 where there is enough of it (one
     window's p95 flips with the few slowest requests it caught), else the window's."""
     p95 = obs_field(obs, "p95_ms")
-    for i, e in enumerate(obs.endpoints):
-        smooth = latency_p95(mem[e.address], knobs.slo_ms)
-        if math.isfinite(smooth) and math.isfinite(p95[i]):
-            p95[i] = smooth
+    smooth = np.array([latency_p95(mem[e.address], knobs.slo_ms) for e in obs.endpoints], dtype=np.float64)
+    p95 = np.where(np.isfinite(smooth) & np.isfinite(p95), smooth, p95)
     known = np.isfinite(p95)
     typical = float(np.median(p95[known])) if known.any() else math.nan
     for i, e in enumerate(obs.endpoints):
         m = mem[e.address]
         age = now - m.p95_at
         if not known[i] and math.isfinite(m.p95_ms) and age < LATENCY_MEMORY_S:
-            # A quiet endpoint's latency is what it last measured, not "typical" at once
-            # (a slow one's trickle must not make it look new), fading to typical so a
-            # recovered endpoint's trickle can win it back.
+            # A quiet endpoint's last p95, fading to typical so a recovered one wins traffic back.
             w = 1.0 - age / LATENCY_MEMORY_S
             p95[i] = w * m.p95_ms + (1.0 - w) * typical if math.isfinite(typical) else m.p95_ms
     return lp_latency(p95, knobs.slo_ms)
@@ -314,9 +262,8 @@ def _keep_bound_critical(
 def breach_state(
     obs: Observation, shares: np.ndarray, knobs: Knobs, state: CoreState | None = None, *, now: float | None = None
 ) -> tuple[list[int], list[int], CoreState]:
-    """``(measured, held, next state)``: endpoints breaching now (in this window or by
-    their sustained error rate), and earlier breachers too quiet to measure, held for up
-    to ``knobs.breach_hold_s``."""
+    """``(measured, held, next state)``: endpoints breaching now, and earlier breachers too
+    quiet to measure, held for up to ``knobs.breach_hold_s``."""
     state = state or CoreState()
     now = float(obs.timestamp if now is None else now)
     mem, measured, held, _ = remember(obs, np.asarray(shares, dtype=np.float64), knobs, state, now)
@@ -331,7 +278,5 @@ def observe_only(
     state = state or CoreState()
     now = float(obs.timestamp if now is None else now)
     dt = max(0.0, now - state.at) if state.at is not None else 0.0
-    shares = np.asarray(ctx.shares, dtype=np.float64).reshape(-1)
-    mem, breaching, _, _ = remember(obs, shares, knobs, state, now)
-    est, _ = estimate(obs, np.asarray(ctx.capacity_hint, dtype=np.float64), mem, knobs, dt, breaching)
-    return est, state
+    mem, breaching, _, _ = remember(obs, np.asarray(ctx.shares, dtype=np.float64).reshape(-1), knobs, state, now)
+    return estimate(obs, np.asarray(ctx.capacity_hint, dtype=np.float64), mem, knobs, dt, breaching)[0], state

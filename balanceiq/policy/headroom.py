@@ -1,4 +1,7 @@
-"""Capacity and headroom per endpoint from what Envoy reports (see :mod:`.decide`)."""
+"""Capacity and headroom per endpoint from what every Envoy reports: an endpoint whose median
+rises well above its *baseline* (the lowest median lately), or whose in-flight requests are
+far older than what completes (Little's law), is **congested**: at capacity. An uncongested
+one may grow only by ``growth`` per decision (and never past where it last congested)."""
 
 from __future__ import annotations
 
@@ -24,8 +27,7 @@ UNCONGESTED_UTIL = 0.5
 # Below this load an endpoint is too quiet for its latency to say anything about capacity.
 MIN_PROBE_RPS = 1.0
 # A breacher's capacity is cut to load x SLO / p95, but by at most this factor per
-# decision: latency grows faster than linearly with load near capacity, so a linear cut
-# sheds far more than the SLO needs, and the endpoints taking it over queue next.
+# decision: latency is convex in load, so a linear cut sheds far more than the SLO needs.
 MAX_BREACH_CUT = 0.5
 
 
@@ -36,7 +38,6 @@ class Estimate:
     capacity: np.ndarray  # rps; the LP's utilisation denominator
     max_load: np.ndarray  # rps; inf = unbounded
     congested: np.ndarray  # bool: queueing now (or overloaded)
-    baseline_ms: np.ndarray
 
 
 def erlang_wait(c: int, a: float) -> float:
@@ -55,26 +56,23 @@ def erlang_wait(c: int, a: float) -> float:
 
 
 def queue_utilisation(busy: float, wait_ratio: float, max_servers: int = 256) -> float:
-    """Utilisation of an endpoint seen queueing: ``busy`` is its offered load in servers
-    (rate x baseline service time), ``wait_ratio`` the queueing delay over the service
-    time; the server count whose M/M/c wait matches best gives ``busy / servers``,
-    clamped to [0.3, 1] because a median is a noisy measure of a mean wait."""
+    """Utilisation ``busy / servers`` of an endpoint queueing with offered load ``busy`` (in
+    servers) and queueing delay over service time ``wait_ratio``, by the server count whose
+    M/M/c wait matches best; clamped to [0.3, 1] (a median is a noisy mean wait)."""
     if not (math.isfinite(busy) and busy > 0 and math.isfinite(wait_ratio) and wait_ratio > 0):
         return 1.0
+    fewest = math.floor(busy) + 1
+    if erlang_wait(fewest, busy) < wait_ratio:
+        # It queues more than even the fewest servers would: it slowed down; one server's wait.
+        return min(1.0, max(0.3, busy / fewest, wait_ratio / (1.0 + wait_ratio)))
     best, best_err = 1.0, math.inf
-    c = max(1, math.floor(busy) + 1)
-    if erlang_wait(c, busy) < wait_ratio:
-        # It queues more than even the fewest servers would at this load: busier than
-        # its baseline says (it slowed down); read the wait as one server's.
-        return min(1.0, max(0.3, busy / c, wait_ratio / (1.0 + wait_ratio)))
-    while c <= max_servers:
+    for c in range(fewest, max_servers + 1):
         w = erlang_wait(c, busy)
         err = abs(math.log(w / wait_ratio)) if w > 0 else math.inf
         if err < best_err:
             best, best_err = busy / c, err
         if w < wait_ratio:  # the wait only falls as servers are added
             break
-        c += 1
     return min(1.0, max(0.3, best))
 
 
@@ -86,31 +84,27 @@ def estimate(
     dt: float,
     breaching: Sequence[int] = (),
 ) -> tuple[Estimate, dict[str, Memory]]:
-    """Capacity and headroom per endpoint; returns the estimate and the memory with
-    ``good_rps``/``ceiling_rps``/``cooldown`` updated. A ``breaching`` endpoint's capacity
-    is also cut in proportion to how far it is out of bounds (:func:`_breach_cut`)."""
+    """Capacity and headroom per endpoint, and the memory with ``good_rps``/``ceiling_rps``/
+    ``cooldown`` updated (a ``breaching`` endpoint's capacity is cut: :func:`_breach_cut`)."""
     n = len(obs.endpoints)
     rps, p95, inflight = obs_field(obs, "rps"), obs_field(obs, "p95_ms"), obs_field(obs, "inflight")
     sat, err = obs_field(obs, "saturation"), obs_field(obs, "error_rate")
     hint = np.asarray(hint, dtype=np.float64).reshape(-1)
     avail = available_mask(obs)
-    demand = float(np.nansum(np.where(np.isfinite(rps) & (rps > 0), rps, 0.0)))
+    loads = np.where(np.isfinite(rps) & (rps > 0), rps, 0.0)
+    demand = float(loads.sum())
     cap = np.full(n, math.nan)
     max_load = np.full(n, math.inf)
     congested = np.zeros(n, dtype=bool)
-    base_out = np.full(n, math.nan)
     out: dict[str, Memory] = {}
     for i, e in enumerate(obs.endpoints):
         m = memory.get(e.address, Memory())
-        base_out[i] = m.base_ms
-        load = float(rps[i]) if math.isfinite(rps[i]) and rps[i] > 0 else 0.0
+        load = float(loads[i])
         good = m.good_rps * math.exp(-dt / GOOD_TAU_S)
         ceiling = m.ceiling_rps * math.exp(dt / CEILING_TAU_S) if math.isfinite(m.ceiling_rps) else math.nan
         queueing, ratio, stale = _queueing(m, load, float(inflight[i]), float(p95[i]))
         if queueing and load > 0:
-            # How busy it is, from how much it queues at this load (M/M/c, the servers
-            # inferred): a one-slot backend queues at a third of its capacity, a
-            # sixteen-slot one only near all of it.
+            # How busy it is, from how much it queues at this load (M/M/c, servers inferred).
             util = queue_utilisation(load * m.base_ms / 1000.0, ratio - 1.0) if math.isfinite(m.base_ms) else 1.0
             ceiling = load / util
             congested[i] = True
@@ -124,49 +118,38 @@ def estimate(
             c *= max(0.1, 1.0 - 2.0 * err[i])
         if i in breaching and load > 0:
             c = _breach_cut(c, m, e, load, float(p95[i]), float(err[i]), knobs)
-        cap[i] = c
-        # A breacher, like a congested endpoint, waits before it may grow again: its next
-        # window may well read fine (a tail is bursty), and regrowing at once is ping-pong.
+        cap[i] = c if avail[i] else 0.0
+        # A breacher, like a congested endpoint, waits before it may grow again (ping-pong).
         cooldown = knobs.cooldown if congested[i] or i in breaching else max(0, m.cooldown - 1)
         if knobs.safe_moves:
             max_load[i] = _max_load(m, bool(congested[i]), c, load, good, ceiling, measured, knobs, demand)
-        if not avail[i]:
-            cap[i] = 0.0
         ceiling = ceiling if math.isfinite(ceiling) else math.nan
         out[e.address] = replace(m, good_rps=good, ceiling_rps=ceiling, cooldown=cooldown, stale_inflight=stale)
-    # Unknown capacity: typical (the median of the known), else enough for all traffic;
-    # growth is bounded by max_load, so this only lets cost and latency decide where it goes.
-    unknown = ~np.isfinite(cap)
-    if unknown.any():
-        known = np.isfinite(cap) & (cap > 0)
-        cap[unknown] = float(np.median(cap[known])) if known.any() else max(demand, 1.0)
-    return Estimate(cap, max_load, congested, base_out), out
+    # Unknown capacity: the median of the known, else all traffic (max_load bounds growth).
+    known = np.isfinite(cap) & (cap > 0)
+    cap[~np.isfinite(cap)] = float(np.median(cap[known])) if known.any() else max(demand, 1.0)
+    return Estimate(cap, max_load, congested), out
 
 
 def _queueing(m: Memory, load: float, inflight: float, p95: float) -> tuple[bool, float, bool]:
     """``(queueing, wait over baseline, in-flight read stale)`` by the endpoint's own baseline."""
-    # The median well above the baseline ...
     limit = CONGESTED_RATIO + CONGESTED_SLACK_MS / m.base_ms if math.isfinite(m.base_ms) and m.base_ms > 0 else math.inf
     queueing = bool(load >= MIN_PROBE_RPS and math.isfinite(m.ratio) and m.ratio > limit)
-    # ... or requests in flight far older than what completes (Little's law: their time
-    # in system is in-flight / rate): a stuck endpoint completes little, so its latency
-    # reads stale while Envoy's rq_active climbs.
+    # Or requests in flight far older than what completes (Little's law): a stuck endpoint
+    # completes little, so its latency reads stale while Envoy's rq_active climbs.
     q = inflight if math.isfinite(inflight) and inflight > 0 else 0.0
     recent = p95 if math.isfinite(p95) else (m.base_ms if math.isfinite(m.base_ms) else math.nan)
     little_ratio = math.nan
     stale = False
     if q >= 2.0:
         little_ms = 1000.0 * q / load if load > 0 else math.inf
-        # Far older, not merely older: rq_active is a sampled gauge that reads high when
-        # scrapes meet bursts. Against a fresh latency it must say so twice running;
-        # without one, once is enough.
+        # rq_active is a sampled gauge (high when scrapes meet bursts): twice running if p95 is fresh.
         stale = not math.isfinite(recent) or little_ms > max(3.0 * recent, recent + 100.0)
         if stale and (m.stale_inflight or not math.isfinite(p95)):
             queueing = True
             if math.isfinite(m.base_ms) and m.base_ms > 0:
                 little_ratio = little_ms / m.base_ms
-    # How long requests wait, over the baseline: the median's word, or Little's law's
-    # when that says more (a median of the few that complete reads as no queue at all).
+    # The wait over the baseline: the median's, or Little's law's when that says more.
     waits = [r for r in (m.ratio, little_ratio) if math.isfinite(r)]
     return queueing, max(waits) if queueing and waits else 2 * CONGESTED_RATIO, stale
 
@@ -191,11 +174,8 @@ def _capacity(
     if math.isfinite(prior):
         return prior
     if load > 0 and knobs.safe_moves:
-        # Carrying this much without queueing: it can take what the growth bound lets it
-        # grow to at no more than UNCONGESTED_UTIL (the bound, not this guess, keeps it
-        # from being flooded; the guess lets price and latency pick).
-        grown = min(knobs.growth * max(good, load, knobs.probe_share * demand), load + knobs.max_step * demand)
-        return max(load, good, grown) / UNCONGESTED_UTIL
+        # What the growth bound lets it reach at UNCONGESTED_UTIL (so price and latency pick).
+        return max(load, good, _growth_bound(load, good, knobs, demand)) / UNCONGESTED_UTIL
     return math.nan
 
 
@@ -203,10 +183,8 @@ def _breach_cut(
     c: float, m: Memory, e: EndpointObservation, load: float, p95: float, err: float, knobs: Knobs
 ) -> float:
     """A breacher's capacity capped at load x SLO / p95 (no lower than MAX_BREACH_CUT of it)
-    and 1 - 2 x error rate: a slow dependency breaks the SLO with the backend half idle,
-    and the LP must still move traffic off it as far as it is out of bounds."""
-    # The evidence's p95, or this window's when even its median misses (a sudden
-    # slowdown is acted on in full at once).
+    and 1 - 2 x error rate: a slow dependency breaks the SLO with the backend half idle."""
+    # The evidence's p95, or this window's when even its median misses (act at once).
     seen = latency_p95(m, knobs.slo_ms)
     if not math.isfinite(seen) or e.p50_ms > knobs.slo_ms:
         seen = max((v for v in (seen, p95) if math.isfinite(v)), default=math.nan)
@@ -228,16 +206,18 @@ def _max_load(
     demand: float,
 ) -> float:
     """The most load a safe move may give it now (inf: unbounded)."""
-    probe = knobs.probe_share * demand
     if congested or m.cooldown > 0:
-        # Backed off: no growth for a few decisions, or the next window (still draining
-        # its queue) would hand it back what it just lost: ping-pong.
+        # Backed off: the next window (still draining its queue) would hand it all back.
         return min(load, c) if math.isfinite(c) else load
     if math.isfinite(measured):
         return math.inf
-    bound = min(knobs.growth * max(good, load, probe), load + knobs.max_step * demand)
+    bound = _growth_bound(load, good, knobs, demand)
     if math.isfinite(ceiling):
         return min(bound, max(0.9 * ceiling, load))
-    # Never seen queueing: what it carried cleanly lately is known headroom, not a probe;
-    # after a queue, the ceiling decides instead.
+    # Never seen queueing: what it carried cleanly lately is known headroom.
     return max(bound, good)
+
+
+def _growth_bound(load: float, good: float, knobs: Knobs, demand: float) -> float:
+    """The most load a safe move may grow an uncongested endpoint to."""
+    return min(knobs.growth * max(good, load, knobs.probe_share * demand), load + knobs.max_step * demand)

@@ -1,15 +1,13 @@
-"""The trained network's forward pass in numpy, for scoring beside other Python threads.
-
-Torch hands the GIL back at every op of a small forward pass, and each op then waits for
-its turn behind any busy thread of the same process (the Controller replica's API server).
-The same arithmetic in numpy keeps the GIL for the whole pass. Exported only when it
-reproduces :meth:`CriticalEndpointModule._forward` on a probe, else torch keeps scoring.
-"""
+"""The trained network's forward pass in numpy: torch hands the GIL back at every op, so a
+busy thread of the same process (the Controller's API server) stalls it; numpy keeps the GIL
+for the whole pass. Exported only when it reproduces the module's scores on a probe."""
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -21,11 +19,8 @@ log = logging.getLogger(__name__)
 Layer = Callable[[np.ndarray], np.ndarray]
 
 
-def _affine(w: np.ndarray, b: np.ndarray) -> Layer:
-    def step(x: np.ndarray) -> np.ndarray:
-        return np.asarray(x @ w + b)
-
-    return step
+def _affine(w: np.ndarray, b: np.ndarray, x: np.ndarray) -> np.ndarray:
+    return np.asarray(x @ w + b)
 
 
 def _layers(seq: Any) -> list[Layer] | None:
@@ -36,12 +31,8 @@ def _layers(seq: Any) -> list[Layer] | None:
     for layer in seq:
         if isinstance(layer, torch.nn.Linear):
             w = layer.weight.detach().cpu().numpy().astype(np.float32).T.copy()
-            b = (
-                layer.bias.detach().cpu().numpy().astype(np.float32)
-                if layer.bias is not None
-                else np.zeros(w.shape[1], np.float32)
-            )
-            steps.append(_affine(w, b))
+            b = np.zeros(w.shape[1], np.float32) if layer.bias is None else layer.bias.detach().cpu().numpy()
+            steps.append(functools.partial(_affine, w, b.astype(np.float32)))
         elif isinstance(layer, torch.nn.Tanh):
             steps.append(np.tanh)
         else:
@@ -55,13 +46,13 @@ def _run(steps: list[Layer], x: np.ndarray) -> np.ndarray:
     return x
 
 
+@dataclass(frozen=True)
 class NumpyScorer:
     """Scores ``[B, N, F]`` rows as the module does: shared encoder, mean-pooled context over
     present endpoints (last feature), scorer head, absent endpoints at ``NEG``."""
 
-    def __init__(self, encoder: list[Layer], scorer: list[Layer]) -> None:
-        self.encoder = encoder
-        self.scorer = scorer
+    encoder: list[Layer]
+    scorer: list[Layer]
 
     def __call__(self, obs: np.ndarray) -> np.ndarray:
         obs = np.asarray(obs, dtype=np.float32)

@@ -18,16 +18,12 @@ class Knobs:
     probe_share: float = 0.05  # every endpoint may grow to at least this share of demand
     max_step: float = 0.05  # an endpoint gains at most this share of demand per decision
     # A steady endpoint (not breaching, congested or repriced) loses at most this share per
-    # decision: what it sheds for a small gain is what the next event needs back. Below the
-    # 5-point step that counts towards a reversal, with room for rounding.
+    # decision (below the 5-point step that counts towards a reversal).
     max_shrink: float = 0.04
     cooldown: int = 3  # decisions a congested or breaching endpoint waits before it may grow again
-    # Endpoints added to the critical set because they sit furthest from the whole fleet's
-    # optimum: a dear endpoint the policy never picks still sheds in bounded steps.
-    gap_k: int = 1
+    gap_k: int = 1  # endpoints furthest from the fleet-wide optimum added to the critical set
     breach_error_rate: float = 0.01  # a decayed error rate at or above this (about a minute) breaches
     breach_hold_s: float = 30.0  # a breacher too quiet to measure stays one this long
-    # Breaching, congested and repriced endpoints (and the gap_k furthest from the optimum)
-    # are always critical; off: the policy's K alone (plain CFR-RL).
+    # Breaching, congested, repriced and gap_k endpoints are always critical; off: plain CFR-RL.
     force_breaching: bool = True
     safe_moves: bool = True  # bound growth by the headroom estimate (off: the plain CFR-RL LP)

@@ -1,30 +1,11 @@
 """The CFR-RL linear program (Zhang et al., IEEE JSAC 2020), on endpoint traffic shares.
 
-The policy picks K critical endpoints; every other available endpoint keeps its share
-exactly, and the LP redistributes the critical endpoints' traffic among them::
-
-    minimise    U + cost_weight * sum_i(cost_i * x_i) / max(cost)
-                  + latency_weight * sum_i(latency_i * x_i)
-    subject to  U >= x_i * demand / capacity_i        for every usable critical i
-                U >= s_j * demand / capacity_j        for every kept non-critical j
-                sum_i x_i = 1 - sum_j s_j,  x_i >= 0
-
-The cost term is the mean price relative to the priciest endpoint (in [0, 1], like a
-utilisation); ``latency_i`` is p95 in SLO units (:func:`clean_latency`). Utilisation
-below ``util_target`` is free, so there cost and latency decide (default 0: pure CFR-RL).
-
-When kept endpoints or the knee fix U, every critical split below it is equally good and
-the cost term would park all critical traffic on the cheapest endpoint, so successive
-decisions over small critical sets stall. Then the LP also minimises ``BALANCE *
-max(V, util_target)`` and ``TIE_BREAK * V`` with ``V`` the critical endpoints' own
-maximum utilisation: they are balanced against each other above the knee.
-
-Numeric problems never raise (shape problems do): NaN/inf/negative shares, capacities,
-demand and weights become 0 (costs: the highest valid cost, so an unknown price is not
-attractive). At zero demand the LP plans for the total capacity (:func:`planning_demand`).
-``status`` is ``"optimal"`` or a fallback: ``"all_down"`` (equal over all),
-``"no_critical"`` (current shares over the available), ``"no_capacity"`` (equal over the
-critical) or ``"lp_failed"`` (in proportion to capacity).
+The policy picks K critical endpoints; every other available endpoint keeps its share and
+the LP splits the critical endpoints' traffic among them, minimising the max utilisation
+U (free below ``util_target``) + cost and latency terms. When kept endpoints or that knee
+fix U, it also balances the critical endpoints' own max utilisation (``BALANCE``), or the
+cost term would park all their traffic on the cheapest. Numeric problems never raise
+(shape problems do): bad values become 0 (costs: the highest valid one).
 """
 
 from __future__ import annotations
@@ -37,16 +18,12 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.optimize import OptimizeWarning, linprog
 
-# Envoy's limit on a weight and on a locality's sum (same value as balanceiq.xds.assignment;
-# not imported so the policy does not depend on the xDS layer).
+# Envoy's limit on a weight and on a locality's sum (not imported: the policy does not depend on xDS).
 UINT32_MAX = 2**32 - 1
 
-_RENORM_TOL = 1e-12
 # Weights of the critical endpoints' own max utilisation above the knee, and as a tie-break.
 BALANCE = 0.5
 TIE_BREAK = 1e-3
-
-Fallback = str  # "all_down" | "no_critical" | "no_capacity" | "lp_failed"
 
 
 @dataclass(frozen=True)
@@ -56,7 +33,7 @@ class LpResult:
     shares: np.ndarray  # >= 0, sums to 1 within 1e-9
     max_utilization: float  # max_i share_i * demand / capacity_i with the given capacities
     status: str  # "optimal" or the fallback's name
-    fallback: Fallback | None = None
+    fallback: str | None = None
 
 
 def _vector(name: str, values: object, n: int | None = None) -> np.ndarray:
@@ -113,19 +90,17 @@ def _clean_shares(shares: np.ndarray, avail: np.ndarray) -> np.ndarray:
     if total <= 0 or not math.isfinite(total):
         base = avail if avail.any() else np.ones_like(avail)
         return np.asarray(base / base.sum())
-    if abs(total - 1.0) > _RENORM_TOL:
+    if abs(total - 1.0) > 1e-12:
         s = s / total
     return s
 
 
 def _critical_mask(critical: object, n: int) -> np.ndarray:
-    arr = np.asarray(critical if critical is not None else [])
-    if arr.dtype == bool:
-        arr = arr.reshape(-1)
-        if arr.shape[0] != n:
-            raise ValueError(f"critical mask has {arr.shape[0]} entries, expected {n}")
-        return arr.copy()
-    idx = arr.reshape(-1)
+    idx = np.asarray(critical if critical is not None else []).reshape(-1)
+    if idx.dtype == bool:
+        if idx.shape[0] != n:
+            raise ValueError(f"critical mask has {idx.shape[0]} entries, expected {n}")
+        return idx.copy()
     if idx.size and not np.issubdtype(idx.dtype, np.integer) and not np.all(np.isfinite(idx) & (np.mod(idx, 1) == 0)):
         raise ValueError(f"critical indices must be integers, got {critical!r}")
     idx = idx.astype(np.int64)
@@ -139,21 +114,16 @@ def _critical_mask(critical: object, n: int) -> np.ndarray:
 def planning_demand(demand: float, capacity: np.ndarray) -> float:
     """The demand the LP plans for: ``demand`` if positive, else the total valid capacity."""
     d = _clean_scalar(demand)
-    if d > 0:
-        return d
-    return float(_nonneg(np.asarray(capacity, dtype=np.float64)).sum())
+    return d if d > 0 else float(_nonneg(np.asarray(capacity, dtype=np.float64)).sum())
 
 
 def utilization(shares: np.ndarray, capacity: np.ndarray, demand: float) -> np.ndarray:
     """Per-endpoint load/capacity. Load on an endpoint without capacity is ``inf``."""
-    s = _nonneg(np.asarray(shares, dtype=np.float64))
+    load = _nonneg(np.asarray(shares, dtype=np.float64)) * _clean_scalar(demand)
     cap = _nonneg(np.asarray(capacity, dtype=np.float64))
-    d = _clean_scalar(demand)
-    load = s * d
     # A subnormal capacity (an API caller's 5e-324) overflows to inf: as overloaded as it is.
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        u = np.where(cap > 0, load / np.where(cap > 0, cap, 1.0), np.where(load > 0, np.inf, 0.0))
-    return u
+        return np.where(cap > 0, load / np.where(cap > 0, cap, 1.0), np.where(load > 0, np.inf, 0.0))
 
 
 def objective(
@@ -167,9 +137,8 @@ def objective(
     latency: np.ndarray | Sequence[float] | None = None,
     latency_weight: float = 0.0,
 ) -> float:
-    """The LP's objective for any full split (max utilisation, no less than
-    ``util_target``, + cost + latency terms), sanitised like the LP: an :func:`oracle`
-    result scores <= any other split of the same inputs."""
+    """The LP's objective for any full split, sanitised like the LP: an :func:`oracle` result
+    scores <= any other split of the same inputs."""
     s = _nonneg(_vector("shares", shares))
     n = s.shape[0]
     cap = _nonneg(_vector("capacity", capacity, n))
@@ -197,9 +166,8 @@ def _lp(
 ) -> np.ndarray | None:
     """Critical shares minimising U + cost_coef @ x (+ balance and tie-break), or None on failure."""
     m = cap.shape[0]
-    # Work in units of the largest capacity: x_i * r_i <= U' with r_i >= 1. Feasibility is
-    # then checked on shares (HiGHS' absolute 1e-7 tolerance), not on raw utilisations that
-    # may be tiny (little demand) and would leave the shares loose.
+    # In units of the largest capacity (x_i * r_i <= U', r_i >= 1), HiGHS' absolute tolerance
+    # applies to shares, not to utilisations that may be tiny and leave the shares loose.
     cap_ref = float(cap.max())
     with np.errstate(over="ignore", divide="ignore", under="ignore"):
         r = cap_ref / cap
@@ -215,13 +183,10 @@ def _lp(
     a_ub = np.zeros((m + 2 if tie else m, nv))
     a_ub[np.arange(m), np.arange(m)] = r
     if tie:
-        c[m + 1] = TIE_BREAK * k_u
-        c[m + 2] = BALANCE * k_u
+        c[m + 1 :] = TIE_BREAK * k_u, BALANCE * k_u
         a_ub[:m, m + 1] = -1.0  # V' >= x_i r_i
-        a_ub[m, m + 1] = 1.0  # U' >= V'
-        a_ub[m, m] = -1.0
-        a_ub[m + 1, m + 1] = 1.0  # B' >= V'
-        a_ub[m + 1, m + 2] = -1.0
+        a_ub[m, m : m + 2] = -1.0, 1.0  # U' >= V'
+        a_ub[m + 1, m + 1 :] = 1.0, -1.0  # B' >= V'
     else:
         a_ub[:, m] = -1.0  # U' >= x_i r_i
     # argmin is invariant to scaling the objective; a unit-sized one suits HiGHS' tolerances.
@@ -234,8 +199,7 @@ def _lp(
     bounds = xb + [(floor / k_u, None)] + ([(0.0, None), (knee / k_u, None)] if tie else [])
     try:
         with warnings.catch_warnings():
-            # A failed solve is handled by the caller's fallback; a warning would only
-            # duplicate it (and is an error under the test suite's settings).
+            # A failed solve is handled by the caller's fallback.
             warnings.simplefilter("ignore", OptimizeWarning)
             warnings.simplefilter("ignore", RuntimeWarning)
             res = linprog(
@@ -253,13 +217,12 @@ def _lp(
     return np.asarray(x * (budget / total))
 
 
-def _result(shares: np.ndarray, capacity: np.ndarray, demand: float, fallback: Fallback | None) -> LpResult:
+def _result(shares: np.ndarray, capacity: np.ndarray, demand: float, fallback: str | None) -> LpResult:
     s = np.clip(shares, 0.0, None)
     total = float(s.sum())
     if abs(total - 1.0) > 1e-12:
         s = s / total
-    u = utilization(s, capacity, demand)
-    return LpResult(s, float(u.max(initial=0.0)), fallback or "optimal", fallback)
+    return LpResult(s, float(utilization(s, capacity, demand).max(initial=0.0)), fallback or "optimal", fallback)
 
 
 def _share_bounds(
@@ -271,8 +234,7 @@ def _share_bounds(
         upper = np.where(np.isfinite(max_share) & (max_share >= 0), max_share, np.inf)[idx]
         room = float(np.minimum(upper, budget).sum())
         if room < budget * (1 + 1e-9):
-            # Not enough headroom for the critical traffic: stretch every bound by the
-            # same factor (most room where most was estimated).
+            # Not enough headroom for the critical traffic: stretch every bound alike.
             finite = np.isfinite(upper)
             if finite.all() and room > 0:
                 upper = upper * (budget / room) * (1 + 1e-6)
@@ -286,73 +248,6 @@ def _share_bounds(
         if lower.sum() > budget:
             lower = lower * (budget / float(lower.sum())) * (1 - 1e-9)
     return upper, lower
-
-
-def _solve(
-    shares: np.ndarray,
-    crit: np.ndarray,
-    capacity: np.ndarray,
-    cost: np.ndarray,
-    demand: float,
-    avail: np.ndarray,
-    cost_weight: float,
-    util_target: float = 0.0,
-    latency: np.ndarray | None = None,
-    latency_weight: float = 0.0,
-    max_share: np.ndarray | None = None,
-    min_share: np.ndarray | None = None,
-) -> LpResult:
-    n = shares.shape[0]
-    cap = _nonneg(capacity)
-    d_real = _clean_scalar(demand)
-    if not avail.any():
-        return _result(np.full(n, 1.0 / n), cap, d_real, "all_down")
-    s = _clean_shares(shares, avail)
-    kept_mask = ~crit & avail
-    out = np.where(kept_mask, s, 0.0)
-    budget = max(0.0, 1.0 - float(out.sum()))
-
-    crit_avail = crit & avail
-    if not crit_avail.any():
-        base = np.where(avail, s, 0.0)
-        base = base / base.sum() if base.sum() > 0 else avail / avail.sum()
-        return _result(base, cap, d_real, "no_critical")
-    if budget <= 0:
-        return _result(out, cap, d_real, None)
-
-    usable = crit_avail & (cap > 0)
-    if not usable.any():
-        out[crit_avail] += budget / int(crit_avail.sum())
-        return _result(out, cap, d_real, "no_capacity")
-
-    idx = np.flatnonzero(usable)
-    if idx.size == 1:
-        out[idx] = budget
-        return _result(out, cap, d_real, None)
-
-    d_plan = planning_demand(d_real, cap)
-    fixed_u = utilization(out, cap, d_plan)[kept_mask]
-    # An overloaded kept endpoint without capacity (inf) is beyond the LP's reach; as a
-    # floor it would make every critical split "free" and hand it all to the cheapest.
-    fixed_u = fixed_u[np.isfinite(fixed_u)]
-    # Utilisation up to ``util_target`` is free: below it only cost decides (headroom).
-    floor = max(float(fixed_u.max(initial=0.0)), _clean_scalar(util_target))
-    c = _clean_cost(cost)
-    cmax = float(c.max())
-    w = _clean_scalar(cost_weight)
-    cost_coef = w * c[idx] / cmax if cmax > 0 else np.zeros(idx.size)
-    wl = _clean_scalar(latency_weight)
-    if latency is not None and wl > 0:
-        cost_coef = cost_coef + wl * clean_latency(latency)[idx]
-
-    upper, lower = _share_bounds(max_share, min_share, idx, budget)
-    x = _lp(cap[idx], cost_coef, budget, floor, d_plan, _clean_scalar(util_target), upper, lower)
-    fallback = None
-    if x is None:
-        x = budget * cap[idx] / cap[idx].sum()
-        fallback = "lp_failed"
-    out[idx] = x
-    return _result(out, cap, d_real, fallback)
 
 
 def solve_critical(
@@ -370,29 +265,62 @@ def solve_critical(
     max_share: np.ndarray | Sequence[float] | None = None,
     min_share: np.ndarray | Sequence[float] | None = None,
 ) -> LpResult:
-    """Re-optimise only the ``critical`` endpoints (indices or a bool mask; module doc):
-    available non-critical ones keep their share, unavailable ones release theirs.
-    ``max_share``/``min_share`` bound each critical share (stretched or scaled to fit the
-    critical traffic). ValueError only for structural problems (lengths, indices)."""
+    """Re-optimise only the ``critical`` endpoints (indices or a bool mask): available others
+    keep their share, unavailable ones release theirs. ``max_share``/``min_share`` bound each
+    critical share (stretched or scaled to fit). ``status`` is ``"optimal"`` or a fallback:
+    ``"all_down"``, ``"no_critical"``, ``"no_capacity"`` or ``"lp_failed"``."""
     s = _vector("shares", shares)
     n = s.shape[0]
     if n == 0:
         raise ValueError("no endpoints")
     avail = _available(available, n)
-    return _solve(
-        s,
-        _critical_mask(critical, n),
-        _vector("capacity", capacity, n),
-        _vector("cost", cost, n),
-        demand,
-        avail,
-        cost_weight,
-        util_target,
-        None if latency is None else _vector("latency", latency, n),
-        latency_weight,
-        None if max_share is None else _vector("max_share", max_share, n),
-        None if min_share is None else _vector("min_share", min_share, n),
-    )
+    crit = _critical_mask(critical, n)
+    cap = _nonneg(_vector("capacity", capacity, n))
+    c = _clean_cost(_vector("cost", cost, n))
+    lat = None if latency is None else _vector("latency", latency, n)
+    max_share = None if max_share is None else _vector("max_share", max_share, n)
+    min_share = None if min_share is None else _vector("min_share", min_share, n)
+    d_real = _clean_scalar(demand)
+    if not avail.any():
+        return _result(np.full(n, 1.0 / n), cap, d_real, "all_down")
+    s = _clean_shares(s, avail)
+    kept_mask = ~crit & avail
+    out = np.where(kept_mask, s, 0.0)
+    budget = max(0.0, 1.0 - float(out.sum()))
+    crit_avail = crit & avail
+    if not crit_avail.any():
+        base = np.where(avail, s, 0.0)
+        base = base / base.sum() if base.sum() > 0 else avail / avail.sum()
+        return _result(base, cap, d_real, "no_critical")
+    if budget <= 0:
+        return _result(out, cap, d_real, None)
+    usable = crit_avail & (cap > 0)
+    if not usable.any():
+        out[crit_avail] += budget / int(crit_avail.sum())
+        return _result(out, cap, d_real, "no_capacity")
+    idx = np.flatnonzero(usable)
+    if idx.size == 1:
+        out[idx] = budget
+        return _result(out, cap, d_real, None)
+
+    d_plan = planning_demand(d_real, cap)
+    fixed_u = utilization(out, cap, d_plan)[kept_mask]
+    # An overloaded kept endpoint without capacity (inf) is beyond the LP's reach; as a
+    # floor it would make every critical split "free" and hand it all to the cheapest.
+    fixed_u = fixed_u[np.isfinite(fixed_u)]
+    floor = max(float(fixed_u.max(initial=0.0)), _clean_scalar(util_target))
+    cmax = float(c.max())
+    cost_coef = _clean_scalar(cost_weight) * c[idx] / cmax if cmax > 0 else np.zeros(idx.size)
+    wl = _clean_scalar(latency_weight)
+    if lat is not None and wl > 0:
+        cost_coef = cost_coef + wl * clean_latency(lat)[idx]
+    upper, lower = _share_bounds(max_share, min_share, idx, budget)
+    x = _lp(cap[idx], cost_coef, budget, floor, d_plan, _clean_scalar(util_target), upper, lower)
+    if x is None:
+        out[idx] = budget * cap[idx] / cap[idx].sum()
+        return _result(out, cap, d_real, "lp_failed")
+    out[idx] = x
+    return _result(out, cap, d_real, None)
 
 
 def oracle(
@@ -404,13 +332,9 @@ def oracle(
     cost_weight: float = 0.1,
 ) -> LpResult:
     """The same LP with every endpoint critical: with true capacities, the physical limit."""
-    cap = _vector("capacity", capacity)
-    n = cap.shape[0]
-    if n == 0:
-        raise ValueError("no endpoints")
-    avail = _available(available, n)
-    return _solve(
-        np.full(n, 1.0 / n), np.ones(n, dtype=bool), cap, _vector("cost", cost, n), demand, avail, cost_weight
+    n = _vector("capacity", capacity).shape[0]
+    return solve_critical(
+        np.ones(n) / n, np.ones(n, dtype=bool), capacity, cost, demand, available=available, cost_weight=cost_weight
     )
 
 
@@ -422,8 +346,7 @@ def shares_to_weights(
 ) -> np.ndarray:
     """Integer Envoy weights summing to exactly ``max(scale, n)`` (<= 2**32-1) that realise
     ``shares`` within ``n/scale`` each (largest remainder). Envoy forbids weight 0, so a
-    zero-share or unavailable endpoint gets 1 (health status drains it). Shares are
-    sanitised like the LP's; ValueError only for ``scale < 1``."""
+    zero-share or unavailable endpoint gets 1 (health status drains it)."""
     s = _nonneg(_vector("shares", shares))
     n = s.shape[0]
     if int(scale) < 1:
@@ -448,8 +371,7 @@ def shares_to_weights(
     wp = np.maximum(np.floor(target).astype(np.int64), 1)
     deficit = rest - int(wp.sum())
     if deficit > 0:
-        order = np.argsort(-(target - wp), kind="stable")
-        wp[order[:deficit]] += 1
+        wp[np.argsort(-(target - wp), kind="stable")[:deficit]] += 1
     while deficit < 0:
         # Bumping tiny shares to 1 overspent; take back from the most over-served.
         excess = np.where(wp > 1, wp - target, -np.inf)
@@ -465,22 +387,18 @@ def least_request_weights(
     demand_rps: float,
     *,
     available: np.ndarray | Sequence[bool] | None = None,
-    bias: float = 1.0,
     scale: int = 10000,
 ) -> np.ndarray:
-    """Weights that realise ``shares`` under Envoy's LEAST_REQUEST, which picks by
-    ``weight / (active + 1)^bias``: at the intended split each endpoint holds ``active =
-    share x demand x time in system`` (Little's law), so weights ``share x (active +
-    1)^bias`` give its share back. Unknown times count as none."""
+    """Weights that realise ``shares`` under Envoy's LEAST_REQUEST, which picks by ``weight /
+    (active + 1)``: ``share x (active + 1)``, each holding ``share x demand x time in system``
+    (Little's law; unknown times count as none)."""
     s = _nonneg(_vector("shares", shares))
     n = s.shape[0]
     t = _nonneg(_vector("time_in_system_s", time_in_system_s, n))
-    d = _clean_scalar(demand_rps)
-    b = _clean_scalar(bias)
     total = float(s.sum())
     frac = s / total if total > 0 else s
     with np.errstate(over="ignore", invalid="ignore"):
-        factor = np.power(1.0 + np.minimum(frac * d * t, 1e6), b)
+        factor = 1.0 + np.minimum(frac * _clean_scalar(demand_rps) * t, 1e6)
     return shares_to_weights(s * np.where(np.isfinite(factor), factor, 1.0), scale=scale, available=available)
 
 
@@ -505,9 +423,4 @@ def weights_to_shares(
 
 def critical_indices(action: object, n: int) -> list[int]:
     """An action's endpoint indices in order, duplicates and out-of-range ones dropped."""
-    seen: list[int] = []
-    for a in np.asarray(action).reshape(-1):
-        a = int(a)
-        if 0 <= a < n and a not in seen:
-            seen.append(a)
-    return seen
+    return list(dict.fromkeys(a for a in map(int, np.asarray(action).reshape(-1)) if 0 <= a < n))

@@ -22,18 +22,16 @@ BASELINE_TAU_S = 60.0
 RECOVERY_DECISIONS = 6
 # Requests a window needs before its median says anything (about latency or queueing).
 MIN_SAMPLES = 8.0
-# How far one window below the baseline pulls it down, and the weight of a new window in
-# the smoothed median/baseline ratio: single windows of a few dozen requests are noisy.
+# How far one window below the baseline pulls it down, and a new window's weight in the
+# smoothed median/baseline ratio (windows of a few dozen requests are noisy).
 BASELINE_STEP = 0.3
 RATIO_SMOOTHING = 0.5
-# Latency evidence: each window's log(p95 / SLO), weighted by its requests and decayed
-# with this time constant, and the requests it needs. One small window's p95 is one of
-# its slowest few requests: acting on each reading moves traffic back and forth.
+# Latency evidence: each window's log(p95 / SLO), request-weighted, decayed with this
+# time constant, and the requests it needs (one small window's p95 is noise).
 LATENCY_EVIDENCE_S = 3.0
 MIN_LATENCY_EVIDENCE = 30.0
 # A quiet breacher's first hold lasts this long, each further one (a breach again within
-# STRIKE_MEMORY_S of the last) twice as long, up to ``breach_hold_s`` (like Envoy's outlier
-# ejection): a transient breach must not idle a good endpoint for the whole hold.
+# STRIKE_MEMORY_S of the last) twice as long, up to ``breach_hold_s`` (like outlier ejection).
 HOLD_BASE_S = 5.0
 STRIKE_MEMORY_S = 60.0
 
@@ -102,9 +100,7 @@ def remember(
     fade = math.exp(-dt / LATENCY_EVIDENCE_S) if state.at is not None else 0.0
     window = obs.window_s if math.isfinite(obs.window_s) and obs.window_s > 0 else max(dt, 1.0)
     mem: dict[str, Memory] = {}
-    breaching: list[int] = []
-    held: list[int] = []
-    repriced: list[int] = []
+    flags: list[tuple[bool, bool, bool]] = []  # (measured, held, repriced)
     for i, e in enumerate(obs.endpoints):
         m = state.memory.get(e.address, Memory())
         req, err, erring = _error_evidence(e, m, knobs, decay, window)
@@ -114,12 +110,8 @@ def remember(
         m, is_held = _episode(m, measured, within, knobs, now)
         m, is_repriced = _price(m, e, float(shares[i]))
         mem[e.address] = _baseline(m, e, window, dt, now)
-        if measured:
-            breaching.append(i)
-        if is_held:
-            held.append(i)
-        if is_repriced:
-            repriced.append(i)
+        flags.append((measured, is_held, is_repriced))
+    breaching, held, repriced = ([i for i, f in enumerate(flags) if f[j]] for j in range(3))
     return mem, breaching, held, repriced
 
 
@@ -144,45 +136,31 @@ def _latency_evidence(
         x = math.log(e.p95_ms / knobs.slo_ms)
         slow_log = x if not math.isfinite(slow_log) or slow_n <= 0 else (slow_log * slow_n + x * n) / (slow_n + n)
         slow_n += n
-    # Judged only on a window that measured it (the hold covers a quiet endpoint), or at
-    # once when even the window's median misses the SLO (no sampling doubt then).
+    # Judged only on a window that measured it, or at once when even its median misses.
     evidence = fresh and slow_n >= MIN_LATENCY_EVIDENCE
     median_miss = n >= MIN_SAMPLES and math.isfinite(e.p50_ms) and e.p50_ms > knobs.slo_ms
-    # Within the SLO on less evidence than a breach needs: a breacher left with a trickle
-    # gathers little, and must not stay held for want of it.
+    # Within the SLO on less evidence than a breach needs (a breacher gets only a trickle).
     within = fresh and slow_n >= MIN_SAMPLES and slow_log <= 0
     return slow_n, slow_log, median_miss or (evidence and slow_log > 0), within
 
 
 def _episode(m: Memory, measured: bool, within: bool, knobs: Knobs, now: float) -> tuple[Memory, bool]:
     """The breach episode: strikes, a quiet breacher's hold, recovery; ``(memory, held)``."""
-    breached_at = m.breached_at
+    breached_at, strikes, cleared_at = m.breached_at, m.strikes, m.cleared_at
     recovering = max(0, m.recovering - 1)
-    strikes, cleared_at = m.strikes, m.cleared_at
     held = False
     if measured:
         if not math.isfinite(breached_at):
             recent = math.isfinite(cleared_at) and now - cleared_at <= STRIKE_MEMORY_S
             strikes = strikes + 1 if recent else 1
-        breached_at = now
-        recovering = 0
-    elif within:
-        if math.isfinite(breached_at):
-            # Within the SLO again: re-optimised for a few decisions (like a price change),
-            # so it wins traffic back without waiting for the policy to pick it.
-            recovering = RECOVERY_DECISIONS
-            cleared_at = now
-        breached_at = math.nan
+        breached_at, recovering = now, 0
     elif math.isfinite(breached_at):
         hold = min(knobs.breach_hold_s, HOLD_BASE_S * 2.0 ** max(0, strikes - 1))
-        if now - breached_at <= hold:
-            held = True
-        else:
-            # Too quiet to measure for the whole hold: re-optimised too, or its trickle
-            # would be its share until the policy happens to pick it.
-            breached_at = math.nan
-            recovering = RECOVERY_DECISIONS
-            cleared_at = now
+        held = not within and now - breached_at <= hold
+        if not held:
+            # Within the SLO again, or too quiet to measure for the whole hold: re-optimised
+            # for a few decisions to win traffic back.
+            breached_at, recovering, cleared_at = math.nan, RECOVERY_DECISIONS, now
     return replace(m, breached_at=breached_at, strikes=strikes, cleared_at=cleared_at, recovering=recovering), held
 
 
@@ -218,13 +196,11 @@ def _baseline(m: Memory, e: EndpointObservation, window: float, dt: float, now: 
         r = p50 / base
         smooth = r if not math.isfinite(smooth) else RATIO_SMOOTHING * r + (1 - RATIO_SMOOTHING) * smooth
     else:
-        # Too quiet to measure now: how it queued before says nothing about today (a
-        # recovered endpoint must not stay "congested" on its trickle).
+        # Too quiet to measure now: how it queued before says nothing about today.
         smooth = math.nan
     ceiling = m.ceiling_rps
     if m.recovering == RECOVERY_DECISIONS:
-        # The incident is over: how it queued while slow is not today's, and a ceiling
-        # learned then must not cap it below what it carried cleanly before.
+        # The incident is over: forget how it queued while slow; its ceiling then is no cap.
         smooth = p50 / base if math.isfinite(p50) and math.isfinite(base) else math.nan
         if math.isfinite(ceiling):
             ceiling = max(ceiling, m.good_rps)

@@ -1,10 +1,6 @@
-"""The CFR-RL policy as an RLlib RLModule: one network for any number of endpoints.
-
-Each endpoint's row (:func:`~balanceiq.policy.features.encode`) goes through a shared MLP;
-the embeddings are mean-pooled over present endpoints into a context, and each score comes
-from the endpoint's embedding beside it (the value head reads the context). Nothing
-depends on N. Action: K indices drawn by :class:`~.distribution.PlackettLuce`.
-"""
+"""The CFR-RL policy as an RLlib RLModule, one network for any number of endpoints: a shared
+per-endpoint MLP, mean-pooled into a context that each score reads beside the endpoint's own
+embedding (the value head reads it alone). Action: K indices (:mod:`.distribution`)."""
 
 from __future__ import annotations
 
@@ -23,8 +19,7 @@ class CriticalEndpointModule(TorchRLModule, ValueFunctionAPI):
     """Scores endpoints with shared per-endpoint layers plus pooled context."""
 
     def setup(self) -> None:
-        # RLlib sets the spaces before setup(): FleetEnv's/LiveEnv's Box [N_max, F] and
-        # MultiDiscrete [K]; train.py passes model_config as a dict.
+        # RLlib sets the spaces (Box [N_max, F], MultiDiscrete [K]) before setup().
         obs_space = cast(gym.spaces.Box, self.observation_space)
         act_space = cast(gym.spaces.MultiDiscrete, self.action_space)
         model_config = cast("dict[str, Any]", self.model_config)
@@ -32,17 +27,13 @@ class CriticalEndpointModule(TorchRLModule, ValueFunctionAPI):
         hidden = int(model_config.get("hidden_dim", 64))
         self.k = int(act_space.nvec.shape[0])
         self._encoder = torch.nn.Sequential(
-            torch.nn.Linear(features, hidden),
-            torch.nn.Tanh(),
-            torch.nn.Linear(hidden, hidden),
-            torch.nn.Tanh(),
+            torch.nn.Linear(features, hidden), torch.nn.Tanh(), torch.nn.Linear(hidden, hidden), torch.nn.Tanh()
         )
         self._scorer = torch.nn.Sequential(
             torch.nn.Linear(2 * hidden, hidden), torch.nn.Tanh(), torch.nn.Linear(hidden, 1)
         )
         self._value = torch.nn.Sequential(torch.nn.Linear(hidden, hidden), torch.nn.Tanh(), torch.nn.Linear(hidden, 1))
-        # RLlib builds the action distribution from logits alone, so K is baked into the
-        # class; the same class serves sampling (exploration) and top-K (inference).
+        # RLlib builds the action distribution from logits alone, so K is baked into the class.
         self.action_dist_cls = plackett_luce(self.k)
 
     def _embed(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -1,14 +1,6 @@
-"""The reward: latency against an SLO, errors and cost, in one number per decision.
+"""The reward of a decision interval (traffic-weighted inputs, each ratio clipped at ``CLIP``)::
 
-    reward = -( latency * p95/slo
-              + tail    * max(0, p99/slo - 1)
-              + errors  * error_rate
-              + cost    * cost_per_million / ref_cost )
-
-Inputs are traffic-weighted over the decision interval. ``p95/slo`` keeps pressure on
-typical latency inside the SLO; the tail term counts once p99 breaks it; ``cost`` compares
-the blended price with a reference. Each ratio is clipped at 20 so an overloaded step
-cannot swamp the return; linear, so improvements count the same everywhere on the scale.
+reward = -(latency * p95/slo + tail * max(0, p99/slo - 1) + errors * error_rate + cost * cost_per_million/ref_cost)
 """
 
 from __future__ import annotations
@@ -34,9 +26,7 @@ class RewardWeights:
 
 
 def _ratio(x: float, scale: float) -> float:
-    if not math.isfinite(x):
-        return CLIP
-    return min(CLIP, max(0.0, x / scale))
+    return min(CLIP, max(0.0, x / scale)) if math.isfinite(x) else CLIP
 
 
 def reward(
@@ -51,14 +41,9 @@ def reward(
 
 
 def observed_reward(obs: Observation, weights: RewardWeights) -> float | None:
-    """:func:`reward` of the interval an observation covers, traffic-weighted over the
-    endpoints that carried traffic (``None``: none did); live telemetry has no p99, so the
-    tail term sees p95."""
-    rows = [
-        e
-        for e in obs.endpoints
-        if math.isfinite(e.rps) and e.rps > 0 and math.isfinite(e.p95_ms) and math.isfinite(e.error_rate)
-    ]
+    """:func:`reward` of an observation's interval, traffic-weighted over the endpoints that
+    carried traffic (``None``: none did); live telemetry has no p99, so the tail sees p95."""
+    rows = [e for e in obs.endpoints if e.rps > 0 and all(map(math.isfinite, (e.rps, e.p95_ms, e.error_rate)))]
     if not rows:
         return None
     rps = np.array([e.rps for e in rows])

@@ -1,14 +1,11 @@
 """The HTTP API and dashboard (FastAPI), a thin layer over :class:`ControlPlane`.
 
-Read-only routes are open (the dashboard polls them); every route that changes
-routing or starts work needs ``Authorization: Bearer <token>``. Errors from the plane
-arrive as :class:`~balanceiq.exceptions.BalanceIQError` and leave as 4xx JSON with a
-message that names what was wrong; nothing has changed when one is returned.
-"""
+Reads are open (the dashboard polls them); changes need ``Authorization: Bearer <token>``.
+A refusal from the plane (a :class:`~balanceiq.exceptions.BalanceIQError`) leaves as JSON
+naming what was wrong, and nothing has changed."""
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -20,9 +17,12 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field
 
-from balanceiq.exceptions import BalanceIQError, ControlError, GuardrailError, PolicyError, UnknownClusterError
+from balanceiq.exceptions import BalanceIQError, ControlError, PolicyError, UnknownClusterError
+from balanceiq.serve.health import status as health_status
 from balanceiq.serve.metrics import ApiMetrics
 from balanceiq.serve.plane import ControlPlane
+from balanceiq.serve.scoring import score
+from balanceiq.serve.timeline import timeline
 
 STATIC = Path(__file__).resolve().parent / "static"
 ADDRESS_MAX = 300
@@ -32,12 +32,8 @@ MAX_PROBLEMS = 10
 LOC_PART_MAX = 40
 MSG_MAX = 200
 
-ClusterQuery = Annotated[
-    str | None,
-    Query(
-        min_length=1, max_length=200, description="The cluster to read or change; the first configured one if omitted."
-    ),
-]
+_CLUSTER_DOC = "The cluster to read or change; the first configured one if omitted."
+ClusterQuery = Annotated[str | None, Query(min_length=1, max_length=200, description=_CLUSTER_DOC)]
 
 
 class _Body(BaseModel):
@@ -149,55 +145,33 @@ class TrainRequest(_Body):
 
 
 _bearer = HTTPBearer(auto_error=False, description="The API token (config api.token or state_dir/api-token).")
+# Checked in order: an unknown cluster is a ControlError too. Bad input is the caller's
+# (400/404/409); anything else means a dependency is down (503).
+_ERROR_CODES = ((UnknownClusterError, 404), (PolicyError, 400), (ControlError, 409))
+_MUTATES: dict[str, Any] = {"responses": {401: {"description": "no or wrong token"}}}
 
 
-class _CountResponses:
-    """ASGI middleware: every response counted by method, route template and status.
+class _TooLarge(Exception):
+    pass
 
-    Pure ASGI: no extra task per request. A handler that raises is counted as the 500 it
-    becomes (the server's error middleware is outside this one)."""
 
-    def __init__(self, app: Any, metrics: ApiMetrics) -> None:
+class _Edge:
+    """ASGI middleware (pure: no extra task per request). Counts every response by method,
+    route template and status (a handler that raises counts as the 500 it becomes), and
+    answers 413 to a body over ``limit`` bytes before it is read whole, whether it declares
+    its length or streams it."""
+
+    def __init__(self, app: Any, metrics: ApiMetrics, limit: int) -> None:
         self.app = app
         self.metrics = metrics
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        status = 500
-
-        async def record(message: Any) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, record)
-        finally:
-            route = getattr(scope.get("route"), "path", None) or "unmatched"
-            self.metrics.responses.labels(scope.get("method", ""), route, str(status)).inc()
-
-
-class _LimitBody:
-    """ASGI middleware: a request body over ``limit`` bytes gets 413 before it is read
-    whole, whether it declares its length or streams it."""
-
-    def __init__(self, app: Any, limit: int) -> None:
-        self.app = app
         self.limit = limit
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        declared = dict(scope.get("headers") or ()).get(b"content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
-            await self._refuse(send)
-            return
+        status: int | None = None
         seen = 0
-        started = False
 
         async def counted() -> Any:
             nonlocal seen
@@ -208,39 +182,24 @@ class _LimitBody:
                     raise _TooLarge
             return message
 
-        async def tracked(message: Any) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
+        async def record(message: Any) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
             await send(message)
 
+        declared = dict(scope.get("headers") or ()).get(b"content-length")
         try:
-            await self.app(scope, counted, tracked)
+            if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
+                raise _TooLarge
+            await self.app(scope, counted, record)
         except _TooLarge:
-            if not started:
-                await self._refuse(send)
-
-    async def _refuse(self, send: Any) -> None:
-        body = json.dumps({"detail": f"request body larger than {self.limit} bytes (api.max_body_bytes)"}).encode()
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 413,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})
-
-
-class _TooLarge(Exception):
-    pass
-
-
-def _problems(exc: RequestValidationError) -> list[dict[str, Any]]:
-    out = []
-    for err in exc.errors()[:MAX_PROBLEMS]:
-        loc = [p if isinstance(p, int) else str(p)[:LOC_PART_MAX] for p in err.get("loc", ())][:8]
-        out.append({"loc": loc, "msg": str(err.get("msg", ""))[:MSG_MAX], "type": str(err.get("type", ""))[:60]})
-    return out
+            if status is None:
+                detail = f"request body larger than {self.limit} bytes (api.max_body_bytes)"
+                await JSONResponse({"detail": detail}, status_code=413)(scope, receive, record)
+        finally:
+            route = getattr(scope.get("route"), "path", None) or "unmatched"
+            self.metrics.responses.labels(scope.get("method", ""), route, str(status or 500)).inc()
 
 
 def create_api(plane: ControlPlane) -> FastAPI:
@@ -249,61 +208,36 @@ def create_api(plane: ControlPlane) -> FastAPI:
         version="0.1.0",
         description="Learned, cost-aware weights for Envoy: status, weights, decisions, policy and training.",
     )
+    app.add_middleware(_Edge, metrics=plane.metrics, limit=int(plane.settings.api.max_body_bytes))
 
     def require_token(cred: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> None:
         if not plane.authorized(cred.credentials if cred is not None else None):
             raise HTTPException(401, "missing or invalid bearer token", headers={"WWW-Authenticate": "Bearer"})
 
-    auth = [Depends(require_token)]
-    # Outermost last: the count sees the 413s too.
-    app.add_middleware(_LimitBody, limit=int(plane.settings.api.max_body_bytes))
-    app.add_middleware(_CountResponses, metrics=plane.metrics)
-    _error_handlers(app)
-    _compatible_routes(app, plane)
-    _routing_routes(app, plane, auth)
-    _policy_routes(app, plane, auth)
+    mutates = {**_MUTATES, "dependencies": [Depends(require_token)]}
 
-    @app.get("/metrics", response_class=Response)
-    def metrics() -> Response:
-        body = plane.metrics_exposition()
-        return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
-
-    @app.get("/", include_in_schema=False)
-    def dashboard() -> FileResponse:
-        return FileResponse(STATIC / "index.html")
-
-    if STATIC.is_dir():
-        app.mount("/static", StaticFiles(directory=STATIC), name="static")
-    return app
-
-
-def _error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         errors = exc.errors()
-        more = len(errors) - MAX_PROBLEMS
-        body: dict[str, Any] = {"detail": _problems(exc)}
-        if more > 0:
-            body["more"] = f"{more} more problem(s) not shown"
+        problems = [
+            {
+                "loc": [p if isinstance(p, int) else str(p)[:LOC_PART_MAX] for p in err.get("loc", ())][:8],
+                "msg": str(err.get("msg", ""))[:MSG_MAX],
+                "type": str(err.get("type", ""))[:60],
+            }
+            for err in errors[:MAX_PROBLEMS]
+        ]
+        body: dict[str, Any] = {"detail": problems}
+        if len(errors) > MAX_PROBLEMS:
+            body["more"] = f"{len(errors) - MAX_PROBLEMS} more problem(s) not shown"
         return JSONResponse(body, status_code=422)
 
     @app.exception_handler(BalanceIQError)
     async def _refused(request: Request, exc: BalanceIQError) -> JSONResponse:
-        # Bad input is the caller's (400/409); only a dependency being down is a 503.
-        if isinstance(exc, UnknownClusterError):
-            code = 404
-        elif isinstance(exc, PolicyError):
-            code = 400
-        elif isinstance(exc, (GuardrailError, ControlError)):
-            code = 409
-        else:
-            code = 503
+        code = next((c for kind, c in _ERROR_CODES if isinstance(exc, kind)), 503)
         return JSONResponse({"detail": str(exc)}, status_code=code)
 
-
-def _compatible_routes(app: FastAPI, plane: ControlPlane) -> None:
-    """The original service's routes and fields."""
-
+    # The original service's routes and fields.
     @app.get("/api/health", tags=["compatible"])
     def health() -> dict[str, Any]:
         return {"status": "healthy", "service": "balanceiq", "timestamp": time.time()}
@@ -320,10 +254,6 @@ def _compatible_routes(app: FastAPI, plane: ControlPlane) -> None:
     def metrics_all(cluster: ClusterQuery = None) -> dict[str, Any]:
         return plane.all_metrics(cluster)
 
-
-def _routing_routes(app: FastAPI, plane: ControlPlane, auth: list[Any]) -> None:
-    """Clusters, status, weights, overrides and the decisions behind them."""
-
     @app.get("/api/clusters")
     def clusters() -> dict[str, Any]:
         """Every cluster this deployment steers; the first is the default of ``?cluster=``."""
@@ -331,13 +261,13 @@ def _routing_routes(app: FastAPI, plane: ControlPlane, auth: list[Any]) -> None:
 
     @app.get("/api/status")
     def status(cluster: ClusterQuery = None) -> dict[str, Any]:
-        return plane.status(cluster)
+        return health_status(plane, cluster)
 
     @app.get("/api/weights")
     def get_weights(cluster: ClusterQuery = None) -> dict[str, Any]:
         return plane.weights(cluster)
 
-    @app.put("/api/weights", dependencies=auth, responses={401: {"description": "no or wrong token"}})
+    @app.put("/api/weights", **mutates)
     def put_weights(change: WeightChange, cluster: ClusterQuery = None) -> dict[str, Any]:
         result = plane.set_override(change.address, change.action, change.weight, change.ttl_s, change.reason, cluster)
         return {"override": result, "overrides": plane.pick(result["cluster"]).overrides.to_json()}
@@ -348,40 +278,39 @@ def _routing_routes(app: FastAPI, plane: ControlPlane, auth: list[Any]) -> None:
         return {"cluster": c.cluster.name, "decisions": [d.to_json() for d in c.log.recent(limit)]}
 
     @app.get("/api/timeline")
-    def timeline(limit: Annotated[int, Query(ge=2, le=1000)] = 120, cluster: ClusterQuery = None) -> dict[str, Any]:
+    def get_timeline(limit: Annotated[int, Query(ge=2, le=1000)] = 120, cluster: ClusterQuery = None) -> dict[str, Any]:
         """Latency and cost over recent decisions, events marked, saving against equal weights."""
-        return plane.timeline(limit, cluster)
-
-
-def _policy_routes(app: FastAPI, plane: ControlPlane, auth: list[Any]) -> None:
-    """The policy's settings, scoring and training."""
+        return timeline(plane, limit, cluster)
 
     @app.get("/api/policy")
     def get_policy(cluster: ClusterQuery = None) -> dict[str, Any]:
         return plane.policy_settings(cluster)
 
-    @app.put("/api/policy", dependencies=auth, responses={401: {"description": "no or wrong token"}})
+    @app.put("/api/policy", **mutates)
     def put_policy(change: PolicyChange, cluster: ClusterQuery = None) -> dict[str, Any]:
         return plane.update_policy(change.model_dump(exclude_none=True), cluster)
 
     @app.post("/api/policy/score")
     def post_score(req: ScoreRequest, cluster: ClusterQuery = None) -> dict[str, Any]:
-        return plane.score([e.model_dump() for e in req.endpoints], req.k, cluster)
+        return score(plane, [e.model_dump() for e in req.endpoints], req.k, cluster)
 
-    @app.post("/api/train", dependencies=auth, status_code=202, responses={401: {"description": "no or wrong token"}})
+    @app.post("/api/train", status_code=202, **mutates)
     def post_train(req: TrainRequest) -> dict[str, Any]:
         if plane.training is None:
             raise ControlError("training is not available in this deployment")
         live = req.live_eval.model_dump(exclude_none=True) if req.live_eval is not None else None
         episodes = live.pop("episodes") if live is not None else 2
-        return plane.training.start(
-            req.iterations,
-            req.scenarios,
-            req.num_env_runners,
-            req.seed,
-            evaluate=req.evaluate,
-            promote=req.promote,
-            eval_seeds=req.eval_seeds,
-            live_eval=live,
-            live_episodes=episodes,
-        )
+        args = req.model_dump(exclude={"live_eval"})
+        return plane.training.start(**args, live_eval=live, live_episodes=episodes)
+
+    @app.get("/metrics", response_class=Response)
+    def metrics() -> Response:
+        return Response(plane.metrics_exposition(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/", include_in_schema=False)
+    def dashboard() -> FileResponse:
+        return FileResponse(STATIC / "index.html")
+
+    if STATIC.is_dir():
+        app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    return app

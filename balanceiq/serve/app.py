@@ -1,10 +1,7 @@
-"""The Ray Serve application: Policy + Controller (FastAPI ingress) deployments.
-
-``serve run serve_app:app`` builds it from ``BALANCEIQ_CONFIG`` (default ``balanceiq.yaml``).
-The Controller replica gets or starts the xDS actor, runs one control loop per cluster
-and serves the API; each cluster's lease at the xDS actor keeps a second loop (while
-Serve replaces the replica) from pushing.
-"""
+"""The Ray Serve application (``serve run serve_app:app``, config from ``BALANCEIQ_CONFIG``):
+the Policy deployment, and the Controller (FastAPI ingress), which gets or starts the xDS
+actor, runs one control loop per cluster and serves the API. Each cluster's lease at the
+xDS actor keeps a second loop (while Serve replaces the replica) from pushing."""
 
 from __future__ import annotations
 
@@ -40,7 +37,6 @@ class ControllerDeployment:
         settings: dict[str, Any],
         policy: DeploymentHandle,
         recording: str | None = None,
-        autostart: bool = True,
         checkpoint: str | None = None,
     ) -> None:
         self.settings = Settings.model_validate(settings)
@@ -52,21 +48,14 @@ class ControllerDeployment:
                 f'Use: curl -H "Authorization: Bearer $(cat {token_file})" ...',
                 flush=True,
             )
-        self.policy = policy
-        actor = start_actor(self.settings)
-        self.xds = ActorXdsClient(actor)
-
+        xds = ActorXdsClient(start_actor(self.settings))
         # The loop scores here (no Serve handle call per decision), with the checkpoint the
         # Policy deployment serves: PolicyClient.reload swaps both.
-        self.local_policy = PolicyModel(checkpoint)
+        local = PolicyModel(checkpoint)
         # One intra-op thread: a tiny forward pass gains nothing from more.
         import torch
 
         torch.set_num_threads(1)
-
-        def scorer(rows: Any) -> Any:
-            return self.local_policy.score_many([rows])[0]
-
         self.telemetry: list[Telemetry] = []
 
         def observer(cluster: str) -> Telemetry:
@@ -74,11 +63,13 @@ class ControllerDeployment:
             self.telemetry.append(t)
             return t
 
-        controllers = cluster_controllers(self.settings, self.xds, scorer, observer, recording=recording)
+        controllers = cluster_controllers(
+            self.settings, xds, lambda rows: local.score_many([rows])[0], observer, recording=recording
+        )
         policy_client = PolicyClient(
             info=lambda: policy.info.remote().result(timeout_s=2.0),
             reload=lambda ckpt: policy.reload.remote(ckpt).result(timeout_s=120.0),
-            local=self.local_policy,
+            local=local,
         )
         training = TrainingManager(
             Path(self.settings.state_dir) / "checkpoints",
@@ -92,8 +83,7 @@ class ControllerDeployment:
         if self.settings.api.serve_directly:
             self.server = ApiServer(create_api(self.plane), self.settings.api.host, self.settings.api.port).start()
             self.plane.api_server = lambda: self.server.state if self.server is not None else "off"
-        if autostart:
-            self.plane.start()
+        self.plane.start()
 
     def __serve_build_asgi_app__(self) -> Any:
         return create_api(self.plane)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -28,10 +29,8 @@ def envoy(plane: ControlPlane) -> dict[str, Any]:
 def prometheus(plane: ControlPlane) -> dict[str, Any]:
     url = plane.settings.prometheus.url.rstrip("/") + "/-/ready"
     r = plane._get(url)
-    fallback = any(
-        c.last_observation is not None and c.last_observation.source == "envoy-admin"
-        for c in plane.controllers.values()
-    )
+    observed = [c.last_observation for c in plane.controllers.values()]
+    fallback = any(o is not None and o.source == "envoy-admin" for o in observed)
     if r is None or r.status_code != 200:
         why = "unreachable" if r is None else f"answered {r.status_code}"
         note = "; telemetry uses Envoy's admin" if fallback else ""
@@ -69,16 +68,12 @@ def policy(plane: ControlPlane) -> dict[str, Any]:
         return {"state": DOWN, "reason": "no policy configured: the baseline decides"}
     if st.get("ok") is False:
         return {"state": DEGRADED, "reason": f"last call failed: {st.get('error')}", **info}
+    ours, served = info.get("controller_checkpoint"), info.get("checkpoint")
     if info.get("in_sync") is False:
-        why = (
-            f"the loop scores with {info.get('controller_checkpoint')}, the deployment serves {info.get('checkpoint')}"
-        )
-        return {"state": DEGRADED, "reason": why, **info}
-    lat = st.get("latency_ms")
-    where = " in the controller" if "controller_checkpoint" in info else ""
-    why = f"checkpoint {info.get('checkpoint', '?')}" + (
-        f", last scoring{where} {lat:.1f} ms" if lat is not None else ""
-    )
+        return {"state": DEGRADED, "reason": f"the loop scores with {ours}, the deployment serves {served}", **info}
+    why = f"checkpoint {info.get('checkpoint', '?')}"
+    if (lat := st.get("latency_ms")) is not None:
+        why += f", last scoring{' in the controller' if 'controller_checkpoint' in info else ''} {lat:.1f} ms"
     return {"state": UP, "reason": why, **info}
 
 
@@ -120,13 +115,9 @@ def status(plane: ControlPlane, cluster: str | None = None) -> dict[str, Any]:
     """``GET /api/status``: every component's state and the overall verdict."""
     c = plane.pick(cluster)
     loops = plane._loop_states()
-    comps = {
-        "controller": worst_loop(loops),
-        "policy": plane._cached("policy", 1.0, lambda: policy(plane)),
-        "xds": plane._cached("xds", 1.0, lambda: xds(plane)),
-        "envoy": plane._cached("envoy", 1.0, lambda: envoy(plane)),
-        "prometheus": plane._cached("prometheus", 1.0, lambda: prometheus(plane)),
-    }
+    comps = {"controller": worst_loop(loops)}
+    for name, probe in (("policy", policy), ("xds", xds), ("envoy", envoy), ("prometheus", prometheus)):
+        comps[name] = plane._cached(name, 1.0, functools.partial(probe, plane))
     states = [v["state"] for v in comps.values()]
     critical = [comps[k]["state"] for k in ("controller", "xds", "envoy")]
     overall = DOWN if DOWN in critical else (UP if all(s == UP for s in states) else DEGRADED)

@@ -58,10 +58,9 @@ _TELEMETRY_FAMILIES: list[_Family] = [
 
 class ApiMetrics:
     def __init__(
-        self, xds_status: Callable[[], Mapping[str, Any]], telemetry_failures: Callable[[], Mapping[str, int]] = dict
+        self, xds_status: Callable[[], Mapping[str, Any]], telemetry_failures: Callable[[], Mapping[str, int]]
     ) -> None:
-        self.registry = CollectorRegistry(auto_describe=True)
-        r = self.registry
+        self.registry = r = CollectorRegistry(auto_describe=True)
         # Labelled by route template, not path, so a scan of random URLs adds no series.
         self.responses = Counter(
             "balanceiq_api_responses",

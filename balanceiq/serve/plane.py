@@ -1,9 +1,6 @@
-"""Everything the API reads or changes, behind one object the routes close over.
-
-The HTTP layer (:mod:`balanceiq.serve.api`) validates bodies, checks the token and calls
-:class:`ControlPlane`, which owns the controllers, their loops, training runs and the
-policy client. Tests build one in-process from real parts, without Serve.
-"""
+"""Everything the API reads or changes: :class:`ControlPlane` owns the controllers, their
+loops, training runs and the policy client; the routes (:mod:`balanceiq.serve.api`) only
+validate, check the token and call it. Tests build one in-process, without Serve."""
 
 from __future__ import annotations
 
@@ -14,6 +11,7 @@ import os
 import secrets
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -29,11 +27,10 @@ from balanceiq.control.metrics import ControllerMetrics
 from balanceiq.exceptions import BalanceIQError, ControlError, GuardrailError, UnknownClusterError
 from balanceiq.policy.baselines import make_policy
 from balanceiq.policy.reward import RewardWeights
-from balanceiq.serve import health, scoring
+from balanceiq.serve import health
 from balanceiq.serve.metrics import ApiMetrics
 from balanceiq.serve.timeline import finite
-from balanceiq.serve.timeline import timeline as decision_timeline
-from balanceiq.serve.training import TrainingManager, iso_time
+from balanceiq.serve.training import TrainingManager, iso_time, training_metrics
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +43,7 @@ _KNOBS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "latency_weight": ("latency_weight", float),
     "selection": ("mode", str),
 }
+_TRAINING_FIELDS = ("buffer_size", "current_reward", "model_accuracy", "recent_rewards", "recent_losses")
 
 
 def load_or_create_token(settings: Settings) -> tuple[str, Path | None, bool]:
@@ -167,12 +165,9 @@ class ControlPlane:
 
     def pick(self, cluster: str | None = None) -> Controller:
         """The named cluster's controller; the first configured one for ``None``."""
-        if cluster is None:
-            return self.controller
-        c = self.controllers.get(cluster)
-        if c is None:
+        if cluster is not None and cluster not in self.controllers:
             raise UnknownClusterError(f"unknown cluster {cluster[:80]!r}; known: {', '.join(self.controllers)}")
-        return c
+        return self.controller if cluster is None else self.controllers[cluster]
 
     def _for_address(self, address: str, cluster: str | None) -> Controller:
         """The controller of ``cluster``, else of the one cluster that has ``address``."""
@@ -191,29 +186,25 @@ class ControlPlane:
     def clusters(self, states: dict[str, dict[str, Any]] | None = None) -> list[dict[str, Any]]:
         """Every steered cluster: name, endpoints, mode and whether its loop holds the lease."""
         states = states or self._loop_states()
-        out = []
-        for name, c in self.controllers.items():
-            comp = states[name]
-            out.append(
-                {
-                    "cluster": name,
-                    "endpoints": len(c.addresses),
-                    "state": comp["state"],
-                    "reason": comp["reason"],
-                    "mode": c.rollback.mode,
-                    "control_mode": c.policy.control_mode,
-                    "holds_lease": c.holds_lease,
-                    "decisions": self.loops[name].steps,
-                }
-            )
-        return out
+        return [
+            {
+                "cluster": name,
+                "endpoints": len(c.addresses),
+                "state": states[name]["state"],
+                "reason": states[name]["reason"],
+                "mode": c.rollback.mode,
+                "control_mode": c.policy.control_mode,
+                "holds_lease": c.holds_lease,
+                "decisions": self.loops[name].steps,
+            }
+            for name, c in self.controllers.items()
+        ]
 
     def _telemetry_failures(self) -> dict[str, int]:
-        total: dict[str, int] = {}
+        total: Counter[str] = Counter()
         for c in self.controllers.values():
-            for k, v in (getattr(c.observer, "failures", None) or {}).items():
-                total[k] = total.get(k, 0) + int(v)
-        return total
+            total.update({k: int(v) for k, v in (getattr(c.observer, "failures", None) or {}).items()})
+        return dict(total)
 
     def metrics_exposition(self) -> bytes:
         """Every controller's metrics registry, then the API's."""
@@ -233,13 +224,10 @@ class ControlPlane:
 
     def authorized(self, presented: str | None) -> bool:
         """Constant-time comparison, so timing does not leak the token; failures counted by kind."""
-        if not presented:
-            self.metrics.auth_failures.labels("missing").inc()
-            return False
-        if hmac.compare_digest(presented.encode(), self.token.encode()):
-            return True
-        self.metrics.auth_failures.labels("invalid").inc()
-        return False
+        ok = bool(presented) and hmac.compare_digest((presented or "").encode(), self.token.encode())
+        if not ok:
+            self.metrics.auth_failures.labels("invalid" if presented else "missing").inc()
+        return ok
 
     def _get(self, url: str) -> httpx.Response | None:
         with self._http_lock:
@@ -268,22 +256,13 @@ class ControlPlane:
 
         return self._cached("xds_status", 1.0, fetch)
 
-    def status(self, cluster: str | None = None) -> dict[str, Any]:
-        return health.status(self, cluster)
-
-    def timeline(self, limit: int = 120, cluster: str | None = None) -> dict[str, Any]:
-        return decision_timeline(self, limit, cluster)
-
     def total_requests(self, cluster: str | None = None) -> int | None:
         """Envoy's own count of requests sent to the cluster (``upstream_rq_total``)."""
         name = self.pick(cluster).cluster.name
 
         def probe() -> dict[str, Any]:
-            url = (
-                self.settings.envoy.admin_url.rstrip("/")
-                + f"/stats?filter=^cluster\\.{name}\\.upstream_rq_total$&format=json"
-            )
-            r = self._get(url)
+            admin = self.settings.envoy.admin_url.rstrip("/")
+            r = self._get(f"{admin}/stats?filter=^cluster\\.{name}\\.upstream_rq_total$&format=json")
             try:
                 stats = r.json().get("stats", []) if r is not None and r.status_code == 200 else []
             except ValueError:
@@ -296,13 +275,10 @@ class ControlPlane:
     def efficiency(self, cluster: str | None = None) -> float | None:
         """Jain's fairness index of utilisation (rps / capacity): 1.0 when evenly loaded."""
         c = self.pick(cluster)
-        obs = c.last_observation
-        hint = c.capacity_hint
-        if obs is None:
+        if c.last_observation is None:
             return None
-        u = np.array(
-            [e.rps / c for e, c in zip(obs.endpoints, hint) if math.isfinite(e.rps) and math.isfinite(c) and c > 0]
-        )
+        pairs = zip(c.last_observation.endpoints, c.capacity_hint)
+        u = np.array([e.rps / cap for e, cap in pairs if math.isfinite(e.rps) and math.isfinite(cap) and cap > 0])
         if u.size == 0 or float((u**2).sum()) == 0:
             return None
         return round(float(u.sum() ** 2 / (u.size * (u**2).sum())), 4)
@@ -311,16 +287,14 @@ class ControlPlane:
         c = self.pick(cluster)
         obs = c.last_observation.by_address() if c.last_observation else {}
         overrides = {o["address"]: self._with_state(o, c) for o in c.overrides.to_json()}
-        shares = c.shares
         eps = []
-        for a, s in zip(c.addresses, shares):
-            ep = c.endpoints[a]
+        for a, s in zip(c.addresses, c.shares):
             e = obs.get(a)
             eps.append(
                 {
                     "address": a,
-                    "cloud": ep.cloud,
-                    "region": ep.region,
+                    "cloud": c.endpoints[a].cloud,
+                    "region": c.endpoints[a].region,
                     "weight": c.weights[a],
                     "share": round(float(s), 6),
                     "health": c.health[a],
@@ -366,13 +340,11 @@ class ControlPlane:
                 f"unknown endpoint {address!r} in cluster {c.cluster.name}; known: {', '.join(c.addresses)}"
             )
         if action == "clear":
-            cleared = c.overrides.clear(address)
-            result: dict[str, Any] = {"address": address, "action": "clear", "cleared": cleared}
+            result: dict[str, Any] = {"address": address, "action": "clear", "cleared": c.overrides.clear(address)}
         elif action == "drain":
             result = c.overrides.drain(address, ttl_s, reason).to_json()
         elif action == "pin":
-            share = float(c.shares[c.addresses.index(address)])
-            result = c.overrides.pin(address, share, ttl_s, reason).to_json()
+            result = c.overrides.pin(address, float(c.shares[c.addresses.index(address)]), ttl_s, reason).to_json()
         elif action == "set":
             if weight is None:
                 raise GuardrailError("action 'set' needs a weight (1..10000, out of 10000)")
@@ -398,7 +370,7 @@ class ControlPlane:
         none if one is invalid. A checkpoint is the one policy every cluster shares."""
         c = self.pick(cluster)
         n = len(c.addresses)
-        if "k" in changes and changes["k"] is not None and not 1 <= changes["k"] <= n:
+        if changes.get("k") is not None and not 1 <= changes["k"] <= n:
             raise ControlError(f"k must be in 1..{n} (the cluster has {n} endpoints), got {changes['k']}")
         costs = changes.get("costs") or {}
         unknown = sorted(set(costs) - set(c.addresses))
@@ -412,11 +384,9 @@ class ControlPlane:
             except ValueError as exc:
                 raise ControlError(f"guardrails: {exc}") from exc
         reward = None
-        if changes.get("reward_weights") is not None or changes.get("slo_ms") is not None:
-            rw = {**asdict(c.policy.reward), **(changes.get("reward_weights") or {})}
-            if changes.get("slo_ms") is not None:
-                rw["slo_ms"] = changes["slo_ms"]
-            reward = RewardWeights(**rw)
+        slo = {"slo_ms": changes["slo_ms"]} if changes.get("slo_ms") is not None else {}
+        if changes.get("reward_weights") is not None or slo:
+            reward = RewardWeights(**{**asdict(c.policy.reward), **(changes.get("reward_weights") or {}), **slo})
         if changes.get("checkpoint"):
             if self.policy is None:
                 raise ControlError("no policy deployment to load a checkpoint into")
@@ -439,21 +409,9 @@ class ControlPlane:
         self.loops[c.cluster.name].wake()
         return self.policy_settings(c.cluster.name)
 
-    def score(self, endpoints: list[dict[str, Any]], k: int | None, cluster: str | None = None) -> dict[str, Any]:
-        return scoring.score(self, endpoints, k, cluster)
-
     def training_metrics(self) -> dict[str, Any]:
         if self.training is None:
-            return {
-                "training_iterations": 0,
-                "buffer_size": 0,
-                "current_reward": None,
-                "model_accuracy": None,
-                "recent_rewards": [],
-                "recent_losses": [],
-                "last_update": None,
-                "runs": [],
-            }
+            return training_metrics([], None)
         self.training.refresh()
         return self.training.metrics()
 
@@ -471,13 +429,7 @@ class ControlPlane:
         t = self.training_metrics()
         w = self.weight_metrics(cluster)
         return {
-            "training": {
-                "iterations": t["training_iterations"],
-                **{
-                    k: t[k]
-                    for k in ("buffer_size", "current_reward", "model_accuracy", "recent_rewards", "recent_losses")
-                },
-            },
+            "training": {"iterations": t["training_iterations"], **{k: t[k] for k in _TRAINING_FIELDS}},
             "load_balancing": {
                 "endpoint_weights": w["endpoint_weights"],
                 "total_requests": w["total_requests"],

@@ -1,10 +1,7 @@
 """The Policy deployment: the RLModule checkpoint behind a batched ``score`` call.
 
-:class:`PolicyModel` loads, checks, scores and hot-swaps (testable without Serve);
-:class:`PolicyDeployment` wraps it with ``@serve.batch``. A swap loads the new checkpoint
-off the event loop while the old one answers, then swaps one reference; a checkpoint that
-fails to load leaves the old one serving.
-"""
+:class:`PolicyModel` loads, scores and hot-swaps (testable without Serve): a checkpoint
+loads off the event loop while the old one answers, and one that fails leaves it serving."""
 
 from __future__ import annotations
 
@@ -43,30 +40,27 @@ class PolicyModel:
 
         with self._lock:  # a swap during this batch must not mix two modules
             module, fast = self.module, self.fast
-        out: list[np.ndarray | None] = [None] * len(batch)
+        arrays = [np.asarray(rows, dtype=np.float32) for rows in batch]
         groups: dict[int, list[int]] = {}
-        for i, rows in enumerate(batch):
-            rows = np.asarray(rows, dtype=np.float32)
+        for i, rows in enumerate(arrays):
             if rows.ndim != 2 or rows.shape[1] != N_FEATURES or rows.shape[0] < 1:
                 raise PolicyError(f"expected rows of shape [N>=1, {N_FEATURES}], got {list(rows.shape)}")
             if not np.all(np.isfinite(rows)):
                 raise PolicyError("rows contain NaN or Inf")
-            batch[i] = rows
             groups.setdefault(rows.shape[0], []).append(i)
+        out: dict[int, np.ndarray] = {}
         with torch.no_grad():
             for idx in groups.values():
-                stacked = np.stack([batch[i] for i in idx])
+                stacked = np.stack([arrays[i] for i in idx])
                 if fast is not None:
                     logits = fast(stacked)
                 else:
-                    logits = module._forward({Columns.OBS: torch.from_numpy(stacked)})[
-                        Columns.ACTION_DIST_INPUTS
-                    ].numpy()
-                for j, i in enumerate(idx):
-                    out[i] = logits[j]
+                    obs = {Columns.OBS: torch.from_numpy(stacked)}
+                    logits = module._forward(obs)[Columns.ACTION_DIST_INPUTS].numpy()
+                out.update(zip(idx, logits))
         self.scored += len(batch)
         self.max_batch = max(self.max_batch, len(batch))
-        return [o for o in out if o is not None]
+        return [out[i] for i in range(len(batch))]
 
     def reload(self, checkpoint: str | Path) -> dict[str, Any]:
         module = load_module(checkpoint)  # raises PolicyError and keeps the old one
@@ -79,12 +73,11 @@ class PolicyModel:
         return self.info()
 
     def info(self) -> dict[str, Any]:
-        n_params = sum(int(p.numel()) for p in self.module.parameters())
         return {
             "checkpoint": str(self.checkpoint),
             "module_class": type(self.module).__name__,
             "forward": "numpy" if self.fast is not None else "torch",
-            "parameters": n_params,
+            "parameters": sum(int(p.numel()) for p in self.module.parameters()),
             "loaded_at": self.loaded_at,
             "swaps": self.swaps,
             "scored": self.scored,

@@ -1,9 +1,6 @@
-"""The API on the Controller replica's own HTTP server, beside Serve's proxy.
-
-Through the proxy every request is a hop and a Ray task; served here, it costs a fraction.
-If ``api.host:api.port`` is taken (the proxy, or a replica being replaced), binding is
-retried for ``retry_s``, then the proxy alone serves the API.
-"""
+"""The API on the Controller replica's own HTTP server, beside Serve's proxy (where every
+request is a hop and a Ray task). If ``api.host:api.port`` is taken (the proxy, or a replica
+being replaced), binding is retried for ``retry_s``, then the proxy alone serves the API."""
 
 from __future__ import annotations
 
@@ -43,21 +40,15 @@ def bind(host: str, port: int) -> socket.socket:
 class ApiServer:
     """``app`` on ``host:port`` in a daemon thread; :attr:`state` says how it went."""
 
-    def __init__(self, app: Any, host: str, port: int, *, retry_s: float = 60.0, log_level: str = "warning") -> None:
+    def __init__(self, app: Any, host: str, port: int, *, retry_s: float = 60.0) -> None:
         self.app = app
         self.host = host
         self.port = port
         self.retry_s = retry_s
-        self.log_level = log_level
         self.state = "starting"
         self._server: _Server | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="balanceiq-api", daemon=True)
-
-    @property
-    def url(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}"
 
     def start(self) -> ApiServer:
         self._thread.start()
@@ -65,22 +56,21 @@ class ApiServer:
 
     def _run(self) -> None:
         deadline = time.monotonic() + self.retry_s
+        where = f"{self.host}:{self.port}"
         while True:
             try:
                 sock = bind(self.host, self.port)
                 break
             except OSError as exc:
                 if exc.errno != errno.EADDRINUSE or time.monotonic() >= deadline or self._stop.is_set():
-                    self.state = (
-                        f"not serving: {self.host}:{self.port}: {exc.strerror or exc}; Serve's proxy serves the API"
-                    )
+                    self.state = f"not serving: {where}: {exc.strerror or exc}; Serve's proxy serves the API"
                     log.warning("API server %s", self.state)
                     return
-                self.state = f"waiting: {self.host}:{self.port} in use"
+                self.state = f"waiting: {where} in use"
                 self._stop.wait(1.0)
-        config = uvicorn.Config(self.app, log_level=self.log_level, access_log=False, lifespan="off")
-        self._server = _Server(config)
-        self.state = f"serving on {self.url}"
+        self._server = _Server(uvicorn.Config(self.app, log_level="warning", access_log=False, lifespan="off"))
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        self.state = f"serving on http://{host}:{self.port}"
         log.info("API server %s", self.state)
         try:
             self._server.run(sockets=[sock])

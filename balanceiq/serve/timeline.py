@@ -20,22 +20,16 @@ def finite(x: Any) -> float | None:
     return f if math.isfinite(f) else None
 
 
-def _point(rec: Any, clouds: dict[str, str]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """One decision's point, and the prices it observed."""
-    obs = rec.observation or {}
-    eps = [e for e in obs.get("endpoints", []) if isinstance(e, dict)]
-    rps: dict[str, Any] = {e["address"]: e.get("rps") for e in eps}
-    price: dict[str, Any] = {e["address"]: e.get("cost_per_million") for e in eps}
-    carried = [(rps[a], price[a]) for a in rps if finite(rps[a]) and finite(price[a]) is not None]
+def _point(rec: Any, clouds: dict[str, str]) -> tuple[dict[str, Any], dict[str, float]]:
+    """One decision's point, and the (finite) prices it observed."""
+    eps = [e for e in (rec.observation or {}).get("endpoints", []) if isinstance(e, dict)]
+    price = {e["address"]: p for e in eps if (p := finite(e.get("cost_per_million"))) is not None}
+    carried = [(r, price[e["address"]]) for e in eps if (r := finite(e.get("rps"))) and e["address"] in price]
     total = sum(r for r, _ in carried)
     blended = sum(r * p for r, p in carried) / total if total > 0 else None
     # Equal weights: an equal share of the same traffic on every endpoint that was up.
-    up = [
-        finite(price[e["address"]])
-        for e in eps
-        if e.get("healthy") is not False and finite(price[e["address"]]) is not None
-    ]
-    equal = sum(up) / len(up) if up else None  # type: ignore[arg-type]
+    up = [price[e["address"]] for e in eps if e.get("healthy") is not False and e["address"] in price]
+    equal = sum(up) / len(up) if up else None
     by_cloud: dict[str, list[tuple[float, float]]] = {}
     for e in eps:
         r, p95 = finite(e.get("rps")), finite(e.get("p95_ms"))
@@ -74,24 +68,18 @@ def timeline(plane: ControlPlane, limit: int = 120, cluster: str | None = None) 
             events.append({"t": t, "kind": "moved", "text": f"moved {rec.moved:.0%} of traffic"})
         if prev_mode is not None and rec.mode != prev_mode:
             events.append({"t": t, "kind": "mode", "text": f"mode {prev_mode} -> {rec.mode}"})
-        changed = [
-            a
-            for a, p in price.items()
-            if finite(p) is not None and a in prev_costs and abs(prev_costs[a] - float(p)) > 1e-12
-        ]
+        changed = [a for a, p in price.items() if a in prev_costs and abs(prev_costs[a] - p) > 1e-12]
         if changed:
             events.append({"t": t, "kind": "price", "text": f"price changed: {', '.join(changed)}"})
         for note in rec.notes:
             if note.startswith(("drained", "override", "fixed", "pinned")):
                 events.append({"t": t, "kind": "override", "text": note[:200]})
         prev_mode = rec.mode
-        prev_costs.update({a: float(p) for a, p in price.items() if finite(p) is not None})
+        prev_costs.update(price)
     costs = [p for p in points if p["cost_per_million"] is not None and p["equal_cost_per_million"]]
-    saving = None
-    if costs:
-        spent = sum(p["cost_per_million"] * p["rps"] for p in costs)
-        equal_spent = sum(p["equal_cost_per_million"] * p["rps"] for p in costs)
-        saving = round(1.0 - spent / equal_spent, 4) if equal_spent > 0 else None
+    spent = sum(p["cost_per_million"] * p["rps"] for p in costs)
+    equal_spent = sum(p["equal_cost_per_million"] * p["rps"] for p in costs)
+    saving = round(1.0 - spent / equal_spent, 4) if equal_spent > 0 else None
     p99, p99_reason = fleet_p99(plane, points, c.cluster.name)
     return {
         "cluster": c.cluster.name,
@@ -126,10 +114,6 @@ def fleet_p99(
         result = r.json()["data"]["result"] if r.status_code == 200 else []
     except (ValueError, KeyError, TypeError):
         result = []
-    out = [
-        {"t": float(t), "ms": round(float(v), 3)}
-        for series in result[:1]
-        for t, v in series.get("values", [])
-        if finite(v) is not None
-    ]
+    values = result[0].get("values", []) if result else []
+    out = [{"t": float(t), "ms": round(float(v), 3)} for t, v in values if finite(v) is not None]
     return out, None if out else f"no ALS latency in Prometheus (answered {r.status_code})"

@@ -1,11 +1,9 @@
-"""Training runs started from the API, executed on the Ray cluster: train → evaluate → promote.
+"""Training runs started from the API, on the Ray cluster: train → evaluate → promote.
 
-``POST /api/train`` creates a :class:`TrainingRun` actor that trains while ``progress()``
-answers beside it; the new checkpoint and the serving one then run every shipped
-scenario, and the manager hot-swaps the Policy deployment only if
-:func:`~balanceiq.sim.evaluate.promotion_decision` says the new one is better. One run at
-a time: two runs racing to promote is a bug.
-"""
+A :class:`TrainingRun` actor trains, then runs the new and the serving checkpoint on every
+shipped scenario; the manager hot-swaps the Policy deployment only if
+:func:`~balanceiq.sim.evaluate.promotion_decision` says the new one is better. One run at a
+time: two runs racing to promote is a bug."""
 
 from __future__ import annotations
 
@@ -26,6 +24,24 @@ def iso_time(ts: float | None) -> str | None:
     return datetime.fromtimestamp(ts, UTC).isoformat().replace("+00:00", "Z") if ts else None
 
 
+def training_metrics(runs: list[dict[str, Any]], last_update: float | None) -> dict[str, Any]:
+    """The original service's training fields, from ``runs`` (newest first)."""
+    hist = runs[0]["history"] if runs else []
+    rewards = [h["episode_return_mean"] for h in hist if h.get("episode_return_mean") is not None]
+    losses = [h["total_loss"] for h in hist if h.get("total_loss") is not None]
+    steps = hist[-1].get("env_steps") if hist else None
+    return {
+        "training_iterations": sum(r["iteration"] for r in runs),
+        "buffer_size": int(steps) if steps else 0,  # env steps sampled: PPO has no replay buffer
+        "current_reward": rewards[-1] if rewards else None,
+        "model_accuracy": None,  # a policy has no accuracy; kept for compatibility
+        "recent_rewards": rewards[-20:],
+        "recent_losses": losses[-20:],
+        "last_update": iso_time(last_update),
+        "runs": [{k: v for k, v in r.items() if k not in ("history", "params", "summary")} for r in runs],
+    }
+
+
 class TrainingRun:
     """Ray actor body (``max_concurrency=2``: ``progress`` runs beside ``run``)."""
 
@@ -38,7 +54,6 @@ class TrainingRun:
         self.summary: dict[str, Any] | None = None
         self.message = ""
         self.stages: dict[str, dict[str, Any]] = {"train": {"state": "pending"}}
-        self.evaluation: dict[str, Any] | None = None
         self.promote = False
 
     def _on_iteration(self, row: dict[str, Any]) -> None:
@@ -97,16 +112,9 @@ class TrainingRun:
                     return self.progress()
                 ev = merge_evaluations(ev, live)
                 ok, why = promotion_decision(ev)
-            self._stage(
-                "evaluate",
-                "done",
-                candidate=ev["candidate"],
-                serving=ev["serving"],
-                scenarios=ev["scenarios"],
-                verdict=why,
-            )
+            self._stage("evaluate", "done", **{k: ev[k] for k in ("candidate", "serving", "scenarios")}, verdict=why)
             with self._lock:
-                self.evaluation, self.promote = ev, ok and bool(self.params.get("promote", True))
+                self.promote = ok and bool(self.params.get("promote", True))
         with self._lock:
             self.state = "done"
             self.message = self.stages.get("evaluate", {}).get("verdict") or f"checkpoint at {summary['checkpoint']}"
@@ -134,14 +142,7 @@ class TrainingRun:
         except Exception as exc:
             self._fail("evaluate_live", "live evaluation", exc)
             return None
-        self._stage(
-            "evaluate_live",
-            "done",
-            candidate=live["candidate"],
-            serving=live["serving"],
-            episodes=live["episodes"],
-            seconds=live["seconds"],
-        )
+        self._stage("evaluate_live", "done", **{k: live[k] for k in ("candidate", "serving", "episodes", "seconds")})
         return live
 
     def progress(self) -> dict[str, Any]:
@@ -156,7 +157,7 @@ class TrainingRun:
                 "message": self.message,
                 "history": list(self.history),
                 "summary": self.summary,
-                "params": {k: v for k, v in self.params.items()},
+                "params": dict(self.params),
                 "stages": {k: dict(v) for k, v in self.stages.items()},
                 "promote": self.promote,
                 "checkpoint": self.params["checkpoint_dir"],
@@ -173,8 +174,7 @@ class TrainingManager:
         self.promote_fn = promote
         self._lock = threading.Lock()
         self._actors: dict[str, Any] = {}
-        self._last: dict[str, dict[str, Any]] = {}
-        self._order: list[str] = []
+        self._last: dict[str, dict[str, Any]] = {}  # by run id, oldest first
         self._last_update: float | None = None
 
     def start(
@@ -192,9 +192,9 @@ class TrainingManager:
     ) -> dict[str, Any]:
         """``live_eval`` (keys over ``DEFAULT_LIVE_EVAL``; ``{}``: the defaults) adds a live evaluation."""
         with self._lock:
-            for rid in self._order:
-                if self._last.get(rid, {}).get("state") in ("pending", "running"):
-                    raise ControlError(f"training run {rid} is still {self._last[rid]['state']}; one run at a time")
+            for rid, run in self._last.items():
+                if run["state"] in ("pending", "running"):
+                    raise ControlError(f"training run {rid} is still {run['state']}; one run at a time")
             rid = datetime.now(UTC).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
             for sc in scenarios or []:
                 try:
@@ -240,7 +240,6 @@ class TrainingManager:
             actor = cast(ray.actor.ActorHandle, created)
             actor.run.remote()
             self._actors[rid] = actor
-            self._order.append(rid)
             self._last[rid] = {
                 "id": rid,
                 "state": "pending",
@@ -256,10 +255,7 @@ class TrainingManager:
 
     def refresh(self, timeout_s: float = 1.0) -> None:
         """Poll live runs; a finished or dead run's actor is released."""
-        for rid in list(self._order):
-            actor = self._actors.get(rid)
-            if actor is None:
-                continue
+        for rid, actor in list(self._actors.items()):
             try:
                 p = ray.get(actor.progress.remote(), timeout=timeout_s)
             except ray.exceptions.GetTimeoutError:
@@ -289,26 +285,10 @@ class TrainingManager:
 
     def runs(self) -> list[dict[str, Any]]:
         with self._lock:
-            return [dict(self._last[rid]) for rid in reversed(self._order)]
+            return [dict(run) for run in reversed(self._last.values())]
 
     def metrics(self) -> dict[str, Any]:
-        """The original service's training fields, from the latest run."""
-        runs = self.runs()
-        latest = runs[0] if runs else None
-        hist = latest["history"] if latest else []
-        rewards = [h["episode_return_mean"] for h in hist if h.get("episode_return_mean") is not None]
-        losses = [h["total_loss"] for h in hist if h.get("total_loss") is not None]
-        steps = hist[-1].get("env_steps") if hist else None
-        return {
-            "training_iterations": sum(r["iteration"] for r in runs),
-            "buffer_size": int(steps) if steps else 0,  # env steps sampled: PPO has no replay buffer
-            "current_reward": rewards[-1] if rewards else None,
-            "model_accuracy": None,  # a policy has no accuracy; kept for compatibility
-            "recent_rewards": rewards[-20:],
-            "recent_losses": losses[-20:],
-            "last_update": iso_time(self._last_update),
-            "runs": [{k: v for k, v in r.items() if k not in ("history", "params", "summary")} for r in runs],
-        }
+        return training_metrics(self.runs(), self._last_update)
 
     def shutdown(self) -> None:
         for actor in list(self._actors.values()):

@@ -10,7 +10,11 @@ default ``steady``), ``n_max`` (observation padding, 16), ``k`` (about 20% of th
 N), ``decision_steps`` (5), ``episode_steps`` (60), ``obs_noise`` (0.05), the LP's
 ``cost_weight`` (0.1), ``util_target`` (0) and ``latency_weight`` (0) -- set them to the
 live config's to train against the LP the controller runs --, ``force_breaching`` (true),
-``reward`` (:class:`~balanceiq.policy.reward.RewardWeights` fields) and ``seed``.
+``reward`` (:class:`~balanceiq.policy.reward.RewardWeights` fields), ``seed``, and
+``balancer``: Envoy's (:data:`~balanceiq.sim.balancer.BALANCERS`, ``round_robin``) under
+the weights the controller would push for each split (``controller_weights``, true; false
+hands the split to Envoy as weights, as Envoy with static weights); ``saturation`` (true):
+whether observations carry each endpoint's utilisation (ORCA reports or load gauges).
 """
 
 from __future__ import annotations
@@ -23,12 +27,13 @@ import numpy as np
 
 from balanceiq.config import critical_count
 from balanceiq.policy.baselines import PolicyContext
-from balanceiq.policy.decide import CoreDecision, decide, observe_only
+from balanceiq.policy.decide import CoreDecision, decide, envoy_weights, observe_only
 from balanceiq.policy.features import N_FEATURES, encode
 from balanceiq.policy.knobs import Knobs
 from balanceiq.policy.lp import critical_indices, shares_to_weights, traffic_moved
-from balanceiq.policy.memory import CoreState
+from balanceiq.policy.memory import CoreState, remember
 from balanceiq.policy.reward import RewardWeights, reward
+from balanceiq.sim.balancer import BALANCERS
 from balanceiq.sim.fleet import FleetSim
 from balanceiq.sim.scenario import Scenario, load_scenario
 from balanceiq.telemetry.observation import Observation
@@ -48,12 +53,15 @@ class DecisionOutcome:
     traffic_moved: float
 
 
-def run_decision(sim: FleetSim, shares: np.ndarray, steps: int, weights: RewardWeights) -> tuple[DecisionOutcome, Any]:
-    """Run ``steps`` simulator steps with ``shares``; returns the outcome and last result."""
+def run_decision(
+    sim: FleetSim, shares: np.ndarray, steps: int, weights: RewardWeights, balancer: str = "round_robin"
+) -> tuple[DecisionOutcome, Any]:
+    """Run ``steps`` simulator steps with Envoy weights ``shares`` under ``balancer``;
+    returns the outcome and last result."""
     p50 = p95 = p99 = err = cost = umax = 0.0
     last = None
     for _ in range(steps):
-        last = sim.step(shares)
+        last = sim.step(shares, balancer)
         p50 += last.p50_ms
         p95 += last.p95_ms
         p99 += last.p99_ms
@@ -91,6 +99,11 @@ class FleetEnv(gym.Env):
         self.latency_weight = float(cfg.get("latency_weight", 0.0))
         self.force_breaching = bool(cfg.get("force_breaching", True))
         self.weights = RewardWeights(**cfg.get("reward", {}))
+        self.balancer = str(cfg.get("balancer", "round_robin"))
+        if self.balancer not in BALANCERS:
+            raise ValueError(f"unknown balancer {self.balancer!r}; known: {', '.join(BALANCERS)}")
+        self.controller_weights = bool(cfg.get("controller_weights", True))
+        self.saturation = bool(cfg.get("saturation", True))
         self._base_seed = int(cfg.get("seed", 0))
         self.observation_space = gym.spaces.Box(-3.0, float(max(20, self.n_max)), (self.n_max, N_FEATURES), np.float32)
         self.action_space = gym.spaces.MultiDiscrete([self.n_max] * self.k)
@@ -104,14 +117,14 @@ class FleetEnv(gym.Env):
         scenario = self.scenarios[int(self.np_random.integers(len(self.scenarios)))]
         sim_seed = int(self.np_random.integers(2**31)) if seed is not None or self._episode else self._base_seed
         self._episode += 1
-        self.sim = FleetSim(scenario, seed=sim_seed, obs_noise=self.obs_noise)
+        self.sim = FleetSim(scenario, seed=sim_seed, obs_noise=self.obs_noise, saturation=self.saturation)
         self.hint = np.array([e.capacity_rps for e in scenario.endpoints], dtype=np.float64)
         static = np.array([e.weight for e in scenario.endpoints], dtype=np.float64)
         self.shares = static / static.sum()
         self.static = static
         self.core_state = CoreState()
         self.decisions = 0
-        _, last = run_decision(self.sim, self.shares, self.decision_steps, self.weights)
+        _, last = run_decision(self.sim, self.shares, self.decision_steps, self.weights, self.balancer)
         self.last_obs = self.sim.observation(last, shares_to_weights(self.shares))
         return self._encode(self.last_obs), {"scenario": scenario.name}
 
@@ -127,14 +140,29 @@ class FleetEnv(gym.Env):
         """Apply a full traffic split (what a baseline decides) and run one decision."""
         assert self.sim is not None, "reset() first"
         info = dict(info or {})
-        outcome, last = run_decision(self.sim, new_shares, self.decision_steps, self.weights)
+        envoy = self.envoy_weights(new_shares)
+        outcome, last = run_decision(self.sim, envoy, self.decision_steps, self.weights, self.balancer)
         moved = traffic_moved(self.shares, new_shares)
         self.shares = new_shares
-        self.last_obs = self.sim.observation(last, shares_to_weights(new_shares))
+        self.last_obs = self.sim.observation(last, shares_to_weights(envoy))
         self.decisions += 1
         truncated = self.decisions >= self.episode_steps or self.sim.done
         info.update({k: getattr(outcome, k) for k in _INFO_KEYS}, traffic_moved=moved, reward=outcome.reward)
         return self._encode(self.last_obs), float(outcome.reward), False, bool(truncated), info
+
+    def envoy_weights(self, shares: np.ndarray) -> np.ndarray:
+        """The weights Envoy gets for ``shares``: under LEAST_REQUEST, the controller's
+        (scaled by the requests each endpoint holds, from the core's memory)."""
+        if self.balancer != "least_request" or not self.controller_weights:
+            return shares
+        assert self.sim is not None, "reset() first"
+        obs = self.last_obs
+        state = self.core_state
+        if not state.memory:  # a baseline: nothing has run the core yet
+            mem, *_ = remember(obs, self.shares, self.knobs(), state, obs.timestamp)
+            state = CoreState(obs.timestamp, mem)
+        demand = float(np.nansum([e.rps for e in obs.endpoints]))
+        return envoy_weights(shares, self.sim.names, state, demand, "LEAST_REQUEST").astype(np.float64)
 
     def knobs(self, k: int | None = None) -> Knobs:
         return Knobs(

@@ -24,7 +24,7 @@ from balanceiq.policy.lp import oracle, traffic_moved
 from balanceiq.policy.memory import CoreState
 from balanceiq.sim.env import FleetEnv
 from balanceiq.sim.fleet import FleetSim
-from balanceiq.sim.scenario import SCENARIOS, load_scenario
+from balanceiq.sim.scenario import SCENARIOS, Scenario, load_scenario
 
 # Held out of training in rllib_configs/ppo.yaml: generalisation is part of what promotion checks.
 HELD_BACK = ("brownout", "many_endpoints")
@@ -51,6 +51,18 @@ class FullLp:
         return Decision(core.shares, core.weights, core.critical, core.info())
 
 
+# Envoy on its own: the config's static weights under each of its balancers.
+ENVOY_ARMS = {"round_robin": "round_robin", "least_request": "least_request", "cswrr": "cswrr"}
+
+
+def arm(name: str, checkpoint: Path | None = None, balancer: str = "round_robin") -> tuple[Any, str, bool]:
+    """``(policy, balancer, controller_weights)`` for a benchmark arm: one of
+    :data:`ENVOY_ARMS`, or a policy behind the controller over Envoy's ``balancer``."""
+    if name in ENVOY_ARMS:
+        return make_policy("static"), ENVOY_ARMS[name], False
+    return _policy(name, checkpoint), balancer, True
+
+
 def _policy(name: str, checkpoint: Path | None) -> Any:
     if name == "cfr_rl":
         return RLPolicy.from_checkpoint(checkpoint or SHIPPED)
@@ -60,14 +72,32 @@ def _policy(name: str, checkpoint: Path | None) -> Any:
 
 
 def run_pair(
-    scenario: str, policy: Any, *, seed: int = 0, decision_steps: int = 5, trace: bool = False, same_state: bool = False
+    scenario: str | Scenario,
+    policy: Any,
+    *,
+    seed: int = 0,
+    decision_steps: int = 5,
+    trace: bool = False,
+    same_state: bool = False,
+    balancer: str = "round_robin",
+    controller_weights: bool = True,
+    saturation: bool = True,
+    warmup_s: float = 0.0,
 ) -> dict[str, Any]:
-    """One whole scenario under ``policy``; with ``same_state`` also what full
-    re-optimisation would move from the policy's state each decision (one more LP over
-    every endpoint per decision, so only the benchmark asks for it, not the gate)."""
+    """One whole scenario under ``policy`` over Envoy's ``balancer``; with ``same_state``
+    also what full re-optimisation would move from the policy's state each decision (one
+    more LP over every endpoint per decision, so only the benchmark asks for it)."""
     # n_max = N: baselines never read the padded rows, so pad nothing.
     n_max = len(load_scenario(scenario).endpoints)
-    cfg = {"scenarios": [scenario], "n_max": n_max, "decision_steps": decision_steps, "episode_steps": 10**9}
+    cfg = {
+        "scenarios": [scenario],
+        "n_max": n_max,
+        "decision_steps": decision_steps,
+        "episode_steps": 10**9,
+        "balancer": balancer,
+        "controller_weights": controller_weights,
+        "saturation": saturation,
+    }
     env = FleetEnv({**cfg, "seed": seed, "obs_noise": 0.05})
     env.reset(seed=seed)
     assert env.sim is not None
@@ -79,7 +109,11 @@ def run_pair(
     rows: list[dict[str, float]] = []
     timeline: list[dict[str, Any]] = []
     done = False
+    measuring = warmup_s <= 0
     while not done:
+        if not measuring and env.sim.t >= warmup_s - 1e-9:
+            env.sim.clear_run()
+            measuring = True
         obs = env.last_obs
         cap_true = env.sim.capacity()
         ctx = PolicyContext(
@@ -118,6 +152,8 @@ def run_pair(
             timeline.append({"t": env.sim.t, "shares": env.shares.tolist(), "p99_ms": info["p99_ms"]})
     out: dict[str, Any] = {key: float(statistics.fmean(r[key] for r in rows)) for key in rows[0]}
     out["decisions"] = len(rows)
+    # Over every request after the warm-up, as a load test measures (the rest: means over decisions).
+    out["run"] = env.sim.run_summary()
     # The first decision's move (off the config's static split) is most of what any
     # policy moves in a run: reported so traffic_moved can be read with and without it.
     out["traffic_moved_first"] = float(rows[0]["traffic_moved"])

@@ -3,21 +3,13 @@
 Each :meth:`FleetSim.step` is one telemetry window of ``step_s`` seconds; endpoint ``i``
 receives ``lambda_i = s_i D`` of total demand ``D(t) = base_rps (1 + a sin(2 pi t / period
 + phase)) M(t) eps_t`` (daily cycle, active demand/burst multipliers, mean-one lognormal
-noise).
+noise), the split ``s`` being the policy's weights as Envoy's balancer applies them
+(:mod:`balanceiq.sim.balancer`).
 
-Latency: each endpoint is an M/M/1 queue (service rate ``mu`` = effective capacity): a
-request takes ``base_latency_ms`` plus an exponential sojourn of rate ``mu (1 - rho)``,
-the simplest model whose delay grows without bound as ``rho -> 1`` and whose quantiles
-are closed-form. Past ``RHO_SAT`` a real queue fills until requests wait out the timeout,
-so the sojourn keeps its ``RHO_SAT`` shape plus a delay rising to ``TIMEOUT_MS`` at
-``RHO_FULL``. A ``tail_latency`` event adds ``v`` ms to ``TAIL_FRACTION`` of requests.
-
+Latency: base latency plus an M/G/c queue per endpoint (:mod:`balanceiq.sim.queue`).
 Errors: ``BASE_ERROR`` everywhere, plus the load above capacity shed (``1 - 1/rho``); a
-failed endpoint answers every request with an error after its base latency.
-
-Fleet quantiles invert the traffic mixture of the endpoints' CDFs on a fixed log-spaced
-latency grid (one matrix product per step). Everything per endpoint is a numpy array, and
-event timelines are precompiled into segments of constant state.
+failed endpoint answers every request with an error after its base latency. Fleet
+quantiles invert the traffic mixture of the endpoints' CDFs on a fixed log-spaced grid.
 """
 
 from __future__ import annotations
@@ -29,6 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
+from balanceiq.sim import queue
+from balanceiq.sim.balancer import Split, orca_weights, split
+from balanceiq.sim.queue import RHO_FULL, RHO_SAT, TAIL_FRACTION, TIMEOUT_MS
 from balanceiq.sim.scenario import Scenario, load_scenario
 from balanceiq.telemetry.observation import NO_TRAFFIC, EndpointObservation, Observation
 
@@ -44,16 +39,10 @@ __all__ = [
     "StepResult",
 ]
 
-RHO_SAT = 0.98
-"""Utilisation from which an endpoint counts as overloaded (M/M/1 stops applying)."""
-RHO_FULL = 1.1
-"""Utilisation at which every request served waits the full timeout."""
-TIMEOUT_MS = 2000.0
-"""Cap on the wait beyond base latency (queueing plus brownout)."""
 BASE_ERROR = 0.001
 """Error rate of a healthy endpoint below capacity."""
-TAIL_FRACTION = 0.1
-"""Share of requests a ``tail_latency`` event slows down."""
+ORCA_BLACKOUT_S = 10.0
+"""CSWRR uses an endpoint's reports once it has sent them this long (Envoy's ``blackout_period``)."""
 SATURATION_MAX = 10.0
 """Observations clip saturation here: a dead endpoint under traffic is "very" saturated, not inf."""
 QUANTILES = np.array([0.5, 0.95, 0.99])
@@ -62,20 +51,6 @@ QUANTILES = np.array([0.5, 0.95, 0.99])
 _GRID_POINTS = 320
 _GRID_LO_MS = 0.01
 _NOISE_BLOCK = 1024
-
-# -ln(1-q): quantiles of Exp(1). With a brownout the lower 90% of the mixture inverts as
-# -ln(1 - q/0.9) while that stays below the extra delay (else the upper branch applies).
-_K = -np.log1p(-QUANTILES)
-
-
-def _k_low() -> np.ndarray:
-    out = np.full(QUANTILES.shape, np.inf)
-    low = QUANTILES < 1 - TAIL_FRACTION
-    out[low] = -np.log1p(-QUANTILES[low] / (1 - TAIL_FRACTION))
-    return out
-
-
-_K_LOW = _k_low()
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,27 +105,44 @@ class _Segment:
         "failed",
         "mu_accept",
         "mu_safe",
+        "ok",
+        "servers",
         "start",
         "tail",
+        "tail_frac",
         "up",
     )
 
     def __init__(
-        self, start: float, base_cap: np.ndarray, base_cost: np.ndarray, active: Sequence[tuple[list[int], str, float]]
+        self,
+        start: float,
+        base_cap: np.ndarray,
+        base_cost: np.ndarray,
+        base_servers: np.ndarray,
+        active: Sequence[tuple[list[int], str, float, float]],
     ) -> None:
         n = base_cap.shape[0]
         cap_mult = np.ones(n)
         cost_mult = np.ones(n)
+        servers = base_servers.copy()
         tail = np.zeros(n)
+        tail_frac = np.full(n, TAIL_FRACTION)
+        errors = np.zeros(n)
         failed = np.zeros(n, dtype=bool)
         demand_mult = 1.0
-        for idx, kind, value in active:
+        for idx, kind, value, fraction in active:
             if kind == "capacity":
+                cap_mult[idx] *= value
+            elif kind == "servers":
+                servers[idx] *= value
                 cap_mult[idx] *= value
             elif kind == "cost":
                 cost_mult[idx] *= value
             elif kind == "tail_latency":
                 tail[idx] += value
+                tail_frac[idx] = fraction
+            elif kind == "errors":
+                errors[idx] = np.minimum(errors[idx] + value, 1.0)
             elif kind == "fail":
                 failed[idx] = True
             else:  # demand, burst
@@ -159,7 +151,10 @@ class _Segment:
         self.failed = failed
         self.any_failed = bool(failed.any())
         self.tail = tail
+        self.tail_frac = tail_frac
         self.any_tail = bool((tail > 0).any())
+        self.servers = servers
+        self.ok = 1.0 - np.minimum(BASE_ERROR + errors, 1.0)
         self.capacity = np.where(failed, 0.0, base_cap * cap_mult)
         # A failed endpoint's rate only feeds divisions whose result is then overwritten.
         self.mu_safe = np.where(failed, 1.0, self.capacity)
@@ -169,7 +164,7 @@ class _Segment:
         self.up = ~failed
         self.demand_mult = demand_mult
         # Step results hand these out without copying; nobody may change them underneath.
-        for arr in (self.failed, self.tail, self.capacity, self.mu_safe, self.mu_accept, self.cost, self.up):
+        for arr in (self.failed, self.tail, self.capacity, self.mu_safe, self.mu_accept, self.cost, self.up, self.ok):
             arr.setflags(write=False)
 
 
@@ -178,15 +173,20 @@ class FleetSim:
 
     ``obs_noise`` is the relative (lognormal sigma) noise :meth:`observation` puts on
     latency and error rate, from its own random stream so observing does not change the run.
+    Without ``saturation`` observations carry none, as a fleet without ORCA reports or
+    load gauges.
     """
 
-    def __init__(self, scenario: Scenario | str | Path, seed: int | None = None, obs_noise: float = 0.0) -> None:
+    def __init__(
+        self, scenario: Scenario | str | Path, seed: int | None = None, obs_noise: float = 0.0, saturation: bool = True
+    ) -> None:
         if not isinstance(scenario, Scenario):
             scenario = load_scenario(scenario)
         if not (math.isfinite(obs_noise) and obs_noise >= 0):
             raise ValueError(f"obs_noise must be a finite number >= 0, got {obs_noise!r}")
         self.scenario = scenario
         self.obs_noise = float(obs_noise)
+        self.saturation = bool(saturation)
         self.n = len(scenario.endpoints)
         self.names: list[str] = scenario.names
         self.clouds: list[str] = [e.cloud for e in scenario.endpoints]
@@ -195,6 +195,10 @@ class FleetSim:
         self.base_capacity_rps = np.array([e.capacity_rps for e in scenario.endpoints], dtype=np.float64)
         self.base_cost = np.array([e.cost_per_million for e in scenario.endpoints], dtype=np.float64)
         self.static_weights = np.array([e.weight for e in scenario.endpoints], dtype=np.float64)
+        self.servers = np.array([e.servers for e in scenario.endpoints], dtype=np.float64)
+        self.service_cv = np.array([e.service_cv for e in scenario.endpoints], dtype=np.float64)
+        self.tail_prob = np.array([e.tail_prob for e in scenario.endpoints], dtype=np.float64)
+        self.tail_ms = np.array([e.tail_ms for e in scenario.endpoints], dtype=np.float64)
 
         d = scenario.demand
         self._base_rps = d.base_rps
@@ -208,7 +212,8 @@ class FleetSim:
         max_tail = max(float(seg.tail.max()) for seg in self._segments)
 
         # One grid for every step: wide enough for the slowest possible answer.
-        hi = float(self.base_latency_ms.max()) + TIMEOUT_MS + max_tail
+        self.timeout_ms = float(scenario.timeout_ms)
+        hi = float(self.base_latency_ms.max()) + self.timeout_ms + max_tail
         self.latency_grid_ms = np.geomspace(_GRID_LO_MS, hi * 1.05 + 1.0, _GRID_POINTS)
         self.grid_ratio = float(self.latency_grid_ms[1] / self.latency_grid_ms[0])
         """Ratio between neighbouring grid points: the resolution of fleet quantiles."""
@@ -216,8 +221,6 @@ class FleetSim:
         x = self.latency_grid_ms[None, :]
         b = self.base_latency_ms[:, None]
         self._x_minus_b = x - b
-        # 1 where the grid point is past base + timeout: every answer has arrived by then.
-        self._past_timeout = (self._x_minus_b >= TIMEOUT_MS).astype(np.float64)
         # CDF of a failed endpoint: every (fast) answer takes exactly base latency.
         self._failed_cdf = (self._x_minus_b >= 0).astype(np.float64)
 
@@ -226,12 +229,12 @@ class FleetSim:
 
     def _compile_segments(self) -> list[_Segment]:
         sc = self.scenario
-        events = [(sc.targets(e.target), e.kind, float(e.value), e.at_s, e.end_s) for e in sc.events]
-        bounds = sorted({0.0} | {e[3] for e in events} | {e[4] for e in events if math.isfinite(e[4])})
+        events = [(sc.targets(e.target), e.kind, float(e.value), e.fraction, e.at_s, e.end_s) for e in sc.events]
+        bounds = sorted({0.0} | {e[4] for e in events} | {e[5] for e in events if math.isfinite(e[5])})
         segments = []
         for start in bounds:
-            active = [(idx, kind, value) for idx, kind, value, at, end in events if at <= start < end]
-            segments.append(_Segment(start, self.base_capacity_rps, self.base_cost, active))
+            active = [(idx, kind, value, frac) for idx, kind, value, frac, at, end in events if at <= start < end]
+            segments.append(_Segment(start, self.base_capacity_rps, self.base_cost, self.servers, active))
         return segments
 
     def reset(self, seed: int | None = None) -> None:
@@ -247,7 +250,15 @@ class FleetSim:
         self._next_start = self._starts[1] if len(self._starts) > 1 else math.inf
         self._noise = np.empty(0)
         self._noise_pos = 0
+        self._orca: np.ndarray | None = None
+        self._lb_state: dict[str, np.ndarray] = {}
+        self.clear_run()
         self._enter_step()
+
+    def clear_run(self) -> None:
+        """Start :meth:`run_summary` afresh from the next step (after a warm-up, say)."""
+        self._run_mix = np.zeros_like(self._log_grid)
+        self._run = np.zeros(3)  # requests, served, dollars (x 1e6)
 
     def _enter_step(self) -> None:
         """Bring segment, demand noise and demand up to date for the step starting at ``t``."""
@@ -306,58 +317,33 @@ class FleetSim:
             raise ValueError("shares sum to 0: no endpoint would receive traffic")
         return s if total == 1.0 else s / total
 
-    def _queueing(self, seg: _Segment, r: np.ndarray, shift: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Per endpoint: latency quantiles (ms, base included), mean wait, and the CDF on the grid."""
-        inv_r = 1.0 / r
-        if seg.any_tail:
-            v = seg.tail
-            low = np.multiply.outer(inv_r, _K_LOW)
-            high = (
-                v[:, None]
-                + np.multiply.outer(inv_r, _K)
-                + (np.log(TAIL_FRACTION + (1 - TAIL_FRACTION) * np.exp(-r * v)) * inv_r)[:, None]
-            )
-            z = np.where(low < v[:, None], low, high)
-        else:
-            z = np.multiply.outer(inv_r, _K)
-        z += shift[:, None]
-        lat = np.minimum(z, TIMEOUT_MS)
-        lat += self.base_latency_ms[:, None]
+    def _queue(self, seg: _Segment, load: np.ndarray, sp: Split) -> queue.Queue:
+        tail = (seg.tail, seg.tail_frac) if seg.any_tail else None
+        wait = None if sp.p_wait is None or sp.wait_ms is None else (sp.p_wait, sp.wait_ms)
+        return queue.build(
+            seg.mu_safe, seg.servers, self.service_cv, self.tail_prob, self.tail_ms, load, tail, self.timeout_ms, wait
+        )
 
-        # Mean wait for Little's law, closed form so no sampling is needed:
-        # E[min(s + Exp(r), T)] = T - d + (1 - e^{-r d}) / r with d = max(T - s, 0).
-        gap = np.maximum(TIMEOUT_MS - shift, 0.0)
-        mean_wait = TIMEOUT_MS - gap - np.expm1(-r * gap) * inv_r
-        if seg.any_tail:
-            gap_t = np.maximum(TIMEOUT_MS - shift - seg.tail, 0.0)
-            mean_tail = TIMEOUT_MS - gap_t - np.expm1(-r * gap_t) * inv_r
-            mean_wait = (1 - TAIL_FRACTION) * mean_wait + TAIL_FRACTION * mean_tail
-
-        # Per-endpoint CDFs on one shared grid make the fleet mixture a single matrix product.
-        y = self._x_minus_b - shift[:, None]
-        neg_r = -r[:, None]
-        cdf = -np.expm1(neg_r * np.maximum(y, 0.0))
-        if seg.any_tail:
-            cdf *= 1 - TAIL_FRACTION
-            cdf -= TAIL_FRACTION * np.expm1(neg_r * np.maximum(y - seg.tail[:, None], 0.0))
-        np.maximum(cdf, self._past_timeout, out=cdf)
-        return lat, mean_wait, cdf
-
-    def step(self, shares: np.ndarray) -> StepResult:
-        """Run one step with traffic split ``shares`` (normalised if it does not sum to 1)."""
-        s = self._shares(shares)
+    def step(self, shares: np.ndarray, balancer: str = "round_robin") -> StepResult:
+        """Run one step with weights ``shares`` (normalised if they do not sum to 1) under
+        Envoy's ``balancer`` (:data:`~balanceiq.sim.balancer.BALANCERS`)."""
         seg = self._seg
         demand = self._demand
+        weights = self._shares(shares)
+        if balancer == "cswrr" and self.t >= ORCA_BLACKOUT_S and self._orca is not None:
+            weights = self._orca  # the last step's reports; the configured weights until then
+        sp = split(balancer, weights, demand, seg.capacity, seg.up, seg.servers, self._lb_state)
+        s = sp.shares
         b = self.base_latency_ms
 
         lam = s * demand
         rho = lam / seg.mu_safe
-        # Sojourn rate per ms; frozen at RHO_SAT once overloaded (see module docstring).
-        r = seg.mu_safe * (1.0 - np.minimum(rho, RHO_SAT)) * 1e-3
-        shift = np.minimum(np.maximum((rho - RHO_SAT) * (TIMEOUT_MS / (RHO_FULL - RHO_SAT)), 0.0), TIMEOUT_MS)
-        lat, mean_wait, cdf = self._queueing(seg, r, shift)
+        q = self._queue(seg, lam, sp)
+        lat = b[:, None] + queue.quantiles(q, QUANTILES)
+        mean_wait = queue.mean(q)
+        cdf = 1.0 - queue.survival(q, self._x_minus_b)
 
-        served = (1.0 - BASE_ERROR) * np.minimum(lam, seg.capacity)
+        served = seg.ok * np.minimum(lam, seg.capacity)
         accepted = np.minimum(lam, seg.mu_accept)
         util = rho
         if seg.any_failed:
@@ -374,9 +360,14 @@ class FleetSim:
 
         mix = s @ cdf
         agg = np.exp(np.interp(QUANTILES, mix, self._log_grid))
+        self._run_mix += demand * mix
+        self._run += np.array([demand, float(served.sum()), float(served @ seg.cost)])
 
         silent = lam <= 0.0
         err = 1.0 - served / np.maximum(lam, 1e-300)
+        if balancer == "cswrr":
+            # The sample backends count requests as they arrive, served or queued.
+            self._orca = orca_weights(weights, lam, seg.capacity, seg.servers, err)
         total_served = float(served.sum())
         if total_served > 0.0:
             price = float(served @ seg.cost) / total_served
@@ -412,6 +403,27 @@ class FleetSim:
         self._enter_step()
         return result
 
+    def run_summary(self) -> dict[str, float]:
+        """Every request since the last reset: latency quantiles (ms), error rate and $ per
+        million served, as a load test over the whole run would measure them."""
+        requests, served, dollars = (float(x) for x in self._run)
+        if requests <= 0:
+            return {
+                "p50_ms": math.nan,
+                "p95_ms": math.nan,
+                "p99_ms": math.nan,
+                "error_rate": math.nan,
+                "cost_per_million": math.nan,
+            }
+        q = np.exp(np.interp(QUANTILES, self._run_mix / requests, self._log_grid))
+        return {
+            "p50_ms": float(q[0]),
+            "p95_ms": float(q[1]),
+            "p99_ms": float(q[2]),
+            "error_rate": 1.0 - served / requests,
+            "cost_per_million": dollars / served if served > 0 else math.nan,
+        }
+
     def observation(self, result: StepResult, weights: np.ndarray | None = None) -> Observation:
         """``result`` as the :class:`Observation` live telemetry would produce, under Envoy
         ``weights`` (default: the scenario's static ones). ``rps`` is offered load, like
@@ -431,7 +443,7 @@ class FleetSim:
             p50 = p50 * lat_noise
             p95 = p95 * lat_noise
             err = np.clip(err * np.exp(sig * z[1] - 0.5 * sig * sig), 0.0, 1.0)
-        sat = np.minimum(result.utilization, SATURATION_MAX)
+        sat = np.minimum(result.utilization, SATURATION_MAX) if self.saturation else np.full(n, np.nan)
         silent = result.offered_rps <= 0.0
         no_traffic = frozenset({NO_TRAFFIC})
         none: frozenset[str] = frozenset()

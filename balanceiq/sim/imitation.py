@@ -1,25 +1,20 @@
-"""Imitation warm start: teach the policy a good heuristic before PPO refines it.
+"""Imitation warm start: behaviour-clone the hot/cold heuristic before PPO refines it.
 
 PPO from random scores spends most of its budget discovering that the LP needs an
 overloaded endpoint *and* one with headroom in the critical set; the
-:class:`~balanceiq.policy.baselines.HotColdHeuristic` knows that already. :func:`collect`
-rolls the teacher out over the training scenarios (with probability ``explore`` a random
-action instead, DAgger-style, so the data covers states a slipping clone must recover
-from), labelling each state with the teacher's ordered choice and its discounted return.
-:func:`pretrain` maximises the Plackett-Luce log-likelihood of those choices (the
-distribution PPO samples from) and regresses the value head on the returns, so PPO's
-first advantages are not noise from an untrained critic.
+:class:`~balanceiq.policy.baselines.HotColdHeuristic` knows that already.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
+from scipy.signal import lfilter
 
-from balanceiq.policy.baselines import HotColdHeuristic, PolicyContext
+from balanceiq.policy.baselines import HotColdHeuristic
 
 
 @dataclass
@@ -30,18 +25,6 @@ class Demonstrations:
     actions: np.ndarray  # [M, K] int64
     returns: np.ndarray  # [M] float32
     teacher_return: float  # mean episode return of the behaviour that collected them
-    episodes: int
-
-
-def _context(env: Any) -> PolicyContext:
-    obs = env.last_obs
-    return PolicyContext(
-        shares=env.shares,
-        capacity_hint=env.capacity_estimate(),
-        static_weights=np.asarray(env.sim.static_weights, dtype=np.float64),
-        demand_rps=float(np.nansum([e.rps for e in obs.endpoints])),
-        k=env.k,
-    )
 
 
 def collect(
@@ -53,7 +36,9 @@ def collect(
     seed: int = 0,
     on_episode: Callable[[int], None] | None = None,
 ) -> Demonstrations:
-    """Roll out the teacher (with ``explore`` random actions) and label every state."""
+    """Roll out the teacher and label every state with its ordered choice and discounted
+    return; with probability ``explore`` a random action is taken instead (DAgger-style, so
+    the data covers states a slipping clone must recover from)."""
     from balanceiq.sim.env import FleetEnv
 
     rng = np.random.default_rng(seed)
@@ -70,24 +55,16 @@ def collect(
         done = False
         while not done:
             n = env.sim.n
-            label = teacher.critical(env.last_obs, _context(env))
+            label = teacher.critical(env.last_obs, replace(env.context(), capacity_hint=env.capacity_estimate()))
             # The label must be a full K-tuple for the log-likelihood; pad with distinct
             # unused endpoints when N < K would leave it short (never with padding rows).
             label += [i for i in range(n) if i not in label][: env.k - len(label)]
-            if rng.random() < explore:
-                action = rng.choice(n, size=min(env.k, n), replace=False).tolist()
-            else:
-                action = label
+            action = rng.choice(n, size=min(env.k, n), replace=False).tolist() if rng.random() < explore else label
             obs_rows.append(rows)
             labels.append(label[: env.k])
             rows, r, _, done, _ = env.step(np.asarray(action + action[:1] * (env.k - len(action)), dtype=np.int64))
             rewards.append(float(r))
-        g = 0.0
-        ep_returns = []
-        for r in reversed(rewards):
-            g = r + gamma * g
-            ep_returns.append(g)
-        returns.extend(reversed(ep_returns))
+        returns.extend(lfilter([1.0], [1.0, -gamma], rewards[::-1])[::-1])  # g_t = r_t + gamma g_{t+1}
         totals.append(float(sum(rewards)))
         if on_episode is not None:
             on_episode(ep + 1)
@@ -96,7 +73,6 @@ def collect(
         actions=np.asarray(labels, dtype=np.int64),
         returns=np.asarray(returns, dtype=np.float32),
         teacher_return=float(np.mean(totals)),
-        episodes=episodes,
     )
 
 
@@ -111,7 +87,9 @@ def pretrain(
     seed: int = 0,
     on_epoch: Callable[[int, float], None] | None = None,
 ) -> dict[str, Any]:
-    """Fit ``module`` to the demonstrations in place; returns the fit's numbers.
+    """Fit ``module`` in place: maximise the Plackett-Luce log-likelihood of the teacher's
+    choices (the distribution PPO samples from) and regress the value head on the returns,
+    so PPO's first advantages are not noise from an untrained critic.
 
     ``agreement`` is the fraction of states where the module's K highest scores are the
     teacher's K endpoints (as a set: the LP ignores the order)."""
@@ -123,14 +101,11 @@ def pretrain(
     torch.manual_seed(seed)
     obs = torch.from_numpy(demos.obs)
     act = torch.from_numpy(demos.actions)
-    # Returns span two orders of magnitude across scenarios; the value head learns them
-    # scaled, and PPO's own value loss (clipped) adapts it from there.
     ret = torch.from_numpy(demos.returns)
     module.train()
     params = [p for p in module.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=lr)
-    k = act.shape[1]
-    m = obs.shape[0]
+    k, m = act.shape[1], obs.shape[0]
     losses: list[float] = []
     for epoch in range(epochs):
         perm = torch.randperm(m)

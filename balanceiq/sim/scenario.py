@@ -47,7 +47,7 @@ SCENARIOS: tuple[str, ...] = (
 )
 """Names of the scenarios shipped in ``balanceiq/sim/scenarios/``."""
 
-EventKind = Literal["capacity", "fail", "tail_latency", "cost", "demand", "burst"]
+EventKind = Literal["capacity", "servers", "fail", "errors", "tail_latency", "cost", "demand", "burst"]
 
 # Kinds that act on total demand rather than on endpoints.
 _DEMAND_KINDS = ("demand", "burst")
@@ -75,13 +75,36 @@ class EndpointSpec(_Model):
     region: str
     """Region within the cloud; informational."""
     capacity_rps: PosFloat
-    """Service rate in requests per second (the M/M/1 ``mu``); load above it is shed."""
+    """Requests per second it completes when busy (``servers`` / mean service time); load above it is shed."""
     base_latency_ms: NonNegFloat
-    """Latency of an unloaded request: network round trip plus service, in ms."""
+    """Fixed delay every request adds to its service and queueing (network round trip), in ms."""
     cost_per_million: NonNegFloat
     """Price of a million requests served here, in $."""
     weight: int = Field(default=1, ge=1, strict=True)
     """Static Envoy ``load_balancing_weight``: the split before anyone decides."""
+    servers: int = Field(default=1, ge=1, le=4096, strict=True)
+    """Requests it serves at once (a concurrency limit); more wait in its queue (M/G/c)."""
+    service_cv: float = Field(default=1.0, gt=0, le=1, strict=True, allow_inf_nan=False)
+    """Coefficient of variation of the service time outside the tail (1: exponential)."""
+    tail_prob: float = Field(default=0.0, ge=0, lt=1, strict=True, allow_inf_nan=False)
+    """Share of requests that hold their server ``tail_ms`` longer."""
+    tail_ms: NonNegFloat = 0.0
+    """Extra service time of a tail request, in ms."""
+
+    @model_validator(mode="after")
+    def _check_service(self) -> EndpointSpec:
+        mean_ms = 1000.0 * self.servers / self.capacity_rps
+        if self.tail_prob * self.tail_ms >= mean_ms:
+            raise _cross_field_error(
+                [
+                    (
+                        ("tail_ms",),
+                        f"tail_prob x tail_ms ({self.tail_prob * self.tail_ms:g} ms) must be below the mean "
+                        f"service time servers / capacity_rps ({mean_ms:g} ms)",
+                    )
+                ]
+            )
+        return self
 
     @field_validator("name")
     @classmethod
@@ -134,11 +157,15 @@ class Event(_Model):
     target: str
     """An endpoint name, ``cloud:<name>`` or ``all`` (the only target of demand and burst)."""
     kind: EventKind
-    """Multiply ``capacity``, ``cost`` or total demand (``demand``, ``burst``); ``fail``
-    the endpoint (fast errors); add ``value`` ms to 10% of requests (``tail_latency``)."""
+    """Multiply ``capacity``, ``servers`` (and with them capacity), ``cost`` or total demand
+    (``demand``, ``burst``); ``fail`` the endpoint (fast errors); answer a ``value`` share of
+    requests with errors (``errors``); add ``value`` ms to ``fraction`` of requests
+    (``tail_latency``)."""
 
     value: Multiplier
-    """Multiplier (> 0; cost >= 0), or extra ms for tail_latency; optional for fail."""
+    """Multiplier (> 0; cost >= 0), extra ms for tail_latency, error share; optional for fail."""
+    fraction: float = Field(default=0.1, gt=0, le=1, strict=True, allow_inf_nan=False)
+    """Share of requests a tail_latency event slows down."""
 
     @model_validator(mode="before")
     @classmethod
@@ -159,13 +186,15 @@ class Event(_Model):
     def _check_value(self) -> Event:
         problems: list[tuple[tuple[str | int, ...], str]] = []
         v, kind = self.value, self.kind
-        if kind in ("capacity", "demand", "burst") and v <= 0:
+        if kind in ("capacity", "servers", "demand", "burst") and v <= 0:
             why = f"a {kind} multiplier must be > 0 (got {v}); use kind 'fail' to take an endpoint down"
             problems.append((("value",), why))
         elif kind == "cost" and v < 0:
             problems.append((("value",), f"a cost multiplier must be >= 0 (got {v})"))
         elif kind == "tail_latency" and v < 0:
             problems.append((("value",), f"tail_latency adds milliseconds and must be >= 0 (got {v})"))
+        elif kind == "errors" and not 0 <= v <= 1:
+            problems.append((("value",), f"errors is the share of requests that fail, 0..1 (got {v})"))
         if kind in _DEMAND_KINDS and self.target != "all":
             why = f"{kind} events change total demand and must target 'all', not {self.target!r}"
             problems.append((("target",), why))
@@ -188,6 +217,8 @@ class Scenario(_Model):
     """What the scenario tests, in a sentence or two."""
     step_s: PosFloat = 1.0
     """Simulated seconds per step (one telemetry window)."""
+    timeout_ms: PosFloat = 2000.0
+    """Longest a request waits beyond its fixed delay before it counts as answered (the client's timeout), ms."""
     duration_s: PosFloat
     """Length of a run in simulated seconds (the simulator can run past it)."""
     endpoints: list[EndpointSpec] = Field(min_length=1)
@@ -280,12 +311,15 @@ def scenario_text(name: str) -> str:
     return resources.files("balanceiq.sim").joinpath("scenarios", f"{name}.yaml").read_text(encoding="utf-8")
 
 
-def load_scenario(name_or_path: str | Path) -> Scenario:
-    """A shipped scenario by name (see :data:`SCENARIOS`) or a scenario YAML file by path.
+def load_scenario(name_or_path: str | Path | Scenario) -> Scenario:
+    """A shipped scenario by name (see :data:`SCENARIOS`) or a scenario YAML file by path
+    (a :class:`Scenario` passes through).
 
     Raises :class:`ConfigError` naming every problem: unknown name, unreadable file, YAML
     syntax (with line and column), and each invalid field (e.g. ``events[1].target``).
     """
+    if isinstance(name_or_path, Scenario):
+        return name_or_path
     path = Path(name_or_path)
     if str(name_or_path) in SCENARIOS and not path.exists():
         return _parse(scenario_text(str(name_or_path)), f"scenario {name_or_path}", str(name_or_path))

@@ -1,15 +1,10 @@
 """Per-endpoint upstream latency from Envoy's gRPC Access Log Service (ALS).
 
-Envoy's per-endpoint stats carry no latency histogram, but every access-log entry names
-the upstream host that served the request and its timings. Envoy streams those entries
-to :class:`AlsServer`; :class:`~balanceiq.telemetry.als_collector.AlsCollector` folds them
-into per-endpoint Prometheus histograms, served on ``/metrics`` (and as compact JSON on
-``/snapshot``). Envoy samples before sending (:func:`access_log_config`): counts are then
-that share of the traffic, quantiles stay unbiased.
+Envoy's per-endpoint stats carry no latency histogram, but each access-log entry names the
+upstream host and its timings. Envoy streams them to :class:`AlsServer`; :class:`AlsCollector`
+folds them into per-endpoint histograms served on ``/metrics`` (compact JSON on ``/snapshot``).
 
-CLI::
-
-    python -m balanceiq.telemetry.als --grpc-port 9977 --metrics-port 9978 [--host 127.0.0.1]
+CLI: ``python -m balanceiq.telemetry.als --grpc-port 9977 --metrics-port 9978 [--host 127.0.0.1]``
 """
 
 from __future__ import annotations
@@ -23,7 +18,6 @@ import socket
 import sys
 import threading
 from collections.abc import Sequence
-from types import FrameType
 from typing import Any, NoReturn
 
 import grpc
@@ -33,25 +27,11 @@ from prometheus_client.exposition import choose_encoder
 
 from balanceiq.exceptions import TestbedError
 from balanceiq.loop import LoopThread
-from balanceiq.telemetry.als_collector import BUCKETS, ORCA_HEADER, AlsCollector, orca_utilization
+from balanceiq.telemetry.als_collector import ORCA_HEADER, AlsCollector
 
 log = logging.getLogger(__name__)
 
-__all__ = [
-    "BUCKETS",
-    "ORCA_HEADER",
-    "AlsCollector",
-    "AlsServer",
-    "access_log_config",
-    "als_cluster_config",
-    "main",
-    "orca_utilization",
-]
-
-ALS_SERVICE = "envoy.service.accesslog.v3.AccessLogService"
-HTTP_GRPC_ALS = "type.googleapis.com/envoy.extensions.access_loggers.grpc.v3.HttpGrpcAccessLogConfig"
 _HTTP_OPTS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
-
 _GRPC_OPTIONS = [
     # gRPC turns SO_REUSEPORT on by default; a second collector on the same port would
     # then silently take half of Envoy's streams.
@@ -64,64 +44,33 @@ _GRPC_OPTIONS = [
 ]
 
 
-# -- serving ------------------------------------------------------------------------------
-
-
-def _url_host(host: str) -> str:
-    if host in ("0.0.0.0", ""):
-        return "127.0.0.1"
-    if host == "::":
-        return "[::1]"
-    return f"[{host}]" if ":" in host else host
-
-
-def _probe_bind(host: str, port: int, address: str) -> None:
-    """Raise TestbedError if ``host:port`` is taken, before gRPC logs its own multi-line complaint."""
-    try:
-        family, kind, proto, _, sockaddr = socket.getaddrinfo(
-            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-        )[0]
-        with socket.socket(family, kind, proto) as probe:
-            # As gRPC does: a port whose old connections linger in TIME_WAIT is still free.
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            probe.bind(sockaddr)
-    except OSError as exc:
-        raise TestbedError(f"cannot bind ALS gRPC server to {address}: {exc}") from exc
+def _host_port(host: str, port: int | None) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 class AlsServer:
     """``StreamAccessLogs`` over gRPC plus ``/metrics`` over HTTP, on one background event loop.
 
-    ``/metrics`` is a small aiohttp app: prometheus_client's ``start_http_server`` polls
-    for shutdown, so every stop would cost half a second.
-    """
+    ``/metrics`` is aiohttp: prometheus_client's ``start_http_server`` polls for shutdown (0.5 s per stop)."""
 
     def __init__(
         self, collector: AlsCollector, host: str = "127.0.0.1", grpc_port: int = 0, metrics_port: int = 0
     ) -> None:
         self.collector = collector
         self.host = host
-        self.requested_grpc_port = grpc_port
-        self.requested_metrics_port = metrics_port
-        self._grpc_port: int | None = None
-        self._metrics_port: int | None = None
+        self._requested = (grpc_port, metrics_port)
+        self.grpc_port: int | None = None
+        self.metrics_port: int | None = None
         self._loop = LoopThread("als")
         self._server: grpc.aio.Server | None = None
         self._runner: web.AppRunner | None = None
 
     @property
-    def grpc_port(self) -> int | None:
-        return self._grpc_port
-
-    @property
-    def metrics_port(self) -> int | None:
-        return self._metrics_port
-
-    @property
     def metrics_url(self) -> str | None:
-        if self._metrics_port is None:
+        if self.metrics_port is None:
             return None
-        return f"http://{_url_host(self.host)}:{self._metrics_port}/metrics"
+        host = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(self.host, self.host)
+        return f"http://{_host_port(host, self.metrics_port)}/metrics"
 
     def start(self, timeout: float = 10.0) -> tuple[int, int]:
         """Bind both ports and serve; ``(grpc_port, metrics_port)``, or TestbedError naming ``host:port``."""
@@ -130,30 +79,34 @@ class AlsServer:
         self._loop.start()
         try:
             try:
-                self._grpc_port, self._metrics_port = self._loop.run(self._start_both(), timeout)
+                grpc_port, metrics_port = self._loop.run(self._start_both(), timeout)
             except TimeoutError as exc:
                 raise TestbedError(f"ALS server did not start within {timeout}s") from exc
         except BaseException:
             self.stop()
             raise
-        log.info("ALS listening on %s, metrics on %s", self._address(self._grpc_port), self.metrics_url)
-        return self._grpc_port, self._metrics_port
+        self.grpc_port, self.metrics_port = grpc_port, metrics_port
+        log.info("ALS listening on %s, metrics on %s", _host_port(self.host, grpc_port), self.metrics_url)
+        return grpc_port, metrics_port
 
     async def _start_both(self) -> tuple[int, int]:
         return await self._start_grpc(), await self._start_metrics()
 
-    def _address(self, port: int | None) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{host}:{port}"
-
     async def _start_grpc(self) -> int:
-        address = self._address(self.requested_grpc_port)
-        _probe_bind(self.host, self.requested_grpc_port, address)
-        server = grpc.aio.server(options=_GRPC_OPTIONS)
-        server.add_generic_rpc_handlers([self._handler()])
+        address = _host_port(self.host, self._requested[0])
         try:
+            # Bound by hand first: a taken port is then one line, not gRPC's multi-line complaint.
+            family, kind, proto, _, sockaddr = socket.getaddrinfo(
+                self.host, self._requested[0], type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+            )[0]
+            with socket.socket(family, kind, proto) as probe:
+                # As gRPC does: a port whose old connections linger in TIME_WAIT is still free.
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                probe.bind(sockaddr)
+            server = grpc.aio.server(options=_GRPC_OPTIONS)
+            server.add_generic_rpc_handlers([self._handler()])
             port = server.add_insecure_port(address)
-        except RuntimeError as exc:
+        except (OSError, RuntimeError) as exc:
             raise TestbedError(f"cannot bind ALS gRPC server to {address}: {exc}") from exc
         if not port:
             raise TestbedError(f"cannot bind ALS gRPC server to {address}: port in use?")
@@ -168,12 +121,12 @@ class AlsServer:
         # Scrapes are short; a stop should not wait a minute for a stuck client.
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
         await runner.setup()
-        address = self._address(self.requested_metrics_port)
-        site = web.TCPSite(runner, self.host, self.requested_metrics_port, reuse_port=False)
+        site = web.TCPSite(runner, self.host, self._requested[1], reuse_port=False)
         try:
             await site.start()
         except OSError as exc:
             await runner.cleanup()
+            address = _host_port(self.host, self._requested[1])
             raise TestbedError(f"cannot bind ALS /metrics to {address}: {exc}") from exc
         self._runner = runner
         return int(runner.addresses[0][1])
@@ -199,33 +152,22 @@ class AlsServer:
     def stop(self, grace: float = 0.5) -> None:
         """Stop both servers. Safe to call twice, or after a failed start."""
         self._loop.close(self._stop_both(grace) if self._loop.running else None, timeout=grace + 10)
-        self._server = None
-        self._grpc_port = None
-        self._metrics_port = None
-
-    def __enter__(self) -> AlsServer:
-        if not self._loop.running:
-            self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+        self._server = self.grpc_port = self.metrics_port = None
 
     async def _stream_access_logs(
         self, request_iterator: Any, context: grpc.aio.ServicerContext
     ) -> als_pb2.StreamAccessLogsResponse:
-        streams = self.collector.streams
-        streams.inc()
+        self.collector.streams.inc()
         try:
             async for message in request_iterator:
                 self.collector.observe_message(message)
         finally:
-            streams.dec()
+            self.collector.streams.dec()
         return als_pb2.StreamAccessLogsResponse()
 
     def _handler(self) -> grpc.GenericRpcHandler:
         return grpc.method_handlers_generic_handler(
-            ALS_SERVICE,
+            "envoy.service.accesslog.v3.AccessLogService",
             {
                 "StreamAccessLogs": grpc.stream_unary_rpc_method_handler(
                     self._stream_access_logs,
@@ -236,23 +178,17 @@ class AlsServer:
         )
 
 
-# -- Envoy configuration ------------------------------------------------------------------
-
-
 def access_log_config(
     cluster_name: str = "als_cluster", sample_percent: float = 100.0, log_name: str = "balanceiq"
 ) -> dict[str, Any]:
-    """One entry for the HCM's ``access_log`` list: ALS over gRPC to ``cluster_name``.
-
-    ``sample_percent < 100`` adds a runtime filter (runtime key ``balanceiq.als_sample``
-    overrides it live).
-    """
+    """One entry for the HCM's ``access_log`` list: ALS over gRPC to ``cluster_name``. ``sample_percent < 100``
+    adds a runtime filter (key ``balanceiq.als_sample``): counts are that share, quantiles stay unbiased."""
     if not isinstance(sample_percent, (int, float)) or not 0.0 <= sample_percent <= 100.0:
         raise ValueError(f"sample_percent must be within 0..100, got {sample_percent!r}")
     entry: dict[str, Any] = {
         "name": "envoy.access_loggers.http_grpc",
         "typed_config": {
-            "@type": HTTP_GRPC_ALS,
+            "@type": "type.googleapis.com/envoy.extensions.access_loggers.grpc.v3.HttpGrpcAccessLogConfig",
             "common_config": {
                 "log_name": log_name,
                 "transport_api_version": "V3",
@@ -305,33 +241,10 @@ def als_cluster_config(host: str, port: int, name: str = "als_cluster") -> dict[
     }
 
 
-# -- CLI ------------------------------------------------------------------------------------
-
-
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         # One line, not argparse's usage block: callers (and supervisors' logs) read it.
         self.exit(2, f"{self.prog}: error: {message}\n")
-
-
-def _port(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"port must be 0..65535, got {value}")
-    return value
-
-
-def _non_negative(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -340,25 +253,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="python -m balanceiq.telemetry.als",
         description="Receive Envoy access logs over gRPC; serve per-endpoint latency on /metrics.",
     )
-    p.add_argument("--grpc-port", type=_port, required=True, help="ALS gRPC port (0: any free)")
-    p.add_argument("--metrics-port", type=_port, required=True, help="/metrics port (0: any free)")
+    p.add_argument("--grpc-port", type=int, required=True, help="ALS gRPC port (0: any free)")
+    p.add_argument("--metrics-port", type=int, required=True, help="/metrics port (0: any free)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind both ports on")
-    p.add_argument(
-        "--max-endpoints",
-        type=_non_negative,
-        default=10_000,
-        help="most (cluster, endpoint) series kept; later ones are dropped",
-    )
+    p.add_argument("--max-endpoints", type=int, default=10_000, help="most series kept; later ones are dropped")
     args = p.parse_args(argv)
+    for flag, port in (("--grpc-port", args.grpc_port), ("--metrics-port", args.metrics_port)):
+        if not 0 <= port <= 65535:
+            p.error(f"argument {flag}: port must be 0..65535, got {port}")
+    if args.max_endpoints < 0:
+        p.error(f"argument --max-endpoints: must be >= 0, got {args.max_endpoints}")
 
     server = AlsServer(AlsCollector(max_endpoints=args.max_endpoints), args.host, args.grpc_port, args.metrics_port)
     stopping = threading.Event()
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        stopping.set()
-
     # Installed before binding, so a signal during start-up still ends in a clean exit.
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    previous = {s: signal.signal(s, lambda *_: stopping.set()) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         try:
             grpc_port, _ = server.start()

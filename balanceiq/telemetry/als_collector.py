@@ -1,28 +1,22 @@
 """Envoy access-log entries folded into per-endpoint latency histograms and counts.
 
-Latency is ``time_to_last_upstream_rx_byte - time_to_first_upstream_tx_byte`` (or the last
-downstream byte when the upstream response never completed): the network both ways plus
-the backend's own time, without what Envoy spends before the request is on the wire,
-which is not the endpoint's doing. With retries an entry names only the final attempt.
-
-Entries without an upstream host are dropped (``no_upstream``), as are non-socket
-upstreams (``malformed``) and periodic entries (``intermediate``, so a stream is never
-counted twice). An entry with a host but no upstream timing still counts in
-``balanceiq_upstream_rq_total``: an error is a real outcome, a made-up duration is not.
-Feed one log kind (HCM ``access_log`` or router ``upstream_log``), not both, or requests
-count twice. ``max_endpoints`` bounds the series; entries past it are dropped
-(``cardinality``) rather than growing Prometheus while endpoints churn.
+Latency runs from the first byte sent upstream to the last received (else the last sent
+downstream): network and backend time, not Envoy's own. With retries an entry names only the
+final attempt. An entry with a host but no timing still counts in ``balanceiq_upstream_rq_total``:
+an error is a real outcome, a made-up duration is not. Feed one log kind (HCM ``access_log`` or
+router ``upstream_log``), not both, or requests count twice.
 """
 
 from __future__ import annotations
 
 import bisect
+import itertools
 import json
 import logging
 import math
 import threading
 from collections import Counter as Tally
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from typing import Any
 
 from envoy.config.core.v3 import address_pb2
@@ -34,24 +28,25 @@ log = logging.getLogger(__name__)
 
 # A quantile from buckets is off by at most its bucket's width: fine steps up to 110 ms,
 # where loopback and in-region backends live; coarser above, since each bucket is one
-# series per endpoint. Pass ``AlsCollector(buckets=...)`` for finer steps.
+# series per endpoint.
 _BUCKETS_TEXT = (
     "0.001 0.0025 0.005 0.0075 0.01 0.0125 0.015 0.0175 0.02 0.025 0.03 0.035 0.04 0.045 0.05 0.06 0.07 0.08 "
     "0.09 0.1 0.11 0.125 0.15 0.175 0.2 0.25 0.3 0.4 0.5 0.75 1 2.5 5 10"
 )
 BUCKETS: tuple[float, ...] = tuple(float(b) for b in _BUCKETS_TEXT.split())
 
+# no_upstream: no host picked; malformed: not a socket address; intermediate: a periodic
+# entry (the final one counts the stream); cardinality: past ``max_endpoints``, so churning
+# endpoints cannot grow Prometheus without bound.
 DROP_REASONS = ("no_upstream", "malformed", "intermediate", "cardinality", "tcp")
 # Envoy's standard per-response load report (ORCA, native HTTP form), when a backend sends it.
 ORCA_HEADER = "endpoint-load-metrics"
 SNAPSHOT_FORMAT = "balanceiq-als-snapshot/1"
-_ORCA_KEYS = ("application_utilization", "cpu_utilization")
 
 _T = accesslog_pb2.AccessLogType
 # NotSet: Envoy versions before access_log_type existed only logged at stream end.
 _FINAL_TYPES = frozenset({_T.Value("NotSet"), _T.Value("DownstreamEnd"), _T.Value("UpstreamEnd")})
 _CODE_CLASSES = {1: "1xx", 2: "2xx", 3: "3xx", 4: "4xx", 5: "5xx"}
-_NS = 1_000_000_000
 
 
 def format_endpoint(address: address_pb2.Address) -> str | None:
@@ -75,10 +70,9 @@ def upstream_seconds(common: accesslog_pb2.AccessLogCommon) -> float | None:
         end = common.time_to_last_downstream_tx_byte
     else:
         return None
-    start = common.time_to_first_upstream_tx_byte
     # Integer nanoseconds first: two float seconds would lose sub-microsecond precision.
-    ns = (end.seconds - start.seconds) * _NS + (end.nanos - start.nanos)
-    return ns / _NS if ns >= 0 else None
+    ns = end.ToNanoseconds() - common.time_to_first_upstream_tx_byte.ToNanoseconds()
+    return ns / 1_000_000_000 if ns >= 0 else None
 
 
 def code_class(entry: accesslog_pb2.HTTPAccessLogEntry) -> str:
@@ -87,37 +81,30 @@ def code_class(entry: accesslog_pb2.HTTPAccessLogEntry) -> str:
     return _CODE_CLASSES.get(entry.response.response_code.value // 100, "none")
 
 
-def _orca_fields(text: str) -> dict[str, str]:
-    fields: dict[str, str] = {}
-    if text[:5].upper() == "TEXT ":
-        for item in text[5:].split(","):
-            key, sep, val = item.partition(":")
-            if sep:
-                fields[key.strip()] = val.strip()
-    elif text[:5].upper() == "JSON ":
+def orca_utilization(value: str) -> float | None:
+    """Utilisation from an ORCA ``endpoint-load-metrics`` header in its TEXT or JSON form
+    (``application_utilization``, else ``cpu_utilization``); None when absent or odd."""
+    text = value.strip()
+    kind, body = text[:5].upper(), text[5:]
+    fields: dict[str, object] = {}
+    if kind == "TEXT ":
+        fields = {k.strip(): v.strip() for k, sep, v in (item.partition(":") for item in body.split(",")) if sep}
+    elif kind == "JSON ":
         try:
-            data = json.loads(text[5:])
+            data = json.loads(body)
         except ValueError:
-            return {}
+            return None
         if isinstance(data, dict):
-            fields = {str(k): str(v) for k, v in data.items() if isinstance(v, (int, float))}
+            fields = {k: v for k, v in data.items() if type(v) in (int, float)}
         for snake, camel in (
             ("application_utilization", "applicationUtilization"),
             ("cpu_utilization", "cpuUtilization"),
         ):
-            if camel in fields and snake not in fields:  # protobuf JSON uses camelCase
-                fields[snake] = fields[camel]
-    return fields
-
-
-def orca_utilization(value: str) -> float | None:
-    """Utilisation from an ORCA ``endpoint-load-metrics`` header in its TEXT or JSON form
-    (``application_utilization``, else ``cpu_utilization``); None when absent or odd."""
-    fields = _orca_fields(value.strip())
-    for key in _ORCA_KEYS:
+            fields.setdefault(snake, fields.get(camel))  # protobuf JSON uses camelCase
+    for key in ("application_utilization", "cpu_utilization"):
         try:
-            u = float(fields[key])
-        except (KeyError, ValueError):
+            u = float(fields[key])  # type: ignore[arg-type]
+        except (KeyError, TypeError, ValueError, OverflowError):
             continue
         if math.isfinite(u) and 0.0 <= u <= 100.0:
             return u
@@ -138,49 +125,42 @@ def parse_entry(entry: accesslog_pb2.HTTPAccessLogEntry) -> tuple[str, str, str,
 
 
 class _Series:
-    """Cached children of one (cluster, endpoint): ``labels()`` is the costly part."""
+    """One (cluster, endpoint): its metric children cached (``labels()`` is the costly part),
+    and the same numbers kept plainly, so /snapshot is a JSON dump, not a registry walk."""
 
-    __slots__ = ("bounds", "buckets", "classes", "counts", "hist", "key", "last_util", "orca", "orca_gauge", "rq_total")
+    __slots__ = ("buckets", "classes", "collector", "counts", "hist", "key", "last_util", "orca")
 
     def __init__(self, collector: AlsCollector, cluster: str, endpoint: str) -> None:
+        self.collector = collector
         self.key = (cluster, endpoint)
         self.hist = collector.rq_time.labels(cluster, endpoint)
-        self.rq_total = collector.rq_total
-        self.orca_gauge = collector.orca
         self.orca: Any = None  # the gauge's child, made on the first report
         self.counts: dict[str, Any] = {}
-        # The same numbers kept plainly, so /snapshot is a JSON dump, not a registry walk.
-        self.bounds = collector.bounds
-        self.buckets = [0] * (len(self.bounds) + 1)  # per bucket (not cumulative); last: +Inf
-        self.classes: dict[str, int] = {}
+        self.buckets = [0] * (len(BUCKETS) + 1)  # per bucket (not cumulative); last: +Inf
+        self.classes: Tally[str] = Tally()
         self.last_util: float | None = None
 
-    def report(self, utilization: float) -> None:
-        if self.orca is None:
-            self.orca = self.orca_gauge.labels(*self.key)
-        self.orca.set(utilization)
-        self.last_util = utilization
-
-    def count(self, klass: str, n: int = 1) -> None:
+    def add(self, klass: str, seconds: float | None, utilization: float | None) -> None:
         child = self.counts.get(klass)
         if child is None:
-            child = self.counts[klass] = self.rq_total.labels(*self.key, klass)
-        child.inc(n)
-        self.classes[klass] = self.classes.get(klass, 0) + n
-
-    def observe(self, seconds: float) -> None:
-        self.hist.observe(seconds)
-        self.buckets[bisect.bisect_left(self.bounds, seconds)] += 1  # le is inclusive
+            child = self.counts[klass] = self.collector.rq_total.labels(*self.key, klass)
+        child.inc()
+        self.classes[klass] += 1
+        if seconds is not None and math.isfinite(seconds):
+            self.hist.observe(seconds)
+            self.buckets[bisect.bisect_left(BUCKETS, seconds)] += 1  # le is inclusive
+        if utilization is not None:
+            if self.orca is None:
+                self.orca = self.collector.orca.labels(*self.key)
+            self.orca.set(utilization)
+            self.last_util = utilization
 
     def to_json(self) -> dict[str, Any]:
-        running, cumulative = 0, []
-        for n in self.buckets:
-            running += n
-            cumulative.append(running)
-        k = self.key
+        cluster, endpoint = self.key
+        cumulative = list(itertools.accumulate(self.buckets))
         return {
-            "cluster": k[0],
-            "endpoint": k[1],
+            "cluster": cluster,
+            "endpoint": endpoint,
             "buckets": cumulative,
             "codes": dict(self.classes),
             "orca": self.last_util,
@@ -190,23 +170,16 @@ class _Series:
 class AlsCollector:
     """Thread-safe aggregation of access-log entries into per-endpoint metrics, in its own registry."""
 
-    def __init__(
-        self,
-        *,
-        max_endpoints: int = 10_000,
-        buckets: Sequence[float] = BUCKETS,
-        registry: CollectorRegistry | None = None,
-    ) -> None:
+    def __init__(self, *, max_endpoints: int = 10_000) -> None:
         if max_endpoints < 0:
             raise ValueError(f"max_endpoints must be >= 0, got {max_endpoints}")
         self.max_endpoints = max_endpoints
-        self.bounds = tuple(sorted(float(b) for b in buckets if math.isfinite(b)))
-        self.registry = reg = registry if registry is not None else CollectorRegistry()
+        self.registry = reg = CollectorRegistry()
         self.rq_time = Histogram(
             "balanceiq_upstream_rq_time_seconds",
             "Upstream time per request (first byte sent upstream to last byte received), from Envoy's access log.",
             ["cluster", "endpoint"],
-            buckets=tuple(buckets),
+            buckets=BUCKETS,
             registry=reg,
         )
         self.rq_total = Counter(
@@ -246,16 +219,14 @@ class AlsCollector:
             n += 1
             try:
                 row = parse_entry(entry)
-                orca = entry.response.response_headers.get(ORCA_HEADER) if not isinstance(row, str) else None
-                util = orca_utilization(orca) if orca else None
+                if isinstance(row, str):
+                    drops[row] += 1
+                    continue
+                orca = entry.response.response_headers.get(ORCA_HEADER)
+                parsed.append((*row, orca_utilization(orca) if orca else None))
             except Exception:  # one odd entry must not end Envoy's stream
                 log.debug("unparsable access-log entry", exc_info=True)
                 drops["malformed"] += 1
-                continue
-            if isinstance(row, str):
-                drops[row] += 1
-            else:
-                parsed.append((*row, util))
         observed = 0
         with self._lock:
             series = self._series
@@ -267,14 +238,9 @@ class AlsCollector:
                         continue
                     s = series[(cluster, endpoint)] = _Series(self, cluster, endpoint)
                     self.series_gauge.set(len(series))
-                s.count(klass)
-                if seconds is not None and math.isfinite(seconds):
-                    s.observe(seconds)
-                if util is not None:
-                    s.report(util)
+                s.add(klass, seconds, util)
                 observed += 1
-        if n:
-            self.entries.inc(n)
+        self.entries.inc(n)
         for reason, k in drops.items():
             self._drop_children[reason].inc(k)
         return observed
@@ -294,4 +260,4 @@ class AlsCollector:
         last is +Inf), requests by response class and the last ORCA report."""
         with self._lock:
             series = [s.to_json() for s in self._series.values()]
-        return {"format": SNAPSHOT_FORMAT, "bounds": list(self.bounds), "series": series}
+        return {"format": SNAPSHOT_FORMAT, "bounds": list(BUCKETS), "series": series}

@@ -1,9 +1,8 @@
 """Fallback telemetry: Envoy's admin stats read directly, when Prometheus cannot answer.
 
-Envoy keeps per-endpoint counters (``per_endpoint_stats``); two scrapes a moment apart
-give rates (:func:`derive`). Per-endpoint latency comes, when configured, from the ALS
-exporter's histogram. :class:`EnvoyAdminSource` does the HTTP GETs and keeps the previous
-scrape between calls; parsing lives in :mod:`balanceiq.telemetry.scrape`.
+Two scrapes of Envoy's per-endpoint counters a moment apart give rates (:func:`derive`);
+latency comes, when configured, from the ALS exporter's histogram. Parsing lives in
+:mod:`balanceiq.telemetry.scrape`.
 """
 
 from __future__ import annotations
@@ -33,7 +32,6 @@ from balanceiq.telemetry.observation import (
     quantile_from_buckets,
 )
 from balanceiq.telemetry.scrape import (
-    ALS_HISTOGRAM,
     ENVOY_FIELDS,
     Buckets,
     EndpointStats,
@@ -47,27 +45,11 @@ from balanceiq.telemetry.scrape import (
     parse_exposition,
 )
 
-__all__ = [
-    "ALS_HISTOGRAM",
-    "EndpointStats",
-    "EnvoyAdminSource",
-    "Scrape",
-    "derive",
-    "parse_als_snapshot",
-    "parse_clusters_json",
-    "parse_exposition",
-]
-
 COUNTERS = ("rq_total", "rq_success", "rq_error")  # the ones rates are taken from
 # An older baseline would average over a period the controller no longer cares about.
 MAX_BASELINE_AGE_S = 60.0
 MAX_BODY_BYTES = 32 * 1024 * 1024  # far above any real admin page; bounds a runaway answer
 MAX_REPORTED_PROBLEMS = 10
-
-AlsSnapshot = tuple[dict[Key, Buckets], frozenset[Key], tuple[str, ...]]
-
-
-# -- two scrapes to an Observation -----------------------------------------------------------
 
 
 def _value(stats: EndpointStats, name: str) -> float:
@@ -95,16 +77,10 @@ def _bad_fields(stats: EndpointStats) -> set[str]:
 def _bucket_delta(prev: Buckets, cur: Buckets) -> Buckets | None:
     """Per-bucket increase, or None if the histogram was reset or its layout changed."""
     before = dict(prev)
-    out = []
-    for le, c in cur:
-        p = before.get(le, 0.0 if not prev else None)
-        if p is None:
-            return None
-        d = c - p
-        if not math.isfinite(d) or d < 0:
-            return None
-        out.append((le, d))
-    return tuple(out)
+    if prev and any(le not in before for le, _ in cur):
+        return None
+    delta = tuple((le, c - before.get(le, 0.0)) for le, c in cur)
+    return delta if all(math.isfinite(d) and d >= 0 for _, d in delta) else None
 
 
 def derive(
@@ -118,9 +94,7 @@ def derive(
     now: float | None = None,
 ) -> Observation:
     """Rates and quantiles between two scrapes, one row per address, in order; never raises.
-
-    ``now`` (the scrapes' clock) sets ``age_s``; without it age is 0.
-    """
+    ``now`` (the scrapes' clock) sets ``age_s``; without it age is 0."""
     dt = cur.timestamp - prev.timestamp if prev is not None else NAN
     rates_ok = prev is not None and math.isfinite(dt) and dt > 0
     age = now - cur.timestamp if now is not None else 0.0
@@ -131,12 +105,10 @@ def derive(
         weight = as_float(weights.get(a, NAN)) if weights is not None else NAN
         row = EndpointObservation(a, cost_per_million=as_float(costs.get(a, NAN)), weight=weight, age_s=age)
         rows.append(_derive_one(base, cur, (cluster, a), dt, row))
-    problems = list(cur.problems)
-    errors = [f"envoy-admin: {p}" for p in problems[:MAX_REPORTED_PROBLEMS]]
-    if len(problems) > MAX_REPORTED_PROBLEMS:
-        errors.append(f"envoy-admin: and {len(problems) - MAX_REPORTED_PROBLEMS} more problem(s)")
-    window = dt if rates_ok else NAN
-    return Observation(cluster, tuple(rows), "envoy-admin", window_s=window, errors=tuple(errors))
+    errors = [f"envoy-admin: {p}" for p in cur.problems[:MAX_REPORTED_PROBLEMS]]
+    if len(cur.problems) > MAX_REPORTED_PROBLEMS:
+        errors.append(f"envoy-admin: and {len(cur.problems) - MAX_REPORTED_PROBLEMS} more problem(s)")
+    return Observation(cluster, tuple(rows), "envoy-admin", window_s=dt if rates_ok else NAN, errors=tuple(errors))
 
 
 def _derive_one(prev: Scrape | None, cur: Scrape, key: Key, dt: float, row: EndpointObservation) -> EndpointObservation:
@@ -214,9 +186,6 @@ def _latency(prev: Scrape, cur: Scrape, key: Key) -> tuple[float, float, str | N
     return quantile_from_buckets(delta, 0.5) * 1000.0, quantile_from_buckets(delta, 0.95) * 1000.0, None
 
 
-# -- HTTP -------------------------------------------------------------------------------------
-
-
 def _check_url(url: str, what: str) -> str:
     try:
         u = httpx.URL(url)
@@ -248,11 +217,8 @@ def _says(exc: Exception, *markers: str) -> bool:
 
 
 class EnvoyAdminSource:
-    """Reads Envoy's admin stats (and the ALS exporter) and turns them into Observations.
-
-    Only ever sends GETs. Thread-safe: one lock guards the kept scrapes, so concurrent
-    observers of one cluster do not interleave their windows.
-    """
+    """Reads Envoy's admin stats (and the ALS exporter) into Observations; only ever sends GETs.
+    Thread-safe: one lock guards the kept scrapes, so observers of one cluster never interleave windows."""
 
     def __init__(self, admin_url: str, als_metrics_url: str | None = None, timeout_s: float = 1.0) -> None:
         if not (isinstance(timeout_s, int | float) and math.isfinite(timeout_s) and timeout_s > 0):
@@ -283,10 +249,10 @@ class EnvoyAdminSource:
     def close(self) -> None:
         self._finalizer()
 
-    def _get(self, client: httpx.Client, url: str, types: tuple[str, ...] = ()) -> str:
+    def _get(self, url: str, types: tuple[str, ...] = ()) -> str:
         deadline = time.monotonic() + self.timeout_s
         try:
-            with client.stream("GET", url) as r:
+            with self._client.stream("GET", url) as r:
                 if r.status_code != 200:
                     raise EnvoyAdminError(f"GET {url}: HTTP {r.status_code} {r.reason_phrase}".rstrip())
                 ctype = r.headers.get("content-type", "").split(";", 1)[0].strip().lower()
@@ -309,75 +275,65 @@ class EnvoyAdminSource:
         except (httpx.HTTPError, httpx.InvalidURL, LookupError) as exc:  # LookupError: an unknown charset
             raise EnvoyAdminError(f"GET {url}: {type(exc).__name__}: {exc}") from exc
 
-    def _read_envoy(self) -> tuple[Scrape | None, str, float]:
-        """The JSON page parsed, or else the text page unparsed; and when it was read."""
+    def _read_envoy(self) -> Scrape:
+        """The JSON page if Envoy serves it, else the text stats; timestamped mid-request."""
         t0 = time.monotonic()
         if self.clusters_url is not None:
             try:
-                body = self._get(self._client, self.clusters_url, _JSON)
+                body = self._get(self.clusters_url, _JSON)
                 ts = (t0 + time.monotonic()) / 2
-                return parse_clusters_json(_json_loads(body, "Envoy /clusters"), ts), "", ts
+                return parse_clusters_json(_json_loads(body, "Envoy /clusters"), ts)
             except EnvoyAdminError as exc:
                 if not _says(exc, "content-type", "not JSON", "cluster_statuses", "HTTP 404"):
                     raise
                 self.clusters_url = None  # not JSON here: the text stats from now on
                 t0 = time.monotonic()
-        text = self._get(self._client, self.stats_url)
+        text = self._get(self.stats_url)
         # The counters were read somewhere during the request: the midpoint halves the error.
-        return None, text, (t0 + time.monotonic()) / 2
+        try:
+            return parse_exposition(text, (t0 + time.monotonic()) / 2)
+        except EnvoyAdminError as exc:
+            raise EnvoyAdminError(f"GET {self.stats_url}: {exc}") from exc
 
-    def _read_als(self, als: Future[str] | None) -> tuple[str | None, AlsSnapshot | None, str | None]:
-        """``(metrics text, parsed snapshot, problem)`` from the ALS exporter's answer."""
-        if als is None:
-            return None, None, None
+    def _read_als(self, als: Future[str], ts: float) -> Scrape:
+        """The ALS exporter's latency, or only the problem reading it."""
         try:
             body = als.result()
-            if self.als_snapshot_url:
-                return None, parse_als_snapshot(_json_loads(body)), None
-            return body, None, None
+            if not self.als_snapshot_url:
+                return parse_als_text(body, ts)
+            latency, bad, problems = parse_als_snapshot(_json_loads(body))
+            return Scrape(ts, latency=latency, latency_source=True, bad_latency=bad, problems=problems)
         except EnvoyAdminError as exc:
             if not (
                 _says(exc, "HTTP 404", "content-type", "snapshot") and self.als_snapshot_url and self.als_metrics_url
             ):
-                return None, None, f"als: {exc}"
+                return Scrape(ts, problems=(f"als: {exc}",))
         # No snapshot here (an older exporter): the text page from now on.
         self.als_snapshot_url = None
         try:
-            return self._get(self._client, self.als_metrics_url), None, None
+            return parse_als_text(self._get(self.als_metrics_url), ts)
         except EnvoyAdminError as exc2:
-            return None, None, f"als: {exc2}"
+            return Scrape(ts, problems=(f"als: {exc2}",))
 
     def scrape(self) -> Scrape:
         """One read of the admin page (and the ALS page, whose failure is only a problem)."""
-        als: Future[str] | None = None
         # Both pages at once: the ALS exporter renders thousands of bucket lines.
+        als = None
         if self.als_snapshot_url:
-            als = self._pool.submit(self._get, self._client, self.als_snapshot_url, _JSON)
+            als = self._pool.submit(self._get, self.als_snapshot_url, _JSON)
         elif self.als_metrics_url:
-            als = self._pool.submit(self._get, self._client, self.als_metrics_url)
-        s, text, ts = self._read_envoy()
-        als_text, snapshot, als_problem = self._read_als(als)
-        if s is None:
-            try:
-                s = parse_exposition(text, ts, als_text=als_text)
-            except EnvoyAdminError as exc:
-                raise EnvoyAdminError(f"GET {self.stats_url}: {exc}") from exc
-        elif als_text is not None:
-            lat = parse_als_text(als_text, ts)
-            problems = (*s.problems, *(f"als: {p}" for p in lat.problems))
-            s = replace(
-                s,
-                latency=lat.latency,
-                latency_source=lat.latency_source,
-                bad_latency=lat.bad_latency,
-                problems=problems,
-            )
-        if snapshot is not None:
-            latency, bad, problems = snapshot
-            s = replace(s, latency=latency, latency_source=True, bad_latency=bad, problems=(*s.problems, *problems))
-        if als_problem:
-            s = replace(s, problems=(*s.problems, als_problem))
-        return s
+            als = self._pool.submit(self._get, self.als_metrics_url)
+        s = self._read_envoy()
+        if als is None:
+            return s
+        lat = self._read_als(als, s.timestamp)
+        return replace(
+            s,
+            latency=lat.latency,
+            latency_source=lat.latency_source,
+            bad_latency=lat.bad_latency,
+            problems=(*s.problems, *lat.problems),
+        )
 
     def observe(
         self,
@@ -387,11 +343,8 @@ class EnvoyAdminSource:
         weights: Mapping[str, float] | None = None,
         min_window_s: float = 0.25,
     ) -> Observation:
-        """Rates since this cluster's previous observation (at least ``min_window_s``).
-
-        Without a usable previous scrape it takes two, ``min_window_s`` apart, so even the
-        first fallback observation has real rates. Raises :class:`EnvoyAdminError`.
-        """
+        """Rates since this cluster's previous observation (at least ``min_window_s``). Without a usable
+        previous scrape it takes two, so even the first has real rates. Raises :class:`EnvoyAdminError`."""
         min_window_s = max(0.0, float(min_window_s))
         with self._lock:
             prev = self._baseline.get(cluster)

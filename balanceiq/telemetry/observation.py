@@ -1,17 +1,17 @@
-"""The one `Observation` of a cluster's endpoints, whoever produced it.
+"""The one `Observation` of a cluster's endpoints, whether live telemetry or the simulator made it.
 
-Live telemetry (Prometheus, or Envoy's admin as a fallback) and the simulator both
-produce this type, so the policy sees one contract. Missing data is never zero-filled:
-a value that could not be measured is ``nan`` and the endpoint carries a flag saying why.
-:meth:`Observation.to_array` gives the policy a dense feature matrix plus a validity mask.
+Missing data is never zero-filled: a value that could not be measured is ``nan`` and the
+endpoint carries a flag saying why.
 """
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import math
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Literal
 
 import numpy as np
@@ -69,10 +69,6 @@ class EndpointObservation:
 _FLOAT_FIELDS = tuple(f.name for f in fields(EndpointObservation) if f.type == "float")
 
 
-def _fields_of(e: EndpointObservation) -> dict[str, object]:
-    return {f.name: getattr(e, f.name) for f in fields(e)}
-
-
 @dataclass(frozen=True, slots=True)
 class Observation:
     """Every endpoint of one cluster at one moment, and where the numbers came from."""
@@ -96,11 +92,8 @@ class Observation:
         return {e.address: e for e in self.endpoints}
 
     def to_array(self) -> tuple[np.ndarray, np.ndarray]:
-        """``(features[N, F], valid[N, F])`` in :data:`FEATURES` order.
-
-        Invalid entries are 0 in ``features`` *and* False in ``valid``: the policy must
-        read the mask, and a zero is never mistaken for a measurement.
-        """
+        """``(features[N, F], valid[N, F])`` in :data:`FEATURES` order. Invalid entries are 0 in ``features``
+        *and* False in ``valid``: the policy reads the mask, so a zero is never taken for a measurement."""
         total_weight = sum(e.weight for e in self.endpoints if math.isfinite(e.weight)) or NAN
         rows = [
             [
@@ -113,9 +106,7 @@ class Observation:
         arr = np.asarray(rows, dtype=np.float64).reshape(len(self.endpoints), len(FEATURES))
         valid = np.isfinite(arr)
         # Latency and error rate without fresh traffic behind them are not measurements.
-        for i, e in enumerate(self.endpoints):
-            if not e.usable:
-                valid[i, :3] = False
+        valid[:, :3] &= np.array([e.usable for e in self.endpoints], dtype=bool)[:, None]
         return np.where(valid, arr, 0.0), valid
 
     def to_json(self) -> dict[str, object]:
@@ -130,7 +121,7 @@ class Observation:
             "errors": list(self.errors),
             "endpoints": [
                 # Field order kept from the dataclass; floats as numbers or null.
-                {**_fields_of(e), **{f: num(getattr(e, f)) for f in _FLOAT_FIELDS}, "flags": sorted(e.flags)}
+                {**asdict(e), **{f: num(getattr(e, f)) for f in _FLOAT_FIELDS}, "flags": sorted(e.flags)}
                 for e in self.endpoints
             ],
         }
@@ -141,10 +132,8 @@ def finite_or_nan(value: object) -> tuple[float, bool]:
     try:
         x = float(value)  # type: ignore[arg-type]
     except (TypeError, ValueError):
-        return NAN, False
-    if not math.isfinite(x) or x < 0:
-        return NAN, False
-    return x, True
+        x = NAN
+    return (x, True) if math.isfinite(x) and x >= 0 else (NAN, False)
 
 
 def quantile_from_buckets(buckets: Sequence[tuple[float, float]], q: float) -> float:
@@ -155,26 +144,19 @@ def quantile_from_buckets(buckets: Sequence[tuple[float, float]], q: float) -> f
     pts = sorted((le, c) for le, c in buckets if not math.isnan(le) and math.isfinite(c) and c >= 0)
     if len(pts) < 2 or not math.isinf(pts[-1][0]):
         return NAN
+    les = [le for le, _ in pts]
     # Counts must be cumulative; non-monotonic data (a reset mid-window) is clipped.
-    fixed = []
-    running = 0.0
-    for le, c in pts:
-        running = max(running, c)
-        fixed.append((le, running))
-    total = fixed[-1][1]
-    if total <= 0:
+    cums = list(itertools.accumulate((c for _, c in pts), max))
+    if cums[-1] <= 0:
         return NAN
-    rank = q * total
-    prev_le, prev_c = 0.0, 0.0
-    for le, c in fixed:
-        if c >= rank:
-            if math.isinf(le):
-                return fixed[-2][0]
-            if c == prev_c:
-                return le
-            return prev_le + (le - prev_le) * (rank - prev_c) / (c - prev_c)
-        prev_le, prev_c = le, c
-    return fixed[-2][0]
+    rank = q * cums[-1]
+    i = bisect.bisect_left(cums, rank)  # the first bucket holding the rank-th observation
+    if math.isinf(les[i]):
+        return les[-2]
+    prev_le, prev_c = (les[i - 1], cums[i - 1]) if i else (0.0, 0.0)
+    if cums[i] == prev_c:
+        return les[i]
+    return prev_le + (les[i] - prev_le) * (rank - prev_c) / (cums[i] - prev_c)
 
 
 def empty_observation(

@@ -1,8 +1,7 @@
 """`Telemetry.observe()`: Prometheus first, Envoy's admin when it cannot answer; never raises.
 
-Every call asks Prometheus first (at most every ``retry_s`` while it is down, so a dead
-Prometheus does not add a connect timeout to every step), so the fallback ends by itself.
-The observation's ``source`` and ``errors`` say what happened; when both fail every
+While Prometheus is down it is retried at most every ``retry_s`` (a dead Prometheus must not
+add a connect timeout to every step), so the fallback ends by itself. When both fail every
 endpoint is flagged missing (``source == "none"``): never an exception, never zeros.
 """
 
@@ -11,8 +10,9 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import replace
+from typing import Any
 
 from balanceiq.config import ClusterConfig, Settings
 from balanceiq.exceptions import TelemetryError
@@ -55,39 +55,37 @@ class Telemetry:
         self.prometheus.close()
         self.fallback.close()
 
+    def _read(self, name: str, errors: list[str], read: Callable[..., Observation], *args: Any) -> Observation | None:
+        """``read`` of this cluster, or None with the failure counted and told in ``errors``."""
+        try:
+            return read(self.cluster.name, self.addresses, self.costs, *args)
+        except TelemetryError as exc:
+            self.failures[name] += 1
+            errors.append(f"{name}: {exc}")
+        except Exception as exc:  # a bug in a source must not stop the control loop
+            self.failures[f"{name}-bug"] += 1
+            log.exception("%s source failed unexpectedly", name)
+            errors.append(f"{name}: unexpected {type(exc).__name__}: {exc}")
+        return None
+
     def observe(self, weights: Mapping[str, float] | None = None) -> Observation:
         errors: list[str] = []
         now = time.monotonic()
         if self._prometheus_down_since is None or now - self._last_prometheus_try >= self.retry_s:
             self._last_prometheus_try = now
-            try:
-                obs = self.prometheus.observe(self.cluster.name, self.addresses, self.costs, weights)
+            obs = self._read("prometheus", errors, self.prometheus.observe, weights)
+            if obs is not None:
                 if self._prometheus_down_since is not None:
                     log.info("Prometheus is back; leaving the Envoy admin fallback")
                 self._prometheus_down_since = None
                 return obs
-            except TelemetryError as exc:
-                self.failures["prometheus"] += 1
-                errors.append(f"prometheus: {exc}")
-            except Exception as exc:  # a bug in a source must not stop the control loop
-                self.failures["prometheus-bug"] += 1
-                log.exception("prometheus source failed unexpectedly")
-                errors.append(f"prometheus: unexpected {type(exc).__name__}: {exc}")
             if self._prometheus_down_since is None:
                 log.warning("Prometheus unusable (%s); trying Envoy's admin instead", errors[-1])
                 self._prometheus_down_since = now
         else:
             errors.append(f"prometheus: down, next retry in {self.retry_s - (now - self._last_prometheus_try):.1f}s")
-        try:
-            obs = self.fallback.observe(self.cluster.name, self.addresses, self.costs, dict(weights or {}) or None)
-        except TelemetryError as exc:
-            self.failures["envoy-admin"] += 1
-            errors.append(f"envoy-admin: {exc}")
-        except Exception as exc:
-            self.failures["envoy-admin-bug"] += 1
-            log.exception("envoy admin source failed unexpectedly")
-            errors.append(f"envoy-admin: unexpected {type(exc).__name__}: {exc}")
-        else:
+        obs = self._read("envoy-admin", errors, self.fallback.observe, dict(weights or {}) or None)
+        if obs is not None:
             if self._blind:
                 log.info("telemetry back from Envoy's admin")
                 self._blind = False

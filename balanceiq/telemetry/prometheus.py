@@ -1,8 +1,7 @@
 """Observations from Prometheus, one PromQL query per signal (see ``telemetry.queries``).
 
-Every value is checked: NaN, Inf and negatives become flagged fields, a missing endpoint
-is ``missing``; a failed or malformed query raises :class:`~balanceiq.exceptions.PrometheusError`,
-which the caller turns into a fallback to Envoy's admin.
+NaN, Inf and negatives become flagged fields, a missing endpoint is ``missing``; a failed or
+malformed query raises :class:`~balanceiq.exceptions.PrometheusError` (the caller falls back).
 """
 
 from __future__ import annotations
@@ -43,11 +42,8 @@ def render(promql: str, cluster: str, window: str) -> str:
 
 
 def parse_vector(result: Any, endpoint_label: str) -> tuple[dict[str, float], list[str]]:
-    """``{endpoint: value}`` from an instant-vector result, plus problems found.
-
-    Raises PrometheusError if the result is not an instant vector at all (garbage);
-    single bad samples become problems and ``nan`` values.
-    """
+    """``{endpoint: value}`` from an instant-vector result, plus problems found (bad samples: ``nan``).
+    Raises PrometheusError if the result is not an instant vector at all."""
     if not isinstance(result, list):
         raise PrometheusError(f"expected an instant vector, got {type(result).__name__}")
     values: dict[str, float] = {}
@@ -74,7 +70,6 @@ class PrometheusSource:
     """Runs the configured PromQL and assembles an :class:`Observation`."""
 
     def __init__(self, url: str, config: TelemetryConfig) -> None:
-        self.url = url
         self.config = config
         # No client-side retries: a down Prometheus must fail fast so the same control
         # step can still observe through Envoy's admin.
@@ -89,13 +84,8 @@ class PrometheusSource:
             return self._prom.custom_query(expr, params={"timeout": f"{self.config.timeout_s:g}s"})
         except (requests.exceptions.RequestException, PrometheusApiClientException) as exc:
             raise PrometheusError(f"{what}: {type(exc).__name__}: {str(exc)[:200]}") from exc
-        except (
-            ValueError,
-            KeyError,
-            TypeError,
-            IndexError,
-            AttributeError,
-        ) as exc:  # not JSON, or not Prometheus' shape
+        # Not JSON, or not Prometheus' shape.
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
             raise PrometheusError(f"{what}: malformed response: {type(exc).__name__}: {str(exc)[:200]}") from exc
         except RecursionError as exc:  # json's recursive decoder on "[[[[...": garbage, not a bug of ours
             raise PrometheusError(f"{what}: malformed response: JSON nested too deeply") from exc
@@ -171,22 +161,18 @@ class PrometheusSource:
         now: float,
         latency_known: bool,
     ) -> EndpointObservation:
-        flags: set[str] = set()
-        values: dict[str, float] = {}
+        flags: set[str] = set() if latency_known else {NO_LATENCY_SOURCE}
+        values = dict.fromkeys(SIGNALS, NAN)
         for signal in SIGNALS:
             raw = results[signal][0].get(address)
-            if raw is None:
-                values[signal] = NAN
-                continue
-            value, ok = finite_or_nan(raw)
-            # histogram_quantile of an idle endpoint is NaN: that is "no traffic", not
-            # an invalid answer, and is decided below from rps.
-            if not ok and not (signal in LATENCY and math.isnan(raw)):
-                flags.add(INVALID)
-            values[signal] = value
+            if raw is not None:
+                values[signal], ok = finite_or_nan(raw)
+                # histogram_quantile of an idle endpoint is NaN: that is "no traffic", not
+                # an invalid answer, and is decided below from rps.
+                if not ok and not (signal in LATENCY and math.isnan(raw)):
+                    flags.add(INVALID)
         if address not in results["rps"][0]:
             flags.add(MISSING)
-        rps = values["rps"]
         error_rate = NAN
         completed = values["success"] + values["errors"]  # nan if either is unknown
         if math.isfinite(completed):
@@ -195,14 +181,10 @@ class PrometheusSource:
                 values["p50_ms"] = values["p95_ms"] = NAN
             else:
                 error_rate = min(1.0, values["errors"] / completed)
-        if not latency_known:
-            flags.add(NO_LATENCY_SOURCE)
-        age = NAN
         last = values["last_sample"]
-        if math.isfinite(last):
-            age = max(0.0, now - last)
-            if age > self.config.stale_after_s:
-                flags.add(STALE)
+        age = max(0.0, now - last) if math.isfinite(last) else NAN
+        if age > self.config.stale_after_s:  # never for nan
+            flags.add(STALE)
         healthy = None if math.isnan(values["healthy"]) else values["healthy"] >= 1
         return EndpointObservation(
             address=address,
@@ -211,7 +193,7 @@ class PrometheusSource:
             error_rate=error_rate,
             saturation=values["saturation"],
             inflight=values["inflight"],
-            rps=rps,
+            rps=values["rps"],
             cost_per_million=costs.get(address, NAN),
             weight=float(weights[address]) if weights and address in weights else NAN,
             healthy=healthy,

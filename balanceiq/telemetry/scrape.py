@@ -1,15 +1,9 @@
 """Envoy's admin output (and the ALS exporter's pages) parsed into an immutable :class:`Scrape`.
 
-What Envoy's exposition looks like, and what this module relies on:
-
-* per-endpoint series carry ``envoy_cluster_name`` and ``envoy_endpoint_address``; every
-  counter is declared ``counter`` but only some names end in ``_total``, and
-  prometheus_client renames samples differently by version, so matching is on sample
-  names with one ``_total`` suffix removed;
-* ``rq_total`` counts requests attached to an upstream connection, ``rq_error`` every
-  failure charged (connection failures too), so error rate is taken over
-  ``rq_success + rq_error`` (see :mod:`balanceiq.telemetry.envoy_admin`);
-* ``rq_timeout`` is not an error of its own: Envoy also charges a timeout as a 504.
+Per-endpoint series carry ``envoy_cluster_name`` and ``envoy_endpoint_address``. Only some
+counter names end in ``_total``, and prometheus_client renames samples differently by version,
+so samples are matched by name with one ``_total`` removed. ``rq_timeout`` is not an error of
+its own: Envoy also charges a timeout as a 504.
 """
 
 from __future__ import annotations
@@ -18,7 +12,7 @@ import itertools
 import math
 import re
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
@@ -78,20 +72,8 @@ class Scrape:
         object.__setattr__(self, "endpoints", MappingProxyType(dict(self.endpoints)))
         object.__setattr__(self, "latency", MappingProxyType(dict(self.latency)))
 
-    def endpoint(self, cluster: str, address: str) -> EndpointStats | None:
-        return self.endpoints.get((cluster, address))
 
-    def clusters(self) -> list[str]:
-        return sorted({c for c, _ in self.endpoints})
-
-
-# -- the text exposition ----------------------------------------------------------------------
-
-
-def _wanted(name: str) -> bool:
-    return name.startswith((ENVOY_PREFIX, ALS_HISTOGRAM))
-
-
+_WANTED = (ENVOY_PREFIX, ALS_HISTOGRAM)
 _NAME_END = re.compile(r"[{\s]")
 _LABEL_RE = re.compile(r'([A-Za-z_][A-Za-z0-9_]*)\s*=\s*"([^"\\]*)"')
 
@@ -101,43 +83,40 @@ def _name(line: str) -> str:
     return line[: m.start()] if m else line
 
 
+def _envoy_field(name: str) -> str | None:
+    return ENVOY_FIELDS.get(name[len(ENVOY_PREFIX) :].removesuffix("_total"))
+
+
 def _relevant_lines(text: str) -> list[str]:
     """Our TYPE lines and samples only: junk in a series we do not use cannot cost us ours."""
     kept: list[str] = []
-    for raw in text.split("\n"):
-        line = raw.strip()
-        if not line:
-            continue
+    for line in map(str.strip, text.split("\n")):
         if line.startswith("#"):
             parts = line.split(None, 3)
-            if len(parts) >= 4 and parts[1] == "TYPE" and _wanted(parts[2]):
+            if len(parts) >= 4 and parts[1] == "TYPE" and parts[2].startswith(_WANTED):
                 kept.append(line)
-        elif _wanted(_name(line)):
+        elif _name(line).startswith(_WANTED):
             kept.append(line)
     return kept
 
 
-def _samples(text: str) -> Iterable[Sample]:
-    for fam in text_string_to_metric_families(text):
-        for s in fam.samples:
-            yield s.name, dict(s.labels), s.value
+def _samples(text: str) -> list[Sample]:
+    return [(s.name, dict(s.labels), s.value) for fam in text_string_to_metric_families(text) for s in fam.samples]
 
 
-def _parse_samples(lines: list[str], on_bad_line: Callable[[str, str], None]) -> Iterable[Sample]:
+def _parse_samples(lines: list[str], on_bad_line: Callable[[str, str], None]) -> list[Sample]:
     """Every sample of the lines that parse; the rest to ``on_bad_line``."""
     # The parser gives up at the first bad line: on any failure, go line by line.
     try:
-        parsed = list(_samples("\n".join(lines)))
+        return _samples("\n".join(lines))
     except Exception:
-        parsed = None
-    if parsed is not None:
-        yield from parsed
-        return
+        pass
+    parsed: list[Sample] = []
     type_line = ""
     for line in lines:
         is_type = line.startswith("#")
         try:
-            samples = list(_samples(line if is_type or not type_line else f"{type_line}\n{line}"))
+            samples = _samples(line if is_type or not type_line else f"{type_line}\n{line}")
         except Exception as exc:
             on_bad_line(line, str(exc) or type(exc).__name__)
             # A broken TYPE line would fail every sample under it; they still read as untyped.
@@ -146,7 +125,8 @@ def _parse_samples(lines: list[str], on_bad_line: Callable[[str, str], None]) ->
         if is_type:
             type_line = line
         else:
-            yield from samples
+            parsed.extend(samples)
+    return parsed
 
 
 def clip(s: str, n: int = 120) -> str:
@@ -155,6 +135,11 @@ def clip(s: str, n: int = 120) -> str:
 
 def _fmt_labels(labels: Mapping[str, str]) -> str:
     return clip("{" + ",".join(f'{k}="{v}"' for k, v in sorted(labels.items())) + "}", 160)
+
+
+def _key(labels: Mapping[str, str], cluster_label: str, address_label: str) -> Key | None:
+    key = (labels.get(cluster_label, ""), labels.get(address_label, ""))
+    return key if all(key) else None
 
 
 class _Accumulator:
@@ -170,7 +155,9 @@ class _Accumulator:
         self.problems: list[str] = []
         self.envoy_lines = 0
 
-    def add_text(self, text: str) -> None:
+    def add_text(self, text: str, prefix: str = "") -> None:
+        """Fold in one page; its problems are marked with ``prefix``."""
+        n = len(self.problems)
         lines = _relevant_lines(text)
         self.envoy_lines += sum(1 for ln in lines if ln.startswith(ENVOY_PREFIX))
         # A declared histogram without samples yet is a source whose counts are all zero,
@@ -182,6 +169,7 @@ class _Accumulator:
                 self._envoy_sample(name, labels, value)
             elif name.startswith(ALS_HISTOGRAM):
                 self._als_sample(name, labels, value)
+        self.problems[n:] = [prefix + p for p in self.problems[n:]]
 
     def _mark_bad(self, key: Key, fname: str) -> None:
         self.stats.setdefault(key, {}).pop(fname, None)
@@ -192,58 +180,48 @@ class _Accumulator:
         # Flag whose sample it was, so the endpoint reads invalid rather than unexported.
         name, labels = _name(line), dict(_LABEL_RE.findall(line))
         if name.startswith(ENVOY_PREFIX):
-            fname = ENVOY_FIELDS.get(name[len(ENVOY_PREFIX) :].removesuffix("_total"))
-            key = (labels.get(CLUSTER_LABEL, ""), labels.get(ADDRESS_LABEL, ""))
-            if fname and all(key):
+            fname, key = _envoy_field(name), _key(labels, CLUSTER_LABEL, ADDRESS_LABEL)
+            if fname and key:
                 self._mark_bad(key, fname)
-        elif name.startswith(ALS_HISTOGRAM):
-            key = (labels.get(ALS_CLUSTER_LABEL, ""), labels.get(ALS_ADDRESS_LABEL, ""))
-            if all(key):
-                self.bad_latency.add(key)
+        elif name.startswith(ALS_HISTOGRAM) and (key := _key(labels, ALS_CLUSTER_LABEL, ALS_ADDRESS_LABEL)):
+            self.bad_latency.add(key)
 
-    def _key(self, name: str, labels: dict[str, str], cluster_label: str, address_label: str) -> Key | None:
-        key = (labels.get(cluster_label, ""), labels.get(address_label, ""))
-        if not all(key):
+    def _labelled(self, name: str, labels: dict[str, str], cluster_label: str, address_label: str) -> Key | None:
+        key = _key(labels, cluster_label, address_label)
+        if key is None:
             self.problems.append(f"{name}{_fmt_labels(labels)}: no {cluster_label}/{address_label} label")
-            return None
         return key
 
     def _envoy_sample(self, name: str, labels: dict[str, str], value: float) -> None:
-        fname = ENVOY_FIELDS.get(name[len(ENVOY_PREFIX) :].removesuffix("_total"))
+        fname = _envoy_field(name)
         if fname is None:  # cx_total, cx_active, rq_pending_active...: not used
             return
-        key = self._key(name, labels, CLUSTER_LABEL, ADDRESS_LABEL)
+        key = self._labelled(name, labels, CLUSTER_LABEL, ADDRESS_LABEL)
         if key is None:
             return
         x, ok = finite_or_nan(value)
-        if ok and fname == "healthy" and x not in (0.0, 1.0):
-            ok = False
-        if not ok:
+        if not ok or (fname == "healthy" and x not in (0.0, 1.0)):
             self.problems.append(f"{name}{_fmt_labels(labels)} = {value!r}: not a valid {fname}")
         elif fname in self.stats.get(key, {}) or fname in self.bad.get(key, ()):
             # Two series for one endpoint's stat: neither can be trusted to be "the" one.
             self.problems.append(f"{name}{_fmt_labels(labels)}: duplicate series")
-            ok = False
-        if ok:
-            self.stats.setdefault(key, {})[fname] = x
         else:
-            self._mark_bad(key, fname)
-
-    def _bad_latency(self, key: Key, problem: str) -> None:
-        self.problems.append(problem)
-        self.bad_latency.add(key)
+            self.stats.setdefault(key, {})[fname] = x
+            return
+        self._mark_bad(key, fname)
 
     def _als_sample(self, name: str, labels: dict[str, str], value: float) -> None:
         suffix = name[len(ALS_HISTOGRAM) :]
         if suffix not in ("_bucket", "_count"):
             return  # _sum, _created: not needed for quantiles
         self.latency_source = True
-        key = self._key(name, labels, ALS_CLUSTER_LABEL, ALS_ADDRESS_LABEL)
+        key = self._labelled(name, labels, ALS_CLUSTER_LABEL, ALS_ADDRESS_LABEL)
         if key is None:
             return
         x, ok = finite_or_nan(value)
         if not ok:
-            self._bad_latency(key, f"{name}{_fmt_labels(labels)} = {value!r}: not a valid count")
+            self.problems.append(f"{name}{_fmt_labels(labels)} = {value!r}: not a valid count")
+            self.bad_latency.add(key)
             return
         if suffix == "_count":
             self.counts[key] = x
@@ -255,7 +233,8 @@ class _Accumulator:
         bucket = self.buckets.setdefault(key, {})
         if math.isnan(le) or le < 0 or le in bucket:
             why = "duplicate bucket" if le in bucket else "bad or missing le"
-            self._bad_latency(key, f"{name}{_fmt_labels(labels)}: {why}")
+            self.problems.append(f"{name}{_fmt_labels(labels)}: {why}")
+            self.bad_latency.add(key)
             return
         bucket[le] = x
 
@@ -290,12 +269,9 @@ def _why_unusable(text: str, acc: _Accumulator) -> str:
 
 
 def parse_exposition(text: str, timestamp: float | None = None, *, als_text: str | None = None) -> Scrape:
-    """Parse Envoy's ``/stats/prometheus`` (and optionally the ALS exporter's ``/metrics``).
-
-    Bad samples are skipped, listed in ``problems`` and their field marked bad. Raises
-    :class:`EnvoyAdminError` when ``text`` has no usable per-endpoint sample at all;
-    ``als_text`` never raises.
-    """
+    """Envoy's ``/stats/prometheus`` (and optionally the ALS exporter's ``/metrics``): bad samples are
+    skipped, listed in ``problems`` and their field marked bad. Raises :class:`EnvoyAdminError` when
+    ``text`` has no usable per-endpoint sample at all; ``als_text`` never raises."""
     ts = time.monotonic() if timestamp is None else timestamp
     if isinstance(text, bytes | bytearray):
         text = bytes(text).decode("utf-8", errors="replace")
@@ -303,23 +279,18 @@ def parse_exposition(text: str, timestamp: float | None = None, *, als_text: str
         raise EnvoyAdminError(f"expected exposition text, got {type(text).__name__}")
     acc = _Accumulator()
     acc.add_text(text)
-    if not any(len(s) > 0 for s in acc.stats.values()):
+    if not any(acc.stats.values()):
         raise EnvoyAdminError(_why_unusable(text, acc))
     if als_text is not None:
-        n = len(acc.problems)
-        acc.add_text(als_text if isinstance(als_text, str) else str(als_text))
-        acc.problems[n:] = [f"als: {p}" for p in acc.problems[n:]]
+        acc.add_text(als_text, "als: ")
     return acc.scrape(ts)
 
 
 def parse_als_text(text: str, timestamp: float) -> Scrape:
-    """Only the ALS histogram of the exporter's ``/metrics`` (never raises)."""
+    """Only the ALS histogram of the exporter's ``/metrics``, problems marked ``als:`` (never raises)."""
     acc = _Accumulator()
-    acc.add_text(text)
+    acc.add_text(text, "als: ")
     return acc.scrape(timestamp)
-
-
-# -- JSON pages -----------------------------------------------------------------------------
 
 
 def _host_address(host: Mapping[str, object]) -> str | None:
@@ -347,14 +318,14 @@ def as_float(x: object) -> float:
         return NAN
 
 
-def _host_stats(key: Key, host: dict[str, Any], problems: list[str]) -> tuple[dict[str, float], set[str]]:
+def _host_stats(key: Key, host: dict[str, Any], problems: list[str]) -> EndpointStats:
     values: dict[str, float] = {}
     bad: set[str] = set()
     for stat in host.get("stats") or []:
         fname = CLUSTERS_JSON_FIELDS.get(stat.get("name", "")) if isinstance(stat, dict) else None
         if fname is None:
             continue
-        x, ok = finite_or_nan(as_float(stat.get("value", 0)))
+        x, ok = finite_or_nan(stat.get("value", 0))
         if ok and fname not in values:
             values[fname] = x
         else:
@@ -364,7 +335,7 @@ def _host_stats(key: Key, host: dict[str, Any], problems: list[str]) -> tuple[di
         if fname not in values and fname not in bad:
             values[fname] = 0.0  # proto3 JSON omits zeros
     values["healthy"] = _host_healthy(host.get("health_status"))
-    return values, bad
+    return EndpointStats(**{k: v for k, v in values.items() if k not in bad}, bad=frozenset(bad))
 
 
 def parse_clusters_json(data: object, timestamp: float | None = None) -> Scrape:
@@ -386,18 +357,20 @@ def parse_clusters_json(data: object, timestamp: float | None = None) -> Scrape:
                 problems.append(f"{cs['name']}: a host without a socket address")
                 continue
             key = (cs["name"], address)
-            values, bad = _host_stats(key, host, problems)
+            stats = _host_stats(key, host, problems)
             if key in endpoints:
                 problems.append(f"{key[0]}/{address}: listed twice")
-                bad |= set(CLUSTERS_JSON_FIELDS.values())
-                values = {}
-            endpoints[key] = EndpointStats(**{k: v for k, v in values.items() if k not in bad}, bad=frozenset(bad))
+                stats = EndpointStats(bad=frozenset(CLUSTERS_JSON_FIELDS.values()))
+            endpoints[key] = stats
     if not endpoints:
         raise EnvoyAdminError("no endpoint in /clusters?format=json")
     return Scrape(timestamp=ts, endpoints=endpoints, problems=tuple(problems))
 
 
-def _snapshot_bounds(data: object) -> list[float]:
+def parse_als_snapshot(data: object) -> tuple[dict[Key, Buckets], frozenset[Key], tuple[str, ...]]:
+    """The ALS exporter's ``/snapshot`` JSON -> ``(latency buckets, bad keys, problems)``. A series of the
+    wrong length, a negative or non-integer count, or counts going down is bad (latency unknown, never
+    guessed). Raises :class:`EnvoyAdminError` when ``data`` is not a snapshot, so ``/metrics`` is read instead."""
     if (
         not isinstance(data, dict)
         or not isinstance(data.get("series"), list)
@@ -410,18 +383,7 @@ def _snapshot_bounds(data: object) -> list[float]:
         raise EnvoyAdminError(f"ALS snapshot bounds are not numbers: {exc}") from exc
     if any(not math.isfinite(b) or b < 0 for b in bounds) or bounds != sorted(set(bounds)):
         raise EnvoyAdminError("ALS snapshot bounds must be finite, >= 0 and strictly ascending")
-    return bounds
-
-
-def parse_als_snapshot(data: object) -> tuple[dict[Key, Buckets], frozenset[Key], tuple[str, ...]]:
-    """The ALS exporter's ``/snapshot`` JSON -> ``(latency buckets, bad keys, problems)``.
-
-    A series with the wrong length, a negative or non-integer count, or counts going down
-    is bad (latency unknown, never guessed). Raises :class:`EnvoyAdminError` when ``data``
-    is not a snapshot at all, so the caller can read ``/metrics`` instead.
-    """
-    les = [*_snapshot_bounds(data), math.inf]
-    assert isinstance(data, dict)
+    les = [*bounds, math.inf]
     latency: dict[Key, Buckets] = {}
     bad: set[Key] = set()
     problems: list[str] = []

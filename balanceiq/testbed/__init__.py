@@ -1,1 +1,1 @@
-"""The local testbed: sample backends in three "clouds", Envoy, and (later) Prometheus."""
+"""The live side: Envoy bootstraps, LiveEnv, live evaluation and exploration recordings on a real fleet."""

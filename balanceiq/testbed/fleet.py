@@ -1,10 +1,9 @@
-"""The private fleet of sample backends that some product features need, injected.
+"""The fleet of sample backends some product features need, injected by the caller.
 
-LiveEnv's private mode, its scenarios and load, live evaluation and ``balanceiq record``
-need sample backends behind their own Envoy, which are not part of the product: the caller
-passes a :class:`FleetProvider`, or names a ``module:callable`` returning one (LiveEnv's
-``fleet`` key, else the ``BALANCEIQ_FLEET`` environment variable). The repo's lab provides
-one and sets the variable when its commands load.
+LiveEnv's private mode, scenarios and load, live evaluation and ``balanceiq record`` need sample
+backends behind their own Envoy, which the product does not ship: the caller passes a
+:class:`FleetProvider`, or names a ``module:callable`` returning one (``fleet``, else
+``$BALANCEIQ_FLEET``, which the repo's lab sets when its commands load).
 """
 
 from __future__ import annotations
@@ -46,7 +45,6 @@ class Scenario(Protocol):
     events: list[Any]
 
     def check_targets(self, endpoints: list[EndpointConfig]) -> None: ...
-
     def phase_at(self, t: float) -> str: ...
 
 
@@ -54,9 +52,7 @@ class Driver(Protocol):
     """Applies scenario events to the backends; ``restore`` undoes them all."""
 
     def apply(self, event: Any) -> list[str]: ...
-
     def restore(self) -> None: ...
-
     def close(self) -> None: ...
 
 
@@ -105,5 +101,4 @@ def resolve_fleet(fleet: FleetProvider | str | None, feature: str) -> FleetProvi
         factory = getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError, ValueError) as exc:
         raise ConfigError([("fleet", f"cannot load the fleet provider {ref!r}: {exc}")]) from exc
-    provider: FleetProvider = factory()
-    return provider
+    return factory()

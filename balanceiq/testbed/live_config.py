@@ -11,7 +11,7 @@ import httpx
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from balanceiq.config import Settings, load_config, settings_from_dict, validation_problems
+from balanceiq.config import Settings, load_config, parse_yaml, settings_from_dict, validation_problems
 from balanceiq.exceptions import ConfigError
 from balanceiq.policy.reward import RewardWeights
 from balanceiq.testbed.fleet import ENV_VAR
@@ -70,13 +70,9 @@ class LiveEnvConfig(BaseModel):
     n_max: int = Field(default=16, ge=1, le=4096, description="Endpoints the observation is padded to (FleetEnv's).")
     k: int | None = Field(default=None, ge=1, description="Critical endpoints per decision (default: the config's K).")
     decision_interval_s: float = Field(default=2.0, gt=0, le=600, description="Seconds between push and observation.")
-    reset_settle_s: float | None = Field(
-        default=None, ge=0, le=600, description="Wait after reset (default: interval)."
-    )
+    reset_settle_s: float | None = Field(default=None, ge=0, le=600, description="Wait after reset (default: interval)")
     episode_steps: int = Field(default=15, ge=1, le=100000, description="Decisions per episode (then truncated).")
-    load_rps: float | None = Field(
-        default=None, ge=0, le=10000, description="Load via Envoy (default 60 private, 0 attach)."
-    )
+    load_rps: float | None = Field(default=None, ge=0, le=10000, description="Load via Envoy (60 private, 0 attach).")
     load_concurrency: int = Field(default=8, ge=1, le=256)
     load_max_s: float = Field(default=86400.0, gt=0, description="The load generator's lifetime bound.")
     prometheus: bool = Field(default=False, description="Private mode: a Prometheus per env (else Envoy admin + ALS).")
@@ -125,8 +121,6 @@ class LiveEnvConfig(BaseModel):
 
 def load_live_env_config(path: str | Path) -> dict[str, Any]:
     """A ``--live-config`` YAML -> the env_config dict (validated; ConfigError names fields)."""
-    from balanceiq.config import parse_yaml
-
     path = Path(path)
     try:
         text = path.read_text()
@@ -212,11 +206,9 @@ def live_rllib_overrides(
     simulator's unless set (same spaces: one checkpoint serves both), and ``fleet``. A live
     step takes seconds, so fragments and batches are small: 16 steps per runner."""
     cfg = dict(live or {})
-    for key in ("n_max", "k", "cost_weight", "reward"):
+    for key in ("n_max", "k", "cost_weight", "reward", "seed"):
         if key in base_env_config and key not in cfg:
             cfg[key] = base_env_config[key]
-    if "seed" in base_env_config and "seed" not in cfg:
-        cfg["seed"] = base_env_config["seed"]
     if "fleet" not in cfg and os.environ.get(ENV_VAR):
         cfg["fleet"] = os.environ[ENV_VAR]  # env runners on a running cluster do not inherit it
     LiveEnvConfig.from_env_config(cfg)  # fail early, in the driver, with field names

@@ -1,4 +1,4 @@
-"""Free loopback ports for tests and benchmarks, and a check that configured ones are free."""
+"""Free loopback ports (LiveEnv, tests, benchmarks), and a check that configured ones are free."""
 
 from __future__ import annotations
 
@@ -6,7 +6,9 @@ import random
 import socket
 from contextlib import ExitStack
 
-from balanceiq.config import Settings, default_settings
+import httpx
+
+from balanceiq.config import Settings
 from balanceiq.exceptions import TestbedError
 
 
@@ -54,16 +56,13 @@ def free_port(host: str = "127.0.0.1") -> int:
 def check_ports_free(settings: Settings, *, api: bool = False) -> None:
     """TestbedError naming every configured port that is already taken (before starting
     anything, so a clash is reported instead of half a stack left running)."""
-    from httpx import URL
-
+    admin, prom = httpx.URL(settings.envoy.admin_url), httpx.URL(settings.prometheus.url)
     wanted = [
         ("xDS", settings.xds.host, settings.xds.port),
         ("Envoy listener", settings.envoy.listen_host, settings.envoy.listen_port),
+        ("Envoy admin", admin.host, admin.port or 80),
+        ("Prometheus", prom.host, prom.port or 80),
     ]
-    admin = URL(settings.envoy.admin_url)
-    wanted.append(("Envoy admin", admin.host, admin.port or 80))
-    prom = URL(settings.prometheus.url)
-    wanted.append(("Prometheus", prom.host, prom.port or 80))
     if settings.telemetry.als_enabled:
         wanted += [
             ("ALS", "127.0.0.1", settings.telemetry.als_grpc_port),
@@ -87,37 +86,3 @@ def check_ports_free(settings: Settings, *, api: bool = False) -> None:
             "ports already in use: " + ", ".join(busy) + " (is `balanceiq testbed up` or another demo running? "
             "run `balanceiq testbed down`, or pass --config with other ports)"
         )
-
-
-def settings_on_free_ports(n_endpoints: int = 3, base: Settings | None = None) -> Settings:
-    """``base`` (default settings) with ``n_endpoints`` endpoints in three clouds and every
-    port (backends, xDS, Envoy admin and listener, Prometheus, ALS, API) free right now, so
-    several stacks (tests, benchmarks, live envs) run side by side on one machine."""
-    s = base or default_settings()
-    ports = iter(free_ports(n_endpoints + 8))
-    clouds = [("aws", "us-east-1"), ("gcp", "us-central1"), ("azure", "eastus")]
-    template = s.clusters[0].endpoints[0]
-    endpoints = [
-        template.model_copy(
-            update={
-                "address": f"127.0.0.1:{next(ports)}",
-                "cloud": clouds[i % 3][0],
-                "region": clouds[i % 3][1],
-                "zone": None,
-            }
-        )
-        for i in range(n_endpoints)
-    ]
-    cluster = s.clusters[0].model_copy(update={"endpoints": endpoints})
-    return s.model_copy(
-        update={
-            "clusters": [cluster],
-            "xds": s.xds.model_copy(update={"port": next(ports)}),
-            "envoy": s.envoy.model_copy(
-                update={"admin_url": f"http://127.0.0.1:{next(ports)}", "listen_port": next(ports)}
-            ),
-            "prometheus": s.prometheus.model_copy(update={"url": f"http://127.0.0.1:{next(ports)}"}),
-            "telemetry": s.telemetry.model_copy(update={"als_grpc_port": next(ports), "als_metrics_port": next(ports)}),
-            "api": s.api.model_copy(update={"port": next(ports)}),
-        }
-    )

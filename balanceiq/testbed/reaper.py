@@ -11,16 +11,18 @@ import subprocess
 import sys
 from pathlib import Path
 
+import psutil
+
 _REAPER = r"""
-import os, signal, sys, time
+import shutil, sys
 import psutil
 procs = []
 for line in sys.stdin:
     try:
         pid, created = line.split()
-        procs.append(psutil.Process(int(pid)))
-        if abs(procs[-1].create_time() - float(created)) > 0.01:
-            procs.pop()
+        p = psutil.Process(int(pid))
+        if abs(p.create_time() - float(created)) <= 0.01:
+            procs.append(p)
     except (ValueError, psutil.Error):
         pass
 alive = []
@@ -38,7 +40,6 @@ for p in alive:
         pass
 psutil.wait_procs(alive, timeout=5)
 if len(sys.argv) > 1:  # the owner's work directory (logs, xDS state)
-    import shutil
     shutil.rmtree(sys.argv[1], ignore_errors=True)
 """
 
@@ -59,8 +60,6 @@ class Reaper:
     def add(self, pid: int | None) -> None:
         if pid is None or self.proc.stdin is None or self.proc.stdin.closed:
             return
-        import psutil
-
         try:
             created = psutil.Process(pid).create_time()
         except psutil.Error:

@@ -1,17 +1,15 @@
 """Exploration recordings: varied load per endpoint on a live fleet, for calibration.
 
-A controller that keeps its weights still gives one operating point per endpoint, and a
-fit of capacity and the latency-vs-load curve needs many. :class:`Explorer` runs the
-controller's loop (observe, push, append one
-:class:`~balanceiq.control.records.DecisionRecord`-compatible JSON line, mode ``"explore"``)
-with an exploration schedule for decisions: each ``hold_s`` a split that sweeps one endpoint
-from a floor share to ``max_share`` (:func:`exploration_splits`), held long enough for the
-telemetry window to cover it alone. ``balanceiq calibrate`` reads these and controller
+Steady weights give one operating point per endpoint; fitting capacity and the latency-vs-load
+curve needs many. :class:`Explorer` runs the controller's loop (observe, push, record a
+DecisionRecord-compatible line, mode ``"explore"``) with a schedule that sweeps each endpoint's
+share in turn (:func:`exploration_splits`). ``balanceiq calibrate`` reads these and controller
 recordings alike.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import tempfile
@@ -80,36 +78,21 @@ def exploration_splits(n: int, count: int, *, floor: float = 0.04, max_share: fl
     out = np.empty((count, n))
     for k in range(count):
         i, r = k % n, k // n
-        u = (strata[i, r] + rng.uniform()) / rounds
-        s_i = floor + u * (top - floor)
+        s_i = floor + (strata[i, r] + rng.uniform()) / rounds * (top - floor)
         rest = 1.0 - s_i - (n - 1) * floor  # to spread above the others' floors
-        d = rng.dirichlet(np.ones(n - 1))
-        others = floor + max(rest, 0.0) * d
-        row = np.insert(others, i, s_i)
+        row = np.insert(floor + max(rest, 0.0) * rng.dirichlet(np.ones(n - 1)), i, s_i)
         out[k] = row / row.sum()
     return out
 
 
 def _record_line(
-    seq: int,
-    timestamp: float,
-    obs: Observation,
-    previous: Mapping[str, int],
-    weights: Mapping[str, int],
-    *,
-    notes: Sequence[str],
-    step_ms: float,
-    pushed: bool = False,
-    acked: bool | None = None,
-    push_ms: float | None = None,
-    ack_ms: float | None = None,
-    version: str | None = None,
-    moved: float = 0.0,
-    error: str | None = None,
+    seq: int, timestamp: float, obs: Observation, previous: Mapping[str, int], weights: Mapping[str, int], **fields: Any
 ) -> dict[str, Any]:
-    """The JSON a :class:`~balanceiq.control.records.DecisionRecord` writes with its observation."""
+    """The JSON a :class:`~balanceiq.control.records.DecisionRecord` writes with its
+    observation; ``fields``: ``notes``, ``step_ms`` and the push's (see ``Explorer._push``)."""
 
-    def num(x: float | None) -> float | None:
+    def num(key: str, default: float | None = None) -> float | None:
+        x = fields.get(key, default)
         return None if x is None or not math.isfinite(x) else round(float(x), 6)
 
     return {
@@ -120,16 +103,16 @@ def _record_line(
         "weights": dict(weights),
         "previous": dict(previous),
         "reward": None,
-        "moved": num(moved),
-        "pushed": pushed,
-        "acked": acked,
-        "push_ms": num(push_ms),
-        "ack_ms": num(ack_ms),
-        "version": version,
-        "notes": list(notes),
+        "moved": num("moved", 0.0),
+        "pushed": fields.get("pushed", False),
+        "acked": fields.get("acked"),
+        "push_ms": num("push_ms"),
+        "ack_ms": num("ack_ms"),
+        "version": fields.get("version"),
+        "notes": list(fields["notes"]),
         "source": obs.source,
-        "error": error,
-        "step_ms": num(step_ms),
+        "error": fields.get("error"),
+        "step_ms": num("step_ms"),
         "scores": None,
         "observation": obs.to_json(),
     }
@@ -277,21 +260,9 @@ def exploration_settings(settings: Settings, *, window_s: float = 2.0, scrape_in
     )
 
 
-def _pusher(xds: Any, cluster: str) -> Callable[[Mapping[str, int]], tuple[str | None, bool | None]]:
-    def push(weights: Mapping[str, int]) -> tuple[str | None, bool | None]:
-        version = xds.set_assignment(cluster, dict(weights))
-        return version, xds.wait_for_ack(version, None, 2.0)
-
-    return push
-
-
-def _first_assignment(xds: Any, cluster: str, addresses: list[str], console: Console) -> dict[str, int]:
-    with console.status("waiting for Envoy to take the first assignment"):
-        initial = dict.fromkeys(addresses, WEIGHT_SCALE // max(1, len(addresses)))
-        version = xds.set_assignment(cluster, initial)
-        if not xds.wait_for_ack(version, None, 15.0):
-            raise TestbedError("Envoy did not ACK the first assignment within 15 s")
-    return initial
+def _push_and_ack(xds: Any, cluster: str, weights: Mapping[str, int], timeout: float) -> tuple[str, bool]:
+    version = xds.set_assignment(cluster, dict(weights))
+    return version, xds.wait_for_ack(version, None, timeout)
 
 
 def _warm_up(telemetry: Any, initial: dict[str, int], wait_s: float, console: Console) -> None:
@@ -306,21 +277,6 @@ def _warm_up(telemetry: Any, initial: dict[str, int], wait_s: float, console: Co
             if time.monotonic() > deadline:
                 raise TestbedError(f"telemetry not usable after {WARMUP_BUDGET_S:.0f}s of load: {obs.errors}")
             time.sleep(0.5)
-
-
-def _start_load(
-    fleet: FleetProvider, url: str, rate_rps: float, concurrency: int, max_s: float, stop: threading.Event
-) -> tuple[threading.Thread, list[dict[str, Any]]]:
-    """Paced, bounded load on a thread; its result lands in the returned list."""
-    loads: list[dict[str, Any]] = []
-    kw = {"concurrency": concurrency, "max_seconds": max_s, "rate_rps": rate_rps, "stop": stop, "timeout_s": 10.0}
-    loader = threading.Thread(
-        target=lambda: loads.append(fleet.run_load(url, total=int(rate_rps * max_s), **kw)),
-        daemon=True,
-        name="balanceiq-record-load",
-    )
-    loader.start()
-    return loader, loads
 
 
 def record_exploration(
@@ -379,12 +335,24 @@ def record_exploration(
                     lb_policy="ROUND_ROBIN",
                 )
             try:
-                initial = _first_assignment(xds, c.name, addresses, console)
+                initial = dict.fromkeys(addresses, WEIGHT_SCALE // max(1, len(addresses)))
+                with console.status("waiting for Envoy to take the first assignment"):
+                    if not _push_and_ack(xds, c.name, initial, 15.0)[1]:
+                        raise TestbedError("Envoy did not ACK the first assignment within 15 s")
                 max_s = duration_s + WARMUP_BUDGET_S + 20
-                loader, loads = _start_load(provider, fl.listen_url, rate_rps, load_concurrency, max_s, stop)
+                kw = {"concurrency": load_concurrency, "max_seconds": max_s, "rate_rps": rate_rps, "stop": stop}
+                loader = threading.Thread(
+                    target=lambda: loads.append(
+                        provider.run_load(fl.listen_url, total=int(rate_rps * max_s), timeout_s=10.0, **kw)
+                    ),
+                    daemon=True,
+                    name="balanceiq-record-load",
+                )
+                loader.start()
                 telemetry = Telemetry(settings, c.name, retry_s=0.5)
                 _warm_up(telemetry, initial, window_s + 2 * scrape_interval_s, console)
-                explorer = Explorer(addresses, telemetry.observe, _pusher(xds, c.name), out, plan, initial=initial)
+                push = functools.partial(_push_and_ack, xds, c.name, timeout=2.0)
+                explorer = Explorer(addresses, telemetry.observe, push, out, plan, initial=initial)
                 with console.status(f"exploring for {duration_s:g}s at {rate_rps:g} rps -> {out}"):
                     summary.update(explorer.run(duration_s))
             finally:

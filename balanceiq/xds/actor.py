@@ -26,13 +26,14 @@ from balanceiq.xds.server import XdsServer
 NAMESPACE = "balanceiq"
 ACTOR_NAME = "xds_server"
 HEAD_RESOURCE = "node:__internal_head__"
+BIND_RETRY_S = 5.0
 AUDIT_SIZE = 1000  # lease-checked pushes remembered; at one per second, a quarter of an hour
 
 
 class XdsServerActor:
     """Ray actor body; wrap with :func:`start_actor`, not ``ray.remote`` by hand."""
 
-    def __init__(self, settings: Settings, state_dir: str | None = None, bind_retry_s: float = 5.0) -> None:
+    def __init__(self, settings: Settings, state_dir: str | None = None) -> None:
         self._server = XdsServer(settings, state_dir=state_dir or settings.state_dir)
         # Not persisted: after a restart the controller simply acquires it again.
         self._lease = LeaseTable()
@@ -41,7 +42,7 @@ class XdsServerActor:
         self._pushes: deque[dict[str, Any]] = deque(maxlen=AUDIT_SIZE)
         self._holders: deque[dict[str, Any]] = deque(maxlen=AUDIT_SIZE)
         # After a crash the dead worker's socket may linger (SO_REUSEPORT is off): retry.
-        deadline = time.monotonic() + bind_retry_s
+        deadline = time.monotonic() + BIND_RETRY_S
         while True:
             try:
                 self._server.start()
@@ -114,10 +115,6 @@ class XdsServerActor:
         return self._server.port
 
 
-def _head_pinned_options() -> dict[str, Any]:
-    return {"resources": {HEAD_RESOURCE: 0.001}}
-
-
 def start_actor(settings: Settings, state_dir: str | Path | None = None) -> ray.actor.ActorHandle[Any]:
     """Get the named xDS actor, creating it (pinned to the head) if it does not exist."""
     cls = ray.remote(XdsServerActor)
@@ -130,7 +127,7 @@ def start_actor(settings: Settings, state_dir: str | Path | None = None) -> ray.
         max_restarts=-1,
         max_task_retries=3,
         max_concurrency=4,  # status() must not queue behind a slow set_assignment()
-        **_head_pinned_options(),
+        resources={HEAD_RESOURCE: 0.001},
     ).remote(settings, str(state_dir) if state_dir else None)
     # Ray types ActorClass.remote() as ActorHandle[T] | type[T]; what it returns is the handle.
     handle = cast("ray.actor.ActorHandle[Any]", created)

@@ -8,16 +8,17 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal, cast
+from typing import Any, Literal, cast, get_args
 
 from balanceiq.exceptions import AssignmentError
 
 UINT32_MAX = 2**32 - 1
 
 Health = Literal["HEALTHY", "DRAINING", "UNHEALTHY", "DEGRADED"]
-HEALTH_VALUES: tuple[str, ...] = ("HEALTHY", "DRAINING", "UNHEALTHY", "DEGRADED")
+HEALTH_VALUES: tuple[str, ...] = get_args(Health)
 _JSON_FIELDS = ("address", "weight", "health", "cloud", "region", "zone", "cost_per_million_requests")
 
 
@@ -52,7 +53,26 @@ class Assignment:
     endpoints: tuple[EndpointAssignment, ...] = field(default_factory=tuple)
 
     def __post_init__(self) -> None:
-        validate_endpoints(self.cluster, self.endpoints)
+        # Each endpoint's weight is valid already (EndpointAssignment coerces it).
+        if not self.cluster:
+            raise AssignmentError("cluster name is empty")
+        if not self.endpoints:
+            raise AssignmentError(f"cluster {self.cluster!r} has no endpoints")
+        seen: set[str] = set()
+        sums: Counter[tuple[str, str, str]] = Counter()
+        for ep in self.endpoints:
+            if ep.address in seen:
+                raise AssignmentError(f"cluster {self.cluster!r}: endpoint {ep.address} listed twice")
+            seen.add(ep.address)
+            if ep.health not in HEALTH_VALUES:
+                raise AssignmentError(f"cluster {self.cluster!r}: {ep.address} has unknown health {ep.health!r}")
+            sums[ep.locality] += ep.weight
+        for loc, total in sums.items():
+            if total > UINT32_MAX:
+                raise AssignmentError(
+                    f"cluster {self.cluster!r}: weights in locality {'/'.join(p for p in loc if p)} sum to "
+                    f"{total}, over Envoy's uint32 limit {UINT32_MAX}"
+                )
 
     @property
     def weights(self) -> dict[str, int]:
@@ -77,20 +97,19 @@ class Assignment:
         problems: list[str] = []
         new_eps = []
         for ep in self.endpoints:
-            w = ep.weight
-            h = ep.health
+            changes: dict[str, Any] = {}
             if ep.address in weights:
                 try:
-                    w = coerce_weight(weights[ep.address])
+                    changes["weight"] = coerce_weight(weights[ep.address])
                 except AssignmentError as exc:
                     problems.append(f"weights[{ep.address!r}]: {exc}")
             if ep.address in health:
                 raw = health[ep.address]
-                if not isinstance(raw, str) or raw.upper() not in HEALTH_VALUES:
-                    problems.append(f"health[{ep.address!r}]: {raw!r} is not one of {', '.join(HEALTH_VALUES)}")
+                if isinstance(raw, str) and raw.upper() in HEALTH_VALUES:
+                    changes["health"] = raw.upper()
                 else:
-                    h = raw.upper()  # type: ignore[assignment]
-            new_eps.append(replace(ep, weight=w, health=h))
+                    problems.append(f"health[{ep.address!r}]: {raw!r} is not one of {', '.join(HEALTH_VALUES)}")
+            new_eps.append(replace(ep, **changes))
         if problems:
             raise AssignmentError(f"cluster {self.cluster!r}: " + "; ".join(problems))
         return Assignment(self.cluster, tuple(new_eps))
@@ -120,7 +139,7 @@ class Assignment:
                         address=str(raw["address"]),
                         host=host,
                         port=port,
-                        weight=coerce_weight(raw["weight"]),
+                        weight=raw["weight"],
                         cloud=str(raw["cloud"]),
                         region=str(raw["region"]),
                         zone=zone,
@@ -160,27 +179,3 @@ def split_address(address: str) -> tuple[str, int]:
     if not sep or bad_host or not (port.isascii() and port.isdigit()) or not 1 <= int(port) <= 65535:
         raise AssignmentError(f"bad endpoint address {address!r}: expected host:port")
     return host, int(port)
-
-
-def validate_endpoints(cluster: str, endpoints: Iterable[EndpointAssignment]) -> None:
-    eps = list(endpoints)
-    if not cluster:
-        raise AssignmentError("cluster name is empty")
-    if not eps:
-        raise AssignmentError(f"cluster {cluster!r} has no endpoints")
-    seen: set[str] = set()
-    sums: dict[tuple[str, str, str], int] = {}
-    for ep in eps:
-        if ep.address in seen:
-            raise AssignmentError(f"cluster {cluster!r}: endpoint {ep.address} listed twice")
-        seen.add(ep.address)
-        coerce_weight(ep.weight)
-        if ep.health not in HEALTH_VALUES:
-            raise AssignmentError(f"cluster {cluster!r}: {ep.address} has unknown health {ep.health!r}")
-        sums[ep.locality] = sums.get(ep.locality, 0) + ep.weight
-    for loc, total in sums.items():
-        if total > UINT32_MAX:
-            raise AssignmentError(
-                f"cluster {cluster!r}: weights in locality {'/'.join(p for p in loc if p)} sum to "
-                f"{total}, over Envoy's uint32 limit {UINT32_MAX}"
-            )

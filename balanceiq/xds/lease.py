@@ -1,9 +1,5 @@
-"""Who may push weights: a time-limited lease held by at most one controller.
-
-Only the holder's pushes are accepted, so two controller replicas never fight over
-Envoy's weights; a dead holder's lease expires after ``ttl_s``. :class:`LeaseTable` keeps
-one lease per cluster beside the server-wide one: each excludes other owners of the
-other, and a push needs its cluster's lease, or the server-wide one when nobody holds it.
+"""Who may push weights: time-limited leases, each held by at most one controller, so two
+controller replicas never fight over Envoy's weights; a dead holder's lease expires after ``ttl_s``.
 """
 
 from __future__ import annotations
@@ -11,6 +7,7 @@ from __future__ import annotations
 import math
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,125 +20,96 @@ class LeaseState:
     expires_at: float  # time.monotonic() deadline
     term: int  # increments whenever the holder changes
 
-    def to_json(self, now: float | None = None) -> dict[str, Any]:
-        now = time.monotonic() if now is None else now
-        live = self.holder is not None and self.expires_at > now
+    def live_holder(self, now: float) -> str | None:
+        return self.holder if self.expires_at > now else None
+
+    def to_json(self, now: float) -> dict[str, Any]:
+        live = self.live_holder(now)
         return {
-            "holder": self.holder if live else None,
+            "holder": live,
             "expires_in_s": round(max(0.0, self.expires_at - now), 3) if live else 0.0,
             "term": self.term,
         }
 
 
-class Lease:
-    """Thread-safe single-holder lease with expiry."""
-
-    def __init__(self, clock: Any = time.monotonic) -> None:
-        self._lock = threading.Lock()
-        self._clock = clock
-        self._state = LeaseState(None, 0.0, 0)
-
-    def acquire(self, owner: str, ttl_s: float) -> dict[str, Any]:
-        """Take or renew the lease for ``owner``; ``granted`` says whether it holds it now."""
-        if not owner or not isinstance(owner, str):
-            raise XdsLeaseError("lease owner must be a non-empty string")
-        if not (isinstance(ttl_s, (int, float)) and math.isfinite(ttl_s) and 0 < ttl_s <= 3600):
-            raise XdsLeaseError(f"lease ttl_s must be in (0, 3600], got {ttl_s!r}")
-        with self._lock:
-            now = self._clock()
-            s = self._state
-            free = s.holder is None or s.expires_at <= now
-            if free or s.holder == owner:
-                term = s.term if s.holder == owner and not free else s.term + 1
-                self._state = LeaseState(owner, now + float(ttl_s), term)
-                return {"granted": True, **self._state.to_json(now)}
-            return {"granted": False, **s.to_json(now)}
-
-    def release(self, owner: str) -> bool:
-        with self._lock:
-            if self._state.holder == owner:
-                self._state = LeaseState(None, 0.0, self._state.term)
-                return True
-            return False
-
-    def check(self, owner: str) -> None:
-        """Raise unless ``owner`` holds an unexpired lease."""
-        with self._lock:
-            s = self._state
-            if s.holder != owner or s.expires_at <= self._clock():
-                holder = s.holder if s.holder and s.expires_at > self._clock() else "nobody"
-                raise XdsLeaseError(f"push refused: {owner!r} does not hold the controller lease (held by {holder})")
-
-    def state(self) -> dict[str, Any]:
-        with self._lock:
-            return self._state.to_json(self._clock())
+_FREE = LeaseState(None, 0.0, 0)
 
 
 class LeaseTable:
-    """The server-wide lease (scope ``None``) and one lease per cluster, checked together."""
+    """The server-wide lease (scope ``None``) and one lease per cluster. Thread-safe.
 
-    def __init__(self, clock: Any = time.monotonic) -> None:
+    Each excludes other owners of the other; a push needs its cluster's lease, or the
+    server-wide one while nobody holds the cluster's."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._lock = threading.Lock()
         self._clock = clock
-        self._global = Lease(clock)
-        self._scoped: dict[str, Lease] = {}
+        self._leases: dict[str | None, LeaseState] = {None: _FREE}
 
-    def _lease(self, scope: str | None) -> Lease:
-        if scope is None:
-            return self._global
-        if not isinstance(scope, str) or not scope:
+    def _lease(self, scope: str | None) -> LeaseState:
+        if scope is not None and (not isinstance(scope, str) or not scope):
             raise XdsLeaseError("lease cluster must be a non-empty string or None")
-        return self._scoped.setdefault(scope, Lease(self._clock))
+        return self._leases.setdefault(scope, _FREE)
 
-    def _blocker(self, owner: str, scope: str | None) -> str | None:
-        """Another owner holding a lease that overlaps ``scope``, if any."""
-        if scope is None:
-            return next(
-                (h for h in (lease.state()["holder"] for lease in self._scoped.values()) if h and h != owner), None
-            )
-        holder = self._global.state()["holder"]
-        return holder if holder and holder != owner else None
+    def _governing(self, cluster: str, now: float) -> str | None:
+        """The cluster's scope while someone holds its lease, else the server-wide one (``None``)."""
+        scoped = self._leases.get(cluster)
+        return cluster if scoped is not None and scoped.live_holder(now) else None
 
     def acquire(self, owner: str, ttl_s: float, scope: str | None = None) -> dict[str, Any]:
-        """Take or renew ``scope``'s lease (a cluster, or ``None`` for the whole server)."""
+        """Take or renew ``scope``'s lease (a cluster, or ``None`` for the whole server);
+        ``granted`` says whether ``owner`` holds it now."""
         with self._lock:
             lease = self._lease(scope)
-            blocker = self._blocker(owner, scope)
+            if not owner or not isinstance(owner, str):
+                raise XdsLeaseError("lease owner must be a non-empty string")
+            now = self._clock()
+            # Another owner holding a lease that overlaps this one blocks it.
+            overlapping = (v for k, v in self._leases.items() if (k is None) != (scope is None))
+            blocker = next((h for s in overlapping if (h := s.live_holder(now)) and h != owner), None)
             if blocker is not None:
-                if not owner or not isinstance(owner, str):
-                    raise XdsLeaseError("lease owner must be a non-empty string")
-                return {"granted": False, **lease.state(), "holder": blocker, "cluster": scope}
-            return {**lease.acquire(owner, ttl_s), "cluster": scope}
+                return {"granted": False, **lease.to_json(now), "holder": blocker, "cluster": scope}
+            if not (isinstance(ttl_s, (int, float)) and math.isfinite(ttl_s) and 0 < ttl_s <= 3600):
+                raise XdsLeaseError(f"lease ttl_s must be in (0, 3600], got {ttl_s!r}")
+            holder = lease.live_holder(now)
+            granted = holder in (None, owner)
+            if granted:
+                term = lease.term if holder == owner else lease.term + 1
+                lease = self._leases[scope] = LeaseState(owner, now + float(ttl_s), term)
+            return {"granted": granted, **lease.to_json(now), "cluster": scope}
 
     def release(self, owner: str, scope: str | None = None) -> bool:
         with self._lock:
-            return self._lease(scope).release(owner)
-
-    def _governing(self, cluster: str) -> tuple[Lease, str | None]:
-        """The cluster's lease while someone holds it, else the server-wide one."""
-        scoped = self._scoped.get(cluster)
-        if scoped is not None and scoped.state()["holder"] is not None:
-            return scoped, cluster
-        return self._global, None
+            lease = self._lease(scope)
+            if lease.holder != owner:
+                return False
+            self._leases[scope] = LeaseState(None, 0.0, lease.term)
+            return True
 
     def check(self, owner: str, cluster: str) -> dict[str, Any]:
         """Raise unless ``owner`` may push to ``cluster``; the lease state that allowed it."""
         with self._lock:
-            lease, scope = self._governing(cluster)
-            lease.check(owner)
-            return {**lease.state(), "cluster": scope}
+            now = self._clock()
+            scope = self._governing(cluster, now)
+            lease = self._leases[scope]
+            holder = lease.live_holder(now)
+            if holder != owner:
+                raise XdsLeaseError(
+                    f"push refused: {owner!r} does not hold the controller lease (held by {holder or 'nobody'})"
+                )
+            return {**lease.to_json(now), "cluster": scope}
 
     def term(self, cluster: str) -> int:
         """The term a push to ``cluster`` would be checked under."""
         with self._lock:
-            return int(self._governing(cluster)[0].state()["term"])
+            return self._leases[self._governing(cluster, self._clock())].term
 
     def state(self, scope: str | None = None) -> dict[str, Any]:
         with self._lock:
-            lease = self._global if scope is None else self._scoped.get(scope)
-            return lease.state() if lease is not None else {"holder": None, "expires_in_s": 0.0, "term": 0}
+            return self._leases.get(scope, _FREE).to_json(self._clock())
 
     def states(self) -> dict[str, dict[str, Any]]:
         """Every cluster lease ever taken, by cluster."""
         with self._lock:
-            return {k: v.state() for k, v in sorted(self._scoped.items())}
+            now = self._clock()
+            return {k: self._leases[k].to_json(now) for k in sorted(k for k in self._leases if k is not None)}

@@ -1,22 +1,9 @@
-"""The xDS protocol as plain state machines, with no gRPC in sight.
+"""The xDS protocol (envoyproxy.io xds_protocol) as plain state machines, with no gRPC in sight.
 
 One :class:`SotwStream` or :class:`DeltaStream` per gRPC stream turns requests and new
-snapshots into encoded responses. Rules (envoyproxy.io xds_protocol):
-
-* nonces are per stream; a SotW request answering an older nonce is stale and ignored;
-* ACK and NACK differ by ``error_detail``; NACKed content is not sent again until the
-  content changes or the subscription grows (go-control-plane re-sends it forever, its
-  issues #46 and #962);
-* a newly subscribed resource is sent even if unchanged, and one that does not exist yet
-  is served when it appears;
-* SotW: a stream's first request is always answered (a restarted server must not trust a
-  version from a previous incarnation); nothing more goes out while a response is unACKed;
-* delta: ``initial_resource_versions`` say what the client has; resources that vanish, or
-  that are subscribed before they exist, are named in ``removed_resources`` (once).
-
-Bad input is *ignored* where the protocol says so, or *refused* with
-:class:`~balanceiq.exceptions.XdsRequestError` (ending that stream only) where it would
-let one client grow the server's memory; both counted in :class:`StatusRegistry`.
+snapshots into encoded responses. Bad input is *ignored* where the protocol says so, or
+*refused* with :class:`~balanceiq.exceptions.XdsRequestError` (ending that stream only)
+where it would let one client grow the server's memory; both counted in :class:`StatusRegistry`.
 """
 
 from __future__ import annotations
@@ -26,15 +13,16 @@ import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field, fields
-from typing import Any
+from dataclasses import asdict, dataclass, field
+from typing import Any, Generic, TypeVar
 
 from envoy.service.discovery.v3 import discovery_pb2
 
 from balanceiq.exceptions import XdsRequestError
 from balanceiq.xds.snapshot import EDS_TYPE, Snapshot, delta_response, sotw_response
+from balanceiq.xds.store import add_listener
 
-_nonces = itertools.count(1)
+_NONCES = itertools.count(1)
 
 # Limits on what one client can make the server hold; Envoy's real values are far below.
 MAX_NODE_ID = 1024
@@ -46,15 +34,8 @@ MAX_CLUSTER_FIELD = 256  # characters of node.cluster kept
 MAX_NODES = 10_000  # node records kept; the longest-disconnected are dropped past it
 
 
-def _nonce() -> str:
-    return str(next(_nonces))
-
-
 def _too_many(reason: str, message: str) -> XdsRequestError:
     return XdsRequestError(reason, message, "RESOURCE_EXHAUSTED")
-
-
-# --- per-node status ---------------------------------------------------------------------
 
 
 @dataclass
@@ -74,46 +55,20 @@ class NodeStatus:
     responses_sent: int = 0
 
     def to_json(self) -> dict[str, Any]:
-        d = {f.name: getattr(self, f.name) for f in fields(self)}
-        return {
-            "node_id": self.node_id,
-            "cluster": self.cluster,
-            "connected": self.streams > 0,
-            **d,
-            "api": sorted(self.api),
-        }
-
-
-@dataclass(frozen=True)
-class Rejection:
-    node_id: str
-    type_url: str
-    version: str
-    error: str
-    at: float
-
-
-@dataclass(frozen=True)
-class BadRequest:
-    kind: str  # "refused" (stream ended with an error status) or "ignored"
-    reason: str
-    api: str
-    node_id: str | None
-    detail: str
-    at: float
+        return {**asdict(self), "connected": self.streams > 0, "api": sorted(self.api)}
 
 
 class StatusRegistry:
     """Who is connected, what they ACKed and rejected, and bad requests. Thread-safe."""
 
-    def __init__(self, max_rejections: int = 100, max_nodes: int = MAX_NODES) -> None:
+    def __init__(self, max_rejections: int = 100) -> None:
         self._lock = threading.Condition()
         self._nodes: dict[str, NodeStatus] = {}
-        self.max_nodes = max_nodes
-        self.rejections: deque[Rejection] = deque(maxlen=max_rejections)
+        self.max_nodes = MAX_NODES
+        self.rejections: deque[dict[str, Any]] = deque(maxlen=max_rejections)
         self.refused_by_reason: Counter[str] = Counter()
         self.ignored_by_reason: Counter[str] = Counter()
-        self.bad_requests: deque[BadRequest] = deque(maxlen=max_rejections)
+        self.bad_requests: deque[dict[str, Any]] = deque(maxlen=max_rejections)
         self._ack_listeners: list[Callable[[str, str, float], None]] = []
 
     def _node(self, node_id: str) -> NodeStatus:
@@ -134,7 +89,8 @@ class StatusRegistry:
     def _bad(self, kind: str, counter: Counter[str], reason: str, api: str, node_id: str | None, detail: str) -> None:
         with self._lock:
             counter[reason] += 1
-            self.bad_requests.append(BadRequest(kind, reason, api, node_id, detail[:200], time.time()))
+            bad = {"kind": kind, "reason": reason, "api": api, "node_id": node_id, "detail": detail[:200]}
+            self.bad_requests.append({**bad, "at": time.time()})
             self._lock.notify_all()
 
     def refused(self, reason: str, api: str, node_id: str | None = None, detail: str = "") -> None:
@@ -180,19 +136,12 @@ class StatusRegistry:
             node.nacks += 1
             node.last_nacked_version = version
             node.last_error = error
-            self.rejections.append(Rejection(node_id, type_url, version, error, time.time()))
+            rejection = {"node_id": node_id, "type_url": type_url, "version": version, "error": error}
+            self.rejections.append({**rejection, "at": time.time()})
             self._lock.notify_all()
 
     def add_ack_listener(self, fn: Callable[[str, str, float], None]) -> Callable[[], None]:
-        with self._lock:
-            self._ack_listeners.append(fn)
-
-        def cancel() -> None:
-            with self._lock:
-                if fn in self._ack_listeners:
-                    self._ack_listeners.remove(fn)
-
-        return cancel
+        return add_listener(self._lock, self._ack_listeners, fn)
 
     def wait_for(self, predicate: Callable[[dict[str, NodeStatus]], bool], timeout: float) -> bool:
         with self._lock:
@@ -203,25 +152,32 @@ class StatusRegistry:
             return {
                 "nodes": [n.to_json() for n in self._nodes.values()],
                 "connected": sum(1 for n in self._nodes.values() if n.streams > 0),
-                "rejections": [r.__dict__ for r in self.rejections],
+                "rejections": list(self.rejections),
                 "requests_refused": dict(self.refused_by_reason),
                 "requests_ignored": dict(self.ignored_by_reason),
-                "bad_requests": [b.__dict__ for b in self.bad_requests],
+                "bad_requests": list(self.bad_requests),
             }
 
 
-# --- common to both flavours -------------------------------------------------------------
+W = TypeVar("W")
 
 
-class _Stream:
-    """Node identity and the type filter, shared by both flavours."""
+class _Stream(Generic[W]):
+    """Node identity, the type filter and one watch per type, shared by both flavours."""
 
-    def __init__(self, registry: StatusRegistry, api: str, default_type: str = EDS_TYPE) -> None:
+    def __init__(self, registry: StatusRegistry, api: str) -> None:
         self.registry = registry
         self.api = api
-        self.default_type = default_type
         self.node_id: str | None = None
         self.unsupported_types: set[str] = set()
+        self._watches: dict[str, W] = {}
+
+    def on_snapshot(self, snapshot: Snapshot) -> list[bytes]:
+        watch = self._watches.get(snapshot.type_url)
+        return [] if watch is None else self._send(watch, snapshot)
+
+    def _send(self, watch: W, snapshot: Snapshot | None) -> list[bytes]:
+        raise NotImplementedError
 
     def _identify(self, node: Any) -> str:
         # With set_node_on_first_message_only, only the first request names the node.
@@ -262,9 +218,6 @@ class _Stream:
             self.registry.closed(self.node_id)
 
 
-# --- state of the world ------------------------------------------------------------------
-
-
 @dataclass
 class _SotwWatch:
     names: frozenset[str] | None = None  # None: wildcard
@@ -274,16 +227,14 @@ class _SotwWatch:
     waiting: bool = False  # the client has an answered-nothing-yet request open
 
 
-class SotwStream(_Stream):
+class SotwStream(_Stream[_SotwWatch]):
     """One state-of-the-world stream (ADS or standalone EDS)."""
 
-    def __init__(self, registry: StatusRegistry, api: str, default_type: str = EDS_TYPE) -> None:
-        super().__init__(registry, api, default_type)
-        self._watches: dict[str, _SotwWatch] = {}
+    request_type = discovery_pb2.DiscoveryRequest
 
     def on_request(self, req: discovery_pb2.DiscoveryRequest, snapshot: Snapshot | None) -> list[bytes]:
-        self._identify(req.node)
-        type_url = req.type_url or self.default_type
+        node_id = self._identify(req.node)
+        type_url = req.type_url or EDS_TYPE
         if len(req.resource_names) > MAX_NAMES:
             raise _too_many("too_many_names", f"{len(req.resource_names)} resource names; at most {MAX_NAMES}")
         self._check_names(type_url, req.resource_names)
@@ -299,25 +250,20 @@ class SotwStream(_Stream):
         grew = watch.names is not None and (names is None or not names <= watch.names)
         watch.names = names
         watch.waiting = True
-        assert self.node_id is not None
         if not req.response_nonce:
-            # First request of this type: answer whatever version_info the client claims.
+            # First request of this type: answer whatever version_info the client claims (a
+            # restarted server must not trust a version from a previous incarnation).
             watch.sent = None
         elif req.HasField("error_detail"):
-            self.registry.nack(self.node_id, type_url, watch.sent_version or "", req.error_detail.message)
+            self.registry.nack(node_id, type_url, watch.sent_version or "", req.error_detail.message)
         else:
-            self.registry.ack(self.node_id, watch.sent_version or req.version_info)
+            self.registry.ack(node_id, watch.sent_version or req.version_info)
         if grew:
             watch.sent = None  # newly subscribed names must be sent even if unchanged
-        return self._maybe_send(watch, snapshot)
+        return self._send(watch, snapshot)
 
-    def on_snapshot(self, snapshot: Snapshot) -> list[bytes]:
-        watch = self._watches.get(snapshot.type_url)
-        if watch is None:
-            return []
-        return self._maybe_send(watch, snapshot)
-
-    def _maybe_send(self, watch: _SotwWatch, snapshot: Snapshot | None) -> list[bytes]:
+    def _send(self, watch: _SotwWatch, snapshot: Snapshot | None) -> list[bytes]:
+        # Nothing goes out while a response is unACKed (``waiting`` is False).
         if snapshot is None or not watch.waiting:
             return []
         current = snapshot.resource_versions(watch.names)
@@ -325,8 +271,10 @@ class SotwStream(_Stream):
             if watch.names is not None and not any(current.values()):
                 return []  # nothing subscribed exists yet: remember, answer when it does
         elif current == watch.sent:
-            return []  # unchanged for this client (and never re-send rejected content)
-        watch.nonce = _nonce()
+            # Unchanged for this client; NACKed content is not sent again either
+            # (go-control-plane re-sends it forever, its issues #46 and #962).
+            return []
+        watch.nonce = str(next(_NONCES))
         watch.sent = current
         watch.sent_version = snapshot.version
         watch.waiting = False
@@ -335,31 +283,26 @@ class SotwStream(_Stream):
         return [sotw_response(snapshot, watch.names, watch.nonce)]
 
 
-# --- delta (incremental) -----------------------------------------------------------------
-
-
 @dataclass
 class _DeltaWatch:
     wildcard: bool = False
     names: set[str] = field(default_factory=set)
     client: dict[str, str] = field(default_factory=dict)  # what the client holds (ACKed)
-    pending: dict[str, dict[str, str | None]] = field(default_factory=dict)  # nonce -> sent
-    pending_versions: dict[str, str] = field(default_factory=dict)  # nonce -> system version
+    # nonce -> (system version, name -> version sent, None for a removal)
+    pending: dict[str, tuple[str, dict[str, str | None]]] = field(default_factory=dict)
     inflight: dict[str, str | None] = field(default_factory=dict)  # name -> latest unACKed
     rejected: dict[str, str] = field(default_factory=dict)  # name -> NACKed version
     told_absent: set[str] = field(default_factory=set)  # subscribed, reported missing once
 
 
-class DeltaStream(_Stream):
+class DeltaStream(_Stream[_DeltaWatch]):
     """One incremental (delta) xDS stream (ADS or standalone EDS)."""
 
-    def __init__(self, registry: StatusRegistry, api: str, default_type: str = EDS_TYPE) -> None:
-        super().__init__(registry, api, default_type)
-        self._watches: dict[str, _DeltaWatch] = {}
+    request_type = discovery_pb2.DeltaDiscoveryRequest
 
     def on_request(self, req: discovery_pb2.DeltaDiscoveryRequest, snapshot: Snapshot | None) -> list[bytes]:
         node_id = self._identify(req.node)
-        type_url = req.type_url or self.default_type
+        type_url = req.type_url or EDS_TYPE
         if len(req.initial_resource_versions) > MAX_NAMES or len(req.resource_names_subscribe) > MAX_NAMES:
             raise _too_many("too_many_names", f"more than {MAX_NAMES} resource names in one request")
         self._check_names(type_url, req.resource_names_subscribe)
@@ -401,22 +344,18 @@ class DeltaStream(_Stream):
             watch.client.pop(name, None)
             watch.inflight.pop(name, None)
             watch.told_absent.discard(name)
-        return self._diff(watch, snapshot)
-
-    def on_snapshot(self, snapshot: Snapshot) -> list[bytes]:
-        watch = self._watches.get(snapshot.type_url)
-        return [] if watch is None else self._diff(watch, snapshot)
+        return self._send(watch, snapshot)
 
     def _on_answer(
         self, watch: _DeltaWatch, req: discovery_pb2.DeltaDiscoveryRequest, node_id: str, type_url: str
     ) -> None:
         """The ACK or NACK of the response ``req.response_nonce`` names."""
-        sent = watch.pending.pop(req.response_nonce, None)
-        version = watch.pending_versions.pop(req.response_nonce, "")
-        if sent is None:
+        answered = watch.pending.pop(req.response_nonce, None)
+        if answered is None:
             # Not a nonce we sent (or already answered): the subscription changes still apply.
             self.registry.ignored("unknown_nonce", self.api, node_id, req.response_nonce[:100])
             return
+        version, sent = answered
         for name, ver in sent.items():
             if watch.inflight.get(name, "absent") == ver:
                 del watch.inflight[name]
@@ -432,7 +371,8 @@ class DeltaStream(_Stream):
                 watch.rejected.pop(name, None)
         self.registry.ack(node_id, version)
 
-    def _diff(self, watch: _DeltaWatch, snapshot: Snapshot | None) -> list[bytes]:
+    def _send(self, watch: _DeltaWatch, snapshot: Snapshot | None) -> list[bytes]:
+        """What the client lacks, and what vanished or is subscribed before it exists (named once)."""
         if snapshot is None:
             return []
         interested = set(watch.names)
@@ -456,11 +396,9 @@ class DeltaStream(_Stream):
                 watch.told_absent.add(name)
         if not send and not removed:
             return []
-        nonce = _nonce()
-        sent: dict[str, str | None] = {r.name: r.version for r in send}
-        sent.update({name: None for name in removed})
-        watch.pending[nonce] = sent
-        watch.pending_versions[nonce] = snapshot.version
+        nonce = str(next(_NONCES))
+        sent: dict[str, str | None] = {**{r.name: r.version for r in send}, **dict.fromkeys(removed)}
+        watch.pending[nonce] = (snapshot.version, sent)
         watch.inflight.update(sent)
         assert self.node_id is not None
         self.registry.sent(self.node_id)

@@ -1,13 +1,8 @@
 """The gRPC side: ADS and standalone EDS, state-of-the-world and delta, on grpc.aio.
 
-:class:`XdsServer` owns a :class:`~balanceiq.xds.store.SnapshotStore` and serves it on its
-own event loop in a background thread. Streams run the state machines of
-:mod:`balanceiq.xds.protocol` and write pre-encoded bytes. One store watcher hops each
-publish onto the loop once, which fans it out to every stream's queue.
-
-Bad input never takes more than its own stream down: a request that does not parse or
-that the protocol refuses ends it with ``INVALID_ARGUMENT`` (or ``RESOURCE_EXHAUSTED``),
-counted by reason in ``status()["requests_refused"]``.
+:class:`XdsServer` serves a :class:`~balanceiq.xds.store.SnapshotStore` from its own event
+loop thread; each stream runs a state machine of :mod:`balanceiq.xds.protocol`. Bad input
+ends only its own stream, counted by reason in ``status()["requests_refused"]``.
 """
 
 from __future__ import annotations
@@ -22,20 +17,17 @@ from typing import Any
 
 import grpc
 from envoy.service.discovery.v3 import discovery_pb2
-from google.protobuf.message import DecodeError
+from google.protobuf.message import DecodeError, Message
 
 from balanceiq.config import ClusterConfig, Settings, TlsConfig, is_loopback
 from balanceiq.exceptions import AssignmentError, XdsBindError, XdsError, XdsRequestError
 from balanceiq.loop import LoopThread
 from balanceiq.xds.assignment import Assignment, EndpointAssignment
 from balanceiq.xds.protocol import DeltaStream, SotwStream, StatusRegistry
-from balanceiq.xds.snapshot import EDS_TYPE, Snapshot, sotw_response
+from balanceiq.xds.snapshot import EDS_TYPE, sotw_response
 from balanceiq.xds.store import SnapshotStore
 
 log = logging.getLogger(__name__)
-
-ADS_SERVICE = "envoy.service.discovery.v3.AggregatedDiscoveryService"
-EDS_SERVICE = "envoy.service.endpoint.v3.EndpointDiscoveryService"
 
 # xDS requests are small (Envoy's first, with its node, tens of KiB); this bounds what
 # one stream can make the server allocate per message.
@@ -57,30 +49,12 @@ _GRPC_OPTIONS = [
 ]
 
 
-def _identity(b: bytes) -> bytes:
-    return b
-
-
-class _Malformed:
-    """What a request that does not parse deserializes to, so the handler can refuse it.
-
-    A raising deserializer would end the stream with status OK, as if the client had left.
-    """
-
-    __slots__ = ("error",)
-
-    def __init__(self, error: str) -> None:
-        self.error = error
-
-
-def _lenient(parse: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
-    def deserialize(data: bytes) -> Any:
-        try:
-            return parse(data)
-        except DecodeError as exc:
-            return _Malformed(str(exc) or "not a valid protobuf message")
-
-    return deserialize
+def _parse(message: type[Message], data: bytes, what: str) -> Any:
+    # Parsed here, not by a gRPC deserializer: one that raises ends the stream with status OK.
+    try:
+        return message.FromString(data)
+    except DecodeError as exc:
+        raise XdsRequestError("malformed", f"not a valid {what}: {exc or 'not a valid protobuf message'}") from None
 
 
 class _StreamQueue(asyncio.Queue[tuple[str, Any]]):
@@ -99,12 +73,9 @@ def assignment_from_config(cluster: ClusterConfig) -> Assignment:
 
 def merge_restored(configured: Assignment, restored: Assignment | None) -> Assignment:
     """Config decides membership; the restored state decides weight and health."""
-    if restored is None:
-        return configured
-    old = {ep.address: ep for ep in restored.endpoints}
-    weights = {a: old[a].weight for a in configured.weights if a in old}
-    health = {a: old[a].health for a in configured.weights if a in old}
-    return configured.with_updates(weights, health)
+    old = {ep.address: ep for ep in restored.endpoints} if restored else {}
+    kept = [old[a] for a in configured.weights if a in old]
+    return configured.with_updates({ep.address: ep.weight for ep in kept}, {ep.address: ep.health for ep in kept})
 
 
 def _read_pem(tls: TlsConfig, name: str) -> bytes:
@@ -163,7 +134,7 @@ class XdsServer:
         restored = {a.cluster: a for a in (self.store.restore() or [])}
         self.restored = bool(restored)
         initial = [merge_restored(assignment_from_config(c), restored.get(c.name)) for c in settings.clusters]
-        # The write side's source of truth; a raw snapshot (tests) does not replace it.
+        # The write side's source of truth; a snapshot published straight to the store does not change it.
         self._assignments = {a.cluster: a for a in initial}
         self.store.publish_assignments(initial)
 
@@ -172,7 +143,7 @@ class XdsServer:
         if self._loop.running:
             raise XdsError("xDS server already started")
         self._loop.start()
-        self._unwatch = self.store.watch(self._on_publish)
+        self._unwatch = self.store.watch(lambda _snapshot: self._loop.call_soon(self._fanout))
         try:
             self.port = self._loop.run(self._start_grpc(), timeout)
             self.listening_since = time.time()
@@ -198,10 +169,8 @@ class XdsServer:
         address = f"{self.host}:{self.requested_port}"
         tls = self.settings.xds.tls
         try:
-            if tls.enabled:
-                port = server.add_secure_port(address, _server_credentials(tls))
-            else:
-                port = server.add_insecure_port(address)
+            creds = _server_credentials(tls) if tls.enabled else None
+            port = server.add_secure_port(address, creds) if creds else server.add_insecure_port(address)
         except RuntimeError as exc:
             raise XdsBindError(f"cannot bind xDS server to {address}: {exc}") from exc
         if not port:
@@ -239,11 +208,6 @@ class XdsServer:
             self._assignments = assignments
             return version
 
-    def publish(self, snapshot: Snapshot) -> None:
-        """Publish a prebuilt snapshot (see :func:`balanceiq.xds.snapshot.raw_snapshot`)."""
-        with self._publish_lock:
-            self.store.publish(snapshot)
-
     def status(self) -> dict[str, Any]:
         snap = self.store.latest()
         return {
@@ -260,16 +224,13 @@ class XdsServer:
 
     def wait_for_ack(self, version: str, node_id: str | None = None, timeout: float = 5.0) -> bool:
         """Block until a node (any, or the named one) ACKs ``version``."""
-
-        def done(nodes: Mapping[str, Any]) -> bool:
-            return any(n.last_acked_version == version for nid, n in nodes.items() if node_id is None or nid == node_id)
-
-        return self.registry.wait_for(done, timeout)
-
-    def _on_publish(self, snapshot: Snapshot) -> None:
-        self._loop.call_soon(self._fanout)
+        return self.registry.wait_for(
+            lambda nodes: any(n.last_acked_version == version for n in nodes.values() if node_id in (None, n.node_id)),
+            timeout,
+        )
 
     def _fanout(self) -> None:
+        """On the loop, once per publish: wake every stream (at most one pending event each)."""
         for q in self._queues:
             if not q.snap_pending:
                 q.snap_pending = True
@@ -295,12 +256,8 @@ class XdsServer:
                         if not context.peer():
                             # gRPC ended the call over the size limit (a client leaving keeps
                             # the peer); grpc.aio says nothing else, and it must be counted.
-                            self.registry.refused(
-                                "oversize",
-                                machine.api,
-                                machine.node_id,
-                                f"request over {MAX_REQUEST_BYTES} bytes (refused by gRPC)",
-                            )
+                            detail = f"request over {MAX_REQUEST_BYTES} bytes (refused by gRPC)"
+                            self.registry.refused("oversize", machine.api, machine.node_id, detail)
                         break
                     queue.put_nowait(("req", req))
             except (grpc.aio.AioRpcError, grpc.aio.AbortError, asyncio.CancelledError):
@@ -323,9 +280,8 @@ class XdsServer:
                         out = machine.on_snapshot(snapshot) if snapshot else []
                     else:
                         credits.release()
-                        if isinstance(req, _Malformed):
-                            raise XdsRequestError("malformed", f"not a valid {machine.api} request: {req.error}")
-                        out = machine.on_request(req, self.store.latest())
+                        parsed = _parse(machine.request_type, req, f"{machine.api} request")
+                        out = machine.on_request(parsed, self.store.latest())
                 except XdsRequestError as exc:
                     await self._refuse(context, machine.api, machine.node_id, exc)
                     return
@@ -343,17 +299,14 @@ class XdsServer:
             read_task.cancel()
             machine.close()
 
-    async def _eds_fetch(
-        self, req: discovery_pb2.DiscoveryRequest | _Malformed, context: grpc.aio.ServicerContext
-    ) -> bytes:
-        if isinstance(req, _Malformed):
-            await self._refuse(
-                context, "eds-fetch", None, XdsRequestError("malformed", f"not a valid request: {req.error}")
-            )
-        assert isinstance(req, discovery_pb2.DiscoveryRequest)
-        if req.type_url and req.type_url != EDS_TYPE:
-            message = f"FetchEndpoints serves {EDS_TYPE} only, not {req.type_url[:100]!r}"
-            await self._refuse(context, "eds-fetch", None, XdsRequestError("unsupported_type", message))
+    async def _eds_fetch(self, data: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        try:
+            req = _parse(discovery_pb2.DiscoveryRequest, data, "request")
+            if req.type_url and req.type_url != EDS_TYPE:
+                message = f"FetchEndpoints serves {EDS_TYPE} only, not {req.type_url[:100]!r}"
+                raise XdsRequestError("unsupported_type", message)
+        except XdsRequestError as exc:
+            await self._refuse(context, "eds-fetch", None, exc)
         snapshot = self.store.latest()
         if snapshot is None:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "no snapshot yet")
@@ -361,34 +314,27 @@ class XdsServer:
         return sotw_response(snapshot, names, "")  # type: ignore[arg-type]
 
     def _handlers(self) -> list[grpc.GenericRpcHandler]:
-        sotw = _lenient(discovery_pb2.DiscoveryRequest.FromString)
-        delta = _lenient(discovery_pb2.DeltaDiscoveryRequest.FromString)
-
+        # No (de)serializers: requests are parsed by _parse, responses are encoded already.
         def stream(api: str, machine: type[SotwStream | DeltaStream]) -> grpc.RpcMethodHandler:
             async def handle(_it: Any, context: grpc.aio.ServicerContext) -> None:
                 await self._stream(context, machine(self.registry, api))
 
-            deser = sotw if machine is SotwStream else delta
-            return grpc.stream_stream_rpc_method_handler(
-                handle, request_deserializer=deser, response_serializer=_identity
-            )
+            return grpc.stream_stream_rpc_method_handler(handle)
 
         return [
             grpc.method_handlers_generic_handler(
-                ADS_SERVICE,
+                "envoy.service.discovery.v3.AggregatedDiscoveryService",
                 {
                     "StreamAggregatedResources": stream("ads-sotw", SotwStream),
                     "DeltaAggregatedResources": stream("ads-delta", DeltaStream),
                 },
             ),
             grpc.method_handlers_generic_handler(
-                EDS_SERVICE,
+                "envoy.service.endpoint.v3.EndpointDiscoveryService",
                 {
                     "StreamEndpoints": stream("eds-sotw", SotwStream),
                     "DeltaEndpoints": stream("eds-delta", DeltaStream),
-                    "FetchEndpoints": grpc.unary_unary_rpc_method_handler(
-                        self._eds_fetch, request_deserializer=sotw, response_serializer=_identity
-                    ),
+                    "FetchEndpoints": grpc.unary_unary_rpc_method_handler(self._eds_fetch),
                 },
             ),
         ]

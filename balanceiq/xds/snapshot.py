@@ -2,21 +2,19 @@
 
 Each :class:`Resource` is encoded when the snapshot is built; responses concatenate those
 pre-encoded protobuf fields (the wire format is a sequence of independent fields), so a
-push costs each stream a nonce and a copy. ``Snapshot.version`` is ``"<epoch>.<seq>"``
-(see :mod:`balanceiq.xds.store`); each resource's version is its content hash.
+push costs each stream a nonce and a copy. A resource's version is its content hash.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
 
-from envoy.config.core.v3 import address_pb2, health_check_pb2
+from envoy.config.core.v3 import health_check_pb2
 from envoy.config.endpoint.v3 import endpoint_pb2
-from google.protobuf import any_pb2, struct_pb2, wrappers_pb2
 
 from balanceiq.xds.assignment import HEALTH_VALUES, Assignment
 
@@ -30,14 +28,11 @@ _HEALTH = {h: health_check_pb2.HealthStatus.Value(h) for h in HEALTH_VALUES}
 
 def _varint(n: int) -> bytes:
     out = bytearray()
-    while True:
-        b = n & 0x7F
+    while n > 0x7F:
+        out.append(n & 0x7F | 0x80)
         n >>= 7
-        if n:
-            out.append(b | 0x80)
-        else:
-            out.append(b)
-            return bytes(out)
+    out.append(n)
+    return bytes(out)
 
 
 def field_bytes(number: int, payload: bytes) -> bytes:
@@ -63,14 +58,8 @@ class Resource:
 
     name: str
     version: str
-    type_url: str
     any_bytes: bytes
     delta_bytes: bytes
-
-    @classmethod
-    def from_message(cls, name: str, message: object, type_url: str = EDS_TYPE) -> Resource:
-        value = message.SerializeToString(deterministic=True)  # type: ignore[attr-defined]
-        return cls.from_bytes(name, value, type_url)
 
     @classmethod
     def from_bytes(cls, name: str, value: bytes, type_url: str = EDS_TYPE) -> Resource:
@@ -79,12 +68,7 @@ class Resource:
         delta_bytes = (
             field_str(RESOURCE_NAME, name) + field_str(RESOURCE_VERSION, version) + field_bytes(RESOURCE_ANY, any_bytes)
         )
-        return cls(name, version, type_url, any_bytes, delta_bytes)
-
-    def as_any(self) -> any_pb2.Any:
-        msg = any_pb2.Any()
-        msg.ParseFromString(self.any_bytes)
-        return msg
+        return cls(name, version, any_bytes, delta_bytes)
 
 
 @dataclass(frozen=True)
@@ -107,20 +91,13 @@ class Snapshot:
 
     def sotw_body(self, names: frozenset[str] | None) -> bytes:
         """DiscoveryResponse bytes without the nonce, for this subscription set."""
-        body = self._bodies.get(names)
-        if body is not None:
-            return body
         with self._lock:
             body = self._bodies.get(names)
             if body is None:
-                selected = (
-                    self.resources.values()
-                    if names is None
-                    else [self.resources[n] for n in sorted(names) if n in self.resources]
-                )
+                chosen = self.resources if names is None else sorted(names & self.resources.keys())
                 body = b"".join(
                     [field_str(SOTW_VERSION_INFO, self.version)]
-                    + [field_bytes(SOTW_RESOURCES, r.any_bytes) for r in selected]
+                    + [field_bytes(SOTW_RESOURCES, self.resources[n].any_bytes) for n in chosen]
                     + [field_str(SOTW_TYPE_URL, self.type_url)]
                 )
                 if len(self._bodies) < 64:  # bounded: distinct subscription sets are few
@@ -147,51 +124,28 @@ def cluster_load_assignment(assignment: Assignment) -> endpoint_pb2.ClusterLoadA
     All localities share priority 0: weights, not failover tiers, decide the split.
     """
     cla = endpoint_pb2.ClusterLoadAssignment(cluster_name=assignment.cluster)
-    groups: dict[tuple[str, str, str], list[Any]] = {}
-    for ep in assignment.endpoints:
-        groups.setdefault(ep.locality, []).append(ep)
-    for (cloud, region, zone), eps in sorted(groups.items()):
+    by_locality = sorted(assignment.endpoints, key=lambda ep: ep.locality)
+    for (cloud, region, zone), eps in itertools.groupby(by_locality, key=lambda ep: ep.locality):
         loc = cla.endpoints.add()
         loc.locality.region = f"{cloud}/{region}"
         loc.locality.zone = zone
         for ep in eps:
             lb = loc.lb_endpoints.add()
-            sock = lb.endpoint.address.socket_address
+            sock = lb.endpoint.address.socket_address  # protocol: TCP, the default
             sock.address = ep.host
             sock.port_value = ep.port
-            sock.protocol = address_pb2.SocketAddress.TCP
-            lb.load_balancing_weight.CopyFrom(wrappers_pb2.UInt32Value(value=ep.weight))
+            lb.load_balancing_weight.value = ep.weight
             lb.health_status = _HEALTH[ep.health]
-            meta = struct_pb2.Struct()
-            meta.update(
+            lb.metadata.filter_metadata["balanceiq"].update(
                 {"cloud": ep.cloud, "region": ep.region, "cost_per_million_requests": ep.cost_per_million_requests}
             )
-            lb.metadata.filter_metadata["balanceiq"].CopyFrom(meta)
     return cla
 
 
 def build_snapshot(version: str, assignments: Iterable[Assignment]) -> Snapshot:
     amap = {a.cluster: a for a in assignments}
-    resources = {name: Resource.from_message(name, cluster_load_assignment(a)) for name, a in amap.items()}
+    resources = {
+        name: Resource.from_bytes(name, cluster_load_assignment(a).SerializeToString(deterministic=True))
+        for name, a in amap.items()
+    }
     return Snapshot(version=version, resources=resources, assignments=amap)
-
-
-def raw_snapshot(version: str, resources: Mapping[str, bytes], type_url: str = EDS_TYPE) -> Snapshot:
-    """A snapshot of already-encoded resources, unvalidated (for tests of Envoy's NACKs)."""
-    return Snapshot(
-        version=version,
-        resources={n: Resource.from_bytes(n, b, type_url) for n, b in resources.items()},
-        type_url=type_url,
-    )
-
-
-__all__ = [
-    "EDS_TYPE",
-    "Resource",
-    "Snapshot",
-    "build_snapshot",
-    "cluster_load_assignment",
-    "delta_response",
-    "raw_snapshot",
-    "sotw_response",
-]

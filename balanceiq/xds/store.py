@@ -1,13 +1,12 @@
 """The weight store: the one place snapshots are versioned, published and persisted.
 
-A narrow interface (``publish``, ``latest``, ``watch``) as go-control-plane's cache: the
-servicers read from it, the controller writes to it. Versions are ``"<epoch>.<seq>"``;
-the epoch is ``max(previous epoch + 1, now in ms)``, written before the first publish, so
-versions never repeat across restarts even if the clock steps back.
+Versions are ``"<epoch>.<seq>"``; the epoch is ``max(previous epoch + 1, now in ms)``, written
+before the first publish, so versions never repeat across restarts even if the clock steps back.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -15,7 +14,9 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager
 from pathlib import Path
+from typing import Any, TypeVar
 
 from balanceiq.exceptions import AssignmentError
 from balanceiq.xds.assignment import Assignment
@@ -27,6 +28,7 @@ STATE_FILE = "xds-snapshot.json"
 EPOCH_FILE = "xds-epoch"
 
 Watcher = Callable[[Snapshot], None]
+T = TypeVar("T")
 
 
 class SnapshotStore:
@@ -47,13 +49,10 @@ class SnapshotStore:
     def _next_epoch(self) -> int:
         previous = 0
         if self._state_dir is not None:
-            try:
-                previous = int((self._state_dir / EPOCH_FILE).read_text().strip())
-            except (OSError, ValueError):
-                previous = 0
+            with contextlib.suppress(OSError, ValueError):
+                previous = int((self._state_dir / EPOCH_FILE).read_text())
         epoch = max(previous + 1, time.time_ns() // 1_000_000)
         if self._state_dir is not None:
-            self._state_dir.mkdir(parents=True, exist_ok=True)
             _atomic_write(self._state_dir / EPOCH_FILE, str(epoch))
         return epoch
 
@@ -67,15 +66,7 @@ class SnapshotStore:
 
     def watch(self, watcher: Watcher) -> Callable[[], None]:
         """Call ``watcher(snapshot)`` on every publish; returns an unsubscribe function."""
-        with self._lock:
-            self._watchers.append(watcher)
-
-        def cancel() -> None:
-            with self._lock:
-                if watcher in self._watchers:
-                    self._watchers.remove(watcher)
-
-        return cancel
+        return add_listener(self._lock, self._watchers, watcher)
 
     def publish(self, snapshot: Snapshot) -> None:
         with self._lock:
@@ -99,10 +90,8 @@ class SnapshotStore:
 
     def restore(self) -> list[Assignment] | None:
         """Assignments of the last persisted snapshot, or None if there is none usable."""
-        if self._state_dir is None:
-            return None
-        path = self._state_dir / STATE_FILE
-        if not path.exists():
+        path = self._state_dir / STATE_FILE if self._state_dir is not None else None
+        if path is None or not path.exists():
             return None
         try:
             data = json.loads(path.read_text())
@@ -126,6 +115,18 @@ class SnapshotStore:
             log.error("could not persist xDS snapshot %s: %s", snapshot.version, exc)
 
 
+def add_listener(lock: AbstractContextManager[Any], listeners: list[T], fn: T) -> Callable[[], None]:
+    """Append ``fn`` to ``listeners`` under ``lock``; returns the function that removes it."""
+    with lock:
+        listeners.append(fn)
+
+    def cancel() -> None:
+        with lock, contextlib.suppress(ValueError):
+            listeners.remove(fn)
+
+    return cancel
+
+
 def _atomic_write(path: Path, text: str) -> None:
     """Write via a temp file and rename, so a crash never leaves a half-written state."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -137,8 +138,6 @@ def _atomic_write(path: Path, text: str) -> None:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
-        try:
+        with contextlib.suppress(OSError):
             os.unlink(tmp)
-        except OSError:
-            pass
         raise

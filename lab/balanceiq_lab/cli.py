@@ -5,6 +5,7 @@ handling, so a bad argument is still one line on stderr and exit 2."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Annotated, TypedDict
 
@@ -88,10 +89,34 @@ def bench_sim(
     seed: Annotated[int, typer.Option(help="Seed shared by every policy.")] = 0,
     plot: Annotated[Path | None, typer.Option(help="Write a PNG of weights and p99 over time here.")] = None,
     plot_scenario: Annotated[str, typer.Option(help="Scenario to plot.")] = "degrade",
+    balancer: Annotated[
+        str, typer.Option(help="Envoy's balancer under the controller's weights: least_request, round_robin, cswrr.")
+    ] = "least_request",
+    suite: Annotated[
+        int | None, typer.Option(help="Instead: the twins of `bench live --suite N` fleets, every suite arm.")
+    ] = None,
+    suite_seed: Annotated[int, typer.Option(help="With --suite: the suite's --seed.")] = 0,
+    live: Annotated[
+        Path | None, typer.Option(help="With --suite: a `bench live --suite --json` result to compare with.")
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,
 ) -> None:
     """Every policy on every scenario: latency, errors, cost, reward, performance ratio."""
     from balanceiq_lab.bench.sim import run_sim_bench
+
+    if suite is not None:
+        from balanceiq_lab.bench.twin import run_twin_suite
+        from balanceiq_lab.errors import BenchError
+
+        measured = None
+        if live is not None:
+            try:
+                measured = json.loads(live.read_text())
+            except (OSError, ValueError) as exc:
+                raise BenchError(f"--live {live}: {exc}") from exc
+        arms = [p.strip() for p in policies.split(",") if p.strip()] if policies else None
+        _emit(run_twin_suite(suite, suite_seed, arms=arms, live=measured, console=err), as_json)
+        return
 
     names = [s.strip() for s in scenarios.split(",") if s.strip()] if scenarios else []
     names += [str(f) for f in scenario_file or []]
@@ -102,6 +127,7 @@ def bench_sim(
         seed=seed,
         plot=plot,
         plot_scenario=plot_scenario,
+        balancer=balancer,
         console=err,
     )
     _emit(result, as_json, omit=("results",))
@@ -185,8 +211,8 @@ def bench_serve(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,
 ) -> None:
     """The Serve app: policy inference (handle, HTTP, batched), API under load, decision loop."""
-    from balanceiq.exceptions import BenchError
     from balanceiq_lab.bench.serve import run_serve_bench, run_serve_compare
+    from balanceiq_lab.errors import BenchError
 
     if compare and direct_ingress:
         raise BenchError("--compare runs both modes; leave out --direct-ingress")
@@ -218,7 +244,6 @@ def _bench_suite(
     as_json: bool,
 ) -> None:
     """``bench live --suite N``: N seeded random fleets."""
-    from balanceiq.exceptions import BenchError
     from balanceiq_lab.bench.suite import (
         DEFAULT_RATE_RANGE,
         DEFAULT_SUITE_DURATION_S,
@@ -226,6 +251,7 @@ def _bench_suite(
         parse_suite_arms,
         run_live_suite,
     )
+    from balanceiq_lab.errors import BenchError
 
     try:
         only_idx = [int(x) for x in only.split(",") if x.strip()] if only else None
@@ -339,7 +365,7 @@ def bench_live(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,
 ) -> None:
     """BalanceIQ vs Envoy's balancers on one live scenario (or --suite N random fleets): p50/p99/p99.9, errors, cost, SLO attainment per arm."""
-    from balanceiq.exceptions import BenchError
+    from balanceiq_lab.errors import BenchError
 
     if suite is None and (only is not None or record is not None):
         raise BenchError("--only and --record go with --suite")

@@ -29,8 +29,8 @@ from rich.table import Table
 
 from balanceiq.config import Settings
 from balanceiq.exceptions import TestbedError
-from balanceiq.policy.stability import reversal_events
 from balanceiq.testbed.ports import check_ports_free, free_ports
+from balanceiq_lab.stability import reversal_events
 from balanceiq_lab.stack import BackgroundLoad, Stack
 from balanceiq_lab.testbed.load import LoadResult
 from balanceiq_lab.testbed.scenario import LiveScenario, ScenarioDriver
@@ -383,7 +383,7 @@ def _mean(rows: list[dict[str, Any]], cloud: str, key: str) -> float | None:
 
 def summarise(intervals: list[dict[str, Any]], clouds: list[str]) -> list[dict[str, Any]]:
     """Mean share, p95 and price ($/M) per cloud, the blended price, and the weight
-    reversals (:func:`~balanceiq.policy.stability.reversal_events` over every interval's
+    reversals (:func:`~balanceiq_lab.stability.reversal_events` over every interval's
     weights, each counted in the phase of the interval that moved back) for each phase."""
     phases: dict[str, list[dict[str, Any]]] = {}
     for row in intervals:

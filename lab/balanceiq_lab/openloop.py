@@ -50,7 +50,7 @@ from typing import Any
 import aiohttp
 import numpy as np
 
-from balanceiq.exceptions import BenchError
+from balanceiq_lab.errors import BenchError
 from balanceiq_lab.results import error_rate, latency_summary, percentile
 from balanceiq_lab.testbed.load import ensure_loopback
 

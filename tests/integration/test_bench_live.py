@@ -21,7 +21,6 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from balanceiq.cli import main as cli_main
 from balanceiq.config import Settings, load_config
-from balanceiq.exceptions import BenchError
 from balanceiq_lab.bench.live import (
     ARMS,
     CSWRR,
@@ -35,6 +34,7 @@ from balanceiq_lab.bench.live import (
     remap_scenario,
     run_live_bench,
 )
+from balanceiq_lab.errors import BenchError
 from balanceiq_lab.openloop import NOT_SENT, OpenLoopResult
 from balanceiq_lab.testbed.scenario import LiveScenario, load_live_scenario
 
@@ -380,7 +380,8 @@ def test_queueing_behind_a_stalled_backend_is_in_the_latency(tmp_path: Path) -> 
 
 @pytest.mark.slow
 def test_cswrr_bootstrap_is_accepted_by_envoy() -> None:
-    from balanceiq.testbed.envoy import render_bootstrap, validate_bootstrap
+    from balanceiq.testbed.envoy import render_bootstrap
+    from balanceiq_lab.testbed.envoy import validate_bootstrap
 
     b = render_bootstrap(load_config(REPO / "balanceiq.yaml"), lb_policy=CSWRR)
     cluster = b["static_resources"]["clusters"][1]

@@ -12,11 +12,12 @@ import pytest
 
 from balanceiq.config import BackendProfile, Settings
 from balanceiq.control.records import DecisionRecord
-from balanceiq.sim.calibrate import backend_truth, calibrate, calibration_error, write_calibration
+from balanceiq.sim.calibrate import calibrate, write_calibration
 from balanceiq.sim.fleet import FleetSim
 from balanceiq.sim.scenario import load_scenario
-from balanceiq.testbed.ports import settings_on_free_ports
 from balanceiq.testbed.record import ExplorationPlan, record_exploration
+from balanceiq_lab.bench.calibration import backend_truth, calibration_error
+from balanceiq_lab.bench.settings import settings_on_free_ports
 
 pytestmark = pytest.mark.slow
 

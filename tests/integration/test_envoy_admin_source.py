@@ -12,8 +12,9 @@ import pytest
 
 from balanceiq.config import Settings
 from balanceiq.exceptions import EnvoyAdminError
-from balanceiq.telemetry.envoy_admin import EnvoyAdminSource, Scrape
+from balanceiq.telemetry.envoy_admin import EnvoyAdminSource
 from balanceiq.telemetry.observation import NO_LATENCY_SOURCE, NO_TRAFFIC, WARMING
+from balanceiq.telemetry.scrape import Scrape
 from balanceiq.xds.server import XdsServer
 from balanceiq_lab.testbed.load import run_load_sync
 from balanceiq_lab.testbed.testbed import Testbed
@@ -44,7 +45,9 @@ def wait_all_healthy(src: EnvoyAdminSource, addrs: list[str], timeout: float = 1
             last = src.scrape()
         except EnvoyAdminError:  # no per-endpoint series until EDS has arrived
             last = None
-        if last is not None and all((e := last.endpoint(CLUSTER, a)) is not None and e.healthy == 1.0 for a in addrs):
+        if last is not None and all(
+            (e := last.endpoints.get((CLUSTER, a))) is not None and e.healthy == 1.0 for a in addrs
+        ):
             return last
         time.sleep(0.1)
     raise AssertionError(f"endpoints not all healthy in Envoy within {timeout}s: {last}")

@@ -10,7 +10,7 @@ import pytest
 
 from balanceiq.config import Settings
 from balanceiq.xds.server import XdsServer
-from balanceiq.xds.snapshot import cluster_load_assignment, raw_snapshot
+from balanceiq.xds.snapshot import Resource, Snapshot, cluster_load_assignment
 from balanceiq_lab.testbed.envoy import endpoint_weights
 from balanceiq_lab.testbed.load import run_load_sync
 from balanceiq_lab.testbed.testbed import Testbed
@@ -86,8 +86,8 @@ def test_nack_is_recorded_not_resent_and_next_version_accepted(stack: tuple[XdsS
     cla = cluster_load_assignment(good)
     # Envoy does not resolve names in EDS: a hostname makes it reject the whole resource.
     cla.endpoints[0].lb_endpoints[0].endpoint.address.socket_address.address = "not-an-ip.invalid"
-    bad = raw_snapshot(xds.store.next_version(), {"my_service": cla.SerializeToString()})
-    xds.publish(bad)
+    bad = Snapshot(xds.store.next_version(), {"my_service": Resource.from_bytes("my_service", cla.SerializeToString())})
+    xds.store.publish(bad)
 
     assert xds.registry.wait_for(
         lambda nodes: any(n.last_nacked_version == bad.version for n in nodes.values()), timeout=5

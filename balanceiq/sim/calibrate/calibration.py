@@ -1,19 +1,31 @@
-"""The whole fit: every endpoint of a recording, the scenario, and the fit report."""
+"""The whole fit: every endpoint of a recording, the scenario, the fit report, and writing them."""
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import yaml
 
-from balanceiq.sim.calibrate.fit import LOW_LOAD_RHO, EndpointFit, fit_endpoint, fit_latency_curve
-from balanceiq.sim.calibrate.model import rounded
-from balanceiq.sim.calibrate.output import pct
+from balanceiq.sim.calibrate.fit import (
+    LOW_LOAD_RHO,
+    SIGNALS,
+    EndpointFit,
+    concat,
+    cross_validate,
+    errors,
+    fit_endpoint,
+    fit_latency_curve,
+    jackknife,
+    rounded,
+    summarise,
+)
 from balanceiq.sim.calibrate.recording import (
     CalibrationError,
     Recording,
@@ -22,7 +34,6 @@ from balanceiq.sim.calibrate.recording import (
     finite,
     read_recording,
 )
-from balanceiq.sim.calibrate.validation import SIGNALS, cross_validate, errors, jackknife, overall, summarise
 from balanceiq.sim.fleet import BASE_ERROR
 from balanceiq.sim.scenario import Scenario, scenario_from_dict
 
@@ -52,7 +63,7 @@ class _Fits:
 
 
 def calibrate(
-    recording: Path | str | Recording,
+    recording: Path | str,
     *,
     name: str = "calibrated",
     folds: int = 5,
@@ -60,9 +71,6 @@ def calibrate(
     min_samples: int = 6,
     method: str = "auto",
     endpoints: Mapping[str, tuple[str, str]] | None = None,
-    cluster: str | None = None,
-    duration_s: float = 600.0,
-    seed: int = 0,
 ) -> Calibration:
     """Fit a simulator scenario to a recording (see :mod:`balanceiq.sim.calibrate`).
 
@@ -75,7 +83,7 @@ def calibrate(
     """
     if method not in ("auto", "saturation", "latency"):
         raise CalibrationError(f"unknown capacity method {method!r}; use auto, saturation or latency")
-    rec = recording if isinstance(recording, Recording) else read_recording(recording, cluster=cluster)
+    rec = read_recording(recording)
     windows = [finite(r["observation"].get("window_s")) for r in rec.records]
     window_s = float(np.nanmedian(windows)) if any(math.isfinite(w) for w in windows) else 10.0
     if settle_margin_s is None:
@@ -93,9 +101,13 @@ def calibrate(
             + "; ".join(acc.warnings)
         )
     demand, demand_info = _demand(rec.records)
-    scenario = _scenario(rec, addresses, samples, acc.fits, endpoints, demand, name, duration_s, seed)
     report = {
-        **rec.summary(),
+        "recording": rec.path,
+        "lines": rec.lines,
+        "records": n_records,
+        "bad_lines": rec.bad_reasons.total(),
+        "bad_reasons": dict(rec.bad_reasons),
+        "skipped_records": dict(rec.skipped),
         "cluster": rec.records[0]["observation"].get("cluster"),
         "settled_records": int(settled.sum()),
         "window_s": rounded(window_s, 3),
@@ -103,11 +115,12 @@ def calibrate(
         "folds": folds,
         "model": _model_description(acc.fits),
         "endpoints": acc.per_ep,
-        "overall": overall(acc.held_out, acc.in_sample, acc.per_ep),
+        "overall": _overall(acc.held_out, acc.in_sample, acc.per_ep),
         "demand": demand_info,
         "warnings": acc.warnings,
         "created": time.time(),
     }
+    scenario = _scenario(rec, samples, acc.fits, endpoints, demand, name)
     return Calibration(scenario=scenario, report=report, fits=acc.fits)
 
 
@@ -123,8 +136,7 @@ def _fit_one(acc: _Fits, a: str, s: Samples, block: np.ndarray, folds: int, min_
         acc.warnings.append(
             f"{a}: only {n_settled} settled record(s); fitted on all {len(s)}, including records whose window spans a weight change"
         )
-        s = s.take(np.ones(len(s), dtype=bool))
-        s.settled = np.ones(len(s), dtype=bool)
+        s = replace(s, settled=np.ones(len(s), dtype=bool))
         used = "all"
     fit = fit_endpoint(s, method=method)
     if fit is None:
@@ -192,6 +204,26 @@ def _check_identified(
         )
 
 
+def _overall(
+    held_out: Mapping[str, list[np.ndarray]], in_sample: Mapping[str, list[np.ndarray]], per_ep: Mapping[str, Any]
+) -> dict[str, Any]:
+    """The fit error pooled over endpoints, and the worst relative standard errors."""
+    held, ins = concat(held_out), concat(in_sample)
+    lat = np.abs(np.concatenate([held["p50"], held["p95"]]))
+    lat_in = np.concatenate([ins["p50"], ins["p95"]])
+    fitted = [e for e in per_ep.values() if e.get("fitted")]
+    caps = [e["capacity_rps"]["rel_stderr"] for e in fitted if e["capacity_rps"]["rel_stderr"] is not None]
+    bases = [e["base_latency_ms"]["rel_stderr"] for e in fitted if e["base_latency_ms"]["rel_stderr"] is not None]
+    return {
+        "held_out_latency_rel_err": rounded(np.median(lat)) if lat.size else None,
+        "held_out": summarise(held, held_out=True),
+        "in_sample_latency_rel_rms": rounded(np.sqrt(np.mean(lat_in * lat_in))) if lat_in.size else None,
+        "in_sample": summarise(ins, held_out=False),
+        "capacity_rel_stderr_max": rounded(max(caps)) if caps else None,
+        "base_latency_rel_stderr_max": rounded(max(bases)) if bases else None,
+    }
+
+
 def _model_description(fits: Mapping[str, EndpointFit]) -> dict[str, Any]:
     return {
         "simulator": "FleetSim M/M/1 (balanceiq.sim.fleet)",
@@ -205,16 +237,14 @@ def _model_description(fits: Mapping[str, EndpointFit]) -> dict[str, Any]:
 
 def _scenario(
     rec: Recording,
-    addresses: Sequence[str],
     samples: Mapping[str, Samples],
     fits: Mapping[str, EndpointFit],
     endpoints: Mapping[str, tuple[str, str]] | None,
     demand: dict[str, Any],
     name: str,
-    duration_s: float,
-    seed: int,
 ) -> Scenario:
     """The fitted fleet; endpoints without a fit still belong in it, with typical values."""
+    addresses = list(samples)
     typical_cap = float(np.median([f.capacity_rps for f in fits.values()]))
     typical_base = float(np.median([f.base_latency_ms for f in fits.values()]))
     first_weights = _first_weights(rec.records, addresses)
@@ -239,10 +269,8 @@ def _scenario(
         f"Calibrated from {Path(rec.path).name}: {len(rec.records)} records, {len(fits)}/{len(addresses)} "
         f"endpoints fitted (FleetSim M/M/1; capacity from {methods})."
     )
-    data = {"name": name, "description": description, "step_s": 1.0, "duration_s": float(duration_s), "seed": int(seed)}
-    return scenario_from_dict(
-        {**data, "demand": demand, "endpoints": specs, "events": []}, source=f"calibration of {rec.path}"
-    )
+    data = {"name": name, "description": description, "step_s": 1.0, "duration_s": 600.0, "seed": 0, "events": []}
+    return scenario_from_dict({**data, "demand": demand, "endpoints": specs}, source=f"calibration of {rec.path}")
 
 
 def _first_weights(records: Sequence[Mapping[str, Any]], addresses: Sequence[str]) -> dict[str, int]:
@@ -260,8 +288,7 @@ def _demand(records: Sequence[Mapping[str, Any]]) -> tuple[dict[str, Any], dict[
     """The scenario's demand (the recording's median total rps, no daily cycle) and its report."""
     totals = []
     for r in records:
-        rps = [finite(e.get("rps")) for e in r["observation"]["endpoints"]]
-        t = sum(x for x in rps if math.isfinite(x) and x > 0)
+        t = sum(x for x in (finite(e.get("rps")) for e in r["observation"]["endpoints"]) if x > 0)
         if t > 0:
             totals.append(t)
     tot = np.asarray(totals)
@@ -278,3 +305,67 @@ def _demand(records: Sequence[Mapping[str, Any]]) -> tuple[dict[str, Any], dict[
         "note": "total rps of the recording; no daily cycle is fitted (add one by editing demand)",
     }
     return spec, info
+
+
+def pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.1f}%"
+
+
+def scenario_yaml(cal: Calibration) -> str:
+    """The scenario as YAML (loadable by :func:`~balanceiq.sim.scenario.load_scenario`),
+    with a header comment summarising the fit."""
+    rep = cal.report
+    head = [
+        f"# {cal.scenario.name}: written by balanceiq calibrate from {rep['recording']}",
+        f"# {rep['records']} records ({rep['bad_lines']} bad lines skipped), {rep['settled_records']} settled; "
+        f"held-out median latency error {pct(rep['overall']['held_out_latency_rel_err'])}.",
+        "# Per endpoint: capacity_rps is the M/M/1 service rate, base_latency_ms its fixed part;",
+        "# errors (not in the scenario format) are in the fit report:",
+    ]
+    for a, e in rep["endpoints"].items():
+        if not e.get("fitted"):
+            head.append(f"#   {a}: NOT FITTED ({e.get('samples', 0)} records): typical values used")
+            continue
+        cap, base = e["capacity_rps"], e["base_latency_ms"]
+        head.append(
+            f"#   {a}: capacity {cap['value']:.1f} rps (+-{pct(cap['rel_stderr'])}, {cap['method']}), "
+            f"base {base['value']:.1f} ms (+-{pct(base['rel_stderr'])}), error baseline {e['errors']['baseline']}"
+        )
+    data = cal.scenario.model_dump(mode="json")
+    return "\n".join(head) + "\n" + yaml.safe_dump(data, sort_keys=False, default_flow_style=None, width=200)
+
+
+def fit_summary(report: Mapping[str, Any]) -> str:
+    """A few lines of fit error for a terminal: per endpoint and overall."""
+    held = report["overall"].get("held_out") or {}
+
+    def med(sig: str) -> str:
+        v = held.get(sig)
+        return "n/a" if not v else (pct(v["median_abs"]) if v["kind"] == "relative" else f"{v['median_abs']:.3f}")
+
+    lines = [
+        f"calibrated from {report['recording']}: {report['records']} records "
+        f"({report['bad_lines']} bad lines skipped, {report['settled_records']} settled)",
+        f"  held-out error (median, {report['folds']} time blocks): p50 {med('p50')}, p95 {med('p95')}, "
+        f"in-flight {med('inflight')}, saturation {med('saturation')} abs, error rate {med('error_rate')} abs",
+    ]
+    for a, e in report["endpoints"].items():
+        if not e.get("fitted"):
+            lines.append(f"  {a}: not fitted ({e.get('samples', 0)} usable records)")
+            continue
+        cap, base, util = e["capacity_rps"], e["base_latency_ms"], e["utilization"]
+        lines.append(
+            f"  {a}: capacity {cap['value']:.1f} rps +-{pct(cap['rel_stderr'])} ({cap['method']}), "
+            f"base latency {base['value']:.1f} ms +-{pct(base['rel_stderr'])}, "
+            f"unloaded p50 {e['unloaded_p50_ms']:.1f} ms, utilisation {util[0]:.2f}-{util[1]:.2f}"
+        )
+    lines += [f"  warning: {w}" for w in report.get("warnings", [])]
+    return "\n".join(lines)
+
+
+def write_calibration(cal: Calibration, scenario_path: Path | str, report_path: Path | str | None = None) -> None:
+    """Write the scenario YAML (and the report JSON)."""
+    for path, text in ((scenario_path, scenario_yaml(cal)), (report_path, json.dumps(cal.report, indent=1))):
+        if path is not None:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            Path(path).write_text(text, encoding="utf-8")

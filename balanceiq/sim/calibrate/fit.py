@@ -1,29 +1,71 @@
-"""Fitting one endpoint's simulator parameters to its samples.
+"""Fitting one endpoint's simulator parameters, and measuring how well the fit predicts.
 
-``capacity_rps`` (mu) comes from **saturation** when the fleet exports it: robust least
-squares of ``saturation = min(lam / mu, 1)``; the ``min`` keeps overloaded records (a live
-busy fraction stops at 1) as the constraint ``mu < lam`` instead of a bias. Saturation is
-proportional to load whatever the queueing discipline, so this recovers the service rate
-even where the M/M/1 latency curve is the wrong shape. Otherwise from the **latency
-curve**: ``mu`` and ``b`` jointly by robust least squares of log p50 and log p95.
-``base_latency_ms`` (b), given ``mu``: the median of ``p50`` minus the M/M/1 median wait
-over nearly idle records, where queueing is a small correction. Error behaviour (baseline
-and overload shedding) is reported only: the scenario format has no error fields.
+The closed forms (``model_*``) reproduce :meth:`~balanceiq.sim.fleet.FleetSim.step`
+exactly (a unit test holds them to it): M/M/1 sojourn above a base latency, frozen at
+``RHO_SAT`` and rising to the timeout by ``RHO_FULL``; load above capacity is shed.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from scipy.optimize import least_squares
 
-from balanceiq.sim.calibrate.model import LN2, model_quantile_ms
 from balanceiq.sim.calibrate.recording import Samples
+from balanceiq.sim.fleet import BASE_ERROR, RHO_FULL, RHO_SAT, SATURATION_MAX, TIMEOUT_MS
+
+LN2 = math.log(2.0)
 
 LOW_LOAD_RHO = 0.5
 """Records at or below this utilisation pin the base latency."""
+
+RELATIVE = ("p50", "p95", "inflight")
+SIGNALS = (*RELATIVE, "saturation", "error_rate")
+
+Arr = np.ndarray | float
+
+
+def _rate_and_shift(mu: Arr, lam: Arr) -> tuple[np.ndarray, np.ndarray]:
+    mu = np.asarray(mu, dtype=np.float64)
+    rho = np.asarray(lam, dtype=np.float64) / mu
+    r = mu * (1.0 - np.minimum(rho, RHO_SAT)) * 1e-3  # sojourn rate per ms
+    shift = np.clip((rho - RHO_SAT) * (TIMEOUT_MS / (RHO_FULL - RHO_SAT)), 0.0, TIMEOUT_MS)
+    return r, shift
+
+
+def model_quantile_ms(mu: Arr, b: Arr, lam: Arr, q: float) -> np.ndarray:
+    """FleetSim's latency quantile ``q`` (ms) of an endpoint (capacity ``mu``, base ``b``) at load ``lam``."""
+    r, shift = _rate_and_shift(mu, lam)
+    return np.asarray(b, dtype=np.float64) + np.minimum(-math.log1p(-q) / r + shift, TIMEOUT_MS)
+
+
+def model_inflight(mu: Arr, b: Arr, lam: Arr) -> np.ndarray:
+    """FleetSim's in-flight requests (Little's law on accepted load and mean latency)."""
+    r, shift = _rate_and_shift(mu, lam)
+    gap = np.maximum(TIMEOUT_MS - shift, 0.0)
+    mean_wait = TIMEOUT_MS - gap - np.expm1(-r * gap) / r
+    return np.minimum(lam, mu) * (np.asarray(b, dtype=np.float64) + mean_wait) * 1e-3
+
+
+def model_saturation(mu: Arr, lam: Arr) -> np.ndarray:
+    """FleetSim's observed saturation (utilisation, clipped like its observations)."""
+    return np.minimum(np.asarray(lam, dtype=np.float64) / np.asarray(mu, dtype=np.float64), SATURATION_MAX)
+
+
+def model_error_rate(mu: Arr, lam: Arr, base_error: float = BASE_ERROR) -> np.ndarray:
+    """FleetSim's error rate: base errors plus everything above capacity shed."""
+    lam = np.asarray(lam, dtype=np.float64)
+    return 1.0 - (1.0 - base_error) * np.minimum(lam, mu) / np.maximum(lam, 1e-300)
+
+
+def rounded(x: float, nd: int = 4) -> float | None:
+    """``x`` rounded for a report; None when not finite (JSON has no nan)."""
+    x = float(x)
+    return round(x, nd) if math.isfinite(x) else None
 
 
 @dataclass
@@ -44,6 +86,10 @@ class EndpointFit:
 
 
 def _fit_capacity_saturation(s: Samples) -> float | None:
+    """Robust least squares of ``saturation = min(lam / mu, 1)``: the ``min`` keeps
+    overloaded records (a live busy fraction stops at 1) as the constraint ``mu < lam``
+    instead of a bias. Saturation is proportional to load whatever the queueing
+    discipline, so this holds even where the M/M/1 latency curve is the wrong shape."""
     ok = np.isfinite(s.sat) & (s.rps > 0)
     lam, sat = s.rps[ok], np.clip(s.sat[ok], 0.0, None)
     if lam.size < 3 or not (sat > 0.02).any():
@@ -64,6 +110,8 @@ def _fit_capacity_saturation(s: Samples) -> float | None:
 
 
 def _base_given_capacity(s: Samples, mu: float) -> float:
+    """The median of ``p50`` minus the M/M/1 median wait over nearly idle records, where
+    queueing is a small correction."""
     ok = np.isfinite(s.p50) & (s.rps > 0)
     lam, p50 = s.rps[ok], s.p50[ok]
     if lam.size == 0:
@@ -95,16 +143,11 @@ def fit_latency_curve(s: Samples) -> tuple[float, float] | None:
         r95 = np.log(model_quantile_ms(mu, b, lam[has95], 0.95)) - np.log(p95[has95])
         return np.concatenate([r50, r95])
 
+    bounds = ([0.05, 0.0], [1e4, max(1.0, float(p50.max()))])
     best = None
     for start in (lam_max * 1.5, lam_max * 1.05, lam_max * 4.0):
         try:
-            res = least_squares(
-                resid,
-                x0=[start / lam_max, b0],
-                bounds=([0.05, 0.0], [1e4, max(1.0, float(p50.max()))]),
-                loss="soft_l1",
-                f_scale=0.1,
-            )
+            res = least_squares(resid, x0=[start / lam_max, b0], bounds=bounds, loss="soft_l1", f_scale=0.1)
         except ValueError:
             continue
         if best is None or res.cost < best.cost:
@@ -117,7 +160,8 @@ def fit_latency_curve(s: Samples) -> tuple[float, float] | None:
 def _fit_errors(s: Samples, mu: float) -> tuple[float, float | None, int]:
     """Baseline: traffic-weighted error rate below 90% utilisation. Overload: the slope of
     excess errors against the simulator's shed fraction ``1 - 1/rho`` above capacity (1
-    where the fleet sheds like the simulator, 0 where it queues instead)."""
+    where the fleet sheds like the simulator, 0 where it queues instead). Reported only:
+    the scenario format has no error fields."""
     ok = np.isfinite(s.err) & (s.rps > 0)
     lam, err = s.rps[ok], np.clip(s.err[ok], 0.0, 1.0)
     if lam.size == 0:
@@ -143,10 +187,9 @@ def fit_endpoint(s: Samples, *, method: str = "auto") -> EndpointFit | None:
     """
     settled = s.take(s.settled)
     mu = None
-    used = method
+    used = "saturation"
     if method in ("auto", "saturation"):
         mu = _fit_capacity_saturation(s.take(~s.draining))
-        used = "saturation"
     if mu is None and method in ("auto", "latency"):
         fit = fit_latency_curve(settled)
         if fit is None:
@@ -159,3 +202,84 @@ def fit_endpoint(s: Samples, *, method: str = "auto") -> EndpointFit | None:
         return None
     e0, slope, n_over = _fit_errors(settled, mu)
     return EndpointFit(mu, b, used, error_baseline=e0, overload_shed_slope=slope, overloaded_samples=n_over)
+
+
+def errors(fit: EndpointFit, s: Samples) -> dict[str, np.ndarray]:
+    """Per signal, the per-sample error of ``fit`` on ``s``: relative for p50, p95 and
+    in-flight, absolute for saturation and error rate (fractions already)."""
+    mu, b, lam = fit.capacity_rps, fit.base_latency_ms, s.rps
+    e0 = fit.error_baseline if math.isfinite(fit.error_baseline) else BASE_ERROR
+    pairs = {  # (predicted, observed), in the order of SIGNALS
+        "p50": (model_quantile_ms(mu, b, lam, 0.5), s.p50),
+        "p95": (model_quantile_ms(mu, b, lam, 0.95), s.p95),
+        "inflight": (model_inflight(mu, b, lam), s.inflight),
+        "saturation": (np.minimum(model_saturation(mu, lam), 1.0), np.minimum(s.sat, 1.0)),
+        "error_rate": (model_error_rate(mu, lam, e0), s.err),
+    }
+    out = {}
+    for name, (p, obs) in pairs.items():
+        ok = np.isfinite(obs) & np.isfinite(p)
+        if name in RELATIVE:
+            ok &= obs > (0.05 if name == "inflight" else 0.0)
+            out[name] = (p[ok] - obs[ok]) / obs[ok]
+        else:
+            out[name] = p[ok] - obs[ok]
+    return out
+
+
+def summarise(errs: Mapping[str, np.ndarray], *, held_out: bool) -> dict[str, Any]:
+    """Median and p90 absolute error (held out), or RMS, median and bias (in sample)."""
+    out: dict[str, Any] = {}
+    for name, e in errs.items():
+        if e.size == 0:
+            out[name] = None
+            continue
+        a = np.abs(e)
+        if held_out:
+            stats = {"median_abs": rounded(np.median(a)), "p90_abs": rounded(np.percentile(a, 90))}
+        else:
+            stats = {
+                "rms": rounded(np.sqrt(np.mean(e * e))),
+                "median_abs": rounded(np.median(a)),
+                "bias": rounded(np.median(e)),
+            }
+        out[name] = {**stats, "n": int(e.size), "kind": "relative" if name in RELATIVE else "absolute"}
+    return out
+
+
+def jackknife(values: Sequence[float], full: float) -> dict[str, Any]:
+    """Delete-a-block jackknife standard error over the fold fits."""
+    v = np.asarray([x for x in values if math.isfinite(x)], dtype=np.float64)
+    if v.size < 2:
+        return {"stderr": None, "rel_stderr": None, "folds": int(v.size)}
+    k = v.size
+    se = math.sqrt((k - 1) / k * float(((v - v.mean()) ** 2).sum()))
+    return {"stderr": rounded(se, 4), "rel_stderr": rounded(se / abs(full), 4) if full else None, "folds": int(k)}
+
+
+def cross_validate(
+    s: Samples, blocks: np.ndarray, folds: int, method: str, min_samples: int
+) -> tuple[dict[str, np.ndarray], list[float], list[float]]:
+    """Held-out errors per signal, and each fold's capacity and base latency.
+
+    Each contiguous block of records in time is predicted by a fit on the others
+    (neighbouring records are correlated, so interleaved hold-outs would flatter the fit).
+    """
+    caps, bases = [], []
+    held: dict[str, list[np.ndarray]] = {k: [] for k in SIGNALS}
+    for k in range(folds):
+        test = blocks == k
+        if not (test & s.settled).any() or (~test & s.settled).sum() < max(3, min_samples // 2):
+            continue
+        f_k = fit_endpoint(s.take(~test), method=method)
+        if f_k is None:
+            continue
+        caps.append(f_k.capacity_rps)
+        bases.append(f_k.base_latency_ms)
+        for signal, e in errors(f_k, s.take(test & s.settled)).items():
+            held[signal].append(e)
+    return concat(held), caps, bases
+
+
+def concat(parts: Mapping[str, list[np.ndarray]]) -> dict[str, np.ndarray]:
+    return {k: np.concatenate(v) if v else np.zeros(0) for k, v in parts.items()}

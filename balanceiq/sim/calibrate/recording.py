@@ -1,10 +1,7 @@
 """Reading a recording (one :class:`~balanceiq.control.records.DecisionLog` JSON line per
-control step) into per-endpoint samples, with which records are *settled*.
-
-A record is settled when its whole window, plus a margin for scrape and rule-evaluation
-lag, lies after the last weight change that moved >= 2% of traffic: it measured one split.
-An endpoint counts in a record when it carried traffic, was not unhealthy and has none of
-the :data:`UNUSABLE_FLAGS`.
+control step) into per-endpoint samples, with which records are *settled*: their whole
+window, plus a margin for scrape and rule-evaluation lag, lies after the last weight
+change that moved >= 2% of traffic, so they measured one split.
 """
 
 from __future__ import annotations
@@ -13,7 +10,7 @@ import json
 import math
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -39,20 +36,9 @@ class Recording:
     path: str
     records: list[dict[str, Any]]
     lines: int = 0
-    bad_lines: int = 0
     bad_reasons: Counter[str] = field(default_factory=Counter)
     skipped: Counter[str] = field(default_factory=Counter)
     """Well-formed records with nothing to fit (no observation data)."""
-
-    def summary(self) -> dict[str, Any]:
-        return {
-            "recording": self.path,
-            "lines": self.lines,
-            "records": len(self.records),
-            "bad_lines": self.bad_lines,
-            "bad_reasons": dict(self.bad_reasons),
-            "skipped_records": dict(self.skipped),
-        }
 
 
 def finite(x: Any) -> float:
@@ -60,11 +46,6 @@ def finite(x: Any) -> float:
         return math.nan
     x = float(x)
     return x if math.isfinite(x) else math.nan
-
-
-def _num_or_none(x: Any) -> float | None:
-    v = finite(x)
-    return None if math.isnan(v) else v
 
 
 def _check_record(data: Any) -> str | None:
@@ -79,39 +60,15 @@ def _check_record(data: Any) -> str | None:
     eps = obs.get("endpoints")
     if not isinstance(eps, list) or not all(isinstance(e, dict) and isinstance(e.get("address"), str) for e in eps):
         return "observation.endpoints is not a list of endpoints with addresses"
-    if _num_or_none(obs.get("timestamp")) is None and _num_or_none(data.get("timestamp")) is None:
+    if math.isnan(_obs_time(data)):
         return "no numeric timestamp"
     return None
 
 
-def _parse_lines(text: str, rec: Recording) -> list[dict[str, Any]]:
-    """The records with a usable observation; counts bad and skipped lines into ``rec``."""
-    parsed: list[dict[str, Any]] = []
-    for line in text.splitlines():
-        if not line.strip():
-            continue
-        rec.lines += 1
-        try:
-            data = json.loads(line)
-            why = _check_record(data)
-        except ValueError:
-            why = "not JSON"
-        if why is not None:
-            rec.bad_lines += 1
-            rec.bad_reasons[why] += 1
-            continue
-        obs = data["observation"]
-        if obs.get("source") == "none" or not any(_usable_row(e) for e in obs["endpoints"]):
-            rec.skipped["no usable endpoint in the observation"] += 1
-            continue
-        parsed.append(data)
-    return parsed
-
-
-def read_recording(path: Path | str, *, cluster: str | None = None) -> Recording:
-    """Every line of ``path`` that is a record with an observation; bad lines are counted
-    (by reason) and skipped. Raises :class:`CalibrationError` when the file cannot be read
-    or none of it is usable. ``cluster`` picks one of several (default: the most records)."""
+def read_recording(path: Path | str) -> Recording:
+    """The records of ``path`` with a usable observation, of its most recorded cluster;
+    bad lines are counted (by reason) and skipped. Raises :class:`CalibrationError` when
+    the file cannot be read or none of it is usable."""
     p = Path(path)
     try:
         text = p.read_text(encoding="utf-8", errors="replace")
@@ -120,18 +77,29 @@ def read_recording(path: Path | str, *, cluster: str | None = None) -> Recording
     except OSError as exc:
         raise CalibrationError(f"recording {p}: cannot read: {exc.strerror or exc}") from exc
     rec = Recording(path=str(p), records=[])
-    parsed = _parse_lines(text, rec)
+    parsed = []
+    for line in filter(str.strip, text.splitlines()):
+        rec.lines += 1
+        try:
+            data = json.loads(line)
+            why = _check_record(data)
+        except ValueError:
+            why = "not JSON"
+        if why is not None:
+            rec.bad_reasons[why] += 1
+        elif data["observation"].get("source") == "none" or not any(map(_usable_row, data["observation"]["endpoints"])):
+            rec.skipped["no usable endpoint in the observation"] += 1
+        else:
+            parsed.append(data)
     clusters = Counter(str(d["observation"].get("cluster", "")) for d in parsed)
-    if cluster is not None and cluster not in clusters and parsed:
-        raise CalibrationError(f"recording {p}: no records of cluster {cluster!r}; found {', '.join(sorted(clusters))}")
-    chosen = cluster if cluster is not None else (clusters.most_common(1)[0][0] if clusters else "")
+    chosen = clusters.most_common(1)[0][0] if clusters else ""
     for d in parsed:
         if str(d["observation"].get("cluster", "")) == chosen:
             rec.records.append(d)
         else:
             rec.skipped[f"other cluster ({d['observation'].get('cluster')})"] += 1
     if not rec.records:
-        detail = f"{rec.lines} non-empty line(s), {rec.bad_lines} bad"
+        detail = f"{rec.lines} non-empty line(s), {rec.bad_reasons.total()} bad"
         if rec.bad_reasons:
             detail += " (" + ", ".join(f"{k}: {v}" for k, v in rec.bad_reasons.most_common()) + ")"
         if rec.skipped:
@@ -147,10 +115,9 @@ def _obs_time(record: Mapping[str, Any]) -> float:
 
 
 def _usable_row(e: Mapping[str, Any]) -> bool:
+    """The endpoint carried traffic, was not unhealthy and has none of the :data:`UNUSABLE_FLAGS`."""
     flags = e.get("flags") or []
-    if not isinstance(flags, list) or UNUSABLE_FLAGS & {str(f) for f in flags}:
-        return False
-    if e.get("healthy") is False:
+    if not isinstance(flags, list) or UNUSABLE_FLAGS & {str(f) for f in flags} or e.get("healthy") is False:
         return False
     return finite(e.get("rps")) > 0 and not math.isnan(finite(e.get("p50_ms")))
 
@@ -178,11 +145,9 @@ class Samples:
 
 
 def _shares(weights: Mapping[str, Any]) -> dict[str, float] | None:
-    vals = {k: v for k, v in ((k, finite(v)) for k, v in weights.items()) if not math.isnan(v) and v >= 0}
+    vals = {k: v for k, v in ((k, finite(v)) for k, v in weights.items()) if v >= 0}  # nan is not >= 0
     total = sum(vals.values())
-    if not vals or total <= 0:
-        return None
-    return {k: v / total for k, v in vals.items()}
+    return {k: v / total for k, v in vals.items()} if total > 0 else None
 
 
 def _moved(a: Mapping[str, float], b: Mapping[str, float]) -> float:
@@ -203,25 +168,23 @@ def _settled(records: Sequence[Mapping[str, Any]], settle_margin_s: float, defau
         obs = r["observation"]
         t = _obs_time(r)
         w = finite(obs.get("window_s"))
-        window = w if w > 0 else default_window_s
         seen = _shares({e["address"]: e.get("weight") for e in obs["endpoints"]})
         if seen is not None:
             if expected is not None and _moved(expected, seen) >= MIN_MOVED:
                 last_change = max(last_change, t)
             expected = seen
-        out[i] = t - last_change >= window + settle_margin_s
-        if r.get("pushed") and isinstance(r.get("weights"), dict):
-            after = _shares(r["weights"])
+        out[i] = t - last_change >= (w if w > 0 else default_window_s) + settle_margin_s
+        after = _shares(r["weights"]) if r.get("pushed") and isinstance(r.get("weights"), dict) else None
+        if after is not None:
             before = expected
             if before is None and isinstance(r.get("previous"), dict):
                 before = _shares(r["previous"])
-            if after is not None:
-                if before is None or _moved(before, after) >= MIN_MOVED:
-                    step_ms = finite(r.get("step_ms"))
-                    start = finite(r.get("timestamp"))
-                    pushed_at = (start if not math.isnan(start) else t) + (step_ms / 1000 if step_ms > 0 else 0.0)
-                    last_change = max(last_change, pushed_at)
-                expected = after
+            if before is None or _moved(before, after) >= MIN_MOVED:
+                step_ms = finite(r.get("step_ms"))
+                start = finite(r.get("timestamp"))
+                pushed_at = (start if not math.isnan(start) else t) + (step_ms / 1000 if step_ms > 0 else 0.0)
+                last_change = max(last_change, pushed_at)
+            expected = after
     return out
 
 
@@ -231,10 +194,8 @@ def endpoint_samples(
     """``(addresses in first-seen order, samples per address, settled per record)``.
 
     A sample is *draining* when its record is not settled and the last push cut the
-    endpoint's share (by more than 10%) while it was saturated (>= 0.95 just before): a
-    live queue built in overload is still being worked off, so the endpoint reads busy
-    under a load it could carry (the simulator has no such memory). The capacity fit
-    leaves these out.
+    endpoint's share (by more than 10%) while it was saturated (>= 0.95 just before): its
+    live queue is still being worked off, so it reads busy under a load it could carry.
     """
     records = recording.records
     settled = _settled(records, settle_margin_s, default_window_s)
@@ -258,19 +219,10 @@ def endpoint_samples(
             before = _shares(r["previous"]) or {}
             after = _shares(r["weights"]) or {}
             cut = {a for a, share in before.items() if after.get(a, 0.0) < 0.9 * share and last_sat.get(a, 0.0) >= 0.95}
+    names = [f.name for f in fields(Samples)]
     out = {}
     for a, row in rows.items():
-        c = np.array(row, dtype=np.float64).reshape(-1, 10).T
-        out[a] = Samples(
-            record=c[0].astype(np.int64),
-            rps=c[1],
-            p50=c[2],
-            p95=c[3],
-            err=c[4],
-            sat=c[5],
-            inflight=c[6],
-            settled=c[7] > 0.5,
-            cost=c[8],
-            draining=c[9] > 0.5,
-        )
+        c: dict[str, np.ndarray] = dict(zip(names, np.array(row, dtype=np.float64).reshape(-1, len(names)).T))
+        c.update(record=c["record"].astype(np.int64), settled=c["settled"] > 0.5, draining=c["draining"] > 0.5)
+        out[a] = Samples(**c)
     return list(rows), out, settled

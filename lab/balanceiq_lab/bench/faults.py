@@ -72,11 +72,12 @@ from balanceiq.config import Settings
 from balanceiq.control.controller import Controller
 from balanceiq.control.records import DecisionRecord
 from balanceiq.control.xds_client import ActorXdsClient
-from balanceiq.exceptions import BalanceIQError, BenchError
+from balanceiq.exceptions import BalanceIQError
 from balanceiq.policy.lp import traffic_moved, weights_to_shares
 from balanceiq.telemetry.observe import Telemetry
 from balanceiq.xds.snapshot import EDS_TYPE
 from balanceiq_lab.bench.settings import bench_settings
+from balanceiq_lab.errors import BenchError
 from balanceiq_lab.openloop import OpenLoopResult, arrival_schedule, run_open_loop_sync
 from balanceiq_lab.progress import progress_bar
 from balanceiq_lab.stack import Stack

@@ -27,7 +27,7 @@ mean service time and price, from the testbed profiles and the scenario's events
 before the load and again right after every event, over the shipped lb_policy
 (``DEFAULT_LB_POLICY``). The backends' private gauges (in-flight, concurrency limit: the
 ``saturation`` signal) are off for every arm unless ``private_gauges``: a real backend
-exports neither. ``reversals`` (:mod:`balanceiq.policy.stability`) counts each arm's
+exports neither. ``reversals`` (:mod:`balanceiq_lab.stability`) counts each arm's
 weight ping-pong over the measured decisions (the oracle's pushes; 0 for static weights).
 ``balanceiq bench live --suite N`` runs the arms over random fleets instead
 (:mod:`balanceiq_lab.bench.suite`).
@@ -65,15 +65,15 @@ import psutil
 from rich.console import Console
 from rich.progress import Progress
 
-from balanceiq.config import BACKEND_SATURATION, EndpointConfig, Settings, SignalQuery, TelemetryConfig
-from balanceiq.exceptions import BalanceIQError, BenchError
-from balanceiq.policy.stability import count_reversals
-from balanceiq.testbed.envoy import DEFAULT_LB_POLICY  # what BalanceIQ ships with
+from balanceiq.config import BACKEND_SATURATION, EndpointConfig, EnvoyConfig, Settings, SignalQuery, TelemetryConfig
+from balanceiq.exceptions import BalanceIQError
 from balanceiq_lab.bench.processes import cores_by_role, cpu_by_role, leftovers
 from balanceiq_lab.bench.settings import bench_settings as common_settings
+from balanceiq_lab.errors import BenchError
 from balanceiq_lab.openloop import ARRIVALS, OpenLoopResult, cli_argv
 from balanceiq_lab.progress import progress_bar
 from balanceiq_lab.results import error_rate, latency_summary, slo_attainment
+from balanceiq_lab.stability import reversal_events
 from balanceiq_lab.stack import Stack
 from balanceiq_lab.testbed.scenario import LiveEvent, LiveScenario, state_truth, states_after
 
@@ -89,6 +89,7 @@ class Arm:
     family: str  # "envoy" (Envoy's own balancer, cost-blind) | "static" | "balanceiq" | "oracle"
 
 
+DEFAULT_LB_POLICY = EnvoyConfig().lb_policy  # what BalanceIQ ships with
 CSWRR = "CLIENT_SIDE_WEIGHTED_ROUND_ROBIN"  # balanceiq.testbed.envoy renders the extension
 _SHORT = {"ROUND_ROBIN": "rr", "LEAST_REQUEST": "lr", CSWRR: "cswrr"}
 _BIQ_RR = Arm("balanceiq_rr", "BalanceIQ over ROUND_ROBIN", "ROUND_ROBIN", "controller", "balanceiq")
@@ -958,7 +959,7 @@ class _ArmRun:
             self.info["reversals"] = self.info["controller"]["reversals"]
         elif self.arm.weights == "oracle":
             self.info["oracle_pushes"] = self.oracle_pushes
-            self.info["reversals"] = count_reversals([p["weights"] for p in self.oracle_pushes])
+            self.info["reversals"] = len(reversal_events([p["weights"] for p in self.oracle_pushes]))
         else:
             self.info["reversals"] = 0
         if self.arm.family == "envoy" and self.arm.lb_policy == CSWRR:
@@ -1007,7 +1008,7 @@ def run_arm(
 
     The oracle arm pushes :func:`oracle_for` (the truth: the testbed profiles with the
     events applied so far, ``rate_rps`` as demand) before the load and right after each
-    event. Every arm's result has ``reversals`` (:func:`~balanceiq.policy.stability.count_reversals`
+    event. Every arm's result has ``reversals`` (:func:`~balanceiq_lab.stability.reversal_events`
     over the measured decisions or pushes; 0 for arms whose weights never change)."""
     t_arm = time.monotonic()
     run = _ArmRun(
@@ -1093,7 +1094,7 @@ def _controller_summary(
         "modes": dict(modes),
         "pushes": sum(1 for r in recs if r.pushed),
         "errors": sum(1 for r in recs if r.error),
-        "reversals": count_reversals(measured),
+        "reversals": len(reversal_events(measured)),
         "measured_decisions": len(measured),
         "weight_timeline": timeline,
     }

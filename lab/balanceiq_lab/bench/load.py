@@ -40,9 +40,9 @@ import psutil
 from rich.console import Console
 
 from balanceiq.config import Settings
-from balanceiq.exceptions import BenchError
 from balanceiq_lab.bench.settings import bench_settings
 from balanceiq_lab.bench.xds_clients import ClientProcesses
+from balanceiq_lab.errors import BenchError
 from balanceiq_lab.openloop import Request, cli_argv, run_open_loop
 from balanceiq_lab.progress import progress_bar
 from balanceiq_lab.results import latency_summary

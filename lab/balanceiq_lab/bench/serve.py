@@ -60,7 +60,7 @@ import psutil
 from rich.console import Console
 
 from balanceiq.config import Settings, critical_count
-from balanceiq.exceptions import BalanceIQError, BenchError
+from balanceiq.exceptions import BalanceIQError
 from balanceiq.policy.baselines import PolicyContext
 from balanceiq.policy.decide import observe_only
 from balanceiq.policy.features import encode
@@ -71,6 +71,7 @@ from balanceiq.testbed.ports import free_port
 from balanceiq_lab.bench.processes import cores_by_role, cpu_by_role, leftovers
 from balanceiq_lab.bench.settings import CLOUDS
 from balanceiq_lab.bench.settings import bench_settings as common_settings
+from balanceiq_lab.errors import BenchError
 from balanceiq_lab.openloop import Request, run_open_loop
 from balanceiq_lab.progress import progress_bar
 from balanceiq_lab.results import latency_summary
@@ -303,7 +304,7 @@ def score_by_window(
 
 
 def bench_settings(state_dir: Path, n_endpoints: int = TESTBED_ENDPOINTS, base: Settings | None = None) -> Settings:
-    """Settings on free ports (:func:`balanceiq.testbed.ports.settings_on_free_ports`), a
+    """Settings on free ports (:func:`balanceiq_lab.bench.settings.settings_on_free_ports`), a
     1 s control interval, a decision log that holds the whole run, and a private state dir."""
     s = common_settings(n_endpoints, base, state_dir=state_dir, control_interval_s=CONTROL_INTERVAL_S)
     return s.model_copy(update={"api": s.api.model_copy(update={"host": "127.0.0.1", "decision_log_size": 1000})})

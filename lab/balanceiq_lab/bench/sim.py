@@ -38,11 +38,12 @@ from typing import Any
 import numpy as np
 from rich.console import Console
 
-from balanceiq.exceptions import BenchError
 from balanceiq.policy.baselines import BASELINES
-from balanceiq.sim.bench import steps_per_second
-from balanceiq.sim.evaluate import _policy, least_move_off_static, run_pair
+from balanceiq.sim.balancer import BALANCERS
+from balanceiq.sim.evaluate import ENVOY_ARMS, arm, least_move_off_static, run_pair
+from balanceiq.sim.fleet import FleetSim
 from balanceiq.sim.scenario import SCENARIOS
+from balanceiq_lab.errors import BenchError
 from balanceiq_lab.progress import progress_bar
 
 DEFAULT_POLICIES = (
@@ -51,6 +52,7 @@ DEFAULT_POLICIES = (
     "cost_aware",
     "inverse_latency",
     "least_request",
+    "cswrr",
     "topk",
     "hot_cold",
     "full_lp",
@@ -67,17 +69,20 @@ def run_sim_bench(
     seed: int = 0,
     plot: Path | None = None,
     plot_scenario: str = "degrade",
+    balancer: str = "least_request",
     console: Console | None = None,
 ) -> dict[str, Any]:
     console = console or Console(stderr=True)
     scenarios = scenarios or list(SCENARIOS)
     policies = policies or list(DEFAULT_POLICIES)
-    unknown = [p for p in policies if p not in (*BASELINES, "full_lp", "cfr_rl")]
+    unknown = [p for p in policies if p not in (*BASELINES, *ENVOY_ARMS, "full_lp", "cfr_rl")]
     if unknown:
         raise BenchError(f"unknown policies {', '.join(unknown)}; known: {', '.join(DEFAULT_POLICIES)}")
+    if balancer not in BALANCERS:
+        raise BenchError(f"unknown balancer {balancer!r}; known: {', '.join(BALANCERS)}")
     if "full_lp" not in policies:
         policies = [*policies, "full_lp"]  # the reference for traffic_moved_vs_full
-    loaded = {p: _policy(p, checkpoint) for p in policies}
+    loaded = {p: arm(p, checkpoint, balancer) for p in policies}
     results: dict[str, dict[str, dict[str, Any]]] = {}
     floors: dict[str, dict[str, Any]] = {}
     t0 = time.monotonic()
@@ -87,7 +92,10 @@ def run_sim_bench(
             results[sc] = {}
             for name in policies:
                 progress.update(task, description=f"{sc} / {name}")
-                results[sc][name] = run_pair(sc, loaded[name], seed=seed, same_state=True)
+                policy, bal, weights = loaded[name]
+                results[sc][name] = run_pair(
+                    sc, policy, seed=seed, same_state=True, balancer=bal, controller_weights=weights
+                )
                 progress.advance(task)
             full = results[sc]["full_lp"]["traffic_moved"]
             for name in policies:
@@ -110,6 +118,8 @@ def run_sim_bench(
         "seed": seed,
         "scenarios": scenarios,
         "policies": policies,
+        # Envoy's balancer under the controller's weights (the Envoy arms name their own).
+        "balancer": balancer,
         "results": results,
         "summary": summary,
         # No policy that keeps every endpoint at or under 90% can move less than this
@@ -125,12 +135,37 @@ def run_sim_bench(
         if plot_scenario not in scenarios:
             plot_scenario = scenarios[0]
         traces: dict[str, dict[str, Any]] = {
-            p: run_pair(plot_scenario, loaded[p], seed=seed, trace=True)
+            p: run_pair(
+                plot_scenario,
+                loaded[p][0],
+                seed=seed,
+                trace=True,
+                balancer=loaded[p][1],
+                controller_weights=loaded[p][2],
+            )
             for p in ("equal", "topk", "cfr_rl", "oracle")
             if p in loaded
         }
         out["plot"] = str(plot_traces(plot_scenario, traces, plot))
     return out
+
+
+def steps_per_second(scenario_name: str, n_steps: int) -> float:
+    """Steps per second of :meth:`FleetSim.step` on ``scenario_name`` under its static split
+    (past the scenario's duration if ``n_steps`` asks for it); a short warm-up is not timed."""
+    if n_steps < 1:
+        raise ValueError(f"n_steps must be >= 1, got {n_steps}")
+    sim = FleetSim(scenario_name)
+    shares = sim.static_weights / sim.static_weights.sum()
+    for _ in range(min(200, n_steps)):
+        sim.step(shares)
+    sim.reset()
+    step = sim.step
+    start = time.perf_counter()
+    for _ in range(n_steps):
+        step(shares)
+    elapsed = time.perf_counter() - start
+    return n_steps / elapsed if elapsed > 0 else float("inf")
 
 
 def _summarise(results: dict[str, dict[str, dict[str, Any]]], policies: list[str]) -> dict[str, Any]:

@@ -57,7 +57,6 @@ import numpy as np
 from rich.console import Console
 
 from balanceiq.config import BackendProfile, ClusterConfig, EndpointConfig, Settings, default_settings
-from balanceiq.exceptions import BenchError
 from balanceiq_lab.bench.live import (
     ARMS,
     BIN_S,
@@ -73,6 +72,7 @@ from balanceiq_lab.bench.live import (
     validate_args,
 )
 from balanceiq_lab.bench.processes import leftovers
+from balanceiq_lab.errors import BenchError
 from balanceiq_lab.progress import progress_bar
 from balanceiq_lab.testbed.backend import mean_service_ms, true_capacity_rps
 from balanceiq_lab.testbed.scenario import LiveEvent, LiveScenario, state_truth, states_after, truth_at

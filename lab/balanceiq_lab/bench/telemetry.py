@@ -30,7 +30,6 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from balanceiq.config import Settings, settings_from_dict
-from balanceiq.exceptions import BenchError
 from balanceiq.telemetry.envoy_admin import EnvoyAdminSource
 from balanceiq.telemetry.observe import Telemetry
 from balanceiq.testbed.envoy import render_bootstrap
@@ -38,6 +37,7 @@ from balanceiq.testbed.ports import free_ports
 from balanceiq.xds.server import XdsServer
 from balanceiq_lab.bench.settings import CLOUDS
 from balanceiq_lab.bench.xds import _pct
+from balanceiq_lab.errors import BenchError
 from balanceiq_lab.results import latency_summary
 from balanceiq_lab.testbed.envoy import EnvoyProcess
 from balanceiq_lab.testbed.load import run_load_sync

@@ -180,9 +180,10 @@ def run_calibration_error(
     from pathlib import Path
 
     from balanceiq.config import BackendProfile
-    from balanceiq.sim.calibrate import calibrate, calibration_error
-    from balanceiq.testbed.ports import settings_on_free_ports
+    from balanceiq.sim.calibrate import calibrate
     from balanceiq.testbed.record import ExplorationPlan, record_exploration
+    from balanceiq_lab.bench.calibration import calibration_error
+    from balanceiq_lab.bench.settings import settings_on_free_ports
 
     console = console or Console(stderr=True)
     s = settings_on_free_ports(len(CALIBRATION_TRUTH))

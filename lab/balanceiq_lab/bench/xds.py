@@ -27,12 +27,12 @@ import psutil
 from rich.console import Console
 
 from balanceiq.config import Settings, settings_from_dict
-from balanceiq.exceptions import BenchError
 from balanceiq.testbed.envoy import render_bootstrap
 from balanceiq.testbed.ports import free_ports
 from balanceiq.xds.server import XdsServer
 from balanceiq_lab.bench.settings import CLOUDS
 from balanceiq_lab.bench.xds_clients import ClientProcesses
+from balanceiq_lab.errors import BenchError
 from balanceiq_lab.progress import progress_bar
 from balanceiq_lab.results import latency_summary
 from balanceiq_lab.testbed.envoy import EnvoyProcess, endpoint_weights

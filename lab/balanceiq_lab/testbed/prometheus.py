@@ -20,8 +20,8 @@ import httpx
 import yaml
 
 from balanceiq.config import Settings
-from balanceiq.exceptions import PrometheusProcessError
-from balanceiq.testbed.process import stop_popen
+from balanceiq_lab.errors import PrometheusProcessError
+from balanceiq_lab.testbed.process import stop_popen
 
 
 def _hostport(url: str) -> str:

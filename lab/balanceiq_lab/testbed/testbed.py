@@ -23,10 +23,11 @@ from typing import Any
 import psutil
 
 from balanceiq.config import Settings
-from balanceiq.exceptions import BackendError, TestbedError
+from balanceiq.exceptions import TestbedError
 from balanceiq.testbed.envoy import render_bootstrap
-from balanceiq.testbed.process import stop_popen, terminate_pid
+from balanceiq_lab.errors import BackendError
 from balanceiq_lab.testbed.envoy import EnvoyProcess
+from balanceiq_lab.testbed.process import stop_popen, terminate_pid
 from balanceiq_lab.testbed.prometheus import PrometheusProcess, render_config, render_rules
 
 STATE_FILE = "testbed.json"

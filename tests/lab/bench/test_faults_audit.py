@@ -13,10 +13,11 @@ from envoy.config.core.v3 import health_check_pb2
 from envoy.config.endpoint.v3 import endpoint_pb2
 
 from balanceiq.config import default_settings
-from balanceiq.exceptions import BenchError, TestbedError
+from balanceiq.exceptions import TestbedError
 from balanceiq.xds.assignment import Assignment, EndpointAssignment
 from balanceiq.xds.snapshot import cluster_load_assignment
 from balanceiq_lab.bench.faults import FAULTS, check_assignment, lease_audit, parse_faults, parse_version
+from balanceiq_lab.errors import BenchError
 from balanceiq_lab.testbed.testbed import Testbed
 
 ADDRS = ["127.0.0.1:18001", "127.0.0.1:18002", "127.0.0.1:18003"]

@@ -16,7 +16,6 @@ import pytest
 
 from balanceiq.cli import main as cli_main
 from balanceiq.config import load_config
-from balanceiq.exceptions import BenchError
 from balanceiq_lab.bench.live import (
     ARMS,
     DEFAULT_ARM,
@@ -41,6 +40,7 @@ from balanceiq_lab.bench.suite import (
     truth,
     validate_suite_args,
 )
+from balanceiq_lab.errors import BenchError
 from balanceiq_lab.testbed.scenario import load_live_scenario, truth_at
 
 REPO = Path(__file__).resolve().parents[3]

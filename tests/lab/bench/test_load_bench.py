@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from balanceiq.exceptions import BenchError
 from balanceiq_lab.bench.load import _Fanout, request_mix, run_api_load, run_xds_soak
+from balanceiq_lab.errors import BenchError
 
 EXE = str(Path(sys.executable).parent / "balanceiq")
 

@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from balanceiq.exceptions import BenchError
 from balanceiq.policy.features import N_FEATURES
 from balanceiq_lab.bench.serve import (
     API_PATHS,
@@ -36,6 +35,7 @@ from balanceiq_lab.bench.serve import (
     synthetic_observation,
     validate_args,
 )
+from balanceiq_lab.errors import BenchError
 from balanceiq_lab.results import percentile
 
 

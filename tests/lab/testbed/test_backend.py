@@ -18,7 +18,8 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from balanceiq.exceptions import BackendError, ConfigError
+from balanceiq.exceptions import ConfigError
+from balanceiq_lab.errors import BackendError
 from balanceiq_lab.testbed.backend import (
     ORCA_HEADER,
     Backend,

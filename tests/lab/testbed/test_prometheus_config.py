@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from balanceiq.config import load_config, settings_from_dict
-from balanceiq.exceptions import PrometheusProcessError
+from balanceiq_lab.errors import PrometheusProcessError
 from balanceiq_lab.testbed import prometheus as prom
 
 ROOT = Path(__file__).resolve().parents[3]

@@ -13,6 +13,7 @@ from livestack import settings_on_free_ports
 
 from balanceiq.control.controller import Controller
 from balanceiq.control.xds_client import LocalXdsClient
+from balanceiq.policy.decide import breach_state, observe_only
 from balanceiq.policy.reward import RewardWeights, observed_reward
 from balanceiq.telemetry.observation import EndpointObservation, Observation
 from balanceiq.xds.server import XdsServer
@@ -202,8 +203,14 @@ def test_unmeasurable_endpoint_is_assumed_typical_not_capacityless(setup) -> Non
         source=obs.source,
         endpoints=obs.endpoints[:4] + (EndpointObservation(address=idle.address, rps=0.0, healthy=True),),
     )
-    cap = c.capacity(obs)
+    cap = observe_only(obs, c._context(obs), c.knobs(), c.core_state)[0].capacity
     assert np.all(np.isfinite(cap)) and cap[4] == pytest.approx(np.median(cap[:4]))
+
+
+def held_breachers(c: Controller, obs: Observation, now: float) -> tuple[list[int], list[int]]:
+    """``(measured, held)`` by the controller's decision core, remembering ``obs``."""
+    measured, held, c.core_state = breach_state(obs, c.shares, c.knobs(), c.core_state, now=now)
+    return measured, held
 
 
 def test_a_breacher_leaves_at_once_and_is_held_while_too_quiet_to_measure(setup) -> None:  # type: ignore[no-untyped-def]
@@ -234,8 +241,10 @@ def test_a_breacher_leaves_at_once_and_is_held_while_too_quiet_to_measure(setup)
     fleet.p95[a] = 900.0
     c.step()
     fleet.p95[a] = float("nan")
-    assert c.breach_state(fleet.observe(c.weights), now=time.time())[1] == [2]
-    assert c.breach_state(fleet.observe(c.weights), now=time.time() + c.settings.guardrails.breach_hold_s + 1)[1] == []
+    assert held_breachers(c, fleet.observe(c.weights), now=time.time())[1] == [2]
+    assert (
+        held_breachers(c, fleet.observe(c.weights), now=time.time() + c.settings.guardrails.breach_hold_s + 1)[1] == []
+    )
 
 
 def test_a_sustained_error_rate_too_small_to_see_in_one_window_breaches(setup) -> None:  # type: ignore[no-untyped-def]
@@ -246,10 +255,10 @@ def test_a_sustained_error_rate_too_small_to_see_in_one_window_breaches(setup) -
     quiet = [replace(e, rps=0.8, error_rate=0.02) if e.address == a else e for e in obs.endpoints]
     obs = replace(obs, endpoints=tuple(quiet), window_s=10.0)
     t = 1000.0
-    first, _ = c.breach_state(obs, now=t)
+    first, _ = held_breachers(c, obs, now=t)
     assert 1 not in first  # 8 requests: not yet evidence
     for step in range(1, 6):
-        measured, _ = c.breach_state(obs, now=t + step)
+        measured, _ = held_breachers(c, obs, now=t + step)
     m = c.core_state.memory[a]
     assert 1 in measured and m.errors / m.requests == pytest.approx(0.02)
     # A healthy endpoint with the same traffic never does.

@@ -406,20 +406,6 @@ def test_config_is_replaceable_at_run_time_and_state_counts() -> None:
     st_ = g.state()
     assert st_["max_shift"] == 1.0 and st_["min_share"] == 0.0 and st_["baseline"] == "cost_aware"
     assert st_["decisions"] == 2 and st_["limited_count"] == 1 and st_["floor_count"] == 0
-    assert st_["last_notes"] == []
-
-
-def test_result_to_json() -> None:
-    a = addrs(2)
-    table = OverrideTable(a)
-    table.drain(a[1], now=T0)
-    res = guard().apply(a, np.full(2, 0.5), np.full(2, 0.5), ones(2), table.active(now=T0))
-    out = res.to_json(a)
-    assert out["endpoints"] == [
-        {"address": a[0], "share": 1.0, "weight": 9999, "health": "HEALTHY"},
-        {"address": a[1], "share": 0.0, "weight": 1, "health": "DRAINING"},
-    ]
-    assert out["moved"] == pytest.approx(0.5) and out["limited"] is False and isinstance(out["notes"], list)
 
 
 # -- override table ------------------------------------------------------------------------------

@@ -5,14 +5,14 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from balanceiq.policy.capacity import with_breaching
+from balanceiq.policy.decide import with_forced
 
 
 def test_breachers_come_first_and_the_policy_still_adds_k() -> None:
-    assert with_breaching([5, 1, 2, 0], [2, 7], 2) == [2, 7, 5, 1]
-    assert with_breaching([5, 1, 2, 0], [], 2) == [5, 1]
+    assert with_forced([5, 1, 2, 0], [2, 7], 2) == [2, 7, 5, 1]
+    assert with_forced([5, 1, 2, 0], [], 2) == [5, 1]
     # Every pick already forced: nothing left to add, no repeats.
-    assert with_breaching([2, 7], [7, 2, 7], 3) == [7, 2]
+    assert with_forced([2, 7], [7, 2, 7], 3) == [7, 2]
 
 
 @given(
@@ -21,7 +21,7 @@ def test_breachers_come_first_and_the_policy_still_adds_k() -> None:
     k=st.integers(0, 8),
 )
 def test_critical_set_properties(ranked: list[int], forced: list[int], k: int) -> None:
-    out = with_breaching(ranked, forced, k)
+    out = with_forced(ranked, forced, k)
     unique_forced = list(dict.fromkeys(forced))
     extras = [i for i in dict.fromkeys(ranked) if i not in unique_forced]
     assert len(out) == len(set(out))

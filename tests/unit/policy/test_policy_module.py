@@ -116,12 +116,12 @@ def test_rl_policy_adds_slo_breachers_to_its_k() -> None:
     policy still picks K more for their traffic to go to (``force_breaching=False``
     gives the policy's K alone)."""
     from balanceiq.policy.baselines import PolicyContext
-    from balanceiq.policy.capacity import breaching
+    from balanceiq.policy.memory import window_breaching
 
     env = FleetEnv({"scenarios": ["heterogeneous"], "n_max": 16})
     env.reset(seed=0)
     n = env.sim.n
-    hot = breaching(env.last_obs, 150.0)
+    hot = window_breaching(env.last_obs, 150.0)
     assert hot
     ctx = PolicyContext(
         shares=env.shares, capacity_hint=env.capacity_estimate(), static_weights=np.ones(n), demand_rps=100.0, k=2

@@ -17,8 +17,8 @@ from balanceiq.control.xds_client import LocalXdsClient
 from balanceiq.serve.plane import ControlPlane, PolicyClient, cluster_controllers
 from balanceiq.serve.policy import PolicyModel
 from balanceiq.telemetry.observation import EndpointObservation, Observation
-from balanceiq.testbed.ports import settings_on_free_ports
 from balanceiq.xds.server import XdsServer
+from balanceiq_lab.bench.settings import settings_on_free_ports
 
 
 class ReplayObserver:

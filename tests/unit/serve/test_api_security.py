@@ -38,8 +38,8 @@ from balanceiq.serve.api import create_api
 from balanceiq.serve.plane import ControlPlane
 from balanceiq.serve.policy import PolicyModel
 from balanceiq.testbed.envoy import render_bootstrap
-from balanceiq.testbed.ports import settings_on_free_ports
 from balanceiq.xds.server import XdsServer
+from balanceiq_lab.bench.settings import settings_on_free_ports
 
 TOKEN = "sekrit-token-7f3a9c2e5b8d1f40"
 REPO = Path(__file__).resolve().parents[3]

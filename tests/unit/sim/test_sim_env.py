@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from gymnasium.utils.env_checker import check_env
 
-from balanceiq.policy.capacity import breaching
+from balanceiq.policy.memory import window_breaching
 from balanceiq.sim.env import FleetEnv
 
 
@@ -45,7 +45,7 @@ def test_slo_breachers_join_the_agents_picks() -> None:
     endpoints, and they are re-split whatever the agent names."""
     env = FleetEnv({"scenarios": ["heterogeneous"], "n_max": 16, "k": 2})
     env.reset(seed=0)
-    hot = breaching(env.last_obs, env.weights.slo_ms)
+    hot = window_breaching(env.last_obs, env.weights.slo_ms)
     calm = [i for i in range(env.sim.n) if i not in hot]
     assert hot and len(calm) >= 2
     before = env.shares.copy()

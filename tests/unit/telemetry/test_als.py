@@ -27,15 +27,11 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from balanceiq.config import default_settings
 from balanceiq.exceptions import TestbedError
-from balanceiq.telemetry.als import (
-    BUCKETS,
-    AlsCollector,
-    AlsServer,
-    access_log_config,
-    als_cluster_config,
-)
+from balanceiq.telemetry.als import AlsServer, access_log_config, als_cluster_config
+from balanceiq.telemetry.als_collector import BUCKETS, AlsCollector
 from balanceiq.telemetry.observation import quantile_from_buckets
-from balanceiq.testbed.envoy import render_bootstrap, validate_bootstrap
+from balanceiq.testbed.envoy import render_bootstrap
+from balanceiq_lab.testbed.envoy import validate_bootstrap
 
 MS = 1_000_000  # ns
 HIST = "balanceiq_upstream_rq_time_seconds"
@@ -255,11 +251,15 @@ def test_ipv6_endpoint_in_brackets(als: AlsServer) -> None:
 
 
 def test_cardinality_is_bounded() -> None:
-    with AlsServer(AlsCollector(max_endpoints=2)) as server:
+    server = AlsServer(AlsCollector(max_endpoints=2))
+    server.start()
+    try:
         send(server, [entry(host="10.0.0.1"), entry(host="10.0.0.2"), entry(host="10.0.0.3")])
         # Known series keep counting after the bound is reached.
         send(server, [entry(host="10.0.0.1"), entry(host="10.0.0.4"), entry(host="10.0.0.4")])
         m = Scrape(server.metrics_url)  # type: ignore[arg-type]
+    finally:
+        server.stop()
     assert m.endpoints("svc") == {"10.0.0.1:8080", "10.0.0.2:8080"}
     assert m.count("svc", "10.0.0.1:8080") == 2
     assert m.dropped("cardinality") == 3
@@ -493,7 +493,7 @@ def test_cli_bind_failure_exit_2_with_one_line(flag: str) -> None:
 
 
 def test_orca_utilization_reads_text_and_json_and_refuses_the_rest() -> None:
-    from balanceiq.telemetry.als import orca_utilization
+    from balanceiq.telemetry.als_collector import orca_utilization
 
     assert orca_utilization("TEXT cpu_utilization:0.4,rps_fractional:12,application_utilization:0.35") == 0.35
     assert orca_utilization("TEXT cpu_utilization:0.4") == 0.4
@@ -514,7 +514,7 @@ def test_orca_utilization_reads_text_and_json_and_refuses_the_rest() -> None:
 def test_collector_keeps_each_endpoints_last_orca_report() -> None:
     from prometheus_client import generate_latest
 
-    from balanceiq.telemetry.als import ORCA_HEADER
+    from balanceiq.telemetry.als_collector import ORCA_HEADER
 
     col = AlsCollector()
     a, b, c = entry(port=1), entry(port=1), entry(port=2)

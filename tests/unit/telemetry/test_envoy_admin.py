@@ -17,16 +17,7 @@ from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 
 from balanceiq.exceptions import EnvoyAdminError, TelemetryError
-from balanceiq.telemetry.envoy_admin import (
-    ALS_HISTOGRAM,
-    EndpointStats,
-    EnvoyAdminSource,
-    Scrape,
-    derive,
-    parse_als_snapshot,
-    parse_clusters_json,
-    parse_exposition,
-)
+from balanceiq.telemetry.envoy_admin import EnvoyAdminSource, derive
 from balanceiq.telemetry.observation import (
     FEATURES,
     FLAGS,
@@ -36,6 +27,14 @@ from balanceiq.telemetry.observation import (
     NO_TRAFFIC,
     WARMING,
     quantile_from_buckets,
+)
+from balanceiq.telemetry.scrape import (
+    ALS_HISTOGRAM,
+    EndpointStats,
+    Scrape,
+    parse_als_snapshot,
+    parse_clusters_json,
+    parse_exposition,
 )
 
 CLUSTER = "my_service"
@@ -143,13 +142,12 @@ def test_parses_a_realistic_envoy_exposition() -> None:
     assert s.timestamp == 5.0
     assert s.problems == ()
     assert set(s.endpoints) == {(CLUSTER, a) for a in ADDRS}
-    a = s.endpoint(CLUSTER, A)
+    a = s.endpoints.get((CLUSTER, A))
     assert a is not None
     assert (a.rq_total, a.rq_success, a.rq_error, a.rq_active, a.healthy) == (100, 84, 16, 3, 1)
     assert a.bad == frozenset()
-    assert s.endpoint(CLUSTER, C).healthy == 0  # type: ignore[union-attr]
+    assert s.endpoints.get((CLUSTER, C)).healthy == 0  # type: ignore[union-attr]
     assert not s.latency_source and s.latency == {}
-    assert s.clusters() == [CLUSTER]
 
 
 def test_counter_names_match_with_or_without_total_suffix_and_type_lines() -> None:
@@ -159,7 +157,7 @@ def test_counter_names_match_with_or_without_total_suffix_and_type_lines() -> No
     untyped = "\n".join(ln for ln in typed.splitlines() if not ln.startswith("#"))
     suffixed = typed.replace("rq_error ", "rq_error_total ").replace("rq_error{", "rq_error_total{")
     for text in (typed, untyped, suffixed):
-        e = parse_exposition(text, 0.0).endpoint(CLUSTER, A)
+        e = parse_exposition(text, 0.0).endpoints.get((CLUSTER, A))
         assert e is not None and (e.rq_total, e.rq_error, e.rq_success) == (50, 5, 45), text
 
 
@@ -225,11 +223,11 @@ def test_bad_samples_are_skipped_recorded_and_mark_the_field() -> None:
     text += "envoy_cluster_endpoint_rq_total 17\n"  # no labels at all
     s = parse_exposition(text, 0.0)
     assert len(s.problems) == 3, s.problems
-    b, c = s.endpoint(CLUSTER, B), s.endpoint(CLUSTER, C)
+    b, c = s.endpoints.get((CLUSTER, B)), s.endpoints.get((CLUSTER, C))
     assert b is not None and c is not None
     assert b.bad == {"rq_error"} and math.isnan(b.rq_error) and b.rq_total == 100
     assert c.bad == {"rq_active"} and math.isnan(c.rq_active)
-    assert s.endpoint(CLUSTER, A).bad == frozenset()  # type: ignore[union-attr]
+    assert s.endpoints.get((CLUSTER, A)).bad == frozenset()  # type: ignore[union-attr]
 
 
 def test_one_unparsable_line_does_not_cost_the_rest() -> None:
@@ -239,15 +237,15 @@ def test_one_unparsable_line_does_not_cost_the_rest() -> None:
     text = text.replace("envoy_server_live{} 1", "envoy_server_live{ this is not a sample")
     s = parse_exposition(text, 0.0)
     assert len(s.problems) == 1 and "unparsable" in s.problems[0]  # the unrelated junk is not read
-    assert s.endpoint(CLUSTER, A).rq_error == 10  # type: ignore[union-attr]
-    assert s.endpoint(CLUSTER, B).bad == {"rq_error"}  # type: ignore[union-attr]
-    assert s.endpoint(CLUSTER, C).rq_total == 100  # type: ignore[union-attr]
+    assert s.endpoints.get((CLUSTER, A)).rq_error == 10  # type: ignore[union-attr]
+    assert s.endpoints.get((CLUSTER, B)).bad == {"rq_error"}  # type: ignore[union-attr]
+    assert s.endpoints.get((CLUSTER, C)).rq_total == 100  # type: ignore[union-attr]
 
 
 def test_duplicate_series_are_not_trusted() -> None:
     text = envoy_text({A: counters(100)}) + f"envoy_cluster_endpoint_rq_total{labels(A)} 5\n"
     s = parse_exposition(text, 0.0)
-    assert s.endpoint(CLUSTER, A).bad == {"rq_total"}  # type: ignore[union-attr]
+    assert s.endpoints.get((CLUSTER, A)).bad == {"rq_total"}  # type: ignore[union-attr]
     assert any("duplicate" in p for p in s.problems)
 
 
@@ -529,7 +527,7 @@ def test_histogram_without_inf_bucket_uses_count() -> None:
 
 def test_bytes_are_decoded_and_other_types_refused() -> None:
     raw = envoy_text({A: counters(1)}).encode()
-    assert parse_exposition(raw, 0.0).endpoint(CLUSTER, A) is not None  # type: ignore[arg-type]
+    assert parse_exposition(raw, 0.0).endpoints.get((CLUSTER, A)) is not None  # type: ignore[arg-type]
     with pytest.raises(EnvoyAdminError):
         parse_exposition(None, 0.0)  # type: ignore[arg-type]
 
@@ -825,7 +823,7 @@ def admin() -> Iterator[FakeAdmin]:
 def test_scrape_and_observe_over_http(admin: FakeAdmin) -> None:
     src = EnvoyAdminSource(admin.url + "/")
     s = src.scrape()
-    assert s.endpoint(CLUSTER, A) is not None and not s.latency_source
+    assert s.endpoints.get((CLUSTER, A)) is not None and not s.latency_source
     t0 = time.monotonic()
     obs = src.observe(CLUSTER, [A, B], COSTS, min_window_s=0.2)
     assert time.monotonic() - t0 >= 0.2  # the first observation waits for a real window
@@ -935,15 +933,15 @@ def test_clusters_json_gives_what_the_text_stats_give() -> None:
 )
 def test_clusters_json_health_is_envoys_healthy_gauge(health: dict[str, Any], healthy: float) -> None:
     s = parse_clusters_json(clusters_json({A: counters(1)}, health={A: health}), 1.0)
-    assert s.endpoint(CLUSTER, A).healthy == healthy  # type: ignore[union-attr]
+    assert s.endpoints.get((CLUSTER, A)).healthy == healthy  # type: ignore[union-attr]
 
 
 def test_clusters_json_ipv6_and_bad_values() -> None:
     data = clusters_json({"[::1]:18001": counters(5), A: counters(5)})
     data["cluster_statuses"][1]["host_statuses"][1]["stats"][5]["value"] = "nan"  # A's rq_total
     s = parse_clusters_json(data, 1.0)
-    assert s.endpoint(CLUSTER, "[::1]:18001").rq_total == 5  # type: ignore[union-attr]
-    a = s.endpoint(CLUSTER, A)
+    assert s.endpoints.get((CLUSTER, "[::1]:18001")).rq_total == 5  # type: ignore[union-attr]
+    a = s.endpoints.get((CLUSTER, A))
     assert a is not None and "rq_total" in a.bad and math.isnan(a.rq_total) and s.problems
 
 

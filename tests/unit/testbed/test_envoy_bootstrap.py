@@ -9,7 +9,8 @@ import yaml
 
 from balanceiq.config import default_settings, load_config
 from balanceiq.exceptions import EnvoyError
-from balanceiq.testbed.envoy import API_TYPES, render_bootstrap, validate_bootstrap
+from balanceiq.testbed.envoy import API_TYPES, render_bootstrap
+from balanceiq_lab.testbed.envoy import validate_bootstrap
 
 ROOT = Path(__file__).resolve().parents[3]
 

@@ -36,7 +36,7 @@ def test_a_port_in_use_is_never_handed_out() -> None:
 
 
 def _settings_with_api_on(port: int):  # type: ignore[no-untyped-def]
-    from balanceiq.testbed.ports import settings_on_free_ports
+    from balanceiq_lab.bench.settings import settings_on_free_ports
 
     s = settings_on_free_ports()
     return s.model_copy(update={"api": s.api.model_copy(update={"host": "127.0.0.1", "port": port})})

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from balanceiq.exceptions import XdsLeaseError
-from balanceiq.xds.lease import Lease, LeaseTable
+from balanceiq.xds.lease import LeaseTable
 
 
 class Clock:
@@ -18,24 +18,24 @@ class Clock:
 
 def test_one_holder_until_it_expires_and_the_term_counts_holders() -> None:
     clock = Clock()
-    lease = Lease(clock)
+    lease = LeaseTable(clock)
     assert lease.acquire("a", 5)["granted"] and lease.state()["term"] == 1
     assert lease.acquire("a", 5)["term"] == 1  # a renewal is the same term
     refused = lease.acquire("b", 5)
     assert not refused["granted"] and refused["holder"] == "a"
     with pytest.raises(XdsLeaseError, match="held by a"):
-        lease.check("b")
+        lease.check("b", "svc")
     clock.now += 5.1
     assert lease.acquire("b", 5)["granted"]
     assert lease.state()["term"] == 2
     with pytest.raises(XdsLeaseError):
-        lease.check("a")
+        lease.check("a", "svc")
 
 
 @pytest.mark.parametrize("owner, ttl", [("", 5), ("a", 0), ("a", float("nan")), ("a", 3601)])
 def test_bad_owner_or_ttl_is_refused(owner: str, ttl: float) -> None:
     with pytest.raises(XdsLeaseError):
-        Lease().acquire(owner, ttl)
+        LeaseTable().acquire(owner, ttl)
 
 
 def test_each_cluster_has_its_own_lease() -> None:

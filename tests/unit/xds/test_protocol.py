@@ -8,10 +8,11 @@ import pytest
 from envoy.config.endpoint.v3 import endpoint_pb2
 from envoy.service.discovery.v3 import discovery_pb2
 from google.rpc import status_pb2
+from rawsnap import raw_snapshot  # beside this file: pytest puts its folder on sys.path
 
 from balanceiq.xds.assignment import Assignment, EndpointAssignment
 from balanceiq.xds.protocol import DeltaStream, SotwStream, StatusRegistry
-from balanceiq.xds.snapshot import EDS_TYPE, Snapshot, build_snapshot, raw_snapshot
+from balanceiq.xds.snapshot import EDS_TYPE, Snapshot, build_snapshot
 
 CDS_TYPE = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
 NODE = "envoy-1"

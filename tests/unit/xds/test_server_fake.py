@@ -15,12 +15,13 @@ from envoy.config.endpoint.v3 import endpoint_pb2
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from envoy.service.endpoint.v3 import eds_pb2_grpc
 from google.rpc import status_pb2
-from streams import XdsStream  # beside this file: pytest puts its folder on sys.path
+from rawsnap import raw_snapshot  # beside this file: pytest puts its folder on sys.path
+from streams import XdsStream
 
 from balanceiq.config import default_settings
 from balanceiq.exceptions import AssignmentError, XdsBindError, XdsError
 from balanceiq.xds.server import XdsServer
-from balanceiq.xds.snapshot import EDS_TYPE, raw_snapshot
+from balanceiq.xds.snapshot import EDS_TYPE
 
 _DEFAULT = default_settings().clusters[0]
 CLUSTER = _DEFAULT.name
@@ -200,7 +201,7 @@ def test_initial_ack_push_nack(server: XdsServer, envoys: Callable[[Flavour], Xd
 
     # 4. a resource Envoy would reject: NACK recorded in status(), not re-sent
     bad_version = server.store.next_version()
-    server.publish(raw_snapshot(bad_version, {CLUSTER: b"\x12\x03bad"}))
+    server.store.publish(raw_snapshot(bad_version, {CLUSTER: b"\x12\x03bad"}))
     r3 = env.recv()
     assert flavour.version(r3) == bad_version
     env.send(flavour.ack(r3, [CLUSTER], accepted=v2, err="malformed ClusterLoadAssignment"))
@@ -214,7 +215,7 @@ def test_initial_ack_push_nack(server: XdsServer, envoys: Callable[[Flavour], Xd
         r["node_id"] == node_id and r["version"] == bad_version and r["type_url"] == EDS_TYPE
         for r in server.status()["rejections"]
     )
-    server.publish(raw_snapshot(server.store.next_version(), {CLUSTER: b"\x12\x03bad"}))
+    server.store.publish(raw_snapshot(server.store.next_version(), {CLUSTER: b"\x12\x03bad"}))
     env.expect_nothing()
 
     # 5. closing the stream is seen
@@ -262,7 +263,7 @@ def test_unchanged_set_assignment_publishes_nothing(server: XdsServer, envoys: C
     assert server.store.latest() is latest
     env.expect_nothing()
     # after a raw snapshot replaced the store, the same call publishes the real state again
-    server.publish(raw_snapshot(server.store.next_version(), {CLUSTER: b"\x12\x03bad"}))
+    server.store.publish(raw_snapshot(server.store.next_version(), {CLUSTER: b"\x12\x03bad"}))
     r2 = env.recv()
     env.send(flavour.ack(r2, [CLUSTER], accepted=r1.version_info, err="bad"))
     v3 = server.set_assignment(CLUSTER, {EP1: W1})

@@ -11,6 +11,7 @@ from envoy.service.discovery.v3 import discovery_pb2
 from google.protobuf import any_pb2, wrappers_pb2
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from rawsnap import raw_snapshot  # beside this file: pytest puts its folder on sys.path
 
 from balanceiq.xds import snapshot as snap_mod
 from balanceiq.xds.assignment import Assignment, EndpointAssignment, split_address
@@ -23,7 +24,6 @@ from balanceiq.xds.snapshot import (
     delta_response,
     field_bytes,
     field_str,
-    raw_snapshot,
     sotw_response,
 )
 
@@ -224,7 +224,6 @@ def test_resource_delta_bytes_is_a_resource_message() -> None:
     msg = discovery_pb2.Resource.FromString(res.delta_bytes)
     assert msg.name == "svc" and msg.version == res.version
     assert unpack(msg.resource) == cluster_load_assignment(svc())
-    assert res.as_any() == msg.resource
 
 
 # --- the CLA itself ------------------------------------------------------------------------

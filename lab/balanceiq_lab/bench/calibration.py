@@ -1,4 +1,5 @@
-"""Comparing a fit with a known truth: a testbed's configured backends, or a simulator's scenario."""
+"""How far a calibration (:mod:`balanceiq.sim.calibrate`) is from a known truth: the sample
+backends' configured settings, or the scenario a simulator ran."""
 
 from __future__ import annotations
 
@@ -8,8 +9,8 @@ from typing import Any
 
 import numpy as np
 
-from balanceiq.sim.calibrate.calibration import Calibration
-from balanceiq.sim.calibrate.model import LN2, rounded
+from balanceiq.sim.calibrate import Calibration
+from balanceiq.sim.calibrate.fit import LN2, rounded
 from balanceiq.sim.scenario import Scenario
 
 _DEFINITIONS = {
@@ -22,18 +23,14 @@ def backend_truth(backend: Mapping[str, Any]) -> dict[str, float]:
     """Capacity and unloaded latency of a testbed backend from its configured settings.
 
     A sample backend holds one of ``concurrency`` slots for ``base_latency_ms +
-    extra_latency_ms + U(0, jitter_ms)`` (plus ``tail_ms`` with probability ``tail_prob``);
-    requests finding every slot busy queue without holding one, and errors still sleep.
-    So its **capacity** is ``concurrency / E[slot hold]`` and its busy fraction (the
-    testbed's saturation) is ``load / capacity`` below that; unlike the simulator it never
-    sheds. Its **unloaded median latency** is ``base + extra + jitter/2`` (plus ``tail_ms``
-    when ``tail_prob > 0.5``).
+    extra_latency_ms + U(0, jitter_ms)`` (plus ``tail_ms`` with probability ``tail_prob``),
+    and never sheds: its capacity is ``concurrency / E[slot hold]``.
     """
     base = float(backend["base_latency_ms"])
-    extra = float(backend.get("extra_latency_ms", 0.0) or 0.0)
-    jitter = float(backend.get("jitter_ms", 1.0) if backend.get("jitter_ms") is not None else 1.0)
-    tail_p = float(backend.get("tail_prob", 0.0) or 0.0)
-    tail = float(backend.get("tail_ms", 0.0) or 0.0)
+    extra = float(backend.get("extra_latency_ms") or 0.0)
+    jitter = float(backend["jitter_ms"] if backend.get("jitter_ms") is not None else 1.0)
+    tail_p = float(backend.get("tail_prob") or 0.0)
+    tail = float(backend.get("tail_ms") or 0.0)
     hold_ms = base + extra + jitter / 2.0 + tail_p * tail
     return {
         "capacity_rps": float(backend["concurrency"]) / (hold_ms / 1000.0) if hold_ms > 0 else math.inf,
@@ -42,17 +39,12 @@ def backend_truth(backend: Mapping[str, Any]) -> dict[str, float]:
     }
 
 
-def _params(fitted: Calibration | Scenario | Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, float]]:
-    if isinstance(fitted, Calibration):
-        fitted = fitted.scenario
+def _params(fitted: Scenario | Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, float]]:
     if isinstance(fitted, Scenario):
         return {
             e.name: {"capacity_rps": e.capacity_rps, "base_latency_ms": e.base_latency_ms} for e in fitted.endpoints
         }
-    return {
-        a: {"capacity_rps": float(v["capacity_rps"]), "base_latency_ms": float(v["base_latency_ms"])}
-        for a, v in fitted.items()
-    }
+    return {a: {k: float(v[k]) for k in ("capacity_rps", "base_latency_ms")} for a, v in fitted.items()}
 
 
 def _compare(fitted: float, truth: float) -> dict[str, Any]:
@@ -73,11 +65,10 @@ def _row(f: Mapping[str, float], t: Mapping[str, Any]) -> dict[str, Any]:
             {"capacity_rps": cap, "base_latency_ms": base, "unloaded_p50_ms": base + 1000 * LN2 / cap},
             "simulator",
         )
-    fit_unloaded = f["base_latency_ms"] + 1000 * LN2 / f["capacity_rps"]
     return {
         "truth": kind,
         "capacity_rps": _compare(f["capacity_rps"], tt["capacity_rps"]),
-        "latency_ms": _compare(fit_unloaded, tt["unloaded_p50_ms"]),
+        "latency_ms": _compare(f["base_latency_ms"] + 1000 * LN2 / f["capacity_rps"], tt["unloaded_p50_ms"]),
         "base_latency_ms": _compare(f["base_latency_ms"], tt["base_latency_ms"]),
     }
 
@@ -91,15 +82,11 @@ def calibration_error(
 
     ``fitted``: a :class:`Calibration`, a :class:`Scenario`, or ``{address: {capacity_rps,
     base_latency_ms}}``. ``truth``: the :class:`Scenario` a simulator ran, or per address
-    either a testbed backend's settings (``base_latency_ms``, ``concurrency``, ...; see
-    :func:`backend_truth`) or simulator parameters (``capacity_rps``, ``base_latency_ms``).
-
-    ``capacity`` compares capacities; ``latency`` the unloaded median latency (the
-    simulator's ``base + 1000 ln2 / capacity``, since it puts service time in its
-    exponential sojourn); ``base_latency`` the raw parameter, for reference only against a
-    testbed (whose base latency is its whole service time).
+    either a testbed backend's settings (see :func:`backend_truth`) or simulator parameters.
+    ``latency`` compares the unloaded median (the simulator puts service time in its
+    exponential sojourn); ``base_latency`` is for reference only against a testbed.
     """
-    fit_params = _params(fitted)
+    fit_params = _params(fitted.scenario if isinstance(fitted, Calibration) else fitted)
     if isinstance(truth, Scenario):
         truth = _params(truth)
     rows = {a: _row(fit_params[a], t) for a, t in truth.items() if a in fit_params}

@@ -1,0 +1,111 @@
+"""Envoy's balancers: the split and, for the least-request ones, the waits they cause."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from balanceiq.sim.balancer import IN_FLIGHT_MAX, _arrivals, _chain, orca_weights, split
+
+CAP = np.array([100.0, 300.0, 50.0, 200.0])
+SERVERS = np.array([1.0, 4.0, 1.0, 8.0])
+UP = np.ones(4, dtype=bool)
+
+
+def _erlang_c(c: int, a: float) -> float:
+    """P(wait) in an M/M/c queue offered ``a`` erlangs."""
+    b = 1.0
+    for k in range(1, c + 1):
+        b = a * b / (k + a * b)
+    return b / (1.0 - a / c * (1.0 - b))
+
+
+def test_round_robin_is_the_weights() -> None:
+    w = np.array([0.1, 0.2, 0.3, 0.4])
+    assert split("round_robin", w, 500.0, CAP, UP, SERVERS).shares is w
+
+
+def test_two_choices_match_a_direct_count() -> None:
+    """Each endpoint's share of requests by counting every ordered pair of draws."""
+    rng = np.random.default_rng(3)
+    x = rng.dirichlet(np.ones(6), size=4)
+    want = np.zeros(4)
+    for i in range(4):
+        for j in range(4):
+            for a in range(6):
+                for b in range(6):
+                    p = x[i, a] * x[j, b] / 16
+                    if i == j or a < b:
+                        want[i] += p
+                    elif a == b:
+                        want[i] += p / 2
+                        want[j] += p / 2
+                    else:
+                        want[j] += p
+    got = (x * _arrivals(x, 1.0, np.full(4, 0.25), equal=True)).sum(axis=1)
+    assert got == pytest.approx(want, rel=1e-12)
+
+
+def test_chains_are_in_detailed_balance() -> None:
+    rate = np.random.default_rng(1).uniform(10, 200, size=(4, IN_FLIGHT_MAX))
+    x = _chain(rate, SERVERS, CAP / SERVERS)
+    k = np.arange(1, IN_FLIGHT_MAX)
+    deaths = np.minimum(k[None, :], SERVERS[:, None]) * (CAP / SERVERS)[:, None]
+    assert x[:, :-1] * rate[:, :-1] == pytest.approx(x[:, 1:] * deaths, rel=1e-9)
+    assert x.sum(axis=1) == pytest.approx(1.0)
+
+
+def test_two_choices_favour_big_endpoints_and_keep_queues_short() -> None:
+    sp = split("least_request", np.full(4, 0.25), 400.0, CAP, UP, SERVERS)
+    s = sp.shares
+    assert s.sum() == pytest.approx(1.0)
+    assert s[1] == s.max() and s[2] == s.min() and np.all(s >= 1 / 16)
+    assert sp.p_wait is not None and sp.wait_ms is not None
+    # Sent work when idle, an endpoint waits less often than one fed blindly at its load.
+    for i in range(4):
+        blind = _erlang_c(int(SERVERS[i]), s[i] * 400.0 / (CAP[i] / SERVERS[i]))
+        assert sp.p_wait[i] < blind
+
+
+def test_unequal_weights_steer_traffic() -> None:
+    base = split("least_request", np.array([0.25, 0.25, 0.25, 0.24]), 300.0, CAP, UP, SERVERS).shares
+    more = split("least_request", np.array([0.5, 0.2, 0.2, 0.1]), 300.0, CAP, UP, SERVERS).shares
+    assert more[0] > base[0] and more[3] < base[3]
+    assert more.sum() == pytest.approx(1.0)
+
+
+def test_a_warm_start_gives_the_same_answer() -> None:
+    state: dict[str, np.ndarray] = {}
+    cold = split("least_request", np.full(4, 0.25), 350.0, CAP, UP, SERVERS, state).shares
+    warm = split("least_request", np.full(4, 0.25), 350.0, CAP, UP, SERVERS, state).shares
+    assert warm == pytest.approx(cold, abs=1e-6) and "chains" in state
+
+
+def test_orca_weights_follow_capacity_on_many_slots_and_traffic_on_one() -> None:
+    load = np.array([50.0, 150.0, 25.0, 0.0])
+    many = orca_weights(np.full(4, 0.25), load, CAP, np.full(4, 64.0), np.zeros(4))
+    assert many[:3] / many[:3].sum() == pytest.approx(CAP[:3] / CAP[:3].sum(), rel=0.05)
+    assert many[3] == pytest.approx(many[:3].mean())  # no traffic, no report: the mean weight
+    one = orca_weights(np.full(4, 0.25), load, CAP, np.ones(4), np.zeros(4))
+    assert one[:3] / one[:3].sum() == pytest.approx(load[:3] / load[:3].sum())
+    # Errors count as utilisation (Envoy's error_utilization_penalty).
+    bad = orca_weights(np.full(4, 0.25), load, CAP, np.full(4, 64.0), np.array([0.0, 0.5, 0.0, 0.0]))
+    assert bad[1] / bad[0] < 0.6 * many[1] / many[0]
+
+
+def test_cswrr_uses_its_weights_and_every_balancer_skips_down_endpoints() -> None:
+    assert split("cswrr", CAP / CAP.sum(), 300.0, CAP, UP, SERVERS).shares == pytest.approx(CAP / CAP.sum())
+    up = np.array([True, False, True, True])
+    for name in ("cswrr", "least_request"):
+        for w in (np.array([0.4, 0.1, 0.3, 0.2]), np.full(4, 0.25)):
+            s = split(name, w, 200.0, CAP, up, SERVERS).shares
+            assert s[1] == 0.0 and s.sum() == pytest.approx(1.0)
+
+
+def test_no_demand_overload_and_unknown_balancers() -> None:
+    s = split("least_request", np.array([0.5, 0.5, 0.0, 0.0]), 0.0, CAP, UP, SERVERS).shares
+    assert s == pytest.approx([0.5, 0.5, 0.0, 0.0])
+    s = split("least_request", np.full(4, 0.25), 1e5, CAP, UP, SERVERS).shares
+    assert s.sum() == pytest.approx(1.0) and np.all(s > 0)
+    with pytest.raises(ValueError, match="unknown balancer 'maglev'; known: round_robin, least_request, cswrr"):
+        split("maglev", np.full(4, 0.25), 1.0, CAP, UP, SERVERS)
