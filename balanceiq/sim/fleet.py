@@ -51,6 +51,7 @@ QUANTILES = np.array([0.5, 0.95, 0.99])
 _GRID_POINTS = 320
 _GRID_LO_MS = 0.01
 _NOISE_BLOCK = 1024
+_EXP_K = -np.log1p(-QUANTILES)  # quantiles of Exp(1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,6 +107,7 @@ class _Segment:
         "mu_accept",
         "mu_safe",
         "ok",
+        "one_server",
         "servers",
         "start",
         "tail",
@@ -154,6 +156,7 @@ class _Segment:
         self.tail_frac = tail_frac
         self.any_tail = bool((tail > 0).any())
         self.servers = servers
+        self.one_server = bool(np.all(servers == 1))
         self.ok = 1.0 - np.minimum(BASE_ERROR + errors, 1.0)
         self.capacity = np.where(failed, 0.0, base_cap * cap_mult)
         # A failed endpoint's rate only feeds divisions whose result is then overwritten.
@@ -199,6 +202,7 @@ class FleetSim:
         self.service_cv = np.array([e.service_cv for e in scenario.endpoints], dtype=np.float64)
         self.tail_prob = np.array([e.tail_prob for e in scenario.endpoints], dtype=np.float64)
         self.tail_ms = np.array([e.tail_ms for e in scenario.endpoints], dtype=np.float64)
+        self._plain = bool(np.all(self.servers == 1) and np.all(self.service_cv == 1) and np.all(self.tail_prob == 0))
 
         d = scenario.demand
         self._base_rps = d.base_rps
@@ -324,6 +328,18 @@ class FleetSim:
             seg.mu_safe, seg.servers, self.service_cv, self.tail_prob, self.tail_ms, load, tail, self.timeout_ms, wait
         )
 
+    def _mm1(self, seg: _Segment, rho: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """:func:`queue.build`'s answer for M/M/1 endpoints in closed form (the sojourn is
+        exponential): the shipped scenarios' case, and training's, kept fast."""
+        t = self.timeout_ms
+        r = seg.mu_safe * (1.0 - np.minimum(rho, RHO_SAT)) * 1e-3
+        shift = np.clip((rho - RHO_SAT) * (t / (RHO_FULL - RHO_SAT)), 0.0, t)
+        lat = self.base_latency_ms[:, None] + np.minimum(shift[:, None] + np.multiply.outer(1.0 / r, _EXP_K), t)
+        gap = np.maximum(t - shift, 0.0)
+        mean_wait = t - gap - np.expm1(-r * gap) / r
+        cdf = -np.expm1(-r[:, None] * np.maximum(self._x_minus_b - shift[:, None], 0.0))
+        return lat, mean_wait, np.maximum(cdf, self._x_minus_b >= t)
+
     def step(self, shares: np.ndarray, balancer: str = "round_robin") -> StepResult:
         """Run one step with weights ``shares`` (normalised if they do not sum to 1) under
         Envoy's ``balancer`` (:data:`~balanceiq.sim.balancer.BALANCERS`)."""
@@ -338,10 +354,13 @@ class FleetSim:
 
         lam = s * demand
         rho = lam / seg.mu_safe
-        q = self._queue(seg, lam, sp)
-        lat = b[:, None] + queue.quantiles(q, QUANTILES)
-        mean_wait = queue.mean(q)
-        cdf = 1.0 - queue.survival(q, self._x_minus_b)
+        if self._plain and seg.one_server and sp.p_wait is None and not seg.any_tail:
+            lat, mean_wait, cdf = self._mm1(seg, rho)
+        else:
+            q = self._queue(seg, lam, sp)
+            lat = b[:, None] + queue.quantiles(q, QUANTILES)
+            mean_wait = queue.mean(q)
+            cdf = 1.0 - queue.survival(q, self._x_minus_b)
 
         served = seg.ok * np.minimum(lam, seg.capacity)
         accepted = np.minimum(lam, seg.mu_accept)

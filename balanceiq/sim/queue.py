@@ -42,6 +42,9 @@ class Queue:
     offset: np.ndarray
     weight: np.ndarray
     timeout: float
+    exponential: bool = False
+    """Every endpoint is M/M/1 (one server, exponential service): ``E + B W`` is then
+    exponential with rate ``theta``, which the fast paths use."""
 
 
 def build(
@@ -82,7 +85,9 @@ def build(
         v, f = (np.reshape(x, x.shape + (1,) * extra) for x in event_tail)
         offsets += [o + v for o in offsets]
         weights = [w * (1 - f) for w in weights] + [w * f for w in weights]
-    return Queue(alpha, theta, p_wait, np.stack(offsets, axis=-1), np.stack(weights, axis=-1), float(timeout_ms))
+    exponential = wait is None and bool(np.all(c == 1) and np.all(cv == 1))
+    offset, weight = np.stack(offsets, axis=-1), np.stack(weights, axis=-1)
+    return Queue(alpha, theta, p_wait, offset, weight, float(timeout_ms), exponential)
 
 
 def _g(y: np.ndarray, a: np.ndarray, t: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -115,7 +120,11 @@ def _mixture(q: Queue, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     extra = x.ndim - q.alpha.ndim
     a, t, p = (np.reshape(v, v.shape + (1,) * (extra + 1)) for v in (q.alpha, q.theta, q.p_wait))
     o, w = (np.reshape(v, v.shape[:-1] + (1,) * extra + v.shape[-1:]) for v in (q.offset, q.weight))
-    g, dg = _g(x[..., None] - o, a, t, p)
+    y = x[..., None] - o
+    if q.exponential:
+        g = np.exp(-t * np.maximum(y, 0.0))
+        return (w * g).sum(axis=-1), (w * np.where(y < 0.0, 0.0, -t * g)).sum(axis=-1)
+    g, dg = _g(y, a, t, p)
     return (w * g).sum(axis=-1), (w * dg).sum(axis=-1)
 
 
@@ -141,6 +150,8 @@ def quantiles(q: Queue, levels: np.ndarray) -> np.ndarray:
     # Exact for a single exponential-like component: the Newton steps then change nothing.
     scale = 1.0 / q.alpha + q.p_wait / q.theta
     x = np.clip(q.offset[..., :1] - scale[..., None] * np.log(target), 0.0, q.timeout)
+    if q.exponential and q.offset.shape[-1] == 1:
+        return x
     capped = _mixture(q, hi)[0] >= target
     for _ in range(_NEWTON_STEPS):
         s, ds = _mixture(q, x)
