@@ -123,6 +123,7 @@ class FleetEnv(gym.Env):
         self.shares = static / static.sum()
         self.static = static
         self.core_state = CoreState()
+        self._weights_state = CoreState()
         self.decisions = 0
         _, last = run_decision(self.sim, self.shares, self.decision_steps, self.weights, self.balancer)
         self.last_obs = self.sim.observation(last, shares_to_weights(self.shares))
@@ -158,9 +159,9 @@ class FleetEnv(gym.Env):
         assert self.sim is not None, "reset() first"
         obs = self.last_obs
         state = self.core_state
-        if not state.memory:  # a baseline: nothing has run the core yet
-            mem, *_ = remember(obs, self.shares, self.knobs(), state, obs.timestamp)
-            state = CoreState(obs.timestamp, mem)
+        if not state.memory:  # a policy with its own core (a baseline): the controller's memory
+            mem, *_ = remember(obs, self.shares, self.knobs(), self._weights_state, obs.timestamp)
+            state = self._weights_state = CoreState(obs.timestamp, mem)
         demand = float(np.nansum([e.rps for e in obs.endpoints]))
         return envoy_weights(shares, self.sim.names, state, demand, "LEAST_REQUEST").astype(np.float64)
 

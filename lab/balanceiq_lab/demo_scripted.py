@@ -23,9 +23,9 @@ from balanceiq.config import EndpointConfig, Settings
 from balanceiq.exceptions import TestbedError
 from balanceiq.testbed.ports import check_ports_free
 from balanceiq_lab.progress import progress_bar
-from balanceiq_lab.testbed.envoy import endpoint_health, endpoint_weights
+from balanceiq_lab.stack import Stack
+from balanceiq_lab.testbed.envoy import EnvoyProcess, endpoint_health, endpoint_weights
 from balanceiq_lab.testbed.load import LoadResult, run_load_sync
-from balanceiq_lab.testbed.testbed import Testbed
 
 
 @dataclass(frozen=True)
@@ -86,13 +86,16 @@ def run_demo(settings: Settings, *, requests_per_phase: int, out_dir: Path, cons
         try:
             with console.status("starting the xDS actor"):
                 actor = start_actor(settings, state_dir=Path(work) / "state")
+            # The actor serves xDS: the stack has no xDS server of its own. ROUND_ROBIN: this
+            # demo shows weights becoming shares one to one (under LEAST_REQUEST, Envoy's
+            # default here, active requests bend them).
+            stack = Stack(settings, Path(work), xds=False, lb_policy="ROUND_ROBIN")
             with console.status("starting 6 backends in 3 clouds and Envoy"):
-                # ROUND_ROBIN: this demo shows weights becoming shares one to one (under
-                # LEAST_REQUEST, Envoy's default here, active requests bend them).
-                tb = Testbed(settings, Path(work) / "testbed", lb_policy="ROUND_ROBIN").start()
+                stack.start()
             try:
+                envoy = stack.testbed.envoy
                 console.print(
-                    f"[green]up[/]: proxy {tb.envoy.listen_url}  admin {tb.envoy.admin_url}  xDS {settings.xds.host}:{settings.xds.port}"
+                    f"[green]up[/]: proxy {envoy.listen_url}  admin {envoy.admin_url}  xDS {settings.xds.host}:{settings.xds.port}"
                 )
                 health: dict[str, str] = {}
                 with progress_bar(console) as progress:
@@ -108,11 +111,11 @@ def run_demo(settings: Settings, *, requests_per_phase: int, out_dir: Path, cons
                             raise TestbedError(f"Envoy did not ACK version {version} within 10 s")
                         acked_ms = (time.monotonic() - t0) * 1000
                         health.update(phase.health)
-                        _wait_applied(tb, cluster.name, phase.weights, health)
+                        _wait_applied(envoy, cluster.name, phase.weights, health)
                         result = run_load_sync(
-                            tb.envoy.listen_url, total=requests_per_phase, concurrency=16, max_seconds=60
+                            envoy.listen_url, total=requests_per_phase, concurrency=16, max_seconds=60
                         )
-                        envoy_view = endpoint_health(tb.envoy.clusters_json(), cluster.name)
+                        envoy_view = endpoint_health(envoy.clusters_json(), cluster.name)
                         expected = expected_shares(phase.weights, envoy_view)
                         entry = _phase_entry(phase, version, acked_ms, result, expected, cost, envoy_view)
                         report["phases"].append(entry)
@@ -120,7 +123,7 @@ def run_demo(settings: Settings, *, requests_per_phase: int, out_dir: Path, cons
                         progress.advance(task)
                 status = cast("dict[str, Any]", ray.get(actor.status.remote()))
             finally:
-                tb.stop()
+                stack.stop()
         finally:
             ray.shutdown()
 
@@ -136,13 +139,13 @@ def run_demo(settings: Settings, *, requests_per_phase: int, out_dir: Path, cons
 
 
 def _wait_applied(
-    tb: Testbed, cluster: str, weights: dict[str, int], health: dict[str, str], timeout: float = 5.0
+    envoy: EnvoyProcess, cluster: str, weights: dict[str, int], health: dict[str, str], timeout: float = 5.0
 ) -> None:
     """Until Envoy's admin shows the pushed weights, and DRAINING exactly where we put it."""
     draining = {a for a, h in health.items() if h == "DRAINING"}
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        state = tb.envoy.clusters_json()
+        state = envoy.clusters_json()
         shown = {a for a, r in endpoint_health(state, cluster).items() if "eds_draining" in r}
         if endpoint_weights(state, cluster) == weights and shown == draining:
             return

@@ -8,7 +8,8 @@ the Serve app serves it) and, on request, one controller per cluster behind a
 uvicorn (:meth:`Stack.serve_api`) and bounded load through Envoy (:meth:`Stack.bounded_load`).
 Whatever it starts, or is handed with :meth:`Stack.defer`, stops on :meth:`Stack.stop`,
 in reverse order. The live stack of the tests (``tests/livestack.py``), ``bench live``,
-``bench faults``, the demo, the ALS tests and LiveEnv's sample fleet
+``bench faults``, ``bench serve``, ``bench api-load``, ``bench telemetry``, the demo (live
+and ``--scripted``), the ALS tests and LiveEnv's sample fleet
 (:mod:`balanceiq_lab.testbed.fleet`) are all built from it.
 """
 

@@ -1,14 +1,14 @@
 """`balanceiq bench api-load` and `balanceiq bench xds-soak`: sustained load, loopback only.
 
-**api-load** serves the real API (FastAPI on uvicorn, in this process) over a live stack:
-sample backends, Envoy, Prometheus and the ALS collector from the testbed, the in-process
-xDS server, real telemetry, the controller with its loop running every second, and a
-steady open-loop background load through Envoy (its own process). A second process
-sends API requests open loop at a fixed rate, each at its scheduled time whatever the
-previous ones are doing, so a slow server shows as latency instead of fewer requests.
-The mix is what operators and the dashboard send: every read route, policy scoring, and
-authenticated overrides. Latency is measured from the intended send time; an error is
-any answer that is not 2xx, or none.
+**api-load** serves the real API (FastAPI on uvicorn, in this process) over a live stack
+(:class:`~balanceiq_lab.stack.Stack`): sample backends, Envoy, Prometheus and the ALS
+collector, the in-process xDS server, real telemetry, the controller with its loop running
+every second, and a steady open-loop background load through Envoy (its own process). A
+second process sends API requests open loop at a fixed rate, each at its scheduled time
+whatever the previous ones are doing, so a slow server shows as latency instead of fewer
+requests. The mix is what operators and the dashboard send: every read route, policy
+scoring, and authenticated overrides. Latency is measured from the intended send time; an
+error is any answer that is not 2xx, or none.
 
 **xds-soak** holds ``streams`` simulated ADS clients (real gRPC streams in two child
 processes, ACKing like Envoy) plus one real Envoy on the in-process xDS server, pushes
@@ -244,14 +244,10 @@ def run_api_load(
     _check(rate_rps, duration_s)
     if not 0 <= background_rps <= MAX_RATE:
         raise BenchError(f"--background-rps must be in [0, {MAX_RATE:g}], got {background_rps}")
-    from balanceiq.control.controller import Controller
-    from balanceiq.control.xds_client import LocalXdsClient
     from balanceiq.serve.api import create_api
-    from balanceiq.serve.plane import ControlPlane, PolicyClient
+    from balanceiq.serve.plane import PolicyClient
     from balanceiq.serve.policy import PolicyModel
-    from balanceiq.telemetry.observe import Telemetry
-    from balanceiq.xds.server import XdsServer
-    from balanceiq_lab.testbed.testbed import Testbed
+    from balanceiq_lab.stack import Stack
 
     console = console or Console(stderr=True)
     token = secrets.token_urlsafe(32)
@@ -269,44 +265,32 @@ def run_api_load(
             control_interval_s=1.0,
         )
         addresses = [ep.address for ep in settings.clusters[0].endpoints]
-        xds = XdsServer(settings, state_dir=work / "state")
-        xds.start()
-        try:
-            with Testbed(settings, work / "tb", health_check_interval_s=60) as tb:
-                with console.status("starting the controller and the API"):
-                    telemetry = Telemetry(settings, retry_s=1.0)
-                    model = PolicyModel()
-                    controller = Controller(
-                        settings, telemetry, LocalXdsClient(xds), lambda rows: model.score_many([rows])[0]
-                    )
-                    plane = ControlPlane(
-                        settings, controller, policy=PolicyClient(model.info, model.reload), token=token
-                    )
-                # The plane stops before the testbed does, so its last decisions do not
-                # report a Prometheus that is merely shutting down.
-                try:
-                    plane.start()
-                    with (
-                        _background_traffic(tb.envoy.listen_url, background_rps, warmup_s + duration_s + 5, work),
-                        _Uvicorn(create_api(plane)) as url,
-                    ):
-                        time.sleep(warmup_s)  # Prometheus has samples, the loop has decided
-                        steps0, cpu0 = plane.loop.steps, proc.cpu_times()
-                        result = _drive(url, token, rate_rps, duration_s, addresses, console)
-                        cpu1 = proc.cpu_times()
-                        server = {
-                            "rss_mb": round(proc.memory_info().rss / 2**20, 1),
-                            "cpu_cores": round(
-                                (cpu1.user + cpu1.system - cpu0.user - cpu0.system) / result["wall_s"], 2
-                            ),
-                            "controller_decisions": plane.loop.steps - steps0,
-                            "api_5xx": _api_5xx(plane),
-                        }
-                finally:
-                    plane.stop()
-                    telemetry.close()
-        finally:
-            xds.stop()
+        # The stack stops the plane first, so its last decisions do not report a
+        # Prometheus that is merely shutting down.
+        with Stack(settings, work, health_check_interval_s=60) as stack:
+            with console.status("starting the controller and the API"):
+                model = PolicyModel()
+                plane = stack.control_plane(
+                    lambda rows: model.score_many([rows])[0],
+                    token=token,
+                    policy=PolicyClient(model.info, model.reload),
+                    retry_s=1.0,
+                )
+            plane.start()
+            with (
+                _background_traffic(stack.listen_url, background_rps, warmup_s + duration_s + 5, work),
+                _Uvicorn(create_api(plane)) as url,
+            ):
+                time.sleep(warmup_s)  # Prometheus has samples, the loop has decided
+                steps0, cpu0 = plane.loop.steps, proc.cpu_times()
+                result = _drive(url, token, rate_rps, duration_s, addresses, console)
+                cpu1 = proc.cpu_times()
+                server = {
+                    "rss_mb": round(proc.memory_info().rss / 2**20, 1),
+                    "cpu_cores": round((cpu1.user + cpu1.system - cpu0.user - cpu0.system) / result["wall_s"], 2),
+                    "controller_decisions": plane.loop.steps - steps0,
+                    "api_5xx": _api_5xx(plane),
+                }
     return {
         "bench": "api-load",
         "target_rps": rate_rps,

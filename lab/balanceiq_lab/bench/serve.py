@@ -1,11 +1,11 @@
 """`balanceiq bench serve`: the Ray Serve app under load (policy inference, API, loop).
 
-One run, everything real: the sample backends, the ALS exporter, Envoy and Prometheus
-(a :class:`~balanceiq_lab.testbed.testbed.Testbed`), a private local Ray cluster, and the
-product's Serve application (``build_app``: the batched ``Policy`` deployment and the
-``Controller`` FastAPI ingress, which starts the xDS actor and the control loop). A
-bounded background load (~100 req/s through Envoy) gives the controller real telemetry
-for the whole run. Measured:
+One run, everything real: the sample backends, the ALS exporter, Envoy and Prometheus (a
+:class:`~balanceiq_lab.stack.Stack` without its own xDS server), a private local Ray
+cluster, and the product's Serve application (``build_app``: the batched ``Policy``
+deployment and the ``Controller`` FastAPI ingress, which starts the xDS actor and the
+control loop). A bounded background load (~100 req/s through Envoy) gives the controller
+real telemetry for the whole run. Measured:
 
 * ``inference_ms.handle``: ``policy.score.remote(rows).result()`` from the driver through
   a ``DeploymentHandle``, N = ``--endpoints`` rows of a synthetic observation, sequential;
@@ -1054,7 +1054,7 @@ def _all_decisions(client: Any) -> list[dict[str, Any]]:
     return list(r.json()["decisions"])
 
 
-def _teardown(client: Any, tb: Any, console: Console, notes: list[str], remember: Callable[[], None]) -> None:
+def _teardown(client: Any, stack: Any, console: Console, notes: list[str], remember: Callable[[], None]) -> None:
     import ray
     from ray import serve
 
@@ -1077,7 +1077,7 @@ def _teardown(client: Any, tb: Any, console: Console, notes: list[str], remember
                 notes.append(f"killing the xDS actor failed: {type(exc).__name__}: {exc}")
             remember()
             ray.shutdown()
-        tb.stop()
+        stack.stop()
 
 
 def _contention_note(cpu: dict[str, Any], phase: str) -> str | None:
@@ -1161,7 +1161,7 @@ def _run(
     import httpx
     import ray
 
-    from balanceiq_lab.testbed.testbed import Testbed
+    from balanceiq_lab.stack import Stack
 
     if ray.is_initialized():
         raise BenchError("Ray is already initialised in this process; the bench starts its own local cluster")
@@ -1187,18 +1187,19 @@ def _run(
         stop_load = threading.Event()
         loader: threading.Thread | None = None
         load_result: dict[str, Any] = {}
-        tb = Testbed(settings, Path(work) / "tb", xds_port=settings.xds.port, health_check_interval_s=5)
+        # The Serve app serves xDS (the Ray actor): the stack has no xDS server of its own.
+        stack = Stack(settings, Path(work), xds=False, health_check_interval_s=5)
         client: httpx.Client | None = None
         try:
             deploy_s = _start_serve(settings, http_port, mode_env, console, remember_children)
             base = _ingress_url(f"http://127.0.0.1:{settings.api.port}", http_port, ingress, mode_env)
             with console.status("starting backends, ALS, Envoy and Prometheus"):
                 try:
-                    tb.start()
+                    stack.start()
                 except BalanceIQError as exc:
                     raise BenchError(f"testbed did not start: {exc}") from exc
             remember_children()
-            loader = _background_load(tb.envoy.listen_url, stop_load, load_result)
+            loader = _background_load(stack.listen_url, stop_load, load_result)
             client = httpx.Client(base_url=base, timeout=10.0, trust_env=False)
             _wait_healthy(client, base)
             remember_children()
@@ -1220,7 +1221,7 @@ def _run(
             stop_load.set()
             if loader is not None:
                 loader.join(15)
-            _teardown(client, tb, console, notes, remember_children)
+            _teardown(client, stack, console, notes, remember_children)
         leftover = leftovers(started_pids, 15.0)
 
     load1 = os.getloadavg()

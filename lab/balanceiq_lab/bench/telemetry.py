@@ -34,14 +34,14 @@ from balanceiq.telemetry.envoy_admin import EnvoyAdminSource
 from balanceiq.telemetry.observe import Telemetry
 from balanceiq.testbed.envoy import render_bootstrap
 from balanceiq.testbed.ports import free_ports
-from balanceiq.xds.server import XdsServer
 from balanceiq_lab.bench.settings import CLOUDS
 from balanceiq_lab.bench.xds import _pct
 from balanceiq_lab.errors import BenchError
 from balanceiq_lab.results import latency_summary
+from balanceiq_lab.stack import Stack
 from balanceiq_lab.testbed.envoy import EnvoyProcess
 from balanceiq_lab.testbed.load import run_load_sync
-from balanceiq_lab.testbed.testbed import AlsProcess, BackendsProcess, Testbed, backend_specs
+from balanceiq_lab.testbed.testbed import backend_specs
 
 TARGETS = {"observe_ms_at_100_endpoints": 50.0, "p95_abs_error_ms": 10.0}
 
@@ -95,57 +95,51 @@ def run_telemetry_bench(
     truth_err = {a: s["error_rate"] for a, s in specs.items()}
 
     with tempfile.TemporaryDirectory(prefix="balanceiq-bench-tel-") as work:
-        xds = XdsServer(settings, state_dir=None)
-        xds.start()
         stop = threading.Event()
+        with console.status(f"starting {endpoints} backends, Envoy, ALS and Prometheus"):
+            stack = Stack(settings, Path(work), health_check_interval_s=300).start()
         try:
-            with console.status(f"starting {endpoints} backends, Envoy, ALS and Prometheus"):
-                tb = Testbed(settings, Path(work) / "tb", health_check_interval_s=300).start()
-            try:
-                loader = threading.Thread(
-                    target=run_load_sync,
-                    args=(tb.envoy.listen_url,),
-                    kwargs={"total": 10**7, "concurrency": 48, "max_seconds": 600, "rate_rps": rate_rps, "stop": stop},
-                    daemon=True,
-                )
-                loader.start()
-                telemetry = Telemetry(settings, als_metrics_url=tb.als.metrics_url if tb.als else None)
-                fallback = EnvoyAdminSource(
-                    settings.envoy.admin_url, als_metrics_url=tb.als.metrics_url if tb.als else None
-                )
-                addrs, costs = telemetry.addresses, telemetry.costs
-                warm_s = window_s + 5
-                with Progress(
-                    TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), console=console, transient=True
-                ) as progress:
-                    task = progress.add_task("warming up (one rate window)", total=warm_s)
-                    t0 = time.monotonic()
-                    while (elapsed := time.monotonic() - t0) < warm_s:
-                        progress.update(task, completed=elapsed)
-                        time.sleep(0.25)
-                    task = progress.add_task("observing", total=samples)
-                    prom_ms, fb_ms, last = [], [], None
-                    fallback.observe("my_service", addrs, costs)  # holds a scrape from here on
-                    time.sleep(0.5)  # as between the samples below: no sample waits for a window
-                    for _ in range(samples):
-                        t = time.perf_counter()
-                        last = telemetry.observe()
-                        prom_ms.append((time.perf_counter() - t) * 1000)
-                        if last.source != "prometheus":
-                            raise BenchError(f"Prometheus did not answer: {last.errors}")
-                        t = time.perf_counter()
-                        fb = fallback.observe("my_service", addrs, costs)
-                        fb_ms.append((time.perf_counter() - t) * 1000)
-                        progress.advance(task)
-                        time.sleep(0.5)
-                served, served_p95 = _served(telemetry, window_s)
-                telemetry.close()
-                fallback.close()
-            finally:
-                stop.set()
-                tb.stop()
+            loader = threading.Thread(
+                target=run_load_sync,
+                args=(stack.listen_url,),
+                kwargs={"total": 10**7, "concurrency": 48, "max_seconds": 600, "rate_rps": rate_rps, "stop": stop},
+                daemon=True,
+            )
+            loader.start()
+            als = stack.testbed.als
+            telemetry = Telemetry(settings, als_metrics_url=als.metrics_url if als else None)
+            fallback = EnvoyAdminSource(settings.envoy.admin_url, als_metrics_url=als.metrics_url if als else None)
+            addrs, costs = telemetry.addresses, telemetry.costs
+            warm_s = window_s + 5
+            with Progress(
+                TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), console=console, transient=True
+            ) as progress:
+                task = progress.add_task("warming up (one rate window)", total=warm_s)
+                t0 = time.monotonic()
+                while (elapsed := time.monotonic() - t0) < warm_s:
+                    progress.update(task, completed=elapsed)
+                    time.sleep(0.25)
+                task = progress.add_task("observing", total=samples)
+                prom_ms, fb_ms, last = [], [], None
+                fallback.observe("my_service", addrs, costs)  # holds a scrape from here on
+                time.sleep(0.5)  # as between the samples below: no sample waits for a window
+                for _ in range(samples):
+                    t = time.perf_counter()
+                    last = telemetry.observe()
+                    prom_ms.append((time.perf_counter() - t) * 1000)
+                    if last.source != "prometheus":
+                        raise BenchError(f"Prometheus did not answer: {last.errors}")
+                    t = time.perf_counter()
+                    fb = fallback.observe("my_service", addrs, costs)
+                    fb_ms.append((time.perf_counter() - t) * 1000)
+                    progress.advance(task)
+                    time.sleep(0.5)
+            served, served_p95 = _served(telemetry, window_s)
+            telemetry.close()
+            fallback.close()
         finally:
-            xds.stop()
+            stop.set()
+            stack.stop()
         assert last is not None
         usable = [e for e in last.endpoints if e.usable and math.isfinite(e.p95_ms)]
         p95_err = [abs(e.p95_ms - truth_p95[e.address]) for e in usable]
@@ -235,17 +229,20 @@ def _summary(values: list[float], digits: int = 2) -> dict[str, float | None]:
 
 
 def _overhead(work: Path, console: Console, rounds: int = 2, seconds: float = 4.0) -> dict[str, Any]:
-    """Two Envoys on one xDS server and the same 3 zero-latency backends, ALS on vs off."""
+    """Two Envoys on one xDS server and the same 3 zero-latency backends, ALS on vs off:
+    a stack without Prometheus (its Envoy streams access logs) and a second Envoy that
+    does not."""
     settings = telemetry_settings(3, window_s=10, latency_ms=[0.0, 0.0, 0.0], error_rates=[0.0] * 3)
     spare = iter(free_ports(2))
     off_settings = settings.model_copy(
         update={"telemetry": settings.telemetry.model_copy(update={"als_enabled": False})}
     )
-    xds = XdsServer(settings, state_dir=None)
-    xds.start()
-    backends = BackendsProcess(backend_specs(settings), work / "backends")
-    als = AlsProcess(settings.telemetry.als_grpc_port, settings.telemetry.als_metrics_port, work / "als")
-    on = EnvoyProcess(render_bootstrap(settings, node_id="als-on", health_check_interval_s=300), workdir=work / "on")
+
+    def node_on(bootstrap: dict[str, Any]) -> None:
+        bootstrap["node"]["id"] = "als-on"
+
+    stack = Stack(settings, work, prometheus=False, health_check_interval_s=300, envoy_bootstrap=node_on)
+    on = stack.testbed.envoy
     off = EnvoyProcess(
         render_bootstrap(
             off_settings,
@@ -262,8 +259,9 @@ def _overhead(work: Path, console: Console, rounds: int = 2, seconds: float = 4.
     }
     try:
         with console.status("latency-source overhead: ALS on vs off, alternating"):
-            for part in (backends, als, on, off):
-                part.start()
+            stack.start()
+            stack.defer(off.stop)
+            off.start()
             for _ in range(rounds):
                 for name, envoy in (("on", on), ("off", off)):
                     proc = psutil.Process(envoy.pid)
@@ -273,9 +271,7 @@ def _overhead(work: Path, console: Console, rounds: int = 2, seconds: float = 4.
                     stats[name]["requests"] += res.ok
                     stats[name]["seconds"] += res.elapsed_s
     finally:
-        for part in (off, on, als, backends):
-            part.stop()
-        xds.stop()
+        stack.stop()
     rps = {k: v["requests"] / v["seconds"] for k, v in stats.items()}
     cpu_per_k = {k: 1000 * v["cpu_s"] / max(1, v["requests"]) for k, v in stats.items()}
     return {

@@ -14,10 +14,13 @@ from typing import Any
 
 import numpy as np
 
+from balanceiq.policy.baselines import Decision
 from balanceiq.sim.evaluate import arm, run_pair
 from balanceiq.sim.scenario import Scenario, scenario_from_dict
+from balanceiq_lab.bench.live import DEFAULT_SLO_MS
 from balanceiq_lab.bench.suite import DEFAULT_SUITE_WARMUP_S, Fleet
 from balanceiq_lab.errors import BenchError
+from balanceiq_lab.stability import reversal_events
 from balanceiq_lab.testbed.scenario import initial_states, state_truth, states_after
 
 NETWORK_MS = 1.0
@@ -33,7 +36,12 @@ SUITE_SIM_ARMS: dict[str, tuple[str, str]] = {
     "balanceiq_rr": ("cfr_rl", "round_robin"),
     "balanceiq_lr": ("cfr_rl", "least_request"),
     "oracle": ("oracle", "least_request"),
+    # Issue #14's ablation, everything else equal: every endpoint re-optimised each
+    # decision, and the imitation teacher, behind the same controller over LEAST_REQUEST.
+    "full_lp_lr": ("full_lp", "least_request"),
+    "teacher_lr": ("hot_cold", "least_request"),
 }
+SUITE_DEFAULT_ARMS = ("round_robin", "least_request", "cswrr", "balanceiq_rr", "balanceiq_lr", "oracle")
 
 
 def _cv(sigma: float) -> float:
@@ -114,6 +122,30 @@ def fleet_scenario(fleet: Fleet, warmup_s: float = DEFAULT_SUITE_WARMUP_S) -> Sc
     )
 
 
+class _LiveOracle:
+    """bench live's oracle arm: the LP on the truth with the controller's knobs, pushed as
+    least-request weights from the true service times, at the start and after each event."""
+
+    name = "oracle"
+
+    def __init__(self, fleet: Fleet, warmup_s: float) -> None:
+        self.fleet, self.warmup_s = fleet, warmup_s
+        self.scale = fleet.duration_s / fleet.scenario.duration_s
+
+    def reset(self) -> None:
+        pass
+
+    def decide(self, obs: Any, ctx: Any) -> Decision:
+        from balanceiq_lab.bench.live import oracle_for
+
+        t = float(obs.timestamp) - self.warmup_s
+        events = [e for e in self.fleet.scenario.events if e.at_s * self.scale <= t]
+        o = oracle_for(self.fleet.settings, events, demand_rps=self.fleet.rate_rps, slo_ms=DEFAULT_SLO_MS)
+        addresses = [ep.address for ep in self.fleet.settings.clusters[0].endpoints]
+        w = np.array([o["weights"][a] for a in addresses], dtype=np.float64)
+        return Decision(w / w.sum(), w, ())
+
+
 def run_twin(
     fleet: Fleet, arms: list[str], *, seed: int = 0, saturation: bool = False, warmup_s: float = DEFAULT_SUITE_WARMUP_S
 ) -> dict[str, dict[str, Any]]:
@@ -125,17 +157,24 @@ def run_twin(
     for name in arms:
         sim_arm, balancer = SUITE_SIM_ARMS[name]
         policy, bal, weights = arm(sim_arm, None, balancer)
+        if name == "oracle":  # as bench live pushes it: its own least-request weights
+            policy, weights = _LiveOracle(fleet, warmup_s), False
         res = run_pair(
             scenario,
             policy,
             seed=seed,
             decision_steps=1,
+            trace=True,
             balancer=bal,
             controller_weights=weights,
             saturation=saturation,
             warmup_s=warmup_s,
         )
         out[name] = {k: res["run"][k] for k in ("p50_ms", "p99_ms", "error_rate", "cost_per_million")}
+        # What the controller asked for (Envoy's balancer moves more on its own).
+        out[name]["traffic_moved"] = res["traffic_moved"] * res["decisions"]
+        shares = [dict(zip(res["names"], p["shares"], strict=True)) for p in res["timeline"]]
+        out[name]["reversals"] = len(reversal_events(shares))
     return out
 
 
@@ -216,7 +255,7 @@ def run_twin_suite(
     from balanceiq_lab.bench.suite import MAX_FLEETS, SEED_STRIDE, draw_fleet
     from balanceiq_lab.progress import progress_bar
 
-    arms = arms or list(SUITE_SIM_ARMS)
+    arms = arms or list(SUITE_DEFAULT_ARMS)
     unknown = [a for a in arms if a not in SUITE_SIM_ARMS]
     if unknown:
         raise BenchError(f"unknown suite arms {', '.join(unknown)}; known: {', '.join(SUITE_SIM_ARMS)}")

@@ -30,7 +30,7 @@ def test_the_twin_has_the_fleets_capacity_and_prices_at_every_moment(seed: int) 
 def test_run_twin_reports_each_arm_over_the_measured_run() -> None:
     r = run_twin(draw_fleet(3), ["round_robin", "least_request"])
     for arm in ("round_robin", "least_request"):
-        assert set(r[arm]) == {"p50_ms", "p99_ms", "error_rate", "cost_per_million"}
+        assert set(r[arm]) == {"p50_ms", "p99_ms", "error_rate", "cost_per_million", "traffic_moved", "reversals"}
         assert 0 < r[arm]["p50_ms"] <= r[arm]["p99_ms"] and math.isfinite(r[arm]["cost_per_million"])
 
 
