@@ -1,6 +1,9 @@
 """The reward of a decision interval (traffic-weighted inputs, each ratio clipped at ``CLIP``)::
 
 reward = -(latency * p95/slo + tail * max(0, p99/slo - 1) + errors * error_rate + cost * cost_per_million/ref_cost)
+
+less, in training, ``churn`` x the share of traffic the decision moved (CFR-RL is about
+moving few flows; 0 leaves it out).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ class RewardWeights:
     errors: float = 10.0
     cost: float = 0.5
     ref_cost: float = 0.4
+    churn: float = 0.0
 
 
 def _ratio(x: float, scale: float) -> float:

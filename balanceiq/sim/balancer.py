@@ -30,9 +30,9 @@ BALANCERS = ("round_robin", "least_request", "cswrr")
 
 IN_FLIGHT_MAX = 64
 """States of each endpoint's chain: 0 .. this - 1 requests in flight."""
-_ITERATIONS = 400
+_ITERATIONS = 60
 _DAMPING = 0.5
-_TOLERANCE = 1e-9
+_TOLERANCE = 1e-6
 
 
 @dataclass(frozen=True)
@@ -86,7 +86,7 @@ def _least_request(
             x = new
             break
         if gap > last:  # overshooting: smaller steps
-            step = max(step * 0.5, 0.02)
+            step = max(step * 0.5, 0.05)
         last = gap
         x = (1.0 - step) * x + step * new
     flow = x * _arrivals(x, demand, w, equal)

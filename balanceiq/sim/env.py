@@ -10,7 +10,10 @@ default ``steady``), ``n_max`` (observation padding, 16), ``k`` (about 20% of th
 N), ``decision_steps`` (5), ``episode_steps`` (60), ``obs_noise`` (0.05), the LP's
 ``cost_weight`` (0.1), ``util_target`` (0) and ``latency_weight`` (0) -- set them to the
 live config's to train against the LP the controller runs --, ``force_breaching`` (true),
-``reward`` (:class:`~balanceiq.policy.reward.RewardWeights` fields), ``seed``, and
+``reward`` (:class:`~balanceiq.policy.reward.RewardWeights` fields), ``seed``,
+``random_fleets`` (0): the share of episodes on a fresh random fleet and timeline
+(:mod:`balanceiq.sim.randomise`, sizes ``random_endpoints``, [3, 120]) instead of one of
+``scenarios``, and
 ``balancer``: Envoy's (:data:`~balanceiq.sim.balancer.BALANCERS`, ``round_robin``) under
 the weights the controller would push for each split (``controller_weights``, true; false
 hands the split to Envoy as weights, as Envoy with static weights); ``saturation`` (true):
@@ -35,6 +38,7 @@ from balanceiq.policy.memory import CoreState, remember
 from balanceiq.policy.reward import RewardWeights, reward
 from balanceiq.sim.balancer import BALANCERS
 from balanceiq.sim.fleet import FleetSim
+from balanceiq.sim.randomise import ENDPOINTS, random_scenario
 from balanceiq.sim.scenario import Scenario, load_scenario
 from balanceiq.telemetry.observation import Observation
 
@@ -86,7 +90,12 @@ class FleetEnv(gym.Env):
         cfg = dict(env_config or {})
         names = cfg.get("scenarios", ["steady"])
         self.scenarios: list[Scenario] = [load_scenario(s) for s in ([names] if isinstance(names, str) else names)]
-        biggest = max(len(s.endpoints) for s in self.scenarios)
+        self.random_fleets = float(cfg.get("random_fleets", 0.0))
+        if not 0.0 <= self.random_fleets <= 1.0:
+            raise ValueError(f"random_fleets is a share of episodes, 0..1, got {self.random_fleets}")
+        lo, hi = (int(x) for x in cfg.get("random_endpoints", ENDPOINTS))
+        self.random_endpoints = (lo, hi)
+        biggest = max([len(s.endpoints) for s in self.scenarios] + ([hi] if self.random_fleets > 0 else []))
         self.n_max = int(cfg.get("n_max", max(16, biggest)))
         if biggest > self.n_max:
             raise ValueError(f"scenario with {biggest} endpoints exceeds n_max={self.n_max}")
@@ -115,6 +124,8 @@ class FleetEnv(gym.Env):
     ) -> tuple[np.ndarray, dict[str, Any]]:
         super().reset(seed=seed)
         scenario = self.scenarios[int(self.np_random.integers(len(self.scenarios)))]
+        if self.random_fleets > 0 and self.np_random.random() < self.random_fleets:
+            scenario = random_scenario(int(self.np_random.integers(2**31)), endpoints=self.random_endpoints)
         sim_seed = int(self.np_random.integers(2**31)) if seed is not None or self._episode else self._base_seed
         self._episode += 1
         self.sim = FleetSim(scenario, seed=sim_seed, obs_noise=self.obs_noise, saturation=self.saturation)
@@ -144,12 +155,13 @@ class FleetEnv(gym.Env):
         envoy = self.envoy_weights(new_shares)
         outcome, last = run_decision(self.sim, envoy, self.decision_steps, self.weights, self.balancer)
         moved = traffic_moved(self.shares, new_shares)
+        r = outcome.reward - self.weights.churn * moved
         self.shares = new_shares
         self.last_obs = self.sim.observation(last, shares_to_weights(envoy))
         self.decisions += 1
         truncated = self.decisions >= self.episode_steps or self.sim.done
-        info.update({k: getattr(outcome, k) for k in _INFO_KEYS}, traffic_moved=moved, reward=outcome.reward)
-        return self._encode(self.last_obs), float(outcome.reward), False, bool(truncated), info
+        info.update({k: getattr(outcome, k) for k in _INFO_KEYS}, traffic_moved=moved, reward=r)
+        return self._encode(self.last_obs), float(r), False, bool(truncated), info
 
     def envoy_weights(self, shares: np.ndarray) -> np.ndarray:
         """The weights Envoy gets for ``shares``: under LEAST_REQUEST, the controller's

@@ -115,7 +115,7 @@ def bench_sim(
             except (OSError, ValueError) as exc:
                 raise BenchError(f"--live {live}: {exc}") from exc
         arms = [p.strip() for p in policies.split(",") if p.strip()] if policies else None
-        _emit(run_twin_suite(suite, suite_seed, arms=arms, live=measured, console=err), as_json)
+        _emit(run_twin_suite(suite, suite_seed, arms=arms, live=measured, checkpoint=checkpoint, console=err), as_json)
         return
 
     names = [s.strip() for s in scenarios.split(",") if s.strip()] if scenarios else []

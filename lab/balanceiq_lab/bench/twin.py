@@ -10,6 +10,7 @@ says how well the simulator agrees with the testbed.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -147,7 +148,13 @@ class _LiveOracle:
 
 
 def run_twin(
-    fleet: Fleet, arms: list[str], *, seed: int = 0, saturation: bool = False, warmup_s: float = DEFAULT_SUITE_WARMUP_S
+    fleet: Fleet,
+    arms: list[str],
+    *,
+    seed: int = 0,
+    saturation: bool = False,
+    warmup_s: float = DEFAULT_SUITE_WARMUP_S,
+    checkpoint: Path | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Every arm on the twin of ``fleet``, decided every second like the live controller;
     per arm the measured run's p50/p99, error rate and $/M over every request, as bench
@@ -156,7 +163,7 @@ def run_twin(
     out: dict[str, dict[str, Any]] = {}
     for name in arms:
         sim_arm, balancer = SUITE_SIM_ARMS[name]
-        policy, bal, weights = arm(sim_arm, None, balancer)
+        policy, bal, weights = arm(sim_arm, checkpoint, balancer)
         if name == "oracle":  # as bench live pushes it: its own least-request weights
             policy, weights = _LiveOracle(fleet, warmup_s), False
         res = run_pair(
@@ -248,6 +255,7 @@ def run_twin_suite(
     arms: list[str] | None = None,
     live: dict[str, Any] | None = None,
     saturation: bool = False,
+    checkpoint: Path | None = None,
     console: Any = None,
 ) -> dict[str, Any]:
     """The suite's fleets (as ``bench live --suite n --seed seed`` draws them) in the
@@ -266,7 +274,7 @@ def run_twin_suite(
         task = progress.add_task("twin fleets", total=n)
         for i in range(n):
             fleet = draw_fleet(seed * SEED_STRIDE + i)
-            sim[fleet.seed] = run_twin(fleet, arms, saturation=saturation)
+            sim[fleet.seed] = run_twin(fleet, arms, saturation=saturation, checkpoint=checkpoint)
             progress.advance(task)
     out: dict[str, Any] = {
         "bench": "sim",
