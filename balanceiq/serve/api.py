@@ -202,20 +202,7 @@ class _Edge:
             self.metrics.responses.labels(scope.get("method", ""), route, str(status or 500)).inc()
 
 
-def create_api(plane: ControlPlane) -> FastAPI:
-    app = FastAPI(
-        title="BalanceIQ",
-        version="0.1.0",
-        description="Learned, cost-aware weights for Envoy: status, weights, decisions, policy and training.",
-    )
-    app.add_middleware(_Edge, metrics=plane.metrics, limit=int(plane.settings.api.max_body_bytes))
-
-    def require_token(cred: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> None:
-        if not plane.authorized(cred.credentials if cred is not None else None):
-            raise HTTPException(401, "missing or invalid bearer token", headers={"WWW-Authenticate": "Bearer"})
-
-    mutates = {**_MUTATES, "dependencies": [Depends(require_token)]}
-
+def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         errors = exc.errors()
@@ -237,6 +224,8 @@ def create_api(plane: ControlPlane) -> FastAPI:
         code = next((c for kind, c in _ERROR_CODES if isinstance(exc, kind)), 503)
         return JSONResponse({"detail": str(exc)}, status_code=code)
 
+
+def _add_compatible_routes(app: FastAPI, plane: ControlPlane) -> None:
     # The original service's routes and fields.
     @app.get("/api/health", tags=["compatible"])
     def health() -> dict[str, Any]:
@@ -254,6 +243,8 @@ def create_api(plane: ControlPlane) -> FastAPI:
     def metrics_all(cluster: ClusterQuery = None) -> dict[str, Any]:
         return plane.all_metrics(cluster)
 
+
+def _add_control_routes(app: FastAPI, plane: ControlPlane, mutates: dict[str, Any]) -> None:
     @app.get("/api/clusters")
     def clusters() -> dict[str, Any]:
         """Every cluster this deployment steers; the first is the default of ``?cluster=``."""
@@ -293,6 +284,24 @@ def create_api(plane: ControlPlane) -> FastAPI:
     @app.post("/api/policy/score")
     def post_score(req: ScoreRequest, cluster: ClusterQuery = None) -> dict[str, Any]:
         return score(plane, [e.model_dump() for e in req.endpoints], req.k, cluster)
+
+
+def create_api(plane: ControlPlane) -> FastAPI:
+    app = FastAPI(
+        title="BalanceIQ",
+        version="0.1.0",
+        description="Learned, cost-aware weights for Envoy: status, weights, decisions, policy and training.",
+    )
+    app.add_middleware(_Edge, metrics=plane.metrics, limit=int(plane.settings.api.max_body_bytes))
+
+    def require_token(cred: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> None:
+        if not plane.authorized(cred.credentials if cred is not None else None):
+            raise HTTPException(401, "missing or invalid bearer token", headers={"WWW-Authenticate": "Bearer"})
+
+    mutates = {**_MUTATES, "dependencies": [Depends(require_token)]}
+    _add_error_handlers(app)
+    _add_compatible_routes(app, plane)
+    _add_control_routes(app, plane, mutates)
 
     @app.post("/api/train", status_code=202, **mutates)
     def post_train(req: TrainRequest) -> dict[str, Any]:

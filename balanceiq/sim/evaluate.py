@@ -71,6 +71,19 @@ def _policy(name: str, checkpoint: Path | None) -> Any:
     return make_policy(name)
 
 
+_ROW_KEYS = ("p50_ms", "p95_ms", "p99_ms", "error_rate", "cost_per_million", "traffic_moved")
+
+
+def _pair_env(scenario: str | Scenario, seed: int, cfg: dict[str, Any]) -> FleetEnv:
+    """One scenario's env for a whole run, reset (n_max = N: baselines never read padding)."""
+    n_max = len(load_scenario(scenario).endpoints)
+    env = FleetEnv(
+        {**cfg, "scenarios": [scenario], "n_max": n_max, "episode_steps": 10**9, "seed": seed, "obs_noise": 0.05}
+    )
+    env.reset(seed=seed)
+    return env
+
+
 def run_pair(
     scenario: str | Scenario,
     policy: Any,
@@ -87,19 +100,13 @@ def run_pair(
     """One whole scenario under ``policy`` over Envoy's ``balancer``; with ``same_state``
     also what full re-optimisation would move from the policy's state each decision (one
     more LP over every endpoint per decision, so only the benchmark asks for it)."""
-    # n_max = N: baselines never read the padded rows, so pad nothing.
-    n_max = len(load_scenario(scenario).endpoints)
     cfg = {
-        "scenarios": [scenario],
-        "n_max": n_max,
         "decision_steps": decision_steps,
-        "episode_steps": 10**9,
         "balancer": balancer,
         "controller_weights": controller_weights,
         "saturation": saturation,
     }
-    env = FleetEnv({**cfg, "seed": seed, "obs_noise": 0.05})
-    env.reset(seed=seed)
+    env = _pair_env(scenario, seed, cfg)
     assert env.sim is not None
     n = env.sim.n
     k = critical_count(n)
@@ -134,18 +141,9 @@ def run_pair(
         _, r, _, truncated, info = env.step_shares(np.asarray(decision.shares, dtype=np.float64))
         done = truncated
         achieved = info["max_utilization"]
-        rows.append(
-            {
-                "p50_ms": info.get("p50_ms", float("nan")),
-                "p95_ms": info["p95_ms"],
-                "p99_ms": info["p99_ms"],
-                "error_rate": info["error_rate"],
-                "cost_per_million": info["cost_per_million"],
-                "reward": r,
-                "performance_ratio": min(1.0, best / achieved) if achieved > 0 else 1.0,
-                "traffic_moved": info["traffic_moved"],
-            }
-        )
+        row = {key: info[key] for key in _ROW_KEYS}
+        row.update(reward=r, performance_ratio=min(1.0, best / achieved) if achieved > 0 else 1.0)
+        rows.append(row)
         if same_state:
             rows[-1]["full_moved_same_state"] = full_moved
         if trace:

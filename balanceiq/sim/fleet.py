@@ -340,6 +340,20 @@ class FleetSim:
         cdf = -np.expm1(-r[:, None] * np.maximum(self._x_minus_b - shift[:, None], 0.0))
         return lat, mean_wait, np.maximum(cdf, self._x_minus_b >= t)
 
+    def _failures(
+        self, seg: _Segment, lam: np.ndarray, rho: np.ndarray, lat: np.ndarray, mean_wait: np.ndarray, cdf: np.ndarray
+    ) -> tuple[np.ndarray, float]:
+        """A failed endpoint answers at once (in place); returns utilisation and its maximum
+        over endpoints that are up."""
+        if not seg.any_failed:
+            return rho, float(rho.max())
+        failed = seg.failed
+        lat[failed] = self.base_latency_ms[failed, None]
+        mean_wait[failed] = 0.0
+        cdf[failed] = self._failed_cdf[failed]
+        up = rho[seg.up]
+        return np.where(failed, np.where(lam > 0.0, np.inf, 0.0), rho), float(up.max()) if up.size else 0.0
+
     def step(self, shares: np.ndarray, balancer: str = "round_robin") -> StepResult:
         """Run one step with weights ``shares`` (normalised if they do not sum to 1) under
         Envoy's ``balancer`` (:data:`~balanceiq.sim.balancer.BALANCERS`)."""
@@ -364,17 +378,7 @@ class FleetSim:
 
         served = seg.ok * np.minimum(lam, seg.capacity)
         accepted = np.minimum(lam, seg.mu_accept)
-        util = rho
-        if seg.any_failed:
-            failed = seg.failed
-            lat[failed] = b[failed, None]
-            mean_wait[failed] = 0.0
-            cdf[failed] = self._failed_cdf[failed]
-            util = np.where(failed, np.where(lam > 0.0, np.inf, 0.0), rho)
-            up = rho[seg.up]
-            max_util = float(up.max()) if up.size else 0.0
-        else:
-            max_util = float(rho.max())
+        util, max_util = self._failures(seg, lam, rho, lat, mean_wait, cdf)
         inflight = accepted * (b + mean_wait) * 1e-3
 
         mix = s @ cdf

@@ -279,6 +279,67 @@ def _warm_up(telemetry: Any, initial: dict[str, int], wait_s: float, console: Co
             time.sleep(0.5)
 
 
+@dataclass(frozen=True)
+class Explored:
+    """What one exploration run records, and how."""
+
+    out: Path | str
+    plan: ExplorationPlan
+    duration_s: float
+    rate_rps: float
+    window_s: float
+    scrape_interval_s: float
+    load_concurrency: int
+
+
+def _explore(
+    provider: FleetProvider,
+    listen_url: str,
+    xds: Any,
+    settings: Settings,
+    cluster: str,
+    addresses: list[str],
+    run: Explored,
+    console: Console,
+    summary: dict[str, Any],
+) -> list[dict[str, Any]]:
+    """Load the running fleet and explore it into ``run.out``; returns the load's result."""
+    from balanceiq.telemetry.observe import Telemetry
+
+    loads: list[dict[str, Any]] = []
+    stop = threading.Event()
+    loader: threading.Thread | None = None
+    telemetry: Telemetry | None = None
+    try:
+        initial = dict.fromkeys(addresses, WEIGHT_SCALE // max(1, len(addresses)))
+        with console.status("waiting for Envoy to take the first assignment"):
+            if not _push_and_ack(xds, cluster, initial, 15.0)[1]:
+                raise TestbedError("Envoy did not ACK the first assignment within 15 s")
+        max_s = run.duration_s + WARMUP_BUDGET_S + 20
+        kw = {"concurrency": run.load_concurrency, "max_seconds": max_s, "rate_rps": run.rate_rps, "stop": stop}
+        loader = threading.Thread(
+            target=lambda: loads.append(
+                provider.run_load(listen_url, total=int(run.rate_rps * max_s), timeout_s=10.0, **kw)
+            ),
+            daemon=True,
+            name="balanceiq-record-load",
+        )
+        loader.start()
+        telemetry = Telemetry(settings, cluster, retry_s=0.5)
+        _warm_up(telemetry, initial, run.window_s + 2 * run.scrape_interval_s, console)
+        push = functools.partial(_push_and_ack, xds, cluster, timeout=2.0)
+        explorer = Explorer(addresses, telemetry.observe, push, run.out, run.plan, initial=initial)
+        with console.status(f"exploring for {run.duration_s:g}s at {run.rate_rps:g} rps -> {run.out}"):
+            summary.update(explorer.run(run.duration_s))
+    finally:
+        stop.set()
+        if loader is not None:
+            loader.join(20)
+        if telemetry is not None:
+            telemetry.close()
+    return loads
+
+
 def record_exploration(
     settings: Settings,
     out: Path | str,
@@ -300,7 +361,6 @@ def record_exploration(
     Prometheus scrapes every ``scrape_interval_s`` (default ``window_s / 8``: more saturation
     samples per window cut its noise). The summary holds the load's totals and the backends'
     configured parameters (the calibration's ground truth)."""
-    from balanceiq.telemetry.observe import Telemetry
     from balanceiq.testbed.ports import check_ports_free
     from balanceiq.xds.server import XdsServer
 
@@ -317,13 +377,9 @@ def record_exploration(
     c = settings.cluster(cluster) if cluster else settings.clusters[0]
     addresses = [ep.address for ep in c.endpoints]
     summary: dict[str, Any] = {"cluster": c.name, "endpoints": addresses}
-    loads: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="balanceiq-record-") as tmp:
         xds = XdsServer(settings, state_dir=None)
         xds.start()
-        stop = threading.Event()
-        loader: threading.Thread | None = None
-        telemetry: Telemetry | None = None
         try:
             with console.status(f"starting {len(addresses)} backends, ALS, Envoy and Prometheus"):
                 # ROUND_ROBIN: the sweep sets each endpoint's share by its weight exactly.
@@ -335,32 +391,18 @@ def record_exploration(
                     lb_policy="ROUND_ROBIN",
                 )
             try:
-                initial = dict.fromkeys(addresses, WEIGHT_SCALE // max(1, len(addresses)))
-                with console.status("waiting for Envoy to take the first assignment"):
-                    if not _push_and_ack(xds, c.name, initial, 15.0)[1]:
-                        raise TestbedError("Envoy did not ACK the first assignment within 15 s")
-                max_s = duration_s + WARMUP_BUDGET_S + 20
-                kw = {"concurrency": load_concurrency, "max_seconds": max_s, "rate_rps": rate_rps, "stop": stop}
-                loader = threading.Thread(
-                    target=lambda: loads.append(
-                        provider.run_load(fl.listen_url, total=int(rate_rps * max_s), timeout_s=10.0, **kw)
-                    ),
-                    daemon=True,
-                    name="balanceiq-record-load",
+                loads = _explore(
+                    provider,
+                    fl.listen_url,
+                    xds,
+                    settings,
+                    c.name,
+                    addresses,
+                    Explored(out, plan, duration_s, rate_rps, window_s, scrape_interval_s, load_concurrency),
+                    console,
+                    summary,
                 )
-                loader.start()
-                telemetry = Telemetry(settings, c.name, retry_s=0.5)
-                _warm_up(telemetry, initial, window_s + 2 * scrape_interval_s, console)
-                push = functools.partial(_push_and_ack, xds, c.name, timeout=2.0)
-                explorer = Explorer(addresses, telemetry.observe, push, out, plan, initial=initial)
-                with console.status(f"exploring for {duration_s:g}s at {rate_rps:g} rps -> {out}"):
-                    summary.update(explorer.run(duration_s))
             finally:
-                stop.set()
-                if loader is not None:
-                    loader.join(20)
-                if telemetry is not None:
-                    telemetry.close()
                 fl.stop()
         finally:
             xds.stop()
