@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from gymnasium.utils.env_checker import check_env
 
 from balanceiq.policy.memory import window_breaching
@@ -53,3 +54,16 @@ def test_slo_breachers_join_the_agents_picks() -> None:
     # Then at most one more: the endpoint furthest from the fleet-wide optimum.
     assert info["critical"][: len(hot) + 2] == [*hot, *calm[:2]] and len(info["critical"]) <= len(hot) + 3
     assert all(env.shares[i] < before[i] for i in hot)
+
+
+def test_least_request_env_pushes_the_controllers_weights_and_refuses_unknown_balancers() -> None:
+    env = FleetEnv({"scenarios": ["heterogeneous"], "balancer": "least_request", "saturation": False})
+    env.reset(seed=0)
+    env.step(env.action_space.sample())
+    shares = env.shares.copy()
+    weights = env.envoy_weights(shares)
+    # Scaled by the requests each endpoint holds: not the split itself, but the same support.
+    assert not np.allclose(weights / weights.sum(), shares) and np.array_equal(weights > 0, shares > 0)
+    assert FleetEnv({"scenarios": ["heterogeneous"], "balancer": "round_robin"}).envoy_weights(shares) is shares
+    with pytest.raises(ValueError, match="unknown balancer 'maglev'; known: round_robin, least_request, cswrr"):
+        FleetEnv({"balancer": "maglev"})

@@ -418,3 +418,42 @@ def test_observation_defaults_to_static_weights_and_noise_keeps_order() -> None:
     assert all(x.p50_ms <= x.p95_ms and 0 <= x.error_rate <= 1 for x in obs.endpoints)
     with pytest.raises(ValueError, match="shape"):
         sim.observation(r, weights=np.ones(3))
+
+
+# ------------------------------------------------------------------ servers, errors, load reports
+
+
+def test_slots_lost_errors_and_a_client_timeout() -> None:
+    events = [
+        {"at_s": 10, "target": "b", "kind": "servers", "value": 0.5},
+        {"at_s": 20, "target": "a", "kind": "errors", "value": 0.2},
+    ]
+    eps = [{**_ep("a", 100.0), "servers": 4, "service_cv": 0.5}, {**_ep("b", 400.0, cloud="gcp"), "servers": 8}]
+    sc = _scenario(eps, 200.0, events).model_copy(update={"timeout_ms": 500.0})
+    sim = FleetSim(sc)
+    before = _run(sim, 10, np.array([0.3, 0.7]))[-1]
+    slots = _run(sim, 10, np.array([0.3, 0.7]))[-1]
+    assert list(sim._seg.servers) == [4, 4] and sim.capacity()[1] == pytest.approx(200.0)
+    assert slots.endpoint_p99_ms[1] > before.endpoint_p99_ms[1]  # the same work on half the slots
+    errs = _run(sim, 5, np.array([0.3, 0.7]))[-1]
+    assert errs.endpoint_error_rate[0] == pytest.approx(0.2 + BASE_ERROR)
+    overloaded = sim.step(np.array([0.0, 1.0]))  # 200 rps on 200 rps of capacity
+    assert overloaded.endpoint_p99_ms[1] <= 10.0 + 500.0 + 1e-9
+
+
+def test_without_load_reports_observations_carry_no_saturation() -> None:
+    sim = FleetSim(_scenario([_ep("a", 100.0), _ep("b", 1000.0, cloud="gcp")], 100.0), saturation=False)
+    obs = sim.observation(sim.step(np.array([0.5, 0.5])))
+    assert all(math.isnan(e.saturation) for e in obs.endpoints)
+    assert all(e.inflight > 0 and e.rps > 0 for e in obs.endpoints)
+
+
+def test_the_run_summary_counts_every_request_since_it_was_cleared() -> None:
+    sim = _two(base_rps=100.0)
+    first = sim.step(np.array([1.0, 0.0]))  # everything on the small endpoint: slow
+    sim.clear_run()
+    steps = _run(sim, 5, np.array([0.0, 1.0]))  # then on the big one
+    run = sim.run_summary()
+    assert run["p99_ms"] == pytest.approx(steps[-1].p99_ms, rel=sim.grid_ratio - 1)
+    assert run["p99_ms"] < first.p99_ms
+    assert run["cost_per_million"] == pytest.approx(0.3) and run["error_rate"] == pytest.approx(BASE_ERROR)

@@ -151,6 +151,16 @@ def test_unknown_key_names_path_and_suggests(tmp_path: Path, failure_dict: dict[
         (lambda d: d["events"][0].update(kind="capacity", value=0), "events[0].value", "> 0"),
         (lambda d: d["events"][0].update(kind="tail_latency", value=-5), "events[0].value", ">= 0"),
         (lambda d: d["events"][0].update(kind="demand", value=2), "events[0].target", "must target 'all'"),
+        (lambda d: d["events"][0].update(kind="errors", value=1.5), "events[0].value", "share of requests that fail"),
+        (lambda d: d["events"][0].update(kind="servers", value=0), "events[0].value", "> 0"),
+        (lambda d: d["endpoints"][1].update(servers=0), "endpoints[1].servers", "greater than or equal to 1"),
+        (lambda d: d["endpoints"][1].update(service_cv=1.5), "endpoints[1].service_cv", "less than or equal to 1"),
+        (
+            lambda d: d["endpoints"][1].update(capacity_rps=100, tail_prob=0.5, tail_ms=50),
+            "endpoints[1].tail_ms",
+            "must be below the mean service time servers / capacity_rps (10 ms)",
+        ),
+        (lambda d: d.update(timeout_ms=0), "timeout_ms", "greater than 0"),
         (lambda d: d.pop("demand"), "demand", "required key is missing"),
     ],
 )
