@@ -132,18 +132,21 @@ class _LiveOracle:
     def __init__(self, fleet: Fleet, warmup_s: float) -> None:
         self.fleet, self.warmup_s = fleet, warmup_s
         self.scale = fleet.duration_s / fleet.scenario.duration_s
+        self.reset()
 
     def reset(self) -> None:
-        pass
+        self._pushed: tuple[int, np.ndarray] | None = None
 
     def decide(self, obs: Any, ctx: Any) -> Decision:
         from balanceiq_lab.bench.live import oracle_for
 
         t = float(obs.timestamp) - self.warmup_s
         events = [e for e in self.fleet.scenario.events if e.at_s * self.scale <= t]
-        o = oracle_for(self.fleet.settings, events, demand_rps=self.fleet.rate_rps, slo_ms=DEFAULT_SLO_MS)
-        addresses = [ep.address for ep in self.fleet.settings.clusters[0].endpoints]
-        w = np.array([o["weights"][a] for a in addresses], dtype=np.float64)
+        if self._pushed is None or self._pushed[0] != len(events):  # pushed at the start and after each event
+            o = oracle_for(self.fleet.settings, events, demand_rps=self.fleet.rate_rps, slo_ms=DEFAULT_SLO_MS)
+            addresses = [ep.address for ep in self.fleet.settings.clusters[0].endpoints]
+            self._pushed = (len(events), np.array([o["weights"][a] for a in addresses], dtype=np.float64))
+        w = self._pushed[1]
         return Decision(w / w.sum(), w, ())
 
 
