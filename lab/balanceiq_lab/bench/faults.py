@@ -262,7 +262,7 @@ class PrometheusKilledResult(FaultResult):
     decisions_after: int  # decisions taken after the kill
     by_source: dict[str, int]
     by_mode: dict[str, int]
-    max_moved: float  # largest traffic_moved of one decision, from its pushed weights
+    max_moved: float  # largest traffic_moved of one decision, from the split it decided
     max_limited_move: float  # the same less the moves the guardrails exempt (and say so)
     exempt_moves: int  # decisions that moved traffic at once off a down or breaching endpoint
     max_shift: float
@@ -906,11 +906,29 @@ def _exempt(rec: DecisionRecord) -> float:
     return sum(float(m.group(1)) for n in rec.notes if (m := _EXEMPT.search(n)))
 
 
-def _moved(rec: DecisionRecord, addresses: Sequence[str]) -> float:
-    """Traffic one decision moved, from the integer weights it pushed (what Envoy got)."""
-    old = weights_to_shares([rec.previous[a] for a in addresses])
-    new = weights_to_shares([rec.weights[a] for a in addresses])
-    return traffic_moved(old, new)
+def _moves(recs: Sequence[DecisionRecord], addresses: Sequence[str]) -> list[float]:
+    """Traffic each decision of a run (oldest first) moved: the split it decided against the
+    split in force before it. Not from the weights pushed: under LEAST_REQUEST they are
+    scaled by the requests each endpoint holds, so they change while the split stands
+    still. The split in force is the last one decided while Envoy holds its weights, else
+    what the weights say (a controller that adopted weights it did not decide)."""
+    out: list[float] = []
+    split: np.ndarray | None = None
+    held: dict[str, int] | None = None
+    for rec in recs:
+        if split is not None and held == rec.previous:
+            old = split
+        else:
+            old = weights_to_shares([rec.previous[a] for a in addresses])
+        if rec.shares is not None:
+            new = np.array([rec.shares[a] for a in addresses], dtype=np.float64)
+        elif rec.weights == rec.previous:
+            new = old
+        else:
+            new = weights_to_shares([rec.weights[a] for a in addresses])
+        out.append(traffic_moved(old, new))
+        split, held = new, rec.weights
+    return out
 
 
 def prometheus_killed(
@@ -970,7 +988,9 @@ def prometheus_killed(
         # From a little before the kill, so a swing on the switch itself is caught too.
         recs = [r for r in st.decisions() if r.timestamp >= t_kill - 3 * INTERVAL_S]
         after = [r for r in recs if r.timestamp >= t_kill]
-        moved = [_moved(r, st.addresses) for r in recs]
+        every = st.decisions()
+        moves = dict(zip((r.seq for r in every), _moves(every, st.addresses)))
+        moved = [moves[r.seq] for r in recs]
         # What max_shift governs: the move minus what the guardrails moved at once by
         # their documented exemptions (off a down, drained or SLO-breaching endpoint).
         limited = [m - _exempt(r) for r, m in zip(recs, moved)]
@@ -1410,7 +1430,7 @@ def ray_head_restart(
                     weights_restored=st.served_weights(after) == weights and envoy_after == weights,
                     controller_adopted=first.previous == weights,
                     controller_lease_term=int(ctl.lease.get("term", 0)),
-                    controller_first_move=_moved(first, st.addresses) - _exempt(first),
+                    controller_first_move=_moves([first], st.addresses)[0] - _exempt(first),
                     controller_mode=first.mode,
                     epoch_before=int(before["epoch"]),
                     epoch_after=int(after["epoch"]),

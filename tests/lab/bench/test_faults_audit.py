@@ -152,3 +152,31 @@ def test_exempt_moves_are_read_from_the_guardrails_notes() -> None:
     assert _exempt(Rec) == pytest.approx(0.25252)  # type: ignore[arg-type]
     Rec.notes = ("max_shift: proposal moved 0.361 of traffic, limited to 0.25",)
     assert _exempt(Rec) == 0  # type: ignore[arg-type]
+
+
+def test_moves_are_measured_on_the_split_not_on_least_request_weights() -> None:
+    """Under LEAST_REQUEST the weights pushed are scaled by each endpoint's requests in
+    flight, so they differ from the split; a move is the split's. (The head-restart fault
+    once read 0.2534 against max_shift 0.25 from the compensated weights.)"""
+    from balanceiq.control.records import DecisionRecord
+    from balanceiq_lab.bench.faults import _moves
+
+    a, b = ADDRS[:2]
+
+    def rec(
+        seq: int, previous: dict[str, int], weights: dict[str, int], shares: dict[str, float] | None
+    ) -> DecisionRecord:
+        return DecisionRecord(
+            seq=seq, timestamp=float(seq), mode="baseline", weights=weights, previous=previous, shares=shares
+        )
+
+    adopted = {a: 5000, b: 5000}
+    first = rec(1, adopted, {a: 7400, b: 2600}, {a: 0.75, b: 0.25})  # 0.25 moved, weights say 0.24
+    hold = rec(2, first.weights, first.weights, None)  # telemetry blind: weights held
+    # The same split, compensated afresh: no traffic moved, though the weights changed.
+    again = rec(3, first.weights, {a: 8000, b: 2000}, {a: 0.75, b: 0.25})
+    moved = _moves([first, hold, again], [a, b])
+    assert moved == pytest.approx([0.25, 0.0, 0.0])
+    # A record whose previous weights are not the last pushed starts from those weights.
+    stranger = rec(4, {a: 1, b: 1}, {a: 3, b: 1}, {a: 0.6, b: 0.4})
+    assert _moves([again, stranger], [a, b])[1] == pytest.approx(0.1)
