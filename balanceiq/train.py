@@ -75,13 +75,13 @@ def build_algo_config(
     )
 
 
-IMITATION_KEYS = {"episodes", "epochs", "lr", "explore", "batch_size"}
+IMITATION_KEYS = {"episodes", "epochs", "lr", "explore", "batch_size", "teacher"}
 
 
 def warm_start(
     algo: Any, cfg: dict[str, Any], env_config: dict[str, Any], *, seed: int = 0, console: Console | None = None
 ) -> dict[str, Any]:
-    """Behaviour-clone the hot/cold heuristic (:mod:`balanceiq.sim.imitation`) into the
+    """Behaviour-clone the teacher (:mod:`balanceiq.sim.imitation`) into the
     learner's module and the env runners' copies, before the first PPO iteration."""
     from ray.rllib.core import DEFAULT_MODULE_ID
 
@@ -105,6 +105,7 @@ def warm_start(
             explore=float(spec.get("explore", 0.2)),
             gamma=float(cfg.get("training", {}).get("gamma", 0.9)),
             seed=seed,
+            teacher=str(spec.get("teacher", "gap")),
             on_episode=lambda i: progress.update(task, completed=i),
         )
         progress.update(task, description="imitation: fitting", completed=0, total=epochs)

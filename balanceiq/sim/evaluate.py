@@ -18,7 +18,7 @@ import numpy as np
 from balanceiq.config import critical_count
 from balanceiq.policy.baselines import Decision, PolicyContext, make_policy
 from balanceiq.policy.checkpoint import SHIPPED, RLPolicy
-from balanceiq.policy.decide import decide
+from balanceiq.policy.decide import decide, optimum_gap
 from balanceiq.policy.knobs import Knobs
 from balanceiq.policy.lp import oracle, traffic_moved
 from balanceiq.policy.memory import CoreState
@@ -51,6 +51,19 @@ class FullLp:
         return Decision(core.shares, core.weights, core.critical, core.info())
 
 
+class Teacher(FullLp):
+    """The imitation teacher through the same core: the K endpoints furthest from the
+    fleet-wide optimum (:func:`~balanceiq.policy.decide.optimum_gap`) are critical."""
+
+    name = "teacher"
+
+    def decide(self, obs: Any, ctx: PolicyContext) -> Decision:
+        knobs = Knobs(k=int(ctx.k), cost_weight=self.cost_weight)
+        core = decide(obs, ctx, optimum_gap(obs, ctx, knobs, self.state), knobs, self.state)
+        self.state = core.state
+        return Decision(core.shares, core.weights, core.critical, core.info())
+
+
 # Envoy on its own: the config's static weights under each of its balancers.
 ENVOY_ARMS = {"round_robin": "round_robin", "least_request": "least_request", "cswrr": "cswrr"}
 
@@ -68,6 +81,8 @@ def _policy(name: str, checkpoint: Path | None) -> Any:
         return RLPolicy.from_checkpoint(checkpoint or SHIPPED)
     if name == "full_lp":
         return FullLp()
+    if name == "teacher":
+        return Teacher()
     return make_policy(name)
 
 

@@ -1,8 +1,9 @@
-"""Imitation warm start: behaviour-clone the hot/cold heuristic before PPO refines it.
+"""Imitation warm start: behaviour-clone a teacher before PPO refines it.
 
-PPO from random scores spends most of its budget discovering that the LP needs an
-overloaded endpoint *and* one with headroom in the critical set; the
-:class:`~balanceiq.policy.baselines.HotColdHeuristic` knows that already.
+PPO from random scores spends most of its budget discovering which endpoints the LP needs
+in the critical set. The default teacher (``gap``) names the K endpoints furthest from
+the decision core's fleet-wide optimum, which knows price, the SLO and headroom; the older
+``hot_cold`` (:class:`~balanceiq.policy.baselines.HotColdHeuristic`) ranks by load alone.
 """
 
 from __future__ import annotations
@@ -14,7 +15,10 @@ from typing import Any
 import numpy as np
 from scipy.signal import lfilter
 
-from balanceiq.policy.baselines import HotColdHeuristic
+from balanceiq.policy.baselines import HotColdHeuristic, available_mask
+from balanceiq.policy.decide import optimum_gap
+
+TEACHERS = ("gap", "hot_cold")
 
 
 @dataclass
@@ -34,6 +38,7 @@ def collect(
     explore: float = 0.2,
     gamma: float = 0.9,
     seed: int = 0,
+    teacher: str = "gap",
     on_episode: Callable[[int], None] | None = None,
 ) -> Demonstrations:
     """Roll out the teacher and label every state with its ordered choice and discounted
@@ -41,8 +46,9 @@ def collect(
     the data covers states a slipping clone must recover from)."""
     from balanceiq.sim.env import FleetEnv
 
+    if teacher not in TEACHERS:
+        raise ValueError(f"unknown imitation teacher {teacher!r}; known: {', '.join(TEACHERS)}")
     rng = np.random.default_rng(seed)
-    teacher = HotColdHeuristic()
     env = FleetEnv({**env_config, "seed": seed})
     obs_rows: list[np.ndarray] = []
     labels: list[list[int]] = []
@@ -55,7 +61,7 @@ def collect(
         done = False
         while not done:
             n = env.sim.n
-            label = teacher.critical(env.last_obs, replace(env.context(), capacity_hint=env.capacity_estimate()))
+            label = _teacher_choice(env, teacher)
             # The label must be a full K-tuple for the log-likelihood; pad with distinct
             # unused endpoints when N < K would leave it short (never with padding rows).
             label += [i for i in range(n) if i not in label][: env.k - len(label)]
@@ -74,6 +80,15 @@ def collect(
         returns=np.asarray(returns, dtype=np.float32),
         teacher_return=float(np.mean(totals)),
     )
+
+
+def _teacher_choice(env: Any, teacher: str) -> list[int]:
+    """The teacher's ordered choice of critical endpoints in the env's current state."""
+    if teacher == "hot_cold":
+        return HotColdHeuristic().critical(env.last_obs, replace(env.context(), capacity_hint=env.capacity_estimate()))
+    gap = optimum_gap(env.last_obs, env.context(), env.knobs(), env.core_state)
+    gap = np.where(available_mask(env.last_obs), gap, -np.inf)
+    return [int(i) for i in np.argsort(-gap, kind="stable")[: env.k] if gap[i] > -np.inf]
 
 
 def pretrain(

@@ -143,6 +143,7 @@ def test_a_second_controller_stands_by(app: App) -> None:
     assert holder and holder != second.owner
 
 
+@pytest.mark.timeout(600)  # the run's own wait is 420 s: training, then the gate's 8 scenarios twice and live
 def test_train_evaluate_promote_over_the_api(app: App) -> None:
     """POST /api/train runs train -> evaluate -> promote and reports each stage; a
     2-iteration policy is no better than the shipped one, so it must not be promoted."""

@@ -745,6 +745,9 @@ def _stack(
     with FaultStack(settings, workdir, actor=actor, xds=xds, isolate=isolate) as st:
         st.tap.start()
         st.defer(st.tap.stop)
+        # The load counts every failure against the fault: it starts once Envoy routes to
+        # every endpoint (an Envoy still waiting for its first EDS answers 503).
+        st.wait_routable(60.0)
         st.load = Load(st.listen_url, rate_rps, max_load_s).start()
         st.defer(_finish_quietly, st.load)
         if controller:
@@ -797,6 +800,15 @@ def _controller_settled(st: FaultStack, timeout: float = 60.0) -> None:
 def _common(st: FaultStack, fault: str, res: OpenLoopResult, t0: float, rejected_before: int = 0) -> dict[str, Any]:
     audit = st.audit(rejected_before)
     notes = [f"tap: {p}" for p in audit["tap"]["problems"]]
+    failed = ~res.ok
+    if failed.any():
+        kinds = Counter(
+            res.error_kinds[e] if e >= 0 else f"HTTP {c}" for e, c in zip(res.error[failed], res.status[failed])
+        )
+        when = res.start_wall + res.intended_s[failed]
+        notes.append(
+            f"failed requests: {dict(kinds)}, sent between {_clock(float(when.min()))} and {_clock(float(when.max()))}"
+        )
     return {
         "fault": fault,
         "requests": len(res),
@@ -806,6 +818,10 @@ def _common(st: FaultStack, fault: str, res: OpenLoopResult, t0: float, rejected
         "wall_s": time.monotonic() - t0,
         "notes": notes,
     }
+
+
+def _clock(epoch_s: float) -> str:
+    return time.strftime("%H:%M:%S", time.localtime(epoch_s)) + f".{int(epoch_s % 1 * 1000):03d}"
 
 
 def _require_ray() -> Any:
@@ -1596,6 +1612,8 @@ def head_crash(
                 time.sleep(1.0)
                 load = st.load.finish()
                 common = _common(st, name, load, t0)
+                if common["notes"]:
+                    common["notes"].append(f"head killed at {_clock(t_kill)}, started again at {_clock(t_back)}")
                 tap = st.tap.summary()
                 return HeadCrashResult(
                     **common,

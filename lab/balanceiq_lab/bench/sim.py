@@ -56,6 +56,7 @@ DEFAULT_POLICIES = (
     "topk",
     "hot_cold",
     "full_lp",
+    "teacher",
     "cfr_rl",
     "oracle",
 )
@@ -75,7 +76,7 @@ def run_sim_bench(
     console = console or Console(stderr=True)
     scenarios = scenarios or list(SCENARIOS)
     policies = policies or list(DEFAULT_POLICIES)
-    unknown = [p for p in policies if p not in (*BASELINES, *ENVOY_ARMS, "full_lp", "cfr_rl")]
+    unknown = [p for p in policies if p not in (*BASELINES, *ENVOY_ARMS, "full_lp", "teacher", "cfr_rl")]
     if unknown:
         raise BenchError(f"unknown policies {', '.join(unknown)}; known: {', '.join(DEFAULT_POLICIES)}")
     if balancer not in BALANCERS:
@@ -169,12 +170,16 @@ def steps_per_second(scenario_name: str, n_steps: int) -> float:
 
 
 def _summarise(results: dict[str, dict[str, dict[str, Any]]], policies: list[str]) -> dict[str, Any]:
-    # The heuristic baselines; hot_cold is the imitation teacher, reported apart.
-    heuristics = [p for p in policies if p not in ("cfr_rl", "oracle", "full_lp", "hot_cold")]
+    # The heuristic baselines; the imitation teacher is reported apart.
+    heuristics = [p for p in policies if p not in ("cfr_rl", "oracle", "full_lp", "teacher")]
     summary: dict[str, Any] = {}
     if "cfr_rl" in policies:
         beats = {sc: all(r["cfr_rl"]["reward"] >= r[h]["reward"] for h in heuristics) for sc, r in results.items()}
         summary["cfr_rl_reward_ge_every_heuristic"] = beats
+        if "teacher" in policies:
+            summary["cfr_rl_reward_ge_teacher"] = {
+                sc: r["cfr_rl"]["reward"] >= r["teacher"]["reward"] for sc, r in results.items()
+            }
         if "hot_cold" in policies:
             summary["cfr_rl_reward_ge_hot_cold_teacher"] = {
                 sc: r["cfr_rl"]["reward"] >= r["hot_cold"]["reward"] for sc, r in results.items()

@@ -38,9 +38,10 @@ SUITE_SIM_ARMS: dict[str, tuple[str, str]] = {
     "balanceiq_lr": ("cfr_rl", "least_request"),
     "oracle": ("oracle", "least_request"),
     # Issue #14's ablation, everything else equal: every endpoint re-optimised each
-    # decision, and the imitation teacher, behind the same controller over LEAST_REQUEST.
+    # decision, and the imitation teacher (the K furthest from that optimum), behind the
+    # same controller and decision core over LEAST_REQUEST.
     "full_lp_lr": ("full_lp", "least_request"),
-    "teacher_lr": ("hot_cold", "least_request"),
+    "teacher_lr": ("teacher", "least_request"),
 }
 SUITE_DEFAULT_ARMS = ("round_robin", "least_request", "cswrr", "balanceiq_rr", "balanceiq_lr", "oracle")
 

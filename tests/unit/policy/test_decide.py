@@ -399,3 +399,25 @@ def test_a_dear_endpoint_the_policy_never_names_still_sheds_in_bounded_steps() -
     assert float(out[0].shares[0]) == pytest.approx(0.25 - knobs.max_shrink)
     plain = run([rows] * 4, replace(knobs, gap_k=0), scores=never)
     assert all(0 not in d.critical and d.shares[0] == pytest.approx(0.25) for d in plain)
+
+
+def test_the_optimum_gap_is_largest_on_the_dear_endpoint_and_closes_as_the_core_moves() -> None:
+    from balanceiq.policy.decide import optimum_gap
+
+    # Equal endpoints with headroom, one five times dearer: the optimum moves share off it.
+    rows = [{"cost": 0.2, "sat": 0.3}, {"cost": 0.2, "sat": 0.3}, {"cost": 1.0, "sat": 0.3}]
+    knobs = Knobs(k=1, util_target=0.5)
+    obs = obs_of(rows)
+    gap = optimum_gap(obs, ctx_of(obs, None, 1), knobs)
+    assert int(np.argmax(gap)) == 2 and gap[2] > 0.01
+    # Every endpoint re-optimised, decision after decision (bounded steps): the gap closes.
+    state, shares, gaps = CoreState(), None, []
+    for t in range(12):
+        obs = obs_of(rows, 1000.0 + t)
+        gaps.append(float(optimum_gap(obs, ctx_of(obs, shares, 1), knobs, state).sum()))
+        d = decide(obs, ctx_of(obs, shares, 1), None, knobs, state)
+        state, shares = d.state, d.shares
+    assert gaps[-1] < 0.01 < gaps[0] and shares[2] < shares[0]
+    # An endpoint Envoy reports down has no gap to close: the guardrails take it out.
+    down = obs_of([*rows[:2], {**rows[2], "healthy": False}])
+    assert optimum_gap(down, ctx_of(down, None, 1), knobs)[2] == 0.0
