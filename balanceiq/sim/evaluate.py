@@ -45,8 +45,12 @@ class FullLp:
     def reset(self) -> None:
         self.state = CoreState()
 
+    def scores(self, obs: Any, ctx: PolicyContext, knobs: Knobs) -> np.ndarray | None:
+        return None  # every endpoint critical
+
     def decide(self, obs: Any, ctx: PolicyContext) -> Decision:
-        core = decide(obs, ctx, None, Knobs(k=int(ctx.k), cost_weight=self.cost_weight), self.state)
+        knobs = Knobs(k=int(ctx.k), cost_weight=self.cost_weight)
+        core = decide(obs, ctx, self.scores(obs, ctx, knobs), knobs, self.state)
         self.state = core.state
         return Decision(core.shares, core.weights, core.critical, core.info())
 
@@ -57,11 +61,8 @@ class Teacher(FullLp):
 
     name = "teacher"
 
-    def decide(self, obs: Any, ctx: PolicyContext) -> Decision:
-        knobs = Knobs(k=int(ctx.k), cost_weight=self.cost_weight)
-        core = decide(obs, ctx, optimum_gap(obs, ctx, knobs, self.state), knobs, self.state)
-        self.state = core.state
-        return Decision(core.shares, core.weights, core.critical, core.info())
+    def scores(self, obs: Any, ctx: PolicyContext, knobs: Knobs) -> np.ndarray | None:
+        return optimum_gap(obs, ctx, knobs, self.state)
 
 
 # Envoy on its own: the config's static weights under each of its balancers.

@@ -1002,11 +1002,11 @@ def prometheus_killed(
         assert st.controller is not None
         max_shift = float(st.controller.guardrails.config.max_shift)
         # From a little before the kill, so a swing on the switch itself is caught too.
-        recs = [r for r in st.decisions() if r.timestamp >= t_kill - 3 * INTERVAL_S]
-        after = [r for r in recs if r.timestamp >= t_kill]
         every = st.decisions()
-        moves = dict(zip((r.seq for r in every), _moves(every, st.addresses)))
-        moved = [moves[r.seq] for r in recs]
+        moves = _moves(every, st.addresses)
+        recs = [r for r in every if r.timestamp >= t_kill - 3 * INTERVAL_S]
+        after = [r for r in recs if r.timestamp >= t_kill]
+        moved = [m for r, m in zip(every, moves) if r.timestamp >= t_kill - 3 * INTERVAL_S]
         # What max_shift governs: the move minus what the guardrails moved at once by
         # their documented exemptions (off a down, drained or SLO-breaching endpoint).
         limited = [m - _exempt(r) for r, m in zip(recs, moved)]
