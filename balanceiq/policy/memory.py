@@ -30,6 +30,10 @@ RATIO_SMOOTHING = 0.5
 # time constant, and the requests it needs (one small window's p95 is noise).
 LATENCY_EVIDENCE_S = 3.0
 MIN_LATENCY_EVIDENCE = 30.0
+# A trickle endpoint's evidence (fewer requests a window than a verdict needs) is kept until
+# newer requests replace it, while its last p95 is at most this old: fading by time alone,
+# a slow endpoint held at the min_share floor would never gather a verdict.
+TRICKLE_EVIDENCE_S = 30.0
 # A quiet breacher's first hold lasts this long, each further one (a breach again within
 # STRIKE_MEMORY_S of the last) twice as long, up to ``breach_hold_s`` (like outlier ejection).
 HOLD_BASE_S = 5.0
@@ -104,7 +108,7 @@ def remember(
     for i, e in enumerate(obs.endpoints):
         m = state.memory.get(e.address, Memory())
         req, err, erring = _error_evidence(e, m, knobs, decay, window)
-        slow_n, slow_log, slow, within = _latency_evidence(e, m, knobs, fade, window)
+        slow_n, slow_log, slow, within = _latency_evidence(e, m, knobs, fade, window, now)
         measured = erring or slow or (math.isfinite(e.error_rate) and e.error_rate >= BREACH_ERROR_RATE)
         m = replace(m, requests=req, errors=err, slow_log=_f(slow_log), slow_n=slow_n)
         m, is_held = _episode(m, measured, within, knobs, now)
@@ -126,11 +130,13 @@ def _error_evidence(
 
 
 def _latency_evidence(
-    e: EndpointObservation, m: Memory, knobs: Knobs, fade: float, window: float
+    e: EndpointObservation, m: Memory, knobs: Knobs, fade: float, window: float, now: float
 ) -> tuple[float, float, bool, bool]:
     """``(slow_n, slow_log, breaching, within the SLO)`` by the latency evidence."""
-    slow_n, slow_log = m.slow_n * fade, m.slow_log
     n = e.rps * window if math.isfinite(e.rps) and e.rps > 0 else 0.0
+    slow_n, slow_log = m.slow_n * fade, m.slow_log
+    if math.isfinite(m.p95_at) and now - m.p95_at <= TRICKLE_EVIDENCE_S:
+        slow_n = max(slow_n, min(m.slow_n, MIN_LATENCY_EVIDENCE - n))
     fresh = n > 0 and math.isfinite(e.p95_ms) and e.p95_ms > 0
     if fresh:
         x = math.log(e.p95_ms / knobs.slo_ms)

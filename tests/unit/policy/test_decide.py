@@ -421,3 +421,17 @@ def test_the_optimum_gap_is_largest_on_the_dear_endpoint_and_closes_as_the_core_
     # An endpoint Envoy reports down has no gap to close: the guardrails take it out.
     down = obs_of([*rows[:2], {**rows[2], "healthy": False}])
     assert optimum_gap(down, ctx_of(down, None, 1), knobs)[2] == 0.0
+
+
+def test_a_slow_endpoint_at_a_trickle_is_judged_on_latency_in_the_end() -> None:
+    """At 1.5 req/s a window holds 3 requests: evidence fading by time alone never adds up
+    to a verdict, so a backend 25 ms over the SLO at the min_share floor kept its share."""
+    rows = [{"p50": 20.0, "rps": 60.0}, {"p50": 20.0, "rps": 60.0}, {"p50": 170.0, "p95": 175.0, "rps": 1.5}]
+    out = run([rows] * 25, Knobs(k=1))
+    judged = [t for t, d in enumerate(out) if 2 in d.breaching]
+    assert judged and judged[0] <= 15, judged
+    # Once judged it stays so while it keeps missing (the evidence is not forgotten).
+    assert judged == list(range(judged[0], 25))
+    # Within the SLO at the same trickle: never a breach.
+    fine = [{**rows[0]}, {**rows[1]}, {"p50": 30.0, "p95": 60.0, "rps": 1.5}]
+    assert not any(2 in d.breaching for d in run([fine] * 25, Knobs(k=1)))
