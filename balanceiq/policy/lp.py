@@ -71,6 +71,16 @@ def _clean_scalar(x: object) -> float:
     return v if math.isfinite(v) and v > 0 else 0.0
 
 
+def price_unit(cost: np.ndarray, available: np.ndarray | None = None) -> float:
+    """What one unit of the cost term is: the median price of the available endpoints (the
+    largest when that is 0). Not the largest price: one endpoint whose price soars, or a dear
+    one nobody uses, would make every other price look free."""
+    c = np.asarray(cost, dtype=np.float64)
+    pool = c[available] if available is not None and np.any(available) else c
+    unit = float(np.median(pool)) if pool.size else 0.0
+    return unit if unit > 0 else (float(c.max()) if c.size else 0.0)
+
+
 def _available(available: object, n: int) -> np.ndarray:
     if available is None:
         return np.ones(n, dtype=bool)
@@ -136,6 +146,7 @@ def objective(
     util_target: float = 0.0,
     latency: np.ndarray | Sequence[float] | None = None,
     latency_weight: float = 0.0,
+    available: np.ndarray | Sequence[bool] | None = None,
 ) -> float:
     """The LP's objective for any full split, sanitised like the LP: an :func:`oracle` result
     scores <= any other split of the same inputs."""
@@ -145,8 +156,8 @@ def objective(
     c = _clean_cost(_vector("cost", cost, n))
     w = _clean_scalar(cost_weight)
     u = utilization(s, cap, planning_demand(demand, cap))
-    cmax = float(c.max()) if n else 0.0
-    cost_term = w * float(c @ s) / cmax if cmax > 0 else 0.0
+    unit = price_unit(c, _available(available, n))
+    cost_term = w * float(c @ s) / unit if unit > 0 else 0.0
     lat_term = 0.0
     wl = _clean_scalar(latency_weight)
     if latency is not None and wl > 0:
@@ -309,8 +320,8 @@ def solve_critical(
     # floor it would make every critical split "free" and hand it all to the cheapest.
     fixed_u = fixed_u[np.isfinite(fixed_u)]
     floor = max(float(fixed_u.max(initial=0.0)), _clean_scalar(util_target))
-    cmax = float(c.max())
-    cost_coef = _clean_scalar(cost_weight) * c[idx] / cmax if cmax > 0 else np.zeros(idx.size)
+    unit = price_unit(c, avail)
+    cost_coef = _clean_scalar(cost_weight) * c[idx] / unit if unit > 0 else np.zeros(idx.size)
     wl = _clean_scalar(latency_weight)
     if lat is not None and wl > 0:
         cost_coef = cost_coef + wl * clean_latency(lat)[idx]

@@ -15,6 +15,7 @@ from balanceiq.policy.lp import (
     LpResult,
     objective,
     oracle,
+    price_unit,
     shares_to_weights,
     solve_critical,
     traffic_moved,
@@ -227,10 +228,26 @@ def test_cost_term_prefers_cheap_capacity_below_the_knee() -> None:
 def test_without_a_knee_critical_endpoints_are_balanced_under_a_kept_max() -> None:
     # The same fleet with no knee: U is pinned by the kept endpoint, and the critical
     # endpoints are balanced (BALANCE) rather than the cheap one filled up to U, so the
-    # next decision has headroom to lower U with (see the module doc).
+    # next decision has headroom to lower U with (see the module doc). Prices are in units
+    # of the median price, so the 10x dearer endpoint costs 0.01 * 10 per share here.
     cap = np.array([200.0, 200.0, 100.0])
-    res = solve_critical([0.5, 0.1, 0.4], [0, 1], cap, [1.0, 10.0, 1.0], 250.0, cost_weight=0.1)
+    res = solve_critical([0.5, 0.1, 0.4], [0, 1], cap, [1.0, 10.0, 1.0], 250.0, cost_weight=0.01)
     assert res.shares == pytest.approx([0.3, 0.3, 0.4], abs=1e-7)
+
+
+def test_prices_count_in_units_of_the_median_so_a_soaring_price_is_shed() -> None:
+    # Three equal endpoints at half load; the third's price rises 8x. Shedding it lifts the
+    # max utilisation by 0.25 and saves 7 median prices on a third of the traffic (0.7 at
+    # cost weight 0.3). In units of the largest price that saving would read 0.09, so the
+    # LP would keep paying 8x for a third of the traffic.
+    cap = np.array([100.0, 100.0, 100.0])
+    res = oracle(cap, [1.0, 1.0, 8.0], 150.0, cost_weight=0.3)
+    assert res.shares[2] == pytest.approx(0.0, abs=1e-7)
+    assert res.max_utilization == pytest.approx(0.75, abs=1e-6)
+    assert price_unit(np.array([1.0, 2.0, 50.0])) == 2.0
+    # Unavailable endpoints do not count; a fleet priced at 0 in the middle falls back to the max.
+    assert price_unit(np.array([1.0, 2.0, 50.0]), np.array([True, False, True])) == pytest.approx(25.5)
+    assert price_unit(np.array([0.0, 0.0, 3.0])) == 3.0
 
 
 def test_cost_weight_trades_utilisation_for_price() -> None:
