@@ -32,7 +32,7 @@ class ControlConfig(_Model):
     """Utilisation that costs nothing in the LP."""
 
     cost_weight: float = Field(default=0.3, ge=0.0, le=100.0)
-    """Weight of the LP's cost term."""
+    """Weight of the LP's cost term: a share's price in units of the median endpoint's price."""
 
     latency_weight: float = Field(default=0.2, ge=0.0, le=100.0)
     """Weight of the LP's latency term."""
