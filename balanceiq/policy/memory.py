@@ -135,9 +135,12 @@ def _latency_evidence(
     """``(slow_n, slow_log, breaching, within the SLO)`` by the latency evidence."""
     n = e.rps * window if math.isfinite(e.rps) and e.rps > 0 else 0.0
     slow_n, slow_log = m.slow_n * fade, m.slow_log
-    if math.isfinite(m.p95_at) and now - m.p95_at <= TRICKLE_EVIDENCE_S:
-        slow_n = max(slow_n, min(m.slow_n, MIN_LATENCY_EVIDENCE - n))
     fresh = n > 0 and math.isfinite(e.p95_ms) and e.p95_ms > 0
+    # Only a window over the SLO extends trickle evidence: a fast one lets the old fade, or a
+    # recovered endpoint would be re-judged on its past at every trickle window.
+    still_slow = not fresh or e.p95_ms > knobs.slo_ms
+    if still_slow and math.isfinite(m.p95_at) and now - m.p95_at <= TRICKLE_EVIDENCE_S:
+        slow_n = max(slow_n, min(m.slow_n, MIN_LATENCY_EVIDENCE - n))
     if fresh:
         x = math.log(e.p95_ms / knobs.slo_ms)
         slow_log = x if not math.isfinite(slow_log) or slow_n <= 0 else (slow_log * slow_n + x * n) / (slow_n + n)

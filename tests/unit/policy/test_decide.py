@@ -435,3 +435,9 @@ def test_a_slow_endpoint_at_a_trickle_is_judged_on_latency_in_the_end() -> None:
     # Within the SLO at the same trickle: never a breach.
     fine = [{**rows[0]}, {**rows[1]}, {"p50": 30.0, "p95": 60.0, "rps": 1.5}]
     assert not any(2 in d.breaching for d in run([fine] * 25, Knobs(k=1)))
+    # Judged, then fast again at the breacher's 0.1 % floor (a request every few windows):
+    # its past is not held against it at each of those windows.
+    recovered = [{**rows[0]}, {**rows[1]}, {"p50": 30.0, "p95": 60.0, "rps": 0.15}]
+    after = run([rows] * 20 + [recovered] * 15, Knobs(k=1))
+    assert 2 in after[19].breaching
+    assert not any(2 in d.breaching for d in after[22:]), [t for t, d in enumerate(after) if 2 in d.breaching]
