@@ -146,7 +146,6 @@ def objective(
     util_target: float = 0.0,
     latency: np.ndarray | Sequence[float] | None = None,
     latency_weight: float = 0.0,
-    available: np.ndarray | Sequence[bool] | None = None,
 ) -> float:
     """The LP's objective for any full split, sanitised like the LP: an :func:`oracle` result
     scores <= any other split of the same inputs."""
@@ -156,7 +155,7 @@ def objective(
     c = _clean_cost(_vector("cost", cost, n))
     w = _clean_scalar(cost_weight)
     u = utilization(s, cap, planning_demand(demand, cap))
-    unit = price_unit(c, _available(available, n))
+    unit = price_unit(c)
     cost_term = w * float(c @ s) / unit if unit > 0 else 0.0
     lat_term = 0.0
     wl = _clean_scalar(latency_weight)
