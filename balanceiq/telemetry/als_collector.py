@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import bisect
 import itertools
-import json
 import logging
 import math
 import threading
@@ -23,6 +22,8 @@ from envoy.config.core.v3 import address_pb2
 from envoy.data.accesslog.v3 import accesslog_pb2
 from envoy.service.accesslog.v3 import als_pb2
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from balanceiq.telemetry import jsonbody
 
 log = logging.getLogger(__name__)
 
@@ -91,8 +92,8 @@ def orca_utilization(value: str) -> float | None:
         fields = {k.strip(): v.strip() for k, sep, v in (item.partition(":") for item in body.split(",")) if sep}
     elif kind == "JSON ":
         try:
-            data = json.loads(body)
-        except ValueError:
+            data = jsonbody.loads(body)
+        except (ValueError, RecursionError):
             return None
         if isinstance(data, dict):
             fields = {k: v for k, v in data.items() if type(v) in (int, float)}

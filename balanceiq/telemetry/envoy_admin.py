@@ -7,7 +7,6 @@ latency comes, when configured, from the ALS exporter's histogram. Parsing lives
 
 from __future__ import annotations
 
-import json
 import math
 import threading
 import time
@@ -19,6 +18,7 @@ from dataclasses import replace
 import httpx
 
 from balanceiq.exceptions import EnvoyAdminError
+from balanceiq.telemetry import jsonbody
 from balanceiq.telemetry.observation import (
     INVALID,
     MISSING,
@@ -207,8 +207,8 @@ def _close_quietly(client: httpx.Client, pool: ThreadPoolExecutor) -> None:
 
 def _json_loads(body: str, what: str = "ALS snapshot") -> object:
     try:
-        return json.loads(body)
-    except (ValueError, RecursionError) as exc:  # RecursionError: absurdly nested arrays
+        return jsonbody.loads(body)
+    except (ValueError, RecursionError) as exc:
         raise EnvoyAdminError(f"{what} is not JSON: {clip(str(exc))}") from exc
 
 

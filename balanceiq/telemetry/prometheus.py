@@ -20,6 +20,7 @@ from urllib3.util.retry import Retry
 
 from balanceiq.config import SIGNALS, TelemetryConfig
 from balanceiq.exceptions import PrometheusError
+from balanceiq.telemetry import jsonbody
 from balanceiq.telemetry.observation import (
     INVALID,
     MISSING,
@@ -66,6 +67,11 @@ def parse_vector(result: Any, endpoint_label: str) -> tuple[dict[str, float], li
     return values, problems
 
 
+def _refuse_deep_json(response: requests.Response, *args: Any, **kwargs: Any) -> None:
+    # prometheus_api_client decodes the body itself: this is the last point before it.
+    jsonbody.check_depth(response.content)
+
+
 class PrometheusSource:
     """Runs the configured PromQL and assembles an :class:`Observation`."""
 
@@ -73,11 +79,16 @@ class PrometheusSource:
         self.config = config
         # No client-side retries: a down Prometheus must fail fast so the same control
         # step can still observe through Envoy's admin.
-        self._prom = PrometheusConnect(url=url, timeout=config.timeout_s, retry=Retry(total=0, connect=0, read=0))
+        session = requests.Session()
+        session.hooks["response"].append(_refuse_deep_json)
+        self._prom = PrometheusConnect(
+            url=url, timeout=config.timeout_s, retry=Retry(total=0, connect=0, read=0), session=session
+        )
         self._pool = ThreadPoolExecutor(max_workers=len(SIGNALS), thread_name_prefix="promql")
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self._prom.close()
 
     def _run(self, what: str, expr: str) -> Any:
         try:
@@ -86,6 +97,8 @@ class PrometheusSource:
             raise PrometheusError(f"{what}: {type(exc).__name__}: {str(exc)[:200]}") from exc
         # Not JSON, or not Prometheus' shape.
         except (ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
+            if "nested too deeply" in str(exc):
+                raise PrometheusError(f"{what}: malformed response: {exc}") from exc
             raise PrometheusError(f"{what}: malformed response: {type(exc).__name__}: {str(exc)[:200]}") from exc
         except RecursionError as exc:  # json's recursive decoder on "[[[[...": garbage, not a bug of ours
             raise PrometheusError(f"{what}: malformed response: JSON nested too deeply") from exc

@@ -1472,7 +1472,7 @@ class HeadCrashResult(FaultResult):
     wait_s: float  # how long recovery was waited for
     decision_version: str | None  # the first decision pushed after the restart
     operator_commands: int  # commands typed after the restart besides restarting the head: none
-    envoy_weights_held: bool  # every poll of Envoy during the outage == the weights before it
+    envoy_weights_held: bool  # every poll of Envoy during the outage == its weights when the head died
     versions_repeated: int
 
     def checks(self) -> dict[str, tuple[Any, str, bool]]:
@@ -1584,16 +1584,20 @@ def head_crash(
                     "a decision pushed and ACKed",
                     every=0.5,
                 )
-                before = st.envoy_weights()
                 progress(f"{name}: the head dies (SIGKILL, every process)")
                 t_kill = time.time()
                 killed = head.kill()
+                # Envoy on its own: the weights it had when the last xDS process died, and the
+                # requests it keeps serving. (Read after the kill: the app keeps deciding and
+                # pushing while the kill goes round the head's processes.)
                 polls = held = 0
-                # Envoy on its own: the weights it had, and the requests it keeps serving.
+                last: dict[str, int] | None = None
                 t_until = time.monotonic() + 2.0
                 while time.monotonic() < t_until:
                     with contextlib.suppress(httpx.HTTPError):
-                        held += st.envoy_weights() == before
+                        now = st.envoy_weights()
+                        last = now if last is None else last
+                        held += bool(now) and now == last
                         polls += 1
                     time.sleep(0.25)
                 progress(f"{name}: ray start --head again (nothing else)")

@@ -507,6 +507,7 @@ def test_orca_utilization_reads_text_and_json_and_refuses_the_rest() -> None:
         "JSON {not json",
         'JSON ["a"]',
         "BIN AAAA",
+        "JSON " + "[" * 30_000 + "]" * 30_000,  # was RecursionError: a header Envoy lets through
     ):
         assert orca_utilization(bad) is None, bad
 
