@@ -15,6 +15,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from balanceiq.policy.knobs import Knobs
 from balanceiq.policy.lp import UINT32_MAX, LpResult, oracle, shares_to_weights, solve_critical
 from balanceiq.telemetry.observation import Observation
 
@@ -174,8 +175,24 @@ class _Stateless:
 
 
 class _LpPolicy(_Stateless):
-    def __init__(self, cost_weight: float = 0.1) -> None:
-        self.cost_weight = cost_weight
+    """A baseline that solves the served LP objective (the knobs' weights) on its own critical set."""
+
+    def __init__(self, knobs: Knobs | None = None) -> None:
+        self.knobs = knobs or Knobs()
+
+    def _lp(self, obs: Observation, ctx: PolicyContext, critical: tuple[int, ...], cap: np.ndarray) -> Decision:
+        k = self.knobs
+        return lp_decision(
+            obs,
+            ctx,
+            critical,
+            cap,
+            cost_weight=k.cost_weight,
+            util_target=k.util_target,
+            latency_weight=k.latency_weight,
+            slo_ms=k.slo_ms,
+            capacity_estimate=cap.tolist(),
+        )
 
 
 class EqualWeights(_Stateless):
@@ -299,7 +316,7 @@ class TopKHeuristic(_LpPolicy):
         util = np.where(np.isfinite(util), util, -np.inf)
         k = min(max(int(ctx.k), 1), n)
         critical = tuple(sorted(int(i) for i in np.argsort(-util, kind="stable")[:k]))
-        return lp_decision(obs, ctx, critical, cap, cost_weight=self.cost_weight, capacity_estimate=cap.tolist())
+        return self._lp(obs, ctx, critical, cap)
 
 
 class HotColdHeuristic(_LpPolicy):
@@ -322,7 +339,7 @@ class HotColdHeuristic(_LpPolicy):
     def decide(self, obs: Observation, ctx: PolicyContext) -> Decision:
         cap = estimate_capacity(obs, ctx)
         critical = tuple(sorted(self.critical(obs, ctx)))
-        return lp_decision(obs, ctx, critical, cap, cost_weight=self.cost_weight, capacity_estimate=cap.tolist())
+        return self._lp(obs, ctx, critical, cap)
 
 
 class Oracle(_LpPolicy):
@@ -339,7 +356,14 @@ class Oracle(_LpPolicy):
             )
         avail = available_mask(obs)
         cost = obs_field(obs, "cost_per_million")
-        res = oracle(ctx.true_capacity, cost, ctx.demand_rps, available=avail, cost_weight=self.cost_weight)
+        res = oracle(
+            ctx.true_capacity,
+            cost,
+            ctx.demand_rps,
+            available=avail,
+            cost_weight=self.knobs.cost_weight,
+            util_target=self.knobs.util_target,
+        )
         return _lp_decision(res, avail, tuple(range(n)))
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import KW_ONLY, dataclass
+from dataclasses import KW_ONLY, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -72,7 +72,7 @@ class RLPolicy:
     name = "cfr_rl"
     module: Any
     _: KW_ONLY
-    cost_weight: float = 0.1
+    knobs_base: Knobs = field(default_factory=Knobs)  # the LP's weights; k comes from each context
     slo_ms: float = 150.0
     mode: str = "greedy"
     seed: int = 0
@@ -92,9 +92,7 @@ class RLPolicy:
         self.state = CoreState()
 
     def knobs(self, ctx: PolicyContext) -> Knobs:
-        return Knobs(
-            k=int(ctx.k), slo_ms=self.slo_ms, cost_weight=self.cost_weight, force_breaching=self.force_breaching
-        )
+        return replace(self.knobs_base, k=int(ctx.k), slo_ms=self.slo_ms, force_breaching=self.force_breaching)
 
     def _perturbed(self, s: np.ndarray) -> np.ndarray:
         return gumbel_perturb(s, self._rng) if self.mode == "sample" else s

@@ -4,6 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from balanceiq.config import ControlConfig
+
+# The LP's weights default to the served config's, so that the simulator, training, the
+# promotion gate and the controller all solve one objective.
+_CONTROL = ControlConfig()
+
 
 @dataclass(frozen=True)
 class Knobs:
@@ -11,9 +17,9 @@ class Knobs:
 
     k: int = 2  # critical endpoints the policy adds on top of the forced ones
     slo_ms: float = 150.0  # p95 above this breaches the SLO
-    cost_weight: float = 0.1  # weight of the LP's cost term
-    util_target: float = 0.0  # utilisation below which the LP's cost and latency terms alone decide
-    latency_weight: float = 0.0  # weight of the LP's latency term (p95 in SLO units)
+    cost_weight: float = _CONTROL.cost_weight  # weight of the LP's cost term
+    util_target: float = _CONTROL.util_target  # utilisation below which cost and latency alone decide
+    latency_weight: float = _CONTROL.latency_weight  # weight of the LP's latency term (p95 in SLO units)
     growth: float = 1.5  # an uncongested endpoint's load may grow by at most this factor per decision
     probe_share: float = 0.05  # every endpoint may grow to at least this share of demand
     max_step: float = 0.05  # an endpoint gains at most this share of demand per decision

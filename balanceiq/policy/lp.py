@@ -340,11 +340,19 @@ def oracle(
     *,
     available: np.ndarray | Sequence[bool] | None = None,
     cost_weight: float = 0.1,
+    util_target: float = 0.0,
 ) -> LpResult:
     """The same LP with every endpoint critical: with true capacities, the physical limit."""
     n = _vector("capacity", capacity).shape[0]
     return solve_critical(
-        np.ones(n) / n, np.ones(n, dtype=bool), capacity, cost, demand, available=available, cost_weight=cost_weight
+        np.ones(n) / n,
+        np.ones(n, dtype=bool),
+        capacity,
+        cost,
+        demand,
+        available=available,
+        cost_weight=cost_weight,
+        util_target=util_target,
     )
 
 

@@ -8,8 +8,8 @@ new split, scored by :mod:`balanceiq.policy.reward`.
 ``env_config`` keys (RLlib passes it through): ``scenarios`` (one drawn per episode;
 default ``steady``), ``n_max`` (observation padding, 16), ``k`` (about 20% of the largest
 N), ``decision_steps`` (5), ``episode_steps`` (60), ``obs_noise`` (0.05), the LP's
-``cost_weight`` (0.1), ``util_target`` (0) and ``latency_weight`` (0) -- set them to the
-live config's to train against the LP the controller runs --, ``force_breaching`` (true),
+``cost_weight``, ``util_target`` and ``latency_weight`` (the LP's; default: the served
+config's defaults, so training solves the controller's objective), ``force_breaching`` (true),
 ``reward`` (:class:`~balanceiq.policy.reward.RewardWeights` fields), ``seed``,
 ``random_fleets`` (0): the share of episodes on a fresh random fleet and timeline
 (:mod:`balanceiq.sim.randomise`, sizes ``random_endpoints``, [3, 120]) instead of one of
@@ -103,9 +103,9 @@ class FleetEnv(gym.Env):
         self.decision_steps = int(cfg.get("decision_steps", 5))
         self.episode_steps = int(cfg.get("episode_steps", 60))
         self.obs_noise = float(cfg.get("obs_noise", 0.05))
-        self.cost_weight = float(cfg.get("cost_weight", 0.1))
-        self.util_target = float(cfg.get("util_target", 0.0))
-        self.latency_weight = float(cfg.get("latency_weight", 0.0))
+        self.cost_weight = float(cfg.get("cost_weight", Knobs.cost_weight))
+        self.util_target = float(cfg.get("util_target", Knobs.util_target))
+        self.latency_weight = float(cfg.get("latency_weight", Knobs.latency_weight))
         self.force_breaching = bool(cfg.get("force_breaching", True))
         self.weights = RewardWeights(**cfg.get("reward", {}))
         self.balancer = str(cfg.get("balancer", "round_robin"))

@@ -10,6 +10,7 @@ policy that wins on average by wrecking one situation is not an improvement).
 from __future__ import annotations
 
 import statistics
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -38,8 +39,8 @@ class FullLp:
 
     name = "full_lp"
 
-    def __init__(self, cost_weight: float = 0.1) -> None:
-        self.cost_weight = cost_weight
+    def __init__(self, knobs: Knobs | None = None) -> None:
+        self.knobs_base = knobs or Knobs()  # the LP's weights; k comes from each context
         self.state = CoreState()
 
     def reset(self) -> None:
@@ -49,7 +50,7 @@ class FullLp:
         return None  # every endpoint critical
 
     def decide(self, obs: Any, ctx: PolicyContext) -> Decision:
-        knobs = Knobs(k=int(ctx.k), cost_weight=self.cost_weight)
+        knobs = replace(self.knobs_base, k=int(ctx.k))
         core = decide(obs, ctx, self.scores(obs, ctx, knobs), knobs, self.state)
         self.state = core.state
         return Decision(core.shares, core.weights, core.critical, core.info())
