@@ -51,6 +51,12 @@ def _cross_field_error(problems: list[tuple[Loc, str]]) -> PydanticCustomError:
     return PydanticCustomError(_CROSS_FIELD, "{summary}", {"summary": summary, "problems": tuple(problems)})
 
 
+def _duplicates(values: Iterable[object]) -> list[tuple[int, int]]:
+    """``(index, index of its first occurrence)`` of every value seen before."""
+    first: dict[object, int] = {}
+    return [(i, j) for i, value in enumerate(values) if (j := first.setdefault(value, i)) != i]
+
+
 def _not_blank(value: str, what: str) -> str:
     if not value.strip():
         raise ValueError(f"{what} must not be empty")
@@ -114,10 +120,8 @@ def _parse_port(text: str, address: str) -> int:
 
 
 def split_address(address: str) -> tuple[str, int]:
-    """Split ``"host:port"`` (IPv6 as ``"[::1]:port"``) into a canonical IP and a port.
-
-    The host must be an IP literal: Envoy does not resolve names in EDS endpoints.
-    Raises ``ValueError`` with a message meant for users."""
+    """``"host:port"`` (IPv6 ``"[::1]:port"``) -> canonical IP and port. ``ValueError`` (its message meant
+    for users) for anything else, hostnames too: Envoy does not resolve names in EDS endpoints."""
     if not isinstance(address, str):
         raise ValueError(f"address must be a string like '127.0.0.1:8080', got {address!r}")
     if address.startswith("["):

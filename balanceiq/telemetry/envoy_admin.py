@@ -1,9 +1,5 @@
-"""Fallback telemetry: Envoy's admin stats read directly, when Prometheus cannot answer.
-
-Two scrapes of Envoy's per-endpoint counters a moment apart give rates (:func:`derive`);
-latency comes, when configured, from the ALS exporter's ``/snapshot``. Parsing lives in
-:mod:`balanceiq.telemetry.scrape`.
-"""
+"""Fallback telemetry when Prometheus cannot answer: rates from two scrapes of Envoy's admin
+(:func:`derive`), latency from the ALS exporter's ``/snapshot``; parsing in :mod:`.scrape`."""
 
 from __future__ import annotations
 
@@ -44,7 +40,7 @@ from balanceiq.telemetry.scrape import (
     parse_exposition,
 )
 
-COUNTERS = ("rq_total", "rq_success", "rq_error")  # the ones rates are taken from
+COUNTERS = ("rq_total", "rq_success", "rq_error")  # rates come from these (a timeout is a 504: in rq_error)
 # An older baseline would average over a period the controller no longer cares about.
 MAX_BASELINE_AGE_S = 60.0
 MAX_BODY_BYTES = 32 * 1024 * 1024  # far above any real admin page; bounds a runaway answer

@@ -1,10 +1,7 @@
 """Envoy's admin output (and the ALS exporter's snapshot) parsed into an immutable :class:`Scrape`.
 
-Per-endpoint series carry ``envoy_cluster_name`` and ``envoy_endpoint_address``. Only some
-counter names end in ``_total``, and prometheus_client renames samples differently by version,
-so samples are matched by name with one ``_total`` removed. ``rq_timeout`` is not an error of
-its own: Envoy also charges a timeout as a 504.
-"""
+Only some Envoy counter names end in ``_total`` and prometheus_client renames samples differently
+by version, so samples are matched by name with one ``_total`` removed."""
 
 from __future__ import annotations
 
