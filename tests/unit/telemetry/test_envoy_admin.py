@@ -756,7 +756,7 @@ class FakeAdmin:
                     self.end_headers()
                     self.wfile.write(body)
                     return
-                body = fake.render(self.path).encode()
+                body = fake.render().encode()
                 self.send_response(fake.status)
                 self.send_header("Content-Type", fake.content_type)
                 self.send_header("Content-Length", str(len(body)))
@@ -795,7 +795,7 @@ class FakeAdmin:
             }
         )
 
-    def render(self, path: str) -> str:
+    def render(self) -> str:
         if self.body is not None:
             return self.body
         self.scrapes += 1
