@@ -51,12 +51,6 @@ def _cross_field_error(problems: list[tuple[Loc, str]]) -> PydanticCustomError:
     return PydanticCustomError(_CROSS_FIELD, "{summary}", {"summary": summary, "problems": tuple(problems)})
 
 
-def _duplicates(values: Iterable[object]) -> list[tuple[int, int]]:
-    """``(index, index of its first occurrence)`` of every value seen before."""
-    first: dict[object, int] = {}
-    return [(i, j) for i, value in enumerate(values) if (j := first.setdefault(value, i)) != i]
-
-
 def _not_blank(value: str, what: str) -> str:
     if not value.strip():
         raise ValueError(f"{what} must not be empty")

@@ -14,7 +14,6 @@ from balanceiq.config.base import (
     PosFloat,
     _canonical_address,
     _cross_field_error,
-    _duplicates,
     _Model,
     split_address,
 )
@@ -94,14 +93,15 @@ class ClusterConfig(_Model):
     def _check_endpoints(cls, endpoints: list[EndpointConfig]) -> list[EndpointConfig]:
         if not endpoints:
             raise ValueError("a cluster needs at least one endpoint")
-        addresses = [endpoint.address for endpoint in endpoints]
-        problems: list[tuple[Loc, str]] = [
-            ((i, "address"), f"duplicate address {addresses[i]}: endpoints[{j}] and endpoints[{i}] both use it")
-            for i, j in _duplicates(addresses)
-        ]
+        problems: list[tuple[Loc, str]] = []
+        first_seen: dict[str, int] = {}
         by_locality: dict[tuple[str, str, str | None], list[int]] = {}
         for index, endpoint in enumerate(endpoints):
             by_locality.setdefault(endpoint.locality, []).append(index)
+            first = first_seen.setdefault(endpoint.address, index)
+            if first != index:
+                message = f"duplicate address {endpoint.address}: endpoints[{first}] and endpoints[{index}] both use it"
+                problems.append(((index, "address"), message))
         for (cloud, region, zone), indices in by_locality.items():
             total = sum(endpoints[i].weight for i in indices)
             if total > UINT32_MAX:

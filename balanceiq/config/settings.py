@@ -6,7 +6,7 @@ from pathlib import Path
 
 from pydantic import Field, field_validator, model_validator
 
-from balanceiq.config.base import ConfigPath, Loc, _cross_field_error, _duplicates, _Model
+from balanceiq.config.base import ConfigPath, Loc, _cross_field_error, _Model
 from balanceiq.config.cluster import ClusterConfig, EndpointConfig
 from balanceiq.config.control import ApiConfig, ControlConfig, GuardrailConfig
 from balanceiq.config.signals import PrometheusConfig, TelemetryConfig
@@ -66,10 +66,13 @@ class Settings(_Model):
     def _check_clusters(cls, clusters: list[ClusterConfig]) -> list[ClusterConfig]:
         if not clusters:
             raise ValueError("at least one cluster is required")
-        problems: list[tuple[Loc, str]] = [
-            ((i, "name"), f"duplicate cluster name {clusters[i].name!r}: clusters[{first}] has it too")
-            for i, first in _duplicates(cluster.name for cluster in clusters)
-        ]
+        problems: list[tuple[Loc, str]] = []
+        first_seen: dict[str, int] = {}
+        for index, cluster in enumerate(clusters):
+            first = first_seen.setdefault(cluster.name, index)
+            if first != index:
+                message = f"duplicate cluster name {cluster.name!r}: clusters[{first}] has it too"
+                problems.append(((index, "name"), message))
         if problems:
             raise _cross_field_error(problems)
         return clusters
