@@ -26,7 +26,6 @@ app = typer.Typer(
 config_app = typer.Typer(help="Validate configuration files.", no_args_is_help=True)
 envoy_app = typer.Typer(help="Envoy bootstraps.", no_args_is_help=True)
 xds_app = typer.Typer(help="Talk to the running xDS actor.", no_args_is_help=True)
-cluster_app = typer.Typer(help="Ray cluster launcher configs (cluster.yaml, cluster-local.yaml).", no_args_is_help=True)
 
 
 def _version(value: bool) -> None:
@@ -49,7 +48,6 @@ def _root(
 app.add_typer(config_app, name="config")
 app.add_typer(envoy_app, name="envoy")
 app.add_typer(xds_app, name="xds")
-app.add_typer(cluster_app, name="cluster")
 
 # Wide enough for the demo's tables when output is captured (rich assumes 80 columns).
 err = Console(stderr=True, width=None if sys.stderr.isatty() else 120)
@@ -80,16 +78,6 @@ def _settings(path: Path | None) -> Settings:
 def config_check(file: Annotated[Path, typer.Argument(help="Config file to validate.")]) -> None:
     """Print OK, or every problem with its field path (exit 2)."""
     raise typer.Exit(check_config_command(file))
-
-
-@cluster_app.command("check")
-def cluster_check(
-    file: Annotated[Path, typer.Argument(help="Ray cluster config (ray up / --autoscaling-config).")],
-) -> None:
-    """Validate with Ray's own schema and prepare_config (no cloud calls): OK, or every problem (exit 2)."""
-    from balanceiq.cluster import cluster_check_command
-
-    raise typer.Exit(cluster_check_command(file))
 
 
 @envoy_app.command("snippet")

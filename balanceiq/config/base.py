@@ -114,10 +114,8 @@ def _parse_port(text: str, address: str) -> int:
 
 
 def split_address(address: str) -> tuple[str, int]:
-    """Split ``"host:port"`` (IPv6 as ``"[::1]:port"``) into a canonical IP and a port.
-
-    The host must be an IP literal: Envoy does not resolve names in EDS endpoints.
-    Raises ``ValueError`` with a message meant for users."""
+    """``"host:port"`` (IPv6 ``"[::1]:port"``) -> canonical IP and port. ``ValueError`` (its message meant
+    for users) for anything else, hostnames too: Envoy does not resolve names in EDS endpoints."""
     if not isinstance(address, str):
         raise ValueError(f"address must be a string like '127.0.0.1:8080', got {address!r}")
     if address.startswith("["):

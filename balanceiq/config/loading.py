@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 import stat
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -185,15 +185,18 @@ def _plural(count: int, noun: str) -> str:
     return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
 
 
+def print_problems(path: str | Path, problems: Sequence[str]) -> int:
+    """``PATH: N problem(s)`` and the problems, indented, on stderr; 2, the check commands' exit status."""
+    print("\n".join([f"{path}: {_plural(len(problems), 'problem')}", *(f"  {p}" for p in problems)]), file=sys.stderr)
+    return 2
+
+
 def check_config_command(path: str | Path) -> int:
     """``balanceiq config check FILE``: 0 and a summary, or 2 and every problem on stderr."""
     try:
         settings = load_config(path)
     except ConfigError as exc:
-        lines = [f"{path}: {_plural(len(exc.problems), 'problem')}"]
-        lines += [f"  {field}: {msg}" if field else f"  {msg}" for field, msg in exc.problems]
-        print("\n".join(lines), file=sys.stderr)
-        return 2
+        return print_problems(path, [f"{field}: {msg}" if field else msg for field, msg in exc.problems])
     endpoints = sum(len(cluster.endpoints) for cluster in settings.clusters)
     counts = f"{_plural(len(settings.clusters), 'cluster')}, {_plural(endpoints, 'endpoint')}"
     print(f"OK: {path} ({counts})")

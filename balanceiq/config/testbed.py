@@ -5,7 +5,6 @@ from __future__ import annotations
 from pydantic import Field, field_validator
 
 from balanceiq.config.base import Loc, NonNegFloat, _canonical_address, _cross_field_error, _Model
-from balanceiq.config.cluster import EndpointConfig
 
 
 class BackendProfile(_Model):
@@ -80,22 +79,3 @@ class TestbedConfig(_Model):
         if problems:
             raise _cross_field_error(problems)
         return canonical
-
-    def profile_for(self, ep: EndpointConfig) -> tuple[float, int, float]:
-        """``(base_latency_ms, concurrency, error_rate)`` the testbed gives ``ep``."""
-        override = self.overrides.get(ep.address, BackendProfile())
-        latency = override.base_latency_ms
-        if latency is None:
-            by_cloud = self.base_latency_ms.get(ep.cloud, self.default_latency_ms)
-            latency = self.base_latency_ms.get(f"{ep.cloud}/{ep.region}", by_cloud)
-        concurrency = override.concurrency if override.concurrency is not None else self.concurrency
-        error_rate = override.error_rate if override.error_rate is not None else 0.0
-        return latency, concurrency, error_rate
-
-    def behaviour_for(self, ep: EndpointConfig) -> dict[str, float | int]:
-        """Every backend setting the testbed gives ``ep``: :meth:`profile_for`'s three
-        plus ``sigma``, ``tail_prob`` and ``tail_ms`` where an override sets them."""
-        latency, concurrency, error_rate = self.profile_for(ep)
-        override = self.overrides.get(ep.address, BackendProfile())
-        tail = override.model_dump(include={"sigma", "tail_prob", "tail_ms"}, exclude_none=True)
-        return {"base_latency_ms": latency, "concurrency": concurrency, "error_rate": error_rate, **tail}

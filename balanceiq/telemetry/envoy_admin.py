@@ -1,9 +1,5 @@
-"""Fallback telemetry: Envoy's admin stats read directly, when Prometheus cannot answer.
-
-Two scrapes of Envoy's per-endpoint counters a moment apart give rates (:func:`derive`);
-latency comes, when configured, from the ALS exporter's histogram. Parsing lives in
-:mod:`balanceiq.telemetry.scrape`.
-"""
+"""Fallback telemetry when Prometheus cannot answer: rates from two scrapes of Envoy's admin
+(:func:`derive`), latency from the ALS exporter's ``/snapshot``; parsing in :mod:`.scrape`."""
 
 from __future__ import annotations
 
@@ -40,12 +36,11 @@ from balanceiq.telemetry.scrape import (
     as_float,
     clip,
     parse_als_snapshot,
-    parse_als_text,
     parse_clusters_json,
     parse_exposition,
 )
 
-COUNTERS = ("rq_total", "rq_success", "rq_error")  # the ones rates are taken from
+COUNTERS = ("rq_total", "rq_success", "rq_error")  # rates come from these (a timeout is a 504: in rq_error)
 # An older baseline would average over a period the controller no longer cares about.
 MAX_BASELINE_AGE_S = 60.0
 MAX_BODY_BYTES = 32 * 1024 * 1024  # far above any real admin page; bounds a runaway answer
@@ -228,11 +223,10 @@ class EnvoyAdminSource:
         self.stats_url = f"{self.admin_url}/stats/prometheus?filter=%5Ecluster%5C..%2B%5C.endpoint%5C."
         # The same numbers as JSON, far cheaper to parse; an admin without it is read as text.
         self.clusters_url: str | None = f"{self.admin_url}/clusters?format=json"
-        self.als_metrics_url = _check_url(als_metrics_url, "ALS metrics") if als_metrics_url else None
-        # The exporter's compact JSON beside /metrics; an exporter without it is read as text.
+        # The exporter's compact JSON beside its /metrics (for Prometheus), which we never parse.
         self.als_snapshot_url = (
-            self.als_metrics_url.removesuffix("/metrics") + "/snapshot"
-            if self.als_metrics_url and self.als_metrics_url.endswith("/metrics")
+            _check_url(als_metrics_url, "ALS metrics").removesuffix("/metrics") + "/snapshot"
+            if als_metrics_url
             else None
         )
         self.timeout_s = float(timeout_s)
@@ -298,31 +292,15 @@ class EnvoyAdminSource:
     def _read_als(self, als: Future[str], ts: float) -> Scrape:
         """The ALS exporter's latency, or only the problem reading it."""
         try:
-            body = als.result()
-            if not self.als_snapshot_url:
-                return parse_als_text(body, ts)
-            latency, bad, problems = parse_als_snapshot(_json_loads(body))
-            return Scrape(ts, latency=latency, latency_source=True, bad_latency=bad, problems=problems)
+            latency, bad, problems = parse_als_snapshot(_json_loads(als.result()))
         except EnvoyAdminError as exc:
-            if not (
-                _says(exc, "HTTP 404", "content-type", "snapshot") and self.als_snapshot_url and self.als_metrics_url
-            ):
-                return Scrape(ts, problems=(f"als: {exc}",))
-        # No snapshot here (an older exporter): the text page from now on.
-        self.als_snapshot_url = None
-        try:
-            return parse_als_text(self._get(self.als_metrics_url), ts)
-        except EnvoyAdminError as exc2:
-            return Scrape(ts, problems=(f"als: {exc2}",))
+            return Scrape(ts, problems=(f"als: {exc}",))
+        return Scrape(ts, latency=latency, latency_source=True, bad_latency=bad, problems=problems)
 
     def scrape(self) -> Scrape:
         """One read of the admin page (and the ALS page, whose failure is only a problem)."""
         # Both pages at once: the ALS exporter renders thousands of bucket lines.
-        als = None
-        if self.als_snapshot_url:
-            als = self._pool.submit(self._get, self.als_snapshot_url, _JSON)
-        elif self.als_metrics_url:
-            als = self._pool.submit(self._get, self.als_metrics_url)
+        als = self._pool.submit(self._get, self.als_snapshot_url, _JSON) if self.als_snapshot_url else None
         s = self._read_envoy()
         if als is None:
             return s

@@ -25,7 +25,6 @@ MISSING = "missing"  # the source had no series for this endpoint
 INVALID = "invalid"  # the source returned NaN/Inf/negative where that cannot be
 WARMING = "warming"  # first scrape of a counter-based source: no rate yet
 NO_LATENCY_SOURCE = "no_latency_source"  # nothing configured measures per-endpoint latency
-FLAGS = (NO_TRAFFIC, STALE, MISSING, INVALID, WARMING, NO_LATENCY_SOURCE)
 
 # Feature order of Observation.to_array(); the policy's input layer depends on it.
 FEATURES = (

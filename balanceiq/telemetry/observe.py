@@ -1,9 +1,6 @@
-"""`Telemetry.observe()`: Prometheus first, Envoy's admin when it cannot answer; never raises.
-
-While Prometheus is down it is retried at most every ``retry_s`` (a dead Prometheus must not
-add a connect timeout to every step), so the fallback ends by itself. When both fail every
-endpoint is flagged missing (``source == "none"``): never an exception, never zeros.
-"""
+"""`Telemetry.observe()`: Prometheus first, Envoy's admin when it cannot answer; never raises (when
+both fail every endpoint is flagged missing, ``source == "none"``, never zeros). A down Prometheus is
+retried at most every ``retry_s``: a dead one must not add a connect timeout to every step."""
 
 from __future__ import annotations
 

@@ -1,10 +1,7 @@
-"""Envoy's admin output (and the ALS exporter's pages) parsed into an immutable :class:`Scrape`.
+"""Envoy's admin output (and the ALS exporter's snapshot) parsed into an immutable :class:`Scrape`.
 
-Per-endpoint series carry ``envoy_cluster_name`` and ``envoy_endpoint_address``. Only some
-counter names end in ``_total``, and prometheus_client renames samples differently by version,
-so samples are matched by name with one ``_total`` removed. ``rq_timeout`` is not an error of
-its own: Envoy also charges a timeout as a 504.
-"""
+Only some Envoy counter names end in ``_total`` and prometheus_client renames samples differently
+by version, so samples are matched by name with one ``_total`` removed."""
 
 from __future__ import annotations
 
@@ -25,10 +22,6 @@ from balanceiq.telemetry.observation import NAN, finite_or_nan
 ENVOY_PREFIX = "envoy_cluster_endpoint_"
 CLUSTER_LABEL = "envoy_cluster_name"
 ADDRESS_LABEL = "envoy_endpoint_address"
-
-ALS_HISTOGRAM = "balanceiq_upstream_rq_time_seconds"
-ALS_CLUSTER_LABEL = "cluster"
-ALS_ADDRESS_LABEL = "endpoint"
 
 # Envoy stat (after the prefix, one ``_total`` removed) -> EndpointStats field.
 ENVOY_FIELDS = {
@@ -59,12 +52,12 @@ class EndpointStats:
 
 @dataclass(frozen=True, slots=True)
 class Scrape:
-    """One read of the admin page (plus the ALS page) at ``timestamp`` (caller's clock)."""
+    """One read of the admin page (plus the ALS snapshot) at ``timestamp`` (caller's clock)."""
 
     timestamp: float
     endpoints: Mapping[Key, EndpointStats] = field(default_factory=dict)
     latency: Mapping[Key, Buckets] = field(default_factory=dict)  # seconds
-    latency_source: bool = False  # the ALS histogram was declared or had samples
+    latency_source: bool = False  # the ALS exporter answered
     bad_latency: frozenset[Key] = frozenset()
     problems: tuple[str, ...] = ()
 
@@ -73,7 +66,6 @@ class Scrape:
         object.__setattr__(self, "latency", MappingProxyType(dict(self.latency)))
 
 
-_WANTED = (ENVOY_PREFIX, ALS_HISTOGRAM)
 _NAME_END = re.compile(r"[{\s]")
 _LABEL_RE = re.compile(r'([A-Za-z_][A-Za-z0-9_]*)\s*=\s*"([^"\\]*)"')
 
@@ -93,9 +85,9 @@ def _relevant_lines(text: str) -> list[str]:
     for line in map(str.strip, text.split("\n")):
         if line.startswith("#"):
             parts = line.split(None, 3)
-            if len(parts) >= 4 and parts[1] == "TYPE" and parts[2].startswith(_WANTED):
+            if len(parts) >= 4 and parts[1] == "TYPE" and parts[2].startswith(ENVOY_PREFIX):
                 kept.append(line)
-        elif _name(line).startswith(_WANTED):
+        elif _name(line).startswith(ENVOY_PREFIX):
             kept.append(line)
     return kept
 
@@ -137,8 +129,8 @@ def _fmt_labels(labels: Mapping[str, str]) -> str:
     return clip("{" + ",".join(f'{k}="{v}"' for k, v in sorted(labels.items())) + "}", 160)
 
 
-def _key(labels: Mapping[str, str], cluster_label: str, address_label: str) -> Key | None:
-    key = (labels.get(cluster_label, ""), labels.get(address_label, ""))
+def _key(labels: Mapping[str, str]) -> Key | None:
+    key = (labels.get(CLUSTER_LABEL, ""), labels.get(ADDRESS_LABEL, ""))
     return key if all(key) else None
 
 
@@ -148,28 +140,14 @@ class _Accumulator:
     def __init__(self) -> None:
         self.stats: dict[Key, dict[str, float]] = {}
         self.bad: dict[Key, set[str]] = {}
-        self.buckets: dict[Key, dict[float, float]] = {}
-        self.counts: dict[Key, float] = {}
-        self.bad_latency: set[Key] = set()
-        self.latency_source = False
         self.problems: list[str] = []
         self.envoy_lines = 0
 
-    def add_text(self, text: str, prefix: str = "") -> None:
-        """Fold in one page; its problems are marked with ``prefix``."""
-        n = len(self.problems)
+    def add_text(self, text: str) -> None:
         lines = _relevant_lines(text)
         self.envoy_lines += sum(1 for ln in lines if ln.startswith(ENVOY_PREFIX))
-        # A declared histogram without samples yet is a source whose counts are all zero,
-        # so the first window with traffic already has a baseline.
-        if any(ln.split()[2:3] == [ALS_HISTOGRAM] for ln in lines if ln.startswith("#")):
-            self.latency_source = True
         for name, labels, value in _parse_samples(lines, self._bad_line):
-            if name.startswith(ENVOY_PREFIX):
-                self._envoy_sample(name, labels, value)
-            elif name.startswith(ALS_HISTOGRAM):
-                self._als_sample(name, labels, value)
-        self.problems[n:] = [prefix + p for p in self.problems[n:]]
+            self._envoy_sample(name, labels, value)
 
     def _mark_bad(self, key: Key, fname: str) -> None:
         self.stats.setdefault(key, {}).pop(fname, None)
@@ -178,26 +156,17 @@ class _Accumulator:
     def _bad_line(self, line: str, why: str) -> None:
         self.problems.append(f"unparsable line {clip(line)!r}: {clip(why)}")
         # Flag whose sample it was, so the endpoint reads invalid rather than unexported.
-        name, labels = _name(line), dict(_LABEL_RE.findall(line))
-        if name.startswith(ENVOY_PREFIX):
-            fname, key = _envoy_field(name), _key(labels, CLUSTER_LABEL, ADDRESS_LABEL)
-            if fname and key:
-                self._mark_bad(key, fname)
-        elif name.startswith(ALS_HISTOGRAM) and (key := _key(labels, ALS_CLUSTER_LABEL, ALS_ADDRESS_LABEL)):
-            self.bad_latency.add(key)
-
-    def _labelled(self, name: str, labels: dict[str, str], cluster_label: str, address_label: str) -> Key | None:
-        key = _key(labels, cluster_label, address_label)
-        if key is None:
-            self.problems.append(f"{name}{_fmt_labels(labels)}: no {cluster_label}/{address_label} label")
-        return key
+        fname, key = _envoy_field(_name(line)), _key(dict(_LABEL_RE.findall(line)))
+        if fname and key:
+            self._mark_bad(key, fname)
 
     def _envoy_sample(self, name: str, labels: dict[str, str], value: float) -> None:
         fname = _envoy_field(name)
         if fname is None:  # cx_total, cx_active, rq_pending_active...: not used
             return
-        key = self._labelled(name, labels, CLUSTER_LABEL, ADDRESS_LABEL)
+        key = _key(labels)
         if key is None:
+            self.problems.append(f"{name}{_fmt_labels(labels)}: no {CLUSTER_LABEL}/{ADDRESS_LABEL} label")
             return
         x, ok = finite_or_nan(value)
         if not ok or (fname == "healthy" and x not in (0.0, 1.0)):
@@ -210,47 +179,10 @@ class _Accumulator:
             return
         self._mark_bad(key, fname)
 
-    def _als_sample(self, name: str, labels: dict[str, str], value: float) -> None:
-        suffix = name[len(ALS_HISTOGRAM) :]
-        if suffix not in ("_bucket", "_count"):
-            return  # _sum, _created: not needed for quantiles
-        self.latency_source = True
-        key = self._labelled(name, labels, ALS_CLUSTER_LABEL, ALS_ADDRESS_LABEL)
-        if key is None:
-            return
-        x, ok = finite_or_nan(value)
-        if not ok:
-            self.problems.append(f"{name}{_fmt_labels(labels)} = {value!r}: not a valid count")
-            self.bad_latency.add(key)
-            return
-        if suffix == "_count":
-            self.counts[key] = x
-            return
-        try:
-            le = float(labels.get("le", ""))
-        except ValueError:
-            le = NAN
-        bucket = self.buckets.setdefault(key, {})
-        if math.isnan(le) or le < 0 or le in bucket:
-            why = "duplicate bucket" if le in bucket else "bad or missing le"
-            self.problems.append(f"{name}{_fmt_labels(labels)}: {why}")
-            self.bad_latency.add(key)
-            return
-        bucket[le] = x
-
     def scrape(self, timestamp: float) -> Scrape:
         keys = set(self.stats) | set(self.bad)
         endpoints = {k: EndpointStats(**self.stats.get(k, {}), bad=frozenset(self.bad.get(k, ()))) for k in keys}
-        latency: dict[Key, Buckets] = {}
-        for k, b in self.buckets.items():
-            if k in self.bad_latency:
-                continue
-            if math.inf not in b and k in self.counts:
-                b = {**b, math.inf: self.counts[k]}  # _count is the +Inf bucket by definition
-            latency[k] = tuple(sorted(b.items()))
-        return Scrape(
-            timestamp, endpoints, latency, self.latency_source, frozenset(self.bad_latency), tuple(self.problems)
-        )
+        return Scrape(timestamp, endpoints, problems=tuple(self.problems))
 
 
 def _why_unusable(text: str, acc: _Accumulator) -> str:
@@ -268,10 +200,9 @@ def _why_unusable(text: str, acc: _Accumulator) -> str:
     return f"no usable per-endpoint sample ({len(acc.problems)} problem(s): {shown})"
 
 
-def parse_exposition(text: str, timestamp: float | None = None, *, als_text: str | None = None) -> Scrape:
-    """Envoy's ``/stats/prometheus`` (and optionally the ALS exporter's ``/metrics``): bad samples are
-    skipped, listed in ``problems`` and their field marked bad. Raises :class:`EnvoyAdminError` when
-    ``text`` has no usable per-endpoint sample at all; ``als_text`` never raises."""
+def parse_exposition(text: str, timestamp: float | None = None) -> Scrape:
+    """Envoy's ``/stats/prometheus``: bad samples are skipped, listed in ``problems`` and their field
+    marked bad. Raises :class:`EnvoyAdminError` when there is no usable per-endpoint sample at all."""
     ts = time.monotonic() if timestamp is None else timestamp
     if isinstance(text, bytes | bytearray):
         text = bytes(text).decode("utf-8", errors="replace")
@@ -281,16 +212,7 @@ def parse_exposition(text: str, timestamp: float | None = None, *, als_text: str
     acc.add_text(text)
     if not any(acc.stats.values()):
         raise EnvoyAdminError(_why_unusable(text, acc))
-    if als_text is not None:
-        acc.add_text(als_text, "als: ")
     return acc.scrape(ts)
-
-
-def parse_als_text(text: str, timestamp: float) -> Scrape:
-    """Only the ALS histogram of the exporter's ``/metrics``, problems marked ``als:`` (never raises)."""
-    acc = _Accumulator()
-    acc.add_text(text, "als: ")
-    return acc.scrape(timestamp)
 
 
 def _host_address(host: Mapping[str, object]) -> str | None:
@@ -370,7 +292,7 @@ def parse_clusters_json(data: object, timestamp: float | None = None) -> Scrape:
 def parse_als_snapshot(data: object) -> tuple[dict[Key, Buckets], frozenset[Key], tuple[str, ...]]:
     """The ALS exporter's ``/snapshot`` JSON -> ``(latency buckets, bad keys, problems)``. A series of the
     wrong length, a negative or non-integer count, or counts going down is bad (latency unknown, never
-    guessed). Raises :class:`EnvoyAdminError` when ``data`` is not a snapshot, so ``/metrics`` is read instead."""
+    guessed). Raises :class:`EnvoyAdminError` when ``data`` is not a snapshot."""
     if (
         not isinstance(data, dict)
         or not isinstance(data.get("series"), list)

@@ -1,7 +1,7 @@
 """The lab's commands, added to `balanceiq` by the ``balanceiq.cli`` entry point:
-``balanceiq bench ...`` (benchmarks, each prints one JSON object with ``--json``) and
-``balanceiq demo``. They reuse the product CLI's console, config loading and error
-handling, so a bad argument is still one line on stderr and exit 2."""
+``balanceiq bench ...`` (benchmarks, each prints one JSON object with ``--json``),
+``balanceiq demo`` and ``balanceiq cluster check``. They reuse the product CLI's console, config
+loading and error handling, so a bad argument is still one line on stderr and exit 2."""
 
 from __future__ import annotations
 
@@ -15,6 +15,17 @@ from rich.console import Console
 from balanceiq.cli import ConfigOpt, _emit, _settings, err, out
 
 bench_app = typer.Typer(help="Benchmarks; each prints one JSON object with --json.", no_args_is_help=True)
+cluster_app = typer.Typer(help="Ray cluster launcher configs (cluster.yaml, cluster-local.yaml).", no_args_is_help=True)
+
+
+@cluster_app.command("check")
+def cluster_check(
+    file: Annotated[Path, typer.Argument(help="Ray cluster config (ray up / --autoscaling-config).")],
+) -> None:
+    """Validate with Ray's own schema and prepare_config (no cloud calls): OK, or every problem (exit 2)."""
+    from balanceiq_lab.cluster import cluster_check_command
+
+    raise typer.Exit(cluster_check_command(file))
 
 
 def demo(
@@ -477,7 +488,7 @@ def bench_xds_soak(
 
 
 def register(root: typer.Typer) -> None:
-    """Entry point ``balanceiq.cli``: mount ``bench``, ``demo`` and ``testbed`` on the product CLI,
+    """Entry point ``balanceiq.cli``: mount ``bench``, ``demo``, ``testbed`` and ``cluster`` on the product CLI,
     and offer the sample fleet to the product features that need one (LiveEnv, ``record``)."""
     import os
 
@@ -488,4 +499,5 @@ def register(root: typer.Typer) -> None:
     root.add_typer(bench_app, name="bench")
     root.command("demo")(demo)
     root.add_typer(testbed_app, name="testbed")
+    root.add_typer(cluster_app, name="cluster")
     os.environ.setdefault(ENV_VAR, PROVIDER)  # inherited by the env runners and actors it starts

@@ -36,6 +36,7 @@ from balanceiq_lab.bench.live import (
 )
 from balanceiq_lab.errors import BenchError
 from balanceiq_lab.openloop import NOT_SENT, OpenLoopResult
+from balanceiq_lab.testbed.profiles import profile_for
 from balanceiq_lab.testbed.scenario import LiveScenario, load_live_scenario
 
 REPO = Path(__file__).resolve().parents[2]
@@ -173,7 +174,7 @@ def test_arms_settings_and_scenario_remapping() -> None:
     ]
     assert {e.address for e in new}.isdisjoint({e.address for e in old})
     # The degraded azure backend keeps its testbed profile at its new address.
-    assert s.testbed.profile_for(new[5]) == base.testbed.profile_for(old[5]) == (120.0, 4, 0.02)
+    assert profile_for(s.testbed, new[5]) == profile_for(base.testbed, old[5]) == (120.0, 4, 0.02)
     assert s.control.interval_s == 1.0 and s.telemetry.window_s == 2.0 and s.prometheus.scrape_interval_s == 0.5
     scen = LiveScenario.model_validate(
         {

@@ -28,6 +28,7 @@ from balanceiq.config import (
 )
 from balanceiq.config import TestbedConfig as TestbedCfg  # alias: not a pytest test class
 from balanceiq.exceptions import ConfigError
+from balanceiq_lab.testbed.profiles import profile_for
 
 SAMPLE = Path(__file__).resolve().parents[2] / "balanceiq.yaml"
 
@@ -85,7 +86,7 @@ def test_sample_file_loads() -> None:
     assert settings.control.interval_s == 5
     # Relative state_dir is anchored at the file's directory, not the process's cwd.
     assert settings.state_dir == SAMPLE.parent / ".state"
-    latencies = [settings.testbed.profile_for(ep)[0] for ep in cluster.endpoints]
+    latencies = [profile_for(settings.testbed, ep)[0] for ep in cluster.endpoints]
     assert max(latencies) == settings.testbed.overrides["127.0.0.1:18006"].base_latency_ms
 
 
@@ -166,29 +167,12 @@ def test_k_critical_is_clamped_to_n() -> None:
     assert ControlConfig(k_critical=2).critical_count(10) == 2
 
 
-def test_profile_for_prefers_override_then_cloud_region_then_cloud_then_default() -> None:
-    testbed = TestbedCfg(
-        base_latency_ms={"gcp": 25.0, "gcp/europe-west1": 90.0},
-        default_latency_ms=7.0,
-        concurrency=8,
-        overrides={"10.0.0.4:80": {"concurrency": 2, "error_rate": 0.5}},
-    )
-    gcp_us = EndpointConfig(address="10.0.0.1:80", cloud="gcp", region="us-central1")
-    gcp_eu = EndpointConfig(address="10.0.0.2:80", cloud="gcp", region="europe-west1")
-    other = EndpointConfig(address="10.0.0.3:80", cloud="oci", region="x")
-    overridden = EndpointConfig(address="10.0.0.4:80", cloud="gcp", region="europe-west1")
-    assert testbed.profile_for(gcp_us) == (25.0, 8, 0.0)
-    assert testbed.profile_for(gcp_eu) == (90.0, 8, 0.0)
-    assert testbed.profile_for(other) == (7.0, 8, 0.0)
-    assert testbed.profile_for(overridden) == (90.0, 2, 0.5)
-
-
 def test_override_keys_are_canonical_addresses() -> None:
     data = _minimal(_endpoint("[::1]:80"))
     data["testbed"] = {"overrides": {"[0::1]:080": {"base_latency_ms": 50}}}
     settings = settings_from_dict(data)
     ep = settings.clusters[0].endpoints[0]
-    assert settings.testbed.profile_for(ep)[0] == 50.0
+    assert profile_for(settings.testbed, ep)[0] == 50.0
 
 
 # --------------------------------------------------------------------------- field errors

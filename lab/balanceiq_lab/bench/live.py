@@ -75,6 +75,7 @@ from balanceiq_lab.progress import progress_bar
 from balanceiq_lab.results import error_rate, latency_summary, slo_attainment
 from balanceiq_lab.stability import reversal_events
 from balanceiq_lab.stack import Stack
+from balanceiq_lab.testbed.profiles import behaviour_for
 from balanceiq_lab.testbed.scenario import LiveEvent, LiveScenario, state_truth, states_after
 
 # -- the arms ---------------------------------------------------------------------------------
@@ -1306,7 +1307,7 @@ def _result_header(
                     "region": ep.region,
                     "cost_per_million": ep.cost_per_million_requests,
                     "capacity_rps": ep.capacity_rps,
-                    "testbed": base.testbed.behaviour_for(ep),
+                    "testbed": behaviour_for(base.testbed, ep),
                 }
                 for ep in base.clusters[0].endpoints
             ],

@@ -33,6 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from balanceiq.config import EndpointConfig, Settings, parse_yaml, validation_problems
 from balanceiq.exceptions import ConfigError
 from balanceiq_lab.testbed.backend import CONTROL_FIELDS, BackendSettings, mean_service_ms, true_capacity_rps
+from balanceiq_lab.testbed.profiles import behaviour_for
 
 SHIPPED_DIR = Path(__file__).resolve().parent / "scenarios"
 DEFAULT = "degrade_and_dearer"
@@ -234,7 +235,7 @@ def initial_states(settings: Settings) -> dict[str, dict[str, Any]]:
         state = {
             **defaults,
             "healthy": True,
-            **settings.testbed.behaviour_for(ep),
+            **behaviour_for(settings.testbed, ep),
             "cost_per_million_requests": ep.cost_per_million_requests,
         }
         out[ep.address] = state

@@ -28,6 +28,7 @@ from balanceiq.testbed.envoy import render_bootstrap
 from balanceiq_lab.errors import BackendError
 from balanceiq_lab.testbed.envoy import EnvoyProcess
 from balanceiq_lab.testbed.process import stop_popen, terminate_pid
+from balanceiq_lab.testbed.profiles import behaviour_for
 from balanceiq_lab.testbed.prometheus import PrometheusProcess, render_config, render_rules
 
 STATE_FILE = "testbed.json"
@@ -39,7 +40,7 @@ def backend_specs(settings: Settings, *, seed: int | None = 0) -> list[dict[str,
     for cluster in settings.clusters:
         for i, ep in enumerate(cluster.endpoints):
             # base_latency_ms, concurrency, error_rate (+ sigma, tail_prob, tail_ms if set)
-            behaviour = settings.testbed.behaviour_for(ep)
+            behaviour = behaviour_for(settings.testbed, ep)
             specs.append(
                 {
                     "name": ep.address,

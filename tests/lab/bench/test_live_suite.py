@@ -41,6 +41,7 @@ from balanceiq_lab.bench.suite import (
     validate_suite_args,
 )
 from balanceiq_lab.errors import BenchError
+from balanceiq_lab.testbed.profiles import behaviour_for
 from balanceiq_lab.testbed.scenario import load_live_scenario, truth_at
 
 REPO = Path(__file__).resolve().parents[3]
@@ -81,7 +82,7 @@ def test_fleets_stay_in_their_ranges(seed: int) -> None:
     assert len(f.settings.clusters) == 1 and len(eps) == n
     assert all(ep.capacity_rps is None for ep in eps)
     for ep, b in zip(eps, f.backends):
-        beh = f.settings.testbed.behaviour_for(ep)
+        beh = behaviour_for(f.settings.testbed, ep)
         assert beh == {
             "base_latency_ms": b.base_latency_ms,
             "concurrency": b.concurrency,
@@ -218,7 +219,7 @@ def test_arms_and_private_gauges() -> None:
     # The profiles (with the tails) move with the endpoints.
     for ep in f.settings.clusters[0].endpoints:
         new = next(e for e in off.clusters[0].endpoints if e.address == mapping[ep.address])
-        assert off.testbed.behaviour_for(new) == f.settings.testbed.behaviour_for(ep)
+        assert behaviour_for(off.testbed, new) == behaviour_for(f.settings.testbed, ep)
 
 
 def _rec(t: float, weights: dict[str, int], pushed: bool = True, previous: dict[str, int] | None = None) -> Any:

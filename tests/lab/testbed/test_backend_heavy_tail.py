@@ -14,6 +14,7 @@ from pydantic import ValidationError
 from balanceiq.config import EndpointConfig, Settings, TestbedConfig, load_config
 from balanceiq.exceptions import ConfigError
 from balanceiq_lab.testbed.backend import CONTROL_FIELDS, Backend, BackendSettings, mean_service_ms, true_capacity_rps
+from balanceiq_lab.testbed.profiles import behaviour_for, profile_for
 from balanceiq_lab.testbed.scenario import LiveEvent
 from balanceiq_lab.testbed.testbed import backend_specs
 
@@ -98,8 +99,8 @@ def test_testbed_profiles_carry_the_tail() -> None:
     )
     a = EndpointConfig(address="10.0.0.1:80", cloud="aws", region="r")
     b = EndpointConfig(address="10.0.0.2:80", cloud="gcp", region="r")
-    assert tb.profile_for(a) == (40.0, 8, 0.0)  # unchanged three-tuple
-    assert tb.behaviour_for(a) == {
+    assert profile_for(tb, a) == (40.0, 8, 0.0)  # unchanged three-tuple
+    assert behaviour_for(tb, a) == {
         "base_latency_ms": 40.0,
         "concurrency": 8,
         "error_rate": 0.0,
@@ -107,7 +108,7 @@ def test_testbed_profiles_carry_the_tail() -> None:
         "tail_prob": 0.02,
         "tail_ms": 300.0,
     }
-    assert tb.behaviour_for(b) == {"base_latency_ms": 25.0, "concurrency": 2, "error_rate": 0.0}
+    assert behaviour_for(tb, b) == {"base_latency_ms": 25.0, "concurrency": 2, "error_rate": 0.0}
     for bad in ({"sigma": 4}, {"sigma": -1}, {"tail_prob": 1.5}, {"tail_ms": -5}, {"sigma": math.nan}):
         with pytest.raises(ValidationError):
             TestbedConfig(overrides={"10.0.0.1:80": bad})

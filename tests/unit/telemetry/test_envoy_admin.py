@@ -7,35 +7,27 @@ import math
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import FrozenInstanceError
+from dataclasses import FrozenInstanceError, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
-from prometheus_client import CollectorRegistry, Histogram, generate_latest
 
 from balanceiq.exceptions import EnvoyAdminError, TelemetryError
 from balanceiq.telemetry.envoy_admin import EnvoyAdminSource, derive
 from balanceiq.telemetry.observation import (
     FEATURES,
-    FLAGS,
     INVALID,
     MISSING,
     NO_LATENCY_SOURCE,
     NO_TRAFFIC,
+    STALE,
     WARMING,
     quantile_from_buckets,
 )
-from balanceiq.telemetry.scrape import (
-    ALS_HISTOGRAM,
-    EndpointStats,
-    Scrape,
-    parse_als_snapshot,
-    parse_clusters_json,
-    parse_exposition,
-)
+from balanceiq.telemetry.scrape import EndpointStats, Scrape, parse_als_snapshot, parse_clusters_json, parse_exposition
 
 CLUSTER = "my_service"
 A, B, C = "127.0.0.1:18001", "127.0.0.1:18002", "127.0.0.1:18003"
@@ -82,16 +74,22 @@ def envoy_text(per_endpoint: dict[str, dict[str, Any]], cluster: str = CLUSTER) 
     return "\n".join(out)
 
 
-def als_text(observations: dict[str, list[float]], cluster: str = CLUSTER) -> str:
-    """The ALS exporter's /metrics, produced by prometheus_client exactly as it would."""
-    reg = CollectorRegistry()
-    h = Histogram(
-        ALS_HISTOGRAM, "upstream time", ["cluster", "endpoint"], buckets=(0.01, 0.02, 0.05, 0.1), registry=reg
-    )
-    for addr, values in observations.items():
-        for v in values:
-            h.labels(cluster, addr).observe(v)
-    return generate_latest(reg).decode()
+BOUNDS = [0.01, 0.02, 0.05, 0.1]
+
+
+def als_snapshot(observations: dict[str, list[float]], cluster: str = CLUSTER) -> dict[str, Any]:
+    """The ALS exporter's /snapshot after these request durations (s): cumulative counts, +Inf last."""
+    series = [
+        {"cluster": cluster, "endpoint": addr, "buckets": [sum(v <= le for v in values) for le in [*BOUNDS, math.inf]]}
+        for addr, values in observations.items()
+    ]
+    return {"format": "balanceiq-als-snapshot/1", "bounds": BOUNDS, "series": series}
+
+
+def with_snapshot(s: Scrape, snapshot: dict[str, Any]) -> Scrape:
+    """``s`` with the exporter's latency, merged as ``EnvoyAdminSource.scrape`` merges it."""
+    latency, bad, problems = parse_als_snapshot(snapshot)
+    return replace(s, latency=latency, latency_source=True, bad_latency=bad, problems=(*s.problems, *problems))
 
 
 def counters(total: int, error: int = 0, *, timeout: int = 0, active: int = 0, healthy: int = 1) -> dict[str, Any]:
@@ -159,12 +157,6 @@ def test_counter_names_match_with_or_without_total_suffix_and_type_lines() -> No
     for text in (typed, untyped, suffixed):
         e = parse_exposition(text, 0.0).endpoints.get((CLUSTER, A))
         assert e is not None and (e.rq_total, e.rq_error, e.rq_success) == (50, 5, 45), text
-
-
-def test_parses_the_als_histogram() -> None:
-    s = parse_exposition(envoy_text({A: counters(3)}), 0.0, als_text=als_text({A: [0.005, 0.015, 0.3]}))
-    assert s.latency_source
-    assert s.latency[(CLUSTER, A)] == ((0.01, 1.0), (0.02, 2.0), (0.05, 2.0), (0.1, 2.0), (math.inf, 3.0))
 
 
 def test_scrape_is_immutable() -> None:
@@ -249,15 +241,6 @@ def test_duplicate_series_are_not_trusted() -> None:
     assert any("duplicate" in p for p in s.problems)
 
 
-def test_bad_als_text_never_raises_and_is_recorded() -> None:
-    envoy = envoy_text({A: counters(1)})
-    assert not parse_exposition(envoy, 0.0, als_text="<html>exporter down</html>").latency_source
-    bad = als_text({A: [0.01]}).replace('le="0.02"', 'le="twenty"')
-    s = parse_exposition(envoy, 0.0, als_text=bad)
-    assert s.latency_source and (CLUSTER, A) in s.bad_latency and (CLUSTER, A) not in s.latency
-    assert any(p.startswith("als: ") for p in s.problems)
-
-
 # -- derive -------------------------------------------------------------------------------------
 
 
@@ -269,7 +252,8 @@ def pair(
     als_after: dict[str, list[float]] | None = None,
 ) -> tuple[Scrape, Scrape]:
     def one(c: dict[str, dict[str, Any]], als: dict[str, list[float]] | None, ts: float) -> Scrape:
-        return parse_exposition(envoy_text(c), ts, als_text=als_text(als) if als is not None else None)
+        s = parse_exposition(envoy_text(c), ts)
+        return with_snapshot(s, als_snapshot(als)) if als is not None else s
 
     return one(before, als_before, 10.0), one(after, als_after, 10.0 + dt)
 
@@ -408,10 +392,8 @@ def test_latency_histogram_reset_and_first_appearance() -> None:
     )
     (a,) = derive(prev, cur, CLUSTER, [A], COSTS).endpoints
     assert a.flags == frozenset() and 10.0 < a.p50_ms <= 20.0
-    # Exporter up but with no series yet (it declares the histogram all the same): a
-    # baseline of zero, so the first window with traffic has latency.
-    empty = als_text({})
-    assert f"# TYPE {ALS_HISTOGRAM} histogram" in empty and "_bucket" not in empty
+    # Exporter up but with no series yet: a baseline of zero, so the first window with
+    # traffic has latency.
     prev, cur = pair({A: counters(0)}, {A: counters(10)}, als_before={}, als_after={A: [0.015] * 10})
     assert prev.latency_source
     (a,) = derive(prev, cur, CLUSTER, [A], COSTS).endpoints
@@ -462,13 +444,10 @@ def test_bad_counter_in_the_previous_scrape_is_invalid() -> None:
 
 def test_latency_edge_cases() -> None:
     # A bad bucket for A: A's latency is invalid; B unaffected.
-    bad = als_text({A: [0.01] * 5, B: [0.01] * 5}).replace(
-        f'{ALS_HISTOGRAM}_bucket{{cluster="{CLUSTER}",endpoint="{A}",le="0.02"}} 5.0',
-        f'{ALS_HISTOGRAM}_bucket{{cluster="{CLUSTER}",endpoint="{A}",le="0.02"}} NaN',
-    )
-    envoy = envoy_text({A: counters(10), B: counters(10)})
-    prev = parse_exposition(envoy_text({A: counters(0), B: counters(0)}), 0.0, als_text=als_text({B: [0.01]}))
-    cur = parse_exposition(envoy, 1.0, als_text=bad)
+    bad = als_snapshot({A: [0.01] * 5, B: [0.01] * 5})
+    bad["series"][0]["buckets"][1] = math.nan  # A's le=0.02
+    prev = with_snapshot(parse_exposition(envoy_text({A: counters(0), B: counters(0)}), 0.0), als_snapshot({B: [0.01]}))
+    cur = with_snapshot(parse_exposition(envoy_text({A: counters(10), B: counters(10)}), 1.0), bad)
     assert (CLUSTER, A) in cur.bad_latency
     a, b = derive(prev, cur, CLUSTER, [A, B], COSTS).endpoints
     assert INVALID in a.flags and math.isnan(a.p50_ms)
@@ -476,8 +455,8 @@ def test_latency_edge_cases() -> None:
         quantile_from_buckets([(0.01, 4.0), (0.02, 4.0), (0.05, 4.0), (0.1, 4.0), (math.inf, 4.0)], 0.5) * 1000
     )
     # The exporter is up but has no series for C, which had traffic: latency unknown, no flag.
-    cur = parse_exposition(envoy_text({C: counters(10)}), 1.0, als_text=als_text({B: [0.01]}))
-    prev = parse_exposition(envoy_text({C: counters(0)}), 0.0, als_text=als_text({B: [0.01]}))
+    cur = with_snapshot(parse_exposition(envoy_text({C: counters(10)}), 1.0), als_snapshot({B: [0.01]}))
+    prev = with_snapshot(parse_exposition(envoy_text({C: counters(0)}), 0.0), als_snapshot({B: [0.01]}))
     (c,) = derive(prev, cur, CLUSTER, [C], COSTS).endpoints
     assert c.flags == frozenset() and math.isnan(c.p95_ms) and c.error_rate == 0.0
 
@@ -497,9 +476,9 @@ def test_histogram_layout_change_or_duplicate_bucket() -> None:
     )
     (a,) = derive(prev, cur, CLUSTER, [A], COSTS).endpoints
     assert WARMING in a.flags and math.isnan(a.p50_ms)
-    dup = als_text({A: [0.01]})
-    dup += next(ln for ln in dup.splitlines() if 'le="0.02"' in ln) + "\n"
-    s = parse_exposition(envoy_text({A: counters(1)}), 0.0, als_text=dup)
+    dup = als_snapshot({A: [0.01]})
+    dup["series"].append(dict(dup["series"][0]))
+    s = with_snapshot(parse_exposition(envoy_text({A: counters(1)}), 0.0), dup)
     assert (CLUSTER, A) in s.bad_latency and any("duplicate" in p for p in s.problems)
 
 
@@ -516,13 +495,6 @@ def test_a_row_warming_on_its_latency_has_no_error_rate_either() -> None:
     (a,) = derive(prev, cur, CLUSTER, [A], COSTS).endpoints
     assert WARMING in a.flags and not a.usable
     assert math.isnan(a.error_rate) and math.isnan(a.p95_ms) and a.rps == 5.0
-
-
-def test_histogram_without_inf_bucket_uses_count() -> None:
-    text = als_text({A: [0.01, 0.2]})
-    text = "\n".join(ln for ln in text.splitlines() if 'le="+Inf"' not in ln)
-    s = parse_exposition(envoy_text({A: counters(2)}), 0.0, als_text=text)
-    assert s.latency[(CLUSTER, A)][-1] == (math.inf, 2.0)
 
 
 def test_bytes_are_decoded_and_other_types_refused() -> None:
@@ -635,7 +607,7 @@ def test_property_derive_never_raises_and_keeps_every_address_in_order(
     assert obs.addresses == addresses
     assert obs.source == "envoy-admin"
     for e in obs.endpoints:
-        assert e.flags <= set(FLAGS)
+        assert e.flags <= {NO_TRAFFIC, STALE, MISSING, INVALID, WARMING, NO_LATENCY_SOURCE}
         assert math.isnan(e.error_rate) or 0.0 <= e.error_rate <= 1.0
         assert math.isnan(e.rps) or e.rps >= 0.0
         assert math.isnan(e.p50_ms) or e.p50_ms >= 0.0
@@ -668,16 +640,8 @@ exposition_line = st.one_of(
             "# TYPE envoy_cluster_endpoint_rq_total histogram",
             "# TYPE envoy_cluster_endpoint_ bogus",
             "# HELP envoy_cluster_endpoint_rq_total \\x",
-            f"# TYPE {ALS_HISTOGRAM} histogram",
             "# TYPE envoy_cluster_endpoint_rq-total counter",
         ]
-    ),
-    st.builds(
-        lambda s, a, le, v: f'{ALS_HISTOGRAM}{s}{{cluster="{CLUSTER}",endpoint="{a}",le="{le}"}} {v}',
-        st.sampled_from(["_bucket", "_count", "_sum", "_created", ""]),
-        addr_pool,
-        st.sampled_from(["0.01", "+Inf", "x", "-1", "NaN"]),
-        value_text,
     ),
     st.text(max_size=40).map(lambda t: "envoy_cluster_endpoint_" + t),
     st.text(max_size=40),
@@ -694,10 +658,10 @@ def test_property_parse_arbitrary_text_returns_scrape_or_envoy_admin_error(text:
 
 
 @settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(lines=st.lists(exposition_line, max_size=25), als_lines=st.lists(exposition_line, max_size=10))
-def test_property_parse_near_miss_expositions(lines: list[str], als_lines: list[str]) -> None:
+@given(lines=st.lists(exposition_line, max_size=25))
+def test_property_parse_near_miss_expositions(lines: list[str]) -> None:
     try:
-        s = parse_exposition("\n".join(lines), 0.0, als_text="\n".join(als_lines))
+        s = parse_exposition("\n".join(lines), 0.0)
     except EnvoyAdminError:
         return
     assert isinstance(s, Scrape)
@@ -705,11 +669,43 @@ def test_property_parse_near_miss_expositions(lines: list[str], als_lines: list[
         for f in ("rq_total", "rq_error", "rq_success", "rq_active", "healthy"):
             x = getattr(stats, f)
             assert math.isnan(x) or (math.isfinite(x) and x >= 0)
-    for buckets in s.latency.values():
-        assert all(c >= 0 and math.isfinite(c) for _, c in buckets)
     # And whatever parsed, deriving against it never raises.
     derive(s, s, CLUSTER, [A, B], COSTS)
     derive(None, s, CLUSTER, [A], COSTS)
+
+
+count_value = st.one_of(st.integers(-2, 10**6), st.floats(), st.booleans(), st.text(max_size=2), st.none())
+snapshot_series = st.one_of(
+    st.fixed_dictionaries(
+        {
+            "cluster": st.sampled_from([CLUSTER, "", 1]),
+            "endpoint": st.one_of(addr_pool, st.none()),
+            "buckets": st.one_of(st.lists(count_value, min_size=4, max_size=6), st.text(max_size=3), st.none()),
+        }
+    ),
+    st.integers(),
+    st.text(max_size=5),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    bounds=st.one_of(
+        st.just(BOUNDS), st.lists(st.one_of(st.floats(), st.integers(-1, 5), st.text(max_size=2)), max_size=6)
+    ),
+    series=st.lists(snapshot_series, max_size=6),
+)
+def test_property_parse_near_miss_snapshots(bounds: list[Any], series: list[Any]) -> None:
+    try:
+        latency, bad, _ = parse_als_snapshot({"bounds": bounds, "series": series})
+    except EnvoyAdminError:
+        return
+    for buckets in latency.values():
+        assert all(c >= 0 and math.isfinite(c) for _, c in buckets) and buckets[-1][0] == math.inf
+    assert not set(latency) & bad
+    # And whatever parsed, deriving against it never raises.
+    s = Scrape(0.0, latency=latency, latency_source=True, bad_latency=bad)
+    derive(s, s, CLUSTER, [A, B], COSTS)
 
 
 # -- EnvoyAdminSource against a tiny local HTTP server --------------------------------------------
@@ -730,6 +726,7 @@ class FakeAdmin:
         self.scrapes = 0
         self.als_scrapes = 0
         self.snapshot = False  # serve the ALS exporter's /snapshot too (else 404 there)
+        self.snapshot_body: str | None = None  # a fixed /snapshot answer (JSON content type)
         self.clusters_json = False  # answer /clusters?format=json as Envoy does (else the text)
         self.paths: list[str] = []
         fake = self
@@ -751,14 +748,15 @@ class FakeAdmin:
                     self.wfile.write(body)
                     return
                 if self.path.startswith("/snapshot"):
-                    body = fake.render_snapshot().encode() if fake.snapshot else b"404: Not Found"
-                    self.send_response(200 if fake.snapshot else 404)
-                    self.send_header("Content-Type", "application/json" if fake.snapshot else "text/plain")
+                    serve = fake.snapshot or fake.snapshot_body is not None
+                    body = (fake.snapshot_body or fake.render_snapshot()).encode() if serve else b"404: Not Found"
+                    self.send_response(200 if serve else 404)
+                    self.send_header("Content-Type", "application/json" if serve else "text/plain")
                     self.send_header("Content-Length", str(len(body)))
                     self.end_headers()
                     self.wfile.write(body)
                     return
-                body = fake.render(self.path).encode()
+                body = fake.render().encode()
                 self.send_response(fake.status)
                 self.send_header("Content-Type", fake.content_type)
                 self.send_header("Content-Length", str(len(body)))
@@ -783,6 +781,8 @@ class FakeAdmin:
         self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
 
     def render_snapshot(self) -> str:
+        # Its own counter: the source fetches this page concurrently with the stats page,
+        # so tying it to the stats count would make the order matter.
         self.als_scrapes += 1
         n = self.als_scrapes * 10  # every request 12 ms: in the 0.01..0.02 bucket
         return json.dumps(
@@ -795,14 +795,9 @@ class FakeAdmin:
             }
         )
 
-    def render(self, path: str) -> str:
+    def render(self) -> str:
         if self.body is not None:
             return self.body
-        if path.startswith("/metrics"):
-            # Its own counter: the source fetches this page concurrently with the stats
-            # page, so tying it to the stats count would make the order matter.
-            self.als_scrapes += 1
-            return als_text({A: [0.012] * (self.als_scrapes * 10)})
         self.scrapes += 1
         n, e = self.scrapes * self.requests_per_scrape, self.scrapes * self.errors_per_scrape
         return envoy_text({A: counters(n, e), B: counters(n)})
@@ -839,13 +834,6 @@ def test_scrape_and_observe_over_http(admin: FakeAdmin) -> None:
     assert set(admin.methods) == {"GET"}
 
 
-def test_observe_with_als_metrics(admin: FakeAdmin) -> None:
-    src = EnvoyAdminSource(admin.url, als_metrics_url=admin.url + "/metrics")
-    (a,) = src.observe(CLUSTER, [A], COSTS, min_window_s=0.05).endpoints
-    assert NO_LATENCY_SOURCE not in a.flags
-    assert 10.0 < a.p50_ms <= 20.0
-
-
 def test_observe_with_the_als_snapshot(admin: FakeAdmin) -> None:
     admin.snapshot = True
     src = EnvoyAdminSource(admin.url, als_metrics_url=admin.url + "/metrics")
@@ -855,17 +843,29 @@ def test_observe_with_the_als_snapshot(admin: FakeAdmin) -> None:
     assert not any(p.startswith("/metrics") for p in admin.paths)
 
 
-def test_an_exporter_without_snapshot_is_read_as_text(admin: FakeAdmin) -> None:
+def test_an_exporter_without_snapshot_is_a_problem_not_a_failure(admin: FakeAdmin) -> None:
     src = EnvoyAdminSource(admin.url, als_metrics_url=admin.url + "/metrics")
-    (a,) = src.observe(CLUSTER, [A], COSTS, min_window_s=0.05).endpoints
-    assert 10.0 < a.p50_ms <= 20.0
-    assert src.als_snapshot_url is None  # asked once, then the text page only
-    assert sum(p.startswith("/snapshot") for p in admin.paths) == 1
+    obs = src.observe(CLUSTER, [A], COSTS, min_window_s=0.05)
+    assert NO_LATENCY_SOURCE in obs.endpoints[0].flags and obs.endpoints[0].rps > 0
+    assert any("als: " in e and "/snapshot: HTTP 404" in e for e in obs.errors), obs.errors
+    assert not any(p.startswith("/metrics") for p in admin.paths)  # Prometheus's page, never ours to parse
 
 
-def test_als_snapshot_parsing_matches_the_exposition() -> None:
-    values = {A: [0.005, 0.012, 0.03, 0.2], B: [0.015] * 3}
-    text = parse_exposition(envoy_text({A: counters(1), B: counters(1)}), 1.0, als_text=als_text(values))
+def test_a_bad_als_snapshot_never_raises_and_is_recorded(admin: FakeAdmin) -> None:
+    src = EnvoyAdminSource(admin.url, als_metrics_url=admin.url + "/metrics")
+    admin.snapshot_body = "<html>exporter down</html>"
+    s = src.scrape()
+    assert not s.latency_source and any(p.startswith("als: ") for p in s.problems)
+    bad = als_snapshot({A: [0.01], B: [0.01]})
+    bad["series"][0]["buckets"][1] = "twenty"
+    admin.snapshot_body = json.dumps(bad)
+    s = src.scrape()
+    assert s.latency_source and (CLUSTER, A) in s.bad_latency and (CLUSTER, A) not in s.latency
+    assert (CLUSTER, B) in s.latency and any(p.startswith("als snapshot: ") for p in s.problems)
+
+
+def test_als_snapshot_parsing() -> None:
+    # Requests of 5, 12, 30 and 200 ms at A, three of 15 ms at B.
     snap = {
         "bounds": [0.01, 0.02, 0.05, 0.1],
         "series": [
@@ -874,7 +874,12 @@ def test_als_snapshot_parsing_matches_the_exposition() -> None:
         ],
     }
     latency, bad, problems = parse_als_snapshot(snap)
-    assert latency == dict(text.latency) and not bad and not problems
+    assert latency == {
+        (CLUSTER, A): ((0.01, 1.0), (0.02, 2.0), (0.05, 3.0), (0.1, 3.0), (math.inf, 4.0)),
+        (CLUSTER, B): ((0.01, 0.0), (0.02, 3.0), (0.05, 3.0), (0.1, 3.0), (math.inf, 3.0)),
+    }
+    assert not bad and not problems
+    assert parse_als_snapshot(als_snapshot({A: [0.005, 0.012, 0.03, 0.2], B: [0.015] * 3}))[0] == latency
 
 
 @pytest.mark.parametrize(

@@ -26,6 +26,7 @@ from balanceiq.testbed.live_env import (
     ports_needed,
     reallocate_ports,
 )
+from balanceiq_lab.testbed.profiles import profile_for
 
 PPO_YAML = Path(__file__).resolve().parents[3] / "rllib_configs" / "ppo.yaml"
 
@@ -126,7 +127,9 @@ def test_reallocate_ports_moves_every_port_and_keeps_the_endpoints() -> None:
     # the degraded backend's override follows its endpoint
     (moved,) = s.testbed.overrides
     assert moved == mapping["127.0.0.1:18006"]
-    assert s.testbed.profile_for(s.clusters[0].endpoints[5]) == base.testbed.profile_for(base.clusters[0].endpoints[5])
+    assert profile_for(s.testbed, s.clusters[0].endpoints[5]) == profile_for(
+        base.testbed, base.clusters[0].endpoints[5]
+    )
     assert s.envoy.admin_url.startswith("http://127.0.0.1:") and s.prometheus.url.startswith("http://127.0.0.1:")
 
 
