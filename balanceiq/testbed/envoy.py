@@ -18,7 +18,6 @@ from balanceiq.exceptions import EnvoyError
 
 HCM = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
 ROUTER = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
-HTTP_OPTS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 TLS_CTX = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext"
 CLUSTER_HEADER = "x-balanceiq-cluster"  # picks a cluster other than the first (see cluster_routes)
 
@@ -82,19 +81,9 @@ def render_bootstrap(
 
 def _xds_cluster(settings: Settings, host: str, port: int) -> dict[str, Any]:
     """The static cluster Envoy reaches BalanceIQ's xDS server through (HTTP/2, TLS if set)."""
-    endpoint = {"endpoint": {"address": {"socket_address": {"address": host, "port_value": port}}}}
-    cluster: dict[str, Any] = {
-        "name": "xds_cluster",
-        "type": "STATIC",
-        "connect_timeout": "1s",
-        "typed_extension_protocol_options": {
-            HTTP_OPTS: {
-                "@type": f"type.googleapis.com/{HTTP_OPTS}",
-                "explicit_http_config": {"http2_protocol_options": {}},
-            }
-        },
-        "load_assignment": {"cluster_name": "xds_cluster", "endpoints": [{"lb_endpoints": [endpoint]}]},
-    }
+    from balanceiq.telemetry.als import als_cluster_config
+
+    cluster = als_cluster_config(host, port, "xds_cluster")
     if settings.xds.tls.enabled:
         cluster["transport_socket"] = _xds_tls_socket(settings.xds.tls)
     return cluster

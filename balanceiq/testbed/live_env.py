@@ -50,6 +50,7 @@ from balanceiq.testbed.live_config import (  # the config's names stay importabl
     load_live_env_config,
     ports_needed,
     reallocate_ports,
+    with_windows,
 )
 from balanceiq.testbed.ports import free_ports
 from balanceiq.testbed.reaper import Reaper
@@ -277,13 +278,8 @@ class LiveEnv(gym.Env):
         self.settings = s
         # The stack's Prometheus scrapes at its own pace; the rate window follows the
         # decision interval but spans at least 4 of its scrapes.
-        tel = s.telemetry.model_copy(
-            update={
-                "window_s": max(interval, 4 * s.prometheus.scrape_interval_s),
-                "stale_after_s": max(2 * interval, s.telemetry.stale_after_s),
-            }
-        )
-        own.telemetry = Telemetry(s.model_copy(update={"telemetry": tel}))
+        window = max(interval, 4 * s.prometheus.scrape_interval_s)
+        own.telemetry = Telemetry(with_windows(s, window, max(2 * interval, s.telemetry.stale_after_s)))
         backend_urls = {e.address: f"http://{e.address}" for e in s.clusters[0].endpoints}
         return backend_urls, f"http://{s.envoy.listen_host}:{s.envoy.listen_port}"
 

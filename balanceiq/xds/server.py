@@ -21,7 +21,7 @@ from google.protobuf.message import DecodeError, Message
 
 from balanceiq.config import ClusterConfig, Settings, TlsConfig, is_loopback
 from balanceiq.exceptions import AssignmentError, XdsBindError, XdsError, XdsRequestError
-from balanceiq.loop import LoopThread
+from balanceiq.loop import GRPC_OPTIONS, LoopThread, start_grpc
 from balanceiq.xds.assignment import Assignment, EndpointAssignment
 from balanceiq.xds.protocol import DeltaStream, SotwStream, StatusRegistry
 from balanceiq.xds.snapshot import EDS_TYPE, sotw_response
@@ -37,15 +37,9 @@ MAX_REQUEST_BYTES = 4 * 1024 * 1024
 _READ_AHEAD = 16
 
 _GRPC_OPTIONS = [
-    # gRPC turns SO_REUSEPORT on by default: a second server would silently share the port.
-    ("grpc.so_reuseport", 0),
+    *GRPC_OPTIONS,
     ("grpc.max_receive_message_length", MAX_REQUEST_BYTES),
     ("grpc.max_send_message_length", 64 * 1024 * 1024),
-    # Envoy keeps the ADS stream open for days: keepalives find dead peers.
-    ("grpc.keepalive_time_ms", 30_000),
-    ("grpc.keepalive_timeout_ms", 10_000),
-    ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
-    ("grpc.keepalive_permit_without_calls", 1),
 ]
 
 
@@ -164,20 +158,16 @@ class XdsServer:
         return self.port
 
     async def _start_grpc(self) -> int:
-        server = grpc.aio.server(options=_GRPC_OPTIONS)
-        server.add_generic_rpc_handlers(self._handlers())
         address = f"{self.host}:{self.requested_port}"
         tls = self.settings.xds.tls
-        try:
-            creds = _server_credentials(tls) if tls.enabled else None
-            port = server.add_secure_port(address, creds) if creds else server.add_insecure_port(address)
-        except RuntimeError as exc:
-            raise XdsBindError(f"cannot bind xDS server to {address}: {exc}") from exc
-        if not port:
-            raise XdsBindError(f"cannot bind xDS server to {address}: port in use?")
-        await server.start()
-        self._server = server
-        return int(port)
+        self._server, port = await start_grpc(
+            address,
+            self._handlers(),
+            lambda why: XdsBindError(f"cannot bind xDS server to {address}: {why}"),
+            options=_GRPC_OPTIONS,
+            credentials=_server_credentials(tls) if tls.enabled else None,
+        )
+        return port
 
     def stop(self, grace: float = 0.5) -> None:
         self._unwatch()
