@@ -1,6 +1,5 @@
 """An asyncio event loop on its own thread, for the grpc.aio servers (xDS, ALS) driven from
-synchronous code: inside a Ray actor they must not share the actor's own loop. And how both
-servers start."""
+synchronous code: inside a Ray actor they must not share the actor's own loop."""
 
 from __future__ import annotations
 
@@ -11,12 +10,10 @@ from collections.abc import Callable, Coroutine
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, TypeVar
 
-import grpc
-
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-# Both serve streams that live as long as Envoy (xDS for days).
+# Options of both servers: their streams live as long as Envoy (xDS for days).
 GRPC_OPTIONS: list[tuple[str, Any]] = [
     # gRPC turns SO_REUSEPORT on by default: a second server on the port would silently take
     # half of Envoy's streams.
@@ -27,28 +24,6 @@ GRPC_OPTIONS: list[tuple[str, Any]] = [
     ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
     ("grpc.keepalive_permit_without_calls", 1),
 ]
-
-
-async def start_grpc(
-    address: str,
-    handlers: list[grpc.GenericRpcHandler],
-    bind_error: Callable[[str], Exception],
-    *,
-    options: list[tuple[str, Any]] = GRPC_OPTIONS,
-    credentials: grpc.ServerCredentials | None = None,
-) -> tuple[grpc.aio.Server, int]:
-    """A started grpc.aio server on ``address`` and its port; ``bind_error(reason)`` is raised
-    when the address cannot be bound."""
-    server = grpc.aio.server(options=options)
-    server.add_generic_rpc_handlers(handlers)
-    try:
-        port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
-    except RuntimeError as exc:
-        raise bind_error(str(exc)) from exc
-    if not port:
-        raise bind_error("port in use?")
-    await server.start()
-    return server, int(port)
 
 
 class LoopThread:

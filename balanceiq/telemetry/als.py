@@ -26,7 +26,7 @@ from envoy.service.accesslog.v3 import als_pb2
 from prometheus_client.exposition import choose_encoder
 
 from balanceiq.exceptions import TestbedError
-from balanceiq.loop import LoopThread, start_grpc
+from balanceiq.loop import GRPC_OPTIONS, LoopThread
 from balanceiq.telemetry.als_collector import ORCA_HEADER, AlsCollector
 
 log = logging.getLogger(__name__)
@@ -93,11 +93,16 @@ class AlsServer:
                 # As gRPC does: a port whose old connections linger in TIME_WAIT is still free.
                 probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 probe.bind(sockaddr)
-        except OSError as exc:
+            server = grpc.aio.server(options=GRPC_OPTIONS)
+            server.add_generic_rpc_handlers([self._handler()])
+            port = server.add_insecure_port(address)
+        except (OSError, RuntimeError) as exc:
             raise TestbedError(f"cannot bind ALS gRPC server to {address}: {exc}") from exc
-        error = f"cannot bind ALS gRPC server to {address}: "
-        self._server, port = await start_grpc(address, [self._handler()], lambda why: TestbedError(error + why))
-        return port
+        if not port:
+            raise TestbedError(f"cannot bind ALS gRPC server to {address}: port in use?")
+        await server.start()
+        self._server = server
+        return int(port)
 
     async def _start_metrics(self) -> int:
         app = web.Application()

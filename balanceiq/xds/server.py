@@ -21,7 +21,7 @@ from google.protobuf.message import DecodeError, Message
 
 from balanceiq.config import ClusterConfig, Settings, TlsConfig, is_loopback
 from balanceiq.exceptions import AssignmentError, XdsBindError, XdsError, XdsRequestError
-from balanceiq.loop import GRPC_OPTIONS, LoopThread, start_grpc
+from balanceiq.loop import GRPC_OPTIONS, LoopThread
 from balanceiq.xds.assignment import Assignment, EndpointAssignment
 from balanceiq.xds.protocol import DeltaStream, SotwStream, StatusRegistry
 from balanceiq.xds.snapshot import EDS_TYPE, sotw_response
@@ -158,16 +158,20 @@ class XdsServer:
         return self.port
 
     async def _start_grpc(self) -> int:
+        server = grpc.aio.server(options=_GRPC_OPTIONS)
+        server.add_generic_rpc_handlers(self._handlers())
         address = f"{self.host}:{self.requested_port}"
         tls = self.settings.xds.tls
-        self._server, port = await start_grpc(
-            address,
-            self._handlers(),
-            lambda why: XdsBindError(f"cannot bind xDS server to {address}: {why}"),
-            options=_GRPC_OPTIONS,
-            credentials=_server_credentials(tls) if tls.enabled else None,
-        )
-        return port
+        try:
+            creds = _server_credentials(tls) if tls.enabled else None
+            port = server.add_secure_port(address, creds) if creds else server.add_insecure_port(address)
+        except RuntimeError as exc:
+            raise XdsBindError(f"cannot bind xDS server to {address}: {exc}") from exc
+        if not port:
+            raise XdsBindError(f"cannot bind xDS server to {address}: port in use?")
+        await server.start()
+        self._server = server
+        return int(port)
 
     def stop(self, grace: float = 0.5) -> None:
         self._unwatch()
