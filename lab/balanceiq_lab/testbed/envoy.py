@@ -41,8 +41,8 @@ def lab_bootstrap(
     """:func:`~balanceiq.testbed.envoy.render_bootstrap` on other ports than the settings', and
     with CSWRR (Envoy's defaults, by extension) as a balancer, which no config can select."""
     admin = httpx.URL(settings.envoy.admin_url)
-    envoy = {"admin_url": str(admin.copy_with(port=admin_port)) if admin_port else settings.envoy.admin_url}
-    envoy["listen_port"] = listen_port or settings.envoy.listen_port
+    envoy: dict[str, Any] = {"listen_port": listen_port or settings.envoy.listen_port}
+    envoy["admin_url"] = str(admin.copy_with(port=admin_port)) if admin_port else settings.envoy.admin_url
     s = settings.model_copy(
         update={
             "envoy": settings.envoy.model_copy(update=envoy),
