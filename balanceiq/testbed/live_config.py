@@ -126,9 +126,8 @@ def ports_needed(settings: Settings) -> int:
 
 
 def reallocate_ports(settings: Settings, ports: Iterable[int]) -> tuple[Settings, dict[str, str]]:
-    """``settings`` with every port taken from ``ports`` (endpoints keep host, cloud, price,
-    capacity...; per-endpoint testbed overrides follow their endpoint). Also returns the
-    old -> new address map, for scenario events that name an endpoint. Pure."""
+    """``settings`` with every port taken from ``ports`` (testbed overrides follow their
+    endpoint), and the old -> new address map for scenario events that name an endpoint."""
     it: Iterator[int] = iter(ports)
 
     def take() -> int:
@@ -186,10 +185,9 @@ def fast_windows(settings: Settings, interval_s: float) -> Settings:
 def live_rllib_overrides(
     base_env_config: Mapping[str, Any], live: Mapping[str, Any] | None, num_env_runners: int
 ) -> dict[str, dict[str, Any]]:
-    """What ``balanceiq train --env live`` changes in the RLlib config: ``env_config`` is the
-    live file's keys, with ``n_max``, ``k``, ``cost_weight``, ``reward`` and ``seed`` from the
-    simulator's unless set (same spaces: one checkpoint serves both), and ``fleet``. A live
-    step takes seconds, so fragments and batches are small: 16 steps per runner."""
+    """``balanceiq train --env live``'s RLlib changes: the live file as ``env_config`` (``n_max``,
+    ``k``, ``cost_weight``, ``reward``, ``seed`` from the simulator's unless set: one checkpoint
+    serves both), and small batches (16 steps per runner: a live step takes seconds)."""
     cfg = dict(live or {})
     for key in ("n_max", "k", "cost_weight", "reward", "seed"):
         if key in base_env_config and key not in cfg:

@@ -155,18 +155,9 @@ class Explorer:
                     fields.update(self._push({a: int(w) for a, w in zip(self.addresses, shares)}))
                 step_ms = (time.perf_counter() - t0) * 1000
                 seq += 1
-                line = DecisionRecord(
-                    **fields,
-                    seq=seq,
-                    timestamp=wall,
-                    mode="explore",
-                    weights=dict(self.weights),
-                    previous=previous,
-                    notes=tuple(notes),
-                    source=obs.source,
-                    step_ms=step_ms,
-                    observation=obs.to_json(),
-                )
+                fields.update(seq=seq, timestamp=wall, mode="explore", previous=previous, notes=tuple(notes))
+                fields.update(weights=dict(self.weights), source=obs.source, step_ms=step_ms)
+                line = DecisionRecord(**fields, observation=obs.to_json())
                 fh.write(json.dumps(line.to_json(with_observation=True)) + "\n")
                 fh.flush()
                 self.records += 1
