@@ -108,9 +108,9 @@ def envoy_bootstrap(
 @xds_app.command("status")
 def xds_status() -> None:
     """Print the xDS actor's status: version, connected Envoys, ACKs, NACKs."""
-    from balanceiq.testbed import lifecycle
+    from balanceiq.xds.client import running_actor
 
-    out.print_json(json.dumps(lifecycle.actor_call("status")))
+    out.print_json(json.dumps(running_actor().status()))
 
 
 @xds_app.command("set")
@@ -120,7 +120,7 @@ def xds_set(
     drain: Annotated[list[str] | None, typer.Option(help="Mark ADDRESS as DRAINING (repeatable).")] = None,
 ) -> None:
     """Push weights (and optional drains) through the xDS actor; prints the new version."""
-    from balanceiq.testbed import lifecycle
+    from balanceiq.xds.client import running_actor
 
     parsed: dict[str, Any] = {}
     for item in weights:
@@ -132,7 +132,7 @@ def xds_set(
         except ValueError:
             raise typer.BadParameter(f"{item!r}: weight {w!r} is not an integer") from None
     health = dict.fromkeys(drain or [], "DRAINING")
-    out.print(lifecycle.actor_call("set_assignment", cluster, parsed, health))
+    out.print(running_actor().set_assignment(cluster, parsed, health))
 
 
 @app.command("train")

@@ -13,6 +13,18 @@ from typing import Any, TypeVar
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
+# Options of both servers: their streams live as long as Envoy (xDS for days).
+GRPC_OPTIONS: list[tuple[str, Any]] = [
+    # gRPC turns SO_REUSEPORT on by default: a second server on the port would silently take
+    # half of Envoy's streams.
+    ("grpc.so_reuseport", 0),
+    # Keepalives find dead peers.
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+]
+
 
 class LoopThread:
     """:meth:`start`, then :meth:`run` coroutines on the loop; :meth:`close` stops and joins."""

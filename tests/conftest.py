@@ -30,7 +30,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 from livestack import settings_on_free_ports  # noqa: E402
 from localray import init_local_ray  # noqa: E402
 
-from balanceiq.testbed.ports import free_port, free_ports  # noqa: E402,F401  (re-exported for tests)
+from balanceiq.testbed.ports import free_ports  # noqa: E402,F401  (re-exported for tests)
 
 
 @pytest.fixture

@@ -35,6 +35,7 @@ from balanceiq.policy.lp import objective, traffic_moved, weights_to_shares
 from balanceiq.policy.memory import CoreState
 from balanceiq.policy.reward import RewardWeights, observed_reward
 from balanceiq.telemetry.observation import Observation
+from balanceiq.xds.client import served
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +48,7 @@ class Observer(Protocol):
 
 
 class XdsClient(Protocol):
-    """The part of the xDS actor the controller uses (see :mod:`balanceiq.control.xds_client`)."""
+    """The part of the xDS actor the controller uses (see :mod:`balanceiq.xds.client`)."""
 
     def acquire_lease(self, owner: str, ttl_s: float, cluster: str | None = None) -> dict[str, Any]: ...
 
@@ -191,13 +192,10 @@ class Controller:
         except BalanceIQError as exc:
             log.info("xDS status unavailable at start (%s); starting from config weights", exc)
             return
-        eps = status.get("clusters", {}).get(self.cluster.name, {}).get("endpoints", [])
-        served = {e["address"]: e for e in eps if e.get("address") in self.endpoints}
-        if len(served) == len(self.addresses):
-            self.weights = {a: int(served[a]["weight"]) for a in self.addresses}
-            self.health = {
-                a: "DRAINING" if served[a].get("health") == "DRAINING" else "HEALTHY" for a in self.addresses
-            }
+        weights, health = served(status, self.cluster.name)
+        if all(a in weights for a in self.addresses):
+            self.weights = {a: weights[a] for a in self.addresses}
+            self.health = {a: health[a] for a in self.addresses}
         self._adopted = True
 
     def _context(self, obs: Observation) -> PolicyContext:

@@ -6,59 +6,14 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import threading
 from collections import deque
-from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+
+from balanceiq.sim.calibrate.recording import DecisionRecord as DecisionRecord  # the recording format
 
 log = logging.getLogger(__name__)
-
-
-def _num(x: float | None) -> float | None:
-    return None if x is None or not math.isfinite(x) else round(float(x), 6)
-
-
-@dataclass(frozen=True, kw_only=True)
-class DecisionRecord:
-    """One control interval: what was seen, what was decided, what Envoy did with it."""
-
-    seq: int
-    timestamp: float
-    mode: str  # "policy" | "baseline" | "hold" (telemetry blind) | "standby" (no lease)
-    critical: tuple[str, ...] = ()
-    weights: dict[str, int]
-    previous: dict[str, int]
-    reward: float | None = None  # realised reward of the interval that just ended
-    moved: float = 0.0  # traffic_moved(previous, new)
-    pushed: bool = False
-    acked: bool | None = None  # None: not pushed, or no Envoy connected to ACK it
-    push_ms: float | None = None
-    ack_ms: float | None = None
-    version: str | None = None
-    notes: tuple[str, ...] = ()
-    source: str = "none"
-    error: str | None = None
-    step_ms: float | None = None  # observe to push, the whole decision
-    scores: dict[str, float] | None = None  # policy vs baseline proposal, negated LP objective
-    shares: dict[str, float] | None = None  # the split decided (weights realise it in Envoy)
-    shadow: bool = False  # decided in shadow mode: recorded, never pushed
-    effect: dict[str, Any] | None = None  # estimated effect of the split decided vs the one in force
-    score_ms: float | None = None  # the policy's scoring within step_ms (None: not asked)
-    observation: dict[str, Any] | None = field(default=None, repr=False)
-
-    def to_json(self, *, with_observation: bool = False) -> dict[str, Any]:
-        # Not dataclasses.asdict: it deep-copies the observation only for it to be dropped.
-        out = {f.name: getattr(self, f.name) for f in fields(self) if with_observation or f.name != "observation"}
-        out["critical"], out["notes"] = list(self.critical), list(self.notes)
-        out["weights"], out["previous"] = dict(self.weights), dict(self.previous)
-        out["scores"] = {k: _num(v) for k, v in self.scores.items()} if self.scores else None
-        out["shares"] = {k: round(float(v), 6) for k, v in self.shares.items()} if self.shares else None
-        for key in ("reward", "push_ms", "ack_ms", "step_ms", "moved", "score_ms"):
-            out[key] = _num(out[key])
-        return out
 
 
 class DecisionLog:

@@ -13,7 +13,6 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from balanceiq.config import Settings, load_config
-from balanceiq.control.xds_client import ActorXdsClient
 from balanceiq.serve.api import create_api
 from balanceiq.serve.plane import ControlPlane, PolicyClient, cluster_controllers, load_or_create_token
 from balanceiq.serve.policy import PolicyDeployment, PolicyModel
@@ -21,6 +20,7 @@ from balanceiq.serve.server import ApiServer
 from balanceiq.serve.training import TrainingManager
 from balanceiq.telemetry.observe import Telemetry
 from balanceiq.xds.actor import start_actor
+from balanceiq.xds.client import ActorXdsClient
 
 
 @serve.deployment(

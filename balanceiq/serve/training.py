@@ -240,16 +240,7 @@ class TrainingManager:
             actor = cast(ray.actor.ActorHandle, created)
             actor.run.remote()
             self._actors[rid] = actor
-            self._last[rid] = {
-                "id": rid,
-                "state": "pending",
-                "iteration": 0,
-                "iterations": iterations,
-                "reward": None,
-                "message": "",
-                "history": [],
-                "params": params,
-            }
+            self._last[rid] = TrainingRun(rid, params).progress()  # what the actor reports until it starts
             self._last_update = time.time()
             return dict(self._last[rid])
 

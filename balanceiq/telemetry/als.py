@@ -26,22 +26,12 @@ from envoy.service.accesslog.v3 import als_pb2
 from prometheus_client.exposition import choose_encoder
 
 from balanceiq.exceptions import TestbedError
-from balanceiq.loop import LoopThread
+from balanceiq.loop import GRPC_OPTIONS, LoopThread
 from balanceiq.telemetry.als_collector import ORCA_HEADER, AlsCollector
 
 log = logging.getLogger(__name__)
 
 _HTTP_OPTS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
-_GRPC_OPTIONS = [
-    # gRPC turns SO_REUSEPORT on by default; a second collector on the same port would
-    # then silently take half of Envoy's streams.
-    ("grpc.so_reuseport", 0),
-    # ALS streams live as long as Envoy: keepalives find dead peers.
-    ("grpc.keepalive_time_ms", 30_000),
-    ("grpc.keepalive_timeout_ms", 10_000),
-    ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
-    ("grpc.keepalive_permit_without_calls", 1),
-]
 
 
 def _host_port(host: str, port: int | None) -> str:
@@ -103,7 +93,7 @@ class AlsServer:
                 # As gRPC does: a port whose old connections linger in TIME_WAIT is still free.
                 probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 probe.bind(sockaddr)
-            server = grpc.aio.server(options=_GRPC_OPTIONS)
+            server = grpc.aio.server(options=GRPC_OPTIONS)
             server.add_generic_rpc_handlers([self._handler()])
             port = server.add_insecure_port(address)
         except (OSError, RuntimeError) as exc:

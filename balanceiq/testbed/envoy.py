@@ -18,28 +18,10 @@ from balanceiq.exceptions import EnvoyError
 
 HCM = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
 ROUTER = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
-HTTP_OPTS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 TLS_CTX = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext"
 CLUSTER_HEADER = "x-balanceiq-cluster"  # picks a cluster other than the first (see cluster_routes)
 
 API_TYPES = ("ads-sotw", "ads-delta", "eds-sotw", "eds-delta")
-
-# Not a `lb_policy` enum value but an extension: endpoint weights come from the backends'
-# ORCA load reports (the `endpoint-load-metrics` response header), not from EDS.
-CSWRR = "CLIENT_SIDE_WEIGHTED_ROUND_ROBIN"
-CSWRR_EXTENSION = "envoy.load_balancing_policies.client_side_weighted_round_robin"
-CSWRR_TYPE = (
-    "type.googleapis.com/envoy.extensions.load_balancing_policies."
-    "client_side_weighted_round_robin.v3.ClientSideWeightedRoundRobin"
-)
-
-
-def _lb_config(lb_policy: str) -> dict[str, Any]:
-    """``lb_policy: X`` for Envoy's built-in policies; CSWRR (Envoy's defaults) by extension."""
-    if lb_policy == CSWRR:
-        ext = {"name": CSWRR_EXTENSION, "typed_config": {"@type": CSWRR_TYPE}}
-        return {"load_balancing_policy": {"policies": [{"typed_extension_config": ext}]}}
-    return {"lb_policy": lb_policy}
 
 
 def render_bootstrap(
@@ -47,9 +29,6 @@ def render_bootstrap(
     *,
     api: str | None = None,
     node_id: str = "balanceiq-envoy-0",
-    admin_port: int | None = None,
-    listen_port: int | None = None,
-    xds_port: int | None = None,
     lb_policy: str | None = None,
     health_check_interval_s: float = 5.0,
 ) -> dict[str, Any]:
@@ -58,7 +37,7 @@ def render_bootstrap(
     if api not in API_TYPES:
         raise EnvoyError(f"unknown xDS api {api!r}; expected one of {', '.join(API_TYPES)}")
     admin = httpx.URL(settings.envoy.admin_url)
-    admin_port = admin_port or admin.port or (443 if admin.scheme == "https" else 80)
+    admin_port = admin.port or (443 if admin.scheme == "https" else 80)
     xds_host = settings.xds.host if settings.xds.host not in ("0.0.0.0", "::") else "127.0.0.1"
     api_source = {
         "api_type": "DELTA_GRPC" if api.endswith("delta") else "GRPC",
@@ -78,8 +57,8 @@ def render_bootstrap(
     ads = api.startswith("ads")
     eds_config: dict[str, Any] = {"ads": {}} if ads else {"api_config_source": api_source}
     eds_config["resource_api_version"] = "V3"
-    lb = _lb_config(lb_policy or settings.envoy.lb_policy)
-    clusters = [_xds_cluster(settings, xds_host, xds_port or settings.xds.port)]
+    lb = {"lb_policy": lb_policy or settings.envoy.lb_policy}
+    clusters = [_xds_cluster(settings, xds_host, settings.xds.port)]
     clusters += [_service_cluster(c.name, settings, eds_config, lb, health_check_interval_s) for c in settings.clusters]
     access_log: list[dict[str, Any]] = []
     if settings.telemetry.als_enabled:
@@ -89,9 +68,7 @@ def render_bootstrap(
 
         access_log.append(access_log_config(sample_percent=settings.telemetry.als_sample_percent))
         clusters.append(als_cluster_config("127.0.0.1", settings.telemetry.als_grpc_port))
-    listener = _listener(
-        settings.envoy.listen_host, listen_port or settings.envoy.listen_port, access_log, cluster_routes(settings)
-    )
+    listener = _listener(settings.envoy.listen_host, settings.envoy.listen_port, access_log, cluster_routes(settings))
     bootstrap: dict[str, Any] = {
         "node": {"id": node_id, "cluster": "balanceiq"},
         "admin": {"address": {"socket_address": {"address": admin.host or "127.0.0.1", "port_value": admin_port}}},
@@ -104,19 +81,9 @@ def render_bootstrap(
 
 def _xds_cluster(settings: Settings, host: str, port: int) -> dict[str, Any]:
     """The static cluster Envoy reaches BalanceIQ's xDS server through (HTTP/2, TLS if set)."""
-    endpoint = {"endpoint": {"address": {"socket_address": {"address": host, "port_value": port}}}}
-    cluster: dict[str, Any] = {
-        "name": "xds_cluster",
-        "type": "STATIC",
-        "connect_timeout": "1s",
-        "typed_extension_protocol_options": {
-            HTTP_OPTS: {
-                "@type": f"type.googleapis.com/{HTTP_OPTS}",
-                "explicit_http_config": {"http2_protocol_options": {}},
-            }
-        },
-        "load_assignment": {"cluster_name": "xds_cluster", "endpoints": [{"lb_endpoints": [endpoint]}]},
-    }
+    from balanceiq.telemetry.als import als_cluster_config
+
+    cluster = als_cluster_config(host, port, "xds_cluster")
     if settings.xds.tls.enabled:
         cluster["transport_socket"] = _xds_tls_socket(settings.xds.tls)
     return cluster

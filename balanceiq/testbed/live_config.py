@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Iterator, Mapping
+from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
@@ -16,31 +17,10 @@ from balanceiq.exceptions import ConfigError
 from balanceiq.policy.reward import RewardWeights
 from balanceiq.testbed.fleet import ENV_VAR
 
-# The sample balanceiq.yaml's fleet: 6 endpoints in 3 clouds, different latency, capacity
-# and price, one degraded azure backend. Ports are placeholders: private mode re-allocates
-# every one of them.
-DEFAULT_LAYOUT: dict[str, Any] = yaml.safe_load("""
-clusters:
-  - name: my_service
-    endpoints:
-      - {address: "127.0.0.1:18001", cloud: aws, region: us-east-1, zone: us-east-1a,
-         cost_per_million_requests: 0.40, capacity_rps: 400}
-      - {address: "127.0.0.1:18002", cloud: aws, region: us-east-1, zone: us-east-1b,
-         cost_per_million_requests: 0.12, capacity_rps: 150}
-      - {address: "127.0.0.1:18003", cloud: gcp, region: us-central1, zone: us-central1-a,
-         cost_per_million_requests: 0.35, capacity_rps: 350}
-      - {address: "127.0.0.1:18004", cloud: gcp, region: europe-west1, zone: europe-west1-b,
-         cost_per_million_requests: 0.35, capacity_rps: 300}
-      - {address: "127.0.0.1:18005", cloud: azure, region: eastus, zone: eastus-1,
-         cost_per_million_requests: 0.55, capacity_rps: 300}
-      - {address: "127.0.0.1:18006", cloud: azure, region: eastus, zone: eastus-2,
-         cost_per_million_requests: 0.55, capacity_rps: 300}
-testbed:
-  base_latency_ms: {aws: 15, gcp: 25, gcp/europe-west1: 90, azure: 35}
-  default_latency_ms: 20
-  concurrency: 8
-  overrides: {"127.0.0.1:18006": {base_latency_ms: 120, concurrency: 4, error_rate: 0.02}}
-""")
+# The sample fleet (6 endpoints, 3 clouds); private mode re-allocates its ports.
+DEFAULT_LAYOUT: dict[str, Any] = yaml.safe_load(
+    resources.files("balanceiq").joinpath("data", "live_layout.yaml").read_text(encoding="utf-8")
+)
 
 
 class RewardConfig(BaseModel):
@@ -146,9 +126,8 @@ def ports_needed(settings: Settings) -> int:
 
 
 def reallocate_ports(settings: Settings, ports: Iterable[int]) -> tuple[Settings, dict[str, str]]:
-    """``settings`` with every port taken from ``ports`` (endpoints keep host, cloud, price,
-    capacity...; per-endpoint testbed overrides follow their endpoint). Also returns the
-    old -> new address map, for scenario events that name an endpoint. Pure."""
+    """``settings`` with every port taken from ``ports`` (testbed overrides follow their
+    endpoint), and the old -> new address map for scenario events that name an endpoint."""
     it: Iterator[int] = iter(ports)
 
     def take() -> int:
@@ -186,25 +165,29 @@ def reallocate_ports(settings: Settings, ports: Iterable[int]) -> tuple[Settings
     return settings_from_dict(out.model_dump(), "LiveEnv re-allocated ports"), mapping
 
 
+def with_windows(settings: Settings, window_s: float, stale_after_s: float, scrape_s: float | None = None) -> Settings:
+    """``settings`` with this telemetry window and staleness (and Prometheus scrape interval)."""
+    update: dict[str, Any] = {
+        "telemetry": settings.telemetry.model_copy(update={"window_s": window_s, "stale_after_s": stale_after_s})
+    }
+    if scrape_s is not None:
+        update["prometheus"] = settings.prometheus.model_copy(update={"scrape_interval_s": scrape_s})
+    return settings.model_copy(update=update)
+
+
 def fast_windows(settings: Settings, interval_s: float) -> Settings:
     """Telemetry windows matched to a decision interval of ``interval_s`` seconds."""
     window = max(1.0, float(interval_s))
-    return settings.model_copy(
-        update={
-            "prometheus": settings.prometheus.model_copy(update={"scrape_interval_s": min(0.5, window / 4)}),
-            "telemetry": settings.telemetry.model_copy(update={"window_s": window, "stale_after_s": 2 * window}),
-            "control": settings.control.model_copy(update={"interval_s": float(interval_s)}),
-        }
-    )
+    out = with_windows(settings, window, 2 * window, min(0.5, window / 4))
+    return out.model_copy(update={"control": settings.control.model_copy(update={"interval_s": float(interval_s)})})
 
 
 def live_rllib_overrides(
     base_env_config: Mapping[str, Any], live: Mapping[str, Any] | None, num_env_runners: int
 ) -> dict[str, dict[str, Any]]:
-    """What ``balanceiq train --env live`` changes in the RLlib config: ``env_config`` is the
-    live file's keys, with ``n_max``, ``k``, ``cost_weight``, ``reward`` and ``seed`` from the
-    simulator's unless set (same spaces: one checkpoint serves both), and ``fleet``. A live
-    step takes seconds, so fragments and batches are small: 16 steps per runner."""
+    """``balanceiq train --env live``'s RLlib changes: the live file as ``env_config`` (``n_max``,
+    ``k``, ``cost_weight``, ``reward``, ``seed`` from the simulator's unless set: one checkpoint
+    serves both), and small batches (16 steps per runner: a live step takes seconds)."""
     cfg = dict(live or {})
     for key in ("n_max", "k", "cost_weight", "reward", "seed"):
         if key in base_env_config and key not in cfg:

@@ -16,20 +16,22 @@ import logging
 import math
 import os
 import shutil
+import socket
 import tempfile
 import threading
 import time
+import uuid
 import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import gymnasium as gym
 import numpy as np
 
 from balanceiq.config import Settings
-from balanceiq.exceptions import BalanceIQError, ConfigError, TestbedError
+from balanceiq.exceptions import BalanceIQError, ConfigError, TestbedError, XdsError
 from balanceiq.policy.baselines import PolicyContext
 from balanceiq.policy.decide import CoreDecision, decide, envoy_weights, observe_only
 from balanceiq.policy.features import N_FEATURES, encode
@@ -48,10 +50,14 @@ from balanceiq.testbed.live_config import (  # the config's names stay importabl
     load_live_env_config,
     ports_needed,
     reallocate_ports,
+    with_windows,
 )
-from balanceiq.testbed.live_xds import ActorXds, LocalXds
 from balanceiq.testbed.ports import free_ports
 from balanceiq.testbed.reaper import Reaper
+from balanceiq.xds.client import ActorXdsClient, LocalXdsClient, served
+
+if TYPE_CHECKING:
+    from balanceiq.xds.server import XdsServer
 
 __all__ = ["DEFAULT_LAYOUT", "LiveEnv", "LiveEnvConfig", "fast_windows", "live_rllib_overrides"]
 __all__ += ["load_live_env_config", "ports_needed", "reallocate_ports"]
@@ -66,7 +72,12 @@ class Owned:
     def __init__(self) -> None:
         self.workdir: Path | None = None
         self.reaper: Reaper | None = None  # covers an env runner that is SIGKILLed
-        self.xds: LocalXds | ActorXds | None = None
+        self.xds: LocalXdsClient | ActorXdsClient | None = None
+        self.server: XdsServer | None = None  # private mode's own xDS server
+        self.ray_connected = False  # attach mode connected this process to Ray: shut it down
+        self.owner = f"liveenv:{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.lease_ttl_s = 10.0
+        self.leased: set[str] = set()  # clusters whose lease this env took
         self.fleet: Fleet | None = None
         self.load: Load | None = None
         self.telemetry: Telemetry | None = None
@@ -86,11 +97,11 @@ class Owned:
             ("backends", lambda: self.driver.restore() if self.driver else None),
             (
                 "weights",
-                lambda: self.xds.push(*self.restore_weights, 2.0) if self.xds and self.restore_weights else None,
+                lambda: self.push(*self.restore_weights, 2.0) if self.xds and self.restore_weights else None,
             ),
             ("telemetry", lambda: self.telemetry.close() if self.telemetry else None),
             ("testbed", lambda: self.fleet.stop() if self.fleet else None),
-            ("xds", lambda: self.xds.close() if self.xds else None),
+            ("xds", self._close_xds),
             ("http", lambda: self.driver.close() if self.driver else None),
             ("reaper", lambda: self.reaper.close() if self.reaper else None),
             ("workdir", lambda: shutil.rmtree(self.workdir, ignore_errors=True) if self.workdir else None),
@@ -100,6 +111,32 @@ class Owned:
                 fn()
             except Exception as exc:  # cleanup goes on: the next part must still be stopped
                 log.warning("LiveEnv cleanup of %s failed: %s: %s", what, type(exc).__name__, exc)
+
+    def push(self, cluster: str, weights: Mapping[str, int], health: Mapping[str, str], timeout: float) -> bool:
+        """Push under the cluster's lease (attach mode: a running controller's lease is not fought)."""
+        assert self.xds is not None
+        lease = self.xds.acquire_lease(self.owner, self.lease_ttl_s, cluster)
+        self.leased.add(cluster)
+        if not lease.get("granted"):
+            raise XdsError(
+                f"the controller lease is held by {lease.get('holder')!r}: LiveEnv (attach) does not fight a running "
+                "controller; stop it (or its loop) while training against this stack"
+            )
+        return self.xds.wait_for_ack(self.xds.set_assignment(cluster, weights, health, self.owner), timeout)
+
+    def _close_xds(self) -> None:
+        try:
+            for cluster in sorted(self.leased):
+                if self.xds is not None:
+                    self.xds.release_lease(self.owner, cluster)
+        except XdsError as exc:
+            log.info("lease release failed (it expires by itself): %s", exc)
+        if self.server is not None:
+            self.server.stop()
+        if self.ray_connected:
+            import ray
+
+            ray.shutdown()
 
 
 class LiveEnv(gym.Env):
@@ -176,6 +213,8 @@ class LiveEnv(gym.Env):
         self.started = True
 
     def _start_private(self) -> tuple[Mapping[str, str], str]:
+        from balanceiq.xds.server import XdsServer
+
         own = self._owned
         own.workdir = Path(tempfile.mkdtemp(prefix=f"balanceiq-liveenv-{self.worker_index}-"))
         own.reaper = Reaper(own.workdir)
@@ -185,7 +224,9 @@ class LiveEnv(gym.Env):
             state_dir = own.workdir / f"state{attempt}"
             settings = fast_windows(settings, self.cfg.decision_interval_s).model_copy(update={"state_dir": state_dir})
             try:
-                own.xds = LocalXds(settings, state_dir)
+                server = XdsServer(settings, state_dir=state_dir)
+                server.start()
+                own.server = server
                 fleet = self.fleet.start(
                     settings,
                     own.workdir / f"tb{attempt}",
@@ -196,12 +237,12 @@ class LiveEnv(gym.Env):
             except (BalanceIQError, OSError) as exc:
                 last = exc
                 log.warning("LiveEnv start attempt %d failed (%s); retrying on other ports", attempt + 1, exc)
-                if own.xds is not None:
-                    own.xds.close()
-                    own.xds = None
+                if own.server is not None:
+                    own.server.stop()
+                    own.server = None
         else:
             raise TestbedError(f"LiveEnv: could not start a private testbed: {last}")
-        own.fleet = fleet
+        own.xds, own.fleet = LocalXdsClient(server), fleet
         for pid in fleet.pids:
             own.pids.append(pid)
             own.reaper.add(pid)
@@ -211,20 +252,34 @@ class LiveEnv(gym.Env):
         return fleet.backend_urls, fleet.listen_url
 
     def _start_attach(self) -> tuple[Mapping[str, str], str]:
+        import ray
+
+        from balanceiq.xds.actor import get_actor
+
         own, s, interval = self._owned, self.base_settings, self.cfg.decision_interval_s
-        own.xds = ActorXds(self.cfg.ray_address, lease_ttl_s=max(3 * interval, 10.0))
-        weights, health = own.xds.served(self.cluster_name)
+        if not ray.is_initialized():
+            try:
+                ray.init(address=self.cfg.ray_address, log_to_driver=False)  # connect only: never start a cluster
+            except (ConnectionError, ValueError, RuntimeError) as exc:
+                raise TestbedError(f"attach mode: cannot connect to Ray at {self.cfg.ray_address!r}: {exc}") from exc
+            own.ray_connected = True
+        try:
+            own.xds = ActorXdsClient(get_actor(), timeout_s=10.0)
+        except ValueError as exc:
+            raise TestbedError(
+                "attach mode: no xDS actor in this Ray cluster (start the stack with `balanceiq testbed up`, "
+                f"and train on that cluster: `balanceiq train --address ...`): {exc}"
+            ) from exc
+        own.lease_ttl_s = max(3 * interval, 10.0)
+        weights, health = served(own.xds.status(), self.cluster_name)
+        if not weights:
+            raise TestbedError(f"attach mode: the xDS actor serves no cluster {self.cluster_name!r}")
         own.restore_weights = (self.cluster_name, weights, health)
         self.settings = s
         # The stack's Prometheus scrapes at its own pace; the rate window follows the
         # decision interval but spans at least 4 of its scrapes.
-        tel = s.telemetry.model_copy(
-            update={
-                "window_s": max(interval, 4 * s.prometheus.scrape_interval_s),
-                "stale_after_s": max(2 * interval, s.telemetry.stale_after_s),
-            }
-        )
-        own.telemetry = Telemetry(s.model_copy(update={"telemetry": tel}))
+        window = max(interval, 4 * s.prometheus.scrape_interval_s)
+        own.telemetry = Telemetry(with_windows(s, window, max(2 * interval, s.telemetry.stale_after_s)))
         backend_urls = {e.address: f"http://{e.address}" for e in s.clusters[0].endpoints}
         return backend_urls, f"http://{s.envoy.listen_host}:{s.envoy.listen_port}"
 
@@ -240,27 +295,6 @@ class LiveEnv(gym.Env):
         """Processes this env started (private mode), for leak checks."""
         reaper = self._owned.reaper
         return self._owned.pids + ([reaper.proc.pid] if reaper is not None else [])
-
-    def describe(self) -> dict[str, Any]:
-        """Where this env's stack is (JSON-friendly)."""
-        s = self.settings
-        out: dict[str, Any] = {
-            "mode": self.cfg.mode,
-            "worker_index": self.worker_index,
-            "pid": os.getpid(),
-            "steps": self.total_steps,
-            "episodes": self.episodes,
-        }
-        if s is not None:
-            out.update(
-                envoy_admin=s.envoy.admin_url,
-                listen_port=s.envoy.listen_port,
-                xds_port=s.xds.port,
-                endpoints=[e.address for e in s.clusters[0].endpoints],
-            )
-        if self._owned.load is not None:
-            out["load_sent"] = self._owned.load.sent  # requests of finished (60 s) load chunks
-        return out
 
     def _observe(self, weights: Mapping[str, int]) -> Observation:
         tel = self._owned.telemetry
@@ -292,9 +326,7 @@ class LiveEnv(gym.Env):
         )
 
     def _push(self, weights: Mapping[str, int], health: Mapping[str, str]) -> bool:
-        xds = self._owned.xds
-        assert xds is not None
-        acked = xds.push(self.cluster_name, weights, health, timeout=min(2.0, self.cfg.decision_interval_s))
+        acked = self._owned.push(self.cluster_name, weights, health, timeout=min(2.0, self.cfg.decision_interval_s))
         self.weights, self.health = dict(weights), dict(health)
         return acked
 

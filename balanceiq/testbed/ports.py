@@ -49,10 +49,6 @@ def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
         return ports
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    return free_ports(1, host)[0]
-
-
 def check_ports_free(settings: Settings, *, api: bool = False) -> None:
     """TestbedError naming every configured port that is already taken (before starting
     anything, so a clash is reported instead of half a stack left running)."""

@@ -1,11 +1,7 @@
-"""Exploration recordings: varied load per endpoint on a live fleet, for calibration.
-
-Steady weights give one operating point per endpoint; fitting capacity and the latency-vs-load
-curve needs many. :class:`Explorer` runs the controller's loop (observe, push, record a
-DecisionRecord-compatible line, mode ``"explore"``) with a schedule that sweeps each endpoint's
-share in turn (:func:`exploration_splits`). ``balanceiq calibrate`` reads these and controller
-recordings alike.
-"""
+"""Exploration recordings for calibration: steady weights give one operating point per
+endpoint, fitting capacity and the latency curve needs many. :class:`Explorer` runs the
+controller's loop (DecisionRecords, mode ``"explore"``) while sweeping each endpoint's share
+in turn; ``balanceiq calibrate`` reads these and controller recordings alike."""
 
 from __future__ import annotations
 
@@ -26,8 +22,10 @@ from rich.console import Console
 from balanceiq.config import Settings, SignalQuery
 from balanceiq.exceptions import TestbedError
 from balanceiq.policy.lp import shares_to_weights, traffic_moved
+from balanceiq.sim.calibrate.recording import DecisionRecord
 from balanceiq.telemetry.observation import Observation
 from balanceiq.testbed.fleet import FleetProvider, resolve_fleet
+from balanceiq.testbed.live_config import with_windows
 
 __all__ = ["ExplorationPlan", "Explorer", "exploration_settings", "exploration_splits", "record_exploration"]
 
@@ -40,14 +38,10 @@ WARMUP_BUDGET_S = 40.0
 class ExplorationPlan:
     """How the explorer moves traffic. Defaults suit a 2-core box at ~100-150 rps."""
 
-    hold_s: float = 4.0
-    """Seconds each split is held (>= the telemetry window plus a scrape or two)."""
-    observe_every_s: float = 1.0
-    """Seconds between observations (one record each)."""
-    floor: float = 0.04
-    """Least share any endpoint gets: it stays measured (latency needs traffic)."""
-    max_share: float = 0.7
-    """Most share the swept endpoint gets."""
+    hold_s: float = 4.0  # seconds each split is held (>= the telemetry window plus a scrape or two)
+    observe_every_s: float = 1.0  # seconds between observations (one record each)
+    floor: float = 0.04  # least share any endpoint gets: it stays measured (latency needs traffic)
+    max_share: float = 0.7  # most share the swept endpoint gets
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -58,13 +52,9 @@ class ExplorationPlan:
 
 
 def exploration_splits(n: int, count: int, *, floor: float = 0.04, max_share: float = 0.7, seed: int = 0) -> np.ndarray:
-    """``count`` traffic splits over ``n`` endpoints (rows sum to 1, every share >= floor).
-
-    Row ``k`` sweeps endpoint ``k mod n``: its share is a stratified draw over
-    ``[floor, max_share]`` (each endpoint's sweeps cover the range evenly), and the rest
-    is spread over the others as ``floor`` plus a Dirichlet(1) part. With one endpoint the
-    only split is ``[1]``.
-    """
+    """``count`` splits over ``n`` endpoints (rows sum to 1, every share >= floor). Row ``k``
+    gives endpoint ``k mod n`` a stratified draw over ``[floor, max_share]`` (its sweeps cover
+    the range evenly) and the others ``floor`` plus a Dirichlet(1) part of the rest."""
     if n < 1 or count < 0:
         raise ValueError("need n >= 1 and count >= 0")
     if n == 1:
@@ -85,46 +75,9 @@ def exploration_splits(n: int, count: int, *, floor: float = 0.04, max_share: fl
     return out
 
 
-def _record_line(
-    seq: int, timestamp: float, obs: Observation, previous: Mapping[str, int], weights: Mapping[str, int], **fields: Any
-) -> dict[str, Any]:
-    """The JSON a :class:`~balanceiq.control.records.DecisionRecord` writes with its
-    observation; ``fields``: ``notes``, ``step_ms`` and the push's (see ``Explorer._push``)."""
-
-    def num(key: str, default: float | None = None) -> float | None:
-        x = fields.get(key, default)
-        return None if x is None or not math.isfinite(x) else round(float(x), 6)
-
-    return {
-        "seq": seq,
-        "timestamp": timestamp,
-        "mode": "explore",
-        "critical": [],
-        "weights": dict(weights),
-        "previous": dict(previous),
-        "reward": None,
-        "moved": num("moved", 0.0),
-        "pushed": fields.get("pushed", False),
-        "acked": fields.get("acked"),
-        "push_ms": num("push_ms"),
-        "ack_ms": num("ack_ms"),
-        "version": fields.get("version"),
-        "notes": list(fields["notes"]),
-        "source": obs.source,
-        "error": fields.get("error"),
-        "step_ms": num("step_ms"),
-        "scores": None,
-        "observation": obs.to_json(),
-    }
-
-
 class Explorer:
-    """The exploration loop: observe, push the schedule's split when a hold ends, record.
-
-    ``observe(weights)`` returns an :class:`Observation` (the real ``Telemetry.observe``);
-    ``push(weights)`` applies integer weights and returns ``(version, acked)``. Both are
-    injected so the loop runs the same against the testbed or anything else.
-    """
+    """Observe, push the schedule's split when a hold ends, record. ``observe(weights)`` (e.g.
+    ``Telemetry.observe``) and ``push(weights) -> (version, acked)`` are injected."""
 
     def __init__(
         self,
@@ -202,8 +155,10 @@ class Explorer:
                     fields.update(self._push({a: int(w) for a, w in zip(self.addresses, shares)}))
                 step_ms = (time.perf_counter() - t0) * 1000
                 seq += 1
-                line = _record_line(seq, wall, obs, previous, self.weights, notes=notes, step_ms=step_ms, **fields)
-                fh.write(json.dumps(line) + "\n")
+                fields.update(seq=seq, timestamp=wall, mode="explore", previous=previous, notes=tuple(notes))
+                fields.update(weights=dict(self.weights), source=obs.source, step_ms=step_ms)
+                line = DecisionRecord(**fields, observation=obs.to_json())
+                fh.write(json.dumps(line.to_json(with_observation=True)) + "\n")
                 fh.flush()
                 self.records += 1
                 tick += plan.observe_every_s
@@ -246,18 +201,8 @@ def exploration_settings(settings: Settings, *, window_s: float = 2.0, scrape_in
     queries = dict(settings.telemetry.queries)
     for signal, (promql, label) in _WINDOWED_QUERIES.items():
         queries[signal] = SignalQuery(promql=promql, endpoint_label=label)
-    return settings.model_copy(
-        update={
-            "prometheus": settings.prometheus.model_copy(update={"scrape_interval_s": scrape_interval_s}),
-            "telemetry": settings.telemetry.model_copy(
-                update={
-                    "window_s": window_s,
-                    "stale_after_s": max(settings.telemetry.stale_after_s, 2 * window_s),
-                    "queries": queries,
-                }
-            ),
-        }
-    )
+    out = with_windows(settings, window_s, max(settings.telemetry.stale_after_s, 2 * window_s), scrape_interval_s)
+    return out.model_copy(update={"telemetry": out.telemetry.model_copy(update={"queries": queries})})
 
 
 def _push_and_ack(xds: Any, cluster: str, weights: Mapping[str, int], timeout: float) -> tuple[str, bool]:
@@ -355,12 +300,10 @@ def record_exploration(
     cluster: str | None = None,
     fleet: FleetProvider | str | None = None,
 ) -> dict[str, Any]:
-    """Start a sample fleet (``fleet``: see :mod:`balanceiq.testbed.fleet`) for ``settings``,
-    explore under paced, bounded loopback load for ``duration_s`` into ``out`` (JSONL), stop it all.
-
-    Prometheus scrapes every ``scrape_interval_s`` (default ``window_s / 8``: more saturation
-    samples per window cut its noise). The summary holds the load's totals and the backends'
-    configured parameters (the calibration's ground truth)."""
+    """Start a sample fleet (:mod:`balanceiq.testbed.fleet`) for ``settings``, explore it under
+    paced load for ``duration_s`` into ``out`` (JSONL), stop it all. Prometheus scrapes every
+    ``scrape_interval_s`` (default ``window_s / 8``: more saturation samples per window, less
+    noise). The summary holds the load's totals and the backends' parameters (ground truth)."""
     from balanceiq.testbed.ports import check_ports_free
     from balanceiq.xds.server import XdsServer
 

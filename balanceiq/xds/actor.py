@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections import deque
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, cast
@@ -19,7 +18,7 @@ from typing import Any, cast
 import ray
 
 from balanceiq.config import Settings
-from balanceiq.exceptions import AssignmentError, XdsBindError, XdsLeaseError
+from balanceiq.exceptions import XdsBindError
 from balanceiq.xds.lease import LeaseTable
 from balanceiq.xds.server import XdsServer
 
@@ -27,7 +26,6 @@ NAMESPACE = "balanceiq"
 ACTOR_NAME = "xds_server"
 HEAD_RESOURCE = "node:__internal_head__"
 BIND_RETRY_S = 5.0
-AUDIT_SIZE = 1000  # lease-checked pushes remembered; at one per second, a quarter of an hour
 
 
 class XdsServerActor:
@@ -37,10 +35,9 @@ class XdsServerActor:
         self._server = XdsServer(settings, state_dir=state_dir or settings.state_dir)
         # Not persisted: after a restart the controller simply acquires it again.
         self._lease = LeaseTable()
-        # Who pushed what under which lease: the evidence that one controller pushed at a time.
-        self._audit_lock = threading.Lock()
-        self._pushes: deque[dict[str, Any]] = deque(maxlen=AUDIT_SIZE)
-        self._holders: deque[dict[str, Any]] = deque(maxlen=AUDIT_SIZE)
+        # Lease check and publish are one step against acquire_lease: a push checked under a
+        # lease taken over meanwhile cannot publish. Reentrant for subclasses that record pushes.
+        self._lock = threading.RLock()
         # After a crash the dead worker's socket may linger (SO_REUSEPORT is off): retry.
         deadline = time.monotonic() + BIND_RETRY_S
         while True:
@@ -63,33 +60,14 @@ class XdsServerActor:
         unless that owner holds the cluster's lease, or the server-wide one."""
         if lease_owner is None:
             return self._server.set_assignment(cluster, weights, health)
-        # One lock around check, publish and record, so the audit's order is the order
-        # versions were published in.
-        with self._audit_lock:
-            term = self._lease.term(str(cluster))
-            latest = self._server.store.latest()
-            before = latest.version if latest is not None else None
-            try:
-                self._lease.check(lease_owner, str(cluster))
-                version = self._server.set_assignment(cluster, weights, health)
-            except (XdsLeaseError, AssignmentError) as exc:
-                self._record(lease_owner, term, None, cluster, accepted=False, reason=type(exc).__name__)
-                raise
-            self._record(lease_owner, term, version, cluster, accepted=True, changed=version != before)
-            return version
-
-    def _record(self, owner: str, term: int, version: str | None, cluster: str, **outcome: object) -> None:
-        push = {"at": time.time(), "owner": owner, "term": term, "version": version, "cluster": cluster}
-        self._pushes.append({**push, **outcome})
+        with self._lock:
+            self._lease.check(lease_owner, str(cluster))
+            return self._server.set_assignment(cluster, weights, health)
 
     def acquire_lease(self, owner: str, ttl_s: float, cluster: str | None = None) -> dict[str, Any]:
         """Take or renew ``cluster``'s lease, or the server-wide one (``None``)."""
-        with self._audit_lock:
-            granted = self._lease.acquire(owner, ttl_s, cluster)
-            last = next((h["term"] for h in reversed(self._holders) if h.get("cluster") == cluster), None)
-            if granted["granted"] and granted["term"] != last:
-                self._holders.append({"at": time.time(), "holder": owner, "term": granted["term"], "cluster": cluster})
-            return granted
+        with self._lock:
+            return self._lease.acquire(owner, ttl_s, cluster)
 
     def release_lease(self, owner: str, cluster: str | None = None) -> bool:
         return self._lease.release(owner, cluster)
@@ -106,18 +84,15 @@ class XdsServerActor:
     def wait_for_ack(self, version: str, node_id: str | None = None, timeout: float = 5.0) -> bool:
         return self._server.wait_for_ack(version, node_id, timeout)
 
-    def audit(self) -> dict[str, Any]:
-        """Lease-checked pushes and changes of lease holder, oldest first, since this actor (re)started."""
-        with self._audit_lock:
-            return {"pid": os.getpid(), "pushes": list(self._pushes), "holders": list(self._holders)}
-
     def port(self) -> int | None:
         return self._server.port
 
 
-def start_actor(settings: Settings, state_dir: str | Path | None = None) -> ray.actor.ActorHandle[Any]:
+def start_actor(
+    settings: Settings, state_dir: str | Path | None = None, *, actor_cls: type[XdsServerActor] = XdsServerActor
+) -> ray.actor.ActorHandle[Any]:
     """Get the named xDS actor, creating it (pinned to the head) if it does not exist."""
-    cls = ray.remote(XdsServerActor)
+    cls = ray.remote(actor_cls)
     created = cls.options(
         name=ACTOR_NAME,
         namespace=NAMESPACE,

@@ -20,7 +20,6 @@ from envoy.service.discovery.v3 import discovery_pb2
 
 from balanceiq.exceptions import XdsRequestError
 from balanceiq.xds.snapshot import EDS_TYPE, Snapshot, delta_response, sotw_response
-from balanceiq.xds.store import add_listener
 
 _NONCES = itertools.count(1)
 
@@ -69,7 +68,6 @@ class StatusRegistry:
         self.refused_by_reason: Counter[str] = Counter()
         self.ignored_by_reason: Counter[str] = Counter()
         self.bad_requests: deque[dict[str, Any]] = deque(maxlen=max_rejections)
-        self._ack_listeners: list[Callable[[str, str, float], None]] = []
 
     def _node(self, node_id: str) -> NodeStatus:
         node = self._nodes.get(node_id)
@@ -118,16 +116,12 @@ class StatusRegistry:
             self._node(node_id).responses_sent += 1
 
     def ack(self, node_id: str, version: str) -> None:
-        now = time.monotonic()
         with self._lock:
             node = self._node(node_id)
             node.acks += 1
             node.last_acked_version = version
             node.last_acked_at = time.time()
-            listeners = list(self._ack_listeners)
             self._lock.notify_all()
-        for fn in listeners:
-            fn(node_id, version, now)
 
     def nack(self, node_id: str, type_url: str, version: str, error: str) -> None:
         error = error[:MAX_ERROR_DETAIL]  # a client could send megabytes here, a hundred times over
@@ -139,9 +133,6 @@ class StatusRegistry:
             rejection = {"node_id": node_id, "type_url": type_url, "version": version, "error": error}
             self.rejections.append({**rejection, "at": time.time()})
             self._lock.notify_all()
-
-    def add_ack_listener(self, fn: Callable[[str, str, float], None]) -> Callable[[], None]:
-        return add_listener(self._lock, self._ack_listeners, fn)
 
     def wait_for(self, predicate: Callable[[dict[str, NodeStatus]], bool], timeout: float) -> bool:
         with self._lock:

@@ -21,7 +21,7 @@ from google.protobuf.message import DecodeError, Message
 
 from balanceiq.config import ClusterConfig, Settings, TlsConfig, is_loopback
 from balanceiq.exceptions import AssignmentError, XdsBindError, XdsError, XdsRequestError
-from balanceiq.loop import LoopThread
+from balanceiq.loop import GRPC_OPTIONS, LoopThread
 from balanceiq.xds.assignment import Assignment, EndpointAssignment
 from balanceiq.xds.protocol import DeltaStream, SotwStream, StatusRegistry
 from balanceiq.xds.snapshot import EDS_TYPE, sotw_response
@@ -37,15 +37,9 @@ MAX_REQUEST_BYTES = 4 * 1024 * 1024
 _READ_AHEAD = 16
 
 _GRPC_OPTIONS = [
-    # gRPC turns SO_REUSEPORT on by default: a second server would silently share the port.
-    ("grpc.so_reuseport", 0),
+    *GRPC_OPTIONS,
     ("grpc.max_receive_message_length", MAX_REQUEST_BYTES),
     ("grpc.max_send_message_length", 64 * 1024 * 1024),
-    # Envoy keeps the ADS stream open for days: keepalives find dead peers.
-    ("grpc.keepalive_time_ms", 30_000),
-    ("grpc.keepalive_timeout_ms", 10_000),
-    ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
-    ("grpc.keepalive_permit_without_calls", 1),
 ]
 
 

@@ -14,9 +14,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable
-from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Any, TypeVar
 
 from balanceiq.exceptions import AssignmentError
 from balanceiq.xds.assignment import Assignment
@@ -28,14 +26,11 @@ STATE_FILE = "xds-snapshot.json"
 EPOCH_FILE = "xds-epoch"
 
 Watcher = Callable[[Snapshot], None]
-T = TypeVar("T")
 
 
 class SnapshotStore:
-    """Latest-snapshot holder with versioning, watchers and optional persistence.
-
-    Thread-safe; watchers run on the publishing thread and must only hand the snapshot off.
-    """
+    """The latest snapshot, versioned, watched and optionally persisted. Thread-safe; watchers
+    run on the publishing thread and must only hand the snapshot off."""
 
     def __init__(self, state_dir: Path | str | None = None) -> None:
         self._state_dir = Path(state_dir) if state_dir is not None else None
@@ -66,7 +61,14 @@ class SnapshotStore:
 
     def watch(self, watcher: Watcher) -> Callable[[], None]:
         """Call ``watcher(snapshot)`` on every publish; returns an unsubscribe function."""
-        return add_listener(self._lock, self._watchers, watcher)
+        with self._lock:
+            self._watchers.append(watcher)
+
+        def cancel() -> None:
+            with self._lock, contextlib.suppress(ValueError):
+                self._watchers.remove(watcher)
+
+        return cancel
 
     def publish(self, snapshot: Snapshot) -> None:
         with self._lock:
@@ -113,18 +115,6 @@ class SnapshotStore:
             _atomic_write(self._state_dir / STATE_FILE, json.dumps(data, indent=1))
         except OSError as exc:
             log.error("could not persist xDS snapshot %s: %s", snapshot.version, exc)
-
-
-def add_listener(lock: AbstractContextManager[Any], listeners: list[T], fn: T) -> Callable[[], None]:
-    """Append ``fn`` to ``listeners`` under ``lock``; returns the function that removes it."""
-    with lock:
-        listeners.append(fn)
-
-    def cancel() -> None:
-        with lock, contextlib.suppress(ValueError):
-            listeners.remove(fn)
-
-    return cancel
 
 
 def _atomic_write(path: Path, text: str) -> None:

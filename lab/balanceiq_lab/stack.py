@@ -198,9 +198,9 @@ class Stack:
         its own telemetry (Prometheus retried every ``retry_s``), pushing through
         ``xds_client`` (default: the in-process server), behind a :class:`ControlPlane`
         (returned; not started: ``.start()`` runs the loops)."""
-        from balanceiq.control.xds_client import LocalXdsClient
         from balanceiq.serve.plane import ControlPlane, cluster_controllers
         from balanceiq.telemetry.observe import Telemetry
+        from balanceiq.xds.client import LocalXdsClient
 
         if xds_client is None:
             assert self.xds is not None, "control_plane() needs the in-process xDS server or an xds_client"

@@ -381,10 +381,9 @@ def test_queueing_behind_a_stalled_backend_is_in_the_latency(tmp_path: Path) -> 
 
 @pytest.mark.slow
 def test_cswrr_bootstrap_is_accepted_by_envoy() -> None:
-    from balanceiq.testbed.envoy import render_bootstrap
-    from balanceiq_lab.testbed.envoy import validate_bootstrap
+    from balanceiq_lab.testbed.envoy import lab_bootstrap, validate_bootstrap
 
-    b = render_bootstrap(load_config(REPO / "balanceiq.yaml"), lb_policy=CSWRR)
+    b = lab_bootstrap(load_config(REPO / "balanceiq.yaml"), lb_policy=CSWRR)
     cluster = b["static_resources"]["clusters"][1]
     assert "lb_policy" not in cluster
     ext = cluster["load_balancing_policy"]["policies"][0]["typed_extension_config"]

@@ -15,7 +15,7 @@ import yaml
 from livestack import fast_settings, settings_on_free_ports
 
 from balanceiq.config import Settings
-from balanceiq.testbed.ports import free_port
+from balanceiq.testbed.ports import free_ports
 
 pytestmark = pytest.mark.slow
 
@@ -24,7 +24,7 @@ EXE = str(Path(sys.executable).parent / "balanceiq")
 
 def _config(tmp_path: Path) -> Path:
     s: Settings = fast_settings(settings_on_free_ports(6), interval_s=2.0)
-    s = s.model_copy(update={"api": s.api.model_copy(update={"port": free_port()})})
+    s = s.model_copy(update={"api": s.api.model_copy(update={"port": free_ports(1)[0]})})
     path = tmp_path / "demo.yaml"
     path.write_text(yaml.safe_dump(s.model_dump(mode="json")))
     return path

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import signal
 import subprocess
 import sys
@@ -313,7 +314,17 @@ def test_rllib_trains_on_two_live_env_runners(ray_local: None) -> None:
         )
         assert sampled >= 32
         per_runner = algo.env_runner_group.foreach_env_runner(
-            lambda r: [e.unwrapped.describe() | {"pids": e.unwrapped.owned_pids} for e in r.env.unwrapped.envs],
+            lambda r: [
+                {
+                    "worker_index": e.unwrapped.worker_index,
+                    "pid": os.getpid(),
+                    "steps": e.unwrapped.total_steps,
+                    "listen_port": e.unwrapped.settings.envoy.listen_port,
+                    "envoy_admin": e.unwrapped.settings.envoy.admin_url,
+                    "pids": e.unwrapped.owned_pids,
+                }
+                for e in r.env.unwrapped.envs
+            ],
             local_env_runner=False,
         )
         envs = [e for runner in per_runner for e in runner]

@@ -19,13 +19,13 @@ from ray import serve
 
 from balanceiq.config import Settings
 from balanceiq.control.controller import Controller
-from balanceiq.control.xds_client import ActorXdsClient
 from balanceiq.policy.checkpoint import SHIPPED
 from balanceiq.policy.features import N_FEATURES
 from balanceiq.serve.app import build_app
 from balanceiq.sim.scenario import SCENARIOS
-from balanceiq.testbed.ports import free_port
+from balanceiq.testbed.ports import free_ports
 from balanceiq.xds.actor import get_actor
+from balanceiq.xds.client import ActorXdsClient
 from balanceiq_lab.testbed.load import run_load_sync
 from balanceiq_lab.testbed.testbed import Testbed
 
@@ -63,7 +63,7 @@ def app(ray_local: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[A
     work = tmp_path_factory.mktemp("serve")
     base = fast_settings(settings_on_free_ports(4), interval_s=1.0)
     s = base.model_copy(update={"state_dir": work / "state", "api": base.api.model_copy(update={"token": TOKEN})})
-    port = free_port()
+    port = free_ports(1)[0]
     stop = threading.Event()
     with Testbed(s, work / "tb", health_check_interval_s=60) as tb:
         loader = threading.Thread(

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from balanceiq.testbed.ports import free_port
+from balanceiq.testbed.ports import free_ports
 from balanceiq_lab.errors import BenchError
 from balanceiq_lab.openloop import (
     NOT_SENT,
@@ -156,7 +156,7 @@ async def test_backend_errors_and_transport_errors_are_counted() -> None:
         res = await run_open_loop(b.url + "/", arrival_schedule(100, 0.2, arrivals="constant"))
     assert (res.status == 503).all() and res.summary()["errors"] == 20
     assert res.summary()["error_kinds"] == {"HTTP 503": 20} and res.backend_names()[0] == "b1"
-    dead = free_port()  # nothing listens there
+    dead = free_ports(1)[0]  # nothing listens there
     res = await run_open_loop(f"http://127.0.0.1:{dead}/", arrival_schedule(100, 0.1, arrivals="constant"))
     assert (res.status == TRANSPORT_ERROR).all() and res.summary()["error_rate"] == 1.0
     assert res.error_kinds and all(e >= 0 for e in res.error.tolist())
@@ -221,7 +221,7 @@ def test_cli_runs_in_its_own_process(tmp_path: Path) -> None:
         {
             "name": "zero",
             "host": "127.0.0.1",
-            "port": free_port(),
+            "port": free_ports(1)[0],
             "cloud": "aws",
             "region": "r",
             "base_latency_ms": 5.0,

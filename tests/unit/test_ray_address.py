@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from balanceiq.cluster import check_ray_address
-from balanceiq.testbed.ports import free_port
+from balanceiq.testbed.ports import free_ports
 
 ROOT = Path(__file__).resolve().parents[2]
 EXE = str(Path(sys.executable).parent / "balanceiq")
@@ -22,7 +22,7 @@ def run(*args: str) -> subprocess.CompletedProcess[str]:
 
 def test_ray_address_is_checked_in_seconds(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # Given a dead address, ray.init retries for ~14 minutes; the check answers at once.
-    closed = free_port()
+    closed = free_ports(1)[0]
     assert f"nothing answers at 127.0.0.1:{closed} (Connection refused)" in (
         check_ray_address(f"127.0.0.1:{closed}") or ""
     )
@@ -68,7 +68,7 @@ def test_ray_address_is_checked_in_seconds(tmp_path: Path, monkeypatch: pytest.M
 def test_cli_train_address(tmp_path: Path) -> None:
     res = run("train", "--help")
     assert res.returncode == 0 and "--address" in res.stdout
-    closed = free_port()
+    closed = free_ports(1)[0]
     res = run("train", "--address", f"127.0.0.1:{closed}", "--iterations", "1", "--checkpoint-dir", str(tmp_path / "c"))
     assert res.returncode == 2 and "Traceback" not in res.stderr
     assert f"nothing answers at 127.0.0.1:{closed}" in res.stderr and "--address" in res.stderr

@@ -71,10 +71,10 @@ from rich.console import Console
 from balanceiq.config import Settings
 from balanceiq.control.controller import Controller
 from balanceiq.control.records import DecisionRecord
-from balanceiq.control.xds_client import ActorXdsClient
 from balanceiq.exceptions import BalanceIQError
 from balanceiq.policy.lp import traffic_moved, weights_to_shares
 from balanceiq.telemetry.observe import Telemetry
+from balanceiq.xds.client import ActorXdsClient
 from balanceiq.xds.snapshot import EDS_TYPE
 from balanceiq_lab.bench.settings import bench_settings
 from balanceiq_lab.errors import BenchError
@@ -1268,7 +1268,8 @@ def serve_replica_killed(
     from ray import serve
 
     from balanceiq.serve.app import build_app
-    from balanceiq.xds.actor import get_actor
+    from balanceiq.xds.actor import start_actor
+    from balanceiq_lab.xds_audit import AuditedXdsServerActor
 
     base = settings or fault_settings()
     t0 = time.monotonic()
@@ -1276,10 +1277,11 @@ def serve_replica_killed(
         s = base.model_copy(update={"state_dir": wd / "state", "api": base.api.model_copy(update={"token": API_TOKEN})})
         actor = None
         try:
+            # The app's Controller gets this actor (the named one): the audit sees its pushes.
+            actor = start_actor(s, actor_cls=AuditedXdsServerActor)
             progress("serve_replica_killed: deploying the Serve app (Policy + Controller)")
             serve.start(http_options={"host": "127.0.0.1", "port": s.api.port})
             serve.run(build_app({"settings": s}), name=APP_NAME, route_prefix="/")
-            actor = get_actor()
             with _stack(s, wd, actor=actor, controller=False, rate_rps=rate_rps) as st:
                 progress("serve_replica_killed: waiting for the replica's pushes")
 

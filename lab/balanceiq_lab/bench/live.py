@@ -75,6 +75,7 @@ from balanceiq_lab.progress import progress_bar
 from balanceiq_lab.results import error_rate, latency_summary, slo_attainment
 from balanceiq_lab.stability import reversal_events
 from balanceiq_lab.stack import Stack
+from balanceiq_lab.testbed.envoy import CSWRR
 from balanceiq_lab.testbed.profiles import behaviour_for
 from balanceiq_lab.testbed.scenario import LiveEvent, LiveScenario, state_truth, states_after
 
@@ -91,7 +92,6 @@ class Arm:
 
 
 DEFAULT_LB_POLICY = EnvoyConfig().lb_policy  # what BalanceIQ ships with
-CSWRR = "CLIENT_SIDE_WEIGHTED_ROUND_ROBIN"  # balanceiq.testbed.envoy renders the extension
 _SHORT = {"ROUND_ROBIN": "rr", "LEAST_REQUEST": "lr", CSWRR: "cswrr"}
 _BIQ_RR = Arm("balanceiq_rr", "BalanceIQ over ROUND_ROBIN", "ROUND_ROBIN", "controller", "balanceiq")
 _BIQ_LR = Arm("balanceiq_lr", "BalanceIQ over LEAST_REQUEST", "LEAST_REQUEST", "controller", "balanceiq")

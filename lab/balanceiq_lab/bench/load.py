@@ -41,7 +41,7 @@ from rich.console import Console
 
 from balanceiq.config import Settings
 from balanceiq_lab.bench.settings import bench_settings
-from balanceiq_lab.bench.xds_clients import ClientProcesses
+from balanceiq_lab.bench.xds_clients import AckListeningRegistry, ClientProcesses
 from balanceiq_lab.errors import BenchError
 from balanceiq_lab.openloop import Request, cli_argv, run_open_loop
 from balanceiq_lab.progress import progress_bar
@@ -427,7 +427,7 @@ def run_xds_soak(
     rng = random.Random(11)
     with tempfile.TemporaryDirectory(prefix="balanceiq-xds-soak-") as work:
         server = XdsServer(settings, state_dir=None)
-        server.registry.add_ack_listener(fanout)
+        server.registry = AckListeningRegistry(fanout)
         port = server.start()
         envoy = EnvoyProcess(
             render_bootstrap(settings, api=api, node_id=XDS_ENVOY_NODE, health_check_interval_s=300),

@@ -67,7 +67,7 @@ from balanceiq.policy.features import encode
 from balanceiq.policy.knobs import Knobs
 from balanceiq.policy.reward import RewardWeights
 from balanceiq.telemetry.observation import EndpointObservation, Observation
-from balanceiq.testbed.ports import free_port
+from balanceiq.testbed.ports import free_ports
 from balanceiq_lab.bench.processes import cores_by_role, cpu_by_role, leftovers
 from balanceiq_lab.bench.settings import CLOUDS
 from balanceiq_lab.bench.settings import bench_settings as common_settings
@@ -1183,7 +1183,7 @@ def _run(
         settings = settings.model_copy(update={"api": settings.api.model_copy(update={"serve_directly": own_server})})
         # Serve's proxy (it also runs with direct ingress, on the head node); with the
         # replica's own server on api.port, on a port of its own as serve_app.yaml has it.
-        http_port = free_port() if own_server else settings.api.port
+        http_port = free_ports(1)[0] if own_server else settings.api.port
         stop_load = threading.Event()
         loader: threading.Thread | None = None
         load_result: dict[str, Any] = {}

@@ -32,14 +32,13 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from balanceiq.config import Settings, settings_from_dict
 from balanceiq.telemetry.envoy_admin import EnvoyAdminSource
 from balanceiq.telemetry.observe import Telemetry
-from balanceiq.testbed.envoy import render_bootstrap
 from balanceiq.testbed.ports import free_ports
 from balanceiq_lab.bench.settings import CLOUDS
 from balanceiq_lab.bench.xds import _pct
 from balanceiq_lab.errors import BenchError
 from balanceiq_lab.results import latency_summary
 from balanceiq_lab.stack import Stack
-from balanceiq_lab.testbed.envoy import EnvoyProcess
+from balanceiq_lab.testbed.envoy import EnvoyProcess, lab_bootstrap
 from balanceiq_lab.testbed.load import run_load_sync
 from balanceiq_lab.testbed.testbed import backend_specs
 
@@ -244,7 +243,7 @@ def _overhead(work: Path, console: Console, rounds: int = 2, seconds: float = 4.
     stack = Stack(settings, work, prometheus=False, health_check_interval_s=300, envoy_bootstrap=node_on)
     on = stack.testbed.envoy
     off = EnvoyProcess(
-        render_bootstrap(
+        lab_bootstrap(
             off_settings,
             node_id="als-off",
             admin_port=next(spare),

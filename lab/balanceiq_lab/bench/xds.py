@@ -31,7 +31,7 @@ from balanceiq.testbed.envoy import render_bootstrap
 from balanceiq.testbed.ports import free_ports
 from balanceiq.xds.server import XdsServer
 from balanceiq_lab.bench.settings import CLOUDS
-from balanceiq_lab.bench.xds_clients import ClientProcesses
+from balanceiq_lab.bench.xds_clients import AckListeningRegistry, ClientProcesses
 from balanceiq_lab.errors import BenchError
 from balanceiq_lab.progress import progress_bar
 from balanceiq_lab.results import latency_summary
@@ -121,7 +121,7 @@ def run_xds_bench(
     rss_peak = rss_baseline
     with tempfile.TemporaryDirectory(prefix="balanceiq-bench-") as work:
         server = XdsServer(settings, state_dir=None)
-        server.registry.add_ack_listener(collector)
+        server.registry = AckListeningRegistry(collector)
         port = server.start()
         envoy = EnvoyProcess(
             render_bootstrap(settings, api=api, node_id=ENVOY_NODE, health_check_interval_s=300),

@@ -12,15 +12,32 @@ import asyncio
 import multiprocessing as mp
 import multiprocessing.synchronize
 import time
+from collections.abc import Callable
 from typing import Any
 
 import grpc
 from envoy.service.discovery.v3 import discovery_pb2
 
+from balanceiq.xds.protocol import StatusRegistry
 from balanceiq.xds.snapshot import EDS_TYPE
 from balanceiq_lab.errors import BenchError
 
 STREAMS_PER_CHANNEL = 100
+
+
+class AckListeningRegistry(StatusRegistry):
+    """A :class:`StatusRegistry` that calls ``listener(node_id, version, t)`` after each ACK it
+    records (``t``: ``time.monotonic()`` when the ACK came). Set as ``server.registry`` before
+    ``server.start()``."""
+
+    def __init__(self, listener: Callable[[str, str, float], None]) -> None:
+        super().__init__()
+        self.listener = listener
+
+    def ack(self, node_id: str, version: str) -> None:
+        now = time.monotonic()
+        super().ack(node_id, version)
+        self.listener(node_id, version, now)
 
 
 async def _sotw_stream(channel: grpc.aio.Channel, node_id: str, cluster: str, first: asyncio.Event) -> None:

@@ -14,8 +14,53 @@ from typing import Any
 import httpx
 import yaml
 
+from balanceiq.config import Settings
 from balanceiq.exceptions import EnvoyError
+from balanceiq.testbed.envoy import render_bootstrap
 from balanceiq_lab.testbed.process import stop_popen
+
+# Not a `lb_policy` enum value but an extension: endpoint weights come from the backends'
+# ORCA load reports (the `endpoint-load-metrics` response header), not from EDS.
+CSWRR = "CLIENT_SIDE_WEIGHTED_ROUND_ROBIN"
+CSWRR_EXTENSION = "envoy.load_balancing_policies.client_side_weighted_round_robin"
+CSWRR_TYPE = (
+    "type.googleapis.com/envoy.extensions.load_balancing_policies."
+    "client_side_weighted_round_robin.v3.ClientSideWeightedRoundRobin"
+)
+
+
+def lab_bootstrap(
+    settings: Settings,
+    *,
+    admin_port: int | None = None,
+    listen_port: int | None = None,
+    xds_port: int | None = None,
+    lb_policy: str | None = None,
+    **kw: Any,
+) -> dict[str, Any]:
+    """:func:`~balanceiq.testbed.envoy.render_bootstrap` on other ports than the settings', and
+    with CSWRR (Envoy's defaults, by extension) as a balancer, which no config can select."""
+    admin = httpx.URL(settings.envoy.admin_url)
+    envoy: dict[str, Any] = {"listen_port": listen_port or settings.envoy.listen_port}
+    envoy["admin_url"] = str(admin.copy_with(port=admin_port)) if admin_port else settings.envoy.admin_url
+    s = settings.model_copy(
+        update={
+            "envoy": settings.envoy.model_copy(update=envoy),
+            "xds": settings.xds.model_copy(update={"port": xds_port or settings.xds.port}),
+        }
+    )
+    bootstrap = render_bootstrap(s, lb_policy=None if lb_policy == CSWRR else lb_policy, **kw)
+    if lb_policy == CSWRR:
+        ext = {"name": CSWRR_EXTENSION, "typed_config": {"@type": CSWRR_TYPE}}
+        policy = {"policies": [{"typed_extension_config": ext}]}
+        clusters = bootstrap["static_resources"]["clusters"]
+        for i, c in enumerate(clusters):
+            if c["type"] == "EDS":  # in place of lb_policy, where it was
+                clusters[i] = {
+                    ("load_balancing_policy" if k == "lb_policy" else k): (policy if k == "lb_policy" else v)
+                    for k, v in c.items()
+                }
+    return bootstrap
 
 
 def envoy_binary() -> Path:

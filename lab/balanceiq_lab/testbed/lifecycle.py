@@ -21,7 +21,7 @@ from rich.console import Console
 
 from balanceiq.config import Settings
 from balanceiq.exceptions import TestbedError
-from balanceiq.testbed.lifecycle import connect_ray
+from balanceiq.xds.client import connect_ray
 from balanceiq_lab.testbed.testbed import STATE_FILE, Testbed, stop_recorded
 
 

@@ -24,9 +24,8 @@ import psutil
 
 from balanceiq.config import Settings
 from balanceiq.exceptions import TestbedError
-from balanceiq.testbed.envoy import render_bootstrap
 from balanceiq_lab.errors import BackendError
-from balanceiq_lab.testbed.envoy import EnvoyProcess
+from balanceiq_lab.testbed.envoy import EnvoyProcess, lab_bootstrap
 from balanceiq_lab.testbed.process import stop_popen, terminate_pid
 from balanceiq_lab.testbed.profiles import behaviour_for
 from balanceiq_lab.testbed.prometheus import PrometheusProcess, render_config, render_rules
@@ -188,7 +187,7 @@ class Testbed:
         self.als = (
             AlsProcess(tel.als_grpc_port, tel.als_metrics_port, self.workdir / "als") if tel.als_enabled else None
         )
-        bootstrap = render_bootstrap(
+        bootstrap = lab_bootstrap(
             settings,
             api=api,
             node_id=node_id,

@@ -12,10 +12,10 @@ import pytest
 from livestack import settings_on_free_ports
 
 from balanceiq.control.controller import Controller
-from balanceiq.control.xds_client import LocalXdsClient
 from balanceiq.policy.decide import breach_state, observe_only
 from balanceiq.policy.reward import RewardWeights, observed_reward
 from balanceiq.telemetry.observation import EndpointObservation, Observation
+from balanceiq.xds.client import LocalXdsClient
 from balanceiq.xds.server import XdsServer
 
 

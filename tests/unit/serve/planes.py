@@ -13,10 +13,10 @@ from typing import Any
 
 from balanceiq.config import Settings
 from balanceiq.control.controller import Observer
-from balanceiq.control.xds_client import LocalXdsClient
 from balanceiq.serve.plane import ControlPlane, PolicyClient, cluster_controllers
 from balanceiq.serve.policy import PolicyModel
 from balanceiq.telemetry.observation import EndpointObservation, Observation
+from balanceiq.xds.client import LocalXdsClient
 from balanceiq.xds.server import XdsServer
 from balanceiq_lab.bench.settings import settings_on_free_ports
 

@@ -10,7 +10,7 @@ import httpx
 from fastapi import FastAPI
 
 from balanceiq.serve.server import ApiServer, bind
-from balanceiq.testbed.ports import free_port
+from balanceiq.testbed.ports import free_ports
 
 
 def _app() -> FastAPI:
@@ -33,7 +33,7 @@ def _wait(cond, timeout: float = 10.0) -> bool:  # type: ignore[no-untyped-def]
 
 
 def test_serves_on_the_configured_port_and_stops() -> None:
-    port = free_port()
+    port = free_ports(1)[0]
     server = ApiServer(_app(), "127.0.0.1", port).start()
     try:
         assert _wait(lambda: server.serving), server.state
@@ -49,7 +49,7 @@ def test_serves_on_the_configured_port_and_stops() -> None:
 
 def _waiting_on_a_taken_port(retry_s: float) -> tuple[socket.socket, ApiServer]:
     """A port someone else holds, and a server started on it, seen waiting."""
-    taken = bind("127.0.0.1", free_port())
+    taken = bind("127.0.0.1", free_ports(1)[0])
     server = ApiServer(_app(), "127.0.0.1", taken.getsockname()[1], retry_s=retry_s).start()
     assert _wait(lambda: server.state.startswith("waiting"), 2), server.state
     return taken, server

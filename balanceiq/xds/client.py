@@ -1,15 +1,17 @@
-"""How the controller reaches the xDS server: the Ray actor, or one in this process.
-Both raise only :class:`~balanceiq.exceptions.XdsError`: to the loop a dead actor, a
-timeout and a refused push are alike (record, retry next interval)."""
+"""How the controller, LiveEnv and the CLI reach the xDS server: the named Ray actor, or one
+in this process. Both clients raise only :class:`~balanceiq.exceptions.XdsError`: to the loop a
+dead actor, a timeout and a refused push are alike (record, retry next interval)."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from balanceiq.exceptions import AssignmentError, XdsError
+from balanceiq.exceptions import AssignmentError, TestbedError, XdsError
 from balanceiq.xds.lease import LeaseTable
-from balanceiq.xds.server import XdsServer
+
+if TYPE_CHECKING:
+    from balanceiq.xds.server import XdsServer
 
 
 class ActorXdsClient:
@@ -41,8 +43,9 @@ class ActorXdsClient:
         return bool(self._call("release_lease", owner, cluster))
 
     def set_assignment(
-        self, cluster: str, weights: Mapping[str, int], health: Mapping[str, str], lease_owner: str
+        self, cluster: str, weights: Mapping[str, int], health: Mapping[str, str], lease_owner: str | None = None
     ) -> str:
+        """Without ``lease_owner``: an operator's push, which no lease holds back."""
         return str(self._call("set_assignment", cluster, dict(weights), dict(health), lease_owner))
 
     def wait_for_ack(self, version: str, timeout: float) -> bool:
@@ -53,8 +56,8 @@ class ActorXdsClient:
 
 
 class LocalXdsClient:
-    """An in-process :class:`XdsServer` with its own leases (tests, benchmarks); clients
-    given the same ``lease`` table compete as replicas would at the actor."""
+    """An in-process :class:`XdsServer` with its own leases (tests, benchmarks, LiveEnv's
+    private stack); clients given the same ``lease`` table compete as replicas would at the actor."""
 
     def __init__(self, server: XdsServer, lease: LeaseTable | None = None) -> None:
         self.server = server
@@ -80,3 +83,33 @@ class LocalXdsClient:
 
     def status(self) -> dict[str, Any]:
         return {**self.server.status(), "lease": self.lease.state(), "leases": self.lease.states()}
+
+
+def served(status: Mapping[str, Any], cluster: str) -> tuple[dict[str, int], dict[str, str]]:
+    """The weights and health (HEALTHY or DRAINING) a server's ``status()`` serves for ``cluster``."""
+    eps = status.get("clusters", {}).get(cluster, {}).get("endpoints", [])
+    weights = {e["address"]: int(e["weight"]) for e in eps}
+    return weights, {e["address"]: "DRAINING" if e.get("health") == "DRAINING" else "HEALTHY" for e in eps}
+
+
+def connect_ray() -> None:
+    """Connect this driver to the local Ray cluster (TestbedError if none is running)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    try:
+        ray.init(address="auto", namespace="balanceiq", log_to_driver=False)
+    except ConnectionError:
+        raise TestbedError("no Ray cluster is running (start one with `balanceiq testbed up`)") from None
+
+
+def running_actor(timeout_s: float = 30.0) -> ActorXdsClient:
+    """The running xDS actor of the local Ray cluster (``balanceiq xds ...``)."""
+    from balanceiq.xds.actor import get_actor
+
+    connect_ray()
+    try:
+        return ActorXdsClient(get_actor(), timeout_s)
+    except ValueError as exc:
+        raise TestbedError("no xDS actor is running (start it with `balanceiq testbed up`)") from exc
