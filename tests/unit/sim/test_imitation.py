@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from balanceiq.policy.baselines import HotColdHeuristic, PolicyContext
+from balanceiq.policy.baselines import PolicyContext, hot_cold_critical
 from balanceiq.policy.decide import optimum_gap
 from balanceiq.sim.env import FleetEnv
 from balanceiq.sim.imitation import collect, pretrain
@@ -28,7 +28,7 @@ def test_demonstrations_label_every_state_with_the_teachers_ordered_choice() -> 
         demand_rps=float(np.nansum([e.rps for e in obs.endpoints])),
         k=2,
     )
-    assert demos.actions[0].tolist() == HotColdHeuristic().critical(obs, ctx)
+    assert demos.actions[0].tolist() == hot_cold_critical(obs, ctx)
     # Hottest first, coldest second: the encoded utilisation column orders them so.
     util = demos.obs[0, :, -4]
     assert util[demos.actions[0, 0]] == pytest.approx(util[: env.sim.n].max())
