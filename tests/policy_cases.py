@@ -59,3 +59,12 @@ def assert_valid(d: Decision, n: int, available: np.ndarray | None = None) -> No
     assert all(0 <= i < n for i in d.critical)
     if available is not None:
         assert np.all(d.shares[~available] == 0)
+
+
+def window_breaching(obs: Observation, slo_ms: float) -> list[int]:
+    """Endpoints in visible trouble in this window: p95 over the SLO or >= 5% errors."""
+    return [
+        i
+        for i, e in enumerate(obs.endpoints)
+        if (math.isfinite(e.p95_ms) and e.p95_ms > slo_ms) or (math.isfinite(e.error_rate) and e.error_rate >= 0.05)
+    ]

@@ -205,19 +205,6 @@ class FleetEnv(gym.Env):
         self.core_state = core.state
         return core
 
-    def critical_from_action(self, action: np.ndarray) -> list[int]:
-        """Every available SLO breacher, congested or repriced endpoint (with
-        ``force_breaching``), then the agent's picks: what the decision core would use."""
-        picked = critical_indices(action, self.sim.n if self.sim else self.n_max)
-        if self.sim is None:
-            return picked
-        n = len(self.last_obs.endpoints)
-        scores = np.full(n, -np.inf)
-        scores[picked] = len(picked) - np.arange(len(picked), dtype=np.float64)
-        return list(
-            decide(self.last_obs, self.context(), scores, self.knobs(max(1, len(picked))), self.core_state).critical
-        )
-
     def capacity_estimate(self) -> np.ndarray:
         est, _ = observe_only(self.last_obs, self.context(), self.knobs(), self.core_state)
         return est.capacity

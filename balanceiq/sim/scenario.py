@@ -266,16 +266,6 @@ class Scenario(_Model):
         """Endpoint names in order."""
         return [e.name for e in self.endpoints]
 
-    @property
-    def total_capacity_rps(self) -> float:
-        """Sum of configured capacities (before events)."""
-        return float(sum(e.capacity_rps for e in self.endpoints))
-
-    @property
-    def n_steps(self) -> int:
-        """Steps in one run of ``duration_s``."""
-        return max(1, round(self.duration_s / self.step_s))
-
     def targets(self, target: str) -> list[int]:
         """Indices of the endpoints an event target names."""
         if target == "all":

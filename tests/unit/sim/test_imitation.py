@@ -60,7 +60,7 @@ def test_the_gap_teacher_names_the_endpoints_furthest_from_the_fleet_wide_optimu
     assert gap[first[0]] == pytest.approx(gap.max()) and gap[first[0]] > 0.01
     assert gap[first[1]] == pytest.approx(np.sort(gap)[-2])
     # The teacher's picks are what the env then re-optimises: both are in its critical set.
-    assert set(first) <= set(env.critical_from_action(np.asarray(first)))
+    assert set(first) <= set(env.decide(first).critical)
 
 
 def test_an_unknown_teacher_is_refused_by_name() -> None:
