@@ -23,30 +23,15 @@ import numpy as np
 
 from balanceiq.sim import queue
 from balanceiq.sim.balancer import Split, orca_weights, split
-from balanceiq.sim.queue import RHO_FULL, RHO_SAT, TAIL_FRACTION, TIMEOUT_MS
+from balanceiq.sim.queue import RHO_FULL, RHO_SAT, TAIL_FRACTION
 from balanceiq.sim.scenario import Scenario, load_scenario
 from balanceiq.telemetry.observation import NO_TRAFFIC, EndpointObservation, Observation
 
-__all__ = [
-    "BASE_ERROR",
-    "QUANTILES",
-    "RHO_FULL",
-    "RHO_SAT",
-    "SATURATION_MAX",
-    "TAIL_FRACTION",
-    "TIMEOUT_MS",
-    "FleetSim",
-    "StepResult",
-]
-
-BASE_ERROR = 0.001
-"""Error rate of a healthy endpoint below capacity."""
+BASE_ERROR = 0.001  # Error rate of a healthy endpoint below capacity.
 ORCA_BLACKOUT_S = 10.0
 """CSWRR uses an endpoint's reports once it has sent them this long (Envoy's ``blackout_period``)."""
-SATURATION_MAX = 10.0
-"""Observations clip saturation here: a dead endpoint under traffic is "very" saturated, not inf."""
-QUANTILES = np.array([0.5, 0.95, 0.99])
-"""Latency quantiles reported, in the order of the ``*_p50/p95/p99_ms`` fields."""
+SATURATION_MAX = 10.0  # Observations clip saturation here: a dead endpoint under traffic is "very" saturated, not inf.
+QUANTILES = np.array([0.5, 0.95, 0.99])  # Latency quantiles reported, in the order of the ``*_p50/p95/p99_ms`` fields.
 
 _GRID_POINTS = 320
 _GRID_LO_MS = 0.01
@@ -59,61 +44,29 @@ class StepResult:
     """One step: per-endpoint arrays (length n; latency and error rate ``nan`` where the
     endpoint got no traffic) and fleet aggregates."""
 
-    t: float
-    """Simulated time at the start of the step, in seconds."""
-    offered_rps: np.ndarray
-    """Requests per second sent to each endpoint (share x demand)."""
-    served_rps: np.ndarray
-    """Requests per second answered successfully."""
-    capacity_rps: np.ndarray
-    """True effective capacity during the step (0 when failed)."""
-    available: np.ndarray
-    """False where the endpoint was down."""
-    utilization: np.ndarray
-    """offered / capacity; ``inf`` for a failed endpoint that was sent traffic."""
+    t: float  # simulated time at the start of the step (s)
+    offered_rps: np.ndarray  # sent to each endpoint (share x demand)
+    served_rps: np.ndarray  # answered successfully
+    capacity_rps: np.ndarray  # true effective capacity during the step (0 when failed)
+    available: np.ndarray  # False where the endpoint was down
+    utilization: np.ndarray  # offered / capacity; inf for a failed endpoint sent traffic
     endpoint_p50_ms: np.ndarray
     endpoint_p95_ms: np.ndarray
     endpoint_p99_ms: np.ndarray
-    endpoint_error_rate: np.ndarray
-    """Fraction of offered requests that failed (shed, fast-failed or base errors)."""
-    inflight: np.ndarray
-    """Mean requests in the system (Little's law: accepted rate x mean latency)."""
-    endpoint_cost_per_million: np.ndarray
-    """Price per million requests in force during the step."""
-    demand_rps: float
-    """Total demand during the step."""
-    p50_ms: float
-    """Fleet median latency (mixture of endpoints by traffic share)."""
+    endpoint_error_rate: np.ndarray  # share of offered requests that failed (shed, fast-failed or base errors)
+    inflight: np.ndarray  # mean requests in the system (Little's law: accepted rate x mean latency)
+    endpoint_cost_per_million: np.ndarray  # price in force during the step
+    demand_rps: float  # total demand during the step
+    p50_ms: float  # fleet quantiles: the endpoints' mixture by traffic share
     p95_ms: float
     p99_ms: float
-    error_rate: float
-    """Fraction of all requests that failed."""
-    cost_per_million: float
-    """$ per million successfully served requests (offered-weighted if none was served)."""
-    max_utilization: float
-    """Highest utilisation among available endpoints (a failed one shows in ``error_rate``)."""
+    error_rate: float  # share of all requests that failed
+    cost_per_million: float  # $ per million served (offered-weighted if none was served)
+    max_utilization: float  # highest among available endpoints (a failed one shows in error_rate)
 
 
 class _Segment:
     """Fleet state between two event boundaries; precomputed so a step does no event logic."""
-
-    __slots__ = (
-        "any_failed",
-        "any_tail",
-        "capacity",
-        "cost",
-        "demand_mult",
-        "failed",
-        "mu_accept",
-        "mu_safe",
-        "ok",
-        "one_server",
-        "servers",
-        "start",
-        "tail",
-        "tail_frac",
-        "up",
-    )
 
     def __init__(
         self,
@@ -309,15 +262,10 @@ class FleetSim:
             raise ValueError(f"shares must have shape ({self.n},), got {s.shape}")
         total = float(s.sum())
         if not (math.isfinite(total) and total > 0.0) or float(s.min()) < 0.0:
-            bad = np.flatnonzero(np.isnan(s))
-            if bad.size:
-                raise ValueError(f"shares contain NaN at index {bad.tolist()}")
-            bad = np.flatnonzero(np.isinf(s))
-            if bad.size:
-                raise ValueError(f"shares contain infinity at index {bad.tolist()}")
-            bad = np.flatnonzero(s < 0)
-            if bad.size:
-                raise ValueError(f"shares must be >= 0; negative at index {bad.tolist()}")
+            checks = {"contain NaN": np.isnan(s), "contain infinity": np.isinf(s), "must be >= 0; negative": s < 0}
+            for what, bad in checks.items():
+                if bad.any():
+                    raise ValueError(f"shares {what} at index {np.flatnonzero(bad).tolist()}")
             raise ValueError("shares sum to 0: no endpoint would receive traffic")
         return s if total == 1.0 else s / total
 

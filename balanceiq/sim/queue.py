@@ -18,14 +18,10 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.special import exprel
 
-RHO_SAT = 0.98
-"""Utilisation from which an endpoint counts as overloaded (the queue model stops applying)."""
-RHO_FULL = 1.1
-"""Utilisation at which every request served waits the full timeout."""
-TIMEOUT_MS = 2000.0
-"""Default cap on the time beyond the fixed delay (queueing plus service plus brownout)."""
-TAIL_FRACTION = 0.1
-"""Share of requests a ``tail_latency`` event slows down unless it says otherwise."""
+RHO_SAT = 0.98  # Utilisation from which an endpoint counts as overloaded (the queue model stops applying).
+RHO_FULL = 1.1  # Utilisation at which every request served waits the full timeout.
+TIMEOUT_MS = 2000.0  # Default cap on the time beyond the fixed delay (queueing plus service plus brownout).
+TAIL_FRACTION = 0.1  # Share of requests a ``tail_latency`` event slows down unless it says otherwise.
 
 _NEWTON_STEPS = 40
 

@@ -19,10 +19,8 @@ import numpy as np
 from balanceiq.sim.scenario import Scenario, scenario_from_dict
 
 CLOUDS = ("aws", "gcp", "azure", "oci")
-ENDPOINTS = (3, 120)
-"""Fewest and most endpoints of a drawn fleet."""
-LOAD = (0.4, 0.8)
-"""Offered load as a fraction of the fleet's capacity, at the start."""
+ENDPOINTS = (3, 120)  # Fewest and most endpoints of a drawn fleet.
+LOAD = (0.4, 0.8)  # Offered load as a fraction of the fleet's capacity, at the start.
 _EVENTS = ("slowdown", "slots", "errors", "tail", "price", "cloud_price", "demand")
 
 

@@ -23,18 +23,6 @@ from balanceiq.config.base import NonNegFloat, PosFloat, _cross_field_error, _Mo
 from balanceiq.config.loading import _read_text
 from balanceiq.exceptions import ConfigError
 
-__all__ = [
-    "SCENARIOS",
-    "DemandSpec",
-    "EndpointSpec",
-    "Event",
-    "EventKind",
-    "Scenario",
-    "load_scenario",
-    "scenario_from_dict",
-    "scenario_text",
-]
-
 SCENARIOS: tuple[str, ...] = (
     "steady",
     "heterogeneous",

@@ -16,12 +16,12 @@ import numpy as np
 from scipy.optimize import least_squares
 
 from balanceiq.sim.calibrate.recording import Samples
-from balanceiq.sim.fleet import BASE_ERROR, RHO_FULL, RHO_SAT, SATURATION_MAX, TIMEOUT_MS
+from balanceiq.sim.fleet import BASE_ERROR, SATURATION_MAX
+from balanceiq.sim.queue import RHO_FULL, RHO_SAT, TIMEOUT_MS
 
 LN2 = math.log(2.0)
 
-LOW_LOAD_RHO = 0.5
-"""Records at or below this utilisation pin the base latency."""
+LOW_LOAD_RHO = 0.5  # Records at or below this utilisation pin the base latency.
 
 RELATIVE = ("p50", "p95", "inflight")
 SIGNALS = (*RELATIVE, "saturation", "error_rate")

@@ -12,7 +12,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from balanceiq.sim.fleet import BASE_ERROR, TIMEOUT_MS, FleetSim, StepResult
+from balanceiq.sim.fleet import BASE_ERROR, FleetSim, StepResult
+from balanceiq.sim.queue import TIMEOUT_MS
 from balanceiq.sim.scenario import Scenario, load_scenario, scenario_from_dict
 from balanceiq.telemetry.observation import NO_TRAFFIC, Observation
 
