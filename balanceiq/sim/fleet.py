@@ -23,7 +23,7 @@ import numpy as np
 
 from balanceiq.sim import queue
 from balanceiq.sim.balancer import Split, orca_weights, split
-from balanceiq.sim.queue import RHO_FULL, RHO_SAT, TAIL_FRACTION
+from balanceiq.sim.queue import TAIL_FRACTION
 from balanceiq.sim.scenario import Scenario, load_scenario
 from balanceiq.telemetry.observation import NO_TRAFFIC, EndpointObservation, Observation
 
@@ -125,13 +125,9 @@ class _Segment:
 
 
 class FleetSim:
-    """Seeded simulator of one scenario; see the module docstring for the model.
-
-    ``obs_noise`` is the relative (lognormal sigma) noise :meth:`observation` puts on
-    latency and error rate, from its own random stream so observing does not change the run.
-    Without ``saturation`` observations carry none, as a fleet without ORCA reports or
-    load gauges.
-    """
+    """Seeded simulator of one scenario. ``obs_noise``: the lognormal sigma :meth:`observation`
+    puts on latency and errors (its own random stream: observing does not change the run);
+    without ``saturation`` observations carry none (no ORCA reports or load gauges)."""
 
     def __init__(
         self, scenario: Scenario | str | Path, seed: int | None = None, obs_noise: float = 0.0, saturation: bool = True
@@ -280,11 +276,8 @@ class FleetSim:
         """:func:`queue.build`'s answer for M/M/1 endpoints in closed form (the sojourn is
         exponential): the shipped scenarios' case, and training's, kept fast."""
         t = self.timeout_ms
-        r = seg.mu_safe * (1.0 - np.minimum(rho, RHO_SAT)) * 1e-3
-        shift = np.clip((rho - RHO_SAT) * (t / (RHO_FULL - RHO_SAT)), 0.0, t)
+        r, shift, mean_wait = queue.mm1(seg.mu_safe, rho, t)
         lat = self.base_latency_ms[:, None] + np.minimum(shift[:, None] + np.multiply.outer(1.0 / r, _EXP_K), t)
-        gap = np.maximum(t - shift, 0.0)
-        mean_wait = t - gap - np.expm1(-r * gap) / r
         cdf = -np.expm1(-r[:, None] * np.maximum(self._x_minus_b - shift[:, None], 0.0))
         return lat, mean_wait, np.maximum(cdf, self._x_minus_b >= t)
 

@@ -104,10 +104,8 @@ def pretrain(
 ) -> dict[str, Any]:
     """Fit ``module`` in place: maximise the Plackett-Luce log-likelihood of the teacher's
     choices (the distribution PPO samples from) and regress the value head on the returns,
-    so PPO's first advantages are not noise from an untrained critic.
-
-    ``agreement`` is the fraction of states where the module's K highest scores are the
-    teacher's K endpoints (as a set: the LP ignores the order)."""
+    so PPO's first advantages are not noise from an untrained critic. ``agreement``: the
+    share of states where the module's top K are the teacher's K (as a set)."""
     import torch
     from ray.rllib.core.columns import Columns
 

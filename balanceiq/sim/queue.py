@@ -86,6 +86,15 @@ def build(
     return Queue(alpha, theta, p_wait, offset, weight, float(timeout_ms), exponential)
 
 
+def mm1(mu: np.ndarray, rho: np.ndarray, timeout_ms: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """An M/M/1 endpoint in closed form (the sojourn is exponential): its rate per ms, the
+    overload shift (ms) and the mean time beyond the fixed delay, the timeout included."""
+    r = mu * (1.0 - np.minimum(rho, RHO_SAT)) * 1e-3
+    shift = np.clip((rho - RHO_SAT) * (timeout_ms / (RHO_FULL - RHO_SAT)), 0.0, timeout_ms)
+    gap = np.maximum(timeout_ms - shift, 0.0)
+    return r, shift, timeout_ms - gap - np.expm1(-r * gap) / r
+
+
 def _g(y: np.ndarray, a: np.ndarray, t: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Survival of ``E + B W`` at ``y`` and its derivative (1 and 0 for y < 0)."""
     yp = np.maximum(y, 0.0)

@@ -290,12 +290,8 @@ def scenario_text(name: str) -> str:
 
 
 def load_scenario(name_or_path: str | Path | Scenario) -> Scenario:
-    """A shipped scenario by name (see :data:`SCENARIOS`) or a scenario YAML file by path
-    (a :class:`Scenario` passes through).
-
-    Raises :class:`ConfigError` naming every problem: unknown name, unreadable file, YAML
-    syntax (with line and column), and each invalid field (e.g. ``events[1].target``).
-    """
+    """A shipped scenario by name (:data:`SCENARIOS`), a scenario YAML file by path, or a
+    :class:`Scenario`; :class:`ConfigError` names every problem (YAML line and column, fields)."""
     if isinstance(name_or_path, Scenario):
         return name_or_path
     path = Path(name_or_path)
