@@ -68,6 +68,7 @@ class FleetEnv(gym.Env):
 
     # gymnasium.Env declares metadata as an instance attribute; it is class-wide here.
     metadata: ClassVar[dict[str, Any]] = {"render_modes": []}  # type: ignore[misc]
+    sim_class: ClassVar[type[FleetSim]] = FleetSim
 
     def __init__(self, env_config: dict[str, Any] | None = None) -> None:
         cfg = EnvConfig(**{key: v for key, v in (env_config or {}).items() if key in _FIELDS})
@@ -115,7 +116,7 @@ class FleetEnv(gym.Env):
             scenario = random_scenario(int(self.np_random.integers(2**31)), endpoints=self.random_endpoints)
         sim_seed = int(self.np_random.integers(2**31)) if seed is not None or self._episode else self._base_seed
         self._episode += 1
-        self.sim = FleetSim(scenario, seed=sim_seed, obs_noise=self.obs_noise, saturation=self.saturation)
+        self.sim = self.sim_class(scenario, seed=sim_seed, obs_noise=self.obs_noise, saturation=self.saturation)
         self.hint = np.array([e.capacity_rps for e in scenario.endpoints], dtype=np.float64)
         static = np.array([e.weight for e in scenario.endpoints], dtype=np.float64)
         self.shares = static / static.sum()

@@ -63,6 +63,7 @@ class StepResult:
     error_rate: float  # share of all requests that failed
     cost_per_million: float  # $ per million served (offered-weighted if none was served)
     max_utilization: float  # highest among available endpoints (a failed one shows in error_rate)
+    mix: np.ndarray  # the fleet's latency CDF on FleetSim.latency_grid_ms (the endpoints' by traffic share)
 
 
 class _Segment:
@@ -205,13 +206,7 @@ class FleetSim:
         self._noise_pos = 0
         self._orca: np.ndarray | None = None
         self._lb_state: dict[str, np.ndarray] = {}
-        self.clear_run()
         self._enter_step()
-
-    def clear_run(self) -> None:
-        """Start :meth:`run_summary` afresh from the next step (after a warm-up, say)."""
-        self._run_mix = np.zeros_like(self._log_grid)
-        self._run = np.zeros(3)  # requests, served, dollars (x 1e6)
 
     def _enter_step(self) -> None:
         """Bring segment, demand noise and demand up to date for the step starting at ``t``."""
@@ -324,8 +319,6 @@ class FleetSim:
 
         mix = s @ cdf
         agg = np.exp(np.interp(QUANTILES, mix, self._log_grid))
-        self._run_mix += demand * mix
-        self._run += np.array([demand, float(served.sum()), float(served @ seg.cost)])
 
         silent = lam <= 0.0
         err = 1.0 - served / np.maximum(lam, 1e-300)
@@ -361,32 +354,12 @@ class FleetSim:
             error_rate=1.0 - total_served / demand,
             cost_per_million=price,
             max_utilization=max_util,
+            mix=mix,
         )
         self._k += 1
         self.t = self._k * self.step_s
         self._enter_step()
         return result
-
-    def run_summary(self) -> dict[str, float]:
-        """Every request since the last reset: latency quantiles (ms), error rate and $ per
-        million served, as a load test over the whole run would measure them."""
-        requests, served, dollars = (float(x) for x in self._run)
-        if requests <= 0:
-            return {
-                "p50_ms": math.nan,
-                "p95_ms": math.nan,
-                "p99_ms": math.nan,
-                "error_rate": math.nan,
-                "cost_per_million": math.nan,
-            }
-        q = np.exp(np.interp(QUANTILES, self._run_mix / requests, self._log_grid))
-        return {
-            "p50_ms": float(q[0]),
-            "p95_ms": float(q[1]),
-            "p99_ms": float(q[2]),
-            "error_rate": 1.0 - served / requests,
-            "cost_per_million": dollars / served if served > 0 else math.nan,
-        }
 
     def observation(self, result: StepResult, weights: np.ndarray | None = None) -> Observation:
         """``result`` as the :class:`Observation` live telemetry would produce, under Envoy

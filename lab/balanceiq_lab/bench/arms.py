@@ -3,6 +3,7 @@ through a whole scenario, with the oracle alongside."""
 
 from __future__ import annotations
 
+import math
 import statistics
 from dataclasses import replace
 from pathlib import Path
@@ -18,7 +19,7 @@ from balanceiq.policy.knobs import Knobs
 from balanceiq.policy.lp import traffic_moved
 from balanceiq.policy.memory import CoreState
 from balanceiq.sim.env import FleetEnv
-from balanceiq.sim.fleet import FleetSim
+from balanceiq.sim.fleet import QUANTILES, FleetSim, StepResult
 from balanceiq.sim.scenario import Scenario, load_scenario
 from balanceiq_lab.bench.baselines import make_policy, oracle
 
@@ -55,6 +56,45 @@ class Teacher(FullLp):
         return optimum_gap(obs, ctx, knobs, self.state)
 
 
+class RunSim(FleetSim):
+    """FleetSim that also counts every request since :meth:`clear_run` (or the reset), for
+    :meth:`run_summary`: what a load test over the whole run measures."""
+
+    def reset(self, seed: int | None = None) -> None:
+        self.clear_run()
+        super().reset(seed)
+
+    def clear_run(self) -> None:
+        """Start :meth:`run_summary` afresh from the next step (after a warm-up, say)."""
+        self._run_mix = np.zeros_like(self.latency_grid_ms)
+        self._run = np.zeros(3)  # requests, served, dollars (x 1e6)
+
+    def step(self, shares: np.ndarray, balancer: str = "round_robin") -> StepResult:
+        res = super().step(shares, balancer)
+        served = res.served_rps
+        self._run_mix += res.demand_rps * res.mix
+        self._run += np.array([res.demand_rps, float(served.sum()), float(served @ res.endpoint_cost_per_million)])
+        return res
+
+    def run_summary(self) -> dict[str, float]:
+        """Latency quantiles (ms), error rate and $ per million served over every request counted."""
+        requests, served, dollars = (float(x) for x in self._run)
+        if requests <= 0:
+            return dict.fromkeys(("p50_ms", "p95_ms", "p99_ms", "error_rate", "cost_per_million"), math.nan)
+        q = np.exp(np.interp(QUANTILES, self._run_mix / requests, np.log(self.latency_grid_ms)))
+        return {
+            "p50_ms": float(q[0]),
+            "p95_ms": float(q[1]),
+            "p99_ms": float(q[2]),
+            "error_rate": 1.0 - served / requests,
+            "cost_per_million": dollars / served if served > 0 else math.nan,
+        }
+
+
+class _RunEnv(FleetEnv):
+    sim_class = RunSim
+
+
 # Envoy on its own: the config's static weights under each of its balancers.
 ENVOY_ARMS = {"round_robin": "round_robin", "least_request": "least_request", "cswrr": "cswrr"}
 
@@ -83,7 +123,7 @@ _ROW_KEYS = ("p50_ms", "p95_ms", "p99_ms", "error_rate", "cost_per_million", "tr
 def _pair_env(scenario: str | Scenario, seed: int, cfg: dict[str, Any]) -> FleetEnv:
     """One scenario's env for a whole run, reset (n_max = N: baselines never read padding)."""
     n_max = len(load_scenario(scenario).endpoints)
-    env = FleetEnv(
+    env = _RunEnv(
         {**cfg, "scenarios": [scenario], "n_max": n_max, "episode_steps": 10**9, "seed": seed, "obs_noise": 0.05}
     )
     env.reset(seed=seed)
@@ -113,10 +153,11 @@ def run_pair(
         "saturation": saturation,
     }
     env = _pair_env(scenario, seed, cfg)
-    assert env.sim is not None
-    n = env.sim.n
+    sim = env.sim
+    assert isinstance(sim, RunSim)
+    n = sim.n
     k = critical_count(n)
-    static = np.asarray(env.sim.static_weights, dtype=np.float64)
+    static = np.asarray(sim.static_weights, dtype=np.float64)
     policy.reset()
     full = FullLp()  # its own memory, on the policy's trajectory
     rows: list[dict[str, float]] = []
@@ -124,11 +165,11 @@ def run_pair(
     done = False
     measuring = warmup_s <= 0
     while not done:
-        if not measuring and env.sim.t >= warmup_s - 1e-9:
-            env.sim.clear_run()
+        if not measuring and sim.t >= warmup_s - 1e-9:
+            sim.clear_run()
             measuring = True
         obs = env.last_obs
-        cap_true = env.sim.capacity()
+        cap_true = sim.capacity()
         ctx = PolicyContext(
             shares=env.shares,
             capacity_hint=env.capacity_estimate(),
@@ -142,8 +183,8 @@ def run_pair(
             # The CFR-RL paper's comparison, beside what full re-optimisation moves on its
             # own trajectory (policy full_lp).
             full_moved = traffic_moved(env.shares, np.asarray(full.decide(obs, ctx).shares, dtype=np.float64))
-        demand = env.sim.demand_rps()
-        best = oracle(cap_true, env.sim.cost(), demand, available=env.sim.available()).max_utilization
+        demand = sim.demand_rps()
+        best = oracle(cap_true, sim.cost(), demand, available=sim.available()).max_utilization
         _, r, _, truncated, info = env.step_shares(np.asarray(decision.shares, dtype=np.float64))
         done = truncated
         achieved = info["max_utilization"]
@@ -153,17 +194,17 @@ def run_pair(
         if same_state:
             rows[-1]["full_moved_same_state"] = full_moved
         if trace:
-            timeline.append({"t": env.sim.t, "shares": env.shares.tolist(), "p99_ms": info["p99_ms"]})
+            timeline.append({"t": sim.t, "shares": env.shares.tolist(), "p99_ms": info["p99_ms"]})
     out: dict[str, Any] = {key: float(statistics.fmean(r[key] for r in rows)) for key in rows[0]}
     out["decisions"] = len(rows)
     # Over every request after the warm-up, as a load test measures (the rest: means over decisions).
-    out["run"] = env.sim.run_summary()
+    out["run"] = sim.run_summary()
     # The first decision's move (off the config's static split) is most of what any
     # policy moves in a run: reported so traffic_moved can be read with and without it.
     out["traffic_moved_first"] = float(rows[0]["traffic_moved"])
     if trace:
         out["timeline"] = timeline
-        out["names"] = list(env.sim.names)
+        out["names"] = list(sim.names)
     return out
 
 
