@@ -381,40 +381,11 @@ class FleetSim:
             p95 = p95 * lat_noise
             err = np.clip(err * np.exp(sig * z[1] - 0.5 * sig * sig), 0.0, 1.0)
         sat = np.minimum(result.utilization, SATURATION_MAX) if self.saturation else np.full(n, np.nan)
-        silent = result.offered_rps <= 0.0
-        no_traffic = frozenset({NO_TRAFFIC})
-        none: frozenset[str] = frozenset()
-        rows = zip(
-            self.names,
-            p50.tolist(),
-            p95.tolist(),
-            err.tolist(),
-            sat.tolist(),
-            result.inflight.tolist(),
-            result.offered_rps.tolist(),
-            result.endpoint_cost_per_million.tolist(),
-            w.tolist(),
-            result.available.tolist(),
-            silent.tolist(),
-            strict=True,
-        )
-        endpoints = tuple(
-            EndpointObservation(
-                address=name,
-                p50_ms=a,
-                p95_ms=c,
-                error_rate=e,
-                saturation=sa,
-                inflight=inf,
-                rps=rps,
-                cost_per_million=cost,
-                weight=wt,
-                healthy=up,
-                age_s=0.0,
-                flags=no_traffic if quiet else none,
-            )
-            for name, a, c, e, sa, inf, rps, cost, wt, up, quiet in rows
-        )
+        flags = [frozenset({NO_TRAFFIC}) if quiet else frozenset() for quiet in (result.offered_rps <= 0.0).tolist()]
+        # EndpointObservation's fields in order, from address to healthy; then age and flags.
+        cols = (p50, p95, err, sat, result.inflight, result.offered_rps, result.endpoint_cost_per_million, w)
+        rows = zip(self.names, *(c.tolist() for c in cols), result.available.tolist(), flags, strict=True)
+        endpoints = tuple(EndpointObservation(*row[:-1], 0.0, row[-1]) for row in rows)
         return Observation(
             cluster=self.scenario.name,
             endpoints=endpoints,
