@@ -6,8 +6,8 @@ import math
 
 import numpy as np
 
+from balanceiq.config import UINT32_MAX
 from balanceiq.policy.baselines import Decision, PolicyContext
-from balanceiq.policy.lp import UINT32_MAX
 from balanceiq.telemetry.observation import NO_TRAFFIC, EndpointObservation, Observation
 
 NAN = math.nan

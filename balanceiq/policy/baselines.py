@@ -15,7 +15,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from balanceiq.policy.lp import UINT32_MAX, shares_to_weights
+from balanceiq.config import UINT32_MAX
+from balanceiq.policy.lp import shares_to_weights
 from balanceiq.telemetry.observation import Observation
 
 # Below this saturation, rps/saturation extrapolates too far to be a capacity estimate.

@@ -18,8 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.optimize import OptimizeWarning, linprog
 
-# Envoy's limit on a weight and on a locality's sum (not imported: the policy does not depend on xDS).
-UINT32_MAX = 2**32 - 1
+from balanceiq.config import UINT32_MAX
 
 # Weights of the critical endpoints' own max utilisation above the knee, and as a tie-break.
 BALANCE = 0.5
