@@ -19,7 +19,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from balanceiq.config import parse_yaml, validation_problems
-from balanceiq.config.base import NonNegFloat, PosFloat, _cross_field_error, _Model
+from balanceiq.config.base import NonBlank, NonNegFloat, PosFloat, _cross_field_error, _Model, _not_blank
 from balanceiq.config.loading import _read_text
 from balanceiq.exceptions import ConfigError
 
@@ -45,14 +45,6 @@ _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]*")
 Multiplier = Annotated[float, Field(strict=True, allow_inf_nan=False)]
 
 
-def _not_blank(value: str, what: str) -> str:
-    if not value.strip():
-        raise ValueError(f"{what} must not be empty")
-    if value != value.strip():
-        raise ValueError(f"{what} {value!r} has leading or trailing spaces")
-    return value
-
-
 class EndpointSpec(_Model):
     """One simulated backend: where it runs, how much it takes, what it costs."""
 
@@ -60,7 +52,7 @@ class EndpointSpec(_Model):
     """Unique name and address in observations; not ``all`` or ``cloud:...`` (event targets)."""
     cloud: str
     """Cloud provider; events can target a whole cloud with ``cloud:<name>``."""
-    region: str
+    region: NonBlank
     """Region within the cloud; informational."""
     capacity_rps: PosFloat
     """Requests per second it completes when busy (``servers`` / mean service time); load above it is shed."""
@@ -113,11 +105,6 @@ class EndpointSpec(_Model):
         if "/" in value or ":" in value:
             raise ValueError(f"cloud {value!r} must not contain '/' or ':'")
         return value
-
-    @field_validator("region")
-    @classmethod
-    def _check_region(cls, value: str) -> str:
-        return _not_blank(value, "region")
 
 
 class DemandSpec(_Model):
