@@ -385,7 +385,7 @@ class FleetSim:
         # EndpointObservation's fields in order, from address to healthy; then age and flags.
         cols = (p50, p95, err, sat, result.inflight, result.offered_rps, result.endpoint_cost_per_million, w)
         rows = zip(self.names, *(c.tolist() for c in cols), result.available.tolist(), flags, strict=True)
-        endpoints = tuple(EndpointObservation(*row[:-1], 0.0, row[-1]) for row in rows)
+        endpoints = tuple(EndpointObservation(*row[:-1], age_s=0.0, flags=row[-1]) for row in rows)
         return Observation(
             cluster=self.scenario.name,
             endpoints=endpoints,
