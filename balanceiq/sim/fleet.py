@@ -382,10 +382,10 @@ class FleetSim:
             err = np.clip(err * np.exp(sig * z[1] - 0.5 * sig * sig), 0.0, 1.0)
         sat = np.minimum(result.utilization, SATURATION_MAX) if self.saturation else np.full(n, np.nan)
         flags = [frozenset({NO_TRAFFIC}) if quiet else frozenset() for quiet in (result.offered_rps <= 0.0).tolist()]
-        # EndpointObservation's fields in order, from address to healthy; then age and flags.
+        # EndpointObservation's fields in order (age 0: a step is observed as it ends).
         cols = (p50, p95, err, sat, result.inflight, result.offered_rps, result.endpoint_cost_per_million, w)
-        rows = zip(self.names, *(c.tolist() for c in cols), result.available.tolist(), flags, strict=True)
-        endpoints = tuple(EndpointObservation(*row[:-1], age_s=0.0, flags=row[-1]) for row in rows)
+        rows = zip(self.names, *(c.tolist() for c in cols), result.available.tolist(), [0.0] * n, flags, strict=True)
+        endpoints = tuple(EndpointObservation(*row) for row in rows)
         return Observation(
             cluster=self.scenario.name,
             endpoints=endpoints,
