@@ -1,5 +1,5 @@
-"""Non-learned policies behind the same interface as the CFR-RL policy: the baselines the
-learned policy is benchmarked against, and ``oracle`` (the physical limit, simulator only).
+"""Non-learned policies behind the same interface as the CFR-RL policy: the controller's
+guardrail baselines (the benchmark adds its own in the lab).
 
 An endpoint whose ``healthy`` is ``False`` is unavailable (``None`` counts as available)
 and gets share 0, except under ``equal`` and ``static``, which model Envoy without a
@@ -15,8 +15,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from balanceiq.policy.knobs import Knobs
-from balanceiq.policy.lp import UINT32_MAX, LpResult, oracle, shares_to_weights, solve_critical
+from balanceiq.config import UINT32_MAX
+from balanceiq.policy.lp import shares_to_weights
 from balanceiq.telemetry.observation import Observation
 
 # Below this saturation, rps/saturation extrapolates too far to be a capacity estimate.
@@ -104,47 +104,6 @@ def _decision(shares: np.ndarray, avail: np.ndarray | None, critical: tuple[int,
     return Decision(shares, shares_to_weights(shares, available=avail), critical, info)
 
 
-def _lp_decision(res: LpResult, avail: np.ndarray, critical: tuple[int, ...], **info: Any) -> Decision:
-    return _decision(
-        res.shares,
-        avail,
-        critical,
-        lp_status=res.status,
-        fallback=res.fallback,
-        max_utilization=res.max_utilization,
-        **info,
-    )
-
-
-def lp_decision(
-    obs: Observation,
-    ctx: PolicyContext,
-    critical: tuple[int, ...],
-    capacity: np.ndarray,
-    *,
-    cost_weight: float = 0.1,
-    util_target: float = 0.0,
-    latency_weight: float = 0.0,
-    slo_ms: float = 150.0,
-    **info: Any,
-) -> Decision:
-    """Re-optimise ``critical`` with the LP (costs, availability and, with
-    ``latency_weight`` > 0, p95 in SLO units read from ``obs``) as a Decision."""
-    res = solve_critical(
-        np.asarray(ctx.shares, dtype=np.float64).reshape(-1),
-        critical,
-        capacity,
-        obs_field(obs, "cost_per_million"),
-        float(ctx.demand_rps),
-        available=available_mask(obs),
-        cost_weight=cost_weight,
-        util_target=util_target,
-        latency=obs_field(obs, "p95_ms") / slo_ms if latency_weight > 0 else None,
-        latency_weight=latency_weight,
-    )
-    return _lp_decision(res, available_mask(obs), tuple(critical), **info)
-
-
 def _hint_capacity(ctx: PolicyContext) -> np.ndarray:
     """Config capacity hints; unknown ones take the median of the known (1 if none)."""
     hint = np.asarray(ctx.capacity_hint, dtype=np.float64).reshape(-1)
@@ -172,27 +131,6 @@ def estimate_capacity(obs: Observation, ctx: PolicyContext) -> np.ndarray:
 class _Stateless:
     def reset(self) -> None:
         pass
-
-
-class _LpPolicy(_Stateless):
-    """A baseline that solves the served LP objective (the knobs' weights) on its own critical set."""
-
-    def __init__(self, knobs: Knobs | None = None) -> None:
-        self.knobs = knobs or Knobs()
-
-    def _lp(self, obs: Observation, ctx: PolicyContext, critical: tuple[int, ...], cap: np.ndarray) -> Decision:
-        k = self.knobs
-        return lp_decision(
-            obs,
-            ctx,
-            critical,
-            cap,
-            cost_weight=k.cost_weight,
-            util_target=k.util_target,
-            latency_weight=k.latency_weight,
-            slo_ms=k.slo_ms,
-            capacity_estimate=cap.tolist(),
-        )
 
 
 class EqualWeights(_Stateless):
@@ -304,67 +242,17 @@ def utilisation(obs: Observation, ctx: PolicyContext) -> tuple[np.ndarray, np.nd
     return util, cap
 
 
-class TopKHeuristic(_LpPolicy):
-    """The paper's "Top-K critical": the K most utilised endpoints (:func:`utilisation`),
-    then the LP, which balances the hottest K against each other."""
-
-    name = "topk"
-
-    def decide(self, obs: Observation, ctx: PolicyContext) -> Decision:
-        n = _check(obs, ctx)
-        util, cap = utilisation(obs, ctx)
-        util = np.where(np.isfinite(util), util, -np.inf)
-        k = min(max(int(ctx.k), 1), n)
-        critical = tuple(sorted(int(i) for i in np.argsort(-util, kind="stable")[:k]))
-        return self._lp(obs, ctx, critical, cap)
-
-
-class HotColdHeuristic(_LpPolicy):
-    """The ceil(K/2) most utilised available endpoints and the floor(K/2) least utilised
-    are critical, then the LP: load can only move to where there is headroom, so repeated
-    decisions work like pairwise averaging. The learned policy's warm start imitates it."""
-
-    name = "hot_cold"
-
-    def critical(self, obs: Observation, ctx: PolicyContext) -> list[int]:
-        """The ordered choice: hottest first, then coldest (what imitation learns)."""
-        n = _check(obs, ctx)
-        util, _ = utilisation(obs, ctx)
-        known = np.isfinite(util) & available_mask(obs)
-        k = min(max(int(ctx.k), 1), n)
-        hot = [int(i) for i in np.argsort(np.where(known, -util, np.inf), kind="stable")[: (k + 1) // 2]]
-        cold = [int(i) for i in np.argsort(np.where(known, util, np.inf), kind="stable") if int(i) not in hot]
-        return hot + cold[: k - len(hot)]
-
-    def decide(self, obs: Observation, ctx: PolicyContext) -> Decision:
-        cap = estimate_capacity(obs, ctx)
-        critical = tuple(sorted(self.critical(obs, ctx)))
-        return self._lp(obs, ctx, critical, cap)
-
-
-class Oracle(_LpPolicy):
-    """The LP over every endpoint with the simulator's true capacities: the physical limit."""
-
-    name = "oracle"
-
-    def decide(self, obs: Observation, ctx: PolicyContext) -> Decision:
-        n = _check(obs, ctx)
-        if ctx.true_capacity is None:
-            raise ValueError(
-                "the oracle needs PolicyContext.true_capacity, which only the simulator knows; "
-                "use another policy on live traffic"
-            )
-        avail = available_mask(obs)
-        cost = obs_field(obs, "cost_per_million")
-        res = oracle(
-            ctx.true_capacity,
-            cost,
-            ctx.demand_rps,
-            available=avail,
-            cost_weight=self.knobs.cost_weight,
-            util_target=self.knobs.util_target,
-        )
-        return _lp_decision(res, avail, tuple(range(n)))
+def hot_cold_critical(obs: Observation, ctx: PolicyContext) -> list[int]:
+    """The ceil(K/2) most utilised available endpoints, then the floor(K/2) least utilised
+    (hottest first, then coldest): the hot/cold heuristic's critical set, which the
+    imitation teacher ``hot_cold`` teaches in this order."""
+    n = _check(obs, ctx)
+    util, _ = utilisation(obs, ctx)
+    known = np.isfinite(util) & available_mask(obs)
+    k = min(max(int(ctx.k), 1), n)
+    hot = [int(i) for i in np.argsort(np.where(known, -util, np.inf), kind="stable")[: (k + 1) // 2]]
+    cold = [int(i) for i in np.argsort(np.where(known, util, np.inf), kind="stable") if int(i) not in hot]
+    return hot + cold[: k - len(hot)]
 
 
 BASELINES: dict[str, Callable[[], Policy]] = {
@@ -373,9 +261,6 @@ BASELINES: dict[str, Callable[[], Policy]] = {
     CostAwareStatic.name: CostAwareStatic,
     InverseLatencyEwma.name: InverseLatencyEwma,
     LeastRequest.name: LeastRequest,
-    TopKHeuristic.name: TopKHeuristic,
-    HotColdHeuristic.name: HotColdHeuristic,
-    Oracle.name: Oracle,
 }
 
 

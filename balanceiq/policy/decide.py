@@ -270,17 +270,6 @@ def _keep_bound_critical(
         mem[a] = replace(mem[a], recovering=max(mem[a].recovering, 2))
 
 
-def breach_state(
-    obs: Observation, shares: np.ndarray, knobs: Knobs, state: CoreState | None = None, *, now: float | None = None
-) -> tuple[list[int], list[int], CoreState]:
-    """``(measured, held, next state)``: endpoints breaching now, and earlier breachers too
-    quiet to measure, held for up to ``knobs.breach_hold_s``."""
-    state = state or CoreState()
-    now = float(obs.timestamp if now is None else now)
-    mem, measured, held, _ = remember(obs, np.asarray(shares, dtype=np.float64), knobs, state, now)
-    return measured, held, CoreState(at=now, memory=mem)
-
-
 def observe_only(
     obs: Observation, ctx: PolicyContext, knobs: Knobs, state: CoreState | None = None, *, now: float | None = None
 ) -> tuple[Estimate, CoreState]:

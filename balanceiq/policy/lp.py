@@ -18,8 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.optimize import OptimizeWarning, linprog
 
-# Envoy's limit on a weight and on a locality's sum (not imported: the policy does not depend on xDS).
-UINT32_MAX = 2**32 - 1
+from balanceiq.config import UINT32_MAX
 
 # Weights of the critical endpoints' own max utilisation above the knee, and as a tie-break.
 BALANCE = 0.5
@@ -147,7 +146,7 @@ def objective(
     latency: np.ndarray | Sequence[float] | None = None,
     latency_weight: float = 0.0,
 ) -> float:
-    """The LP's objective for any full split, sanitised like the LP: an :func:`oracle` result
+    """The LP's objective for any full split, sanitised like the LP: its optimum with every endpoint critical
     scores <= any other split of the same inputs."""
     s = _nonneg(_vector("shares", shares))
     n = s.shape[0]
@@ -331,29 +330,6 @@ def solve_critical(
         return _result(out, cap, d_real, "lp_failed")
     out[idx] = x
     return _result(out, cap, d_real, None)
-
-
-def oracle(
-    capacity: np.ndarray | Sequence[float],
-    cost: np.ndarray | Sequence[float],
-    demand: float,
-    *,
-    available: np.ndarray | Sequence[bool] | None = None,
-    cost_weight: float = 0.1,
-    util_target: float = 0.0,
-) -> LpResult:
-    """The same LP with every endpoint critical: with true capacities, the physical limit."""
-    n = _vector("capacity", capacity).shape[0]
-    return solve_critical(
-        np.ones(n) / n,
-        np.ones(n, dtype=bool),
-        capacity,
-        cost,
-        demand,
-        available=available,
-        cost_weight=cost_weight,
-        util_target=util_target,
-    )
 
 
 def shares_to_weights(

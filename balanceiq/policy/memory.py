@@ -77,16 +77,6 @@ def _f(x: float) -> float:
     return float(x) if math.isfinite(x) else math.nan
 
 
-def window_breaching(obs: Observation, slo_ms: float) -> list[int]:
-    """Endpoints in visible trouble in this window: p95 over the SLO or >= 5% errors."""
-    return [
-        i
-        for i, e in enumerate(obs.endpoints)
-        if (math.isfinite(e.p95_ms) and e.p95_ms > slo_ms)
-        or (math.isfinite(e.error_rate) and e.error_rate >= BREACH_ERROR_RATE)
-    ]
-
-
 def latency_p95(m: Memory, slo_ms: float) -> float:
     """The p95 the latency evidence stands for (NaN: not enough of it)."""
     if m.slow_n >= MIN_LATENCY_EVIDENCE and math.isfinite(m.slow_log):

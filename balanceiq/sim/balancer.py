@@ -28,8 +28,7 @@ import numpy as np
 BALANCERS = ("round_robin", "least_request", "cswrr")
 """The balancers :func:`split` models, by their names in the benchmarks."""
 
-IN_FLIGHT_MAX = 64
-"""States of each endpoint's chain: 0 .. this - 1 requests in flight."""
+IN_FLIGHT_MAX = 64  # States of each endpoint's chain: 0 .. this - 1 requests in flight.
 _ITERATIONS = 60
 _DAMPING = 0.5
 _TOLERANCE = 1e-6

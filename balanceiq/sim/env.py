@@ -4,25 +4,12 @@ Each step is one control decision: the agent names K critical endpoints (ordered
 repeats), SLO breachers join them, the LP re-splits traffic among them while every other
 endpoint keeps its share, and the fleet runs ``decision_steps`` simulator steps under the
 new split, scored by :mod:`balanceiq.policy.reward`.
-
-``env_config`` keys (RLlib passes it through): ``scenarios`` (one drawn per episode;
-default ``steady``), ``n_max`` (observation padding, 16), ``k`` (about 20% of the largest
-N), ``decision_steps`` (5), ``episode_steps`` (60), ``obs_noise`` (0.05), the LP's
-``cost_weight``, ``util_target`` and ``latency_weight`` (the LP's; default: the served
-config's defaults, so training solves the controller's objective), ``force_breaching`` (true),
-``reward`` (:class:`~balanceiq.policy.reward.RewardWeights` fields), ``seed``,
-``random_fleets`` (0): the share of episodes on a fresh random fleet and timeline
-(:mod:`balanceiq.sim.randomise`, sizes ``random_endpoints``, [3, 120]) instead of one of
-``scenarios``, and
-``balancer``: Envoy's (:data:`~balanceiq.sim.balancer.BALANCERS`, ``round_robin``) under
-the weights the controller would push for each split (``controller_weights``, true; false
-hands the split to Envoy as weights, as Envoy with static weights); ``saturation`` (true):
-whether observations carry each endpoint's utilisation (ORCA reports or load gauges).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
+from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
 import gymnasium as gym
@@ -37,83 +24,84 @@ from balanceiq.policy.lp import critical_indices, shares_to_weights, traffic_mov
 from balanceiq.policy.memory import CoreState, remember
 from balanceiq.policy.reward import RewardWeights, reward
 from balanceiq.sim.balancer import BALANCERS
-from balanceiq.sim.fleet import FleetSim
+from balanceiq.sim.fleet import FleetSim, StepResult
 from balanceiq.sim.randomise import ENDPOINTS, random_scenario
 from balanceiq.sim.scenario import Scenario, load_scenario
 from balanceiq.telemetry.observation import Observation
 
 
 @dataclass(frozen=True)
-class DecisionOutcome:
-    """What one decision produced, aggregated over its simulator steps."""
+class EnvConfig:
+    """FleetEnv's ``env_config`` (RLlib passes the dict through; other keys are ignored)."""
 
-    p50_ms: float
-    p95_ms: float
-    p99_ms: float
-    error_rate: float
-    cost_per_million: float
-    max_utilization: float
-    reward: float
-    traffic_moved: float
-
-
-def run_decision(
-    sim: FleetSim, shares: np.ndarray, steps: int, weights: RewardWeights, balancer: str = "round_robin"
-) -> tuple[DecisionOutcome, Any]:
-    """Run ``steps`` simulator steps with Envoy weights ``shares`` under ``balancer``;
-    returns the outcome and last result."""
-    p50 = p95 = p99 = err = cost = umax = 0.0
-    last = None
-    for _ in range(steps):
-        last = sim.step(shares, balancer)
-        p50 += last.p50_ms
-        p95 += last.p95_ms
-        p99 += last.p99_ms
-        err += last.error_rate
-        cost += last.cost_per_million
-        umax = max(umax, float(last.max_utilization))
-    p50, p95, p99, err, cost = (x / steps for x in (p50, p95, p99, err, cost))
-    r = reward(p95, p99, err, cost, weights)
-    return DecisionOutcome(p50, p95, p99, err, cost, umax, r, 0.0), last
+    scenarios: Any = ("steady",)  # names, files or Scenarios; one drawn per episode
+    n_max: int | None = None  # observation padding (default: 16 or the largest N)
+    k: int | None = None  # critical endpoints (default: about 20% of the largest N)
+    decision_steps: int = 5  # simulator steps per decision
+    episode_steps: int = 60  # decisions per episode
+    obs_noise: float = 0.05  # relative noise on observed latency and errors
+    # The LP's weights: the served config's by default, so training solves the controller's objective.
+    cost_weight: float = Knobs.cost_weight
+    util_target: float = Knobs.util_target
+    latency_weight: float = Knobs.latency_weight
+    force_breaching: bool = True  # breaching endpoints always critical
+    reward: dict[str, Any] = field(default_factory=dict)  # RewardWeights fields
+    seed: int = 0
+    # The share of episodes on a fresh random fleet and timeline (balanceiq.sim.randomise)
+    # of random_endpoints endpoints instead of one of the scenarios.
+    random_fleets: float = 0.0
+    random_endpoints: tuple[int, int] = ENDPOINTS
+    balancer: str = "round_robin"  # Envoy's (balanceiq.sim.balancer.BALANCERS)
+    # Envoy gets the weights the controller would push for each split (false: the split
+    # itself, as Envoy with static weights).
+    controller_weights: bool = True
+    saturation: bool = True  # observations carry utilisation (ORCA reports or load gauges)
 
 
-_INFO_KEYS = ("p50_ms", "p95_ms", "p99_ms", "error_rate", "cost_per_million", "max_utilization")
+_FIELDS = frozenset(f.name for f in dataclasses.fields(EnvConfig))
+_INFO_KEYS = ("p50_ms", "p95_ms", "p99_ms", "error_rate", "cost_per_million")
 
 
 class FleetEnv(gym.Env):
-    """CFR-RL over :class:`~balanceiq.sim.fleet.FleetSim`; see the module docstring."""
+    """CFR-RL over :class:`~balanceiq.sim.fleet.FleetSim`; the module docstring and
+    :class:`EnvConfig` say what it does and takes."""
 
     # gymnasium.Env declares metadata as an instance attribute; it is class-wide here.
     metadata: ClassVar[dict[str, Any]] = {"render_modes": []}  # type: ignore[misc]
+    sim_class: ClassVar[type[FleetSim]] = FleetSim
 
     def __init__(self, env_config: dict[str, Any] | None = None) -> None:
-        cfg = dict(env_config or {})
-        names = cfg.get("scenarios", ["steady"])
+        cfg = EnvConfig(**{key: v for key, v in (env_config or {}).items() if key in _FIELDS})
+        names = cfg.scenarios
         self.scenarios: list[Scenario] = [load_scenario(s) for s in ([names] if isinstance(names, str) else names)]
-        self.random_fleets = float(cfg.get("random_fleets", 0.0))
+        self.random_fleets = float(cfg.random_fleets)
         if not 0.0 <= self.random_fleets <= 1.0:
             raise ValueError(f"random_fleets is a share of episodes, 0..1, got {self.random_fleets}")
-        lo, hi = (int(x) for x in cfg.get("random_endpoints", ENDPOINTS))
+        lo, hi = (int(x) for x in cfg.random_endpoints)
         self.random_endpoints = (lo, hi)
         biggest = max([len(s.endpoints) for s in self.scenarios] + ([hi] if self.random_fleets > 0 else []))
-        self.n_max = int(cfg.get("n_max", max(16, biggest)))
+        self.n_max = int(max(16, biggest) if cfg.n_max is None else cfg.n_max)
         if biggest > self.n_max:
             raise ValueError(f"scenario with {biggest} endpoints exceeds n_max={self.n_max}")
-        self.k = int(cfg.get("k") or critical_count(biggest))
-        self.decision_steps = int(cfg.get("decision_steps", 5))
-        self.episode_steps = int(cfg.get("episode_steps", 60))
-        self.obs_noise = float(cfg.get("obs_noise", 0.05))
-        self.cost_weight = float(cfg.get("cost_weight", Knobs.cost_weight))
-        self.util_target = float(cfg.get("util_target", Knobs.util_target))
-        self.latency_weight = float(cfg.get("latency_weight", Knobs.latency_weight))
-        self.force_breaching = bool(cfg.get("force_breaching", True))
-        self.weights = RewardWeights(**cfg.get("reward", {}))
-        self.balancer = str(cfg.get("balancer", "round_robin"))
+        self.k = int(cfg.k or critical_count(biggest))
+        self.decision_steps = int(cfg.decision_steps)
+        self.episode_steps = int(cfg.episode_steps)
+        self.obs_noise = float(cfg.obs_noise)
+        self.weights = RewardWeights(**cfg.reward)
+        self._knobs = Knobs(
+            k=self.k,
+            slo_ms=self.weights.slo_ms,
+            cost_weight=float(cfg.cost_weight),
+            util_target=float(cfg.util_target),
+            latency_weight=float(cfg.latency_weight),
+            force_breaching=bool(cfg.force_breaching),
+        )
+        self.balancer = str(cfg.balancer)
         if self.balancer not in BALANCERS:
             raise ValueError(f"unknown balancer {self.balancer!r}; known: {', '.join(BALANCERS)}")
-        self.controller_weights = bool(cfg.get("controller_weights", True))
-        self.saturation = bool(cfg.get("saturation", True))
-        self._base_seed = int(cfg.get("seed", 0))
+        self.controller_weights = bool(cfg.controller_weights)
+        self.saturation = bool(cfg.saturation)
+        self._base_seed = int(cfg.seed)
         self.observation_space = gym.spaces.Box(-3.0, float(max(20, self.n_max)), (self.n_max, N_FEATURES), np.float32)
         self.action_space = gym.spaces.MultiDiscrete([self.n_max] * self.k)
         self.sim: FleetSim | None = None
@@ -128,7 +116,7 @@ class FleetEnv(gym.Env):
             scenario = random_scenario(int(self.np_random.integers(2**31)), endpoints=self.random_endpoints)
         sim_seed = int(self.np_random.integers(2**31)) if seed is not None or self._episode else self._base_seed
         self._episode += 1
-        self.sim = FleetSim(scenario, seed=sim_seed, obs_noise=self.obs_noise, saturation=self.saturation)
+        self.sim = self.sim_class(scenario, seed=sim_seed, obs_noise=self.obs_noise, saturation=self.saturation)
         self.hint = np.array([e.capacity_rps for e in scenario.endpoints], dtype=np.float64)
         static = np.array([e.weight for e in scenario.endpoints], dtype=np.float64)
         self.shares = static / static.sum()
@@ -136,7 +124,7 @@ class FleetEnv(gym.Env):
         self.core_state = CoreState()
         self._weights_state = CoreState()
         self.decisions = 0
-        _, last = run_decision(self.sim, self.shares, self.decision_steps, self.weights, self.balancer)
+        _, _, last = self._run(self.shares)
         self.last_obs = self.sim.observation(last, shares_to_weights(self.shares))
         return self._encode(self.last_obs), {"scenario": scenario.name}
 
@@ -153,15 +141,29 @@ class FleetEnv(gym.Env):
         assert self.sim is not None, "reset() first"
         info = dict(info or {})
         envoy = self.envoy_weights(new_shares)
-        outcome, last = run_decision(self.sim, envoy, self.decision_steps, self.weights, self.balancer)
+        outcome, r, last = self._run(envoy)
         moved = traffic_moved(self.shares, new_shares)
-        r = outcome.reward - self.weights.churn * moved
+        r = r - self.weights.churn * moved
         self.shares = new_shares
         self.last_obs = self.sim.observation(last, shares_to_weights(envoy))
         self.decisions += 1
         truncated = self.decisions >= self.episode_steps or self.sim.done
-        info.update({k: getattr(outcome, k) for k in _INFO_KEYS}, traffic_moved=moved, reward=r)
+        info.update(outcome, traffic_moved=moved, reward=r)
         return self._encode(self.last_obs), float(r), False, bool(truncated), info
+
+    def _run(self, envoy: np.ndarray) -> tuple[dict[str, float], float, StepResult]:
+        """``decision_steps`` simulator steps under Envoy weights ``envoy``: the means (the
+        worst utilisation), their reward (churn aside) and the last step."""
+        assert self.sim is not None, "reset() first"
+        total, umax, last = [0.0] * 5, 0.0, None
+        for _ in range(self.decision_steps):
+            last = self.sim.step(envoy, self.balancer)
+            step = (last.p50_ms, last.p95_ms, last.p99_ms, last.error_rate, last.cost_per_million)
+            total = [a + b for a, b in zip(total, step, strict=True)]
+            umax = max(umax, float(last.max_utilization))
+        out = dict(zip(_INFO_KEYS, (x / self.decision_steps for x in total), strict=True), max_utilization=umax)
+        assert last is not None
+        return out, reward(out["p95_ms"], out["p99_ms"], out["error_rate"], out["cost_per_million"], self.weights), last
 
     def envoy_weights(self, shares: np.ndarray) -> np.ndarray:
         """The weights Envoy gets for ``shares``: under LEAST_REQUEST, the controller's
@@ -178,14 +180,7 @@ class FleetEnv(gym.Env):
         return envoy_weights(shares, self.sim.names, state, demand, "LEAST_REQUEST").astype(np.float64)
 
     def knobs(self, k: int | None = None) -> Knobs:
-        return Knobs(
-            k=self.k if k is None else k,
-            slo_ms=self.weights.slo_ms,
-            cost_weight=self.cost_weight,
-            util_target=self.util_target,
-            latency_weight=self.latency_weight,
-            force_breaching=self.force_breaching,
-        )
+        return self._knobs if k is None else replace(self._knobs, k=k)
 
     def context(self) -> PolicyContext:
         obs: Observation = self.last_obs
@@ -204,19 +199,6 @@ class FleetEnv(gym.Env):
         core = decide(self.last_obs, self.context(), scores, self.knobs(k), self.core_state)
         self.core_state = core.state
         return core
-
-    def critical_from_action(self, action: np.ndarray) -> list[int]:
-        """Every available SLO breacher, congested or repriced endpoint (with
-        ``force_breaching``), then the agent's picks: what the decision core would use."""
-        picked = critical_indices(action, self.sim.n if self.sim else self.n_max)
-        if self.sim is None:
-            return picked
-        n = len(self.last_obs.endpoints)
-        scores = np.full(n, -np.inf)
-        scores[picked] = len(picked) - np.arange(len(picked), dtype=np.float64)
-        return list(
-            decide(self.last_obs, self.context(), scores, self.knobs(max(1, len(picked))), self.core_state).critical
-        )
 
     def capacity_estimate(self) -> np.ndarray:
         est, _ = observe_only(self.last_obs, self.context(), self.knobs(), self.core_state)

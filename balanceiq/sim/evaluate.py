@@ -1,10 +1,7 @@
-"""Running a policy through a whole simulated scenario, and the promotion gate.
-
-:func:`run_pair` is one (scenario, policy) episode with the oracle alongside.
-:func:`evaluate_checkpoints` runs a candidate and the serving checkpoint through the same
-scenarios and seeds, and :func:`promotion_decision` says whether the candidate may replace
-the serving one: better on average by a margin and not clearly worse on any scenario (a
-policy that wins on average by wrecking one situation is not an improvement).
+"""The promotion gate: :func:`evaluate_checkpoints` runs a candidate and the serving
+checkpoint through the same scenarios and seeds, and :func:`promotion_decision` says whether
+the candidate may replace the serving one: better on average by a margin and not clearly
+worse on any scenario (winning on average by wrecking one situation is no improvement).
 """
 
 from __future__ import annotations
@@ -16,179 +13,29 @@ from typing import Any
 
 import numpy as np
 
-from balanceiq.config import critical_count
-from balanceiq.policy.baselines import Decision, PolicyContext, make_policy
 from balanceiq.policy.checkpoint import SHIPPED, RLPolicy
-from balanceiq.policy.decide import decide, optimum_gap
-from balanceiq.policy.knobs import Knobs
-from balanceiq.policy.lp import oracle, traffic_moved
-from balanceiq.policy.memory import CoreState
 from balanceiq.sim.env import FleetEnv
-from balanceiq.sim.fleet import FleetSim
-from balanceiq.sim.scenario import SCENARIOS, Scenario, load_scenario
+from balanceiq.sim.scenario import SCENARIOS, load_scenario
 
-# Held out of training in rllib_configs/ppo.yaml: generalisation is part of what promotion checks.
-HELD_BACK = ("brownout", "many_endpoints")
-# The gate runs every shipped scenario, the held-back ones included: a candidate that
-# generalises better can still have forgotten a training scenario.
+# The gate runs every shipped scenario, those held out of training in rllib_configs/ppo.yaml
+# included: a candidate that generalises better can still have forgotten a training scenario.
 GATE_SCENARIOS = tuple(SCENARIOS)
 
 
-class FullLp:
-    """Full re-optimisation every decision: the decision core with every endpoint critical."""
-
-    name = "full_lp"
-
-    def __init__(self, knobs: Knobs | None = None) -> None:
-        self.knobs_base = knobs or Knobs()  # the LP's weights; k comes from each context
-        self.state = CoreState()
-
-    def reset(self) -> None:
-        self.state = CoreState()
-
-    def scores(self, obs: Any, ctx: PolicyContext, knobs: Knobs) -> np.ndarray | None:
-        return None  # every endpoint critical
-
-    def decide(self, obs: Any, ctx: PolicyContext) -> Decision:
-        knobs = replace(self.knobs_base, k=int(ctx.k))
-        core = decide(obs, ctx, self.scores(obs, ctx, knobs), knobs, self.state)
-        self.state = core.state
-        return Decision(core.shares, core.weights, core.critical, core.info())
-
-
-class Teacher(FullLp):
-    """The imitation teacher through the same core: the K endpoints furthest from the
-    fleet-wide optimum (:func:`~balanceiq.policy.decide.optimum_gap`) are critical."""
-
-    name = "teacher"
-
-    def scores(self, obs: Any, ctx: PolicyContext, knobs: Knobs) -> np.ndarray | None:
-        return optimum_gap(obs, ctx, knobs, self.state)
-
-
-# Envoy on its own: the config's static weights under each of its balancers.
-ENVOY_ARMS = {"round_robin": "round_robin", "least_request": "least_request", "cswrr": "cswrr"}
-
-
-def arm(name: str, checkpoint: Path | None = None, balancer: str = "round_robin") -> tuple[Any, str, bool]:
-    """``(policy, balancer, controller_weights)`` for a benchmark arm: one of
-    :data:`ENVOY_ARMS`, or a policy behind the controller over Envoy's ``balancer``."""
-    if name in ENVOY_ARMS:
-        return make_policy("static"), ENVOY_ARMS[name], False
-    return _policy(name, checkpoint), balancer, True
-
-
-def _policy(name: str, checkpoint: Path | None) -> Any:
-    if name == "cfr_rl":
-        return RLPolicy.from_checkpoint(checkpoint or SHIPPED)
-    if name == "full_lp":
-        return FullLp()
-    if name == "teacher":
-        return Teacher()
-    return make_policy(name)
-
-
-_ROW_KEYS = ("p50_ms", "p95_ms", "p99_ms", "error_rate", "cost_per_million", "traffic_moved")
-
-
-def _pair_env(scenario: str | Scenario, seed: int, cfg: dict[str, Any]) -> FleetEnv:
-    """One scenario's env for a whole run, reset (n_max = N: baselines never read padding)."""
+def episode_reward(scenario: str, policy: Any, seed: int = 0) -> float:
+    """Mean reward per decision of ``policy`` over one whole ``scenario`` (FleetEnv's
+    defaults, observation noise 0.05; padded to N only, baselines never read padding)."""
     n_max = len(load_scenario(scenario).endpoints)
-    env = FleetEnv(
-        {**cfg, "scenarios": [scenario], "n_max": n_max, "episode_steps": 10**9, "seed": seed, "obs_noise": 0.05}
-    )
+    env = FleetEnv({"scenarios": [scenario], "n_max": n_max, "episode_steps": 10**9, "seed": seed, "obs_noise": 0.05})
     env.reset(seed=seed)
-    return env
-
-
-def run_pair(
-    scenario: str | Scenario,
-    policy: Any,
-    *,
-    seed: int = 0,
-    decision_steps: int = 5,
-    trace: bool = False,
-    same_state: bool = False,
-    balancer: str = "round_robin",
-    controller_weights: bool = True,
-    saturation: bool = True,
-    warmup_s: float = 0.0,
-) -> dict[str, Any]:
-    """One whole scenario under ``policy`` over Envoy's ``balancer``; with ``same_state``
-    also what full re-optimisation would move from the policy's state each decision (one
-    more LP over every endpoint per decision, so only the benchmark asks for it)."""
-    cfg = {
-        "decision_steps": decision_steps,
-        "balancer": balancer,
-        "controller_weights": controller_weights,
-        "saturation": saturation,
-    }
-    env = _pair_env(scenario, seed, cfg)
-    assert env.sim is not None
-    n = env.sim.n
-    k = critical_count(n)
-    static = np.asarray(env.sim.static_weights, dtype=np.float64)
     policy.reset()
-    full = FullLp()  # its own memory, on the policy's trajectory
-    rows: list[dict[str, float]] = []
-    timeline: list[dict[str, Any]] = []
+    rewards: list[float] = []
     done = False
-    measuring = warmup_s <= 0
     while not done:
-        if not measuring and env.sim.t >= warmup_s - 1e-9:
-            env.sim.clear_run()
-            measuring = True
-        obs = env.last_obs
-        cap_true = env.sim.capacity()
-        ctx = PolicyContext(
-            shares=env.shares,
-            capacity_hint=env.capacity_estimate(),
-            static_weights=static,
-            demand_rps=float(np.nansum([e.rps for e in obs.endpoints])),
-            k=k,
-            true_capacity=cap_true,
-        )
-        decision = policy.decide(obs, ctx)
-        if same_state:
-            # The CFR-RL paper's comparison, beside what full re-optimisation moves on its
-            # own trajectory (policy full_lp).
-            full_moved = traffic_moved(env.shares, np.asarray(full.decide(obs, ctx).shares, dtype=np.float64))
-        demand = env.sim.demand_rps()
-        best = oracle(cap_true, env.sim.cost(), demand, available=env.sim.available()).max_utilization
-        _, r, _, truncated, info = env.step_shares(np.asarray(decision.shares, dtype=np.float64))
-        done = truncated
-        achieved = info["max_utilization"]
-        row = {key: info[key] for key in _ROW_KEYS}
-        row.update(reward=r, performance_ratio=min(1.0, best / achieved) if achieved > 0 else 1.0)
-        rows.append(row)
-        if same_state:
-            rows[-1]["full_moved_same_state"] = full_moved
-        if trace:
-            timeline.append({"t": env.sim.t, "shares": env.shares.tolist(), "p99_ms": info["p99_ms"]})
-    out: dict[str, Any] = {key: float(statistics.fmean(r[key] for r in rows)) for key in rows[0]}
-    out["decisions"] = len(rows)
-    # Over every request after the warm-up, as a load test measures (the rest: means over decisions).
-    out["run"] = env.sim.run_summary()
-    # The first decision's move (off the config's static split) is most of what any
-    # policy moves in a run: reported so traffic_moved can be read with and without it.
-    out["traffic_moved_first"] = float(rows[0]["traffic_moved"])
-    if trace:
-        out["timeline"] = timeline
-        out["names"] = list(env.sim.names)
-    return out
-
-
-def least_move_off_static(scenario: str, utilization: float = 0.9, *, seed: int = 0) -> float:
-    """The least fraction of traffic any policy must move off the scenario's static split
-    to bring every endpoint to ``utilization`` or below (true capacities, demand at t=0).
-
-    A floor for ``traffic_moved`` over a run: what lies above the overloaded endpoints'
-    limits has to go somewhere, whoever decides where.
-    """
-    sim = FleetSim(scenario, seed=seed)
-    static = np.asarray(sim.static_weights, dtype=np.float64)
-    shares = static / static.sum()
-    return float(np.maximum(0.0, shares - utilization * sim.capacity() / sim.demand_rps()).sum())
+        ctx = replace(env.context(), capacity_hint=env.capacity_estimate())
+        _, r, _, done, _ = env.step_shares(np.asarray(policy.decide(env.last_obs, ctx).shares, dtype=np.float64))
+        rewards.append(r)
+    return float(statistics.fmean(rewards))
 
 
 def evaluate_checkpoints(
@@ -204,7 +51,7 @@ def evaluate_checkpoints(
     for name, ckpt in (("candidate", candidate), ("serving", serving or SHIPPED)):
         policy = RLPolicy.from_checkpoint(ckpt)
         for sc in scenarios:
-            rewards = [run_pair(sc, policy, seed=seed)["reward"] for seed in seeds]
+            rewards = [episode_reward(sc, policy, seed) for seed in seeds]
             out["scenarios"].setdefault(sc, {})[name] = float(statistics.fmean(rewards))
     for name in ("candidate", "serving"):
         out[name] = float(statistics.fmean(v[name] for v in out["scenarios"].values()))

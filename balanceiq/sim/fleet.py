@@ -23,30 +23,15 @@ import numpy as np
 
 from balanceiq.sim import queue
 from balanceiq.sim.balancer import Split, orca_weights, split
-from balanceiq.sim.queue import RHO_FULL, RHO_SAT, TAIL_FRACTION, TIMEOUT_MS
+from balanceiq.sim.queue import TAIL_FRACTION
 from balanceiq.sim.scenario import Scenario, load_scenario
 from balanceiq.telemetry.observation import NO_TRAFFIC, EndpointObservation, Observation
 
-__all__ = [
-    "BASE_ERROR",
-    "QUANTILES",
-    "RHO_FULL",
-    "RHO_SAT",
-    "SATURATION_MAX",
-    "TAIL_FRACTION",
-    "TIMEOUT_MS",
-    "FleetSim",
-    "StepResult",
-]
-
-BASE_ERROR = 0.001
-"""Error rate of a healthy endpoint below capacity."""
+BASE_ERROR = 0.001  # Error rate of a healthy endpoint below capacity.
 ORCA_BLACKOUT_S = 10.0
 """CSWRR uses an endpoint's reports once it has sent them this long (Envoy's ``blackout_period``)."""
-SATURATION_MAX = 10.0
-"""Observations clip saturation here: a dead endpoint under traffic is "very" saturated, not inf."""
-QUANTILES = np.array([0.5, 0.95, 0.99])
-"""Latency quantiles reported, in the order of the ``*_p50/p95/p99_ms`` fields."""
+SATURATION_MAX = 10.0  # Observations clip saturation here: a dead endpoint under traffic is "very" saturated, not inf.
+QUANTILES = np.array([0.5, 0.95, 0.99])  # Latency quantiles reported, in the order of the ``*_p50/p95/p99_ms`` fields.
 
 _GRID_POINTS = 320
 _GRID_LO_MS = 0.01
@@ -59,61 +44,30 @@ class StepResult:
     """One step: per-endpoint arrays (length n; latency and error rate ``nan`` where the
     endpoint got no traffic) and fleet aggregates."""
 
-    t: float
-    """Simulated time at the start of the step, in seconds."""
-    offered_rps: np.ndarray
-    """Requests per second sent to each endpoint (share x demand)."""
-    served_rps: np.ndarray
-    """Requests per second answered successfully."""
-    capacity_rps: np.ndarray
-    """True effective capacity during the step (0 when failed)."""
-    available: np.ndarray
-    """False where the endpoint was down."""
-    utilization: np.ndarray
-    """offered / capacity; ``inf`` for a failed endpoint that was sent traffic."""
+    t: float  # simulated time at the start of the step (s)
+    offered_rps: np.ndarray  # sent to each endpoint (share x demand)
+    served_rps: np.ndarray  # answered successfully
+    capacity_rps: np.ndarray  # true effective capacity during the step (0 when failed)
+    available: np.ndarray  # False where the endpoint was down
+    utilization: np.ndarray  # offered / capacity; inf for a failed endpoint sent traffic
     endpoint_p50_ms: np.ndarray
     endpoint_p95_ms: np.ndarray
     endpoint_p99_ms: np.ndarray
-    endpoint_error_rate: np.ndarray
-    """Fraction of offered requests that failed (shed, fast-failed or base errors)."""
-    inflight: np.ndarray
-    """Mean requests in the system (Little's law: accepted rate x mean latency)."""
-    endpoint_cost_per_million: np.ndarray
-    """Price per million requests in force during the step."""
-    demand_rps: float
-    """Total demand during the step."""
-    p50_ms: float
-    """Fleet median latency (mixture of endpoints by traffic share)."""
+    endpoint_error_rate: np.ndarray  # share of offered requests that failed (shed, fast-failed or base errors)
+    inflight: np.ndarray  # mean requests in the system (Little's law: accepted rate x mean latency)
+    endpoint_cost_per_million: np.ndarray  # price in force during the step
+    demand_rps: float  # total demand during the step
+    p50_ms: float  # fleet quantiles: the endpoints' mixture by traffic share
     p95_ms: float
     p99_ms: float
-    error_rate: float
-    """Fraction of all requests that failed."""
-    cost_per_million: float
-    """$ per million successfully served requests (offered-weighted if none was served)."""
-    max_utilization: float
-    """Highest utilisation among available endpoints (a failed one shows in ``error_rate``)."""
+    error_rate: float  # share of all requests that failed
+    cost_per_million: float  # $ per million served (offered-weighted if none was served)
+    max_utilization: float  # highest among available endpoints (a failed one shows in error_rate)
+    mix: np.ndarray  # the fleet's latency CDF on FleetSim.latency_grid_ms (the endpoints' by traffic share)
 
 
 class _Segment:
     """Fleet state between two event boundaries; precomputed so a step does no event logic."""
-
-    __slots__ = (
-        "any_failed",
-        "any_tail",
-        "capacity",
-        "cost",
-        "demand_mult",
-        "failed",
-        "mu_accept",
-        "mu_safe",
-        "ok",
-        "one_server",
-        "servers",
-        "start",
-        "tail",
-        "tail_frac",
-        "up",
-    )
 
     def __init__(
         self,
@@ -172,13 +126,9 @@ class _Segment:
 
 
 class FleetSim:
-    """Seeded simulator of one scenario; see the module docstring for the model.
-
-    ``obs_noise`` is the relative (lognormal sigma) noise :meth:`observation` puts on
-    latency and error rate, from its own random stream so observing does not change the run.
-    Without ``saturation`` observations carry none, as a fleet without ORCA reports or
-    load gauges.
-    """
+    """Seeded simulator of one scenario. ``obs_noise``: the lognormal sigma :meth:`observation`
+    puts on latency and errors (its own random stream: observing does not change the run);
+    without ``saturation`` observations carry none (no ORCA reports or load gauges)."""
 
     def __init__(
         self, scenario: Scenario | str | Path, seed: int | None = None, obs_noise: float = 0.0, saturation: bool = True
@@ -256,13 +206,7 @@ class FleetSim:
         self._noise_pos = 0
         self._orca: np.ndarray | None = None
         self._lb_state: dict[str, np.ndarray] = {}
-        self.clear_run()
         self._enter_step()
-
-    def clear_run(self) -> None:
-        """Start :meth:`run_summary` afresh from the next step (after a warm-up, say)."""
-        self._run_mix = np.zeros_like(self._log_grid)
-        self._run = np.zeros(3)  # requests, served, dollars (x 1e6)
 
     def _enter_step(self) -> None:
         """Bring segment, demand noise and demand up to date for the step starting at ``t``."""
@@ -309,15 +253,10 @@ class FleetSim:
             raise ValueError(f"shares must have shape ({self.n},), got {s.shape}")
         total = float(s.sum())
         if not (math.isfinite(total) and total > 0.0) or float(s.min()) < 0.0:
-            bad = np.flatnonzero(np.isnan(s))
-            if bad.size:
-                raise ValueError(f"shares contain NaN at index {bad.tolist()}")
-            bad = np.flatnonzero(np.isinf(s))
-            if bad.size:
-                raise ValueError(f"shares contain infinity at index {bad.tolist()}")
-            bad = np.flatnonzero(s < 0)
-            if bad.size:
-                raise ValueError(f"shares must be >= 0; negative at index {bad.tolist()}")
+            checks = {"contain NaN": np.isnan(s), "contain infinity": np.isinf(s), "must be >= 0; negative": s < 0}
+            for what, bad in checks.items():
+                if bad.any():
+                    raise ValueError(f"shares {what} at index {np.flatnonzero(bad).tolist()}")
             raise ValueError("shares sum to 0: no endpoint would receive traffic")
         return s if total == 1.0 else s / total
 
@@ -332,11 +271,8 @@ class FleetSim:
         """:func:`queue.build`'s answer for M/M/1 endpoints in closed form (the sojourn is
         exponential): the shipped scenarios' case, and training's, kept fast."""
         t = self.timeout_ms
-        r = seg.mu_safe * (1.0 - np.minimum(rho, RHO_SAT)) * 1e-3
-        shift = np.clip((rho - RHO_SAT) * (t / (RHO_FULL - RHO_SAT)), 0.0, t)
+        r, shift, mean_wait = queue.mm1(seg.mu_safe, rho, t)
         lat = self.base_latency_ms[:, None] + np.minimum(shift[:, None] + np.multiply.outer(1.0 / r, _EXP_K), t)
-        gap = np.maximum(t - shift, 0.0)
-        mean_wait = t - gap - np.expm1(-r * gap) / r
         cdf = -np.expm1(-r[:, None] * np.maximum(self._x_minus_b - shift[:, None], 0.0))
         return lat, mean_wait, np.maximum(cdf, self._x_minus_b >= t)
 
@@ -383,8 +319,6 @@ class FleetSim:
 
         mix = s @ cdf
         agg = np.exp(np.interp(QUANTILES, mix, self._log_grid))
-        self._run_mix += demand * mix
-        self._run += np.array([demand, float(served.sum()), float(served @ seg.cost)])
 
         silent = lam <= 0.0
         err = 1.0 - served / np.maximum(lam, 1e-300)
@@ -420,32 +354,12 @@ class FleetSim:
             error_rate=1.0 - total_served / demand,
             cost_per_million=price,
             max_utilization=max_util,
+            mix=mix,
         )
         self._k += 1
         self.t = self._k * self.step_s
         self._enter_step()
         return result
-
-    def run_summary(self) -> dict[str, float]:
-        """Every request since the last reset: latency quantiles (ms), error rate and $ per
-        million served, as a load test over the whole run would measure them."""
-        requests, served, dollars = (float(x) for x in self._run)
-        if requests <= 0:
-            return {
-                "p50_ms": math.nan,
-                "p95_ms": math.nan,
-                "p99_ms": math.nan,
-                "error_rate": math.nan,
-                "cost_per_million": math.nan,
-            }
-        q = np.exp(np.interp(QUANTILES, self._run_mix / requests, self._log_grid))
-        return {
-            "p50_ms": float(q[0]),
-            "p95_ms": float(q[1]),
-            "p99_ms": float(q[2]),
-            "error_rate": 1.0 - served / requests,
-            "cost_per_million": dollars / served if served > 0 else math.nan,
-        }
 
     def observation(self, result: StepResult, weights: np.ndarray | None = None) -> Observation:
         """``result`` as the :class:`Observation` live telemetry would produce, under Envoy
@@ -467,40 +381,11 @@ class FleetSim:
             p95 = p95 * lat_noise
             err = np.clip(err * np.exp(sig * z[1] - 0.5 * sig * sig), 0.0, 1.0)
         sat = np.minimum(result.utilization, SATURATION_MAX) if self.saturation else np.full(n, np.nan)
-        silent = result.offered_rps <= 0.0
-        no_traffic = frozenset({NO_TRAFFIC})
-        none: frozenset[str] = frozenset()
-        rows = zip(
-            self.names,
-            p50.tolist(),
-            p95.tolist(),
-            err.tolist(),
-            sat.tolist(),
-            result.inflight.tolist(),
-            result.offered_rps.tolist(),
-            result.endpoint_cost_per_million.tolist(),
-            w.tolist(),
-            result.available.tolist(),
-            silent.tolist(),
-            strict=True,
-        )
-        endpoints = tuple(
-            EndpointObservation(
-                address=name,
-                p50_ms=a,
-                p95_ms=c,
-                error_rate=e,
-                saturation=sa,
-                inflight=inf,
-                rps=rps,
-                cost_per_million=cost,
-                weight=wt,
-                healthy=up,
-                age_s=0.0,
-                flags=no_traffic if quiet else none,
-            )
-            for name, a, c, e, sa, inf, rps, cost, wt, up, quiet in rows
-        )
+        flags = [frozenset({NO_TRAFFIC}) if quiet else frozenset() for quiet in (result.offered_rps <= 0.0).tolist()]
+        # EndpointObservation's fields in order (age 0: a step is observed as it ends).
+        cols = (p50, p95, err, sat, result.inflight, result.offered_rps, result.endpoint_cost_per_million, w)
+        rows = zip(self.names, *(c.tolist() for c in cols), result.available.tolist(), [0.0] * n, flags, strict=True)
+        endpoints = tuple(EndpointObservation(*row) for row in rows)
         return Observation(
             cluster=self.scenario.name,
             endpoints=endpoints,

@@ -3,7 +3,7 @@
 PPO from random scores spends most of its budget discovering which endpoints the LP needs
 in the critical set. The default teacher (``gap``) names the K endpoints furthest from
 the decision core's fleet-wide optimum, which knows price, the SLO and headroom; the older
-``hot_cold`` (:class:`~balanceiq.policy.baselines.HotColdHeuristic`) ranks by load alone.
+``hot_cold`` (:func:`~balanceiq.policy.baselines.hot_cold_critical`) ranks by load alone.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 from scipy.signal import lfilter
 
-from balanceiq.policy.baselines import HotColdHeuristic, available_mask
+from balanceiq.policy.baselines import available_mask, hot_cold_critical
 from balanceiq.policy.decide import optimum_gap
 
 TEACHERS = ("gap", "hot_cold")
@@ -85,7 +85,7 @@ def collect(
 def _teacher_choice(env: Any, teacher: str) -> list[int]:
     """The teacher's ordered choice of critical endpoints in the env's current state."""
     if teacher == "hot_cold":
-        return HotColdHeuristic().critical(env.last_obs, replace(env.context(), capacity_hint=env.capacity_estimate()))
+        return hot_cold_critical(env.last_obs, replace(env.context(), capacity_hint=env.capacity_estimate()))
     gap = optimum_gap(env.last_obs, env.context(), env.knobs(), env.core_state)
     gap = np.where(available_mask(env.last_obs), gap, -np.inf)
     return [int(i) for i in np.argsort(-gap, kind="stable")[: env.k] if gap[i] > -np.inf]
@@ -104,10 +104,8 @@ def pretrain(
 ) -> dict[str, Any]:
     """Fit ``module`` in place: maximise the Plackett-Luce log-likelihood of the teacher's
     choices (the distribution PPO samples from) and regress the value head on the returns,
-    so PPO's first advantages are not noise from an untrained critic.
-
-    ``agreement`` is the fraction of states where the module's K highest scores are the
-    teacher's K endpoints (as a set: the LP ignores the order)."""
+    so PPO's first advantages are not noise from an untrained critic. ``agreement``: the
+    share of states where the module's top K are the teacher's K (as a set)."""
     import torch
     from ray.rllib.core.columns import Columns
 

@@ -18,14 +18,10 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.special import exprel
 
-RHO_SAT = 0.98
-"""Utilisation from which an endpoint counts as overloaded (the queue model stops applying)."""
-RHO_FULL = 1.1
-"""Utilisation at which every request served waits the full timeout."""
-TIMEOUT_MS = 2000.0
-"""Default cap on the time beyond the fixed delay (queueing plus service plus brownout)."""
-TAIL_FRACTION = 0.1
-"""Share of requests a ``tail_latency`` event slows down unless it says otherwise."""
+RHO_SAT = 0.98  # Utilisation from which an endpoint counts as overloaded (the queue model stops applying).
+RHO_FULL = 1.1  # Utilisation at which every request served waits the full timeout.
+TIMEOUT_MS = 2000.0  # Default cap on the time beyond the fixed delay (queueing plus service plus brownout).
+TAIL_FRACTION = 0.1  # Share of requests a ``tail_latency`` event slows down unless it says otherwise.
 
 _NEWTON_STEPS = 40
 
@@ -88,6 +84,15 @@ def build(
     exponential = wait is None and bool(np.all(c == 1) and np.all(cv == 1))
     offset, weight = np.stack(offsets, axis=-1), np.stack(weights, axis=-1)
     return Queue(alpha, theta, p_wait, offset, weight, float(timeout_ms), exponential)
+
+
+def mm1(mu: np.ndarray, rho: np.ndarray, timeout_ms: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """An M/M/1 endpoint in closed form (the sojourn is exponential): its rate per ms, the
+    overload shift (ms) and the mean time beyond the fixed delay, the timeout included."""
+    r = mu * (1.0 - np.minimum(rho, RHO_SAT)) * 1e-3
+    shift = np.clip((rho - RHO_SAT) * (timeout_ms / (RHO_FULL - RHO_SAT)), 0.0, timeout_ms)
+    gap = np.maximum(timeout_ms - shift, 0.0)
+    return r, shift, timeout_ms - gap - np.expm1(-r * gap) / r
 
 
 def _g(y: np.ndarray, a: np.ndarray, t: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

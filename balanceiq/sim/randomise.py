@@ -1,12 +1,7 @@
 """Random fleets and timelines to train on (domain randomisation).
 
-Drawn like the lab's unseen-fleet suite, from their own generator: 3-120 endpoints in 2-4
-clouds, each with a service time of 5-150 ms, 1-16 slots, a spread of service times (one
-in four with a rare slow tail instead), a price (up to 20x apart), offered 40-80 % of the
-fleet's capacity; then 2-3 events between 25 % and 80 % of the run: a slowdown, slots
-lost, errors, a latency tail, a price change of an endpoint or a whole cloud, or demand
-that rises. The suite's fleets, the shipped scenarios and any scenario of the user's stay
-held back.
+Drawn like the lab's unseen-fleet suite but from their own generator, so the suite's
+fleets, the shipped scenarios and any scenario of the user's stay held back.
 """
 
 from __future__ import annotations
@@ -19,10 +14,8 @@ import numpy as np
 from balanceiq.sim.scenario import Scenario, scenario_from_dict
 
 CLOUDS = ("aws", "gcp", "azure", "oci")
-ENDPOINTS = (3, 120)
-"""Fewest and most endpoints of a drawn fleet."""
-LOAD = (0.4, 0.8)
-"""Offered load as a fraction of the fleet's capacity, at the start."""
+ENDPOINTS = (3, 120)  # Fewest and most endpoints of a drawn fleet.
+LOAD = (0.4, 0.8)  # Offered load as a fraction of the fleet's capacity, at the start.
 _EVENTS = ("slowdown", "slots", "errors", "tail", "price", "cloud_price", "demand")
 
 

@@ -19,21 +19,9 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from balanceiq.config import parse_yaml, validation_problems
-from balanceiq.config.base import NonNegFloat, PosFloat, _cross_field_error, _Model
+from balanceiq.config.base import NonBlank, NonNegFloat, PosFloat, _cross_field_error, _Model, _not_blank
 from balanceiq.config.loading import _read_text
 from balanceiq.exceptions import ConfigError
-
-__all__ = [
-    "SCENARIOS",
-    "DemandSpec",
-    "EndpointSpec",
-    "Event",
-    "EventKind",
-    "Scenario",
-    "load_scenario",
-    "scenario_from_dict",
-    "scenario_text",
-]
 
 SCENARIOS: tuple[str, ...] = (
     "steady",
@@ -57,14 +45,6 @@ _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]*")
 Multiplier = Annotated[float, Field(strict=True, allow_inf_nan=False)]
 
 
-def _not_blank(value: str, what: str) -> str:
-    if not value.strip():
-        raise ValueError(f"{what} must not be empty")
-    if value != value.strip():
-        raise ValueError(f"{what} {value!r} has leading or trailing spaces")
-    return value
-
-
 class EndpointSpec(_Model):
     """One simulated backend: where it runs, how much it takes, what it costs."""
 
@@ -72,7 +52,7 @@ class EndpointSpec(_Model):
     """Unique name and address in observations; not ``all`` or ``cloud:...`` (event targets)."""
     cloud: str
     """Cloud provider; events can target a whole cloud with ``cloud:<name>``."""
-    region: str
+    region: NonBlank
     """Region within the cloud; informational."""
     capacity_rps: PosFloat
     """Requests per second it completes when busy (``servers`` / mean service time); load above it is shed."""
@@ -125,11 +105,6 @@ class EndpointSpec(_Model):
         if "/" in value or ":" in value:
             raise ValueError(f"cloud {value!r} must not contain '/' or ':'")
         return value
-
-    @field_validator("region")
-    @classmethod
-    def _check_region(cls, value: str) -> str:
-        return _not_blank(value, "region")
 
 
 class DemandSpec(_Model):
@@ -266,16 +241,6 @@ class Scenario(_Model):
         """Endpoint names in order."""
         return [e.name for e in self.endpoints]
 
-    @property
-    def total_capacity_rps(self) -> float:
-        """Sum of configured capacities (before events)."""
-        return float(sum(e.capacity_rps for e in self.endpoints))
-
-    @property
-    def n_steps(self) -> int:
-        """Steps in one run of ``duration_s``."""
-        return max(1, round(self.duration_s / self.step_s))
-
     def targets(self, target: str) -> list[int]:
         """Indices of the endpoints an event target names."""
         if target == "all":
@@ -312,12 +277,8 @@ def scenario_text(name: str) -> str:
 
 
 def load_scenario(name_or_path: str | Path | Scenario) -> Scenario:
-    """A shipped scenario by name (see :data:`SCENARIOS`) or a scenario YAML file by path
-    (a :class:`Scenario` passes through).
-
-    Raises :class:`ConfigError` naming every problem: unknown name, unreadable file, YAML
-    syntax (with line and column), and each invalid field (e.g. ``events[1].target``).
-    """
+    """A shipped scenario by name (:data:`SCENARIOS`), a scenario YAML file by path, or a
+    :class:`Scenario`; :class:`ConfigError` names every problem (YAML line and column, fields)."""
     if isinstance(name_or_path, Scenario):
         return name_or_path
     path = Path(name_or_path)

@@ -37,9 +37,7 @@ from balanceiq.sim.calibrate.recording import (
 from balanceiq.sim.fleet import BASE_ERROR
 from balanceiq.sim.scenario import Scenario, scenario_from_dict
 
-WELL_LOADED_RHO = 0.5
-"""Below this peak utilisation, capacity (and the latency curve) are extrapolated from
-light load: the report warns."""
+WELL_LOADED_RHO = 0.5  # below this peak utilisation the fit extrapolates from light load: the report warns
 
 
 @dataclass
@@ -74,12 +72,10 @@ def calibrate(
 ) -> Calibration:
     """Fit a simulator scenario to a recording (see :mod:`balanceiq.sim.calibrate`).
 
-    ``endpoints`` maps address -> ``(cloud, region)`` (e.g. from the config); unknown
-    endpoints get cloud ``live`` and region ``recorded``. ``method`` forces the capacity
-    estimator (``saturation`` / ``latency``; ``auto``: saturation when recorded).
-    ``settle_margin_s`` defaults to a quarter window: one scrape plus one rule evaluation.
-    An endpoint with fewer than ``min_samples`` settled records is fitted on all of its
-    records, with a warning.
+    ``endpoints``: address -> ``(cloud, region)`` (default ``live``/``recorded``); ``method``
+    forces the capacity estimator (``auto``: saturation when recorded); ``settle_margin_s``
+    defaults to a quarter window (one scrape plus one rule evaluation). An endpoint with
+    fewer than ``min_samples`` settled records is fitted on all of them, with a warning.
     """
     if method not in ("auto", "saturation", "latency"):
         raise CalibrationError(f"unknown capacity method {method!r}; use auto, saturation or latency")

@@ -1,8 +1,7 @@
 """Fitting one endpoint's simulator parameters, and measuring how well the fit predicts.
 
-The closed forms (``model_*``) reproduce :meth:`~balanceiq.sim.fleet.FleetSim.step`
-exactly (a unit test holds them to it): M/M/1 sojourn above a base latency, frozen at
-``RHO_SAT`` and rising to the timeout by ``RHO_FULL``; load above capacity is shed.
+The closed forms (``model_*``) are FleetSim's for an M/M/1 endpoint (:func:`~balanceiq.sim.queue.mm1`
+above a base latency); load above capacity is shed.
 """
 
 from __future__ import annotations
@@ -16,12 +15,12 @@ import numpy as np
 from scipy.optimize import least_squares
 
 from balanceiq.sim.calibrate.recording import Samples
-from balanceiq.sim.fleet import BASE_ERROR, RHO_FULL, RHO_SAT, SATURATION_MAX, TIMEOUT_MS
+from balanceiq.sim.fleet import BASE_ERROR, SATURATION_MAX
+from balanceiq.sim.queue import TIMEOUT_MS, mm1
 
 LN2 = math.log(2.0)
 
-LOW_LOAD_RHO = 0.5
-"""Records at or below this utilisation pin the base latency."""
+LOW_LOAD_RHO = 0.5  # Records at or below this utilisation pin the base latency.
 
 RELATIVE = ("p50", "p95", "inflight")
 SIGNALS = (*RELATIVE, "saturation", "error_rate")
@@ -29,26 +28,20 @@ SIGNALS = (*RELATIVE, "saturation", "error_rate")
 Arr = np.ndarray | float
 
 
-def _rate_and_shift(mu: Arr, lam: Arr) -> tuple[np.ndarray, np.ndarray]:
+def _mm1(mu: Arr, lam: Arr) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     mu = np.asarray(mu, dtype=np.float64)
-    rho = np.asarray(lam, dtype=np.float64) / mu
-    r = mu * (1.0 - np.minimum(rho, RHO_SAT)) * 1e-3  # sojourn rate per ms
-    shift = np.clip((rho - RHO_SAT) * (TIMEOUT_MS / (RHO_FULL - RHO_SAT)), 0.0, TIMEOUT_MS)
-    return r, shift
+    return mm1(mu, np.asarray(lam, dtype=np.float64) / mu, TIMEOUT_MS)
 
 
 def model_quantile_ms(mu: Arr, b: Arr, lam: Arr, q: float) -> np.ndarray:
     """FleetSim's latency quantile ``q`` (ms) of an endpoint (capacity ``mu``, base ``b``) at load ``lam``."""
-    r, shift = _rate_and_shift(mu, lam)
+    r, shift, _ = _mm1(mu, lam)
     return np.asarray(b, dtype=np.float64) + np.minimum(-math.log1p(-q) / r + shift, TIMEOUT_MS)
 
 
 def model_inflight(mu: Arr, b: Arr, lam: Arr) -> np.ndarray:
     """FleetSim's in-flight requests (Little's law on accepted load and mean latency)."""
-    r, shift = _rate_and_shift(mu, lam)
-    gap = np.maximum(TIMEOUT_MS - shift, 0.0)
-    mean_wait = TIMEOUT_MS - gap - np.expm1(-r * gap) / r
-    return np.minimum(lam, mu) * (np.asarray(b, dtype=np.float64) + mean_wait) * 1e-3
+    return np.minimum(lam, mu) * (np.asarray(b, dtype=np.float64) + _mm1(mu, lam)[2]) * 1e-3
 
 
 def model_saturation(mu: Arr, lam: Arr) -> np.ndarray:

@@ -38,11 +38,11 @@ from typing import Any
 import numpy as np
 from rich.console import Console
 
-from balanceiq.policy.baselines import BASELINES
 from balanceiq.sim.balancer import BALANCERS
-from balanceiq.sim.evaluate import ENVOY_ARMS, arm, least_move_off_static, run_pair
 from balanceiq.sim.fleet import FleetSim
 from balanceiq.sim.scenario import SCENARIOS
+from balanceiq_lab.bench.arms import ENVOY_ARMS, arm, least_move_off_static, run_pair
+from balanceiq_lab.bench.baselines import BENCH_BASELINES
 from balanceiq_lab.errors import BenchError
 from balanceiq_lab.progress import progress_bar
 
@@ -76,7 +76,7 @@ def run_sim_bench(
     console = console or Console(stderr=True)
     scenarios = scenarios or list(SCENARIOS)
     policies = policies or list(DEFAULT_POLICIES)
-    unknown = [p for p in policies if p not in (*BASELINES, *ENVOY_ARMS, "full_lp", "teacher", "cfr_rl")]
+    unknown = [p for p in policies if p not in (*BENCH_BASELINES, *ENVOY_ARMS, "full_lp", "teacher", "cfr_rl")]
     if unknown:
         raise BenchError(f"unknown policies {', '.join(unknown)}; known: {', '.join(DEFAULT_POLICIES)}")
     if balancer not in BALANCERS:

@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 
 from balanceiq.policy.baselines import Decision
-from balanceiq.sim.evaluate import arm, run_pair
 from balanceiq.sim.scenario import Scenario, scenario_from_dict
+from balanceiq_lab.bench.arms import arm, run_pair
 from balanceiq_lab.bench.live import DEFAULT_SLO_MS
 from balanceiq_lab.bench.suite import DEFAULT_SUITE_WARMUP_S, Fleet
 from balanceiq_lab.errors import BenchError

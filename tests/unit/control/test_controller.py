@@ -12,7 +12,8 @@ import pytest
 from livestack import settings_on_free_ports
 
 from balanceiq.control.controller import Controller
-from balanceiq.policy.decide import breach_state, observe_only
+from balanceiq.policy.decide import observe_only
+from balanceiq.policy.memory import CoreState, remember
 from balanceiq.policy.reward import RewardWeights, observed_reward
 from balanceiq.telemetry.observation import EndpointObservation, Observation
 from balanceiq.xds.client import LocalXdsClient
@@ -209,7 +210,8 @@ def test_unmeasurable_endpoint_is_assumed_typical_not_capacityless(setup) -> Non
 
 def held_breachers(c: Controller, obs: Observation, now: float) -> tuple[list[int], list[int]]:
     """``(measured, held)`` by the controller's decision core, remembering ``obs``."""
-    measured, held, c.core_state = breach_state(obs, c.shares, c.knobs(), c.core_state, now=now)
+    mem, measured, held, _ = remember(obs, np.asarray(c.shares, dtype=np.float64), c.knobs(), c.core_state, now)
+    c.core_state = CoreState(at=now, memory=mem)
     return measured, held
 
 

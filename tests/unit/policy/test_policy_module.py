@@ -118,8 +118,9 @@ def test_rl_policy_adds_slo_breachers_to_its_k() -> None:
     """What the controller does: breachers are critical whatever the scores say, and the
     policy still picks K more for their traffic to go to (``force_breaching=False``
     gives the policy's K alone)."""
+    from policy_cases import window_breaching
+
     from balanceiq.policy.baselines import PolicyContext
-    from balanceiq.policy.memory import window_breaching
 
     env = FleetEnv({"scenarios": ["heterogeneous"], "n_max": 16})
     env.reset(seed=0)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from balanceiq.policy.baselines import HotColdHeuristic, PolicyContext
+from balanceiq.policy.baselines import PolicyContext, hot_cold_critical
 from balanceiq.policy.decide import optimum_gap
 from balanceiq.sim.env import FleetEnv
 from balanceiq.sim.imitation import collect, pretrain
@@ -28,7 +28,7 @@ def test_demonstrations_label_every_state_with_the_teachers_ordered_choice() -> 
         demand_rps=float(np.nansum([e.rps for e in obs.endpoints])),
         k=2,
     )
-    assert demos.actions[0].tolist() == HotColdHeuristic().critical(obs, ctx)
+    assert demos.actions[0].tolist() == hot_cold_critical(obs, ctx)
     # Hottest first, coldest second: the encoded utilisation column orders them so.
     util = demos.obs[0, :, -4]
     assert util[demos.actions[0, 0]] == pytest.approx(util[: env.sim.n].max())
@@ -60,7 +60,7 @@ def test_the_gap_teacher_names_the_endpoints_furthest_from_the_fleet_wide_optimu
     assert gap[first[0]] == pytest.approx(gap.max()) and gap[first[0]] > 0.01
     assert gap[first[1]] == pytest.approx(np.sort(gap)[-2])
     # The teacher's picks are what the env then re-optimises: both are in its critical set.
-    assert set(first) <= set(env.critical_from_action(np.asarray(first)))
+    assert set(first) <= set(env.decide(first).critical)
 
 
 def test_an_unknown_teacher_is_refused_by_name() -> None:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from gymnasium.utils.env_checker import check_env
+from policy_cases import window_breaching  # tests/ is on sys.path
 
-from balanceiq.policy.memory import window_breaching
 from balanceiq.sim.env import FleetEnv
 
 

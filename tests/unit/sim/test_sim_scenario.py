@@ -62,7 +62,7 @@ def test_every_shipped_scenario_loads_and_is_realistic(name: str) -> None:
         assert 10 <= e.base_latency_ms <= 80
         assert 0.1 <= e.cost_per_million <= 0.6
     # Demand peaks near 50-75% of capacity: a bad split can overload, a good one need not.
-    peak_load = sc.demand.base_rps * (1 + sc.demand.diurnal_amplitude) / sc.total_capacity_rps
+    peak_load = sc.demand.base_rps * (1 + sc.demand.diurnal_amplitude) / sum(e.capacity_rps for e in sc.endpoints)
     assert 0.5 <= peak_load <= 0.76
     assert sc.duration_s == 600 and sc.step_s == 1
 
