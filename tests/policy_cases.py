@@ -68,3 +68,18 @@ def window_breaching(obs: Observation, slo_ms: float) -> list[int]:
         for i, e in enumerate(obs.endpoints)
         if (math.isfinite(e.p95_ms) and e.p95_ms > slo_ms) or (math.isfinite(e.error_rate) and e.error_rate >= 0.05)
     ]
+
+
+def nothing_measured() -> tuple[Observation, PolicyContext]:
+    """Three endpoints with no traffic, and a context of NaNs, zeros and a K over N."""
+    eps = tuple(EndpointObservation(address=f"h{i}:1", flags=frozenset({NO_TRAFFIC})) for i in range(3))
+    obs = Observation(cluster="c", endpoints=eps, source="none")
+    ctx = PolicyContext(
+        shares=np.array([NAN, NAN, NAN]),
+        capacity_hint=np.full(3, NAN),
+        static_weights=np.array([1.0, NAN, 0.0]),
+        demand_rps=NAN,
+        k=5,
+        true_capacity=np.array([NAN, 0.0, 10.0]),
+    )
+    return obs, ctx

@@ -9,7 +9,7 @@ controller (Envoy handles health itself).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -264,10 +264,10 @@ BASELINES: dict[str, Callable[[], Policy]] = {
 }
 
 
-def make_policy(name: str) -> Policy:
-    """A fresh baseline by name; ValueError naming the known ones otherwise."""
+def make_policy(name: str, registry: Mapping[str, Callable[[], Policy]] = BASELINES) -> Policy:
+    """A fresh baseline by name from ``registry``; ValueError naming the known ones otherwise."""
     try:
-        factory = BASELINES[name]
+        factory = registry[name]
     except (KeyError, TypeError):
-        raise ValueError(f"unknown policy {name!r}; known: {', '.join(sorted(BASELINES))}") from None
+        raise ValueError(f"unknown policy {name!r}; known: {', '.join(sorted(registry))}") from None
     return factory()

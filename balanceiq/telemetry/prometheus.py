@@ -97,8 +97,6 @@ class PrometheusSource:
             raise PrometheusError(f"{what}: {type(exc).__name__}: {str(exc)[:200]}") from exc
         # Not JSON, or not Prometheus' shape.
         except (ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
-            if "nested too deeply" in str(exc):
-                raise PrometheusError(f"{what}: malformed response: {exc}") from exc
             raise PrometheusError(f"{what}: malformed response: {type(exc).__name__}: {str(exc)[:200]}") from exc
         except RecursionError as exc:  # json's recursive decoder on "[[[[...": garbage, not a bug of ours
             raise PrometheusError(f"{what}: malformed response: JSON nested too deeply") from exc

@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from balanceiq.policy import baselines
 from balanceiq.policy.baselines import (
     BASELINES,
     Decision,
@@ -144,9 +145,5 @@ BENCH_BASELINES: dict[str, Callable[[], Policy]] = {
 
 
 def make_policy(name: str) -> Policy:
-    """A fresh baseline by name; ValueError naming the known ones otherwise."""
-    try:
-        factory = BENCH_BASELINES[name]
-    except (KeyError, TypeError):
-        raise ValueError(f"unknown policy {name!r}; known: {', '.join(sorted(BENCH_BASELINES))}") from None
-    return factory()
+    """A fresh baseline by name, the benchmark's included."""
+    return baselines.make_policy(name, BENCH_BASELINES)

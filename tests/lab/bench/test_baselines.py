@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from policy_cases import NAN, assert_valid, context, fleet  # tests/ is on sys.path
+from policy_cases import assert_valid, context, fleet, nothing_measured  # tests/ is on sys.path
 
-from balanceiq.policy.baselines import BASELINES, Policy, PolicyContext
-from balanceiq.telemetry.observation import NO_TRAFFIC, EndpointObservation, Observation
+from balanceiq.policy.baselines import BASELINES, Policy
 from balanceiq_lab.bench.baselines import BENCH_BASELINES, Oracle, TopKHeuristic, make_policy
 
 LAB_ONLY = sorted(set(BENCH_BASELINES) - set(BASELINES))
@@ -30,16 +29,7 @@ def test_every_bench_baseline_returns_a_valid_decision(name: str) -> None:
 
 @pytest.mark.parametrize("name", LAB_ONLY)
 def test_bench_baselines_survive_a_fleet_with_nothing_measured(name: str) -> None:
-    eps = tuple(EndpointObservation(address=f"h{i}:1", flags=frozenset({NO_TRAFFIC})) for i in range(3))
-    obs = Observation(cluster="c", endpoints=eps, source="none")
-    ctx = PolicyContext(
-        shares=np.array([NAN, NAN, NAN]),
-        capacity_hint=np.full(3, NAN),
-        static_weights=np.array([1.0, NAN, 0.0]),
-        demand_rps=NAN,
-        k=5,
-        true_capacity=np.array([NAN, 0.0, 10.0]),
-    )
+    obs, ctx = nothing_measured()
     assert_valid(make_policy(name).decide(obs, ctx), 3)
 
 

@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 import pytest
-from policy_cases import NAN, assert_valid, context, fleet  # tests/ is on sys.path
+from policy_cases import NAN, assert_valid, context, fleet, nothing_measured  # tests/ is on sys.path
 
 from balanceiq.policy.baselines import (
     BASELINES,
@@ -15,13 +15,12 @@ from balanceiq.policy.baselines import (
     InverseLatencyEwma,
     LeastRequest,
     Policy,
-    PolicyContext,
     StaticWeights,
     estimate_capacity,
     hot_cold_critical,
     make_policy,
 )
-from balanceiq.telemetry.observation import NO_TRAFFIC, EndpointObservation, Observation
+from balanceiq.telemetry.observation import EndpointObservation, Observation
 
 
 @pytest.mark.parametrize("name", sorted(BASELINES))
@@ -43,16 +42,7 @@ def test_controller_baselines_drain_unhealthy_endpoints(name: str) -> None:
 
 @pytest.mark.parametrize("name", sorted(BASELINES))
 def test_baselines_survive_a_fleet_with_nothing_measured(name: str) -> None:
-    eps = tuple(EndpointObservation(address=f"h{i}:1", flags=frozenset({NO_TRAFFIC})) for i in range(3))
-    obs = Observation(cluster="c", endpoints=eps, source="none")
-    ctx = PolicyContext(
-        shares=np.array([NAN, NAN, NAN]),
-        capacity_hint=np.full(3, NAN),
-        static_weights=np.array([1.0, NAN, 0.0]),
-        demand_rps=NAN,
-        k=5,
-        true_capacity=np.array([NAN, 0.0, 10.0]),
-    )
+    obs, ctx = nothing_measured()
     assert_valid(make_policy(name).decide(obs, ctx), 3)
 
 
