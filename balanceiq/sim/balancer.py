@@ -1,20 +1,13 @@
-"""Envoy's balancers as splits: each endpoint's share of a step's traffic under the
-weights a policy set, and for the least-request balancers how long requests wait.
+"""Envoy's balancers as splits: each endpoint's share of a step's traffic under a policy's
+weights, and for the least-request balancers how long requests wait.
 
 - ``round_robin``: shares proportional to the weights.
-- ``least_request``: with equal weights, power of two choices: a request goes to the
-  endpoint with fewer requests in flight of two drawn at random (with replacement; a tie
-  is a coin toss). With unequal weights Envoy schedules by ``weight / (active + 1)``.
-  Either way an endpoint is sent more while it holds few and less while it holds many, so
-  its count is a birth-death chain whose arrival rate depends on its state and, through
-  the draws, on every other endpoint's distribution (the mean-field model of JSQ(d)); the
-  split is that system's fixed point, and requests wait as that chain says, far less than
-  they would at the same load arriving blindly.
-- ``cswrr``: client-side weighted round robin from ORCA reports: each endpoint's weight
-  is ``qps / utilisation`` as it reported over the last step (:func:`orca_weights`), as
-  the lab's sample backends report utilisation: slots in use when a response leaves,
-  which counts the responding request (a one-slot backend always reports 1, so its weight
-  follows its own traffic).
+- ``least_request``: power of two choices (equal weights) or ``weight / (active + 1)``. Each
+  endpoint's in-flight count is a birth-death chain whose arrivals depend on every endpoint's
+  distribution (mean-field JSQ(d)); the split is that system's fixed point.
+- ``cswrr``: weights ``qps / utilisation`` from the last step's ORCA reports
+  (:func:`orca_weights`), utilisation as the lab's backends report it: slots in use when a
+  response leaves (a one-slot backend always reports 1).
 
 The least-request balancers skip endpoints that are down (Envoy's health checks eject them).
 """

@@ -1,10 +1,7 @@
-"""Scenarios: the fleet, its demand and a timeline of events, as data.
-
-A scenario is one YAML file (format: ``balanceiq/sim/scenarios/README.md``). The shipped
-ones live next to that README and are loaded by name; a user's own file is loaded by
-path. Every model is frozen and refuses unknown keys, like :mod:`balanceiq.config`, and
-:func:`load_scenario` turns every problem in a file into one :class:`ConfigError` whose
-``problems`` name the field, e.g. ``events[2].target``.
+"""Scenarios: a fleet, its demand and a timeline of events, as data: one YAML file each
+(format: ``balanceiq/sim/scenarios/README.md``), shipped ones loaded by name, a user's by path.
+Models are frozen and refuse unknown keys like :mod:`balanceiq.config`; :func:`load_scenario`
+reports every problem of a file in one :class:`ConfigError` (fields named: ``events[2].target``).
 """
 
 from __future__ import annotations
@@ -132,11 +129,8 @@ class Event(_Model):
     target: str
     """An endpoint name, ``cloud:<name>`` or ``all`` (the only target of demand and burst)."""
     kind: EventKind
-    """Multiply ``capacity``, ``servers`` (and with them capacity), ``cost`` or total demand
-    (``demand``, ``burst``); ``fail`` the endpoint (fast errors); answer a ``value`` share of
-    requests with errors (``errors``); add ``value`` ms to ``fraction`` of requests
-    (``tail_latency``)."""
-
+    """Multiply ``capacity``, ``servers`` (and capacity), ``cost`` or demand (``demand``, ``burst``); ``fail``
+    (fast errors); fail a ``value`` share (``errors``); add ``value`` ms to ``fraction`` (``tail_latency``)."""
     value: Multiplier
     """Multiplier (> 0; cost >= 0), extra ms for tail_latency, error share; optional for fail."""
     fraction: float = Field(default=0.1, gt=0, le=1, strict=True, allow_inf_nan=False)

@@ -14,30 +14,24 @@ from pathlib import Path
 import psutil
 
 _REAPER = r"""
-import shutil, sys
+import contextlib, shutil, sys
 import psutil
 procs = []
 for line in sys.stdin:
-    try:
+    with contextlib.suppress(ValueError, psutil.Error):
         pid, created = line.split()
         p = psutil.Process(int(pid))
         if abs(p.create_time() - float(created)) <= 0.01:
             procs.append(p)
-    except (ValueError, psutil.Error):
-        pass
 alive = []
 for p in procs:
-    try:
+    with contextlib.suppress(psutil.Error):
         p.terminate()
         alive.append(p)
-    except psutil.Error:
-        pass
 gone, alive = psutil.wait_procs(alive, timeout=5)
 for p in alive:
-    try:
+    with contextlib.suppress(psutil.Error):
         p.kill()
-    except psutil.Error:
-        pass
 psutil.wait_procs(alive, timeout=5)
 if len(sys.argv) > 1:  # the owner's work directory (logs, xDS state)
     shutil.rmtree(sys.argv[1], ignore_errors=True)
