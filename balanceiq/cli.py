@@ -211,7 +211,8 @@ def train_cmd(
 
 def _live_training(live_config: Path | None, rllib_config: Path | None, num_env_runners: int | None) -> dict[str, Any]:
     """``train``'s keyword arguments for ``--env live``: LiveEnv and its RLlib overrides."""
-    from balanceiq.testbed.live_env import LiveEnv, live_rllib_overrides, load_live_env_config
+    from balanceiq.testbed.live_config import live_rllib_overrides, load_live_env_config
+    from balanceiq.testbed.live_env import LiveEnv
     from balanceiq.train import load_algo_config
 
     rl_cfg = load_algo_config(rllib_config)
@@ -271,7 +272,7 @@ def evaluate_cmd(
         ev = evaluate_checkpoints(candidate, serving, seeds=tuple(range(seeds)))
     if live or live_config is not None:
         from balanceiq.testbed.evaluate_live import evaluate_checkpoints_live, live_eval_config
-        from balanceiq.testbed.live_env import load_live_env_config
+        from balanceiq.testbed.live_config import load_live_env_config
 
         cfg = live_eval_config(load_live_env_config(live_config) if live_config is not None else None)
         with err.status("live testbed evaluation") as status:

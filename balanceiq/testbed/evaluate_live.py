@@ -17,7 +17,8 @@ from typing import Any
 from balanceiq.exceptions import BalanceIQError, PolicyError
 from balanceiq.policy.checkpoint import SHIPPED, RLPolicy, load_module
 from balanceiq.testbed.fleet import resolve_fleet
-from balanceiq.testbed.live_env import LiveEnv, LiveEnvConfig
+from balanceiq.testbed.live_config import LiveEnvConfig
+from balanceiq.testbed.live_env import LiveEnv
 
 # A compressed replay of the live benchmark's scenario: short enough to run twice per
 # checkpoint inside a training run.

@@ -42,25 +42,13 @@ from balanceiq.policy.reward import observed_reward
 from balanceiq.telemetry.observation import Observation
 from balanceiq.telemetry.observe import Telemetry
 from balanceiq.testbed.fleet import Driver, Fleet, FleetProvider, Load, Scenario, resolve_fleet
-from balanceiq.testbed.live_config import (  # the config's names stay importable from here
-    DEFAULT_LAYOUT,
-    LiveEnvConfig,
-    fast_windows,
-    live_rllib_overrides,
-    load_live_env_config,
-    ports_needed,
-    reallocate_ports,
-    with_windows,
-)
+from balanceiq.testbed.live_config import LiveEnvConfig, fast_windows, ports_needed, reallocate_ports, with_windows
 from balanceiq.testbed.ports import free_ports
 from balanceiq.testbed.reaper import Reaper
 from balanceiq.xds.client import ActorXdsClient, LocalXdsClient, served
 
 if TYPE_CHECKING:
     from balanceiq.xds.server import XdsServer
-
-__all__ = ["DEFAULT_LAYOUT", "LiveEnv", "LiveEnvConfig", "fast_windows", "live_rllib_overrides"]
-__all__ += ["load_live_env_config", "ports_needed", "reallocate_ports"]
 
 log = logging.getLogger(__name__)
 

@@ -26,14 +26,14 @@ import yaml
 
 from balanceiq.config import settings_from_dict
 from balanceiq.exceptions import XdsError
-from balanceiq.testbed.live_env import (
+from balanceiq.testbed.live_config import (
     DEFAULT_LAYOUT,
-    LiveEnv,
     fast_windows,
     live_rllib_overrides,
     ports_needed,
     reallocate_ports,
 )
+from balanceiq.testbed.live_env import LiveEnv
 from balanceiq.testbed.ports import free_ports
 from balanceiq_lab.testbed.envoy import endpoint_weights
 from balanceiq_lab.testbed.testbed import Testbed

@@ -16,9 +16,8 @@ from balanceiq.config import default_settings, settings_from_dict
 from balanceiq.exceptions import ConfigError
 from balanceiq.policy.features import N_FEATURES
 from balanceiq.sim.env import FleetEnv
-from balanceiq.testbed.live_env import (
+from balanceiq.testbed.live_config import (
     DEFAULT_LAYOUT,
-    LiveEnv,
     LiveEnvConfig,
     fast_windows,
     live_rllib_overrides,
@@ -26,6 +25,7 @@ from balanceiq.testbed.live_env import (
     ports_needed,
     reallocate_ports,
 )
+from balanceiq.testbed.live_env import LiveEnv
 from balanceiq_lab.testbed.profiles import profile_for
 
 PPO_YAML = Path(__file__).resolve().parents[3] / "rllib_configs" / "ppo.yaml"
