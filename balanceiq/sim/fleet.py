@@ -1,15 +1,11 @@
 """A vectorised, seeded model of a multi-cloud fleet under a traffic split.
 
-Each :meth:`FleetSim.step` is one telemetry window of ``step_s`` seconds; endpoint ``i``
-receives ``lambda_i = s_i D`` of total demand ``D(t) = base_rps (1 + a sin(2 pi t / period
-+ phase)) M(t) eps_t`` (daily cycle, active demand/burst multipliers, mean-one lognormal
-noise), the split ``s`` being the policy's weights as Envoy's balancer applies them
-(:mod:`balanceiq.sim.balancer`).
-
-Latency: base latency plus an M/G/c queue per endpoint (:mod:`balanceiq.sim.queue`).
-Errors: ``BASE_ERROR`` everywhere, plus the load above capacity shed (``1 - 1/rho``); a
-failed endpoint answers every request with an error after its base latency. Fleet
-quantiles invert the traffic mixture of the endpoints' CDFs on a fixed log-spaced grid.
+Each :meth:`FleetSim.step` is one telemetry window: endpoint ``i`` gets ``s_i D`` of demand
+``D(t) = base_rps (1 + a sin(2 pi t / period + phase))`` times event multipliers and lognormal
+noise, ``s`` being the policy's weights as Envoy's balancer applies them (:mod:`~balanceiq.sim.balancer`).
+Latency is base latency plus an M/G/c queue (:mod:`~balanceiq.sim.queue`); errors are ``BASE_ERROR``
+plus the load above capacity shed, or every request of a failed endpoint. Fleet quantiles
+invert the traffic mixture of the endpoints' CDFs on a fixed log-spaced grid.
 """
 
 from __future__ import annotations
@@ -154,12 +150,7 @@ class FleetSim:
         self.tail_ms = np.array([e.tail_ms for e in scenario.endpoints], dtype=np.float64)
         self._plain = bool(np.all(self.servers == 1) and np.all(self.service_cv == 1) and np.all(self.tail_prob == 0))
 
-        d = scenario.demand
-        self._base_rps = d.base_rps
-        self._amp = d.diurnal_amplitude
-        self._omega = 2.0 * math.pi / d.diurnal_period_s
-        self._phase = d.phase
-        self._sigma = d.noise
+        self._omega = 2.0 * math.pi / scenario.demand.diurnal_period_s
 
         self._segments = self._compile_segments()
         self._starts = [seg.start for seg in self._segments]
@@ -216,31 +207,15 @@ class FleetSim:
             nxt = self._seg_index + 1
             self._next_start = self._starts[nxt] if nxt < len(self._starts) else math.inf
         self._seg = self._segments[self._seg_index]
+        d = self.scenario.demand
         if self._noise_pos >= self._noise.shape[0]:
             # Drawn in blocks: one call per thousand steps instead of one per step.
-            s = self._sigma
-            self._noise = np.exp(s * self._rng.standard_normal(_NOISE_BLOCK) - 0.5 * s * s)
+            self._noise = np.exp(d.noise * self._rng.standard_normal(_NOISE_BLOCK) - 0.5 * d.noise * d.noise)
             self._noise_pos = 0
         noise = float(self._noise[self._noise_pos])
         self._noise_pos += 1
-        diurnal = 1.0 + self._amp * math.sin(self._omega * self.t + self._phase)
-        self._demand = self._base_rps * diurnal * self._seg.demand_mult * noise
-
-    def demand_rps(self) -> float:
-        """Total demand of the step about to run (diurnal x events x this step's noise)."""
-        return self._demand
-
-    def capacity(self) -> np.ndarray:
-        """True effective capacity now, in rps (0 where failed)."""
-        return self._seg.capacity.copy()
-
-    def cost(self) -> np.ndarray:
-        """$ per million requests now."""
-        return self._seg.cost.copy()
-
-    def available(self) -> np.ndarray:
-        """True where the endpoint is up."""
-        return self._seg.up.copy()
+        diurnal = 1.0 + d.diurnal_amplitude * math.sin(self._omega * self.t + d.phase)
+        self._demand = d.base_rps * diurnal * self._seg.demand_mult * noise
 
     @property
     def done(self) -> bool:

@@ -58,7 +58,24 @@ class Teacher(FullLp):
 
 class RunSim(FleetSim):
     """FleetSim that also counts every request since :meth:`clear_run` (or the reset), for
-    :meth:`run_summary`: what a load test over the whole run measures."""
+    :meth:`run_summary`: what a load test over the whole run measures; and tells the truth
+    about the step about to run (what the oracle knows)."""
+
+    def demand_rps(self) -> float:
+        """Total demand of the step about to run (diurnal x events x this step's noise)."""
+        return self._demand
+
+    def capacity(self) -> np.ndarray:
+        """True effective capacity now, in rps (0 where failed)."""
+        return self._seg.capacity.copy()
+
+    def cost(self) -> np.ndarray:
+        """$ per million requests now."""
+        return self._seg.cost.copy()
+
+    def available(self) -> np.ndarray:
+        """True where the endpoint is up."""
+        return self._seg.up.copy()
 
     def reset(self, seed: int | None = None) -> None:
         self.clear_run()
@@ -215,7 +232,7 @@ def least_move_off_static(scenario: str, utilization: float = 0.9, *, seed: int 
     A floor for ``traffic_moved`` over a run: what lies above the overloaded endpoints'
     limits has to go somewhere, whoever decides where.
     """
-    sim = FleetSim(scenario, seed=seed)
+    sim = RunSim(scenario, seed=seed)
     static = np.asarray(sim.static_weights, dtype=np.float64)
     shares = static / static.sum()
     return float(np.maximum(0.0, shares - utilization * sim.capacity() / sim.demand_rps()).sum())

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from balanceiq.sim.fleet import FleetSim
+from balanceiq_lab.bench.arms import RunSim
 from balanceiq_lab.bench.suite import draw_fleet, truth
 from balanceiq_lab.bench.twin import agreement, fleet_scenario, live_arms, run_twin, spearman
 from balanceiq_lab.errors import BenchError
@@ -16,7 +16,7 @@ from balanceiq_lab.errors import BenchError
 @pytest.mark.parametrize("seed", [0, 1, 2005])
 def test_the_twin_has_the_fleets_capacity_and_prices_at_every_moment(seed: int) -> None:
     fleet = draw_fleet(seed)
-    sim = FleetSim(fleet_scenario(fleet, warmup_s=10.0))
+    sim = RunSim(fleet_scenario(fleet, warmup_s=10.0))
     addresses = [ep.address for ep in fleet.settings.clusters[0].endpoints]
     for t in np.arange(0.0, 10.0 + fleet.duration_s, 1.0):
         while sim.t < t - 1e-9:

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from balanceiq.sim.env import FleetEnv
-from balanceiq.sim.fleet import FleetSim
 from balanceiq.sim.randomise import LOAD, random_scenario
+from balanceiq_lab.bench.arms import RunSim
 
 
 def test_the_same_seed_draws_the_same_fleet_and_others_differ() -> None:
@@ -28,7 +28,7 @@ def test_fleets_span_the_sizes_loads_and_events_asked_for() -> None:
         prices = [e.cost_per_million for e in sc.endpoints]
         assert max(prices) / min(prices) <= 20.0 + 1e-6
         kinds |= {e.kind for e in sc.events}
-        sim = FleetSim(sc)
+        sim = RunSim(sc)
         for _ in range(int(sc.duration_s)):
             r = sim.step(sim.capacity() + 1e-9)
             assert np.isfinite(r.p99_ms) and 0 <= r.error_rate <= 1

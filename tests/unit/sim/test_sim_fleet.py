@@ -16,6 +16,7 @@ from balanceiq.sim.fleet import BASE_ERROR, FleetSim, StepResult
 from balanceiq.sim.queue import TIMEOUT_MS
 from balanceiq.sim.scenario import Scenario, load_scenario, scenario_from_dict
 from balanceiq.telemetry.observation import NO_TRAFFIC, Observation
+from balanceiq_lab.bench.arms import RunSim
 
 
 def _scenario(
@@ -165,7 +166,7 @@ def test_below_capacity_only_base_errors() -> None:
 
 
 def test_failure_only_during_the_event_then_recovers() -> None:
-    sim = FleetSim("failure")
+    sim = RunSim("failure")
     i = sim.names.index("aws-use1-a")
     base_cap = sim.base_capacity_rps[i]
     shares = sim.base_capacity_rps.copy()
@@ -200,7 +201,7 @@ def test_failed_endpoint_without_traffic_is_not_saturated() -> None:
 
 
 def test_degrade_halves_capacity_at_the_event_time() -> None:
-    sim = FleetSim("degrade")
+    sim = RunSim("degrade")
     i = sim.names.index("gcp-usc1-a")
     caps = []
     for _ in range(600):
@@ -212,7 +213,7 @@ def test_degrade_halves_capacity_at_the_event_time() -> None:
 
 
 def test_cost_shift_triples_aws_cost() -> None:
-    sim = FleetSim("cost_shift")
+    sim = RunSim("cost_shift")
     aws = np.array([c == "aws" for c in sim.clouds])
     before = sim.cost()
     _run(sim, 200)
@@ -226,7 +227,7 @@ def test_cost_shift_triples_aws_cost() -> None:
 
 def test_flash_crowd_multiplies_demand_only_in_its_window() -> None:
     sc = load_scenario("flash_crowd")
-    crowd, calm = FleetSim(sc), FleetSim(_without_events(sc))
+    crowd, calm = RunSim(sc), FleetSim(_without_events(sc))
     for _ in range(600):
         t = crowd.t
         announced = crowd.demand_rps()
@@ -299,7 +300,7 @@ def test_shares_are_normalised() -> None:
 
 @pytest.mark.parametrize("scenario", ["heterogeneous", "brownout", "failure", "many_endpoints"])
 def test_all_traffic_on_one_endpoint_gives_its_quantiles(scenario: str) -> None:
-    sim = FleetSim(scenario)
+    sim = RunSim(scenario)
     _run(sim, 200)
     rng = np.random.default_rng(0)
     for i in rng.choice(sim.n, size=min(sim.n, 8), replace=False):
@@ -364,7 +365,7 @@ def test_all_traffic_on_a_dead_endpoint_still_gives_finite_aggregates() -> None:
 
 
 def test_results_cannot_corrupt_the_simulator() -> None:
-    sim = FleetSim("degrade")
+    sim = RunSim("degrade")
     r = sim.step(np.ones(sim.n))
     with pytest.raises(ValueError):
         r.capacity_rps[0] = 1.0
@@ -431,7 +432,7 @@ def test_slots_lost_errors_and_a_client_timeout() -> None:
     ]
     eps = [{**_ep("a", 100.0), "servers": 4, "service_cv": 0.5}, {**_ep("b", 400.0, cloud="gcp"), "servers": 8}]
     sc = _scenario(eps, 200.0, events).model_copy(update={"timeout_ms": 500.0})
-    sim = FleetSim(sc)
+    sim = RunSim(sc)
     before = _run(sim, 10, np.array([0.3, 0.7]))[-1]
     slots = _run(sim, 10, np.array([0.3, 0.7]))[-1]
     assert list(sim._seg.servers) == [4, 4] and sim.capacity()[1] == pytest.approx(200.0)
