@@ -83,10 +83,7 @@ class Owned:
         steps: list[tuple[str, Any]] = [
             ("load", lambda: self.load.stop() if self.load else None),
             ("backends", lambda: self.driver.restore() if self.driver else None),
-            (
-                "weights",
-                lambda: self.push(*self.restore_weights, 2.0) if self.xds and self.restore_weights else None,
-            ),
+            ("weights", lambda: self.push(*self.restore_weights, 2.0) if self.xds and self.restore_weights else None),
             ("telemetry", lambda: self.telemetry.close() if self.telemetry else None),
             ("testbed", lambda: self.fleet.stop() if self.fleet else None),
             ("xds", self._close_xds),

@@ -23,7 +23,6 @@ from balanceiq.sim.calibrate.fit import (
     fit_endpoint,
     fit_latency_curve,
     jackknife,
-    rounded,
     summarise,
 )
 from balanceiq.sim.calibrate.recording import (
@@ -33,6 +32,7 @@ from balanceiq.sim.calibrate.recording import (
     endpoint_samples,
     finite,
     read_recording,
+    rounded,
 )
 from balanceiq.sim.fleet import BASE_ERROR
 from balanceiq.sim.scenario import Scenario, scenario_from_dict
@@ -71,12 +71,10 @@ def calibrate(
     endpoints: Mapping[str, tuple[str, str]] | None = None,
 ) -> Calibration:
     """Fit a simulator scenario to a recording (see :mod:`balanceiq.sim.calibrate`).
-
     ``endpoints``: address -> ``(cloud, region)`` (default ``live``/``recorded``); ``method``
     forces the capacity estimator (``auto``: saturation when recorded); ``settle_margin_s``
     defaults to a quarter window (one scrape plus one rule evaluation). An endpoint with
-    fewer than ``min_samples`` settled records is fitted on all of them, with a warning.
-    """
+    fewer than ``min_samples`` settled records is fitted on all of them, with a warning."""
     if method not in ("auto", "saturation", "latency"):
         raise CalibrationError(f"unknown capacity method {method!r}; use auto, saturation or latency")
     rec = read_recording(recording)

@@ -1,8 +1,5 @@
-"""Fitting one endpoint's simulator parameters, and measuring how well the fit predicts.
-
-The closed forms (``model_*``) are FleetSim's for an M/M/1 endpoint (:func:`~balanceiq.sim.queue.mm1`
-above a base latency); load above capacity is shed.
-"""
+"""One endpoint's fitted simulator parameters and their error; ``model_*`` are FleetSim's closed
+forms for an M/M/1 endpoint (:func:`~balanceiq.sim.queue.mm1` above a base latency, load above capacity shed)."""
 
 from __future__ import annotations
 
@@ -14,7 +11,7 @@ from typing import Any
 import numpy as np
 from scipy.optimize import least_squares
 
-from balanceiq.sim.calibrate.recording import Samples
+from balanceiq.sim.calibrate.recording import Samples, rounded
 from balanceiq.sim.fleet import BASE_ERROR, SATURATION_MAX
 from balanceiq.sim.queue import TIMEOUT_MS, mm1
 
@@ -53,12 +50,6 @@ def model_error_rate(mu: Arr, lam: Arr, base_error: float = BASE_ERROR) -> np.nd
     """FleetSim's error rate: base errors plus everything above capacity shed."""
     lam = np.asarray(lam, dtype=np.float64)
     return 1.0 - (1.0 - base_error) * np.minimum(lam, mu) / np.maximum(lam, 1e-300)
-
-
-def rounded(x: float, nd: int = 4) -> float | None:
-    """``x`` rounded for a report; None when not finite (JSON has no nan)."""
-    x = float(x)
-    return round(x, nd) if math.isfinite(x) else None
 
 
 @dataclass
@@ -173,11 +164,9 @@ def _fit_errors(s: Samples, mu: float) -> tuple[float, float | None, int]:
 
 def fit_endpoint(s: Samples, *, method: str = "auto") -> EndpointFit | None:
     """Capacity, base latency and error behaviour of one endpoint (None: not enough data).
-
-    Capacity from saturation uses every sample but the draining ones: saturation and rps
-    average over the same window, so one spanning a weight change still has ``sat = rps /
-    capacity``. Everything nonlinear in load (latency, errors) uses the settled samples.
-    """
+    Saturation and rps average over the same window, so capacity uses every sample but the
+    draining ones (``sat = rps / capacity`` holds across a weight change); what is nonlinear
+    in load (latency, errors) uses the settled samples."""
     settled = s.take(s.settled)
     mu = None
     used = "saturation"
@@ -253,11 +242,9 @@ def jackknife(values: Sequence[float], full: float) -> dict[str, Any]:
 def cross_validate(
     s: Samples, blocks: np.ndarray, folds: int, method: str, min_samples: int
 ) -> tuple[dict[str, np.ndarray], list[float], list[float]]:
-    """Held-out errors per signal, and each fold's capacity and base latency.
-
-    Each contiguous block of records in time is predicted by a fit on the others
-    (neighbouring records are correlated, so interleaved hold-outs would flatter the fit).
-    """
+    """Held-out errors per signal, and each fold's capacity and base latency: each contiguous
+    block of records is predicted by a fit on the others (neighbouring records are correlated:
+    interleaved hold-outs would flatter the fit)."""
     caps, bases = [], []
     held: dict[str, list[np.ndarray]] = {k: [] for k in SIGNALS}
     for k in range(folds):

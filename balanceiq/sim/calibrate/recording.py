@@ -25,8 +25,9 @@ MIN_MOVED = 0.02
 """A weight change moving less traffic than this does not unsettle the records after it."""
 
 
-def _num(x: float | None) -> float | None:
-    return None if x is None or not math.isfinite(x) else round(float(x), 6)
+def rounded(x: float | None, nd: int = 4) -> float | None:
+    """``x`` rounded for a report; None when missing or not finite (JSON has no nan)."""
+    return None if x is None or not math.isfinite(x) else round(float(x), nd)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -62,10 +63,10 @@ class DecisionRecord:
         out = {f.name: getattr(self, f.name) for f in fields(self) if with_observation or f.name != "observation"}
         out["critical"], out["notes"] = list(self.critical), list(self.notes)
         out["weights"], out["previous"] = dict(self.weights), dict(self.previous)
-        out["scores"] = {k: _num(v) for k, v in self.scores.items()} if self.scores else None
+        out["scores"] = {k: rounded(v, 6) for k, v in self.scores.items()} if self.scores else None
         out["shares"] = {k: round(float(v), 6) for k, v in self.shares.items()} if self.shares else None
         for key in ("reward", "push_ms", "ack_ms", "step_ms", "moved", "score_ms"):
-            out[key] = _num(out[key])
+            out[key] = rounded(out[key], 6)
         return out
 
 
@@ -199,12 +200,10 @@ def _moved(a: Mapping[str, float], b: Mapping[str, float]) -> float:
 
 
 def _settled(records: Sequence[Mapping[str, Any]], settle_margin_s: float, default_window_s: float) -> np.ndarray:
-    """True where a record's window (plus margin) started after the last real weight change.
-
-    Changes are the recorded pushes (at ``timestamp + step_ms``) that moved at least
-    :data:`MIN_MOVED` of traffic, and any change of the reported weights no recorded push
-    explains (another writer, a restart), dated conservatively at that observation.
-    """
+    """True where a record's window (plus margin) started after the last real weight change:
+    a recorded push (at ``timestamp + step_ms``) moving at least :data:`MIN_MOVED` of traffic, or
+    a change of the reported weights no push explains (another writer, a restart), dated at
+    that observation."""
     out = np.zeros(len(records), dtype=bool)
     last_change = -math.inf
     expected: dict[str, float] | None = None  # shares in force according to what we saw
@@ -235,12 +234,10 @@ def _settled(records: Sequence[Mapping[str, Any]], settle_margin_s: float, defau
 def endpoint_samples(
     recording: Recording, *, settle_margin_s: float = 1.0, default_window_s: float = 10.0
 ) -> tuple[list[str], dict[str, Samples], np.ndarray]:
-    """``(addresses in first-seen order, samples per address, settled per record)``.
-
-    A sample is *draining* when its record is not settled and the last push cut the
-    endpoint's share (by more than 10%) while it was saturated (>= 0.95 just before): its
-    live queue is still being worked off, so it reads busy under a load it could carry.
-    """
+    """``(addresses in first-seen order, samples per address, settled per record)``. A sample
+    is *draining* when its record is not settled and the last push cut the endpoint's share by
+    over 10% while it was saturated (>= 0.95): its live queue is still being worked off, so it
+    reads busy under a load it could carry."""
     records = recording.records
     settled = _settled(records, settle_margin_s, default_window_s)
     rows: dict[str, list[tuple[Any, ...]]] = {}
