@@ -47,14 +47,10 @@ class EnvConfig:
     force_breaching: bool = True  # breaching endpoints always critical
     reward: dict[str, Any] = field(default_factory=dict)  # RewardWeights fields
     seed: int = 0
-    # The share of episodes on a fresh random fleet and timeline (balanceiq.sim.randomise)
-    # of random_endpoints endpoints instead of one of the scenarios.
-    random_fleets: float = 0.0
+    random_fleets: float = 0.0  # share of episodes on a random fleet (balanceiq.sim.randomise), not a scenario
     random_endpoints: tuple[int, int] = ENDPOINTS
     balancer: str = "round_robin"  # Envoy's (balanceiq.sim.balancer.BALANCERS)
-    # Envoy gets the weights the controller would push for each split (false: the split
-    # itself, as Envoy with static weights).
-    controller_weights: bool = True
+    controller_weights: bool = True  # Envoy gets the controller's weights for a split (false: the split itself)
     saturation: bool = True  # observations carry utilisation (ORCA reports or load gauges)
 
 
@@ -63,8 +59,7 @@ _INFO_KEYS = ("p50_ms", "p95_ms", "p99_ms", "error_rate", "cost_per_million")
 
 
 class FleetEnv(gym.Env):
-    """CFR-RL over :class:`~balanceiq.sim.fleet.FleetSim`; the module docstring and
-    :class:`EnvConfig` say what it does and takes."""
+    """CFR-RL over :class:`~balanceiq.sim.fleet.FleetSim` (see the module docstring and :class:`EnvConfig`)."""
 
     # gymnasium.Env declares metadata as an instance attribute; it is class-wide here.
     metadata: ClassVar[dict[str, Any]] = {"render_modes": []}  # type: ignore[misc]

@@ -1,10 +1,7 @@
 """Envoy bootstraps rendered from Settings, as data: each xDS flavour and TLS are one switch.
-
-``envoy/*.yaml`` in the repo holds the default renderings (kept identical by a test).
-``update_merge_window`` is 0 s (every push is a whole decision: merging only adds lag), the
-xDS stream retries within a second of a control-plane restart (Envoy's back-off grows to
-30 s), and ``per_endpoint_stats`` is on so Prometheus sees each endpoint.
-"""
+``envoy/*.yaml`` in the repo holds the default renderings (kept identical by a test). The update
+merge window defaults to 0 s (every push is a whole decision: merging only adds lag), and
+``per_endpoint_stats`` is on so Prometheus sees each endpoint."""
 
 from __future__ import annotations
 

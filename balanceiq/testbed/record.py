@@ -19,15 +19,13 @@ from typing import Any
 import numpy as np
 from rich.console import Console
 
-from balanceiq.config import Settings, SignalQuery
+from balanceiq.config import ClusterConfig, Settings, SignalQuery
 from balanceiq.exceptions import TestbedError
 from balanceiq.policy.lp import shares_to_weights, traffic_moved
 from balanceiq.sim.calibrate.recording import DecisionRecord
 from balanceiq.telemetry.observation import Observation
 from balanceiq.testbed.fleet import FleetProvider, resolve_fleet
 from balanceiq.testbed.live_config import with_windows
-
-__all__ = ["ExplorationPlan", "Explorer", "exploration_settings", "exploration_splits", "record_exploration"]
 
 WEIGHT_SCALE = 1000
 """Weights pushed sum to this: shares are realised to 0.1%."""
@@ -226,8 +224,11 @@ def _warm_up(telemetry: Any, initial: dict[str, int], wait_s: float, console: Co
 
 @dataclass(frozen=True)
 class Explored:
-    """What one exploration run records, and how."""
+    """One exploration run: the fleet and cluster it explores, what it records, and how."""
 
+    provider: FleetProvider
+    settings: Settings
+    cluster: ClusterConfig
     out: Path | str
     plan: ExplorationPlan
     duration_s: float
@@ -235,19 +236,10 @@ class Explored:
     window_s: float
     scrape_interval_s: float
     load_concurrency: int
+    console: Console
 
 
-def _explore(
-    provider: FleetProvider,
-    listen_url: str,
-    xds: Any,
-    settings: Settings,
-    cluster: str,
-    addresses: list[str],
-    run: Explored,
-    console: Console,
-    summary: dict[str, Any],
-) -> list[dict[str, Any]]:
+def _explore(run: Explored, listen_url: str, xds: Any, summary: dict[str, Any]) -> list[dict[str, Any]]:
     """Load the running fleet and explore it into ``run.out``; returns the load's result."""
     from balanceiq.telemetry.observe import Telemetry
 
@@ -255,22 +247,20 @@ def _explore(
     stop = threading.Event()
     loader: threading.Thread | None = None
     telemetry: Telemetry | None = None
+    console, cluster, addresses = run.console, run.cluster.name, [ep.address for ep in run.cluster.endpoints]
     try:
         initial = dict.fromkeys(addresses, WEIGHT_SCALE // max(1, len(addresses)))
         with console.status("waiting for Envoy to take the first assignment"):
             if not _push_and_ack(xds, cluster, initial, 15.0)[1]:
                 raise TestbedError("Envoy did not ACK the first assignment within 15 s")
         max_s = run.duration_s + WARMUP_BUDGET_S + 20
+        run_load = functools.partial(run.provider.run_load, listen_url, total=int(run.rate_rps * max_s), timeout_s=10.0)
         kw = {"concurrency": run.load_concurrency, "max_seconds": max_s, "rate_rps": run.rate_rps, "stop": stop}
         loader = threading.Thread(
-            target=lambda: loads.append(
-                provider.run_load(listen_url, total=int(run.rate_rps * max_s), timeout_s=10.0, **kw)
-            ),
-            daemon=True,
-            name="balanceiq-record-load",
+            target=lambda: loads.append(run_load(**kw)), daemon=True, name="balanceiq-record-load"
         )
         loader.start()
-        telemetry = Telemetry(settings, cluster, retry_s=0.5)
+        telemetry = Telemetry(run.settings, cluster, retry_s=0.5)
         _warm_up(telemetry, initial, run.window_s + 2 * run.scrape_interval_s, console)
         push = functools.partial(_push_and_ack, xds, cluster, timeout=2.0)
         explorer = Explorer(addresses, telemetry.observe, push, run.out, run.plan, initial=initial)
@@ -320,6 +310,9 @@ def record_exploration(
     c = settings.cluster(cluster) if cluster else settings.clusters[0]
     addresses = [ep.address for ep in c.endpoints]
     summary: dict[str, Any] = {"cluster": c.name, "endpoints": addresses}
+    run = Explored(
+        provider, settings, c, out, plan, duration_s, rate_rps, window_s, scrape_interval_s, load_concurrency, console
+    )
     with tempfile.TemporaryDirectory(prefix="balanceiq-record-") as tmp:
         xds = XdsServer(settings, state_dir=None)
         xds.start()
@@ -334,17 +327,7 @@ def record_exploration(
                     lb_policy="ROUND_ROBIN",
                 )
             try:
-                loads = _explore(
-                    provider,
-                    fl.listen_url,
-                    xds,
-                    settings,
-                    c.name,
-                    addresses,
-                    Explored(out, plan, duration_s, rate_rps, window_s, scrape_interval_s, load_concurrency),
-                    console,
-                    summary,
-                )
+                loads = _explore(run, fl.listen_url, xds, summary)
             finally:
                 fl.stop()
         finally:
