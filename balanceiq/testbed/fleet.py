@@ -33,8 +33,6 @@ class Fleet(Protocol):
 class Load(Protocol):
     """Bounded background load, started."""
 
-    sent: int
-
     def stop(self, timeout: float = 10.0) -> None: ...
 
 

@@ -9,19 +9,6 @@ drains afterwards, while each simulator step is stationary).
 """
 
 from balanceiq.sim.calibrate.calibration import Calibration, calibrate, fit_summary, write_calibration
-from balanceiq.sim.calibrate.fit import model_error_rate, model_inflight, model_quantile_ms, model_saturation
-from balanceiq.sim.calibrate.recording import CalibrationError, endpoint_samples, read_recording
+from balanceiq.sim.calibrate.recording import CalibrationError
 
-__all__ = [
-    "Calibration",
-    "CalibrationError",
-    "calibrate",
-    "endpoint_samples",
-    "fit_summary",
-    "model_error_rate",
-    "model_inflight",
-    "model_quantile_ms",
-    "model_saturation",
-    "read_recording",
-    "write_calibration",
-]
+__all__ = ["Calibration", "CalibrationError", "calibrate", "fit_summary", "write_calibration"]

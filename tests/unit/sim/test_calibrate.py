@@ -18,16 +18,9 @@ import numpy as np
 import pytest
 
 from balanceiq.cli import main
-from balanceiq.sim.calibrate import (
-    CalibrationError,
-    calibrate,
-    model_error_rate,
-    model_inflight,
-    model_quantile_ms,
-    model_saturation,
-    read_recording,
-    write_calibration,
-)
+from balanceiq.sim.calibrate import CalibrationError, calibrate, write_calibration
+from balanceiq.sim.calibrate.fit import model_error_rate, model_inflight, model_quantile_ms, model_saturation
+from balanceiq.sim.calibrate.recording import read_recording
 from balanceiq.sim.fleet import BASE_ERROR, FleetSim
 from balanceiq.sim.scenario import Scenario, load_scenario, scenario_from_dict
 from balanceiq.testbed.record import exploration_splits
@@ -222,7 +215,7 @@ def test_settled_records_skip_windows_spanning_a_push(tmp_path: Path) -> None:
     rec = synthetic_recording(tmp_path / "rec.jsonl", truth_scenario(), holds=5, hold_steps=4)
     # window 1 s, margin 0.25 s: after a push the next record's window touches the old
     # split (margin), the two after it are clean.
-    from balanceiq.sim.calibrate import endpoint_samples
+    from balanceiq.sim.calibrate.recording import endpoint_samples
 
     _, _, settled = endpoint_samples(read_recording(rec), settle_margin_s=0.25, default_window_s=1.0)
     assert settled.tolist()[4:12] == [False, True, True, True, False, True, True, True]
@@ -383,7 +376,7 @@ def test_records_draining_an_overload_queue_are_flagged(tmp_path: Path) -> None:
     """After a push cuts the share of a saturated endpoint, its live queue is still being
     worked off: unsettled records then read busy under light load, so the capacity fit
     leaves them out (the simulator has no queue memory)."""
-    from balanceiq.sim.calibrate import endpoint_samples
+    from balanceiq.sim.calibrate.recording import endpoint_samples
 
     def record(
         seq: int, t: float, sats: tuple[float, float], weights: dict[str, int], pushed: dict[str, int] | None
