@@ -161,7 +161,7 @@ def _fit_one(acc: _Fits, a: str, s: Samples, block: np.ndarray, folds: int, min_
         "unloaded_p50_ms": rounded(fit.unloaded_p50_ms, 3),
         "errors": {
             "baseline": rounded(fit.error_baseline, 5),
-            "overload_shed_slope": None if fit.overload_shed_slope is None else rounded(fit.overload_shed_slope, 3),
+            "overload_shed_slope": rounded(fit.overload_shed_slope, 3),
             "overloaded_samples": fit.overloaded_samples,
         },
         "held_out": summarise(held, held_out=True),
