@@ -65,18 +65,11 @@ class StepResult:
 class _Segment:
     """Fleet state between two event boundaries; precomputed so a step does no event logic."""
 
-    def __init__(
-        self,
-        start: float,
-        base_cap: np.ndarray,
-        base_cost: np.ndarray,
-        base_servers: np.ndarray,
-        active: Sequence[tuple[list[int], str, float, float]],
-    ) -> None:
-        n = base_cap.shape[0]
+    def __init__(self, start: float, sim: FleetSim, active: Sequence[tuple[list[int], str, float, float]]) -> None:
+        n = sim.n
         cap_mult = np.ones(n)
         cost_mult = np.ones(n)
-        servers = base_servers.copy()
+        servers = sim.servers.copy()
         tail = np.zeros(n)
         tail_frac = np.full(n, TAIL_FRACTION)
         errors = np.zeros(n)
@@ -108,12 +101,12 @@ class _Segment:
         self.servers = servers
         self.one_server = bool(np.all(servers == 1))
         self.ok = 1.0 - np.minimum(BASE_ERROR + errors, 1.0)
-        self.capacity = np.where(failed, 0.0, base_cap * cap_mult)
+        self.capacity = np.where(failed, 0.0, sim.base_capacity_rps * cap_mult)
         # A failed endpoint's rate only feeds divisions whose result is then overwritten.
         self.mu_safe = np.where(failed, 1.0, self.capacity)
         # Fast failures occupy the endpoint for base latency: nothing is shed, nothing served.
         self.mu_accept = np.where(failed, np.inf, self.capacity)
-        self.cost = base_cost * cost_mult
+        self.cost = sim.base_cost * cost_mult
         self.up = ~failed
         self.demand_mult = demand_mult
         # Step results hand these out without copying; nobody may change them underneath.
@@ -179,7 +172,7 @@ class FleetSim:
         segments = []
         for start in bounds:
             active = [(idx, kind, value, frac) for idx, kind, value, frac, at, end in events if at <= start < end]
-            segments.append(_Segment(start, self.base_capacity_rps, self.base_cost, self.servers, active))
+            segments.append(_Segment(start, self, active))
         return segments
 
     def reset(self, seed: int | None = None) -> None:
@@ -301,10 +294,7 @@ class FleetSim:
             # The sample backends count requests as they arrive, served or queued.
             self._orca = orca_weights(weights, lam, seg.capacity, seg.servers, err)
         total_served = float(served.sum())
-        if total_served > 0.0:
-            price = float(served @ seg.cost) / total_served
-        else:
-            price = float(s @ seg.cost)
+        price = float(served @ seg.cost) / total_served if total_served > 0.0 else float(s @ seg.cost)
         if silent.any():
             lat[silent] = np.nan
             err[silent] = np.nan

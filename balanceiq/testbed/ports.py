@@ -22,12 +22,9 @@ def _ephemeral_range() -> tuple[int, int]:
 
 
 def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
-    """``n`` distinct ports free right now, chosen *below* the kernel's ephemeral range.
-
-    Every outgoing connection's local port comes from the ephemeral range, so one (Ray
-    opens many) could take such a port between choosing and binding it; below the range
-    only listeners compete. Random draws keep concurrent callers apart.
-    """
+    """``n`` distinct ports free right now, chosen *below* the kernel's ephemeral range, where
+    only listeners compete (an outgoing connection, and Ray opens many, could take a port in
+    the range between choosing and binding it); random draws keep concurrent callers apart."""
     low, _ = _ephemeral_range()
     top = max(low - 1, 2048)
     candidates = random.Random().sample(range(1024 if top < 12000 else 10000, top + 1), k=min(4 * n + 64, top - 1024))

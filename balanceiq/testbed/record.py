@@ -135,10 +135,7 @@ class Explorer:
         next_hold = seq = 0
         with self.recording.open("a", encoding="utf-8") as fh:
             tick = start
-            while True:
-                now = time.monotonic()
-                if now - start >= duration_s or (stop is not None and stop.is_set()):
-                    break
+            while (now := time.monotonic()) - start < duration_s and not (stop is not None and stop.is_set()):
                 t0 = time.perf_counter()
                 wall = time.time()
                 obs = self.observe(dict(self.weights))
@@ -181,14 +178,14 @@ class Explorer:
 # The default saturation and in-flight queries read one scrape (quantised to 1/concurrency);
 # averaged over the rate window they cover the record's interval, with a fraction of the noise.
 _WINDOWED_QUERIES = {
-    "saturation": (
-        "max by (backend) (avg_over_time(backend_inflight_requests[$window])"
+    "saturation": SignalQuery(
+        promql="max by (backend) (avg_over_time(backend_inflight_requests[$window])"
         " / avg_over_time(backend_concurrency_limit[$window]))",
-        "backend",
+        endpoint_label="backend",
     ),
-    "inflight": (
-        'sum by (envoy_endpoint_address) (avg_over_time(envoy_cluster_endpoint_rq_active{envoy_cluster_name="$cluster"}[$window]))',
-        "envoy_endpoint_address",
+    "inflight": SignalQuery(
+        promql='sum by (envoy_endpoint_address) (avg_over_time(envoy_cluster_endpoint_rq_active{envoy_cluster_name="$cluster"}[$window]))',
+        endpoint_label="envoy_endpoint_address",
     ),
 }
 
@@ -196,9 +193,7 @@ _WINDOWED_QUERIES = {
 def exploration_settings(settings: Settings, *, window_s: float = 2.0, scrape_interval_s: float = 0.25) -> Settings:
     """``settings`` with a short telemetry window (each held split measured on its own) and
     saturation / in-flight averaged over that window instead of read at one scrape."""
-    queries = dict(settings.telemetry.queries)
-    for signal, (promql, label) in _WINDOWED_QUERIES.items():
-        queries[signal] = SignalQuery(promql=promql, endpoint_label=label)
+    queries = {**settings.telemetry.queries, **_WINDOWED_QUERIES}
     out = with_windows(settings, window_s, max(settings.telemetry.stale_after_s, 2 * window_s), scrape_interval_s)
     return out.model_copy(update={"telemetry": out.telemetry.model_copy(update={"queries": queries})})
 
