@@ -1,8 +1,7 @@
 """Fleet simulator: a fast, seeded, vectorised model of a multi-cloud fleet.
 
 :mod:`~balanceiq.sim.scenario` describes a fleet and a timeline of events as data (YAML);
-:mod:`~balanceiq.sim.fleet` runs it and produces the same
-:class:`~balanceiq.telemetry.observation.Observation` live telemetry does.
+:mod:`~balanceiq.sim.fleet` runs it into the :class:`~balanceiq.telemetry.observation.Observation` live telemetry gives.
 """
 
 from balanceiq.sim.fleet import FleetSim, StepResult

@@ -17,6 +17,7 @@ from scipy.signal import lfilter
 
 from balanceiq.policy.baselines import available_mask, hot_cold_critical
 from balanceiq.policy.decide import optimum_gap
+from balanceiq.sim.env import FleetEnv
 
 TEACHERS = ("gap", "hot_cold")
 
@@ -44,8 +45,6 @@ def collect(
     """Roll out the teacher and label every state with its ordered choice and discounted
     return; with probability ``explore`` a random action is taken instead (DAgger-style, so
     the data covers states a slipping clone must recover from)."""
-    from balanceiq.sim.env import FleetEnv
-
     if teacher not in TEACHERS:
         raise ValueError(f"unknown imitation teacher {teacher!r}; known: {', '.join(TEACHERS)}")
     rng = np.random.default_rng(seed)

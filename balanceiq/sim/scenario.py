@@ -69,15 +69,11 @@ class EndpointSpec(_Model):
     def _check_service(self) -> EndpointSpec:
         mean_ms = 1000.0 * self.servers / self.capacity_rps
         if self.tail_prob * self.tail_ms >= mean_ms:
-            raise _cross_field_error(
-                [
-                    (
-                        ("tail_ms",),
-                        f"tail_prob x tail_ms ({self.tail_prob * self.tail_ms:g} ms) must be below the mean "
-                        f"service time servers / capacity_rps ({mean_ms:g} ms)",
-                    )
-                ]
+            why = (
+                f"tail_prob x tail_ms ({self.tail_prob * self.tail_ms:g} ms) must be below the mean "
+                f"service time servers / capacity_rps ({mean_ms:g} ms)"
             )
+            raise _cross_field_error([(("tail_ms",), why)])
         return self
 
     @field_validator("name")
