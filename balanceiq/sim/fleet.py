@@ -122,8 +122,7 @@ class FleetSim:
     def __init__(
         self, scenario: Scenario | str | Path, seed: int | None = None, obs_noise: float = 0.0, saturation: bool = True
     ) -> None:
-        if not isinstance(scenario, Scenario):
-            scenario = load_scenario(scenario)
+        scenario = load_scenario(scenario)
         if not (math.isfinite(obs_noise) and obs_noise >= 0):
             raise ValueError(f"obs_noise must be a finite number >= 0, got {obs_noise!r}")
         self.scenario = scenario
@@ -131,7 +130,6 @@ class FleetSim:
         self.saturation = bool(saturation)
         self.n = len(scenario.endpoints)
         self.names: list[str] = scenario.names
-        self.clouds: list[str] = [e.cloud for e in scenario.endpoints]
         self.step_s = float(scenario.step_s)
         self.base_latency_ms = np.array([e.base_latency_ms for e in scenario.endpoints], dtype=np.float64)
         self.base_capacity_rps = np.array([e.capacity_rps for e in scenario.endpoints], dtype=np.float64)

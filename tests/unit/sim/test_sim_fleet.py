@@ -214,7 +214,7 @@ def test_degrade_halves_capacity_at_the_event_time() -> None:
 
 def test_cost_shift_triples_aws_cost() -> None:
     sim = RunSim("cost_shift")
-    aws = np.array([c == "aws" for c in sim.clouds])
+    aws = np.array([e.cloud == "aws" for e in sim.scenario.endpoints])
     before = sim.cost()
     _run(sim, 200)
     assert not np.array_equal(sim.cost(), before)
