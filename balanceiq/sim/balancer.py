@@ -120,9 +120,7 @@ def split(
     shares, p_wait, x, wait_ms = _least_request(w[idx], demand, capacity[idx], servers[idx], start)
     if state is not None:
         state["chains"], state["rows"] = x, idx
-    out = np.zeros(capacity.size)
-    pw = np.zeros(capacity.size)
-    wm = np.zeros(capacity.size)
+    out, pw, wm = np.zeros((3, capacity.size))
     out[idx], pw[idx], wm[idx] = shares, p_wait, wait_ms
     return Split(out, pw, wm)
 
