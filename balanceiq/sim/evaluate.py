@@ -1,8 +1,7 @@
 """The promotion gate: :func:`evaluate_checkpoints` runs a candidate and the serving
 checkpoint through the same scenarios and seeds, and :func:`promotion_decision` says whether
 the candidate may replace the serving one: better on average by a margin and not clearly
-worse on any scenario (winning on average by wrecking one situation is no improvement).
-"""
+worse on any scenario (winning on average by wrecking one situation is no improvement)."""
 
 from __future__ import annotations
 

@@ -1,10 +1,8 @@
-"""Imitation warm start: behaviour-clone a teacher before PPO refines it.
-
-PPO from random scores spends most of its budget discovering which endpoints the LP needs
-in the critical set. The default teacher (``gap``) names the K endpoints furthest from
-the decision core's fleet-wide optimum, which knows price, the SLO and headroom; the older
-``hot_cold`` (:func:`~balanceiq.policy.baselines.hot_cold_critical`) ranks by load alone.
-"""
+"""Imitation warm start: behaviour-clone a teacher before PPO refines it (PPO from random
+scores spends most of its budget discovering which endpoints the LP needs in the critical set).
+The default teacher (``gap``) names the K endpoints furthest from the decision core's fleet-wide
+optimum, which knows price, the SLO and headroom; the older ``hot_cold``
+(:func:`~balanceiq.policy.baselines.hot_cold_critical`) ranks by load alone."""
 
 from __future__ import annotations
 

@@ -1,8 +1,7 @@
 """Scenarios: a fleet, its demand and a timeline of events, as data: one YAML file each
 (format: ``balanceiq/sim/scenarios/README.md``), shipped ones loaded by name, a user's by path.
 Models are frozen and refuse unknown keys like :mod:`balanceiq.config`; :func:`load_scenario`
-reports every problem of a file in one :class:`ConfigError` (fields named: ``events[2].target``).
-"""
+reports every problem of a file in one :class:`ConfigError` (fields named: ``events[2].target``)."""
 
 from __future__ import annotations
 

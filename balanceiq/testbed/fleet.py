@@ -1,10 +1,7 @@
-"""The fleet of sample backends some product features need, injected by the caller.
-
-LiveEnv's private mode, scenarios and load, live evaluation and ``balanceiq record`` need sample
-backends behind their own Envoy, which the product does not ship: the caller passes a
-:class:`FleetProvider`, or names a ``module:callable`` returning one (``fleet``, else
-``$BALANCEIQ_FLEET``, which the repo's lab sets when its commands load).
-"""
+"""The sample backends (behind their own Envoy) that LiveEnv's private mode, scenarios and load,
+live evaluation and ``balanceiq record`` need: the product ships none, so the caller passes a
+:class:`FleetProvider` or names a ``module:callable`` returning one (``fleet``, else
+``$BALANCEIQ_FLEET``, which the repo's lab sets when its commands load)."""
 
 from __future__ import annotations
 

@@ -1,8 +1,7 @@
 """Recordings: one :class:`DecisionRecord` JSON line per control (or exploration) step, and
 reading them into per-endpoint samples, with which records are *settled*: their whole
 window, plus a margin for scrape and rule-evaluation lag, lies after the last weight
-change that moved >= 2% of traffic, so they measured one split.
-"""
+change that moved >= 2% of traffic, so they measured one split."""
 
 from __future__ import annotations
 
