@@ -30,12 +30,13 @@ def render_bootstrap(
     health_check_interval_s: float = 5.0,
 ) -> dict[str, Any]:
     """An Envoy v3 bootstrap as a dict: one listener, one EDS cluster per config cluster."""
+    from balanceiq.telemetry.als import access_log_config, als_cluster_config
+
     api = api or settings.xds.api
     if api not in API_TYPES:
         raise EnvoyError(f"unknown xDS api {api!r}; expected one of {', '.join(API_TYPES)}")
     admin = httpx.URL(settings.envoy.admin_url)
     admin_port = admin.port or (443 if admin.scheme == "https" else 80)
-    xds_host = settings.xds.host if settings.xds.host not in ("0.0.0.0", "::") else "127.0.0.1"
     api_source = {
         "api_type": "DELTA_GRPC" if api.endswith("delta") else "GRPC",
         "transport_api_version": "V3",
@@ -55,14 +56,17 @@ def render_bootstrap(
     eds_config: dict[str, Any] = {"ads": {}} if ads else {"api_config_source": api_source}
     eds_config["resource_api_version"] = "V3"
     lb = {"lb_policy": lb_policy or settings.envoy.lb_policy}
-    clusters = [_xds_cluster(settings, xds_host, settings.xds.port)]
+    # The static cluster Envoy reaches BalanceIQ's xDS server through (HTTP/2, TLS if set).
+    xds_host = settings.xds.host if settings.xds.host not in ("0.0.0.0", "::") else "127.0.0.1"
+    xds_cluster = als_cluster_config(xds_host, settings.xds.port, "xds_cluster")
+    if settings.xds.tls.enabled:
+        xds_cluster["transport_socket"] = _xds_tls_socket(settings.xds.tls)
+    clusters = [xds_cluster]
     clusters += [_service_cluster(c.name, settings, eds_config, lb, health_check_interval_s) for c in settings.clusters]
     access_log: list[dict[str, Any]] = []
     if settings.telemetry.als_enabled:
         # Per-endpoint latency for any backend: Envoy streams each request's upstream
         # host and timings to BalanceIQ's ALS exporter (balanceiq/telemetry/als.py).
-        from balanceiq.telemetry.als import access_log_config, als_cluster_config
-
         access_log.append(access_log_config(sample_percent=settings.telemetry.als_sample_percent))
         clusters.append(als_cluster_config("127.0.0.1", settings.telemetry.als_grpc_port))
     listener = _listener(settings.envoy.listen_host, settings.envoy.listen_port, access_log, cluster_routes(settings))
@@ -74,16 +78,6 @@ def render_bootstrap(
     if ads:
         bootstrap["dynamic_resources"] = {"ads_config": api_source}
     return bootstrap
-
-
-def _xds_cluster(settings: Settings, host: str, port: int) -> dict[str, Any]:
-    """The static cluster Envoy reaches BalanceIQ's xDS server through (HTTP/2, TLS if set)."""
-    from balanceiq.telemetry.als import als_cluster_config
-
-    cluster = als_cluster_config(host, port, "xds_cluster")
-    if settings.xds.tls.enabled:
-        cluster["transport_socket"] = _xds_tls_socket(settings.xds.tls)
-    return cluster
 
 
 def _service_cluster(
