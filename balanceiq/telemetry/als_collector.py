@@ -44,9 +44,8 @@ DROP_REASONS = ("no_upstream", "malformed", "intermediate", "cardinality", "tcp"
 ORCA_HEADER = "endpoint-load-metrics"
 SNAPSHOT_FORMAT = "balanceiq-als-snapshot/1"
 
-_T = accesslog_pb2.AccessLogType
 # NotSet: Envoy versions before access_log_type existed only logged at stream end.
-_FINAL_TYPES = frozenset({_T.Value("NotSet"), _T.Value("DownstreamEnd"), _T.Value("UpstreamEnd")})
+_FINAL_TYPES = frozenset(accesslog_pb2.AccessLogType.Value(t) for t in ("NotSet", "DownstreamEnd", "UpstreamEnd"))
 _CODE_CLASSES = {1: "1xx", 2: "2xx", 3: "3xx", 4: "4xx", 5: "5xx"}
 
 

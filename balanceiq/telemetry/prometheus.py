@@ -95,7 +95,6 @@ class PrometheusSource:
             return self._prom.custom_query(expr, params={"timeout": f"{self.config.timeout_s:g}s"})
         except (requests.exceptions.RequestException, PrometheusApiClientException) as exc:
             raise PrometheusError(f"{what}: {type(exc).__name__}: {str(exc)[:200]}") from exc
-        # Not JSON, or not Prometheus' shape.
         except (ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
             raise PrometheusError(f"{what}: malformed response: {type(exc).__name__}: {str(exc)[:200]}") from exc
         except RecursionError as exc:  # json's recursive decoder on "[[[[...": garbage, not a bug of ours
