@@ -39,9 +39,8 @@ def _host_port(host: str, port: int | None) -> str:
 
 
 class AlsServer:
-    """``StreamAccessLogs`` over gRPC plus ``/metrics`` over HTTP, on one background event loop.
-
-    ``/metrics`` is aiohttp: prometheus_client's ``start_http_server`` polls for shutdown (0.5 s per stop)."""
+    """``StreamAccessLogs`` over gRPC plus ``/metrics`` over HTTP, on one background event loop (aiohttp:
+    prometheus_client's ``start_http_server`` polls for shutdown, 0.5 s per stop)."""
 
     def __init__(
         self, collector: AlsCollector, host: str = "127.0.0.1", grpc_port: int = 0, metrics_port: int = 0

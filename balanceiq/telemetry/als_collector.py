@@ -96,11 +96,9 @@ def orca_utilization(value: str) -> float | None:
             return None
         if isinstance(data, dict):
             fields = {k: v for k, v in data.items() if type(v) in (int, float)}
-        for snake, camel in (
-            ("application_utilization", "applicationUtilization"),
-            ("cpu_utilization", "cpuUtilization"),
-        ):
-            fields.setdefault(snake, fields.get(camel))  # protobuf JSON uses camelCase
+        # Protobuf JSON spells them in camelCase.
+        fields.setdefault("application_utilization", fields.get("applicationUtilization"))
+        fields.setdefault("cpu_utilization", fields.get("cpuUtilization"))
     for key in ("application_utilization", "cpu_utilization"):
         try:
             u = float(fields[key])  # type: ignore[arg-type]

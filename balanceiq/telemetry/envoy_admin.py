@@ -74,9 +74,8 @@ class EnvoyAdminSource:
         self.timeout_s = float(timeout_s)
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="als-scrape")
-        # One client for every scrape (no new SSL context and connections each time). No
-        # proxies from the environment: a proxy answering for the admin port would be read
-        # as Envoy's numbers.
+        # One client for every scrape (no new SSL context and connections each time); no proxies
+        # from the environment: a proxy answering for the admin port would be read as Envoy's numbers.
         self._client = httpx.Client(timeout=self.timeout_s, follow_redirects=False, trust_env=False)
         self._finalizer = weakref.finalize(self, _close_quietly, self._client, self._pool)
         # Per cluster, so observing cluster A then B does not hand B a window of milliseconds.

@@ -148,17 +148,14 @@ def _key(labels: Mapping[str, str]) -> Key | None:
 
 
 class _Accumulator:
-    """Mutable state while parsing; frozen into a Scrape at the end."""
+    """Mutable state while parsing ``text``; frozen into a Scrape at the end."""
 
-    def __init__(self) -> None:
+    def __init__(self, text: str) -> None:
         self.stats: dict[Key, dict[str, float]] = {}
         self.bad: dict[Key, set[str]] = {}
         self.problems: list[str] = []
-        self.envoy_lines = 0
-
-    def add_text(self, text: str) -> None:
         lines = _relevant_lines(text)
-        self.envoy_lines += sum(1 for ln in lines if ln.startswith(ENVOY_PREFIX))
+        self.envoy_lines = sum(1 for ln in lines if ln.startswith(ENVOY_PREFIX))
         for name, labels, value in _parse_samples(lines, self._bad_line):
             self._envoy_sample(name, labels, value)
 
@@ -221,8 +218,7 @@ def parse_exposition(text: str, timestamp: float | None = None) -> Scrape:
         text = bytes(text).decode("utf-8", errors="replace")
     if not isinstance(text, str):
         raise EnvoyAdminError(f"expected exposition text, got {type(text).__name__}")
-    acc = _Accumulator()
-    acc.add_text(text)
+    acc = _Accumulator(text)
     if not any(acc.stats.values()):
         raise EnvoyAdminError(_why_unusable(text, acc))
     return acc.scrape(ts)
