@@ -49,10 +49,6 @@ def _json_loads(body: str, what: str = "ALS snapshot") -> object:
         raise EnvoyAdminError(f"{what} is not JSON: {clip(str(exc))}") from exc
 
 
-def _says(exc: Exception, *markers: str) -> bool:
-    return any(m in str(exc) for m in markers)
-
-
 class EnvoyAdminSource:
     """Reads Envoy's admin stats (and the ALS exporter) into Observations; only ever sends GETs.
     Thread-safe: one lock guards the kept scrapes, so observers of one cluster never interleave windows."""
@@ -66,11 +62,9 @@ class EnvoyAdminSource:
         # The same numbers as JSON, far cheaper to parse; an admin without it is read as text.
         self.clusters_url: str | None = f"{self.admin_url}/clusters?format=json"
         # The exporter's compact JSON beside its /metrics (for Prometheus), which we never parse.
-        self.als_snapshot_url = (
-            _check_url(als_metrics_url, "ALS metrics").removesuffix("/metrics") + "/snapshot"
-            if als_metrics_url
-            else None
-        )
+        self.als_snapshot_url: str | None = None
+        if als_metrics_url:
+            self.als_snapshot_url = _check_url(als_metrics_url, "ALS metrics").removesuffix("/metrics") + "/snapshot"
         self.timeout_s = float(timeout_s)
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="als-scrape")
@@ -119,7 +113,7 @@ class EnvoyAdminSource:
                 ts = (t0 + time.monotonic()) / 2
                 return parse_clusters_json(_json_loads(body, "Envoy /clusters"), ts)
             except EnvoyAdminError as exc:
-                if not _says(exc, "content-type", "not JSON", "cluster_statuses", "HTTP 404"):
+                if not any(m in str(exc) for m in ("content-type", "not JSON", "cluster_statuses", "HTTP 404")):
                     raise
                 self.clusters_url = None  # not JSON here: the text stats from now on
                 t0 = time.monotonic()
@@ -130,29 +124,20 @@ class EnvoyAdminSource:
         except EnvoyAdminError as exc:
             raise EnvoyAdminError(f"GET {self.stats_url}: {exc}") from exc
 
-    def _read_als(self, als: Future[str], ts: float) -> Scrape:
-        """The ALS exporter's latency, or only the problem reading it."""
+    def _with_als(self, s: Scrape, als: Future[str]) -> Scrape:
+        """``s`` with the ALS exporter's latency, or only the problem reading it."""
         try:
             latency, bad, problems = parse_als_snapshot(_json_loads(als.result()))
         except EnvoyAdminError as exc:
-            return Scrape(ts, problems=(f"als: {exc}",))
-        return Scrape(ts, latency=latency, latency_source=True, bad_latency=bad, problems=problems)
+            return replace(s, problems=(*s.problems, f"als: {exc}"))
+        return replace(s, latency=latency, latency_source=True, bad_latency=bad, problems=(*s.problems, *problems))
 
     def scrape(self) -> Scrape:
         """One read of the admin page (and the ALS page, whose failure is only a problem)."""
         # Both pages at once: the ALS exporter renders thousands of bucket lines.
         als = self._pool.submit(self._get, self.als_snapshot_url, _JSON) if self.als_snapshot_url else None
         s = self._read_envoy()
-        if als is None:
-            return s
-        lat = self._read_als(als, s.timestamp)
-        return replace(
-            s,
-            latency=lat.latency,
-            latency_source=lat.latency_source,
-            bad_latency=lat.bad_latency,
-            problems=(*s.problems, *lat.problems),
-        )
+        return s if als is None else self._with_als(s, als)
 
     def observe(
         self,

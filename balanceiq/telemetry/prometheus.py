@@ -153,13 +153,9 @@ class PrometheusSource:
         problems = [p for _, probs in results.values() for p in probs]
         latency_known = any(results[s][0] for s in LATENCY)
         endpoints = [self._endpoint(a, results, costs, weights, t0, latency_known) for a in addresses]
+        window = self.config.window_s
         return Observation(
-            cluster=cluster,
-            endpoints=tuple(endpoints),
-            source="prometheus",
-            timestamp=t0,
-            window_s=self.config.window_s,
-            errors=tuple(problems[:20]),
+            cluster, tuple(endpoints), "prometheus", timestamp=t0, window_s=window, errors=tuple(problems[:20])
         )
 
     def _endpoint(

@@ -295,11 +295,7 @@ def parse_als_snapshot(data: object) -> tuple[dict[Key, Buckets], frozenset[Key]
     """The ALS exporter's ``/snapshot`` JSON -> ``(latency buckets, bad keys, problems)``. A series of the
     wrong length, a negative or non-integer count, or counts going down is bad (latency unknown, never
     guessed). Raises :class:`EnvoyAdminError` when ``data`` is not a snapshot."""
-    if (
-        not isinstance(data, dict)
-        or not isinstance(data.get("series"), list)
-        or not isinstance(data.get("bounds"), list)
-    ):
+    if not isinstance(data, dict) or not all(isinstance(data.get(k), list) for k in ("series", "bounds")):
         raise EnvoyAdminError("not an ALS snapshot (no bounds/series)")
     try:
         bounds = [float(b) for b in data["bounds"]]
@@ -312,9 +308,7 @@ def parse_als_snapshot(data: object) -> tuple[dict[Key, Buckets], frozenset[Key]
     bad: set[Key] = set()
     problems: list[str] = []
     for item in data["series"]:
-        if not (
-            isinstance(item, dict) and isinstance(item.get("cluster"), str) and isinstance(item.get("endpoint"), str)
-        ):
+        if not (isinstance(item, dict) and all(isinstance(item.get(k), str) for k in ("cluster", "endpoint"))):
             problems.append(f"als snapshot: series without cluster/endpoint: {clip(repr(item))}")
             continue
         key = (item["cluster"], item["endpoint"])
