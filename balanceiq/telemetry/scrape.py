@@ -417,8 +417,7 @@ def _derive_one(prev: Scrape | None, cur: Scrape, key: Key, dt: float, row: Endp
             if not flags & {INVALID, MISSING}:
                 flags.add(WARMING)  # the series just appeared: no baseline for it yet
         elif any(v < 0 for v in d.values()):
-            # A counter went backwards: Envoy restarted, or the host was removed and
-            # re-added (per-endpoint stats live with the host object).
+            # A counter went backwards: Envoy restarted, or the host was re-added (its stats live with it).
             flags.add(WARMING)
         else:
             rps = d["rq_total"] / dt
