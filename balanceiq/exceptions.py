@@ -16,9 +16,8 @@ class ConfigError(BalanceIQError):
         self.problems = list(problems)
         self.source = source
         where = f"{source}: " if source else ""
-        lines = [f"{where}{len(self.problems)} problem(s)"]
-        lines += [f"  {path or '<root>'}: {msg}" for path, msg in self.problems]
-        super().__init__("\n".join(lines))
+        lines = [f"  {path or '<root>'}: {msg}" for path, msg in self.problems]
+        super().__init__("\n".join([f"{where}{len(self.problems)} problem(s)", *lines]))
 
 
 class AssignmentError(BalanceIQError):

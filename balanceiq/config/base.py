@@ -127,10 +127,9 @@ def split_address(address: str) -> tuple[str, int]:
             raise ValueError(f"{address!r} has no port; expected e.g. [::1]:8080")
         port = _parse_port(rest[1:], address)
         try:
-            ip = ipaddress.IPv6Address(host)
+            return str(ipaddress.IPv6Address(host)), port
         except ValueError:
             raise ValueError(f"{host!r} inside brackets is not an IPv6 address; brackets are only for IPv6") from None
-        return str(ip), port
     host, sep, port_text = address.rpartition(":")
     if not sep:
         raise ValueError(f"{address!r} is not host:port; expected e.g. 127.0.0.1:8080 or [::1]:8080")

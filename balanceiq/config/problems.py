@@ -38,18 +38,14 @@ def _model_at(loc: Loc, root: type[BaseModel] | None = None) -> type[BaseModel] 
     for part in loc:
         following: list[Any] = []
         for candidate in candidates:
-            origin = typing.get_origin(candidate)
             if isinstance(candidate, type) and issubclass(candidate, BaseModel):
                 field = candidate.model_fields.get(part) if isinstance(part, str) else None
                 if field is not None:
                     following += _unwrap_annotation(field.annotation)
-            elif origin in (list, dict):
+            elif typing.get_origin(candidate) in (list, dict):
                 following += _unwrap_annotation(typing.get_args(candidate)[-1])
         candidates = following
-    for candidate in candidates:
-        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
-            return candidate
-    return None
+    return next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
 
 
 def _unknown_key_message(loc: Loc, root: type[BaseModel] | None = None) -> str:

@@ -94,9 +94,7 @@ class XdsConfig(_Model):
 
     @model_validator(mode="after")
     def _remote_needs_mtls(self) -> XdsConfig:
-        if is_loopback(self.host) or self.allow_insecure_remote:
-            return self
-        if self.tls.enabled and self.tls.require_client_cert:
+        if is_loopback(self.host) or self.allow_insecure_remote or (self.tls.enabled and self.tls.require_client_cert):
             return self
         message = (
             f"{self.host} is not a loopback address and the server has no mutual TLS; "

@@ -39,9 +39,8 @@ def _host_port(host: str, port: int | None) -> str:
 
 
 class AlsServer:
-    """``StreamAccessLogs`` over gRPC plus ``/metrics`` over HTTP, on one background event loop.
-
-    ``/metrics`` is aiohttp: prometheus_client's ``start_http_server`` polls for shutdown (0.5 s per stop)."""
+    """``StreamAccessLogs`` over gRPC plus ``/metrics`` over HTTP, on one background event loop (aiohttp:
+    prometheus_client's ``start_http_server`` polls for shutdown, 0.5 s per stop)."""
 
     def __init__(
         self, collector: AlsCollector, host: str = "127.0.0.1", grpc_port: int = 0, metrics_port: int = 0
@@ -168,9 +167,7 @@ class AlsServer:
         )
 
 
-def access_log_config(
-    cluster_name: str = "als_cluster", sample_percent: float = 100.0, log_name: str = "balanceiq"
-) -> dict[str, Any]:
+def access_log_config(cluster_name: str = "als_cluster", sample_percent: float = 100.0) -> dict[str, Any]:
     """One entry for the HCM's ``access_log`` list: ALS over gRPC to ``cluster_name``. ``sample_percent < 100``
     adds a runtime filter (key ``balanceiq.als_sample``): counts are that share, quantiles stay unbiased."""
     if not isinstance(sample_percent, (int, float)) or not 0.0 <= sample_percent <= 100.0:
@@ -180,7 +177,7 @@ def access_log_config(
         "typed_config": {
             "@type": "type.googleapis.com/envoy.extensions.access_loggers.grpc.v3.HttpGrpcAccessLogConfig",
             "common_config": {
-                "log_name": log_name,
+                "log_name": "balanceiq",
                 "transport_api_version": "V3",
                 "grpc_service": {"envoy_grpc": {"cluster_name": cluster_name}},
                 # Sooner than Envoy's 1 s default, for a few more small messages.

@@ -27,9 +27,8 @@ from balanceiq.telemetry import jsonbody
 
 log = logging.getLogger(__name__)
 
-# A quantile from buckets is off by at most its bucket's width: fine steps up to 110 ms,
-# where loopback and in-region backends live; coarser above, since each bucket is one
-# series per endpoint.
+# A quantile is off by at most its bucket's width: fine steps up to 110 ms, where loopback and
+# in-region backends live; coarser above, since each bucket is one series per endpoint.
 _BUCKETS_TEXT = (
     "0.001 0.0025 0.005 0.0075 0.01 0.0125 0.015 0.0175 0.02 0.025 0.03 0.035 0.04 0.045 0.05 0.06 0.07 0.08 "
     "0.09 0.1 0.11 0.125 0.15 0.175 0.2 0.25 0.3 0.4 0.5 0.75 1 2.5 5 10"
@@ -44,9 +43,8 @@ DROP_REASONS = ("no_upstream", "malformed", "intermediate", "cardinality", "tcp"
 ORCA_HEADER = "endpoint-load-metrics"
 SNAPSHOT_FORMAT = "balanceiq-als-snapshot/1"
 
-_T = accesslog_pb2.AccessLogType
 # NotSet: Envoy versions before access_log_type existed only logged at stream end.
-_FINAL_TYPES = frozenset({_T.Value("NotSet"), _T.Value("DownstreamEnd"), _T.Value("UpstreamEnd")})
+_FINAL_TYPES = frozenset(accesslog_pb2.AccessLogType.Value(t) for t in ("NotSet", "DownstreamEnd", "UpstreamEnd"))
 _CODE_CLASSES = {1: "1xx", 2: "2xx", 3: "3xx", 4: "4xx", 5: "5xx"}
 
 
@@ -97,11 +95,9 @@ def orca_utilization(value: str) -> float | None:
             return None
         if isinstance(data, dict):
             fields = {k: v for k, v in data.items() if type(v) in (int, float)}
-        for snake, camel in (
-            ("application_utilization", "applicationUtilization"),
-            ("cpu_utilization", "cpuUtilization"),
-        ):
-            fields.setdefault(snake, fields.get(camel))  # protobuf JSON uses camelCase
+        # Protobuf JSON spells them in camelCase.
+        fields.setdefault("application_utilization", fields.get("applicationUtilization"))
+        fields.setdefault("cpu_utilization", fields.get("cpuUtilization"))
     for key in ("application_utilization", "cpu_utilization"):
         try:
             u = float(fields[key])  # type: ignore[arg-type]
@@ -205,8 +201,7 @@ class AlsCollector:
             ["cluster", "endpoint"],
             registry=reg,
         )
-        # Every reason exported from the start: a rate() over a series that appears only
-        # on the first drop would miss that drop.
+        # Every reason exported from the start: rate() over a series born at the first drop misses it.
         self._drop_children = {r: self.dropped.labels(r) for r in DROP_REASONS}
         self._series: dict[tuple[str, str], _Series] = {}
         self._lock = threading.Lock()

@@ -1,10 +1,6 @@
-"""JSON from outside the process, refused before decoding when nested absurdly deep.
-
-``json.loads`` recurses once per level; on ``[[[[...`` it reaches the interpreter's
-recursion limit, and a garbage collection that runs finalizers at that depth makes them
-fail too (an unraisable error far from the parser). No answer we read nests more than a
-handful of levels, so depth is checked first, in C via numpy, and never reaches the limit.
-"""
+"""JSON from outside the process, refused before decoding when nested absurdly deep: ``json.loads``
+recurses once per level, and near the recursion limit even the finalizers a garbage collection runs
+fail (an unraisable error far from the parser). So depth is checked first, in C via numpy."""
 
 from __future__ import annotations
 

@@ -1,8 +1,5 @@
-"""The one `Observation` of a cluster's endpoints, whether live telemetry or the simulator made it.
-
-Missing data is never zero-filled: a value that could not be measured is ``nan`` and the
-endpoint carries a flag saying why.
-"""
+"""The one `Observation` of a cluster's endpoints, from live telemetry or the simulator. Missing
+data is never zero-filled: an unmeasured value is ``nan`` and the endpoint carries a flag saying why."""
 
 from __future__ import annotations
 
@@ -83,10 +80,6 @@ class Observation:
     def addresses(self) -> list[str]:
         return [e.address for e in self.endpoints]
 
-    @property
-    def fallback(self) -> bool:
-        return self.source == "envoy-admin"
-
     def by_address(self) -> dict[str, EndpointObservation]:
         return {e.address: e for e in self.endpoints}
 
@@ -126,12 +119,16 @@ class Observation:
         }
 
 
+def as_float(x: object) -> float:
+    try:
+        return float(x)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return NAN
+
+
 def finite_or_nan(value: object) -> tuple[float, bool]:
     """``(value, ok)``: a float if ``value`` is a finite non-negative number, else (nan, False)."""
-    try:
-        x = float(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        x = NAN
+    x = as_float(value)
     return (x, True) if math.isfinite(x) and x >= 0 else (NAN, False)
 
 

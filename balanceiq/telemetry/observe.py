@@ -41,8 +41,7 @@ class Telemetry:
             settings.envoy.admin_url, als_metrics_url=als_metrics_url, timeout_s=settings.telemetry.timeout_s
         )
         self.retry_s = retry_s
-        # Failed reads by source ("prometheus", "envoy-admin"; "<source>-bug" for an
-        # exception that is not a TelemetryError). Read by the API's /metrics.
+        # Failed reads by source ("<source>-bug": not a TelemetryError), for the API's /metrics.
         self.failures: Counter[str] = Counter()
         self._prometheus_down_since: float | None = None
         self._last_prometheus_try = 0.0

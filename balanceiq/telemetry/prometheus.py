@@ -77,8 +77,7 @@ class PrometheusSource:
 
     def __init__(self, url: str, config: TelemetryConfig) -> None:
         self.config = config
-        # No client-side retries: a down Prometheus must fail fast so the same control
-        # step can still observe through Envoy's admin.
+        # No client-side retries: a down Prometheus must fail fast, so the same step can use Envoy's admin.
         session = requests.Session()
         session.hooks["response"].append(_refuse_deep_json)
         self._prom = PrometheusConnect(
@@ -95,7 +94,6 @@ class PrometheusSource:
             return self._prom.custom_query(expr, params={"timeout": f"{self.config.timeout_s:g}s"})
         except (requests.exceptions.RequestException, PrometheusApiClientException) as exc:
             raise PrometheusError(f"{what}: {type(exc).__name__}: {str(exc)[:200]}") from exc
-        # Not JSON, or not Prometheus' shape.
         except (ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
             raise PrometheusError(f"{what}: malformed response: {type(exc).__name__}: {str(exc)[:200]}") from exc
         except RecursionError as exc:  # json's recursive decoder on "[[[[...": garbage, not a bug of ours
@@ -148,19 +146,14 @@ class PrometheusSource:
         results = self.query_all(cluster)
         rps = results["rps"][0]
         if not any(a in rps for a in addresses):
-            # Prometheus answers but knows nothing of this cluster: not scraping Envoy,
-            # or the wrong Prometheus. Garbage for our purposes, so let the caller fall back.
+            # Prometheus knows nothing of this cluster (not scraping Envoy, or the wrong one): fall back.
             raise PrometheusError(f"no rps series for any endpoint of cluster {cluster!r}")
         problems = [p for _, probs in results.values() for p in probs]
         latency_known = any(results[s][0] for s in LATENCY)
         endpoints = [self._endpoint(a, results, costs, weights, t0, latency_known) for a in addresses]
+        window = self.config.window_s
         return Observation(
-            cluster=cluster,
-            endpoints=tuple(endpoints),
-            source="prometheus",
-            timestamp=t0,
-            window_s=self.config.window_s,
-            errors=tuple(problems[:20]),
+            cluster, tuple(endpoints), "prometheus", timestamp=t0, window_s=window, errors=tuple(problems[:20])
         )
 
     def _endpoint(
@@ -178,8 +171,7 @@ class PrometheusSource:
             raw = results[signal][0].get(address)
             if raw is not None:
                 values[signal], ok = finite_or_nan(raw)
-                # histogram_quantile of an idle endpoint is NaN: that is "no traffic", not
-                # an invalid answer, and is decided below from rps.
+                # An idle endpoint's histogram_quantile is NaN: "no traffic" (decided below), not invalid.
                 if not ok and not (signal in LATENCY and math.isnan(raw)):
                     flags.add(INVALID)
         if address not in results["rps"][0]:

@@ -1,4 +1,5 @@
-"""Envoy's admin output (and the ALS exporter's snapshot) parsed into an immutable :class:`Scrape`.
+"""Envoy's admin output (and the ALS exporter's snapshot) parsed into an immutable :class:`Scrape`;
+:func:`derive`: rates and quantiles between two scrapes, as an Observation.
 
 Only some Envoy counter names end in ``_total`` and prometheus_client renames samples differently
 by version, so samples are matched by name with one ``_total`` removed."""
@@ -9,15 +10,27 @@ import itertools
 import math
 import re
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
 from balanceiq.exceptions import EnvoyAdminError
-from balanceiq.telemetry.observation import NAN, finite_or_nan
+from balanceiq.telemetry.observation import (
+    INVALID,
+    MISSING,
+    NAN,
+    NO_LATENCY_SOURCE,
+    NO_TRAFFIC,
+    WARMING,
+    EndpointObservation,
+    Observation,
+    as_float,
+    finite_or_nan,
+    quantile_from_buckets,
+)
 
 ENVOY_PREFIX = "envoy_cluster_endpoint_"
 CLUSTER_LABEL = "envoy_cluster_name"
@@ -135,17 +148,14 @@ def _key(labels: Mapping[str, str]) -> Key | None:
 
 
 class _Accumulator:
-    """Mutable state while parsing; frozen into a Scrape at the end."""
+    """Mutable state while parsing ``text``; frozen into a Scrape at the end."""
 
-    def __init__(self) -> None:
+    def __init__(self, text: str) -> None:
         self.stats: dict[Key, dict[str, float]] = {}
         self.bad: dict[Key, set[str]] = {}
         self.problems: list[str] = []
-        self.envoy_lines = 0
-
-    def add_text(self, text: str) -> None:
         lines = _relevant_lines(text)
-        self.envoy_lines += sum(1 for ln in lines if ln.startswith(ENVOY_PREFIX))
+        self.envoy_lines = sum(1 for ln in lines if ln.startswith(ENVOY_PREFIX))
         for name, labels, value in _parse_samples(lines, self._bad_line):
             self._envoy_sample(name, labels, value)
 
@@ -208,8 +218,7 @@ def parse_exposition(text: str, timestamp: float | None = None) -> Scrape:
         text = bytes(text).decode("utf-8", errors="replace")
     if not isinstance(text, str):
         raise EnvoyAdminError(f"expected exposition text, got {type(text).__name__}")
-    acc = _Accumulator()
-    acc.add_text(text)
+    acc = _Accumulator(text)
     if not any(acc.stats.values()):
         raise EnvoyAdminError(_why_unusable(text, acc))
     return acc.scrape(ts)
@@ -231,13 +240,6 @@ def _host_healthy(health: object) -> float:
     if any(v is True for k, v in health.items() if k.startswith("failed") or k == "pending_dynamic_removal"):
         return 0.0
     return 1.0 if health.get("eds_health_status", "HEALTHY") in ("HEALTHY", "UNKNOWN") else 0.0
-
-
-def as_float(x: object) -> float:
-    try:
-        return float(x)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        return NAN
 
 
 def _host_stats(key: Key, host: dict[str, Any], problems: list[str]) -> EndpointStats:
@@ -293,11 +295,7 @@ def parse_als_snapshot(data: object) -> tuple[dict[Key, Buckets], frozenset[Key]
     """The ALS exporter's ``/snapshot`` JSON -> ``(latency buckets, bad keys, problems)``. A series of the
     wrong length, a negative or non-integer count, or counts going down is bad (latency unknown, never
     guessed). Raises :class:`EnvoyAdminError` when ``data`` is not a snapshot."""
-    if (
-        not isinstance(data, dict)
-        or not isinstance(data.get("series"), list)
-        or not isinstance(data.get("bounds"), list)
-    ):
+    if not isinstance(data, dict) or not all(isinstance(data.get(k), list) for k in ("series", "bounds")):
         raise EnvoyAdminError("not an ALS snapshot (no bounds/series)")
     try:
         bounds = [float(b) for b in data["bounds"]]
@@ -310,9 +308,7 @@ def parse_als_snapshot(data: object) -> tuple[dict[Key, Buckets], frozenset[Key]
     bad: set[Key] = set()
     problems: list[str] = []
     for item in data["series"]:
-        if not (
-            isinstance(item, dict) and isinstance(item.get("cluster"), str) and isinstance(item.get("endpoint"), str)
-        ):
+        if not (isinstance(item, dict) and all(isinstance(item.get(k), str) for k in ("cluster", "endpoint"))):
             problems.append(f"als snapshot: series without cluster/endpoint: {clip(repr(item))}")
             continue
         key = (item["cluster"], item["endpoint"])
@@ -331,3 +327,140 @@ def parse_als_snapshot(data: object) -> tuple[dict[Key, Buckets], frozenset[Key]
         assert counts is not None  # ok: a list
         latency[key] = tuple(zip(les, (float(c) for c in counts)))
     return latency, frozenset(bad), tuple(problems)
+
+
+COUNTERS = ("rq_total", "rq_success", "rq_error")  # rates come from these (a timeout is a 504: in rq_error)
+MAX_REPORTED_PROBLEMS = 10
+
+
+def _value(stats: EndpointStats, name: str) -> float:
+    # Scrapes built by hand (tests, other callers) bypass parse_exposition's checks.
+    return finite_or_nan(getattr(stats, name))[0]
+
+
+def _bad_fields(stats: EndpointStats) -> set[str]:
+    """Fields rejected at parse time, plus any a hand-built scrape holds that are not valid."""
+    bad = set(stats.bad)
+    for f in ENVOY_FIELDS.values():
+        try:
+            x = float(getattr(stats, f))
+        except (TypeError, ValueError):
+            bad.add(f)
+            continue
+        if not math.isnan(x) and not finite_or_nan(x)[1]:
+            bad.add(f)
+    h = as_float(stats.healthy)
+    if not math.isnan(h) and h not in (0.0, 1.0):
+        bad.add("healthy")
+    return bad
+
+
+def _bucket_delta(prev: Buckets, cur: Buckets) -> Buckets | None:
+    """Per-bucket increase, or None if the histogram was reset or its layout changed."""
+    before = dict(prev)
+    if prev and any(le not in before for le, _ in cur):
+        return None
+    delta = tuple((le, c - before.get(le, 0.0)) for le, c in cur)
+    return delta if all(math.isfinite(d) and d >= 0 for _, d in delta) else None
+
+
+def derive(
+    prev: Scrape | None,
+    cur: Scrape,
+    cluster: str,
+    addresses: Sequence[str],
+    costs: Mapping[str, float],
+    weights: Mapping[str, float] | None = None,
+    *,
+    now: float | None = None,
+) -> Observation:
+    """Rates and quantiles between two scrapes, one row per address, in order; never raises.
+    ``now`` (the scrapes' clock) sets ``age_s``; without it age is 0."""
+    dt = cur.timestamp - prev.timestamp if prev is not None else NAN
+    rates_ok = prev is not None and math.isfinite(dt) and dt > 0
+    age = now - cur.timestamp if now is not None else 0.0
+    age = age if math.isfinite(age) and age > 0 else 0.0
+    base = prev if rates_ok else None
+    rows = []
+    for a in addresses:
+        weight = as_float(weights.get(a, NAN)) if weights is not None else NAN
+        row = EndpointObservation(a, cost_per_million=as_float(costs.get(a, NAN)), weight=weight, age_s=age)
+        rows.append(_derive_one(base, cur, (cluster, a), dt, row))
+    errors = [f"envoy-admin: {p}" for p in cur.problems[:MAX_REPORTED_PROBLEMS]]
+    if len(cur.problems) > MAX_REPORTED_PROBLEMS:
+        errors.append(f"envoy-admin: and {len(cur.problems) - MAX_REPORTED_PROBLEMS} more problem(s)")
+    return Observation(cluster, tuple(rows), "envoy-admin", window_s=dt if rates_ok else NAN, errors=tuple(errors))
+
+
+def _derive_one(prev: Scrape | None, cur: Scrape, key: Key, dt: float, row: EndpointObservation) -> EndpointObservation:
+    flags: set[str] = set() if cur.latency_source else {NO_LATENCY_SOURCE}
+    c = cur.endpoints.get(key)
+    if c is None:
+        return replace(row, flags=frozenset(flags | {MISSING}))
+    bad = _bad_fields(c)
+    if bad:
+        flags.add(INVALID)
+    if any(math.isnan(_value(c, f)) and f not in bad for f in ("rq_total", "rq_error")):
+        flags.add(MISSING)  # the endpoint is there, but not the series rates come from
+    inflight = _value(c, "rq_active")
+    healthy = None if "healthy" in bad or math.isnan(as_float(c.healthy)) else as_float(c.healthy) == 1.0
+
+    rps = error_rate = p50 = p95 = NAN
+    p = prev.endpoints.get(key) if prev is not None else None
+    if prev is None or p is None:
+        flags.add(WARMING)
+    else:
+        if _bad_fields(p) & set(COUNTERS):
+            flags.add(INVALID)
+        d = {f: _value(c, f) - _value(p, f) for f in COUNTERS}
+        if math.isnan(d["rq_total"]) or math.isnan(d["rq_error"]):
+            if not flags & {INVALID, MISSING}:
+                flags.add(WARMING)  # the series just appeared: no baseline for it yet
+        elif any(v < 0 for v in d.values()):
+            # A counter went backwards: Envoy restarted, or the host was re-added (its stats live with it).
+            flags.add(WARMING)
+        else:
+            rps = d["rq_total"] / dt
+            # Outcomes, not rq_total: connection failures reach rq_error but never
+            # rq_total, and rq_total also counts requests still in flight at the edge.
+            if math.isnan(d["rq_success"]):
+                done = max(d["rq_total"], d["rq_error"])
+            else:
+                done = d["rq_success"] + d["rq_error"]
+            if done <= 0:
+                flags.add(NO_TRAFFIC)  # nothing completed: error rate and latency unknown
+            else:
+                p50, p95, lat_flag = _latency(prev, cur, key)
+                if lat_flag:
+                    flags.add(lat_flag)
+                # A warming row is not a measurement: its error rate stays unknown too.
+                if lat_flag != WARMING:
+                    error_rate = min(1.0, d["rq_error"] / done)
+    return replace(
+        row,
+        p50_ms=p50,
+        p95_ms=p95,
+        error_rate=error_rate,
+        inflight=inflight,
+        rps=rps,
+        healthy=healthy,
+        flags=frozenset(flags),
+    )
+
+
+def _latency(prev: Scrape, cur: Scrape, key: Key) -> tuple[float, float, str | None]:
+    """``(p50_ms, p95_ms, flag or None)`` from the increase of the ALS histogram."""
+    if not cur.latency_source:
+        return NAN, NAN, None  # NO_LATENCY_SOURCE is already on the row
+    if key in cur.bad_latency or key in prev.bad_latency:
+        return NAN, NAN, INVALID
+    cb = cur.latency.get(key)
+    if cb is None:
+        return NAN, NAN, None  # the exporter has seen no request for this endpoint yet
+    if not prev.latency_source:
+        return NAN, NAN, WARMING  # the exporter just came (back): no baseline
+    # The exporter was up and had no series for this endpoint: it had counted nothing.
+    delta = _bucket_delta(prev.latency.get(key, ()), cb)
+    if delta is None:
+        return NAN, NAN, WARMING  # exporter restarted, or changed its buckets
+    return quantile_from_buckets(delta, 0.5) * 1000.0, quantile_from_buckets(delta, 0.95) * 1000.0, None

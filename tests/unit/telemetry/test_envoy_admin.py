@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from balanceiq.exceptions import EnvoyAdminError, TelemetryError
-from balanceiq.telemetry.envoy_admin import EnvoyAdminSource, derive
+from balanceiq.telemetry.envoy_admin import EnvoyAdminSource
 from balanceiq.telemetry.observation import (
     FEATURES,
     INVALID,
@@ -27,7 +27,14 @@ from balanceiq.telemetry.observation import (
     WARMING,
     quantile_from_buckets,
 )
-from balanceiq.telemetry.scrape import EndpointStats, Scrape, parse_als_snapshot, parse_clusters_json, parse_exposition
+from balanceiq.telemetry.scrape import (
+    EndpointStats,
+    Scrape,
+    derive,
+    parse_als_snapshot,
+    parse_clusters_json,
+    parse_exposition,
+)
 
 CLUSTER = "my_service"
 A, B, C = "127.0.0.1:18001", "127.0.0.1:18002", "127.0.0.1:18003"
@@ -268,7 +275,7 @@ def test_rates_error_rate_and_quantiles_from_known_deltas() -> None:
         als_after={A: [0.001] * 30 + fast, B: [0.001] * 30 + [0.08] * 100},
     )
     obs = derive(prev, cur, CLUSTER, ADDRS, COSTS, {A: 10, B: 20, C: 30})
-    assert obs.source == "envoy-admin" and obs.fallback
+    assert obs.source == "envoy-admin"
     assert obs.window_s == pytest.approx(2.0)
     assert obs.addresses == ADDRS
     a, b, c = obs.endpoints
