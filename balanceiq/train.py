@@ -160,11 +160,7 @@ def _connect_ray(address: str | None) -> bool:
 
 
 def _iterate(
-    algo: Any,
-    iterations: int,
-    console: Console,
-    on_iteration: Callable[[dict[str, Any]], None] | None,
-    t0: float,
+    algo: Any, iterations: int, console: Console, on_iteration: Callable[[dict[str, Any]], None] | None, t0: float
 ) -> list[dict[str, Any]]:
     """Run the PPO iterations with a progress bar; one history row per iteration."""
     history: list[dict[str, Any]] = []
@@ -205,10 +201,9 @@ def train(
     env: Any = None,
     env_overrides: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """Train, save to ``checkpoint_dir`` (on the machine running this) and return a summary;
-    ``on_iteration`` gets each iteration's row as it finishes. ``address``: a running Ray
-    cluster instead of a local 2-CPU Ray (ignored if Ray is already initialised here).
-    ``env`` / ``env_overrides``: see :func:`build_algo_config`."""
+    """Train, save to ``checkpoint_dir`` (on this machine) and return a summary; ``on_iteration``
+    gets each iteration's row as it finishes. ``address``: a running Ray cluster instead of a
+    local 2-CPU Ray (unless Ray is already up here). ``env`` / ``env_overrides``: see build_algo_config."""
     import ray
 
     console = console or Console(stderr=True)

@@ -1,8 +1,7 @@
 """Guardrails between the policy's proposal and the weights Envoy receives: sanitise the
 inputs, take unavailable and drained endpoints out at once, honour operator overrides, keep
 SLO breachers from gaining, floor every share and limit how much traffic one decision moves.
-The steps of :meth:`Guardrails.apply` run in that order, each assuming the previous ones held.
-"""
+The steps of :meth:`Guardrails.apply` run in that order, each assuming the previous ones held."""
 
 from __future__ import annotations
 
@@ -18,8 +17,6 @@ from balanceiq.control.args import _SUM_TOL, WEIGHT_SCALE, _fmt, _names
 from balanceiq.control.overrides import Override
 from balanceiq.exceptions import GuardrailError
 from balanceiq.policy.lp import shares_to_weights, traffic_moved
-
-__all__ = ["GuardResult", "Guardrails"]
 
 # Forced moves smaller than this are not worth a note: a drained endpoint keeps weight 1,
 # so a ``current`` derived from realised weights always shows ~1e-4 on it.
@@ -133,9 +130,6 @@ class Guardrails:
         with self._lock:
             counts = {"decisions": self._decisions, "limited_count": self._limited, "floor_count": self._floored}
         return {**self.config.model_dump(mode="json"), **counts}
-
-
-# -- the steps of Guardrails.apply ------------------------------------------------------------
 
 
 @dataclass

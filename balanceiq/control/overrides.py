@@ -116,12 +116,7 @@ class OverrideTable:
         return ov
 
     def pin(
-        self,
-        address: str,
-        current_share: float,
-        ttl_s: float | None = None,
-        reason: str = "",
-        now: float | None = None,
+        self, address: str, current_share: float, ttl_s: float | None = None, reason: str = "", now: float | None = None
     ) -> Override:
         """Freeze ``address`` at ``current_share`` (the share it has now, in [0, 1])."""
         self._check_address(address)
