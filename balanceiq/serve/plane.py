@@ -299,9 +299,7 @@ class ControlPlane:
                     "share": round(float(s), 6),
                     "health": c.health[a],
                     "override": overrides.get(a),
-                    "p95_ms": finite(e.p95_ms) if e else None,
-                    "error_rate": finite(e.error_rate) if e else None,
-                    "rps": finite(e.rps) if e else None,
+                    **{f: finite(getattr(e, f)) if e else None for f in ("p95_ms", "error_rate", "rps")},
                     "cost_per_million": finite(c.costs.get(a)),
                     "healthy": e.healthy if e else None,
                 }
