@@ -222,8 +222,7 @@ def _live_training(live_config: Path | None, rllib_config: Path | None, num_env_
 
 
 def _calibrate_for_training(recording: Path, checkpoint_dir: Path) -> dict[str, Any]:
-    """Fit the simulator to ``recording``, write scenario and report next to the checkpoint,
-    print the fit error; the summary's ``calibration`` entry."""
+    """Fit the simulator to ``recording``, write scenario and report beside the checkpoint; the summary's entry."""
     from balanceiq.sim.calibrate import calibrate, fit_summary, write_calibration
 
     cal = calibrate(recording)

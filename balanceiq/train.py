@@ -29,8 +29,7 @@ def load_algo_config(path: Path | None) -> dict[str, Any]:
         raise ConfigError([("", f"cannot read RLlib config: {exc}")], str(path)) from exc
     if not isinstance(data, dict) or data.get("algorithm") != "PPO":
         raise ConfigError([("algorithm", "must be PPO")], str(path))
-    unknown = sorted(set(data) - {"algorithm", "env_config", "model", "training", "env_runners", "imitation"})
-    if unknown:
+    if unknown := sorted(set(data) - {"algorithm", "env_config", "model", "training", "env_runners", "imitation"}):
         raise ConfigError([(k, "unknown key") for k in unknown], str(path))
     return data
 
@@ -81,8 +80,7 @@ IMITATION_KEYS = {"episodes", "epochs", "lr", "explore", "batch_size", "teacher"
 def warm_start(
     algo: Any, cfg: dict[str, Any], env_config: dict[str, Any], *, seed: int = 0, console: Console | None = None
 ) -> dict[str, Any]:
-    """Behaviour-clone the teacher (:mod:`balanceiq.sim.imitation`) into the
-    learner's module and the env runners' copies, before the first PPO iteration."""
+    """Behaviour-clone the teacher into the learner's and env runners' modules before the first PPO iteration."""
     from ray.rllib.core import DEFAULT_MODULE_ID
 
     from balanceiq.policy.module import CriticalEndpointModule
@@ -90,8 +88,7 @@ def warm_start(
     from balanceiq.sim.imitation import collect, pretrain
 
     spec = dict(cfg.get("imitation") or {})
-    unknown = sorted(set(spec) - IMITATION_KEYS)
-    if unknown:
+    if unknown := sorted(set(spec) - IMITATION_KEYS):
         raise ConfigError([(f"imitation.{k}", "unknown key") for k in unknown], "RLlib config")
     t0 = time.monotonic()
     episodes = int(spec.get("episodes", 64))

@@ -302,8 +302,7 @@ class Controller:
         return obs
 
     def _hold(self, base: dict[str, Any], obs: Observation, t0: float) -> DecisionRecord:
-        """Telemetry blind: hold the weights. Operators drain when telemetry is most likely
-        blind (an incident): their overrides apply over the weights held."""
+        """Telemetry blind: hold the weights; overrides (drains come in incidents, when blind) apply over them."""
         why = "; ".join(obs.errors) or "no endpoint has usable data"
         self.metrics.set_mode("hold")
         base["mode"] = "hold"
@@ -433,8 +432,7 @@ class Controller:
             base["notes"].append(f"ACK unknown: {exc}")
 
     def _effect(self, obs: Observation, proposed: np.ndarray, demand: float) -> dict[str, Any]:
-        """Estimated effect of a split against the one in force: blended $ per million
-        requests, and the busiest endpoint's load over its estimated capacity."""
+        """Estimated effect of a split vs the one in force: blended $ per million requests, busiest load/capacity."""
         price = obs_field(obs, "cost_per_million")
         cap = self.last_core.capacity if self.last_core is not None else np.full(len(price), math.nan)
         known, ok = np.isfinite(price), np.isfinite(cap) & (cap > 0)

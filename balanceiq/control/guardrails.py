@@ -72,8 +72,7 @@ def _clean(v: np.ndarray, base: np.ndarray) -> np.ndarray:
 
 
 class Guardrails:
-    """Apply a :class:`GuardrailConfig` to each decision; ``config`` may be reassigned at
-    run time, and each :meth:`apply` reads it once."""
+    """Applies a :class:`GuardrailConfig` to each decision; ``config`` may be reassigned (read once per apply)."""
 
     def __init__(self, config: GuardrailConfig) -> None:
         self.config = config
@@ -151,8 +150,7 @@ def _overrides(
     addrs: list[str], overrides: Mapping[str, Override], notes: list[str]
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(drained, fixed, fixed share)`` per endpoint; overrides of unknown ones noted."""
-    unknown = sorted(set(overrides) - set(addrs))
-    if unknown:
+    if unknown := sorted(set(overrides) - set(addrs)):
         notes.append(f"overrides: ignored for unknown endpoint(s) {_names(unknown)}")
     ovs = [overrides.get(a) for a in addrs]
     drained = np.array([o is not None and o.action == "drain" for o in ovs])
@@ -162,8 +160,7 @@ def _overrides(
 
 
 def _fallback_set(avail: np.ndarray, drained: np.ndarray, notes: list[str]) -> np.ndarray:
-    """Nothing routable: the least bad set to split equally over, for Envoy must still get
-    valid weights."""
+    """Nothing routable: the least bad set to split equally over (Envoy must get valid weights)."""
     if avail.any():
         serve = avail.copy()
         notes.append(
@@ -185,8 +182,7 @@ def _fallback_set(avail: np.ndarray, drained: np.ndarray, notes: list[str]) -> n
 def _note_forced_off(
     addrs: list[str], cur: np.ndarray, avail: np.ndarray, drained: np.ndarray, notes: list[str]
 ) -> None:
-    """Unavailable and drained endpoints get 0 at once, exempt from ``max_shift``: ramping
-    traffic off a dead host only fails requests more slowly."""
+    """Unavailable and drained endpoints go to 0 at once, exempt from ``max_shift``: ramping only fails more slowly."""
     for mask, label in ((drained & (cur > 0), "drained"), (~avail & ~drained & (cur > 0), "unavailable")):
         amount = float(cur[mask].sum())
         if amount > _NOTE_TOL:
@@ -204,9 +200,8 @@ def _fixed_split(
     routable: np.ndarray,
     notes: list[str],
 ) -> _Split:
-    """Routable pinned/set endpoints get exactly their share at once (an operator's
-    instruction is not smoothed), scaled to fit when they cannot sum to 1; the other
-    routable endpoints share the rest like the proposal."""
+    """Routable pinned/set endpoints get exactly their share at once (an operator's instruction is
+    not smoothed), scaled to fit if need be; the other routable ones share the rest like the proposal."""
     released = fixed & ~routable & (fixed_val > 0)
     if released.any():
         notes.append(f"fixed: {_named(addrs, released)} not routable; pinned/set share released to the others")
@@ -228,8 +223,7 @@ def _fixed_split(
         p = prop[free_mask]
         psum = float(p.sum())
         target[free_mask] = p / psum * free if psum > 0 else free / int(free_mask.sum())
-    held = [f"{addrs[i]}={fv[i]:.4g}" for i in np.flatnonzero(fixed) if abs(cur[i] - fv[i]) > _NOTE_TOL]
-    if held:
+    if held := [f"{addrs[i]}={fv[i]:.4g}" for i in np.flatnonzero(fixed) if abs(cur[i] - fv[i]) > _NOTE_TOL]:
         notes.append(f"fixed: {_names(held)} set at once (operator override, exempt from max_shift)")
     return _Split(target=target, fixed=fixed, fv=fv, free_mask=free_mask, free=free)
 
@@ -237,8 +231,7 @@ def _fixed_split(
 def _keep_breachers_from_gaining(
     addrs: list[str], cur: np.ndarray, split: _Split, breach: np.ndarray, notes: list[str]
 ) -> None:
-    """Whoever proposes (the baseline after a rollback knows nothing of breaches), an SLO
-    breacher never gains traffic; the excess goes to the others."""
+    """An SLO breacher never gains traffic, whoever proposes (a baseline knows nothing of breaches)."""
     target, free_mask = split.target, split.free_mask
     grow = free_mask & breach & (target > cur + _NOTE_TOL)
     others = free_mask & ~breach
@@ -286,10 +279,9 @@ def _raise_to_floors(split: _Split, breach: np.ndarray, cfg: GuardrailConfig, no
 def _limit_shift(
     addrs: list[str], cur: np.ndarray, split: _Split, breach: np.ndarray, max_shift: float, notes: list[str]
 ) -> tuple[np.ndarray, bool]:
-    """``forced`` (``cur`` with the moves above that happen at once) plus at most
-    ``max_shift`` of the rest of the way to the target; ``(final shares, limited)``. The
-    convex combination keeps fixed shares, zeros and floors exact; coming last, nothing
-    can undo it."""
+    """``forced`` (``cur`` with the moves above that happen at once) plus at most ``max_shift`` of the
+    rest of the way to the target; ``(final shares, limited)``. The convex combination keeps fixed
+    shares, zeros and floors exact; coming last, nothing can undo it."""
     target, fixed, fv, free_mask, free = split.target, split.fixed, split.fv, split.free_mask, split.free
     forced = np.where(fixed | free_mask, cur, 0.0)
     forced[fixed] = fv[fixed]

@@ -1,7 +1,6 @@
-"""The Ray Serve application (``serve run serve_app:app``, config from ``BALANCEIQ_CONFIG``):
-the Policy deployment, and the Controller (FastAPI ingress), which gets or starts the xDS
-actor, runs one control loop per cluster and serves the API. Each cluster's lease at the
-xDS actor keeps a second loop (while Serve replaces the replica) from pushing."""
+"""The Ray Serve application (config from ``BALANCEIQ_CONFIG``): the Policy deployment, and the
+Controller (FastAPI ingress): it gets or starts the xDS actor, runs one control loop per cluster and
+serves the API. The lease keeps a second loop (while Serve replaces the replica) from pushing."""
 
 from __future__ import annotations
 
@@ -106,8 +105,7 @@ class ControllerDeployment:
 
 
 def build_app(args: dict[str, Any] | None = None) -> Any:
-    """Application builder: ``args`` may name ``config`` (a path) or ``settings`` (a
-    :class:`Settings`), ``checkpoint`` and ``recording``."""
+    """Application builder; ``args`` may name ``config`` (a path) or ``settings``, ``checkpoint`` and ``recording``."""
     args = dict(args or {})
     if isinstance(args.get("settings"), Settings):
         settings = args["settings"]

@@ -1,6 +1,5 @@
-"""What was refused at the edges, for ``GET /metrics`` after the controller's metrics:
-API responses by route and status, token failures, xDS requests refused or ignored,
-failed telemetry reads."""
+"""What was refused at the edges, for ``GET /metrics``: API responses by route and status, token
+failures, xDS requests refused or ignored, failed telemetry reads."""
 
 from __future__ import annotations
 

@@ -1,5 +1,4 @@
-"""``POST /api/policy/score``: what the policy and the decision core would do with an
-observation sent over HTTP (nothing is applied)."""
+"""``POST /api/policy/score``: what the policy and decision core would do with an observation (nothing applied)."""
 
 from __future__ import annotations
 
