@@ -4,7 +4,7 @@ instruments the same process). Names are what ``prometheus/grafana-dashboard.jso
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -21,7 +21,7 @@ class Counted(Collector):
     """Counters another part keeps, read at scrape time: ``(name, help, label, key)`` per
     family, ``key`` naming the counts in what ``read()`` returns (``None``: all of it)."""
 
-    def __init__(self, read: Callable[[], Mapping[str, Any]], specs: list[Family]) -> None:
+    def __init__(self, read: Callable[[], Mapping[str, Any]], specs: Sequence[Family]) -> None:
         self._read = read
         self._specs = specs
 

@@ -55,15 +55,10 @@ class ControllerDeployment:
         import torch
 
         torch.set_num_threads(1)
-        self.telemetry: list[Telemetry] = []
-
-        def observer(cluster: str) -> Telemetry:
-            t = Telemetry(self.settings, cluster)
-            self.telemetry.append(t)
-            return t
-
+        self.telemetry = {c.name: Telemetry(self.settings, c.name) for c in self.settings.clusters}
+        observe = self.telemetry.__getitem__
         controllers = cluster_controllers(
-            self.settings, xds, lambda rows: local.score_many([rows])[0], observer, recording=recording
+            self.settings, xds, lambda rows: local.score_many([rows])[0], observe, recording=recording
         )
         policy_client = PolicyClient(
             info=lambda: policy.info.remote().result(timeout_s=2.0),
@@ -98,7 +93,7 @@ class ControllerDeployment:
             if self.server is not None:
                 self.server.stop()
             self.plane.stop()
-            for t in self.telemetry:
+            for t in self.telemetry.values():
                 t.close()
         except Exception:  # interpreter shutdown: best effort
             pass
