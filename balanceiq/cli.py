@@ -379,9 +379,8 @@ def observe(
 
 @functools.cache
 def _load_plugins() -> None:
-    """Command groups other installed distributions add through the ``balanceiq.cli``
-    entry point (the repo's lab adds ``bench`` and ``demo``); the product never imports
-    them. A plugin that fails to load is named and skipped, never fatal."""
+    """Command groups other distributions add through the ``balanceiq.cli`` entry point (the lab adds
+    ``bench`` and ``demo``; the product never imports them). One that fails to load is named, skipped."""
     from importlib.metadata import entry_points
 
     for ep in entry_points(group="balanceiq.cli"):

@@ -1,7 +1,5 @@
 """`balanceiq train`: PPO (RLlib, new API stack, config ``rllib_configs/ppo.yaml``) on the simulator.
-
-The saved module is re-loaded and checked to be ours: RLlib silently falls back to a default
-RLModule when it cannot import a custom one."""
+The saved module is re-loaded and checked to be ours: RLlib silently falls back to a default one."""
 
 from __future__ import annotations
 
@@ -43,9 +41,8 @@ def build_algo_config(
     env: Any = None,
     env_overrides: dict[str, dict[str, Any]] | None = None,
 ) -> Any:
-    """The PPO config. ``env`` (default FleetEnv) and ``env_overrides`` (``env_config``,
-    ``training``, ``env_runners`` over the YAML's) select another environment, e.g. LiveEnv
-    (passed in by the CLI: this layer may not import the testbed)."""
+    """The PPO config. ``env`` (default FleetEnv) and ``env_overrides`` (``env_config``, ``training``,
+    ``env_runners`` over the YAML's) select another, e.g. LiveEnv (this layer may not import the testbed)."""
     from ray.rllib.algorithms.ppo import PPOConfig
     from ray.rllib.core.rl_module.rl_module import RLModuleSpec
 

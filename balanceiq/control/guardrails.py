@@ -233,9 +233,9 @@ def _keep_breachers_from_gaining(
 
 
 def _raise_to_floors(split: _Split, breach: np.ndarray, cfg: GuardrailConfig, notes: list[str]) -> bool:
-    """Every free endpoint at least ``min_share`` (a breacher ``breach_min_share``) so its
-    latency stays measured, paid for by the others in proportion to their excess over
-    theirs; floors that do not fit are scaled to half the free share. True when they acted."""
+    """Every free endpoint at least ``min_share`` (a breacher ``breach_min_share``) so its latency stays
+    measured, paid for by the others in proportion to their excess; floors that do not fit are scaled
+    to half the free share. True when they acted."""
     target, free_mask, free = split.target, split.free_mask, split.free
     floors = np.where(breach, float(cfg.breach_min_share), float(cfg.min_share))[free_mask]
     if not free_mask.any() or floors.max(initial=0.0) <= 0:

@@ -1,8 +1,6 @@
-"""The HTTP API and dashboard (FastAPI), a thin layer over :class:`ControlPlane`.
-
-Reads are open (the dashboard polls them); changes need ``Authorization: Bearer <token>``.
-A refusal from the plane (a :class:`~balanceiq.exceptions.BalanceIQError`) leaves as JSON
-naming what was wrong, and nothing has changed."""
+"""The HTTP API and dashboard (FastAPI), a thin layer over :class:`ControlPlane`. Reads are open (the
+dashboard polls them); changes need ``Authorization: Bearer <token>``. A refusal from the plane (a
+BalanceIQError) leaves as JSON naming what was wrong, and nothing has changed."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
-"""The API on the Controller replica's own HTTP server, beside Serve's proxy (where every
-request is a hop and a Ray task). If ``api.host:api.port`` is taken (the proxy, or a replica
-being replaced), binding is retried for ``retry_s``, then the proxy alone serves the API."""
+"""The API on the Controller replica's own HTTP server, beside Serve's proxy (where every request is a
+hop and a Ray task). If the port is taken (the proxy, a replica being replaced), binding is retried
+for ``retry_s``, then the proxy alone serves the API."""
 
 from __future__ import annotations
 
