@@ -328,9 +328,7 @@ def calibrate_cmd(
         report.write_text(json.dumps(cal.report, indent=1))
     if as_json:
         scenario = cal.scenario.model_dump(mode="json")
-        sys.stdout.write(
-            json.dumps({**cal.report, "scenario_file": str(out) if out else None, "scenario": scenario}) + "\n"
-        )
+        _emit({**cal.report, "scenario_file": str(out) if out else None, "scenario": scenario}, as_json=True)
     else:
         err.print(fit_summary(cal.report), markup=False, highlight=False)
         if out is not None:
