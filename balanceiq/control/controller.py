@@ -244,8 +244,7 @@ class Controller:
             "notes": [],
             "shadow": self.policy.control_mode == "shadow",
         }
-        standby = self._lease(base, t0)
-        if standby is not None:
+        if (standby := self._lease(base, t0)) is not None:
             return standby
         obs = self._observe(base)
         if obs.source == "none" or not any(e.usable for e in obs.endpoints):
