@@ -8,25 +8,13 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, generate_latest
 
-from balanceiq.control.metrics import Counted, Family
+from balanceiq.control.metrics import Counted
 
-_XDS_FAMILIES: list[Family] = [
-    (
-        "balanceiq_xds_requests_refused",
-        "xDS requests that ended their stream with an error status",
-        "reason",
-        "requests_refused",
-    ),
-    ("balanceiq_xds_requests_ignored", "xDS requests not acted on, as the protocol says", "reason", "requests_ignored"),
-]
-_TELEMETRY_FAMILIES: list[Family] = [
-    (
-        "balanceiq_telemetry_failures",
-        "Telemetry reads that failed, by source (-bug: not a TelemetryError)",
-        "source",
-        None,
-    ),
-]
+_XDS_REQUESTS = {
+    "requests_refused": "xDS requests that ended their stream with an error status",
+    "requests_ignored": "xDS requests not acted on, as the protocol says",
+}
+_TELEMETRY_FAILURES = "Telemetry reads that failed, by source (-bug: not a TelemetryError)"
 
 
 class ApiMetrics:
@@ -49,8 +37,8 @@ class ApiMetrics:
         )
         for reason in ("missing", "invalid"):
             self.auth_failures.labels(reason)
-        r.register(Counted(xds_status, _XDS_FAMILIES))
-        r.register(Counted(telemetry_failures, _TELEMETRY_FAMILIES))
+        r.register(Counted(xds_status, [(f"balanceiq_xds_{k}", doc, "reason", k) for k, doc in _XDS_REQUESTS.items()]))
+        r.register(Counted(telemetry_failures, [("balanceiq_telemetry_failures", _TELEMETRY_FAILURES, "source", None)]))
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
