@@ -34,14 +34,8 @@ from balanceiq.serve.training import TrainingManager, iso_time, training_metrics
 log = logging.getLogger(__name__)
 
 # PUT /api/policy keys set directly on the controller's policy: (attribute, type).
-_KNOBS: dict[str, tuple[str, Callable[[Any], Any]]] = {
-    "k": ("k", int),
-    "interval_s": ("interval_s", float),
-    "cost_weight": ("cost_weight", float),
-    "util_target": ("util_target", float),
-    "latency_weight": ("latency_weight", float),
-    "selection": ("mode", str),
-}
+_KNOBS: dict[str, tuple[str, Callable[[Any], Any]]] = {"k": ("k", int), "selection": ("mode", str)}
+_KNOBS |= {key: (key, float) for key in ("interval_s", "cost_weight", "util_target", "latency_weight")}
 _TRAINING_FIELDS = ("buffer_size", "current_reward", "model_accuracy", "recent_rewards", "recent_losses")
 
 
