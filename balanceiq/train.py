@@ -117,11 +117,7 @@ def warm_start(
             on_epoch=lambda i, _: progress.update(task, completed=i),
         )
     state = {k: v.detach().clone() for k, v in module.state_dict().items()}
-
-    def load(learner: Any) -> None:
-        learner.module[DEFAULT_MODULE_ID].load_state_dict(state)
-
-    algo.learner_group.foreach_learner(load)
+    algo.learner_group.foreach_learner(lambda learner: learner.module[DEFAULT_MODULE_ID].load_state_dict(state))
     algo.env_runner_group.sync_weights(from_worker_or_learner_group=algo.learner_group, inference_only=True)
     return {**fit, "seconds": round(time.monotonic() - t0, 1)}
 
