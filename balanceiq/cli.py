@@ -54,8 +54,7 @@ err = Console(stderr=True, width=None if sys.stderr.isatty() else 120)
 out = Console(width=None if sys.stdout.isatty() else 120)
 
 ConfigOpt = Annotated[
-    Path | None,
-    typer.Option("--config", "-c", help="YAML config (default: ./balanceiq.yaml if present)."),
+    Path | None, typer.Option("--config", "-c", help="YAML config (default: ./balanceiq.yaml if present).")
 ]
 
 
@@ -224,8 +223,7 @@ def _live_training(live_config: Path | None, rllib_config: Path | None, num_env_
 
 
 def _calibrate_for_training(recording: Path, checkpoint_dir: Path) -> dict[str, Any]:
-    """Fit the simulator to ``recording``, write scenario and report next to the checkpoint,
-    print the fit error; the summary's ``calibration`` entry."""
+    """Fit the simulator to ``recording``, write scenario and report beside the checkpoint; the summary's entry."""
     from balanceiq.sim.calibrate import calibrate, fit_summary, write_calibration
 
     cal = calibrate(recording)
@@ -234,13 +232,11 @@ def _calibrate_for_training(recording: Path, checkpoint_dir: Path) -> dict[str, 
     write_calibration(cal, scenario_path, report_path)
     err.print(fit_summary(cal.report), markup=False, highlight=False)
     err.print(f"wrote {scenario_path} and {report_path}", markup=False, highlight=False)
-    ov = cal.report["overall"]
+    fit = ("held_out_latency_rel_err", "capacity_rel_stderr_max", "base_latency_rel_stderr_max")
     return {
         "scenario": str(scenario_path),
         "report": str(report_path),
-        "held_out_latency_rel_err": ov["held_out_latency_rel_err"],
-        "capacity_rel_stderr_max": ov["capacity_rel_stderr_max"],
-        "base_latency_rel_stderr_max": ov["base_latency_rel_stderr_max"],
+        **{k: cal.report["overall"][k] for k in fit},
         "endpoints": {
             e.name: {"capacity_rps": e.capacity_rps, "base_latency_ms": e.base_latency_ms}
             for e in cal.scenario.endpoints
@@ -257,8 +253,7 @@ def evaluate_cmd(
         bool, typer.Option("--live", help="Also evaluate both on a private live testbed (real Envoy and backends).")
     ] = False,
     live_config: Annotated[
-        Path | None,
-        typer.Option(help="YAML of LiveEnv keys over the live evaluation defaults (implies --live)."),
+        Path | None, typer.Option(help="YAML of LiveEnv keys over the live evaluation defaults (implies --live).")
     ] = None,
     live_episodes: Annotated[int, typer.Option(help="Paired live episodes per checkpoint.", min=1, max=20)] = 2,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object on stdout.")] = False,
@@ -334,9 +329,7 @@ def calibrate_cmd(
         report.write_text(json.dumps(cal.report, indent=1))
     if as_json:
         scenario = cal.scenario.model_dump(mode="json")
-        sys.stdout.write(
-            json.dumps({**cal.report, "scenario_file": str(out) if out else None, "scenario": scenario}) + "\n"
-        )
+        _emit({**cal.report, "scenario_file": str(out) if out else None, "scenario": scenario}, as_json=True)
     else:
         err.print(fit_summary(cal.report), markup=False, highlight=False)
         if out is not None:
@@ -385,9 +378,8 @@ def observe(
 
 @functools.cache
 def _load_plugins() -> None:
-    """Command groups other installed distributions add through the ``balanceiq.cli``
-    entry point (the repo's lab adds ``bench`` and ``demo``); the product never imports
-    them. A plugin that fails to load is named and skipped, never fatal."""
+    """Command groups other distributions add through the ``balanceiq.cli`` entry point (the lab adds
+    ``bench`` and ``demo``; the product never imports them). One that fails to load is named, skipped."""
     from importlib.metadata import entry_points
 
     for ep in entry_points(group="balanceiq.cli"):
@@ -400,8 +392,7 @@ def _load_plugins() -> None:
 def main(argv: list[str] | None = None) -> int:
     _load_plugins()
     try:
-        # standalone_mode=False hands errors to us instead of click printing and exiting,
-        # so a BalanceIQError becomes a message and exit 2 rather than a traceback.
+        # standalone_mode=False: errors come here, so a BalanceIQError is a message and exit 2.
         rv = app(args=argv, standalone_mode=False)
     except BalanceIQError as exc:
         err.print(f"error: {exc}", markup=False, highlight=False)

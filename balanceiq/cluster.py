@@ -14,8 +14,7 @@ def _reachable(host: str, port: int, timeout: float) -> str | None:
 
 
 def _speaks_grpc(host: str, port: int, timeout: float) -> str | None:
-    """Why ``host:port`` is not Ray's GCS (it speaks gRPC), or ``None``: ``ray.init`` would
-    retry with pages of warnings before its own error."""
+    """Why ``host:port`` is not Ray's GCS (no gRPC), or None: ``ray.init`` would retry with pages of warnings."""
     import grpc
 
     target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -1,7 +1,5 @@
 """`balanceiq train`: PPO (RLlib, new API stack, config ``rllib_configs/ppo.yaml``) on the simulator.
-
-The saved module is re-loaded and checked to be ours: RLlib silently falls back to a default
-RLModule when it cannot import a custom one."""
+The saved module is re-loaded and checked to be ours: RLlib silently falls back to a default one."""
 
 from __future__ import annotations
 
@@ -29,8 +27,7 @@ def load_algo_config(path: Path | None) -> dict[str, Any]:
         raise ConfigError([("", f"cannot read RLlib config: {exc}")], str(path)) from exc
     if not isinstance(data, dict) or data.get("algorithm") != "PPO":
         raise ConfigError([("algorithm", "must be PPO")], str(path))
-    unknown = sorted(set(data) - {"algorithm", "env_config", "model", "training", "env_runners", "imitation"})
-    if unknown:
+    if unknown := sorted(set(data) - {"algorithm", "env_config", "model", "training", "env_runners", "imitation"}):
         raise ConfigError([(k, "unknown key") for k in unknown], str(path))
     return data
 
@@ -44,9 +41,8 @@ def build_algo_config(
     env: Any = None,
     env_overrides: dict[str, dict[str, Any]] | None = None,
 ) -> Any:
-    """The PPO config. ``env`` (default FleetEnv) and ``env_overrides`` (``env_config``,
-    ``training``, ``env_runners`` over the YAML's) select another environment, e.g. LiveEnv
-    (passed in by the CLI: this layer may not import the testbed)."""
+    """The PPO config. ``env`` (default FleetEnv) and ``env_overrides`` (``env_config``, ``training``,
+    ``env_runners`` over the YAML's) select another, e.g. LiveEnv (this layer may not import the testbed)."""
     from ray.rllib.algorithms.ppo import PPOConfig
     from ray.rllib.core.rl_module.rl_module import RLModuleSpec
 
@@ -81,8 +77,7 @@ IMITATION_KEYS = {"episodes", "epochs", "lr", "explore", "batch_size", "teacher"
 def warm_start(
     algo: Any, cfg: dict[str, Any], env_config: dict[str, Any], *, seed: int = 0, console: Console | None = None
 ) -> dict[str, Any]:
-    """Behaviour-clone the teacher (:mod:`balanceiq.sim.imitation`) into the
-    learner's module and the env runners' copies, before the first PPO iteration."""
+    """Behaviour-clone the teacher into the learner's and env runners' modules before the first PPO iteration."""
     from ray.rllib.core import DEFAULT_MODULE_ID
 
     from balanceiq.policy.module import CriticalEndpointModule
@@ -90,8 +85,7 @@ def warm_start(
     from balanceiq.sim.imitation import collect, pretrain
 
     spec = dict(cfg.get("imitation") or {})
-    unknown = sorted(set(spec) - IMITATION_KEYS)
-    if unknown:
+    if unknown := sorted(set(spec) - IMITATION_KEYS):
         raise ConfigError([(f"imitation.{k}", "unknown key") for k in unknown], "RLlib config")
     t0 = time.monotonic()
     episodes = int(spec.get("episodes", 64))
@@ -123,11 +117,7 @@ def warm_start(
             on_epoch=lambda i, _: progress.update(task, completed=i),
         )
     state = {k: v.detach().clone() for k, v in module.state_dict().items()}
-
-    def load(learner: Any) -> None:
-        learner.module[DEFAULT_MODULE_ID].load_state_dict(state)
-
-    algo.learner_group.foreach_learner(load)
+    algo.learner_group.foreach_learner(lambda learner: learner.module[DEFAULT_MODULE_ID].load_state_dict(state))
     algo.env_runner_group.sync_weights(from_worker_or_learner_group=algo.learner_group, inference_only=True)
     return {**fit, "seconds": round(time.monotonic() - t0, 1)}
 
@@ -160,11 +150,7 @@ def _connect_ray(address: str | None) -> bool:
 
 
 def _iterate(
-    algo: Any,
-    iterations: int,
-    console: Console,
-    on_iteration: Callable[[dict[str, Any]], None] | None,
-    t0: float,
+    algo: Any, iterations: int, console: Console, on_iteration: Callable[[dict[str, Any]], None] | None, t0: float
 ) -> list[dict[str, Any]]:
     """Run the PPO iterations with a progress bar; one history row per iteration."""
     history: list[dict[str, Any]] = []
@@ -205,10 +191,9 @@ def train(
     env: Any = None,
     env_overrides: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """Train, save to ``checkpoint_dir`` (on the machine running this) and return a summary;
-    ``on_iteration`` gets each iteration's row as it finishes. ``address``: a running Ray
-    cluster instead of a local 2-CPU Ray (ignored if Ray is already initialised here).
-    ``env`` / ``env_overrides``: see :func:`build_algo_config`."""
+    """Train, save to ``checkpoint_dir`` (on this machine) and return a summary; ``on_iteration``
+    gets each iteration's row as it finishes. ``address``: a running Ray cluster instead of a
+    local 2-CPU Ray (unless Ray is already up here). ``env`` / ``env_overrides``: see build_algo_config."""
     import ray
 
     console = console or Console(stderr=True)

@@ -45,8 +45,7 @@ def _now(now: float | None) -> float:
 
 
 def _int_arg(name: str, value: object, minimum: int, maximum: int | None = None) -> int:
-    """``value`` as an int in ``[minimum, maximum]``; a bool is an int to Python, but
-    ``after=True`` is a bug, not a count."""
+    """``value`` as an int in ``[minimum, maximum]``; not a bool (``after=True`` is a bug, not a count)."""
     wanted = f">= {minimum}" if maximum is None else f"in {minimum}..{maximum}"
     if not isinstance(value, bool):
         try:

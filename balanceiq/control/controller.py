@@ -1,8 +1,7 @@
 """One cluster's decisions, once per interval: lease -> observe -> decide -> judge -> guard
--> push. Only the holder of the cluster's lease at the xDS server pushes; blind telemetry
-holds the weights in force (acting blind is worse than not acting); the rollback monitor
-picks the policy's or the baseline's proposal; guardrails come last, and unchanged weights
-are not pushed. Every step leaves a :class:`~balanceiq.control.records.DecisionRecord`."""
+-> push. Only the lease holder pushes; blind telemetry holds the weights in force (acting blind
+is worse than not acting); the rollback monitor picks the policy's or the baseline's proposal;
+guardrails come last; unchanged weights are not pushed. Every step leaves a DecisionRecord."""
 
 from __future__ import annotations
 
@@ -51,20 +50,15 @@ class XdsClient(Protocol):
     """The part of the xDS actor the controller uses (see :mod:`balanceiq.xds.client`)."""
 
     def acquire_lease(self, owner: str, ttl_s: float, cluster: str | None = None) -> dict[str, Any]: ...
-
     def release_lease(self, owner: str, cluster: str | None = None) -> bool: ...
-
     def set_assignment(
         self, cluster: str, weights: Mapping[str, int], health: Mapping[str, str], lease_owner: str
     ) -> str: ...
-
     def wait_for_ack(self, version: str, timeout: float) -> bool: ...
-
     def status(self) -> dict[str, Any]: ...
 
 
 def _ms_since(t0: float) -> float:
-    """Milliseconds since ``t0`` (a ``time.perf_counter()`` reading)."""
     return (time.perf_counter() - t0) * 1000
 
 
@@ -148,8 +142,6 @@ class Controller:
         # override made before it: a newer override is still pending.
         self.overrides_applied_at: float | None = None
 
-    # -- helpers -------------------------------------------------------------------------
-
     @property
     def shares(self) -> np.ndarray:
         """The split in force: the one decided, while Envoy holds the weights pushed for
@@ -217,8 +209,7 @@ class Controller:
         )
 
     def _scores(self, obs: Observation, capacity: np.ndarray) -> np.ndarray:
-        """The policy's score per endpoint (Gumbel-perturbed when sampling); raises when
-        the policy cannot answer."""
+        """The policy's scores (Gumbel-perturbed when sampling); raises when it cannot answer."""
         assert self.scorer is not None
         n = len(obs.endpoints)
         rows = encode(obs, capacity, n, self.policy.reward.slo_ms)
@@ -238,8 +229,6 @@ class Controller:
         self.metrics.decision(rec.mode, outcome, step_ms / 1000)
         return rec
 
-    # -- one decision --------------------------------------------------------------------
-
     def step(self) -> DecisionRecord:
         with self._lock:
             return self._step()
@@ -255,8 +244,7 @@ class Controller:
             "notes": [],
             "shadow": self.policy.control_mode == "shadow",
         }
-        standby = self._lease(base, t0)
-        if standby is not None:
+        if (standby := self._lease(base, t0)) is not None:
             return standby
         obs = self._observe(base)
         if obs.source == "none" or not any(e.usable for e in obs.endpoints):
@@ -313,8 +301,7 @@ class Controller:
         return obs
 
     def _hold(self, base: dict[str, Any], obs: Observation, t0: float) -> DecisionRecord:
-        """Telemetry blind: hold the weights. Operators drain when telemetry is most likely
-        blind (an incident): their overrides apply over the weights held."""
+        """Telemetry blind: hold the weights; overrides (drains come in incidents, when blind) apply over them."""
         why = "; ".join(obs.errors) or "no endpoint has usable data"
         self.metrics.set_mode("hold")
         base["mode"] = "hold"
@@ -330,9 +317,8 @@ class Controller:
     def _decide_core(
         self, obs: Observation, ctx: PolicyContext, base: dict[str, Any], now: float
     ) -> tuple[CoreDecision, bool]:
-        """The policy's scores, then the one decision core; ``(decision, policy usable)``.
-        Without a policy the core still runs, so what it remembers (baselines, breaches,
-        prices) stays current."""
+        """The policy's scores, then the one decision core; ``(decision, policy usable)``. Without a
+        policy the core still runs, so what it remembers (baselines, breaches, prices) stays current."""
         knobs = self.knobs()
         scores = None
         if self.scorer is None:
@@ -356,9 +342,8 @@ class Controller:
         return core, scores is not None
 
     def _judge(self, obs: Observation, ctx: PolicyContext, core: CoreDecision | None, base: dict[str, Any]) -> Decision:
-        """Policy or baseline (``base["mode"]``): both scored on this very observation (see
-        RollbackMonitor), the score being the negated LP objective (worst load/capacity
-        plus the cost term)."""
+        """Policy or baseline (``base["mode"]``), both scored on this very observation (see
+        RollbackMonitor) by the negated LP objective (worst load/capacity plus the cost term)."""
         fallback = self.baseline.decide(obs, ctx)
         if core is None:
             self.metrics.set_mode("baseline")
@@ -400,8 +385,7 @@ class Controller:
     def _push_guarded(
         self, base: dict[str, Any], guard: GuardResult, obs: Observation, demand: float, t0: float
     ) -> DecisionRecord:
-        """Push what the guardrails returned (unless nothing changed), wait briefly for
-        Envoy's ACK, and record the decision."""
+        """Push the guarded weights (unless unchanged), wait briefly for Envoy's ACK, record."""
         routable = available_mask(obs) & np.array([guard.health[a] != "DRAINING" for a in self.addresses])
         new_weights = {a: int(w) for a, w in zip(self.addresses, self.envoy_weights(guard, routable, demand))}
         shares = {a: float(x) for a, x in zip(self.addresses, guard.shares)}
@@ -447,8 +431,7 @@ class Controller:
             base["notes"].append(f"ACK unknown: {exc}")
 
     def _effect(self, obs: Observation, proposed: np.ndarray, demand: float) -> dict[str, Any]:
-        """Estimated effect of a split against the one in force: blended $ per million
-        requests, and the busiest endpoint's load over its estimated capacity."""
+        """Estimated effect of a split vs the one in force: blended $ per million requests, busiest load/capacity."""
         price = obs_field(obs, "cost_per_million")
         cap = self.last_core.capacity if self.last_core is not None else np.full(len(price), math.nan)
         known, ok = np.isfinite(price), np.isfinite(cap) & (cap > 0)

@@ -1,8 +1,7 @@
 """Guardrails between the policy's proposal and the weights Envoy receives: sanitise the
 inputs, take unavailable and drained endpoints out at once, honour operator overrides, keep
 SLO breachers from gaining, floor every share and limit how much traffic one decision moves.
-The steps of :meth:`Guardrails.apply` run in that order, each assuming the previous ones held.
-"""
+The steps of :meth:`Guardrails.apply` run in that order, each assuming the previous ones held."""
 
 from __future__ import annotations
 
@@ -18,8 +17,6 @@ from balanceiq.control.args import _SUM_TOL, WEIGHT_SCALE, _fmt, _names
 from balanceiq.control.overrides import Override
 from balanceiq.exceptions import GuardrailError
 from balanceiq.policy.lp import shares_to_weights, traffic_moved
-
-__all__ = ["GuardResult", "Guardrails"]
 
 # Forced moves smaller than this are not worth a note: a drained endpoint keeps weight 1,
 # so a ``current`` derived from realised weights always shows ~1e-4 on it.
@@ -43,25 +40,15 @@ def _vector(name: str, values: object, n: int) -> np.ndarray:
         arr = np.asarray(values, dtype=np.float64).reshape(-1)
     except (TypeError, ValueError) as exc:
         raise GuardrailError(f"{name} must be a vector of numbers: {exc}") from None
-    return _one_per_endpoint(name, arr, n)
-
-
-def _mask(name: str, values: object, n: int) -> np.ndarray:
-    arr = _one_per_endpoint(name, np.asarray(values).reshape(-1), n)
-    if arr.dtype == bool:
-        return arr.copy()
-    try:
-        f = arr.astype(np.float64)
-    except (TypeError, ValueError) as exc:
-        raise GuardrailError(f"{name} must be a vector of booleans: {exc}") from None
-    # As in the LP: NaN is "unknown", which must not take an endpoint down.
-    return np.asarray(~(np.isfinite(f) & (f == 0)))
-
-
-def _one_per_endpoint(name: str, arr: np.ndarray, n: int) -> np.ndarray:
     if arr.shape[0] != n:
         raise GuardrailError(f"{name} has {arr.shape[0]} entries, expected {n} (one per endpoint)")
     return arr
+
+
+def _mask(name: str, values: object, n: int) -> np.ndarray:
+    f = _vector(name, values, n)  # booleans as 0/1
+    # As in the LP: NaN is "unknown", which must not take an endpoint down.
+    return np.asarray(~(np.isfinite(f) & (f == 0)))
 
 
 def _clean(v: np.ndarray, base: np.ndarray) -> np.ndarray:
@@ -75,8 +62,7 @@ def _clean(v: np.ndarray, base: np.ndarray) -> np.ndarray:
 
 
 class Guardrails:
-    """Apply a :class:`GuardrailConfig` to each decision; ``config`` may be reassigned at
-    run time, and each :meth:`apply` reads it once."""
+    """Applies a :class:`GuardrailConfig` to each decision; ``config`` may be reassigned (read once per apply)."""
 
     def __init__(self, config: GuardrailConfig) -> None:
         self.config = config
@@ -135,9 +121,6 @@ class Guardrails:
         return {**self.config.model_dump(mode="json"), **counts}
 
 
-# -- the steps of Guardrails.apply ------------------------------------------------------------
-
-
 @dataclass
 class _Split:
     """The fixed shares' result: the target shares, the fixed ones, and the free share."""
@@ -157,8 +140,7 @@ def _overrides(
     addrs: list[str], overrides: Mapping[str, Override], notes: list[str]
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(drained, fixed, fixed share)`` per endpoint; overrides of unknown ones noted."""
-    unknown = sorted(set(overrides) - set(addrs))
-    if unknown:
+    if unknown := sorted(set(overrides) - set(addrs)):
         notes.append(f"overrides: ignored for unknown endpoint(s) {_names(unknown)}")
     ovs = [overrides.get(a) for a in addrs]
     drained = np.array([o is not None and o.action == "drain" for o in ovs])
@@ -168,8 +150,7 @@ def _overrides(
 
 
 def _fallback_set(avail: np.ndarray, drained: np.ndarray, notes: list[str]) -> np.ndarray:
-    """Nothing routable: the least bad set to split equally over, for Envoy must still get
-    valid weights."""
+    """Nothing routable: the least bad set to split equally over (Envoy must get valid weights)."""
     if avail.any():
         serve = avail.copy()
         notes.append(
@@ -191,8 +172,7 @@ def _fallback_set(avail: np.ndarray, drained: np.ndarray, notes: list[str]) -> n
 def _note_forced_off(
     addrs: list[str], cur: np.ndarray, avail: np.ndarray, drained: np.ndarray, notes: list[str]
 ) -> None:
-    """Unavailable and drained endpoints get 0 at once, exempt from ``max_shift``: ramping
-    traffic off a dead host only fails requests more slowly."""
+    """Unavailable and drained endpoints go to 0 at once, exempt from ``max_shift``: ramping only fails more slowly."""
     for mask, label in ((drained & (cur > 0), "drained"), (~avail & ~drained & (cur > 0), "unavailable")):
         amount = float(cur[mask].sum())
         if amount > _NOTE_TOL:
@@ -210,9 +190,8 @@ def _fixed_split(
     routable: np.ndarray,
     notes: list[str],
 ) -> _Split:
-    """Routable pinned/set endpoints get exactly their share at once (an operator's
-    instruction is not smoothed), scaled to fit when they cannot sum to 1; the other
-    routable endpoints share the rest like the proposal."""
+    """Routable pinned/set endpoints get exactly their share at once (an operator's instruction is
+    not smoothed), scaled to fit if need be; the other routable ones share the rest like the proposal."""
     released = fixed & ~routable & (fixed_val > 0)
     if released.any():
         notes.append(f"fixed: {_named(addrs, released)} not routable; pinned/set share released to the others")
@@ -234,8 +213,7 @@ def _fixed_split(
         p = prop[free_mask]
         psum = float(p.sum())
         target[free_mask] = p / psum * free if psum > 0 else free / int(free_mask.sum())
-    held = [f"{addrs[i]}={fv[i]:.4g}" for i in np.flatnonzero(fixed) if abs(cur[i] - fv[i]) > _NOTE_TOL]
-    if held:
+    if held := [f"{addrs[i]}={fv[i]:.4g}" for i in np.flatnonzero(fixed) if abs(cur[i] - fv[i]) > _NOTE_TOL]:
         notes.append(f"fixed: {_names(held)} set at once (operator override, exempt from max_shift)")
     return _Split(target=target, fixed=fixed, fv=fv, free_mask=free_mask, free=free)
 
@@ -243,8 +221,7 @@ def _fixed_split(
 def _keep_breachers_from_gaining(
     addrs: list[str], cur: np.ndarray, split: _Split, breach: np.ndarray, notes: list[str]
 ) -> None:
-    """Whoever proposes (the baseline after a rollback knows nothing of breaches), an SLO
-    breacher never gains traffic; the excess goes to the others."""
+    """An SLO breacher never gains traffic, whoever proposes (a baseline knows nothing of breaches)."""
     target, free_mask = split.target, split.free_mask
     grow = free_mask & breach & (target > cur + _NOTE_TOL)
     others = free_mask & ~breach
@@ -256,9 +233,9 @@ def _keep_breachers_from_gaining(
 
 
 def _raise_to_floors(split: _Split, breach: np.ndarray, cfg: GuardrailConfig, notes: list[str]) -> bool:
-    """Every free endpoint at least ``min_share`` (a breacher ``breach_min_share``) so its
-    latency stays measured, paid for by the others in proportion to their excess over
-    theirs; floors that do not fit are scaled to half the free share. True when they acted."""
+    """Every free endpoint at least ``min_share`` (a breacher ``breach_min_share``) so its latency stays
+    measured, paid for by the others in proportion to their excess; floors that do not fit are scaled
+    to half the free share. True when they acted."""
     target, free_mask, free = split.target, split.free_mask, split.free
     floors = np.where(breach, float(cfg.breach_min_share), float(cfg.min_share))[free_mask]
     if not free_mask.any() or floors.max(initial=0.0) <= 0:
@@ -292,10 +269,9 @@ def _raise_to_floors(split: _Split, breach: np.ndarray, cfg: GuardrailConfig, no
 def _limit_shift(
     addrs: list[str], cur: np.ndarray, split: _Split, breach: np.ndarray, max_shift: float, notes: list[str]
 ) -> tuple[np.ndarray, bool]:
-    """``forced`` (``cur`` with the moves above that happen at once) plus at most
-    ``max_shift`` of the rest of the way to the target; ``(final shares, limited)``. The
-    convex combination keeps fixed shares, zeros and floors exact; coming last, nothing
-    can undo it."""
+    """``forced`` (``cur`` with the moves above that happen at once) plus at most ``max_shift`` of the
+    rest of the way to the target; ``(final shares, limited)``. The convex combination keeps fixed
+    shares, zeros and floors exact; coming last, nothing can undo it."""
     target, fixed, fv, free_mask, free = split.target, split.fixed, split.fv, split.free_mask, split.free
     forced = np.where(fixed | free_mask, cur, 0.0)
     forced[fixed] = fv[fixed]

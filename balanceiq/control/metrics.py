@@ -4,7 +4,7 @@ instruments the same process). Names are what ``prometheus/grafana-dashboard.jso
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -13,10 +13,34 @@ from prometheus_client.registry import Collector
 
 MODES = ("policy", "baseline", "hold", "standby")
 _Metric = TypeVar("_Metric", Counter, Gauge, Histogram)
+Family = tuple[str, str, str, str | None]
 _XDS_COUNTERS = {"acks": "xDS responses Envoy accepted", "nacks": "xDS responses Envoy rejected"}
 
 
-class _XdsCounters(Collector):
+class Counted(Collector):
+    """Counters another part keeps, read at scrape time: ``(name, help, label, key)`` per
+    family, ``key`` naming the counts in what ``read()`` returns (``None``: all of it)."""
+
+    def __init__(self, read: Callable[[], Mapping[str, Any]], specs: Sequence[Family]) -> None:
+        self._read = read
+        self._specs = specs
+
+    def describe(self) -> Iterator[CounterMetricFamily]:
+        # Names only: registering must not call the (possibly remote) xDS server.
+        yield from self._families({})
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        yield from self._families(self._read())
+
+    def _families(self, data: Mapping[str, Any]) -> Iterator[CounterMetricFamily]:
+        for name, doc, label, key in self._specs:
+            fam = CounterMetricFamily(name, doc, labels=[label])
+            for k, n in sorted((data if key is None else data.get(key) or {}).items()):
+                fam.add_metric([str(k)], float(n))
+            yield fam
+
+
+class _XdsCounters:
     """ACK/NACK totals as the xDS server counts them (read from its status, not re-counted)."""
 
     def __init__(self) -> None:
@@ -31,14 +55,9 @@ class _XdsCounters(Collector):
                     # Counters must not go down; a restarted xDS server starts from 0 again.
                     totals[node] = max(totals.get(node, 0.0), float(n.get(kind, 0) or 0))  # type: ignore[arg-type]
 
-    def collect(self) -> Iterator[CounterMetricFamily]:
+    def read(self) -> dict[str, dict[str, float]]:
         with self._lock:
-            totals = {kind: dict(values) for kind, values in self._totals.items()}
-        for kind, values in totals.items():
-            family = CounterMetricFamily(f"balanceiq_xds_{kind}", _XDS_COUNTERS[kind], labels=["node"])
-            for node, v in sorted(values.items()):
-                family.add_metric([node], v)
-            yield family
+            return {kind: dict(values) for kind, values in self._totals.items()}
 
 
 class ControllerMetrics:
@@ -62,7 +81,8 @@ class ControllerMetrics:
         self.guardrail = self._new(Counter, "guardrail_actions", "Times a guardrail changed a decision", "guardrail")
         self.errors = self._new(Counter, "decision_errors", "Decisions that failed, by stage", "stage")
         self.xds = _XdsCounters()
-        self.registry.register(self.xds)
+        xds = [(f"balanceiq_xds_{kind}", doc, "node", kind) for kind, doc in _XDS_COUNTERS.items()]
+        self.registry.register(Counted(self.xds.read, xds))
 
     def _new(self, kind: type[_Metric], name: str, doc: str, *labels: str, **kw: Any) -> _Metric:
         """``balanceiq_<name>`` in this registry, labelled by cluster and then ``labels``."""

@@ -61,14 +61,12 @@ class Override:
 
 
 class OverrideTable:
-    """The active overrides, at most one per endpoint (thread-safe: the API writes while
-    the loop reads). A write that would leave no routable endpoint, or fixed shares above
-    1, is refused; availability is the guardrails' business."""
+    """The active overrides, at most one per endpoint (the API writes while the loop reads). A write
+    leaving no routable endpoint, or fixed shares above 1, is refused; availability is the guardrails'."""
 
     def __init__(self, addresses: Sequence[str]) -> None:
         addrs = [str(a) for a in addresses]
-        dup = sorted(a for a, k in Counter(addrs).items() if k > 1)
-        if dup:
+        if dup := sorted(a for a, k in Counter(addrs).items() if k > 1):
             raise GuardrailError(f"duplicate endpoint address(es): {', '.join(dup)}")
         self._addresses = tuple(addrs)
         self._lock = threading.Lock()
@@ -116,12 +114,7 @@ class OverrideTable:
         return ov
 
     def pin(
-        self,
-        address: str,
-        current_share: float,
-        ttl_s: float | None = None,
-        reason: str = "",
-        now: float | None = None,
+        self, address: str, current_share: float, ttl_s: float | None = None, reason: str = "", now: float | None = None
     ) -> Override:
         """Freeze ``address`` at ``current_share`` (the share it has now, in [0, 1])."""
         self._check_address(address)

@@ -1,6 +1,5 @@
-"""What the controller decided and what came of it: one record per interval, kept in
-memory for the API and optionally appended to a JSONL recording (with the full
-observation: simulator calibration fits against the inputs, not summaries)."""
+"""One record per decision, kept in memory for the API and optionally appended to a JSONL recording
+with the full observation (simulator calibration fits against the inputs, not summaries)."""
 
 from __future__ import annotations
 

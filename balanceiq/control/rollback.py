@@ -31,11 +31,10 @@ def _finite_or_nan(x: object) -> float:
 
 
 class RollbackMonitor:
-    """Both proposals are scored on the *same* observation (higher is better): realised
-    rewards across time would blame the policy for the weather. In ``policy`` mode,
-    ``after`` consecutive intervals worse by more than ``margin`` roll back; in
-    ``baseline`` mode the policy is still scored, and ``probation_after`` intervals no
-    longer worse bring it back. Thread-safe: the loop records while the API reads."""
+    """Both proposals are scored on the *same* observation (higher is better): realised rewards
+    across time would blame the policy for the weather. In ``policy`` mode, ``after`` consecutive
+    intervals worse by more than ``margin`` roll back; in ``baseline`` mode (the policy still scored)
+    ``probation_after`` intervals no longer worse bring it back. Thread-safe: the loop records, the API reads."""
 
     def __init__(self, after: int, margin: float, probation_after: int) -> None:
         self.after, self.margin, self.probation_after = _rollback_args(after, margin, probation_after)

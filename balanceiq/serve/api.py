@@ -1,8 +1,6 @@
-"""The HTTP API and dashboard (FastAPI), a thin layer over :class:`ControlPlane`.
-
-Reads are open (the dashboard polls them); changes need ``Authorization: Bearer <token>``.
-A refusal from the plane (a :class:`~balanceiq.exceptions.BalanceIQError`) leaves as JSON
-naming what was wrong, and nothing has changed."""
+"""The HTTP API and dashboard (FastAPI), a thin layer over :class:`ControlPlane`. Reads are open (the
+dashboard polls them); changes need ``Authorization: Bearer <token>``. A refusal from the plane (a
+BalanceIQError) leaves as JSON naming what was wrong, and nothing has changed."""
 
 from __future__ import annotations
 
@@ -156,10 +154,9 @@ class _TooLarge(Exception):
 
 
 class _Edge:
-    """ASGI middleware (pure: no extra task per request). Counts every response by method,
-    route template and status (a handler that raises counts as the 500 it becomes), and
-    answers 413 to a body over ``limit`` bytes before it is read whole, whether it declares
-    its length or streams it."""
+    """ASGI middleware (pure: no extra task per request). Counts every response by method, route
+    template and status (a handler that raises counts as its 500), and answers 413 to a body over
+    ``limit`` bytes before it is read whole, whether it declares its length or streams it."""
 
     def __init__(self, app: Any, metrics: ApiMetrics, limit: int) -> None:
         self.app = app

@@ -1,7 +1,6 @@
-"""The Ray Serve application (``serve run serve_app:app``, config from ``BALANCEIQ_CONFIG``):
-the Policy deployment, and the Controller (FastAPI ingress), which gets or starts the xDS
-actor, runs one control loop per cluster and serves the API. Each cluster's lease at the
-xDS actor keeps a second loop (while Serve replaces the replica) from pushing."""
+"""The Ray Serve application (config from ``BALANCEIQ_CONFIG``): the Policy deployment, and the
+Controller (FastAPI ingress): it gets or starts the xDS actor, runs one control loop per cluster and
+serves the API. The lease keeps a second loop (while Serve replaces the replica) from pushing."""
 
 from __future__ import annotations
 
@@ -56,15 +55,10 @@ class ControllerDeployment:
         import torch
 
         torch.set_num_threads(1)
-        self.telemetry: list[Telemetry] = []
-
-        def observer(cluster: str) -> Telemetry:
-            t = Telemetry(self.settings, cluster)
-            self.telemetry.append(t)
-            return t
-
+        self.telemetry = {c.name: Telemetry(self.settings, c.name) for c in self.settings.clusters}
+        observe = self.telemetry.__getitem__
         controllers = cluster_controllers(
-            self.settings, xds, lambda rows: local.score_many([rows])[0], observer, recording=recording
+            self.settings, xds, lambda rows: local.score_many([rows])[0], observe, recording=recording
         )
         policy_client = PolicyClient(
             info=lambda: policy.info.remote().result(timeout_s=2.0),
@@ -99,15 +93,14 @@ class ControllerDeployment:
             if self.server is not None:
                 self.server.stop()
             self.plane.stop()
-            for t in self.telemetry:
+            for t in self.telemetry.values():
                 t.close()
         except Exception:  # interpreter shutdown: best effort
             pass
 
 
 def build_app(args: dict[str, Any] | None = None) -> Any:
-    """Application builder: ``args`` may name ``config`` (a path) or ``settings`` (a
-    :class:`Settings`), ``checkpoint`` and ``recording``."""
+    """Application builder; ``args`` may name ``config`` (a path) or ``settings``, ``checkpoint`` and ``recording``."""
     args = dict(args or {})
     if isinstance(args.get("settings"), Settings):
         settings = args["settings"]

@@ -49,8 +49,7 @@ def xds(plane: ControlPlane) -> dict[str, Any]:
     connected = [n for n in status.get("nodes", []) if n.get("connected")]
     if not connected:
         return {"state": DEGRADED, "reason": "serving, but no Envoy is connected", "version": version}
-    nacked = [n for n in connected if n.get("last_nacked_version") and n.get("last_nacked_version") == version]
-    if nacked:
+    if nacked := [n for n in connected if n.get("last_nacked_version") and n.get("last_nacked_version") == version]:
         return {"state": DEGRADED, "reason": f"Envoy rejected version {version}: {nacked[0].get('last_error')}"}
     return {"state": UP, "reason": f"{len(connected)} Envoy node(s) connected, version {version}", "version": version}
 

@@ -1,59 +1,20 @@
-"""What was refused at the edges, for ``GET /metrics`` after the controller's metrics:
-API responses by route and status, token failures, xDS requests refused or ignored,
-failed telemetry reads."""
+"""What was refused at the edges, for ``GET /metrics``: API responses by route and status, token
+failures, xDS requests refused or ignored, failed telemetry reads."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, generate_latest
-from prometheus_client.core import CounterMetricFamily
-from prometheus_client.registry import Collector
 
-_Family = tuple[str, str, str, str | None]
+from balanceiq.control.metrics import Counted
 
-
-class _Counted(Collector):
-    """Counters another part keeps, read at scrape time: ``(name, help, label, key)`` per
-    family, ``key`` naming the counts in what ``read()`` returns (``None``: all of it)."""
-
-    def __init__(self, read: Callable[[], Mapping[str, Any]], specs: list[_Family]) -> None:
-        self._read = read
-        self._specs = specs
-
-    def describe(self) -> Iterator[CounterMetricFamily]:
-        # Names only: registering must not call the (possibly remote) xDS server.
-        yield from self._families({})
-
-    def collect(self) -> Iterator[CounterMetricFamily]:
-        yield from self._families(self._read())
-
-    def _families(self, data: Mapping[str, Any]) -> Iterator[CounterMetricFamily]:
-        for name, doc, label, key in self._specs:
-            fam = CounterMetricFamily(name, doc, labels=[label])
-            for k, n in sorted((data if key is None else data.get(key) or {}).items()):
-                fam.add_metric([str(k)], float(n))
-            yield fam
-
-
-_XDS_FAMILIES: list[_Family] = [
-    (
-        "balanceiq_xds_requests_refused",
-        "xDS requests that ended their stream with an error status",
-        "reason",
-        "requests_refused",
-    ),
-    ("balanceiq_xds_requests_ignored", "xDS requests not acted on, as the protocol says", "reason", "requests_ignored"),
-]
-_TELEMETRY_FAMILIES: list[_Family] = [
-    (
-        "balanceiq_telemetry_failures",
-        "Telemetry reads that failed, by source (-bug: not a TelemetryError)",
-        "source",
-        None,
-    ),
-]
+_XDS_REQUESTS = {
+    "requests_refused": "xDS requests that ended their stream with an error status",
+    "requests_ignored": "xDS requests not acted on, as the protocol says",
+}
+_TELEMETRY_FAILURES = "Telemetry reads that failed, by source (-bug: not a TelemetryError)"
 
 
 class ApiMetrics:
@@ -76,8 +37,8 @@ class ApiMetrics:
         )
         for reason in ("missing", "invalid"):
             self.auth_failures.labels(reason)
-        r.register(_Counted(xds_status, _XDS_FAMILIES))
-        r.register(_Counted(telemetry_failures, _TELEMETRY_FAMILIES))
+        r.register(Counted(xds_status, [(f"balanceiq_xds_{k}", doc, "reason", k) for k, doc in _XDS_REQUESTS.items()]))
+        r.register(Counted(telemetry_failures, [("balanceiq_telemetry_failures", _TELEMETRY_FAILURES, "source", None)]))
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -1,6 +1,5 @@
-"""Everything the API reads or changes: :class:`ControlPlane` owns the controllers, their
-loops, training runs and the policy client; the routes (:mod:`balanceiq.serve.api`) only
-validate, check the token and call it. Tests build one in-process, without Serve."""
+"""Everything the API reads or changes: :class:`ControlPlane` owns the controllers, their loops,
+training runs and the policy client; the routes only validate, check the token and call it."""
 
 from __future__ import annotations
 
@@ -35,20 +34,13 @@ from balanceiq.serve.training import TrainingManager, iso_time, training_metrics
 log = logging.getLogger(__name__)
 
 # PUT /api/policy keys set directly on the controller's policy: (attribute, type).
-_KNOBS: dict[str, tuple[str, Callable[[Any], Any]]] = {
-    "k": ("k", int),
-    "interval_s": ("interval_s", float),
-    "cost_weight": ("cost_weight", float),
-    "util_target": ("util_target", float),
-    "latency_weight": ("latency_weight", float),
-    "selection": ("mode", str),
-}
+_KNOBS: dict[str, tuple[str, Callable[[Any], Any]]] = {"k": ("k", int), "selection": ("mode", str)}
+_KNOBS |= {key: (key, float) for key in ("interval_s", "cost_weight", "util_target", "latency_weight")}
 _TRAINING_FIELDS = ("buffer_size", "current_reward", "model_accuracy", "recent_rewards", "recent_losses")
 
 
 def load_or_create_token(settings: Settings) -> tuple[str, Path | None, bool]:
-    """``(token, file, created)``: the configured token, else the one in ``state_dir``,
-    else a new one written there with mode 0600. The token itself is never logged."""
+    """``(token, file, created)``: configured, else in ``state_dir``, else new there (mode 0600); never logged."""
     if settings.api.token:
         return settings.api.token, None, False
     path = Path(settings.state_dir) / "api-token"
@@ -108,9 +100,8 @@ def cluster_controllers(
     *,
     recording: str | os.PathLike[str] | None = None,
 ) -> list[Controller]:
-    """One controller per configured cluster, in config order, sharing the xDS client,
-    the policy and one metrics registry; ``observer(name)`` gives each its telemetry. A
-    recording path gets the cluster's name before its suffix from the second cluster on."""
+    """One controller per cluster, sharing the xDS client, the policy and one metrics registry;
+    from the second cluster on, a recording path gets the cluster's name before its suffix."""
     metrics = ControllerMetrics()
     out = []
     for i, c in enumerate(settings.clusters):
@@ -299,9 +290,7 @@ class ControlPlane:
                     "share": round(float(s), 6),
                     "health": c.health[a],
                     "override": overrides.get(a),
-                    "p95_ms": finite(e.p95_ms) if e else None,
-                    "error_rate": finite(e.error_rate) if e else None,
-                    "rps": finite(e.rps) if e else None,
+                    **{f: finite(getattr(e, f)) if e else None for f in ("p95_ms", "error_rate", "rps")},
                     "cost_per_million": finite(c.costs.get(a)),
                     "healthy": e.healthy if e else None,
                 }
@@ -366,21 +355,18 @@ class ControlPlane:
         }
 
     def update_policy(self, changes: dict[str, Any], cluster: str | None = None) -> dict[str, Any]:
-        """Apply validated changes to one cluster's controller atomically: all of them, or
-        none if one is invalid. A checkpoint is the one policy every cluster shares."""
+        """Apply validated changes to one cluster atomically (all or none); a checkpoint is every cluster's."""
         c = self.pick(cluster)
         n = len(c.addresses)
         if changes.get("k") is not None and not 1 <= changes["k"] <= n:
             raise ControlError(f"k must be in 1..{n} (the cluster has {n} endpoints), got {changes['k']}")
         costs = changes.get("costs") or {}
-        unknown = sorted(set(costs) - set(c.addresses))
-        if unknown:
+        if unknown := sorted(set(costs) - set(c.addresses)):
             raise ControlError(f"costs name unknown endpoint(s): {', '.join(unknown)}")
         guard = None
         if changes.get("guardrails"):
-            merged = {**c.guardrails.config.model_dump(), **changes["guardrails"]}
             try:
-                guard = GuardrailConfig.model_validate(merged)
+                guard = GuardrailConfig.model_validate({**c.guardrails.config.model_dump(), **changes["guardrails"]})
             except ValueError as exc:
                 raise ControlError(f"guardrails: {exc}") from exc
         reward = None

@@ -1,7 +1,5 @@
-"""The Policy deployment: the RLModule checkpoint behind a batched ``score`` call.
-
-:class:`PolicyModel` loads, scores and hot-swaps (testable without Serve): a checkpoint
-loads off the event loop while the old one answers, and one that fails leaves it serving."""
+"""The Policy deployment: the RLModule checkpoint behind a batched ``score`` call. :class:`PolicyModel`
+hot-swaps off the event loop while the old checkpoint answers; one that fails to load leaves it serving."""
 
 from __future__ import annotations
 

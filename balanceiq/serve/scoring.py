@@ -1,5 +1,4 @@
-"""``POST /api/policy/score``: what the policy and the decision core would do with an
-observation sent over HTTP (nothing is applied)."""
+"""``POST /api/policy/score``: what the policy and decision core would do with an observation (nothing applied)."""
 
 from __future__ import annotations
 
@@ -14,6 +13,7 @@ from balanceiq.exceptions import ControlError
 from balanceiq.policy.baselines import PolicyContext
 from balanceiq.policy.decide import decide, observe_only
 from balanceiq.policy.features import encode
+from balanceiq.policy.lp import weights_to_shares
 from balanceiq.telemetry.observation import EndpointObservation, Observation
 
 if TYPE_CHECKING:
@@ -44,9 +44,7 @@ def score(plane: ControlPlane, endpoints: list[dict[str, Any]], k: int | None, c
     hint = np.array([nan if e.get("capacity_rps") is None else float(e["capacity_rps"]) for e in endpoints])
     n = len(eps)
     kk = min(n, k or critical_count(n))
-    w = np.array([ep.weight for ep in eps], dtype=np.float64)
-    w = np.where(np.isfinite(w) & (w > 0), w, 0.0)
-    shares = w / w.sum() if w.sum() > 0 else np.full(n, 1.0 / n)
+    shares = weights_to_shares([ep.weight for ep in eps])
     rps = np.array([ep.rps for ep in eps], dtype=np.float64)
     ctx = PolicyContext(shares, hint, np.ones(n), float(np.nansum(np.where(np.isfinite(rps), rps, 0.0))), kk)
     # The controller's own decision core, with no memory: this observation as its first.

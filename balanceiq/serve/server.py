@@ -1,6 +1,6 @@
-"""The API on the Controller replica's own HTTP server, beside Serve's proxy (where every
-request is a hop and a Ray task). If ``api.host:api.port`` is taken (the proxy, or a replica
-being replaced), binding is retried for ``retry_s``, then the proxy alone serves the API."""
+"""The API on the Controller replica's own HTTP server, beside Serve's proxy (where every request is a
+hop and a Ray task). If the port is taken (the proxy, a replica being replaced), binding is retried
+for ``retry_s``, then the proxy alone serves the API."""
 
 from __future__ import annotations
 
@@ -22,8 +22,7 @@ class _Server(uvicorn.Server):
 
 
 def bind(host: str, port: int) -> socket.socket:
-    """A listening socket on ``host:port`` without SO_REUSEPORT, so it can never share
-    the port with another listener (Serve's proxy, an older replica)."""
+    """A listening socket without SO_REUSEPORT, so it never shares the port (with Serve's proxy, an older replica)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:

@@ -51,9 +51,8 @@ def _point(rec: Any, clouds: dict[str, str]) -> tuple[dict[str, Any], dict[str, 
 
 
 def timeline(plane: ControlPlane, limit: int = 120, cluster: str | None = None) -> dict[str, Any]:
-    """p95 per cloud (request-weighted), blended and equal-weights $ per million requests,
-    the saving against equal weights, events (traffic moved, mode, price and override
-    changes) over the last ``limit`` decisions, and the fleet's p99 from Prometheus."""
+    """Over the last ``limit`` decisions: request-weighted p95 per cloud, blended and equal-weights
+    $ per million requests and the saving, events, and the fleet's p99 from Prometheus."""
     c = plane.pick(cluster)
     clouds = {a: ep.cloud for a, ep in c.endpoints.items()}
     points: list[dict[str, Any]] = []
@@ -68,8 +67,7 @@ def timeline(plane: ControlPlane, limit: int = 120, cluster: str | None = None) 
             events.append({"t": t, "kind": "moved", "text": f"moved {rec.moved:.0%} of traffic"})
         if prev_mode is not None and rec.mode != prev_mode:
             events.append({"t": t, "kind": "mode", "text": f"mode {prev_mode} -> {rec.mode}"})
-        changed = [a for a, p in price.items() if a in prev_costs and abs(prev_costs[a] - p) > 1e-12]
-        if changed:
+        if changed := [a for a, p in price.items() if a in prev_costs and abs(prev_costs[a] - p) > 1e-12]:
             events.append({"t": t, "kind": "price", "text": f"price changed: {', '.join(changed)}"})
         for note in rec.notes:
             if note.startswith(("drained", "override", "fixed", "pinned")):

@@ -1,9 +1,7 @@
-"""Training runs started from the API, on the Ray cluster: train → evaluate → promote.
-
-A :class:`TrainingRun` actor trains, then runs the new and the serving checkpoint on every
-shipped scenario; the manager hot-swaps the Policy deployment only if
-:func:`~balanceiq.sim.evaluate.promotion_decision` says the new one is better. One run at a
-time: two runs racing to promote is a bug."""
+"""Training runs started from the API, on the Ray cluster: train → evaluate → promote. A
+:class:`TrainingRun` actor trains, then runs the new and the serving checkpoint on every shipped
+scenario; the manager hot-swaps the Policy deployment only if ``promotion_decision`` says the new
+one is better. One run at a time: two runs racing to promote is a bug."""
 
 from __future__ import annotations
 
