@@ -1,10 +1,6 @@
-"""Non-learned policies behind the same interface as the CFR-RL policy: the controller's
-guardrail baselines (the benchmark adds its own in the lab).
-
-An endpoint whose ``healthy`` is ``False`` is unavailable (``None`` counts as available)
-and gets share 0, except under ``equal`` and ``static``, which model Envoy without a
-controller (Envoy handles health itself).
-"""
+"""The controller's guardrail baselines: non-learned policies behind the CFR-RL policy's interface
+(the lab adds its own). An endpoint whose ``healthy`` is ``False`` gets share 0 (``None`` counts
+as available), except under ``equal`` and ``static``: Envoy without a controller handles health."""
 
 from __future__ import annotations
 
@@ -114,7 +110,7 @@ def estimate_capacity(obs: Observation, ctx: PolicyContext) -> np.ndarray:
     """Capacity (rps) per endpoint: the config hint, else ``rps / saturation`` (the
     throughput at the concurrency limit, by Little's law), else the median of the others;
     NaN everywhere when nothing is known (the LP then splits capacity-blind)."""
-    n = _check(obs, ctx)
+    _check(obs, ctx)
     hint = np.asarray(ctx.capacity_hint, dtype=np.float64).reshape(-1)
     rps = obs_field(obs, "rps")
     sat = obs_field(obs, "saturation")
@@ -122,10 +118,7 @@ def estimate_capacity(obs: Observation, ctx: PolicyContext) -> np.ndarray:
     with np.errstate(divide="ignore", invalid="ignore"):
         measured = np.where(measurable, rps / np.maximum(np.where(measurable, sat, 1.0), MIN_SATURATION), np.nan)
     est = np.where(_positive(hint), hint, measured)
-    known = _positive(est)
-    if not known.any():
-        return np.full(n, math.nan)
-    return _fill_median(est, known, math.nan)
+    return _fill_median(est, _positive(est), math.nan)
 
 
 class _Stateless:
@@ -173,10 +166,7 @@ class CostAwareStatic(_Stateless):
         known = np.isfinite(cost) & (cost >= 0)
         cost = _fill_median(cost, known, 0.0)
         cmax = float(cost.max())
-        if cmax > 0:
-            score = cap / np.maximum(cost, MIN_COST_FRACTION * cmax)
-        else:
-            score = cap
+        score = cap / np.maximum(cost, MIN_COST_FRACTION * cmax) if cmax > 0 else cap
         return _decision(_normalise(score, avail), avail, ())
 
 

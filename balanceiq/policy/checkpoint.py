@@ -116,8 +116,7 @@ class RLPolicy:
         return [int(i) for i in np.argsort(-s, kind="stable")[: max(1, min(k, n))]]
 
     def decide(self, obs: Observation, ctx: PolicyContext) -> Decision:
-        """The decision core with this policy's scores (it remembers across calls until
-        :meth:`reset`)."""
+        """The decision core with this policy's scores (it remembers across calls until :meth:`reset`)."""
         core = decide(obs, ctx, self.scores(obs, ctx), self.knobs(ctx), self.state)
         self.state = core.state
         return Decision(core.shares, core.weights, core.critical, core.info())

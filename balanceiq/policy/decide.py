@@ -1,8 +1,6 @@
-"""The one decision step: observation -> capacity -> breachers -> critical set -> LP.
-
-A pure function of (observation, context, policy scores, knobs, state); the controller, the
-simulator, the live env and ``POST /api/policy/score`` all call it, so what is trained is served.
-"""
+"""The one decision step (observation -> capacity -> breachers -> critical set -> LP), a pure function
+of (observation, context, policy scores, knobs, state) that the controller, the simulator, the live env
+and ``POST /api/policy/score`` all call, so what is trained is served."""
 
 from __future__ import annotations
 

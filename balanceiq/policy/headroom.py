@@ -113,7 +113,9 @@ def estimate(
         # The backend's own saturation gauge (or an ORCA utilisation) when it reports one.
         measured = load / sat[i] if math.isfinite(sat[i]) and sat[i] > 0.02 and load > 0 else math.nan
         prior = hint[i] if math.isfinite(hint[i]) and hint[i] > 0 else math.nan
-        c = _capacity(load, good, ceiling, bool(congested[i]), measured, prior, knobs, demand)
+        # The most load a safe move may grow an uncongested endpoint to.
+        bound = min(knobs.growth * max(good, load, knobs.probe_share * demand), load + knobs.max_step * demand)
+        c = _capacity(load, good, ceiling, bool(congested[i]), measured, prior, bound, knobs.safe_moves)
         if math.isfinite(err[i]) and err[i] > 0 and math.isfinite(c):
             c *= max(0.1, 1.0 - 2.0 * err[i])
         if i in breaching and load > 0:
@@ -122,7 +124,7 @@ def estimate(
         # A breacher, like a congested endpoint, waits before it may grow again (ping-pong).
         cooldown = knobs.cooldown if congested[i] or i in breaching else max(0, m.cooldown - 1)
         if knobs.safe_moves:
-            max_load[i] = _max_load(m, bool(congested[i]), c, load, good, ceiling, measured, knobs, demand)
+            max_load[i] = _max_load(m, bool(congested[i]), c, load, good, ceiling, measured, bound)
         ceiling = ceiling if math.isfinite(ceiling) else math.nan
         out[e.address] = replace(m, good_rps=good, ceiling_rps=ceiling, cooldown=cooldown, stale_inflight=stale)
     # Unknown capacity: the median of the known, else all traffic (max_load bounds growth).
@@ -155,14 +157,7 @@ def _queueing(m: Memory, load: float, inflight: float, p95: float) -> tuple[bool
 
 
 def _capacity(
-    load: float,
-    good: float,
-    ceiling: float,
-    congested: bool,
-    measured: float,
-    prior: float,
-    knobs: Knobs,
-    demand: float,
+    load: float, good: float, ceiling: float, congested: bool, measured: float, prior: float, bound: float, safe: bool
 ) -> float:
     """Capacity by the best evidence there is (NaN: unknown)."""
     if math.isfinite(measured):
@@ -173,9 +168,9 @@ def _capacity(
         return max(ceiling, load)
     if math.isfinite(prior):
         return prior
-    if load > 0 and knobs.safe_moves:
+    if load > 0 and safe:
         # What the growth bound lets it reach at UNCONGESTED_UTIL (so price and latency pick).
-        return max(load, good, _growth_bound(load, good, knobs, demand)) / UNCONGESTED_UTIL
+        return max(load, good, bound) / UNCONGESTED_UTIL
     return math.nan
 
 
@@ -195,15 +190,7 @@ def _breach_cut(
 
 
 def _max_load(
-    m: Memory,
-    congested: bool,
-    c: float,
-    load: float,
-    good: float,
-    ceiling: float,
-    measured: float,
-    knobs: Knobs,
-    demand: float,
+    m: Memory, congested: bool, c: float, load: float, good: float, ceiling: float, measured: float, bound: float
 ) -> float:
     """The most load a safe move may give it now (inf: unbounded)."""
     if congested or m.cooldown > 0:
@@ -211,13 +198,7 @@ def _max_load(
         return min(load, c) if math.isfinite(c) else load
     if math.isfinite(measured):
         return math.inf
-    bound = _growth_bound(load, good, knobs, demand)
     if math.isfinite(ceiling):
         return min(bound, max(0.9 * ceiling, load))
     # Never seen queueing: what it carried cleanly lately is known headroom.
     return max(bound, good)
-
-
-def _growth_bound(load: float, good: float, knobs: Knobs, demand: float) -> float:
-    """The most load a safe move may grow an uncongested endpoint to."""
-    return min(knobs.growth * max(good, load, knobs.probe_share * demand), load + knobs.max_step * demand)

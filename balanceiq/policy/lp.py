@@ -1,12 +1,9 @@
-"""The CFR-RL linear program (Zhang et al., IEEE JSAC 2020), on endpoint traffic shares.
-
-The policy picks K critical endpoints; every other available endpoint keeps its share and
-the LP splits the critical endpoints' traffic among them, minimising the max utilisation
-U (free below ``util_target``) + cost and latency terms. When kept endpoints or that knee
-fix U, it also balances the critical endpoints' own max utilisation (``BALANCE``), or the
-cost term would park all their traffic on the cheapest. Numeric problems never raise
-(shape problems do): bad values become 0 (costs: the highest valid one).
-"""
+"""The CFR-RL linear program (Zhang et al., IEEE JSAC 2020) on endpoint traffic shares: every
+available endpoint but the K critical ones keeps its share; the LP splits the critical traffic,
+minimising the max utilisation U (free below ``util_target``) + cost and latency terms. When kept
+endpoints or that knee fix U, it also balances the critical endpoints' own max (``BALANCE``), or
+the cost term would park all their traffic on the cheapest. Numeric problems never raise (shape
+problems do): bad values become 0 (costs: the highest valid one)."""
 
 from __future__ import annotations
 
@@ -71,9 +68,8 @@ def _clean_scalar(x: object) -> float:
 
 
 def price_unit(cost: np.ndarray, available: np.ndarray | None = None) -> float:
-    """What one unit of the cost term is: the median price of the available endpoints (the
-    largest when that is 0). Not the largest price: one endpoint whose price soars, or a dear
-    one nobody uses, would make every other price look free."""
+    """One unit of the cost term: the median price of the available endpoints (the largest when
+    that is 0); by the largest, one soaring or unused dear price would make every other look free."""
     c = np.asarray(cost, dtype=np.float64)
     pool = c[available] if available is not None and np.any(available) else c
     unit = float(np.median(pool)) if pool.size else 0.0
@@ -83,14 +79,9 @@ def price_unit(cost: np.ndarray, available: np.ndarray | None = None) -> float:
 def _available(available: object, n: int) -> np.ndarray:
     if available is None:
         return np.ones(n, dtype=bool)
-    arr = np.asarray(available).reshape(-1)
-    if arr.shape[0] != n:
-        raise ValueError(f"available has {arr.shape[0]} entries, expected {n}")
-    if arr.dtype != bool:
-        # A NaN in a float mask is "unknown", which must not take an endpoint down.
-        f = arr.astype(np.float64)
-        return np.asarray(~(np.isfinite(f) & (f == 0)))
-    return arr.copy()
+    # A NaN in a float mask is "unknown", which must not take an endpoint down.
+    f = _vector("available", available, n)
+    return np.asarray(~(np.isfinite(f) & (f == 0)))
 
 
 def _clean_shares(shares: np.ndarray, avail: np.ndarray) -> np.ndarray:
@@ -242,13 +233,9 @@ def _share_bounds(
     if max_share is not None:
         upper = np.where(np.isfinite(max_share) & (max_share >= 0), max_share, np.inf)[idx]
         room = float(np.minimum(upper, budget).sum())
-        if room < budget * (1 + 1e-9):
+        if room < budget * (1 + 1e-9) and np.isfinite(upper).all():
             # Not enough headroom for the critical traffic: stretch every bound alike.
-            finite = np.isfinite(upper)
-            if finite.all() and room > 0:
-                upper = upper * (budget / room) * (1 + 1e-6)
-            elif finite.all():
-                upper = None
+            upper = upper * (budget / room) * (1 + 1e-6) if room > 0 else None
     lower = None
     if min_share is not None:
         lower = np.where(np.isfinite(min_share) & (min_share > 0), min_share, 0.0)[idx]
@@ -350,12 +337,8 @@ def shares_to_weights(
     avail = _available(available, n)
     s = np.where(avail, s, 0.0)
     total = float(s.sum())
-    if total > 0:
-        s = s / total
-    else:
-        base = avail if avail.any() else np.ones(n, dtype=bool)
-        s = base / base.sum()
-
+    base = avail if avail.any() else np.ones(n, dtype=bool)
+    s = s / total if total > 0 else base / base.sum()
     units = min(max(int(scale), n), UINT32_MAX)
     w = np.ones(n, dtype=np.int64)
     pos = s > 0

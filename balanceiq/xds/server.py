@@ -1,9 +1,6 @@
-"""The gRPC side: ADS and standalone EDS, state-of-the-world and delta, on grpc.aio.
-
-:class:`XdsServer` serves a :class:`~balanceiq.xds.store.SnapshotStore` from its own event
-loop thread; each stream runs a state machine of :mod:`balanceiq.xds.protocol`. Bad input
-ends only its own stream, counted by reason in ``status()["requests_refused"]``.
-"""
+"""The gRPC side (ADS and standalone EDS, SotW and delta, on grpc.aio): :class:`XdsServer` serves a
+:class:`~balanceiq.xds.store.SnapshotStore` from its own event loop thread, each stream running a state
+machine of :mod:`balanceiq.xds.protocol`. Bad input ends only its own stream (``requests_refused``)."""
 
 from __future__ import annotations
 

@@ -1,8 +1,6 @@
-"""The weight store: the one place snapshots are versioned, published and persisted.
-
-Versions are ``"<epoch>.<seq>"``; the epoch is ``max(previous epoch + 1, now in ms)``, written
-before the first publish, so versions never repeat across restarts even if the clock steps back.
-"""
+"""The weight store: the one place snapshots are versioned, published and persisted. Versions are
+``"<epoch>.<seq>"``; the epoch, ``max(previous epoch + 1, now in ms)``, is written before the first
+publish, so versions never repeat across restarts even if the clock steps back."""
 
 from __future__ import annotations
 
