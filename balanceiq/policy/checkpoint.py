@@ -98,16 +98,10 @@ class RLPolicy:
         return gumbel_perturb(s, self._rng) if self.mode == "sample" else s
 
     def scores(self, obs: Observation, ctx: PolicyContext) -> np.ndarray:
-        """The policy's score per endpoint on the decision core's capacity estimate
-        (Gumbel-perturbed in ``sample`` mode)."""
+        """The policy's score per endpoint on the core's capacity estimate (Gumbel-perturbed in ``sample`` mode)."""
         n = len(obs.endpoints)
         est, _ = observe_only(obs, ctx, self.knobs(ctx), self.state)
         return self._perturbed(scores(self.module, encode(obs, est.capacity, n, self.slo_ms))[:n])
-
-    def critical(self, obs: Observation, ctx: PolicyContext) -> list[int]:
-        """The decision core's critical set: the forced endpoints (with ``force_breaching``),
-        then the K highest scores (``greedy``) or a seeded Plackett-Luce draw (``sample``)."""
-        return list(decide(obs, ctx, self.scores(obs, ctx), self.knobs(ctx), self.state).critical)
 
     def critical_from_rows(self, rows: np.ndarray, n: int, k: int) -> list[int]:
         """The policy's own K for rows already encoded by an env (padding past ``n`` is never

@@ -51,8 +51,7 @@ class CoreDecision:
 
 
 def lp_latency(p95_ms: np.ndarray, slo_ms: float) -> np.ndarray:
-    """The LP's latency term per endpoint: p95 in SLO units above :data:`LATENCY_FREE`
-    (NaN stays unknown)."""
+    """The LP's latency term per endpoint: p95 in SLO units above :data:`LATENCY_FREE` (NaN stays unknown)."""
     with np.errstate(invalid="ignore"):
         return np.maximum(np.asarray(p95_ms, dtype=np.float64) / slo_ms - LATENCY_FREE, 0.0)
 

@@ -312,11 +312,8 @@ def solve_critical(
         cost_coef = cost_coef + wl * clean_latency(lat)[idx]
     upper, lower = _share_bounds(max_share, min_share, idx, budget)
     x = _lp(cap[idx], cost_coef, budget, floor, d_plan, _clean_scalar(util_target), upper, lower)
-    if x is None:
-        out[idx] = budget * cap[idx] / cap[idx].sum()
-        return _result(out, cap, d_real, "lp_failed")
-    out[idx] = x
-    return _result(out, cap, d_real, None)
+    out[idx] = budget * cap[idx] / cap[idx].sum() if x is None else x
+    return _result(out, cap, d_real, "lp_failed" if x is None else None)
 
 
 def shares_to_weights(
@@ -389,8 +386,7 @@ def traffic_moved(old_shares: np.ndarray | Sequence[float], new_shares: np.ndarr
 def weights_to_shares(
     weights: np.ndarray | Sequence[float], routable: np.ndarray | Sequence[bool] | None = None
 ) -> np.ndarray:
-    """The traffic split Envoy realises from ``weights`` (non-routable endpoints, e.g.
-    DRAINING, get none); equal shares when nothing is left."""
+    """The split Envoy realises from ``weights`` (non-routable ones, e.g. DRAINING, get none; equal if none is left)."""
     w = _nonneg(_vector("weights", weights))
     if routable is not None:
         w = np.where(_available(routable, w.shape[0]), w, 0.0)

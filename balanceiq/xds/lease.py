@@ -35,9 +35,8 @@ _FREE = LeaseState(None, 0.0, 0)
 
 
 class LeaseTable:
-    """The server-wide lease (scope ``None``) and one per cluster (thread-safe), each excluding other
-    owners of the other; a push needs its cluster's lease, or the server-wide one while nobody holds
-    the cluster's."""
+    """The server-wide lease (scope ``None``) and one per cluster, thread-safe, each excluding other owners
+    of the other: a push needs its cluster's lease, or the server-wide one while nobody holds the cluster's."""
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._lock = threading.Lock()

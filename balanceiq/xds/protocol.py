@@ -294,8 +294,7 @@ class DeltaStream(_Stream[_DeltaWatch]):
         type_url = req.type_url or EDS_TYPE
         if len(req.initial_resource_versions) > MAX_NAMES or len(req.resource_names_subscribe) > MAX_NAMES:
             raise _too_many("too_many_names", f"more than {MAX_NAMES} resource names in one request")
-        self._check_names(type_url, req.resource_names_subscribe)
-        self._check_names(type_url, req.initial_resource_versions)
+        self._check_names(type_url, [*req.resource_names_subscribe, *req.initial_resource_versions])
         if not self._served(type_url, snapshot):
             return []
         watch = self._watches.get(type_url)

@@ -26,11 +26,9 @@ from balanceiq.xds.store import SnapshotStore
 
 log = logging.getLogger(__name__)
 
-# xDS requests are small (Envoy's first, with its node, tens of KiB); this bounds what
-# one stream can make the server allocate per message.
+# What one stream can make the server allocate per message (Envoy's largest request: tens of KiB).
 MAX_REQUEST_BYTES = 4 * 1024 * 1024
-# Requests read ahead per stream: past it gRPC flow control pushes back on a client that
-# sends faster than it reads.
+# Requests read ahead per stream: past it gRPC flow control pushes back on a client sending too fast.
 _READ_AHEAD = 16
 
 _GRPC_OPTIONS = [

@@ -79,8 +79,7 @@ class SnapshotStore:
                 log.exception("snapshot watcher failed")
 
     def publish_assignments(self, assignments: Iterable[Assignment]) -> Snapshot:
-        # Version, build and publish under one lock: two concurrent callers must not
-        # publish out of order and leave an older version as the latest.
+        # One lock for version, build and publish: concurrent callers must not leave an older version latest.
         with self._publish_lock:
             snapshot = build_snapshot(self.next_version(), assignments)
             self.publish(snapshot)
