@@ -15,12 +15,9 @@ from balanceiq.config import UINT32_MAX
 from balanceiq.policy.lp import shares_to_weights
 from balanceiq.telemetry.observation import Observation
 
-# Below this saturation, rps/saturation extrapolates too far to be a capacity estimate.
-MIN_SATURATION = 0.05
-# A measured p95 of ~0 is a clock artefact; it must not claim all the traffic.
-MIN_P95_MS = 0.1
-# A free endpoint may be preferred, but not to the point of taking all traffic.
-MIN_COST_FRACTION = 0.01
+MIN_SATURATION = 0.05  # below it, rps/saturation extrapolates too far to be a capacity estimate
+MIN_P95_MS = 0.1  # a measured p95 of ~0 is a clock artefact; it must not claim all the traffic
+MIN_COST_FRACTION = 0.01  # a free endpoint may be preferred, but not to the point of taking all traffic
 
 
 @dataclass(frozen=True)

@@ -19,12 +19,9 @@ from balanceiq.policy.lp import LpResult, least_request_weights, shares_to_weigh
 from balanceiq.policy.memory import CoreState, Memory, latency_p95, remember
 from balanceiq.telemetry.observation import Observation
 
-# Latency (p95) below this fraction of the SLO costs nothing in the LP (price decides).
-LATENCY_FREE = 0.5
-# How long a quiet endpoint's last measured p95 stands in (fading) for a measurement.
-LATENCY_MEMORY_S = 20.0
-# Below this distance from the fleet-wide optimum (a share) no place in the critical set.
-GAP_MIN = 0.01
+LATENCY_FREE = 0.5  # p95 below this fraction of the SLO costs nothing in the LP (price decides)
+LATENCY_MEMORY_S = 20.0  # how long a quiet endpoint's last measured p95 stands in (fading) for a measurement
+GAP_MIN = 0.01  # below this distance from the fleet-wide optimum (a share), no place in the critical set
 
 
 @dataclass(frozen=True)

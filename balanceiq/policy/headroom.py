@@ -19,13 +19,10 @@ from balanceiq.telemetry.observation import EndpointObservation, Observation
 # Median latency above CONGESTED_RATIO x baseline + CONGESTED_SLACK_MS is queueing.
 CONGESTED_RATIO = 1.5
 CONGESTED_SLACK_MS = 5.0
-# How fast a ceiling relaxes and the load carried cleanly is forgotten.
-CEILING_TAU_S = 90.0
-GOOD_TAU_S = 120.0
-# An endpoint that is not queueing is taken to run at no more than this utilisation.
-UNCONGESTED_UTIL = 0.5
-# Below this load an endpoint is too quiet for its latency to say anything about capacity.
-MIN_PROBE_RPS = 1.0
+CEILING_TAU_S = 90.0  # how fast a ceiling relaxes
+GOOD_TAU_S = 120.0  # how fast the load carried cleanly is forgotten
+UNCONGESTED_UTIL = 0.5  # the most utilisation an endpoint that is not queueing is taken to run at
+MIN_PROBE_RPS = 1.0  # below it, an endpoint is too quiet for its latency to say anything about capacity
 # A breacher's capacity is cut to load x SLO / p95, but by at most this factor per
 # decision: latency is convex in load, so a linear cut sheds far more than the SLO needs.
 MAX_BREACH_CUT = 0.5
@@ -137,8 +134,7 @@ def _queueing(m: Memory, load: float, inflight: float, p95: float) -> tuple[bool
     """``(queueing, wait over baseline, in-flight read stale)`` by the endpoint's own baseline."""
     limit = CONGESTED_RATIO + CONGESTED_SLACK_MS / m.base_ms if math.isfinite(m.base_ms) and m.base_ms > 0 else math.inf
     queueing = bool(load >= MIN_PROBE_RPS and math.isfinite(m.ratio) and m.ratio > limit)
-    # Or requests in flight far older than what completes (Little's law): a stuck endpoint
-    # completes little, so its latency reads stale while Envoy's rq_active climbs.
+    # Or in-flight requests far older than what completes (Little's law): a stuck endpoint's latency reads stale.
     q = inflight if math.isfinite(inflight) and inflight > 0 else 0.0
     recent = p95 if math.isfinite(p95) else (m.base_ms if math.isfinite(m.base_ms) else math.nan)
     little_ratio = math.nan

@@ -17,9 +17,8 @@ from scipy.optimize import OptimizeWarning, linprog
 
 from balanceiq.config import UINT32_MAX
 
-# Weights of the critical endpoints' own max utilisation above the knee, and as a tie-break.
-BALANCE = 0.5
-TIE_BREAK = 1e-3
+BALANCE = 0.5  # weight of the critical endpoints' own max utilisation above the knee
+TIE_BREAK = 1e-3  # and its weight as a tie-break
 
 
 @dataclass(frozen=True)
@@ -166,8 +165,7 @@ def _lp(
 ) -> np.ndarray | None:
     """Critical shares minimising U + cost_coef @ x (+ balance and tie-break), or None on failure."""
     m = cap.shape[0]
-    # In units of the largest capacity (x_i * r_i <= U', r_i >= 1), HiGHS' absolute tolerance
-    # applies to shares, not to utilisations that may be tiny and leave the shares loose.
+    # In units of the largest capacity (x_i r_i <= U', r_i >= 1) HiGHS' tolerance binds shares, not tiny utilisations.
     cap_ref = float(cap.max())
     with np.errstate(over="ignore", divide="ignore", under="ignore"):
         r = cap_ref / cap
@@ -301,8 +299,7 @@ def solve_critical(
 
     d_plan = planning_demand(d_real, cap)
     fixed_u = utilization(out, cap, d_plan)[kept_mask]
-    # An overloaded kept endpoint without capacity (inf) is beyond the LP's reach; as a
-    # floor it would make every critical split "free" and hand it all to the cheapest.
+    # An inf (kept, no capacity) floor would make every critical split "free", handing it all to the cheapest.
     fixed_u = fixed_u[np.isfinite(fixed_u)]
     floor = max(float(fixed_u.max(initial=0.0)), _clean_scalar(util_target))
     unit = price_unit(c, avail)

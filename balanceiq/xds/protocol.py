@@ -240,8 +240,7 @@ class SotwStream(_Stream[_SotwWatch]):
         watch.names = names
         watch.waiting = True
         if not req.response_nonce:
-            # First request of this type: answer whatever version_info the client claims (a
-            # restarted server must not trust a version from a previous incarnation).
+            # First request of this type: answer whatever version it claims (it may be a past incarnation's).
             watch.sent = None
         elif req.HasField("error_detail"):
             self.registry.nack(node_id, type_url, watch.sent_version or "", req.error_detail.message)
@@ -260,8 +259,7 @@ class SotwStream(_Stream[_SotwWatch]):
             if watch.names is not None and not any(current.values()):
                 return []  # nothing subscribed exists yet: remember, answer when it does
         elif current == watch.sent:
-            # Unchanged for this client; NACKed content is not sent again either
-            # (go-control-plane re-sends it forever, its issues #46 and #962).
+            # Unchanged; NACKed content is not re-sent either (go-control-plane's forever: its #46, #962).
             return []
         watch.nonce = str(next(_NONCES))
         watch.sent = current
@@ -378,8 +376,7 @@ class DeltaStream(_Stream[_DeltaWatch]):
             elif known is not None:
                 removed.append(name)
             elif name in watch.names and name not in watch.told_absent:
-                # Say once that it does not exist (yet), so Envoy finishes warming instead
-                # of waiting out initial_fetch_timeout; it is sent when it appears.
+                # Say once it does not exist (yet): Envoy finishes warming, not waiting out initial_fetch_timeout.
                 removed.append(name)
                 watch.told_absent.add(name)
         if not send and not removed:

@@ -26,10 +26,8 @@ from balanceiq.xds.store import SnapshotStore
 
 log = logging.getLogger(__name__)
 
-# What one stream can make the server allocate per message (Envoy's largest request: tens of KiB).
-MAX_REQUEST_BYTES = 4 * 1024 * 1024
-# Requests read ahead per stream: past it gRPC flow control pushes back on a client sending too fast.
-_READ_AHEAD = 16
+MAX_REQUEST_BYTES = 4 * 1024 * 1024  # per message (Envoy's largest request: tens of KiB)
+_READ_AHEAD = 16  # requests per stream: past it gRPC flow control pushes back on a client sending too fast
 
 _GRPC_OPTIONS = [
     *GRPC_OPTIONS,

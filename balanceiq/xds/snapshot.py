@@ -38,8 +38,7 @@ def field_str(number: int, value: str) -> bytes:
     return field_bytes(number, value.encode()) if value else b""
 
 
-# Field numbers of envoy.service.discovery.v3 messages (checked against the descriptors
-# in tests/unit/xds/test_snapshot.py, so a proto change cannot slip past silently).
+# Field numbers of envoy.service.discovery.v3 messages (tests/unit/xds/test_snapshot.py checks them).
 SOTW_VERSION_INFO, SOTW_RESOURCES, SOTW_TYPE_URL, SOTW_NONCE = 1, 2, 4, 5
 DELTA_SYSTEM_VERSION, DELTA_RESOURCES, DELTA_TYPE_URL, DELTA_NONCE, DELTA_REMOVED = 1, 2, 4, 5, 6
 RESOURCE_VERSION, RESOURCE_ANY, RESOURCE_NAME = 1, 2, 3
