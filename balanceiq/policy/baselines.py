@@ -104,9 +104,8 @@ def _hint_capacity(ctx: PolicyContext) -> np.ndarray:
 
 
 def estimate_capacity(obs: Observation, ctx: PolicyContext) -> np.ndarray:
-    """Capacity (rps) per endpoint: the config hint, else ``rps / saturation`` (the
-    throughput at the concurrency limit, by Little's law), else the median of the others;
-    NaN everywhere when nothing is known (the LP then splits capacity-blind)."""
+    """Capacity (rps) per endpoint: the config hint, else ``rps / saturation`` (Little's law), else the
+    median of the others; NaN everywhere when nothing is known (the LP then splits capacity-blind)."""
     _check(obs, ctx)
     hint = np.asarray(ctx.capacity_hint, dtype=np.float64).reshape(-1)
     rps = obs_field(obs, "rps")
@@ -160,8 +159,7 @@ class CostAwareStatic(_Stateless):
         avail = available_mask(obs)
         cap = _hint_capacity(ctx)
         cost = obs_field(obs, "cost_per_million")
-        known = np.isfinite(cost) & (cost >= 0)
-        cost = _fill_median(cost, known, 0.0)
+        cost = _fill_median(cost, np.isfinite(cost) & (cost >= 0), 0.0)
         cmax = float(cost.max())
         score = cap / np.maximum(cost, MIN_COST_FRACTION * cmax) if cmax > 0 else cap
         return _decision(_normalise(score, avail), avail, ())
@@ -201,9 +199,8 @@ class InverseLatencyEwma:
 
 
 class LeastRequest(_Stateless):
-    """A static model of Envoy's LEAST_REQUEST: shares proportional to capacity_hint /
-    (inflight + 1), held for a whole interval (Envoy reacts per request, so this is a
-    lower bound on how well it does)."""
+    """A static model of Envoy's LEAST_REQUEST: shares proportional to capacity_hint / (inflight + 1),
+    held for a whole interval (Envoy reacts per request: this is a lower bound on how well it does)."""
 
     name = "least_request"
 
@@ -230,9 +227,8 @@ def utilisation(obs: Observation, ctx: PolicyContext) -> tuple[np.ndarray, np.nd
 
 
 def hot_cold_critical(obs: Observation, ctx: PolicyContext) -> list[int]:
-    """The ceil(K/2) most utilised available endpoints, then the floor(K/2) least utilised
-    (hottest first, then coldest): the hot/cold heuristic's critical set, which the
-    imitation teacher ``hot_cold`` teaches in this order."""
+    """The ceil(K/2) most utilised available endpoints, hottest first, then the floor(K/2) least utilised,
+    coldest first: the hot/cold heuristic's critical set, in the order teacher ``hot_cold`` teaches."""
     n = _check(obs, ctx)
     util, _ = utilisation(obs, ctx)
     known = np.isfinite(util) & available_mask(obs)

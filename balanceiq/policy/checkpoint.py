@@ -21,8 +21,7 @@ SHIPPED = Path(__file__).resolve().parents[2] / "checkpoints" / "cfr_rl"
 
 
 def load_module(checkpoint: Path | str) -> Any:
-    """The trained RLModule from an algorithm or module checkpoint directory (checked:
-    RLlib silently falls back to a default module when it cannot import ours)."""
+    """The trained RLModule from an algorithm or module checkpoint directory (checked to be ours)."""
     from ray.rllib.core.rl_module.rl_module import RLModule
 
     from balanceiq.policy.module import CriticalEndpointModule

@@ -160,9 +160,8 @@ def decide(
 def optimum_gap(
     obs: Observation, ctx: PolicyContext, knobs: Knobs, state: CoreState | None = None, *, now: float | None = None
 ) -> np.ndarray:
-    """How far each endpoint's share is from the core's fleet-wide optimum (every endpoint
-    critical: price, the SLO and the headroom estimate all in it); 0 where unavailable.
-    The imitation teacher's scores: re-route the flows that matter, as CFR-RL means to."""
+    """How far each endpoint's share is from the core's fleet-wide optimum (price, SLO and headroom all in
+    it), 0 where unavailable: the imitation teacher's scores (re-route the flows that matter, as CFR-RL means to)."""
     whole = decide(obs, ctx, None, knobs, state, now=now)
     gap = np.abs(whole.shares - np.asarray(ctx.shares, dtype=np.float64).reshape(-1))
     return np.asarray(np.where(available_mask(obs), gap, 0.0))

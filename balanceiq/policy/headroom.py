@@ -53,9 +53,8 @@ def erlang_wait(c: int, a: float) -> float:
 
 
 def queue_utilisation(busy: float, wait_ratio: float, max_servers: int = 256) -> float:
-    """Utilisation ``busy / servers`` of an endpoint queueing with offered load ``busy`` (in
-    servers) and queueing delay over service time ``wait_ratio``, by the server count whose
-    M/M/c wait matches best; clamped to [0.3, 1] (a median is a noisy mean wait)."""
+    """Utilisation ``busy / servers`` at offered load ``busy`` (in servers) and queueing delay over service time
+    ``wait_ratio``, by the server count whose M/M/c wait matches best, clamped to [0.3, 1] (medians are noisy)."""
     if not (math.isfinite(busy) and busy > 0 and math.isfinite(wait_ratio) and wait_ratio > 0):
         return 1.0
     fewest = math.floor(busy) + 1

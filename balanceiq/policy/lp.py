@@ -319,9 +319,8 @@ def shares_to_weights(
     scale: int = 10000,
     available: np.ndarray | Sequence[bool] | None = None,
 ) -> np.ndarray:
-    """Integer Envoy weights summing to exactly ``max(scale, n)`` (<= 2**32-1) that realise
-    ``shares`` within ``n/scale`` each (largest remainder). Envoy forbids weight 0, so a
-    zero-share or unavailable endpoint gets 1 (health status drains it)."""
+    """Integer Envoy weights summing to exactly ``max(scale, n)`` (<= 2**32-1), realising ``shares`` within
+    ``n/scale`` each (largest remainder); Envoy forbids 0: zero-share or unavailable ones get 1 (health drains)."""
     s = _nonneg(_vector("shares", shares))
     n = s.shape[0]
     if int(scale) < 1:
@@ -360,9 +359,8 @@ def least_request_weights(
     available: np.ndarray | Sequence[bool] | None = None,
     scale: int = 10000,
 ) -> np.ndarray:
-    """Weights that realise ``shares`` under Envoy's LEAST_REQUEST, which picks by ``weight /
-    (active + 1)``: ``share x (active + 1)``, each holding ``share x demand x time in system``
-    (Little's law; unknown times count as none)."""
+    """Weights realising ``shares`` under LEAST_REQUEST (picks by ``weight / (active + 1)``): ``share x (active + 1)``,
+    each holding ``share x demand x time in system`` (Little's law; unknown times count as none)."""
     s = _nonneg(_vector("shares", shares))
     n = s.shape[0]
     t = _nonneg(_vector("time_in_system_s", time_in_system_s, n))
