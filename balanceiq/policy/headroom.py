@@ -1,7 +1,6 @@
-"""Capacity and headroom per endpoint from what every Envoy reports: an endpoint whose median
-rises well above its *baseline* (the lowest median lately), or whose in-flight requests are
-far older than what completes (Little's law), is **congested**: at capacity. An uncongested
-one may grow only by ``growth`` per decision (and never past where it last congested)."""
+"""Capacity and headroom per endpoint from what every Envoy reports: an endpoint whose median rises well
+above its *baseline* (the lowest median lately), or whose in-flight requests are far older than what
+completes (Little's law), is **congested**; others grow by ``growth`` a decision at most, not past their ceiling."""
 
 from __future__ import annotations
 

@@ -170,17 +170,16 @@ class _Stream(Generic[W]):
 
     def _identify(self, node: Any) -> str:
         # With set_node_on_first_message_only, only the first request names the node.
-        if self.node_id is None:
-            node_id = node.id
-            if len(node_id) > MAX_NODE_ID:
-                raise XdsRequestError(
-                    "bad_node_id", f"node id is {len(node_id)} characters long; at most {MAX_NODE_ID}"
-                )
-            if not node_id.isprintable():
-                # Control characters would end up in status JSON, metrics labels and logs.
-                raise XdsRequestError("bad_node_id", "node id contains control or other non-printable characters")
-            self.node_id = node_id or "<anonymous>"
-            self.registry.opened(self.node_id, node.cluster, self.api)
+        if self.node_id is not None:
+            return self.node_id
+        node_id = node.id
+        if len(node_id) > MAX_NODE_ID:
+            raise XdsRequestError("bad_node_id", f"node id is {len(node_id)} characters long; at most {MAX_NODE_ID}")
+        if not node_id.isprintable():
+            # Control characters would end up in status JSON, metrics labels and logs.
+            raise XdsRequestError("bad_node_id", "node id contains control or other non-printable characters")
+        self.node_id = node_id or "<anonymous>"
+        self.registry.opened(self.node_id, node.cluster, self.api)
         return self.node_id
 
     def _check_names(self, type_url: str, names: Iterable[str]) -> None:

@@ -40,12 +40,10 @@ class SnapshotStore:
         self.epoch = self._next_epoch()
 
     def _next_epoch(self) -> int:
-        previous = 0
+        epoch = time.time_ns() // 1_000_000
         if self._state_dir is not None:
             with contextlib.suppress(OSError, ValueError):
-                previous = int((self._state_dir / EPOCH_FILE).read_text())
-        epoch = max(previous + 1, time.time_ns() // 1_000_000)
-        if self._state_dir is not None:
+                epoch = max(epoch, int((self._state_dir / EPOCH_FILE).read_text()) + 1)
             _atomic_write(self._state_dir / EPOCH_FILE, str(epoch))
         return epoch
 
