@@ -36,7 +36,7 @@ def encode(obs: Observation, capacity: np.ndarray, n_max: int, slo_ms: float = 1
         cap = np.nan_to_num(capacity, nan=0.0, posinf=0.0)
         cap_share = cap / cap.sum() if cap.sum() > 0 else np.zeros(n)
         util = np.clip(np.divide(rps, cap, out=np.zeros(n), where=cap > 0), 0, 3)
-        # Off the fleet's balanced utilisation: CFR-RL gains most pairing those furthest above and below it.
+        # Deviation from the fleet's balanced utilisation (CFR-RL gains most pairing those furthest above and below).
         fleet = float(np.clip(total_rps / cap.sum(), 0, 3)) if cap.sum() > 0 else 0.0
         dev = np.where(cap > 0, util - fleet, 0.0)
         rows = np.column_stack([f, valid, cap_share * n, util, np.clip(dev, -3, 3), np.abs(dev), np.ones(n)])

@@ -22,7 +22,7 @@ class Knobs:
     growth: float = 1.5  # an uncongested endpoint's load may grow by at most this factor per decision
     probe_share: float = 0.05  # every endpoint may grow to at least this share of demand
     max_step: float = 0.05  # an endpoint gains at most this share of demand per decision
-    max_shrink: float = 0.04  # a steady endpoint's most lost share per decision (below a 5-point reversal step)
+    max_shrink: float = 0.04  # most share a steady endpoint may lose per decision (under the 5-point reversal step)
     cooldown: int = 3  # decisions a congested or breaching endpoint waits before it may grow again
     gap_k: int = 1  # endpoints furthest from the fleet-wide optimum added to the critical set
     breach_error_rate: float = 0.01  # a decayed error rate at or above this (about a minute) breaches

@@ -11,7 +11,7 @@ import numpy as np
 from balanceiq.policy.knobs import Knobs
 from balanceiq.telemetry.observation import EndpointObservation, Observation
 
-BREACH_ERROR_RATE = 0.05  # in one window: an endpoint in visible trouble
+BREACH_ERROR_RATE = 0.05  # an error rate this high in one window is visible trouble
 ERROR_MEMORY_S = 60.0  # time constant of the decayed error evidence
 MIN_ERROR_EVIDENCE = 30.0  # requests it needs before it counts
 BASELINE_TAU_S = 60.0  # how fast a baseline may rise (a slowed endpoint's new normal)

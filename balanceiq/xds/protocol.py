@@ -239,7 +239,7 @@ class SotwStream(_Stream[_SotwWatch]):
         watch.names = names
         watch.waiting = True
         if not req.response_nonce:
-            # First request of this type: answer whatever version it claims (it may be a past incarnation's).
+            # First request of this type: answer, whatever version it claims (maybe a previous server's).
             watch.sent = None
         elif req.HasField("error_detail"):
             self.registry.nack(node_id, type_url, watch.sent_version or "", req.error_detail.message)
@@ -258,7 +258,7 @@ class SotwStream(_Stream[_SotwWatch]):
             if watch.names is not None and not any(current.values()):
                 return []  # nothing subscribed exists yet: remember, answer when it does
         elif current == watch.sent:
-            # Unchanged; NACKed content is not re-sent either (go-control-plane's forever: its #46, #962).
+            # Unchanged, NACKed content included (go-control-plane re-sends it forever: its issues #46, #962).
             return []
         watch.nonce = str(next(_NONCES))
         watch.sent = current

@@ -26,7 +26,7 @@ from balanceiq.xds.store import SnapshotStore
 
 log = logging.getLogger(__name__)
 
-MAX_REQUEST_BYTES = 4 * 1024 * 1024  # per message (Envoy's largest request: tens of KiB)
+MAX_REQUEST_BYTES = 4 * 1024 * 1024  # one stream's allocation per message (Envoy's largest request: tens of KiB)
 _READ_AHEAD = 16  # requests per stream: past it gRPC flow control pushes back on a client sending too fast
 
 _GRPC_OPTIONS = [
