@@ -296,11 +296,9 @@ class DeltaStream(_Stream[_DeltaWatch]):
             return []
         watch = self._watches.get(type_url)
         if watch is None:
-            watch = self._watches[type_url] = _DeltaWatch()
             # Only the first request of a type carries what the client already has.
-            watch.client = dict(req.initial_resource_versions)
-            # Legacy wildcard: a first request subscribing to nothing means "everything".
-            watch.wildcard = not req.resource_names_subscribe
+            wildcard = not req.resource_names_subscribe  # legacy: a first request subscribing to nothing
+            watch = self._watches[type_url] = _DeltaWatch(wildcard, client=dict(req.initial_resource_versions))
 
         if req.response_nonce:
             self._on_answer(watch, req, node_id, type_url)
