@@ -1,10 +1,6 @@
-"""Non-learned policies behind the same interface as the CFR-RL policy: the controller's
-guardrail baselines (the benchmark adds its own in the lab).
-
-An endpoint whose ``healthy`` is ``False`` is unavailable (``None`` counts as available)
-and gets share 0, except under ``equal`` and ``static``, which model Envoy without a
-controller (Envoy handles health itself).
-"""
+"""The controller's guardrail baselines: non-learned policies behind the CFR-RL policy's interface
+(the lab adds its own). An endpoint whose ``healthy`` is ``False`` gets share 0 (``None`` counts
+as available), except under ``equal`` and ``static``: Envoy without a controller handles health."""
 
 from __future__ import annotations
 
@@ -19,12 +15,9 @@ from balanceiq.config import UINT32_MAX
 from balanceiq.policy.lp import shares_to_weights
 from balanceiq.telemetry.observation import Observation
 
-# Below this saturation, rps/saturation extrapolates too far to be a capacity estimate.
-MIN_SATURATION = 0.05
-# A measured p95 of ~0 is a clock artefact; it must not claim all the traffic.
-MIN_P95_MS = 0.1
-# A free endpoint may be preferred, but not to the point of taking all traffic.
-MIN_COST_FRACTION = 0.01
+MIN_SATURATION = 0.05  # below it, rps/saturation extrapolates too far to be a capacity estimate
+MIN_P95_MS = 0.1  # a measured p95 of ~0 is a clock artefact; it must not claim all the traffic
+MIN_COST_FRACTION = 0.01  # a free endpoint may be preferred, but not to the point of taking all traffic
 
 
 @dataclass(frozen=True)
@@ -111,10 +104,9 @@ def _hint_capacity(ctx: PolicyContext) -> np.ndarray:
 
 
 def estimate_capacity(obs: Observation, ctx: PolicyContext) -> np.ndarray:
-    """Capacity (rps) per endpoint: the config hint, else ``rps / saturation`` (the
-    throughput at the concurrency limit, by Little's law), else the median of the others;
-    NaN everywhere when nothing is known (the LP then splits capacity-blind)."""
-    n = _check(obs, ctx)
+    """Capacity (rps) per endpoint: the config hint, else ``rps / saturation`` (Little's law), else the
+    median of the others; NaN everywhere when nothing is known (the LP then splits capacity-blind)."""
+    _check(obs, ctx)
     hint = np.asarray(ctx.capacity_hint, dtype=np.float64).reshape(-1)
     rps = obs_field(obs, "rps")
     sat = obs_field(obs, "saturation")
@@ -122,10 +114,7 @@ def estimate_capacity(obs: Observation, ctx: PolicyContext) -> np.ndarray:
     with np.errstate(divide="ignore", invalid="ignore"):
         measured = np.where(measurable, rps / np.maximum(np.where(measurable, sat, 1.0), MIN_SATURATION), np.nan)
     est = np.where(_positive(hint), hint, measured)
-    known = _positive(est)
-    if not known.any():
-        return np.full(n, math.nan)
-    return _fill_median(est, known, math.nan)
+    return _fill_median(est, _positive(est), math.nan)
 
 
 class _Stateless:
@@ -170,13 +159,9 @@ class CostAwareStatic(_Stateless):
         avail = available_mask(obs)
         cap = _hint_capacity(ctx)
         cost = obs_field(obs, "cost_per_million")
-        known = np.isfinite(cost) & (cost >= 0)
-        cost = _fill_median(cost, known, 0.0)
+        cost = _fill_median(cost, np.isfinite(cost) & (cost >= 0), 0.0)
         cmax = float(cost.max())
-        if cmax > 0:
-            score = cap / np.maximum(cost, MIN_COST_FRACTION * cmax)
-        else:
-            score = cap
+        score = cap / np.maximum(cost, MIN_COST_FRACTION * cmax) if cmax > 0 else cap
         return _decision(_normalise(score, avail), avail, ())
 
 
@@ -214,9 +199,8 @@ class InverseLatencyEwma:
 
 
 class LeastRequest(_Stateless):
-    """A static model of Envoy's LEAST_REQUEST: shares proportional to capacity_hint /
-    (inflight + 1), held for a whole interval (Envoy reacts per request, so this is a
-    lower bound on how well it does)."""
+    """A static model of Envoy's LEAST_REQUEST: shares proportional to capacity_hint / (inflight + 1),
+    held for a whole interval (Envoy reacts per request: this is a lower bound on how well it does)."""
 
     name = "least_request"
 
@@ -243,9 +227,8 @@ def utilisation(obs: Observation, ctx: PolicyContext) -> tuple[np.ndarray, np.nd
 
 
 def hot_cold_critical(obs: Observation, ctx: PolicyContext) -> list[int]:
-    """The ceil(K/2) most utilised available endpoints, then the floor(K/2) least utilised
-    (hottest first, then coldest): the hot/cold heuristic's critical set, which the
-    imitation teacher ``hot_cold`` teaches in this order."""
+    """The ceil(K/2) most utilised available endpoints, hottest first, then the floor(K/2) least utilised,
+    coldest first: the hot/cold heuristic's critical set, in the order teacher ``hot_cold`` teaches."""
     n = _check(obs, ctx)
     util, _ = utilisation(obs, ctx)
     known = np.isfinite(util) & available_mask(obs)

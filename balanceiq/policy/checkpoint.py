@@ -21,8 +21,7 @@ SHIPPED = Path(__file__).resolve().parents[2] / "checkpoints" / "cfr_rl"
 
 
 def load_module(checkpoint: Path | str) -> Any:
-    """The trained RLModule from an algorithm or module checkpoint directory (checked:
-    RLlib silently falls back to a default module when it cannot import ours)."""
+    """The trained RLModule from an algorithm or module checkpoint directory (checked to be ours)."""
     from ray.rllib.core.rl_module.rl_module import RLModule
 
     from balanceiq.policy.module import CriticalEndpointModule
@@ -98,16 +97,10 @@ class RLPolicy:
         return gumbel_perturb(s, self._rng) if self.mode == "sample" else s
 
     def scores(self, obs: Observation, ctx: PolicyContext) -> np.ndarray:
-        """The policy's score per endpoint on the decision core's capacity estimate
-        (Gumbel-perturbed in ``sample`` mode)."""
+        """The policy's score per endpoint on the core's capacity estimate (Gumbel-perturbed in ``sample`` mode)."""
         n = len(obs.endpoints)
         est, _ = observe_only(obs, ctx, self.knobs(ctx), self.state)
         return self._perturbed(scores(self.module, encode(obs, est.capacity, n, self.slo_ms))[:n])
-
-    def critical(self, obs: Observation, ctx: PolicyContext) -> list[int]:
-        """The decision core's critical set: the forced endpoints (with ``force_breaching``),
-        then the K highest scores (``greedy``) or a seeded Plackett-Luce draw (``sample``)."""
-        return list(decide(obs, ctx, self.scores(obs, ctx), self.knobs(ctx), self.state).critical)
 
     def critical_from_rows(self, rows: np.ndarray, n: int, k: int) -> list[int]:
         """The policy's own K for rows already encoded by an env (padding past ``n`` is never
@@ -116,8 +109,7 @@ class RLPolicy:
         return [int(i) for i in np.argsort(-s, kind="stable")[: max(1, min(k, n))]]
 
     def decide(self, obs: Observation, ctx: PolicyContext) -> Decision:
-        """The decision core with this policy's scores (it remembers across calls until
-        :meth:`reset`)."""
+        """The decision core with this policy's scores (it remembers across calls until :meth:`reset`)."""
         core = decide(obs, ctx, self.scores(obs, ctx), self.knobs(ctx), self.state)
         self.state = core.state
         return Decision(core.shares, core.weights, core.critical, core.info())

@@ -1,8 +1,6 @@
-"""The one decision step: observation -> capacity -> breachers -> critical set -> LP.
-
-A pure function of (observation, context, policy scores, knobs, state); the controller, the
-simulator, the live env and ``POST /api/policy/score`` all call it, so what is trained is served.
-"""
+"""The one decision step (observation -> capacity -> breachers -> critical set -> LP), a pure function
+of (observation, context, policy scores, knobs, state) that the controller, the simulator, the live env
+and ``POST /api/policy/score`` all call, so what is trained is served."""
 
 from __future__ import annotations
 
@@ -21,12 +19,9 @@ from balanceiq.policy.lp import LpResult, least_request_weights, shares_to_weigh
 from balanceiq.policy.memory import CoreState, Memory, latency_p95, remember
 from balanceiq.telemetry.observation import Observation
 
-# Latency (p95) below this fraction of the SLO costs nothing in the LP (price decides).
-LATENCY_FREE = 0.5
-# How long a quiet endpoint's last measured p95 stands in (fading) for a measurement.
-LATENCY_MEMORY_S = 20.0
-# Below this distance from the fleet-wide optimum (a share) no place in the critical set.
-GAP_MIN = 0.01
+LATENCY_FREE = 0.5  # p95 below this fraction of the SLO costs nothing in the LP (price decides)
+LATENCY_MEMORY_S = 20.0  # how long a quiet endpoint's last measured p95 stands in (fading) for a measurement
+GAP_MIN = 0.01  # below this distance from the fleet-wide optimum (a share), no place in the critical set
 
 
 @dataclass(frozen=True)
@@ -53,8 +48,7 @@ class CoreDecision:
 
 
 def lp_latency(p95_ms: np.ndarray, slo_ms: float) -> np.ndarray:
-    """The LP's latency term per endpoint: p95 in SLO units above :data:`LATENCY_FREE`
-    (NaN stays unknown)."""
+    """The LP's latency term per endpoint: p95 in SLO units above :data:`LATENCY_FREE` (NaN stays unknown)."""
     with np.errstate(invalid="ignore"):
         return np.maximum(np.asarray(p95_ms, dtype=np.float64) / slo_ms - LATENCY_FREE, 0.0)
 
@@ -166,9 +160,8 @@ def decide(
 def optimum_gap(
     obs: Observation, ctx: PolicyContext, knobs: Knobs, state: CoreState | None = None, *, now: float | None = None
 ) -> np.ndarray:
-    """How far each endpoint's share is from the core's fleet-wide optimum (every endpoint
-    critical: price, the SLO and the headroom estimate all in it); 0 where unavailable.
-    The imitation teacher's scores: re-route the flows that matter, as CFR-RL means to."""
+    """How far each endpoint's share is from the core's fleet-wide optimum (price, SLO and headroom all in
+    it), 0 where unavailable: the imitation teacher's scores (re-route the flows that matter, as CFR-RL means to)."""
     whole = decide(obs, ctx, None, knobs, state, now=now)
     gap = np.abs(whole.shares - np.asarray(ctx.shares, dtype=np.float64).reshape(-1))
     return np.asarray(np.where(available_mask(obs), gap, 0.0))

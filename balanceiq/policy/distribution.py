@@ -14,8 +14,7 @@ from ray.rllib.core.distribution.distribution import Distribution
 NEG = -1e9  # padding endpoints' score: drawn only when fewer than K are real
 
 
-# RLlib's Distribution is typed for every framework (numpy/jax/tf/torch tensors, extra
-# **kwargs, sample(return_logp=...)); this one is torch-only, hence the override ignores.
+# RLlib's Distribution is typed for every framework; this one is torch-only, hence the override ignores.
 class PlackettLuce(Distribution):
     """K ordered picks without replacement from ``logits`` (shape ``[..., N]``)."""
 

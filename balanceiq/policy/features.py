@@ -20,8 +20,7 @@ def encode(obs: Observation, capacity: np.ndarray, n_max: int, slo_ms: float = 1
         raise ValueError(f"{n} endpoints exceed the policy's n_max={n_max}")
     f = feats.copy()
     col = {name: i for i, name in enumerate(FEATURES)}
-    # Observations come from outside: extreme but finite values (1e-300 capacity, 1e300 rps)
-    # must give bounded features, not inf/NaN or an overflow warning.
+    # Extreme but finite inputs (1e-300 capacity, 1e300 rps) must give bounded features, not inf/NaN or warnings.
     with np.errstate(over="ignore", divide="ignore", invalid="ignore", under="ignore"):
         f[:, col["p50_ms"]] = np.clip(f[:, col["p50_ms"]] / slo_ms, 0, 10)
         f[:, col["p95_ms"]] = np.clip(f[:, col["p95_ms"]] / slo_ms, 0, 10)
@@ -37,8 +36,7 @@ def encode(obs: Observation, capacity: np.ndarray, n_max: int, slo_ms: float = 1
         cap = np.nan_to_num(capacity, nan=0.0, posinf=0.0)
         cap_share = cap / cap.sum() if cap.sum() > 0 else np.zeros(n)
         util = np.clip(np.divide(rps, cap, out=np.zeros(n), where=cap > 0), 0, 3)
-        # How far each is from the fleet's utilisation if perfectly balanced (CFR-RL gains most
-        # by pairing the endpoints furthest above it with those furthest below).
+        # Deviation from the fleet's balanced utilisation (CFR-RL gains most pairing those furthest above and below).
         fleet = float(np.clip(total_rps / cap.sum(), 0, 3)) if cap.sum() > 0 else 0.0
         dev = np.where(cap > 0, util - fleet, 0.0)
         rows = np.column_stack([f, valid, cap_share * n, util, np.clip(dev, -3, 3), np.abs(dev), np.ones(n)])

@@ -1,7 +1,6 @@
-"""Capacity and headroom per endpoint from what every Envoy reports: an endpoint whose median
-rises well above its *baseline* (the lowest median lately), or whose in-flight requests are
-far older than what completes (Little's law), is **congested**: at capacity. An uncongested
-one may grow only by ``growth`` per decision (and never past where it last congested)."""
+"""Capacity and headroom per endpoint from what every Envoy reports: an endpoint whose median rises well
+above its *baseline* (the lowest median lately), or whose in-flight requests are far older than what
+completes (Little's law), is **congested**; others grow by ``growth`` a decision at most, not past their ceiling."""
 
 from __future__ import annotations
 
@@ -19,13 +18,10 @@ from balanceiq.telemetry.observation import EndpointObservation, Observation
 # Median latency above CONGESTED_RATIO x baseline + CONGESTED_SLACK_MS is queueing.
 CONGESTED_RATIO = 1.5
 CONGESTED_SLACK_MS = 5.0
-# How fast a ceiling relaxes and the load carried cleanly is forgotten.
-CEILING_TAU_S = 90.0
-GOOD_TAU_S = 120.0
-# An endpoint that is not queueing is taken to run at no more than this utilisation.
-UNCONGESTED_UTIL = 0.5
-# Below this load an endpoint is too quiet for its latency to say anything about capacity.
-MIN_PROBE_RPS = 1.0
+CEILING_TAU_S = 90.0  # how fast a ceiling relaxes
+GOOD_TAU_S = 120.0  # how fast the load carried cleanly is forgotten
+UNCONGESTED_UTIL = 0.5  # the most utilisation an endpoint that is not queueing is taken to run at
+MIN_PROBE_RPS = 1.0  # below it, an endpoint is too quiet for its latency to say anything about capacity
 # A breacher's capacity is cut to load x SLO / p95, but by at most this factor per
 # decision: latency is convex in load, so a linear cut sheds far more than the SLO needs.
 MAX_BREACH_CUT = 0.5
@@ -56,9 +52,8 @@ def erlang_wait(c: int, a: float) -> float:
 
 
 def queue_utilisation(busy: float, wait_ratio: float, max_servers: int = 256) -> float:
-    """Utilisation ``busy / servers`` of an endpoint queueing with offered load ``busy`` (in
-    servers) and queueing delay over service time ``wait_ratio``, by the server count whose
-    M/M/c wait matches best; clamped to [0.3, 1] (a median is a noisy mean wait)."""
+    """Utilisation ``busy / servers`` at offered load ``busy`` (in servers) and queueing delay over service time
+    ``wait_ratio``, by the server count whose M/M/c wait matches best, clamped to [0.3, 1] (medians are noisy)."""
     if not (math.isfinite(busy) and busy > 0 and math.isfinite(wait_ratio) and wait_ratio > 0):
         return 1.0
     fewest = math.floor(busy) + 1
@@ -113,7 +108,9 @@ def estimate(
         # The backend's own saturation gauge (or an ORCA utilisation) when it reports one.
         measured = load / sat[i] if math.isfinite(sat[i]) and sat[i] > 0.02 and load > 0 else math.nan
         prior = hint[i] if math.isfinite(hint[i]) and hint[i] > 0 else math.nan
-        c = _capacity(load, good, ceiling, bool(congested[i]), measured, prior, knobs, demand)
+        # The most load a safe move may grow an uncongested endpoint to.
+        bound = min(knobs.growth * max(good, load, knobs.probe_share * demand), load + knobs.max_step * demand)
+        c = _capacity(load, good, ceiling, bool(congested[i]), measured, prior, bound, knobs.safe_moves)
         if math.isfinite(err[i]) and err[i] > 0 and math.isfinite(c):
             c *= max(0.1, 1.0 - 2.0 * err[i])
         if i in breaching and load > 0:
@@ -122,7 +119,7 @@ def estimate(
         # A breacher, like a congested endpoint, waits before it may grow again (ping-pong).
         cooldown = knobs.cooldown if congested[i] or i in breaching else max(0, m.cooldown - 1)
         if knobs.safe_moves:
-            max_load[i] = _max_load(m, bool(congested[i]), c, load, good, ceiling, measured, knobs, demand)
+            max_load[i] = _max_load(m, bool(congested[i]), c, load, good, ceiling, measured, bound)
         ceiling = ceiling if math.isfinite(ceiling) else math.nan
         out[e.address] = replace(m, good_rps=good, ceiling_rps=ceiling, cooldown=cooldown, stale_inflight=stale)
     # Unknown capacity: the median of the known, else all traffic (max_load bounds growth).
@@ -135,8 +132,7 @@ def _queueing(m: Memory, load: float, inflight: float, p95: float) -> tuple[bool
     """``(queueing, wait over baseline, in-flight read stale)`` by the endpoint's own baseline."""
     limit = CONGESTED_RATIO + CONGESTED_SLACK_MS / m.base_ms if math.isfinite(m.base_ms) and m.base_ms > 0 else math.inf
     queueing = bool(load >= MIN_PROBE_RPS and math.isfinite(m.ratio) and m.ratio > limit)
-    # Or requests in flight far older than what completes (Little's law): a stuck endpoint
-    # completes little, so its latency reads stale while Envoy's rq_active climbs.
+    # Or in-flight requests far older than what completes (Little's law): a stuck endpoint's latency reads stale.
     q = inflight if math.isfinite(inflight) and inflight > 0 else 0.0
     recent = p95 if math.isfinite(p95) else (m.base_ms if math.isfinite(m.base_ms) else math.nan)
     little_ratio = math.nan
@@ -155,14 +151,7 @@ def _queueing(m: Memory, load: float, inflight: float, p95: float) -> tuple[bool
 
 
 def _capacity(
-    load: float,
-    good: float,
-    ceiling: float,
-    congested: bool,
-    measured: float,
-    prior: float,
-    knobs: Knobs,
-    demand: float,
+    load: float, good: float, ceiling: float, congested: bool, measured: float, prior: float, bound: float, safe: bool
 ) -> float:
     """Capacity by the best evidence there is (NaN: unknown)."""
     if math.isfinite(measured):
@@ -173,9 +162,9 @@ def _capacity(
         return max(ceiling, load)
     if math.isfinite(prior):
         return prior
-    if load > 0 and knobs.safe_moves:
+    if load > 0 and safe:
         # What the growth bound lets it reach at UNCONGESTED_UTIL (so price and latency pick).
-        return max(load, good, _growth_bound(load, good, knobs, demand)) / UNCONGESTED_UTIL
+        return max(load, good, bound) / UNCONGESTED_UTIL
     return math.nan
 
 
@@ -195,15 +184,7 @@ def _breach_cut(
 
 
 def _max_load(
-    m: Memory,
-    congested: bool,
-    c: float,
-    load: float,
-    good: float,
-    ceiling: float,
-    measured: float,
-    knobs: Knobs,
-    demand: float,
+    m: Memory, congested: bool, c: float, load: float, good: float, ceiling: float, measured: float, bound: float
 ) -> float:
     """The most load a safe move may give it now (inf: unbounded)."""
     if congested or m.cooldown > 0:
@@ -211,13 +192,7 @@ def _max_load(
         return min(load, c) if math.isfinite(c) else load
     if math.isfinite(measured):
         return math.inf
-    bound = _growth_bound(load, good, knobs, demand)
     if math.isfinite(ceiling):
         return min(bound, max(0.9 * ceiling, load))
     # Never seen queueing: what it carried cleanly lately is known headroom.
     return max(bound, good)
-
-
-def _growth_bound(load: float, good: float, knobs: Knobs, demand: float) -> float:
-    """The most load a safe move may grow an uncongested endpoint to."""
-    return min(knobs.growth * max(good, load, knobs.probe_share * demand), load + knobs.max_step * demand)

@@ -6,8 +6,7 @@ from dataclasses import dataclass
 
 from balanceiq.config import ControlConfig
 
-# The LP's weights default to the served config's, so that the simulator, training, the
-# promotion gate and the controller all solve one objective.
+# The LP's weights default to the served config's: simulator, training, gate and controller solve one objective.
 _CONTROL = ControlConfig()
 
 
@@ -23,9 +22,7 @@ class Knobs:
     growth: float = 1.5  # an uncongested endpoint's load may grow by at most this factor per decision
     probe_share: float = 0.05  # every endpoint may grow to at least this share of demand
     max_step: float = 0.05  # an endpoint gains at most this share of demand per decision
-    # A steady endpoint (not breaching, congested or repriced) loses at most this share per
-    # decision (below the 5-point step that counts towards a reversal).
-    max_shrink: float = 0.04
+    max_shrink: float = 0.04  # most share a steady endpoint may lose per decision (under the 5-point reversal step)
     cooldown: int = 3  # decisions a congested or breaching endpoint waits before it may grow again
     gap_k: int = 1  # endpoints furthest from the fleet-wide optimum added to the critical set
     breach_error_rate: float = 0.01  # a decayed error rate at or above this (about a minute) breaches

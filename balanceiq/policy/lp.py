@@ -1,12 +1,9 @@
-"""The CFR-RL linear program (Zhang et al., IEEE JSAC 2020), on endpoint traffic shares.
-
-The policy picks K critical endpoints; every other available endpoint keeps its share and
-the LP splits the critical endpoints' traffic among them, minimising the max utilisation
-U (free below ``util_target``) + cost and latency terms. When kept endpoints or that knee
-fix U, it also balances the critical endpoints' own max utilisation (``BALANCE``), or the
-cost term would park all their traffic on the cheapest. Numeric problems never raise
-(shape problems do): bad values become 0 (costs: the highest valid one).
-"""
+"""The CFR-RL linear program (Zhang et al., IEEE JSAC 2020) on endpoint traffic shares: every
+available endpoint but the K critical ones keeps its share; the LP splits the critical traffic,
+minimising the max utilisation U (free below ``util_target``) + cost and latency terms. When kept
+endpoints or that knee fix U, it also balances the critical endpoints' own max (``BALANCE``), or
+the cost term would park all their traffic on the cheapest. Numeric problems never raise (shape
+problems do): bad values become 0 (costs: the highest valid one)."""
 
 from __future__ import annotations
 
@@ -20,9 +17,8 @@ from scipy.optimize import OptimizeWarning, linprog
 
 from balanceiq.config import UINT32_MAX
 
-# Weights of the critical endpoints' own max utilisation above the knee, and as a tie-break.
-BALANCE = 0.5
-TIE_BREAK = 1e-3
+BALANCE = 0.5  # weight of the critical endpoints' own max utilisation above the knee
+TIE_BREAK = 1e-3  # and its weight as a tie-break
 
 
 @dataclass(frozen=True)
@@ -71,9 +67,8 @@ def _clean_scalar(x: object) -> float:
 
 
 def price_unit(cost: np.ndarray, available: np.ndarray | None = None) -> float:
-    """What one unit of the cost term is: the median price of the available endpoints (the
-    largest when that is 0). Not the largest price: one endpoint whose price soars, or a dear
-    one nobody uses, would make every other price look free."""
+    """One unit of the cost term: the median price of the available endpoints (the largest when
+    that is 0); by the largest, one soaring or unused dear price would make every other look free."""
     c = np.asarray(cost, dtype=np.float64)
     pool = c[available] if available is not None and np.any(available) else c
     unit = float(np.median(pool)) if pool.size else 0.0
@@ -83,14 +78,9 @@ def price_unit(cost: np.ndarray, available: np.ndarray | None = None) -> float:
 def _available(available: object, n: int) -> np.ndarray:
     if available is None:
         return np.ones(n, dtype=bool)
-    arr = np.asarray(available).reshape(-1)
-    if arr.shape[0] != n:
-        raise ValueError(f"available has {arr.shape[0]} entries, expected {n}")
-    if arr.dtype != bool:
-        # A NaN in a float mask is "unknown", which must not take an endpoint down.
-        f = arr.astype(np.float64)
-        return np.asarray(~(np.isfinite(f) & (f == 0)))
-    return arr.copy()
+    # A NaN in a float mask is "unknown", which must not take an endpoint down.
+    f = _vector("available", available, n)
+    return np.asarray(~(np.isfinite(f) & (f == 0)))
 
 
 def _clean_shares(shares: np.ndarray, avail: np.ndarray) -> np.ndarray:
@@ -175,8 +165,7 @@ def _lp(
 ) -> np.ndarray | None:
     """Critical shares minimising U + cost_coef @ x (+ balance and tie-break), or None on failure."""
     m = cap.shape[0]
-    # In units of the largest capacity (x_i * r_i <= U', r_i >= 1), HiGHS' absolute tolerance
-    # applies to shares, not to utilisations that may be tiny and leave the shares loose.
+    # In units of the largest capacity (x_i r_i <= U', r_i >= 1) HiGHS' tolerance binds shares, not tiny utilisations.
     cap_ref = float(cap.max())
     with np.errstate(over="ignore", divide="ignore", under="ignore"):
         r = cap_ref / cap
@@ -242,13 +231,9 @@ def _share_bounds(
     if max_share is not None:
         upper = np.where(np.isfinite(max_share) & (max_share >= 0), max_share, np.inf)[idx]
         room = float(np.minimum(upper, budget).sum())
-        if room < budget * (1 + 1e-9):
+        if room < budget * (1 + 1e-9) and np.isfinite(upper).all():
             # Not enough headroom for the critical traffic: stretch every bound alike.
-            finite = np.isfinite(upper)
-            if finite.all() and room > 0:
-                upper = upper * (budget / room) * (1 + 1e-6)
-            elif finite.all():
-                upper = None
+            upper = upper * (budget / room) * (1 + 1e-6) if room > 0 else None
     lower = None
     if min_share is not None:
         lower = np.where(np.isfinite(min_share) & (min_share > 0), min_share, 0.0)[idx]
@@ -314,8 +299,7 @@ def solve_critical(
 
     d_plan = planning_demand(d_real, cap)
     fixed_u = utilization(out, cap, d_plan)[kept_mask]
-    # An overloaded kept endpoint without capacity (inf) is beyond the LP's reach; as a
-    # floor it would make every critical split "free" and hand it all to the cheapest.
+    # An inf (kept, no capacity) floor would make every critical split "free", handing it all to the cheapest.
     fixed_u = fixed_u[np.isfinite(fixed_u)]
     floor = max(float(fixed_u.max(initial=0.0)), _clean_scalar(util_target))
     unit = price_unit(c, avail)
@@ -325,11 +309,8 @@ def solve_critical(
         cost_coef = cost_coef + wl * clean_latency(lat)[idx]
     upper, lower = _share_bounds(max_share, min_share, idx, budget)
     x = _lp(cap[idx], cost_coef, budget, floor, d_plan, _clean_scalar(util_target), upper, lower)
-    if x is None:
-        out[idx] = budget * cap[idx] / cap[idx].sum()
-        return _result(out, cap, d_real, "lp_failed")
-    out[idx] = x
-    return _result(out, cap, d_real, None)
+    out[idx] = budget * cap[idx] / cap[idx].sum() if x is None else x
+    return _result(out, cap, d_real, "lp_failed" if x is None else None)
 
 
 def shares_to_weights(
@@ -338,9 +319,8 @@ def shares_to_weights(
     scale: int = 10000,
     available: np.ndarray | Sequence[bool] | None = None,
 ) -> np.ndarray:
-    """Integer Envoy weights summing to exactly ``max(scale, n)`` (<= 2**32-1) that realise
-    ``shares`` within ``n/scale`` each (largest remainder). Envoy forbids weight 0, so a
-    zero-share or unavailable endpoint gets 1 (health status drains it)."""
+    """Integer Envoy weights summing to exactly ``max(scale, n)`` (<= 2**32-1), realising ``shares`` within
+    ``n/scale`` each (largest remainder); Envoy forbids 0: zero-share or unavailable ones get 1 (health drains)."""
     s = _nonneg(_vector("shares", shares))
     n = s.shape[0]
     if int(scale) < 1:
@@ -350,12 +330,8 @@ def shares_to_weights(
     avail = _available(available, n)
     s = np.where(avail, s, 0.0)
     total = float(s.sum())
-    if total > 0:
-        s = s / total
-    else:
-        base = avail if avail.any() else np.ones(n, dtype=bool)
-        s = base / base.sum()
-
+    base = avail if avail.any() else np.ones(n, dtype=bool)
+    s = s / total if total > 0 else base / base.sum()
     units = min(max(int(scale), n), UINT32_MAX)
     w = np.ones(n, dtype=np.int64)
     pos = s > 0
@@ -383,9 +359,8 @@ def least_request_weights(
     available: np.ndarray | Sequence[bool] | None = None,
     scale: int = 10000,
 ) -> np.ndarray:
-    """Weights that realise ``shares`` under Envoy's LEAST_REQUEST, which picks by ``weight /
-    (active + 1)``: ``share x (active + 1)``, each holding ``share x demand x time in system``
-    (Little's law; unknown times count as none)."""
+    """Weights realising ``shares`` under LEAST_REQUEST (picks by ``weight / (active + 1)``): ``share x (active + 1)``,
+    each holding ``share x demand x time in system`` (Little's law; unknown times count as none)."""
     s = _nonneg(_vector("shares", shares))
     n = s.shape[0]
     t = _nonneg(_vector("time_in_system_s", time_in_system_s, n))
@@ -406,8 +381,7 @@ def traffic_moved(old_shares: np.ndarray | Sequence[float], new_shares: np.ndarr
 def weights_to_shares(
     weights: np.ndarray | Sequence[float], routable: np.ndarray | Sequence[bool] | None = None
 ) -> np.ndarray:
-    """The traffic split Envoy realises from ``weights`` (non-routable endpoints, e.g.
-    DRAINING, get none); equal shares when nothing is left."""
+    """The split Envoy realises from ``weights`` (non-routable ones, e.g. DRAINING, get none; equal if none is left)."""
     w = _nonneg(_vector("weights", weights))
     if routable is not None:
         w = np.where(_available(routable, w.shape[0]), w, 0.0)

@@ -11,25 +11,16 @@ import numpy as np
 from balanceiq.policy.knobs import Knobs
 from balanceiq.telemetry.observation import EndpointObservation, Observation
 
-# An endpoint at or above this error rate in one window is in visible trouble.
-BREACH_ERROR_RATE = 0.05
-# Time constant of the decayed error evidence, and the requests it needs before it counts.
-ERROR_MEMORY_S = 60.0
-MIN_ERROR_EVIDENCE = 30.0
-# How fast a baseline may rise (a slowed endpoint's new normal).
-BASELINE_TAU_S = 60.0
-# Decisions a recovered breacher stays critical (it grows back in bounded steps).
-RECOVERY_DECISIONS = 6
-# Requests a window needs before its median says anything (about latency or queueing).
-MIN_SAMPLES = 8.0
-# How far one window below the baseline pulls it down, and a new window's weight in the
-# smoothed median/baseline ratio (windows of a few dozen requests are noisy).
-BASELINE_STEP = 0.3
-RATIO_SMOOTHING = 0.5
-# Latency evidence: each window's log(p95 / SLO), request-weighted, decayed with this
-# time constant, and the requests it needs (one small window's p95 is noise).
-LATENCY_EVIDENCE_S = 3.0
-MIN_LATENCY_EVIDENCE = 30.0
+BREACH_ERROR_RATE = 0.05  # an error rate this high in one window is visible trouble
+ERROR_MEMORY_S = 60.0  # time constant of the decayed error evidence
+MIN_ERROR_EVIDENCE = 30.0  # requests it needs before it counts
+BASELINE_TAU_S = 60.0  # how fast a baseline may rise (a slowed endpoint's new normal)
+RECOVERY_DECISIONS = 6  # a recovered breacher stays critical this long (it grows back in bounded steps)
+MIN_SAMPLES = 8.0  # requests a window needs before its median says anything (about latency or queueing)
+BASELINE_STEP = 0.3  # how far one window below the baseline pulls it down
+RATIO_SMOOTHING = 0.5  # a new window's weight in the smoothed median/baseline ratio (small windows are noisy)
+LATENCY_EVIDENCE_S = 3.0  # time constant of the latency evidence: each window's log(p95 / SLO), request-weighted
+MIN_LATENCY_EVIDENCE = 30.0  # requests it needs (one small window's p95 is noise)
 # A trickle endpoint's evidence (fewer requests a window than a verdict needs) is kept until
 # newer requests replace it, while its last p95 is at most this old: fading by time alone,
 # a slow endpoint held at the min_share floor would never gather a verdict.
@@ -157,8 +148,7 @@ def _episode(m: Memory, measured: bool, within: bool, knobs: Knobs, now: float) 
         hold = min(knobs.breach_hold_s, HOLD_BASE_S * 2.0 ** max(0, strikes - 1))
         held = not within and now - breached_at <= hold
         if not held:
-            # Within the SLO again, or too quiet to measure for the whole hold: re-optimised
-            # for a few decisions to win traffic back.
+            # Within the SLO again, or unmeasured the whole hold: re-optimised a while to win traffic back.
             breached_at, recovering, cleared_at = math.nan, RECOVERY_DECISIONS, now
     return replace(m, breached_at=breached_at, strikes=strikes, cleared_at=cleared_at, recovering=recovering), held
 

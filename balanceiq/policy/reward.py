@@ -2,9 +2,7 @@
 
 reward = -(latency * p95/slo + tail * max(0, p99/slo - 1) + errors * error_rate + cost * cost_per_million/ref_cost)
 
-less, in training, ``churn`` x the share of traffic the decision moved (CFR-RL is about
-moving few flows; 0 leaves it out).
-"""
+less, in training, ``churn`` x the share of traffic moved (CFR-RL moves few flows; 0 leaves it out)."""
 
 from __future__ import annotations
 

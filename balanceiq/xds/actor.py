@@ -1,10 +1,7 @@
-"""The xDS server as a named, detached Ray actor: one per Ray cluster, on the head node.
-
-Named so the controller, the CLI and ``serve run`` find the same server; ``num_cpus=0``
-as it is I/O bound and must never wait behind training; pinned to the head, whose address
-Envoy's bootstrap names; restarted after a crash, serving the persisted weights under a
-new epoch. Ray's token authentication stays on (see README "Ray").
-"""
+"""The xDS server as a named, detached Ray actor, one per Ray cluster: named so the controller, the CLI
+and ``serve run`` find the same server; ``num_cpus=0`` (I/O bound, it must never wait behind training);
+pinned to the head, whose address Envoy's bootstrap names; restarted after a crash, serving the persisted
+weights under a new epoch. Ray's token authentication stays on (see README "Ray")."""
 
 from __future__ import annotations
 

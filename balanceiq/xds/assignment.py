@@ -1,8 +1,6 @@
-"""What the controller asks Envoy to do: per-endpoint weights and health for one cluster.
-
-Validated before anything reaches the store: every weight is an integer in ``[1, 2**32-1]``
-and every locality's sum fits in uint32 (Envoy NACKs an overflow).
-"""
+"""What the controller asks Envoy to do: per-endpoint weights and health for one cluster, validated
+before anything reaches the store: every weight an integer in ``[1, 2**32-1]``, every locality's sum
+within uint32 (Envoy NACKs an overflow)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,5 @@
 """Who may push weights: time-limited leases, each held by at most one controller, so two
-controller replicas never fight over Envoy's weights; a dead holder's lease expires after ``ttl_s``.
-"""
+controller replicas never fight over Envoy's weights; a dead holder's lease expires after ``ttl_s``."""
 
 from __future__ import annotations
 
@@ -36,10 +35,8 @@ _FREE = LeaseState(None, 0.0, 0)
 
 
 class LeaseTable:
-    """The server-wide lease (scope ``None``) and one lease per cluster. Thread-safe.
-
-    Each excludes other owners of the other; a push needs its cluster's lease, or the
-    server-wide one while nobody holds the cluster's."""
+    """The server-wide lease (scope ``None``) and one per cluster, thread-safe, each excluding other owners
+    of the other: a push needs its cluster's lease, or the server-wide one while nobody holds the cluster's."""
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._lock = threading.Lock()

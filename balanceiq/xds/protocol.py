@@ -1,10 +1,8 @@
-"""The xDS protocol (envoyproxy.io xds_protocol) as plain state machines, with no gRPC in sight.
-
-One :class:`SotwStream` or :class:`DeltaStream` per gRPC stream turns requests and new
-snapshots into encoded responses. Bad input is *ignored* where the protocol says so, or
-*refused* with :class:`~balanceiq.exceptions.XdsRequestError` (ending that stream only)
-where it would let one client grow the server's memory; both counted in :class:`StatusRegistry`.
-"""
+"""The xDS protocol (envoyproxy.io xds_protocol) as plain state machines, no gRPC: one :class:`SotwStream`
+or :class:`DeltaStream` per gRPC stream turns requests and new snapshots into encoded responses. Bad input
+is *ignored* where the protocol says so, or *refused* with :class:`~balanceiq.exceptions.XdsRequestError`
+(ending that stream only) where it would let one client grow the server's memory; both counted in
+:class:`StatusRegistry`."""
 
 from __future__ import annotations
 
@@ -172,17 +170,16 @@ class _Stream(Generic[W]):
 
     def _identify(self, node: Any) -> str:
         # With set_node_on_first_message_only, only the first request names the node.
-        if self.node_id is None:
-            node_id = node.id
-            if len(node_id) > MAX_NODE_ID:
-                raise XdsRequestError(
-                    "bad_node_id", f"node id is {len(node_id)} characters long; at most {MAX_NODE_ID}"
-                )
-            if not node_id.isprintable():
-                # Control characters would end up in status JSON, metrics labels and logs.
-                raise XdsRequestError("bad_node_id", "node id contains control or other non-printable characters")
-            self.node_id = node_id or "<anonymous>"
-            self.registry.opened(self.node_id, node.cluster, self.api)
+        if self.node_id is not None:
+            return self.node_id
+        node_id = node.id
+        if len(node_id) > MAX_NODE_ID:
+            raise XdsRequestError("bad_node_id", f"node id is {len(node_id)} characters long; at most {MAX_NODE_ID}")
+        if not node_id.isprintable():
+            # Control characters would end up in status JSON, metrics labels and logs.
+            raise XdsRequestError("bad_node_id", "node id contains control or other non-printable characters")
+        self.node_id = node_id or "<anonymous>"
+        self.registry.opened(self.node_id, node.cluster, self.api)
         return self.node_id
 
     def _check_names(self, type_url: str, names: Iterable[str]) -> None:
@@ -242,8 +239,7 @@ class SotwStream(_Stream[_SotwWatch]):
         watch.names = names
         watch.waiting = True
         if not req.response_nonce:
-            # First request of this type: answer whatever version_info the client claims (a
-            # restarted server must not trust a version from a previous incarnation).
+            # First request of this type: answer, whatever version it claims (maybe a previous server's).
             watch.sent = None
         elif req.HasField("error_detail"):
             self.registry.nack(node_id, type_url, watch.sent_version or "", req.error_detail.message)
@@ -262,8 +258,7 @@ class SotwStream(_Stream[_SotwWatch]):
             if watch.names is not None and not any(current.values()):
                 return []  # nothing subscribed exists yet: remember, answer when it does
         elif current == watch.sent:
-            # Unchanged for this client; NACKed content is not sent again either
-            # (go-control-plane re-sends it forever, its issues #46 and #962).
+            # Unchanged, NACKed content included (go-control-plane re-sends it forever: its issues #46, #962).
             return []
         watch.nonce = str(next(_NONCES))
         watch.sent = current
@@ -296,17 +291,14 @@ class DeltaStream(_Stream[_DeltaWatch]):
         type_url = req.type_url or EDS_TYPE
         if len(req.initial_resource_versions) > MAX_NAMES or len(req.resource_names_subscribe) > MAX_NAMES:
             raise _too_many("too_many_names", f"more than {MAX_NAMES} resource names in one request")
-        self._check_names(type_url, req.resource_names_subscribe)
-        self._check_names(type_url, req.initial_resource_versions)
+        self._check_names(type_url, [*req.resource_names_subscribe, *req.initial_resource_versions])
         if not self._served(type_url, snapshot):
             return []
         watch = self._watches.get(type_url)
         if watch is None:
-            watch = self._watches[type_url] = _DeltaWatch()
             # Only the first request of a type carries what the client already has.
-            watch.client = dict(req.initial_resource_versions)
-            # Legacy wildcard: a first request subscribing to nothing means "everything".
-            watch.wildcard = not req.resource_names_subscribe
+            wildcard = not req.resource_names_subscribe  # legacy: a first request subscribing to nothing
+            watch = self._watches[type_url] = _DeltaWatch(wildcard, client=dict(req.initial_resource_versions))
 
         if req.response_nonce:
             self._on_answer(watch, req, node_id, type_url)
@@ -381,8 +373,7 @@ class DeltaStream(_Stream[_DeltaWatch]):
             elif known is not None:
                 removed.append(name)
             elif name in watch.names and name not in watch.told_absent:
-                # Say once that it does not exist (yet), so Envoy finishes warming instead
-                # of waiting out initial_fetch_timeout; it is sent when it appears.
+                # Say once it does not exist (yet): Envoy finishes warming, not waiting out initial_fetch_timeout.
                 removed.append(name)
                 watch.told_absent.add(name)
         if not send and not removed:

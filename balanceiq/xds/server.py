@@ -1,9 +1,6 @@
-"""The gRPC side: ADS and standalone EDS, state-of-the-world and delta, on grpc.aio.
-
-:class:`XdsServer` serves a :class:`~balanceiq.xds.store.SnapshotStore` from its own event
-loop thread; each stream runs a state machine of :mod:`balanceiq.xds.protocol`. Bad input
-ends only its own stream, counted by reason in ``status()["requests_refused"]``.
-"""
+"""The gRPC side (ADS and standalone EDS, SotW and delta, on grpc.aio): :class:`XdsServer` serves a
+:class:`~balanceiq.xds.store.SnapshotStore` from its own event loop thread, each stream running a state
+machine of :mod:`balanceiq.xds.protocol`. Bad input ends only its own stream (``requests_refused``)."""
 
 from __future__ import annotations
 
@@ -29,12 +26,8 @@ from balanceiq.xds.store import SnapshotStore
 
 log = logging.getLogger(__name__)
 
-# xDS requests are small (Envoy's first, with its node, tens of KiB); this bounds what
-# one stream can make the server allocate per message.
-MAX_REQUEST_BYTES = 4 * 1024 * 1024
-# Requests read ahead per stream: past it gRPC flow control pushes back on a client that
-# sends faster than it reads.
-_READ_AHEAD = 16
+MAX_REQUEST_BYTES = 4 * 1024 * 1024  # one stream's allocation per message (Envoy's largest request: tens of KiB)
+_READ_AHEAD = 16  # requests per stream: past it gRPC flow control pushes back on a client sending too fast
 
 _GRPC_OPTIONS = [
     *GRPC_OPTIONS,

@@ -1,9 +1,6 @@
-"""Immutable, versioned snapshots of xDS resources, serialized once.
-
-Each :class:`Resource` is encoded when the snapshot is built; responses concatenate those
-pre-encoded protobuf fields (the wire format is a sequence of independent fields), so a
-push costs each stream a nonce and a copy. A resource's version is its content hash.
-"""
+"""Immutable, versioned snapshots of xDS resources, serialized once: responses concatenate the
+:class:`Resource` fields encoded when the snapshot is built (protobuf's wire format is a sequence of
+independent fields), so a push costs each stream a nonce and a copy. A resource's version is its hash."""
 
 from __future__ import annotations
 
@@ -21,9 +18,6 @@ from balanceiq.xds.assignment import HEALTH_VALUES, Assignment
 EDS_TYPE = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
 
 _HEALTH = {h: health_check_pb2.HealthStatus.Value(h) for h in HEALTH_VALUES}
-
-
-# --- protobuf wire encoding: just enough to concatenate length-delimited fields -------
 
 
 def _varint(n: int) -> bytes:
@@ -44,8 +38,7 @@ def field_str(number: int, value: str) -> bytes:
     return field_bytes(number, value.encode()) if value else b""
 
 
-# Field numbers of envoy.service.discovery.v3 messages (checked against the descriptors
-# in tests/unit/xds/test_snapshot.py, so a proto change cannot slip past silently).
+# Field numbers of envoy.service.discovery.v3 messages (tests/unit/xds/test_snapshot.py checks them).
 SOTW_VERSION_INFO, SOTW_RESOURCES, SOTW_TYPE_URL, SOTW_NONCE = 1, 2, 4, 5
 DELTA_SYSTEM_VERSION, DELTA_RESOURCES, DELTA_TYPE_URL, DELTA_NONCE, DELTA_REMOVED = 1, 2, 4, 5, 6
 RESOURCE_VERSION, RESOURCE_ANY, RESOURCE_NAME = 1, 2, 3
@@ -119,10 +112,8 @@ def delta_response(snapshot: Snapshot, send: Iterable[Resource], removed: Iterab
 
 
 def cluster_load_assignment(assignment: Assignment) -> endpoint_pb2.ClusterLoadAssignment:
-    """The Envoy resource for one assignment, in localities ``cloud/region``, ``zone``.
-
-    All localities share priority 0: weights, not failover tiers, decide the split.
-    """
+    """The Envoy resource for one assignment, in localities ``cloud/region``, ``zone``, all at
+    priority 0: weights, not failover tiers, decide the split."""
     cla = endpoint_pb2.ClusterLoadAssignment(cluster_name=assignment.cluster)
     by_locality = sorted(assignment.endpoints, key=lambda ep: ep.locality)
     for (cloud, region, zone), eps in itertools.groupby(by_locality, key=lambda ep: ep.locality):

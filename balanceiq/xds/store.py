@@ -1,8 +1,6 @@
-"""The weight store: the one place snapshots are versioned, published and persisted.
-
-Versions are ``"<epoch>.<seq>"``; the epoch is ``max(previous epoch + 1, now in ms)``, written
-before the first publish, so versions never repeat across restarts even if the clock steps back.
-"""
+"""The weight store: the one place snapshots are versioned, published and persisted. Versions are
+``"<epoch>.<seq>"``; the epoch, ``max(previous epoch + 1, now in ms)``, is written before the first
+publish, so versions never repeat across restarts even if the clock steps back."""
 
 from __future__ import annotations
 
@@ -42,12 +40,10 @@ class SnapshotStore:
         self.epoch = self._next_epoch()
 
     def _next_epoch(self) -> int:
-        previous = 0
+        epoch = time.time_ns() // 1_000_000
         if self._state_dir is not None:
             with contextlib.suppress(OSError, ValueError):
-                previous = int((self._state_dir / EPOCH_FILE).read_text())
-        epoch = max(previous + 1, time.time_ns() // 1_000_000)
-        if self._state_dir is not None:
+                epoch = max(epoch, int((self._state_dir / EPOCH_FILE).read_text()) + 1)
             _atomic_write(self._state_dir / EPOCH_FILE, str(epoch))
         return epoch
 
@@ -81,8 +77,7 @@ class SnapshotStore:
                 log.exception("snapshot watcher failed")
 
     def publish_assignments(self, assignments: Iterable[Assignment]) -> Snapshot:
-        # Version, build and publish under one lock: two concurrent callers must not
-        # publish out of order and leave an older version as the latest.
+        # One lock for version, build and publish: concurrent callers must not leave an older version latest.
         with self._publish_lock:
             snapshot = build_snapshot(self.next_version(), assignments)
             self.publish(snapshot)

@@ -12,6 +12,7 @@ import yaml
 
 from balanceiq.policy.baselines import PolicyContext
 from balanceiq.policy.checkpoint import RLPolicy
+from balanceiq.policy.decide import decide
 from balanceiq.sim.env import FleetEnv
 from balanceiq.train import train
 
@@ -72,7 +73,9 @@ def test_bounded_ppo_improves_over_random_on_degrade(tmp_path: Path) -> None:
             demand_rps=0.0,
             k=env.k,
         )
-        return policy.critical(env.last_obs, ctx)
+        return list(
+            decide(env.last_obs, ctx, policy.scores(env.last_obs, ctx), policy.knobs(ctx), policy.state).critical
+        )
 
     def random(env: FleetEnv, rng: np.random.Generator) -> list[int]:
         return [int(i) for i in rng.choice(env.sim.n, size=env.k, replace=False)]

@@ -11,11 +11,20 @@ import torch
 from ray.rllib.core.columns import Columns
 
 from balanceiq.exceptions import PolicyError
+from balanceiq.policy.baselines import PolicyContext
 from balanceiq.policy.checkpoint import RLPolicy, load_module, scores
+from balanceiq.policy.decide import decide
 from balanceiq.policy.distribution import NEG
 from balanceiq.policy.features import N_FEATURES
 from balanceiq.policy.module import CriticalEndpointModule
 from balanceiq.sim.env import FleetEnv
+from balanceiq.telemetry.observation import Observation
+
+
+def critical(policy: RLPolicy, obs: Observation, ctx: PolicyContext) -> list[int]:
+    """The decision core's critical set under ``policy``: the forced endpoints (with ``force_breaching``),
+    then the K highest scores (``greedy``) or a seeded Plackett-Luce draw (``sample``)."""
+    return list(decide(obs, ctx, policy.scores(obs, ctx), policy.knobs(ctx), policy.state).critical)
 
 
 def make_module(n_max: int = 16, k: int = 3) -> CriticalEndpointModule:
@@ -76,8 +85,6 @@ def test_loading_garbage_is_a_policy_error(tmp_path: Path) -> None:
 
 
 def test_rl_policy_decides_valid_weights() -> None:
-    from balanceiq.policy.baselines import PolicyContext
-
     policy = RLPolicy(make_module())
     env = FleetEnv({"scenarios": ["steady"], "n_max": 16})
     env.reset(seed=1)
@@ -120,8 +127,6 @@ def test_rl_policy_adds_slo_breachers_to_its_k() -> None:
     gives the policy's K alone)."""
     from policy_cases import window_breaching
 
-    from balanceiq.policy.baselines import PolicyContext
-
     env = FleetEnv({"scenarios": ["heterogeneous"], "n_max": 16})
     env.reset(seed=0)
     n = env.sim.n
@@ -130,8 +135,8 @@ def test_rl_policy_adds_slo_breachers_to_its_k() -> None:
     ctx = PolicyContext(
         shares=env.shares, capacity_hint=env.capacity_estimate(), static_weights=np.ones(n), demand_rps=100.0, k=2
     )
-    forced = RLPolicy(make_module()).critical(env.last_obs, ctx)
-    own = RLPolicy(make_module(), force_breaching=False).critical(env.last_obs, ctx)
+    forced = critical(RLPolicy(make_module()), env.last_obs, ctx)
+    own = critical(RLPolicy(make_module(), force_breaching=False), env.last_obs, ctx)
     assert forced[: len(hot)] == hot and len(own) == 2
     # Then the policy's K, then at most gap_k (1) furthest from the fleet-wide optimum.
     assert len(forced) <= len(hot) + 2 + 1
@@ -139,8 +144,8 @@ def test_rl_policy_adds_slo_breachers_to_its_k() -> None:
         forced[len(hot) : len(hot) + 2]
         == [
             i
-            for i in RLPolicy(make_module(), force_breaching=False).critical(
-                env.last_obs, PolicyContext(**{**ctx.__dict__, "k": n})
+            for i in critical(
+                RLPolicy(make_module(), force_breaching=False), env.last_obs, PolicyContext(**{**ctx.__dict__, "k": n})
             )
             if i not in hot
         ][:2]
