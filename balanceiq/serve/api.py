@@ -17,8 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from balanceiq.exceptions import BalanceIQError, ControlError, PolicyError, UnknownClusterError
 from balanceiq.serve.health import status as health_status
-from balanceiq.serve.metrics import ApiMetrics
-from balanceiq.serve.plane import ControlPlane
+from balanceiq.serve.plane import ApiMetrics, ControlPlane
 from balanceiq.serve.scoring import score
 from balanceiq.serve.timeline import timeline
 

@@ -9,8 +9,7 @@ from typing import TYPE_CHECKING, Any
 from balanceiq.exceptions import BalanceIQError
 
 if TYPE_CHECKING:
-    from balanceiq.control.controller import Controller
-    from balanceiq.control.loop import ControlLoop
+    from balanceiq.control.controller import Controller, ControlLoop
     from balanceiq.serve.plane import ControlPlane
 
 UP, DEGRADED, DOWN = "up", "degraded", "down"

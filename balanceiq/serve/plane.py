@@ -11,23 +11,23 @@ import secrets
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import httpx
 import numpy as np
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import Counter as PromCounter
 
 from balanceiq.config import GuardrailConfig, Settings, is_loopback
-from balanceiq.control.controller import Controller, Observer, Scorer, XdsClient
-from balanceiq.control.loop import ControlLoop
-from balanceiq.control.metrics import ControllerMetrics
+from balanceiq.control.controller import Controller, ControlLoop, Observer, Scorer, XdsClient
+from balanceiq.control.metrics import ControllerMetrics, Counted
 from balanceiq.exceptions import BalanceIQError, ControlError, GuardrailError, UnknownClusterError
 from balanceiq.policy.baselines import make_policy
 from balanceiq.policy.reward import RewardWeights
 from balanceiq.serve import health
-from balanceiq.serve.metrics import ApiMetrics
 from balanceiq.serve.timeline import finite
 from balanceiq.serve.training import TrainingManager, iso_time, training_metrics
 
@@ -37,6 +37,11 @@ log = logging.getLogger(__name__)
 _KNOBS: dict[str, tuple[str, Callable[[Any], Any]]] = {"k": ("k", int), "selection": ("mode", str)}
 _KNOBS |= {key: (key, float) for key in ("interval_s", "cost_weight", "util_target", "latency_weight")}
 _TRAINING_FIELDS = ("buffer_size", "current_reward", "model_accuracy", "recent_rewards", "recent_losses")
+_XDS_REQUESTS = {
+    "requests_refused": "xDS requests that ended their stream with an error status",
+    "requests_ignored": "xDS requests not acted on, as the protocol says",
+}
+_TELEMETRY_FAILURES = "Telemetry reads that failed, by source (-bug: not a TelemetryError)"
 
 
 def load_or_create_token(settings: Settings) -> tuple[str, Path | None, bool]:
@@ -113,6 +118,36 @@ def cluster_controllers(
     return out
 
 
+class ApiMetrics:
+    """What was refused at the edges, for ``GET /metrics``: API responses by route and status, token
+    failures, xDS requests refused or ignored, failed telemetry reads."""
+
+    def __init__(
+        self, xds_status: Callable[[], Mapping[str, Any]], telemetry_failures: Callable[[], Mapping[str, int]]
+    ) -> None:
+        self.registry = r = CollectorRegistry(auto_describe=True)
+        # Labelled by route template, not path, so a scan of random URLs adds no series.
+        self.responses = PromCounter(
+            "balanceiq_api_responses",
+            "API responses by method, route and status code",
+            ["method", "route", "code"],
+            registry=r,
+        )
+        self.auth_failures = PromCounter(
+            "balanceiq_api_auth_failures",
+            "Requests refused for a missing or wrong bearer token",
+            ["reason"],
+            registry=r,
+        )
+        for reason in ("missing", "invalid"):
+            self.auth_failures.labels(reason)
+        r.register(Counted(xds_status, [(f"balanceiq_xds_{k}", doc, "reason", k) for k, doc in _XDS_REQUESTS.items()]))
+        r.register(Counted(telemetry_failures, [("balanceiq_telemetry_failures", _TELEMETRY_FAILURES, "source", None)]))
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+
 class ControlPlane:
     """The API's view of every cluster's controller and loop; ``cluster=None`` means the
     first configured cluster, so a one-cluster deployment never has to name it."""
@@ -181,8 +216,7 @@ class ControlPlane:
             {
                 "cluster": name,
                 "endpoints": len(c.addresses),
-                "state": states[name]["state"],
-                "reason": states[name]["reason"],
+                **states[name],  # state and reason
                 "mode": c.rollback.mode,
                 "control_mode": c.policy.control_mode,
                 "holds_lease": c.holds_lease,
