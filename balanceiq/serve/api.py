@@ -18,7 +18,6 @@ from pydantic import BaseModel, ConfigDict, Field
 from balanceiq.exceptions import BalanceIQError, ControlError, PolicyError, UnknownClusterError
 from balanceiq.serve.health import status as health_status
 from balanceiq.serve.plane import ApiMetrics, ControlPlane
-from balanceiq.serve.scoring import score
 from balanceiq.serve.timeline import timeline
 
 STATIC = Path(__file__).resolve().parent / "static"
@@ -279,7 +278,7 @@ def _add_control_routes(app: FastAPI, plane: ControlPlane, mutates: dict[str, An
 
     @app.post("/api/policy/score")
     def post_score(req: ScoreRequest, cluster: ClusterQuery = None) -> dict[str, Any]:
-        return score(plane, [e.model_dump() for e in req.endpoints], req.k, cluster)
+        return plane.score([e.model_dump() for e in req.endpoints], req.k, cluster)
 
 
 def create_api(plane: ControlPlane) -> FastAPI:

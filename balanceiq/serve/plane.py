@@ -12,30 +12,35 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import numpy as np
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client import Counter as PromCounter
 
-from balanceiq.config import GuardrailConfig, Settings, is_loopback
+from balanceiq.config import GuardrailConfig, Settings, critical_count, is_loopback
 from balanceiq.control.controller import Controller, ControlLoop, Observer, Scorer, XdsClient
 from balanceiq.control.metrics import ControllerMetrics, Counted
 from balanceiq.exceptions import BalanceIQError, ControlError, GuardrailError, UnknownClusterError
-from balanceiq.policy.baselines import make_policy
+from balanceiq.policy.baselines import PolicyContext, make_policy
+from balanceiq.policy.decide import decide, observe_only
+from balanceiq.policy.features import encode
+from balanceiq.policy.lp import weights_to_shares
 from balanceiq.policy.reward import RewardWeights
 from balanceiq.serve import health
 from balanceiq.serve.timeline import finite
 from balanceiq.serve.training import TrainingManager, iso_time, training_metrics
+from balanceiq.telemetry.observation import EndpointObservation, Observation
 
 log = logging.getLogger(__name__)
 
 # PUT /api/policy keys set directly on the controller's policy: (attribute, type).
 _KNOBS: dict[str, tuple[str, Callable[[Any], Any]]] = {"k": ("k", int), "selection": ("mode", str)}
 _KNOBS |= {key: (key, float) for key in ("interval_s", "cost_weight", "util_target", "latency_weight")}
+_OBS_FIELDS = ("p50_ms", "p95_ms", "error_rate", "saturation", "inflight", "rps", "cost_per_million", "weight")
 _TRAINING_FIELDS = ("buffer_size", "current_reward", "model_accuracy", "recent_rewards", "recent_losses")
 _XDS_REQUESTS = {
     "requests_refused": "xDS requests that ended their stream with an error status",
@@ -456,4 +461,59 @@ class ControlPlane:
                 "efficiency": w["load_balance_efficiency"],
             },
             "status": {"last_update": w["last_update"], "uptime": round(time.time() - self.started_at, 1)},
+        }
+
+    def score(self, endpoints: list[dict[str, Any]], k: int | None, cluster: str | None) -> dict[str, Any]:
+        """``POST /api/policy/score``: the policy's scores and greedy critical set, and the decision ``cluster``'s
+        knobs make, for an observation given in the request (nothing applied)."""
+        c = self.pick(cluster)
+        scorer = self.api_scorer or c.scorer
+        if scorer is None:
+            raise ControlError("no policy configured")
+        addresses = [e["address"] for e in endpoints]
+        if len(set(addresses)) != len(addresses):
+            raise ControlError("duplicate endpoint addresses in the request")
+        nan = float("nan")
+        eps = tuple(
+            EndpointObservation(
+                address=e["address"],
+                **cast("dict[str, Any]", {f: (nan if e.get(f) is None else float(e[f])) for f in _OBS_FIELDS}),
+                healthy=e.get("healthy"),
+            )
+            for e in endpoints
+        )
+        obs = Observation(cluster=c.cluster.name, endpoints=eps, source="api")
+        hint = np.array([nan if e.get("capacity_rps") is None else float(e["capacity_rps"]) for e in endpoints])
+        n = len(eps)
+        kk = min(n, k or critical_count(n))
+        shares = weights_to_shares([ep.weight for ep in eps])
+        rps = np.array([ep.rps for ep in eps], dtype=np.float64)
+        ctx = PolicyContext(shares, hint, np.ones(n), float(np.nansum(np.where(np.isfinite(rps), rps, 0.0))), kk)
+        # The controller's own decision core, with no memory: this observation as its first.
+        knobs = replace(c.knobs(), k=max(1, kk))
+        est, _ = observe_only(obs, ctx, knobs)
+        rows = encode(obs, est.capacity, n, c.policy.reward.slo_ms)
+        t0 = time.perf_counter()
+        try:
+            scores = np.asarray(scorer(rows), dtype=np.float64).reshape(-1)
+        except Exception as exc:  # a remote deployment: anything may come back
+            raise ControlError(f"policy unavailable: {type(exc).__name__}: {exc}") from exc
+        ms = (time.perf_counter() - t0) * 1000
+        if scores.shape[0] != n or not np.all(np.isfinite(scores)):
+            raise ControlError(f"policy returned {scores.shape[0]} scores for {n} endpoints, or non-finite ones")
+        core = decide(obs, ctx, scores, knobs)
+        order = [int(i) for i in np.argsort(-scores, kind="stable")[:kk]]
+        return {
+            "scores": {a: round(float(x), 6) for a, x in zip(addresses, scores)},
+            "critical": [addresses[i] for i in order],
+            "k": kk,
+            "inference_ms": round(ms, 3),
+            "decision": {
+                "critical": [addresses[i] for i in core.critical],
+                "forced": [addresses[i] for i in core.forced],
+                "shares": {a: round(float(x), 6) for a, x in zip(addresses, core.shares)},
+                "weights": {a: int(x) for a, x in zip(addresses, core.weights)},
+                "capacity_estimate": {a: round(float(x), 3) for a, x in zip(addresses, core.capacity)},
+                "lp_status": core.lp_status,
+            },
         }
