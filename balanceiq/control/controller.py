@@ -168,7 +168,7 @@ class Controller:
         self.baseline = make_policy(g.baseline)
         self.log = DecisionLog(settings.api.decision_log_size, recording)
         # Shared by every cluster's controller in a process: one /metrics page.
-        self.metrics: ClusterMetrics = (metrics or ControllerMetrics()).cluster(self.cluster.name)
+        self.metrics = ClusterMetrics(metrics or ControllerMetrics(), self.cluster.name)
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._rng = np.random.default_rng(0)
         self._lock = threading.RLock()  # one step at a time; API reads take it briefly

@@ -317,23 +317,21 @@ class ControlPlane:
         c = self.pick(cluster)
         obs = c.last_observation.by_address() if c.last_observation else {}
         overrides = {o["address"]: self._with_state(o, c) for o in c.overrides.to_json()}
-        eps = []
-        for a, s in zip(c.addresses, c.shares):
-            e = obs.get(a)
-            eps.append(
-                {
-                    "address": a,
-                    "cloud": c.endpoints[a].cloud,
-                    "region": c.endpoints[a].region,
-                    "weight": c.weights[a],
-                    "share": round(float(s), 6),
-                    "health": c.health[a],
-                    "override": overrides.get(a),
-                    **{f: finite(getattr(e, f)) if e else None for f in ("p95_ms", "error_rate", "rps")},
-                    "cost_per_million": finite(c.costs.get(a)),
-                    "healthy": e.healthy if e else None,
-                }
-            )
+        eps = [
+            {
+                "address": a,
+                "cloud": c.endpoints[a].cloud,
+                "region": c.endpoints[a].region,
+                "weight": c.weights[a],
+                "share": round(float(s), 6),
+                "health": c.health[a],
+                "override": overrides.get(a),
+                **{f: finite(getattr(e, f)) if e else None for f in ("p95_ms", "error_rate", "rps")},
+                "cost_per_million": finite(c.costs.get(a)),
+                "healthy": e.healthy if e else None,
+            }
+            for a, s, e in zip(c.addresses, c.shares, map(obs.get, c.addresses))
+        ]
         last = c.log.last()
         return {
             "cluster": c.cluster.name,
