@@ -115,7 +115,7 @@ def status(plane: ControlPlane, cluster: str | None = None) -> dict[str, Any]:
     loops = plane._loop_states()
     comps = {"controller": worst_loop(loops)}
     for name, probe in (("policy", policy), ("xds", xds), ("envoy", envoy), ("prometheus", prometheus)):
-        comps[name] = plane._cached(name, 1.0, functools.partial(probe, plane))
+        comps[name] = plane._cached(name, functools.partial(probe, plane))
     states = [v["state"] for v in comps.values()]
     critical = [comps[k]["state"] for k in ("controller", "xds", "envoy")]
     overall = DOWN if DOWN in critical else (UP if all(s == UP for s in states) else DEGRADED)

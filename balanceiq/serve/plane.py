@@ -266,10 +266,11 @@ class ControlPlane:
             except httpx.HTTPError:
                 return None
 
-    def _cached(self, key: str, ttl: float, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    def _cached(self, key: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        """``fn()``, at most once a second per ``key``: probes of remote parts are not repeated per request."""
         now = time.monotonic()
         hit = self._probe_cache.get(key)
-        if hit and now - hit[0] < ttl:
+        if hit and now - hit[0] < 1.0:
             return hit[1]
         value = fn()
         self._probe_cache[key] = (now, value)
@@ -284,7 +285,7 @@ class ControlPlane:
             except BalanceIQError:
                 return {}
 
-        return self._cached("xds_status", 1.0, fetch)
+        return self._cached("xds_status", fetch)
 
     def total_requests(self, cluster: str | None = None) -> int | None:
         """Envoy's own count of requests sent to the cluster (``upstream_rq_total``)."""
@@ -300,7 +301,7 @@ class ControlPlane:
             value = next((s.get("value") for s in stats if s.get("name") == f"cluster.{name}.upstream_rq_total"), None)
             return {"value": int(value) if isinstance(value, (int, float)) else None}
 
-        return self._cached(f"total_requests:{name}", 1.0, probe)["value"]
+        return self._cached(f"total_requests:{name}", probe)["value"]
 
     def efficiency(self, cluster: str | None = None) -> float | None:
         """Jain's fairness index of utilisation (rps / capacity): 1.0 when evenly loaded."""
