@@ -5,6 +5,7 @@ guardrails come last; unchanged weights are not pushed. Every step leaves a Deci
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -12,8 +13,11 @@ import socket
 import threading
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, replace
+from functools import partial
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -22,7 +26,6 @@ from balanceiq.config import Settings
 from balanceiq.control.guardrails import Guardrails, GuardResult
 from balanceiq.control.metrics import ClusterMetrics, ControllerMetrics
 from balanceiq.control.overrides import OverrideTable
-from balanceiq.control.records import DecisionLog, DecisionRecord
 from balanceiq.control.rollback import RollbackMonitor
 from balanceiq.exceptions import BalanceIQError, ControlError
 from balanceiq.policy.baselines import Decision, PolicyContext, available_mask, make_policy, obs_field
@@ -33,6 +36,7 @@ from balanceiq.policy.knobs import Knobs
 from balanceiq.policy.lp import objective, traffic_moved, weights_to_shares
 from balanceiq.policy.memory import CoreState
 from balanceiq.policy.reward import RewardWeights, observed_reward
+from balanceiq.sim.calibrate.recording import DecisionRecord
 from balanceiq.telemetry.observation import Observation
 from balanceiq.xds.client import served
 
@@ -60,6 +64,48 @@ class XdsClient(Protocol):
 
 def _ms_since(t0: float) -> float:
     return (time.perf_counter() - t0) * 1000
+
+
+class DecisionLog:
+    """The last ``size`` decisions in memory for the API, and optionally every one appended to a JSONL file
+    with its full observation (simulator calibration fits against the inputs, not summaries)."""
+
+    def __init__(self, size: int = 500, recording: str | os.PathLike[str] | None = None) -> None:
+        self._lock = threading.Lock()
+        self._items: deque[DecisionRecord] = deque(maxlen=size)
+        self._seq = 0
+        self.recording = Path(recording) if recording else None
+        self._recording_failed = False
+        if self.recording is not None:
+            self.recording.parent.mkdir(parents=True, exist_ok=True)
+
+    def next_seq(self) -> int:
+        with self._lock:
+            self._seq += 1
+            return self._seq
+
+    def append(self, record: DecisionRecord) -> None:
+        with self._lock:
+            self._items.append(record)
+        if self.recording is not None:
+            try:
+                with self.recording.open("a", encoding="utf-8") as fh:
+                    fh.write(json.dumps(record.to_json(with_observation=True)) + "\n")
+                self._recording_failed = False
+            except OSError as exc:
+                # A full disk must not stop the control loop; say so once per outage.
+                if not self._recording_failed:
+                    log.warning("decision recording to %s failed: %s", self.recording, exc)
+                self._recording_failed = True
+
+    def recent(self, limit: int = 20) -> list[DecisionRecord]:
+        with self._lock:
+            items = list(self._items)
+        return items[::-1][: max(0, limit)]
+
+    def last(self) -> DecisionRecord | None:
+        with self._lock:
+            return self._items[-1] if self._items else None
 
 
 class PolicySettings:
@@ -90,7 +136,7 @@ class PolicySettings:
 
 
 class Controller:
-    """The decision logic of one cluster; :class:`~balanceiq.control.loop.ControlLoop` runs it on a clock."""
+    """The decision logic of one cluster; :class:`ControlLoop` runs it on a clock."""
 
     def __init__(
         self,
@@ -122,7 +168,7 @@ class Controller:
         self.baseline = make_policy(g.baseline)
         self.log = DecisionLog(settings.api.decision_log_size, recording)
         # Shared by every cluster's controller in a process: one /metrics page.
-        self.metrics: ClusterMetrics = (metrics or ControllerMetrics()).cluster(self.cluster.name)
+        self.metrics = ClusterMetrics(metrics or ControllerMetrics(), self.cluster.name)
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._rng = np.random.default_rng(0)
         self._lock = threading.RLock()  # one step at a time; API reads take it briefly
@@ -350,19 +396,11 @@ class Controller:
             base["mode"] = "baseline"
             return fallback
         proposal = Decision(core.shares, core.weights, core.critical, core.info())
-        costs = obs_field(obs, "cost_per_million")
-        latency = lp_latency(obs_field(obs, "p95_ms"), self.policy.reward.slo_ms)
+        p, costs = self.policy, obs_field(obs, "cost_per_million")
+        lp = partial(objective, cost_weight=p.cost_weight, util_target=p.util_target, latency_weight=p.latency_weight)
+        latency = lp_latency(obs_field(obs, "p95_ms"), p.reward.slo_ms)
         score = {
-            name: -objective(
-                d.shares,
-                core.capacity,
-                costs,
-                ctx.demand_rps,
-                cost_weight=self.policy.cost_weight,
-                util_target=self.policy.util_target,
-                latency=latency,
-                latency_weight=self.policy.latency_weight,
-            )
+            name: -lp(d.shares, core.capacity, costs, ctx.demand_rps, latency=latency)
             for name, d in (("policy", proposal), ("baseline", fallback))
         }
         self.rollback.record(score["policy"], score["baseline"])
@@ -452,3 +490,50 @@ class Controller:
             log.info("lease release failed (it will expire): %s", exc)
         self.holds_lease = False
         self.metrics.set_active(False)
+
+
+class ControlLoop:
+    """Runs :meth:`Controller.step` every ``interval_s`` on a daemon thread."""
+
+    def __init__(self, controller: Controller) -> None:
+        self.controller = controller
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.last_tick: float | None = None
+        self.steps = 0
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def start(self) -> None:
+        if self.running:
+            return
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="balanceiq-control", daemon=True)
+        self._thread.start()
+
+    def wake(self) -> None:
+        """Apply a changed interval (or overrides) now rather than after the old interval."""
+        self._wake.set()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        self.controller.release()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            started = time.monotonic()
+            try:
+                self.controller.step()
+            except Exception:  # the loop must outlive any bug in one step
+                log.exception("control step failed")
+            self.steps += 1
+            self.last_tick = time.time()
+            wait = max(0.0, self.controller.policy.interval_s - (time.monotonic() - started))
+            self._wake.wait(wait)
+            self._wake.clear()

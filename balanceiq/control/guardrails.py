@@ -90,7 +90,12 @@ class Guardrails:
         avail = _mask("available", available, n)
         breach = np.zeros(n, dtype=bool) if breaching is None else _mask("breaching", breaching, n)
         notes: list[str] = []
-        drained, fixed, fixed_val = _overrides(addrs, overrides, notes)
+        if unknown := sorted(set(overrides) - set(addrs)):
+            notes.append(f"overrides: ignored for unknown endpoint(s) {_names(unknown)}")
+        ovs = [overrides.get(a) for a in addrs]
+        drained = np.array([o is not None and o.action == "drain" for o in ovs])
+        fixed = np.array([o is not None and o.fixed for o in ovs])
+        fixed_val = np.array([float(o.share or 0.0) if o is not None and o.fixed else 0.0 for o in ovs])
         routable = avail & ~drained
         limited = floored = False
         if routable.any():
@@ -134,19 +139,6 @@ class _Split:
 
 def _named(addrs: list[str], mask: np.ndarray) -> str:
     return _names([addrs[i] for i in np.flatnonzero(mask)])
-
-
-def _overrides(
-    addrs: list[str], overrides: Mapping[str, Override], notes: list[str]
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(drained, fixed, fixed share)`` per endpoint; overrides of unknown ones noted."""
-    if unknown := sorted(set(overrides) - set(addrs)):
-        notes.append(f"overrides: ignored for unknown endpoint(s) {_names(unknown)}")
-    ovs = [overrides.get(a) for a in addrs]
-    drained = np.array([o is not None and o.action == "drain" for o in ovs])
-    fixed = np.array([o is not None and o.fixed for o in ovs])
-    fixed_val = np.array([float(o.share or 0.0) if o is not None and o.fixed else 0.0 for o in ovs])
-    return drained, fixed, fixed_val
 
 
 def _fallback_set(avail: np.ndarray, drained: np.ndarray, notes: list[str]) -> np.ndarray:

@@ -88,10 +88,6 @@ class ControllerMetrics:
         """``balanceiq_<name>`` in this registry, labelled by cluster and then ``labels``."""
         return kind(f"balanceiq_{name}", doc, ["cluster", *labels], registry=self.registry, **kw)
 
-    def cluster(self, name: str) -> ClusterMetrics:
-        """The view one cluster's controller records through."""
-        return ClusterMetrics(self, name)
-
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
 

@@ -100,17 +100,9 @@ class RollbackMonitor:
         with self._lock:
             p, b = self._last or (math.nan, math.nan)
             return {
-                "mode": self.mode,
-                "reason": self.reason,
-                "since": self.since,
-                "worse_streak": self.worse_streak,
-                "good_streak": self.good_streak,
+                **{k: getattr(self, k) for k in ("mode", "reason", "since", "worse_streak", "good_streak")},
                 "last_policy_score": p if math.isfinite(p) else None,
                 "last_baseline_score": b if math.isfinite(b) else None,
-                "rollbacks": self.rollbacks,
-                "recoveries": self.recoveries,
-                "after": self.after,
-                "margin": self.margin,
-                "probation_after": self.probation_after,
+                **{k: getattr(self, k) for k in ("rollbacks", "recoveries", "after", "margin", "probation_after")},
                 "transitions": [dict(x) for x in self._transitions],
             }

@@ -17,9 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from balanceiq.exceptions import BalanceIQError, ControlError, PolicyError, UnknownClusterError
 from balanceiq.serve.health import status as health_status
-from balanceiq.serve.metrics import ApiMetrics
-from balanceiq.serve.plane import ControlPlane
-from balanceiq.serve.scoring import score
+from balanceiq.serve.plane import ApiMetrics, ControlPlane
 from balanceiq.serve.timeline import timeline
 
 STATIC = Path(__file__).resolve().parent / "static"
@@ -222,25 +220,6 @@ def _add_error_handlers(app: FastAPI) -> None:
         return JSONResponse({"detail": str(exc)}, status_code=code)
 
 
-def _add_compatible_routes(app: FastAPI, plane: ControlPlane) -> None:
-    # The original service's routes and fields.
-    @app.get("/api/health", tags=["compatible"])
-    def health() -> dict[str, Any]:
-        return {"status": "healthy", "service": "balanceiq", "timestamp": time.time()}
-
-    @app.get("/api/metrics/training", tags=["compatible"])
-    def metrics_training() -> dict[str, Any]:
-        return plane.training_metrics()
-
-    @app.get("/api/metrics/weights", tags=["compatible"])
-    def metrics_weights(cluster: ClusterQuery = None) -> dict[str, Any]:
-        return plane.weight_metrics(cluster)
-
-    @app.get("/api/metrics/all", tags=["compatible"])
-    def metrics_all(cluster: ClusterQuery = None) -> dict[str, Any]:
-        return plane.all_metrics(cluster)
-
-
 def _add_control_routes(app: FastAPI, plane: ControlPlane, mutates: dict[str, Any]) -> None:
     @app.get("/api/clusters")
     def clusters() -> dict[str, Any]:
@@ -280,7 +259,7 @@ def _add_control_routes(app: FastAPI, plane: ControlPlane, mutates: dict[str, An
 
     @app.post("/api/policy/score")
     def post_score(req: ScoreRequest, cluster: ClusterQuery = None) -> dict[str, Any]:
-        return score(plane, [e.model_dump() for e in req.endpoints], req.k, cluster)
+        return plane.score([e.model_dump() for e in req.endpoints], req.k, cluster)
 
 
 def create_api(plane: ControlPlane) -> FastAPI:
@@ -297,7 +276,24 @@ def create_api(plane: ControlPlane) -> FastAPI:
 
     mutates = {**_MUTATES, "dependencies": [Depends(require_token)]}
     _add_error_handlers(app)
-    _add_compatible_routes(app, plane)
+
+    # The original service's routes and fields.
+    @app.get("/api/health", tags=["compatible"])
+    def health() -> dict[str, Any]:
+        return {"status": "healthy", "service": "balanceiq", "timestamp": time.time()}
+
+    @app.get("/api/metrics/training", tags=["compatible"])
+    def metrics_training() -> dict[str, Any]:
+        return plane.training_metrics()
+
+    @app.get("/api/metrics/weights", tags=["compatible"])
+    def metrics_weights(cluster: ClusterQuery = None) -> dict[str, Any]:
+        return plane.weight_metrics(cluster)
+
+    @app.get("/api/metrics/all", tags=["compatible"])
+    def metrics_all(cluster: ClusterQuery = None) -> dict[str, Any]:
+        return plane.all_metrics(cluster)
+
     _add_control_routes(app, plane, mutates)
 
     @app.post("/api/train", status_code=202, **mutates)

@@ -9,8 +9,7 @@ from typing import TYPE_CHECKING, Any
 from balanceiq.exceptions import BalanceIQError
 
 if TYPE_CHECKING:
-    from balanceiq.control.controller import Controller
-    from balanceiq.control.loop import ControlLoop
+    from balanceiq.control.controller import Controller, ControlLoop
     from balanceiq.serve.plane import ControlPlane
 
 UP, DEGRADED, DOWN = "up", "degraded", "down"
@@ -116,7 +115,7 @@ def status(plane: ControlPlane, cluster: str | None = None) -> dict[str, Any]:
     loops = plane._loop_states()
     comps = {"controller": worst_loop(loops)}
     for name, probe in (("policy", policy), ("xds", xds), ("envoy", envoy), ("prometheus", prometheus)):
-        comps[name] = plane._cached(name, 1.0, functools.partial(probe, plane))
+        comps[name] = plane._cached(name, functools.partial(probe, plane))
     states = [v["state"] for v in comps.values()]
     critical = [comps[k]["state"] for k in ("controller", "xds", "envoy")]
     overall = DOWN if DOWN in critical else (UP if all(s == UP for s in states) else DEGRADED)

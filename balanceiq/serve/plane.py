@@ -11,32 +11,42 @@ import secrets
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
-from dataclasses import asdict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import numpy as np
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import Counter as PromCounter
 
-from balanceiq.config import GuardrailConfig, Settings, is_loopback
-from balanceiq.control.controller import Controller, Observer, Scorer, XdsClient
-from balanceiq.control.loop import ControlLoop
-from balanceiq.control.metrics import ControllerMetrics
+from balanceiq.config import GuardrailConfig, Settings, critical_count, is_loopback
+from balanceiq.control.controller import Controller, ControlLoop, Observer, Scorer, XdsClient
+from balanceiq.control.metrics import ControllerMetrics, Counted
 from balanceiq.exceptions import BalanceIQError, ControlError, GuardrailError, UnknownClusterError
-from balanceiq.policy.baselines import make_policy
+from balanceiq.policy.baselines import PolicyContext, make_policy
+from balanceiq.policy.decide import decide, observe_only
+from balanceiq.policy.features import encode
+from balanceiq.policy.lp import weights_to_shares
 from balanceiq.policy.reward import RewardWeights
 from balanceiq.serve import health
-from balanceiq.serve.metrics import ApiMetrics
 from balanceiq.serve.timeline import finite
 from balanceiq.serve.training import TrainingManager, iso_time, training_metrics
+from balanceiq.telemetry.observation import EndpointObservation, Observation
 
 log = logging.getLogger(__name__)
 
 # PUT /api/policy keys set directly on the controller's policy: (attribute, type).
 _KNOBS: dict[str, tuple[str, Callable[[Any], Any]]] = {"k": ("k", int), "selection": ("mode", str)}
 _KNOBS |= {key: (key, float) for key in ("interval_s", "cost_weight", "util_target", "latency_weight")}
+_OBS_FIELDS = ("p50_ms", "p95_ms", "error_rate", "saturation", "inflight", "rps", "cost_per_million", "weight")
 _TRAINING_FIELDS = ("buffer_size", "current_reward", "model_accuracy", "recent_rewards", "recent_losses")
+_XDS_REQUESTS = {
+    "requests_refused": "xDS requests that ended their stream with an error status",
+    "requests_ignored": "xDS requests not acted on, as the protocol says",
+}
+_TELEMETRY_FAILURES = "Telemetry reads that failed, by source (-bug: not a TelemetryError)"
 
 
 def load_or_create_token(settings: Settings) -> tuple[str, Path | None, bool]:
@@ -113,6 +123,36 @@ def cluster_controllers(
     return out
 
 
+class ApiMetrics:
+    """What was refused at the edges, for ``GET /metrics``: API responses by route and status, token
+    failures, xDS requests refused or ignored, failed telemetry reads."""
+
+    def __init__(
+        self, xds_status: Callable[[], Mapping[str, Any]], telemetry_failures: Callable[[], Mapping[str, int]]
+    ) -> None:
+        self.registry = r = CollectorRegistry(auto_describe=True)
+        # Labelled by route template, not path, so a scan of random URLs adds no series.
+        self.responses = PromCounter(
+            "balanceiq_api_responses",
+            "API responses by method, route and status code",
+            ["method", "route", "code"],
+            registry=r,
+        )
+        self.auth_failures = PromCounter(
+            "balanceiq_api_auth_failures",
+            "Requests refused for a missing or wrong bearer token",
+            ["reason"],
+            registry=r,
+        )
+        for reason in ("missing", "invalid"):
+            self.auth_failures.labels(reason)
+        r.register(Counted(xds_status, [(f"balanceiq_xds_{k}", doc, "reason", k) for k, doc in _XDS_REQUESTS.items()]))
+        r.register(Counted(telemetry_failures, [("balanceiq_telemetry_failures", _TELEMETRY_FAILURES, "source", None)]))
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+
 class ControlPlane:
     """The API's view of every cluster's controller and loop; ``cluster=None`` means the
     first configured cluster, so a one-cluster deployment never has to name it."""
@@ -181,8 +221,7 @@ class ControlPlane:
             {
                 "cluster": name,
                 "endpoints": len(c.addresses),
-                "state": states[name]["state"],
-                "reason": states[name]["reason"],
+                **states[name],  # state and reason
                 "mode": c.rollback.mode,
                 "control_mode": c.policy.control_mode,
                 "holds_lease": c.holds_lease,
@@ -227,10 +266,11 @@ class ControlPlane:
             except httpx.HTTPError:
                 return None
 
-    def _cached(self, key: str, ttl: float, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    def _cached(self, key: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        """``fn()``, at most once a second per ``key``: probes of remote parts are not repeated per request."""
         now = time.monotonic()
         hit = self._probe_cache.get(key)
-        if hit and now - hit[0] < ttl:
+        if hit and now - hit[0] < 1.0:
             return hit[1]
         value = fn()
         self._probe_cache[key] = (now, value)
@@ -245,7 +285,7 @@ class ControlPlane:
             except BalanceIQError:
                 return {}
 
-        return self._cached("xds_status", 1.0, fetch)
+        return self._cached("xds_status", fetch)
 
     def total_requests(self, cluster: str | None = None) -> int | None:
         """Envoy's own count of requests sent to the cluster (``upstream_rq_total``)."""
@@ -261,7 +301,7 @@ class ControlPlane:
             value = next((s.get("value") for s in stats if s.get("name") == f"cluster.{name}.upstream_rq_total"), None)
             return {"value": int(value) if isinstance(value, (int, float)) else None}
 
-        return self._cached(f"total_requests:{name}", 1.0, probe)["value"]
+        return self._cached(f"total_requests:{name}", probe)["value"]
 
     def efficiency(self, cluster: str | None = None) -> float | None:
         """Jain's fairness index of utilisation (rps / capacity): 1.0 when evenly loaded."""
@@ -278,23 +318,21 @@ class ControlPlane:
         c = self.pick(cluster)
         obs = c.last_observation.by_address() if c.last_observation else {}
         overrides = {o["address"]: self._with_state(o, c) for o in c.overrides.to_json()}
-        eps = []
-        for a, s in zip(c.addresses, c.shares):
-            e = obs.get(a)
-            eps.append(
-                {
-                    "address": a,
-                    "cloud": c.endpoints[a].cloud,
-                    "region": c.endpoints[a].region,
-                    "weight": c.weights[a],
-                    "share": round(float(s), 6),
-                    "health": c.health[a],
-                    "override": overrides.get(a),
-                    **{f: finite(getattr(e, f)) if e else None for f in ("p95_ms", "error_rate", "rps")},
-                    "cost_per_million": finite(c.costs.get(a)),
-                    "healthy": e.healthy if e else None,
-                }
-            )
+        eps = [
+            {
+                "address": a,
+                "cloud": c.endpoints[a].cloud,
+                "region": c.endpoints[a].region,
+                "weight": c.weights[a],
+                "share": round(float(s), 6),
+                "health": c.health[a],
+                "override": overrides.get(a),
+                **{f: finite(getattr(e, f)) if e else None for f in ("p95_ms", "error_rate", "rps")},
+                "cost_per_million": finite(c.costs.get(a)),
+                "healthy": e.healthy if e else None,
+            }
+            for a, s, e in zip(c.addresses, c.shares, map(obs.get, c.addresses))
+        ]
         last = c.log.last()
         return {
             "cluster": c.cluster.name,
@@ -422,4 +460,59 @@ class ControlPlane:
                 "efficiency": w["load_balance_efficiency"],
             },
             "status": {"last_update": w["last_update"], "uptime": round(time.time() - self.started_at, 1)},
+        }
+
+    def score(self, endpoints: list[dict[str, Any]], k: int | None, cluster: str | None) -> dict[str, Any]:
+        """``POST /api/policy/score``: the policy's scores and greedy critical set, and the decision ``cluster``'s
+        knobs make, for an observation given in the request (nothing applied)."""
+        c = self.pick(cluster)
+        scorer = self.api_scorer or c.scorer
+        if scorer is None:
+            raise ControlError("no policy configured")
+        addresses = [e["address"] for e in endpoints]
+        if len(set(addresses)) != len(addresses):
+            raise ControlError("duplicate endpoint addresses in the request")
+        nan = float("nan")
+        eps = tuple(
+            EndpointObservation(
+                address=e["address"],
+                **cast("dict[str, Any]", {f: (nan if e.get(f) is None else float(e[f])) for f in _OBS_FIELDS}),
+                healthy=e.get("healthy"),
+            )
+            for e in endpoints
+        )
+        obs = Observation(cluster=c.cluster.name, endpoints=eps, source="api")
+        hint = np.array([nan if e.get("capacity_rps") is None else float(e["capacity_rps"]) for e in endpoints])
+        n = len(eps)
+        kk = min(n, k or critical_count(n))
+        shares = weights_to_shares([ep.weight for ep in eps])
+        rps = np.array([ep.rps for ep in eps], dtype=np.float64)
+        ctx = PolicyContext(shares, hint, np.ones(n), float(np.nansum(np.where(np.isfinite(rps), rps, 0.0))), kk)
+        # The controller's own decision core, with no memory: this observation as its first.
+        knobs = replace(c.knobs(), k=max(1, kk))
+        est, _ = observe_only(obs, ctx, knobs)
+        rows = encode(obs, est.capacity, n, c.policy.reward.slo_ms)
+        t0 = time.perf_counter()
+        try:
+            scores = np.asarray(scorer(rows), dtype=np.float64).reshape(-1)
+        except Exception as exc:  # a remote deployment: anything may come back
+            raise ControlError(f"policy unavailable: {type(exc).__name__}: {exc}") from exc
+        ms = (time.perf_counter() - t0) * 1000
+        if scores.shape[0] != n or not np.all(np.isfinite(scores)):
+            raise ControlError(f"policy returned {scores.shape[0]} scores for {n} endpoints, or non-finite ones")
+        core = decide(obs, ctx, scores, knobs)
+        order = [int(i) for i in np.argsort(-scores, kind="stable")[:kk]]
+        return {
+            "scores": {a: round(float(x), 6) for a, x in zip(addresses, scores)},
+            "critical": [addresses[i] for i in order],
+            "k": kk,
+            "inference_ms": round(ms, 3),
+            "decision": {
+                "critical": [addresses[i] for i in core.critical],
+                "forced": [addresses[i] for i in core.forced],
+                "shares": {a: round(float(x), 6) for a, x in zip(addresses, core.shares)},
+                "weights": {a: int(x) for a, x in zip(addresses, core.weights)},
+                "capacity_estimate": {a: round(float(x), 3) for a, x in zip(addresses, core.capacity)},
+                "lp_status": core.lp_status,
+            },
         }

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from balanceiq.config import BackendProfile, Settings
-from balanceiq.control.records import DecisionRecord
 from balanceiq.sim.calibrate import calibrate, write_calibration
+from balanceiq.sim.calibrate.recording import DecisionRecord
 from balanceiq.sim.fleet import FleetSim
 from balanceiq.sim.scenario import load_scenario
 from balanceiq.testbed.record import ExplorationPlan, record_exploration

@@ -70,9 +70,9 @@ from rich.console import Console
 
 from balanceiq.config import Settings
 from balanceiq.control.controller import Controller
-from balanceiq.control.records import DecisionRecord
 from balanceiq.exceptions import BalanceIQError
 from balanceiq.policy.lp import traffic_moved, weights_to_shares
+from balanceiq.sim.calibrate.recording import DecisionRecord
 from balanceiq.telemetry.observe import Telemetry
 from balanceiq.xds.client import ActorXdsClient
 from balanceiq.xds.snapshot import EDS_TYPE

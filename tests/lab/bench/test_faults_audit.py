@@ -158,7 +158,7 @@ def test_moves_are_measured_on_the_split_not_on_least_request_weights() -> None:
     """Under LEAST_REQUEST the weights pushed are scaled by each endpoint's requests in
     flight, so they differ from the split; a move is the split's. (The head-restart fault
     once read 0.2534 against max_shift 0.25 from the compensated weights.)"""
-    from balanceiq.control.records import DecisionRecord
+    from balanceiq.sim.calibrate.recording import DecisionRecord
     from balanceiq_lab.bench.faults import _moves
 
     a, b = ADDRS[:2]

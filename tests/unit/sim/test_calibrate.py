@@ -340,7 +340,7 @@ def test_explorer_records_decision_lines_that_calibrate(tmp_path: Path) -> None:
     """The exploration loop of `balanceiq record`, with FleetSim standing in for the
     testbed (push sets the split, observe runs one step): its lines are DecisionRecords
     with observations, and the fit recovers the fleet."""
-    from balanceiq.control.records import DecisionRecord
+    from balanceiq.sim.calibrate.recording import DecisionRecord
     from balanceiq.testbed.record import ExplorationPlan, Explorer
 
     sc = truth_scenario()
