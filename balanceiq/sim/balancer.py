@@ -38,8 +38,7 @@ class Split:
 
 
 def _arrivals(x: np.ndarray, demand: float, w: np.ndarray, equal: bool) -> np.ndarray:
-    """Arrival rate (req/s) at each endpoint in each state, given every endpoint's state
-    distribution ``x`` (rows)."""
+    """Arrival rate (req/s) at each endpoint in each state, given every endpoint's state distribution ``x`` (rows)."""
     n, k = x.shape
     if equal:
         beaten = (1.0 - np.cumsum(x, axis=1)) + 0.5 * x  # P(A_j > k) + P(A_j = k) / 2

@@ -1,8 +1,7 @@
-"""CFR-RL as a plain gymnasium environment over the fleet simulator. Each step is one control
-decision: the agent names K critical endpoints (ordered, no repeats), SLO breachers join them,
-the LP re-splits traffic among them while every other endpoint keeps its share, and the fleet
-runs ``decision_steps`` simulator steps under the new split, scored by :mod:`balanceiq.policy.reward`.
-"""
+"""CFR-RL as a plain gymnasium environment over the fleet simulator. Each step is one control decision: the agent names
+K critical endpoints (ordered, no repeats), SLO breachers join them, the LP re-splits traffic among them while every
+other endpoint keeps its share, and the fleet runs ``decision_steps`` simulator steps under the new split, scored by
+:mod:`balanceiq.policy.reward`."""
 
 from __future__ import annotations
 

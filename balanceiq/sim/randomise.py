@@ -1,6 +1,5 @@
-"""Random fleets and timelines to train on (domain randomisation), drawn like the lab's
-unseen-fleet suite but from their own generator, so the suite's fleets, the shipped scenarios
-and any scenario of the user's stay held back."""
+"""Random fleets and timelines to train on (domain randomisation), drawn like the lab's unseen-fleet suite but from
+their own generator, so the suite's fleets, the shipped scenarios and any scenario of the user's stay held back."""
 
 from __future__ import annotations
 

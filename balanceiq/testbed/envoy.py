@@ -1,7 +1,6 @@
-"""Envoy bootstraps rendered from Settings, as data: each xDS flavour and TLS are one switch.
-``envoy/*.yaml`` in the repo holds the default renderings (kept identical by a test). The update
-merge window defaults to 0 s (every push is a whole decision: merging only adds lag), and
-``per_endpoint_stats`` is on so Prometheus sees each endpoint."""
+"""Envoy bootstraps rendered from Settings, as data: each xDS flavour and TLS are one switch. ``envoy/*.yaml`` in the
+repo holds the default renderings (kept identical by a test). The update merge window defaults to 0 s (every push is a
+whole decision: merging only adds lag), and ``per_endpoint_stats`` is on so Prometheus sees each endpoint."""
 
 from __future__ import annotations
 
@@ -148,10 +147,9 @@ def cluster_routes(settings: Settings) -> list[dict[str, Any]]:
 
 
 def render_attach(settings: Settings, *, api: str | None = None) -> dict[str, Any]:
-    """What an Envoy you already run needs to be steered by BalanceIQ, to merge into its own
-    bootstrap: ``clusters`` (xDS, one EDS cluster per config cluster, ALS), ``dynamic_resources``
-    (ADS only, else ``None``) and ``access_log`` (for each HTTP connection manager whose latency
-    BalanceIQ should see): the pieces of :func:`render_bootstrap`."""
+    """What an Envoy you already run needs to be steered by BalanceIQ, to merge into its own bootstrap: ``clusters``
+    (xDS, one EDS cluster per config cluster, ALS), ``dynamic_resources`` (ADS only, else ``None``) and ``access_log``
+    (for each HTTP connection manager whose latency BalanceIQ should see): the pieces of :func:`render_bootstrap`."""
     whole = render_bootstrap(settings, api=api)
     hcm = whole["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
     return {

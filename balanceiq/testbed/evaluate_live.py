@@ -1,8 +1,7 @@
-"""The live half of the promotion gate: :func:`evaluate_checkpoints_live` runs the candidate and
-the serving checkpoint on one private LiveEnv (a live scenario replayed per episode), paired because
-live rewards are noisy: the same offset and seed for both, the order alternated per episode so a
-drift favours neither, only measured rewards counted; the result has
-:func:`~balanceiq.sim.evaluate.evaluate_checkpoints`'s shape."""
+"""The live half of the promotion gate: :func:`evaluate_checkpoints_live` runs the candidate and the serving checkpoint
+on one private LiveEnv (a live scenario replayed per episode), paired because live rewards are noisy: the same offset
+and seed for both, the order alternated per episode so a drift favours neither, only measured rewards counted; the
+result has :func:`~balanceiq.sim.evaluate.evaluate_checkpoints`'s shape."""
 
 from __future__ import annotations
 

@@ -1,11 +1,9 @@
-"""LiveEnv: the CFR-RL environment on a real Envoy, backends and telemetry, with
-:class:`~balanceiq.sim.env.FleetEnv`'s spaces (one checkpoint trains and runs on either).
-A step is one decision of the controller's core (the action's picks as the policy's order),
-pushed over xDS; its reward is observed one ``decision_interval_s`` later, or repeated when
-telemetry is blind (``info["reward_measured"]``). ``private`` mode owns a whole stack on free
-ports; ``attach`` drives an existing one through the xDS actor under the controller lease and
-restores the weights it found. Nothing starts before the first reset (RLlib builds envs to
-read their spaces). CPU cost and timing: BENCHMARKS.md."""
+"""LiveEnv: the CFR-RL environment on a real Envoy, backends and telemetry, with :class:`~balanceiq.sim.env.FleetEnv`'s
+spaces (one checkpoint trains and runs on either). A step is one decision of the controller's core (the action's picks
+as the policy's order), pushed over xDS; its reward is observed one ``decision_interval_s`` later, or repeated when
+telemetry is blind (``info["reward_measured"]``). ``private`` mode owns a whole stack on free ports; ``attach`` drives
+an existing one through the xDS actor under the controller lease and restores the weights it found. Nothing starts
+before the first reset (RLlib builds envs to read their spaces). CPU cost and timing: BENCHMARKS.md."""
 
 from __future__ import annotations
 

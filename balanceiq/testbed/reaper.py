@@ -1,7 +1,6 @@
-"""A reaper process that stops an owner's children when the owner dies, however it dies: the
-kernel then closes the owner's end of a pipe (SIGKILL included), and the reaper, in its own
-session, stops the registered pids (checked against their creation time, so a recycled pid is
-never hit) and deletes the work directory."""
+"""A reaper process that stops an owner's children when the owner dies, however it dies: the kernel then closes the
+owner's end of a pipe (SIGKILL included), and the reaper, in its own session, stops the registered pids (checked against
+their creation time, so a recycled pid is never hit) and deletes the work directory."""
 
 from __future__ import annotations
 

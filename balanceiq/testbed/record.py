@@ -1,7 +1,6 @@
-"""Exploration recordings for calibration: steady weights give one operating point per
-endpoint, fitting capacity and the latency curve needs many. :class:`Explorer` runs the
-controller's loop (DecisionRecords, mode ``"explore"``) while sweeping each endpoint's share
-in turn; ``balanceiq calibrate`` reads these and controller recordings alike."""
+"""Exploration recordings for calibration: steady weights give one operating point per endpoint, fitting capacity and
+the latency curve needs many. :class:`Explorer` runs the controller's loop (DecisionRecords, mode ``"explore"``) while
+sweeping each endpoint's share in turn; ``balanceiq calibrate`` reads these and controller recordings alike."""
 
 from __future__ import annotations
 
