@@ -110,9 +110,8 @@ class FleetEnv(gym.Env):
         self._episode += 1
         self.sim = self.sim_class(scenario, seed=sim_seed, obs_noise=self.obs_noise, saturation=self.saturation)
         self.hint = np.array([e.capacity_rps for e in scenario.endpoints], dtype=np.float64)
-        static = np.array([e.weight for e in scenario.endpoints], dtype=np.float64)
+        self.static = static = np.array([e.weight for e in scenario.endpoints], dtype=np.float64)
         self.shares = static / static.sum()
-        self.static = static
         self.core_state = CoreState()
         self._weights_state = CoreState()
         self.decisions = 0

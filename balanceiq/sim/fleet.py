@@ -1,11 +1,10 @@
 """A vectorised, seeded model of a multi-cloud fleet under a traffic split.
 
-Each :meth:`FleetSim.step` is one telemetry window: endpoint ``i`` gets ``s_i D`` of demand
-``D(t) = base_rps (1 + a sin(2 pi t / period + phase))`` times event multipliers and lognormal
-noise, ``s`` being the policy's weights as Envoy's balancer applies them (:mod:`~balanceiq.sim.balancer`).
-Latency is base latency plus an M/G/c queue (:mod:`~balanceiq.sim.queue`); errors are ``BASE_ERROR``
-plus the load above capacity shed, or every request of a failed endpoint. Fleet quantiles
-invert the traffic mixture of the endpoints' CDFs on a fixed log-spaced grid.
+Each :meth:`FleetSim.step` is one telemetry window: endpoint ``i`` gets ``s_i D`` of demand ``D(t) = base_rps (1 + a
+sin(2 pi t / period + phase))`` times event multipliers and lognormal noise, ``s`` being the policy's weights as Envoy's
+balancer applies them (:mod:`~balanceiq.sim.balancer`). Latency is base latency plus an M/G/c queue
+(:mod:`~balanceiq.sim.queue`); errors are ``BASE_ERROR`` plus the load above capacity shed, or every request of a failed
+endpoint. Fleet quantiles invert the traffic mixture of the endpoints' CDFs on a fixed log-spaced grid.
 """
 
 from __future__ import annotations
@@ -327,16 +326,12 @@ class FleetSim:
         w = self.static_weights if weights is None else np.asarray(weights, dtype=np.float64)
         if w.shape != (n,):
             raise ValueError(f"weights must have shape ({n},), got {w.shape}")
-        p50 = result.endpoint_p50_ms
-        p95 = result.endpoint_p95_ms
-        err = result.endpoint_error_rate
+        p50, p95, err = result.endpoint_p50_ms, result.endpoint_p95_ms, result.endpoint_error_rate
         if self.obs_noise > 0.0:
             sig = self.obs_noise
             z = self._obs_rng.standard_normal((2, n))
             lat_noise = np.exp(sig * z[0] - 0.5 * sig * sig)
-            # One factor for both quantiles keeps p50 <= p95.
-            p50 = p50 * lat_noise
-            p95 = p95 * lat_noise
+            p50, p95 = p50 * lat_noise, p95 * lat_noise  # one factor for both keeps p50 <= p95
             err = np.clip(err * np.exp(sig * z[1] - 0.5 * sig * sig), 0.0, 1.0)
         sat = np.minimum(result.utilization, SATURATION_MAX) if self.saturation else np.full(n, np.nan)
         flags = [frozenset({NO_TRAFFIC}) if quiet else frozenset() for quiet in (result.offered_rps <= 0.0).tolist()]

@@ -36,20 +36,14 @@ def render_bootstrap(
         raise EnvoyError(f"unknown xDS api {api!r}; expected one of {', '.join(API_TYPES)}")
     admin = httpx.URL(settings.envoy.admin_url)
     admin_port = admin.port or (443 if admin.scheme == "https" else 80)
+    # The xDS stream's back-off is EnvoyGrpc.retry_policy; GrpcService's own is for
+    # other async streams and leaves xDS on Envoy's default (growing to 30 s).
+    retry = {"retry_back_off": {"base_interval": "0.1s", "max_interval": "1s"}}
     api_source = {
         "api_type": "DELTA_GRPC" if api.endswith("delta") else "GRPC",
         "transport_api_version": "V3",
         "set_node_on_first_message_only": True,
-        # The xDS stream's back-off is EnvoyGrpc.retry_policy; GrpcService's own is for
-        # other async streams and leaves xDS on Envoy's default (growing to 30 s).
-        "grpc_services": [
-            {
-                "envoy_grpc": {
-                    "cluster_name": "xds_cluster",
-                    "retry_policy": {"retry_back_off": {"base_interval": "0.1s", "max_interval": "1s"}},
-                },
-            }
-        ],
+        "grpc_services": [{"envoy_grpc": {"cluster_name": "xds_cluster", "retry_policy": retry}}],
     }
     ads = api.startswith("ads")
     eds_config: dict[str, Any] = {"ads": {}} if ads else {"api_config_source": api_source}

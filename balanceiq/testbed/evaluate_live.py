@@ -17,8 +17,7 @@ from balanceiq.testbed.fleet import resolve_fleet
 from balanceiq.testbed.live_config import LiveEnvConfig
 from balanceiq.testbed.live_env import LiveEnv
 
-# A compressed replay of the live benchmark's scenario: short enough to run twice per
-# checkpoint inside a training run.
+# A compressed replay of the live benchmark's scenario: short enough to run twice per checkpoint inside a training run.
 DEFAULT_LIVE_EVAL: dict[str, Any] = {
     "scenario": "degrade_and_dearer",
     "decision_interval_s": 1.0,

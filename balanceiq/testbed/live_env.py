@@ -34,7 +34,7 @@ from balanceiq.policy.features import N_FEATURES, encode
 from balanceiq.policy.knobs import Knobs
 from balanceiq.policy.lp import critical_indices, traffic_moved, weights_to_shares
 from balanceiq.policy.memory import CoreState
-from balanceiq.policy.reward import observed_reward
+from balanceiq.policy.reward import RewardWeights, observed_reward
 from balanceiq.telemetry.observation import Observation
 from balanceiq.telemetry.observe import Telemetry
 from balanceiq.testbed.fleet import Driver, Fleet, FleetProvider, Load, Scenario, resolve_fleet
@@ -138,7 +138,7 @@ class LiveEnv(gym.Env):
                 [("n_max", f"the cluster has {n} endpoints, more than n_max={self.n_max}")], "LiveEnv env_config"
             )
         self.k = int(cfg.k or base.control.critical_count(n))
-        self.weights_cfg = cfg.reward.weights()
+        self.weights_cfg = RewardWeights(**cfg.reward.model_dump())
         ctl = base.control
         self.knobs = Knobs(
             k=self.k,

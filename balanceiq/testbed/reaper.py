@@ -4,6 +4,7 @@ their creation time, so a recycled pid is never hit) and deletes the work direct
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 from pathlib import Path
@@ -61,10 +62,8 @@ class Reaper:
     def close(self, timeout: float = 10.0) -> None:
         """Closing the pipe is the signal: anything registered and still alive is stopped."""
         if self.proc.stdin is not None and not self.proc.stdin.closed:
-            try:
+            with contextlib.suppress(OSError):
                 self.proc.stdin.close()
-            except OSError:
-                pass
         try:
             self.proc.wait(timeout)
         except subprocess.TimeoutExpired:

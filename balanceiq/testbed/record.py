@@ -93,9 +93,7 @@ class Explorer:
         self.recording.parent.mkdir(parents=True, exist_ok=True)
         self.plan = plan or ExplorationPlan()
         self.weights: dict[str, int] = dict(initial) if initial else dict.fromkeys(self.addresses, 1)
-        self.records = 0
-        self.pushes = 0
-        self.failed_pushes = 0
+        self.records = self.pushes = self.failed_pushes = 0
         self.sources: dict[str, int] = {}
 
     def _shares(self, weights: Mapping[str, int]) -> np.ndarray:
@@ -202,20 +200,6 @@ def _push_and_ack(xds: Any, cluster: str, weights: Mapping[str, int], timeout: f
     return version, xds.wait_for_ack(version, None, timeout)
 
 
-def _warm_up(telemetry: Any, initial: dict[str, int], wait_s: float, console: Console) -> None:
-    """Wait for a full telemetry window of every endpoint (Prometheus, latency included)."""
-    with console.status("warming up: waiting for a full telemetry window of every endpoint"):
-        deadline = time.monotonic() + WARMUP_BUDGET_S
-        time.sleep(wait_s)
-        while True:
-            obs = telemetry.observe(initial)
-            if obs.source == "prometheus" and all(e.usable and math.isfinite(e.p50_ms) for e in obs.endpoints):
-                return
-            if time.monotonic() > deadline:
-                raise TestbedError(f"telemetry not usable after {WARMUP_BUDGET_S:.0f}s of load: {obs.errors}")
-            time.sleep(0.5)
-
-
 @dataclass(frozen=True)
 class Explored:
     """One exploration run: the fleet and cluster it explores, what it records, and how."""
@@ -227,8 +211,6 @@ class Explored:
     plan: ExplorationPlan
     duration_s: float
     rate_rps: float
-    window_s: float
-    scrape_interval_s: float
     load_concurrency: int
     console: Console
 
@@ -255,7 +237,16 @@ def _explore(run: Explored, listen_url: str, xds: Any, summary: dict[str, Any]) 
         )
         loader.start()
         telemetry = Telemetry(run.settings, cluster, retry_s=0.5)
-        _warm_up(telemetry, initial, run.window_s + 2 * run.scrape_interval_s, console)
+        with console.status("warming up: waiting for a full telemetry window of every endpoint"):
+            deadline = time.monotonic() + WARMUP_BUDGET_S
+            time.sleep(run.settings.telemetry.window_s + 2 * run.settings.prometheus.scrape_interval_s)
+            while True:
+                obs = telemetry.observe(initial)
+                if obs.source == "prometheus" and all(e.usable and math.isfinite(e.p50_ms) for e in obs.endpoints):
+                    break
+                if time.monotonic() > deadline:
+                    raise TestbedError(f"telemetry not usable after {WARMUP_BUDGET_S:.0f}s of load: {obs.errors}")
+                time.sleep(0.5)
         push = functools.partial(_push_and_ack, xds, cluster, timeout=2.0)
         explorer = Explorer(addresses, telemetry.observe, push, run.out, run.plan, initial=initial)
         with console.status(f"exploring for {run.duration_s:g}s at {run.rate_rps:g} rps -> {run.out}"):
@@ -304,9 +295,7 @@ def record_exploration(
     c = settings.cluster(cluster) if cluster else settings.clusters[0]
     addresses = [ep.address for ep in c.endpoints]
     summary: dict[str, Any] = {"cluster": c.name, "endpoints": addresses}
-    run = Explored(
-        provider, settings, c, out, plan, duration_s, rate_rps, window_s, scrape_interval_s, load_concurrency, console
-    )
+    run = Explored(provider, settings, c, out, plan, duration_s, rate_rps, load_concurrency, console)
     with tempfile.TemporaryDirectory(prefix="balanceiq-record-") as tmp:
         xds = XdsServer(settings, state_dir=None)
         xds.start()
