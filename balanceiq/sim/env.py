@@ -5,8 +5,7 @@ other endpoint keeps its share, and the fleet runs ``decision_steps`` simulator 
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, ClassVar
 
 import gymnasium as gym
@@ -51,7 +50,7 @@ class EnvConfig:
     saturation: bool = True  # observations carry utilisation (ORCA reports or load gauges)
 
 
-_FIELDS = frozenset(f.name for f in dataclasses.fields(EnvConfig))
+_FIELDS = frozenset(f.name for f in fields(EnvConfig))
 _INFO_KEYS = ("p50_ms", "p95_ms", "p99_ms", "error_rate", "cost_per_million")
 
 

@@ -163,12 +163,9 @@ class LiveEnv(gym.Env):
         self.settings: Settings | None = None
         self._owned = Owned()
         self._finalizer = weakref.finalize(self, Owned.cleanup, self._owned)
-        self.started = False
-        self.closed = False
+        self.started = self.closed = False
         self.core_state = CoreState()
-        self.decisions = 0
-        self.total_steps = 0
-        self.episodes = 0
+        self.decisions = self.total_steps = self.episodes = 0
         self._scenario_t = 0.0
         self._applied: set[int] = set()
         self._address_map: dict[str, str] = {}  # private mode moved every endpoint to a free port

@@ -187,14 +187,6 @@ _WINDOWED_QUERIES = {
 }
 
 
-def exploration_settings(settings: Settings, *, window_s: float = 2.0, scrape_interval_s: float = 0.25) -> Settings:
-    """``settings`` with a short telemetry window (each held split measured on its own) and
-    saturation / in-flight averaged over that window instead of read at one scrape."""
-    queries = {**settings.telemetry.queries, **_WINDOWED_QUERIES}
-    out = with_windows(settings, window_s, max(settings.telemetry.stale_after_s, 2 * window_s), scrape_interval_s)
-    return out.model_copy(update={"telemetry": out.telemetry.model_copy(update={"queries": queries})})
-
-
 def _push_and_ack(xds: Any, cluster: str, weights: Mapping[str, int], timeout: float) -> tuple[str, bool]:
     version = xds.set_assignment(cluster, dict(weights))
     return version, xds.wait_for_ack(version, None, timeout)
@@ -289,7 +281,10 @@ def record_exploration(
     provider = resolve_fleet(fleet, "balanceiq record")
     console = console or Console(stderr=True)
     scrape_interval_s = window_s / 8 if scrape_interval_s is None else scrape_interval_s
-    settings = exploration_settings(settings, window_s=window_s, scrape_interval_s=scrape_interval_s)
+    # A short telemetry window (each held split measured on its own), saturation and in-flight averaged over it.
+    queries = {**settings.telemetry.queries, **_WINDOWED_QUERIES}
+    out = with_windows(settings, window_s, max(settings.telemetry.stale_after_s, 2 * window_s), scrape_interval_s)
+    settings = out.model_copy(update={"telemetry": out.telemetry.model_copy(update={"queries": queries})})
     plan = plan or ExplorationPlan(hold_s=window_s + 2.0)
     check_ports_free(settings)
     c = settings.cluster(cluster) if cluster else settings.clusters[0]
