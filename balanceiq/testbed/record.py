@@ -283,8 +283,8 @@ def record_exploration(
     scrape_interval_s = window_s / 8 if scrape_interval_s is None else scrape_interval_s
     # A short telemetry window (each held split measured on its own), saturation and in-flight averaged over it.
     queries = {**settings.telemetry.queries, **_WINDOWED_QUERIES}
-    out = with_windows(settings, window_s, max(settings.telemetry.stale_after_s, 2 * window_s), scrape_interval_s)
-    settings = out.model_copy(update={"telemetry": out.telemetry.model_copy(update={"queries": queries})})
+    short = with_windows(settings, window_s, max(settings.telemetry.stale_after_s, 2 * window_s), scrape_interval_s)
+    settings = short.model_copy(update={"telemetry": short.telemetry.model_copy(update={"queries": queries})})
     plan = plan or ExplorationPlan(hold_s=window_s + 2.0)
     check_ports_free(settings)
     c = settings.cluster(cluster) if cluster else settings.clusters[0]
