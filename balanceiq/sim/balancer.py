@@ -1,13 +1,12 @@
-"""Envoy's balancers as splits: each endpoint's share of a step's traffic under a policy's
-weights, and for the least-request balancers how long requests wait.
+"""Envoy's balancers as splits: each endpoint's share of a step's traffic under a policy's weights, and for the
+least-request balancers how long requests wait.
 
 - ``round_robin``: shares proportional to the weights.
-- ``least_request``: power of two choices (equal weights) or ``weight / (active + 1)``. Each
-  endpoint's in-flight count is a birth-death chain whose arrivals depend on every endpoint's
-  distribution (mean-field JSQ(d)); the split is that system's fixed point.
-- ``cswrr``: weights ``qps / utilisation`` from the last step's ORCA reports
-  (:func:`orca_weights`), utilisation as the lab's backends report it: slots in use when a
-  response leaves (a one-slot backend always reports 1).
+- ``least_request``: power of two choices (equal weights) or ``weight / (active + 1)``. Each endpoint's in-flight count
+  is a birth-death chain whose arrivals depend on every endpoint's distribution (mean-field JSQ(d)); the split is that
+  system's fixed point.
+- ``cswrr``: weights ``qps / utilisation`` from the last step's ORCA reports (:func:`orca_weights`), utilisation as the
+  lab's backends report it: slots in use when a response leaves (a one-slot backend always reports 1).
 
 The least-request balancers skip endpoints that are down (Envoy's health checks eject them).
 """
@@ -38,8 +37,7 @@ class Split:
 
 
 def _arrivals(x: np.ndarray, demand: float, w: np.ndarray, equal: bool) -> np.ndarray:
-    """Arrival rate (req/s) at each endpoint in each state, given every endpoint's state
-    distribution ``x`` (rows)."""
+    """Arrival rate (req/s) at each endpoint in each state, given every endpoint's state distribution ``x`` (rows)."""
     n, k = x.shape
     if equal:
         beaten = (1.0 - np.cumsum(x, axis=1)) + 0.5 * x  # P(A_j > k) + P(A_j = k) / 2

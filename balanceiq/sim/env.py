@@ -1,13 +1,11 @@
-"""CFR-RL as a plain gymnasium environment over the fleet simulator. Each step is one control
-decision: the agent names K critical endpoints (ordered, no repeats), SLO breachers join them,
-the LP re-splits traffic among them while every other endpoint keeps its share, and the fleet
-runs ``decision_steps`` simulator steps under the new split, scored by :mod:`balanceiq.policy.reward`.
-"""
+"""CFR-RL as a plain gymnasium environment over the fleet simulator. Each step is one control decision: the agent names
+K critical endpoints (ordered, no repeats), SLO breachers join them, the LP re-splits traffic among them while every
+other endpoint keeps its share, and the fleet runs ``decision_steps`` simulator steps under the new split, scored by
+:mod:`balanceiq.policy.reward`."""
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, ClassVar
 
 import gymnasium as gym
@@ -52,7 +50,7 @@ class EnvConfig:
     saturation: bool = True  # observations carry utilisation (ORCA reports or load gauges)
 
 
-_FIELDS = frozenset(f.name for f in dataclasses.fields(EnvConfig))
+_FIELDS = frozenset(f.name for f in fields(EnvConfig))
 _INFO_KEYS = ("p50_ms", "p95_ms", "p99_ms", "error_rate", "cost_per_million")
 
 
@@ -111,9 +109,8 @@ class FleetEnv(gym.Env):
         self._episode += 1
         self.sim = self.sim_class(scenario, seed=sim_seed, obs_noise=self.obs_noise, saturation=self.saturation)
         self.hint = np.array([e.capacity_rps for e in scenario.endpoints], dtype=np.float64)
-        static = np.array([e.weight for e in scenario.endpoints], dtype=np.float64)
+        self.static = static = np.array([e.weight for e in scenario.endpoints], dtype=np.float64)
         self.shares = static / static.sum()
-        self.static = static
         self.core_state = CoreState()
         self._weights_state = CoreState()
         self.decisions = 0

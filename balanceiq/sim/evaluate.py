@@ -60,9 +60,8 @@ def evaluate_checkpoints(
 def promotion_decision(
     evaluation: dict[str, Any], *, margin: float = 0.02, worst_regression: float = 0.25
 ) -> tuple[bool, str]:
-    """``(promote, reason)``: better by ``margin`` on average, and no scenario worse by more
-    than ``worst_regression``; both relative per scenario, so a scenario with a large
-    reward scale (many endpoints) does not drown the others."""
+    """``(promote, reason)``: better by ``margin`` on average, and no scenario worse by more than ``worst_regression``;
+    both relative per scenario, so a scenario with a large reward scale (many endpoints) does not drown the others."""
     cand, serv = evaluation["candidate"], evaluation["serving"]
     if not (np.isfinite(cand) and np.isfinite(serv)):
         return False, "evaluation produced a non-finite reward"
@@ -85,9 +84,8 @@ def promotion_decision(
 
 
 def merge_evaluations(*evaluations: dict[str, Any]) -> dict[str, Any]:
-    """One evaluation from several (the simulator's and the live testbed's): the scenarios
-    side by side, the means recomputed over all of them, so the gate weighs a live
-    scenario like any held-back simulated one."""
+    """One evaluation from several (the simulator's and the live testbed's): the scenarios side by side, the means
+    recomputed over all of them, so the gate weighs a live scenario like any held-back simulated one."""
     merged: dict[str, Any] = {"scenarios": {}}
     for ev in evaluations:
         for sc, v in ev["scenarios"].items():

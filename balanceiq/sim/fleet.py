@@ -1,11 +1,10 @@
 """A vectorised, seeded model of a multi-cloud fleet under a traffic split.
 
-Each :meth:`FleetSim.step` is one telemetry window: endpoint ``i`` gets ``s_i D`` of demand
-``D(t) = base_rps (1 + a sin(2 pi t / period + phase))`` times event multipliers and lognormal
-noise, ``s`` being the policy's weights as Envoy's balancer applies them (:mod:`~balanceiq.sim.balancer`).
-Latency is base latency plus an M/G/c queue (:mod:`~balanceiq.sim.queue`); errors are ``BASE_ERROR``
-plus the load above capacity shed, or every request of a failed endpoint. Fleet quantiles
-invert the traffic mixture of the endpoints' CDFs on a fixed log-spaced grid.
+Each :meth:`FleetSim.step` is one telemetry window: endpoint ``i`` gets ``s_i D`` of demand ``D(t) = base_rps (1 + a
+sin(2 pi t / period + phase))`` times event multipliers and lognormal noise, ``s`` being the policy's weights as Envoy's
+balancer applies them (:mod:`~balanceiq.sim.balancer`). Latency is base latency plus an M/G/c queue
+(:mod:`~balanceiq.sim.queue`); errors are ``BASE_ERROR`` plus the load above capacity shed, or every request of a failed
+endpoint. Fleet quantiles invert the traffic mixture of the endpoints' CDFs on a fixed log-spaced grid.
 """
 
 from __future__ import annotations
@@ -18,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from balanceiq.sim import queue
-from balanceiq.sim.balancer import Split, orca_weights, split
+from balanceiq.sim.balancer import orca_weights, split
 from balanceiq.sim.queue import TAIL_FRACTION
 from balanceiq.sim.scenario import Scenario, load_scenario
 from balanceiq.telemetry.observation import NO_TRAFFIC, EndpointObservation, Observation
@@ -67,14 +66,15 @@ class _Segment:
 
     def __init__(self, start: float, sim: FleetSim, active: Sequence[tuple[list[int], str, float, float]]) -> None:
         n = sim.n
+        self.start = start
         cap_mult = np.ones(n)
         cost_mult = np.ones(n)
-        servers = sim.servers.copy()
-        tail = np.zeros(n)
-        tail_frac = np.full(n, TAIL_FRACTION)
+        self.servers = servers = sim.servers.copy()
+        self.tail = tail = np.zeros(n)
+        self.tail_frac = tail_frac = np.full(n, TAIL_FRACTION)
         errors = np.zeros(n)
-        failed = np.zeros(n, dtype=bool)
-        demand_mult = 1.0
+        self.failed = failed = np.zeros(n, dtype=bool)
+        self.demand_mult = 1.0
         for idx, kind, value, fraction in active:
             if kind == "capacity":
                 cap_mult[idx] *= value
@@ -91,14 +91,9 @@ class _Segment:
             elif kind == "fail":
                 failed[idx] = True
             else:  # demand, burst
-                demand_mult *= value
-        self.start = start
-        self.failed = failed
+                self.demand_mult *= value
         self.any_failed = bool(failed.any())
-        self.tail = tail
-        self.tail_frac = tail_frac
         self.any_tail = bool((tail > 0).any())
-        self.servers = servers
         self.one_server = bool(np.all(servers == 1))
         self.ok = 1.0 - np.minimum(BASE_ERROR + errors, 1.0)
         self.capacity = np.where(failed, 0.0, sim.base_capacity_rps * cap_mult)
@@ -108,7 +103,6 @@ class _Segment:
         self.mu_accept = np.where(failed, np.inf, self.capacity)
         self.cost = sim.base_cost * cost_mult
         self.up = ~failed
-        self.demand_mult = demand_mult
         # Step results hand these out without copying; nobody may change them underneath.
         for arr in (self.failed, self.tail, self.capacity, self.mu_safe, self.mu_accept, self.cost, self.up, self.ok):
             arr.setflags(write=False)
@@ -143,7 +137,12 @@ class FleetSim:
 
         self._omega = 2.0 * math.pi / scenario.demand.diurnal_period_s
 
-        self._segments = self._compile_segments()
+        events = scenario.events
+        bounds = sorted({0.0} | {e.at_s for e in events} | {e.end_s for e in events if math.isfinite(e.end_s)})
+        effects = [(scenario.targets(e.target), e.kind, float(e.value), e.fraction) for e in events]
+        self._segments = [
+            _Segment(start, self, [x for x, e in zip(effects, events) if e.at_s <= start < e.end_s]) for start in bounds
+        ]
         self._starts = [seg.start for seg in self._segments]
         max_tail = max(float(seg.tail.max()) for seg in self._segments)
 
@@ -162,16 +161,6 @@ class FleetSim:
 
         self.seed = scenario.seed if seed is None else int(seed)
         self.reset()
-
-    def _compile_segments(self) -> list[_Segment]:
-        sc = self.scenario
-        events = [(sc.targets(e.target), e.kind, float(e.value), e.fraction, e.at_s, e.end_s) for e in sc.events]
-        bounds = sorted({0.0} | {e[4] for e in events} | {e[5] for e in events if math.isfinite(e[5])})
-        segments = []
-        for start in bounds:
-            active = [(idx, kind, value, frac) for idx, kind, value, frac, at, end in events if at <= start < end]
-            segments.append(_Segment(start, self, active))
-        return segments
 
     def reset(self, seed: int | None = None) -> None:
         """Back to time 0 with events re-armed; reseeds (same seed, same trajectory)."""
@@ -226,13 +215,6 @@ class FleetSim:
             raise ValueError("shares sum to 0: no endpoint would receive traffic")
         return s if total == 1.0 else s / total
 
-    def _queue(self, seg: _Segment, load: np.ndarray, sp: Split) -> queue.Queue:
-        tail = (seg.tail, seg.tail_frac) if seg.any_tail else None
-        wait = None if sp.p_wait is None or sp.wait_ms is None else (sp.p_wait, sp.wait_ms)
-        return queue.build(
-            seg.mu_safe, seg.servers, self.service_cv, self.tail_prob, self.tail_ms, load, tail, self.timeout_ms, wait
-        )
-
     def _mm1(self, seg: _Segment, rho: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """:func:`queue.build`'s answer for M/M/1 endpoints in closed form (the sojourn is
         exponential): the shipped scenarios' case, and training's, kept fast."""
@@ -273,7 +255,19 @@ class FleetSim:
         if self._plain and seg.one_server and sp.p_wait is None and not seg.any_tail:
             lat, mean_wait, cdf = self._mm1(seg, rho)
         else:
-            q = self._queue(seg, lam, sp)
+            tail = (seg.tail, seg.tail_frac) if seg.any_tail else None
+            wait = None if sp.p_wait is None or sp.wait_ms is None else (sp.p_wait, sp.wait_ms)
+            q = queue.build(
+                seg.mu_safe,
+                seg.servers,
+                self.service_cv,
+                self.tail_prob,
+                self.tail_ms,
+                lam,
+                tail,
+                self.timeout_ms,
+                wait,
+            )
             lat = b[:, None] + queue.quantiles(q, QUANTILES)
             mean_wait = queue.mean(q)
             cdf = 1.0 - queue.survival(q, self._x_minus_b)
@@ -332,16 +326,12 @@ class FleetSim:
         w = self.static_weights if weights is None else np.asarray(weights, dtype=np.float64)
         if w.shape != (n,):
             raise ValueError(f"weights must have shape ({n},), got {w.shape}")
-        p50 = result.endpoint_p50_ms
-        p95 = result.endpoint_p95_ms
-        err = result.endpoint_error_rate
+        p50, p95, err = result.endpoint_p50_ms, result.endpoint_p95_ms, result.endpoint_error_rate
         if self.obs_noise > 0.0:
             sig = self.obs_noise
             z = self._obs_rng.standard_normal((2, n))
             lat_noise = np.exp(sig * z[0] - 0.5 * sig * sig)
-            # One factor for both quantiles keeps p50 <= p95.
-            p50 = p50 * lat_noise
-            p95 = p95 * lat_noise
+            p50, p95 = p50 * lat_noise, p95 * lat_noise  # one factor for both keeps p50 <= p95
             err = np.clip(err * np.exp(sig * z[1] - 0.5 * sig * sig), 0.0, 1.0)
         sat = np.minimum(result.utilization, SATURATION_MAX) if self.saturation else np.full(n, np.nan)
         flags = [frozenset({NO_TRAFFIC}) if quiet else frozenset() for quiet in (result.offered_rps <= 0.0).tolist()]

@@ -1,8 +1,7 @@
-"""Imitation warm start: behaviour-clone a teacher before PPO refines it (PPO from random
-scores spends most of its budget discovering which endpoints the LP needs in the critical set).
-The default teacher (``gap``) names the K endpoints furthest from the decision core's fleet-wide
-optimum, which knows price, the SLO and headroom; the older ``hot_cold``
-(:func:`~balanceiq.policy.baselines.hot_cold_critical`) ranks by load alone."""
+"""Imitation warm start: behaviour-clone a teacher before PPO refines it (PPO from random scores spends most of its
+budget discovering which endpoints the LP needs in the critical set). The default teacher (``gap``) names the K
+endpoints furthest from the decision core's fleet-wide optimum, which knows price, the SLO and headroom; the older
+``hot_cold`` (:func:`~balanceiq.policy.baselines.hot_cold_critical`) ranks by load alone."""
 
 from __future__ import annotations
 
@@ -99,10 +98,9 @@ def pretrain(
     seed: int = 0,
     on_epoch: Callable[[int, float], None] | None = None,
 ) -> dict[str, Any]:
-    """Fit ``module`` in place: maximise the Plackett-Luce log-likelihood of the teacher's
-    choices (the distribution PPO samples from) and regress the value head on the returns,
-    so PPO's first advantages are not noise from an untrained critic. ``agreement``: the
-    share of states where the module's top K are the teacher's K (as a set)."""
+    """Fit ``module`` in place: maximise the Plackett-Luce log-likelihood of the teacher's choices (the distribution PPO
+    samples from) and regress the value head on the returns, so PPO's first advantages are not noise from an untrained
+    critic. ``agreement``: the share of states where the module's top K are the teacher's K (as a set)."""
     import torch
     from ray.rllib.core.columns import Columns
 

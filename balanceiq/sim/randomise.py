@@ -1,6 +1,5 @@
-"""Random fleets and timelines to train on (domain randomisation), drawn like the lab's
-unseen-fleet suite but from their own generator, so the suite's fleets, the shipped scenarios
-and any scenario of the user's stay held back."""
+"""Random fleets and timelines to train on (domain randomisation), drawn like the lab's unseen-fleet suite but from
+their own generator, so the suite's fleets, the shipped scenarios and any scenario of the user's stay held back."""
 
 from __future__ import annotations
 
@@ -62,11 +61,8 @@ def _event(rng: np.random.Generator, kind: str, at: float, eps: list[dict[str, A
     if kind == "errors":
         return {**ev, "kind": "errors", "value": round(float(rng.uniform(0.05, 0.3)), 4)}
     if kind == "tail":
-        tail = {
-            "value": round(float(rng.uniform(100.0, 500.0)), 1),
-            "fraction": round(float(rng.uniform(0.02, 0.1)), 4),
-        }
-        return {**ev, "kind": "tail_latency", **tail}
+        value, fraction = round(float(rng.uniform(100.0, 500.0)), 1), round(float(rng.uniform(0.02, 0.1)), 4)
+        return {**ev, "kind": "tail_latency", "value": value, "fraction": fraction}
     m = 1.0
     while 1 / 1.5 < m < 1.5:
         m = _loguniform(rng, 0.2, 10.0)

@@ -1,7 +1,6 @@
-"""Envoy bootstraps rendered from Settings, as data: each xDS flavour and TLS are one switch.
-``envoy/*.yaml`` in the repo holds the default renderings (kept identical by a test). The update
-merge window defaults to 0 s (every push is a whole decision: merging only adds lag), and
-``per_endpoint_stats`` is on so Prometheus sees each endpoint."""
+"""Envoy bootstraps rendered from Settings, as data: each xDS flavour and TLS are one switch. ``envoy/*.yaml`` in the
+repo holds the default renderings (kept identical by a test). The update merge window defaults to 0 s (every push is a
+whole decision: merging only adds lag), and ``per_endpoint_stats`` is on so Prometheus sees each endpoint."""
 
 from __future__ import annotations
 
@@ -37,20 +36,14 @@ def render_bootstrap(
         raise EnvoyError(f"unknown xDS api {api!r}; expected one of {', '.join(API_TYPES)}")
     admin = httpx.URL(settings.envoy.admin_url)
     admin_port = admin.port or (443 if admin.scheme == "https" else 80)
+    # The xDS stream's back-off is EnvoyGrpc.retry_policy; GrpcService's own is for
+    # other async streams and leaves xDS on Envoy's default (growing to 30 s).
+    retry = {"retry_back_off": {"base_interval": "0.1s", "max_interval": "1s"}}
     api_source = {
         "api_type": "DELTA_GRPC" if api.endswith("delta") else "GRPC",
         "transport_api_version": "V3",
         "set_node_on_first_message_only": True,
-        # The xDS stream's back-off is EnvoyGrpc.retry_policy; GrpcService's own is for
-        # other async streams and leaves xDS on Envoy's default (growing to 30 s).
-        "grpc_services": [
-            {
-                "envoy_grpc": {
-                    "cluster_name": "xds_cluster",
-                    "retry_policy": {"retry_back_off": {"base_interval": "0.1s", "max_interval": "1s"}},
-                },
-            }
-        ],
+        "grpc_services": [{"envoy_grpc": {"cluster_name": "xds_cluster", "retry_policy": retry}}],
     }
     ads = api.startswith("ads")
     eds_config: dict[str, Any] = {"ads": {}} if ads else {"api_config_source": api_source}
@@ -148,10 +141,9 @@ def cluster_routes(settings: Settings) -> list[dict[str, Any]]:
 
 
 def render_attach(settings: Settings, *, api: str | None = None) -> dict[str, Any]:
-    """What an Envoy you already run needs to be steered by BalanceIQ, to merge into its own
-    bootstrap: ``clusters`` (xDS, one EDS cluster per config cluster, ALS), ``dynamic_resources``
-    (ADS only, else ``None``) and ``access_log`` (for each HTTP connection manager whose latency
-    BalanceIQ should see): the pieces of :func:`render_bootstrap`."""
+    """What an Envoy you already run needs to be steered by BalanceIQ, to merge into its own bootstrap: ``clusters``
+    (xDS, one EDS cluster per config cluster, ALS), ``dynamic_resources`` (ADS only, else ``None``) and ``access_log``
+    (for each HTTP connection manager whose latency BalanceIQ should see): the pieces of :func:`render_bootstrap`."""
     whole = render_bootstrap(settings, api=api)
     hcm = whole["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
     return {

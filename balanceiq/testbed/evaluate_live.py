@@ -1,8 +1,7 @@
-"""The live half of the promotion gate: :func:`evaluate_checkpoints_live` runs the candidate and
-the serving checkpoint on one private LiveEnv (a live scenario replayed per episode), paired because
-live rewards are noisy: the same offset and seed for both, the order alternated per episode so a
-drift favours neither, only measured rewards counted; the result has
-:func:`~balanceiq.sim.evaluate.evaluate_checkpoints`'s shape."""
+"""The live half of the promotion gate: :func:`evaluate_checkpoints_live` runs the candidate and the serving checkpoint
+on one private LiveEnv (a live scenario replayed per episode), paired because live rewards are noisy: the same offset
+and seed for both, the order alternated per episode so a drift favours neither, only measured rewards counted; the
+result has :func:`~balanceiq.sim.evaluate.evaluate_checkpoints`'s shape."""
 
 from __future__ import annotations
 
@@ -18,8 +17,7 @@ from balanceiq.testbed.fleet import resolve_fleet
 from balanceiq.testbed.live_config import LiveEnvConfig
 from balanceiq.testbed.live_env import LiveEnv
 
-# A compressed replay of the live benchmark's scenario: short enough to run twice per
-# checkpoint inside a training run.
+# A compressed replay of the live benchmark's scenario: short enough to run twice per checkpoint inside a training run.
 DEFAULT_LIVE_EVAL: dict[str, Any] = {
     "scenario": "degrade_and_dearer",
     "decision_interval_s": 1.0,

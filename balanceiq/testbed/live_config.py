@@ -14,7 +14,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from balanceiq.config import Settings, load_config, parse_yaml, settings_from_dict, validation_problems
 from balanceiq.exceptions import ConfigError
-from balanceiq.policy.reward import RewardWeights
 from balanceiq.testbed.fleet import ENV_VAR
 
 # The sample fleet (6 endpoints, 3 clouds); private mode re-allocates its ports.
@@ -34,9 +33,6 @@ class RewardConfig(BaseModel):
     errors: float = Field(default=10.0, ge=0)
     cost: float = Field(default=0.5, ge=0)
     ref_cost: float = Field(default=0.4, gt=0)
-
-    def weights(self) -> RewardWeights:
-        return RewardWeights(**self.model_dump())
 
 
 class LiveEnvConfig(BaseModel):

@@ -1,16 +1,13 @@
-"""LiveEnv: the CFR-RL environment on a real Envoy, real backends and real telemetry, with
-:class:`~balanceiq.sim.env.FleetEnv`'s spaces (one checkpoint trains and runs on either).
-
-A step is one decision of the controller's core (the action's picks as the policy's order),
-pushed over xDS; its reward is observed one ``decision_interval_s`` later, or repeated when
-telemetry is blind (``info["reward_measured"]``). ``private`` mode owns a whole stack on free
-ports; ``attach`` drives an existing one through the xDS actor under the controller lease and
-restores the weights it found. Nothing starts before the first reset (RLlib builds envs to
-read their spaces). CPU cost and timing: BENCHMARKS.md.
-"""
+"""LiveEnv: the CFR-RL environment on a real Envoy, backends and telemetry, with :class:`~balanceiq.sim.env.FleetEnv`'s
+spaces (one checkpoint trains and runs on either). A step is one decision of the controller's core (the action's picks
+as the policy's order), pushed over xDS; its reward is observed one ``decision_interval_s`` later, or repeated when
+telemetry is blind (``info["reward_measured"]``). ``private`` mode owns a whole stack on free ports; ``attach`` drives
+an existing one through the xDS actor under the controller lease and restores the weights it found. Nothing starts
+before the first reset (RLlib builds envs to read their spaces). CPU cost and timing: BENCHMARKS.md."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -32,12 +29,12 @@ import numpy as np
 from balanceiq.config import Settings
 from balanceiq.exceptions import BalanceIQError, ConfigError, TestbedError, XdsError
 from balanceiq.policy.baselines import PolicyContext
-from balanceiq.policy.decide import CoreDecision, decide, envoy_weights, observe_only
+from balanceiq.policy.decide import decide, envoy_weights, observe_only
 from balanceiq.policy.features import N_FEATURES, encode
 from balanceiq.policy.knobs import Knobs
 from balanceiq.policy.lp import critical_indices, traffic_moved, weights_to_shares
 from balanceiq.policy.memory import CoreState
-from balanceiq.policy.reward import observed_reward
+from balanceiq.policy.reward import RewardWeights, observed_reward
 from balanceiq.telemetry.observation import Observation
 from balanceiq.telemetry.observe import Telemetry
 from balanceiq.testbed.fleet import Driver, Fleet, FleetProvider, Load, Scenario, resolve_fleet
@@ -141,7 +138,7 @@ class LiveEnv(gym.Env):
                 [("n_max", f"the cluster has {n} endpoints, more than n_max={self.n_max}")], "LiveEnv env_config"
             )
         self.k = int(cfg.k or base.control.critical_count(n))
-        self.weights_cfg = cfg.reward.weights()
+        self.weights_cfg = RewardWeights(**cfg.reward.model_dump())
         ctl = base.control
         self.knobs = Knobs(
             k=self.k,
@@ -151,7 +148,6 @@ class LiveEnv(gym.Env):
             latency_weight=float(ctl.latency_weight if cfg.latency_weight is None else cfg.latency_weight),
             force_breaching=cfg.force_breaching,
         )
-        self._fleet: FleetProvider | None = None
         self.scenario: Scenario | None = self.fleet.scenario(cfg.scenario) if cfg.scenario else None
         if self.scenario is not None:
             self.scenario.check_targets(list(base.clusters[0].endpoints))
@@ -167,12 +163,9 @@ class LiveEnv(gym.Env):
         self.settings: Settings | None = None
         self._owned = Owned()
         self._finalizer = weakref.finalize(self, Owned.cleanup, self._owned)
-        self.started = False
-        self.closed = False
+        self.started = self.closed = False
         self.core_state = CoreState()
-        self.decisions = 0
-        self.total_steps = 0
-        self.episodes = 0
+        self.decisions = self.total_steps = self.episodes = 0
         self._scenario_t = 0.0
         self._applied: set[int] = set()
         self._address_map: dict[str, str] = {}  # private mode moved every endpoint to a free port
@@ -267,12 +260,10 @@ class LiveEnv(gym.Env):
         backend_urls = {e.address: f"http://{e.address}" for e in s.clusters[0].endpoints}
         return backend_urls, f"http://{s.envoy.listen_host}:{s.envoy.listen_port}"
 
-    @property
+    @functools.cached_property
     def fleet(self) -> FleetProvider:
         """The sample fleet (private mode, scenarios, load), resolved on first use."""
-        if self._fleet is None:
-            self._fleet = resolve_fleet(self.cfg.fleet, "LiveEnv (private mode, a scenario or load)")
-        return self._fleet
+        return resolve_fleet(self.cfg.fleet, "LiveEnv (private mode, a scenario or load)")
 
     @property
     def owned_pids(self) -> list[int]:
@@ -291,13 +282,6 @@ class LiveEnv(gym.Env):
         rps = np.array([e.rps for e in obs.endpoints], dtype=np.float64)
         demand = float(np.where(np.isfinite(rps), rps, 0.0).sum())
         return PolicyContext(self.shares, self.hint, self.static_weights, demand, self.k)
-
-    def _decide(self, picked: list[int], obs: Observation) -> CoreDecision:
-        """The decision core (the controller's) with the agent's picks as the policy's order."""
-        scores = np.full(len(obs.endpoints), -np.inf)
-        scores[picked] = len(picked) - np.arange(len(picked), dtype=np.float64)
-        knobs = replace(self.knobs, k=max(1, len(picked)))
-        return decide(obs, self._context(obs), scores, knobs, self.core_state)
 
     def _encode(self, obs: Observation) -> np.ndarray:
         est, _ = observe_only(obs, self._context(obs), self.knobs, self.core_state)
@@ -417,7 +401,11 @@ class LiveEnv(gym.Env):
             raise RuntimeError("LiveEnv: reset() first")
         t0 = time.monotonic()
         obs = self.last_obs
-        core = self._decide(self.critical_from_action(action), obs)
+        # The decision core (the controller's) with the agent's picks as the policy's order.
+        picked = self.critical_from_action(action)
+        scores = np.full(len(obs.endpoints), -np.inf)
+        scores[picked] = len(picked) - np.arange(len(picked), dtype=np.float64)
+        core = decide(obs, self._context(obs), scores, replace(self.knobs, k=max(1, len(picked))), self.core_state)
         before = self.shares
         held = obs.source == "none" or not any(e.usable for e in obs.endpoints)
         lp_status: str | None = None

@@ -1,10 +1,10 @@
-"""A reaper process that stops an owner's children when the owner dies, however it dies: the
-kernel then closes the owner's end of a pipe (SIGKILL included), and the reaper, in its own
-session, stops the registered pids (checked against their creation time, so a recycled pid is
-never hit) and deletes the work directory."""
+"""A reaper process that stops an owner's children when the owner dies, however it dies: the kernel then closes the
+owner's end of a pipe (SIGKILL included), and the reaper, in its own session, stops the registered pids (checked against
+their creation time, so a recycled pid is never hit) and deletes the work directory."""
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 from pathlib import Path
@@ -62,10 +62,8 @@ class Reaper:
     def close(self, timeout: float = 10.0) -> None:
         """Closing the pipe is the signal: anything registered and still alive is stopped."""
         if self.proc.stdin is not None and not self.proc.stdin.closed:
-            try:
+            with contextlib.suppress(OSError):
                 self.proc.stdin.close()
-            except OSError:
-                pass
         try:
             self.proc.wait(timeout)
         except subprocess.TimeoutExpired:

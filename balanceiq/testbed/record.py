@@ -1,7 +1,6 @@
-"""Exploration recordings for calibration: steady weights give one operating point per
-endpoint, fitting capacity and the latency curve needs many. :class:`Explorer` runs the
-controller's loop (DecisionRecords, mode ``"explore"``) while sweeping each endpoint's share
-in turn; ``balanceiq calibrate`` reads these and controller recordings alike."""
+"""Exploration recordings for calibration: steady weights give one operating point per endpoint, fitting capacity and
+the latency curve needs many. :class:`Explorer` runs the controller's loop (DecisionRecords, mode ``"explore"``) while
+sweeping each endpoint's share in turn; ``balanceiq calibrate`` reads these and controller recordings alike."""
 
 from __future__ import annotations
 
@@ -94,9 +93,7 @@ class Explorer:
         self.recording.parent.mkdir(parents=True, exist_ok=True)
         self.plan = plan or ExplorationPlan()
         self.weights: dict[str, int] = dict(initial) if initial else dict.fromkeys(self.addresses, 1)
-        self.records = 0
-        self.pushes = 0
-        self.failed_pushes = 0
+        self.records = self.pushes = self.failed_pushes = 0
         self.sources: dict[str, int] = {}
 
     def _shares(self, weights: Mapping[str, int]) -> np.ndarray:
@@ -190,31 +187,9 @@ _WINDOWED_QUERIES = {
 }
 
 
-def exploration_settings(settings: Settings, *, window_s: float = 2.0, scrape_interval_s: float = 0.25) -> Settings:
-    """``settings`` with a short telemetry window (each held split measured on its own) and
-    saturation / in-flight averaged over that window instead of read at one scrape."""
-    queries = {**settings.telemetry.queries, **_WINDOWED_QUERIES}
-    out = with_windows(settings, window_s, max(settings.telemetry.stale_after_s, 2 * window_s), scrape_interval_s)
-    return out.model_copy(update={"telemetry": out.telemetry.model_copy(update={"queries": queries})})
-
-
 def _push_and_ack(xds: Any, cluster: str, weights: Mapping[str, int], timeout: float) -> tuple[str, bool]:
     version = xds.set_assignment(cluster, dict(weights))
     return version, xds.wait_for_ack(version, None, timeout)
-
-
-def _warm_up(telemetry: Any, initial: dict[str, int], wait_s: float, console: Console) -> None:
-    """Wait for a full telemetry window of every endpoint (Prometheus, latency included)."""
-    with console.status("warming up: waiting for a full telemetry window of every endpoint"):
-        deadline = time.monotonic() + WARMUP_BUDGET_S
-        time.sleep(wait_s)
-        while True:
-            obs = telemetry.observe(initial)
-            if obs.source == "prometheus" and all(e.usable and math.isfinite(e.p50_ms) for e in obs.endpoints):
-                return
-            if time.monotonic() > deadline:
-                raise TestbedError(f"telemetry not usable after {WARMUP_BUDGET_S:.0f}s of load: {obs.errors}")
-            time.sleep(0.5)
 
 
 @dataclass(frozen=True)
@@ -228,8 +203,6 @@ class Explored:
     plan: ExplorationPlan
     duration_s: float
     rate_rps: float
-    window_s: float
-    scrape_interval_s: float
     load_concurrency: int
     console: Console
 
@@ -256,7 +229,16 @@ def _explore(run: Explored, listen_url: str, xds: Any, summary: dict[str, Any]) 
         )
         loader.start()
         telemetry = Telemetry(run.settings, cluster, retry_s=0.5)
-        _warm_up(telemetry, initial, run.window_s + 2 * run.scrape_interval_s, console)
+        with console.status("warming up: waiting for a full telemetry window of every endpoint"):
+            deadline = time.monotonic() + WARMUP_BUDGET_S
+            time.sleep(run.settings.telemetry.window_s + 2 * run.settings.prometheus.scrape_interval_s)
+            while True:
+                obs = telemetry.observe(initial)
+                if obs.source == "prometheus" and all(e.usable and math.isfinite(e.p50_ms) for e in obs.endpoints):
+                    break
+                if time.monotonic() > deadline:
+                    raise TestbedError(f"telemetry not usable after {WARMUP_BUDGET_S:.0f}s of load: {obs.errors}")
+                time.sleep(0.5)
         push = functools.partial(_push_and_ack, xds, cluster, timeout=2.0)
         explorer = Explorer(addresses, telemetry.observe, push, run.out, run.plan, initial=initial)
         with console.status(f"exploring for {run.duration_s:g}s at {run.rate_rps:g} rps -> {run.out}"):
@@ -299,15 +281,16 @@ def record_exploration(
     provider = resolve_fleet(fleet, "balanceiq record")
     console = console or Console(stderr=True)
     scrape_interval_s = window_s / 8 if scrape_interval_s is None else scrape_interval_s
-    settings = exploration_settings(settings, window_s=window_s, scrape_interval_s=scrape_interval_s)
+    # A short telemetry window (each held split measured on its own), saturation and in-flight averaged over it.
+    queries = {**settings.telemetry.queries, **_WINDOWED_QUERIES}
+    short = with_windows(settings, window_s, max(settings.telemetry.stale_after_s, 2 * window_s), scrape_interval_s)
+    settings = short.model_copy(update={"telemetry": short.telemetry.model_copy(update={"queries": queries})})
     plan = plan or ExplorationPlan(hold_s=window_s + 2.0)
     check_ports_free(settings)
     c = settings.cluster(cluster) if cluster else settings.clusters[0]
     addresses = [ep.address for ep in c.endpoints]
     summary: dict[str, Any] = {"cluster": c.name, "endpoints": addresses}
-    run = Explored(
-        provider, settings, c, out, plan, duration_s, rate_rps, window_s, scrape_interval_s, load_concurrency, console
-    )
+    run = Explored(provider, settings, c, out, plan, duration_s, rate_rps, load_concurrency, console)
     with tempfile.TemporaryDirectory(prefix="balanceiq-record-") as tmp:
         xds = XdsServer(settings, state_dir=None)
         xds.start()

@@ -70,10 +70,9 @@ def calibrate(
     method: str = "auto",
     endpoints: Mapping[str, tuple[str, str]] | None = None,
 ) -> Calibration:
-    """Fit a simulator scenario to a recording (see :mod:`balanceiq.sim.calibrate`).
-    ``endpoints``: address -> ``(cloud, region)`` (default ``live``/``recorded``); ``method``
-    forces the capacity estimator (``auto``: saturation when recorded); ``settle_margin_s``
-    defaults to a quarter window (one scrape plus one rule evaluation). An endpoint with
+    """Fit a simulator scenario to a recording (see :mod:`balanceiq.sim.calibrate`). ``endpoints``: address -> ``(cloud,
+    region)`` (default ``live``/``recorded``); ``method`` forces the capacity estimator (``auto``: saturation when
+    recorded); ``settle_margin_s`` defaults to a quarter window (one scrape plus one rule evaluation). An endpoint with
     fewer than ``min_samples`` settled records is fitted on all of them, with a warning."""
     if method not in ("auto", "saturation", "latency"):
         raise CalibrationError(f"unknown capacity method {method!r}; use auto, saturation or latency")

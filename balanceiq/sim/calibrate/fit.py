@@ -70,10 +70,9 @@ class EndpointFit:
 
 
 def _fit_capacity_saturation(s: Samples) -> float | None:
-    """Robust least squares of ``saturation = min(lam / mu, 1)``: the ``min`` keeps
-    overloaded records (a live busy fraction stops at 1) as the constraint ``mu < lam``
-    instead of a bias. Saturation is proportional to load whatever the queueing
-    discipline, so this holds even where the M/M/1 latency curve is the wrong shape."""
+    """Robust least squares of ``saturation = min(lam / mu, 1)``: the ``min`` keeps overloaded records (a live busy
+    fraction stops at 1) as the constraint ``mu < lam`` instead of a bias. Saturation is proportional to load whatever
+    the queueing discipline, so this holds even where the M/M/1 latency curve is the wrong shape."""
     ok = np.isfinite(s.sat) & (s.rps > 0)
     lam, sat = s.rps[ok], np.clip(s.sat[ok], 0.0, None)
     if lam.size < 3 or not (sat > 0.02).any():
@@ -142,10 +141,9 @@ def fit_latency_curve(s: Samples) -> tuple[float, float] | None:
 
 
 def _fit_errors(s: Samples, mu: float) -> tuple[float, float | None, int]:
-    """Baseline: traffic-weighted error rate below 90% utilisation. Overload: the slope of
-    excess errors against the simulator's shed fraction ``1 - 1/rho`` above capacity (1
-    where the fleet sheds like the simulator, 0 where it queues instead). Reported only:
-    the scenario format has no error fields."""
+    """Baseline: traffic-weighted error rate below 90% utilisation. Overload: the slope of excess errors against the
+    simulator's shed fraction ``1 - 1/rho`` above capacity (1 where the fleet sheds like the simulator, 0 where it
+    queues instead). Reported only: the scenario format has no error fields."""
     ok = np.isfinite(s.err) & (s.rps > 0)
     lam, err = s.rps[ok], np.clip(s.err[ok], 0.0, 1.0)
     if lam.size == 0:
@@ -163,10 +161,9 @@ def _fit_errors(s: Samples, mu: float) -> tuple[float, float | None, int]:
 
 
 def fit_endpoint(s: Samples, *, method: str = "auto") -> EndpointFit | None:
-    """Capacity, base latency and error behaviour of one endpoint (None: not enough data).
-    Saturation and rps average over the same window, so capacity uses every sample but the
-    draining ones (``sat = rps / capacity`` holds across a weight change); what is nonlinear
-    in load (latency, errors) uses the settled samples."""
+    """Capacity, base latency and error behaviour of one endpoint (None: not enough data). Saturation and rps average
+    over the same window, so capacity uses every sample but the draining ones (``sat = rps / capacity`` holds across a
+    weight change); what is nonlinear in load (latency, errors) uses the settled samples."""
     settled = s.take(s.settled)
     mu = None
     used = "saturation"

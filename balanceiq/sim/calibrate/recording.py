@@ -1,7 +1,6 @@
-"""Recordings: one :class:`DecisionRecord` JSON line per control (or exploration) step, and
-reading them into per-endpoint samples, with which records are *settled*: their whole
-window, plus a margin for scrape and rule-evaluation lag, lies after the last weight
-change that moved >= 2% of traffic, so they measured one split."""
+"""Recordings: one :class:`DecisionRecord` JSON line per control (or exploration) step, and reading them into
+per-endpoint samples, with which records are *settled*: their whole window, plus a margin for scrape and rule-evaluation
+lag, lies after the last weight change that moved >= 2% of traffic, so they measured one split."""
 
 from __future__ import annotations
 
@@ -110,9 +109,8 @@ def _check_record(data: Any) -> str | None:
 
 
 def read_recording(path: Path | str) -> Recording:
-    """The records of ``path`` with a usable observation, of its most recorded cluster;
-    bad lines are counted (by reason) and skipped. Raises :class:`CalibrationError` when
-    the file cannot be read or none of it is usable."""
+    """The records of ``path`` with a usable observation, of its most recorded cluster; bad lines are counted (by
+    reason) and skipped. Raises :class:`CalibrationError` when the file cannot be read or none of it is usable."""
     p = Path(path)
     try:
         text = p.read_text(encoding="utf-8", errors="replace")
@@ -199,10 +197,9 @@ def _moved(a: Mapping[str, float], b: Mapping[str, float]) -> float:
 
 
 def _settled(records: Sequence[Mapping[str, Any]], settle_margin_s: float, default_window_s: float) -> np.ndarray:
-    """True where a record's window (plus margin) started after the last real weight change:
-    a recorded push (at ``timestamp + step_ms``) moving at least :data:`MIN_MOVED` of traffic, or
-    a change of the reported weights no push explains (another writer, a restart), dated at
-    that observation."""
+    """True where a record's window (plus margin) started after the last real weight change: a recorded push (at
+    ``timestamp + step_ms``) moving at least :data:`MIN_MOVED` of traffic, or a change of the reported weights no push
+    explains (another writer, a restart), dated at that observation."""
     out = np.zeros(len(records), dtype=bool)
     last_change = -math.inf
     expected: dict[str, float] | None = None  # shares in force according to what we saw
@@ -233,10 +230,9 @@ def _settled(records: Sequence[Mapping[str, Any]], settle_margin_s: float, defau
 def endpoint_samples(
     recording: Recording, *, settle_margin_s: float = 1.0, default_window_s: float = 10.0
 ) -> tuple[list[str], dict[str, Samples], np.ndarray]:
-    """``(addresses in first-seen order, samples per address, settled per record)``. A sample
-    is *draining* when its record is not settled and the last push cut the endpoint's share by
-    over 10% while it was saturated (>= 0.95): its live queue is still being worked off, so it
-    reads busy under a load it could carry."""
+    """``(addresses in first-seen order, samples per address, settled per record)``. A sample is *draining* when its
+    record is not settled and the last push cut the endpoint's share by over 10% while it was saturated (>= 0.95): its
+    live queue is still being worked off, so it reads busy under a load it could carry."""
     records = recording.records
     settled = _settled(records, settle_margin_s, default_window_s)
     rows: dict[str, list[tuple[Any, ...]]] = {}
