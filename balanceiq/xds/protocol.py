@@ -71,16 +71,13 @@ class StatusRegistry:
         node = self._nodes.get(node_id)
         if node is None:
             if len(self._nodes) >= self.max_nodes:
-                self._evict()
+                # Clients choose their node ids: one reconnecting under new ids must not grow this forever.
+                gone = sorted((n for n in self._nodes.values() if n.streams == 0), key=lambda n: n.last_seen)
+                for n in gone[: max(1, self.max_nodes // 10)]:
+                    del self._nodes[n.node_id]
             node = self._nodes[node_id] = NodeStatus(node_id)
         node.last_seen = time.time()
         return node
-
-    def _evict(self) -> None:
-        # Clients choose their node ids: one reconnecting under new ids must not grow this forever.
-        gone = sorted((n for n in self._nodes.values() if n.streams == 0), key=lambda n: n.last_seen)
-        for n in gone[: max(1, self.max_nodes // 10)]:
-            del self._nodes[n.node_id]
 
     def _bad(self, kind: str, counter: Counter[str], reason: str, api: str, node_id: str | None, detail: str) -> None:
         with self._lock:
