@@ -1,9 +1,8 @@
-"""The CFR-RL linear program (Zhang et al., IEEE JSAC 2020) on endpoint traffic shares: every
-available endpoint but the K critical ones keeps its share; the LP splits the critical traffic,
-minimising the max utilisation U (free below ``util_target``) + cost and latency terms. When kept
-endpoints or that knee fix U, it also balances the critical endpoints' own max (``BALANCE``), or
-the cost term would park all their traffic on the cheapest. Numeric problems never raise (shape
-problems do): bad values become 0 (costs: the highest valid one)."""
+"""The CFR-RL linear program (Zhang et al., IEEE JSAC 2020) on endpoint traffic shares: every available endpoint but the
+K critical ones keeps its share; the LP splits the critical traffic, minimising the max utilisation U (free below
+``util_target``) + cost and latency terms. When kept endpoints or that knee fix U, it also balances the critical
+endpoints' own max (``BALANCE``), or the cost term would park all their traffic on the cheapest. Numeric problems never
+raise (shape problems do): bad values become 0 (costs: the highest valid one)."""
 
 from __future__ import annotations
 
@@ -149,10 +148,8 @@ def objective(
     u = utilization(s, cap, planning_demand(demand, cap))
     unit = price_unit(c)
     cost_term = w * float(c @ s) / unit if unit > 0 else 0.0
-    lat_term = 0.0
     wl = _clean_scalar(latency_weight)
-    if latency is not None and wl > 0:
-        lat_term = wl * float(clean_latency(_vector("latency", latency, n)) @ s)
+    lat_term = wl * float(clean_latency(_vector("latency", latency, n)) @ s) if latency is not None and wl > 0 else 0.0
     return max(float(u.max(initial=0.0)), _clean_scalar(util_target)) + cost_term + lat_term
 
 

@@ -1,8 +1,7 @@
-"""The xDS protocol (envoyproxy.io xds_protocol) as plain state machines, no gRPC: one :class:`SotwStream`
-or :class:`DeltaStream` per gRPC stream turns requests and new snapshots into encoded responses. Bad input
-is *ignored* where the protocol says so, or *refused* with :class:`~balanceiq.exceptions.XdsRequestError`
-(ending that stream only) where it would let one client grow the server's memory; both counted in
-:class:`StatusRegistry`."""
+"""The xDS protocol (envoyproxy.io xds_protocol) as plain state machines, no gRPC: one :class:`SotwStream` or
+:class:`DeltaStream` per gRPC stream turns requests and new snapshots into encoded responses. Bad input is *ignored*
+where the protocol says so, or *refused* with :class:`~balanceiq.exceptions.XdsRequestError` (ending that stream only)
+where it would let one client grow the server's memory; both counted in :class:`StatusRegistry`."""
 
 from __future__ import annotations
 

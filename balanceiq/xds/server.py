@@ -270,9 +270,8 @@ class XdsServer:
                     return
                 except Exception as exc:  # a bug: it ends this stream only, loudly
                     log.exception("xDS %s stream of node %r failed", machine.api, machine.node_id)
-                    self.registry.refused(
-                        "internal_error", machine.api, machine.node_id, f"{type(exc).__name__}: {exc}"
-                    )
+                    detail = f"{type(exc).__name__}: {exc}"
+                    self.registry.refused("internal_error", machine.api, machine.node_id, detail)
                     await context.abort(grpc.StatusCode.INTERNAL, "internal error in the xDS server")
                     return
                 for payload in out:
