@@ -239,11 +239,7 @@ def hot_cold_critical(obs: Observation, ctx: PolicyContext) -> list[int]:
 
 
 BASELINES: dict[str, Callable[[], Policy]] = {
-    EqualWeights.name: EqualWeights,
-    StaticWeights.name: StaticWeights,
-    CostAwareStatic.name: CostAwareStatic,
-    InverseLatencyEwma.name: InverseLatencyEwma,
-    LeastRequest.name: LeastRequest,
+    cls.name: cls for cls in (EqualWeights, StaticWeights, CostAwareStatic, InverseLatencyEwma, LeastRequest)
 }
 
 

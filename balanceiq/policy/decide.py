@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -110,7 +110,7 @@ def decide(
         candidates = breaching + np.flatnonzero(est.congested).tolist() + repriced + recovered
         forced = [i for i in dict.fromkeys(candidates) if avail[i] and i not in held]
     everyone = [i for i in range(n) if avail[i] and i not in held]
-    critical = everyone if scores is None else _ranked(scores, n, avail, held, forced, knobs)
+    critical = everyone if scores is None else _ranked(scores, n, avail, held, forced, knobs.k)
     demand = float(ctx.demand_rps) if math.isfinite(ctx.demand_rps) and ctx.demand_rps > 0 else 0.0
     dearer_share = np.array([mem[e.address].dearer_share for e in obs.endpoints], dtype=np.float64)  # NaN: no rise
     max_share = None
@@ -139,10 +139,13 @@ def decide(
         min_share=min_share,
     )
     if scores is not None and knobs.gap_k > 0 and knobs.force_breaching:
-        critical = critical + _gap_picks(solve, everyone, critical, held, shares, knobs.gap_k)
+        whole = solve(everyone) if set(everyone) - set(critical) else None
+        critical = critical + _gap_picks(whole, critical, held, shares, knobs.gap_k)
     res = solve(critical)
     if max_share is not None:
-        _keep_bound_critical(obs, mem, res.shares, shares, max_share, min_share)
+        for j in _bound(res.shares, shares, max_share, min_share):
+            a = obs.endpoints[int(j)].address
+            mem[a] = replace(mem[a], recovering=max(mem[a].recovering, 2))
     return CoreDecision(
         shares=res.shares,
         weights=shares_to_weights(res.shares, available=avail),
@@ -167,9 +170,7 @@ def optimum_gap(
     return np.asarray(np.where(available_mask(obs), gap, 0.0))
 
 
-def _ranked(
-    scores: np.ndarray, n: int, avail: np.ndarray, held: list[int], forced: list[int], knobs: Knobs
-) -> list[int]:
+def _ranked(scores: np.ndarray, n: int, avail: np.ndarray, held: list[int], forced: list[int], k: int) -> list[int]:
     """The forced endpoints, then the policy's K highest scores."""
     s = np.asarray(scores, dtype=np.float64).reshape(-1)[:n]
     if s.shape[0] != n:
@@ -177,20 +178,14 @@ def _ranked(
     s = np.where(avail & np.isfinite(s), s, -np.inf)
     s[list(held)] = -np.inf
     ranked = [int(i) for i in np.argsort(-s, kind="stable") if s[i] > -np.inf]
-    return with_forced(ranked, forced, max(1, min(int(knobs.k), n)))
+    return with_forced(ranked, forced, max(1, min(int(k), n)))
 
 
 def _gap_picks(
-    solve: Callable[[Sequence[int]], LpResult],
-    everyone: list[int],
-    critical: list[int],
-    held: list[int],
-    shares: np.ndarray,
-    gap_k: int,
+    whole: LpResult | None, critical: list[int], held: list[int], shares: np.ndarray, gap_k: int
 ) -> list[int]:
-    """The ``gap_k`` endpoints furthest from the fleet-wide optimum, which the policy (ranking
-    by load, not price) may never pick. No second LP when everyone is critical already."""
-    whole = solve(everyone) if set(everyone) - set(critical) else None
+    """The ``gap_k`` endpoints furthest from ``whole``, the fleet-wide optimum, which the policy (ranking by load, not
+    price) may never pick; ``None`` (no second LP) when everyone is critical already."""
     gap = np.abs(whole.shares - shares) if whole is not None else np.zeros(shares.shape[0])
     gap[list(critical)] = 0.0
     gap[list(held)] = 0.0
@@ -245,22 +240,13 @@ def _latency(obs: Observation, mem: dict[str, Memory], knobs: Knobs, now: float)
     return lp_latency(p95, knobs.slo_ms)
 
 
-def _keep_bound_critical(
-    obs: Observation,
-    mem: dict[str, Memory],
-    new: np.ndarray,
-    shares: np.ndarray,
-    max_share: np.ndarray,
-    min_share: np.ndarray | None,
-) -> None:
-    """An endpoint held back by its safe-move bound (up, or its bounded step down) stays
-    critical until it has what the LP wants (CFR-RL re-routes until converged)."""
+def _bound(new: np.ndarray, shares: np.ndarray, max_share: np.ndarray, min_share: np.ndarray | None) -> np.ndarray:
+    """Endpoints held back by their safe-move bound (up, or the bounded step down): they stay critical
+    until they have what the LP wants (CFR-RL re-routes until converged)."""
     bound = (new > shares + 1e-6) & np.isfinite(max_share) & (new >= max_share - 1e-6)
     if min_share is not None:
         bound |= (new < shares - 1e-6) & (min_share > 0) & (new <= min_share + 1e-6)
-    for j in np.flatnonzero(bound):
-        a = obs.endpoints[int(j)].address
-        mem[a] = replace(mem[a], recovering=max(mem[a].recovering, 2))
+    return np.flatnonzero(bound)
 
 
 def observe_only(

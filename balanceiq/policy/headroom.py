@@ -72,12 +72,7 @@ def queue_utilisation(busy: float, wait_ratio: float, max_servers: int = 256) ->
 
 
 def estimate(
-    obs: Observation,
-    hint: np.ndarray,
-    memory: Mapping[str, Memory],
-    knobs: Knobs,
-    dt: float,
-    breaching: Sequence[int] = (),
+    obs: Observation, hint: np.ndarray, memory: Mapping[str, Memory], knobs: Knobs, dt: float, breaching: Sequence[int]
 ) -> tuple[Estimate, dict[str, Memory]]:
     """Capacity and headroom per endpoint, and the memory with ``good_rps``/``ceiling_rps``/
     ``cooldown`` updated (a ``breaching`` endpoint's capacity is cut: :func:`_breach_cut`)."""

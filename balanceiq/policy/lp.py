@@ -1,9 +1,8 @@
-"""The CFR-RL linear program (Zhang et al., IEEE JSAC 2020) on endpoint traffic shares: every
-available endpoint but the K critical ones keeps its share; the LP splits the critical traffic,
-minimising the max utilisation U (free below ``util_target``) + cost and latency terms. When kept
-endpoints or that knee fix U, it also balances the critical endpoints' own max (``BALANCE``), or
-the cost term would park all their traffic on the cheapest. Numeric problems never raise (shape
-problems do): bad values become 0 (costs: the highest valid one)."""
+"""The CFR-RL linear program (Zhang et al., IEEE JSAC 2020) on endpoint traffic shares: every available endpoint but the
+K critical ones keeps its share; the LP splits the critical traffic, minimising the max utilisation U (free below
+``util_target``) + cost and latency terms. When kept endpoints or that knee fix U, it also balances the critical
+endpoints' own max (``BALANCE``), or the cost term would park all their traffic on the cheapest. Numeric problems never
+raise (shape problems do): bad values become 0 (costs: the highest valid one)."""
 
 from __future__ import annotations
 
@@ -19,6 +18,9 @@ from balanceiq.config import UINT32_MAX
 
 BALANCE = 0.5  # weight of the critical endpoints' own max utilisation above the knee
 TIE_BREAK = 1e-3  # and its weight as a tie-break
+
+Floats = np.ndarray | Sequence[float]
+Mask = np.ndarray | Sequence[bool]
 
 
 @dataclass(frozen=True)
@@ -133,7 +135,7 @@ def objective(
     *,
     cost_weight: float = 0.1,
     util_target: float = 0.0,
-    latency: np.ndarray | Sequence[float] | None = None,
+    latency: Floats | None = None,
     latency_weight: float = 0.0,
 ) -> float:
     """The LP's objective for any full split, sanitised like the LP: its optimum with every endpoint critical
@@ -146,10 +148,8 @@ def objective(
     u = utilization(s, cap, planning_demand(demand, cap))
     unit = price_unit(c)
     cost_term = w * float(c @ s) / unit if unit > 0 else 0.0
-    lat_term = 0.0
     wl = _clean_scalar(latency_weight)
-    if latency is not None and wl > 0:
-        lat_term = wl * float(clean_latency(_vector("latency", latency, n)) @ s)
+    lat_term = wl * float(clean_latency(_vector("latency", latency, n)) @ s) if latency is not None and wl > 0 else 0.0
     return max(float(u.max(initial=0.0)), _clean_scalar(util_target)) + cost_term + lat_term
 
 
@@ -245,19 +245,19 @@ def _share_bounds(
 
 
 def solve_critical(
-    shares: np.ndarray | Sequence[float],
+    shares: Floats,
     critical: Sequence[int] | np.ndarray,
-    capacity: np.ndarray | Sequence[float],
-    cost: np.ndarray | Sequence[float],
+    capacity: Floats,
+    cost: Floats,
     demand: float,
     *,
-    available: np.ndarray | Sequence[bool] | None = None,
+    available: Mask | None = None,
     cost_weight: float = 0.1,
     util_target: float = 0.0,
-    latency: np.ndarray | Sequence[float] | None = None,
+    latency: Floats | None = None,
     latency_weight: float = 0.0,
-    max_share: np.ndarray | Sequence[float] | None = None,
-    min_share: np.ndarray | Sequence[float] | None = None,
+    max_share: Floats | None = None,
+    min_share: Floats | None = None,
 ) -> LpResult:
     """Re-optimise only the ``critical`` endpoints (indices or a bool mask): available others
     keep their share, unavailable ones release theirs. ``max_share``/``min_share`` bound each
@@ -313,12 +313,7 @@ def solve_critical(
     return _result(out, cap, d_real, "lp_failed" if x is None else None)
 
 
-def shares_to_weights(
-    shares: np.ndarray | Sequence[float],
-    *,
-    scale: int = 10000,
-    available: np.ndarray | Sequence[bool] | None = None,
-) -> np.ndarray:
+def shares_to_weights(shares: Floats, *, scale: int = 10000, available: Mask | None = None) -> np.ndarray:
     """Integer Envoy weights summing to exactly ``max(scale, n)`` (<= 2**32-1), realising ``shares`` within
     ``n/scale`` each (largest remainder); Envoy forbids 0: zero-share or unavailable ones get 1 (health drains)."""
     s = _nonneg(_vector("shares", shares))
@@ -352,12 +347,7 @@ def shares_to_weights(
 
 
 def least_request_weights(
-    shares: np.ndarray | Sequence[float],
-    time_in_system_s: np.ndarray | Sequence[float],
-    demand_rps: float,
-    *,
-    available: np.ndarray | Sequence[bool] | None = None,
-    scale: int = 10000,
+    shares: Floats, time_in_system_s: Floats, demand_rps: float, *, available: Mask | None = None, scale: int = 10000
 ) -> np.ndarray:
     """Weights realising ``shares`` under LEAST_REQUEST (picks by ``weight / (active + 1)``): ``share x (active + 1)``,
     each holding ``share x demand x time in system`` (Little's law; unknown times count as none)."""
@@ -371,16 +361,14 @@ def least_request_weights(
     return shares_to_weights(s * np.where(np.isfinite(factor), factor, 1.0), scale=scale, available=available)
 
 
-def traffic_moved(old_shares: np.ndarray | Sequence[float], new_shares: np.ndarray | Sequence[float]) -> float:
+def traffic_moved(old_shares: Floats, new_shares: Floats) -> float:
     """Fraction of traffic whose endpoint changed: ``0.5 * sum |new - old|`` (NaN -> 0)."""
     old = _nonneg(_vector("old_shares", old_shares))
     new = _nonneg(_vector("new_shares", new_shares, old.shape[0]))
     return 0.5 * float(np.abs(new - old).sum())
 
 
-def weights_to_shares(
-    weights: np.ndarray | Sequence[float], routable: np.ndarray | Sequence[bool] | None = None
-) -> np.ndarray:
+def weights_to_shares(weights: Floats, routable: Mask | None = None) -> np.ndarray:
     """The split Envoy realises from ``weights`` (non-routable ones, e.g. DRAINING, get none; equal if none is left)."""
     w = _nonneg(_vector("weights", weights))
     if routable is not None:

@@ -70,9 +70,7 @@ def _f(x: float) -> float:
 
 def latency_p95(m: Memory, slo_ms: float) -> float:
     """The p95 the latency evidence stands for (NaN: not enough of it)."""
-    if m.slow_n >= MIN_LATENCY_EVIDENCE and math.isfinite(m.slow_log):
-        return slo_ms * math.exp(m.slow_log)
-    return math.nan
+    return slo_ms * math.exp(m.slow_log) if m.slow_n >= MIN_LATENCY_EVIDENCE and math.isfinite(m.slow_log) else math.nan
 
 
 def remember(

@@ -125,26 +125,17 @@ class Assignment:
             eps = []
             # A malformed entry fails below with KeyError/TypeError, reported as such.
             for raw in cast("Iterable[Mapping[str, Any]]", data["endpoints"]):
-                host, port = split_address(str(raw["address"]))
+                address = str(raw["address"])
+                host, port = split_address(address)
                 zone = raw.get("zone")
                 if zone is not None and not isinstance(zone, str):
                     raise TypeError(f"zone must be a string, got {zone!r}")
                 cost = float(raw.get("cost_per_million_requests", 0.0))
                 if not math.isfinite(cost) or cost < 0:
                     raise ValueError(f"cost_per_million_requests must be finite and >= 0, got {cost}")
-                eps.append(
-                    EndpointAssignment(
-                        address=str(raw["address"]),
-                        host=host,
-                        port=port,
-                        weight=raw["weight"],
-                        cloud=str(raw["cloud"]),
-                        region=str(raw["region"]),
-                        zone=zone,
-                        health=str(raw.get("health", "HEALTHY")).upper(),  # type: ignore[arg-type]
-                        cost_per_million_requests=cost,
-                    )
-                )
+                weight, cloud, region = raw["weight"], str(raw["cloud"]), str(raw["region"])
+                health = cast(Health, str(raw.get("health", "HEALTHY")).upper())
+                eps.append(EndpointAssignment(address, host, port, weight, cloud, region, zone, health, cost))
         except (KeyError, TypeError, ValueError) as exc:
             raise AssignmentError(f"malformed stored assignment: {exc!r}") from exc
         return cls(cluster, tuple(eps))

@@ -24,11 +24,8 @@ class LeaseState:
 
     def to_json(self, now: float) -> dict[str, Any]:
         live = self.live_holder(now)
-        return {
-            "holder": live,
-            "expires_in_s": round(max(0.0, self.expires_at - now), 3) if live else 0.0,
-            "term": self.term,
-        }
+        expires_in_s = round(max(0.0, self.expires_at - now), 3) if live else 0.0
+        return {"holder": live, "expires_in_s": expires_in_s, "term": self.term}
 
 
 _FREE = LeaseState(None, 0.0, 0)

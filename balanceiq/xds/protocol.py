@@ -1,8 +1,7 @@
-"""The xDS protocol (envoyproxy.io xds_protocol) as plain state machines, no gRPC: one :class:`SotwStream`
-or :class:`DeltaStream` per gRPC stream turns requests and new snapshots into encoded responses. Bad input
-is *ignored* where the protocol says so, or *refused* with :class:`~balanceiq.exceptions.XdsRequestError`
-(ending that stream only) where it would let one client grow the server's memory; both counted in
-:class:`StatusRegistry`."""
+"""The xDS protocol (envoyproxy.io xds_protocol) as plain state machines, no gRPC: one :class:`SotwStream` or
+:class:`DeltaStream` per gRPC stream turns requests and new snapshots into encoded responses. Bad input is *ignored*
+where the protocol says so, or *refused* with :class:`~balanceiq.exceptions.XdsRequestError` (ending that stream only)
+where it would let one client grow the server's memory; both counted in :class:`StatusRegistry`."""
 
 from __future__ import annotations
 
@@ -71,16 +70,13 @@ class StatusRegistry:
         node = self._nodes.get(node_id)
         if node is None:
             if len(self._nodes) >= self.max_nodes:
-                self._evict()
+                # Clients choose their node ids: one reconnecting under new ids must not grow this forever.
+                gone = sorted((n for n in self._nodes.values() if n.streams == 0), key=lambda n: n.last_seen)
+                for n in gone[: max(1, self.max_nodes // 10)]:
+                    del self._nodes[n.node_id]
             node = self._nodes[node_id] = NodeStatus(node_id)
         node.last_seen = time.time()
         return node
-
-    def _evict(self) -> None:
-        # Clients choose their node ids: one reconnecting under new ids must not grow this forever.
-        gone = sorted((n for n in self._nodes.values() if n.streams == 0), key=lambda n: n.last_seen)
-        for n in gone[: max(1, self.max_nodes // 10)]:
-            del self._nodes[n.node_id]
 
     def _bad(self, kind: str, counter: Counter[str], reason: str, api: str, node_id: str | None, detail: str) -> None:
         with self._lock:

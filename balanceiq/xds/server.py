@@ -53,13 +53,10 @@ class _StreamQueue(asyncio.Queue[tuple[str, Any]]):
 _CONFIG_FIELDS = ("address", "host", "port", "weight", "cloud", "region", "zone", "cost_per_million_requests")
 
 
-def assignment_from_config(cluster: ClusterConfig) -> Assignment:
-    eps = (EndpointAssignment(**{k: getattr(ep, k) for k in _CONFIG_FIELDS}) for ep in cluster.endpoints)
-    return Assignment(cluster.name, tuple(eps))
-
-
-def merge_restored(configured: Assignment, restored: Assignment | None) -> Assignment:
+def initial_assignment(cluster: ClusterConfig, restored: Assignment | None) -> Assignment:
     """Config decides membership; the restored state decides weight and health."""
+    eps = (EndpointAssignment(**{k: getattr(ep, k) for k in _CONFIG_FIELDS}) for ep in cluster.endpoints)
+    configured = Assignment(cluster.name, tuple(eps))
     old = {ep.address: ep for ep in restored.endpoints} if restored else {}
     kept = [old[a] for a in configured.weights if a in old]
     return configured.with_updates({ep.address: ep.weight for ep in kept}, {ep.address: ep.health for ep in kept})
@@ -79,10 +76,9 @@ def _read_pem(tls: TlsConfig, name: str) -> bytes:
 
 
 def _server_credentials(tls: TlsConfig) -> grpc.ServerCredentials:
-    key = _read_pem(tls, "key_file")
-    cert = _read_pem(tls, "cert_file")
+    key_cert = (_read_pem(tls, "key_file"), _read_pem(tls, "cert_file"))
     ca = _read_pem(tls, "ca_file") if tls.ca_file else None
-    return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=tls.require_client_cert)
+    return grpc.ssl_server_credentials([key_cert], root_certificates=ca, require_client_auth=tls.require_client_cert)
 
 
 class XdsServer:
@@ -120,7 +116,7 @@ class XdsServer:
 
         restored = {a.cluster: a for a in (self.store.restore() or [])}
         self.restored = bool(restored)
-        initial = [merge_restored(assignment_from_config(c), restored.get(c.name)) for c in settings.clusters]
+        initial = [initial_assignment(c, restored.get(c.name)) for c in settings.clusters]
         # The write side's source of truth; a snapshot published straight to the store does not change it.
         self._assignments = {a.cluster: a for a in initial}
         self.store.publish_assignments(initial)
@@ -274,9 +270,8 @@ class XdsServer:
                     return
                 except Exception as exc:  # a bug: it ends this stream only, loudly
                     log.exception("xDS %s stream of node %r failed", machine.api, machine.node_id)
-                    self.registry.refused(
-                        "internal_error", machine.api, machine.node_id, f"{type(exc).__name__}: {exc}"
-                    )
+                    detail = f"{type(exc).__name__}: {exc}"
+                    self.registry.refused("internal_error", machine.api, machine.node_id, detail)
                     await context.abort(grpc.StatusCode.INTERNAL, "internal error in the xDS server")
                     return
                 for payload in out:

@@ -88,11 +88,9 @@ class Snapshot:
             body = self._bodies.get(names)
             if body is None:
                 chosen = self.resources if names is None else sorted(names & self.resources.keys())
-                body = b"".join(
-                    [field_str(SOTW_VERSION_INFO, self.version)]
-                    + [field_bytes(SOTW_RESOURCES, self.resources[n].any_bytes) for n in chosen]
-                    + [field_str(SOTW_TYPE_URL, self.type_url)]
-                )
+                body = field_str(SOTW_VERSION_INFO, self.version)
+                body += b"".join(field_bytes(SOTW_RESOURCES, self.resources[n].any_bytes) for n in chosen)
+                body += field_str(SOTW_TYPE_URL, self.type_url)
                 if len(self._bodies) < 64:  # bounded: distinct subscription sets are few
                     self._bodies[names] = body
         return body

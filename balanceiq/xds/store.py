@@ -37,15 +37,11 @@ class SnapshotStore:
         self._watchers: list[Watcher] = []
         self._latest: Snapshot | None = None
         self._seq = 0
-        self.epoch = self._next_epoch()
-
-    def _next_epoch(self) -> int:
-        epoch = time.time_ns() // 1_000_000
+        self.epoch = time.time_ns() // 1_000_000
         if self._state_dir is not None:
             with contextlib.suppress(OSError, ValueError):
-                epoch = max(epoch, int((self._state_dir / EPOCH_FILE).read_text()) + 1)
-            _atomic_write(self._state_dir / EPOCH_FILE, str(epoch))
-        return epoch
+                self.epoch = max(self.epoch, int((self._state_dir / EPOCH_FILE).read_text()) + 1)
+            _atomic_write(self._state_dir / EPOCH_FILE, str(self.epoch))
 
     def next_version(self) -> str:
         with self._lock:
@@ -82,7 +78,16 @@ class SnapshotStore:
             snapshot = build_snapshot(self.next_version(), assignments)
             self.publish(snapshot)
             # Persist after streams were notified: the disk write is off the push path.
-            self._persist(snapshot)
+            if self._state_dir is not None:
+                data = {
+                    "version": snapshot.version,
+                    "saved_at": time.time(),
+                    "assignments": [a.to_json() for a in snapshot.assignments.values()],
+                }
+                try:
+                    _atomic_write(self._state_dir / STATE_FILE, json.dumps(data, indent=1))
+                except OSError as exc:
+                    log.error("could not persist xDS snapshot %s: %s", snapshot.version, exc)
         return snapshot
 
     def restore(self) -> list[Assignment] | None:
@@ -97,19 +102,6 @@ class SnapshotStore:
             # A corrupt state file must not stop the server: fall back to config defaults.
             log.warning("ignoring unreadable xDS state %s: %s", path, exc)
             return None
-
-    def _persist(self, snapshot: Snapshot) -> None:
-        if self._state_dir is None:
-            return
-        data = {
-            "version": snapshot.version,
-            "saved_at": time.time(),
-            "assignments": [a.to_json() for a in snapshot.assignments.values()],
-        }
-        try:
-            _atomic_write(self._state_dir / STATE_FILE, json.dumps(data, indent=1))
-        except OSError as exc:
-            log.error("could not persist xDS snapshot %s: %s", snapshot.version, exc)
 
 
 def _atomic_write(path: Path, text: str) -> None:
