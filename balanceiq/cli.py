@@ -18,7 +18,6 @@ from balanceiq.exceptions import BalanceIQError
 
 app = typer.Typer(
     name="balanceiq",
-    help="Learned, cost-aware multi-cloud load balancing for Envoy.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,

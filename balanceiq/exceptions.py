@@ -1,8 +1,5 @@
-"""Every error BalanceIQ raises on purpose: subclasses of :class:`BalanceIQError`.
-
-Library errors (grpc, aiohttp, yaml, pydantic) are translated into these at the boundary with
-``raise ... from exc``; the CLI prints their message and exits 2 instead of showing a traceback.
-"""
+"""Every error BalanceIQ raises on purpose: subclasses of :class:`BalanceIQError`. Library errors are
+translated into these at the boundary (``raise ... from exc``); the CLI prints them and exits 2."""
 
 
 class BalanceIQError(Exception):

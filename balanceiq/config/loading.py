@@ -6,6 +6,7 @@ import re
 import stat
 import sys
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -56,13 +57,11 @@ def _resolve_paths(settings: Settings, base_dir: Path) -> Settings:
     )
 
 
+@dataclass(eq=False, slots=True)  # eq=False: two huge keys are never duplicates
 class _TooLargeNumber:
     """An integer too long for Python to convert: pydantic refuses it at its own field."""
 
-    __slots__ = ("digits",)
-
-    def __init__(self, digits: int) -> None:
-        self.digits = digits
+    digits: int
 
     def __repr__(self) -> str:
         return f"<a number with {self.digits} digits>"

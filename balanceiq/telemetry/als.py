@@ -63,7 +63,7 @@ class AlsServer:
 
     def start(self, timeout: float = 10.0) -> tuple[int, int]:
         """Bind both ports and serve; ``(grpc_port, metrics_port)``, or TestbedError naming ``host:port``."""
-        if self._loop.running:
+        if self._loop.loop is not None:
             raise TestbedError("ALS server already started")
         self._loop.start()
         try:
@@ -140,7 +140,7 @@ class AlsServer:
 
     def stop(self, grace: float = 0.5) -> None:
         """Stop both servers. Safe to call twice, or after a failed start."""
-        self._loop.close(self._stop_both(grace) if self._loop.running else None, timeout=grace + 10)
+        self._loop.close(self._stop_both(grace) if self._loop.loop is not None else None, timeout=grace + 10)
         self._server = self.grpc_port = self.metrics_port = None
 
     async def _stream_access_logs(
