@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import json
 import sys
+from contextlib import closing
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -368,11 +369,8 @@ def observe(
     """Print one Observation of a running cluster (Prometheus, else Envoy's admin) as JSON."""
     from balanceiq.telemetry.observe import Telemetry
 
-    telemetry = Telemetry(_settings(config), cluster)
-    try:
+    with closing(Telemetry(_settings(config), cluster)) as telemetry:
         out.print_json(json.dumps(telemetry.observe().to_json()))
-    finally:
-        telemetry.close()
 
 
 @functools.cache

@@ -66,11 +66,6 @@ class EndpointConfig(_Model):
         """The TCP port."""
         return split_address(self.address)[1]
 
-    @property
-    def locality(self) -> tuple[str, str, str | None]:
-        """``(cloud, region, zone)``: endpoints sharing it form one Envoy locality."""
-        return (self.cloud, self.region, self.zone)
-
 
 class ClusterConfig(_Model):
     """An Envoy cluster: a named set of endpoints whose weights the controller sets."""
@@ -97,7 +92,8 @@ class ClusterConfig(_Model):
         first_seen: dict[str, int] = {}
         by_locality: dict[tuple[str, str, str | None], list[int]] = {}
         for index, endpoint in enumerate(endpoints):
-            by_locality.setdefault(endpoint.locality, []).append(index)
+            # Endpoints sharing (cloud, region, zone) form one Envoy locality.
+            by_locality.setdefault((endpoint.cloud, endpoint.region, endpoint.zone), []).append(index)
             first = first_seen.setdefault(endpoint.address, index)
             if first != index:
                 message = f"duplicate address {endpoint.address}: endpoints[{first}] and endpoints[{index}] both use it"

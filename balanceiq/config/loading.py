@@ -74,8 +74,6 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
         try:
             return super().construct_object(node, deep=deep)
-        except yaml.YAMLError:
-            raise
         except (ValueError, TypeError, AttributeError, OverflowError) as exc:
             raise yaml.constructor.ConstructorError(
                 None, None, f"cannot read {node.tag.rsplit(':', 1)[-1]} value: {exc}", node.start_mark
