@@ -17,12 +17,7 @@ from rich.console import Console
 from balanceiq.config import Settings, check_config_command, default_settings, load_config
 from balanceiq.exceptions import BalanceIQError
 
-app = typer.Typer(
-    name="balanceiq",
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-    add_completion=False,
-)
+app = typer.Typer(name="balanceiq", no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
 config_app = typer.Typer(help="Validate configuration files.", no_args_is_help=True)
 envoy_app = typer.Typer(help="Envoy bootstraps.", no_args_is_help=True)
 xds_app = typer.Typer(help="Talk to the running xDS actor.", no_args_is_help=True)

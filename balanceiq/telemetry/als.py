@@ -1,11 +1,9 @@
-"""Per-endpoint upstream latency from Envoy's gRPC Access Log Service (ALS).
+"""Per-endpoint upstream latency from Envoy's gRPC Access Log Service (ALS). Envoy's per-endpoint stats
+carry no latency histogram, but each access-log entry names the upstream host and its timings. Envoy
+streams them to :class:`AlsServer`; :class:`AlsCollector` folds them into per-endpoint histograms served
+on ``/metrics`` (compact JSON on ``/snapshot``).
 
-Envoy's per-endpoint stats carry no latency histogram, but each access-log entry names the
-upstream host and its timings. Envoy streams them to :class:`AlsServer`; :class:`AlsCollector`
-folds them into per-endpoint histograms served on ``/metrics`` (compact JSON on ``/snapshot``).
-
-CLI: ``python -m balanceiq.telemetry.als --grpc-port 9977 --metrics-port 9978 [--host 127.0.0.1]``
-"""
+CLI: ``python -m balanceiq.telemetry.als --grpc-port 9977 --metrics-port 9978 [--host 127.0.0.1]``"""
 
 from __future__ import annotations
 

@@ -1,8 +1,6 @@
-"""Observations from Prometheus, one PromQL query per signal (see ``telemetry.queries``).
-
-NaN, Inf and negatives become flagged fields, a missing endpoint is ``missing``; a failed or
-malformed query raises :class:`~balanceiq.exceptions.PrometheusError` (the caller falls back).
-"""
+"""Observations from Prometheus, one PromQL query per signal (see ``telemetry.queries``). NaN, Inf and
+negatives become flagged fields, a missing endpoint is ``missing``; a failed or malformed query raises
+:class:`~balanceiq.exceptions.PrometheusError` (the caller falls back)."""
 
 from __future__ import annotations
 

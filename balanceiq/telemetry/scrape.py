@@ -1,8 +1,7 @@
 """Envoy's admin output (and the ALS exporter's snapshot) parsed into an immutable :class:`Scrape`;
-:func:`derive`: rates and quantiles between two scrapes, as an Observation.
-
-Only some Envoy counter names end in ``_total`` and prometheus_client renames samples differently
-by version, so samples are matched by name with one ``_total`` removed."""
+:func:`derive`: rates and quantiles between two scrapes, as an Observation. Only some Envoy counter names
+end in ``_total`` and prometheus_client renames samples differently by version, so samples are matched
+by name with one ``_total`` removed."""
 
 from __future__ import annotations
 
