@@ -33,6 +33,10 @@ class LoopThread:
         self.loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
 
+    @property
+    def running(self) -> bool:
+        return self.loop is not None
+
     def start(self) -> None:
         if self.loop is not None:
             raise RuntimeError(f"{self.name} loop already running")

@@ -54,8 +54,8 @@ class TlsConfig(_Model):
     def _check_requirements(self) -> TlsConfig:
         problems: list[tuple[Loc, str]] = []
         if self.enabled:
-            missing = [name for name in ("cert_file", "key_file") if getattr(self, name) is None]
-            problems += [((name,), "required when enabled is true") for name in missing]
+            unset = [name for name in ("cert_file", "key_file") if getattr(self, name) is None]
+            problems += [((name,), "required when enabled is true") for name in unset]
         if self.require_client_cert:
             if not self.enabled:
                 # Asking for mTLS while serving plaintext is a security surprise, not a no-op.

@@ -61,16 +61,15 @@ class AlsServer:
 
     def start(self, timeout: float = 10.0) -> tuple[int, int]:
         """Bind both ports and serve; ``(grpc_port, metrics_port)``, or TestbedError naming ``host:port``."""
-        if self._loop.loop is not None:
+        if self._loop.running:
             raise TestbedError("ALS server already started")
         self._loop.start()
         try:
-            try:
-                grpc_port, metrics_port = self._loop.run(self._start_both(), timeout)
-            except TimeoutError as exc:
-                raise TestbedError(f"ALS server did not start within {timeout}s") from exc
-        except BaseException:
+            grpc_port, metrics_port = self._loop.run(self._start_both(), timeout)
+        except BaseException as exc:
             self.stop()
+            if isinstance(exc, TimeoutError):
+                raise TestbedError(f"ALS server did not start within {timeout}s") from exc
             raise
         self.grpc_port, self.metrics_port = grpc_port, metrics_port
         log.info("ALS listening on %s, metrics on %s", _host_port(self.host, grpc_port), self.metrics_url)
@@ -138,7 +137,7 @@ class AlsServer:
 
     def stop(self, grace: float = 0.5) -> None:
         """Stop both servers. Safe to call twice, or after a failed start."""
-        self._loop.close(self._stop_both(grace) if self._loop.loop is not None else None, timeout=grace + 10)
+        self._loop.close(self._stop_both(grace) if self._loop.running else None, timeout=grace + 10)
         self._server = self.grpc_port = self.metrics_port = None
 
     async def _stream_access_logs(

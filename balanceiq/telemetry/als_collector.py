@@ -152,13 +152,9 @@ class _Series:
     def to_json(self) -> dict[str, Any]:
         cluster, endpoint = self.key
         cumulative = list(itertools.accumulate(self.buckets))
-        return {
-            "cluster": cluster,
-            "endpoint": endpoint,
-            "buckets": cumulative,
-            "codes": dict(self.classes),
-            "orca": self.last_util,
-        }
+        return dict(
+            cluster=cluster, endpoint=endpoint, buckets=cumulative, codes=dict(self.classes), orca=self.last_util
+        )
 
 
 class AlsCollector:

@@ -189,12 +189,8 @@ class PrometheusSource:
         healthy = None if math.isnan(values["healthy"]) else values["healthy"] >= 1
         return EndpointObservation(
             address=address,
-            p50_ms=values["p50_ms"],
-            p95_ms=values["p95_ms"],
+            **{s: values[s] for s in (*LATENCY, "saturation", "inflight", "rps")},  # signals named as the fields
             error_rate=error_rate,
-            saturation=values["saturation"],
-            inflight=values["inflight"],
-            rps=values["rps"],
             cost_per_million=costs.get(address, NAN),
             weight=float(weights[address]) if weights and address in weights else NAN,
             healthy=healthy,
