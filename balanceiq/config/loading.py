@@ -30,8 +30,7 @@ def settings_from_dict(
         names = {list: "list", str: "string", int: "number", float: "number", bool: "boolean"}
         message = f"the top level must be a mapping of settings, not a {names.get(type(data), type(data).__name__)}"
         raise ConfigError([("", message)], source)
-    shape = _shape_problems(data)
-    if shape:
+    if shape := _shape_problems(data):
         raise ConfigError(shape, source)
     try:
         settings = Settings.model_validate(data)

@@ -63,19 +63,17 @@ class TestbedConfig(_Model):
     @classmethod
     def _canonical_override_keys(cls, value: dict[str, BackendProfile]) -> dict[str, BackendProfile]:
         problems: list[tuple[Loc, str]] = []
-        canonical: dict[str, BackendProfile] = {}
-        original_key: dict[str, str] = {}
-        for key, profile in value.items():
+        first_key: dict[str, str] = {}  # canonical address -> the key that named it first
+        for key in value:
             try:
                 address = _canonical_address(key)
             except ValueError as exc:
                 problems.append(((key,), f"key is not an endpoint address: {exc}"))
                 continue
-            if address in canonical:
-                problems.append(((key,), f"same endpoint as {original_key[address]!r}"))
+            if address in first_key:
+                problems.append(((key,), f"same endpoint as {first_key[address]!r}"))
                 continue
-            canonical[address] = profile
-            original_key[address] = key
+            first_key[address] = key
         if problems:
             raise _cross_field_error(problems)
-        return canonical
+        return {address: value[key] for address, key in first_key.items()}

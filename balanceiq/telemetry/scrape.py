@@ -396,8 +396,7 @@ def _derive_one(prev: Scrape | None, cur: Scrape, key: Key, dt: float, row: Endp
     c = cur.endpoints.get(key)
     if c is None:
         return replace(row, flags=frozenset(flags | {MISSING}))
-    bad = _bad_fields(c)
-    if bad:
+    if bad := _bad_fields(c):
         flags.add(INVALID)
     if any(math.isnan(_value(c, f)) and f not in bad for f in ("rq_total", "rq_error")):
         flags.add(MISSING)  # the endpoint is there, but not the series rates come from
