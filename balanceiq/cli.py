@@ -7,6 +7,7 @@ import functools
 import json
 import sys
 from contextlib import closing
+from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -14,6 +15,7 @@ import typer
 import yaml
 from rich.console import Console
 
+from balanceiq import __version__
 from balanceiq.config import Settings, check_config_command, default_settings, load_config
 from balanceiq.exceptions import BalanceIQError
 
@@ -25,8 +27,6 @@ xds_app = typer.Typer(help="Talk to the running xDS actor.", no_args_is_help=Tru
 
 def _version(value: bool) -> None:
     if value:
-        from balanceiq import __version__
-
         sys.stdout.write(f"balanceiq {__version__}\n")
         raise typer.Exit()
 
@@ -372,8 +372,6 @@ def observe(
 def _load_plugins() -> None:
     """Command groups other distributions add through the ``balanceiq.cli`` entry point (the lab adds
     ``bench`` and ``demo``; the product never imports them). One that fails to load is named, skipped."""
-    from importlib.metadata import entry_points
-
     for ep in entry_points(group="balanceiq.cli"):
         try:
             ep.load()(app)
