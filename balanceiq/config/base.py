@@ -159,6 +159,7 @@ def _canonical_address(address: str) -> str:
 
 NonBlank = Annotated[str, AfterValidator(lambda value, info: _not_blank(value, str(info.field_name)))]
 HttpUrlStr = Annotated[str, AfterValidator(_http_url)]
+Address = Annotated[str, AfterValidator(_canonical_address)]
 ConfigPath = Annotated[Path, AfterValidator(_check_path)]
 
 

@@ -8,11 +8,11 @@ from pydantic import Field, field_validator
 
 from balanceiq.config.base import (
     UINT32_MAX,
+    Address,
     Loc,
     NonBlank,
     NonNegFloat,
     PosFloat,
-    _canonical_address,
     _cross_field_error,
     _Model,
     split_address,
@@ -22,7 +22,7 @@ from balanceiq.config.base import (
 class EndpointConfig(_Model):
     """One backend Envoy sends traffic to, and what it costs."""
 
-    address: str
+    address: Address
     """Backend as host:port; host is an IPv4 or [IPv6] literal."""
 
     cloud: NonBlank
@@ -42,11 +42,6 @@ class EndpointConfig(_Model):
 
     capacity_rps: PosFloat | None = None
     """Optional capacity hint in requests per second (> 0)."""
-
-    @field_validator("address")
-    @classmethod
-    def _check_address(cls, value: str) -> str:
-        return _canonical_address(value)
 
     @field_validator("cloud")
     @classmethod
