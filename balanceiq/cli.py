@@ -20,9 +20,9 @@ from balanceiq.config import Settings, check_config_command, default_settings, l
 from balanceiq.exceptions import BalanceIQError
 
 app = typer.Typer(name="balanceiq", no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
-config_app = typer.Typer(help="Validate configuration files.", no_args_is_help=True)
-envoy_app = typer.Typer(help="Envoy bootstraps.", no_args_is_help=True)
-xds_app = typer.Typer(help="Talk to the running xDS actor.", no_args_is_help=True)
+config_app = typer.Typer(name="config", help="Validate configuration files.", no_args_is_help=True)
+envoy_app = typer.Typer(name="envoy", help="Envoy bootstraps.", no_args_is_help=True)
+xds_app = typer.Typer(name="xds", help="Talk to the running xDS actor.", no_args_is_help=True)
 
 
 def _version(value: bool) -> None:
@@ -40,9 +40,8 @@ def _root(
     """Learned, cost-aware multi-cloud load balancing for Envoy."""
 
 
-app.add_typer(config_app, name="config")
-app.add_typer(envoy_app, name="envoy")
-app.add_typer(xds_app, name="xds")
+for sub_app in (config_app, envoy_app, xds_app):
+    app.add_typer(sub_app)
 
 # Wide enough for the demo's tables when output is captured (rich assumes 80 columns).
 err = Console(stderr=True, width=None if sys.stderr.isatty() else 120)
@@ -62,10 +61,9 @@ def _emit(result: dict[str, Any], as_json: bool, omit: tuple[str, ...] = ()) -> 
 
 
 def _settings(path: Path | None) -> Settings:
-    if path is None:
-        default = Path("balanceiq.yaml")
-        return load_config(default) if default.exists() else default_settings()
-    return load_config(path)
+    if path is None and not Path("balanceiq.yaml").exists():
+        return default_settings()
+    return load_config(path or Path("balanceiq.yaml"))
 
 
 @config_app.command("check")

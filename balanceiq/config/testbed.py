@@ -49,14 +49,9 @@ class TestbedConfig(_Model):
     @field_validator("base_latency_ms")
     @classmethod
     def _check_latency_keys(cls, value: dict[str, float]) -> dict[str, float]:
-        problems: list[tuple[Loc, str]] = []
-        for key in value:
-            parts = key.split("/")
-            if len(parts) > 2 or not all(part.strip() for part in parts):
-                message = "key must be 'cloud' or 'cloud/region', e.g. aws or aws/us-east-1"
-                problems.append(((key,), message))
-        if problems:
-            raise _cross_field_error(problems)
+        if bad := [key for key in value if key.count("/") > 1 or not all(part.strip() for part in key.split("/"))]:
+            message = "key must be 'cloud' or 'cloud/region', e.g. aws or aws/us-east-1"
+            raise _cross_field_error([((key,), message) for key in bad])
         return value
 
     @field_validator("overrides")
