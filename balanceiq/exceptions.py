@@ -34,8 +34,7 @@ class XdsLeaseError(XdsError):
 
 
 class XdsRequestError(XdsError):
-    """An xDS client's request is refused; only that stream ends, with gRPC ``status``.
-    ``reason`` is the name the refusal is counted under."""
+    """An xDS client's request is refused; only that stream ends, with gRPC ``status``; counted under ``reason``."""
 
     def __init__(self, reason: str, message: str, status: str = "INVALID_ARGUMENT") -> None:
         super().__init__(message)

@@ -116,8 +116,7 @@ def _yaml_error_message(exc: yaml.YAMLError) -> str:
     if isinstance(exc, yaml.reader.ReaderError):
         return f"not readable as YAML text: {exc.reason} (character {exc.character!r} at position {exc.position})"
     mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
-    problem = getattr(exc, "problem", None) or getattr(exc, "context", None) or str(exc)
-    problem = " ".join(str(problem).split())
+    problem = " ".join(str(getattr(exc, "problem", None) or getattr(exc, "context", None) or exc).split())
     if mark is not None:
         return f"YAML syntax error at line {mark.line + 1}, column {mark.column + 1}: {problem}"
     return f"YAML syntax error: {problem}"
