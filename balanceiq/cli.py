@@ -6,6 +6,8 @@ from __future__ import annotations
 import functools
 import json
 import sys
+from contextlib import closing
+from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -13,25 +15,18 @@ import typer
 import yaml
 from rich.console import Console
 
+from balanceiq import __version__
 from balanceiq.config import Settings, check_config_command, default_settings, load_config
 from balanceiq.exceptions import BalanceIQError
 
-app = typer.Typer(
-    name="balanceiq",
-    help="Learned, cost-aware multi-cloud load balancing for Envoy.",
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-    add_completion=False,
-)
-config_app = typer.Typer(help="Validate configuration files.", no_args_is_help=True)
-envoy_app = typer.Typer(help="Envoy bootstraps.", no_args_is_help=True)
-xds_app = typer.Typer(help="Talk to the running xDS actor.", no_args_is_help=True)
+app = typer.Typer(name="balanceiq", no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
+config_app = typer.Typer(name="config", help="Validate configuration files.", no_args_is_help=True)
+envoy_app = typer.Typer(name="envoy", help="Envoy bootstraps.", no_args_is_help=True)
+xds_app = typer.Typer(name="xds", help="Talk to the running xDS actor.", no_args_is_help=True)
 
 
 def _version(value: bool) -> None:
     if value:
-        from balanceiq import __version__
-
         sys.stdout.write(f"balanceiq {__version__}\n")
         raise typer.Exit()
 
@@ -45,9 +40,8 @@ def _root(
     """Learned, cost-aware multi-cloud load balancing for Envoy."""
 
 
-app.add_typer(config_app, name="config")
-app.add_typer(envoy_app, name="envoy")
-app.add_typer(xds_app, name="xds")
+for sub_app in (config_app, envoy_app, xds_app):
+    app.add_typer(sub_app)
 
 # Wide enough for the demo's tables when output is captured (rich assumes 80 columns).
 err = Console(stderr=True, width=None if sys.stderr.isatty() else 120)
@@ -67,10 +61,9 @@ def _emit(result: dict[str, Any], as_json: bool, omit: tuple[str, ...] = ()) -> 
 
 
 def _settings(path: Path | None) -> Settings:
-    if path is None:
-        default = Path("balanceiq.yaml")
-        return load_config(default) if default.exists() else default_settings()
-    return load_config(path)
+    if path is None and not Path("balanceiq.yaml").exists():
+        return default_settings()
+    return load_config(path or Path("balanceiq.yaml"))
 
 
 @config_app.command("check")
@@ -369,19 +362,14 @@ def observe(
     """Print one Observation of a running cluster (Prometheus, else Envoy's admin) as JSON."""
     from balanceiq.telemetry.observe import Telemetry
 
-    telemetry = Telemetry(_settings(config), cluster)
-    try:
+    with closing(Telemetry(_settings(config), cluster)) as telemetry:
         out.print_json(json.dumps(telemetry.observe().to_json()))
-    finally:
-        telemetry.close()
 
 
 @functools.cache
 def _load_plugins() -> None:
     """Command groups other distributions add through the ``balanceiq.cli`` entry point (the lab adds
     ``bench`` and ``demo``; the product never imports them). One that fails to load is named, skipped."""
-    from importlib.metadata import entry_points
-
     for ep in entry_points(group="balanceiq.cli"):
         try:
             ep.load()(app)

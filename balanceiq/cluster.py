@@ -17,8 +17,7 @@ def _speaks_grpc(host: str, port: int, timeout: float) -> str | None:
     """Why ``host:port`` is not Ray's GCS (no gRPC), or None: ``ray.init`` would retry with pages of warnings."""
     import grpc
 
-    target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    channel = grpc.insecure_channel(target)
+    channel = grpc.insecure_channel(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
     try:
         grpc.channel_ready_future(channel).result(timeout=timeout)
         return None

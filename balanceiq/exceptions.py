@@ -1,8 +1,5 @@
-"""Every error BalanceIQ raises on purpose: subclasses of :class:`BalanceIQError`.
-
-Library errors (grpc, aiohttp, yaml, pydantic) are translated into these at the boundary with
-``raise ... from exc``; the CLI prints their message and exits 2 instead of showing a traceback.
-"""
+"""Every error BalanceIQ raises on purpose: subclasses of :class:`BalanceIQError`. Library errors are
+translated into these at the boundary (``raise ... from exc``); the CLI prints them and exits 2."""
 
 
 class BalanceIQError(Exception):
@@ -37,8 +34,7 @@ class XdsLeaseError(XdsError):
 
 
 class XdsRequestError(XdsError):
-    """An xDS client's request is refused; only that stream ends, with gRPC ``status``.
-    ``reason`` is the name the refusal is counted under."""
+    """An xDS client's request is refused; only that stream ends, with gRPC ``status``; counted under ``reason``."""
 
     def __init__(self, reason: str, message: str, status: str = "INVALID_ARGUMENT") -> None:
         super().__init__(message)

@@ -18,8 +18,7 @@ GRPC_OPTIONS: list[tuple[str, Any]] = [
     # gRPC turns SO_REUSEPORT on by default: a second server on the port would silently take
     # half of Envoy's streams.
     ("grpc.so_reuseport", 0),
-    # Keepalives find dead peers.
-    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_time_ms", 30_000),  # keepalives find dead peers
     ("grpc.keepalive_timeout_ms", 10_000),
     ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
     ("grpc.keepalive_permit_without_calls", 1),

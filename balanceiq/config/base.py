@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Annotated
 from urllib.parse import urlsplit
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from pydantic_core import PydanticCustomError
 
 UINT32_MAX = 2**32 - 1
@@ -157,12 +157,9 @@ def _canonical_address(address: str) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def _not_blank_field(value: str, info: ValidationInfo) -> str:
-    return _not_blank(value, str(info.field_name))
-
-
-NonBlank = Annotated[str, AfterValidator(_not_blank_field)]
+NonBlank = Annotated[str, AfterValidator(lambda value, info: _not_blank(value, str(info.field_name)))]
 HttpUrlStr = Annotated[str, AfterValidator(_http_url)]
+Address = Annotated[str, AfterValidator(_canonical_address)]
 ConfigPath = Annotated[Path, AfterValidator(_check_path)]
 
 

@@ -8,11 +8,11 @@ from pydantic import Field, field_validator
 
 from balanceiq.config.base import (
     UINT32_MAX,
+    Address,
     Loc,
     NonBlank,
     NonNegFloat,
     PosFloat,
-    _canonical_address,
     _cross_field_error,
     _Model,
     split_address,
@@ -22,7 +22,7 @@ from balanceiq.config.base import (
 class EndpointConfig(_Model):
     """One backend Envoy sends traffic to, and what it costs."""
 
-    address: str
+    address: Address
     """Backend as host:port; host is an IPv4 or [IPv6] literal."""
 
     cloud: NonBlank
@@ -43,11 +43,6 @@ class EndpointConfig(_Model):
     capacity_rps: PosFloat | None = None
     """Optional capacity hint in requests per second (> 0)."""
 
-    @field_validator("address")
-    @classmethod
-    def _check_address(cls, value: str) -> str:
-        return _canonical_address(value)
-
     @field_validator("cloud")
     @classmethod
     def _check_cloud(cls, value: str) -> str:
@@ -65,11 +60,6 @@ class EndpointConfig(_Model):
     def port(self) -> int:
         """The TCP port."""
         return split_address(self.address)[1]
-
-    @property
-    def locality(self) -> tuple[str, str, str | None]:
-        """``(cloud, region, zone)``: endpoints sharing it form one Envoy locality."""
-        return (self.cloud, self.region, self.zone)
 
 
 class ClusterConfig(_Model):
@@ -97,7 +87,8 @@ class ClusterConfig(_Model):
         first_seen: dict[str, int] = {}
         by_locality: dict[tuple[str, str, str | None], list[int]] = {}
         for index, endpoint in enumerate(endpoints):
-            by_locality.setdefault(endpoint.locality, []).append(index)
+            # Endpoints sharing (cloud, region, zone) form one Envoy locality.
+            by_locality.setdefault((endpoint.cloud, endpoint.region, endpoint.zone), []).append(index)
             first = first_seen.setdefault(endpoint.address, index)
             if first != index:
                 message = f"duplicate address {endpoint.address}: endpoints[{first}] and endpoints[{index}] both use it"

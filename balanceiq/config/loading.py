@@ -6,6 +6,7 @@ import re
 import stat
 import sys
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +30,7 @@ def settings_from_dict(
         names = {list: "list", str: "string", int: "number", float: "number", bool: "boolean"}
         message = f"the top level must be a mapping of settings, not a {names.get(type(data), type(data).__name__)}"
         raise ConfigError([("", message)], source)
-    shape = _shape_problems(data)
-    if shape:
+    if shape := _shape_problems(data):
         raise ConfigError(shape, source)
     try:
         settings = Settings.model_validate(data)
@@ -56,13 +56,11 @@ def _resolve_paths(settings: Settings, base_dir: Path) -> Settings:
     )
 
 
+@dataclass(eq=False, slots=True)  # eq=False: two huge keys are never duplicates
 class _TooLargeNumber:
     """An integer too long for Python to convert: pydantic refuses it at its own field."""
 
-    __slots__ = ("digits",)
-
-    def __init__(self, digits: int) -> None:
-        self.digits = digits
+    digits: int
 
     def __repr__(self) -> str:
         return f"<a number with {self.digits} digits>"
@@ -75,8 +73,6 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
         try:
             return super().construct_object(node, deep=deep)
-        except yaml.YAMLError:
-            raise
         except (ValueError, TypeError, AttributeError, OverflowError) as exc:
             raise yaml.constructor.ConstructorError(
                 None, None, f"cannot read {node.tag.rsplit(':', 1)[-1]} value: {exc}", node.start_mark
@@ -120,8 +116,7 @@ def _yaml_error_message(exc: yaml.YAMLError) -> str:
     if isinstance(exc, yaml.reader.ReaderError):
         return f"not readable as YAML text: {exc.reason} (character {exc.character!r} at position {exc.position})"
     mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
-    problem = getattr(exc, "problem", None) or getattr(exc, "context", None) or str(exc)
-    problem = " ".join(str(problem).split())
+    problem = " ".join(str(getattr(exc, "problem", None) or getattr(exc, "context", None) or exc).split())
     if mark is not None:
         return f"YAML syntax error at line {mark.line + 1}, column {mark.column + 1}: {problem}"
     return f"YAML syntax error: {problem}"

@@ -53,8 +53,7 @@ def _unknown_key_message(loc: Loc, root: type[BaseModel] | None = None) -> str:
     if model is None:
         return "unknown key"
     allowed = list(model.model_fields)
-    close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
-    if close:
+    if close := difflib.get_close_matches(str(loc[-1]), allowed, n=1):
         return f"unknown key; did you mean {close[0]!r}?"
     return f"unknown key; allowed keys: {', '.join(allowed)}"
 
@@ -77,8 +76,7 @@ def validation_problems(exc: ValidationError, root: type[BaseModel] | None = Non
         kind = error["type"]
         ctx = error.get("ctx") or {}
         if kind == _CROSS_FIELD:
-            for sub_loc, message in ctx["problems"]:
-                problems.append((_format_loc(loc + tuple(sub_loc)), message))
+            problems += [(_format_loc(loc + tuple(sub_loc)), message) for sub_loc, message in ctx["problems"]]
             continue
         if kind == "extra_forbidden":
             message = _unknown_key_message(loc, root)

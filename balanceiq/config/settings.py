@@ -80,13 +80,9 @@ class Settings(_Model):
     @model_validator(mode="after")
     def _check_overrides_known(self) -> Settings:
         known = {ep.address for cluster in self.clusters for ep in cluster.endpoints}
-        problems: list[tuple[Loc, str]] = [
-            (("testbed", "overrides", address), "no configured endpoint has this address")
-            for address in self.testbed.overrides
-            if address not in known
-        ]
-        if problems:
-            raise _cross_field_error(problems)
+        if unknown := [address for address in self.testbed.overrides if address not in known]:
+            message = "no configured endpoint has this address"
+            raise _cross_field_error([(("testbed", "overrides", address), message) for address in unknown])
         return self
 
     def cluster(self, name: str) -> ClusterConfig:

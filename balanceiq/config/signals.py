@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import string
 from collections.abc import Mapping
 from typing import Any
 
@@ -64,8 +65,6 @@ class SignalQuery(_Model):
     @field_validator("promql")
     @classmethod
     def _check_template(cls, value: str) -> str:
-        import string
-
         try:
             string.Template(value).substitute(cluster="c", window="1s")
         except (KeyError, ValueError) as exc:
@@ -123,8 +122,7 @@ class TelemetryConfig(_Model):
             return {**data, "queries": defaults}
         if isinstance(given, Mapping):
             # str() first: YAML keys may be ints or None, which do not sort with strings.
-            unknown = sorted(str(k) for k in given if k not in SIGNALS)
-            if unknown:
+            if unknown := sorted(str(k) for k in given if k not in SIGNALS):
                 message = f"unknown signal(s) {', '.join(unknown)}; known: {', '.join(SIGNALS)}"
                 raise _cross_field_error([(("queries",), message)])
             return {**data, "queries": {**defaults, **given}}

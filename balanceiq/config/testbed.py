@@ -49,33 +49,26 @@ class TestbedConfig(_Model):
     @field_validator("base_latency_ms")
     @classmethod
     def _check_latency_keys(cls, value: dict[str, float]) -> dict[str, float]:
-        problems: list[tuple[Loc, str]] = []
-        for key in value:
-            parts = key.split("/")
-            if len(parts) > 2 or not all(part.strip() for part in parts):
-                message = "key must be 'cloud' or 'cloud/region', e.g. aws or aws/us-east-1"
-                problems.append(((key,), message))
-        if problems:
-            raise _cross_field_error(problems)
+        if bad := [key for key in value if key.count("/") > 1 or not all(part.strip() for part in key.split("/"))]:
+            message = "key must be 'cloud' or 'cloud/region', e.g. aws or aws/us-east-1"
+            raise _cross_field_error([((key,), message) for key in bad])
         return value
 
     @field_validator("overrides")
     @classmethod
     def _canonical_override_keys(cls, value: dict[str, BackendProfile]) -> dict[str, BackendProfile]:
         problems: list[tuple[Loc, str]] = []
-        canonical: dict[str, BackendProfile] = {}
-        original_key: dict[str, str] = {}
-        for key, profile in value.items():
+        first_key: dict[str, str] = {}  # canonical address -> the key that named it first
+        for key in value:
             try:
                 address = _canonical_address(key)
             except ValueError as exc:
                 problems.append(((key,), f"key is not an endpoint address: {exc}"))
                 continue
-            if address in canonical:
-                problems.append(((key,), f"same endpoint as {original_key[address]!r}"))
+            if address in first_key:
+                problems.append(((key,), f"same endpoint as {first_key[address]!r}"))
                 continue
-            canonical[address] = profile
-            original_key[address] = key
+            first_key[address] = key
         if problems:
             raise _cross_field_error(problems)
-        return canonical
+        return {address: value[key] for address, key in first_key.items()}

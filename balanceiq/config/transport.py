@@ -54,10 +54,8 @@ class TlsConfig(_Model):
     def _check_requirements(self) -> TlsConfig:
         problems: list[tuple[Loc, str]] = []
         if self.enabled:
-            if self.cert_file is None:
-                problems.append((("cert_file",), "required when enabled is true"))
-            if self.key_file is None:
-                problems.append((("key_file",), "required when enabled is true"))
+            unset = [name for name in ("cert_file", "key_file") if getattr(self, name) is None]
+            problems += [((name,), "required when enabled is true") for name in unset]
         if self.require_client_cert:
             if not self.enabled:
                 # Asking for mTLS while serving plaintext is a security surprise, not a no-op.

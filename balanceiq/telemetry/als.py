@@ -1,11 +1,9 @@
-"""Per-endpoint upstream latency from Envoy's gRPC Access Log Service (ALS).
+"""Per-endpoint upstream latency from Envoy's gRPC Access Log Service (ALS). Envoy's per-endpoint stats
+carry no latency histogram, but each access-log entry names the upstream host and its timings. Envoy
+streams them to :class:`AlsServer`; :class:`AlsCollector` folds them into per-endpoint histograms served
+on ``/metrics`` (compact JSON on ``/snapshot``).
 
-Envoy's per-endpoint stats carry no latency histogram, but each access-log entry names the
-upstream host and its timings. Envoy streams them to :class:`AlsServer`; :class:`AlsCollector`
-folds them into per-endpoint histograms served on ``/metrics`` (compact JSON on ``/snapshot``).
-
-CLI: ``python -m balanceiq.telemetry.als --grpc-port 9977 --metrics-port 9978 [--host 127.0.0.1]``
-"""
+CLI: ``python -m balanceiq.telemetry.als --grpc-port 9977 --metrics-port 9978 [--host 127.0.0.1]``"""
 
 from __future__ import annotations
 
@@ -67,12 +65,11 @@ class AlsServer:
             raise TestbedError("ALS server already started")
         self._loop.start()
         try:
-            try:
-                grpc_port, metrics_port = self._loop.run(self._start_both(), timeout)
-            except TimeoutError as exc:
-                raise TestbedError(f"ALS server did not start within {timeout}s") from exc
-        except BaseException:
+            grpc_port, metrics_port = self._loop.run(self._start_both(), timeout)
+        except BaseException as exc:
             self.stop()
+            if isinstance(exc, TimeoutError):
+                raise TestbedError(f"ALS server did not start within {timeout}s") from exc
             raise
         self.grpc_port, self.metrics_port = grpc_port, metrics_port
         log.info("ALS listening on %s, metrics on %s", _host_port(self.host, grpc_port), self.metrics_url)

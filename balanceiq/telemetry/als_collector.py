@@ -1,11 +1,8 @@
-"""Envoy access-log entries folded into per-endpoint latency histograms and counts.
-
-Latency runs from the first byte sent upstream to the last received (else the last sent
-downstream): network and backend time, not Envoy's own. With retries an entry names only the
-final attempt. An entry with a host but no timing still counts in ``balanceiq_upstream_rq_total``:
-an error is a real outcome, a made-up duration is not. Feed one log kind (HCM ``access_log`` or
-router ``upstream_log``), not both, or requests count twice.
-"""
+"""Envoy access-log entries folded into per-endpoint latency histograms and counts. Latency runs from
+the first byte sent upstream to the last received (else the last sent downstream): network and backend
+time, not Envoy's own. With retries an entry names only the final attempt. An entry with a host but no
+timing still counts in ``balanceiq_upstream_rq_total``: an error is a real outcome, a made-up duration
+is not. Feed one log kind (HCM ``access_log`` or router ``upstream_log``), not both, or requests count twice."""
 
 from __future__ import annotations
 
@@ -155,13 +152,9 @@ class _Series:
     def to_json(self) -> dict[str, Any]:
         cluster, endpoint = self.key
         cumulative = list(itertools.accumulate(self.buckets))
-        return {
-            "cluster": cluster,
-            "endpoint": endpoint,
-            "buckets": cumulative,
-            "codes": dict(self.classes),
-            "orca": self.last_util,
-        }
+        return dict(
+            cluster=cluster, endpoint=endpoint, buckets=cumulative, codes=dict(self.classes), orca=self.last_util
+        )
 
 
 class AlsCollector:

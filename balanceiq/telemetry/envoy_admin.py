@@ -149,13 +149,10 @@ class EnvoyAdminSource:
     ) -> Observation:
         """Rates since this cluster's previous observation (at least ``min_window_s``). Without a usable
         previous scrape it takes two, so even the first has real rates. Raises :class:`EnvoyAdminError`."""
-        min_window_s = max(0.0, float(min_window_s))
         with self._lock:
             prev = self._baseline.get(cluster)
             if prev is None or time.monotonic() - prev.timestamp > MAX_BASELINE_AGE_S:
                 prev = self._baseline[cluster] = self.scrape()
-            wait = prev.timestamp + min_window_s - time.monotonic()
-            if wait > 0:
-                time.sleep(wait)
+            time.sleep(max(0.0, prev.timestamp + min_window_s - time.monotonic()))
             cur = self._baseline[cluster] = self.scrape()
         return derive(prev, cur, cluster, addresses, costs, weights, now=time.monotonic())

@@ -24,17 +24,8 @@ WARMING = "warming"  # first scrape of a counter-based source: no rate yet
 NO_LATENCY_SOURCE = "no_latency_source"  # nothing configured measures per-endpoint latency
 
 # Feature order of Observation.to_array(); the policy's input layer depends on it.
-FEATURES = (
-    "p50_ms",
-    "p95_ms",
-    "error_rate",
-    "saturation",
-    "inflight",
-    "rps",
-    "cost_per_million",
-    "weight_share",
-    "healthy",
-)
+_FEATURE_NAMES = "p50_ms p95_ms error_rate saturation inflight rps cost_per_million weight_share healthy"
+FEATURES = tuple(_FEATURE_NAMES.split())
 
 NAN = float("nan")
 

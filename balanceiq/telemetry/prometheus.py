@@ -1,8 +1,6 @@
-"""Observations from Prometheus, one PromQL query per signal (see ``telemetry.queries``).
-
-NaN, Inf and negatives become flagged fields, a missing endpoint is ``missing``; a failed or
-malformed query raises :class:`~balanceiq.exceptions.PrometheusError` (the caller falls back).
-"""
+"""Observations from Prometheus, one PromQL query per signal (see ``telemetry.queries``). NaN, Inf and
+negatives become flagged fields, a missing endpoint is ``missing``; a failed or malformed query raises
+:class:`~balanceiq.exceptions.PrometheusError` (the caller falls back)."""
 
 from __future__ import annotations
 
@@ -191,12 +189,8 @@ class PrometheusSource:
         healthy = None if math.isnan(values["healthy"]) else values["healthy"] >= 1
         return EndpointObservation(
             address=address,
-            p50_ms=values["p50_ms"],
-            p95_ms=values["p95_ms"],
+            **{s: values[s] for s in (*LATENCY, "saturation", "inflight", "rps")},  # signals named as the fields
             error_rate=error_rate,
-            saturation=values["saturation"],
-            inflight=values["inflight"],
-            rps=values["rps"],
             cost_per_million=costs.get(address, NAN),
             weight=float(weights[address]) if weights and address in weights else NAN,
             healthy=healthy,

@@ -1,8 +1,7 @@
 """Envoy's admin output (and the ALS exporter's snapshot) parsed into an immutable :class:`Scrape`;
-:func:`derive`: rates and quantiles between two scrapes, as an Observation.
-
-Only some Envoy counter names end in ``_total`` and prometheus_client renames samples differently
-by version, so samples are matched by name with one ``_total`` removed."""
+:func:`derive`: rates and quantiles between two scrapes, as an Observation. Only some Envoy counter names
+end in ``_total`` and prometheus_client renames samples differently by version, so samples are matched
+by name with one ``_total`` removed."""
 
 from __future__ import annotations
 
@@ -397,8 +396,7 @@ def _derive_one(prev: Scrape | None, cur: Scrape, key: Key, dt: float, row: Endp
     c = cur.endpoints.get(key)
     if c is None:
         return replace(row, flags=frozenset(flags | {MISSING}))
-    bad = _bad_fields(c)
-    if bad:
+    if bad := _bad_fields(c):
         flags.add(INVALID)
     if any(math.isnan(_value(c, f)) and f not in bad for f in ("rq_total", "rq_error")):
         flags.add(MISSING)  # the endpoint is there, but not the series rates come from
