@@ -25,6 +25,7 @@ from balanceiq_lab.bench.live import (
     ARMS,
     CSWRR,
     PriceBook,
+    arm_base,
     arm_metrics,
     bench_settings,
     cost_aware_weights,
@@ -159,7 +160,9 @@ def test_targets_are_judged_against_the_issue() -> None:
 
 
 def test_arms_settings_and_scenario_remapping() -> None:
-    assert [a.name for a in parse_arms(None)] == list(ARMS)
+    assert [a.name for a in parse_arms(None)] == [n for n in ARMS if n != "balanceiq_lr_knee70"]
+    (knee,) = parse_arms("balanceiq_lr_knee70")  # an experiment runs only when named
+    assert knee.lb_policy == "LEAST_REQUEST" and knee.family == "balanceiq"
     assert [a.name for a in parse_arms("cswrr, round_robin")] == ["cswrr", "round_robin"]
     assert ARMS["cswrr"].lb_policy == CSWRR and ARMS["balanceiq_lr"].lb_policy == "LEAST_REQUEST"
     for bad in ("nope", "round_robin,round_robin", ","):
@@ -167,6 +170,9 @@ def test_arms_settings_and_scenario_remapping() -> None:
             parse_arms(bad)
     base = load_config(REPO / "balanceiq.yaml")
     s, mapping = bench_settings(base, Path("/tmp/x"))
+    k, _ = bench_settings(arm_base(knee, base), Path("/tmp/x"))
+    assert k.control.util_target == 0.7 and s.control.util_target == base.control.util_target == 0.5
+    assert k.control.model_dump(exclude={"util_target"}) == s.control.model_dump(exclude={"util_target"})
     old = list(base.clusters[0].endpoints)
     new = list(s.clusters[0].endpoints)
     assert [(e.cloud, e.region, e.cost_per_million_requests, e.capacity_rps) for e in new] == [

@@ -56,7 +56,7 @@ import threading
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -89,6 +89,8 @@ class Arm:
     lb_policy: str  # Envoy's policy for the cluster
     weights: str  # "equal" (nothing changes them) | "cost_aware" (pushed once) | "controller" | "oracle"
     family: str  # "envoy" (Envoy's own balancer, cost-blind) | "static" | "balanceiq" | "oracle"
+    control: tuple[tuple[str, float], ...] = ()  # the controller's settings this arm changes
+    default: bool = True  # run when --arms is not given; experiments are named explicitly
 
 
 DEFAULT_LB_POLICY = EnvoyConfig().lb_policy  # what BalanceIQ ships with
@@ -119,6 +121,15 @@ ARMS: dict[str, Arm] = {
         # The LP on the true capacity, latency and price, re-pushed at every event (the
         # harness knows them): what a balancer that knew everything would do.
         Arm("oracle", f"oracle: LP on the truth ({DEFAULT_LB_POLICY})", DEFAULT_LB_POLICY, "oracle", "oracle"),
+        # An experiment, side by side with balanceiq_lr: the LP's utilisation knee at 0.7
+        # instead of the shipped 0.5 (BENCHMARKS.md, "Can the knobs buy ...").
+        replace(
+            _BIQ_LR,
+            name="balanceiq_lr_knee70",
+            label="BalanceIQ over LEAST_REQUEST, knee 0.7",
+            control=(("util_target", 0.7),),
+            default=False,
+        ),
     )
 }
 
@@ -147,10 +158,17 @@ TARGETS_TEXT = {
 }
 
 
+def arm_base(arm: Arm, base: Settings) -> Settings:
+    """``base`` with the controller settings ``arm`` changes."""
+    if not arm.control:
+        return base
+    return base.model_copy(update={"control": base.control.model_copy(update=dict(arm.control))})
+
+
 def parse_arms(text: str | None) -> list[Arm]:
     """``a,b,...`` (default all, in ``ARMS`` order); BenchError naming unknown ones."""
     if not text:
-        return list(ARMS.values())
+        return [a for a in ARMS.values() if a.default]
     names = [t.strip() for t in text.split(",") if t.strip()]
     unknown = [n for n in names if n not in ARMS]
     if unknown or not names:
@@ -825,7 +843,7 @@ class _ArmRun:
     ) -> None:
         self.arm = arm
         self.rate_rps, self.duration_s, self.warmup_s, self.slo_ms = rate_rps, duration_s, warmup_s, slo_ms
-        self.stack = ArmStack(base, workdir, arm.lb_policy, private_gauges=private_gauges, orca=orca)
+        self.stack = ArmStack(arm_base(arm, base), workdir, arm.lb_policy, private_gauges=private_gauges, orca=orca)
         self.pids = set(self.stack.pids)
         self.cluster = self.stack.settings.clusters[0]
         self.clouds = {ep.address: ep.cloud for ep in self.cluster.endpoints}
@@ -847,6 +865,7 @@ class _ArmRun:
             "lb_policy": arm.lb_policy,
             "weights": arm.weights,
             "family": arm.family,
+            **({"control": dict(arm.control)} if arm.control else {}),
         }
 
     def push_oracle(self, n_events: int, t_s: float) -> None:
@@ -1224,7 +1243,7 @@ def run_live_bench(
     ``inspect``: see :func:`run_arm` (tests). ``private_gauges``: let the controller read
     the testbed backends' in-flight / concurrency-limit gauges (off: see :func:`bench_settings`)."""
     console = console or Console(stderr=True)
-    arms = arms if arms is not None else list(ARMS.values())
+    arms = arms if arms is not None else [a for a in ARMS.values() if a.default]
     validate_args(rate_rps=rate_rps, duration_s=duration_s, warmup_s=warmup_s, slo_ms=slo_ms, bin_s=bin_s)
     if arrivals not in ARRIVALS:
         raise BenchError(f"arrivals must be one of {', '.join(ARRIVALS)}, got {arrivals!r}")
