@@ -41,6 +41,7 @@ from balanceiq.telemetry.observation import Observation
 from balanceiq.xds.client import served
 
 log = logging.getLogger(__name__)
+_records_log = logging.getLogger("balanceiq.control.records")  # DecisionLog's logger before it moved here
 
 Scorer = Callable[[np.ndarray], np.ndarray]
 """Encoded observation rows ``[N, F]`` -> one score per endpoint ``[N]`` (may raise)."""
@@ -95,7 +96,7 @@ class DecisionLog:
             except OSError as exc:
                 # A full disk must not stop the control loop; say so once per outage.
                 if not self._recording_failed:
-                    log.warning("decision recording to %s failed: %s", self.recording, exc)
+                    _records_log.warning("decision recording to %s failed: %s", self.recording, exc)
                 self._recording_failed = True
 
     def recent(self, limit: int = 20) -> list[DecisionRecord]:

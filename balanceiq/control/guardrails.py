@@ -40,15 +40,25 @@ def _vector(name: str, values: object, n: int) -> np.ndarray:
         arr = np.asarray(values, dtype=np.float64).reshape(-1)
     except (TypeError, ValueError) as exc:
         raise GuardrailError(f"{name} must be a vector of numbers: {exc}") from None
-    if arr.shape[0] != n:
-        raise GuardrailError(f"{name} has {arr.shape[0]} entries, expected {n} (one per endpoint)")
-    return arr
+    return _one_per_endpoint(name, arr, n)
 
 
 def _mask(name: str, values: object, n: int) -> np.ndarray:
-    f = _vector(name, values, n)  # booleans as 0/1
+    arr = _one_per_endpoint(name, np.asarray(values).reshape(-1), n)
+    if arr.dtype == bool:
+        return arr.copy()
+    try:
+        f = arr.astype(np.float64)
+    except (TypeError, ValueError) as exc:
+        raise GuardrailError(f"{name} must be a vector of booleans: {exc}") from None
     # As in the LP: NaN is "unknown", which must not take an endpoint down.
     return np.asarray(~(np.isfinite(f) & (f == 0)))
+
+
+def _one_per_endpoint(name: str, arr: np.ndarray, n: int) -> np.ndarray:
+    if arr.shape[0] != n:
+        raise GuardrailError(f"{name} has {arr.shape[0]} entries, expected {n} (one per endpoint)")
+    return arr
 
 
 def _clean(v: np.ndarray, base: np.ndarray) -> np.ndarray:

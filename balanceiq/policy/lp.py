@@ -80,8 +80,13 @@ def price_unit(cost: np.ndarray, available: np.ndarray | None = None) -> float:
 def _available(available: object, n: int) -> np.ndarray:
     if available is None:
         return np.ones(n, dtype=bool)
+    arr = np.asarray(available).reshape(-1)
+    if arr.shape[0] != n:
+        raise ValueError(f"available has {arr.shape[0]} entries, expected {n}")
+    if arr.dtype == bool:
+        return arr.copy()
     # A NaN in a float mask is "unknown", which must not take an endpoint down.
-    f = _vector("available", available, n)
+    f = arr.astype(np.float64)
     return np.asarray(~(np.isfinite(f) & (f == 0)))
 
 

@@ -49,11 +49,13 @@ class EndpointSpec(_Model):
     cloud: str
     """Cloud provider; events can target a whole cloud with ``cloud:<name>``."""
     region: NonBlank
+    """Region within the cloud; informational."""
     capacity_rps: PosFloat
     """Requests per second it completes when busy (``servers`` / mean service time); load above it is shed."""
     base_latency_ms: NonNegFloat
     """Fixed delay every request adds to its service and queueing (network round trip), in ms."""
     cost_per_million: NonNegFloat
+    """Price of a million requests served here, in $."""
     weight: int = Field(default=1, ge=1, strict=True)
     """Static Envoy ``load_balancing_weight``: the split before anyone decides."""
     servers: int = Field(default=1, ge=1, le=4096, strict=True)
@@ -63,6 +65,7 @@ class EndpointSpec(_Model):
     tail_prob: float = Field(default=0.0, ge=0, lt=1, strict=True, allow_inf_nan=False)
     """Share of requests that hold their server ``tail_ms`` (ms) longer."""
     tail_ms: NonNegFloat = 0.0
+    """Extra service time of a tail request, in ms."""
 
     @model_validator(mode="after")
     def _check_service(self) -> EndpointSpec:
@@ -100,9 +103,11 @@ class DemandSpec(_Model):
     """Total request rate offered to the fleet, before events."""
 
     base_rps: PosFloat
+    """Mean total demand in requests per second."""
     diurnal_amplitude: float = Field(default=0.3, ge=0, lt=1, strict=True, allow_inf_nan=False)
     """Relative swing of the daily cycle: demand is ``base_rps * (1 + a*sin(...))``."""
     diurnal_period_s: PosFloat = 600.0
+    """Length of one simulated "day" in seconds."""
     noise: NonNegFloat = 0.05
     """Relative step-to-step noise: a mean-one lognormal factor with this sigma."""
     phase: Multiplier = 0.0
@@ -173,6 +178,7 @@ class Scenario(_Model):
     name: str
     """Short name (the file name without ``.yaml`` when the file does not set it)."""
     description: str = ""
+    """What the scenario tests, in a sentence or two."""
     step_s: PosFloat = 1.0
     """Simulated seconds per step (one telemetry window)."""
     timeout_ms: PosFloat = 2000.0
@@ -180,7 +186,9 @@ class Scenario(_Model):
     duration_s: PosFloat
     """Length of a run in simulated seconds (the simulator can run past it)."""
     endpoints: list[EndpointSpec] = Field(min_length=1)
+    """The fleet; names must be unique."""
     demand: DemandSpec
+    """Total demand over time, before demand/burst events."""
     events: list[Event] = Field(default_factory=list)
     """Timeline of events; overlapping ones compose (multipliers multiply, delays add)."""
     seed: int = Field(default=0, ge=0, strict=True)
