@@ -1243,7 +1243,7 @@ def run_live_bench(
     ``inspect``: see :func:`run_arm` (tests). ``private_gauges``: let the controller read
     the testbed backends' in-flight / concurrency-limit gauges (off: see :func:`bench_settings`)."""
     console = console or Console(stderr=True)
-    arms = arms if arms is not None else [a for a in ARMS.values() if a.default]
+    arms = arms if arms is not None else parse_arms(None)
     validate_args(rate_rps=rate_rps, duration_s=duration_s, warmup_s=warmup_s, slo_ms=slo_ms, bin_s=bin_s)
     if arrivals not in ARRIVALS:
         raise BenchError(f"arrivals must be one of {', '.join(ARRIVALS)}, got {arrivals!r}")
