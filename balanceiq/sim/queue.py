@@ -5,7 +5,8 @@ core), with an optional slow tail (``tail_prob`` of requests hold their slot ``t
 longer), as the lab's sample backends serve. The wait is Erlang C's: the chance of waiting
 by Sakasegawa's approximation (exact for one server), the wait itself exponential, scaled
 by Allen-Cunneen's (1 + cs^2) / 2. With one server, cv 1 and no tail it is the M/M/1
-sojourn exactly. Past ``RHO_SAT`` the queue fills until requests wait out the timeout.
+sojourn exactly. Past ``RHO_SAT`` the queue fills until requests wait out the timeout, unless
+a least-request balancer's chain gives the wait (see :func:`build`).
 
 Arrays broadcast: endpoint parameters against loads of any shape; the last axis of
 ``offset``/``weight`` indexes the mixture of fixed delays (overload, tails).
@@ -57,7 +58,9 @@ def build(
     """The queue of endpoints with these parameters (capacity in req/s) under ``load``
     req/s; ``event_tail`` (ms, fraction) adds that much to that share of requests.
     ``wait`` (chance of waiting, mean wait in ms when waiting) replaces Erlang C's where a
-    balancer decides by queue length (:mod:`balanceiq.sim.balancer`)."""
+    balancer decides by queue length (:mod:`balanceiq.sim.balancer`), and the overload
+    past ``RHO_SAT`` too: that balancer sends less the more requests wait and the chain's
+    waits are all of them, so only the load above capacity waits out the timeout."""
     extra = load.ndim - capacity.ndim
     mu, c, cv, tp, tm = (np.reshape(x, x.shape + (1,) * extra) for x in (capacity, servers, cv, tail_prob, tail_ms))
     rho = load / mu
@@ -69,10 +72,14 @@ def build(
     alpha = 1.0 / exp_ms
     theta = mu * (1.0 - rho_e) * 1e-3 * 2.0 / (1.0 + cs2)
     p_wait = rho_e ** (np.sqrt(2.0 * (c + 1.0)) - 1.0)
+    shift = np.clip((rho - RHO_SAT) * (timeout_ms / (RHO_FULL - RHO_SAT)), 0.0, timeout_ms)
     if wait is not None:
         p_wait, wait_ms = (np.reshape(x, x.shape + (1,) * extra) for x in wait)
         theta = 2.0 / (1.0 + cs2) / np.maximum(wait_ms, 1e-9)
-    shift = np.clip((rho - RHO_SAT) * (timeout_ms / (RHO_FULL - RHO_SAT)), 0.0, timeout_ms)
+        # The chain's waits are the queue, every request Envoy counts as active in it. Past capacity
+        # only the excess has nowhere to go: it waits out the timeout (the backends' queues are unbounded).
+        shift = np.zeros_like(shift)
+        late = 1.0 - 1.0 / np.maximum(rho, 1.0)
     fixed = (core - exp_ms) + shift
     offsets, weights = [fixed], [np.ones_like(fixed)]
     if np.any(tp > 0):
@@ -81,6 +88,8 @@ def build(
         v, f = (np.reshape(x, x.shape + (1,) * extra) for x in event_tail)
         offsets += [o + v for o in offsets]
         weights = [w * (1 - f) for w in weights] + [w * f for w in weights]
+    if wait is not None and np.any(late > 0):
+        offsets, weights = [*offsets, np.full_like(fixed, timeout_ms)], [*(w * (1 - late) for w in weights), late]
     exponential = wait is None and bool(np.all(c == 1) and np.all(cv == 1))
     offset, weight = np.stack(offsets, axis=-1), np.stack(weights, axis=-1)
     return Queue(alpha, theta, p_wait, offset, weight, float(timeout_ms), exponential)

@@ -5,7 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from balanceiq.policy.lp import least_request_weights
 from balanceiq.sim.balancer import IN_FLIGHT_MAX, _arrivals, _chain, orca_weights, split
+from balanceiq.sim.fleet import FleetSim
+from balanceiq.sim.scenario import scenario_from_dict
 
 CAP = np.array([100.0, 300.0, 50.0, 200.0])
 SERVERS = np.array([1.0, 4.0, 1.0, 8.0])
@@ -109,3 +112,35 @@ def test_no_demand_overload_and_unknown_balancers() -> None:
     assert s.sum() == pytest.approx(1.0) and np.all(s > 0)
     with pytest.raises(ValueError, match="unknown balancer 'maglev'; known: round_robin, least_request, cswrr"):
         split("maglev", np.full(4, 0.25), 1.0, CAP, UP, SERVERS)
+
+
+def test_least_request_compensation_settles_near_capacity() -> None:
+    """The controller scales each weight by the requests the endpoint holds (from its median
+    latency); Envoy divides the weight by its active requests, the same requests. So the
+    latency the simulator reports must agree with the in-flight count its balancer divides
+    by (Little's law), and the loop settles instead of running away to the timeout."""
+    ep = {"cloud": "aws", "region": "r", "base_latency_ms": 1.0, "cost_per_million": 1.0}
+    eps = [
+        {**ep, "name": f"e{i}", "capacity_rps": c, "servers": s}
+        for i, (c, s) in enumerate([(100, 1), (100, 4), (50, 1)])
+    ]
+    demand = 0.95 * 250.0
+    sim = FleetSim(
+        scenario_from_dict(
+            {
+                "name": "near-capacity",
+                "duration_s": 30,
+                "timeout_ms": 10_000,
+                "endpoints": eps,
+                "demand": {"base_rps": demand, "diurnal_amplitude": 0.0, "noise": 0.0},
+            }
+        )
+    )
+    target, held = np.array([0.4, 0.4, 0.2]), np.zeros(3)
+    for _ in range(20):
+        res = sim.step(least_request_weights(target, held, demand).astype(np.float64), "least_request")
+        held = res.endpoint_p50_ms / 1000.0
+        assert res.p99_ms < 1000.0
+    chains = sim._lb_state["chains"]
+    assert res.inflight == pytest.approx(chains @ np.arange(IN_FLIGHT_MAX), rel=0.1)
+    assert res.offered_rps / demand == pytest.approx(target, abs=0.03)

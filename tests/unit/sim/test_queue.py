@@ -89,3 +89,21 @@ def test_survival_and_mean_agree() -> None:
     s = queue.survival(q, x[None, :])[0]
     assert np.all(np.diff(s) <= 1e-12) and s[0] == pytest.approx(1.0) and s[-1] == 0.0
     assert queue.mean(q)[0] == pytest.approx(np.trapezoid(s, x), rel=1e-3)
+
+
+def test_a_balancers_waits_replace_the_overload_and_only_the_excess_times_out() -> None:
+    """With a least-request balancer's waits, utilisation near 1 adds nothing to them (the
+    balancer holds the queue where the chain says); past capacity the excess, and only it,
+    waits out the timeout (the backends' queues are unbounded)."""
+    one = lambda x: np.array([float(x)])  # noqa: E731
+    wait = (one(0.4), one(30.0))
+
+    def q(load: float) -> queue.Queue:
+        return queue.build(one(100.0), one(4), one(0.6), one(0.0), one(0.0), one(load), wait=wait)
+
+    calm, full = queue.quantiles(q(50.0), LEVELS)[0], queue.quantiles(q(99.0), LEVELS)[0]
+    assert full == pytest.approx(calm, rel=1e-12)
+    over = q(125.0)  # a fifth of its requests have nowhere to go
+    got = queue.quantiles(over, LEVELS)[0]
+    assert got[0] < 2 * calm[0] and got[2] == pytest.approx(queue.TIMEOUT_MS)
+    assert queue.mean(over)[0] == pytest.approx(0.8 * queue.mean(q(50.0))[0] + 0.2 * queue.TIMEOUT_MS, rel=1e-9)
