@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import heapq
+
 import numpy as np
 import pytest
 
@@ -114,28 +116,72 @@ def test_no_demand_overload_and_unknown_balancers() -> None:
         split("maglev", np.full(4, 0.25), 1.0, CAP, UP, SERVERS)
 
 
+CAP3, SLOTS3 = np.array([100.0, 100.0, 50.0]), np.array([1, 4, 1])
+
+
+def _three(demand: float) -> FleetSim:
+    """One fast slot, four slots and one slow slot (100, 100 and 50 req/s), exponential service."""
+    ep = {"cloud": "aws", "region": "r", "base_latency_ms": 1.0, "cost_per_million": 1.0}
+    eps = [
+        {**ep, "name": f"e{i}", "capacity_rps": float(c), "servers": int(s)}
+        for i, (c, s) in enumerate(zip(CAP3, SLOTS3))
+    ]
+    demand_cfg = {"base_rps": demand, "diurnal_amplitude": 0.0, "noise": 0.0}
+    return FleetSim(
+        scenario_from_dict(
+            {"name": "t", "duration_s": 30, "timeout_ms": 10_000, "endpoints": eps, "demand": demand_cfg}
+        )
+    )
+
+
+def _envoy_edf(weights: np.ndarray, demand: float, seconds: float) -> tuple[np.ndarray, np.ndarray]:
+    """Envoy's weighted LEAST_REQUEST as its source has it (an EDF schedule; the picked host goes
+    back in with ``weight / (active + 1)`` at pick time) before FIFO backends: shares and each
+    endpoint's p99 (ms, the sim's 1 ms base included)."""
+    rng = np.random.default_rng(3)
+    active, free, queues = np.zeros(3, int), SLOTS3.copy(), [[], [], []]
+    edf = [(1.0 / weights[i], i, i) for i in range(3)]
+    events, order, lat = [(rng.exponential(1 / demand), 0, -1, 0.0)], 3, [[], [], []]
+    while (ev := heapq.heappop(events))[0] < seconds:
+        t, arrival, h, t0 = ev[0], ev[1] == 0, ev[2], ev[3]
+        if arrival:
+            deadline, _, h = heapq.heappop(edf)
+            order += 1
+            heapq.heappush(edf, (deadline + (active[h] + 1) / weights[h], order, h))
+            active[h] += 1
+            queues[h].append(t)
+            heapq.heappush(events, (t + rng.exponential(1 / demand), 0, -1, 0.0))
+        else:
+            active[h] -= 1
+            free[h] += 1
+            lat[h].append(1.0 + 1000.0 * (t - t0))
+        if free[h] and queues[h]:
+            free[h] -= 1
+            heapq.heappush(events, (t + rng.exponential(SLOTS3[h] / CAP3[h]), 1, h, queues[h].pop(0)))
+    count = np.array([len(x) for x in lat], dtype=np.float64)
+    return count / count.sum(), np.array([np.percentile(x, 99) for x in lat])
+
+
+@pytest.mark.parametrize("weights", [[0.7, 0.2, 0.1], [0.6, 0.25, 0.15], [0.5, 0.3, 0.2]])
+def test_weighted_least_request_matches_envoys_schedule_near_capacity(weights: list[float]) -> None:
+    """At weights that fill the fast one-slot endpoint to 95-100 %, the chain's split and
+    latency agree with a discrete-event run of Envoy's own algorithm: Envoy sends it less the
+    more it holds, so its queue stays short (the blind-arrival overload, seconds, is wrong)."""
+    w, sim = np.array(weights), _three(200.0)
+    res = [sim.step(w, "least_request") for _ in range(2)][-1]
+    shares, p99 = _envoy_edf(w, 200.0, 300.0)
+    assert res.utilization[0] > 0.94
+    assert res.offered_rps / 200.0 == pytest.approx(shares, abs=0.03)
+    assert res.endpoint_p99_ms == pytest.approx(p99, rel=0.3)
+
+
 def test_least_request_compensation_settles_near_capacity() -> None:
     """The controller scales each weight by the requests the endpoint holds (from its median
     latency); Envoy divides the weight by its active requests, the same requests. So the
     latency the simulator reports must agree with the in-flight count its balancer divides
     by (Little's law), and the loop settles instead of running away to the timeout."""
-    ep = {"cloud": "aws", "region": "r", "base_latency_ms": 1.0, "cost_per_million": 1.0}
-    eps = [
-        {**ep, "name": f"e{i}", "capacity_rps": c, "servers": s}
-        for i, (c, s) in enumerate([(100, 1), (100, 4), (50, 1)])
-    ]
     demand = 0.95 * 250.0
-    sim = FleetSim(
-        scenario_from_dict(
-            {
-                "name": "near-capacity",
-                "duration_s": 30,
-                "timeout_ms": 10_000,
-                "endpoints": eps,
-                "demand": {"base_rps": demand, "diurnal_amplitude": 0.0, "noise": 0.0},
-            }
-        )
-    )
+    sim = _three(demand)
     target, held = np.array([0.4, 0.4, 0.2]), np.zeros(3)
     for _ in range(20):
         res = sim.step(least_request_weights(target, held, demand).astype(np.float64), "least_request")
