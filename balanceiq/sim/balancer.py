@@ -5,8 +5,8 @@ least-request balancers how long requests wait.
 - ``least_request``: power of two choices (equal weights) or ``weight / (active + 1)``. Each endpoint's in-flight count
   is a birth-death chain whose arrivals depend on every endpoint's distribution (mean-field JSQ(d)); the split is that
   system's fixed point.
-- ``cswrr``: weights ``qps / utilisation`` from the last step's ORCA reports (:func:`orca_weights`), utilisation as the
-  lab's backends report it: slots in use when a response leaves (a one-slot backend always reports 1).
+- ``cswrr``: weights ``qps / utilisation`` from each endpoint's last ORCA report of the step (:func:`orca_weights`),
+  utilisation as the lab's backends report it: slots in use when a response leaves (a one-slot backend always reports 1).
 
 The least-request balancers skip endpoints that are down (Envoy's health checks eject them).
 """
@@ -124,17 +124,20 @@ def split(
 
 
 def orca_weights(
-    weights: np.ndarray, load: np.ndarray, capacity: np.ndarray, servers: np.ndarray, error_rate: np.ndarray
+    load: np.ndarray, capacity: np.ndarray, servers: np.ndarray, queued: np.ndarray, rng: np.random.Generator
 ) -> np.ndarray:
-    """CSWRR's next weights from one step's reports: ``qps / (utilisation + errors / qps)``
-    (Envoy's ``error_utilization_penalty`` of 1); an endpoint without traffic sends no
-    report and keeps the mean weight of those that did."""
+    """CSWRR's weights for the next second, as Envoy sets them from each endpoint's *last* ORCA report
+    (``OrcaLoadReportHandler::calculateWeightFromOrcaReport`` and ``OrcaWeightManager::updateWeightsOnHosts``
+    in ``source/extensions/load_balancing_policies/common/orca_weight_manager.cc``): ``qps / utilisation``
+    truncated to an integer, at least 1. The lab's backends report the arrivals of the last second and the
+    slots in use as the response leaves, itself included: 1 + Binomial(slots - 1, utilisation), every slot
+    while a backlog waits; one report, not an average, so the weight of a many-slot endpoint jumps. They
+    report no errors (no penalty). An endpoint without a report gets the median of the others' weights."""
     reported = (load > 0) & (capacity > 0)
     if not reported.any():
-        return weights
+        return np.ones_like(load)
+    c = np.maximum(np.round(servers), 1.0)
     rho = np.minimum(load / np.where(capacity > 0, capacity, 1.0), 1.0)
-    util = np.minimum(1.0, (1.0 + rho * (servers - 1.0)) / servers)
-    err = np.nan_to_num(error_rate, nan=0.0)
-    w = np.where(reported, load / (util + err), 0.0)
-    w = w / w[reported].sum()
-    return np.where(reported, w, w[reported].mean())
+    busy = np.where(queued, c, 1.0 + rng.binomial((c - 1.0).astype(np.int64), rho))
+    w = np.maximum(np.floor(load * c / busy), 1.0)
+    return np.where(reported, w, np.floor(np.median(w[reported])))

@@ -32,6 +32,7 @@ _GRID_POINTS = 320
 _GRID_LO_MS = 0.01
 _NOISE_BLOCK = 1024
 _EXP_K = -np.log1p(-QUANTILES)  # quantiles of Exp(1)
+_SPREAD = (np.arange(4) + 0.5) / 4  # arrival times within a step, as fractions, for the backlog's waits
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,9 +167,11 @@ class FleetSim:
         """Back to time 0 with events re-armed; reseeds (same seed, same trajectory)."""
         if seed is not None:
             self.seed = int(seed)
-        demand_ss, obs_ss = np.random.SeedSequence(self.seed).spawn(2)
+        demand_ss, obs_ss, orca_ss = np.random.SeedSequence(self.seed).spawn(3)
         self._rng = np.random.default_rng(demand_ss)
         self._obs_rng = np.random.default_rng(obs_ss)
+        self._orca_rng = np.random.default_rng(orca_ss)
+        self._backlog = np.zeros(self.n)
         self._k = 0
         self.t = 0.0
         self._seg_index = 0
@@ -238,6 +241,17 @@ class FleetSim:
         up = rho[seg.up]
         return np.where(failed, np.where(lam > 0.0, np.inf, 0.0), rho), float(up.max()) if up.size else 0.0
 
+    def _carry(self, seg: _Segment, lam: np.ndarray) -> np.ndarray:
+        """Under CSWRR, whose weights move under it: the backlog each endpoint carries into the next
+        step (the backends' queues are unbounded FIFOs that serve even what the client gave up on), and
+        the next weights from this step's reports. Returns the wait (ms) behind the backlog, arrivals
+        spread over the step (:data:`_SPREAD`)."""
+        grow = (lam - seg.capacity) * self.step_s
+        b = np.maximum(self._backlog[:, None] + grow[:, None] * _SPREAD[None, :], 0.0)
+        self._backlog = np.where(seg.up, np.maximum(self._backlog + grow, 0.0), 0.0)
+        self._orca = orca_weights(lam, seg.capacity, seg.servers, self._backlog >= 1.0, self._orca_rng)
+        return 1000.0 * b / seg.mu_safe[:, None]
+
     def step(self, shares: np.ndarray, balancer: str = "round_robin") -> StepResult:
         """Run one step with weights ``shares`` (normalised if they do not sum to 1) under
         Envoy's ``balancer`` (:data:`~balanceiq.sim.balancer.BALANCERS`)."""
@@ -252,7 +266,8 @@ class FleetSim:
 
         lam = s * demand
         rho = lam / seg.mu_safe
-        if self._plain and seg.one_server and sp.p_wait is None and not seg.any_tail:
+        backlog_ms = self._carry(seg, lam) if balancer == "cswrr" else None
+        if self._plain and seg.one_server and sp.p_wait is None and not seg.any_tail and backlog_ms is None:
             lat, mean_wait, cdf = self._mm1(seg, rho)
         else:
             tail = (seg.tail, seg.tail_frac) if seg.any_tail else None
@@ -267,6 +282,7 @@ class FleetSim:
                 tail,
                 self.timeout_ms,
                 wait,
+                backlog_ms,
             )
             lat = b[:, None] + queue.quantiles(q, QUANTILES)
             mean_wait = queue.mean(q)
@@ -282,9 +298,6 @@ class FleetSim:
 
         silent = lam <= 0.0
         err = 1.0 - served / np.maximum(lam, 1e-300)
-        if balancer == "cswrr":
-            # The sample backends count requests as they arrive, served or queued.
-            self._orca = orca_weights(weights, lam, seg.capacity, seg.servers, err)
         total_served = float(served.sum())
         price = float(served @ seg.cost) / total_served if total_served > 0.0 else float(s @ seg.cost)
         if silent.any():

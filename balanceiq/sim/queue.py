@@ -54,13 +54,16 @@ def build(
     event_tail: tuple[np.ndarray, np.ndarray] | None = None,
     timeout_ms: float = TIMEOUT_MS,
     wait: tuple[np.ndarray, np.ndarray] | None = None,
+    backlog_ms: np.ndarray | None = None,
 ) -> Queue:
     """The queue of endpoints with these parameters (capacity in req/s) under ``load``
     req/s; ``event_tail`` (ms, fraction) adds that much to that share of requests.
     ``wait`` (chance of waiting, mean wait in ms when waiting) replaces Erlang C's where a
     balancer decides by queue length (:mod:`balanceiq.sim.balancer`), and the overload
     past ``RHO_SAT`` too: that balancer sends less the more requests wait and the chain's
-    waits are all of them, so only the load above capacity waits out the timeout."""
+    waits are all of them, so only the load above capacity waits out the timeout. ``backlog_ms`` (the
+    last axis: arrivals spread over the step) is the wait behind a backlog carried from earlier steps,
+    in place of the overload ramp."""
     extra = load.ndim - capacity.ndim
     mu, c, cv, tp, tm = (np.reshape(x, x.shape + (1,) * extra) for x in (capacity, servers, cv, tail_prob, tail_ms))
     rho = load / mu
@@ -73,6 +76,7 @@ def build(
     theta = mu * (1.0 - rho_e) * 1e-3 * 2.0 / (1.0 + cs2)
     p_wait = rho_e ** (np.sqrt(2.0 * (c + 1.0)) - 1.0)
     shift = np.clip((rho - RHO_SAT) * (timeout_ms / (RHO_FULL - RHO_SAT)), 0.0, timeout_ms)
+    shift = shift if backlog_ms is None else np.zeros_like(shift)
     if wait is not None:
         p_wait, wait_ms = (np.reshape(x, x.shape + (1,) * extra) for x in wait)
         theta = 2.0 / (1.0 + cs2) / np.maximum(wait_ms, 1e-9)
@@ -88,6 +92,10 @@ def build(
         v, f = (np.reshape(x, x.shape + (1,) * extra) for x in event_tail)
         offsets += [o + v for o in offsets]
         weights = [w * (1 - f) for w in weights] + [w * f for w in weights]
+    if backlog_ms is not None:
+        k = backlog_ms.shape[-1]
+        offsets = [o + backlog_ms[..., j] for j in range(k) for o in offsets]
+        weights = [w / k for _ in range(k) for w in weights]
     if wait is not None and np.any(late > 0):
         offsets, weights = [*offsets, np.full_like(fixed, timeout_ms)], [*(w * (1 - late) for w in weights), late]
     exponential = wait is None and bool(np.all(c == 1) and np.all(cv == 1))

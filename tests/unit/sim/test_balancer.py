@@ -86,16 +86,19 @@ def test_a_warm_start_gives_the_same_answer() -> None:
     assert warm == pytest.approx(cold, abs=1e-6) and "chains" in state
 
 
-def test_orca_weights_follow_capacity_on_many_slots_and_traffic_on_one() -> None:
-    load = np.array([50.0, 150.0, 25.0, 0.0])
-    many = orca_weights(np.full(4, 0.25), load, CAP, np.full(4, 64.0), np.zeros(4))
-    assert many[:3] / many[:3].sum() == pytest.approx(CAP[:3] / CAP[:3].sum(), rel=0.05)
-    assert many[3] == pytest.approx(many[:3].mean())  # no traffic, no report: the mean weight
-    one = orca_weights(np.full(4, 0.25), load, CAP, np.ones(4), np.zeros(4))
-    assert one[:3] / one[:3].sum() == pytest.approx(load[:3] / load[:3].sum())
-    # Errors count as utilisation (Envoy's error_utilization_penalty).
-    bad = orca_weights(np.full(4, 0.25), load, CAP, np.full(4, 64.0), np.array([0.0, 0.5, 0.0, 0.0]))
-    assert bad[1] / bad[0] < 0.6 * many[1] / many[0]
+def test_orca_weights_are_one_report_each_as_envoy_takes_it() -> None:
+    """Envoy's weight is ``qps / utilisation`` of the endpoint's last report, an integer, at least 1,
+    the median where no report came; the backends report slots in use (all of them while requests
+    queue) and no errors."""
+    load, rng = np.array([50.4, 150.0, 0.5, 0.0]), np.random.default_rng(0)
+    one = orca_weights(load, CAP, np.ones(4), np.zeros(4, bool), rng)
+    assert one.tolist() == [50.0, 150.0, 1.0, 50.0]  # a one-slot backend always reports 1: its traffic
+    queued = orca_weights(load, CAP, SERVERS, np.ones(4, bool), rng)
+    assert queued.tolist() == [50.0, 150.0, 1.0, 50.0]  # every slot in use behind a queue
+    draws = np.array([orca_weights(load, CAP, SERVERS, np.zeros(4, bool), rng) for _ in range(400)])
+    busy = SERVERS[1] * load[1] / draws[:, 1]  # 1 + Binomial(3, 0.5) slots in use: 1..4, by chance
+    assert set(np.round(busy).astype(int)) == {1, 2, 3, 4} and busy.mean() == pytest.approx(2.5, abs=0.15)
+    assert np.all(draws == np.floor(draws)) and np.all(draws >= 1.0)
 
 
 def test_cswrr_uses_its_weights_and_every_balancer_skips_down_endpoints() -> None:
@@ -190,3 +193,44 @@ def test_least_request_compensation_settles_near_capacity() -> None:
     chains = sim._lb_state["chains"]
     assert res.inflight == pytest.approx(chains @ np.arange(IN_FLIGHT_MAX), rel=0.1)
     assert res.offered_rps / demand == pytest.approx(target, abs=0.03)
+
+
+def _cswrr_fleet() -> FleetSim:
+    """A one-slot endpoint (10 req/s) and a four-slot one (100 req/s) at 40 req/s, cv 0.3."""
+    ep = {"cloud": "aws", "region": "r", "base_latency_ms": 1.0, "cost_per_million": 1.0, "service_cv": 0.3}
+    eps = [
+        {**ep, "name": "one", "capacity_rps": 10.0, "servers": 1},
+        {**ep, "name": "four", "capacity_rps": 100.0, "servers": 4},
+    ]
+    demand = {"base_rps": 40.0, "diurnal_amplitude": 0.0, "noise": 0.0}
+    return FleetSim(
+        scenario_from_dict({"name": "t", "duration_s": 30, "timeout_ms": 10_000, "endpoints": eps, "demand": demand})
+    )
+
+
+def test_cswrr_carries_the_backlog_of_its_blackout() -> None:
+    """Envoy holds CSWRR at equal weights for its 10 s blackout: the one-slot endpoint gets 20 req/s
+    against 10 and queues 100 requests (its queue is unbounded). Its reports then say 1 (its traffic
+    over a full slot), the four-slot one's more, so the weights shift, but the queue is still there:
+    requests wait seconds behind it until it has drained at what it serves beyond what it gets."""
+    sim = _cswrr_fleet()
+    for _ in range(10):
+        sim.step(np.ones(2), "cswrr")
+    assert sim._backlog.tolist() == pytest.approx([100.0, 0.0])
+    left, p50 = [100.0], []
+    for _ in range(40):
+        res = sim.step(np.ones(2), "cswrr")
+        left.append(sim._backlog[0])
+        p50.append(res.endpoint_p50_ms[0])
+        assert left[-1] == pytest.approx(max(left[-2] + res.offered_rps[0] - 10.0, 0.0))
+        assert res.endpoint_p99_ms[1] < 200.0
+    assert p50[0] > 5_000.0 and left[-1] == 0.0 and p50[-1] < 500.0
+    assert p50[1] < p50[0] and p50[2] < p50[1]  # the wait is the queue ahead: it falls as it drains
+
+
+def test_round_robin_and_least_request_keep_no_backlog() -> None:
+    for balancer in ("round_robin", "least_request"):
+        sim = _cswrr_fleet()
+        for _ in range(12):
+            sim.step(np.ones(2), balancer)
+        assert not sim._backlog.any()
