@@ -124,20 +124,24 @@ def split(
 
 
 def orca_weights(
-    load: np.ndarray, capacity: np.ndarray, servers: np.ndarray, queued: np.ndarray, rng: np.random.Generator
+    load: np.ndarray,
+    capacity: np.ndarray,
+    servers: np.ndarray,
+    busy: np.ndarray,
+    queued: np.ndarray,
+    rng: np.random.Generator,
 ) -> np.ndarray:
     """CSWRR's weights for the next second, as Envoy sets them from each endpoint's *last* ORCA report
     (``OrcaLoadReportHandler::calculateWeightFromOrcaReport`` and ``OrcaWeightManager::updateWeightsOnHosts``
     in ``source/extensions/load_balancing_policies/common/orca_weight_manager.cc``): ``qps / utilisation``
     truncated to an integer, at least 1. The lab's backends report the arrivals of the last second and the
-    slots in use as the response leaves, itself included: 1 + Binomial(slots - 1, utilisation), every slot
-    while a backlog waits; one report, not an average, so the weight of a many-slot endpoint jumps. They
-    report no errors (no penalty). An endpoint without a report gets the median of the others' weights."""
+    slots in use as the response leaves, itself included: 1 + Binomial(slots - 1, ``busy``), every slot
+    while requests are ``queued``; one report, not an average, so the weight of a many-slot endpoint jumps.
+    They report no errors (no penalty). An endpoint without a report gets the median of the others' weights."""
     reported = (load > 0) & (capacity > 0)
     if not reported.any():
         return np.ones_like(load)
     c = np.maximum(np.round(servers), 1.0)
-    rho = np.minimum(load / np.where(capacity > 0, capacity, 1.0), 1.0)
-    busy = np.where(queued, c, 1.0 + rng.binomial((c - 1.0).astype(np.int64), rho))
-    w = np.maximum(np.floor(load * c / busy), 1.0)
+    slots = np.where(queued, c, 1.0 + rng.binomial((c - 1.0).astype(np.int64), np.clip(busy, 0.0, 1.0)))
+    w = np.maximum(np.floor(load * c / slots), 1.0)
     return np.where(reported, w, np.floor(np.median(w[reported])))

@@ -241,16 +241,31 @@ class FleetSim:
         up = rho[seg.up]
         return np.where(failed, np.where(lam > 0.0, np.inf, 0.0), rho), float(up.max()) if up.size else 0.0
 
-    def _carry(self, seg: _Segment, lam: np.ndarray) -> np.ndarray:
-        """Under CSWRR, whose weights move under it: the backlog each endpoint carries into the next
-        step (the backends' queues are unbounded FIFOs that serve even what the client gave up on), and
-        the next weights from this step's reports. Returns the wait (ms) behind the backlog, arrivals
-        spread over the step (:data:`_SPREAD`)."""
-        grow = (lam - seg.capacity) * self.step_s
-        b = np.maximum(self._backlog[:, None] + grow[:, None] * _SPREAD[None, :], 0.0)
-        self._backlog = np.where(seg.up, np.maximum(self._backlog + grow, 0.0), 0.0)
-        self._orca = orca_weights(lam, seg.capacity, seg.servers, self._backlog >= 1.0, self._orca_rng)
-        return 1000.0 * b / seg.mu_safe[:, None]
+    def _carry(self, seg: _Segment, lam: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Under CSWRR, whose weights move under it, each endpoint's queue builds and drains over time
+        instead of being at its equilibrium at once (the backends' queues are unbounded FIFOs that serve
+        even what the client gave up on). The pointwise-stationary fluid model (Wang, Tipper and
+        Banerjee, 1996): ``dL/dt = arrivals - capacity x u(L)``, ``u(L)`` the utilisation at which the
+        equilibrium queue holds ``L`` (:func:`queue.held`), in backward Euler steps; beyond ``RHO_SAT``
+        the excess is a backlog served at capacity. Sets the next weights from this step's reports;
+        returns the load whose equilibrium each endpoint is in over the step and the wait (ms) behind
+        the backlog, arrivals spread over the step (:data:`_SPREAD`)."""
+        mu, k = seg.mu_safe, _SPREAD.size
+        params = (mu, seg.servers, self.service_cv, self.tail_prob, self.tail_ms)
+        dt, rho, excess = self.step_s / k, np.zeros((self.n, k)), np.zeros((self.n, k))
+        for j in range(k):
+            target = self._backlog + dt * lam
+            lo, hi = np.zeros(self.n), np.full(self.n, queue.RHO_SAT)
+            for _ in range(40):  # bisection: the utilisation u' with held(u') + dt x capacity x u' = target
+                mid = 0.5 * (lo + hi)
+                below = queue.held(*params, mid) + dt * mu * mid < target
+                lo, hi = np.where(below, mid, lo), np.where(below, hi, mid)
+            at_sat = queue.held(*params, hi)
+            full = at_sat + dt * mu * hi < target
+            self._backlog = np.where(seg.up, np.where(full, target - dt * mu * hi, at_sat), 0.0)
+            rho[:, j], excess[:, j] = hi, np.where(full, self._backlog - at_sat, 0.0)
+        self._orca = orca_weights(lam, seg.capacity, seg.servers, rho[:, -1], excess[:, -1] >= 1.0, self._orca_rng)
+        return rho.mean(axis=1) * mu, 1000.0 * excess / mu[:, None]
 
     def step(self, shares: np.ndarray, balancer: str = "round_robin") -> StepResult:
         """Run one step with weights ``shares`` (normalised if they do not sum to 1) under
@@ -266,7 +281,7 @@ class FleetSim:
 
         lam = s * demand
         rho = lam / seg.mu_safe
-        backlog_ms = self._carry(seg, lam) if balancer == "cswrr" else None
+        load, backlog_ms = self._carry(seg, lam) if balancer == "cswrr" else (lam, None)
         if self._plain and seg.one_server and sp.p_wait is None and not seg.any_tail and backlog_ms is None:
             lat, mean_wait, cdf = self._mm1(seg, rho)
         else:
@@ -278,7 +293,7 @@ class FleetSim:
                 self.service_cv,
                 self.tail_prob,
                 self.tail_ms,
-                lam,
+                load,
                 tail,
                 self.timeout_ms,
                 wait,
