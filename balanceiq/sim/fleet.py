@@ -241,7 +241,7 @@ class FleetSim:
         up = rho[seg.up]
         return np.where(failed, np.where(lam > 0.0, np.inf, 0.0), rho), float(up.max()) if up.size else 0.0
 
-    def _carry(self, seg: _Segment, lam: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _carry(self, seg: _Segment, lam: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """Under CSWRR, whose weights move under it, each endpoint's queue builds and drains over time
         instead of being at its equilibrium at once (the backends' queues are unbounded FIFOs that serve
         even what the client gave up on). The pointwise-stationary fluid model (Wang, Tipper and
@@ -249,23 +249,23 @@ class FleetSim:
         equilibrium queue holds ``L`` (:func:`queue.held`), in backward Euler steps; beyond ``RHO_SAT``
         the excess is a backlog served at capacity. Sets the next weights from this step's reports;
         returns the load whose equilibrium each endpoint is in over the step and the wait (ms) behind
-        the backlog, arrivals spread over the step (:data:`_SPREAD`)."""
-        mu, k = seg.mu_safe, _SPREAD.size
-        params = (mu, seg.servers, self.service_cv, self.tail_prob, self.tail_ms)
+        the backlog, arrivals spread over the step (:data:`_SPREAD`), if there is one."""
+        mu, c, k = seg.mu_safe, seg.servers, _SPREAD.size
+        cs2 = queue.service(mu, c, self.service_cv, self.tail_prob, self.tail_ms)[2]
         dt, rho, excess = self.step_s / k, np.zeros((self.n, k)), np.zeros((self.n, k))
         for j in range(k):
             target = self._backlog + dt * lam
             lo, hi = np.zeros(self.n), np.full(self.n, queue.RHO_SAT)
-            for _ in range(40):  # bisection: the utilisation u' with held(u') + dt x capacity x u' = target
+            for _ in range(30):  # bisection: the utilisation u' with held(u') + dt x capacity x u' = target
                 mid = 0.5 * (lo + hi)
-                below = queue.held(*params, mid) + dt * mu * mid < target
+                below = queue.held(c, cs2, mid) + dt * mu * mid < target
                 lo, hi = np.where(below, mid, lo), np.where(below, hi, mid)
-            at_sat = queue.held(*params, hi)
+            at_sat = queue.held(c, cs2, hi)
             full = at_sat + dt * mu * hi < target
             self._backlog = np.where(seg.up, np.where(full, target - dt * mu * hi, at_sat), 0.0)
             rho[:, j], excess[:, j] = hi, np.where(full, self._backlog - at_sat, 0.0)
         self._orca = orca_weights(lam, seg.capacity, seg.servers, rho[:, -1], excess[:, -1] >= 1.0, self._orca_rng)
-        return rho.mean(axis=1) * mu, 1000.0 * excess / mu[:, None]
+        return rho.mean(axis=1) * mu, 1000.0 * excess / mu[:, None] if excess.any() else None
 
     def step(self, shares: np.ndarray, balancer: str = "round_robin") -> StepResult:
         """Run one step with weights ``shares`` (normalised if they do not sum to 1) under
@@ -283,7 +283,7 @@ class FleetSim:
         rho = lam / seg.mu_safe
         load, backlog_ms = self._carry(seg, lam) if balancer == "cswrr" else (lam, None)
         if self._plain and seg.one_server and sp.p_wait is None and not seg.any_tail and backlog_ms is None:
-            lat, mean_wait, cdf = self._mm1(seg, rho)
+            lat, mean_wait, cdf = self._mm1(seg, load / seg.mu_safe)
         else:
             tail = (seg.tail, seg.tail_frac) if seg.any_tail else None
             wait = None if sp.p_wait is None or sp.wait_ms is None else (sp.p_wait, sp.wait_ms)

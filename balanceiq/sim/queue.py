@@ -68,7 +68,7 @@ def build(
     mu, c, cv, tp, tm = (np.reshape(x, x.shape + (1,) * extra) for x in (capacity, servers, cv, tail_prob, tail_ms))
     rho = load / mu
     rho_e = np.minimum(rho, RHO_SAT)
-    core, exp_ms, cs2 = _service(mu, c, cv, tp, tm)
+    core, exp_ms, cs2 = service(mu, c, cv, tp, tm)
     alpha = 1.0 / exp_ms
     theta = mu * (1.0 - rho_e) * 1e-3 * 2.0 / (1.0 + cs2)
     p_wait = rho_e ** (np.sqrt(2.0 * (c + 1.0)) - 1.0)
@@ -100,7 +100,7 @@ def build(
     return Queue(alpha, theta, p_wait, offset, weight, float(timeout_ms), exponential)
 
 
-def _service(
+def service(
     capacity: np.ndarray, servers: np.ndarray, cv: np.ndarray, tail_prob: np.ndarray, tail_ms: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """A slot's hold without the tail and its exponential part (ms), and its squared coefficient of variation."""
@@ -110,17 +110,10 @@ def _service(
     return core, exp_ms, (exp_ms * exp_ms + tail_prob * (1 - tail_prob) * tail_ms * tail_ms) / (mean_ms * mean_ms)
 
 
-def held(
-    capacity: np.ndarray,
-    servers: np.ndarray,
-    cv: np.ndarray,
-    tail_prob: np.ndarray,
-    tail_ms: np.ndarray,
-    rho: np.ndarray,
-) -> np.ndarray:
+def held(servers: np.ndarray, cs2: np.ndarray, rho: np.ndarray) -> np.ndarray:
     """Mean requests an endpoint holds (in service and waiting) in equilibrium at utilisation ``rho`` < 1,
-    by :func:`build`'s approximations (Little's law on its mean wait)."""
-    cs2 = _service(capacity, servers, cv, tail_prob, tail_ms)[2]
+    service's squared coefficient of variation ``cs2`` (:func:`service`), by :func:`build`'s
+    approximations (Little's law on its mean wait)."""
     p_wait = rho ** (np.sqrt(2.0 * (servers + 1.0)) - 1.0)
     return servers * rho + p_wait * rho / (1.0 - rho) * (1.0 + cs2) / 2.0
 
