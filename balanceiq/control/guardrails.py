@@ -16,7 +16,7 @@ from balanceiq.config import GuardrailConfig
 from balanceiq.control.args import _SUM_TOL, WEIGHT_SCALE, _fmt, _names
 from balanceiq.control.overrides import Override
 from balanceiq.exceptions import GuardrailError
-from balanceiq.policy.lp import shares_to_weights, traffic_moved
+from balanceiq.policy.lp import endpoint_mask, shares_to_weights, traffic_moved
 
 # Forced moves smaller than this are not worth a note: a drained endpoint keeps weight 1,
 # so a ``current`` derived from realised weights always shows ~1e-4 on it.
@@ -40,25 +40,16 @@ def _vector(name: str, values: object, n: int) -> np.ndarray:
         arr = np.asarray(values, dtype=np.float64).reshape(-1)
     except (TypeError, ValueError) as exc:
         raise GuardrailError(f"{name} must be a vector of numbers: {exc}") from None
-    return _one_per_endpoint(name, arr, n)
-
-
-def _mask(name: str, values: object, n: int) -> np.ndarray:
-    arr = _one_per_endpoint(name, np.asarray(values).reshape(-1), n)
-    if arr.dtype == bool:
-        return arr.copy()
-    try:
-        f = arr.astype(np.float64)
-    except (TypeError, ValueError) as exc:
-        raise GuardrailError(f"{name} must be a vector of booleans: {exc}") from None
-    # As in the LP: NaN is "unknown", which must not take an endpoint down.
-    return np.asarray(~(np.isfinite(f) & (f == 0)))
-
-
-def _one_per_endpoint(name: str, arr: np.ndarray, n: int) -> np.ndarray:
     if arr.shape[0] != n:
         raise GuardrailError(f"{name} has {arr.shape[0]} entries, expected {n} (one per endpoint)")
     return arr
+
+
+def _mask(name: str, values: object, n: int) -> np.ndarray:
+    try:
+        return endpoint_mask(name, values, n)
+    except ValueError as exc:
+        raise GuardrailError(str(exc)) from None
 
 
 def _clean(v: np.ndarray, base: np.ndarray) -> np.ndarray:

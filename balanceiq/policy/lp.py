@@ -77,17 +77,22 @@ def price_unit(cost: np.ndarray, available: np.ndarray | None = None) -> float:
     return unit if unit > 0 else (float(c.max()) if c.size else 0.0)
 
 
-def _available(available: object, n: int) -> np.ndarray:
-    if available is None:
-        return np.ones(n, dtype=bool)
-    arr = np.asarray(available).reshape(-1)
+def endpoint_mask(name: str, values: object, n: int) -> np.ndarray:
+    """One boolean per endpoint. A NaN in a float mask is "unknown", which must not take an endpoint down."""
+    arr = np.asarray(values).reshape(-1)
     if arr.shape[0] != n:
-        raise ValueError(f"available has {arr.shape[0]} entries, expected {n}")
+        raise ValueError(f"{name} has {arr.shape[0]} entries, expected {n} (one per endpoint)")
     if arr.dtype == bool:
         return arr.copy()
-    # A NaN in a float mask is "unknown", which must not take an endpoint down.
-    f = arr.astype(np.float64)
+    try:
+        f = arr.astype(np.float64)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{name} must be a vector of booleans: {exc}") from None
     return np.asarray(~(np.isfinite(f) & (f == 0)))
+
+
+def _available(available: object, n: int) -> np.ndarray:
+    return np.ones(n, dtype=bool) if available is None else endpoint_mask("available", available, n)
 
 
 def _clean_shares(shares: np.ndarray, avail: np.ndarray) -> np.ndarray:

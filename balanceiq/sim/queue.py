@@ -72,14 +72,14 @@ def build(
     alpha = 1.0 / exp_ms
     theta = mu * (1.0 - rho_e) * 1e-3 * 2.0 / (1.0 + cs2)
     p_wait = rho_e ** (np.sqrt(2.0 * (c + 1.0)) - 1.0)
-    shift = np.clip((rho - RHO_SAT) * (timeout_ms / (RHO_FULL - RHO_SAT)), 0.0, timeout_ms)
-    shift = shift if backlog_ms is None else np.zeros_like(shift)
+    if wait is None and backlog_ms is None:
+        shift = np.clip((rho - RHO_SAT) * (timeout_ms / (RHO_FULL - RHO_SAT)), 0.0, timeout_ms)
+    else:  # the chain's waits (every request Envoy counts active) or the carried backlog are the queue
+        shift = np.zeros_like(rho)
     if wait is not None:
         p_wait, wait_ms = (np.reshape(x, x.shape + (1,) * extra) for x in wait)
         theta = 2.0 / (1.0 + cs2) / np.maximum(wait_ms, 1e-9)
-        # The chain's waits are the queue, every request Envoy counts as active in it. Past capacity
-        # only the excess has nowhere to go: it waits out the timeout (the backends' queues are unbounded).
-        shift = np.zeros_like(shift)
+        # Past capacity only the excess has nowhere to go: it waits out the timeout (the backends' queues are unbounded).
         late = 1.0 - 1.0 / np.maximum(rho, 1.0)
     fixed = (core - exp_ms) + shift
     offsets, weights = [fixed], [np.ones_like(fixed)]
