@@ -53,13 +53,16 @@ def erlang_wait(c: int, a: float) -> float:
 
 def queue_utilisation(busy: float, wait_ratio: float, max_servers: int = 256) -> float:
     """Utilisation ``busy / servers`` at offered load ``busy`` (in servers) and queueing delay over service time
-    ``wait_ratio``, by the server count whose M/M/c wait matches best, clamped to [0.3, 1] (medians are noisy)."""
+    ``wait_ratio``, by the server count whose M/M/c wait matches best, clamped to [0.3, 1] (medians are noisy).
+    Never below one server's reading ``wait / (1 + wait)``: at a given utilisation more servers queue less, so a wait
+    no fit matches (a drifted baseline, a service time less variable than M/M/c's) must not read as idle servers."""
     if not (math.isfinite(busy) and busy > 0 and math.isfinite(wait_ratio) and wait_ratio > 0):
         return 1.0
     fewest = math.floor(busy) + 1
+    one_server = wait_ratio / (1.0 + wait_ratio)
     if erlang_wait(fewest, busy) < wait_ratio:
-        # It queues more than even the fewest servers would: it slowed down; one server's wait.
-        return min(1.0, max(0.3, busy / fewest, wait_ratio / (1.0 + wait_ratio)))
+        # It queues more than even the fewest servers would: it slowed down.
+        return min(1.0, max(0.3, busy / fewest, one_server))
     best, best_err = 1.0, math.inf
     for c in range(fewest, max_servers + 1):
         w = erlang_wait(c, busy)
@@ -68,7 +71,7 @@ def queue_utilisation(busy: float, wait_ratio: float, max_servers: int = 256) ->
             best, best_err = busy / c, err
         if w < wait_ratio:  # the wait only falls as servers are added
             break
-    return min(1.0, max(0.3, best))
+    return min(1.0, max(0.3, best, one_server))
 
 
 def estimate(
@@ -92,12 +95,14 @@ def estimate(
         load = float(loads[i])
         good = m.good_rps * math.exp(-dt / GOOD_TAU_S)
         ceiling = m.ceiling_rps * math.exp(dt / CEILING_TAU_S) if math.isfinite(m.ceiling_rps) else math.nan
-        queueing, ratio, stale = _queueing(m, load, float(inflight[i]), float(p95[i]))
+        queueing, ratio, stale, shed = _queueing(m, load, float(inflight[i]), float(p95[i]))
+        queued = m.queued_rps * math.exp(dt / CEILING_TAU_S) if math.isfinite(m.queued_rps) else math.nan
         if queueing and load > 0:
             # How busy it is, from how much it queues at this load (M/M/c, servers inferred).
             util = queue_utilisation(load * m.base_ms / 1000.0, ratio - 1.0) if math.isfinite(m.base_ms) else 1.0
             ceiling = load / util
             congested[i] = True
+            queued = load * shed
         elif load >= MIN_PROBE_RPS and not queueing and i not in breaching:
             good = max(good, load)
         # The backend's own saturation gauge (or an ORCA utilisation) when it reports one.
@@ -114,17 +119,20 @@ def estimate(
         # A breacher, like a congested endpoint, waits before it may grow again (ping-pong).
         cooldown = knobs.cooldown if congested[i] or i in breaching else max(0, m.cooldown - 1)
         if knobs.safe_moves:
-            max_load[i] = _max_load(m, bool(congested[i]), c, load, good, ceiling, measured, bound)
+            max_load[i] = _max_load(m, bool(congested[i]), c, load, good, ceiling, measured, bound, queued)
         ceiling = ceiling if math.isfinite(ceiling) else math.nan
-        out[e.address] = replace(m, good_rps=good, ceiling_rps=ceiling, cooldown=cooldown, stale_inflight=stale)
+        out[e.address] = replace(
+            m, good_rps=good, ceiling_rps=ceiling, queued_rps=queued, cooldown=cooldown, stale_inflight=stale
+        )
     # Unknown capacity: the median of the known, else all traffic (max_load bounds growth).
     known = np.isfinite(cap) & (cap > 0)
     cap[~np.isfinite(cap)] = float(np.median(cap[known])) if known.any() else max(demand, 1.0)
     return Estimate(cap, max_load, congested), out
 
 
-def _queueing(m: Memory, load: float, inflight: float, p95: float) -> tuple[bool, float, bool]:
-    """``(queueing, wait over baseline, in-flight read stale)`` by the endpoint's own baseline."""
+def _queueing(m: Memory, load: float, inflight: float, p95: float) -> tuple[bool, float, bool, float]:
+    """``(queueing, wait over baseline, in-flight read stale, shed)`` by the endpoint's own baseline; ``shed``: the
+    fraction of its load to keep so its median falls back under the limit (latency ~ 1 / (1 - load), linearised)."""
     limit = CONGESTED_RATIO + CONGESTED_SLACK_MS / m.base_ms if math.isfinite(m.base_ms) and m.base_ms > 0 else math.inf
     queueing = bool(load >= MIN_PROBE_RPS and math.isfinite(m.ratio) and m.ratio > limit)
     # Or in-flight requests far older than what completes (Little's law): a stuck endpoint's latency reads stale.
@@ -142,7 +150,9 @@ def _queueing(m: Memory, load: float, inflight: float, p95: float) -> tuple[bool
                 little_ratio = little_ms / m.base_ms
     # The wait over the baseline: the median's, or Little's law's when that says more.
     waits = [r for r in (m.ratio, little_ratio) if math.isfinite(r)]
-    return queueing, max(waits) if queueing and waits else 2 * CONGESTED_RATIO, stale
+    wait = max(waits) if queueing and waits else 2 * CONGESTED_RATIO
+    shed = max(MAX_BREACH_CUT, min(1.0, limit / wait)) if math.isfinite(limit) else MAX_BREACH_CUT
+    return queueing, wait, stale, shed
 
 
 def _capacity(
@@ -179,15 +189,27 @@ def _breach_cut(
 
 
 def _max_load(
-    m: Memory, congested: bool, c: float, load: float, good: float, ceiling: float, measured: float, bound: float
+    m: Memory,
+    congested: bool,
+    c: float,
+    load: float,
+    good: float,
+    ceiling: float,
+    measured: float,
+    bound: float,
+    queued: float,
 ) -> float:
     """The most load a safe move may give it now (inf: unbounded)."""
-    if congested or m.cooldown > 0:
+    if congested:
+        # Back off at once, as far as it queues: a capacity read off medians flatters a one-slot queue.
+        return min(load, c, queued) if math.isfinite(c) else min(load, queued)
+    if m.cooldown > 0:
         # Backed off: the next window (still draining its queue) would hand it all back.
         return min(load, c) if math.isfinite(c) else load
     if math.isfinite(measured):
         return math.inf
     if math.isfinite(ceiling):
-        return min(bound, max(0.9 * ceiling, load))
+        # Short of the load it last queued at, or it climbs back into the queue it left.
+        return min(bound, max(min(0.9 * ceiling, 0.9 * queued if math.isfinite(queued) else math.inf), load))
     # Never seen queueing: what it carried cleanly lately is known headroom.
     return max(bound, good)

@@ -38,7 +38,8 @@ class Memory:
     base_ms: float = math.nan  # lowest recent median latency
     ratio: float = math.nan  # median over baseline, smoothed over decisions
     good_rps: float = 0.0  # most load carried uncongested lately
-    ceiling_rps: float = math.nan  # load it was last seen congested at (nan: never)
+    ceiling_rps: float = math.nan  # capacity read when it last queued (nan: never)
+    queued_rps: float = math.nan  # load it last queued at: growth stops short of it (relaxing like the ceiling)
     price: float = math.nan  # price at the last decision
     dearer_from: float = math.nan  # its price before a rise still in force
     dearer_share: float = math.nan  # its share when the price rose: no more while dearer
@@ -191,6 +192,7 @@ def _baseline(m: Memory, e: EndpointObservation, window: float, dt: float, now: 
         smooth = p50 / base if math.isfinite(p50) and math.isfinite(base) else math.nan
         if math.isfinite(ceiling):
             ceiling = max(ceiling, m.good_rps)
+        m = replace(m, queued_rps=math.nan)
     usable = e.usable and math.isfinite(e.p95_ms)
     return replace(
         m,

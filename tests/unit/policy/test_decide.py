@@ -117,6 +117,26 @@ def test_after_congestion_growth_stops_below_the_level_it_congested_at() -> None
     assert d2.estimate.max_load[0] <= 0.9 * ceiling * 1.05 + 1e-9
 
 
+def test_a_queueing_endpoint_sheds_as_far_as_it_queues_and_regrows_short_of_that_load() -> None:
+    """A one-slot backend at 60 rps, median 3x its idle one: the M/M/c fit reads two half-idle servers (capacity
+    ~120), so only its queue says to back off (the 4x slowdown of a full one cost 1.9 s of p99 live, fleet 9005)."""
+    calm = [{"p50": 15.0, "rps": 20.0, "cost": 0.1}, {"p50": 30.0, "rps": 100.0, "cost": 1.0}]
+    hot = [{"p50": 45.0, "rps": 60.0, "cost": 0.1}, {"p50": 30.0, "rps": 60.0, "cost": 1.0}]
+    cool = [{"p50": 15.0, "rps": 40.0, "cost": 0.1}, {"p50": 30.0, "rps": 80.0, "cost": 1.0}]
+    ds = run([calm, hot, hot] + [cool] * 5, Knobs(k=2))
+    assert ds[1].capacity[0] > 100.0  # what the fit reads
+    for d in ds[1:3]:
+        m = d.state.memory["10.0.0.1:80"]
+        assert d.estimate.congested[0]
+        # Less than it carries, at once: the median back under 1.5 x baseline + 5 ms, linearised.
+        assert d.estimate.max_load[0] == pytest.approx(60.0 * (1.5 + 5.0 / m.base_ms) / m.ratio)
+    queued = ds[2].estimate.max_load[0]
+    for d in ds[3:]:
+        assert not d.estimate.congested[0]
+        # Growth again stops short of the load it queued at (relaxing slowly), not at 0.9 x the fit's 100 rps.
+        assert d.estimate.max_load[0] <= 0.9 * queued * 1.1
+
+
 def test_a_price_rise_is_reoptimised_at_once_and_never_gains_share() -> None:
     knobs = Knobs(k=1, util_target=0.5, latency_weight=0.2)
     rows = [{"p50": 20.0, "rps": 20.0, "cost": c} for c in (0.2, 0.2, 0.2, 0.2)]
