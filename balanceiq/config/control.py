@@ -28,7 +28,7 @@ class ControlConfig(_Model):
     k_critical: int | None = Field(default=None, ge=1, strict=True)
     """Critical endpoints per step (None: about 20% of N)."""
 
-    util_target: float = Field(default=0.5, ge=0.0, le=1.0)
+    util_target: float = Field(default=0.7, ge=0.0, le=1.0)
     """Utilisation that costs nothing in the LP."""
 
     cost_weight: float = Field(default=0.3, ge=0.0, le=100.0)

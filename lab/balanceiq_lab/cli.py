@@ -297,7 +297,7 @@ def bench_live(
     arms: Annotated[
         str | None,
         typer.Option(
-            help="Comma-separated arms (default all; with --suite: round_robin, least_request, cswrr, balanceiq_rr, balanceiq_lr, oracle): round_robin, least_request, cswrr, static_cost_aware, balanceiq_rr, balanceiq_lr, oracle; only when named: balanceiq_lr_knee70 (an experiment: the LP's knee at 0.7)."
+            help="Comma-separated arms (default all; with --suite: round_robin, least_request, cswrr, balanceiq_rr, balanceiq_lr, oracle): round_robin, least_request, cswrr, static_cost_aware, balanceiq_rr, balanceiq_lr, oracle; only when named: balanceiq_lr_knee50 (the LP's knee at 0.5, the default until session 18)."
         ),
     ] = None,
     duration: Annotated[

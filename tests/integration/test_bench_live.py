@@ -160,8 +160,8 @@ def test_targets_are_judged_against_the_issue() -> None:
 
 
 def test_arms_settings_and_scenario_remapping() -> None:
-    assert [a.name for a in parse_arms(None)] == [n for n in ARMS if n != "balanceiq_lr_knee70"]
-    (knee,) = parse_arms("balanceiq_lr_knee70")  # an experiment runs only when named
+    assert [a.name for a in parse_arms(None)] == [n for n in ARMS if n != "balanceiq_lr_knee50"]
+    (knee,) = parse_arms("balanceiq_lr_knee50")  # a comparison runs only when named
     assert knee.lb_policy == "LEAST_REQUEST" and knee.family == "balanceiq"
     assert [a.name for a in parse_arms("cswrr, round_robin")] == ["cswrr", "round_robin"]
     assert ARMS["cswrr"].lb_policy == CSWRR and ARMS["balanceiq_lr"].lb_policy == "LEAST_REQUEST"
@@ -171,7 +171,7 @@ def test_arms_settings_and_scenario_remapping() -> None:
     base = load_config(REPO / "balanceiq.yaml")
     s, mapping = bench_settings(base, Path("/tmp/x"))
     k, _ = bench_settings(arm_base(knee, base), Path("/tmp/x"))
-    assert k.control.util_target == 0.7 and s.control.util_target == base.control.util_target == 0.5
+    assert k.control.util_target == 0.5 and s.control.util_target == base.control.util_target == 0.7
     assert k.control.model_dump(exclude={"util_target"}) == s.control.model_dump(exclude={"util_target"})
     old = list(base.clusters[0].endpoints)
     new = list(s.clusters[0].endpoints)

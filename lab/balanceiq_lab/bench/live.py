@@ -121,13 +121,13 @@ ARMS: dict[str, Arm] = {
         # The LP on the true capacity, latency and price, re-pushed at every event (the
         # harness knows them): what a balancer that knew everything would do.
         Arm("oracle", f"oracle: LP on the truth ({DEFAULT_LB_POLICY})", DEFAULT_LB_POLICY, "oracle", "oracle"),
-        # An experiment, side by side with balanceiq_lr: the LP's utilisation knee at 0.7
-        # instead of the shipped 0.5 (BENCHMARKS.md, "Can the knobs buy ...").
+        # A comparison, side by side with balanceiq_lr: the LP's utilisation knee at 0.5, the
+        # default until session 18 (BENCHMARKS.md, "A queueing endpoint sheds at once").
         replace(
             _BIQ_LR,
-            name="balanceiq_lr_knee70",
-            label="BalanceIQ over LEAST_REQUEST, knee 0.7",
-            control=(("util_target", 0.7),),
+            name="balanceiq_lr_knee50",
+            label="BalanceIQ over LEAST_REQUEST, knee 0.5",
+            control=(("util_target", 0.5),),
             default=False,
         ),
     )
