@@ -132,7 +132,7 @@ def estimate(
 
 def _queueing(m: Memory, load: float, inflight: float, p95: float) -> tuple[bool, float, bool, float]:
     """``(queueing, wait over baseline, in-flight read stale, shed)`` by the endpoint's own baseline; ``shed``: the
-    fraction of its load to keep so its median falls back under the limit (latency ~ 1 / (1 - load), linearised)."""
+    fraction of its load to keep so its median falls back under the limit (limit / wait, near what M/M/1 needs)."""
     limit = CONGESTED_RATIO + CONGESTED_SLACK_MS / m.base_ms if math.isfinite(m.base_ms) and m.base_ms > 0 else math.inf
     queueing = bool(load >= MIN_PROBE_RPS and math.isfinite(m.ratio) and m.ratio > limit)
     # Or in-flight requests far older than what completes (Little's law): a stuck endpoint's latency reads stale.
