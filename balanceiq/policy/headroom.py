@@ -201,15 +201,15 @@ def _max_load(
 ) -> float:
     """The most load a safe move may give it now (inf: unbounded)."""
     if congested:
-        # Back off at once, as far as it queues: a capacity read off medians flatters a one-slot queue.
-        return min(load, c, queued) if math.isfinite(c) else min(load, queued)
+        # Back off at once, as far as it queues (``queued`` <= load): medians flatter a one-slot queue's capacity.
+        return min(c, queued) if math.isfinite(c) else queued
     if m.cooldown > 0:
         # Backed off: the next window (still draining its queue) would hand it all back.
         return min(load, c) if math.isfinite(c) else load
     if math.isfinite(measured):
         return math.inf
     if math.isfinite(ceiling):
-        # Short of the load it last queued at, or it climbs back into the queue it left.
-        return min(bound, max(min(0.9 * ceiling, 0.9 * queued if math.isfinite(queued) else math.inf), load))
+        # Short of the load it last queued at (never above the ceiling read then), or it climbs back into that queue.
+        return min(bound, max(0.9 * (queued if math.isfinite(queued) else ceiling), load))
     # Never seen queueing: what it carried cleanly lately is known headroom.
     return max(bound, good)

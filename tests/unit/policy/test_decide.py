@@ -128,7 +128,7 @@ def test_a_queueing_endpoint_sheds_as_far_as_it_queues_and_regrows_short_of_that
     for d in ds[1:3]:
         m = d.state.memory["10.0.0.1:80"]
         assert d.estimate.congested[0]
-        # Less than it carries, at once: the median back under 1.5 x baseline + 5 ms, linearised.
+        # Less than it carries, at once: limit / ratio of it, the median back under 1.5 x baseline + 5 ms.
         assert d.estimate.max_load[0] == pytest.approx(60.0 * (1.5 + 5.0 / m.base_ms) / m.ratio)
     queued = ds[2].estimate.max_load[0]
     for d in ds[3:]:
