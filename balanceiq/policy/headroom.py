@@ -115,6 +115,7 @@ def estimate(
             c *= max(0.1, 1.0 - 2.0 * err[i])
         if i in breaching and load > 0:
             c = _breach_cut(c, m, e, load, float(p95[i]), float(err[i]), knobs)
+            queued = min(queued, c) if math.isfinite(queued) else c  # growth stops short of what the breach left it
         cap[i] = c if avail[i] else 0.0
         # A breacher, like a congested endpoint, waits before it may grow again (ping-pong).
         cooldown = knobs.cooldown if congested[i] or i in breaching else max(0, m.cooldown - 1)
@@ -211,5 +212,5 @@ def _max_load(
     if math.isfinite(ceiling):
         # Short of the load it last queued at (never above the ceiling read then), or it climbs back into that queue.
         return min(bound, max(0.9 * (queued if math.isfinite(queued) else ceiling), load))
-    # Never seen queueing: what it carried cleanly lately is known headroom.
-    return max(bound, good)
+    # Never seen queueing: what it carried cleanly lately is known headroom (short of any load that breached).
+    return min(max(bound, good), max(0.9 * queued, load)) if math.isfinite(queued) else max(bound, good)

@@ -28,6 +28,7 @@ TRICKLE_EVIDENCE_S = 30.0
 # A quiet breacher's first hold lasts this long, each further one (a breach again within
 # STRIKE_MEMORY_S of the last) twice as long, up to ``breach_hold_s`` (like outlier ejection).
 HOLD_BASE_S = 5.0
+FORGET_LOG = math.log(0.5)  # a recovered breacher's p95 this far under the SLO (log) ends its regrowth cap
 STRIKE_MEMORY_S = 60.0
 
 
@@ -137,7 +138,7 @@ def _episode(m: Memory, measured: bool, within: bool, knobs: Knobs, now: float) 
     """The breach episode: strikes, a quiet breacher's hold, recovery; ``(memory, held)``."""
     breached_at, strikes, cleared_at = m.breached_at, m.strikes, m.cleared_at
     recovering = max(0, m.recovering - 1)
-    held = False
+    queued, held = m.queued_rps, False
     if measured:
         if not math.isfinite(breached_at):
             recent = math.isfinite(cleared_at) and now - cleared_at <= STRIKE_MEMORY_S
@@ -149,7 +150,11 @@ def _episode(m: Memory, measured: bool, within: bool, knobs: Knobs, now: float) 
         if not held:
             # Within the SLO again, or unmeasured the whole hold: re-optimised a while to win traffic back.
             breached_at, recovering, cleared_at = math.nan, RECOVERY_DECISIONS, now
-    return replace(m, breached_at=breached_at, strikes=strikes, cleared_at=cleared_at, recovering=recovering), held
+    if not math.isfinite(breached_at) and now - cleared_at <= STRIKE_MEMORY_S and not m.slow_log > FORGET_LOG:
+        # Recovered and far under the SLO: the incident is over. Nearer, growing back to where it breached breaches again.
+        queued = math.nan
+    m = replace(m, breached_at=breached_at, strikes=strikes, cleared_at=cleared_at, recovering=recovering)
+    return replace(m, queued_rps=queued), held
 
 
 def _price(m: Memory, e: EndpointObservation, share: float) -> tuple[Memory, bool]:
@@ -188,11 +193,10 @@ def _baseline(m: Memory, e: EndpointObservation, window: float, dt: float, now: 
         smooth = math.nan
     ceiling = m.ceiling_rps
     if m.recovering == RECOVERY_DECISIONS:
-        # The incident is over: forget how it queued while slow; its ceiling then is no cap.
+        # The incident is over: how it queued while slow says nothing now; its ceiling then is no cap.
         smooth = p50 / base if math.isfinite(p50) and math.isfinite(base) else math.nan
         if math.isfinite(ceiling):
             ceiling = max(ceiling, m.good_rps)
-        m = replace(m, queued_rps=math.nan)
     usable = e.usable and math.isfinite(e.p95_ms)
     return replace(
         m,

@@ -461,3 +461,22 @@ def test_a_slow_endpoint_at_a_trickle_is_judged_on_latency_in_the_end() -> None:
     after = run([rows] * 20 + [recovered] * 15, Knobs(k=1))
     assert 2 in after[19].breaching
     assert not any(2 in d.breaching for d in after[22:]), [t for t, d in enumerate(after) if 2 in d.breaching]
+
+
+def test_a_breacher_regrows_short_of_what_the_breach_left_it_until_its_p95_is_far_under_the_slo() -> None:
+    """A cheap backend whose p95 crosses the SLO at 40 rps (its median calm, so it never reads as queueing): once
+    within the SLO again it must not jump back to the 40 rps it carried cleanly before (live: a 4-6 s cycle)."""
+    calm = [{"p50": 20.0, "p95": 100.0, "rps": 40.0, "cost": 0.1}, {"p50": 20.0, "p95": 40.0, "rps": 60.0, "cost": 1.0}]
+    slow = [{**calm[0], "p95": 900.0}, calm[1]]
+    near = [{**calm[0], "rps": 20.0}, {**calm[1], "rps": 80.0}]  # p95 two thirds of the SLO
+    far = [{**near[0], "p95": 40.0}, near[1]]
+    ds = run([calm] * 4 + [slow] * 3 + [near] * 14, Knobs(k=2))
+    assert all(0 in d.breaching for d in ds[4:7])
+    left = ds[6].state.memory["10.0.0.1:80"].queued_rps
+    assert left <= 40.0 * 0.5 + 1e-9  # at most half per decision (MAX_BREACH_CUT)
+    for d in ds[-3:]:  # recovered, cooled down, still capped near the load it carries (relaxing slowly)
+        assert 0 not in d.breaching + d.held and d.state.memory["10.0.0.1:80"].cooldown == 0
+        assert d.estimate.max_load[0] <= 20.0 * 1.05
+    ds = run([calm] * 4 + [slow] * 3 + [far] * 14, Knobs(k=2))
+    assert math.isnan(ds[-1].state.memory["10.0.0.1:80"].queued_rps)
+    assert ds[-1].estimate.max_load[0] > 30.0  # what it carried cleanly counts again
