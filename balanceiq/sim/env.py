@@ -48,6 +48,7 @@ class EnvConfig:
     balancer: str = "round_robin"  # Envoy's (balanceiq.sim.balancer.BALANCERS)
     controller_weights: bool = True  # Envoy gets the controller's weights for a split (false: the split itself)
     saturation: bool = True  # observations carry utilisation (ORCA reports or load gauges)
+    capacity_hints: bool = True  # the scenario's capacities as the controller's priors (false: none, as live)
 
 
 _FIELDS = frozenset(f.name for f in fields(EnvConfig))
@@ -92,6 +93,7 @@ class FleetEnv(gym.Env):
             raise ValueError(f"unknown balancer {self.balancer!r}; known: {', '.join(BALANCERS)}")
         self.controller_weights = bool(cfg.controller_weights)
         self.saturation = bool(cfg.saturation)
+        self.capacity_hints = bool(cfg.capacity_hints)
         self._base_seed = int(cfg.seed)
         self.observation_space = gym.spaces.Box(-3.0, float(max(20, self.n_max)), (self.n_max, N_FEATURES), np.float32)
         self.action_space = gym.spaces.MultiDiscrete([self.n_max] * self.k)
@@ -108,7 +110,7 @@ class FleetEnv(gym.Env):
         sim_seed = int(self.np_random.integers(2**31)) if seed is not None or self._episode else self._base_seed
         self._episode += 1
         self.sim = self.sim_class(scenario, seed=sim_seed, obs_noise=self.obs_noise, saturation=self.saturation)
-        self.hint = np.array([e.capacity_rps for e in scenario.endpoints], dtype=np.float64)
+        self.hint = np.array([e.capacity_rps if self.capacity_hints else np.nan for e in scenario.endpoints])
         self.static = static = np.array([e.weight for e in scenario.endpoints], dtype=np.float64)
         self.shares = static / static.sum()
         self.core_state = CoreState()

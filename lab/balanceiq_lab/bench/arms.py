@@ -159,6 +159,7 @@ def run_pair(
     controller_weights: bool = True,
     saturation: bool = True,
     warmup_s: float = 0.0,
+    capacity_hints: bool = True,
 ) -> dict[str, Any]:
     """One whole scenario under ``policy`` over Envoy's ``balancer``; with ``same_state``
     also what full re-optimisation would move from the policy's state each decision (one
@@ -168,6 +169,7 @@ def run_pair(
         "balancer": balancer,
         "controller_weights": controller_weights,
         "saturation": saturation,
+        "capacity_hints": capacity_hints,
     }
     env = _pair_env(scenario, seed, cfg)
     sim = env.sim

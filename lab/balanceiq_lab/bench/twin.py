@@ -160,7 +160,7 @@ def run_twin(
     warmup_s: float = DEFAULT_SUITE_WARMUP_S,
     checkpoint: Path | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """Every arm on the twin of ``fleet``, decided every second like the live controller;
+    """Every arm on the twin of ``fleet``, decided every second like the live controller, with no capacity hints;
     per arm the measured run's p50/p99, error rate and $/M over every request, as bench
     live reports them. Without ``saturation`` nothing reports load (no gauges, no ORCA)."""
     scenario = fleet_scenario(fleet, warmup_s)
@@ -180,6 +180,7 @@ def run_twin(
             controller_weights=weights,
             saturation=saturation,
             warmup_s=warmup_s,
+            capacity_hints=False,  # a suite fleet has none
         )
         out[name] = {k: res["run"][k] for k in ("p50_ms", "p99_ms", "error_rate", "cost_per_million")}
         # What the controller asked for (Envoy's balancer moves more on its own).

@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 
+from balanceiq_lab.bench import arms
 from balanceiq_lab.bench.arms import RunSim
 from balanceiq_lab.bench.suite import draw_fleet, truth
 from balanceiq_lab.bench.twin import agreement, fleet_scenario, live_arms, run_twin, spearman
@@ -32,6 +33,20 @@ def test_run_twin_reports_each_arm_over_the_measured_run() -> None:
     for arm in ("round_robin", "least_request"):
         assert set(r[arm]) == {"p50_ms", "p99_ms", "error_rate", "cost_per_million", "traffic_moved", "reversals"}
         assert 0 < r[arm]["p50_ms"] <= r[arm]["p99_ms"] and math.isfinite(r[arm]["cost_per_million"])
+
+
+def test_the_twins_controller_has_no_capacity_hints_as_on_a_suite_fleet(monkeypatch: pytest.MonkeyPatch) -> None:
+    hints: list[np.ndarray] = []
+    real = arms._pair_env
+
+    def spy(*args: object) -> object:
+        env = real(*args)  # type: ignore[arg-type]
+        hints.append(env.hint.copy())
+        return env
+
+    monkeypatch.setattr(arms, "_pair_env", spy)
+    run_twin(draw_fleet(3), ["least_request", "balanceiq_lr"])
+    assert len(hints) == 2 and all(np.isnan(h).all() for h in hints)
 
 
 def test_agreement_and_spearman() -> None:

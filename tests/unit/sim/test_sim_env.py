@@ -67,3 +67,16 @@ def test_least_request_env_pushes_the_controllers_weights_and_refuses_unknown_ba
     assert FleetEnv({"scenarios": ["heterogeneous"], "balancer": "round_robin"}).envoy_weights(shares) is shares
     with pytest.raises(ValueError, match="unknown balancer 'maglev'; known: round_robin, least_request, cswrr"):
         FleetEnv({"balancer": "maglev"})
+
+
+def test_capacity_hints_are_the_scenarios_capacities_unless_withheld() -> None:
+    known = FleetEnv({"scenarios": ["heterogeneous"]})
+    known.reset(seed=0)
+    blind = FleetEnv({"scenarios": ["heterogeneous"], "capacity_hints": False})
+    blind.reset(seed=0)
+    assert known.sim is not None
+    caps = [e.capacity_rps for e in known.sim.scenario.endpoints]
+    assert np.array_equal(known.context().capacity_hint, caps)
+    # As on a live suite fleet: the controller learns capacity from what it observes.
+    assert np.isnan(blind.context().capacity_hint).all()
+    assert np.isfinite(blind.capacity_estimate()).all()
