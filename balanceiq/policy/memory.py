@@ -40,7 +40,7 @@ class Memory:
     ratio: float = math.nan  # median over baseline, smoothed over decisions
     good_rps: float = 0.0  # most load carried uncongested lately
     ceiling_rps: float = math.nan  # capacity read when it last queued (nan: never)
-    queued_rps: float = math.nan  # load it last queued at: growth stops short of it (relaxing like the ceiling)
+    queued_rps: float = math.nan  # load it last queued at, or a breach cut left it: growth stops short (relaxing)
     price: float = math.nan  # price at the last decision
     dearer_from: float = math.nan  # its price before a rise still in force
     dearer_share: float = math.nan  # its share when the price rose: no more while dearer
