@@ -209,8 +209,8 @@ def _max_load(
         return min(load, c) if math.isfinite(c) else load
     if math.isfinite(measured):
         return math.inf
-    if math.isfinite(ceiling):
-        # Short of the load it last queued at (never above the ceiling read then), or it climbs back into that queue.
-        return min(bound, max(0.9 * (queued if math.isfinite(queued) else ceiling), load))
-    # Never seen queueing: what it carried cleanly lately is known headroom (short of any load that breached).
-    return min(max(bound, good), max(0.9 * queued, load)) if math.isfinite(queued) else max(bound, good)
+    # Never seen queueing: what it carried cleanly lately is known headroom.
+    grow = bound if math.isfinite(ceiling) else max(bound, good)
+    # Short of the load it last queued at or a breach left it (else the ceiling read then), or it climbs back there.
+    past = queued if math.isfinite(queued) else ceiling
+    return min(grow, max(0.9 * past, load)) if math.isfinite(past) else grow

@@ -28,8 +28,8 @@ TRICKLE_EVIDENCE_S = 30.0
 # A quiet breacher's first hold lasts this long, each further one (a breach again within
 # STRIKE_MEMORY_S of the last) twice as long, up to ``breach_hold_s`` (like outlier ejection).
 HOLD_BASE_S = 5.0
-FORGET_LOG = math.log(0.5)  # a recovered breacher's p95 this far under the SLO (log) ends its regrowth cap
 STRIKE_MEMORY_S = 60.0
+FORGET_LOG = math.log(0.5)  # a recovered breacher's p95 this far under the SLO (log) ends its regrowth cap
 
 
 @dataclass(frozen=True)
@@ -153,8 +153,9 @@ def _episode(m: Memory, measured: bool, within: bool, knobs: Knobs, now: float) 
     if not math.isfinite(breached_at) and now - cleared_at <= STRIKE_MEMORY_S and not m.slow_log > FORGET_LOG:
         # Recovered and far under the SLO: the incident is over. Nearer, growing back to where it breached breaches again.
         queued = math.nan
-    m = replace(m, breached_at=breached_at, strikes=strikes, cleared_at=cleared_at, recovering=recovering)
-    return replace(m, queued_rps=queued), held
+    return replace(
+        m, breached_at=breached_at, strikes=strikes, cleared_at=cleared_at, recovering=recovering, queued_rps=queued
+    ), held
 
 
 def _price(m: Memory, e: EndpointObservation, share: float) -> tuple[Memory, bool]:
